@@ -1,0 +1,42 @@
+"""Build the Cython extensions of vrdma.
+
+Every ``_*.pyx`` file below a package is one extension module named after its
+path (``virtio/_split.pyx`` -> ``virtio._split``), so a new kernel needs no
+edit here. Kernels are compiled with -O3; ``-march=native`` is added unless
+VRDMA_NATIVE=0 (set it when building a wheel for other machines).
+"""
+import os
+from pathlib import Path
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+PACKAGES = ["vrdma", "virtio", "vhost_user", "virtio_rdma", "guest_lib", "accel_core", "roce"]
+ROOT = Path(__file__).parent
+
+cflags = ["-O3", "-fno-strict-aliasing", "-Wno-unused-function"]
+if os.environ.get("VRDMA_NATIVE", "1") != "0":
+    cflags.append("-march=native")
+
+extensions = []
+for pkg in PACKAGES:
+    for pyx in sorted((ROOT / pkg).rglob("_*.pyx")):
+        rel = pyx.relative_to(ROOT).with_suffix("")
+        extensions.append(
+            Extension(
+                ".".join(rel.parts),
+                [str(pyx.relative_to(ROOT))],
+                include_dirs=[numpy.get_include()],
+                extra_compile_args=cflags,
+                define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+            )
+        )
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        language_level=3,
+        compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True},
+    ),
+)

@@ -1,0 +1,1 @@
+"""vrdma: userspace RDMA para-virtualization over vhost-user."""

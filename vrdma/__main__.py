@@ -1,0 +1,5 @@
+import sys
+
+from vrdma.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the vrdma CLI, one module each."""
