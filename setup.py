@@ -4,6 +4,8 @@ Every ``_*.pyx`` file below a package is one extension module named after its
 path (``virtio/_split.pyx`` -> ``virtio._split``), so a new kernel needs no
 edit here. Kernels are compiled with -O3; ``-march=native`` is added unless
 VRDMA_NATIVE=0 (set it when building a wheel for other machines).
+VRDMA_ONLY=path/prefix[,...] builds only the matching .pyx files (handy while
+working on one kernel: ``VRDMA_ONLY=accel_core python setup.py build_ext -i``).
 """
 import os
 from pathlib import Path
@@ -19,10 +21,14 @@ cflags = ["-O3", "-fno-strict-aliasing", "-Wno-unused-function"]
 if os.environ.get("VRDMA_NATIVE", "1") != "0":
     cflags.append("-march=native")
 
+only = [p for p in os.environ.get("VRDMA_ONLY", "").split(",") if p]
+
 extensions = []
 for pkg in PACKAGES:
     for pyx in sorted((ROOT / pkg).rglob("_*.pyx")):
         rel = pyx.relative_to(ROOT).with_suffix("")
+        if only and not any(str(rel).startswith(p) for p in only):
+            continue
         extensions.append(
             Extension(
                 ".".join(rel.parts),
