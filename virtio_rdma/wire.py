@@ -1,0 +1,712 @@
+"""Wire formats of the virtio-rdma device (docs/virtio-rdma.md, sections 5.x).
+
+Pure codecs: encode/decode and *syntax* validation (lengths, reserved fields,
+counts, enumeration values). Semantics (does the PD exist, are the limits
+respected) belong to :mod:`virtio_rdma.core`.
+
+Every structure is a ``construct`` definition (the normative layout, mirrored
+as C structs in the spec). The per-work-request structures on the data path
+(WQE header, SGE, CQE, doorbell and event records) additionally have a
+``struct.Struct`` twin used by the hot path; the tests check that both agree
+byte for byte.
+
+All integers are little endian. Errors raise :class:`WireError`
+(or :class:`UnknownValueError` for out-of-range enumeration values), both
+subclasses of :class:`~virtio_rdma.errors.VirtioRdmaError`.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import construct as cs
+
+from virtio_rdma.constants import (
+    OBJ_NUM_MASK,
+    Access,
+    Cmd,
+    CqArm,
+    CreateQpFlags,
+    DoorbellKind,
+    EventKind,
+    QpAttrMask,
+    SendFlags,
+    Status,
+    WcFlags,
+    WcOpcode,
+    WcStatus,
+    WrOpcode,
+)
+from virtio_rdma.errors import UnknownValueError, VirtioRdmaError, WireError
+
+u8, u16, u32, u64 = cs.Int8ul, cs.Int16ul, cs.Int32ul, cs.Int64ul
+
+# --------------------------------------------------------------------------
+# 5.1 Device configuration layout
+# --------------------------------------------------------------------------
+Config = cs.Struct(
+    "phys_port_cnt" / u32,
+    "max_qp" / u32,
+    "max_cq" / u32,
+    "max_mr" / u32,
+    "max_pd" / u32,
+    "max_qp_wr" / u32,
+    "max_cqe" / u32,
+    "max_sge" / u32,
+    "max_inline_data" / u32,
+    "reserved" / cs.Const(0, u32),
+    "node_guid" / u64,
+    "gid" / cs.Bytes(16),
+)
+
+# --------------------------------------------------------------------------
+# 5.3 Control queue
+# --------------------------------------------------------------------------
+CtrlHeader = cs.Struct("cmd" / u16, "flags" / u16, "len" / u32)
+CTRL_HEADER_SIZE = CtrlHeader.sizeof()
+RespHeader = cs.Struct("status" / u32)
+RESP_HEADER_SIZE = RespHeader.sizeof()
+
+Empty = cs.Struct()
+ObjNum = lambda name: cs.Struct(name / u32)  # noqa: E731
+
+QueryPortReq = cs.Struct("port_num" / u32)
+QueryGidReq = cs.Struct("port_num" / u32, "index" / u32)
+DeallocPdReq = ObjNum("pdn")
+CreateCqReq = cs.Struct(
+    "cqe" / u32,
+    "comp_vector" / u32,
+    "ring_gpa" / u64,
+    "dbrec_gpa" / u64,
+)
+DestroyCqReq = ObjNum("cqn")
+ReqNotifyCqReq = cs.Struct("cqn" / u32, "flags" / u32)
+MrChunk = cs.Struct("gpa" / u64, "length" / u64)
+REG_MR_FIXED = 32
+RegMrReq = cs.Struct(
+    "pdn" / u32,
+    "access" / u32,
+    "iova" / u64,
+    "length" / u64,
+    "nchunks" / cs.Rebuild(u32, cs.len_(cs.this.chunks)),
+    "reserved" / cs.Const(0, u32),
+    "chunks" / cs.Array(cs.this.nchunks, MrChunk),
+)
+DeregMrReq = ObjNum("lkey")
+CreateQpReq = cs.Struct(
+    "pdn" / u32,
+    "qp_type" / u32,
+    "send_cqn" / u32,
+    "recv_cqn" / u32,
+    "max_send_wr" / u32,
+    "max_recv_wr" / u32,
+    "max_send_sge" / u32,
+    "max_recv_sge" / u32,
+    "max_inline_data" / u32,
+    "flags" / u32,
+    "sq_gpa" / u64,
+    "rq_gpa" / u64,
+    "dbrec_gpa" / u64,
+)
+QpAttr = cs.Struct(
+    "qp_state" / u8,
+    "cur_qp_state" / u8,
+    "path_mtu" / u8,
+    "path_mig_state" / u8,
+    "timeout" / u8,
+    "retry_cnt" / u8,
+    "rnr_retry" / u8,
+    "min_rnr_timer" / u8,
+    "max_rd_atomic" / u8,
+    "max_dest_rd_atomic" / u8,
+    "port_num" / u8,
+    "sq_draining" / u8,
+    "en_sqd_async_notify" / u8,
+    "sgid_index" / u8,
+    "hop_limit" / u8,
+    "traffic_class" / u8,
+    "pkey_index" / u16,
+    "reserved" / cs.Const(0, u16),
+    "qkey" / u32,
+    "rq_psn" / u32,
+    "sq_psn" / u32,
+    "dest_qp_num" / u32,
+    "qp_access_flags" / u32,
+    "flow_label" / u32,
+    "dgid" / cs.Bytes(16),
+    "max_send_wr" / u32,
+    "max_recv_wr" / u32,
+    "max_send_sge" / u32,
+    "max_recv_sge" / u32,
+    "max_inline_data" / u32,
+)
+QP_ATTR_SIZE = QpAttr.sizeof()
+ModifyQpReq = cs.Struct("qpn" / u32, "attr_mask" / u32, "attr" / QpAttr)
+QueryQpReq = cs.Struct("qpn" / u32, "attr_mask" / u32)
+DestroyQpReq = ObjNum("qpn")
+
+QueryDeviceResp = cs.Struct(
+    "fw_ver" / u64,
+    "node_guid" / u64,
+    "sys_image_guid" / u64,
+    "max_mr_size" / u64,
+    "page_size_cap" / u64,
+    "vendor_id" / u32,
+    "vendor_part_id" / u32,
+    "hw_ver" / u32,
+    "max_qp" / u32,
+    "max_qp_wr" / u32,
+    "device_cap_flags" / u32,
+    "max_sge" / u32,
+    "max_cq" / u32,
+    "max_cqe" / u32,
+    "max_mr" / u32,
+    "max_pd" / u32,
+    "max_qp_rd_atom" / u32,
+    "max_qp_init_rd_atom" / u32,
+    "max_inline_data" / u32,
+    "atomic_cap" / u32,
+    "max_mr_chunks" / u32,
+    "phys_port_cnt" / u32,
+    "max_msg_sz" / u32,
+)
+QueryPortResp = cs.Struct(
+    "state" / u32,
+    "max_mtu" / u32,
+    "active_mtu" / u32,
+    "gid_tbl_len" / u32,
+    "port_cap_flags" / u32,
+    "max_msg_sz" / u32,
+    "pkey_tbl_len" / u32,
+    "link_layer" / u8,
+    "active_speed" / u8,
+    "active_width" / u8,
+    "phys_state" / u8,
+)
+QueryGidResp = cs.Struct("gid" / cs.Bytes(16))
+AllocPdResp = ObjNum("pdn")
+CreateCqResp = cs.Struct("cqn" / u32, "cqe" / u32)
+RegMrResp = cs.Struct("lkey" / u32, "rkey" / u32)
+CreateQpResp = cs.Struct(
+    "qpn" / u32,
+    "max_send_wr" / u32,
+    "max_recv_wr" / u32,
+    "max_send_sge" / u32,
+    "max_recv_sge" / u32,
+    "max_inline_data" / u32,
+    "sq_wqe_shift" / u32,
+    "rq_wqe_shift" / u32,
+)
+QueryQpResp = cs.Struct(
+    "attr" / QpAttr,
+    "pdn" / u32,
+    "qp_type" / u32,
+    "send_cqn" / u32,
+    "recv_cqn" / u32,
+    "flags" / u32,
+    "qpn" / u32,
+)
+
+#: cmd -> (request body, response body)
+COMMANDS: dict[Cmd, tuple[cs.Construct, cs.Construct]] = {
+    Cmd.QUERY_DEVICE: (Empty, QueryDeviceResp),
+    Cmd.QUERY_PORT: (QueryPortReq, QueryPortResp),
+    Cmd.QUERY_GID: (QueryGidReq, QueryGidResp),
+    Cmd.ALLOC_PD: (Empty, AllocPdResp),
+    Cmd.DEALLOC_PD: (DeallocPdReq, Empty),
+    Cmd.CREATE_CQ: (CreateCqReq, CreateCqResp),
+    Cmd.DESTROY_CQ: (DestroyCqReq, Empty),
+    Cmd.REQ_NOTIFY_CQ: (ReqNotifyCqReq, Empty),
+    Cmd.REG_MR: (RegMrReq, RegMrResp),
+    Cmd.DEREG_MR: (DeregMrReq, Empty),
+    Cmd.CREATE_QP: (CreateQpReq, CreateQpResp),
+    Cmd.MODIFY_QP: (ModifyQpReq, Empty),
+    Cmd.QUERY_QP: (QueryQpReq, QueryQpResp),
+    Cmd.DESTROY_QP: (DestroyQpReq, Empty),
+}
+
+#: Hard syntactic cap on REG_MR chunk counts (the device limit may be lower).
+MAX_MR_CHUNKS_WIRE = 1 << 20
+
+
+def _plain(container) -> dict:
+    """construct Container -> plain dict (drops construct's private keys)."""
+    out = {}
+    for k, v in container.items():
+        if k.startswith("_"):
+            continue
+        if isinstance(v, cs.Container):
+            v = _plain(v)
+        elif isinstance(v, cs.ListContainer):
+            v = [_plain(x) if isinstance(x, cs.Container) else x for x in v]
+        out[k] = v
+    return out
+
+
+def _build(fmt: cs.Construct, fields: dict, what: str) -> bytes:
+    try:
+        return fmt.build(fields)
+    except (cs.ConstructError, KeyError, TypeError, ValueError, OverflowError) as e:
+        raise WireError(f"cannot encode {what}: {e}") from None
+
+
+def _parse(fmt: cs.Construct, data, what: str) -> dict:
+    try:
+        return _plain(fmt.parse(bytes(data)))
+    except cs.ConstructError as e:
+        raise WireError(f"malformed {what}: {e}") from None
+
+
+def encode_request(cmd: Cmd | int, flags: int = 0, **fields) -> bytes:
+    """Build a control request: header {le16 cmd; le16 flags; le32 len} + body."""
+    cmd = Cmd.parse(cmd)
+    body = _build(COMMANDS[cmd][0], fields, f"{cmd.name} request")
+    return CtrlHeader.build(dict(cmd=cmd, flags=flags, len=len(body))) + body
+
+
+def decode_request(buf: bytes | memoryview) -> tuple[Cmd, dict]:
+    """Parse and syntax-check a control request. Returns (cmd, body fields)."""
+    buf = memoryview(buf)
+    if len(buf) < CTRL_HEADER_SIZE:
+        raise WireError(f"control request of {len(buf)} bytes is shorter than its {CTRL_HEADER_SIZE}-byte header")
+    hdr = CtrlHeader.parse(bytes(buf[:CTRL_HEADER_SIZE]))
+    cmd = Cmd.parse(hdr.cmd)
+    if hdr.flags != 0:
+        raise WireError(f"{cmd.name}: reserved flags {hdr.flags:#x} must be 0")
+    body = buf[CTRL_HEADER_SIZE:]
+    if hdr.len != len(body):
+        raise WireError(f"{cmd.name}: header len {hdr.len} but {len(body)} body bytes")
+    fmt = COMMANDS[cmd][0]
+    if cmd is Cmd.REG_MR:
+        if len(body) < REG_MR_FIXED:
+            raise WireError(f"REG_MR body of {len(body)} bytes is shorter than {REG_MR_FIXED}")
+        n = int.from_bytes(body[24:28], "little")
+        if n > MAX_MR_CHUNKS_WIRE:
+            raise WireError(f"REG_MR nchunks {n} exceeds {MAX_MR_CHUNKS_WIRE}")
+        want = REG_MR_FIXED + n * MrChunk.sizeof()
+    else:
+        want = fmt.sizeof()
+    if len(body) != want:
+        raise WireError(f"{cmd.name}: body is {len(body)} bytes, expected {want}")
+    return cmd, _parse(fmt, body, f"{cmd.name} request")
+
+
+def encode_response(cmd: Cmd | int, status: Status | int = Status.OK, **fields) -> bytes:
+    """Build a response: {le32 status} + body (body only when status is OK)."""
+    cmd = Cmd.parse(cmd)
+    status = Status.parse(status)
+    head = RespHeader.build(dict(status=status))
+    if status != Status.OK:
+        return head
+    return head + _build(COMMANDS[cmd][1], fields, f"{cmd.name} response")
+
+
+def decode_response(cmd: Cmd | int, buf: bytes | memoryview) -> tuple[Status, dict | None]:
+    """Parse a response to ``cmd``. The body is None unless the status is OK."""
+    cmd = Cmd.parse(cmd)
+    buf = memoryview(buf)
+    if len(buf) < RESP_HEADER_SIZE:
+        raise WireError(f"{cmd.name} response of {len(buf)} bytes has no status")
+    status = Status.parse(int.from_bytes(buf[:4], "little"))
+    if status != Status.OK:
+        return status, None
+    fmt = COMMANDS[cmd][1]
+    body = buf[RESP_HEADER_SIZE:]
+    if len(body) < fmt.sizeof():
+        raise WireError(f"{cmd.name} response body is {len(body)} bytes, expected {fmt.sizeof()}")
+    return status, _parse(fmt, body[: fmt.sizeof()], f"{cmd.name} response")
+
+
+def response_size(cmd: Cmd | int) -> int:
+    """Bytes the driver must provide in writable descriptors for ``cmd``."""
+    return RESP_HEADER_SIZE + COMMANDS[Cmd.parse(cmd)][1].sizeof()
+
+
+def encode_config(**fields) -> bytes:
+    return _build(Config, fields, "config space")
+
+
+def decode_config(buf) -> dict:
+    if len(buf) != Config.sizeof():
+        raise WireError(f"config space is {len(buf)} bytes, expected {Config.sizeof()}")
+    return _parse(Config, buf, "config space")
+
+
+def qp_attr_defaults(**fields) -> dict:
+    """A QpAttr field dict with zeros for everything not given."""
+    d = dict(
+        qp_state=0, cur_qp_state=0, path_mtu=0, path_mig_state=0, timeout=0, retry_cnt=0,
+        rnr_retry=0, min_rnr_timer=0, max_rd_atomic=0, max_dest_rd_atomic=0, port_num=0,
+        sq_draining=0, en_sqd_async_notify=0, sgid_index=0, hop_limit=0, traffic_class=0,
+        pkey_index=0, reserved=0, qkey=0, rq_psn=0, sq_psn=0, dest_qp_num=0, qp_access_flags=0,
+        flow_label=0, dgid=bytes(16), max_send_wr=0, max_recv_wr=0, max_send_sge=0,
+        max_recv_sge=0, max_inline_data=0,
+    )
+    unknown = set(fields) - set(d)
+    if unknown:
+        raise WireError(f"unknown QpAttr fields {sorted(unknown)}")
+    d.update(fields)
+    return d
+
+
+# --------------------------------------------------------------------------
+# 5.5 Work queues: WQEs in guest memory
+# --------------------------------------------------------------------------
+SendWqeHeader = cs.Struct(
+    "wr_id" / u64,
+    "opcode" / u8,
+    "send_flags" / u8,
+    "num_sge" / u16,
+    "imm_data" / u32,
+    "remote_addr" / u64,
+    "rkey" / u32,
+    "inline_len" / u32,
+    "compare_add" / u64,
+    "swap" / u64,
+    "reserved" / cs.Const(bytes(16)),
+)
+RecvWqeHeader = cs.Struct(
+    "wr_id" / u64,
+    "num_sge" / u16,
+    "reserved0" / cs.Const(0, u16),
+    "reserved1" / cs.Const(0, u32),
+)
+Sge = cs.Struct("addr" / u64, "length" / u32, "lkey" / u32)
+
+SEND_WQE_HEADER_SIZE = SendWqeHeader.sizeof()  # 64
+RECV_WQE_HEADER_SIZE = RecvWqeHeader.sizeof()  # 16
+SGE_SIZE = Sge.sizeof()  # 16
+
+_SEND_HDR = struct.Struct("<QBBHIQIIQQ16s")
+_RECV_HDR = struct.Struct("<QHHI")
+_SGE = struct.Struct("<QII")
+assert _SEND_HDR.size == SEND_WQE_HEADER_SIZE and _RECV_HDR.size == RECV_WQE_HEADER_SIZE
+assert _SGE.size == SGE_SIZE
+_ZERO16 = bytes(16)
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+@dataclass(frozen=True, slots=True)
+class WqLayout:
+    """Geometry of a QP's two rings, computed identically by driver and device."""
+
+    sq_depth: int
+    rq_depth: int
+    sq_wqe_shift: int
+    rq_wqe_shift: int
+    max_send_sge: int
+    max_recv_sge: int
+    max_inline_data: int
+
+    @property
+    def sq_bytes(self) -> int:
+        return self.sq_depth << self.sq_wqe_shift
+
+    @property
+    def rq_bytes(self) -> int:
+        return self.rq_depth << self.rq_wqe_shift
+
+
+def wq_layout(max_send_wr: int, max_recv_wr: int, max_send_sge: int, max_recv_sge: int,
+              max_inline_data: int) -> WqLayout:
+    """Spec 5.5.1: ring depths and slot sizes for the requested capabilities.
+
+    depth = next power of two >= max(1, max_wr);
+    SQ slot = next power of two >= 64 + max(16 * max_send_sge, round_up(max_inline, 16));
+    RQ slot = next power of two >= 16 + 16 * max(1, max_recv_sge).
+    The usable max_send_sge / max_inline_data grow to fill the slot.
+    """
+    for name, v in (("max_send_wr", max_send_wr), ("max_recv_wr", max_recv_wr),
+                    ("max_send_sge", max_send_sge), ("max_recv_sge", max_recv_sge),
+                    ("max_inline_data", max_inline_data)):
+        if not 0 <= v < (1 << 31):
+            raise WireError(f"{name} {v} out of range")
+    sq_payload = max(SGE_SIZE * max_send_sge, (max_inline_data + 15) & ~15)
+    sq_slot = max(64, _pow2_ceil(SEND_WQE_HEADER_SIZE + sq_payload))
+    rq_slot = max(32, _pow2_ceil(RECV_WQE_HEADER_SIZE + SGE_SIZE * max(1, max_recv_sge)))
+    return WqLayout(
+        sq_depth=_pow2_ceil(max(1, max_send_wr)),
+        rq_depth=_pow2_ceil(max(1, max_recv_wr)),
+        sq_wqe_shift=sq_slot.bit_length() - 1,
+        rq_wqe_shift=rq_slot.bit_length() - 1,
+        max_send_sge=(sq_slot - SEND_WQE_HEADER_SIZE) // SGE_SIZE,
+        max_recv_sge=(rq_slot - RECV_WQE_HEADER_SIZE) // SGE_SIZE,
+        max_inline_data=sq_slot - SEND_WQE_HEADER_SIZE,
+    )
+
+
+@dataclass(slots=True)
+class SgeEntry:
+    addr: int
+    length: int
+    lkey: int
+
+
+@dataclass(slots=True)
+class SendWqe:
+    """A decoded send work request. ``inline`` is a view into the WQE slot (no copy)."""
+
+    wr_id: int
+    opcode: WrOpcode
+    send_flags: SendFlags
+    imm_data: int = 0
+    remote_addr: int = 0
+    rkey: int = 0
+    compare_add: int = 0
+    swap: int = 0
+    sges: list = None
+    inline: memoryview | bytes | None = None
+
+    @property
+    def length(self) -> int:
+        if self.inline is not None:
+            return len(self.inline)
+        return sum(s.length for s in self.sges)
+
+
+@dataclass(slots=True)
+class RecvWqe:
+    wr_id: int
+    sges: list
+
+
+def encode_send_wqe(wr_id: int, opcode: WrOpcode | int, send_flags: int = 0, *, sges=(),
+                    inline: bytes | None = None, imm_data: int = 0, remote_addr: int = 0,
+                    rkey: int = 0, compare_add: int = 0, swap: int = 0,
+                    slot_size: int | None = None) -> bytes:
+    """Encode a send WQE (header + SGEs or inline data), zero-padded to ``slot_size``."""
+    opcode = WrOpcode.parse(opcode)
+    send_flags = SendFlags.parse(send_flags)
+    if inline is not None:
+        send_flags |= SendFlags.INLINE
+        payload = bytes(inline)
+        num_sge, inline_len = 0, len(payload)
+    else:
+        if send_flags & SendFlags.INLINE:
+            raise WireError("INLINE flag set but no inline data given")
+        sges = list(sges)
+        try:
+            payload = b"".join(_SGE.pack(int(a), int(n), int(k)) for a, n, k in sges)
+        except struct.error as e:
+            raise WireError(f"bad SGE in {sges!r}: {e}") from None
+        num_sge, inline_len = len(sges), 0
+    try:
+        head = _SEND_HDR.pack(wr_id, opcode, send_flags, num_sge, imm_data, remote_addr, rkey,
+                              inline_len, compare_add, swap, _ZERO16)
+    except struct.error as e:
+        raise WireError(f"cannot encode send WQE: {e}") from None
+    out = head + payload
+    if slot_size is not None:
+        if len(out) > slot_size:
+            raise WireError(f"send WQE of {len(out)} bytes does not fit a {slot_size}-byte slot")
+        out += bytes(slot_size - len(out))
+    return out
+
+
+def decode_send_wqe(slot: memoryview | bytes, max_sge: int | None = None) -> SendWqe:
+    """Decode the send WQE in ``slot`` (the whole slot). Inline data stays a view."""
+    slot = memoryview(slot)
+    if len(slot) < SEND_WQE_HEADER_SIZE:
+        raise WireError(f"send WQE slot of {len(slot)} bytes is shorter than its header")
+    (wr_id, opcode, flags, num_sge, imm, raddr, rkey, inline_len, cmp_add, swap,
+     rsvd) = _SEND_HDR.unpack_from(slot)
+    if rsvd != _ZERO16:
+        raise WireError(f"send WQE wr_id={wr_id:#x}: reserved bytes are not zero")
+    opcode = WrOpcode.parse(opcode)
+    flags = SendFlags.parse(flags)
+    room = len(slot) - SEND_WQE_HEADER_SIZE
+    wqe = SendWqe(wr_id, opcode, flags, imm, raddr, rkey, cmp_add, swap, [], None)
+    if flags & SendFlags.INLINE:
+        if num_sge != 0:
+            raise WireError(f"send WQE wr_id={wr_id:#x}: INLINE with num_sge {num_sge}")
+        if inline_len > room:
+            raise WireError(f"send WQE wr_id={wr_id:#x}: inline_len {inline_len} exceeds slot room {room}")
+        wqe.inline = slot[SEND_WQE_HEADER_SIZE:SEND_WQE_HEADER_SIZE + inline_len]
+        return wqe
+    if inline_len != 0:
+        raise WireError(f"send WQE wr_id={wr_id:#x}: inline_len {inline_len} without INLINE flag")
+    limit = room // SGE_SIZE if max_sge is None else min(max_sge, room // SGE_SIZE)
+    if num_sge > limit:
+        raise WireError(f"send WQE wr_id={wr_id:#x}: num_sge {num_sge} exceeds {limit}")
+    off = SEND_WQE_HEADER_SIZE
+    for _ in range(num_sge):
+        wqe.sges.append(SgeEntry(*_SGE.unpack_from(slot, off)))
+        off += SGE_SIZE
+    return wqe
+
+
+def encode_recv_wqe(wr_id: int, sges=(), *, slot_size: int | None = None) -> bytes:
+    sges = list(sges)
+    try:
+        out = _RECV_HDR.pack(wr_id, len(sges), 0, 0) + b"".join(
+            _SGE.pack(int(a), int(n), int(k)) for a, n, k in sges)
+    except struct.error as e:
+        raise WireError(f"cannot encode recv WQE: {e}") from None
+    if slot_size is not None:
+        if len(out) > slot_size:
+            raise WireError(f"recv WQE of {len(out)} bytes does not fit a {slot_size}-byte slot")
+        out += bytes(slot_size - len(out))
+    return out
+
+
+def decode_recv_wqe(slot: memoryview | bytes, max_sge: int | None = None) -> RecvWqe:
+    slot = memoryview(slot)
+    if len(slot) < RECV_WQE_HEADER_SIZE:
+        raise WireError(f"recv WQE slot of {len(slot)} bytes is shorter than its header")
+    wr_id, num_sge, r0, r1 = _RECV_HDR.unpack_from(slot)
+    if r0 or r1:
+        raise WireError(f"recv WQE wr_id={wr_id:#x}: reserved fields are not zero")
+    room = (len(slot) - RECV_WQE_HEADER_SIZE) // SGE_SIZE
+    limit = room if max_sge is None else min(room, max_sge)
+    if num_sge > limit:
+        raise WireError(f"recv WQE wr_id={wr_id:#x}: num_sge {num_sge} exceeds {limit}")
+    sges = [SgeEntry(*_SGE.unpack_from(slot, RECV_WQE_HEADER_SIZE + i * SGE_SIZE))
+            for i in range(num_sge)]
+    return RecvWqe(wr_id, sges)
+
+
+# --------------------------------------------------------------------------
+# 5.6 Completion queue entries
+# --------------------------------------------------------------------------
+Cqe = cs.Struct(
+    "wr_id" / u64,
+    "status" / u8,
+    "opcode" / u8,
+    "wc_flags" / u8,
+    "owner" / u8,
+    "byte_len" / u32,
+    "imm_data" / u32,
+    "qp_num" / u32,
+    "src_qp" / u32,
+    "vendor_err" / u32,
+)
+CQE_SIZE = Cqe.sizeof()  # 32
+CQE_OWNER_OFFSET = 11
+_CQE = struct.Struct("<QBBBBIIIII")
+assert _CQE.size == CQE_SIZE
+
+
+@dataclass(slots=True)
+class Completion:
+    """One work completion (ibv_wc)."""
+
+    wr_id: int
+    status: WcStatus
+    opcode: WcOpcode
+    qp_num: int
+    byte_len: int = 0
+    imm_data: int = 0
+    wc_flags: int = 0
+    src_qp: int = 0
+    vendor_err: int = 0
+
+
+def encode_cqe(c: Completion, owner: int) -> bytes:
+    return _CQE.pack(c.wr_id, c.status, c.opcode, c.wc_flags, owner & 1, c.byte_len,
+                     c.imm_data, c.qp_num, c.src_qp, c.vendor_err)
+
+
+def pack_cqe_into(buf, c: Completion, owner: int) -> None:
+    """Write a CQE into ``buf`` (32 bytes), the owner byte last (spec 5.6).
+
+    The body is written while the old owner byte stays in place, so a driver
+    polling concurrently never sees a new owner bit with a stale body.
+    """
+    _CQE.pack_into(buf, 0, c.wr_id, c.status, c.opcode, c.wc_flags, buf[CQE_OWNER_OFFSET],
+                   c.byte_len, c.imm_data, c.qp_num, c.src_qp, c.vendor_err)
+    buf[CQE_OWNER_OFFSET] = owner & 1
+
+
+def decode_cqe(buf) -> tuple[Completion, int]:
+    """Decode a CQE; returns (completion, owner bit)."""
+    if len(buf) < CQE_SIZE:
+        raise WireError(f"CQE of {len(buf)} bytes, expected {CQE_SIZE}")
+    wr_id, st, op, fl, owner, blen, imm, qpn, src, verr = _CQE.unpack_from(buf)
+    if owner & ~1:
+        raise WireError(f"CQE owner byte {owner:#x} has reserved bits set")
+    return Completion(wr_id, WcStatus.parse(st), WcOpcode.parse(op), qpn, blen, imm,
+                      int(WcFlags.parse(fl)), src, verr), owner
+
+
+# --------------------------------------------------------------------------
+# 5.4 Doorbells, doorbell records in guest memory, 5.7 events
+# --------------------------------------------------------------------------
+DoorbellRecord = cs.Struct("num_kind" / u32, "value" / u32)
+DOORBELL_SIZE = DoorbellRecord.sizeof()  # 8
+_DB = struct.Struct("<II")
+
+QpDbrec = cs.Struct("sq_pi" / u32, "rq_pi" / u32)
+CqDbrec = cs.Struct("ci" / u32, "reserved" / u32)
+DBREC_SIZE = 8
+_DBREC = struct.Struct("<II")
+
+
+@dataclass(frozen=True, slots=True)
+class Doorbell:
+    kind: DoorbellKind
+    num: int
+    value: int
+
+
+def encode_doorbell(kind: DoorbellKind | int, num: int, value: int) -> bytes:
+    kind = DoorbellKind.parse(kind)
+    if not 0 <= num <= OBJ_NUM_MASK:
+        raise WireError(f"doorbell object number {num} does not fit 24 bits")
+    if kind is DoorbellKind.CQ_ARM:
+        CqArm.parse(value)
+    try:
+        return _DB.pack(num | (kind << 24), value)
+    except struct.error as e:
+        raise WireError(f"cannot encode doorbell: {e}") from None
+
+
+def decode_doorbells(buf) -> list[Doorbell]:
+    """Decode a doorbell buffer: an array of 8-byte records."""
+    buf = memoryview(buf)
+    if len(buf) % DOORBELL_SIZE:
+        raise WireError(f"doorbell buffer of {len(buf)} bytes is not a multiple of {DOORBELL_SIZE}")
+    out = []
+    for word, value in _DB.iter_unpack(buf):
+        kind = DoorbellKind.parse(word >> 24)
+        if kind is DoorbellKind.CQ_ARM:
+            CqArm.parse(value)
+        out.append(Doorbell(kind, word & OBJ_NUM_MASK, value))
+    return out
+
+
+EventRecord = cs.Struct("kind" / u8, "reserved" / cs.Const(0, u8), "type" / u16, "number" / u32)
+EVENT_SIZE = EventRecord.sizeof()  # 8
+_EV = struct.Struct("<BBHI")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """An eventq record: a completion event (type 0, number = CQN) or an async event."""
+
+    kind: EventKind
+    type: int
+    number: int
+
+    def encode(self) -> bytes:
+        return _EV.pack(self.kind, 0, self.type, self.number)
+
+
+def decode_event(buf) -> Event:
+    if len(buf) < EVENT_SIZE:
+        raise WireError(f"event record of {len(buf)} bytes, expected {EVENT_SIZE}")
+    kind, rsvd, typ, num = _EV.unpack_from(buf)
+    if rsvd:
+        raise WireError("event record reserved byte is not zero")
+    kind = EventKind.parse(kind)
+    if kind is EventKind.ASYNC:
+        from virtio_rdma.constants import AsyncEvent
+        AsyncEvent.parse(typ)
+    elif typ != 0:
+        raise WireError(f"completion event with type {typ}")
+    return Event(kind, typ, num)
+
+
+__all__ = [n for n in dir() if not n.startswith("_")] + ["VirtioRdmaError", "UnknownValueError"]
