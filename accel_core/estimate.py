@@ -1,0 +1,324 @@
+"""Service-time model of the accelerator kernels, calibrated on this machine.
+
+A scheduler deciding where to run a job needs to predict how long it takes
+(the cluster scheduler compares the local wait + service time against
+2 x transfer time + the remote wait + service time). The model is linear in a
+per-operation work measure, one fit per *cost key*:
+
+==============  ============================  ==========================
+cost key         work units                    model
+==============  ============================  ==========================
+fft/<dtype>      batch * N * log2 N            a + b * work (per dtype)
+ifft/<dtype>     batch * N * log2 N            a + b * work (per dtype)
+turbo_encode     batch * K                     a + b * work
+turbo_decode     groups * K * iterations       a + b * work
+==============  ============================  ==========================
+
+``groups = ceil(batch / lanes)``: the decoder kernel runs ``lanes`` code blocks
+side by side in SIMD lanes (``accel_core._turbo.BATCH_LANES``), so a batch of
+up to ``lanes`` blocks costs about as much as one block.
+
+``a`` is the per-call overhead, ``b`` the cost per work unit. Turbo decode with
+early stop is estimated at its full iteration count (an upper bound).
+
+:meth:`ServiceTimeModel.calibrate` runs each kernel (through the same
+:func:`accel_core.jobs.execute` path the workers use) at a few sizes, takes the
+median of several runs per point and fits ``a, b >= 0`` by least squares on the
+*relative* error (so small and large jobs weigh alike). A model is saved as JSON
+(:meth:`save` / :meth:`load`); :meth:`load_or_calibrate` keeps one per machine
+in a cache directory, keyed by CPU model, package version and a fingerprint of
+the compiled kernel extensions (a rebuilt kernel gets a fresh calibration).
+:meth:`nominal` gives an uncalibrated model with order-of-magnitude constants,
+for use before any calibration.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from accel_core.errors import ModelError
+from accel_core.jobs import FFT_OPS, Job, JobParams, Op, execute
+
+FORMAT_VERSION = 1
+
+
+def cost_key(op: Op, params: JobParams) -> str:
+    if op in FFT_OPS:
+        return f"{op.value}/{np.dtype(params.dtype).name}"
+    return op.value
+
+
+def work_units(op: Op, params: JobParams) -> float:
+    if op in FFT_OPS:
+        n = params.n
+        return float(params.batch * n * math.log2(n))
+    if op is Op.TURBO_ENCODE:
+        return float(params.batch * params.k)
+    groups = -(-params.batch // decode_lanes())
+    return float(groups * params.k * params.iterations)
+
+
+def decode_lanes() -> int:
+    """Code blocks the Turbo decoder kernel processes side by side (1 if it does not say)."""
+    from accel_core import _turbo
+
+    return max(1, int(getattr(_turbo, "BATCH_LANES", 1)))
+
+
+@dataclass(frozen=True)
+class LinearCost:
+    """seconds = a + b * work; ``rms_rel_error`` is the fit's residual on its points."""
+
+    a: float
+    b: float
+    points: int = 0
+    rms_rel_error: float | None = None
+
+    def __call__(self, work: float) -> float:
+        return self.a + self.b * work
+
+
+def fit_linear(works: Iterable[float], seconds: Iterable[float]) -> LinearCost:
+    """Fit ``seconds ~ a + b * work`` with a, b >= 0, minimizing relative error."""
+    w = np.asarray(list(works), dtype=np.float64)
+    t = np.asarray(list(seconds), dtype=np.float64)
+    if w.size != t.size or w.size < 2:
+        raise ModelError(f"need at least 2 calibration points, got {w.size}")
+    if not (np.all(np.isfinite(w)) and np.all(np.isfinite(t)) and np.all(t > 0)):
+        raise ModelError("calibration points must be finite with positive times")
+    weight = 1.0 / t
+    A = np.stack([np.ones_like(w), w], axis=1) * weight[:, None]
+    (a, b), *_ = np.linalg.lstsq(A, t * weight, rcond=None)
+    if a < 0.0 or b < 0.0:
+        # Constrained solution lies on a boundary: try both one-parameter fits.
+        b0 = float(np.sum(w * weight * weight * t) / np.sum((w * weight) ** 2))  # a = 0
+        a0 = float(np.sum(weight * weight * t) / np.sum(weight * weight))        # b = 0
+        cands = [(0.0, max(b0, 0.0)), (max(a0, 0.0), 0.0)]
+        a, b = min(cands, key=lambda ab: float(np.sum(((ab[0] + ab[1] * w - t) * weight) ** 2)))
+    rel = (a + b * w - t) / t
+    return LinearCost(float(a), float(b), int(w.size), float(np.sqrt(np.mean(rel * rel))))
+
+
+# Calibration points: (op, dtype or None, size N or K, batch, iterations).
+_FFT_POINTS = [(256, 1), (256, 16), (1024, 4), (2048, 1), (2048, 16), (4096, 8), (16384, 2)]
+_FFT_POINTS_QUICK = [(256, 1), (2048, 4), (4096, 8)]
+_ENC_POINTS = [(1024, 1), (6144, 1), (6144, 8)]
+_ENC_POINTS_QUICK = [(1024, 1), (6144, 2)]
+_DEC_POINTS = [(1024, 1, 4), (6144, 1, 2), (6144, 1, 8), (2048, 16, 4), (1024, 32, 2)]
+_DEC_POINTS_QUICK = [(1024, 1, 2), (6144, 1, 4)]
+
+
+def _calibration_job(op: Op, size: int, batch: int, dtype: Any, iterations: int, rng) -> Job:
+    if op in FFT_OPS:
+        x = (rng.standard_normal((batch, size)) + 1j * rng.standard_normal((batch, size))).astype(dtype)
+        return Job.create(op, x)
+    if op is Op.TURBO_ENCODE:
+        return Job.create(op, rng.integers(0, 2, (batch, size), dtype=np.uint8))
+    llr = rng.standard_normal((batch, 3, size + 4)).astype(np.float32) * 2.0
+    return Job.create(op, llr, iterations=iterations)
+
+
+def _time_job(job: Job, repeat: int) -> float:
+    execute(job)  # warm up: plan caches, interleaver tables, page faults
+    runs = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        execute(job)
+        runs.append(time.perf_counter() - t0)
+    return statistics.median(runs)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("vrdma")
+    except Exception:  # not installed (running from a checkout)
+        return "0+checkout"
+
+
+def kernel_fingerprint() -> str:
+    """Hash of the compiled accel_core extensions (name, size, mtime)."""
+    here = Path(__file__).parent
+    h = hashlib.sha1()
+    for so in sorted(here.glob("_*.so")) + sorted(here.glob("_*.pyd")):
+        st = so.stat()
+        h.update(f"{so.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("VRDMA_CACHE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "vrdma"
+
+
+class ServiceTimeModel:
+    """Per-operation linear service-time model; ``estimate(job) -> seconds``."""
+
+    def __init__(self, costs: dict[str, LinearCost], *, calibrated: bool, meta: dict | None = None) -> None:
+        self.costs = dict(costs)
+        self.calibrated = calibrated
+        self.meta = dict(meta or {})
+
+    # -- estimating
+
+    def estimate_params(self, op: Op, params: JobParams) -> float:
+        key = cost_key(op, params)
+        cost = self.costs.get(key)
+        if cost is None:
+            raise ModelError(f"service-time model has no cost for {key!r} (known: {sorted(self.costs)})")
+        return cost(work_units(op, params))
+
+    def estimate(self, job: Job) -> float:
+        """Predicted kernel time of ``job`` in seconds."""
+        return self.estimate_params(job.op, job.params)
+
+    # -- construction
+
+    @classmethod
+    def nominal(cls) -> "ServiceTimeModel":
+        """Uncalibrated order-of-magnitude model (a few GFLOP/s FFT, ~1 Mbit/s per 8-iteration block)."""
+        per_fft_unit = {"complex64": 1.0e-9, "complex128": 1.5e-9}
+        costs = {}
+        for op in FFT_OPS:
+            for dt, b in per_fft_unit.items():
+                costs[f"{op.value}/{dt}"] = LinearCost(2e-6, b)
+        costs[Op.TURBO_ENCODE.value] = LinearCost(5e-6, 2e-9)
+        costs[Op.TURBO_DECODE.value] = LinearCost(2e-5, 1.3e-7)
+        return cls(costs, calibrated=False, meta={"source": "nominal"})
+
+    @classmethod
+    def calibrate(cls, *, quick: bool = False, repeat: int | None = None,
+                  ops: Iterable[Op | str] | None = None, seed: int = 1) -> "ServiceTimeModel":
+        """Time the kernels on this machine and fit the model (about 1 s; ``quick`` ~0.2 s)."""
+        repeat = repeat if repeat is not None else (3 if quick else 7)
+        if repeat < 1:
+            raise ModelError(f"repeat must be >= 1, got {repeat}")
+        wanted = list(Op) if ops is None else [Op.parse(o) for o in ops]
+        rng = np.random.default_rng(seed)
+        costs: dict[str, LinearCost] = {}
+        points: dict[str, list[tuple[float, float]]] = {}
+        for op in wanted:
+            if op in FFT_OPS:
+                grid = [(op, dt, n, b, 0) for dt in ("complex64", "complex128")
+                        for n, b in (_FFT_POINTS_QUICK if quick else _FFT_POINTS)]
+            elif op is Op.TURBO_ENCODE:
+                grid = [(op, None, k, b, 0) for k, b in (_ENC_POINTS_QUICK if quick else _ENC_POINTS)]
+            else:
+                grid = [(op, None, k, b, it) for k, b, it in (_DEC_POINTS_QUICK if quick else _DEC_POINTS)]
+            for op_, dt, size, batch, it in grid:
+                job = _calibration_job(op_, size, batch, dt, it, rng)
+                sec = _time_job(job, repeat)
+                points.setdefault(cost_key(op_, job.params), []).append((work_units(op_, job.params), sec))
+        for key, pts in points.items():
+            costs[key] = fit_linear([p[0] for p in pts], [p[1] for p in pts])
+        meta = cls.cache_identity()
+        meta.update({"source": "calibrate", "quick": quick, "repeat": repeat, "time": time.time(),
+                     "points": {k: [[w, s] for w, s in v] for k, v in points.items()}})
+        return cls(costs, calibrated=True, meta=meta)
+
+    # -- persistence
+
+    @staticmethod
+    def cache_identity() -> dict:
+        return {"cpu": cpu_model(), "version": package_version(), "kernels": kernel_fingerprint()}
+
+    @classmethod
+    def cache_file(cls, cache_dir: str | os.PathLike | None = None) -> Path:
+        ident = cls.cache_identity()
+        key = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+        base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        return base / f"accel-model-{key}.json"
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT_VERSION,
+            "calibrated": self.calibrated,
+            "meta": self.meta,
+            "costs": {k: {"a": c.a, "b": c.b, "points": c.points, "rms_rel_error": c.rms_rel_error}
+                      for k, c in sorted(self.costs.items())},
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "ServiceTimeModel":
+        if not isinstance(d, dict) or d.get("format") != FORMAT_VERSION or not isinstance(d.get("costs"), dict):
+            raise ModelError(f"not a service-time model of format {FORMAT_VERSION}")
+        costs = {}
+        for key, c in d["costs"].items():
+            try:
+                a, b = float(c["a"]), float(c["b"])
+            except (KeyError, TypeError, ValueError):
+                raise ModelError(f"cost {key!r} lacks numeric a and b") from None
+            if not (math.isfinite(a) and math.isfinite(b) and a >= 0 and b >= 0):
+                raise ModelError(f"cost {key!r} has invalid coefficients a={a} b={b}")
+            costs[str(key)] = LinearCost(a, b, int(c.get("points") or 0), c.get("rms_rel_error"))
+        return cls(costs, calibrated=bool(d.get("calibrated")), meta=d.get("meta") or {})
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the model as JSON (atomically: temp file + rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1, sort_keys=True))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ServiceTimeModel":
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ModelError(f"cannot read service-time model {path}: {e.strerror}") from e
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ModelError(f"service-time model {path} is not JSON: {e}") from e
+        return cls.from_dict(d)
+
+    @classmethod
+    def load_cached(cls, cache_dir: str | os.PathLike | None = None) -> "ServiceTimeModel | None":
+        """The cached calibration for this machine and build, or None (missing or unreadable)."""
+        path = cls.cache_file(cache_dir)
+        if not path.exists():
+            return None
+        try:
+            return cls.load(path)
+        except ModelError:
+            return None
+
+    @classmethod
+    def load_or_calibrate(cls, cache_dir: str | os.PathLike | None = None, *, quick: bool = False
+                          ) -> "ServiceTimeModel":
+        model = cls.load_cached(cache_dir)
+        if model is None:
+            model = cls.calibrate(quick=quick)
+            model.save(cls.cache_file(cache_dir))
+        return model
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{k}: {c.a * 1e6:.1f}us + {c.b * 1e9:.3f}ns/unit" for k, c in sorted(self.costs.items()))
+        return f"<ServiceTimeModel {'calibrated' if self.calibrated else 'nominal'} {parts}>"

@@ -1,0 +1,116 @@
+"""Accelerator metrics: counters per operation, busy time, estimate error.
+
+One :class:`AcceleratorMetrics` per accelerator, updated by its owner under the
+owner's lock (this class does no locking of its own). ``snapshot()`` returns a
+plain dict for logs, JSON and tests:
+
+* per operation: submitted / completed / failed / cancelled / rejected jobs,
+  busy seconds (kernel time), queue-wait seconds;
+* estimate accuracy over completed jobs, measured service time vs the estimate
+  made at submit: count, mean ratio measured/estimated, geometric mean ratio,
+  mean and max absolute relative error ``|measured - est| / est``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from accel_core.jobs import Job, JobState, Op
+
+
+@dataclass
+class _EstimateStats:
+    count: int = 0
+    sum_ratio: float = 0.0
+    sum_log_ratio: float = 0.0
+    sum_abs_rel: float = 0.0
+    max_abs_rel: float = 0.0
+
+    def add(self, measured: float, estimated: float) -> None:
+        if estimated <= 0.0 or measured <= 0.0:
+            return
+        ratio = measured / estimated
+        self.count += 1
+        self.sum_ratio += ratio
+        self.sum_log_ratio += math.log(ratio)
+        rel = abs(ratio - 1.0)
+        self.sum_abs_rel += rel
+        self.max_abs_rel = max(self.max_abs_rel, rel)
+
+    def merge(self, other: "_EstimateStats") -> None:
+        self.count += other.count
+        self.sum_ratio += other.sum_ratio
+        self.sum_log_ratio += other.sum_log_ratio
+        self.sum_abs_rel += other.sum_abs_rel
+        self.max_abs_rel = max(self.max_abs_rel, other.max_abs_rel)
+
+    def as_dict(self) -> dict:
+        n = self.count
+        return {
+            "count": n,
+            "mean_ratio": self.sum_ratio / n if n else None,
+            "geomean_ratio": math.exp(self.sum_log_ratio / n) if n else None,
+            "mean_abs_rel_error": self.sum_abs_rel / n if n else None,
+            "max_abs_rel_error": self.max_abs_rel if n else None,
+        }
+
+
+@dataclass
+class _OpCounters:
+    submitted: int = 0
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    rejected: int = 0
+    busy_seconds: float = 0.0
+    queue_wait_seconds: float = 0.0
+    estimate: _EstimateStats = field(default_factory=_EstimateStats)
+
+    def as_dict(self) -> dict:
+        return {
+            "submitted": self.submitted, "completed": self.completed, "failed": self.failed,
+            "cancelled": self.cancelled, "rejected": self.rejected,
+            "busy_seconds": self.busy_seconds, "queue_wait_seconds": self.queue_wait_seconds,
+            "estimate": self.estimate.as_dict(),
+        }
+
+
+class AcceleratorMetrics:
+    """Counters of one accelerator (the owner serializes updates)."""
+
+    def __init__(self) -> None:
+        self.ops: dict[Op, _OpCounters] = {op: _OpCounters() for op in Op}
+
+    def on_submit(self, job: Job) -> None:
+        self.ops[job.op].submitted += 1
+
+    def on_reject(self, op: Op) -> None:
+        self.ops[op].rejected += 1
+
+    def on_cancel(self, job: Job) -> None:
+        self.ops[job.op].cancelled += 1
+
+    def on_finish(self, job: Job) -> None:
+        c = self.ops[job.op]
+        if job.state is JobState.DONE:
+            c.completed += 1
+        else:
+            c.failed += 1
+        service = job.service_time or 0.0
+        c.busy_seconds += service
+        c.queue_wait_seconds += job.queue_wait or 0.0
+        if job.state is JobState.DONE:
+            c.estimate.add(service, job.estimate)
+
+    def snapshot(self) -> dict:
+        total = _OpCounters()
+        for c in self.ops.values():
+            total.submitted += c.submitted
+            total.completed += c.completed
+            total.failed += c.failed
+            total.cancelled += c.cancelled
+            total.rejected += c.rejected
+            total.busy_seconds += c.busy_seconds
+            total.queue_wait_seconds += c.queue_wait_seconds
+            total.estimate.merge(c.estimate)
+        return {"ops": {op.value: c.as_dict() for op, c in self.ops.items()}, "total": total.as_dict()}

@@ -1,0 +1,514 @@
+"""The accelerator service: shared FFT / Turbo accelerators with queues and workers.
+
+Software stand-in for a pool of FPGA accelerator cards shared by guests. An
+:class:`AcceleratorService` holds one or more :class:`Accelerator` s; each has
+
+* a **receive queue** of submitted jobs, fair across guests in estimated
+  accelerator time (:class:`accel_core.queues.FairQueue`);
+* a **worker pool** of threads running the Cython kernels, which release the
+  GIL, so N workers really use N cores;
+* a **ready queue** of finished jobs waiting to be collected (jobs submitted
+  with ``collect=True``: the completion path of the backend daemon), with a
+  notifier hook to wake an event loop. Every job also resolves its
+  ``concurrent.futures.Future`` (``asyncio.wrap_future`` adapts it).
+
+Each job carries a service-time estimate from a :class:`ServiceTimeModel`, so
+an accelerator can say how much work it has queued
+(:meth:`Accelerator.queued_work_seconds`) and when a job -- queued, or only
+proposed -- would finish (:meth:`Accelerator.estimated_completion`), which the
+cluster scheduler compares with 2 x transfer + remote processing time.
+
+No global state: everything lives in the service object, which has an explicit
+lifecycle (RUNNING -> CLOSING -> CLOSED), is thread-safe, idempotently
+closeable and a context manager. ``close()`` cancels the jobs still queued
+(their futures raise CancelledError; they are counted and returned, never lost
+silently) or, with ``cancel_pending=False``, finishes them first; running
+kernels always finish; worker threads are joined.
+"""
+from __future__ import annotations
+
+import enum
+import heapq
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+from accel_core.errors import AccelError, JobRejected, ServiceClosed, UnsupportedOperation
+from accel_core.estimate import ServiceTimeModel
+from accel_core.jobs import Job, JobState, Op, execute
+from accel_core.metrics import AcceleratorMetrics
+from accel_core.queues import FairQueue, ReadyQueue
+
+log = logging.getLogger(__name__)
+
+ALL_OPS = frozenset(Op)
+MAX_WORKERS = 64
+
+
+class AcceleratorState(enum.Enum):
+    RUNNING = "running"    # accepting and running jobs
+    CLOSING = "closing"    # no new jobs; workers finish (or cancel) the rest, then exit
+    CLOSED = "closed"      # workers joined
+
+
+ACCELERATOR_TRANSITIONS = {
+    AcceleratorState.RUNNING: frozenset({AcceleratorState.CLOSING}),
+    AcceleratorState.CLOSING: frozenset({AcceleratorState.CLOSED}),
+    AcceleratorState.CLOSED: frozenset(),
+}
+
+
+def _parse_ops(ops: Iterable[Op | str] | None) -> frozenset[Op]:
+    if ops is None:
+        return ALL_OPS
+    parsed = frozenset(Op.parse(o) for o in ops)
+    if not parsed:
+        raise AccelError("an accelerator must serve at least one operation")
+    return parsed
+
+
+class Accelerator:
+    """One shared accelerator: receive queue, worker threads, ready queue.
+
+    Threads start in the constructor and stop in :meth:`close`.
+    ``ready_notify(accelerator)`` is called from a worker thread, outside any
+    lock, whenever a ``collect=True`` job lands on the ready queue.
+    """
+
+    def __init__(self, name: str, *, ops: Iterable[Op | str] | None = None, workers: int = 1,
+                 model: ServiceTimeModel | None = None,
+                 ready_notify: Callable[["Accelerator"], None] | None = None) -> None:
+        if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= MAX_WORKERS:
+            raise AccelError(f"workers must be an integer in 1..{MAX_WORKERS}, got {workers!r}")
+        self.name = str(name)
+        self.ops = _parse_ops(ops)
+        self.workers = workers
+        self.model = model if model is not None else ServiceTimeModel.nominal()
+        self.metrics = AcceleratorMetrics()
+        self._clock = time.perf_counter
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)   # workers wait for jobs
+        self._idle = threading.Condition(self._lock)   # drain() waits for empty + idle
+        self._queue = FairQueue()
+        self._running: dict[Job, None] = {}
+        self._busy_since: float | None = None
+        self._seq = 0
+        self._live = workers
+        self._paused = False
+        self._state = AcceleratorState.RUNNING
+        self._ready = ReadyQueue(None if ready_notify is None else (lambda: ready_notify(self)))
+        self._threads = [threading.Thread(target=self._worker, name=f"vrdma-accel-{self.name}-{i}", daemon=True)
+                         for i in range(workers)]
+        for t in self._threads:
+            t.start()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def state(self) -> AcceleratorState:
+        return self._state
+
+    def _set_state(self, new: AcceleratorState) -> None:
+        if new not in ACCELERATOR_TRANSITIONS[self._state]:
+            raise AccelError(f"accelerator {self.name}: illegal transition {self._state.value} -> {new.value}")
+        self._state = new
+
+    def close(self, *, cancel_pending: bool = True) -> list[Job]:
+        """Stop accepting jobs, cancel (default) or finish the queued ones, join the workers.
+
+        Returns the jobs cancelled by this call. Idempotent; safe from any
+        thread, including a job's done-callback (the calling worker is not
+        joined then, it exits on its own).
+        """
+        cancelled: list[Job] = []
+        with self._lock:
+            if self._state is AcceleratorState.RUNNING:
+                self._set_state(AcceleratorState.CLOSING)
+                if cancel_pending:
+                    now = self._clock()
+                    cancelled = self._queue.take_all()
+                    for job in cancelled:
+                        job._transition(JobState.CANCELLED, now)
+                        self.metrics.on_cancel(job)
+                self._paused = False
+                self._work.notify_all()
+                self._idle.notify_all()
+        self._deliver_cancelled(cancelled)
+        me = threading.current_thread()
+        for t in self._threads:
+            if t is not me:
+                t.join()
+        if cancelled:
+            log.info("accelerator %s closed with %d queued jobs cancelled", self.name, len(cancelled))
+        return cancelled
+
+    def __enter__(self) -> "Accelerator":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def pause(self) -> None:
+        """Stop dispatching queued jobs (running ones finish); submit still queues."""
+        with self._lock:
+            if self._state is AcceleratorState.RUNNING:
+                self._paused = True
+
+    def resume(self) -> None:
+        with self._lock:
+            self._paused = False
+            self._work.notify_all()
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until the receive queue is empty and no job runs; False on timeout or if paused."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while len(self._queue) or self._running:
+                if self._paused and not self._running:
+                    return False
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._idle.wait(remaining)
+        return True
+
+    # ------------------------------------------------------------------ submitting
+
+    def submit(self, job: Job) -> Job:
+        """Queue a NEW job; returns it. Raises UnsupportedOperation, ServiceClosed, JobRejected."""
+        if job.op not in self.ops:
+            with self._lock:
+                self.metrics.on_reject(job.op)
+            raise UnsupportedOperation(
+                f"accelerator {self.name} does not serve {job.op.value} "
+                f"(serves {', '.join(sorted(o.value for o in self.ops))})")
+        if job.state is not JobState.NEW:
+            raise JobRejected(f"job {job.id} is {job.state.value}; only a new job can be submitted")
+        estimate = self.model.estimate(job)
+        job.future.add_done_callback(lambda f, job=job: self._on_future_done(job, f))
+        with self._lock:
+            if self._state is not AcceleratorState.RUNNING:
+                raise ServiceClosed(f"accelerator {self.name} is {self._state.value}")
+            job.estimate = estimate
+            job.id = self._seq
+            self._seq += 1
+            job.accelerator = self.name
+            job._transition(JobState.QUEUED, self._clock())
+            self._queue.push(job)
+            self.metrics.on_submit(job)
+            self._work.notify()
+        return job
+
+    def cancel(self, job: Job) -> bool:
+        """Cancel a queued job; False if it already started or finished."""
+        with self._lock:
+            if job.state is not JobState.QUEUED or not self._queue.remove(job):
+                return False
+            job._transition(JobState.CANCELLED, self._clock())
+            self.metrics.on_cancel(job)
+            if not len(self._queue) and not self._running:
+                self._idle.notify_all()
+        self._deliver_cancelled([job])
+        return True
+
+    def _deliver_cancelled(self, jobs: list[Job]) -> None:
+        """Resolve cancelled jobs' futures and hand collect=True ones to the ready queue."""
+        for job in jobs:
+            if job.collect:
+                self._ready.put(job)
+            job.future.cancel()
+
+    def _on_future_done(self, job: Job, fut) -> None:
+        if fut.cancelled():  # cancelled through job.cancel() / job.future.cancel()
+            self.cancel(job)
+
+    # ------------------------------------------------------------------ collecting
+
+    def collect(self, max_jobs: int | None = None, timeout: float | None = 0.0) -> list[Job]:
+        """Take finished ``collect=True`` jobs from the ready queue (see ReadyQueue.collect)."""
+        return self._ready.collect(max_jobs, timeout)
+
+    def set_ready_notifier(self, fn: Callable[["Accelerator"], None] | None) -> None:
+        self._ready.set_notifier(None if fn is None else (lambda: fn(self)))
+
+    # ------------------------------------------------------------------ load and estimates
+
+    def queue_depth(self) -> int:
+        with self._lock:
+            return len(self._queue)
+
+    def running_count(self) -> int:
+        with self._lock:
+            return len(self._running)
+
+    def ready_depth(self) -> int:
+        return len(self._ready)
+
+    def queued_jobs(self) -> list[Job]:
+        """Queued jobs in dispatch order."""
+        with self._lock:
+            return self._queue.ordered()
+
+    def queued_work_seconds(self) -> float:
+        """Estimated seconds of work held: queued estimates + what remains of running ones."""
+        with self._lock:
+            now = self._clock()
+            queued = sum(j.estimate for j in self._queue.ordered())
+            running = sum(max(0.0, j.estimate - (now - j.t_started)) for j in self._running)
+            return queued + running
+
+    def estimated_completion(self, job: Job) -> float:
+        """Predicted seconds from now until ``job`` finishes here.
+
+        ``job`` may be queued here, running, finished (0.0) or NEW -- a job
+        not submitted yet, placed where the fair queue would put it. The
+        prediction replays dispatch order over the workers with the model's
+        estimates (paused dispatch is ignored; later arrivals may overtake).
+        """
+        if job.state is JobState.NEW:
+            if job.op not in self.ops:
+                raise UnsupportedOperation(f"accelerator {self.name} does not serve {job.op.value}")
+            own = self.model.estimate(job)
+        else:
+            own = job.estimate
+        with self._lock:
+            now = self._clock()
+            if job.state.finished:
+                return 0.0
+            if job.state is JobState.RUNNING:
+                return max(0.0, job.estimate - (now - job.t_started))
+            free = [max(0.0, j.estimate - (now - j.t_started)) for j in self._running]
+            free += [0.0] * max(0, self.workers - len(free))
+            heapq.heapify(free)
+            order = self._queue.ordered()
+            if job.state is JobState.NEW:
+                tag = (self._queue.start_tag(job.guest_id), float("inf"))
+                order = [j for j in order if j._tag <= tag] + [job] + [j for j in order if j._tag > tag]
+            elif job.accelerator != self.name or job not in order:
+                raise AccelError(f"job {job.id} is not queued on accelerator {self.name}")
+            for j in order:
+                start = heapq.heappop(free)
+                end = start + (own if j is job else j.estimate)
+                if j is job:
+                    return end
+                heapq.heappush(free, end)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def estimated_wait(self, job: Job) -> float:
+        """Predicted seconds from now until ``job`` would start (completion minus its own estimate)."""
+        own = self.model.estimate(job) if job.state is JobState.NEW else job.estimate
+        if job.state is not JobState.NEW and job.state is not JobState.QUEUED:
+            return 0.0
+        return max(0.0, self.estimated_completion(job) - own)
+
+    def stats(self) -> dict:
+        snap = self.metrics_snapshot()
+        snap.update({"name": self.name, "workers": self.workers, "state": self._state.value,
+                     "ops": sorted(o.value for o in self.ops)})
+        return snap
+
+    def metrics_snapshot(self) -> dict:
+        with self._lock:
+            snap = self.metrics.snapshot()
+            snap["queue_depth"] = len(self._queue)
+            snap["running"] = len(self._running)
+        snap["ready_depth"] = len(self._ready)
+        return snap
+
+    # ------------------------------------------------------------------ workers
+
+    def _next_job(self) -> Job | None:
+        """Block until a job may run (returned RUNNING) or the worker must exit (None)."""
+        while True:
+            late: Job | None = None
+            with self._lock:
+                while late is None:
+                    if not self._paused and len(self._queue):
+                        job = self._queue.pop()
+                        now = self._clock()
+                        if job.future.set_running_or_notify_cancel():
+                            job._transition(JobState.RUNNING, now)
+                            self._running[job] = None
+                            return job
+                        # Future cancelled by the caller just before dispatch.
+                        job._transition(JobState.CANCELLED, now)
+                        self.metrics.on_cancel(job)
+                        late = job
+                        continue
+                    if self._state is not AcceleratorState.RUNNING and not len(self._queue):
+                        self._live -= 1
+                        if not self._live:
+                            self._set_state(AcceleratorState.CLOSED)
+                        return None
+                    if not len(self._queue) and not self._running:
+                        self._idle.notify_all()
+                    self._work.wait()
+            if late.collect:
+                self._ready.put(late)
+
+    def _worker(self) -> None:
+        while True:
+            job = self._next_job()
+            if job is None:
+                return
+            error: BaseException | None = None
+            result = None
+            try:
+                result = execute(job)
+            except Exception as e:  # the kernel's validation or a bug: the job fails, the worker lives
+                error = e
+            with self._lock:
+                now = self._clock()
+                del self._running[job]
+                if error is None:
+                    job.result = result
+                    job._transition(JobState.DONE, now)
+                else:
+                    job.error = error
+                    job._transition(JobState.FAILED, now)
+                self.metrics.on_finish(job)
+                if not len(self._queue) and not self._running:
+                    self._idle.notify_all()
+            if error is not None:
+                log.debug("job %s failed: %s", job, error)
+            if job.collect:
+                self._ready.put(job)
+            if error is None:
+                job.future.set_result(job)
+            else:
+                job.future.set_exception(error)
+
+    def __repr__(self) -> str:
+        return (f"<Accelerator {self.name} {self._state.value} workers={self.workers} "
+                f"queued={len(self._queue)} running={len(self._running)}>")
+
+
+@dataclass(frozen=True)
+class AcceleratorSpec:
+    """Configuration of one accelerator of a service."""
+
+    name: str
+    ops: frozenset[Op] = field(default=ALL_OPS)
+    workers: int = 1
+
+
+class AcceleratorService:
+    """A set of accelerators sharing one service-time model.
+
+    ``AcceleratorService()`` gives one accelerator ``accel0`` serving every
+    operation with one worker; pass ``workers=`` or a list of
+    :class:`AcceleratorSpec` for more. ``submit()`` validates the job, then
+    queues it on the named accelerator or, by default, on the one serving the
+    operation that predicts the earliest completion.
+    """
+
+    def __init__(self, accelerators: Sequence[AcceleratorSpec] | None = None, *, workers: int = 1,
+                 model: ServiceTimeModel | None = None,
+                 ready_notify: Callable[[Accelerator], None] | None = None) -> None:
+        self.model = model if model is not None else ServiceTimeModel.nominal()
+        self._ready_notify = ready_notify
+        self._lock = threading.Lock()
+        self._accels: dict[str, Accelerator] = {}
+        self._closed = False
+        self._rejected: dict[str, int] = {}
+        specs = list(accelerators) if accelerators is not None else [AcceleratorSpec("accel0", workers=workers)]
+        try:
+            for spec in specs:
+                self.add_accelerator(spec.name, ops=spec.ops, workers=spec.workers)
+        except BaseException:
+            self.close()
+            raise
+
+    def add_accelerator(self, name: str, *, ops: Iterable[Op | str] | None = None, workers: int = 1
+                        ) -> Accelerator:
+        with self._lock:
+            if self._closed:
+                raise ServiceClosed("accelerator service is closed")
+            if name in self._accels:
+                raise AccelError(f"accelerator {name!r} already exists")
+            acc = Accelerator(name, ops=ops, workers=workers, model=self.model, ready_notify=self._ready_notify)
+            self._accels[name] = acc
+            return acc
+
+    @property
+    def accelerators(self) -> tuple[Accelerator, ...]:
+        with self._lock:
+            return tuple(self._accels.values())
+
+    def accelerator(self, name: str) -> Accelerator:
+        with self._lock:
+            try:
+                return self._accels[name]
+            except KeyError:
+                raise AccelError(f"no accelerator named {name!r} (have {sorted(self._accels)})") from None
+
+    def serving(self, op: Op | str) -> list[Accelerator]:
+        op = Op.parse(op)
+        return [a for a in self.accelerators if op in a.ops]
+
+    def submit(self, op: Op | str, input: Any, output: Any = None, *, guest_id: int = 0,
+               accelerator: str | None = None, **params: Any) -> Job:
+        """Create (validate) and queue a job; see :meth:`Job.create` for the parameters."""
+        try:
+            job = Job.create(op, input, output, guest_id=guest_id, **params)
+        except JobRejected:
+            key = op.value if isinstance(op, Op) else str(op)
+            with self._lock:
+                self._rejected[key] = self._rejected.get(key, 0) + 1
+            raise
+        except TypeError as e:  # unknown keyword parameter
+            raise JobRejected(f"bad job parameter: {e}") from None
+        return self.submit_job(job, accelerator=accelerator)
+
+    def submit_job(self, job: Job, *, accelerator: str | None = None) -> Job:
+        if self._closed:
+            raise ServiceClosed("accelerator service is closed")
+        acc = self.accelerator(accelerator) if accelerator is not None else self.choose(job)
+        return acc.submit(job)
+
+    def choose(self, job: Job) -> Accelerator:
+        """The accelerator serving ``job.op`` that predicts the earliest completion."""
+        cands = self.serving(job.op)
+        if not cands:
+            raise UnsupportedOperation(f"no accelerator of this service serves {job.op.value}")
+        if len(cands) == 1:
+            return cands[0]
+        return min(cands, key=lambda a: a.estimated_completion(job))
+
+    def estimated_completion(self, job: Job) -> tuple[Accelerator, float]:
+        """Where a NEW job would run and the predicted seconds until it finishes there."""
+        acc = self.choose(job)
+        return acc, acc.estimated_completion(job)
+
+    def queued_work_seconds(self) -> float:
+        return sum(a.queued_work_seconds() for a in self.accelerators)
+
+    def metrics(self) -> dict:
+        with self._lock:
+            rejected = dict(self._rejected)
+        return {"accelerators": {a.name: a.stats() for a in self.accelerators}, "rejected_at_create": rejected}
+
+    def close(self, *, cancel_pending: bool = True) -> list[Job]:
+        """Close every accelerator (see :meth:`Accelerator.close`); returns the cancelled jobs."""
+        with self._lock:
+            self._closed = True
+            accels = list(self._accels.values())
+        cancelled: list[Job] = []
+        for acc in accels:
+            cancelled.extend(acc.close(cancel_pending=cancel_pending))
+        return cancelled
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> "AcceleratorService":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<AcceleratorService {'closed' if self._closed else 'open'} {list(self._accels)}>"
