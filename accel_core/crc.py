@@ -49,7 +49,7 @@ def as_bits(bits: object, name: str = "bits") -> np.ndarray:
 
 
 def _remainders(bits: np.ndarray, which: int) -> np.ndarray:
-    rows = bits.reshape(-1, bits.shape[-1])
+    rows = bits.reshape(bits.shape[0] if bits.ndim == 2 else 1, bits.shape[-1])
     out = np.empty(rows.shape[0], dtype=np.uint32)
     _crc.crc24_rows(rows, which, out)
     return out
