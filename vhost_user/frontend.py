@@ -1,0 +1,337 @@
+"""The vhost-user front-end: the role QEMU plays, for process guests.
+
+:class:`Frontend` is the message layer: one method per front-end request,
+blocking, over a connected unix socket. When REPLY_ACK is negotiated every
+request without a reply of its own asks for an ack, so a back-end's refusal
+surfaces as :class:`ReplyError` at the call that caused it.
+
+:class:`VirtioUserDevice` is the virtio-user pattern on top: it owns the
+guest memory (a memfd, hugetlb when the machine has free huge pages),
+negotiates features, lays out split rings in guest memory, creates the kick
+and call eventfds and drives the device status, so a plain process can use a
+vhost-user device the way a VM's driver would.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+
+from vhost_user.endpoint import recv_message, send_message
+from vhost_user.errors import ProtocolError, ReplyError, TransportError
+from vhost_user.messages import (
+    FLAG_NEED_REPLY,
+    VERSION,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    VRING_NOFD_MASK,
+    ConfigSpace,
+    FrontendReq,
+    MemRegionDesc,
+    MemTable,
+    Message,
+    ProtocolFeature,
+    SingleMemRegion,
+    VringAddr,
+    VringState,
+    decode_u64,
+    encode_u64,
+)
+from virtio.constants import DeviceStatus, FeatureBit
+from virtio.memory import GuestMemory, MemoryRegion
+from virtio.split import DriverQueue
+
+R = FrontendReq
+PF = ProtocolFeature
+
+
+class Frontend:
+    """Blocking vhost-user front-end connection (message layer)."""
+
+    def __init__(self, path: str, *, timeout: float | None = 10.0):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except OSError as e:
+            self.sock.close()
+            raise TransportError(f"cannot connect to {path}: {e.strerror}", e.errno or errno.ECONNREFUSED) from e
+        self.protocol = PF(0)
+
+    # --- plumbing ---------------------------------------------------------
+    def _send(self, req: R, payload: bytes = b"", fds=(), *, ack: bool | None = None) -> None:
+        flags = VERSION
+        if ack is None:
+            ack = bool(self.protocol & PF.REPLY_ACK)
+        if ack:
+            flags |= FLAG_NEED_REPLY
+        send_message(self.sock, Message(req, flags, payload, list(fds)))
+        if ack:
+            code = decode_u64(self._reply(req).payload, f"{req.name} ack")
+            if code:
+                raise ReplyError(req.name, code)
+
+    def _reply(self, req: R) -> Message:
+        try:
+            msg = recv_message(self.sock)
+        except socket.timeout as e:
+            raise TransportError(f"no reply to {req.name}", errno.ETIMEDOUT) from e
+        if msg.fds:
+            for fd in msg.fds:
+                os.close(fd)
+            raise ProtocolError(f"reply to {req.name} carried file descriptors")
+        if msg.request != req or not msg.is_reply:
+            raise ProtocolError(f"expected reply to {req.name}, got request {msg.request} flags {msg.flags:#x}")
+        return msg
+
+    def _call(self, req: R, payload: bytes = b"") -> bytes:
+        send_message(self.sock, Message(req, VERSION, payload))
+        return self._reply(req).payload
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- requests -----------------------------------------------------------
+    def get_features(self) -> int:
+        return decode_u64(self._call(R.GET_FEATURES))
+
+    def set_features(self, features: int) -> None:
+        self._send(R.SET_FEATURES, encode_u64(features))
+
+    def get_protocol_features(self) -> PF:
+        return PF(decode_u64(self._call(R.GET_PROTOCOL_FEATURES)))
+
+    def set_protocol_features(self, features: PF) -> None:
+        # The ack for this very message depends on what it negotiates.
+        self._send(R.SET_PROTOCOL_FEATURES, encode_u64(int(features)), ack=False)
+        self.protocol = PF(features)
+
+    def set_owner(self) -> None:
+        self._send(R.SET_OWNER)
+
+    def reset_device(self) -> None:
+        self._send(R.RESET_DEVICE)
+
+    def get_queue_num(self) -> int:
+        return decode_u64(self._call(R.GET_QUEUE_NUM))
+
+    def get_max_mem_slots(self) -> int:
+        return decode_u64(self._call(R.GET_MAX_MEM_SLOTS))
+
+    def set_mem_table(self, regions: list[MemoryRegion]) -> None:
+        table = MemTable(tuple(MemRegionDesc(r.gpa, r.size, r.uva, r.mmap_offset) for r in regions))
+        self._send(R.SET_MEM_TABLE, table.encode(), [r.fd for r in regions])
+
+    def add_mem_reg(self, region: MemoryRegion) -> None:
+        desc = MemRegionDesc(region.gpa, region.size, region.uva, region.mmap_offset)
+        self._send(R.ADD_MEM_REG, SingleMemRegion(desc).encode(), [region.fd])
+
+    def rem_mem_reg(self, region: MemoryRegion) -> None:
+        desc = MemRegionDesc(region.gpa, region.size, region.uva, region.mmap_offset)
+        self._send(R.REM_MEM_REG, SingleMemRegion(desc).encode())
+
+    def set_vring_num(self, index: int, num: int) -> None:
+        self._send(R.SET_VRING_NUM, VringState(index, num).encode())
+
+    def set_vring_base(self, index: int, base: int) -> None:
+        self._send(R.SET_VRING_BASE, VringState(index, base).encode())
+
+    def get_vring_base(self, index: int) -> int:
+        return VringState.decode(self._call(R.GET_VRING_BASE, VringState(index, 0).encode())).num
+
+    def set_vring_addr(self, index: int, desc: int, used: int, avail: int, flags: int = 0, log: int = 0) -> None:
+        self._send(R.SET_VRING_ADDR, VringAddr(index, flags, desc, used, avail, log).encode())
+
+    def _set_vring_fd(self, req: R, index: int, fd: int | None) -> None:
+        if fd is None:
+            self._send(req, encode_u64(index | VRING_NOFD_MASK))
+        else:
+            self._send(req, encode_u64(index), [fd])
+
+    def set_vring_kick(self, index: int, fd: int | None) -> None:
+        self._set_vring_fd(R.SET_VRING_KICK, index, fd)
+
+    def set_vring_call(self, index: int, fd: int | None) -> None:
+        self._set_vring_fd(R.SET_VRING_CALL, index, fd)
+
+    def set_vring_err(self, index: int, fd: int | None) -> None:
+        self._set_vring_fd(R.SET_VRING_ERR, index, fd)
+
+    def set_vring_enable(self, index: int, enable: bool) -> None:
+        self._send(R.SET_VRING_ENABLE, VringState(index, int(enable)).encode())
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        reply = ConfigSpace.decode(self._call(R.GET_CONFIG, ConfigSpace(offset, size, 0, b"").encode()))
+        if reply.size != size:
+            raise ReplyError("GET_CONFIG", errno.EIO)
+        return reply.payload
+
+    def set_config(self, offset: int, data: bytes) -> None:
+        self._send(R.SET_CONFIG, ConfigSpace(offset, len(data), 0, data).encode())
+
+    def set_status(self, status: int) -> None:
+        self._send(R.SET_STATUS, encode_u64(status))
+
+    def get_status(self) -> int:
+        return decode_u64(self._call(R.GET_STATUS))
+
+
+class _Bump:
+    """A bump allocator over a range of guest-physical addresses."""
+
+    def __init__(self, start: int, end: int):
+        self.next = start
+        self.end = end
+
+    def alloc(self, size: int, align: int = 64) -> int:
+        addr = (self.next + align - 1) & ~(align - 1)
+        if addr + size > self.end:
+            raise MemoryError(f"guest memory exhausted: {size} bytes requested, {self.end - addr} left")
+        self.next = addr + size
+        return addr
+
+
+class VirtioUserDevice:
+    """A process guest's virtio device reached over vhost-user.
+
+    Owns: the Frontend connection, the guest memory (memfd), the driver-side
+    queues, and the kick/call eventfds. :meth:`close` releases all of them.
+    """
+
+    WANTED_TRANSPORT = (1 << FeatureBit.VIRTIO_F_VERSION_1) | (1 << FeatureBit.VIRTIO_F_RING_INDIRECT_DESC) | (
+        1 << FeatureBit.VIRTIO_F_RING_EVENT_IDX)
+    WANTED_PROTOCOL = PF.MQ | PF.REPLY_ACK | PF.CONFIG | PF.CONFIGURE_MEM_SLOTS | PF.STATUS | PF.RESET_DEVICE
+
+    def __init__(self, path: str, *, mem_size: int = 16 << 20, num_queues: int = 1, queue_size: int = 256,
+                 device_features: int = 0, event_idx: bool = True, use_add_mem_reg: bool = False,
+                 hugetlb="auto", timeout: float | None = 10.0):
+        self.frontend = Frontend(path, timeout=timeout)
+        self.mem = GuestMemory()
+        self.queues: list[DriverQueue] = []
+        self.kick_fds: list[int] = []
+        self.call_fds: list[int] = []
+        try:
+            region = MemoryRegion.memfd(mem_size, gpa=0, hugetlb=hugetlb)
+            self.mem.add(region)
+            self._setup(num_queues, queue_size, device_features, event_idx, use_add_mem_reg)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, num_queues, queue_size, device_features, event_idx, use_add_mem_reg) -> None:
+        fe = self.frontend
+        offered = fe.get_features()
+        if not offered & VHOST_USER_F_PROTOCOL_FEATURES:
+            raise ProtocolError("back-end does not offer VHOST_USER_F_PROTOCOL_FEATURES")
+        wanted = self.WANTED_TRANSPORT | device_features
+        if not event_idx:
+            wanted &= ~(1 << FeatureBit.VIRTIO_F_RING_EVENT_IDX)
+        self.features = offered & wanted
+        if not self.features & (1 << FeatureBit.VIRTIO_F_VERSION_1):
+            raise ProtocolError("back-end does not offer VIRTIO_F_VERSION_1")
+        self.protocol = fe.get_protocol_features() & self.WANTED_PROTOCOL
+        fe.set_protocol_features(self.protocol)
+        fe.set_owner()
+        if self.protocol & PF.MQ:
+            self.max_queues = fe.get_queue_num()
+            if num_queues > self.max_queues:
+                raise ProtocolError(f"{num_queues} queues wanted, back-end has {self.max_queues}")
+        self._status(DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER)
+        fe.set_features(self.features | VHOST_USER_F_PROTOCOL_FEATURES)
+        self._status(DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK)
+        if use_add_mem_reg:
+            if not self.protocol & PF.CONFIGURE_MEM_SLOTS:
+                raise ProtocolError("back-end does not offer CONFIGURE_MEM_SLOTS")
+            self.max_mem_slots = fe.get_max_mem_slots()
+            for r in self.mem.regions():
+                fe.add_mem_reg(r)
+        else:
+            fe.set_mem_table(self.mem.regions())
+        region = self.mem.regions()[0]
+        self.alloc = _Bump(region.gpa, region.gpa + region.size).alloc
+        ev = bool(self.features & (1 << FeatureBit.VIRTIO_F_RING_EVENT_IDX))
+        indirect = bool(self.features & (1 << FeatureBit.VIRTIO_F_RING_INDIRECT_DESC))
+        for i in range(num_queues):
+            base = self.alloc(_ring_bytes(queue_size), 4096)
+            q = DriverQueue(self.mem, i, queue_size, base, event_idx=ev, indirect=indirect)
+            self.queues.append(q)
+            kick = os.eventfd(0, os.EFD_CLOEXEC)
+            self.kick_fds.append(kick)
+            call = os.eventfd(0, os.EFD_CLOEXEC)
+            self.call_fds.append(call)
+            fe.set_vring_num(i, queue_size)
+            fe.set_vring_base(i, 0)
+            fe.set_vring_addr(i, desc=self._uva(q.desc_gpa), used=self._uva(q.used_gpa), avail=self._uva(q.avail_gpa))
+            fe.set_vring_call(i, call)
+            fe.set_vring_kick(i, kick)
+            fe.set_vring_enable(i, True)
+        self._status(DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK
+                     | DeviceStatus.DRIVER_OK)
+
+    def _status(self, status: int) -> None:
+        if self.protocol & PF.STATUS:
+            self.frontend.set_status(int(status))
+
+    def _uva(self, gpa: int) -> int:
+        r = self.mem.region_of(gpa)
+        return r.uva + (gpa - r.gpa)
+
+    # --- data path ------------------------------------------------------
+    def kick(self, index: int) -> None:
+        os.eventfd_write(self.kick_fds[index], 1)
+
+    def kick_if_needed(self, index: int) -> bool:
+        if self.queues[index].kick_needed():
+            os.eventfd_write(self.kick_fds[index], 1)
+            return True
+        return False
+
+    def wait_used(self, index: int, timeout: float | None = 10.0):
+        """Block until the device returns a used buffer on queue ``index``;
+        return (token, written length)."""
+        q = self.queues[index]
+        fd = self.call_fds[index]
+        while True:
+            item = q.get_used()
+            if item is not None:
+                return item
+            if timeout is not None:
+                r, _, _ = select.select([fd], [], [], timeout)
+                if not r:
+                    raise TransportError(f"queue {index}: no used buffer within {timeout} s", errno.ETIMEDOUT)
+            os.eventfd_read(fd)
+
+    def translate(self, gpa: int, length: int) -> memoryview:
+        return self.mem.translate(gpa, length)
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        return self.frontend.get_config(offset, size)
+
+    def close(self) -> None:
+        """Close the connection first (the back-end then stops using our
+        memory and eventfds), then release them."""
+        self.frontend.close()
+        for fd in self.kick_fds + self.call_fds:
+            os.close(fd)
+        self.kick_fds, self.call_fds = [], []
+        self.queues = []
+        self.mem.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _ring_bytes(size: int) -> int:
+    from virtio.constants import split_ring_layout
+
+    return split_ring_layout(size, 0)[3]

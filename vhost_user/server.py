@@ -1,0 +1,335 @@
+"""asyncio adapter for the back-end: listen, read messages, watch kicks.
+
+One listening unix socket serves many front-ends; each accepted connection
+gets its own device instance (from ``device_factory``) and its own
+:class:`~vhost_user.backend.BackendConnection`. Everything here is I/O
+glue: readiness callbacks (``loop.add_reader``) on the connection socket and
+on every ring's kick eventfd, a timer for rings in no-fd polling mode, and
+the policy that any protocol error closes that one connection, releases its
+fds and mappings, and leaves every other connection untouched.
+
+Run it on uvloop (:func:`run_backend` installs it) for lower wake-up cost.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import itertools
+import logging
+import os
+import signal
+import socket
+import stat
+from dataclasses import dataclass, field
+from typing import Callable
+
+from vhost_user.backend import BackendConnection
+from vhost_user.device import VhostUserDevice
+from vhost_user.endpoint import ConnectionClosed, MessageReader, send_message
+from vhost_user.errors import TransportError, VhostUserError
+from vhost_user.vring import Vring
+from virtio.errors import VirtioError
+
+log = logging.getLogger(__name__)
+
+#: How often a ring in no-fd polling mode is looked at.
+POLL_INTERVAL = 50e-6
+
+
+@dataclass
+class ServerMetrics:
+    accepted: int = 0
+    closed: int = 0
+    protocol_errors: int = 0
+    transport_errors: int = 0
+    device_errors: int = 0
+    last_errors: list = field(default_factory=list)
+
+    def record(self, kind: str, err: BaseException) -> None:
+        setattr(self, kind, getattr(self, kind) + 1)
+        self.last_errors.append(f"{type(err).__name__}: {err}")
+        del self.last_errors[:-32]
+
+
+class ServedConnection:
+    """One accepted front-end: socket + reader + dispatcher + watchers."""
+
+    def __init__(self, server: "BackendServer", sock: socket.socket, device: VhostUserDevice, name: str):
+        self.server = server
+        self.loop = server.loop
+        self.sock = sock
+        self.name = name
+        self.reader = MessageReader(sock)
+        self.core = BackendConnection(device, self, name=name)
+        self._watched: dict[int, int] = {}  # ring index -> fd watched
+        self._polls: dict[int, asyncio.TimerHandle] = {}
+        self.closed = False
+        self.loop.add_reader(sock.fileno(), self._on_readable)
+
+    # --- Watcher protocol -------------------------------------------------
+    def watch_kick(self, vring: Vring) -> None:
+        self.unwatch_kick(vring)
+        if vring.kick_fd is not None:
+            self.loop.add_reader(vring.kick_fd, self._on_kick, vring)
+            self._watched[vring.index] = vring.kick_fd
+        elif vring.polling:
+            self._schedule_poll(vring)
+        # Work may already be queued: the spec starts a ring on a kick, and a
+        # front-end may have kicked before telling us the fd.
+        self.loop.call_soon(self._safe_kick, vring.index)
+
+    def unwatch_kick(self, vring: Vring) -> None:
+        fd = self._watched.pop(vring.index, None)
+        if fd is not None:
+            self.loop.remove_reader(fd)
+        handle = self._polls.pop(vring.index, None)
+        if handle is not None:
+            handle.cancel()
+
+    def _schedule_poll(self, vring: Vring) -> None:
+        self._polls[vring.index] = self.loop.call_later(POLL_INTERVAL, self._poll, vring)
+
+    def _poll(self, vring: Vring) -> None:
+        self._polls.pop(vring.index, None)
+        if self.closed or not vring.started or not vring.polling:
+            return
+        self._safe_kick(vring.index)
+        if not self.closed and vring.started and vring.polling:
+            self._schedule_poll(vring)
+
+    # --- events -------------------------------------------------------
+    def _on_kick(self, vring: Vring) -> None:
+        try:
+            os.eventfd_read(vring.kick_fd)
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            self.fail(TransportError(f"ring {vring.index}: kick eventfd read failed: {e.strerror}", e.errno))
+            return
+        self._safe_kick(vring.index)
+
+    def _safe_kick(self, index: int) -> None:
+        if self.closed:
+            return
+        try:
+            self.core.kick(index)
+        except (VhostUserError, VirtioError) as e:
+            self.fail(e)
+        except Exception as e:  # a device bug must not take the daemon down
+            log.exception("%s: device raised while processing ring %d", self.name, index)
+            self.fail(e)
+
+    def _on_readable(self) -> None:
+        try:
+            msgs = self.reader.read_available()
+        except ConnectionClosed:
+            log.info("%s: front-end closed the connection", self.name)
+            self.close()
+            return
+        except (VhostUserError, VirtioError) as e:
+            self.fail(e)
+            return
+        for i, msg in enumerate(msgs):
+            if self.closed:
+                for m in msgs[i:]:
+                    _close_all(m.fds)
+                return
+            try:
+                replies = self.core.handle(msg)
+            except (VhostUserError, VirtioError) as e:
+                for r in getattr(e, "replies", []):
+                    self._send(r)
+                for m in msgs[i + 1 :]:
+                    _close_all(m.fds)
+                self.fail(e)
+                return
+            except Exception as e:
+                log.exception("%s: unexpected error handling request %d", self.name, msg.request)
+                for m in msgs[i + 1 :]:
+                    _close_all(m.fds)
+                self.fail(e)
+                return
+            for r in replies:
+                if not self._send(r):
+                    return
+
+    def _send(self, msg) -> bool:
+        try:
+            send_message(self.sock, msg)
+            return True
+        except TransportError as e:
+            self.fail(e)
+            return False
+
+    def fail(self, err: BaseException) -> None:
+        if self.closed:
+            return
+        kind = ("transport_errors" if isinstance(err, TransportError)
+                else "protocol_errors" if isinstance(err, (VhostUserError, VirtioError)) else "device_errors")
+        self.server.metrics.record(kind, err)
+        log.warning("%s: closing connection: %s", self.name, err)
+        self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for index in list(self._watched) + list(self._polls):
+            self.unwatch_kick(self.core.vrings[index])
+        try:
+            self.loop.remove_reader(self.sock.fileno())
+        except (ValueError, OSError):
+            pass
+        try:
+            self.core.close()
+        finally:
+            self.reader.close()
+            self.sock.close()
+            self.server._forget(self)
+
+
+def _close_all(fds) -> None:
+    for fd in fds:
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class BackendServer:
+    """Listens on one unix socket path and serves every front-end that connects."""
+
+    def __init__(self, path: str, device_factory: Callable[[], VhostUserDevice], *,
+                 max_connections: int = 256, loop: asyncio.AbstractEventLoop | None = None):
+        self.path = path
+        self.device_factory = device_factory
+        self.max_connections = max_connections
+        self.loop = loop
+        self.sock: socket.socket | None = None
+        self.connections: set[ServedConnection] = set()
+        self.metrics = ServerMetrics()
+        self._ids = itertools.count(1)
+
+    async def start(self) -> None:
+        self.loop = self.loop or asyncio.get_running_loop()
+        _remove_stale_socket(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(self.path)
+            sock.listen(64)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self.loop.add_reader(sock.fileno(), self._accept)
+        log.info("vhost-user back-end listening on %s", self.path)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.warning("accept failed: %s", e)
+                return
+            if len(self.connections) >= self.max_connections:
+                log.warning("refusing connection: %d connections already", len(self.connections))
+                conn.close()
+                continue
+            conn.setblocking(False)
+            name = f"conn{next(self._ids)}"
+            try:
+                device = self.device_factory()
+            except Exception:
+                log.exception("device factory failed; refusing connection")
+                conn.close()
+                continue
+            self.metrics.accepted += 1
+            log.info("%s: front-end connected", name)
+            self.connections.add(ServedConnection(self, conn, device, name))
+
+    def _forget(self, conn: ServedConnection) -> None:
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self.metrics.closed += 1
+
+    async def close(self) -> None:
+        if self.sock is not None:
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        for conn in list(self.connections):
+            conn.close()
+
+    async def __aenter__(self):
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket file left by a dead daemon; refuse to clobber a live one
+    or anything that is not a socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise FileExistsError(errno.EADDRINUSE, f"another back-end is listening on {path}")
+
+
+def install_uvloop() -> bool:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+def run_backend(paths: list[str], device_factory: Callable[[], VhostUserDevice], *,
+                ready: Callable[[], None] | None = None) -> int:
+    """Run the daemon until SIGINT/SIGTERM; close every connection cleanly."""
+    install_uvloop()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        servers = [BackendServer(p, device_factory, loop=loop) for p in paths]
+        try:
+            for s in servers:
+                await s.start()
+            if ready:
+                ready()
+            await stop.wait()
+            log.info("signal received, shutting down")
+        finally:
+            for s in servers:
+                await s.close()
+            for s in servers:
+                m = s.metrics
+                log.info("%s: %d connections served, %d protocol errors, %d transport errors",
+                         s.path, m.accepted, m.protocol_errors, m.transport_errors)
+
+    asyncio.run(main())
+    return 0

@@ -1,0 +1,102 @@
+"""Test and benchmark utilities: the real back-end in a background thread.
+
+:class:`BackendThread` runs a :class:`~vhost_user.server.BackendServer` on its
+own uvloop event loop in a thread of the calling process, so a test can talk
+to it over a real unix socket with a real front-end and still inspect the
+server's state (metrics, connections) safely through :meth:`call`.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import threading
+import time
+
+from vhost_user.server import BackendServer
+
+
+class BackendThread:
+    def __init__(self, path: str, device_factory):
+        self.path = path
+        self.device_factory = device_factory
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.server: BackendServer | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    def start(self) -> "BackendThread":
+        self._thread = threading.Thread(target=self._run, name="vrdma-backend", daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+        if self._error:
+            raise self._error
+        return self
+
+    def _run(self) -> None:
+        import uvloop
+
+        self.loop = uvloop.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        self.server = BackendServer(self.path, self.device_factory, loop=self.loop)
+        try:
+            self.loop.run_until_complete(self.server.start())
+        except BaseException as e:
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            self.loop.run_forever()
+        finally:
+            self.loop.run_until_complete(self.server.close())
+            self.loop.close()
+
+    def call(self, fn, *args, timeout: float = 10.0):
+        """Run fn(*args) on the back-end's loop thread and return its result."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run():
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:
+                fut.set_exception(e)
+
+        self.loop.call_soon_threadsafe(run)
+        return fut.result(timeout)
+
+    def metrics(self):
+        return self.call(lambda: self.server.metrics)
+
+    def connection_count(self) -> int:
+        return self.call(lambda: len(self.server.connections))
+
+    def wait_for(self, predicate, timeout: float = 5.0) -> bool:
+        """Poll ``predicate(server)`` on the loop thread until true."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.call(lambda: predicate(self.server)):
+                return True
+            time.sleep(0.005)
+        return False
+
+    def stop(self) -> None:
+        if self.loop is not None and self._thread is not None and self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def open_fds() -> set[int]:
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+def count_maps(needle: str, pid: int | str = "self") -> int:
+    with open(f"/proc/{pid}/maps") as f:
+        return sum(needle in line for line in f)
