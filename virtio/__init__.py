@@ -6,13 +6,9 @@
 * :mod:`virtio.constants` - feature bits, status bits, ring flags and layout.
 * :mod:`virtio.errors` - :class:`VirtioError` and subclasses.
 """
-from .errors import GuestMemoryError, VirtioError, VirtqueueError
+from .errors import GuestMemoryError, QueueFullError, VirtioError, VirtqueueError
 from .memory import GuestMemory, MemoryRegion
+from .split import DescriptorChain, DeviceQueue, DriverQueue
 
-__all__ = ["VirtioError", "GuestMemoryError", "VirtqueueError", "GuestMemory", "MemoryRegion"]
-
-try:  # the queues need the compiled extension; memory alone must stay importable while building
-    from .split import DescriptorChain, DeviceQueue, DriverQueue  # noqa: F401
-    __all__ += ["DeviceQueue", "DriverQueue", "DescriptorChain"]
-except ImportError:  # pragma: no cover
-    pass
+__all__ = ["VirtioError", "GuestMemoryError", "VirtqueueError", "QueueFullError",
+           "GuestMemory", "MemoryRegion", "DeviceQueue", "DriverQueue", "DescriptorChain"]

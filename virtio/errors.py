@@ -29,3 +29,11 @@ class VirtqueueError(VirtioError):
             msg = f"queue {queue}: {msg}"
         super().__init__(msg)
         self.queue = queue
+
+
+class QueueFullError(VirtqueueError):
+    """The driver has not enough free descriptors for the buffers given
+    (not a protocol error: retry after reaping used buffers)."""
+
+
+__all__ += ["QueueFullError"]
