@@ -104,7 +104,8 @@ def _as_llr(llr: object) -> np.ndarray:
         qpp_table(K)
     except ValueError as exc:
         raise ValueError(f"llr last dimension {arr.shape[-1]} gives K = {K}: {exc}") from None
-    out = np.array(arr, dtype=np.float32, order="C", copy=True)
+    with np.errstate(over="ignore"):      # float64 beyond float32 range -> inf, refused below
+        out = np.array(arr, dtype=np.float32, order="C", copy=True)
     finite = np.isfinite(out)
     if not finite.all():
         where = tuple(int(i) for i in np.argwhere(~finite)[0])
