@@ -19,8 +19,10 @@ closed once mapped); every other fd is closed before :meth:`handle` returns.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
+import stat
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -54,6 +56,37 @@ from virtio.memory import GuestMemory, MemoryRegion
 log = logging.getLogger(__name__)
 
 
+def check_memory_fd(fd: int, desc: MemRegionDesc, *, require_seal: bool) -> None:
+    """Refuse memory the front-end could pull from under us.
+
+    Touching a shared mapping beyond the end of its file raises SIGBUS, which
+    would kill the whole daemon. So the file must cover the region now, and
+    (unless the operator allows unsealed memory, e.g. hugetlbfs files) must be
+    a memfd sealed against shrinking, as QEMU's memory-backend-memfd is.
+    """
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        raise ProtocolError(f"memory fd for gpa {desc.gpa:#x}: fstat failed: {e.strerror}") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise ProtocolError(f"memory fd for gpa {desc.gpa:#x} is not a regular file or memfd")
+    if st.st_size < desc.mmap_offset + desc.size:
+        raise ProtocolError(
+            f"memory region gpa {desc.gpa:#x} size {desc.size:#x} at offset {desc.mmap_offset:#x} "
+            f"extends past the end of its {st.st_size:#x}-byte file"
+        )
+    if require_seal:
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        except OSError:
+            seals = 0
+        if not seals & fcntl.F_SEAL_SHRINK:
+            raise ProtocolError(
+                f"memory fd for gpa {desc.gpa:#x} is not sealed against shrinking (F_SEAL_SHRINK); "
+                "start the back-end with unsealed memory allowed to accept it"
+            )
+
+
 class Watcher(Protocol):
     """Event-loop services the dispatcher needs from its adapter."""
 
@@ -74,8 +107,10 @@ class ConnectionMetrics:
 class BackendConnection:
     """Protocol state of one front-end connection and its device instance."""
 
-    def __init__(self, device: VhostUserDevice, watcher: Watcher, *, name: str = "conn"):
+    def __init__(self, device: VhostUserDevice, watcher: Watcher, *, name: str = "conn",
+                 require_sealed_memory: bool = True):
         self.device = device
+        self.require_sealed_memory = require_sealed_memory
         self.watcher = watcher
         self.name = name
         self.mem = GuestMemory()
@@ -252,6 +287,7 @@ class BackendConnection:
 
     def _map_region(self, desc: MemRegionDesc, fd: int) -> MemoryRegion:
         try:
+            check_memory_fd(fd, desc, require_seal=self.require_sealed_memory)
             return MemoryRegion.from_fd(fd, gpa=desc.gpa, size=desc.size, uva=desc.uva, mmap_offset=desc.mmap_offset)
         finally:
             os.close(fd)  # the mapping stays valid; the fd is not needed

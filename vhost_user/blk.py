@@ -162,39 +162,6 @@ class Disk:
         self._owner = None
 
 
-# ---------------------------------------------------------------------------
-# scatter/gather between descriptor buffers and a flat view
-
-
-def gather(views, skip: int, dest: memoryview) -> int:
-    """Copy bytes from ``views`` (after skipping ``skip``) into ``dest``."""
-    pos = 0
-    for v in views:
-        n = len(v)
-        if skip >= n:
-            skip -= n
-            continue
-        take = min(n - skip, len(dest) - pos)
-        dest[pos : pos + take] = v[skip : skip + take]
-        pos += take
-        skip = 0
-        if pos == len(dest):
-            break
-    return pos
-
-
-def scatter(views, src: memoryview) -> int:
-    """Copy ``src`` into ``views`` in order; return bytes written."""
-    pos = 0
-    for v in views:
-        if pos == len(src):
-            break
-        take = min(len(v), len(src) - pos)
-        v[:take] = src[pos : pos + take]
-        pos += take
-    return pos
-
-
 class BlkDevice(VhostUserDevice):
     """vhost-user-blk back-end device over a :class:`Disk`."""
 
@@ -228,13 +195,11 @@ class BlkDevice(VhostUserDevice):
             q.push(mem, chain, self._handle(chain))
 
     def _handle(self, chain) -> int:
-        writable = chain.writable
         if chain.readable_len < REQ_HEADER_SIZE or chain.writable_len < 1:
             self.bad_requests += 1
             return 0
-        hdr = memoryview(self._hdr)
-        gather(chain.readable, 0, hdr)
-        type_, sector = decode_request_header(hdr)
+        chain.read_into(self._hdr)
+        type_, sector = decode_request_header(self._hdr)
         status = Status.OK
         written = 0
         data_in = chain.writable_len - 1  # bytes the driver can receive, status excluded
@@ -249,24 +214,23 @@ class BlkDevice(VhostUserDevice):
             if span is None:
                 status = Status.IOERR
             else:
-                written = scatter(writable, self.disk.view[span[0] : span[1]])
+                written = chain.write(self.disk.view[span[0] : span[1]])
         elif rtype is ReqType.OUT:
             data_out = chain.readable_len - REQ_HEADER_SIZE
             span = self._span(sector, data_out)
             if span is None or self.disk.read_only:
                 status = Status.IOERR
             else:
-                gather(chain.readable, REQ_HEADER_SIZE, self.disk.view[span[0] : span[1]])
+                chain.read_into(self.disk.view[span[0] : span[1]], REQ_HEADER_SIZE)
         elif rtype is ReqType.FLUSH:
             self.disk.flush()
         elif rtype is ReqType.GET_ID:
-            ident = memoryview(self.serial.ljust(ID_BYTES, b"\0")[: max(0, min(ID_BYTES, data_in))])
-            written = scatter(writable, ident)
+            written = chain.write(self.serial.ljust(ID_BYTES, b"\0")[: max(0, min(ID_BYTES, data_in))])
         else:
             status = Status.UNSUPP
         if status is Status.IOERR:
             self.io_errors += 1
-        _write_last_byte(writable, status)
+        chain.write(bytes((status,)), chain.writable_len - 1)
         return written + 1
 
     def _span(self, sector: int, length: int):
@@ -286,8 +250,3 @@ class BlkDevice(VhostUserDevice):
             self.disk.close()
 
 
-def _write_last_byte(views, value: int) -> None:
-    for v in reversed(views):
-        if len(v):
-            v[len(v) - 1] = value
-            return

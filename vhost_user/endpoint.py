@@ -30,8 +30,9 @@ _ANC_SIZE = socket.CMSG_SPACE((MAX_FDS + 1) * _FD_SIZE)
 class ConnectionClosed(TransportError):
     """The peer closed the connection (cleanly, between messages or not)."""
 
-    def __init__(self, message: str = "peer closed the connection"):
+    def __init__(self, message: str = "peer closed the connection", *, mid_message: bool = False):
         super().__init__(message, errno.ECONNRESET)
+        self.mid_message = mid_message
 
 
 def close_fds(fds) -> None:
@@ -118,7 +119,8 @@ class MessageReader:
             self._fds.extend(fds)
             if not data:
                 if self._header or self._fds:
-                    raise ConnectionClosed("peer closed the connection in the middle of a message header")
+                    raise ConnectionClosed("peer closed the connection in the middle of a message header",
+                                           mid_message=True)
                 raise ConnectionClosed()
             self._header += data
             if len(self._header) < HEADER_SIZE:
@@ -130,7 +132,8 @@ class MessageReader:
             if data is None:
                 return None
             if not data:
-                raise ConnectionClosed("peer closed the connection in the middle of a message payload")
+                raise ConnectionClosed("peer closed the connection in the middle of a message payload",
+                                       mid_message=True)
             self._payload += data
             if len(self._payload) < size:
                 return None

@@ -14,6 +14,7 @@ vhost-user device the way a VM's driver would.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import select
 import socket
@@ -220,6 +221,9 @@ class VirtioUserDevice:
         try:
             region = MemoryRegion.memfd(mem_size, gpa=0, hugetlb=hugetlb)
             self.mem.add(region)
+            # Like QEMU's memory-backend-memfd: the back-end may rely on the
+            # size never changing under its mapping.
+            fcntl.fcntl(region.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
             self._setup(num_queues, queue_size, device_features, event_idx, use_add_mem_reg)
         except BaseException:
             self.close()

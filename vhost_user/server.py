@@ -60,7 +60,8 @@ class ServedConnection:
         self.sock = sock
         self.name = name
         self.reader = MessageReader(sock)
-        self.core = BackendConnection(device, self, name=name)
+        self.core = BackendConnection(device, self, name=name,
+                                      require_sealed_memory=server.require_sealed_memory)
         self._watched: dict[int, int] = {}  # ring index -> fd watched
         self._polls: dict[int, asyncio.TimerHandle] = {}
         self.closed = False
@@ -122,9 +123,12 @@ class ServedConnection:
     def _on_readable(self) -> None:
         try:
             msgs = self.reader.read_available()
-        except ConnectionClosed:
-            log.info("%s: front-end closed the connection", self.name)
-            self.close()
+        except ConnectionClosed as e:
+            if e.mid_message:
+                self.fail(e)
+            else:
+                log.info("%s: front-end closed the connection", self.name)
+                self.close()
             return
         except (VhostUserError, VirtioError) as e:
             self.fail(e)
@@ -201,8 +205,10 @@ class BackendServer:
     """Listens on one unix socket path and serves every front-end that connects."""
 
     def __init__(self, path: str, device_factory: Callable[[], VhostUserDevice], *,
-                 max_connections: int = 256, loop: asyncio.AbstractEventLoop | None = None):
+                 max_connections: int = 256, loop: asyncio.AbstractEventLoop | None = None,
+                 require_sealed_memory: bool = True):
         self.path = path
+        self.require_sealed_memory = require_sealed_memory
         self.device_factory = device_factory
         self.max_connections = max_connections
         self.loop = loop
