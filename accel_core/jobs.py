@@ -31,6 +31,7 @@ Operations follow 3GPP TS 36.211 (OFDM FFT sizes) and TS 36.212 §5.1.3.2
 from __future__ import annotations
 
 import enum
+import importlib
 import math
 import time
 from concurrent.futures import Future
@@ -180,10 +181,13 @@ def _positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
-def _fft_supported(n: int) -> bool:
-    from accel_core import fft as fft_mod
+def _fft_module():
+    # Not ``from accel_core import fft``: the package re-exports the *function* fft under that name.
+    return importlib.import_module("accel_core.fft")
 
-    return bool(fft_mod.is_supported(n))
+
+def _fft_supported(n: int) -> bool:
+    return bool(_fft_module().is_supported(n))
 
 
 def _turbo_block_sizes() -> frozenset[int]:
@@ -457,8 +461,7 @@ class Job:
 
 
 def _run_fft(job: Job) -> Any:
-    from accel_core import fft as fft_mod
-
+    fft_mod = _fft_module()
     fn = fft_mod.fft if job.op is Op.FFT else fft_mod.ifft
     res = fn(job.input, out=job.output)
     if res is not None and res is not job.output and not np.shares_memory(res, job.output):

@@ -44,6 +44,7 @@ from accel_core.queues import FairQueue, ReadyQueue
 log = logging.getLogger(__name__)
 
 ALL_OPS = frozenset(Op)
+JOB_PARAMETERS = frozenset({"n", "dtype", "k", "batch", "iterations", "scaling", "early_stop", "collect"})
 MAX_WORKERS = 64
 
 
@@ -306,7 +307,7 @@ class Accelerator:
     def stats(self) -> dict:
         snap = self.metrics_snapshot()
         snap.update({"name": self.name, "workers": self.workers, "state": self._state.value,
-                     "ops": sorted(o.value for o in self.ops)})
+                     "serves": sorted(o.value for o in self.ops)})
         return snap
 
     def metrics_snapshot(self) -> dict:
@@ -452,14 +453,16 @@ class AcceleratorService:
                accelerator: str | None = None, **params: Any) -> Job:
         """Create (validate) and queue a job; see :meth:`Job.create` for the parameters."""
         try:
+            unknown = sorted(set(params) - JOB_PARAMETERS)
+            if unknown:
+                raise JobRejected(f"unknown job parameter(s) {', '.join(unknown)}; "
+                                  f"known: {', '.join(sorted(JOB_PARAMETERS))}")
             job = Job.create(op, input, output, guest_id=guest_id, **params)
         except JobRejected:
             key = op.value if isinstance(op, Op) else str(op)
             with self._lock:
                 self._rejected[key] = self._rejected.get(key, 0) + 1
             raise
-        except TypeError as e:  # unknown keyword parameter
-            raise JobRejected(f"bad job parameter: {e}") from None
         return self.submit_job(job, accelerator=accelerator)
 
     def submit_job(self, job: Job, *, accelerator: str | None = None) -> Job:

@@ -1,0 +1,574 @@
+"""Accelerator service: real FFT / Turbo kernels through queues and worker threads.
+
+No timed assertions: ordering is checked on a paused accelerator (dispatch
+order is then fully determined by the fair queue), estimates with generous
+factors or relative comparisons only.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from accel_core import (AccelError, Accelerator, AcceleratorService, AcceleratorSpec, AcceleratorState, Job,
+                        JobRejected, JobState, ModelError, Op, ServiceClosed, ServiceTimeModel,
+                        UnsupportedOperation, turbo_encode)
+from accel_core.estimate import LinearCost, fit_linear, work_units
+from accel_core.jobs import JobParams
+
+RNG = np.random.default_rng(20261122)
+
+
+def _threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("vrdma-accel-")}
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads():
+    before = _threads()
+    yield
+    leaked = _threads() - before
+    assert not leaked, f"worker threads still alive: {sorted(t.name for t in leaked)}"
+
+
+def flat_model(seconds: float = 1e-3) -> ServiceTimeModel:
+    """Every job costs ``seconds``: makes tags and predictions exact for ordering tests."""
+    keys = [f"{op}/{dt}" for op in ("fft", "ifft") for dt in ("complex64", "complex128")]
+    keys += ["turbo_encode", "turbo_decode"]
+    return ServiceTimeModel({k: LinearCost(seconds, 0.0) for k in keys}, calibrated=False)
+
+
+def bits(*shape: int) -> np.ndarray:
+    return RNG.integers(0, 2, shape, dtype=np.uint8)
+
+
+def noiseless_llr(coded: np.ndarray, amplitude: float = 4.0) -> np.ndarray:
+    return ((1.0 - 2.0 * coded.astype(np.float32)) * amplitude).astype(np.float32)
+
+
+def cplx(shape, dtype) -> np.ndarray:
+    return (RNG.standard_normal(shape) + 1j * RNG.standard_normal(shape)).astype(dtype)
+
+
+def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.max(np.abs(a - ref)) / np.max(np.abs(ref)))
+
+
+TOL = {np.complex64: 1e-5, np.complex128: 1e-12}
+
+
+# --------------------------------------------------------------------------- correct results
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.complex128])
+@pytest.mark.parametrize("n", [128, 1536, 2048])
+def test_fft_and_ifft_through_service_match_numpy(dtype, n):
+    x = cplx((4, n), dtype)
+    with AcceleratorService(workers=2) as svc:
+        fwd = svc.submit(Op.FFT, x, guest_id=3)
+        inv = svc.submit("ifft", x)
+        assert fwd.wait(30) is fwd and inv.wait(30) is inv
+    assert fwd.state is JobState.DONE and fwd.error is None
+    assert fwd.output.dtype == dtype and fwd.output.shape == x.shape
+    assert rel_err(fwd.output, np.fft.fft(x.astype(np.complex128))) <= TOL[dtype] * 10
+    assert rel_err(inv.output, np.fft.ifft(x.astype(np.complex128))) <= TOL[dtype] * 10
+    assert fwd.t_submitted <= fwd.t_started <= fwd.t_finished
+    assert fwd.params == JobParams(batch=4, n=n, dtype=np.dtype(dtype))
+
+
+def test_fft_zero_copy_over_guest_buffers_and_in_place():
+    n, batch = 256, 3
+    x = cplx((batch, n), np.complex64)
+    guest_in = bytearray(x.tobytes())       # stands in for mapped guest memory
+    guest_out = bytearray(x.nbytes)
+    with AcceleratorService() as svc:
+        job = svc.submit(Op.FFT, memoryview(guest_in), memoryview(guest_out), n=n, dtype=np.complex64)
+        job.wait(30)
+        assert job.params.batch == batch
+        assert np.shares_memory(job.output, np.frombuffer(guest_out, np.uint8))
+        got = np.frombuffer(guest_out, np.complex64).reshape(batch, n)
+        assert rel_err(got, np.fft.fft(x.astype(np.complex128))) <= 1e-4
+        y = x.copy()
+        inplace = svc.submit(Op.IFFT, y, y)
+        inplace.wait(30)
+        assert inplace.output is y
+        assert rel_err(y, np.fft.ifft(x.astype(np.complex128))) <= 1e-4
+
+
+def test_turbo_encode_decode_round_trip_through_service():
+    k = 1024
+    info = bits(5, k)
+    out = np.zeros((5, 3, k + 4), np.uint8)
+    with AcceleratorService(workers=2) as svc:
+        enc = svc.submit(Op.TURBO_ENCODE, info, out, guest_id=1)
+        enc.wait(30)
+        assert enc.output is out
+        np.testing.assert_array_equal(out, turbo_encode(info))
+        dec = svc.submit(Op.TURBO_DECODE, noiseless_llr(out), iterations=2, scaling=0.75, guest_id=1)
+        dec.wait(30)
+    np.testing.assert_array_equal(dec.output, info)
+    assert list(dec.result) == [2] * 5
+    one = Job.create(Op.TURBO_DECODE, noiseless_llr(out[0]), iterations=1)
+    assert one.output.shape == (k,)
+
+
+def test_turbo_decode_into_guest_buffer_with_early_stop():
+    from accel_core import attach_crc24a
+
+    k = 6144
+    info = np.stack([attach_crc24a(bits(k - 24)) for _ in range(2)])
+    llr = noiseless_llr(turbo_encode(info))
+    guest_out = bytearray(2 * k)
+    with AcceleratorService() as svc:
+        job = svc.submit("turbo_decode", memoryview(llr.tobytes()), memoryview(guest_out), k=k, iterations=8,
+                         early_stop="crc24a")
+        job.wait(60)
+    np.testing.assert_array_equal(np.frombuffer(guest_out, np.uint8).reshape(2, k), info)
+    assert all(1 <= it < 8 for it in job.result)
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+def test_concurrent_submitters_all_complete_correctly():
+    k = 256
+    per_thread, threads = 12, 4
+    results: list[tuple[np.ndarray, Job]] = []
+    lock = threading.Lock()
+    with AcceleratorService(workers=2) as svc:
+        def submitter(guest: int) -> None:
+            for _ in range(per_thread):
+                info = bits(2, k)
+                job = svc.submit(Op.TURBO_ENCODE, info, guest_id=guest)
+                with lock:
+                    results.append((info, job))
+
+        ts = [threading.Thread(target=submitter, args=(g,)) for g in range(threads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        concurrent.futures.wait([j.future for _, j in results], timeout=60)
+        snap = svc.metrics()["accelerators"]["accel0"]
+    assert len(results) == per_thread * threads
+    for info, job in results:
+        assert job.state is JobState.DONE
+        np.testing.assert_array_equal(job.output, turbo_encode(info))
+    enc = snap["ops"]["turbo_encode"]
+    assert enc["submitted"] == enc["completed"] == per_thread * threads
+    assert enc["failed"] == enc["cancelled"] == 0
+    assert snap["queue_depth"] == 0 and snap["running"] == 0
+    assert len({job.id for _, job in results}) == len(results)
+
+
+def test_two_workers_run_jobs_in_parallel_threads():
+    seen: set[str] = set()
+    lock = threading.Lock()
+
+    def record(job: Job) -> None:
+        with lock:
+            seen.add(threading.current_thread().name)
+
+    with AcceleratorService(workers=2) as svc:
+        acc = svc.accelerator("accel0")
+        acc.pause()
+        jobs = [svc.submit(Op.TURBO_DECODE, noiseless_llr(turbo_encode(bits(16, 6144))), iterations=4)
+                for _ in range(4)]
+        for j in jobs:
+            j.add_done_callback(record)
+        acc.resume()
+        assert acc.drain(60)
+    assert all(j.state is JobState.DONE for j in jobs)
+    assert seen <= {"vrdma-accel-accel0-0", "vrdma-accel-accel0-1"} and seen
+
+
+# --------------------------------------------------------------------------- ordering and fairness
+
+
+def _dispatch_order(acc: Accelerator, jobs: list[Job]) -> list[Job]:
+    order: list[Job] = []
+    for j in jobs:
+        j.add_done_callback(order.append)  # one worker: callbacks run in dispatch order
+    acc.resume()
+    assert acc.drain(60)
+    return order
+
+
+def test_fifo_per_guest_and_round_robin_between_equal_guests():
+    with Accelerator("a", workers=1, model=flat_model()) as acc:
+        acc.pause()
+        a = [acc.submit(Job.create(Op.TURBO_ENCODE, bits(40), guest_id=1)) for _ in range(5)]
+        b = [acc.submit(Job.create(Op.TURBO_ENCODE, bits(40), guest_id=2)) for _ in range(2)]
+        c = [acc.submit(Job.create(Op.TURBO_ENCODE, bits(40), guest_id=3))]
+        assert acc.queued_jobs() == [a[0], b[0], c[0], a[1], b[1], a[2], a[3], a[4]]
+        order = _dispatch_order(acc, a + b + c)
+    assert order == [a[0], b[0], c[0], a[1], b[1], a[2], a[3], a[4]]
+    assert [j.id for j in a] == sorted(j.id for j in a)
+
+
+def test_fairness_is_in_accelerator_time_not_job_count():
+    # Guest 1 submits decode jobs estimated 4x longer than guest 2's encode jobs.
+    model = flat_model(1e-3)
+    model.costs["turbo_decode"] = LinearCost(4e-3, 0.0)
+    llr = noiseless_llr(turbo_encode(bits(40)))
+    with Accelerator("a", workers=1, model=model) as acc:
+        acc.pause()
+        big = [acc.submit(Job.create(Op.TURBO_DECODE, llr, iterations=1, guest_id=1)) for _ in range(3)]
+        small = [acc.submit(Job.create(Op.TURBO_ENCODE, bits(40), guest_id=2)) for _ in range(8)]
+        order = _dispatch_order(acc, big + small)
+    # Start tags: big 0, 4, 8 ms; small 0, 1, ..., 7 ms -> four small jobs per big one.
+    assert order == [big[0], small[0], small[1], small[2], small[3], big[1],
+                     small[4], small[5], small[6], small[7], big[2]]
+
+
+def test_new_guest_is_not_stuck_behind_a_backlog():
+    with Accelerator("a", workers=1, model=flat_model()) as acc:
+        acc.pause()
+        backlog = [acc.submit(Job.create(Op.TURBO_ENCODE, bits(40), guest_id=7)) for _ in range(20)]
+        late = acc.submit(Job.create(Op.TURBO_ENCODE, bits(40), guest_id=8))
+        order = _dispatch_order(acc, backlog + [late])
+    assert order.index(late) == 1
+
+
+# --------------------------------------------------------------------------- load and estimates
+
+
+def test_queued_work_seconds_follows_queue_contents():
+    model = flat_model(2e-3)
+    with Accelerator("a", workers=1, model=model) as acc:
+        assert acc.queued_work_seconds() == 0.0
+        acc.pause()
+        seen = [acc.queued_work_seconds()]
+        jobs = []
+        for i in range(6):
+            jobs.append(acc.submit(Job.create(Op.TURBO_ENCODE, bits(40), guest_id=i % 2)))
+            seen.append(acc.queued_work_seconds())
+        assert all(b > a for a, b in zip(seen, seen[1:]))
+        assert seen[-1] == pytest.approx(6 * 2e-3)
+        assert jobs[3].cancel() and jobs[3].state is JobState.CANCELLED
+        assert acc.queued_work_seconds() == pytest.approx(5 * 2e-3)
+        acc.resume()
+        assert acc.drain(60)
+        assert acc.queued_work_seconds() == 0.0
+
+
+def test_estimated_completion_replays_dispatch_over_workers():
+    e = 1e-3
+    with Accelerator("a", workers=2, model=flat_model(e)) as acc:
+        acc.pause()
+        a = [acc.submit(Job.create(Op.TURBO_ENCODE, bits(40), guest_id=1)) for _ in range(4)]
+        assert [acc.estimated_completion(j) for j in a] == pytest.approx([e, e, 2 * e, 2 * e])
+        assert acc.estimated_wait(a[3]) == pytest.approx(e)
+        # A proposed (not submitted) job: same guest goes last, a new guest right after a[0].
+        same = Job.create(Op.TURBO_ENCODE, bits(40), guest_id=1)
+        other = Job.create(Op.TURBO_ENCODE, bits(40), guest_id=2)
+        assert acc.estimated_completion(same) == pytest.approx(3 * e)
+        assert acc.estimated_completion(other) == pytest.approx(e)
+        assert same.state is JobState.NEW and acc.queue_depth() == 4
+        acc.resume()
+        assert acc.drain(60)
+        assert acc.estimated_completion(a[0]) == 0.0
+        assert acc.estimated_completion(same) == pytest.approx(e)
+
+
+def test_service_places_jobs_on_the_least_loaded_accelerator():
+    specs = [AcceleratorSpec("x", workers=1), AcceleratorSpec("y", workers=1)]
+    with AcceleratorService(specs, model=flat_model()) as svc:
+        x, y = svc.accelerator("x"), svc.accelerator("y")
+        x.pause()
+        y.pause()
+        jobs = [svc.submit(Op.TURBO_ENCODE, bits(40), guest_id=1) for _ in range(6)]
+        assert x.queue_depth() == 3 and y.queue_depth() == 3
+        pinned = svc.submit(Op.TURBO_ENCODE, bits(40), accelerator="x")
+        assert pinned.accelerator == "x"
+        acc, wait = svc.estimated_completion(Job.create(Op.TURBO_ENCODE, bits(40), guest_id=1))
+        assert acc is y and wait == pytest.approx(4e-3)
+        x.resume()
+        y.resume()
+        assert x.drain(60) and y.drain(60)
+    assert all(j.state is JobState.DONE for j in jobs)
+
+
+def test_accelerator_serving_a_subset_of_ops():
+    specs = [AcceleratorSpec("turbo", ops=frozenset({Op.TURBO_ENCODE, Op.TURBO_DECODE}))]
+    with AcceleratorService(specs) as svc:
+        with pytest.raises(UnsupportedOperation, match="fft"):
+            svc.submit(Op.FFT, cplx((1, 256), np.complex64))
+        with pytest.raises(UnsupportedOperation, match="does not serve fft"):
+            svc.accelerator("turbo").submit(Job.create(Op.FFT, cplx((1, 256), np.complex64)))
+        assert svc.submit(Op.TURBO_ENCODE, bits(40)).wait(30).state is JobState.DONE
+        assert svc.metrics()["accelerators"]["turbo"]["ops"]["fft"]["rejected"] == 1
+
+
+# --------------------------------------------------------------------------- service-time model
+
+
+def test_fit_linear_recovers_coefficients_and_clamps():
+    w = np.array([1e3, 1e4, 1e5, 1e6])
+    cost = fit_linear(w, 5e-6 + 2e-9 * w)
+    assert cost.a == pytest.approx(5e-6, rel=1e-6) and cost.b == pytest.approx(2e-9, rel=1e-6)
+    assert cost.rms_rel_error < 1e-9
+    clamped = fit_linear(w, 1e-9 * w - 1e-7)  # negative intercept: refit through the origin
+    assert clamped.a == 0.0 and clamped.b > 0
+    with pytest.raises(ModelError):
+        fit_linear([1.0], [1.0])
+    with pytest.raises(ModelError):
+        fit_linear([1.0, 2.0], [0.0, 1.0])
+
+
+def test_work_units_follow_the_cost_model():
+    assert work_units(Op.FFT, JobParams(batch=16, n=2048, dtype=np.dtype(np.complex64))) == 16 * 2048 * 11
+    assert work_units(Op.TURBO_ENCODE, JobParams(batch=3, k=6144)) == 3 * 6144
+    one = work_units(Op.TURBO_DECODE, JobParams(batch=1, k=6144, iterations=8))
+    assert one == 6144 * 8
+    assert work_units(Op.TURBO_DECODE, JobParams(batch=2, k=6144, iterations=8)) >= one
+
+
+@pytest.fixture(scope="module")
+def calibrated() -> ServiceTimeModel:
+    return ServiceTimeModel.calibrate(quick=True)
+
+
+def test_calibrated_model_structure_and_sanity(calibrated):
+    m = calibrated
+    assert m.calibrated and m.meta["cpu"] and m.meta["kernels"]
+    for key in ("fft/complex64", "fft/complex128", "ifft/complex64", "ifft/complex128",
+                "turbo_encode", "turbo_decode"):
+        c = m.costs[key]
+        assert c.a >= 0 and c.b > 0 and c.points >= 2
+    small = Job.create(Op.TURBO_DECODE, np.zeros((3, 1028), np.float32), iterations=2)
+    large = Job.create(Op.TURBO_DECODE, np.zeros((3, 6148), np.float32), iterations=8)
+    assert m.estimate(large) > 4 * m.estimate(small)
+    assert m.estimate(Job.create(Op.FFT, cplx((16, 2048), np.complex128))) > \
+        m.estimate(Job.create(Op.FFT, cplx((1, 256), np.complex128)))
+
+
+def test_estimates_within_a_sane_factor_through_the_service(calibrated):
+    llr = noiseless_llr(turbo_encode(bits(6144)))
+    x = cplx((16, 2048), np.complex64)
+    with AcceleratorService(workers=1, model=calibrated) as svc:
+        jobs = [svc.submit(Op.TURBO_DECODE, llr, iterations=4) for _ in range(3)]
+        jobs += [svc.submit(Op.FFT, x) for _ in range(5)]
+        concurrent.futures.wait([j.future for j in jobs], timeout=60)
+        est = svc.metrics()["accelerators"]["accel0"]["ops"]
+    for op in ("turbo_decode", "fft"):
+        mine = [j for j in jobs if j.op.value == op]
+        best = min(j.service_time / j.estimate for j in mine)
+        # Generous: the machine is shared; only a broken model is off by 10x at best.
+        assert 0.1 < best < 10, (op, best)
+        assert est[op]["estimate"]["count"] == len(mine)
+        assert est[op]["estimate"]["geomean_ratio"] > 0
+
+
+def test_model_save_load_and_cache(tmp_path, calibrated):
+    path = calibrated.save(tmp_path / "m.json")
+    back = ServiceTimeModel.load(path)
+    assert back.costs.keys() == calibrated.costs.keys()
+    assert all(back.costs[k].a == calibrated.costs[k].a and back.costs[k].b == calibrated.costs[k].b
+               for k in back.costs)
+    assert back.calibrated and back.meta["cpu"] == calibrated.meta["cpu"]
+
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ModelError, match="not JSON"):
+        ServiceTimeModel.load(tmp_path / "bad.json")
+    (tmp_path / "neg.json").write_text(json.dumps({"format": 1, "costs": {"fft/complex64": {"a": -1, "b": 0}}}))
+    with pytest.raises(ModelError, match="invalid coefficients"):
+        ServiceTimeModel.load(tmp_path / "neg.json")
+    with pytest.raises(ModelError, match="cannot read"):
+        ServiceTimeModel.load(tmp_path / "missing.json")
+    with pytest.raises(ModelError, match="no cost for 'turbo_encode'"):
+        ServiceTimeModel({}, calibrated=False).estimate(Job.create(Op.TURBO_ENCODE, bits(40)))
+
+    cache = tmp_path / "cache"
+    assert ServiceTimeModel.load_cached(cache) is None
+    calibrated.save(ServiceTimeModel.cache_file(cache))
+    again = ServiceTimeModel.load_or_calibrate(cache)  # served from the cache, no recalibration
+    assert again.meta["time"] == calibrated.meta["time"]
+    assert ServiceTimeModel.cache_file(cache).name.startswith("accel-model-")
+
+
+# --------------------------------------------------------------------------- bad jobs
+
+
+BAD_JOBS = [
+    (("dct", np.zeros(8, np.complex64)), {}, "unknown accelerator operation 'dct'"),
+    ((Op.FFT, np.zeros((2, 256), np.float64)), {}, "dtype float64"),
+    ((Op.FFT, np.zeros((2, 256), np.int32)), {}, "dtype int32"),
+    ((Op.FFT, np.zeros((2, 1001), np.complex64)), {}, "size 1001"),
+    ((Op.FFT, np.zeros((), np.complex64)), {}, "0-d"),
+    ((Op.FFT, np.zeros((2, 256), np.complex64), np.zeros((2, 128), np.complex64)), {}, "shape"),
+    ((Op.FFT, np.zeros((2, 256), np.complex64), np.zeros((2, 256), np.complex128)), {}, "complex128"),
+    ((Op.FFT, np.zeros((2, 512), np.complex64)[:, ::2]), {}, "C-contiguous"),
+    ((Op.FFT, np.zeros((2, 256), np.complex64)), {"n": 512}, "n=512"),
+    ((Op.FFT, bytearray(100)), {"n": 256, "dtype": np.complex64}, "100 bytes"),
+    ((Op.FFT, bytearray(2048)), {"n": 256}, "needs n= and dtype="),
+    ((Op.FFT, object()), {"n": 256, "dtype": np.complex64}, "neither an ndarray nor a buffer"),
+    ((Op.FFT, np.zeros((2, 256), np.complex64), bytes(4096)), {}, "read-only"),
+    ((Op.TURBO_ENCODE, np.zeros(41, np.uint8)), {}, "K=41"),
+    ((Op.TURBO_ENCODE, np.zeros(40, np.int64)), {}, "dtype int64"),
+    ((Op.TURBO_ENCODE, np.zeros((1, 1, 40), np.uint8)), {}, "shape"),
+    ((Op.TURBO_DECODE, np.zeros((4, 44), np.float32)), {}, "shape"),
+    ((Op.TURBO_DECODE, np.zeros((3, 44), np.float64)), {}, "dtype float64"),
+    ((Op.TURBO_DECODE, np.zeros((3, 44), np.float32)), {"iterations": 0}, "iterations"),
+    ((Op.TURBO_DECODE, np.zeros((3, 44), np.float32)), {"iterations": 65}, "iterations"),
+    ((Op.TURBO_DECODE, np.zeros((3, 44), np.float32)), {"iterations": True}, "iterations"),
+    ((Op.TURBO_DECODE, np.zeros((3, 44), np.float32)), {"scaling": 1.5}, "scaling"),
+    ((Op.TURBO_DECODE, np.zeros((3, 44), np.float32)), {"early_stop": "crc16"}, "early_stop"),
+    ((Op.TURBO_DECODE, np.zeros((3, 44), np.float32), np.zeros(41, np.uint8)), {}, "shape"),
+    ((Op.TURBO_DECODE, bytearray(100)), {"k": 40}, "whole number"),
+    ((Op.TURBO_ENCODE, np.zeros(40, np.uint8)), {"guest_id": -1}, "guest_id"),
+    ((Op.TURBO_ENCODE, np.zeros(40, np.uint8)), {"bogus": 1}, "bogus"),
+]
+
+
+@pytest.mark.parametrize("args,kwargs,match", BAD_JOBS, ids=[m for _, _, m in BAD_JOBS])
+def test_bad_jobs_are_rejected_at_submit(args, kwargs, match):
+    with AcceleratorService() as svc:
+        with pytest.raises(JobRejected, match=match):
+            svc.submit(*args, **kwargs)
+        snap = svc.metrics()
+        assert sum(snap["rejected_at_create"].values()) == 1
+        assert snap["accelerators"]["accel0"]["total"]["submitted"] == 0
+
+
+def test_overlapping_buffers_rejected_but_fft_in_place_allowed():
+    buf = np.zeros((2, 256), np.complex64)
+    Job.create(Op.FFT, buf, buf)
+    with pytest.raises(JobRejected, match="overlaps"):
+        Job.create(Op.FFT, buf[:1], buf.reshape(-1)[128:384].reshape(1, 256))
+    raw = np.zeros(3 * 44 + 40, np.uint8)
+    with pytest.raises(JobRejected, match="overlaps"):
+        Job.create(Op.TURBO_ENCODE, raw[:40], raw[20:20 + 132].reshape(3, 44))
+
+
+def test_job_cannot_be_submitted_twice_and_errors_are_typed():
+    with AcceleratorService() as svc:
+        job = svc.submit(Op.TURBO_ENCODE, bits(40))
+        job.wait(30)
+        with pytest.raises(JobRejected, match="only a new job"):
+            svc.submit_job(job)
+        with pytest.raises(AccelError, match="no accelerator named 'nope'"):
+            svc.submit(Op.TURBO_ENCODE, bits(40), accelerator="nope")
+    assert issubclass(JobRejected, ValueError) and issubclass(UnsupportedOperation, JobRejected)
+
+
+def test_kernel_value_errors_fail_the_job_not_the_worker():
+    bad_bits = np.full(40, 2, np.uint8)          # not 0/1: refused by the kernel module at run time
+    nan_llr = np.zeros((3, 44), np.float32)
+    nan_llr[1, 5] = np.nan
+    with AcceleratorService(workers=1) as svc:
+        j1 = svc.submit(Op.TURBO_ENCODE, bad_bits)
+        j2 = svc.submit(Op.TURBO_DECODE, nan_llr)
+        ok = svc.submit(Op.TURBO_ENCODE, bits(40))
+        with pytest.raises(ValueError):
+            j1.wait(30)
+        with pytest.raises(ValueError, match="not finite"):
+            j2.wait(30)
+        assert ok.wait(30).state is JobState.DONE
+        ops = svc.metrics()["accelerators"]["accel0"]["ops"]
+    assert j1.state is JobState.FAILED and isinstance(j1.error, ValueError)
+    assert ops["turbo_encode"]["failed"] == 1 and ops["turbo_encode"]["completed"] == 1
+    assert ops["turbo_decode"]["failed"] == 1
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+def test_close_cancels_pending_jobs_and_accounts_for_them():
+    svc = AcceleratorService(workers=1)
+    acc = svc.accelerator("accel0")
+    acc.pause()
+    jobs = [svc.submit(Op.TURBO_ENCODE, bits(40), guest_id=i % 3, collect=(i % 2 == 0)) for i in range(7)]
+    cancelled = svc.close()
+    assert set(map(id, cancelled)) == set(map(id, jobs))
+    for j in jobs:
+        assert j.state is JobState.CANCELLED and j.future.cancelled()
+        with pytest.raises(concurrent.futures.CancelledError):
+            j.wait(1)
+    assert acc.state is AcceleratorState.CLOSED
+    assert acc.stats()["total"]["cancelled"] == 7
+    # Cancelled jobs that asked for collection are delivered on the ready queue too.
+    assert [j.id for j in acc.collect()] == [j.id for j in jobs if j.collect]
+    assert svc.close() == []  # idempotent
+    with pytest.raises(ServiceClosed):
+        svc.submit(Op.TURBO_ENCODE, bits(40))
+    with pytest.raises(ServiceClosed):
+        acc.submit(Job.create(Op.TURBO_ENCODE, bits(40)))
+
+
+def test_close_without_cancelling_finishes_pending_jobs():
+    acc = Accelerator("a", workers=2)
+    acc.pause()
+    jobs = [acc.submit(Job.create(Op.TURBO_ENCODE, bits(2, 512))) for _ in range(6)]
+    assert acc.close(cancel_pending=False) == []
+    assert all(j.state is JobState.DONE for j in jobs)
+    assert acc.state is AcceleratorState.CLOSED
+
+
+def test_cancel_single_job_and_running_jobs_are_not_cancelled():
+    with Accelerator("a", workers=1) as acc:
+        acc.pause()
+        a = acc.submit(Job.create(Op.TURBO_ENCODE, bits(40)))
+        b = acc.submit(Job.create(Op.TURBO_ENCODE, bits(40)))
+        assert b.future.cancel()          # through the future: same effect as b.cancel()
+        assert b.state is JobState.CANCELLED and acc.queue_depth() == 1
+        assert not Job.create(Op.TURBO_ENCODE, bits(40)).cancel()  # never submitted
+        acc.resume()
+        a.wait(30)
+        assert not a.cancel() and a.state is JobState.DONE
+        assert acc.stats()["ops"]["turbo_encode"]["cancelled"] == 1
+
+
+def test_ready_queue_collect_and_notifier():
+    notified = threading.Semaphore(0)
+    with AcceleratorService(workers=2, ready_notify=lambda acc: notified.release()) as svc:
+        jobs = [svc.submit(Op.TURBO_ENCODE, bits(40), collect=True) for _ in range(5)]
+        quiet = svc.submit(Op.TURBO_ENCODE, bits(40))  # not collected: future only
+        got: list[Job] = []
+        while len(got) < 5:
+            assert notified.acquire(timeout=30)
+            got += svc.accelerator("accel0").collect(timeout=0)
+        quiet.wait(30)
+        assert svc.accelerator("accel0").collect(timeout=0.01) == []
+    assert sorted(j.id for j in got) == sorted(j.id for j in jobs)
+    assert all(j.state is JobState.DONE for j in got)
+
+
+def test_close_from_a_done_callback_does_not_deadlock():
+    acc = Accelerator("a", workers=2)
+    closed = threading.Event()
+
+    def on_done(job: Job) -> None:
+        acc.close()
+        closed.set()
+
+    acc.pause()
+    first = acc.submit(Job.create(Op.TURBO_ENCODE, bits(40)))
+    rest = [acc.submit(Job.create(Op.TURBO_ENCODE, bits(40))) for _ in range(3)]
+    first.add_done_callback(on_done)
+    acc.resume()
+    assert closed.wait(30)
+    acc.close()  # from the test thread: joins the remaining worker
+    assert acc.state is AcceleratorState.CLOSED
+    assert all(j.state in (JobState.DONE, JobState.CANCELLED) for j in rest)
+
+
+def test_asyncio_adapter_awaits_job_futures():
+    async def main(svc: AcceleratorService) -> list[Job]:
+        jobs = [svc.submit(Op.TURBO_ENCODE, bits(40), guest_id=g) for g in range(4)]
+        return await asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs))
+
+    with AcceleratorService(workers=2) as svc:
+        done = asyncio.run(main(svc))
+    assert [j.state for j in done] == [JobState.DONE] * 4
+
+
+def test_bad_worker_counts_rejected():
+    with pytest.raises(AccelError, match="workers"):
+        Accelerator("a", workers=0)
+    with pytest.raises(AccelError, match="already exists"):
+        AcceleratorService([AcceleratorSpec("a"), AcceleratorSpec("a")])
