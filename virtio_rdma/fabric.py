@@ -1,0 +1,184 @@
+"""The fabric: how an RC QP reaches its peer QP (spec 5.x.6.9).
+
+Roles: a *requester* QP sends :class:`Request` messages; the *responder* QP
+that owns ``(dst_gid, dst_qpn)`` answers each with a :class:`Response` (ACK,
+NAK, READ response, atomic ACK). Messages are shaped like IBTA RC packets
+(24-bit PSNs, packet counts, NAK syndromes), so the RoCEv2 fabric of the
+``roce`` package can carry the same messages over UDP; the requester never
+assumes that a response comes back synchronously.
+
+Zero copy: ``Request.payload`` and ``Response.data`` are lists of memoryviews
+into the *sending* guest's memory; the receiving side copies them straight
+into its own guest memory (:func:`virtio_rdma.mr.sg_copy`). They are only
+valid during the delivery call; a network fabric serialises them at once.
+
+:class:`LocalFabric` connects the QPs of all devices served by one daemon
+(one host): QPNs are allocated host-wide, every device shares the host GID,
+and :meth:`LocalFabric.send` delivers a request synchronously and returns the
+response. A request to an unknown (gid, qpn) is dropped, as a network would,
+and the requester's retry timer handles it.
+"""
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from virtio_rdma.constants import OBJ_NUM_MASK, PSN_MASK, WrOpcode
+from virtio_rdma.errors import FabricError
+
+
+class RespKind(enum.IntEnum):
+    ACK = 0
+    NAK = 1
+    READ_RESP = 2
+    ATOMIC_ACK = 3
+
+
+class NakCode(enum.IntEnum):
+    """AETH NAK codes (IBTA 9.7.5.2.8), plus RNR."""
+
+    PSN_SEQ_ERR = 0
+    INV_REQ = 1
+    REM_ACCESS = 2
+    REM_OP = 3
+    INV_RD_REQ = 4
+    RNR = 0x20
+
+
+@dataclass(slots=True)
+class Request:
+    src_gid: bytes
+    src_qpn: int
+    dst_gid: bytes
+    dst_qpn: int
+    psn: int
+    npkts: int
+    opcode: WrOpcode
+    length: int = 0
+    payload: list = field(default_factory=list)  # memoryviews (SEND / WRITE)
+    imm_data: int | None = None
+    remote_addr: int = 0
+    rkey: int = 0
+    compare_add: int = 0
+    swap: int = 0
+    solicited: bool = False
+
+    @property
+    def last_psn(self) -> int:
+        return (self.psn + self.npkts - 1) & PSN_MASK
+
+
+@dataclass(slots=True)
+class Response:
+    src_gid: bytes
+    src_qpn: int
+    dst_gid: bytes
+    dst_qpn: int
+    psn: int  # PSN being acknowledged (last PSN of the request) or NAK'd
+    kind: RespKind
+    nak: NakCode | None = None
+    rnr_timer: int = 0  # responder's min_rnr_timer for RNR NAKs
+    data: list = field(default_factory=list)  # memoryviews (READ response)
+    atomic_orig: int = 0
+
+
+class Endpoint(Protocol):
+    """What a QP registers with a fabric."""
+
+    def on_request(self, req: Request, now: float) -> Response | None: ...
+
+    def on_response(self, resp: Response, now: float) -> None: ...
+
+
+def psn_diff(a: int, b: int) -> int:
+    """Signed distance a - b in 24-bit PSN space (-2^23 .. 2^23-1)."""
+    d = (a - b) & PSN_MASK
+    return d - (1 << 24) if d & (1 << 23) else d
+
+
+class Fabric(ABC):
+    """Where QPs live and how their messages travel."""
+
+    @property
+    @abstractmethod
+    def gid(self) -> bytes:
+        """The GID of this host's port."""
+
+    @abstractmethod
+    def alloc_qpn(self) -> int:
+        """Allocate a host-unique QPN (24 bit, never 0 or 1)."""
+
+    @abstractmethod
+    def free_qpn(self, qpn: int) -> None: ...
+
+    @abstractmethod
+    def attach(self, qpn: int, endpoint: Endpoint) -> None:
+        """Make ``(self.gid, qpn)`` reachable."""
+
+    @abstractmethod
+    def detach(self, qpn: int) -> None: ...
+
+    @abstractmethod
+    def send(self, req: Request, now: float) -> Response | None:
+        """Send a request. Returns the response if it is available at once;
+        otherwise (or if the request is lost) returns None and the response,
+        if any, arrives later via the source endpoint's ``on_response``."""
+
+    def respond(self, resp: Response, now: float) -> None:  # pragma: no cover - network fabrics
+        """Send a response produced asynchronously (network fabrics)."""
+        raise FabricError(f"{type(self).__name__} delivers responses synchronously")
+
+
+class LocalFabric(Fabric):
+    """All QPs of one host (one daemon): synchronous, lossless, in-order delivery."""
+
+    def __init__(self, gid: bytes = bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 1]),
+                 first_qpn: int = 0x100):
+        if len(gid) != 16:
+            raise FabricError(f"GID must be 16 bytes, got {len(gid)}")
+        self._gid = bytes(gid)
+        self._endpoints: dict[int, Endpoint] = {}
+        self._allocated: set[int] = set()
+        self._next = first_qpn
+        self.delivered = 0
+        self.dropped = 0
+
+    @property
+    def gid(self) -> bytes:
+        return self._gid
+
+    def alloc_qpn(self) -> int:
+        if len(self._allocated) >= OBJ_NUM_MASK - 2:
+            raise FabricError("QPN space exhausted")
+        while True:
+            qpn = self._next
+            self._next = (self._next + 1) & OBJ_NUM_MASK
+            if self._next < 2:
+                self._next = 2
+            if qpn >= 2 and qpn not in self._allocated:
+                self._allocated.add(qpn)
+                return qpn
+
+    def free_qpn(self, qpn: int) -> None:
+        self._allocated.discard(qpn)
+        self._endpoints.pop(qpn, None)
+
+    def attach(self, qpn: int, endpoint: Endpoint) -> None:
+        if qpn not in self._allocated:
+            raise FabricError(f"QPN {qpn:#x} was not allocated on this fabric")
+        if qpn in self._endpoints:
+            raise FabricError(f"QPN {qpn:#x} already attached")
+        self._endpoints[qpn] = endpoint
+
+    def detach(self, qpn: int) -> None:
+        self._endpoints.pop(qpn, None)
+
+    def send(self, req: Request, now: float) -> Response | None:
+        ep = self._endpoints.get(req.dst_qpn) if req.dst_gid == self._gid else None
+        if ep is None:
+            self.dropped += 1
+            return None
+        self.delivered += 1
+        return ep.on_request(req, now)

@@ -1,0 +1,189 @@
+"""Memory regions: registration, keys, access and bounds checks, scatter views.
+
+An MR (spec 5.x.6.1 REG_MR) maps the virtual range ``[iova, iova+length)``
+onto an ordered list of guest-physical chunks. Keys follow the common HCA
+scheme ``key = index << 8 | rotating 8-bit key`` (lkey == rkey), so a key that
+outlives its registration does not match the next MR in the same slot.
+
+:meth:`MemoryRegion.views` resolves ``(va, length)`` to the list of writable
+memoryviews into guest memory that back it (one per chunk touched): the data
+path copies between such lists without intermediate bytes objects.
+Translation happens on every access, so the MR never pins a mapping and a
+changed guest memory table is honoured at once.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from virtio_rdma.constants import Access, Status
+from virtio_rdma.errors import CommandError, MemoryAccessError
+
+from virtio.errors import GuestMemoryError
+
+U64 = 1 << 64
+KEY_BITS = 8
+
+
+@dataclass(slots=True)
+class MemoryRegion:
+    index: int
+    key: int
+    pdn: int
+    access: Access
+    iova: int
+    length: int
+    chunks: list[tuple[int, int]]  # (gpa, length)
+    offsets: list[int] = field(default_factory=list)  # start offset of each chunk
+
+    def __post_init__(self):
+        off, self.offsets = 0, []
+        for _, n in self.chunks:
+            self.offsets.append(off)
+            off += n
+
+    @property
+    def lkey(self) -> int:
+        return (self.index << KEY_BITS) | self.key
+
+    rkey = lkey
+
+    def views(self, mem, va: int, length: int) -> list[memoryview]:
+        """Writable views of ``[va, va+length)``; raise MemoryAccessError if out of the MR
+        or if guest memory no longer backs it."""
+        if length < 0 or va < self.iova or va + length > self.iova + self.length:
+            raise MemoryAccessError(
+                f"range [{va:#x}, +{length}) outside MR key {self.lkey:#x} "
+                f"[{self.iova:#x}, +{self.length})")
+        out = []
+        if length == 0:
+            return out
+        off = va - self.iova
+        i = bisect.bisect_right(self.offsets, off) - 1
+        remaining = length
+        while remaining:
+            gpa, n = self.chunks[i]
+            inner = off - self.offsets[i]
+            take = min(n - inner, remaining)
+            try:
+                out.append(mem.translate(gpa + inner, take))
+            except GuestMemoryError as e:
+                raise MemoryAccessError(f"MR key {self.lkey:#x}: backing chunk gone: {e}") from None
+            remaining -= take
+            off += take
+            i += 1
+        return out
+
+
+class MrTable:
+    """The MRs of one device, indexed by key (spec 5.x.6.1 "Keys")."""
+
+    def __init__(self, max_mr: int, max_chunks: int, max_mr_size: int):
+        self.max_mr = max_mr
+        self.max_chunks = max_chunks
+        self.max_mr_size = max_mr_size
+        self._slots: list[MemoryRegion | None] = []
+        self._keys: list[int] = []
+        self._free: list[int] = []
+        self.count = 0
+        self.by_pd: dict[int, int] = {}
+
+    def register(self, mem, pdn: int, access: int, iova: int, length: int,
+                 chunks: list[tuple[int, int]]) -> MemoryRegion:
+        access = Access.parse(access)  # UnknownValueError -> EINVAL
+        if access & (Access.REMOTE_WRITE | Access.REMOTE_ATOMIC) and not access & Access.LOCAL_WRITE:
+            raise CommandError(
+                f"REG_MR access {int(access):#x}: REMOTE_WRITE/REMOTE_ATOMIC need LOCAL_WRITE",
+                Status.EINVAL)
+        if access & (Access.MW_BIND | Access.ZERO_BASED | Access.ON_DEMAND):
+            raise CommandError(f"REG_MR access {int(access):#x}: unsupported flags", Status.EOPNOTSUPP)
+        if len(chunks) > self.max_chunks:
+            raise CommandError(f"REG_MR with {len(chunks)} chunks exceeds {self.max_chunks}", Status.E2BIG)
+        if length > self.max_mr_size:
+            raise CommandError(f"REG_MR length {length} exceeds max_mr_size {self.max_mr_size}", Status.EINVAL)
+        if iova + length > U64:
+            raise CommandError(f"REG_MR iova {iova:#x} + length {length} overflows", Status.EINVAL)
+        if sum(n for _, n in chunks) != length:
+            raise CommandError(
+                f"REG_MR chunk lengths sum to {sum(n for _, n in chunks)}, length is {length}", Status.EINVAL)
+        for gpa, n in chunks:
+            if n == 0:
+                raise CommandError(f"REG_MR chunk at gpa {gpa:#x} has length 0", Status.EINVAL)
+            try:
+                mem.translate(gpa, n).release()
+            except GuestMemoryError as e:
+                raise CommandError(f"REG_MR chunk gpa {gpa:#x} len {n}: {e}", Status.EFAULT) from None
+        if self.count >= self.max_mr:
+            raise CommandError(f"max_mr {self.max_mr} reached", Status.ENOMEM)
+        if self._free:
+            idx = self._free.pop()
+        else:
+            idx = len(self._slots)
+            if idx >= (1 << 24):
+                raise CommandError("MR index space exhausted", Status.ENOMEM)
+            self._slots.append(None)
+            self._keys.append(0)
+        self._keys[idx] = (self._keys[idx] + 1) & 0xFF
+        mr = MemoryRegion(idx, self._keys[idx], pdn, access, iova, length, list(chunks))
+        self._slots[idx] = mr
+        self.count += 1
+        self.by_pd[pdn] = self.by_pd.get(pdn, 0) + 1
+        return mr
+
+    def lookup(self, key: int) -> MemoryRegion | None:
+        idx = key >> KEY_BITS
+        if idx >= len(self._slots):
+            return None
+        mr = self._slots[idx]
+        if mr is None or mr.key != key & 0xFF:
+            return None
+        return mr
+
+    def deregister(self, key: int) -> MemoryRegion:
+        mr = self.lookup(key)
+        if mr is None:
+            raise CommandError(f"DEREG_MR: no MR with key {key:#x}", Status.ENOENT)
+        self._slots[mr.index] = None
+        self._free.append(mr.index)
+        self.count -= 1
+        self.by_pd[mr.pdn] -= 1
+        return mr
+
+    def check(self, mem, key: int, pdn: int, va: int, length: int, need: Access) -> list[memoryview]:
+        """Resolve a (key, va, length) access for a QP of PD ``pdn`` needing rights ``need``."""
+        mr = self.lookup(key)
+        if mr is None:
+            raise MemoryAccessError(f"invalid key {key:#x}")
+        if mr.pdn != pdn:
+            raise MemoryAccessError(f"key {key:#x} belongs to PD {mr.pdn}, QP is in PD {pdn}")
+        if need & ~mr.access:
+            raise MemoryAccessError(
+                f"key {key:#x} lacks access {Access(need & ~mr.access)!r}")
+        if va + length > U64:
+            raise MemoryAccessError(f"range {va:#x}+{length} overflows")
+        return mr.views(mem, va, length)
+
+    def __iter__(self):
+        return (m for m in self._slots if m is not None)
+
+
+def sg_copy(dst: list[memoryview], src: list[memoryview]) -> int:
+    """Copy the concatenation of ``src`` into ``dst`` (memoryview to memoryview,
+    no intermediate bytes). Returns the bytes copied: min of both totals."""
+    di = si = doff = soff = 0
+    copied = 0
+    while di < len(dst) and si < len(src):
+        d, s = dst[di], src[si]
+        n = min(len(d) - doff, len(s) - soff)
+        if n:
+            d[doff:doff + n] = s[soff:soff + n]
+            copied += n
+            doff += n
+            soff += n
+        if doff == len(d):
+            di += 1
+            doff = 0
+        if soff == len(s):
+            si += 1
+            soff = 0
+    return copied
