@@ -52,9 +52,14 @@ from accel_core.jobs import FFT_OPS, Job, JobParams, Op, execute
 FORMAT_VERSION = 1
 
 
+_COST_KEYS = {(op, np.dtype(dt)): f"{op.value}/{np.dtype(dt).name}"
+              for op in FFT_OPS for dt in (np.complex64, np.complex128)}
+
+
 def cost_key(op: Op, params: JobParams) -> str:
     if op in FFT_OPS:
-        return f"{op.value}/{np.dtype(params.dtype).name}"
+        key = _COST_KEYS.get((op, params.dtype))
+        return key if key is not None else f"{op.value}/{np.dtype(params.dtype).name}"
     return op.value
 
 

@@ -164,6 +164,8 @@ def _as_array(buf: Any, dtype: np.dtype, shape: tuple[int, ...] | None, *, what:
 
 
 def _check_overlap(inp: np.ndarray, out: np.ndarray, *, in_place_ok: bool) -> None:
+    if out is inp and in_place_ok:
+        return
     if not np.may_share_memory(inp, out):
         return
     same = (inp.__array_interface__["data"][0] == out.__array_interface__["data"][0]

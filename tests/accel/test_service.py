@@ -572,3 +572,26 @@ def test_bad_worker_counts_rejected():
         Accelerator("a", workers=0)
     with pytest.raises(AccelError, match="already exists"):
         AcceleratorService([AcceleratorSpec("a"), AcceleratorSpec("a")])
+
+
+# --------------------------------------------------------------------------- vrdma accel-bench
+
+
+def test_accel_bench_quick_json_smoke(capsys):
+    from bench.accel_bench import format_table
+    from vrdma.cli import main
+
+    assert main(["accel-bench", "--quick", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["machine"]["quick"] is True
+    assert res["fft"] and all(isinstance(r, dict) for r in res["fft"])
+    assert res["turbo"][0]["mbit_s"] > 0 and res["turbo"][0]["bit_errors"] == 0
+    service = res["service"]
+    assert {r["workers"] for r in service if "ratio_vs_direct" in r} == {0, 1, 2}
+    assert all(r["ratio_vs_direct"] > 0 for r in service if "ratio_vs_direct" in r)
+    assert all(r["est_geomean_ratio"] > 0 for r in service if r.get("workers"))
+    assert any("overhead_us" in r for r in service)
+    assert {c["key"] for c in res["calibration"]["costs"]} >= {"fft/complex64", "turbo_decode"}
+    table = format_table(res)
+    for section in ("fft", "turbo", "model", "service"):
+        assert any(line.startswith(section) for line in table.splitlines()), section
