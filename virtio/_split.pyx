@@ -785,7 +785,7 @@ cdef class DriverQueue:
         PyMem_Free(self._next)
         PyMem_Free(self._ndesc)
 
-    def __init__(self, mem, index, size, base_gpa, *, event_idx=False, indirect=False):
+    def __init__(self, mem, index, size, base_gpa, *, event_idx=False, indirect=False, start_idx=0):
         from .constants import split_ring_layout
         if not isinstance(index, int) or index < 0 or index > 0xFFFF:
             raise VirtqueueError(f"invalid queue index {index!r}")
@@ -799,6 +799,8 @@ cdef class DriverQueue:
         self.ring_bytes = total
         self.event_idx = bool(event_idx)
         self.indirect = bool(indirect)
+        if not isinstance(start_idx, int) or start_idx < 0 or start_idx > 0xFFFF:
+            raise VirtqueueError(f"start_idx {start_idx!r} not in 0..65535", queue=index)
         self.mem = mem
         self._next = <uint16_t *>PyMem_Malloc(size * sizeof(uint16_t))
         self._ndesc = <uint16_t *>PyMem_Malloc(size * sizeof(uint16_t))
@@ -811,15 +813,22 @@ cdef class DriverQueue:
         self._tokens = [_FREE] * size
         self._free_head = 0
         self.num_free = size
-        self.avail_idx = 0
-        self._kicked_avail = 0
-        self.last_used_idx = 0
+        self.avail_idx = start_idx
+        self._kicked_avail = start_idx
+        self.last_used_idx = start_idx
         self.callbacks_enabled = True
         self.indirect_entries = 0
         self._map()
-        memset(self._desc, 0, 16 * size)
-        memset(self._avail, 0, 6 + 2 * size)
-        memset(self._used_ring, 0, 6 + 8 * size)
+        memset(self._desc, 0, 16 * self.size)
+        memset(self._avail, 0, 6 + 2 * self.size)
+        memset(self._used_ring, 0, 6 + 8 * self.size)
+        # start_idx != 0 emulates a queue resumed at that index (vhost-user SET_VRING_BASE)
+        vr_st16(self._avail + 2, self.avail_idx)
+        vr_st16(self._used_ring + 2, self.last_used_idx)
+        if self.event_idx:
+            vr_st16(self._avail + 4 + 2 * self.size, self.last_used_idx)
+            vr_st16(self._used_ring + 4 + 8 * self.size, self.avail_idx)
+        vr_mb()
 
     cdef int _map(self) except -1:
         cdef RegionTable t = _table_of(self.mem)

@@ -147,8 +147,10 @@ def split_ring_layout(size: int, base_gpa: int) -> tuple[int, int, int, int]:
     areas, §2.7.2; legacy's page alignment of the used ring is not used).
     """
     check_queue_size(size)
-    if not isinstance(base_gpa, int) or base_gpa < 0 or base_gpa % DESC_ALIGN:
-        raise VirtqueueError(f"ring base address {base_gpa!r} is not a {DESC_ALIGN}-aligned address")
+    if not isinstance(base_gpa, int) or isinstance(base_gpa, bool) or base_gpa < 0:
+        raise VirtqueueError(f"ring base address {base_gpa!r} is not a guest address")
+    if base_gpa % DESC_ALIGN:
+        raise VirtqueueError(f"ring base address {base_gpa:#x} is not a {DESC_ALIGN}-aligned address")
     desc = base_gpa
     avail = _align(desc + desc_table_size(size), AVAIL_ALIGN)
     used = _align(avail + avail_ring_size(size), USED_ALIGN)

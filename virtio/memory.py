@@ -29,6 +29,7 @@ live view. :func:`live_mappings` counts mappings still mapped, and
 from __future__ import annotations
 
 import os
+import stat
 import threading
 import warnings
 import weakref
@@ -116,6 +117,16 @@ class MemoryRegion:
         cls._check_geometry(gpa, size, uva, mmap_offset)
         if not isinstance(fd, int) or isinstance(fd, bool) or fd < 0:
             raise GuestMemoryError(f"invalid fd {fd!r} for region gpa={gpa:#x}")
+        try:
+            st = os.fstat(fd)
+        except OSError as e:
+            raise GuestMemoryError(f"invalid fd {fd} for region gpa={gpa:#x}: {e}") from e
+        # Mapping past the end of a file "succeeds" but the first access raises
+        # SIGBUS: refuse a region the file (memfd, hugetlbfs, shm) cannot back.
+        if stat.S_ISREG(st.st_mode) and st.st_size < mmap_offset + size:
+            raise GuestMemoryError(
+                f"fd {fd} holds {st.st_size:#x} bytes, region gpa={gpa:#x} needs mmap_offset+size="
+                f"{mmap_offset + size:#x}")
         try:
             mapping = Mapping(fd, mmap_offset + size)
         except (OSError, ValueError, OverflowError) as e:
@@ -389,6 +400,7 @@ class GuestMemory:
             for r in regions:
                 r._owner = None
             self._rebuild()
+            self._table.invalidate()        # users of a closed memory get "closed", not "not inside"
         for r in regions:
             r.close()
 
