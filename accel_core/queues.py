@@ -24,12 +24,15 @@ because producers (workers) and consumers (collectors) are different threads.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
 from typing import Callable
 
 from accel_core.jobs import Job
+
+log = logging.getLogger(__name__)
 
 MIN_COST = 1e-9  # seconds; keeps tags increasing per guest even for free jobs
 
@@ -140,7 +143,10 @@ class ReadyQueue:
             self._cv.notify_all()
             notify = self._notify
         if notify is not None:
-            notify()
+            try:
+                notify()
+            except Exception:  # a broken notifier must not kill the worker that delivers
+                log.exception("ready-queue notifier failed")
 
     def collect(self, max_jobs: int | None = None, timeout: float | None = 0.0) -> list[Job]:
         """Take up to ``max_jobs`` finished jobs, oldest first.

@@ -89,6 +89,7 @@ class Accelerator:
         self.model = model if model is not None else ServiceTimeModel.nominal()
         self.metrics = AcceleratorMetrics()
         self._clock = time.perf_counter
+        self._t_start = self._clock()
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)   # workers wait for jobs
         self._idle = threading.Condition(self._lock)   # drain() waits for empty + idle
@@ -119,9 +120,11 @@ class Accelerator:
     def close(self, *, cancel_pending: bool = True) -> list[Job]:
         """Stop accepting jobs, cancel (default) or finish the queued ones, join the workers.
 
-        Returns the jobs cancelled by this call. Idempotent; safe from any
-        thread, including a job's done-callback (the calling worker is not
-        joined then, it exits on its own).
+        Returns the jobs cancelled by this call. Idempotent and safe from any
+        thread. Called from a worker thread (a job's done-callback) it only
+        signals the workers and returns without joining (two workers closing
+        each other would deadlock); state becomes CLOSED when the last worker
+        exits, and a later close() from another thread joins them.
         """
         cancelled: list[Job] = []
         with self._lock:
@@ -137,9 +140,8 @@ class Accelerator:
                 self._work.notify_all()
                 self._idle.notify_all()
         self._deliver_cancelled(cancelled)
-        me = threading.current_thread()
-        for t in self._threads:
-            if t is not me:
+        if threading.current_thread() not in self._threads:
+            for t in self._threads:
                 t.join()
         if cancelled:
             log.info("accelerator %s closed with %d queued jobs cancelled", self.name, len(cancelled))
@@ -315,6 +317,9 @@ class Accelerator:
             snap = self.metrics.snapshot()
             snap["queue_depth"] = len(self._queue)
             snap["running"] = len(self._running)
+            uptime = self._clock() - self._t_start
+            snap["uptime_seconds"] = uptime
+            snap["utilization"] = snap["total"]["busy_seconds"] / (uptime * self.workers) if uptime > 0 else 0.0
         snap["ready_depth"] = len(self._ready)
         return snap
 

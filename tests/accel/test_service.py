@@ -538,23 +538,37 @@ def test_ready_queue_collect_and_notifier():
     assert all(j.state is JobState.DONE for j in got)
 
 
-def test_close_from_a_done_callback_does_not_deadlock():
+def test_close_from_done_callbacks_does_not_deadlock():
     acc = Accelerator("a", workers=2)
-    closed = threading.Event()
+    closed = threading.Semaphore(0)
 
     def on_done(job: Job) -> None:
-        acc.close()
-        closed.set()
+        acc.close()  # from a worker thread: signals, never joins (two workers would join each other)
+        closed.release()
 
     acc.pause()
-    first = acc.submit(Job.create(Op.TURBO_ENCODE, bits(40)))
+    first = [acc.submit(Job.create(Op.TURBO_ENCODE, bits(40))) for _ in range(2)]
     rest = [acc.submit(Job.create(Op.TURBO_ENCODE, bits(40))) for _ in range(3)]
-    first.add_done_callback(on_done)
+    for j in first:
+        j.add_done_callback(on_done)
     acc.resume()
-    assert closed.wait(30)
-    acc.close()  # from the test thread: joins the remaining worker
+    assert closed.acquire(timeout=30)
+    acc.close()  # from the test thread: joins the workers
     assert acc.state is AcceleratorState.CLOSED
-    assert all(j.state in (JobState.DONE, JobState.CANCELLED) for j in rest)
+    assert all(j.state in (JobState.DONE, JobState.CANCELLED) for j in first + rest)
+    assert acc.stats()["total"]["completed"] + acc.stats()["total"]["cancelled"] == 5
+
+
+def test_broken_ready_notifier_does_not_lose_jobs():
+    def broken(acc: Accelerator) -> None:
+        raise RuntimeError("event loop gone")
+
+    with AcceleratorService(workers=1, ready_notify=broken) as svc:
+        jobs = [svc.submit(Op.TURBO_ENCODE, bits(40), collect=True) for _ in range(3)]
+        for j in jobs:
+            j.wait(30)
+        assert len(svc.accelerator("accel0").collect()) == 3
+        assert 0.0 <= svc.metrics()["accelerators"]["accel0"]["utilization"] <= 1.0
 
 
 def test_asyncio_adapter_awaits_job_futures():
