@@ -257,11 +257,11 @@ def _parse(fmt: cs.Construct, data, what: str) -> dict:
         raise WireError(f"malformed {what}: {e}") from None
 
 
-def encode_request(cmd: Cmd | int, flags: int = 0, **fields) -> bytes:
+def encode_request(cmd: Cmd | int, hdr_flags: int = 0, **fields) -> bytes:
     """Build a control request: header {le16 cmd; le16 flags; le32 len} + body."""
     cmd = Cmd.parse(cmd)
     body = _build(COMMANDS[cmd][0], fields, f"{cmd.name} request")
-    return CtrlHeader.build(dict(cmd=cmd, flags=flags, len=len(body))) + body
+    return CtrlHeader.build(dict(cmd=cmd, flags=hdr_flags, len=len(body))) + body
 
 
 def decode_request(buf: bytes | memoryview) -> tuple[Cmd, dict]:
