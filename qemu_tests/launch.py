@@ -308,7 +308,8 @@ class QemuVM(_ManagedProcess):
             print(vm.virtio_status()["status"])
 
     ``drives`` are extra ``-drive`` option strings; ``kernel``/``initrd``/``append`` boot a
-    Linux kernel directly; ``extra_args`` are appended verbatim.
+    Linux kernel directly; ``extra_args`` are appended verbatim; ``wrapper`` is an argv prefix
+    (e.g. ``["ip", "netns", "exec", "ns0"]`` to run QEMU inside a network namespace).
     """
 
     name = "qemu"
@@ -317,7 +318,8 @@ class QemuVM(_ManagedProcess):
                  cpus: int = 1, cpu: str | None = None, drives: Sequence[str] = (),
                  kernel: str | None = None, initrd: str | None = None, append: str | None = None,
                  extra_args: Sequence[str] = (), socket_timeout: float = 10.0,
-                 binary: str = QEMU_SYSTEM, workdir: str | None = None) -> None:
+                 binary: str = QEMU_SYSTEM, workdir: str | None = None,
+                 wrapper: Sequence[str] = ()) -> None:
         if memory_mib < 16:
             raise ValueError(f"memory_mib {memory_mib} too small (min 16)")
         if cpus < 1:
@@ -332,12 +334,13 @@ class QemuVM(_ManagedProcess):
         self.extra_args = list(extra_args)
         self.socket_timeout = socket_timeout
         self.binary = binary
+        self.wrapper = list(wrapper)
         self.serial_path = os.path.join(self.workdir, "serial.log")
 
     def build_argv(self) -> list[str]:
         """The full command line (also useful for debugging a failed start)."""
         mem = f"{self.memory_mib}M"
-        argv = [find_binary(self.binary), "-accel", "tcg", "-m", mem, "-smp", str(self.cpus),
+        argv = [*self.wrapper, find_binary(self.binary), "-accel", "tcg", "-m", mem, "-smp", str(self.cpus),
                 "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
                 "-numa", "node,memdev=mem",
                 "-display", "none", "-no-reboot", "-nodefaults", "-no-user-config",
