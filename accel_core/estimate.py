@@ -2,24 +2,25 @@
 
 A scheduler deciding where to run a job needs to predict how long it takes
 (the cluster scheduler compares the local wait + service time against
-2 x transfer time + the remote wait + service time). The model is linear in a
-per-operation work measure, one fit per *cost key*:
+2 x transfer time + the remote wait + service time). The model is linear with
+non-negative coefficients in a few per-operation work *features*, one fit per
+*cost key*:
 
-==============  ============================  ==========================
-cost key         work units                    model
-==============  ============================  ==========================
-fft/<dtype>      batch * N * log2 N            a + b * work (per dtype)
-ifft/<dtype>     batch * N * log2 N            a + b * work (per dtype)
-turbo_encode     batch * K                     a + b * work
-turbo_decode     groups * K * iterations       a + b * work
-==============  ============================  ==========================
+==============  ==============================================  ==========================
+cost key         features                                        model
+==============  ==============================================  ==========================
+fft/<dtype>      batch * N * log2 N                              a + b0 * f0 (per dtype)
+ifft/<dtype>     batch * N * log2 N                              a + b0 * f0 (per dtype)
+turbo_encode     batch * K                                       a + b0 * f0
+turbo_decode     batch * K * it, ceil(batch / lanes) * K * it    a + b0 * f0 + b1 * f1
+==============  ==============================================  ==========================
 
-``groups = ceil(batch / lanes)``: the decoder kernel runs ``lanes`` code blocks
-side by side in SIMD lanes (``accel_core._turbo.BATCH_LANES``), so a batch of
-up to ``lanes`` blocks costs about as much as one block.
-
-``a`` is the per-call overhead, ``b`` the cost per work unit. Turbo decode with
-early stop is estimated at its full iteration count (an upper bound).
+``a`` is the per-call overhead. The Turbo decoder kernel fills ``lanes`` SIMD
+lanes (``accel_core._turbo.BATCH_LANES``) with code blocks or with trellis
+segments of one block, so its cost sits between "per block" (f0) and "per
+group of ``lanes`` blocks" (f1); the non-negative fit finds the mix on this
+machine and build. Turbo decode with early stop is estimated at its full
+iteration count (an upper bound).
 
 :meth:`ServiceTimeModel.calibrate` runs each kernel (through the same
 :func:`accel_core.jobs.execute` path the workers use) at a few sizes, takes the
@@ -63,14 +64,21 @@ def cost_key(op: Op, params: JobParams) -> str:
     return op.value
 
 
-def work_units(op: Op, params: JobParams) -> float:
+def features(op: Op, params: JobParams) -> tuple[float, ...]:
+    """The work features of a job that its cost model is linear in (see the table above)."""
     if op in FFT_OPS:
         n = params.n
-        return float(params.batch * n * math.log2(n))
+        return (float(params.batch * n * math.log2(n)),)
     if op is Op.TURBO_ENCODE:
-        return float(params.batch * params.k)
+        return (float(params.batch * params.k),)
+    per_block = float(params.k * params.iterations)
     groups = -(-params.batch // decode_lanes())
-    return float(groups * params.k * params.iterations)
+    return (params.batch * per_block, groups * per_block)
+
+
+def work_units(op: Op, params: JobParams) -> float:
+    """The primary work measure (first feature): batch * N log2 N, batch * K, batch * K * iterations."""
+    return features(op, params)[0]
 
 
 def decode_lanes() -> int:
@@ -82,36 +90,58 @@ def decode_lanes() -> int:
 
 @dataclass(frozen=True)
 class LinearCost:
-    """seconds = a + b * work; ``rms_rel_error`` is the fit's residual on its points."""
+    """seconds = a + sum(b[i] * feature[i]); missing coefficients count as zero.
+
+    ``rms_rel_error`` is the fit's residual on its calibration points.
+    """
 
     a: float
-    b: float
+    b: tuple[float, ...]
     points: int = 0
     rms_rel_error: float | None = None
 
-    def __call__(self, work: float) -> float:
-        return self.a + self.b * work
+    def __post_init__(self) -> None:
+        if not isinstance(self.b, tuple):
+            object.__setattr__(self, "b", tuple(np.atleast_1d(np.asarray(self.b, dtype=float)).tolist()))
+
+    def __call__(self, feats: Iterable[float] | float) -> float:
+        if isinstance(feats, (int, float)):
+            feats = (feats,)
+        return self.a + sum(b * f for b, f in zip(self.b, feats))
 
 
-def fit_linear(works: Iterable[float], seconds: Iterable[float]) -> LinearCost:
-    """Fit ``seconds ~ a + b * work`` with a, b >= 0, minimizing relative error."""
-    w = np.asarray(list(works), dtype=np.float64)
+def fit_linear(feats: Any, seconds: Iterable[float]) -> LinearCost:
+    """Fit ``seconds ~ a + b . features`` with a, b >= 0, minimizing the relative error.
+
+    ``feats`` is [points] (one feature) or [points, features]. Exact
+    non-negative least squares by trying every support set (a handful of
+    parameters, so at most 2**(1 + features) small solves).
+    """
     t = np.asarray(list(seconds), dtype=np.float64)
-    if w.size != t.size or w.size < 2:
-        raise ModelError(f"need at least 2 calibration points, got {w.size}")
-    if not (np.all(np.isfinite(w)) and np.all(np.isfinite(t)) and np.all(t > 0)):
-        raise ModelError("calibration points must be finite with positive times")
-    weight = 1.0 / t
-    A = np.stack([np.ones_like(w), w], axis=1) * weight[:, None]
-    (a, b), *_ = np.linalg.lstsq(A, t * weight, rcond=None)
-    if a < 0.0 or b < 0.0:
-        # Constrained solution lies on a boundary: try both one-parameter fits.
-        b0 = float(np.sum(w * weight * weight * t) / np.sum((w * weight) ** 2))  # a = 0
-        a0 = float(np.sum(weight * weight * t) / np.sum(weight * weight))        # b = 0
-        cands = [(0.0, max(b0, 0.0)), (max(a0, 0.0), 0.0)]
-        a, b = min(cands, key=lambda ab: float(np.sum(((ab[0] + ab[1] * w - t) * weight) ** 2)))
-    rel = (a + b * w - t) / t
-    return LinearCost(float(a), float(b), int(w.size), float(np.sqrt(np.mean(rel * rel))))
+    X = np.asarray(feats, dtype=np.float64)
+    if X.ndim == 1:
+        X = X[:, None]
+    if X.ndim != 2 or X.shape[0] != t.size or t.size < 2 or X.shape[1] > 4:
+        raise ModelError(f"need at least 2 calibration points with 1..4 features, got {X.shape} vs {t.size}")
+    if not (np.all(np.isfinite(X)) and np.all(np.isfinite(t)) and np.all(t > 0) and np.all(X >= 0)):
+        raise ModelError("calibration points must be finite with positive times and non-negative features")
+    A = np.concatenate([np.ones((t.size, 1)), X], axis=1) / t[:, None]  # relative residuals
+    y = np.ones_like(t)
+    p = A.shape[1]
+    best, best_res = np.zeros(p), math.inf
+    for mask in range(1, 1 << p):
+        cols = [c for c in range(p) if mask >> c & 1]
+        sol, *_ = np.linalg.lstsq(A[:, cols], y, rcond=None)
+        if np.any(sol < 0):
+            continue
+        coef = np.zeros(p)
+        coef[cols] = sol
+        res = float(np.sum((A @ coef - y) ** 2))
+        if res < best_res - 1e-15:
+            best, best_res = coef, res
+    rel = A @ best - y
+    return LinearCost(float(best[0]), tuple(float(v) for v in best[1:]), int(t.size),
+                      float(np.sqrt(np.mean(rel * rel))))
 
 
 # Calibration points: (op, dtype or None, size N or K, batch, iterations).
@@ -119,8 +149,8 @@ _FFT_POINTS = [(256, 1), (256, 16), (1024, 4), (2048, 1), (2048, 16), (4096, 8),
 _FFT_POINTS_QUICK = [(256, 1), (2048, 4), (4096, 8)]
 _ENC_POINTS = [(1024, 1), (6144, 1), (6144, 8)]
 _ENC_POINTS_QUICK = [(1024, 1), (6144, 2)]
-_DEC_POINTS = [(1024, 1, 4), (6144, 1, 2), (6144, 1, 8), (2048, 16, 4), (1024, 32, 2)]
-_DEC_POINTS_QUICK = [(1024, 1, 2), (6144, 1, 4)]
+_DEC_POINTS = [(1024, 1, 4), (6144, 1, 2), (6144, 1, 8), (512, 8, 4), (2048, 16, 4), (1024, 32, 2)]
+_DEC_POINTS_QUICK = [(1024, 1, 2), (6144, 1, 4), (512, 8, 2), (1024, 16, 2)]
 
 
 def _calibration_job(op: Op, size: int, batch: int, dtype: Any, iterations: int, rng) -> Job:
@@ -196,7 +226,7 @@ class ServiceTimeModel:
         cost = self.costs.get(key)
         if cost is None:
             raise ModelError(f"service-time model has no cost for {key!r} (known: {sorted(self.costs)})")
-        return cost(work_units(op, params))
+        return cost(features(op, params))
 
     def estimate(self, job: Job) -> float:
         """Predicted kernel time of ``job`` in seconds."""
@@ -211,9 +241,9 @@ class ServiceTimeModel:
         costs = {}
         for op in FFT_OPS:
             for dt, b in per_fft_unit.items():
-                costs[f"{op.value}/{dt}"] = LinearCost(2e-6, b)
-        costs[Op.TURBO_ENCODE.value] = LinearCost(5e-6, 2e-9)
-        costs[Op.TURBO_DECODE.value] = LinearCost(2e-5, 1.3e-7)
+                costs[f"{op.value}/{dt}"] = LinearCost(2e-6, (b,))
+        costs[Op.TURBO_ENCODE.value] = LinearCost(5e-6, (2e-9,))
+        costs[Op.TURBO_DECODE.value] = LinearCost(2e-5, (1e-8, 0.0))
         return cls(costs, calibrated=False, meta={"source": "nominal"})
 
     @classmethod
@@ -226,7 +256,7 @@ class ServiceTimeModel:
         wanted = list(Op) if ops is None else [Op.parse(o) for o in ops]
         rng = np.random.default_rng(seed)
         costs: dict[str, LinearCost] = {}
-        points: dict[str, list[tuple[float, float]]] = {}
+        points: dict[str, list[tuple[tuple[float, ...], float]]] = {}
         for op in wanted:
             if op in FFT_OPS:
                 grid = [(op, dt, n, b, 0) for dt in ("complex64", "complex128")
@@ -238,12 +268,12 @@ class ServiceTimeModel:
             for op_, dt, size, batch, it in grid:
                 job = _calibration_job(op_, size, batch, dt, it, rng)
                 sec = _time_job(job, repeat)
-                points.setdefault(cost_key(op_, job.params), []).append((work_units(op_, job.params), sec))
+                points.setdefault(cost_key(op_, job.params), []).append((features(op_, job.params), sec))
         for key, pts in points.items():
             costs[key] = fit_linear([p[0] for p in pts], [p[1] for p in pts])
         meta = cls.cache_identity()
         meta.update({"source": "calibrate", "quick": quick, "repeat": repeat, "time": time.time(),
-                     "points": {k: [[w, s] for w, s in v] for k, v in points.items()}})
+                     "points": {k: [[list(f), s] for f, s in v] for k, v in points.items()}})
         return cls(costs, calibrated=True, meta=meta)
 
     # -- persistence
@@ -264,7 +294,7 @@ class ServiceTimeModel:
             "format": FORMAT_VERSION,
             "calibrated": self.calibrated,
             "meta": self.meta,
-            "costs": {k: {"a": c.a, "b": c.b, "points": c.points, "rms_rel_error": c.rms_rel_error}
+            "costs": {k: {"a": c.a, "b": list(c.b), "points": c.points, "rms_rel_error": c.rms_rel_error}
                       for k, c in sorted(self.costs.items())},
         }
 
@@ -275,11 +305,12 @@ class ServiceTimeModel:
         costs = {}
         for key, c in d["costs"].items():
             try:
-                a, b = float(c["a"]), float(c["b"])
+                a = float(c["a"])
+                b = tuple(float(v) for v in (c["b"] if isinstance(c["b"], list) else [c["b"]]))
             except (KeyError, TypeError, ValueError):
                 raise ModelError(f"cost {key!r} lacks numeric a and b") from None
-            if not (math.isfinite(a) and math.isfinite(b) and a >= 0 and b >= 0):
-                raise ModelError(f"cost {key!r} has invalid coefficients a={a} b={b}")
+            if not (math.isfinite(a) and a >= 0 and b and all(math.isfinite(v) and v >= 0 for v in b)):
+                raise ModelError(f"cost {key!r} has invalid coefficients a={a} b={list(b)}")
             costs[str(key)] = LinearCost(a, b, int(c.get("points") or 0), c.get("rms_rel_error"))
         return cls(costs, calibrated=bool(d.get("calibrated")), meta=d.get("meta") or {})
 
@@ -325,5 +356,6 @@ class ServiceTimeModel:
         return model
 
     def __repr__(self) -> str:
-        parts = ", ".join(f"{k}: {c.a * 1e6:.1f}us + {c.b * 1e9:.3f}ns/unit" for k, c in sorted(self.costs.items()))
+        parts = ", ".join(f"{k}: {c.a * 1e6:.1f}us + [{', '.join(f'{b * 1e9:.3f}' for b in c.b)}]ns/unit"
+                          for k, c in sorted(self.costs.items()))
         return f"<ServiceTimeModel {'calibrated' if self.calibrated else 'nominal'} {parts}>"

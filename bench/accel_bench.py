@@ -130,7 +130,7 @@ def run_service_bench(*, quick: bool = False, model=None, workers: tuple[int, ..
 
 def model_rows(model) -> list[dict]:
     """The calibrated cost model as rows (a: per-job overhead, b: per work unit)."""
-    return [{"key": key, "a_us": c.a * 1e6, "b_ns_per_unit": c.b * 1e9, "points": c.points,
+    return [{"key": key, "a_us": c.a * 1e6, "b_ns_per_unit": [b * 1e9 for b in c.b], "points": c.points,
              "fit_rms_rel_error": c.rms_rel_error} for key, c in sorted(model.costs.items())]
 
 
@@ -197,7 +197,7 @@ def format_table(res: dict) -> str:
                      f"x{ratio:.0f} vs commpy" if ratio is not None else "-",
                      f"{r['frames']} frames, {r['bit_errors']} bit errors @ {r['ebn0_db']} dB"))
     for r in res.get("calibration", {}).get("costs", []):
-        rows.append(("model", r["key"], f"a={r['a_us']:.2f} us", f"b={r['b_ns_per_unit']:.4f} ns/unit", "-",
+        rows.append(("model", r["key"], f"a={r['a_us']:.2f} us", "b=" + "/".join(f"{b:.4f}" for b in r["b_ns_per_unit"]) + " ns/unit", "-",
                      f"{r['points']} points, fit rms rel err {_fmt(r['fit_rms_rel_error'], '.2f')}"))
     for r in res.get("service", []):
         if "overhead_us" in r:

@@ -39,7 +39,7 @@ def flat_model(seconds: float = 1e-3) -> ServiceTimeModel:
     """Every job costs ``seconds``: makes tags and predictions exact for ordering tests."""
     keys = [f"{op}/{dt}" for op in ("fft", "ifft") for dt in ("complex64", "complex128")]
     keys += ["turbo_encode", "turbo_decode"]
-    return ServiceTimeModel({k: LinearCost(seconds, 0.0) for k in keys}, calibrated=False)
+    return ServiceTimeModel({k: LinearCost(seconds, (0.0,)) for k in keys}, calibrated=False)
 
 
 def bits(*shape: int) -> np.ndarray:
@@ -213,7 +213,7 @@ def test_fifo_per_guest_and_round_robin_between_equal_guests():
 def test_fairness_is_in_accelerator_time_not_job_count():
     # Guest 1 submits decode jobs estimated 4x longer than guest 2's encode jobs.
     model = flat_model(1e-3)
-    model.costs["turbo_decode"] = LinearCost(4e-3, 0.0)
+    model.costs["turbo_decode"] = LinearCost(4e-3, (0.0,))
     llr = noiseless_llr(turbo_encode(bits(40)))
     with Accelerator("a", workers=1, model=model) as acc:
         acc.pause()
@@ -310,10 +310,16 @@ def test_accelerator_serving_a_subset_of_ops():
 def test_fit_linear_recovers_coefficients_and_clamps():
     w = np.array([1e3, 1e4, 1e5, 1e6])
     cost = fit_linear(w, 5e-6 + 2e-9 * w)
-    assert cost.a == pytest.approx(5e-6, rel=1e-6) and cost.b == pytest.approx(2e-9, rel=1e-6)
+    assert cost.a == pytest.approx(5e-6, rel=1e-6) and cost.b[0] == pytest.approx(2e-9, rel=1e-6)
     assert cost.rms_rel_error < 1e-9
+    assert cost(1e6) == pytest.approx(5e-6 + 2e-3)
     clamped = fit_linear(w, 1e-9 * w - 1e-7)  # negative intercept: refit through the origin
-    assert clamped.a == 0.0 and clamped.b > 0
+    assert clamped.a == 0.0 and clamped.b[0] > 0
+    # Two features, one of which does not matter: its coefficient is clamped to zero, not negative.
+    X = np.array([[1e3, 1e3], [1e4, 1e3], [1e5, 2e4], [1e6, 2e4], [2e6, 4e4]])
+    two = fit_linear(X, 1e-5 + 3e-9 * X[:, 0])
+    assert two.b[0] == pytest.approx(3e-9, rel=1e-6) and two.b[1] == pytest.approx(0.0, abs=1e-15)
+    assert min(two.b) >= 0 and two.a == pytest.approx(1e-5, rel=1e-6)
     with pytest.raises(ModelError):
         fit_linear([1.0], [1.0])
     with pytest.raises(ModelError):
@@ -339,7 +345,7 @@ def test_calibrated_model_structure_and_sanity(calibrated):
     for key in ("fft/complex64", "fft/complex128", "ifft/complex64", "ifft/complex128",
                 "turbo_encode", "turbo_decode"):
         c = m.costs[key]
-        assert c.a >= 0 and c.b > 0 and c.points >= 2
+        assert c.a >= 0 and min(c.b) >= 0 and sum(c.b) > 0 and c.points >= 2
     small = Job.create(Op.TURBO_DECODE, np.zeros((3, 1028), np.float32), iterations=2)
     large = Job.create(Op.TURBO_DECODE, np.zeros((3, 6148), np.float32), iterations=8)
     assert m.estimate(large) > 4 * m.estimate(small)
