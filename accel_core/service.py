@@ -95,7 +95,6 @@ class Accelerator:
         self._idle = threading.Condition(self._lock)   # drain() waits for empty + idle
         self._queue = FairQueue()
         self._running: dict[Job, None] = {}
-        self._busy_since: float | None = None
         self._seq = 0
         self._live = workers
         self._paused = False
