@@ -190,11 +190,14 @@ def format_table(res: dict) -> str:
     rows: list[tuple[str, ...]] = []
     for r in res.get("fft", []):
         rows.append(("fft",) + _fft_line(r))
-    for r in res.get("turbo", []):
+    turbo = res.get("turbo", [])
+    commpy = next((r for r in turbo if "commpy" in r["impl"]), None)
+    for r in turbo:
         ratio = r.get("ratio_vs_commpy")
         rows.append(("turbo", f"{r['impl']} K={r['K']} it={r['iterations']} batch={r['batch']}",
-                     f"{r['mbit_s']:.3f} Mbit/s", "commpy" if ratio is not None else "commpy skipped",
-                     f"x{ratio:.0f} vs commpy" if ratio is not None else "-",
+                     f"{r['mbit_s']:.4g} Mbit/s",
+                     f"commpy {commpy['mbit_s']:.4g} Mbit/s" if commpy else "commpy skipped",
+                     f"x{ratio:.0f}" if ratio is not None else "-",
                      f"{r['frames']} frames, {r['bit_errors']} bit errors @ {r['ebn0_db']} dB"))
     for r in res.get("calibration", {}).get("costs", []):
         rows.append(("model", r["key"], f"a={r['a_us']:.2f} us", "b=" + "/".join(f"{b:.4f}" for b in r["b_ns_per_unit"]) + " ns/unit", "-",
