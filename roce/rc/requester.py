@@ -1,0 +1,408 @@
+"""RC requester and completer (IBTA vol. 1, 9.7 "Reliable service"; the
+roles of rxe_req.c and rxe_comp.c), sans-I/O.
+
+The requester turns send work requests into request packets: it gives every
+WQE its PSN range, segments SEND/WRITE payloads by the path MTU (FIRST and
+MIDDLE carry exactly one MTU), sets AckReq on the last packet of a message
+and at least every 64 packets, and keeps at most 128 unacknowledged PSNs in
+flight. The completer consumes ACKs, NAKs, READ responses and atomic ACKs:
+coalesced ACKs complete every WQE they cover, a PSN sequence error NAK or a
+timeout rewinds the requester to the oldest unacknowledged PSN (go-back-N,
+resuming in the middle of a message or a READ), an RNR NAK pauses for the
+responder's timer, fatal NAKs become error completions.
+
+Work queue entry states::
+
+    POSTED --first packet--> SENDING --last packet--> PENDING --ack--> done
+       ^                                                  |
+       +------------------- retry (rewind) <--------------+
+"""
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass
+
+from ..headers import Aeth, AethType, AtomicEth, Bth, Ieth, ImmDt, NakCode, Reth, rnr_timer_seconds
+from ..opcodes import Kind, Opcode, opinfo
+from ..packet import RocePacket
+from .config import MAX_MSG_SIZE, MAX_PKT_PER_ACK, MAX_UNACKED_PSNS, QpConfig, retransmit_timeout
+from ..errors import InvalidWorkRequest
+from .metrics import RcMetrics
+from .psn import psn_add, psn_diff
+from .sgl import SgList
+from .verbs import Completion, SendWR, WcStatus, WrOpcode, wc_opcode_of
+
+_U64 = (1 << 64) - 1
+
+
+class WqeState(enum.Enum):
+    POSTED = "posted"      # no packet sent yet (or rewound to its start)
+    SENDING = "sending"    # some packets of the message sent
+    PENDING = "pending"    # every packet sent, waiting for the response
+
+
+# (first, middle, last, only) opcodes per send opcode
+_SEND_OPS = {
+    WrOpcode.SEND: (Opcode.RC_SEND_FIRST, Opcode.RC_SEND_MIDDLE, Opcode.RC_SEND_LAST,
+                    Opcode.RC_SEND_ONLY),
+    WrOpcode.SEND_WITH_IMM: (Opcode.RC_SEND_FIRST, Opcode.RC_SEND_MIDDLE,
+                             Opcode.RC_SEND_LAST_WITH_IMMEDIATE,
+                             Opcode.RC_SEND_ONLY_WITH_IMMEDIATE),
+    WrOpcode.SEND_WITH_INV: (Opcode.RC_SEND_FIRST, Opcode.RC_SEND_MIDDLE,
+                             Opcode.RC_SEND_LAST_WITH_INVALIDATE,
+                             Opcode.RC_SEND_ONLY_WITH_INVALIDATE),
+    WrOpcode.RDMA_WRITE: (Opcode.RC_RDMA_WRITE_FIRST, Opcode.RC_RDMA_WRITE_MIDDLE,
+                          Opcode.RC_RDMA_WRITE_LAST, Opcode.RC_RDMA_WRITE_ONLY),
+    WrOpcode.RDMA_WRITE_WITH_IMM: (Opcode.RC_RDMA_WRITE_FIRST, Opcode.RC_RDMA_WRITE_MIDDLE,
+                                   Opcode.RC_RDMA_WRITE_LAST_WITH_IMMEDIATE,
+                                   Opcode.RC_RDMA_WRITE_ONLY_WITH_IMMEDIATE),
+}
+
+_FATAL_NAK = {
+    NakCode.INVALID_REQUEST: WcStatus.REM_INV_REQ_ERR,
+    NakCode.REMOTE_ACCESS: WcStatus.REM_ACCESS_ERR,
+    NakCode.REMOTE_OP: WcStatus.REM_OP_ERR,
+    NakCode.INVALID_RD_REQUEST: WcStatus.REM_OP_ERR,
+}
+
+
+@dataclass(slots=True)
+class Wqe:
+    wr: SendWR
+    sgl: SgList
+    length: int
+    npkts: int
+    rd_atomic: bool                 # READ or atomic: needs a response with data
+    state: WqeState = WqeState.POSTED
+    first_psn: int | None = None
+    next_pkt: int = 0               # index of the next packet to (re)send
+
+    @property
+    def last_psn(self) -> int:
+        return psn_add(self.first_psn, self.npkts - 1)
+
+
+class Requester:
+    """Send queue, requester and completer of one RC QP."""
+
+    def __init__(self, cfg: QpConfig, metrics: RcMetrics, on_fatal) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self._on_fatal = on_fatal       # called once when a fatal error moves the QP to ERR
+        self.sq: deque[Wqe] = deque()   # incomplete WQEs in order
+        self.send_idx = 0               # sq index of the next WQE to send from
+        self.psn = cfg.sq_psn           # next PSN to send
+        self.psn_hi = cfg.sq_psn        # one past the highest PSN ever sent
+        self.comp_psn = cfg.sq_psn      # oldest unacknowledged PSN
+        self.noack_pkts = 0
+        self.rd_atomic_outstanding = 0
+        self.retry_left = cfg.retry_cnt
+        self.rnr_left = cfg.rnr_retry
+        self.retrans_deadline: float | None = None
+        self.rnr_deadline: float | None = None
+        self.completions: list[Completion] = []
+        self.out: list[RocePacket] = []
+        self.dead = False
+
+    # ----------------------------------------------------------------- verbs
+    def post(self, wr: SendWR) -> None:
+        try:
+            op = WrOpcode(wr.opcode)
+        except ValueError:
+            raise InvalidWorkRequest(f"wr_id {wr.wr_id}: opcode {wr.opcode!r} not supported "
+                                     "on RC") from None
+        sgl = SgList(wr.sges)
+        mtu = self.cfg.path_mtu
+        if op in (WrOpcode.ATOMIC_CMP_AND_SWP, WrOpcode.ATOMIC_FETCH_AND_ADD):
+            if sgl.total != 8:
+                raise InvalidWorkRequest(f"wr_id {wr.wr_id}: atomic needs an 8-byte local "
+                                         f"buffer, got {sgl.total}")
+            for name in ("compare_add", "swap"):
+                v = getattr(wr, name)
+                if not isinstance(v, int) or not 0 <= v <= _U64:
+                    raise InvalidWorkRequest(f"wr_id {wr.wr_id}: {name}={v!r} is not a u64")
+            npkts, rd = 1, True
+        else:
+            if sgl.total > MAX_MSG_SIZE:
+                raise InvalidWorkRequest(f"wr_id {wr.wr_id}: length {sgl.total} > 2^31")
+            npkts = max(1, -(-sgl.total // mtu))
+            rd = op is WrOpcode.RDMA_READ
+        for name, bits in (("remote_addr", 64), ("rkey", 32), ("imm_data", 32),
+                           ("invalidate_rkey", 32)):
+            v = getattr(wr, name)
+            if not isinstance(v, int) or v < 0 or v >> bits:
+                raise InvalidWorkRequest(f"wr_id {wr.wr_id}: {name}={v!r} does not fit {bits} bits")
+        wr.opcode = op
+        self.sq.append(Wqe(wr, sgl, sgl.total, npkts, rd))
+
+    # ---------------------------------------------------------------- sending
+    def fill(self, now: float) -> None:
+        """Queue the request packets that may be sent now."""
+        if self.dead or self.rnr_deadline is not None:
+            return
+        cfg = self.cfg
+        while self.send_idx < len(self.sq):
+            if psn_diff(self.psn, self.comp_psn) >= MAX_UNACKED_PSNS:
+                break
+            wqe = self.sq[self.send_idx]
+            if wqe.first_psn is None:
+                if wqe.wr.fence and self.rd_atomic_outstanding:
+                    break
+                if wqe.rd_atomic:
+                    if self.rd_atomic_outstanding >= cfg.max_rd_atomic:
+                        break
+                    self.rd_atomic_outstanding += 1
+                wqe.first_psn = self.psn
+            self._emit(wqe, now)
+
+    def _emit(self, wqe: Wqe, now: float) -> None:
+        cfg, wr, mtu = self.cfg, wqe.wr, self.cfg.path_mtu
+        i = wqe.next_pkt
+        psn = self.psn
+        assert psn == psn_add(wqe.first_psn, i)
+        op = wr.opcode
+        kw = {}
+        payload = b""
+        se = False
+        if op is WrOpcode.RDMA_READ:
+            off = i * mtu
+            opcode = Opcode.RC_RDMA_READ_REQUEST
+            kw["reth"] = Reth((wr.remote_addr + off) & _U64, wr.rkey, wqe.length - off)
+            npsn = wqe.npkts - i
+            last = True
+        elif op in (WrOpcode.ATOMIC_CMP_AND_SWP, WrOpcode.ATOMIC_FETCH_AND_ADD):
+            if op is WrOpcode.ATOMIC_CMP_AND_SWP:
+                opcode = Opcode.RC_COMPARE_SWAP
+                kw["atomic_eth"] = AtomicEth(wr.remote_addr, wr.rkey, wr.swap, wr.compare_add)
+            else:
+                opcode = Opcode.RC_FETCH_ADD
+                kw["atomic_eth"] = AtomicEth(wr.remote_addr, wr.rkey, wr.compare_add, 0)
+            npsn, last = 1, True
+        else:
+            first_op, mid_op, last_op, only_op = _SEND_OPS[op]
+            n = wqe.npkts
+            last = i == n - 1
+            opcode = only_op if n == 1 else first_op if i == 0 else last_op if last else mid_op
+            off = i * mtu
+            payload = wqe.sgl.gather(off, min(mtu, wqe.length - off))
+            if i == 0 and op in (WrOpcode.RDMA_WRITE, WrOpcode.RDMA_WRITE_WITH_IMM):
+                kw["reth"] = Reth(wr.remote_addr, wr.rkey, wqe.length)
+            if last:
+                se = wr.solicited
+                if op in (WrOpcode.SEND_WITH_IMM, WrOpcode.RDMA_WRITE_WITH_IMM):
+                    kw["immdt"] = ImmDt(wr.imm_data)
+                elif op is WrOpcode.SEND_WITH_INV:
+                    kw["ieth"] = Ieth(wr.invalidate_rkey)
+            npsn = 1
+        self.noack_pkts += 1
+        ackreq = last or self.noack_pkts >= MAX_PKT_PER_ACK
+        if ackreq:
+            self.noack_pkts = 0
+        self.out.append(RocePacket(
+            Bth(opcode=opcode, dest_qp=cfg.dest_qp_num, psn=psn, se=se, pkey=cfg.pkey,
+                ackreq=ackreq), payload=payload, **kw))
+        self.metrics.tx_packets += 1
+        if psn_diff(psn, self.psn_hi) < 0:
+            self.metrics.retransmitted_packets += 1
+        self.psn = psn_add(psn, npsn)
+        if psn_diff(self.psn, self.psn_hi) > 0:
+            self.psn_hi = self.psn
+        wqe.next_pkt = i + npsn
+        if wqe.next_pkt >= wqe.npkts:
+            wqe.state = WqeState.PENDING
+            self.send_idx += 1
+        else:
+            wqe.state = WqeState.SENDING
+        if self.retrans_deadline is None:
+            to = retransmit_timeout(cfg.timeout)
+            if to is not None:
+                self.retrans_deadline = now + to
+
+    # ----------------------------------------------------------------- timers
+    def next_deadline(self) -> float | None:
+        ds = [d for d in (self.retrans_deadline, self.rnr_deadline) if d is not None]
+        return min(ds) if ds else None
+
+    def handle_timer(self, now: float) -> None:
+        if self.dead:
+            return
+        if self.rnr_deadline is not None and now >= self.rnr_deadline:
+            self.rnr_deadline = None
+            self._rewind()
+        if self.retrans_deadline is not None and now >= self.retrans_deadline:
+            self.retrans_deadline = None
+            if self._outstanding():
+                self.metrics.timeouts += 1
+                self._error_retry(now)
+
+    def _outstanding(self) -> bool:
+        return bool(self.sq) and self.sq[0].first_psn is not None and self.comp_psn != self.psn_hi
+
+    def _progress(self, now: float) -> None:
+        """The oldest unacked PSN moved forward: reset retry counters and the timer."""
+        self.retry_left = self.cfg.retry_cnt
+        self.rnr_left = self.cfg.rnr_retry
+        to = retransmit_timeout(self.cfg.timeout)
+        self.retrans_deadline = now + to if (to is not None and self._outstanding()) else None
+
+    def _error_retry(self, now: float) -> None:
+        """Timeout or PSN sequence error NAK: go back N, or give up."""
+        if self.retry_left == 0:
+            self._fatal(WcStatus.RETRY_EXC_ERR)
+            return
+        if self.cfg.retry_cnt != 7:
+            self.retry_left -= 1
+        self._rewind()
+        to = retransmit_timeout(self.cfg.timeout)
+        self.retrans_deadline = None if to is None else now + to
+
+    def _rewind(self) -> None:
+        """Restart sending at comp_psn (rxe's req_retry)."""
+        if not self.sq or self.sq[0].first_psn is None:
+            return
+        self.metrics.retry_events += 1
+        for k in range(min(self.send_idx + 1, len(self.sq))):
+            w = self.sq[k]
+            if w.first_psn is None:
+                break
+            if k == 0:
+                w.next_pkt = max(0, min(psn_diff(self.comp_psn, w.first_psn), w.npkts - 1))
+            else:
+                w.next_pkt = 0
+            w.state = WqeState.POSTED if w.next_pkt == 0 else WqeState.SENDING
+        self.send_idx = 0
+        self.psn = psn_add(self.sq[0].first_psn, self.sq[0].next_pkt)
+
+    # -------------------------------------------------------------- completer
+    def on_response(self, pkt: RocePacket, now: float) -> None:
+        if self.dead:
+            return
+        m = self.metrics
+        psn = pkt.bth.psn
+        if psn_diff(psn, self.psn_hi) >= 0:     # responds to a PSN never sent
+            m.responses_dropped += 1
+            return
+        info = opinfo(pkt.bth.opcode)
+        while True:
+            if not self.sq or self.sq[0].first_psn is None:
+                m.responses_dropped += 1
+                return
+            wqe = self.sq[0]
+            if psn_diff(psn, wqe.last_psn) > 0:
+                if wqe.state is not WqeState.PENDING:
+                    m.responses_dropped += 1
+                    return
+                if wqe.rd_atomic:
+                    # a later PSN is answered but this READ/atomic's data is
+                    # missing: implicit NAK, retry from comp_psn
+                    self._error_retry(now)
+                    return
+                self.comp_psn = psn_add(wqe.last_psn, 1)
+                self._complete(WcStatus.SUCCESS)
+                self._progress(now)
+                continue
+            break
+        d = psn_diff(psn, self.comp_psn)
+        if d < 0:
+            m.responses_dropped += 1            # stale duplicate
+            return
+        kind = info.kind
+        if kind is Kind.READ_RESPONSE:
+            self._read_response(wqe, pkt, info, d, now)
+        elif kind is Kind.ATOMIC_ACK:
+            if wqe.wr.opcode not in (WrOpcode.ATOMIC_CMP_AND_SWP, WrOpcode.ATOMIC_FETCH_AND_ADD) \
+                    or d != 0:
+                m.responses_dropped += 1
+                return
+            orig = pkt.atomic_ack_eth.orig
+            wqe.sgl.scatter(0, orig.to_bytes(8, "little"))
+            self.comp_psn = psn_add(psn, 1)
+            self._complete(WcStatus.SUCCESS)
+            self._progress(now)
+        else:
+            self._ack(wqe, pkt, psn, now)
+        if not self.dead:
+            self.fill(now)
+
+    def _read_response(self, wqe: Wqe, pkt: RocePacket, info, d: int, now: float) -> None:
+        m = self.metrics
+        if wqe.wr.opcode is not WrOpcode.RDMA_READ or d > 0:
+            m.responses_dropped += 1            # not a READ, or a gap: wait for the timer
+            return
+        mtu = self.cfg.path_mtu
+        idx = psn_diff(pkt.bth.psn, wqe.first_psn)
+        plen = len(pkt.payload)
+        at_end = idx == wqe.npkts - 1
+        if info.ends != at_end or (not at_end and plen != mtu) or \
+                (at_end and idx * mtu + plen != wqe.length):
+            m.responses_dropped += 1
+            return
+        wqe.sgl.scatter(idx * mtu, pkt.payload)
+        self.comp_psn = psn_add(pkt.bth.psn, 1)
+        if at_end:
+            self._complete(WcStatus.SUCCESS)
+        self._progress(now)
+
+    def _ack(self, wqe: Wqe, pkt: RocePacket, psn: int, now: float) -> None:
+        m = self.metrics
+        aeth: Aeth = pkt.aeth
+        t = aeth.type
+        if t is AethType.ACK:
+            if wqe.rd_atomic:
+                m.responses_dropped += 1        # an ACK cannot complete a READ/atomic
+                return
+            self.comp_psn = psn_add(psn, 1)
+            if psn == wqe.last_psn and wqe.state is WqeState.PENDING:
+                self._complete(WcStatus.SUCCESS)
+            self._progress(now)
+        elif t is AethType.RNR_NAK:
+            m.rnr_naks_received += 1
+            self.comp_psn = psn
+            if self.rnr_left == 0:
+                self._fatal(WcStatus.RNR_RETRY_EXC_ERR)
+                return
+            if self.cfg.rnr_retry != 7:
+                self.rnr_left -= 1
+            self.retrans_deadline = None
+            self._rewind()
+            self.rnr_deadline = now + rnr_timer_seconds(aeth.rnr_timer)
+        elif t is AethType.NAK:
+            code = aeth.nak_code
+            if code == NakCode.PSN_SEQ_ERROR:
+                m.seq_naks_received += 1
+                self.comp_psn = psn
+                self._error_retry(now)
+            else:
+                m.fatal_naks_received += 1
+                self.comp_psn = psn
+                self._fatal(_FATAL_NAK.get(code, WcStatus.BAD_RESP_ERR))
+        else:
+            m.responses_dropped += 1
+
+    # ------------------------------------------------------------ completions
+    def _complete(self, status: WcStatus) -> None:
+        wqe = self.sq.popleft()
+        self.send_idx = max(0, self.send_idx - 1)
+        if wqe.rd_atomic:
+            self.rd_atomic_outstanding -= 1
+        if wqe.wr.signaled or status is not WcStatus.SUCCESS:
+            byte_len = wqe.length if wqe.wr.opcode is WrOpcode.RDMA_READ else \
+                8 if wqe.rd_atomic else wqe.length
+            self.completions.append(Completion(
+                wqe.wr.wr_id, status, wc_opcode_of(wqe.wr.opcode), self.cfg.qp_num,
+                byte_len=byte_len if status is WcStatus.SUCCESS else 0))
+
+    def _fatal(self, status: WcStatus) -> None:
+        """Error-complete the oldest WQE and move the QP to ERR."""
+        if self.sq:
+            self._complete(status)
+        self._on_fatal()
+
+    def flush(self) -> None:
+        """QP entered ERR: every queued WQE completes with WR_FLUSH_ERR."""
+        self.dead = True
+        self.retrans_deadline = self.rnr_deadline = None
+        self.out.clear()
+        while self.sq:
+            self._complete(WcStatus.WR_FLUSH_ERR)
