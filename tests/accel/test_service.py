@@ -116,6 +116,25 @@ def test_turbo_encode_decode_round_trip_through_service():
     assert one.output.shape == (k,)
 
 
+def test_job_pins_a_guest_mapping_until_released():
+    import gc
+    import mmap
+
+    n = 512
+    x = cplx((2, n), np.complex128)
+    region = mmap.mmap(-1, x.nbytes)  # anonymous shared mapping standing in for guest RAM
+    with AcceleratorService() as svc:
+        job = svc.submit(Op.FFT, x, memoryview(region), n=n, dtype=np.complex128)
+        job.wait(30)
+    got = np.frombuffer(region, np.complex128).reshape(2, n).copy()
+    assert rel_err(got, np.fft.fft(x)) <= 1e-11
+    with pytest.raises(BufferError):  # the job's output view still exports the mapping: no unmap under it
+        region.close()
+    del job
+    gc.collect()
+    region.close()
+
+
 def test_turbo_decode_into_guest_buffer_with_early_stop():
     from accel_core import attach_crc24a
 
