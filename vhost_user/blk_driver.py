@@ -19,7 +19,7 @@ from vhost_user.blk import (
     ReqType,
     Status,
     decode_config,
-    encode_request_header,
+    pack_request_header,
 )
 from vhost_user.errors import VhostUserError
 from vhost_user.frontend import VirtioUserDevice
@@ -67,7 +67,7 @@ class BlkDriver:
             raise
 
     def _submit(self, type_: int, sector: int, out_len: int = 0, in_len: int = 0) -> int:
-        self.hdr[:] = encode_request_header(type_, sector)
+        pack_request_header(self.hdr, type_, sector)
         self.status[0] = 0xFF
         out = [(self.hdr_gpa, REQ_HEADER_SIZE)]
         inb = []

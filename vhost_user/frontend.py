@@ -18,6 +18,7 @@ import fcntl
 import os
 import select
 import socket
+from time import perf_counter
 
 from vhost_user.endpoint import recv_message, send_message
 from vhost_user.errors import ProtocolError, ReplyError, TransportError
@@ -212,7 +213,8 @@ class VirtioUserDevice:
 
     def __init__(self, path: str, *, mem_size: int = 16 << 20, num_queues: int = 1, queue_size: int = 256,
                  device_features: int = 0, event_idx: bool = True, use_add_mem_reg: bool = False,
-                 hugetlb="auto", timeout: float | None = 10.0):
+                 hugetlb="auto", timeout: float | None = 10.0, spin_us: float = 0.0):
+        self.spin_us = spin_us
         self.frontend = Frontend(path, timeout=timeout)
         self.mem = GuestMemory()
         self.queues: list[DriverQueue] = []
@@ -259,7 +261,8 @@ class VirtioUserDevice:
         else:
             fe.set_mem_table(self.mem.regions())
         region = self.mem.regions()[0]
-        self.alloc = _Bump(region.gpa, region.gpa + region.size).alloc
+        self.bump = _Bump(region.gpa, region.gpa + region.size)
+        self.alloc = self.bump.alloc
         ev = bool(self.features & (1 << FeatureBit.VIRTIO_F_RING_EVENT_IDX))
         indirect = bool(self.features & (1 << FeatureBit.VIRTIO_F_RING_INDIRECT_DESC))
         for i in range(num_queues):
@@ -297,20 +300,41 @@ class VirtioUserDevice:
             return True
         return False
 
-    def wait_used(self, index: int, timeout: float | None = 10.0):
+    def wait_used(self, index: int, timeout: float | None = 10.0, *, spin_us: float | None = None):
         """Block until the device returns a used buffer on queue ``index``;
-        return (token, written length)."""
+        return (token, written length).
+
+        First spins on the used ring for ``spin_us`` (default: the device's
+        ``spin_us``) with notifications off, so a fast device answers without
+        an eventfd write or a wake-up; then arms notifications and sleeps.
+        """
         q = self.queues[index]
-        fd = self.call_fds[index]
-        while True:
+        item = q.get_used()
+        if item is not None:
+            return item
+        spin = (self.spin_us if spin_us is None else spin_us) * 1e-6
+        if spin > 0:
+            q.disable_cb()
+            try:
+                end = perf_counter() + spin
+                while perf_counter() < end:
+                    if q.has_used():
+                        return q.get_used()
+            finally:
+                q.enable_cb()
             item = q.get_used()
             if item is not None:
                 return item
+        fd = self.call_fds[index]
+        while True:
             if timeout is not None:
                 r, _, _ = select.select([fd], [], [], timeout)
                 if not r:
                     raise TransportError(f"queue {index}: no used buffer within {timeout} s", errno.ETIMEDOUT)
             os.eventfd_read(fd)
+            item = q.get_used()
+            if item is not None:
+                return item
 
     def translate(self, gpa: int, length: int) -> memoryview:
         return self.mem.translate(gpa, length)

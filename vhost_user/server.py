@@ -61,7 +61,8 @@ class ServedConnection:
         self.name = name
         self.reader = MessageReader(sock)
         self.core = BackendConnection(device, self, name=name,
-                                      require_sealed_memory=server.require_sealed_memory)
+                                      require_sealed_memory=server.require_sealed_memory,
+                                      poll_us=server.poll_us)
         self._watched: dict[int, int] = {}  # ring index -> fd watched
         self._polls: dict[int, asyncio.TimerHandle] = {}
         self.closed = False
@@ -206,8 +207,9 @@ class BackendServer:
 
     def __init__(self, path: str, device_factory: Callable[[], VhostUserDevice], *,
                  max_connections: int = 256, loop: asyncio.AbstractEventLoop | None = None,
-                 require_sealed_memory: bool = True):
+                 require_sealed_memory: bool = True, poll_us: float = 0.0):
         self.path = path
+        self.poll_us = poll_us
         self.require_sealed_memory = require_sealed_memory
         self.device_factory = device_factory
         self.max_connections = max_connections
@@ -221,12 +223,24 @@ class BackendServer:
         self.loop = self.loop or asyncio.get_running_loop()
         _remove_stale_socket(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        # Bind and listen under a temporary name, then rename: the path only
+        # appears once connecting to it works (QEMU gives up on ECONNREFUSED).
+        tmp = f"{self.path}.{os.getpid()}.tmp"
         try:
-            sock.bind(self.path)
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            sock.bind(tmp)
             sock.listen(64)
             sock.setblocking(False)
+            os.rename(tmp, self.path)
         except BaseException:
             sock.close()
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
             raise
         self.sock = sock
         self.loop.add_reader(sock.fileno(), self._accept)
@@ -312,7 +326,8 @@ def install_uvloop() -> bool:
 
 
 def run_backend(paths: list[str], device_factory: Callable[[], VhostUserDevice], *,
-                ready: Callable[[], None] | None = None) -> int:
+                ready: Callable[[], None] | None = None, poll_us: float = 0.0,
+                require_sealed_memory: bool = True) -> int:
     """Run the daemon until SIGINT/SIGTERM; close every connection cleanly."""
     install_uvloop()
 
@@ -321,7 +336,8 @@ def run_backend(paths: list[str], device_factory: Callable[[], VhostUserDevice],
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        servers = [BackendServer(p, device_factory, loop=loop) for p in paths]
+        servers = [BackendServer(p, device_factory, loop=loop, poll_us=poll_us,
+                                 require_sealed_memory=require_sealed_memory) for p in paths]
         try:
             for s in servers:
                 await s.start()

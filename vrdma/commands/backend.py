@@ -20,6 +20,11 @@ def add_arguments(p) -> None:
                    help="blk: put a boot sector that prints TEXT on COM1 in sector 0 of each RAM disk")
     p.add_argument("--num-queues", type=int, default=1, help="blk: number of virtqueues")
     p.add_argument("--read-only", action="store_true", help="blk: refuse writes")
+    p.add_argument("--poll-us", type=float, default=0.0, metavar="US",
+                   help="after serving a ring, busy-poll it this long before sleeping (0: never)")
+    p.add_argument("--allow-unsealed-memory", action="store_true",
+                   help="accept guest memory fds that are not memfds sealed against shrinking "
+                        "(e.g. hugetlbfs files); a front-end could then crash the daemon")
 
 
 def parse_size(text: str) -> int:
@@ -59,4 +64,5 @@ def run(args) -> int:
         for path in args.socket:
             print(f"vrdma backend: listening on {path}", flush=True)
 
-    return run_backend(args.socket, factory, ready=ready)
+    return run_backend(args.socket, factory, ready=ready, poll_us=args.poll_us,
+                       require_sealed_memory=not args.allow_unsealed_memory)
