@@ -215,6 +215,8 @@ class VirtioUserDevice:
                  device_features: int = 0, event_idx: bool = True, use_add_mem_reg: bool = False,
                  hugetlb="auto", timeout: float | None = 10.0, spin_us: float = 0.0):
         self.spin_us = spin_us
+        self.kicks_sent = 0  # kick eventfd writes
+        self.sleeps = 0  # waits that needed an interrupt
         self.frontend = Frontend(path, timeout=timeout)
         self.mem = GuestMemory()
         self.queues: list[DriverQueue] = []
@@ -297,6 +299,7 @@ class VirtioUserDevice:
     def kick_if_needed(self, index: int) -> bool:
         if self.queues[index].kick_needed():
             os.eventfd_write(self.kick_fds[index], 1)
+            self.kicks_sent += 1
             return True
         return False
 
@@ -332,6 +335,7 @@ class VirtioUserDevice:
                 if not r:
                     raise TransportError(f"queue {index}: no used buffer within {timeout} s", errno.ETIMEDOUT)
             os.eventfd_read(fd)
+            self.sleeps += 1
             item = q.get_used()
             if item is not None:
                 return item
