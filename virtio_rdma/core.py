@@ -23,6 +23,7 @@ Public API::
 from __future__ import annotations
 
 import logging
+import struct
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -68,6 +69,7 @@ from virtio_rdma.wire import (
 
 log = logging.getLogger(__name__)
 U32 = 1 << 32
+_DBREC = struct.Struct("<II")
 
 
 @dataclass(frozen=True)
@@ -533,12 +535,11 @@ class RdmaDeviceCore:
         return True
 
     def _poll_dbrecs(self, now: float) -> None:
-        import struct
         for qp in list(self.qps.values()):
             if qp.state is QpState.RESET:
                 continue
             try:
-                sq_pi, rq_pi = struct.unpack("<II", self.mem.translate(qp.dbrec_gpa, DBREC_SIZE))
+                sq_pi, rq_pi = _DBREC.unpack(self.mem.translate(qp.dbrec_gpa, DBREC_SIZE))
             except GuestMemoryError:
                 continue
             if rq_pi != qp.rq_pi:

@@ -443,7 +443,12 @@ def on_request(dev, qp: QueuePair, req: Request, now: float) -> Response | None:
         return None
     d = psn_diff(req.psn, qp.epsn)
     if d > 0:
+        # IBTA 9.7.5.1.2: NAK the first out-of-sequence request, then drop
+        # silently until the expected PSN arrives again.
         dev.metrics.psn_seq_errors += 1
+        if qp.nak_seq_sent:
+            return None
+        qp.nak_seq_sent = True
         return _resp(qp, req, RespKind.NAK, qp.epsn, nak=NakCode.PSN_SEQ_ERR)
     if d < 0:
         dev.metrics.duplicate_requests += 1
@@ -455,6 +460,7 @@ def on_request(dev, qp: QueuePair, req: Request, now: float) -> Response | None:
                 return _resp(qp, req, RespKind.ATOMIC_ACK, req.psn, atomic_orig=qp.atomic_cache[req.psn])
             return None
         return _resp(qp, req, RespKind.ACK, req.last_psn)
+    qp.nak_seq_sent = False
     op = req.opcode
     if req.length > dev.limits.max_msg_sz:
         dev.metrics.remote_inv_req_errors += 1

@@ -47,7 +47,7 @@ class QueuePair:
         "dbrec_gpa", "state", "attr", "access",
         "sq_pi", "sq_next", "sq_ci", "rq_pi", "rq_ci",
         "inflight", "sq_psn", "retry_left", "rnr_left", "rnr_until",
-        "epsn", "atomic_cache", "destroyed",
+        "epsn", "atomic_cache", "nak_seq_sent", "destroyed",
     )
 
     def __init__(self, dev, qpn: int, pdn: int, send_cq, recv_cq, layout: WqLayout,
@@ -78,6 +78,7 @@ class QueuePair:
         self.rnr_left = 0
         self.rnr_until: float | None = None
         self.epsn = 0
+        self.nak_seq_sent = False  # a PSN sequence NAK is outstanding (send it once)
         self.atomic_cache: dict[int, int] = {}
 
     # ---- fabric endpoint -------------------------------------------------

@@ -262,23 +262,25 @@ def test_mr_spanning_chunks_and_iova(fab):
     a, b, pa, pb, ca, cb, qa, qb = pair(fab)
     connect_pair(fab, a, b, qa, qb)
     ma = a.reg_mr(pa, 4096)
-    chunks = [(b.alloc(1000, 8), 1000), (b.alloc(24, 8), 24), (b.alloc(3072, 8), 3072)]
+    chunks = [(b.alloc(1004, 8), 1004), (b.alloc(20, 8), 20), (b.alloc(3072, 8), 3072)]
     mb = b.reg_mr(pb, 4096, chunks=chunks, iova=0x7F00_0000_0000)
     payload = bytes((i * 7) & 0xFF for i in range(3000))
     a.write(ma.gpa, payload)
     a.post_send(qa, 1, WrOpcode.RDMA_WRITE, [(ma, 0, 3000)], remote_addr=mb.addr + 500, rkey=mb.rkey)
     assert one(a, ca).status == WcStatus.SUCCESS
-    flat = b.read(chunks[0][0], 1000) + b.read(chunks[1][0], 24) + b.read(chunks[2][0], 3072)
+    flat = b.read(chunks[0][0], 1004) + b.read(chunks[1][0], 20) + b.read(chunks[2][0], 3072)
     assert flat[500:3500] == payload
-    # atomic on a word that straddles chunk 0 / chunk 1 (chunk boundary at 1000, aligned at 1000-4? no:
-    # 1000 is 8-aligned, so use the word at 1016..1024 which lies inside chunk 1 and one at 1020 is misaligned)
-    a.post_send(qa, 2, WrOpcode.ATOMIC_FETCH_AND_ADD, [(ma, 0, 8)], remote_addr=mb.addr + 1016, rkey=mb.rkey,
+    # an aligned atomic word that straddles chunk 0 / chunk 1 (bytes 1000..1008)
+    word = int.from_bytes(flat[1000:1008], sys.byteorder)
+    a.post_send(qa, 2, WrOpcode.ATOMIC_FETCH_AND_ADD, [(ma, 0, 8)], remote_addr=mb.addr + 1000, rkey=mb.rkey,
                 compare_add=1)
     assert one(a, ca).status == WcStatus.SUCCESS
+    assert int.from_bytes(a.read(ma.gpa, 8), sys.byteorder) == word
+    flat = b.read(chunks[0][0], 1004) + b.read(chunks[1][0], 20) + b.read(chunks[2][0], 3072)
+    assert int.from_bytes(flat[1000:1008], sys.byteorder) == (word + 1) % 2**64
     # READ back across all three chunks
     a.post_send(qa, 3, WrOpcode.RDMA_READ, [(ma, 0, 4096)], remote_addr=mb.addr, rkey=mb.rkey)
     assert one(a, ca).byte_len == 4096
-    flat = b.read(chunks[0][0], 1000) + b.read(chunks[1][0], 24) + b.read(chunks[2][0], 3072)
     assert a.read(ma.gpa, 4096) == flat
 
 
@@ -625,3 +627,105 @@ def test_1024_qps_and_1024_cqs(fab):
     assert all(b.read(mb.gpa + 16 * i, 16) == i.to_bytes(16, "little") for i in range(n))
     assert len(a.core.qps) == n and len(a.core.cqs) == n
     no_internal_errors(a, b)
+
+
+# --------------------------------------------------------------------------
+# an asynchronous, lossy fabric (network-shaped): go-back-N, PSN NAKs, duplicates
+# --------------------------------------------------------------------------
+from virtio_rdma.fabric import Fabric  # noqa: E402
+
+
+class QueuedFabric(Fabric):
+    """Holds requests until deliver() (as a network would), serialising payloads
+    at send time; can drop chosen requests and duplicate others."""
+
+    def __init__(self):
+        self._local = LocalFabric()
+        self.eps = {}
+        self.queue = []
+
+    @property
+    def gid(self):
+        return self._local.gid
+
+    def alloc_qpn(self):
+        return self._local.alloc_qpn()
+
+    def free_qpn(self, qpn):
+        self._local.free_qpn(qpn)
+
+    def attach(self, qpn, ep):
+        self.eps[qpn] = ep
+
+    def detach(self, qpn):
+        self.eps.pop(qpn, None)
+
+    def send(self, req, now):
+        req.payload = [memoryview(b"".join(bytes(v) for v in req.payload))]
+        self.queue.append(req)
+        return None
+
+    def deliver(self, now, drop=(), dup=()):
+        batch, self.queue = self.queue, []
+        for i, req in enumerate(batch):
+            if i in drop:
+                continue
+            for _ in range(2 if i in dup else 1):
+                ep = self.eps.get(req.dst_qpn)
+                resp = ep.on_request(req, now) if ep else None
+                if resp is not None:
+                    resp.data = [memoryview(b"".join(bytes(v) for v in resp.data))]
+                    self.eps[resp.dst_qpn].on_response(resp, now)
+        return len(batch)
+
+
+def test_async_fabric_loss_go_back_n_and_duplicates():
+    fab = QueuedFabric()
+    a, b, pa, pb, ca, cb, qa, qb = pair(fab)
+    connect_pair(fab, a, b, qa, qb, timeout=10, retry_cnt=3)
+    ma, mb = a.reg_mr(pa, 4096), b.reg_mr(pb, 4096)
+    for i in range(3):
+        a.write(ma.gpa + 8 * i, bytes([65 + i]) * 8)
+        a.post_send(qa, i, WrOpcode.RDMA_WRITE, [(ma, 8 * i, 8)], remote_addr=mb.addr + 8 * i, rkey=mb.rkey)
+    assert a.poll(ca) == [] and len(fab.queue) == 3
+    fab.deliver(0.0, drop={0})  # first lost: the responder NAKs the second once, drops the third
+    assert b.core.metrics.psn_seq_errors == 2 and a.core.metrics.psn_seq_naks == 1
+    assert len(fab.queue) == 3  # go-back-N resent all three
+    fab.deliver(0.0, dup={1})   # one duplicate on the way
+    assert [(c.wr_id, c.status) for c in a.poll(ca)] == [(i, WcStatus.SUCCESS) for i in range(3)]
+    assert b.read(mb.gpa, 24) == b"A" * 8 + b"B" * 8 + b"C" * 8
+    assert b.core.metrics.duplicate_requests == 1 and a.core.metrics.stale_responses == 0
+    # READ answered asynchronously; a lost response is recovered by the ACK timer
+    b.write(mb.gpa + 100, b"remote!!")
+    a.post_send(qa, 9, WrOpcode.RDMA_READ, [(ma, 100, 8)], remote_addr=mb.addr + 100, rkey=mb.rkey)
+    fab.deliver(0.0, drop={0})
+    d = a.process().next_deadline
+    assert d == pytest.approx(4.096e-6 * 2**10)
+    a.clock[0] = d
+    a.process()
+    assert a.core.metrics.retransmits == 1
+    fab.deliver(d)
+    assert one(a, ca).byte_len == 8 and a.read(ma.gpa + 100, 8) == b"remote!!"
+    no_internal_errors(a, b)
+
+
+def test_dbrec_poll(fab):
+    clock = [0.0]
+    a = Guest(fab, clock=clock)
+    b = Guest(fab, gpa=0x4000_0000, clock=clock)
+    a.core.poll_doorbell_records = True
+    b.core.poll_doorbell_records = True
+    pa, pb = a.alloc_pd(), b.alloc_pd()
+    ca, cb = a.create_cq(), b.create_cq()
+    qa, qb = a.create_qp(pa, ca), b.create_qp(pb, cb)
+    connect_pair(fab, a, b, qa, qb)
+    ma, mb = a.reg_mr(pa, 4096), b.reg_mr(pb, 4096)
+    # post without ringing doorbells: only the doorbell records are updated
+    b.write(qb.rq + 0, wire.encode_recv_wqe(1, [(mb.addr, 64, mb.lkey)], slot_size=1 << qb.layout.rq_wqe_shift))
+    qb.rq_pi = 1
+    b.write(qb.dbrec, struct.pack("<II", 0, 1))
+    a.write_send_wqe(qa, 2, WrOpcode.SEND, [(ma, 0, 16)])
+    a.write(qa.dbrec, struct.pack("<II", 1, 0))
+    b.process()
+    a.process()
+    assert one(a, ca).status == WcStatus.SUCCESS and one(b, cb).byte_len == 16
