@@ -26,17 +26,18 @@ from __future__ import annotations
 import fcntl
 import gzip
 import hashlib
+import lzma
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 from . import cpio
-from .errors import CapabilityMissing, GuestImageError, QemuExitedError, SerialTimeout
+from .errors import CapabilityMissing, GuestImageError
 from .kernel_image import extract_vmlinux
 from .launch import QemuVM
 
@@ -293,7 +294,6 @@ def _make_initramfs(root: str, release: str) -> bytes:
     for rel in order:
         name = os.path.basename(rel)
         if name.endswith(".xz"):
-            import lzma
             with open(os.path.join(moddir, rel), "rb") as f:
                 data = lzma.decompress(f.read())
             name = name[:-3]
@@ -340,7 +340,6 @@ class RxeGuest:
     memory_mib: int = 512
     image: GuestImage | None = None
     extra_append: str = ""
-    _last: GuestRun | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"\d{1,3}(\.\d{1,3}){3}/\d{1,2}", self.ip):
@@ -371,19 +370,15 @@ class RxeGuest:
                 dst.write(gzip.compress(overlay, mtime=0))
             with QemuVM(memory_mib=self.memory_mib, cpu="max", kernel=image.vmlinux, initrd=initrd,
                         append=append, extra_args=self.qemu_net_args(), wrapper=wrapper) as vm:
-                try:
-                    vm.wait_serial(END_RE.pattern.split(" ")[0], timeout)
-                    vm.wait(timeout=15)
-                except (SerialTimeout, QemuExitedError):
-                    raise
+                # SerialTimeout / QemuExitedError propagate with the serial tail and stderr.
+                vm.wait_serial(b"VRDMA-CMD-END", timeout)
+                vm.wait(timeout=15)  # /init powers off right after the marker
                 serial = vm.serial_output().decode("utf-8", "replace")
         m = END_RE.search(serial)
         if BEGIN not in serial or m is None:
             raise GuestImageError(f"guest output lacks the command markers; serial:\n{serial[-3000:]}")
-        body = serial.split(BEGIN, 1)[1][: -len(serial) + m.start()] if False else \
-            serial[serial.index(BEGIN) + len(BEGIN):m.start()]
+        body = serial[serial.index(BEGIN) + len(BEGIN):m.start()]
         result = GuestRun(body.replace("\r\n", "\n").strip("\n"), int(m.group(1)), serial)
-        self._last = result
         return result
 
 
