@@ -41,9 +41,7 @@ class _IntFlag(_Parse, enum.IntFlag, boundary=enum.STRICT):
     @classmethod
     def parse(cls, value):
         value = int(value)
-        allowed = 0
-        for m in cls:
-            allowed |= m.value
+        allowed = cls.all_bits()
         if value & ~allowed:
             raise UnknownValueError(
                 f"{cls.__name__} value {value:#x} has unknown bits {value & ~allowed:#x}"
@@ -52,9 +50,12 @@ class _IntFlag(_Parse, enum.IntFlag, boundary=enum.STRICT):
 
     @classmethod
     def all_bits(cls) -> int:
-        v = 0
-        for m in cls:
-            v |= m.value
+        v = cls.__dict__.get("_all_bits_cache")
+        if v is None:
+            v = 0
+            for m in cls:
+                v |= m.value
+            type.__setattr__(cls, "_all_bits_cache", v)
         return v
 
 

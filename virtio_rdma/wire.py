@@ -23,13 +23,11 @@ import construct as cs
 
 from virtio_rdma.constants import (
     OBJ_NUM_MASK,
-    Access,
+    AsyncEvent,
     Cmd,
     CqArm,
-    CreateQpFlags,
     DoorbellKind,
     EventKind,
-    QpAttrMask,
     SendFlags,
     Status,
     WcFlags,
@@ -702,7 +700,6 @@ def decode_event(buf) -> Event:
         raise WireError("event record reserved byte is not zero")
     kind = EventKind.parse(kind)
     if kind is EventKind.ASYNC:
-        from virtio_rdma.constants import AsyncEvent
         AsyncEvent.parse(typ)
     elif typ != 0:
         raise WireError(f"completion event with type {typ}")

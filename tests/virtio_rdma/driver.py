@@ -7,7 +7,7 @@ docs/virtio-rdma.md prescribes.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from virtio.memory import GuestMemory, MemoryRegion
 from virtio_rdma import wire
@@ -19,7 +19,6 @@ from virtio_rdma.constants import (
     QpState,
     SendFlags,
     Status,
-    WrOpcode,
 )
 from virtio_rdma.core import RdmaDeviceCore
 

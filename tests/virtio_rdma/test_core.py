@@ -12,7 +12,7 @@ from virtio_rdma.constants import (
     Access, AsyncEvent, Cmd, DoorbellKind, EventKind, QpAttrMask as M, QpState, SendFlags, Status,
     WcFlags, WcOpcode, WcStatus, WrOpcode,
 )
-from virtio_rdma.core import DeviceLimits, RdmaDeviceCore
+from virtio_rdma.core import DeviceLimits
 from virtio_rdma.fabric import LocalFabric
 
 from .driver import Guest, connect_pair, pair
