@@ -275,7 +275,13 @@ cdef object _EMPTY = memoryview(bytearray())
 cdef inline RegionTable _table_of(object mem):
     if type(mem) is RegionTable:
         return <RegionTable>mem
-    return <RegionTable?>mem._table
+    try:
+        t = mem._table
+    except AttributeError:
+        t = None
+    if type(t) is not RegionTable:
+        raise VirtqueueError(f"expected a GuestMemory, got {type(mem).__name__}")
+    return <RegionTable>t
 
 
 cdef inline uint64_t _u64(object v, str what) except? 0:
@@ -327,6 +333,8 @@ cdef class DescriptorChain:
         return 0
 
     cdef int _check(self) except -1:
+        if self.table is None:
+            raise VirtqueueError("DescriptorChain objects come from DeviceQueue.pop()")
         if self.pushed:
             raise VirtqueueError(f"chain head {self.head} was already pushed", queue=self.queue_index)
         if not self.table.valid:
@@ -391,6 +399,8 @@ cdef class DescriptorChain:
             PyBuffer_Release(&pb)
         return n
 
+    # Copies hold the GIL on purpose: another thread closing the region (which needs
+    # the GIL) must not unmap it in the middle of a copy through raw pointers.
     cdef void _gather(self, char *dst, uint64_t n, uint64_t skip) noexcept:
         cdef uint32_t i
         cdef uint64_t take, l
@@ -404,8 +414,7 @@ cdef class DescriptorChain:
             take = l - skip
             if take > n:
                 take = n
-            with nogil:
-                memcpy(dst, self.segs[i].host + skip, take)
+            memcpy(dst, self.segs[i].host + skip, take)
             dst += take
             n -= take
             skip = 0
@@ -435,8 +444,7 @@ cdef class DescriptorChain:
                 take = l - skip
                 if take > n:
                     take = n
-                with nogil:
-                    memcpy(self.segs[i].host + skip, src, take)
+                memcpy(self.segs[i].host + skip, src, take)
                 src += take
                 n -= take
                 skip = 0
@@ -510,6 +518,8 @@ cdef class DeviceQueue:
             self.used_idx = used_idx
         self.notification_enabled = True
         self._signalled_valid = False
+        self._table = None
+        PyMem_Free(self._scratch)
         self._scratch = <vr_seg *>PyMem_Malloc(self.max_chain_len * sizeof(vr_seg))
         if self._scratch == NULL:
             raise MemoryError()
@@ -543,6 +553,8 @@ cdef class DeviceQueue:
         cdef RegionTable t = _table_of(mem)
         if t is self._table and t.valid:
             return 0
+        if self._scratch == NULL:
+            raise VirtqueueError("DeviceQueue.__init__ was not called")
         if not t.valid:
             raise VirtqueueError("guest memory is closed", queue=self.index)
         cdef char *d = t.translate(self.desc_gpa, 16 * <uint64_t>self.size)
@@ -644,6 +656,8 @@ cdef class DeviceQueue:
         cdef object h
         if isinstance(item, DescriptorChain):
             ch = <DescriptorChain>item
+            if ch.table is None or ch.queue_index != self.index:
+                raise VirtqueueError(f"chain head {ch.head} was not popped from this queue", queue=self.index)
             if ch.pushed:
                 raise VirtqueueError(f"chain head {ch.head} pushed twice", queue=self.index)
             if not isinstance(written, int) or written < 0 or written > ch.writable_len:
@@ -802,6 +816,10 @@ cdef class DriverQueue:
         if not isinstance(start_idx, int) or start_idx < 0 or start_idx > 0xFFFF:
             raise VirtqueueError(f"start_idx {start_idx!r} not in 0..65535", queue=index)
         self.mem = mem
+        self._table = None
+        PyMem_Free(self._next)
+        PyMem_Free(self._ndesc)
+        self._ndesc = NULL
         self._next = <uint16_t *>PyMem_Malloc(size * sizeof(uint16_t))
         self._ndesc = <uint16_t *>PyMem_Malloc(size * sizeof(uint16_t))
         if self._next == NULL or self._ndesc == NULL:
@@ -831,6 +849,8 @@ cdef class DriverQueue:
         vr_mb()
 
     cdef int _map(self) except -1:
+        if self._next == NULL or self._ndesc == NULL:
+            raise VirtqueueError("DriverQueue.__init__ was not called")
         cdef RegionTable t = _table_of(self.mem)
         if t is self._table and t.valid:
             return 0

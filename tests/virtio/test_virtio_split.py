@@ -306,3 +306,26 @@ def test_device_queue_parameters(mem):
     closed.close()
     with pytest.raises(VirtqueueError, match="closed"):
         DeviceQueue(0, 8, 0, 0x100, 0x200).pop(closed)
+
+
+def test_objects_misused_from_python(mem):
+    drv = DriverQueue(mem, 0, 8, RING)
+    dev = device_queue_for(drv)
+    other = DeviceQueue(1, 8, drv.desc_gpa, drv.avail_gpa, drv.used_gpa)
+    with pytest.raises(VirtqueueError, match="come from DeviceQueue.pop"):
+        DescriptorChain().read()
+    with pytest.raises(VirtqueueError, match="not popped from this queue"):
+        dev.push(mem, DescriptorChain(), 0)
+    drv.add([(DATA, 4)], [], "t")
+    ch = dev.pop(mem)
+    with pytest.raises(VirtqueueError, match="queue 1: chain head 0 was not popped from this queue"):
+        other.push(mem, ch, 0)
+    with pytest.raises(VirtqueueError, match="__init__ was not called"):
+        DeviceQueue.__new__(DeviceQueue).pop(mem)
+    with pytest.raises(VirtqueueError, match="__init__ was not called"):
+        DriverQueue.__new__(DriverQueue).get_used()
+    with pytest.raises(VirtqueueError, match="expected a GuestMemory, got bytearray"):
+        dev.pop(bytearray(16))
+    dev.__init__(0, 8, drv.desc_gpa, drv.avail_gpa, drv.used_gpa, last_avail_idx=1)   # re-init is safe
+    dev.push(mem, 0, 0)
+    assert drv.get_used() == ("t", 0)
