@@ -28,7 +28,7 @@ cdef extern from "stdlib.h" nogil:
     void* aligned_alloc(size_t alignment, size_t size)
 
 cdef enum:
-    LANES = 16
+    LANES = 8
     NSTATES = 8
 
 cdef float NEG_BIG = -1.0e30
@@ -100,35 +100,23 @@ def encode_batch(const uint8_t[:, ::1] bits, const int32_t[::1] pi, uint8_t[:, :
 
 
 # ---------------------------------------------------------------------------------------------
-# Max-log-MAP constituent decoder on LANES interleaved code blocks
+# Max-log-MAP constituent decoder on LANES trellis segments side by side
 # ---------------------------------------------------------------------------------------------
 
-cdef void _alpha_pass(const float* A, const float* Bv, float* alpha, Py_ssize_t K) noexcept nogil:
-    """alpha[k] (k = 0..K-1) for the information part; alpha_0 = state 0."""
+cdef void _alpha_pass(const float* A, const float* Bv, float* alpha, Py_ssize_t S,
+                      const float* init, float* final) noexcept nogil:
+    """alpha[t] for t = 0..S-1 starting from init; final = alpha_S (the segment boundary)."""
     cdef float[NSTATES][LANES] al
-    cdef Py_ssize_t k, l, s
+    cdef Py_ssize_t t, l
     cdef float g0, g1, n0, n1, n2, n3, n4, n5, n6, n7
     cdef float* out
-    for l in range(LANES):
-        al[0][l] = 0.0
-        for s in range(1, NSTATES):
-            al[s][l] = NEG_BIG
-    for k in range(K):
-        out = alpha + k * (NSTATES * LANES)
+    memcpy(al, init, sizeof(al))
+    for t in range(S):
+        out = alpha + t * (NSTATES * LANES)
+        memcpy(out, al, sizeof(al))
         for l in range(LANES):
-            out[0 * LANES + l] = al[0][l]
-            out[1 * LANES + l] = al[1][l]
-            out[2 * LANES + l] = al[2][l]
-            out[3 * LANES + l] = al[3][l]
-            out[4 * LANES + l] = al[4][l]
-            out[5 * LANES + l] = al[5][l]
-            out[6 * LANES + l] = al[6][l]
-            out[7 * LANES + l] = al[7][l]
-        if k == K - 1:
-            break
-        for l in range(LANES):
-            g0 = A[k * LANES + l] + Bv[k * LANES + l]
-            g1 = A[k * LANES + l] - Bv[k * LANES + l]
+            g0 = A[t * LANES + l] + Bv[t * LANES + l]
+            g1 = A[t * LANES + l] - Bv[t * LANES + l]
             n0 = fmax2(al[0][l] + g0, al[1][l] - g0)
             n1 = fmax2(al[2][l] - g1, al[3][l] + g1)
             n2 = fmax2(al[4][l] + g1, al[5][l] - g1)
@@ -145,60 +133,48 @@ cdef void _alpha_pass(const float* A, const float* Bv, float* alpha, Py_ssize_t 
             al[5][l] = n5 - n0
             al[6][l] = n6 - n0
             al[7][l] = n7 - n0
+    memcpy(final, al, sizeof(al))
 
 
-cdef inline void _beta_step(float (*be)[LANES], const float* A, const float* Bv,
-                            Py_ssize_t k) noexcept nogil:
+cdef inline void _beta_step(float* be, const float* A, const float* Bv,
+                            Py_ssize_t t) noexcept nogil:
     cdef Py_ssize_t l
     cdef float g0, g1, m0, m1, m2, m3, m4, m5, m6, m7
     for l in range(LANES):
-        g0 = A[k * LANES + l] + Bv[k * LANES + l]
-        g1 = A[k * LANES + l] - Bv[k * LANES + l]
-        m0 = fmax2(be[0][l] + g0, be[4][l] - g0)
-        m1 = fmax2(be[4][l] + g0, be[0][l] - g0)
-        m2 = fmax2(be[5][l] + g1, be[1][l] - g1)
-        m3 = fmax2(be[1][l] + g1, be[5][l] - g1)
-        m4 = fmax2(be[2][l] + g1, be[6][l] - g1)
-        m5 = fmax2(be[6][l] + g1, be[2][l] - g1)
-        m6 = fmax2(be[7][l] + g0, be[3][l] - g0)
-        m7 = fmax2(be[3][l] + g0, be[7][l] - g0)
-        be[0][l] = 0.0
-        be[1][l] = m1 - m0
-        be[2][l] = m2 - m0
-        be[3][l] = m3 - m0
-        be[4][l] = m4 - m0
-        be[5][l] = m5 - m0
-        be[6][l] = m6 - m0
-        be[7][l] = m7 - m0
+        g0 = A[t * LANES + l] + Bv[t * LANES + l]
+        g1 = A[t * LANES + l] - Bv[t * LANES + l]
+        m0 = fmax2(be[0 * LANES + l] + g0, be[4 * LANES + l] - g0)
+        m1 = fmax2(be[4 * LANES + l] + g0, be[0 * LANES + l] - g0)
+        m2 = fmax2(be[5 * LANES + l] + g1, be[1 * LANES + l] - g1)
+        m3 = fmax2(be[1 * LANES + l] + g1, be[5 * LANES + l] - g1)
+        m4 = fmax2(be[2 * LANES + l] + g1, be[6 * LANES + l] - g1)
+        m5 = fmax2(be[6 * LANES + l] + g1, be[2 * LANES + l] - g1)
+        m6 = fmax2(be[7 * LANES + l] + g0, be[3 * LANES + l] - g0)
+        m7 = fmax2(be[3 * LANES + l] + g0, be[7 * LANES + l] - g0)
+        be[0 * LANES + l] = 0.0
+        be[1 * LANES + l] = m1 - m0
+        be[2 * LANES + l] = m2 - m0
+        be[3 * LANES + l] = m3 - m0
+        be[4 * LANES + l] = m4 - m0
+        be[5 * LANES + l] = m5 - m0
+        be[6 * LANES + l] = m6 - m0
+        be[7 * LANES + l] = m7 - m0
 
 
-cdef void _beta_llr_pass(const float* A, const float* Bv, const float* alpha, Py_ssize_t K,
-                         float scale, const int32_t* idx, float* ext_out,
-                         uint8_t* hard_out) noexcept nogil:
-    """Backward recursion from the terminated end (steps K+2..0) with the extrinsic output.
-
-    ext_out[j] = scale * Le_k with j = idx[k] (k when idx is NULL); hard_out[j] = hard
-    decision on the a-posteriori LLR 2a + Le when hard_out is not NULL.
-    """
+cdef void _beta_llr_pass(const float* A, const float* Bv, const float* alpha, Py_ssize_t S,
+                         const float* init, float* final,
+                         float* ext) noexcept nogil:
+    """Backward recursion t = S-1..0 from init (beta_S); ext[t] = extrinsic LLR (unscaled,
+    clipped to +-EXT_LIMIT); final = beta_0."""
     cdef float[NSTATES][LANES] be
-    cdef float[LANES] raw
-    cdef Py_ssize_t k, l, s, j
+    cdef Py_ssize_t t, l
     cdef float bk, m00, m01, m10, m11, le
     cdef const float* al
-    cdef float* eo
-    cdef uint8_t* ho
-    for l in range(LANES):
-        be[0][l] = 0.0
-        for s in range(1, NSTATES):
-            be[s][l] = NEG_BIG
-    for k in range(K + 2, K - 1, -1):
-        _beta_step(be, A, Bv, k)
-    for k in range(K - 1, -1, -1):
-        al = alpha + k * (NSTATES * LANES)
-        j = idx[k] if idx != NULL else k
-        eo = ext_out + j * LANES
+    memcpy(be, init, sizeof(be))
+    for t in range(S - 1, -1, -1):
+        al = alpha + t * (NSTATES * LANES)
         for l in range(LANES):
-            bk = Bv[k * LANES + l]
+            bk = Bv[t * LANES + l]
             m00 = fmax2(fmax2(al[0 * LANES + l] + be[0][l], al[1 * LANES + l] + be[4][l]),
                         fmax2(al[6 * LANES + l] + be[7][l], al[7 * LANES + l] + be[3][l]))
             m01 = fmax2(fmax2(al[2 * LANES + l] + be[5][l], al[3 * LANES + l] + be[1][l]),
@@ -208,141 +184,223 @@ cdef void _beta_llr_pass(const float* A, const float* Bv, const float* alpha, Py
             m11 = fmax2(fmax2(al[0 * LANES + l] + be[4][l], al[1 * LANES + l] + be[0][l]),
                         fmax2(al[6 * LANES + l] + be[3][l], al[7 * LANES + l] + be[7][l]))
             le = fmax2(m00 + bk, m01 - bk) - fmax2(m10 + bk, m11 - bk)
-            le = fmin2(fmax2(le, -EXT_LIMIT), EXT_LIMIT)
-            raw[l] = le
-            eo[l] = scale * le
-        if hard_out != NULL:
-            ho = hard_out + j * LANES
-            for l in range(LANES):
-                ho[l] = (2.0 * A[k * LANES + l] + raw[l]) < 0.0
-        _beta_step(be, A, Bv, k)
+            ext[t * LANES + l] = fmin2(fmax2(le, -EXT_LIMIT), EXT_LIMIT)
+        _beta_step(&be[0][0], A, Bv, t)
+    memcpy(final, be, sizeof(be))
 
 
 # ---------------------------------------------------------------------------------------------
 # Turbo iterations
 # ---------------------------------------------------------------------------------------------
+#
+# Geometry: every code block is cut into P segments of S = K / P trellis steps and a group
+# of LANES / P blocks fills the LANES lanes; lane l holds segment l % P of block l // P.
+# Natural bit n of the lane group's block j lives at plane index (n % S) * LANES + j*P + n / S.
+# The first segment starts in state 0 and the last one ends in the state the tail bits
+# reach; inner segment boundaries start each iteration from the metrics the neighbouring
+# segment reached in the previous iteration (next-iteration initialisation), uniform in the
+# first. P depends on K only (see segments_for), so a block decodes to the same result
+# whatever batch it arrives in.
 
 cdef struct Work:
-    float* xs       # systematic LLR, natural order [K][LANES]
-    float* xt1      # tail systematic of encoder 1 [3][LANES]
-    float* xt2      # tail systematic of encoder 2 [3][LANES]
-    float* b1       # half parity LLR of encoder 1 [K+3][LANES]
-    float* b2       # half parity LLR of encoder 2 [K+3][LANES]
-    float* a        # half (systematic + a priori) of the current decoder [K+3][LANES]
-    float* le12     # extrinsic decoder 1 -> 2, natural order [K][LANES]
-    float* le21     # extrinsic decoder 2 -> 1, natural order [K][LANES]
-    float* alpha    # forward metrics [K][NSTATES][LANES]
-    uint8_t* hard   # hard decisions, natural order [K][LANES]
+    Py_ssize_t K, S, P
+    float* xs       # systematic LLR, natural layout [S][LANES]
+    float* b1       # half parity LLR of encoder 1 [S][LANES]
+    float* b2       # half parity LLR of encoder 2, interleaved order [S][LANES]
+    float* a        # half (systematic + a priori) of the current decoder [S][LANES]
+    float* le12     # scaled extrinsic decoder 1 -> 2, natural layout [S][LANES]
+    float* le21     # scaled extrinsic decoder 2 -> 1, natural layout [S][LANES]
+    float* ext      # raw extrinsic output of the current decoder [S][LANES]
+    float* alpha    # forward metrics [S][NSTATES][LANES]
+    int32_t* gidx   # plane index of the bit that interleaved position [t][l] reads
+    uint8_t* hard   # hard decisions, natural layout [S][LANES]
+    float* tail     # tail: x1, z1/2, x2, z2/2, each [3][LANES] (last segments only)
+    float* bnd      # boundary metrics: alpha1, beta1, alpha2, beta2, fin, each [NSTATES][LANES]
 
 
-cdef void _load_group(const float* llr, Py_ssize_t B, Py_ssize_t K, Py_ssize_t b0,
-                      Work* w) noexcept nogil:
-    """Transpose code blocks b0 .. b0+LANES-1 into lane layout (missing blocks are zeros)."""
-    cdef Py_ssize_t l, k, n = K + 4, b
+cdef inline float* _plane8(float* p, int i) noexcept nogil:
+    return p + i * NSTATES * LANES
+
+
+cdef void _load_group(const float* llr, Py_ssize_t B, Py_ssize_t b0, Work* w) noexcept nogil:
+    """Transpose the group's blocks into lane layout (blocks past B are zeros); reset the
+    extrinsic planes and the segment boundaries."""
+    cdef Py_ssize_t K = w.K, S = w.S, P = w.P, n = K + 4
+    cdef Py_ssize_t l, t, b, p, i, s
     cdef const float* d0
     cdef const float* d1
     cdef const float* d2
+    cdef float* x1 = w.tail
+    cdef float* z1 = w.tail + 3 * LANES
+    cdef float* x2 = w.tail + 6 * LANES
+    cdef float* z2 = w.tail + 9 * LANES
+    cdef float* a1 = _plane8(w.bnd, 0)
+    cdef float* be1 = _plane8(w.bnd, 1)
+    cdef float* a2 = _plane8(w.bnd, 2)
+    cdef float* be2 = _plane8(w.bnd, 3)
+    memset(w.tail, 0, 12 * LANES * sizeof(float))
     for l in range(LANES):
-        b = b0 + l
+        b = b0 + l // P
+        p = l % P
         if b >= B:
-            for k in range(K):
-                w.xs[k * LANES + l] = 0.0
-            for k in range(K + 3):
-                w.b1[k * LANES + l] = 0.0
-                w.b2[k * LANES + l] = 0.0
-            for k in range(3):
-                w.xt1[k * LANES + l] = 0.0
-                w.xt2[k * LANES + l] = 0.0
+            for t in range(S):
+                w.xs[t * LANES + l] = 0.0
+                w.b1[t * LANES + l] = 0.0
+                w.b2[t * LANES + l] = 0.0
             continue
         d0 = llr + b * 3 * n
         d1 = d0 + n
         d2 = d1 + n
-        for k in range(K):
-            w.xs[k * LANES + l] = d0[k]
-            w.b1[k * LANES + l] = 0.5 * d1[k]
-            w.b2[k * LANES + l] = 0.5 * d2[k]
-        # Tail (§5.1.3.2.2): d0 = x_K z_K+1 x'_K z'_K+1, d1 = z_K x_K+2 z'_K x'_K+2,
-        #                    d2 = x_K+1 z_K+2 x'_K+1 z'_K+2.
-        w.xt1[0 * LANES + l] = d0[K]
-        w.b1[K * LANES + l] = 0.5 * d1[K]
-        w.xt1[1 * LANES + l] = d2[K]
-        w.b1[(K + 1) * LANES + l] = 0.5 * d0[K + 1]
-        w.xt1[2 * LANES + l] = d1[K + 1]
-        w.b1[(K + 2) * LANES + l] = 0.5 * d2[K + 1]
-        w.xt2[0 * LANES + l] = d0[K + 2]
-        w.b2[K * LANES + l] = 0.5 * d1[K + 2]
-        w.xt2[1 * LANES + l] = d2[K + 2]
-        w.b2[(K + 1) * LANES + l] = 0.5 * d0[K + 3]
-        w.xt2[2 * LANES + l] = d1[K + 3]
-        w.b2[(K + 2) * LANES + l] = 0.5 * d2[K + 3]
+        for t in range(S):
+            i = p * S + t
+            w.xs[t * LANES + l] = d0[i]
+            w.b1[t * LANES + l] = 0.5 * d1[i]
+            w.b2[t * LANES + l] = 0.5 * d2[i]
+        if p == P - 1:
+            # §5.1.3.2.2: d0 = x_K z_K+1 x'_K z'_K+1, d1 = z_K x_K+2 z'_K x'_K+2,
+            #             d2 = x_K+1 z_K+2 x'_K+1 z'_K+2.
+            x1[0 * LANES + l] = d0[K]
+            z1[0 * LANES + l] = 0.5 * d1[K]
+            x1[1 * LANES + l] = d2[K]
+            z1[1 * LANES + l] = 0.5 * d0[K + 1]
+            x1[2 * LANES + l] = d1[K + 1]
+            z1[2 * LANES + l] = 0.5 * d2[K + 1]
+            x2[0 * LANES + l] = d0[K + 2]
+            z2[0 * LANES + l] = 0.5 * d1[K + 2]
+            x2[1 * LANES + l] = d2[K + 2]
+            z2[1 * LANES + l] = 0.5 * d0[K + 3]
+            x2[2 * LANES + l] = d1[K + 3]
+            z2[2 * LANES + l] = 0.5 * d2[K + 3]
+    for i in range(3 * LANES):
+        x1[i] *= 0.5
+        x2[i] *= 0.5
+    memset(w.le21, 0, S * LANES * sizeof(float))
+    # Boundaries: known start state 0 / terminated end for outer segments, uniform inside.
+    memset(w.bnd, 0, 4 * NSTATES * LANES * sizeof(float))
+    for l in range(LANES):
+        be1[0 * LANES + l] = 0.0
+        be2[0 * LANES + l] = 0.0
+        for s in range(1, NSTATES):
+            be1[s * LANES + l] = NEG_BIG
+            be2[s * LANES + l] = NEG_BIG
+    for t in range(2, -1, -1):
+        _beta_step(be1, x1, z1, t)
+        _beta_step(be2, x2, z2, t)
+    for l in range(LANES):
+        p = l % P
+        for s in range(NSTATES):
+            if p == 0:
+                a1[s * LANES + l] = 0.0 if s == 0 else NEG_BIG
+                a2[s * LANES + l] = 0.0 if s == 0 else NEG_BIG
+            if p != P - 1:
+                be1[s * LANES + l] = 0.0
+                be2[s * LANES + l] = 0.0
 
 
-cdef void _store_lane(const Work* w, Py_ssize_t K, Py_ssize_t l, uint8_t* out) noexcept nogil:
-    cdef Py_ssize_t k
-    for k in range(K):
-        out[k] = w.hard[k * LANES + l]
+cdef void _pass_boundaries(Work* w, const float* fin, float* dst,
+                           int forward) noexcept nogil:
+    """Next-iteration initialisation: hand the final metrics of each segment to its neighbour."""
+    cdef Py_ssize_t l, s, P = w.P
+    if P == 1:
+        return
+    for l in range(LANES):
+        if forward and l % P != P - 1:
+            for s in range(NSTATES):
+                dst[s * LANES + l + 1] = fin[s * LANES + l]
+        elif not forward and l % P != 0:
+            for s in range(NSTATES):
+                dst[s * LANES + l - 1] = fin[s * LANES + l]
 
 
-cdef void _decode_group(const float* llr, Py_ssize_t B, Py_ssize_t K, Py_ssize_t b0,
-                        const int32_t* pi, int iterations, float scale, int crc_kind,
-                        Work* w, uint8_t* out_bits, int32_t* out_iters) noexcept nogil:
-    cdef Py_ssize_t k, l, j, t
+cdef void _block_bits(const Work* w, Py_ssize_t j, uint8_t* dst) noexcept nogil:
+    """Hard decisions of the group's block j in natural order."""
+    cdef Py_ssize_t p, t, S = w.S
+    for p in range(w.P):
+        for t in range(S):
+            dst[p * S + t] = w.hard[t * LANES + j * w.P + p]
+
+
+cdef void _decode_group(const float* llr, Py_ssize_t B, Py_ssize_t b0, int iterations,
+                        float scale, int crc_kind, Work* w, uint8_t* out_bits,
+                        int32_t* out_iters) noexcept nogil:
+    cdef Py_ssize_t K = w.K, n = w.S * LANES, i, j, g
+    cdef Py_ssize_t bpg = LANES // w.P
     cdef int it
     cdef bint[LANES] done
     cdef int active = 0
-    _load_group(llr, B, K, b0, w)
-    memset(w.le21, 0, K * LANES * sizeof(float))
-    for l in range(LANES):
-        done[l] = b0 + l >= B
-        if not done[l]:
+    cdef const int32_t* gidx = w.gidx
+    cdef float* x1 = w.tail
+    cdef float* z1 = w.tail + 3 * LANES
+    cdef float* x2 = w.tail + 6 * LANES
+    cdef float* z2 = w.tail + 9 * LANES
+    cdef float* fin = _plane8(w.bnd, 4)
+    _load_group(llr, B, b0, w)
+    for j in range(bpg):
+        done[j] = b0 + j >= B
+        if not done[j]:
             active += 1
     for it in range(iterations):
         # Decoder 1: natural order, a priori from decoder 2.
-        for k in range(K):
-            for l in range(LANES):
-                w.a[k * LANES + l] = 0.5 * (w.xs[k * LANES + l] + w.le21[k * LANES + l])
-        for t in range(3):
-            for l in range(LANES):
-                w.a[(K + t) * LANES + l] = 0.5 * w.xt1[t * LANES + l]
-        _alpha_pass(w.a, w.b1, w.alpha, K)
-        _beta_llr_pass(w.a, w.b1, w.alpha, K, scale, NULL, w.le12, NULL)
-        # Decoder 2: interleaved order c'_k = c_pi(k); extrinsic scattered back to natural order.
-        for k in range(K):
-            j = pi[k]
-            for l in range(LANES):
-                w.a[k * LANES + l] = 0.5 * (w.xs[j * LANES + l] + w.le12[j * LANES + l])
-        for t in range(3):
-            for l in range(LANES):
-                w.a[(K + t) * LANES + l] = 0.5 * w.xt2[t * LANES + l]
-        _alpha_pass(w.a, w.b2, w.alpha, K)
-        _beta_llr_pass(w.a, w.b2, w.alpha, K, scale, pi, w.le21, w.hard)
+        for i in range(n):
+            w.a[i] = 0.5 * (w.xs[i] + w.le21[i])
+        _alpha_pass(w.a, w.b1, w.alpha, w.S, _plane8(w.bnd, 0), fin)
+        _pass_boundaries(w, fin, _plane8(w.bnd, 0), 1)
+        _beta_llr_pass(w.a, w.b1, w.alpha, w.S, _plane8(w.bnd, 1), fin, w.ext)
+        _pass_boundaries(w, fin, _plane8(w.bnd, 1), 0)
+        for i in range(n):
+            w.le12[i] = scale * w.ext[i]
+        # Decoder 2: interleaved order c'_k = c_pi(k); extrinsic scattered back.
+        for i in range(n):
+            g = gidx[i]
+            w.a[i] = 0.5 * (w.xs[g] + w.le12[g])
+        _alpha_pass(w.a, w.b2, w.alpha, w.S, _plane8(w.bnd, 2), fin)
+        _pass_boundaries(w, fin, _plane8(w.bnd, 2), 1)
+        _beta_llr_pass(w.a, w.b2, w.alpha, w.S, _plane8(w.bnd, 3), fin, w.ext)
+        _pass_boundaries(w, fin, _plane8(w.bnd, 3), 0)
+        for i in range(n):
+            g = gidx[i]
+            w.le21[g] = scale * w.ext[i]
+            w.hard[g] = (2.0 * w.a[i] + w.ext[i]) < 0.0
         if crc_kind >= 0:
-            for l in range(LANES):
-                if not done[l] and crc24_remainder(w.hard + l, K, LANES, crc_kind) == 0:
-                    done[l] = True
+            for j in range(bpg):
+                if done[j]:
+                    continue
+                _block_bits(w, j, out_bits + (b0 + j) * K)
+                if crc24_remainder(out_bits + (b0 + j) * K, K, 1, crc_kind) == 0:
+                    done[j] = True
                     active -= 1
-                    _store_lane(w, K, l, out_bits + (b0 + l) * K)
-                    out_iters[b0 + l] = it + 1
+                    out_iters[b0 + j] = it + 1
             if active == 0:
                 return
-    for l in range(LANES):
-        if not done[l]:
-            _store_lane(w, K, l, out_bits + (b0 + l) * K)
-            out_iters[b0 + l] = iterations
+    for j in range(bpg):
+        if not done[j]:
+            _block_bits(w, j, out_bits + (b0 + j) * K)
+            out_iters[b0 + j] = iterations
+
+
+def segments_for(Py_ssize_t K, Py_ssize_t min_segment):
+    """Segments per block: the largest power of two P <= LANES with K % P == 0 and
+    K / P >= min_segment (1 when even two segments would be shorter)."""
+    cdef Py_ssize_t P = LANES
+    while P > 1 and (K % P != 0 or K // P < min_segment):
+        P //= 2
+    return P
 
 
 def decode_batch(const float[:, :, ::1] llr, const int32_t[::1] pi, int iterations,
-                 float scale, int crc_kind, uint8_t[:, ::1] out_bits, int32_t[::1] out_iters):
+                 float scale, int crc_kind, uint8_t[:, ::1] out_bits, int32_t[::1] out_iters,
+                 Py_ssize_t segments=1):
     """Turbo-decode llr[B, 3, K + 4] into out_bits[B, K] and out_iters[B].
 
     crc_kind: -1 = fixed iteration count, 0 / 1 = stop a block once CRC24A / CRC24B
-    of its hard decision checks. The caller validates values; shapes are checked here.
+    of its hard decision checks. ``segments``: trellis segments per block (a power of
+    two dividing K, at most BATCH_LANES). The caller validates values; shapes are
+    checked here.
     """
-    cdef Py_ssize_t B = llr.shape[0], K = llr.shape[2] - 4, b0
+    cdef Py_ssize_t B = llr.shape[0], K = llr.shape[2] - 4, b0, P = segments, S
+    cdef Py_ssize_t l, t, q, nat, j
     cdef Work w
-    cdef size_t fsz = sizeof(float)
-    cdef size_t per_k = (K + 3) * LANES * fsz
-    cdef size_t nbytes
+    cdef size_t plane, nbytes
     cdef char* mem
     if llr.shape[1] != 3 or K < 1 or pi.shape[0] != K:
         raise ValueError("decode_batch: llr must be [B, 3, K + 4] with pi of length K")
@@ -350,31 +408,44 @@ def decode_batch(const float[:, :, ::1] llr, const int32_t[::1] pi, int iteratio
         raise ValueError("decode_batch: output shapes do not match llr")
     if iterations < 1 or crc_kind < -1 or crc_kind > 1 or not scale > 0.0:
         raise ValueError("decode_batch: bad iterations, crc_kind or scale")
+    if P < 1 or P > LANES or LANES % P != 0 or K % P != 0:
+        raise ValueError(f"decode_batch: segments={P} must divide K={K} and {LANES}")
     if B == 0:
         return
-    # Seven [K+3][LANES] float planes, the alpha store and the hard decisions, each
-    # rounded up to 64 bytes.
-    per_k = ((per_k + 63) // 64) * 64
-    nbytes = 7 * per_k + <size_t>K * NSTATES * LANES * fsz + ((K * LANES + 63) // 64) * 64
-    mem = <char*>aligned_alloc(64, nbytes)
+    S = K // P
+    plane = ((S * LANES * sizeof(float) + 63) // 64) * 64
+    nbytes = (7 * plane + <size_t>S * NSTATES * LANES * sizeof(float) + plane
+              + plane + (12 + 5 * NSTATES) * LANES * sizeof(float))
+    mem = <char*>aligned_alloc(64, ((nbytes + 63) // 64) * 64)
     if mem == NULL:
         raise MemoryError(f"turbo decoder scratch of {nbytes} bytes")
     try:
+        w.K = K
+        w.S = S
+        w.P = P
         w.xs = <float*>mem
-        w.xt1 = <float*>(mem + per_k)
-        w.xt2 = w.xt1 + 3 * LANES
-        w.b1 = <float*>(mem + 2 * per_k)
-        w.b2 = <float*>(mem + 3 * per_k)
-        w.a = <float*>(mem + 4 * per_k)
-        w.le12 = <float*>(mem + 5 * per_k)
-        w.le21 = <float*>(mem + 6 * per_k)
-        w.alpha = <float*>(mem + 7 * per_k)
-        w.hard = <uint8_t*>(mem + 7 * per_k + <size_t>K * NSTATES * LANES * fsz)
+        w.b1 = <float*>(mem + plane)
+        w.b2 = <float*>(mem + 2 * plane)
+        w.a = <float*>(mem + 3 * plane)
+        w.le12 = <float*>(mem + 4 * plane)
+        w.le21 = <float*>(mem + 5 * plane)
+        w.ext = <float*>(mem + 6 * plane)
+        w.alpha = <float*>(mem + 7 * plane)
+        w.gidx = <int32_t*>(mem + 7 * plane + <size_t>S * NSTATES * LANES * sizeof(float))
+        w.hard = <uint8_t*>(<char*>w.gidx + plane)
+        w.tail = <float*>(<char*>w.hard + plane)
+        w.bnd = w.tail + 12 * LANES
         with nogil:
+            for l in range(LANES):
+                for t in range(S):
+                    q = (l % P) * S + t              # interleaved position read by [t][l]
+                    nat = pi[q]
+                    j = l // P
+                    w.gidx[t * LANES + l] = <int32_t>((nat % S) * LANES + j * P + nat // S)
             b0 = 0
             while b0 < B:
-                _decode_group(&llr[0, 0, 0], B, K, b0, &pi[0], iterations, scale, crc_kind,
-                              &w, &out_bits[0, 0], &out_iters[0])
-                b0 += LANES
+                _decode_group(&llr[0, 0, 0], B, b0, iterations, scale, crc_kind, &w,
+                              &out_bits[0, 0], &out_iters[0])
+                b0 += LANES // P
     finally:
         free(mem)

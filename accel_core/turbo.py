@@ -46,6 +46,9 @@ TAIL_BITS = 4
 MAX_ITERATIONS = 64
 #: LLR magnitude at which the decoder saturates inputs and extrinsic information.
 LLR_LIMIT = float(_turbo.LLR_LIMIT)
+#: Shortest trellis segment: a block of K bits is decoded as the largest power-of-two
+#: number of segments (at most the kernel's SIMD lanes) at least this long.
+MIN_SEGMENT = 256
 #: Accepted ``early_stop`` values -> CRC kind of the kernel.
 EARLY_STOP_CRCS = {"crc24a": 0, "crc24b": 1}
 
@@ -131,7 +134,8 @@ def turbo_decode(llr: object, *, iterations: int = 8, scaling: float | None = No
     blocks = arr.reshape(-1, 3, K + TAIL_BITS)
     bits = np.empty((blocks.shape[0], K), dtype=np.uint8)
     used = np.empty(blocks.shape[0], dtype=np.int32)
-    _turbo.decode_batch(blocks, qpp_table(K), its, scale, crc_kind, bits, used)
+    _turbo.decode_batch(blocks, qpp_table(K), its, scale, crc_kind, bits, used,
+                        _turbo.segments_for(K, MIN_SEGMENT))
     if arr.ndim == 2:
         return bits[0], int(used[0])
     return bits, used
