@@ -35,8 +35,17 @@ ctypedef fused rptr:
     fptr
     dptr
 
+# The scalar type of a kernel's locals. Cython would generate every (rptr,
+# real_t) combination; only the matching pairs are called (gcc drops the rest).
+# Locals are declared explicitly: type inference across fused specialisations
+# silently widened float locals to double.
+ctypedef fused real_t:
+    float
+    double
+
 cdef enum:
     MAX_STAGES = 40
+    PAD = 48          # scratch row padding, elements (multiple of 16)
 
 # Index of the per-plan constants in the ``kc`` array (see FFTCore.__init__).
 cdef enum:
@@ -52,262 +61,467 @@ cdef enum:
     K_LEN = 9
 
 
-# ---------------------------------------------------------------- butterflies
-# Each butterfly reads r inputs x[j*xs], writes r outputs y[k*ys], multiplying
-# output k > 0 by twiddle w[(k-1)*ws] when ``tw`` is true. Callers pass
-# literal ``tw``/``ys`` so the inlined copies specialise.
-
-cdef inline void _bf2(rptr yr, rptr yi, Py_ssize_t ys, rptr xr, rptr xi, Py_ssize_t xs,
-                      rptr wr, rptr wi, Py_ssize_t ws, bint tw, rptr kc) noexcept nogil:
-    a0r = xr[0]; a0i = xi[0]
-    a1r = xr[xs]; a1i = xi[xs]
-    yr[0] = a0r + a1r; yi[0] = a0i + a1i
-    c1r = a0r - a1r; c1i = a0i - a1i
-    if tw:
-        w1r = wr[0]; w1i = wi[0]
-        yr[ys] = c1r * w1r - c1i * w1i; yi[ys] = c1r * w1i + c1i * w1r
-    else:
-        yr[ys] = c1r; yi[ys] = c1i
-
-
-cdef inline void _bf3(rptr yr, rptr yi, Py_ssize_t ys, rptr xr, rptr xi, Py_ssize_t xs,
-                      rptr wr, rptr wi, Py_ssize_t ws, bint tw, rptr kc) noexcept nogil:
-    half = kc[K_HALF]; s3 = kc[K_S3]
-    a0r = xr[0]; a0i = xi[0]
-    a1r = xr[xs]; a1i = xi[xs]
-    a2r = xr[2 * xs]; a2i = xi[2 * xs]
-    tr = a1r + a2r; ti = a1i + a2i
-    ur = a0r - half * tr; ui = a0i - half * ti
-    # v = (a1 - a2) * (-i * sg * sqrt(3)/2)
-    vr = s3 * (a1i - a2i); vi = s3 * (a2r - a1r)
-    yr[0] = a0r + tr; yi[0] = a0i + ti
-    c1r = ur + vr; c1i = ui + vi
-    c2r = ur - vr; c2i = ui - vi
-    if tw:
-        w1r = wr[0]; w1i = wi[0]
-        w2r = wr[ws]; w2i = wi[ws]
-        yr[ys] = c1r * w1r - c1i * w1i; yi[ys] = c1r * w1i + c1i * w1r
-        yr[2 * ys] = c2r * w2r - c2i * w2i; yi[2 * ys] = c2r * w2i + c2i * w2r
-    else:
-        yr[ys] = c1r; yi[ys] = c1i
-        yr[2 * ys] = c2r; yi[2 * ys] = c2i
-
-
-cdef inline void _bf4(rptr yr, rptr yi, Py_ssize_t ys, rptr xr, rptr xi, Py_ssize_t xs,
-                      rptr wr, rptr wi, Py_ssize_t ws, bint tw, rptr kc) noexcept nogil:
-    sg = kc[K_SG]
-    a0r = xr[0]; a0i = xi[0]
-    a1r = xr[xs]; a1i = xi[xs]
-    a2r = xr[2 * xs]; a2i = xi[2 * xs]
-    a3r = xr[3 * xs]; a3i = xi[3 * xs]
-    t0r = a0r + a2r; t0i = a0i + a2i
-    t1r = a0r - a2r; t1i = a0i - a2i
-    t2r = a1r + a3r; t2i = a1i + a3i
-    # t3 = (a1 - a3) * (-i * sg)
-    t3r = sg * (a1i - a3i); t3i = sg * (a3r - a1r)
-    yr[0] = t0r + t2r; yi[0] = t0i + t2i
-    c1r = t1r + t3r; c1i = t1i + t3i
-    c2r = t0r - t2r; c2i = t0i - t2i
-    c3r = t1r - t3r; c3i = t1i - t3i
-    if tw:
-        w1r = wr[0]; w1i = wi[0]
-        w2r = wr[ws]; w2i = wi[ws]
-        w3r = wr[2 * ws]; w3i = wi[2 * ws]
-        yr[ys] = c1r * w1r - c1i * w1i; yi[ys] = c1r * w1i + c1i * w1r
-        yr[2 * ys] = c2r * w2r - c2i * w2i; yi[2 * ys] = c2r * w2i + c2i * w2r
-        yr[3 * ys] = c3r * w3r - c3i * w3i; yi[3 * ys] = c3r * w3i + c3i * w3r
-    else:
-        yr[ys] = c1r; yi[ys] = c1i
-        yr[2 * ys] = c2r; yi[2 * ys] = c2i
-        yr[3 * ys] = c3r; yi[3 * ys] = c3i
-
-
-cdef inline void _bf5(rptr yr, rptr yi, Py_ssize_t ys, rptr xr, rptr xi, Py_ssize_t xs,
-                      rptr wr, rptr wi, Py_ssize_t ws, bint tw, rptr kc) noexcept nogil:
-    c1 = kc[K_C1]; c2 = kc[K_C2]; s1 = kc[K_S1]; s2 = kc[K_S2]
-    a0r = xr[0]; a0i = xi[0]
-    a1r = xr[xs]; a1i = xi[xs]
-    a2r = xr[2 * xs]; a2i = xi[2 * xs]
-    a3r = xr[3 * xs]; a3i = xi[3 * xs]
-    a4r = xr[4 * xs]; a4i = xi[4 * xs]
-    p1r = a1r + a4r; p1i = a1i + a4i
-    m1r = a1r - a4r; m1i = a1i - a4i
-    p2r = a2r + a3r; p2i = a2i + a3i
-    m2r = a2r - a3r; m2i = a2i - a3i
-    yr[0] = a0r + p1r + p2r; yi[0] = a0i + p1i + p2i
-    # c1,c4 = A +- B; c2,c3 = A' +- B' with B = -i*(s1*m1 + s2*m2), B' = -i*(s2*m1 - s1*m2)
-    ar_ = a0r + c1 * p1r + c2 * p2r; ai_ = a0i + c1 * p1i + c2 * p2i
-    br_ = s1 * m1i + s2 * m2i; bi_ = -(s1 * m1r + s2 * m2r)
-    er_ = a0r + c2 * p1r + c1 * p2r; ei_ = a0i + c2 * p1i + c1 * p2i
-    fr_ = s2 * m1i - s1 * m2i; fi_ = s1 * m2r - s2 * m1r
-    o1r = ar_ + br_; o1i = ai_ + bi_
-    o4r = ar_ - br_; o4i = ai_ - bi_
-    o2r = er_ + fr_; o2i = ei_ + fi_
-    o3r = er_ - fr_; o3i = ei_ - fi_
-    if tw:
-        w1r = wr[0]; w1i = wi[0]
-        w2r = wr[ws]; w2i = wi[ws]
-        w3r = wr[2 * ws]; w3i = wi[2 * ws]
-        w4r = wr[3 * ws]; w4i = wi[3 * ws]
-        yr[ys] = o1r * w1r - o1i * w1i; yi[ys] = o1r * w1i + o1i * w1r
-        yr[2 * ys] = o2r * w2r - o2i * w2i; yi[2 * ys] = o2r * w2i + o2i * w2r
-        yr[3 * ys] = o3r * w3r - o3i * w3i; yi[3 * ys] = o3r * w3i + o3i * w3r
-        yr[4 * ys] = o4r * w4r - o4i * w4i; yi[4 * ys] = o4r * w4i + o4i * w4r
-    else:
-        yr[ys] = o1r; yi[ys] = o1i
-        yr[2 * ys] = o2r; yi[2 * ys] = o2i
-        yr[3 * ys] = o3r; yi[3 * ys] = o3i
-        yr[4 * ys] = o4r; yi[4 * ys] = o4i
-
-
-cdef inline void _bf8(rptr yr, rptr yi, Py_ssize_t ys, rptr xr, rptr xi, Py_ssize_t xs,
-                      rptr wr, rptr wi, Py_ssize_t ws, bint tw, rptr kc) noexcept nogil:
-    sg = kc[K_SG]; h = kc[K_H]
-    a0r = xr[0]; a0i = xi[0]
-    a1r = xr[xs]; a1i = xi[xs]
-    a2r = xr[2 * xs]; a2i = xi[2 * xs]
-    a3r = xr[3 * xs]; a3i = xi[3 * xs]
-    a4r = xr[4 * xs]; a4i = xi[4 * xs]
-    a5r = xr[5 * xs]; a5i = xi[5 * xs]
-    a6r = xr[6 * xs]; a6i = xi[6 * xs]
-    a7r = xr[7 * xs]; a7i = xi[7 * xs]
-    # even half: radix-4 of a0, a2, a4, a6
-    t0r = a0r + a4r; t0i = a0i + a4i
-    t1r = a0r - a4r; t1i = a0i - a4i
-    t2r = a2r + a6r; t2i = a2i + a6i
-    t3r = sg * (a2i - a6i); t3i = sg * (a6r - a2r)
-    e0r = t0r + t2r; e0i = t0i + t2i
-    e2r = t0r - t2r; e2i = t0i - t2i
-    e1r = t1r + t3r; e1i = t1i + t3i
-    e3r = t1r - t3r; e3i = t1i - t3i
-    # odd half: radix-4 of a1, a3, a5, a7
-    u0r = a1r + a5r; u0i = a1i + a5i
-    u1r = a1r - a5r; u1i = a1i - a5i
-    u2r = a3r + a7r; u2i = a3i + a7i
-    u3r = sg * (a3i - a7i); u3i = sg * (a7r - a3r)
-    o0r = u0r + u2r; o0i = u0i + u2i
-    o2r_ = u0r - u2r; o2i_ = u0i - u2i
-    o1r_ = u1r + u3r; o1i_ = u1i + u3i
-    o3r_ = u1r - u3r; o3i_ = u1i - u3i
-    # o1 *= W8, o2 *= W8^2 = -i*sg, o3 *= W8^3
-    o1r = h * (o1r_ + sg * o1i_); o1i = h * (o1i_ - sg * o1r_)
-    o2r = sg * o2i_; o2i = -sg * o2r_
-    o3r = h * (sg * o3i_ - o3r_); o3i = -h * (o3i_ + sg * o3r_)
-    yr[0] = e0r + o0r; yi[0] = e0i + o0i
-    c1r = e1r + o1r; c1i = e1i + o1i
-    c2r = e2r + o2r; c2i = e2i + o2i
-    c3r = e3r + o3r; c3i = e3i + o3i
-    c4r = e0r - o0r; c4i = e0i - o0i
-    c5r = e1r - o1r; c5i = e1i - o1i
-    c6r = e2r - o2r; c6i = e2i - o2i
-    c7r = e3r - o3r; c7i = e3i - o3i
-    if tw:
-        w1r = wr[0]; w1i = wi[0]
-        w2r = wr[ws]; w2i = wi[ws]
-        w3r = wr[2 * ws]; w3i = wi[2 * ws]
-        w4r = wr[3 * ws]; w4i = wi[3 * ws]
-        w5r = wr[4 * ws]; w5i = wi[4 * ws]
-        w6r = wr[5 * ws]; w6i = wi[5 * ws]
-        w7r = wr[6 * ws]; w7i = wi[6 * ws]
-        yr[ys] = c1r * w1r - c1i * w1i; yi[ys] = c1r * w1i + c1i * w1r
-        yr[2 * ys] = c2r * w2r - c2i * w2i; yi[2 * ys] = c2r * w2i + c2i * w2r
-        yr[3 * ys] = c3r * w3r - c3i * w3i; yi[3 * ys] = c3r * w3i + c3i * w3r
-        yr[4 * ys] = c4r * w4r - c4i * w4i; yi[4 * ys] = c4r * w4i + c4i * w4r
-        yr[5 * ys] = c5r * w5r - c5i * w5i; yi[5 * ys] = c5r * w5i + c5i * w5r
-        yr[6 * ys] = c6r * w6r - c6i * w6i; yi[6 * ys] = c6r * w6i + c6i * w6r
-        yr[7 * ys] = c7r * w7r - c7i * w7i; yi[7 * ys] = c7r * w7i + c7i * w7r
-    else:
-        yr[ys] = c1r; yi[ys] = c1i
-        yr[2 * ys] = c2r; yi[2 * ys] = c2i
-        yr[3 * ys] = c3r; yi[3 * ys] = c3i
-        yr[4 * ys] = c4r; yi[4 * ys] = c4i
-        yr[5 * ys] = c5r; yi[5 * ys] = c5i
-        yr[6 * ys] = c6r; yi[6 * ys] = c6i
-        yr[7 * ys] = c7r; yi[7 * ys] = c7i
-
-
 # ---------------------------------------------------------------- stages
-# One function per radix; three loop orders (see the module docstring).
-# The tw/ys arguments are literals so each inlined copy is specialised.
+# One function per radix, holding the butterfly twice: for the first stage
+# (s == 1) the vector loop runs over p (contiguous loads and twiddles,
+# interleaving stores); otherwise it runs over q with the twiddles hoisted
+# out of it. (Written out rather than shared through an inline helper:
+# gcc only vectorises these loops when the body is in the loop itself.)
+
+
+cdef void _q2(Py_ssize_t s,
+            rptr y0r, rptr y1r,
+            rptr y0i, rptr y1i,
+            rptr x0r, rptr x1r,
+            rptr x0i, rptr x1i,
+            rptr wr, rptr wi, Py_ssize_t m, const real_t* kc) noexcept nogil:
+    """Inner loop of a radix-2 stage for one p: s butterflies, one
+    restrict pointer per input/output leg (so gcc vectorises over q without
+    run-time overlap checks); twiddles w_k = (wr, wi)[(k-1)*m]."""
+    cdef Py_ssize_t q
+    cdef real_t w1r, w1i, a0r, a0i, a1r, a1i, c1r, c1i
+    w1r = wr[0]; w1i = wi[0]
+    for q in range(s):
+        a0r = x0r[q]; a0i = x0i[q]
+        a1r = x1r[q]; a1i = x1i[q]
+        y0r[q] = a0r + a1r; y0i[q] = a0i + a1i
+        c1r = a0r - a1r; c1i = a0i - a1i
+        y1r[q] = c1r * w1r - c1i * w1i; y1i[q] = c1r * w1i + c1i * w1r
+
 
 cdef void _stage2(rptr yr, rptr yi, rptr xr, rptr xi, Py_ssize_t s, Py_ssize_t m,
-                  rptr wr, rptr wi, rptr kc) noexcept nogil:
-    cdef Py_ssize_t p, q, sm = s * m
-    if m == 1:
-        for q in range(s):
-            _bf2(yr + q, yi + q, s, xr + q, xi + q, s, wr, wi, 0, 0, kc)
-    elif s == 1:
+                  rptr wr, rptr wi, const real_t* kc) noexcept nogil:
+    cdef Py_ssize_t p, q, i, o, xs, ys
+    cdef real_t w1r, w1i, a0r, a0i, a1r, a1i, c1r, c1i
+    if s == 1:
+        xs = m
+        ys = 1
         for p in range(m):
-            _bf2(yr + 2 * p, yi + 2 * p, 1, xr + p, xi + p, m, wr + p, wi + p, m, 1, kc)
+            i = p
+            o = 2 * p
+            w1r = wr[p]; w1i = wi[p]
+            a0r = xr[i]; a0i = xi[i]
+            a1r = xr[i + xs]; a1i = xi[i + xs]
+            yr[o] = a0r + a1r; yi[o] = a0i + a1i
+            c1r = a0r - a1r; c1i = a0i - a1i
+            yr[o + ys] = c1r * w1r - c1i * w1i; yi[o + ys] = c1r * w1i + c1i * w1r
     else:
+        xs = s * m
         for p in range(m):
-            for q in range(s):
-                _bf2(yr + q + 2 * s * p, yi + q + 2 * s * p, s, xr + q + s * p, xi + q + s * p, sm,
-                     wr + p, wi + p, m, 1, kc)
+            _q2(s,
+                yr + (2 * p + 0) * s, yr + (2 * p + 1) * s,
+                yi + (2 * p + 0) * s, yi + (2 * p + 1) * s,
+                xr + s * p + 0 * xs, xr + s * p + 1 * xs,
+                xi + s * p + 0 * xs, xi + s * p + 1 * xs,
+                wr + p, wi + p, m, kc)
+
+
+cdef void _q3(Py_ssize_t s,
+            rptr y0r, rptr y1r, rptr y2r,
+            rptr y0i, rptr y1i, rptr y2i,
+            rptr x0r, rptr x1r, rptr x2r,
+            rptr x0i, rptr x1i, rptr x2i,
+            rptr wr, rptr wi, Py_ssize_t m, const real_t* kc) noexcept nogil:
+    """Inner loop of a radix-3 stage for one p: s butterflies, one
+    restrict pointer per input/output leg (so gcc vectorises over q without
+    run-time overlap checks); twiddles w_k = (wr, wi)[(k-1)*m]."""
+    cdef Py_ssize_t q
+    cdef real_t w1r, w1i, w2r, w2i, a0r, a0i, a1r, a1i, a2r, a2i, tr, ti, ur, ui, vr, vi
+    cdef real_t c1r, c1i, c2r, c2i, half, s3
+    half = kc[K_HALF]
+    s3 = kc[K_S3]
+    w1r = wr[0]; w1i = wi[0]
+    w2r = wr[m]; w2i = wi[m]
+    for q in range(s):
+        a0r = x0r[q]; a0i = x0i[q]
+        a1r = x1r[q]; a1i = x1i[q]
+        a2r = x2r[q]; a2i = x2i[q]
+        tr = a1r + a2r; ti = a1i + a2i
+        ur = a0r - half * tr; ui = a0i - half * ti
+        # v = (a1 - a2) * (-i * sg * sqrt(3)/2)
+        vr = s3 * (a1i - a2i); vi = s3 * (a2r - a1r)
+        y0r[q] = a0r + tr; y0i[q] = a0i + ti
+        c1r = ur + vr; c1i = ui + vi
+        c2r = ur - vr; c2i = ui - vi
+        y1r[q] = c1r * w1r - c1i * w1i; y1i[q] = c1r * w1i + c1i * w1r
+        y2r[q] = c2r * w2r - c2i * w2i; y2i[q] = c2r * w2i + c2i * w2r
 
 
 cdef void _stage3(rptr yr, rptr yi, rptr xr, rptr xi, Py_ssize_t s, Py_ssize_t m,
-                  rptr wr, rptr wi, rptr kc) noexcept nogil:
-    cdef Py_ssize_t p, q, sm = s * m
-    if m == 1:
-        for q in range(s):
-            _bf3(yr + q, yi + q, s, xr + q, xi + q, s, wr, wi, 0, 0, kc)
-    elif s == 1:
+                  rptr wr, rptr wi, const real_t* kc) noexcept nogil:
+    cdef Py_ssize_t p, q, i, o, xs, ys
+    cdef real_t w1r, w1i, w2r, w2i, a0r, a0i, a1r, a1i, a2r, a2i, tr, ti, ur, ui, vr, vi
+    cdef real_t c1r, c1i, c2r, c2i, half, s3
+    half = kc[K_HALF]
+    s3 = kc[K_S3]
+    if s == 1:
+        xs = m
+        ys = 1
         for p in range(m):
-            _bf3(yr + 3 * p, yi + 3 * p, 1, xr + p, xi + p, m, wr + p, wi + p, m, 1, kc)
+            i = p
+            o = 3 * p
+            w1r = wr[p]; w1i = wi[p]
+            w2r = wr[p + m]; w2i = wi[p + m]
+            a0r = xr[i]; a0i = xi[i]
+            a1r = xr[i + xs]; a1i = xi[i + xs]
+            a2r = xr[i + 2 * xs]; a2i = xi[i + 2 * xs]
+            tr = a1r + a2r; ti = a1i + a2i
+            ur = a0r - half * tr; ui = a0i - half * ti
+            # v = (a1 - a2) * (-i * sg * sqrt(3)/2)
+            vr = s3 * (a1i - a2i); vi = s3 * (a2r - a1r)
+            yr[o] = a0r + tr; yi[o] = a0i + ti
+            c1r = ur + vr; c1i = ui + vi
+            c2r = ur - vr; c2i = ui - vi
+            yr[o + ys] = c1r * w1r - c1i * w1i; yi[o + ys] = c1r * w1i + c1i * w1r
+            yr[o + 2 * ys] = c2r * w2r - c2i * w2i; yi[o + 2 * ys] = c2r * w2i + c2i * w2r
     else:
+        xs = s * m
         for p in range(m):
-            for q in range(s):
-                _bf3(yr + q + 3 * s * p, yi + q + 3 * s * p, s, xr + q + s * p, xi + q + s * p, sm,
-                     wr + p, wi + p, m, 1, kc)
+            _q3(s,
+                yr + (3 * p + 0) * s, yr + (3 * p + 1) * s, yr + (3 * p + 2) * s,
+                yi + (3 * p + 0) * s, yi + (3 * p + 1) * s, yi + (3 * p + 2) * s,
+                xr + s * p + 0 * xs, xr + s * p + 1 * xs, xr + s * p + 2 * xs,
+                xi + s * p + 0 * xs, xi + s * p + 1 * xs, xi + s * p + 2 * xs,
+                wr + p, wi + p, m, kc)
+
+
+cdef void _q4(Py_ssize_t s,
+            rptr y0r, rptr y1r, rptr y2r, rptr y3r,
+            rptr y0i, rptr y1i, rptr y2i, rptr y3i,
+            rptr x0r, rptr x1r, rptr x2r, rptr x3r,
+            rptr x0i, rptr x1i, rptr x2i, rptr x3i,
+            rptr wr, rptr wi, Py_ssize_t m, const real_t* kc) noexcept nogil:
+    """Inner loop of a radix-4 stage for one p: s butterflies, one
+    restrict pointer per input/output leg (so gcc vectorises over q without
+    run-time overlap checks); twiddles w_k = (wr, wi)[(k-1)*m]."""
+    cdef Py_ssize_t q
+    cdef real_t w1r, w1i, w2r, w2i, w3r, w3i, a0r, a0i, a1r, a1i, a2r, a2i, a3r, a3i, t0r, t0i, t1r, t1i
+    cdef real_t t2r, t2i, t3r, t3i, c1r, c1i, c2r, c2i, c3r, c3i, sg
+    sg = kc[K_SG]
+    w1r = wr[0]; w1i = wi[0]
+    w2r = wr[m]; w2i = wi[m]
+    w3r = wr[2 * m]; w3i = wi[2 * m]
+    for q in range(s):
+        a0r = x0r[q]; a0i = x0i[q]
+        a1r = x1r[q]; a1i = x1i[q]
+        a2r = x2r[q]; a2i = x2i[q]
+        a3r = x3r[q]; a3i = x3i[q]
+        t0r = a0r + a2r; t0i = a0i + a2i
+        t1r = a0r - a2r; t1i = a0i - a2i
+        t2r = a1r + a3r; t2i = a1i + a3i
+        # t3 = (a1 - a3) * (-i * sg)
+        t3r = sg * (a1i - a3i); t3i = sg * (a3r - a1r)
+        y0r[q] = t0r + t2r; y0i[q] = t0i + t2i
+        c1r = t1r + t3r; c1i = t1i + t3i
+        c2r = t0r - t2r; c2i = t0i - t2i
+        c3r = t1r - t3r; c3i = t1i - t3i
+        y1r[q] = c1r * w1r - c1i * w1i; y1i[q] = c1r * w1i + c1i * w1r
+        y2r[q] = c2r * w2r - c2i * w2i; y2i[q] = c2r * w2i + c2i * w2r
+        y3r[q] = c3r * w3r - c3i * w3i; y3i[q] = c3r * w3i + c3i * w3r
 
 
 cdef void _stage4(rptr yr, rptr yi, rptr xr, rptr xi, Py_ssize_t s, Py_ssize_t m,
-                  rptr wr, rptr wi, rptr kc) noexcept nogil:
-    cdef Py_ssize_t p, q, sm = s * m
-    if m == 1:
-        for q in range(s):
-            _bf4(yr + q, yi + q, s, xr + q, xi + q, s, wr, wi, 0, 0, kc)
-    elif s == 1:
+                  rptr wr, rptr wi, const real_t* kc) noexcept nogil:
+    cdef Py_ssize_t p, q, i, o, xs, ys
+    cdef real_t w1r, w1i, w2r, w2i, w3r, w3i, a0r, a0i, a1r, a1i, a2r, a2i, a3r, a3i, t0r, t0i, t1r, t1i
+    cdef real_t t2r, t2i, t3r, t3i, c1r, c1i, c2r, c2i, c3r, c3i, sg
+    sg = kc[K_SG]
+    if s == 1:
+        xs = m
+        ys = 1
         for p in range(m):
-            _bf4(yr + 4 * p, yi + 4 * p, 1, xr + p, xi + p, m, wr + p, wi + p, m, 1, kc)
+            i = p
+            o = 4 * p
+            w1r = wr[p]; w1i = wi[p]
+            w2r = wr[p + m]; w2i = wi[p + m]
+            w3r = wr[p + 2 * m]; w3i = wi[p + 2 * m]
+            a0r = xr[i]; a0i = xi[i]
+            a1r = xr[i + xs]; a1i = xi[i + xs]
+            a2r = xr[i + 2 * xs]; a2i = xi[i + 2 * xs]
+            a3r = xr[i + 3 * xs]; a3i = xi[i + 3 * xs]
+            t0r = a0r + a2r; t0i = a0i + a2i
+            t1r = a0r - a2r; t1i = a0i - a2i
+            t2r = a1r + a3r; t2i = a1i + a3i
+            # t3 = (a1 - a3) * (-i * sg)
+            t3r = sg * (a1i - a3i); t3i = sg * (a3r - a1r)
+            yr[o] = t0r + t2r; yi[o] = t0i + t2i
+            c1r = t1r + t3r; c1i = t1i + t3i
+            c2r = t0r - t2r; c2i = t0i - t2i
+            c3r = t1r - t3r; c3i = t1i - t3i
+            yr[o + ys] = c1r * w1r - c1i * w1i; yi[o + ys] = c1r * w1i + c1i * w1r
+            yr[o + 2 * ys] = c2r * w2r - c2i * w2i; yi[o + 2 * ys] = c2r * w2i + c2i * w2r
+            yr[o + 3 * ys] = c3r * w3r - c3i * w3i; yi[o + 3 * ys] = c3r * w3i + c3i * w3r
     else:
+        xs = s * m
         for p in range(m):
-            for q in range(s):
-                _bf4(yr + q + 4 * s * p, yi + q + 4 * s * p, s, xr + q + s * p, xi + q + s * p, sm,
-                     wr + p, wi + p, m, 1, kc)
+            _q4(s,
+                yr + (4 * p + 0) * s, yr + (4 * p + 1) * s,
+                yr + (4 * p + 2) * s, yr + (4 * p + 3) * s,
+                yi + (4 * p + 0) * s, yi + (4 * p + 1) * s,
+                yi + (4 * p + 2) * s, yi + (4 * p + 3) * s,
+                xr + s * p + 0 * xs, xr + s * p + 1 * xs, xr + s * p + 2 * xs, xr + s * p + 3 * xs,
+                xi + s * p + 0 * xs, xi + s * p + 1 * xs, xi + s * p + 2 * xs, xi + s * p + 3 * xs,
+                wr + p, wi + p, m, kc)
+
+
+cdef void _q5(Py_ssize_t s,
+            rptr y0r, rptr y1r, rptr y2r, rptr y3r, rptr y4r,
+            rptr y0i, rptr y1i, rptr y2i, rptr y3i, rptr y4i,
+            rptr x0r, rptr x1r, rptr x2r, rptr x3r, rptr x4r,
+            rptr x0i, rptr x1i, rptr x2i, rptr x3i, rptr x4i,
+            rptr wr, rptr wi, Py_ssize_t m, const real_t* kc) noexcept nogil:
+    """Inner loop of a radix-5 stage for one p: s butterflies, one
+    restrict pointer per input/output leg (so gcc vectorises over q without
+    run-time overlap checks); twiddles w_k = (wr, wi)[(k-1)*m]."""
+    cdef Py_ssize_t q
+    cdef real_t w1r, w1i, w2r, w2i, w3r, w3i, w4r, w4i, a0r, a0i, a1r, a1i, a2r, a2i, a3r, a3i, a4r, a4i
+    cdef real_t p1r, p1i, m1r, m1i, p2r, p2i, m2r, m2i, ar_, ai_, br_, bi_, er_, ei_
+    cdef real_t fr_, fi_, o1r, o1i, o4r, o4i, o2r, o2i, o3r, o3i, c1, c2, s1, s2
+    c1 = kc[K_C1]
+    c2 = kc[K_C2]
+    s1 = kc[K_S1]
+    s2 = kc[K_S2]
+    w1r = wr[0]; w1i = wi[0]
+    w2r = wr[m]; w2i = wi[m]
+    w3r = wr[2 * m]; w3i = wi[2 * m]
+    w4r = wr[3 * m]; w4i = wi[3 * m]
+    for q in range(s):
+        a0r = x0r[q]; a0i = x0i[q]
+        a1r = x1r[q]; a1i = x1i[q]
+        a2r = x2r[q]; a2i = x2i[q]
+        a3r = x3r[q]; a3i = x3i[q]
+        a4r = x4r[q]; a4i = x4i[q]
+        p1r = a1r + a4r; p1i = a1i + a4i
+        m1r = a1r - a4r; m1i = a1i - a4i
+        p2r = a2r + a3r; p2i = a2i + a3i
+        m2r = a2r - a3r; m2i = a2i - a3i
+        y0r[q] = a0r + p1r + p2r; y0i[q] = a0i + p1i + p2i
+        # c1,c4 = A +- B; c2,c3 = A' +- B' with B = -i*(s1*m1 + s2*m2), B' = -i*(s2*m1 - s1*m2)
+        ar_ = a0r + c1 * p1r + c2 * p2r; ai_ = a0i + c1 * p1i + c2 * p2i
+        br_ = s1 * m1i + s2 * m2i; bi_ = -(s1 * m1r + s2 * m2r)
+        er_ = a0r + c2 * p1r + c1 * p2r; ei_ = a0i + c2 * p1i + c1 * p2i
+        fr_ = s2 * m1i - s1 * m2i; fi_ = s1 * m2r - s2 * m1r
+        o1r = ar_ + br_; o1i = ai_ + bi_
+        o4r = ar_ - br_; o4i = ai_ - bi_
+        o2r = er_ + fr_; o2i = ei_ + fi_
+        o3r = er_ - fr_; o3i = ei_ - fi_
+        y1r[q] = o1r * w1r - o1i * w1i; y1i[q] = o1r * w1i + o1i * w1r
+        y2r[q] = o2r * w2r - o2i * w2i; y2i[q] = o2r * w2i + o2i * w2r
+        y3r[q] = o3r * w3r - o3i * w3i; y3i[q] = o3r * w3i + o3i * w3r
+        y4r[q] = o4r * w4r - o4i * w4i; y4i[q] = o4r * w4i + o4i * w4r
 
 
 cdef void _stage5(rptr yr, rptr yi, rptr xr, rptr xi, Py_ssize_t s, Py_ssize_t m,
-                  rptr wr, rptr wi, rptr kc) noexcept nogil:
-    cdef Py_ssize_t p, q, sm = s * m
-    if m == 1:
-        for q in range(s):
-            _bf5(yr + q, yi + q, s, xr + q, xi + q, s, wr, wi, 0, 0, kc)
-    elif s == 1:
+                  rptr wr, rptr wi, const real_t* kc) noexcept nogil:
+    cdef Py_ssize_t p, q, i, o, xs, ys
+    cdef real_t w1r, w1i, w2r, w2i, w3r, w3i, w4r, w4i, a0r, a0i, a1r, a1i, a2r, a2i, a3r, a3i, a4r, a4i
+    cdef real_t p1r, p1i, m1r, m1i, p2r, p2i, m2r, m2i, ar_, ai_, br_, bi_, er_, ei_
+    cdef real_t fr_, fi_, o1r, o1i, o4r, o4i, o2r, o2i, o3r, o3i, c1, c2, s1, s2
+    c1 = kc[K_C1]
+    c2 = kc[K_C2]
+    s1 = kc[K_S1]
+    s2 = kc[K_S2]
+    if s == 1:
+        xs = m
+        ys = 1
         for p in range(m):
-            _bf5(yr + 5 * p, yi + 5 * p, 1, xr + p, xi + p, m, wr + p, wi + p, m, 1, kc)
+            i = p
+            o = 5 * p
+            w1r = wr[p]; w1i = wi[p]
+            w2r = wr[p + m]; w2i = wi[p + m]
+            w3r = wr[p + 2 * m]; w3i = wi[p + 2 * m]
+            w4r = wr[p + 3 * m]; w4i = wi[p + 3 * m]
+            a0r = xr[i]; a0i = xi[i]
+            a1r = xr[i + xs]; a1i = xi[i + xs]
+            a2r = xr[i + 2 * xs]; a2i = xi[i + 2 * xs]
+            a3r = xr[i + 3 * xs]; a3i = xi[i + 3 * xs]
+            a4r = xr[i + 4 * xs]; a4i = xi[i + 4 * xs]
+            p1r = a1r + a4r; p1i = a1i + a4i
+            m1r = a1r - a4r; m1i = a1i - a4i
+            p2r = a2r + a3r; p2i = a2i + a3i
+            m2r = a2r - a3r; m2i = a2i - a3i
+            yr[o] = a0r + p1r + p2r; yi[o] = a0i + p1i + p2i
+            # c1,c4 = A +- B; c2,c3 = A' +- B' with B = -i*(s1*m1 + s2*m2), B' = -i*(s2*m1 - s1*m2)
+            ar_ = a0r + c1 * p1r + c2 * p2r; ai_ = a0i + c1 * p1i + c2 * p2i
+            br_ = s1 * m1i + s2 * m2i; bi_ = -(s1 * m1r + s2 * m2r)
+            er_ = a0r + c2 * p1r + c1 * p2r; ei_ = a0i + c2 * p1i + c1 * p2i
+            fr_ = s2 * m1i - s1 * m2i; fi_ = s1 * m2r - s2 * m1r
+            o1r = ar_ + br_; o1i = ai_ + bi_
+            o4r = ar_ - br_; o4i = ai_ - bi_
+            o2r = er_ + fr_; o2i = ei_ + fi_
+            o3r = er_ - fr_; o3i = ei_ - fi_
+            yr[o + ys] = o1r * w1r - o1i * w1i; yi[o + ys] = o1r * w1i + o1i * w1r
+            yr[o + 2 * ys] = o2r * w2r - o2i * w2i; yi[o + 2 * ys] = o2r * w2i + o2i * w2r
+            yr[o + 3 * ys] = o3r * w3r - o3i * w3i; yi[o + 3 * ys] = o3r * w3i + o3i * w3r
+            yr[o + 4 * ys] = o4r * w4r - o4i * w4i; yi[o + 4 * ys] = o4r * w4i + o4i * w4r
     else:
+        xs = s * m
         for p in range(m):
-            for q in range(s):
-                _bf5(yr + q + 5 * s * p, yi + q + 5 * s * p, s, xr + q + s * p, xi + q + s * p, sm,
-                     wr + p, wi + p, m, 1, kc)
+            _q5(s,
+                yr + (5 * p + 0) * s, yr + (5 * p + 1) * s,
+                yr + (5 * p + 2) * s, yr + (5 * p + 3) * s, yr + (5 * p + 4) * s,
+                yi + (5 * p + 0) * s, yi + (5 * p + 1) * s,
+                yi + (5 * p + 2) * s, yi + (5 * p + 3) * s, yi + (5 * p + 4) * s,
+                xr + s * p + 0 * xs, xr + s * p + 1 * xs,
+                xr + s * p + 2 * xs, xr + s * p + 3 * xs, xr + s * p + 4 * xs,
+                xi + s * p + 0 * xs, xi + s * p + 1 * xs,
+                xi + s * p + 2 * xs, xi + s * p + 3 * xs, xi + s * p + 4 * xs,
+                wr + p, wi + p, m, kc)
+
+
+cdef void _q8(Py_ssize_t s,
+            rptr y0r, rptr y1r, rptr y2r, rptr y3r, rptr y4r, rptr y5r, rptr y6r, rptr y7r,
+            rptr y0i, rptr y1i, rptr y2i, rptr y3i, rptr y4i, rptr y5i, rptr y6i, rptr y7i,
+            rptr x0r, rptr x1r, rptr x2r, rptr x3r, rptr x4r, rptr x5r, rptr x6r, rptr x7r,
+            rptr x0i, rptr x1i, rptr x2i, rptr x3i, rptr x4i, rptr x5i, rptr x6i, rptr x7i,
+            rptr wr, rptr wi, Py_ssize_t m, const real_t* kc) noexcept nogil:
+    """Inner loop of a radix-8 stage for one p: s butterflies, one
+    restrict pointer per input/output leg (so gcc vectorises over q without
+    run-time overlap checks); twiddles w_k = (wr, wi)[(k-1)*m]."""
+    cdef Py_ssize_t q
+    cdef real_t w1r, w1i, w2r, w2i, w3r, w3i, w4r, w4i, w5r, w5i, w6r, w6i, w7r, w7i, a0r, a0i, a1r, a1i
+    cdef real_t a2r, a2i, a3r, a3i, a4r, a4i, a5r, a5i, a6r, a6i, a7r, a7i, t0r, t0i, t1r, t1i, t2r, t2i
+    cdef real_t t3r, t3i, e0r, e0i, e2r, e2i, e1r, e1i, e3r, e3i, u0r, u0i, u1r, u1i, u2r, u2i, u3r, u3i
+    cdef real_t o0r, o0i, o2r_, o2i_, o1r_, o1i_, o3r_, o3i_, o1r, o1i, o2r, o2i, o3r, o3i
+    cdef real_t c1r, c1i, c2r, c2i, c3r, c3i, c4r, c4i, c5r, c5i, c6r, c6i, c7r, c7i, sg, h
+    sg = kc[K_SG]
+    h = kc[K_H]
+    w1r = wr[0]; w1i = wi[0]
+    w2r = wr[m]; w2i = wi[m]
+    w3r = wr[2 * m]; w3i = wi[2 * m]
+    w4r = wr[3 * m]; w4i = wi[3 * m]
+    w5r = wr[4 * m]; w5i = wi[4 * m]
+    w6r = wr[5 * m]; w6i = wi[5 * m]
+    w7r = wr[6 * m]; w7i = wi[6 * m]
+    for q in range(s):
+        a0r = x0r[q]; a0i = x0i[q]
+        a1r = x1r[q]; a1i = x1i[q]
+        a2r = x2r[q]; a2i = x2i[q]
+        a3r = x3r[q]; a3i = x3i[q]
+        a4r = x4r[q]; a4i = x4i[q]
+        a5r = x5r[q]; a5i = x5i[q]
+        a6r = x6r[q]; a6i = x6i[q]
+        a7r = x7r[q]; a7i = x7i[q]
+        # even half: radix-4 of a0, a2, a4, a6
+        t0r = a0r + a4r; t0i = a0i + a4i
+        t1r = a0r - a4r; t1i = a0i - a4i
+        t2r = a2r + a6r; t2i = a2i + a6i
+        t3r = sg * (a2i - a6i); t3i = sg * (a6r - a2r)
+        e0r = t0r + t2r; e0i = t0i + t2i
+        e2r = t0r - t2r; e2i = t0i - t2i
+        e1r = t1r + t3r; e1i = t1i + t3i
+        e3r = t1r - t3r; e3i = t1i - t3i
+        # odd half: radix-4 of a1, a3, a5, a7
+        u0r = a1r + a5r; u0i = a1i + a5i
+        u1r = a1r - a5r; u1i = a1i - a5i
+        u2r = a3r + a7r; u2i = a3i + a7i
+        u3r = sg * (a3i - a7i); u3i = sg * (a7r - a3r)
+        o0r = u0r + u2r; o0i = u0i + u2i
+        o2r_ = u0r - u2r; o2i_ = u0i - u2i
+        o1r_ = u1r + u3r; o1i_ = u1i + u3i
+        o3r_ = u1r - u3r; o3i_ = u1i - u3i
+        # o1 *= W8, o2 *= W8^2 = -i*sg, o3 *= W8^3
+        o1r = h * (o1r_ + sg * o1i_); o1i = h * (o1i_ - sg * o1r_)
+        o2r = sg * o2i_; o2i = -sg * o2r_
+        o3r = h * (sg * o3i_ - o3r_); o3i = -h * (o3i_ + sg * o3r_)
+        y0r[q] = e0r + o0r; y0i[q] = e0i + o0i
+        c1r = e1r + o1r; c1i = e1i + o1i
+        c2r = e2r + o2r; c2i = e2i + o2i
+        c3r = e3r + o3r; c3i = e3i + o3i
+        c4r = e0r - o0r; c4i = e0i - o0i
+        c5r = e1r - o1r; c5i = e1i - o1i
+        c6r = e2r - o2r; c6i = e2i - o2i
+        c7r = e3r - o3r; c7i = e3i - o3i
+        y1r[q] = c1r * w1r - c1i * w1i; y1i[q] = c1r * w1i + c1i * w1r
+        y2r[q] = c2r * w2r - c2i * w2i; y2i[q] = c2r * w2i + c2i * w2r
+        y3r[q] = c3r * w3r - c3i * w3i; y3i[q] = c3r * w3i + c3i * w3r
+        y4r[q] = c4r * w4r - c4i * w4i; y4i[q] = c4r * w4i + c4i * w4r
+        y5r[q] = c5r * w5r - c5i * w5i; y5i[q] = c5r * w5i + c5i * w5r
+        y6r[q] = c6r * w6r - c6i * w6i; y6i[q] = c6r * w6i + c6i * w6r
+        y7r[q] = c7r * w7r - c7i * w7i; y7i[q] = c7r * w7i + c7i * w7r
 
 
 cdef void _stage8(rptr yr, rptr yi, rptr xr, rptr xi, Py_ssize_t s, Py_ssize_t m,
-                  rptr wr, rptr wi, rptr kc) noexcept nogil:
-    cdef Py_ssize_t p, q, sm = s * m
-    if m == 1:
-        for q in range(s):
-            _bf8(yr + q, yi + q, s, xr + q, xi + q, s, wr, wi, 0, 0, kc)
-    elif s == 1:
+                  rptr wr, rptr wi, const real_t* kc) noexcept nogil:
+    cdef Py_ssize_t p, q, i, o, xs, ys
+    cdef real_t w1r, w1i, w2r, w2i, w3r, w3i, w4r, w4i, w5r, w5i, w6r, w6i, w7r, w7i, a0r, a0i, a1r, a1i
+    cdef real_t a2r, a2i, a3r, a3i, a4r, a4i, a5r, a5i, a6r, a6i, a7r, a7i, t0r, t0i, t1r, t1i, t2r, t2i
+    cdef real_t t3r, t3i, e0r, e0i, e2r, e2i, e1r, e1i, e3r, e3i, u0r, u0i, u1r, u1i, u2r, u2i, u3r, u3i
+    cdef real_t o0r, o0i, o2r_, o2i_, o1r_, o1i_, o3r_, o3i_, o1r, o1i, o2r, o2i, o3r, o3i
+    cdef real_t c1r, c1i, c2r, c2i, c3r, c3i, c4r, c4i, c5r, c5i, c6r, c6i, c7r, c7i, sg, h
+    sg = kc[K_SG]
+    h = kc[K_H]
+    if s == 1:
+        xs = m
+        ys = 1
         for p in range(m):
-            _bf8(yr + 8 * p, yi + 8 * p, 1, xr + p, xi + p, m, wr + p, wi + p, m, 1, kc)
+            i = p
+            o = 8 * p
+            w1r = wr[p]; w1i = wi[p]
+            w2r = wr[p + m]; w2i = wi[p + m]
+            w3r = wr[p + 2 * m]; w3i = wi[p + 2 * m]
+            w4r = wr[p + 3 * m]; w4i = wi[p + 3 * m]
+            w5r = wr[p + 4 * m]; w5i = wi[p + 4 * m]
+            w6r = wr[p + 5 * m]; w6i = wi[p + 5 * m]
+            w7r = wr[p + 6 * m]; w7i = wi[p + 6 * m]
+            a0r = xr[i]; a0i = xi[i]
+            a1r = xr[i + xs]; a1i = xi[i + xs]
+            a2r = xr[i + 2 * xs]; a2i = xi[i + 2 * xs]
+            a3r = xr[i + 3 * xs]; a3i = xi[i + 3 * xs]
+            a4r = xr[i + 4 * xs]; a4i = xi[i + 4 * xs]
+            a5r = xr[i + 5 * xs]; a5i = xi[i + 5 * xs]
+            a6r = xr[i + 6 * xs]; a6i = xi[i + 6 * xs]
+            a7r = xr[i + 7 * xs]; a7i = xi[i + 7 * xs]
+            # even half: radix-4 of a0, a2, a4, a6
+            t0r = a0r + a4r; t0i = a0i + a4i
+            t1r = a0r - a4r; t1i = a0i - a4i
+            t2r = a2r + a6r; t2i = a2i + a6i
+            t3r = sg * (a2i - a6i); t3i = sg * (a6r - a2r)
+            e0r = t0r + t2r; e0i = t0i + t2i
+            e2r = t0r - t2r; e2i = t0i - t2i
+            e1r = t1r + t3r; e1i = t1i + t3i
+            e3r = t1r - t3r; e3i = t1i - t3i
+            # odd half: radix-4 of a1, a3, a5, a7
+            u0r = a1r + a5r; u0i = a1i + a5i
+            u1r = a1r - a5r; u1i = a1i - a5i
+            u2r = a3r + a7r; u2i = a3i + a7i
+            u3r = sg * (a3i - a7i); u3i = sg * (a7r - a3r)
+            o0r = u0r + u2r; o0i = u0i + u2i
+            o2r_ = u0r - u2r; o2i_ = u0i - u2i
+            o1r_ = u1r + u3r; o1i_ = u1i + u3i
+            o3r_ = u1r - u3r; o3i_ = u1i - u3i
+            # o1 *= W8, o2 *= W8^2 = -i*sg, o3 *= W8^3
+            o1r = h * (o1r_ + sg * o1i_); o1i = h * (o1i_ - sg * o1r_)
+            o2r = sg * o2i_; o2i = -sg * o2r_
+            o3r = h * (sg * o3i_ - o3r_); o3i = -h * (o3i_ + sg * o3r_)
+            yr[o] = e0r + o0r; yi[o] = e0i + o0i
+            c1r = e1r + o1r; c1i = e1i + o1i
+            c2r = e2r + o2r; c2i = e2i + o2i
+            c3r = e3r + o3r; c3i = e3i + o3i
+            c4r = e0r - o0r; c4i = e0i - o0i
+            c5r = e1r - o1r; c5i = e1i - o1i
+            c6r = e2r - o2r; c6i = e2i - o2i
+            c7r = e3r - o3r; c7i = e3i - o3i
+            yr[o + ys] = c1r * w1r - c1i * w1i; yi[o + ys] = c1r * w1i + c1i * w1r
+            yr[o + 2 * ys] = c2r * w2r - c2i * w2i; yi[o + 2 * ys] = c2r * w2i + c2i * w2r
+            yr[o + 3 * ys] = c3r * w3r - c3i * w3i; yi[o + 3 * ys] = c3r * w3i + c3i * w3r
+            yr[o + 4 * ys] = c4r * w4r - c4i * w4i; yi[o + 4 * ys] = c4r * w4i + c4i * w4r
+            yr[o + 5 * ys] = c5r * w5r - c5i * w5i; yi[o + 5 * ys] = c5r * w5i + c5i * w5r
+            yr[o + 6 * ys] = c6r * w6r - c6i * w6i; yi[o + 6 * ys] = c6r * w6i + c6i * w6r
+            yr[o + 7 * ys] = c7r * w7r - c7i * w7i; yi[o + 7 * ys] = c7r * w7i + c7i * w7r
     else:
+        xs = s * m
         for p in range(m):
-            for q in range(s):
-                _bf8(yr + q + 8 * s * p, yi + q + 8 * s * p, s, xr + q + s * p, xi + q + s * p, sm,
-                     wr + p, wi + p, m, 1, kc)
+            _q8(s,
+                yr + (8 * p + 0) * s, yr + (8 * p + 1) * s, yr + (8 * p + 2) * s, yr + (8 * p + 3) * s,
+                yr + (8 * p + 4) * s, yr + (8 * p + 5) * s, yr + (8 * p + 6) * s, yr + (8 * p + 7) * s,
+                yi + (8 * p + 0) * s, yi + (8 * p + 1) * s, yi + (8 * p + 2) * s, yi + (8 * p + 3) * s,
+                yi + (8 * p + 4) * s, yi + (8 * p + 5) * s, yi + (8 * p + 6) * s, yi + (8 * p + 7) * s,
+                xr + s * p + 0 * xs, xr + s * p + 1 * xs, xr + s * p + 2 * xs, xr + s * p + 3 * xs,
+                xr + s * p + 4 * xs, xr + s * p + 5 * xs, xr + s * p + 6 * xs, xr + s * p + 7 * xs,
+                xi + s * p + 0 * xs, xi + s * p + 1 * xs, xi + s * p + 2 * xs, xi + s * p + 3 * xs,
+                xi + s * p + 4 * xs, xi + s * p + 5 * xs, xi + s * p + 6 * xs, xi + s * p + 7 * xs,
+                wr + p, wi + p, m, kc)
 
 
 cdef void _split(rptr dr, rptr di, rptr src, Py_ssize_t n) noexcept nogil:
@@ -317,8 +531,9 @@ cdef void _split(rptr dr, rptr di, rptr src, Py_ssize_t n) noexcept nogil:
         di[i] = src[2 * i + 1]
 
 
-cdef void _join(rptr dst, rptr sr, rptr si, Py_ssize_t n, rptr kc) noexcept nogil:
+cdef void _join(rptr dst, rptr sr, rptr si, Py_ssize_t n, const real_t* kc) noexcept nogil:
     cdef Py_ssize_t i
+    cdef real_t scale
     scale = kc[K_SCALE]
     if scale == 1:
         for i in range(n):
@@ -332,7 +547,7 @@ cdef void _join(rptr dst, rptr sr, rptr si, Py_ssize_t n, rptr kc) noexcept nogi
 
 cdef int _run(rptr x, rptr y, Py_ssize_t batch, Py_ssize_t n, int nstages,
               const int* radix, const Py_ssize_t* stride, const Py_ssize_t* toff,
-              rptr twr, rptr twi, rptr kc) noexcept nogil:
+              rptr twr, rptr twi, const real_t* kc) noexcept nogil:
     """Transform ``batch`` rows of n interleaved complex values x -> y.
 
     x and y are either disjoint or identical (in-place); each row is fully
@@ -341,15 +556,19 @@ cdef int _run(rptr x, rptr y, Py_ssize_t batch, Py_ssize_t n, int nstages,
     """
     cdef Py_ssize_t b, s, m
     cdef int i, r
-    # Two split (re, im) ping-pong buffers. The pointers are derived from the
-    # allocation below; malloc returns memory suitably aligned for double.
-    cdef void* mem = malloc(4 * n * sizeof(kc[0]) + 64)
+    cdef rptr ar, ai, br, bi
+    # Two split (re, im) ping-pong buffers, each array 64-byte aligned and
+    # followed by PAD extra elements so that the four arrays do not sit a
+    # power of two apart (which costs L1 set conflicts and 4K store-load
+    # aliasing stalls for n >= 1024).
+    cdef Py_ssize_t ld = n + PAD
+    cdef void* mem = malloc(4 * ld * sizeof(kc[0]) + 64)
     if mem == NULL:
         return -1
-    ar = <rptr>mem
-    ai = ar + n
-    br = ai + n
-    bi = br + n
+    ar = <rptr>((<size_t>mem + 63) & ~(<size_t>63))
+    ai = ar + ld
+    br = ai + ld
+    bi = br + ld
     for b in range(batch):
         _split(ar, ai, x + 2 * n * b, n)
         for i in range(nstages):
@@ -445,11 +664,11 @@ cdef class FFTCore:
         if self.double:
             with nogil:
                 rc = _run(<dptr>xp, <dptr>yp, batch, self.n, self.nstages, self.radix_,
-                          self.stride_, self.toff_, <dptr>twr, <dptr>twi, <dptr>kc)
+                          self.stride_, self.toff_, <dptr>twr, <dptr>twi, <const double*>kc)
         else:
             with nogil:
                 rc = _run(<fptr>xp, <fptr>yp, batch, self.n, self.nstages, self.radix_,
-                          self.stride_, self.toff_, <fptr>twr, <fptr>twi, <fptr>kc)
+                          self.stride_, self.toff_, <fptr>twr, <fptr>twi, <const float*>kc)
         if rc != 0:
             raise MemoryError(f"fft scratch of {4 * self.n} reals")
         return y
