@@ -92,7 +92,7 @@ def _wait_socket(path: str, proc: subprocess.Popen, timeout: float = 20.0) -> No
 
 
 def _daemon(sock: str, poll_us: float) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "vrdma", "backend", "--socket", sock, "--size", "8M",
+    return subprocess.Popen([sys.executable, "-m", "vrdma", "backend", "--device", "blk", "--socket", sock, "--size", "8M",
                              "--poll-us", str(poll_us)], stdout=subprocess.DEVNULL)
 
 

@@ -95,6 +95,10 @@ class Watcher(Protocol):
 
     def unwatch_kick(self, vring: Vring) -> None: ...  # stop watching / polling
 
+    def call_soon(self, fn) -> None: ...  # run fn on the loop, after the current callback
+
+    def call_later(self, delay: float, fn): ...  # run fn after delay seconds; returns a cancellable handle
+
 
 @dataclass
 class ConnectionMetrics:
@@ -126,6 +130,7 @@ class BackendConnection:
         self.broken: VhostUserError | VirtioError | None = None
         self.closed = False
         self.metrics = ConnectionMetrics()
+        device.attach(self)
 
     # ------------------------------------------------------------------
     def handle(self, msg: Message) -> list[Message]:
@@ -217,8 +222,14 @@ class BackendConnection:
         try:
             while True:
                 q.disable_notification(mem)
+                before = q.last_avail_idx
                 self.device.process_queue(vring, mem)
                 vring.notify(mem)
+                if q.last_avail_idx == before:
+                    # No progress: the device keeps buffers on purpose (an
+                    # event queue waiting for events). Do not spin on them.
+                    q.enable_notification(mem)
+                    break
                 if poll:
                     # Busy-poll for a bounded window (like vhost-net's
                     # busyloop_timeout): with notifications off, the driver

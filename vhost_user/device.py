@@ -38,6 +38,13 @@ class VhostUserDevice:
     device_features: int = 0
     protocol_features: PF = DEFAULT_PROTOCOL_FEATURES
 
+    def attach(self, conn) -> None:
+        """Called once by the connection that serves this device. ``conn``
+        gives the device its guest memory (``conn.mem``), its rings
+        (``conn.vrings``) and event-loop services (``conn.watcher``:
+        ``call_soon(fn)``, ``call_later(delay, fn) -> handle``)."""
+        self.conn = conn
+
     def features(self) -> int:
         return self.device_features | TRANSPORT_FEATURES
 

@@ -88,6 +88,23 @@ class ServedConnection:
         if handle is not None:
             handle.cancel()
 
+    def call_soon(self, fn) -> None:
+        self.loop.call_soon(self._guarded, fn)
+
+    def call_later(self, delay: float, fn):
+        return self.loop.call_later(max(0.0, delay), self._guarded, fn)
+
+    def _guarded(self, fn) -> None:
+        if self.closed:
+            return
+        try:
+            fn()
+        except (VhostUserError, VirtioError) as e:
+            self.fail(e)
+        except Exception as e:
+            log.exception("%s: device callback raised", self.name)
+            self.fail(e)
+
     def _schedule_poll(self, vring: Vring) -> None:
         self._polls[vring.index] = self.loop.call_later(POLL_INTERVAL, self._poll, vring)
 

@@ -153,7 +153,7 @@ def test_spinning_frontend_and_polling_daemon(tmp_path):
     from qemu_tests.launch import wait_for_unix_socket
 
     sock = str(tmp_path / "poll.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "vrdma", "backend", "--socket", sock, "--size", "1M",
+    proc = subprocess.Popen([sys.executable, "-m", "vrdma", "backend", "--device", "blk", "--socket", sock, "--size", "1M",
                              "--poll-us", "2000"])
     try:
         wait_for_unix_socket(sock, 20)

@@ -12,8 +12,8 @@ log = logging.getLogger("vrdma.backend")
 def add_arguments(p) -> None:
     p.add_argument("--socket", "-s", action="append", required=True, metavar="PATH",
                    help="unix socket path to listen on (repeat for several)")
-    p.add_argument("--device", choices=["blk"], default="blk",
-                   help="device to serve (blk: virtio-blk, the transport's test device)")
+    p.add_argument("--device", choices=["rdma", "blk"], default="rdma",
+                   help="device to serve (rdma: virtio-rdma, ID 42; blk: virtio-blk, the transport's test device)")
     p.add_argument("--image", metavar="FILE", help="blk: back every connection with this raw image file (shared)")
     p.add_argument("--size", default="64M", help="blk: per-connection RAM disk size (default 64M)")
     p.add_argument("--boot-marker", metavar="TEXT",
@@ -35,6 +35,13 @@ def parse_size(text: str) -> int:
 
 
 def make_device_factory(args):
+    if args.device == "rdma":
+        from virtio_rdma.device import RdmaDevice
+        from virtio_rdma.fabric import LocalFabric
+
+        fabric = LocalFabric()  # one host: every guest of this daemon shares the QPN space
+        return lambda: RdmaDevice(fabric)
+
     from vhost_user.blk import BlkDevice, Disk
 
     if args.image:

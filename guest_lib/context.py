@@ -1,0 +1,207 @@
+"""Context: one process guest's virtio-rdma device, opened by socket path.
+
+Opening a Context connects to the back-end daemon as a vhost-user front-end
+(the virtio-user pattern), shares a memfd of guest memory with it, sets up
+the three virtqueues of the device (controlq, doorbellq, eventq; see
+docs/virtio-rdma.md) and reads the device's config space. Every buffer the
+device must reach (MRs, work queue and completion rings, doorbell records)
+is allocated from that shared memory.
+"""
+from __future__ import annotations
+
+import collections
+import errno
+import os
+import select
+import struct
+import types
+
+from guest_lib.base import VerbsObject
+from guest_lib.errors import RDMAError, UserError
+from guest_lib.memory import GuestAllocator
+from vhost_user.errors import VhostUserError
+from vhost_user.frontend import VirtioUserDevice
+from virtio_rdma import wire
+from virtio_rdma.constants import Cmd, EventKind, Feature, Status
+
+CONTROLQ, DOORBELLQ, EVENTQ = 0, 1, 2
+REQ_BUF = 64 << 10
+RESP_BUF = 4096
+EVENT_BUF = 64  # 8 records
+N_EVENT_BUFS = 64
+DOORBELL_BUF = 8 * 64  # 64 records
+N_DOORBELL_BUFS = 128
+_EVENT = struct.Struct("<BBHI")
+
+
+class GID:
+    def __init__(self, raw: bytes):
+        if len(raw) != 16:
+            raise UserError(f"a GID is 16 bytes, got {len(raw)}")
+        self.raw = bytes(raw)
+
+    @property
+    def gid(self) -> str:
+        h = self.raw.hex()
+        return ":".join(h[i : i + 4] for i in range(0, 32, 4))
+
+    def __str__(self):
+        return self.gid
+
+    def __eq__(self, other):
+        return isinstance(other, GID) and other.raw == self.raw
+
+    def __hash__(self):
+        return hash(self.raw)
+
+
+class Context(VerbsObject):
+    """Open the virtio-rdma device behind the back-end socket ``name``."""
+
+    def __init__(self, name: str, *, mem_size: int = 64 << 20, queue_size: int = 256,
+                 timeout: float | None = 10.0, hugetlb="auto"):
+        super().__init__(None)
+        self.name = name
+        self.timeout = timeout
+        features = (1 << Feature.INLINE_DATA) | (1 << Feature.ATOMIC)
+        try:
+            self.dev = VirtioUserDevice(name, mem_size=mem_size, num_queues=3, queue_size=queue_size,
+                                        device_features=features, hugetlb=hugetlb, timeout=timeout)
+        except (VhostUserError, OSError) as e:
+            raise RDMAError(f"cannot open device at {name}: {e}", getattr(e, "errno", None) or errno.ENODEV) from e
+        try:
+            self.features = self.dev.features
+            dev = self.dev
+            self.config = types.SimpleNamespace(**wire.decode_config(dev.get_config(0, wire.Config.sizeof())))
+            self._req_gpa = dev.alloc(REQ_BUF, 4096)
+            self._resp_gpa = dev.alloc(RESP_BUF, 64)
+            self._req = dev.translate(self._req_gpa, REQ_BUF)
+            self._resp = dev.translate(self._resp_gpa, RESP_BUF)
+            # Doorbell buffers: completions are polled, never signalled.
+            self._db_bufs = [dev.alloc(DOORBELL_BUF, 64) for _ in range(N_DOORBELL_BUFS)]
+            self._db_free = list(self._db_bufs)
+            dev.queues[DOORBELLQ].disable_cb()
+            # Event buffers: posted once, re-posted after each use.
+            self._ev_bufs = [dev.alloc(EVENT_BUF, 64) for _ in range(N_EVENT_BUFS)]
+            for gpa in self._ev_bufs:
+                dev.queues[EVENTQ].add([], [(gpa, EVENT_BUF)], gpa)
+            dev.kick(EVENTQ)
+            self.cq_events: collections.Counter = collections.Counter()
+            self.async_events: collections.deque = collections.deque()
+            self.qps: dict = {}
+            bump = dev.bump
+            self.allocator = GuestAllocator(bump.next, bump.end)
+            bump.next = bump.end  # everything else is the allocator's
+        except BaseException:
+            self.dev.close()
+            raise
+
+    # --- memory -------------------------------------------------------
+    def alloc(self, size: int, align: int = 64) -> tuple[int, memoryview]:
+        gpa = self.allocator.alloc(size, align)
+        view = self.dev.translate(gpa, size)
+        view[:] = bytes(size)
+        return gpa, view
+
+    def free(self, gpa: int) -> None:
+        self.allocator.free(gpa)
+
+    def uva_of(self, gpa: int) -> int:
+        return self.dev._uva(gpa)
+
+    def view_of_uva(self, uva: int, length: int) -> memoryview:
+        return self.dev.mem.translate(self.dev.mem.uva_to_gpa(uva, length), length)
+
+    # --- control queue ------------------------------------------------
+    def command(self, cmd: Cmd, **fields) -> dict | None:
+        self._check_open()
+        try:
+            req = wire.encode_request(cmd, **fields)
+        except Exception as e:
+            raise UserError(f"{cmd.name}: {e}") from e
+        if len(req) > REQ_BUF:
+            raise UserError(f"{cmd.name} request of {len(req)} bytes exceeds {REQ_BUF}")
+        self._req[: len(req)] = req
+        rsz = wire.response_size(cmd)
+        q = self.dev.queues[CONTROLQ]
+        q.add([(self._req_gpa, len(req))], [(self._resp_gpa, rsz)], cmd)
+        self.dev.kick_if_needed(CONTROLQ)
+        try:
+            _, written = self.dev.wait_used(CONTROLQ, self.timeout)
+        except VhostUserError as e:
+            raise RDMAError(f"{cmd.name}: no answer from the device: {e}", e.errno) from e
+        status, body = wire.decode_response(cmd, self._resp[:written])
+        if status != Status.OK:
+            raise RDMAError(f"{cmd.name} failed", int(status))
+        return body
+
+    def query_device(self):
+        return types.SimpleNamespace(**self.command(Cmd.QUERY_DEVICE))
+
+    def query_port(self, port_num: int = 1):
+        return types.SimpleNamespace(**self.command(Cmd.QUERY_PORT, port_num=port_num))
+
+    def query_gid(self, port_num: int = 1, index: int = 0) -> GID:
+        return GID(self.command(Cmd.QUERY_GID, port_num=port_num, index=index)["gid"])
+
+    # --- doorbells ----------------------------------------------------
+    def ring_doorbells(self, records: bytes) -> None:
+        q = self.dev.queues[DOORBELLQ]
+        for off in range(0, len(records), DOORBELL_BUF):
+            chunk = records[off : off + DOORBELL_BUF]
+            while True:
+                used = q.get_used()
+                if used is None:
+                    break
+                self._db_free.append(used[0])
+            if not self._db_free:
+                q.enable_cb()
+                try:
+                    token, _ = self.dev.wait_used(DOORBELLQ, self.timeout)
+                finally:
+                    q.disable_cb()
+                self._db_free.append(token)
+            gpa = self._db_free.pop()
+            self.dev.translate(gpa, len(chunk))[:] = chunk
+            q.add([(gpa, len(chunk))], [], gpa)
+        self.dev.kick_if_needed(DOORBELLQ)
+
+    # --- events ---------------------------------------------------------
+    def _take_events(self, timeout: float | None) -> bool:
+        """Collect event records; wait up to ``timeout`` for the first one."""
+        q = self.dev.queues[EVENTQ]
+        fd = self.dev.call_fds[EVENTQ]
+        got = False
+        while True:
+            item = q.get_used()
+            if item is None:
+                if got or timeout == 0:
+                    return got
+                if q.enable_cb():  # something arrived while arming
+                    continue
+                r, _, _ = select.select([fd], [], [], timeout)
+                if not r:
+                    return got
+                os.eventfd_read(fd)
+                continue
+            gpa, written = item
+            buf = self.dev.translate(gpa, written)
+            for kind, _r, type_, number in _EVENT.iter_unpack(bytes(buf[: written - written % 8])):
+                if kind == EventKind.COMPLETION:
+                    self.cq_events[number] += 1
+                else:
+                    self.async_events.append((type_, number))
+            q.add([], [(gpa, EVENT_BUF)], gpa)
+            self.dev.kick_if_needed(EVENTQ)
+            got = True
+
+    def get_async_event(self, timeout: float | None = None):
+        """(ibv_event_type, object number) of the next async event, or None."""
+        if not self.async_events:
+            self._take_events(self.timeout if timeout is None else timeout)
+        return self.async_events.popleft() if self.async_events else None
+
+    def _release(self) -> None:
+        for v in (self._req, self._resp):
+            v.release()
+        self.dev.close()

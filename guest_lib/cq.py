@@ -1,0 +1,114 @@
+"""Completion queue (ibv_cq): a ring of CQEs in guest memory, polled directly.
+
+The device writes CQE number n to slot n mod cqe with owner bit
+((n / cqe) & 1) ^ 1, owner byte last; polling needs no virtqueue round trip.
+The consumer index goes to the CQ's doorbell record so the device can tell
+an overflow. ``req_notify`` arms the CQ; ``get_event`` blocks on the event
+queue until the device reports a completion for this CQ.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from guest_lib.base import VerbsObject
+from guest_lib.context import Context
+from guest_lib.errors import UserError
+from virtio_rdma import wire
+from virtio_rdma.constants import Cmd, CqArm, WcOpcode, WcStatus
+
+_CQE = struct.Struct("<QBBBBIIIII")
+_OWNER = wire.CQE_OWNER_OFFSET
+
+
+@dataclass
+class WC:
+    wr_id: int
+    status: int
+    opcode: int
+    vendor_err: int
+    byte_len: int
+    qp_num: int
+    src_qp: int
+    imm_data: int
+    wc_flags: int
+
+    def __str__(self):
+        try:
+            st = WcStatus(self.status).name
+        except ValueError:
+            st = str(self.status)
+        return f"WC(wr_id={self.wr_id}, status={st}, opcode={self.opcode}, byte_len={self.byte_len})"
+
+
+class CQ(VerbsObject):
+    def __init__(self, ctx: Context, cqe: int, cq_context=None, channel=None, comp_vector: int = 0):
+        if cqe <= 0:
+            raise UserError(f"CQ size {cqe} must be positive")
+        super().__init__(ctx)
+        self.ctx = ctx
+        self.cq_context = cq_context
+        n = 1 << (cqe - 1).bit_length()
+        self.ring_gpa, self.ring = ctx.alloc(n * wire.CQE_SIZE, 4096)
+        self.dbrec_gpa, self.dbrec = ctx.alloc(wire.DBREC_SIZE, 64)
+        try:
+            r = ctx.command(Cmd.CREATE_CQ, cqe=n, comp_vector=comp_vector, ring_gpa=self.ring_gpa,
+                            dbrec_gpa=self.dbrec_gpa)
+        except BaseException:
+            self._free_memory()
+            raise
+        self.cqn, self.cqe = r["cqn"], r["cqe"]
+        self._mask = self.cqe - 1
+        self._shift = self.cqe.bit_length() - 1
+        self.ci = 0
+
+    def poll(self, num_entries: int = 1) -> tuple[int, list[WC]]:
+        """Poll up to ``num_entries`` completions: (npolled, [WC])."""
+        ring, ci, out = self.ring, self.ci, []
+        qps = self.ctx.qps
+        while len(out) < num_entries:
+            off = (ci & self._mask) * 32
+            if (ring[off + _OWNER] & 1) != (((ci >> self._shift) & 1) ^ 1):
+                break
+            wr_id, st, op, fl, _o, blen, imm, qpn, src, verr = _CQE.unpack_from(ring, off)
+            out.append(WC(wr_id, st, op, verr, blen, qpn, src, imm, fl))
+            ci = (ci + 1) & 0xFFFFFFFF
+            qp = qps.get(qpn)
+            if qp is not None:
+                qp._completed(op, st)
+        if out:
+            self.ci = ci
+            struct.pack_into("<I", self.dbrec, 0, ci)
+        return len(out), out
+
+    def req_notify(self, solicited_only: bool = False) -> None:
+        self.ctx.command(Cmd.REQ_NOTIFY_CQ, cqn=self.cqn,
+                         flags=int(CqArm.SOLICITED_ONLY) if solicited_only else 0)
+
+    def get_event(self, timeout: float | None = None) -> bool:
+        """Wait for a completion event of this CQ (after req_notify)."""
+        ctx = self.ctx
+        if not ctx.cq_events[self.cqn]:
+            import time
+
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not ctx.cq_events[self.cqn]:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not ctx._take_events(left) and deadline is not None and time.monotonic() >= deadline:
+                    return False
+        ctx.cq_events[self.cqn] -= 1
+        return True
+
+    def _free_memory(self) -> None:
+        for v in (self.ring, self.dbrec):
+            v.release()
+        if not self.ctx.closed:
+            self.ctx.free(self.ring_gpa)
+            self.ctx.free(self.dbrec_gpa)
+
+    def _release(self) -> None:
+        try:
+            if not self.ctx.closed:
+                self.ctx.command(Cmd.DESTROY_CQ, cqn=self.cqn)
+        finally:
+            self._free_memory()

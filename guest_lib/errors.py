@@ -1,0 +1,34 @@
+"""Errors of guest_lib, shaped like pyverbs'.
+
+:class:`RDMAError` is a failure the device reported (it carries the errno the
+device returned, like ``PyverbsRDMAError``); :class:`UserError` is a misuse
+caught before anything reached the device (like ``PyverbsUserError``).
+"""
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class VerbsError(Exception):
+    """Base of every guest_lib error."""
+
+
+class RDMAError(VerbsError):
+    def __init__(self, msg: str, error_code: int = _errno.EIO):
+        super().__init__(f"{msg}. Errno: {error_code}, {os.strerror(error_code)}")
+        self.error_code = error_code
+
+    @property
+    def errno(self) -> int:
+        return self.error_code
+
+
+class UserError(VerbsError):
+    """Invalid arguments or use of a closed object."""
+
+
+# pyverbs spellings, for code written against pyverbs
+PyverbsError = VerbsError
+PyverbsRDMAError = RDMAError
+PyverbsUserError = UserError

@@ -1,0 +1,61 @@
+"""Memory region (ibv_mr), allocated in the guest memory shared with the device.
+
+``MR(pd, length, access)`` allocates ``length`` bytes (page aligned) and
+registers them; the MR's address (``buf``) is this process's virtual address
+of the buffer, which is also the iova that work requests and peers use, as
+with ibv_reg_mr.
+"""
+from __future__ import annotations
+
+from guest_lib.base import VerbsObject
+from guest_lib.errors import UserError
+from guest_lib.pd import PD
+from virtio_rdma.constants import Access, Cmd
+
+PAGE = 4096
+
+
+class MR(VerbsObject):
+    def __init__(self, pd: PD, length: int, access: int = Access.LOCAL_WRITE):
+        if length <= 0:
+            raise UserError(f"MR length {length} must be positive")
+        super().__init__(pd)
+        self.pd = pd
+        self.ctx = pd.ctx
+        self.length = length
+        self.access = int(access)
+        self.gpa, self.view = self.ctx.alloc(length, PAGE)
+        try:
+            self.buf = self.ctx.uva_of(self.gpa)
+            r = self.ctx.command(Cmd.REG_MR, pdn=pd.pdn, access=self.access, iova=self.buf, length=length,
+                                 nchunks=1, reserved=0, chunks=[dict(gpa=self.gpa, length=length)])
+        except BaseException:
+            self.view.release()
+            self.ctx.free(self.gpa)
+            raise
+        self.lkey, self.rkey = r["lkey"], r["rkey"]
+
+    def write(self, data, length: int | None = None, offset: int = 0) -> None:
+        self._check_open()
+        data = memoryview(data).cast("B")
+        n = len(data) if length is None else length
+        if offset < 0 or n > len(data) or offset + n > self.length:
+            raise UserError(f"write of {n} bytes at offset {offset} is outside the {self.length}-byte MR")
+        self.view[offset : offset + n] = data[:n]
+
+    def read(self, length: int, offset: int = 0) -> bytes:
+        self._check_open()
+        if offset < 0 or length < 0 or offset + length > self.length:
+            raise UserError(f"read of {length} bytes at offset {offset} is outside the {self.length}-byte MR")
+        return bytes(self.view[offset : offset + length])
+
+    def _release(self) -> None:
+        try:
+            if not self.ctx.closed:
+                from virtio_rdma.constants import Cmd as _Cmd
+
+                self.ctx.command(_Cmd.DEREG_MR, lkey=self.lkey)
+        finally:
+            self.view.release()
+            if not self.ctx.closed:
+                self.ctx.free(self.gpa)

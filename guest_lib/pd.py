@@ -1,0 +1,21 @@
+"""Protection domain (ibv_pd)."""
+from __future__ import annotations
+
+from guest_lib.base import VerbsObject
+from guest_lib.context import Context
+from virtio_rdma.constants import Cmd
+
+
+class PD(VerbsObject):
+    def __init__(self, ctx: Context):
+        super().__init__(ctx)
+        self.ctx = ctx
+        self.pdn = ctx.command(Cmd.ALLOC_PD)["pdn"]
+
+    @property
+    def handle(self) -> int:
+        return self.pdn
+
+    def _release(self) -> None:
+        if not self.ctx.closed:
+            self.ctx.command(Cmd.DEALLOC_PD, pdn=self.pdn)

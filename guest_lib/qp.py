@@ -1,0 +1,248 @@
+"""Queue pair (ibv_qp), RC.
+
+The send and receive queues are rings of fixed-size WQE slots in guest
+memory (geometry: docs/virtio-rdma.md 5.x.6.5). ``post_send``/``post_recv``
+write WQEs straight into the slots, update the QP's doorbell record and ring
+one doorbell per call (a list of WRs is one batch). Slots are reclaimed as
+completions are polled: send WRs complete in order, so a signaled completion
+frees every slot up to it, as providers of real HCAs track it.
+"""
+from __future__ import annotations
+
+import collections
+import struct
+from dataclasses import dataclass, field
+
+from guest_lib.base import VerbsObject
+from guest_lib.cq import CQ
+from guest_lib.errors import RDMAError, UserError
+from guest_lib.pd import PD
+from virtio_rdma import wire
+from virtio_rdma.constants import Cmd, CreateQpFlags, DoorbellKind, QpAttrMask as M, QpState, QpType, SendFlags, WcOpcode, WrOpcode
+
+_DB = struct.Struct("<II")
+_U32 = 0xFFFFFFFF
+_SGE = struct.Struct("<QII")
+_SEND_HDR = struct.Struct("<QBBHIQIIQQ16s")
+_RECV_HDR = struct.Struct("<QHHI")
+_ZERO16 = bytes(16)
+
+
+@dataclass
+class QPCap:
+    max_send_wr: int = 64
+    max_recv_wr: int = 64
+    max_send_sge: int = 1
+    max_recv_sge: int = 1
+    max_inline_data: int = 0
+
+
+@dataclass
+class QPInitAttr:
+    qp_type: int = QpType.RC
+    scq: CQ | None = None
+    rcq: CQ | None = None
+    cap: QPCap = field(default_factory=QPCap)
+    sq_sig_all: bool = False
+
+
+@dataclass
+class AHAttr:
+    dgid: bytes = bytes(16)
+    sgid_index: int = 0
+    hop_limit: int = 64
+    traffic_class: int = 0
+    flow_label: int = 0
+    port_num: int = 1
+
+
+@dataclass
+class QPAttr:
+    qp_state: int = QpState.RESET
+    cur_qp_state: int = 0
+    path_mtu: int = 5  # IBV_MTU_4096
+    qp_access_flags: int = 0
+    pkey_index: int = 0
+    port_num: int = 1
+    qkey: int = 0
+    ah_attr: AHAttr = field(default_factory=AHAttr)
+    dest_qp_num: int = 0
+    rq_psn: int = 0
+    sq_psn: int = 0
+    max_dest_rd_atomic: int = 1
+    max_rd_atomic: int = 1
+    min_rnr_timer: int = 12
+    timeout: int = 14
+    retry_cnt: int = 7
+    rnr_retry: int = 7
+
+    def to_wire(self) -> dict:
+        a = self.ah_attr
+        return wire.qp_attr_defaults(
+            qp_state=int(self.qp_state), cur_qp_state=int(self.cur_qp_state), path_mtu=self.path_mtu,
+            timeout=self.timeout, retry_cnt=self.retry_cnt, rnr_retry=self.rnr_retry,
+            min_rnr_timer=self.min_rnr_timer, max_rd_atomic=self.max_rd_atomic,
+            max_dest_rd_atomic=self.max_dest_rd_atomic, port_num=self.port_num, sgid_index=a.sgid_index,
+            hop_limit=a.hop_limit, traffic_class=a.traffic_class, pkey_index=self.pkey_index, qkey=self.qkey,
+            rq_psn=self.rq_psn, sq_psn=self.sq_psn, dest_qp_num=self.dest_qp_num,
+            qp_access_flags=int(self.qp_access_flags), flow_label=a.flow_label, dgid=bytes(a.dgid))
+
+
+TO_INIT = M.STATE | M.PKEY_INDEX | M.PORT | M.ACCESS_FLAGS
+TO_RTR = M.STATE | M.AV | M.PATH_MTU | M.DEST_QPN | M.RQ_PSN | M.MAX_DEST_RD_ATOMIC | M.MIN_RNR_TIMER
+TO_RTS = M.STATE | M.SQ_PSN | M.TIMEOUT | M.RETRY_CNT | M.RNR_RETRY | M.MAX_QP_RD_ATOMIC
+
+
+class QP(VerbsObject):
+    def __init__(self, pd: PD, init_attr: QPInitAttr):
+        if init_attr.scq is None or init_attr.rcq is None:
+            raise UserError("QPInitAttr needs a send CQ (scq) and a receive CQ (rcq)")
+        if init_attr.qp_type != QpType.RC:
+            raise UserError(f"QP type {init_attr.qp_type} is not supported (only RC)")
+        super().__init__(pd)
+        self.pd, self.ctx = pd, pd.ctx
+        self.scq, self.rcq = init_attr.scq, init_attr.rcq
+        cap = init_attr.cap
+        lay = wire.wq_layout(cap.max_send_wr, cap.max_recv_wr, cap.max_send_sge, cap.max_recv_sge,
+                             cap.max_inline_data)
+        ctx = self.ctx
+        self.sq_gpa, self.sq = ctx.alloc(lay.sq_bytes, 4096)
+        self.rq_gpa, self.rq = ctx.alloc(lay.rq_bytes, 4096)
+        self.dbrec_gpa, self.dbrec = ctx.alloc(wire.DBREC_SIZE, 64)
+        try:
+            r = ctx.command(Cmd.CREATE_QP, pdn=pd.pdn, qp_type=int(QpType.RC), send_cqn=self.scq.cqn,
+                            recv_cqn=self.rcq.cqn, max_send_wr=cap.max_send_wr, max_recv_wr=cap.max_recv_wr,
+                            max_send_sge=cap.max_send_sge, max_recv_sge=cap.max_recv_sge,
+                            max_inline_data=cap.max_inline_data,
+                            flags=int(CreateQpFlags.SQ_SIG_ALL) if init_attr.sq_sig_all else 0,
+                            sq_gpa=self.sq_gpa, rq_gpa=self.rq_gpa, dbrec_gpa=self.dbrec_gpa)
+        except BaseException:
+            self._free_memory()
+            raise
+        self.qp_num = r["qpn"]
+        self.cap = QPCap(r["max_send_wr"], r["max_recv_wr"], r["max_send_sge"], r["max_recv_sge"],
+                         r["max_inline_data"])
+        self.sq_depth, self.rq_depth = r["max_send_wr"], r["max_recv_wr"]
+        self.sq_slot, self.rq_slot = 1 << r["sq_wqe_shift"], 1 << r["rq_wqe_shift"]
+        self.sq_sig_all = init_attr.sq_sig_all
+        self.sq_pi = self.sq_ci = self.rq_pi = self.rq_ci = 0
+        self._sq_signaled: collections.deque = collections.deque()
+        self.state = QpState.RESET
+        ctx.qps[self.qp_num] = self
+
+    # --- state ----------------------------------------------------------
+    def modify(self, attr: QPAttr, attr_mask: int) -> None:
+        self.ctx.command(Cmd.MODIFY_QP, qpn=self.qp_num, attr_mask=int(attr_mask), attr=attr.to_wire())
+        if attr_mask & M.STATE:
+            self.state = QpState(attr.qp_state)
+            if self.state is QpState.RESET:
+                self.sq_pi = self.sq_ci = self.rq_pi = self.rq_ci = 0
+                self._sq_signaled.clear()
+
+    def to_init(self, attr: QPAttr) -> None:
+        attr.qp_state = QpState.INIT
+        self.modify(attr, TO_INIT)
+
+    def to_rtr(self, attr: QPAttr) -> None:
+        attr.qp_state = QpState.RTR
+        self.modify(attr, TO_RTR)
+
+    def to_rts(self, attr: QPAttr) -> None:
+        attr.qp_state = QpState.RTS
+        self.modify(attr, TO_RTS)
+
+    def query(self, attr_mask: int = 0xFFFFFFFF) -> dict:
+        return self.ctx.command(Cmd.QUERY_QP, qpn=self.qp_num, attr_mask=int(attr_mask) & ((1 << 21) - 1))
+
+    # --- posting ----------------------------------------------------------
+    def post_send(self, wrs) -> None:
+        """Post one SendWR or a list of them (one doorbell for the list)."""
+        self._check_open()
+        if not isinstance(wrs, (list, tuple)):
+            wrs = (wrs,)
+        sq, slot, mask = self.sq, self.sq_slot, self.sq_depth - 1
+        pi = self.sq_pi
+        for wr in wrs:
+            if (pi - self.sq_ci) & _U32 >= self.sq_depth:
+                self.sq_pi = pi
+                self._ring(DoorbellKind.SQ, pi)
+                raise RDMAError(f"send queue of QP {self.qp_num:#x} is full ({self.sq_depth} WRs)", 12)
+            off = (pi & mask) * slot
+            flags = int(wr.send_flags)
+            sg = wr.sg if wr.num_sge is None else wr.sg[: wr.num_sge]
+            if flags & SendFlags.INLINE:
+                data = b"".join(bytes(self.ctx.view_of_uva(s.addr, s.length)) for s in sg)
+                if len(data) > slot - 64:
+                    raise UserError(f"{len(data)} bytes of inline data exceed the QP's {slot - 64}")
+                _SEND_HDR.pack_into(sq, off, wr.wr_id, int(wr.opcode), flags, 0, wr.imm_data,
+                                    wr.remote_addr, wr.rkey, len(data), wr.compare_add, wr.swap, _ZERO16)
+                sq[off + 64 : off + 64 + len(data)] = data
+            else:
+                if len(sg) > self.cap.max_send_sge:
+                    raise UserError(f"{len(sg)} SGEs exceed max_send_sge {self.cap.max_send_sge}")
+                _SEND_HDR.pack_into(sq, off, wr.wr_id, int(wr.opcode), flags, len(sg), wr.imm_data,
+                                    wr.remote_addr, wr.rkey, 0, wr.compare_add, wr.swap, _ZERO16)
+                o = off + 64
+                for s in sg:
+                    _SGE.pack_into(sq, o, s.addr, s.length, s.lkey)
+                    o += 16
+            self._sq_signaled.append(bool(flags & SendFlags.SIGNALED) or self.sq_sig_all)
+            pi = (pi + 1) & _U32
+        self.sq_pi = pi
+        struct.pack_into("<I", self.dbrec, 0, pi)
+        self._ring(DoorbellKind.SQ, pi)
+
+    def post_recv(self, wrs) -> None:
+        self._check_open()
+        if not isinstance(wrs, (list, tuple)):
+            wrs = (wrs,)
+        rq, slot, mask = self.rq, self.rq_slot, self.rq_depth - 1
+        pi = self.rq_pi
+        for wr in wrs:
+            if (pi - self.rq_ci) & _U32 >= self.rq_depth:
+                self.rq_pi = pi
+                self._ring(DoorbellKind.RQ, pi)
+                raise RDMAError(f"receive queue of QP {self.qp_num:#x} is full ({self.rq_depth} WRs)", 12)
+            sg = wr.sg if wr.num_sge is None else wr.sg[: wr.num_sge]
+            if len(sg) > self.cap.max_recv_sge:
+                raise UserError(f"{len(sg)} SGEs exceed max_recv_sge {self.cap.max_recv_sge}")
+            off = (pi & mask) * slot
+            _RECV_HDR.pack_into(rq, off, wr.wr_id, len(sg), 0, 0)
+            o = off + 16
+            for s in sg:
+                _SGE.pack_into(rq, o, s.addr, s.length, s.lkey)
+                o += 16
+            pi = (pi + 1) & _U32
+        self.rq_pi = pi
+        struct.pack_into("<I", self.dbrec, 4, pi)
+        self._ring(DoorbellKind.RQ, pi)
+
+    def _ring(self, kind: DoorbellKind, pi: int) -> None:
+        self.ctx.ring_doorbells(_DB.pack(self.qp_num | (int(kind) << 24), pi))
+
+    def _completed(self, opcode: int, status: int) -> None:
+        """Called by CQ.poll for each CQE of this QP: reclaim slots."""
+        if opcode & WcOpcode.RECV:  # RECV (128) / RECV_RDMA_WITH_IMM (129)
+            self.rq_ci = (self.rq_ci + 1) & _U32
+            return
+        q = self._sq_signaled
+        while q:
+            self.sq_ci = (self.sq_ci + 1) & _U32
+            if q.popleft() or status:
+                break
+
+    # --- teardown -----------------------------------------------------------
+    def _free_memory(self) -> None:
+        for v in (self.sq, self.rq, self.dbrec):
+            v.release()
+        if not self.ctx.closed:
+            for gpa in (self.sq_gpa, self.rq_gpa, self.dbrec_gpa):
+                self.ctx.free(gpa)
+
+    def _release(self) -> None:
+        self.ctx.qps.pop(getattr(self, "qp_num", None), None)
+        try:
+            if not self.ctx.closed and hasattr(self, "qp_num"):
+                self.ctx.command(Cmd.DESTROY_QP, qpn=self.qp_num)
+        finally:
+            self._free_memory()

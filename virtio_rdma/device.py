@@ -1,0 +1,146 @@
+"""The virtio-rdma device served over vhost-user (docs/virtio-rdma.md).
+
+Glue between the transport and the sans-I/O :class:`RdmaDeviceCore`: the
+controlq's requests go to ``handle_control`` and its responses back into the
+same chain; doorbellq buffers go to ``doorbell``; the events the core
+produces are written into the buffers the driver keeps posted on the eventq
+(kept in order while none is posted), and the core's next deadline (RNR and
+retransmission timers) becomes an event-loop timer. Payloads never pass
+through here: the core moves them between guests' memory directly.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import struct
+from time import monotonic
+
+from vhost_user.device import VhostUserDevice
+from virtio_rdma.constants import Feature
+from virtio_rdma.core import DeviceLimits, RdmaDeviceCore
+from virtio_rdma.fabric import Fabric
+
+log = logging.getLogger(__name__)
+
+VIRTIO_ID_RDMA = 42
+CONTROLQ, DOORBELLQ, EVENTQ = 0, 1, 2
+_EVENT = struct.Struct("<BBHI")
+
+
+class RdmaDevice(VhostUserDevice):
+    virtio_id = VIRTIO_ID_RDMA
+    num_queues = 3
+    max_queue_size = 1024
+    device_features = (1 << Feature.INLINE_DATA) | (1 << Feature.ATOMIC) | (1 << Feature.DBREC_POLL)
+
+    def __init__(self, fabric: Fabric, *, limits: DeviceLimits | None = None):
+        self.fabric = fabric
+        self.limits = limits or DeviceLimits()
+        self.core: RdmaDeviceCore | None = None
+        self._events: collections.deque = collections.deque()
+        self._timer = None
+        self._timer_at: float | None = None
+        self._deliver_scheduled = False
+        self.bad_event_buffers = 0
+
+    def attach(self, conn) -> None:
+        super().attach(conn)
+        self.core = RdmaDeviceCore(conn.mem, self.fabric, limits=self.limits)
+        self.core.notify = self._on_core_notify
+
+    def config(self) -> bytes:
+        return self.core.config_bytes()
+
+    # --- queues -----------------------------------------------------------
+    def process_queue(self, vring, mem) -> None:
+        now = monotonic()
+        q = vring.queue
+        core = self.core
+        if vring.index == CONTROLQ:
+            while (chain := q.pop(mem)) is not None:
+                resp = core.handle_control(chain.read(), now)
+                n = min(len(resp), chain.writable_len)
+                chain.write(memoryview(resp)[:n])
+                q.push(mem, chain, n)
+        elif vring.index == DOORBELLQ:
+            while (chain := q.pop(mem)) is not None:
+                core.doorbell(chain.read(), now)
+                q.push(mem, chain, 0)
+        self._run_core(now)
+
+    def _on_core_notify(self) -> None:
+        # A peer's request queued events here; deliver after the current callback.
+        if not self._deliver_scheduled and getattr(self, "conn", None) is not None:
+            self._deliver_scheduled = True
+            self.conn.watcher.call_soon(self._deferred)
+
+    def _deferred(self) -> None:
+        self._deliver_scheduled = False
+        self._run_core(monotonic())
+
+    def _run_core(self, now: float) -> None:
+        result = self.core.process(now)
+        self._events.extend(result.events)
+        self._deliver()
+        self._arm_timer(result.next_deadline)
+
+    def _arm_timer(self, deadline: float | None) -> None:
+        if deadline is None or (self._timer_at is not None and self._timer_at <= deadline):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self.conn.watcher.call_later(deadline - monotonic(), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self._run_core(monotonic())
+
+    def _deliver(self) -> None:
+        if not self._events:
+            return
+        vring = self.conn.vrings[EVENTQ]
+        if not vring.started or not vring.enabled:
+            return
+        mem = self.conn.mem
+        q = vring.queue
+        pushed = False
+        while self._events:
+            chain = q.pop(mem)
+            if chain is None:
+                break
+            room = chain.writable_len // _EVENT.size
+            if room == 0:
+                self.bad_event_buffers += 1
+                q.push(mem, chain, 0)
+                pushed = True
+                continue
+            batch = [self._events.popleft() for _ in range(min(room, len(self._events)))]
+            data = b"".join(_EVENT.pack(int(e.kind), 0, int(e.type), e.number) for e in batch)
+            chain.write(data)
+            q.push(mem, chain, len(data))
+            pushed = True
+        if pushed:
+            vring.notify(mem)
+
+    def queue_started(self, vring) -> None:
+        if vring.index == EVENTQ and self._events:
+            self.conn.watcher.call_soon(self._deliver)
+
+    def reset(self) -> None:
+        self._close_core()
+        self.core = RdmaDeviceCore(self.conn.mem, self.fabric, limits=self.limits)
+        self.core.notify = self._on_core_notify
+
+    def _close_core(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._timer_at = None
+        if self.core is not None:
+            self.core.close()
+        self._events.clear()
+
+    def close(self) -> None:
+        self._close_core()
