@@ -17,9 +17,15 @@ information exchanged between the decoders (None: plain max-log-MAP; ~0.7-0.75
 recovers most of the gap to log-MAP). ``early_stop="crc24a"|"crc24b"`` stops a code
 block once the CRC of its hard decision checks (the block's last 24 bits are its CRC).
 
-Batches of code blocks of the same K are decoded together: the Cython kernel
-(accel_core._turbo) runs ``_turbo.BATCH_LANES`` blocks side by side in SIMD lanes,
-the whole batch without the GIL. This module validates and shapes; it does no I/O.
+Batches of code blocks of the same K are decoded together, the whole batch without
+the GIL, by the Cython kernel accel_core._turbo: it keeps ``_turbo.BATCH_LANES``
+trellis segments side by side in SIMD lanes. A block is cut into P segments
+(P = the largest power of two <= BATCH_LANES with K/P >= MIN_SEGMENT, so P depends
+on K only and a block decodes identically alone or in any batch); inner segment
+boundaries start from the metrics of the previous iteration (next-iteration
+initialisation, the usual parallel-window turbo decoder), which costs a few
+hundredths of a dB against one full-length trellis. This module validates and
+shapes; it does no I/O.
 
 Input conversion policy: float32 LLRs are used as given; other real floating dtypes
 are converted to float32; integer, bool and complex inputs are refused (TypeError).

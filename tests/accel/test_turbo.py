@@ -319,3 +319,44 @@ def test_decoder_rejects_bad_parameters(kwargs, exc, msg):
 def test_empty_batch():
     out, iters = turbo_decode(good_llr(B=0))
     assert out.shape == (0, 40) and iters.shape == (0,)
+
+# ------------------------------------------------------------------------------------------
+# Kernel geometry: trellis segments per block
+# ------------------------------------------------------------------------------------------
+
+
+def test_segments_for_block_sizes():
+    from accel_core import _turbo
+    lanes = _turbo.BATCH_LANES
+    assert _turbo.segments_for(40, 256) == 1
+    assert _turbo.segments_for(6144, 256) == lanes
+    assert _turbo.segments_for(1024, 256) == min(4, lanes)
+    for K in qpp.BLOCK_SIZES:
+        P = _turbo.segments_for(K, 256)
+        assert lanes % P == 0 and K % P == 0 and (P == 1 or K // P >= 256)
+
+
+@pytest.mark.parametrize("K", [512, 1056, 6144])
+def test_every_segment_count_decodes_noiseless_blocks(K):
+    from accel_core import _turbo
+    bits = np.random.default_rng(K).integers(0, 2, (3, K), dtype=np.uint8)
+    llr = bpsk_llr(turbo_encode(bits), 2.0)
+    P = 1
+    while P <= _turbo.BATCH_LANES:
+        out = np.empty_like(bits)
+        used = np.empty(3, np.int32)
+        _turbo.decode_batch(llr, qpp.qpp_table(K), 2, 1.0, -1, out, used, P)
+        assert np.array_equal(out, bits), P
+        P *= 2
+    with pytest.raises(ValueError, match="segments=3"):
+        _turbo.decode_batch(llr, qpp.qpp_table(K), 2, 1.0, -1, out, used, 3)
+
+
+def test_segmented_blocks_decode_the_same_alone_or_in_a_batch():
+    rng = np.random.default_rng(16)
+    bits = rng.integers(0, 2, (5, 1024), dtype=np.uint8)      # several segments per block
+    llr = awgn_llr(turbo_encode(bits), 0.6, rng)
+    batch, _ = turbo_decode(llr, iterations=5, scaling=0.75)
+    for b in range(5):
+        single, _ = turbo_decode(llr[b], iterations=5, scaling=0.75)
+        assert np.array_equal(batch[b], single), b
