@@ -1,0 +1,296 @@
+"""accel_core.fft against numpy.fft: every supported size, both dtypes, batching,
+out=/in-place, non-contiguous input, plans, and every kind of bad input."""
+import importlib
+import threading
+
+import numpy as np
+import pytest
+
+fftmod = importlib.import_module("accel_core.fft")
+from accel_core.fft import FFTPlan, fft, ifft, is_supported, radices_for, supported_sizes  # noqa: E402
+
+TOL = {np.complex64: 1e-5, np.complex128: 1e-12}
+DTYPES = [np.complex64, np.complex128]
+LTE_NR = (128, 256, 512, 1024, 1536, 2048, 3072, 4096)
+
+
+def _rand(shape, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(dtype)
+
+
+def _relerr(got, ref):
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+# ------------------------------------------------------------------ sizes
+
+def test_supported_sizes_cover_lte_nr_and_powers_of_two():
+    sizes = supported_sizes()
+    assert list(sizes) == sorted(set(sizes))
+    for n in LTE_NR:
+        assert n in sizes and is_supported(n)
+    for k in range(1, 17):
+        assert is_supported(2 ** k)
+    assert max(sizes) == 65536
+    assert not is_supported(65536 * 2)
+    assert not is_supported(7) and not is_supported(1001) and not is_supported(0)
+    assert not is_supported(-8) and not is_supported(8.0) and not is_supported(True)
+    assert is_supported(np.int64(2048))
+
+
+@pytest.mark.parametrize("n, radices", [
+    (2048, (8, 8, 8, 4)), (1536, (8, 8, 8, 3)), (3072, (8, 8, 4, 4, 3)),
+    (4096, (8, 8, 8, 8)), (16, (4, 4)), (2, (2,)), (1, ()), (1200, (4, 4, 5, 5, 3)),
+])
+def test_radix_schedule(n, radices):
+    assert radices_for(n) == radices
+    assert int(np.prod(radices)) == n
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_every_supported_size_matches_numpy(dtype):
+    """Forward against numpy.fft.fft (in complex128) and the round trip, all 284 sizes."""
+    tol = TOL[dtype]
+    for n in supported_sizes():
+        rows = 2 if n <= 4096 else 1
+        x = _rand((rows, n), dtype, seed=n)
+        ref = np.fft.fft(x.astype(np.complex128), axis=-1)
+        y = fft(x)
+        assert y.dtype == np.dtype(dtype) and y.shape == x.shape
+        assert _relerr(y, ref) <= tol, (n, _relerr(y, ref))
+        back = ifft(y)
+        assert back.dtype == np.dtype(dtype)
+        assert _relerr(back, x) <= tol, (n, _relerr(back, x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("n", LTE_NR + (5, 9, 25, 60, 65536))
+def test_ifft_matches_numpy(dtype, n):
+    x = _rand((2, n), dtype, seed=7)
+    ref = np.fft.ifft(x.astype(np.complex128), axis=-1)
+    assert _relerr(ifft(x), ref) <= TOL[dtype]
+
+
+def test_known_transforms():
+    n = 2048
+    d = np.zeros(n, np.complex128)
+    d[0] = 1
+    np.testing.assert_allclose(fft(d), np.ones(n), atol=1e-12)
+    k0 = 3
+    tone = np.exp(2j * np.pi * k0 * np.arange(n) / n)
+    spec = fft(tone)
+    expect = np.zeros(n, np.complex128)
+    expect[k0] = n
+    np.testing.assert_allclose(spec, expect, atol=1e-9)
+    # ifft of the flat spectrum is the delta (1/n scaling)
+    np.testing.assert_allclose(ifft(np.ones(n, np.complex128)), d, atol=1e-15)
+
+
+def test_size_one_is_identity():
+    x = _rand((3, 1), np.complex64)
+    np.testing.assert_array_equal(fft(x), x)
+    np.testing.assert_array_equal(ifft(x), x)
+
+
+# ------------------------------------------------------------------ layout
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_batched_1d_2d_3d(dtype):
+    x3 = _rand((3, 4, 1536), dtype, seed=1)
+    ref = np.fft.fft(x3.astype(np.complex128), axis=-1)
+    y3 = fft(x3)
+    assert y3.shape == x3.shape
+    assert _relerr(y3, ref) <= TOL[dtype]
+    y2 = fft(x3.reshape(12, 1536))
+    np.testing.assert_array_equal(y2.reshape(3, 4, 1536), y3)
+    y1 = fft(x3[1, 2])
+    np.testing.assert_array_equal(y1, y3[1, 2])
+
+
+def test_empty_batch():
+    x = np.zeros((0, 256), np.complex64)
+    y = fft(x)
+    assert y.shape == (0, 256) and y.dtype == np.complex64
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_out_and_in_place(dtype):
+    x = _rand((4, 2048), dtype, seed=2)
+    expect = fft(x)
+    out = np.empty_like(x)
+    res = fft(x, out=out)
+    assert res is out
+    np.testing.assert_array_equal(out, expect)
+    y = x.copy()
+    res = fft(y, out=y)
+    assert res is y
+    np.testing.assert_array_equal(y, expect)
+    res = ifft(y, out=y)
+    assert _relerr(y, x) <= TOL[dtype]
+
+
+def test_out_is_a_view_of_same_memory():
+    x = _rand((2, 512), np.complex64)
+    expect = fft(x)
+    y = x.copy()
+    fft(y, out=y[:])  # different object, same memory and strides: in-place
+    np.testing.assert_array_equal(y, expect)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_non_contiguous_input_is_copied(dtype):
+    big = _rand((6, 2 * 1024), dtype, seed=3)
+    x = big[::2, ::2]  # strided rows and columns
+    assert not x.flags.c_contiguous
+    ref = np.fft.fft(x.astype(np.complex128), axis=-1)
+    assert _relerr(fft(x), ref) <= TOL[dtype]
+    xt = _rand((1024, 3), dtype).T  # transposed: last axis not contiguous
+    assert _relerr(fft(xt), np.fft.fft(xt.astype(np.complex128))) <= TOL[dtype]
+    before = big.copy()
+    fft(x)
+    np.testing.assert_array_equal(big, before)  # input untouched
+
+
+def test_input_not_modified():
+    x = _rand((3, 3072), np.complex128)
+    keep = x.copy()
+    fft(x)
+    ifft(x)
+    np.testing.assert_array_equal(x, keep)
+
+
+def test_list_input_of_complex_is_accepted():
+    y = fft([1 + 0j, 2 + 0j, 3 + 0j, 4 + 0j])
+    assert y.dtype == np.complex128
+    np.testing.assert_allclose(y, np.fft.fft([1, 2, 3, 4]), atol=1e-12)
+
+
+# ------------------------------------------------------------------ plans
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_explicit_plan(dtype):
+    plan = FFTPlan(3072, dtype)
+    assert plan.n == 3072 and plan.dtype == np.dtype(dtype)
+    assert plan.radices == radices_for(3072)
+    x = _rand((2, 3072), dtype, seed=4)
+    out = np.empty_like(x)
+    assert plan.forward(x, out) is out
+    np.testing.assert_array_equal(out, fft(x))
+    assert _relerr(plan.inverse(out), x) <= TOL[dtype]
+    assert "3072" in repr(plan)
+
+
+def test_plan_cache_reuses_cores():
+    fftmod._core.cache_clear()
+    fft(_rand((1, 1024), np.complex64))
+    fft(_rand((1, 1024), np.complex64))
+    info = fftmod._core.cache_info()
+    assert info.misses == 1 and info.hits == 1
+    ifft(_rand((1, 1024), np.complex64))
+    fft(_rand((1, 1024), np.complex128))
+    assert fftmod._core.cache_info().misses == 3
+    assert FFTPlan(1024, np.complex64)._fwd is fftmod._core(1024, False, False)
+
+
+def test_plan_rejects_mismatch():
+    plan = FFTPlan(256, np.complex64)
+    with pytest.raises(ValueError, match="n=256"):
+        plan.forward(_rand((2, 512), np.complex64))
+    with pytest.raises(ValueError, match="complex128"):
+        plan.forward(_rand((2, 256), np.complex128))
+    with pytest.raises(ValueError, match="1000"):
+        FFTPlan(1000 + 1)
+    with pytest.raises(TypeError, match="float32"):
+        FFTPlan(256, np.float32)
+    with pytest.raises(TypeError, match="not a numpy dtype"):
+        FFTPlan(256, "no-such-dtype")
+
+
+def test_threads_share_a_plan():
+    plan = FFTPlan(2048, np.complex64)
+    xs = [_rand((8, 2048), np.complex64, seed=s) for s in range(4)]
+    expect = [fft(x) for x in xs]
+    got = [None] * 4
+
+    def work(i):
+        for _ in range(20):
+            got[i] = plan.forward(xs[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for g, e in zip(got, expect):
+        np.testing.assert_array_equal(g, e)
+
+
+# ------------------------------------------------------------------ bad input
+
+@pytest.mark.parametrize("bad_dtype", [np.float64, np.float32, np.int32, np.int64, np.bool_])
+def test_real_and_integer_dtypes_rejected(bad_dtype):
+    with pytest.raises(TypeError, match=np.dtype(bad_dtype).name):
+        fft(np.zeros(256, bad_dtype))
+
+
+@pytest.mark.skipif(not hasattr(np, "complex256"), reason="no complex256 on this platform")
+def test_complex256_rejected():
+    with pytest.raises(TypeError, match="complex256"):
+        ifft(np.zeros(256, np.complex256))
+
+
+def test_non_array_inputs_rejected():
+    with pytest.raises(TypeError, match="str"):
+        fft("abc")
+    with pytest.raises(TypeError, match="NoneType"):
+        fft(None)
+    with pytest.raises(TypeError, match="object"):
+        fft(np.array([object()] * 4))
+
+
+def test_zero_d_rejected():
+    with pytest.raises(ValueError, match="0-d"):
+        fft(np.complex64(1 + 1j))
+    with pytest.raises(ValueError, match="0-d"):
+        ifft(np.array(1j))
+
+
+@pytest.mark.parametrize("n", [0, 7, 1000 + 1, 2 ** 17, 11 * 128])
+def test_unsupported_sizes_rejected(n):
+    with pytest.raises(ValueError, match=f"fft size {n} is not supported"):
+        fft(np.zeros((2, n), np.complex64))
+
+
+def test_size_error_names_neighbours():
+    with pytest.raises(ValueError, match=r"nearest: 1000, 1024"):
+        fft(np.zeros(1001, np.complex128))
+
+
+def test_out_wrong_shape_dtype_layout():
+    x = _rand((4, 256), np.complex64)
+    with pytest.raises(ValueError, match="shape"):
+        fft(x, out=np.empty((4, 128), np.complex64))
+    with pytest.raises(ValueError, match="shape"):
+        fft(x, out=np.empty((2, 2, 256), np.complex64))
+    with pytest.raises(TypeError, match="complex128"):
+        fft(x, out=np.empty((4, 256), np.complex128))
+    with pytest.raises(TypeError, match="list"):
+        fft(x, out=[0] * 1024)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        fft(x, out=np.empty((256, 4), np.complex64).T)
+    ro = np.empty((4, 256), np.complex64)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        fft(x, out=ro)
+
+
+def test_out_partial_overlap_rejected():
+    buf = _rand((5, 256), np.complex64)
+    keep = buf.copy()
+    with pytest.raises(ValueError, match="overlaps"):
+        fft(buf[:4], out=buf[1:])
+    flat = _rand(1024 + 16, np.complex64)
+    with pytest.raises(ValueError, match="overlaps"):
+        ifft(flat[:1024].reshape(4, 256), out=flat[16:].reshape(4, 256))
+    np.testing.assert_array_equal(buf, keep)
