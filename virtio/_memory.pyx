@@ -13,11 +13,14 @@ from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from libc.errno cimport errno
 from libc.stdint cimport uint64_t
-from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
+from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED, MAP_NORESERVE
 
 import os
 
 from .errors import GuestMemoryError
+
+#: mmap flag for Mapping(extra_flags=...): reserve no swap for the mapping
+NORESERVE = MAP_NORESERVE
 
 cdef Py_ssize_t _live = 0
 cdef Py_ssize_t _deferred = 0

@@ -32,6 +32,9 @@ class DeviceQueue:
     indirect: bool
     max_chain_len: int
     notification_enabled: bool
+    errors: int
+    popped: int
+    pushed: int
     last_avail_idx: int
     used_idx: int | None
     def __init__(self, index: int, size: int, desc_gpa: int, avail_gpa: int, used_gpa: int, *,

@@ -469,6 +469,9 @@ cdef class DeviceQueue:
     cdef readonly bint event_idx, indirect
     cdef readonly uint32_t max_chain_len
     cdef readonly bint notification_enabled
+    cdef readonly unsigned long long errors     # guest protocol errors detected (metrics)
+    cdef readonly unsigned long long popped     # chains popped
+    cdef readonly unsigned long long pushed     # used entries published
     cdef uint16_t _last_avail
     cdef uint16_t _used
     cdef bint _used_known
@@ -560,6 +563,8 @@ cdef class DeviceQueue:
         cdef char *d = t.translate(self.desc_gpa, 16 * <uint64_t>self.size)
         cdef char *a = t.translate(self.avail_gpa, 6 + 2 * <uint64_t>self.size)
         cdef char *u = t.translate(self.used_gpa, 6 + 8 * <uint64_t>self.size)
+        if d == NULL or a == NULL or u == NULL or (<size_t>a) % 2 or (<size_t>u) % 4:
+            self.errors += 1
         if d == NULL:
             raise VirtqueueError(f"descriptor table at {self.desc_gpa:#x} ({16 * self.size} bytes) is not "
                                  "inside one guest memory region", queue=self.index)
@@ -586,6 +591,7 @@ cdef class DeviceQueue:
 
     cdef int _check_avail(self, uint16_t avail_idx) except -1:
         if <uint16_t>(avail_idx - self._last_avail) > self.size:
+            self.errors += 1
             raise VirtqueueError(
                 f"avail idx {avail_idx} is {<uint16_t>(avail_idx - self._last_avail)} entries ahead of "
                 f"last_avail_idx {self._last_avail} (queue size {self.size})", queue=self.index)
@@ -601,6 +607,7 @@ cdef class DeviceQueue:
         rc = walk_chain(self._table, self._desc, self.size, head, self.max_chain_len, max_ind,
                         self.indirect, self._scratch, &nseg, &nread, &rlen, &wlen, &err)
         if rc != 0:
+            self.errors += 1
             raise VirtqueueError(_walk_message(&err, head), queue=self.index)
         cdef DescriptorChain ch = DescriptorChain.__new__(DescriptorChain)
         ch._fill(self._scratch, nseg)
@@ -611,6 +618,7 @@ cdef class DeviceQueue:
         ch.writable_len = wlen
         ch.table = self._table
         self._last_avail += 1
+        self.popped += 1
         return ch
 
     cdef inline void _update_avail_event(self) noexcept nogil:
@@ -689,6 +697,7 @@ cdef class DeviceQueue:
         self._head_len(chain_or_head, &head, &length, written_len)
         self._put_used(head, length)
         vr_st16_rel(self._used_ring + 2, self._used)
+        self.pushed += 1
 
     def push_many(self, mem, items):
         """Return many chains [(chain_or_head, written_len)] with one used idx publish."""
@@ -718,6 +727,7 @@ cdef class DeviceQueue:
                 (<DescriptorChain>ch).pushed = False
             raise
         vr_st16_rel(self._used_ring + 2, self._used)
+        self.pushed += <uint16_t>(self._used - start)
 
     def should_notify(self, mem):
         """After push(es): does the driver want an interrupt (used buffer notification)?"""

@@ -34,7 +34,7 @@ import threading
 import warnings
 import weakref
 
-from ._memory import Mapping, RegionTable, buffer_address, deferred_unmaps, live_mappings
+from ._memory import NORESERVE, Mapping, RegionTable, buffer_address, deferred_unmaps, live_mappings
 from .errors import GuestMemoryError
 
 __all__ = [
@@ -128,7 +128,9 @@ class MemoryRegion:
                 f"fd {fd} holds {st.st_size:#x} bytes, region gpa={gpa:#x} needs mmap_offset+size="
                 f"{mmap_offset + size:#x}")
         try:
-            mapping = Mapping(fd, mmap_offset + size)
+            # Like libvhost-user: map from offset 0 (hugetlbfs needs huge-page aligned
+            # offsets), MAP_NORESERVE so a large mmap_offset costs address space only.
+            mapping = Mapping(fd, mmap_offset + size, NORESERVE)
         except (OSError, ValueError, OverflowError) as e:
             raise GuestMemoryError(
                 f"cannot mmap fd {fd} (offset {mmap_offset:#x}, size {size:#x}) for region gpa={gpa:#x}: {e}"

@@ -44,6 +44,7 @@ class Ring:
         with pytest.raises(VirtqueueError, match=match) as ei:
             q.pop(self.mem)
         assert q.last_avail_idx == 0            # the bad chain is not consumed
+        assert (q.errors, q.popped) == (1, 0)    # counted
         assert str(ei.value).startswith("queue 5: ")
         return q
 

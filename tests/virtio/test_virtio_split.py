@@ -169,6 +169,7 @@ def test_batching_pop_many_push_many(mem):
     assert dev.used_idx == mark and drv.get_used() is None    # nothing published on failure
     dev.push_many(mem, [(ch, 8) for ch in chains])
     assert dev.used_idx == 50
+    assert (dev.popped, dev.pushed, dev.errors) == (50, 50, 0)
     got = [drv.get_used() for _ in range(50)]
     assert [t for t, _ in got] == list(range(50))
     assert all(int.from_bytes(mem.read(RESP + 8 * i, 8), "little") == 3 * i for i in range(50))
