@@ -62,11 +62,13 @@ cdef enum:
 
 
 # ---------------------------------------------------------------- stages
-# One function per radix, holding the butterfly twice: for the first stage
-# (s == 1) the vector loop runs over p (contiguous loads and twiddles,
-# interleaving stores); otherwise it runs over q with the twiddles hoisted
-# out of it. (Written out rather than shared through an inline helper:
-# gcc only vectorises these loops when the body is in the loop itself.)
+# Per radix r: _stage<r> runs the first stage (s == 1) itself, the vector loop
+# over p (contiguous loads and twiddles, interleaving stores), and otherwise
+# calls _q<r> once per p for the loop over q. _q<r> takes one restrict
+# pointer per leg: with a single base pointer and a run-time stride gcc needs
+# more than 10 overlap checks and gives up vectorising. The butterfly is
+# written out in both places (an inline helper was not inlined, so not
+# vectorised, for radix 5 and 8).
 
 
 cdef void _q2(Py_ssize_t s,
