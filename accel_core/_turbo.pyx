@@ -7,12 +7,13 @@ Constituent code: 8-state RSC, g0 = 1 + D^2 + D^3 (feedback), g1 = 1 + D + D^3.
 State index s = 4*D1 + 2*D2 + D3 (D1 = most recent register). From state s with
 input u: feedback a = u ^ D2 ^ D3, parity p = u ^ D1 ^ D2, next state (a, D1, D2).
 
-Decoder layout ("batch interleaving"): code blocks are decoded LANES at a time,
-every per-step quantity stored as [step][lane] (and state metrics as
-[step][state][lane]). All lanes share K, hence the trellis and the QPP
-permutation, so each inner loop is a fixed-width loop over lanes that the C
-compiler turns into SIMD float32 arithmetic, and the interleaver gathers whole
-lane vectors. With a = (Ls + La)/2 and b = Lp/2 (LLR = log P(0)/P(1), bit 0 -> +1)
+Decoder layout ("batch interleaving"): LANES trellis segments are decoded side by
+side, every per-step quantity stored as [step][lane] (state metrics as
+[step][state][lane]). A lane holds one segment of a code block (a block has P
+segments, a group LANES / P blocks, all of the same K), so every inner loop is a
+fixed-width loop over lanes that the C compiler turns into SIMD float32 arithmetic;
+the QPP interleaver becomes a precomputed gather/scatter index over the lane layout.
+With a = (Ls + La)/2 and b = Lp/2 (LLR = log P(0)/P(1), bit 0 -> +1)
 the branch metrics are ±G0 = ±(a + b) and ±G1 = ±(a - b); the extrinsic output
 needs no a at all: Le = max(M00 + b, M01 - b) - max(M10 + b, M11 - b), where Mup
 is the best alpha + beta over the branches with input u and parity p.
