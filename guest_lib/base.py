@@ -11,6 +11,9 @@ from guest_lib.errors import UserError
 
 
 class VerbsObject:
+    #: children close in ascending rank: QPs before the MRs, PDs and CQs they use
+    _close_rank = 9
+
     def __init__(self, parent: "VerbsObject | None" = None):
         self._children: weakref.WeakSet = weakref.WeakSet()
         self._closed = False
@@ -30,7 +33,7 @@ class VerbsObject:
     def close(self) -> None:
         if self._closed:
             return
-        for child in list(self._children):
+        for child in sorted(self._children, key=lambda c: c._close_rank):
             child.close()
         try:
             self._release()
@@ -38,6 +41,13 @@ class VerbsObject:
             self._closed = True
             if self.parent is not None:
                 self.parent._children.discard(self)
+
+    def _abandon(self) -> None:
+        """A constructor failed after joining its parent: forget this object
+        (it already gave back what it had taken)."""
+        self._closed = True
+        if self.parent is not None:
+            self.parent._children.discard(self)
 
     def _release(self) -> None:
         """Free what this object holds on the device; children are closed."""

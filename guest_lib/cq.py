@@ -42,6 +42,8 @@ class WC:
 
 
 class CQ(VerbsObject):
+    _close_rank = 3
+
     def __init__(self, ctx: Context, cqe: int, cq_context=None, channel=None, comp_vector: int = 0):
         if cqe <= 0:
             raise UserError(f"CQ size {cqe} must be positive")
@@ -56,6 +58,7 @@ class CQ(VerbsObject):
                             dbrec_gpa=self.dbrec_gpa)
         except BaseException:
             self._free_memory()
+            self._abandon()
             raise
         self.cqn, self.cqe = r["cqn"], r["cqe"]
         self._mask = self.cqe - 1

@@ -16,6 +16,8 @@ PAGE = 4096
 
 
 class MR(VerbsObject):
+    _close_rank = 1
+
     def __init__(self, pd: PD, length: int, access: int = Access.LOCAL_WRITE):
         if length <= 0:
             raise UserError(f"MR length {length} must be positive")
@@ -32,6 +34,7 @@ class MR(VerbsObject):
         except BaseException:
             self.view.release()
             self.ctx.free(self.gpa)
+            self._abandon()
             raise
         self.lkey, self.rkey = r["lkey"], r["rkey"]
 

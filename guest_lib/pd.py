@@ -7,6 +7,8 @@ from virtio_rdma.constants import Cmd
 
 
 class PD(VerbsObject):
+    _close_rank = 2
+
     def __init__(self, ctx: Context):
         super().__init__(ctx)
         self.ctx = ctx

@@ -94,6 +94,8 @@ TO_RTS = M.STATE | M.SQ_PSN | M.TIMEOUT | M.RETRY_CNT | M.RNR_RETRY | M.MAX_QP_R
 
 
 class QP(VerbsObject):
+    _close_rank = 0
+
     def __init__(self, pd: PD, init_attr: QPInitAttr):
         if init_attr.scq is None or init_attr.rcq is None:
             raise UserError("QPInitAttr needs a send CQ (scq) and a receive CQ (rcq)")
@@ -118,6 +120,7 @@ class QP(VerbsObject):
                             sq_gpa=self.sq_gpa, rq_gpa=self.rq_gpa, dbrec_gpa=self.dbrec_gpa)
         except BaseException:
             self._free_memory()
+            self._abandon()
             raise
         self.qp_num = r["qpn"]
         self.cap = QPCap(r["max_send_wr"], r["max_recv_wr"], r["max_send_sge"], r["max_recv_sge"],

@@ -102,6 +102,9 @@ class Vring:
         self.queue = DeviceQueue(
             self.index, self.size, desc, avail, used,
             event_idx=event_idx, indirect=indirect, last_avail_idx=self.base,
+            # Linux guests may put more than `size` entries in an indirect
+            # table; QEMU accepts up to 1024 (VIRTQUEUE_MAX_SIZE).
+            max_chain_len=max(self.size, 1024),
         )
         self.state = RingState.STARTED
 

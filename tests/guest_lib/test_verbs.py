@@ -7,7 +7,7 @@ import pytest
 
 from guest_lib import (CQ, MR, PD, QP, SGE, AHAttr, Context, QPAttr, QPCap, QPInitAttr, RDMAError, RecvWR,
                        SendWR, UserError)
-from virtio_rdma.constants import Access, QpState, SendFlags, WcOpcode, WcStatus, WrOpcode
+from virtio_rdma.constants import Access, Cmd, QpState, SendFlags, WcOpcode, WcStatus, WrOpcode
 
 ALL = Access.LOCAL_WRITE | Access.REMOTE_WRITE | Access.REMOTE_READ | Access.REMOTE_ATOMIC
 
@@ -177,7 +177,7 @@ def test_errors_carry_errno(rdma_backend):
             qp.to_rts(QPAttr())  # RESET -> RTS is illegal
         assert ei.value.error_code == 22
         with pytest.raises(RDMAError) as ei:
-            pd.close()  # busy: QP and nothing else uses it? the QP does
+            ctx.command(Cmd.DEALLOC_PD, pdn=pd.pdn)  # the QP still uses it
         assert ei.value.error_code == 16
         with pytest.raises(UserError):
             MR(pd, 0)
