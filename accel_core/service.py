@@ -416,6 +416,7 @@ class AcceleratorService:
         self._ready_notify = ready_notify
         self._lock = threading.Lock()
         self._accels: dict[str, Accelerator] = {}
+        self._by_op: dict[Op, tuple[Accelerator, ...]] = {}
         self._closed = False
         self._rejected: dict[str, int] = {}
         specs = list(accelerators) if accelerators is not None else [AcceleratorSpec("accel0", workers=workers)]
@@ -435,6 +436,7 @@ class AcceleratorService:
                 raise AccelError(f"accelerator {name!r} already exists")
             acc = Accelerator(name, ops=ops, workers=workers, model=self.model, ready_notify=self._ready_notify)
             self._accels[name] = acc
+            self._by_op = {op: tuple(a for a in self._accels.values() if op in a.ops) for op in Op}
             return acc
 
     @property
@@ -449,15 +451,15 @@ class AcceleratorService:
             except KeyError:
                 raise AccelError(f"no accelerator named {name!r} (have {sorted(self._accels)})") from None
 
-    def serving(self, op: Op | str) -> list[Accelerator]:
-        op = Op.parse(op)
-        return [a for a in self.accelerators if op in a.ops]
+    def serving(self, op: Op | str) -> tuple[Accelerator, ...]:
+        """The accelerators serving ``op``, in creation order."""
+        return self._by_op.get(Op.parse(op), ())
 
     def submit(self, op: Op | str, input: Any, output: Any = None, *, guest_id: int = 0,
                accelerator: str | None = None, **params: Any) -> Job:
         """Create (validate) and queue a job; see :meth:`Job.create` for the parameters."""
         try:
-            unknown = sorted(set(params) - JOB_PARAMETERS)
+            unknown = sorted(params.keys() - JOB_PARAMETERS) if params else None
             if unknown:
                 raise JobRejected(f"unknown job parameter(s) {', '.join(unknown)}; "
                                   f"known: {', '.join(sorted(JOB_PARAMETERS))}")
