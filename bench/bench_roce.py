@@ -22,7 +22,7 @@ from roce.icrc import IpContext, compute_icrc, solve_ipv4_id
 from roce.opcodes import Opcode
 from roce.packet import RocePacket, decode
 
-CTX = IpContext("10.0.0.1", "10.0.0.2", sport=49152)
+CTX = IpContext("192.0.2.1", "192.0.2.2", sport=49152)
 
 
 def _rate(fn, min_time: float) -> float:
@@ -47,7 +47,7 @@ def bench_codec(min_time):
         decode(pkt.encode(CTX), CTX)
 
     def scapy():
-        w = raw(IP(src="10.0.0.1", dst="10.0.0.2", flags="DF") / UDP(sport=49152, dport=4791)
+        w = raw(IP(src="192.0.2.1", dst="192.0.2.2", flags="DF") / UDP(sport=49152, dport=4791)
                 / BTH(opcode=6, dqpn=5, psn=9) / Raw(Reth(0x1000, 7, 4096).pack() + payload))
         IP(w)
     return ("codec: encode+decode, 1 KiB WRITE_FIRST (pkt/s)", _rate(ours, min_time),
@@ -60,7 +60,7 @@ def bench_icrc(min_time):
     payload = bytes(4096)
     ib = Bth(opcode=4, dest_qp=5, psn=9).pack() + payload
     ip, udp = CTX.headers(len(ib) + 4)
-    sp = IP(src="10.0.0.1", dst="10.0.0.2", flags="DF") / UDP(sport=49152, dport=4791) / \
+    sp = IP(src="192.0.2.1", dst="192.0.2.2", flags="DF") / UDP(sport=49152, dport=4791) / \
         BTH(opcode=4, dqpn=5, psn=9) / Raw(payload)
     b = sp[BTH]
     return ("icrc: 4 KiB payload (pkt/s)", _rate(lambda: compute_icrc(ip, udp, ib), min_time),
@@ -68,7 +68,7 @@ def bench_icrc(min_time):
 
 
 def bench_idsolve(min_time):
-    ctx = IpContext("10.0.0.1", "10.0.0.2", sport=49152, ip_id=0xC0DE)
+    ctx = IpContext("192.0.2.1", "192.0.2.2", sport=49152, ip_id=0xC0DE)
     wire = RocePacket(Bth(opcode=4, dest_qp=5, psn=9), payload=bytes(1024)).encode(ctx)
     ip, udp = ctx.with_id(0).headers(len(wire))
     ib, rx = wire[:-4], int.from_bytes(wire[-4:], "little")

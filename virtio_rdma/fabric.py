@@ -134,7 +134,7 @@ class Fabric(ABC):
 class LocalFabric(Fabric):
     """All QPs of one host (one daemon): synchronous, lossless, in-order delivery."""
 
-    def __init__(self, gid: bytes = bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 1]),
+    def __init__(self, gid: bytes = bytes(10) + b"\xff\xff" + bytes([127, 0, 0, 1]),
                  first_qpn: int = 0x100):
         if len(gid) != 16:
             raise FabricError(f"GID must be 16 bytes, got {len(gid)}")

@@ -13,8 +13,8 @@ from roce.icrc import IpContext
 from roce.packet import decode
 from roce.rc import MemoryTable, QpState, RcQp
 
-CTX_AB = IpContext("10.0.0.1", "10.0.0.2", sport=50001)
-CTX_BA = IpContext("10.0.0.2", "10.0.0.1", sport=50002)
+CTX_AB = IpContext("192.0.2.1", "192.0.2.2", sport=50001)
+CTX_BA = IpContext("192.0.2.2", "192.0.2.1", sport=50002)
 
 
 @dataclass

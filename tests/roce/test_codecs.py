@@ -237,9 +237,9 @@ def test_icrc_rejects_bad_ip_header():
     with pytest.raises(errors.BadIpHeader):
         compute_icrc(bytes([0x45]) + bytes(19), bytes(7), bytes(12))
     with pytest.raises(errors.BadIpHeader):
-        IpContext("10.0.0.1", "::1", 1)
+        IpContext("192.0.2.1", "::1", 1)
     with pytest.raises(errors.FieldRange):
-        IpContext("10.0.0.1", "10.0.0.2", 70000)
+        IpContext("192.0.2.1", "192.0.2.2", 70000)
 
 
 # ----------------------------------------------------------- decode errors

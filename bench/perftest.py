@@ -1,0 +1,314 @@
+"""perftest-style tools over the virtio-rdma device: send_lat, write_bw, read_lat.
+
+Like ib_send_lat / ib_write_bw / ib_read_lat, two processes (a server and a
+client guest, each with its own Context on the back-end) connect RC QPs out
+of band and poll their CQs. Each run also measures, in the same run, the
+floor it is compared with: a two-process eventfd ping-pong for latency, a
+plain memcpy of the same sizes for bandwidth, and prints the ratio.
+
+    python -m bench.perftest send_lat [--size 64] [--iters N] [--json]
+    python -m bench.perftest write_bw [--size 1048576] [--batch 16]
+    python -m bench.perftest read_lat
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from guest_lib import CQ, MR, PD, QP, SGE, AHAttr, Context, QPAttr, QPCap, QPInitAttr, RecvWR, SendWR
+from virtio_rdma.constants import Access, SendFlags, WcStatus, WrOpcode
+
+ALL = Access.LOCAL_WRITE | Access.REMOTE_WRITE | Access.REMOTE_READ | Access.REMOTE_ATOMIC
+LAT_HEADER = ("#bytes #iterations t_min[usec] t_max[usec] t_typical[usec] t_avg[usec] t_stdev[usec] "
+              "99% percentile[usec] 99.9% percentile[usec]")
+BW_HEADER = "#bytes #iterations BW peak[MiB/sec] BW average[MiB/sec] MsgRate[Mpps]"
+
+
+class Guest:
+    """One perftest side: a Context with one MR, one CQ, one RC QP."""
+
+    def __init__(self, path: str, buf_size: int, depth: int = 128):
+        self.ctx = Context(path, mem_size=max(32 << 20, 2 * buf_size + (8 << 20)))
+        self.pd = PD(self.ctx)
+        self.mr = MR(self.pd, buf_size, ALL)
+        self.cq = CQ(self.ctx, 4 * depth)
+        self.qp = QP(self.pd, QPInitAttr(scq=self.cq, rcq=self.cq, cap=QPCap(depth, depth, 1, 1, 64)))
+        self.gid = self.ctx.query_gid()
+
+    def info(self) -> dict:
+        return dict(qpn=self.qp.qp_num, gid=self.gid.raw, addr=self.mr.buf, rkey=self.mr.rkey)
+
+    def connect(self, peer: dict) -> None:
+        attr = QPAttr(qp_access_flags=ALL)
+        self.qp.to_init(attr)
+        attr.dest_qp_num, attr.ah_attr, attr.rq_psn = peer["qpn"], AHAttr(dgid=peer["gid"]), 0
+        self.qp.to_rtr(attr)
+        attr.sq_psn = 0
+        self.qp.to_rts(attr)
+
+    def poll_one(self, timeout: float = 10.0):
+        cq = self.cq
+        end = time.monotonic() + timeout
+        while True:
+            n, wcs = cq.poll(1)
+            if n:
+                wc = wcs[0]
+                if wc.status != WcStatus.SUCCESS:
+                    raise RuntimeError(f"completion error: {wc}")
+                return wc
+            if time.monotonic() > end:
+                raise TimeoutError("no completion")
+
+    def close(self) -> None:
+        self.ctx.close()
+
+
+def _stats(ns: list[int], size: int) -> dict:
+    s = sorted(ns)
+    n = len(s)
+    us = [v / 1000.0 for v in s]
+    return {"bytes": size, "iterations": n, "t_min": us[0], "t_max": us[-1], "t_typical": us[n // 2],
+            "t_avg": sum(us) / n, "t_stdev": statistics.pstdev(us), "p99": us[min(n - 1, int(n * 0.99))],
+            "p999": us[min(n - 1, int(n * 0.999))]}
+
+
+def _lat_row(r: dict) -> str:
+    return (f"{r['bytes']:<8}{r['iterations']:<12}{r['t_min']:<13.2f}{r['t_max']:<13.2f}{r['t_typical']:<17.2f}"
+            f"{r['t_avg']:<12.2f}{r['t_stdev']:<15.2f}{r['p99']:<22.2f}{r['p999']:.2f}")
+
+
+# --------------------------------------------------------------------------
+# the two sides, each in its own process
+
+
+def _side(role: str, test: str, path: str, size: int, iters: int, batch: int, conn, out) -> None:
+    try:
+        g = Guest(path, max(size, 4096) * (2 if test == "write_bw" else 1) + 4096)
+        conn.send(g.info())
+        peer = conn.recv()
+        g.connect(peer)
+        result = globals()[f"_{test}_{role}"](g, peer, size, iters, batch, conn)
+        g.close()
+        out.put((role, result))
+    except BaseException as e:  # report, never hang the parent
+        out.put((role, {"error": f"{type(e).__name__}: {e}"}))
+
+
+def _send_lat_server(g, peer, size, iters, batch, conn):
+    sge = SGE(g.mr.buf, size, g.mr.lkey)
+    g.qp.post_recv([RecvWR(wr_id=i, sg=[sge]) for i in range(64)])
+    conn.send("ready")
+    flags = SendFlags.SIGNALED | (SendFlags.INLINE if size <= 64 else 0)
+    for i in range(iters):
+        g.poll_one()  # the client's message
+        g.qp.post_recv(RecvWR(wr_id=i, sg=[sge]))
+        g.qp.post_send(SendWR(wr_id=i, opcode=WrOpcode.SEND, sg=[sge], send_flags=flags))
+        g.poll_one()  # our send
+    return None
+
+
+def _send_lat_client(g, peer, size, iters, batch, conn):
+    sge = SGE(g.mr.buf, size, g.mr.lkey)
+    g.qp.post_recv([RecvWR(wr_id=i, sg=[sge]) for i in range(64)])
+    conn.recv()
+    flags = SendFlags.SIGNALED | (SendFlags.INLINE if size <= 64 else 0)
+    clock = time.perf_counter_ns
+    samples = []
+    for i in range(iters):
+        t0 = clock()
+        g.qp.post_send(SendWR(wr_id=i, opcode=WrOpcode.SEND, sg=[sge], send_flags=flags))
+        # our send completion and the server's reply, in either order
+        g.poll_one()
+        g.poll_one()
+        samples.append((clock() - t0) // 2)  # half round trip, as ib_send_lat reports
+        g.qp.post_recv(RecvWR(wr_id=i, sg=[sge]))
+    return _stats(samples[iters // 10:], size)
+
+
+def _read_lat_server(g, peer, size, iters, batch, conn):
+    conn.recv()  # wait for the client to finish
+    return None
+
+
+def _read_lat_client(g, peer, size, iters, batch, conn):
+    clock = time.perf_counter_ns
+    samples = []
+    sge = SGE(g.mr.buf, size, g.mr.lkey)
+    for i in range(iters):
+        t0 = clock()
+        g.qp.post_send(SendWR(wr_id=i, opcode=WrOpcode.RDMA_READ, sg=[sge], remote_addr=peer["addr"],
+                              rkey=peer["rkey"]))
+        g.poll_one()
+        samples.append(clock() - t0)
+    conn.send("done")
+    return _stats(samples[iters // 10:], size)
+
+
+def _write_bw_server(g, peer, size, iters, batch, conn):
+    conn.recv()
+    return None
+
+
+def _write_bw_client(g, peer, size, iters, batch, conn):
+    sge = SGE(g.mr.buf, size, g.mr.lkey)
+    wrs = [SendWR(wr_id=i, opcode=WrOpcode.RDMA_WRITE, sg=[sge], remote_addr=peer["addr"], rkey=peer["rkey"],
+                  send_flags=SendFlags.SIGNALED if i == batch - 1 else 0) for i in range(batch)]
+    rounds = max(1, iters // batch)
+    best = 0.0
+    t_start = time.perf_counter()
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        g.qp.post_send(wrs)
+        g.poll_one()
+        dt = time.perf_counter() - t0
+        best = max(best, batch * size / dt)
+    total = time.perf_counter() - t_start
+    conn.send("done")
+    n = rounds * batch
+    return {"bytes": size, "iterations": n, "bw_peak_MiB": best / 2**20, "bw_avg_MiB": n * size / total / 2**20,
+            "msg_rate_Mpps": n / total / 1e6}
+
+
+# --------------------------------------------------------------------------
+# floors measured in the same run
+
+
+def eventfd_floor(iters: int) -> dict:
+    from bench.vhost_user_rtt import eventfd_pingpong
+
+    r = eventfd_pingpong(iters)
+    half = {k: v / 2 for k, v in r.items() if k.endswith("_us")}
+    return {"t_typical": half["t_typical_us"], "t_min": half["t_min_us"], "t_avg": half["t_avg_us"]}
+
+
+def memcpy_floor(size: int, reps: int = 200) -> dict:
+    src = np.ones(size, np.uint8)
+    dst = np.empty_like(src)
+    best = 0.0
+    t_all = time.perf_counter()
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = max(best, size / (time.perf_counter() - t0))
+    avg = reps * size / (time.perf_counter() - t_all)
+    return {"bw_peak_MiB": best / 2**20, "bw_avg_MiB": avg / 2**20}
+
+
+# --------------------------------------------------------------------------
+
+
+def run_pair(path: str, test: str, size: int, iters: int, batch: int = 16) -> dict:
+    ctx = mp.get_context("fork")
+    a, b = ctx.Pipe()
+    out = ctx.Queue()
+    ps = [ctx.Process(target=_side, args=("server", test, path, size, iters, batch, a, out)),
+          ctx.Process(target=_side, args=("client", test, path, size, iters, batch, b, out))]
+    for p in ps:
+        p.start()
+    results = {}
+    try:
+        for _ in ps:
+            role, r = out.get(timeout=300)
+            results[role] = r
+    finally:
+        for p in ps:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+    for role, r in results.items():
+        if isinstance(r, dict) and "error" in r:
+            raise RuntimeError(f"{test} {role}: {r['error']}")
+    return results["client"]
+
+
+class Daemon:
+    """The back-end daemon as a real process for the length of a run."""
+
+    def __init__(self, poll_us: float = 0.0):
+        self.dir = tempfile.TemporaryDirectory()
+        self.path = os.path.join(self.dir.name, "vrdma.sock")
+        self.proc = subprocess.Popen([sys.executable, "-m", "vrdma", "backend", "--socket", self.path,
+                                      "--poll-us", str(poll_us)], stdout=subprocess.DEVNULL)
+        end = time.monotonic() + 30
+        while not os.path.exists(self.path):
+            if self.proc.poll() is not None or time.monotonic() > end:
+                raise RuntimeError("back-end daemon did not start")
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        self.dir.cleanup()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def run(test: str, sizes, iters: int, batch: int = 16, poll_us: float = 0.0) -> list[dict]:
+    rows = []
+    with Daemon(poll_us) as d:
+        for size in sizes:
+            r = run_pair(d.path, test, size, iters, batch)
+            if test == "write_bw":
+                floor = memcpy_floor(size)
+                r["floor_memcpy_MiB"] = floor["bw_avg_MiB"]
+                r["ratio_vs_memcpy"] = r["bw_avg_MiB"] / floor["bw_avg_MiB"]
+            else:
+                floor = eventfd_floor(max(2000, iters))
+                key = "floor_eventfd_half_rtt_us" if test == "send_lat" else "floor_eventfd_rtt_us"
+                r[key] = floor["t_typical"] if test == "send_lat" else 2 * floor["t_typical"]
+                r["ratio_vs_floor"] = r["t_typical"] / r[key]
+            r["test"] = test
+            rows.append(r)
+    return rows
+
+
+def print_rows(test: str, rows: list[dict]) -> None:
+    if test == "write_bw":
+        print(BW_HEADER)
+        for r in rows:
+            print(f"{r['bytes']:<8}{r['iterations']:<12}{r['bw_peak_MiB']:<19.2f}{r['bw_avg_MiB']:<22.2f}"
+                  f"{r['msg_rate_Mpps']:.6f}")
+        for r in rows:
+            print(f"# {r['bytes']} B: memcpy {r['floor_memcpy_MiB']:.0f} MiB/s, ratio {r['ratio_vs_memcpy']:.3f}")
+    else:
+        print(LAT_HEADER)
+        for r in rows:
+            print(_lat_row(r))
+        for r in rows:
+            key = [k for k in r if k.startswith("floor_")][0]
+            print(f"# {r['bytes']} B: floor ({key}) {r[key]:.2f} us, ratio {r['ratio_vs_floor']:.2f}x")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("test", choices=["send_lat", "write_bw", "read_lat"])
+    p.add_argument("--size", "-s", type=int, action="append", help="message size (repeatable)")
+    p.add_argument("--iters", "-n", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=16, help="write_bw: WRs per post (one doorbell)")
+    p.add_argument("--poll-us", type=float, default=0.0, help="daemon busy-poll window")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    sizes = a.size or ([1 << 20] if a.test == "write_bw" else [64])
+    rows = run(a.test, sizes, a.iters, a.batch, a.poll_us)
+    if a.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print_rows(a.test, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

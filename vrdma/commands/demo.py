@@ -1,0 +1,138 @@
+"""``vrdma demo``: the main job, end to end, with nothing to set up.
+
+Starts the back-end daemon, then two guest processes that each open the
+virtio-rdma device through guest_lib, connect RC queue pairs out of band,
+exchange messages (SEND/RECV with immediate data), RDMA WRITE and READ,
+run both atomics, verify every byte, and finish with a perftest-style
+summary (64-byte send latency, RDMA WRITE bandwidth) against floors measured
+in the same run.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import struct
+import sys
+import time
+
+NAME = "demo"
+HELP = "start a back-end and two guests: connect QPs, SEND, WRITE, READ, atomics, verify, perftest summary"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--iters", type=int, default=1000, help="iterations of the latency summary")
+    p.add_argument("--no-perf", action="store_true", help="skip the perftest summary")
+
+
+def _guest(role: str, path: str, conn, out) -> None:
+    from bench.perftest import Guest
+    from guest_lib import SGE, RecvWR, SendWR
+    from virtio_rdma.constants import WcOpcode, WrOpcode
+
+    log = []
+    try:
+        g = Guest(path, 1 << 20)
+        conn.send(g.info())
+        peer = conn.recv()
+        g.connect(peer)
+        log.append(f"{role}: QP {g.qp.qp_num:#x} connected to QP {peer['qpn']:#x} (GID {g.gid})")
+        mr = g.mr
+        if role == "server":
+            g.qp.post_recv([RecvWR(wr_id=i, sg=[SGE(mr.buf + 4096 * i, 4096, mr.lkey)]) for i in range(4)])
+            mr.write(struct.pack("<Q", 1000), offset=65536)  # atomic target
+            mr.write(b"server's data for READ " * 100, offset=131072)
+            conn.send("ready")
+            wc = g.poll_one()
+            msg = mr.read(wc.byte_len, 0)
+            assert wc.opcode == WcOpcode.RECV and wc.imm_data == 0x1234, wc
+            log.append(f"server: received {wc.byte_len} bytes with imm 0x{wc.imm_data:x}: {msg[:24]!r}...")
+            mr.write(msg.upper(), offset=8192)
+            g.qp.post_send(SendWR(wr_id=1, opcode=WrOpcode.SEND, sg=[SGE(mr.buf + 8192, len(msg), mr.lkey)]))
+            g.poll_one()
+            conn.recv()  # client finished its one-sided operations
+            written = mr.read(256 * 1024, 262144)
+            assert written == bytes(range(256)) * 1024, "RDMA WRITE data mismatch"
+            counter = struct.unpack("<Q", mr.read(8, 65536))[0]
+            assert counter == 7, counter
+            log.append("server: verified 256 KiB written by RDMA WRITE and the atomics' result (7)")
+            conn.send("verified")
+        else:
+            g.qp.post_recv(RecvWR(wr_id=9, sg=[SGE(mr.buf + 4096, 4096, mr.lkey)]))
+            conn.recv()
+            msg = b"hello from the client guest over virtio-rdma " * 20
+            mr.write(msg)
+            g.qp.post_send(SendWR(wr_id=1, opcode=WrOpcode.SEND_WITH_IMM, sg=[SGE(mr.buf, len(msg), mr.lkey)],
+                                  imm_data=0x1234))
+            wcs = [g.poll_one(), g.poll_one()]
+            reply = [w for w in wcs if w.opcode == WcOpcode.RECV][0]
+            assert mr.read(reply.byte_len, 4096) == msg.upper()
+            log.append(f"client: SEND done; reply of {reply.byte_len} bytes verified")
+            mr.write(bytes(range(256)) * 1024, offset=262144)
+            g.qp.post_send(SendWR(wr_id=2, opcode=WrOpcode.RDMA_WRITE, sg=[SGE(mr.buf + 262144, 262144, mr.lkey)],
+                                  remote_addr=peer["addr"] + 262144, rkey=peer["rkey"]))
+            g.poll_one()
+            g.qp.post_send(SendWR(wr_id=3, opcode=WrOpcode.RDMA_READ, sg=[SGE(mr.buf + 600000, 2300, mr.lkey)],
+                                  remote_addr=peer["addr"] + 131072, rkey=peer["rkey"]))
+            g.poll_one()
+            assert mr.read(2300, 600000) == (b"server's data for READ " * 100)[:2300]
+            log.append("client: RDMA WRITE 256 KiB done; RDMA READ 2300 bytes verified")
+            g.qp.post_send(SendWR(wr_id=4, opcode=WrOpcode.ATOMIC_FETCH_AND_ADD, sg=[SGE(mr.buf + 700000, 8, mr.lkey)],
+                                  remote_addr=peer["addr"] + 65536, rkey=peer["rkey"], compare_add=5))
+            g.poll_one()
+            old = struct.unpack("<Q", mr.read(8, 700000))[0]
+            g.qp.post_send(SendWR(wr_id=5, opcode=WrOpcode.ATOMIC_CMP_AND_SWP, sg=[SGE(mr.buf + 700008, 8, mr.lkey)],
+                                  remote_addr=peer["addr"] + 65536, rkey=peer["rkey"], compare_add=1005, swap=7))
+            g.poll_one()
+            old2 = struct.unpack("<Q", mr.read(8, 700008))[0]
+            assert (old, old2) == (1000, 1005), (old, old2)
+            log.append("client: FETCH_AND_ADD(+5) saw 1000, CMP_AND_SWP(1005 -> 7) saw 1005")
+            conn.send("done")
+            conn.recv()
+        g.close()
+        out.put((role, log, None))
+    except BaseException as e:
+        out.put((role, log, f"{type(e).__name__}: {e}"))
+
+
+def run(args) -> int:
+    from bench.perftest import Daemon, print_rows, run_pair
+
+    t0 = time.monotonic()
+    with Daemon() as d:
+        print(f"vrdma demo: back-end daemon pid {d.proc.pid} listening on {d.path}")
+        ctx = mp.get_context("fork")
+        a, b = ctx.Pipe()
+        out = ctx.Queue()
+        procs = [ctx.Process(target=_guest, args=(r, d.path, c, out)) for r, c in (("server", a), ("client", b))]
+        for p in procs:
+            p.start()
+        failed = False
+        results = [out.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join(10)
+        for role, log, err in sorted(results):
+            for line in log:
+                print("  " + line)
+            if err:
+                print(f"  {role}: FAILED: {err}")
+                failed = True
+        if failed:
+            return 1
+        print(f"vrdma demo: all data verified ({time.monotonic() - t0:.1f} s)")
+        if not args.no_perf:
+            print("\nperftest-style summary (each against a floor measured now):")
+            from bench.perftest import eventfd_floor, memcpy_floor
+
+            lat = run_pair(d.path, "send_lat", 64, args.iters)
+            lat["floor_eventfd_half_rtt_us"] = eventfd_floor(2000)["t_typical"]
+            lat["ratio_vs_floor"] = lat["t_typical"] / lat["floor_eventfd_half_rtt_us"]
+            print_rows("send_lat", [lat])
+            bw = run_pair(d.path, "write_bw", 1 << 20, 128, 16)
+            fl = memcpy_floor(1 << 20)
+            bw["floor_memcpy_MiB"] = fl["bw_avg_MiB"]
+            bw["ratio_vs_memcpy"] = bw["bw_avg_MiB"] / fl["bw_avg_MiB"]
+            print_rows("write_bw", [bw])
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run(None))
