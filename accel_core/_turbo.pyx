@@ -33,6 +33,7 @@ cdef enum:
     NSTATES = 8
 
 cdef float NEG_BIG = -1.0e30
+cdef float HALF = 0.5       # float-typed, so C keeps these products in single precision
 # Extrinsic LLRs saturate here: at high SNR they would otherwise grow geometrically
 # over the iterations. Channel LLRs are clipped to the same bound by accel_core.turbo.
 cdef float EXT_LIMIT = 1024.0
@@ -104,41 +105,35 @@ def encode_batch(const uint8_t[:, ::1] bits, const int32_t[::1] pi, uint8_t[:, :
 # Max-log-MAP constituent decoder on LANES trellis segments side by side
 # ---------------------------------------------------------------------------------------------
 
-cdef void _alpha_pass(const float* A, const float* Bv, float* alpha, Py_ssize_t S,
-                      const float* init, float* final) noexcept nogil:
-    """alpha[t] for t = 0..S-1 starting from init; final = alpha_S (the segment boundary)."""
-    cdef float[NSTATES][LANES] al
-    cdef Py_ssize_t t, l
+cdef inline void _alpha_step(float* al, const float* A, const float* Bv,
+                             Py_ssize_t t) noexcept nogil:
+    """alpha_t -> alpha_t+1 in place, normalised to state 0."""
+    cdef Py_ssize_t l
     cdef float g0, g1, n0, n1, n2, n3, n4, n5, n6, n7
-    cdef float* out
-    memcpy(al, init, sizeof(al))
-    for t in range(S):
-        out = alpha + t * (NSTATES * LANES)
-        memcpy(out, al, sizeof(al))
-        for l in range(LANES):
-            g0 = A[t * LANES + l] + Bv[t * LANES + l]
-            g1 = A[t * LANES + l] - Bv[t * LANES + l]
-            n0 = fmax2(al[0][l] + g0, al[1][l] - g0)
-            n1 = fmax2(al[2][l] - g1, al[3][l] + g1)
-            n2 = fmax2(al[4][l] + g1, al[5][l] - g1)
-            n3 = fmax2(al[6][l] - g0, al[7][l] + g0)
-            n4 = fmax2(al[0][l] - g0, al[1][l] + g0)
-            n5 = fmax2(al[2][l] + g1, al[3][l] - g1)
-            n6 = fmax2(al[4][l] - g1, al[5][l] + g1)
-            n7 = fmax2(al[6][l] + g0, al[7][l] - g0)
-            al[0][l] = 0.0
-            al[1][l] = n1 - n0
-            al[2][l] = n2 - n0
-            al[3][l] = n3 - n0
-            al[4][l] = n4 - n0
-            al[5][l] = n5 - n0
-            al[6][l] = n6 - n0
-            al[7][l] = n7 - n0
-    memcpy(final, al, sizeof(al))
+    for l in range(LANES):
+        g0 = A[t * LANES + l] + Bv[t * LANES + l]
+        g1 = A[t * LANES + l] - Bv[t * LANES + l]
+        n0 = fmax2(al[0 * LANES + l] + g0, al[1 * LANES + l] - g0)
+        n1 = fmax2(al[2 * LANES + l] - g1, al[3 * LANES + l] + g1)
+        n2 = fmax2(al[4 * LANES + l] + g1, al[5 * LANES + l] - g1)
+        n3 = fmax2(al[6 * LANES + l] - g0, al[7 * LANES + l] + g0)
+        n4 = fmax2(al[0 * LANES + l] - g0, al[1 * LANES + l] + g0)
+        n5 = fmax2(al[2 * LANES + l] + g1, al[3 * LANES + l] - g1)
+        n6 = fmax2(al[4 * LANES + l] - g1, al[5 * LANES + l] + g1)
+        n7 = fmax2(al[6 * LANES + l] + g0, al[7 * LANES + l] - g0)
+        al[0 * LANES + l] = 0.0
+        al[1 * LANES + l] = n1 - n0
+        al[2 * LANES + l] = n2 - n0
+        al[3 * LANES + l] = n3 - n0
+        al[4 * LANES + l] = n4 - n0
+        al[5 * LANES + l] = n5 - n0
+        al[6 * LANES + l] = n6 - n0
+        al[7 * LANES + l] = n7 - n0
 
 
 cdef inline void _beta_step(float* be, const float* A, const float* Bv,
                             Py_ssize_t t) noexcept nogil:
+    """beta_t+1 -> beta_t in place, normalised to state 0."""
     cdef Py_ssize_t l
     cdef float g0, g1, m0, m1, m2, m3, m4, m5, m6, m7
     for l in range(LANES):
@@ -162,32 +157,59 @@ cdef inline void _beta_step(float* be, const float* A, const float* Bv,
         be[7 * LANES + l] = m7 - m0
 
 
-cdef void _beta_llr_pass(const float* A, const float* Bv, const float* alpha, Py_ssize_t S,
-                         const float* init, float* final,
+cdef inline void _ext_at(const float* al, const float* be, const float* Bv, Py_ssize_t t,
                          float* ext) noexcept nogil:
-    """Backward recursion t = S-1..0 from init (beta_S); ext[t] = extrinsic LLR (unscaled,
-    clipped to +-EXT_LIMIT); final = beta_0."""
-    cdef float[NSTATES][LANES] be
-    cdef Py_ssize_t t, l
+    """ext[t] from alpha_t and beta_t+1 (unscaled, clipped to +-EXT_LIMIT)."""
+    cdef Py_ssize_t l
     cdef float bk, m00, m01, m10, m11, le
-    cdef const float* al
-    memcpy(be, init, sizeof(be))
-    for t in range(S - 1, -1, -1):
-        al = alpha + t * (NSTATES * LANES)
-        for l in range(LANES):
-            bk = Bv[t * LANES + l]
-            m00 = fmax2(fmax2(al[0 * LANES + l] + be[0][l], al[1 * LANES + l] + be[4][l]),
-                        fmax2(al[6 * LANES + l] + be[7][l], al[7 * LANES + l] + be[3][l]))
-            m01 = fmax2(fmax2(al[2 * LANES + l] + be[5][l], al[3 * LANES + l] + be[1][l]),
-                        fmax2(al[4 * LANES + l] + be[2][l], al[5 * LANES + l] + be[6][l]))
-            m10 = fmax2(fmax2(al[2 * LANES + l] + be[1][l], al[3 * LANES + l] + be[5][l]),
-                        fmax2(al[4 * LANES + l] + be[6][l], al[5 * LANES + l] + be[2][l]))
-            m11 = fmax2(fmax2(al[0 * LANES + l] + be[4][l], al[1 * LANES + l] + be[0][l]),
-                        fmax2(al[6 * LANES + l] + be[3][l], al[7 * LANES + l] + be[7][l]))
-            le = fmax2(m00 + bk, m01 - bk) - fmax2(m10 + bk, m11 - bk)
-            ext[t * LANES + l] = fmin2(fmax2(le, -EXT_LIMIT), EXT_LIMIT)
-        _beta_step(&be[0][0], A, Bv, t)
-    memcpy(final, be, sizeof(be))
+    for l in range(LANES):
+        bk = Bv[t * LANES + l]
+        m00 = fmax2(fmax2(al[0 * LANES + l] + be[0 * LANES + l], al[1 * LANES + l] + be[4 * LANES + l]),
+                    fmax2(al[6 * LANES + l] + be[7 * LANES + l], al[7 * LANES + l] + be[3 * LANES + l]))
+        m01 = fmax2(fmax2(al[2 * LANES + l] + be[5 * LANES + l], al[3 * LANES + l] + be[1 * LANES + l]),
+                    fmax2(al[4 * LANES + l] + be[2 * LANES + l], al[5 * LANES + l] + be[6 * LANES + l]))
+        m10 = fmax2(fmax2(al[2 * LANES + l] + be[1 * LANES + l], al[3 * LANES + l] + be[5 * LANES + l]),
+                    fmax2(al[4 * LANES + l] + be[6 * LANES + l], al[5 * LANES + l] + be[2 * LANES + l]))
+        m11 = fmax2(fmax2(al[0 * LANES + l] + be[4 * LANES + l], al[1 * LANES + l] + be[0 * LANES + l]),
+                    fmax2(al[6 * LANES + l] + be[3 * LANES + l], al[7 * LANES + l] + be[7 * LANES + l]))
+        le = fmax2(m00 + bk, m01 - bk) - fmax2(m10 + bk, m11 - bk)
+        ext[t * LANES + l] = fmin2(fmax2(le, -EXT_LIMIT), EXT_LIMIT)
+
+
+cdef void _siso(const float* A, const float* Bv, float* store, Py_ssize_t S,
+                const float* init_a, const float* init_b, float* fin_a, float* fin_b,
+                float* ext) noexcept nogil:
+    """One max-log-MAP pass over S steps (S even) of every lane.
+
+    The forward (alpha) and backward (beta) recursions run in the same loop, alpha
+    from step 0 and beta from step S, so each loop iteration has two independent
+    dependency chains. The first half stores alpha_0..alpha_H-1 and beta_H+1..beta_S
+    (H = S/2); in the second half each iteration emits two extrinsic values, at i
+    (running alpha, stored beta) and at S-1-i (stored alpha, running beta).
+    init_a / init_b are alpha_0 / beta_S; fin_a / fin_b receive alpha_S / beta_0.
+    """
+    cdef float[NSTATES][LANES] al
+    cdef float[NSTATES][LANES] be
+    cdef Py_ssize_t H = S // 2, i, j
+    cdef Py_ssize_t NL = NSTATES * LANES
+    cdef float* astore = store
+    cdef float* bstore = store + H * NL      # beta_t at bstore + (t - H - 1) * NL
+    memcpy(al, init_a, sizeof(al))
+    memcpy(be, init_b, sizeof(be))
+    for i in range(H):
+        j = S - 1 - i
+        memcpy(astore + i * NL, al, sizeof(al))
+        memcpy(bstore + (j - H) * NL, be, sizeof(be))
+        _alpha_step(&al[0][0], A, Bv, i)
+        _beta_step(&be[0][0], A, Bv, j)
+    for i in range(H, S):
+        j = S - 1 - i
+        _ext_at(&al[0][0], bstore + (i - H) * NL, Bv, i, ext)
+        _ext_at(astore + j * NL, &be[0][0], Bv, j, ext)
+        _alpha_step(&al[0][0], A, Bv, i)
+        _beta_step(&be[0][0], A, Bv, j)
+    memcpy(fin_a, al, sizeof(al))
+    memcpy(fin_b, be, sizeof(be))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,9 +236,11 @@ cdef struct Work:
     float* ext      # raw extrinsic output of the current decoder [S][LANES]
     float* alpha    # forward metrics [S][NSTATES][LANES]
     int32_t* gidx   # plane index of the bit that interleaved position [t][l] reads
+    int32_t* ginv   # inverse of gidx
     uint8_t* hard   # hard decisions, natural layout [S][LANES]
     float* tail     # tail: x1, z1/2, x2, z2/2, each [3][LANES] (last segments only)
-    float* bnd      # boundary metrics: alpha1, beta1, alpha2, beta2, fin, each [NSTATES][LANES]
+    float* bnd      # boundary metrics alpha1, beta1, alpha2, beta2 + two final planes,
+                    # each [NSTATES][LANES]
 
 
 cdef inline float* _plane8(float* p, int i) noexcept nogil:
@@ -255,26 +279,26 @@ cdef void _load_group(const float* llr, Py_ssize_t B, Py_ssize_t b0, Work* w) no
         for t in range(S):
             i = p * S + t
             w.xs[t * LANES + l] = d0[i]
-            w.b1[t * LANES + l] = 0.5 * d1[i]
-            w.b2[t * LANES + l] = 0.5 * d2[i]
+            w.b1[t * LANES + l] = HALF * d1[i]
+            w.b2[t * LANES + l] = HALF * d2[i]
         if p == P - 1:
             # §5.1.3.2.2: d0 = x_K z_K+1 x'_K z'_K+1, d1 = z_K x_K+2 z'_K x'_K+2,
             #             d2 = x_K+1 z_K+2 x'_K+1 z'_K+2.
             x1[0 * LANES + l] = d0[K]
-            z1[0 * LANES + l] = 0.5 * d1[K]
+            z1[0 * LANES + l] = HALF * d1[K]
             x1[1 * LANES + l] = d2[K]
-            z1[1 * LANES + l] = 0.5 * d0[K + 1]
+            z1[1 * LANES + l] = HALF * d0[K + 1]
             x1[2 * LANES + l] = d1[K + 1]
-            z1[2 * LANES + l] = 0.5 * d2[K + 1]
+            z1[2 * LANES + l] = HALF * d2[K + 1]
             x2[0 * LANES + l] = d0[K + 2]
-            z2[0 * LANES + l] = 0.5 * d1[K + 2]
+            z2[0 * LANES + l] = HALF * d1[K + 2]
             x2[1 * LANES + l] = d2[K + 2]
-            z2[1 * LANES + l] = 0.5 * d0[K + 3]
+            z2[1 * LANES + l] = HALF * d0[K + 3]
             x2[2 * LANES + l] = d1[K + 3]
-            z2[2 * LANES + l] = 0.5 * d2[K + 3]
+            z2[2 * LANES + l] = HALF * d2[K + 3]
     for i in range(3 * LANES):
-        x1[i] *= 0.5
-        x2[i] *= 0.5
+        x1[i] *= HALF
+        x2[i] *= HALF
     memset(w.le21, 0, S * LANES * sizeof(float))
     # Boundaries: known start state 0 / terminated end for outer segments, uniform inside.
     memset(w.bnd, 0, 4 * NSTATES * LANES * sizeof(float))
@@ -330,11 +354,14 @@ cdef void _decode_group(const float* llr, Py_ssize_t B, Py_ssize_t b0, int itera
     cdef bint[LANES] done
     cdef int active = 0
     cdef const int32_t* gidx = w.gidx
+    cdef const int32_t* ginv = w.ginv
+    cdef float e, zero = 0.0
     cdef float* x1 = w.tail
     cdef float* z1 = w.tail + 3 * LANES
     cdef float* x2 = w.tail + 6 * LANES
     cdef float* z2 = w.tail + 9 * LANES
     cdef float* fin = _plane8(w.bnd, 4)
+    cdef float* fin_b = _plane8(w.bnd, 5)
     _load_group(llr, B, b0, w)
     for j in range(bpg):
         done[j] = b0 + j >= B
@@ -343,25 +370,25 @@ cdef void _decode_group(const float* llr, Py_ssize_t B, Py_ssize_t b0, int itera
     for it in range(iterations):
         # Decoder 1: natural order, a priori from decoder 2.
         for i in range(n):
-            w.a[i] = 0.5 * (w.xs[i] + w.le21[i])
-        _alpha_pass(w.a, w.b1, w.alpha, w.S, _plane8(w.bnd, 0), fin)
+            w.a[i] = HALF * (w.xs[i] + w.le21[i])
+        _siso(w.a, w.b1, w.alpha, w.S, _plane8(w.bnd, 0), _plane8(w.bnd, 1), fin, fin_b, w.ext)
         _pass_boundaries(w, fin, _plane8(w.bnd, 0), 1)
-        _beta_llr_pass(w.a, w.b1, w.alpha, w.S, _plane8(w.bnd, 1), fin, w.ext)
-        _pass_boundaries(w, fin, _plane8(w.bnd, 1), 0)
+        _pass_boundaries(w, fin_b, _plane8(w.bnd, 1), 0)
         for i in range(n):
             w.le12[i] = scale * w.ext[i]
         # Decoder 2: interleaved order c'_k = c_pi(k); extrinsic scattered back.
         for i in range(n):
             g = gidx[i]
-            w.a[i] = 0.5 * (w.xs[g] + w.le12[g])
-        _alpha_pass(w.a, w.b2, w.alpha, w.S, _plane8(w.bnd, 2), fin)
+            w.a[i] = HALF * (w.xs[g] + w.le12[g])
+        _siso(w.a, w.b2, w.alpha, w.S, _plane8(w.bnd, 2), _plane8(w.bnd, 3), fin, fin_b, w.ext)
         _pass_boundaries(w, fin, _plane8(w.bnd, 2), 1)
-        _beta_llr_pass(w.a, w.b2, w.alpha, w.S, _plane8(w.bnd, 3), fin, w.ext)
-        _pass_boundaries(w, fin, _plane8(w.bnd, 3), 0)
+        _pass_boundaries(w, fin_b, _plane8(w.bnd, 3), 0)
+        # Back to natural order (a gather through the inverse index, not a scatter); the
+        # hard decision is the sign of the a-posteriori LLR Ls + La2 + Le2.
         for i in range(n):
-            g = gidx[i]
-            w.le21[g] = scale * w.ext[i]
-            w.hard[g] = (2.0 * w.a[i] + w.ext[i]) < 0.0
+            e = w.ext[ginv[i]]
+            w.hard[i] = (w.xs[i] + w.le12[i] + e) < zero
+            w.le21[i] = scale * e
         if crc_kind >= 0:
             for j in range(bpg):
                 if done[j]:
@@ -380,10 +407,11 @@ cdef void _decode_group(const float* llr, Py_ssize_t B, Py_ssize_t b0, int itera
 
 
 def segments_for(Py_ssize_t K, Py_ssize_t min_segment):
-    """Segments per block: the largest power of two P <= LANES with K % P == 0 and
+    """Segments per block: the largest power of two P <= LANES dividing K into even-length
+    segments with
     K / P >= min_segment (1 when even two segments would be shorter)."""
     cdef Py_ssize_t P = LANES
-    while P > 1 and (K % P != 0 or K // P < min_segment):
+    while P > 1 and (K % P != 0 or (K // P) % 2 != 0 or K // P < min_segment):
         P //= 2
     return P
 
@@ -409,14 +437,15 @@ def decode_batch(const float[:, :, ::1] llr, const int32_t[::1] pi, int iteratio
         raise ValueError("decode_batch: output shapes do not match llr")
     if iterations < 1 or crc_kind < -1 or crc_kind > 1 or not scale > 0.0:
         raise ValueError("decode_batch: bad iterations, crc_kind or scale")
-    if P < 1 or P > LANES or LANES % P != 0 or K % P != 0:
-        raise ValueError(f"decode_batch: segments={P} must divide K={K} and {LANES}")
+    if P < 1 or P > LANES or LANES % P != 0 or K % P != 0 or (K // P) % 2 != 0:
+        raise ValueError(f"decode_batch: segments={P} must divide {LANES} and split K={K} "
+                         f"into segments of even length")
     if B == 0:
         return
     S = K // P
     plane = ((S * LANES * sizeof(float) + 63) // 64) * 64
-    nbytes = (7 * plane + <size_t>S * NSTATES * LANES * sizeof(float) + plane
-              + plane + (12 + 5 * NSTATES) * LANES * sizeof(float))
+    nbytes = (7 * plane + <size_t>S * NSTATES * LANES * sizeof(float) + 3 * plane
+              + (12 + 6 * NSTATES) * LANES * sizeof(float))
     mem = <char*>aligned_alloc(64, ((nbytes + 63) // 64) * 64)
     if mem == NULL:
         raise MemoryError(f"turbo decoder scratch of {nbytes} bytes")
@@ -433,7 +462,8 @@ def decode_batch(const float[:, :, ::1] llr, const int32_t[::1] pi, int iteratio
         w.ext = <float*>(mem + 6 * plane)
         w.alpha = <float*>(mem + 7 * plane)
         w.gidx = <int32_t*>(mem + 7 * plane + <size_t>S * NSTATES * LANES * sizeof(float))
-        w.hard = <uint8_t*>(<char*>w.gidx + plane)
+        w.ginv = <int32_t*>(<char*>w.gidx + plane)
+        w.hard = <uint8_t*>(<char*>w.ginv + plane)
         w.tail = <float*>(<char*>w.hard + plane)
         w.bnd = w.tail + 12 * LANES
         with nogil:
@@ -443,6 +473,8 @@ def decode_batch(const float[:, :, ::1] llr, const int32_t[::1] pi, int iteratio
                     nat = pi[q]
                     j = l // P
                     w.gidx[t * LANES + l] = <int32_t>((nat % S) * LANES + j * P + nat // S)
+            for q in range(S * LANES):
+                w.ginv[w.gidx[q]] = <int32_t>q
             b0 = 0
             while b0 < B:
                 _decode_group(&llr[0, 0, 0], B, b0, iterations, scale, crc_kind, &w,
