@@ -12,8 +12,11 @@ Three sections, each compared against a baseline measured in the same run:
 * ``service`` -- :func:`run_service_bench`: jobs through an
   :class:`~accel_core.AcceleratorService` with 1 and 2 workers vs calling the
   kernel directly in one thread (throughput ratio), the synchronous round-trip
-  overhead of one small job, and the accuracy of the calibrated service-time
-  model (measured / estimated kernel time over the run's jobs).
+  overhead of one small job (next to a bare two-thread ping-pong, the floor of
+  any thread handoff on this machine), and the accuracy of the calibrated
+  service-time model (measured / estimated kernel time over the run's jobs).
+  Python-side work per job (validation, queueing, future) is ~10-20 us and holds
+  the GIL, so jobs of tens of microseconds lose throughput; millisecond jobs do not.
 
 ``python -m bench.accel_bench [--quick] [--json]`` or ``vrdma accel-bench``.
 """
@@ -123,10 +126,38 @@ def run_service_bench(*, quick: bool = False, model=None, workers: tuple[int, ..
         svc.submit(Op.FFT, small, sout).wait()
         service = min(_timed(lambda: [svc.submit(Op.FFT, small, sout).wait() for _ in range(calls)])
                       for _ in range(repeat)) / calls
+    handoff = _thread_handoff_us(calls, repeat)
     rows.append({"case": "round trip fft 1x256 complex64", "workers": 1, "mode": "submit().wait() vs direct",
                  "jobs": calls, "direct_us": direct * 1e6, "service_us": service * 1e6,
-                 "overhead_us": (service - direct) * 1e6})
+                 "overhead_us": (service - direct) * 1e6, "thread_handoff_us": handoff})
     return rows
+
+
+def _thread_handoff_us(calls: int, repeat: int) -> float:
+    """Floor for any thread-pool round trip here: bare ping-pong with a thread over two SimpleQueues."""
+    import queue
+    import threading
+
+    req: queue.SimpleQueue = queue.SimpleQueue()
+    rsp: queue.SimpleQueue = queue.SimpleQueue()
+
+    def echo() -> None:
+        while (item := req.get()) is not None:
+            rsp.put(item)
+
+    t = threading.Thread(target=echo, name="accel-bench-echo")
+    t.start()
+    try:
+        def pingpong() -> None:
+            for i in range(calls):
+                req.put(i)
+                rsp.get()
+
+        pingpong()
+        return min(_timed(pingpong) for _ in range(repeat)) / calls * 1e6
+    finally:
+        req.put(None)
+        t.join()
 
 
 def model_rows(model) -> list[dict]:
@@ -210,7 +241,8 @@ def format_table(res: dict) -> str:
                      f"{r['points']} points, fit rms rel err {_fmt(r['fit_rms_rel_error'], '.2f')}"))
     for r in res.get("service", []):
         if "overhead_us" in r:
-            rows.append(("service", r["case"], f"{r['service_us']:.1f} us/job", f"direct {r['direct_us']:.1f} us",
+            rows.append(("service", r["case"], f"{r['service_us']:.1f} us/job",
+                         f"direct {r['direct_us']:.1f} us; bare thread ping-pong {r['thread_handoff_us']:.1f} us",
                          f"+{r['overhead_us']:.1f} us", r["mode"]))
             continue
         est = ""
