@@ -33,7 +33,7 @@ def sweep(ebn0_list, *, K=6144, iterations=8, max_frames=2048, min_frame_errors=
     """One dict per (Eb/N0, variant): frames, bit/frame errors, BER, FER, decode seconds."""
     rows = []
     for ebn0 in ebn0_list:
-        rng = np.random.default_rng([seed, int(round(ebn0 * 1000))])
+        rng = np.random.default_rng([seed, int(round((ebn0 + 100.0) * 1000))])
         acc = {v: {"frames": 0, "bit_errors": 0, "frame_errors": 0, "seconds": 0.0}
                for v in VARIANTS}
         while True:

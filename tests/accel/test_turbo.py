@@ -360,3 +360,20 @@ def test_segmented_blocks_decode_the_same_alone_or_in_a_batch():
     for b in range(5):
         single, _ = turbo_decode(llr[b], iterations=5, scaling=0.75)
         assert np.array_equal(batch[b], single), b
+
+# ------------------------------------------------------------------------------------------
+# Benchmark and sweep entry points (smoke, tiny sizes)
+# ------------------------------------------------------------------------------------------
+
+
+def test_bench_and_sweep_smoke():
+    from bench.bench_turbo import run_turbo_bench
+    from bench.turbo_ber_sweep import crossing, sweep
+    rows = run_turbo_bench(K=40, iterations=1, frames=4, batch=2, commpy_frames=0, repeat=1,
+                           ebn0_db=6.0)
+    assert [r["batch"] for r in rows] == [2, 1]
+    assert all(r["mbit_s"] > 0 and r["bit_errors"] == 0 for r in rows)
+    pts = sweep([-2.0, 4.0], K=40, iterations=2, max_frames=64, min_frame_errors=4, chunk=16)
+    assert len(pts) == 4
+    assert crossing(pts, "max-log-MAP", target=1e-2) is not None
+    assert crossing(pts, "max-log-MAP", target=0.9) is None
