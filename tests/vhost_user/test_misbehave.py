@@ -222,11 +222,12 @@ def test_corrupt_ring_closes_connection(backend, sock_path, good, case):
             _desc(dev, q, 1, buf, 16, NEXT, 0)
             _publish(dev, q, [0])
         elif case == "too_long_indirect":
-            table = dev.alloc(16 * 40, 16)
-            for i in range(40):  # 40 > queue size 16
-                struct.pack_into("<QIHH", dev.translate(table + 16 * i, 16), 0, buf, 16,
-                                 NEXT if i < 39 else 0, i + 1)
-            _desc(dev, q, 0, table, 16 * 40, INDIRECT)
+            n = 1100  # more than the 1024 entries a chain may have (QEMU's VIRTQUEUE_MAX_SIZE)
+            table = dev.alloc(16 * n, 16)
+            tv = dev.translate(table, 16 * n)
+            for i in range(n):
+                struct.pack_into("<QIHH", tv, 16 * i, buf, 16, NEXT if i < n - 1 else 0, i + 1)
+            _desc(dev, q, 0, table, 16 * n, INDIRECT)
             _publish(dev, q, [0])
         elif case == "avail_jump":
             _desc(dev, q, 0, buf, 16)
