@@ -91,11 +91,26 @@ cdef void _encode_one(const uint8_t* c, const int32_t* pi, Py_ssize_t K,
         d2[K + i] = t[3 * i + 2]
 
 
+cdef int _check_permutation(const int32_t[::1] pi) except -1:
+    """ValueError unless pi is a permutation of 0..len(pi)-1 (the kernels index with it)."""
+    cdef Py_ssize_t K = pi.shape[0], i
+    cdef int32_t v
+    seen = bytearray(K)
+    cdef unsigned char[::1] mark = seen
+    for i in range(K):
+        v = pi[i]
+        if v < 0 or v >= K or mark[v]:
+            raise ValueError(f"pi[{i}] = {v} breaks the permutation of 0..{K - 1}")
+        mark[v] = 1
+    return 0
+
+
 def encode_batch(const uint8_t[:, ::1] bits, const int32_t[::1] pi, uint8_t[:, :, ::1] out):
     """out[b] = (d0, d1, d2) of bits[b]; shapes [B, K], [K], [B, 3, K + 4] (checked by caller)."""
     cdef Py_ssize_t b, B = bits.shape[0], K = bits.shape[1]
     if pi.shape[0] != K or out.shape[0] != B or out.shape[1] != 3 or out.shape[2] != K + 4:
         raise ValueError("encode_batch: inconsistent shapes")
+    _check_permutation(pi)
     with nogil:
         for b in range(B):
             _encode_one(&bits[b, 0], &pi[0], K, &out[b, 0, 0], &out[b, 1, 0], &out[b, 2, 0])
@@ -356,10 +371,6 @@ cdef void _decode_group(const float* llr, Py_ssize_t B, Py_ssize_t b0, int itera
     cdef const int32_t* gidx = w.gidx
     cdef const int32_t* ginv = w.ginv
     cdef float e, zero = 0.0
-    cdef float* x1 = w.tail
-    cdef float* z1 = w.tail + 3 * LANES
-    cdef float* x2 = w.tail + 6 * LANES
-    cdef float* z2 = w.tail + 9 * LANES
     cdef float* fin = _plane8(w.bnd, 4)
     cdef float* fin_b = _plane8(w.bnd, 5)
     _load_group(llr, B, b0, w)
@@ -376,7 +387,7 @@ cdef void _decode_group(const float* llr, Py_ssize_t B, Py_ssize_t b0, int itera
         _pass_boundaries(w, fin_b, _plane8(w.bnd, 1), 0)
         for i in range(n):
             w.le12[i] = scale * w.ext[i]
-        # Decoder 2: interleaved order c'_k = c_pi(k); extrinsic scattered back.
+        # Decoder 2: interleaved order c'_k = c_pi(k), read through the gather index.
         for i in range(n):
             g = gidx[i]
             w.a[i] = HALF * (w.xs[g] + w.le12[g])
@@ -407,9 +418,8 @@ cdef void _decode_group(const float* llr, Py_ssize_t B, Py_ssize_t b0, int itera
 
 
 def segments_for(Py_ssize_t K, Py_ssize_t min_segment):
-    """Segments per block: the largest power of two P <= LANES dividing K into even-length
-    segments with
-    K / P >= min_segment (1 when even two segments would be shorter)."""
+    """Segments per block: the largest power of two P <= LANES that cuts K into segments
+    of even length >= min_segment (1 when no such P > 1 exists)."""
     cdef Py_ssize_t P = LANES
     while P > 1 and (K % P != 0 or (K // P) % 2 != 0 or K // P < min_segment):
         P //= 2
@@ -440,6 +450,7 @@ def decode_batch(const float[:, :, ::1] llr, const int32_t[::1] pi, int iteratio
     if P < 1 or P > LANES or LANES % P != 0 or K % P != 0 or (K // P) % 2 != 0:
         raise ValueError(f"decode_batch: segments={P} must divide {LANES} and split K={K} "
                          f"into segments of even length")
+    _check_permutation(pi)
     if B == 0:
         return
     S = K // P

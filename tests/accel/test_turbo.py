@@ -377,3 +377,16 @@ def test_bench_and_sweep_smoke():
     assert len(pts) == 4
     assert crossing(pts, "max-log-MAP", target=1e-2) is not None
     assert crossing(pts, "max-log-MAP", target=0.9) is None
+
+
+def test_kernels_refuse_an_index_that_is_not_a_permutation():
+    from accel_core import _turbo
+    K = 40
+    pi = qpp.qpp_interleaver(K)
+    pi[3] = pi[4]
+    with pytest.raises(ValueError, match=r"pi\[4\]"):
+        _turbo.decode_batch(good_llr(B=1), pi, 1, 1.0, -1, np.empty((1, K), np.uint8),
+                            np.empty(1, np.int32))
+    pi[3] = K
+    with pytest.raises(ValueError, match=rf"pi\[3\] = {K}"):
+        _turbo.encode_batch(np.zeros((1, K), np.uint8), pi, np.empty((1, 3, K + 4), np.uint8))
