@@ -15,7 +15,7 @@ from guest_lib.base import VerbsObject
 from guest_lib.context import Context
 from guest_lib.errors import UserError
 from virtio_rdma import wire
-from virtio_rdma.constants import Cmd, CqArm, WcOpcode, WcStatus
+from virtio_rdma.constants import Cmd, CqArm, WcStatus
 
 _CQE = struct.Struct("<QBBBBIIIII")
 _OWNER = wire.CQE_OWNER_OFFSET

@@ -55,9 +55,7 @@ class MR(VerbsObject):
     def _release(self) -> None:
         try:
             if not self.ctx.closed:
-                from virtio_rdma.constants import Cmd as _Cmd
-
-                self.ctx.command(_Cmd.DEREG_MR, lkey=self.lkey)
+                self.ctx.command(Cmd.DEREG_MR, lkey=self.lkey)
         finally:
             self.view.release()
             if not self.ctx.closed:

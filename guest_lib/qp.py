@@ -18,7 +18,7 @@ from guest_lib.cq import CQ
 from guest_lib.errors import RDMAError, UserError
 from guest_lib.pd import PD
 from virtio_rdma import wire
-from virtio_rdma.constants import Cmd, CreateQpFlags, DoorbellKind, QpAttrMask as M, QpState, QpType, SendFlags, WcOpcode, WrOpcode
+from virtio_rdma.constants import Cmd, CreateQpFlags, DoorbellKind, QpAttrMask as M, QpState, QpType, SendFlags, WcOpcode
 
 _DB = struct.Struct("<II")
 _U32 = 0xFFFFFFFF

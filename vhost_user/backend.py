@@ -177,7 +177,7 @@ class BackendConnection:
             raise
         finally:
             # Whatever a handler did not take stays ours to close (once).
-            close_fds([fd for fd in fds if fd >= 0])
+            close_fds(fds)
             fds.clear()
         replies = []
         if reply_payload is not None:

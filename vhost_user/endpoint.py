@@ -36,7 +36,10 @@ class ConnectionClosed(TransportError):
 
 
 def close_fds(fds) -> None:
+    """Close every fd; negative entries (slots whose fd was taken) are skipped."""
     for fd in fds:
+        if fd < 0:
+            continue
         try:
             os.close(fd)
         except OSError:

@@ -39,7 +39,7 @@ from vhost_user.messages import (
     decode_u64,
     encode_u64,
 )
-from virtio.constants import DeviceStatus, FeatureBit
+from virtio.constants import DeviceStatus, FeatureBit, split_ring_layout
 from virtio.memory import GuestMemory, MemoryRegion
 from virtio.split import DriverQueue
 
@@ -268,7 +268,7 @@ class VirtioUserDevice:
         ev = bool(self.features & (1 << FeatureBit.VIRTIO_F_RING_EVENT_IDX))
         indirect = bool(self.features & (1 << FeatureBit.VIRTIO_F_RING_INDIRECT_DESC))
         for i in range(num_queues):
-            base = self.alloc(_ring_bytes(queue_size), 4096)
+            base = self.alloc(split_ring_layout(queue_size, 0)[3], 4096)
             q = DriverQueue(self.mem, i, queue_size, base, event_idx=ev, indirect=indirect)
             self.queues.append(q)
             kick = os.eventfd(0, os.EFD_CLOEXEC)
@@ -362,8 +362,3 @@ class VirtioUserDevice:
     def __exit__(self, *exc):
         self.close()
 
-
-def _ring_bytes(size: int) -> int:
-    from virtio.constants import split_ring_layout
-
-    return split_ring_layout(size, 0)[3]

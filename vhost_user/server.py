@@ -25,7 +25,7 @@ from typing import Callable
 
 from vhost_user.backend import BackendConnection
 from vhost_user.device import VhostUserDevice
-from vhost_user.endpoint import ConnectionClosed, MessageReader, send_message
+from vhost_user.endpoint import ConnectionClosed, MessageReader, close_fds, send_message
 from vhost_user.errors import TransportError, VhostUserError
 from vhost_user.vring import Vring
 from virtio.errors import VirtioError
@@ -154,7 +154,7 @@ class ServedConnection:
         for i, msg in enumerate(msgs):
             if self.closed:
                 for m in msgs[i:]:
-                    _close_all(m.fds)
+                    close_fds(m.fds)
                 return
             try:
                 replies = self.core.handle(msg)
@@ -162,13 +162,13 @@ class ServedConnection:
                 for r in getattr(e, "replies", []):
                     self._send(r)
                 for m in msgs[i + 1 :]:
-                    _close_all(m.fds)
+                    close_fds(m.fds)
                 self.fail(e)
                 return
             except Exception as e:
                 log.exception("%s: unexpected error handling request %d", self.name, msg.request)
                 for m in msgs[i + 1 :]:
-                    _close_all(m.fds)
+                    close_fds(m.fds)
                 self.fail(e)
                 return
             for r in replies:
@@ -208,15 +208,6 @@ class ServedConnection:
             self.reader.close()
             self.sock.close()
             self.server._forget(self)
-
-
-def _close_all(fds) -> None:
-    for fd in fds:
-        if fd >= 0:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
 
 class BackendServer:

@@ -95,8 +95,3 @@ class BackendThread:
 
 def open_fds() -> set[int]:
     return {int(n) for n in os.listdir("/proc/self/fd")}
-
-
-def count_maps(needle: str, pid: int | str = "self") -> int:
-    with open(f"/proc/{pid}/maps") as f:
-        return sum(needle in line for line in f)

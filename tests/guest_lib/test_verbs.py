@@ -7,7 +7,7 @@ import pytest
 
 from guest_lib import (CQ, MR, PD, QP, SGE, AHAttr, Context, QPAttr, QPCap, QPInitAttr, RDMAError, RecvWR,
                        SendWR, UserError)
-from virtio_rdma.constants import Access, Cmd, QpState, SendFlags, WcOpcode, WcStatus, WrOpcode
+from virtio_rdma.constants import Access, Cmd, SendFlags, WcOpcode, WcStatus, WrOpcode
 
 ALL = Access.LOCAL_WRITE | Access.REMOTE_WRITE | Access.REMOTE_READ | Access.REMOTE_ATOMIC
 

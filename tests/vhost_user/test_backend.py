@@ -9,7 +9,8 @@ from vhost_user.blk_driver import BlkDriver, BlkIOError
 from vhost_user.errors import ReplyError
 from vhost_user.frontend import Frontend, VirtioUserDevice
 from vhost_user.messages import ProtocolFeature as PF
-from vhost_user.testing import BackendThread, count_maps, open_fds
+from vhost_user.testing import BackendThread, open_fds
+from virtio.memory import proc_maps_count
 
 from .conftest import DISK_SIZE, ram_blk_factory
 
@@ -123,16 +124,16 @@ def test_polling_ring_without_kick_fd(backend, sock_path):
 
 def test_every_fd_and_mapping_released(sock_path):
     before_fds = open_fds()
-    before_maps = count_maps("memfd:vrdma")
+    before_maps = proc_maps_count("memfd:vrdma")
     with BackendThread(sock_path, ram_blk_factory()) as b:
         baseline = open_fds()
         for _ in range(3):
             with BlkDriver.connect(sock_path, use_add_mem_reg=True) as blk:
                 blk.write(0, b"x" * 512)
-                assert count_maps("memfd:vrdma") >= 2  # ours and the daemon's
+                assert proc_maps_count("memfd:vrdma") >= 2  # ours and the daemon's
         assert b.wait_for(lambda s: not s.connections)
         assert open_fds() == baseline
-        assert count_maps("memfd:vrdma") == before_maps
+        assert proc_maps_count("memfd:vrdma") == before_maps
     assert open_fds() == before_fds
 
 

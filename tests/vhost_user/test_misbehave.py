@@ -11,7 +11,7 @@ import pytest
 
 from vhost_user.blk import SECTOR_SIZE
 from vhost_user.blk_driver import BlkDriver
-from vhost_user.errors import ReplyError, TransportError, VhostUserError
+from vhost_user.errors import ReplyError, VhostUserError
 from vhost_user.frontend import Frontend, VirtioUserDevice
 from vhost_user.messages import (
     FLAG_NEED_REPLY,
@@ -23,7 +23,8 @@ from vhost_user.messages import (
     encode_u64,
 )
 from vhost_user.endpoint import send_message
-from vhost_user.testing import count_maps, open_fds
+from vhost_user.testing import open_fds
+from virtio.memory import proc_maps_count
 
 R = FrontendReq
 
@@ -140,7 +141,7 @@ def _memfd(size, seal=True):
 @pytest.mark.parametrize("case", ["overlap", "past_end_of_file", "unsealed", "gpa_overflow"])
 def test_bad_memory_regions(backend, sock_path, good, case):
     before = _errors(backend)
-    maps_before = count_maps("memfd:vrdma-test")
+    maps_before = proc_maps_count("memfd:vrdma-test")
     fe = _negotiated(sock_path)
     fd = _memfd(1 << 20, seal=case != "unsealed")
     try:
@@ -163,7 +164,7 @@ def test_bad_memory_regions(backend, sock_path, good, case):
         os.close(fd)
         fe.close()
     _check_survivors(backend, good, before)
-    assert count_maps("memfd:vrdma-test") == maps_before
+    assert proc_maps_count("memfd:vrdma-test") == maps_before
 
 
 def test_ring_outside_guest_memory(backend, sock_path, good):
