@@ -18,7 +18,6 @@ import types
 
 from guest_lib.base import VerbsObject
 from guest_lib.errors import RDMAError, UserError
-from guest_lib.memory import GuestAllocator
 from vhost_user.errors import VhostUserError
 from vhost_user.frontend import VirtioUserDevice
 from virtio_rdma import wire
@@ -89,25 +88,26 @@ class Context(VerbsObject):
             self.cq_events: collections.Counter = collections.Counter()
             self.async_events: collections.deque = collections.deque()
             self.qps: dict = {}
-            bump = dev.bump
-            self.allocator = GuestAllocator(bump.next, bump.end)
-            bump.next = bump.end  # everything else is the allocator's
         except BaseException:
             self.dev.close()
             raise
 
     # --- memory -------------------------------------------------------
     def alloc(self, size: int, align: int = 64) -> tuple[int, memoryview]:
-        gpa = self.allocator.alloc(size, align)
+        """Zeroed guest memory the device can reach: (gpa, view)."""
+        try:
+            gpa = self.dev.alloc(size, align)
+        except ValueError as e:
+            raise UserError(str(e)) from e
         view = self.dev.translate(gpa, size)
         view[:] = bytes(size)
         return gpa, view
 
     def free(self, gpa: int) -> None:
-        self.allocator.free(gpa)
+        self.dev.free(gpa)
 
     def uva_of(self, gpa: int) -> int:
-        return self.dev._uva(gpa)
+        return self.dev.uva_of(gpa)
 
     def view_of_uva(self, uva: int, length: int) -> memoryview:
         return self.dev.mem.translate(self.dev.mem.uva_to_gpa(uva, length), length)

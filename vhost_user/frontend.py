@@ -13,6 +13,7 @@ vhost-user device the way a VM's driver would.
 """
 from __future__ import annotations
 
+import bisect
 import errno
 import fcntl
 import os
@@ -185,19 +186,48 @@ class Frontend:
         return decode_u64(self._call(R.GET_STATUS))
 
 
-class _Bump:
-    """A bump allocator over a range of guest-physical addresses."""
+class GpaAllocator:
+    """First-fit allocation of guest-physical address ranges: rings, request
+    buffers, and (through guest_lib) MRs and work/completion queues."""
 
     def __init__(self, start: int, end: int):
-        self.next = start
-        self.end = end
+        self.start, self.end = start, end
+        self._free: list[tuple[int, int]] = [(start, end)]  # sorted, coalesced (start, end)
+        self._used: dict[int, int] = {}
 
     def alloc(self, size: int, align: int = 64) -> int:
-        addr = (self.next + align - 1) & ~(align - 1)
-        if addr + size > self.end:
-            raise MemoryError(f"guest memory exhausted: {size} bytes requested, {self.end - addr} left")
-        self.next = addr + size
-        return addr
+        if size <= 0:
+            raise ValueError(f"allocation size {size} must be positive")
+        if align <= 0 or align & (align - 1):
+            raise ValueError(f"alignment {align} is not a power of two")
+        for i, (s, e) in enumerate(self._free):
+            a = (s + align - 1) & ~(align - 1)
+            if a + size <= e:
+                del self._free[i]
+                if a + size < e:
+                    self._free.insert(i, (a + size, e))
+                if a > s:
+                    self._free.insert(i, (s, a))
+                self._used[a] = size
+                return a
+        raise MemoryError(f"guest memory exhausted: no {size}-byte block (align {align}) left")
+
+    def free(self, addr: int) -> None:
+        size = self._used.pop(addr, None)
+        if size is None:
+            raise ValueError(f"guest address {addr:#x} was not allocated")
+        s, e = addr, addr + size
+        i = bisect.bisect_left(self._free, (s, e))
+        if i > 0 and self._free[i - 1][1] == s:
+            i -= 1
+            s = self._free.pop(i)[0]
+        if i < len(self._free) and self._free[i][0] == e:
+            e = self._free.pop(i)[1]
+        self._free.insert(i, (s, e))
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(self._used.values())
 
 
 class VirtioUserDevice:
@@ -263,8 +293,8 @@ class VirtioUserDevice:
         else:
             fe.set_mem_table(self.mem.regions())
         region = self.mem.regions()[0]
-        self.bump = _Bump(region.gpa, region.gpa + region.size)
-        self.alloc = self.bump.alloc
+        self.allocator = GpaAllocator(region.gpa, region.gpa + region.size)
+        self.alloc, self.free = self.allocator.alloc, self.allocator.free
         ev = bool(self.features & (1 << FeatureBit.VIRTIO_F_RING_EVENT_IDX))
         indirect = bool(self.features & (1 << FeatureBit.VIRTIO_F_RING_INDIRECT_DESC))
         for i in range(num_queues):
@@ -277,7 +307,7 @@ class VirtioUserDevice:
             self.call_fds.append(call)
             fe.set_vring_num(i, queue_size)
             fe.set_vring_base(i, 0)
-            fe.set_vring_addr(i, desc=self._uva(q.desc_gpa), used=self._uva(q.used_gpa), avail=self._uva(q.avail_gpa))
+            fe.set_vring_addr(i, desc=self.uva_of(q.desc_gpa), used=self.uva_of(q.used_gpa), avail=self.uva_of(q.avail_gpa))
             fe.set_vring_call(i, call)
             fe.set_vring_kick(i, kick)
             fe.set_vring_enable(i, True)
@@ -288,7 +318,8 @@ class VirtioUserDevice:
         if self.protocol & PF.STATUS:
             self.frontend.set_status(int(status))
 
-    def _uva(self, gpa: int) -> int:
+    def uva_of(self, gpa: int) -> int:
+        """This process's virtual address of guest address ``gpa``."""
         r = self.mem.region_of(gpa)
         return r.uva + (gpa - r.gpa)
 
