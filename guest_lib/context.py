@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import collections
 import errno
-import os
-import select
 import struct
 import types
 
 from guest_lib.base import VerbsObject
 from guest_lib.errors import RDMAError, UserError
-from vhost_user.errors import VhostUserError
+from vhost_user.errors import TransportError, VhostUserError
 from vhost_user.frontend import VirtioUserDevice
 from virtio_rdma import wire
 from virtio_rdma.constants import Cmd, EventKind, Feature, Status
@@ -168,32 +166,32 @@ class Context(VerbsObject):
 
     # --- events ---------------------------------------------------------
     def _take_events(self, timeout: float | None) -> bool:
-        """Collect event records; wait up to ``timeout`` for the first one."""
+        """Collect the event records the device has written; if there are
+        none, wait up to ``timeout`` for the first. Re-posts the buffers
+        and notifies the device once."""
         q = self.dev.queues[EVENTQ]
-        fd = self.dev.call_fds[EVENTQ]
-        got = False
-        while True:
-            item = q.get_used()
-            if item is None:
-                if got or timeout == 0:
-                    return got
-                if q.enable_cb():  # something arrived while arming
-                    continue
-                r, _, _ = select.select([fd], [], [], timeout)
-                if not r:
-                    return got
-                os.eventfd_read(fd)
-                continue
+        item = q.get_used()
+        if item is None:
+            if timeout == 0:
+                return False
+            try:
+                item = self.dev.wait_used(EVENTQ, timeout)
+            except TransportError as e:
+                if e.errno == errno.ETIMEDOUT:
+                    return False
+                raise
+        while item is not None:
             gpa, written = item
             buf = self.dev.translate(gpa, written)
-            for kind, _r, type_, number in _EVENT.iter_unpack(bytes(buf[: written - written % 8])):
+            for kind, _r, type_, number in _EVENT.iter_unpack(buf[: written - written % 8]):
                 if kind == EventKind.COMPLETION:
                     self.cq_events[number] += 1
                 else:
                     self.async_events.append((type_, number))
             q.add([], [(gpa, EVENT_BUF)], gpa)
-            self.dev.kick_if_needed(EVENTQ)
-            got = True
+            item = q.get_used()
+        self.dev.kick_if_needed(EVENTQ)
+        return True
 
     def get_async_event(self, timeout: float | None = None):
         """(ibv_event_type, object number) of the next async event, or None."""

@@ -9,6 +9,7 @@ queue until the device reports a completion for this CQ.
 from __future__ import annotations
 
 import struct
+import time
 from dataclasses import dataclass
 
 from guest_lib.base import VerbsObject
@@ -92,8 +93,6 @@ class CQ(VerbsObject):
         """Wait for a completion event of this CQ (after req_notify)."""
         ctx = self.ctx
         if not ctx.cq_events[self.cqn]:
-            import time
-
             deadline = None if timeout is None else time.monotonic() + timeout
             while not ctx.cq_events[self.cqn]:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
