@@ -15,61 +15,25 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
 
-from guest_lib import CQ, MR, PD, QP, SGE, AHAttr, Context, QPAttr, QPCap, QPInitAttr, RecvWR, SendWR
-from virtio_rdma.constants import Access, SendFlags, WcStatus, WrOpcode
-
-ALL = Access.LOCAL_WRITE | Access.REMOTE_WRITE | Access.REMOTE_READ | Access.REMOTE_ATOMIC
+from guest_lib import SGE, QPCap, RecvWR, SendWR
+from guest_lib.endpoint import RcEndpoint
+from vhost_user.testing import DaemonProcess
+from virtio_rdma.constants import SendFlags, WrOpcode
 LAT_HEADER = ("#bytes #iterations t_min[usec] t_max[usec] t_typical[usec] t_avg[usec] t_stdev[usec] "
               "99% percentile[usec] 99.9% percentile[usec]")
 BW_HEADER = "#bytes #iterations BW peak[MiB/sec] BW average[MiB/sec] MsgRate[Mpps]"
 
 
-class Guest:
-    """One perftest side: a Context with one MR, one CQ, one RC QP."""
-
-    def __init__(self, path: str, buf_size: int, depth: int = 128):
-        self.ctx = Context(path, mem_size=max(32 << 20, 2 * buf_size + (8 << 20)))
-        self.pd = PD(self.ctx)
-        self.mr = MR(self.pd, buf_size, ALL)
-        self.cq = CQ(self.ctx, 4 * depth)
-        self.qp = QP(self.pd, QPInitAttr(scq=self.cq, rcq=self.cq, cap=QPCap(depth, depth, 1, 1, 64)))
-        self.gid = self.ctx.query_gid()
-
-    def info(self) -> dict:
-        return dict(qpn=self.qp.qp_num, gid=self.gid.raw, addr=self.mr.buf, rkey=self.mr.rkey)
-
-    def connect(self, peer: dict) -> None:
-        attr = QPAttr(qp_access_flags=ALL)
-        self.qp.to_init(attr)
-        attr.dest_qp_num, attr.ah_attr, attr.rq_psn = peer["qpn"], AHAttr(dgid=peer["gid"]), 0
-        self.qp.to_rtr(attr)
-        attr.sq_psn = 0
-        self.qp.to_rts(attr)
-
-    def poll_one(self, timeout: float = 10.0):
-        cq = self.cq
-        end = time.monotonic() + timeout
-        while True:
-            n, wcs = cq.poll(1)
-            if n:
-                wc = wcs[0]
-                if wc.status != WcStatus.SUCCESS:
-                    raise RuntimeError(f"completion error: {wc}")
-                return wc
-            if time.monotonic() > end:
-                raise TimeoutError("no completion")
-
-    def close(self) -> None:
-        self.ctx.close()
+def make_guest(path: str, buf_size: int, depth: int = 128) -> RcEndpoint:
+    """One perftest side: one MR, one CQ, one RC QP of ``depth`` WRs."""
+    return RcEndpoint(path, buf_size, cap=QPCap(depth, depth, 1, 1, 64), cq_size=4 * depth,
+                      mem_size=max(32 << 20, 2 * buf_size + (8 << 20)))
 
 
 def _stats(ns: list[int], size: int) -> dict:
@@ -92,7 +56,7 @@ def _lat_row(r: dict) -> str:
 
 def _side(role: str, test: str, path: str, size: int, iters: int, batch: int, conn, out) -> None:
     try:
-        g = Guest(path, max(size, 4096) * (2 if test == "write_bw" else 1) + 4096)
+        g = make_guest(path, max(size, 4096) * (2 if test == "write_bw" else 1) + 4096)
         conn.send(g.info())
         peer = conn.recv()
         g.connect(peer)
@@ -230,35 +194,9 @@ def run_pair(path: str, test: str, size: int, iters: int, batch: int = 16) -> di
     return results["client"]
 
 
-class Daemon:
-    """The back-end daemon as a real process for the length of a run."""
-
-    def __init__(self, poll_us: float = 0.0):
-        self.dir = tempfile.TemporaryDirectory()
-        self.path = os.path.join(self.dir.name, "vrdma.sock")
-        self.proc = subprocess.Popen([sys.executable, "-m", "vrdma", "backend", "--socket", self.path,
-                                      "--poll-us", str(poll_us)], stdout=subprocess.DEVNULL)
-        end = time.monotonic() + 30
-        while not os.path.exists(self.path):
-            if self.proc.poll() is not None or time.monotonic() > end:
-                raise RuntimeError("back-end daemon did not start")
-            time.sleep(0.02)
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-        self.dir.cleanup()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
 def run(test: str, sizes, iters: int, batch: int = 16, poll_us: float = 0.0) -> list[dict]:
     rows = []
-    with Daemon(poll_us) as d:
+    with DaemonProcess("--poll-us", str(poll_us)) as d:
         for size in sizes:
             r = run_pair(d.path, test, size, iters, batch)
             if test == "write_bw":

@@ -17,12 +17,12 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 from vhost_user.blk_driver import BlkDriver
+from vhost_user.testing import DaemonProcess
 
 
 def _stats(samples_ns: list[int]) -> dict:
@@ -81,21 +81,6 @@ def blk_roundtrip(sock: str, iterations: int, request: str, spin_us: float = 0.0
     return _stats(samples)
 
 
-def _wait_socket(path: str, proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if proc.poll() is not None:
-            raise RuntimeError(f"daemon exited with {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(path)
-        time.sleep(0.02)
-
-
-def _daemon(sock: str, poll_us: float) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "vrdma", "backend", "--device", "blk", "--socket", sock, "--size", "8M",
-                             "--poll-us", str(poll_us)], stdout=subprocess.DEVNULL)
-
-
 def run(iterations: int = 20000, request: str = "get-id", with_qsd: bool = True, spin_us: float = 50.0) -> dict:
     """Blocking mode: nobody spins. Polling mode: the front-end spins up to
     ``spin_us`` on the used ring and the daemon polls its ring as long."""
@@ -103,14 +88,8 @@ def run(iterations: int = 20000, request: str = "get-id", with_qsd: bool = True,
     results["floor_eventfd_pingpong"] = eventfd_pingpong(iterations)
     with tempfile.TemporaryDirectory() as d:
         for mode, poll in (("blocking", 0.0), ("polling", spin_us)):
-            sock = os.path.join(d, f"vrdma-{mode}.sock")
-            proc = _daemon(sock, poll)
-            try:
-                _wait_socket(sock, proc)
-                results[f"vrdma_{mode}"] = blk_roundtrip(sock, iterations, request, spin_us=poll)
-            finally:
-                proc.terminate()
-                proc.wait(10)
+            with DaemonProcess("--device", "blk", "--size", "8M", "--poll-us", str(poll)) as daemon:
+                results[f"vrdma_{mode}"] = blk_roundtrip(daemon.path, iterations, request, spin_us=poll)
         if with_qsd and shutil.which("qemu-storage-daemon"):
             from qemu_tests.launch import QemuStorageDaemon
 

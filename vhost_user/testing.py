@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 
@@ -91,6 +94,43 @@ class BackendThread:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class DaemonProcess:
+    """``vrdma backend`` as a real process on a fresh socket path (benchmarks,
+    the demo, and tests where a thread would share the GIL with the client).
+    ``args`` are extra command-line arguments (``--device blk``, ``--poll-us``...)."""
+
+    def __init__(self, *args: str, timeout: float = 30.0):
+        self._dir = tempfile.TemporaryDirectory()
+        self.path = os.path.join(self._dir.name, "vrdma.sock")
+        self.proc = subprocess.Popen([sys.executable, "-m", "vrdma", "backend", "--socket", self.path, *args],
+                                     stdout=subprocess.DEVNULL)
+        # The server renames its socket into place once it listens.
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(self.path):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"vrdma backend {' '.join(args)} did not start listening on {self.path}")
+            time.sleep(0.02)
+
+    def close(self) -> int | None:
+        """SIGTERM; returns the exit status (0 for a clean shutdown)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            rc = self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self._dir.cleanup()
+        return rc
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def open_fds() -> set[int]:

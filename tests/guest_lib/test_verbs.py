@@ -1,62 +1,12 @@
 """Two guests (two Contexts, each its own vhost-user connection, memfd and
 eventfds) on one real back-end: connect RC QPs and run every verb."""
 import struct
-import time
 
 import pytest
 
-from guest_lib import (CQ, MR, PD, QP, SGE, AHAttr, Context, QPAttr, QPCap, QPInitAttr, RDMAError, RecvWR,
-                       SendWR, UserError)
+from guest_lib import CQ, MR, PD, QP, SGE, Context, QPAttr, QPInitAttr, RDMAError, RecvWR, SendWR, UserError
+from guest_lib.endpoint import connect_pair, poll_cq
 from virtio_rdma.constants import Access, Cmd, SendFlags, WcOpcode, WcStatus, WrOpcode
-
-ALL = Access.LOCAL_WRITE | Access.REMOTE_WRITE | Access.REMOTE_READ | Access.REMOTE_ATOMIC
-
-
-class Side:
-    def __init__(self, path, size=1 << 20, cap=None, access=ALL):
-        self.ctx = Context(path, mem_size=16 << 20)
-        self.pd = PD(self.ctx)
-        self.mr = MR(self.pd, size, access)
-        self.cq = CQ(self.ctx, 256)
-        self.qp = QP(self.pd, QPInitAttr(scq=self.cq, rcq=self.cq, cap=cap or QPCap(64, 64, 4, 4, 64)))
-        self.gid = self.ctx.query_gid()
-
-    def close(self):
-        self.ctx.close()
-
-
-def connect(a: Side, b: Side, **attrs):
-    for x, y in ((a, b), (b, a)):
-        attr = QPAttr(qp_access_flags=ALL, **attrs)
-        x.qp.to_init(attr)
-        attr.dest_qp_num = y.qp.qp_num
-        attr.ah_attr = AHAttr(dgid=y.gid.raw)
-        attr.rq_psn = 0
-        x.qp.to_rtr(attr)
-    for x in (a, b):
-        attr = QPAttr(sq_psn=0, **attrs)
-        x.qp.to_rts(attr)
-
-
-def poll(cq, n=1, timeout=5.0):
-    out = []
-    deadline = time.monotonic() + timeout
-    while len(out) < n:
-        _, wcs = cq.poll(n - len(out))
-        out += wcs
-        if time.monotonic() > deadline:
-            raise AssertionError(f"only {len(out)} of {n} completions")
-    return out
-
-
-@pytest.fixture
-def pair(rdma_backend):
-    a, b = Side(rdma_backend.path), Side(rdma_backend.path)
-    connect(a, b)
-    yield a, b
-    a.close()
-    b.close()
-
 
 def test_query(rdma_backend):
     with Context(rdma_backend.path) as ctx:
@@ -73,9 +23,9 @@ def test_send_recv_with_imm(pair):
     a.mr.write(b"hello, rdma" * 10)
     a.qp.post_send(SendWR(wr_id=1, opcode=WrOpcode.SEND_WITH_IMM, sg=[SGE(a.mr.buf, 110, a.mr.lkey)],
                           imm_data=0xABCD))
-    (wc_a,) = poll(a.cq)
+    (wc_a,) = poll_cq(a.cq)
     assert (wc_a.status, wc_a.opcode, wc_a.wr_id) == (WcStatus.SUCCESS, WcOpcode.SEND, 1)
-    (wc_b,) = poll(b.cq)
+    (wc_b,) = poll_cq(b.cq)
     assert (wc_b.status, wc_b.opcode, wc_b.wr_id, wc_b.byte_len) == (WcStatus.SUCCESS, WcOpcode.RECV, 7, 110)
     assert wc_b.imm_data == 0xABCD and wc_b.src_qp in (0, a.qp.qp_num)
     assert b.mr.read(110) == b"hello, rdma" * 10
@@ -86,12 +36,12 @@ def test_rdma_write_read(pair):
     a.mr.write(bytes(range(256)) * 16)
     a.qp.post_send(SendWR(wr_id=2, opcode=WrOpcode.RDMA_WRITE, sg=[SGE(a.mr.buf, 4096, a.mr.lkey)],
                           remote_addr=b.mr.buf + 8192, rkey=b.mr.rkey))
-    assert poll(a.cq)[0].status == WcStatus.SUCCESS
+    assert poll_cq(a.cq)[0].status == WcStatus.SUCCESS
     assert b.mr.read(4096, 8192) == bytes(range(256)) * 16
     b.mr.write(b"R" * 1000, offset=100)
     a.qp.post_send(SendWR(wr_id=3, opcode=WrOpcode.RDMA_READ, sg=[SGE(a.mr.buf + 50000, 1000, a.mr.lkey)],
                           remote_addr=b.mr.buf + 100, rkey=b.mr.rkey))
-    wc = poll(a.cq)[0]
+    wc = poll_cq(a.cq)[0]
     assert (wc.status, wc.opcode, wc.byte_len) == (WcStatus.SUCCESS, WcOpcode.RDMA_READ, 1000)
     assert a.mr.read(1000, 50000) == b"R" * 1000
 
@@ -101,12 +51,12 @@ def test_atomics(pair):
     b.mr.write(struct.pack("<Q", 40), offset=64)
     a.qp.post_send(SendWR(wr_id=4, opcode=WrOpcode.ATOMIC_FETCH_AND_ADD, sg=[SGE(a.mr.buf, 8, a.mr.lkey)],
                           remote_addr=b.mr.buf + 64, rkey=b.mr.rkey, compare_add=2))
-    assert poll(a.cq)[0].status == WcStatus.SUCCESS
+    assert poll_cq(a.cq)[0].status == WcStatus.SUCCESS
     assert struct.unpack("<Q", a.mr.read(8))[0] == 40
     assert struct.unpack("<Q", b.mr.read(8, 64))[0] == 42
     a.qp.post_send(SendWR(wr_id=5, opcode=WrOpcode.ATOMIC_CMP_AND_SWP, sg=[SGE(a.mr.buf + 8, 8, a.mr.lkey)],
                           remote_addr=b.mr.buf + 64, rkey=b.mr.rkey, compare_add=42, swap=7))
-    assert poll(a.cq)[0].status == WcStatus.SUCCESS
+    assert poll_cq(a.cq)[0].status == WcStatus.SUCCESS
     assert struct.unpack("<Q", a.mr.read(8, 8))[0] == 42
     assert struct.unpack("<Q", b.mr.read(8, 64))[0] == 7
 
@@ -116,28 +66,24 @@ def test_error_completions(pair):
     # wrong rkey: remote access error, then the QP is in ERR and flushes
     a.qp.post_send(SendWR(wr_id=10, opcode=WrOpcode.RDMA_WRITE, sg=[SGE(a.mr.buf, 64, a.mr.lkey)],
                           remote_addr=b.mr.buf, rkey=b.mr.rkey ^ 0x55))
-    assert poll(a.cq)[0].status == WcStatus.REM_ACCESS_ERR
+    assert poll_cq(a.cq)[0].status == WcStatus.REM_ACCESS_ERR
     a.qp.post_send(SendWR(wr_id=11, opcode=WrOpcode.SEND, sg=[SGE(a.mr.buf, 64, a.mr.lkey)]))
-    wc = poll(a.cq)[0]
+    wc = poll_cq(a.cq)[0]
     assert (wc.wr_id, wc.status) == (11, WcStatus.WR_FLUSH_ERR)
 
 
 def test_local_protection_error(pair):
     a, b = pair
     a.qp.post_send(SendWR(wr_id=12, opcode=WrOpcode.SEND, sg=[SGE(a.mr.buf + a.mr.length - 8, 64, a.mr.lkey)]))
-    assert poll(a.cq)[0].status == WcStatus.LOC_PROT_ERR
+    assert poll_cq(a.cq)[0].status == WcStatus.LOC_PROT_ERR
 
 
-def test_rnr_retry_exceeded(rdma_backend):
-    a, b = Side(rdma_backend.path), Side(rdma_backend.path)
-    try:
-        connect(a, b, rnr_retry=1, min_rnr_timer=1)
-        a.qp.post_send(SendWR(wr_id=13, opcode=WrOpcode.SEND, sg=[SGE(a.mr.buf, 64, a.mr.lkey)]))
-        wc = poll(a.cq, timeout=10)[0]
-        assert wc.status == WcStatus.RNR_RETRY_EXC_ERR
-    finally:
-        a.close()
-        b.close()
+def test_rnr_retry_exceeded(endpoints):
+    a, b = endpoints(), endpoints()
+    connect_pair(a, b, rnr_retry=1, min_rnr_timer=1)
+    a.qp.post_send(SendWR(wr_id=13, opcode=WrOpcode.SEND, sg=[SGE(a.mr.buf, 64, a.mr.lkey)]))
+    wc = poll_cq(a.cq, timeout=10)[0]
+    assert wc.status == WcStatus.RNR_RETRY_EXC_ERR
 
 
 def test_inline_and_unsignaled_batch(pair):
@@ -148,9 +94,9 @@ def test_inline_and_unsignaled_batch(pair):
     wrs = [SendWR(wr_id=i, opcode=WrOpcode.SEND, sg=[SGE(a.mr.buf + 4096 + 32 * i, 32, a.mr.lkey)],
                   send_flags=SendFlags.INLINE | (SendFlags.SIGNALED if i == 31 else 0)) for i in range(32)]
     a.qp.post_send(wrs)
-    (wc,) = poll(a.cq)
+    (wc,) = poll_cq(a.cq)
     assert wc.wr_id == 31
-    got = poll(b.cq, 32)
+    got = poll_cq(b.cq, 32)
     assert [w.wr_id for w in got] == [100 + i for i in range(32)]
     for i in range(32):
         assert b.mr.read(32, 64 * i) == bytes([i]) * 32
@@ -162,7 +108,7 @@ def test_cq_event(pair):
     b.qp.post_recv(RecvWR(wr_id=1, sg=[SGE(b.mr.buf, 64, b.mr.lkey)]))
     a.qp.post_send(SendWR(wr_id=1, sg=[SGE(a.mr.buf, 8, a.mr.lkey)]))
     assert b.cq.get_event(timeout=5)
-    assert poll(b.cq)[0].status == WcStatus.SUCCESS
+    assert poll_cq(b.cq)[0].status == WcStatus.SUCCESS
 
 
 def test_errors_carry_errno(rdma_backend):

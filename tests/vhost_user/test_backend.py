@@ -9,7 +9,7 @@ from vhost_user.blk_driver import BlkDriver, BlkIOError
 from vhost_user.errors import ReplyError
 from vhost_user.frontend import Frontend, VirtioUserDevice
 from vhost_user.messages import ProtocolFeature as PF
-from vhost_user.testing import BackendThread, open_fds
+from vhost_user.testing import BackendThread, DaemonProcess, open_fds
 from virtio.memory import proc_maps_count
 
 from .conftest import DISK_SIZE, ram_blk_factory
@@ -145,20 +145,12 @@ def test_unsupported_request_type_gets_unsupp_status(backend, sock_path):
         assert bytes(blk.read(2)) == b"u" * 512
 
 
-def test_spinning_frontend_and_polling_daemon(tmp_path):
+def test_spinning_frontend_and_polling_daemon():
     """The daemon as a real process with --poll-us; the front-end spins.
     (In one process the polling thread would hold the GIL through the window.)"""
-    import subprocess
-    import sys
-
-    from qemu_tests.launch import wait_for_unix_socket
-
-    sock = str(tmp_path / "poll.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "vrdma", "backend", "--device", "blk", "--socket", sock, "--size", "1M",
-                             "--poll-us", "2000"])
+    daemon = DaemonProcess("--device", "blk", "--size", "1M", "--poll-us", "2000")
     try:
-        wait_for_unix_socket(sock, 20)
-        with BlkDriver.connect(sock, spin_us=2000.0) as blk:
+        with BlkDriver.connect(daemon.path, spin_us=2000.0) as blk:
             for i in range(200):
                 blk.write(i % 16, _pattern(i, 512))
                 assert bytes(blk.read(i % 16)) == _pattern(i, 512)
@@ -166,5 +158,4 @@ def test_spinning_frontend_and_polling_daemon(tmp_path):
         # while both sides poll, most of the 400 requests need neither a kick nor an interrupt
         assert kicks < 200 and sleeps < 200, (kicks, sleeps)
     finally:
-        proc.terminate()
-        assert proc.wait(10) == 0  # clean shutdown on SIGTERM
+        assert daemon.close() == 0  # clean shutdown on SIGTERM

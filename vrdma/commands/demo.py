@@ -24,13 +24,13 @@ def add_arguments(p) -> None:
 
 
 def _guest(role: str, path: str, conn, out) -> None:
-    from bench.perftest import Guest
+    from bench.perftest import make_guest
     from guest_lib import SGE, RecvWR, SendWR
     from virtio_rdma.constants import WcOpcode, WrOpcode
 
     log = []
     try:
-        g = Guest(path, 1 << 20)
+        g = make_guest(path, 1 << 20)
         conn.send(g.info())
         peer = conn.recv()
         g.connect(peer)
@@ -94,10 +94,11 @@ def _guest(role: str, path: str, conn, out) -> None:
 
 
 def run(args) -> int:
-    from bench.perftest import Daemon, print_rows, run_pair
+    from bench.perftest import print_rows, run_pair
+    from vhost_user.testing import DaemonProcess
 
     t0 = time.monotonic()
-    with Daemon() as d:
+    with DaemonProcess() as d:
         print(f"vrdma demo: back-end daemon pid {d.proc.pid} listening on {d.path}")
         ctx = mp.get_context("fork")
         a, b = ctx.Pipe()
