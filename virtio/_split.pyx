@@ -402,9 +402,15 @@ cdef class DescriptorChain:
     # Copies hold the GIL on purpose: another thread closing the region (which needs
     # the GIL) must not unmap it in the middle of a copy through raw pointers.
     cdef void _gather(self, char *dst, uint64_t n, uint64_t skip) noexcept:
+        self._copy(0, self.nread, dst, n, skip, False)
+
+    cdef void _copy(self, uint32_t first, uint32_t last, char *flat, uint64_t n, uint64_t skip,
+                    bint into_segs) noexcept:
+        """Copy n bytes between ``flat`` and segments [first, last), starting
+        ``skip`` bytes into them: into the segments, or out of them."""
         cdef uint32_t i
         cdef uint64_t take, l
-        for i in range(self.nread):
+        for i in range(first, last):
             if n == 0:
                 break
             l = self.segs[i].len
@@ -414,8 +420,11 @@ cdef class DescriptorChain:
             take = l - skip
             if take > n:
                 take = n
-            memcpy(dst, self.segs[i].host + skip, take)
-            dst += take
+            if into_segs:
+                memcpy(self.segs[i].host + skip, flat, take)
+            else:
+                memcpy(flat, self.segs[i].host + skip, take)
+            flat += take
             n -= take
             skip = 0
 
@@ -425,29 +434,13 @@ cdef class DescriptorChain:
         self._check()
         cdef Py_buffer pb
         PyObject_GetBuffer(data, &pb, PyBUF_SIMPLE)
-        cdef uint64_t n = <uint64_t>pb.len, take, l, skip
-        cdef const char *src = <const char *>pb.buf
-        cdef uint32_t i
+        cdef uint64_t n = <uint64_t>pb.len
         try:
             if offset < 0 or <uint64_t>offset + n > self.writable_len:
                 raise VirtqueueError(
                     f"chain head {self.head}: writing {n} bytes at offset {offset} exceeds the "
                     f"{self.writable_len} writable bytes", queue=self.queue_index)
-            skip = <uint64_t>offset
-            for i in range(self.nread, self.nseg):
-                if n == 0:
-                    break
-                l = self.segs[i].len
-                if skip >= l:
-                    skip -= l
-                    continue
-                take = l - skip
-                if take > n:
-                    take = n
-                memcpy(self.segs[i].host + skip, src, take)
-                src += take
-                n -= take
-                skip = 0
+            self._copy(self.nread, self.nseg, <char *>pb.buf, n, <uint64_t>offset, True)
         finally:
             PyBuffer_Release(&pb)
         return pb.len
