@@ -20,12 +20,7 @@ from guest_lib.pd import PD
 from virtio_rdma import wire
 from virtio_rdma.constants import Cmd, CreateQpFlags, DoorbellKind, QpAttrMask as M, QpState, QpType, SendFlags, WcOpcode
 
-_DB = struct.Struct("<II")
 _U32 = 0xFFFFFFFF
-_SGE = struct.Struct("<QII")
-_SEND_HDR = struct.Struct("<QBBHIQIIQQ16s")
-_RECV_HDR = struct.Struct("<QHHI")
-_ZERO16 = bytes(16)
 
 
 @dataclass
@@ -175,20 +170,19 @@ class QP(VerbsObject):
             sg = wr.sg if wr.num_sge is None else wr.sg[: wr.num_sge]
             if flags & SendFlags.INLINE:
                 data = b"".join(bytes(self.ctx.view_of_uva(s.addr, s.length)) for s in sg)
-                if len(data) > slot - 64:
-                    raise UserError(f"{len(data)} bytes of inline data exceed the QP's {slot - 64}")
-                _SEND_HDR.pack_into(sq, off, wr.wr_id, int(wr.opcode), flags, 0, wr.imm_data,
-                                    wr.remote_addr, wr.rkey, len(data), wr.compare_add, wr.swap, _ZERO16)
-                sq[off + 64 : off + 64 + len(data)] = data
+                room = slot - wire.SEND_WQE_HEADER_SIZE
+                if len(data) > room:
+                    raise UserError(f"{len(data)} bytes of inline data exceed the QP's {room}")
+                wire.pack_send_wqe_header(sq, off, wr.wr_id, int(wr.opcode), flags, 0, wr.imm_data,
+                                          wr.remote_addr, wr.rkey, len(data), wr.compare_add, wr.swap)
+                body = off + wire.SEND_WQE_HEADER_SIZE
+                sq[body : body + len(data)] = data
             else:
                 if len(sg) > self.cap.max_send_sge:
                     raise UserError(f"{len(sg)} SGEs exceed max_send_sge {self.cap.max_send_sge}")
-                _SEND_HDR.pack_into(sq, off, wr.wr_id, int(wr.opcode), flags, len(sg), wr.imm_data,
-                                    wr.remote_addr, wr.rkey, 0, wr.compare_add, wr.swap, _ZERO16)
-                o = off + 64
-                for s in sg:
-                    _SGE.pack_into(sq, o, s.addr, s.length, s.lkey)
-                    o += 16
+                wire.pack_send_wqe_header(sq, off, wr.wr_id, int(wr.opcode), flags, len(sg), wr.imm_data,
+                                          wr.remote_addr, wr.rkey, 0, wr.compare_add, wr.swap)
+                wire.pack_sges(sq, off + wire.SEND_WQE_HEADER_SIZE, [(s.addr, s.length, s.lkey) for s in sg])
             self._sq_signaled.append(bool(flags & SendFlags.SIGNALED) or self.sq_sig_all)
             pi = (pi + 1) & _U32
         self.sq_pi = pi
@@ -210,18 +204,15 @@ class QP(VerbsObject):
             if len(sg) > self.cap.max_recv_sge:
                 raise UserError(f"{len(sg)} SGEs exceed max_recv_sge {self.cap.max_recv_sge}")
             off = (pi & mask) * slot
-            _RECV_HDR.pack_into(rq, off, wr.wr_id, len(sg), 0, 0)
-            o = off + 16
-            for s in sg:
-                _SGE.pack_into(rq, o, s.addr, s.length, s.lkey)
-                o += 16
+            wire.pack_recv_wqe_header(rq, off, wr.wr_id, len(sg))
+            wire.pack_sges(rq, off + wire.RECV_WQE_HEADER_SIZE, [(s.addr, s.length, s.lkey) for s in sg])
             pi = (pi + 1) & _U32
         self.rq_pi = pi
         struct.pack_into("<I", self.dbrec, 4, pi)
         self._ring(DoorbellKind.RQ, pi)
 
     def _ring(self, kind: DoorbellKind, pi: int) -> None:
-        self.ctx.ring_doorbells(_DB.pack(self.qp_num | (int(kind) << 24), pi))
+        self.ctx.ring_doorbells(wire.encode_doorbell(kind, self.qp_num, pi))
 
     def _completed(self, opcode: int, status: int) -> None:
         """Called by CQ.poll for each CQE of this QP: reclaim slots."""

@@ -471,6 +471,35 @@ class RecvWqe:
     sges: list
 
 
+def pack_send_wqe_header(buf, off: int, wr_id: int, opcode: int, send_flags: int, num_sge: int,
+                         imm_data: int = 0, remote_addr: int = 0, rkey: int = 0, inline_len: int = 0,
+                         compare_add: int = 0, swap: int = 0) -> None:
+    """Write a send WQE header into ``buf`` at ``off`` (the driver's hot path:
+    WQEs are built in place in the SQ ring). Raises struct.error on bad values."""
+    _SEND_HDR.pack_into(buf, off, wr_id, opcode, send_flags, num_sge, imm_data, remote_addr, rkey,
+                        inline_len, compare_add, swap, _ZERO16)
+
+
+def pack_recv_wqe_header(buf, off: int, wr_id: int, num_sge: int) -> None:
+    _RECV_HDR.pack_into(buf, off, wr_id, num_sge, 0, 0)
+
+
+def pack_sges(buf, off: int, sges) -> int:
+    """Write (addr, length, lkey) triples from ``off``; returns the end offset."""
+    for addr, length, lkey in sges:
+        _SGE.pack_into(buf, off, addr, length, lkey)
+        off += SGE_SIZE
+    return off
+
+
+def _slot(length: int, slot_size: int | None, what: str) -> bytearray:
+    if slot_size is None:
+        return bytearray(length)
+    if length > slot_size:
+        raise WireError(f"{what} of {length} bytes does not fit a {slot_size}-byte slot")
+    return bytearray(slot_size)
+
+
 def encode_send_wqe(wr_id: int, opcode: WrOpcode | int, send_flags: int = 0, *, sges=(),
                     inline: bytes | None = None, imm_data: int = 0, remote_addr: int = 0,
                     rkey: int = 0, compare_add: int = 0, swap: int = 0,
@@ -481,27 +510,26 @@ def encode_send_wqe(wr_id: int, opcode: WrOpcode | int, send_flags: int = 0, *, 
     if inline is not None:
         send_flags |= SendFlags.INLINE
         payload = bytes(inline)
-        num_sge, inline_len = 0, len(payload)
+        num_sge, inline_len, length = 0, len(payload), len(payload)
     else:
         if send_flags & SendFlags.INLINE:
             raise WireError("INLINE flag set but no inline data given")
-        sges = list(sges)
+        sges = [(int(a), int(n), int(k)) for a, n, k in sges]
+        num_sge, inline_len, length = len(sges), 0, SGE_SIZE * len(sges)
+    out = _slot(SEND_WQE_HEADER_SIZE + length, slot_size, "send WQE")
+    if inline is None:
         try:
-            payload = b"".join(_SGE.pack(int(a), int(n), int(k)) for a, n, k in sges)
+            pack_sges(out, SEND_WQE_HEADER_SIZE, sges)
         except struct.error as e:
             raise WireError(f"bad SGE in {sges!r}: {e}") from None
-        num_sge, inline_len = len(sges), 0
+    else:
+        out[SEND_WQE_HEADER_SIZE:SEND_WQE_HEADER_SIZE + inline_len] = payload
     try:
-        head = _SEND_HDR.pack(wr_id, opcode, send_flags, num_sge, imm_data, remote_addr, rkey,
-                              inline_len, compare_add, swap, _ZERO16)
+        pack_send_wqe_header(out, 0, wr_id, opcode, send_flags, num_sge, imm_data, remote_addr, rkey,
+                             inline_len, compare_add, swap)
     except struct.error as e:
         raise WireError(f"cannot encode send WQE: {e}") from None
-    out = head + payload
-    if slot_size is not None:
-        if len(out) > slot_size:
-            raise WireError(f"send WQE of {len(out)} bytes does not fit a {slot_size}-byte slot")
-        out += bytes(slot_size - len(out))
-    return out
+    return bytes(out)
 
 
 def decode_send_wqe(slot: memoryview | bytes, max_sge: int | None = None) -> SendWqe:
@@ -537,17 +565,14 @@ def decode_send_wqe(slot: memoryview | bytes, max_sge: int | None = None) -> Sen
 
 
 def encode_recv_wqe(wr_id: int, sges=(), *, slot_size: int | None = None) -> bytes:
-    sges = list(sges)
+    sges = [(int(a), int(n), int(k)) for a, n, k in sges]
+    out = _slot(RECV_WQE_HEADER_SIZE + SGE_SIZE * len(sges), slot_size, "recv WQE")
     try:
-        out = _RECV_HDR.pack(wr_id, len(sges), 0, 0) + b"".join(
-            _SGE.pack(int(a), int(n), int(k)) for a, n, k in sges)
+        pack_recv_wqe_header(out, 0, wr_id, len(sges))
+        pack_sges(out, RECV_WQE_HEADER_SIZE, sges)
     except struct.error as e:
         raise WireError(f"cannot encode recv WQE: {e}") from None
-    if slot_size is not None:
-        if len(out) > slot_size:
-            raise WireError(f"recv WQE of {len(out)} bytes does not fit a {slot_size}-byte slot")
-        out += bytes(slot_size - len(out))
-    return out
+    return bytes(out)
 
 
 def decode_recv_wqe(slot: memoryview | bytes, max_sge: int | None = None) -> RecvWqe:
