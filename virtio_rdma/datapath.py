@@ -114,6 +114,8 @@ def qp_error(dev, qp: QueuePair, event: AsyncEvent | None = None) -> None:
     """Move ``qp`` to ERR (once), report ``event``, flush both queues."""
     if qp.state is QpState.ERR or qp.destroyed:
         return
+    if qp.net is not None:  # stop the wire engine; the rings are flushed below
+        qp.net.on_error()
     qp.state = QpState.ERR
     qp.rnr_until = None
     if event is not None:
@@ -211,6 +213,9 @@ def _build_request(dev, qp: QueuePair, wqe, psn: int) -> Request:
 
 def progress_sq(dev, qp: QueuePair, now: float) -> None:
     """Start every posted send WQE the QP may start now (RTS, window, no RNR stall)."""
+    if qp.net is not None:  # peer on another host: the wire engine runs the QP
+        qp.net.progress(now)
+        return
     while (qp.state in _SEND_STATES and qp.sq_next != qp.sq_pi
            and len(qp.inflight) < MAX_INFLIGHT and not qp.destroyed):
         if qp.rnr_until is not None:
@@ -368,6 +373,8 @@ def _error_at(dev, qp: QueuePair, pos: int, status: WcStatus) -> None:
 
 def deadline(qp: QueuePair) -> float | None:
     """When :func:`on_timer` must run next for this QP (None: no timer)."""
+    if qp.net is not None:
+        return qp.net.deadline()
     d = None
     if qp.rnr_until is not None and qp.sq_next != qp.sq_pi:
         d = qp.rnr_until
@@ -380,6 +387,9 @@ def deadline(qp: QueuePair) -> float | None:
 
 
 def on_timer(dev, qp: QueuePair, now: float) -> None:
+    if qp.net is not None:
+        qp.net.on_timer(now)
+        return
     if qp.state not in (QpState.RTS, QpState.SQD) or qp.destroyed:
         return
     if qp.inflight:

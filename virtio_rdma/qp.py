@@ -47,7 +47,7 @@ class QueuePair:
         "dbrec_gpa", "state", "attr", "access",
         "sq_pi", "sq_next", "sq_ci", "rq_pi", "rq_ci",
         "inflight", "sq_psn", "retry_left", "rnr_left", "rnr_until",
-        "epsn", "atomic_cache", "nak_seq_sent", "destroyed",
+        "epsn", "atomic_cache", "nak_seq_sent", "destroyed", "net",
     )
 
     def __init__(self, dev, qpn: int, pdn: int, send_cq, recv_cq, layout: WqLayout,
@@ -64,6 +64,9 @@ class QueuePair:
         self.sq_sig_all = sq_sig_all
         self.attr = qp_attr_defaults()
         self.destroyed = False
+        #: the wire transport (``virtio_rdma.netqp.NetworkQp``) when the peer is
+        #: on another host; None: the message path of ``datapath`` over the fabric
+        self.net = None
         self.reset()
 
     def reset(self) -> None:
