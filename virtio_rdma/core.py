@@ -416,6 +416,7 @@ class RdmaDeviceCore:
         self._validate_attr(mask, a)
         prev = qp.state
         if target is QpState.RESET:
+            self._close_net(qp)
             qp.reset()
             return
         for bit, names in self._ATTR_FIELDS.items():
@@ -437,6 +438,11 @@ class RdmaDeviceCore:
             return
         qp.state = target
         qp.attr["qp_state"] = int(target)
+        if qp.net is None and target is QpState.RTR and prev is QpState.INIT:
+            # a peer on another host gets a wire engine (None: same-host message path)
+            qp.net = self.fabric.open_wire_qp(self, qp, now)
+        if qp.net is not None:
+            qp.net.modified(prev, target, now)
         if target is QpState.SQD and prev is not QpState.SQD and not qp.inflight \
                 and qp.attr["en_sqd_async_notify"]:
             self.async_event(AsyncEvent.SQ_DRAINED, qp.qpn)
@@ -462,7 +468,13 @@ class RdmaDeviceCore:
         qp = self._qp(body["qpn"])
         self._drop_qp(qp)
 
+    def _close_net(self, qp: QueuePair) -> None:
+        if qp.net is not None:
+            net, qp.net = qp.net, None
+            net.close()
+
     def _drop_qp(self, qp: QueuePair) -> None:
+        self._close_net(qp)
         qp.destroyed = True
         qp.inflight.clear()
         self.fabric.detach(qp.qpn)

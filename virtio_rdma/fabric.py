@@ -126,6 +126,13 @@ class Fabric(ABC):
         otherwise (or if the request is lost) returns None and the response,
         if any, arrives later via the source endpoint's ``on_response``."""
 
+    def open_wire_qp(self, dev, qp, now: float):
+        """Called when ``qp`` (of device core ``dev``) moves INIT -> RTR. A
+        network fabric returns the wire engine that will run the QP when its
+        ``dgid`` is on another host (see :mod:`virtio_rdma.netqp`); None keeps
+        the QP on the message path of :meth:`send`."""
+        return None
+
     def respond(self, resp: Response, now: float) -> None:  # pragma: no cover - network fabrics
         """Send a response produced asynchronously (network fabrics)."""
         raise FabricError(f"{type(self).__name__} delivers responses synchronously")
