@@ -335,8 +335,12 @@ def install_uvloop() -> bool:
 
 def run_backend(paths: list[str], device_factory: Callable[[], VhostUserDevice], *,
                 ready: Callable[[], None] | None = None, poll_us: float = 0.0,
-                require_sealed_memory: bool = True) -> int:
-    """Run the daemon until SIGINT/SIGTERM; close every connection cleanly."""
+                require_sealed_memory: bool = True, services=()) -> int:
+    """Run the daemon until SIGINT/SIGTERM; close every connection cleanly.
+
+    ``services``: objects with ``async start()`` and ``async aclose()`` that
+    live in the daemon's loop (e.g. a fabric's UDP socket), started before the
+    sockets listen and closed after the last connection."""
     install_uvloop()
 
     async def main() -> None:
@@ -346,7 +350,11 @@ def run_backend(paths: list[str], device_factory: Callable[[], VhostUserDevice],
             loop.add_signal_handler(sig, stop.set)
         servers = [BackendServer(p, device_factory, loop=loop, poll_us=poll_us,
                                  require_sealed_memory=require_sealed_memory) for p in paths]
+        started = []
         try:
+            for svc in services:
+                await svc.start()
+                started.append(svc)
             for s in servers:
                 await s.start()
             if ready:
@@ -356,6 +364,8 @@ def run_backend(paths: list[str], device_factory: Callable[[], VhostUserDevice],
         finally:
             for s in servers:
                 await s.close()
+            for svc in reversed(started):
+                await svc.aclose()
             for s in servers:
                 m = s.metrics
                 log.info("%s: %d connections served, %d protocol errors, %d transport errors",

@@ -1,6 +1,7 @@
 """``vrdma backend``: run the vhost-user back-end daemon."""
 from __future__ import annotations
 
+import argparse
 import logging
 
 NAME = "backend"
@@ -22,6 +23,14 @@ def add_arguments(p) -> None:
     p.add_argument("--read-only", action="store_true", help="blk: refuse writes")
     p.add_argument("--poll-us", type=float, default=0.0, metavar="US",
                    help="after serving a ring, busy-poll it this long before sleeping (0: never)")
+    p.add_argument("--fabric", choices=["auto", "local", "roce"], default="auto",
+                   help="rdma: how QPs reach peers. local: this host only; roce: RoCEv2 over UDP "
+                        "4791 on --roce-addr (peers on this host still meet locally); auto "
+                        "(default): roce when --roce-addr is given, else local")
+    p.add_argument("--roce-addr", metavar="IP",
+                   help="rdma: this host's RoCE address (IPv4 or IPv6, must be local); the port's "
+                        "GID is its IPv4-mapped form, as kernel rxe derives it")
+    p.add_argument("--roce-port", type=int, default=4791, help=argparse.SUPPRESS)
     p.add_argument("--allow-unsealed-memory", action="store_true",
                    help="accept guest memory fds that are not memfds sealed against shrinking "
                         "(e.g. hugetlbfs files); a front-end could then crash the daemon")
@@ -34,12 +43,33 @@ def parse_size(text: str) -> int:
     return int(t[:-1] if t[-1:] in units else t) * mult
 
 
-def make_device_factory(args):
-    if args.device == "rdma":
-        from virtio_rdma.device import RdmaDevice
+def make_fabric(args):
+    """The fabric the daemon's devices share, and the services it needs in the loop."""
+    kind = args.fabric
+    if kind == "auto":
+        kind = "roce" if args.roce_addr else "local"
+    if kind == "local":
         from virtio_rdma.fabric import LocalFabric
 
-        fabric = LocalFabric()  # one host: every guest of this daemon shares the QPN space
+        return LocalFabric(), []  # one host: every guest of this daemon shares the QPN space
+    if not args.roce_addr:
+        raise SystemExit("vrdma backend: --fabric roce needs --roce-addr IP")
+    from virtio_rdma.errors import FabricError
+    from virtio_rdma.roce_fabric import RoceFabric, RoceFabricService
+
+    try:
+        fabric = RoceFabric(args.roce_addr)
+    except FabricError as e:
+        raise SystemExit(f"vrdma backend: {e}") from None
+    return fabric, [RoceFabricService(fabric, args.roce_port)]
+
+
+def make_device_factory(args, fabric=None):
+    if args.device == "rdma":
+        from virtio_rdma.device import RdmaDevice
+
+        if fabric is None:
+            fabric, _ = make_fabric(args)
         return lambda: RdmaDevice(fabric)
 
     from vhost_user.blk import BlkDevice, Disk
@@ -65,11 +95,20 @@ def make_device_factory(args):
 def run(args) -> int:
     from vhost_user.server import run_backend
 
-    factory = make_device_factory(args)
+    fabric, services = make_fabric(args) if args.device == "rdma" else (None, [])
+    factory = make_device_factory(args, fabric)
 
     def ready():
+        if services:
+            print(f"vrdma backend: RoCEv2 on {fabric.address}:{args.roce_port}", flush=True)
         for path in args.socket:
             print(f"vrdma backend: listening on {path}", flush=True)
 
-    return run_backend(args.socket, factory, ready=ready, poll_us=args.poll_us,
-                       require_sealed_memory=not args.allow_unsealed_memory)
+    try:
+        return run_backend(args.socket, factory, ready=ready, poll_us=args.poll_us,
+                           require_sealed_memory=not args.allow_unsealed_memory, services=services)
+    except OSError as e:
+        if services and e.errno is not None:
+            raise SystemExit(f"vrdma backend: cannot open RoCEv2 on {fabric.address}:"
+                             f"{args.roce_port}: {e.strerror}") from None
+        raise
