@@ -20,9 +20,10 @@ from vhost_user.server import BackendServer
 
 
 class BackendThread:
-    def __init__(self, path: str, device_factory):
+    def __init__(self, path: str, device_factory, services=()):
         self.path = path
         self.device_factory = device_factory
+        self.services = list(services)  # async start()/aclose() objects run in the loop
         self.loop: asyncio.AbstractEventLoop | None = None
         self.server: BackendServer | None = None
         self._thread: threading.Thread | None = None
@@ -43,17 +44,29 @@ class BackendThread:
         self.loop = uvloop.new_event_loop()
         asyncio.set_event_loop(self.loop)
         self.server = BackendServer(self.path, self.device_factory, loop=self.loop)
+        started = []
+
+        async def close():
+            await self.server.close()
+            for svc in reversed(started):
+                await svc.aclose()
+
         try:
+            for svc in self.services:
+                self.loop.run_until_complete(svc.start())
+                started.append(svc)
             self.loop.run_until_complete(self.server.start())
         except BaseException as e:
             self._error = e
+            self.loop.run_until_complete(close())
+            self.loop.close()
             self._ready.set()
             return
         self._ready.set()
         try:
             self.loop.run_forever()
         finally:
-            self.loop.run_until_complete(self.server.close())
+            self.loop.run_until_complete(close())
             self.loop.close()
 
     def call(self, fn, *args, timeout: float = 10.0):
