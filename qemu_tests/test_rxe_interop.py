@@ -1,0 +1,166 @@
+"""Wire interop with the kernel's own RoCEv2: unmodified ibv_rc_pingpong on
+kernel rxe (Debian's kernel under QEMU TCG) against ``vrdma rc-pingpong``, a
+guest of our back-end daemon, whose QP runs on the userspace RoCEv2 fabric.
+
+Topology: a network namespace holds a tap device (203.0.113.1/24) and the
+back-end daemon bound to it; the QEMU guest's virtio-net NIC is that tap
+(203.0.113.2/24, rxe0 on eth0). One boot runs ibv_rc_pingpong first as the
+client of our server, then as the server of our client, for message sizes
+below, at, and above the path MTU (1024).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+import pytest
+
+from qemu_tests.errors import CapabilityMissing
+from qemu_tests.rxe_guest import RxeGuest, TapNetdev, build_image
+
+pytestmark = [pytest.mark.qemu, pytest.mark.netns]
+
+HOST_IP, GUEST_IP = "203.0.113.1", "203.0.113.2"
+SIZES = (1, 1024, 4096, 8192)
+ITERS = 50
+ITERS_RE = re.compile(r"^(\d+) iters in [\d.]+ seconds = [\d.]+ usec/iter$", re.M)
+BYTES_RE = re.compile(r"^(\d+) bytes in [\d.]+ seconds = [\d.]+ Mbit/sec$", re.M)
+ADDR_RE = re.compile(r"^  (local|remote) address: +LID 0x([0-9a-f]{4}), QPN 0x([0-9a-f]{6}), "
+                     r"PSN 0x([0-9a-f]{6}), GID (\S+)$", re.M)
+
+
+def _guest_script() -> str:
+    sizes = " ".join(map(str, SIZES))
+    return f"""
+for s in {sizes}; do
+  i=0
+  while :; do
+    ibv_rc_pingpong -d rxe0 -g 1 -n {ITERS} -s $s {HOST_IP} > /tmp/c.log 2>&1; rc=$?
+    grep -q "Couldn't connect" /tmp/c.log || break
+    i=$((i+1)); [ $i -ge 100 ] && break; sleep 0.2
+  done
+  echo "=== guest-client size=$s rc=$rc"; cat /tmp/c.log
+done
+for s in {sizes}; do
+  ibv_rc_pingpong -d rxe0 -g 1 -n {ITERS} -s $s > /tmp/s.log 2>&1; rc=$?
+  echo "=== guest-server size=$s rc=$rc"; cat /tmp/s.log
+done
+"""
+
+
+def _sections(text: str) -> dict[tuple[str, int], tuple[int, str]]:
+    out = {}
+    parts = re.split(r"^=== (guest-client|guest-server) size=(\d+) rc=(\d+)$", text, flags=re.M)
+    for i in range(1, len(parts) - 3, 4):
+        out[(parts[i], int(parts[i + 1]))] = (int(parts[i + 2]), parts[i + 3])
+    return out
+
+
+@pytest.fixture(scope="module")
+def image():
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 not installed")
+    try:
+        return build_image()
+    except CapabilityMissing as exc:
+        pytest.skip(f"cannot build the rxe guest: {exc}")
+
+
+@pytest.fixture
+def netns_tap():
+    if os.geteuid() != 0:
+        pytest.skip("needs root for a network namespace and a tap device")
+    ns, tap = f"vrdma-rxe-{uuid.uuid4().hex[:8]}", "vrtap1"
+    try:
+        subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot create a network namespace: {exc}")
+    try:
+        for cmd in (["ip", "tuntap", "add", "dev", tap, "mode", "tap"],
+                    ["ip", "addr", "add", f"{HOST_IP}/24", "dev", tap],
+                    ["ip", "link", "set", tap, "up"], ["ip", "link", "set", "lo", "up"]):
+            subprocess.run(["ip", "netns", "exec", ns, *cmd], check=True, capture_output=True)
+        yield ns, tap
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def _in_ns(ns: str, *argv: str) -> list[str]:
+    return ["ip", "netns", "exec", ns, sys.executable, "-m", "vrdma", *argv]
+
+
+def test_ibv_rc_pingpong_on_kernel_rxe_against_vrdma(image, netns_tap, tmp_path):
+    ns, tap = netns_tap
+    sock = str(tmp_path / "rdma.sock")
+    daemon = subprocess.Popen(_in_ns(ns, "backend", "--socket", sock, "--roce-addr", HOST_IP),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ours: dict[tuple[str, int], subprocess.CompletedProcess] = {}
+    failure: list[BaseException] = []
+    guest_done = threading.Event()
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(sock):
+            assert daemon.poll() is None, daemon.stderr.read().decode()
+            assert time.monotonic() < deadline, "daemon did not listen"
+            time.sleep(0.05)
+
+        def host_side():
+            try:
+                common = ["rc-pingpong", "--backend", sock, "-g", "0", "-n", str(ITERS),
+                          "--timeout", "90"]
+                for s in SIZES:  # our server, the guest's client
+                    ours[("server", s)] = subprocess.run(_in_ns(ns, *common, "-s", str(s)),
+                                                         capture_output=True, text=True, timeout=120)
+                for s in SIZES:  # our client, the guest's server (retry until it listens)
+                    end = time.monotonic() + 90
+                    while True:
+                        r = subprocess.run(_in_ns(ns, *common, "-s", str(s), GUEST_IP),
+                                           capture_output=True, text=True, timeout=120)
+                        if r.returncode == 0 or "Couldn't connect" not in r.stderr + r.stdout \
+                                or time.monotonic() > end or guest_done.is_set():
+                            break
+                        time.sleep(0.2)
+                    ours[("client", s)] = r
+            except BaseException as e:  # reported below
+                failure.append(e)
+
+        t = threading.Thread(target=host_side, daemon=True)
+        t.start()
+        try:
+            run = RxeGuest(cmd=_guest_script(), ip=f"{GUEST_IP}/24", tap=TapNetdev(tap, netns=ns),
+                           image=image).run(timeout=240)
+        finally:
+            guest_done.set()
+        t.join(150)
+        assert not failure, failure
+        sections = _sections(run.output)
+        report = run.output + "\n--- ours ---\n" + "\n".join(
+            f"{k}: rc={v.returncode}\n{v.stdout}{v.stderr}" for k, v in ours.items())
+        for s in SIZES:
+            for guest_role, our_role in (("guest-client", "server"), ("guest-server", "client")):
+                rc, text = sections.get((guest_role, s), (None, ""))
+                mine = ours.get((our_role, s))
+                assert rc == 0 and mine is not None and mine.returncode == 0, report
+                assert ITERS_RE.search(text).group(1) == str(ITERS), report
+                assert int(BYTES_RE.search(text).group(1)) == 2 * s * ITERS, report
+                assert ITERS_RE.search(mine.stdout).group(1) == str(ITERS), report
+                # each side saw the other's real QPN/PSN/GID: ours as the guest's remote
+                theirs = {m[0]: m[1:] for m in ADDR_RE.findall(text)}
+                us = {m[0]: m[1:] for m in ADDR_RE.findall(mine.stdout)}
+                assert theirs["remote"] == us["local"] and us["remote"] == theirs["local"], report
+                assert us["local"][3] == f"::ffff:{HOST_IP}", report
+                assert theirs["local"][3] == f"::ffff:{GUEST_IP}", report
+    finally:
+        daemon.terminate()
+        try:
+            daemon.wait(10)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
