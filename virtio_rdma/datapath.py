@@ -46,6 +46,11 @@ from virtio_rdma.mr import sg_copy
 from virtio_rdma.qp import Inflight, QueuePair
 from virtio_rdma.wire import Completion, decode_recv_wqe, decode_send_wqe
 
+try:  # the native fast path for the plain local success case (virtio_rdma/_datapath.pyx)
+    from virtio_rdma import _datapath as _fast
+except ImportError:  # pragma: no cover - extension not built
+    _fast = None
+
 _U64N = struct.Struct("=Q")  # host-endian, like ibverbs atomics
 _WRID = struct.Struct("<Q")
 MAX_INFLIGHT = 128
@@ -211,13 +216,28 @@ def _build_request(dev, qp: QueuePair, wqe, psn: int) -> Request:
     return req
 
 
+def use_fast_path(on: bool) -> bool:
+    """Switch the native fast path on or off (tests compare both engines);
+    returns the previous setting. Without the extension it is always off."""
+    if _fast is None:
+        return False
+    prev, _fast.enabled = bool(_fast.enabled), bool(on)
+    return prev
+
+
 def progress_sq(dev, qp: QueuePair, now: float) -> None:
-    """Start every posted send WQE the QP may start now (RTS, window, no RNR stall)."""
+    """Start every posted send WQE the QP may start now (RTS, window, no RNR stall).
+
+    WQEs on the plain local success path run natively (``_datapath.run_sq``),
+    as many per call as there are; the first WQE it leaves (an error, RNR,
+    an atomic, a full CQ...) is handled here, then the native path resumes."""
     if qp.net is not None:  # peer on another host: the wire engine runs the QP
         qp.net.progress(now)
         return
     while (qp.state in _SEND_STATES and qp.sq_next != qp.sq_pi
            and len(qp.inflight) < MAX_INFLIGHT and not qp.destroyed):
+        if _fast is not None and _fast.run_sq(dev, qp, now):
+            continue
         if qp.rnr_until is not None:
             if now < qp.rnr_until:
                 return

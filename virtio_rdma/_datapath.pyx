@@ -1,0 +1,619 @@
+# cython: language_level=3
+"""Native fast path of the RC data path (:mod:`virtio_rdma.datapath`).
+
+One call, :func:`run_sq`, starts the posted send WQEs of a QP whose peer
+is a QP of the same daemon (a :class:`~virtio_rdma.fabric.LocalFabric`
+delivers synchronously) and carries each through to its completions: SQ WQE
+decode, lkey/rkey/PD/access/bounds checks, the copy between the two guests'
+memory (``memmove`` from host pointer to host pointer, no staging), receive
+WQE consumption, and the CQE writes (owner byte last, arm/notify decision).
+It covers SEND, SEND_WITH_IMM, RDMA_WRITE, RDMA_WRITE_WITH_IMM and RDMA_READ,
+inline or with SGEs.
+
+Rule: every WQE is checked completely *before* anything is changed. A WQE
+that is not the plain success case (any error, RNR, PSN mismatch, an
+atomic, a CQ that is full, in error or unreachable, too many segments, an
+asynchronous fabric, a QP with a wire engine...) is left untouched and
+:func:`run_sq` returns; the Python engine then handles that WQE, with the
+same state, so both paths give identical guest memory, CQEs, counters and
+events. tests/virtio_rdma/test_fastpath.py runs random WQE mixes through
+both and compares.
+
+The state a batch changes (ring indices, PSNs, CQ producer counts, metrics)
+is kept in C during the batch and written back before any Python code can
+observe it (at the end, or before queueing a completion event).
+"""
+cimport cython
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy, memmove
+
+from virtio._memory cimport RegionTable
+
+from virtio_rdma.constants import EventKind, QpState
+from virtio_rdma.cq import Arm, CqState
+from virtio_rdma.fabric import LocalFabric
+from virtio_rdma.qp import QueuePair
+from virtio_rdma.wire import Event
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    #define DP_LE16(x) __builtin_bswap16(x)
+    #define DP_LE32(x) __builtin_bswap32(x)
+    #define DP_LE64(x) __builtin_bswap64(x)
+    #else
+    #define DP_LE16(x) (x)
+    #define DP_LE32(x) (x)
+    #define DP_LE64(x) (x)
+    #endif
+    static inline uint16_t dp_ld16(const char *p) { uint16_t v; memcpy(&v, p, 2); return DP_LE16(v); }
+    static inline uint32_t dp_ld32(const char *p) { uint32_t v; memcpy(&v, p, 4); return DP_LE32(v); }
+    static inline uint64_t dp_ld64(const char *p) { uint64_t v; memcpy(&v, p, 8); return DP_LE64(v); }
+    static inline uint32_t dp_ld32_acq(const char *p) {
+        return DP_LE32(__atomic_load_n((const uint32_t *)p, __ATOMIC_ACQUIRE)); }
+    static inline void dp_st32(char *p, uint32_t v) { v = DP_LE32(v); memcpy(p, &v, 4); }
+    static inline void dp_st64(char *p, uint64_t v) { v = DP_LE64(v); memcpy(p, &v, 8); }
+    /* Snapshot guest bytes once: later checks work on the copy, never on
+       memory the guest can change under us. */
+    static inline void dp_snapshot(void *dst, const char *src, size_t n) {
+        memcpy(dst, src, n);
+        __asm__ __volatile__("" ::: "memory");
+    }
+    /* CQE body, then the owner byte with release order (spec 5.x.6.6). */
+    static inline void dp_write_cqe(char *e, uint64_t wr_id, uint8_t status, uint8_t opcode,
+                                    uint8_t flags, uint32_t byte_len, uint32_t imm, uint32_t qpn,
+                                    uint32_t src_qp, uint8_t owner) {
+        dp_st64(e, wr_id);
+        e[8] = (char)status; e[9] = (char)opcode; e[10] = (char)flags;
+        dp_st32(e + 12, byte_len); dp_st32(e + 16, imm); dp_st32(e + 20, qpn);
+        dp_st32(e + 24, src_qp); dp_st32(e + 28, 0);
+        __atomic_store_n((uint8_t *)(e + 11), owner, __ATOMIC_RELEASE);
+    }
+    """
+    uint16_t dp_ld16(const char *p) noexcept nogil
+    uint32_t dp_ld32(const char *p) noexcept nogil
+    uint64_t dp_ld64(const char *p) noexcept nogil
+    uint32_t dp_ld32_acq(const char *p) noexcept nogil
+    void dp_snapshot(void *dst, const char *src, size_t n) noexcept nogil
+    void dp_write_cqe(char *e, uint64_t wr_id, uint8_t status, uint8_t opcode, uint8_t flags,
+                      uint32_t byte_len, uint32_t imm, uint32_t qpn, uint32_t src_qp,
+                      uint8_t owner) noexcept nogil
+
+
+cdef enum:
+    MAX_SEGS = 64          # per side of one WQE; more -> Python path
+    MR_CACHE = 8
+    SEND_HDR = 64
+    RECV_HDR = 16
+    SGE_SZ = 16
+    CQE_SZ = 32
+    # opcodes (WrOpcode / WcOpcode)
+    OP_WRITE = 0
+    OP_WRITE_IMM = 1
+    OP_SEND = 2
+    OP_SEND_IMM = 3
+    OP_READ = 4
+    WC_SEND = 0
+    WC_RDMA_WRITE = 1
+    WC_RDMA_READ = 2
+    WC_RECV = 128
+    WC_RECV_RDMA_WITH_IMM = 129
+    WC_WITH_IMM = 2
+    # send flags
+    F_SIGNALED = 2
+    F_SOLICITED = 4
+    F_INLINE = 8
+    F_KNOWN = 0x1F
+    # access
+    A_LOCAL_WRITE = 1
+    A_REMOTE_WRITE = 2
+    A_REMOTE_READ = 4
+    PSN_MASK = 0xFFFFFF
+
+
+cdef object _RTS = QpState.RTS
+cdef object _SQD = QpState.SQD
+cdef tuple _RECV_STATES = (QpState.RTR, QpState.RTS, QpState.SQD, QpState.SQE)
+cdef object _ACTIVE = CqState.ACTIVE
+cdef object _ARM_NONE = Arm.NONE
+cdef object _ARM_NEXT = Arm.NEXT
+cdef object _ARM_SOLICITED = Arm.SOLICITED
+cdef object _EV_COMPLETION = EventKind.COMPLETION
+cdef object _send_of_local = LocalFabric.send
+
+#: module switch (tests run both engines; ``datapath.use_fast_path``)
+enabled = True
+#: WQEs completed here since import (tests check the native path really ran)
+completed = 0
+
+
+cdef struct Seg:
+    char *p
+    uint64_t n
+
+
+cdef struct MrEnt:
+    uint32_t key
+    uint32_t pdn
+    uint32_t access
+    uint64_t iova
+    uint64_t length
+    char *host          # host address of iova: the MR is one chunk inside one region; else NULL
+
+
+@cython.final
+cdef class _Dev:
+    """One device seen by a batch: its memory table, MR table (with a small
+    lookup cache; MRs cannot change during a call) and metric deltas."""
+    cdef object dev
+    cdef RegionTable table
+    cdef list slots
+    cdef MrEnt cache[MR_CACHE]
+    cdef int ncache
+    cdef uint64_t max_msg_sz
+    cdef uint64_t requests_sent, responses_received, sends_completed, bytes_received, bytes_sent
+    cdef uint64_t completions
+    cdef list events     # CQNs whose arm fired, queued as events after the batch
+
+    cdef int init(self, object dev) except -1:
+        mem = dev.mem
+        t = getattr(mem, "_table", None)
+        if type(t) is not RegionTable:
+            return 0
+        self.dev = dev
+        self.table = <RegionTable>t
+        self.slots = dev.mrs._slots
+        self.ncache = 0
+        self.max_msg_sz = dev.limits.max_msg_sz
+        self.events = []
+        return 1
+
+    cdef void flush_metrics(self):
+        if self.dev is None:
+            return
+        m = self.dev.metrics
+        if self.requests_sent:
+            m.requests_sent += self.requests_sent
+        if self.responses_received:
+            m.responses_received += self.responses_received
+        if self.sends_completed:
+            m.sends_completed += self.sends_completed
+        if self.bytes_received:
+            m.bytes_received += self.bytes_received
+        if self.bytes_sent:
+            m.bytes_sent += self.bytes_sent
+        if self.completions:
+            m.completions += self.completions
+        self.requests_sent = self.responses_received = self.sends_completed = 0
+        self.bytes_received = self.bytes_sent = self.completions = 0
+        if self.events:
+            events, self.events = self.events, []
+            m.completion_events += len(events)
+            for cqn in events:
+                self.dev._queue_event(Event(_EV_COMPLETION, 0, cqn))
+
+    cdef MrEnt *lookup(self, uint32_t key):
+        """The MR of ``key`` (None: no such MR) as a cache entry; NULL if none."""
+        cdef int i
+        cdef MrEnt *e
+        cdef uint64_t idx = key >> 8
+        for i in range(self.ncache):
+            if self.cache[i].key == key:
+                return &self.cache[i]
+        if idx >= <uint64_t>len(self.slots):
+            return NULL
+        mr = self.slots[idx]
+        if mr is None or mr.key != (key & 0xFF):
+            return NULL
+        i = self.ncache if self.ncache < MR_CACHE else MR_CACHE - 1
+        if self.ncache < MR_CACHE:
+            self.ncache += 1
+        e = &self.cache[i]
+        e.key = key
+        e.pdn = mr.pdn
+        e.access = int(mr.access)
+        e.iova = mr.iova
+        e.length = mr.length
+        e.host = NULL
+        chunks = mr.chunks
+        if len(chunks) == 1:
+            gpa, n = chunks[0]
+            if n > 0:
+                e.host = self.table.translate(gpa, n)
+        return e
+
+    cdef int resolve(self, uint32_t key, uint32_t pdn, uint32_t need, uint64_t va, uint64_t length,
+                     Seg *segs, int nseg) except -2:
+        """Append the host segments of [va, va+length) under ``key`` to
+        ``segs``: MrTable.check + MemoryRegion.views. -1: not the success
+        case (the Python engine decides what it is)."""
+        cdef MrEnt *e = self.lookup(key)
+        cdef uint64_t off, inner, take, g, n
+        cdef char *p
+        cdef Py_ssize_t i
+        if e == NULL or e.pdn != pdn or (need & ~e.access):
+            return -1
+        if va > 0xFFFFFFFFFFFFFFFF - length:
+            return -1  # would reach or pass 2**64
+        if va < e.iova or va + length > e.iova + e.length or e.iova + e.length < e.iova:
+            return -1
+        if length == 0:
+            return nseg
+        off = va - e.iova
+        if e.host != NULL:
+            if nseg >= MAX_SEGS:
+                return -1
+            segs[nseg].p = e.host + off
+            segs[nseg].n = length
+            return nseg + 1
+        # several chunks (or one spanning regions): walk them as MemoryRegion.views does
+        mr = self.slots[key >> 8]
+        chunks = mr.chunks
+        offsets = mr.offsets
+        i = 0
+        while i + 1 < len(offsets) and <uint64_t>offsets[i + 1] <= off:
+            i += 1
+        while length:
+            if i >= len(chunks) or nseg >= MAX_SEGS:
+                return -1
+            g, n = chunks[i]
+            inner = off - <uint64_t>offsets[i]
+            take = n - inner if n - inner < length else length
+            p = self.table.translate(g + inner, take)
+            if p == NULL:
+                return -1
+            segs[nseg].p = p
+            segs[nseg].n = take
+            nseg += 1
+            length -= take
+            off += take
+            i += 1
+        return nseg
+
+
+@cython.final
+cdef class _Cq:
+    """A completion queue during a batch: producer count kept in C."""
+    cdef object cq
+    cdef _Dev dev
+    cdef uint32_t cqn, depth, pc, written
+    cdef uint64_t ring_gpa, dbrec_gpa
+    cdef bint armed      # arm is not NONE: pushes go through notify()
+
+    cdef int init(self, object cq, _Dev dev) except -1:
+        if cq.state is not _ACTIVE:
+            return 0
+        self.cq = cq
+        self.dev = dev
+        self.cqn = cq.cqn
+        self.depth = cq.depth
+        self.pc = cq.pc
+        self.written = 0
+        self.ring_gpa = cq.ring_gpa
+        self.dbrec_gpa = cq.dbrec_gpa
+        self.armed = cq.arm is not _ARM_NONE
+        return 1
+
+    cdef bint room(self, uint32_t n):
+        """Can ``n`` more CQEs be written now (ring and doorbell record reachable)?"""
+        cdef char *db = self.dev.table.translate(self.dbrec_gpa, 4)
+        cdef uint32_t ci, k
+        if db == NULL:
+            return False
+        ci = dp_ld32_acq(db)
+        if <uint32_t>(self.pc - ci) + n > self.depth or <uint32_t>(self.pc - ci) >= self.depth:
+            return False
+        for k in range(n):
+            if self.dev.table.translate(self.ring_gpa + ((self.pc + k) & (self.depth - 1)) * CQE_SZ,
+                                        CQE_SZ) == NULL:
+                return False
+        return True
+
+    cdef void flush(self):
+        if self.cq is not None and self.written:
+            self.cq.pc = self.pc
+            self.cq.written += self.written
+            self.written = 0
+
+    cdef int push(self, uint64_t wr_id, uint8_t opcode, uint8_t flags, uint32_t byte_len,
+                  uint32_t imm, uint32_t qpn, uint32_t src_qp, bint solicited) except -1:
+        """CompletionQueue.push of a SUCCESS completion after room() said yes."""
+        cdef char *e = self.dev.table.translate(
+            self.ring_gpa + (self.pc & (self.depth - 1)) * CQE_SZ, CQE_SZ)
+        cdef uint8_t owner = ((self.pc // self.depth) & 1) ^ 1
+        dp_write_cqe(e, wr_id, 0, opcode, flags, byte_len, imm, qpn, src_qp, owner)
+        self.pc += 1
+        self.written += 1
+        self.dev.completions += 1
+        if self.armed:
+            arm = self.cq.arm
+            if arm is _ARM_NEXT or (arm is _ARM_SOLICITED and solicited):
+                self.cq.arm = _ARM_NONE
+                self.armed = False
+                self.dev.events.append(self.cqn)
+        return 0
+
+
+cdef inline uint32_t _npkts(uint64_t length, uint64_t mtu) noexcept nogil:
+    if length <= mtu:
+        return 1
+    return <uint32_t>((length + mtu - 1) // mtu)
+
+
+cdef uint64_t _copy(Seg *dst, int nd, Seg *src, int ns) noexcept nogil:
+    """mr.sg_copy: the concatenation of src into dst, pairwise, memmove."""
+    cdef int di = 0, si = 0
+    cdef uint64_t doff = 0, soff = 0, n, copied = 0
+    while di < nd and si < ns:
+        n = dst[di].n - doff
+        if src[si].n - soff < n:
+            n = src[si].n - soff
+        if n:
+            memmove(dst[di].p + doff, src[si].p + soff, n)
+            copied += n
+            doff += n
+            soff += n
+        if doff == dst[di].n:
+            di += 1
+            doff = 0
+        if soff == src[si].n:
+            si += 1
+            soff = 0
+    return copied
+
+
+def run_sq(dev, qp, double now):
+    """Start and complete the posted send WQEs of ``qp`` that take the plain
+    local success path. Returns how many WQEs it completed; 0 means the next
+    WQE (if any) is for the Python engine."""
+    global completed
+    if not enabled or qp.net is not None or qp.destroyed or qp.state is not _RTS:
+        return 0
+    if qp.rnr_until is not None or qp.inflight or qp.sq_ci != qp.sq_next:
+        return 0
+    cdef uint32_t sq_next = qp.sq_next, sq_pi = qp.sq_pi
+    if sq_next == sq_pi:
+        return 0
+    fabric = dev.fabric
+    if not isinstance(fabric, LocalFabric) or type(fabric).send is not _send_of_local:
+        return 0
+    attr = qp.attr
+    if bytes(attr["dgid"]) != fabric.gid:
+        return 0
+    peer = fabric._endpoints.get(attr["dest_qp_num"])
+    if type(peer) is not QueuePair:
+        return 0
+    if peer.net is not None or peer.destroyed or peer.state not in _RECV_STATES:
+        return 0
+    cdef _Dev L = _Dev.__new__(_Dev)
+    cdef _Dev R
+    if not L.init(dev):
+        return 0
+    pdev = peer.dev
+    if pdev is dev:
+        R = L
+    else:
+        R = _Dev.__new__(_Dev)
+        if not R.init(pdev):
+            return 0
+    # requester geometry and attributes
+    lay = qp.layout
+    cdef uint64_t sq_gpa = qp.sq_gpa
+    cdef uint32_t sq_mask = lay.sq_depth - 1, sq_shift = lay.sq_wqe_shift
+    cdef uint32_t slot_size = 1 << sq_shift
+    cdef uint32_t room_sge = (slot_size - SEND_HDR) // SGE_SZ
+    cdef uint32_t max_sge = lay.max_send_sge
+    cdef uint32_t max_inline = lay.max_inline_data
+    cdef uint32_t pdn = qp.pdn, qpn = qp.qpn
+    cdef bint sig_all = qp.sq_sig_all
+    cdef uint32_t sq_psn = qp.sq_psn
+    cdef uint64_t mtu
+    path_mtu = attr["path_mtu"]
+    mtu = (128 << path_mtu) if 1 <= path_mtu <= 5 else 1024
+    # responder geometry
+    play = peer.layout
+    cdef uint64_t rq_gpa = peer.rq_gpa
+    cdef uint32_t rq_mask = play.rq_depth - 1, rq_shift = play.rq_wqe_shift
+    cdef uint32_t rslot_size = 1 << rq_shift
+    cdef uint32_t rroom = (rslot_size - RECV_HDR) // SGE_SZ
+    cdef uint32_t rmax_sge = play.max_recv_sge
+    if rmax_sge < rroom:
+        rroom = rmax_sge
+    if max_sge < room_sge:
+        room_sge = max_sge
+    cdef uint32_t ppdn = peer.pdn, pqpn = peer.qpn
+    cdef uint32_t paccess = int(peer.access)
+    cdef uint32_t epsn = peer.epsn
+    cdef uint32_t rq_ci = peer.rq_ci, rq_pi = peer.rq_pi
+    # completion queues
+    cdef _Cq scq = _Cq.__new__(_Cq)
+    cdef _Cq rcq
+    if not scq.init(qp.send_cq, L):
+        return 0
+    if peer.recv_cq is qp.send_cq:
+        rcq = scq
+    else:
+        rcq = _Cq.__new__(_Cq)
+        if not rcq.init(peer.recv_cq, R):
+            return 0
+
+    cdef unsigned char hdr[SEND_HDR]
+    cdef unsigned char rhdr[RECV_HDR]
+    cdef unsigned char sge[SGE_SZ]
+    cdef Seg src[MAX_SEGS]
+    cdef Seg dst[MAX_SEGS]
+    cdef int ns, nd, k
+    cdef char *slot
+    cdef char *rslot
+    cdef uint64_t wr_id, raddr, length, rlen, n, rwr_id
+    cdef uint32_t imm, rkey, inline_len, num_sge, npkts, rnum
+    cdef uint8_t op, flags
+    cdef bint signaled, recv, has_imm
+    cdef int done = 0
+    cdef uint32_t need_s, need_r
+    cdef uint64_t a
+    cdef uint32_t ln, lk
+    cdef bint ok
+
+    try:
+        while sq_next != sq_pi:
+            # ---------- requester: the WQE (Python: progress_sq/_build_request)
+            slot = L.table.translate(sq_gpa + ((sq_next & sq_mask) << sq_shift), slot_size)
+            if slot == NULL:
+                break
+            dp_snapshot(hdr, slot, SEND_HDR)
+            op = hdr[8]
+            flags = hdr[9]
+            if op > OP_READ or flags & ~F_KNOWN:
+                break
+            ok = True
+            for k in range(48, 64):
+                if hdr[k]:
+                    ok = False
+            if not ok:
+                break
+            wr_id = dp_ld64(<char *>hdr)
+            num_sge = dp_ld16(<char *>hdr + 10)
+            imm = dp_ld32(<char *>hdr + 12)
+            raddr = dp_ld64(<char *>hdr + 16)
+            rkey = dp_ld32(<char *>hdr + 24)
+            inline_len = dp_ld32(<char *>hdr + 28)
+            ns = 0
+            if flags & F_INLINE:
+                if num_sge != 0 or inline_len > slot_size - SEND_HDR or inline_len > max_inline:
+                    break
+                if op == OP_READ:
+                    break
+                length = inline_len
+                if length:
+                    src[0].p = slot + SEND_HDR
+                    src[0].n = length
+                    ns = 1
+            else:
+                if inline_len != 0 or num_sge > room_sge:
+                    break
+                length = 0
+                for k in range(<int>num_sge):
+                    dp_snapshot(sge, slot + SEND_HDR + k * SGE_SZ, SGE_SZ)
+                    a = dp_ld64(<char *>sge)
+                    ln = dp_ld32(<char *>sge + 8)
+                    lk = dp_ld32(<char *>sge + 12)
+                    length += ln
+                    ns = L.resolve(lk, pdn, A_LOCAL_WRITE if op == OP_READ else 0, a, ln, src, ns)
+                    if ns < 0:
+                        break
+                if ns < 0:
+                    break
+            if length > L.max_msg_sz or length > R.max_msg_sz:
+                break
+            npkts = _npkts(length, mtu)
+            signaled = sig_all or (flags & F_SIGNALED) != 0
+            # ---------- responder (Python: on_request and _execute_*)
+            if epsn != sq_psn:
+                break
+            recv = op == OP_SEND or op == OP_SEND_IMM or op == OP_WRITE_IMM
+            has_imm = op == OP_SEND_IMM or op == OP_WRITE_IMM
+            nd = 0
+            rwr_id = 0
+            if recv:
+                if rq_ci == rq_pi:
+                    break
+                rslot = R.table.translate(rq_gpa + ((rq_ci & rq_mask) << rq_shift), rslot_size)
+                if rslot == NULL:
+                    break
+                dp_snapshot(rhdr, rslot, RECV_HDR)
+                rwr_id = dp_ld64(<char *>rhdr)
+                rnum = dp_ld16(<char *>rhdr + 8)
+                if dp_ld16(<char *>rhdr + 10) or dp_ld32(<char *>rhdr + 12) or rnum > rroom:
+                    break
+                if op != OP_WRITE_IMM:
+                    rlen = 0
+                    for k in range(<int>rnum):
+                        dp_snapshot(sge, rslot + RECV_HDR + k * SGE_SZ, SGE_SZ)
+                        rlen += dp_ld32(<char *>sge + 8)
+                    if rlen < length:
+                        break
+                    for k in range(<int>rnum):
+                        dp_snapshot(sge, rslot + RECV_HDR + k * SGE_SZ, SGE_SZ)
+                        nd = R.resolve(dp_ld32(<char *>sge + 12), ppdn, A_LOCAL_WRITE,
+                                       dp_ld64(<char *>sge), dp_ld32(<char *>sge + 8), dst, nd)
+                        if nd < 0:
+                            break
+                    if nd < 0:
+                        break
+            if op == OP_WRITE or op == OP_WRITE_IMM:
+                if not paccess & A_REMOTE_WRITE:
+                    break
+                nd = R.resolve(rkey, ppdn, A_REMOTE_WRITE, raddr, length, dst, 0)
+                if nd < 0:
+                    break
+            elif op == OP_READ:
+                if not paccess & A_REMOTE_READ:
+                    break
+                # the data flows responder -> requester
+                nd = ns
+                for k in range(ns):
+                    dst[k] = src[k]
+                ns = R.resolve(rkey, ppdn, A_REMOTE_READ, raddr, length, src, 0)
+                if ns < 0:
+                    break
+            # ---------- both CQs must take their CQEs
+            need_s = 1 if signaled else 0
+            need_r = 1 if recv else 0
+            if rcq is scq:
+                if need_s + need_r and not scq.room(need_s + need_r):
+                    break
+            else:
+                if need_s and not scq.room(1):
+                    break
+                if need_r and not rcq.room(1):
+                    break
+            # ---------- commit: nothing below can fail
+            sq_next += 1
+            sq_psn = (sq_psn + npkts) & PSN_MASK
+            L.requests_sent += 1
+            if length >= 65536:
+                with nogil:
+                    n = _copy(dst, nd, src, ns)
+            else:
+                n = _copy(dst, nd, src, ns)
+            epsn = (epsn + npkts) & PSN_MASK
+            if op == OP_READ:
+                R.bytes_sent += length
+            else:
+                R.bytes_received += n
+            if recv:
+                rq_ci += 1
+                rcq.push(rwr_id, WC_RECV_RDMA_WITH_IMM if op == OP_WRITE_IMM else WC_RECV,
+                         WC_WITH_IMM if has_imm else 0, n, imm if has_imm else 0, pqpn, qpn,
+                         (flags & F_SOLICITED) != 0)
+            L.responses_received += 1
+            if op == OP_READ:
+                L.bytes_received += n
+            if signaled:
+                scq.push(wr_id, WC_SEND if op >= OP_SEND and op != OP_READ else
+                         (WC_RDMA_READ if op == OP_READ else WC_RDMA_WRITE),
+                         0, n if op == OP_READ else length, 0, qpn, 0, False)
+            L.sends_completed += 1
+            done += 1
+    finally:
+        if done:
+            completed += done
+            fabric.delivered += done
+            peer.nak_seq_sent = False
+            qp.sq_next = sq_next
+            qp.sq_ci = sq_next
+            qp.sq_psn = sq_psn
+            qp.retry_left = attr["retry_cnt"]
+            qp.rnr_left = attr["rnr_retry"]
+            peer.epsn = epsn
+            peer.rq_ci = rq_ci
+        scq.flush()
+        if rcq is not scq:
+            rcq.flush()
+        L.flush_metrics()
+        if R is not L:
+            R.flush_metrics()
+    return done
