@@ -1,0 +1,394 @@
+"""Network namespaces, veth links and the processes that run inside them.
+
+A :class:`Namespace` is one ``ip netns`` namespace with its loopback up. It
+owns what it creates: processes started with :meth:`Namespace.popen` are
+stopped and reaped on :meth:`Namespace.close`, any other process found in the
+namespace then (a grandchild) is killed by pid, and the namespace is deleted,
+which also destroys the veth ends inside it. ``close`` is idempotent and also
+runs at interpreter exit if the owner forgot it.
+
+:func:`veth_pair` joins two namespaces; :func:`two_hosts` and
+:func:`two_hosts_via_relay` build the two topologies the multi-host tests use:
+
+* ``A <-veth-> B`` (one subnet, link MTU 9000 by default so that 4096-byte
+  RoCE payloads fit);
+* ``A <-veth-> R <-veth-> B`` where R runs :mod:`netlab.relay`, which bridges
+  L2 frames between its two veths and may reorder, duplicate or drop them.
+  A and B send with checksum offload off: a frame forwarded through an
+  AF_PACKET socket loses the kernel's "checksum still to do" mark, so the
+  UDP checksum must already be in the bytes.
+
+Lab addresses must come from the documentation ranges of RFC 5737.
+:meth:`Namespace.entered` switches the calling thread into the namespace
+(``setns``) for a ``with`` block, so a test can open sockets there without a
+process of its own; sockets keep their namespace after the block.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import ipaddress
+import itertools
+import os
+import secrets
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .errors import AddressNotAllowed, CommandFailed, ProcessFailed
+
+LAB_NETWORKS = tuple(ipaddress.ip_network(n) for n in
+                     ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24"))
+DEFAULT_MTU = 9000          # RoCE MTU 4096 + BTH/RETH/ICRC + UDP/IP headers fit
+NETNS_DIR = Path("/run/netns")
+NAME_PREFIX = "vrdma"
+_CLONE_NEWNET = 0x40000000
+_SIOCETHTOOL = 0x8946
+_ETHTOOL_STXCSUM = 0x00000017
+_REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+_names = itertools.count()
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def run(argv: list[str], *, check: bool = True, timeout: float = 30.0,
+        input: str | None = None) -> subprocess.CompletedProcess:
+    """Run a host command to completion; :class:`CommandFailed` if it fails."""
+    cp = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input)
+    if check and cp.returncode != 0:
+        raise CommandFailed(argv, cp.returncode, cp.stderr)
+    return cp
+
+
+def python_argv(module: str, *args: str) -> list[str]:
+    """argv that runs ``python -m module args`` with this interpreter."""
+    return [sys.executable, "-m", module, *args]
+
+
+def lab_interface(addr: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
+    """Parse ``addr`` ("192.0.2.1/24") and check it is a lab address."""
+    try:
+        iface = ipaddress.ip_interface(addr)
+    except ValueError:
+        raise AddressNotAllowed(addr) from None
+    if not any(iface.ip in net for net in LAB_NETWORKS):
+        raise AddressNotAllowed(addr)
+    return iface
+
+
+# --------------------------------------------------------------------- processes
+class NsProcess:
+    """A process started inside a namespace (``ip netns exec`` execs the
+    command, so :attr:`pid` is the command itself). Output pipes are read
+    with :meth:`expect`; :meth:`stop` terminates, reaps and keeps the rest of
+    the output in :attr:`stdout` / :attr:`stderr`."""
+
+    def __init__(self, argv: list[str], popen: subprocess.Popen) -> None:
+        self.argv = argv
+        self.popen = popen
+        self.pid = popen.pid
+        self.returncode: int | None = None
+        self.stdout = ""
+        self.stderr = ""
+        self._pending = {"stdout": b"", "stderr": b""}
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def send_signal(self, sig: int) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+
+    def expect(self, text: str, *, stream: str = "stdout", timeout: float = 10.0) -> str:
+        """Read ``stream`` until a line containing ``text``; return that line.
+        Raises :class:`ProcessFailed` if the process exits or time runs out."""
+        pipe = getattr(self.popen, stream)
+        if pipe is None:
+            raise ValueError(f"{stream} of {self.argv[0]} is not a pipe")
+        fd = pipe.fileno()
+        end = time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_READ)
+            while True:
+                buf = self._pending[stream]
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    self._pending[stream] = buf
+                    if text.encode() in line:
+                        return line.decode(errors="replace")
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise ProcessFailed("no line with " + repr(text), self.argv,
+                                        f"timed out after {timeout:g} s")
+                if not sel.select(left):
+                    continue
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    self.stop()
+                    raise ProcessFailed("no line with " + repr(text), self.argv,
+                                        f"exited {self.returncode}: {self.stderr.strip()[-500:]}")
+                self._pending[stream] += chunk
+
+    def wait(self, timeout: float = 60.0) -> int:
+        """Wait for the process to exit by itself and collect its output;
+        :class:`ProcessFailed` (after killing it) if it takes longer."""
+        if self.returncode is None:
+            try:
+                self._collect(*self.popen.communicate(timeout=timeout))
+            except subprocess.TimeoutExpired:
+                self.stop(timeout=1.0, sig=signal.SIGKILL)
+                raise ProcessFailed("still running", self.argv,
+                                    f"killed after {timeout:g} s: {self.stderr.strip()[-500:]}")
+        return self.returncode
+
+    def stop(self, timeout: float = 5.0, sig: int = signal.SIGTERM) -> int:
+        """Signal (default SIGTERM), wait up to ``timeout``, then SIGKILL.
+        Idempotent; returns the exit status."""
+        if self.returncode is not None:
+            return self.returncode
+        p = self.popen
+        if p.poll() is None:
+            p.send_signal(sig)
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+        self._collect(out, err)
+        return self.returncode
+
+    def _collect(self, out: bytes | None, err: bytes | None) -> None:
+        self.returncode = self.popen.returncode
+        self.stdout = (self._pending["stdout"] + (out or b"")).decode(errors="replace")
+        self.stderr = (self._pending["stderr"] + (err or b"")).decode(errors="replace")
+
+
+# -------------------------------------------------------------------- namespaces
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def _destroy(name: str, procs: list[NsProcess]) -> None:
+    for p in reversed(procs):
+        p.stop()
+    leftovers = _pids(name)
+    for pid in leftovers:              # grandchildren of ours: nobody else runs here
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    end = time.monotonic() + 5
+    while leftovers and time.monotonic() < end:
+        time.sleep(0.01)
+        leftovers = _pids(name)
+    run(["ip", "netns", "del", name], check=False)
+
+
+def _pids(name: str) -> list[int]:
+    cp = run(["ip", "netns", "pids", name], check=False)
+    return [int(x) for x in cp.stdout.split()]
+
+
+class Namespace:
+    """One network namespace with ``lo`` up (see module doc). Context manager."""
+
+    def __init__(self, prefix: str = NAME_PREFIX) -> None:
+        for _ in range(8):
+            name = f"{prefix}-{os.getpid()}-{next(_names)}-{secrets.token_hex(2)}"
+            cp = run(["ip", "netns", "add", name], check=False)
+            if cp.returncode == 0:
+                break
+            if "exists" not in cp.stderr:
+                raise CommandFailed(["ip", "netns", "add", name], cp.returncode, cp.stderr)
+        else:
+            raise CommandFailed(["ip", "netns", "add", name], cp.returncode, cp.stderr)
+        self.name = name
+        self._procs: list[NsProcess] = []
+        self._finalizer = weakref.finalize(self, _destroy, name, self._procs)
+        try:
+            self.ip("link", "set", "lo", "up")
+        except BaseException:
+            self.close()
+            raise
+
+    def __repr__(self) -> str:
+        return f"Namespace({self.name!r})"
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    # commands
+    def exec_argv(self, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def run(self, argv: list[str], **kw) -> subprocess.CompletedProcess:
+        """Run ``argv`` inside the namespace to completion (see :func:`run`)."""
+        return run(self.exec_argv(argv), **kw)
+
+    def ip(self, *args: str) -> subprocess.CompletedProcess:
+        return run(["ip", "-n", self.name, *args])
+
+    def popen(self, argv: list[str], *, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+              env: dict | None = None) -> NsProcess:
+        """Start a long-running ``argv`` inside the namespace; the namespace
+        owns it and stops it on close (or stop it earlier with
+        :meth:`NsProcess.stop`). ``python -m`` commands find this repository's
+        packages even when it is not installed."""
+        if self.closed:
+            raise ProcessFailed("namespace closed", argv, self.name)
+        full = self.exec_argv(argv)
+        env = dict(os.environ if env is None else env)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO_ROOT, env.get("PYTHONPATH")) if p)
+        proc = NsProcess(full, subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=stdout,
+                                                stderr=stderr, env=env))
+        self._procs.append(proc)
+        return proc
+
+    def pids(self) -> list[int]:
+        """Every process whose network namespace is this one."""
+        return _pids(self.name)
+
+    @contextlib.contextmanager
+    def entered(self) -> Iterator[None]:
+        """Run the ``with`` block with the calling thread in this namespace."""
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        try:
+            target = os.open(NETNS_DIR / self.name, os.O_RDONLY)
+            try:
+                _setns(target)
+            finally:
+                os.close(target)
+            try:
+                yield
+            finally:
+                _setns(home)
+        finally:
+            os.close(home)
+
+    def sysctl(self, key: str, value: str | int) -> None:
+        """Set a net sysctl of this namespace (``key`` as in ``net.ipv4...``)."""
+        with self.entered(), open("/proc/sys/" + key.replace(".", "/"), "w") as f:
+            f.write(str(value))
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def __enter__(self) -> "Namespace":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------------- links
+@dataclass(frozen=True)
+class Link:
+    """One veth pair: ``if_a`` in ``ns_a`` and ``if_b`` in ``ns_b``."""
+
+    ns_a: Namespace
+    if_a: str
+    ns_b: Namespace
+    if_b: str
+    mtu: int
+    addr_a: str | None = None        # "192.0.2.1/24" or None (no address: an L2 port)
+    addr_b: str | None = None
+
+
+def veth_pair(ns_a: Namespace, ns_b: Namespace, addr_a: str | None = None,
+              addr_b: str | None = None, *, mtu: int = DEFAULT_MTU, if_a: str = "veth0",
+              if_b: str = "veth0", tx_checksum: bool = True, ipv6: bool = False) -> Link:
+    """Create a veth pair directly inside two namespaces, set its MTU, give
+    each end its (optional) lab address and bring both up. IPv6 is disabled
+    on both ends by default so that no router solicitations or MLD reports
+    wander through the lab. With ``tx_checksum=False`` the ends compute UDP
+    and TCP checksums in software (needed behind an L2 relay). The pair goes
+    away with either namespace."""
+    for a in (addr_a, addr_b):
+        if a is not None:
+            lab_interface(a)
+    run(["ip", "link", "add", if_a, "netns", ns_a.name, "mtu", str(mtu), "type", "veth",
+         "peer", "name", if_b, "netns", ns_b.name, "mtu", str(mtu)])
+    for ns, ifname, addr in ((ns_a, if_a, addr_a), (ns_b, if_b, addr_b)):
+        if not ipv6:
+            ns.sysctl(f"net.ipv6.conf.{ifname}.disable_ipv6", 1)
+        if not tx_checksum:
+            set_tx_checksum(ns, ifname, False)
+        if addr is not None:
+            ns.ip("addr", "add", addr, "dev", ifname)
+        ns.ip("link", "set", ifname, "up")
+    return Link(ns_a, if_a, ns_b, if_b, mtu, addr_a, addr_b)
+
+
+def set_tx_checksum(ns: Namespace, ifname: str, enabled: bool) -> None:
+    """ethtool -K IF tx on|off, through the SIOCETHTOOL ioctl (no ethtool
+    binary needed). Turning it off also turns off TSO and UDP GSO."""
+    val = ctypes.create_string_buffer(struct.pack("=II", _ETHTOOL_STXCSUM, int(enabled)))
+    ifreq = struct.pack("16sP", ifname.encode(), ctypes.addressof(val)).ljust(40, b"\0")
+    with ns.entered(), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            fcntl.ioctl(s.fileno(), _SIOCETHTOOL, ifreq)
+        except OSError as e:
+            raise CommandFailed([f"SIOCETHTOOL STXCSUM {ifname} {int(enabled)}"], e.errno or 1,
+                                f"in {ns.name}: {e.strerror}") from None
+
+
+# -------------------------------------------------------------------- topologies
+@dataclass(frozen=True)
+class TwoHosts:
+    """Two namespaces ``a`` and ``b`` joined by ``link``; ``ip_a``/``ip_b``
+    are their addresses without prefix length."""
+
+    a: Namespace
+    b: Namespace
+    link: Link
+    ip_a: str
+    ip_b: str
+
+
+@contextlib.contextmanager
+def two_hosts(addr_a: str = "192.0.2.1/24", addr_b: str = "192.0.2.2/24", *,
+              mtu: int = DEFAULT_MTU, tx_checksum: bool = True) -> Iterator[TwoHosts]:
+    """``A <-veth-> B``; both namespaces are deleted when the block ends."""
+    with contextlib.ExitStack() as stack:
+        a = stack.enter_context(Namespace())
+        b = stack.enter_context(Namespace())
+        link = veth_pair(a, b, addr_a, addr_b, mtu=mtu, tx_checksum=tx_checksum)
+        yield TwoHosts(a, b, link, str(lab_interface(addr_a).ip), str(lab_interface(addr_b).ip))
+
+
+@dataclass(frozen=True)
+class RelayedHosts(TwoHosts):
+    """``A <-veth-> R <-veth-> B``: :attr:`relay` forwards between R's
+    ``ra`` (towards A) and ``rb`` (towards B)."""
+
+    r: Namespace = None
+    link_b: Link = None
+    relay: object = None             # netlab.relay.RelayProcess
+
+
+@contextlib.contextmanager
+def two_hosts_via_relay(policy=None, addr_a: str = "192.0.2.1/24",
+                        addr_b: str = "192.0.2.2/24", *,
+                        mtu: int = DEFAULT_MTU) -> Iterator[RelayedHosts]:
+    """``A <-veth-> R <-veth-> B`` with the relay running in R under
+    ``policy`` (a :class:`netlab.relay.Policy`; default: forward only)."""
+    from .relay import Policy, RelayProcess
+    with contextlib.ExitStack() as stack:
+        a = stack.enter_context(Namespace())
+        r = stack.enter_context(Namespace())
+        b = stack.enter_context(Namespace())
+        r.sysctl("net.ipv6.conf.all.disable_ipv6", 1)
+        link_a = veth_pair(a, r, addr_a, None, mtu=mtu, if_b="ra", tx_checksum=False)
+        link_b = veth_pair(r, b, None, addr_b, mtu=mtu, if_a="rb", tx_checksum=False)
+        relay = stack.enter_context(RelayProcess(r, "ra", "rb", policy or Policy()))
+        yield RelayedHosts(a, b, link_a, str(lab_interface(addr_a).ip),
+                           str(lab_interface(addr_b).ip), r=r, link_b=link_b, relay=relay)
