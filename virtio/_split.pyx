@@ -750,10 +750,16 @@ cdef class DeviceQueue:
         return vr_ld16_acq(self._avail + 2) != self._last_avail
 
     def disable_notification(self, mem):
-        """Tell the driver kicks are not needed (a hint: it may still kick)."""
+        """Tell the driver kicks are not needed (a hint: it may still kick).
+        With EVENT_IDX, avail_event is set one behind what was consumed, so
+        the next buffer the driver adds does not cross it (vhost leaves it
+        stale instead; an explicit value lets a driver ask
+        ``DriverQueue.kick_suppressed`` before adding anything)."""
         self._map(mem)
         self.notification_enabled = False
-        if not self.event_idx:
+        if self.event_idx:
+            vr_st16(self._used_ring + 4 + 8 * self.size, <uint16_t>(self._last_avail - 1))
+        else:
             vr_st16(self._used_ring, vr_ld16(self._used_ring) | USED_F_NO_NOTIFY)
 
     def __repr__(self):
@@ -970,6 +976,17 @@ cdef class DriverQueue:
         if self.event_idx:
             return need_event(vr_ld16(self._used_ring + 4 + 8 * self.size), new, old)
         return not (vr_ld16(self._used_ring) & USED_F_NO_NOTIFY)
+
+    def kick_suppressed(self):
+        """Would one more buffer added now need no kick, i.e. is the device
+        polling this queue? (seq_cst fence first: pairs with the device's
+        fence between enabling notifications and re-checking its work.)"""
+        self._map()
+        vr_mb()
+        cdef uint16_t cur = self.avail_idx
+        if self.event_idx:
+            return not need_event(vr_ld16(self._used_ring + 4 + 8 * self.size), <uint16_t>(cur + 1), cur)
+        return bool(vr_ld16(self._used_ring) & USED_F_NO_NOTIFY)
 
     def get_used(self):
         """(token, written_len) of the next used chain, or None."""
