@@ -40,10 +40,27 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def _why(e: OSError, timeout: float | None) -> str:
+def _io_error(message: str, who: str, e: OSError, timeout: float | None) -> OobError:
+    """rc_pingpong's ``message``, after a perror-like line saying why."""
     if isinstance(e, TimeoutError):
-        return f"no answer within {timeout:g} s"
-    return e.strerror or str(e)
+        return OobTimeout(message, f"{who}: no answer within {timeout:g} s")
+    return OobError(message, f"{who}: {e.strerror or e}")
+
+
+def _first_socket(infos, setup) -> socket.socket | None:
+    """The first socket of getaddrinfo's ``infos`` on which ``setup(sock,
+    addr)`` succeeds (as rc_pingpong walks the list); None if none does."""
+    for family, type_, proto, _, addr in infos:
+        try:
+            sock = socket.socket(family, type_, proto)
+        except OSError:
+            continue
+        try:
+            setup(sock, addr)
+            return sock
+        except OSError:
+            sock.close()
+    return None
 
 
 def listen(port: int) -> socket.socket:
@@ -52,18 +69,15 @@ def listen(port: int) -> socket.socket:
         infos = socket.getaddrinfo(None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise OobError(f"{e.strerror} for port {port}") from e
-    for family, type_, proto, _, addr in infos:
-        try:
-            sock = socket.socket(family, type_, proto)
-        except OSError:
-            continue
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(addr)
-            sock.listen(1)
-            return sock
-        except OSError:
-            sock.close()
+
+    def bind(sock, addr):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(1)
+
+    sock = _first_socket(infos, bind)
+    if sock is not None:
+        return sock
     raise OobError(f"Couldn't listen to port {port}")
 
 
@@ -85,17 +99,14 @@ def connect(servername: str, port: int, timeout: float | None = IO_TIMEOUT) -> s
         infos = socket.getaddrinfo(servername, port, socket.AF_UNSPEC, socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise OobError(f"{e.strerror} for {servername}:{port}") from e
-    for family, type_, proto, _, addr in infos:
-        try:
-            sock = socket.socket(family, type_, proto)
-        except OSError:
-            continue
+
+    def connect_to(sock, addr):
         sock.settimeout(timeout)
-        try:
-            sock.connect(addr)
-            return sock
-        except OSError:
-            sock.close()
+        sock.connect(addr)
+
+    sock = _first_socket(infos, connect_to)
+    if sock is not None:
+        return sock
     raise OobError(f"Couldn't connect to {servername}:{port}")
 
 
@@ -107,13 +118,12 @@ def client_exchange(servername: str, port: int, my_dest: exchange.Dest, *,
         try:
             sock.sendall(msg)
         except OSError as e:
-            raise OobError("Couldn't send local address", f"client write: {_why(e, timeout)}") from e
+            raise _io_error("Couldn't send local address", "client write", e, timeout) from e
         fail = "Couldn't read/write remote address"
         try:
             reply = _recv_exact(sock, exchange.MSG_SIZE)
         except OSError as e:
-            raise (OobTimeout if isinstance(e, TimeoutError) else OobError)(
-                fail, f"client read/write: {_why(e, timeout)}") from e
+            raise _io_error(fail, "client read/write", e, timeout) from e
         if len(reply) != exchange.MSG_SIZE:
             raise OobError(fail, f"client read/write: {len(reply)}/{exchange.MSG_SIZE} bytes before the server closed")
         # Parse before "done": a server we cannot use is told so by the close.
@@ -121,7 +131,7 @@ def client_exchange(servername: str, port: int, my_dest: exchange.Dest, *,
         try:
             sock.sendall(exchange.DONE)
         except OSError as e:
-            raise OobError(fail, f"client read/write: {_why(e, timeout)}") from e
+            raise _io_error(fail, "client read/write", e, timeout) from e
     return rem
 
 
@@ -138,8 +148,7 @@ def server_exchange(port: int, my_dest: exchange.Dest, connect_qp: Callable[[exc
         try:
             got = _recv_exact(conn, exchange.MSG_SIZE)
         except OSError as e:
-            raise (OobTimeout if isinstance(e, TimeoutError) else OobError)(
-                f"0/{exchange.MSG_SIZE}: Couldn't read remote address", f"server read: {_why(e, timeout)}") from e
+            raise _io_error(f"0/{exchange.MSG_SIZE}: Couldn't read remote address", "server read", e, timeout) from e
         if len(got) != exchange.MSG_SIZE:
             raise OobError(f"{len(got)}/{exchange.MSG_SIZE}: Couldn't read remote address",
                            "server read: the client closed the connection")
@@ -153,8 +162,7 @@ def server_exchange(port: int, my_dest: exchange.Dest, connect_qp: Callable[[exc
             conn.sendall(msg)
             done = _recv_exact(conn, len(exchange.DONE))
         except OSError as e:
-            raise (OobTimeout if isinstance(e, TimeoutError) else OobError)(
-                fail, f"server write/read: {_why(e, timeout)}") from e
+            raise _io_error(fail, "server write/read", e, timeout) from e
         if done != exchange.DONE:
             raise OobError(fail, f"server read: expected {exchange.DONE!r} from the client, got {done!r}")
     return rem
