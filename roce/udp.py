@@ -35,6 +35,13 @@ IPV6_MTU_DISCOVER = 23
 IPV6_PMTUDISC_DO = 2
 UDP_NO_CHECK6_TX = 101
 UDP_NO_CHECK6_RX = 102
+SO_RCVBUFFORCE = 33
+SO_SNDBUFFORCE = 32
+#: Socket buffers: a QP keeps up to 128 unacknowledged packets in flight
+#: (512 KiB at MTU 4096, about twice that in kernel accounting), and a
+#: datagram dropped for want of buffer costs a go-back-N retransmission of
+#: everything after it, so leave room for several busy QPs.
+SOCKET_BUFFER = 16 << 20
 
 
 @dataclass(slots=True)
@@ -60,12 +67,23 @@ def make_socket(host: str, port: int = ROCE_UDP_PORT) -> socket.socket:
         else:
             s.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO)
             s.setsockopt(socket.IPPROTO_UDP, UDP_NO_CHECK6_RX, 1)
+        _size_buffers(s, SOCKET_BUFFER)
         s.bind((host, port))
         s.setblocking(False)
     except BaseException:
         s.close()
         raise
     return s
+
+
+def _size_buffers(s: socket.socket, size: int) -> None:
+    """Ask for ``size``-byte buffers; beyond net.core.[rw]mem_max only root
+    (CAP_NET_ADMIN) gets them, through SO_*BUFFORCE; otherwise the capped size."""
+    for force, plain in ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+        try:
+            s.setsockopt(socket.SOL_SOCKET, force, size)
+        except PermissionError:
+            s.setsockopt(socket.SOL_SOCKET, plain, size)
 
 
 class RoceUdpEndpoint(asyncio.DatagramProtocol):
