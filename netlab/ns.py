@@ -87,9 +87,11 @@ def lab_interface(addr: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interfac
 # --------------------------------------------------------------------- processes
 class NsProcess:
     """A process started inside a namespace (``ip netns exec`` execs the
-    command, so :attr:`pid` is the command itself). Output pipes are read
-    with :meth:`expect`; :meth:`stop` terminates, reaps and keeps the rest of
-    the output in :attr:`stdout` / :attr:`stderr`."""
+    command, so :attr:`pid` is the command itself). Its output pipes are
+    read while waiting for it, so a chatty process never blocks on a full
+    pipe: :meth:`expect` waits for a line, :meth:`wait` for the exit,
+    :meth:`stop` signals and reaps; then :attr:`stdout` / :attr:`stderr`
+    hold the output not consumed by :meth:`expect`."""
 
     def __init__(self, argv: list[str], popen: subprocess.Popen) -> None:
         self.argv = argv
@@ -99,6 +101,8 @@ class NsProcess:
         self.stdout = ""
         self.stderr = ""
         self._pending = {"stdout": b"", "stderr": b""}
+        self._open = {name: getattr(popen, name) for name in ("stdout", "stderr")
+                      if getattr(popen, name) is not None}
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -107,68 +111,92 @@ class NsProcess:
         if self.popen.poll() is None:
             self.popen.send_signal(sig)
 
+    def _pump(self, end: float, until=None) -> bool:
+        """Read the pipes until ``until()`` holds (True), or until EOF, or the
+        process has exited and its pipes are idle (a descendant may keep
+        them open), or time ``end`` (False)."""
+        with selectors.DefaultSelector() as sel:
+            for name, f in self._open.items():
+                sel.register(f.fileno(), selectors.EVENT_READ, name)
+            while True:
+                if until is not None and until():
+                    return True
+                left = end - time.monotonic()
+                if not sel.get_map() or left <= 0:
+                    return False
+                ready = sel.select(min(left, 0.05))
+                if not ready and self.popen.poll() is not None:
+                    return False
+                for key, _ in ready:
+                    chunk = os.read(key.fd, 65536)
+                    if chunk:
+                        self._pending[key.data] += chunk
+                    else:
+                        sel.unregister(key.fd)
+                        self._open.pop(key.data).close()
+
     def expect(self, text: str, *, stream: str = "stdout", timeout: float = 10.0) -> str:
         """Read ``stream`` until a line containing ``text``; return that line.
         Raises :class:`ProcessFailed` if the process exits or time runs out."""
-        pipe = getattr(self.popen, stream)
-        if pipe is None:
+        if getattr(self.popen, stream, None) is None:
             raise ValueError(f"{stream} of {self.argv[0]} is not a pipe")
-        fd = pipe.fileno()
-        end = time.monotonic() + timeout
-        with selectors.DefaultSelector() as sel:
-            sel.register(fd, selectors.EVENT_READ)
-            while True:
-                buf = self._pending[stream]
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    self._pending[stream] = buf
-                    if text.encode() in line:
-                        return line.decode(errors="replace")
-                left = end - time.monotonic()
-                if left <= 0:
-                    raise ProcessFailed("no line with " + repr(text), self.argv,
-                                        f"timed out after {timeout:g} s")
-                if not sel.select(left):
-                    continue
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    self.stop()
-                    raise ProcessFailed("no line with " + repr(text), self.argv,
-                                        f"exited {self.returncode}: {self.stderr.strip()[-500:]}")
-                self._pending[stream] += chunk
+        needle = text.encode()
+        found: list[bytes] = []
+
+        def line_found() -> bool:
+            buf = self._pending[stream]
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                self._pending[stream] = buf
+                if needle in line:
+                    found.append(line)
+                    return True
+            return False
+
+        if self._pump(time.monotonic() + timeout, line_found):
+            return found[0].decode(errors="replace")
+        if self.popen.poll() is None:
+            raise ProcessFailed("no line with " + repr(text), self.argv,
+                                f"timed out after {timeout:g} s")
+        self.stop()
+        raise ProcessFailed("no line with " + repr(text), self.argv,
+                            f"exited {self.returncode}: {self.stderr.strip()[-500:]}")
 
     def wait(self, timeout: float = 60.0) -> int:
         """Wait for the process to exit by itself and collect its output;
         :class:`ProcessFailed` (after killing it) if it takes longer."""
         if self.returncode is None:
+            end = time.monotonic() + timeout
+            self._pump(end)
             try:
-                self._collect(*self.popen.communicate(timeout=timeout))
+                self.popen.wait(max(0.0, end - time.monotonic()))
             except subprocess.TimeoutExpired:
                 self.stop(timeout=1.0, sig=signal.SIGKILL)
                 raise ProcessFailed("still running", self.argv,
                                     f"killed after {timeout:g} s: {self.stderr.strip()[-500:]}")
+            self._finish()
         return self.returncode
 
     def stop(self, timeout: float = 5.0, sig: int = signal.SIGTERM) -> int:
         """Signal (default SIGTERM), wait up to ``timeout``, then SIGKILL.
         Idempotent; returns the exit status."""
-        if self.returncode is not None:
-            return self.returncode
-        p = self.popen
-        if p.poll() is None:
-            p.send_signal(sig)
-        try:
-            out, err = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            out, err = p.communicate()
-        self._collect(out, err)
+        if self.returncode is None:
+            self.send_signal(sig)
+            self._pump(time.monotonic() + timeout, lambda: self.popen.poll() is not None)
+            if self.popen.poll() is None:
+                self.popen.kill()
+            self.popen.wait()
+            self._finish()
         return self.returncode
 
-    def _collect(self, out: bytes | None, err: bytes | None) -> None:
+    def _finish(self) -> None:
+        self._pump(time.monotonic() + 1.0)       # what the exited process left in the pipes
+        for f in self._open.values():
+            f.close()
+        self._open.clear()
         self.returncode = self.popen.returncode
-        self.stdout = (self._pending["stdout"] + (out or b"")).decode(errors="replace")
-        self.stderr = (self._pending["stderr"] + (err or b"")).decode(errors="replace")
+        self.stdout = self._pending["stdout"].decode(errors="replace")
+        self.stderr = self._pending["stderr"].decode(errors="replace")
 
 
 # -------------------------------------------------------------------- namespaces

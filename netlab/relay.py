@@ -395,8 +395,10 @@ class RelayProcess:
         self.stop()
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m netlab.relay", description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Policy]:
+    """The command line of ``python -m netlab.relay``: options and policy."""
+    ap = argparse.ArgumentParser(prog="python -m netlab.relay",
+                                 description=__doc__.split("\n\n")[0])
     ap.add_argument("if_a")
     ap.add_argument("if_b")
     ap.add_argument("--stats", help="JSON counters file, rewritten on SIGUSR1 and at exit")
@@ -407,10 +409,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reorder", type=float, default=d.reorder)
     ap.add_argument("--reorder-depth", type=int, default=d.reorder_depth)
     ap.add_argument("--hold-timeout", type=float, default=d.hold_timeout, help="seconds")
-    ap.add_argument("--udp-port", type=int, default=None)
+    ap.add_argument("--udp-port", type=int, default=d.udp_port)
     a = ap.parse_args(argv)
-    policy = Policy(a.seed, a.loss, a.duplicate, a.reorder, a.reorder_depth, a.hold_timeout,
-                    a.udp_port)
+    return a, Policy(**{f.name: getattr(a, f.name) for f in fields(Policy)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    a, policy = parse_args(argv)
     serve(a.if_a, a.if_b, policy, a.stats)
     return 0
 
