@@ -73,6 +73,7 @@ def connect(ha, hb, mtu=5, **attrs):
     kw = dict(path_mtu=mtu, timeout=12, retry_cnt=7, rnr_retry=7, min_rnr_timer=1) | attrs
     a.connect(b.info(), sq_psn=psn_a, rq_psn=psn_b, **kw)
     b.connect(a.info(), sq_psn=psn_b, rq_psn=psn_a, **kw)
+    a.sq_psn, b.sq_psn = psn_a, psn_b
     return a, b
 
 
