@@ -31,6 +31,7 @@ import fcntl
 import ipaddress
 import itertools
 import os
+import re
 import secrets
 import selectors
 import signal
@@ -44,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .errors import AddressNotAllowed, CommandFailed, ProcessFailed
+from .errors import AddressNotAllowed, CommandFailed, NetlabError, ProcessFailed
 
 LAB_NETWORKS = tuple(ipaddress.ip_network(n) for n in
                      ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24"))
@@ -369,6 +370,25 @@ def set_tx_checksum(ns: Namespace, ifname: str, enabled: bool) -> None:
                                 f"in {ns.name}: {e.strerror}") from None
 
 
+def resolve_neighbour(ns: Namespace, ip: str, timeout: float = 5.0) -> str:
+    """Make ``ns`` resolve ``ip`` (a UDP datagram to the discard port starts
+    ARP) and wait until the neighbour entry has a link address; return it."""
+    with ns.entered():
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with s:
+        end = time.monotonic() + timeout
+        while True:
+            out = ns.ip("neigh", "show", ip).stdout
+            m = re.search(r"lladdr (\S+) (?:REACHABLE|STALE|DELAY|PROBE|PERMANENT)", out)
+            if m:
+                return m.group(1)
+            if time.monotonic() >= end:
+                raise NetlabError(f"{ns.name} cannot resolve {ip}: {out.strip() or 'no entry'}")
+            with contextlib.suppress(OSError):
+                s.sendto(b"", (ip, 9))
+            time.sleep(0.005)
+
+
 # -------------------------------------------------------------------- topologies
 @dataclass(frozen=True)
 class TwoHosts:
@@ -380,6 +400,14 @@ class TwoHosts:
     link: Link
     ip_a: str
     ip_b: str
+
+    def resolve(self, timeout: float = 5.0) -> None:
+        """Resolve each side's neighbour entry for the other (ARP) now.
+        Datagrams sent while ARP is pending wait in a small queue that may
+        overflow and is flushed from the CPU that takes the reply, so traffic
+        whose loss or order a test checks should start after this."""
+        resolve_neighbour(self.a, self.ip_b, timeout)
+        resolve_neighbour(self.b, self.ip_a, timeout)
 
 
 @contextlib.contextmanager
