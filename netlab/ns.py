@@ -154,8 +154,12 @@ class NsProcess:
                     return True
             return False
 
-        if self._pump(time.monotonic() + timeout, line_found):
+        end = time.monotonic() + timeout
+        if self._pump(end, line_found):
             return found[0].decode(errors="replace")
+        if not self._open:                       # EOF on every pipe: the process is ending
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(max(0.5, end - time.monotonic()))
         if self.popen.poll() is None:
             raise ProcessFailed("no line with " + repr(text), self.argv,
                                 f"timed out after {timeout:g} s")
