@@ -7,4 +7,6 @@ packet capture decoded by tshark (:mod:`netlab.capture`). Everything here
 needs root and real kernel namespaces; every namespace, rule and process it
 creates has one owner that releases it.
 """
-from .errors import NetlabError  # noqa: F401
+from .errors import NetlabError
+
+__all__ = ["NetlabError"]
