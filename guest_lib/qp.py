@@ -136,6 +136,8 @@ class QP(VerbsObject):
             if self.state is QpState.RESET:
                 self.sq_pi = self.sq_ci = self.rq_pi = self.rq_ci = 0
                 self._sq_signaled.clear()
+                # the device may poll the record: it must not see old indices again
+                struct.pack_into("<II", self.dbrec, 0, 0, 0)
 
     def to_init(self, attr: QPAttr) -> None:
         attr.qp_state = QpState.INIT
@@ -212,6 +214,9 @@ class QP(VerbsObject):
         self._ring(DoorbellKind.RQ, pi)
 
     def _ring(self, kind: DoorbellKind, pi: int) -> None:
+        # The doorbell record is written; a polling device needs nothing more.
+        if self.ctx.device_polling():
+            return
         self.ctx.ring_doorbells(wire.encode_doorbell(kind, self.qp_num, pi))
 
     def _completed(self, opcode: int, status: int) -> None:

@@ -130,6 +130,10 @@ class BackendConnection:
         self.broken: VhostUserError | VirtioError | None = None
         self.closed = False
         self.metrics = ConnectionMetrics()
+        #: rings the adapter's busy-poll loop serves (notifications off)
+        self.spinning: set[int] = set()
+        self._spin = getattr(watcher, "start_spin", None)
+        self._device_poll = getattr(device, "poll", None)
         device.attach(self)
 
     # ------------------------------------------------------------------
@@ -229,7 +233,15 @@ class BackendConnection:
                     # No progress: the device keeps buffers on purpose (an
                     # event queue waiting for events). Do not spin on them.
                     q.enable_notification(mem)
+                    self._poll_device()
                     break
+                if poll and self._spin is not None:
+                    # The adapter busy-polls every spinning ring of every
+                    # connection (and the device's own poll hook) in one
+                    # loop; notifications stay off until it gives up.
+                    self.spinning.add(index)
+                    self._spin()
+                    return
                 if poll:
                     # Busy-poll for a bounded window (like vhost-net's
                     # busyloop_timeout): with notifications off, the driver
@@ -240,11 +252,62 @@ class BackendConnection:
                     if q.has_available(mem):
                         continue
                 if not q.enable_notification(mem):
+                    # A driver that saw notifications off may have skipped its
+                    # doorbell (doorbell records): look once more, after the fence.
+                    self._poll_device()
                     break
         except (VhostUserError, VirtioError) as e:
             vring.signal_error()
             self._break(e)
             raise
+
+    def _poll_device(self) -> bool:
+        return self._device_poll is not None and self._device_poll()
+
+    def poll_once(self) -> bool:
+        """One busy-poll pass over the spinning rings and the device's poll
+        hook (doorbell records); True if anything was done."""
+        mem = self.mem
+        work = False
+        for index in tuple(self.spinning):
+            vring = self.vrings[index]
+            if not vring.started or not vring.enabled:
+                self.spinning.discard(index)
+                continue
+            q = vring.queue
+            try:
+                if q.has_available(mem):
+                    self.device.process_queue(vring, mem)
+                    vring.notify(mem)
+                    work = True
+            except (VhostUserError, VirtioError) as e:
+                vring.signal_error()
+                self._break(e)
+                raise
+        if self.spinning and self._poll_device():
+            work = True
+        return work
+
+    def end_spin(self) -> bool:
+        """Leave busy-poll: turn notifications back on, then look once more
+        (the fence in enable_notification pairs with the driver's before it
+        decides to skip a kick). True: work arrived, keep spinning."""
+        mem = self.mem
+        pending = False
+        for index in tuple(self.spinning):
+            vring = self.vrings[index]
+            if vring.started and vring.queue.enable_notification(mem):
+                pending = True
+        if self.spinning and self._poll_device():
+            pending = True
+        if pending:
+            for index in self.spinning:
+                vring = self.vrings[index]
+                if vring.started:
+                    vring.queue.disable_notification(mem)
+        else:
+            self.spinning.clear()
+        return pending
 
     # ------------------------------------------------------------------
     # handlers: return the reply payload (bytes) or None
@@ -386,6 +449,7 @@ class BackendConnection:
         return VringState(s.index, base).encode()
 
     def _stop_ring(self, v: Vring) -> int:
+        self.spinning.discard(v.index)
         if v.started:
             self.watcher.unwatch_kick(v)
             base = v.stop()

@@ -21,6 +21,7 @@ import signal
 import socket
 import stat
 from dataclasses import dataclass, field
+from time import monotonic
 from typing import Callable
 
 from vhost_user.backend import BackendConnection
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 
 #: How often a ring in no-fd polling mode is looked at.
 POLL_INTERVAL = 50e-6
+#: With --poll-us, the busy-poll loop returns to the event loop this often
+#: (control messages, kicks of rings not yet spinning, timers).
+SPIN_SLICE = 200e-6
 
 
 @dataclass
@@ -88,6 +92,9 @@ class ServedConnection:
         if handle is not None:
             handle.cancel()
 
+    def start_spin(self) -> None:
+        self.server.start_spin()
+
     def call_soon(self, fn) -> None:
         self.loop.call_soon(self._guarded, fn)
 
@@ -137,6 +144,26 @@ class ServedConnection:
         except Exception as e:  # a device bug must not take the daemon down
             log.exception("%s: device raised while processing ring %d", self.name, index)
             self.fail(e)
+
+    def poll_once(self) -> bool:
+        try:
+            return self.core.poll_once()
+        except (VhostUserError, VirtioError) as e:
+            self.fail(e)
+        except Exception as e:  # a device bug must not take the daemon down
+            log.exception("%s: device raised while polling", self.name)
+            self.fail(e)
+        return False
+
+    def end_spin(self) -> bool:
+        try:
+            return self.core.end_spin()
+        except (VhostUserError, VirtioError) as e:
+            self.fail(e)
+        except Exception as e:
+            log.exception("%s: device raised while polling", self.name)
+            self.fail(e)
+        return False
 
     def _on_readable(self) -> None:
         try:
@@ -226,6 +253,8 @@ class BackendServer:
         self.connections: set[ServedConnection] = set()
         self.metrics = ServerMetrics()
         self._ids = itertools.count(1)
+        self._spin_handle = None
+        self._spin_last = 0.0
 
     async def start(self) -> None:
         self.loop = self.loop or asyncio.get_running_loop()
@@ -278,6 +307,38 @@ class BackendServer:
             self.metrics.accepted += 1
             log.info("%s: front-end connected", name)
             self.connections.add(ServedConnection(self, conn, device, name))
+
+    # --- busy polling (--poll-us) -------------------------------------
+    def start_spin(self) -> None:
+        """A ring had work and poll_us > 0: poll every spinning ring of every
+        connection in one loop until poll_us passes without work (like
+        vhost-net's busyloop, but across guests: one guest's doorbell is
+        another's completion)."""
+        if self._spin_handle is None:
+            self._spin_last = monotonic()
+            self._spin_handle = self.loop.call_soon(self._spin)
+
+    def _spin(self) -> None:
+        idle = self.poll_us * 1e-6
+        now = monotonic()
+        end = now + SPIN_SLICE
+        conns = [c for c in self.connections if c.core.spinning]
+        while True:
+            work = False
+            for c in conns:
+                if not c.closed and c.core.spinning and c.poll_once():
+                    work = True
+            now = monotonic()
+            if work:
+                self._spin_last = now
+            elif now - self._spin_last > idle:
+                if not any([c.end_spin() for c in conns if not c.closed]):
+                    self._spin_handle = None
+                    return
+                self._spin_last = now
+            if now > end:
+                break
+        self._spin_handle = self.loop.call_soon(self._spin)
 
     def _forget(self, conn: ServedConnection) -> None:
         if conn in self.connections:

@@ -24,6 +24,7 @@ is kept in C during the batch and written back before any Python code can
 observe it (at the end, or before queueing a completion event).
 """
 cimport cython
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memmove
 
@@ -617,3 +618,62 @@ def run_sq(dev, qp, double now):
         if R is not L:
             R.flush_metrics()
     return done
+
+
+@cython.final
+cdef class DbrecScanner:
+    """Change detector over the QP doorbell records of one device
+    (VIRTIO_RDMA_F_DBREC_POLL, spec 5.x.6.3): one pass over a C array of
+    record addresses, comparing each 8-byte record with the value seen last
+    time. It only says *which* QPs to look at; the core then reads the
+    record again and applies it like a doorbell."""
+    cdef list qps
+    cdef uint64_t *gpas
+    cdef uint64_t *seen
+    cdef Py_ssize_t n
+    cdef public object key
+
+    def __dealloc__(self):
+        PyMem_Free(self.gpas)
+        PyMem_Free(self.seen)
+
+    def rebuild(self, qps, key):
+        """Track the records of ``qps`` (each reported once by the next scan)."""
+        cdef Py_ssize_t i, n = len(qps)
+        PyMem_Free(self.gpas)
+        PyMem_Free(self.seen)
+        self.gpas = self.seen = NULL
+        self.n = 0
+        if n:
+            self.gpas = <uint64_t *>PyMem_Malloc(n * sizeof(uint64_t))
+            self.seen = <uint64_t *>PyMem_Malloc(n * sizeof(uint64_t))
+            if self.gpas == NULL or self.seen == NULL:
+                raise MemoryError()
+        self.qps = list(qps)
+        for i in range(n):
+            self.gpas[i] = self.qps[i].dbrec_gpa
+            self.seen[i] = 0xFFFFFFFFFFFFFFFF  # never a record value pair we saw
+        self.n = n
+        self.key = key
+
+    def scan(self, mem):
+        """QPs whose doorbell record changed since the last scan."""
+        tbl = getattr(mem, "_table", None)
+        if type(tbl) is not RegionTable:
+            return []
+        cdef RegionTable t = <RegionTable>tbl
+        cdef Py_ssize_t i
+        cdef char *p
+        cdef uint64_t v
+        cdef list out = None
+        for i in range(self.n):
+            p = t.translate(self.gpas[i], 8)
+            if p == NULL:
+                continue
+            v = <uint64_t>dp_ld32_acq(p) | (<uint64_t>dp_ld32_acq(p + 4) << 32)
+            if v != self.seen[i]:
+                self.seen[i] = v
+                if out is None:
+                    out = []
+                out.append(self.qps[i])
+        return out if out is not None else []

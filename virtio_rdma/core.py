@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from virtio.errors import GuestMemoryError
 from virtio_rdma import datapath
+from virtio_rdma.datapath import DbrecScanner
 from virtio_rdma.constants import (
     OBJ_NUM_MASK,
     PSN_MASK,
@@ -117,6 +118,8 @@ class RdmaDeviceCore:
         self._next_cqn = 1
         self._events: deque[Event] = deque()
         self._timers: set[int] = set()  # QPNs with a possible deadline
+        self._qp_epoch = 0  # bumped by every CREATE_QP: with len(qps), when to rebuild the scanner
+        self._dbrecs = DbrecScanner() if DbrecScanner is not None else None
         self.notify = None
         self._in_call = 0
         self._handlers = {
@@ -339,6 +342,7 @@ class RdmaDeviceCore:
                        body["dbrec_gpa"], bool(flags & CreateQpFlags.SQ_SIG_ALL))
         self.fabric.attach(qpn, qp)
         self.qps[qpn] = qp
+        self._qp_epoch += 1
         self.pds[pdn] += 1
         scq.qps.add(qpn)
         rcq.qps.add(qpn)
@@ -529,7 +533,8 @@ class RdmaDeviceCore:
                 datapath.flush(self, qp)
             else:
                 datapath.progress_sq(self, qp, now)
-                self._timers.add(qp.qpn)
+                if qp.inflight or qp.rnr_until is not None or qp.net is not None:
+                    self._timers.add(qp.qpn)
         else:
             if not self._advance(qp, "rq", db.value, qp.rq_ci, qp.rq_pi, qp.layout.rq_depth):
                 return
@@ -546,18 +551,49 @@ class RdmaDeviceCore:
             return False
         return True
 
-    def _poll_dbrecs(self, now: float) -> None:
-        for qp in list(self.qps.values()):
-            if qp.state is QpState.RESET:
+    def _poll_dbrecs(self, now: float) -> int:
+        """Apply every QP doorbell record that changed (DBREC_POLL); returns
+        how many QPs had a new record. A native scanner finds them; each is
+        then read again and applied like a doorbell."""
+        if self._dbrecs is None:
+            qps = list(self.qps.values())
+        else:
+            key = (len(self.qps), self._qp_epoch)
+            if self._dbrecs.key != key:
+                self._dbrecs.rebuild(self.qps.values(), key)
+            qps = self._dbrecs.scan(self.mem)
+        n = 0
+        for qp in qps:
+            if qp.state is QpState.RESET or qp.destroyed:
                 continue
             try:
                 sq_pi, rq_pi = _DBREC.unpack(self.mem.translate(qp.dbrec_gpa, DBREC_SIZE))
             except GuestMemoryError:
                 continue
             if rq_pi != qp.rq_pi:
+                n += 1
                 self._ring(Doorbell(DoorbellKind.RQ, qp.qpn, rq_pi), now)
             if sq_pi != qp.sq_pi and qp.qpn in self.qps:
+                n += 1
                 self._ring(Doorbell(DoorbellKind.SQ, qp.qpn, sq_pi), now)
+        return n
+
+    def poll(self, now: float) -> int:
+        """Busy-poll entry (the daemon's spin loop): apply changed doorbell
+        records if DBREC_POLL is on; returns how many were applied."""
+        if not self.poll_doorbell_records:
+            return 0
+        self._in_call += 1
+        try:
+            n = self._poll_dbrecs(now)
+        except Exception:
+            self.metrics.internal_errors += 1
+            log.exception("virtio-rdma: internal error polling doorbell records")
+            n = 0
+        finally:
+            self._in_call -= 1
+        self._flush_notify()
+        return n
 
     # ------------------------------------------------------------------
     # timers and events
@@ -601,6 +637,11 @@ class RdmaDeviceCore:
     @property
     def pending_events(self) -> int:
         return len(self._events)
+
+    @property
+    def has_timers(self) -> bool:
+        """Some QP may have a deadline (process() must run to learn when)."""
+        return bool(self._timers)
 
     def config_bytes(self) -> bytes:
         L = self.limits

@@ -48,8 +48,10 @@ from virtio_rdma.wire import Completion, decode_recv_wqe, decode_send_wqe
 
 try:  # the native fast path for the plain local success case (virtio_rdma/_datapath.pyx)
     from virtio_rdma import _datapath as _fast
+    from virtio_rdma._datapath import DbrecScanner
 except ImportError:  # pragma: no cover - extension not built
     _fast = None
+    DbrecScanner = None
 
 _U64N = struct.Struct("=Q")  # host-endian, like ibverbs atomics
 _WRID = struct.Struct("<Q")

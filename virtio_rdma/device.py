@@ -41,6 +41,7 @@ class RdmaDevice(VhostUserDevice):
         self._timer = None
         self._timer_at: float | None = None
         self._deliver_scheduled = False
+        self._dbrec_poll = False
         self.bad_event_buffers = 0
 
     def attach(self, conn) -> None:
@@ -50,6 +51,25 @@ class RdmaDevice(VhostUserDevice):
 
     def config(self) -> bytes:
         return self.core.config_bytes()
+
+    def set_features(self, features: int) -> None:
+        # DBREC_POLL acked: the driver may skip doorbells while we poll (spec 5.x.6.3)
+        self._dbrec_poll = bool(features & (1 << Feature.DBREC_POLL))
+        if self.core is not None:
+            self.core.poll_doorbell_records = self._dbrec_poll
+
+    def poll(self) -> bool:
+        """One look at the doorbell records, for the daemon's busy-poll loop
+        (``vhost_user.server``); True if it found work."""
+        core = self.core
+        if core is None or not core.poll_doorbell_records:
+            return False
+        now = monotonic()
+        if not core.poll(now):
+            return False
+        if core.pending_events or core.has_timers:
+            self._run_core(now)
+        return True
 
     # --- queues -----------------------------------------------------------
     def process_queue(self, vring, mem) -> None:
@@ -132,6 +152,7 @@ class RdmaDevice(VhostUserDevice):
         self._close_core()
         self.core = RdmaDeviceCore(self.conn.mem, self.fabric, limits=self.limits)
         self.core.notify = self._on_core_notify
+        self._dbrec_poll = False
 
     def _close_core(self) -> None:
         if self._timer is not None:
