@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from netlab.errors import NetlabError
+from netlab.errors import IptablesUnavailable, NetlabError
 from netlab.loss import RandomLoss, lossy_link
 from netlab.ns import two_hosts
 
@@ -74,3 +74,12 @@ def test_bad_parameters(netns):
                 RandomLoss(h.a, p)
         with pytest.raises(NetlabError, match="port"):
             RandomLoss(h.a, 0.1, port=70000)
+
+
+def test_no_working_backend_is_a_clear_error(netns, monkeypatch):
+    import netlab.loss
+    monkeypatch.setattr(netlab.loss, "BACKENDS", ("iptables-absent", "iptables-missing"))
+    with two_hosts() as h, pytest.raises(IptablesUnavailable) as e:
+        RandomLoss(h.b, 0.1)
+    assert "iptables-absent:" in str(e.value) and "iptables-missing:" in str(e.value)
+    assert h.b.name in str(e.value)
