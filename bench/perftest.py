@@ -6,15 +6,25 @@ of band and poll their CQs. Each run also measures, in the same run, the
 floor it is compared with: a two-process eventfd ping-pong for latency, a
 plain memcpy of the same sizes for bandwidth, and prints the ratio.
 
-    python -m bench.perftest send_lat [--size 64] [--iters N] [--json]
-    python -m bench.perftest write_bw [--size 1048576] [--batch 16]
+    python -m bench.perftest send_lat [--size 64] [--iters N] [--poll-us 200] [--json]
+    python -m bench.perftest write_bw [--size 1048576] [--batch 16]   # --batch: perftest's -l
     python -m bench.perftest read_lat
+
+Polling mode (``--poll-us`` > 0), the way perftest runs: the daemon
+busy-polls (doorbell records, no kicks) and both guests spin on their CQs.
+This VM has two vCPUs, so the daemon is pinned to CPU 0 and the two guests
+share CPU 1, yielding (sched_yield) between empty polls; every CPU is busy
+and none halts. Without polling, and while the floors are measured, a
+SCHED_IDLE spinner per CPU keeps idle vCPUs out of halt (an idle vCPU of
+this Firecracker VM takes tens of microseconds to wake). The state is printed.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import time
@@ -54,8 +64,32 @@ def _lat_row(r: dict) -> str:
 # the two sides, each in its own process
 
 
-def _side(role: str, test: str, path: str, size: int, iters: int, batch: int, conn, out) -> None:
+#: polling mode of the guests: CPU to pin them to, yield between empty polls
+_GUEST_CPU: int | None = None
+
+
+def _poll_one(g):
+    """The next completion (must be successful); in polling mode spin with
+    sched_yield so that the two guests sharing a CPU take turns."""
+    if _GUEST_CPU is None:
+        return g.poll_one()
+    cq = g.cq
+    while True:
+        n, wcs = cq.poll(1)
+        if n:
+            if wcs[0].status:
+                raise RuntimeError(f"completion error: {wcs[0]}")
+            return wcs[0]
+        os.sched_yield()
+
+
+def _side(role: str, test: str, path: str, size: int, iters: int, batch: int, conn, out,
+          cpu: int | None = None) -> None:
+    global _GUEST_CPU
     try:
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
+            _GUEST_CPU = cpu
         g = make_guest(path, max(size, 4096) * (2 if test == "write_bw" else 1) + 4096)
         conn.send(g.info())
         peer = conn.recv()
@@ -73,10 +107,10 @@ def _send_lat_server(g, peer, size, iters, batch, conn):
     conn.send("ready")
     flags = SendFlags.SIGNALED | (SendFlags.INLINE if size <= 64 else 0)
     for i in range(iters):
-        g.poll_one()  # the client's message
+        _poll_one(g)  # the client's message
         g.qp.post_recv(RecvWR(wr_id=i, sg=[sge]))
         g.qp.post_send(SendWR(wr_id=i, opcode=WrOpcode.SEND, sg=[sge], send_flags=flags))
-        g.poll_one()  # our send
+        _poll_one(g)  # our send
     return None
 
 
@@ -91,8 +125,8 @@ def _send_lat_client(g, peer, size, iters, batch, conn):
         t0 = clock()
         g.qp.post_send(SendWR(wr_id=i, opcode=WrOpcode.SEND, sg=[sge], send_flags=flags))
         # our send completion and the server's reply, in either order
-        g.poll_one()
-        g.poll_one()
+        _poll_one(g)
+        _poll_one(g)
         samples.append((clock() - t0) // 2)  # half round trip, as ib_send_lat reports
         g.qp.post_recv(RecvWR(wr_id=i, sg=[sge]))
     return _stats(samples[iters // 10:], size)
@@ -111,7 +145,7 @@ def _read_lat_client(g, peer, size, iters, batch, conn):
         t0 = clock()
         g.qp.post_send(SendWR(wr_id=i, opcode=WrOpcode.RDMA_READ, sg=[sge], remote_addr=peer["addr"],
                               rkey=peer["rkey"]))
-        g.poll_one()
+        _poll_one(g)
         samples.append(clock() - t0)
     conn.send("done")
     return _stats(samples[iters // 10:], size)
@@ -124,15 +158,17 @@ def _write_bw_server(g, peer, size, iters, batch, conn):
 
 def _write_bw_client(g, peer, size, iters, batch, conn):
     sge = SGE(g.mr.buf, size, g.mr.lkey)
-    wrs = [SendWR(wr_id=i, opcode=WrOpcode.RDMA_WRITE, sg=[sge], remote_addr=peer["addr"], rkey=peer["rkey"],
-                  send_flags=SendFlags.SIGNALED if i == batch - 1 else 0) for i in range(batch)]
+    inline = SendFlags.INLINE if size <= 64 else 0
+    wrs = g.qp.prepare_send([
+        SendWR(wr_id=i, opcode=WrOpcode.RDMA_WRITE, sg=[sge], remote_addr=peer["addr"], rkey=peer["rkey"],
+               send_flags=(SendFlags.SIGNALED if i == batch - 1 else 0) | inline) for i in range(batch)])
     rounds = max(1, iters // batch)
     best = 0.0
     t_start = time.perf_counter()
     for _ in range(rounds):
         t0 = time.perf_counter()
-        g.qp.post_send(wrs)
-        g.poll_one()
+        g.qp.post_list(wrs)  # one doorbell (or none, while the daemon polls) per list
+        _poll_one(g)
         dt = time.perf_counter() - t0
         best = max(best, batch * size / dt)
     total = time.perf_counter() - t_start
@@ -170,12 +206,36 @@ def memcpy_floor(size: int, reps: int = 200) -> dict:
 # --------------------------------------------------------------------------
 
 
-def run_pair(path: str, test: str, size: int, iters: int, batch: int = 16) -> dict:
+@contextlib.contextmanager
+def idle_spinners(cpus):
+    """A SCHED_IDLE busy loop pinned to each CPU in ``cpus``: the vCPUs never
+    halt, and any real task preempts the spinner at once."""
+    pids = []
+    try:
+        for cpu in cpus:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - child
+                try:
+                    os.sched_setaffinity(0, {cpu})
+                    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+                    while True:
+                        pass
+                finally:
+                    os._exit(0)
+            pids.append(pid)
+        yield list(cpus)
+    finally:
+        for pid in pids:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+
+
+def run_pair(path: str, test: str, size: int, iters: int, batch: int = 16, guest_cpu: int | None = None) -> dict:
     ctx = mp.get_context("fork")
     a, b = ctx.Pipe()
     out = ctx.Queue()
-    ps = [ctx.Process(target=_side, args=("server", test, path, size, iters, batch, a, out)),
-          ctx.Process(target=_side, args=("client", test, path, size, iters, batch, b, out))]
+    ps = [ctx.Process(target=_side, args=("server", test, path, size, iters, batch, a, out, guest_cpu)),
+          ctx.Process(target=_side, args=("client", test, path, size, iters, batch, b, out, guest_cpu))]
     for p in ps:
         p.start()
     results = {}
@@ -196,19 +256,33 @@ def run_pair(path: str, test: str, size: int, iters: int, batch: int = 16) -> di
 
 def run(test: str, sizes, iters: int, batch: int = 16, poll_us: float = 0.0) -> list[dict]:
     rows = []
+    cpus = sorted(os.sched_getaffinity(0))
+    polling = poll_us > 0 and len(cpus) >= 2
     with DaemonProcess("--poll-us", str(poll_us)) as d:
+        if polling:
+            os.sched_setaffinity(d.proc.pid, {cpus[0]})
         for size in sizes:
-            r = run_pair(d.path, test, size, iters, batch)
-            if test == "write_bw":
-                floor = memcpy_floor(size)
-                r["floor_memcpy_MiB"] = floor["bw_avg_MiB"]
-                r["ratio_vs_memcpy"] = r["bw_avg_MiB"] / floor["bw_avg_MiB"]
+            if polling:  # daemon spins on cpus[0], the guests share cpus[1]
+                r = run_pair(d.path, test, size, iters, batch, guest_cpu=cpus[1])
+                r["vcpu_state"] = f"polling: daemon on cpu {cpus[0]}, guests on cpu {cpus[1]} (sched_yield)"
             else:
-                floor = eventfd_floor(max(2000, iters))
-                key = "floor_eventfd_half_rtt_us" if test == "send_lat" else "floor_eventfd_rtt_us"
-                r[key] = floor["t_typical"] if test == "send_lat" else 2 * floor["t_typical"]
-                r["ratio_vs_floor"] = r["t_typical"] / r[key]
+                with idle_spinners(cpus):
+                    r = run_pair(d.path, test, size, iters, batch)
+                r["vcpu_state"] = f"SCHED_IDLE spinners on cpus {cpus}"
+            with idle_spinners(cpus):
+                if test == "write_bw":
+                    floor = memcpy_floor(size)
+                    r["floor_memcpy_MiB"] = floor["bw_avg_MiB"]
+                    r["ratio_vs_memcpy"] = r["bw_avg_MiB"] / floor["bw_avg_MiB"]
+                else:
+                    floor = eventfd_floor(max(2000, iters))
+                    key = "floor_eventfd_half_rtt_us" if test == "send_lat" else "floor_eventfd_rtt_us"
+                    r[key] = floor["t_typical"] if test == "send_lat" else 2 * floor["t_typical"]
+                    r["ratio_vs_floor"] = r["t_typical"] / r[key]
+            r["floor_vcpu_state"] = f"SCHED_IDLE spinners on cpus {cpus}"
             r["test"] = test
+            r["batch"] = batch
+            r["poll_us"] = poll_us
             rows.append(r)
     return rows
 
@@ -220,14 +294,17 @@ def print_rows(test: str, rows: list[dict]) -> None:
             print(f"{r['bytes']:<8}{r['iterations']:<12}{r['bw_peak_MiB']:<19.2f}{r['bw_avg_MiB']:<22.2f}"
                   f"{r['msg_rate_Mpps']:.6f}")
         for r in rows:
-            print(f"# {r['bytes']} B: memcpy {r['floor_memcpy_MiB']:.0f} MiB/s, ratio {r['ratio_vs_memcpy']:.3f}")
+            print(f"# {r['bytes']} B, post list {r['batch']}: memcpy {r['floor_memcpy_MiB']:.0f} MiB/s, "
+                  f"ratio {r['ratio_vs_memcpy']:.3f}, {r['msg_rate_Mpps'] * 1e3:.0f} k msg/s")
     else:
         print(LAT_HEADER)
         for r in rows:
             print(_lat_row(r))
         for r in rows:
-            key = [k for k in r if k.startswith("floor_")][0]
+            key = [k for k in r if k.startswith("floor_eventfd")][0]
             print(f"# {r['bytes']} B: floor ({key}) {r[key]:.2f} us, ratio {r['ratio_vs_floor']:.2f}x")
+    for r in rows[:1]:
+        print(f"# vCPUs during the run: {r['vcpu_state']}; during the floor: {r['floor_vcpu_state']}")
 
 
 def main(argv=None) -> int:
@@ -235,7 +312,8 @@ def main(argv=None) -> int:
     p.add_argument("test", choices=["send_lat", "write_bw", "read_lat"])
     p.add_argument("--size", "-s", type=int, action="append", help="message size (repeatable)")
     p.add_argument("--iters", "-n", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=16, help="write_bw: WRs per post (one doorbell)")
+    p.add_argument("--batch", "--post-list", "-l", type=int, default=16, dest="batch",
+                   help="write_bw: WRs per post list (one doorbell), like perftest's -l")
     p.add_argument("--poll-us", type=float, default=0.0, help="daemon busy-poll window")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)

@@ -83,6 +83,15 @@ class QPAttr:
             qp_access_flags=int(self.qp_access_flags), flow_label=a.flow_label, dgid=bytes(a.dgid))
 
 
+class PostList:
+    """Send WQEs encoded once (:meth:`QP.prepare_send`), posted by :meth:`QP.post_list`."""
+
+    __slots__ = ("qp", "wqes", "signaled")
+
+    def __init__(self, qp, wqes: bytes, signaled: tuple):
+        self.qp, self.wqes, self.signaled = qp, wqes, signaled
+
+
 TO_INIT = M.STATE | M.PKEY_INDEX | M.PORT | M.ACCESS_FLAGS
 TO_RTR = M.STATE | M.AV | M.PATH_MTU | M.DEST_QPN | M.RQ_PSN | M.MAX_DEST_RD_ATOMIC | M.MIN_RNR_TIMER
 TO_RTS = M.STATE | M.SQ_PSN | M.TIMEOUT | M.RETRY_CNT | M.RNR_RETRY | M.MAX_QP_RD_ATOMIC
@@ -155,6 +164,35 @@ class QP(VerbsObject):
         return self.ctx.command(Cmd.QUERY_QP, qpn=self.qp_num, attr_mask=int(attr_mask) & ((1 << 21) - 1))
 
     # --- posting ----------------------------------------------------------
+    def _pack_send(self, buf, off: int, wr) -> bool:
+        """Write the WQE of ``wr`` into ``buf`` at ``off`` (one slot); returns
+        whether it is signaled."""
+        slot = self.sq_slot
+        flags = int(wr.send_flags)
+        sg = wr.sg if wr.num_sge is None else wr.sg[: wr.num_sge]
+        if flags & SendFlags.INLINE:
+            data = b"".join(bytes(self.ctx.view_of_uva(s.addr, s.length)) for s in sg)
+            room = slot - wire.SEND_WQE_HEADER_SIZE
+            if len(data) > room:
+                raise UserError(f"{len(data)} bytes of inline data exceed the QP's {room}")
+            wire.pack_send_wqe_header(buf, off, wr.wr_id, int(wr.opcode), flags, 0, wr.imm_data,
+                                      wr.remote_addr, wr.rkey, len(data), wr.compare_add, wr.swap)
+            body = off + wire.SEND_WQE_HEADER_SIZE
+            buf[body : body + len(data)] = data
+        else:
+            if len(sg) > self.cap.max_send_sge:
+                raise UserError(f"{len(sg)} SGEs exceed max_send_sge {self.cap.max_send_sge}")
+            wire.pack_send_wqe_header(buf, off, wr.wr_id, int(wr.opcode), flags, len(sg), wr.imm_data,
+                                      wr.remote_addr, wr.rkey, 0, wr.compare_add, wr.swap)
+            wire.pack_sges(buf, off + wire.SEND_WQE_HEADER_SIZE, [(s.addr, s.length, s.lkey) for s in sg])
+        return bool(flags & SendFlags.SIGNALED) or self.sq_sig_all
+
+    def _sq_full(self, pi: int, n: int = 1) -> None:
+        if (pi - self.sq_ci) & _U32 > self.sq_depth - n:
+            self.sq_pi = pi
+            self._ring(DoorbellKind.SQ, pi)
+            raise RDMAError(f"send queue of QP {self.qp_num:#x} is full ({self.sq_depth} WRs)", 12)
+
     def post_send(self, wrs) -> None:
         """Post one SendWR or a list of them (one doorbell for the list)."""
         self._check_open()
@@ -163,30 +201,39 @@ class QP(VerbsObject):
         sq, slot, mask = self.sq, self.sq_slot, self.sq_depth - 1
         pi = self.sq_pi
         for wr in wrs:
-            if (pi - self.sq_ci) & _U32 >= self.sq_depth:
-                self.sq_pi = pi
-                self._ring(DoorbellKind.SQ, pi)
-                raise RDMAError(f"send queue of QP {self.qp_num:#x} is full ({self.sq_depth} WRs)", 12)
-            off = (pi & mask) * slot
-            flags = int(wr.send_flags)
-            sg = wr.sg if wr.num_sge is None else wr.sg[: wr.num_sge]
-            if flags & SendFlags.INLINE:
-                data = b"".join(bytes(self.ctx.view_of_uva(s.addr, s.length)) for s in sg)
-                room = slot - wire.SEND_WQE_HEADER_SIZE
-                if len(data) > room:
-                    raise UserError(f"{len(data)} bytes of inline data exceed the QP's {room}")
-                wire.pack_send_wqe_header(sq, off, wr.wr_id, int(wr.opcode), flags, 0, wr.imm_data,
-                                          wr.remote_addr, wr.rkey, len(data), wr.compare_add, wr.swap)
-                body = off + wire.SEND_WQE_HEADER_SIZE
-                sq[body : body + len(data)] = data
-            else:
-                if len(sg) > self.cap.max_send_sge:
-                    raise UserError(f"{len(sg)} SGEs exceed max_send_sge {self.cap.max_send_sge}")
-                wire.pack_send_wqe_header(sq, off, wr.wr_id, int(wr.opcode), flags, len(sg), wr.imm_data,
-                                          wr.remote_addr, wr.rkey, 0, wr.compare_add, wr.swap)
-                wire.pack_sges(sq, off + wire.SEND_WQE_HEADER_SIZE, [(s.addr, s.length, s.lkey) for s in sg])
-            self._sq_signaled.append(bool(flags & SendFlags.SIGNALED) or self.sq_sig_all)
+            self._sq_full(pi)
+            self._sq_signaled.append(self._pack_send(sq, (pi & mask) * slot, wr))
             pi = (pi + 1) & _U32
+        self._publish_sq(pi)
+
+    def prepare_send(self, wrs) -> "PostList":
+        """Encode a list of SendWRs once, to post it many times with
+        :meth:`post_list` (perftest's ``-l``: the same WRs, one doorbell)."""
+        wrs = list(wrs)
+        if not 0 < len(wrs) <= self.sq_depth:
+            raise UserError(f"a post list of {len(wrs)} WRs does not fit a {self.sq_depth}-WR send queue")
+        buf = bytearray(len(wrs) * self.sq_slot)
+        signaled = tuple(self._pack_send(buf, i * self.sq_slot, wr) for i, wr in enumerate(wrs))
+        return PostList(self, bytes(buf), signaled)
+
+    def post_list(self, plist: "PostList") -> None:
+        """Post a prepared list: its WQEs are copied into the ring in at most
+        two slice copies, then one doorbell."""
+        self._check_open()
+        if plist.qp is not self:
+            raise UserError("this post list was prepared for another QP")
+        n, slot = len(plist.signaled), self.sq_slot
+        pi = self.sq_pi
+        self._sq_full(pi, n)
+        first = pi & (self.sq_depth - 1)
+        k = min(n, self.sq_depth - first) * slot
+        self.sq[first * slot : first * slot + k] = plist.wqes[:k]
+        if k < len(plist.wqes):
+            self.sq[: len(plist.wqes) - k] = plist.wqes[k:]
+        self._sq_signaled.extend(plist.signaled)
+        self._publish_sq((pi + n) & _U32)
+
+    def _publish_sq(self, pi: int) -> None:
         self.sq_pi = pi
         struct.pack_into("<I", self.dbrec, 0, pi)
         self._ring(DoorbellKind.SQ, pi)

@@ -729,3 +729,22 @@ def test_dbrec_poll(fab):
     b.process()
     a.process()
     assert one(a, ca).status == WcStatus.SUCCESS and one(b, cb).byte_len == 16
+
+
+def test_dbrec_poll_stale_doorbell_is_no_error(fab):
+    """With DBREC_POLL the record can run ahead of a doorbell still queued on
+    the doorbellq: the older value is ignored, the QP stays usable."""
+    a, b, pa, pb, ca, cb, qa, qb = pair(fab)
+    connect_pair(fab, a, b, qa, qb)
+    b.core.poll_doorbell_records = True
+    mb = b.reg_mr(pb, 4096)
+    for i in range(3):
+        b.write(qb.rq + i * (1 << qb.layout.rq_wqe_shift),
+                wire.encode_recv_wqe(i, [(mb.addr, 64, mb.lkey)], slot_size=1 << qb.layout.rq_wqe_shift))
+    b.write(qb.dbrec, struct.pack("<II", 0, 3))
+    b.process()  # the record: rq_pi 3
+    b.core.doorbell(wire.encode_doorbell(DoorbellKind.RQ, qb.qpn, 1), b.now)  # a stale doorbell
+    qp = b.core.qps[qb.qpn]
+    assert (qp.state, qp.rq_pi, b.core.metrics.bad_doorbells) == (QpState.RTS, 3, 0)
+    b.core.doorbell(wire.encode_doorbell(DoorbellKind.RQ, qb.qpn, 3 + 100), b.now)  # absurd: still fatal
+    assert qp.state is QpState.ERR and b.core.metrics.bad_doorbells == 1
