@@ -543,10 +543,11 @@ class RdmaDeviceCore:
                 datapath.flush(self, qp)
 
     def _advance(self, qp: QueuePair, which: str, pi: int, ci: int, old_pi: int, depth: int) -> bool:
-        if self.poll_doorbell_records and pi != old_pi and (old_pi - pi) % U32 <= (old_pi - ci) % U32:
+        if self.poll_doorbell_records and pi != old_pi and (old_pi - pi) % U32 < U32 // 2:
             # DBREC_POLL: the record may already have carried us past this
-            # doorbell (the driver writes the record first): a stale value
-            # between ci and the current pi is no error, just no news.
+            # doorbell (the driver writes the record first, and the WQEs may
+            # even have completed): a value behind the current pi is stale,
+            # no error, just no news.
             return False
         if (pi - ci) % U32 > depth or (pi - old_pi) % U32 > depth:
             self.metrics.bad_doorbells += 1

@@ -743,8 +743,10 @@ def test_dbrec_poll_stale_doorbell_is_no_error(fab):
                 wire.encode_recv_wqe(i, [(mb.addr, 64, mb.lkey)], slot_size=1 << qb.layout.rq_wqe_shift))
     b.write(qb.dbrec, struct.pack("<II", 0, 3))
     b.process()  # the record: rq_pi 3
-    b.core.doorbell(wire.encode_doorbell(DoorbellKind.RQ, qb.qpn, 1), b.now)  # a stale doorbell
     qp = b.core.qps[qb.qpn]
+    b.core.doorbell(wire.encode_doorbell(DoorbellKind.RQ, qb.qpn, 1), b.now)  # a stale doorbell
+    qp.rq_ci = 3  # even behind what the device consumed already
+    b.core.doorbell(wire.encode_doorbell(DoorbellKind.RQ, qb.qpn, 2), b.now)
     assert (qp.state, qp.rq_pi, b.core.metrics.bad_doorbells) == (QpState.RTS, 3, 0)
     b.core.doorbell(wire.encode_doorbell(DoorbellKind.RQ, qb.qpn, 3 + 100), b.now)  # absurd: still fatal
     assert qp.state is QpState.ERR and b.core.metrics.bad_doorbells == 1
