@@ -261,6 +261,18 @@ class BackendConnection:
             self._break(e)
             raise
 
+    def join_spin(self) -> None:
+        """Put this connection's pollable rings (the device's ``poll_queues``,
+        default all) into the busy-poll loop, notifications off: a guest
+        that has not kicked yet need not wake us either."""
+        mem = self.mem
+        wanted = getattr(self.device, "poll_queues", None)
+        for index in range(len(self.vrings)) if wanted is None else wanted:
+            vring = self.vrings[index]
+            if index not in self.spinning and vring.started and vring.enabled:
+                vring.queue.disable_notification(mem)
+                self.spinning.add(index)
+
     def _poll_device(self) -> bool:
         return self._device_poll is not None and self._device_poll()
 

@@ -322,7 +322,9 @@ class BackendServer:
         idle = self.poll_us * 1e-6
         now = monotonic()
         end = now + SPIN_SLICE
-        conns = [c for c in self.connections if c.core.spinning]
+        conns = [c for c in self.connections if not c.closed]
+        for c in conns:
+            c.core.join_spin()
         while True:
             work = False
             for c in conns:

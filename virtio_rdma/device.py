@@ -32,6 +32,8 @@ class RdmaDevice(VhostUserDevice):
     num_queues = 3
     max_queue_size = 1024
     device_features = (1 << Feature.INLINE_DATA) | (1 << Feature.ATOMIC) | (1 << Feature.DBREC_POLL)
+    #: rings the daemon's busy-poll loop watches (the eventq holds buffers on purpose)
+    poll_queues = (CONTROLQ, DOORBELLQ)
 
     def __init__(self, fabric: Fabric, *, limits: DeviceLimits | None = None):
         self.fabric = fabric
