@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import sys
 import tempfile
@@ -34,41 +33,12 @@ RXE_LOOPBACK_WRITE_BW_MB = 828.0  # ib_write_bw over rxe loopback, 64 KiB (publi
 MTU_4096 = 5
 
 
-def _side(role, test, path, size, iters, batch, conn, out):
-    try:
-        g = perftest.make_guest(path, max(size, 4096) * 2 + 4096)
-        conn.send(g.info())
-        peer = conn.recv()
-        g.connect(peer, path_mtu=MTU_4096, timeout=14, retry_cnt=7, rnr_retry=7)
-        result = getattr(perftest, f"_{test}_{role}")(g, peer, size, iters, batch, conn)
-        g.close()
-        out.put((role, result))
-    except BaseException as e:  # report, never hang the parent
-        out.put((role, {"error": f"{type(e).__name__}: {e}"}))
+CONNECT = dict(path_mtu=MTU_4096, timeout=14, retry_cnt=7, rnr_retry=7)
 
 
 def _pair(path_server: str, path_client: str, test: str, size: int, iters: int, batch: int) -> dict:
-    ctx = mp.get_context("fork")
-    a, b = ctx.Pipe()
-    out = ctx.Queue()
-    ps = [ctx.Process(target=_side, args=("server", test, path_server, size, iters, batch, a, out)),
-          ctx.Process(target=_side, args=("client", test, path_client, size, iters, batch, b, out))]
-    for p in ps:
-        p.start()
-    results = {}
-    try:
-        for _ in ps:
-            role, r = out.get(timeout=600)
-            results[role] = r
-    finally:
-        for p in ps:
-            p.join(10)
-            if p.is_alive():
-                p.kill()
-    for role, r in results.items():
-        if isinstance(r, dict) and "error" in r:
-            raise RuntimeError(f"{test} {role}: {r['error']}")
-    return results["client"]
+    return perftest.run_pair(path_server, test, size, iters, batch, client_path=path_client,
+                             connect_attrs=CONNECT)
 
 
 def _daemon(ns, ip: str, sock: str, poll_us: float):

@@ -84,7 +84,7 @@ def _poll_one(g):
 
 
 def _side(role: str, test: str, path: str, size: int, iters: int, batch: int, conn, out,
-          cpu: int | None = None) -> None:
+          cpu: int | None = None, connect_attrs: dict | None = None) -> None:
     global _GUEST_CPU
     try:
         if cpu is not None:
@@ -93,7 +93,7 @@ def _side(role: str, test: str, path: str, size: int, iters: int, batch: int, co
         g = make_guest(path, max(size, 4096) * (2 if test == "write_bw" else 1) + 4096)
         conn.send(g.info())
         peer = conn.recv()
-        g.connect(peer)
+        g.connect(peer, **(connect_attrs or {}))
         result = globals()[f"_{test}_{role}"](g, peer, size, iters, batch, conn)
         g.close()
         out.put((role, result))
@@ -230,12 +230,17 @@ def idle_spinners(cpus):
             os.waitpid(pid, 0)
 
 
-def run_pair(path: str, test: str, size: int, iters: int, batch: int = 16, guest_cpu: int | None = None) -> dict:
+def run_pair(path: str, test: str, size: int, iters: int, batch: int = 16, guest_cpu: int | None = None,
+             *, client_path: str | None = None, connect_attrs: dict | None = None) -> dict:
+    """Server and client guests in two processes; the client's daemon is
+    ``client_path`` if given (two hosts), else the server's."""
     ctx = mp.get_context("fork")
     a, b = ctx.Pipe()
     out = ctx.Queue()
-    ps = [ctx.Process(target=_side, args=("server", test, path, size, iters, batch, a, out, guest_cpu)),
-          ctx.Process(target=_side, args=("client", test, path, size, iters, batch, b, out, guest_cpu))]
+    ps = [ctx.Process(target=_side, args=("server", test, path, size, iters, batch, a, out, guest_cpu,
+                                           connect_attrs)),
+          ctx.Process(target=_side, args=("client", test, client_path or path, size, iters, batch, b, out,
+                                           guest_cpu, connect_attrs))]
     for p in ps:
         p.start()
     results = {}
