@@ -23,3 +23,16 @@ def qemu_system() -> str:
 def qemu_storage_daemon() -> str:
     require_binary("qemu-img")
     return require_binary("qemu-storage-daemon")
+
+
+@pytest.fixture(scope="session")
+def image():
+    """The kernel-rxe guest image (Debian's kernel + initramfs), built once and cached."""
+    from qemu_tests.errors import CapabilityMissing
+    from qemu_tests.rxe_guest import build_image
+
+    require_binary("qemu-system-x86_64")
+    try:
+        return build_image()
+    except CapabilityMissing as exc:
+        pytest.skip(f"cannot build the rxe guest: {exc}")

@@ -19,9 +19,9 @@ import pytest
 from hypothesis import given, strategies as st
 
 from qemu_tests import cpio
-from qemu_tests.errors import CapabilityMissing, GuestImageError
+from qemu_tests.errors import GuestImageError
 from qemu_tests.kernel_image import extract_vmlinux
-from qemu_tests.rxe_guest import RxeGuest, TapNetdev, build_image, pingpong_self_test_script
+from qemu_tests.rxe_guest import RxeGuest, TapNetdev, pingpong_self_test_script
 
 # --- pure parts ---------------------------------------------------------------------------
 
@@ -98,16 +98,6 @@ def test_guest_arg_validation():
 
 
 # --- real boots -----------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def image():
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 not installed")
-    try:
-        return build_image()
-    except CapabilityMissing as exc:
-        pytest.skip(f"cannot build the rxe guest: {exc}")
-
 
 @pytest.mark.qemu
 def test_rxe_port_active(image):

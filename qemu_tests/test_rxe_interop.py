@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
 
 import pytest
 
-from qemu_tests.errors import CapabilityMissing
-from qemu_tests.rxe_guest import RxeGuest, TapNetdev, build_image
+from qemu_tests.rxe_guest import RxeGuest, TapNetdev
 
 pytestmark = [pytest.mark.qemu, pytest.mark.netns]
 
@@ -61,16 +58,6 @@ def _sections(text: str) -> dict[tuple[str, int], tuple[int, str]]:
     for i in range(1, len(parts) - 3, 4):
         out[(parts[i], int(parts[i + 1]))] = (int(parts[i + 2]), parts[i + 3])
     return out
-
-
-@pytest.fixture(scope="module")
-def image():
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 not installed")
-    try:
-        return build_image()
-    except CapabilityMissing as exc:
-        pytest.skip(f"cannot build the rxe guest: {exc}")
 
 
 @pytest.fixture

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import select
-import socket
 
 import pytest
 
 from guest_lib import MR, RecvWR, SGE
 from guest_lib.endpoint import RcEndpoint
-from roce.headers import Aeth, AethType, Bth, NakCode, Reth
+from roce.headers import AethType, Bth, NakCode, Reth
 from roce.icrc import IpContext
 from roce.opcodes import Opcode
 from roce.packet import RocePacket, decode
