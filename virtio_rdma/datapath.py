@@ -137,6 +137,13 @@ def _slot_wr_id(dev, gpa: int) -> int:
         return 0
 
 
+def _slot_opcode(dev, gpa: int) -> int:
+    try:
+        return dev.mem.translate(gpa + 8, 1)[0]
+    except GuestMemoryError:
+        return WrOpcode.SEND
+
+
 def flush(dev, qp: QueuePair) -> None:
     """Complete every outstanding WR of a QP in ERR with WR_FLUSH_ERR (spec 5.x.6.7)."""
     inflight = {e.index: e for e in qp.inflight}
@@ -148,11 +155,7 @@ def flush(dev, qp: QueuePair) -> None:
             wr_id, op = e.wqe.wr_id, e.wqe.opcode
         else:
             gpa = qp.sq_slot_gpa(idx)
-            wr_id = _slot_wr_id(dev, gpa)
-            try:
-                op = dev.mem.translate(gpa + 8, 1)[0]
-            except GuestMemoryError:
-                op = WrOpcode.SEND
+            wr_id, op = _slot_wr_id(dev, gpa), _slot_opcode(dev, gpa)
         complete_send(dev, qp, idx, wr_id, op, WcStatus.WR_FLUSH_ERR)
         dev.metrics.flushed_wrs += 1
     qp.sq_next = qp.sq_ci
@@ -177,7 +180,10 @@ def _local_views(dev, qp: QueuePair, wqe, need: Access) -> list[memoryview]:
     return views
 
 
-def _build_request(dev, qp: QueuePair, wqe, psn: int) -> Request:
+def check_wqe(dev, qp: QueuePair, wqe) -> None:
+    """The checks every send WQE passes before it starts, whichever engine
+    runs the QP: a supported opcode, INLINE only where it may be and within
+    max_inline_data, and the message within max_msg_sz (raises _WqeError)."""
     op = wqe.opcode
     if op not in _SUPPORTED:
         raise _WqeError(f"QP {qp.qpn:#x}: opcode {op.name} not supported", WcStatus.LOC_QP_OP_ERR,
@@ -193,6 +199,11 @@ def _build_request(dev, qp: QueuePair, wqe, psn: int) -> Request:
     if length > dev.limits.max_msg_sz:
         raise _WqeError(f"QP {qp.qpn:#x}: message of {length} bytes exceeds max_msg_sz",
                         WcStatus.LOC_LEN_ERR, "local_len_errors")
+
+
+def _build_request(dev, qp: QueuePair, wqe, psn: int) -> Request:
+    check_wqe(dev, qp, wqe)
+    op, length = wqe.opcode, wqe.length
     req = Request(dev.fabric.gid, qp.qpn, bytes(qp.attr["dgid"]), qp.attr["dest_qp_num"], psn, 1, op,
                   solicited=bool(wqe.send_flags & SendFlags.SOLICITED))
     if op in (WrOpcode.SEND_WITH_IMM, WrOpcode.RDMA_WRITE_WITH_IMM):

@@ -36,7 +36,7 @@ from collections import deque
 
 from virtio.errors import GuestMemoryError
 from virtio_rdma import datapath
-from virtio_rdma.constants import Access, AsyncEvent, Mtu, QpState, SendFlags, WcFlags, WcOpcode, \
+from virtio_rdma.constants import Access, AsyncEvent, QpState, SendFlags, WcFlags, WcOpcode, \
     WcStatus, WrOpcode
 from virtio_rdma.errors import MemoryAccessError, VirtioRdmaError
 from virtio_rdma.wire import Completion, decode_recv_wqe, decode_send_wqe
@@ -48,11 +48,6 @@ from roce.rc.sgl import SgList
 
 log = logging.getLogger(__name__)
 
-_WIRE_OPS = frozenset({WrOpcode.SEND, WrOpcode.SEND_WITH_IMM, WrOpcode.RDMA_WRITE,
-                       WrOpcode.RDMA_WRITE_WITH_IMM, WrOpcode.RDMA_READ,
-                       WrOpcode.ATOMIC_CMP_AND_SWP, WrOpcode.ATOMIC_FETCH_AND_ADD})
-_INLINE_OPS = frozenset({WrOpcode.SEND, WrOpcode.SEND_WITH_IMM, WrOpcode.RDMA_WRITE,
-                         WrOpcode.RDMA_WRITE_WITH_IMM})
 _LOCAL_WRITE_OPS = frozenset({WrOpcode.RDMA_READ, WrOpcode.ATOMIC_CMP_AND_SWP,
                               WrOpcode.ATOMIC_FETCH_AND_ADD})
 _ATOMICS = frozenset({WrOpcode.ATOMIC_CMP_AND_SWP, WrOpcode.ATOMIC_FETCH_AND_ADD})
@@ -159,7 +154,7 @@ class NetworkQp:
         attrs = {"access": rv.Access(int(qp.access & _RIGHTS))}
         if target is QpState.RTR and prev is QpState.INIT:
             self._post_recvs()
-            attrs.update(dest_qp_num=a["dest_qp_num"], path_mtu=_mtu_bytes(a["path_mtu"]),
+            attrs.update(dest_qp_num=a["dest_qp_num"], path_mtu=datapath._mtu(qp),
                          rq_psn=qp.epsn, min_rnr_timer=a["min_rnr_timer"] & 31,
                          max_dest_rd_atomic=max(1, min(255, a["max_dest_rd_atomic"])))
         if target in (QpState.RTS, QpState.SQD):
@@ -222,9 +217,9 @@ class NetworkQp:
             wqe = decode_send_wqe(slot, qp.layout.max_send_sge)
             wr = self._send_wr(wqe)
             self.rc.post_send(wr)
-        except _LocalError as e:
+        except datapath._WqeError as e:
             setattr(dev.metrics, e.metric, getattr(dev.metrics, e.metric) + 1)
-            return self._fail(idx, wr_id, opcode, e.status)
+            return self._fail(idx, wr_id, opcode, e.wc_status)
         except (VirtioRdmaError, TransportError) as e:  # malformed WQE / refused WR
             log.debug("QP %#x: bad send WQE %d: %s", qp.qpn, idx, e)
             dev.metrics.bad_wqes += 1
@@ -235,22 +230,13 @@ class NetworkQp:
 
     def _send_wr(self, wqe) -> rv.SendWR:
         qp, dev = self.qp, self.dev
+        datapath.check_wqe(dev, qp, wqe)
         op = wqe.opcode
-        if op not in _WIRE_OPS:
-            raise _LocalError(f"opcode {op.name} not supported", WcStatus.LOC_QP_OP_ERR, "bad_wqes")
-        if wqe.length > dev.limits.max_msg_sz:
-            raise _LocalError(f"{wqe.length}-byte message exceeds max_msg_sz", WcStatus.LOC_LEN_ERR,
-                              "local_len_errors")
         if wqe.inline is not None:
-            if op not in _INLINE_OPS:
-                raise _LocalError(f"INLINE with {op.name}", WcStatus.LOC_QP_OP_ERR, "bad_wqes")
-            if len(wqe.inline) > qp.layout.max_inline_data:
-                raise _LocalError(f"inline_len {len(wqe.inline)} > max_inline_data",
-                                  WcStatus.LOC_LEN_ERR, "local_len_errors")
             sges = [memoryview(bytes(wqe.inline))]  # the slot may be reused once posted
         else:
             need = Access.LOCAL_WRITE if op in _LOCAL_WRITE_OPS else Access(0)
-            sges = self._local_views(wqe.sges, need)
+            sges = datapath._local_views(dev, qp, wqe, need)
         if op in _ATOMICS:
             sges = _first_bytes(sges, 8)
         wr = rv.SendWR(wqe.wr_id, rv.WrOpcode(int(op)), sges, remote_addr=wqe.remote_addr,
@@ -261,16 +247,6 @@ class NetworkQp:
             wr.imm_data = bswap32(wqe.imm_data)
         return wr
 
-    def _local_views(self, sges, need: Access) -> list[memoryview]:
-        views: list[memoryview] = []
-        qp, dev = self.qp, self.dev
-        for s in sges:
-            try:
-                views.extend(dev.mrs.check(dev.mem, s.lkey, qp.pdn, s.addr, s.length, need))
-            except MemoryAccessError as e:
-                raise _LocalError(str(e), WcStatus.LOC_PROT_ERR, "local_prot_errors") from None
-        return views
-
     def _fail(self, idx: int, wr_id: int, opcode: int, status: WcStatus) -> bool:
         """A WQE failed its local checks: WQEs before it still in the engine
         are flushed, it completes with ``status`` and the QP enters ERR (as the
@@ -278,8 +254,9 @@ class NetworkQp:
         qp, dev = self.qp, self.dev
         self.on_error()
         while qp.sq_ci != idx:
-            datapath.complete_send(dev, qp, qp.sq_ci, _slot_wr_id(dev, qp, qp.sq_ci),
-                                   _slot_opcode(dev, qp, qp.sq_ci), WcStatus.WR_FLUSH_ERR)
+            gpa = qp.sq_slot_gpa(qp.sq_ci)
+            datapath.complete_send(dev, qp, qp.sq_ci, datapath._slot_wr_id(dev, gpa),
+                                   datapath._slot_opcode(dev, gpa), WcStatus.WR_FLUSH_ERR)
             dev.metrics.flushed_wrs += 1
         datapath.complete_send(dev, qp, idx, wr_id, opcode, status)
         qp.sq_next = qp.sq_ci
@@ -297,8 +274,8 @@ class NetworkQp:
             try:
                 slot = dev.mem.translate(qp.rq_slot_gpa(idx), 1 << qp.layout.rq_wqe_shift)
                 wqe = decode_recv_wqe(slot, qp.layout.max_recv_sge)
-                views = self._local_views(wqe.sges, Access.LOCAL_WRITE)
-            except (GuestMemoryError, VirtioRdmaError, _LocalError) as e:
+                views = datapath._local_views(dev, qp, wqe, Access.LOCAL_WRITE)
+            except (GuestMemoryError, VirtioRdmaError) as e:
                 log.debug("QP %#x: bad receive WQE %d: %s", qp.qpn, idx, e)
                 dev.metrics.bad_wqes += 1
                 datapath.qp_error(dev, qp, AsyncEvent.QP_FATAL)
@@ -370,36 +347,8 @@ class NetworkQp:
                                             c.byte_len, imm, flags, c.src_qp))
 
 
-class _LocalError(VirtioRdmaError):
-    def __init__(self, message: str, status: WcStatus, metric: str):
-        super().__init__(message)
-        self.status = status
-        self.metric = metric
-
-
-def _mtu_bytes(code: int) -> int:
-    try:
-        return Mtu(code).bytes
-    except ValueError:
-        return 1024
-
-
 def _first_bytes(views: list[memoryview], n: int) -> list[memoryview]:
     if views and len(views[0]) >= n:
         return [views[0][:n]]
-    raise _LocalError(f"atomic needs an {n}-byte local buffer in one piece", WcStatus.LOC_LEN_ERR,
-                      "local_len_errors")
-
-
-def _slot_wr_id(dev, qp, idx: int) -> int:
-    try:
-        return int.from_bytes(dev.mem.translate(qp.sq_slot_gpa(idx), 8), "little")
-    except GuestMemoryError:
-        return 0
-
-
-def _slot_opcode(dev, qp, idx: int) -> int:
-    try:
-        return dev.mem.translate(qp.sq_slot_gpa(idx) + 8, 1)[0]
-    except GuestMemoryError:
-        return int(WrOpcode.SEND)
+    raise datapath._WqeError(f"atomic needs an {n}-byte local buffer in one piece",
+                             WcStatus.LOC_LEN_ERR, "local_len_errors")

@@ -281,3 +281,19 @@ def test_guest_moves_qp_to_err_flushes_posted_work():
     got = h.a.poll(h.ca)
     assert sorted((c.wr_id, c.status) for c in got) == [(1, WcStatus.WR_FLUSH_ERR), (2, WcStatus.WR_FLUSH_ERR)]
     assert h.a.process().next_deadline is None
+
+
+def test_local_key_and_length_errors_on_a_wire_qp():
+    """The wire engine applies the message path's WQE checks (datapath.check_wqe)."""
+    h = Hosts()
+    h.connect()
+    la = h.a.reg_mr(h.pa, 4096)
+    h.wire.cut = True
+    h.a.post_send(h.qa, 1, WrOpcode.SEND, [(la, 0, 10)])                     # posted, in the engine
+    h.a.post_send(h.qa, 2, WrOpcode.SEND, [(la.addr, 10, la.lkey ^ 0x100)])  # bad lkey
+    h.a.post_send(h.qa, 3, WrOpcode.SEND, [(la, 0, 10)])
+    got = h.a.poll(h.ca)
+    assert [(c.wr_id, c.status) for c in got] == [(1, WcStatus.WR_FLUSH_ERR), (2, WcStatus.LOC_PROT_ERR),
+                                                  (3, WcStatus.WR_FLUSH_ERR)]
+    assert h.a.core.metrics.local_prot_errors == 1
+    assert h.a.core.qps[h.qa.qpn].state is QpState.ERR
