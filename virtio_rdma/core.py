@@ -541,6 +541,8 @@ class RdmaDeviceCore:
             qp.rq_pi = db.value
             if qp.state is QpState.ERR:
                 datapath.flush(self, qp)
+            elif qp.net is not None:  # a wire engine may hand receives to its transport now
+                qp.net.rq_rung(now)
 
     def _advance(self, qp: QueuePair, which: str, pi: int, ci: int, old_pi: int, depth: int) -> bool:
         if self.poll_doorbell_records and pi != old_pi and (old_pi - pi) % U32 < U32 // 2:

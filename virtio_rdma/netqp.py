@@ -264,6 +264,10 @@ class NetworkQp:
         return False
 
     # ---------------------------------------------------------- receive side
+    def rq_rung(self, now: float) -> None:
+        """The guest posted receives. This engine posts them lazily, when a
+        packet arrives (``receive``), so nothing happens here."""
+
     def _post_recvs(self) -> None:
         """Hand the engine every receive WQE the guest has posted since the
         last call (SGEs are checked now: a bad one fails at this point, with
