@@ -86,6 +86,7 @@ cdef extern from *:
 cdef enum:
     MAX_SEGS = 64          # per side of one WQE; more -> Python path
     MR_CACHE = 8
+    REMOTE_RIGHTS = 2 | 4 | 8   # Access.REMOTE_WRITE | REMOTE_READ | REMOTE_ATOMIC
     SEND_HDR = 64
     RECV_HDR = 16
     SGE_SZ = 16
@@ -137,6 +138,7 @@ cdef struct Seg:
 
 cdef struct MrEnt:
     uint32_t key
+    uint32_t rights     # bit 0: key is the MR's lkey; bit 1: its rkey
     uint32_t pdn
     uint32_t access
     uint64_t iova
@@ -150,7 +152,7 @@ cdef class _Dev:
     lookup cache; MRs cannot change during a call) and metric deltas."""
     cdef object dev
     cdef RegionTable table
-    cdef list slots
+    cdef dict by_key
     cdef MrEnt cache[MR_CACHE]
     cdef int ncache
     cdef uint64_t max_msg_sz
@@ -165,7 +167,7 @@ cdef class _Dev:
             return 0
         self.dev = dev
         self.table = <RegionTable>t
-        self.slots = dev.mrs._slots
+        self.by_key = dev.mrs._by_key
         self.ncache = 0
         self.max_msg_sz = dev.limits.max_msg_sz
         self.events = []
@@ -192,20 +194,18 @@ cdef class _Dev:
         """The MR of ``key`` (None: no such MR) as a cache entry; NULL if none."""
         cdef int i
         cdef MrEnt *e
-        cdef uint64_t idx = key >> 8
         for i in range(self.ncache):
             if self.cache[i].key == key:
                 return &self.cache[i]
-        if idx >= <uint64_t>len(self.slots):
-            return NULL
-        mr = self.slots[idx]
-        if mr is None or mr.key != (key & 0xFF):
+        mr = self.by_key.get(key)
+        if mr is None:
             return NULL
         i = self.ncache if self.ncache < MR_CACHE else MR_CACHE - 1
         if self.ncache < MR_CACHE:
             self.ncache += 1
         e = &self.cache[i]
         e.key = key
+        e.rights = (1 if mr.lkey == key else 0) | (2 if mr.rkey == key else 0)
         e.pdn = mr.pdn
         e.access = int(mr.access)
         e.iova = mr.iova
@@ -229,6 +229,8 @@ cdef class _Dev:
         cdef Py_ssize_t i
         if e == NULL or e.pdn != pdn or (need & ~e.access):
             return -1
+        if not (e.rights & (2 if need & REMOTE_RIGHTS else 1)):
+            return -1  # an lkey used remotely or an rkey used locally
         if va > 0xFFFFFFFFFFFFFFFF - length:
             return -1  # would reach or pass 2**64
         if va < e.iova or va + length > e.iova + e.length or e.iova + e.length < e.iova:
@@ -243,7 +245,7 @@ cdef class _Dev:
             segs[nseg].n = length
             return nseg + 1
         # several chunks (or one spanning regions): walk them as MemoryRegion.views does
-        mr = self.slots[key >> 8]
+        mr = self.by_key[key]
         chunks = mr.chunks
         offsets = mr.offsets
         i = 0

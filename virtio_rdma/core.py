@@ -122,6 +122,8 @@ class RdmaDeviceCore:
         self._dbrecs = DbrecScanner() if DbrecScanner is not None else None
         self.notify = None
         self._in_call = 0
+        #: the guest's objects on a host RDMA device (verbs fabric), else None
+        self.hw = fabric.bind(self)
         self._handlers = {
             Cmd.QUERY_DEVICE: self._query_device,
             Cmd.QUERY_PORT: self._query_port,
@@ -261,6 +263,8 @@ class RdmaDeviceCore:
             raise _cmd_error(f"PD {pdn} is used by {self.pds[pdn]} QPs and "
                              f"{self.mrs.by_pd.get(pdn, 0)} MRs", Status.EBUSY)
         del self.pds[pdn]
+        if self.hw is not None:
+            self.hw.dealloc_pd(pdn)
 
     def _check_gpa(self, what: str, gpa: int, length: int) -> None:
         try:
@@ -304,8 +308,13 @@ class RdmaDeviceCore:
 
     def _reg_mr(self, body, now):
         pdn = self._pd(body["pdn"])
+        chunks = [(c["gpa"], c["length"]) for c in body["chunks"]]
+        backing = None
+        if self.hw is not None:  # the HCA's keys become the guest's
+            def backing(access, hw=self.hw):
+                return hw.reg_mr(pdn, access, body["iova"], body["length"], chunks)
         mr = self.mrs.register(self.mem, pdn, body["access"], body["iova"], body["length"],
-                               [(c["gpa"], c["length"]) for c in body["chunks"]])
+                               chunks, backing=backing)
         return dict(lkey=mr.lkey, rkey=mr.rkey)
 
     def _dereg_mr(self, body, now):
@@ -334,12 +343,18 @@ class RdmaDeviceCore:
         self._check_gpa("SQ ring", body["sq_gpa"], lay.sq_bytes)
         self._check_gpa("RQ ring", body["rq_gpa"], lay.rq_bytes)
         self._check_gpa("QP doorbell record", body["dbrec_gpa"], DBREC_SIZE)
-        try:
-            qpn = self.fabric.alloc_qpn()
-        except VirtioRdmaError as e:
-            raise _cmd_error(str(e), Status.ENOMEM) from None
+        hwqp = None
+        if self.hw is not None:  # the HCA's QP number is the guest's (it is on the wire)
+            hwqp = self.hw.create_qp(pdn, lay)
+            qpn = hwqp.qpn
+        else:
+            try:
+                qpn = self.fabric.alloc_qpn()
+            except VirtioRdmaError as e:
+                raise _cmd_error(str(e), Status.ENOMEM) from None
         qp = QueuePair(self, qpn, pdn, scq, rcq, lay, body["sq_gpa"], body["rq_gpa"],
                        body["dbrec_gpa"], bool(flags & CreateQpFlags.SQ_SIG_ALL))
+        qp.hw = hwqp
         self.fabric.attach(qpn, qp)
         self.qps[qpn] = qp
         self._qp_epoch += 1
@@ -482,7 +497,11 @@ class RdmaDeviceCore:
         qp.destroyed = True
         qp.inflight.clear()
         self.fabric.detach(qp.qpn)
-        self.fabric.free_qpn(qp.qpn)
+        if qp.hw is not None:
+            hw, qp.hw = qp.hw, None
+            hw.close()
+        else:
+            self.fabric.free_qpn(qp.qpn)
         del self.qps[qp.qpn]
         self._timers.discard(qp.qpn)
         self.pds[qp.pdn] -= 1
@@ -662,6 +681,10 @@ class RdmaDeviceCore:
         """Destroy every QP (detaching them from the fabric) and forget all objects."""
         for qp in list(self.qps.values()):
             self._drop_qp(qp)
+        self.mrs.clear()
         self.cqs.clear()
         self.pds.clear()
         self._events.clear()
+        if self.hw is not None:
+            hw, self.hw = self.hw, None
+            hw.close()

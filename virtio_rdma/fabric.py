@@ -126,6 +126,14 @@ class Fabric(ABC):
         otherwise (or if the request is lost) returns None and the response,
         if any, arrives later via the source endpoint's ``on_response``."""
 
+    def bind(self, dev):
+        """Called once per device core. A fabric backed by a host RDMA device
+        returns the object that owns that guest's objects on the device
+        (:class:`virtio_rdma.verbs_fabric.VerbsBinding`: PDs, MRs, QPs) and
+        may lower ``dev.limits`` to what the device supports; None: the
+        device core makes its own keys and QPNs."""
+        return None
+
     def open_wire_qp(self, dev, qp, now: float):
         """Called when ``qp`` (of device core ``dev``) moves INIT -> RTR. A
         network fabric returns the wire engine that will run the QP when its

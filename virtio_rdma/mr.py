@@ -5,6 +5,12 @@ onto an ordered list of guest-physical chunks. Keys follow the common HCA
 scheme ``key = index << 8 | rotating 8-bit key`` (lkey == rkey), so a key that
 outlives its registration does not match the next MR in the same slot.
 
+When the fabric is a real RDMA device (:mod:`virtio_rdma.verbs_fabric`), the
+guest's pages are registered with the HCA too and the HCA's keys are the
+guest's keys (a peer's HCA checks them): ``register(..., backing=...)``
+adopts them, and the MR owns the HCA registration (``backing.close()`` at
+deregistration). Lookups go through one dict, whoever made the keys.
+
 :meth:`MemoryRegion.views` resolves ``(va, length)`` to the list of writable
 memoryviews into guest memory that back it (one per chunk touched): the data
 path copies between such lists without intermediate bytes objects.
@@ -23,17 +29,20 @@ from virtio.errors import GuestMemoryError
 
 U64 = 1 << 64
 KEY_BITS = 8
+_REMOTE = Access.REMOTE_WRITE | Access.REMOTE_READ | Access.REMOTE_ATOMIC
 
 
 @dataclass(slots=True)
 class MemoryRegion:
-    index: int
-    key: int
+    lkey: int
+    rkey: int
     pdn: int
     access: Access
     iova: int
     length: int
     chunks: list[tuple[int, int]]  # (gpa, length)
+    index: int = -1                # slot of a table-made key; -1 for adopted (HCA) keys
+    backing: object = None         # the HCA registration this MR owns (has close())
     offsets: list[int] = field(default_factory=list)  # start offset of each chunk
 
     def __post_init__(self):
@@ -41,12 +50,6 @@ class MemoryRegion:
         for _, n in self.chunks:
             self.offsets.append(off)
             off += n
-
-    @property
-    def lkey(self) -> int:
-        return (self.index << KEY_BITS) | self.key
-
-    rkey = lkey
 
     def views(self, mem, va: int, length: int) -> list[memoryview]:
         """Writable views of ``[va, va+length)``; raise MemoryAccessError if out of the MR
@@ -82,14 +85,19 @@ class MrTable:
         self.max_mr = max_mr
         self.max_chunks = max_chunks
         self.max_mr_size = max_mr_size
-        self._slots: list[MemoryRegion | None] = []
-        self._keys: list[int] = []
+        self._by_key: dict[int, MemoryRegion] = {}  # lkey and rkey -> MR (the native path reads it)
+        self._keys: list[int] = []   # rotating 8-bit key of each table slot
+        self._used: list[bool] = []
         self._free: list[int] = []
         self.count = 0
         self.by_pd: dict[int, int] = {}
 
     def register(self, mem, pdn: int, access: int, iova: int, length: int,
-                 chunks: list[tuple[int, int]]) -> MemoryRegion:
+                 chunks: list[tuple[int, int]], *, backing=None) -> MemoryRegion:
+        """Check and add an MR. ``backing(access)``, if given, registers the
+        same pages elsewhere (an HCA) after every check here passed, and
+        returns an object with ``lkey``, ``rkey`` and ``close()``: the MR
+        takes those keys and owns it."""
         access = Access.parse(access)  # UnknownValueError -> EINVAL
         if access & (Access.REMOTE_WRITE | Access.REMOTE_ATOMIC) and not access & Access.LOCAL_WRITE:
             raise CommandError(
@@ -115,44 +123,67 @@ class MrTable:
                 raise CommandError(f"REG_MR chunk gpa {gpa:#x} len {n}: {e}", Status.EFAULT) from None
         if self.count >= self.max_mr:
             raise CommandError(f"max_mr {self.max_mr} reached", Status.ENOMEM)
-        if self._free:
-            idx = self._free.pop()
+        if backing is not None:
+            hca = backing(access)
+            if hca.lkey in self._by_key or hca.rkey in self._by_key:
+                hca.close()
+                raise CommandError(f"REG_MR: the HCA returned keys {hca.lkey:#x}/{hca.rkey:#x} "
+                                   "that name a live MR", Status.EIO)
+            mr = MemoryRegion(hca.lkey, hca.rkey, pdn, access, iova, length, list(chunks),
+                              backing=hca)
         else:
-            idx = len(self._slots)
-            if idx >= (1 << 24):
-                raise CommandError("MR index space exhausted", Status.ENOMEM)
-            self._slots.append(None)
-            self._keys.append(0)
-        self._keys[idx] = (self._keys[idx] + 1) & 0xFF
-        mr = MemoryRegion(idx, self._keys[idx], pdn, access, iova, length, list(chunks))
-        self._slots[idx] = mr
+            if self._free:
+                idx = self._free.pop()
+            else:
+                idx = len(self._keys)
+                if idx >= (1 << 24):
+                    raise CommandError("MR index space exhausted", Status.ENOMEM)
+                self._keys.append(0)
+                self._used.append(False)
+            self._keys[idx] = (self._keys[idx] + 1) & 0xFF
+            self._used[idx] = True
+            key = (idx << KEY_BITS) | self._keys[idx]
+            mr = MemoryRegion(key, key, pdn, access, iova, length, list(chunks), index=idx)
+        self._by_key[mr.lkey] = mr
+        self._by_key[mr.rkey] = mr
         self.count += 1
         self.by_pd[pdn] = self.by_pd.get(pdn, 0) + 1
         return mr
 
     def lookup(self, key: int) -> MemoryRegion | None:
-        idx = key >> KEY_BITS
-        if idx >= len(self._slots):
-            return None
-        mr = self._slots[idx]
-        if mr is None or mr.key != key & 0xFF:
-            return None
-        return mr
+        return self._by_key.get(key)
 
     def deregister(self, key: int) -> MemoryRegion:
-        mr = self.lookup(key)
-        if mr is None:
-            raise CommandError(f"DEREG_MR: no MR with key {key:#x}", Status.ENOENT)
-        self._slots[mr.index] = None
-        self._free.append(mr.index)
-        self.count -= 1
-        self.by_pd[mr.pdn] -= 1
+        """Remove the MR whose lkey is ``key`` and release what it owns."""
+        mr = self._by_key.get(key)
+        if mr is None or mr.lkey != key:
+            raise CommandError(f"DEREG_MR: no MR with lkey {key:#x}", Status.ENOENT)
+        self._drop(mr)
         return mr
 
+    def _drop(self, mr: MemoryRegion) -> None:
+        del self._by_key[mr.lkey]
+        self._by_key.pop(mr.rkey, None)
+        if mr.index >= 0:
+            self._used[mr.index] = False
+            self._free.append(mr.index)
+        self.count -= 1
+        self.by_pd[mr.pdn] -= 1
+        if mr.backing is not None:
+            backing, mr.backing = mr.backing, None
+            backing.close()
+
+    def clear(self) -> None:
+        """Deregister every MR (the device is going away)."""
+        for mr in list(self):
+            self._drop(mr)
+
     def check(self, mem, key: int, pdn: int, va: int, length: int, need: Access) -> list[memoryview]:
-        """Resolve a (key, va, length) access for a QP of PD ``pdn`` needing rights ``need``."""
-        mr = self.lookup(key)
-        if mr is None:
+        """Resolve a (key, va, length) access for a QP of PD ``pdn`` needing
+        rights ``need``: a remote access (``need`` has a REMOTE_* right) must
+        use the MR's rkey, a local one its lkey."""
+        mr = self._by_key.get(key)
+        if mr is None or key != (mr.rkey if need & _REMOTE else mr.lkey):
             raise MemoryAccessError(f"invalid key {key:#x}")
         if mr.pdn != pdn:
             raise MemoryAccessError(f"key {key:#x} belongs to PD {mr.pdn}, QP is in PD {pdn}")
@@ -164,7 +195,7 @@ class MrTable:
         return mr.views(mem, va, length)
 
     def __iter__(self):
-        return (m for m in self._slots if m is not None)
+        return iter({id(m): m for m in self._by_key.values()}.values())
 
 
 def sg_copy(dst: list[memoryview], src: list[memoryview]) -> int:
