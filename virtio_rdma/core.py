@@ -110,6 +110,9 @@ class RdmaDeviceCore:
         self.limits = limits or DeviceLimits()
         self.poll_doorbell_records = poll_doorbell_records
         self.metrics = Metrics()
+        #: the guest's objects on a host RDMA device (verbs fabric; it may lower
+        #: the limits to the device's), else None
+        self.hw = fabric.bind(self)
         self.mrs = MrTable(self.limits.max_mr, self.limits.max_mr_chunks, self.limits.max_mr_size)
         self.pds: dict[int, int] = {}  # pdn -> QP reference count
         self.cqs: dict[int, CompletionQueue] = {}
@@ -122,8 +125,6 @@ class RdmaDeviceCore:
         self._dbrecs = DbrecScanner() if DbrecScanner is not None else None
         self.notify = None
         self._in_call = 0
-        #: the guest's objects on a host RDMA device (verbs fabric), else None
-        self.hw = fabric.bind(self)
         self._handlers = {
             Cmd.QUERY_DEVICE: self._query_device,
             Cmd.QUERY_PORT: self._query_port,

@@ -23,14 +23,23 @@ def add_arguments(p) -> None:
     p.add_argument("--read-only", action="store_true", help="blk: refuse writes")
     p.add_argument("--poll-us", type=float, default=0.0, metavar="US",
                    help="after serving a ring, busy-poll it this long before sleeping (0: never)")
-    p.add_argument("--fabric", choices=["auto", "local", "roce"], default="auto",
-                   help="rdma: how QPs reach peers. local: this host only; roce: RoCEv2 over UDP "
-                        "4791 on --roce-addr (peers on this host still meet locally); auto "
-                        "(default): roce when --roce-addr is given, else local")
+    p.add_argument("--fabric", choices=["auto", "local", "roce", "verbs"], default="auto",
+                   help="rdma: how QPs reach peers. local: this host only; roce: our RoCEv2 over "
+                        "UDP 4791 on --roce-addr; verbs: the host's RDMA device --verbs-device "
+                        "(kernel rxe or a NIC, through pyverbs; guest memory is registered with "
+                        "it). Peers on this host still meet locally. auto (default): verbs when "
+                        "--verbs-device is given, roce when --roce-addr is given, else local")
     p.add_argument("--roce-addr", metavar="IP",
                    help="rdma: this host's RoCE address (IPv4 or IPv6, must be local); the port's "
                         "GID is its IPv4-mapped form, as kernel rxe derives it")
     p.add_argument("--roce-port", type=int, default=4791, help=argparse.SUPPRESS)
+    p.add_argument("--verbs-device", metavar="NAME",
+                   help="rdma: the host RDMA device for --fabric verbs (e.g. rxe0, mlx5_0)")
+    p.add_argument("--verbs-port", type=int, default=1, metavar="N",
+                   help="rdma: its port (default 1)")
+    p.add_argument("--verbs-gid-index", type=int, metavar="N",
+                   help="rdma: its GID index (default: the GID of --roce-addr if given, else the "
+                        "first IPv4-mapped RoCE v2 GID)")
     p.add_argument("--allow-unsealed-memory", action="store_true",
                    help="accept guest memory fds that are not memfds sealed against shrinking "
                         "(e.g. hugetlbfs files); a front-end could then crash the daemon")
@@ -47,7 +56,9 @@ def make_fabric(args):
     """The fabric the daemon's devices share, and the services it needs in the loop."""
     kind = args.fabric
     if kind == "auto":
-        kind = "roce" if args.roce_addr else "local"
+        kind = "verbs" if args.verbs_device else "roce" if args.roce_addr else "local"
+    if kind == "verbs":
+        return _verbs_fabric(args)
     if kind == "local":
         from virtio_rdma.fabric import LocalFabric
 
@@ -62,6 +73,20 @@ def make_fabric(args):
     except FabricError as e:
         raise SystemExit(f"vrdma backend: {e}") from None
     return fabric, [RoceFabricService(fabric, args.roce_port)]
+
+
+def _verbs_fabric(args):
+    if not args.verbs_device:
+        raise SystemExit("vrdma backend: --fabric verbs needs --verbs-device NAME")
+    from virtio_rdma.errors import FabricError
+    from virtio_rdma.verbs_fabric import VerbsFabric, VerbsFabricService
+
+    try:
+        fabric = VerbsFabric(args.verbs_device, port=args.verbs_port,
+                             gid_index=args.verbs_gid_index, address=args.roce_addr)
+    except FabricError as e:
+        raise SystemExit(f"vrdma backend: {e}") from None
+    return fabric, [VerbsFabricService(fabric)]
 
 
 def make_device_factory(args, fabric=None):
@@ -99,7 +124,10 @@ def run(args) -> int:
     factory = make_device_factory(args, fabric)
 
     def ready():
-        if services:
+        if hasattr(fabric, "gid_index"):
+            print(f"vrdma backend: verbs on {fabric.device} port {fabric.port} GID index "
+                  f"{fabric.gid_index} ({fabric.address})", flush=True)
+        elif services:
             print(f"vrdma backend: RoCEv2 on {fabric.address}:{args.roce_port}", flush=True)
         for path in args.socket:
             print(f"vrdma backend: listening on {path}", flush=True)
@@ -108,7 +136,7 @@ def run(args) -> int:
         return run_backend(args.socket, factory, ready=ready, poll_us=args.poll_us,
                            require_sealed_memory=not args.allow_unsealed_memory, services=services)
     except OSError as e:
-        if services and e.errno is not None:
+        if services and e.errno is not None and not hasattr(fabric, "gid_index"):
             raise SystemExit(f"vrdma backend: cannot open RoCEv2 on {fabric.address}:"
                              f"{args.roce_port}: {e.strerror}") from None
         raise

@@ -1,0 +1,267 @@
+"""The verbs fabric on a real RDMA device: two back-end daemons, each with
+its own context on the host's device, a guest on each, every verb going
+through the device (kernel rxe loops it back, a NIC sends it on the wire).
+
+These tests need an RDMA device and skip, saying so, where there is none
+(this CI host's kernel has no RDMA). ``qemu_tests/test_verbs_transport.py``
+runs this module for real inside a guest booted with Debian's kernel and
+rdma_rxe. ``VRDMA_VERBS_DEVICE`` picks the device (default: the first).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+from guest_lib import SGE, RecvWR, SendWR
+from guest_lib.endpoint import RcEndpoint
+from guest_lib.qp import QPCap
+from vhost_user.testing import DaemonProcess
+from virtio_rdma.constants import SendFlags, WcFlags, WcOpcode, WcStatus, WrOpcode
+from virtio_rdma.verbs_fabric import rdma_devices
+
+DEVICES = rdma_devices()
+DEV = os.environ.get("VRDMA_VERBS_DEVICE") or (DEVICES[0] if DEVICES else None)
+needs_device = pytest.mark.skipif(
+    DEV is None, reason="no RDMA device: pyverbs lists none (needs kernel rxe or an RDMA NIC; "
+                        "qemu_tests/test_verbs_transport.py runs these in a kernel-rxe guest)")
+MTU = 3  # IBV_MTU_1024: what rxe on a 1500-byte netdev offers
+SIG = SendFlags.SIGNALED
+
+
+def test_backend_names_a_missing_device(tmp_path):
+    name = "vrdma-nosuch0"
+    r = subprocess.run([sys.executable, "-m", "vrdma", "backend", "-s", str(tmp_path / "s"),
+                        "--fabric", "verbs", "--verbs-device", name],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert f"cannot open RDMA device {name!r}" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "vrdma", "backend", "-s", str(tmp_path / "s"),
+                        "--fabric", "verbs"], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "--fabric verbs needs --verbs-device" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    with DaemonProcess("--verbs-device", DEV) as da, DaemonProcess("--verbs-device", DEV) as db:
+        yield da, db
+
+
+def _pair(hosts, **attrs):
+    da, db = hosts
+    cap = QPCap(max_send_wr=64, max_recv_wr=64, max_send_sge=2, max_recv_sge=2, max_inline_data=64)
+    a = RcEndpoint(da.path, buf_size=4 << 20, cap=cap)
+    b = RcEndpoint(db.path, buf_size=4 << 20, cap=cap)
+    a.connect(b.info(), sq_psn=0xFFFF00, rq_psn=77, path_mtu=MTU, **attrs)
+    b.connect(a.info(), sq_psn=77, rq_psn=0xFFFF00, path_mtu=MTU, **attrs)
+    return a, b
+
+
+@pytest.fixture
+def pair(hosts):
+    a, b = _pair(hosts)
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+@needs_device
+def test_guests_see_the_devices_gid_and_port(pair):
+    a, b = pair
+    assert a.gid.raw == b.gid.raw and a.gid.raw[:12] == bytes(10) + b"\xff\xff"
+    assert a.ctx.query_port().active_mtu <= 5
+    assert a.qp.qp_num != b.qp.qp_num
+
+
+@needs_device
+def test_send_write_read_atomics_through_the_device(pair):
+    a, b = pair
+    rng = random.Random(5)
+    msg = rng.randbytes(10_000)  # ten 1024-byte packets, PSNs wrapping past 2^24
+    a.mr.write(msg, len(msg), 0)
+    b.qp.post_recv(RecvWR(1, 1, [SGE(b.mr.buf, 16384, b.mr.lkey)]))
+    a.qp.post_send(SendWR(2, WrOpcode.SEND, 1, [SGE(a.mr.buf, len(msg), a.mr.lkey)]))
+    wc = b.poll_one()
+    assert (wc.wr_id, wc.byte_len, wc.opcode, wc.qp_num) == (1, len(msg), WcOpcode.RECV, b.qp.qp_num)
+    assert b.mr.read(len(msg), 0) == msg
+    assert a.poll_one().wr_id == 2
+
+    big = rng.randbytes(3 << 20)  # zero copy both ways: guest pages -> device -> guest pages
+    a.mr.write(big, len(big), 0)
+    a.qp.post_send(SendWR(3, WrOpcode.RDMA_WRITE, 1, [SGE(a.mr.buf, len(big), a.mr.lkey)],
+                          remote_addr=b.mr.buf, rkey=b.mr.rkey))
+    assert a.poll_one(timeout=120).wr_id == 3
+    assert b.mr.read(len(big), 0) == big
+
+    b.mr.write(b"readme!!" * 512, 4096, 1 << 20)
+    a.qp.post_send(SendWR(4, WrOpcode.RDMA_READ, 1, [SGE(a.mr.buf + 8192, 4096, a.mr.lkey)],
+                          remote_addr=b.mr.buf + (1 << 20), rkey=b.mr.rkey))
+    assert a.poll_one().byte_len == 4096
+    assert a.mr.read(4096, 8192) == b"readme!!" * 512
+
+    b.mr.write(struct.pack("<Q", 41), 8, 64)
+    a.qp.post_send(SendWR(5, WrOpcode.ATOMIC_FETCH_AND_ADD, 1, [SGE(a.mr.buf, 8, a.mr.lkey)],
+                          remote_addr=b.mr.buf + 64, rkey=b.mr.rkey, compare_add=1))
+    assert a.poll_one().opcode == WcOpcode.FETCH_ADD
+    assert struct.unpack("<Q", a.mr.read(8, 0)) == (41,)
+    a.qp.post_send(SendWR(6, WrOpcode.ATOMIC_CMP_AND_SWP, 1, [SGE(a.mr.buf + 8, 8, a.mr.lkey)],
+                          remote_addr=b.mr.buf + 64, rkey=b.mr.rkey, compare_add=42, swap=7))
+    assert a.poll_one().opcode == WcOpcode.COMP_SWAP
+    assert struct.unpack("<Q", a.mr.read(8, 8)) == (42,)
+    assert struct.unpack("<Q", b.mr.read(8, 64)) == (7,)
+
+
+@needs_device
+def test_immediate_inline_empty_and_unsignaled(pair):
+    a, b = pair
+    for i in range(4):
+        b.qp.post_recv(RecvWR(10 + i, 1, [SGE(b.mr.buf + 4096 * i, 4096, b.mr.lkey)]))
+    imm = struct.unpack("<I", struct.pack(">I", 0xC0FFEE01))[0]  # htonl, as libibverbs' __be32
+    a.mr.write(b"hello", 5, 0)
+    a.mr.write(b"inline!" * 5, 35, 100)
+    a.qp.post_send(SendWR(20, WrOpcode.SEND_WITH_IMM, 1, [SGE(a.mr.buf, 5, a.mr.lkey)],
+                          imm_data=imm))
+    a.qp.post_send(SendWR(21, WrOpcode.SEND, 1, [SGE(a.mr.buf + 100, 35, 0)],
+                          send_flags=SIG | SendFlags.INLINE))
+    a.qp.post_send(SendWR(22, WrOpcode.RDMA_WRITE_WITH_IMM, 0, [], remote_addr=b.mr.buf,
+                          rkey=b.mr.rkey, imm_data=imm + 1, send_flags=0))  # unsignaled, empty
+    a.qp.post_send(SendWR(23, WrOpcode.SEND, 1, [SGE(a.mr.buf, 1, a.mr.lkey)]))
+    got = b.poll(4, timeout=20)
+    assert [(w.wr_id, w.status, w.byte_len) for w in got] == [(10, 0, 5), (11, 0, 35), (12, 0, 0),
+                                                              (13, 0, 1)]
+    assert got[0].wc_flags & WcFlags.WITH_IMM and got[0].imm_data == imm
+    assert got[2].opcode == WcOpcode.RECV_RDMA_WITH_IMM and got[2].imm_data == imm + 1
+    assert b.mr.read(5, 0) == b"hello" and b.mr.read(35, 4096) == b"inline!" * 5
+    assert [w.wr_id for w in a.poll(3, timeout=20)] == [20, 21, 23]  # 22 retired silently
+    assert not a.cq.poll(1)[1]
+
+
+@needs_device
+def test_bad_rkey_is_a_remote_access_error_then_flush(pair):
+    a, b = pair
+    a.qp.post_send(SendWR(30, WrOpcode.RDMA_WRITE, 1, [SGE(a.mr.buf, 16, a.mr.lkey)],
+                          remote_addr=b.mr.buf, rkey=b.mr.rkey ^ 0x5A00))
+    a.qp.post_send(SendWR(31, WrOpcode.SEND, 1, [SGE(a.mr.buf, 16, a.mr.lkey)]))
+    w1, w2 = a.poll(2, timeout=20)
+    assert (w1.wr_id, w1.status) == (30, WcStatus.REM_ACCESS_ERR)
+    assert (w2.wr_id, w2.status) == (31, WcStatus.WR_FLUSH_ERR)
+    a.qp.post_send(SendWR(32, WrOpcode.RDMA_WRITE, 1, [SGE(a.mr.buf, 16, a.mr.lkey)],
+                          remote_addr=b.mr.buf - 4096, rkey=b.mr.rkey))  # QP is in ERR now
+    (w3,) = a.poll(1, timeout=20)
+    assert (w3.wr_id, w3.status) == (32, WcStatus.WR_FLUSH_ERR)
+
+
+@needs_device
+def test_out_of_bounds_write_lands_nowhere(hosts):
+    a, b = _pair(hosts)
+    try:
+        b.mr.write(b"\xAA" * 64, 64, 0)
+        a.qp.post_send(SendWR(40, WrOpcode.RDMA_WRITE, 1, [SGE(a.mr.buf, 64, a.mr.lkey)],
+                              remote_addr=b.mr.buf + b.mr.length - 32, rkey=b.mr.rkey))
+        (wc,) = a.poll(1, timeout=20)
+        assert wc.status == WcStatus.REM_ACCESS_ERR
+        assert b.mr.read(32, b.mr.length - 32) == bytes(32)
+    finally:
+        a.close()
+        b.close()
+
+
+@needs_device
+def test_no_receive_posted_is_rnr_retry_exceeded(hosts):
+    a, b = _pair(hosts, rnr_retry=0, min_rnr_timer=1)
+    try:
+        a.qp.post_send(SendWR(50, WrOpcode.SEND, 1, [SGE(a.mr.buf, 8, a.mr.lkey)]))
+        (wc,) = a.poll(1, timeout=20)
+        assert (wc.wr_id, wc.status) == (50, WcStatus.RNR_RETRY_EXC_ERR)
+    finally:
+        a.close()
+        b.close()
+
+
+def _rdma_res(kind: str) -> list[dict]:
+    out = subprocess.run(["rdma", "-j", "-d", "resource", "show", kind], capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout or "[]")
+
+
+@needs_device
+@pytest.mark.skipif(shutil.which("rdma") is None, reason="no `rdma` tool (iproute2)")
+def test_the_device_holds_the_guests_keys_and_releases_them(hosts):
+    da, db = hosts
+    a, b = _pair(hosts)
+    try:
+        mrs = [m for m in _rdma_res("mr") if m.get("pid") == da.proc.pid]
+        mine = [m for m in mrs if m.get("mrlen") == a.mr.length]
+        assert mine, mrs
+        assert any(int(str(m.get("rkey", "0")), 0) == a.mr.rkey for m in mine), (mine, a.mr.rkey)
+        assert any(int(str(m.get("lkey", "0")), 0) == a.mr.lkey for m in mine), (mine, a.mr.lkey)
+        qps = [q for q in _rdma_res("qp") if q.get("pid") == da.proc.pid]
+        assert any(q.get("lqpn") == a.qp.qp_num and q.get("rqpn") == b.qp.qp_num for q in qps), qps
+    finally:
+        a.close()
+        b.close()
+    deadline = time.monotonic() + 20  # the daemon releases the guest's device objects
+    while True:
+        left = [m for m in _rdma_res("mr") if m.get("pid") in (da.proc.pid, db.proc.pid)
+                and m.get("mrlen") == 4 << 20]
+        left += [q for q in _rdma_res("qp") if q.get("pid") in (da.proc.pid, db.proc.pid)]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert not left
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@needs_device
+@pytest.mark.skipif(shutil.which("ibv_rc_pingpong") is None, reason="no ibv_rc_pingpong (ibverbs-utils)")
+@pytest.mark.parametrize("ours", ["server", "client"])
+def test_ibv_rc_pingpong_against_a_guest_on_the_verbs_fabric(hosts, ours):
+    """An unmodified ibv_rc_pingpong on the device against ``vrdma rc-pingpong``
+    behind a daemon whose QPs are the device's: the same device, two worlds."""
+    from virtio_rdma.verbs_fabric import VerbsFabric
+
+    fab = VerbsFabric(DEV)
+    gid_index = fab.gid_index
+    fab.close()
+    da, _ = hosts
+    port = str(_free_port())
+    size = "4096"
+    ibv = ["ibv_rc_pingpong", "-d", DEV, "-g", str(gid_index), "-p", port, "-n", "50", "-s", size]
+    vr = [sys.executable, "-m", "vrdma", "rc-pingpong", "--backend", da.path, "-g", "0",
+          "-p", port, "-n", "50", "-s", size, "--timeout", "60"]
+    server, client = (vr, ibv + ["127.0.0.1"]) if ours == "server" else (ibv, vr + ["127.0.0.1"])
+    srv = subprocess.Popen(server, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            cl = subprocess.run(client, capture_output=True, text=True, timeout=120)
+            if cl.returncode == 0 or "Couldn't connect" not in cl.stdout + cl.stderr \
+                    or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        out, _ = srv.communicate(timeout=120)
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+            srv.wait()
+    assert cl.returncode == 0 and srv.returncode == 0, (cl.stdout, cl.stderr, out)
+    for text in (out, cl.stdout + cl.stderr):
+        assert re.search(r"^\d+ bytes in [\d.]+ seconds", text, re.M), text
+        assert re.search(r"^50 iters in [\d.]+ seconds", text, re.M), text

@@ -1,0 +1,720 @@
+"""The verbs fabric: guest QPs run on the host's own RDMA device (kernel rxe or a NIC).
+
+Where the host has an RDMA device, the wire engine of a guest QP is an RC QP
+of that device, driven through pyverbs; the device's kernel driver (or the
+NIC) does segmentation, ACKs, retransmission and the responder, exactly as
+for any local application, and data moves between the wire and the guest's
+pages without a copy:
+
+* **Keys and addresses.** Every guest MR is registered with the device under
+  the guest's own iova (:class:`virtio_rdma.uverbs.KernelMr`), and the
+  device's lkey and rkey become the guest's keys. A guest's SGEs and a
+  peer's RETHs therefore go to the device unchanged, and the device checks
+  them (bounds, rights, PD), not us.
+* **QP numbers.** CREATE_QP creates the device QP at once (RESET), and its
+  number is the guest's QPN: it is what peers see on the wire.
+* **PDs.** Each guest PD that gets an MR or a QP gets a device PD.
+* **Completions.** Each device QP has its own CQ and completion channel;
+  the daemon's event loop watches the channel's fd
+  (:class:`VerbsFabricService`), and each device completion becomes the
+  guest's CQE (send WRs are all posted signaled so each retires its ring
+  slot; the guest's own flag decides whether a CQE is written).
+
+QPs whose peer is another guest of this daemon (same GID, QPN attached here)
+stay on the synchronous message path of :class:`LocalFabric`, as with the
+RoCE fabric.
+
+Ownership: the fabric owns the device context; a :class:`VerbsBinding`
+(one per guest device) owns that guest's device PDs; each
+:class:`HcaQp` owns its QP, CQ, completion channel and bounce MR; each
+guest MR owns its :class:`~virtio_rdma.uverbs.KernelMr`. The device core
+releases QPs, then MRs, then the binding.
+
+Not covered yet: memory windows and remote invalidation (the guest device
+refuses them anyway); MRs whose chunks are not contiguous in the daemon's
+mapping of guest memory (EOPNOTSUPP; process guests register one chunk);
+the device's asynchronous events (a fatal device error shows up as error
+completions). The device's GID table is read once, at start.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections import deque
+from dataclasses import asdict, dataclass
+
+from virtio.errors import GuestMemoryError
+from virtio_rdma import datapath
+from virtio_rdma.constants import Access, AsyncEvent, Mtu, QpState, SendFlags, Status, WcFlags, \
+    WcOpcode, WcStatus, WrOpcode
+from virtio_rdma.errors import CommandError, FabricError, VirtioRdmaError
+from virtio_rdma.fabric import LocalFabric
+from virtio_rdma.uverbs import KernelMr
+from virtio_rdma.wire import Completion, decode_recv_wqe, decode_send_wqe
+
+log = logging.getLogger(__name__)
+
+RECV_BIT = 1 << 63          # device wr_id of a receive: RECV_BIT | ring index
+_RIGHTS = Access.LOCAL_WRITE | Access.REMOTE_WRITE | Access.REMOTE_READ | Access.REMOTE_ATOMIC
+_RDMA = frozenset({WrOpcode.RDMA_WRITE, WrOpcode.RDMA_WRITE_WITH_IMM, WrOpcode.RDMA_READ})
+_ATOMICS = frozenset({WrOpcode.ATOMIC_CMP_AND_SWP, WrOpcode.ATOMIC_FETCH_AND_ADD})
+_IMM = frozenset({WrOpcode.SEND_WITH_IMM, WrOpcode.RDMA_WRITE_WITH_IMM})
+_EVENT_FD_LINK = "anon_inode:[infinibandevent]"
+_STATUS_OF_ERRNO = {int(s) for s in Status}
+_WC_WITH_IMM = 2            # IBV_WC_WITH_IMM
+_WC_RECV_RDMA_WITH_IMM = 129
+
+
+def rdma_devices() -> list[str]:
+    """The names of this host's RDMA devices ([] without pyverbs or devices)."""
+    try:
+        from pyverbs.device import get_device_list
+        from pyverbs.pyverbs_error import PyverbsError
+    except ImportError:
+        return []
+    try:
+        return [d.name.decode() for d in get_device_list()]
+    except PyverbsError:
+        return []
+
+
+def gid_text(gid: bytes) -> str:
+    """pyverbs' GID notation: eight groups of four hex digits."""
+    h = bytes(gid).hex()
+    return ":".join(h[i:i + 4] for i in range(0, 32, 4))
+
+
+def gid_bytes(gid) -> bytes:
+    raw = bytes.fromhex(str(gid).replace(":", ""))
+    if len(raw) != 16:
+        raise FabricError(f"GID {gid!s} is not 16 bytes")
+    return raw
+
+
+def _status_of(e: Exception) -> Status:
+    err = getattr(e, "error_code", None) or getattr(e, "status", None) or getattr(e, "errno", None)
+    return Status(err) if isinstance(err, int) and err in _STATUS_OF_ERRNO else Status.EIO
+
+
+def _event_fds() -> set[int]:
+    fds = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == _EVENT_FD_LINK:
+                fds.add(int(name))
+        except OSError:
+            continue
+    return fds
+
+
+@dataclass(slots=True)
+class VerbsFabricMetrics:
+    wire_qps: int = 0             # guest QPs run by the device
+    device_qps: int = 0           # device QPs alive
+    device_mrs: int = 0           # guest MRs registered with the device
+    completions: int = 0          # device completions turned into guest CQEs
+    error_completions: int = 0
+    stale_completions: int = 0    # after the guest QP left for ERR/RESET: dropped
+    events: int = 0               # completion-channel events
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class VerbsFabric(LocalFabric):
+    """The host RDMA device ``device`` (port ``port``) as the fabric.
+
+    The port's GID is the one at ``gid_index``, or, by default, the one
+    matching ``address`` (its IPv4-mapped form for IPv4), or else the first
+    IPv4-mapped RoCE v2 GID in the table, as rxe and RoCE NICs list them.
+    """
+
+    def __init__(self, device: str, *, port: int = 1, gid_index: int | None = None,
+                 address: str | None = None):
+        try:
+            from pyverbs.device import Context
+            from pyverbs.pyverbs_error import PyverbsError
+        except ImportError as e:
+            raise FabricError(f"the verbs fabric needs pyverbs (python3-pyverbs): {e}") from None
+        self._PyverbsError = PyverbsError
+        try:
+            self.ctx = Context(name=device)
+        except PyverbsError as e:
+            raise FabricError(f"cannot open RDMA device {device!r}: {e}") from None
+        try:
+            self.device_attr = self.ctx.query_device()
+            self.port_attr = self.ctx.query_port(port)
+            self.gid_index = self._choose_gid(port, gid_index, address)
+            gid = gid_bytes(self.ctx.query_gid(port, self.gid_index))
+        except (PyverbsError, FabricError) as e:
+            self.ctx.close()
+            raise FabricError(f"RDMA device {device!r} port {port}: {e}") from None
+        super().__init__(gid)
+        self.device = device
+        self.port = port
+        self.address = address or _address_of(gid) or gid_text(gid)
+        self.watch = None     # watch(fd, callback) / unwatch(fd): set by VerbsFabricService
+        self.unwatch = None
+        self.metrics = VerbsFabricMetrics()
+        self.closed = False
+
+    def _choose_gid(self, port: int, gid_index: int | None, address: str | None) -> int:
+        from virtio_rdma.roce_fabric import gid_of_address
+
+        n = self.port_attr.gid_tbl_len
+        if gid_index is not None:
+            if not 0 <= gid_index < n:
+                raise FabricError(f"GID index {gid_index} is outside the table (0..{n - 1})")
+            return gid_index
+        want = gid_of_address(address) if address else None
+        for i in range(n):
+            try:
+                g = gid_bytes(self.ctx.query_gid(port, i))
+                roce_v2 = self.ctx.query_gid_type(port, i) == 2  # IBV_GID_TYPE_SYSFS_ROCE_V2
+            except self._PyverbsError:
+                continue
+            if want is not None and g == want:
+                return i
+            if want is None and roce_v2 and g[:12] == bytes(10) + b"\xff\xff":
+                return i
+        if want is not None:
+            raise FabricError(f"no GID for address {address} in the port's table")
+        raise FabricError("no IPv4-mapped RoCE v2 GID in the port's table (is an IPv4 address "
+                          "configured on the device's netdev?)")
+
+    # ---- Fabric --------------------------------------------------------------
+    def bind(self, dev) -> "VerbsBinding":
+        if self.closed:
+            raise FabricError(f"verbs fabric on {self.device} is closed")
+        a, L = self.device_attr, dev.limits
+        dev.limits = dataclasses.replace(
+            L, max_qp=min(L.max_qp, a.max_qp), max_qp_wr=min(L.max_qp_wr, a.max_qp_wr),
+            max_sge=min(L.max_sge, a.max_sge), max_mr=min(L.max_mr, a.max_mr),
+            max_mr_size=min(L.max_mr_size, a.max_mr_size),
+            max_qp_rd_atom=min(L.max_qp_rd_atom, a.max_qp_rd_atom, a.max_qp_init_rd_atom),
+            active_mtu=Mtu(min(int(L.active_mtu), int(self.port_attr.active_mtu))))
+        return VerbsBinding(self, dev)
+
+    def open_wire_qp(self, dev, qp, now: float) -> "VerbsQp | None":
+        if qp.hw is None:
+            return None
+        if bytes(qp.attr["dgid"]) == self.gid and qp.attr["dest_qp_num"] in self._endpoints:
+            return None  # another guest of this daemon: the message path
+        self.metrics.wire_qps += 1
+        return VerbsQp(self, dev, qp)
+
+    def adopt_qpn(self, qpn: int) -> None:
+        if qpn in self._allocated:
+            raise FabricError(f"the device returned QPN {qpn:#x}, which is in use")
+        self._allocated.add(qpn)
+
+    def close(self) -> None:
+        """Close the device context (every object on it is destroyed with it)."""
+        if not self.closed:
+            self.closed = True
+            self.ctx.close()
+
+
+def _address_of(gid: bytes) -> str | None:
+    from virtio_rdma.roce_fabric import address_of_gid
+
+    return address_of_gid(gid)
+
+
+class VerbsBinding:
+    """One guest device's objects on the host RDMA device (see module doc)."""
+
+    def __init__(self, fabric: VerbsFabric, dev) -> None:
+        self.fabric = fabric
+        self.dev = dev
+        self.pds: dict = {}  # guest pdn -> pyverbs PD
+
+    def _pd(self, pdn: int):
+        pd = self.pds.get(pdn)
+        if pd is None:
+            from pyverbs.pd import PD
+
+            try:
+                pd = PD(self.fabric.ctx)
+            except self.fabric._PyverbsError as e:
+                raise CommandError(f"device PD for PD {pdn}: {e}", _status_of(e)) from None
+            self.pds[pdn] = pd
+        return pd
+
+    def reg_mr(self, pdn: int, access: Access, iova: int, length: int,
+               chunks: list[tuple[int, int]]) -> KernelMr:
+        """Register the guest pages of an MR with the device under ``iova``."""
+        if length == 0:
+            raise CommandError("REG_MR of 0 bytes: the RDMA device cannot register it",
+                               Status.EINVAL)
+        mem = self.dev.mem
+        try:
+            start = mem.host_address(*chunks[0])
+            end = start + chunks[0][1]
+            for gpa, n in chunks[1:]:
+                if mem.host_address(gpa, n) != end:
+                    raise CommandError(
+                        f"REG_MR chunk at gpa {gpa:#x} is not contiguous with the previous one "
+                        "in the daemon's mapping; the RDMA device needs one range",
+                        Status.EOPNOTSUPP)
+                end += n
+        except GuestMemoryError as e:
+            raise CommandError(f"REG_MR: {e}", Status.EFAULT) from None
+        pd = self._pd(pdn)
+        try:
+            mr = KernelMr(self.fabric.ctx.cmd_fd, pd.handle, start, length, iova,
+                          int(access & (_RIGHTS | Access.RELAXED_ORDERING)))
+        except FabricError as e:
+            raise CommandError(str(e), Status(e.status) if e.status in _STATUS_OF_ERRNO
+                               else Status.EIO) from None
+        self.fabric.metrics.device_mrs += 1
+        return _CountedMr(mr, self.fabric.metrics)
+
+    def create_qp(self, pdn: int, layout) -> "HcaQp":
+        return HcaQp(self, self._pd(pdn), layout)
+
+    def dealloc_pd(self, pdn: int) -> None:
+        pd = self.pds.pop(pdn, None)
+        if pd is not None:
+            pd.close()
+
+    def close(self) -> None:
+        pds, self.pds = self.pds, {}
+        for pd in pds.values():
+            try:
+                pd.close()
+            except self.fabric._PyverbsError as e:
+                log.warning("closing a device PD: %s", e)
+
+
+class _CountedMr:
+    """A :class:`KernelMr` that keeps the fabric's MR count."""
+
+    __slots__ = ("mr", "metrics")
+
+    def __init__(self, mr: KernelMr, metrics: VerbsFabricMetrics):
+        self.mr = mr
+        self.metrics = metrics
+
+    lkey = property(lambda self: self.mr.lkey)
+    rkey = property(lambda self: self.mr.rkey)
+
+    def close(self) -> None:
+        if self.mr is not None:
+            mr, self.mr = self.mr, None
+            self.metrics.device_mrs -= 1
+            mr.close()
+
+
+class HcaQp:
+    """A device RC QP made for one guest QP at CREATE_QP, with its own CQ and
+    completion channel, and a small registered buffer for inline data."""
+
+    def __init__(self, binding: VerbsBinding, pd, layout) -> None:
+        from pyverbs.cq import CQ, CompChannel
+        from pyverbs.qp import QP, QPCap, QPInitAttr
+        import pyverbs.enums as e
+
+        fabric = binding.fabric
+        self.fabric = fabric
+        self.pd = pd
+        self.channel = self.cq = self.qp = self.bounce = None
+        self.fd = -1
+        self.qpn = 0
+        depth = layout.sq_depth + layout.rq_depth
+        a = fabric.device_attr
+        try:
+            before = _event_fds()
+            self.channel = CompChannel(fabric.ctx)
+            fds = _event_fds() - before
+            if len(fds) != 1:
+                raise FabricError(f"cannot tell the completion channel's fd among {sorted(fds)}")
+            self.fd = fds.pop()
+            os.set_blocking(self.fd, False)
+            self.cq = CQ(fabric.ctx, min(depth, a.max_cqe), None, self.channel, 0)
+            cap = QPCap(max_send_wr=layout.sq_depth, max_recv_wr=layout.rq_depth,
+                        max_send_sge=max(1, min(layout.max_send_sge, a.max_sge)),
+                        max_recv_sge=max(1, min(layout.max_recv_sge, a.max_sge)),
+                        max_inline_data=0)
+            self.qp = QP(pd, QPInitAttr(qp_type=e.IBV_QPT_RC, scq=self.cq, rcq=self.cq, cap=cap,
+                                        sq_sig_all=0))
+            self.qpn = self.qp.qp_num
+            fabric.adopt_qpn(self.qpn)
+        except (fabric._PyverbsError, FabricError) as err:
+            self._release()
+            raise CommandError(f"device QP: {err}", _status_of(err)) from None
+        self.inline_slot = max(1, layout.max_inline_data)
+        self.sq_depth = layout.sq_depth
+        fabric.metrics.device_qps += 1
+
+    def bounce_buffer(self):
+        """The registered buffer inline data and empty SGE lists use (made on first use)."""
+        if self.bounce is None:
+            from pyverbs.mr import MR
+            import pyverbs.enums as e
+
+            self.bounce = MR(self.pd, self.inline_slot * self.sq_depth, e.IBV_ACCESS_LOCAL_WRITE)
+        return self.bounce
+
+    def reset(self) -> None:
+        """Back to RESET (the guest QP went there): the device QP can be used again."""
+        from pyverbs.qp import QPAttr
+        import pyverbs.enums as e
+
+        self.qp.modify(QPAttr(qp_state=e.IBV_QPS_RESET), e.IBV_QP_STATE)
+        while self.cq.poll(64)[0]:
+            pass
+
+    def _release(self) -> None:
+        for name in ("qp", "bounce", "cq", "channel"):
+            obj = getattr(self, name)
+            if obj is not None:
+                setattr(self, name, None)
+                try:
+                    obj.close()
+                except self.fabric._PyverbsError as e:
+                    log.warning("closing a device %s: %s", name, e)
+
+    def close(self) -> None:
+        if self.qp is None and self.channel is None:
+            return
+        qpn = self.qpn
+        self._release()
+        if qpn:
+            self.fabric._allocated.discard(qpn)
+            self.fabric.metrics.device_qps -= 1
+
+
+class VerbsQp:
+    """The wire engine of one guest QP on the device (``qp.hw``): the same
+    calls as :class:`virtio_rdma.netqp.NetworkQp`."""
+
+    def __init__(self, fabric: VerbsFabric, dev, qp) -> None:
+        self.fabric = fabric
+        self.dev = dev
+        self.qp = qp
+        self.hw: HcaQp = qp.hw
+        self.posted: deque[tuple[int, int, bool, int]] = deque()  # (index, opcode, signaled, wr_id)
+        self.recv_ids: deque[int] = deque()  # guest wr_ids of receives on the device, in order
+        self.rq_posted = qp.rq_ci
+        self.failed = False
+        self.closed = False
+        self.watched = False
+        if fabric.watch is not None:
+            fabric.watch(self.hw.fd, self.on_event)
+            self.watched = True
+
+    # ------------------------------------------------------------------ state
+    def modified(self, prev: QpState, target: QpState, now: float) -> None:
+        from pyverbs.addr import AHAttr, GID, GlobalRoute
+        from pyverbs.qp import QPAttr
+        import pyverbs.enums as e
+
+        qp, a, hw = self.qp, self.qp.attr, self.hw
+        if self.failed or target is QpState.SQE:
+            return
+        access = int(qp.access & _RIGHTS)
+        try:
+            if target is QpState.RTR and prev is QpState.INIT:
+                init = QPAttr(qp_state=e.IBV_QPS_INIT, port_num=self.fabric.port)
+                init.pkey_index = 0
+                init.qp_access_flags = access
+                hw.qp.modify(init, e.IBV_QP_STATE | e.IBV_QP_PKEY_INDEX | e.IBV_QP_PORT
+                             | e.IBV_QP_ACCESS_FLAGS)
+                mtu = min(a["path_mtu"] or int(Mtu.MTU_1024), int(self.fabric.port_attr.active_mtu))
+                rtr = QPAttr(qp_state=e.IBV_QPS_RTR, path_mtu=mtu)
+                rtr.dest_qp_num = a["dest_qp_num"]
+                rtr.rq_psn = qp.epsn
+                rtr.max_dest_rd_atomic = max(1, min(a["max_dest_rd_atomic"],
+                                                    self.fabric.device_attr.max_qp_rd_atom))
+                rtr.min_rnr_timer = a["min_rnr_timer"] & 31
+                gr = GlobalRoute(dgid=GID(gid_text(bytes(a["dgid"]))), flow_label=a["flow_label"],
+                                 sgid_index=self.fabric.gid_index,
+                                 hop_limit=a["hop_limit"] or 64, traffic_class=a["traffic_class"])
+                rtr.ah_attr = AHAttr(is_global=1, port_num=self.fabric.port, gr=gr)
+                hw.qp.modify(rtr, e.IBV_QP_STATE | e.IBV_QP_AV | e.IBV_QP_PATH_MTU
+                             | e.IBV_QP_DEST_QPN | e.IBV_QP_RQ_PSN | e.IBV_QP_MAX_DEST_RD_ATOMIC
+                             | e.IBV_QP_MIN_RNR_TIMER)
+                hw.cq.req_notify()
+                self.rq_rung(now)
+            elif target is QpState.RTS and prev is QpState.RTR:
+                rts = QPAttr(qp_state=e.IBV_QPS_RTS)
+                rts.timeout = a["timeout"] & 31
+                rts.retry_cnt = a["retry_cnt"] & 7
+                rts.rnr_retry = a["rnr_retry"] & 7
+                rts.sq_psn = qp.sq_psn
+                rts.max_rd_atomic = max(1, min(a["max_rd_atomic"],
+                                               self.fabric.device_attr.max_qp_init_rd_atom))
+                hw.qp.modify(rts, e.IBV_QP_STATE | e.IBV_QP_TIMEOUT | e.IBV_QP_RETRY_CNT
+                             | e.IBV_QP_RNR_RETRY | e.IBV_QP_SQ_PSN | e.IBV_QP_MAX_QP_RD_ATOMIC)
+            else:
+                state = {QpState.RTR: e.IBV_QPS_RTR, QpState.RTS: e.IBV_QPS_RTS,
+                         QpState.SQD: e.IBV_QPS_SQD}[target]
+                attr = QPAttr(qp_state=state)
+                attr.qp_access_flags = access
+                mask = e.IBV_QP_STATE | (e.IBV_QP_ACCESS_FLAGS if target is not QpState.SQD else 0)
+                hw.qp.modify(attr, mask)
+        except (self.fabric._PyverbsError, KeyError) as err:
+            log.warning("QP %#x: the RDMA device refused %s -> %s: %s", qp.qpn, prev.name,
+                        target.name, err)
+            datapath.qp_error(self.dev, qp, AsyncEvent.QP_FATAL)
+            return
+        if target is QpState.RTS:
+            self.progress(now)
+
+    def on_error(self) -> None:
+        """The guest QP enters ERR (the core flushes its rings): move the device
+        QP to ERR too and drop what it still reports."""
+        if self.failed:
+            return
+        self.failed = True
+        self.posted.clear()
+        self.recv_ids.clear()
+        from pyverbs.qp import QPAttr
+        import pyverbs.enums as e
+
+        try:
+            self.hw.qp.modify(QPAttr(qp_state=e.IBV_QPS_ERR), e.IBV_QP_STATE)
+        except self.fabric._PyverbsError as err:
+            log.warning("QP %#x: device QP to ERR: %s", self.qp.qpn, err)
+
+    def close(self) -> None:
+        """The guest QP went to RESET or is destroyed: stop watching, reset the device QP."""
+        if self.closed:
+            return
+        self.closed = True
+        self.posted.clear()
+        self.recv_ids.clear()
+        if self.watched and self.fabric.unwatch is not None:
+            self.fabric.unwatch(self.hw.fd)
+        self.watched = False
+        if self.hw.qp is not None:
+            try:
+                self.hw.reset()
+            except self.fabric._PyverbsError as err:
+                log.warning("QP %#x: device QP to RESET: %s", self.qp.qpn, err)
+
+    def deadline(self) -> float | None:
+        return None  # the device keeps its own timers
+
+    def on_timer(self, now: float) -> None:
+        self.poll()
+
+    # ------------------------------------------------------------- send side
+    def progress(self, now: float) -> None:
+        qp, dev = self.qp, self.dev
+        if qp.state is not QpState.RTS or self.failed:
+            return
+        while qp.sq_next != qp.sq_pi:
+            if not self._post_one(qp.sq_next):
+                return
+            qp.sq_next = (qp.sq_next + 1) & 0xFFFFFFFF
+            dev.metrics.requests_sent += 1
+
+    def _post_one(self, idx: int) -> bool:
+        from pyverbs.wr import SGE, SendWR
+        import pyverbs.enums as e
+
+        qp, dev, hw = self.qp, self.dev, self.hw
+        try:
+            slot = dev.mem.translate(qp.sq_slot_gpa(idx), 1 << qp.layout.sq_wqe_shift)
+        except GuestMemoryError:
+            dev.metrics.wqe_fetch_faults += 1
+            datapath.qp_error(dev, qp, AsyncEvent.QP_FATAL)
+            return False
+        wr_id = int.from_bytes(slot[:8], "little")
+        opcode = slot[8]
+        try:
+            wqe = decode_send_wqe(slot, qp.layout.max_send_sge)
+            datapath.check_wqe(dev, qp, wqe)
+            op = wqe.opcode
+            if wqe.inline is not None:
+                buf = hw.bounce_buffer()
+                off = (idx % hw.sq_depth) * hw.inline_slot
+                data = bytes(wqe.inline)
+                if data:
+                    buf.write(data, len(data), off)
+                sges = [SGE(buf.buf + off, len(data), buf.lkey)]
+            elif wqe.sges:
+                sges = [SGE(s.addr, s.length, s.lkey) for s in wqe.sges]
+            else:  # pyverbs needs one SGE: an empty one
+                buf = hw.bounce_buffer()
+                sges = [SGE(buf.buf, 0, buf.lkey)]
+            flags = e.IBV_SEND_SIGNALED
+            if wqe.send_flags & SendFlags.SOLICITED:
+                flags |= e.IBV_SEND_SOLICITED
+            if wqe.send_flags & SendFlags.FENCE:
+                flags |= e.IBV_SEND_FENCE
+            wr = SendWR(wr_id=idx, opcode=int(op), num_sge=len(sges), sg=sges, send_flags=flags,
+                        imm_data=wqe.imm_data if op in _IMM else 0)
+            if op in _RDMA:
+                wr.set_wr_rdma(wqe.rkey, wqe.remote_addr)
+            elif op in _ATOMICS:
+                wr.set_wr_atomic(wqe.rkey, wqe.remote_addr, wqe.compare_add, wqe.swap)
+            hw.qp.post_send(wr)
+        except datapath._WqeError as err:
+            setattr(dev.metrics, err.metric, getattr(dev.metrics, err.metric) + 1)
+            return self._fail(idx, wr_id, opcode, err.wc_status)
+        except (VirtioRdmaError, self.fabric._PyverbsError) as err:
+            log.debug("QP %#x: send WQE %d refused: %s", qp.qpn, idx, err)
+            dev.metrics.bad_wqes += 1
+            return self._fail(idx, wr_id, opcode, WcStatus.LOC_QP_OP_ERR)
+        signaled = qp.sq_sig_all or bool(wqe.send_flags & SendFlags.SIGNALED)
+        self.posted.append((idx, int(op), signaled, wr_id))
+        return True
+
+    def _fail(self, idx: int, wr_id: int, opcode: int, status: WcStatus) -> bool:
+        """A WQE failed before reaching the device: the WQEs before it that
+        are still on the device are flushed, it completes with ``status``,
+        and the QP enters ERR (as the message path does)."""
+        qp, dev = self.qp, self.dev
+        self.on_error()
+        while qp.sq_ci != idx:
+            gpa = qp.sq_slot_gpa(qp.sq_ci)
+            datapath.complete_send(dev, qp, qp.sq_ci, datapath._slot_wr_id(dev, gpa),
+                                   datapath._slot_opcode(dev, gpa), WcStatus.WR_FLUSH_ERR)
+            dev.metrics.flushed_wrs += 1
+        datapath.complete_send(dev, qp, idx, wr_id, opcode, status)
+        qp.sq_next = qp.sq_ci
+        datapath.qp_error(dev, qp, None)
+        return False
+
+    # ---------------------------------------------------------- receive side
+    def rq_rung(self, now: float) -> None:
+        """Hand the device every receive WQE the guest posted since the last call."""
+        from pyverbs.wr import RecvWR, SGE
+
+        qp, dev, hw = self.qp, self.dev, self.hw
+        if self.failed or self.closed:
+            return
+        while self.rq_posted != qp.rq_pi:
+            idx = self.rq_posted
+            try:
+                slot = dev.mem.translate(qp.rq_slot_gpa(idx), 1 << qp.layout.rq_wqe_shift)
+                wqe = decode_recv_wqe(slot, qp.layout.max_recv_sge)
+                if wqe.sges:
+                    sges = [SGE(s.addr, s.length, s.lkey) for s in wqe.sges]
+                else:
+                    buf = hw.bounce_buffer()
+                    sges = [SGE(buf.buf, 0, buf.lkey)]
+                hw.qp.post_recv(RecvWR(wr_id=RECV_BIT | idx, num_sge=len(sges), sg=sges))
+            except (GuestMemoryError, VirtioRdmaError, self.fabric._PyverbsError) as err:
+                log.debug("QP %#x: receive WQE %d refused: %s", qp.qpn, idx, err)
+                dev.metrics.bad_wqes += 1
+                datapath.qp_error(dev, qp, AsyncEvent.QP_FATAL)
+                return
+            self.recv_ids.append(wqe.wr_id)
+            self.rq_posted = (idx + 1) & 0xFFFFFFFF
+
+    # ------------------------------------------------------------ completions
+    def on_event(self) -> None:
+        """The completion channel is readable: take the event, re-arm, poll."""
+        hw = self.hw
+        if hw.cq is None:
+            return
+        try:
+            hw.channel.get_cq_event(hw.cq)
+            hw.cq.ack_events(1)
+            self.fabric.metrics.events += 1
+        except self.fabric._PyverbsError:
+            pass  # no event after all (the fd is non-blocking)
+        hw.cq.req_notify()
+        self.poll()
+
+    def poll(self) -> int:
+        """Turn every device completion into the guest's; returns how many."""
+        hw, qp, dev, m = self.hw, self.qp, self.dev, self.fabric.metrics
+        n = 0
+        while hw.cq is not None:
+            got, wcs = hw.cq.poll(64)
+            if not got:
+                break
+            for wc in wcs:
+                n += 1
+                if self.failed or self.closed or qp.state in (QpState.ERR, QpState.RESET):
+                    m.stale_completions += 1
+                    continue
+                m.completions += 1
+                if wc.wr_id & RECV_BIT:
+                    self._recv_done(wc)
+                else:
+                    self._send_done(wc)
+                if wc.status != 0:  # the device QP is in ERR now: so is the guest's
+                    m.error_completions += 1
+                    datapath.qp_error(dev, qp, None)
+        return n
+
+    def _send_done(self, wc) -> None:
+        qp, dev = self.qp, self.dev
+        if not self.posted:
+            log.warning("QP %#x: device send completion with nothing posted (wr_id %#x)",
+                        qp.qpn, wc.wr_id)
+            return
+        idx, opcode, signaled, wr_id = self.posted.popleft()
+        if idx != wc.wr_id:
+            log.warning("QP %#x: device completed slot %d, expected %d", qp.qpn, wc.wr_id, idx)
+        status = _wc_status(wc.status)
+        datapath.complete_send(dev, qp, idx, wr_id, opcode, status, wc.byte_len,
+                               force=signaled or status is not WcStatus.SUCCESS)
+        if status is WcStatus.SUCCESS:
+            dev.metrics.sends_completed += 1
+            if opcode == WrOpcode.RDMA_READ:
+                dev.metrics.bytes_received += wc.byte_len
+
+    def _recv_done(self, wc) -> None:
+        qp, dev = self.qp, self.dev
+        if not self.recv_ids:
+            log.warning("QP %#x: device receive completion with nothing posted", qp.qpn)
+            return
+        wr_id = self.recv_ids.popleft()
+        qp.rq_ci = (qp.rq_ci + 1) & 0xFFFFFFFF
+        status = _wc_status(wc.status)
+        flags, imm, opcode = 0, 0, WcOpcode.RECV
+        if status is WcStatus.SUCCESS:
+            dev.metrics.bytes_received += wc.byte_len
+            if wc.opcode == _WC_RECV_RDMA_WITH_IMM:
+                opcode = WcOpcode.RECV_RDMA_WITH_IMM
+            if wc.wc_flags & _WC_WITH_IMM:
+                flags, imm = int(WcFlags.WITH_IMM), wc.imm_data  # __be32, as the guest expects
+        # the device does not say whether a SEND was solicited: a solicited-only
+        # arm fires on every receive (a spurious wake-up, never a lost one)
+        dev.complete(qp.recv_cq, Completion(wr_id, status, opcode, qp.qpn, wc.byte_len, imm,
+                                            flags, wc.src_qp), solicited=True)
+
+
+def _wc_status(v: int) -> WcStatus:
+    try:
+        return WcStatus(v)
+    except ValueError:
+        return WcStatus.GENERAL_ERR
+
+
+class VerbsFabricService:
+    """The daemon side of a :class:`VerbsFabric`: watches completion channels
+    in the running event loop and closes the device context at shutdown."""
+
+    def __init__(self, fabric: VerbsFabric):
+        self.fabric = fabric
+        self.loop = None
+
+    async def start(self) -> None:
+        import asyncio
+
+        self.loop = asyncio.get_running_loop()
+        self.fabric.watch = self._watch
+        self.fabric.unwatch = self.loop.remove_reader
+        log.info("verbs fabric on %s port %d, GID index %d (%s)", self.fabric.device,
+                 self.fabric.port, self.fabric.gid_index, gid_text(self.fabric.gid))
+
+    def _watch(self, fd: int, callback) -> None:
+        def ready():
+            try:
+                callback()
+            except Exception:  # the daemon boundary: one QP must not stop the others
+                log.exception("verbs fabric: internal error on a completion")
+        self.loop.add_reader(fd, ready)
+
+    async def aclose(self) -> None:
+        self.fabric.watch = self.fabric.unwatch = None
+        self.fabric.close()
