@@ -309,7 +309,9 @@ def print_rows(test: str, rows: list[dict]) -> None:
             key = [k for k in r if k.startswith("floor_eventfd")][0]
             print(f"# {r['bytes']} B: floor ({key}) {r[key]:.2f} us, ratio {r['ratio_vs_floor']:.2f}x")
     for r in rows[:1]:
-        print(f"# vCPUs during the run: {r['vcpu_state']}; during the floor: {r['floor_vcpu_state']}")
+        if "vcpu_state" in r:  # run() measures it; a caller of run_pair may not
+            print(f"# vCPUs during the run: {r['vcpu_state']}; during the floor: "
+                  f"{r.get('floor_vcpu_state', 'not measured')}")
 
 
 def main(argv=None) -> int:

@@ -10,6 +10,7 @@ frees every slot up to it, as providers of real HCAs track it.
 from __future__ import annotations
 
 import collections
+import errno
 import struct
 from dataclasses import dataclass, field
 
@@ -240,6 +241,8 @@ class QP(VerbsObject):
 
     def post_recv(self, wrs) -> None:
         self._check_open()
+        if self.state is QpState.RESET:  # the device ignores RQ doorbells in RESET, as rxe does
+            raise RDMAError(f"post_recv on QP {self.qp_num:#x} in RESET", errno.EINVAL)
         if not isinstance(wrs, (list, tuple)):
             wrs = (wrs,)
         rq, slot, mask = self.rq, self.rq_slot, self.rq_depth - 1

@@ -160,6 +160,8 @@ class VerbsFabric(LocalFabric):
         self.closed = False
 
     def _choose_gid(self, port: int, gid_index: int | None, address: str | None) -> int:
+        import pyverbs.enums as e
+
         from virtio_rdma.roce_fabric import gid_of_address
 
         n = self.port_attr.gid_tbl_len
@@ -171,7 +173,7 @@ class VerbsFabric(LocalFabric):
         for i in range(n):
             try:
                 g = gid_bytes(self.ctx.query_gid(port, i))
-                roce_v2 = self.ctx.query_gid_type(port, i) == 2  # IBV_GID_TYPE_SYSFS_ROCE_V2
+                roce_v2 = self.ctx.query_gid_type(port, i) == e.IBV_GID_TYPE_SYSFS_ROCE_V2
             except self._PyverbsError:
                 continue
             if want is not None and g == want:

@@ -9,3 +9,12 @@ def test_vrdma_demo_runs_and_verifies():
     assert r.returncode == 0, r.stdout + r.stderr
     assert "all data verified" in r.stdout
     assert "FETCH_AND_ADD(+5) saw 1000" in r.stdout and "verified 256 KiB" in r.stdout
+
+
+def test_vrdma_demo_with_its_perftest_summary():
+    """The default run also prints the perftest-style summary against floors."""
+    r = subprocess.run([sys.executable, "-m", "vrdma", "demo", "--iters", "50"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "all data verified" in r.stdout
+    assert "#bytes" in r.stdout and "ratio" in r.stdout and "memcpy" in r.stdout

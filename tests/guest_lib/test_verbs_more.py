@@ -89,3 +89,20 @@ def test_1024_qps_and_1024_cqs_in_one_guest(endpoints):
     got = poll_cq(pcq, n, timeout=60)
     assert all(w.status == WcStatus.SUCCESS for w in got)
     assert [struct.unpack("<Q", p.mr.read(8, 8 * i))[0] for i in range(n)] == [i * 3 + 1 for i in range(n)]
+
+
+def test_post_recv_in_reset_is_einval_as_on_rxe(endpoints):
+    """The device drops RQ doorbells of a QP in RESET; guest_lib must not
+    accept the WR and lose it silently (ibv_post_recv returns EINVAL)."""
+    import errno
+
+    from guest_lib.errors import RDMAError
+    from guest_lib.qp import QPAttr
+
+    a = endpoints()
+    with pytest.raises(RDMAError) as e:
+        a.qp.post_recv(RecvWR(wr_id=1, sg=[SGE(a.mr.buf, 16, a.mr.lkey)]))
+    assert e.value.errno == errno.EINVAL and a.qp.rq_pi == 0
+    a.qp.to_init(QPAttr())
+    a.qp.post_recv(RecvWR(wr_id=2, sg=[SGE(a.mr.buf, 16, a.mr.lkey)]))
+    assert a.qp.rq_pi == 1
