@@ -256,7 +256,7 @@ def run_pair(path: str, test: str, size: int, iters: int, batch: int = 16, guest
     for role, r in results.items():
         if isinstance(r, dict) and "error" in r:
             raise RuntimeError(f"{test} {role}: {r['error']}")
-    return results["client"]
+    return dict(results["client"], batch=batch)
 
 
 def run(test: str, sizes, iters: int, batch: int = 16, poll_us: float = 0.0) -> list[dict]:
