@@ -36,3 +36,17 @@ def image():
         return build_image()
     except CapabilityMissing as exc:
         pytest.skip(f"cannot build the rxe guest: {exc}")
+
+
+@pytest.fixture(scope="session")
+def host_root_image(image):
+    """The rxe image, with the host side of ``RxeGuest(host_root=True)`` ready: the repo's
+    Cython extensions built for a CPU TCG emulates (the first build takes ~20 s)."""
+    from qemu_tests.errors import CapabilityMissing
+    from qemu_tests.rxe_guest import portable_extensions
+
+    try:
+        portable_extensions()
+    except CapabilityMissing as exc:
+        pytest.skip(f"cannot build portable extensions for the rxe guest: {exc}")
+    return image
