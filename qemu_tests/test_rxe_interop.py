@@ -1,10 +1,17 @@
-"""Wire interop with the kernel's own RoCEv2: unmodified ibv_rc_pingpong on
-kernel rxe (Debian's kernel under QEMU TCG) against ``vrdma rc-pingpong``, a
-guest of our back-end daemon, whose QP runs on the userspace RoCEv2 fabric.
+"""Wire interop with the kernel's own RoCEv2 (Debian's kernel under QEMU TCG,
+rdma_rxe on its virtio-net), against ``vrdma rc-pingpong``, a guest of our
+back-end daemon whose QP runs on the userspace RoCEv2 fabric. The guest side
+is either
+
+* an unmodified ``ibv_rc_pingpong`` on rxe0, or
+* ``vrdma rc-pingpong``, a guest of a second daemon *inside the VM* whose
+  fabric is the verbs transport on rxe0 (``--verbs-device rxe0``: guest
+  memory registered with kernel rxe under the guest's addresses, the QP an
+  rxe QP). The VM shares the host's root read-only (``host_root``) to run it.
 
 Topology: a network namespace holds a tap device (203.0.113.1/24) and the
 back-end daemon bound to it; the QEMU guest's virtio-net NIC is that tap
-(203.0.113.2/24, rxe0 on eth0). One boot runs ibv_rc_pingpong first as the
+(203.0.113.2/24, rxe0 on eth0). One boot runs the guest side first as the
 client of our server, then as the server of our client, for message sizes
 below, at, and above the path MTU (1024).
 """
@@ -33,20 +40,31 @@ ADDR_RE = re.compile(r"^  (local|remote) address: +LID 0x([0-9a-f]{4}), QPN 0x([
                      r"PSN 0x([0-9a-f]{6}), GID (\S+)$", re.M)
 
 
-def _guest_script() -> str:
+IBV = "ibv_rc_pingpong -d rxe0 -g 1"
+VERBS_SOCK = "/tmp/vrdma-verbs.sock"
+# a daemon in the VM on the verbs fabric (rxe0), and our rc-pingpong as its guest
+VERBS_SETUP = f"""
+{sys.executable} -m vrdma backend -s {VERBS_SOCK} --verbs-device rxe0 > /tmp/d.log 2>&1 &
+i=0; while [ ! -S {VERBS_SOCK} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+[ -S {VERBS_SOCK} ] || {{ echo "verbs daemon did not start"; cat /tmp/d.log; exit 1; }}
+"""
+VERBS_TOOL = f"{sys.executable} -m vrdma rc-pingpong --backend {VERBS_SOCK} -g 0 --timeout 90"
+
+
+def _guest_script(tool: str = IBV, setup: str = "") -> str:
     sizes = " ".join(map(str, SIZES))
-    return f"""
+    return setup + f"""
 for s in {sizes}; do
   i=0
   while :; do
-    ibv_rc_pingpong -d rxe0 -g 1 -n {ITERS} -s $s {HOST_IP} > /tmp/c.log 2>&1; rc=$?
+    {tool} -n {ITERS} -s $s {HOST_IP} > /tmp/c.log 2>&1; rc=$?
     grep -q "Couldn't connect" /tmp/c.log || break
     i=$((i+1)); [ $i -ge 100 ] && break; sleep 0.2
   done
   echo "=== guest-client size=$s rc=$rc"; cat /tmp/c.log
 done
 for s in {sizes}; do
-  ibv_rc_pingpong -d rxe0 -g 1 -n {ITERS} -s $s > /tmp/s.log 2>&1; rc=$?
+  {tool} -n {ITERS} -s $s > /tmp/s.log 2>&1; rc=$?
   echo "=== guest-server size=$s rc=$rc"; cat /tmp/s.log
 done
 """
@@ -83,8 +101,17 @@ def _in_ns(ns: str, *argv: str) -> list[str]:
     return ["ip", "netns", "exec", ns, sys.executable, "-m", "vrdma", *argv]
 
 
-def test_ibv_rc_pingpong_on_kernel_rxe_against_vrdma(image, netns_tap, tmp_path):
+@pytest.mark.parametrize("guest_side", ["ibv_rc_pingpong", "vrdma-on-verbs"])
+def test_kernel_rxe_guest_side_against_vrdma_on_userspace_roce(image, netns_tap, tmp_path,
+                                                                guest_side):
     ns, tap = netns_tap
+    if guest_side == "ibv_rc_pingpong":
+        guest = RxeGuest(cmd=_guest_script(), ip=f"{GUEST_IP}/24", tap=TapNetdev(tap, netns=ns),
+                         image=image)
+    else:
+        guest = RxeGuest(cmd=_guest_script(VERBS_TOOL, VERBS_SETUP), ip=f"{GUEST_IP}/24",
+                         tap=TapNetdev(tap, netns=ns), image=image, host_root=True,
+                         memory_mib=1024)
     sock = str(tmp_path / "rdma.sock")
     daemon = subprocess.Popen(_in_ns(ns, "backend", "--socket", sock, "--roce-addr", HOST_IP),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -121,8 +148,7 @@ def test_ibv_rc_pingpong_on_kernel_rxe_against_vrdma(image, netns_tap, tmp_path)
         t = threading.Thread(target=host_side, daemon=True)
         t.start()
         try:
-            run = RxeGuest(cmd=_guest_script(), ip=f"{GUEST_IP}/24", tap=TapNetdev(tap, netns=ns),
-                           image=image).run(timeout=240)
+            run = guest.run(timeout=300)
         finally:
             guest_done.set()
         t.join(150)

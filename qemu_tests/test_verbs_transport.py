@@ -1,0 +1,41 @@
+"""The verbs transport on a real RDMA device: kernel rxe in a guest.
+
+The host here has no RDMA, so ``tests/fabric/test_verbs_fabric.py`` skips
+on it. This test boots Debian's kernel with rdma_rxe on its virtio-net
+(rxe0), shares the host's root read-only with the guest
+(``RxeGuest(host_root=True)``) and runs that test module there, where it
+finds rxe0: two back-end daemons on the verbs fabric, a guest on each,
+every verb through kernel rxe, the device's own view of the guests' keys
+and QPs (``rdma resource show``), and an unmodified ibv_rc_pingpong against
+a guest of the verbs fabric. Every test of the module must pass; none may
+skip.
+
+The verbs fabric against our userspace RoCEv2 across the guest's NIC is in
+``test_rxe_interop.py`` (``vrdma-on-verbs``).
+"""
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+
+import pytest
+
+from qemu_tests.rxe_guest import REPO_ROOT, RxeGuest
+
+pytestmark = [pytest.mark.qemu]
+
+MODULE = "tests/fabric/test_verbs_fabric.py"
+
+
+def test_verbs_fabric_tests_pass_on_kernel_rxe(host_root_image):
+    argv = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", MODULE]
+    cmd = (f"cd {shlex.quote(REPO_ROOT)} && VRDMA_VERBS_DEVICE=rxe0 "
+           + " ".join(map(shlex.quote, argv)))
+    run = RxeGuest(cmd=cmd, image=host_root_image, host_root=True, memory_mib=1024).run(timeout=400)
+    out = run.output
+    assert run.returncode == 0, out
+    summary = re.search(r"^(\d+) passed(.*) in [\d.]+s", out, re.M)
+    assert summary is not None, out
+    assert "skipped" not in summary.group(2) and "failed" not in summary.group(2), out
+    assert int(summary.group(1)) >= 10, out
