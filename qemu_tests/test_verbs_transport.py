@@ -32,7 +32,7 @@ def test_verbs_fabric_tests_pass_on_kernel_rxe(host_root_image):
     argv = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", MODULE]
     cmd = (f"cd {shlex.quote(REPO_ROOT)} && VRDMA_VERBS_DEVICE=rxe0 "
            + " ".join(map(shlex.quote, argv)))
-    run = RxeGuest(cmd=cmd, image=host_root_image, host_root=True, memory_mib=1024).run(timeout=400)
+    run = RxeGuest(cmd=cmd, image=host_root_image, host_root=True, memory_mib=1024).run(timeout=500)
     out = run.output
     assert run.returncode == 0, out
     summary = re.search(r"^(\d+) passed(.*) in [\d.]+s", out, re.M)

@@ -144,6 +144,21 @@ def _slot_opcode(dev, gpa: int) -> int:
         return WrOpcode.SEND
 
 
+def fail_wqe(dev, qp: QueuePair, idx: int, wr_id: int, opcode: int, status: WcStatus) -> None:
+    """A wire engine's send WQE ``idx`` failed before reaching the wire (the
+    engine has already stopped): the WQEs before it complete with
+    WR_FLUSH_ERR, it completes with ``status``, and the QP enters ERR, as on
+    the message path."""
+    while qp.sq_ci != idx:
+        gpa = qp.sq_slot_gpa(qp.sq_ci)
+        complete_send(dev, qp, qp.sq_ci, _slot_wr_id(dev, gpa), _slot_opcode(dev, gpa),
+                      WcStatus.WR_FLUSH_ERR)
+        dev.metrics.flushed_wrs += 1
+    complete_send(dev, qp, idx, wr_id, opcode, status)
+    qp.sq_next = qp.sq_ci
+    qp_error(dev, qp, None)
+
+
 def flush(dev, qp: QueuePair) -> None:
     """Complete every outstanding WR of a QP in ERR with WR_FLUSH_ERR (spec 5.x.6.7)."""
     inflight = {e.index: e for e in qp.inflight}

@@ -163,6 +163,21 @@ def test_bad_rkey_is_a_remote_access_error_then_flush(pair):
 
 
 @needs_device
+def test_a_wqe_the_device_never_sees_fails_locally_and_flushes_those_before(pair):
+    """An INLINE RDMA READ is refused before it reaches the device: the SEND
+    before it (stuck in RNR: the peer has no receive) is flushed, the READ
+    completes with LOC_QP_OP_ERR, and the QP is in ERR."""
+    a, b = pair
+    a.qp.post_send(SendWR(60, WrOpcode.SEND, 1, [SGE(a.mr.buf, 8, a.mr.lkey)]))
+    a.qp.post_send(SendWR(61, WrOpcode.RDMA_READ, 1, [SGE(a.mr.buf, 8, a.mr.lkey)],
+                          remote_addr=b.mr.buf, rkey=b.mr.rkey, send_flags=SIG | SendFlags.INLINE))
+    w1, w2 = a.poll(2, timeout=20)
+    assert (w1.wr_id, w1.status, w2.wr_id, w2.status) == (60, WcStatus.WR_FLUSH_ERR, 61,
+                                                          WcStatus.LOC_QP_OP_ERR)
+    assert a.qp.query()["attr"]["qp_state"] == 6  # ERR
+
+
+@needs_device
 def test_out_of_bounds_write_lands_nowhere(hosts):
     a, b = _pair(hosts)
     try:
