@@ -43,8 +43,9 @@ def poll_cq(cq: CQ, n: int = 1, timeout: float = 5.0) -> list[WC]:
 
 class RcEndpoint:
     def __init__(self, path: str, buf_size: int = 1 << 20, *, cap: QPCap | None = None, cq_size: int = 256,
-                 mem_size: int | None = None, access: int = ALL_ACCESS):
-        self.ctx = Context(path, mem_size=mem_size or max(16 << 20, buf_size + (8 << 20)))
+                 mem_size: int | None = None, access: int = ALL_ACCESS, hugetlb="auto"):
+        self.ctx = Context(path, mem_size=mem_size or max(16 << 20, buf_size + (8 << 20)),
+                           hugetlb=hugetlb)
         try:
             self.pd = PD(self.ctx)
             self.mr = MR(self.pd, buf_size, access)

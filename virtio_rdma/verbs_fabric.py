@@ -30,10 +30,13 @@ Ownership: the fabric owns the device context; a :class:`VerbsBinding`
 guest MR owns its :class:`~virtio_rdma.uverbs.KernelMr`. The device core
 releases QPs, then MRs, then the binding.
 
+An MR whose chunks are scattered in the daemon's mapping of guest memory
+is registered through an :class:`~virtio.alias.AliasWindow` that shows the
+same pages as one range (chunks must tile pages; hugetlb-backed memory and
+anything else mremap refuses gets EOPNOTSUPP).
+
 Not covered yet: memory windows and remote invalidation (the guest device
-refuses them anyway); MRs whose chunks are not contiguous in the daemon's
-mapping of guest memory (EOPNOTSUPP; process guests register one chunk);
-the device's asynchronous events (a fatal device error shows up as error
+refuses them anyway); the device's asynchronous events (a fatal device error shows up as error
 completions). The device's GID table is read once, at start.
 """
 from __future__ import annotations
@@ -44,6 +47,7 @@ import os
 from collections import deque
 from dataclasses import asdict, dataclass
 
+from virtio.alias import AliasWindow
 from virtio.errors import GuestMemoryError
 from virtio_rdma import datapath
 from virtio_rdma.constants import Access, AsyncEvent, Mtu, QpState, SendFlags, Status, WcFlags, \
@@ -113,6 +117,7 @@ class VerbsFabricMetrics:
     wire_qps: int = 0             # guest QPs run by the device
     device_qps: int = 0           # device QPs alive
     device_mrs: int = 0           # guest MRs registered with the device
+    alias_windows: int = 0        # of them, scattered MRs registered through an alias window
     completions: int = 0          # device completions turned into guest CQEs
     error_completions: int = 0
     stale_completions: int = 0    # after the guest QP left for ERR/RESET: dropped
@@ -245,33 +250,40 @@ class VerbsBinding:
         return pd
 
     def reg_mr(self, pdn: int, access: Access, iova: int, length: int,
-               chunks: list[tuple[int, int]]) -> KernelMr:
-        """Register the guest pages of an MR with the device under ``iova``."""
+               chunks: list[tuple[int, int]]) -> "_DeviceMr":
+        """Register the guest pages of an MR with the device under ``iova``
+        (through an alias window when they are not one range in the daemon's
+        mapping; chunks must then tile pages, as a page list does)."""
         if length == 0:
             raise CommandError("REG_MR of 0 bytes: the RDMA device cannot register it",
                                Status.EINVAL)
         mem = self.dev.mem
         try:
-            start = mem.host_address(*chunks[0])
-            end = start + chunks[0][1]
-            for gpa, n in chunks[1:]:
-                if mem.host_address(gpa, n) != end:
-                    raise CommandError(
-                        f"REG_MR chunk at gpa {gpa:#x} is not contiguous with the previous one "
-                        "in the daemon's mapping; the RDMA device needs one range",
-                        Status.EOPNOTSUPP)
-                end += n
+            pieces = [(mem.host_address(gpa, n), n) for gpa, n in chunks]
         except GuestMemoryError as e:
             raise CommandError(f"REG_MR: {e}", Status.EFAULT) from None
+        window = None
+        start = pieces[0][0]
+        if any(a != b + n for (a, _), (b, n) in zip(pieces[1:], pieces)):
+            # scattered in the daemon's mapping: show them to the device as one range
+            try:
+                window = AliasWindow(pieces)
+            except GuestMemoryError as e:
+                raise CommandError(f"REG_MR: {len(pieces)} chunks cannot be made one range for "
+                                   f"the RDMA device: {e}", Status.EOPNOTSUPP) from None
+            start = window.address
+            self.fabric.metrics.alias_windows += 1
         pd = self._pd(pdn)
         try:
             mr = KernelMr(self.fabric.ctx.cmd_fd, pd.handle, start, length, iova,
                           int(access & (_RIGHTS | Access.RELAXED_ORDERING)))
         except FabricError as e:
+            if window is not None:
+                window.close()
             raise CommandError(str(e), Status(e.status) if e.status in _STATUS_OF_ERRNO
                                else Status.EIO) from None
         self.fabric.metrics.device_mrs += 1
-        return _CountedMr(mr, self.fabric.metrics)
+        return _DeviceMr(mr, window, self.fabric.metrics)
 
     def create_qp(self, pdn: int, layout) -> "HcaQp":
         return HcaQp(self, self._pd(pdn), layout)
@@ -290,13 +302,16 @@ class VerbsBinding:
                 log.warning("closing a device PD: %s", e)
 
 
-class _CountedMr:
-    """A :class:`KernelMr` that keeps the fabric's MR count."""
+class _DeviceMr:
+    """A guest MR's registration with the device: the :class:`KernelMr` and,
+    for a scattered MR, the :class:`~virtio.alias.AliasWindow` it was
+    registered through (unmapped after the MR is deregistered)."""
 
-    __slots__ = ("mr", "metrics")
+    __slots__ = ("mr", "window", "metrics")
 
-    def __init__(self, mr: KernelMr, metrics: VerbsFabricMetrics):
+    def __init__(self, mr: KernelMr, window: AliasWindow | None, metrics: VerbsFabricMetrics):
         self.mr = mr
+        self.window = window
         self.metrics = metrics
 
     lkey = property(lambda self: self.mr.lkey)
@@ -306,7 +321,13 @@ class _CountedMr:
         if self.mr is not None:
             mr, self.mr = self.mr, None
             self.metrics.device_mrs -= 1
-            mr.close()
+            try:
+                mr.close()
+            finally:
+                if self.window is not None:
+                    window, self.window = self.window, None
+                    self.metrics.alias_windows -= 1
+                    window.close()
 
 
 class HcaQp:

@@ -23,10 +23,10 @@ import time
 import pytest
 
 from guest_lib import SGE, RecvWR, SendWR
-from guest_lib.endpoint import RcEndpoint
+from guest_lib.endpoint import ALL_ACCESS, RcEndpoint
 from guest_lib.qp import QPCap
 from vhost_user.testing import DaemonProcess
-from virtio_rdma.constants import SendFlags, WcFlags, WcOpcode, WcStatus, WrOpcode
+from virtio_rdma.constants import Cmd, SendFlags, WcFlags, WcOpcode, WcStatus, WrOpcode
 from virtio_rdma.verbs_fabric import rdma_devices
 
 DEVICES = rdma_devices()
@@ -35,6 +35,7 @@ needs_device = pytest.mark.skipif(
     DEV is None, reason="no RDMA device: pyverbs lists none (needs kernel rxe or an RDMA NIC; "
                         "qemu_tests/test_verbs_transport.py runs these in a kernel-rxe guest)")
 MTU = 3  # IBV_MTU_1024: what rxe on a 1500-byte netdev offers
+PAGE = 4096
 SIG = SendFlags.SIGNALED
 
 
@@ -56,11 +57,11 @@ def hosts():
         yield da, db
 
 
-def _pair(hosts, **attrs):
+def _pair(hosts, hugetlb="auto", **attrs):
     da, db = hosts
     cap = QPCap(max_send_wr=64, max_recv_wr=64, max_send_sge=2, max_recv_sge=2, max_inline_data=64)
     a = RcEndpoint(da.path, buf_size=4 << 20, cap=cap)
-    b = RcEndpoint(db.path, buf_size=4 << 20, cap=cap)
+    b = RcEndpoint(db.path, buf_size=4 << 20, cap=cap, hugetlb=hugetlb)
     a.connect(b.info(), sq_psn=0xFFFF00, rq_psn=77, path_mtu=MTU, **attrs)
     b.connect(a.info(), sq_psn=77, rq_psn=0xFFFF00, path_mtu=MTU, **attrs)
     return a, b
@@ -175,6 +176,35 @@ def test_a_wqe_the_device_never_sees_fails_locally_and_flushes_those_before(pair
     assert (w1.wr_id, w1.status, w2.wr_id, w2.status) == (60, WcStatus.WR_FLUSH_ERR, 61,
                                                           WcStatus.LOC_QP_OP_ERR)
     assert a.qp.query()["attr"]["qp_state"] == 6  # ERR
+
+
+@needs_device
+def test_an_mr_of_scattered_pages_is_one_range_for_the_device(hosts):
+    """REG_MR with two pages listed in reverse order: the daemon shows them to
+    the device as one range (an alias window), so a peer's 8 KiB WRITE lands
+    in the second page first, and a READ returns it in iova order."""
+    a, b = _pair(hosts, hugetlb=False)
+    try:
+        gpa, view = b.ctx.alloc(2 * PAGE, PAGE)
+        iova = b.ctx.uva_of(gpa)
+        r = b.ctx.command(Cmd.REG_MR, pdn=b.pd.pdn, access=int(ALL_ACCESS), iova=iova,
+                          length=2 * PAGE, nchunks=2, reserved=0,
+                          chunks=[dict(gpa=gpa + PAGE, length=PAGE), dict(gpa=gpa, length=PAGE)])
+        data = random.Random(9).randbytes(2 * PAGE)
+        a.mr.write(data, len(data), 0)
+        a.qp.post_send(SendWR(70, WrOpcode.RDMA_WRITE, 1, [SGE(a.mr.buf, 2 * PAGE, a.mr.lkey)],
+                              remote_addr=iova, rkey=r["rkey"]))
+        assert a.poll_one().wr_id == 70
+        assert bytes(view[PAGE:]) == data[:PAGE] and bytes(view[:PAGE]) == data[PAGE:]
+        a.qp.post_send(SendWR(71, WrOpcode.RDMA_READ, 1,
+                              [SGE(a.mr.buf + (1 << 20), 2 * PAGE - 100, a.mr.lkey)],
+                              remote_addr=iova + 100, rkey=r["rkey"]))
+        assert a.poll_one().byte_len == 2 * PAGE - 100
+        assert a.mr.read(2 * PAGE - 100, 1 << 20) == data[100:]
+        b.ctx.command(Cmd.DEREG_MR, lkey=r["lkey"])
+    finally:
+        a.close()
+        b.close()
 
 
 @needs_device
