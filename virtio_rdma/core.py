@@ -312,8 +312,8 @@ class RdmaDeviceCore:
         chunks = [(c["gpa"], c["length"]) for c in body["chunks"]]
         backing = None
         if self.hw is not None:  # the HCA's keys become the guest's
-            def backing(access, hw=self.hw):
-                return hw.reg_mr(pdn, access, body["iova"], body["length"], chunks)
+            hw = self.hw
+            backing = lambda access: hw.reg_mr(pdn, access, body["iova"], body["length"], chunks)  # noqa: E731
         mr = self.mrs.register(self.mem, pdn, body["access"], body["iova"], body["length"],
                                chunks, backing=backing)
         return dict(lkey=mr.lkey, rkey=mr.rkey)
@@ -356,7 +356,12 @@ class RdmaDeviceCore:
         qp = QueuePair(self, qpn, pdn, scq, rcq, lay, body["sq_gpa"], body["rq_gpa"],
                        body["dbrec_gpa"], bool(flags & CreateQpFlags.SQ_SIG_ALL))
         qp.hw = hwqp
-        self.fabric.attach(qpn, qp)
+        try:
+            self.fabric.attach(qpn, qp)
+        except BaseException:
+            if hwqp is not None:
+                hwqp.close()
+            raise
         self.qps[qpn] = qp
         self._qp_epoch += 1
         self.pds[pdn] += 1
@@ -458,11 +463,20 @@ class RdmaDeviceCore:
             return
         qp.state = target
         qp.attr["qp_state"] = int(target)
+        opened = False
         if qp.net is None and target is QpState.RTR and prev is QpState.INIT:
             # a peer on another host gets a wire engine (None: same-host message path)
             qp.net = self.fabric.open_wire_qp(self, qp, now)
+            opened = qp.net is not None
         if qp.net is not None:
-            qp.net.modified(prev, target, now)
+            try:
+                qp.net.modified(prev, target, now)
+            except CommandError:  # the transport (an RDMA device) refused: stay in prev
+                if opened:
+                    self._close_net(qp)
+                qp.state = prev
+                qp.attr["qp_state"] = int(prev)
+                raise
         if target is QpState.SQD and prev is not QpState.SQD and not qp.inflight \
                 and qp.attr["en_sqd_async_notify"]:
             self.async_event(AsyncEvent.SQ_DRAINED, qp.qpn)

@@ -20,12 +20,15 @@ changed guest memory table is honoured at once.
 from __future__ import annotations
 
 import bisect
+import logging
 from dataclasses import dataclass, field
 
 from virtio_rdma.constants import Access, Status
 from virtio_rdma.errors import CommandError, MemoryAccessError
 
 from virtio.errors import GuestMemoryError
+
+log = logging.getLogger(__name__)
 
 U64 = 1 << 64
 KEY_BITS = 8
@@ -125,12 +128,14 @@ class MrTable:
             raise CommandError(f"max_mr {self.max_mr} reached", Status.ENOMEM)
         if backing is not None:
             hca = backing(access)
-            if hca.lkey in self._by_key or hca.rkey in self._by_key:
+            lkey, rkey = hca.lkey, hca.rkey
+            if not access & _REMOTE:
+                rkey = lkey  # an HCA may give a local-only MR no rkey (rxe: 0); it has none
+            if lkey in self._by_key or rkey in self._by_key:
                 hca.close()
-                raise CommandError(f"REG_MR: the HCA returned keys {hca.lkey:#x}/{hca.rkey:#x} "
+                raise CommandError(f"REG_MR: the HCA returned keys {lkey:#x}/{rkey:#x} "
                                    "that name a live MR", Status.EIO)
-            mr = MemoryRegion(hca.lkey, hca.rkey, pdn, access, iova, length, list(chunks),
-                              backing=hca)
+            mr = MemoryRegion(lkey, rkey, pdn, access, iova, length, list(chunks), backing=hca)
         else:
             if self._free:
                 idx = self._free.pop()
@@ -174,9 +179,13 @@ class MrTable:
             backing.close()
 
     def clear(self) -> None:
-        """Deregister every MR (the device is going away)."""
+        """Deregister every MR (the device is going away); a registration that
+        fails to release is logged and the rest are still released."""
         for mr in list(self):
-            self._drop(mr)
+            try:
+                self._drop(mr)
+            except Exception as e:
+                log.warning("releasing MR %#x: %s", mr.lkey, e)
 
     def check(self, mem, key: int, pdn: int, va: int, length: int, need: Access) -> list[memoryview]:
         """Resolve a (key, va, length) access for a QP of PD ``pdn`` needing

@@ -47,7 +47,7 @@ import os
 from collections import deque
 from dataclasses import asdict, dataclass
 
-from virtio.alias import AliasWindow
+from virtio.alias import PAGE, AliasWindow
 from virtio.errors import GuestMemoryError
 from virtio_rdma import datapath
 from virtio_rdma.constants import Access, AsyncEvent, Mtu, QpState, SendFlags, Status, WcFlags, \
@@ -117,11 +117,12 @@ class VerbsFabricMetrics:
     wire_qps: int = 0             # guest QPs run by the device
     device_qps: int = 0           # device QPs alive
     device_mrs: int = 0           # guest MRs registered with the device
-    alias_windows: int = 0        # of them, scattered MRs registered through an alias window
+    alias_vmas: int = 0           # mappings of alias windows (scattered MRs)
     completions: int = 0          # device completions turned into guest CQEs
     error_completions: int = 0
     stale_completions: int = 0    # after the guest QP left for ERR/RESET: dropped
     events: int = 0               # completion-channel events
+    internal_errors: int = 0      # exceptions at the daemon boundary (logged)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -200,7 +201,8 @@ class VerbsFabric(LocalFabric):
             max_sge=min(L.max_sge, a.max_sge), max_mr=min(L.max_mr, a.max_mr),
             max_mr_size=min(L.max_mr_size, a.max_mr_size),
             max_qp_rd_atom=min(L.max_qp_rd_atom, a.max_qp_rd_atom, a.max_qp_init_rd_atom),
-            active_mtu=Mtu(min(int(L.active_mtu), int(self.port_attr.active_mtu))))
+            active_mtu=Mtu(min(int(L.active_mtu), int(self.port_attr.active_mtu))),
+            max_msg_sz=min(L.max_msg_sz, self.port_attr.max_msg_sz or L.max_msg_sz))
         return VerbsBinding(self, dev)
 
     def open_wire_qp(self, dev, qp, now: float) -> "VerbsQp | None":
@@ -230,12 +232,20 @@ def _address_of(gid: bytes) -> str | None:
 
 
 class VerbsBinding:
-    """One guest device's objects on the host RDMA device (see module doc)."""
+    """One guest device's objects on the host RDMA device (see module doc):
+    its device PDs, the budgets that keep one guest from exhausting the
+    daemon (registered bytes, alias mappings), and the completion queues its
+    device QPs share (a few CQs, each with one completion channel: one fd
+    per CQ, not per QP)."""
 
     def __init__(self, fabric: VerbsFabric, dev) -> None:
         self.fabric = fabric
         self.dev = dev
-        self.pds: dict = {}  # guest pdn -> pyverbs PD
+        self.pds: dict = {}                   # guest pdn -> pyverbs PD
+        self.qps: dict[int, HcaQp] = {}       # device QPN -> HcaQp
+        self.cqs: list[_SharedCq] = []
+        self.registered_bytes = 0
+        self.alias_vmas = 0
 
     def _pd(self, pdn: int):
         pd = self.pds.get(pdn)
@@ -249,6 +259,7 @@ class VerbsBinding:
             self.pds[pdn] = pd
         return pd
 
+    # ---- memory ----------------------------------------------------------------
     def reg_mr(self, pdn: int, access: Access, iova: int, length: int,
                chunks: list[tuple[int, int]]) -> "_DeviceMr":
         """Register the guest pages of an MR with the device under ``iova``
@@ -262,18 +273,37 @@ class VerbsBinding:
             pieces = [(mem.host_address(gpa, n), n) for gpa, n in chunks]
         except GuestMemoryError as e:
             raise CommandError(f"REG_MR: {e}", Status.EFAULT) from None
+        runs = [list(pieces[0])]  # host-contiguous chunks are one run
+        for a, n in pieces[1:]:
+            if runs[-1][0] + runs[-1][1] == a:
+                runs[-1][1] += n
+            else:
+                runs.append([a, n])
+        if (runs[0][0] ^ iova) % PAGE:
+            raise CommandError(f"REG_MR iova {iova:#x} and its memory differ in their offset "
+                               "within a page; the RDMA device needs them equal", Status.EINVAL)
+        guest_ram = sum(r.size for r in mem.regions())
+        budget = max(REGISTER_MIN_BUDGET, REGISTER_RAM_FACTOR * guest_ram)
+        if self.registered_bytes + length > budget:
+            raise CommandError(f"REG_MR of {length} bytes: this guest already has "
+                               f"{self.registered_bytes} bytes registered with the RDMA device "
+                               f"(budget {budget})", Status.ENOMEM)
+        vmas = len(runs) if len(runs) > 1 else 0
+        if vmas and (self.alias_vmas + vmas > ALIAS_VMAS_PER_GUEST
+                     or self.fabric.metrics.alias_vmas + vmas > ALIAS_VMAS_PER_DAEMON):
+            raise CommandError(f"REG_MR of {len(runs)} scattered pieces: the alias mapping "
+                               f"budget is spent ({self.alias_vmas} in use by this guest)",
+                               Status.ENOMEM)
+        pd = self._pd(pdn)
         window = None
-        start = pieces[0][0]
-        if any(a != b + n for (a, _), (b, n) in zip(pieces[1:], pieces)):
-            # scattered in the daemon's mapping: show them to the device as one range
+        start = runs[0][0]
+        if vmas:  # scattered in the daemon's mapping: show them to the device as one range
             try:
-                window = AliasWindow(pieces)
+                window = AliasWindow([tuple(r) for r in runs])
             except GuestMemoryError as e:
-                raise CommandError(f"REG_MR: {len(pieces)} chunks cannot be made one range for "
+                raise CommandError(f"REG_MR: {len(runs)} pieces cannot be made one range for "
                                    f"the RDMA device: {e}", Status.EOPNOTSUPP) from None
             start = window.address
-            self.fabric.metrics.alias_windows += 1
-        pd = self._pd(pdn)
         try:
             mr = KernelMr(self.fabric.ctx.cmd_fd, pd.handle, start, length, iova,
                           int(access & (_RIGHTS | Access.RELAXED_ORDERING)))
@@ -282,11 +312,62 @@ class VerbsBinding:
                 window.close()
             raise CommandError(str(e), Status(e.status) if e.status in _STATUS_OF_ERRNO
                                else Status.EIO) from None
-        self.fabric.metrics.device_mrs += 1
-        return _DeviceMr(mr, window, self.fabric.metrics)
+        return _DeviceMr(self, mr, window, length, vmas)
 
+    # ---- QPs and their completion queues -----------------------------------------
     def create_qp(self, pdn: int, layout) -> "HcaQp":
         return HcaQp(self, self._pd(pdn), layout)
+
+    def shared_cq(self, depth: int) -> "_SharedCq":
+        """A CQ of this guest with room for ``depth`` more completions (every
+        WR of a device QP is signaled, so a QP needs sq + rq entries)."""
+        max_cqe = self.fabric.device_attr.max_cqe
+        if depth > max_cqe:
+            raise CommandError(f"a QP of {depth} WRs exceeds the device's CQ size {max_cqe}",
+                               Status.EINVAL)
+        for c in self.cqs:
+            if c.reserve(depth):
+                return c
+        if len(self.cqs) >= CQS_PER_GUEST:
+            raise CommandError(f"this guest's {len(self.cqs)} device CQs are full", Status.ENOMEM)
+        c = _SharedCq(self, min(max_cqe, max(depth, CQ_START)))
+        self.cqs.append(c)
+        if not c.reserve(depth):  # pragma: no cover - sized for it above
+            raise CommandError("device CQ smaller than asked for", Status.ENOMEM)
+        return c
+
+    def on_event(self, c: "_SharedCq") -> None:
+        """A completion channel is readable: take the event, re-arm, poll."""
+        if c.cq is None:
+            return
+        try:
+            c.channel.get_cq_event(c.cq)
+            c.cq.ack_events(1)
+            self.fabric.metrics.events += 1
+        except self.fabric._PyverbsError:
+            pass  # no event after all (the fd is non-blocking)
+        c.cq.req_notify()
+        self.poll(c)
+
+    def poll(self, c: "_SharedCq | None" = None) -> int:
+        """Hand every completion of ``c`` (default: all this guest's CQs) to
+        the engine of its QP; returns how many there were."""
+        n = 0
+        m = self.fabric.metrics
+        for cq in ([c] if c is not None else list(self.cqs)):
+            while cq.cq is not None:
+                got, wcs = cq.cq.poll(64)
+                if not got:
+                    break
+                for wc in wcs:
+                    n += 1
+                    hq = self.qps.get(wc.qp_num)
+                    engine = hq.engine if hq is not None else None
+                    if engine is None:
+                        m.stale_completions += 1
+                    else:
+                        engine.complete(wc)
+        return n
 
     def dealloc_pd(self, pdn: int) -> None:
         pd = self.pds.pop(pdn, None)
@@ -294,12 +375,30 @@ class VerbsBinding:
             pd.close()
 
     def close(self) -> None:
+        """Release the CQs and PDs (the core released QPs and MRs first)."""
+        for hq in list(self.qps.values()):  # normally none left
+            _quietly(hq.close, "device QP")
+        cqs, self.cqs = self.cqs, []
+        for c in cqs:
+            _quietly(c.close, "device CQ")
         pds, self.pds = self.pds, {}
         for pd in pds.values():
-            try:
-                pd.close()
-            except self.fabric._PyverbsError as e:
-                log.warning("closing a device PD: %s", e)
+            _quietly(pd.close, "device PD")
+
+
+REGISTER_RAM_FACTOR = 4          # a guest may register up to 4x its memory with the device...
+REGISTER_MIN_BUDGET = 256 << 20  # ...and at least this much
+ALIAS_VMAS_PER_GUEST = 4096      # mappings of scattered MRs (vm.max_map_count is ~65530)
+ALIAS_VMAS_PER_DAEMON = 16384
+CQS_PER_GUEST = 16
+CQ_START = 1024
+
+
+def _quietly(close, what: str) -> None:
+    try:
+        close()
+    except Exception as e:  # release the rest regardless
+        log.warning("closing a %s: %s", what, e)
 
 
 class _DeviceMr:
@@ -307,67 +406,121 @@ class _DeviceMr:
     for a scattered MR, the :class:`~virtio.alias.AliasWindow` it was
     registered through (unmapped after the MR is deregistered)."""
 
-    __slots__ = ("mr", "window", "metrics")
+    __slots__ = ("binding", "mr", "window", "length", "vmas", "lkey", "rkey")
 
-    def __init__(self, mr: KernelMr, window: AliasWindow | None, metrics: VerbsFabricMetrics):
-        self.mr = mr
-        self.window = window
-        self.metrics = metrics
-
-    lkey = property(lambda self: self.mr.lkey)
-    rkey = property(lambda self: self.mr.rkey)
+    def __init__(self, binding: VerbsBinding, mr: KernelMr, window: AliasWindow | None,
+                 length: int, vmas: int):
+        self.binding, self.mr, self.window, self.length, self.vmas = binding, mr, window, length, vmas
+        self.lkey, self.rkey = mr.lkey, mr.rkey
+        m = binding.fabric.metrics
+        binding.registered_bytes += length
+        binding.alias_vmas += vmas
+        m.device_mrs += 1
+        m.alias_vmas += vmas
 
     def close(self) -> None:
-        if self.mr is not None:
-            mr, self.mr = self.mr, None
-            self.metrics.device_mrs -= 1
-            try:
-                mr.close()
-            finally:
-                if self.window is not None:
-                    window, self.window = self.window, None
-                    self.metrics.alias_windows -= 1
-                    window.close()
+        if self.mr is None:
+            return
+        mr, self.mr = self.mr, None
+        b, m = self.binding, self.binding.fabric.metrics
+        b.registered_bytes -= self.length
+        b.alias_vmas -= self.vmas
+        m.device_mrs -= 1
+        m.alias_vmas -= self.vmas
+        try:
+            mr.close()
+        finally:
+            if self.window is not None:
+                window, self.window = self.window, None
+                window.close()
 
 
-class HcaQp:
-    """A device RC QP made for one guest QP at CREATE_QP, with its own CQ and
-    completion channel, and a small registered buffer for inline data."""
+class _SharedCq:
+    """A device CQ with its own completion channel, shared by several device
+    QPs of one guest; the daemon's loop watches the channel's fd."""
 
-    def __init__(self, binding: VerbsBinding, pd, layout) -> None:
+    def __init__(self, binding: VerbsBinding, size: int) -> None:
         from pyverbs.cq import CQ, CompChannel
-        from pyverbs.qp import QP, QPCap, QPInitAttr
-        import pyverbs.enums as e
 
         fabric = binding.fabric
-        self.fabric = fabric
-        self.pd = pd
-        self.channel = self.cq = self.qp = self.bounce = None
+        self.binding = binding
+        self.size = size
+        self.used = 0
+        self.cq = self.channel = None
         self.fd = -1
-        self.qpn = 0
-        depth = layout.sq_depth + layout.rq_depth
-        a = fabric.device_attr
+        self.watched = False
         try:
             before = _event_fds()
             self.channel = CompChannel(fabric.ctx)
             fds = _event_fds() - before
-            if len(fds) != 1:
+            if len(fds) != 1:  # pyverbs 44 does not expose the channel's fd
                 raise FabricError(f"cannot tell the completion channel's fd among {sorted(fds)}")
             self.fd = fds.pop()
             os.set_blocking(self.fd, False)
-            self.cq = CQ(fabric.ctx, min(depth, a.max_cqe), None, self.channel, 0)
+            self.cq = CQ(fabric.ctx, size, None, self.channel, 0)
+            self.cq.req_notify()
+        except (fabric._PyverbsError, FabricError) as err:
+            self.close()
+            raise CommandError(f"device CQ: {err}", _status_of(err)) from None
+        if fabric.watch is not None:
+            fabric.watch(self.fd, lambda: binding.on_event(self))
+            self.watched = True
+
+    def reserve(self, depth: int) -> bool:
+        if self.used + depth > self.size:
+            return False
+        self.used += depth
+        return True
+
+    def release(self, depth: int) -> None:
+        self.used -= depth
+
+    def close(self) -> None:
+        fabric = self.binding.fabric
+        if self.watched and fabric.unwatch is not None:
+            fabric.unwatch(self.fd)
+        self.watched = False
+        cq, channel, self.cq, self.channel = self.cq, self.channel, None, None
+        if cq is not None:
+            cq.close()
+        if channel is not None:
+            channel.close()
+
+
+class HcaQp:
+    """A device RC QP made for one guest QP at CREATE_QP, on one of the
+    guest's shared CQs, with a small registered buffer for inline data."""
+
+    def __init__(self, binding: VerbsBinding, pd, layout) -> None:
+        from pyverbs.qp import QP, QPCap, QPInitAttr
+        import pyverbs.enums as e
+
+        fabric = binding.fabric
+        self.binding = binding
+        self.fabric = fabric
+        self.pd = pd
+        self.qp = self.bounce = None
+        self.engine: VerbsQp | None = None
+        self.qpn = 0
+        self.depth = layout.sq_depth + layout.rq_depth
+        self.shared = binding.shared_cq(self.depth)
+        a = fabric.device_attr
+        try:
             cap = QPCap(max_send_wr=layout.sq_depth, max_recv_wr=layout.rq_depth,
                         max_send_sge=max(1, min(layout.max_send_sge, a.max_sge)),
                         max_recv_sge=max(1, min(layout.max_recv_sge, a.max_sge)),
                         max_inline_data=0)
-            self.qp = QP(pd, QPInitAttr(qp_type=e.IBV_QPT_RC, scq=self.cq, rcq=self.cq, cap=cap,
+            cq = self.shared.cq
+            self.qp = QP(pd, QPInitAttr(qp_type=e.IBV_QPT_RC, scq=cq, rcq=cq, cap=cap,
                                         sq_sig_all=0))
             self.qpn = self.qp.qp_num
             fabric.adopt_qpn(self.qpn)
         except (fabric._PyverbsError, FabricError) as err:
+            self.qpn = 0  # not adopted: the number is not ours to free
             self._release()
             raise CommandError(f"device QP: {err}", _status_of(err)) from None
-        self.inline_slot = max(1, layout.max_inline_data)
+        binding.qps[self.qpn] = self
+        self.inline_slot = max(1, min(layout.max_inline_data, binding.dev.limits.max_inline_data))
         self.sq_depth = layout.sq_depth
         fabric.metrics.device_qps += 1
 
@@ -381,30 +534,34 @@ class HcaQp:
         return self.bounce
 
     def reset(self) -> None:
-        """Back to RESET (the guest QP went there): the device QP can be used again."""
+        """Back to RESET (the guest QP went there): the device QP can be used
+        again; completions it left in the shared CQ are dropped (the engine is
+        detached), the other QPs' are delivered."""
         from pyverbs.qp import QPAttr
         import pyverbs.enums as e
 
+        self.engine = None
         self.qp.modify(QPAttr(qp_state=e.IBV_QPS_RESET), e.IBV_QP_STATE)
-        while self.cq.poll(64)[0]:
-            pass
+        self.binding.poll(self.shared)
 
     def _release(self) -> None:
-        for name in ("qp", "bounce", "cq", "channel"):
+        for name in ("qp", "bounce"):
             obj = getattr(self, name)
             if obj is not None:
                 setattr(self, name, None)
-                try:
-                    obj.close()
-                except self.fabric._PyverbsError as e:
-                    log.warning("closing a device %s: %s", name, e)
+                _quietly(obj.close, f"device {name}")
+        if self.shared is not None:
+            shared, self.shared = self.shared, None
+            shared.release(self.depth)
 
     def close(self) -> None:
-        if self.qp is None and self.channel is None:
+        if self.qp is None and self.shared is None:
             return
+        self.engine = None
         qpn = self.qpn
         self._release()
         if qpn:
+            self.binding.qps.pop(qpn, None)
             self.fabric._allocated.discard(qpn)
             self.fabric.metrics.device_qps -= 1
 
@@ -423,13 +580,16 @@ class VerbsQp:
         self.rq_posted = qp.rq_ci
         self.failed = False
         self.closed = False
-        self.watched = False
-        if fabric.watch is not None:
-            fabric.watch(self.hw.fd, self.on_event)
-            self.watched = True
+        self._draining = False
+        self.hw.engine = self
 
     # ------------------------------------------------------------------ state
     def modified(self, prev: QpState, target: QpState, now: float) -> None:
+        """Apply the guest's MODIFY_QP to the device QP. A refusal raises
+        CommandError with the device's errno: the core keeps the QP in
+        ``prev`` and the guest's MODIFY_QP fails, as ibv_modify_qp does.
+        Optional attributes a transition allows are always passed, with the
+        guest's current values (unchanged ones are no-ops)."""
         from pyverbs.addr import AHAttr, GID, GlobalRoute
         from pyverbs.qp import QPAttr
         import pyverbs.enums as e
@@ -452,14 +612,14 @@ class VerbsQp:
                 rtr.max_dest_rd_atomic = max(1, min(a["max_dest_rd_atomic"],
                                                     self.fabric.device_attr.max_qp_rd_atom))
                 rtr.min_rnr_timer = a["min_rnr_timer"] & 31
+                rtr.qp_access_flags = access
                 gr = GlobalRoute(dgid=GID(gid_text(bytes(a["dgid"]))), flow_label=a["flow_label"],
                                  sgid_index=self.fabric.gid_index,
                                  hop_limit=a["hop_limit"] or 64, traffic_class=a["traffic_class"])
                 rtr.ah_attr = AHAttr(is_global=1, port_num=self.fabric.port, gr=gr)
                 hw.qp.modify(rtr, e.IBV_QP_STATE | e.IBV_QP_AV | e.IBV_QP_PATH_MTU
                              | e.IBV_QP_DEST_QPN | e.IBV_QP_RQ_PSN | e.IBV_QP_MAX_DEST_RD_ATOMIC
-                             | e.IBV_QP_MIN_RNR_TIMER)
-                hw.cq.req_notify()
+                             | e.IBV_QP_MIN_RNR_TIMER | e.IBV_QP_ACCESS_FLAGS)
                 self.rq_rung(now)
             elif target is QpState.RTS and prev is QpState.RTR:
                 rts = QPAttr(qp_state=e.IBV_QPS_RTS)
@@ -469,28 +629,39 @@ class VerbsQp:
                 rts.sq_psn = qp.sq_psn
                 rts.max_rd_atomic = max(1, min(a["max_rd_atomic"],
                                                self.fabric.device_attr.max_qp_init_rd_atom))
+                rts.qp_access_flags = access
+                rts.min_rnr_timer = a["min_rnr_timer"] & 31
                 hw.qp.modify(rts, e.IBV_QP_STATE | e.IBV_QP_TIMEOUT | e.IBV_QP_RETRY_CNT
-                             | e.IBV_QP_RNR_RETRY | e.IBV_QP_SQ_PSN | e.IBV_QP_MAX_QP_RD_ATOMIC)
+                             | e.IBV_QP_RNR_RETRY | e.IBV_QP_SQ_PSN | e.IBV_QP_MAX_QP_RD_ATOMIC
+                             | e.IBV_QP_ACCESS_FLAGS | e.IBV_QP_MIN_RNR_TIMER)
+            elif target is QpState.RTS:  # RTS -> RTS, SQD -> RTS, SQE -> RTS
+                attr = QPAttr(qp_state=e.IBV_QPS_RTS)
+                attr.qp_access_flags = access
+                attr.min_rnr_timer = a["min_rnr_timer"] & 31
+                hw.qp.modify(attr, e.IBV_QP_STATE | e.IBV_QP_ACCESS_FLAGS | e.IBV_QP_MIN_RNR_TIMER)
             else:
-                state = {QpState.RTR: e.IBV_QPS_RTR, QpState.RTS: e.IBV_QPS_RTS,
-                         QpState.SQD: e.IBV_QPS_SQD}[target]
+                state = {QpState.RTR: e.IBV_QPS_RTR, QpState.SQD: e.IBV_QPS_SQD}[target]
                 attr = QPAttr(qp_state=state)
                 attr.qp_access_flags = access
                 mask = e.IBV_QP_STATE | (e.IBV_QP_ACCESS_FLAGS if target is not QpState.SQD else 0)
                 hw.qp.modify(attr, mask)
-        except (self.fabric._PyverbsError, KeyError) as err:
-            log.warning("QP %#x: the RDMA device refused %s -> %s: %s", qp.qpn, prev.name,
-                        target.name, err)
-            datapath.qp_error(self.dev, qp, AsyncEvent.QP_FATAL)
-            return
+        except self.fabric._PyverbsError as err:
+            raise CommandError(f"QP {qp.qpn:#x}: the RDMA device refused {prev.name} -> "
+                               f"{target.name}: {err}", _status_of(err)) from None
         if target is QpState.RTS:
             self.progress(now)
 
     def on_error(self) -> None:
-        """The guest QP enters ERR (the core flushes its rings): move the device
-        QP to ERR too and drop what it still reports."""
-        if self.failed:
+        """The guest QP enters ERR (the core flushes its rings): first deliver
+        what the device has already completed, then move the device QP to ERR
+        and drop what it reports after that (flushes)."""
+        if self.failed or self._draining:
             return
+        self._draining = True
+        try:
+            self.hw.binding.poll(self.hw.shared)
+        finally:
+            self._draining = False
         self.failed = True
         self.posted.clear()
         self.recv_ids.clear()
@@ -503,26 +674,27 @@ class VerbsQp:
             log.warning("QP %#x: device QP to ERR: %s", self.qp.qpn, err)
 
     def close(self) -> None:
-        """The guest QP went to RESET or is destroyed: stop watching, reset the device QP."""
+        """The guest QP went to RESET or is destroyed: reset the device QP."""
         if self.closed:
             return
         self.closed = True
         self.posted.clear()
         self.recv_ids.clear()
-        if self.watched and self.fabric.unwatch is not None:
-            self.fabric.unwatch(self.hw.fd)
-        self.watched = False
         if self.hw.qp is not None:
             try:
                 self.hw.reset()
             except self.fabric._PyverbsError as err:
                 log.warning("QP %#x: device QP to RESET: %s", self.qp.qpn, err)
+        self.hw.engine = None
 
     def deadline(self) -> float | None:
         return None  # the device keeps its own timers
 
     def on_timer(self, now: float) -> None:
         self.poll()
+
+    def poll(self) -> int:
+        return self.hw.binding.poll(self.hw.shared)
 
     # ------------------------------------------------------------- send side
     def progress(self, now: float) -> None:
@@ -558,24 +730,34 @@ class VerbsQp:
                 data = bytes(wqe.inline)
                 if data:
                     buf.write(data, len(data), off)
-                sges = [SGE(buf.buf + off, len(data), buf.lkey)]
+                sges = [(buf.buf + off, len(data), buf.lkey)]
             elif wqe.sges:
-                sges = [SGE(s.addr, s.length, s.lkey) for s in wqe.sges]
+                sges = [(s.addr, s.length, s.lkey) for s in wqe.sges]
             else:  # pyverbs needs one SGE: an empty one
                 buf = hw.bounce_buffer()
-                sges = [SGE(buf.buf, 0, buf.lkey)]
+                sges = [(buf.buf, 0, buf.lkey)]
             flags = e.IBV_SEND_SIGNALED
             if wqe.send_flags & SendFlags.SOLICITED:
                 flags |= e.IBV_SEND_SOLICITED
             if wqe.send_flags & SendFlags.FENCE:
                 flags |= e.IBV_SEND_FENCE
-            wr = SendWR(wr_id=idx, opcode=int(op), num_sge=len(sges), sg=sges, send_flags=flags,
-                        imm_data=wqe.imm_data if op in _IMM else 0)
-            if op in _RDMA:
-                wr.set_wr_rdma(wqe.rkey, wqe.remote_addr)
-            elif op in _ATOMICS:
-                wr.set_wr_atomic(wqe.rkey, wqe.remote_addr, wqe.compare_add, wqe.swap)
-            hw.qp.post_send(wr)
+            # pyverbs 44 never frees an SGE's or WR's C memory (its destructor
+            # is misspelled): close() each exactly once (later pyverbs: idempotent)
+            sg = [SGE(*x) for x in sges]
+            try:
+                wr = SendWR(wr_id=idx, opcode=int(op), num_sge=len(sg), sg=sg, send_flags=flags,
+                            imm_data=wqe.imm_data if op in _IMM else 0)
+            finally:
+                for x in sg:
+                    x.close()
+            try:
+                if op in _RDMA:
+                    wr.set_wr_rdma(wqe.rkey, wqe.remote_addr)
+                elif op in _ATOMICS:
+                    wr.set_wr_atomic(wqe.rkey, wqe.remote_addr, wqe.compare_add, wqe.swap)
+                hw.qp.post_send(wr)
+            finally:
+                wr.close()
         except datapath._WqeError as err:
             setattr(dev.metrics, err.metric, getattr(dev.metrics, err.metric) + 1)
             return self._fail(idx, wr_id, opcode, err.wc_status)
@@ -588,11 +770,11 @@ class VerbsQp:
         return True
 
     def _fail(self, idx: int, wr_id: int, opcode: int, status: WcStatus) -> bool:
-        """A WQE failed before reaching the device: the WQEs before it that
-        are still on the device are flushed, it completes with ``status``,
-        and the QP enters ERR (as the message path does)."""
+        """A WQE failed before reaching the device (see datapath.fail_wqe);
+        what the device completed before is delivered first."""
         self.on_error()
-        datapath.fail_wqe(self.dev, self.qp, idx, wr_id, opcode, status)
+        if self.qp.state is not QpState.ERR:  # else a device error completion got there first
+            datapath.fail_wqe(self.dev, self.qp, idx, wr_id, opcode, status)
         return False
 
     # ---------------------------------------------------------- receive side
@@ -609,11 +791,20 @@ class VerbsQp:
                 slot = dev.mem.translate(qp.rq_slot_gpa(idx), 1 << qp.layout.rq_wqe_shift)
                 wqe = decode_recv_wqe(slot, qp.layout.max_recv_sge)
                 if wqe.sges:
-                    sges = [SGE(s.addr, s.length, s.lkey) for s in wqe.sges]
+                    sges = [(s.addr, s.length, s.lkey) for s in wqe.sges]
                 else:
                     buf = hw.bounce_buffer()
-                    sges = [SGE(buf.buf, 0, buf.lkey)]
-                hw.qp.post_recv(RecvWR(wr_id=RECV_BIT | idx, num_sge=len(sges), sg=sges))
+                    sges = [(buf.buf, 0, buf.lkey)]
+                sg = [SGE(*x) for x in sges]
+                try:
+                    wr = RecvWR(wr_id=RECV_BIT | idx, num_sge=len(sg), sg=sg)
+                finally:
+                    for x in sg:
+                        x.close()
+                try:
+                    hw.qp.post_recv(wr)
+                finally:
+                    wr.close()
             except (GuestMemoryError, VirtioRdmaError, self.fabric._PyverbsError) as err:
                 log.debug("QP %#x: receive WQE %d refused: %s", qp.qpn, idx, err)
                 dev.metrics.bad_wqes += 1
@@ -623,42 +814,20 @@ class VerbsQp:
             self.rq_posted = (idx + 1) & 0xFFFFFFFF
 
     # ------------------------------------------------------------ completions
-    def on_event(self) -> None:
-        """The completion channel is readable: take the event, re-arm, poll."""
-        hw = self.hw
-        if hw.cq is None:
+    def complete(self, wc) -> None:
+        """One device completion of this QP (from the shared CQ)."""
+        qp, m = self.qp, self.fabric.metrics
+        if self.failed or self.closed or qp.state in (QpState.ERR, QpState.RESET):
+            m.stale_completions += 1
             return
-        try:
-            hw.channel.get_cq_event(hw.cq)
-            hw.cq.ack_events(1)
-            self.fabric.metrics.events += 1
-        except self.fabric._PyverbsError:
-            pass  # no event after all (the fd is non-blocking)
-        hw.cq.req_notify()
-        self.poll()
-
-    def poll(self) -> int:
-        """Turn every device completion into the guest's; returns how many."""
-        hw, qp, dev, m = self.hw, self.qp, self.dev, self.fabric.metrics
-        n = 0
-        while hw.cq is not None:
-            got, wcs = hw.cq.poll(64)
-            if not got:
-                break
-            for wc in wcs:
-                n += 1
-                if self.failed or self.closed or qp.state in (QpState.ERR, QpState.RESET):
-                    m.stale_completions += 1
-                    continue
-                m.completions += 1
-                if wc.wr_id & RECV_BIT:
-                    self._recv_done(wc)
-                else:
-                    self._send_done(wc)
-                if wc.status != 0:  # the device QP is in ERR now: so is the guest's
-                    m.error_completions += 1
-                    datapath.qp_error(dev, qp, None)
-        return n
+        m.completions += 1
+        if wc.wr_id & RECV_BIT:
+            self._recv_done(wc)
+        else:
+            self._send_done(wc)
+        if wc.status != 0:  # the device QP is in ERR now: so is the guest's
+            m.error_completions += 1
+            datapath.qp_error(self.dev, qp, None)
 
     def _send_done(self, wc) -> None:
         qp, dev = self.qp, self.dev
@@ -727,6 +896,7 @@ class VerbsFabricService:
             try:
                 callback()
             except Exception:  # the daemon boundary: one QP must not stop the others
+                self.fabric.metrics.internal_errors += 1
                 log.exception("verbs fabric: internal error on a completion")
         self.loop.add_reader(fd, ready)
 

@@ -315,3 +315,77 @@ def test_ibv_rc_pingpong_against_a_guest_on_the_verbs_fabric(hosts, ours):
     for text in (out, cl.stdout + cl.stderr):
         assert re.search(r"^\d+ bytes in [\d.]+ seconds", text, re.M), text
         assert re.search(r"^50 iters in [\d.]+ seconds", text, re.M), text
+
+
+@needs_device
+def test_local_only_mrs_without_device_rkeys_coexist(pair):
+    """rxe gives an MR without remote rights rkey 0; several such MRs must
+    still register, and work as local SGEs."""
+    from guest_lib import MR
+    from virtio_rdma.constants import Access
+
+    a, b = pair
+    mrs = [MR(a.pd, 4096, Access.LOCAL_WRITE) for _ in range(3)]
+    assert len({m.lkey for m in mrs}) == 3
+    src = mrs[2]
+    src.write(b"local-only", 10, 0)
+    b.qp.post_recv(RecvWR(80, 1, [SGE(b.mr.buf, 64, b.mr.lkey)]))
+    a.qp.post_send(SendWR(81, WrOpcode.SEND, 1, [SGE(src.buf, 10, src.lkey)]))
+    assert b.poll_one().byte_len == 10 and b.mr.read(10, 0) == b"local-only"
+    assert a.poll_one().wr_id == 81
+    for m in mrs:
+        m.close()
+
+
+def _event_fds(pid: int) -> int:
+    n = 0
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{name}") == "anon_inode:[infinibandevent]"
+        except OSError:
+            pass
+    return n
+
+
+@needs_device
+def test_a_guests_qps_share_completion_channels(hosts):
+    """Device QPs of one guest share a few CQs and channels: 24 QPs cost the
+    daemon one fd, not 24 (a guest must not exhaust the daemon's fds)."""
+    from guest_lib import QP, QPInitAttr
+
+    da, _ = hosts
+    before = _event_fds(da.proc.pid)
+    a = RcEndpoint(da.path, buf_size=1 << 20, cap=QPCap(max_send_wr=16, max_recv_wr=16))
+    try:
+        qps = [QP(a.pd, QPInitAttr(scq=a.cq, rcq=a.cq, cap=QPCap(max_send_wr=16, max_recv_wr=16)))
+               for _ in range(23)]
+        assert len({q.qp_num for q in qps}) == 23
+        assert _event_fds(da.proc.pid) - before == 1
+    finally:
+        a.close()
+
+
+@needs_device
+def test_registration_budget_stops_a_guest_pinning_without_bound(pair):
+    """REG_MR of the same 4 MiB again and again: the device pins pages per
+    registration, so the daemon stops the guest at its budget (ENOMEM)."""
+    from guest_lib.errors import RDMAError
+
+    a, _ = pair
+    keys = []
+    try:
+        with pytest.raises(RDMAError) as e:
+            for _ in range(1000):
+                r = a.ctx.command(Cmd.REG_MR, pdn=a.pd.pdn, access=int(ALL_ACCESS), iova=a.mr.buf,
+                                  length=a.mr.length, nchunks=1, reserved=0,
+                                  chunks=[dict(gpa=a.mr.gpa, length=a.mr.length)])
+                keys.append(r["lkey"])
+        assert e.value.errno == 12  # ENOMEM
+        assert 16 <= len(keys) < 1000
+    finally:
+        for k in keys:
+            a.ctx.command(Cmd.DEREG_MR, lkey=k)
+    r = a.ctx.command(Cmd.REG_MR, pdn=a.pd.pdn, access=int(ALL_ACCESS), iova=a.mr.buf,
+                      length=a.mr.length, nchunks=1, reserved=0,
+                      chunks=[dict(gpa=a.mr.gpa, length=a.mr.length)])
+    a.ctx.command(Cmd.DEREG_MR, lkey=r["lkey"])  # the budget came back

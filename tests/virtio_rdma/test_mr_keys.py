@@ -59,6 +59,21 @@ def test_adopted_keys_index_the_mr_and_lkey_is_not_rkey(mem):
     assert reg.closed == 1 and t.lookup(0x5678) is None and t.count == 0 and t.by_pd[1] == 0
 
 
+def test_local_only_mrs_of_a_device_without_rkeys_coexist(mem):
+    """rxe gives an MR without remote rights rkey 0: such MRs have no rkey at
+    all (the table files them under their lkey only), and remote use fails."""
+    t = MrTable(16, 4, 1 << 30)
+    m1 = t.register(mem, 1, Access.LOCAL_WRITE, 0x1000, 4096, [(GPA, 4096)],
+                    backing=lambda acc: Registration(0x421, 0))
+    m2 = t.register(mem, 1, Access.LOCAL_WRITE, 0x2000, 4096, [(GPA + 4096, 4096)],
+                    backing=lambda acc: Registration(0x522, 0))
+    assert (m1.rkey, m2.rkey) == (0x421, 0x522) and t.lookup(0) is None
+    with pytest.raises(MemoryAccessError):
+        t.check(mem, 0x421, 1, 0x1000, 8, Access.REMOTE_WRITE)
+    t.deregister(0x421)
+    assert t.lookup(0x522) is m2 and t.count == 1
+
+
 def test_table_owns_registrations_until_cleared(mem):
     t = MrTable(16, 4, 1 << 30)
     regs = [Registration(0x100 + i, 0x100 + i) for i in range(3)]
