@@ -160,13 +160,32 @@ def _pseudo_header(ip_header, udp_header, bth) -> bytearray:
     return buf
 
 
-def compute_icrc(ip_header, udp_header, ib_bytes) -> int:
+def compute_icrc_reference(ip_header, udp_header, ib_bytes) -> int:
     """ICRC of a packet: ``ib_bytes`` is the UDP payload without the trailing
     4 ICRC bytes (BTH, extension headers, payload, pad). Returns the CRC value;
-    use :func:`icrc_to_bytes` for its wire bytes."""
+    use :func:`icrc_to_bytes` for its wire bytes. The reference (zlib);
+    :func:`compute_icrc` is the same function, natively when built."""
     crc = zlib.crc32(_pseudo_header(ip_header, udp_header, ib_bytes))
     mv = memoryview(ib_bytes)
     return zlib.crc32(mv[12:], crc)
+
+
+try:
+    from ._icrc import compute_icrc as _native_icrc
+except ImportError:  # pragma: no cover - extension not built
+    _native_icrc = None
+
+
+def compute_icrc(ip_header, udp_header, ib_bytes) -> int:
+    """:func:`compute_icrc_reference`, with the native CRC (:mod:`roce._icrc`)
+    when it is built; the checks and errors are the reference's."""
+    if _native_icrc is None or len(ib_bytes) < 12:
+        return compute_icrc_reference(ip_header, udp_header, ib_bytes)
+    if len(udp_header) != UDP_HDR_LEN or not (
+            (len(ip_header) == IPV4_HDR_LEN and ip_header[0] == 0x45)
+            or (len(ip_header) == IPV6_HDR_LEN and ip_header[0] >> 4 == 6)):
+        return compute_icrc_reference(ip_header, udp_header, ib_bytes)  # raises the right error
+    return _native_icrc(ip_header, udp_header, ib_bytes)
 
 
 @lru_cache(maxsize=128)

@@ -116,28 +116,16 @@ class OpInfo:
     has_inv: bool
     offsets: dict = field(hash=False, compare=False)  # Ext -> offset from start of BTH
     length: int = 0                # BTH + extension headers
-
-    @property
-    def is_request(self) -> bool:
-        return self.kind in (Kind.SEND, Kind.WRITE, Kind.READ_REQUEST, Kind.ATOMIC)
-
-    @property
-    def is_response(self) -> bool:
-        return not self.is_request
-
-    @property
-    def starts(self) -> bool:
-        return self.position in (Position.FIRST, Position.ONLY)
-
-    @property
-    def ends(self) -> bool:
-        return self.position in (Position.LAST, Position.ONLY)
-
-    @property
-    def completes(self) -> bool:
-        """The responder generates a receive completion for this packet (the
-        last packet of a SEND, or of a WRITE with immediate)."""
-        return self.ends and (self.kind is Kind.SEND or (self.kind is Kind.WRITE and self.has_imm))
+    # Derived facts, computed once by the table (the packet path reads them per packet):
+    #: a request (SEND, WRITE, READ request, atomic) rather than a response
+    is_request: bool = field(default=False, compare=False)
+    is_response: bool = field(default=False, compare=False)
+    #: first or only packet of its message / last or only
+    starts: bool = field(default=False, compare=False)
+    ends: bool = field(default=False, compare=False)
+    #: the responder generates a receive completion for this packet (the last
+    #: packet of a SEND, or of a WRITE with immediate)
+    completes: bool = field(default=False, compare=False)
 
 
 # Wire order of extension headers (IBTA 9.2, figure 38).
@@ -183,10 +171,15 @@ def _build_table() -> dict[int, OpInfo]:
         for e in ordered:
             offsets[e] = off
             off += e.size
+        is_request = kind in (Kind.SEND, Kind.WRITE, Kind.READ_REQUEST, Kind.ATOMIC)
+        ends = pos in (Position.LAST, Position.ONLY)
+        has_imm = Ext.IMMDT in exts
         table[int(op)] = OpInfo(
             opcode=op, transport=transport, kind=kind, position=pos, exts=ordered,
-            has_payload=payload, has_imm=Ext.IMMDT in exts, has_inv=Ext.IETH in exts,
-            offsets=offsets, length=off,
+            has_payload=payload, has_imm=has_imm, has_inv=Ext.IETH in exts,
+            offsets=offsets, length=off, is_request=is_request, is_response=not is_request,
+            starts=pos in (Position.FIRST, Position.ONLY), ends=ends,
+            completes=ends and (kind is Kind.SEND or (kind is Kind.WRITE and has_imm)),
         )
     return table
 

@@ -128,3 +128,110 @@ def decode(datagram, ctx: IpContext | None, *, recover_ipv4_id: bool = False) ->
         attr, cls = _EXT_ATTR[e]
         setattr(pkt, attr, cls.unpack_from(mv, info.offsets[e]))
     return pkt
+
+
+
+@dataclass(slots=True)
+class PacketRun:
+    """Consecutive data packets of one SEND or RDMA WRITE message, described
+    once instead of built one by one (the RC requester's segmentation; IBTA
+    9.7.1 packet sequencing): packets ``first .. first + count - 1`` of a
+    message of ``npkts`` packets and ``length`` bytes, with PSNs from ``psn``.
+
+    :meth:`packets` is the reference: the :class:`RocePacket` objects the run
+    stands for. A sender may instead encode the run directly
+    (:meth:`roce._udpio.TxRing.add_run`), with the same bytes.
+
+    * opcodes: ``ops`` = (FIRST, MIDDLE, LAST, ONLY) of the message;
+    * payload of packet ``i``: bytes ``[i * mtu, min((i + 1) * mtu, length))``
+      of ``sgl`` (an object with ``gather(offset, n)``, ``views`` and
+      ``starts``, like :class:`roce.rc.sgl.SgList`);
+    * RETH ``(va, rkey, length)`` on packet 0 if ``reth`` is ``(va, rkey)``;
+      ImmDt ``imm`` or IETH ``ieth`` and SolicitedEvent ``se`` on the last;
+    * AckReq on the last packet and whenever ``noack`` (packets since the
+      previous AckReq, counting this one) reaches ``ack_every``.
+    """
+
+    ops: tuple
+    npkts: int
+    first: int
+    count: int
+    psn: int
+    dest_qp: int
+    pkey: int
+    mtu: int
+    length: int
+    sgl: object
+    reth: tuple | None = None
+    imm: int | None = None
+    ieth: int | None = None
+    se: bool = False
+    noack: int = 0
+    ack_every: int = 64
+
+    def packets(self) -> list[RocePacket]:
+        out = []
+        first_op, mid_op, last_op, only_op = self.ops
+        n, mtu, length = self.npkts, self.mtu, self.length
+        noack = self.noack
+        for j in range(self.count):
+            i = self.first + j
+            last = i == n - 1
+            opcode = only_op if n == 1 else first_op if i == 0 else last_op if last else mid_op
+            noack += 1
+            ackreq = last or noack >= self.ack_every
+            if ackreq:
+                noack = 0
+            off = i * mtu
+            pkt = RocePacket(Bth(opcode=opcode, dest_qp=self.dest_qp,
+                                 psn=(self.psn + j) & 0xFFFFFF, se=last and self.se,
+                                 pkey=self.pkey, ackreq=ackreq),
+                             payload=self.sgl.gather(off, min(mtu, length - off)))
+            if i == 0 and self.reth is not None:
+                pkt.reth = Reth(self.reth[0], self.reth[1], length)
+            if last:
+                if self.imm is not None:
+                    pkt.immdt = ImmDt(self.imm)
+                elif self.ieth is not None:
+                    pkt.ieth = Ieth(self.ieth)
+            out.append(pkt)
+        return out
+
+
+def expand(items) -> list[RocePacket]:
+    """Packets and :class:`PacketRun` s -> the packets, in order."""
+    out = []
+    for p in items:
+        if type(p) is PacketRun:
+            out += p.packets()
+        else:
+            out.append(p)
+    return out
+
+
+# Constructors for the packet path (the RC engine builds a few per packet):
+# the native ones fill the frozen dataclasses' slots directly; same objects.
+try:
+    from ._codec import aeth as make_aeth, bth as make_bth, ieth as make_ieth, \
+        immdt as make_immdt, packet as make_packet, reth as make_reth  # noqa: E402
+except ImportError:  # pragma: no cover - extension not built
+    def make_reth(va: int, rkey: int, dma_len: int) -> Reth:
+        return Reth(va, rkey, dma_len)
+
+    def make_immdt(imm: int) -> ImmDt:
+        return ImmDt(imm)
+
+    def make_ieth(rkey: int) -> Ieth:
+        return Ieth(rkey)
+
+    def make_bth(opcode: int, dest_qp: int, psn: int, se: bool = False, ackreq: bool = False,
+                 pkey: int = 0xFFFF) -> Bth:
+        return Bth(opcode=opcode, dest_qp=dest_qp, psn=psn, se=se, ackreq=ackreq, pkey=pkey)
+
+    def make_aeth(syndrome: int, msn: int) -> Aeth:
+        return Aeth(syndrome, msn)
+
+    def make_packet(bth, payload=b"", reth=None, aeth=None, immdt=None, atomic_eth=None,
+                    atomic_ack_eth=None, ieth=None) -> RocePacket:
+        return RocePacket(bth, reth=reth, aeth=aeth, immdt=immdt, atomic_eth=atomic_eth,
+                          atomic_ack_eth=atomic_ack_eth, ieth=ieth, payload=payload)
