@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import socket
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
 from .errors import IcrcMismatch, MalformedPacket
 from .icrc import ROCE_UDP_PORT, IpContext
-from .packet import RocePacket, decode
+from .packet import PacketRun, RocePacket, decode
 
 # linux/in.h, linux/in6.h, linux/udp.h (not exported by the socket module)
 IP_MTU_DISCOVER = 10
@@ -43,12 +45,15 @@ SO_SNDBUFFORCE = 32
 #: everything after it, so leave room for several busy QPs.
 SOCKET_BUFFER = 16 << 20
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(slots=True)
 class UdpMetrics:
     tx_packets: int = 0
     tx_errors: int = 0
     rx_packets: int = 0
+    rx_errors: int = 0             # recvmmsg failures (not counted as packets)
     rx_malformed: int = 0
     rx_icrc_errors: int = 0
     rx_id_recovered: int = 0       # IPv4 packets whose non-zero ID had to be solved for
@@ -86,31 +91,130 @@ def _size_buffers(s: socket.socket, size: int) -> None:
             s.setsockopt(socket.SOL_SOCKET, plain, size)
 
 
-class RoceUdpEndpoint(asyncio.DatagramProtocol):
-    """One RoCEv2 UDP endpoint. ``on_packet(pkt, peer_ip)`` gets every valid
-    packet; demultiplexing by destination QP is the caller's job."""
+#: Datagrams per recvmmsg / sendmmsg call, and receive calls per readiness
+#: callback (then the loop runs other callbacks before reading more).
+BATCH = 64
+ROUNDS = 4
+#: envelopes (per peer address and port) cached in each direction
+MAX_PEERS = 4096
 
-    def __init__(self, on_packet: Callable[[RocePacket, str], None]) -> None:
+
+class RoceUdpEndpoint:
+    """One RoCEv2 UDP endpoint over a bound non-blocking socket, which it owns
+    (closed by :meth:`aclose`). ``on_packet(pkt, peer_ip)`` gets every valid
+    packet; demultiplexing by destination QP is the caller's job.
+
+    Receiving: each readiness callback (or :meth:`poll`, for a busy-polling
+    loop) drains the socket with ``recvmmsg``, up to ``BATCH * ROUNDS``
+    datagrams, checks each natively (:mod:`roce._codec`; a packet whose ICRC
+    needs the IPv4 ID solved goes through the reference :meth:`decode`), and
+    calls ``on_packet`` for each, then ``on_batch_end()`` once per batch.
+    Packets queued while a batch is delivered leave together at its end.
+
+    Sending: :meth:`send` sends one packet now; :meth:`transmit` queues
+    packets and sends them with one ``sendmmsg`` (at once, or at the end of
+    the batch being delivered). Payloads are not copied: they must stay valid
+    until then. What the socket buffer cannot take waits for writability, in
+    order."""
+
+    def __init__(self, sock: socket.socket, on_packet: Callable[[RocePacket, str], None],
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+        from ._udpio import RxRing, TxRing
+
+        self.sock = sock
         self.on_packet = on_packet
+        self.on_batch_end: Callable[[], None] | None = None
+        #: ``fast(ring, i, n, envelopes) -> j`` takes slots ``i .. j-1`` itself
+        #: (e.g. :class:`roce.rc._fastrx.WriteFastPath`); the rest are decoded
+        self.fast = None
         self.metrics = UdpMetrics()
-        self.transport: asyncio.DatagramTransport | None = None
-        self.local: tuple[str, int] = ("", 0)
-        self._closed: asyncio.Future | None = None
+        self.local: tuple[str, int] = sock.getsockname()[:2]
+        self.loop = loop or asyncio.get_running_loop()
+        self._fd = sock.fileno()
+        self._rx = RxRing(BATCH)
+        self._tx = TxRing(BATCH)
+        self._rx_envs: dict = {}          # peer key -> Envelope(peer -> local)
+        self._tx_envs: dict = {}          # (peer ip, port) -> Envelope(local -> peer)
+        self._backlog: deque = deque()    # (bytes, (ip, port)) waiting for the socket buffer
+        self._holding = False
+        self._closed = False
+        self.loop.add_reader(self._fd, self.poll)
 
-    # asyncio.DatagramProtocol
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        self.local = transport.get_extra_info("sockname")[:2]
-        self._closed = asyncio.get_running_loop().create_future()
+    # ------------------------------------------------------------ receiving
+    def poll(self) -> bool:
+        """Receive and deliver what is queued on the socket now; True if
+        anything was."""
+        if self._closed:
+            return False
+        rx = self._rx
+        got = False
+        for _ in range(ROUNDS):
+            try:
+                n = rx.recv(self._fd)
+            except OSError:
+                self.metrics.rx_errors += 1
+                break
+            if not n:
+                break
+            got = True
+            self._holding = True
+            try:
+                self._deliver(n)
+                if self.on_batch_end is not None:
+                    self.on_batch_end()
+            except Exception:  # the I/O boundary: a bug in a handler must not stop the socket
+                log.exception("RoCE UDP endpoint %s:%d: error delivering a batch", *self.local)
+            finally:
+                self._holding = False
+                self.flush()
+            if n < BATCH:
+                break
+        return got
 
-    def connection_lost(self, exc) -> None:
-        if self._closed is not None and not self._closed.done():
-            self._closed.set_result(None)
+    def _deliver(self, n: int) -> None:
+        m = self.metrics
+        rx, envs, on_packet, fast = self._rx, self._rx_envs, self.on_packet, self.fast
+        i = 0
+        while i < n:
+            if fast is not None:
+                j = fast(rx, i, n, envs)
+                m.rx_packets += j - i
+                if j >= n:
+                    return
+                i = j
+            m.rx_packets += 1
+            key = rx.peer_key(i)
+            env = envs.get(key)
+            if env is None:
+                env = self._rx_env(i, key)
+            status, pkt = rx.packet(i, env)
+            i += 1
+            if status == 1:
+                m.rx_malformed += 1
+                continue
+            if status == 2:                 # maybe a sender's non-zero IPv4 ID: the reference
+                ctx = IpContext(env.src, env.dst, sport=env.sport, dport=env.dport)
+                try:
+                    pkt = self.decode(rx.datagram(i - 1), ctx)
+                except IcrcMismatch:
+                    m.rx_icrc_errors += 1
+                    continue
+                except MalformedPacket:
+                    m.rx_malformed += 1
+                    continue
+            on_packet(pkt, env.src)
 
-    def error_received(self, exc) -> None:
-        self.metrics.tx_errors += 1
+    def _rx_env(self, i: int, key):
+        from ._codec import Envelope
+
+        if len(self._rx_envs) >= MAX_PEERS:   # any source may send: keep the cache bounded
+            self._rx_envs.clear()
+        ip, port = self._rx.peer(i)
+        env = self._rx_envs[key] = Envelope(ip, self.local[0], port, self.local[1])
+        return env
 
     def datagram_received(self, data: bytes, addr) -> None:
+        """One datagram from ``addr`` through the reference decoder (tools)."""
         m = self.metrics
         m.rx_packets += 1
         ctx = IpContext(addr[0], self.local[0], sport=addr[1], dport=self.local[1])
@@ -125,6 +229,8 @@ class RoceUdpEndpoint(asyncio.DatagramProtocol):
         self.on_packet(pkt, addr[0])
 
     def decode(self, data: bytes, ctx: IpContext) -> RocePacket:
+        """The reference decode of a datagram from ``ctx.src``, solving for a
+        non-zero IPv4 ID and trying without DF (see module doc)."""
         if ctx.version == 6:
             return decode(data, ctx)
         try:
@@ -136,19 +242,106 @@ class RoceUdpEndpoint(asyncio.DatagramProtocol):
             self.metrics.rx_id_recovered += 1
         return pkt
 
-    # sending
-    def send(self, pkt: RocePacket, peer: str, port: int = ROCE_UDP_PORT) -> None:
-        if self.transport is None or self.transport.is_closing():
+    # -------------------------------------------------------------- sending
+    def _tx_env(self, peer: str, port: int):
+        env = self._tx_envs.get((peer, port))
+        if env is None:
+            from ._codec import Envelope
+
+            if len(self._tx_envs) >= MAX_PEERS:
+                self._tx_envs.clear()
+            env = self._tx_envs[(peer, port)] = Envelope(self.local[0], peer, self.local[1], port)
+        return env
+
+    def transmit(self, packets, peer: str, port: int = ROCE_UDP_PORT) -> None:
+        """Queue ``packets`` (:class:`RocePacket` s and
+        :class:`~roce.packet.PacketRun` s) for ``peer``; they leave at once,
+        or at the end of the batch being delivered."""
+        if self._closed:
             raise ConnectionError("RoCE UDP endpoint is closed")
-        ctx = IpContext(self.local[0], peer, sport=self.local[1], dport=port)
-        self.transport.sendto(pkt.encode(ctx), (peer, port))
-        self.metrics.tx_packets += 1
+        env = self._tx_env(peer, port)
+        tx = self._tx
+        m = self.metrics
+        for pkt in packets:
+            if type(pkt) is PacketRun:
+                j = 0
+                while True:
+                    j = tx.add_run(pkt, env, j)
+                    if j == pkt.count:
+                        break
+                    self.flush()
+                m.tx_packets += pkt.count
+                continue
+            if not tx.add(pkt, env):
+                if tx.full:
+                    self.flush()
+                    if tx.add(pkt, env):
+                        m.tx_packets += 1
+                        continue
+                # not encodable natively: the reference raises, or gives the bytes
+                self._send_bytes(pkt.encode(IpContext(env.src, env.dst, env.sport, env.dport)),
+                                 (peer, port))
+            m.tx_packets += 1
+        if not self._holding:
+            self.flush()
+
+    def send(self, pkt: RocePacket, peer: str, port: int = ROCE_UDP_PORT) -> None:
+        """Send one packet now."""
+        self.transmit((pkt,), peer, port)
+        self.flush()
+
+    def flush(self) -> None:
+        """Send everything queued."""
+        tx = self._tx
+        if not tx.count:
+            return
+        if self._backlog:                   # keep the order: behind what already waits
+            for item in tx.flush_bytes():
+                self._backlog.append(item)
+            self._on_writable()
+            return
+        sent, errors, left = tx.flush(self._fd)
+        self.metrics.tx_errors += errors
+        if left:
+            self._backlog.extend(left)
+            self.loop.add_writer(self._fd, self._on_writable)
+
+    def _send_bytes(self, data: bytes, addr) -> None:
+        self.flush()
+        if self._backlog:
+            self._backlog.append((data, addr))
+            return
+        try:
+            self.sock.sendto(data, addr)
+        except BlockingIOError:
+            self._backlog.append((data, addr))
+            self.loop.add_writer(self._fd, self._on_writable)
+        except OSError:
+            self.metrics.tx_errors += 1
+
+    def _on_writable(self) -> None:
+        q = self._backlog
+        while q:
+            data, addr = q[0]
+            try:
+                self.sock.sendto(data, addr)
+            except BlockingIOError:
+                self.loop.add_writer(self._fd, self._on_writable)
+                return
+            except OSError:
+                self.metrics.tx_errors += 1
+            q.popleft()
+        self.loop.remove_writer(self._fd)
 
     async def aclose(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-            if self._closed is not None:
-                await self._closed
+        if self._closed:
+            return
+        self._closed = True
+        self.loop.remove_reader(self._fd)
+        self.loop.remove_writer(self._fd)
+        self._tx.clear()
+        self._backlog.clear()
+        self.sock.close()
 
 
 async def open_endpoint(host: str, on_packet: Callable[[RocePacket, str], None],
@@ -158,9 +351,7 @@ async def open_endpoint(host: str, on_packet: Callable[[RocePacket, str], None],
     loop = asyncio.get_running_loop()
     sock = make_socket(host, port)
     try:
-        _, proto = await loop.create_datagram_endpoint(lambda: RoceUdpEndpoint(on_packet),
-                                                       sock=sock)
+        return RoceUdpEndpoint(sock, on_packet, loop)
     except BaseException:
         sock.close()
         raise
-    return proto

@@ -19,8 +19,8 @@ import enum
 from dataclasses import fields
 
 from ..errors import QpStateError
-from ..opcodes import Transport, opinfo
-from ..packet import RocePacket
+from ..opcodes import OPCODE_TABLE, Transport, opinfo
+from ..packet import PacketRun, RocePacket, expand
 from .config import QpConfig
 from .metrics import RcMetrics
 from .requester import Requester
@@ -134,30 +134,51 @@ class RcQp:
         m = self.metrics
         m.rx_packets += 1
         bth = pkt.bth
-        info = opinfo(bth.opcode)
-        if bth.dest_qp != self.cfg.qp_num or info.transport is not Transport.RC or \
-                (bth.pkey & 0x7FFF) != (self.cfg.pkey & 0x7FFF):
+        info = OPCODE_TABLE.get(bth.opcode)
+        if info is None:
+            info = opinfo(bth.opcode)           # raises UnknownOpcode
+        cfg = self.cfg
+        if bth.dest_qp != cfg.qp_num or info.transport is not Transport.RC or \
+                (bth.pkey & 0x7FFF) != (cfg.pkey & 0x7FFF):
             m.dropped_other += 1
             return
+        state = self.state
         if info.is_request:
-            if self.state not in (QpState.RTR, QpState.RTS, QpState.SQD):
+            if state is not QpState.RTS and state is not QpState.RTR and state is not QpState.SQD:
                 m.dropped_qp_state += 1
                 return
             self.responder.on_request(pkt, info)
         else:
-            if self.state not in (QpState.RTS, QpState.SQD):
+            if state is not QpState.RTS and state is not QpState.SQD:
                 m.dropped_qp_state += 1
                 return
-            self.requester.on_response(pkt, now)
+            self.requester.on_response(pkt, now, info)
         self._collect()
 
     def transmit(self, now: float) -> list[RocePacket]:
         """Packets to send now: responses first, then new or retried requests."""
-        if self.state in (QpState.RTS,):
-            self.requester.fill(now)
-        out = self.responder.out + self.requester.out
-        self.responder.out = []
-        self.requester.out = []
+        out = self.transmit_raw(now)
+        for p in out:
+            if type(p) is PacketRun:
+                return expand(out)
+        return out
+
+    def transmit_raw(self, now: float) -> list:
+        """:meth:`transmit` with runs of data packets left as
+        :class:`~roce.packet.PacketRun` s (for a sender that encodes them)."""
+        q, r = self.requester, self.responder
+        if self.state is QpState.RTS:
+            q.fill(now)
+        out = r.out
+        if out:
+            r.out = []
+            if q.out:
+                out += q.out
+                q.out = []
+        elif q.out:
+            out, q.out = q.out, []
+        else:
+            out = []
         self._collect()
         return out
 

@@ -23,13 +23,13 @@ import enum
 from collections import deque
 from dataclasses import dataclass
 
-from ..headers import Aeth, AethType, AtomicEth, Bth, Ieth, ImmDt, NakCode, Reth, rnr_timer_seconds
-from ..opcodes import Kind, Opcode, opinfo
-from ..packet import RocePacket
+from ..headers import Aeth, AethType, AtomicEth, NakCode, rnr_timer_seconds
+from ..opcodes import OPCODE_TABLE, Kind, Opcode
+from ..packet import PacketRun, RocePacket, make_bth, make_ieth, make_immdt, make_packet, make_reth
 from .config import MAX_MSG_SIZE, MAX_PKT_PER_ACK, MAX_UNACKED_PSNS, QpConfig, retransmit_timeout
 from ..errors import InvalidWorkRequest
 from .metrics import RcMetrics
-from .psn import psn_add, psn_diff
+from .psn import PSN_MASK, psn_add, psn_diff
 from .sgl import SgList
 from .verbs import Completion, SendWR, WcStatus, WrOpcode, wc_opcode_of
 
@@ -58,6 +58,13 @@ _SEND_OPS = {
                                    Opcode.RC_RDMA_WRITE_LAST_WITH_IMMEDIATE,
                                    Opcode.RC_RDMA_WRITE_ONLY_WITH_IMMEDIATE),
 }
+
+_WR_OPS = {int(op): op for op in WrOpcode}
+_WRITES = frozenset({WrOpcode.RDMA_WRITE, WrOpcode.RDMA_WRITE_WITH_IMM})
+_WITH_IMM = frozenset({WrOpcode.SEND_WITH_IMM, WrOpcode.RDMA_WRITE_WITH_IMM})
+_ATOMICS = frozenset({WrOpcode.ATOMIC_CMP_AND_SWP, WrOpcode.ATOMIC_FETCH_AND_ADD})
+_U32 = 0xFFFFFFFF
+_ACK_T, _RNR_T, _NAK_T = int(AethType.ACK), int(AethType.RNR_NAK), int(AethType.NAK)
 
 _FATAL_NAK = {
     NakCode.INVALID_REQUEST: WcStatus.REM_INV_REQ_ERR,
@@ -108,33 +115,40 @@ class Requester:
     # ----------------------------------------------------------------- verbs
     def post(self, wr: SendWR) -> None:
         try:
-            op = WrOpcode(wr.opcode)
-        except ValueError:
+            op = _WR_OPS.get(wr.opcode)
+        except TypeError:               # unhashable
+            op = None
+        if op is None:
             raise InvalidWorkRequest(f"wr_id {wr.wr_id}: opcode {wr.opcode!r} not supported "
                                      "on RC") from None
         sgl = SgList(wr.sges)
-        mtu = self.cfg.path_mtu
-        if op in (WrOpcode.ATOMIC_CMP_AND_SWP, WrOpcode.ATOMIC_FETCH_AND_ADD):
-            if sgl.total != 8:
+        total = sgl.total
+        if op in _ATOMICS:
+            if total != 8:
                 raise InvalidWorkRequest(f"wr_id {wr.wr_id}: atomic needs an 8-byte local "
-                                         f"buffer, got {sgl.total}")
+                                         f"buffer, got {total}")
             for name in ("compare_add", "swap"):
                 v = getattr(wr, name)
                 if not isinstance(v, int) or not 0 <= v <= _U64:
                     raise InvalidWorkRequest(f"wr_id {wr.wr_id}: {name}={v!r} is not a u64")
             npkts, rd = 1, True
         else:
-            if sgl.total > MAX_MSG_SIZE:
-                raise InvalidWorkRequest(f"wr_id {wr.wr_id}: length {sgl.total} > 2^31")
-            npkts = max(1, -(-sgl.total // mtu))
+            if total > MAX_MSG_SIZE:
+                raise InvalidWorkRequest(f"wr_id {wr.wr_id}: length {total} > 2^31")
+            npkts = max(1, -(-total // self.cfg.path_mtu))
             rd = op is WrOpcode.RDMA_READ
-        for name, bits in (("remote_addr", 64), ("rkey", 32), ("imm_data", 32),
-                           ("invalidate_rkey", 32)):
-            v = getattr(wr, name)
-            if not isinstance(v, int) or v < 0 or v >> bits:
-                raise InvalidWorkRequest(f"wr_id {wr.wr_id}: {name}={v!r} does not fit {bits} bits")
+        ra, rk, imm, inv = wr.remote_addr, wr.rkey, wr.imm_data, wr.invalidate_rkey
+        if not (type(ra) is int and type(rk) is int and type(imm) is int and type(inv) is int
+                and 0 <= ra <= _U64 and 0 <= rk <= _U32 and 0 <= imm <= _U32
+                and 0 <= inv <= _U32):
+            for name, bits in (("remote_addr", 64), ("rkey", 32), ("imm_data", 32),
+                               ("invalidate_rkey", 32)):
+                v = getattr(wr, name)
+                if not isinstance(v, int) or v < 0 or v >> bits:
+                    raise InvalidWorkRequest(
+                        f"wr_id {wr.wr_id}: {name}={v!r} does not fit {bits} bits")
         wr.opcode = op
-        self.sq.append(Wqe(wr, sgl, sgl.total, npkts, rd))
+        self.sq.append(Wqe(wr, sgl, total, npkts, rd))
 
     # ---------------------------------------------------------------- sending
     def fill(self, now: float) -> None:
@@ -142,10 +156,12 @@ class Requester:
         if self.dead or self.rnr_deadline is not None:
             return
         cfg = self.cfg
-        while self.send_idx < len(self.sq):
-            if psn_diff(self.psn, self.comp_psn) >= MAX_UNACKED_PSNS:
+        sq = self.sq
+        while self.send_idx < len(sq):
+            room = MAX_UNACKED_PSNS - psn_diff(self.psn, self.comp_psn)
+            if room <= 0:
                 break
-            wqe = self.sq[self.send_idx]
+            wqe = sq[self.send_idx]
             if wqe.first_psn is None:
                 if wqe.wr.fence and self.rd_atomic_outstanding:
                     break
@@ -154,7 +170,49 @@ class Requester:
                         break
                     self.rd_atomic_outstanding += 1
                 wqe.first_psn = self.psn
-            self._emit(wqe, now)
+            if wqe.rd_atomic:
+                self._emit(wqe, now)
+            else:
+                self._emit_data(wqe, now, room)
+
+    def _emit_data(self, wqe: Wqe, now: float, room: int) -> None:
+        """SEND/WRITE: the next ``room`` packets of ``wqe`` at most, as one
+        :class:`~roce.packet.PacketRun` (the packets :meth:`_emit` would make
+        one call at a time; the counters move as if it had)."""
+        cfg, wr = self.cfg, wqe.wr
+        op = wr.opcode
+        n, i = wqe.npkts, wqe.next_pkt
+        psn = self.psn
+        assert psn == psn_add(wqe.first_psn, i)
+        k = min(n - i, room)
+        self.out.append(PacketRun(
+            _SEND_OPS[op], n, i, k, psn, cfg.dest_qp_num, cfg.pkey, cfg.path_mtu, wqe.length,
+            wqe.sgl, (wr.remote_addr, wr.rkey) if op in _WRITES else None,
+            wr.imm_data if op in _WITH_IMM else None,
+            wr.invalidate_rkey if op is WrOpcode.SEND_WITH_INV else None,
+            wr.solicited, self.noack_pkts, MAX_PKT_PER_ACK))
+        m = self.metrics
+        m.tx_packets += k
+        behind = psn_diff(self.psn_hi, psn)         # packets of the run sent before
+        if behind > 0:
+            m.retransmitted_packets += min(k, behind)
+        psn = (psn + k) & PSN_MASK
+        if psn_diff(psn, self.psn_hi) > 0:
+            self.psn_hi = psn
+        self.psn = psn
+        i += k
+        wqe.next_pkt = i
+        if i >= n:
+            self.noack_pkts = 0                     # the last packet asks for an ACK
+            wqe.state = WqeState.PENDING
+            self.send_idx += 1
+        else:
+            self.noack_pkts = (self.noack_pkts + k) % MAX_PKT_PER_ACK
+            wqe.state = WqeState.SENDING
+        if self.retrans_deadline is None:
+            to = retransmit_timeout(cfg.timeout)
+            if to is not None:
+                self.retrans_deadline = now + to
 
     def _emit(self, wqe: Wqe, now: float) -> None:
         cfg, wr, mtu = self.cfg, wqe.wr, self.cfg.path_mtu
@@ -168,7 +226,7 @@ class Requester:
         if op is WrOpcode.RDMA_READ:
             off = i * mtu
             opcode = Opcode.RC_RDMA_READ_REQUEST
-            kw["reth"] = Reth((wr.remote_addr + off) & _U64, wr.rkey, wqe.length - off)
+            kw["reth"] = make_reth((wr.remote_addr + off) & _U64, wr.rkey, wqe.length - off)
             npsn = wqe.npkts - i
             last = True
         elif op in (WrOpcode.ATOMIC_CMP_AND_SWP, WrOpcode.ATOMIC_FETCH_AND_ADD):
@@ -187,21 +245,20 @@ class Requester:
             off = i * mtu
             payload = wqe.sgl.gather(off, min(mtu, wqe.length - off))
             if i == 0 and op in (WrOpcode.RDMA_WRITE, WrOpcode.RDMA_WRITE_WITH_IMM):
-                kw["reth"] = Reth(wr.remote_addr, wr.rkey, wqe.length)
+                kw["reth"] = make_reth(wr.remote_addr, wr.rkey, wqe.length)
             if last:
                 se = wr.solicited
                 if op in (WrOpcode.SEND_WITH_IMM, WrOpcode.RDMA_WRITE_WITH_IMM):
-                    kw["immdt"] = ImmDt(wr.imm_data)
+                    kw["immdt"] = make_immdt(wr.imm_data)
                 elif op is WrOpcode.SEND_WITH_INV:
-                    kw["ieth"] = Ieth(wr.invalidate_rkey)
+                    kw["ieth"] = make_ieth(wr.invalidate_rkey)
             npsn = 1
         self.noack_pkts += 1
         ackreq = last or self.noack_pkts >= MAX_PKT_PER_ACK
         if ackreq:
             self.noack_pkts = 0
-        self.out.append(RocePacket(
-            Bth(opcode=opcode, dest_qp=cfg.dest_qp_num, psn=psn, se=se, pkey=cfg.pkey,
-                ackreq=ackreq), payload=payload, **kw))
+        self.out.append(make_packet(make_bth(opcode, cfg.dest_qp_num, psn, se, ackreq, cfg.pkey),
+                                    payload, **kw))
         self.metrics.tx_packets += 1
         if psn_diff(psn, self.psn_hi) < 0:
             self.metrics.retransmitted_packets += 1
@@ -221,8 +278,10 @@ class Requester:
 
     # ----------------------------------------------------------------- timers
     def next_deadline(self) -> float | None:
-        ds = [d for d in (self.retrans_deadline, self.rnr_deadline) if d is not None]
-        return min(ds) if ds else None
+        a, b = self.retrans_deadline, self.rnr_deadline
+        if a is None:
+            return b
+        return a if b is None or a <= b else b
 
     def handle_timer(self, now: float) -> None:
         if self.dead:
@@ -275,21 +334,24 @@ class Requester:
         self.psn = psn_add(self.sq[0].first_psn, self.sq[0].next_pkt)
 
     # -------------------------------------------------------------- completer
-    def on_response(self, pkt: RocePacket, now: float) -> None:
+    def on_response(self, pkt: RocePacket, now: float, info=None) -> None:
         if self.dead:
             return
         m = self.metrics
-        psn = pkt.bth.psn
+        bth = pkt.bth
+        psn = bth.psn
         if psn_diff(psn, self.psn_hi) >= 0:     # responds to a PSN never sent
             m.responses_dropped += 1
             return
-        info = opinfo(pkt.bth.opcode)
+        if info is None:
+            info = OPCODE_TABLE[bth.opcode]
+        sq = self.sq
         while True:
-            if not self.sq or self.sq[0].first_psn is None:
+            if not sq or sq[0].first_psn is None:
                 m.responses_dropped += 1
                 return
-            wqe = self.sq[0]
-            if psn_diff(psn, wqe.last_psn) > 0:
+            wqe = sq[0]
+            if psn_diff(psn, (wqe.first_psn + wqe.npkts - 1) & PSN_MASK) > 0:
                 if wqe.state is not WqeState.PENDING:
                     m.responses_dropped += 1
                     return
@@ -298,7 +360,7 @@ class Requester:
                     # missing: implicit NAK, retry from comp_psn
                     self._error_retry(now)
                     return
-                self.comp_psn = psn_add(wqe.last_psn, 1)
+                self.comp_psn = (wqe.first_psn + wqe.npkts) & PSN_MASK
                 self._complete(WcStatus.SUCCESS)
                 self._progress(now)
                 continue
@@ -308,11 +370,12 @@ class Requester:
             m.responses_dropped += 1            # stale duplicate
             return
         kind = info.kind
-        if kind is Kind.READ_RESPONSE:
+        if kind is Kind.ACK:
+            self._ack(wqe, pkt, psn, now)
+        elif kind is Kind.READ_RESPONSE:
             self._read_response(wqe, pkt, info, d, now)
         elif kind is Kind.ATOMIC_ACK:
-            if wqe.wr.opcode not in (WrOpcode.ATOMIC_CMP_AND_SWP, WrOpcode.ATOMIC_FETCH_AND_ADD) \
-                    or d != 0:
+            if wqe.wr.opcode not in _ATOMICS or d != 0:
                 m.responses_dropped += 1
                 return
             orig = pkt.atomic_ack_eth.orig
@@ -347,16 +410,17 @@ class Requester:
     def _ack(self, wqe: Wqe, pkt: RocePacket, psn: int, now: float) -> None:
         m = self.metrics
         aeth: Aeth = pkt.aeth
-        t = aeth.type
-        if t is AethType.ACK:
+        t = (aeth.syndrome >> 5) & 3
+        if t == _ACK_T:
             if wqe.rd_atomic:
                 m.responses_dropped += 1        # an ACK cannot complete a READ/atomic
                 return
-            self.comp_psn = psn_add(psn, 1)
-            if psn == wqe.last_psn and wqe.state is WqeState.PENDING:
+            self.comp_psn = (psn + 1) & PSN_MASK
+            if psn == (wqe.first_psn + wqe.npkts - 1) & PSN_MASK and \
+                    wqe.state is WqeState.PENDING:
                 self._complete(WcStatus.SUCCESS)
             self._progress(now)
-        elif t is AethType.RNR_NAK:
+        elif t == _RNR_T:
             m.rnr_naks_received += 1
             self.comp_psn = psn
             if self.rnr_left == 0:
@@ -367,7 +431,7 @@ class Requester:
             self.retrans_deadline = None
             self._rewind()
             self.rnr_deadline = now + rnr_timer_seconds(aeth.rnr_timer)
-        elif t is AethType.NAK:
+        elif t == _NAK_T:
             code = aeth.nak_code
             if code == NakCode.PSN_SEQ_ERROR:
                 m.seq_naks_received += 1

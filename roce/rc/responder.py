@@ -26,12 +26,12 @@ from collections import deque
 from dataclasses import dataclass
 
 from ..errors import RemoteAccessError
-from ..headers import Aeth, AethType, AtomicAckEth, Bth, NakCode
-from ..opcodes import Kind, Opcode, OpInfo, Position, opinfo
-from ..packet import RocePacket
+from ..headers import Aeth, AethType, AtomicAckEth, CREDITS_INVALID, NakCode
+from ..opcodes import Kind, Opcode, OpInfo, Position
+from ..packet import RocePacket, make_aeth, make_bth, make_packet
 from .config import MAX_MSG_SIZE, QpConfig
 from .metrics import RcMetrics
-from .psn import psn_add, psn_diff
+from .psn import PSN_MASK, psn_add, psn_diff
 from .sgl import SgLengthError, SgList
 from .verbs import Access, Completion, WcOpcode, WcStatus
 
@@ -39,6 +39,13 @@ _U64 = (1 << 64) - 1
 _NAK_COUNTER = {NakCode.INVALID_REQUEST: "invalid_request_naks",
                 NakCode.REMOTE_ACCESS: "remote_access_naks",
                 NakCode.REMOTE_OP: "remote_op_naks"}
+#: QP access right each request kind needs (as plain ints: checked per packet)
+_NEED = {Kind.WRITE: int(Access.REMOTE_WRITE), Kind.READ_REQUEST: int(Access.REMOTE_READ),
+         Kind.ATOMIC: int(Access.REMOTE_ATOMIC)}
+_ACK = int(Opcode.RC_ACKNOWLEDGE)
+_ACK_SYNDROME = (int(AethType.ACK) << 5) | CREDITS_INVALID
+_CONTINUES = (Position.MIDDLE, Position.LAST)
+_SEND, _WRITE = Kind.SEND, Kind.WRITE
 
 
 @dataclass(slots=True)
@@ -103,21 +110,23 @@ class Responder:
                                                self.cfg.qp_num))
 
     # --------------------------------------------------------------- sending
-    def _send(self, opcode: Opcode, psn: int, **kw) -> None:
-        self.out.append(RocePacket(Bth(opcode=opcode, dest_qp=self.cfg.dest_qp_num, psn=psn,
-                                       pkey=self.cfg.pkey), **kw))
+    def _send(self, opcode: int, psn: int, payload=b"", aeth=None, atomic_ack_eth=None) -> None:
+        cfg = self.cfg
+        self.out.append(make_packet(make_bth(opcode, cfg.dest_qp_num, psn, False, False, cfg.pkey),
+                                    payload, None, aeth, None, None, atomic_ack_eth))
         self.metrics.tx_packets += 1
 
     def _ack(self, psn: int) -> None:
-        if self.out:
-            last = self.out[-1]
-            if last.bth.opcode == Opcode.RC_ACKNOWLEDGE and last.aeth.type is AethType.ACK:
-                self.out.pop()                  # coalesce: the newer ACK covers it
+        out = self.out
+        if out:
+            last = out[-1]
+            if last.bth.opcode == _ACK and (last.aeth.syndrome >> 5) & 3 == AethType.ACK:
+                out.pop()                       # coalesce: the newer ACK covers it
                 self.metrics.tx_packets -= 1
-        self._send(Opcode.RC_ACKNOWLEDGE, psn, aeth=Aeth.ack(self.msn))
+        self._send(_ACK, psn, aeth=make_aeth(_ACK_SYNDROME, self.msn))
 
     def _nak(self, psn: int, code: NakCode, fatal: bool = True) -> None:
-        self._send(Opcode.RC_ACKNOWLEDGE, psn, aeth=Aeth.nak(self.msn, code))
+        self._send(_ACK, psn, aeth=Aeth.nak(self.msn, code))
         if fatal:
             name = _NAK_COUNTER[code]
             setattr(self.metrics, name, getattr(self.metrics, name) + 1)
@@ -126,7 +135,7 @@ class Responder:
     def _read_responses(self, psn: int, view: memoryview, length: int) -> None:
         mtu = self.cfg.path_mtu
         n = max(1, -(-length // mtu))
-        aeth = Aeth.ack(self.msn)
+        aeth = make_aeth(_ACK_SYNDROME, self.msn)
         for i in range(n):
             if n == 1:
                 op = Opcode.RC_RDMA_READ_RESPONSE_ONLY
@@ -136,77 +145,78 @@ class Responder:
                 op = Opcode.RC_RDMA_READ_RESPONSE_LAST
             else:
                 op = Opcode.RC_RDMA_READ_RESPONSE_MIDDLE
-            self._send(op, psn_add(psn, i), payload=view[i * mtu:min(length, (i + 1) * mtu)],
-                       aeth=None if op == Opcode.RC_RDMA_READ_RESPONSE_MIDDLE else aeth)
+            self._send(op, (psn + i) & PSN_MASK, view[i * mtu:min(length, (i + 1) * mtu)],
+                       None if op == Opcode.RC_RDMA_READ_RESPONSE_MIDDLE else aeth)
 
     # --------------------------------------------------------------- receive
     def on_request(self, pkt: RocePacket, info: OpInfo) -> None:
-        if self.dead:
-            self.metrics.dropped_qp_state += 1
-            return
         m = self.metrics
-        psn = pkt.bth.psn
-        d = psn_diff(psn, self.psn)
-        if d > 0:
-            m.out_of_sequence += 1
-            if not self.nak_sent:
-                self.nak_sent = True
-                m.seq_naks_sent += 1
-                self._nak(self.psn, NakCode.PSN_SEQ_ERROR, fatal=False)
+        if self.dead:
+            m.dropped_qp_state += 1
             return
-        if d < 0:
+        bth = pkt.bth
+        psn = bth.psn
+        d = (psn - self.psn) & PSN_MASK         # psn_diff: ahead if in (0, 2^23]
+        if d:
+            if d <= 0x800000:
+                m.out_of_sequence += 1
+                if not self.nak_sent:
+                    self.nak_sent = True
+                    m.seq_naks_sent += 1
+                    self._nak(self.psn, NakCode.PSN_SEQ_ERROR, fatal=False)
+                return
             m.duplicate_requests += 1
             self._duplicate(pkt, info)
             return
         self.nak_sent = False
         kind = info.kind
+        cfg = self.cfg
         # 2. opcode sequence and QP access rights
         if self.cur_kind is not None:
-            ok = kind is self.cur_kind and info.position in (Position.MIDDLE, Position.LAST)
+            ok = kind is self.cur_kind and info.position in _CONTINUES
         else:
             ok = info.starts
-        need = {Kind.WRITE: Access.REMOTE_WRITE, Kind.READ_REQUEST: Access.REMOTE_READ,
-                Kind.ATOMIC: Access.REMOTE_ATOMIC}.get(kind)
-        if not ok or (need is not None and not self.cfg.access & need):
+        need = _NEED.get(kind)
+        if not ok or (need is not None and not int(cfg.access) & need):
             self._nak(psn, NakCode.INVALID_REQUEST)
             return
         # 3. receive WQE for SEND and WRITE with immediate
-        needs_wqe = (kind is Kind.SEND and info.starts) or (kind is Kind.WRITE and info.has_imm)
-        if needs_wqe and not self.rq:
+        if not self.rq and ((kind is _SEND and info.starts) or (kind is _WRITE and info.has_imm)):
             m.rnr_naks_sent += 1
-            self._send(Opcode.RC_ACKNOWLEDGE, psn, aeth=Aeth.rnr_nak(self.msn,
-                                                                     self.cfg.min_rnr_timer))
+            self._send(_ACK, psn, aeth=Aeth.rnr_nak(self.msn, cfg.min_rnr_timer))
             return
         # 4. payload length against the path MTU
         plen = len(pkt.payload)
-        mtu = self.cfg.path_mtu
+        mtu = cfg.path_mtu
         if info.has_payload and (plen > mtu or (not info.ends and plen != mtu)):
             self._nak(psn, NakCode.INVALID_REQUEST)
             return
-        if kind is Kind.SEND:
-            self._do_send(pkt, info, psn)
-        elif kind is Kind.WRITE:
-            self._do_write(pkt, info, psn)
+        if kind is _SEND:
+            self._do_send(pkt, info, psn, plen)
+        elif kind is _WRITE:
+            self._do_write(pkt, info, psn, plen)
         elif kind is Kind.READ_REQUEST:
             self._do_read(pkt, psn)
         else:
             self._do_atomic(pkt, psn)
 
-    def _do_send(self, pkt: RocePacket, info: OpInfo, psn: int) -> None:
+    def _do_send(self, pkt: RocePacket, info: OpInfo, psn: int, plen: int) -> None:
         if info.starts:
             wr_id, sgl = self.rq.popleft()
-            self.cur = _SendCtx(wr_id, sgl)
-            self.cur_kind = Kind.SEND
-        ctx: _SendCtx = self.cur
-        try:
-            ctx.sgl.scatter(ctx.offset, pkt.payload)
-        except SgLengthError:
-            self.completions.append(Completion(ctx.wr_id, WcStatus.LOC_LEN_ERR, WcOpcode.RECV,
-                                               self.cfg.qp_num))
-            self.cur = self.cur_kind = None
-            self._nak(psn, NakCode.INVALID_REQUEST)
-            return
-        ctx.offset += len(pkt.payload)
+            self.cur = ctx = _SendCtx(wr_id, sgl)
+            self.cur_kind = _SEND
+        else:
+            ctx = self.cur
+        if plen:
+            try:
+                ctx.sgl.scatter(ctx.offset, pkt.payload)
+            except SgLengthError:
+                self.completions.append(Completion(ctx.wr_id, WcStatus.LOC_LEN_ERR, WcOpcode.RECV,
+                                                   self.cfg.qp_num))
+                self.cur = self.cur_kind = None
+                self._nak(psn, NakCode.INVALID_REQUEST)
+                return
+            ctx.offset += plen
         inv = None
         if info.ends:
             if info.has_inv:
@@ -220,50 +230,58 @@ class Responder:
                     self._nak(psn, NakCode.INVALID_REQUEST)
                     return
             self.msn = (self.msn + 1) & 0xFFFFFF
+            immdt = pkt.immdt
+            cfg = self.cfg
             self.completions.append(Completion(
-                ctx.wr_id, WcStatus.SUCCESS, WcOpcode.RECV, self.cfg.qp_num, byte_len=ctx.offset,
-                imm_data=pkt.immdt.imm if pkt.immdt is not None else None,
-                invalidated_rkey=inv, src_qp=self.cfg.dest_qp_num))
+                ctx.wr_id, WcStatus.SUCCESS, WcOpcode.RECV, cfg.qp_num, ctx.offset,
+                None if immdt is None else immdt.imm, inv, cfg.dest_qp_num))
             self.cur = self.cur_kind = None
-        self._advance(pkt, 1)
+        self.psn = (psn + 1) & PSN_MASK
+        if pkt.bth.ackreq:
+            self._ack(psn)
 
-    def _do_write(self, pkt: RocePacket, info: OpInfo, psn: int) -> None:
-        plen = len(pkt.payload)
+    def _do_write(self, pkt: RocePacket, info: OpInfo, psn: int, plen: int) -> None:
+        ends = info.ends
         if info.starts:
             reth = pkt.reth
-            if reth.dma_len > MAX_MSG_SIZE or (info.ends and plen != reth.dma_len) or \
-                    (not info.ends and plen >= reth.dma_len):
+            dma_len = reth.dma_len
+            if dma_len > MAX_MSG_SIZE or (ends and plen != dma_len) or \
+                    (not ends and plen >= dma_len):
                 self._nak(psn, NakCode.INVALID_REQUEST)
                 return
-            if reth.dma_len == 0:
+            if dma_len == 0:
                 view = memoryview(bytearray(0))     # zero-length WRITE checks no R_Key (9.7.4.1.6)
             else:
                 try:
-                    view = self.memory.resolve(reth.rkey, reth.va, reth.dma_len,
-                                               Access.REMOTE_WRITE)
+                    view = self.memory.resolve(reth.rkey, reth.va, dma_len, Access.REMOTE_WRITE)
                 except RemoteAccessError:
                     self._nak(psn, NakCode.REMOTE_ACCESS)
                     return
-            self.cur = _WriteCtx(view, reth.dma_len)
-            self.cur_kind = Kind.WRITE
-        ctx: _WriteCtx = self.cur
-        end = ctx.offset + plen
-        if end > ctx.length or (info.ends and end != ctx.length):
+            self.cur = ctx = _WriteCtx(view, dma_len)
+            self.cur_kind = _WRITE
+        else:
+            ctx = self.cur
+        off = ctx.offset
+        end = off + plen
+        if end > ctx.length or (ends and end != ctx.length):
             self.cur = self.cur_kind = None
             self._nak(psn, NakCode.INVALID_REQUEST)
             return
         if plen:
-            ctx.view[ctx.offset:end] = pkt.payload
+            ctx.view[off:end] = pkt.payload
         ctx.offset = end
-        if info.ends:
+        if ends:
             self.msn = (self.msn + 1) & 0xFFFFFF
             if info.has_imm:
                 wr_id, _ = self.rq.popleft()
+                cfg = self.cfg
                 self.completions.append(Completion(
-                    wr_id, WcStatus.SUCCESS, WcOpcode.RECV_RDMA_WITH_IMM, self.cfg.qp_num,
-                    byte_len=ctx.length, imm_data=pkt.immdt.imm, src_qp=self.cfg.dest_qp_num))
+                    wr_id, WcStatus.SUCCESS, WcOpcode.RECV_RDMA_WITH_IMM, cfg.qp_num,
+                    byte_len=ctx.length, imm_data=pkt.immdt.imm, src_qp=cfg.dest_qp_num))
             self.cur = self.cur_kind = None
-        self._advance(pkt, 1)
+        self.psn = (psn + 1) & PSN_MASK
+        if pkt.bth.ackreq:
+            self._ack(psn)
 
     def _resolve_read(self, rkey: int, va: int, length: int) -> memoryview:
         if length == 0:
@@ -307,11 +325,6 @@ class Responder:
         self.psn = psn_add(psn, 1)
         self._send(Opcode.RC_ATOMIC_ACKNOWLEDGE, psn, aeth=Aeth.ack(self.msn),
                    atomic_ack_eth=AtomicAckEth(orig))
-
-    def _advance(self, pkt: RocePacket, n: int) -> None:
-        self.psn = psn_add(pkt.bth.psn, n)
-        if pkt.bth.ackreq:
-            self._ack(pkt.bth.psn)
 
     # ------------------------------------------------------------- duplicates
     def _duplicate(self, pkt: RocePacket, info: OpInfo) -> None:

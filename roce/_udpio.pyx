@@ -1,0 +1,427 @@
+# cython: language_level=3
+"""Batched UDP I/O for RoCEv2 (the native half of :mod:`roce.udp`).
+
+* :class:`RxRing`: ``recvmmsg`` of up to ``nslots`` datagrams per system
+  call into preallocated slots (64 KiB each: any UDP datagram fits, so none
+  is ever truncated), with the sender's address of each; per slot,
+  :meth:`RxRing.packet` runs the native syntax + ICRC check and builds the
+  :class:`~roce.packet.RocePacket`.
+* :class:`TxRing`: packets are encoded as they are added (BTH and extension
+  headers, pad and ICRC in small per-slot buffers; the payload is not
+  copied: its iovec points at the caller's buffer, typically guest memory)
+  and sent with ``sendmmsg``, many per system call. The ring holds a buffer
+  reference of every payload until it is flushed.
+
+Sockets are the caller's (non-blocking); nothing here owns an fd.
+"""
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from libc.errno cimport EAGAIN, EINTR, errno
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy, memset
+
+from roce._codec cimport (Envelope, PARSE_ICRC, PARSE_MALFORMED, PARSE_OK, Parsed, build_packet,
+                          encode_header, opdesc, parse_verify)
+from roce._icrc cimport crc32_raw, icrc_seed
+
+import ipaddress
+import os
+
+cdef extern from "<sys/socket.h>" nogil:
+    struct timespec:
+        pass
+    int recvmmsg(int fd, mmsghdr *msgs, unsigned int n, int flags, timespec *timeout)
+    int sendmmsg(int fd, mmsghdr *msgs, unsigned int n, int flags)
+    int MSG_DONTWAIT
+    int MSG_TRUNC
+
+cdef enum:
+    HDR = 64
+    TRAILER = 8
+    MAXIOV = 10           # per datagram: header, up to 8 payload pieces, pad + ICRC
+    MAXVIEWS = 64         # SG entries of one run
+
+
+cdef inline void _put32(uint8_t *p, uint32_t v) noexcept nogil:
+    p[0] = <uint8_t>(v >> 24)
+    p[1] = <uint8_t>(v >> 16)
+    p[2] = <uint8_t>(v >> 8)
+    p[3] = <uint8_t>v
+
+
+cdef inline uint16_t _be16(const uint8_t *p) noexcept nogil:
+    return <uint16_t>((p[0] << 8) | p[1])
+
+
+cdef class RxRing:
+    def __cinit__(self, int nslots=64):
+        if not 1 <= nslots <= 1024:
+            raise ValueError(f"nslots {nslots} not in 1..1024")
+        self.nslots = nslots
+        self.buf = <uint8_t *>PyMem_Malloc(<size_t>nslots * SLOT)
+        self.names = <uint8_t *>PyMem_Calloc(nslots, NAMELEN)
+        self.iovs = <iovec *>PyMem_Calloc(nslots, sizeof(iovec))
+        self.msgs = <mmsghdr *>PyMem_Calloc(nslots, sizeof(mmsghdr))
+        if not (self.buf and self.names and self.iovs and self.msgs):
+            raise MemoryError()
+        cdef int i
+        for i in range(nslots):
+            self.iovs[i].iov_base = self.buf + <size_t>i * SLOT
+            self.iovs[i].iov_len = SLOT
+            self.msgs[i].msg_hdr.msg_iov = &self.iovs[i]
+            self.msgs[i].msg_hdr.msg_iovlen = 1
+            self.msgs[i].msg_hdr.msg_name = self.names + i * NAMELEN
+
+    def __dealloc__(self):
+        PyMem_Free(self.buf)
+        PyMem_Free(self.names)
+        PyMem_Free(self.iovs)
+        PyMem_Free(self.msgs)
+
+    def recv(self, int fd) -> int:
+        """Receive what is queued, up to ``nslots`` datagrams; 0 if none."""
+        cdef int i, r
+        for i in range(self.nslots):
+            self.msgs[i].msg_hdr.msg_namelen = NAMELEN
+            self.msgs[i].msg_hdr.msg_controllen = 0
+            self.msgs[i].msg_hdr.msg_flags = 0
+        self.count = 0
+        while True:
+            with nogil:
+                r = recvmmsg(fd, self.msgs, self.nslots, MSG_DONTWAIT, NULL)
+            if r >= 0:
+                self.count = r
+                return r
+            if errno == EINTR:
+                continue
+            if errno == EAGAIN:
+                return 0
+            raise OSError(errno, os.strerror(errno))
+
+    cdef void _check(self, int i) except *:
+        if not 0 <= i < self.count:
+            raise IndexError(f"slot {i} not received ({self.count} in the ring)")
+
+    cdef object _key(self, int i):
+        cdef const uint8_t *a = self.names + i * NAMELEN
+        cdef uint8_t k[22]
+        if a[0] == 2:   # AF_INET: port and address in one int
+            return (<uint64_t>_be16(a + 2) << 32) | ((<uint64_t>a[4] << 24) | (a[5] << 16)
+                                                     | (a[6] << 8) | a[7])
+        memcpy(k, a + 2, 2)             # AF_INET6: port, address, scope (not the flow label)
+        memcpy(k + 2, a + 8, 20)
+        return PyBytes_FromStringAndSize(<const char *>k, 22)
+
+    def peer_key(self, int i):
+        """A hashable key of slot ``i``'s source address and port."""
+        self._check(i)
+        return self._key(i)
+
+    def peer(self, int i):
+        """``(ip, port)`` that sent slot ``i``."""
+        self._check(i)
+        cdef const uint8_t *a = self.names + i * NAMELEN
+        port = _be16(a + 2)
+        if a[0] == 2:
+            return str(ipaddress.IPv4Address(PyBytes_FromStringAndSize(<const char *>a + 4, 4))), port
+        return str(ipaddress.IPv6Address(PyBytes_FromStringAndSize(<const char *>a + 8, 16))), port
+
+    def datagram(self, int i) -> bytes:
+        """A copy of slot ``i``'s datagram."""
+        self._check(i)
+        return PyBytes_FromStringAndSize(<const char *>self.buf + <size_t>i * SLOT,
+                                         self.msgs[i].msg_len)
+
+    def packet(self, int i, Envelope env):
+        """``(status, packet)``: 0 and the decoded RocePacket (payload
+        copied; IPv4 ID 0) if slot ``i`` passes the syntax and ICRC checks
+        for ``env``; 1 (malformed) or 2 (ICRC, maybe a non-zero IPv4 ID) and
+        None otherwise."""
+        self._check(i)
+        cdef Parsed ps
+        cdef const uint8_t *p = self.buf + <size_t>i * SLOT
+        cdef int st = parse_verify(p, self.msgs[i].msg_len, env, &ps)
+        if st != PARSE_OK:
+            return st, None
+        return 0, build_packet(p, &ps, 0 if env.version == 4 else None)
+
+
+cdef class TxRing:
+    cdef readonly int nslots
+    cdef readonly int count
+    cdef uint8_t *hdrs
+    cdef uint8_t *trailers
+    cdef uint8_t *names
+    cdef iovec *iovs
+    cdef mmsghdr *msgs
+    cdef list keep              # memoryviews (buffer exports) the queued iovecs point into
+
+    def __cinit__(self, int nslots=64):
+        if not 1 <= nslots <= 1024:
+            raise ValueError(f"nslots {nslots} not in 1..1024")
+        self.nslots = nslots
+        self.keep = []
+        self.hdrs = <uint8_t *>PyMem_Malloc(<size_t>nslots * HDR)
+        self.trailers = <uint8_t *>PyMem_Calloc(nslots, TRAILER)
+        self.names = <uint8_t *>PyMem_Calloc(nslots, NAMELEN)
+        self.iovs = <iovec *>PyMem_Calloc(nslots * MAXIOV, sizeof(iovec))
+        self.msgs = <mmsghdr *>PyMem_Calloc(nslots, sizeof(mmsghdr))
+        if not (self.hdrs and self.trailers and self.names and self.iovs and self.msgs):
+            raise MemoryError()
+
+    def __dealloc__(self):
+        PyMem_Free(self.hdrs)
+        PyMem_Free(self.trailers)
+        PyMem_Free(self.names)
+        PyMem_Free(self.iovs)
+        PyMem_Free(self.msgs)
+
+    cdef void _release(self) noexcept:
+        self.keep.clear()
+
+    cdef int _hold(self, object obj, const uint8_t **buf, Py_ssize_t *length) except -1:
+        """Pointer and length of ``obj``'s bytes, valid until the ring is
+        flushed: a memoryview of it (an export: it cannot be resized or
+        freed meanwhile) is kept until then."""
+        cdef Py_buffer view
+        mv = memoryview(obj)
+        PyObject_GetBuffer(mv, &view, PyBUF_SIMPLE)
+        buf[0] = <const uint8_t *>view.buf
+        length[0] = view.len
+        PyBuffer_Release(&view)
+        self.keep.append(mv)
+        return 0
+
+    @property
+    def full(self) -> bool:
+        return self.count == self.nslots
+
+    cdef void _finish(self, int i, Envelope env, Py_ssize_t hlen, Py_ssize_t plen,
+                      int npieces) noexcept nogil:
+        """Slot ``i`` has its header (``hlen`` bytes) and ``npieces`` payload
+        iovecs (``plen`` bytes) in place: pad, ICRC, trailer, msghdr."""
+        cdef uint8_t *hdr = self.hdrs + i * HDR
+        cdef uint8_t *tr = self.trailers + i * TRAILER
+        cdef iovec *iov = self.iovs + MAXIOV * i
+        cdef Py_ssize_t pad = (-plen) & 3
+        cdef Py_ssize_t total = hlen + plen + pad + 4
+        cdef uint32_t crc
+        cdef int k
+        cdef msghdr *m = &self.msgs[i].msg_hdr
+        memset(tr, 0, pad)
+        hdr[1] = (hdr[1] & 0xCF) | <uint8_t>(pad << 4)
+        crc = icrc_seed(env.version, env.src_b, env.dst_b, env.sport, env.dport, 0, 1, total, hdr)
+        crc = crc32_raw(crc, hdr + 12, hlen - 12)
+        for k in range(1, npieces + 1):
+            crc = crc32_raw(crc, <const uint8_t *>iov[k].iov_base, iov[k].iov_len)
+        crc = crc32_raw(crc, tr, pad) ^ 0xFFFFFFFFu
+        tr[pad] = <uint8_t>crc
+        tr[pad + 1] = <uint8_t>(crc >> 8)
+        tr[pad + 2] = <uint8_t>(crc >> 16)
+        tr[pad + 3] = <uint8_t>(crc >> 24)
+        iov[0].iov_base = hdr
+        iov[0].iov_len = hlen
+        iov[npieces + 1].iov_base = tr
+        iov[npieces + 1].iov_len = pad + 4
+        memcpy(self.names + i * NAMELEN, env.sockaddr, env.sockaddr_len)
+        m.msg_name = self.names + i * NAMELEN
+        m.msg_namelen = env.sockaddr_len
+        m.msg_iov = iov
+        m.msg_iovlen = npieces + 2
+        m.msg_control = NULL
+        m.msg_controllen = 0
+        m.msg_flags = 0
+
+    def add(self, pkt, Envelope env) -> bool:
+        """Encode ``pkt`` for ``env`` (its ``dst`` is the destination) into
+        the next slot. False if the ring is full (flush first) or the packet
+        cannot be encoded (the reference encoder says why)."""
+        if self.count == self.nslots:
+            return False
+        cdef int i = self.count
+        cdef const uint8_t *buf
+        cdef Py_ssize_t hlen, plen
+        cdef iovec *iov = self.iovs + MAXIOV * i
+        try:
+            self._hold(pkt.payload, &buf, &plen)
+        except (TypeError, BufferError, ValueError):
+            return False
+        hlen = encode_header(pkt, self.hdrs + i * HDR, plen)
+        if hlen < 0 or hlen + plen + 60 > 0xFFFF:
+            self.keep.pop()
+            return False
+        iov[1].iov_base = <void *>buf
+        iov[1].iov_len = plen
+        self._finish(i, env, hlen, plen, 1)
+        self.count = i + 1
+        return True
+
+    def add_run(self, run, Envelope env, int start=0) -> int:
+        """Encode packets ``start, start + 1, ...`` of a
+        :class:`~roce.packet.PacketRun` into free slots, payloads pointing into
+        its SG list; returns the index of the first packet not added (``run.count``
+        when all are). Raises ValueError for a run the reference would not build."""
+        cdef int first = run.first, count = run.count, npkts = run.npkts
+        cdef int j, i, k, nv, npieces, opcode
+        cdef uint32_t psn0 = run.psn, dest_qp = run.dest_qp, noack = run.noack
+        cdef uint32_t ack_every = run.ack_every
+        cdef int pkey = run.pkey, first_op, mid_op, last_op, only_op
+        cdef uint64_t mtu = run.mtu, length = run.length, off, end, pos, take, vstart
+        cdef bint has_reth = run.reth is not None, last, ackreq
+        cdef bint has_imm = run.imm is not None, has_ieth = run.ieth is not None
+        cdef bint se = run.se
+        cdef uint64_t va = 0
+        cdef uint32_t rkey = 0, imm = 0, ieth = 0
+        cdef uint8_t *hdr
+        cdef Py_ssize_t hlen
+        cdef iovec *iov
+        cdef const uint8_t *vbuf
+        cdef Py_ssize_t vlen
+        first_op, mid_op, last_op, only_op = run.ops
+        if not (0 < mtu and 0 <= first and 0 <= start <= count and first + count <= npkts
+                and 0 <= pkey < 65536 and dest_qp < (1 << 24) and psn0 < (1 << 24)):
+            raise ValueError(f"bad run {run!r}")
+        if has_reth:
+            va, rkey = run.reth
+        if has_imm:
+            imm = run.imm
+        if has_ieth:
+            ieth = run.ieth
+        sgl = run.sgl
+        views = sgl.views
+        starts = sgl.starts
+        nv = len(views)
+        if nv > MAXVIEWS:
+            raise ValueError(f"run over {nv} SG entries (at most {MAXVIEWS})")
+        cdef uint64_t vstarts[MAXVIEWS]
+        cdef const uint8_t *vbufs[MAXVIEWS]
+        cdef uint64_t vlens[MAXVIEWS]
+        if start == count or self.count == self.nslots:
+            return start
+        for k in range(nv):
+            self._hold(views[k], &vbuf, &vlen)
+            vbufs[k] = vbuf
+            vlens[k] = <uint64_t>vlen
+            vstarts[k] = starts[k]
+        # the AckReq counter as it stands before packet `start`
+        for j in range(start):
+            noack += 1
+            if first + j == npkts - 1 or noack >= ack_every:
+                noack = 0
+        j = start
+        while j < count and self.count < self.nslots:
+            i = self.count
+            k = first + j
+            last = k == npkts - 1
+            opcode = only_op if npkts == 1 else first_op if k == 0 else last_op if last else mid_op
+            noack += 1
+            ackreq = last or noack >= ack_every
+            if ackreq:
+                noack = 0
+            off = <uint64_t>k * mtu
+            end = off + mtu if off + mtu < length else length
+            hdr = self.hdrs + i * HDR
+            hdr[0] = <uint8_t>opcode
+            hdr[1] = 0x80 if (last and se) else 0
+            hdr[2] = <uint8_t>(pkey >> 8)
+            hdr[3] = <uint8_t>pkey
+            _put32(hdr + 4, dest_qp)
+            _put32(hdr + 8, (0x80000000u if ackreq else 0) | ((psn0 + <uint32_t>j) & 0xFFFFFF))
+            hlen = 12
+            if k == 0 and has_reth:
+                _put32(hdr + 12, <uint32_t>(va >> 32))
+                _put32(hdr + 16, <uint32_t>va)
+                _put32(hdr + 20, rkey)
+                _put32(hdr + 24, <uint32_t>length)
+                hlen = 28
+            if last and has_imm:
+                _put32(hdr + hlen, imm)
+                hlen += 4
+            elif last and has_ieth:
+                _put32(hdr + hlen, ieth)
+                hlen += 4
+            if hlen != opdesc(opcode).hdr_len or not opdesc(opcode).valid:
+                raise ValueError(f"run opcode 0x{opcode:02x} does not match its headers")
+            # payload [off, end) from the SG entries, one iovec per piece
+            iov = self.iovs + MAXIOV * i
+            npieces = 0
+            pos = off
+            k = 0
+            while pos < end:
+                while k < nv and vstarts[k] + vlens[k] <= pos:
+                    k += 1
+                if k == nv or npieces == MAXIOV - 2:
+                    raise ValueError(f"run payload [{off}, {end}) outside or too scattered "
+                                     f"in its SG list")
+                take = vstarts[k] + vlens[k] - pos
+                if take > end - pos:
+                    take = end - pos
+                iov[1 + npieces].iov_base = <void *>(vbufs[k] + (pos - vstarts[k]))
+                iov[1 + npieces].iov_len = take
+                npieces += 1
+                pos += take
+            self._finish(i, env, hlen, <Py_ssize_t>(end - off), npieces)
+            self.count = i + 1
+            j += 1
+        return j
+
+    def flush(self, int fd):
+        """``sendmmsg`` every slot. Returns ``(sent, errors, left)``: datagrams
+        the kernel took, datagrams it refused (counted and dropped, like a
+        lossy network: RC retransmits), and ``left`` datagrams (as bytes and
+        ``(ip, port)``) not sent because the socket buffer is full, for the
+        caller to send once the socket is writable. The ring is empty after."""
+        cdef int i = 0, r, sent = 0, errors = 0
+        cdef int n = self.count
+        left = []
+        while i < n:
+            with nogil:
+                r = sendmmsg(fd, &self.msgs[i], n - i, MSG_DONTWAIT)
+            if r > 0:
+                i += r
+                sent += r
+                continue
+            if r < 0 and errno == EINTR:
+                continue
+            if r == 0 or errno == EAGAIN:
+                while i < n:
+                    left.append((self._slot_bytes(i), self._slot_addr(i)))
+                    i += 1
+                break
+            errors += 1         # refused (ENOBUFS, EMSGSIZE, EHOSTUNREACH, ...): dropped
+            i += 1
+        self._release()
+        self.count = 0
+        return sent, errors, left
+
+    def flush_bytes(self) -> list:
+        """Empty the ring without sending: each slot's datagram (bytes) and
+        ``(ip, port)``, in order."""
+        out = [(self._slot_bytes(i), self._slot_addr(i)) for i in range(self.count)]
+        self.clear()
+        return out
+
+    def clear(self) -> None:
+        self._release()
+        self.count = 0
+
+    cdef bytes _slot_bytes(self, int i):
+        cdef msghdr *m = &self.msgs[i].msg_hdr
+        cdef size_t total = 0, pos = 0
+        cdef size_t k
+        for k in range(m.msg_iovlen):
+            total += m.msg_iov[k].iov_len
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, total)
+        cdef char *o = out
+        for k in range(m.msg_iovlen):
+            memcpy(o + pos, m.msg_iov[k].iov_base, m.msg_iov[k].iov_len)
+            pos += m.msg_iov[k].iov_len
+        return out
+
+    cdef tuple _slot_addr(self, int i):
+        cdef const uint8_t *a = self.names + i * NAMELEN
+        port = _be16(a + 2)
+        if a[0] == 2:
+            return str(ipaddress.IPv4Address(PyBytes_FromStringAndSize(<const char *>a + 4, 4))), port
+        return str(ipaddress.IPv6Address(PyBytes_FromStringAndSize(<const char *>a + 8, 16))), port

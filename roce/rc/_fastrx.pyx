@@ -1,0 +1,224 @@
+# cython: language_level=3
+"""Native fast path of the RC responder (:mod:`roce.rc.responder`) for the
+bulk of an RDMA WRITE: in-sequence WRITE MIDDLE and WRITE LAST packets go
+from the receive ring (:class:`roce._udpio.RxRing`) straight into the
+target memory of the WRITE in progress (IBTA 9.7.4: the responder of a
+message already validated by its FIRST packet).
+
+Rule (as in :mod:`virtio_rdma._datapath`): every check the Python engine
+makes is made *before* anything changes; a datagram that is not the plain
+case (any other opcode, a malformed packet or an ICRC that needs the IPv4 ID
+solved, an unknown QPN or a stranger's address, a PSN other than the
+expected one, a length that is not exactly what the message still needs, a
+QP not in RTR/RTS/SQD or without REMOTE_WRITE, a WRITE target that is not
+one contiguous buffer, ...) ends the run untouched, and the Python engine
+takes it with the same state. So both paths give the same memory, PSNs,
+MSN, ACKs and counters; tests/roce/test_native.py runs packet streams
+through both and compares.
+
+A run for one QP ("session") loads the responder's state once, works on C
+copies and writes them back when it ends (another QP, a packet for Python,
+the message's last packet, the end of the batch), before any Python code can
+look, queues the ACK the last AckReq asked for (as ``Responder._ack``
+would have, packet by packet: queued ACKs coalesce), then calls
+``done(target, packets)`` for the caller to count the packets and pump the
+QP.
+"""
+from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.dict cimport PyDict_GetItem
+from cpython.ref cimport PyObject
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy
+
+from roce._codec cimport Envelope, PARSE_OK, Parsed, parse_verify
+from roce._udpio cimport RxRing, SLOT
+
+import builtins
+
+from roce.opcodes import Kind, Opcode
+from roce.rc.qp import QpState
+from roce.rc.responder import _WriteCtx
+from roce.rc.verbs import Access
+
+cdef int _WRITE_MIDDLE = Opcode.RC_RDMA_WRITE_MIDDLE
+cdef int _WRITE_LAST = Opcode.RC_RDMA_WRITE_LAST
+cdef object _RTR = QpState.RTR, _RTS = QpState.RTS, _SQD = QpState.SQD
+cdef object _KIND_WRITE = Kind.WRITE
+cdef object _WRITE_CTX = _WriteCtx
+cdef object _MEMORYVIEW = builtins.memoryview   # not Cython's own memoryview type
+cdef long _REMOTE_WRITE = Access.REMOTE_WRITE
+
+
+#: ``WriteFastPath.stop`` values
+STOP_REASONS = ("end of batch", "new peer", "not a valid packet for ID 0", "not WRITE MIDDLE/LAST",
+                "QP not eligible", "P_Key", "PSN", "length")
+
+
+cdef inline uint32_t _be24(const uint8_t *p) noexcept nogil:
+    return (<uint32_t>p[0] << 16) | (<uint32_t>p[1] << 8) | p[2]
+
+
+cdef class WriteFastPath:
+    """``fast(ring, i, n, envelopes) -> j``: take the ring's slots ``i ..
+    j - 1`` (all fast-path WRITE packets), stop at the first slot the Python
+    engine must see. ``targets`` maps a QPN to an object with ``rc`` (its
+    :class:`~roce.rc.qp.RcQp`) and ``peer`` (the only source address
+    accepted); ``envelopes`` maps a ring peer key to the
+    :class:`~roce._codec.Envelope` of that peer."""
+
+    cdef dict targets
+    cdef object done
+    # the session
+    cdef bint active
+    cdef object t, rc, resp, cur
+    cdef Envelope env
+    cdef uint32_t qpn, psn, msn, pkey, mtu
+    cdef uint64_t offset, length
+    cdef Py_buffer view
+    cdef bint have_view, ended
+    cdef int packets
+    cdef int64_t ack_psn
+    cdef readonly unsigned long long taken     # packets taken since creation
+    #: why the last call stopped (an index into STOP_REASONS)
+    cdef readonly int stop
+
+    def __cinit__(self, dict targets, done):
+        self.targets = targets
+        self.done = done
+
+    def __dealloc__(self):
+        if self.have_view:
+            PyBuffer_Release(&self.view)
+
+    cdef bint _begin(self, uint32_t qpn, Envelope env) except -1:
+        cdef PyObject *o = PyDict_GetItem(self.targets, qpn)
+        if o == NULL:
+            return False
+        t = <object>o
+        if t.peer != env.src:
+            return False
+        rc = t.rc
+        st = rc.state
+        if st is not _RTS and st is not _RTR and st is not _SQD:
+            return False
+        cfg = rc.cfg
+        if cfg.qp_num != qpn or not (int(cfg.access) & _REMOTE_WRITE):
+            return False
+        resp = rc.responder
+        if resp.dead or resp.cur_kind is not _KIND_WRITE:
+            return False
+        cur = resp.cur
+        if type(cur) is not _WRITE_CTX:
+            return False
+        view = cur.view
+        if type(view) is not _MEMORYVIEW or view.itemsize != 1 or not view.c_contiguous:
+            return False                # what `ctx.view[a:b] = payload` would index by bytes
+        try:
+            PyObject_GetBuffer(view, &self.view, PyBUF_WRITABLE)
+        except (BufferError, TypeError):
+            return False
+        self.have_view = True
+        length, offset = cur.length, cur.offset
+        if not (0 <= offset <= length <= self.view.len):
+            self._drop_view()
+            return False
+        self.t, self.rc, self.resp, self.cur, self.env = t, rc, resp, cur, env
+        self.qpn = qpn
+        self.length, self.offset = length, offset
+        self.psn, self.msn = resp.psn, resp.msn
+        self.mtu, self.pkey = cfg.path_mtu, cfg.pkey
+        self.packets, self.ack_psn, self.ended = 0, -1, False
+        self.active = True
+        return True
+
+    cdef void _drop_view(self) noexcept:
+        if self.have_view:
+            PyBuffer_Release(&self.view)
+            self.have_view = False
+
+    cdef int _end(self) except -1:
+        """Write the session's state back and report it."""
+        if not self.active:
+            return 0
+        self.active = False
+        self._drop_view()
+        t, rc, resp, cur = self.t, self.rc, self.resp, self.cur
+        self.t = self.rc = self.resp = self.cur = self.env = None
+        if self.packets:
+            resp.psn = self.psn
+            resp.msn = self.msn
+            resp.nak_sent = False
+            cur.offset = self.offset
+            if self.ended:
+                resp.cur = None
+                resp.cur_kind = None
+            rc.metrics.rx_packets += self.packets
+            if self.ack_psn >= 0:
+                resp._ack(self.ack_psn)       # the last AckReq (older queued ACKs coalesce)
+            self.taken += self.packets
+            self.done(t, self.packets)
+        return 0
+
+    def __call__(self, RxRing rx, int i, int n, dict envs) -> int:
+        cdef const uint8_t *p
+        cdef PyObject *eo
+        cdef Envelope env
+        cdef Parsed ps
+        cdef uint32_t qpn, psn, plen
+        cdef uint64_t end
+        cdef bint last
+        if not 0 <= i <= n <= rx.count:
+            raise IndexError(f"slots {i}..{n} not in the ring ({rx.count})")
+        self.stop = 0
+        try:
+            while i < n:
+                p = rx.buf + <size_t>i * SLOT
+                eo = PyDict_GetItem(envs, rx._key(i))
+                if eo == NULL:
+                    self.stop = 1
+                    break
+                env = <Envelope>eo
+                if parse_verify(p, rx.msgs[i].msg_len, env, &ps) != PARSE_OK:
+                    self.stop = 2
+                    break
+                if ps.opcode != _WRITE_MIDDLE and ps.opcode != _WRITE_LAST:
+                    self.stop = 3
+                    break
+                qpn = _be24(p + 5)
+                if not self.active or qpn != self.qpn or env is not self.env:
+                    self._end()
+                    if not self._begin(qpn, env):
+                        self.stop = 4
+                        break
+                # the responder's checks, in its order (roce.rc.qp / responder)
+                if ((p[2] << 8 | p[3]) & 0x7FFF) != (self.pkey & 0x7FFF):
+                    self.stop = 5
+                    break
+                psn = _be24(p + 9)
+                if psn != self.psn:
+                    self.stop = 6
+                    break
+                plen = ps.payload_len
+                last = ps.opcode == _WRITE_LAST
+                if plen > self.mtu or (not last and plen != self.mtu):
+                    self.stop = 7
+                    break
+                end = self.offset + plen
+                if end > self.length or (last and end != self.length):
+                    self.stop = 7
+                    break
+                # commit
+                memcpy(<uint8_t *>self.view.buf + self.offset, p + ps.hdr_len, plen)
+                self.offset = end
+                self.psn = (psn + 1) & 0xFFFFFF
+                self.packets += 1
+                if p[8] & 0x80:
+                    self.ack_psn = psn
+                i += 1
+                if last:
+                    self.msn = (self.msn + 1) & 0xFFFFFF
+                    self.ended = True
+                    self._end()
+        finally:
+            self._end()
+        return i
