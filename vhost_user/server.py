@@ -255,6 +255,15 @@ class BackendServer:
         self._ids = itertools.count(1)
         self._spin_handle = None
         self._spin_last = 0.0
+        #: other work sources polled in the busy-poll loop (``poll() -> bool``)
+        self.pollers: list[Callable[[], bool]] = []
+
+    def add_poller(self, poll: Callable[[], bool]) -> Callable[[], None]:
+        """Poll ``poll`` (True: it found work) in the busy-poll loop too, e.g.
+        a fabric's socket; returns what starts that loop (a no-op without
+        ``poll_us``), for the source to call when it has work."""
+        self.pollers.append(poll)
+        return self.start_spin if self.poll_us > 0 else (lambda: None)
 
     async def start(self) -> None:
         self.loop = self.loop or asyncio.get_running_loop()
@@ -330,10 +339,15 @@ class BackendServer:
             for c in conns:
                 if not c.closed and c.core.spinning and c.poll_once():
                     work = True
+            for poll in self.pollers:
+                if poll():
+                    work = True
             now = monotonic()
             if work:
                 self._spin_last = now
-            elif now - self._spin_last > idle:
+            else:
+                os.sched_yield()  # a busy CPU: let a runnable task (a peer daemon, a guest) go first
+            if not work and now - self._spin_last > idle:
                 if not any([c.end_spin() for c in conns if not c.closed]):
                     self._spin_handle = None
                     return
@@ -418,6 +432,10 @@ def run_backend(paths: list[str], device_factory: Callable[[], VhostUserDevice],
             for svc in services:
                 await svc.start()
                 started.append(svc)
+                if hasattr(svc, "poll"):  # e.g. a fabric's socket: busy-polled with the rings
+                    starts = [s.add_poller(svc.poll) for s in servers]
+                    if hasattr(svc, "on_busy"):
+                        svc.on_busy = lambda starts=starts: [f() for f in starts]
             for s in servers:
                 await s.start()
             if ready:

@@ -53,6 +53,14 @@ _LOCAL_WRITE_OPS = frozenset({WrOpcode.RDMA_READ, WrOpcode.ATOMIC_CMP_AND_SWP,
 _ATOMICS = frozenset({WrOpcode.ATOMIC_CMP_AND_SWP, WrOpcode.ATOMIC_FETCH_AND_ADD})
 _STATE = {QpState.INIT: RcState.INIT, QpState.RTR: RcState.RTR, QpState.RTS: RcState.RTS,
           QpState.SQD: RcState.SQD}
+_WITH_IMM = frozenset({WrOpcode.SEND_WITH_IMM, WrOpcode.RDMA_WRITE_WITH_IMM})
+_NO_ACCESS = Access(0)
+_SIGNALED, _SOLICITED, _FENCE = int(SendFlags.SIGNALED), int(SendFlags.SOLICITED), \
+    int(SendFlags.FENCE)
+_WC_STATUS = {int(s): s for s in WcStatus}
+_WC_OPCODE = {int(o): o for o in WcOpcode}
+_WITH_IMM_FLAG = int(WcFlags.WITH_IMM)
+_RECV_STATES = frozenset({QpState.RTR, QpState.RTS, QpState.SQD, QpState.SQE})
 _RIGHTS = Access.LOCAL_WRITE | Access.REMOTE_WRITE | Access.REMOTE_READ | Access.REMOTE_ATOMIC
 
 
@@ -193,7 +201,9 @@ class NetworkQp:
 
     # ------------------------------------------------------------- send side
     def progress(self, now: float) -> None:
-        """Post every send WQE the guest has rung for, then pump the engine."""
+        """Post every send WQE the guest has rung for, pumping the engine
+        after each: a WQE's packets leave while the next one is read, so the
+        peer works in parallel."""
         qp, dev = self.qp, self.dev
         if qp.state is QpState.RTS:
             while qp.sq_next != qp.sq_pi:
@@ -201,6 +211,10 @@ class NetworkQp:
                     return  # the QP went to ERR
                 qp.sq_next = (qp.sq_next + 1) & 0xFFFFFFFF
                 dev.metrics.requests_sent += 1
+                self.pump(now)
+                if qp.state is not QpState.RTS:
+                    return  # ERR: the core flushes what is left in the ring
+            return
         self.pump(now)
 
     def _post_one(self, idx: int) -> bool:
@@ -211,41 +225,37 @@ class NetworkQp:
             dev.metrics.wqe_fetch_faults += 1
             datapath.qp_error(dev, qp, AsyncEvent.QP_FATAL)
             return False
-        wr_id = int.from_bytes(slot[:8], "little")
-        opcode = slot[8]
         try:
             wqe = decode_send_wqe(slot, qp.layout.max_send_sge)
-            wr = self._send_wr(wqe)
+            flags = int(wqe.send_flags)
+            wr = self._send_wr(wqe, flags)
             self.rc.post_send(wr)
         except datapath._WqeError as e:
             setattr(dev.metrics, e.metric, getattr(dev.metrics, e.metric) + 1)
-            return self._fail(idx, wr_id, opcode, e.wc_status)
+            return self._fail(idx, int.from_bytes(slot[:8], "little"), slot[8], e.wc_status)
         except (VirtioRdmaError, TransportError) as e:  # malformed WQE / refused WR
             log.debug("QP %#x: bad send WQE %d: %s", qp.qpn, idx, e)
             dev.metrics.bad_wqes += 1
-            return self._fail(idx, wr_id, opcode, WcStatus.LOC_QP_OP_ERR)
-        signaled = qp.sq_sig_all or bool(wqe.send_flags & SendFlags.SIGNALED)
-        self.posted.append((idx, int(wqe.opcode), signaled))
+            return self._fail(idx, int.from_bytes(slot[:8], "little"), slot[8],
+                              WcStatus.LOC_QP_OP_ERR)
+        self.posted.append((idx, int(wqe.opcode), qp.sq_sig_all or bool(flags & _SIGNALED)))
         return True
 
-    def _send_wr(self, wqe) -> rv.SendWR:
+    def _send_wr(self, wqe, flags: int) -> rv.SendWR:
         qp, dev = self.qp, self.dev
         datapath.check_wqe(dev, qp, wqe)
         op = wqe.opcode
         if wqe.inline is not None:
             sges = [memoryview(bytes(wqe.inline))]  # the slot may be reused once posted
         else:
-            need = Access.LOCAL_WRITE if op in _LOCAL_WRITE_OPS else Access(0)
-            sges = datapath._local_views(dev, qp, wqe, need)
+            sges = datapath._local_views(dev, qp, wqe, Access.LOCAL_WRITE
+                                         if op in _LOCAL_WRITE_OPS else _NO_ACCESS)
         if op in _ATOMICS:
             sges = _first_bytes(sges, 8)
-        wr = rv.SendWR(wqe.wr_id, rv.WrOpcode(int(op)), sges, remote_addr=wqe.remote_addr,
-                       rkey=wqe.rkey, compare_add=wqe.compare_add, swap=wqe.swap,
-                       signaled=True, solicited=bool(wqe.send_flags & SendFlags.SOLICITED),
-                       fence=bool(wqe.send_flags & SendFlags.FENCE))
-        if op in (WrOpcode.SEND_WITH_IMM, WrOpcode.RDMA_WRITE_WITH_IMM):
-            wr.imm_data = bswap32(wqe.imm_data)
-        return wr
+        # the engine maps the opcode to its own enum (same ibv values)
+        return rv.SendWR(wqe.wr_id, op, sges, wqe.remote_addr, wqe.rkey,
+                         bswap32(wqe.imm_data) if op in _WITH_IMM else 0, 0, wqe.compare_add,
+                         wqe.swap, True, bool(flags & _SOLICITED), bool(flags & _FENCE))
 
     def _fail(self, idx: int, wr_id: int, opcode: int, status: WcStatus) -> bool:
         """A WQE failed its local checks: WQEs before it still in the engine
@@ -287,12 +297,14 @@ class NetworkQp:
             self.rc.post_recv(wqe.wr_id, views)
             self.rq_posted = (idx + 1) & 0xFFFFFFFF
 
-    def receive(self, pkt, now: float) -> None:
-        """A packet for this QP arrived (syntax and ICRC already checked)."""
-        if self.qp.state in (QpState.RTR, QpState.RTS, QpState.SQD, QpState.SQE):
+    def receive(self, pkt, now: float, pump: bool = True) -> None:
+        """A packet for this QP arrived (syntax and ICRC already checked).
+        Without ``pump`` the caller pumps later (once for a batch)."""
+        if self.rq_posted != self.qp.rq_pi and self.qp.state in _RECV_STATES:
             self._post_recvs()
         self.rc.receive(pkt, now)
-        self.pump(now)
+        if pump:
+            self.pump(now)
 
     # ------------------------------------------------------------ the engine
     def deadline(self) -> float | None:
@@ -308,7 +320,7 @@ class NetworkQp:
         if self.closed:
             return
         rc, qp, dev = self.rc, self.qp, self.dev
-        pkts = rc.transmit(now)
+        pkts = rc.transmit_raw(now)
         if pkts:
             self.fabric.transmit(pkts, self.peer)
         for c in rc.poll_send_cq():
@@ -330,24 +342,26 @@ class NetworkQp:
             log.warning("QP %#x: engine completion with nothing posted: %r", qp.qpn, c)
             return
         idx, opcode, signaled = self.posted.popleft()
-        status = WcStatus(int(c.status))
+        status = _WC_STATUS[c.status]
+        ok = status is WcStatus.SUCCESS
         datapath.complete_send(dev, qp, idx, c.wr_id, opcode, status, c.byte_len,
-                               force=signaled or status is not WcStatus.SUCCESS)
-        if status is WcStatus.SUCCESS:
-            dev.metrics.sends_completed += 1
+                               force=signaled or not ok)
+        if ok:
+            m = dev.metrics
+            m.sends_completed += 1
             if opcode == WrOpcode.RDMA_READ:
-                dev.metrics.bytes_received += c.byte_len
+                m.bytes_received += c.byte_len
 
     def _recv_done(self, c: rv.Completion) -> None:
         qp, dev = self.qp, self.dev
         qp.rq_ci = (qp.rq_ci + 1) & 0xFFFFFFFF
         flags, imm = 0, 0
         if c.imm_data is not None:
-            flags, imm = int(WcFlags.WITH_IMM), bswap32(c.imm_data)
-        status = WcStatus(int(c.status))
+            flags, imm = _WITH_IMM_FLAG, bswap32(c.imm_data)
+        status = _WC_STATUS[c.status]
         if status is WcStatus.SUCCESS:
             dev.metrics.bytes_received += c.byte_len
-        dev.complete(qp.recv_cq, Completion(c.wr_id, status, WcOpcode(int(c.opcode)), qp.qpn,
+        dev.complete(qp.recv_cq, Completion(c.wr_id, status, _WC_OPCODE[c.opcode], qp.qpn,
                                             c.byte_len, imm, flags, c.src_qp))
 
 

@@ -28,7 +28,7 @@ from time import monotonic
 from typing import Callable
 
 from roce.icrc import ROCE_UDP_PORT
-from roce.packet import RocePacket
+from roce.packet import PacketRun, RocePacket, expand
 from virtio_rdma.errors import FabricError
 from virtio_rdma.fabric import LocalFabric
 from virtio_rdma.netqp import NetworkQp
@@ -80,8 +80,13 @@ class RoceFabric(LocalFabric):
         self.address = str(ipaddress.ip_address(address))
         self._version = ipaddress.ip_address(address).version
         self.wire: dict[int, NetworkQp] = {}
+        #: per packet: ``sink(packet, peer_ip)`` (sans-I/O users and tests)
         self.sink: Callable[[RocePacket, str], None] | None = None
+        #: per batch, preferred when set: ``wire_sink(packets, peer_ip)`` (the UDP service)
+        self.wire_sink: Callable[[list, str], None] | None = None
         self.metrics = RoceFabricMetrics()
+        self._routable: dict[str, bool] = {}
+        self._deferred: dict[NetworkQp, float | None] = {}  # QP -> its deadline before the batch
 
     # ---- Fabric ------------------------------------------------------------
     def open_wire_qp(self, dev, qp, now: float) -> NetworkQp | None:
@@ -97,24 +102,46 @@ class RoceFabric(LocalFabric):
         return n
 
     def detach_wire(self, qpn: int) -> None:
-        self.wire.pop(qpn, None)
+        n = self.wire.pop(qpn, None)
+        if n is not None:
+            self._deferred.pop(n, None)
 
     def free_qpn(self, qpn: int) -> None:
-        self.wire.pop(qpn, None)
+        self.detach_wire(qpn)
         super().free_qpn(qpn)
 
     # ---- packets -------------------------------------------------------------
-    def transmit(self, packets: list[RocePacket], peer: str) -> None:
-        sink = self.sink
-        if sink is None or ipaddress.ip_address(peer).version != self._version:
-            self.metrics.tx_unroutable += len(packets)
-            return
-        for p in packets:
-            sink(p, peer)
-        self.metrics.tx_packets += len(packets)
+    def _is_routable(self, peer: str) -> bool:
+        ok = self._routable.get(peer)
+        if ok is None:
+            try:
+                ok = ipaddress.ip_address(peer).version == self._version
+            except ValueError:
+                ok = False
+            self._routable[peer] = ok
+        return ok
 
-    def receive(self, pkt: RocePacket, src: str, now: float) -> None:
-        """One valid RoCEv2 packet from ``src``."""
+    def transmit(self, packets: list, peer: str) -> None:
+        """Send ``packets`` (:class:`RocePacket` s and
+        :class:`~roce.packet.PacketRun` s) to ``peer``."""
+        wire_sink, sink = self.wire_sink, self.sink
+        n = 0
+        for p in packets:
+            n += p.count if type(p) is PacketRun else 1
+        if (wire_sink is None and sink is None) or not self._is_routable(peer):
+            self.metrics.tx_unroutable += n
+            return
+        if wire_sink is not None:
+            wire_sink(packets, peer)
+        else:
+            for p in expand(packets):
+                sink(p, peer)
+        self.metrics.tx_packets += n
+
+    def receive(self, pkt: RocePacket, src: str, now: float, *, defer: bool = False) -> None:
+        """One valid RoCEv2 packet from ``src``. With ``defer`` the QP's
+        engine takes the packet but is pumped (packets out, CQEs written) only
+        by :meth:`flush_deferred`, once for a whole batch of arrivals."""
         m = self.metrics
         m.rx_packets += 1
         n = self.wire.get(pkt.bth.dest_qp)
@@ -124,8 +151,34 @@ class RoceFabric(LocalFabric):
         if src != n.peer:
             m.rx_addr_mismatch += 1
             return
+        if defer:
+            if n not in self._deferred:
+                self._deferred[n] = n.deadline()
+            n.receive(pkt, now, pump=False)
+            return
         before = n.deadline()
         n.receive(pkt, now)
+        self._rearm(n, before)
+
+    def fast_received(self, n: NetworkQp, packets: int) -> None:
+        """A native fast path gave ``n``'s engine ``packets`` packets (checked
+        as :meth:`receive` would): count them, pump the QP after the batch."""
+        self.metrics.rx_packets += packets
+        if n not in self._deferred:
+            self._deferred[n] = n.deadline()
+
+    def flush_deferred(self, now: float) -> None:
+        """Pump every QP that took deferred packets."""
+        deferred = self._deferred
+        while deferred:
+            n, before = deferred.popitem()
+            if n.closed:
+                continue
+            n.pump(now)
+            self._rearm(n, before)
+
+    @staticmethod
+    def _rearm(n: NetworkQp, before: float | None) -> None:
         after = n.deadline()
         if after is not None and (before is None or after < before):
             notify = n.dev.notify  # the device re-arms its timer
@@ -134,29 +187,66 @@ class RoceFabric(LocalFabric):
 
 
 class RoceFabricService:
-    """Owns the UDP socket of a :class:`RoceFabric` in the running event loop."""
+    """Owns the UDP socket of a :class:`RoceFabric` in the running event loop.
+
+    Each batch of datagrams the endpoint drains is handed to the fabric with
+    deferred pumping, then every QP that received is pumped once and
+    everything it sends leaves in one ``sendmmsg``. :meth:`poll` drains the
+    socket from a busy-polling loop (the daemon's ``--poll-us`` spin)."""
 
     def __init__(self, fabric: RoceFabric, port: int = ROCE_UDP_PORT):
         self.fabric = fabric
         self.port = port
         self.endpoint = None
+        #: set by the daemon: starts its busy-poll loop (arrivals bring the
+        #: guests' next doorbells)
+        self.on_busy: Callable[[], object] | None = None
+        self._now = 0.0
 
     async def start(self) -> None:
         from roce.udp import open_endpoint
 
         self.endpoint = await open_endpoint(self.fabric.address, self._on_packet, self.port)
-        self.fabric.sink = self.endpoint.send
+        self.endpoint.on_batch_end = self._on_batch_end
+        try:
+            from roce.rc._fastrx import WriteFastPath
+        except ImportError:  # pragma: no cover - extension not built: every packet decoded
+            pass
+        else:
+            self.endpoint.fast = WriteFastPath(self.fabric.wire, self.fabric.fast_received)
+        port = self.port
+
+        def wire_sink(packets, peer, _transmit=self.endpoint.transmit):
+            _transmit(packets, peer, port)
+        self.fabric.wire_sink = wire_sink
         log.info("RoCEv2 fabric on %s:%d, GID %s", self.fabric.address, self.port,
                  ipaddress.IPv6Address(self.fabric.gid))
 
+    def poll(self) -> bool:
+        """Drain the socket now (busy-poll hook); True if datagrams came."""
+        ep = self.endpoint
+        return ep is not None and ep.poll()
+
     def _on_packet(self, pkt: RocePacket, src: str) -> None:
+        if not self.fabric._deferred:
+            self._now = monotonic()
         try:
-            self.fabric.receive(pkt, src, monotonic())
+            self.fabric.receive(pkt, src, self._now, defer=True)
         except Exception:  # the daemon boundary: one bad packet must not stop the fabric
             log.exception("RoCE fabric: internal error on a packet from %s", src)
 
+    def _on_batch_end(self) -> None:
+        while self.fabric._deferred:  # a QP whose pump raised is already off the list
+            try:
+                self.fabric.flush_deferred(self._now)
+            except Exception:
+                log.exception("RoCE fabric: internal error pumping after a batch")
+        if self.on_busy is not None:
+            self.on_busy()
+
     async def aclose(self) -> None:
         self.fabric.sink = None
+        self.fabric.wire_sink = None
         if self.endpoint is not None:
             ep, self.endpoint = self.endpoint, None
             await ep.aclose()
