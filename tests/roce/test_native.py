@@ -1,0 +1,459 @@
+"""The native packet path against the Python reference (and scapy):
+
+* roce._icrc: CRC-32 against zlib, the ICRC against the zlib reference, for
+  random lengths, alignments and seeds;
+* roce._codec: decode/encode of every opcode give the reference's packets and
+  bytes; wherever the reference raises (garbage, corruption, an ICRC only a
+  non-zero IPv4 ID explains, fields out of range, missing or extra headers)
+  the native call returns None; scapy decodes what it encodes;
+* roce._udpio: TxRing/RxRing over real loopback sockets carry the reference's
+  bytes, for single packets and for PacketRuns (scattered SG lists, a ring
+  too small for a run);
+* roce.rc._fastrx.WriteFastPath: the same datagram streams (in order, with
+  gaps, duplicates, bad lengths and P_Keys, other QPs, strangers) through the
+  fast path + engine and through the engine alone leave the same memory,
+  responder state, counters and ACKs.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import select
+import socket
+import zlib
+
+import pytest
+from hypothesis import given, settings, strategies as st
+from scapy.all import IP, UDP, raw
+from scapy.contrib.roce import BTH as ScapyBTH
+
+from roce import _codec, _icrc
+from roce._udpio import RxRing, TxRing
+from roce.errors import MalformedPacket, RoceError
+from roce.headers import Aeth, AtomicAckEth, AtomicEth, Bth, Deth, Ieth, ImmDt, Reth
+from roce.icrc import IpContext, compute_icrc, compute_icrc_reference
+from roce.opcodes import OPCODE_TABLE, Ext, Opcode, opinfo
+from roce.packet import PacketRun, RocePacket, decode, expand
+from roce.rc import Access, MemoryTable, QpState, RcQp, SendWR, WrOpcode
+from roce.rc._fastrx import STOP_REASONS, WriteFastPath
+from roce.rc.sgl import SgList
+from roce.udp import RoceUdpEndpoint, make_socket
+
+u = lambda bits: st.integers(0, (1 << bits) - 1)  # noqa: E731
+
+A, B = "127.0.0.31", "127.0.0.32"
+CTX4 = IpContext("192.0.2.1", "192.0.2.2", sport=50000, dport=4791)
+CTX6 = IpContext("2001:db8::1", "2001:db8::2", sport=50001, dport=4791)
+ENV4 = _codec.Envelope("192.0.2.1", "192.0.2.2", 50000, 4791)
+ENV6 = _codec.Envelope("2001:db8::1", "2001:db8::2", 50001, 4791)
+EXT = {Ext.RETH: st.builds(Reth, u(64), u(32), u(32)), Ext.AETH: st.builds(Aeth, u(8), u(24)),
+       Ext.IMMDT: st.builds(ImmDt, u(32)), Ext.ATOMIC_ETH: st.builds(AtomicEth, u(64), u(32),
+                                                                     u(64), u(64)),
+       Ext.ATOMIC_ACK_ETH: st.builds(AtomicAckEth, u(64)), Ext.DETH: st.builds(Deth, u(32), u(24)),
+       Ext.IETH: st.builds(Ieth, u(32))}
+
+
+# ------------------------------------------------------------------- CRC
+def test_kernel_is_named():
+    assert _icrc.kernel() in ("pclmul", "slice-by-8")
+
+
+@settings(max_examples=300)
+@given(data=st.binary(max_size=700), seed=u(32), offset=st.integers(0, 15))
+def test_crc32_is_zlib(data, seed, offset):
+    buf = bytes(offset) + data
+    assert _icrc.crc32(memoryview(buf)[offset:], seed) == zlib.crc32(data, seed)
+
+
+@pytest.mark.parametrize("n", [63, 64, 127, 128, 129, 4096, 4111, 9000, 65536 + 5])
+def test_crc32_folding_lengths(n):
+    data = random.Random(n).randbytes(n)
+    for seed in (0, 1, 0xFFFFFFFF, 0x12345678):
+        assert _icrc.crc32(data, seed) == zlib.crc32(data, seed)
+    # fed in pieces, like a payload scattered over SG entries
+    crc = 0
+    for i in range(0, n, 1000):
+        crc = _icrc.crc32(data[i:i + 1000], crc)
+    assert crc == zlib.crc32(data)
+
+
+@settings(max_examples=100)
+@given(ident=u(16), tos=u(8), ttl=u(8), df=st.booleans(), flow=u(20), n=st.integers(12, 5000),
+       v6=st.booleans())
+def test_native_icrc_is_the_reference(ident, tos, ttl, df, flow, n, v6):
+    if v6:
+        ctx = IpContext("2001:db8::7", "2001:db8::9", 1000, tos=tos, ttl=ttl, flow_label=flow)
+    else:
+        ctx = IpContext("198.51.100.1", "203.0.113.9", 1000, ip_id=ident, df=df, tos=tos, ttl=ttl)
+    ib = random.Random(n).randbytes(n)
+    ip, udp = ctx.headers(n + 4)
+    want = compute_icrc_reference(ip, udp, ib)
+    assert _icrc.compute_icrc(ip, udp, ib) == want == compute_icrc(ip, udp, ib)
+
+
+# ----------------------------------------------------------------- codec
+def _packet(data, opcode):
+    info = opinfo(opcode)
+    p = RocePacket(data.draw(st.builds(Bth, opcode=st.just(opcode), dest_qp=u(24), psn=u(24),
+                                       se=st.booleans(), m=st.booleans(), pkey=u(16),
+                                       fecn=st.booleans(), becn=st.booleans(), resv6=u(6),
+                                       ackreq=st.booleans(), resv7=u(7))))
+    for e in info.exts:
+        setattr(p, e.value, data.draw(EXT[e]))
+    if info.has_payload:
+        p.payload = data.draw(st.binary(max_size=300))
+    return p
+
+
+@pytest.mark.parametrize("opcode", sorted(OPCODE_TABLE))
+@settings(max_examples=15)
+@given(data=st.data())
+def test_encode_decode_are_the_reference(opcode, data):
+    for ctx, env in ((CTX4, ENV4), (CTX6, ENV6)):
+        p = _packet(data, opcode)
+        q = RocePacket(**{f: getattr(p, f) for f in p.__slots__})
+        wire = p.encode(ctx)
+        assert _codec.encode(q, env) == wire and q.icrc == p.icrc
+        ref = decode(wire, ctx)
+        got = _codec.decode(wire, env)
+        assert got == ref and bytes(got.payload) == bytes(ref.payload)
+        assert (got.icrc, got.ip_id) == (ref.icrc, ref.ip_id)
+
+
+def _reference_or_none(data, ctx):
+    try:
+        return decode(data, ctx)
+    except MalformedPacket:
+        return None
+
+
+@settings(max_examples=400)
+@given(data=st.binary(max_size=120))
+def test_decode_garbage_like_the_reference(data):
+    assert _codec.decode(data, ENV4) == _reference_or_none(data, CTX4)
+
+
+@settings(max_examples=200)
+@given(opcode=st.sampled_from(sorted(OPCODE_TABLE)), flips=st.lists(st.tuples(u(16), u(8)),
+                                                                    max_size=3),
+       cut=st.integers(0, 8))
+def test_decode_corruption_like_the_reference(opcode, flips, cut):
+    info = opinfo(opcode)
+    p = RocePacket(Bth(opcode=opcode, dest_qp=5, psn=7),
+                   payload=b"abcdefg" if info.has_payload else b"")
+    for e in info.exts:
+        setattr(p, e.value, {Ext.RETH: Reth(1, 2, 3), Ext.AETH: Aeth(0x1F, 1), Ext.IMMDT: ImmDt(9),
+                             Ext.ATOMIC_ETH: AtomicEth(8, 1, 2, 3), Ext.ATOMIC_ACK_ETH:
+                             AtomicAckEth(4), Ext.DETH: Deth(1, 2), Ext.IETH: Ieth(3)}[e])
+    wire = bytearray(p.encode(CTX4))
+    for pos, val in flips:
+        wire[pos % len(wire)] ^= val
+    wire = bytes(wire[:len(wire) - cut])
+    assert _codec.decode(wire, ENV4) == _reference_or_none(wire, CTX4)
+
+
+def test_decode_leaves_nonzero_ipv4_id_to_the_reference():
+    ctx = IpContext("192.0.2.1", "192.0.2.2", 50000, 4791, ip_id=0x1234)
+    wire = RocePacket(Bth(opcode=4, dest_qp=1, psn=2), payload=b"rxe").encode(ctx)
+    assert _codec.decode(wire, ENV4) is None
+    assert decode(wire, CTX4, recover_ipv4_id=True).ip_id == 0x1234
+
+
+@pytest.mark.parametrize("bad", [
+    lambda p: setattr(p, "bth", Bth(opcode=4, dest_qp=1 << 24, psn=0)),
+    lambda p: setattr(p, "bth", Bth(opcode=4, dest_qp=1, psn=-1)),
+    lambda p: setattr(p, "bth", Bth(opcode=0x15, dest_qp=1, psn=0)),     # unknown opcode
+    lambda p: setattr(p, "bth", Bth(opcode=4, dest_qp=1, psn=0, pkey=1 << 16)),
+    lambda p: setattr(p, "reth", Reth(1, 2, 3)),                        # extra header
+    lambda p: setattr(p, "bth", Bth(opcode=6, dest_qp=1, psn=0)),       # RETH missing
+    lambda p: setattr(p, "bth", Bth(opcode=0x11, dest_qp=1, psn=0)),    # payload on an ACK
+    lambda p: setattr(p, "payload", 5),
+])
+def test_encode_returns_none_where_the_reference_raises(bad):
+    p = RocePacket(Bth(opcode=4, dest_qp=1, psn=0), payload=b"xy")
+    bad(p)
+    assert _codec.encode(p, ENV4) is None
+    with pytest.raises((RoceError, TypeError)):
+        p.encode(CTX4)
+
+
+@pytest.mark.parametrize("opcode", [0x04, 0x0A, 0x0B, 0x11, 0x13])
+def test_scapy_reads_native_bytes(opcode):
+    p = RocePacket(Bth(opcode=opcode, dest_qp=0x123, psn=0x456, ackreq=True))
+    for e in opinfo(opcode).exts:
+        setattr(p, e.value, {Ext.RETH: Reth(0x1000, 7, 5), Ext.AETH: Aeth(0x1F, 9),
+                             Ext.IMMDT: ImmDt(0xAB), Ext.ATOMIC_ETH: AtomicEth(8, 1, 2, 3)}[e])
+    if opinfo(opcode).has_payload:
+        p.payload = b"hello"
+    wire = _codec.encode(p, ENV4)
+    pkt = IP(raw(IP(src="192.0.2.1", dst="192.0.2.2", flags="DF", id=0)
+                 / UDP(sport=50000, dport=4791) / wire))
+    bth = pkt[ScapyBTH]
+    assert (bth.opcode, bth.dqpn, bth.psn, bth.ackreq) == (opcode, 0x123, 0x456, 1)
+    assert bth.icrc == int.from_bytes(bth.compute_icrc(b""), "big")    # scapy agrees with our ICRC
+
+
+def test_fast_constructors_build_the_dataclasses():
+    assert _codec.bth(4, 1, 2, True, True, 0x7FFF) == Bth(opcode=4, dest_qp=1, psn=2, se=True,
+                                                          ackreq=True, pkey=0x7FFF)
+    assert _codec.aeth(0x1F, 3) == Aeth(0x1F, 3) and _codec.reth(1, 2, 3) == Reth(1, 2, 3)
+    assert _codec.packet(_codec.bth(0x11, 1, 2), aeth=Aeth(0, 1)) == \
+        RocePacket(Bth(opcode=0x11, dest_qp=1, psn=2), aeth=Aeth(0, 1))
+
+
+# ------------------------------------------------------------------- rings
+@pytest.fixture
+def socks():
+    tx, rx = make_socket(A, 0), make_socket(B, 0)
+    yield tx, rx
+    tx.close()
+    rx.close()
+
+
+def _recv_all(rx_sock, ring, want):
+    got = []
+    for _ in range(200):
+        n = ring.recv(rx_sock.fileno())
+        got += [ring.datagram(i) for i in range(n)]
+        if len(got) >= want:
+            break
+        select.select([rx_sock], [], [], 0.05)
+    return got
+
+
+def _ctx(tx, rx):
+    return IpContext(A, B, sport=tx.getsockname()[1], dport=rx.getsockname()[1])
+
+
+def _env(tx, rx):
+    return _codec.Envelope(A, B, tx.getsockname()[1], rx.getsockname()[1])
+
+
+def test_tx_ring_sends_reference_bytes(socks):
+    tx, rx = socks
+    ring = TxRing(8)
+    pkts = [RocePacket(Bth(opcode=4, dest_qp=i, psn=i), payload=os.urandom(i * 37))
+            for i in range(20)]
+    env = _env(tx, rx)
+    for p in pkts:
+        if not ring.add(p, env):
+            assert ring.full
+            assert ring.flush(tx.fileno())[:2] == (8, 0)
+            assert ring.add(p, env)
+    ring.flush(tx.fileno())
+    rring = RxRing(32)
+    got = _recv_all(rx, rring, len(pkts))
+    assert got == [p.encode(_ctx(tx, rx)) for p in pkts]
+
+
+def _run(sgl, length, mtu, first, count, **kw):
+    npkts = max(1, -(-length // mtu))
+    return PacketRun((0x06, 0x07, 0x09, 0x0B), npkts, first, count, (0xFFFFF0 + first) & 0xFFFFFF,
+                     0x22, 0xFFFF, mtu, length, sgl, **kw)
+
+
+@pytest.mark.parametrize("nslots", [3, 64])
+@pytest.mark.parametrize("pieces", [[5000], [100, 1, 2000, 2900], [4096, 904]])
+def test_runs_are_their_packets(socks, nslots, pieces):
+    tx, rx = socks
+    rng = random.Random(len(pieces))
+    bufs = [bytearray(rng.randbytes(n)) for n in pieces]
+    sgl = SgList([memoryview(b) for b in bufs])
+    length = sum(pieces)
+    runs = [_run(sgl, length, 1024, 0, 2, reth=(0x1000, 0x77), noack=62),
+            _run(sgl, length, 1024, 2, 3, reth=(0x1000, 0x77), imm=0xABCD, se=True, noack=0,
+                 ack_every=2)]
+    env = _env(tx, rx)
+    ring = TxRing(nslots)
+    for r in runs:
+        j = 0
+        while j < r.count:
+            j = ring.add_run(r, env, j)
+            if j < r.count:
+                ring.flush(tx.fileno())
+    ring.flush(tx.fileno())
+    want = [p.encode(_ctx(tx, rx)) for p in expand(runs)]
+    got = _recv_all(rx, RxRing(16), len(want))
+    assert got == want
+    ps = expand(runs)
+    assert [p.bth.ackreq for p in ps] == [False, True, False, True, True]
+    assert ps[0].reth == Reth(0x1000, 0x77, length) and ps[-1].immdt == ImmDt(0xABCD)
+    assert ps[-1].bth.se and ps[-1].bth.opcode == 0x09 and ps[2].bth.psn == 0xFFFFF2
+
+
+def test_run_rejects_a_payload_beyond_its_sg_list(socks):
+    tx, rx = socks
+    sgl = SgList([memoryview(bytearray(100))])
+    with pytest.raises(ValueError):
+        TxRing(4).add_run(_run(sgl, 5000, 1024, 0, 2), _env(tx, rx))
+
+
+def test_rx_ring_packets_and_peers(socks):
+    tx, rx = socks
+    pkt = RocePacket(Bth(opcode=0x0A, dest_qp=3, psn=4), reth=Reth(1, 2, 5), payload=b"hello")
+    tx.sendto(pkt.encode(_ctx(tx, rx)), rx.getsockname())
+    tx.sendto(b"junk", rx.getsockname())
+    ring = RxRing(4)
+    _recv_all(rx, ring, 2)
+    env = _codec.Envelope(A, B, tx.getsockname()[1], rx.getsockname()[1])
+    assert ring.peer(0) == (A, tx.getsockname()[1]) and ring.peer_key(0) == ring.peer_key(1)
+    st0, p0 = ring.packet(0, env)
+    assert st0 == 0 and p0 == decode(ring.datagram(0), _ctx(tx, rx))
+    assert ring.packet(1, env) == (1, None)
+    with pytest.raises(IndexError):
+        ring.packet(2, env)
+
+
+def test_endpoint_backlog_keeps_order_when_the_socket_buffer_is_full():
+    async def main():
+        got = []
+        b = RoceUdpEndpoint(make_socket(B, 0), lambda p, ip: got.append(p.bth.psn))
+        sa = make_socket(A, 0)
+        sa.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)   # a few datagrams at most
+        a = RoceUdpEndpoint(sa, lambda p, ip: None)
+        try:
+            pkts = [RocePacket(Bth(opcode=4, dest_qp=1, psn=i), payload=bytes(3000))
+                    for i in range(300)]
+            for i in range(0, 300, 30):
+                a.transmit(pkts[i:i + 30], B, b.local[1])
+            for _ in range(200):
+                if len(got) == 300:
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            await a.aclose()
+            await b.aclose()
+        return got, a.metrics
+    got, m = asyncio.run(asyncio.wait_for(main(), 20))
+    assert got == list(range(300)) and m.tx_packets == 300 and m.tx_errors == 0
+
+
+# ------------------------------------------------------ WRITE fast path
+class _Target:
+    def __init__(self, peer: str, mtu: int, size: int):
+        self.peer = peer
+        self.mem = MemoryTable()
+        self.buf = bytearray(size)
+        self.rkey, self.va = self.mem.register(self.buf, Access.REMOTE_WRITE)
+        self.rc = RcQp(0x44, self.mem)
+        self.rc.modify(QpState.INIT)
+        self.rc.modify(QpState.RTR, dest_qp_num=0x55, path_mtu=mtu, rq_psn=0xFFFFFA)
+        self.done = 0
+
+    def state(self):
+        r = self.rc.responder
+        return (bytes(self.buf), r.psn, r.msn, r.nak_sent, r.cur_kind,
+                None if r.cur is None else r.cur.offset, self.rc.metrics.as_dict(),
+                [(p.bth.opcode, p.bth.psn, p.aeth) for p in self.rc.transmit(0.0)])
+
+
+def _stream(seed: int, mtu: int, target: _Target):
+    """Datagrams of a few WRITEs from the target's peer, with impairments."""
+    rng = random.Random(seed)
+    out, psn = [], 0xFFFFFA
+    for _ in range(4):
+        n = rng.randrange(1, 6)
+        length = (n - 1) * mtu + rng.randrange(1, mtu + 1)
+        va = target.va + rng.randrange(0, len(target.buf) - length + 1)
+        data = rng.randbytes(length)
+        for i in range(n):
+            op = (0x0A if n == 1 else 0x06 if i == 0 else 0x08 if i == n - 1 else 0x07)
+            p = RocePacket(Bth(opcode=op, dest_qp=0x44, psn=(psn + i) & 0xFFFFFF,
+                               ackreq=i == n - 1 or rng.random() < 0.2),
+                           payload=data[i * mtu:(i + 1) * mtu])
+            if i == 0:
+                p.reth = Reth(va, target.rkey, length)
+            out.append(p)
+        psn = (psn + n) & 0xFFFFFF
+    # impairments, each with some probability
+    if rng.random() < 0.3 and len(out) > 3:
+        k = rng.randrange(1, len(out))
+        out.insert(k, out[k - 1])                               # duplicate
+    if rng.random() < 0.3 and len(out) > 3:
+        k = rng.randrange(1, len(out) - 1)
+        out[k], out[k + 1] = out[k + 1], out[k]                 # reorder
+    if rng.random() < 0.2 and len(out) > 3:
+        del out[rng.randrange(1, len(out))]                     # loss
+    if rng.random() < 0.2:
+        k = rng.randrange(len(out))
+        out[k] = RocePacket(Bth(opcode=out[k].bth.opcode, dest_qp=0x44, psn=out[k].bth.psn,
+                                pkey=0x1234), reth=out[k].reth, payload=out[k].payload)
+    if rng.random() < 0.2:
+        k = rng.randrange(len(out))
+        out[k] = RocePacket(out[k].bth, reth=out[k].reth, payload=bytes(out[k].payload)[:-1])
+    if rng.random() < 0.2:
+        k = rng.randrange(len(out))
+        out[k] = RocePacket(Bth(opcode=out[k].bth.opcode, dest_qp=0x45, psn=out[k].bth.psn),
+                            reth=out[k].reth, payload=out[k].payload)
+    return out
+
+
+def _feed(ring, n, envs, targets, fast):
+    i = 0
+    while i < n:
+        if fast is not None:
+            i = fast(ring, i, n, envs)
+            if i >= n:
+                break
+        env = envs[ring.peer_key(i)]
+        status, pkt = ring.packet(i, env)
+        i += 1
+        if status:
+            continue
+        t = targets.get(pkt.bth.dest_qp)
+        if t is not None and t.peer == env.src:
+            t.rc.receive(pkt, 0.0)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_fast_path_is_the_engine(socks, seed):
+    tx, rx = socks
+    mtu = 256
+    ta, tb = _Target(A, mtu, 8192), _Target(A, mtu, 8192)       # fast path / engine alone
+    stranger = seed % 5 == 0
+    pkts = _stream(seed, mtu, ta)
+    for p in pkts:
+        tx.sendto(p.encode(_ctx(tx, rx)), rx.getsockname())
+    if stranger:                                                # right QP, wrong source
+        s = make_socket("127.0.0.33", 0)
+        s.sendto(pkts[-1].encode(IpContext("127.0.0.33", B, s.getsockname()[1],
+                                           rx.getsockname()[1])), rx.getsockname())
+        s.close()
+    ring = RxRing(64)
+    n = len(_recv_all(rx, ring, len(pkts) + stranger))
+    envs = {}
+    for i in range(n):
+        ip, port = ring.peer(i)
+        envs.setdefault(ring.peer_key(i), _codec.Envelope(ip, B, port, rx.getsockname()[1]))
+    taken = []
+    fast = WriteFastPath({0x44: ta}, lambda t, k: taken.append(k))
+    _feed(ring, n, envs, {0x44: ta}, fast)
+    _feed(ring, n, envs, {0x44: tb}, None)
+    assert ta.state() == tb.state()
+    assert sum(taken) == fast.taken
+    assert STOP_REASONS[fast.stop]
+
+
+def test_fast_path_takes_the_bulk(socks):
+    tx, rx = socks
+    t = _Target(A, 1024, 65536)
+    data = os.urandom(65536)
+    for i in range(64):
+        op = 0x06 if i == 0 else 0x08 if i == 63 else 0x07
+        p = RocePacket(Bth(opcode=op, dest_qp=0x44, psn=(0xFFFFFA + i) & 0xFFFFFF,
+                           ackreq=i % 16 == 15), payload=data[i * 1024:(i + 1) * 1024])
+        if i == 0:
+            p.reth = Reth(t.va, t.rkey, 65536)
+        tx.sendto(p.encode(_ctx(tx, rx)), rx.getsockname())
+    ring = RxRing(64)
+    n = len(_recv_all(rx, ring, 64))
+    ip, port = ring.peer(0)
+    envs = {ring.peer_key(0): _codec.Envelope(ip, B, port, rx.getsockname()[1])}
+    fast = WriteFastPath({0x44: t}, lambda tg, k: None)
+    _feed(ring, n, envs, {0x44: t}, fast)
+    assert fast.taken == 63 and bytes(t.buf) == data
+    acks = t.rc.transmit(0.0)
+    assert [(p.bth.opcode, p.bth.psn) for p in acks] == [(Opcode.RC_ACKNOWLEDGE,
+                                                          (0xFFFFFA + 63) & 0xFFFFFF)]
+    assert t.rc.responder.msn == 1 and t.rc.metrics.rx_packets == 64
