@@ -551,6 +551,23 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 NINEP_CACHES = ("none", "loose", "fscache", "mmap")
 
 
+# Host directories a host_root guest covers with its own tmpfs.
+HIDDEN_DIRS = ("/tmp", "/var/tmp", "/run", "/dev/shm")
+
+
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _hidden_roots(paths: Sequence[str]) -> list[str]:
+    """The ``paths`` inside a HIDDEN_DIRS tree, minus those inside another one listed."""
+    hidden = [os.path.normpath(p) for p in paths
+              if any(_under(os.path.normpath(p), d) for d in HIDDEN_DIRS)
+              and os.path.normpath(p) not in HIDDEN_DIRS]
+    return [p for i, p in enumerate(hidden)
+            if p not in hidden[:i] and not any(q != p and _under(p, q) for q in hidden)]
+
+
 def _check_bind_path(path: str) -> None:
     if not isinstance(path, str) or not path.startswith("/") or re.search(r"\s", path) \
             or "/../" in path + "/" or path.endswith("/.."):
@@ -573,7 +590,8 @@ class RxeGuest:
     path) run on rxe0.  The chroot gets fresh proc, sysfs and devtmpfs
     (``/dev/infiniband/uverbs0``) and empty tmpfs on /tmp, /run, /var/tmp and /dev/shm:
     **the host's /tmp and /var/tmp are not visible** (pass files in ``files``, or a host
-    directory in ``host_binds``).  The command starts in /tmp with ``env -i`` plus PATH,
+    directory in ``host_binds``), except the repository and ``python``'s venv, bound back
+    at their own paths when they live there (a clone in /tmp).  The command starts in /tmp with ``env -i`` plus PATH,
     HOME=/tmp, LANG=C.UTF-8, TERM=dumb, PYTHONDONTWRITEBYTECODE=1 (the root is read-only)
     and ``env``.  Before booting, the host prepares (``prepare()``):
 
@@ -694,7 +712,10 @@ class RxeGuest:
         """
         if not self.host_root:
             return {}, {}
-        binds: dict[str, str] = {}
+        # A clone or venv under a directory the guest hides behind a tmpfs (CI may clone
+        # into /tmp) is bound back first, before the extension binds that land inside it.
+        binds: dict[str, str] = {root: root for root in _hidden_roots(
+            (REPO_ROOT, os.path.dirname(os.path.dirname(os.path.abspath(self.python)))))}
         env: dict[str, str] = {}
         if self.portable_ext:
             binds.update(portable_extensions())

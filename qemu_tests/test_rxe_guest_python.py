@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 
-from qemu_tests.rxe_guest import GUEST_FILES_DIR, REPO_ROOT, RxeGuest, TapNetdev
+from qemu_tests.rxe_guest import GUEST_FILES_DIR, REPO_ROOT, RxeGuest, TapNetdev, _hidden_roots
 
 GUEST_IP = "198.51.100.9"
 
@@ -113,6 +113,20 @@ def test_host_root_qemu_and_kernel_arguments():
     assert fs[3] == "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot"
     assert ("vrdma.hostroot=trans=virtio,version=9p2000.L,msize=262144,cache=none,ro"
             in guest.kernel_append().split())
+
+
+def test_hidden_roots_bound_back():
+    """A clone or venv under /tmp (which the guest covers with a tmpfs) is bound back once,
+    the outermost directory only; paths elsewhere need nothing."""
+    assert _hidden_roots(["/work/repo", "/work/repo/.venv", "/usr"]) == []
+    assert _hidden_roots(["/tmp/ci/repo", "/tmp/ci/repo/.venv"]) == ["/tmp/ci/repo"]
+    assert _hidden_roots(["/tmp/ci/repo", "/var/tmp/venv/", "/tmp/ci/repo"]) == \
+        ["/tmp/ci/repo", "/var/tmp/venv"]
+    assert _hidden_roots(["/tmp", "/tmpx/repo", "/run/user/0/r"]) == ["/run/user/0/r"]
+    guest = RxeGuest(host_root=True, portable_ext=False, pyc_prefix=False,
+                     python="/tmp/ci/venv/bin/python")
+    binds, _ = guest.prepare()
+    assert binds.get("/tmp/ci/venv") == "/tmp/ci/venv"
 
 
 def test_python_script_command(tmp_path):
