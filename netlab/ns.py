@@ -230,10 +230,42 @@ def _pids(name: str) -> list[int]:
     return [int(x) for x in cp.stdout.split()]
 
 
+def reap_stale(prefix: str = NAME_PREFIX) -> list[str]:
+    """Delete the namespaces a killed run left: named ``<prefix>-<pid>-...``
+    with that pid gone and no process inside.  Returns the names deleted."""
+    cp = run(["ip", "netns", "list"], check=False)
+    pattern = re.compile(rf"{re.escape(prefix)}-(\d+)-\d+-[0-9a-f]+")
+    reaped = []
+    for line in cp.stdout.splitlines():
+        m = pattern.fullmatch(line.split(" ", 1)[0])
+        if m is None or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue                   # its creator is alive (or the pid was reused): keep
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        if not _pids(m.group(0)):
+            run(["ip", "netns", "del", m.group(0)], check=False)
+            reaped.append(m.group(0))
+    return reaped
+
+
+_reaped_prefixes: set[str] = set()
+
+
 class Namespace:
-    """One network namespace with ``lo`` up (see module doc). Context manager."""
+    """One network namespace with ``lo`` up (see module doc). Context manager.
+
+    The first one a process creates under a prefix first deletes what killed
+    runs left under it (:func:`reap_stale`)."""
 
     def __init__(self, prefix: str = NAME_PREFIX) -> None:
+        if prefix not in _reaped_prefixes:
+            _reaped_prefixes.add(prefix)
+            reap_stale(prefix)
         for _ in range(8):
             name = f"{prefix}-{os.getpid()}-{next(_names)}-{secrets.token_hex(2)}"
             cp = run(["ip", "netns", "add", name], check=False)

@@ -8,7 +8,9 @@ import sys
 import pytest
 
 from netlab.errors import AddressNotAllowed, ProcessFailed
-from netlab.ns import Namespace, two_hosts, veth_pair
+import subprocess
+
+from netlab.ns import Namespace, reap_stale, two_hosts, veth_pair
 
 from .conftest import drain, our_namespaces, udp_socket
 
@@ -40,6 +42,30 @@ def test_namespace_removed_with_its_processes(netns):
     ns.close()                                   # idempotent
     with pytest.raises(ProcessFailed):
         ns.popen(["true"])
+
+
+def test_stale_namespaces_of_dead_runs_are_reaped(netns):
+    """A killed run's namespaces (its pid gone, nothing inside) are deleted; a live
+    creator's, or one with a process inside, are kept."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale, busy = f"vrdmatest-{dead.pid}-0-beef", f"vrdmatest-{dead.pid}-1-beef"
+    live = f"vrdmatest-{os.getppid()}-0-beef"
+    for name in (stale, busy, live):
+        subprocess.run(["ip", "netns", "add", name], check=True)
+    holder = subprocess.Popen(["ip", "netns", "exec", busy, "sleep", "60"])
+    try:
+        for _ in range(100):
+            if subprocess.run(["ip", "netns", "pids", busy], capture_output=True, text=True).stdout:
+                break
+        assert reap_stale("vrdmatest") == [stale]
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert stale not in listed and busy in listed and live in listed
+    finally:
+        holder.kill()
+        holder.wait()
+        for name in (stale, busy, live):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
 def test_expect_reports_exit_status_and_output(netns):
