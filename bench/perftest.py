@@ -230,17 +230,20 @@ def idle_spinners(cpus):
             os.waitpid(pid, 0)
 
 
-def run_pair(path: str, test: str, size: int, iters: int, batch: int = 16, guest_cpu: int | None = None,
+def run_pair(path: str, test: str, size: int, iters: int, batch: int = 16,
+             guest_cpu: int | tuple[int, int] | None = None,
              *, client_path: str | None = None, connect_attrs: dict | None = None) -> dict:
     """Server and client guests in two processes; the client's daemon is
-    ``client_path`` if given (two hosts), else the server's."""
+    ``client_path`` if given (two hosts), else the server's.  ``guest_cpu``
+    pins both guests to one CPU, or (server CPU, client CPU) each to its own."""
+    server_cpu, client_cpu = guest_cpu if isinstance(guest_cpu, tuple) else (guest_cpu, guest_cpu)
     ctx = mp.get_context("fork")
     a, b = ctx.Pipe()
     out = ctx.Queue()
-    ps = [ctx.Process(target=_side, args=("server", test, path, size, iters, batch, a, out, guest_cpu,
+    ps = [ctx.Process(target=_side, args=("server", test, path, size, iters, batch, a, out, server_cpu,
                                            connect_attrs)),
           ctx.Process(target=_side, args=("client", test, client_path or path, size, iters, batch, b, out,
-                                           guest_cpu, connect_attrs))]
+                                           client_cpu, connect_attrs))]
     for p in ps:
         p.start()
     results = {}

@@ -18,8 +18,15 @@ Both take a :class:`netlab.ns.TwoHosts` to run over (so a fabric benchmark
 passes the same lab it measures), or build one (MTU 9000, so 4 KiB
 datagrams are not fragmented). They return dicts.
 
+The vCPU state matters: on a VM an idle vCPU halts and takes tens of
+microseconds to wake, which the blocking sides pay on every round trip
+(about 35 us half round trip on this Firecracker VM, 4 us with the vCPUs kept
+busy). ``--spinners`` runs the measurements with a SCHED_IDLE spinner per CPU
+(:func:`bench.perftest.idle_spinners`), as :mod:`bench.fabric_bench` does for
+the floors it compares with.
+
     python -m bench.udp_baseline [lat|bw|both] [--size N] [--iters N]
-                                 [--seconds S] [--mtu M] [--json]
+                                 [--seconds S] [--mtu M] [--spinners] [--json]
 
 (needs root). The ``_echo``, ``_ping``, ``_sink`` and ``_blast``
 subcommands are the per-namespace sides.
@@ -29,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import socket
 import sys
 import time
@@ -156,15 +164,24 @@ def _result(proc, timeout: float) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _pin(proc, cpu: int | None) -> None:
+    if cpu is not None:
+        os.sched_setaffinity(proc.pid, {cpu})
+
+
 def latency(hosts: TwoHosts | None = None, *, size: int = 64, iters: int = 20000,
-            port: int = LAT_PORT, mtu: int = DEFAULT_MTU) -> dict:
-    """UDP ping-pong from A to B; perftest-style half round trip stats."""
+            port: int = LAT_PORT, mtu: int = DEFAULT_MTU,
+            cpus: tuple[int | None, int | None] = (None, None)) -> dict:
+    """UDP ping-pong from A to B; perftest-style half round trip stats.
+    ``cpus``: the CPUs to pin A's and B's side to (None: the scheduler's choice)."""
     from bench.perftest import _stats
     with _lab(hosts, mtu) as h:
         server = h.b.popen(_side_argv("_echo", h.ip_b, port, size))
         try:
+            _pin(server, cpus[1])
             server.expect("ready")
             client = h.a.popen(_side_argv("_ping", h.ip_a, h.ip_b, port, size, iters))
+            _pin(client, cpus[0])
             rtt = _result(client, 120)["rtt_ns"]
             echoed = _result(server, 10)["echoed"]
         finally:
@@ -176,13 +193,17 @@ def latency(hosts: TwoHosts | None = None, *, size: int = 64, iters: int = 20000
 
 
 def throughput(hosts: TwoHosts | None = None, *, size: int = 4096, seconds: float = 1.0,
-               port: int = BW_PORT, mtu: int = DEFAULT_MTU, idle: float = 0.5) -> dict:
-    """One-way UDP stream from A to B for ``seconds``; rates as received."""
+               port: int = BW_PORT, mtu: int = DEFAULT_MTU, idle: float = 0.5,
+               cpus: tuple[int | None, int | None] = (None, None)) -> dict:
+    """One-way UDP stream from A to B for ``seconds``; rates as received.
+    ``cpus``: the CPUs to pin A's and B's side to (None: the scheduler's choice)."""
     with _lab(hosts, mtu) as h:
         sink = h.b.popen(_side_argv("_sink", h.ip_b, port, size, idle))
         try:
+            _pin(sink, cpus[1])
             sink.expect("ready")
             blast = h.a.popen(_side_argv("_blast", h.ip_a, h.ip_b, port, size, seconds))
+            _pin(blast, cpus[0])
             tx = _result(blast, seconds + 60)
             rx = _result(sink, 60)
         finally:
@@ -198,14 +219,15 @@ def throughput(hosts: TwoHosts | None = None, *, size: int = 4096, seconds: floa
 # ------------------------------------------------------------------------ CLI
 def print_latency(r: dict) -> None:
     from bench.perftest import LAT_HEADER, _lat_row
-    print("# raw UDP ping-pong across veth (half round trip, like ib_send_lat)")
+    print(f"# raw UDP ping-pong across veth (half round trip, like ib_send_lat); "
+          f"{r.get('vcpu_state', 'idle vCPUs')}")
     print(LAT_HEADER)
     print(_lat_row(r))
     print(f"# round trip typical {r['rtt_typical']:.2f} usec")
 
 
 def print_throughput(r: dict) -> None:
-    print("# raw UDP one-way stream across veth")
+    print(f"# raw UDP one-way stream across veth; {r.get('vcpu_state', 'idle vCPUs')}")
     print("#bytes #sent      #received  MB/s       datagrams/s  rcvbuf_drops")
     print(f"{r['bytes']:<7}{r['sent']:<11}{r['received']:<11}{r['MB_per_s']:<11.1f}"
           f"{r['datagrams_per_s']:<13.0f}{r['rcvbuf_drops']}")
@@ -226,14 +248,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=20000, help="lat: round trips")
     p.add_argument("--seconds", type=float, default=1.0, help="bw: sending time")
     p.add_argument("--mtu", type=int, default=DEFAULT_MTU)
+    p.add_argument("--spinners", action="store_true",
+                   help="keep every vCPU busy with a SCHED_IDLE spinner while measuring")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     rows = []
-    with two_hosts(mtu=a.mtu) as h:
+    cpus = sorted(os.sched_getaffinity(0))
+    state = f"SCHED_IDLE spinners on cpus {cpus}" if a.spinners else "idle vCPUs"
+    if a.spinners:
+        from bench.perftest import idle_spinners
+        spin = idle_spinners(cpus)
+    else:
+        spin = contextlib.nullcontext()
+    with two_hosts(mtu=a.mtu) as h, spin:
         if a.test in ("lat", "both"):
             rows.append(latency(h, size=a.size or 64, iters=a.iters))
         if a.test in ("bw", "both"):
             rows.append(throughput(h, size=a.size or 4096, seconds=a.seconds))
+    for r in rows:
+        r["vcpu_state"] = state
     if a.json:
         print(json.dumps(rows, indent=2))
     else:

@@ -26,3 +26,9 @@ def test_cli_json(netns, capsys):
     assert udp_baseline.main(["both", "--iters", "200", "--seconds", "0.05", "--json"]) == 0
     lat, bw = json.loads(capsys.readouterr().out)
     assert (lat["test"], lat["bytes"], bw["test"], bw["bytes"]) == ("udp_lat", 64, "udp_bw", 4096)
+
+
+def test_cli_spinners_reports_the_vcpu_state(netns, capsys):
+    assert udp_baseline.main(["lat", "--iters", "200", "--spinners", "--json"]) == 0
+    (lat,) = json.loads(capsys.readouterr().out)
+    assert lat["echoed"] == 200 and lat["vcpu_state"].startswith("SCHED_IDLE spinners")

@@ -1,0 +1,39 @@
+"""bench.fabric_bench smoke test: two daemons in two namespaces, both
+benchmarks and their same-run floors, short runs. Structure and counts are
+checked, never timing (benchmarks report, tests do not time)."""
+import os
+import shutil
+
+import pytest
+
+from bench import fabric_bench
+
+pytestmark = pytest.mark.netns
+
+
+@pytest.fixture
+def root_and_iproute():
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    if shutil.which("ip") is None:
+        pytest.skip("iproute2 is not installed")
+
+
+def test_short_run_reports_ours_and_floors(root_and_iproute, capsys):
+    r = fabric_bench.run(["send_lat", "write_bw"], iters=200, bw_iters=160, batch=16)
+    lat, bw = r["send_lat"], r["write_bw"]
+    assert lat["ours"]["bytes"] == 64 and lat["ours"]["iterations"] > 0
+    assert 0 < lat["ours"]["t_min"] <= lat["ours"]["t_typical"]
+    for floor in (lat["udp_floor"], lat["udp_floor_idle_vcpus"]):
+        assert floor["echoed"] == 2000
+    assert lat["ratio_typical"] == pytest.approx(lat["ours"]["t_typical"] / lat["udp_floor"]["t_typical"])
+    assert bw["ours"]["bytes"] == 65536 and bw["ours"]["iterations"] == 160
+    assert bw["MB_per_s"] > 0 and bw["udp_floor"]["MB_per_s"] > 0
+    best = max(bw["udp_floor"]["MB_per_s"], bw["udp_floor_idle_vcpus"]["MB_per_s"])
+    assert bw["fraction_of_udp"] == pytest.approx(bw["MB_per_s"] / best)
+    assert "busy-polling" in r["vcpu_state"] and "SCHED_IDLE" in r["floor_vcpu_state"]
+
+
+def test_unknown_layout_is_refused():
+    with pytest.raises(ValueError, match="sideways"):
+        fabric_bench.run(["send_lat"], layout="sideways")
