@@ -203,7 +203,16 @@ class NetworkQp:
     def progress(self, now: float) -> None:
         """Post every send WQE the guest has rung for, pumping the engine
         after each: a WQE's packets leave while the next one is read, so the
-        peer works in parallel."""
+        peer works in parallel. Then hand the engine the receives the guest
+        posted meanwhile: its sends are on the wire, the reply is not here
+        yet, so this work is off the round trip (at the reply's arrival it
+        would be on it)."""
+        self._progress_sq(now)
+        qp = self.qp
+        if not self.closed and self.rq_posted != qp.rq_pi and qp.state in _RECV_STATES:
+            self._post_recvs(lenient=True)
+
+    def _progress_sq(self, now: float) -> None:
         qp, dev = self.qp, self.dev
         if qp.state is QpState.RTS:
             while qp.sq_next != qp.sq_pi:
@@ -275,13 +284,16 @@ class NetworkQp:
 
     # ---------------------------------------------------------- receive side
     def rq_rung(self, now: float) -> None:
-        """The guest posted receives. This engine posts them lazily, when a
-        packet arrives (``receive``), so nothing happens here."""
+        """The guest posted receives. This engine hands them over when a
+        packet arrives (``receive``) or after its next send pass
+        (``progress``), so nothing happens here."""
 
-    def _post_recvs(self) -> None:
+    def _post_recvs(self, *, lenient: bool = False) -> None:
         """Hand the engine every receive WQE the guest has posted since the
-        last call (SGEs are checked now: a bad one fails at this point, with
-        LOC_PROT_ERR on the receive CQ once its turn comes)."""
+        last call (SGEs are checked now: a bad one moves the QP to ERR).
+        ``lenient`` (posting ahead of need) stops at a bad WQE instead and
+        leaves it to the pass at the next arrival, so that a bad receive
+        fails when the QP needs it, as without posting ahead."""
         qp, dev = self.qp, self.dev
         while self.rq_posted != qp.rq_pi:
             idx = self.rq_posted
@@ -290,6 +302,8 @@ class NetworkQp:
                 wqe = decode_recv_wqe(slot, qp.layout.max_recv_sge)
                 views = datapath._local_views(dev, qp, wqe, Access.LOCAL_WRITE)
             except (GuestMemoryError, VirtioRdmaError) as e:
+                if lenient:
+                    return
                 log.debug("QP %#x: bad receive WQE %d: %s", qp.qpn, idx, e)
                 dev.metrics.bad_wqes += 1
                 datapath.qp_error(dev, qp, AsyncEvent.QP_FATAL)

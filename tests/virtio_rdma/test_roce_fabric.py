@@ -297,3 +297,28 @@ def test_local_key_and_length_errors_on_a_wire_qp():
                                                   (3, WcStatus.WR_FLUSH_ERR)]
     assert h.a.core.metrics.local_prot_errors == 1
     assert h.a.core.qps[h.qa.qpn].state is QpState.ERR
+
+
+def test_receives_posted_before_a_send_reach_the_engine_after_the_send():
+    """Receives posted with a send go to the engine once the send is on the
+    wire (off the round trip); a bad one is left for the arrival that needs
+    it, which fails it as before."""
+    h = Hosts()
+    h.connect()
+    la = h.a.reg_mr(h.pa, 4096)
+    nqp = h.fa.wire[h.qa.qpn]
+    h.a.post_recv(h.qa, 1, [(la, 0, 64)])
+    assert len(nqp.rc.responder.rq) == 0                 # nothing yet: the RQ doorbell alone
+    h.a.post_send(h.qa, 2, WrOpcode.SEND, [(la, 64, 8)])
+    assert len(nqp.rc.responder.rq) == 1 and h.wire.queue  # the send left, then the receive went in
+    h.a.post_recv(h.qa, 3, [(la.addr, 64, la.lkey ^ 0x100)])  # bad lkey
+    h.a.post_recv(h.qa, 4, [(la, 0, 64)])
+    h.a.post_send(h.qa, 5, WrOpcode.SEND, [(la, 64, 8)])
+    assert len(nqp.rc.responder.rq) == 1                 # stopped at the bad one, no error yet
+    assert h.a.core.qps[h.qa.qpn].state is QpState.RTS and h.a.core.metrics.bad_wqes == 0
+    rb = h.b.reg_mr(h.pb, 4096)
+    h.b.post_recv(h.qb, 6, [(rb, 0, 64)])
+    h.b.post_recv(h.qb, 7, [(rb, 0, 64)])
+    h.b.post_send(h.qb, 8, WrOpcode.SEND, [(rb, 0, 8)])  # a's arrival pass meets the bad WQE
+    h.run(lambda: h.a.core.metrics.bad_wqes)
+    assert h.a.core.metrics.bad_wqes == 1 and h.a.core.qps[h.qa.qpn].state is QpState.ERR
