@@ -1,25 +1,15 @@
 """bench.fabric_bench smoke test: two daemons in two namespaces, both
 benchmarks and their same-run floors, short runs. Structure and counts are
 checked, never timing (benchmarks report, tests do not time)."""
-import os
-import shutil
-
 import pytest
 
 from bench import fabric_bench
+from tests.netlab.conftest import netns  # noqa: F401  (skips without root; no namespace left)
 
 pytestmark = pytest.mark.netns
 
 
-@pytest.fixture
-def root_and_iproute():
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
-    if shutil.which("ip") is None:
-        pytest.skip("iproute2 is not installed")
-
-
-def test_short_run_reports_ours_and_floors(root_and_iproute, capsys):
+def test_short_run_reports_ours_and_floors(netns):
     r = fabric_bench.run(["send_lat", "write_bw"], iters=200, bw_iters=160, batch=16)
     lat, bw = r["send_lat"], r["write_bw"]
     assert lat["ours"]["bytes"] == 64 and lat["ours"]["iterations"] > 0
