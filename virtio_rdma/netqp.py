@@ -270,16 +270,8 @@ class NetworkQp:
         """A WQE failed its local checks: WQEs before it still in the engine
         are flushed, it completes with ``status`` and the QP enters ERR (as the
         message path does)."""
-        qp, dev = self.qp, self.dev
         self.on_error()
-        while qp.sq_ci != idx:
-            gpa = qp.sq_slot_gpa(qp.sq_ci)
-            datapath.complete_send(dev, qp, qp.sq_ci, datapath._slot_wr_id(dev, gpa),
-                                   datapath._slot_opcode(dev, gpa), WcStatus.WR_FLUSH_ERR)
-            dev.metrics.flushed_wrs += 1
-        datapath.complete_send(dev, qp, idx, wr_id, opcode, status)
-        qp.sq_next = qp.sq_ci
-        datapath.qp_error(dev, qp, None)
+        datapath.fail_wqe(self.dev, self.qp, idx, wr_id, opcode, status)
         return False
 
     # ---------------------------------------------------------- receive side
