@@ -22,6 +22,7 @@ from virtio_rdma import wire
 from virtio_rdma.constants import Cmd, CreateQpFlags, DoorbellKind, QpAttrMask as M, QpState, QpType, SendFlags, WcOpcode
 
 _U32 = 0xFFFFFFFF
+_INLINE, _SIGNALED = int(SendFlags.INLINE), int(SendFlags.SIGNALED)  # ints: enum flag arithmetic is slow
 
 
 @dataclass
@@ -171,7 +172,7 @@ class QP(VerbsObject):
         slot = self.sq_slot
         flags = int(wr.send_flags)
         sg = wr.sg if wr.num_sge is None else wr.sg[: wr.num_sge]
-        if flags & SendFlags.INLINE:
+        if flags & _INLINE:
             data = b"".join(bytes(self.ctx.view_of_uva(s.addr, s.length)) for s in sg)
             room = slot - wire.SEND_WQE_HEADER_SIZE
             if len(data) > room:
@@ -186,7 +187,7 @@ class QP(VerbsObject):
             wire.pack_send_wqe_header(buf, off, wr.wr_id, int(wr.opcode), flags, len(sg), wr.imm_data,
                                       wr.remote_addr, wr.rkey, 0, wr.compare_add, wr.swap)
             wire.pack_sges(buf, off + wire.SEND_WQE_HEADER_SIZE, [(s.addr, s.length, s.lkey) for s in sg])
-        return bool(flags & SendFlags.SIGNALED) or self.sq_sig_all
+        return bool(flags & _SIGNALED) or self.sq_sig_all
 
     def _sq_full(self, pi: int, n: int = 1) -> None:
         if (pi - self.sq_ci) & _U32 > self.sq_depth - n:

@@ -27,6 +27,12 @@ NUM_QUEUES = 3
 class _Parse:
     @classmethod
     def parse(cls, value):
+        # The enum's own value -> member map first: the lookup ``cls(value)``
+        # starts with, without its call overhead (WQE, CQE and doorbell
+        # decoding parse on every operation).
+        member = cls._value2member_map_.get(value)
+        if member is not None:
+            return member
         try:
             return cls(value)
         except ValueError:
@@ -40,6 +46,9 @@ class _IntEnum(_Parse, enum.IntEnum):
 class _IntFlag(_Parse, enum.IntFlag, boundary=enum.STRICT):
     @classmethod
     def parse(cls, value):
+        member = cls._value2member_map_.get(value)  # valid values only (STRICT never caches others)
+        if member is not None:
+            return member
         value = int(value)
         allowed = cls.all_bits()
         if value & ~allowed:

@@ -110,10 +110,7 @@ def complete_send(dev, qp: QueuePair, index: int, wr_id: int, opcode: WrOpcode |
     qp.sq_ci = (index + 1) & 0xFFFFFFFF
     if not force:
         return
-    try:
-        wc_op = _WC_OF_WR[WrOpcode(opcode)]
-    except ValueError:
-        wc_op = WcOpcode.SEND
+    wc_op = _WC_OF_WR.get(opcode, WcOpcode.SEND)  # ints and WrOpcodes hash alike
     dev.complete(qp.send_cq, Completion(wr_id, status, wc_op, qp.qpn, byte_len=byte_len))
 
 

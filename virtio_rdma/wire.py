@@ -380,6 +380,7 @@ _RECV_HDR = struct.Struct("<QHHI")
 _SGE = struct.Struct("<QII")
 assert _SEND_HDR.size == SEND_WQE_HEADER_SIZE and _RECV_HDR.size == RECV_WQE_HEADER_SIZE
 assert _SGE.size == SGE_SIZE
+_INLINE = int(SendFlags.INLINE)
 _ZERO16 = bytes(16)
 
 
@@ -542,10 +543,11 @@ def decode_send_wqe(slot: memoryview | bytes, max_sge: int | None = None) -> Sen
     if rsvd != _ZERO16:
         raise WireError(f"send WQE wr_id={wr_id:#x}: reserved bytes are not zero")
     opcode = WrOpcode.parse(opcode)
+    inline = flags & _INLINE          # on the raw int: flag arithmetic is slow on enums
     flags = SendFlags.parse(flags)
     room = len(slot) - SEND_WQE_HEADER_SIZE
     wqe = SendWqe(wr_id, opcode, flags, imm, raddr, rkey, cmp_add, swap, [], None)
-    if flags & SendFlags.INLINE:
+    if inline:
         if num_sge != 0:
             raise WireError(f"send WQE wr_id={wr_id:#x}: INLINE with num_sge {num_sge}")
         if inline_len > room:

@@ -266,3 +266,17 @@ def test_enum_parse_unknown_values():
     # ibverbs numbering
     assert WcStatus.RNR_RETRY_EXC_ERR == 13 and WcStatus.REM_INV_REQ_ERR == 9
     assert QpState.ERR == 6 and WrOpcode.ATOMIC_FETCH_AND_ADD == 6 and WcOpcode.RECV_RDMA_WITH_IMM == 129
+
+
+@pytest.mark.parametrize("cls", [WrOpcode, SendFlags, WcStatus])
+def test_parse_accepts_exactly_the_valid_values_before_and_after_they_are_cached(cls):
+    """parse looks the enum's member map up first; what it accepts and
+    refuses must not depend on whether a value was seen before."""
+    valid = sorted({int(m) for m in cls} | ({int(SendFlags.INLINE | SendFlags.SIGNALED)}
+                                            if cls is SendFlags else set()))
+    for _ in range(2):                     # the second round hits the cache
+        for v in valid:
+            assert cls.parse(v) == v and type(cls.parse(v)) is cls
+        for bad in (max(valid) + 1 << 4, -1):
+            with pytest.raises(UnknownValueError, match=cls.__name__):
+                cls.parse(bad)
