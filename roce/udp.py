@@ -125,7 +125,7 @@ class RoceUdpEndpoint:
         self.on_packet = on_packet
         self.on_batch_end: Callable[[], None] | None = None
         #: ``fast(ring, i, n, envelopes) -> j`` takes slots ``i .. j-1`` itself
-        #: (e.g. :class:`roce.rc._fastrx.WriteFastPath`); the rest are decoded
+        #: (e.g. :class:`roce.rc._fastrx.RequestFastPath`); the rest are decoded
         self.fast = None
         self.metrics = UdpMetrics()
         self.local: tuple[str, int] = sock.getsockname()[:2]

@@ -209,11 +209,11 @@ class RoceFabricService:
         self.endpoint = await open_endpoint(self.fabric.address, self._on_packet, self.port)
         self.endpoint.on_batch_end = self._on_batch_end
         try:
-            from roce.rc._fastrx import WriteFastPath
+            from roce.rc._fastrx import RequestFastPath
         except ImportError:  # pragma: no cover - extension not built: every packet decoded
             pass
         else:
-            self.endpoint.fast = WriteFastPath(self.fabric.wire, self.fabric.fast_received)
+            self.endpoint.fast = RequestFastPath(self.fabric.wire, self.fabric.fast_received)
         port = self.port
 
         def wire_sink(packets, peer, _transmit=self.endpoint.transmit):

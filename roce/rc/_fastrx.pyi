@@ -6,7 +6,7 @@ from roce._udpio import RxRing
 
 STOP_REASONS: tuple[str, ...]
 
-class WriteFastPath:
+class RequestFastPath:
     taken: int
     stop: int
     def __init__(self, targets: dict[int, Any], done: Callable[[Any, int], object]) -> None: ...

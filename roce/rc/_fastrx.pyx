@@ -1,9 +1,14 @@
 # cython: language_level=3
 """Native fast path of the RC responder (:mod:`roce.rc.responder`) for the
-bulk of an RDMA WRITE: in-sequence WRITE MIDDLE and WRITE LAST packets go
-from the receive ring (:class:`roce._udpio.RxRing`) straight into the
-target memory of the WRITE in progress (IBTA 9.7.4: the responder of a
-message already validated by its FIRST packet).
+common requests:
+
+* the bulk of an RDMA WRITE: in-sequence WRITE MIDDLE and WRITE LAST packets
+  go from the receive ring (:class:`roce._udpio.RxRing`) straight into the
+  target memory of the WRITE in progress (IBTA 9.7.4: the responder of a
+  message already validated by its FIRST packet);
+* a one-packet SEND (SEND ONLY, with or without immediate data), the
+  request-reply message: its payload goes into the next receive WQE, whose
+  completion and ACK are queued as ``Responder._do_send`` queues them.
 
 Rule (as in :mod:`virtio_rdma._datapath`): every check the Python engine
 makes is made *before* anything changes; a datagram that is not the plain
@@ -11,7 +16,9 @@ case (any other opcode, a malformed packet or an ICRC that needs the IPv4 ID
 solved, an unknown QPN or a stranger's address, a PSN other than the
 expected one, a length that is not exactly what the message still needs, a
 QP not in RTR/RTS/SQD or without REMOTE_WRITE, a WRITE target that is not
-one contiguous buffer, ...) ends the run untouched, and the Python engine
+one contiguous buffer, a SEND with no receive posted or too long for it, a
+message in progress, receives the guest posted that the engine has not
+taken yet, ...) ends the run untouched, and the Python engine
 takes it with the same state. So both paths give the same memory, PSNs,
 MSN, ACKs and counters; tests/roce/test_native.py runs packet streams
 through both and compares.
@@ -30,7 +37,7 @@ from cpython.ref cimport PyObject
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
-from roce._codec cimport Envelope, PARSE_OK, Parsed, parse_verify
+from roce._codec cimport Envelope, PARSE_OK, Parsed, opdesc, parse_verify
 from roce._udpio cimport RxRing, SLOT
 
 import builtins
@@ -38,10 +45,16 @@ import builtins
 from roce.opcodes import Kind, Opcode
 from roce.rc.qp import QpState
 from roce.rc.responder import _WriteCtx
-from roce.rc.verbs import Access
+from roce.rc.verbs import Access, Completion, WcOpcode, WcStatus
 
 cdef int _WRITE_MIDDLE = Opcode.RC_RDMA_WRITE_MIDDLE
 cdef int _WRITE_LAST = Opcode.RC_RDMA_WRITE_LAST
+cdef int _SEND_ONLY = Opcode.RC_SEND_ONLY
+cdef int _SEND_ONLY_IMM = Opcode.RC_SEND_ONLY_WITH_IMMEDIATE
+cdef object _COMPLETION = Completion
+cdef object _WC_SUCCESS = WcStatus.SUCCESS, _WC_RECV = WcOpcode.RECV
+cdef enum:
+    MAX_SEND_VIEWS = 8          # receive SGEs a fast SEND scatters into
 cdef object _RTR = QpState.RTR, _RTS = QpState.RTS, _SQD = QpState.SQD
 cdef object _KIND_WRITE = Kind.WRITE
 cdef object _WRITE_CTX = _WriteCtx
@@ -49,22 +62,30 @@ cdef object _MEMORYVIEW = builtins.memoryview   # not Cython's own memoryview ty
 cdef long _REMOTE_WRITE = Access.REMOTE_WRITE
 
 
-#: ``WriteFastPath.stop`` values
-STOP_REASONS = ("end of batch", "new peer", "not a valid packet for ID 0", "not WRITE MIDDLE/LAST",
-                "QP not eligible", "P_Key", "PSN", "length")
+#: ``RequestFastPath.stop`` values
+STOP_REASONS = ("end of batch", "new peer", "not a valid packet for ID 0",
+                "not WRITE MIDDLE/LAST or SEND ONLY", "QP not eligible", "P_Key", "PSN", "length",
+                "SEND not the plain case")
 
 
 cdef inline uint32_t _be24(const uint8_t *p) noexcept nogil:
     return (<uint32_t>p[0] << 16) | (<uint32_t>p[1] << 8) | p[2]
 
 
-cdef class WriteFastPath:
+cdef inline uint32_t _be32(const uint8_t *p) noexcept nogil:
+    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
+
+
+cdef class RequestFastPath:
     """``fast(ring, i, n, envelopes) -> j``: take the ring's slots ``i ..
-    j - 1`` (all fast-path WRITE packets), stop at the first slot the Python
+    j - 1`` (all fast-path packets), stop at the first slot the Python
     engine must see. ``targets`` maps a QPN to an object with ``rc`` (its
-    :class:`~roce.rc.qp.RcQp`) and ``peer`` (the only source address
-    accepted); ``envelopes`` maps a ring peer key to the
-    :class:`~roce._codec.Envelope` of that peer."""
+    :class:`~roce.rc.qp.RcQp`), ``peer`` (the only source address
+    accepted), and ``rq_posted`` and ``qp.rq_pi`` (the receive ring index up
+    to which the engine has the guest's receives, and the ring's producer
+    index: a SEND is taken only when they are equal, as the Python path
+    would hand the engine the rest first); ``envelopes`` maps a ring peer
+    key to the :class:`~roce._codec.Envelope` of that peer."""
 
     cdef dict targets
     cdef object done
@@ -159,6 +180,75 @@ cdef class WriteFastPath:
             self.done(t, self.packets)
         return 0
 
+    cdef bint _send_only(self, const uint8_t *p, Parsed *ps, Envelope env) except -1:
+        """Take one SEND ONLY (with immediate) packet if it is the plain case:
+        the checks of ``RcQp.receive`` and ``Responder.on_request`` in their
+        order, all before anything changes; False leaves it to Python."""
+        cdef Py_buffer bufs[MAX_SEND_VIEWS]
+        cdef int nb = 0, k
+        cdef Py_ssize_t have = 0, take
+        cdef uint32_t qpn = _be24(p + 5), psn = _be24(p + 9), plen = ps.payload_len
+        cdef const uint8_t *src = p + ps.hdr_len
+        cdef PyObject *o = PyDict_GetItem(self.targets, qpn)
+        if o == NULL:
+            return False
+        t = <object>o
+        if t.peer != env.src or t.rq_posted != t.qp.rq_pi:
+            return False
+        rc = t.rc
+        st = rc.state
+        if st is not _RTS and st is not _RTR and st is not _SQD:
+            return False
+        cfg = rc.cfg
+        if cfg.qp_num != qpn or ((p[2] << 8 | p[3]) & 0x7FFF) != (cfg.pkey & 0x7FFF):
+            return False
+        resp = rc.responder
+        if resp.dead or resp.cur_kind is not None or resp.psn != psn:
+            return False
+        rq = resp.rq
+        if not rq or plen > cfg.path_mtu:
+            return False                # RNR NAK / invalid request: the engine's
+        wr_id, sgl = rq[0]
+        if plen > sgl.total:
+            return False                # LOC_LEN_ERR and a NAK: the engine's
+        views = sgl.views
+        try:
+            while have < plen:
+                if nb == MAX_SEND_VIEWS or nb >= len(views):
+                    return False
+                PyObject_GetBuffer(views[nb], &bufs[nb], PyBUF_WRITABLE)
+                nb += 1
+                have += bufs[nb - 1].len
+        except (BufferError, TypeError):
+            return False
+        finally:
+            if have < plen:             # not every buffer taken: give them back
+                for k in range(nb):
+                    PyBuffer_Release(&bufs[k])
+        # commit: as Responder._do_send does for a message's only packet
+        have = 0
+        for k in range(nb):
+            take = min(<Py_ssize_t>plen - have, bufs[k].len)
+            memcpy(bufs[k].buf, src + have, take)
+            have += take
+            PyBuffer_Release(&bufs[k])
+        rq.popleft()
+        imm = None
+        if ps.opcode == _SEND_ONLY_IMM:
+            imm = _be32(p + opdesc(ps.opcode).immdt)
+        resp.nak_sent = False
+        resp.msn = (resp.msn + 1) & 0xFFFFFF
+        resp.completions.append(_COMPLETION(wr_id, _WC_SUCCESS, _WC_RECV, cfg.qp_num, plen, imm,
+                                            None, cfg.dest_qp_num))
+        resp.psn = (psn + 1) & 0xFFFFFF
+        if p[8] & 0x80:
+            resp._ack(psn)
+        rc.metrics.rx_packets += 1
+        rc._collect()
+        self.taken += 1
+        self.done(t, 1)
+        return True
+
     def __call__(self, RxRing rx, int i, int n, dict envs) -> int:
         cdef const uint8_t *p
         cdef PyObject *eo
@@ -181,6 +271,13 @@ cdef class WriteFastPath:
                 if parse_verify(p, rx.msgs[i].msg_len, env, &ps) != PARSE_OK:
                     self.stop = 2
                     break
+                if ps.opcode == _SEND_ONLY or ps.opcode == _SEND_ONLY_IMM:
+                    self._end()         # a WRITE run of this QP writes its state back first
+                    if not self._send_only(p, &ps, env):
+                        self.stop = 8
+                        break
+                    i += 1
+                    continue
                 if ps.opcode != _WRITE_MIDDLE and ps.opcode != _WRITE_LAST:
                     self.stop = 3
                     break

@@ -9,10 +9,11 @@
 * roce._udpio: TxRing/RxRing over real loopback sockets carry the reference's
   bytes, for single packets and for PacketRuns (scattered SG lists, a ring
   too small for a run);
-* roce.rc._fastrx.WriteFastPath: the same datagram streams (in order, with
-  gaps, duplicates, bad lengths and P_Keys, other QPs, strangers) through the
-  fast path + engine and through the engine alone leave the same memory,
-  responder state, counters and ACKs.
+* roce.rc._fastrx.RequestFastPath: the same datagram streams of WRITEs and of
+  SENDs (in order, with gaps, duplicates, bad lengths and P_Keys, other QPs,
+  strangers, receives that run short, are too small or wait unposted)
+  through the fast path + engine and through the engine alone leave the same
+  memory, completions, responder state, counters and ACKs.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from roce.icrc import IpContext, compute_icrc, compute_icrc_reference
 from roce.opcodes import OPCODE_TABLE, Ext, Opcode, opinfo
 from roce.packet import PacketRun, RocePacket, decode, expand
 from roce.rc import Access, MemoryTable, QpState, RcQp, SendWR, WrOpcode
-from roce.rc._fastrx import STOP_REASONS, WriteFastPath
+from roce.rc._fastrx import STOP_REASONS, RequestFastPath
 from roce.rc.sgl import SgList
 from roce.udp import RoceUdpEndpoint, make_socket
 
@@ -427,7 +428,7 @@ def test_fast_path_is_the_engine(socks, seed):
         ip, port = ring.peer(i)
         envs.setdefault(ring.peer_key(i), _codec.Envelope(ip, B, port, rx.getsockname()[1]))
     taken = []
-    fast = WriteFastPath({0x44: ta}, lambda t, k: taken.append(k))
+    fast = RequestFastPath({0x44: ta}, lambda t, k: taken.append(k))
     _feed(ring, n, envs, {0x44: ta}, fast)
     _feed(ring, n, envs, {0x44: tb}, None)
     assert ta.state() == tb.state()
@@ -450,10 +451,153 @@ def test_fast_path_takes_the_bulk(socks):
     n = len(_recv_all(rx, ring, 64))
     ip, port = ring.peer(0)
     envs = {ring.peer_key(0): _codec.Envelope(ip, B, port, rx.getsockname()[1])}
-    fast = WriteFastPath({0x44: t}, lambda tg, k: None)
+    fast = RequestFastPath({0x44: t}, lambda tg, k: None)
     _feed(ring, n, envs, {0x44: t}, fast)
     assert fast.taken == 63 and bytes(t.buf) == data
     acks = t.rc.transmit(0.0)
     assert [(p.bth.opcode, p.bth.psn) for p in acks] == [(Opcode.RC_ACKNOWLEDGE,
                                                           (0xFFFFFA + 63) & 0xFFFFFF)]
     assert t.rc.responder.msn == 1 and t.rc.metrics.rx_packets == 64
+
+
+# ------------------------------------------------------- SEND fast path
+class _Ring:
+    """The guest ring index the fast path compares with (``qp.rq_pi``)."""
+
+    def __init__(self, rq_pi: int):
+        self.rq_pi = rq_pi
+
+
+class _SendTarget(_Target):
+    """A _Target that also receives SENDs: receives of varied SG lists over
+    its own buffer. ``rq_posted``/``qp.rq_pi`` as NetworkQp has them: equal
+    unless the guest posted receives the engine has not been given."""
+
+    def __init__(self, peer: str, mtu: int, rng: random.Random, receives: int, unposted: bool):
+        super().__init__(peer, mtu, 8192)
+        self.rbuf = bytearray(receives * 2 * mtu)
+        view = memoryview(self.rbuf)
+        for w in range(receives):
+            base = w * 2 * mtu
+            size = rng.choice([mtu, mtu // 2, 3, 0]) if rng.random() < 0.2 else mtu + 7
+            cuts = sorted(rng.sample(range(1, size), min(2, size - 1))) if size > 2 and \
+                rng.random() < 0.4 else []
+            edges = [0, *cuts, size]
+            self.rc.post_recv(w, [view[base + a:base + b] for a, b in zip(edges, edges[1:])])
+        self.rq_posted = receives
+        self.qp = _Ring(receives + 1 if unposted else receives)
+
+    def state(self):
+        return (*super().state(), bytes(self.rbuf), len(self.rc.responder.rq),
+                [(c.wr_id, c.status, c.opcode, c.byte_len, c.imm_data, c.src_qp)
+                 for c in self.rc.poll_recv_cq()])
+
+
+def _send_stream(seed: int, mtu: int, target: _Target):
+    """Datagrams of SENDs (mostly one packet, with and without immediate data,
+    a few longer) and a WRITE, with the impairments of _stream."""
+    rng = random.Random(seed)
+    out, psn = [], 0xFFFFFA
+    for _ in range(8):
+        if rng.random() < 0.15:                                 # a WRITE between the SENDs
+            length = rng.randrange(1, mtu + 1)
+            out.append(RocePacket(Bth(opcode=0x0A, dest_qp=0x44, psn=psn, ackreq=True),
+                                  reth=Reth(target.va, target.rkey, length),
+                                  payload=rng.randbytes(length)))
+            psn = (psn + 1) & 0xFFFFFF
+            continue
+        n = 1 if rng.random() < 0.8 else rng.randrange(2, 4)
+        length = rng.randrange(0, mtu + 1) if n == 1 else (n - 1) * mtu + rng.randrange(1, mtu + 1)
+        data, imm = rng.randbytes(length), rng.random() < 0.4
+        for i in range(n):
+            last = i == n - 1
+            op = ((0x05 if imm else 0x04) if n == 1 else 0x00 if i == 0
+                  else (0x03 if imm else 0x02) if last else 0x01)
+            p = RocePacket(Bth(opcode=op, dest_qp=0x44, psn=(psn + i) & 0xFFFFFF,
+                               ackreq=last or rng.random() < 0.2, se=rng.random() < 0.1),
+                           payload=data[i * mtu:(i + 1) * mtu])
+            if last and imm:
+                p.immdt = ImmDt(rng.getrandbits(32))
+            out.append(p)
+        psn = (psn + n) & 0xFFFFFF
+    if rng.random() < 0.3 and len(out) > 3:
+        k = rng.randrange(1, len(out))
+        out.insert(k, out[k - 1])                               # duplicate
+    if rng.random() < 0.3 and len(out) > 3:
+        k = rng.randrange(1, len(out) - 1)
+        out[k], out[k + 1] = out[k + 1], out[k]                 # reorder
+    if rng.random() < 0.2 and len(out) > 3:
+        del out[rng.randrange(1, len(out))]                     # loss
+    if rng.random() < 0.2:
+        k = rng.randrange(len(out))
+        q = out[k]
+        out[k] = RocePacket(Bth(opcode=q.bth.opcode, dest_qp=0x44, psn=q.bth.psn, pkey=0x1234),
+                            reth=q.reth, immdt=q.immdt, payload=q.payload)
+    if rng.random() < 0.2:
+        k = rng.randrange(len(out))
+        q = out[k]
+        out[k] = RocePacket(Bth(opcode=q.bth.opcode, dest_qp=0x45, psn=q.bth.psn),
+                            reth=q.reth, immdt=q.immdt, payload=q.payload)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_send_fast_path_is_the_engine(socks, seed):
+    """SEND streams through the fast path + engine and through the engine
+    alone: the same receive buffers and WRITE target, completions (status,
+    length, immediate data), responder state, counters and ACKs. Receives
+    run short (RNR), are sometimes too small (LOC_LEN_ERR) or scattered over
+    several SGEs, and sometimes wait unposted (the fast path must not run)."""
+    tx, rx = socks
+    mtu = 256
+    rng_a, rng_b = random.Random(seed), random.Random(seed)
+    receives, unposted = 3 + seed % 7, seed % 9 == 4
+    ta = _SendTarget(A, mtu, rng_a, receives, unposted)        # fast path
+    tb = _SendTarget(A, mtu, rng_b, receives, unposted)        # engine alone
+    pkts = _send_stream(seed, mtu, ta)
+    for p in pkts:
+        tx.sendto(p.encode(_ctx(tx, rx)), rx.getsockname())
+    ring = RxRing(64)
+    n = len(_recv_all(rx, ring, len(pkts)))
+    ip, port = ring.peer(0)
+    envs = {ring.peer_key(0): _codec.Envelope(ip, B, port, rx.getsockname()[1])}
+    taken = []
+    fast = RequestFastPath({0x44: ta}, lambda t, k: taken.append(k))
+    _feed(ring, n, envs, {0x44: ta}, fast)
+    _feed(ring, n, envs, {0x44: tb}, None)
+    assert ta.state() == tb.state()
+    assert sum(taken) == fast.taken
+    if unposted:
+        assert fast.taken == 0
+
+
+def test_send_fast_path_takes_request_reply_traffic(socks):
+    """Plain one-packet SENDs, with and without immediate data, are all taken
+    natively; the completions and the coalesced ACK are the engine's."""
+    tx, rx = socks
+    t = _SendTarget(A, 1024, random.Random(0), 0, False)
+    buf = memoryview(bytearray(64 * 16))
+    for w in range(16):
+        t.rc.post_recv(100 + w, [buf[w * 64:w * 64 + 40], buf[w * 64 + 40:(w + 1) * 64]])
+    t.rq_posted = t.qp.rq_pi = 16
+    msgs = [os.urandom(1 + i * 4) for i in range(16)]
+    for i, m in enumerate(msgs):
+        p = RocePacket(Bth(opcode=0x05 if i % 2 else 0x04, dest_qp=0x44,
+                           psn=(0xFFFFFA + i) & 0xFFFFFF, ackreq=True), payload=m)
+        if i % 2:
+            p.immdt = ImmDt(0x01020304 + i)
+        tx.sendto(p.encode(_ctx(tx, rx)), rx.getsockname())
+    ring = RxRing(64)
+    n = len(_recv_all(rx, ring, 16))
+    ip, port = ring.peer(0)
+    envs = {ring.peer_key(0): _codec.Envelope(ip, B, port, rx.getsockname()[1])}
+    fast = RequestFastPath({0x44: t}, lambda tg, k: None)
+    _feed(ring, n, envs, {0x44: t}, fast)
+    assert fast.taken == 16 and STOP_REASONS[fast.stop] == "end of batch"
+    cs = t.rc.poll_recv_cq()
+    assert [(c.wr_id, c.byte_len, c.imm_data) for c in cs] == \
+        [(100 + i, len(m), 0x01020304 + i if i % 2 else None) for i, m in enumerate(msgs)]
+    assert all(bytes(buf[i * 64:i * 64 + len(m)]) == m for i, m in enumerate(msgs))
+    assert [(p.bth.opcode, p.bth.psn, p.aeth.msn) for p in t.rc.transmit(0.0)] == \
+        [(Opcode.RC_ACKNOWLEDGE, (0xFFFFFA + 15) & 0xFFFFFF, 16)]
+    assert t.rc.responder.msn == 16 and t.rc.metrics.rx_packets == 16
