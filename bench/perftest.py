@@ -34,7 +34,7 @@ import numpy as np
 from guest_lib import SGE, QPCap, RecvWR, SendWR
 from guest_lib.endpoint import RcEndpoint
 from vhost_user.testing import DaemonProcess
-from virtio_rdma.constants import SendFlags, WrOpcode
+from virtio_rdma.constants import SendFlags, WcOpcode, WrOpcode
 LAT_HEADER = ("#bytes #iterations t_min[usec] t_max[usec] t_typical[usec] t_avg[usec] t_stdev[usec] "
               "99% percentile[usec] 99.9% percentile[usec]")
 BW_HEADER = "#bytes #iterations BW peak[MiB/sec] BW average[MiB/sec] MsgRate[Mpps]"
@@ -101,34 +101,70 @@ def _side(role: str, test: str, path: str, size: int, iters: int, batch: int, co
         out.put((role, {"error": f"{type(e).__name__}: {e}"}))
 
 
+#: perftest's DEF_CQ_MOD: ib_send_lat signals one send in CQ_MOD (and the last)
+#: and polls the send CQ only then
+CQ_MOD = 100
+
+
+class _LatSide:
+    """One side of ib_send_lat's loop (perftest's run_iter_lat_send): the
+    same WRs posted every time, receives reposted as they complete, a send
+    signaled (and waited for) every CQ_MOD sends."""
+
+    def __init__(self, g, size: int):
+        self.g = g
+        sge = SGE(g.mr.buf, size, g.mr.lkey)
+        inline = SendFlags.INLINE if size <= 64 else 0
+        self.rwr = RecvWR(wr_id=0, sg=[sge])
+        self.wr = SendWR(wr_id=0, opcode=WrOpcode.SEND, sg=[sge], send_flags=inline)
+        self.wr_signaled = SendWR(wr_id=1, opcode=WrOpcode.SEND, sg=[sge],
+                                  send_flags=inline | SendFlags.SIGNALED)
+        self.seen = {True: 0, False: 0}   # completions polled ahead: recv?, send?
+        self.scnt = 0
+        g.qp.post_recv([self.rwr] * 64)
+
+    def _wait(self, recv: bool) -> None:
+        seen = self.seen
+        while not seen[recv]:
+            wc = _poll_one(self.g)       # one CQ for both: the other kind is counted for later
+            seen[bool(wc.opcode & WcOpcode.RECV)] += 1
+        seen[recv] -= 1
+
+    def receive(self) -> None:
+        self._wait(True)
+        self.g.qp.post_recv(self.rwr)
+
+    def send(self, iters: int) -> None:
+        self.scnt += 1
+        signaled = self.scnt % CQ_MOD == 0 or self.scnt == iters
+        self.g.qp.post_send(self.wr_signaled if signaled else self.wr)
+        if signaled:
+            self._wait(False)
+
+
 def _send_lat_server(g, peer, size, iters, batch, conn):
-    sge = SGE(g.mr.buf, size, g.mr.lkey)
-    g.qp.post_recv([RecvWR(wr_id=i, sg=[sge]) for i in range(64)])
+    side = _LatSide(g, size)
     conn.send("ready")
-    flags = SendFlags.SIGNALED | (SendFlags.INLINE if size <= 64 else 0)
-    for i in range(iters):
-        _poll_one(g)  # the client's message
-        g.qp.post_recv(RecvWR(wr_id=i, sg=[sge]))
-        g.qp.post_send(SendWR(wr_id=i, opcode=WrOpcode.SEND, sg=[sge], send_flags=flags))
-        _poll_one(g)  # our send
+    for _ in range(iters):
+        side.receive()  # the client's message
+        side.send(iters)
     return None
 
 
 def _send_lat_client(g, peer, size, iters, batch, conn):
-    sge = SGE(g.mr.buf, size, g.mr.lkey)
-    g.qp.post_recv([RecvWR(wr_id=i, sg=[sge]) for i in range(64)])
+    side = _LatSide(g, size)
     conn.recv()
-    flags = SendFlags.SIGNALED | (SendFlags.INLINE if size <= 64 else 0)
     clock = time.perf_counter_ns
-    samples = []
+    posted = []
     for i in range(iters):
-        t0 = clock()
-        g.qp.post_send(SendWR(wr_id=i, opcode=WrOpcode.SEND, sg=[sge], send_flags=flags))
-        # our send completion and the server's reply, in either order
-        _poll_one(g)
-        _poll_one(g)
-        samples.append((clock() - t0) // 2)  # half round trip, as ib_send_lat reports
-        g.qp.post_recv(RecvWR(wr_id=i, sg=[sge]))
+        if i:
+            side.receive()  # the server's reply to the previous send
+        posted.append(clock())
+        side.send(iters)
+    side.receive()
+    posted.append(clock())
+    # ib_send_lat: consecutive post times, halved (a round trip covers two sends)
+    samples = [(b - a) // 2 for a, b in zip(posted, posted[1:])]
     return _stats(samples[iters // 10:], size)
 
 
