@@ -111,19 +111,28 @@ cdef class RequestFastPath:
         if self.have_view:
             PyBuffer_Release(&self.view)
 
-    cdef bint _begin(self, uint32_t qpn, Envelope env) except -1:
+    cdef object _target(self, uint32_t qpn, Envelope env):
+        """The target of ``qpn`` if ``env``'s sender is its peer and its QP
+        takes requests (RTR, RTS, SQD), else None (RcQp.receive's checks)."""
         cdef PyObject *o = PyDict_GetItem(self.targets, qpn)
         if o == NULL:
-            return False
+            return None
         t = <object>o
         if t.peer != env.src:
-            return False
+            return None
         rc = t.rc
         st = rc.state
-        if st is not _RTS and st is not _RTR and st is not _SQD:
+        if (st is not _RTS and st is not _RTR and st is not _SQD) or rc.cfg.qp_num != qpn:
+            return None
+        return t
+
+    cdef bint _begin(self, uint32_t qpn, Envelope env) except -1:
+        t = self._target(qpn, env)
+        if t is None:
             return False
+        rc = t.rc
         cfg = rc.cfg
-        if cfg.qp_num != qpn or not (int(cfg.access) & _REMOTE_WRITE):
+        if not (int(cfg.access) & _REMOTE_WRITE):
             return False
         resp = rc.responder
         if resp.dead or resp.cur_kind is not _KIND_WRITE:
@@ -189,18 +198,12 @@ cdef class RequestFastPath:
         cdef Py_ssize_t have = 0, take
         cdef uint32_t qpn = _be24(p + 5), psn = _be24(p + 9), plen = ps.payload_len
         cdef const uint8_t *src = p + ps.hdr_len
-        cdef PyObject *o = PyDict_GetItem(self.targets, qpn)
-        if o == NULL:
-            return False
-        t = <object>o
-        if t.peer != env.src or t.rq_posted != t.qp.rq_pi:
+        t = self._target(qpn, env)
+        if t is None or t.rq_posted != t.qp.rq_pi:
             return False
         rc = t.rc
-        st = rc.state
-        if st is not _RTS and st is not _RTR and st is not _SQD:
-            return False
         cfg = rc.cfg
-        if cfg.qp_num != qpn or ((p[2] << 8 | p[3]) & 0x7FFF) != (cfg.pkey & 0x7FFF):
+        if ((p[2] << 8 | p[3]) & 0x7FFF) != (cfg.pkey & 0x7FFF):
             return False
         resp = rc.responder
         if resp.dead or resp.cur_kind is not None or resp.psn != psn:

@@ -36,7 +36,7 @@ from roce.headers import Aeth, AtomicAckEth, AtomicEth, Bth, Deth, Ieth, ImmDt, 
 from roce.icrc import IpContext, compute_icrc, compute_icrc_reference
 from roce.opcodes import OPCODE_TABLE, Ext, Opcode, opinfo
 from roce.packet import PacketRun, RocePacket, decode, expand
-from roce.rc import Access, MemoryTable, QpState, RcQp, SendWR, WrOpcode
+from roce.rc import Access, MemoryTable, QpState, RcQp
 from roce.rc._fastrx import STOP_REASONS, RequestFastPath
 from roce.rc.sgl import SgList
 from roce.udp import RoceUdpEndpoint, make_socket
@@ -367,7 +367,16 @@ def _stream(seed: int, mtu: int, target: _Target):
                 p.reth = Reth(va, target.rkey, length)
             out.append(p)
         psn = (psn + n) & 0xFFFFFF
-    # impairments, each with some probability
+    return _impair(rng, out)
+
+
+def _impair(rng: random.Random, out: list) -> list:
+    """Impairments of a packet stream, each with some probability: a
+    duplicate, a swap, a loss, a wrong P_Key, a payload a byte short, a
+    packet for another QP."""
+    def redo(q, bth=None, payload=None):
+        return RocePacket(bth or q.bth, reth=q.reth, immdt=q.immdt,
+                          payload=q.payload if payload is None else payload)
     if rng.random() < 0.3 and len(out) > 3:
         k = rng.randrange(1, len(out))
         out.insert(k, out[k - 1])                               # duplicate
@@ -378,15 +387,15 @@ def _stream(seed: int, mtu: int, target: _Target):
         del out[rng.randrange(1, len(out))]                     # loss
     if rng.random() < 0.2:
         k = rng.randrange(len(out))
-        out[k] = RocePacket(Bth(opcode=out[k].bth.opcode, dest_qp=0x44, psn=out[k].bth.psn,
-                                pkey=0x1234), reth=out[k].reth, payload=out[k].payload)
+        b = out[k].bth
+        out[k] = redo(out[k], Bth(opcode=b.opcode, dest_qp=0x44, psn=b.psn, pkey=0x1234))
     if rng.random() < 0.2:
         k = rng.randrange(len(out))
-        out[k] = RocePacket(out[k].bth, reth=out[k].reth, payload=bytes(out[k].payload)[:-1])
+        out[k] = redo(out[k], payload=bytes(out[k].payload)[:-1])
     if rng.random() < 0.2:
         k = rng.randrange(len(out))
-        out[k] = RocePacket(Bth(opcode=out[k].bth.opcode, dest_qp=0x45, psn=out[k].bth.psn),
-                            reth=out[k].reth, payload=out[k].payload)
+        b = out[k].bth
+        out[k] = redo(out[k], Bth(opcode=b.opcode, dest_qp=0x45, psn=b.psn))
     return out
 
 
@@ -405,6 +414,30 @@ def _feed(ring, n, envs, targets, fast):
         t = targets.get(pkt.bth.dest_qp)
         if t is not None and t.peer == env.src:
             t.rc.receive(pkt, 0.0)
+
+
+def _through_socket(socks, pkts):
+    """Send ``pkts`` from the one peer and receive them into a ring: (ring,
+    datagrams received, envelopes)."""
+    tx, rx = socks
+    for p in pkts:
+        tx.sendto(p.encode(_ctx(tx, rx)), rx.getsockname())
+    ring = RxRing(64)
+    n = len(_recv_all(rx, ring, len(pkts)))
+    ip, port = ring.peer(0)
+    return ring, n, {ring.peer_key(0): _codec.Envelope(ip, B, port, rx.getsockname()[1])}
+
+
+def _fast_and_engine_agree(ring, n, envs, ta, tb) -> RequestFastPath:
+    """Feed the ring to ``ta`` through the fast path and the engine, and to
+    ``tb`` through the engine alone; both must end in the same state."""
+    taken = []
+    fast = RequestFastPath({0x44: ta}, lambda t, k: taken.append(k))
+    _feed(ring, n, envs, {0x44: ta}, fast)
+    _feed(ring, n, envs, {0x44: tb}, None)
+    assert ta.state() == tb.state()
+    assert sum(taken) == fast.taken
+    return fast
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -427,30 +460,22 @@ def test_fast_path_is_the_engine(socks, seed):
     for i in range(n):
         ip, port = ring.peer(i)
         envs.setdefault(ring.peer_key(i), _codec.Envelope(ip, B, port, rx.getsockname()[1]))
-    taken = []
-    fast = RequestFastPath({0x44: ta}, lambda t, k: taken.append(k))
-    _feed(ring, n, envs, {0x44: ta}, fast)
-    _feed(ring, n, envs, {0x44: tb}, None)
-    assert ta.state() == tb.state()
-    assert sum(taken) == fast.taken
+    fast = _fast_and_engine_agree(ring, n, envs, ta, tb)
     assert STOP_REASONS[fast.stop]
 
 
 def test_fast_path_takes_the_bulk(socks):
-    tx, rx = socks
     t = _Target(A, 1024, 65536)
     data = os.urandom(65536)
+    pkts = []
     for i in range(64):
         op = 0x06 if i == 0 else 0x08 if i == 63 else 0x07
         p = RocePacket(Bth(opcode=op, dest_qp=0x44, psn=(0xFFFFFA + i) & 0xFFFFFF,
                            ackreq=i % 16 == 15), payload=data[i * 1024:(i + 1) * 1024])
         if i == 0:
             p.reth = Reth(t.va, t.rkey, 65536)
-        tx.sendto(p.encode(_ctx(tx, rx)), rx.getsockname())
-    ring = RxRing(64)
-    n = len(_recv_all(rx, ring, 64))
-    ip, port = ring.peer(0)
-    envs = {ring.peer_key(0): _codec.Envelope(ip, B, port, rx.getsockname()[1])}
+        pkts.append(p)
+    ring, n, envs = _through_socket(socks, pkts)
     fast = RequestFastPath({0x44: t}, lambda tg, k: None)
     _feed(ring, n, envs, {0x44: t}, fast)
     assert fast.taken == 63 and bytes(t.buf) == data
@@ -495,7 +520,7 @@ class _SendTarget(_Target):
 
 def _send_stream(seed: int, mtu: int, target: _Target):
     """Datagrams of SENDs (mostly one packet, with and without immediate data,
-    a few longer) and a WRITE, with the impairments of _stream."""
+    a few longer) and a WRITE, impaired."""
     rng = random.Random(seed)
     out, psn = [], 0xFFFFFA
     for _ in range(8):
@@ -520,25 +545,7 @@ def _send_stream(seed: int, mtu: int, target: _Target):
                 p.immdt = ImmDt(rng.getrandbits(32))
             out.append(p)
         psn = (psn + n) & 0xFFFFFF
-    if rng.random() < 0.3 and len(out) > 3:
-        k = rng.randrange(1, len(out))
-        out.insert(k, out[k - 1])                               # duplicate
-    if rng.random() < 0.3 and len(out) > 3:
-        k = rng.randrange(1, len(out) - 1)
-        out[k], out[k + 1] = out[k + 1], out[k]                 # reorder
-    if rng.random() < 0.2 and len(out) > 3:
-        del out[rng.randrange(1, len(out))]                     # loss
-    if rng.random() < 0.2:
-        k = rng.randrange(len(out))
-        q = out[k]
-        out[k] = RocePacket(Bth(opcode=q.bth.opcode, dest_qp=0x44, psn=q.bth.psn, pkey=0x1234),
-                            reth=q.reth, immdt=q.immdt, payload=q.payload)
-    if rng.random() < 0.2:
-        k = rng.randrange(len(out))
-        q = out[k]
-        out[k] = RocePacket(Bth(opcode=q.bth.opcode, dest_qp=0x45, psn=q.bth.psn),
-                            reth=q.reth, immdt=q.immdt, payload=q.payload)
-    return out
+    return _impair(rng, out)
 
 
 @pytest.mark.parametrize("seed", range(60))
@@ -554,19 +561,8 @@ def test_send_fast_path_is_the_engine(socks, seed):
     receives, unposted = 3 + seed % 7, seed % 9 == 4
     ta = _SendTarget(A, mtu, rng_a, receives, unposted)        # fast path
     tb = _SendTarget(A, mtu, rng_b, receives, unposted)        # engine alone
-    pkts = _send_stream(seed, mtu, ta)
-    for p in pkts:
-        tx.sendto(p.encode(_ctx(tx, rx)), rx.getsockname())
-    ring = RxRing(64)
-    n = len(_recv_all(rx, ring, len(pkts)))
-    ip, port = ring.peer(0)
-    envs = {ring.peer_key(0): _codec.Envelope(ip, B, port, rx.getsockname()[1])}
-    taken = []
-    fast = RequestFastPath({0x44: ta}, lambda t, k: taken.append(k))
-    _feed(ring, n, envs, {0x44: ta}, fast)
-    _feed(ring, n, envs, {0x44: tb}, None)
-    assert ta.state() == tb.state()
-    assert sum(taken) == fast.taken
+    ring, n, envs = _through_socket(socks, _send_stream(seed, mtu, ta))
+    fast = _fast_and_engine_agree(ring, n, envs, ta, tb)
     if unposted:
         assert fast.taken == 0
 
@@ -581,16 +577,11 @@ def test_send_fast_path_takes_request_reply_traffic(socks):
         t.rc.post_recv(100 + w, [buf[w * 64:w * 64 + 40], buf[w * 64 + 40:(w + 1) * 64]])
     t.rq_posted = t.qp.rq_pi = 16
     msgs = [os.urandom(1 + i * 4) for i in range(16)]
-    for i, m in enumerate(msgs):
-        p = RocePacket(Bth(opcode=0x05 if i % 2 else 0x04, dest_qp=0x44,
-                           psn=(0xFFFFFA + i) & 0xFFFFFF, ackreq=True), payload=m)
-        if i % 2:
-            p.immdt = ImmDt(0x01020304 + i)
-        tx.sendto(p.encode(_ctx(tx, rx)), rx.getsockname())
-    ring = RxRing(64)
-    n = len(_recv_all(rx, ring, 16))
-    ip, port = ring.peer(0)
-    envs = {ring.peer_key(0): _codec.Envelope(ip, B, port, rx.getsockname()[1])}
+    pkts = [RocePacket(Bth(opcode=0x05 if i % 2 else 0x04, dest_qp=0x44,
+                           psn=(0xFFFFFA + i) & 0xFFFFFF, ackreq=True), payload=m,
+                       immdt=ImmDt(0x01020304 + i) if i % 2 else None)
+            for i, m in enumerate(msgs)]
+    ring, n, envs = _through_socket(socks, pkts)
     fast = RequestFastPath({0x44: t}, lambda tg, k: None)
     _feed(ring, n, envs, {0x44: t}, fast)
     assert fast.taken == 16 and STOP_REASONS[fast.stop] == "end of batch"
