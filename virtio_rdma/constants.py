@@ -30,7 +30,10 @@ class _Parse:
         # The enum's own value -> member map first: the lookup ``cls(value)``
         # starts with, without its call overhead (WQE, CQE and doorbell
         # decoding parse on every operation).
-        member = cls._value2member_map_.get(value)
+        try:
+            member = cls._value2member_map_.get(value)
+        except TypeError:  # unhashable: cls() says what is wrong with it
+            member = None
         if member is not None:
             return member
         try:
@@ -46,7 +49,10 @@ class _IntEnum(_Parse, enum.IntEnum):
 class _IntFlag(_Parse, enum.IntFlag, boundary=enum.STRICT):
     @classmethod
     def parse(cls, value):
-        member = cls._value2member_map_.get(value)  # valid values only (STRICT never caches others)
+        try:  # valid values only (STRICT never caches others)
+            member = cls._value2member_map_.get(value)
+        except TypeError:  # unhashable: int() says what is wrong with it
+            member = None
         if member is not None:
             return member
         value = int(value)

@@ -280,3 +280,5 @@ def test_parse_accepts_exactly_the_valid_values_before_and_after_they_are_cached
         for bad in (max(valid) + 1 << 4, -1):
             with pytest.raises(UnknownValueError, match=cls.__name__):
                 cls.parse(bad)
+    with pytest.raises((UnknownValueError, TypeError)):
+        cls.parse([1])                     # unhashable: refused, as by cls() itself
