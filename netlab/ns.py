@@ -393,6 +393,19 @@ def veth_pair(ns_a: Namespace, ns_b: Namespace, addr_a: str | None = None,
     return Link(ns_a, if_a, ns_b, if_b, mtu, addr_a, addr_b)
 
 
+def tap_device(ns: Namespace, name: str, addr: str | None = None) -> str:
+    """Create a persistent tap device ``name`` inside ``ns`` (for a QEMU
+    NIC that opens it there), give it its (optional) lab address and bring it
+    up; returns ``name``. It goes away with the namespace."""
+    if addr is not None:
+        lab_interface(addr)
+    ns.run(["ip", "tuntap", "add", "dev", name, "mode", "tap"])
+    if addr is not None:
+        ns.ip("addr", "add", addr, "dev", name)
+    ns.ip("link", "set", name, "up")
+    return name
+
+
 def set_tx_checksum(ns: Namespace, ifname: str, enabled: bool) -> None:
     """ethtool -K IF tx on|off, through the SIOCETHTOOL ioctl (no ethtool
     binary needed). Turning it off also turns off TSO and UDP GSO."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -50,3 +51,28 @@ def host_root_image(image):
     except CapabilityMissing as exc:
         pytest.skip(f"cannot build portable extensions for the rxe guest: {exc}")
     return image
+
+
+@pytest.fixture
+def tap_netns():
+    """Make ``(namespace name, tap name)``: a fresh netlab namespace holding a
+    tap device (``make(addr, tap="vrtap0")``) for a guest NIC; all are
+    removed after the test."""
+    if os.geteuid() != 0 or shutil.which("ip") is None or not os.path.exists("/dev/net/tun"):
+        pytest.skip("needs root, iproute2 and /dev/net/tun")
+    from netlab.errors import CommandFailed
+    from netlab.ns import Namespace, tap_device
+
+    made = []
+
+    def make(addr: str, tap: str = "vrtap0") -> tuple[str, str]:
+        try:
+            ns = Namespace()
+        except CommandFailed as exc:
+            pytest.skip(f"cannot create a network namespace: {exc}")
+        made.append(ns)
+        return ns.name, tap_device(ns, tap, addr)
+
+    yield make
+    for ns in made:
+        ns.close()

@@ -13,7 +13,6 @@ import os
 import shutil
 import stat
 import subprocess
-import uuid
 
 import pytest
 from hypothesis import given, strategies as st
@@ -120,25 +119,11 @@ def test_rxe_rc_pingpong_in_guest(image):
 
 @pytest.mark.qemu
 @pytest.mark.netns
-def test_rxe_guest_on_tap_in_netns(image):
+def test_rxe_guest_on_tap_in_netns(image, tap_netns):
     """The guest NIC is a tap device inside a fresh netns; the guest reaches the host side."""
-    if os.geteuid() != 0 or shutil.which("ip") is None or not os.path.exists("/dev/net/tun"):
-        pytest.skip("needs root, iproute2 and /dev/net/tun")
-    ns = f"vrdma-rxe-{uuid.uuid4().hex[:6]}"
-    tap = "vrtap0"
-    try:
-        try:
-            subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True)
-        except subprocess.CalledProcessError as exc:
-            pytest.skip(f"cannot create a network namespace: {exc.stderr.decode().strip()}")
-        for cmd in (["ip", "tuntap", "add", "dev", tap, "mode", "tap"],
-                    ["ip", "addr", "add", "203.0.113.1/24", "dev", tap],
-                    ["ip", "link", "set", tap, "up"], ["ip", "link", "set", "lo", "up"]):
-            subprocess.run(["ip", "netns", "exec", ns, *cmd], check=True, capture_output=True)
-        run = RxeGuest(cmd="ping -c 2 -W 5 203.0.113.1 && rdma link show rxe0/1",
-                       ip="203.0.113.2/24", tap=TapNetdev(tap, netns=ns), image=image).run(timeout=60)
-        assert run.returncode == 0, run.serial
-        assert "2 packets received" in run.output
-        assert "state ACTIVE" in run.output and "netdev eth0" in run.output
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    ns, tap = tap_netns("203.0.113.1/24")
+    run = RxeGuest(cmd="ping -c 2 -W 5 203.0.113.1 && rdma link show rxe0/1",
+                   ip="203.0.113.2/24", tap=TapNetdev(tap, netns=ns), image=image).run(timeout=60)
+    assert run.returncode == 0, run.serial
+    assert "2 packets received" in run.output
+    assert "state ACTIVE" in run.output and "netdev eth0" in run.output

@@ -10,12 +10,9 @@ They skip only when a capability is missing (apt download, QEMU, root/netns).
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 import textwrap
-import uuid
 
 import pytest
 
@@ -191,23 +188,9 @@ def test_host_root_read_only_binds_and_env(host_root_image, tmp_path):
 
 
 @pytest.fixture
-def guest_tap():
+def guest_tap(tap_netns):
     """A fresh network namespace holding tap device vrtap2 (203.0.113.1/24) for the guest NIC."""
-    if os.geteuid() != 0 or shutil.which("ip") is None or not os.path.exists("/dev/net/tun"):
-        pytest.skip("needs root, iproute2 and /dev/net/tun")
-    ns, tap = f"vrdma-py-{uuid.uuid4().hex[:8]}", "vrtap2"
-    try:
-        subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"cannot create a network namespace: {exc}")
-    try:
-        for cmd in (["ip", "tuntap", "add", "dev", tap, "mode", "tap"],
-                    ["ip", "addr", "add", "203.0.113.1/24", "dev", tap],
-                    ["ip", "link", "set", tap, "up"], ["ip", "link", "set", "lo", "up"]):
-            subprocess.run(["ip", "netns", "exec", ns, *cmd], check=True, capture_output=True)
-        yield ns, tap
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    return tap_netns("203.0.113.1/24", "vrtap2")
 
 
 ECHO_CLIENT = textwrap.dedent('''\

@@ -23,7 +23,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 
 import pytest
 
@@ -79,22 +78,8 @@ def _sections(text: str) -> dict[tuple[str, int], tuple[int, str]]:
 
 
 @pytest.fixture
-def netns_tap():
-    if os.geteuid() != 0:
-        pytest.skip("needs root for a network namespace and a tap device")
-    ns, tap = f"vrdma-rxe-{uuid.uuid4().hex[:8]}", "vrtap1"
-    try:
-        subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"cannot create a network namespace: {exc}")
-    try:
-        for cmd in (["ip", "tuntap", "add", "dev", tap, "mode", "tap"],
-                    ["ip", "addr", "add", f"{HOST_IP}/24", "dev", tap],
-                    ["ip", "link", "set", tap, "up"], ["ip", "link", "set", "lo", "up"]):
-            subprocess.run(["ip", "netns", "exec", ns, *cmd], check=True, capture_output=True)
-        yield ns, tap
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+def netns_tap(tap_netns):
+    return tap_netns(f"{HOST_IP}/24", "vrtap1")
 
 
 def _in_ns(ns: str, *argv: str) -> list[str]:

@@ -10,7 +10,7 @@ import pytest
 from netlab.errors import AddressNotAllowed, ProcessFailed
 import subprocess
 
-from netlab.ns import Namespace, reap_stale, two_hosts, veth_pair
+from netlab.ns import Namespace, reap_stale, run, tap_device, two_hosts, veth_pair
 
 from .conftest import drain, our_namespaces, udp_socket
 
@@ -131,3 +131,13 @@ def test_only_lab_addresses(netns):
         link = veth_pair(a, b, "203.0.113.1/24", "203.0.113.2/24", mtu=4200)
         assert (link.if_a, link.if_b, link.mtu) == ("veth0", "veth0", 4200)
         assert "203.0.113.2/24" in b.run(["ip", "-o", "addr", "show", "veth0"]).stdout
+
+
+def test_tap_device_lives_in_its_namespace(netns):
+    with Namespace() as ns:
+        assert tap_device(ns, "vrtap9", "203.0.113.5/24") == "vrtap9"
+        shown = ns.ip("-d", "addr", "show", "dev", "vrtap9").stdout
+        assert "203.0.113.5/24" in shown and "tun type tap" in shown
+        assert "vrtap9" not in run(["ip", "link", "show"]).stdout      # not in the host's
+        with pytest.raises(AddressNotAllowed):
+            tap_device(ns, "vrtap8", "10.0.0.1/24")
