@@ -29,6 +29,8 @@ from vhost_user.testing import DaemonProcess
 from virtio_rdma.constants import Cmd, SendFlags, WcFlags, WcOpcode, WcStatus, WrOpcode
 from virtio_rdma.verbs_fabric import rdma_devices
 
+from .verbs_exercise import send_write_read_atomics
+
 DEVICES = rdma_devices()
 DEV = os.environ.get("VRDMA_VERBS_DEVICE") or (DEVICES[0] if DEVICES else None)
 needs_device = pytest.mark.skipif(
@@ -88,39 +90,8 @@ def test_guests_see_the_devices_gid_and_port(pair):
 @needs_device
 def test_send_write_read_atomics_through_the_device(pair):
     a, b = pair
-    rng = random.Random(5)
-    msg = rng.randbytes(10_000)  # ten 1024-byte packets, PSNs wrapping past 2^24
-    a.mr.write(msg, len(msg), 0)
-    b.qp.post_recv(RecvWR(1, 1, [SGE(b.mr.buf, 16384, b.mr.lkey)]))
-    a.qp.post_send(SendWR(2, WrOpcode.SEND, 1, [SGE(a.mr.buf, len(msg), a.mr.lkey)]))
-    wc = b.poll_one()
-    assert (wc.wr_id, wc.byte_len, wc.opcode, wc.qp_num) == (1, len(msg), WcOpcode.RECV, b.qp.qp_num)
-    assert b.mr.read(len(msg), 0) == msg
-    assert a.poll_one().wr_id == 2
-
-    big = rng.randbytes(3 << 20)  # zero copy both ways: guest pages -> device -> guest pages
-    a.mr.write(big, len(big), 0)
-    a.qp.post_send(SendWR(3, WrOpcode.RDMA_WRITE, 1, [SGE(a.mr.buf, len(big), a.mr.lkey)],
-                          remote_addr=b.mr.buf, rkey=b.mr.rkey))
-    assert a.poll_one(timeout=120).wr_id == 3
-    assert b.mr.read(len(big), 0) == big
-
-    b.mr.write(b"readme!!" * 512, 4096, 1 << 20)
-    a.qp.post_send(SendWR(4, WrOpcode.RDMA_READ, 1, [SGE(a.mr.buf + 8192, 4096, a.mr.lkey)],
-                          remote_addr=b.mr.buf + (1 << 20), rkey=b.mr.rkey))
-    assert a.poll_one().byte_len == 4096
-    assert a.mr.read(4096, 8192) == b"readme!!" * 512
-
-    b.mr.write(struct.pack("<Q", 41), 8, 64)
-    a.qp.post_send(SendWR(5, WrOpcode.ATOMIC_FETCH_AND_ADD, 1, [SGE(a.mr.buf, 8, a.mr.lkey)],
-                          remote_addr=b.mr.buf + 64, rkey=b.mr.rkey, compare_add=1))
-    assert a.poll_one().opcode == WcOpcode.FETCH_ADD
-    assert struct.unpack("<Q", a.mr.read(8, 0)) == (41,)
-    a.qp.post_send(SendWR(6, WrOpcode.ATOMIC_CMP_AND_SWP, 1, [SGE(a.mr.buf + 8, 8, a.mr.lkey)],
-                          remote_addr=b.mr.buf + 64, rkey=b.mr.rkey, compare_add=42, swap=7))
-    assert a.poll_one().opcode == WcOpcode.COMP_SWAP
-    assert struct.unpack("<Q", a.mr.read(8, 8)) == (42,)
-    assert struct.unpack("<Q", b.mr.read(8, 64)) == (7,)
+    # the SEND is ten 1024-byte packets, PSNs wrapping past 2^24
+    send_write_read_atomics(a, b, random.Random(5), write_timeout=120)
 
 
 @needs_device
