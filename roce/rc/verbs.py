@@ -36,7 +36,7 @@ class WcStatus(enum.IntEnum):
     REM_OP_ERR = 11
     RETRY_EXC_ERR = 12
     RNR_RETRY_EXC_ERR = 13
-    FATAL_ERR = 15
+    FATAL_ERR = 19
     GENERAL_ERR = 21
 
 
