@@ -393,13 +393,15 @@ def veth_pair(ns_a: Namespace, ns_b: Namespace, addr_a: str | None = None,
     return Link(ns_a, if_a, ns_b, if_b, mtu, addr_a, addr_b)
 
 
-def tap_device(ns: Namespace, name: str, addr: str | None = None) -> str:
+def tap_device(ns: Namespace, name: str, addr: str | None = None, *, mtu: int | None = None) -> str:
     """Create a persistent tap device ``name`` inside ``ns`` (for a QEMU
-    NIC that opens it there), give it its (optional) lab address and bring it
-    up; returns ``name``. It goes away with the namespace."""
+    NIC that opens it there), give it its (optional) lab address and MTU and
+    bring it up; returns ``name``. It goes away with the namespace."""
     if addr is not None:
         lab_interface(addr)
     ns.run(["ip", "tuntap", "add", "dev", name, "mode", "tap"])
+    if mtu is not None:
+        ns.ip("link", "set", name, "mtu", str(mtu))
     if addr is not None:
         ns.ip("addr", "add", addr, "dev", name)
     ns.ip("link", "set", name, "up")

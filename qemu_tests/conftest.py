@@ -56,8 +56,8 @@ def host_root_image(image):
 @pytest.fixture
 def tap_netns():
     """Make ``(namespace name, tap name)``: a fresh netlab namespace holding a
-    tap device (``make(addr, tap="vrtap0")``) for a guest NIC; all are
-    removed after the test."""
+    tap device (``make(addr, tap="vrtap0", mtu=None)``) for a guest NIC; all
+    are removed after the test."""
     if os.geteuid() != 0 or shutil.which("ip") is None or not os.path.exists("/dev/net/tun"):
         pytest.skip("needs root, iproute2 and /dev/net/tun")
     from netlab.errors import CommandFailed
@@ -65,13 +65,13 @@ def tap_netns():
 
     made = []
 
-    def make(addr: str, tap: str = "vrtap0") -> tuple[str, str]:
+    def make(addr: str, tap: str = "vrtap0", mtu: int | None = None) -> tuple[str, str]:
         try:
             ns = Namespace()
         except CommandFailed as exc:
             pytest.skip(f"cannot create a network namespace: {exc}")
         made.append(ns)
-        return ns.name, tap_device(ns, tap, addr)
+        return ns.name, tap_device(ns, tap, addr, mtu=mtu)
 
     yield make
     for ns in made:

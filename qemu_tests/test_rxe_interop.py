@@ -13,7 +13,9 @@ Topology: a network namespace holds a tap device (203.0.113.1/24) and the
 back-end daemon bound to it; the QEMU guest's virtio-net NIC is that tap
 (203.0.113.2/24, rxe0 on eth0). One boot runs the guest side first as the
 client of our server, then as the server of our client, for message sizes
-below, at, and above the path MTU (1024).
+below, at, and above the path MTU: 1024 (rxe on a 1500-byte link), and
+4096 with ibv_rc_pingpong, both links at MTU 9000 (rxe follows its netdev's
+MTU change).
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ from qemu_tests.rxe_guest import RxeGuest, TapNetdev
 pytestmark = [pytest.mark.qemu, pytest.mark.netns]
 
 HOST_IP, GUEST_IP = "203.0.113.1", "203.0.113.2"
-SIZES = (1, 1024, 4096, 8192)
+SIZES = {1024: (1, 1024, 4096, 8192), 4096: (1, 4096, 16384, 65536)}
+LINK_MTU = {1024: None, 4096: 9000}
 ITERS = 50
 ITERS_RE = re.compile(r"^(\d+) iters in [\d.]+ seconds = [\d.]+ usec/iter$", re.M)
 BYTES_RE = re.compile(r"^(\d+) bytes in [\d.]+ seconds = [\d.]+ Mbit/sec$", re.M)
@@ -50,9 +53,23 @@ i=0; while [ ! -S {VERBS_SOCK} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); do
 VERBS_TOOL = f"{sys.executable} -m vrdma rc-pingpong --backend {VERBS_SOCK} -g 0 --timeout 90"
 
 
-def _guest_script(tool: str = IBV, setup: str = "") -> str:
-    sizes = " ".join(map(str, SIZES))
-    return setup + f"""
+def _link_setup(link_mtu: int | None) -> str:
+    """Raise eth0's MTU (rxe0's port MTU follows) and wait until rxe0 reports it."""
+    if link_mtu is None:
+        return ""
+    return f"""
+ip link set eth0 mtu {link_mtu}
+i=0; until ibv_devinfo -d rxe0 -v | grep -q "active_mtu:.*4096"; do
+  i=$((i+1)); [ $i -ge 50 ] && {{ echo "rxe0 MTU did not follow"; ibv_devinfo -d rxe0 -v; exit 1; }}
+  sleep 0.1
+done
+"""
+
+
+def _guest_script(tool: str = IBV, setup: str = "", path_mtu: int = 1024) -> str:
+    sizes = " ".join(map(str, SIZES[path_mtu]))
+    tool = f"{tool} -m {path_mtu}"
+    return _link_setup(LINK_MTU[path_mtu]) + setup + f"""
 for s in {sizes}; do
   i=0
   while :; do
@@ -77,24 +94,21 @@ def _sections(text: str) -> dict[tuple[str, int], tuple[int, str]]:
     return out
 
 
-@pytest.fixture
-def netns_tap(tap_netns):
-    return tap_netns(f"{HOST_IP}/24", "vrtap1")
-
-
 def _in_ns(ns: str, *argv: str) -> list[str]:
     return ["ip", "netns", "exec", ns, sys.executable, "-m", "vrdma", *argv]
 
 
-@pytest.mark.parametrize("guest_side", ["ibv_rc_pingpong", "vrdma-on-verbs"])
-def test_kernel_rxe_guest_side_against_vrdma_on_userspace_roce(image, netns_tap, tmp_path,
-                                                                guest_side):
-    ns, tap = netns_tap
+@pytest.mark.parametrize("guest_side,path_mtu", [("ibv_rc_pingpong", 1024), ("vrdma-on-verbs", 1024),
+                                                ("ibv_rc_pingpong", 4096)])
+def test_kernel_rxe_guest_side_against_vrdma_on_userspace_roce(image, tap_netns, tmp_path,
+                                                                guest_side, path_mtu):
+    ns, tap = tap_netns(f"{HOST_IP}/24", "vrtap1", mtu=LINK_MTU[path_mtu])
+    sizes = SIZES[path_mtu]
     if guest_side == "ibv_rc_pingpong":
-        guest = RxeGuest(cmd=_guest_script(), ip=f"{GUEST_IP}/24", tap=TapNetdev(tap, netns=ns),
-                         image=image)
+        guest = RxeGuest(cmd=_guest_script(path_mtu=path_mtu), ip=f"{GUEST_IP}/24",
+                         tap=TapNetdev(tap, netns=ns), image=image)
     else:
-        guest = RxeGuest(cmd=_guest_script(VERBS_TOOL, VERBS_SETUP), ip=f"{GUEST_IP}/24",
+        guest = RxeGuest(cmd=_guest_script(VERBS_TOOL, VERBS_SETUP, path_mtu), ip=f"{GUEST_IP}/24",
                          tap=TapNetdev(tap, netns=ns), image=image, host_root=True,
                          memory_mib=1024)
     sock = str(tmp_path / "rdma.sock")
@@ -113,11 +127,11 @@ def test_kernel_rxe_guest_side_against_vrdma_on_userspace_roce(image, netns_tap,
         def host_side():
             try:
                 common = ["rc-pingpong", "--backend", sock, "-g", "0", "-n", str(ITERS),
-                          "--timeout", "90"]
-                for s in SIZES:  # our server, the guest's client
+                          "-m", str(path_mtu), "--timeout", "90"]
+                for s in sizes:  # our server, the guest's client
                     ours[("server", s)] = subprocess.run(_in_ns(ns, *common, "-s", str(s)),
                                                          capture_output=True, text=True, timeout=120)
-                for s in SIZES:  # our client, the guest's server (retry until it listens)
+                for s in sizes:  # our client, the guest's server (retry until it listens)
                     end = time.monotonic() + 90
                     while True:
                         r = subprocess.run(_in_ns(ns, *common, "-s", str(s), GUEST_IP),
@@ -141,7 +155,7 @@ def test_kernel_rxe_guest_side_against_vrdma_on_userspace_roce(image, netns_tap,
         sections = _sections(run.output)
         report = run.output + "\n--- ours ---\n" + "\n".join(
             f"{k}: rc={v.returncode}\n{v.stdout}{v.stderr}" for k, v in ours.items())
-        for s in SIZES:
+        for s in sizes:
             for guest_role, our_role in (("guest-client", "server"), ("guest-server", "client")):
                 rc, text = sections.get((guest_role, s), (None, ""))
                 mine = ours.get((our_role, s))
