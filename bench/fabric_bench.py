@@ -68,12 +68,6 @@ def _daemon(ns, ip: str, sock: str, poll_us: float, profile: str | None = None):
     return p
 
 
-def _pin(pid: int, cpu: int) -> None:
-    """Pin every thread of process ``pid`` to ``cpu``."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        os.sched_setaffinity(int(tid), {cpu})
-
-
 def _print_profile(path: str, label: str, top: int = 25) -> None:
     import pstats
 
@@ -115,8 +109,8 @@ def run(tests, *, iters: int = 2000, bw_iters: int = 20000, batch: int = 16,
         da = _daemon(lab.a, lab.ip_a, sa, poll_us, prof[0])
         db = _daemon(lab.b, lab.ip_b, sb, poll_us, prof[1])
         if pin:
-            _pin(da.pid, cpus[0])
-            _pin(db.pid, cpus[1])
+            perftest.pin_threads(da.pid, cpus[0])
+            perftest.pin_threads(db.pid, cpus[1])
         # the floors' two sides sit where the two simulated hosts do (a wakeup
         # across CPUs costs an IPI: on this VM ~20 us against ~5 us on one CPU)
         sides = (cpus[0], cpus[1]) if pin else (None, None)

@@ -242,6 +242,12 @@ def memcpy_floor(size: int, reps: int = 200) -> dict:
 # --------------------------------------------------------------------------
 
 
+def pin_threads(pid: int, cpu: int) -> None:
+    """Pin every thread of process ``pid`` to ``cpu``."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), {cpu})
+
+
 @contextlib.contextmanager
 def idle_spinners(cpus):
     """A SCHED_IDLE busy loop pinned to each CPU in ``cpus``: the vCPUs never

@@ -166,7 +166,8 @@ def _result(proc, timeout: float) -> dict:
 
 def _pin(proc, cpu: int | None) -> None:
     if cpu is not None:
-        os.sched_setaffinity(proc.pid, {cpu})
+        from bench.perftest import pin_threads
+        pin_threads(proc.pid, cpu)
 
 
 def latency(hosts: TwoHosts | None = None, *, size: int = 64, iters: int = 20000,
