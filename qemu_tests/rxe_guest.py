@@ -561,11 +561,9 @@ def _under(path: str, top: str) -> bool:
 
 def _hidden_roots(paths: Sequence[str]) -> list[str]:
     """The ``paths`` inside a HIDDEN_DIRS tree, minus those inside another one listed."""
-    hidden = [os.path.normpath(p) for p in paths
-              if any(_under(os.path.normpath(p), d) for d in HIDDEN_DIRS)
-              and os.path.normpath(p) not in HIDDEN_DIRS]
-    return [p for i, p in enumerate(hidden)
-            if p not in hidden[:i] and not any(q != p and _under(p, q) for q in hidden)]
+    hidden = [p for p in dict.fromkeys(os.path.normpath(p) for p in paths)
+              if p not in HIDDEN_DIRS and any(_under(p, d) for d in HIDDEN_DIRS)]
+    return [p for p in hidden if not any(q != p and _under(p, q) for q in hidden)]
 
 
 def _check_bind_path(path: str) -> None:
