@@ -8,6 +8,7 @@ Python engine only. Guest memory, CQEs, QP and CQ state, events and every
 counter must be identical, and the fast run must really have used the
 native path.
 """
+import contextlib
 import struct
 
 import pytest
@@ -18,7 +19,7 @@ from virtio_rdma import _datapath, datapath, wire
 from virtio_rdma.constants import Access, SendFlags, WrOpcode
 from virtio_rdma.fabric import LocalFabric
 
-from .driver import connect_pair, pair
+from .driver import connect_pair, pair, seeded_ids
 
 ALL = Access.LOCAL_WRITE | Access.REMOTE_WRITE | Access.REMOTE_READ | Access.REMOTE_ATOMIC
 
@@ -50,9 +51,17 @@ scenario_st = st.fixed_dictionaries({
 })
 
 
-def _run(sc, fast: bool):
+@contextlib.contextmanager
+def _engine(fast: bool):
     prev = datapath.use_fast_path(fast)
     try:
+        yield
+    finally:
+        datapath.use_fast_path(prev)
+
+
+def _run(sc, fast: bool):
+    with _engine(fast), seeded_ids():  # both runs see the same QPNs and keys
         fab = LocalFabric()
         a, b, pa, pb, ca, cb, qa, qb = pair(fab)
         if sc["loopback"]:  # a's QP talks to a second QP of its own device
@@ -136,8 +145,6 @@ def _run(sc, fast: bool):
         out["cqs"] = [(c.cqn, c.pc, c.written, c.state, c.arm) for g in {id(a): a, id(b): b}.values()
                       for c in g.core.cqs.values()]
         return out
-    finally:
-        datapath.use_fast_path(prev)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
