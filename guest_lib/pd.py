@@ -19,5 +19,4 @@ class PD(VerbsObject):
         return self.pdn
 
     def _release(self) -> None:
-        if not self.ctx.closed:
-            self.ctx.command(Cmd.DEALLOC_PD, pdn=self.pdn)
+        self.ctx._destroy(Cmd.DEALLOC_PD, pdn=self.pdn)
