@@ -12,7 +12,11 @@ class PD(VerbsObject):
     def __init__(self, ctx: Context):
         super().__init__(ctx)
         self.ctx = ctx
-        self.pdn = ctx.command(Cmd.ALLOC_PD)["pdn"]
+        try:
+            self.pdn = ctx.command(Cmd.ALLOC_PD)["pdn"]
+        except BaseException:
+            self._abandon()  # a failed PD must not stay among the Context's children
+            raise
 
     @property
     def handle(self) -> int:

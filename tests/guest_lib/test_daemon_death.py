@@ -215,10 +215,12 @@ def test_idle_guest_fails_at_its_next_call_and_releases_everything(daemon):
         "get_event": lambda: cq.get_event(),
         "get_async_event": lambda: ctx.get_async_event(),
     }
+    errors = []  # kept: their tracebacks keep the half-made objects alive until the close below
     for name, call in calls.items():
         with pytest.raises(RDMAError) as ei:
             call()
         _assert_gone(ei.value)
+        errors.append(ei)
     # a busy-poll loop on the empty CQ ends too (the socket is looked at
     # once per LIVENESS_INTERVAL, not per poll)
     with pytest.raises(RDMAError) as ei:
