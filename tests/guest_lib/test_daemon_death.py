@@ -295,3 +295,37 @@ def test_fds_above_1024(daemon, many_fds):
         assert not g.is_alive()
         _assert_gone(g.error)
         assert g.failed_at - t_kill < BOUND
+
+
+@pytest.mark.parametrize("events", [False, True], ids=["poll", "events"])
+def test_rc_pingpong_exits_cleanly_when_the_daemon_dies(daemon, events):
+    """``vrdma rc-pingpong`` (no --timeout: it would wait for ever) mid-run:
+    both sides exit 1 with rc_pingpong's message instead of hanging."""
+    from tests.rc_pingpong.conftest import free_port, wait_listening
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "vrdma", "rc-pingpong", "--backend", daemon.path, "-p", str(port),
+           "-n", "100000000", "-s", "64"] + (["-e"] if events else [])
+    srv = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [srv]
+    try:
+        wait_listening(port, alive=lambda: srv.poll() is None)
+        procs.append(subprocess.Popen(cmd + ["localhost"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+        for p in procs:  # both printed both addresses: the ping-pong is running
+            assert p.stdout.readline().startswith("  local address:")
+            assert p.stdout.readline().startswith("  remote address:")
+        time.sleep(0.3)
+        daemon.kill()
+        for p in procs:
+            _, err = p.communicate(timeout=20)
+            assert p.returncode == 1, err
+            # whichever verb noticed first (the poll, the CQ event wait, the next post), as rc_pingpong says it
+            assert err.splitlines()[-1].startswith(("poll CQ failed", "Failed to get cq_event", "parse WC failed",
+                                                    "Couldn't post send", "Couldn't request CQ notification")), err
+            assert "Errno: 107" in err and "Traceback" not in err, err
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
