@@ -329,3 +329,28 @@ def test_rc_pingpong_exits_cleanly_when_the_daemon_dies(daemon, events):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def test_perftest_pair_reports_the_dead_daemon(tmp_path):
+    """bench.perftest's two guest processes mid-run: the run ends with the
+    device's error instead of waiting out its 300 s."""
+    from bench.perftest import run_pair
+
+    d = Daemon(str(tmp_path / "vrdma.sock"))
+    try:
+        def body(ready):
+            ready.set()
+            run_pair(d.path, "send_lat", 64, 10 ** 9)
+
+        g = Guest("perftest", body)
+        g.start()
+        assert g.ready.wait(30)
+        time.sleep(1.5)  # guests connected and in the latency loop
+        assert g.is_alive(), g.error
+        t_kill = d.kill()
+        g.join(30)
+        assert not g.is_alive(), "run_pair still waiting after the daemon was killed"
+        assert isinstance(g.error, RuntimeError) and "Errno: 107" in str(g.error), repr(g.error)
+        print(f"\nperftest pair: kill -> RuntimeError after {(g.failed_at - t_kill) * 1000:.0f} ms")
+    finally:
+        d.stop()
