@@ -42,7 +42,7 @@ DOORBELL_BUF = 8 * 64  # 64 records
 N_DOORBELL_BUFS = 128
 _EVENT = struct.Struct("<BBHI")
 #: seconds between looks at the socket from calls that never sleep
-LIVENESS_INTERVAL = 0.05
+LIVENESS_INTERVAL = 0.02
 
 
 class GID:
