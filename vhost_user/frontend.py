@@ -407,9 +407,9 @@ class VirtioUserDevice:
             except InterruptedError:  # PEP 475 retries, but a signal handler may raise
                 continue
             woke = False
-            for rfd, _ev in ready:
+            for rfd, ev in ready:
                 if rfd == sock:
-                    self._socket_readable()
+                    self._socket_event(ev)
                 else:
                     woke = True
             if not woke:
@@ -430,11 +430,16 @@ class VirtioUserDevice:
             self._mark_dead("the vhost-user connection is closed")
         p = select.poll()
         p.register(self.frontend.sock, _SOCK_EVENTS)
-        if p.poll(0):
-            self._socket_readable()
+        for _fd, ev in p.poll(0):
+            self._socket_event(ev)
 
-    def _socket_readable(self) -> None:
-        """The socket woke a waiter: find out why. Raises BackendGone."""
+    def _socket_event(self, ev: int) -> None:
+        """poll(2) reported ``ev`` on the socket: find out why. Raises
+        BackendGone unless it was spurious."""
+        if ev & select.POLLNVAL:
+            self._mark_dead("the vhost-user connection is closed")
+        if ev & (select.POLLHUP | select.POLLERR):
+            self._mark_dead("the back-end hung up the vhost-user connection (daemon exited or was killed)")
         sock = self.frontend.sock
         try:
             data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
