@@ -337,7 +337,14 @@ def test_perftest_pair_reports_the_dead_daemon(tmp_path):
     from bench.perftest import run_pair
 
     d = Daemon(str(tmp_path / "vrdma.sock"))
+
+    def daemon_sockets() -> int:
+        fd_dir = f"/proc/{d.proc.pid}/fd"
+        return sum(1 for n in os.listdir(fd_dir) if os.readlink(os.path.join(fd_dir, n)).startswith("socket:"))
+
     try:
+        idle = daemon_sockets()
+
         def body(ready):
             ready.set()
             run_pair(d.path, "send_lat", 64, 10 ** 9)
@@ -345,7 +352,11 @@ def test_perftest_pair_reports_the_dead_daemon(tmp_path):
         g = Guest("perftest", body)
         g.start()
         assert g.ready.wait(30)
-        time.sleep(1.5)  # guests connected and in the latency loop
+        deadline = time.monotonic() + 60
+        while daemon_sockets() < idle + 2:  # both guests' connections accepted
+            assert g.is_alive() and time.monotonic() < deadline, g.error
+            time.sleep(0.05)
+        time.sleep(0.5)  # their setup done: in the latency loop
         assert g.is_alive(), g.error
         t_kill = d.kill()
         g.join(30)
