@@ -235,6 +235,20 @@ def test_idle_guest_fails_at_its_next_call_and_releases_everything(daemon):
     _loopback_send(daemon.path)
 
 
+def test_close_right_after_the_kill(daemon):
+    """Nobody has looked yet: the first destroy command of close() is what
+    finds the daemon gone; close() still completes, without an error."""
+    _loopback_send(daemon.path)
+    fds0, guest_maps0 = _fds(), proc_maps_count("vrdma-guest")
+    ep = RcEndpoint(daemon.path, 1 << 16)
+    ep.connect(ep.info())  # looped back to itself
+    daemon.kill()
+    assert not ep.ctx.dead
+    ep.close()
+    assert ep.ctx.closed and ep.qp.closed and ep.mr.closed and ep.cq.closed and ep.pd.closed
+    assert (_fds(), proc_maps_count("vrdma-guest")) == (fds0, guest_maps0)
+
+
 def test_busy_poll_of_empty_cq_notices_the_kill(daemon):
     """A guest spinning on CQ.poll() itself (as rc-pingpong and perftest do)."""
     with RcEndpoint(daemon.path, 1 << 16) as ep:
