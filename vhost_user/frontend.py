@@ -274,6 +274,7 @@ class VirtioUserDevice:
         #: why the back-end is known to be gone (None while it is not): every
         #: wait or check raises BackendGone with it from then on
         self.dead: str | None = None
+        self._pollers: dict[int, tuple] = {}  # queue -> ((call fd, socket fd), poll object) of its waits
         self.frontend = Frontend(path, timeout=timeout)
         self.mem = GuestMemory()
         self.queues: list[DriverQueue] = []
@@ -388,9 +389,14 @@ class VirtioUserDevice:
                 return item
         fd = self.call_fds[index]
         sock = self.frontend.sock.fileno()
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        poller.register(sock, _SOCK_EVENTS)
+        cached = self._pollers.get(index)
+        if cached is not None and cached[0] == (fd, sock):
+            poller = cached[1]
+        else:  # first wait on this queue, or its call fd was replaced
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            poller.register(sock, _SOCK_EVENTS)
+            self._pollers[index] = ((fd, sock), poller)
         deadline = None if timeout is None else monotonic() + timeout
         while True:
             if self.dead is not None:
@@ -470,6 +476,7 @@ class VirtioUserDevice:
         self.frontend.close()
         if self.dead is None:
             self.dead = f"{self.frontend.path}: the device is closed"
+        self._pollers.clear()
         fds, self.kick_fds, self.call_fds = self.kick_fds + self.call_fds, [], []
         for fd in fds:
             try:
