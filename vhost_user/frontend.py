@@ -445,7 +445,8 @@ class VirtioUserDevice:
         if ev & select.POLLNVAL:
             self._mark_dead("the vhost-user connection is closed")
         if ev & (select.POLLHUP | select.POLLERR):
-            self._mark_dead("the back-end hung up the vhost-user connection (daemon exited or was killed)")
+            self._mark_dead("the back-end hung up the vhost-user connection "
+                            "(it exited, was killed or dropped this guest)")
         sock = self.frontend.sock
         try:
             data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
@@ -454,7 +455,8 @@ class VirtioUserDevice:
         except OSError as e:
             self._mark_dead(f"vhost-user socket error: {e.strerror or e}")
         if not data:
-            self._mark_dead("the back-end closed the vhost-user connection (daemon exited or was killed)")
+            self._mark_dead("the back-end closed the vhost-user connection "
+                            "(it exited, was killed or dropped this guest)")
         self._mark_dead("the back-end sent an unsolicited message on the vhost-user socket")
 
     def _mark_dead(self, why: str) -> None:

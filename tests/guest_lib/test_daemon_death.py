@@ -379,3 +379,108 @@ def test_perftest_pair_reports_the_dead_daemon(tmp_path):
         print(f"\nperftest pair: kill -> RuntimeError after {(g.failed_at - t_kill) * 1000:.0f} ms")
     finally:
         d.stop()
+
+
+class Relay(threading.Thread):
+    """A vhost-user man in the middle: forwards bytes and SCM_RIGHTS fds
+    between one guest connecting at ``path`` and the daemon at ``daemon_path``,
+    chunk for chunk (a chunk that carries fds stays one sendmsg). The test can
+    write to the guest behind the daemon's back, or hang up on the guest."""
+
+    def __init__(self, path: str, daemon_path: str):
+        super().__init__(daemon=True)
+        import socket
+
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(1)
+        self.daemon_path = daemon_path
+        self.guest = None
+        self.connected = threading.Event()
+        self.stop_r, self.stop_w = os.pipe()
+
+    def run(self):
+        import array
+        import selectors
+        import socket
+
+        self.guest, _ = self.listener.accept()
+        back = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        back.connect(self.daemon_path)
+        self.connected.set()
+        peer = {self.guest.fileno(): back, back.fileno(): self.guest}
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.guest, selectors.EVENT_READ)
+            sel.register(back, selectors.EVENT_READ)
+            sel.register(self.stop_r, selectors.EVENT_READ)
+            while True:
+                for key, _ in sel.select():
+                    if key.fileobj == self.stop_r:
+                        back.close()
+                        return
+                    try:
+                        data, anc, _, _ = key.fileobj.recvmsg(1 << 16, socket.CMSG_SPACE(64 * 4))
+                    except OSError:
+                        data, anc = b"", []
+                    if not data:
+                        back.close()
+                        return
+                    fds = array.array("i")
+                    for level, kind, raw in anc:
+                        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                            fds.frombytes(raw[: len(raw) - len(raw) % fds.itemsize])
+                    try:
+                        peer[key.fileobj.fileno()].sendmsg(
+                            [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())] if fds else [])
+                    finally:
+                        for fd in fds:
+                            os.close(fd)
+
+    def close(self):
+        os.write(self.stop_w, b"x")
+        self.join(10)
+        for s in (self.guest, self.listener):
+            if s is not None:
+                s.close()
+        os.close(self.stop_r), os.close(self.stop_w)
+
+
+@pytest.mark.parametrize("how", ["unsolicited bytes", "hang-up, daemon alive"])
+def test_a_broken_connection_is_a_dead_device_too(daemon, tmp_path, how):
+    """Bytes nobody asked for on the vhost-user socket (the back-end sends
+    nothing between requests), or a connection closed while the daemon lives
+    on: the waiting guest fails with ENOTCONN at once, and the daemon serves
+    a new Context."""
+    fds0 = _fds()
+    relay = Relay(str(tmp_path / "relay.sock"), daemon.path)
+    relay.start()
+    try:
+        ctx = Context(str(tmp_path / "relay.sock"))
+        cq = CQ(ctx, 8)
+        cq.req_notify()
+        ctx.query_device()  # the relay carries the device
+
+        def wait(ready):
+            ready.set()
+            cq.get_event()
+
+        g = Guest("get_event", wait)
+        g.start()
+        assert g.ready.wait(30)
+        time.sleep(0.2)
+        t = time.monotonic()
+        if how == "unsolicited bytes":
+            relay.guest.send(b"\x01\x00\x00\x00")
+        else:
+            relay.guest.shutdown(2)
+        g.join(30)
+        assert not g.is_alive()
+        _assert_gone(g.error)
+        assert g.failed_at - t < BOUND
+        said = str(g.error)
+        assert ("unsolicited" in said) if how == "unsolicited bytes" else ("hung up" in said or "closed" in said), said
+        ctx.close()
+    finally:
+        relay.close()
+    assert _fds() == fds0  # the Context's and the relay's
+    _loopback_send(daemon.path)
