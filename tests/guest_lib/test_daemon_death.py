@@ -12,6 +12,7 @@ new Context on a daemon restarted at the same path does a loopback SEND.
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import resource
 import signal
@@ -111,6 +112,13 @@ def _assert_gone(e: BaseException | None) -> None:
     assert e.errno == errno.ENOTCONN, e
 
 
+def _baseline() -> None:
+    """Before a baseline count: earlier tests' garbage must not close its fds
+    in the middle of this test. (No collection before the final counts: what
+    close() leaves to the garbage collector counts as a leak.)"""
+    gc.collect()
+
+
 def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -121,6 +129,7 @@ def _maps() -> int:
 
 
 def test_blocked_guests_fail_within_a_second_and_a_restarted_daemon_serves(daemon):
+    _baseline()
     fds0, guest_maps0 = _fds(), proc_maps_count("vrdma-guest")
     # (a) a poll helper waiting for a receive that will never complete
     a, b = RcEndpoint(daemon.path, 1 << 16), RcEndpoint(daemon.path, 1 << 16)
@@ -191,6 +200,7 @@ def test_blocked_guests_fail_within_a_second_and_a_restarted_daemon_serves(daemo
 
 def test_idle_guest_fails_at_its_next_call_and_releases_everything(daemon):
     _loopback_send(daemon.path)  # warm up: imports, allocator arenas
+    _baseline()
     fds0, maps0, guest_maps0 = _fds(), _maps(), proc_maps_count("vrdma-guest")
     ctx = Context(daemon.path)
     pd = PD(ctx)
@@ -239,6 +249,7 @@ def test_close_right_after_the_kill(daemon):
     """Nobody has looked yet: the first destroy command of close() is what
     finds the daemon gone; close() still completes, without an error."""
     _loopback_send(daemon.path)
+    _baseline()
     fds0, guest_maps0 = _fds(), proc_maps_count("vrdma-guest")
     ep = RcEndpoint(daemon.path, 1 << 16)
     ep.connect(ep.info())  # looped back to itself
@@ -451,6 +462,7 @@ def test_a_broken_connection_is_a_dead_device_too(daemon, tmp_path, how):
     nothing between requests), or a connection closed while the daemon lives
     on: the waiting guest fails with ENOTCONN at once, and the daemon serves
     a new Context."""
+    _baseline()
     fds0 = _fds()
     relay = Relay(str(tmp_path / "relay.sock"), daemon.path)
     relay.start()
