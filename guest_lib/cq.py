@@ -5,11 +5,17 @@ The device writes CQE number n to slot n mod cqe with owner bit
 The consumer index goes to the CQ's doorbell record so the device can tell
 an overflow. ``req_notify`` arms the CQ; ``get_event`` blocks on the event
 queue until the device reports a completion for this CQ.
+
+``poll`` returns what the ring holds even when the daemon is gone; an empty
+poll looks at the daemon's socket at most once per
+``context.LIVENESS_INTERVAL`` and raises ``RDMAError`` (ENOTCONN) once it is
+gone, so busy-poll loops end instead of spinning forever.
 """
 from __future__ import annotations
 
 import struct
 import time
+from time import monotonic
 from dataclasses import dataclass
 
 from guest_lib.base import VerbsObject
@@ -83,6 +89,8 @@ class CQ(VerbsObject):
         if out:
             self.ci = ci
             struct.pack_into("<I", self.dbrec, 0, ci)
+        elif monotonic() >= self.ctx._next_check:  # nothing yet: is anyone still there to complete it?
+            self.ctx.check_alive(f"poll of CQ {self.cqn}")
         return len(out), out
 
     def req_notify(self, solicited_only: bool = False) -> None:
@@ -110,7 +118,6 @@ class CQ(VerbsObject):
 
     def _release(self) -> None:
         try:
-            if not self.ctx.closed:
-                self.ctx.command(Cmd.DESTROY_CQ, cqn=self.cqn)
+            self.ctx._destroy(Cmd.DESTROY_CQ, cqn=self.cqn)
         finally:
             self._free_memory()

@@ -292,7 +292,7 @@ class QP(VerbsObject):
     def _release(self) -> None:
         self.ctx.qps.pop(getattr(self, "qp_num", None), None)
         try:
-            if not self.ctx.closed and hasattr(self, "qp_num"):
-                self.ctx.command(Cmd.DESTROY_QP, qpn=self.qp_num)
+            if hasattr(self, "qp_num"):
+                self.ctx._destroy(Cmd.DESTROY_QP, qpn=self.qp_num)
         finally:
             self._free_memory()
