@@ -208,8 +208,9 @@ def test_idle_guest_fails_at_its_next_call_and_releases_everything(daemon):
     cq = CQ(ctx, 16)
     qp = QP(pd, QPInitAttr(scq=cq, rcq=cq, cap=QPCap(8, 8, 1, 1, 0)))
     gid = ctx.query_gid()
-    from guest_lib.endpoint import connect_qp
-    connect_qp(qp, qp.qp_num, gid.raw)  # connected to itself: posts are legal
+    from guest_lib.endpoint import connect_qp, new_psn
+    psn = new_psn()
+    connect_qp(qp, qp.qp_num, gid.raw, rq_psn=psn, sq_psn=psn)  # connected to itself: posts are legal
     assert _fds() > fds0 and proc_maps_count("vrdma-guest") > guest_maps0
     t_kill = daemon.kill()
     time.sleep(0.3)  # idle: nobody is looking at the socket
