@@ -19,7 +19,6 @@ import argparse
 import os
 import string
 import sys
-import time
 
 NAME = "rc-pingpong"
 HELP = "ibv_rc_pingpong-compatible RC ping-pong (server without SERVERNAME, client with it)"
@@ -173,9 +172,9 @@ def _address_line(label: str, dest) -> str:
 def _pingpong(cfg, servername: str | None, port: int, prefetch: bool) -> int:
     from vrdma.rc_pingpong import oob
     from vrdma.rc_pingpong.errors import SetupError
-    from vrdma.rc_pingpong.pingpong import PingpongContext, Rand48
+    from guest_lib.endpoint import new_psn
+    from vrdma.rc_pingpong.pingpong import PingpongContext
 
-    rand = Rand48(os.getpid() * int(time.time()))  # srand48(getpid() * time(NULL))
     _check_combinations(cfg, prefetch)
     io_timeout = oob.IO_TIMEOUT if cfg.timeout is None else cfg.timeout
     with PingpongContext(cfg) as pp:
@@ -184,7 +183,9 @@ def _pingpong(cfg, servername: str | None, port: int, prefetch: bool) -> int:
             raise SetupError(f"Couldn't post receive ({routs})")
         if cfg.use_event:
             pp.req_notify()
-        my_dest = pp.local_dest(cfg.gidx, rand.lrand48() & 0xFFFFFF)
+        # rc_pingpong: lrand48() & 0xffffff, seeded with getpid() * time(NULL);
+        # ours comes from a cryptographic source, which no local process can replay
+        my_dest = pp.local_dest(cfg.gidx, new_psn())
         print(_address_line("local address: ", my_dest), flush=True)
 
         def connect(rem):

@@ -72,20 +72,6 @@ def mtu_to_enum(mtu: int) -> int:
     return {256: 1, 512: 2, 1024: 3, 2048: 4, 4096: 5}.get(mtu, 0)
 
 
-class Rand48:
-    """srand48/lrand48 (POSIX drand48 family), which rc_pingpong seeds with
-    ``getpid() * time(NULL)`` and draws its starting PSN from."""
-
-    _A, _C, _MASK = 0x5DEECE66D, 0xB, (1 << 48) - 1
-
-    def __init__(self, seedval: int):
-        self._x = ((seedval & 0xFFFFFFFF) << 16) | 0x330E
-
-    def lrand48(self) -> int:
-        self._x = (self._A * self._x + self._C) & self._MASK
-        return self._x >> 17
-
-
 @dataclass
 class Config:
     """rc_pingpong's settings that reach the verbs (see the command for the rest)."""
@@ -348,5 +334,5 @@ def _make(factory, message: str):
         raise SetupError(message, str(e)) from e
 
 
-__all__ = ["Config", "PingpongContext", "Schedule", "Rand48", "Result", "mtu_to_enum", "wc_status_str",
+__all__ = ["Config", "PingpongContext", "Schedule", "Result", "mtu_to_enum", "wc_status_str",
            "PINGPONG_RECV_WRID", "PINGPONG_SEND_WRID"]
