@@ -334,6 +334,7 @@ def test_endpoint_backlog_keeps_order_when_the_socket_buffer_is_full():
 class _Target:
     def __init__(self, peer: str, mtu: int, size: int):
         self.peer = peer
+        self.sports = None           # any source port (RoceFabric sets the allowed ones)
         self.mem = MemoryTable()
         self.buf = bytearray(size)
         self.rkey, self.va = self.mem.register(self.buf, Access.REMOTE_WRITE)
