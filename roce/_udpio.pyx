@@ -169,16 +169,6 @@ cdef class RxRing:
             memcpy(pseudo + 33, a + 2, 2)           # source port, network order
             memcpy(pseudo + 35, auth.local + 16, 2)
             counter = _be64(p + length - TRAILER_LEN)
-            key_i = self._key(i)
-            wo = auth.windows.get(key_i)
-            if wo is not None:
-                w = <Window>wo
-                if not w.ok(counter):
-                    auth.replayed += 1
-                    self.msgs[i].msg_len = 0
-                    dropped = dropped or set()
-                    dropped.add(i)
-                    continue
             with nogil:
                 ok = (key.begin() == 1 and key.update(pseudo, PSEUDO_LEN) == 1
                       and key.update(p, length - TRAILER_LEN) == 1 and key.finish(counter, tag) == 1
@@ -189,9 +179,23 @@ cdef class RxRing:
                 dropped = dropped or set()
                 dropped.add(i)
                 continue
+            key_i = self._key(i)
+            wo = auth.windows.get(key_i)
+            if wo is not None:
+                w = <Window>wo
+                if not w.ok(counter):
+                    auth.replayed += 1
+                    self.msgs[i].msg_len = 0
+                    dropped = dropped or set()
+                    dropped.add(i)
+                    continue
             if wo is None:
-                if len(auth.windows) >= 65536:      # senders holding the key only
-                    auth.windows.clear()
+                if len(auth.windows) >= 65536:      # never forget a window: that would allow replays
+                    auth.failed += 1
+                    self.msgs[i].msg_len = 0
+                    dropped = dropped or set()
+                    dropped.add(i)
+                    continue
                 w = Window()
                 auth.windows[key_i] = w
             w.record(counter)

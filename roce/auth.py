@@ -24,8 +24,9 @@ nanoseconds when the daemon starts and incremented for every sealed packet
 increasing across restarts. The receiver keeps, per sending address and port,
 the highest counter it accepted and a :data:`WINDOW`-bit bitmap of the ones
 below it: a counter already seen, or :data:`WINDOW` or more below the
-highest, is a replay. The window is checked before the tag (cheap), and
-updated only after the tag verified.
+highest, is a replay. The tag is verified first (so ``rx_replayed`` counts
+only authentic datagrams seen before, never forgeries), then the window is
+checked and updated.
 """
 from __future__ import annotations
 
