@@ -148,6 +148,57 @@ def run(tests, *, iters: int = 2000, bw_iters: int = 20000, batch: int = 16,
     return out
 
 
+def mac_cost(rounds: int = 200) -> dict:
+    """CPU time of sealing and of verifying the 16 packets of one 64 KiB
+    WRITE at MTU 4096 on the rings alone (no network), against building them
+    unsealed: what the authenticated fabric adds per 64 KiB on each side."""
+    import time
+
+    from roce.auth import derive_mac_key
+    from roce._auth import RxAuth, TxAuth
+    from roce._codec import Envelope
+    from roce._udpio import RxRing, TxRing
+    from roce.headers import Bth
+    from roce.packet import RocePacket
+    from roce.udp import make_socket
+
+    key = derive_mac_key(os.urandom(32))
+    pkt = RocePacket(Bth(opcode=0x07, dest_qp=0x44, psn=1), payload=os.urandom(4096))
+    out = {}
+    a, b = make_socket("127.0.0.1", 0), make_socket("127.0.0.1", 0)
+    try:
+        env = Envelope("127.0.0.1", "127.0.0.1", a.getsockname()[1], b.getsockname()[1])
+        for seal in (False, True):
+            tx = TxRing(64)
+            tx.set_auth(TxAuth(key, 1))
+            t = time.perf_counter()
+            for _ in range(rounds):
+                for _ in range(16):
+                    tx.add(pkt, env, seal)
+                tx.clear()
+            out["tx_sealed_us" if seal else "tx_plain_us"] = (time.perf_counter() - t) / rounds * 1e6
+        tx, rx, spent = TxRing(64), RxRing(64), 0.0
+        tx.set_auth(TxAuth(key, 1))
+        for _ in range(rounds // 2):
+            for _ in range(16):
+                tx.add(pkt, env, True)
+            tx.flush(a.fileno())
+            n = 0
+            while n < 16:
+                time.sleep(0.0005)
+                n = rx.recv(b.fileno()) if n == 0 else n
+            ra = RxAuth(key, "127.0.0.1", b.getsockname()[1])
+            t = time.perf_counter()
+            rx.open_sealed(n, ra)
+            spent += time.perf_counter() - t
+            assert ra.opened == 16, "sealed datagrams did not verify"
+        out["rx_open_us"] = spent / (rounds // 2) * 1e6
+    finally:
+        a.close()
+        b.close()
+    return out
+
+
 def _auth_runs(out, lab, d, tests, iters, bw_iters, batch, poll_us, pin, cpus, guest_cpu,
                plain_daemons) -> None:
     """The same measurements between two daemons sharing a cluster key."""
@@ -168,6 +219,7 @@ def _auth_runs(out, lab, d, tests, iters, bw_iters, batch, poll_us, pin, cpus, g
         s = out["send_lat"]
         s["ours_auth"] = _pair(sb, sa, "send_lat", 64, iters, batch, guest_cpu)
         s["auth_ratio_typical"] = s["ours_auth"]["t_typical"] / s["ours"]["t_typical"]
+    out["mac_cost"] = mac_cost()
     if "write_bw" in tests:
         w = out["write_bw"]
         w["ours_auth"] = _pair(sb, sa, "write_bw", 65536, bw_iters, batch, guest_cpu)
@@ -241,6 +293,11 @@ def main(argv=None) -> int:
                   f"{o['bw_avg_MiB']:<22.2f}{o['msg_rate_Mpps']:.6f}")
             print(f"# authenticated / plain: {w['MB_per_s_auth']:.1f} / {w['MB_per_s']:.1f} MB/s "
                   f"= {w['auth_ratio']:.2f}")
+    if "mac_cost" in r:
+        c = r["mac_cost"]
+        print(f"# MAC CPU time per 64 KiB WRITE (16 x 4 KiB packets, rings only): build "
+              f"{c['tx_plain_us']:.1f} us plain, {c['tx_sealed_us']:.1f} us sealed; verify + "
+              f"strip {c['rx_open_us']:.1f} us")
     print(f"# vCPUs during our runs: {r['vcpu_state']}; during the UDP floors: "
           f"{r['floor_vcpu_state']} (and idle, for reference)")
     for path, label in zip(r.get("profiles", ()), ("daemon A (client side)",

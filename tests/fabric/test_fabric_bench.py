@@ -37,3 +37,9 @@ def test_short_run_with_auth_reports_both_modes(netns):
         lat["ours_auth"]["t_typical"] / lat["ours"]["t_typical"])
     assert bw["ours_auth"]["iterations"] == 160 and bw["MB_per_s_auth"] > 0
     assert bw["auth_ratio"] == pytest.approx(bw["MB_per_s_auth"] / bw["MB_per_s"])
+
+
+def test_mac_cost_reports_both_sides():
+    c = fabric_bench.mac_cost(rounds=20)
+    assert set(c) == {"tx_plain_us", "tx_sealed_us", "rx_open_us"}
+    assert all(v > 0 for v in c.values())

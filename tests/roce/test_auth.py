@@ -287,3 +287,26 @@ def test_ring_seal_matches_reference_bytes():
     with pytest.raises(ValueError, match="set_auth"):
         TxRing(2).add(pkts[0], env, seal=True)
 
+
+
+def test_sealed_endpoints_over_ipv6():
+    """IPv6: the pseudo header carries 16-byte addresses and version 6."""
+    async def main():
+        got = []
+        a = await open_endpoint("::1", lambda p, ip: None, port=0)
+        b = await open_endpoint("::1", lambda p, ip: got.append((p.bth.psn, ip)), port=0)
+        a.set_auth(KEY)
+        b.set_auth(KEY)
+        try:
+            a.transmit([_pkt(i) for i in range(10)], "::1", b.local[1])
+            for _ in range(50):
+                if len(got) == 10:
+                    break
+                await asyncio.sleep(0.02)
+        finally:
+            await a.aclose()
+            await b.aclose()
+        return got, b.metrics
+    got, m = asyncio.run(main())
+    assert got == [(i, "::1") for i in range(10)]
+    assert m.rx_authenticated == 10 and m.rx_auth_failed == 0
