@@ -98,3 +98,23 @@ def test_key_file_readable_by_group_is_refused(tmp_path, key):
     assert r.returncode != 0
     assert f"cluster key file {bad} has mode 0640" in r.stderr
     assert not (tmp_path / "x.sock").exists()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--cluster-key", "/nonexistent/cluster.key"],
+     "cluster key file /nonexistent/cluster.key: No such file or directory"),
+    (["--plaintext-peer", "192.0.2.9"], "--plaintext-peer needs --cluster-key"),
+    (["--peer-port-check", "192.0.2.9=sometimes"], "'sometimes' is not one of daemon, rxe"),
+], ids=["missing-key", "plaintext-without-key", "bad-mode"])
+def test_bad_auth_options_are_refused(tmp_path, extra, message):
+    r = subprocess.run([sys.executable, "-m", "vrdma", "backend", "--socket",
+                        str(tmp_path / "x.sock"), "--roce-addr", "127.0.0.1", *extra],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and message in r.stderr
+
+
+def test_auth_options_without_the_roce_fabric_are_refused(tmp_path, key):
+    r = subprocess.run([sys.executable, "-m", "vrdma", "backend", "--socket",
+                        str(tmp_path / "x.sock"), "--cluster-key", key],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and "apply to the RoCE fabric" in r.stderr

@@ -68,6 +68,9 @@ def make_fabric(args):
     kind = args.fabric
     if kind == "auto":
         kind = "verbs" if args.verbs_device else "roce" if args.roce_addr else "local"
+    if kind != "roce" and (args.cluster_key or args.plaintext_peer or args.peer_port_check):
+        raise SystemExit("vrdma backend: --cluster-key, --plaintext-peer and --peer-port-check "
+                         "apply to the RoCE fabric (--roce-addr) only")
     if kind == "verbs":
         return _verbs_fabric(args)
     if kind == "local":
