@@ -310,3 +310,25 @@ def test_sealed_endpoints_over_ipv6():
     got, m = asyncio.run(main())
     assert got == [(i, "::1") for i in range(10)]
     assert m.rx_authenticated == 10 and m.rx_auth_failed == 0
+
+
+def test_reference_receive_path_authenticates_too():
+    """``datagram_received`` (the reference path, for tools) applies the same
+    rules: sealed and new is delivered, a replay and a forgery are counted."""
+    async def main():
+        got = []
+        b = await open_endpoint(B, lambda p, ip: got.append(p.bth.psn), port=0)
+        b.set_auth(KEY)
+        try:
+            bport = b.local[1]
+            data = _pkt(1).encode(IpContext(S, B, sport=4791, dport=bport))
+            sealed = auth.seal(KEY, data, 9, S, B, 4791, bport)
+            b.datagram_received(sealed, (S, 4791))
+            b.datagram_received(sealed, (S, 4791))                   # replay
+            b.datagram_received(sealed, (S, 4792))                   # another port: bad tag
+            b.datagram_received(data, (S, 4791))                     # plain
+        finally:
+            await b.aclose()
+        return got, b.metrics
+    got, m = asyncio.run(main())
+    assert got == [1] and m.rx_replayed == 1 and m.rx_auth_failed == 2
