@@ -31,7 +31,7 @@ import pytest
 
 from guest_lib import MR, RecvWR, SGE, SendWR
 from guest_lib.endpoint import RcEndpoint
-from roce.auth import TRAILER_LEN, derive_mac_key
+from roce.auth import TRAILER_LEN, derive_mac_key, seal
 from roce.headers import Bth, Reth
 from roce.icrc import IpContext
 from roce.opcodes import Opcode
@@ -262,6 +262,11 @@ def test_authenticated_daemon_rejects_every_forgery(lab):
         # a trailer whose counter is far ahead: it must not move the window either
         forged.append(forged_write(gb, psn, 0, b"y", A_IP, 4791) + (1 << 63).to_bytes(8, "big")
                       + bytes(16))
+        # sealed properly, but with another cluster's key; and a sweep of PSNs around the live one
+        forged += [seal(K2, forged_write(gb, psn, 0, b"z" * 64, A_IP, 4791), time.time_ns() + i,
+                        A_IP, B_IP, 4791, 4791) for i in range(4)]
+        forged += [forged_write(gb, (psn + k) & 0xFFFFFF, 8 * k % BUF, b"s" * 8, A_IP, 4791)
+                   for k in range(-64, 65, 4)]
         for f in forged:
             spoof(raw, A_IP, 4791, B_IP, 4791, f)
         settle(b, "rx_auth_failed", u0["rx_auth_failed"] + len(forged))
