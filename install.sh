@@ -12,7 +12,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 export DEBIAN_FRONTEND=noninteractive
 APT_PACKAGES=(
-  build-essential python3-dev python3-venv
+  build-essential python3-dev python3-venv libssl-dev
   qemu-system-x86 qemu-system-common qemu-utils
   tshark iproute2 iptables
   python3-pyverbs ibverbs-utils rdma-core

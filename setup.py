@@ -21,6 +21,9 @@ cflags = ["-O3", "-fno-strict-aliasing", "-Wno-unused-function"]
 if os.environ.get("VRDMA_NATIVE", "1") != "0":
     cflags.append("-march=native")
 
+#: extensions that link a system library (libcrypto: Debian libssl-dev)
+LIBRARIES = {"roce._auth": ["crypto"], "roce._udpio": ["crypto"]}
+
 only = [p for p in os.environ.get("VRDMA_ONLY", "").split(",") if p]
 
 extensions = []
@@ -36,6 +39,7 @@ for pkg in PACKAGES:
                 include_dirs=[numpy.get_include()],
                 extra_compile_args=cflags,
                 define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+                libraries=LIBRARIES.get(".".join(rel.parts), []),
             )
         )
 

@@ -28,11 +28,13 @@ keeps the vCPUs busy:
   with).
 
 The bandwidth fraction is taken against the higher of the two UDP stream
-floors. ``--profile DIR`` runs both daemons under cProfile and prints where
+floors. ``--auth`` measures ours twice in the same run: plain, then with a
+fresh pair of daemons sharing a cluster key (every packet sealed and
+verified, roce.auth), and prints both side by side with their ratio. ``--profile DIR`` runs both daemons under cProfile and prints where
 their time went (figures are then inflated by the profiler).
 
     python -m bench.fabric_bench [send_lat|write_bw|both] [--iters N] [--bw-iters N]
-                                 [--poll-us US] [--no-pin] [--profile DIR] [--json]
+                                 [--poll-us US] [--no-pin] [--profile DIR] [--auth] [--json]
 
 Needs root (network namespaces).
 """
@@ -60,10 +62,12 @@ def _pair(path_server: str, path_client: str, test: str, size: int, iters: int, 
                              client_path=path_client, connect_attrs=CONNECT)
 
 
-def _daemon(ns, ip: str, sock: str, poll_us: float, profile: str | None = None):
+def _daemon(ns, ip: str, sock: str, poll_us: float, profile: str | None = None,
+            key: str | None = None):
     prof = ["-m", "cProfile", "-o", profile] if profile else []
+    auth = ["--cluster-key", key] if key else []
     p = ns.popen([sys.executable, *prof, "-m", "vrdma", "backend", "--socket", sock,
-                  "--roce-addr", ip, "--poll-us", str(poll_us)])
+                  "--roce-addr", ip, "--poll-us", str(poll_us), *auth])
     p.expect("listening", timeout=30)
     return p
 
@@ -80,7 +84,7 @@ LAYOUTS = ("per-host", "guests-together")
 
 def run(tests, *, iters: int = 2000, bw_iters: int = 20000, batch: int = 16,
         poll_us: float = 50.0, pin: bool = True, profile_dir: str | None = None,
-        layout: str = "per-host") -> dict:
+        layout: str = "per-host", auth: bool = False) -> dict:
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
     cpus = sorted(os.sched_getaffinity(0))
@@ -136,9 +140,91 @@ def run(tests, *, iters: int = 2000, bw_iters: int = 20000, batch: int = 16,
         if profile_dir:
             for p in (da, db):
                 p.stop(timeout=30)  # SIGTERM: the daemons exit cleanly and cProfile writes
+        if auth:
+            _auth_runs(out, lab, d, tests, iters, bw_iters, batch, poll_us, pin, cpus, guest_cpu,
+                       (da, db))
     if profile_dir:
         out["profiles"] = prof
     return out
+
+
+def mac_cost(rounds: int = 200) -> dict:
+    """CPU time of sealing and of verifying the 16 packets of one 64 KiB
+    WRITE at MTU 4096 on the rings alone (no network), against building them
+    unsealed: what the authenticated fabric adds per 64 KiB on each side."""
+    import time
+
+    from roce.auth import derive_mac_key
+    from roce._auth import RxAuth, TxAuth
+    from roce._codec import Envelope
+    from roce._udpio import RxRing, TxRing
+    from roce.headers import Bth
+    from roce.packet import RocePacket
+    from roce.udp import make_socket
+
+    key = derive_mac_key(os.urandom(32))
+    pkt = RocePacket(Bth(opcode=0x07, dest_qp=0x44, psn=1), payload=os.urandom(4096))
+    out = {}
+    a, b = make_socket("127.0.0.1", 0), make_socket("127.0.0.1", 0)
+    try:
+        env = Envelope("127.0.0.1", "127.0.0.1", a.getsockname()[1], b.getsockname()[1])
+        for seal in (False, True):
+            tx = TxRing(64)
+            tx.set_auth(TxAuth(key, 1))
+            t = time.perf_counter()
+            for _ in range(rounds):
+                for _ in range(16):
+                    tx.add(pkt, env, seal)
+                tx.clear()
+            out["tx_sealed_us" if seal else "tx_plain_us"] = (time.perf_counter() - t) / rounds * 1e6
+        tx, rx, spent = TxRing(64), RxRing(64), 0.0
+        tx.set_auth(TxAuth(key, 1))
+        for _ in range(rounds // 2):
+            for _ in range(16):
+                tx.add(pkt, env, True)
+            tx.flush(a.fileno())
+            n = 0
+            while n < 16:
+                time.sleep(0.0005)
+                n = rx.recv(b.fileno()) if n == 0 else n
+            ra = RxAuth(key, "127.0.0.1", b.getsockname()[1])
+            t = time.perf_counter()
+            rx.open_sealed(n, ra)
+            spent += time.perf_counter() - t
+            assert ra.opened == 16, "sealed datagrams did not verify"
+        out["rx_open_us"] = spent / (rounds // 2) * 1e6
+    finally:
+        a.close()
+        b.close()
+    return out
+
+
+def _auth_runs(out, lab, d, tests, iters, bw_iters, batch, poll_us, pin, cpus, guest_cpu,
+               plain_daemons) -> None:
+    """The same measurements between two daemons sharing a cluster key."""
+    from roce.auth import write_key_file
+
+    for p in plain_daemons:
+        if p.alive():
+            p.stop(timeout=30)
+    key = os.path.join(d, "cluster.key")
+    write_key_file(key)
+    sa, sb = os.path.join(d, "a-auth.sock"), os.path.join(d, "b-auth.sock")
+    da = _daemon(lab.a, lab.ip_a, sa, poll_us, key=key)
+    db = _daemon(lab.b, lab.ip_b, sb, poll_us, key=key)
+    if pin:
+        perftest.pin_threads(da.pid, cpus[0])
+        perftest.pin_threads(db.pid, cpus[1])
+    if "send_lat" in tests:
+        s = out["send_lat"]
+        s["ours_auth"] = _pair(sb, sa, "send_lat", 64, iters, batch, guest_cpu)
+        s["auth_ratio_typical"] = s["ours_auth"]["t_typical"] / s["ours"]["t_typical"]
+    out["mac_cost"] = mac_cost()
+    if "write_bw" in tests:
+        w = out["write_bw"]
+        w["ours_auth"] = _pair(sb, sa, "write_bw", 65536, bw_iters, batch, guest_cpu)
+        w["MB_per_s_auth"] = w["ours_auth"]["bw_avg_MiB"] * 2**20 / 1e6
+        w["auth_ratio"] = w["MB_per_s_auth"] / w["MB_per_s"]
 
 
 def main(argv=None) -> int:
@@ -156,6 +242,9 @@ def main(argv=None) -> int:
                     help="per-host: each daemon shares its CPU with its own guest (as on two "
                          "hosts); guests-together: both guests on daemon B's CPU")
     ap.add_argument("--profile", metavar="DIR", help="run the daemons under cProfile into DIR")
+    ap.add_argument("--auth", action="store_true",
+                    help="also measure between daemons sharing a cluster key (authenticated "
+                         "fabric), printed beside the plain figures with the ratio")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -165,7 +254,7 @@ def main(argv=None) -> int:
     if a.profile:
         os.makedirs(a.profile, exist_ok=True)
     r = run(tests, iters=a.iters, bw_iters=a.bw_iters, batch=a.batch, poll_us=a.poll_us,
-            pin=not a.no_pin, profile_dir=a.profile, layout=a.layout)
+            pin=not a.no_pin, profile_dir=a.profile, layout=a.layout, auth=a.auth)
     if a.json:
         print(json.dumps(r, indent=2))
         return 0
@@ -180,6 +269,11 @@ def main(argv=None) -> int:
         print(perftest._lat_row(s["udp_floor_idle_vcpus"]))
         print(f"# ratio (typical): {s['ratio_typical']:.2f}x   goal <= 1.5x   "
               f"(vs the idle-vCPU floor: {s['ratio_vs_idle_floor']:.2f}x)")
+        if "ours_auth" in s:
+            print("# the same SEND between daemons sharing a cluster key (authenticated)")
+            print(perftest._lat_row(s["ours_auth"]))
+            print(f"# authenticated / plain (typical): {s['ours_auth']['t_typical']:.2f} / "
+                  f"{s['ours']['t_typical']:.2f} us = {s['auth_ratio_typical']:.2f}x")
     if "write_bw" in r:
         w = r["write_bw"]
         print("# 64 KiB RDMA WRITE across veth, path MTU 4096 (ib_write_bw columns)")
@@ -192,6 +286,18 @@ def main(argv=None) -> int:
               f"{w['udp_floor_idle_vcpus']['MB_per_s']:.1f} MB/s (idle vCPUs) -> "
               f"{w['fraction_of_udp']:.2f} of the higher (goal >= 0.5); "
               f"vs rxe loopback 828 MB/s: {w['fraction_of_rxe_828']:.2f}")
+        if "ours_auth" in w:
+            o = w["ours_auth"]
+            print("# the same WRITE between daemons sharing a cluster key (authenticated)")
+            print(f"{o['bytes']:<7}{o['iterations']:<12}{o['bw_peak_MiB']:<19.2f}"
+                  f"{o['bw_avg_MiB']:<22.2f}{o['msg_rate_Mpps']:.6f}")
+            print(f"# authenticated / plain: {w['MB_per_s_auth']:.1f} / {w['MB_per_s']:.1f} MB/s "
+                  f"= {w['auth_ratio']:.2f}")
+    if "mac_cost" in r:
+        c = r["mac_cost"]
+        print(f"# MAC CPU time per 64 KiB WRITE (16 x 4 KiB packets, rings only): build "
+              f"{c['tx_plain_us']:.1f} us plain, {c['tx_sealed_us']:.1f} us sealed; verify + "
+              f"strip {c['rx_open_us']:.1f} us")
     print(f"# vCPUs during our runs: {r['vcpu_state']}; during the UDP floors: "
           f"{r['floor_vcpu_state']} (and idle, for reference)")
     for path, label in zip(r.get("profiles", ()), ("daemon A (client side)",

@@ -24,6 +24,10 @@ from libc.string cimport memcpy, memset
 from roce._codec cimport (Envelope, PARSE_ICRC, PARSE_MALFORMED, PARSE_OK, Parsed, build_packet,
                           encode_header, opdesc, parse_verify)
 from roce._icrc cimport crc32_raw, icrc_seed
+from roce._auth cimport CTR_LEN, PSEUDO_LEN, TAG_LEN, TRAILER_LEN, MacKey, RxAuth, TxAuth, Window
+
+cdef extern from "<openssl/crypto.h>" nogil:
+    int CRYPTO_memcmp(const void *a, const void *b, size_t n)
 
 import ipaddress
 import os
@@ -38,7 +42,7 @@ cdef extern from "<sys/socket.h>" nogil:
 
 cdef enum:
     HDR = 64
-    TRAILER = 8
+    TRAILER = 8 + TRAILER_LEN   # pad, ICRC, and the auth trailer of a sealed datagram
     MAXIOV = 10           # per datagram: header, up to 8 payload pieces, pad + ICRC
     MAXVIEWS = 64         # SG entries of one run
 
@@ -52,6 +56,14 @@ cdef inline void _put32(uint8_t *p, uint32_t v) noexcept nogil:
 
 cdef inline uint16_t _be16(const uint8_t *p) noexcept nogil:
     return <uint16_t>((p[0] << 8) | p[1])
+
+
+cdef inline uint64_t _be64(const uint8_t *p) noexcept nogil:
+    cdef uint64_t v = 0
+    cdef int k
+    for k in range(8):
+        v = (v << 8) | p[k]
+    return v
 
 
 cdef class RxRing:
@@ -113,6 +125,84 @@ cdef class RxRing:
         memcpy(k + 2, a + 8, 20)
         return PyBytes_FromStringAndSize(<const char *>k, 22)
 
+    def open_sealed(self, int n, RxAuth auth):
+        """Authenticate slots ``0 .. n-1`` (roce.auth): a datagram from a
+        plain peer is left as it is; any other must carry a valid trailer with
+        a counter new to its sender's window, and is stripped of it (its
+        length shrinks); one that fails gets length 0 and its index in the
+        returned set (None if none failed). Counted in ``auth``."""
+        cdef int i
+        cdef const uint8_t *a
+        cdef uint8_t *p
+        cdef uint8_t pseudo[PSEUDO_LEN]
+        cdef uint8_t tag[TAG_LEN]
+        cdef unsigned int length
+        cdef uint64_t counter
+        cdef Window w
+        cdef MacKey key = auth.key
+        cdef bint ok
+        cdef bint has_plain = len(auth.plain) > 0
+        dropped = None
+        if not 0 <= n <= self.count:
+            raise IndexError(f"{n} slots, {self.count} in the ring")
+        for i in range(n):
+            a = self.names + i * NAMELEN
+            memset(pseudo, 0, PSEUDO_LEN)
+            if a[0] == 2:
+                pseudo[0] = 4
+                memcpy(pseudo + 1, a + 4, 4)
+            else:
+                pseudo[0] = 6
+                memcpy(pseudo + 1, a + 8, 16)
+            if has_plain and PyBytes_FromStringAndSize(<const char *>pseudo + 1, 16) in auth.plain:
+                auth.plaintext += 1
+                continue
+            p = self.buf + <size_t>i * SLOT
+            length = self.msgs[i].msg_len
+            if pseudo[0] != auth.version or length < TRAILER_LEN + 12:
+                auth.short += 1
+                self.msgs[i].msg_len = 0
+                dropped = dropped or set()
+                dropped.add(i)
+                continue
+            memcpy(pseudo + 17, auth.local, 16)
+            memcpy(pseudo + 33, a + 2, 2)           # source port, network order
+            memcpy(pseudo + 35, auth.local + 16, 2)
+            counter = _be64(p + length - TRAILER_LEN)
+            with nogil:
+                ok = (key.begin() == 1 and key.update(pseudo, PSEUDO_LEN) == 1
+                      and key.update(p, length - TRAILER_LEN) == 1 and key.finish(counter, tag) == 1
+                      and CRYPTO_memcmp(tag, p + length - TAG_LEN, TAG_LEN) == 0)
+            if not ok:
+                auth.failed += 1
+                self.msgs[i].msg_len = 0
+                dropped = dropped or set()
+                dropped.add(i)
+                continue
+            key_i = self._key(i)
+            wo = auth.windows.get(key_i)
+            if wo is not None:
+                w = <Window>wo
+                if not w.ok(counter):
+                    auth.replayed += 1
+                    self.msgs[i].msg_len = 0
+                    dropped = dropped or set()
+                    dropped.add(i)
+                    continue
+            if wo is None:
+                if len(auth.windows) >= 65536:      # never forget a window: that would allow replays
+                    auth.failed += 1
+                    self.msgs[i].msg_len = 0
+                    dropped = dropped or set()
+                    dropped.add(i)
+                    continue
+                w = Window()
+                auth.windows[key_i] = w
+            w.record(counter)
+            self.msgs[i].msg_len = length - TRAILER_LEN
+            auth.opened += 1
+        return dropped
+
     def peer_key(self, int i):
         """A hashable key of slot ``i``'s source address and port."""
         self._check(i)
@@ -156,6 +246,7 @@ cdef class TxRing:
     cdef iovec *iovs
     cdef mmsghdr *msgs
     cdef list keep              # memoryviews (buffer exports) the queued iovecs point into
+    cdef TxAuth auth            # seals datagrams added with seal=True
 
     def __cinit__(self, int nslots=64):
         if not 1 <= nslots <= 1024:
@@ -197,10 +288,15 @@ cdef class TxRing:
     def full(self) -> bool:
         return self.count == self.nslots
 
+    def set_auth(self, TxAuth auth) -> None:
+        """Seal datagrams added with ``seal=True`` with ``auth`` (roce.auth)."""
+        self.auth = auth
+
     cdef void _finish(self, int i, Envelope env, Py_ssize_t hlen, Py_ssize_t plen,
-                      int npieces) noexcept nogil:
+                      int npieces, bint seal) noexcept nogil:
         """Slot ``i`` has its header (``hlen`` bytes) and ``npieces`` payload
-        iovecs (``plen`` bytes) in place: pad, ICRC, trailer, msghdr."""
+        iovecs (``plen`` bytes) in place: pad, ICRC, trailer (and the auth
+        trailer if ``seal``), msghdr."""
         cdef uint8_t *hdr = self.hdrs + i * HDR
         cdef uint8_t *tr = self.trailers + i * TRAILER
         cdef iovec *iov = self.iovs + MAXIOV * i
@@ -224,6 +320,9 @@ cdef class TxRing:
         iov[0].iov_len = hlen
         iov[npieces + 1].iov_base = tr
         iov[npieces + 1].iov_len = pad + 4
+        if seal:
+            self._seal(env, iov, npieces + 2, tr + pad + 4)
+            iov[npieces + 1].iov_len = pad + 4 + TRAILER_LEN
         memcpy(self.names + i * NAMELEN, env.sockaddr, env.sockaddr_len)
         m.msg_name = self.names + i * NAMELEN
         m.msg_namelen = env.sockaddr_len
@@ -233,12 +332,38 @@ cdef class TxRing:
         m.msg_controllen = 0
         m.msg_flags = 0
 
-    def add(self, pkt, Envelope env) -> bool:
+    cdef void _seal(self, Envelope env, iovec *iov, int niov, uint8_t *out) noexcept nogil:
+        """Write the counter and tag of the datagram in ``iov`` to ``out``."""
+        cdef uint8_t pseudo[PSEUDO_LEN]
+        cdef uint64_t counter = self.auth.counter
+        cdef int k
+        cdef bint ok
+        self.auth.counter = counter + 1
+        self.auth.sealed += 1
+        pseudo[0] = <uint8_t>env.version
+        memcpy(pseudo + 1, env.src_b, 16)
+        memcpy(pseudo + 17, env.dst_b, 16)
+        pseudo[33] = <uint8_t>(env.sport >> 8)
+        pseudo[34] = <uint8_t>env.sport
+        pseudo[35] = <uint8_t>(env.dport >> 8)
+        pseudo[36] = <uint8_t>env.dport
+        ok = self.auth.key.begin() == 1 and self.auth.key.update(pseudo, PSEUDO_LEN) == 1
+        for k in range(niov):
+            ok = ok and self.auth.key.update(<const uint8_t *>iov[k].iov_base, iov[k].iov_len) == 1
+        for k in range(8):
+            out[k] = <uint8_t>(counter >> (56 - 8 * k))
+        if not (ok and self.auth.key.finish(counter, out + CTR_LEN) == 1):
+            memset(out + CTR_LEN, 0, TAG_LEN)   # the receiver drops it (counted there)
+
+    def add(self, pkt, Envelope env, bint seal=False) -> bool:
         """Encode ``pkt`` for ``env`` (its ``dst`` is the destination) into
-        the next slot. False if the ring is full (flush first) or the packet
-        cannot be encoded (the reference encoder says why)."""
+        the next slot, sealed if ``seal`` (:meth:`set_auth` first). False if
+        the ring is full (flush first) or the packet cannot be encoded (the
+        reference encoder says why)."""
         if self.count == self.nslots:
             return False
+        if seal and self.auth is None:
+            raise ValueError("seal=True without set_auth()")
         cdef int i = self.count
         cdef const uint8_t *buf
         cdef Py_ssize_t hlen, plen
@@ -248,16 +373,16 @@ cdef class TxRing:
         except (TypeError, BufferError, ValueError):
             return False
         hlen = encode_header(pkt, self.hdrs + i * HDR, plen)
-        if hlen < 0 or hlen + plen + 60 > 0xFFFF:
+        if hlen < 0 or hlen + plen + 60 + TRAILER_LEN > 0xFFFF:
             self.keep.pop()
             return False
         iov[1].iov_base = <void *>buf
         iov[1].iov_len = plen
-        self._finish(i, env, hlen, plen, 1)
+        self._finish(i, env, hlen, plen, 1, seal)
         self.count = i + 1
         return True
 
-    def add_run(self, run, Envelope env, int start=0) -> int:
+    def add_run(self, run, Envelope env, int start=0, bint seal=False) -> int:
         """Encode packets ``start, start + 1, ...`` of a
         :class:`~roce.packet.PacketRun` into free slots, payloads pointing into
         its SG list; returns the index of the first packet not added (``run.count``
@@ -279,6 +404,8 @@ cdef class TxRing:
         cdef const uint8_t *vbuf
         cdef Py_ssize_t vlen
         first_op, mid_op, last_op, only_op = run.ops
+        if seal and self.auth is None:
+            raise ValueError("seal=True without set_auth()")
         if not (0 < mtu and 0 <= first and 0 <= start <= count and first + count <= npkts
                 and 0 <= pkey < 65536 and dest_qp < (1 << 24) and psn0 < (1 << 24)):
             raise ValueError(f"bad run {run!r}")
@@ -361,7 +488,7 @@ cdef class TxRing:
                 iov[1 + npieces].iov_len = take
                 npieces += 1
                 pos += take
-            self._finish(i, env, hlen, <Py_ssize_t>(end - off), npieces)
+            self._finish(i, env, hlen, <Py_ssize_t>(end - off), npieces, seal)
             self.count = i + 1
             j += 1
         return j

@@ -14,6 +14,13 @@ packet is still fully verified. DF is assumed set (rxe and this module set
 it); a packet only valid without DF is accepted too. IPv6 sockets set
 ``UDP_NO_CHECK6_RX`` because rxe sends IPv6/UDP with a zero checksum.
 
+Authentication (:mod:`roce.auth`, optional: :meth:`RoceUdpEndpoint.set_auth`):
+every datagram to a peer that is not a plaintext peer is sealed as it is
+built in the TX ring, and every datagram from such a peer is verified,
+checked against its sender's replay window and stripped right after
+``recvmmsg``, before any decoding or the fast path; one that fails never
+goes further. Datagrams from plaintext peers are plain RoCEv2.
+
 Bad datagrams are counted in :class:`UdpMetrics` and dropped.
 """
 from __future__ import annotations
@@ -26,6 +33,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
+from . import auth as auth_codec
 from .errors import IcrcMismatch, MalformedPacket
 from .icrc import ROCE_UDP_PORT, IpContext
 from .packet import PacketRun, RocePacket, decode
@@ -57,6 +65,13 @@ class UdpMetrics:
     rx_malformed: int = 0
     rx_icrc_errors: int = 0
     rx_id_recovered: int = 0       # IPv4 packets whose non-zero ID had to be solved for
+    # authentication (set_auth): datagrams verified, and dropped for a bad tag
+    # (or too short for a trailer), a replayed counter; from plaintext peers
+    rx_authenticated: int = 0
+    rx_auth_failed: int = 0
+    rx_replayed: int = 0
+    rx_plaintext: int = 0
+    tx_sealed: int = 0
 
 
 def make_socket(host: str, port: int = ROCE_UDP_PORT) -> socket.socket:
@@ -117,12 +132,14 @@ class RoceUdpEndpoint:
     until then. What the socket buffer cannot take waits for writability, in
     order."""
 
-    def __init__(self, sock: socket.socket, on_packet: Callable[[RocePacket, str], None],
-                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(self, sock: socket.socket, on_packet: Callable[..., None],
+                 loop: asyncio.AbstractEventLoop | None = None, *, ports: bool = False) -> None:
         from ._udpio import RxRing, TxRing
 
         self.sock = sock
+        #: ``on_packet(pkt, peer_ip)``, or ``on_packet(pkt, peer_ip, peer_port)`` with ``ports``
         self.on_packet = on_packet
+        self._ports = ports
         self.on_batch_end: Callable[[], None] | None = None
         #: ``fast(ring, i, n, envelopes) -> j`` takes slots ``i .. j-1`` itself
         #: (e.g. :class:`roce.rc._fastrx.RequestFastPath`); the rest are decoded
@@ -138,7 +155,30 @@ class RoceUdpEndpoint:
         self._backlog: deque = deque()    # (bytes, (ip, port)) waiting for the socket buffer
         self._holding = False
         self._closed = False
+        self._rx_auth = self._tx_auth = self._mac_key = None
+        self._plain: frozenset[str] = frozenset()
+        self._windows: dict = {}          # reference path (datagram_received): peer -> window
         self.loop.add_reader(self._fd, self.poll)
+
+    def set_auth(self, mac_key: bytes, plaintext_peers=(), counter: int | None = None) -> None:
+        """Seal and verify every datagram (roce.auth), except to and from the
+        addresses in ``plaintext_peers``. ``counter``: the first counter
+        (default: the wall clock in nanoseconds, see roce.auth)."""
+        import time
+
+        from ._auth import RxAuth, TxAuth
+
+        plain = frozenset(str(ipaddress.ip_address(p)) for p in plaintext_peers)
+        self._rx_auth = RxAuth(mac_key, self.local[0], self.local[1], plain)
+        self._tx_auth = TxAuth(mac_key, time.time_ns() if counter is None else counter)
+        self._tx.set_auth(self._tx_auth)
+        self._mac_key, self._plain = mac_key, plain
+        self._tx_envs.clear()
+
+    def _sync_auth_metrics(self) -> None:
+        a, m = self._rx_auth, self.metrics
+        m.rx_authenticated, m.rx_auth_failed = a.opened, a.failed + a.short
+        m.rx_replayed, m.rx_plaintext = a.replayed, a.plaintext
 
     # ------------------------------------------------------------ receiving
     def poll(self) -> bool:
@@ -174,6 +214,11 @@ class RoceUdpEndpoint:
     def _deliver(self, n: int) -> None:
         m = self.metrics
         rx, envs, on_packet, fast = self._rx, self._rx_envs, self.on_packet, self.fast
+        dropped = None
+        if self._rx_auth is not None:
+            dropped = rx.open_sealed(n, self._rx_auth)
+            self._sync_auth_metrics()
+        ports = self._ports
         i = 0
         while i < n:
             if fast is not None:
@@ -183,6 +228,9 @@ class RoceUdpEndpoint:
                     return
                 i = j
             m.rx_packets += 1
+            if dropped is not None and i in dropped:     # failed authentication: counted
+                i += 1
+                continue
             key = rx.peer_key(i)
             env = envs.get(key)
             if env is None:
@@ -202,7 +250,10 @@ class RoceUdpEndpoint:
                 except MalformedPacket:
                     m.rx_malformed += 1
                     continue
-            on_packet(pkt, env.src)
+            if ports:
+                on_packet(pkt, env.src, env.sport)
+            else:
+                on_packet(pkt, env.src)
 
     def _rx_env(self, i: int, key):
         from ._codec import Envelope
@@ -218,6 +269,16 @@ class RoceUdpEndpoint:
         m = self.metrics
         m.rx_packets += 1
         ctx = IpContext(addr[0], self.local[0], sport=addr[1], dport=self.local[1])
+        if self._mac_key is not None and str(ipaddress.ip_address(addr[0])) not in self._plain:
+            try:
+                counter, data = auth_codec.open_sealed(self._mac_key, data, addr[0],
+                                                       self.local[0], addr[1], self.local[1])
+            except auth_codec.AuthError:
+                m.rx_auth_failed += 1
+                return
+            if not self._windows.setdefault(addr, auth_codec.ReplayWindow()).accept(counter):
+                m.rx_replayed += 1
+                return
         try:
             pkt = self.decode(data, ctx)
         except IcrcMismatch:
@@ -226,7 +287,10 @@ class RoceUdpEndpoint:
         except MalformedPacket:
             m.rx_malformed += 1
             return
-        self.on_packet(pkt, addr[0])
+        if self._ports:
+            self.on_packet(pkt, addr[0], addr[1])
+        else:
+            self.on_packet(pkt, addr[0])
 
     def decode(self, data: bytes, ctx: IpContext) -> RocePacket:
         """The reference decode of a datagram from ``ctx.src``, solving for a
@@ -244,14 +308,17 @@ class RoceUdpEndpoint:
 
     # -------------------------------------------------------------- sending
     def _tx_env(self, peer: str, port: int):
-        env = self._tx_envs.get((peer, port))
-        if env is None:
+        """``(envelope, seal)`` of a destination."""
+        e = self._tx_envs.get((peer, port))
+        if e is None:
             from ._codec import Envelope
 
             if len(self._tx_envs) >= MAX_PEERS:
                 self._tx_envs.clear()
-            env = self._tx_envs[(peer, port)] = Envelope(self.local[0], peer, self.local[1], port)
-        return env
+            env = Envelope(self.local[0], peer, self.local[1], port)
+            seal = self._tx_auth is not None and env.dst not in self._plain
+            e = self._tx_envs[(peer, port)] = (env, seal)
+        return e
 
     def transmit(self, packets, peer: str, port: int = ROCE_UDP_PORT) -> None:
         """Queue ``packets`` (:class:`RocePacket` s and
@@ -259,29 +326,34 @@ class RoceUdpEndpoint:
         or at the end of the batch being delivered."""
         if self._closed:
             raise ConnectionError("RoCE UDP endpoint is closed")
-        env = self._tx_env(peer, port)
+        env, seal = self._tx_env(peer, port)
         tx = self._tx
         m = self.metrics
         for pkt in packets:
             if type(pkt) is PacketRun:
                 j = 0
                 while True:
-                    j = tx.add_run(pkt, env, j)
+                    j = tx.add_run(pkt, env, j, seal)
                     if j == pkt.count:
                         break
                     self.flush()
                 m.tx_packets += pkt.count
                 continue
-            if not tx.add(pkt, env):
+            if not tx.add(pkt, env, seal):
                 if tx.full:
                     self.flush()
-                    if tx.add(pkt, env):
+                    if tx.add(pkt, env, seal):
                         m.tx_packets += 1
                         continue
                 # not encodable natively: the reference raises, or gives the bytes
-                self._send_bytes(pkt.encode(IpContext(env.src, env.dst, env.sport, env.dport)),
-                                 (peer, port))
+                data = pkt.encode(IpContext(env.src, env.dst, env.sport, env.dport))
+                if seal:
+                    data = auth_codec.seal(self._mac_key, data, self._tx_auth.take(), env.src,
+                                           env.dst, env.sport, env.dport)
+                self._send_bytes(data, (peer, port))
             m.tx_packets += 1
+        if seal:
+            m.tx_sealed = self._tx_auth.sealed
         if not self._holding:
             self.flush()
 
@@ -344,14 +416,14 @@ class RoceUdpEndpoint:
         self.sock.close()
 
 
-async def open_endpoint(host: str, on_packet: Callable[[RocePacket, str], None],
-                        port: int = ROCE_UDP_PORT) -> RoceUdpEndpoint:
+async def open_endpoint(host: str, on_packet: Callable[..., None],
+                        port: int = ROCE_UDP_PORT, *, ports: bool = False) -> RoceUdpEndpoint:
     """Bind ``host:port`` and return the endpoint (owner of the socket;
     close it with :meth:`RoceUdpEndpoint.aclose`)."""
     loop = asyncio.get_running_loop()
     sock = make_socket(host, port)
     try:
-        return RoceUdpEndpoint(sock, on_packet, loop)
+        return RoceUdpEndpoint(sock, on_packet, loop, ports=ports)
     except BaseException:
         sock.close()
         raise

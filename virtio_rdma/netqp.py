@@ -145,6 +145,9 @@ class NetworkQp:
         self.dev = dev
         self.qp = qp
         self.peer = peer
+        #: UDP source ports the peer sends this QP's packets from (None: any;
+        #: set by the fabric, roce.sport)
+        self.sports: frozenset[int] | None = None
         self.rc = RcQp(qp.qpn, GuestRemoteMemory(dev, qp))
         self.posted: deque[tuple[int, int, bool]] = deque()  # (ring index, opcode, signaled)
         self.rq_posted = qp.rq_ci  # RQ ring index up to which receives went to the engine

@@ -15,9 +15,15 @@ that owns the UDP socket (:mod:`roce.udp`) in the daemon's event loop.
 
 Receive checks (rxe_recv.c's ``check_addr``/``check_keys`` order): a packet
 for a QPN with no wire QP is dropped (``rx_unknown_qpn``); one whose source
-address is not the QP's peer is dropped (``rx_addr_mismatch``). Syntax,
-ICRC, PSN, rkey and length checks happen below (roce.udp) and above
-(roce.rc) and are counted there.
+address is not the QP's peer is dropped (``rx_addr_mismatch``); one whose
+UDP source port is not one its peer sends that QP's packets from
+(:mod:`roce.sport`: per peer ``daemon``, ``rxe``, ``auto`` or ``any``) is
+dropped (``rx_port_mismatch``). The native fast path
+(:mod:`roce.rc._fastrx`) makes the same checks and leaves any packet that
+fails them to this path, which counts it. Authentication (a cluster key:
+every peer not named plaintext must seal its datagrams) happens below, in
+:mod:`roce.udp`; syntax, ICRC, PSN, rkey and length checks below (roce.udp)
+and above (roce.rc), counted there.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from typing import Callable
 
 from roce.icrc import ROCE_UDP_PORT
 from roce.packet import PacketRun, RocePacket, expand
+from roce.sport import PortCheck, allowed_source_ports, port_check
 from virtio_rdma.errors import FabricError
 from virtio_rdma.fabric import LocalFabric
 from virtio_rdma.netqp import NetworkQp
@@ -66,6 +73,7 @@ class RoceFabricMetrics:
     rx_packets: int = 0
     rx_unknown_qpn: int = 0       # no wire QP with the BTH destination QPN
     rx_addr_mismatch: int = 0     # source address is not the QP's peer
+    rx_port_mismatch: int = 0     # source UDP port is not one the QP's peer sends from
     tx_packets: int = 0
     tx_unroutable: int = 0        # no socket, or a peer of the other address family
     wire_qps: int = 0
@@ -74,11 +82,34 @@ class RoceFabricMetrics:
         return asdict(self)
 
 
+def _norm(address: str) -> str:
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        raise FabricError(f"peer address {address!r} is not an IP address") from None
+
+
 class RoceFabric(LocalFabric):
-    def __init__(self, address: str):
+    """``port``: the UDP port of this host's socket, which is also the port
+    every vrdma peer sends from. ``port_checks``: per peer address, how its
+    source ports are checked (:class:`roce.sport.PortCheck`);
+    ``default_port_check`` for the others. ``mac_key`` (from the cluster key
+    file, :func:`roce.auth.load_key_file`): seal and verify every datagram
+    except to and from ``plaintext_peers``; sealed peers are then checked as
+    ``daemon`` unless named in ``port_checks``."""
+
+    def __init__(self, address: str, *, port: int = ROCE_UDP_PORT,
+                 port_checks: dict[str, str] | None = None,
+                 default_port_check: str = PortCheck.AUTO, mac_key: bytes | None = None,
+                 plaintext_peers=()):
         super().__init__(gid_of_address(address))
         self.address = str(ipaddress.ip_address(address))
         self._version = ipaddress.ip_address(address).version
+        self.port = port
+        self.mac_key = mac_key
+        self.plaintext_peers = frozenset(_norm(p) for p in plaintext_peers)
+        self.port_checks = {_norm(a): port_check(m) for a, m in (port_checks or {}).items()}
+        self.default_port_check = port_check(default_port_check)
         self.wire: dict[int, NetworkQp] = {}
         #: per packet: ``sink(packet, peer_ip)`` (sans-I/O users and tests)
         self.sink: Callable[[RocePacket, str], None] | None = None
@@ -97,9 +128,20 @@ class RoceFabric(LocalFabric):
         if peer is None:
             return None  # nothing to reach: the message path drops, the retry timer reports it
         n = NetworkQp(self, dev, qp, peer)
+        n.sports = allowed_source_ports(self.port_check_of(peer), self.port,
+                                        qp.attr["dest_qp_num"] & 0xFFFFFF, qp.qpn)
         self.wire[qp.qpn] = n
         self.metrics.wire_qps += 1
         return n
+
+    def port_check_of(self, peer: str) -> PortCheck:
+        """How ``peer``'s source ports are checked (see the class doc)."""
+        mode = self.port_checks.get(peer)
+        if mode is not None:
+            return mode
+        if self.mac_key is not None and peer not in self.plaintext_peers:
+            return PortCheck.DAEMON
+        return self.default_port_check
 
     def detach_wire(self, qpn: int) -> None:
         n = self.wire.pop(qpn, None)
@@ -138,10 +180,12 @@ class RoceFabric(LocalFabric):
                 sink(p, peer)
         self.metrics.tx_packets += n
 
-    def receive(self, pkt: RocePacket, src: str, now: float, *, defer: bool = False) -> None:
-        """One valid RoCEv2 packet from ``src``. With ``defer`` the QP's
-        engine takes the packet but is pumped (packets out, CQEs written) only
-        by :meth:`flush_deferred`, once for a whole batch of arrivals."""
+    def receive(self, pkt: RocePacket, src: str, now: float, *, defer: bool = False,
+                sport: int = ROCE_UDP_PORT) -> None:
+        """One valid RoCEv2 packet from ``src``, UDP source port ``sport``.
+        With ``defer`` the QP's engine takes the packet but is pumped (packets
+        out, CQEs written) only by :meth:`flush_deferred`, once for a whole
+        batch of arrivals."""
         m = self.metrics
         m.rx_packets += 1
         n = self.wire.get(pkt.bth.dest_qp)
@@ -150,6 +194,10 @@ class RoceFabric(LocalFabric):
             return
         if src != n.peer:
             m.rx_addr_mismatch += 1
+            return
+        sports = n.sports
+        if sports is not None and sport not in sports:
+            m.rx_port_mismatch += 1
             return
         if defer:
             if n not in self._deferred:
@@ -194,9 +242,10 @@ class RoceFabricService:
     everything it sends leaves in one ``sendmmsg``. :meth:`poll` drains the
     socket from a busy-polling loop (the daemon's ``--poll-us`` spin)."""
 
-    def __init__(self, fabric: RoceFabric, port: int = ROCE_UDP_PORT):
+    def __init__(self, fabric: RoceFabric, port: int | None = None):
         self.fabric = fabric
-        self.port = port
+        self.port = fabric.port if port is None else port
+        fabric.port = self.port
         self.endpoint = None
         #: set by the daemon: starts its busy-poll loop (arrivals bring the
         #: guests' next doorbells)
@@ -206,8 +255,11 @@ class RoceFabricService:
     async def start(self) -> None:
         from roce.udp import open_endpoint
 
-        self.endpoint = await open_endpoint(self.fabric.address, self._on_packet, self.port)
+        self.endpoint = await open_endpoint(self.fabric.address, self._on_packet, self.port,
+                                            ports=True)
         self.endpoint.on_batch_end = self._on_batch_end
+        if self.fabric.mac_key is not None:
+            self.endpoint.set_auth(self.fabric.mac_key, self.fabric.plaintext_peers)
         try:
             from roce.rc._fastrx import RequestFastPath
         except ImportError:  # pragma: no cover - extension not built: every packet decoded
@@ -219,19 +271,22 @@ class RoceFabricService:
         def wire_sink(packets, peer, _transmit=self.endpoint.transmit):
             _transmit(packets, peer, port)
         self.fabric.wire_sink = wire_sink
-        log.info("RoCEv2 fabric on %s:%d, GID %s", self.fabric.address, self.port,
-                 ipaddress.IPv6Address(self.fabric.gid))
+        log.info("RoCEv2 fabric on %s:%d, GID %s, %s", self.fabric.address, self.port,
+                 ipaddress.IPv6Address(self.fabric.gid),
+                 "authenticated (plaintext peers: %s)" % (
+                     ", ".join(sorted(self.fabric.plaintext_peers)) or "none")
+                 if self.fabric.mac_key is not None else "not authenticated")
 
     def poll(self) -> bool:
         """Drain the socket now (busy-poll hook); True if datagrams came."""
         ep = self.endpoint
         return ep is not None and ep.poll()
 
-    def _on_packet(self, pkt: RocePacket, src: str) -> None:
+    def _on_packet(self, pkt: RocePacket, src: str, sport: int) -> None:
         if not self.fabric._deferred:
             self._now = monotonic()
         try:
-            self.fabric.receive(pkt, src, self._now, defer=True)
+            self.fabric.receive(pkt, src, self._now, defer=True, sport=sport)
         except Exception:  # the daemon boundary: one bad packet must not stop the fabric
             log.exception("RoCE fabric: internal error on a packet from %s", src)
 

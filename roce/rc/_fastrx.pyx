@@ -13,7 +13,7 @@ common requests:
 Rule (as in :mod:`virtio_rdma._datapath`): every check the Python engine
 makes is made *before* anything changes; a datagram that is not the plain
 case (any other opcode, a malformed packet or an ICRC that needs the IPv4 ID
-solved, an unknown QPN or a stranger's address, a PSN other than the
+solved, an unknown QPN or a stranger's address or source port, a PSN other than the
 expected one, a length that is not exactly what the message still needs, a
 QP not in RTR/RTS/SQD or without REMOTE_WRITE, a WRITE target that is not
 one contiguous buffer, a SEND with no receive posted or too long for it, a
@@ -81,7 +81,7 @@ cdef class RequestFastPath:
     j - 1`` (all fast-path packets), stop at the first slot the Python
     engine must see. ``targets`` maps a QPN to an object with ``rc`` (its
     :class:`~roce.rc.qp.RcQp`), ``peer`` (the only source address
-    accepted), and ``rq_posted`` and ``qp.rq_pi`` (the receive ring index up
+    accepted), ``sports`` (the source ports accepted, None for any), and ``rq_posted`` and ``qp.rq_pi`` (the receive ring index up
     to which the engine has the guest's receives, and the ring's producer
     index: a SEND is taken only when they are equal, as the Python path
     would hand the engine the rest first); ``envelopes`` maps a ring peer
@@ -112,14 +112,19 @@ cdef class RequestFastPath:
             PyBuffer_Release(&self.view)
 
     cdef object _target(self, uint32_t qpn, Envelope env):
-        """The target of ``qpn`` if ``env``'s sender is its peer and its QP
-        takes requests (RTR, RTS, SQD), else None (RcQp.receive's checks)."""
+        """The target of ``qpn`` if ``env``'s sender is its peer (address and,
+        unless ``sports`` is None, a UDP source port in ``sports``) and its QP
+        takes requests (RTR, RTS, SQD), else None (RoceFabric.receive's and
+        RcQp.receive's checks)."""
         cdef PyObject *o = PyDict_GetItem(self.targets, qpn)
         if o == NULL:
             return None
         t = <object>o
         if t.peer != env.src:
             return None
+        sports = t.sports
+        if sports is not None and env.sport not in sports:
+            return None                 # RoceFabric.receive counts it (rx_port_mismatch)
         rc = t.rc
         st = rc.state
         if (st is not _RTS and st is not _RTR and st is not _SQD) or rc.cfg.qp_num != qpn:

@@ -27,3 +27,19 @@ def test_short_run_reports_ours_and_floors(netns):
 def test_unknown_layout_is_refused():
     with pytest.raises(ValueError, match="sideways"):
         fabric_bench.run(["send_lat"], layout="sideways")
+
+
+def test_short_run_with_auth_reports_both_modes(netns):
+    r = fabric_bench.run(["send_lat", "write_bw"], iters=200, bw_iters=160, batch=16, auth=True)
+    lat, bw = r["send_lat"], r["write_bw"]
+    assert lat["ours_auth"]["bytes"] == 64 and lat["ours_auth"]["iterations"] > 0
+    assert lat["auth_ratio_typical"] == pytest.approx(
+        lat["ours_auth"]["t_typical"] / lat["ours"]["t_typical"])
+    assert bw["ours_auth"]["iterations"] == 160 and bw["MB_per_s_auth"] > 0
+    assert bw["auth_ratio"] == pytest.approx(bw["MB_per_s_auth"] / bw["MB_per_s"])
+
+
+def test_mac_cost_reports_both_sides():
+    c = fabric_bench.mac_cost(rounds=20)
+    assert set(c) == {"tx_plain_us", "tx_sealed_us", "rx_open_us"}
+    assert all(v > 0 for v in c.values())

@@ -1,6 +1,7 @@
 """Two real back-end daemons, each its own RoCEv2 host on a loopback address
 (127.0.0.1 and 127.0.0.2), a guest on each: every verb crosses real UDP
-sockets on port 4791 with ICRC, between two processes."""
+sockets on port 4791 with ICRC, between two processes; plain, and
+authenticated (both daemons started with the same --cluster-key)."""
 from __future__ import annotations
 
 import random
@@ -16,9 +17,17 @@ from virtio_rdma.roce_fabric import gid_of_address
 from .verbs_exercise import send_write_read_atomics
 
 
-@pytest.fixture(scope="module")
-def hosts():
-    with DaemonProcess("--roce-addr", "127.0.0.1") as da, DaemonProcess("--roce-addr", "127.0.0.2") as db:
+@pytest.fixture(scope="module", params=["plain", "authenticated"])
+def hosts(request, tmp_path_factory):
+    extra = []
+    if request.param == "authenticated":
+        from roce.auth import write_key_file
+
+        key = str(tmp_path_factory.mktemp("key") / "cluster.key")
+        write_key_file(key)
+        extra = ["--cluster-key", key]
+    with DaemonProcess("--roce-addr", "127.0.0.1", *extra) as da, \
+            DaemonProcess("--roce-addr", "127.0.0.2", *extra) as db:
         yield da, db
 
 

@@ -334,6 +334,7 @@ def test_endpoint_backlog_keeps_order_when_the_socket_buffer_is_full():
 class _Target:
     def __init__(self, peer: str, mtu: int, size: int):
         self.peer = peer
+        self.sports = None           # any source port (RoceFabric sets the allowed ones)
         self.mem = MemoryTable()
         self.buf = bytearray(size)
         self.rkey, self.va = self.mem.register(self.buf, Access.REMOTE_WRITE)
@@ -592,3 +593,38 @@ def test_send_fast_path_takes_request_reply_traffic(socks):
     assert [(p.bth.opcode, p.bth.psn, p.aeth.msn) for p in t.rc.transmit(0.0)] == \
         [(Opcode.RC_ACKNOWLEDGE, (0xFFFFFA + 15) & 0xFFFFFF, 16)]
     assert t.rc.responder.msn == 16 and t.rc.metrics.rx_packets == 16
+
+
+@pytest.mark.parametrize("kind", ["write", "send"])
+def test_fast_path_leaves_a_wrong_source_port_to_python(socks, kind):
+    """The fast path takes a QP's packets only from a source port in its
+    ``sports`` (RoceFabric.receive's check, which counts the others): with
+    the sender's port it takes them all, with any other none, untouched."""
+    tx, rx = socks
+    port = tx.getsockname()[1]
+    for sports, want in ((frozenset({port}), True), (frozenset({port + 1, 4791}), False)):
+        if kind == "write":
+            t = _Target(A, 1024, 8192)
+            data = os.urandom(8192)
+            pkts = [RocePacket(Bth(opcode=0x06 if i == 0 else 0x08 if i == 7 else 0x07,
+                                   dest_qp=0x44, psn=(0xFFFFFA + i) & 0xFFFFFF, ackreq=i == 7),
+                               reth=Reth(t.va, t.rkey, 8192) if i == 0 else None,
+                               payload=data[i * 1024:(i + 1) * 1024]) for i in range(8)]
+            t.rc.receive(decode(pkts[0].encode(_ctx(tx, rx)), _ctx(tx, rx)), 0.0)  # FIRST
+            pkts = pkts[1:]
+        else:
+            t = _SendTarget(A, 1024, random.Random(0), 0, False)
+            buf = memoryview(bytearray(64 * 4))
+            for w in range(4):
+                t.rc.post_recv(w, [buf[w * 64:(w + 1) * 64]])
+            t.rq_posted = t.qp.rq_pi = 4
+            pkts = [RocePacket(Bth(opcode=0x04, dest_qp=0x44, psn=(0xFFFFFA + i) & 0xFFFFFF,
+                                   ackreq=True), payload=b"m%d" % i) for i in range(4)]
+        t.sports = sports
+        before = t.state()
+        ring, n, envs = _through_socket(socks, pkts)
+        fast = RequestFastPath({0x44: t}, lambda tg, k: None)
+        assert fast(ring, 0, n, envs) == (n if want else 0)
+        assert fast.taken == (len(pkts) if want else 0)
+        if not want:
+            assert t.state() == before

@@ -33,6 +33,17 @@ def add_arguments(p) -> None:
                    help="rdma: this host's RoCE address (IPv4 or IPv6, must be local); the port's "
                         "GID is its IPv4-mapped form, as kernel rxe derives it")
     p.add_argument("--roce-port", type=int, default=4791, help=argparse.SUPPRESS)
+    p.add_argument("--cluster-key", metavar="FILE",
+                   help="roce: authenticate every RoCE packet to and from other daemons with this "
+                        "key (a regular file of 32 bytes owned by the daemon's user, mode 0600 or "
+                        "stricter; make one with 'vrdma keygen FILE'); see docs/fabric.md")
+    p.add_argument("--plaintext-peer", action="append", default=[], metavar="ADDR",
+                   help="roce, with --cluster-key: talk plain RoCEv2 (source port checked) to this "
+                        "trusted peer, e.g. kernel rxe or a NIC (repeat for several)")
+    p.add_argument("--peer-port-check", action="append", default=[], metavar="[ADDR=]MODE",
+                   help="roce: which UDP source ports a peer may send from: daemon (our daemons' "
+                        "port), rxe (kernel rxe's per-QP port), auto (either), any (no check). "
+                        "MODE alone sets the default (auto; daemon for authenticated peers)")
     p.add_argument("--verbs-device", metavar="NAME",
                    help="rdma: the host RDMA device for --fabric verbs (e.g. rxe0, mlx5_0)")
     p.add_argument("--verbs-port", type=int, default=1, metavar="N",
@@ -57,6 +68,9 @@ def make_fabric(args):
     kind = args.fabric
     if kind == "auto":
         kind = "verbs" if args.verbs_device else "roce" if args.roce_addr else "local"
+    if kind != "roce" and (args.cluster_key or args.plaintext_peer or args.peer_port_check):
+        raise SystemExit("vrdma backend: --cluster-key, --plaintext-peer and --peer-port-check "
+                         "apply to the RoCE fabric (--roce-addr) only")
     if kind == "verbs":
         return _verbs_fabric(args)
     if kind == "local":
@@ -68,9 +82,27 @@ def make_fabric(args):
     from virtio_rdma.errors import FabricError
     from virtio_rdma.roce_fabric import RoceFabric, RoceFabricService
 
+    from roce.errors import RoceError
+
+    checks, default = {}, "auto"
+    for item in args.peer_port_check:
+        addr, eq, mode = item.rpartition("=")
+        if eq:
+            checks[addr] = mode
+        else:
+            default = mode
     try:
-        fabric = RoceFabric(args.roce_addr)
-    except FabricError as e:
+        mac_key = None
+        if args.cluster_key:
+            from roce.auth import load_key_file
+
+            mac_key = load_key_file(args.cluster_key)
+        elif args.plaintext_peer:
+            raise SystemExit("vrdma backend: --plaintext-peer needs --cluster-key")
+        fabric = RoceFabric(args.roce_addr, port=args.roce_port, port_checks=checks,
+                            default_port_check=default, mac_key=mac_key,
+                            plaintext_peers=args.plaintext_peer)
+    except (FabricError, RoceError) as e:
         raise SystemExit(f"vrdma backend: {e}") from None
     return fabric, [RoceFabricService(fabric, args.roce_port)]
 
@@ -128,7 +160,8 @@ def run(args) -> int:
             print(f"vrdma backend: verbs on {fabric.device} port {fabric.port} GID index "
                   f"{fabric.gid_index} ({fabric.address})", flush=True)
         elif services:
-            print(f"vrdma backend: RoCEv2 on {fabric.address}:{args.roce_port}", flush=True)
+            auth = " (authenticated)" if getattr(fabric, "mac_key", None) is not None else ""
+            print(f"vrdma backend: RoCEv2 on {fabric.address}:{args.roce_port}{auth}", flush=True)
         for path in args.socket:
             print(f"vrdma backend: listening on {path}", flush=True)
 
