@@ -7,6 +7,11 @@ produces are written into the buffers the driver keeps posted on the eventq
 (kept in order while none is posted), and the core's next deadline (RNR and
 retransmission timers) becomes an event-loop timer. Payloads never pass
 through here: the core moves them between guests' memory directly.
+
+Per-tenant limits: :meth:`RdmaDevice.factory` makes the daemon's device
+factory from a :class:`~vhost_user.tenancy.TenantPolicy`: each connection's
+device reports the policy's object caps (QUERY_DEVICE) and charges its
+objects to an account of the connection's peer uid in one shared ledger.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import struct
 from time import monotonic
 
 from vhost_user.device import VhostUserDevice
+from vhost_user.tenancy import ConnectionInfo, TenantAccount, TenantLedger, TenantPolicy
 from virtio_rdma.constants import Feature
 from virtio_rdma.core import DeviceLimits, RdmaDeviceCore
 from virtio_rdma.fabric import Fabric
@@ -35,9 +41,14 @@ class RdmaDevice(VhostUserDevice):
     #: rings the daemon's busy-poll loop watches (the eventq holds buffers on purpose)
     poll_queues = (CONTROLQ, DOORBELLQ)
 
-    def __init__(self, fabric: Fabric, *, limits: DeviceLimits | None = None):
+    def __init__(self, fabric: Fabric, *, limits: DeviceLimits | None = None,
+                 account: TenantAccount | None = None, info: ConnectionInfo | None = None):
         self.fabric = fabric
         self.limits = limits or DeviceLimits()
+        #: the connection's tenant account (owned: closed with the device)
+        self.account = account
+        #: who connected (None when built outside a server)
+        self.info = info
         self.core: RdmaDeviceCore | None = None
         self._events: collections.deque = collections.deque()
         self._timer = None
@@ -48,8 +59,25 @@ class RdmaDevice(VhostUserDevice):
 
     def attach(self, conn) -> None:
         super().attach(conn)
-        self.core = RdmaDeviceCore(conn.mem, self.fabric, limits=self.limits)
+        self.core = RdmaDeviceCore(conn.mem, self.fabric, limits=self.limits, account=self.account)
         self.core.notify = self._on_core_notify
+
+    @staticmethod
+    def limits_for(policy: TenantPolicy) -> DeviceLimits:
+        """The object caps a connection's device reports (QUERY_DEVICE) under ``policy``."""
+        return DeviceLimits(max_qp=policy.max_qp, max_cq=policy.max_cq, max_mr=policy.max_mr,
+                            max_pd=policy.max_pd)
+
+    @classmethod
+    def factory(cls, fabric: Fabric, ledger: TenantLedger):
+        """A ``device_factory(info)`` for :class:`~vhost_user.server.BackendServer`: every
+        connection gets the policy's caps and an account of its peer uid in ``ledger``."""
+        limits = cls.limits_for(ledger.policy)
+
+        def make(info: ConnectionInfo | None) -> "RdmaDevice":
+            return cls(fabric, limits=limits, account=ledger.account(info), info=info)
+
+        return make
 
     def config(self) -> bytes:
         return self.core.config_bytes()
@@ -152,7 +180,7 @@ class RdmaDevice(VhostUserDevice):
 
     def reset(self) -> None:
         self._close_core()
-        self.core = RdmaDeviceCore(self.conn.mem, self.fabric, limits=self.limits)
+        self.core = RdmaDeviceCore(self.conn.mem, self.fabric, limits=self.limits, account=self.account)
         self.core.notify = self._on_core_notify
         self._dbrec_poll = False
 
@@ -166,4 +194,8 @@ class RdmaDevice(VhostUserDevice):
         self._events.clear()
 
     def close(self) -> None:
-        self._close_core()
+        try:
+            self._close_core()
+        finally:
+            if self.account is not None:
+                self.account.close()
