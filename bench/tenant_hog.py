@@ -35,9 +35,11 @@ class Filled:
 class Hog:
     """One greedy guest on ``path`` (a guest_lib Context of its own)."""
 
-    def __init__(self, path: str, *, mem_size: int = 16 << 20, timeout: float = 30.0):
-        self.ctx = Context(path, mem_size=mem_size, timeout=timeout)
-        ctx = self.ctx
+    def __init__(self, path: str | None = None, *, ctx: Context | None = None,
+                 mem_size: int = 16 << 20, timeout: float = 30.0):
+        """Open a Context on ``path``, or use ``ctx`` (then close() leaves it open)."""
+        self._owns = ctx is None
+        self.ctx = ctx = ctx if ctx is not None else Context(path, mem_size=mem_size, timeout=timeout)
         self.ring_gpa, _ = ctx.alloc(64 * PAGE, PAGE)       # shared by every CQ and QP
         self.dbrec_gpa, _ = ctx.alloc(wire.DBREC_SIZE, 64)
         self.page_gpa, _ = ctx.alloc(PAGE, PAGE)             # shared by every MR
@@ -60,10 +62,10 @@ class Hog:
         return self.ctx.command(Cmd.CREATE_CQ, cqe=1, comp_vector=0, ring_gpa=self.ring_gpa,
                                 dbrec_gpa=self.dbrec_gpa)["cqn"]
 
-    def reg_mr(self, pdn: int, length: int = PAGE) -> int:
-        r = self.ctx.command(Cmd.REG_MR, pdn=pdn, access=int(Access.LOCAL_WRITE), iova=self.page_gpa,
-                             length=length, nchunks=1, reserved=0,
-                             chunks=[dict(gpa=self.page_gpa, length=length)])
+    def reg_mr(self, pdn: int, length: int = PAGE, gpa: int | None = None) -> int:
+        gpa = self.page_gpa if gpa is None else gpa
+        r = self.ctx.command(Cmd.REG_MR, pdn=pdn, access=int(Access.LOCAL_WRITE), iova=gpa,
+                             length=length, nchunks=1, reserved=0, chunks=[dict(gpa=gpa, length=length)])
         return r["lkey"]
 
     def create_qp(self, pdn: int, cqn: int, wr: int = 1) -> int:
@@ -99,7 +101,8 @@ class Hog:
         return seen
 
     def close(self) -> None:
-        self.ctx.close()
+        if self._owns:
+            self.ctx.close()
 
     def __enter__(self):
         return self
