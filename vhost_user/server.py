@@ -296,6 +296,7 @@ class BackendServer:
         self.sock: socket.socket | None = None
         self.connections: set[ServedConnection] = set()
         self.per_uid: dict[int, int] = {}  # peer uid -> connections served now
+        self._refusals: dict[int, int] = {}  # peer uid -> connections refused (for the log)
         self.metrics = ServerMetrics()
         self._ids = itertools.count(1)
         self._spin_handle = None
@@ -365,14 +366,13 @@ class BackendServer:
             info = ConnectionInfo(next(self._ids), pid, uid, gid, self.path)
             if len(self.connections) >= self.max_connections:
                 self.metrics.refused_host_limit += 1
-                log.warning("refusing %s: %d connections already (max_connections)",
-                            info, len(self.connections))
+                self._log_refusal(info, "%d connections already (max_connections)", len(self.connections))
                 conn.close()
                 continue
             if self.per_uid.get(uid, 0) >= self.policy.max_connections_per_uid:
                 self.metrics.refused_uid_limit += 1
-                log.warning("refusing %s: uid %d has %d connections (max_connections_per_uid)",
-                            info, uid, self.per_uid[uid])
+                self._log_refusal(info, "uid %d has %d connections (max_connections_per_uid)",
+                                  uid, self.per_uid[uid])
                 conn.close()
                 continue
             conn.setblocking(False)
@@ -395,6 +395,14 @@ class BackendServer:
             self.per_uid[uid] = self.per_uid.get(uid, 0) + 1
             log.info("%s: front-end connected", info)
             self.connections.add(served)
+
+    def _log_refusal(self, info: ConnectionInfo, why: str, *args) -> None:
+        """Log a refused connection with its credentials: every one of a uid's
+        first 10, then every 1000th (a connect loop must not flood the log)."""
+        n = self._refusals[info.uid] = self._refusals.get(info.uid, 0) + 1
+        if n <= 10 or n % 1000 == 0:
+            log.warning("refusing %s: " + why + " [%d refused for uid %d%s]", info, *args, n, info.uid,
+                        "; logging every 1000th from now" if n == 10 else "")
 
     # --- busy polling (--poll-us) -------------------------------------
     def start_spin(self) -> None:

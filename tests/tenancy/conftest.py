@@ -70,6 +70,8 @@ def run_as(uid: int, fn, *, timeout: float = 60.0):
         code = 1
         try:
             os.close(r)
+            os.closerange(3, w)  # the parent's sockets (maybe 1000 of them) are not the child's
+            os.closerange(w + 1, 1 << 16)
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
@@ -84,10 +86,12 @@ def run_as(uid: int, fn, *, timeout: float = 60.0):
     os.close(w)
     data = b""
     deadline = time.monotonic() + timeout
+    poller = select.poll()
+    poller.register(r, select.POLLIN)
     try:
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([r], [], [], left)[0]:
+            if left <= 0 or not poller.poll(left * 1000):
                 os.kill(pid, signal.SIGKILL)
                 raise TimeoutError(f"child {pid} (uid {uid}) did not finish within {timeout} s")
             chunk = os.read(r, 65536)
