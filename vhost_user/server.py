@@ -49,6 +49,9 @@ POLL_INTERVAL = 50e-6
 #: With --poll-us, the busy-poll loop returns to the event loop this often
 #: (control messages, kicks of rings not yet spinning, timers).
 SPIN_SLICE = 200e-6
+#: connections accepted per wake-up of the listening socket: a connect storm
+#: then waits its turn behind every other ready fd (guests' kicks) in the loop
+ACCEPT_BATCH = 16
 #: virtio device status DRIVER_OK
 DRIVER_OK = 4
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -348,7 +351,7 @@ class BackendServer:
         log.info("vhost-user back-end listening on %s (mode %04o)", self.path, self.socket_mode)
 
     def _accept(self) -> None:
-        while True:
+        for _ in range(ACCEPT_BATCH):  # the rest stays readable: next loop iteration
             try:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):

@@ -1,0 +1,250 @@
+"""Tenant isolation under load (issue #12, "Exhaustion").
+
+A victim guest pair on one ``vrdma backend`` measures 64 B RDMA WRITE latency
+(post to completion, one WR at a time, signaled) in three phases:
+
+- idle: nothing else on the daemon (the same-run baseline);
+- idle connections: another process holds up to 1000 connections of one uid
+  and keeps reconnecting those the daemon refuses or times out (a connect
+  storm against the per-uid limit);
+- greedy guest: another guest fills every cap of its connection (PDs, CQs,
+  MRs, QPs) and then keeps hammering refused control commands while a second
+  pair of its QPs streams 4 KiB RDMA WRITEs.
+
+It prints p50/p99 per phase, the ratio p99(loaded)/p99(idle) (goal: within
+2x), what the load achieved (connections held/refused, objects, commands),
+the daemon's VmRSS cost of the one connection filled to the default caps,
+and the machine (processor model, vector extensions)::
+
+    python -m bench.isolation_bench [--iters 5000] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import time
+
+from bench.tenant_hog import Hog, closed_by_peer, idle_connections
+
+VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "amx_tile")
+
+
+def machine() -> dict:
+    """Processor model, vector extensions, vCPUs (from /proc/cpuinfo)."""
+    from accel_core.estimate import cpu_model
+
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu_model(), "vector": [v for v in VECTOR_FLAGS if v in flags], "vcpus": os.cpu_count()}
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+# --------------------------------------------------------------------------
+# the victim
+
+
+class Victim:
+    def __init__(self, path: str):
+        from guest_lib import SGE, SendWR
+        from guest_lib.endpoint import RcEndpoint, connect_pair
+        from virtio_rdma.constants import SendFlags, WrOpcode
+
+        self.a = RcEndpoint(path, 8192, mem_size=8 << 20)
+        self.b = RcEndpoint(path, 8192, mem_size=8 << 20)
+        connect_pair(self.a, self.b)
+        a, b = self.a, self.b
+        self.wr = SendWR(wr_id=1, opcode=WrOpcode.RDMA_WRITE, sg=[SGE(a.mr.buf, 64, a.mr.lkey)],
+                         remote_addr=b.mr.buf, rkey=b.mr.rkey, send_flags=SendFlags.SIGNALED)
+
+    def run(self, iters: int, warmup: int = 200) -> list[int]:
+        from virtio_rdma.constants import WcStatus
+
+        qp, cq, wr = self.a.qp, self.a.cq, self.wr
+        out = []
+        clock = time.perf_counter_ns
+        for i in range(warmup + iters):
+            t0 = clock()
+            qp.post_send(wr)
+            while True:
+                n, wcs = cq.poll(1)
+                if n:
+                    break
+            t1 = clock()
+            if wcs[0].status != WcStatus.SUCCESS:
+                raise RuntimeError(f"victim completion error: {wcs[0]}")
+            if i >= warmup:
+                out.append(t1 - t0)
+        return out
+
+    def close(self) -> None:
+        self.a.close()
+        self.b.close()
+
+
+def _cpu_s(pid: int) -> float:
+    """utime + stime of process ``pid`` in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _pct(ns: list[int]) -> dict:
+    s = sorted(ns)
+    n = len(s)
+    return {"iters": n, "p50_us": s[n // 2] / 1e3, "p99_us": s[min(n - 1, int(n * 0.99))] / 1e3,
+            "max_us": s[-1] / 1e3}
+
+
+# --------------------------------------------------------------------------
+# the loads (each in its own process, stopped through ``stop``)
+
+
+def _storm(path: str, n: int, stop, ready, out) -> None:
+    socks = idle_connections(path, n)
+    refused = sum(closed_by_peer(s) for s in socks)
+    ready.set()
+    reconnects = 0
+    while not stop.is_set():
+        for i, s in enumerate(socks):
+            if closed_by_peer(s):
+                s.close()
+                fresh = idle_connections(path, 1)
+                socks[i] = fresh[0] if fresh else s
+                reconnects += 1
+        time.sleep(0.001)
+    held = sum(not closed_by_peer(s) for s in socks)
+    for s in socks:
+        s.close()
+    out.put({"connections": n, "refused_at_start": refused, "held_at_end": held, "reconnects": reconnects})
+
+
+def _greedy(path: str, stop, ready, out, rss_pid: int) -> None:
+    from guest_lib import SGE, SendWR
+    from guest_lib.endpoint import RcEndpoint, connect_pair
+    from virtio_rdma.constants import SendFlags, WrOpcode
+
+    before = _rss(rss_pid)
+    h = Hog(path, mem_size=16 << 20)
+    f = h.fill()
+    filled_rss = _rss(rss_pid) - before
+    a, b = RcEndpoint(path, 1 << 16, mem_size=8 << 20), RcEndpoint(path, 1 << 16, mem_size=8 << 20)
+    connect_pair(a, b)
+    wrs = [SendWR(wr_id=i, opcode=WrOpcode.RDMA_WRITE, sg=[SGE(a.mr.buf, 4096, a.mr.lkey)],
+                  remote_addr=b.mr.buf + 4096 * i, rkey=b.mr.rkey, send_flags=SendFlags.SIGNALED)
+           for i in range(8)]
+    ready.set()
+    commands: dict[int, int] = {}
+    writes = 0
+    while not stop.is_set():
+        for k, v in h.hammer(1).items():
+            commands[k] = commands.get(k, 0) + v
+        a.qp.post_send(wrs)
+        got = 0
+        while got < len(wrs):
+            got += a.cq.poll(len(wrs) - got)[0]
+        writes += len(wrs)
+    objects = {k: len(getattr(f, k)) for k in ("pds", "cqs", "mrs", "qps")}
+    a.close()
+    b.close()
+    h.close()
+    out.put({"objects": objects, "stopped_by": f.stopped, "daemon_rss_fill_bytes": filled_rss,
+             "commands_by_errno": commands, "writes_4k": writes})
+
+
+def _phase(victim: Victim, iters: int, daemon: int, target=None, args=()) -> tuple[dict, dict | None]:
+    """The victim's latency while ``target`` loads the daemon; with the
+    daemon's CPU use (share of one CPU) during the measurement."""
+    if target is None:
+        c0, t0 = _cpu_s(daemon), time.monotonic()
+        lat = _pct(victim.run(iters))
+        lat["daemon_cpu"] = (_cpu_s(daemon) - c0) / (time.monotonic() - t0)
+        return lat, None
+    ctx = mp.get_context("fork")
+    stop, ready, out = ctx.Event(), ctx.Event(), ctx.Queue()
+    p = ctx.Process(target=target, args=(*args, stop, ready, out) if target is _storm else
+                    (args[0], stop, ready, out, args[1]))
+    p.start()
+    try:
+        if not ready.wait(120):
+            raise RuntimeError(f"{target.__name__} did not get ready")
+        c0, t0 = _cpu_s(daemon), time.monotonic()
+        lat = _pct(victim.run(iters))
+        lat["daemon_cpu"] = (_cpu_s(daemon) - c0) / (time.monotonic() - t0)
+    finally:
+        stop.set()
+    load = out.get(timeout=120)
+    p.join(30)
+    return lat, load
+
+
+def run(iters: int = 5000, storm: int = 1000) -> dict:
+    from vhost_user.testing import DaemonProcess
+
+    with DaemonProcess() as d:
+        pid = d.proc.pid
+        victim = Victim(d.path)
+        try:
+            idle, _ = _phase(victim, iters, pid)
+            stormed, storm_load = _phase(victim, iters, pid, _storm, (d.path, storm))
+            greedy, greedy_load = _phase(victim, iters, pid, _greedy, (d.path, pid))
+            idle_again, _ = _phase(victim, iters, pid)
+        finally:
+            victim.close()
+    return {"machine": machine(), "idle": idle, "idle_connections": stormed, "greedy_guest": greedy,
+            "idle_after": idle_again, "storm": storm_load, "greedy": greedy_load,
+            "ratio_p99_idle_connections": stormed["p99_us"] / idle["p99_us"],
+            "ratio_p99_greedy_guest": greedy["p99_us"] / idle["p99_us"]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.isolation_bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--iters", type=int, default=5000)
+    ap.add_argument("--connections", type=int, default=1000, help="idle connections of the storm")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    r = run(args.iters, args.connections)
+    if args.json:
+        print(json.dumps(r, indent=2, default=str))
+        return 0
+    m = r["machine"]
+    print(f"# CPU: {m['cpu']}; vector extensions: {' '.join(m['vector']) or 'none'}; vCPUs: {m['vcpus']}")
+    print("# victim: 64 B RDMA WRITE, post to completion, one at a time (us)")
+    print(f"{'phase':<38}{'iters':>7}{'p50':>9}{'p99':>9}{'max':>10}{'p99/idle':>10}{'daemon CPU':>12}")
+    base = r["idle"]["p99_us"]
+    for key, label in (("idle", "idle (baseline)"), ("idle_connections", "1000 idle connections, one uid"),
+                       ("greedy_guest", "greedy guest (caps full, hammering)"),
+                       ("idle_after", "idle again")):
+        x = r[key]
+        print(f"{label:<38}{x['iters']:>7}{x['p50_us']:>9.2f}{x['p99_us']:>9.2f}{x['max_us']:>10.1f}"
+              f"{x['p99_us'] / base:>9.2f}x{x['daemon_cpu'] * 100:>11.0f}%")
+    s, g = r["storm"], r["greedy"]
+    print(f"# storm: {s['connections']} connections, {s['refused_at_start']} refused at once, "
+          f"{s['held_at_end']} held at the end, {s['reconnects']} reconnects during the phase")
+    print(f"# greedy guest: objects {g['objects']} (stopped by errno {g['stopped_by']}), "
+          f"{sum(g['commands_by_errno'].values())} control commands {g['commands_by_errno']}, "
+          f"{g['writes_4k']} 4 KiB writes")
+    print(f"# daemon VmRSS for the greedy connection filled to the default caps: "
+          f"{g['daemon_rss_fill_bytes'] / (1 << 20):.1f} MiB")
+    print(f"# goal: p99 within 2x of idle -> idle connections {r['ratio_p99_idle_connections']:.2f}x, "
+          f"greedy guest {r['ratio_p99_greedy_guest']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
