@@ -285,7 +285,8 @@ class BackendServer:
                  policy: TenantPolicy | None = None, max_connections: int | None = None,
                  loop: asyncio.AbstractEventLoop | None = None,
                  require_sealed_memory: bool = True, poll_us: float = 0.0,
-                 socket_mode: int = 0o660, socket_group: int | None = None):
+                 socket_mode: int = 0o660, socket_group: int | None = None,
+                 per_uid: dict[int, int] | None = None):
         self.path = path
         self.poll_us = poll_us
         self.require_sealed_memory = require_sealed_memory
@@ -298,7 +299,9 @@ class BackendServer:
         self.loop = loop
         self.sock: socket.socket | None = None
         self.connections: set[ServedConnection] = set()
-        self.per_uid: dict[int, int] = {}  # peer uid -> connections served now
+        #: peer uid -> connections served now; servers of one daemon share it, so
+        #: the limits hold over all their sockets
+        self.per_uid: dict[int, int] = {} if per_uid is None else per_uid
         self._refusals: dict[int, int] = {}  # peer uid -> connections refused (for the log)
         self.metrics = ServerMetrics()
         self._ids = itertools.count(1)
@@ -367,9 +370,10 @@ class BackendServer:
                 conn.close()
                 continue
             info = ConnectionInfo(next(self._ids), pid, uid, gid, self.path)
-            if len(self.connections) >= self.max_connections:
+            total = sum(self.per_uid.values())
+            if total >= self.max_connections:
                 self.metrics.refused_host_limit += 1
-                self._log_refusal(info, "%d connections already (max_connections)", len(self.connections))
+                self._log_refusal(info, "%d connections already (max_connections)", total)
                 conn.close()
                 continue
             if self.per_uid.get(uid, 0) >= self.policy.max_connections_per_uid:
@@ -522,8 +526,9 @@ def run_backend(paths: list[str], device_factory: Callable[[ConnectionInfo], Vho
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        per_uid: dict[int, int] = {}
         servers = [BackendServer(p, device_factory, loop=loop, poll_us=poll_us, policy=policy,
-                                 require_sealed_memory=require_sealed_memory,
+                                 require_sealed_memory=require_sealed_memory, per_uid=per_uid,
                                  socket_mode=socket_mode, socket_group=socket_group) for p in paths]
         started = []
         try:

@@ -181,3 +181,21 @@ def test_cli_rejects_a_bad_config_naming_the_option(shared_dir):
     proc.wait(30)
     text = _stop(proc, log)
     assert proc.returncode != 0 and "max_qps" in text and not os.path.exists(path)
+
+
+def test_limits_hold_over_all_sockets_of_one_daemon(shared_dir):
+    proc, path, log = _daemon(shared_dir, "--socket", os.path.join(shared_dir, "second.sock"),
+                              "--max-connections-per-uid", "2")
+    second = os.path.join(shared_dir, "second.sock")
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(second) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with Context(path) as c1, Context(second) as c2:
+            with pytest.raises(RDMAError):  # uid 0 has 2 connections, one on each socket
+                Context(second, timeout=10)
+            c1.query_device()
+            c2.query_device()
+    finally:
+        _stop(proc, log)
+    assert proc.returncode == 0
