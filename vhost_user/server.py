@@ -54,6 +54,8 @@ SPIN_SLICE = 200e-6
 #: bench.isolation_bench, a 1000-connection storm of one uid on the daemon's
 #: CPU at nice 19: a victim's 64 B WRITE p99 15x its idle value with 16, 2.1x with 2.
 ACCEPT_BATCH = 2
+#: after accept() fails (EMFILE...), wait this long before accepting again
+ACCEPT_PAUSE = 0.1
 #: virtio device status DRIVER_OK
 DRIVER_OK = 4
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -70,6 +72,7 @@ class ServerMetrics:
     refused_uid_limit: int = 0       # past max_connections_per_uid
     refused_factory: int = 0         # the device factory raised
     handshake_timeouts: int = 0      # closed: no ring started within handshake_timeout
+    accept_errors: int = 0           # accept() failed (e.g. EMFILE); accepting paused
     last_errors: list = field(default_factory=list)
 
     def record(self, kind: str, err: BaseException) -> None:
@@ -362,7 +365,12 @@ class BackendServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                log.warning("accept failed: %s", e)
+                # e.g. EMFILE: the socket stays readable, so stop watching it for
+                # a moment instead of spinning on the same error
+                self.metrics.accept_errors += 1
+                log.warning("accept failed: %s; pausing accept for %.1f s", e, ACCEPT_PAUSE)
+                self.loop.remove_reader(self.sock.fileno())
+                self.loop.call_later(ACCEPT_PAUSE, self._resume_accept)
                 return
             try:
                 pid, uid, gid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
@@ -404,6 +412,10 @@ class BackendServer:
             self.per_uid[uid] = self.per_uid.get(uid, 0) + 1
             log.info("%s: front-end connected", info)
             self.connections.add(served)
+
+    def _resume_accept(self) -> None:
+        if self.sock is not None:
+            self.loop.add_reader(self.sock.fileno(), self._accept)
 
     def _log_refusal(self, info: ConnectionInfo, why: str, *args) -> None:
         """Log a refused connection with its credentials: every one of a uid's

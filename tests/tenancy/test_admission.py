@@ -199,3 +199,37 @@ def test_limits_hold_over_all_sockets_of_one_daemon(shared_dir):
     finally:
         _stop(proc, log)
     assert proc.returncode == 0
+
+
+def test_accept_pauses_when_the_daemon_is_out_of_fds(tenant_backend):
+    import resource
+
+    b = tenant_backend(TenantPolicy(handshake_timeout=0))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held = []
+    try:
+        # use up this process's fds (the daemon thread shares them) below a low limit
+        n_open = len(os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n_open + 40, hard))
+        while True:
+            try:
+                held.append(os.open("/dev/null", os.O_RDONLY))
+            except OSError:
+                break
+        os.close(held.pop())
+        os.close(held.pop())  # room for one client socket and nothing for accept
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.connect(b.path)
+        assert b.wait_for(lambda s: s.metrics.accept_errors >= 1)
+        errors = b.metrics().accept_errors
+        time.sleep(0.05)
+        assert b.metrics().accept_errors <= errors + 3  # paused (spinning on EMFILE: thousands)
+        for fd in held:
+            os.close(fd)
+        held.clear()
+        assert b.wait_for(lambda s: s.metrics.accepted == 1)  # resumes once fds are back
+        c.close()
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
