@@ -85,11 +85,11 @@ class DeviceLimits:
     """What one device instance reports in QUERY_DEVICE and enforces. The
     object caps are the tenant policy's per-connection caps
     (``vhost_user.tenancy.TenantPolicy``, same defaults): a connection filled
-    to them costs the daemon about 4 MB (QP ~2.2 KiB, CQ ~0.5 KiB, MR ~0.6 KiB,
+    to them costs the daemon about 5 MB (QP ~2.2 KiB, CQ ~0.5 KiB, MR ~0.6 KiB,
     PD ~0.3 KiB; measured, see bench/isolation_bench.py)."""
 
-    max_qp: int = 1024
-    max_cq: int = 1024
+    max_qp: int = 1536
+    max_cq: int = 1536
     max_mr: int = 2048
     max_pd: int = 256
     max_qp_wr: int = 4096

@@ -16,7 +16,7 @@ from vhost_user.tenancy import (
 def test_defaults_are_finite_and_documented_values():
     p = TenantPolicy()
     assert (p.max_connections, p.max_connections_per_uid, p.handshake_timeout) == (256, 64, 10.0)
-    assert (p.max_qp, p.max_cq, p.max_mr, p.max_pd) == (1024, 1024, 2048, 256)
+    assert (p.max_qp, p.max_cq, p.max_mr, p.max_pd) == (1536, 1536, 2048, 256)
 
 
 def test_toml_sets_options_and_names_unknown_ones():
