@@ -188,6 +188,38 @@ def _greedy(path: str, rss_pid: int, cpu: int | None, nice: int, stop, ready, ou
              "commands_by_errno": commands, "writes_4k": writes})
 
 
+NOBODY = 65534
+
+
+def _newcomer(path: str) -> dict:
+    """A new guest of another uid (forked, setuid nobody) connects during the load
+    and does one 64 B RDMA WRITE; how long from connect to completion."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 1
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            t0 = time.monotonic()
+            v = Victim(path)
+            v.run(1, warmup=0)
+            v.close()
+            os.write(w, json.dumps({"admitted": True, "seconds": time.monotonic() - t0}).encode())
+            code = 0
+        except BaseException as e:
+            os.write(w, json.dumps({"admitted": False, "error": f"{type(e).__name__}: {e}"}).encode())
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    return json.loads(data or b'{"admitted": false, "error": "no output"}')
+
+
 def _phase(victim: Victim, iters: int, daemon: int, target=None, args=()) -> tuple[dict, dict | None]:
     """The victim's latency while ``target`` loads the daemon; with the
     daemon's CPU use (share of one CPU) during the measurement."""
@@ -206,9 +238,11 @@ def _phase(victim: Victim, iters: int, daemon: int, target=None, args=()) -> tup
         c0, t0 = _cpu_s(daemon), time.monotonic()
         lat = _pct(victim.run(iters))
         lat["daemon_cpu"] = (_cpu_s(daemon) - c0) / (time.monotonic() - t0)
+        newcomer = _newcomer(args[0]) if os.geteuid() == 0 else {"admitted": None}
     finally:
         stop.set()
     load = out.get(timeout=120)
+    load["newcomer_other_uid"] = newcomer
     p.join(30)
     return lat, load
 
@@ -223,7 +257,8 @@ def run(iters: int = 20000, storm: int = 1000) -> dict:
     from vhost_user.testing import DaemonProcess
 
     pinned = (os.cpu_count() or 1) >= 2
-    with DaemonProcess() as d:
+    with DaemonProcess("--socket-mode", "0666") as d:  # the newcomer is another uid
+        os.chmod(os.path.dirname(d.path), 0o755)
         pid = d.proc.pid
         if pinned:
             pin_threads(pid, DAEMON_CPU)
@@ -294,10 +329,15 @@ def main(argv=None) -> int:
     for nice, _, _ in LAYOUTS:
         s, g = r[f"storm_{nice}"], r[f"greedy_{nice}"]
         print(f"# {nice}: storm: {s['connections']} connections, {s['refused_at_start']} refused at "
-              f"once, {s['held_at_end']} held at the end, {s['reconnects']} reconnects during the phase")
+              f"once, {s["held_at_end"]} open at the end (held or queued), {s['reconnects']} reconnects during the phase")
         print(f"# {nice}: greedy guest: objects {g['objects']} (stopped by errno {g['stopped_by']}), "
               f"{sum(g['commands_by_errno'].values())} control commands {g['commands_by_errno']}, "
               f"{g['writes_4k']} 4 KiB writes")
+        for what, x in (("storm", s), ("greedy guest", g)):
+            n = x["newcomer_other_uid"]
+            print(f"# {nice}: during the {what}, a new guest of uid {NOBODY}: "
+                  + (f"admitted, connected and wrote in {n['seconds'] * 1e3:.0f} ms" if n.get("admitted")
+                     else f"NOT admitted ({n.get('error', 'not run: needs root')})"))
     g = r["greedy_shared"]
     print(f"# daemon VmRSS for the greedy connection filled to the default caps: "
           f"{g['daemon_rss_fill_bytes'] / (1 << 20):.1f} MiB")

@@ -54,6 +54,7 @@ SPIN_SLICE = 200e-6
 #: bench.isolation_bench, a 1000-connection storm of one uid on the daemon's
 #: CPU at nice 19: a victim's 64 B WRITE p99 15x its idle value with 16, 2.1x with 2.
 ACCEPT_BATCH = 2
+LISTEN_BACKLOG = 4096
 #: after accept() fails (EMFILE...), wait this long before accepting again
 ACCEPT_PAUSE = 0.1
 #: virtio device status DRIVER_OK
@@ -344,7 +345,9 @@ class BackendServer:
             if self.socket_group is not None and self.socket_group != os.getegid():
                 os.chown(tmp, -1, self.socket_group)
             os.chmod(tmp, self.socket_mode)
-            sock.listen(128)
+            # a deep backlog: a connect storm must fill it before another
+            # uid's connect fails with EAGAIN (the kernel caps it at somaxconn)
+            sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)
             os.rename(tmp, self.path)
         except BaseException:

@@ -3,6 +3,7 @@ the per-uid limit are refused at accept without blocking other uids; a
 connection that never finishes the vhost-user setup is closed after the
 handshake timeout; the socket's mode and group are set whatever the umask."""
 import grp
+import select
 import os
 import socket
 import stat
@@ -233,3 +234,46 @@ def test_accept_pauses_when_the_daemon_is_out_of_fds(tenant_backend):
         for fd in held:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _storm(path, n, stop_fd):
+    """Hold ``n`` connections and reconnect every one the daemon closes, until
+    ``stop_fd`` is readable; returns the number of reconnects."""
+    socks = idle_connections(path, n)
+    poller = select.poll()
+    poller.register(stop_fd, select.POLLIN)
+    reconnects = 0
+    while not poller.poll(0):
+        for i, s in enumerate(socks):
+            if closed_by_peer(s):
+                s.close()
+                fresh = idle_connections(path, 1)
+                if fresh:
+                    socks[i] = fresh[0]
+                    reconnects += 1
+    return reconnects
+
+
+def test_another_uid_is_admitted_during_a_connect_storm(tenant_backend):
+    b = tenant_backend(TenantPolicy(max_connections_per_uid=64, handshake_timeout=0), socket_mode=0o666)
+    r, w = os.pipe()
+    storm = os.fork()
+    if storm == 0:  # the storm: uid 0, reconnecting as fast as it can
+        code = 1
+        try:
+            os.close(w)
+            _storm(b.path, 1000, r)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(r)
+    try:
+        assert b.wait_for(lambda s: s.metrics.refused_uid_limit > 2000, timeout=60)  # the storm is on
+        pid, out = run_as(NOBODY, lambda: rc_write_roundtrip(b.path))
+        assert out.get("ok"), out
+        assert b.metrics().refused_uid_limit > 2000
+    finally:
+        os.close(w)
+        _, status = os.waitpid(storm, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert b.wait_for(lambda s: not s.connections, timeout=20)
