@@ -329,7 +329,7 @@ def main(argv=None) -> int:
     for nice, _, _ in LAYOUTS:
         s, g = r[f"storm_{nice}"], r[f"greedy_{nice}"]
         print(f"# {nice}: storm: {s['connections']} connections, {s['refused_at_start']} refused at "
-              f"once, {s["held_at_end"]} open at the end (held or queued), {s['reconnects']} reconnects during the phase")
+              f"once, {s['held_at_end']} open at the end (held or queued), {s['reconnects']} reconnects during the phase")
         print(f"# {nice}: greedy guest: objects {g['objects']} (stopped by errno {g['stopped_by']}), "
               f"{sum(g['commands_by_errno'].values())} control commands {g['commands_by_errno']}, "
               f"{g['writes_4k']} 4 KiB writes")
