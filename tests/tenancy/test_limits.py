@@ -128,3 +128,16 @@ def test_budget_released_when_the_daemon_drops_a_broken_connection(tenant_backen
     finally:
         h.close()
     assert b.call(lambda: all(v == 0 for v in b.ledger.totals(0).values()))
+
+
+def test_budget_released_on_device_reset(tenant_backend):
+    b = tenant_backend(TenantPolicy())
+    h = Hog(b.path, mem_size=4 << 20)
+    try:
+        h.fill(fraction=0.02)
+        assert b.call(lambda: b.ledger.totals(0)[Resource.MR]) >= 40
+        h.ctx.dev.frontend.reset_device()  # RESET_DEVICE: every object goes, the connection stays
+        assert b.wait_for(lambda s: all(v == 0 for v in b.ledger.totals(0).values()))
+        assert b.connection_count() == 1
+    finally:
+        h.close()
