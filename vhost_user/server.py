@@ -52,11 +52,17 @@ SPIN_SLICE = 200e-6
 #: connections accepted per wake-up of the listening socket: a connect storm
 #: then waits its turn behind every other ready fd (guests' kicks) in the loop.
 #: bench.isolation_bench, a 1000-connection storm of one uid on the daemon's
-#: CPU at nice 19: a victim's 64 B WRITE p99 15x its idle value with 16, 2.1x with 2.
-ACCEPT_BATCH = 2
+#: CPU at nice 19: a victim's 64 B WRITE p99 was 15x its idle value with 16
+#: and no back-off; with 4 and ACCEPT_BACKOFF the storm costs the daemon
+#: ~4000 accepts/s at most and a newcomer queues behind it ~0.25 s per 1000.
+ACCEPT_BATCH = 4
 LISTEN_BACKLOG = 4096
 #: after accept() fails (EMFILE...), wait this long before accepting again
 ACCEPT_PAUSE = 0.1
+#: after a wake-up that refused a connection (over a limit), wait this long
+#: before accepting again: a storm of refused connects then costs the daemon at
+#: most ACCEPT_BATCH accepts per ACCEPT_BACKOFF, and queues in the backlog
+ACCEPT_BACKOFF = 0.001
 #: virtio device status DRIVER_OK
 DRIVER_OK = 4
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -74,6 +80,7 @@ class ServerMetrics:
     refused_factory: int = 0         # the device factory raised
     handshake_timeouts: int = 0      # closed: no ring started within handshake_timeout
     accept_errors: int = 0           # accept() failed (e.g. EMFILE); accepting paused
+    accept_backoffs: int = 0         # accepting paused ACCEPT_BACKOFF after a refusal
     last_errors: list = field(default_factory=list)
 
     def record(self, kind: str, err: BaseException) -> None:
@@ -309,6 +316,7 @@ class BackendServer:
         #: the limits hold over all their sockets
         self.per_uid: dict[int, int] = {} if per_uid is None else per_uid
         self._refusals: dict[int, int] = {}  # peer uid -> connections refused (for the log)
+        self._accept_paused = False
         self.metrics = ServerMetrics()
         self._ids = itertools.count(1)
         self._spin_handle = None
@@ -362,6 +370,23 @@ class BackendServer:
         log.info("vhost-user back-end listening on %s (mode %04o)", self.path, self.socket_mode)
 
     def _accept(self) -> None:
+        refused = self.metrics.refused_uid_limit + self.metrics.refused_host_limit
+        try:
+            self._accept_batch()
+        finally:
+            if (self.metrics.refused_uid_limit + self.metrics.refused_host_limit != refused
+                    and self.sock is not None and not self._accept_paused):
+                # a connect storm: accept the next ones a little later; they
+                # wait in the backlog, the guests already served do not wait
+                self.metrics.accept_backoffs += 1
+                self._pause_accept(ACCEPT_BACKOFF)
+
+    def _pause_accept(self, seconds: float) -> None:
+        self._accept_paused = True
+        self.loop.remove_reader(self.sock.fileno())
+        self.loop.call_later(seconds, self._resume_accept)
+
+    def _accept_batch(self) -> None:
         for _ in range(ACCEPT_BATCH):  # the rest stays readable: next loop iteration
             try:
                 conn, _ = self.sock.accept()
@@ -372,8 +397,7 @@ class BackendServer:
                 # a moment instead of spinning on the same error
                 self.metrics.accept_errors += 1
                 log.warning("accept failed: %s; pausing accept for %.1f s", e, ACCEPT_PAUSE)
-                self.loop.remove_reader(self.sock.fileno())
-                self.loop.call_later(ACCEPT_PAUSE, self._resume_accept)
+                self._pause_accept(ACCEPT_PAUSE)
                 return
             try:
                 pid, uid, gid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
@@ -417,6 +441,7 @@ class BackendServer:
             self.connections.add(served)
 
     def _resume_accept(self) -> None:
+        self._accept_paused = False
         if self.sock is not None:
             self.loop.add_reader(self.sock.fileno(), self._accept)
 
