@@ -46,8 +46,8 @@ def add_arguments(p) -> None:
     _add_tenant_arguments(p)
 
 
-#: ``--limit`` names: every TenantPolicy field (vhost_user/tenancy.py)
 def _add_tenant_arguments(p) -> None:
+    """Options of the TenantPolicy (vhost_user/tenancy.py) and the socket's ownership."""
     g = p.add_argument_group("tenants (connection admission, per-connection caps, per-uid budgets)")
     g.add_argument("--config", metavar="FILE",
                    help="TOML file; its [tenants] table sets any tenant policy option "
@@ -83,8 +83,10 @@ def tenant_policy(args):
             if not sep:
                 raise PolicyError(f"--limit {item!r}: expected NAME=VALUE")
             name = name.strip().replace("-", "_")
-            value = value.strip()
-            values[name] = float(value) if name == "handshake_timeout" else parse_size(value)
+            try:
+                values[name] = float(value) if name == "handshake_timeout" else parse_size(value)
+            except ValueError:
+                raise PolicyError(f"--limit {item!r}: {value.strip()!r} is not a number") from None
         if getattr(args, "max_connections_per_uid", None) is not None:
             values["max_connections_per_uid"] = args.max_connections_per_uid
         if getattr(args, "handshake_timeout", None) is not None:
