@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 
 VIRTIO_ID_RDMA = 42
 CONTROLQ, DOORBELLQ, EVENTQ = 0, 1, 2
+#: buffers served per pass over the controlq / doorbellq: a guest that queues
+#: hundreds at once is served in slices, other guests' work in between
+#: (the back-end re-kicks the ring from the event loop, see ``budgeted``)
+CONTROL_BUDGET = 16
+DOORBELL_BUDGET = 64
 _EVENT = struct.Struct("<BBHI")
 
 
@@ -40,6 +45,8 @@ class RdmaDevice(VhostUserDevice):
     device_features = (1 << Feature.INLINE_DATA) | (1 << Feature.ATOMIC) | (1 << Feature.DBREC_POLL)
     #: rings the daemon's busy-poll loop watches (the eventq holds buffers on purpose)
     poll_queues = (CONTROLQ, DOORBELLQ)
+    #: process_queue may leave buffers in a ring (its per-pass budget)
+    budgeted = True
 
     def __init__(self, fabric: Fabric, *, limits: DeviceLimits | None = None,
                  account: TenantAccount | None = None, info: ConnectionInfo | None = None):
@@ -107,13 +114,17 @@ class RdmaDevice(VhostUserDevice):
         q = vring.queue
         core = self.core
         if vring.index == CONTROLQ:
-            while (chain := q.pop(mem)) is not None:
+            for _ in range(CONTROL_BUDGET):
+                if (chain := q.pop(mem)) is None:
+                    break
                 resp = core.handle_control(chain.read(), now)
                 n = min(len(resp), chain.writable_len)
                 chain.write(memoryview(resp)[:n])
                 q.push(mem, chain, n)
         elif vring.index == DOORBELLQ:
-            while (chain := q.pop(mem)) is not None:
+            for _ in range(DOORBELL_BUDGET):
+                if (chain := q.pop(mem)) is None:
+                    break
                 core.doorbell(chain.read(), now)
                 q.push(mem, chain, 0)
         self._run_core(now)

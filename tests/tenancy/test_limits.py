@@ -141,3 +141,17 @@ def test_budget_released_on_device_reset(tenant_backend):
         assert b.connection_count() == 1
     finally:
         h.close()
+
+
+def test_a_burst_of_control_commands_is_served_in_slices(tenant_backend):
+    """A guest that queues 120 commands with one kick gets all 120 answers, and
+    the daemon returns to its event loop between slices (other guests go first)."""
+    b = tenant_backend(TenantPolicy(max_pd=4))
+    with Hog(b.path, mem_size=8 << 20) as h, RcEndpoint(b.path, 8192, mem_size=8 << 20) as a, \
+            RcEndpoint(b.path, 8192, mem_size=8 << 20) as peer:
+        connect_pair(a, peer)
+        assert h.burst(120) == {0: 120}  # 2 descriptors each: a 256-entry ring holds 128
+        assert h.burst(120, Cmd.ALLOC_PD) == {0: 4, errno.ENOMEM: 116}
+        yields = b.call(lambda: sum(c.core.metrics.budget_yields for c in b.server.connections))
+        assert yields >= 2 * (120 // 16 - 1)
+        assert _write_works(a, peer, b"z")
