@@ -27,7 +27,7 @@ def test_qemu72_frontend_boots_from_our_backend(tmp_path, qemu_system):
     sock = str(tmp_path / "blk.sock")
     devices = []
 
-    def factory():
+    def factory(info):
         dev = BlkDevice(Disk.ram(1 << 20, make_boot_sector(MARKER)), num_queues=2, owns_disk=True)
         devices.append(dev)
         return dev

@@ -106,6 +106,7 @@ class ConnectionMetrics:
     replies: int = 0
     errors: int = 0
     kicks: int = 0
+    budget_yields: int = 0  # a kick left work for a later loop iteration (device budget)
     by_request: dict = field(default_factory=dict)
 
 
@@ -134,6 +135,8 @@ class BackendConnection:
         self.spinning: set[int] = set()
         self._spin = getattr(watcher, "start_spin", None)
         self._device_poll = getattr(device, "poll", None)
+        #: the device may leave buffers in a ring after one pass (a per-pass budget)
+        self._budgeted = bool(getattr(device, "budgeted", False))
         device.attach(self)
 
     # ------------------------------------------------------------------
@@ -235,6 +238,13 @@ class BackendConnection:
                     q.enable_notification(mem)
                     self._poll_device()
                     break
+                if self._budgeted and q.has_available(mem):
+                    # The device served its per-pass budget: let the event loop
+                    # serve other connections, then come back (notifications
+                    # stay off meanwhile: the driver need not kick).
+                    self.metrics.budget_yields += 1
+                    self.watcher.call_soon(lambda: self.kick(index))
+                    return
                 if poll and self._spin is not None:
                     # The adapter busy-polls every spinning ring of every
                     # connection (and the device's own poll hook) in one

@@ -20,9 +20,10 @@ from vhost_user.server import BackendServer
 
 
 class BackendThread:
-    def __init__(self, path: str, device_factory, services=()):
+    def __init__(self, path: str, device_factory, services=(), **server_kw):
         self.path = path
-        self.device_factory = device_factory
+        self.device_factory = device_factory  # device_factory(ConnectionInfo)
+        self.server_kw = server_kw  # BackendServer options: policy=, socket_mode=...
         self.services = list(services)  # async start()/aclose() objects run in the loop
         self.loop: asyncio.AbstractEventLoop | None = None
         self.server: BackendServer | None = None
@@ -43,7 +44,7 @@ class BackendThread:
 
         self.loop = uvloop.new_event_loop()
         asyncio.set_event_loop(self.loop)
-        self.server = BackendServer(self.path, self.device_factory, loop=self.loop)
+        self.server = BackendServer(self.path, self.device_factory, loop=self.loop, **self.server_kw)
         started = []
 
         async def close():

@@ -19,6 +19,12 @@ Public API::
     core.config_bytes()         # struct virtio_rdma_config
     core.notify = callback      # called when a peer's request queued events here
     core.close()                # destroy every QP (detach from the fabric)
+
+Tenant limits: ``RdmaDeviceCore(..., account=TenantAccount)`` charges every
+PD, CQ, MR (and its bytes) and QP (and its ring entries) to the connection's
+account (:mod:`vhost_user.tenancy`) when creating it and releases it when the
+object goes or the core closes; a refused charge is the command's status
+(ENOMEM: the connection's own cap; ENOSPC: its uid's host-wide budget).
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 
+from vhost_user.tenancy import LimitExceeded, Resource, TenantAccount
 from virtio.errors import GuestMemoryError
 from virtio.memory import le32_words
 from virtio_rdma import datapath
@@ -74,10 +81,16 @@ U32 = 1 << 32
 
 @dataclass(frozen=True)
 class DeviceLimits:
-    max_qp: int = 4096
-    max_cq: int = 4096
-    max_mr: int = 8192
-    max_pd: int = 1024
+    """What one device instance reports in QUERY_DEVICE and enforces. The
+    object caps are the tenant policy's per-connection caps
+    (``vhost_user.tenancy.TenantPolicy``, same defaults): a connection filled
+    to them costs the daemon about 5 MB (QP ~2.2 KiB, CQ ~0.5 KiB, MR ~0.6 KiB,
+    PD ~0.3 KiB; measured, see bench/isolation_bench.py)."""
+
+    max_qp: int = 1536
+    max_cq: int = 1536
+    max_mr: int = 2048
+    max_pd: int = 256
     max_qp_wr: int = 4096
     max_cqe: int = 65536
     max_sge: int = 16
@@ -103,8 +116,10 @@ def _cmd_error(msg: str, status: Status) -> CommandError:
 
 class RdmaDeviceCore:
     def __init__(self, mem, fabric: Fabric, *, limits: DeviceLimits | None = None,
-                 poll_doorbell_records: bool = False):
+                 poll_doorbell_records: bool = False, account: TenantAccount | None = None):
         self.mem = mem
+        #: the connection's tenant account (None: no budgets beyond ``limits``)
+        self.account = account
         self.fabric = fabric
         self.limits = limits or DeviceLimits()
         self.poll_doorbell_records = poll_doorbell_records
@@ -214,6 +229,20 @@ class RdmaDeviceCore:
         finally:
             self._in_call -= 1
 
+    def _charge(self, *charges, check_only: bool = False) -> None:
+        """Charge ``(Resource, amount)`` pairs to the account, all or none;
+        ``check_only``: only raise if they would not fit."""
+        if self.account is not None:
+            try:
+                self.account.charge_all(charges, check_only=check_only)
+            except LimitExceeded as e:
+                raise _cmd_error(str(e), Status(e.errno)) from None
+
+    def _release(self, *charges) -> None:
+        if self.account is not None:
+            for r, n in charges:
+                self.account.release(r, n)
+
     def _query_device(self, body, now):
         L = self.limits
         return dict(fw_ver=1, node_guid=L.node_guid, sys_image_guid=L.node_guid,
@@ -243,6 +272,7 @@ class RdmaDeviceCore:
         return dict(gid=self.fabric.gid)
 
     def _alloc_pd(self, body, now):
+        self._charge((Resource.PD, 1), check_only=True)
         if len(self.pds) >= self.limits.max_pd:
             raise _cmd_error(f"max_pd {self.limits.max_pd} reached", Status.ENOMEM)
         while self._next_pdn in self.pds or self._next_pdn == 0:
@@ -250,6 +280,7 @@ class RdmaDeviceCore:
         pdn = self._next_pdn
         self._next_pdn = (pdn + 1) & OBJ_NUM_MASK
         self.pds[pdn] = 0
+        self._charge((Resource.PD, 1))  # fits: checked above
         return dict(pdn=pdn)
 
     def _pd(self, pdn: int) -> int:
@@ -263,6 +294,7 @@ class RdmaDeviceCore:
             raise _cmd_error(f"PD {pdn} is used by {self.pds[pdn]} QPs and "
                              f"{self.mrs.by_pd.get(pdn, 0)} MRs", Status.EBUSY)
         del self.pds[pdn]
+        self._release((Resource.PD, 1))
         if self.hw is not None:
             self.hw.dealloc_pd(pdn)
 
@@ -279,6 +311,7 @@ class RdmaDeviceCore:
             raise _cmd_error(f"cqe {n} is not a power of two in 1..{self.limits.max_cqe}", Status.EINVAL)
         if body["comp_vector"] != 0:
             raise _cmd_error(f"comp_vector {body['comp_vector']} (the device has 1)", Status.EINVAL)
+        self._charge((Resource.CQ, 1), check_only=True)
         if len(self.cqs) >= self.limits.max_cq:
             raise _cmd_error(f"max_cq {self.limits.max_cq} reached", Status.ENOMEM)
         self._check_gpa("CQ ring", body["ring_gpa"], n * CQE_SIZE)
@@ -288,6 +321,7 @@ class RdmaDeviceCore:
         cqn = self._next_cqn
         self._next_cqn = (cqn + 1) & OBJ_NUM_MASK
         self.cqs[cqn] = CompletionQueue(cqn, n, body["ring_gpa"], body["dbrec_gpa"])
+        self._charge((Resource.CQ, 1))  # fits: checked above
         return dict(cqn=cqn, cqe=n)
 
     def _cq(self, cqn: int) -> CompletionQueue:
@@ -301,6 +335,7 @@ class RdmaDeviceCore:
         if cq.qps:
             raise _cmd_error(f"CQ {cq.cqn} is used by QPs {sorted(cq.qps)[:8]}", Status.EBUSY)
         del self.cqs[cq.cqn]
+        self._release((Resource.CQ, 1))
 
     def _req_notify_cq(self, body, now):
         cq = self._cq(body["cqn"])
@@ -313,12 +348,16 @@ class RdmaDeviceCore:
         if self.hw is not None:  # the HCA's keys become the guest's
             hw = self.hw
             backing = lambda access: hw.reg_mr(pdn, access, body["iova"], body["length"], chunks)  # noqa: E731
+        charge = ((Resource.MR, 1), (Resource.PINNED_BYTES, body["length"]))
+        self._charge(*charge, check_only=True)
         mr = self.mrs.register(self.mem, pdn, body["access"], body["iova"], body["length"],
                                chunks, backing=backing)
+        self._charge(*charge)  # fits: checked above, nothing ran in between
         return dict(lkey=mr.lkey, rkey=mr.rkey)
 
     def _dereg_mr(self, body, now):
-        self.mrs.deregister(body["lkey"])
+        mr = self.mrs.deregister(body["lkey"])
+        self._release((Resource.MR, 1), (Resource.PINNED_BYTES, mr.length))
 
     def _create_qp(self, body, now):
         L = self.limits
@@ -336,6 +375,7 @@ class RdmaDeviceCore:
                           ("max_inline_data", L.max_inline_data)):
             if body[name] > lim:
                 raise _cmd_error(f"{name} {body[name]} exceeds {lim}", Status.EINVAL)
+        self._charge((Resource.QP, 1), check_only=True)
         if len(self.qps) >= L.max_qp:
             raise _cmd_error(f"max_qp {L.max_qp} reached", Status.ENOMEM)
         lay = wq_layout(body["max_send_wr"], body["max_recv_wr"], body["max_send_sge"],
@@ -343,6 +383,8 @@ class RdmaDeviceCore:
         self._check_gpa("SQ ring", body["sq_gpa"], lay.sq_bytes)
         self._check_gpa("RQ ring", body["rq_gpa"], lay.rq_bytes)
         self._check_gpa("QP doorbell record", body["dbrec_gpa"], DBREC_SIZE)
+        charge = ((Resource.QP, 1), (Resource.WQES, lay.sq_depth + lay.rq_depth))
+        self._charge(*charge, check_only=True)
         hwqp = None
         if self.hw is not None:  # the HCA's QP number is the guest's (it is on the wire)
             hwqp = self.hw.create_qp(pdn, lay)
@@ -362,6 +404,7 @@ class RdmaDeviceCore:
                 hwqp.close()
             raise
         self.qps[qpn] = qp
+        self._charge(*charge)  # fits: checked above
         self._qp_epoch += 1
         self.pds[pdn] += 1
         scq.qps.add(qpn)
@@ -517,6 +560,7 @@ class RdmaDeviceCore:
         else:
             self.fabric.free_qpn(qp.qpn)
         del self.qps[qp.qpn]
+        self._release((Resource.QP, 1), (Resource.WQES, qp.layout.sq_depth + qp.layout.rq_depth))
         self._timers.discard(qp.qpn)
         self.pds[qp.pdn] -= 1
         qp.send_cq.qps.discard(qp.qpn)
@@ -699,6 +743,8 @@ class RdmaDeviceCore:
         self.cqs.clear()
         self.pds.clear()
         self._events.clear()
+        if self.account is not None:  # every object is gone: so is its charge
+            self.account.release_all()
         if self.hw is not None:
             hw, self.hw = self.hw, None
             hw.close()

@@ -7,6 +7,11 @@ produces are written into the buffers the driver keeps posted on the eventq
 (kept in order while none is posted), and the core's next deadline (RNR and
 retransmission timers) becomes an event-loop timer. Payloads never pass
 through here: the core moves them between guests' memory directly.
+
+Per-tenant limits: :meth:`RdmaDevice.factory` makes the daemon's device
+factory from a :class:`~vhost_user.tenancy.TenantPolicy`: each connection's
+device reports the policy's object caps (QUERY_DEVICE) and charges its
+objects to an account of the connection's peer uid in one shared ledger.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import struct
 from time import monotonic
 
 from vhost_user.device import VhostUserDevice
+from vhost_user.tenancy import ConnectionInfo, TenantAccount, TenantLedger, TenantPolicy
 from virtio_rdma.constants import Feature
 from virtio_rdma.core import DeviceLimits, RdmaDeviceCore
 from virtio_rdma.fabric import Fabric
@@ -24,6 +30,11 @@ log = logging.getLogger(__name__)
 
 VIRTIO_ID_RDMA = 42
 CONTROLQ, DOORBELLQ, EVENTQ = 0, 1, 2
+#: buffers served per pass over the controlq / doorbellq: a guest that queues
+#: hundreds at once is served in slices, other guests' work in between
+#: (the back-end re-kicks the ring from the event loop, see ``budgeted``)
+CONTROL_BUDGET = 16
+DOORBELL_BUDGET = 64
 _EVENT = struct.Struct("<BBHI")
 
 
@@ -34,10 +45,17 @@ class RdmaDevice(VhostUserDevice):
     device_features = (1 << Feature.INLINE_DATA) | (1 << Feature.ATOMIC) | (1 << Feature.DBREC_POLL)
     #: rings the daemon's busy-poll loop watches (the eventq holds buffers on purpose)
     poll_queues = (CONTROLQ, DOORBELLQ)
+    #: process_queue may leave buffers in a ring (its per-pass budget)
+    budgeted = True
 
-    def __init__(self, fabric: Fabric, *, limits: DeviceLimits | None = None):
+    def __init__(self, fabric: Fabric, *, limits: DeviceLimits | None = None,
+                 account: TenantAccount | None = None, info: ConnectionInfo | None = None):
         self.fabric = fabric
         self.limits = limits or DeviceLimits()
+        #: the connection's tenant account (owned: closed with the device)
+        self.account = account
+        #: who connected (None when built outside a server)
+        self.info = info
         self.core: RdmaDeviceCore | None = None
         self._events: collections.deque = collections.deque()
         self._timer = None
@@ -48,8 +66,25 @@ class RdmaDevice(VhostUserDevice):
 
     def attach(self, conn) -> None:
         super().attach(conn)
-        self.core = RdmaDeviceCore(conn.mem, self.fabric, limits=self.limits)
+        self.core = RdmaDeviceCore(conn.mem, self.fabric, limits=self.limits, account=self.account)
         self.core.notify = self._on_core_notify
+
+    @staticmethod
+    def limits_for(policy: TenantPolicy) -> DeviceLimits:
+        """The object caps a connection's device reports (QUERY_DEVICE) under ``policy``."""
+        return DeviceLimits(max_qp=policy.max_qp, max_cq=policy.max_cq, max_mr=policy.max_mr,
+                            max_pd=policy.max_pd)
+
+    @classmethod
+    def factory(cls, fabric: Fabric, ledger: TenantLedger):
+        """A ``device_factory(info)`` for :class:`~vhost_user.server.BackendServer`: every
+        connection gets the policy's caps and an account of its peer uid in ``ledger``."""
+        limits = cls.limits_for(ledger.policy)
+
+        def make(info: ConnectionInfo | None) -> "RdmaDevice":
+            return cls(fabric, limits=limits, account=ledger.account(info), info=info)
+
+        return make
 
     def config(self) -> bytes:
         return self.core.config_bytes()
@@ -79,13 +114,17 @@ class RdmaDevice(VhostUserDevice):
         q = vring.queue
         core = self.core
         if vring.index == CONTROLQ:
-            while (chain := q.pop(mem)) is not None:
+            for _ in range(CONTROL_BUDGET):
+                if (chain := q.pop(mem)) is None:
+                    break
                 resp = core.handle_control(chain.read(), now)
                 n = min(len(resp), chain.writable_len)
                 chain.write(memoryview(resp)[:n])
                 q.push(mem, chain, n)
         elif vring.index == DOORBELLQ:
-            while (chain := q.pop(mem)) is not None:
+            for _ in range(DOORBELL_BUDGET):
+                if (chain := q.pop(mem)) is None:
+                    break
                 core.doorbell(chain.read(), now)
                 q.push(mem, chain, 0)
         self._run_core(now)
@@ -152,7 +191,7 @@ class RdmaDevice(VhostUserDevice):
 
     def reset(self) -> None:
         self._close_core()
-        self.core = RdmaDeviceCore(self.conn.mem, self.fabric, limits=self.limits)
+        self.core = RdmaDeviceCore(self.conn.mem, self.fabric, limits=self.limits, account=self.account)
         self.core.notify = self._on_core_notify
         self._dbrec_poll = False
 
@@ -166,4 +205,8 @@ class RdmaDevice(VhostUserDevice):
         self._events.clear()
 
     def close(self) -> None:
-        self._close_core()
+        try:
+            self._close_core()
+        finally:
+            if self.account is not None:
+                self.account.close()

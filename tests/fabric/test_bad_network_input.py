@@ -36,7 +36,7 @@ def daemon(tmp_path_factory):
     fabric = RoceFabric(HOST)
     svc = RoceFabricService(fabric)
     path = str(tmp_path_factory.mktemp("bad") / "rdma.sock")
-    with BackendThread(path, lambda: RdmaDevice(fabric), services=[svc]) as bt:
+    with BackendThread(path, lambda info: RdmaDevice(fabric), services=[svc]) as bt:
         bt.fabric, bt.svc = fabric, svc
         yield bt
 

@@ -10,7 +10,7 @@ def rdma_backend(tmp_path):
     """The real daemon (in a thread) serving virtio-rdma devices on one LocalFabric."""
     fabric = LocalFabric()
     path = str(tmp_path / "rdma.sock")
-    with BackendThread(path, lambda: RdmaDevice(fabric)) as b:
+    with BackendThread(path, lambda info: RdmaDevice(fabric)) as b:
         b.fabric = fabric
         yield b
 

@@ -9,7 +9,7 @@ DISK_SIZE = 4 << 20
 
 
 def ram_blk_factory(size=DISK_SIZE, **kw):
-    return lambda: BlkDevice(Disk.ram(size), owns_disk=True, **kw)
+    return lambda info: BlkDevice(Disk.ram(size), owns_disk=True, **kw)
 
 
 @pytest.fixture

@@ -54,10 +54,75 @@ def add_arguments(p) -> None:
     p.add_argument("--allow-unsealed-memory", action="store_true",
                    help="accept guest memory fds that are not memfds sealed against shrinking "
                         "(e.g. hugetlbfs files); a front-end could then crash the daemon")
+    _add_tenant_arguments(p)
+
+
+def _add_tenant_arguments(p) -> None:
+    """Options of the TenantPolicy (vhost_user/tenancy.py) and the socket's ownership."""
+    g = p.add_argument_group("tenants (connection admission, per-connection caps, per-uid budgets)")
+    g.add_argument("--config", metavar="FILE",
+                   help="TOML file; its [tenants] table sets any tenant policy option "
+                        "(names as for --limit, e.g. max_connections_per_uid = 8)")
+    g.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
+                   help="set one tenant policy option, over --config (repeatable): max_connections, "
+                        "max_connections_per_uid, handshake_timeout, max_qp, max_cq, max_mr, max_pd, "
+                        "max_pinned_bytes, max_wqes, uid_max_objects, uid_max_pinned_bytes, uid_max_wqes "
+                        "(sizes take K/M/G/T)")
+    g.add_argument("--max-connections-per-uid", type=int, metavar="N",
+                   help="connections served at once per peer uid (default 64)")
+    g.add_argument("--handshake-timeout", type=float, metavar="SECONDS",
+                   help="close a connection that has not started a ring this long after "
+                        "connecting (default 10; 0: never)")
+    g.add_argument("--socket-mode", type=lambda t: int(t, 8), default=0o660, metavar="OCTAL",
+                   help="the socket's mode, set explicitly whatever the umask (default 0660)")
+    g.add_argument("--socket-group", metavar="GROUP",
+                   help="the socket's group, a name or gid (default: the daemon's group)")
+
+
+def tenant_policy(args):
+    """The daemon's TenantPolicy: defaults, then --config, then --limit and the named options."""
+    from vhost_user.tenancy import PolicyError, TenantPolicy
+
+    try:
+        policy = TenantPolicy()
+        if getattr(args, "config", None):
+            with open(args.config, encoding="utf-8") as f:
+                policy = TenantPolicy.from_toml(f.read(), policy)
+        values = {}
+        for item in getattr(args, "limit", []):
+            name, sep, value = item.partition("=")
+            if not sep:
+                raise PolicyError(f"--limit {item!r}: expected NAME=VALUE")
+            name = name.strip().replace("-", "_")
+            try:
+                values[name] = float(value) if name == "handshake_timeout" else parse_size(value)
+            except ValueError:
+                raise PolicyError(f"--limit {item!r}: {value.strip()!r} is not a number") from None
+        if getattr(args, "max_connections_per_uid", None) is not None:
+            values["max_connections_per_uid"] = args.max_connections_per_uid
+        if getattr(args, "handshake_timeout", None) is not None:
+            values["handshake_timeout"] = args.handshake_timeout
+        return TenantPolicy.from_mapping(values, policy)
+    except (PolicyError, OSError, ValueError) as e:
+        raise SystemExit(f"vrdma backend: {e}") from None
+
+
+def socket_group(args) -> int | None:
+    import grp
+
+    g = getattr(args, "socket_group", None)
+    if g is None:
+        return None
+    if g.isdigit():
+        return int(g)
+    try:
+        return grp.getgrnam(g).gr_gid
+    except KeyError:
+        raise SystemExit(f"vrdma backend: --socket-group {g!r}: no such group") from None
 
 
 def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     t = text.strip().upper()
     mult = units.get(t[-1:], 1)
     return int(t[:-1] if t[-1:] in units else t) * mult
@@ -121,19 +186,21 @@ def _verbs_fabric(args):
     return fabric, [VerbsFabricService(fabric)]
 
 
-def make_device_factory(args, fabric=None):
+def make_device_factory(args, fabric=None, policy=None):
+    """``device_factory(info)``: one device per connection (``info``: who connected)."""
     if args.device == "rdma":
+        from vhost_user.tenancy import TenantLedger
         from virtio_rdma.device import RdmaDevice
 
         if fabric is None:
             fabric, _ = make_fabric(args)
-        return lambda: RdmaDevice(fabric)
+        return RdmaDevice.factory(fabric, TenantLedger(policy or tenant_policy(args)))
 
     from vhost_user.blk import BlkDevice, Disk
 
     if args.image:
         disk = Disk.file(args.image, read_only=args.read_only)
-        return lambda: BlkDevice(disk, num_queues=args.num_queues)
+        return lambda info: BlkDevice(disk, num_queues=args.num_queues)
     size = parse_size(args.size)
     init = b""
     if args.boot_marker:
@@ -141,7 +208,7 @@ def make_device_factory(args, fabric=None):
 
         init = make_boot_sector(args.boot_marker.encode())
 
-    def factory():
+    def factory(info):
         disk = Disk.ram(size, init)
         disk.read_only = args.read_only
         return BlkDevice(disk, num_queues=args.num_queues, owns_disk=True)
@@ -152,8 +219,10 @@ def make_device_factory(args, fabric=None):
 def run(args) -> int:
     from vhost_user.server import run_backend
 
+    policy = tenant_policy(args)
+    group = socket_group(args)
     fabric, services = make_fabric(args) if args.device == "rdma" else (None, [])
-    factory = make_device_factory(args, fabric)
+    factory = make_device_factory(args, fabric, policy)
 
     def ready():
         if hasattr(fabric, "gid_index"):
@@ -167,7 +236,8 @@ def run(args) -> int:
 
     try:
         return run_backend(args.socket, factory, ready=ready, poll_us=args.poll_us,
-                           require_sealed_memory=not args.allow_unsealed_memory, services=services)
+                           require_sealed_memory=not args.allow_unsealed_memory, services=services,
+                           policy=policy, socket_mode=args.socket_mode, socket_group=group)
     except OSError as e:
         if services and e.errno is not None and not hasattr(fabric, "gid_index"):
             raise SystemExit(f"vrdma backend: cannot open RoCEv2 on {fabric.address}:"
