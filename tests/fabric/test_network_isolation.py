@@ -60,7 +60,7 @@ class Daemon:
         self.svc = RoceFabricService(self.fabric)
         fabric = self.fabric
         with ns.entered():          # the loop thread (and its socket) live in ns
-            self.bt = BackendThread(path, lambda: RdmaDevice(fabric), services=[self.svc]).start()
+            self.bt = BackendThread(path, lambda info: RdmaDevice(fabric), services=[self.svc]).start()
         self.path = path
 
     def udp(self) -> dict:
