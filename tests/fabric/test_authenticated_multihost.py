@@ -15,7 +15,8 @@ import sys
 
 import pytest
 
-from tests.fabric.test_multihost import A_IP, B_IP, connect, exchange_all_verbs, stream_of_sends
+from tests.fabric.test_multihost import A_IP, B_IP, RELAY_IDS, RELAY_POLICIES, connect, exchange_all_verbs, \
+    through_relay
 
 netlab = pytest.importorskip("netlab.ns")
 from netlab.relay import Policy, RelayProcess  # noqa: E402
@@ -64,28 +65,9 @@ def test_all_verbs_authenticated(relayed, mtu, size):
             b.close()
 
 
-@pytest.mark.parametrize("policy", [
-    Policy(seed=1, reorder=0.2, reorder_depth=3, udp_port=4791),
-    Policy(seed=2, duplicate=0.1, udp_port=4791),
-    Policy(seed=3, reorder=0.1, duplicate=0.05, loss=0.02, udp_port=4791),
-], ids=["reorder", "duplicate", "reorder+dup+loss"])
+@pytest.mark.parametrize("policy", RELAY_POLICIES, ids=RELAY_IDS)
 def test_reorder_duplicate_loss_authenticated(relayed, policy):
-    ha, hb, nr = relayed
-    with RelayProcess(nr, "ra", "rb", policy) as relay:
-        a, b = connect(ha, hb, mtu=3)
-        try:
-            rng = random.Random(policy.seed)
-            stream_of_sends(a, b, 30, 2500, rng)
-            exchange_all_verbs(a, b, 512 << 10, rng)
-        finally:
-            a.close()
-            b.close()
-        stats = relay.stats()
-    c = [stats["a_to_b"], stats["b_to_a"]]
-    if policy.reorder:
-        assert sum(d["held"] for d in c) > 0, stats
-    if policy.duplicate:
-        assert sum(d["duplicated"] for d in c) > 0, stats
+    through_relay(relayed, policy)
 
 
 def test_key_file_readable_by_group_is_refused(tmp_path, key):

@@ -156,12 +156,22 @@ def test_loss_both_directions(direct):
         b.close()
 
 
-@pytest.mark.parametrize("policy", [
+RELAY_POLICIES = [
     Policy(seed=1, reorder=0.2, reorder_depth=3, udp_port=4791),
     Policy(seed=2, duplicate=0.1, udp_port=4791),
     Policy(seed=3, reorder=0.1, duplicate=0.05, loss=0.02, udp_port=4791),
-], ids=["reorder", "duplicate", "reorder+dup+loss"])
+]
+RELAY_IDS = ["reorder", "duplicate", "reorder+dup+loss"]
+
+
+@pytest.mark.parametrize("policy", RELAY_POLICIES, ids=RELAY_IDS)
 def test_reorder_duplicate_through_the_relay(relayed, policy):
+    through_relay(relayed, policy)
+
+
+def through_relay(relayed, policy):
+    """SENDs and every verb through the L2 relay under ``policy``; the
+    impairments must really have happened."""
     ha, hb, nr = relayed
     with RelayProcess(nr, "ra", "rb", policy) as relay:
         a, b = connect(ha, hb, mtu=3)
