@@ -32,7 +32,7 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 
-from vhost_user.tenancy import LimitExceeded, Resource, TenantAccount
+from vhost_user.tenancy import LimitExceeded, Resource, TenantAccount, TenantPolicy
 from virtio.errors import GuestMemoryError
 from virtio.memory import le32_words
 from virtio_rdma import datapath
@@ -77,20 +77,21 @@ from virtio_rdma.wire import (
 
 log = logging.getLogger(__name__)
 U32 = 1 << 32
+_POLICY_DEFAULTS = TenantPolicy()  # the object caps are defined once, there
 
 
 @dataclass(frozen=True)
 class DeviceLimits:
     """What one device instance reports in QUERY_DEVICE and enforces. The
     object caps are the tenant policy's per-connection caps
-    (``vhost_user.tenancy.TenantPolicy``, same defaults): a connection filled
+    (``vhost_user.tenancy.TenantPolicy``, whose defaults they take): a connection filled
     to them costs the daemon about 5 MB (QP ~2.2 KiB, CQ ~0.5 KiB, MR ~0.6 KiB,
     PD ~0.3 KiB; measured, see bench/isolation_bench.py)."""
 
-    max_qp: int = 1536
-    max_cq: int = 1536
-    max_mr: int = 2048
-    max_pd: int = 256
+    max_qp: int = _POLICY_DEFAULTS.max_qp
+    max_cq: int = _POLICY_DEFAULTS.max_cq
+    max_mr: int = _POLICY_DEFAULTS.max_mr
+    max_pd: int = _POLICY_DEFAULTS.max_pd
     max_qp_wr: int = 4096
     max_cqe: int = 65536
     max_sge: int = 16
