@@ -177,6 +177,8 @@ class _Run:
         self.vh = self.victim.handles()
         self.victim_snapshot = self.victim.snapshot()
         self.setup()
+        vqps = [g.core.qps[q.qpn] for g in self.victim.g for q in g.qps]
+        vstates = tuple(qp.state for qp in vqps)
         t0 = time.perf_counter()
         with Watchdog(self.bound, rep) as wd:
             for i in range(count):
@@ -194,6 +196,10 @@ class _Run:
                 finally:
                     wd.disarm(i)
                 rep.count += 1
+                states = tuple(qp.state for qp in vqps)
+                if states != vstates:       # cheap, every input: the exact index of a killed victim QP
+                    rep.fail(i, f"victim QP states {[s.name for s in vstates]} -> {[s.name for s in states]}")
+                    vstates = states
                 if (i + 1) % self.check_every == 0:
                     self._checks(i)
                 if (i + 1) % self.live_every == 0:
@@ -422,6 +428,10 @@ class RingsTarget(_Run):
     name = "rings"
     RECONNECT_EVERY = 1024     # and whenever a QP left RTS (checked every 128 inputs)
 
+    def __init__(self, seed: int, *, hijack: bool = True, **kw):
+        super().__init__(seed, **kw)
+        self.hijack = hijack
+
     def setup(self) -> None:
         clock, rng = self.clock, self.rng
         self.a = CoreGuest(self.fabric, gpa=ATTACKER_GPA, clock=clock)
@@ -437,8 +447,11 @@ class RingsTarget(_Run):
         v2qp = self.victim.g[1].qps[0]
         self.hijack_target = v2qp.qpn
         self.a.connect(self.qh, v2qp.qpn, self.fabric.gid, sq_psn=self.victim.psn[0])
-        self.qps = [(self.a, qa, self.qb.qpn, 0, 0), (self.a, self.qh, v2qp.qpn, self.victim.psn[0], 0),
-                    (self.b, qb, qa.qpn, 0, 0)]
+        self.qps = [(self.a, qa, self.qb.qpn, 0, 0), (self.b, qb, qa.qpn, 0, 0)]
+        if self.hijack:
+            self.qps.append((self.a, self.qh, v2qp.qpn, self.victim.psn[0], 0))
+        else:       # the hijack QP stays in RTS, idle
+            self.a.qps.remove(self.qh)
         # A's and B's rings and dbrecs are theirs to write (the fuzzer does)
         for g in (self.a, self.b):
             for q in g.qps:
@@ -454,6 +467,7 @@ class RingsTarget(_Run):
         self.nums = sorted({q.qpn for g in (self.a, self.b, *self.victim.g) for q in g.qps}
                            | {c.cqn for g in (self.a, self.b, *self.victim.g) for c in g.cqs})
         self.reconnects = 0
+        self._pick = (0, 0, 1, 2, 2) if self.hijack else (0, 0, 1)
 
     def extra_checks(self, i: int) -> None:
         rep = self.report
@@ -540,7 +554,7 @@ class RingsTarget(_Run):
         if i % self.RECONNECT_EVERY == 0 or (i % 128 == 0 and any(
                 g.core.qps[q.qpn].state != QpState.RTS for g, q, *_ in self.qps)):
             self._reconnect()
-        g, q, _, _, _ = self.qps[rng.choice((0, 0, 1, 1, 2))]
+        g, q, _, _, _ = self.qps[rng.choice(self._pick)]
         kind = rng.random()
         now = self.clock[0]
         if kind < 0.45:       # send WQEs, then the dbrec and a doorbell
