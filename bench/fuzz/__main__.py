@@ -36,6 +36,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=None, help="default: from the clock (printed)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--progress", action="store_true", help="print a line at every liveness check")
+    p.add_argument("--no-hijack", action="store_true",
+                   help="rings: no attacker QP connected to the victim's QP (co-tenant isolation aside)")
     args = p.parse_args(argv)
     seed = args.seed if args.seed is not None else int(time.time()) & 0xFFFFFFFF
 
@@ -44,7 +46,8 @@ def main(argv=None) -> int:
               f"hangs {rep.hangs}, canary {rep.canary_violations}, findings {len(rep.failures)}",
               file=sys.stderr, flush=True)
 
-    rep = run_target(args.target, args.count, seed, progress=progress if args.progress else None)
+    kw = {"hijack": False} if args.no_hijack and args.target == "rings" else {}
+    rep = run_target(args.target, args.count, seed, progress=progress if args.progress else None, **kw)
     if args.json:
         d = rep.as_dict()
         d["cpu"] = _cpu()

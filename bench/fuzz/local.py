@@ -55,7 +55,7 @@ class Victim:
         self.objs = setup_pair(*self.g, psn_a=self.psn[0], psn_b=self.psn[1])
         # a read-only MR too: its bytes must never change, even through its own rkey
         self.ro = [g.reg_mr(g.pds[0], 8192, Access.REMOTE_READ) for g in self.g]
-        self.canaries = [Canary(g.view, (), f"victim{i}") for i, g in enumerate(self.g)]
+        self.canaries = [Canary(g.view, (), f"victim V{i + 1}") for i, g in enumerate(self.g)]
 
     def handles(self) -> dict:
         h = dict(pdn=set(), cqn=set(), qpn=set(), lkey=set(), rkey=set(), addr=set())
@@ -87,6 +87,12 @@ class Victim:
 
     def round_trip(self, tag: int) -> None:
         round_trip(*self.g, self.objs, tag=tag)
+
+    def reconnect(self) -> None:
+        (_, _, q1, _), (_, _, q2, _) = self.objs
+        g1, g2 = self.g
+        g1.connect(q1, q2.qpn, g2.fabric.gid, sq_psn=self.psn[0], rq_psn=self.psn[1])
+        g2.connect(q2, q1.qpn, g1.fabric.gid, sq_psn=self.psn[1], rq_psn=self.psn[0])
 
     def close(self) -> None:
         for g in self.g:
@@ -120,7 +126,7 @@ class _Run:
     name = ""
 
     def __init__(self, seed: int, *, live_every: int = 20000, check_every: int = 1000,
-                 bound_s: float = 2.0):
+                 bound_s: float = 10.0):
         self.seed = seed
         self.rng = random.Random(seed)
         self.report = Report(self.name, seed)
@@ -128,6 +134,7 @@ class _Run:
         self.clock = [0.0]
         self.fabric = LocalFabric()
         self._internal: dict[int, int] = {}
+        self.victim_qp_kills = 0
 
     def _checks(self, i: int) -> None:
         self._victim_checks(i)
@@ -198,7 +205,12 @@ class _Run:
                 rep.count += 1
                 states = tuple(qp.state for qp in vqps)
                 if states != vstates:       # cheap, every input: the exact index of a killed victim QP
+                    self.victim_qp_kills += 1
                     rep.fail(i, f"victim QP states {[s.name for s in vstates]} -> {[s.name for s in states]}")
+                    # the victim does what an application does: reconnects its QPs (same PSNs), and the
+                    # attack goes on against live QPs
+                    self.victim.reconnect()
+                    states = tuple(qp.state for qp in vqps)
                     vstates = states
                 if (i + 1) % self.check_every == 0:
                     self._checks(i)
@@ -426,14 +438,35 @@ class RingsTarget(_Run):
     victim's MRs, boundaries and random values."""
 
     name = "rings"
-    RECONNECT_EVERY = 1024     # and whenever a QP left RTS (checked every 128 inputs)
+    RECONNECT_EVERY = 1024     # and whenever a QP left RTS (checked every 32 inputs)
 
     def __init__(self, seed: int, *, hijack: bool = True, **kw):
         super().__init__(seed, **kw)
         self.hijack = hijack
 
+    NEW_PAIR_EVERY = 5000      # and whenever a CQ overflowed (it stays broken, as on hardware)
+
     def setup(self) -> None:
-        clock, rng = self.clock, self.rng
+        self.reconnects = self.pairs = 0
+        self.plausible = False
+        self.totals: dict[str, dict[str, int]] = {"attacker": {}, "accomplice": {}}
+        self._new_pair()
+
+    def _retire_pair(self, i: int) -> None:
+        """Check the pair's canaries and internal errors, keep its counters, close it."""
+        self.extra_checks(i)
+        self.internal_errors(i)
+        for nm, g in (("attacker", self.a), ("accomplice", self.b)):
+            t = self.totals[nm]
+            for k, v in g.core.metrics.as_dict().items():
+                if v:
+                    t[k] = t.get(k, 0) + v
+            self._internal.pop(id(g), None)
+            g.close()
+
+    def _new_pair(self) -> None:
+        self.pairs += 1
+        clock = self.clock
         self.a = CoreGuest(self.fabric, gpa=ATTACKER_GPA, clock=clock)
         self.b = CoreGuest(self.fabric, gpa=ACCOMPLICE_GPA, clock=clock)
         (pa, ca, qa, ma), (pb, cb, qb, mb) = setup_pair(self.a, self.b)
@@ -442,6 +475,7 @@ class RingsTarget(_Run):
         self.mb_ro = self.b.reg_mr(pb, 8192, Access.REMOTE_READ)       # no REMOTE_WRITE: canary
         self.mb_w = self.b.reg_mr(pb, 8192, Access.LOCAL_WRITE | Access.REMOTE_WRITE)
         # a hijack QP: A's second QP aimed at the victim's second QP with its expected PSN
+        self.hijack_buf = ma
         self.ch = self.a.create_cq(64)
         self.qh = self.a.create_qp(pa, self.ch)
         v2qp = self.victim.g[1].qps[0]
@@ -466,7 +500,7 @@ class RingsTarget(_Run):
                                                       m.gpa - 8)})
         self.nums = sorted({q.qpn for g in (self.a, self.b, *self.victim.g) for q in g.qps}
                            | {c.cqn for g in (self.a, self.b, *self.victim.g) for c in g.cqs})
-        self.reconnects = 0
+        self.peer_mrs = self.a.mrs + self.b.mrs + [m for v in self.victim.g for m in v.mrs]
         self._pick = (0, 0, 1, 2, 2) if self.hijack else (0, 0, 1)
 
     def extra_checks(self, i: int) -> None:
@@ -493,10 +527,7 @@ class RingsTarget(_Run):
         return [*self.victim.g, self.a, self.b]
 
     def teardown(self) -> None:
-        self.extra_checks(self.report.count - 1)
-        self.internal_errors(self.report.count - 1)
-        self.a.close()
-        self.b.close()
+        self._retire_pair(self.report.count - 1)
 
     # ---- input generators ---------------------------------------------------
     def _len(self) -> int:
@@ -508,6 +539,25 @@ class RingsTarget(_Run):
         addr = rng.choice(self.addrs) + rng.choice((0, 0, 1, -1, 64)) if rng.random() < 0.8 else rng.getrandbits(64)
         _SGE.pack_into(buf, off, addr & (2 ** 64 - 1), self._len(),
                        rng.choice(self.keys) if rng.random() < 0.8 else rng.getrandbits(32))
+
+    def _plausible_wqe(self, slot: int, g) -> bytearray:
+        """A WQE a correct driver could post, at the edges: own MR for the SGE,
+        a peer MR (or a victim's) for the remote side, lengths near bounds."""
+        rng = self.rng
+        b = bytearray(slot)
+        own = rng.choice(g.mrs)
+        peer = rng.choice(self.peer_mrs)
+        opcode = rng.choice((0, 0, 1, 2, 2, 3, 4, 4, 5, 6))
+        n = 8 if opcode in (5, 6) else rng.choice((0, 1, 8, 64, 512, 4096, own.length))
+        loff = rng.choice((0, 8, own.length - n, own.length - n + 1)) if n <= own.length else 0
+        roff = rng.choice((0, 8, peer.length - n, peer.length - n + 8, -8))
+        _SEND_HDR.pack_into(b, 0, rng.getrandbits(64), opcode, rng.choice((2, 2, 0, 6, 3)), 1,
+                            rng.getrandbits(32), (peer.gpa + roff) & (2 ** 64 - 1),
+                            peer.rkey if rng.random() < 0.9 else rng.choice(self.keys), 0,
+                            rng.getrandbits(64), rng.getrandbits(64), bytes(16))
+        _SGE.pack_into(b, 64, (own.gpa + loff) & (2 ** 64 - 1), n,
+                       own.lkey if rng.random() < 0.95 else rng.choice(self.keys))
+        return b
 
     def _send_wqe(self, slot: int) -> bytearray:
         rng = self.rng
@@ -551,17 +601,58 @@ class RingsTarget(_Run):
 
     def one(self, i: int) -> None:
         rng = self.rng
-        if i % self.RECONNECT_EVERY == 0 or (i % 128 == 0 and any(
+        if i and (i % self.NEW_PAIR_EVERY == 0 or (i % 32 == 0 and (
+                self.a.core.metrics.cq_overflows or self.b.core.metrics.cq_overflows))):
+            self._retire_pair(i)
+            self._new_pair()
+        if i % self.RECONNECT_EVERY == 0 or (i % 32 == 0 and any(
                 g.core.qps[q.qpn].state != QpState.RTS for g, q, *_ in self.qps)):
             self._reconnect()
+        if i % 256 == 0:
+            self.plausible = rng.random() < 0.5
         g, q, _, _, _ = self.qps[rng.choice(self._pick)]
         kind = rng.random()
         now = self.clock[0]
-        if kind < 0.45:       # send WQEs, then the dbrec and a doorbell
+        if self.plausible and q is not self.qh:
+            # an epoch of work requests a correct driver could post, at the edges of every bound;
+            # the QPs live long enough for requests to flow
+            if i % 8 == 0 and any(gg.core.qps[qq.qpn].state != QpState.RTS for gg, qq, *_ in self.qps[:2]):
+                self._reconnect()
+            slot = 1 << q.layout.sq_wqe_shift
+            if kind < 0.7:
+                g.write(q.sq + (q.sq_pi % q.layout.sq_depth) * slot, self._plausible_wqe(slot, g))
+                q.sq_pi = (q.sq_pi + 1) & U32
+                g.write(q.dbrec, _DB.pack(q.sq_pi, q.rq_pi))
+                g.core.doorbell(wire.encode_doorbell(DoorbellKind.SQ, q.qpn, q.sq_pi), now)
+            else:
+                rslot = 1 << q.layout.rq_wqe_shift
+                own = rng.choice([m for m in g.mrs if m.access & Access.LOCAL_WRITE])
+                n = rng.choice((0, 64, 4096, own.length))
+                g.write(q.rq + (q.rq_pi % q.layout.rq_depth) * rslot,
+                        wire.encode_recv_wqe(i, [(own.gpa + rng.choice((0, own.length - n)), n, own.lkey)],
+                                             slot_size=rslot))
+                q.rq_pi = (q.rq_pi + 1) & U32
+                g.write(q.dbrec, _DB.pack(q.sq_pi, q.rq_pi))
+                g.core.doorbell(wire.encode_doorbell(DoorbellKind.RQ, q.qpn, q.rq_pi), now)
+        elif q is self.qh and rng.random() < 0.3:     # a well-formed attack on the victim's memory
+            slot = 1 << q.layout.sq_wqe_shift
+            b = bytearray(slot)
+            vm = rng.choice([m for v in self.victim.g[1:] for m in v.mrs])
+            off = rng.choice((0, 8, 64, vm.length - 64))
+            opcode = rng.choice((0, 0, 1, 4, 5, 6))      # WRITE, WRITE_IMM, READ, CMP_SWP, FETCH_ADD
+            n = 8 if opcode in (5, 6) else rng.choice((8, 64))
+            _SEND_HDR.pack_into(b, 0, i, opcode, 2, 1, 0, vm.gpa + off, vm.rkey, 0, 1, 2, bytes(16))
+            _SGE.pack_into(b, 64, self.hijack_buf.gpa, n, self.hijack_buf.lkey)
+            g.write(q.sq + (q.sq_pi % q.layout.sq_depth) * slot, b)
+            q.sq_pi = (q.sq_pi + 1) & U32
+            g.write(q.dbrec, _DB.pack(q.sq_pi, q.rq_pi))
+            g.core.doorbell(wire.encode_doorbell(DoorbellKind.SQ, q.qpn, q.sq_pi), now)
+        elif kind < 0.45:       # send WQEs, then the dbrec and a doorbell
             slot = 1 << q.layout.sq_wqe_shift
             for _ in range(rng.choice((1, 1, 2, 4))):
                 pos = q.sq_pi % q.layout.sq_depth if rng.random() < 0.9 else rng.randrange(q.layout.sq_depth)
-                g.write(q.sq + pos * slot, self._send_wqe(slot))
+                g.write(q.sq + pos * slot, self._plausible_wqe(slot, g) if rng.random() < 0.5
+                        else self._send_wqe(slot))
                 q.sq_pi = (q.sq_pi + 1) & U32
             value = q.sq_pi if rng.random() < 0.7 else self._index(q.sq_pi)
             g.write(q.dbrec, _DB.pack(value, q.rq_pi))
@@ -600,7 +691,7 @@ class RingsTarget(_Run):
         self.clock[0] += 0.001
         for gg in (self.a, self.b):
             gg.core.process(self.clock[0])
-            if rng.random() < 0.3:
+            if True:              # the driver keeps up with its CQs (an overflowed CQ stays broken)
                 for c in gg.cqs:
                     try:
                         gg.poll(c, 64)
@@ -612,10 +703,11 @@ class RingsTarget(_Run):
                 "psn_seq_errors", "dropped_requests", "cq_faults", "cq_overflows")
 
     def counters(self) -> dict:
-        out = {"reconnects": self.reconnects}
-        for nm, g in (("attacker", self.a), ("accomplice", self.b), ("victim1", self.victim.g[0]),
-                      ("victim2", self.victim.g[1])):
-            d = g.core.metrics.as_dict()
+        out = {"reconnects": self.reconnects, "attacker_pairs": self.pairs,
+               "victim_qp_kills": self.victim_qp_kills}
+        for nm, d in (("attacker", self.totals["attacker"]), ("accomplice", self.totals["accomplice"]),
+                      ("victim1", self.victim.g[0].core.metrics.as_dict()),
+                      ("victim2", self.victim.g[1].core.metrics.as_dict())):
             out[nm] = {k: v for k, v in d.items() if v}
             self.report.rejected += sum(d.get(k, 0) for k in self._REJECTS)
         self.report.accepted = self.report.count

@@ -67,7 +67,7 @@ class RoceTarget:
     name = "roce"
     BATCH = 8
 
-    def __init__(self, seed: int, *, live_every: int = 20000, check_every: int = 2000, bound_s: float = 2.0):
+    def __init__(self, seed: int, *, live_every: int = 20000, check_every: int = 2000, bound_s: float = 10.0):
         self.seed = seed
         self.rng = random.Random(seed)
         self.report = Report(self.name, seed)

@@ -220,7 +220,7 @@ class VhostUserTarget:
     name = "vhost-user"
 
     def __init__(self, seed: int, *, live_every: int = 20000, check_every: int = 2000,
-                 bound_s: float = 5.0):
+                 bound_s: float = 10.0):
         self.seed = seed
         self.rng = random.Random(seed)
         self.report = Report(self.name, seed)
