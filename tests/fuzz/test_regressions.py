@@ -1,6 +1,7 @@
 """Minimal reproductions of what the fuzzers found (bench.fuzz), against the
 real daemon process."""
 import os
+import random
 import signal
 import socket
 import struct
@@ -53,3 +54,43 @@ def test_fds_of_a_batch_are_closed_when_a_reply_cannot_be_sent(daemon):
     print("daemon fds", base, "->", after)
     assert after == base, daemon.fd_targets()
     assert daemon.alive()
+
+
+def test_a_kick_fd_that_cannot_be_polled_is_a_protocol_error(daemon):
+    """Fuzz finding (vhost-user target, seed 1204, inputs 604002 and 624000):
+    SET_VRING_KICK with /dev/null or a memfd as the kick fd reached the event
+    loop's add_reader, whose PermissionError (EPERM from epoll) escaped the
+    back-end as an unexpected error with a traceback. It is a protocol error
+    naming the ring; the fd is closed and the daemon serves on."""
+    from bench.fuzz.vhost import VhostUserTarget
+
+    class Valid(random.Random):       # the handshake without its random variations
+        def random(self):
+            return 0.99
+
+    t = VhostUserTarget(0)
+    t.rng = Valid(0)
+    t._open_fds()
+    try:
+        time.sleep(0.3)
+        base = daemon.fds()
+        prefix = t._setup_prefix()
+        # the handshake up to ring 0's SET_VRING_CALL, then a kick fd epoll refuses
+        end = next(k for k, m in enumerate(prefix) if m[0] == R.SET_VRING_KICK)
+        for bad in (t.null_fd, t.mem_fd):
+            c = FuzzConnection(daemon.path, 5)
+            for req, flags, payload, fds in prefix[:end]:
+                assert c.send(req, flags, payload, fds)
+            c.send(R.SET_VRING_KICK, VERSION, struct.pack("<Q", 0), [bad])
+            while c._recv_some():                           # replies to the handshake, then EOF:
+                pass
+            assert c.closed_by_peer                         # closed by the daemon
+            c.close()
+        assert settle(daemon.fds, base, timeout=2.0) == base
+        daemon.scan_log()
+        assert daemon.tracebacks == 0, daemon.first_traceback
+        c = FuzzConnection(daemon.path, 5)
+        assert c.call(R.GET_FEATURES) is not None          # and serves the next front-end
+        c.close()
+    finally:
+        t._close_fds()
