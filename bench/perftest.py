@@ -293,11 +293,14 @@ def run_pair(path: str, test: str, size: int, iters: int, batch: int = 16,
         for _ in ps:
             role, r = out.get(timeout=300)
             results[role] = r
+            if isinstance(r, dict) and "error" in r:
+                break  # e.g. the daemon died: the other side may wait on the pipe for ever
     finally:
         for p in ps:
-            p.join(10)
+            p.join(0 if len(results) < len(ps) else 10)
             if p.is_alive():
                 p.kill()
+                p.join()
     for role, r in results.items():
         if isinstance(r, dict) and "error" in r:
             raise RuntimeError(f"{test} {role}: {r['error']}")

@@ -6,6 +6,17 @@ the three virtqueues of the device (controlq, doorbellq, eventq; see
 docs/virtio-rdma.md) and reads the device's config space. Every buffer the
 device must reach (MRs, work queue and completion rings, doorbell records)
 is allocated from that shared memory.
+
+Daemon death: the device is only as alive as the daemon behind the socket.
+Every wait (control commands, doorbell buffers, CQ and async events) sleeps
+on the socket too and fails at once when the daemon goes away; calls that
+never sleep (``CQ.poll`` on an empty ring, posts) look at the socket at most
+once per :data:`LIVENESS_INTERVAL`. Either way the error is
+``RDMAError`` with errno ``ENOTCONN`` (and so is every call after it, on any
+object of the Context), never a hang. Completions already in a CQ's ring can
+still be polled. ``close()`` of a dead Context skips the destroy commands
+(the daemon's state went with the connection) and releases every fd and
+mapping; a new Context opens on a restarted daemon at the same path.
 """
 from __future__ import annotations
 
@@ -13,6 +24,7 @@ import collections
 import errno
 import struct
 import types
+from time import monotonic
 
 from guest_lib.base import VerbsObject
 from guest_lib.errors import RDMAError, UserError
@@ -29,6 +41,8 @@ N_EVENT_BUFS = 64
 DOORBELL_BUF = 8 * 64  # 64 records
 N_DOORBELL_BUFS = 128
 _EVENT = struct.Struct("<BBHI")
+#: seconds between looks at the socket from calls that never sleep
+LIVENESS_INTERVAL = 0.02
 
 
 class GID:
@@ -58,6 +72,7 @@ class Context(VerbsObject):
     def __init__(self, name: str, *, mem_size: int = 64 << 20, queue_size: int = 256,
                  timeout: float | None = 10.0, hugetlb="auto"):
         super().__init__(None)
+        self._next_check = 0.0  # monotonic time of the next liveness look (0: look at every call)
         self.name = name
         self.timeout = timeout
         features = (1 << Feature.INLINE_DATA) | (1 << Feature.ATOMIC) | (1 << Feature.DBREC_POLL)
@@ -90,9 +105,48 @@ class Context(VerbsObject):
             self.cq_events: collections.Counter = collections.Counter()
             self.async_events: collections.deque = collections.deque()
             self.qps: dict = {}
+        except VhostUserError as e:
+            self.dev.close()
+            raise RDMAError(f"cannot open device at {name}: {e}", e.errno) from e
         except BaseException:
             self.dev.close()
             raise
+        self._next_check = monotonic() + LIVENESS_INTERVAL
+
+    # --- daemon liveness --------------------------------------------------
+    @property
+    def dead(self) -> bool:
+        """Is the daemon behind this Context known to be gone?"""
+        return self.dev.dead is not None
+
+    def _gone(self, what: str, e: VhostUserError) -> RDMAError:
+        """The RDMAError for a failure of the connection; once the daemon is
+        known dead every later liveness check fails without a syscall."""
+        if self.dev.dead is not None:
+            self._next_check = 0.0
+            return RDMAError(f"{what}: the device is gone ({self.dev.dead})", errno.ENOTCONN)
+        return RDMAError(f"{what}: no answer from the device: {e}", e.errno)
+
+    def check_alive(self, what: str = "device") -> None:
+        """Raise RDMAError(ENOTCONN) if the daemon is gone (one poll(2) of
+        the socket, none once it is known gone)."""
+        self._check_open()
+        self._next_check = monotonic() + LIVENESS_INTERVAL
+        try:
+            self.dev.check_alive()
+        except VhostUserError as e:
+            raise self._gone(what, e) from e
+
+    def _destroy(self, cmd: Cmd, **fields) -> None:
+        """A child's destroy command from its close(): skipped, and never an
+        error, once the daemon is gone (its objects went with the connection)."""
+        if self._closed or self.dev.dead is not None:
+            return
+        try:
+            self.command(cmd, **fields)
+        except RDMAError:
+            if self.dev.dead is None:
+                raise
 
     # --- memory -------------------------------------------------------
     def alloc(self, size: int, align: int = 64) -> tuple[int, memoryview]:
@@ -117,6 +171,9 @@ class Context(VerbsObject):
     # --- control queue ------------------------------------------------
     def command(self, cmd: Cmd, **fields) -> dict | None:
         self._check_open()
+        if self.dev.dead is not None:
+            self._next_check = 0.0
+            raise RDMAError(f"{cmd.name}: the device is gone ({self.dev.dead})", errno.ENOTCONN)
         try:
             req = wire.encode_request(cmd, **fields)
         except Exception as e:
@@ -131,7 +188,7 @@ class Context(VerbsObject):
         try:
             _, written = self.dev.wait_used(CONTROLQ, self.timeout)
         except VhostUserError as e:
-            raise RDMAError(f"{cmd.name}: no answer from the device: {e}", e.errno) from e
+            raise self._gone(cmd.name, e) from e
         status, body = wire.decode_response(cmd, self._resp[:written])
         if status != Status.OK:
             raise RDMAError(f"{cmd.name} failed", int(status))
@@ -151,6 +208,8 @@ class Context(VerbsObject):
         """With DBREC_POLL: is the device polling right now, so that a doorbell
         record already written will be seen without a doorbell? (The check
         is fenced; the device re-scans the records after it stops polling.)"""
+        if monotonic() >= self._next_check:  # a polling daemon that died still "polls"
+            self.check_alive("post")
         if self.dbrec_poll and self.dev.queues[DOORBELLQ].kick_suppressed():
             self.doorbells_skipped += 1
             return True
@@ -169,6 +228,8 @@ class Context(VerbsObject):
                 q.enable_cb()
                 try:
                     token, _ = self.dev.wait_used(DOORBELLQ, self.timeout)
+                except VhostUserError as e:
+                    raise self._gone("doorbell", e) from e
                 finally:
                     q.disable_cb()
                 self._db_free.append(token)
@@ -186,13 +247,17 @@ class Context(VerbsObject):
         item = q.get_used()
         if item is None:
             if timeout == 0:
+                if monotonic() >= self._next_check:
+                    self.check_alive("events")
                 return False
             try:
                 item = self.dev.wait_used(EVENTQ, timeout)
             except TransportError as e:
-                if e.errno == errno.ETIMEDOUT:
+                if e.errno == errno.ETIMEDOUT and self.dev.dead is None:
                     return False
-                raise
+                raise self._gone("events", e) from e
+            except VhostUserError as e:
+                raise self._gone("events", e) from e
         while item is not None:
             gpa, written = item
             buf = self.dev.translate(gpa, written)
@@ -208,6 +273,7 @@ class Context(VerbsObject):
 
     def get_async_event(self, timeout: float | None = None):
         """(ibv_event_type, object number) of the next async event, or None."""
+        self._check_open()
         if not self.async_events:
             self._take_events(self.timeout if timeout is None else timeout)
         return self.async_events.popleft() if self.async_events else None

@@ -5,16 +5,23 @@ The device writes CQE number n to slot n mod cqe with owner bit
 The consumer index goes to the CQ's doorbell record so the device can tell
 an overflow. ``req_notify`` arms the CQ; ``get_event`` blocks on the event
 queue until the device reports a completion for this CQ.
+
+``poll`` returns what the ring holds even when the daemon is gone; an empty
+poll looks at the daemon's socket at most once per
+``context.LIVENESS_INTERVAL`` and raises ``RDMAError`` (ENOTCONN) once it is
+gone, so busy-poll loops end instead of spinning forever.
 """
 from __future__ import annotations
 
 import struct
 import time
+from time import monotonic
 from dataclasses import dataclass
 
 from guest_lib.base import VerbsObject
 from guest_lib.context import Context
 from guest_lib.errors import UserError
+from virtio.memory import le32_words
 from virtio_rdma import wire
 from virtio_rdma.constants import Cmd, CqArm, WcStatus
 
@@ -54,6 +61,7 @@ class CQ(VerbsObject):
         n = 1 << (cqe - 1).bit_length()
         self.ring_gpa, self.ring = ctx.alloc(n * wire.CQE_SIZE, 4096)
         self.dbrec_gpa, self.dbrec = ctx.alloc(wire.DBREC_SIZE, 64)
+        self._ci_word = le32_words(self.dbrec)  # the consumer index, stored whole
         try:
             r = ctx.command(Cmd.CREATE_CQ, cqe=n, comp_vector=comp_vector, ring_gpa=self.ring_gpa,
                             dbrec_gpa=self.dbrec_gpa)
@@ -82,7 +90,9 @@ class CQ(VerbsObject):
                 qp._completed(op, st)
         if out:
             self.ci = ci
-            struct.pack_into("<I", self.dbrec, 0, ci)
+            self._ci_word[0] = ci
+        elif monotonic() >= self.ctx._next_check:  # nothing yet: is anyone still there to complete it?
+            self.ctx.check_alive(f"poll of CQ {self.cqn}")
         return len(out), out
 
     def req_notify(self, solicited_only: bool = False) -> None:
@@ -102,7 +112,7 @@ class CQ(VerbsObject):
         return True
 
     def _free_memory(self) -> None:
-        for v in (self.ring, self.dbrec):
+        for v in (self._ci_word, self.ring, self.dbrec):
             v.release()
         if not self.ctx.closed:
             self.ctx.free(self.ring_gpa)
@@ -110,7 +120,6 @@ class CQ(VerbsObject):
 
     def _release(self) -> None:
         try:
-            if not self.ctx.closed:
-                self.ctx.command(Cmd.DESTROY_CQ, cqn=self.cqn)
+            self.ctx._destroy(Cmd.DESTROY_CQ, cqn=self.cqn)
         finally:
             self._free_memory()

@@ -3,6 +3,11 @@
 :class:`RDMAError` is a failure the device reported (it carries the errno the
 device returned, like ``PyverbsRDMAError``); :class:`UserError` is a misuse
 caught before anything reached the device (like ``PyverbsUserError``).
+
+When the back-end daemon is gone (it exited, was killed, or broke the
+vhost-user connection), every call on the Context and its objects that needs
+the device raises :class:`RDMAError` with errno ``ENOTCONN``, within
+milliseconds of the death for a call that is waiting (``guest_lib.context``).
 """
 from __future__ import annotations
 

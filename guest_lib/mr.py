@@ -54,8 +54,7 @@ class MR(VerbsObject):
 
     def _release(self) -> None:
         try:
-            if not self.ctx.closed:
-                self.ctx.command(Cmd.DEREG_MR, lkey=self.lkey)
+            self.ctx._destroy(Cmd.DEREG_MR, lkey=self.lkey)
         finally:
             self.view.release()
             if not self.ctx.closed:

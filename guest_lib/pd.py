@@ -12,12 +12,15 @@ class PD(VerbsObject):
     def __init__(self, ctx: Context):
         super().__init__(ctx)
         self.ctx = ctx
-        self.pdn = ctx.command(Cmd.ALLOC_PD)["pdn"]
+        try:
+            self.pdn = ctx.command(Cmd.ALLOC_PD)["pdn"]
+        except BaseException:
+            self._abandon()  # a failed PD must not stay among the Context's children
+            raise
 
     @property
     def handle(self) -> int:
         return self.pdn
 
     def _release(self) -> None:
-        if not self.ctx.closed:
-            self.ctx.command(Cmd.DEALLOC_PD, pdn=self.pdn)
+        self.ctx._destroy(Cmd.DEALLOC_PD, pdn=self.pdn)

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import collections
 import errno
-import struct
 from dataclasses import dataclass, field
 
 from guest_lib.base import VerbsObject
 from guest_lib.cq import CQ
 from guest_lib.errors import RDMAError, UserError
 from guest_lib.pd import PD
+from virtio.memory import le32_words
 from virtio_rdma import wire
 from virtio_rdma.constants import Cmd, CreateQpFlags, DoorbellKind, QpAttrMask as M, QpState, QpType, SendFlags, WcOpcode
 
@@ -117,6 +117,7 @@ class QP(VerbsObject):
         self.sq_gpa, self.sq = ctx.alloc(lay.sq_bytes, 4096)
         self.rq_gpa, self.rq = ctx.alloc(lay.rq_bytes, 4096)
         self.dbrec_gpa, self.dbrec = ctx.alloc(wire.DBREC_SIZE, 64)
+        self._pi_words = le32_words(self.dbrec)  # [sq_pi, rq_pi], each stored whole
         try:
             r = ctx.command(Cmd.CREATE_QP, pdn=pd.pdn, qp_type=int(QpType.RC), send_cqn=self.scq.cqn,
                             recv_cqn=self.rcq.cqn, max_send_wr=cap.max_send_wr, max_recv_wr=cap.max_recv_wr,
@@ -148,7 +149,7 @@ class QP(VerbsObject):
                 self.sq_pi = self.sq_ci = self.rq_pi = self.rq_ci = 0
                 self._sq_signaled.clear()
                 # the device may poll the record: it must not see old indices again
-                struct.pack_into("<II", self.dbrec, 0, 0, 0)
+                self._pi_words[0] = self._pi_words[1] = 0
 
     def to_init(self, attr: QPAttr) -> None:
         attr.qp_state = QpState.INIT
@@ -237,7 +238,7 @@ class QP(VerbsObject):
 
     def _publish_sq(self, pi: int) -> None:
         self.sq_pi = pi
-        struct.pack_into("<I", self.dbrec, 0, pi)
+        self._pi_words[0] = pi
         self._ring(DoorbellKind.SQ, pi)
 
     def post_recv(self, wrs) -> None:
@@ -261,7 +262,7 @@ class QP(VerbsObject):
             wire.pack_sges(rq, off + wire.RECV_WQE_HEADER_SIZE, [(s.addr, s.length, s.lkey) for s in sg])
             pi = (pi + 1) & _U32
         self.rq_pi = pi
-        struct.pack_into("<I", self.dbrec, 4, pi)
+        self._pi_words[1] = pi
         self._ring(DoorbellKind.RQ, pi)
 
     def _ring(self, kind: DoorbellKind, pi: int) -> None:
@@ -283,7 +284,7 @@ class QP(VerbsObject):
 
     # --- teardown -----------------------------------------------------------
     def _free_memory(self) -> None:
-        for v in (self.sq, self.rq, self.dbrec):
+        for v in (self._pi_words, self.sq, self.rq, self.dbrec):
             v.release()
         if not self.ctx.closed:
             for gpa in (self.sq_gpa, self.rq_gpa, self.dbrec_gpa):
@@ -292,7 +293,7 @@ class QP(VerbsObject):
     def _release(self) -> None:
         self.ctx.qps.pop(getattr(self, "qp_num", None), None)
         try:
-            if not self.ctx.closed and hasattr(self, "qp_num"):
-                self.ctx.command(Cmd.DESTROY_QP, qpn=self.qp_num)
+            if hasattr(self, "qp_num"):
+                self.ctx._destroy(Cmd.DESTROY_QP, qpn=self.qp_num)
         finally:
             self._free_memory()

@@ -108,6 +108,8 @@ class MessageReader:
             return None, []
         except MessageError:
             raise
+        except TimeoutError as e:  # a blocking socket's timeout (the front-end's): no errno of its own
+            raise TransportError("recvmsg timed out", errno.ETIMEDOUT) from e
         except OSError as e:
             raise TransportError(f"recvmsg failed: {e.strerror}", e.errno) from e
 

@@ -10,6 +10,17 @@ guest memory (a memfd, hugetlb when the machine has free huge pages),
 negotiates features, lays out split rings in guest memory, creates the kick
 and call eventfds and drives the device status, so a plain process can use a
 vhost-user device the way a VM's driver would.
+
+Back-end death: the back-end never writes to the front-end's socket between
+requests (the spec's back-end-initiated messages travel on their own
+channel), so the socket turning readable, hung up or in error while no
+request is in flight means the daemon is gone. Every wait of
+:class:`VirtioUserDevice` sleeps in ``poll(2)`` on the call eventfd *and*
+the socket, so a daemon that dies (even by SIGKILL: the kernel closes its
+end) wakes the waiter at once with :class:`BackendGone` (errno
+``ENOTCONN``); :meth:`VirtioUserDevice.check_alive` is the same test without
+sleeping, for callers that busy-poll. ``poll`` rather than ``select``: fd
+numbers above 1024 work.
 """
 from __future__ import annotations
 
@@ -19,7 +30,7 @@ import fcntl
 import os
 import select
 import socket
-from time import perf_counter
+from time import monotonic, perf_counter
 
 from vhost_user.endpoint import recv_message, send_message
 from vhost_user.errors import ProtocolError, ReplyError, TransportError
@@ -46,6 +57,19 @@ from virtio.split import DriverQueue
 
 R = FrontendReq
 PF = ProtocolFeature
+
+
+class BackendGone(TransportError):
+    """The back-end daemon went away (EOF, hang-up or an error on the socket,
+    or bytes nobody asked for). The device is unusable from then on: every
+    later call fails the same way, with errno ``ENOTCONN``."""
+
+    def __init__(self, message: str):
+        super().__init__(message, errno.ENOTCONN)
+
+
+#: what poll(2) reports on the vhost-user socket when the back-end is gone
+_SOCK_EVENTS = select.POLLIN | select.POLLPRI | getattr(select, "POLLRDHUP", 0x2000)
 
 
 class Frontend:
@@ -247,6 +271,10 @@ class VirtioUserDevice:
         self.spin_us = spin_us
         self.kicks_sent = 0  # kick eventfd writes
         self.sleeps = 0  # waits that needed an interrupt
+        #: why the back-end is known to be gone (None while it is not): every
+        #: wait or check raises BackendGone with it from then on
+        self.dead: str | None = None
+        self._pollers: dict[int, tuple] = {}  # queue -> ((call fd, socket fd), poll object) of its waits
         self.frontend = Frontend(path, timeout=timeout)
         self.mem = GuestMemory()
         self.queues: list[DriverQueue] = []
@@ -360,30 +388,103 @@ class VirtioUserDevice:
             if item is not None:
                 return item
         fd = self.call_fds[index]
+        sock = self.frontend.sock.fileno()
+        cached = self._pollers.get(index)
+        if cached is not None and cached[0] == (fd, sock):
+            poller = cached[1]
+        else:  # first wait on this queue, or its call fd was replaced
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            poller.register(sock, _SOCK_EVENTS)
+            self._pollers[index] = ((fd, sock), poller)
+        deadline = None if timeout is None else monotonic() + timeout
         while True:
-            if timeout is not None:
-                r, _, _ = select.select([fd], [], [], timeout)
-                if not r:
+            if self.dead is not None:
+                raise BackendGone(self.dead)
+            if deadline is None:
+                ms = -1
+            else:
+                left = deadline - monotonic()
+                if left <= 0:
                     raise TransportError(f"queue {index}: no used buffer within {timeout} s", errno.ETIMEDOUT)
+                ms = max(1, int(left * 1000 + 0.999))
+            try:
+                ready = poller.poll(ms)
+            except InterruptedError:  # PEP 475 retries, but a signal handler may raise
+                continue
+            woke = False
+            for rfd, ev in ready:
+                if rfd == sock:
+                    self._socket_event(ev)
+                else:
+                    woke = True
+            if not woke:
+                continue
             os.eventfd_read(fd)
             self.sleeps += 1
             item = q.get_used()
             if item is not None:
                 return item
 
+    # --- back-end liveness --------------------------------------------------
+    def check_alive(self) -> None:
+        """Raise :class:`BackendGone` if the back-end is gone; one poll(2)
+        with zero timeout (no syscall once death was seen)."""
+        if self.dead is not None:
+            raise BackendGone(self.dead)
+        if self.frontend.sock.fileno() < 0:
+            self._mark_dead("the vhost-user connection is closed")
+        p = select.poll()
+        p.register(self.frontend.sock, _SOCK_EVENTS)
+        for _fd, ev in p.poll(0):
+            self._socket_event(ev)
+
+    def _socket_event(self, ev: int) -> None:
+        """poll(2) reported ``ev`` on the socket: find out why. Raises
+        BackendGone unless it was spurious."""
+        if ev & select.POLLNVAL:
+            self._mark_dead("the vhost-user connection is closed")
+        if ev & (select.POLLHUP | select.POLLERR):
+            self._mark_dead("the back-end hung up the vhost-user connection "
+                            "(it exited, was killed or dropped this guest)")
+        sock = self.frontend.sock
+        try:
+            data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return  # spurious (e.g. POLLPRI without data): nothing to see
+        except OSError as e:
+            self._mark_dead(f"vhost-user socket error: {e.strerror or e}")
+        if not data:
+            self._mark_dead("the back-end closed the vhost-user connection "
+                            "(it exited, was killed or dropped this guest)")
+        self._mark_dead("the back-end sent an unsolicited message on the vhost-user socket")
+
+    def _mark_dead(self, why: str) -> None:
+        self.dead = f"{self.frontend.path}: {why}"
+        raise BackendGone(self.dead)
+
     def translate(self, gpa: int, length: int) -> memoryview:
         return self.mem.translate(gpa, length)
 
     def get_config(self, offset: int, size: int) -> bytes:
+        if self.dead is not None:
+            raise BackendGone(self.dead)
         return self.frontend.get_config(offset, size)
 
     def close(self) -> None:
         """Close the connection first (the back-end then stops using our
-        memory and eventfds), then release them."""
+        memory and eventfds), then release them. Never fails because the
+        back-end is gone."""
         self.frontend.close()
-        for fd in self.kick_fds + self.call_fds:
-            os.close(fd)
-        self.kick_fds, self.call_fds = [], []
+        if self.dead is None:
+            self.dead = f"{self.frontend.path}: the device is closed"
+        self._pollers.clear()
+        fds, self.kick_fds, self.call_fds = self.kick_fds + self.call_fds, [], []
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
         self.queues = []
         self.mem.close()
 

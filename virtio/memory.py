@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 import threading
 import warnings
 import weakref
@@ -38,7 +39,7 @@ from ._memory import NORESERVE, Mapping, RegionTable, buffer_address, deferred_u
 from .errors import GuestMemoryError
 
 __all__ = [
-    "MemoryRegion", "GuestMemory", "GuestMemoryError", "live_mappings", "deferred_unmaps",
+    "MemoryRegion", "GuestMemory", "GuestMemoryError", "live_mappings", "deferred_unmaps", "le32_words",
     "proc_maps_count", "free_hugepages", "HUGEPAGE_SIZE",
 ]
 
@@ -62,6 +63,19 @@ def free_hugepages() -> int:
             return int(f.read().strip())
     except (OSError, ValueError):
         return 0
+
+
+def le32_words(view) -> memoryview:
+    """``view`` (shared with another process) as little-endian 32-bit words
+    that are read and written whole: a memoryview item of format ``I`` is one
+    4-byte load or store, so the peer never sees a torn value. ``struct``
+    is no substitute: ``pack_into`` zeroes the target bytes before it writes
+    them, and a device reading a consumer index in between saw 0 and
+    declared the CQ overflowed. Little-endian hosts only (the device's words
+    are le32); ``view`` must be 4-byte aligned, as doorbell records are."""
+    if sys.byteorder != "little":  # pragma: no cover - x86 and arm64 hosts are little-endian
+        raise GuestMemoryError("shared le32 words need a little-endian host")
+    return memoryview(view).cast("B").cast("I")
 
 
 def proc_maps_count(needle: str) -> int:

@@ -383,6 +383,9 @@ def run_sq(dev, qp, double now):
         return 0
     if peer.net is not None or peer.destroyed or peer.state not in _RECV_STATES:
         return 0
+    pattr = peer.attr
+    if pattr["dest_qp_num"] != qp.qpn or pattr["dgid"] != fabric.gid:
+        return 0  # not the peer's connected QP: datapath.on_request drops and counts it
     cdef _Dev L = _Dev.__new__(_Dev)
     cdef _Dev R
     if not L.init(dev):

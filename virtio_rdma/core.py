@@ -23,11 +23,11 @@ Public API::
 from __future__ import annotations
 
 import logging
-import struct
 from collections import deque
 from dataclasses import dataclass, field
 
 from virtio.errors import GuestMemoryError
+from virtio.memory import le32_words
 from virtio_rdma import datapath
 from virtio_rdma.datapath import DbrecScanner
 from virtio_rdma.constants import (
@@ -70,7 +70,6 @@ from virtio_rdma.wire import (
 
 log = logging.getLogger(__name__)
 U32 = 1 << 32
-_DBREC = struct.Struct("<II")
 
 
 @dataclass(frozen=True)
@@ -609,7 +608,7 @@ class RdmaDeviceCore:
             if qp.state is QpState.RESET or qp.destroyed:
                 continue
             try:
-                sq_pi, rq_pi = _DBREC.unpack(self.mem.translate(qp.dbrec_gpa, DBREC_SIZE))
+                sq_pi, rq_pi = le32_words(self.mem.translate(qp.dbrec_gpa, DBREC_SIZE))  # each word whole
             except GuestMemoryError:
                 continue
             if rq_pi != qp.rq_pi:

@@ -9,13 +9,12 @@ driver has not consumed (overflow -> the CQ enters ERROR, see core).
 from __future__ import annotations
 
 import enum
-import struct
 
 from virtio.errors import GuestMemoryError
+from virtio.memory import le32_words
 from virtio_rdma.constants import CqArm, WcStatus
 from virtio_rdma.wire import CQE_SIZE, Completion, pack_cqe_into
 
-_CI = struct.Struct("<I")
 U32 = 1 << 32
 
 
@@ -65,7 +64,7 @@ class CompletionQueue:
         if self.state is CqState.ERROR:
             return PushResult.DROPPED
         try:
-            ci = _CI.unpack(mem.translate(self.dbrec_gpa, 4))[0]
+            ci = le32_words(mem.translate(self.dbrec_gpa, 4))[0]  # whole: the driver stores it live
             if (self.pc - ci) % U32 >= self.depth:
                 self.state = CqState.ERROR
                 return PushResult.OVERFLOW

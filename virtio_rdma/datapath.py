@@ -490,11 +490,26 @@ def _recv_done(dev, qp: QueuePair, wr_id: int, status: WcStatus, op: WcOpcode, r
                  solicited=req.solicited)
 
 
+def is_connected_peer(qp: QueuePair, gid: bytes, qpn: int) -> bool:
+    """Is ``(gid, qpn)`` the peer ``qp`` was connected to (its AV's dgid and
+    its dest_qp_num, set at INIT -> RTR)? The local fabric builds every
+    request from the sending QP itself, so a guest cannot claim another
+    guest's QPN there."""
+    a = qp.attr
+    return qpn == a["dest_qp_num"] and gid == a["dgid"]
+
+
 def on_request(dev, qp: QueuePair, req: Request, now: float) -> Response | None:
     """Responder: execute one request addressed to ``qp``; return the response
     (None: silently dropped, as a QP that is not ready to receive does)."""
     if qp.destroyed or qp.state not in _RECV_STATES:
         dev.metrics.dropped_requests += 1
+        return None
+    if not is_connected_peer(qp, req.src_gid, req.src_qpn):
+        # Only the QP this one was connected to may use it: anything else
+        # is dropped before it can touch the responder's state (PSN, NAK
+        # state, ERR on a bad rkey) or memory; its requester times out.
+        dev.metrics.foreign_requests += 1
         return None
     d = psn_diff(req.psn, qp.epsn)
     if d > 0:

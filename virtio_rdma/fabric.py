@@ -13,7 +13,7 @@ into its own guest memory (:func:`virtio_rdma.mr.sg_copy`). They are only
 valid during the delivery call; a network fabric serialises them at once.
 
 :class:`LocalFabric` connects the QPs of all devices served by one daemon
-(one host): QPNs are allocated host-wide, every device shares the host GID,
+(one host): QPNs are allocated host-wide at random, every device shares the host GID,
 and :meth:`LocalFabric.send` delivers a request synchronously and returns the
 response. A request to an unknown (gid, qpn) is dropped, as a network would,
 and the requester's retry timer handles it.
@@ -21,6 +21,7 @@ and the requester's retry timer handles it.
 from __future__ import annotations
 
 import enum
+import secrets
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -108,7 +109,7 @@ class Fabric(ABC):
 
     @abstractmethod
     def alloc_qpn(self) -> int:
-        """Allocate a host-unique QPN (24 bit, never 0 or 1)."""
+        """Allocate a host-unique QPN (24 bit, never 0, 1 or the multicast QPN 0xFFFFFF)."""
 
     @abstractmethod
     def free_qpn(self, qpn: int) -> None: ...
@@ -146,17 +147,21 @@ class Fabric(ABC):
         raise FabricError(f"{type(self).__name__} delivers responses synchronously")
 
 
-class LocalFabric(Fabric):
-    """All QPs of one host (one daemon): synchronous, lossless, in-order delivery."""
+#: QPNs a fabric hands out at most: half the 24-bit space, so a random draw
+#: finds a free one quickly and a guess hits a live QP rarely
+MAX_QPNS = 1 << 23
 
-    def __init__(self, gid: bytes = bytes(10) + b"\xff\xff" + bytes([127, 0, 0, 1]),
-                 first_qpn: int = 0x100):
+
+class LocalFabric(Fabric):
+    """All QPs of one host (one daemon): synchronous, lossless, in-order delivery.
+    QPNs are random (:meth:`alloc_qpn`), like keys (:mod:`virtio_rdma.mr`)."""
+
+    def __init__(self, gid: bytes = bytes(10) + b"\xff\xff" + bytes([127, 0, 0, 1])):
         if len(gid) != 16:
             raise FabricError(f"GID must be 16 bytes, got {len(gid)}")
         self._gid = bytes(gid)
         self._endpoints: dict[int, Endpoint] = {}
         self._allocated: set[int] = set()
-        self._next = first_qpn
         self.delivered = 0
         self.dropped = 0
 
@@ -165,14 +170,13 @@ class LocalFabric(Fabric):
         return self._gid
 
     def alloc_qpn(self) -> int:
-        if len(self._allocated) >= OBJ_NUM_MASK - 2:
-            raise FabricError("QPN space exhausted")
-        while True:
-            qpn = self._next
-            self._next = (self._next + 1) & OBJ_NUM_MASK
-            if self._next < 2:
-                self._next = 2
-            if qpn >= 2 and qpn not in self._allocated:
+        """A QPN drawn at random (a cryptographic source) from the free ones:
+        a guest cannot tell other guests' QPNs from its own."""
+        if len(self._allocated) >= MAX_QPNS:
+            raise FabricError(f"QPN space exhausted ({len(self._allocated)} allocated)")
+        while True:  # the table is at most half full: two draws on average at worst
+            qpn = 2 + secrets.randbelow(OBJ_NUM_MASK - 2)  # 2 .. 0xFFFFFE (0xFFFFFF: multicast)
+            if qpn not in self._allocated:
                 self._allocated.add(qpn)
                 return qpn
 

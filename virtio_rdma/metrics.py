@@ -40,6 +40,7 @@ class Metrics:
     psn_seq_errors: int = 0
     duplicate_requests: int = 0
     dropped_requests: int = 0
+    foreign_requests: int = 0        # not from the connected peer (dest GID + QPN): dropped
     bytes_received: int = 0
     bytes_sent: int = 0
     # completion queues and events

@@ -1,9 +1,13 @@
 """Memory regions: registration, keys, access and bounds checks, scatter views.
 
 An MR (spec 5.x.6.1 REG_MR) maps the virtual range ``[iova, iova+length)``
-onto an ordered list of guest-physical chunks. Keys follow the common HCA
-scheme ``key = index << 8 | rotating 8-bit key`` (lkey == rkey), so a key that
-outlives its registration does not match the next MR in the same slot.
+onto an ordered list of guest-physical chunks. Its key (lkey == rkey, as on
+rxe and most HCAs) is 32 bits from a cryptographic source, never 0 and never
+the key of another live MR of the device, drawn anew at every registration:
+a peer cannot guess it from its own keys, and a key that outlives its
+registration matches a later MR only by a 2^-32 chance. (HCAs that use
+``index << 8 | 8-bit key``, rxe included, leave 8 bits to guess: ReDMArk,
+USENIX Security 2021.)
 
 When the fabric is a real RDMA device (:mod:`virtio_rdma.verbs_fabric`), the
 guest's pages are registered with the HCA too and the HCA's keys are the
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import secrets
 from dataclasses import dataclass, field
 
 from virtio_rdma.constants import Access, Status
@@ -31,7 +36,7 @@ from virtio.errors import GuestMemoryError
 log = logging.getLogger(__name__)
 
 U64 = 1 << 64
-KEY_BITS = 8
+KEY_BITS = 32
 _REMOTE = int(Access.REMOTE_WRITE | Access.REMOTE_READ | Access.REMOTE_ATOMIC)
 
 
@@ -44,7 +49,6 @@ class MemoryRegion:
     iova: int
     length: int
     chunks: list[tuple[int, int]]  # (gpa, length)
-    index: int = -1                # slot of a table-made key; -1 for adopted (HCA) keys
     backing: object = None         # the HCA registration this MR owns (has close())
     offsets: list[int] = field(default_factory=list)  # start offset of each chunk
 
@@ -89,9 +93,6 @@ class MrTable:
         self.max_chunks = max_chunks
         self.max_mr_size = max_mr_size
         self._by_key: dict[int, MemoryRegion] = {}  # lkey and rkey -> MR (the native path reads it)
-        self._keys: list[int] = []   # rotating 8-bit key of each table slot
-        self._used: list[bool] = []
-        self._free: list[int] = []
         self.count = 0
         self.by_pd: dict[int, int] = {}
 
@@ -137,23 +138,21 @@ class MrTable:
                                    "that name a live MR", Status.EIO)
             mr = MemoryRegion(lkey, rkey, pdn, access, iova, length, list(chunks), backing=hca)
         else:
-            if self._free:
-                idx = self._free.pop()
-            else:
-                idx = len(self._keys)
-                if idx >= (1 << 24):
-                    raise CommandError("MR index space exhausted", Status.ENOMEM)
-                self._keys.append(0)
-                self._used.append(False)
-            self._keys[idx] = (self._keys[idx] + 1) & 0xFF
-            self._used[idx] = True
-            key = (idx << KEY_BITS) | self._keys[idx]
-            mr = MemoryRegion(key, key, pdn, access, iova, length, list(chunks), index=idx)
+            key = self._new_key()
+            mr = MemoryRegion(key, key, pdn, access, iova, length, list(chunks))
         self._by_key[mr.lkey] = mr
         self._by_key[mr.rkey] = mr
         self.count += 1
         self.by_pd[pdn] = self.by_pd.get(pdn, 0) + 1
         return mr
+
+    def _new_key(self) -> int:
+        """A fresh key: KEY_BITS random bits, not 0, naming no live MR (max_mr
+        is far below 2^32, so this loop ends at once in practice)."""
+        while True:
+            key = secrets.randbits(KEY_BITS)
+            if key and key not in self._by_key:
+                return key
 
     def lookup(self, key: int) -> MemoryRegion | None:
         return self._by_key.get(key)
@@ -169,9 +168,6 @@ class MrTable:
     def _drop(self, mr: MemoryRegion) -> None:
         del self._by_key[mr.lkey]
         self._by_key.pop(mr.rkey, None)
-        if mr.index >= 0:
-            self._used[mr.index] = False
-            self._free.append(mr.index)
         self.count -= 1
         self.by_pd[mr.pdn] -= 1
         if mr.backing is not None:

@@ -75,8 +75,8 @@ class RoceFabricMetrics:
 
 
 class RoceFabric(LocalFabric):
-    def __init__(self, address: str, *, first_qpn: int = 0x100):
-        super().__init__(gid_of_address(address), first_qpn)
+    def __init__(self, address: str):
+        super().__init__(gid_of_address(address))
         self.address = str(ipaddress.ip_address(address))
         self._version = ipaddress.ip_address(address).version
         self.wire: dict[int, NetworkQp] = {}

@@ -611,6 +611,11 @@ Cqe = cs.Struct(
 CQE_SIZE = Cqe.sizeof()  # 32
 CQE_OWNER_OFFSET = 11
 _CQE = struct.Struct("<QBBBBIIIII")
+# The CQE without its owner byte, in two pieces: struct.pack_into zeroes the
+# bytes it packs before writing them, so packing over a live owner byte would
+# flip it for a moment under a polling driver.
+_CQE_HEAD = struct.Struct("<QBBB")        # bytes 0..10
+_CQE_TAIL = struct.Struct("<IIIII")       # bytes 12..31
 assert _CQE.size == CQE_SIZE
 
 
@@ -637,11 +642,13 @@ def encode_cqe(c: Completion, owner: int) -> bytes:
 def pack_cqe_into(buf, c: Completion, owner: int) -> None:
     """Write a CQE into ``buf`` (32 bytes), the owner byte last (spec 5.6).
 
-    The body is written while the old owner byte stays in place, so a driver
-    polling concurrently never sees a new owner bit with a stale body.
+    The body is written around the old owner byte, which is never touched
+    before the last store, so a driver polling concurrently never sees a new
+    owner bit with a stale body.
     """
-    _CQE.pack_into(buf, 0, c.wr_id, c.status, c.opcode, c.wc_flags, buf[CQE_OWNER_OFFSET],
-                   c.byte_len, c.imm_data, c.qp_num, c.src_qp, c.vendor_err)
+    _CQE_HEAD.pack_into(buf, 0, c.wr_id, c.status, c.opcode, c.wc_flags)
+    _CQE_TAIL.pack_into(buf, CQE_OWNER_OFFSET + 1, c.byte_len, c.imm_data, c.qp_num, c.src_qp,
+                        c.vendor_err)
     buf[CQE_OWNER_OFFSET] = owner & 1
 
 

@@ -5,7 +5,7 @@ import struct
 import pytest
 
 from guest_lib import CQ, QP, SGE, QPCap, QPInitAttr, RecvWR, SendWR
-from guest_lib.endpoint import connect_pair, connect_qp, poll_cq
+from guest_lib.endpoint import connect_pair, connect_qp, new_psn, poll_cq
 from virtio_rdma.constants import DoorbellKind, WcOpcode, WcStatus, WrOpcode
 
 
@@ -77,8 +77,9 @@ def test_1024_qps_and_1024_cqs_in_one_guest(endpoints):
     pcq = CQ(p.ctx, 2048)
     pqps = [QP(p.pd, QPInitAttr(scq=pcq, rcq=pcq, cap=QPCap(2, 2, 1, 1, 0))) for _ in range(n)]
     for mine, theirs in zip(qps, pqps):
-        connect_qp(mine, theirs.qp_num, p.gid.raw)
-        connect_qp(theirs, mine.qp_num, g.gid.raw)
+        psn_mine, psn_theirs = new_psn(), new_psn()
+        connect_qp(mine, theirs.qp_num, p.gid.raw, sq_psn=psn_mine, rq_psn=psn_theirs)
+        connect_qp(theirs, mine.qp_num, g.gid.raw, sq_psn=psn_theirs, rq_psn=psn_mine)
     for i, theirs in enumerate(pqps):
         theirs.post_recv(RecvWR(wr_id=i, sg=[SGE(p.mr.buf + 8 * i, 8, p.mr.lkey)]))
     for i, (qp, cq) in enumerate(zip(qps, cqs)):

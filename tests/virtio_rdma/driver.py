@@ -6,7 +6,10 @@ docs/virtio-rdma.md prescribes.
 """
 from __future__ import annotations
 
+import contextlib
+import random
 import struct
+import types
 from dataclasses import dataclass
 
 from virtio.memory import GuestMemory, MemoryRegion
@@ -21,6 +24,23 @@ from virtio_rdma.constants import (
     Status,
 )
 from virtio_rdma.core import RdmaDeviceCore
+
+
+@contextlib.contextmanager
+def seeded_ids(seed: int = 0):
+    """QPNs and MR keys from a seeded generator instead of ``secrets``, so two
+    runs that must agree byte for byte (one engine against another) get the
+    same numbers; the product always draws them from ``secrets``."""
+    from virtio_rdma import fabric as fabric_mod, mr as mr_mod
+
+    rng = random.Random(seed)
+    source = types.SimpleNamespace(randbits=rng.getrandbits, randbelow=rng.randrange)
+    saved = fabric_mod.secrets, mr_mod.secrets
+    fabric_mod.secrets = mr_mod.secrets = source
+    try:
+        yield
+    finally:
+        fabric_mod.secrets, mr_mod.secrets = saved
 
 
 class DriverError(Exception):

@@ -81,14 +81,25 @@ def test_object_lifecycle_and_busy(fab):
     no_internal_errors(g)
 
 
-def test_keys_rotate_so_stale_keys_fail(fab):
+def test_keys_are_random_so_stale_and_guessed_keys_fail(fab):
+    """Spec 5.x.6.1 "Keys": 32 random bits, a new key at every registration."""
     g = Guest(fab)
     pd = g.alloc_pd()
     m1 = g.reg_mr(pd, 4096)
     g.cmd(Cmd.DEREG_MR, lkey=m1.lkey)
     m2 = g.reg_mr(pd, 4096)
-    assert m2.lkey >> 8 == m1.lkey >> 8 and m2.lkey != m1.lkey
+    assert m2.lkey != m1.lkey and m2.lkey == m2.rkey
     assert g.core.mrs.lookup(m1.lkey) is None and g.core.mrs.lookup(m2.lkey) is not None
+    keys = [g.reg_mr(pd, 64).lkey for _ in range(256)]
+    assert len(set(keys)) == 256 and 0 not in keys
+    # no index in the low or high bits: every bit position takes both values
+    # (a sequential or index << 8 scheme leaves the high bits constant)
+    for bit in range(32):
+        assert 0 < sum(k >> bit & 1 for k in keys) < 256, bit
+    # the next guest's keys are not its neighbour's plus a constant
+    h = Guest(fab)
+    hk = h.reg_mr(h.alloc_pd(), 64).lkey
+    assert hk not in keys and keys[0] not in (1, 0x100, 0x101)
 
 
 @pytest.mark.parametrize("access,chunks_delta,gpa,status", [

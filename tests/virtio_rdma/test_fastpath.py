@@ -8,6 +8,7 @@ Python engine only. Guest memory, CQEs, QP and CQ state, events and every
 counter must be identical, and the fast run must really have used the
 native path.
 """
+import contextlib
 import struct
 
 import pytest
@@ -15,10 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from virtio_rdma import _datapath, datapath, wire
-from virtio_rdma.constants import Access, SendFlags, WrOpcode
+from virtio_rdma.constants import Access, QpState, SendFlags, WcStatus, WrOpcode
 from virtio_rdma.fabric import LocalFabric
 
-from .driver import connect_pair, pair
+from .driver import connect_pair, pair, seeded_ids
 
 ALL = Access.LOCAL_WRITE | Access.REMOTE_WRITE | Access.REMOTE_READ | Access.REMOTE_ATOMIC
 
@@ -50,9 +51,17 @@ scenario_st = st.fixed_dictionaries({
 })
 
 
-def _run(sc, fast: bool):
+@contextlib.contextmanager
+def _engine(fast: bool):
     prev = datapath.use_fast_path(fast)
     try:
+        yield
+    finally:
+        datapath.use_fast_path(prev)
+
+
+def _run(sc, fast: bool):
+    with _engine(fast), seeded_ids():  # both runs see the same QPNs and keys
         fab = LocalFabric()
         a, b, pa, pb, ca, cb, qa, qb = pair(fab)
         if sc["loopback"]:  # a's QP talks to a second QP of its own device
@@ -136,8 +145,6 @@ def _run(sc, fast: bool):
         out["cqs"] = [(c.cqn, c.pc, c.written, c.state, c.arm) for g in {id(a): a, id(b): b}.values()
                       for c in g.core.cqs.values()]
         return out
-    finally:
-        datapath.use_fast_path(prev)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -176,3 +183,40 @@ def test_fast_path_completion_events(arm):
     fast = _run(sc, True)
     assert fast == _run(sc, False)
     assert fast["metrics_b"]["completion_events"] == 1 and len(fast["events_b"]) == 1
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_only_the_connected_peer_reaches_a_responder(fast):
+    """A third guest's QP connected to a victim QP (it names the victim's QPN
+    and knows its rkey and PSN): on either engine, its WRITE, READ, SEND and
+    bad-rkey WRITE are dropped at the responder and counted, nothing of the
+    victim changes, and the victim pair goes on working."""
+    with _engine(fast):
+        fab = LocalFabric()
+        a, b, pa, pb, ca, cb, qa, qb = pair(fab)
+        connect_pair(fab, a, b, qa, qb)
+        m = type(a)(fab, gpa=0x8000_0000, clock=a.clock)
+        pm = m.alloc_pd()
+        cm = m.create_cq(64)
+        mb, mm = b.reg_mr(pb, 8192), m.reg_mr(pm, 8192)
+        b.write(mb.gpa, bytes(range(256)) * 32)
+        m.write(mm.gpa, b"\xEE" * 8192)
+        b.post_recv(qb, 9, [(mb, 0, 64)])
+        victim = bytes(b.buf)
+        for op, rkey in ((WrOpcode.RDMA_WRITE, mb.rkey), (WrOpcode.RDMA_READ, mb.rkey),
+                         (WrOpcode.SEND, 0), (WrOpcode.RDMA_WRITE, 0xBAD_BAD)):
+            qm = m.create_qp(pm, cm)  # a fresh attacker QP each time (the last one is in ERR)
+            m.connect(qm, qb.qpn, gid=fab.gid, timeout=1, retry_cnt=1, rnr_retry=0)
+            m.post_send(qm, 1, op, [(mm, 0, 64)], remote_addr=mb.addr, rkey=rkey)
+            for _ in range(4):  # the retry timer fires, retry_cnt runs out
+                m.clock[0] += 0.01
+                m.process()
+            (wc,) = m.poll(cm)
+            assert wc.status == WcStatus.RETRY_EXC_ERR, (op, wc)
+        assert bytes(b.buf) == victim and m.read(mm.gpa, 8192) == b"\xEE" * 8192
+        assert b.core.metrics.foreign_requests == 8  # 4 requests, each sent twice
+        assert b.core.qps[qb.qpn].state is QpState.RTS and b.poll(cb) == []
+        a.post_send(qa, 2, WrOpcode.SEND, [(a.reg_mr(pa, 64), 0, 64)])
+        assert a.poll(ca)[0].status == WcStatus.SUCCESS
+        (wc,) = b.poll(cb)
+        assert (wc.wr_id, wc.status, wc.src_qp) == (9, WcStatus.SUCCESS, qa.qpn)

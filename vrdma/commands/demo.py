@@ -107,9 +107,16 @@ def run(args) -> int:
         for p in procs:
             p.start()
         failed = False
-        results = [out.get(timeout=120) for _ in procs]
+        results = []
+        for _ in procs:
+            results.append(out.get(timeout=120))
+            if results[-1][2]:
+                break  # e.g. the daemon died: the other guest may wait on the pipe for ever
         for p in procs:
-            p.join(10)
+            p.join(10 if len(results) == len(procs) else 0)
+            if p.is_alive():
+                p.kill()
+                p.join()
         for role, log, err in sorted(results):
             for line in log:
                 print("  " + line)

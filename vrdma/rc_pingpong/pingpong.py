@@ -291,14 +291,18 @@ class PingpongContext:
         events = 0
         start = time.time_ns() // 1000
         while not sched.done:
-            if cfg.use_event:
-                if not self.cq.get_event(cfg.timeout):
-                    raise CompletionError("Failed to get cq_event", f"no CQ event within {cfg.timeout:g} s")
-                events += 1
-                self.req_notify()
-                wcs = self.cq.poll(2)[1]
-            else:
-                wcs = self._poll_some()
+            try:  # a device that fails (its daemon died: ENOTCONN) ends the run as rc_pingpong's would
+                if cfg.use_event:
+                    if not self.cq.get_event(cfg.timeout):
+                        raise CompletionError("Failed to get cq_event", f"no CQ event within {cfg.timeout:g} s")
+                    events += 1
+                    self.req_notify()
+                    wcs = self.cq.poll(2)[1]
+                else:
+                    wcs = self._poll_some()
+            except VerbsError as e:
+                raise CompletionError("Failed to get cq_event" if cfg.use_event else
+                                      f"poll CQ failed {-getattr(e, 'errno', 1)}", str(e)) from e
             for wc in wcs:
                 try:
                     refill, send = sched.on_completion(wc.wr_id, wc.status)
