@@ -700,7 +700,7 @@ class RingsTarget(_Run):
 
     _REJECTS = ("bad_doorbells", "malformed_doorbell_buffers", "bad_wqes", "wqe_fetch_faults",
                 "local_prot_errors", "local_len_errors", "remote_access_errors", "remote_inv_req_errors",
-                "psn_seq_errors", "dropped_requests", "cq_faults", "cq_overflows")
+                "psn_seq_errors", "dropped_requests", "foreign_requests", "cq_faults", "cq_overflows")
 
     def counters(self) -> dict:
         out = {"reconnects": self.reconnects, "attacker_pairs": self.pairs,
