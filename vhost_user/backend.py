@@ -22,6 +22,7 @@ import errno
 import fcntl
 import logging
 import os
+import select
 import stat
 from dataclasses import dataclass, field
 from time import monotonic
@@ -86,6 +87,18 @@ def check_memory_fd(fd: int, desc: MemRegionDesc, *, require_seal: bool) -> None
                 f"memory fd for gpa {desc.gpa:#x} is not sealed against shrinking (F_SEAL_SHRINK); "
                 "start the back-end with unsealed memory allowed to accept it"
             )
+
+
+def _unpollable(fd: int) -> str | None:
+    """Why ``fd`` cannot be watched by epoll (the event loop), or None if it can."""
+    ep = select.epoll()
+    try:
+        ep.register(fd, select.EPOLLIN)
+    except OSError as e:
+        return e.strerror or str(e)
+    finally:
+        ep.close()
+    return None
 
 
 class Watcher(Protocol):
@@ -493,6 +506,9 @@ class BackendConnection:
 
     def _h_set_vring_kick(self, msg):
         v, fd = self._fd_request(msg, "SET_VRING_KICK")
+        if fd is not None and (err := _unpollable(fd)) is not None:
+            os.close(fd)   # a regular file or /dev/null: the event loop could never watch it
+            raise ProtocolError(f"SET_VRING_KICK: ring {v.index}: the kick fd cannot be polled ({err})")
         if v.started:
             self.watcher.unwatch_kick(v)
         v.set_kick(fd)

@@ -1,0 +1,43 @@
+"""The fuzz harness itself can fail: the canary sees one changed byte, the
+watchdog stops an input that runs too long, a report with a finding is not
+ok and names the seed and index to replay."""
+import time
+
+import pytest
+
+from bench.fuzz.common import Canary, Hang, Report, Watchdog
+
+
+def test_canary_sees_one_byte_outside_allowed_ranges():
+    buf = bytearray(64 * 1024)
+    v = memoryview(buf)
+    c = Canary(v, [(4096, 4096), (10000, 10)])
+    assert c.bytes_watched == 64 * 1024 - 4096 - 10
+    buf[5000] = 1          # inside an allowed range
+    buf[10005] = 1
+    assert c.check() == (0, -1)
+    buf[4095] = 7          # the guard byte just before the first range
+    buf[8192] = 7          # and just after it
+    assert c.check() == (2, 4095)
+
+
+def test_watchdog_bounds_an_input():
+    rep = Report("t", seed=7)
+    with Watchdog(0.05, rep) as wd:
+        wd.arm()
+        with pytest.raises(Hang):
+            time.sleep(1)
+        wd.disarm(3)
+        wd.arm()
+        wd.disarm(4)
+    assert rep.slowest_input_index == 3 and 0.04 < rep.slowest_input_s < 1
+
+
+def test_report_names_the_replay():
+    rep = Report("control", seed=99)
+    assert rep.ok
+    rep.fail(1234, "something")
+    assert not rep.ok
+    assert "--seed 99, input index 1234" in rep.failures[0]
+    assert "RESULT FAILED" in rep.summary()
+    assert rep.as_dict()["ok"] is False
