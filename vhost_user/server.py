@@ -250,7 +250,9 @@ class ServedConnection:
                 self.fail(e)
                 return
             for r in replies:
-                if not self._send(r):
+                if not self._send(r):  # the connection failed: the rest of the batch is dropped
+                    for m in msgs[i + 1 :]:
+                        close_fds(m.fds)
                     return
 
     def _send(self, msg) -> bool:

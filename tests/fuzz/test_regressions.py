@@ -21,10 +21,6 @@ def daemon(tmp_path):
     d.close()
 
 
-@pytest.mark.xfail(strict=True, reason="fuzz finding (vhost-user target): vhost_user/server.py "
-                   "Connection._on_readable returns when sending a reply fails without closing the fds "
-                   "of the messages left in the batch (`for r in replies: if not self._send(r): return`); "
-                   "remove this mark with the fix")
 def test_fds_of_a_batch_are_closed_when_a_reply_cannot_be_sent(daemon):
     """GET_FEATURES, then SET_VRING_CALL with an eventfd, from a front-end
     that shut its reading side (as one that exits, or never reads, does):

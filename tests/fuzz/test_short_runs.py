@@ -4,13 +4,8 @@ Each run is a few seconds; the long runs (10^6 inputs per target) are
 ``python -m bench.fuzz TARGET --count 1000000``. A run passes when it found
 nothing: no crash, hang, canary byte changed, fd or mapping left behind, and
 every fresh-guest round trip verified."""
-import pytest
 
 from bench.fuzz import run_target
-
-# the known fuzz finding below: remove the tolerance when vhost_user/server.py is fixed
-SERVER_FD_LEAK = ("vhost_user/server.py Connection._on_readable: when sending a reply fails, the fds "
-                  "of the rest of the batch are never closed (see tests/fuzz/test_regressions.py)")
 
 
 def _assert_clean(rep):
@@ -62,6 +57,4 @@ def test_vhost_user_short_run():
     assert rep.count > 0 and rep.crashes == 0 and rep.hangs == 0 and rep.canary_violations == 0, rep.summary()
     assert rep.liveness_checks >= 1 and rep.maps_delta == 0, rep.summary()
     assert rep.counters["ring_kicks"] > 0 and rep.counters["closed_by_daemon"] > 0
-    if rep.fd_delta > 0 and all("fds" in f and "->" in f for f in rep.failures):
-        pytest.xfail(SERVER_FD_LEAK + "\n" + rep.summary())
     assert rep.ok, rep.summary()
