@@ -47,6 +47,7 @@ import sys
 import tempfile
 
 from bench import perftest, udp_baseline
+from bench.machine import header as machine_header, machine
 from netlab.ns import two_hosts
 
 RXE_LOOPBACK_WRITE_BW_MB = 828.0  # ib_write_bw over rxe loopback, 64 KiB (published figure)
@@ -255,9 +256,11 @@ def main(argv=None) -> int:
         os.makedirs(a.profile, exist_ok=True)
     r = run(tests, iters=a.iters, bw_iters=a.bw_iters, batch=a.batch, poll_us=a.poll_us,
             pin=not a.no_pin, profile_dir=a.profile, layout=a.layout, auth=a.auth)
+    r["machine"] = machine()
     if a.json:
         print(json.dumps(r, indent=2))
         return 0
+    print(machine_header(r["machine"]))
     if "send_lat" in r:
         s = r["send_lat"]
         print("# 64 B SEND across veth, two daemons (half round trip, ib_send_lat columns)")

@@ -40,26 +40,8 @@ import multiprocessing as mp
 import os
 import time
 
+from bench.machine import header as machine_header, machine
 from bench.tenant_hog import Hog, closed_by_peer, idle_connections
-
-VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "amx_tile")
-
-
-def machine() -> dict:
-    """Processor model, vector extensions, vCPUs (from /proc/cpuinfo)."""
-    from accel_core.estimate import cpu_model
-
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    return {"cpu": cpu_model(), "vector": [v for v in VECTOR_FLAGS if v in flags], "vcpus": os.cpu_count()}
-
 
 def _rss(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
@@ -316,8 +298,7 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(r, indent=2, default=str))
         return 0
-    m = r["machine"]
-    print(f"# CPU: {m['cpu']}; vector extensions: {' '.join(m['vector']) or 'none'}; vCPUs: {m['vcpus']}")
+    print(machine_header(r["machine"]))
     if r["pinned"]:
         print(f"# daemon on CPU {DAEMON_CPU}, victim on CPU {VICTIM_CPU}; loads: shared = anywhere at nice 0, "
               f"isolated = CPU {DAEMON_CPU} at nice 19")
