@@ -33,7 +33,7 @@ CONTROLQ, DOORBELLQ, EVENTQ = 0, 1, 2
 #: buffers served per pass over the controlq / doorbellq: a guest that queues
 #: hundreds at once is served in slices, other guests' work in between
 #: (the back-end re-kicks the ring from the event loop, see ``budgeted``)
-CONTROL_BUDGET = 16
+CONTROL_BUDGET = 2
 DOORBELL_BUDGET = 64
 _EVENT = struct.Struct("<BBHI")
 
