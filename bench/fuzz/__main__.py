@@ -10,22 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 
+from bench.machine import header as machine_header, machine
+
 from . import TARGETS, run_target
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main(argv=None) -> int:
@@ -50,11 +40,11 @@ def main(argv=None) -> int:
     rep = run_target(args.target, args.count, seed, progress=progress if args.progress else None, **kw)
     if args.json:
         d = rep.as_dict()
-        d["cpu"] = _cpu()
+        d["machine"] = machine()
         print(json.dumps(d, sort_keys=True))
     else:
         print(rep.summary())
-        print(f"  cpu               {_cpu()}")
+        print(f"  {machine_header()[2:]}")
     return 0 if rep.ok else 1
 
 
