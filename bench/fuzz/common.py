@@ -157,6 +157,21 @@ class Canary:
         return changed, first
 
 
+    def rebase(self) -> None:
+        """Take the current bytes as the new reference (each change is reported once)."""
+        self.copies = [bytes(self.view[a:b]) for a, b in self.spans]
+
+
+def check_canaries(report, canaries, i: int) -> None:
+    """Count and report, as input ``i``'s finding, every canary byte that changed."""
+    for c in canaries:
+        n, first = c.check()
+        if n:
+            report.canary_violations += n
+            report.fail(i, f"{n} canary bytes of {c.name} changed (first at offset {first:#x})")
+            c.rebase()
+
+
 def fd_count(pid: int | str = "self") -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 

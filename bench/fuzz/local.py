@@ -32,7 +32,7 @@ from virtio_rdma.constants import Access, Cmd, DoorbellKind, QpAttrMask as M, Qp
 from virtio_rdma.errors import VirtioRdmaError
 from virtio_rdma.fabric import LocalFabric
 
-from .common import Canary, Hang, Report, Watchdog, fd_count, maps_count
+from .common import Canary, Hang, Report, Watchdog, check_canaries, fd_count, maps_count
 from .guest import ALL, CoreGuest, round_trip, setup_pair
 
 U32 = 0xFFFFFFFF
@@ -77,13 +77,6 @@ class Victim:
             out.append((sorted(c.pds), sorted(c.cqs), sorted(c.qps), c.mrs.count,
                         tuple(g.qp_state(q) for q in g.qps)))
         return out
-
-    def check_canary(self) -> tuple[int, int, str]:
-        for c in self.canaries:
-            n, first = c.check()
-            if n:
-                return n, first, c.name
-        return 0, -1, ""
 
     def round_trip(self, tag: int) -> None:
         round_trip(*self.g, self.objs, tag=tag)
@@ -143,12 +136,7 @@ class _Run:
 
     def _victim_checks(self, i: int) -> None:
         rep = self.report
-        n, first, who = self.victim.check_canary()
-        if n:
-            rep.canary_violations += n
-            rep.fail(i, f"{n} canary bytes of {who} changed (first at offset {first:#x})")
-            for c in self.victim.canaries:      # report each change once
-                c.copies = [bytes(c.view[a:b]) for a, b in c.spans]
+        check_canaries(rep, self.victim.canaries, i)
         snap = self.victim.snapshot()
         if snap != self.victim_snapshot:
             rep.fail(i, f"victim objects changed: {self.victim_snapshot} -> {snap}")
@@ -504,13 +492,7 @@ class RingsTarget(_Run):
         self._pick = (0, 0, 1, 2, 2) if self.hijack else (0, 0, 1)
 
     def extra_checks(self, i: int) -> None:
-        rep = self.report
-        for c in self.canaries:
-            n, first = c.check()
-            if n:
-                rep.canary_violations += n
-                rep.fail(i, f"{n} canary bytes of {c.name} changed (first at offset {first:#x})")
-                c.copies = [bytes(c.view[a:b]) for a, b in c.spans]
+        check_canaries(self.report, self.canaries, i)
 
     def _reconnect(self) -> None:
         self.reconnects += 1

@@ -34,7 +34,7 @@ from roce.opcodes import Ext, Opcode, opinfo
 from virtio_rdma.constants import Access
 from virtio_rdma.roce_fabric import RoceFabric, RoceFabricService
 
-from .common import Canary, Hang, Report, Watchdog, fd_count, maps_count
+from .common import Canary, Hang, Report, Watchdog, check_canaries, fd_count, maps_count
 from .guest import CoreGuest, round_trip, setup_pair
 
 _BTH = struct.Struct("!BBHII")
@@ -247,12 +247,7 @@ class RoceTarget:
     # ---- checks ----------------------------------------------------------------
     def _checks(self, i: int) -> None:
         rep = self.report
-        for c in self.canaries:
-            n, first = c.check()
-            if n:
-                rep.canary_violations += n
-                rep.fail(i, f"{n} canary bytes of {c.name} changed (first at offset {first:#x})")
-                c.copies = [bytes(c.view[a:b]) for a, b in c.spans]
+        check_canaries(rep, self.canaries, i)
         for g in self.guests:
             n = g.core.metrics.internal_errors
             if n:
