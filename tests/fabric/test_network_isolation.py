@@ -134,7 +134,9 @@ class Guest:
 def pair(h1, h2, **attrs):
     g1, g2 = Guest(h1), Guest(h2)
     p1, p2 = random.randrange(1 << 24), random.randrange(1 << 24)
-    kw = dict(path_mtu=3, timeout=10, retry_cnt=3, rnr_retry=7, min_rnr_timer=1) | attrs
+    # the IB defaults rc_pingpong uses (~70 ms per try, 7 tries): a busy CI vCPU must not
+    # turn a late ACK into RETRY_EXC_ERR; tests that want a quick failure pass their own
+    kw = dict(path_mtu=3, timeout=14, retry_cnt=7, rnr_retry=7, min_rnr_timer=1) | attrs
     g1.ep.connect(g2.ep.info(), sq_psn=p1, rq_psn=p2, **kw)
     g2.ep.connect(g1.ep.info(), sq_psn=p2, rq_psn=p1, **kw)
     return g1, g2
