@@ -161,6 +161,18 @@ def traffic(src: Guest, dst: Guest, tag: bytes):
     assert dst.intact()
 
 
+def send_into_posted_receive(src: Guest, dst: Guest, tag: bytes) -> None:
+    """A SEND from ``src`` takes the receive (wr_id 9) ``dst`` posted before
+    the attack, which forged SENDs must not have consumed; dst's memory is
+    restored after."""
+    src.mr.write(tag, len(tag), 0)
+    src.ep.qp.post_send(SendWR(1, WrOpcode.SEND, 1, [SGE(src.mr.buf, len(tag), src.mr.lkey)]))
+    wc = dst.ep.poll_one(10)
+    assert (wc.wr_id, wc.status, wc.byte_len) == (9, 0, len(tag))
+    assert src.ep.poll_one(10).status == 0
+    dst.mr.write(CANARY, BUF, 0)
+
+
 # --------------------------------------------------------------- the attacker
 def spoof(raw, src, sport, dst, dport, payload: bytes) -> None:
     """One IPv4/UDP datagram with any source address and port (DF, ID 0,
@@ -220,13 +232,7 @@ def test_plain_daemon_checks_the_source_port(lab):
         assert delta(m1, m0) == {"rx_port_mismatch": 6, "rx_packets": 6}
         assert gd.intact() and d.responder(gd.qpn) == (psn, state)
         assert gd.ep.cq.poll(1)[1] == []                    # the forged SEND completed nothing
-        tag = b"after the attack"
-        ga.mr.write(tag, len(tag), 0)
-        ga.ep.qp.post_send(SendWR(1, WrOpcode.SEND, 1, [SGE(ga.mr.buf, len(tag), ga.mr.lkey)]))
-        wc = gd.ep.poll_one(10)
-        assert (wc.wr_id, wc.status, wc.byte_len) == (9, 0, len(tag))
-        assert ga.ep.poll_one(10).status == 0
-        gd.mr.write(CANARY, BUF, 0)
+        send_into_posted_receive(ga, gd, b"after the attack")
         # the right port: a forged WRITE lands (no key: only the address and port are checked)
         psn, _ = d.responder(gd.qpn)
         spoof(raw, A_IP, 4791, D_IP, 4791, forged_write(gd, psn, 100, b"LANDED", A_IP, 4791))
@@ -276,13 +282,7 @@ def test_authenticated_daemon_rejects_every_forgery(lab):
         assert b.fab() == f0                                 # nothing reached the fabric
         assert gb.intact() and b.responder(gb.qpn) == (psn, state)
         assert gb.ep.cq.poll(1)[1] == []
-        tag = b"still works"
-        ga.mr.write(tag, len(tag), 0)
-        ga.ep.qp.post_send(SendWR(1, WrOpcode.SEND, 1, [SGE(ga.mr.buf, len(tag), ga.mr.lkey)]))
-        wc = gb.ep.poll_one(10)
-        assert (wc.wr_id, wc.status, wc.byte_len) == (9, 0, len(tag))
-        assert ga.ep.poll_one(10).status == 0
-        gb.mr.write(CANARY, BUF, 0)
+        send_into_posted_receive(ga, gb, b"still works")
         traffic(ga, gb, b"and again")
         traffic(gb, ga, b"both ways")
     finally:
