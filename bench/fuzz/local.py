@@ -28,12 +28,12 @@ import struct
 import time
 
 from virtio_rdma import wire
-from virtio_rdma.constants import Access, Cmd, DoorbellKind, QpAttrMask as M, QpState
+from virtio_rdma.constants import Access, Cmd, DoorbellKind, QpState
 from virtio_rdma.errors import VirtioRdmaError
 from virtio_rdma.fabric import LocalFabric
 
 from .common import Canary, Hang, Report, Watchdog, check_canaries, fd_count, maps_count
-from .guest import ALL, CoreGuest, round_trip, setup_pair
+from .guest import CoreGuest, round_trip, setup_pair
 
 U32 = 0xFFFFFFFF
 _SEND_HDR = struct.Struct("<QBBHIQIIQQ16s")
