@@ -1,6 +1,6 @@
 """The verbs transport on a real RDMA device: kernel rxe in a guest.
 
-The host here has no RDMA, so ``tests/fabric/test_verbs_fabric.py`` skips
+The host here has no RDMA, so ``tests/fabric/test_hca.py`` skips
 on it. This test boots Debian's kernel with rdma_rxe on its virtio-net
 (rxe0), shares the host's root read-only with the guest
 (``RxeGuest(host_root=True)``) and runs that test module there, where it
@@ -26,7 +26,7 @@ from qemu_tests.rxe_guest import REPO_ROOT, RxeGuest
 
 pytestmark = [pytest.mark.qemu]
 
-MODULE = "tests/fabric/test_verbs_fabric.py"
+MODULE = "tests/fabric/test_hca.py"
 
 
 def test_verbs_fabric_tests_pass_on_kernel_rxe(host_root_image):

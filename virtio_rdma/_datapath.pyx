@@ -2,7 +2,7 @@
 """Native fast path of the RC data path (:mod:`virtio_rdma.datapath`).
 
 One call, :func:`run_sq`, starts the posted send WQEs of a QP whose peer
-is a QP of the same daemon (a :class:`~virtio_rdma.fabric.LocalFabric`
+is a QP of the same daemon (a :class:`~fabric.local.LocalFabric`
 delivers synchronously) and carries each through to its completions: SQ WQE
 decode, lkey/rkey/PD/access/bounds checks, the copy between the two guests'
 memory (``memmove`` from host pointer to host pointer, no staging), receive
@@ -32,7 +32,7 @@ from virtio._memory cimport RegionTable
 
 from virtio_rdma.constants import EventKind, QpState
 from virtio_rdma.cq import Arm, CqState
-from virtio_rdma.fabric import LocalFabric
+from fabric.local import LocalFabric
 from virtio_rdma.qp import QueuePair
 from virtio_rdma.wire import Event
 

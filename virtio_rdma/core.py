@@ -5,7 +5,7 @@ feeds it the bytes of controlq requests, doorbellq buffers and the current
 time, and delivers what :meth:`RdmaDeviceCore.process` returns to the eventq.
 The core reads WQEs from and writes CQEs to guest memory through
 ``mem.translate`` (a :class:`virtio.memory.GuestMemory`) and reaches peer QPs
-through a :class:`~virtio_rdma.fabric.Fabric`. It does no I/O, keeps no
+through a :class:`~fabric.base.Fabric`. It does no I/O, keeps no
 clock (``now`` is a monotonic time in seconds, passed in) and never lets an
 exception escape: a misbehaving guest gets error statuses, error completions,
 async events and counters (:class:`~virtio_rdma.metrics.Metrics`).
@@ -57,7 +57,7 @@ from virtio_rdma.constants import (
 )
 from virtio_rdma.cq import CompletionQueue, PushResult
 from virtio_rdma.errors import CommandError, UnknownValueError, VirtioRdmaError
-from virtio_rdma.fabric import Fabric
+from fabric.base import Fabric
 from virtio_rdma.metrics import Metrics
 from virtio_rdma.mr import MrTable
 from virtio_rdma.qp import QueuePair

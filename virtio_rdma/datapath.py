@@ -41,7 +41,7 @@ from virtio_rdma.constants import (
     rnr_timer_seconds,
 )
 from virtio_rdma.errors import MemoryAccessError, VirtioRdmaError
-from virtio_rdma.fabric import NakCode, Request, RespKind, Response, psn_diff
+from fabric.base import NakCode, Request, RespKind, Response, psn_diff
 from virtio_rdma.mr import sg_copy
 from virtio_rdma.qp import Inflight, QueuePair
 from virtio_rdma.wire import Completion, decode_recv_wqe, decode_send_wqe

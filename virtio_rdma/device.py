@@ -24,7 +24,7 @@ from vhost_user.device import VhostUserDevice
 from vhost_user.tenancy import ConnectionInfo, TenantAccount, TenantLedger, TenantPolicy
 from virtio_rdma.constants import Feature
 from virtio_rdma.core import DeviceLimits, RdmaDeviceCore
-from virtio_rdma.fabric import Fabric
+from fabric.base import Fabric
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ registration matches a later MR only by a 2^-32 chance. (HCAs that use
 ``index << 8 | 8-bit key``, rxe included, leave 8 bits to guess: ReDMArk,
 USENIX Security 2021.)
 
-When the fabric is a real RDMA device (:mod:`virtio_rdma.verbs_fabric`), the
+When the fabric is a real RDMA device (:mod:`fabric.hca`), the
 guest's pages are registered with the HCA too and the HCA's keys are the
 guest's keys (a peer's HCA checks them): ``register(..., backing=...)``
 adopts them, and the MR owns the HCA registration (``backing.close()`` at

@@ -64,7 +64,7 @@ class QueuePair:
         self.sq_sig_all = sq_sig_all
         self.attr = qp_attr_defaults()
         self.destroyed = False
-        #: the wire transport (``virtio_rdma.netqp.NetworkQp``) when the peer is
+        #: the wire transport (``fabric.roce_qp.NetworkQp``) when the peer is
         #: on another host; None: the message path of ``datapath`` over the fabric
         self.net = None
         #: the host RDMA device's QP behind this one (a verbs fabric); owned here

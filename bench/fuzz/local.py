@@ -1,7 +1,7 @@
 """The in-process targets: ``control`` and ``rings``.
 
 Both drive :class:`~virtio_rdma.core.RdmaDeviceCore` instances sharing one
-:class:`~virtio_rdma.fabric.LocalFabric`, each over real memfd-backed guest
+:class:`~fabric.local.LocalFabric`, each over real memfd-backed guest
 memory (:mod:`bench.fuzz.guest`), which is the deepest level that reaches the
 device model at tens of thousands of inputs per second (the vhost-user and
 virtqueue layers in front of it carry the same bytes unchanged and are
@@ -30,7 +30,7 @@ import time
 from virtio_rdma import wire
 from virtio_rdma.constants import Access, Cmd, DoorbellKind, QpState
 from virtio_rdma.errors import VirtioRdmaError
-from virtio_rdma.fabric import LocalFabric
+from fabric.local import LocalFabric
 
 from .common import Canary, Hang, Report, Watchdog, check_canaries, fd_count, maps_count
 from .guest import CoreGuest, round_trip, setup_pair

@@ -32,7 +32,7 @@ import time
 from roce.icrc import IpContext, compute_icrc
 from roce.opcodes import Ext, Opcode, opinfo
 from virtio_rdma.constants import Access
-from virtio_rdma.roce_fabric import RoceFabric, RoceFabricService
+from fabric.roce import RoceFabric, RoceFabricService
 
 from .common import Canary, Hang, Report, Watchdog, check_canaries, fd_count, maps_count
 from .guest import CoreGuest, round_trip, setup_pair
@@ -279,7 +279,7 @@ class RoceTarget:
         fd0, maps0 = fd_count(), maps_count()
         # the endpoint logs (and survives) an exception in a handler: count those as crashes
         crashes = _CountErrors()
-        for name in ("roce.udp", "virtio_rdma.roce_fabric", "virtio_rdma.netqp", "virtio_rdma.core"):
+        for name in ("roce.udp", "fabric.roce", "fabric.roce_qp", "virtio_rdma.core"):
             logging.getLogger(name).addHandler(crashes)
         try:
             self._setup()
@@ -336,7 +336,7 @@ class RoceTarget:
                 rep.counters["fabric"]["rx_unknown_qpn"] + rep.counters["fabric"]["rx_addr_mismatch"]
             rep.accepted = rep.count - rep.rejected
         finally:
-            for name in ("roce.udp", "virtio_rdma.roce_fabric", "virtio_rdma.netqp", "virtio_rdma.core"):
+            for name in ("roce.udp", "fabric.roce", "fabric.roce_qp", "virtio_rdma.core"):
                 logging.getLogger(name).removeHandler(crashes)
             self._teardown()
         rep.fd_delta = fd_count() - fd0

@@ -24,7 +24,7 @@ from roce.packet import RocePacket, decode
 from roce.udp import make_socket
 from vhost_user.testing import BackendThread
 from virtio_rdma.device import RdmaDevice
-from virtio_rdma.roce_fabric import RoceFabric, RoceFabricService, gid_of_address
+from fabric.roce import RoceFabric, RoceFabricService, gid_of_address
 
 HOST, PEER, STRANGER = "127.0.0.3", "127.0.0.4", "127.0.0.5"
 PEER_QPN = 0x777

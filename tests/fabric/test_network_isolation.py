@@ -39,7 +39,7 @@ from roce.packet import RocePacket
 from vhost_user.testing import BackendThread
 from virtio_rdma.constants import WcOpcode, WcStatus, WrOpcode
 from virtio_rdma.device import RdmaDevice
-from virtio_rdma.roce_fabric import RoceFabric, RoceFabricService
+from fabric.roce import RoceFabric, RoceFabricService
 
 netlab = pytest.importorskip("netlab.ns")
 

@@ -18,7 +18,7 @@ from vhost_user.messages import FrontendReq, MemTable, SingleMemRegion, VringAdd
 from virtio_rdma import wire
 from virtio_rdma.constants import Cmd, DoorbellKind
 from virtio_rdma.errors import VirtioRdmaError
-from virtio_rdma.fabric import LocalFabric
+from fabric.local import LocalFabric
 
 SETTINGS = settings(max_examples=300, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])

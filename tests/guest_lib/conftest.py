@@ -2,7 +2,7 @@ import pytest
 
 from vhost_user.testing import BackendThread
 from virtio_rdma.device import RdmaDevice
-from virtio_rdma.fabric import LocalFabric
+from fabric.local import LocalFabric
 
 
 @pytest.fixture

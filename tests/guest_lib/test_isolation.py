@@ -16,7 +16,7 @@ from guest_lib.endpoint import RcEndpoint, connect_pair, new_psn
 from vhost_user.testing import BackendThread
 from virtio_rdma.constants import SendFlags, WcStatus, WrOpcode
 from virtio_rdma.device import RdmaDevice
-from virtio_rdma.fabric import LocalFabric
+from fabric.local import LocalFabric
 
 BUF = 1 << 16
 CANARY = bytes(range(256)) * (BUF // 256)

@@ -31,7 +31,8 @@ def seeded_ids(seed: int = 0):
     """QPNs and MR keys from a seeded generator instead of ``secrets``, so two
     runs that must agree byte for byte (one engine against another) get the
     same numbers; the product always draws them from ``secrets``."""
-    from virtio_rdma import fabric as fabric_mod, mr as mr_mod
+    from fabric import local as fabric_mod
+    from virtio_rdma import mr as mr_mod
 
     rng = random.Random(seed)
     source = types.SimpleNamespace(randbits=rng.getrandbits, randbelow=rng.randrange)

@@ -13,7 +13,7 @@ from virtio_rdma.constants import (
     WcFlags, WcOpcode, WcStatus, WrOpcode,
 )
 from virtio_rdma.core import DeviceLimits
-from virtio_rdma.fabric import LocalFabric
+from fabric.local import LocalFabric
 
 from .driver import Guest, connect_pair, pair
 
@@ -643,7 +643,7 @@ def test_1024_qps_and_1024_cqs(fab):
 # --------------------------------------------------------------------------
 # an asynchronous, lossy fabric (network-shaped): go-back-N, PSN NAKs, duplicates
 # --------------------------------------------------------------------------
-from virtio_rdma.fabric import Fabric  # noqa: E402
+from fabric.base import Fabric  # noqa: E402
 
 
 class QueuedFabric(Fabric):

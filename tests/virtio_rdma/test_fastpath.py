@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from virtio_rdma import _datapath, datapath, wire
 from virtio_rdma.constants import Access, QpState, SendFlags, WcStatus, WrOpcode
-from virtio_rdma.fabric import LocalFabric
+from fabric.local import LocalFabric
 
 from .driver import connect_pair, pair, seeded_ids
 

@@ -2,7 +2,7 @@
 the uverbs REG_MR/DEREG_MR command encoding the verbs fabric sends.
 
 The adoption path is what the verbs fabric uses (its real tests need an
-RDMA device: tests/fabric/test_verbs_fabric.py); here the table's own
+RDMA device: tests/fabric/test_hca.py); here the table's own
 contract is checked: adopted keys index the MR, an lkey is not an rkey,
 the table owns the registration and releases it exactly once, and a
 refused registration leaves nothing behind."""
@@ -14,7 +14,7 @@ import struct
 import pytest
 
 from virtio.memory import GuestMemory, MemoryRegion as Region
-from virtio_rdma import uverbs
+from fabric import uverbs
 from virtio_rdma.constants import Access, Status
 from virtio_rdma.errors import CommandError, FabricError, MemoryAccessError
 from virtio_rdma.mr import MrTable

@@ -139,13 +139,13 @@ def make_fabric(args):
     if kind == "verbs":
         return _verbs_fabric(args)
     if kind == "local":
-        from virtio_rdma.fabric import LocalFabric
+        from fabric.local import LocalFabric
 
         return LocalFabric(), []  # one host: every guest of this daemon shares the QPN space
     if not args.roce_addr:
         raise SystemExit("vrdma backend: --fabric roce needs --roce-addr IP")
     from virtio_rdma.errors import FabricError
-    from virtio_rdma.roce_fabric import RoceFabric, RoceFabricService
+    from fabric.roce import RoceFabric, RoceFabricService
 
     from roce.errors import RoceError
 
@@ -176,7 +176,7 @@ def _verbs_fabric(args):
     if not args.verbs_device:
         raise SystemExit("vrdma backend: --fabric verbs needs --verbs-device NAME")
     from virtio_rdma.errors import FabricError
-    from virtio_rdma.verbs_fabric import VerbsFabric, VerbsFabricService
+    from fabric.hca import VerbsFabric, VerbsFabricService
 
     try:
         fabric = VerbsFabric(args.verbs_device, port=args.verbs_port,

@@ -18,9 +18,9 @@ from roce.icrc import IpContext
 from roce.packet import decode
 from virtio_rdma.constants import Access, QpState, SendFlags, WcFlags, WcOpcode, WcStatus, WrOpcode
 from virtio_rdma.errors import FabricError
-from virtio_rdma.roce_fabric import RoceFabric, address_of_gid, gid_of_address
+from fabric.roce import RoceFabric, address_of_gid, gid_of_address
 
-from .driver import Guest
+from tests.virtio_rdma.driver import Guest
 
 A_IP, B_IP = "192.0.2.1", "192.0.2.2"
 

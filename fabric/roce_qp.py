@@ -1,7 +1,7 @@
 """A guest QP whose peer is on another host, run by the RoCE RC engine.
 
 When a QP moves INIT -> RTR with a destination GID that is not this host's,
-a network fabric (:class:`virtio_rdma.roce_fabric.RoceFabric`) gives it a
+a network fabric (:class:`fabric.roce.RoceFabric`) gives it a
 :class:`NetworkQp`: the packet-level RC transport of :mod:`roce.rc`
 (:class:`roce.rc.qp.RcQp`, rxe's semantics: MTU segmentation, AckReq,
 coalesced ACKs, go-back-N resuming mid-message, RNR, retransmit timer,

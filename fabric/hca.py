@@ -7,7 +7,7 @@ for any local application, and data moves between the wire and the guest's
 pages without a copy:
 
 * **Keys and addresses.** Every guest MR is registered with the device under
-  the guest's own iova (:class:`virtio_rdma.uverbs.KernelMr`), and the
+  the guest's own iova (:class:`fabric.uverbs.KernelMr`), and the
   device's lkey and rkey become the guest's keys. A guest's SGEs and a
   peer's RETHs therefore go to the device unchanged, and the device checks
   them (bounds, rights, PD), not us.
@@ -27,7 +27,7 @@ RoCE fabric.
 Ownership: the fabric owns the device context; a :class:`VerbsBinding`
 (one per guest device) owns that guest's device PDs; each
 :class:`HcaQp` owns its QP, CQ, completion channel and bounce MR; each
-guest MR owns its :class:`~virtio_rdma.uverbs.KernelMr`. The device core
+guest MR owns its :class:`~fabric.uverbs.KernelMr`. The device core
 releases QPs, then MRs, then the binding.
 
 An MR whose chunks are scattered in the daemon's mapping of guest memory
@@ -53,8 +53,8 @@ from virtio_rdma import datapath
 from virtio_rdma.constants import Access, AsyncEvent, Mtu, QpState, SendFlags, Status, WcFlags, \
     WcOpcode, WcStatus, WrOpcode
 from virtio_rdma.errors import CommandError, FabricError, VirtioRdmaError
-from virtio_rdma.fabric import LocalFabric
-from virtio_rdma.uverbs import KernelMr
+from fabric.local import LocalFabric
+from fabric.uverbs import KernelMr
 from virtio_rdma.wire import Completion, decode_recv_wqe, decode_send_wqe
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ class VerbsFabric(LocalFabric):
     def _choose_gid(self, port: int, gid_index: int | None, address: str | None) -> int:
         import pyverbs.enums as e
 
-        from virtio_rdma.roce_fabric import gid_of_address
+        from fabric.roce import gid_of_address
 
         n = self.port_attr.gid_tbl_len
         if gid_index is not None:
@@ -226,7 +226,7 @@ class VerbsFabric(LocalFabric):
 
 
 def _address_of(gid: bytes) -> str | None:
-    from virtio_rdma.roce_fabric import address_of_gid
+    from fabric.roce import address_of_gid
 
     return address_of_gid(gid)
 
@@ -568,7 +568,7 @@ class HcaQp:
 
 class VerbsQp:
     """The wire engine of one guest QP on the device (``qp.hw``): the same
-    calls as :class:`virtio_rdma.netqp.NetworkQp`."""
+    calls as :class:`fabric.roce_qp.NetworkQp`."""
 
     def __init__(self, fabric: VerbsFabric, dev, qp) -> None:
         self.fabric = fabric

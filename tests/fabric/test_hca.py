@@ -27,7 +27,7 @@ from guest_lib.endpoint import ALL_ACCESS, RcEndpoint
 from guest_lib.qp import QPCap
 from vhost_user.testing import DaemonProcess
 from virtio_rdma.constants import Cmd, SendFlags, WcFlags, WcOpcode, WcStatus, WrOpcode
-from virtio_rdma.verbs_fabric import rdma_devices
+from fabric.hca import rdma_devices
 
 from .verbs_exercise import send_write_read_atomics
 
@@ -256,7 +256,7 @@ def _free_port() -> int:
 def test_ibv_rc_pingpong_against_a_guest_on_the_verbs_fabric(hosts, ours):
     """An unmodified ibv_rc_pingpong on the device against ``vrdma rc-pingpong``
     behind a daemon whose QPs are the device's: the same device, two worlds."""
-    from virtio_rdma.verbs_fabric import VerbsFabric
+    from fabric.hca import VerbsFabric
 
     fab = VerbsFabric(DEV)
     gid_index = fab.gid_index

@@ -1,10 +1,10 @@
 """The RoCEv2 fabric: this host's QPs reach QPs on other hosts over UDP 4791.
 
-:class:`RoceFabric` is a :class:`~virtio_rdma.fabric.LocalFabric` (QPs of
+:class:`RoceFabric` is a :class:`~fabric.local.LocalFabric` (QPs of
 guests on this host still meet on the synchronous message path) whose GID is
 the IPv4-mapped (or IPv6) address of this host's RoCE interface, as kernel
 rxe derives its GIDs. A QP whose destination GID is another host's gets a
-:class:`~virtio_rdma.netqp.NetworkQp` at INIT -> RTR; from then on its
+:class:`~fabric.roce_qp.NetworkQp` at INIT -> RTR; from then on its
 packets carry its real QPN, the peer's QPN and the PSNs the guest chose, so
 any RoCEv2 peer (kernel rxe, an RDMA NIC, another vrdma host) sees an
 ordinary RC QP.
@@ -37,8 +37,8 @@ from roce.icrc import ROCE_UDP_PORT
 from roce.packet import PacketRun, RocePacket, expand
 from roce.sport import PortCheck, allowed_source_ports, port_check
 from virtio_rdma.errors import FabricError
-from virtio_rdma.fabric import LocalFabric
-from virtio_rdma.netqp import NetworkQp
+from fabric.local import LocalFabric
+from fabric.roce_qp import NetworkQp
 
 log = logging.getLogger(__name__)
 

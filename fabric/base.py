@@ -12,21 +12,17 @@ into the *sending* guest's memory; the receiving side copies them straight
 into its own guest memory (:func:`virtio_rdma.mr.sg_copy`). They are only
 valid during the delivery call; a network fabric serialises them at once.
 
-:class:`LocalFabric` connects the QPs of all devices served by one daemon
-(one host): QPNs are allocated host-wide at random, every device shares the host GID,
-and :meth:`LocalFabric.send` delivers a request synchronously and returns the
-response. A request to an unknown (gid, qpn) is dropped, as a network would,
-and the requester's retry timer handles it.
+The first implementation, :class:`fabric.local.LocalFabric`, connects the QPs
+of one host.
 """
 from __future__ import annotations
 
 import enum
-import secrets
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from virtio_rdma.constants import OBJ_NUM_MASK, PSN_MASK, WrOpcode
+from virtio_rdma.constants import PSN_MASK, WrOpcode
 from virtio_rdma.errors import FabricError
 
 
@@ -130,7 +126,7 @@ class Fabric(ABC):
     def bind(self, dev):
         """Called once per device core. A fabric backed by a host RDMA device
         returns the object that owns that guest's objects on the device
-        (:class:`virtio_rdma.verbs_fabric.VerbsBinding`: PDs, MRs, QPs) and
+        (:class:`fabric.hca.VerbsBinding`: PDs, MRs, QPs) and
         may lower ``dev.limits`` to what the device supports; None: the
         device core makes its own keys and QPNs."""
         return None
@@ -138,7 +134,7 @@ class Fabric(ABC):
     def open_wire_qp(self, dev, qp, now: float):
         """Called when ``qp`` (of device core ``dev``) moves INIT -> RTR. A
         network fabric returns the wire engine that will run the QP when its
-        ``dgid`` is on another host (see :mod:`virtio_rdma.netqp`); None keeps
+        ``dgid`` is on another host (see :mod:`fabric.roce_qp`); None keeps
         the QP on the message path of :meth:`send`."""
         return None
 
@@ -150,54 +146,3 @@ class Fabric(ABC):
 #: QPNs a fabric hands out at most: half the 24-bit space, so a random draw
 #: finds a free one quickly and a guess hits a live QP rarely
 MAX_QPNS = 1 << 23
-
-
-class LocalFabric(Fabric):
-    """All QPs of one host (one daemon): synchronous, lossless, in-order delivery.
-    QPNs are random (:meth:`alloc_qpn`), like keys (:mod:`virtio_rdma.mr`)."""
-
-    def __init__(self, gid: bytes = bytes(10) + b"\xff\xff" + bytes([127, 0, 0, 1])):
-        if len(gid) != 16:
-            raise FabricError(f"GID must be 16 bytes, got {len(gid)}")
-        self._gid = bytes(gid)
-        self._endpoints: dict[int, Endpoint] = {}
-        self._allocated: set[int] = set()
-        self.delivered = 0
-        self.dropped = 0
-
-    @property
-    def gid(self) -> bytes:
-        return self._gid
-
-    def alloc_qpn(self) -> int:
-        """A QPN drawn at random (a cryptographic source) from the free ones:
-        a guest cannot tell other guests' QPNs from its own."""
-        if len(self._allocated) >= MAX_QPNS:
-            raise FabricError(f"QPN space exhausted ({len(self._allocated)} allocated)")
-        while True:  # the table is at most half full: two draws on average at worst
-            qpn = 2 + secrets.randbelow(OBJ_NUM_MASK - 2)  # 2 .. 0xFFFFFE (0xFFFFFF: multicast)
-            if qpn not in self._allocated:
-                self._allocated.add(qpn)
-                return qpn
-
-    def free_qpn(self, qpn: int) -> None:
-        self._allocated.discard(qpn)
-        self._endpoints.pop(qpn, None)
-
-    def attach(self, qpn: int, endpoint: Endpoint) -> None:
-        if qpn not in self._allocated:
-            raise FabricError(f"QPN {qpn:#x} was not allocated on this fabric")
-        if qpn in self._endpoints:
-            raise FabricError(f"QPN {qpn:#x} already attached")
-        self._endpoints[qpn] = endpoint
-
-    def detach(self, qpn: int) -> None:
-        self._endpoints.pop(qpn, None)
-
-    def send(self, req: Request, now: float) -> Response | None:
-        ep = self._endpoints.get(req.dst_qpn) if req.dst_gid == self._gid else None
-        if ep is None:
-            self.dropped += 1
-            return None
-        self.delivered += 1
-        return ep.on_request(req, now)
