@@ -208,7 +208,7 @@ class VerbsFabric(LocalFabric):
     def open_wire_qp(self, dev, qp, now: float) -> "VerbsQp | None":
         if qp.hw is None:
             return None
-        if bytes(qp.attr["dgid"]) == self.gid and qp.attr["dest_qp_num"] in self._endpoints:
+        if bytes(qp.attr.dgid) == self.gid and qp.attr.dest_qp_num in self._endpoints:
             return None  # another guest of this daemon: the message path
         self.metrics.wire_qps += 1
         return VerbsQp(self, dev, qp)
@@ -605,17 +605,17 @@ class VerbsQp:
                 init.qp_access_flags = access
                 hw.qp.modify(init, e.IBV_QP_STATE | e.IBV_QP_PKEY_INDEX | e.IBV_QP_PORT
                              | e.IBV_QP_ACCESS_FLAGS)
-                mtu = min(a["path_mtu"] or int(Mtu.MTU_1024), int(self.fabric.port_attr.active_mtu))
+                mtu = min(a.path_mtu or int(Mtu.MTU_1024), int(self.fabric.port_attr.active_mtu))
                 rtr = QPAttr(qp_state=e.IBV_QPS_RTR, path_mtu=mtu)
-                rtr.dest_qp_num = a["dest_qp_num"]
+                rtr.dest_qp_num = a.dest_qp_num
                 rtr.rq_psn = qp.epsn
-                rtr.max_dest_rd_atomic = max(1, min(a["max_dest_rd_atomic"],
+                rtr.max_dest_rd_atomic = max(1, min(a.max_dest_rd_atomic,
                                                     self.fabric.device_attr.max_qp_rd_atom))
-                rtr.min_rnr_timer = a["min_rnr_timer"] & 31
+                rtr.min_rnr_timer = a.min_rnr_timer & 31
                 rtr.qp_access_flags = access
-                gr = GlobalRoute(dgid=GID(gid_text(bytes(a["dgid"]))), flow_label=a["flow_label"],
+                gr = GlobalRoute(dgid=GID(gid_text(bytes(a.dgid))), flow_label=a.flow_label,
                                  sgid_index=self.fabric.gid_index,
-                                 hop_limit=a["hop_limit"] or 64, traffic_class=a["traffic_class"])
+                                 hop_limit=a.hop_limit or 64, traffic_class=a.traffic_class)
                 rtr.ah_attr = AHAttr(is_global=1, port_num=self.fabric.port, gr=gr)
                 hw.qp.modify(rtr, e.IBV_QP_STATE | e.IBV_QP_AV | e.IBV_QP_PATH_MTU
                              | e.IBV_QP_DEST_QPN | e.IBV_QP_RQ_PSN | e.IBV_QP_MAX_DEST_RD_ATOMIC
@@ -623,21 +623,21 @@ class VerbsQp:
                 self.rq_rung(now)
             elif target is QpState.RTS and prev is QpState.RTR:
                 rts = QPAttr(qp_state=e.IBV_QPS_RTS)
-                rts.timeout = a["timeout"] & 31
-                rts.retry_cnt = a["retry_cnt"] & 7
-                rts.rnr_retry = a["rnr_retry"] & 7
+                rts.timeout = a.timeout & 31
+                rts.retry_cnt = a.retry_cnt & 7
+                rts.rnr_retry = a.rnr_retry & 7
                 rts.sq_psn = qp.sq_psn
-                rts.max_rd_atomic = max(1, min(a["max_rd_atomic"],
+                rts.max_rd_atomic = max(1, min(a.max_rd_atomic,
                                                self.fabric.device_attr.max_qp_init_rd_atom))
                 rts.qp_access_flags = access
-                rts.min_rnr_timer = a["min_rnr_timer"] & 31
+                rts.min_rnr_timer = a.min_rnr_timer & 31
                 hw.qp.modify(rts, e.IBV_QP_STATE | e.IBV_QP_TIMEOUT | e.IBV_QP_RETRY_CNT
                              | e.IBV_QP_RNR_RETRY | e.IBV_QP_SQ_PSN | e.IBV_QP_MAX_QP_RD_ATOMIC
                              | e.IBV_QP_ACCESS_FLAGS | e.IBV_QP_MIN_RNR_TIMER)
             elif target is QpState.RTS:  # RTS -> RTS, SQD -> RTS, SQE -> RTS
                 attr = QPAttr(qp_state=e.IBV_QPS_RTS)
                 attr.qp_access_flags = access
-                attr.min_rnr_timer = a["min_rnr_timer"] & 31
+                attr.min_rnr_timer = a.min_rnr_timer & 31
                 hw.qp.modify(attr, e.IBV_QP_STATE | e.IBV_QP_ACCESS_FLAGS | e.IBV_QP_MIN_RNR_TIMER)
             else:
                 state = {QpState.RTR: e.IBV_QPS_RTR, QpState.SQD: e.IBV_QPS_SQD}[target]

@@ -121,7 +121,7 @@ class RoceFabric(LocalFabric):
 
     # ---- Fabric ------------------------------------------------------------
     def open_wire_qp(self, dev, qp, now: float) -> NetworkQp | None:
-        dgid = bytes(qp.attr["dgid"])
+        dgid = bytes(qp.attr.dgid)
         if dgid == self.gid:
             return None
         peer = address_of_gid(dgid)
@@ -129,7 +129,7 @@ class RoceFabric(LocalFabric):
             return None  # nothing to reach: the message path drops, the retry timer reports it
         n = NetworkQp(self, dev, qp, peer)
         n.sports = allowed_source_ports(self.port_check_of(peer), self.port,
-                                        qp.attr["dest_qp_num"] & 0xFFFFFF, qp.qpn)
+                                        qp.attr.dest_qp_num & 0xFFFFFF, qp.qpn)
         self.wire[qp.qpn] = n
         self.metrics.wire_qps += 1
         return n

@@ -165,13 +165,13 @@ class NetworkQp:
         attrs = {"access": rv.Access(int(qp.access & _RIGHTS))}
         if target is QpState.RTR and prev is QpState.INIT:
             self._post_recvs()
-            attrs.update(dest_qp_num=a["dest_qp_num"], path_mtu=datapath._mtu(qp),
-                         rq_psn=qp.epsn, min_rnr_timer=a["min_rnr_timer"] & 31,
-                         max_dest_rd_atomic=max(1, min(255, a["max_dest_rd_atomic"])))
+            attrs.update(dest_qp_num=a.dest_qp_num, path_mtu=datapath._mtu(qp),
+                         rq_psn=qp.epsn, min_rnr_timer=a.min_rnr_timer & 31,
+                         max_dest_rd_atomic=max(1, min(255, a.max_dest_rd_atomic)))
         if target in (QpState.RTS, QpState.SQD):
-            attrs.update(timeout=a["timeout"] & 31, retry_cnt=a["retry_cnt"] & 7,
-                         rnr_retry=a["rnr_retry"] & 7,
-                         max_rd_atomic=max(1, min(255, a["max_rd_atomic"])))
+            attrs.update(timeout=a.timeout & 31, retry_cnt=a.retry_cnt & 7,
+                         rnr_retry=a.rnr_retry & 7,
+                         max_rd_atomic=max(1, min(255, a.max_rd_atomic)))
             if prev is QpState.RTR:
                 attrs["sq_psn"] = qp.sq_psn
         if self.rc.state is RcState.ERR:

@@ -188,7 +188,7 @@ cdef class _Dev:
             events, self.events = self.events, []
             m.completion_events += len(events)
             for cqn in events:
-                self.dev._queue_event(Event(_EV_COMPLETION, 0, cqn))
+                self.dev.queue_event(Event(_EV_COMPLETION, 0, cqn))
 
     cdef MrEnt *lookup(self, uint32_t key):
         """The MR of ``key`` (None: no such MR) as a cache entry; NULL if none."""
@@ -376,15 +376,15 @@ def run_sq(dev, qp, double now):
     if not isinstance(fabric, LocalFabric) or type(fabric).send is not _send_of_local:
         return 0
     attr = qp.attr
-    if bytes(attr["dgid"]) != fabric.gid:
+    if bytes(attr.dgid) != fabric.gid:
         return 0
-    peer = fabric._endpoints.get(attr["dest_qp_num"])
+    peer = fabric._endpoints.get(attr.dest_qp_num)
     if type(peer) is not QueuePair:
         return 0
     if peer.net is not None or peer.destroyed or peer.state not in _RECV_STATES:
         return 0
     pattr = peer.attr
-    if pattr["dest_qp_num"] != qp.qpn or pattr["dgid"] != fabric.gid:
+    if pattr.dest_qp_num != qp.qpn or pattr.dgid != fabric.gid:
         return 0  # not the peer's connected QP: datapath.on_request drops and counts it
     cdef _Dev L = _Dev.__new__(_Dev)
     cdef _Dev R
@@ -409,7 +409,7 @@ def run_sq(dev, qp, double now):
     cdef bint sig_all = qp.sq_sig_all
     cdef uint32_t sq_psn = qp.sq_psn
     cdef uint64_t mtu
-    path_mtu = attr["path_mtu"]
+    path_mtu = attr.path_mtu
     mtu = (128 << path_mtu) if 1 <= path_mtu <= 5 else 1024
     # responder geometry
     play = peer.layout
@@ -605,8 +605,8 @@ def run_sq(dev, qp, double now):
             qp.sq_next = sq_next
             qp.sq_ci = sq_next
             qp.sq_psn = sq_psn
-            qp.retry_left = attr["retry_cnt"]
-            qp.rnr_left = attr["rnr_retry"]
+            qp.retry_left = attr.retry_cnt
+            qp.rnr_left = attr.rnr_retry
             peer.epsn = epsn
             peer.rq_ci = rq_ci
         scq.flush()

@@ -92,7 +92,7 @@ class _WqeError(VirtioRdmaError):
 
 def _mtu(qp: QueuePair) -> int:
     try:
-        return Mtu(qp.attr["path_mtu"]).bytes
+        return Mtu(qp.attr.path_mtu).bytes
     except ValueError:
         return 1024
 
@@ -216,7 +216,7 @@ def check_wqe(dev, qp: QueuePair, wqe) -> None:
 def _build_request(dev, qp: QueuePair, wqe, psn: int) -> Request:
     check_wqe(dev, qp, wqe)
     op, length = wqe.opcode, wqe.length
-    req = Request(dev.fabric.gid, qp.qpn, bytes(qp.attr["dgid"]), qp.attr["dest_qp_num"], psn, 1, op,
+    req = Request(dev.fabric.gid, qp.qpn, bytes(qp.attr.dgid), qp.attr.dest_qp_num, psn, 1, op,
                   solicited=bool(wqe.send_flags & SendFlags.SOLICITED))
     if op in (WrOpcode.SEND_WITH_IMM, WrOpcode.RDMA_WRITE_WITH_IMM):
         req.imm_data = wqe.imm_data
@@ -317,8 +317,8 @@ def _fail_at(dev, qp: QueuePair, idx: int, wr_id: int, opcode: int, status: WcSt
 def _complete_ok(dev, qp: QueuePair, e: Inflight, byte_len: int) -> None:
     complete_send(dev, qp, e.index, e.wqe.wr_id, e.wqe.opcode, WcStatus.SUCCESS, byte_len,
                   force=e.signaled)
-    qp.retry_left = qp.attr["retry_cnt"]
-    qp.rnr_left = qp.attr["rnr_retry"]
+    qp.retry_left = qp.attr.retry_cnt
+    qp.rnr_left = qp.attr.rnr_retry
     dev.metrics.sends_completed += 1
 
 
@@ -380,7 +380,7 @@ def on_response(dev, qp: QueuePair, resp: Response, now: float, *, sync: bool) -
         e = qp.inflight[pos]
         if resp.nak is NakCode.RNR:
             dev.metrics.rnr_naks_received += 1
-            if qp.attr["rnr_retry"] != RNR_RETRY_INFINITE:
+            if qp.attr.rnr_retry != RNR_RETRY_INFINITE:
                 if qp.rnr_left <= 0:
                     dev.metrics.rnr_retry_exceeded += 1
                     _error_at(dev, qp, pos, WcStatus.RNR_RETRY_EXC_ERR)
@@ -401,7 +401,7 @@ def on_response(dev, qp: QueuePair, resp: Response, now: float, *, sync: bool) -
             dev.metrics.remote_errors += 1
             _error_at(dev, qp, pos, _NAK_STATUS.get(resp.nak, WcStatus.REM_OP_ERR))
             return
-    if qp.state is QpState.SQD and not qp.inflight and qp.attr["en_sqd_async_notify"]:
+    if qp.state is QpState.SQD and not qp.inflight and qp.attr.en_sqd_async_notify:
         dev.async_event(AsyncEvent.SQ_DRAINED, qp.qpn)
     if not sync:
         progress_sq(dev, qp, now)
@@ -424,7 +424,7 @@ def deadline(qp: QueuePair) -> float | None:
     if qp.rnr_until is not None and qp.sq_next != qp.sq_pi:
         d = qp.rnr_until
     if qp.inflight:
-        t = ack_timeout_seconds(qp.attr["timeout"] & 31)
+        t = ack_timeout_seconds(qp.attr.timeout & 31)
         if t is not None:
             a = qp.inflight[0].sent_at + t
             d = a if d is None else min(d, a)
@@ -438,7 +438,7 @@ def on_timer(dev, qp: QueuePair, now: float) -> None:
     if qp.state not in (QpState.RTS, QpState.SQD) or qp.destroyed:
         return
     if qp.inflight:
-        t = ack_timeout_seconds(qp.attr["timeout"] & 31)
+        t = ack_timeout_seconds(qp.attr.timeout & 31)
         if t is not None and now >= qp.inflight[0].sent_at + t:
             if qp.retry_left <= 0:
                 dev.metrics.retry_exceeded += 1
@@ -496,7 +496,7 @@ def is_connected_peer(qp: QueuePair, gid: bytes, qpn: int) -> bool:
     request from the sending QP itself, so a guest cannot claim another
     guest's QPN there."""
     a = qp.attr
-    return qpn == a["dest_qp_num"] and gid == a["dgid"]
+    return qpn == a.dest_qp_num and gid == a.dgid
 
 
 def on_request(dev, qp: QueuePair, req: Request, now: float) -> Response | None:
@@ -549,7 +549,7 @@ def on_request(dev, qp: QueuePair, req: Request, now: float) -> Response | None:
 
 def _rnr(dev, qp: QueuePair, req: Request) -> Response:
     dev.metrics.rnr_naks_sent += 1
-    return _resp(qp, req, RespKind.NAK, req.psn, nak=NakCode.RNR, rnr_timer=qp.attr["min_rnr_timer"])
+    return _resp(qp, req, RespKind.NAK, req.psn, nak=NakCode.RNR, rnr_timer=qp.attr.min_rnr_timer)
 
 
 def _execute_send(dev, qp: QueuePair, req: Request) -> Response:
@@ -646,7 +646,7 @@ def _execute_atomic(dev, qp: QueuePair, req: Request) -> Response:
         sg_copy(views, [memoryview(_U64N.pack(new))])
     qp.epsn = (qp.epsn + 1) & PSN_MASK
     qp.atomic_cache[req.psn] = orig
-    if len(qp.atomic_cache) > max(1, qp.attr["max_dest_rd_atomic"]):
+    if len(qp.atomic_cache) > max(1, qp.attr.max_dest_rd_atomic):
         qp.atomic_cache.pop(next(iter(qp.atomic_cache)))
     return _resp(qp, req, RespKind.ATOMIC_ACK, req.psn, atomic_orig=orig)
 

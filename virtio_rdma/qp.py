@@ -3,8 +3,11 @@
 A QP (spec 5.x.6.1 CREATE_QP / MODIFY_QP) owns an SQ and an RQ ring in guest
 memory and an 8-byte doorbell record. This module holds the state; the RC
 protocol engine that drives it is :mod:`virtio_rdma.datapath`, the state
-machine table :mod:`virtio_rdma.qp_state`. A QP is a fabric endpoint: it
-delegates ``on_request``/``on_response`` to the datapath of its device.
+machine table :mod:`virtio_rdma.qp_state`. A QP is a fabric endpoint: its
+``on_request``/``on_response`` are the engine's functions (the datapath's,
+given at creation) bound to its device and itself, so this module does not
+import the engine that imports it, and the fabric's call reaches the engine
+directly.
 
 Ring indices are free-running u32 counters (``pi`` = producer, written by the
 driver through doorbells; ``next``/``ci`` = device progress):
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from functools import partial
 
 from virtio_rdma.constants import Access, QpState, WrOpcode
 from virtio_rdma.wire import SendWqe, WqLayout, qp_attr_defaults
@@ -48,10 +52,11 @@ class QueuePair:
         "sq_pi", "sq_next", "sq_ci", "rq_pi", "rq_ci",
         "inflight", "sq_psn", "retry_left", "rnr_left", "rnr_until",
         "epsn", "atomic_cache", "nak_seq_sent", "destroyed", "net", "hw",
+        "on_request", "on_response",
     )
 
     def __init__(self, dev, qpn: int, pdn: int, send_cq, recv_cq, layout: WqLayout,
-                 sq_gpa: int, rq_gpa: int, dbrec_gpa: int, sq_sig_all: bool):
+                 sq_gpa: int, rq_gpa: int, dbrec_gpa: int, sq_sig_all: bool, *, engine):
         self.dev = dev
         self.qpn = qpn
         self.pdn = pdn
@@ -62,6 +67,7 @@ class QueuePair:
         self.rq_gpa = rq_gpa
         self.dbrec_gpa = dbrec_gpa
         self.sq_sig_all = sq_sig_all
+        #: the current attributes (MODIFY_QP sets them, QUERY_QP reports them)
         self.attr = qp_attr_defaults()
         self.destroyed = False
         #: the wire transport (``fabric.roce_qp.NetworkQp``) when the peer is
@@ -69,6 +75,10 @@ class QueuePair:
         self.net = None
         #: the host RDMA device's QP behind this one (a verbs fabric); owned here
         self.hw = None
+        #: the fabric endpoint: ``on_request(req, now) -> Response | None`` and
+        #: ``on_response(resp, now)``, the engine's (``virtio_rdma.datapath``)
+        self.on_request = partial(engine.on_request, dev, self)
+        self.on_response = partial(engine.on_response, dev, self, sync=False)
         self.reset()
 
     def reset(self) -> None:
@@ -85,15 +95,6 @@ class QueuePair:
         self.epsn = 0
         self.nak_seq_sent = False  # a PSN sequence NAK is outstanding (send it once)
         self.atomic_cache: dict[int, int] = {}
-
-    # ---- fabric endpoint -------------------------------------------------
-    def on_request(self, req, now):
-        from virtio_rdma import datapath
-        return datapath.on_request(self.dev, self, req, now)
-
-    def on_response(self, resp, now) -> None:
-        from virtio_rdma import datapath
-        datapath.on_response(self.dev, self, resp, now, sync=False)
 
     # ---- helpers ---------------------------------------------------------
     @property

@@ -17,7 +17,8 @@ subclasses of :class:`~virtio_rdma.errors.VirtioRdmaError`.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Annotated, get_args, get_origin, get_type_hints
 
 import construct as cs
 
@@ -65,148 +66,342 @@ CTRL_HEADER_SIZE = CtrlHeader.sizeof()
 RespHeader = cs.Struct("status" / u32)
 RESP_HEADER_SIZE = RespHeader.sizeof()
 
-Empty = cs.Struct()
-ObjNum = lambda name: cs.Struct(name / u32)  # noqa: E731
+# The control bodies are dataclasses; each one's field list, in wire order,
+# is its one definition: the construct layout is derived from the fields'
+# annotations (``U32`` = an ``int`` laid out as le32, ...). A device handler
+# gets the request decoded once into its dataclass and reads attributes.
+U8 = Annotated[int, u8]
+U16 = Annotated[int, u16]
+U32 = Annotated[int, u32]
+U64 = Annotated[int, u64]
+Gid = Annotated[bytes, cs.Bytes(16)]
+Reserved16 = Annotated[int, cs.Const(0, u16)]
+Reserved32 = Annotated[int, cs.Const(0, u32)]
+_RSVD = dict(default=0, kw_only=True)  # a reserved field: 0, never given by position
 
-QueryPortReq = cs.Struct("port_num" / u32)
-QueryGidReq = cs.Struct("port_num" / u32, "index" / u32)
-DeallocPdReq = ObjNum("pdn")
-CreateCqReq = cs.Struct(
-    "cqe" / u32,
-    "comp_vector" / u32,
-    "ring_gpa" / u64,
-    "dbrec_gpa" / u64,
-)
-DestroyCqReq = ObjNum("cqn")
-ReqNotifyCqReq = cs.Struct("cqn" / u32, "flags" / u32)
-MrChunk = cs.Struct("gpa" / u64, "length" / u64)
+
+@dataclass(frozen=True, slots=True)
+class Empty:
+    """A command or response without a body."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueryPortReq:
+    port_num: U32
+
+
+@dataclass(frozen=True, slots=True)
+class QueryGidReq:
+    port_num: U32
+    index: U32
+
+
+@dataclass(frozen=True, slots=True)
+class DeallocPdReq:
+    pdn: U32
+
+
+@dataclass(frozen=True, slots=True)
+class CreateCqReq:
+    cqe: U32
+    comp_vector: U32
+    ring_gpa: U64
+    dbrec_gpa: U64
+
+
+@dataclass(frozen=True, slots=True)
+class DestroyCqReq:
+    cqn: U32
+
+
+@dataclass(frozen=True, slots=True)
+class ReqNotifyCqReq:
+    cqn: U32
+    flags: U32
+
+
+@dataclass(frozen=True, slots=True)
+class MrChunk:
+    gpa: U64
+    length: U64
+
+
+@dataclass(frozen=True, slots=True)
+class RegMrReq:
+    pdn: U32
+    access: U32
+    iova: U64
+    length: U64
+    nchunks: Annotated[int, cs.Rebuild(u32, cs.len_(cs.this.chunks))] = field(**_RSVD)
+    reserved: Reserved32 = field(**_RSVD)
+    chunks: Annotated[tuple[MrChunk, ...], cs.this.nchunks] = ()  # an array of nchunks
+
+
+@dataclass(frozen=True, slots=True)
+class DeregMrReq:
+    lkey: U32
+
+
+@dataclass(frozen=True, slots=True)
+class CreateQpReq:
+    pdn: U32
+    qp_type: U32
+    send_cqn: U32
+    recv_cqn: U32
+    max_send_wr: U32
+    max_recv_wr: U32
+    max_send_sge: U32
+    max_recv_sge: U32
+    max_inline_data: U32
+    flags: U32
+    sq_gpa: U64
+    rq_gpa: U64
+    dbrec_gpa: U64
+
+
+@dataclass(slots=True)
+class QpAttr:
+    """struct virtio_rdma_qp_attr (mirrors ibv_qp_attr). Mutable: a QP's
+    current attributes (``QueuePair.attr``) are one, updated by MODIFY_QP.
+    Every field defaults to 0 (:func:`qp_attr_defaults`)."""
+
+    qp_state: U8 = 0
+    cur_qp_state: U8 = 0
+    path_mtu: U8 = 0
+    path_mig_state: U8 = 0
+    timeout: U8 = 0
+    retry_cnt: U8 = 0
+    rnr_retry: U8 = 0
+    min_rnr_timer: U8 = 0
+    max_rd_atomic: U8 = 0
+    max_dest_rd_atomic: U8 = 0
+    port_num: U8 = 0
+    sq_draining: U8 = 0
+    en_sqd_async_notify: U8 = 0
+    sgid_index: U8 = 0
+    hop_limit: U8 = 0
+    traffic_class: U8 = 0
+    pkey_index: U16 = 0
+    reserved: Reserved16 = 0
+    qkey: U32 = 0
+    rq_psn: U32 = 0
+    sq_psn: U32 = 0
+    dest_qp_num: U32 = 0
+    qp_access_flags: U32 = 0
+    flow_label: U32 = 0
+    dgid: Gid = bytes(16)
+    max_send_wr: U32 = 0
+    max_recv_wr: U32 = 0
+    max_send_sge: U32 = 0
+    max_recv_sge: U32 = 0
+    max_inline_data: U32 = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ModifyQpReq:
+    qpn: U32
+    attr_mask: U32
+    attr: QpAttr
+
+
+@dataclass(frozen=True, slots=True)
+class QueryQpReq:
+    qpn: U32
+    attr_mask: U32
+
+
+@dataclass(frozen=True, slots=True)
+class DestroyQpReq:
+    qpn: U32
+
+
+@dataclass(frozen=True, slots=True)
+class QueryDeviceResp:
+    fw_ver: U64
+    node_guid: U64
+    sys_image_guid: U64
+    max_mr_size: U64
+    page_size_cap: U64
+    vendor_id: U32
+    vendor_part_id: U32
+    hw_ver: U32
+    max_qp: U32
+    max_qp_wr: U32
+    device_cap_flags: U32
+    max_sge: U32
+    max_cq: U32
+    max_cqe: U32
+    max_mr: U32
+    max_pd: U32
+    max_qp_rd_atom: U32
+    max_qp_init_rd_atom: U32
+    max_inline_data: U32
+    atomic_cap: U32
+    max_mr_chunks: U32
+    phys_port_cnt: U32
+    max_msg_sz: U32
+
+
+@dataclass(frozen=True, slots=True)
+class QueryPortResp:
+    state: U32
+    max_mtu: U32
+    active_mtu: U32
+    gid_tbl_len: U32
+    port_cap_flags: U32
+    max_msg_sz: U32
+    pkey_tbl_len: U32
+    link_layer: U8
+    active_speed: U8
+    active_width: U8
+    phys_state: U8
+
+
+@dataclass(frozen=True, slots=True)
+class QueryGidResp:
+    gid: Gid
+
+
+@dataclass(frozen=True, slots=True)
+class AllocPdResp:
+    pdn: U32
+
+
+@dataclass(frozen=True, slots=True)
+class CreateCqResp:
+    cqn: U32
+    cqe: U32
+
+
+@dataclass(frozen=True, slots=True)
+class RegMrResp:
+    lkey: U32
+    rkey: U32
+
+
+@dataclass(frozen=True, slots=True)
+class CreateQpResp:
+    qpn: U32
+    max_send_wr: U32
+    max_recv_wr: U32
+    max_send_sge: U32
+    max_recv_sge: U32
+    max_inline_data: U32
+    sq_wqe_shift: U32
+    rq_wqe_shift: U32
+
+
+@dataclass(frozen=True, slots=True)
+class QueryQpResp:
+    attr: QpAttr
+    pdn: U32
+    qp_type: U32
+    send_cqn: U32
+    recv_cqn: U32
+    flags: U32
+    qpn: U32
+
+
+def _field_layout(name: str, hint) -> cs.Construct:
+    """A field's construct: its annotation's, a nested body's layout, or an
+    array of nested bodies whose count the annotation names."""
+    nested = _nested(hint)
+    if nested is not None and not nested[1]:
+        return LAYOUTS[nested[0]]
+    meta = getattr(hint, "__metadata__", ())
+    if len(meta) != 1:
+        raise TypeError(f"control body field {name}: {hint!r} has no wire layout")
+    if nested is not None:
+        return cs.Array(meta[0], LAYOUTS[nested[0]])
+    if not isinstance(meta[0], cs.Construct):
+        raise TypeError(f"control body field {name}: {meta[0]!r} is not a construct")
+    return meta[0]
+
+
+def _nested(hint):
+    """The body dataclass a field holds (one, or a tuple of them), else None."""
+    if is_dataclass(hint):
+        return hint, False
+    args = get_args(hint)
+    if args and get_origin(args[0]) is tuple and is_dataclass(get_args(args[0])[0]):
+        return get_args(args[0])[0], True
+    return None
+
+
+def _struct_chars(name: str, c: cs.Construct) -> tuple[str, object]:
+    """The ``struct`` format of one fixed-size field, and its Const value (or None)."""
+    if isinstance(c, cs.Const):
+        return _struct_chars(name, c.subcon)[0], c.value
+    if isinstance(c, cs.Rebuild):
+        return _struct_chars(name, c.subcon)[0], None
+    if isinstance(c, cs.FormatField):
+        return c.fmtstr[1:], None
+    if isinstance(c, cs.Bytes) and isinstance(c.length, int):
+        return f"{c.length}s", None
+    raise TypeError(f"control body field {name}: {c!r} is not fixed-size")
+
+
+def _decoder(cls):
+    """A decoder of ``cls``'s fixed-size layout with one ``struct`` unpack:
+    (struct format, reserved-field checks as (value index, value, name),
+    values -> ``cls``, number of values). The construct layout of
+    :data:`LAYOUTS` stays the normative one and the encoder; the codec tests
+    check that both agree."""
+    chars, checks, parts = [], [], []
+    pos = 0
+    for f, sc in zip(fields(cls), LAYOUTS[cls].subcons):
+        nested = _nested(_HINTS[cls][f.name])
+        if nested is not None:
+            sub_fmt, sub_checks, sub_make, n = DECODERS[nested[0]]
+            chars.append(sub_fmt)
+            checks.extend((pos + i, v, f"{f.name}.{name}") for i, v, name in sub_checks)
+            parts.append((pos, pos + n, sub_make))
+            pos += n
+            continue
+        ch, const = _struct_chars(f.name, sc.subcon)
+        chars.append(ch)
+        if const is not None:
+            checks.append((pos, const, f.name))
+        parts.append((pos, pos + 1, None))
+        pos += 1
+    if all(sub is None for _, _, sub in parts):
+        make = lambda v: cls(*v)  # noqa: E731
+    else:
+        def make(v):
+            return cls(*[v[a] if sub is None else sub(v[a:b]) for a, b, sub in parts])
+    return "".join(chars), tuple(checks), make, pos
+
+
+#: body dataclass -> its construct layout; -> its fixed-size decoder (struct format,
+#: reserved-field checks, values -> dataclass)
+LAYOUTS: dict[type, cs.Struct] = {}
+DECODERS: dict[type, tuple] = {}
+_HINTS: dict[type, dict] = {}
+
+
+def _register(cls) -> cs.Struct:
+    hints = _HINTS[cls] = get_type_hints(cls, include_extras=True)
+    LAYOUTS[cls] = cs.Struct(*(f.name / _field_layout(f.name, hints[f.name]) for f in fields(cls)))
+    if cls is not RegMrReq:  # variable length: decode_request decodes it
+        DECODERS[cls] = _decoder(cls)
+    return LAYOUTS[cls]
+
+
+for _cls in (Empty, QueryPortReq, QueryGidReq, DeallocPdReq, CreateCqReq, DestroyCqReq,
+             ReqNotifyCqReq, MrChunk, RegMrReq, DeregMrReq, CreateQpReq, QpAttr, ModifyQpReq,
+             QueryQpReq, DestroyQpReq, QueryDeviceResp, QueryPortResp, QueryGidResp, AllocPdResp,
+             CreateCqResp, RegMrResp, CreateQpResp, QueryQpResp):
+    _register(_cls)
+
+#: the construct layouts by name (the normative structs of docs/virtio-rdma.md)
+QpAttrLayout = LAYOUTS[QpAttr]
+MrChunkLayout = LAYOUTS[MrChunk]
+QP_ATTR_SIZE = QpAttrLayout.sizeof()
 REG_MR_FIXED = 32
-RegMrReq = cs.Struct(
-    "pdn" / u32,
-    "access" / u32,
-    "iova" / u64,
-    "length" / u64,
-    "nchunks" / cs.Rebuild(u32, cs.len_(cs.this.chunks)),
-    "reserved" / cs.Const(0, u32),
-    "chunks" / cs.Array(cs.this.nchunks, MrChunk),
-)
-DeregMrReq = ObjNum("lkey")
-CreateQpReq = cs.Struct(
-    "pdn" / u32,
-    "qp_type" / u32,
-    "send_cqn" / u32,
-    "recv_cqn" / u32,
-    "max_send_wr" / u32,
-    "max_recv_wr" / u32,
-    "max_send_sge" / u32,
-    "max_recv_sge" / u32,
-    "max_inline_data" / u32,
-    "flags" / u32,
-    "sq_gpa" / u64,
-    "rq_gpa" / u64,
-    "dbrec_gpa" / u64,
-)
-QpAttr = cs.Struct(
-    "qp_state" / u8,
-    "cur_qp_state" / u8,
-    "path_mtu" / u8,
-    "path_mig_state" / u8,
-    "timeout" / u8,
-    "retry_cnt" / u8,
-    "rnr_retry" / u8,
-    "min_rnr_timer" / u8,
-    "max_rd_atomic" / u8,
-    "max_dest_rd_atomic" / u8,
-    "port_num" / u8,
-    "sq_draining" / u8,
-    "en_sqd_async_notify" / u8,
-    "sgid_index" / u8,
-    "hop_limit" / u8,
-    "traffic_class" / u8,
-    "pkey_index" / u16,
-    "reserved" / cs.Const(0, u16),
-    "qkey" / u32,
-    "rq_psn" / u32,
-    "sq_psn" / u32,
-    "dest_qp_num" / u32,
-    "qp_access_flags" / u32,
-    "flow_label" / u32,
-    "dgid" / cs.Bytes(16),
-    "max_send_wr" / u32,
-    "max_recv_wr" / u32,
-    "max_send_sge" / u32,
-    "max_recv_sge" / u32,
-    "max_inline_data" / u32,
-)
-QP_ATTR_SIZE = QpAttr.sizeof()
-ModifyQpReq = cs.Struct("qpn" / u32, "attr_mask" / u32, "attr" / QpAttr)
-QueryQpReq = cs.Struct("qpn" / u32, "attr_mask" / u32)
-DestroyQpReq = ObjNum("qpn")
+assert sum(sc.sizeof() for sc in LAYOUTS[RegMrReq].subcons[:-1]) == REG_MR_FIXED
 
-QueryDeviceResp = cs.Struct(
-    "fw_ver" / u64,
-    "node_guid" / u64,
-    "sys_image_guid" / u64,
-    "max_mr_size" / u64,
-    "page_size_cap" / u64,
-    "vendor_id" / u32,
-    "vendor_part_id" / u32,
-    "hw_ver" / u32,
-    "max_qp" / u32,
-    "max_qp_wr" / u32,
-    "device_cap_flags" / u32,
-    "max_sge" / u32,
-    "max_cq" / u32,
-    "max_cqe" / u32,
-    "max_mr" / u32,
-    "max_pd" / u32,
-    "max_qp_rd_atom" / u32,
-    "max_qp_init_rd_atom" / u32,
-    "max_inline_data" / u32,
-    "atomic_cap" / u32,
-    "max_mr_chunks" / u32,
-    "phys_port_cnt" / u32,
-    "max_msg_sz" / u32,
-)
-QueryPortResp = cs.Struct(
-    "state" / u32,
-    "max_mtu" / u32,
-    "active_mtu" / u32,
-    "gid_tbl_len" / u32,
-    "port_cap_flags" / u32,
-    "max_msg_sz" / u32,
-    "pkey_tbl_len" / u32,
-    "link_layer" / u8,
-    "active_speed" / u8,
-    "active_width" / u8,
-    "phys_state" / u8,
-)
-QueryGidResp = cs.Struct("gid" / cs.Bytes(16))
-AllocPdResp = ObjNum("pdn")
-CreateCqResp = cs.Struct("cqn" / u32, "cqe" / u32)
-RegMrResp = cs.Struct("lkey" / u32, "rkey" / u32)
-CreateQpResp = cs.Struct(
-    "qpn" / u32,
-    "max_send_wr" / u32,
-    "max_recv_wr" / u32,
-    "max_send_sge" / u32,
-    "max_recv_sge" / u32,
-    "max_inline_data" / u32,
-    "sq_wqe_shift" / u32,
-    "rq_wqe_shift" / u32,
-)
-QueryQpResp = cs.Struct(
-    "attr" / QpAttr,
-    "pdn" / u32,
-    "qp_type" / u32,
-    "send_cqn" / u32,
-    "recv_cqn" / u32,
-    "flags" / u32,
-    "qpn" / u32,
-)
-
-#: cmd -> (request body, response body)
-COMMANDS: dict[Cmd, tuple[cs.Construct, cs.Construct]] = {
+#: cmd -> (request dataclass, response dataclass)
+BODIES: dict[Cmd, tuple[type, type]] = {
     Cmd.QUERY_DEVICE: (Empty, QueryDeviceResp),
     Cmd.QUERY_PORT: (QueryPortReq, QueryPortResp),
     Cmd.QUERY_GID: (QueryGidReq, QueryGidResp),
@@ -222,12 +417,22 @@ COMMANDS: dict[Cmd, tuple[cs.Construct, cs.Construct]] = {
     Cmd.QUERY_QP: (QueryQpReq, QueryQpResp),
     Cmd.DESTROY_QP: (DestroyQpReq, Empty),
 }
+#: cmd -> (request layout, response layout)
+COMMANDS: dict[Cmd, tuple[cs.Construct, cs.Construct]] = {
+    cmd: (LAYOUTS[req], LAYOUTS[resp]) for cmd, (req, resp) in BODIES.items()}
 #: the same formats compiled (construct's code generation): a control command
 #: is parsed and answered in ~15 us instead of ~80, which is what a guest
 #: hammering the controlq costs the other guests of the daemon
 _COMPILED: dict[Cmd, tuple[cs.Construct, cs.Construct]] = {
     cmd: (req.compile(), resp.compile()) for cmd, (req, resp) in COMMANDS.items()}
 _REQ_SIZE = {cmd: req.sizeof() for cmd, (req, _) in COMMANDS.items() if cmd is not Cmd.REG_MR}
+#: cmd -> (struct of its fixed-size request, reserved checks, values -> dataclass)
+_REQ_DECODER = {cmd: (struct.Struct("<" + DECODERS[req][0]), DECODERS[req][1], DECODERS[req][2])
+                for cmd, (req, _) in BODIES.items() if req is not RegMrReq}
+_REG_MR_HEAD = struct.Struct("<" + "".join(_struct_chars(sc.name, sc.subcon)[0]
+                                           for sc in LAYOUTS[RegMrReq].subcons[:-1]))
+_MR_CHUNK = struct.Struct("<" + DECODERS[MrChunk][0])
+assert _REG_MR_HEAD.size == REG_MR_FIXED and _MR_CHUNK.size == MrChunkLayout.sizeof()
 _CTRL_HDR = struct.Struct("<HHI")   # CtrlHeader, unpacked on every command
 _RESP_HDR = struct.Struct("<I")     # RespHeader
 
@@ -249,6 +454,31 @@ def _plain(container) -> dict:
     return out
 
 
+def body_fields(body) -> dict:
+    """A body dataclass -> the field dict its layout builds from (nested
+    bodies and arrays of them included)."""
+    out = {}
+    for f in fields(body):
+        v = getattr(body, f.name)
+        if is_dataclass(v):
+            v = body_fields(v)
+        elif type(v) is tuple or type(v) is list:
+            v = [body_fields(x) if is_dataclass(x) else x for x in v]
+        out[f.name] = v
+    return out
+
+
+def _field_values(kw: dict) -> dict:
+    """Keyword fields, where a value may be a body dataclass (``attr=QpAttr(...)``)
+    or a list of them, -> plain values."""
+    for k, v in kw.items():
+        if is_dataclass(v):
+            kw[k] = body_fields(v)
+        elif type(v) is tuple or type(v) is list:
+            kw[k] = [body_fields(x) if is_dataclass(x) else x for x in v]
+    return kw
+
+
 def _build(fmt: cs.Construct, fields: dict, what: str) -> bytes:
     try:
         return fmt.build(fields)
@@ -263,15 +493,21 @@ def _parse(fmt: cs.Construct, data, what: str) -> dict:
         raise WireError(f"malformed {what}: {e}") from None
 
 
-def encode_request(cmd: Cmd | int, hdr_flags: int = 0, **fields) -> bytes:
-    """Build a control request: header {le16 cmd; le16 flags; le32 len} + body."""
+def encode_request(cmd: Cmd | int, body=None, hdr_flags: int = 0, **fields) -> bytes:
+    """Build a control request: header {le16 cmd; le16 flags; le32 len} +
+    body, from a request dataclass (``body``) or its fields as keywords."""
     cmd = Cmd.parse(cmd)
-    body = _build(_COMPILED[cmd][0], fields, f"{cmd.name} request")
-    return CtrlHeader.build(dict(cmd=cmd, flags=hdr_flags, len=len(body))) + body
+    values = body_fields(body) if body is not None else _field_values(fields)
+    raw = _build(_COMPILED[cmd][0], values, f"{cmd.name} request")
+    return CtrlHeader.build(dict(cmd=cmd, flags=hdr_flags, len=len(raw))) + raw
 
 
-def decode_request(buf: bytes | memoryview) -> tuple[Cmd, dict]:
-    """Parse and syntax-check a control request. Returns (cmd, body fields)."""
+_EMPTY = Empty()
+
+
+def decode_request(buf: bytes | memoryview) -> tuple[Cmd, object]:
+    """Parse and syntax-check a control request. Returns (cmd, request
+    dataclass of ``BODIES[cmd][0]``)."""
     buf = memoryview(buf)
     if len(buf) < CTRL_HEADER_SIZE:
         raise WireError(f"control request of {len(buf)} bytes is shorter than its {CTRL_HEADER_SIZE}-byte header")
@@ -288,26 +524,42 @@ def decode_request(buf: bytes | memoryview) -> tuple[Cmd, dict]:
         n = int.from_bytes(body[24:28], "little")
         if n > MAX_MR_CHUNKS_WIRE:
             raise WireError(f"REG_MR nchunks {n} exceeds {MAX_MR_CHUNKS_WIRE}")
-        want = REG_MR_FIXED + n * MrChunk.sizeof()
+        want = REG_MR_FIXED + n * _MR_CHUNK.size
     else:
         want = _REQ_SIZE[cmd]
     if len(body) != want:
         raise WireError(f"{cmd.name}: body is {len(body)} bytes, expected {want}")
-    return cmd, _parse(_COMPILED[cmd][0], body, f"{cmd.name} request")
+    if want == 0:
+        return cmd, _EMPTY
+    if cmd is Cmd.REG_MR:
+        pdn, access, iova, length, n, rsvd = _REG_MR_HEAD.unpack_from(body)
+        if rsvd:
+            raise WireError(f"REG_MR: reserved field is {rsvd:#x}, must be 0")
+        return cmd, RegMrReq(pdn, access, iova, length, nchunks=n, chunks=tuple(
+            MrChunk(gpa, ln) for gpa, ln in _MR_CHUNK.iter_unpack(body[REG_MR_FIXED:])))
+    fmt, checks, make = _REQ_DECODER[cmd]
+    v = fmt.unpack(body)
+    for i, value, name in checks:
+        if v[i] != value:
+            raise WireError(f"{cmd.name}: reserved field {name} is {v[i]:#x}, must be {value:#x}")
+    return cmd, make(v)
 
 
-def encode_response(cmd: Cmd | int, status: Status | int = Status.OK, **fields) -> bytes:
-    """Build a response: {le32 status} + body (body only when status is OK)."""
+def encode_response(cmd: Cmd | int, status: Status | int = Status.OK, body=None, **fields) -> bytes:
+    """Build a response: {le32 status} + body (body only when status is OK),
+    from a response dataclass (``body``) or its fields as keywords."""
     cmd = Cmd.parse(cmd)
     status = Status.parse(status)
     head = _RESP_HDR.pack(status)
     if status != Status.OK:
         return head
-    return head + _build(_COMPILED[cmd][1], fields, f"{cmd.name} response")
+    values = body_fields(body) if body is not None else _field_values(fields)
+    return head + _build(_COMPILED[cmd][1], values, f"{cmd.name} response")
 
 
 def decode_response(cmd: Cmd | int, buf: bytes | memoryview) -> tuple[Status, dict | None]:
-    """Parse a response to ``cmd``. The body is None unless the status is OK."""
+    """Parse a response to ``cmd`` (the driver's side). The body, a field
+    dict, is None unless the status is OK."""
     cmd = Cmd.parse(cmd)
     buf = memoryview(buf)
     if len(buf) < RESP_HEADER_SIZE:
@@ -337,21 +589,13 @@ def decode_config(buf) -> dict:
     return _parse(Config, buf, "config space")
 
 
-def qp_attr_defaults(**fields) -> dict:
-    """A QpAttr field dict with zeros for everything not given."""
-    d = dict(
-        qp_state=0, cur_qp_state=0, path_mtu=0, path_mig_state=0, timeout=0, retry_cnt=0,
-        rnr_retry=0, min_rnr_timer=0, max_rd_atomic=0, max_dest_rd_atomic=0, port_num=0,
-        sq_draining=0, en_sqd_async_notify=0, sgid_index=0, hop_limit=0, traffic_class=0,
-        pkey_index=0, reserved=0, qkey=0, rq_psn=0, sq_psn=0, dest_qp_num=0, qp_access_flags=0,
-        flow_label=0, dgid=bytes(16), max_send_wr=0, max_recv_wr=0, max_send_sge=0,
-        max_recv_sge=0, max_inline_data=0,
-    )
-    unknown = set(fields) - set(d)
-    if unknown:
-        raise WireError(f"unknown QpAttr fields {sorted(unknown)}")
-    d.update(fields)
-    return d
+def qp_attr_defaults(**fields) -> QpAttr:
+    """A :class:`QpAttr` with zeros for everything not given."""
+    try:
+        return QpAttr(**fields)
+    except TypeError:
+        unknown = set(fields) - set(QpAttr.__dataclass_fields__)
+        raise WireError(f"unknown QpAttr fields {sorted(unknown)}") from None
 
 
 # --------------------------------------------------------------------------

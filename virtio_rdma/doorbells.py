@@ -1,0 +1,159 @@
+"""The doorbells of a virtio-rdma device: doorbellq records and doorbell
+records in guest memory (spec 5.4, docs/virtio-rdma.md "Doorbells").
+
+A doorbell carries a new SQ or RQ producer index of a QP, or arms a CQ.
+:func:`doorbell` consumes one doorbellq buffer; with DBREC_POLL,
+:func:`poll` (the daemon's busy-poll loop) and every
+:func:`virtio_rdma.timers.process` apply the QP doorbell records that
+changed instead, found by the native scanner
+(``virtio_rdma._datapath.DbrecScanner``). An index that moves backwards or
+past the ring depth is a guest bug: the doorbell is counted
+(``bad_doorbells``) and the QP goes to ERR with QP_FATAL; a doorbell for
+an unknown object is counted and ignored.
+
+The functions take the core; :class:`~virtio_rdma.core.RdmaDeviceCore` has
+:func:`doorbell` and :func:`poll` as its methods.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from virtio.errors import GuestMemoryError
+from virtio.memory import le32_words
+from virtio_rdma import datapath
+from virtio_rdma.constants import AsyncEvent, DoorbellKind, QpState
+from virtio_rdma.errors import VirtioRdmaError
+from virtio_rdma.events import flush_notify
+from virtio_rdma.wire import DBREC_SIZE, Doorbell, decode_doorbells
+
+if TYPE_CHECKING:
+    from virtio_rdma.core import RdmaDeviceCore
+    from virtio_rdma.qp import QueuePair
+
+log = logging.getLogger(__name__)
+U32 = 1 << 32
+_CQ_ARM = DoorbellKind.CQ_ARM
+_SQ = DoorbellKind.SQ
+_RQ = DoorbellKind.RQ
+_RESET = QpState.RESET
+_ERR = QpState.ERR
+
+
+def doorbell(core: RdmaDeviceCore, records, now: float) -> None:
+    """Consume one doorbellq buffer (bytes) or a list of :class:`wire.Doorbell`."""
+    core.in_call += 1
+    try:
+        if not isinstance(records, list):
+            try:
+                records = decode_doorbells(records)
+            except VirtioRdmaError as e:
+                core.metrics.malformed_doorbell_buffers += 1
+                log.debug("doorbell buffer dropped: %s", e)
+                return
+        for db in records:
+            core.metrics.doorbells += 1
+            ring(core, db, now)
+    except Exception:
+        core.metrics.internal_errors += 1
+        log.exception("virtio-rdma: internal error in doorbell")
+    finally:
+        core.in_call -= 1
+    flush_notify(core)
+
+
+def ring(core: RdmaDeviceCore, db: Doorbell, now: float) -> None:
+    """Apply one doorbell."""
+    if db.kind is _CQ_ARM:
+        cq = core.cqs.get(db.num)
+        if cq is None:
+            core.metrics.bad_doorbells += 1
+            return
+        cq.request_notify(db.value)
+        return
+    qp = core.qps.get(db.num)
+    if qp is None or qp.state is _RESET:
+        core.metrics.bad_doorbells += 1
+        return
+    if db.kind is _SQ:
+        if not _advance(core, qp, "sq", db.value, qp.sq_ci, qp.sq_pi, qp.layout.sq_depth):
+            return
+        qp.sq_pi = db.value
+        if qp.state is _ERR:
+            datapath.flush(core, qp)
+        else:
+            datapath.progress_sq(core, qp, now)
+            if qp.inflight or qp.rnr_until is not None or qp.net is not None:
+                core.timer_qps.add(qp.qpn)
+    else:
+        if not _advance(core, qp, "rq", db.value, qp.rq_ci, qp.rq_pi, qp.layout.rq_depth):
+            return
+        qp.rq_pi = db.value
+        if qp.state is _ERR:
+            datapath.flush(core, qp)
+        elif qp.net is not None:  # a wire engine may hand receives to its transport now
+            qp.net.rq_rung(now)
+
+
+def _advance(core: RdmaDeviceCore, qp: QueuePair, which: str, pi: int, ci: int, old_pi: int,
+             depth: int) -> bool:
+    if core.poll_doorbell_records and pi != old_pi and (old_pi - pi) % U32 < U32 // 2:
+        # DBREC_POLL: the record may already have carried us past this
+        # doorbell (the driver writes the record first, and the WQEs may
+        # even have completed): a value behind the current pi is stale,
+        # no error, just no news.
+        return False
+    if (pi - ci) % U32 > depth or (pi - old_pi) % U32 > depth:
+        core.metrics.bad_doorbells += 1
+        log.debug("QP %#x %s producer index %d (ci %d, depth %d) is absurd", qp.qpn, which,
+                  pi, ci, depth)
+        datapath.qp_error(core, qp, AsyncEvent.QP_FATAL)
+        return False
+    return True
+
+
+def poll_records(core: RdmaDeviceCore, now: float) -> int:
+    """Apply every QP doorbell record that changed (DBREC_POLL); returns
+    how many QPs had a new record. A native scanner finds them; each is
+    then read again and applied like a doorbell."""
+    scanner = core.dbrec_scanner
+    if scanner is None:
+        qps = list(core.qps.values())
+    else:
+        key = (len(core.qps), core.qp_epoch)
+        if scanner.key != key:
+            scanner.rebuild(core.qps.values(), key)
+        qps = scanner.scan(core.mem)
+    n = 0
+    for qp in qps:
+        if qp.state is _RESET or qp.destroyed:
+            continue
+        try:
+            sq_pi, rq_pi = le32_words(core.mem.translate(qp.dbrec_gpa, DBREC_SIZE))  # each word whole
+        except GuestMemoryError:
+            continue
+        if rq_pi != qp.rq_pi:
+            n += 1
+            ring(core, Doorbell(_RQ, qp.qpn, rq_pi), now)
+        if sq_pi != qp.sq_pi and qp.qpn in core.qps:
+            n += 1
+            ring(core, Doorbell(_SQ, qp.qpn, sq_pi), now)
+    return n
+
+
+def poll(core: RdmaDeviceCore, now: float) -> int:
+    """Busy-poll entry (the daemon's spin loop): apply changed doorbell
+    records if DBREC_POLL is on; returns how many were applied."""
+    if not core.poll_doorbell_records:
+        return 0
+    core.in_call += 1
+    try:
+        n = poll_records(core, now)
+    except Exception:
+        core.metrics.internal_errors += 1
+        log.exception("virtio-rdma: internal error polling doorbell records")
+        n = 0
+    finally:
+        core.in_call -= 1
+    flush_notify(core)
+    return n
