@@ -146,6 +146,8 @@ class RdmaDeviceCore:
         """Destroy every QP (detaching them from the fabric) and forget all objects."""
         for qp in list(self.qps.values()):
             control.drop_qp(self, qp)
+        if self.dbrec_scanner is not None:  # it holds the QPs: let them go with their refs
+            self.dbrec_scanner.rebuild((), None)
         self.mrs.clear()
         self.cqs.clear()
         self.pds.clear()

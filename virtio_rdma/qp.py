@@ -3,11 +3,10 @@
 A QP (spec 5.x.6.1 CREATE_QP / MODIFY_QP) owns an SQ and an RQ ring in guest
 memory and an 8-byte doorbell record. This module holds the state; the RC
 protocol engine that drives it is :mod:`virtio_rdma.datapath`, the state
-machine table :mod:`virtio_rdma.qp_state`. A QP is a fabric endpoint: its
-``on_request``/``on_response`` are the engine's functions (the datapath's,
-given at creation) bound to its device and itself, so this module does not
-import the engine that imports it, and the fabric's call reaches the engine
-directly.
+machine table :mod:`virtio_rdma.qp_state`. A QP is a fabric endpoint: it
+delegates ``on_request``/``on_response`` to its engine (the datapath module,
+given at creation), so this module does not import the engine that imports
+it.
 
 Ring indices are free-running u32 counters (``pi`` = producer, written by the
 driver through doorbells; ``next``/``ci`` = device progress):
@@ -18,7 +17,6 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from functools import partial
 
 from virtio_rdma.constants import Access, QpState, WrOpcode
 from virtio_rdma.wire import SendWqe, WqLayout, qp_attr_defaults
@@ -52,7 +50,7 @@ class QueuePair:
         "sq_pi", "sq_next", "sq_ci", "rq_pi", "rq_ci",
         "inflight", "sq_psn", "retry_left", "rnr_left", "rnr_until",
         "epsn", "atomic_cache", "nak_seq_sent", "destroyed", "net", "hw",
-        "on_request", "on_response",
+        "engine",
     )
 
     def __init__(self, dev, qpn: int, pdn: int, send_cq, recv_cq, layout: WqLayout,
@@ -75,10 +73,9 @@ class QueuePair:
         self.net = None
         #: the host RDMA device's QP behind this one (a verbs fabric); owned here
         self.hw = None
-        #: the fabric endpoint: ``on_request(req, now) -> Response | None`` and
-        #: ``on_response(resp, now)``, the engine's (``virtio_rdma.datapath``)
-        self.on_request = partial(engine.on_request, dev, self)
-        self.on_response = partial(engine.on_response, dev, self, sync=False)
+        #: the RC engine driving this QP (``virtio_rdma.datapath``): its
+        #: ``on_request(dev, qp, req, now)`` and ``on_response(dev, qp, resp, now, sync=)``
+        self.engine = engine
         self.reset()
 
     def reset(self) -> None:
@@ -95,6 +92,13 @@ class QueuePair:
         self.epsn = 0
         self.nak_seq_sent = False  # a PSN sequence NAK is outstanding (send it once)
         self.atomic_cache: dict[int, int] = {}
+
+    # ---- fabric endpoint -------------------------------------------------
+    def on_request(self, req, now):
+        return self.engine.on_request(self.dev, self, req, now)
+
+    def on_response(self, resp, now) -> None:
+        self.engine.on_response(self.dev, self, resp, now, sync=False)
 
     # ---- helpers ---------------------------------------------------------
     @property

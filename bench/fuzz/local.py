@@ -255,13 +255,13 @@ _CMD_FIELDS = {
 _ALL_CMDS = list(Cmd)
 _HDR = struct.Struct("<HHI")
 _I, _Q = struct.Struct("<I"), struct.Struct("<Q")
-#: struct virtio_rdma_qp_attr (docs/virtio-rdma.md; wire.QpAttr): 16 u8, 2 u16, 6 u32, gid, 5 u32
+#: struct virtio_rdma_qp_attr (docs/virtio-rdma.md; wire.QpAttrLayout): 16 u8, 2 u16, 6 u32, gid, 5 u32
 _QP_ATTR = struct.Struct("<16BHHIIIIII16sIIIII")
 assert _QP_ATTR.size == wire.QP_ATTR_SIZE
 
 
 def encode_reg_mr(pdn: int, access: int, iova: int, length: int, chunks) -> bytes:
-    """A REG_MR body with struct (as wire.RegMrReq lays it out), for speed."""
+    """A REG_MR body with struct (as wire.LAYOUTS[wire.RegMrReq] lays it out), for speed."""
     return struct.pack("<IIQQII", pdn, access, iova, length, len(chunks), 0) + b"".join(
         struct.pack("<QQ", g, n) for g, n in chunks)
 

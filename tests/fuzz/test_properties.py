@@ -101,7 +101,7 @@ def test_fast_qp_attr_layout_matches_wire(u8s, u32s, gid):
     d.update(pkey_index=u32s[0] & 0xFFFF, qkey=u32s[1], rq_psn=u32s[2], sq_psn=u32s[3], dest_qp_num=u32s[4],
              qp_access_flags=u32s[5], flow_label=u32s[6], dgid=gid, max_send_wr=u32s[7],
              max_recv_wr=u32s[8], max_send_sge=u32s[9], max_recv_sge=u32s[10], max_inline_data=0)
-    ref = wire.QpAttr.build(wire.qp_attr_defaults(**d))
+    ref = wire.QpAttrLayout.build(wire.body_fields(wire.qp_attr_defaults(**d)))
     mine = _QP_ATTR.pack(*u8s, d["pkey_index"], 0, d["qkey"], d["rq_psn"], d["sq_psn"], d["dest_qp_num"],
                          d["qp_access_flags"], d["flow_label"], gid, d["max_send_wr"], d["max_recv_wr"],
                          d["max_send_sge"], d["max_recv_sge"], 0)
