@@ -73,7 +73,7 @@ class QPAttr:
     retry_cnt: int = 7
     rnr_retry: int = 7
 
-    def to_wire(self) -> dict:
+    def to_wire(self) -> wire.QpAttr:
         a = self.ah_attr
         return wire.qp_attr_defaults(
             qp_state=int(self.qp_state), cur_qp_state=int(self.cur_qp_state), path_mtu=self.path_mtu,

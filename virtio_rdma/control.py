@@ -18,7 +18,6 @@ ENOSPC: its uid's host-wide budget).
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from typing import TYPE_CHECKING, Callable
 
 from vhost_user.tenancy import LimitExceeded, Resource
@@ -442,14 +441,16 @@ def modify_qp(core: RdmaDeviceCore, req: ModifyQpReq, now: float) -> None:
 def query_qp(core: RdmaDeviceCore, req: QueryQpReq, now: float) -> QueryQpResp:
     qp = _qp(core, req.qpn)
     L, lay = core.limits, qp.layout
-    attr = replace(qp.attr, qp_state=int(qp.state), cur_qp_state=int(qp.state),
-                   port_num=qp.attr.port_num or 1,
-                   sq_draining=int(qp.state is QpState.SQD and bool(qp.inflight)),
-                   qp_access_flags=int(qp.access), rq_psn=qp.epsn, sq_psn=qp.sq_psn,
-                   max_send_wr=lay.sq_depth, max_recv_wr=lay.rq_depth,
-                   max_send_sge=min(lay.max_send_sge, L.max_sge),
-                   max_recv_sge=min(lay.max_recv_sge, L.max_sge),
-                   max_inline_data=min(lay.max_inline_data, L.max_inline_data))
+    attr = qp.attr.copy()
+    attr.qp_state = attr.cur_qp_state = int(qp.state)
+    attr.port_num = attr.port_num or 1
+    attr.sq_draining = int(qp.state is QpState.SQD and bool(qp.inflight))
+    attr.qp_access_flags = int(qp.access)
+    attr.rq_psn, attr.sq_psn = qp.epsn, qp.sq_psn
+    attr.max_send_wr, attr.max_recv_wr = lay.sq_depth, lay.rq_depth
+    attr.max_send_sge = min(lay.max_send_sge, L.max_sge)
+    attr.max_recv_sge = min(lay.max_recv_sge, L.max_sge)
+    attr.max_inline_data = min(lay.max_inline_data, L.max_inline_data)
     return QueryQpResp(attr=attr, pdn=qp.pdn, qp_type=int(QpType.RC), send_cqn=qp.send_cq.cqn,
                        recv_cqn=qp.recv_cq.cqn,
                        flags=int(CreateQpFlags.SQ_SIG_ALL) if qp.sq_sig_all else 0, qpn=qp.qpn)

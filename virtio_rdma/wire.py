@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field, fields, is_dataclass
+from operator import attrgetter
 from typing import Annotated, get_args, get_origin, get_type_hints
 
 import construct as cs
@@ -196,6 +197,12 @@ class QpAttr:
     max_recv_sge: U32 = 0
     max_inline_data: U32 = 0
 
+    def copy(self) -> QpAttr:
+        return QpAttr(*_qp_attr_values(self))
+
+
+_qp_attr_values = attrgetter(*QpAttr.__dataclass_fields__)
+
 
 @dataclass(frozen=True, slots=True)
 class ModifyQpReq:
@@ -372,10 +379,34 @@ def _decoder(cls):
     return "".join(chars), tuple(checks), make, pos
 
 
+def _flattener(cls):
+    """``cls`` instance -> the tuple of its wire values in layout order (the
+    encoder's counterpart of :func:`_decoder`)."""
+    names = [f.name for f in fields(cls)]
+    nested = {f.name: FLATTENERS[n[0]] for f in fields(cls) if (n := _nested(_HINTS[cls][f.name]))}
+    if not names:
+        return lambda obj: ()
+    get = attrgetter(*names)
+    if not nested:
+        return (lambda obj: (get(obj),)) if len(names) == 1 else get
+    subs = [nested.get(n) for n in names]
+
+    def flatten(obj):
+        out = []
+        for v, sub in zip(get(obj), subs):
+            if sub is None:
+                out.append(v)
+            else:
+                out.extend(sub(v))
+        return out
+    return flatten
+
+
 #: body dataclass -> its construct layout; -> its fixed-size decoder (struct format,
 #: reserved-field checks, values -> dataclass)
 LAYOUTS: dict[type, cs.Struct] = {}
 DECODERS: dict[type, tuple] = {}
+FLATTENERS: dict[type, object] = {}
 _HINTS: dict[type, dict] = {}
 
 
@@ -384,6 +415,7 @@ def _register(cls) -> cs.Struct:
     LAYOUTS[cls] = cs.Struct(*(f.name / _field_layout(f.name, hints[f.name]) for f in fields(cls)))
     if cls is not RegMrReq:  # variable length: decode_request decodes it
         DECODERS[cls] = _decoder(cls)
+        FLATTENERS[cls] = _flattener(cls)
     return LAYOUTS[cls]
 
 
@@ -429,6 +461,9 @@ _REQ_SIZE = {cmd: req.sizeof() for cmd, (req, _) in COMMANDS.items() if cmd is n
 #: cmd -> (struct of its fixed-size request, reserved checks, values -> dataclass)
 _REQ_DECODER = {cmd: (struct.Struct("<" + DECODERS[req][0]), DECODERS[req][1], DECODERS[req][2])
                 for cmd, (req, _) in BODIES.items() if req is not RegMrReq}
+#: cmd -> (struct of {le32 status} + its response, response dataclass -> values)
+_RESP_ENCODER = {cmd: (struct.Struct("<I" + DECODERS[resp][0]), FLATTENERS[resp])
+                 for cmd, (_, resp) in BODIES.items()}
 _REG_MR_HEAD = struct.Struct("<" + "".join(_struct_chars(sc.name, sc.subcon)[0]
                                            for sc in LAYOUTS[RegMrReq].subcons[:-1]))
 _MR_CHUNK = struct.Struct("<" + DECODERS[MrChunk][0])
@@ -547,14 +582,25 @@ def decode_request(buf: bytes | memoryview) -> tuple[Cmd, object]:
 
 def encode_response(cmd: Cmd | int, status: Status | int = Status.OK, body=None, **fields) -> bytes:
     """Build a response: {le32 status} + body (body only when status is OK),
-    from a response dataclass (``body``) or its fields as keywords."""
+    from a response dataclass (``body``: the device's handlers; ``None`` for
+    a command without a response body) or its fields as keywords."""
     cmd = Cmd.parse(cmd)
     status = Status.parse(status)
-    head = _RESP_HDR.pack(status)
     if status != Status.OK:
-        return head
-    values = body_fields(body) if body is not None else _field_values(fields)
-    return head + _build(_COMPILED[cmd][1], values, f"{cmd.name} response")
+        return _RESP_HDR.pack(status)
+    if fields:
+        return _RESP_HDR.pack(status) + _build(_COMPILED[cmd][1], _field_values(fields),
+                                               f"{cmd.name} response")
+    fmt, flatten = _RESP_ENCODER[cmd]
+    if body is None:
+        body = _EMPTY
+    elif type(body) is not BODIES[cmd][1]:
+        raise WireError(f"{cmd.name} response body is a {type(body).__name__}, "
+                        f"expected {BODIES[cmd][1].__name__}")
+    try:
+        return fmt.pack(status, *flatten(body))
+    except struct.error as e:
+        raise WireError(f"cannot encode {cmd.name} response: {e}") from None
 
 
 def decode_response(cmd: Cmd | int, buf: bytes | memoryview) -> tuple[Status, dict | None]:

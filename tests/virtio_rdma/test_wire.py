@@ -88,6 +88,17 @@ def test_response_round_trip_from_dataclass(cmd, data):
     assert wire.encode_response(cmd, Status.OK, body) == wire.encode_response(cmd, Status.OK, **fields)
 
 
+def test_response_dataclass_must_be_the_commands():
+    with pytest.raises(WireError, match="AllocPdResp"):
+        wire.encode_response(Cmd.QUERY_PORT, Status.OK, wire.AllocPdResp(pdn=1))
+    with pytest.raises(WireError):
+        wire.encode_response(Cmd.ALLOC_PD, Status.OK, wire.AllocPdResp(pdn=1 << 32))
+    assert wire.encode_response(Cmd.DESTROY_QP, Status.OK, None) == bytes(4)
+    attr = wire.QpAttr(rnr_retry=5, dgid=b"d" * 16)
+    copy = attr.copy()
+    assert copy == attr and copy is not attr
+
+
 @pytest.mark.parametrize("cmd", [c for c in Cmd if c is not Cmd.REG_MR and wire.COMMANDS[c][0].sizeof() > 0])
 @settings(max_examples=60, deadline=None)
 @given(data=st.data())
