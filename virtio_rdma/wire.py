@@ -2,13 +2,21 @@
 
 Pure codecs: encode/decode and *syntax* validation (lengths, reserved fields,
 counts, enumeration values). Semantics (does the PD exist, are the limits
-respected) belong to :mod:`virtio_rdma.core`.
+respected) belong to :mod:`virtio_rdma.control`.
 
 Every structure is a ``construct`` definition (the normative layout, mirrored
 as C structs in the spec). The per-work-request structures on the data path
 (WQE header, SGE, CQE, doorbell and event records) additionally have a
 ``struct.Struct`` twin used by the hot path; the tests check that both agree
 byte for byte.
+
+Control-command bodies (5.3) are dataclasses, one per request and response
+(:data:`BODIES`); a body's annotated fields (``port_num: U32``) are the one
+definition of its layout: the construct struct (:data:`LAYOUTS`,
+:data:`COMMANDS`) and a ``struct`` decoder and encoder are derived from
+them. :func:`decode_request` returns the request's dataclass, decoded once
+at the boundary; :func:`encode_response` takes the response's dataclass.
+:class:`QpAttr` (struct virtio_rdma_qp_attr) is also a QP's live attributes.
 
 All integers are little endian. Errors raise :class:`WireError`
 (or :class:`UnknownValueError` for out-of-range enumeration values), both

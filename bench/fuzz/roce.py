@@ -279,7 +279,7 @@ class RoceTarget:
         fd0, maps0 = fd_count(), maps_count()
         # the endpoint logs (and survives) an exception in a handler: count those as crashes
         crashes = _CountErrors()
-        for name in ("roce.udp", "fabric.roce", "fabric.roce_qp", "virtio_rdma.core"):
+        for name in _CRASH_LOGGERS:
             logging.getLogger(name).addHandler(crashes)
         try:
             self._setup()
@@ -336,7 +336,7 @@ class RoceTarget:
                 rep.counters["fabric"]["rx_unknown_qpn"] + rep.counters["fabric"]["rx_addr_mismatch"]
             rep.accepted = rep.count - rep.rejected
         finally:
-            for name in ("roce.udp", "fabric.roce", "fabric.roce_qp", "virtio_rdma.core"):
+            for name in _CRASH_LOGGERS:
                 logging.getLogger(name).removeHandler(crashes)
             self._teardown()
         rep.fd_delta = fd_count() - fd0
@@ -370,6 +370,12 @@ class RoceTarget:
                 self.loop.run_until_complete(s.aclose())
         if getattr(self, "loop", None) is not None:
             self.loop.close()
+
+
+#: the loggers whose errors are crashes: the RoCE transport and the device
+#: core's entry points (control commands, doorbells, timers)
+_CRASH_LOGGERS = ("roce.udp", "fabric.roce", "fabric.roce_qp", "virtio_rdma.control",
+                  "virtio_rdma.doorbells", "virtio_rdma.timers")
 
 
 class _CountErrors(logging.Handler):
