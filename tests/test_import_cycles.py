@@ -8,7 +8,9 @@ function (in ``virtio_rdma/qp.py`` it was the fabric's per-request hot path).
 The graph is built from the source with :mod:`ast`: every ``import`` and
 ``from ... import`` anywhere in a module (top level, functions, methods, try
 blocks), relative ones resolved; ``from pkg import name`` is an edge to
-``pkg.name`` when that is a module, else to ``pkg``. Imports under
+``pkg.name`` when that is a module, else to ``pkg``; importing ``a.b``
+is also an edge to the package ``a`` (its ``__init__`` runs first) unless
+the importer is inside ``a``. Imports under
 ``if TYPE_CHECKING:`` are not run and are not edges. Cython sources
 (``.pyx``) are read line by line for their ``import``/``cimport``
 statements (a ``cimport`` of a project module imports it at run time too).
@@ -111,6 +113,13 @@ def import_graph(root: Path = ROOT, packages=PRODUCT) -> dict[str, dict[str, int
                 continue  # not a product module (stdlib, third party)
             if dst != mod:
                 graph[mod].setdefault(dst, line)
+            # importing a.b.c first runs a/__init__ and a/b/__init__ (the
+            # importer's own packages are initialising already: not edges)
+            parts = dst.split(".")
+            for i in range(1, len(parts)):
+                pkg = ".".join(parts[:i])
+                if pkg in mods and not (mod == pkg or mod.startswith(pkg + ".")):
+                    graph[mod].setdefault(pkg, line)
     return graph
 
 
@@ -205,9 +214,25 @@ def test_finds_a_cycle_through_a_function_level_import(tmp_path):
     })
     graph = import_graph(tmp_path, ("pkg",))
     assert graph["pkg.b"] == {"pkg.a": 3} and graph["pkg.c"] == {"pkg.d": 1}
+    assert graph["pkg"] == {} and graph["pkg.d"] == {}
     cycles, sccs = find_cycles(graph)
     assert cycles == [["pkg.a", "pkg.b", "pkg.a"]] and sccs == [["pkg.a", "pkg.b"]]
     assert _describe(graph, cycles[0]) == "pkg.a (line 1) -> pkg.b (line 3) -> pkg.a"
+
+
+def test_a_package_init_is_run_by_importing_its_modules(tmp_path):
+    """``import lib.x`` from outside ``lib`` runs ``lib/__init__``: a cycle
+    through a package's re-exports is a cycle."""
+    _write(tmp_path, {
+        "lib/__init__.py": "from lib.x import X\n",
+        "lib/x.py": "from app.y import Y\n",
+        "app/__init__.py": "",
+        "app/y.py": "import lib.z\n",
+        "lib/z.py": "",
+    })
+    graph = import_graph(tmp_path, ("lib", "app"))
+    assert graph["app.y"] == {"lib.z": 1, "lib": 1} and graph["lib.x"] == {"app.y": 1, "app": 1}
+    assert find_cycles(graph)[0] == [["app.y", "lib", "lib.x", "app.y"]]
 
 
 def test_reads_cython_imports(tmp_path):
