@@ -492,6 +492,42 @@ def test_cq_arm_next_and_solicited(env):
     assert b.core.metrics.completion_events == 1 and a.core.metrics.completion_events == 2
 
 
+def test_pending_events_are_bounded_and_counted(fab):
+    """The event queue holds at most max_pending_events records; the rest are
+    dropped and counted (events.queue_event), and process() hands over the
+    kept ones in order and empties the queue."""
+    a, b, pa, pb, ca, cb, qa, qb = pair(fab, limits=DeviceLimits(max_pending_events=2))
+    connect_pair(fab, a, b, qa, qb)
+    ma, mb = a.reg_mr(pa, 4096), b.reg_mr(pb, 4096)
+    for i in range(3):
+        b.arm(cb)
+        b.post_recv(qb, i, [(mb, 0, 64)])
+        a.post_send(qa, i, WrOpcode.SEND, [(ma, 0, 4)])
+    assert b.core.pending_events == 2 and b.core.metrics.events_dropped == 1
+    assert b.core.metrics.completion_events == 3 and len(b.poll(cb)) == 3
+    assert b.process().events == [wire.Event(EventKind.COMPLETION, 0, cb.cqn)] * 2
+    assert b.core.pending_events == 0 and b.process().events == []
+
+
+def test_notify_only_outside_a_call(env):
+    """Events queued while the guest's own call runs are left for that call's
+    end (one notification per doorbell); a peer's request queuing events here
+    notifies at once."""
+    a, b = env["a"], env["b"]
+    calls = []
+    a.core.notify = lambda: calls.append(a.core.pending_events)
+    a.arm(env["ca"])
+    assert calls == []
+    a.post_send(env["qa"], 1, WrOpcode.RDMA_WRITE, [(env["ma"], 0, 4)], remote_addr=env["mb"].addr,
+                rkey=env["mb"].rkey)
+    assert calls == [1]  # one completion event, notified once at the doorbell's end
+    b.core.notify = lambda: calls.append(("b", b.core.pending_events))
+    b.arm(env["cb"])
+    b.post_recv(env["qb"], 7, [(env["mb"], 0, 64)])
+    a.post_send(env["qa"], 2, WrOpcode.SEND, [(env["ma"], 0, 4)])
+    assert ("b", 1) in calls  # queued by a's request, during no call into b
+
+
 def test_cq_overflow(fab):
     a, b, pa, pb, ca, cb, qa, qb = pair(fab)
     small = a.create_cq(4)
