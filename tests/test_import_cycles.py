@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import re
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -179,20 +180,21 @@ def find_cycles(graph: dict[str, dict[str, int]]) -> tuple[list[list[str]], list
                 if path is not None:
                     break
             frontier = nxt
-        cycles.append(path + [start])
+        cycles.append([*path, start])
     return cycles, sccs
 
 
 def _describe(graph, cycle: list[str]) -> str:
-    return " -> ".join(f"{a} (line {graph[a][b]})" for a, b in zip(cycle, cycle[1:])) + f" -> {cycle[-1]}"
+    return " -> ".join(f"{a} (line {graph[a][b]})" for a, b in pairwise(cycle)) + f" -> {cycle[-1]}"
 
 
 def test_product_packages_have_no_import_cycle():
     graph = import_graph()
-    assert "virtio_rdma.core" in graph and graph["virtio_rdma.core"], "the graph is empty: wrong root?"
+    assert graph.get("virtio_rdma.core"), "the graph is empty: wrong root?"
     cycles, sccs = find_cycles(graph)
     assert not cycles, "import cycles:\n" + "\n".join(
-        f"{_describe(graph, c)}   [modules on cycles together: {', '.join(s)}]" for c, s in zip(cycles, sccs))
+        f"{_describe(graph, c)}   [modules on cycles together: {', '.join(s)}]"
+        for c, s in zip(cycles, sccs, strict=True))
 
 
 def _write(root: Path, files: dict[str, str]) -> None:

@@ -18,7 +18,8 @@ ENOSPC: its uid's host-wide budget).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from vhost_user.tenancy import LimitExceeded, Resource
 from virtio.errors import GuestMemoryError

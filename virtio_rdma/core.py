@@ -37,8 +37,8 @@ account (:mod:`vhost_user.tenancy`), see :mod:`virtio_rdma.control`.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from fabric.base import Fabric
 from vhost_user.tenancy import TenantAccount, TenantPolicy

@@ -25,6 +25,7 @@ subclasses of :class:`~virtio_rdma.errors.VirtioRdmaError`.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
 from operator import attrgetter
 from typing import Annotated, get_args, get_origin, get_type_hints
@@ -86,7 +87,6 @@ U64 = Annotated[int, u64]
 Gid = Annotated[bytes, cs.Bytes(16)]
 Reserved16 = Annotated[int, cs.Const(0, u16)]
 Reserved32 = Annotated[int, cs.Const(0, u32)]
-_RSVD = dict(default=0, kw_only=True)  # a reserved field: 0, never given by position
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,8 +141,9 @@ class RegMrReq:
     access: U32
     iova: U64
     length: U64
-    nchunks: Annotated[int, cs.Rebuild(u32, cs.len_(cs.this.chunks))] = field(**_RSVD)
-    reserved: Reserved32 = field(**_RSVD)
+    # derived and reserved: 0 unless decoded, never given by position
+    nchunks: Annotated[int, cs.Rebuild(u32, cs.len_(cs.this.chunks))] = field(default=0, kw_only=True)
+    reserved: Reserved32 = field(default=0, kw_only=True)
     chunks: Annotated[tuple[MrChunk, ...], cs.this.nchunks] = ()  # an array of nchunks
 
 
@@ -323,7 +324,7 @@ def _field_layout(name: str, hint) -> cs.Construct:
     nested = _nested(hint)
     if nested is not None and not nested[1]:
         return LAYOUTS[nested[0]]
-    meta = getattr(hint, "__metadata__", ())
+    meta: tuple = getattr(hint, "__metadata__", ())
     if len(meta) != 1:
         raise TypeError(f"control body field {name}: {hint!r} has no wire layout")
     if nested is not None:
@@ -362,9 +363,11 @@ def _decoder(cls):
     values -> ``cls``, number of values). The construct layout of
     :data:`LAYOUTS` stays the normative one (and encodes keyword fields, the
     driver's side); the codec tests check that both agree on any bytes."""
-    chars, checks, parts = [], [], []
+    chars: list[str] = []
+    checks: list[tuple[int, object, str]] = []
+    parts: list[tuple[int, int, Callable | None]] = []
     pos = 0
-    for f, sc in zip(fields(cls), LAYOUTS[cls].subcons):
+    for f, sc in zip(fields(cls), LAYOUTS[cls].subcons, strict=True):
         nested = _nested(_HINTS[cls][f.name])
         if nested is not None:
             sub_fmt, sub_checks, sub_make, n = DECODERS[nested[0]]
@@ -401,7 +404,7 @@ def _flattener(cls):
 
     def flatten(obj):
         out = []
-        for v, sub in zip(get(obj), subs):
+        for v, sub in zip(get(obj), subs, strict=True):
             if sub is None:
                 out.append(v)
             else:
@@ -414,7 +417,7 @@ def _flattener(cls):
 #: reserved-field checks, values -> dataclass)
 LAYOUTS: dict[type, cs.Struct] = {}
 DECODERS: dict[type, tuple] = {}
-FLATTENERS: dict[type, object] = {}
+FLATTENERS: dict[type, Callable] = {}
 _HINTS: dict[type, dict] = {}
 
 
