@@ -47,7 +47,7 @@ class QueuePair:
         "dbrec_gpa", "state", "attr", "access",
         "sq_pi", "sq_next", "sq_ci", "rq_pi", "rq_ci",
         "inflight", "sq_psn", "retry_left", "rnr_left", "rnr_until",
-        "epsn", "atomic_cache", "nak_seq_sent", "destroyed", "net", "hw",
+        "epsn", "atomic_cache", "nak_seq_sent", "destroyed", "net", "local", "hw",
     )
 
     def __init__(self, dev, qpn: int, pdn: int, send_cq, recv_cq, layout: WqLayout,
@@ -67,6 +67,8 @@ class QueuePair:
         #: the wire transport (``fabric.roce_qp.NetworkQp``) when the peer is
         #: on another host; None: the message path of ``datapath`` over the fabric
         self.net = None
+        #: the message path's requester (``datapath.LocalSender``), made on first use
+        self.local = None
         #: the host RDMA device's QP behind this one (a verbs fabric); owned here
         self.hw = None
         self.reset()
