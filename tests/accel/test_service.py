@@ -617,7 +617,7 @@ def test_bad_worker_counts_rejected():
 
 
 def test_accel_bench_quick_json_smoke(capsys):
-    from bench.accel_bench import format_table
+    from vrdma.accel_bench import format_table
     from vrdma.cli import main
 
     assert main(["accel-bench", "--quick", "--json"]) == 0

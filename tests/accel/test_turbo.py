@@ -367,8 +367,8 @@ def test_segmented_blocks_decode_the_same_alone_or_in_a_batch():
 
 
 def test_bench_and_sweep_smoke():
-    from bench.bench_turbo import run_turbo_bench
     from bench.turbo_ber_sweep import crossing, sweep
+    from vrdma.accel_bench.turbo_bench import run_turbo_bench
     rows = run_turbo_bench(K=40, iterations=1, frames=4, batch=2, commpy_frames=0, repeat=1,
                            ebn0_db=6.0)
     assert [r["batch"] for r in rows] == [2, 1]

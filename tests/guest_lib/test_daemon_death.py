@@ -358,9 +358,9 @@ def test_rc_pingpong_exits_cleanly_when_the_daemon_dies(daemon, events):
 
 
 def test_perftest_pair_reports_the_dead_daemon(tmp_path):
-    """bench.perftest's two guest processes mid-run: the run ends with the
+    """vrdma.perftest's two guest processes mid-run: the run ends with the
     device's error instead of waiting out its 300 s."""
-    from bench.perftest import run_pair
+    from vrdma.perftest import run_pair
 
     d = Daemon(str(tmp_path / "vrdma.sock"))
 

@@ -204,7 +204,7 @@ def make_device_factory(args, fabric=None, policy=None):
     size = parse_size(args.size)
     init = b""
     if args.boot_marker:
-        from qemu_tests.bootsector import make_boot_sector
+        from vhost_user.bootsector import make_boot_sector
 
         init = make_boot_sector(args.boot_marker.encode())
 

@@ -16,7 +16,7 @@ Times are the best of ``repeat`` samples (each sample many calls, about
 ``fft`` on a 1-row batch with a cached plan against an empty Cython call
 (``accel_core._fft.noop``) and against the bare kernel (``FFTCore.execute``).
 
-Run: ``python -m bench.bench_fft [--sizes 2048,1536] [--dtypes complex64] [--repeat 7] [--json]``.
+Run: ``python -m vrdma.accel_bench.fft_bench [--sizes 2048,1536] [--dtypes complex64] [--repeat 7] [--json]``.
 """
 from __future__ import annotations
 
