@@ -35,8 +35,7 @@ from guest_lib.errors import RDMAError, UserError
 from guest_lib.transport import NUM_QUEUES, TransportError, VirtioTransport, WaitTimeout, missing_members
 from guest_lib.transports.vhost_user import VhostUserTransport
 from virtio_rdma import wire
-from virtio_rdma.constants import Cmd, EventKind, Feature, Status
-from virtio_rdma.constants import CONTROLQ, DOORBELLQ, EVENTQ
+from virtio_rdma.constants import CONTROLQ, DOORBELLQ, EVENTQ, Cmd, EventKind, Feature, Status
 
 REQ_BUF = 64 << 10
 RESP_BUF = 4096
@@ -83,12 +82,13 @@ class Context(VerbsObject):
         super().__init__(None)
         self._next_check = 0.0  # monotonic time of the next liveness look (0: look at every call)
         self.timeout = timeout
+        t: VirtioTransport
         if transport is None:
             if name is None:
                 raise UserError("Context needs a device: a vhost-user socket path or transport=")
             try:
-                transport = VhostUserTransport(name, mem_size=mem_size, queue_size=queue_size,
-                                               hugetlb=hugetlb, timeout=timeout)
+                t = VhostUserTransport(name, mem_size=mem_size, queue_size=queue_size,
+                                       hugetlb=hugetlb, timeout=timeout)
             except TransportError as e:
                 raise RDMAError(f"cannot open device at {name}: {e}", e.errno) from e
         else:
@@ -97,9 +97,9 @@ class Context(VerbsObject):
             missing = missing_members(transport)
             if missing:
                 raise UserError(f"transport {transport!r} is not a VirtioTransport: it has no {', '.join(missing)}")
-            name = transport.name
+            t, name = transport, transport.name
         self.name = name
-        self.transport = t = transport
+        self.transport = t
         try:
             if len(t.queues) < NUM_QUEUES:
                 raise UserError(f"transport {name} has {len(t.queues)} queues, the device needs {NUM_QUEUES}")

@@ -36,6 +36,7 @@ guest-transport.md). Bad addresses raise the memory layer's error
 from __future__ import annotations
 
 import errno as _errno
+import inspect
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -47,8 +48,8 @@ from virtio_rdma.constants import NUM_QUEUES, Feature
 #: negotiates, and keeps those the device also offers.
 DRIVER_FEATURES = (1 << Feature.INLINE_DATA) | (1 << Feature.ATOMIC) | (1 << Feature.DBREC_POLL)
 
-__all__ = ["VirtioTransport", "VirtQueue", "TransportError", "DeviceGone", "WaitTimeout",
-           "DRIVER_FEATURES", "NUM_QUEUES", "missing_members"]
+__all__ = ["DRIVER_FEATURES", "NUM_QUEUES", "DeviceGone", "TransportError", "VirtQueue", "VirtioTransport",
+           "WaitTimeout", "missing_members"]
 
 
 class TransportError(VerbsError):
@@ -127,8 +128,11 @@ class VirtioTransport(Protocol):
     #: the negotiated feature bits (device and transport bits, as written to
     #: driver_feature; PCI: after reading FEATURES_OK back)
     features: int
-    #: the driver side of each virtqueue, by index
-    queues: Sequence[VirtQueue]
+
+    @property
+    def queues(self) -> Sequence[VirtQueue]:
+        """The driver side of each virtqueue, by index."""
+        ...
 
     @property
     def dead(self) -> str | None:
@@ -219,6 +223,6 @@ class VirtioTransport(Protocol):
 def missing_members(obj: object, proto: type = VirtioTransport) -> list[str]:
     """The members of ``proto`` that ``obj`` lacks (empty: it implements the
     interface as far as a runtime check can tell)."""
-    names = [n for n in proto.__dict__.get("__annotations__", {})]
+    names = list(inspect.get_annotations(proto))
     names += [n for n, v in vars(proto).items() if not n.startswith("_") and (callable(v) or isinstance(v, property))]
     return sorted({n for n in names if not hasattr(obj, n)})

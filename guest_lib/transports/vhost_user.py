@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from guest_lib.transport import DRIVER_FEATURES, NUM_QUEUES, DeviceGone, TransportError, WaitTimeout
+from guest_lib.transport import DRIVER_FEATURES, NUM_QUEUES, DeviceGone, TransportError, VirtioTransport, WaitTimeout
 from vhost_user.errors import VhostUserError
 from vhost_user.frontend import BackendGone, VirtioUserDevice
 from virtio.split import DriverQueue
@@ -110,3 +110,8 @@ class VhostUserTransport:
 
     def __repr__(self):
         return f"VhostUserTransport({self.name!r}{', dead' if self.device.dead else ''})"
+
+
+if TYPE_CHECKING:  # the type checker proves the adapter implements the interface
+    def _implements(t: VhostUserTransport) -> VirtioTransport:
+        return t
