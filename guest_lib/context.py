@@ -74,7 +74,8 @@ class Context(VerbsObject):
     drive the already opened ``transport`` (any
     :class:`~guest_lib.transport.VirtioTransport`). A transport that passes
     the argument checks belongs to the Context from then on: it closes it,
-    also when this constructor fails later."""
+    also when this constructor fails later. ``mem_size``, ``queue_size`` and
+    ``hugetlb`` are the vhost-user transport's (unused with ``transport``)."""
 
     def __init__(self, name: str | None = None, *, transport: VirtioTransport | None = None,
                  mem_size: int = 64 << 20, queue_size: int = 256, timeout: float | None = 10.0,
@@ -154,8 +155,9 @@ class Context(VerbsObject):
         return RDMAError(f"{what}: no answer from the device: {e}", e.errno)
 
     def check_alive(self, what: str = "device") -> None:
-        """Raise RDMAError(ENOTCONN) if the daemon is gone (one poll(2) of
-        the socket, none once it is known gone)."""
+        """Raise RDMAError(ENOTCONN) if the daemon is gone (one look by the
+        transport, e.g. a poll(2) of the vhost-user socket; none once it is
+        known gone)."""
         self._check_open()
         self._next_check = monotonic() + LIVENESS_INTERVAL
         try:
