@@ -34,6 +34,10 @@ def test_vhost_user_adapter_implements_the_interface(rdma_backend):
         assert isinstance(t, VirtioTransport) and missing_members(t) == []
         assert len(t.queues) == NUM_QUEUES and all(isinstance(q, VirtQueue) for q in t.queues)
         assert t.name == rdma_backend.path and t.dead is None
+        # the per-operation members are the front-end's own: the seam adds no call to the data path
+        dev = t.device
+        assert (t.translate, t.uva_to_gpa, t.notify_if_needed, t.queues) == (
+            dev.mem.translate, dev.mem.uva_to_gpa, dev.kick_if_needed, dev.queues)
         assert t.features & (1 << FeatureBit.VIRTIO_F_VERSION_1)
         assert t.features & DRIVER_FEATURES == DRIVER_FEATURES  # the daemon offers all of them
         cfg = wire.decode_config(t.get_config(0, wire.Config.sizeof()))
