@@ -301,7 +301,7 @@ def test_fds_above_1024(daemon, many_fds):
     assert max(many_fds) > 1024
     _loopback_send(daemon.path)
     with Context(daemon.path) as ctx:
-        assert min(ctx.dev.call_fds + ctx.dev.kick_fds + [ctx.dev.frontend.sock.fileno()]) > 1024
+        assert min(ctx.transport.device.call_fds + ctx.transport.device.kick_fds + [ctx.transport.device.frontend.sock.fileno()]) > 1024
         cq = CQ(ctx, 8)
         cq.req_notify()
         assert cq.get_event(0.05) is False  # a timed wait on fds select() cannot take
