@@ -110,7 +110,7 @@ class Capture:
                 self.captured = int(m.group(1)) if m else self.count()
         return self.captured
 
-    def __enter__(self) -> "Capture":
+    def __enter__(self) -> Capture:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -220,7 +220,7 @@ def decode(path: str, *, port: int = ROCE_PORT, display_filter: str = "udp") -> 
             raise NetlabError(f"tshark printed {len(cols)} fields, expected {len(_FIELDS)}: "
                               f"{line!r}")
         kw = {}
-        for (name, (_, parse)), text in zip(_FIELDS.items(), cols):
+        for (name, (_, parse)), text in zip(_FIELDS.items(), cols, strict=True):
             kw[name] = parse(text) if text else (b"" if name == "payload" else None)
         records.append(RoceRecord(**kw))
     return records

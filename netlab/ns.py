@@ -41,9 +41,9 @@ import subprocess
 import sys
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from .errors import AddressNotAllowed, CommandFailed, NetlabError, ProcessFailed
 
@@ -63,7 +63,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 def run(argv: list[str], *, check: bool = True, timeout: float = 30.0,
         input: str | None = None) -> subprocess.CompletedProcess:
     """Run a host command to completion; :class:`CommandFailed` if it fails."""
-    cp = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input)
+    cp = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input, check=False)
     if check and cp.returncode != 0:
         raise CommandFailed(argv, cp.returncode, cp.stderr)
     return cp
@@ -175,10 +175,10 @@ class NsProcess:
             self._pump(end)
             try:
                 self.popen.wait(max(0.0, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired as e:
                 self.stop(timeout=1.0, sig=signal.SIGKILL)
                 raise ProcessFailed("still running", self.argv,
-                                    f"killed after {timeout:g} s: {self.stderr.strip()[-500:]}")
+                                    f"killed after {timeout:g} s: {self.stderr.strip()[-500:]}") from e
             self._finish()
         return self.returncode
 
@@ -347,7 +347,7 @@ class Namespace:
     def close(self) -> None:
         self._finalizer()
 
-    def __enter__(self) -> "Namespace":
+    def __enter__(self) -> Namespace:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -135,7 +135,7 @@ class Impairment:
     def __init__(self, policy: Policy, stream: int, counters: Counters | None = None) -> None:
         self.policy = policy
         self.counters = counters or Counters()
-        self._rng = random.Random(policy.seed * 2 + stream)
+        self._rng = random.Random(policy.seed * 2 + stream)  # noqa: S311 (seeded, reproducible loss; no secret)
         self._held: list[list] = []          # [frames_left, deadline, frame, copies]
 
     def frame(self, frame: bytes, now: float) -> list[bytes]:
@@ -231,7 +231,7 @@ class Relay:
         self.dumps = 0
 
     def stats(self) -> dict:
-        for s, d in zip(self.socks, self.dirs):
+        for s, d in zip(self.socks, self.dirs, strict=True):
             d.counters.kernel_drops += _kernel_drops(s)
         self.dumps += 1
         return {"seq": self.dumps, "pid": os.getpid(), "interfaces": list(self.names),
@@ -388,7 +388,7 @@ class RelayProcess:
                 raise ProcessFailed("relay", self.proc.argv, f"exited {rc}: {self.final['error']}")
         return self.final
 
-    def __enter__(self) -> "RelayProcess":
+    def __enter__(self) -> RelayProcess:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -1,8 +1,8 @@
 """Stubs for roce._codec (see _codec.pyx)."""
-Buffer = bytes | bytearray | memoryview
-
 from roce.headers import Aeth, Bth, Ieth, ImmDt, Reth
 from roce.packet import RocePacket
+
+Buffer = bytes | bytearray | memoryview
 
 class Envelope:
     version: int

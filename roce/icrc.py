@@ -102,7 +102,7 @@ class IpContext:
     def version(self) -> int:
         return self.src.version
 
-    def with_id(self, ip_id: int) -> "IpContext":
+    def with_id(self, ip_id: int) -> IpContext:
         return IpContext(self.src, self.dst, self.sport, self.dport, ip_id, self.df, self.ttl,
                          self.tos, self.flow_label)
 

@@ -15,8 +15,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import IcrcMismatch, MalformedPacket, BadPadCount, BadTransportVersion, \
-    TruncatedPacket, UnexpectedPayload
+from .errors import (
+    BadPadCount,
+    BadTransportVersion,
+    IcrcMismatch,
+    MalformedPacket,
+    TruncatedPacket,
+    UnexpectedPayload,
+)
 from .headers import Aeth, AtomicAckEth, AtomicEth, Bth, Deth, Ieth, ImmDt, Reth
 from .icrc import IpContext, compute_icrc, icrc_from_bytes, icrc_to_bytes, solve_ipv4_id
 from .opcodes import ICRC_LEN, Ext, opinfo
@@ -212,8 +218,14 @@ def expand(items) -> list[RocePacket]:
 # Constructors for the packet path (the RC engine builds a few per packet):
 # the native ones fill the frozen dataclasses' slots directly; same objects.
 try:
-    from ._codec import aeth as make_aeth, bth as make_bth, ieth as make_ieth, \
-        immdt as make_immdt, packet as make_packet, reth as make_reth  # noqa: E402
+    from ._codec import (
+        aeth as make_aeth,
+        bth as make_bth,
+        ieth as make_ieth,
+        immdt as make_immdt,
+        packet as make_packet,
+        reth as make_reth,
+    )
 except ImportError:  # pragma: no cover - extension not built
     def make_reth(va: int, rkey: int, dma_len: int) -> Reth:
         return Reth(va, rkey, dma_len)

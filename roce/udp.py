@@ -30,8 +30,8 @@ import ipaddress
 import logging
 import socket
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from . import auth as auth_codec
 from .errors import IcrcMismatch, MalformedPacket
@@ -372,7 +372,7 @@ class RoceUdpEndpoint:
                 self._backlog.append(item)
             self._on_writable()
             return
-        sent, errors, left = tx.flush(self._fd)
+        _sent, errors, left = tx.flush(self._fd)
         self.metrics.tx_errors += errors
         if left:
             self._backlog.extend(left)

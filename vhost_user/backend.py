@@ -193,7 +193,8 @@ class BackendConnection:
             return [reply_to(request, encode_u64(e.errno or 1))] if want_ack else []
         except (VhostUserError, VirtioError) as e:
             self._break(e)
-            e.replies = [reply_to(request, encode_u64(getattr(e, "errno", errno.EINVAL) or 1))] if want_ack else []
+            status = getattr(e, "errno", errno.EINVAL) or 1
+            e.replies = [reply_to(request, encode_u64(status))] if want_ack else []
             raise
         finally:
             # Whatever a handler did not take stays ours to close (once).
@@ -221,7 +222,8 @@ class BackendConnection:
 
     def _vring(self, index: int, what: str) -> Vring:
         if index >= len(self.vrings):
-            raise ProtocolError(f"{what}: ring index {index} out of range (device has {len(self.vrings)} queues)")
+            raise ProtocolError(
+                f"{what}: ring index {index} out of range (device has {len(self.vrings)} queues)")
         return self.vrings[index]
 
     # ------------------------------------------------------------------
@@ -409,7 +411,8 @@ class BackendConnection:
     def _map_region(self, desc: MemRegionDesc, fd: int) -> MemoryRegion:
         try:
             check_memory_fd(fd, desc, require_seal=self.require_sealed_memory)
-            return MemoryRegion.from_fd(fd, gpa=desc.gpa, size=desc.size, uva=desc.uva, mmap_offset=desc.mmap_offset)
+            return MemoryRegion.from_fd(fd, gpa=desc.gpa, size=desc.size, uva=desc.uva,
+                                        mmap_offset=desc.mmap_offset)
         finally:
             os.close(fd)  # the mapping stays valid; the fd is not needed
 

@@ -83,7 +83,8 @@ class Frontend:
             self.sock.connect(path)
         except OSError as e:
             self.sock.close()
-            raise TransportError(f"cannot connect to {path}: {e.strerror}", e.errno or errno.ECONNREFUSED) from e
+            raise TransportError(f"cannot connect to {path}: {e.strerror}",
+                                 e.errno or errno.ECONNREFUSED) from e
         self.protocol = PF(0)
 
     # --- plumbing ---------------------------------------------------------
@@ -102,14 +103,15 @@ class Frontend:
     def _reply(self, req: R) -> Message:
         try:
             msg = recv_message(self.sock)
-        except socket.timeout as e:
+        except TimeoutError as e:
             raise TransportError(f"no reply to {req.name}", errno.ETIMEDOUT) from e
         if msg.fds:
             for fd in msg.fds:
                 os.close(fd)
             raise ProtocolError(f"reply to {req.name} carried file descriptors")
         if msg.request != req or not msg.is_reply:
-            raise ProtocolError(f"expected reply to {req.name}, got request {msg.request} flags {msg.flags:#x}")
+            raise ProtocolError(
+                f"expected reply to {req.name}, got request {msg.request} flags {msg.flags:#x}")
         return msg
 
     def _call(self, req: R, payload: bytes = b"") -> bytes:
@@ -173,7 +175,8 @@ class Frontend:
     def get_vring_base(self, index: int) -> int:
         return VringState.decode(self._call(R.GET_VRING_BASE, VringState(index, 0).encode())).num
 
-    def set_vring_addr(self, index: int, desc: int, used: int, avail: int, flags: int = 0, log: int = 0) -> None:
+    def set_vring_addr(self, index: int, desc: int, used: int, avail: int, flags: int = 0,
+                       log: int = 0) -> None:
         self._send(R.SET_VRING_ADDR, VringAddr(index, flags, desc, used, avail, log).encode())
 
     def _set_vring_fd(self, req: R, index: int, fd: int | None) -> None:
@@ -261,8 +264,8 @@ class VirtioUserDevice:
     queues, and the kick/call eventfds. :meth:`close` releases all of them.
     """
 
-    WANTED_TRANSPORT = (1 << FeatureBit.VIRTIO_F_VERSION_1) | (1 << FeatureBit.VIRTIO_F_RING_INDIRECT_DESC) | (
-        1 << FeatureBit.VIRTIO_F_RING_EVENT_IDX)
+    WANTED_TRANSPORT = ((1 << FeatureBit.VIRTIO_F_VERSION_1) | (1 << FeatureBit.VIRTIO_F_RING_INDIRECT_DESC)
+                        | (1 << FeatureBit.VIRTIO_F_RING_EVENT_IDX))
     WANTED_PROTOCOL = PF.MQ | PF.REPLY_ACK | PF.CONFIG | PF.CONFIGURE_MEM_SLOTS | PF.STATUS | PF.RESET_DEVICE
 
     def __init__(self, path: str, *, mem_size: int = 16 << 20, num_queues: int = 1, queue_size: int = 256,
@@ -335,7 +338,8 @@ class VirtioUserDevice:
             self.call_fds.append(call)
             fe.set_vring_num(i, queue_size)
             fe.set_vring_base(i, 0)
-            fe.set_vring_addr(i, desc=self.uva_of(q.desc_gpa), used=self.uva_of(q.used_gpa), avail=self.uva_of(q.avail_gpa))
+            fe.set_vring_addr(i, desc=self.uva_of(q.desc_gpa), used=self.uva_of(q.used_gpa),
+                              avail=self.uva_of(q.avail_gpa))
             fe.set_vring_call(i, call)
             fe.set_vring_kick(i, kick)
             fe.set_vring_enable(i, True)

@@ -30,9 +30,9 @@ import signal
 import socket
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import monotonic
-from typing import Callable
 
 from vhost_user.backend import BackendConnection
 from vhost_user.device import VhostUserDevice
@@ -92,7 +92,7 @@ class ServerMetrics:
 class ServedConnection:
     """One accepted front-end: socket + reader + dispatcher + watchers."""
 
-    def __init__(self, server: "BackendServer", sock: socket.socket, device: VhostUserDevice,
+    def __init__(self, server: BackendServer, sock: socket.socket, device: VhostUserDevice,
                  info: ConnectionInfo):
         self.server = server
         self.loop = server.loop
@@ -452,7 +452,8 @@ class BackendServer:
         first 10, then every 1000th (a connect loop must not flood the log)."""
         n = self._refusals[info.uid] = self._refusals.get(info.uid, 0) + 1
         if n <= 10 or n % 1000 == 0:
-            log.warning("refusing %s: " + why + " [%d refused for uid %d%s]", info, *args, n, info.uid,
+            log.warning("refusing %s: " + why + " [%d refused for uid %d%s]",  # noqa: G003 (why is a format)
+                        info, *args, n, info.uid,
                         "; logging every 1000th from now" if n == 10 else "")
 
     # --- busy polling (--poll-us) -------------------------------------
@@ -486,7 +487,8 @@ class BackendServer:
             else:
                 os.sched_yield()  # a busy CPU: let a runnable task (a peer daemon, a guest) go first
             if not work and now - self._spin_last > idle:
-                if not any([c.end_spin() for c in conns if not c.closed]):
+                ended = [c.end_spin() for c in conns if not c.closed]   # every one ends its spin
+                if not any(ended):
                     self._spin_handle = None
                     return
                 self._spin_last = now

@@ -31,7 +31,7 @@ class BackendThread:
         self._ready = threading.Event()
         self._error: BaseException | None = None
 
-    def start(self) -> "BackendThread":
+    def start(self) -> BackendThread:
         self._thread = threading.Thread(target=self._run, name="vrdma-backend", daemon=True)
         self._thread.start()
         self._ready.wait(10)

@@ -1,5 +1,5 @@
 """Stubs for virtio._split (see _split.pyx and split.py)."""
-from typing import Any, Hashable
+from typing import Any
 
 from ._memory import RegionTable
 from .memory import GuestMemory

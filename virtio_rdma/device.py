@@ -20,11 +20,11 @@ import logging
 import struct
 from time import monotonic
 
+from fabric.base import Fabric
 from vhost_user.device import VhostUserDevice
 from vhost_user.tenancy import ConnectionInfo, TenantAccount, TenantLedger, TenantPolicy
 from virtio_rdma.constants import Feature
 from virtio_rdma.core import DeviceLimits, RdmaDeviceCore
-from fabric.base import Fabric
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class RdmaDevice(VhostUserDevice):
         connection gets the policy's caps and an account of its peer uid in ``ledger``."""
         limits = cls.limits_for(ledger.policy)
 
-        def make(info: ConnectionInfo | None) -> "RdmaDevice":
+        def make(info: ConnectionInfo | None) -> RdmaDevice:
             return cls(fabric, limits=limits, account=ledger.account(info), info=info)
 
         return make

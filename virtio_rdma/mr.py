@@ -28,10 +28,9 @@ import logging
 import secrets
 from dataclasses import dataclass, field
 
+from virtio.errors import GuestMemoryError
 from virtio_rdma.constants import Access, Status
 from virtio_rdma.errors import CommandError, MemoryAccessError
-
-from virtio.errors import GuestMemoryError
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +111,8 @@ class MrTable:
         if len(chunks) > self.max_chunks:
             raise CommandError(f"REG_MR with {len(chunks)} chunks exceeds {self.max_chunks}", Status.E2BIG)
         if length > self.max_mr_size:
-            raise CommandError(f"REG_MR length {length} exceeds max_mr_size {self.max_mr_size}", Status.EINVAL)
+            raise CommandError(f"REG_MR length {length} exceeds max_mr_size {self.max_mr_size}",
+                               Status.EINVAL)
         if iova + length > U64:
             raise CommandError(f"REG_MR iova {iova:#x} + length {length} overflows", Status.EINVAL)
         if sum(n for _, n in chunks) != length:

@@ -23,11 +23,11 @@ import enum
 from collections import deque
 from dataclasses import dataclass
 
+from ..errors import InvalidWorkRequest
 from ..headers import Aeth, AethType, AtomicEth, NakCode, rnr_timer_seconds
 from ..opcodes import OPCODE_TABLE, Kind, Opcode
 from ..packet import PacketRun, RocePacket, make_bth, make_ieth, make_immdt, make_packet, make_reth
 from .config import MAX_MSG_SIZE, MAX_PKT_PER_ACK, MAX_UNACKED_PSNS, QpConfig, retransmit_timeout
-from ..errors import InvalidWorkRequest
 from .metrics import RcMetrics
 from .psn import PSN_MASK, psn_add, psn_diff
 from .sgl import SgList

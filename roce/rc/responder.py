@@ -26,7 +26,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from ..errors import RemoteAccessError
-from ..headers import Aeth, AethType, AtomicAckEth, CREDITS_INVALID, NakCode
+from ..headers import CREDITS_INVALID, Aeth, AethType, AtomicAckEth, NakCode
 from ..opcodes import Kind, Opcode, OpInfo, Position
 from ..packet import RocePacket, make_aeth, make_bth, make_packet
 from .config import MAX_MSG_SIZE, QpConfig
