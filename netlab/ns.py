@@ -180,7 +180,7 @@ class NsProcess:
                 raise ProcessFailed("still running", self.argv,
                                     f"killed after {timeout:g} s: {self.stderr.strip()[-500:]}") from e
             self._finish()
-        return self.returncode
+        return self.returncode  # type: ignore[return-value]  # _finish() set it
 
     def stop(self, timeout: float = 5.0, sig: int = signal.SIGTERM) -> int:
         """Signal (default SIGTERM), wait up to ``timeout``, then SIGKILL.
@@ -192,7 +192,7 @@ class NsProcess:
                 self.popen.kill()
             self.popen.wait()
             self._finish()
-        return self.returncode
+        return self.returncode  # type: ignore[return-value]  # _finish() set it
 
     def _finish(self) -> None:
         self._pump(time.monotonic() + 1.0)       # what the exited process left in the pipes
@@ -477,8 +477,8 @@ class RelayedHosts(TwoHosts):
     """``A <-veth-> R <-veth-> B``: :attr:`relay` forwards between R's
     ``ra`` (towards A) and ``rb`` (towards B)."""
 
-    r: Namespace = None
-    link_b: Link = None
+    r: Namespace | None = None
+    link_b: Link | None = None
     relay: object = None             # netlab.relay.RelayProcess
 
 

@@ -41,6 +41,7 @@ import struct
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
 from .errors import NetlabError, ProcessFailed
@@ -246,7 +247,7 @@ class Relay:
         os.replace(tmp, path)
         return st
 
-    def _send(self, dst: socket.socket, frames: list[bytes], c: Counters) -> None:
+    def _send(self, dst: socket.socket, frames: Sequence[bytes | memoryview], c: Counters) -> None:
         for f in frames:
             try:
                 dst.send(f)

@@ -31,6 +31,7 @@ import os
 import select
 import socket
 from time import monotonic, perf_counter
+from typing import NoReturn
 
 from vhost_user.endpoint import recv_message, send_message
 from vhost_user.errors import ProtocolError, ReplyError, TransportError
@@ -288,7 +289,8 @@ class VirtioUserDevice:
             self.mem.add(region)
             # Like QEMU's memory-backend-memfd: the back-end may rely on the
             # size never changing under its mapping.
-            fcntl.fcntl(region.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+            fcntl.fcntl(region.fd, fcntl.F_ADD_SEALS,  # type: ignore[arg-type]  # a memfd region has an fd
+                        fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
             self._setup(num_queues, queue_size, device_features, event_idx, use_add_mem_reg)
         except BaseException:
             self.close()
@@ -463,7 +465,7 @@ class VirtioUserDevice:
                             "(it exited, was killed or dropped this guest)")
         self._mark_dead("the back-end sent an unsolicited message on the vhost-user socket")
 
-    def _mark_dead(self, why: str) -> None:
+    def _mark_dead(self, why: str) -> NoReturn:
         self.dead = f"{self.frontend.path}: {why}"
         raise BackendGone(self.dead)
 

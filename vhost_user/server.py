@@ -177,11 +177,12 @@ class ServedConnection:
     # --- events -------------------------------------------------------
     def _on_kick(self, vring: Vring) -> None:
         try:
-            os.eventfd_read(vring.kick_fd)
+            os.eventfd_read(vring.kick_fd)  # type: ignore[arg-type]  # watched: the ring has a kick fd
         except BlockingIOError:
             pass
         except OSError as e:
-            self.fail(TransportError(f"ring {vring.index}: kick eventfd read failed: {e.strerror}", e.errno))
+            self.fail(TransportError(f"ring {vring.index}: kick eventfd read failed: {e.strerror}",
+                                     e.errno or errno.EPIPE))
             return
         self._safe_kick(vring.index)
 
@@ -311,7 +312,8 @@ class BackendServer:
         self.max_connections = self.policy.max_connections if max_connections is None else max_connections
         self.socket_mode = socket_mode
         self.socket_group = socket_group  # gid; None: the daemon's group
-        self.loop = loop
+        # None until start() takes the running loop; every use comes after start()
+        self.loop: asyncio.AbstractEventLoop = loop  # type: ignore[assignment]
         self.sock: socket.socket | None = None
         self.connections: set[ServedConnection] = set()
         #: peer uid -> connections served now; servers of one daemon share it, so
@@ -321,7 +323,7 @@ class BackendServer:
         self._accept_paused = False
         self.metrics = ServerMetrics()
         self._ids = itertools.count(1)
-        self._spin_handle = None
+        self._spin_handle: asyncio.Handle | None = None
         self._spin_last = 0.0
         #: other work sources polled in the busy-poll loop (``poll() -> bool``)
         self.pollers: list[Callable[[], bool]] = []
@@ -334,7 +336,8 @@ class BackendServer:
         return self.start_spin if self.poll_us > 0 else (lambda: None)
 
     async def start(self) -> None:
-        self.loop = self.loop or asyncio.get_running_loop()
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
         _remove_stale_socket(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         # Bind and listen under a temporary name, then rename: the path only
@@ -385,13 +388,16 @@ class BackendServer:
 
     def _pause_accept(self, seconds: float) -> None:
         self._accept_paused = True
+        assert self.sock is not None        # listening: the callers check
         self.loop.remove_reader(self.sock.fileno())
         self.loop.call_later(seconds, self._resume_accept)
 
     def _accept_batch(self) -> None:
+        sock = self.sock
+        assert sock is not None             # called while the socket is watched
         for _ in range(ACCEPT_BATCH):  # the rest stays readable: next loop iteration
             try:
-                conn, _ = self.sock.accept()
+                conn, _ = sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:

@@ -106,7 +106,7 @@ class MemoryRegion:
         self._base_view = base_view
         self._view = base_view[mmap_offset:mmap_offset + size]
         self.address = buffer_address(self._view)
-        self._owner = None
+        self._owner: weakref.ref[GuestMemory] | None = None
         self._closed = False
 
     # -- constructors -----------------------------------------------------------------------

@@ -206,7 +206,7 @@ class Responder:
             self.cur = ctx = _SendCtx(wr_id, sgl)
             self.cur_kind = _SEND
         else:
-            ctx = self.cur
+            ctx = self.cur  # type: ignore[assignment]  # cur_kind says which
         if plen:
             try:
                 ctx.sgl.scatter(ctx.offset, pkt.payload)
@@ -260,7 +260,7 @@ class Responder:
             self.cur = ctx = _WriteCtx(view, dma_len)
             self.cur_kind = _WRITE
         else:
-            ctx = self.cur
+            ctx = self.cur  # type: ignore[assignment]  # cur_kind says which
         off = ctx.offset
         end = off + plen
         if end > ctx.length or (ends and end != ctx.length):

@@ -59,7 +59,7 @@ DEVICE_NAME = "vrdma0"
 PAGE_SIZE = os.sysconf("SC_PAGESIZE")
 _RQ_PI_MASK = 0xFFFFFFFF
 
-WC_STATUS_STR = {
+WC_STATUS_STR: dict[int, str] = {
     WcStatus.SUCCESS: "success", WcStatus.LOC_LEN_ERR: "local length error",
     WcStatus.LOC_QP_OP_ERR: "local QP operation error",
     WcStatus.LOC_EEC_OP_ERR: "local EE context operation error",
