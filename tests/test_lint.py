@@ -49,7 +49,8 @@ def _need(module: str) -> None:
 
 
 def _run(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path)
     return subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout, check=False)
 
