@@ -31,7 +31,6 @@ Operations follow 3GPP TS 36.211 (OFDM FFT sizes) and TS 36.212 §5.1.3.2
 from __future__ import annotations
 
 import enum
-import importlib
 import math
 import time
 from concurrent.futures import Future
@@ -40,6 +39,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from accel_core import dft, qpp, turbo
 from accel_core.errors import JobRejected, JobStateError, UnsupportedOperation
 
 
@@ -183,18 +183,11 @@ def _positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
-def _fft_module():
-    # Not ``from accel_core import fft``: the package re-exports the *function* fft under that name.
-    return importlib.import_module("accel_core.fft")
-
-
 def _fft_supported(n: int) -> bool:
-    return bool(_fft_module().is_supported(n))
+    return dft.is_supported(n)
 
 
 def _turbo_block_sizes() -> frozenset[int]:
-    from accel_core import qpp
-
     return frozenset(int(k) for k in qpp.BLOCK_SIZES)
 
 
@@ -463,8 +456,7 @@ class Job:
 
 
 def _run_fft(job: Job) -> Any:
-    fft_mod = _fft_module()
-    fn = fft_mod.fft if job.op is Op.FFT else fft_mod.ifft
+    fn = dft.fft if job.op is Op.FFT else dft.ifft
     res = fn(job.input, out=job.output)
     if res is not None and res is not job.output and not np.shares_memory(res, job.output):
         np.copyto(job.output, res)
@@ -472,16 +464,12 @@ def _run_fft(job: Job) -> Any:
 
 
 def _run_encode(job: Job) -> Any:
-    from accel_core import turbo
-
     res = turbo.turbo_encode(job.input)
     np.copyto(job.output, np.asarray(res).reshape(job.output.shape))
     return None
 
 
 def _run_decode(job: Job) -> Any:
-    from accel_core import turbo
-
     p = job.params
     bits, iters = turbo.turbo_decode(job.input, iterations=p.iterations, scaling=p.scaling,
                                      early_stop=p.early_stop)
