@@ -9,15 +9,19 @@ Kernels (Cython, GIL released, behind thin validating Python modules):
 Service (:mod:`accel_core.service`): :class:`AcceleratorService` holding :class:`Accelerator` s,
 each with a fair receive queue, a worker pool and a ready queue; :class:`Job` s
 (:mod:`accel_core.jobs`) with zero-copy buffers; the calibrated :class:`ServiceTimeModel`
-(:mod:`accel_core.estimate`); errors under :class:`AccelError` (:mod:`accel_core.errors`).
+(:mod:`accel_core.estimate`); errors under :class:`AccelError` (:mod:`accel_core.errors`: one
+class per kind of bad input, raised by the one check of each input, whether a kernel is called
+directly or through a job; zero-copy buffer rules in :mod:`accel_core.buffers`).
 
 ``accel_core.fft`` / ``accel_core.ifft`` are the functions (defined in :mod:`accel_core.dft`);
 no module of the package shares a name with one of its functions.
 """
 from accel_core.crc import (attach_crc24a, attach_crc24b, check_crc24a, check_crc24b, crc24a,
                             crc24b)
-from accel_core.errors import (AccelError, JobRejected, JobStateError, ModelError, ServiceClosed,
-                               UnsupportedOperation)
+from accel_core.errors import (AccelError, BlockSizeError, DtypeError, ElementError, InvalidInput,
+                               JobRejected, JobStateError, LayoutError, ModelError, ParameterError,
+                               ParameterTypeError, ServiceClosed, ShapeError, UnsupportedOperation,
+                               UnsupportedSize)
 from accel_core.estimate import LinearCost, ServiceTimeModel
 from accel_core.dft import FFTPlan, fft, ifft, is_supported, supported_sizes
 from accel_core.jobs import Job, JobParams, JobState, Op
@@ -36,4 +40,6 @@ __all__ = [
     "Job", "JobParams", "JobState", "Op",
     "ServiceTimeModel", "LinearCost",
     "AccelError", "JobRejected", "UnsupportedOperation", "ServiceClosed", "JobStateError", "ModelError",
+    "InvalidInput", "DtypeError", "ShapeError", "UnsupportedSize", "BlockSizeError", "ParameterError",
+    "ParameterTypeError", "ElementError", "LayoutError",
 ]

@@ -47,6 +47,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from accel_core import _turbo
 from accel_core.errors import ModelError
 from accel_core.jobs import FFT_OPS, Job, JobParams, Op, execute
 
@@ -83,8 +84,6 @@ def work_units(op: Op, params: JobParams) -> float:
 
 def decode_lanes() -> int:
     """Code blocks the Turbo decoder kernel processes side by side (1 if it does not say)."""
-    from accel_core import _turbo
-
     return max(1, int(getattr(_turbo, "BATCH_LANES", 1)))
 
 

@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-from accel_core.errors import AccelError, JobRejected, ServiceClosed, UnsupportedOperation
+from accel_core.errors import AccelError, JobRejected, ParameterError, ServiceClosed, UnsupportedOperation
 from accel_core.estimate import ServiceTimeModel
 from accel_core.jobs import Job, JobState, Op, execute
 from accel_core.metrics import AcceleratorMetrics
@@ -461,8 +461,8 @@ class AcceleratorService:
         try:
             unknown = sorted(params.keys() - JOB_PARAMETERS) if params else None
             if unknown:
-                raise JobRejected(f"unknown job parameter(s) {', '.join(unknown)}; "
-                                  f"known: {', '.join(sorted(JOB_PARAMETERS))}")
+                raise ParameterError(f"unknown job parameter(s) {', '.join(unknown)}; "
+                                     f"known: {', '.join(sorted(JOB_PARAMETERS))}", argument=unknown[0])
             job = Job.create(op, input, output, guest_id=guest_id, **params)
         except JobRejected:
             key = op.value if isinstance(op, Op) else str(op)
