@@ -38,7 +38,7 @@ import enum
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import numpy as np
 
@@ -277,7 +277,7 @@ class Job:
         self.t_started: float | None = None
         self.t_finished: float | None = None
         self.future: Future = Future()
-        self._tag = 0.0
+        self._tag: tuple[float, float] = (0.0, 0.0)  # fair-queue order (start tag, arrival)
 
     @classmethod
     def create(cls, op: Op | str, input: Any, output: Any = None, *, guest_id: int = 0,
@@ -378,7 +378,7 @@ def _run_encode(job: Job) -> Any:
 
 def _run_decode(job: Job) -> Any:
     p = job.params
-    used = turbo.decode_into(job.input, job.output, iterations=p.iterations, scaling=p.scaling,
+    used = turbo.decode_into(job.input, job.output, iterations=cast(int, p.iterations), scaling=p.scaling,
                              early_stop=p.early_stop)
     return int(used[0]) if job.input.ndim == 2 else used
 
