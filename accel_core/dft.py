@@ -1,7 +1,8 @@
 """Batched complex DFT by mixed-radix FFT: the shared FFT accelerator's thin Python layer.
 
-``fft(x)`` / ``ifft(x)`` (re-exported as ``accel_core.fft`` / ``accel_core.ifft``) transform along the last axis of a complex64 or
-complex128 array, batched over the leading axes, with numpy.fft conventions:
+``fft(x)`` / ``ifft(x)`` (re-exported as ``accel_core.fft`` / ``accel_core.ifft``) transform
+along the last axis of a complex64 or complex128 array, batched over the leading axes, with
+numpy.fft conventions:
 forward ``X[k] = sum_j x[j] exp(-2*pi*i*j*k/n)``, inverse with ``exp(+...)``
 and a ``1/n`` scale. The dtype is preserved (no silent upcast).
 
