@@ -12,7 +12,7 @@ Bits are numpy arrays of 0/1 (any integer or bool dtype); a 1-D array is one
 block, a 2-D array [B, A] is B blocks of equal length handled in one call.
 The arithmetic is the table-driven kernel in ``accel_core._crc``; this module
 only validates and shapes. It owns the check of bit arrays (:func:`as_bits`,
-:func:`check_bit_values`), which the Turbo encoder uses too; bad input raises
+:func:`check_bit_array`, :func:`check_bit_values`), which the Turbo encoder uses too; bad input raises
 :class:`~accel_core.errors.DtypeError` (a ``TypeError``),
 :class:`~accel_core.errors.ShapeError` or :class:`~accel_core.errors.ElementError`
 (``ValueError`` s) naming the bad value. Pure: no I/O.
@@ -25,7 +25,7 @@ from accel_core import _crc
 from accel_core.errors import DtypeError, ElementError, ShapeError
 
 __all__ = [
-    "CRC_LENGTH", "GCRC24A", "GCRC24B", "as_bits", "check_bit_values",
+    "CRC_LENGTH", "GCRC24A", "GCRC24B", "as_bits", "check_bit_array", "check_bit_values",
     "crc24a", "crc24b", "attach_crc24a", "attach_crc24b", "check_crc24a", "check_crc24b",
 ]
 
@@ -48,15 +48,21 @@ def check_bit_values(arr: np.ndarray, name: str = "bits") -> None:
                                argument=name, value=arr[where])
 
 
-def as_bits(bits: object, name: str = "bits") -> np.ndarray:
-    """Validate a 1-D or 2-D array of 0/1 values; return it as C-contiguous uint8."""
-    arr = np.asarray(bits)
+def check_bit_array(arr: np.ndarray, name: str = "bits") -> None:
+    """DtypeError unless an integer or bool array, ShapeError unless 1-D [A] or 2-D [B, A]
+    (element values are :func:`check_bit_values`' business)."""
     if arr.dtype != np.bool_ and not np.issubdtype(arr.dtype, np.integer):
         raise DtypeError(f"{name} must be an integer or bool array of 0/1, got dtype {arr.dtype}",
                          argument=name, value=arr.dtype)
     if arr.ndim not in (1, 2):
         raise ShapeError(f"{name} must be 1-D [A] or 2-D [B, A], got shape {arr.shape}",
                          argument=name, value=arr.shape)
+
+
+def as_bits(bits: object, name: str = "bits") -> np.ndarray:
+    """Validate a 1-D or 2-D array of 0/1 values; return it as C-contiguous uint8."""
+    arr = np.asarray(bits)
+    check_bit_array(arr, name)
     check_bit_values(arr, name)
     return np.ascontiguousarray(arr, dtype=np.uint8)
 

@@ -14,7 +14,7 @@ memory and must keep it mapped until the job is finished. The FFT may run in
 place (``output`` is ``input``); the Turbo operations need disjoint buffers.
 
 Everything about a job's *shape* is validated when the job is created, by the
-checks of the kernel modules themselves (:mod:`accel_core.dft`,
+checks of the kernel modules themselves (:mod:`accel_core.dft`, :mod:`accel_core.crc`,
 :mod:`accel_core.qpp`, :mod:`accel_core.turbo`) and of :mod:`accel_core.buffers`,
 so ``submit()`` refuses a bad job with the same typed error a direct kernel call
 raises (every one a :class:`~accel_core.errors.JobRejected` naming the bad
@@ -42,7 +42,7 @@ from typing import Any, Callable, cast
 
 import numpy as np
 
-from accel_core import buffers, dft, qpp, turbo
+from accel_core import buffers, crc, dft, qpp, turbo
 from accel_core.errors import (DtypeError, JobStateError, LayoutError, ParameterError, ParameterTypeError,
                                ShapeError, UnsupportedOperation)
 
@@ -115,8 +115,8 @@ class JobParams:
 # --------------------------------------------------------------------------- validation
 #
 # Every check below is the one of the module that owns the concept: FFT sizes and dtypes
-# (accel_core.dft), block sizes K (accel_core.qpp), decoder parameters and LLR arrays
-# (accel_core.turbo), zero-copy buffers (accel_core.buffers). This section only decides
+# (accel_core.dft), bit arrays (accel_core.crc), block sizes K (accel_core.qpp), decoder
+# parameters and LLR arrays (accel_core.turbo), zero-copy buffers (accel_core.buffers). This section only decides
 # which buffer is which and what shape a raw buffer has; it raises the same typed errors.
 
 
@@ -178,9 +178,7 @@ def _validate_encode(inp: Any, out: Any, *, k: int | None, batch: int | None
     u8 = np.dtype(np.uint8)
     what = "turbo_encode input"
     if isinstance(inp, np.ndarray):
-        if inp.ndim not in (1, 2):
-            raise ShapeError(f"{what} must be [K] or [B, K] bits, got shape {inp.shape}",
-                             argument=what, value=inp.shape)
+        crc.check_bit_array(inp, what)
         kk = inp.shape[-1]
         if k is not None and _positive_int(k, "k") != kk:
             raise ShapeError(f"turbo_encode k={k} does not match the input's last axis {kk}", argument="k", value=k)

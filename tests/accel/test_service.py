@@ -534,6 +534,8 @@ SAME_CHECK = [  # (direct call, job arguments, job keyword arguments)
     (lambda: ifft(np.complex64(1)), (Op.IFFT, np.zeros((), np.complex64)), {}),
     (lambda: FFTPlan(256, "no-such-dtype"), (Op.FFT, bytearray(2048)), {"n": 256, "dtype": "no-such-dtype"}),
     (lambda: turbo_encode(np.zeros(41, np.uint8)), (Op.TURBO_ENCODE, np.zeros(41, np.uint8)), {}),
+    (lambda: turbo_encode(np.zeros((1, 1, 40), np.uint8)), (Op.TURBO_ENCODE, np.zeros((1, 1, 40), np.uint8)), {}),
+    (lambda: turbo_encode(np.zeros(40, np.float32)), (Op.TURBO_ENCODE, np.zeros(40, np.float32)), {}),
     (lambda: turbo_decode(np.zeros((3, 45), np.float32)), (Op.TURBO_DECODE, np.zeros((3, 45), np.float32)), {}),
     (lambda: turbo_decode(np.zeros((2, 44), np.float32)), (Op.TURBO_DECODE, np.zeros((2, 44), np.float32)), {}),
     (lambda: turbo_decode(np.zeros((3, 44), np.int16)), (Op.TURBO_DECODE, np.zeros((3, 44), np.int16)), {}),
