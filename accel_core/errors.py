@@ -27,7 +27,10 @@ zero-copy buffers in :mod:`accel_core.buffers`); direct kernel calls and
 :class:`InvalidInput` is a :class:`JobRejected`, the service refuses a bad job at
 ``submit()`` with the very error a direct call would raise, and counts it.
 Wrong-type errors are also ``TypeError`` and all others ``ValueError``, as the
-kernels raised before these classes existed.
+kernels raised before these classes existed. (The compiled kernels ``_fft``,
+``_turbo`` and ``_crc`` keep plain ``ValueError`` for their own memory-safety
+checks of shapes and permutations; only a direct call of those private modules
+can reach them.)
 
 A job that was accepted but whose kernel raised is *not* reported at submit: it
 ends in state FAILED and its future carries the kernel's exception (element
