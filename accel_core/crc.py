@@ -25,7 +25,7 @@ from accel_core import _crc
 from accel_core.errors import DtypeError, ElementError, ShapeError
 
 __all__ = [
-    "CRC_LENGTH", "GCRC24A", "GCRC24B", "as_bits", "check_bit_array", "check_bit_values",
+    "CRC_LENGTH", "GCRC24A", "GCRC24B", "CRC24A_ID", "CRC24B_ID", "as_bits", "check_bit_array", "check_bit_values",
     "crc24a", "crc24b", "attach_crc24a", "attach_crc24b", "check_crc24a", "check_crc24b",
 ]
 
@@ -34,7 +34,11 @@ CRC_LENGTH = 24
 GCRC24A = 0x1864CFB
 GCRC24B = 0x1800063
 
-_A, _B = 0, 1
+#: Kernel ids of the two CRCs (``which`` of ``accel_core._crc``; the early-stop ids of the
+#: Turbo decoder), defined once in ``_crc.pxd``.
+CRC24A_ID = _crc.CRC24A_ID
+CRC24B_ID = _crc.CRC24B_ID
+_A, _B = CRC24A_ID, CRC24B_ID
 _SHIFTS = np.arange(CRC_LENGTH - 1, -1, -1, dtype=np.uint32)
 
 

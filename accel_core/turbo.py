@@ -49,7 +49,7 @@ import numbers
 import numpy as np
 
 from accel_core import _turbo
-from accel_core.crc import as_bits, check_bit_values
+from accel_core.crc import CRC24A_ID, CRC24B_ID, as_bits, check_bit_values
 from accel_core.errors import DtypeError, ElementError, ParameterError, ParameterTypeError, ShapeError
 from accel_core.qpp import check_block_size, qpp_table
 
@@ -68,7 +68,7 @@ LLR_LIMIT = float(_turbo.LLR_LIMIT)
 #: number of segments (at most the kernel's SIMD lanes) at least this long.
 MIN_SEGMENT = 256
 #: Accepted ``early_stop`` values -> CRC kind of the kernel.
-EARLY_STOP_CRCS = {"crc24a": 0, "crc24b": 1}
+EARLY_STOP_CRCS = {"crc24a": CRC24A_ID, "crc24b": CRC24B_ID}
 
 
 def turbo_encode(bits: object) -> np.ndarray:
