@@ -363,6 +363,19 @@ def test_every_segment_count_decodes_noiseless_blocks(K):
         _turbo.decode_batch(llr, qpp.qpp_table(K), 2, 1.0, -1, out, used, 3)
 
 
+def test_kernel_early_stop_ids_are_the_crc_kernel_ids():
+    from accel_core import _crc, _turbo
+    from accel_core.turbo import EARLY_STOP_CRCS
+    assert EARLY_STOP_CRCS == {"crc24a": _crc.CRC24A_ID, "crc24b": _crc.CRC24B_ID}
+    llr = good_llr()[None]
+    out, used = np.empty((1, 40), np.uint8), np.empty(1, np.int32)
+    for kind in (-1, _crc.CRC24A_ID, _crc.CRC24B_ID):
+        _turbo.decode_batch(llr, qpp.qpp_table(40), 2, 1.0, kind, out, used)
+    for kind in (-2, max(_crc.CRC24A_ID, _crc.CRC24B_ID) + 1):
+        with pytest.raises(ValueError, match="crc_kind"):
+            _turbo.decode_batch(llr, qpp.qpp_table(40), 2, 1.0, kind, out, used)
+
+
 def test_segmented_blocks_decode_the_same_alone_or_in_a_batch():
     rng = np.random.default_rng(16)
     bits = rng.integers(0, 2, (5, 1024), dtype=np.uint8)      # several segments per block
