@@ -6,6 +6,11 @@ bits go bit-serially. No Python objects in the loops; validation lives in crc.py
 """
 from libc.stdint cimport uint8_t, uint32_t
 
+#: The ``which`` ids of the two CRCs for Python callers: the ``cdef enum`` of _crc.pxd, the one
+#: definition (the Turbo decoder's early stop passes them straight to crc24_remainder).
+CRC24A_ID = CRC24A
+CRC24B_ID = CRC24B
+
 # Generator polynomials without the D^24 term.
 cdef uint32_t[2] _POLY = [0x864CFB, 0x800063]
 cdef uint32_t[2][256] _TABLE

@@ -19,7 +19,7 @@ and double; the batch loop runs entirely without the GIL. Two loop orders per
 radix: for the first stage (s == 1) the vector loop runs over p (contiguous
 loads, interleaving stores); for the others it runs over q with the twiddles
 hoisted. Validation, dtype/shape checks, allocation and plan caching live in
-:mod:`accel_core.fft`; this module trusts its caller.
+:mod:`accel_core.dft`; this module trusts its caller.
 """
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
@@ -598,7 +598,7 @@ cdef int _run(rptr x, rptr y, Py_ssize_t batch, Py_ssize_t n, int nstages,
 cdef class FFTCore:
     """One planned transform: size, precision, direction, stage schedule, twiddles.
 
-    Built by :mod:`accel_core.fft` (which computes the schedule and twiddles
+    Built by :mod:`accel_core.dft` (which computes the schedule and twiddles
     and caches instances); ``execute`` trusts that its arrays were validated.
     """
     cdef readonly Py_ssize_t n

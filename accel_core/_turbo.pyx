@@ -23,7 +23,7 @@ from libc.stdint cimport int32_t, uint8_t, uint32_t
 from libc.string cimport memset, memcpy
 from libc.stdlib cimport free
 
-from accel_core._crc cimport crc24_remainder
+from accel_core._crc cimport CRC24A, CRC24B, crc24_remainder
 
 cdef extern from "stdlib.h" nogil:
     void* aligned_alloc(size_t alignment, size_t size)
@@ -431,8 +431,9 @@ def decode_batch(const float[:, :, ::1] llr, const int32_t[::1] pi, int iteratio
                  Py_ssize_t segments=1):
     """Turbo-decode llr[B, 3, K + 4] into out_bits[B, K] and out_iters[B].
 
-    crc_kind: -1 = fixed iteration count, 0 / 1 = stop a block once CRC24A / CRC24B
-    of its hard decision checks. ``segments``: trellis segments per block (a power of
+    crc_kind: -1 = fixed iteration count, CRC24A / CRC24B (the ids of _crc.pxd, exported as
+    accel_core._crc.CRC24A_ID / CRC24B_ID) = stop a block once that CRC of its hard decision
+    checks. ``segments``: trellis segments per block (a power of
     two dividing K, at most BATCH_LANES). The caller validates values; shapes are
     checked here.
     """
@@ -445,7 +446,7 @@ def decode_batch(const float[:, :, ::1] llr, const int32_t[::1] pi, int iteratio
         raise ValueError("decode_batch: llr must be [B, 3, K + 4] with pi of length K")
     if out_bits.shape[0] != B or out_bits.shape[1] != K or out_iters.shape[0] != B:
         raise ValueError("decode_batch: output shapes do not match llr")
-    if iterations < 1 or crc_kind < -1 or crc_kind > 1 or not scale > 0.0:
+    if iterations < 1 or not (crc_kind == -1 or crc_kind == CRC24A or crc_kind == CRC24B) or not scale > 0.0:
         raise ValueError("decode_batch: bad iterations, crc_kind or scale")
     if P < 1 or P > LANES or LANES % P != 0 or K % P != 0 or (K // P) % 2 != 0:
         raise ValueError(f"decode_batch: segments={P} must divide {LANES} and split K={K} "

@@ -11,16 +11,21 @@ generator (register starts at zero, no final inversion):
 Bits are numpy arrays of 0/1 (any integer or bool dtype); a 1-D array is one
 block, a 2-D array [B, A] is B blocks of equal length handled in one call.
 The arithmetic is the table-driven kernel in ``accel_core._crc``; this module
-only validates and shapes. Pure: no I/O.
+only validates and shapes. It owns the check of bit arrays (:func:`as_bits`,
+:func:`check_bit_array`, :func:`check_bit_values`), which the Turbo encoder uses too; bad input raises
+:class:`~accel_core.errors.DtypeError` (a ``TypeError``),
+:class:`~accel_core.errors.ShapeError` or :class:`~accel_core.errors.ElementError`
+(``ValueError`` s) naming the bad value. Pure: no I/O.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from accel_core import _crc
+from accel_core.errors import DtypeError, ElementError, ShapeError
 
 __all__ = [
-    "CRC_LENGTH", "GCRC24A", "GCRC24B",
+    "CRC_LENGTH", "GCRC24A", "GCRC24B", "CRC24A_ID", "CRC24B_ID", "as_bits", "check_bit_array", "check_bit_values",
     "crc24a", "crc24b", "attach_crc24a", "attach_crc24b", "check_crc24a", "check_crc24b",
 ]
 
@@ -29,22 +34,40 @@ CRC_LENGTH = 24
 GCRC24A = 0x1864CFB
 GCRC24B = 0x1800063
 
-_A, _B = 0, 1
+#: Kernel ids of the two CRCs (``which`` of ``accel_core._crc``; the early-stop ids of the
+#: Turbo decoder), defined once in ``_crc.pxd``.
+CRC24A_ID = _crc.CRC24A_ID
+CRC24B_ID = _crc.CRC24B_ID
+_A, _B = CRC24A_ID, CRC24B_ID
 _SHIFTS = np.arange(CRC_LENGTH - 1, -1, -1, dtype=np.uint32)
+
+
+def check_bit_values(arr: np.ndarray, name: str = "bits") -> None:
+    """ElementError naming the first element of an integer array that is not 0 or 1."""
+    if arr.dtype != np.bool_ and arr.size:
+        bad = (arr != 0) & (arr != 1)
+        if bad.any():
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ElementError(f"{name}{list(where)} = {arr[where]} is not a bit (0 or 1)",
+                               argument=name, value=arr[where])
+
+
+def check_bit_array(arr: np.ndarray, name: str = "bits") -> None:
+    """DtypeError unless an integer or bool array, ShapeError unless 1-D [A] or 2-D [B, A]
+    (element values are :func:`check_bit_values`' business)."""
+    if arr.dtype != np.bool_ and not np.issubdtype(arr.dtype, np.integer):
+        raise DtypeError(f"{name} must be an integer or bool array of 0/1, got dtype {arr.dtype}",
+                         argument=name, value=arr.dtype)
+    if arr.ndim not in (1, 2):
+        raise ShapeError(f"{name} must be 1-D [A] or 2-D [B, A], got shape {arr.shape}",
+                         argument=name, value=arr.shape)
 
 
 def as_bits(bits: object, name: str = "bits") -> np.ndarray:
     """Validate a 1-D or 2-D array of 0/1 values; return it as C-contiguous uint8."""
     arr = np.asarray(bits)
-    if arr.dtype != np.bool_ and not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"{name} must be an integer or bool array of 0/1, got dtype {arr.dtype}")
-    if arr.ndim not in (1, 2):
-        raise ValueError(f"{name} must be 1-D [A] or 2-D [B, A], got shape {arr.shape}")
-    if arr.dtype != np.bool_ and arr.size:
-        bad = (arr != 0) & (arr != 1)
-        if bad.any():
-            where = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise ValueError(f"{name}{list(where)} = {arr[where]} is not a bit (0 or 1)")
+    check_bit_array(arr, name)
+    check_bit_values(arr, name)
     return np.ascontiguousarray(arr, dtype=np.uint8)
 
 
@@ -70,8 +93,8 @@ def _attach(bits: object, which: int) -> np.ndarray:
 def _check(bits: object, which: int) -> bool | np.ndarray:
     arr = as_bits(bits, "bits_with_crc")
     if arr.shape[-1] < CRC_LENGTH:
-        raise ValueError(f"bits_with_crc has {arr.shape[-1]} bits per block, "
-                         f"fewer than the {CRC_LENGTH} CRC bits")
+        raise ShapeError(f"bits_with_crc has {arr.shape[-1]} bits per block, "
+                         f"fewer than the {CRC_LENGTH} CRC bits", argument="bits_with_crc", value=arr.shape)
     ok = _remainders(arr, which) == 0
     return bool(ok[0]) if arr.ndim == 1 else ok
 

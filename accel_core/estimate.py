@@ -43,10 +43,11 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, cast
 
 import numpy as np
 
+from accel_core import _turbo
 from accel_core.errors import ModelError
 from accel_core.jobs import FFT_OPS, Job, JobParams, Op, execute
 
@@ -59,7 +60,7 @@ _COST_KEYS = {(op, np.dtype(dt)): f"{op.value}/{np.dtype(dt).name}"
 
 def cost_key(op: Op, params: JobParams) -> str:
     if op in FFT_OPS:
-        key = _COST_KEYS.get((op, params.dtype))
+        key = _COST_KEYS.get((op, cast(np.dtype, params.dtype)))
         return key if key is not None else f"{op.value}/{np.dtype(params.dtype).name}"
     return op.value
 
@@ -67,11 +68,12 @@ def cost_key(op: Op, params: JobParams) -> str:
 def features(op: Op, params: JobParams) -> tuple[float, ...]:
     """The work features of a job that its cost model is linear in (see the table above)."""
     if op in FFT_OPS:
-        n = params.n
+        n = cast(int, params.n)
         return (float(params.batch * n * math.log2(n)),)
+    k = cast(int, params.k)
     if op is Op.TURBO_ENCODE:
-        return (float(params.batch * params.k),)
-    per_block = float(params.k * params.iterations)
+        return (float(params.batch * k),)
+    per_block = float(k * cast(int, params.iterations))
     groups = -(-params.batch // decode_lanes())
     return (params.batch * per_block, groups * per_block)
 
@@ -83,8 +85,6 @@ def work_units(op: Op, params: JobParams) -> float:
 
 def decode_lanes() -> int:
     """Code blocks the Turbo decoder kernel processes side by side (1 if it does not say)."""
-    from accel_core import _turbo
-
     return max(1, int(getattr(_turbo, "BATCH_LANES", 1)))
 
 
@@ -257,6 +257,7 @@ class ServiceTimeModel:
         rng = np.random.default_rng(seed)
         costs: dict[str, LinearCost] = {}
         points: dict[str, list[tuple[tuple[float, ...], float]]] = {}
+        grid: list[tuple[Op, str | None, int, int, int]]
         for op in wanted:
             if op in FFT_OPS:
                 grid = [(op, dt, n, b, 0) for dt in ("complex64", "complex128")

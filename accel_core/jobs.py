@@ -13,11 +13,15 @@ kernel reads ``input`` and writes straight into ``output``; the caller owns the
 memory and must keep it mapped until the job is finished. The FFT may run in
 place (``output`` is ``input``); the Turbo operations need disjoint buffers.
 
-Everything about a job's *shape* is validated when the job is created (so
-``submit()`` refuses it with :class:`~accel_core.errors.JobRejected` naming the
-bad value). Element *values* (0/1 bits, finite LLRs) are checked by the kernel
-modules when the job runs, because guest memory may still change until then; a
-job failing there ends FAILED with the kernel's exception.
+Everything about a job's *shape* is validated when the job is created, by the
+checks of the kernel modules themselves (:mod:`accel_core.dft`, :mod:`accel_core.crc`,
+:mod:`accel_core.qpp`, :mod:`accel_core.turbo`) and of :mod:`accel_core.buffers`,
+so ``submit()`` refuses a bad job with the same typed error a direct kernel call
+raises (every one a :class:`~accel_core.errors.JobRejected` naming the bad
+value). A job then runs the kernels' ``*_into`` entry points, which trust those
+checks and only look at element *values* (0/1 bits, finite LLRs), because guest
+memory may still change until then; a job failing there ends FAILED with the
+kernel module's exception.
 
 Job lifecycle (explicit state machine, see ``TRANSITIONS``)::
 
@@ -31,16 +35,16 @@ Operations follow 3GPP TS 36.211 (OFDM FFT sizes) and TS 36.212 §5.1.3.2
 from __future__ import annotations
 
 import enum
-import importlib
-import math
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import numpy as np
 
-from accel_core.errors import JobRejected, JobStateError, UnsupportedOperation
+from accel_core import buffers, crc, dft, qpp, turbo
+from accel_core.errors import (DtypeError, JobStateError, LayoutError, ParameterError, ParameterTypeError,
+                               ShapeError, UnsupportedOperation)
 
 
 class Op(enum.Enum):
@@ -90,11 +94,6 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.CANCELLED: frozenset(),
 }
 
-FFT_DTYPES = (np.dtype(np.complex64), np.dtype(np.complex128))
-EARLY_STOP = (None, "crc24a", "crc24b")
-MAX_ITERATIONS = 64
-
-
 @dataclass(frozen=True)
 class JobParams:
     """Shape parameters of a job (what the service-time model is fitted on).
@@ -114,228 +113,127 @@ class JobParams:
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def _reject(msg: str) -> JobRejected:
-    return JobRejected(msg)
-
-
-def _as_array(buf: Any, dtype: np.dtype, shape: tuple[int, ...] | None, *, what: str,
-              writable: bool) -> np.ndarray:
-    """A C-contiguous, aligned ndarray of ``dtype`` over ``buf`` without copying.
-
-    ``buf`` is an ndarray (its shape is kept; ``shape`` is checked if given) or
-    any object with the buffer protocol (reshaped to ``shape``, which is then
-    required).
-    """
-    if isinstance(buf, np.ndarray):
-        arr = buf
-        if arr.dtype != dtype:
-            raise _reject(f"{what} dtype {arr.dtype} is not supported here; need {dtype}")
-        if shape is not None and arr.shape != shape:
-            raise _reject(f"{what} shape {arr.shape} does not match the job; need {shape}")
-    else:
-        try:
-            mv = memoryview(buf)
-        except TypeError:
-            raise _reject(f"{what} of type {type(buf).__name__} is neither an ndarray nor a buffer") from None
-        if shape is None:
-            raise _reject(f"{what} is a raw buffer: the job's shape parameters are required")
-        if not mv.c_contiguous:
-            raise _reject(f"{what} buffer is not contiguous")
-        need = math.prod(shape) * dtype.itemsize
-        if mv.nbytes != need:
-            raise _reject(f"{what} buffer is {mv.nbytes} bytes; the job needs {need} "
-                          f"({'x'.join(map(str, shape))} {dtype})")
-        if writable and mv.readonly:
-            raise _reject(f"{what} buffer is read-only")
-        if mv.ndim != 1 or mv.format != "B":
-            mv = mv.cast("B")
-        arr = np.frombuffer(mv, dtype=dtype).reshape(shape)
-    if not arr.flags.c_contiguous:
-        raise _reject(f"{what} must be C-contiguous (strides {arr.strides}); jobs never copy")
-    if not arr.flags.aligned:
-        raise _reject(f"{what} is not aligned to {dtype.alignment} bytes for {dtype}")
-    if writable and not arr.flags.writeable:
-        raise _reject(f"{what} is read-only")
-    if arr.size == 0:
-        raise _reject(f"{what} is empty (shape {arr.shape})")
-    return arr
-
-
-def _check_overlap(inp: np.ndarray, out: np.ndarray, *, in_place_ok: bool) -> None:
-    if out is inp and in_place_ok:
-        return
-    if not np.may_share_memory(inp, out):
-        return
-    same = (inp.__array_interface__["data"][0] == out.__array_interface__["data"][0]
-            and inp.shape == out.shape and inp.dtype == out.dtype)
-    if same and in_place_ok:
-        return
-    if same:
-        raise _reject("output is the input buffer; this operation cannot run in place")
-    raise _reject("output overlaps the input buffer partially")
+#
+# Every check below is the one of the module that owns the concept: FFT sizes and dtypes
+# (accel_core.dft), bit arrays (accel_core.crc), block sizes K (accel_core.qpp), decoder
+# parameters and LLR arrays (accel_core.turbo), zero-copy buffers (accel_core.buffers). This section only decides
+# which buffer is which and what shape a raw buffer has; it raises the same typed errors.
 
 
 def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise _reject(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ParameterTypeError(f"{name} must be a positive integer, got {value!r}", argument=name, value=value)
+    if value <= 0:
+        raise ParameterError(f"{name} must be a positive integer, got {value!r}", argument=name, value=value)
     return int(value)
 
 
-def _fft_module():
-    # Not ``from accel_core import fft``: the package re-exports the *function* fft under that name.
-    return importlib.import_module("accel_core.fft")
-
-
-def _fft_supported(n: int) -> bool:
-    return bool(_fft_module().is_supported(n))
-
-
-def _turbo_block_sizes() -> frozenset[int]:
-    from accel_core import qpp
-
-    return frozenset(int(k) for k in qpp.BLOCK_SIZES)
+def _raw_batch(nbytes: int, per_item: int, batch: Any, what: str, item: str) -> int:
+    """The batch a raw buffer of ``nbytes`` holds (``batch`` if given, checked later by adopt)."""
+    if batch is None:
+        if nbytes % per_item:
+            raise LayoutError(f"{what} buffer of {nbytes} bytes is not a whole number of {item}",
+                              argument=what, value=nbytes)
+        batch = nbytes // per_item
+    return _positive_int(batch, "batch")
 
 
 def _validate_fft(op: Op, inp: Any, out: Any, *, n: int | None, dtype: Any, batch: int | None
                   ) -> tuple[JobParams, np.ndarray, np.ndarray]:
+    what = f"{op.value} input"
     if isinstance(inp, np.ndarray):
-        if inp.dtype not in FFT_DTYPES:
-            raise _reject(f"{op.value} input dtype {inp.dtype} is not supported; need complex64 or complex128")
+        dft.check_dtype(inp.dtype, what)
         dt = inp.dtype
-        if dtype is not None and np.dtype(dtype) != dt:
-            raise _reject(f"{op.value} dtype parameter {np.dtype(dtype)} does not match input dtype {dt}")
-        if inp.ndim == 0:
-            raise _reject(f"{op.value} input is 0-d; need at least one axis")
-        shape = inp.shape
-        if n is not None and _positive_int(n, "n") != shape[-1]:
-            raise _reject(f"{op.value} size n={n} does not match the input's last axis {shape[-1]}")
-        x = _as_array(inp, dt, None, what=f"{op.value} input", writable=False)
+        if dtype is not None:
+            dft.check_dtype(dtype, f"{op.value} dtype parameter")
+            if np.dtype(dtype) != dt:
+                raise DtypeError(f"{op.value} dtype parameter {np.dtype(dtype)} does not match input dtype {dt}",
+                                 argument="dtype", value=np.dtype(dtype))
+        size = dft.check_shape(inp.shape, what)
+        if n is not None and _positive_int(n, "n") != size:
+            raise ShapeError(f"{op.value} size n={n} does not match the input's last axis {size}",
+                             argument="n", value=n)
+        x = buffers.adopt(inp, dt, None, what=what, writable=False)
     else:
         if n is None or dtype is None:
-            raise _reject(f"{op.value} on a raw buffer needs n= and dtype=")
-        n = _positive_int(n, "n")
-        try:
-            dt = np.dtype(dtype)
-        except TypeError:
-            raise _reject(f"{op.value} dtype {dtype!r} is not a dtype") from None
-        if dt not in FFT_DTYPES:
-            raise _reject(f"{op.value} dtype {dt} is not supported; need complex64 or complex128")
-        nbytes = memoryview(inp).nbytes if _has_buffer(inp) else None
-        if nbytes is None:
-            raise _reject(f"{op.value} input of type {type(inp).__name__} is neither an ndarray nor a buffer")
-        if batch is None:
-            if nbytes % (n * dt.itemsize):
-                raise _reject(f"{op.value} input buffer of {nbytes} bytes is not a whole number of "
-                              f"{n}-point {dt} transforms")
-            batch = nbytes // (n * dt.itemsize)
-        shape = (_positive_int(batch, "batch"), n)
-        x = _as_array(inp, dt, shape, what=f"{op.value} input", writable=False)
-    n = shape[-1]
-    if not _fft_supported(n):
-        raise _reject(f"{op.value} size {n} is not supported by the FFT kernel")
+            raise ParameterError(f"{op.value} on a raw buffer needs n= and dtype=", argument="n" if n is None else "dtype")
+        size = dft.check_size(_positive_int(n, "n"))
+        dft.check_dtype(dtype, f"{op.value} dtype")
+        dt = np.dtype(dtype)
+        if not buffers.has_buffer(inp):
+            raise DtypeError(f"{what} of type {type(inp).__name__} is neither an ndarray nor a buffer",
+                             argument=what, value=type(inp))
+        b = _raw_batch(memoryview(inp).nbytes, size * dt.itemsize, batch, what, f"{size}-point {dt} transforms")
+        x = buffers.adopt(inp, dt, (b, size), what=what, writable=False)
     if out is None:
-        y = np.empty(shape, dtype=dt)
+        y = np.empty(x.shape, dtype=dt)
     else:
-        y = _as_array(out, dt, shape, what=f"{op.value} output", writable=True)
-        _check_overlap(x, y, in_place_ok=True)
-    return JobParams(batch=x.size // n, n=n, dtype=dt), x, y
-
-
-def _has_buffer(obj: Any) -> bool:
-    try:
-        memoryview(obj)
-    except TypeError:
-        return False
-    return True
-
-
-def _check_k(k: int, what: str) -> int:
-    if k not in _turbo_block_sizes():
-        raise _reject(f"{what}: K={k} is not a Turbo block size of TS 36.212 Table 5.1.3-3 "
-                      f"(40..512 step 8, 528..1024 step 16, 1056..2048 step 32, 2112..6144 step 64)")
-    return k
+        y = buffers.adopt(out, dt, x.shape, what=f"{op.value} output", writable=True)
+        buffers.check_overlap(x, y, in_place_ok=True)
+    return JobParams(batch=x.size // size, n=size, dtype=dt), x, y
 
 
 def _validate_encode(inp: Any, out: Any, *, k: int | None, batch: int | None
                      ) -> tuple[JobParams, np.ndarray, np.ndarray]:
     u8 = np.dtype(np.uint8)
+    what = "turbo_encode input"
     if isinstance(inp, np.ndarray):
-        if inp.ndim not in (1, 2):
-            raise _reject(f"turbo_encode input must be [K] or [B, K] bits, got shape {inp.shape}")
+        crc.check_bit_array(inp, what)
         kk = inp.shape[-1]
         if k is not None and _positive_int(k, "k") != kk:
-            raise _reject(f"turbo_encode k={k} does not match the input's last axis {kk}")
-        x = _as_array(inp, u8, None, what="turbo_encode input", writable=False)
-        out_shape = (3, kk + 4) if inp.ndim == 1 else (inp.shape[0], 3, kk + 4)
+            raise ShapeError(f"turbo_encode k={k} does not match the input's last axis {kk}", argument="k", value=k)
+        x = buffers.adopt(inp, u8, None, what=what, writable=False)
     else:
         if k is None:
-            raise _reject("turbo_encode on a raw buffer needs k=")
+            raise ParameterError("turbo_encode on a raw buffer needs k=", argument="k")
         kk = _positive_int(k, "k")
-        if not _has_buffer(inp):
-            raise _reject(f"turbo_encode input of type {type(inp).__name__} is neither an ndarray nor a buffer")
-        nbytes = memoryview(inp).nbytes
-        if batch is None:
-            if nbytes % kk:
-                raise _reject(f"turbo_encode input buffer of {nbytes} bytes is not a whole number of K={kk} blocks")
-            batch = nbytes // kk
-        b = _positive_int(batch, "batch")
-        x = _as_array(inp, u8, (b, kk), what="turbo_encode input", writable=False)
-        out_shape = (b, 3, kk + 4)
-    _check_k(kk, "turbo_encode")
+        if not buffers.has_buffer(inp):
+            raise DtypeError(f"{what} of type {type(inp).__name__} is neither an ndarray nor a buffer",
+                             argument=what, value=type(inp))
+        b = _raw_batch(memoryview(inp).nbytes, kk, batch, what, f"K={kk} blocks")
+        x = buffers.adopt(inp, u8, (b, kk), what=what, writable=False)
+    qpp.check_block_size(kk, what)
+    out_shape = x.shape[:-1] + (3, kk + turbo.TAIL_BITS)
     if out is None:
         y = np.empty(out_shape, dtype=u8)
     else:
-        y = _as_array(out, u8, out_shape, what="turbo_encode output", writable=True)
-        _check_overlap(x, y, in_place_ok=False)
+        y = buffers.adopt(out, u8, out_shape, what="turbo_encode output", writable=True)
+        buffers.check_overlap(x, y, in_place_ok=False)
     return JobParams(batch=x.size // kk, k=kk), x, y
 
 
 def _validate_decode(inp: Any, out: Any, *, k: int | None, batch: int | None, iterations: Any,
                      scaling: Any, early_stop: Any) -> tuple[JobParams, np.ndarray, np.ndarray]:
     f32 = np.dtype(np.float32)
-    if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) \
-            or not 1 <= iterations <= MAX_ITERATIONS:
-        raise _reject(f"turbo_decode iterations must be an integer in 1..{MAX_ITERATIONS}, got {iterations!r}")
-    if scaling is not None:
-        if isinstance(scaling, bool) or not isinstance(scaling, (int, float, np.floating)) \
-                or not 0.0 < float(scaling) <= 1.0:
-            raise _reject(f"turbo_decode scaling must be None or a float in (0, 1], got {scaling!r}")
-        scaling = float(scaling)
-    if early_stop not in EARLY_STOP:
-        raise _reject(f"turbo_decode early_stop must be None, 'crc24a' or 'crc24b', got {early_stop!r}")
+    what = "turbo_decode input"
+    its = turbo.check_iterations(iterations)
+    scaling = turbo.check_scaling(scaling)
+    early_stop = turbo.check_early_stop(early_stop)
     if isinstance(inp, np.ndarray):
-        if inp.ndim not in (2, 3) or inp.shape[-2] != 3:
-            raise _reject(f"turbo_decode input must be [3, K+4] or [B, 3, K+4] LLRs, got shape {inp.shape}")
-        kk = inp.shape[-1] - 4
+        turbo.check_llr(inp)
+        kk = inp.shape[-1] - turbo.TAIL_BITS
         if k is not None and _positive_int(k, "k") != kk:
-            raise _reject(f"turbo_decode k={k} does not match the input's last axis {inp.shape[-1]} (K+4)")
-        x = _as_array(inp, f32, None, what="turbo_decode input", writable=False)
-        out_shape = (kk,) if inp.ndim == 2 else (inp.shape[0], kk)
+            raise ShapeError(f"turbo_decode k={k} does not match the input's last axis {inp.shape[-1]} (K+4)",
+                             argument="k", value=k)
+        x = buffers.adopt(inp, f32, None, what=what, writable=False)
     else:
         if k is None:
-            raise _reject("turbo_decode on a raw buffer needs k=")
-        kk = _positive_int(k, "k")
-        if not _has_buffer(inp):
-            raise _reject(f"turbo_decode input of type {type(inp).__name__} is neither an ndarray nor a buffer")
-        per_block = 3 * (kk + 4) * f32.itemsize
-        nbytes = memoryview(inp).nbytes
-        if batch is None:
-            if nbytes % per_block:
-                raise _reject(f"turbo_decode input buffer of {nbytes} bytes is not a whole number of "
-                              f"K={kk} blocks ({per_block} bytes each)")
-            batch = nbytes // per_block
-        b = _positive_int(batch, "batch")
-        x = _as_array(inp, f32, (b, 3, kk + 4), what="turbo_decode input", writable=False)
-        out_shape = (b, kk)
-    _check_k(kk, "turbo_decode")
+            raise ParameterError("turbo_decode on a raw buffer needs k=", argument="k")
+        kk = qpp.check_block_size(_positive_int(k, "k"), "turbo_decode k")
+        if not buffers.has_buffer(inp):
+            raise DtypeError(f"{what} of type {type(inp).__name__} is neither an ndarray nor a buffer",
+                             argument=what, value=type(inp))
+        per_block = 3 * (kk + turbo.TAIL_BITS) * f32.itemsize
+        b = _raw_batch(memoryview(inp).nbytes, per_block, batch, what,
+                       f"K={kk} blocks ({per_block} bytes each)")
+        x = buffers.adopt(inp, f32, (b, 3, kk + turbo.TAIL_BITS), what=what, writable=False)
+    out_shape = x.shape[:-2] + (kk,)
     if out is None:
         y = np.empty(out_shape, dtype=np.uint8)
     else:
-        y = _as_array(out, np.dtype(np.uint8), out_shape, what="turbo_decode output", writable=True)
-        _check_overlap(x, y, in_place_ok=False)
-    params = JobParams(batch=x.size // (3 * (kk + 4)), k=kk, iterations=int(iterations),
+        y = buffers.adopt(out, np.dtype(np.uint8), out_shape, what="turbo_decode output", writable=True)
+        buffers.check_overlap(x, y, in_place_ok=False)
+    params = JobParams(batch=x.size // (3 * (kk + turbo.TAIL_BITS)), k=kk, iterations=its,
                        scaling=scaling, early_stop=early_stop)
     return params, x, y
 
@@ -377,7 +275,7 @@ class Job:
         self.t_started: float | None = None
         self.t_finished: float | None = None
         self.future: Future = Future()
-        self._tag = 0.0
+        self._tag: tuple[float, float] = (0.0, 0.0)  # fair-queue order (start tag, arrival)
 
     @classmethod
     def create(cls, op: Op | str, input: Any, output: Any = None, *, guest_id: int = 0,
@@ -393,8 +291,12 @@ class Job:
         buffer holds. ``output=None`` allocates the output.
         """
         op = Op.parse(op)
-        if isinstance(guest_id, bool) or not isinstance(guest_id, (int, np.integer)) or guest_id < 0:
-            raise _reject(f"guest_id must be a non-negative integer, got {guest_id!r}")
+        if isinstance(guest_id, bool) or not isinstance(guest_id, (int, np.integer)):
+            raise ParameterTypeError(f"guest_id must be a non-negative integer, got {guest_id!r}",
+                                     argument="guest_id", value=guest_id)
+        if guest_id < 0:
+            raise ParameterError(f"guest_id must be a non-negative integer, got {guest_id!r}",
+                                 argument="guest_id", value=guest_id)
         if op in FFT_OPS:
             params, x, y = _validate_fft(op, input, output, n=n, dtype=dtype, batch=batch)
         elif op is Op.TURBO_ENCODE:
@@ -463,30 +365,20 @@ class Job:
 
 
 def _run_fft(job: Job) -> Any:
-    fft_mod = _fft_module()
-    fn = fft_mod.fft if job.op is Op.FFT else fft_mod.ifft
-    res = fn(job.input, out=job.output)
-    if res is not None and res is not job.output and not np.shares_memory(res, job.output):
-        np.copyto(job.output, res)
+    dft.transform_into(job.input, job.output, job.op is Op.IFFT)
     return None
 
 
 def _run_encode(job: Job) -> Any:
-    from accel_core import turbo
-
-    res = turbo.turbo_encode(job.input)
-    np.copyto(job.output, np.asarray(res).reshape(job.output.shape))
+    turbo.encode_into(job.input, job.output)
     return None
 
 
 def _run_decode(job: Job) -> Any:
-    from accel_core import turbo
-
     p = job.params
-    bits, iters = turbo.turbo_decode(job.input, iterations=p.iterations, scaling=p.scaling,
-                                     early_stop=p.early_stop)
-    np.copyto(job.output, np.asarray(bits).reshape(job.output.shape))
-    return iters
+    used = turbo.decode_into(job.input, job.output, iterations=cast(int, p.iterations), scaling=p.scaling,
+                             early_stop=p.early_stop)
+    return int(used[0]) if job.input.ndim == 2 else used
 
 
 KERNELS: dict[Op, Callable[[Job], Any]] = {

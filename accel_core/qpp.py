@@ -7,8 +7,11 @@ polynomial (QPP): the second constituent encoder reads c'_i = c_Π(i) with
 
 Only the 188 block sizes K of Table 5.1.3-3 are defined (40..512 in steps of 8,
 528..1024 in steps of 16, 1056..2048 in steps of 32, 2112..6144 in steps of 64);
-each comes with its own (f1, f2). This module holds that table and builds the
-permutation. It is a pure data module: no I/O, no state beyond a small cache.
+each comes with its own (f1, f2). This module holds that table, builds the
+permutation and owns the check of K (:func:`check_block_size`: a non-int K
+raises :class:`~accel_core.errors.ParameterTypeError`, a K outside the table
+:class:`~accel_core.errors.BlockSizeError`, both naming K). It is a pure data
+module: no I/O, no state beyond a small cache.
 """
 from __future__ import annotations
 
@@ -16,7 +19,9 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["BLOCK_SIZES", "QPP_TABLE", "qpp_params", "qpp_interleaver", "qpp_table"]
+from accel_core.errors import BlockSizeError, ParameterTypeError
+
+__all__ = ["BLOCK_SIZES", "QPP_TABLE", "check_block_size", "qpp_params", "qpp_interleaver", "qpp_table"]
 
 # TS 36.212 Table 5.1.3-3, rows i = 1..188 as (K_i, f1, f2).
 _TABLE_5_1_3_3 = (
@@ -64,18 +69,22 @@ _RULE = ("K must be one of the 188 sizes of TS 36.212 Table 5.1.3-3: 40..512 ste
          "528..1024 step 16, 1056..2048 step 32, 2112..6144 step 64")
 
 
-def _check_k(K: object) -> int:
+def check_block_size(K: object, what: str = "K") -> int:
+    """``K`` as an int if it is a block size of Table 5.1.3-3; else ParameterTypeError /
+    BlockSizeError naming it (``what`` says where K came from, e.g. "llr last dimension 45 gives K = 41")."""
     if isinstance(K, bool) or not isinstance(K, (int, np.integer)):
-        raise TypeError(f"turbo block size K must be an int, got {type(K).__name__}")
+        raise ParameterTypeError(f"turbo block size K must be an int, got {type(K).__name__}",
+                                 argument="K", value=K)
     k = int(K)
     if k not in QPP_TABLE:
-        raise ValueError(f"unsupported turbo block size K={k}: {_RULE}")
+        where = "" if what == "K" else f"{what}: "
+        raise BlockSizeError(f"{where}unsupported turbo block size K={k}: {_RULE}", argument="K", value=k)
     return k
 
 
 def qpp_params(K: int) -> tuple[int, int]:
-    """(f1, f2) of Table 5.1.3-3 for block size ``K``; ValueError for other K."""
-    return QPP_TABLE[_check_k(K)]
+    """(f1, f2) of Table 5.1.3-3 for block size ``K``; BlockSizeError (a ValueError) for other K."""
+    return QPP_TABLE[check_block_size(K)]
 
 
 @lru_cache(maxsize=None)
@@ -91,7 +100,7 @@ def _table(K: int) -> np.ndarray:
 
 def qpp_table(K: int) -> np.ndarray:
     """Shared read-only Π for ``K`` (int32[K]); cached, for the codec internals."""
-    return _table(_check_k(K))
+    return _table(check_block_size(K))
 
 
 def qpp_interleaver(K: int) -> np.ndarray:

@@ -78,7 +78,7 @@ class FairQueue:
         job = fifo.popleft()
         if not fifo:
             del self._fifo[best_g]
-        self._vtime = best_tag[0]
+        self._vtime = job._tag[0]
         self._len -= 1
         if not self._len:
             self._reset()

@@ -28,14 +28,15 @@ kernels always finish; worker threads are joined.
 from __future__ import annotations
 
 import enum
+import functools
 import heapq
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, cast
 
-from accel_core.errors import AccelError, JobRejected, ServiceClosed, UnsupportedOperation
+from accel_core.errors import AccelError, JobRejected, ParameterError, ServiceClosed, UnsupportedOperation
 from accel_core.estimate import ServiceTimeModel
 from accel_core.jobs import Job, JobState, Op, execute
 from accel_core.metrics import AcceleratorMetrics
@@ -68,6 +69,11 @@ def _parse_ops(ops: Iterable[Op | str] | None) -> frozenset[Op]:
     if not parsed:
         raise AccelError("an accelerator must serve at least one operation")
     return parsed
+
+
+def _remaining(job: Job, now: float) -> float:
+    """Predicted seconds until a RUNNING job finishes (its estimate minus the time it has run)."""
+    return max(0.0, job.estimate - (now - cast(float, job.t_started)))
 
 
 class Accelerator:
@@ -189,7 +195,7 @@ class Accelerator:
         if job.state is not JobState.NEW:
             raise JobRejected(f"job {job.id} is {job.state.value}; only a new job can be submitted")
         estimate = self.model.estimate(job)
-        job.future.add_done_callback(lambda f, job=job: self._on_future_done(job, f))
+        job.future.add_done_callback(functools.partial(self._on_future_done, job))
         with self._lock:
             if self._state is not AcceleratorState.RUNNING:
                 raise ServiceClosed(f"accelerator {self.name} is {self._state.value}")
@@ -258,7 +264,7 @@ class Accelerator:
         with self._lock:
             now = self._clock()
             queued = sum(j.estimate for j in self._queue.ordered())
-            running = sum(max(0.0, j.estimate - (now - j.t_started)) for j in self._running)
+            running = sum(_remaining(j, now) for j in self._running)
             return queued + running
 
     def estimated_completion(self, job: Job) -> float:
@@ -280,8 +286,8 @@ class Accelerator:
             if job.state.finished:
                 return 0.0
             if job.state is JobState.RUNNING:
-                return max(0.0, job.estimate - (now - job.t_started))
-            free = [max(0.0, j.estimate - (now - j.t_started)) for j in self._running]
+                return _remaining(job, now)
+            free = [_remaining(j, now) for j in self._running]
             free += [0.0] * max(0, self.workers - len(free))
             heapq.heapify(free)
             order = self._queue.ordered()
@@ -331,7 +337,7 @@ class Accelerator:
             with self._lock:
                 while late is None:
                     if not self._paused and len(self._queue):
-                        job = self._queue.pop()
+                        job = cast(Job, self._queue.pop())  # not empty: len() above
                         now = self._clock()
                         if job.future.set_running_or_notify_cancel():
                             job._transition(JobState.RUNNING, now)
@@ -461,8 +467,8 @@ class AcceleratorService:
         try:
             unknown = sorted(params.keys() - JOB_PARAMETERS) if params else None
             if unknown:
-                raise JobRejected(f"unknown job parameter(s) {', '.join(unknown)}; "
-                                  f"known: {', '.join(sorted(JOB_PARAMETERS))}")
+                raise ParameterError(f"unknown job parameter(s) {', '.join(unknown)}; "
+                                     f"known: {', '.join(sorted(JOB_PARAMETERS))}", argument=unknown[0])
             job = Job.create(op, input, output, guest_id=guest_id, **params)
         except JobRejected:
             key = op.value if isinstance(op, Op) else str(op)

@@ -29,9 +29,18 @@ iterations its frame error rate matched the one-segment decoder on the same fram
 shapes; it does no I/O.
 
 Input conversion policy: float32 LLRs are used as given; other real floating dtypes
-are converted to float32; integer, bool and complex inputs are refused (TypeError).
-Non-finite LLRs are refused (ValueError naming the first one). Finite LLRs are
+are converted to float32; integer, bool and complex inputs are refused
+(:class:`~accel_core.errors.DtypeError`, a TypeError). Non-finite LLRs are refused
+(:class:`~accel_core.errors.ElementError` naming the first one). Finite LLRs are
 clipped to +-LLR_LIMIT, the saturation bound of the decoder's metrics.
+
+Validation is written once, here (:func:`check_llr`, :func:`check_iterations`,
+:func:`check_scaling`, :func:`check_early_stop`; bits in :mod:`accel_core.crc`, K in
+:mod:`accel_core.qpp`), raising the typed errors of :mod:`accel_core.errors`.
+:func:`turbo_encode` / :func:`turbo_decode` run those checks and then the kernel;
+jobs run them at ``Job.create`` and later call :func:`encode_into` /
+:func:`decode_into`, which only check element values (guest memory may change
+until the job runs) and write into the job's output.
 """
 from __future__ import annotations
 
@@ -40,11 +49,13 @@ import numbers
 import numpy as np
 
 from accel_core import _turbo
-from accel_core.crc import as_bits
-from accel_core.qpp import qpp_table
+from accel_core.crc import CRC24A_ID, CRC24B_ID, as_bits, check_bit_values
+from accel_core.errors import DtypeError, ElementError, ParameterError, ParameterTypeError, ShapeError
+from accel_core.qpp import check_block_size, qpp_table
 
 __all__ = [
     "turbo_encode", "turbo_decode", "TAIL_BITS", "MAX_ITERATIONS", "LLR_LIMIT", "EARLY_STOP_CRCS",
+    "check_llr", "check_iterations", "check_scaling", "check_early_stop", "encode_into", "decode_into",
 ]
 
 #: Tail bits per stream (d(0), d(1), d(2) each have K + TAIL_BITS entries).
@@ -57,7 +68,7 @@ LLR_LIMIT = float(_turbo.LLR_LIMIT)
 #: number of segments (at most the kernel's SIMD lanes) at least this long.
 MIN_SEGMENT = 256
 #: Accepted ``early_stop`` values -> CRC kind of the kernel.
-EARLY_STOP_CRCS = {"crc24a": 0, "crc24b": 1}
+EARLY_STOP_CRCS = {"crc24a": CRC24A_ID, "crc24b": CRC24B_ID}
 
 
 def turbo_encode(bits: object) -> np.ndarray:
@@ -66,63 +77,101 @@ def turbo_encode(bits: object) -> np.ndarray:
     K must be one of the 188 sizes of TS 36.212 Table 5.1.3-3 (``qpp.BLOCK_SIZES``).
     """
     arr = as_bits(bits)
-    K = arr.shape[-1]
-    pi = qpp_table(K)
-    rows = arr.reshape(-1, K)
-    out = np.empty((rows.shape[0], 3, K + TAIL_BITS), dtype=np.uint8)
-    _turbo.encode_batch(rows, pi, out)
-    return out[0] if arr.ndim == 1 else out
+    K = check_block_size(arr.shape[-1])
+    out = np.empty(arr.shape[:-1] + (3, K + TAIL_BITS), dtype=np.uint8)
+    _encode(arr, out)
+    return out
 
 
-def _check_iterations(iterations: object) -> int:
+def _encode(bits: np.ndarray, out: np.ndarray) -> None:
+    K = bits.shape[-1]
+    _turbo.encode_batch(bits.reshape(-1, K), qpp_table(K), out.reshape(-1, 3, K + TAIL_BITS))
+
+
+def encode_into(bits: np.ndarray, out: np.ndarray) -> None:
+    """Encode checked uint8 ``bits`` [K] / [B, K] (C-contiguous, K a table size) into the
+    checked uint8 ``out`` [3, K+4] / [B, 3, K+4]; checks only that the bits are 0/1."""
+    check_bit_values(bits)
+    _encode(bits, out)
+
+
+def check_iterations(iterations: object) -> int:
+    """``iterations`` as an int in 1..MAX_ITERATIONS; ParameterTypeError / ParameterError."""
     if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral):
-        raise TypeError(f"iterations must be an int, got {type(iterations).__name__}")
+        raise ParameterTypeError(f"iterations must be an int, got {type(iterations).__name__}",
+                                 argument="iterations", value=iterations)
     if not 1 <= int(iterations) <= MAX_ITERATIONS:
-        raise ValueError(f"iterations={iterations} is outside 1..{MAX_ITERATIONS}")
+        raise ParameterError(f"iterations={iterations} is outside 1..{MAX_ITERATIONS}",
+                             argument="iterations", value=iterations)
     return int(iterations)
 
 
-def _check_scaling(scaling: object) -> float:
+def check_scaling(scaling: object) -> float | None:
+    """``scaling`` as None (plain max-log-MAP) or a float in (0, 1]; ParameterTypeError / ParameterError."""
     if scaling is None:
-        return 1.0
+        return None
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
-        raise TypeError(f"scaling must be None or a real number, got {type(scaling).__name__}")
+        raise ParameterTypeError(f"scaling must be None or a real number, got {type(scaling).__name__}",
+                                 argument="scaling", value=scaling)
     value = float(scaling)
     if not 0.0 < value <= 1.0:
-        raise ValueError(f"scaling={scaling!r} is outside (0, 1]")
+        raise ParameterError(f"scaling={scaling!r} is outside (0, 1]", argument="scaling", value=scaling)
     return value
 
 
-def _check_early_stop(early_stop: object) -> int:
-    if early_stop is None:
-        return -1
-    if early_stop not in EARLY_STOP_CRCS:
-        raise ValueError(f"early_stop={early_stop!r} must be None, 'crc24a' or 'crc24b'")
-    return EARLY_STOP_CRCS[early_stop]
+def check_early_stop(early_stop: object) -> str | None:
+    """``early_stop`` if it is None, 'crc24a' or 'crc24b'; else ParameterError."""
+    if early_stop is not None and (not isinstance(early_stop, str) or early_stop not in EARLY_STOP_CRCS):
+        raise ParameterError(f"early_stop={early_stop!r} must be None, 'crc24a' or 'crc24b'",
+                             argument="early_stop", value=early_stop)
+    return early_stop
 
 
-def _as_llr(llr: object) -> np.ndarray:
+def check_llr(llr: object) -> np.ndarray:
+    """``llr`` as an ndarray (not copied) if it is a real float array [3, K+4] or [B, 3, K+4]
+    with K a table size; DtypeError / ShapeError / BlockSizeError otherwise. Values are not
+    looked at (see :func:`decode_into`)."""
     arr = np.asarray(llr)
     if not np.issubdtype(arr.dtype, np.floating):
-        raise TypeError(f"llr must be a float32 array (other real float dtypes are converted), "
-                        f"got dtype {arr.dtype}")
+        raise DtypeError(f"llr must be a float32 array (other real float dtypes are converted), "
+                         f"got dtype {arr.dtype}", argument="llr", value=arr.dtype)
     if arr.ndim not in (2, 3) or arr.shape[-2] != 3:
-        raise ValueError(f"llr must be shaped [3, K + {TAIL_BITS}] or [B, 3, K + {TAIL_BITS}], "
-                         f"got shape {arr.shape}")
+        raise ShapeError(f"llr must be shaped [3, K + {TAIL_BITS}] or [B, 3, K + {TAIL_BITS}], "
+                         f"got shape {arr.shape}", argument="llr", value=arr.shape)
     K = arr.shape[-1] - TAIL_BITS
-    try:
-        qpp_table(K)
-    except ValueError as exc:
-        raise ValueError(f"llr last dimension {arr.shape[-1]} gives K = {K}: {exc}") from None
+    check_block_size(K, f"llr last dimension {arr.shape[-1]} gives K = {K}")
+    return arr
+
+
+def _finite_clipped(arr: np.ndarray) -> np.ndarray:
+    """A float32 C-contiguous copy of the LLRs clipped to +-LLR_LIMIT; ElementError naming the
+    first non-finite one (in ``arr``'s own indices)."""
     with np.errstate(over="ignore"):      # float64 beyond float32 range -> inf, refused below
         out = np.array(arr, dtype=np.float32, order="C", copy=True)
     finite = np.isfinite(out)
     if not finite.all():
         where = tuple(int(i) for i in np.argwhere(~finite)[0])
-        raise ValueError(f"llr{list(where)} = {arr[where]} is not finite "
-                         f"(as float32: {out[where]})")
+        raise ElementError(f"llr{list(where)} = {arr[where]} is not finite "
+                           f"(as float32: {out[where]})", argument="llr", value=arr[where])
     np.clip(out, -LLR_LIMIT, LLR_LIMIT, out=out)
     return out
+
+
+def decode_into(llr: np.ndarray, out: np.ndarray, *, iterations: int, scaling: float | None,
+                early_stop: str | None) -> np.ndarray:
+    """Decode checked LLRs (:func:`check_llr`) into the checked uint8 ``out`` [K] / [B, K]
+    (C-contiguous) with checked parameters; checks only that the LLRs are finite.
+
+    Returns the int32 iterations used per block, [B] (one entry for a single block).
+    """
+    x = _finite_clipped(llr)
+    K = x.shape[-1] - TAIL_BITS
+    blocks = x.reshape(-1, 3, K + TAIL_BITS)
+    used = np.empty(blocks.shape[0], dtype=np.int32)
+    _turbo.decode_batch(blocks, qpp_table(K), iterations, 1.0 if scaling is None else scaling,
+                        -1 if early_stop is None else EARLY_STOP_CRCS[early_stop],
+                        out.reshape(-1, K), used, _turbo.segments_for(K, MIN_SEGMENT))
+    return used
 
 
 def turbo_decode(llr: object, *, iterations: int = 8, scaling: float | None = None,
@@ -133,16 +182,12 @@ def turbo_decode(llr: object, *, iterations: int = 8, scaling: float | None = No
     bits [B, K] and int32 iters_used [B] for a batch. ``iterations`` is the number
     of full turbo iterations (both decoders), the maximum when ``early_stop`` is set.
     """
-    its = _check_iterations(iterations)
-    scale = _check_scaling(scaling)
-    crc_kind = _check_early_stop(early_stop)
-    arr = _as_llr(llr)
-    K = arr.shape[-1] - TAIL_BITS
-    blocks = arr.reshape(-1, 3, K + TAIL_BITS)
-    bits = np.empty((blocks.shape[0], K), dtype=np.uint8)
-    used = np.empty(blocks.shape[0], dtype=np.int32)
-    _turbo.decode_batch(blocks, qpp_table(K), its, scale, crc_kind, bits, used,
-                        _turbo.segments_for(K, MIN_SEGMENT))
+    its = check_iterations(iterations)
+    scale = check_scaling(scaling)
+    stop = check_early_stop(early_stop)
+    arr = check_llr(llr)
+    bits = np.empty(arr.shape[:-2] + (arr.shape[-1] - TAIL_BITS,), dtype=np.uint8)
+    used = decode_into(arr, bits, iterations=its, scaling=scale, early_stop=stop)
     if arr.ndim == 2:
-        return bits[0], int(used[0])
+        return bits, int(used[0])
     return bits, used

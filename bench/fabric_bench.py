@@ -10,7 +10,7 @@ measured over the same veth in the same run (issue 4's goals):
   ib_write_bw of about 828 MB/s at 64 KiB.
 
 Guests are processes of this host talking to their daemon over its unix
-socket (the sides of :mod:`bench.perftest`); the daemons run inside the
+socket (the sides of :mod:`vrdma.perftest`); the daemons run inside the
 namespaces with ``--roce-addr``, so every request and response crosses the
 veth as RoCEv2 packets.
 
@@ -49,6 +49,7 @@ import tempfile
 from bench import perftest, udp_baseline
 from bench.machine import header as machine_header, machine
 from netlab.ns import two_hosts
+from vrdma.perftest import BW_HEADER, LAT_HEADER, lat_row, run_pair
 
 RXE_LOOPBACK_WRITE_BW_MB = 828.0  # ib_write_bw over rxe loopback, 64 KiB (published figure)
 MTU_4096 = 5
@@ -59,8 +60,8 @@ CONNECT = dict(path_mtu=MTU_4096, timeout=14, retry_cnt=7, rnr_retry=7)
 
 def _pair(path_server: str, path_client: str, test: str, size: int, iters: int, batch: int,
           guest_cpu: int | None = None) -> dict:
-    return perftest.run_pair(path_server, test, size, iters, batch, guest_cpu,
-                             client_path=path_client, connect_attrs=CONNECT)
+    return run_pair(path_server, test, size, iters, batch, guest_cpu,
+                    client_path=path_client, connect_attrs=CONNECT)
 
 
 def _daemon(ns, ip: str, sock: str, poll_us: float, profile: str | None = None,
@@ -264,23 +265,23 @@ def main(argv=None) -> int:
     if "send_lat" in r:
         s = r["send_lat"]
         print("# 64 B SEND across veth, two daemons (half round trip, ib_send_lat columns)")
-        print(perftest.LAT_HEADER)
-        print(perftest._lat_row(s["ours"]))
+        print(LAT_HEADER)
+        print(lat_row(s["ours"]))
         print("# raw UDP 64 B ping-pong over the same veth (half round trip), spinners")
-        print(perftest._lat_row(s["udp_floor"]))
+        print(lat_row(s["udp_floor"]))
         print("# the same with idle vCPUs")
-        print(perftest._lat_row(s["udp_floor_idle_vcpus"]))
+        print(lat_row(s["udp_floor_idle_vcpus"]))
         print(f"# ratio (typical): {s['ratio_typical']:.2f}x   goal <= 1.5x   "
               f"(vs the idle-vCPU floor: {s['ratio_vs_idle_floor']:.2f}x)")
         if "ours_auth" in s:
             print("# the same SEND between daemons sharing a cluster key (authenticated)")
-            print(perftest._lat_row(s["ours_auth"]))
+            print(lat_row(s["ours_auth"]))
             print(f"# authenticated / plain (typical): {s['ours_auth']['t_typical']:.2f} / "
                   f"{s['ours']['t_typical']:.2f} us = {s['auth_ratio_typical']:.2f}x")
     if "write_bw" in r:
         w = r["write_bw"]
         print("# 64 KiB RDMA WRITE across veth, path MTU 4096 (ib_write_bw columns)")
-        print(perftest.BW_HEADER)
+        print(BW_HEADER)
         o = w["ours"]
         print(f"{o['bytes']:<7}{o['iterations']:<12}{o['bw_peak_MiB']:<19.2f}{o['bw_avg_MiB']:<22.2f}"
               f"{o['msg_rate_Mpps']:.6f}")

@@ -105,20 +105,20 @@ class Hog:
         for each answer); returns status -> count."""
         from guest_lib.context import CONTROLQ, RESP_BUF
 
-        ctx, dev = self.ctx, self.ctx.dev
+        ctx, t = self.ctx, self.ctx.transport
         req = wire.encode_request(cmd, **fields)
         rsz = wire.response_size(cmd)
         if not hasattr(self, "_burst_bufs") or len(self._burst_bufs) < n:
             self._burst_bufs = [(ctx.alloc(len(req), 64)[0], ctx.alloc(RESP_BUF, 64)[0]) for _ in range(n)]
-        q = dev.queues[CONTROLQ]
+        q = t.queues[CONTROLQ]
         for i, (rq, rs) in enumerate(self._burst_bufs[:n]):
-            dev.translate(rq, len(req))[:] = req
+            t.translate(rq, len(req))[:] = req
             q.add([(rq, len(req))], [(rs, rsz)], i)
-        dev.kick_if_needed(CONTROLQ)
+        t.notify_if_needed(CONTROLQ)
         out: dict[int, int] = {}
         for _ in range(n):
-            i, written = dev.wait_used(CONTROLQ, ctx.timeout)
-            status, _ = wire.decode_response(cmd, dev.translate(self._burst_bufs[i][1], written))
+            i, written = t.wait_used(CONTROLQ, ctx.timeout)
+            status, _ = wire.decode_response(cmd, t.translate(self._burst_bufs[i][1], written))
             out[int(status)] = out.get(int(status), 0) + 1
         return out
 

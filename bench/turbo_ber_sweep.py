@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from accel_core.turbo import turbo_decode
-from bench.bench_turbo import awgn_frames
+from vrdma.accel_bench.turbo_bench import awgn_frames
 
 __all__ = ["sweep", "crossing", "main"]
 

@@ -175,7 +175,7 @@ def latency(hosts: TwoHosts | None = None, *, size: int = 64, iters: int = 20000
             cpus: tuple[int | None, int | None] = (None, None)) -> dict:
     """UDP ping-pong from A to B; perftest-style half round trip stats.
     ``cpus``: the CPUs to pin A's and B's side to (None: the scheduler's choice)."""
-    from bench.perftest import _stats
+    from vrdma.perftest import latency_stats
     with _lab(hosts, mtu) as h:
         server = h.b.popen(_side_argv("_echo", h.ip_b, port, size))
         try:
@@ -188,7 +188,7 @@ def latency(hosts: TwoHosts | None = None, *, size: int = 64, iters: int = 20000
         finally:
             server.stop()
     rtt = rtt[len(rtt) // 10:]
-    r = _stats([t // 2 for t in rtt], size)
+    r = latency_stats([t // 2 for t in rtt], size)
     r.update(test="udp_lat", echoed=echoed, rtt_typical=sorted(rtt)[len(rtt) // 2] / 1000.0)
     return r
 
@@ -219,11 +219,11 @@ def throughput(hosts: TwoHosts | None = None, *, size: int = 4096, seconds: floa
 
 # ------------------------------------------------------------------------ CLI
 def print_latency(r: dict) -> None:
-    from bench.perftest import LAT_HEADER, _lat_row
+    from vrdma.perftest import LAT_HEADER, lat_row
     print(f"# raw UDP ping-pong across veth (half round trip, like ib_send_lat); "
           f"{r.get('vcpu_state', 'idle vCPUs')}")
     print(LAT_HEADER)
-    print(_lat_row(r))
+    print(lat_row(r))
     print(f"# round trip typical {r['rtt_typical']:.2f} usec")
 
 

@@ -16,53 +16,13 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 
 from vhost_user.blk_driver import BlkDriver
 from vhost_user.testing import DaemonProcess
-
-
-def _stats(samples_ns: list[int]) -> dict:
-    s = sorted(samples_ns)
-    n = len(s)
-    us = lambda v: v / 1000.0
-    return {
-        "iterations": n,
-        "t_min_us": us(s[0]),
-        "t_typical_us": us(s[n // 2]),
-        "t_avg_us": us(sum(s) / n),
-        "t_stdev_us": us(statistics.pstdev(s)),
-        "p99_us": us(s[min(n - 1, int(n * 0.99))]),
-        "p999_us": us(s[min(n - 1, int(n * 0.999))]),
-    }
-
-
-def eventfd_pingpong(iterations: int) -> dict:
-    ping = os.eventfd(0, os.EFD_CLOEXEC)
-    pong = os.eventfd(0, os.EFD_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:  # child: echo
-        try:
-            for _ in range(iterations + 100):
-                os.eventfd_read(ping)
-                os.eventfd_write(pong, 1)
-        finally:
-            os._exit(0)
-    samples = []
-    clock = time.perf_counter_ns
-    for i in range(iterations + 100):
-        t0 = clock()
-        os.eventfd_write(ping, 1)
-        os.eventfd_read(pong)
-        if i >= 100:
-            samples.append(clock() - t0)
-    os.waitpid(pid, 0)
-    os.close(ping)
-    os.close(pong)
-    return _stats(samples)
+from vrdma.perftest import eventfd_pingpong, rtt_stats
 
 
 def blk_roundtrip(sock: str, iterations: int, request: str, spin_us: float = 0.0) -> dict:
@@ -78,7 +38,7 @@ def blk_roundtrip(sock: str, iterations: int, request: str, spin_us: float = 0.0
             op()
             if i >= 100:
                 samples.append(clock() - t0)
-    return _stats(samples)
+    return rtt_stats(samples)
 
 
 def run(iterations: int = 20000, request: str = "get-id", with_qsd: bool = True, spin_us: float = 50.0) -> dict:

@@ -95,6 +95,41 @@ def psn_diff(a: int, b: int) -> int:
     return d - (1 << 24) if d & (1 << 23) else d
 
 
+class WireQp(Protocol):
+    """The engine that runs one guest QP whose peer a network or a host RDMA
+    device reaches (:class:`fabric.roce_qp.NetworkQp`,
+    :class:`fabric.hca.VerbsQp`), as the device core drives it. It consumes
+    the QP's guest rings through :mod:`virtio_rdma.rings` (the
+    ``SendEngine``/``RecvEngine`` there), so it writes CQEs, retires ring
+    slots and moves the QP to ERR exactly as the local message path does.
+    QPs without one run the message path of :mod:`virtio_rdma.datapath`
+    over :meth:`Fabric.send`."""
+
+    def modified(self, prev, target, now: float) -> None:
+        """The guest's MODIFY_QP moved the QP from ``prev`` to ``target``
+        (QpState; RESET and ERR come as :meth:`close` and :meth:`on_error`).
+        May raise CommandError: the core keeps ``prev`` and fails the command."""
+
+    def progress(self, now: float) -> None:
+        """The guest rang the SQ doorbell: start what it posted."""
+
+    def rq_rung(self, now: float) -> None:
+        """The guest posted receives (the engine may take them now or later)."""
+
+    def deadline(self) -> float | None:
+        """When :meth:`on_timer` must run next (None: no timer)."""
+
+    def on_timer(self, now: float) -> None:
+        """Run due retransmission/RNR timers."""
+
+    def on_error(self) -> None:
+        """The QP enters ERR (the core flushes its rings): stop and forget
+        what the engine holds."""
+
+    def close(self) -> None:
+        """The QP went to RESET or is destroyed: release the engine (idempotent)."""
+
+
 class Fabric(ABC):
     """Where QPs live and how their messages travel."""
 
@@ -131,12 +166,16 @@ class Fabric(ABC):
         device core makes its own keys and QPNs."""
         return None
 
-    def open_wire_qp(self, dev, qp, now: float):
+    def open_wire_qp(self, dev, qp, now: float) -> WireQp | None:
         """Called when ``qp`` (of device core ``dev``) moves INIT -> RTR. A
         network fabric returns the wire engine that will run the QP when its
         ``dgid`` is on another host (see :mod:`fabric.roce_qp`); None keeps
         the QP on the message path of :meth:`send`."""
         return None
+
+    def describe(self) -> str:
+        """What this fabric is, for the daemon's log (e.g. "RoCEv2 on 192.0.2.1:4791")."""
+        return f"{type(self).__name__} (GID {self.gid.hex()})"
 
     def respond(self, resp: Response, now: float) -> None:  # pragma: no cover - network fabrics
         """Send a response produced asynchronously (network fabrics)."""

@@ -49,25 +49,21 @@ from dataclasses import asdict, dataclass
 
 from virtio.alias import PAGE, AliasWindow
 from virtio.errors import GuestMemoryError
-from virtio_rdma import datapath
-from virtio_rdma.constants import Access, AsyncEvent, Mtu, QpState, SendFlags, Status, WcFlags, \
+from virtio_rdma.constants import Access, Mtu, QpState, SendFlags, Status, WcFlags, \
     WcOpcode, WcStatus, WrOpcode
-from virtio_rdma.errors import CommandError, FabricError, VirtioRdmaError
+from virtio_rdma.errors import CommandError, FabricError
 from fabric.local import LocalFabric
 from fabric.uverbs import KernelMr
-from virtio_rdma.wire import Completion, decode_recv_wqe, decode_send_wqe
+from virtio_rdma.rings import ATOMICS, drive_rq, drive_sq, fail_send, qp_error, recv_done, send_done
 
 log = logging.getLogger(__name__)
 
 RECV_BIT = 1 << 63          # device wr_id of a receive: RECV_BIT | ring index
 _RIGHTS = Access.LOCAL_WRITE | Access.REMOTE_WRITE | Access.REMOTE_READ | Access.REMOTE_ATOMIC
 _RDMA = frozenset({WrOpcode.RDMA_WRITE, WrOpcode.RDMA_WRITE_WITH_IMM, WrOpcode.RDMA_READ})
-_ATOMICS = frozenset({WrOpcode.ATOMIC_CMP_AND_SWP, WrOpcode.ATOMIC_FETCH_AND_ADD})
 _IMM = frozenset({WrOpcode.SEND_WITH_IMM, WrOpcode.RDMA_WRITE_WITH_IMM})
 _EVENT_FD_LINK = "anon_inode:[infinibandevent]"
 _STATUS_OF_ERRNO = {int(s) for s in Status}
-_WC_WITH_IMM = 2            # IBV_WC_WITH_IMM
-_WC_RECV_RDMA_WITH_IMM = 129
 
 
 def rdma_devices() -> list[str]:
@@ -143,7 +139,8 @@ class VerbsFabric(LocalFabric):
             from pyverbs.pyverbs_error import PyverbsError
         except ImportError as e:
             raise FabricError(f"the verbs fabric needs pyverbs (python3-pyverbs): {e}") from None
-        self._PyverbsError = PyverbsError
+        #: what a refusal of the device raises (pyverbs' errors)
+        self.device_errors: tuple = (PyverbsError,)
         try:
             self.ctx = Context(name=device)
         except PyverbsError as e:
@@ -180,7 +177,7 @@ class VerbsFabric(LocalFabric):
             try:
                 g = gid_bytes(self.ctx.query_gid(port, i))
                 roce_v2 = self.ctx.query_gid_type(port, i) == e.IBV_GID_TYPE_SYSFS_ROCE_V2
-            except self._PyverbsError:
+            except self.device_errors:
                 continue
             if want is not None and g == want:
                 return i
@@ -205,18 +202,16 @@ class VerbsFabric(LocalFabric):
             max_msg_sz=min(L.max_msg_sz, self.port_attr.max_msg_sz or L.max_msg_sz))
         return VerbsBinding(self, dev)
 
+    def describe(self) -> str:
+        return f"verbs on {self.device} port {self.port} GID index {self.gid_index} ({self.address})"
+
     def open_wire_qp(self, dev, qp, now: float) -> "VerbsQp | None":
         if qp.hw is None:
             return None
-        if bytes(qp.attr.dgid) == self.gid and qp.attr.dest_qp_num in self._endpoints:
+        if bytes(qp.attr.dgid) == self.gid and self.endpoint(qp.attr.dest_qp_num) is not None:
             return None  # another guest of this daemon: the message path
         self.metrics.wire_qps += 1
         return VerbsQp(self, dev, qp)
-
-    def adopt_qpn(self, qpn: int) -> None:
-        if qpn in self._allocated:
-            raise FabricError(f"the device returned QPN {qpn:#x}, which is in use")
-        self._allocated.add(qpn)
 
     def close(self) -> None:
         """Close the device context (every object on it is destroyed with it)."""
@@ -254,7 +249,7 @@ class VerbsBinding:
 
             try:
                 pd = PD(self.fabric.ctx)
-            except self.fabric._PyverbsError as e:
+            except self.fabric.device_errors as e:
                 raise CommandError(f"device PD for PD {pdn}: {e}", _status_of(e)) from None
             self.pds[pdn] = pd
         return pd
@@ -344,7 +339,7 @@ class VerbsBinding:
             c.channel.get_cq_event(c.cq)
             c.cq.ack_events(1)
             self.fabric.metrics.events += 1
-        except self.fabric._PyverbsError:
+        except self.fabric.device_errors:
             pass  # no event after all (the fd is non-blocking)
         c.cq.req_notify()
         self.poll(c)
@@ -459,7 +454,7 @@ class _SharedCq:
             os.set_blocking(self.fd, False)
             self.cq = CQ(fabric.ctx, size, None, self.channel, 0)
             self.cq.req_notify()
-        except (fabric._PyverbsError, FabricError) as err:
+        except (fabric.device_errors, FabricError) as err:
             self.close()
             raise CommandError(f"device CQ: {err}", _status_of(err)) from None
         if fabric.watch is not None:
@@ -515,7 +510,7 @@ class HcaQp:
                                         sq_sig_all=0))
             self.qpn = self.qp.qp_num
             fabric.adopt_qpn(self.qpn)
-        except (fabric._PyverbsError, FabricError) as err:
+        except (fabric.device_errors, FabricError) as err:
             self.qpn = 0  # not adopted: the number is not ours to free
             self._release()
             raise CommandError(f"device QP: {err}", _status_of(err)) from None
@@ -562,7 +557,7 @@ class HcaQp:
         self._release()
         if qpn:
             self.binding.qps.pop(qpn, None)
-            self.fabric._allocated.discard(qpn)
+            self.fabric.free_qpn(qpn)
             self.fabric.metrics.device_qps -= 1
 
 
@@ -645,7 +640,7 @@ class VerbsQp:
                 attr.qp_access_flags = access
                 mask = e.IBV_QP_STATE | (e.IBV_QP_ACCESS_FLAGS if target is not QpState.SQD else 0)
                 hw.qp.modify(attr, mask)
-        except self.fabric._PyverbsError as err:
+        except self.fabric.device_errors as err:
             raise CommandError(f"QP {qp.qpn:#x}: the RDMA device refused {prev.name} -> "
                                f"{target.name}: {err}", _status_of(err)) from None
         if target is QpState.RTS:
@@ -670,7 +665,7 @@ class VerbsQp:
 
         try:
             self.hw.qp.modify(QPAttr(qp_state=e.IBV_QPS_ERR), e.IBV_QP_STATE)
-        except self.fabric._PyverbsError as err:
+        except self.fabric.device_errors as err:
             log.warning("QP %#x: device QP to ERR: %s", self.qp.qpn, err)
 
     def close(self) -> None:
@@ -683,7 +678,7 @@ class VerbsQp:
         if self.hw.qp is not None:
             try:
                 self.hw.reset()
-            except self.fabric._PyverbsError as err:
+            except self.fabric.device_errors as err:
                 log.warning("QP %#x: device QP to RESET: %s", self.qp.qpn, err)
         self.hw.engine = None
 
@@ -698,120 +693,96 @@ class VerbsQp:
 
     # ------------------------------------------------------------- send side
     def progress(self, now: float) -> None:
-        qp, dev = self.qp, self.dev
-        if qp.state is not QpState.RTS or self.failed:
-            return
-        while qp.sq_next != qp.sq_pi:
-            if not self._post_one(qp.sq_next):
-                return
-            qp.sq_next = (qp.sq_next + 1) & 0xFFFFFFFF
-            dev.metrics.requests_sent += 1
+        drive_sq(self.dev, self.qp, self, now)
 
-    def _post_one(self, idx: int) -> bool:
+    # the ring consumer's SendEngine and RecvEngine (virtio_rdma.rings)
+    @property
+    def refusals(self) -> tuple:
+        return self.fabric.device_errors
+
+    def may_start(self, now: float) -> bool:
+        return not self.failed
+
+    def fence_pending(self) -> bool:
+        return False  # IBV_SEND_FENCE: the device orders it
+
+    def started(self, now: float) -> None:
+        pass
+
+    def start_send(self, idx: int, wqe, signaled: bool, now: float) -> bool:
         from pyverbs.wr import SGE, SendWR
         import pyverbs.enums as e
 
-        qp, dev, hw = self.qp, self.dev, self.hw
+        hw, op = self.hw, wqe.opcode
+        if wqe.inline is not None:
+            buf = hw.bounce_buffer()
+            off = (idx % hw.sq_depth) * hw.inline_slot
+            data = bytes(wqe.inline)
+            if data:
+                buf.write(data, len(data), off)
+            sges = [(buf.buf + off, len(data), buf.lkey)]
+        elif wqe.sges:
+            sges = [(s.addr, s.length, s.lkey) for s in wqe.sges]
+        else:  # pyverbs needs one SGE: an empty one
+            buf = hw.bounce_buffer()
+            sges = [(buf.buf, 0, buf.lkey)]
+        flags = e.IBV_SEND_SIGNALED
+        if wqe.send_flags & SendFlags.SOLICITED:
+            flags |= e.IBV_SEND_SOLICITED
+        if wqe.send_flags & SendFlags.FENCE:
+            flags |= e.IBV_SEND_FENCE
+        # pyverbs 44 never frees an SGE's or WR's C memory (its destructor
+        # is misspelled): close() each exactly once (later pyverbs: idempotent)
+        sg = [SGE(*x) for x in sges]
         try:
-            slot = dev.mem.translate(qp.sq_slot_gpa(idx), 1 << qp.layout.sq_wqe_shift)
-        except GuestMemoryError:
-            dev.metrics.wqe_fetch_faults += 1
-            datapath.qp_error(dev, qp, AsyncEvent.QP_FATAL)
-            return False
-        wr_id = int.from_bytes(slot[:8], "little")
-        opcode = slot[8]
+            wr = SendWR(wr_id=idx, opcode=int(op), num_sge=len(sg), sg=sg, send_flags=flags,
+                        imm_data=wqe.imm_data if op in _IMM else 0)
+        finally:
+            for x in sg:
+                x.close()
         try:
-            wqe = decode_send_wqe(slot, qp.layout.max_send_sge)
-            datapath.check_wqe(dev, qp, wqe)
-            op = wqe.opcode
-            if wqe.inline is not None:
-                buf = hw.bounce_buffer()
-                off = (idx % hw.sq_depth) * hw.inline_slot
-                data = bytes(wqe.inline)
-                if data:
-                    buf.write(data, len(data), off)
-                sges = [(buf.buf + off, len(data), buf.lkey)]
-            elif wqe.sges:
-                sges = [(s.addr, s.length, s.lkey) for s in wqe.sges]
-            else:  # pyverbs needs one SGE: an empty one
-                buf = hw.bounce_buffer()
-                sges = [(buf.buf, 0, buf.lkey)]
-            flags = e.IBV_SEND_SIGNALED
-            if wqe.send_flags & SendFlags.SOLICITED:
-                flags |= e.IBV_SEND_SOLICITED
-            if wqe.send_flags & SendFlags.FENCE:
-                flags |= e.IBV_SEND_FENCE
-            # pyverbs 44 never frees an SGE's or WR's C memory (its destructor
-            # is misspelled): close() each exactly once (later pyverbs: idempotent)
-            sg = [SGE(*x) for x in sges]
-            try:
-                wr = SendWR(wr_id=idx, opcode=int(op), num_sge=len(sg), sg=sg, send_flags=flags,
-                            imm_data=wqe.imm_data if op in _IMM else 0)
-            finally:
-                for x in sg:
-                    x.close()
-            try:
-                if op in _RDMA:
-                    wr.set_wr_rdma(wqe.rkey, wqe.remote_addr)
-                elif op in _ATOMICS:
-                    wr.set_wr_atomic(wqe.rkey, wqe.remote_addr, wqe.compare_add, wqe.swap)
-                hw.qp.post_send(wr)
-            finally:
-                wr.close()
-        except datapath._WqeError as err:
-            setattr(dev.metrics, err.metric, getattr(dev.metrics, err.metric) + 1)
-            return self._fail(idx, wr_id, opcode, err.wc_status)
-        except (VirtioRdmaError, self.fabric._PyverbsError) as err:
-            log.debug("QP %#x: send WQE %d refused: %s", qp.qpn, idx, err)
-            dev.metrics.bad_wqes += 1
-            return self._fail(idx, wr_id, opcode, WcStatus.LOC_QP_OP_ERR)
-        signaled = qp.sq_sig_all or bool(wqe.send_flags & SendFlags.SIGNALED)
-        self.posted.append((idx, int(op), signaled, wr_id))
+            if op in _RDMA:
+                wr.set_wr_rdma(wqe.rkey, wqe.remote_addr)
+            elif op in ATOMICS:
+                wr.set_wr_atomic(wqe.rkey, wqe.remote_addr, wqe.compare_add, wqe.swap)
+            hw.qp.post_send(wr)
+        finally:
+            wr.close()
+        self.posted.append((idx, int(op), signaled, wqe.wr_id))
         return True
 
-    def _fail(self, idx: int, wr_id: int, opcode: int, status: WcStatus) -> bool:
-        """A WQE failed before reaching the device (see datapath.fail_wqe);
+    def fail_send(self, idx: int, wr_id: int, opcode: int, status: WcStatus) -> None:
+        """A WQE failed before reaching the device (see rings.fail_send);
         what the device completed before is delivered first."""
         self.on_error()
         if self.qp.state is not QpState.ERR:  # else a device error completion got there first
-            datapath.fail_wqe(self.dev, self.qp, idx, wr_id, opcode, status)
-        return False
+            fail_send(self.dev, self.qp, idx, wr_id, opcode, status)
 
     # ---------------------------------------------------------- receive side
     def rq_rung(self, now: float) -> None:
         """Hand the device every receive WQE the guest posted since the last call."""
+        if not (self.failed or self.closed):
+            drive_rq(self.dev, self.qp, self)
+
+    def post_recv(self, idx: int, wqe) -> None:
         from pyverbs.wr import RecvWR, SGE
 
-        qp, dev, hw = self.qp, self.dev, self.hw
-        if self.failed or self.closed:
-            return
-        while self.rq_posted != qp.rq_pi:
-            idx = self.rq_posted
-            try:
-                slot = dev.mem.translate(qp.rq_slot_gpa(idx), 1 << qp.layout.rq_wqe_shift)
-                wqe = decode_recv_wqe(slot, qp.layout.max_recv_sge)
-                if wqe.sges:
-                    sges = [(s.addr, s.length, s.lkey) for s in wqe.sges]
-                else:
-                    buf = hw.bounce_buffer()
-                    sges = [(buf.buf, 0, buf.lkey)]
-                sg = [SGE(*x) for x in sges]
-                try:
-                    wr = RecvWR(wr_id=RECV_BIT | idx, num_sge=len(sg), sg=sg)
-                finally:
-                    for x in sg:
-                        x.close()
-                try:
-                    hw.qp.post_recv(wr)
-                finally:
-                    wr.close()
-            except (GuestMemoryError, VirtioRdmaError, self.fabric._PyverbsError) as err:
-                log.debug("QP %#x: receive WQE %d refused: %s", qp.qpn, idx, err)
-                dev.metrics.bad_wqes += 1
-                datapath.qp_error(dev, qp, AsyncEvent.QP_FATAL)
-                return
-            self.recv_ids.append(wqe.wr_id)
-            self.rq_posted = (idx + 1) & 0xFFFFFFFF
+        if wqe.sges:
+            sges = [(s.addr, s.length, s.lkey) for s in wqe.sges]
+        else:
+            buf = self.hw.bounce_buffer()
+            sges = [(buf.buf, 0, buf.lkey)]
+        sg = [SGE(*x) for x in sges]
+        try:
+            wr = RecvWR(wr_id=RECV_BIT | idx, num_sge=len(sg), sg=sg)
+        finally:
+            for x in sg:
+                x.close()
+        try:
+            self.hw.qp.post_recv(wr)
+        finally:
+            wr.close()
+        self.recv_ids.append(wqe.wr_id)
 
     # ------------------------------------------------------------ completions
     def complete(self, wc) -> None:
@@ -827,10 +798,10 @@ class VerbsQp:
             self._send_done(wc)
         if wc.status != 0:  # the device QP is in ERR now: so is the guest's
             m.error_completions += 1
-            datapath.qp_error(self.dev, qp, None)
+            qp_error(self.dev, qp, None)
 
     def _send_done(self, wc) -> None:
-        qp, dev = self.qp, self.dev
+        qp = self.qp
         if not self.posted:
             log.warning("QP %#x: device send completion with nothing posted (wr_id %#x)",
                         qp.qpn, wc.wr_id)
@@ -838,33 +809,24 @@ class VerbsQp:
         idx, opcode, signaled, wr_id = self.posted.popleft()
         if idx != wc.wr_id:
             log.warning("QP %#x: device completed slot %d, expected %d", qp.qpn, wc.wr_id, idx)
-        status = _wc_status(wc.status)
-        datapath.complete_send(dev, qp, idx, wr_id, opcode, status, wc.byte_len,
-                               force=signaled or status is not WcStatus.SUCCESS)
-        if status is WcStatus.SUCCESS:
-            dev.metrics.sends_completed += 1
-            if opcode == WrOpcode.RDMA_READ:
-                dev.metrics.bytes_received += wc.byte_len
+        send_done(self.dev, qp, idx, wr_id, opcode, _wc_status(wc.status), wc.byte_len, signaled)
 
     def _recv_done(self, wc) -> None:
-        qp, dev = self.qp, self.dev
         if not self.recv_ids:
-            log.warning("QP %#x: device receive completion with nothing posted", qp.qpn)
+            log.warning("QP %#x: device receive completion with nothing posted", self.qp.qpn)
             return
         wr_id = self.recv_ids.popleft()
-        qp.rq_ci = (qp.rq_ci + 1) & 0xFFFFFFFF
         status = _wc_status(wc.status)
         flags, imm, opcode = 0, 0, WcOpcode.RECV
         if status is WcStatus.SUCCESS:
-            dev.metrics.bytes_received += wc.byte_len
-            if wc.opcode == _WC_RECV_RDMA_WITH_IMM:
+            if wc.opcode == WcOpcode.RECV_RDMA_WITH_IMM:
                 opcode = WcOpcode.RECV_RDMA_WITH_IMM
-            if wc.wc_flags & _WC_WITH_IMM:
+            if wc.wc_flags & WcFlags.WITH_IMM:
                 flags, imm = int(WcFlags.WITH_IMM), wc.imm_data  # __be32, as the guest expects
         # the device does not say whether a SEND was solicited: a solicited-only
         # arm fires on every receive (a spurious wake-up, never a lost one)
-        dev.complete(qp.recv_cq, Completion(wr_id, status, opcode, qp.qpn, wc.byte_len, imm,
-                                            flags, wc.src_qp), solicited=True)
+        recv_done(self.dev, self.qp, wr_id, status, opcode, wc.byte_len, imm, flags, wc.src_qp,
+                  solicited=True)
 
 
 def _wc_status(v: int) -> WcStatus:

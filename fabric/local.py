@@ -27,6 +27,9 @@ class LocalFabric(Fabric):
         self._allocated: set[int] = set()
         self.delivered = 0
         self.dropped = 0
+        #: :meth:`send` is this class's own (synchronous delivery to the
+        #: attached endpoint), so a native path may deliver in its place
+        self.direct = type(self).send is LocalFabric.send
 
     @property
     def gid(self) -> bytes:
@@ -43,6 +46,13 @@ class LocalFabric(Fabric):
                 self._allocated.add(qpn)
                 return qpn
 
+    def adopt_qpn(self, qpn: int) -> None:
+        """Reserve ``qpn``, chosen by someone else (a host RDMA device numbers
+        its own QPs, and the guest's QP takes that number)."""
+        if qpn in self._allocated:
+            raise FabricError(f"the device returned QPN {qpn:#x}, which is in use")
+        self._allocated.add(qpn)
+
     def free_qpn(self, qpn: int) -> None:
         self._allocated.discard(qpn)
         self._endpoints.pop(qpn, None)
@@ -56,6 +66,10 @@ class LocalFabric(Fabric):
 
     def detach(self, qpn: int) -> None:
         self._endpoints.pop(qpn, None)
+
+    def endpoint(self, qpn: int) -> Endpoint | None:
+        """The endpoint attached at ``(self.gid, qpn)``, if any."""
+        return self._endpoints.get(qpn)
 
     def send(self, req: Request, now: float) -> Response | None:
         ep = self._endpoints.get(req.dst_qpn) if req.dst_gid == self._gid else None

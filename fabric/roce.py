@@ -134,6 +134,10 @@ class RoceFabric(LocalFabric):
         self.metrics.wire_qps += 1
         return n
 
+    def describe(self) -> str:
+        auth = " (authenticated)" if self.mac_key is not None else ""
+        return f"RoCEv2 on {self.address}:{self.port}{auth}"
+
     def port_check_of(self, peer: str) -> PortCheck:
         """How ``peer``'s source ports are checked (see the class doc)."""
         mode = self.port_checks.get(peer)
@@ -215,6 +219,11 @@ class RoceFabric(LocalFabric):
         if n not in self._deferred:
             self._deferred[n] = n.deadline()
 
+    @property
+    def pumps_pending(self) -> bool:
+        """Did QPs take deferred packets that :meth:`flush_deferred` has not pumped yet?"""
+        return bool(self._deferred)
+
     def flush_deferred(self, now: float) -> None:
         """Pump every QP that took deferred packets."""
         deferred = self._deferred
@@ -283,7 +292,7 @@ class RoceFabricService:
         return ep is not None and ep.poll()
 
     def _on_packet(self, pkt: RocePacket, src: str, sport: int) -> None:
-        if not self.fabric._deferred:
+        if not self.fabric.pumps_pending:
             self._now = monotonic()
         try:
             self.fabric.receive(pkt, src, self._now, defer=True, sport=sport)
@@ -291,7 +300,7 @@ class RoceFabricService:
             log.exception("RoCE fabric: internal error on a packet from %s", src)
 
     def _on_batch_end(self) -> None:
-        while self.fabric._deferred:  # a QP whose pump raised is already off the list
+        while self.fabric.pumps_pending:  # a QP whose pump raised is already off the list
             try:
                 self.fabric.flush_deferred(self._now)
             except Exception:

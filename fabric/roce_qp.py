@@ -34,12 +34,11 @@ from __future__ import annotations
 import logging
 from collections import deque
 
-from virtio.errors import GuestMemoryError
-from virtio_rdma import datapath
 from virtio_rdma.constants import Access, AsyncEvent, QpState, SendFlags, WcFlags, WcOpcode, \
     WcStatus, WrOpcode
-from virtio_rdma.errors import MemoryAccessError, VirtioRdmaError
-from virtio_rdma.wire import Completion, decode_recv_wqe, decode_send_wqe
+from virtio_rdma.errors import MemoryAccessError
+from virtio_rdma.rings import ATOMICS, LOCAL_WRITE_OPS, WqeError, drive_rq, drive_sq, fail_send, \
+    local_views, path_mtu_bytes, qp_error, recv_done, send_done
 
 from roce.errors import RemoteAccessError, TransportError
 from roce.rc import verbs as rv
@@ -165,7 +164,7 @@ class NetworkQp:
         attrs = {"access": rv.Access(int(qp.access & _RIGHTS))}
         if target is QpState.RTR and prev is QpState.INIT:
             self._post_recvs()
-            attrs.update(dest_qp_num=a.dest_qp_num, path_mtu=datapath._mtu(qp),
+            attrs.update(dest_qp_num=a.dest_qp_num, path_mtu=path_mtu_bytes(qp),
                          rq_psn=qp.epsn, min_rnr_timer=a.min_rnr_timer & 31,
                          max_dest_rd_atomic=max(1, min(255, a.max_dest_rd_atomic)))
         if target in (QpState.RTS, QpState.SQD):
@@ -181,7 +180,7 @@ class NetworkQp:
         except TransportError as e:  # the core's table allowed it; the engine disagrees
             log.warning("QP %#x: wire engine refused %s -> %s: %s", qp.qpn, prev.name,
                         target.name, e)
-            datapath.qp_error(self.dev, qp, AsyncEvent.QP_FATAL)
+            qp_error(self.dev, qp, AsyncEvent.QP_FATAL)
             return
         if target is QpState.RTS:
             self.progress(now)
@@ -216,66 +215,49 @@ class NetworkQp:
             self._post_recvs(lenient=True)
 
     def _progress_sq(self, now: float) -> None:
-        qp, dev = self.qp, self.dev
-        if qp.state is QpState.RTS:
-            while qp.sq_next != qp.sq_pi:
-                if not self._post_one(qp.sq_next):
-                    return  # the QP went to ERR
-                qp.sq_next = (qp.sq_next + 1) & 0xFFFFFFFF
-                dev.metrics.requests_sent += 1
-                self.pump(now)
-                if qp.state is not QpState.RTS:
-                    return  # ERR: the core flushes what is left in the ring
-            return
-        self.pump(now)
+        if self.qp.state is QpState.RTS:
+            drive_sq(self.dev, self.qp, self, now)
+        else:
+            self.pump(now)
 
-    def _post_one(self, idx: int) -> bool:
-        qp, dev = self.qp, self.dev
-        try:
-            slot = dev.mem.translate(qp.sq_slot_gpa(idx), 1 << qp.layout.sq_wqe_shift)
-        except GuestMemoryError:
-            dev.metrics.wqe_fetch_faults += 1
-            datapath.qp_error(dev, qp, AsyncEvent.QP_FATAL)
-            return False
-        try:
-            wqe = decode_send_wqe(slot, qp.layout.max_send_sge)
-            flags = int(wqe.send_flags)
-            wr = self._send_wr(wqe, flags)
-            self.rc.post_send(wr)
-        except datapath._WqeError as e:
-            setattr(dev.metrics, e.metric, getattr(dev.metrics, e.metric) + 1)
-            return self._fail(idx, int.from_bytes(slot[:8], "little"), slot[8], e.wc_status)
-        except (VirtioRdmaError, TransportError) as e:  # malformed WQE / refused WR
-            log.debug("QP %#x: bad send WQE %d: %s", qp.qpn, idx, e)
-            dev.metrics.bad_wqes += 1
-            return self._fail(idx, int.from_bytes(slot[:8], "little"), slot[8],
-                              WcStatus.LOC_QP_OP_ERR)
-        self.posted.append((idx, int(wqe.opcode), qp.sq_sig_all or bool(flags & _SIGNALED)))
+    # the ring consumer's SendEngine (virtio_rdma.rings)
+    refusals = (TransportError,)
+
+    def may_start(self, now: float) -> bool:
         return True
 
-    def _send_wr(self, wqe, flags: int) -> rv.SendWR:
-        qp, dev = self.qp, self.dev
-        datapath.check_wqe(dev, qp, wqe)
+    def fence_pending(self) -> bool:
+        return False  # the engine orders fenced WRs itself
+
+    def start_send(self, idx: int, wqe, signaled: bool, now: float) -> bool:
+        self.rc.post_send(self._send_wr(wqe))
+        self.posted.append((idx, int(wqe.opcode), signaled))
+        return True
+
+    def started(self, now: float) -> None:
+        """Pump after each WQE: its packets leave while the next is read."""
+        self.pump(now)
+
+    def _send_wr(self, wqe) -> rv.SendWR:
         op = wqe.opcode
         if wqe.inline is not None:
             sges = [memoryview(bytes(wqe.inline))]  # the slot may be reused once posted
         else:
-            sges = datapath._local_views(dev, qp, wqe, Access.LOCAL_WRITE
-                                         if op in _LOCAL_WRITE_OPS else _NO_ACCESS)
-        if op in _ATOMICS:
+            sges = local_views(self.dev, self.qp, wqe, Access.LOCAL_WRITE
+                               if op in LOCAL_WRITE_OPS else _NO_ACCESS)
+        if op in ATOMICS:
             sges = _first_bytes(sges, 8)
+        flags = int(wqe.send_flags)
         # the engine maps the opcode to its own enum (same ibv values)
         return rv.SendWR(wqe.wr_id, op, sges, wqe.remote_addr, wqe.rkey,
                          bswap32(wqe.imm_data) if op in _WITH_IMM else 0, 0, wqe.compare_add,
                          wqe.swap, True, bool(flags & _SOLICITED), bool(flags & _FENCE))
 
-    def _fail(self, idx: int, wr_id: int, opcode: int, status: WcStatus) -> bool:
+    def fail_send(self, idx: int, wr_id: int, opcode: int, status: WcStatus) -> None:
         """A WQE failed its local checks: WQEs before it still in the engine
-        are flushed, it completes with ``status`` and the QP enters ERR (as the
-        message path does)."""
+        are flushed, it completes with ``status`` and the QP enters ERR."""
         self.on_error()
-        datapath.fail_wqe(self.dev, self.qp, idx, wr_id, opcode, status)
-        return False
+        fail_send(self.dev, self.qp, idx, wr_id, opcode, status)
 
     # ---------------------------------------------------------- receive side
     def rq_rung(self, now: float) -> None:
@@ -289,22 +271,11 @@ class NetworkQp:
         ``lenient`` (posting ahead of need) stops at a bad WQE instead and
         leaves it to the pass at the next arrival, so that a bad receive
         fails when the QP needs it, as without posting ahead."""
-        qp, dev = self.qp, self.dev
-        while self.rq_posted != qp.rq_pi:
-            idx = self.rq_posted
-            try:
-                slot = dev.mem.translate(qp.rq_slot_gpa(idx), 1 << qp.layout.rq_wqe_shift)
-                wqe = decode_recv_wqe(slot, qp.layout.max_recv_sge)
-                views = datapath._local_views(dev, qp, wqe, Access.LOCAL_WRITE)
-            except (GuestMemoryError, VirtioRdmaError) as e:
-                if lenient:
-                    return
-                log.debug("QP %#x: bad receive WQE %d: %s", qp.qpn, idx, e)
-                dev.metrics.bad_wqes += 1
-                datapath.qp_error(dev, qp, AsyncEvent.QP_FATAL)
-                return
-            self.rc.post_recv(wqe.wr_id, views)
-            self.rq_posted = (idx + 1) & 0xFFFFFFFF
+        drive_rq(self.dev, self.qp, self, lenient=lenient)
+
+    def post_recv(self, idx: int, wqe) -> None:
+        """The ring consumer's RecvEngine: one checked receive WQE to the engine."""
+        self.rc.post_recv(wqe.wr_id, local_views(self.dev, self.qp, wqe, Access.LOCAL_WRITE))
 
     def receive(self, pkt, now: float, pump: bool = True) -> None:
         """A packet for this QP arrived (syntax and ICRC already checked).
@@ -343,39 +314,26 @@ class NetworkQp:
             event = None if m.fatal_naks_received or m.timeouts or m.retry_events else \
                 AsyncEvent.QP_ACCESS_ERR if m.remote_access_naks else AsyncEvent.QP_REQ_ERR \
                 if m.invalid_request_naks else AsyncEvent.QP_FATAL
-            datapath.qp_error(dev, qp, event)
+            qp_error(dev, qp, event)
 
     def _send_done(self, c: rv.Completion) -> None:
-        qp, dev = self.qp, self.dev
         if not self.posted:
-            log.warning("QP %#x: engine completion with nothing posted: %r", qp.qpn, c)
+            log.warning("QP %#x: engine completion with nothing posted: %r", self.qp.qpn, c)
             return
         idx, opcode, signaled = self.posted.popleft()
-        status = _WC_STATUS[c.status]
-        ok = status is WcStatus.SUCCESS
-        datapath.complete_send(dev, qp, idx, c.wr_id, opcode, status, c.byte_len,
-                               force=signaled or not ok)
-        if ok:
-            m = dev.metrics
-            m.sends_completed += 1
-            if opcode == WrOpcode.RDMA_READ:
-                m.bytes_received += c.byte_len
+        send_done(self.dev, self.qp, idx, c.wr_id, opcode, _WC_STATUS[c.status], c.byte_len, signaled)
 
     def _recv_done(self, c: rv.Completion) -> None:
-        qp, dev = self.qp, self.dev
-        qp.rq_ci = (qp.rq_ci + 1) & 0xFFFFFFFF
-        flags, imm = 0, 0
         if c.imm_data is not None:
-            flags, imm = _WITH_IMM_FLAG, bswap32(c.imm_data)
-        status = _WC_STATUS[c.status]
-        if status is WcStatus.SUCCESS:
-            dev.metrics.bytes_received += c.byte_len
-        dev.complete(qp.recv_cq, Completion(c.wr_id, status, _WC_OPCODE[c.opcode], qp.qpn,
-                                            c.byte_len, imm, flags, c.src_qp))
+            recv_done(self.dev, self.qp, c.wr_id, _WC_STATUS[c.status], _WC_OPCODE[c.opcode],
+                      c.byte_len, bswap32(c.imm_data), _WITH_IMM_FLAG, c.src_qp)
+        else:
+            recv_done(self.dev, self.qp, c.wr_id, _WC_STATUS[c.status], _WC_OPCODE[c.opcode],
+                      c.byte_len, 0, 0, c.src_qp)
 
 
 def _first_bytes(views: list[memoryview], n: int) -> list[memoryview]:
     if views and len(views[0]) >= n:
         return [views[0][:n]]
-    raise datapath._WqeError(f"atomic needs an {n}-byte local buffer in one piece",
+    raise WqeError(f"atomic needs an {n}-byte local buffer in one piece",
                              WcStatus.LOC_LEN_ERR, "local_len_errors")

@@ -1,17 +1,21 @@
-"""Context: one process guest's virtio-rdma device, opened by socket path.
+"""Context: one guest's virtio-rdma device, reached through a virtio transport.
 
-Opening a Context connects to the back-end daemon as a vhost-user front-end
-(the virtio-user pattern), shares a memfd of guest memory with it, sets up
-the three virtqueues of the device (controlq, doorbellq, eventq; see
-docs/virtio-rdma.md) and reads the device's config space. Every buffer the
+A Context drives the device's three virtqueues (controlq, doorbellq, eventq;
+docs/virtio-rdma.md) and reads its config space through a
+:class:`~guest_lib.transport.VirtioTransport` (docs/guest-transport.md), and
+nothing else. ``Context(path)`` opens the vhost-user transport: it connects
+to the back-end daemon as a vhost-user front-end (the virtio-user pattern)
+and shares a memfd of guest memory with it. ``Context(transport=t)`` takes
+any opened transport instead (and owns it from then on). Every buffer the
 device must reach (MRs, work queue and completion rings, doorbell records)
-is allocated from that shared memory.
+is allocated from the transport's memory.
 
-Daemon death: the device is only as alive as the daemon behind the socket.
-Every wait (control commands, doorbell buffers, CQ and async events) sleeps
-on the socket too and fails at once when the daemon goes away; calls that
-never sleep (``CQ.poll`` on an empty ring, posts) look at the socket at most
-once per :data:`LIVENESS_INTERVAL`. Either way the error is
+Daemon death: the device is only as alive as the daemon behind the socket
+(or, for other transports, the device behind them). Every wait (control
+commands, doorbell buffers, CQ and async events) is the transport's
+``wait_used``, which fails at once when the device goes away; calls that
+never sleep (``CQ.poll`` on an empty ring, posts) ask the transport's
+``check_alive`` at most once per :data:`LIVENESS_INTERVAL`. Either way the error is
 ``RDMAError`` with errno ``ENOTCONN`` (and so is every call after it, on any
 object of the Context), never a hang. Completions already in a CQ's ring can
 still be polled. ``close()`` of a dead Context skips the destroy commands
@@ -28,12 +32,11 @@ from time import monotonic
 
 from guest_lib.base import VerbsObject
 from guest_lib.errors import RDMAError, UserError
-from vhost_user.errors import TransportError, VhostUserError
-from vhost_user.frontend import VirtioUserDevice
+from guest_lib.transport import NUM_QUEUES, TransportError, VirtioTransport, WaitTimeout, missing_members
+from guest_lib.transports.vhost_user import VhostUserTransport
 from virtio_rdma import wire
-from virtio_rdma.constants import Cmd, EventKind, Feature, Status
+from virtio_rdma.constants import CONTROLQ, DOORBELLQ, EVENTQ, Cmd, EventKind, Feature, Status
 
-CONTROLQ, DOORBELLQ, EVENTQ = 0, 1, 2
 REQ_BUF = 64 << 10
 RESP_BUF = 4096
 EVENT_BUF = 64  # 8 records
@@ -67,49 +70,72 @@ class GID:
 
 
 class Context(VerbsObject):
-    """Open the virtio-rdma device behind the back-end socket ``name``."""
+    """Open the virtio-rdma device behind the back-end socket ``name``, or
+    drive the already opened ``transport`` (any
+    :class:`~guest_lib.transport.VirtioTransport`). A transport that passes
+    the argument checks belongs to the Context from then on: it closes it,
+    also when this constructor fails later. ``mem_size``, ``queue_size`` and
+    ``hugetlb`` are the vhost-user transport's (unused with ``transport``)."""
 
-    def __init__(self, name: str, *, mem_size: int = 64 << 20, queue_size: int = 256,
-                 timeout: float | None = 10.0, hugetlb="auto"):
+    def __init__(self, name: str | None = None, *, transport: VirtioTransport | None = None,
+                 mem_size: int = 64 << 20, queue_size: int = 256, timeout: float | None = 10.0,
+                 hugetlb="auto"):
         super().__init__(None)
         self._next_check = 0.0  # monotonic time of the next liveness look (0: look at every call)
-        self.name = name
         self.timeout = timeout
-        features = (1 << Feature.INLINE_DATA) | (1 << Feature.ATOMIC) | (1 << Feature.DBREC_POLL)
+        t: VirtioTransport
+        if transport is None:
+            if name is None:
+                raise UserError("Context needs a device: a vhost-user socket path or transport=")
+            try:
+                t = VhostUserTransport(name, mem_size=mem_size, queue_size=queue_size,
+                                       hugetlb=hugetlb, timeout=timeout)
+            except TransportError as e:
+                raise RDMAError(f"cannot open device at {name}: {e}", e.errno) from e
+        else:
+            if name is not None:
+                raise UserError(f"Context takes a socket path ({name!r}) or a transport, not both")
+            missing = missing_members(transport)
+            if missing:
+                raise UserError(f"transport {transport!r} is not a VirtioTransport: it has no {', '.join(missing)}")
+            t, name = transport, transport.name
+        self.name = name
+        self.transport = t
         try:
-            self.dev = VirtioUserDevice(name, mem_size=mem_size, num_queues=3, queue_size=queue_size,
-                                        device_features=features, hugetlb=hugetlb, timeout=timeout)
-        except (VhostUserError, OSError) as e:
-            raise RDMAError(f"cannot open device at {name}: {e}", getattr(e, "errno", None) or errno.ENODEV) from e
-        try:
-            self.features = self.dev.features
-            dev = self.dev
+            if len(t.queues) < NUM_QUEUES:
+                raise UserError(f"transport {name} has {len(t.queues)} queues, the device needs {NUM_QUEUES}")
+            self.features = t.features
             #: the device may poll doorbell records: while it is polling (its
             #: doorbellq asks for no kicks) a post needs no doorbell at all
             self.dbrec_poll = bool(self.features & (1 << Feature.DBREC_POLL))
             self.doorbells_skipped = 0
-            self.config = types.SimpleNamespace(**wire.decode_config(dev.get_config(0, wire.Config.sizeof())))
-            self._req_gpa = dev.alloc(REQ_BUF, 4096)
-            self._resp_gpa = dev.alloc(RESP_BUF, 64)
-            self._req = dev.translate(self._req_gpa, REQ_BUF)
-            self._resp = dev.translate(self._resp_gpa, RESP_BUF)
+            # bound once: what the data path calls per operation
+            self._translate, self._uva_to_gpa = t.translate, t.uva_to_gpa
+            self._notify_if_needed = t.notify_if_needed
+            self._dbq = t.queues[DOORBELLQ]
+            self._db_kick_suppressed = self._dbq.kick_suppressed
+            self.config = types.SimpleNamespace(**wire.decode_config(t.get_config(0, wire.Config.sizeof())))
+            self._req_gpa = t.alloc(REQ_BUF, 4096)
+            self._resp_gpa = t.alloc(RESP_BUF, 64)
+            self._req = t.translate(self._req_gpa, REQ_BUF)
+            self._resp = t.translate(self._resp_gpa, RESP_BUF)
             # Doorbell buffers: completions are polled, never signalled.
-            self._db_bufs = [dev.alloc(DOORBELL_BUF, 64) for _ in range(N_DOORBELL_BUFS)]
+            self._db_bufs = [t.alloc(DOORBELL_BUF, 64) for _ in range(N_DOORBELL_BUFS)]
             self._db_free = list(self._db_bufs)
-            dev.queues[DOORBELLQ].disable_cb()
+            self._dbq.disable_cb()
             # Event buffers: posted once, re-posted after each use.
-            self._ev_bufs = [dev.alloc(EVENT_BUF, 64) for _ in range(N_EVENT_BUFS)]
+            self._ev_bufs = [t.alloc(EVENT_BUF, 64) for _ in range(N_EVENT_BUFS)]
             for gpa in self._ev_bufs:
-                dev.queues[EVENTQ].add([], [(gpa, EVENT_BUF)], gpa)
-            dev.kick(EVENTQ)
+                t.queues[EVENTQ].add([], [(gpa, EVENT_BUF)], gpa)
+            t.notify(EVENTQ)
             self.cq_events: collections.Counter = collections.Counter()
             self.async_events: collections.deque = collections.deque()
             self.qps: dict = {}
-        except VhostUserError as e:
-            self.dev.close()
+        except TransportError as e:
+            t.close()
             raise RDMAError(f"cannot open device at {name}: {e}", e.errno) from e
         except BaseException:
-            self.dev.close()
+            t.close()
             raise
         self._next_check = monotonic() + LIVENESS_INTERVAL
 
@@ -117,63 +143,66 @@ class Context(VerbsObject):
     @property
     def dead(self) -> bool:
         """Is the daemon behind this Context known to be gone?"""
-        return self.dev.dead is not None
+        return self.transport.dead is not None
 
-    def _gone(self, what: str, e: VhostUserError) -> RDMAError:
-        """The RDMAError for a failure of the connection; once the daemon is
-        known dead every later liveness check fails without a syscall."""
-        if self.dev.dead is not None:
+    def _gone(self, what: str, e: TransportError) -> RDMAError:
+        """The RDMAError for a failure of the transport; once the device is
+        known gone every later liveness check fails without a syscall."""
+        dead = self.transport.dead
+        if dead is not None:
             self._next_check = 0.0
-            return RDMAError(f"{what}: the device is gone ({self.dev.dead})", errno.ENOTCONN)
+            return RDMAError(f"{what}: the device is gone ({dead})", errno.ENOTCONN)
         return RDMAError(f"{what}: no answer from the device: {e}", e.errno)
 
     def check_alive(self, what: str = "device") -> None:
-        """Raise RDMAError(ENOTCONN) if the daemon is gone (one poll(2) of
-        the socket, none once it is known gone)."""
+        """Raise RDMAError(ENOTCONN) if the daemon is gone (one look by the
+        transport, e.g. a poll(2) of the vhost-user socket; none once it is
+        known gone)."""
         self._check_open()
         self._next_check = monotonic() + LIVENESS_INTERVAL
         try:
-            self.dev.check_alive()
-        except VhostUserError as e:
+            self.transport.check_alive()
+        except TransportError as e:
             raise self._gone(what, e) from e
 
     def _destroy(self, cmd: Cmd, **fields) -> None:
         """A child's destroy command from its close(): skipped, and never an
         error, once the daemon is gone (its objects went with the connection)."""
-        if self._closed or self.dev.dead is not None:
+        if self._closed or self.transport.dead is not None:
             return
         try:
             self.command(cmd, **fields)
         except RDMAError:
-            if self.dev.dead is None:
+            if self.transport.dead is None:
                 raise
 
     # --- memory -------------------------------------------------------
     def alloc(self, size: int, align: int = 64) -> tuple[int, memoryview]:
         """Zeroed guest memory the device can reach: (gpa, view)."""
         try:
-            gpa = self.dev.alloc(size, align)
+            gpa = self.transport.alloc(size, align)
         except ValueError as e:
             raise UserError(str(e)) from e
-        view = self.dev.translate(gpa, size)
+        view = self._translate(gpa, size)
         view[:] = bytes(size)
         return gpa, view
 
     def free(self, gpa: int) -> None:
-        self.dev.free(gpa)
+        self.transport.free(gpa)
 
     def uva_of(self, gpa: int) -> int:
-        return self.dev.uva_of(gpa)
+        return self.transport.uva_of(gpa)
 
     def view_of_uva(self, uva: int, length: int) -> memoryview:
-        return self.dev.mem.translate(self.dev.mem.uva_to_gpa(uva, length), length)
+        return self._translate(self._uva_to_gpa(uva, length), length)
 
     # --- control queue ------------------------------------------------
     def command(self, cmd: Cmd, **fields) -> dict | None:
         self._check_open()
-        if self.dev.dead is not None:
+        t = self.transport
+        if t.dead is not None:
             self._next_check = 0.0
-            raise RDMAError(f"{cmd.name}: the device is gone ({self.dev.dead})", errno.ENOTCONN)
+            raise RDMAError(f"{cmd.name}: the device is gone ({t.dead})", errno.ENOTCONN)
         try:
             req = wire.encode_request(cmd, **fields)
         except Exception as e:
@@ -182,12 +211,11 @@ class Context(VerbsObject):
             raise UserError(f"{cmd.name} request of {len(req)} bytes exceeds {REQ_BUF}")
         self._req[: len(req)] = req
         rsz = wire.response_size(cmd)
-        q = self.dev.queues[CONTROLQ]
-        q.add([(self._req_gpa, len(req))], [(self._resp_gpa, rsz)], cmd)
-        self.dev.kick_if_needed(CONTROLQ)
+        t.queues[CONTROLQ].add([(self._req_gpa, len(req))], [(self._resp_gpa, rsz)], cmd)
+        self._notify_if_needed(CONTROLQ)
         try:
-            _, written = self.dev.wait_used(CONTROLQ, self.timeout)
-        except VhostUserError as e:
+            _, written = t.wait_used(CONTROLQ, self.timeout)
+        except TransportError as e:
             raise self._gone(cmd.name, e) from e
         status, body = wire.decode_response(cmd, self._resp[:written])
         if status != Status.OK:
@@ -210,13 +238,13 @@ class Context(VerbsObject):
         is fenced; the device re-scans the records after it stops polling.)"""
         if monotonic() >= self._next_check:  # a polling daemon that died still "polls"
             self.check_alive("post")
-        if self.dbrec_poll and self.dev.queues[DOORBELLQ].kick_suppressed():
+        if self.dbrec_poll and self._db_kick_suppressed():
             self.doorbells_skipped += 1
             return True
         return False
 
     def ring_doorbells(self, records: bytes) -> None:
-        q = self.dev.queues[DOORBELLQ]
+        q = self._dbq
         for off in range(0, len(records), DOORBELL_BUF):
             chunk = records[off : off + DOORBELL_BUF]
             while True:
@@ -227,23 +255,24 @@ class Context(VerbsObject):
             if not self._db_free:
                 q.enable_cb()
                 try:
-                    token, _ = self.dev.wait_used(DOORBELLQ, self.timeout)
-                except VhostUserError as e:
+                    token, _ = self.transport.wait_used(DOORBELLQ, self.timeout)
+                except TransportError as e:
                     raise self._gone("doorbell", e) from e
                 finally:
                     q.disable_cb()
                 self._db_free.append(token)
             gpa = self._db_free.pop()
-            self.dev.translate(gpa, len(chunk))[:] = chunk
+            self._translate(gpa, len(chunk))[:] = chunk
             q.add([(gpa, len(chunk))], [], gpa)
-        self.dev.kick_if_needed(DOORBELLQ)
+        self._notify_if_needed(DOORBELLQ)
 
     # --- events ---------------------------------------------------------
     def _take_events(self, timeout: float | None) -> bool:
         """Collect the event records the device has written; if there are
         none, wait up to ``timeout`` for the first. Re-posts the buffers
         and notifies the device once."""
-        q = self.dev.queues[EVENTQ]
+        t = self.transport
+        q = t.queues[EVENTQ]
         item = q.get_used()
         if item is None:
             if timeout == 0:
@@ -251,16 +280,16 @@ class Context(VerbsObject):
                     self.check_alive("events")
                 return False
             try:
-                item = self.dev.wait_used(EVENTQ, timeout)
-            except TransportError as e:
-                if e.errno == errno.ETIMEDOUT and self.dev.dead is None:
+                item = t.wait_used(EVENTQ, timeout)
+            except WaitTimeout as e:
+                if t.dead is None:
                     return False
                 raise self._gone("events", e) from e
-            except VhostUserError as e:
+            except TransportError as e:
                 raise self._gone("events", e) from e
         while item is not None:
             gpa, written = item
-            buf = self.dev.translate(gpa, written)
+            buf = self._translate(gpa, written)
             for kind, _r, type_, number in _EVENT.iter_unpack(buf[: written - written % 8]):
                 if kind == EventKind.COMPLETION:
                     self.cq_events[number] += 1
@@ -268,7 +297,7 @@ class Context(VerbsObject):
                     self.async_events.append((type_, number))
             q.add([], [(gpa, EVENT_BUF)], gpa)
             item = q.get_used()
-        self.dev.kick_if_needed(EVENTQ)
+        self._notify_if_needed(EVENTQ)
         return True
 
     def get_async_event(self, timeout: float | None = None):
@@ -281,4 +310,4 @@ class Context(VerbsObject):
     def _release(self) -> None:
         for v in (self._req, self._resp):
             v.release()
-        self.dev.close()
+        self.transport.close()

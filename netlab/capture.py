@@ -27,7 +27,9 @@ import re
 import signal
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import Any
 
 from .errors import NetlabError, ProcessFailed
 from .ns import Namespace, run
@@ -110,7 +112,7 @@ class Capture:
                 self.captured = int(m.group(1)) if m else self.count()
         return self.captured
 
-    def __enter__(self) -> "Capture":
+    def __enter__(self) -> Capture:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -183,7 +185,7 @@ class RoceRecord:
                          df=self.df, ttl=self.ttl, tos=self.dscp_ecn)
 
 
-_FIELDS = {  # record attribute -> (tshark field, parser)
+_FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {  # record attribute -> (tshark field, parser)
     "frame": ("frame.number", _int), "protocols": ("frame.protocols", str),
     "src": ("ip.src", str), "dst": ("ip.dst", str), "ip_id": ("ip.id", _int),
     "df": ("ip.flags.df", _bool), "ttl": ("ip.ttl", _int), "dscp_ecn": ("ip.dsfield", _int),
@@ -219,8 +221,8 @@ def decode(path: str, *, port: int = ROCE_PORT, display_filter: str = "udp") -> 
         if len(cols) != len(_FIELDS):
             raise NetlabError(f"tshark printed {len(cols)} fields, expected {len(_FIELDS)}: "
                               f"{line!r}")
-        kw = {}
-        for (name, (_, parse)), text in zip(_FIELDS.items(), cols):
+        kw: dict[str, Any] = {}
+        for (name, (_, parse)), text in zip(_FIELDS.items(), cols, strict=True):
             kw[name] = parse(text) if text else (b"" if name == "payload" else None)
         records.append(RoceRecord(**kw))
     return records

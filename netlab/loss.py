@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 from .errors import CommandFailed, IptablesUnavailable, NetlabError
 from .ns import Namespace
@@ -84,7 +84,7 @@ class RandomLoss:
         if cp.returncode != 0:
             raise CommandFailed([backend, "-D", *self.spec], cp.returncode, cp.stderr)
 
-    def __enter__(self) -> "RandomLoss":
+    def __enter__(self) -> RandomLoss:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -41,9 +41,9 @@ import subprocess
 import sys
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from .errors import AddressNotAllowed, CommandFailed, NetlabError, ProcessFailed
 
@@ -63,7 +63,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 def run(argv: list[str], *, check: bool = True, timeout: float = 30.0,
         input: str | None = None) -> subprocess.CompletedProcess:
     """Run a host command to completion; :class:`CommandFailed` if it fails."""
-    cp = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input)
+    cp = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input, check=False)
     if check and cp.returncode != 0:
         raise CommandFailed(argv, cp.returncode, cp.stderr)
     return cp
@@ -175,12 +175,12 @@ class NsProcess:
             self._pump(end)
             try:
                 self.popen.wait(max(0.0, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired as e:
                 self.stop(timeout=1.0, sig=signal.SIGKILL)
                 raise ProcessFailed("still running", self.argv,
-                                    f"killed after {timeout:g} s: {self.stderr.strip()[-500:]}")
+                                    f"killed after {timeout:g} s: {self.stderr.strip()[-500:]}") from e
             self._finish()
-        return self.returncode
+        return self.returncode  # type: ignore[return-value]  # _finish() set it
 
     def stop(self, timeout: float = 5.0, sig: int = signal.SIGTERM) -> int:
         """Signal (default SIGTERM), wait up to ``timeout``, then SIGKILL.
@@ -192,7 +192,7 @@ class NsProcess:
                 self.popen.kill()
             self.popen.wait()
             self._finish()
-        return self.returncode
+        return self.returncode  # type: ignore[return-value]  # _finish() set it
 
     def _finish(self) -> None:
         self._pump(time.monotonic() + 1.0)       # what the exited process left in the pipes
@@ -347,7 +347,7 @@ class Namespace:
     def close(self) -> None:
         self._finalizer()
 
-    def __enter__(self) -> "Namespace":
+    def __enter__(self) -> Namespace:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -477,8 +477,8 @@ class RelayedHosts(TwoHosts):
     """``A <-veth-> R <-veth-> B``: :attr:`relay` forwards between R's
     ``ra`` (towards A) and ``rb`` (towards B)."""
 
-    r: Namespace = None
-    link_b: Link = None
+    r: Namespace | None = None
+    link_b: Link | None = None
     relay: object = None             # netlab.relay.RelayProcess
 
 

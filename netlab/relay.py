@@ -41,6 +41,7 @@ import struct
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
 from .errors import NetlabError, ProcessFailed
@@ -135,7 +136,7 @@ class Impairment:
     def __init__(self, policy: Policy, stream: int, counters: Counters | None = None) -> None:
         self.policy = policy
         self.counters = counters or Counters()
-        self._rng = random.Random(policy.seed * 2 + stream)
+        self._rng = random.Random(policy.seed * 2 + stream)  # noqa: S311 (seeded, reproducible loss; no secret)
         self._held: list[list] = []          # [frames_left, deadline, frame, copies]
 
     def frame(self, frame: bytes, now: float) -> list[bytes]:
@@ -231,7 +232,7 @@ class Relay:
         self.dumps = 0
 
     def stats(self) -> dict:
-        for s, d in zip(self.socks, self.dirs):
+        for s, d in zip(self.socks, self.dirs, strict=True):
             d.counters.kernel_drops += _kernel_drops(s)
         self.dumps += 1
         return {"seq": self.dumps, "pid": os.getpid(), "interfaces": list(self.names),
@@ -246,7 +247,7 @@ class Relay:
         os.replace(tmp, path)
         return st
 
-    def _send(self, dst: socket.socket, frames: list[bytes], c: Counters) -> None:
+    def _send(self, dst: socket.socket, frames: Sequence[bytes | memoryview], c: Counters) -> None:
         for f in frames:
             try:
                 dst.send(f)
@@ -388,7 +389,7 @@ class RelayProcess:
                 raise ProcessFailed("relay", self.proc.argv, f"exited {rc}: {self.final['error']}")
         return self.final
 
-    def __enter__(self) -> "RelayProcess":
+    def __enter__(self) -> RelayProcess:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -11,10 +11,6 @@ class QemuHarnessError(Exception):
     """Base of every error raised by qemu_tests."""
 
 
-class BootSectorError(QemuHarnessError, ValueError):
-    """The boot-sector marker cannot be encoded (bad type, NUL byte, too long)."""
-
-
 class QemuStartError(QemuHarnessError):
     """A QEMU / qemu-storage-daemon process could not be started or died while starting."""
 

@@ -13,10 +13,10 @@ import threading
 
 import pytest
 
-from qemu_tests.bootsector import write_boot_disk
 from qemu_tests.errors import QemuStartError, QmpError
 from qemu_tests.launch import (BLK_CARRIER, QemuStorageDaemon, QemuVM, VhostUserDevice,
                                qemu_device_names)
+from vhost_user.bootsector import write_boot_disk
 
 pytestmark = pytest.mark.qemu
 

@@ -12,10 +12,10 @@ import os
 
 import pytest
 
-from qemu_tests.bootsector import make_boot_sector
 from qemu_tests.launch import QemuStorageDaemon, QemuVM, VhostUserDevice
 from vhost_user.blk import BlkDevice, Disk
 from vhost_user.blk_driver import BlkDriver
+from vhost_user.bootsector import make_boot_sector
 from vhost_user.testing import BackendThread, open_fds
 
 pytestmark = pytest.mark.qemu

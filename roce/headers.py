@@ -93,7 +93,7 @@ class Bth:
         )
 
     @classmethod
-    def unpack_from(cls, buf, off: int = 0) -> "Bth":
+    def unpack_from(cls, buf, off: int = 0) -> Bth:
         _need(buf, off, 12, "BTH")
         op, b1, pkey, w2, w3 = _BTH.unpack_from(buf, off)
         return cls(
@@ -112,7 +112,7 @@ class Bth:
         )
 
     @classmethod
-    def from_construct(cls, d) -> "Bth":
+    def from_construct(cls, d) -> Bth:
         return cls(
             opcode=d.opcode, dest_qp=d.dest_qp, psn=d.psn, se=d._b1.se, m=d._b1.m,
             pad_count=d._b1.pad_count, tver=d._b1.tver, pkey=d.pkey, fecn=d._b4.fecn,
@@ -236,7 +236,7 @@ class Deth(_Simple):
                      "src_qp" / c.Int24ub)
 
     @classmethod
-    def unpack_from(cls, buf, off: int = 0) -> "Deth":
+    def unpack_from(cls, buf, off: int = 0) -> Deth:
         _need(buf, off, 8, "DETH")
         qkey, w = cls._FMT.unpack_from(buf, off)
         return cls(qkey, w & 0xFFFFFF)
@@ -299,25 +299,25 @@ class Aeth(_Simple):
         return ((self.syndrome << 24) | self.msn,)
 
     @classmethod
-    def unpack_from(cls, buf, off: int = 0) -> "Aeth":
+    def unpack_from(cls, buf, off: int = 0) -> Aeth:
         _need(buf, off, 4, "AETH")
         (w,) = cls._FMT.unpack_from(buf, off)
         return cls(w >> 24, w & 0xFFFFFF)
 
     @classmethod
-    def ack(cls, msn: int, credits: int = CREDITS_INVALID) -> "Aeth":
+    def ack(cls, msn: int, credits: int = CREDITS_INVALID) -> Aeth:
         if not 0 <= credits < 32:
             raise FieldRange("credits", credits, 5)
         return cls((AethType.ACK << 5) | credits, msn)
 
     @classmethod
-    def rnr_nak(cls, msn: int, timer: int) -> "Aeth":
+    def rnr_nak(cls, msn: int, timer: int) -> Aeth:
         if not 0 <= timer < 32:
             raise FieldRange("rnr_timer", timer, 5)
         return cls((AethType.RNR_NAK << 5) | timer, msn)
 
     @classmethod
-    def nak(cls, msn: int, code: NakCode) -> "Aeth":
+    def nak(cls, msn: int, code: NakCode) -> Aeth:
         if not 0 <= code < 32:
             raise FieldRange("nak_code", code, 5)
         return cls((AethType.NAK << 5) | int(code), msn)

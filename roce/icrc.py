@@ -29,8 +29,10 @@ from __future__ import annotations
 import ipaddress
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 from .errors import BadIpHeader, FieldRange
 
@@ -57,6 +59,8 @@ def ipv4_checksum(hdr) -> int:
         s = (s & 0xFFFF) + (s >> 16)
     return ~s & 0xFFFF
 
+_IpLike = str | bytes | int | ipaddress.IPv4Address | ipaddress.IPv6Address
+
 
 @dataclass(frozen=True, slots=True)
 class IpContext:
@@ -67,8 +71,8 @@ class IpContext:
     and IPv4 ID 0.
     """
 
-    src: object
-    dst: object
+    src: _IpLike                # an IPv4Address / IPv6Address after __post_init__
+    dst: _IpLike
     sport: int
     dport: int = ROCE_UDP_PORT
     ip_id: int = 0
@@ -100,9 +104,9 @@ class IpContext:
 
     @property
     def version(self) -> int:
-        return self.src.version
+        return self.src.version  # type: ignore[union-attr]  # an address after __post_init__
 
-    def with_id(self, ip_id: int) -> "IpContext":
+    def with_id(self, ip_id: int) -> IpContext:
         return IpContext(self.src, self.dst, self.sport, self.dport, ip_id, self.df, self.ttl,
                          self.tos, self.flow_label)
 
@@ -170,6 +174,7 @@ def compute_icrc_reference(ip_header, udp_header, ib_bytes) -> int:
     return zlib.crc32(mv[12:], crc)
 
 
+_native_icrc: Callable[[Any, Any, Any], int] | None
 try:
     from ._icrc import compute_icrc as _native_icrc
 except ImportError:  # pragma: no cover - extension not built

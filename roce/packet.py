@@ -14,14 +14,23 @@ the value. The decoded payload is a zero-copy memoryview of the datagram.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from .errors import IcrcMismatch, MalformedPacket, BadPadCount, BadTransportVersion, \
-    TruncatedPacket, UnexpectedPayload
+from .errors import (
+    BadPadCount,
+    BadTransportVersion,
+    IcrcMismatch,
+    MalformedPacket,
+    TruncatedPacket,
+    UnexpectedPayload,
+)
 from .headers import Aeth, AtomicAckEth, AtomicEth, Bth, Deth, Ieth, ImmDt, Reth
 from .icrc import IpContext, compute_icrc, icrc_from_bytes, icrc_to_bytes, solve_ipv4_id
 from .opcodes import ICRC_LEN, Ext, opinfo
 
-_EXT_ATTR = {Ext.DETH: ("deth", Deth), Ext.RETH: ("reth", Reth),
+Payload = bytes | bytearray | memoryview
+
+_EXT_ATTR: dict[Ext, tuple[str, Any]] = {Ext.DETH: ("deth", Deth), Ext.RETH: ("reth", Reth),
              Ext.ATOMIC_ETH: ("atomic_eth", AtomicEth), Ext.AETH: ("aeth", Aeth),
              Ext.ATOMIC_ACK_ETH: ("atomic_ack_eth", AtomicAckEth),
              Ext.IMMDT: ("immdt", ImmDt), Ext.IETH: ("ieth", Ieth)}
@@ -38,7 +47,7 @@ class RocePacket:
     atomic_ack_eth: AtomicAckEth | None = None
     deth: Deth | None = None
     ieth: Ieth | None = None
-    payload: object = b""          # bytes-like; a memoryview after decode
+    payload: Payload = b""         # a memoryview after decode
     icrc: int | None = None        # set by decode / encode
     ip_id: int | None = None       # IPv4 ID recovered by decode(recover_ipv4_id=True)
 
@@ -161,7 +170,7 @@ class PacketRun:
     pkey: int
     mtu: int
     length: int
-    sgl: object
+    sgl: Any          # gather(offset, n), views, starts: a roce.rc.sgl.SgList
     reth: tuple | None = None
     imm: int | None = None
     ieth: int | None = None
@@ -212,8 +221,14 @@ def expand(items) -> list[RocePacket]:
 # Constructors for the packet path (the RC engine builds a few per packet):
 # the native ones fill the frozen dataclasses' slots directly; same objects.
 try:
-    from ._codec import aeth as make_aeth, bth as make_bth, ieth as make_ieth, \
-        immdt as make_immdt, packet as make_packet, reth as make_reth  # noqa: E402
+    from ._codec import (
+        aeth as make_aeth,
+        bth as make_bth,
+        ieth as make_ieth,
+        immdt as make_immdt,
+        packet as make_packet,
+        reth as make_reth,
+    )
 except ImportError:  # pragma: no cover - extension not built
     def make_reth(va: int, rkey: int, dma_len: int) -> Reth:
         return Reth(va, rkey, dma_len)
@@ -231,7 +246,8 @@ except ImportError:  # pragma: no cover - extension not built
     def make_aeth(syndrome: int, msn: int) -> Aeth:
         return Aeth(syndrome, msn)
 
-    def make_packet(bth, payload=b"", reth=None, aeth=None, immdt=None, atomic_eth=None,
-                    atomic_ack_eth=None, ieth=None) -> RocePacket:
+    def make_packet(bth: Bth, payload: Payload = b"", reth: Reth | None = None, aeth: Aeth | None = None,
+                    immdt: ImmDt | None = None, atomic_eth: AtomicEth | None = None,
+                    atomic_ack_eth: AtomicAckEth | None = None, ieth: Ieth | None = None) -> RocePacket:
         return RocePacket(bth, reth=reth, aeth=aeth, immdt=immdt, atomic_eth=atomic_eth,
                           atomic_ack_eth=atomic_ack_eth, ieth=ieth, payload=payload)

@@ -30,13 +30,17 @@ import ipaddress
 import logging
 import socket
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING
 
 from . import auth as auth_codec
 from .errors import IcrcMismatch, MalformedPacket
 from .icrc import ROCE_UDP_PORT, IpContext
 from .packet import PacketRun, RocePacket, decode
+
+if TYPE_CHECKING:
+    from ._auth import RxAuth, TxAuth
 
 # linux/in.h, linux/in6.h, linux/udp.h (not exported by the socket module)
 IP_MTU_DISCOVER = 10
@@ -155,7 +159,9 @@ class RoceUdpEndpoint:
         self._backlog: deque = deque()    # (bytes, (ip, port)) waiting for the socket buffer
         self._holding = False
         self._closed = False
-        self._rx_auth = self._tx_auth = self._mac_key = None
+        self._rx_auth: RxAuth | None = None
+        self._tx_auth: TxAuth | None = None
+        self._mac_key: bytes | None = None
         self._plain: frozenset[str] = frozenset()
         self._windows: dict = {}          # reference path (datagram_received): peer -> window
         self.loop.add_reader(self._fd, self.poll)
@@ -175,8 +181,8 @@ class RoceUdpEndpoint:
         self._mac_key, self._plain = mac_key, plain
         self._tx_envs.clear()
 
-    def _sync_auth_metrics(self) -> None:
-        a, m = self._rx_auth, self.metrics
+    def _sync_auth_metrics(self, a: RxAuth) -> None:
+        m = self.metrics
         m.rx_authenticated, m.rx_auth_failed = a.opened, a.failed + a.short
         m.rx_replayed, m.rx_plaintext = a.replayed, a.plaintext
 
@@ -217,7 +223,7 @@ class RoceUdpEndpoint:
         dropped = None
         if self._rx_auth is not None:
             dropped = rx.open_sealed(n, self._rx_auth)
-            self._sync_auth_metrics()
+            self._sync_auth_metrics(self._rx_auth)
         ports = self._ports
         i = 0
         while i < n:
@@ -348,12 +354,13 @@ class RoceUdpEndpoint:
                 # not encodable natively: the reference raises, or gives the bytes
                 data = pkt.encode(IpContext(env.src, env.dst, env.sport, env.dport))
                 if seal:
+                    assert self._mac_key is not None and self._tx_auth is not None   # seal: set_auth ran
                     data = auth_codec.seal(self._mac_key, data, self._tx_auth.take(), env.src,
                                            env.dst, env.sport, env.dport)
                 self._send_bytes(data, (peer, port))
             m.tx_packets += 1
         if seal:
-            m.tx_sealed = self._tx_auth.sealed
+            m.tx_sealed = self._tx_auth.sealed  # type: ignore[union-attr]  # seal: set_auth ran
         if not self._holding:
             self.flush()
 
@@ -372,7 +379,7 @@ class RoceUdpEndpoint:
                 self._backlog.append(item)
             self._on_writable()
             return
-        sent, errors, left = tx.flush(self._fd)
+        _sent, errors, left = tx.flush(self._fd)
         self.metrics.tx_errors += errors
         if left:
             self._backlog.extend(left)

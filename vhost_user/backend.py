@@ -54,6 +54,7 @@ from vhost_user.vring import Vring
 from virtio.constants import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC
 from virtio.errors import VirtioError
 from virtio.memory import GuestMemory, MemoryRegion
+from virtio.split import DeviceQueue
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ class BackendConnection:
         except (VhostUserError, VirtioError) as e:
             close_fds(fds)
             self._break(e)
-            e.replies = []
+            e.replies = []  # type: ignore[union-attr]  # what the adapter sends before it closes
             raise
         want_ack = msg.need_reply and bool(self.protocol & ProtocolFeature.REPLY_ACK) and not rule.replies
         handler = getattr(self, "_h_" + request.name.lower())
@@ -193,7 +194,8 @@ class BackendConnection:
             return [reply_to(request, encode_u64(e.errno or 1))] if want_ack else []
         except (VhostUserError, VirtioError) as e:
             self._break(e)
-            e.replies = [reply_to(request, encode_u64(getattr(e, "errno", errno.EINVAL) or 1))] if want_ack else []
+            status = getattr(e, "errno", errno.EINVAL) or 1
+            e.replies = [reply_to(request, encode_u64(status))] if want_ack else []  # type: ignore[union-attr]
             raise
         finally:
             # Whatever a handler did not take stays ours to close (once).
@@ -221,7 +223,8 @@ class BackendConnection:
 
     def _vring(self, index: int, what: str) -> Vring:
         if index >= len(self.vrings):
-            raise ProtocolError(f"{what}: ring index {index} out of range (device has {len(self.vrings)} queues)")
+            raise ProtocolError(
+                f"{what}: ring index {index} out of range (device has {len(self.vrings)} queues)")
         return self.vrings[index]
 
     # ------------------------------------------------------------------
@@ -236,7 +239,7 @@ class BackendConnection:
             vring.pending_kick = True
             return
         vring.pending_kick = False
-        q = vring.queue
+        q: DeviceQueue = vring.queue  # type: ignore[assignment]  # started: it has a queue
         mem = self.mem
         poll = self.poll_s
         try:
@@ -293,7 +296,7 @@ class BackendConnection:
         for index in range(len(self.vrings)) if wanted is None else wanted:
             vring = self.vrings[index]
             if index not in self.spinning and vring.started and vring.enabled:
-                vring.queue.disable_notification(mem)
+                vring.queue.disable_notification(mem)  # type: ignore[union-attr]  # started
                 self.spinning.add(index)
 
     def _poll_device(self) -> bool:
@@ -309,7 +312,7 @@ class BackendConnection:
             if not vring.started or not vring.enabled:
                 self.spinning.discard(index)
                 continue
-            q = vring.queue
+            q: DeviceQueue = vring.queue  # type: ignore[assignment]  # started
             try:
                 if q.has_available(mem):
                     self.device.process_queue(vring, mem)
@@ -331,7 +334,7 @@ class BackendConnection:
         pending = False
         for index in tuple(self.spinning):
             vring = self.vrings[index]
-            if vring.started and vring.queue.enable_notification(mem):
+            if vring.started and vring.queue.enable_notification(mem):  # type: ignore[union-attr]
                 pending = True
         if self.spinning and self._poll_device():
             pending = True
@@ -339,7 +342,7 @@ class BackendConnection:
             for index in self.spinning:
                 vring = self.vrings[index]
                 if vring.started:
-                    vring.queue.disable_notification(mem)
+                    vring.queue.disable_notification(mem)  # type: ignore[union-attr]
         else:
             self.spinning.clear()
         return pending
@@ -409,7 +412,8 @@ class BackendConnection:
     def _map_region(self, desc: MemRegionDesc, fd: int) -> MemoryRegion:
         try:
             check_memory_fd(fd, desc, require_seal=self.require_sealed_memory)
-            return MemoryRegion.from_fd(fd, gpa=desc.gpa, size=desc.size, uva=desc.uva, mmap_offset=desc.mmap_offset)
+            return MemoryRegion.from_fd(fd, gpa=desc.gpa, size=desc.size, uva=desc.uva,
+                                        mmap_offset=desc.mmap_offset)
         finally:
             os.close(fd)  # the mapping stays valid; the fd is not needed
 

@@ -109,7 +109,8 @@ def decode_request_header(data) -> tuple[int, int]:
     return type_, sector
 
 
-def encode_config(*, capacity_sectors: int, seg_max: int, num_queues: int, blk_size: int = SECTOR_SIZE) -> bytes:
+def encode_config(*, capacity_sectors: int, seg_max: int, num_queues: int,
+                  blk_size: int = SECTOR_SIZE) -> bytes:
     return BlkConfig.build(dict(
         capacity=capacity_sectors, size_max=0, seg_max=seg_max, cylinders=0, heads=0, sectors=0,
         blk_size=blk_size, physical_block_exp=0, alignment_offset=0, min_io_size=1, opt_io_size=0,
@@ -138,7 +139,7 @@ class Disk:
         self._owner = owner
 
     @classmethod
-    def ram(cls, size: int, init: bytes = b"") -> "Disk":
+    def ram(cls, size: int, init: bytes = b"") -> Disk:
         if size <= 0 or size % SECTOR_SIZE:
             raise ValueError(f"RAM disk size {size} must be a positive multiple of {SECTOR_SIZE}")
         if len(init) > size:
@@ -148,7 +149,7 @@ class Disk:
         return cls(memoryview(buf), owner=buf)
 
     @classmethod
-    def file(cls, path: str, *, read_only: bool = False) -> "Disk":
+    def file(cls, path: str, *, read_only: bool = False) -> Disk:
         fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
         try:
             size = os.fstat(fd).st_size
@@ -180,8 +181,8 @@ class BlkDevice(VhostUserDevice):
 
     virtio_id = VIRTIO_ID_BLOCK
 
-    def __init__(self, disk: Disk, *, num_queues: int = 1, max_queue_size: int = 1024, serial: str = "vrdma-blk",
-                 owns_disk: bool = False):
+    def __init__(self, disk: Disk, *, num_queues: int = 1, max_queue_size: int = 1024,
+                 serial: str = "vrdma-blk", owns_disk: bool = False):
         if not 1 <= num_queues <= 64:
             raise ValueError(f"num_queues {num_queues} not in 1..64")
         self.disk = disk
@@ -189,7 +190,8 @@ class BlkDevice(VhostUserDevice):
         self.num_queues = num_queues
         self.max_queue_size = max_queue_size
         self.serial = serial.encode()[:ID_BYTES]
-        feats = (1 << BlkFeature.SEG_MAX) | (1 << BlkFeature.BLK_SIZE) | (1 << BlkFeature.FLUSH) | (1 << BlkFeature.MQ)
+        feats = ((1 << BlkFeature.SEG_MAX) | (1 << BlkFeature.BLK_SIZE) | (1 << BlkFeature.FLUSH)
+                 | (1 << BlkFeature.MQ))
         if disk.read_only:
             feats |= 1 << BlkFeature.RO
         self.device_features = feats

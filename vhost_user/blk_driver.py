@@ -55,7 +55,7 @@ class BlkDriver:
         self.data = dev.translate(self.data_gpa, max_io)
 
     @classmethod
-    def connect(cls, path: str, **kw) -> "BlkDriver":
+    def connect(cls, path: str, **kw) -> BlkDriver:
         queue_size = kw.pop("queue_size", 128)
         mem_size = kw.pop("mem_size", 8 << 20)
         dev = VirtioUserDevice(path, mem_size=mem_size, queue_size=queue_size,

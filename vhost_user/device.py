@@ -17,7 +17,8 @@ from virtio.constants import (
 )
 
 #: Transport features every device here supports (bit numbers -> mask).
-TRANSPORT_FEATURES = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_RING_INDIRECT_DESC) | (1 << VIRTIO_F_RING_EVENT_IDX)
+TRANSPORT_FEATURES = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_RING_INDIRECT_DESC)
+                      | (1 << VIRTIO_F_RING_EVENT_IDX))
 
 #: Protocol features the back-end implements for every device.
 DEFAULT_PROTOCOL_FEATURES = (

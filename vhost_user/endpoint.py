@@ -111,7 +111,7 @@ class MessageReader:
         except TimeoutError as e:  # a blocking socket's timeout (the front-end's): no errno of its own
             raise TransportError("recvmsg timed out", errno.ETIMEDOUT) from e
         except OSError as e:
-            raise TransportError(f"recvmsg failed: {e.strerror}", e.errno) from e
+            raise TransportError(f"recvmsg failed: {e.strerror}", e.errno or errno.EPIPE) from e
 
     def _step(self) -> Message | None:
         if self._hdr is None:
@@ -165,7 +165,7 @@ def send_message(sock: socket.socket, msg: Message) -> None:
     except BlockingIOError as e:
         raise TransportError("peer is not reading: socket send buffer full", errno.EAGAIN) from e
     except OSError as e:
-        raise TransportError(f"sendmsg failed: {e.strerror}", e.errno) from e
+        raise TransportError(f"sendmsg failed: {e.strerror}", e.errno or errno.EPIPE) from e
 
 
 def recv_message(sock: socket.socket) -> Message:

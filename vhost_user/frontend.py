@@ -31,6 +31,7 @@ import os
 import select
 import socket
 from time import monotonic, perf_counter
+from typing import NoReturn
 
 from vhost_user.endpoint import recv_message, send_message
 from vhost_user.errors import ProtocolError, ReplyError, TransportError
@@ -83,7 +84,8 @@ class Frontend:
             self.sock.connect(path)
         except OSError as e:
             self.sock.close()
-            raise TransportError(f"cannot connect to {path}: {e.strerror}", e.errno or errno.ECONNREFUSED) from e
+            raise TransportError(f"cannot connect to {path}: {e.strerror}",
+                                 e.errno or errno.ECONNREFUSED) from e
         self.protocol = PF(0)
 
     # --- plumbing ---------------------------------------------------------
@@ -102,14 +104,15 @@ class Frontend:
     def _reply(self, req: R) -> Message:
         try:
             msg = recv_message(self.sock)
-        except socket.timeout as e:
+        except TimeoutError as e:
             raise TransportError(f"no reply to {req.name}", errno.ETIMEDOUT) from e
         if msg.fds:
             for fd in msg.fds:
                 os.close(fd)
             raise ProtocolError(f"reply to {req.name} carried file descriptors")
         if msg.request != req or not msg.is_reply:
-            raise ProtocolError(f"expected reply to {req.name}, got request {msg.request} flags {msg.flags:#x}")
+            raise ProtocolError(
+                f"expected reply to {req.name}, got request {msg.request} flags {msg.flags:#x}")
         return msg
 
     def _call(self, req: R, payload: bytes = b"") -> bytes:
@@ -173,7 +176,8 @@ class Frontend:
     def get_vring_base(self, index: int) -> int:
         return VringState.decode(self._call(R.GET_VRING_BASE, VringState(index, 0).encode())).num
 
-    def set_vring_addr(self, index: int, desc: int, used: int, avail: int, flags: int = 0, log: int = 0) -> None:
+    def set_vring_addr(self, index: int, desc: int, used: int, avail: int, flags: int = 0,
+                       log: int = 0) -> None:
         self._send(R.SET_VRING_ADDR, VringAddr(index, flags, desc, used, avail, log).encode())
 
     def _set_vring_fd(self, req: R, index: int, fd: int | None) -> None:
@@ -261,8 +265,8 @@ class VirtioUserDevice:
     queues, and the kick/call eventfds. :meth:`close` releases all of them.
     """
 
-    WANTED_TRANSPORT = (1 << FeatureBit.VIRTIO_F_VERSION_1) | (1 << FeatureBit.VIRTIO_F_RING_INDIRECT_DESC) | (
-        1 << FeatureBit.VIRTIO_F_RING_EVENT_IDX)
+    WANTED_TRANSPORT = ((1 << FeatureBit.VIRTIO_F_VERSION_1) | (1 << FeatureBit.VIRTIO_F_RING_INDIRECT_DESC)
+                        | (1 << FeatureBit.VIRTIO_F_RING_EVENT_IDX))
     WANTED_PROTOCOL = PF.MQ | PF.REPLY_ACK | PF.CONFIG | PF.CONFIGURE_MEM_SLOTS | PF.STATUS | PF.RESET_DEVICE
 
     def __init__(self, path: str, *, mem_size: int = 16 << 20, num_queues: int = 1, queue_size: int = 256,
@@ -285,7 +289,8 @@ class VirtioUserDevice:
             self.mem.add(region)
             # Like QEMU's memory-backend-memfd: the back-end may rely on the
             # size never changing under its mapping.
-            fcntl.fcntl(region.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+            fcntl.fcntl(region.fd, fcntl.F_ADD_SEALS,  # type: ignore[arg-type]  # a memfd region has an fd
+                        fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
             self._setup(num_queues, queue_size, device_features, event_idx, use_add_mem_reg)
         except BaseException:
             self.close()
@@ -335,7 +340,8 @@ class VirtioUserDevice:
             self.call_fds.append(call)
             fe.set_vring_num(i, queue_size)
             fe.set_vring_base(i, 0)
-            fe.set_vring_addr(i, desc=self.uva_of(q.desc_gpa), used=self.uva_of(q.used_gpa), avail=self.uva_of(q.avail_gpa))
+            fe.set_vring_addr(i, desc=self.uva_of(q.desc_gpa), used=self.uva_of(q.used_gpa),
+                              avail=self.uva_of(q.avail_gpa))
             fe.set_vring_call(i, call)
             fe.set_vring_kick(i, kick)
             fe.set_vring_enable(i, True)
@@ -459,7 +465,7 @@ class VirtioUserDevice:
                             "(it exited, was killed or dropped this guest)")
         self._mark_dead("the back-end sent an unsolicited message on the vhost-user socket")
 
-    def _mark_dead(self, why: str) -> None:
+    def _mark_dead(self, why: str) -> NoReturn:
         self.dead = f"{self.frontend.path}: {why}"
         raise BackendGone(self.dead)
 

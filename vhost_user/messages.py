@@ -203,7 +203,7 @@ class VringState:
         return VringStateStruct.build(dict(index=self.index, num=self.num))
 
     @classmethod
-    def decode(cls, payload: bytes) -> "VringState":
+    def decode(cls, payload: bytes) -> VringState:
         _expect_size("vring state", payload, 8)
         c = VringStateStruct.parse(payload)
         return cls(c.index, c.num)
@@ -220,11 +220,12 @@ class VringAddr:
 
     def encode(self) -> bytes:
         return VringAddrStruct.build(
-            dict(index=self.index, flags=self.flags, desc=self.desc, used=self.used, avail=self.avail, log=self.log)
+            dict(index=self.index, flags=self.flags, desc=self.desc, used=self.used, avail=self.avail,
+                 log=self.log)
         )
 
     @classmethod
-    def decode(cls, payload: bytes) -> "VringAddr":
+    def decode(cls, payload: bytes) -> VringAddr:
         _expect_size("vring address", payload, VRING_ADDR_SIZE)
         c = VringAddrStruct.parse(payload)
         if c.flags & ~VRING_F_LOG:
@@ -244,7 +245,8 @@ class MemRegionDesc:
     def validate(self) -> None:
         if self.size == 0:
             raise MessageError(f"memory region at gpa {self.gpa:#x} has size 0")
-        for name, base in (("guest address", self.gpa), ("user address", self.uva), ("mmap offset", self.mmap_offset)):
+        for name, base in (("guest address", self.gpa), ("user address", self.uva),
+                           ("mmap offset", self.mmap_offset)):
             if base + self.size > 1 << 64:
                 raise MessageError(
                     f"memory region {name} {base:#x} + size {self.size:#x} overflows 64 bits"
@@ -260,7 +262,8 @@ class MemTable:
 
     def encode(self) -> bytes:
         if len(self.regions) > MEMORY_BASELINE_NREGIONS:
-            raise MessageError(f"memory table has {len(self.regions)} regions, at most {MEMORY_BASELINE_NREGIONS}")
+            raise MessageError(
+                f"memory table has {len(self.regions)} regions, at most {MEMORY_BASELINE_NREGIONS}")
         body = MemTableStruct.build(
             dict(nregions=len(self.regions), padding=0, regions=[r.as_dict() for r in self.regions])
         )
@@ -269,15 +272,18 @@ class MemTable:
         return body.ljust(8 + MEMORY_BASELINE_NREGIONS * MEM_REGION_SIZE, b"\0")
 
     @classmethod
-    def decode(cls, payload: bytes) -> "MemTable":
+    def decode(cls, payload: bytes) -> MemTable:
         if len(payload) < 8:
-            raise MessageError(f"memory table payload of {len(payload)} bytes is shorter than its 8-byte header")
+            raise MessageError(
+                f"memory table payload of {len(payload)} bytes is shorter than its 8-byte header")
         nregions = int.from_bytes(payload[:4], "little")
         if nregions == 0 or nregions > MEMORY_BASELINE_NREGIONS:
-            raise MessageError(f"memory table region count {nregions} is not in 1..{MEMORY_BASELINE_NREGIONS}")
+            raise MessageError(
+                f"memory table region count {nregions} is not in 1..{MEMORY_BASELINE_NREGIONS}")
         need = 8 + nregions * MEM_REGION_SIZE
         if len(payload) < need or len(payload) > 8 + MEMORY_BASELINE_NREGIONS * MEM_REGION_SIZE:
-            raise MessageError(f"memory table payload of {len(payload)} bytes does not fit {nregions} regions")
+            raise MessageError(
+                f"memory table payload of {len(payload)} bytes does not fit {nregions} regions")
         c = MemTableStruct.parse(payload[:need])
         regions = tuple(MemRegionDesc(r.gpa, r.size, r.uva, r.mmap_offset) for r in c.regions)
         for r in regions:
@@ -293,7 +299,7 @@ class SingleMemRegion:
         return SingleMemRegionStruct.build(dict(padding=0, region=self.region.as_dict()))
 
     @classmethod
-    def decode(cls, payload: bytes) -> "SingleMemRegion":
+    def decode(cls, payload: bytes) -> SingleMemRegion:
         _expect_size("single memory region", payload, 8 + MEM_REGION_SIZE)
         c = SingleMemRegionStruct.parse(payload).region
         region = MemRegionDesc(c.gpa, c.size, c.uva, c.mmap_offset)
@@ -313,7 +319,7 @@ class ConfigSpace:
         return ConfigStruct.build(dict(offset=self.offset, size=self.size, flags=self.flags, payload=data))
 
     @classmethod
-    def decode(cls, payload: bytes) -> "ConfigSpace":
+    def decode(cls, payload: bytes) -> ConfigSpace:
         if len(payload) < CONFIG_HEADER_SIZE:
             raise MessageError(f"config payload of {len(payload)} bytes is shorter than its 12-byte header")
         offset, size, flags = (int.from_bytes(payload[i : i + 4], "little") for i in (0, 4, 8))
@@ -377,7 +383,8 @@ def decode_header(data: bytes) -> tuple[int, int, int]:
         raise MessageError(f"vhost-user header is {len(data)} bytes, expected {HEADER_SIZE}")
     h = Header.parse(data)
     if h.flags & FLAG_VERSION_MASK != VERSION:
-        raise MessageError(f"vhost-user message version {h.flags & FLAG_VERSION_MASK} unsupported (flags {h.flags:#x})")
+        raise MessageError(
+            f"vhost-user message version {h.flags & FLAG_VERSION_MASK} unsupported (flags {h.flags:#x})")
     if h.flags & ~FLAGS_KNOWN:
         raise MessageError(f"vhost-user message has unknown flags {h.flags:#x}")
     if h.size > MAX_PAYLOAD:
@@ -399,13 +406,15 @@ class RequestRule:
     payload: str  # "none", "u64", "state", "addr", "memtable", "region", "config", "any"
     fds: tuple[int, int] = (0, 0)  # inclusive min/max fd count
     replies: bool = False  # the back-end always sends a reply (not counting REPLY_ACK)
-    needs: ProtocolFeature = ProtocolFeature(0)  # protocol feature that must be negotiated
+    # protocol feature that must be negotiated (an IntFlag value is immutable: a safe default)
+    needs: ProtocolFeature = ProtocolFeature(0)  # noqa: RUF009
 
 
 PAYLOAD_SIZES = {"none": (0, 0), "u64": (8, 8), "state": (8, 8), "addr": (VRING_ADDR_SIZE, VRING_ADDR_SIZE),
                  "region": (8 + MEM_REGION_SIZE, 8 + MEM_REGION_SIZE),
                  "memtable": (8 + MEM_REGION_SIZE, 8 + MEMORY_BASELINE_NREGIONS * MEM_REGION_SIZE),
-                 "config": (CONFIG_HEADER_SIZE, CONFIG_HEADER_SIZE + MAX_CONFIG_SIZE), "any": (0, MAX_PAYLOAD)}
+                 "config": (CONFIG_HEADER_SIZE, CONFIG_HEADER_SIZE + MAX_CONFIG_SIZE),
+                 "any": (0, MAX_PAYLOAD)}
 
 PF = ProtocolFeature
 RULES: dict[FrontendReq, RequestRule] = {
@@ -441,7 +450,8 @@ def check_syntax(request: FrontendReq, payload_len: int, nfds: int) -> RequestRu
     """Size and fd-count checks for a request we implement; raises MessageError."""
     rule = RULES.get(request)
     if rule is None:
-        raise MessageError(f"vhost-user request {request.name} ({int(request)}) is not supported by this back-end")
+        raise MessageError(
+            f"vhost-user request {request.name} ({int(request)}) is not supported by this back-end")
     lo, hi = PAYLOAD_SIZES[rule.payload]
     if not lo <= payload_len <= hi:
         want = f"{lo}" if lo == hi else f"{lo}..{hi}"

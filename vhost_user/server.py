@@ -30,9 +30,9 @@ import signal
 import socket
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import monotonic
-from typing import Callable
 
 from vhost_user.backend import BackendConnection
 from vhost_user.device import VhostUserDevice
@@ -92,7 +92,7 @@ class ServerMetrics:
 class ServedConnection:
     """One accepted front-end: socket + reader + dispatcher + watchers."""
 
-    def __init__(self, server: "BackendServer", sock: socket.socket, device: VhostUserDevice,
+    def __init__(self, server: BackendServer, sock: socket.socket, device: VhostUserDevice,
                  info: ConnectionInfo):
         self.server = server
         self.loop = server.loop
@@ -177,11 +177,12 @@ class ServedConnection:
     # --- events -------------------------------------------------------
     def _on_kick(self, vring: Vring) -> None:
         try:
-            os.eventfd_read(vring.kick_fd)
+            os.eventfd_read(vring.kick_fd)  # type: ignore[arg-type]  # watched: the ring has a kick fd
         except BlockingIOError:
             pass
         except OSError as e:
-            self.fail(TransportError(f"ring {vring.index}: kick eventfd read failed: {e.strerror}", e.errno))
+            self.fail(TransportError(f"ring {vring.index}: kick eventfd read failed: {e.strerror}",
+                                     e.errno or errno.EPIPE))
             return
         self._safe_kick(vring.index)
 
@@ -311,7 +312,8 @@ class BackendServer:
         self.max_connections = self.policy.max_connections if max_connections is None else max_connections
         self.socket_mode = socket_mode
         self.socket_group = socket_group  # gid; None: the daemon's group
-        self.loop = loop
+        # None until start() takes the running loop; every use comes after start()
+        self.loop: asyncio.AbstractEventLoop = loop  # type: ignore[assignment]
         self.sock: socket.socket | None = None
         self.connections: set[ServedConnection] = set()
         #: peer uid -> connections served now; servers of one daemon share it, so
@@ -321,7 +323,7 @@ class BackendServer:
         self._accept_paused = False
         self.metrics = ServerMetrics()
         self._ids = itertools.count(1)
-        self._spin_handle = None
+        self._spin_handle: asyncio.Handle | None = None
         self._spin_last = 0.0
         #: other work sources polled in the busy-poll loop (``poll() -> bool``)
         self.pollers: list[Callable[[], bool]] = []
@@ -334,7 +336,8 @@ class BackendServer:
         return self.start_spin if self.poll_us > 0 else (lambda: None)
 
     async def start(self) -> None:
-        self.loop = self.loop or asyncio.get_running_loop()
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
         _remove_stale_socket(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         # Bind and listen under a temporary name, then rename: the path only
@@ -385,13 +388,16 @@ class BackendServer:
 
     def _pause_accept(self, seconds: float) -> None:
         self._accept_paused = True
+        assert self.sock is not None        # listening: the callers check
         self.loop.remove_reader(self.sock.fileno())
         self.loop.call_later(seconds, self._resume_accept)
 
     def _accept_batch(self) -> None:
+        sock = self.sock
+        assert sock is not None             # called while the socket is watched
         for _ in range(ACCEPT_BATCH):  # the rest stays readable: next loop iteration
             try:
-                conn, _ = self.sock.accept()
+                conn, _ = sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -452,7 +458,8 @@ class BackendServer:
         first 10, then every 1000th (a connect loop must not flood the log)."""
         n = self._refusals[info.uid] = self._refusals.get(info.uid, 0) + 1
         if n <= 10 or n % 1000 == 0:
-            log.warning("refusing %s: " + why + " [%d refused for uid %d%s]", info, *args, n, info.uid,
+            log.warning("refusing %s: " + why + " [%d refused for uid %d%s]",  # noqa: G003 (why is a format)
+                        info, *args, n, info.uid,
                         "; logging every 1000th from now" if n == 10 else "")
 
     # --- busy polling (--poll-us) -------------------------------------
@@ -486,7 +493,8 @@ class BackendServer:
             else:
                 os.sched_yield()  # a busy CPU: let a runnable task (a peer daemon, a guest) go first
             if not work and now - self._spin_last > idle:
-                if not any([c.end_spin() for c in conns if not c.closed]):
+                ended = [c.end_spin() for c in conns if not c.closed]   # every one ends its spin
+                if not any(ended):
                     self._spin_handle = None
                     return
                 self._spin_last = now

@@ -29,8 +29,8 @@ host-wide budget, shared with the uid's other connections, is ENOSPC.
 from __future__ import annotations
 
 import dataclasses
-import errno as _errno
 import enum
+import errno as _errno
 import tomllib
 from dataclasses import dataclass, field
 
@@ -49,7 +49,7 @@ class LimitExceeded(VhostUserError):
     """A charge would pass a limit: ``errno`` is ENOMEM (the connection's own
     limit) or ENOSPC (its uid's host-wide budget)."""
 
-    def __init__(self, message: str, errno: int, resource: "Resource"):
+    def __init__(self, message: str, errno: int, resource: Resource):
         super().__init__(message)
         self.errno = errno
         self.resource = resource
@@ -123,11 +123,11 @@ class TenantPolicy:
             v = getattr(self, f.name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise PolicyError(f"tenant policy {f.name}={v!r}: not a non-negative number")
-            if f.type in ("int",) and not isinstance(v, int):
+            if f.type == "int" and not isinstance(v, int):
                 raise PolicyError(f"tenant policy {f.name}={v!r}: not an integer")
 
     @classmethod
-    def from_mapping(cls, values: dict, base: "TenantPolicy | None" = None) -> "TenantPolicy":
+    def from_mapping(cls, values: dict, base: TenantPolicy | None = None) -> TenantPolicy:
         """``base`` (default: the defaults) with ``values`` (option name -> value) replaced;
         an unknown name is an error naming it."""
         names = {f.name for f in dataclasses.fields(cls)}
@@ -137,7 +137,7 @@ class TenantPolicy:
         return dataclasses.replace(base or cls(), **values)
 
     @classmethod
-    def from_toml(cls, text: str, base: "TenantPolicy | None" = None) -> "TenantPolicy":
+    def from_toml(cls, text: str, base: TenantPolicy | None = None) -> TenantPolicy:
         """Parse the ``[tenants]`` table of a daemon configuration file."""
         try:
             doc = tomllib.loads(text)
@@ -197,7 +197,7 @@ class TenantLedger:
             u = self.uids[uid] = UidUsage()
         return u
 
-    def account(self, info: ConnectionInfo | None) -> "TenantAccount":
+    def account(self, info: ConnectionInfo | None) -> TenantAccount:
         """A new account for one connection (``info`` None: an anonymous tenant, uid -1)."""
         return TenantAccount(self, -1 if info is None else info.uid)
 

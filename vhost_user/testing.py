@@ -31,7 +31,7 @@ class BackendThread:
         self._ready = threading.Event()
         self._error: BaseException | None = None
 
-    def start(self) -> "BackendThread":
+    def start(self) -> BackendThread:
         self._thread = threading.Thread(target=self._run, name="vrdma-backend", daemon=True)
         self._thread.start()
         self._ready.wait(10)
@@ -42,13 +42,13 @@ class BackendThread:
     def _run(self) -> None:
         import uvloop
 
-        self.loop = uvloop.new_event_loop()
-        asyncio.set_event_loop(self.loop)
-        self.server = BackendServer(self.path, self.device_factory, loop=self.loop, **self.server_kw)
-        started = []
+        self.loop = loop = uvloop.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self.server = server = BackendServer(self.path, self.device_factory, loop=loop, **self.server_kw)
+        started: list = []
 
         async def close():
-            await self.server.close()
+            await server.close()
             for svc in reversed(started):
                 await svc.aclose()
 
@@ -80,14 +80,15 @@ class BackendThread:
             except BaseException as e:
                 fut.set_exception(e)
 
+        assert self.loop is not None and self.server is not None, "the back-end is not started"
         self.loop.call_soon_threadsafe(run)
         return fut.result(timeout)
 
     def metrics(self):
-        return self.call(lambda: self.server.metrics)
+        return self.call(lambda: self.server.metrics)  # type: ignore[union-attr]  # call() checked
 
     def connection_count(self) -> int:
-        return self.call(lambda: len(self.server.connections))
+        return self.call(lambda: len(self.server.connections))  # type: ignore[union-attr]  # call() checked
 
     def wait_for(self, predicate, timeout: float = 5.0) -> bool:
         """Poll ``predicate(server)`` on the loop thread until true."""

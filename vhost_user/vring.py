@@ -118,11 +118,12 @@ class Vring:
         return self.base
 
     # --- data path helpers for devices --------------------------------
+    # (devices call these on a started ring only: it has a queue)
     def pop(self, mem):
-        return self.queue.pop(mem)
+        return self.queue.pop(mem)  # type: ignore[union-attr]
 
     def push(self, mem, chain, written: int) -> None:
-        self.queue.push(mem, chain, written)
+        self.queue.push(mem, chain, written)  # type: ignore[union-attr]
 
     def notify(self, mem) -> None:
         """Signal the call eventfd if the driver wants an interrupt now."""

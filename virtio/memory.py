@@ -106,7 +106,7 @@ class MemoryRegion:
         self._base_view = base_view
         self._view = base_view[mmap_offset:mmap_offset + size]
         self.address = buffer_address(self._view)
-        self._owner = None
+        self._owner: weakref.ref[GuestMemory] | None = None
         self._closed = False
 
     # -- constructors -----------------------------------------------------------------------
@@ -124,7 +124,7 @@ class MemoryRegion:
             raise GuestMemoryError(f"region mmap_offset={mmap_offset:#x} size={size:#x} overflows")
 
     @classmethod
-    def from_fd(cls, fd: int, *, gpa: int, size: int, uva: int = 0, mmap_offset: int = 0) -> "MemoryRegion":
+    def from_fd(cls, fd: int, *, gpa: int, size: int, uva: int = 0, mmap_offset: int = 0) -> MemoryRegion:
         """Map ``[mmap_offset, mmap_offset+size)`` of *fd* shared read-write.
 
         The fd is not owned: the caller closes it (the mapping stays valid)."""
@@ -157,7 +157,7 @@ class MemoryRegion:
             raise
 
     @classmethod
-    def memfd(cls, size: int, *, gpa: int, name: str = "vrdma-guest", hugetlb="auto") -> "MemoryRegion":
+    def memfd(cls, size: int, *, gpa: int, name: str = "vrdma-guest", hugetlb="auto") -> MemoryRegion:
         """Create a memfd of *size* bytes (frontend side) and map it shared.
 
         ``hugetlb=True`` requires 2 MiB huge pages (size a multiple of 2 MiB)
@@ -204,7 +204,7 @@ class MemoryRegion:
             f"cannot create memfd region gpa={gpa:#x} size={size:#x} (hugetlb={hugetlb!r}): {err}")
 
     @classmethod
-    def from_buffer(cls, buf, *, gpa: int, uva: int = 0) -> "MemoryRegion":
+    def from_buffer(cls, buf, *, gpa: int, uva: int = 0) -> MemoryRegion:
         """Wrap a writable C-contiguous buffer (bytearray, numpy array, mmap).
         Nothing is mapped; the buffer lives as long as any view of it."""
         try:
@@ -213,7 +213,8 @@ class MemoryRegion:
                 raise GuestMemoryError(f"buffer {type(buf).__name__} is read-only")
             mv = mv.cast("B")
         except (TypeError, ValueError) as e:
-            raise GuestMemoryError(f"buffer {type(buf).__name__} is not a writable contiguous buffer: {e}") from e
+            raise GuestMemoryError(
+                f"buffer {type(buf).__name__} is not a writable contiguous buffer: {e}") from e
         cls._check_geometry(gpa, max(mv.nbytes, 1), uva, 0)
         if mv.nbytes == 0:
             raise GuestMemoryError(f"buffer for region gpa={gpa:#x} is empty")

@@ -123,7 +123,6 @@ cdef object _ARM_NONE = Arm.NONE
 cdef object _ARM_NEXT = Arm.NEXT
 cdef object _ARM_SOLICITED = Arm.SOLICITED
 cdef object _EV_COMPLETION = EventKind.COMPLETION
-cdef object _send_of_local = LocalFabric.send
 
 #: module switch (tests run both engines; ``datapath.use_fast_path``)
 enabled = True
@@ -373,12 +372,12 @@ def run_sq(dev, qp, double now):
     if sq_next == sq_pi:
         return 0
     fabric = dev.fabric
-    if not isinstance(fabric, LocalFabric) or type(fabric).send is not _send_of_local:
+    if not isinstance(fabric, LocalFabric) or not fabric.direct:
         return 0
     attr = qp.attr
     if bytes(attr.dgid) != fabric.gid:
         return 0
-    peer = fabric._endpoints.get(attr.dest_qp_num)
+    peer = fabric.endpoint(attr.dest_qp_num)
     if type(peer) is not QueuePair:
         return 0
     if peer.net is not None or peer.destroyed or peer.state not in _RECV_STATES:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from vhost_user.tenancy import LimitExceeded, Resource
 from virtio.errors import GuestMemoryError
-from virtio_rdma import datapath
+from virtio_rdma import datapath, rings
 from virtio_rdma.constants import (
     OBJ_NUM_MASK,
     PSN_MASK,
@@ -413,7 +413,7 @@ def modify_qp(core: RdmaDeviceCore, req: ModifyQpReq, now: float) -> None:
     if mask & M.SQ_PSN:
         qp.sq_psn = a.sq_psn
     if target is QpState.ERR:
-        datapath.qp_error(core, qp, None)
+        rings.qp_error(core, qp, None)
         return
     qp.state = target
     attr.qp_state = int(target)

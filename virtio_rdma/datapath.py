@@ -12,7 +12,9 @@ completions) as spec 5.x.6.4-5.x.6.7 describes them:
 * responder (:func:`on_request`): PSN check (duplicate / sequence error),
   receive WQE consumption, rkey/rights/bounds checks, WRITE/READ/atomic
   execution directly on guest memory;
-* flush (:func:`flush`): in ERR every outstanding WR completes WR_FLUSH_ERR.
+* the guest's rings are read and completed through :mod:`virtio_rdma.rings`
+  (the same consumer the wire engines of :mod:`fabric` drive); the
+  requester is its :class:`LocalSender`.
 
 Payload moves from one guest's memoryview to the other's with slice
 assignment (:func:`virtio_rdma.mr.sg_copy`); nothing is staged in bytes.
@@ -24,13 +26,11 @@ from __future__ import annotations
 import struct
 import sys
 
-from virtio.errors import GuestMemoryError
 from virtio_rdma.constants import (
     PSN_MASK,
     RNR_RETRY_INFINITE,
     Access,
     AsyncEvent,
-    Mtu,
     QpState,
     SendFlags,
     WcFlags,
@@ -40,11 +40,12 @@ from virtio_rdma.constants import (
     ack_timeout_seconds,
     rnr_timer_seconds,
 )
-from virtio_rdma.errors import MemoryAccessError, VirtioRdmaError
+from virtio_rdma.errors import MemoryAccessError
 from fabric.base import NakCode, Request, RespKind, Response, psn_diff
 from virtio_rdma.mr import sg_copy
 from virtio_rdma.qp import Inflight, QueuePair
-from virtio_rdma.wire import Completion, decode_recv_wqe, decode_send_wqe
+from virtio_rdma.rings import ATOMICS, WqeError, complete_send, drive_sq, fail_send, fetch_recv, \
+    flush, local_views, path_mtu_bytes, qp_error, recv_done, recv_slot_wr_id, send_done
 
 try:  # the native fast path for the plain local success case (virtio_rdma/_datapath.pyx)
     from virtio_rdma import _datapath as _fast
@@ -54,186 +55,48 @@ except ImportError:  # pragma: no cover - extension not built
     DbrecScanner = None
 
 _U64N = struct.Struct("=Q")  # host-endian, like ibverbs atomics
-_WRID = struct.Struct("<Q")
+_WITH_IMM = int(WcFlags.WITH_IMM)
 MAX_INFLIGHT = 128
 
-_WC_OF_WR = {
-    WrOpcode.SEND: WcOpcode.SEND,
-    WrOpcode.SEND_WITH_IMM: WcOpcode.SEND,
-    WrOpcode.SEND_WITH_INV: WcOpcode.SEND,
-    WrOpcode.RDMA_WRITE: WcOpcode.RDMA_WRITE,
-    WrOpcode.RDMA_WRITE_WITH_IMM: WcOpcode.RDMA_WRITE,
-    WrOpcode.RDMA_READ: WcOpcode.RDMA_READ,
-    WrOpcode.ATOMIC_CMP_AND_SWP: WcOpcode.COMP_SWAP,
-    WrOpcode.ATOMIC_FETCH_AND_ADD: WcOpcode.FETCH_ADD,
-    WrOpcode.LOCAL_INV: WcOpcode.LOCAL_INV,
-    WrOpcode.BIND_MW: WcOpcode.BIND_MW,
-}
-_SUPPORTED = frozenset({WrOpcode.SEND, WrOpcode.SEND_WITH_IMM, WrOpcode.RDMA_WRITE,
-                        WrOpcode.RDMA_WRITE_WITH_IMM, WrOpcode.RDMA_READ,
-                        WrOpcode.ATOMIC_CMP_AND_SWP, WrOpcode.ATOMIC_FETCH_AND_ADD})
-_ATOMICS = frozenset({WrOpcode.ATOMIC_CMP_AND_SWP, WrOpcode.ATOMIC_FETCH_AND_ADD})
 _NAK_STATUS = {
     NakCode.INV_REQ: WcStatus.REM_INV_REQ_ERR,
     NakCode.REM_ACCESS: WcStatus.REM_ACCESS_ERR,
     NakCode.REM_OP: WcStatus.REM_OP_ERR,
     NakCode.INV_RD_REQ: WcStatus.REM_INV_RD_REQ_ERR,
 }
-_SEND_STATES = (QpState.RTS,)
 _RECV_STATES = (QpState.RTR, QpState.RTS, QpState.SQD, QpState.SQE)
 
 
-class _WqeError(VirtioRdmaError):
-    def __init__(self, message: str, wc_status: WcStatus, metric: str):
-        super().__init__(message)
-        self.wc_status = wc_status
-        self.metric = metric
-
-
-def _mtu(qp: QueuePair) -> int:
-    try:
-        return Mtu(qp.attr.path_mtu).bytes
-    except ValueError:
-        return 1024
-
-
 def _npkts(qp: QueuePair, length: int) -> int:
-    m = _mtu(qp)
+    m = path_mtu_bytes(qp)
     return max(1, (length + m - 1) // m)
-
-
-# --------------------------------------------------------------------------
-# Completions and errors
-# --------------------------------------------------------------------------
-def complete_send(dev, qp: QueuePair, index: int, wr_id: int, opcode: WrOpcode | int,
-                  status: WcStatus, byte_len: int = 0, force: bool = True) -> None:
-    qp.sq_ci = (index + 1) & 0xFFFFFFFF
-    if not force:
-        return
-    wc_op = _WC_OF_WR.get(opcode, WcOpcode.SEND)  # ints and WrOpcodes hash alike
-    dev.complete(qp.send_cq, Completion(wr_id, status, wc_op, qp.qpn, byte_len=byte_len))
-
-
-def qp_error(dev, qp: QueuePair, event: AsyncEvent | None = None) -> None:
-    """Move ``qp`` to ERR (once), report ``event``, flush both queues."""
-    if qp.state is QpState.ERR or qp.destroyed:
-        return
-    if qp.net is not None:  # stop the wire engine; the rings are flushed below
-        qp.net.on_error()
-    qp.state = QpState.ERR
-    qp.rnr_until = None
-    if event is not None:
-        dev.async_event(event, qp.qpn)
-    flush(dev, qp)
-
-
-def _slot_wr_id(dev, gpa: int) -> int:
-    try:
-        return _WRID.unpack(dev.mem.translate(gpa, 8))[0]
-    except GuestMemoryError:
-        return 0
-
-
-def _slot_opcode(dev, gpa: int) -> int:
-    try:
-        return dev.mem.translate(gpa + 8, 1)[0]
-    except GuestMemoryError:
-        return WrOpcode.SEND
-
-
-def fail_wqe(dev, qp: QueuePair, idx: int, wr_id: int, opcode: int, status: WcStatus) -> None:
-    """A wire engine's send WQE ``idx`` failed before reaching the wire (the
-    engine has already stopped): the WQEs before it complete with
-    WR_FLUSH_ERR, it completes with ``status``, and the QP enters ERR, as on
-    the message path."""
-    while qp.sq_ci != idx:
-        gpa = qp.sq_slot_gpa(qp.sq_ci)
-        complete_send(dev, qp, qp.sq_ci, _slot_wr_id(dev, gpa), _slot_opcode(dev, gpa),
-                      WcStatus.WR_FLUSH_ERR)
-        dev.metrics.flushed_wrs += 1
-    complete_send(dev, qp, idx, wr_id, opcode, status)
-    qp.sq_next = qp.sq_ci
-    qp_error(dev, qp, None)
-
-
-def flush(dev, qp: QueuePair) -> None:
-    """Complete every outstanding WR of a QP in ERR with WR_FLUSH_ERR (spec 5.x.6.7)."""
-    inflight = {e.index: e for e in qp.inflight}
-    qp.inflight.clear()
-    while qp.sq_ci != qp.sq_pi:
-        idx = qp.sq_ci
-        e = inflight.get(idx)
-        if e is not None:
-            wr_id, op = e.wqe.wr_id, e.wqe.opcode
-        else:
-            gpa = qp.sq_slot_gpa(idx)
-            wr_id, op = _slot_wr_id(dev, gpa), _slot_opcode(dev, gpa)
-        complete_send(dev, qp, idx, wr_id, op, WcStatus.WR_FLUSH_ERR)
-        dev.metrics.flushed_wrs += 1
-    qp.sq_next = qp.sq_ci
-    while qp.rq_ci != qp.rq_pi:
-        wr_id = _slot_wr_id(dev, qp.rq_slot_gpa(qp.rq_ci))
-        qp.rq_ci = (qp.rq_ci + 1) & 0xFFFFFFFF
-        dev.complete(qp.recv_cq, Completion(wr_id, WcStatus.WR_FLUSH_ERR, WcOpcode.RECV, qp.qpn))
-        dev.metrics.flushed_wrs += 1
 
 
 # --------------------------------------------------------------------------
 # Requester
 # --------------------------------------------------------------------------
-def _local_views(dev, qp: QueuePair, wqe, need: Access) -> list[memoryview]:
-    views = []
-    for s in wqe.sges:
-        try:
-            views.extend(dev.mrs.check(dev.mem, s.lkey, qp.pdn, s.addr, s.length, need))
-        except MemoryAccessError as e:
-            raise _WqeError(f"QP {qp.qpn:#x} wr_id {wqe.wr_id:#x}: {e}", WcStatus.LOC_PROT_ERR,
-                            "local_prot_errors") from None
-    return views
-
-
-def check_wqe(dev, qp: QueuePair, wqe) -> None:
-    """The checks every send WQE passes before it starts, whichever engine
-    runs the QP: a supported opcode, INLINE only where it may be and within
-    max_inline_data, and the message within max_msg_sz (raises _WqeError)."""
-    op = wqe.opcode
-    if op not in _SUPPORTED:
-        raise _WqeError(f"QP {qp.qpn:#x}: opcode {op.name} not supported", WcStatus.LOC_QP_OP_ERR,
-                        "bad_wqes")
-    if wqe.inline is not None:
-        if op not in (WrOpcode.SEND, WrOpcode.SEND_WITH_IMM, WrOpcode.RDMA_WRITE,
-                      WrOpcode.RDMA_WRITE_WITH_IMM):
-            raise _WqeError(f"QP {qp.qpn:#x}: INLINE with {op.name}", WcStatus.LOC_QP_OP_ERR, "bad_wqes")
-        if len(wqe.inline) > qp.layout.max_inline_data:
-            raise _WqeError(f"QP {qp.qpn:#x}: inline_len {len(wqe.inline)} > max_inline_data",
-                            WcStatus.LOC_LEN_ERR, "local_len_errors")
-    length = wqe.length
-    if length > dev.limits.max_msg_sz:
-        raise _WqeError(f"QP {qp.qpn:#x}: message of {length} bytes exceeds max_msg_sz",
-                        WcStatus.LOC_LEN_ERR, "local_len_errors")
-
-
 def _build_request(dev, qp: QueuePair, wqe, psn: int) -> Request:
-    check_wqe(dev, qp, wqe)
+    """The request message of a checked WQE (raises WqeError if a local
+    buffer is not the guest's to use)."""
     op, length = wqe.opcode, wqe.length
     req = Request(dev.fabric.gid, qp.qpn, bytes(qp.attr.dgid), qp.attr.dest_qp_num, psn, 1, op,
                   solicited=bool(wqe.send_flags & SendFlags.SOLICITED))
     if op in (WrOpcode.SEND_WITH_IMM, WrOpcode.RDMA_WRITE_WITH_IMM):
         req.imm_data = wqe.imm_data
-    if op in _ATOMICS:
+    if op in ATOMICS:
         if sum(s.length for s in wqe.sges) < 8:
-            raise _WqeError(f"QP {qp.qpn:#x}: atomic needs an 8-byte local SGE", WcStatus.LOC_LEN_ERR,
-                            "local_len_errors")
-        _local_views(dev, qp, wqe, Access.LOCAL_WRITE)
+            raise WqeError(f"QP {qp.qpn:#x}: atomic needs an 8-byte local SGE", WcStatus.LOC_LEN_ERR,
+                           "local_len_errors")
+        local_views(dev, qp, wqe, Access.LOCAL_WRITE)
         req.remote_addr, req.rkey = wqe.remote_addr, wqe.rkey
         req.compare_add, req.swap, req.length = wqe.compare_add, wqe.swap, 8
         return req
     if op is WrOpcode.RDMA_READ:
-        _local_views(dev, qp, wqe, Access.LOCAL_WRITE)
+        local_views(dev, qp, wqe, Access.LOCAL_WRITE)
         req.remote_addr, req.rkey, req.length = wqe.remote_addr, wqe.rkey, length
         req.npkts = _npkts(qp, length)
         return req
-    req.payload = [wqe.inline] if wqe.inline is not None else _local_views(dev, qp, wqe, Access(0))
+    req.payload = [wqe.inline] if wqe.inline is not None else local_views(dev, qp, wqe, Access(0))
     req.length = length
     req.npkts = _npkts(qp, length)
     if op in (WrOpcode.RDMA_WRITE, WrOpcode.RDMA_WRITE_WITH_IMM):
@@ -250,76 +113,77 @@ def use_fast_path(on: bool) -> bool:
     return prev
 
 
-def progress_sq(dev, qp: QueuePair, now: float) -> None:
-    """Start every posted send WQE the QP may start now (RTS, window, no RNR stall).
+class LocalSender:
+    """The message path's requester as the :class:`~virtio_rdma.rings.SendEngine`
+    of a QP whose peer is reached through ``dev.fabric.send``: a window of
+    :data:`MAX_INFLIGHT` messages, stalled by an RNR NAK until its timer
+    runs out, fences held until earlier READs and atomics are answered.
+    WQEs on the plain local success path run natively first
+    (``_datapath.run_sq``: as many per call as there are; the first WQE it
+    leaves -- an error, RNR, an atomic, a full CQ... -- comes through here)."""
 
-    WQEs on the plain local success path run natively (``_datapath.run_sq``),
-    as many per call as there are; the first WQE it leaves (an error, RNR,
-    an atomic, a full CQ...) is handled here, then the native path resumes."""
-    if qp.net is not None:  # peer on another host: the wire engine runs the QP
-        qp.net.progress(now)
-        return
-    while (qp.state in _SEND_STATES and qp.sq_next != qp.sq_pi
-           and len(qp.inflight) < MAX_INFLIGHT and not qp.destroyed):
-        if _fast is not None and _fast.run_sq(dev, qp, now):
-            continue
+    __slots__ = ("dev", "qp", "_req")
+    refusals: tuple = ()
+
+    def __init__(self, dev, qp: QueuePair) -> None:
+        self.dev = dev
+        self.qp = qp
+        self._req: Request | None = None
+
+    def may_start(self, now: float) -> bool:
+        qp = self.qp
+        if _fast is not None and _fast.run_sq(self.dev, qp, now) and (
+                qp.sq_next == qp.sq_pi or qp.state is not QpState.RTS or qp.destroyed):
+            return False
+        if len(qp.inflight) >= MAX_INFLIGHT:
+            return False
         if qp.rnr_until is not None:
             if now < qp.rnr_until:
-                return
+                return False
             qp.rnr_until = None
-        idx = qp.sq_next
-        try:
-            slot = dev.mem.translate(qp.sq_slot_gpa(idx), 1 << qp.layout.sq_wqe_shift)
-        except GuestMemoryError:
-            dev.metrics.wqe_fetch_faults += 1
-            qp_error(dev, qp, AsyncEvent.QP_FATAL)
-            return
-        wr_id = _WRID.unpack_from(slot)[0]
-        opcode = slot[8]
-        try:
-            wqe = decode_send_wqe(slot, qp.layout.max_send_sge)
-            if wqe.send_flags & SendFlags.FENCE and any(e.is_read_or_atomic for e in qp.inflight):
-                return  # fenced: wait for outstanding READ/atomic responses
-            req = _build_request(dev, qp, wqe, qp.sq_psn)
-        except _WqeError as e:
-            setattr(dev.metrics, e.metric, getattr(dev.metrics, e.metric) + 1)
-            _fail_at(dev, qp, idx, wr_id, opcode, e.wc_status)
-            return
-        except VirtioRdmaError:  # WireError / UnknownValueError: malformed WQE
-            dev.metrics.bad_wqes += 1
-            _fail_at(dev, qp, idx, wr_id, opcode, WcStatus.LOC_QP_OP_ERR)
-            return
-        signaled = qp.sq_sig_all or bool(wqe.send_flags & SendFlags.SIGNALED)
-        entry = Inflight(idx, wqe, req.psn, req.npkts, now, signaled)
-        qp.inflight.append(entry)
-        qp.sq_next = (idx + 1) & 0xFFFFFFFF
+        return True
+
+    def fence_pending(self) -> bool:
+        return any(e.is_read_or_atomic for e in self.qp.inflight)
+
+    def start_send(self, idx: int, wqe, signaled: bool, now: float) -> bool:
+        qp = self.qp
+        req = _build_request(self.dev, qp, wqe, qp.sq_psn)
+        qp.inflight.append(Inflight(idx, wqe, req.psn, req.npkts, now, signaled))
         qp.sq_psn = (qp.sq_psn + req.npkts) & PSN_MASK
-        dev.metrics.requests_sent += 1
+        self._req = req
+        return True
+
+    def started(self, now: float) -> None:
+        req, self._req = self._req, None
+        dev = self.dev
         resp = dev.fabric.send(req, now)
         if resp is not None:
-            on_response(dev, qp, resp, now, sync=True)
+            on_response(dev, self.qp, resp, now, sync=True)
+
+    def fail_send(self, idx: int, wr_id: int, opcode: int, status: WcStatus) -> None:
+        """Simplification: WQEs still in flight before it (only possible on
+        an asynchronous fabric) are flushed rather than awaited."""
+        self.qp.inflight.clear()
+        fail_send(self.dev, self.qp, idx, wr_id, opcode, status)
 
 
-def _fail_at(dev, qp: QueuePair, idx: int, wr_id: int, opcode: int, status: WcStatus) -> None:
-    """A WQE failed local checks before it was sent. Simplification: WQEs
-    still in flight before it (only possible on an asynchronous fabric) are
-    flushed rather than awaited; the failing WQE then completes with
-    ``status`` and the QP enters ERR."""
-    while qp.inflight:
-        e = qp.inflight.popleft()
-        complete_send(dev, qp, e.index, e.wqe.wr_id, e.wqe.opcode, WcStatus.WR_FLUSH_ERR)
-        dev.metrics.flushed_wrs += 1
-    complete_send(dev, qp, idx, wr_id, opcode, status)
-    qp.sq_next = qp.sq_ci
-    qp_error(dev, qp, None)
+def progress_sq(dev, qp: QueuePair, now: float) -> None:
+    """Start every posted send WQE the QP may start now, through its engine:
+    the wire engine when its peer is on another host, else the message path."""
+    if qp.net is not None:
+        qp.net.progress(now)
+        return
+    engine = qp.local
+    if engine is None:
+        engine = qp.local = LocalSender(dev, qp)
+    drive_sq(dev, qp, engine, now)
 
 
 def _complete_ok(dev, qp: QueuePair, e: Inflight, byte_len: int) -> None:
-    complete_send(dev, qp, e.index, e.wqe.wr_id, e.wqe.opcode, WcStatus.SUCCESS, byte_len,
-                  force=e.signaled)
+    send_done(dev, qp, e.index, e.wqe.wr_id, e.wqe.opcode, WcStatus.SUCCESS, byte_len, e.signaled)
     qp.retry_left = qp.attr.retry_cnt
     qp.rnr_left = qp.attr.rnr_retry
-    dev.metrics.sends_completed += 1
 
 
 def _rewind(qp: QueuePair, pos: int) -> None:
@@ -344,13 +208,13 @@ def on_response(dev, qp: QueuePair, resp: Response, now: float, *, sync: bool) -
             _complete_ok(dev, qp, e, e.wqe.length)
     elif resp.kind in (RespKind.READ_RESP, RespKind.ATOMIC_ACK):
         e = qp.inflight[0]
-        want = RespKind.ATOMIC_ACK if e.wqe.opcode in _ATOMICS else RespKind.READ_RESP
+        want = RespKind.ATOMIC_ACK if e.wqe.opcode in ATOMICS else RespKind.READ_RESP
         if resp.kind is not want or not e.is_read_or_atomic or e.last_psn != resp.psn:
             dev.metrics.stale_responses += 1
         else:
             try:
-                dst = _local_views(dev, qp, e.wqe, Access.LOCAL_WRITE)
-            except _WqeError as err:  # MR deregistered meanwhile
+                dst = local_views(dev, qp, e.wqe, Access.LOCAL_WRITE)
+            except WqeError as err:  # MR deregistered meanwhile
                 dev.metrics.local_prot_errors += 1
                 qp.inflight.popleft()
                 complete_send(dev, qp, e.index, e.wqe.wr_id, e.wqe.opcode, err.wc_status)
@@ -358,9 +222,7 @@ def on_response(dev, qp: QueuePair, resp: Response, now: float, *, sync: bool) -
                 return
             qp.inflight.popleft()
             if resp.kind is RespKind.READ_RESP:
-                n = sg_copy(dst, resp.data)
-                dev.metrics.bytes_received += n
-                _complete_ok(dev, qp, e, n)
+                _complete_ok(dev, qp, e, sg_copy(dst, resp.data))
             else:
                 sg_copy(dst, [memoryview(_U64N.pack(resp.atomic_orig))])
                 _complete_ok(dev, qp, e, 8)
@@ -465,29 +327,19 @@ def _nak(dev, qp: QueuePair, req: Request, code: NakCode, event: AsyncEvent | No
 
 
 def _pop_recv(dev, qp: QueuePair):
-    """Read the next receive WQE (None if none posted). Raises _WqeError if malformed."""
+    """The next receive WQE (None if none posted); raises WqeError if unreadable."""
     if qp.rq_ci == qp.rq_pi:
         return None
-    idx = qp.rq_ci
-    try:
-        slot = dev.mem.translate(qp.rq_slot_gpa(idx), 1 << qp.layout.rq_wqe_shift)
-        wqe = decode_recv_wqe(slot, qp.layout.max_recv_sge)
-    except GuestMemoryError as e:
-        raise _WqeError(f"QP {qp.qpn:#x} RQ slot: {e}", WcStatus.LOC_QP_OP_ERR, "wqe_fetch_faults") from None
-    except VirtioRdmaError as e:
-        raise _WqeError(f"QP {qp.qpn:#x} RQ WQE: {e}", WcStatus.LOC_QP_OP_ERR, "bad_wqes") from None
-    return wqe
+    return fetch_recv(dev, qp, qp.rq_ci)
 
 
 def _recv_done(dev, qp: QueuePair, wr_id: int, status: WcStatus, op: WcOpcode, req: Request,
                byte_len: int = 0) -> None:
-    qp.rq_ci = (qp.rq_ci + 1) & 0xFFFFFFFF
-    flags = 0
-    imm = 0
-    if req.imm_data is not None and status == WcStatus.SUCCESS:
-        flags, imm = int(WcFlags.WITH_IMM), req.imm_data
-    dev.complete(qp.recv_cq, Completion(wr_id, status, op, qp.qpn, byte_len, imm, flags, req.src_qpn),
-                 solicited=req.solicited)
+    if req.imm_data is not None and status is WcStatus.SUCCESS:
+        recv_done(dev, qp, wr_id, status, op, byte_len, req.imm_data, _WITH_IMM, req.src_qpn,
+                  req.solicited)
+    else:
+        recv_done(dev, qp, wr_id, status, op, byte_len, 0, 0, req.src_qpn, req.solicited)
 
 
 def is_connected_peer(qp: QueuePair, gid: bytes, qpn: int) -> bool:
@@ -525,7 +377,7 @@ def on_request(dev, qp: QueuePair, req: Request, now: float) -> Response | None:
         op = req.opcode
         if op is WrOpcode.RDMA_READ:
             return _execute_read(dev, qp, req, advance=False)
-        if op in _ATOMICS:
+        if op in ATOMICS:
             if req.psn in qp.atomic_cache:
                 return _resp(qp, req, RespKind.ATOMIC_ACK, req.psn, atomic_orig=qp.atomic_cache[req.psn])
             return None
@@ -541,7 +393,7 @@ def on_request(dev, qp: QueuePair, req: Request, now: float) -> Response | None:
         return _execute_write(dev, qp, req)
     if op is WrOpcode.RDMA_READ:
         return _execute_read(dev, qp, req, advance=True)
-    if op in _ATOMICS:
+    if op in ATOMICS:
         return _execute_atomic(dev, qp, req)
     dev.metrics.remote_inv_req_errors += 1
     return _nak(dev, qp, req, NakCode.INV_REQ, AsyncEvent.QP_REQ_ERR)
@@ -555,9 +407,9 @@ def _rnr(dev, qp: QueuePair, req: Request) -> Response:
 def _execute_send(dev, qp: QueuePair, req: Request) -> Response:
     try:
         rwqe = _pop_recv(dev, qp)
-    except _WqeError as e:
+    except WqeError as e:
         setattr(dev.metrics, e.metric, getattr(dev.metrics, e.metric) + 1)
-        _recv_done(dev, qp, _slot_wr_id(dev, qp.rq_slot_gpa(qp.rq_ci)), e.wc_status, WcOpcode.RECV, req)
+        _recv_done(dev, qp, recv_slot_wr_id(dev, qp), e.wc_status, WcOpcode.RECV, req)
         return _nak(dev, qp, req, NakCode.REM_OP, AsyncEvent.QP_FATAL)
     if rwqe is None:
         return _rnr(dev, qp, req)
@@ -566,13 +418,12 @@ def _execute_send(dev, qp: QueuePair, req: Request) -> Response:
         _recv_done(dev, qp, rwqe.wr_id, WcStatus.LOC_LEN_ERR, WcOpcode.RECV, req)
         return _nak(dev, qp, req, NakCode.INV_REQ, AsyncEvent.QP_REQ_ERR)
     try:
-        dst = _local_views(dev, qp, rwqe, Access.LOCAL_WRITE)
-    except _WqeError:
+        dst = local_views(dev, qp, rwqe, Access.LOCAL_WRITE)
+    except WqeError:
         dev.metrics.local_prot_errors += 1
         _recv_done(dev, qp, rwqe.wr_id, WcStatus.LOC_PROT_ERR, WcOpcode.RECV, req)
         return _nak(dev, qp, req, NakCode.REM_OP, AsyncEvent.QP_ACCESS_ERR)
     n = sg_copy(dst, req.payload)
-    dev.metrics.bytes_received += n
     qp.epsn = (qp.epsn + req.npkts) & PSN_MASK
     _recv_done(dev, qp, rwqe.wr_id, WcStatus.SUCCESS, WcOpcode.RECV, req, n)
     return _resp(qp, req, RespKind.ACK, req.last_psn)
@@ -594,9 +445,9 @@ def _execute_write(dev, qp: QueuePair, req: Request) -> Response:
     if req.opcode is WrOpcode.RDMA_WRITE_WITH_IMM:
         try:
             rwqe = _pop_recv(dev, qp)
-        except _WqeError as e:
+        except WqeError as e:
             setattr(dev.metrics, e.metric, getattr(dev.metrics, e.metric) + 1)
-            _recv_done(dev, qp, _slot_wr_id(dev, qp.rq_slot_gpa(qp.rq_ci)), e.wc_status,
+            _recv_done(dev, qp, recv_slot_wr_id(dev, qp), e.wc_status,
                        WcOpcode.RECV_RDMA_WITH_IMM, req)
             return _nak(dev, qp, req, NakCode.REM_OP, AsyncEvent.QP_FATAL)
         if rwqe is None:
@@ -606,9 +457,10 @@ def _execute_write(dev, qp: QueuePair, req: Request) -> Response:
     except MemoryAccessError:
         return _access_nak(dev, qp, req)
     n = sg_copy(dst, req.payload)
-    dev.metrics.bytes_received += n
     qp.epsn = (qp.epsn + req.npkts) & PSN_MASK
-    if rwqe is not None:
+    if rwqe is None:
+        dev.metrics.bytes_received += n
+    else:  # its CQE counts the bytes
         _recv_done(dev, qp, rwqe.wr_id, WcStatus.SUCCESS, WcOpcode.RECV_RDMA_WITH_IMM, req, n)
     return _resp(qp, req, RespKind.ACK, req.last_psn)
 

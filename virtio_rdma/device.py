@@ -20,11 +20,11 @@ import logging
 import struct
 from time import monotonic
 
+from fabric.base import Fabric
 from vhost_user.device import VhostUserDevice
 from vhost_user.tenancy import ConnectionInfo, TenantAccount, TenantLedger, TenantPolicy
 from virtio_rdma.constants import Feature
 from virtio_rdma.core import DeviceLimits, RdmaDeviceCore
-from fabric.base import Fabric
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +81,13 @@ class RdmaDevice(VhostUserDevice):
         connection gets the policy's caps and an account of its peer uid in ``ledger``."""
         limits = cls.limits_for(ledger.policy)
 
-        def make(info: ConnectionInfo | None) -> "RdmaDevice":
+        def make(info: ConnectionInfo | None) -> RdmaDevice:
             return cls(fabric, limits=limits, account=ledger.account(info), info=info)
 
         return make
 
     def config(self) -> bytes:
-        return self.core.config_bytes()
+        return self.core.config_bytes()  # type: ignore[union-attr]  # attached
 
     def set_features(self, features: int) -> None:
         # DBREC_POLL acked: the driver may skip doorbells while we poll (spec 5.x.6.3)
@@ -112,7 +112,7 @@ class RdmaDevice(VhostUserDevice):
     def process_queue(self, vring, mem) -> None:
         now = monotonic()
         q = vring.queue
-        core = self.core
+        core: RdmaDeviceCore = self.core  # type: ignore[assignment]  # attached: the rings run
         if vring.index == CONTROLQ:
             for _ in range(CONTROL_BUDGET):
                 if (chain := q.pop(mem)) is None:
@@ -140,7 +140,7 @@ class RdmaDevice(VhostUserDevice):
         self._run_core(monotonic())
 
     def _run_core(self, now: float) -> None:
-        result = self.core.process(now)
+        result = self.core.process(now)  # type: ignore[union-attr]  # attached
         self._events.extend(result.events)
         self._deliver()
         self._arm_timer(result.next_deadline)

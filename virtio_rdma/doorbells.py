@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from virtio.errors import GuestMemoryError
 from virtio.memory import le32_words
-from virtio_rdma import datapath
+from virtio_rdma import datapath, rings
 from virtio_rdma.constants import AsyncEvent, DoorbellKind, QpState
 from virtio_rdma.errors import VirtioRdmaError
 from virtio_rdma.events import flush_notify
@@ -80,7 +80,7 @@ def ring(core: RdmaDeviceCore, db: Doorbell, now: float) -> None:
             return
         qp.sq_pi = db.value
         if qp.state is _ERR:
-            datapath.flush(core, qp)
+            rings.flush(core, qp)
         else:
             datapath.progress_sq(core, qp, now)
             if qp.inflight or qp.rnr_until is not None or qp.net is not None:
@@ -90,7 +90,7 @@ def ring(core: RdmaDeviceCore, db: Doorbell, now: float) -> None:
             return
         qp.rq_pi = db.value
         if qp.state is _ERR:
-            datapath.flush(core, qp)
+            rings.flush(core, qp)
         elif qp.net is not None:  # a wire engine may hand receives to its transport now
             qp.net.rq_rung(now)
 
@@ -107,7 +107,7 @@ def _advance(core: RdmaDeviceCore, qp: QueuePair, which: str, pi: int, ci: int, 
         core.metrics.bad_doorbells += 1
         log.debug("QP %#x %s producer index %d (ci %d, depth %d) is absurd", qp.qpn, which,
                   pi, ci, depth)
-        datapath.qp_error(core, qp, AsyncEvent.QP_FATAL)
+        rings.qp_error(core, qp, AsyncEvent.QP_FATAL)
         return False
     return True
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from virtio_rdma import datapath
+from virtio_rdma import rings
 from virtio_rdma.constants import AsyncEvent, EventKind
 from virtio_rdma.cq import CompletionQueue, PushResult
 from virtio_rdma.wire import Completion, Event
@@ -54,7 +54,7 @@ def complete(core: RdmaDeviceCore, cq: CompletionQueue, c: Completion, solicited
     for qpn in sorted(cq.qps):
         qp = core.qps.get(qpn)
         if qp is not None:
-            datapath.qp_error(core, qp, AsyncEvent.QP_FATAL)
+            rings.qp_error(core, qp, AsyncEvent.QP_FATAL)
 
 
 def async_event(core: RdmaDeviceCore, event: AsyncEvent, number: int) -> None:

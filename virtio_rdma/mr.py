@@ -27,11 +27,11 @@ import bisect
 import logging
 import secrets
 from dataclasses import dataclass, field
-
-from virtio_rdma.constants import Access, Status
-from virtio_rdma.errors import CommandError, MemoryAccessError
+from typing import Any
 
 from virtio.errors import GuestMemoryError
+from virtio_rdma.constants import Access, Status
+from virtio_rdma.errors import CommandError, MemoryAccessError
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,11 @@ class MemoryRegion:
     lkey: int
     rkey: int
     pdn: int
-    access: Access
+    access: int                    # Access flags (an IntFlag; the data path tests them as ints)
     iova: int
     length: int
     chunks: list[tuple[int, int]]  # (gpa, length)
-    backing: object = None         # the HCA registration this MR owns (has close())
+    backing: Any = None            # the HCA registration this MR owns (has close())
     offsets: list[int] = field(default_factory=list)  # start offset of each chunk
 
     def __post_init__(self):
@@ -65,7 +65,7 @@ class MemoryRegion:
             raise MemoryAccessError(
                 f"range [{va:#x}, +{length}) outside MR key {self.lkey:#x} "
                 f"[{self.iova:#x}, +{self.length})")
-        out = []
+        out: list[memoryview] = []
         if length == 0:
             return out
         off = va - self.iova
@@ -112,7 +112,8 @@ class MrTable:
         if len(chunks) > self.max_chunks:
             raise CommandError(f"REG_MR with {len(chunks)} chunks exceeds {self.max_chunks}", Status.E2BIG)
         if length > self.max_mr_size:
-            raise CommandError(f"REG_MR length {length} exceeds max_mr_size {self.max_mr_size}", Status.EINVAL)
+            raise CommandError(f"REG_MR length {length} exceeds max_mr_size {self.max_mr_size}",
+                               Status.EINVAL)
         if iova + length > U64:
             raise CommandError(f"REG_MR iova {iova:#x} + length {length} overflows", Status.EINVAL)
         if sum(n for _, n in chunks) != length:
@@ -183,7 +184,7 @@ class MrTable:
             except Exception as e:
                 log.warning("releasing MR %#x: %s", mr.lkey, e)
 
-    def check(self, mem, key: int, pdn: int, va: int, length: int, need: Access) -> list[memoryview]:
+    def check(self, mem, key: int, pdn: int, va: int, length: int, need: int) -> list[memoryview]:
         """Resolve a (key, va, length) access for a QP of PD ``pdn`` needing
         rights ``need``: a remote access (``need`` has a REMOTE_* right) must
         use the MR's rkey, a local one its lkey."""

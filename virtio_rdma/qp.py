@@ -17,9 +17,13 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from virtio_rdma.constants import Access, QpState, WrOpcode
 from virtio_rdma.wire import SendWqe, WqLayout, qp_attr_defaults
+
+if TYPE_CHECKING:
+    from fabric.base import WireQp
 
 
 @dataclass(slots=True)
@@ -49,7 +53,7 @@ class QueuePair:
         "dbrec_gpa", "state", "attr", "access",
         "sq_pi", "sq_next", "sq_ci", "rq_pi", "rq_ci",
         "inflight", "sq_psn", "retry_left", "rnr_left", "rnr_until",
-        "epsn", "atomic_cache", "nak_seq_sent", "destroyed", "net", "hw",
+        "epsn", "atomic_cache", "nak_seq_sent", "destroyed", "net", "local", "hw",
         "engine",
     )
 
@@ -70,7 +74,9 @@ class QueuePair:
         self.destroyed = False
         #: the wire transport (``fabric.roce_qp.NetworkQp``) when the peer is
         #: on another host; None: the message path of ``datapath`` over the fabric
-        self.net = None
+        self.net: WireQp | None = None
+        #: the message path's requester (``datapath.LocalSender``), made on first use
+        self.local = None
         #: the host RDMA device's QP behind this one (a verbs fabric); owned here
         self.hw = None
         #: the RC engine driving this QP (``virtio_rdma.datapath``): its

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from virtio_rdma.constants import QpAttrMask as M
-from virtio_rdma.constants import QpState as S
-from virtio_rdma.constants import Status
+from virtio_rdma.constants import QpAttrMask as M, QpState as S, Status
 from virtio_rdma.errors import VirtioRdmaError
 
 
@@ -64,10 +62,9 @@ def check_transition(cur: S, attr_mask: int, next_state: int | None,
     """
     mask = M.parse(attr_mask)
     cur = S.parse(cur)
-    if mask & M.CUR_STATE:
-        if cur_state_attr is None or int(cur_state_attr) != cur:
-            raise QpTransitionError(
-                f"cur_qp_state {cur_state_attr} does not match the QP state {cur.name}")
+    if mask & M.CUR_STATE and (cur_state_attr is None or int(cur_state_attr) != cur):
+        raise QpTransitionError(
+            f"cur_qp_state {cur_state_attr} does not match the QP state {cur.name}")
     target = S.parse(next_state) if mask & M.STATE else cur
     t = TRANSITIONS.get((cur, target))
     if t is None:

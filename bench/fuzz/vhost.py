@@ -433,7 +433,7 @@ class VhostUserTarget:
                     ep.close()
 
     def _victim_views(self):
-        return [ep.ctx.dev.mem.regions()[0].view for ep in self.victim]
+        return [ep.ctx.transport.device.mem.regions()[0].view for ep in self.victim]
 
     # ---- checks --------------------------------------------------------------------------
     def _checks(self, i: int, settle_s: float = 0.0) -> None:

@@ -169,7 +169,7 @@ class RcQp:
         q, r = self.requester, self.responder
         if self.state is QpState.RTS:
             q.fill(now)
-        out = r.out
+        out: list[RocePacket | PacketRun] = r.out  # type: ignore[assignment]  # grows with runs
         if out:
             r.out = []
             if q.out:

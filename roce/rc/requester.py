@@ -22,12 +22,13 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
+from ..errors import InvalidWorkRequest
 from ..headers import Aeth, AethType, AtomicEth, NakCode, rnr_timer_seconds
 from ..opcodes import OPCODE_TABLE, Kind, Opcode
 from ..packet import PacketRun, RocePacket, make_bth, make_ieth, make_immdt, make_packet, make_reth
 from .config import MAX_MSG_SIZE, MAX_PKT_PER_ACK, MAX_UNACKED_PSNS, QpConfig, retransmit_timeout
-from ..errors import InvalidWorkRequest
 from .metrics import RcMetrics
 from .psn import PSN_MASK, psn_add, psn_diff
 from .sgl import SgList
@@ -66,7 +67,7 @@ _ATOMICS = frozenset({WrOpcode.ATOMIC_CMP_AND_SWP, WrOpcode.ATOMIC_FETCH_AND_ADD
 _U32 = 0xFFFFFFFF
 _ACK_T, _RNR_T, _NAK_T = int(AethType.ACK), int(AethType.RNR_NAK), int(AethType.NAK)
 
-_FATAL_NAK = {
+_FATAL_NAK: dict[int, WcStatus] = {
     NakCode.INVALID_REQUEST: WcStatus.REM_INV_REQ_ERR,
     NakCode.REMOTE_ACCESS: WcStatus.REM_ACCESS_ERR,
     NakCode.REMOTE_OP: WcStatus.REM_OP_ERR,
@@ -87,7 +88,7 @@ class Wqe:
 
     @property
     def last_psn(self) -> int:
-        return psn_add(self.first_psn, self.npkts - 1)
+        return psn_add(self.first_psn, self.npkts - 1)  # type: ignore[arg-type]  # sent: first_psn is set
 
 
 class Requester:
@@ -109,7 +110,7 @@ class Requester:
         self.retrans_deadline: float | None = None
         self.rnr_deadline: float | None = None
         self.completions: list[Completion] = []
-        self.out: list[RocePacket] = []
+        self.out: list[RocePacket | PacketRun] = []
         self.dead = False
 
     # ----------------------------------------------------------------- verbs
@@ -183,7 +184,7 @@ class Requester:
         op = wr.opcode
         n, i = wqe.npkts, wqe.next_pkt
         psn = self.psn
-        assert psn == psn_add(wqe.first_psn, i)
+        assert psn == psn_add(wqe.first_psn, i)  # type: ignore[arg-type]  # sent: first_psn is set
         k = min(n - i, room)
         self.out.append(PacketRun(
             _SEND_OPS[op], n, i, k, psn, cfg.dest_qp_num, cfg.pkey, cfg.path_mtu, wqe.length,
@@ -218,9 +219,9 @@ class Requester:
         cfg, wr, mtu = self.cfg, wqe.wr, self.cfg.path_mtu
         i = wqe.next_pkt
         psn = self.psn
-        assert psn == psn_add(wqe.first_psn, i)
+        assert psn == psn_add(wqe.first_psn, i)  # type: ignore[arg-type]  # sent: first_psn is set
         op = wr.opcode
-        kw = {}
+        kw: dict[str, Any] = {}
         payload = b""
         se = False
         if op is WrOpcode.RDMA_READ:
@@ -351,7 +352,7 @@ class Requester:
                 m.responses_dropped += 1
                 return
             wqe = sq[0]
-            if psn_diff(psn, (wqe.first_psn + wqe.npkts - 1) & PSN_MASK) > 0:
+            if psn_diff(psn, (wqe.first_psn + wqe.npkts - 1) & PSN_MASK) > 0:  # type: ignore[operator]  # sent: first_psn is set
                 if wqe.state is not WqeState.PENDING:
                     m.responses_dropped += 1
                     return
@@ -360,7 +361,7 @@ class Requester:
                     # missing: implicit NAK, retry from comp_psn
                     self._error_retry(now)
                     return
-                self.comp_psn = (wqe.first_psn + wqe.npkts) & PSN_MASK
+                self.comp_psn = (wqe.first_psn + wqe.npkts) & PSN_MASK  # type: ignore[operator]  # sent: first_psn is set
                 self._complete(WcStatus.SUCCESS)
                 self._progress(now)
                 continue
@@ -394,7 +395,7 @@ class Requester:
             m.responses_dropped += 1            # not a READ, or a gap: wait for the timer
             return
         mtu = self.cfg.path_mtu
-        idx = psn_diff(pkt.bth.psn, wqe.first_psn)
+        idx = psn_diff(pkt.bth.psn, wqe.first_psn)  # type: ignore[arg-type]  # sent: first_psn is set
         plen = len(pkt.payload)
         at_end = idx == wqe.npkts - 1
         if info.ends != at_end or (not at_end and plen != mtu) or \
@@ -409,15 +410,15 @@ class Requester:
 
     def _ack(self, wqe: Wqe, pkt: RocePacket, psn: int, now: float) -> None:
         m = self.metrics
-        aeth: Aeth = pkt.aeth
+        aeth: Aeth = pkt.aeth  # type: ignore[assignment]  # an ACK carries an AETH
         t = (aeth.syndrome >> 5) & 3
         if t == _ACK_T:
             if wqe.rd_atomic:
                 m.responses_dropped += 1        # an ACK cannot complete a READ/atomic
                 return
             self.comp_psn = (psn + 1) & PSN_MASK
-            if psn == (wqe.first_psn + wqe.npkts - 1) & PSN_MASK and \
-                    wqe.state is WqeState.PENDING:
+            last = (wqe.first_psn + wqe.npkts - 1) & PSN_MASK  # type: ignore[operator]  # sent: first_psn is set
+            if psn == last and wqe.state is WqeState.PENDING:
                 self._complete(WcStatus.SUCCESS)
             self._progress(now)
         elif t == _RNR_T:

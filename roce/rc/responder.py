@@ -26,7 +26,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from ..errors import RemoteAccessError
-from ..headers import Aeth, AethType, AtomicAckEth, CREDITS_INVALID, NakCode
+from ..headers import CREDITS_INVALID, Aeth, AethType, AtomicAckEth, NakCode
 from ..opcodes import Kind, Opcode, OpInfo, Position
 from ..packet import RocePacket, make_aeth, make_bth, make_packet
 from .config import MAX_MSG_SIZE, QpConfig
@@ -206,7 +206,7 @@ class Responder:
             self.cur = ctx = _SendCtx(wr_id, sgl)
             self.cur_kind = _SEND
         else:
-            ctx = self.cur
+            ctx = self.cur  # type: ignore[assignment]  # cur_kind says which
         if plen:
             try:
                 ctx.sgl.scatter(ctx.offset, pkt.payload)
@@ -260,7 +260,7 @@ class Responder:
             self.cur = ctx = _WriteCtx(view, dma_len)
             self.cur_kind = _WRITE
         else:
-            ctx = self.cur
+            ctx = self.cur  # type: ignore[assignment]  # cur_kind says which
         off = ctx.offset
         end = off + plen
         if end > ctx.length or (ends and end != ctx.length):

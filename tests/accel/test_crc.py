@@ -6,6 +6,8 @@ from hypothesis import given, settings, strategies as st
 from accel_core.crc import (
     GCRC24A, GCRC24B, attach_crc24a, attach_crc24b, check_crc24a, check_crc24b, crc24a, crc24b,
 )
+from accel_core.errors import DtypeError, ElementError, ShapeError
+from tests.accel.typed import raises_exactly
 
 FUNCS = {"a": (crc24a, attach_crc24a, check_crc24a, GCRC24A),
          "b": (crc24b, attach_crc24b, check_crc24b, GCRC24B)}
@@ -91,13 +93,13 @@ def test_roundtrip_property(bits, kind):
 
 
 def test_bad_inputs():
-    with pytest.raises(TypeError, match="dtype float64"):
+    with raises_exactly(DtypeError, match="dtype float64", argument="bits", value=np.dtype(np.float64)):
         crc24a(np.zeros(10))
-    with pytest.raises(ValueError, match="shape"):
+    with raises_exactly(ShapeError, match="shape", value=(2, 2, 2)):
         crc24a(np.zeros((2, 2, 2), np.uint8))
-    with pytest.raises(ValueError, match=r"bits\[3\] = 2"):
+    with raises_exactly(ElementError, match=r"bits\[3\] = 2", value=2):
         crc24a(np.array([0, 1, 0, 2, 1], np.uint8))
-    with pytest.raises(ValueError, match=r"bits\[1, 0\] = -1"):
+    with raises_exactly(ElementError, match=r"bits\[1, 0\] = -1", value=-1):
         crc24b(np.array([[0, 1], [-1, 0]]))
-    with pytest.raises(ValueError, match="fewer than the 24"):
+    with raises_exactly(ShapeError, match="fewer than the 24", argument="bits_with_crc"):
         check_crc24a(np.zeros(23, np.uint8))

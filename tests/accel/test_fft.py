@@ -1,13 +1,14 @@
-"""accel_core.fft against numpy.fft: every supported size, both dtypes, batching,
+"""accel_core.dft (fft, ifft, FFTPlan) against numpy.fft: every supported size, both dtypes, batching,
 out=/in-place, non-contiguous input, plans, and every kind of bad input."""
-import importlib
 import threading
 
 import numpy as np
 import pytest
 
-fftmod = importlib.import_module("accel_core.fft")
-from accel_core.fft import FFTPlan, fft, ifft, is_supported, radices_for, supported_sizes  # noqa: E402
+from accel_core import dft
+from accel_core.errors import DtypeError, LayoutError, ShapeError, UnsupportedSize
+from accel_core.dft import FFTPlan, fft, ifft, is_supported, radices_for, supported_sizes
+from tests.accel.typed import raises_exactly
 
 TOL = {np.complex64: 1e-5, np.complex128: 1e-12}
 DTYPES = [np.complex64, np.complex128]
@@ -182,28 +183,29 @@ def test_explicit_plan(dtype):
 
 
 def test_plan_cache_reuses_cores():
-    fftmod._core.cache_clear()
+    dft._core.cache_clear()
     fft(_rand((1, 1024), np.complex64))
     fft(_rand((1, 1024), np.complex64))
-    info = fftmod._core.cache_info()
+    info = dft._core.cache_info()
     assert info.misses == 1 and info.hits == 1
     ifft(_rand((1, 1024), np.complex64))
     fft(_rand((1, 1024), np.complex128))
-    assert fftmod._core.cache_info().misses == 3
-    assert FFTPlan(1024, np.complex64)._fwd is fftmod._core(1024, False, False)
+    assert dft._core.cache_info().misses == 3
+    assert FFTPlan(1024, np.complex64)._fwd is dft._core(1024, False, False)
 
 
 def test_plan_rejects_mismatch():
     plan = FFTPlan(256, np.complex64)
-    with pytest.raises(ValueError, match="n=256"):
+    with raises_exactly(ShapeError, match="n=256"):
         plan.forward(_rand((2, 512), np.complex64))
-    with pytest.raises(ValueError, match="complex128"):
+    with raises_exactly(DtypeError, match="complex128") as info:
         plan.forward(_rand((2, 256), np.complex128))
-    with pytest.raises(ValueError, match="1000"):
+    assert isinstance(info.value, ValueError)  # a ValueError before the typed errors, still one
+    with raises_exactly(UnsupportedSize, match="1000", value=1001):
         FFTPlan(1000 + 1)
-    with pytest.raises(TypeError, match="float32"):
+    with raises_exactly(DtypeError, match="float32"):
         FFTPlan(256, np.float32)
-    with pytest.raises(TypeError, match="not a numpy dtype"):
+    with raises_exactly(DtypeError, match="not a numpy dtype"):
         FFTPlan(256, "no-such-dtype")
 
 
@@ -230,67 +232,69 @@ def test_threads_share_a_plan():
 
 @pytest.mark.parametrize("bad_dtype", [np.float64, np.float32, np.int32, np.int64, np.bool_])
 def test_real_and_integer_dtypes_rejected(bad_dtype):
-    with pytest.raises(TypeError, match=np.dtype(bad_dtype).name):
+    with raises_exactly(DtypeError, match=np.dtype(bad_dtype).name, argument="fft input",
+                        value=np.dtype(bad_dtype)) as info:
         fft(np.zeros(256, bad_dtype))
+    assert isinstance(info.value, TypeError)
 
 
 @pytest.mark.skipif(not hasattr(np, "complex256"), reason="no complex256 on this platform")
 def test_complex256_rejected():
-    with pytest.raises(TypeError, match="complex256"):
+    with raises_exactly(DtypeError, match="complex256"):
         ifft(np.zeros(256, np.complex256))
 
 
 def test_non_array_inputs_rejected():
-    with pytest.raises(TypeError, match="str"):
+    with raises_exactly(DtypeError, match="str"):
         fft("abc")
-    with pytest.raises(TypeError, match="NoneType"):
+    with raises_exactly(DtypeError, match="NoneType"):
         fft(None)
-    with pytest.raises(TypeError, match="object"):
+    with raises_exactly(DtypeError, match="object"):
         fft(np.array([object()] * 4))
 
 
 def test_zero_d_rejected():
-    with pytest.raises(ValueError, match="0-d"):
+    with raises_exactly(ShapeError, match="0-d", value=()):
         fft(np.complex64(1 + 1j))
-    with pytest.raises(ValueError, match="0-d"):
+    with raises_exactly(ShapeError, match="0-d"):
         ifft(np.array(1j))
 
 
 @pytest.mark.parametrize("n", [0, 7, 1000 + 1, 2 ** 17, 11 * 128])
 def test_unsupported_sizes_rejected(n):
-    with pytest.raises(ValueError, match=f"fft size {n} is not supported"):
+    with raises_exactly(UnsupportedSize, match=f"fft size {n} is not supported", argument="n", value=n):
         fft(np.zeros((2, n), np.complex64))
 
 
 def test_size_error_names_neighbours():
-    with pytest.raises(ValueError, match=r"nearest: 1000, 1024"):
+    with raises_exactly(UnsupportedSize, match=r"nearest: 1000, 1024"):
         fft(np.zeros(1001, np.complex128))
 
 
 def test_out_wrong_shape_dtype_layout():
     x = _rand((4, 256), np.complex64)
-    with pytest.raises(ValueError, match="shape"):
+    with raises_exactly(ShapeError, match="shape", argument="out", value=(4, 128)):
         fft(x, out=np.empty((4, 128), np.complex64))
-    with pytest.raises(ValueError, match="shape"):
+    with raises_exactly(ShapeError, match="shape"):
         fft(x, out=np.empty((2, 2, 256), np.complex64))
-    with pytest.raises(TypeError, match="complex128"):
+    with raises_exactly(DtypeError, match="complex128", argument="out"):
         fft(x, out=np.empty((4, 256), np.complex128))
-    with pytest.raises(TypeError, match="list"):
+    with raises_exactly(DtypeError, match="list"):
         fft(x, out=[0] * 1024)
-    with pytest.raises(ValueError, match="C-contiguous"):
+    with raises_exactly(LayoutError, match="C-contiguous"):
         fft(x, out=np.empty((256, 4), np.complex64).T)
     ro = np.empty((4, 256), np.complex64)
     ro.flags.writeable = False
-    with pytest.raises(ValueError, match="read-only"):
+    with raises_exactly(LayoutError, match="read-only"):
         fft(x, out=ro)
 
 
 def test_out_partial_overlap_rejected():
     buf = _rand((5, 256), np.complex64)
     keep = buf.copy()
-    with pytest.raises(ValueError, match="overlaps"):
+    with raises_exactly(LayoutError, match="overlaps", argument="out"):
         fft(buf[:4], out=buf[1:])
     flat = _rand(1024 + 16, np.complex64)
-    with pytest.raises(ValueError, match="overlaps"):
+    with raises_exactly(LayoutError, match="overlaps"):
         ifft(flat[:1024].reshape(4, 256), out=flat[16:].reshape(4, 256))
     np.testing.assert_array_equal(buf, keep)

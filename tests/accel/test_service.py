@@ -18,7 +18,12 @@ from accel_core import (AccelError, Accelerator, AcceleratorService, Accelerator
                         JobRejected, JobState, ModelError, Op, ServiceClosed, ServiceTimeModel,
                         UnsupportedOperation, turbo_encode)
 from accel_core.estimate import LinearCost, fit_linear, work_units
+from accel_core.dft import FFTPlan, fft, ifft
+from accel_core.errors import (BlockSizeError, DtypeError, ElementError, InvalidInput, LayoutError, ParameterError,
+                               ParameterTypeError, ShapeError, UnsupportedSize)
+from accel_core.turbo import turbo_decode
 from accel_core.jobs import JobParams
+from tests.accel.typed import raises_exactly
 
 RNG = np.random.default_rng(20261122)
 
@@ -114,6 +119,23 @@ def test_turbo_encode_decode_round_trip_through_service():
     assert list(dec.result) == [2] * 5
     one = Job.create(Op.TURBO_DECODE, noiseless_llr(out[0]), iterations=1)
     assert one.output.shape == (k,)
+
+
+def test_single_block_jobs_match_direct_calls():
+    k = 40
+    info = bits(k)
+    with AcceleratorService() as svc:
+        enc = svc.submit(Op.TURBO_ENCODE, info)
+        enc.wait(30)
+        llr = noiseless_llr(enc.output, amplitude=0.5)
+        dec = svc.submit(Op.TURBO_DECODE, llr, iterations=3, early_stop="crc24b")
+        dec.wait(30)
+    assert enc.output.shape == (3, k + 4)
+    np.testing.assert_array_equal(enc.output, turbo_encode(info))
+    ref_bits, ref_iters = turbo_decode(llr, iterations=3, early_stop="crc24b")
+    assert dec.output.shape == (k,)
+    np.testing.assert_array_equal(dec.output, ref_bits)
+    assert type(dec.result) is int and dec.result == ref_iters
 
 
 def test_job_pins_a_guest_mapping_until_released():
@@ -420,41 +442,51 @@ def test_model_save_load_and_cache(tmp_path, calibrated):
 
 
 BAD_JOBS = [
-    (("dct", np.zeros(8, np.complex64)), {}, "unknown accelerator operation 'dct'"),
-    ((Op.FFT, np.zeros((2, 256), np.float64)), {}, "dtype float64"),
-    ((Op.FFT, np.zeros((2, 256), np.int32)), {}, "dtype int32"),
-    ((Op.FFT, np.zeros((2, 1001), np.complex64)), {}, "size 1001"),
-    ((Op.FFT, np.zeros((), np.complex64)), {}, "0-d"),
-    ((Op.FFT, np.zeros((2, 256), np.complex64), np.zeros((2, 128), np.complex64)), {}, "shape"),
-    ((Op.FFT, np.zeros((2, 256), np.complex64), np.zeros((2, 256), np.complex128)), {}, "complex128"),
-    ((Op.FFT, np.zeros((2, 512), np.complex64)[:, ::2]), {}, "C-contiguous"),
-    ((Op.FFT, np.zeros((2, 256), np.complex64)), {"n": 512}, "n=512"),
-    ((Op.FFT, bytearray(100)), {"n": 256, "dtype": np.complex64}, "100 bytes"),
-    ((Op.FFT, bytearray(2048)), {"n": 256}, "needs n= and dtype="),
-    ((Op.FFT, object()), {"n": 256, "dtype": np.complex64}, "neither an ndarray nor a buffer"),
-    ((Op.FFT, np.zeros((2, 256), np.complex64), bytes(4096)), {}, "read-only"),
-    ((Op.TURBO_ENCODE, np.zeros(41, np.uint8)), {}, "K=41"),
-    ((Op.TURBO_ENCODE, np.zeros(40, np.int64)), {}, "dtype int64"),
-    ((Op.TURBO_ENCODE, np.zeros((1, 1, 40), np.uint8)), {}, "shape"),
-    ((Op.TURBO_DECODE, np.zeros((4, 44), np.float32)), {}, "shape"),
-    ((Op.TURBO_DECODE, np.zeros((3, 44), np.float64)), {}, "dtype float64"),
-    ((Op.TURBO_DECODE, np.zeros((3, 44), np.float32)), {"iterations": 0}, "iterations"),
-    ((Op.TURBO_DECODE, np.zeros((3, 44), np.float32)), {"iterations": 65}, "iterations"),
-    ((Op.TURBO_DECODE, np.zeros((3, 44), np.float32)), {"iterations": True}, "iterations"),
-    ((Op.TURBO_DECODE, np.zeros((3, 44), np.float32)), {"scaling": 1.5}, "scaling"),
-    ((Op.TURBO_DECODE, np.zeros((3, 44), np.float32)), {"early_stop": "crc16"}, "early_stop"),
-    ((Op.TURBO_DECODE, np.zeros((3, 44), np.float32), np.zeros(41, np.uint8)), {}, "shape"),
-    ((Op.TURBO_DECODE, bytearray(100)), {"k": 40}, "whole number"),
-    ((Op.TURBO_ENCODE, np.zeros(40, np.uint8)), {"guest_id": -1}, "guest_id"),
-    ((Op.TURBO_ENCODE, np.zeros(40, np.uint8)), {"bogus": 1}, "bogus"),
+    (("dct", np.zeros(8, np.complex64)), {}, "unknown accelerator operation 'dct'", UnsupportedOperation),
+    ((Op.FFT, np.zeros((2, 256), np.float64)), {}, "dtype float64", DtypeError),
+    ((Op.FFT, np.zeros((2, 256), np.int32)), {}, "dtype int32", DtypeError),
+    ((Op.FFT, np.zeros((2, 1001), np.complex64)), {}, "size 1001", UnsupportedSize),
+    ((Op.FFT, np.zeros((), np.complex64)), {}, "0-d", ShapeError),
+    ((Op.FFT, np.zeros((2, 256), np.complex64), np.zeros((2, 128), np.complex64)), {}, "shape", ShapeError),
+    ((Op.FFT, np.zeros((2, 256), np.complex64), np.zeros((2, 256), np.complex128)), {}, "complex128", DtypeError),
+    ((Op.FFT, np.zeros((2, 512), np.complex64)[:, ::2]), {}, "C-contiguous", LayoutError),
+    ((Op.FFT, np.zeros((2, 256), np.complex64)), {"n": 512}, "n=512", ShapeError),
+    ((Op.FFT, bytearray(100)), {"n": 256, "dtype": np.complex64}, "100 bytes", LayoutError),
+    ((Op.FFT, bytearray(2048)), {"n": 256}, "needs n= and dtype=", ParameterError),
+    ((Op.FFT, object()), {"n": 256, "dtype": np.complex64}, "neither an ndarray nor a buffer", DtypeError),
+    ((Op.FFT, np.zeros((2, 256), np.complex64), bytes(4096)), {}, "read-only", LayoutError),
+    ((Op.TURBO_ENCODE, np.zeros(41, np.uint8)), {}, "K=41", BlockSizeError),
+    ((Op.TURBO_ENCODE, np.zeros(40, np.int64)), {}, "dtype int64", DtypeError),
+    ((Op.TURBO_ENCODE, np.zeros((1, 1, 40), np.uint8)), {}, "shape", ShapeError),
+    ((Op.TURBO_DECODE, np.zeros((4, 44), np.float32)), {}, "shape", ShapeError),
+    ((Op.TURBO_DECODE, np.zeros((3, 44), np.float64)), {}, "dtype float64", DtypeError),
+    ((Op.TURBO_DECODE, np.zeros((3, 44), np.float32)), {"iterations": 0}, "iterations", ParameterError),
+    ((Op.TURBO_DECODE, np.zeros((3, 44), np.float32)), {"iterations": 65}, "iterations", ParameterError),
+    ((Op.TURBO_DECODE, np.zeros((3, 44), np.float32)), {"iterations": True}, "iterations", ParameterTypeError),
+    ((Op.TURBO_DECODE, np.zeros((3, 44), np.float32)), {"scaling": 1.5}, "scaling", ParameterError),
+    ((Op.TURBO_DECODE, np.zeros((3, 44), np.float32)), {"early_stop": "crc16"}, "early_stop", ParameterError),
+    ((Op.TURBO_DECODE, np.zeros((3, 44), np.float32), np.zeros(41, np.uint8)), {}, "shape", ShapeError),
+    ((Op.TURBO_DECODE, bytearray(100)), {"k": 40}, "whole number", LayoutError),
+    ((Op.TURBO_ENCODE, np.zeros(40, np.uint8)), {"guest_id": -1}, "guest_id", ParameterError),
+    ((Op.TURBO_ENCODE, np.zeros(40, np.uint8)), {"bogus": 1}, "bogus", ParameterError),
+    ((Op.FFT, np.zeros((0, 256), np.complex64)), {}, "is empty", LayoutError),
+    ((Op.FFT, bytearray(4096)), {"n": 1001, "dtype": np.complex64}, "fft size 1001", UnsupportedSize),
+    ((Op.IFFT, bytearray(4096)), {"n": 256, "dtype": "no-such-dtype"}, "not a numpy dtype", DtypeError),
+    ((Op.FFT, np.zeros((2, 256), np.complex64)), {"dtype": np.complex128}, "dtype parameter", DtypeError),
+    ((Op.TURBO_DECODE, bytearray(3 * 45 * 4)), {"k": 41}, "K=41", BlockSizeError),
+    ((Op.TURBO_DECODE, bytearray(3 * 44 * 4)), {"k": 40, "batch": 0}, "batch", ParameterError),
+    ((Op.TURBO_DECODE, bytearray(3 * 44 * 4)), {"k": 40.0}, "k must be", ParameterTypeError),
+    ((Op.TURBO_DECODE, np.zeros((3, 44), np.float32)), {"scaling": "0.7"}, "scaling", ParameterTypeError),
+    ((Op.TURBO_ENCODE, np.zeros(40, np.uint8)), {"guest_id": "7"}, "guest_id", ParameterTypeError),
 ]
 
 
-@pytest.mark.parametrize("args,kwargs,match", BAD_JOBS, ids=[m for _, _, m in BAD_JOBS])
-def test_bad_jobs_are_rejected_at_submit(args, kwargs, match):
+@pytest.mark.parametrize("args,kwargs,match,typed", BAD_JOBS, ids=[m for _, _, m, _ in BAD_JOBS])
+def test_bad_jobs_are_rejected_at_submit(args, kwargs, match, typed):
     with AcceleratorService() as svc:
-        with pytest.raises(JobRejected, match=match):
+        with raises_exactly(typed, match=match) as info:
             svc.submit(*args, **kwargs)
+        assert isinstance(info.value, JobRejected)
         snap = svc.metrics()
         assert sum(snap["rejected_at_create"].values()) == 1
         assert snap["accelerators"]["accel0"]["total"]["submitted"] == 0
@@ -481,6 +513,53 @@ def test_job_cannot_be_submitted_twice_and_errors_are_typed():
     assert issubclass(JobRejected, ValueError) and issubclass(UnsupportedOperation, JobRejected)
 
 
+TYPED_INPUT_ERRORS = (DtypeError, ShapeError, UnsupportedSize, BlockSizeError, ParameterError, ParameterTypeError,
+                      ElementError, LayoutError)
+
+
+@pytest.mark.parametrize("cls", TYPED_INPUT_ERRORS, ids=lambda c: c.__name__)
+def test_typed_input_errors_keep_the_builtin_bases(cls):
+    # refused and counted at submit (JobRejected), caught by callers of ValueError, and
+    # wrong-type errors also by callers of TypeError, as before the typed errors existed
+    assert issubclass(cls, InvalidInput) and issubclass(cls, JobRejected) and issubclass(cls, AccelError)
+    assert issubclass(cls, ValueError)
+    assert issubclass(cls, TypeError) == (cls in (DtypeError, ParameterTypeError))
+    err = cls("bad", argument="x", value=7)
+    assert (str(err), err.argument, err.value) == ("bad", "x", 7)
+
+
+SAME_CHECK = [  # (direct call, job arguments, job keyword arguments)
+    (lambda: fft(np.zeros((2, 1001), np.complex64)), (Op.FFT, np.zeros((2, 1001), np.complex64)), {}),
+    (lambda: ifft(np.zeros((2, 256), np.int16)), (Op.IFFT, np.zeros((2, 256), np.int16)), {}),
+    (lambda: ifft(np.complex64(1)), (Op.IFFT, np.zeros((), np.complex64)), {}),
+    (lambda: FFTPlan(256, "no-such-dtype"), (Op.FFT, bytearray(2048)), {"n": 256, "dtype": "no-such-dtype"}),
+    (lambda: turbo_encode(np.zeros(41, np.uint8)), (Op.TURBO_ENCODE, np.zeros(41, np.uint8)), {}),
+    (lambda: turbo_encode(np.zeros((1, 1, 40), np.uint8)), (Op.TURBO_ENCODE, np.zeros((1, 1, 40), np.uint8)), {}),
+    (lambda: turbo_encode(np.zeros(40, np.float32)), (Op.TURBO_ENCODE, np.zeros(40, np.float32)), {}),
+    (lambda: turbo_decode(np.zeros((3, 45), np.float32)), (Op.TURBO_DECODE, np.zeros((3, 45), np.float32)), {}),
+    (lambda: turbo_decode(np.zeros((2, 44), np.float32)), (Op.TURBO_DECODE, np.zeros((2, 44), np.float32)), {}),
+    (lambda: turbo_decode(np.zeros((3, 44), np.int16)), (Op.TURBO_DECODE, np.zeros((3, 44), np.int16)), {}),
+    (lambda: turbo_decode(np.zeros((3, 44), np.float32), iterations=0),
+     (Op.TURBO_DECODE, np.zeros((3, 44), np.float32)), {"iterations": 0}),
+    (lambda: turbo_decode(np.zeros((3, 44), np.float32), iterations=True),
+     (Op.TURBO_DECODE, np.zeros((3, 44), np.float32)), {"iterations": True}),
+    (lambda: turbo_decode(np.zeros((3, 44), np.float32), scaling=2),
+     (Op.TURBO_DECODE, np.zeros((3, 44), np.float32)), {"scaling": 2}),
+    (lambda: turbo_decode(np.zeros((3, 44), np.float32), early_stop="crc8"),
+     (Op.TURBO_DECODE, np.zeros((3, 44), np.float32)), {"early_stop": "crc8"}),
+]
+
+
+@pytest.mark.parametrize("direct,args,kwargs", SAME_CHECK)
+def test_a_job_and_a_direct_kernel_call_fail_the_same_check(direct, args, kwargs):
+    with pytest.raises(InvalidInput) as by_call:
+        direct()
+    with pytest.raises(InvalidInput) as by_job:
+        Job.create(*args, **kwargs)
+    assert type(by_job.value) is type(by_call.value)
+    assert by_job.value.value == by_call.value.value
+
+
 def test_kernel_value_errors_fail_the_job_not_the_worker():
     bad_bits = np.full(40, 2, np.uint8)          # not 0/1: refused by the kernel module at run time
     nan_llr = np.zeros((3, 44), np.float32)
@@ -496,6 +575,8 @@ def test_kernel_value_errors_fail_the_job_not_the_worker():
         assert ok.wait(30).state is JobState.DONE
         ops = svc.metrics()["accelerators"]["accel0"]["ops"]
     assert j1.state is JobState.FAILED and isinstance(j1.error, ValueError)
+    assert type(j1.error) is ElementError and j1.error.argument == "bits" and j1.error.value == 2
+    assert type(j2.error) is ElementError and j2.error.argument == "llr"
     assert ops["turbo_encode"]["failed"] == 1 and ops["turbo_encode"]["completed"] == 1
     assert ops["turbo_decode"]["failed"] == 1
 
@@ -617,7 +698,7 @@ def test_bad_worker_counts_rejected():
 
 
 def test_accel_bench_quick_json_smoke(capsys):
-    from bench.accel_bench import format_table
+    from vrdma.accel_bench import format_table
     from vrdma.cli import main
 
     assert main(["accel-bench", "--quick", "--json"]) == 0

@@ -4,7 +4,10 @@ import pytest
 
 from accel_core import qpp
 from accel_core.crc import attach_crc24a, attach_crc24b
+from accel_core.errors import (BlockSizeError, DtypeError, ElementError, ParameterError, ParameterTypeError,
+                               ShapeError)
 from accel_core.turbo import LLR_LIMIT, MAX_ITERATIONS, turbo_decode, turbo_encode
+from tests.accel.typed import raises_exactly
 
 # ------------------------------------------------------------------------------------------
 # QPP interleaver
@@ -68,15 +71,18 @@ def test_interleaver_returns_a_private_copy():
 
 @pytest.mark.parametrize("K", [0, 39, 41, 520, 6145, 6208, -40])
 def test_unsupported_block_size(K):
-    with pytest.raises(ValueError, match=rf"K={K}.*Table 5.1.3-3"):
+    with raises_exactly(BlockSizeError, match=rf"K={K}.*Table 5.1.3-3", argument="K", value=K):
         qpp.qpp_params(K)
-    with pytest.raises(ValueError, match=rf"K={K}"):
+    with raises_exactly(BlockSizeError, match=rf"K={K}"):
         qpp.qpp_interleaver(K)
 
 
 def test_block_size_type():
-    with pytest.raises(TypeError):
+    with raises_exactly(ParameterTypeError, match="float", argument="K", value=40.0) as info:
         qpp.qpp_params(40.0)
+    assert isinstance(info.value, TypeError)
+    with raises_exactly(ParameterTypeError, match="bool"):
+        qpp.qpp_params(True)
 
 # ------------------------------------------------------------------------------------------
 # Encoder against an independent bit-level reference
@@ -136,13 +142,13 @@ def test_encoder_all_zero_and_batch():
 
 
 def test_encoder_bad_inputs():
-    with pytest.raises(ValueError, match="K=41"):
+    with raises_exactly(BlockSizeError, match="K=41", value=41):
         turbo_encode(np.zeros(41, np.uint8))
-    with pytest.raises(ValueError, match=r"bits\[2\] = 3"):
+    with raises_exactly(ElementError, match=r"bits\[2\] = 3", argument="bits", value=3):
         turbo_encode(np.array([0, 1, 3] + [0] * 37, np.uint8))
-    with pytest.raises(TypeError, match="dtype float32"):
+    with raises_exactly(DtypeError, match="dtype float32"):
         turbo_encode(np.zeros(40, np.float32))
-    with pytest.raises(ValueError, match="shape"):
+    with raises_exactly(ShapeError, match="shape"):
         turbo_encode(np.zeros((1, 1, 40), np.uint8))
 
 # ------------------------------------------------------------------------------------------
@@ -270,50 +276,55 @@ def good_llr(K=40, B=None):
     return np.zeros(shape, np.float32)
 
 
-@pytest.mark.parametrize("llr,exc,msg", [
-    (np.zeros((3, 44), np.int16), TypeError, "dtype int16"),
-    (np.zeros((3, 44), np.complex64), TypeError, "dtype complex64"),
-    (np.zeros(44, np.float32), ValueError, r"shape \(44,\)"),
-    (np.zeros((2, 44), np.float32), ValueError, r"shape \(2, 44\)"),
-    (np.zeros((1, 1, 3, 44), np.float32), ValueError, "shape"),
-    (np.zeros((3, 45), np.float32), ValueError, "K = 41"),
-    (np.zeros((2, 3, 4), np.float32), ValueError, "K = 0"),
+@pytest.mark.parametrize("llr,exc,typed,msg", [
+    (np.zeros((3, 44), np.int16), TypeError, DtypeError, "dtype int16"),
+    (np.zeros((3, 44), np.complex64), TypeError, DtypeError, "dtype complex64"),
+    (np.zeros(44, np.float32), ValueError, ShapeError, r"shape \(44,\)"),
+    (np.zeros((2, 44), np.float32), ValueError, ShapeError, r"shape \(2, 44\)"),
+    (np.zeros((1, 1, 3, 44), np.float32), ValueError, ShapeError, "shape"),
+    (np.zeros((3, 45), np.float32), ValueError, BlockSizeError, "K = 41"),
+    (np.zeros((2, 3, 4), np.float32), ValueError, BlockSizeError, "K = 0"),
 ])
-def test_decoder_rejects_bad_llr_arrays(llr, exc, msg):
-    with pytest.raises(exc, match=msg):
+def test_decoder_rejects_bad_llr_arrays(llr, exc, typed, msg):
+    with raises_exactly(typed, match=msg) as info:
         turbo_decode(llr)
+    assert isinstance(info.value, exc)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_decoder_rejects_non_finite_llrs_naming_the_position(bad):
     llr = good_llr(B=2)
     llr[1, 2, 17] = bad
-    with pytest.raises(ValueError, match=r"llr\[1, 2, 17\] = .*not finite"):
+    with raises_exactly(ElementError, match=r"llr\[1, 2, 17\] = .*not finite", argument="llr"):
         turbo_decode(llr)
 
 
 def test_decoder_rejects_float64_that_overflows_float32():
     llr = good_llr().astype(np.float64)
     llr[0, 3] = 1e300
-    with pytest.raises(ValueError, match=r"llr\[0, 3\].*not finite"):
+    with raises_exactly(ElementError, match=r"llr\[0, 3\].*not finite", value=1e300):
         turbo_decode(llr)
 
 
-@pytest.mark.parametrize("kwargs,exc,msg", [
-    ({"iterations": 0}, ValueError, "iterations=0"),
-    ({"iterations": MAX_ITERATIONS + 1}, ValueError, f"iterations={MAX_ITERATIONS + 1}"),
-    ({"iterations": 2.0}, TypeError, "iterations"),
-    ({"iterations": True}, TypeError, "iterations"),
-    ({"scaling": 0.0}, ValueError, "scaling=0.0"),
-    ({"scaling": 1.5}, ValueError, "scaling=1.5"),
-    ({"scaling": float("nan")}, ValueError, "scaling=nan"),
-    ({"scaling": "0.7"}, TypeError, "scaling"),
-    ({"early_stop": "crc16"}, ValueError, "early_stop='crc16'"),
-    ({"early_stop": True}, ValueError, "early_stop=True"),
+@pytest.mark.parametrize("kwargs,exc,typed,msg", [
+    ({"iterations": 0}, ValueError, ParameterError, "iterations=0"),
+    ({"iterations": MAX_ITERATIONS + 1}, ValueError, ParameterError, f"iterations={MAX_ITERATIONS + 1}"),
+    ({"iterations": 2.0}, TypeError, ParameterTypeError, "iterations"),
+    ({"iterations": True}, TypeError, ParameterTypeError, "iterations"),
+    ({"scaling": 0.0}, ValueError, ParameterError, "scaling=0.0"),
+    ({"scaling": 1.5}, ValueError, ParameterError, "scaling=1.5"),
+    ({"scaling": float("nan")}, ValueError, ParameterError, "scaling=nan"),
+    ({"scaling": "0.7"}, TypeError, ParameterTypeError, "scaling"),
+    ({"early_stop": "crc16"}, ValueError, ParameterError, "early_stop='crc16'"),
+    ({"early_stop": True}, ValueError, ParameterError, "early_stop=True"),
+    ({"early_stop": ["crc24a"]}, ValueError, ParameterError, r"early_stop=\['crc24a'\]"),
 ])
-def test_decoder_rejects_bad_parameters(kwargs, exc, msg):
-    with pytest.raises(exc, match=msg):
+def test_decoder_rejects_bad_parameters(kwargs, exc, typed, msg):
+    (name, value), = kwargs.items()
+    with raises_exactly(typed, match=msg, argument=name) as info:
         turbo_decode(good_llr(), **kwargs)
+    assert isinstance(info.value, exc)
+    assert info.value.value is value
 
 
 def test_empty_batch():
@@ -352,6 +363,19 @@ def test_every_segment_count_decodes_noiseless_blocks(K):
         _turbo.decode_batch(llr, qpp.qpp_table(K), 2, 1.0, -1, out, used, 3)
 
 
+def test_kernel_early_stop_ids_are_the_crc_kernel_ids():
+    from accel_core import _crc, _turbo
+    from accel_core.turbo import EARLY_STOP_CRCS
+    assert EARLY_STOP_CRCS == {"crc24a": _crc.CRC24A_ID, "crc24b": _crc.CRC24B_ID}
+    llr = good_llr()[None]
+    out, used = np.empty((1, 40), np.uint8), np.empty(1, np.int32)
+    for kind in (-1, _crc.CRC24A_ID, _crc.CRC24B_ID):
+        _turbo.decode_batch(llr, qpp.qpp_table(40), 2, 1.0, kind, out, used)
+    for kind in (-2, max(_crc.CRC24A_ID, _crc.CRC24B_ID) + 1):
+        with pytest.raises(ValueError, match="crc_kind"):
+            _turbo.decode_batch(llr, qpp.qpp_table(40), 2, 1.0, kind, out, used)
+
+
 def test_segmented_blocks_decode_the_same_alone_or_in_a_batch():
     rng = np.random.default_rng(16)
     bits = rng.integers(0, 2, (5, 1024), dtype=np.uint8)      # several segments per block
@@ -367,8 +391,8 @@ def test_segmented_blocks_decode_the_same_alone_or_in_a_batch():
 
 
 def test_bench_and_sweep_smoke():
-    from bench.bench_turbo import run_turbo_bench
     from bench.turbo_ber_sweep import crossing, sweep
+    from vrdma.accel_bench.turbo_bench import run_turbo_bench
     rows = run_turbo_bench(K=40, iterations=1, frames=4, batch=2, commpy_frames=0, repeat=1,
                            ebn0_db=6.0)
     assert [r["batch"] for r in rows] == [2, 1]

@@ -284,7 +284,7 @@ def test_guest_moves_qp_to_err_flushes_posted_work():
 
 
 def test_local_key_and_length_errors_on_a_wire_qp():
-    """The wire engine applies the message path's WQE checks (datapath.check_wqe)."""
+    """The wire engine applies the same WQE checks as the message path (rings.check_wqe)."""
     h = Hosts()
     h.connect()
     la = h.a.reg_mr(h.pa, 4096)

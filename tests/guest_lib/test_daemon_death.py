@@ -301,7 +301,7 @@ def test_fds_above_1024(daemon, many_fds):
     assert max(many_fds) > 1024
     _loopback_send(daemon.path)
     with Context(daemon.path) as ctx:
-        assert min(ctx.dev.call_fds + ctx.dev.kick_fds + [ctx.dev.frontend.sock.fileno()]) > 1024
+        assert min(ctx.transport.device.call_fds + ctx.transport.device.kick_fds + [ctx.transport.device.frontend.sock.fileno()]) > 1024
         cq = CQ(ctx, 8)
         cq.req_notify()
         assert cq.get_event(0.05) is False  # a timed wait on fds select() cannot take
@@ -358,9 +358,9 @@ def test_rc_pingpong_exits_cleanly_when_the_daemon_dies(daemon, events):
 
 
 def test_perftest_pair_reports_the_dead_daemon(tmp_path):
-    """bench.perftest's two guest processes mid-run: the run ends with the
+    """vrdma.perftest's two guest processes mid-run: the run ends with the
     device's error instead of waiting out its 300 s."""
-    from bench.perftest import run_pair
+    from vrdma.perftest import run_pair
 
     d = Daemon(str(tmp_path / "vrdma.sock"))
 

@@ -122,7 +122,7 @@ def test_budget_released_when_the_daemon_drops_a_broken_connection(tenant_backen
         held = b.call(lambda: b.ledger.totals(0)[Resource.QP])
         assert held >= 20
         # a protocol violation: an unknown vhost-user request; the daemon closes the connection
-        h.ctx.dev.frontend.sock.sendall(struct.pack("<III", 0xFFFF, 1, 0))
+        h.ctx.transport.device.frontend.sock.sendall(struct.pack("<III", 0xFFFF, 1, 0))
         assert b.wait_for(lambda s: not s.connections)
         assert b.metrics().protocol_errors == 1
     finally:
@@ -136,7 +136,7 @@ def test_budget_released_on_device_reset(tenant_backend):
     try:
         h.fill(fraction=0.02)
         assert b.call(lambda: b.ledger.totals(0)[Resource.MR]) >= 40
-        h.ctx.dev.frontend.reset_device()  # RESET_DEVICE: every object goes, the connection stays
+        h.ctx.transport.device.frontend.reset_device()  # RESET_DEVICE: every object goes, the connection stays
         assert b.wait_for(lambda s: all(v == 0 for v in b.ledger.totals(0).values()))
         assert b.connection_count() == 1
     finally:

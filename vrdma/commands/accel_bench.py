@@ -1,7 +1,7 @@
 """``vrdma accel-bench``: FFT / Turbo kernels vs scipy, pyFFTW and scikit-commpy, and the accelerator service.
 
 Prints one table (or ``--json``); ``--quick`` keeps it to seconds. The work is
-done by :mod:`bench.accel_bench`; this module only wires it into the CLI.
+done by :mod:`vrdma.accel_bench`; this module only wires it into the CLI.
 """
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ HELP = "benchmark the FFT / Turbo accelerator kernels and the accelerator servic
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from bench import accel_bench
+    from vrdma import accel_bench
 
     accel_bench.add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from bench import accel_bench
+    from vrdma import accel_bench
 
     return accel_bench.run(args)

@@ -204,7 +204,7 @@ def make_device_factory(args, fabric=None, policy=None):
     size = parse_size(args.size)
     init = b""
     if args.boot_marker:
-        from qemu_tests.bootsector import make_boot_sector
+        from vhost_user.bootsector import make_boot_sector
 
         init = make_boot_sector(args.boot_marker.encode())
 
@@ -225,12 +225,8 @@ def run(args) -> int:
     factory = make_device_factory(args, fabric, policy)
 
     def ready():
-        if hasattr(fabric, "gid_index"):
-            print(f"vrdma backend: verbs on {fabric.device} port {fabric.port} GID index "
-                  f"{fabric.gid_index} ({fabric.address})", flush=True)
-        elif services:
-            auth = " (authenticated)" if getattr(fabric, "mac_key", None) is not None else ""
-            print(f"vrdma backend: RoCEv2 on {fabric.address}:{args.roce_port}{auth}", flush=True)
+        if services:  # a fabric that reaches other hosts says how
+            print(f"vrdma backend: {fabric.describe()}", flush=True)
         for path in args.socket:
             print(f"vrdma backend: listening on {path}", flush=True)
 
@@ -239,7 +235,6 @@ def run(args) -> int:
                            require_sealed_memory=not args.allow_unsealed_memory, services=services,
                            policy=policy, socket_mode=args.socket_mode, socket_group=group)
     except OSError as e:
-        if services and e.errno is not None and not hasattr(fabric, "gid_index"):
-            raise SystemExit(f"vrdma backend: cannot open RoCEv2 on {fabric.address}:"
-                             f"{args.roce_port}: {e.strerror}") from None
+        if services and e.errno is not None:
+            raise SystemExit(f"vrdma backend: cannot open {fabric.describe()}: {e.strerror}") from None
         raise

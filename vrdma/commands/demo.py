@@ -24,9 +24,9 @@ def add_arguments(p) -> None:
 
 
 def _guest(role: str, path: str, conn, out) -> None:
-    from bench.perftest import make_guest
     from guest_lib import SGE, RecvWR, SendWR
     from virtio_rdma.constants import WcOpcode, WrOpcode
+    from vrdma.perftest import make_guest
 
     log = []
     try:
@@ -94,8 +94,8 @@ def _guest(role: str, path: str, conn, out) -> None:
 
 
 def run(args) -> int:
-    from bench.perftest import print_rows, run_pair
     from vhost_user.testing import DaemonProcess
+    from vrdma.perftest import print_rows, run_pair
 
     t0 = time.monotonic()
     with DaemonProcess() as d:
@@ -128,7 +128,7 @@ def run(args) -> int:
         print(f"vrdma demo: all data verified ({time.monotonic() - t0:.1f} s)")
         if not args.no_perf:
             print("\nperftest-style summary (each against a floor measured now):")
-            from bench.perftest import eventfd_floor, memcpy_floor
+            from vrdma.perftest import eventfd_floor, memcpy_floor
 
             lat = run_pair(d.path, "send_lat", 64, args.iters)
             lat["floor_eventfd_half_rtt_us"] = eventfd_floor(2000)["t_typical"]

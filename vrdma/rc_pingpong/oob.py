@@ -20,7 +20,7 @@ instead of hanging on a silent peer, and check what we read (see
 from __future__ import annotations
 
 import socket
-from typing import Callable
+from collections.abc import Callable
 
 from vrdma.rc_pingpong import exchange
 from vrdma.rc_pingpong.errors import OobError, OobTimeout, PingpongError, SetupError
@@ -125,7 +125,8 @@ def client_exchange(servername: str, port: int, my_dest: exchange.Dest, *,
         except OSError as e:
             raise _io_error(fail, "client read/write", e, timeout) from e
         if len(reply) != exchange.MSG_SIZE:
-            raise OobError(fail, f"client read/write: {len(reply)}/{exchange.MSG_SIZE} bytes before the server closed")
+            raise OobError(fail, f"client read/write: {len(reply)}/{exchange.MSG_SIZE} bytes before "
+                                 "the server closed")
         # Parse before "done": a server we cannot use is told so by the close.
         rem = exchange.decode(reply)
         try:
@@ -148,7 +149,8 @@ def server_exchange(port: int, my_dest: exchange.Dest, connect_qp: Callable[[exc
         try:
             got = _recv_exact(conn, exchange.MSG_SIZE)
         except OSError as e:
-            raise _io_error(f"0/{exchange.MSG_SIZE}: Couldn't read remote address", "server read", e, timeout) from e
+            raise _io_error(f"0/{exchange.MSG_SIZE}: Couldn't read remote address", "server read", e,
+                            timeout) from e
         if len(got) != exchange.MSG_SIZE:
             raise OobError(f"{len(got)}/{exchange.MSG_SIZE}: Couldn't read remote address",
                            "server read: the client closed the connection")

@@ -34,7 +34,21 @@ import struct
 import time
 from dataclasses import dataclass
 
-from guest_lib import CQ, MR, PD, QP, SGE, AHAttr, Context, QPAttr, QPCap, QPInitAttr, RecvWR, SendWR, VerbsError
+from guest_lib import (
+    CQ,
+    MR,
+    PD,
+    QP,
+    SGE,
+    AHAttr,
+    Context,
+    QPAttr,
+    QPCap,
+    QPInitAttr,
+    RecvWR,
+    SendWR,
+    VerbsError,
+)
 from virtio_rdma.constants import Access, LinkLayer, SendFlags, WcStatus, WrOpcode
 from vrdma.rc_pingpong.errors import CompletionError, SetupError
 from vrdma.rc_pingpong.exchange import Dest
@@ -45,17 +59,20 @@ DEVICE_NAME = "vrdma0"
 PAGE_SIZE = os.sysconf("SC_PAGESIZE")
 _RQ_PI_MASK = 0xFFFFFFFF
 
-WC_STATUS_STR = {
+WC_STATUS_STR: dict[int, str] = {
     WcStatus.SUCCESS: "success", WcStatus.LOC_LEN_ERR: "local length error",
-    WcStatus.LOC_QP_OP_ERR: "local QP operation error", WcStatus.LOC_EEC_OP_ERR: "local EE context operation error",
+    WcStatus.LOC_QP_OP_ERR: "local QP operation error",
+    WcStatus.LOC_EEC_OP_ERR: "local EE context operation error",
     WcStatus.LOC_PROT_ERR: "local protection error", WcStatus.WR_FLUSH_ERR: "Work Request Flushed Error",
     WcStatus.MW_BIND_ERR: "memory management operation error", WcStatus.BAD_RESP_ERR: "bad response error",
     WcStatus.LOC_ACCESS_ERR: "local access error", WcStatus.REM_INV_REQ_ERR: "remote invalid request error",
     WcStatus.REM_ACCESS_ERR: "remote access error", WcStatus.REM_OP_ERR: "remote operation error",
     WcStatus.RETRY_EXC_ERR: "transport retry counter exceeded",
-    WcStatus.RNR_RETRY_EXC_ERR: "RNR retry counter exceeded", WcStatus.LOC_RDD_VIOL_ERR: "local RDD violation error",
+    WcStatus.RNR_RETRY_EXC_ERR: "RNR retry counter exceeded",
+    WcStatus.LOC_RDD_VIOL_ERR: "local RDD violation error",
     WcStatus.REM_INV_RD_REQ_ERR: "remote invalid RD request", WcStatus.REM_ABORT_ERR: "aborted error",
-    WcStatus.INV_EECN_ERR: "invalid EE context number", WcStatus.INV_EEC_STATE_ERR: "invalid EE context state",
+    WcStatus.INV_EECN_ERR: "invalid EE context number",
+    WcStatus.INV_EEC_STATE_ERR: "invalid EE context state",
     WcStatus.FATAL_ERR: "fatal error", WcStatus.RESP_TIMEOUT_ERR: "response timeout error",
     WcStatus.GENERAL_ERR: "general error", WcStatus.TM_ERR: "TM error",
     WcStatus.TM_RNDV_INCOMPLETE: "TM software rendezvous",
@@ -244,8 +261,8 @@ class PingpongContext:
             ah = AHAttr(dgid=rem.gid, sgid_index=sgid_idx & 0xFF, hop_limit=1, port_num=port)
         else:
             ah = AHAttr(dgid=self._own_gid(), sgid_index=0, hop_limit=1, port_num=port)
-        attr = QPAttr(path_mtu=mtu, dest_qp_num=rem.qpn, rq_psn=rem.psn, max_dest_rd_atomic=1, min_rnr_timer=12,
-                      ah_attr=ah, port_num=port)
+        attr = QPAttr(path_mtu=mtu, dest_qp_num=rem.qpn, rq_psn=rem.psn, max_dest_rd_atomic=1,
+                      min_rnr_timer=12, ah_attr=ah, port_num=port)
         try:
             self.qp.to_rtr(attr)
         except VerbsError as e:
@@ -280,7 +297,8 @@ class PingpongContext:
             try:  # a device that fails (its daemon died: ENOTCONN) ends the run as rc_pingpong's would
                 if cfg.use_event:
                     if not self.cq.get_event(cfg.timeout):
-                        raise CompletionError("Failed to get cq_event", f"no CQ event within {cfg.timeout:g} s")
+                        raise CompletionError("Failed to get cq_event",
+                                              f"no CQ event within {cfg.timeout:g} s")
                     events += 1
                     self.req_notify()
                     wcs = self.cq.poll(2)[1]

@@ -1,5 +1,7 @@
 """A 512-byte x86 MBR boot sector that prints a marker on COM1 and halts.
 
+What ``vrdma backend --device blk --boot-marker TEXT`` serves as sector 0 of its
+RAM disk (and what the QEMU end-to-end tests boot from).
 Purpose: end-to-end proof that a virtio-blk request went through *our* virtqueue.  SeaBIOS
 reads sector 0 of the boot disk (one VIRTIO_BLK_T_IN request, 512 bytes to 0000:7C00),
 checks the 0x55AA signature at offset 510 and jumps to 0000:7C00 in 16-bit real mode with
@@ -56,12 +58,22 @@ used, so the sector also works when the BIOS console is not on the serial port.
 
 from __future__ import annotations
 
-from .errors import BootSectorError
+import errno as _errno
 
-SECTOR_SIZE = 512
+from vhost_user.blk import SECTOR_SIZE  # the MBR is the disk's first virtio-blk sector
+from vhost_user.errors import VhostUserError
+
 LOAD_ADDRESS = 0x7C00
 COM1 = 0x3F8
 SIGNATURE = b"\x55\xaa"
+
+
+class BootSectorError(VhostUserError, ValueError):
+    """The boot-sector marker cannot be encoded (bad type, NUL byte, too long), or a
+    boot disk's size is not a positive multiple of the sector size."""
+
+    errno = _errno.EINVAL
+
 
 # (label or None, machine code or a rel8 jump (opcode, target label), listing text)
 _Insn = tuple[str | None, bytes | tuple[int, str], str]

@@ -1,7 +1,8 @@
-"""Batched complex FFT for the shared FFT accelerator (issue 5).
+"""Batched complex DFT by mixed-radix FFT: the shared FFT accelerator's thin Python layer.
 
-``fft(x)`` / ``ifft(x)`` transform along the last axis of a complex64 or
-complex128 array, batched over the leading axes, with numpy.fft conventions:
+``fft(x)`` / ``ifft(x)`` (re-exported as ``accel_core.fft`` / ``accel_core.ifft``) transform
+along the last axis of a complex64 or complex128 array, batched over the leading axes, with
+numpy.fft conventions:
 forward ``X[k] = sum_j x[j] exp(-2*pi*i*j*k/n)``, inverse with ``exp(+...)``
 and a ``1/n`` scale. The dtype is preserved (no silent upcast).
 
@@ -14,21 +15,32 @@ The arithmetic is the Stockham autosort kernel in :mod:`accel_core._fft`
 (``noexcept nogil``, GIL released for the whole batch). This module validates
 arrays, builds plans (stage schedule + twiddle tables, computed in double
 precision) and caches them per (size, dtype, direction) in an LRU;
-``FFTPlan(n, dtype)`` holds them explicitly. Bad input raises ``TypeError``
-(wrong type/dtype) or ``ValueError`` (shape, size, ``out``) naming the bad
-value. Pure: no I/O.
+``FFTPlan(n, dtype)`` holds them explicitly.
+
+Validation is here and only here: :func:`check_dtype`, :func:`check_size`,
+:func:`check_shape`, :func:`check_input` and :func:`check_out` raise the typed errors of
+:mod:`accel_core.errors` naming the bad value (:class:`DtypeError`, also a
+``TypeError``; :class:`ShapeError`, :class:`UnsupportedSize`,
+:class:`LayoutError`, ``ValueError`` s). Jobs (:mod:`accel_core.jobs`) call the
+same checks at ``Job.create`` and then run :func:`transform_into`, which trusts
+them. Pure: no I/O.
 """
 from __future__ import annotations
 
+import bisect
 import functools
 import math
+from typing import Any
 
 import numpy as np
 
 from accel_core import _fft
+from accel_core.buffers import check_overlap
+from accel_core.errors import DtypeError, LayoutError, ShapeError, UnsupportedSize
 
 __all__ = [
-    "MAX_SIZE", "FFTPlan", "fft", "ifft", "supported_sizes", "is_supported", "radices_for",
+    "MAX_SIZE", "DTYPES", "FFTPlan", "fft", "ifft", "supported_sizes", "is_supported", "radices_for",
+    "check_dtype", "check_size", "check_shape", "check_input", "check_out", "transform_into",
 ]
 
 #: Largest supported transform size.
@@ -36,7 +48,10 @@ MAX_SIZE = 65536
 #: Plans kept by the LRU (each holds its twiddle tables, about 2*n reals).
 PLAN_CACHE_SIZE = 64
 
+#: Supported dtypes -> double precision?
 _DTYPES = {np.dtype(np.complex64): False, np.dtype(np.complex128): True}
+#: The supported dtypes, single precision first.
+DTYPES = tuple(_DTYPES)
 _REAL = {False: np.float32, True: np.float64}
 
 
@@ -69,21 +84,33 @@ def is_supported(n) -> bool:
     return isinstance(n, (int, np.integer)) and not isinstance(n, bool) and int(n) in _SIZE_SET
 
 
-def _size_error(n) -> ValueError:
-    import bisect
-
+def check_size(n: Any) -> int:
+    """``n`` as an int if it is a supported transform size, else :class:`UnsupportedSize`."""
+    if is_supported(n):
+        return int(n)
     msg = f"fft size {n!r} is not supported; supported: 2**a * 3**b * 5**c in 1..{MAX_SIZE}"
     if isinstance(n, (int, np.integer)) and 1 <= n <= MAX_SIZE:
         i = bisect.bisect_left(_SIZES, int(n))
         msg += f" (nearest: {_SIZES[i - 1]}, {_SIZES[i]})"
-    return ValueError(msg)
+    raise UnsupportedSize(msg, argument="n", value=n)
+
+
+def check_dtype(dtype: Any, what: str = "fft input") -> bool:
+    """True for complex128, False for complex64; :class:`DtypeError` for anything else."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise DtypeError(f"{what} dtype {dtype!r} is not a numpy dtype", argument=what, value=dtype) from None
+    double = _DTYPES.get(dt)
+    if double is None:
+        raise DtypeError(f"{what} dtype {dt} is not supported; expected complex64 or complex128 "
+                         f"(convert explicitly, e.g. x.astype(np.complex64))", argument=what, value=dt)
+    return double
 
 
 def radices_for(n: int) -> tuple[int, ...]:
     """The stage schedule for size n: radix-8 stages first, then 4, 5, 3, 2."""
-    if not is_supported(n):
-        raise _size_error(n)
-    n = int(n)
+    n = check_size(n)
     a = b = c = 0
     while n % 2 == 0:
         n //= 2
@@ -148,49 +175,66 @@ def _core(n: int, double: bool, inverse: bool) -> _fft.FFTCore:
     return _fft.FFTCore(n, double, inverse, radices, twr, twi, kc, offsets)
 
 
-def _check_input(x):
-    """Return (contiguous array, n, double) for a valid fft input, else raise."""
+def check_shape(shape: tuple[int, ...], what: str = "fft input") -> int:
+    """The transform size (last axis) of an input of ``shape``; ShapeError / UnsupportedSize."""
+    if not shape:
+        raise ShapeError(f"{what} is 0-d; need at least one axis (the transform axis is the last)",
+                         argument=what, value=shape)
+    n = shape[-1]
+    return n if n in _SIZE_SET else check_size(n)  # shape entries are ints: skip the type checks
+
+
+def check_input(x: Any) -> tuple[np.ndarray, int, bool]:
+    """Return (C-contiguous array, n, double) for a valid fft input, else raise.
+
+    A non-contiguous array is copied (the kernel needs C-contiguous rows); other
+    array-likes are converted with ``np.asarray`` but never cast.
+    """
     if not isinstance(x, np.ndarray):
         if isinstance(x, (str, bytes)) or x is None:
-            raise TypeError(f"fft input must be an array of complex64/complex128, got {type(x).__name__}")
+            raise DtypeError(f"fft input must be an array of complex64/complex128, got {type(x).__name__}",
+                             argument="fft input", value=type(x))
         x = np.asarray(x)
     double = _DTYPES.get(x.dtype)
     if double is None:
-        raise TypeError(
-            f"fft input dtype {x.dtype} is not supported; expected complex64 or complex128 "
-            f"(convert explicitly, e.g. x.astype(np.complex64))")
-    if x.ndim == 0:
-        raise ValueError("fft input is 0-d; need at least one axis (the transform axis is the last)")
-    n = x.shape[-1]
-    if n not in _SIZE_SET:
-        raise _size_error(n)
+        double = check_dtype(x.dtype)  # raises
+    n = check_shape(x.shape)
     if not x.flags.c_contiguous:
         x = np.ascontiguousarray(x)  # a copy: the kernel needs C-contiguous rows
     return x, n, double
 
 
-def _check_out(x, out):
+def check_out(x: np.ndarray, out: Any) -> np.ndarray:
+    """Check a caller's ``out`` for input ``x``: ndarray of x's dtype and shape, C-contiguous,
+    writable, and either disjoint from x or x's very memory (in place)."""
     if not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a numpy array, got {type(out).__name__}")
+        raise DtypeError(f"out must be a numpy array, got {type(out).__name__}", argument="out", value=type(out))
     if out.dtype != x.dtype:
-        raise TypeError(f"out dtype {out.dtype} does not match input dtype {x.dtype}")
+        raise DtypeError(f"out dtype {out.dtype} does not match input dtype {x.dtype}",
+                         argument="out", value=out.dtype)
     if out.shape != x.shape:
-        raise ValueError(f"out shape {out.shape} does not match input shape {x.shape}")
+        raise ShapeError(f"out shape {out.shape} does not match input shape {x.shape}",
+                         argument="out", value=out.shape)
     if not out.flags.c_contiguous:
-        raise ValueError("out must be C-contiguous")
+        raise LayoutError("out must be C-contiguous", argument="out", value=out.strides)
     if not out.flags.writeable:
-        raise ValueError("out is read-only")
+        raise LayoutError("out is read-only", argument="out")
     if out is not x and np.may_share_memory(x, out):
-        # in-place is fine when out and x are the very same memory, row for row
-        if not (out.ctypes.data == x.ctypes.data and out.strides == x.strides):
-            raise ValueError("out overlaps the input without being the same array (use out=x for in-place)")
+        check_overlap(x, out, in_place_ok=True, what="out")
+    return out
+
+
+def transform_into(x: np.ndarray, out: np.ndarray, inverse: bool) -> np.ndarray:
+    """Transform the rows of ``x`` into ``out``, both already checked (:func:`check_input`,
+    :func:`check_out` or the job's equivalents). Returns ``out``."""
+    return _core(x.shape[-1], _DTYPES[x.dtype], inverse).execute(x, out)
 
 
 def _execute(core, x, out):
     if out is None:
         out = np.empty_like(x)
     else:
-        _check_out(x, out)
+        check_out(x, out)
     return core.execute(x, out)
 
 
@@ -200,13 +244,13 @@ def fft(x, out=None):
     ``out`` may be a preallocated C-contiguous array of x's shape and dtype, or
     ``x`` itself (in-place). Returns the output array.
     """
-    x, n, double = _check_input(x)
+    x, n, double = check_input(x)
     return _execute(_core(n, double, False), x, out)
 
 
 def ifft(x, out=None):
     """Inverse FFT along the last axis, scaled by 1/n (numpy.fft.ifft convention)."""
-    x, n, double = _check_input(x)
+    x, n, double = check_input(x)
     return _execute(_core(n, double, True), x, out)
 
 
@@ -221,17 +265,9 @@ class FFTPlan:
     __slots__ = ("n", "dtype", "_double", "_fwd", "_inv")
 
     def __init__(self, n, dtype=np.complex64):
-        if not is_supported(n):
-            raise _size_error(n)
-        try:
-            dt = np.dtype(dtype)
-        except TypeError as exc:
-            raise TypeError(f"FFTPlan dtype {dtype!r} is not a numpy dtype") from exc
-        double = _DTYPES.get(dt)
-        if double is None:
-            raise TypeError(f"FFTPlan dtype {dt} is not supported; expected complex64 or complex128")
-        self.n = int(n)
-        self.dtype = dt
+        self.n = check_size(n)
+        double = check_dtype(dtype, "FFTPlan")
+        self.dtype = np.dtype(dtype)
         self._double = double
         self._fwd = _core(self.n, double, False)
         self._inv = None
@@ -241,10 +277,13 @@ class FFTPlan:
         return self._fwd.radices
 
     def _check(self, x):
-        x, n, double = _check_input(x)
-        if n != self.n or double != self._double:
-            raise ValueError(
-                f"plan is for n={self.n} {self.dtype}; got last axis {n} {x.dtype}")
+        x, n, double = check_input(x)
+        if n != self.n:
+            raise ShapeError(f"plan is for n={self.n} {self.dtype}; got last axis {n} {x.dtype}",
+                             argument="x", value=x.shape)
+        if double != self._double:
+            raise DtypeError(f"plan is for n={self.n} {self.dtype}; got last axis {n} {x.dtype}",
+                             argument="x", value=x.dtype)
         return x
 
     def forward(self, x, out=None):

@@ -2,11 +2,11 @@
 
 Three sections, each compared against a baseline measured in the same run:
 
-* ``fft``     -- :func:`bench.bench_fft.run_fft_bench`: batches held in L2 (256 KiB,
+* ``fft``     -- :func:`.fft_bench.run_fft_bench`: batches held in L2 (256 KiB,
   e.g. 16 x 2048 complex64) vs ``scipy.fft`` (workers=1) and pyFFTW (FFTW_MEASURE,
   1 thread), both dtypes, every LTE/NR size (2048 only in ``--quick``), plus the
   call overhead for N <= 1024;
-* ``turbo``   -- :func:`bench.bench_turbo.run_turbo_bench`: K=6144, 8 iterations,
+* ``turbo``   -- :func:`.turbo_bench.run_turbo_bench`: K=6144, 8 iterations,
   one core, Mbit/s vs scikit-commpy's turbo_decode (skipped in ``--quick``
   unless ``--commpy-frames`` is given: commpy needs seconds per block);
 * ``service`` -- :func:`run_service_bench`: jobs through an
@@ -18,7 +18,8 @@ Three sections, each compared against a baseline measured in the same run:
   Python-side work per job (validation, queueing, future) is ~10-20 us and holds
   the GIL, so jobs of tens of microseconds lose throughput; millisecond jobs do not.
 
-``python -m bench.accel_bench [--quick] [--json]`` or ``vrdma accel-bench``.
+``vrdma accel-bench [--quick] [--json] [--only SECTION]``. The baselines are the
+``bench`` extra of pyproject.toml (scipy, pyFFTW, scikit-commpy).
 """
 from __future__ import annotations
 
@@ -177,14 +178,14 @@ def run_accel_bench(*, quick: bool = False, sections: tuple[str, ...] = SECTIONS
 
     out: dict[str, Any] = {"machine": {"cpu": cpu_model(), "quick": quick}}
     if "fft" in sections:
-        from bench.bench_fft import run_fft_bench
+        from vrdma.accel_bench.fft_bench import run_fft_bench
 
         if quick:
             out["fft"] = run_fft_bench(sizes=(2048,), repeat=3, sample_s=0.01)
         else:
             out["fft"] = run_fft_bench()
     if "turbo" in sections:
-        from bench.bench_turbo import run_turbo_bench
+        from vrdma.accel_bench.turbo_bench import run_turbo_bench
 
         cf = commpy_frames if commpy_frames is not None else (0 if quick else 1)
         if quick:
@@ -276,13 +277,3 @@ def run(args: argparse.Namespace) -> int:
     res = run_accel_bench(quick=args.quick, sections=sections, commpy_frames=args.commpy_frames)
     print(json.dumps(res, indent=2, default=str) if args.json else format_table(res))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="accel_bench", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

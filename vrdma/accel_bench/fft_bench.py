@@ -5,7 +5,7 @@ For every size and dtype, a batch of ``rows`` transforms whose data fits in L2
 transformed out of place, all three implementations measured interleaved in
 the same run:
 
-* ours: ``accel_core.fft.fft(x, out=o)`` (plan cached, GIL released);
+* ours: ``accel_core.fft(x, out=o)`` (plan cached, GIL released);
 * scipy: ``scipy.fft.fft(x, axis=-1, workers=1)`` (pocketfft);
 * pyFFTW: a ``pyfftw.FFTW`` object planned with FFTW_MEASURE, threads=1, on
   aligned arrays, planned outside the timing and executed with ``f()``.
@@ -16,12 +16,11 @@ Times are the best of ``repeat`` samples (each sample many calls, about
 ``fft`` on a 1-row batch with a cached plan against an empty Cython call
 (``accel_core._fft.noop``) and against the bare kernel (``FFTCore.execute``).
 
-Run: ``python -m bench.bench_fft [--sizes 2048,1536] [--dtypes complex64] [--repeat 7] [--json]``.
+Run: ``python -m vrdma.accel_bench.fft_bench [--sizes 2048,1536] [--dtypes complex64] [--repeat 7] [--json]``.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import time
@@ -79,7 +78,7 @@ def run_fft_bench(sizes=DEFAULT_SIZES, dtypes=DEFAULT_DTYPES, repeat: int = 7,
     """One row per (size, dtype) plus call-overhead rows; see the module docstring."""
     import scipy.fft
 
-    fftmod = importlib.import_module("accel_core.fft")
+    from accel_core import dft as fftmod
     rows: list[dict] = []
     rng = np.random.default_rng(1)
     for dtype in dtypes:
@@ -117,7 +116,7 @@ def run_fft_bench(sizes=DEFAULT_SIZES, dtypes=DEFAULT_DTYPES, repeat: int = 7,
 def call_overhead(sizes=(16, 1024), dtype="complex64", repeat: int = 7,
                   sample_s: float = 0.02) -> list[dict]:
     """fft() on one row with a cached plan vs an empty Cython call and the bare kernel."""
-    fftmod = importlib.import_module("accel_core.fft")
+    from accel_core import dft as fftmod
     from accel_core import _fft
 
     rows = []

@@ -11,7 +11,7 @@ ignores the tail). commpy is slow (seconds per block), so it runs on
 ``commpy_frames`` blocks only. Throughput counts information bits per second of
 wall time of the decode calls alone (the decoder is single-threaded).
 
-Run: ``python -m bench.bench_turbo [--frames N] [--batch B] [--json]``.
+Run: ``python -m vrdma.accel_bench.turbo_bench [--frames N] [--batch B] [--json]``.
 """
 from __future__ import annotations
 

@@ -1,0 +1,32 @@
+"""Type stubs of the mixed-radix Stockham FFT kernel (accel_core/_fft.pyx).
+
+Plans are built and cached by :mod:`accel_core.dft`; ``FFTCore.execute`` trusts
+that its arrays were validated there (C-contiguous, the plan's dtype, same shape).
+"""
+from typing import Iterable, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+from typing_extensions import disjoint_base
+
+_Y = TypeVar("_Y")
+
+@disjoint_base
+class FFTCore:
+    """One planned transform: size, precision, direction, stage schedule, twiddles."""
+
+    @property
+    def n(self) -> int: ...
+    @property
+    def double(self) -> bool: ...
+    @property
+    def inverse(self) -> bool: ...
+    @property
+    def radices(self) -> tuple[int, ...]: ...
+    def __init__(self, n: int, double: bool, inverse: bool, radices: Iterable[int],
+                 twr: npt.NDArray[np.floating], twi: npt.NDArray[np.floating],
+                 kc: npt.NDArray[np.floating], offsets: Iterable[int]) -> None: ...
+    def execute(self, x: npt.NDArray[np.complexfloating],
+                y: npt.NDArray[np.complexfloating]) -> npt.NDArray[np.complexfloating]: ...
+
+def noop(x: object, y: _Y) -> _Y: ...

@@ -1,0 +1,18 @@
+"""Stubs for virtio_rdma._datapath (see _datapath.pyx and datapath.py)."""
+from collections.abc import Iterable
+from typing import Any, final
+
+from virtio_rdma.qp import QueuePair
+
+enabled: bool    # the fast path is taken (datapath.set_fast_path switches it)
+completed: int   # WQEs completed by the fast path since import
+
+# ``dev`` is the device core (virtio_rdma.core.RdmaDeviceCore); typed loosely so that this
+# stub does not pin the core's module layout.
+def run_sq(dev: Any, qp: QueuePair, now: float) -> int: ...
+
+@final
+class DbrecScanner:
+    key: object
+    def rebuild(self, qps: Iterable[QueuePair], key: object) -> None: ...
+    def scan(self, mem: object) -> list[QueuePair]: ...
