@@ -1,0 +1,1 @@
+VALUES: dict[str, int]
