@@ -50,9 +50,9 @@ from dataclasses import asdict, dataclass
 from virtio.alias import PAGE, AliasWindow
 from virtio.errors import GuestMemoryError
 from virtio_rdma import datapath
-from virtio_rdma.constants import Access, AsyncEvent, Mtu, QpState, SendFlags, Status, WcFlags, \
-    WcOpcode, WcStatus, WrOpcode
-from virtio_rdma.errors import CommandError, FabricError, VirtioRdmaError
+from verbs import Access, AsyncEvent, Mtu, QpState, SendFlags, WcFlags, WcOpcode, WcStatus, WrOpcode
+from virtio_rdma.constants import Status
+from virtio_rdma.errors import CommandError, FabricError, UnknownValueError, VirtioRdmaError
 from fabric.local import LocalFabric
 from fabric.uverbs import KernelMr
 from virtio_rdma.wire import Completion, decode_recv_wqe, decode_send_wqe
@@ -761,7 +761,7 @@ class VerbsQp:
         except datapath._WqeError as err:
             setattr(dev.metrics, err.metric, getattr(dev.metrics, err.metric) + 1)
             return self._fail(idx, wr_id, opcode, err.wc_status)
-        except (VirtioRdmaError, self.fabric._PyverbsError) as err:
+        except (VirtioRdmaError, UnknownValueError, self.fabric._PyverbsError) as err:
             log.debug("QP %#x: send WQE %d refused: %s", qp.qpn, idx, err)
             dev.metrics.bad_wqes += 1
             return self._fail(idx, wr_id, opcode, WcStatus.LOC_QP_OP_ERR)
@@ -805,7 +805,7 @@ class VerbsQp:
                     hw.qp.post_recv(wr)
                 finally:
                     wr.close()
-            except (GuestMemoryError, VirtioRdmaError, self.fabric._PyverbsError) as err:
+            except (GuestMemoryError, VirtioRdmaError, UnknownValueError, self.fabric._PyverbsError) as err:
                 log.debug("QP %#x: receive WQE %d refused: %s", qp.qpn, idx, err)
                 dev.metrics.bad_wqes += 1
                 datapath.qp_error(dev, qp, AsyncEvent.QP_FATAL)

@@ -36,9 +36,8 @@ from collections import deque
 
 from virtio.errors import GuestMemoryError
 from virtio_rdma import datapath
-from virtio_rdma.constants import Access, AsyncEvent, QpState, SendFlags, WcFlags, WcOpcode, \
-    WcStatus, WrOpcode
-from virtio_rdma.errors import MemoryAccessError, VirtioRdmaError
+from verbs import Access, AsyncEvent, QpState, SendFlags, WcFlags, WcOpcode, WcStatus, WrOpcode
+from virtio_rdma.errors import MemoryAccessError, UnknownValueError, VirtioRdmaError
 from virtio_rdma.wire import Completion, decode_recv_wqe, decode_send_wqe
 
 from roce.errors import RemoteAccessError, TransportError
@@ -245,7 +244,7 @@ class NetworkQp:
         except datapath._WqeError as e:
             setattr(dev.metrics, e.metric, getattr(dev.metrics, e.metric) + 1)
             return self._fail(idx, int.from_bytes(slot[:8], "little"), slot[8], e.wc_status)
-        except (VirtioRdmaError, TransportError) as e:  # malformed WQE / refused WR
+        except (VirtioRdmaError, UnknownValueError, TransportError) as e:  # malformed WQE / refused WR
             log.debug("QP %#x: bad send WQE %d: %s", qp.qpn, idx, e)
             dev.metrics.bad_wqes += 1
             return self._fail(idx, int.from_bytes(slot[:8], "little"), slot[8],
@@ -296,7 +295,7 @@ class NetworkQp:
                 slot = dev.mem.translate(qp.rq_slot_gpa(idx), 1 << qp.layout.rq_wqe_shift)
                 wqe = decode_recv_wqe(slot, qp.layout.max_recv_sge)
                 views = datapath._local_views(dev, qp, wqe, Access.LOCAL_WRITE)
-            except (GuestMemoryError, VirtioRdmaError) as e:
+            except (GuestMemoryError, VirtioRdmaError, UnknownValueError) as e:
                 if lenient:
                     return
                 log.debug("QP %#x: bad receive WQE %d: %s", qp.qpn, idx, e)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import errno
-import struct
 import types
 from time import monotonic
 
@@ -31,16 +30,14 @@ from guest_lib.errors import RDMAError, UserError
 from vhost_user.errors import TransportError, VhostUserError
 from vhost_user.frontend import VirtioUserDevice
 from virtio_rdma import wire
-from virtio_rdma.constants import Cmd, EventKind, Feature, Status
+from virtio_rdma.constants import CONTROLQ, DOORBELLQ, EVENTQ, Cmd, EventKind, Feature, Status
 
-CONTROLQ, DOORBELLQ, EVENTQ = 0, 1, 2
 REQ_BUF = 64 << 10
 RESP_BUF = 4096
-EVENT_BUF = 64  # 8 records
+EVENT_BUF = 8 * wire.EVENT_SIZE  # 8 records
 N_EVENT_BUFS = 64
 DOORBELL_BUF = 8 * 64  # 64 records
 N_DOORBELL_BUFS = 128
-_EVENT = struct.Struct("<BBHI")
 #: seconds between looks at the socket from calls that never sleep
 LIVENESS_INTERVAL = 0.02
 
@@ -261,7 +258,7 @@ class Context(VerbsObject):
         while item is not None:
             gpa, written = item
             buf = self.dev.translate(gpa, written)
-            for kind, _r, type_, number in _EVENT.iter_unpack(buf[: written - written % 8]):
+            for kind, _r, type_, number in wire.iter_event_records(buf[:written]):
                 if kind == EventKind.COMPLETION:
                     self.cq_events[number] += 1
                 else:

@@ -19,7 +19,8 @@ from guest_lib.errors import RDMAError, UserError
 from guest_lib.pd import PD
 from virtio.memory import le32_words
 from virtio_rdma import wire
-from virtio_rdma.constants import Cmd, CreateQpFlags, DoorbellKind, QpAttrMask as M, QpState, QpType, SendFlags, WcOpcode
+from verbs import QpAttrMask as M, QpState, QpType, SendFlags, WcOpcode
+from virtio_rdma.constants import Cmd, CreateQpFlags, DoorbellKind
 
 _U32 = 0xFFFFFFFF
 _INLINE, _SIGNALED = int(SendFlags.INLINE), int(SendFlags.SIGNALED)  # ints: enum flag arithmetic is slow

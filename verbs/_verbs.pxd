@@ -109,4 +109,5 @@ cdef enum:
 # IBTA (verbs.ibta)
 cdef enum:
     PSN_MASK = 0xFFFFFF
+    MSN_MASK = 0xFFFFFF
     QPN_MASK = 0xFFFFFF

@@ -1,6 +1,6 @@
 """IBTA transport numbers (InfiniBand Architecture Specification vol. 1,
 chapter 9, the base transport RoCEv2 carries): 24-bit PSN arithmetic
-(9.7.1), QP numbers (9.2), AETH NAK codes (9.7.5.2.8, table 43), the
+(9.7.1), QP numbers (9.2), the AETH syndrome types and NAK codes (9.7.5.2.8, table 43), the
 encoded RNR NAK timer (table 45) and the local ACK timeout (11.2.4.2,
 ``ibv_qp_attr.timeout``), and the ``rnr_retry`` value meaning "forever".
 
@@ -14,8 +14,8 @@ from verbs.errors import UnknownValueError
 from verbs.parse import ParseIntEnum
 
 __all__ = [
-    "PSN_BITS", "PSN_MASK", "PSN_MOD", "PSN_HALF", "psn_add", "psn_diff", "QPN_MASK",
-    "NakCode", "RNR_TIMER_USEC", "RNR_TIMER_SECONDS", "rnr_timer_seconds",
+    "PSN_BITS", "PSN_MASK", "PSN_MOD", "PSN_HALF", "psn_add", "psn_diff", "MSN_MASK", "QPN_MASK",
+    "AethType", "NakCode", "RNR_TIMER_USEC", "RNR_TIMER_SECONDS", "rnr_timer_seconds",
     "ack_timeout_seconds", "RNR_RETRY_INFINITE",
 ]
 
@@ -25,6 +25,9 @@ PSN_MOD = 1 << PSN_BITS
 PSN_MASK = PSN_MOD - 1
 #: Half the PSN space: the window in which two PSNs compare.
 PSN_HALF = 1 << (PSN_BITS - 1)
+
+#: MSNs are 24-bit (AETH.MSN, IBTA 9.7.5.1.1) and wrap.
+MSN_MASK = (1 << 24) - 1
 
 #: QP numbers are 24-bit (BTH.DestQP, IBTA 9.2); 0xFFFFFF is the multicast QPN.
 QPN_MASK = (1 << 24) - 1
@@ -42,17 +45,26 @@ def psn_diff(a: int, b: int) -> int:
     return d - PSN_MOD if d >= PSN_HALF else d
 
 
+class AethType(ParseIntEnum):
+    """Bits 6..5 of the AETH syndrome (IBTA 9.7.5.2.8, table 43)."""
+
+    ACK = 0
+    RNR_NAK = 1
+    RESERVED = 2
+    NAK = 3
+
+
 class NakCode(ParseIntEnum):
     """AETH NAK codes (IBTA 9.7.5.2.8, table 43: the low 5 syndrome bits
-    when the syndrome type is NAK, 0b11), plus :attr:`RNR`: the syndrome
-    type bits of an RNR NAK (0b01 << 5, its low 5 bits carry the timer)."""
+    when the syndrome type is NAK), plus :attr:`RNR`: the syndrome type bits
+    of an RNR NAK (``AethType.RNR_NAK << 5``; its low 5 bits carry the timer)."""
 
     PSN_SEQ_ERR = 0
     INV_REQ = 1
     REM_ACCESS = 2
     REM_OP = 3
     INV_RD_REQ = 4
-    RNR = 0x20
+    RNR = AethType.RNR_NAK << 5
 
 
 #: IBTA 9.7.5.2.8 table 45: encoded min_rnr_timer (5 bits) -> microseconds.

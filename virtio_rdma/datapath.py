@@ -25,12 +25,13 @@ import struct
 import sys
 
 from virtio.errors import GuestMemoryError
-from virtio_rdma.constants import (
+from verbs import (
     PSN_MASK,
     RNR_RETRY_INFINITE,
     Access,
     AsyncEvent,
     Mtu,
+    NakCode,
     QpState,
     SendFlags,
     WcFlags,
@@ -38,10 +39,11 @@ from virtio_rdma.constants import (
     WcStatus,
     WrOpcode,
     ack_timeout_seconds,
+    psn_diff,
     rnr_timer_seconds,
 )
-from virtio_rdma.errors import MemoryAccessError, VirtioRdmaError
-from fabric.base import NakCode, Request, RespKind, Response, psn_diff
+from virtio_rdma.errors import MemoryAccessError, UnknownValueError, VirtioRdmaError
+from fabric.base import Request, RespKind, Response
 from virtio_rdma.mr import sg_copy
 from virtio_rdma.qp import Inflight, QueuePair
 from virtio_rdma.wire import Completion, decode_recv_wqe, decode_send_wqe
@@ -285,7 +287,7 @@ def progress_sq(dev, qp: QueuePair, now: float) -> None:
             setattr(dev.metrics, e.metric, getattr(dev.metrics, e.metric) + 1)
             _fail_at(dev, qp, idx, wr_id, opcode, e.wc_status)
             return
-        except VirtioRdmaError:  # WireError / UnknownValueError: malformed WQE
+        except (VirtioRdmaError, UnknownValueError):  # WireError / UnknownValueError: malformed WQE
             dev.metrics.bad_wqes += 1
             _fail_at(dev, qp, idx, wr_id, opcode, WcStatus.LOC_QP_OP_ERR)
             return
@@ -474,7 +476,7 @@ def _pop_recv(dev, qp: QueuePair):
         wqe = decode_recv_wqe(slot, qp.layout.max_recv_sge)
     except GuestMemoryError as e:
         raise _WqeError(f"QP {qp.qpn:#x} RQ slot: {e}", WcStatus.LOC_QP_OP_ERR, "wqe_fetch_faults") from None
-    except VirtioRdmaError as e:
+    except (VirtioRdmaError, UnknownValueError) as e:
         raise _WqeError(f"QP {qp.qpn:#x} RQ WQE: {e}", WcStatus.LOC_QP_OP_ERR, "bad_wqes") from None
     return wqe
 

@@ -28,7 +28,8 @@ import logging
 import secrets
 from dataclasses import dataclass, field
 
-from virtio_rdma.constants import Access, Status
+from verbs import Access
+from virtio_rdma.constants import Status
 from virtio_rdma.errors import CommandError, MemoryAccessError
 
 from virtio.errors import GuestMemoryError

@@ -31,7 +31,7 @@ import time
 
 from roce.icrc import IpContext, compute_icrc
 from roce.opcodes import Ext, Opcode, opinfo
-from virtio_rdma.constants import Access
+from verbs import Access
 from fabric.roce import RoceFabric, RoceFabricService
 
 from .common import Canary, Hang, Report, Watchdog, check_canaries, fd_count, maps_count

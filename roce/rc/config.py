@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from verbs import Access
+
 from ..errors import FieldRange
-from .verbs import Access
 
 #: rxe's RXE_MAX_UNACKED_PSNS: requests in flight without an ACK
 MAX_UNACKED_PSNS = 128

@@ -23,15 +23,16 @@ import enum
 from collections import deque
 from dataclasses import dataclass
 
-from ..headers import Aeth, AethType, AtomicEth, NakCode, rnr_timer_seconds
+from verbs import PSN_MASK, AethType, NakCode, WcStatus, WrOpcode, psn_add, psn_diff, rnr_timer_seconds
+
+from ..headers import Aeth, AtomicEth
 from ..opcodes import OPCODE_TABLE, Kind, Opcode
 from ..packet import PacketRun, RocePacket, make_bth, make_ieth, make_immdt, make_packet, make_reth
 from .config import MAX_MSG_SIZE, MAX_PKT_PER_ACK, MAX_UNACKED_PSNS, QpConfig, retransmit_timeout
 from ..errors import InvalidWorkRequest
 from .metrics import RcMetrics
-from .psn import PSN_MASK, psn_add, psn_diff
 from .sgl import SgList
-from .verbs import Completion, SendWR, WcStatus, WrOpcode, wc_opcode_of
+from .verbs import Completion, SendWR, wc_opcode_of
 
 _U64 = (1 << 64) - 1
 
@@ -67,10 +68,10 @@ _U32 = 0xFFFFFFFF
 _ACK_T, _RNR_T, _NAK_T = int(AethType.ACK), int(AethType.RNR_NAK), int(AethType.NAK)
 
 _FATAL_NAK = {
-    NakCode.INVALID_REQUEST: WcStatus.REM_INV_REQ_ERR,
-    NakCode.REMOTE_ACCESS: WcStatus.REM_ACCESS_ERR,
-    NakCode.REMOTE_OP: WcStatus.REM_OP_ERR,
-    NakCode.INVALID_RD_REQUEST: WcStatus.REM_OP_ERR,
+    NakCode.INV_REQ: WcStatus.REM_INV_REQ_ERR,
+    NakCode.REM_ACCESS: WcStatus.REM_ACCESS_ERR,
+    NakCode.REM_OP: WcStatus.REM_OP_ERR,
+    NakCode.INV_RD_REQ: WcStatus.REM_OP_ERR,
 }
 
 
@@ -433,7 +434,7 @@ class Requester:
             self.rnr_deadline = now + rnr_timer_seconds(aeth.rnr_timer)
         elif t == _NAK_T:
             code = aeth.nak_code
-            if code == NakCode.PSN_SEQ_ERROR:
+            if code == NakCode.PSN_SEQ_ERR:
                 m.seq_naks_received += 1
                 self.comp_psn = psn
                 self._error_retry(now)

@@ -13,7 +13,7 @@ import pytest
 
 from guest_lib import RecvWR, SGE, SendWR
 from roce.packet import decode as roce_decode
-from virtio_rdma.constants import WrOpcode
+from verbs import WrOpcode
 
 from .test_multihost import A_IP, B_IP, Host, connect
 

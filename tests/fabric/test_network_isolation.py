@@ -37,7 +37,7 @@ from roce.icrc import IpContext
 from roce.opcodes import Opcode
 from roce.packet import RocePacket
 from vhost_user.testing import BackendThread
-from virtio_rdma.constants import WcOpcode, WcStatus, WrOpcode
+from verbs import WcOpcode, WcStatus, WrOpcode
 from virtio_rdma.device import RdmaDevice
 from fabric.roce import RoceFabric, RoceFabricService
 

@@ -16,7 +16,7 @@ import pytest
 
 from roce.icrc import IpContext
 from roce.packet import decode
-from virtio_rdma.constants import Access, QpState, SendFlags, WcFlags, WcOpcode, WcStatus, WrOpcode
+from verbs import Access, QpState, SendFlags, WcFlags, WcOpcode, WcStatus, WrOpcode
 from virtio_rdma.errors import FabricError
 from fabric.roce import RoceFabric, address_of_gid, gid_of_address
 
@@ -276,7 +276,7 @@ def test_guest_moves_qp_to_err_flushes_posted_work():
     h.wire.cut = True
     h.a.post_send(h.qa, 1, WrOpcode.SEND, [(la, 0, 10)])
     h.a.post_recv(h.qa, 2, [(la, 0, 10)])
-    from virtio_rdma.constants import QpAttrMask as M
+    from verbs import QpAttrMask as M
     assert h.a.modify(h.qa, M.STATE, qp_state=QpState.ERR) == 0
     got = h.a.poll(h.ca)
     assert sorted((c.wr_id, c.status) for c in got) == [(1, WcStatus.WR_FLUSH_ERR), (2, WcStatus.WR_FLUSH_ERR)]

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from virtio_rdma.constants import WcStatus
+from verbs import WcStatus
 from vrdma.commands.rc_pingpong import c_int, c_strtol, c_uint, result_lines
 from vrdma.rc_pingpong.errors import CompletionError
 from vrdma.rc_pingpong.pingpong import (PINGPONG_RECV_WRID, PINGPONG_SEND_WRID, Schedule, mtu_to_enum,

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from roce.errors import MalformedPacket
 from roce.icrc import IpContext
 from roce.packet import decode
-from roce.rc import MemoryTable, QpState, RcQp
+from roce.rc import MemoryTable, RcQp
+from verbs import QpState
 
 CTX_AB = IpContext("192.0.2.1", "192.0.2.2", sport=50001)
 CTX_BA = IpContext("192.0.2.2", "192.0.2.1", sport=50002)

@@ -36,7 +36,8 @@ from roce.headers import Aeth, AtomicAckEth, AtomicEth, Bth, Deth, Ieth, ImmDt, 
 from roce.icrc import IpContext, compute_icrc, compute_icrc_reference
 from roce.opcodes import OPCODE_TABLE, Ext, Opcode, opinfo
 from roce.packet import PacketRun, RocePacket, decode, expand
-from roce.rc import Access, MemoryTable, QpState, RcQp
+from roce.rc import MemoryTable, RcQp
+from verbs import Access, QpState
 from roce.rc._fastrx import STOP_REASONS, RequestFastPath
 from roce.rc.sgl import SgList
 from roce.udp import RoceUdpEndpoint, make_socket

@@ -11,7 +11,7 @@ _check = pytest.importorskip("verbs._check", reason="Cython extensions not built
 #: the enumerations the .pxd mirrors in full
 MIRRORED = (verbs.WrOpcode, verbs.WcOpcode, verbs.WcStatus, verbs.WcFlags, verbs.SendFlags,
             verbs.Access, verbs.QpState, verbs.Mtu)
-IBTA = {"PSN_MASK": verbs.PSN_MASK, "QPN_MASK": verbs.QPN_MASK}
+IBTA = {"PSN_MASK": verbs.PSN_MASK, "MSN_MASK": verbs.MSN_MASK, "QPN_MASK": verbs.QPN_MASK}
 
 
 def _python_values() -> dict[str, int]:

@@ -26,7 +26,7 @@ def add_arguments(p) -> None:
 def _guest(role: str, path: str, conn, out) -> None:
     from bench.perftest import make_guest
     from guest_lib import SGE, RecvWR, SendWR
-    from virtio_rdma.constants import WcOpcode, WrOpcode
+    from verbs import WcOpcode, WrOpcode
 
     log = []
     try:

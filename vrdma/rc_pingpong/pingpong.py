@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 
 from guest_lib import CQ, MR, PD, QP, SGE, AHAttr, Context, QPAttr, QPCap, QPInitAttr, RecvWR, SendWR, VerbsError
-from virtio_rdma.constants import Access, LinkLayer, SendFlags, WcStatus, WrOpcode
+from verbs import Access, LinkLayer, SendFlags, WcStatus, WrOpcode
 from vrdma.rc_pingpong.errors import CompletionError, SetupError
 from vrdma.rc_pingpong.exchange import Dest
 
