@@ -151,7 +151,7 @@ class NetworkQp:
         self.posted: deque[tuple[int, int, bool]] = deque()  # (ring index, opcode, signaled)
         self.rq_posted = qp.rq_ci  # RQ ring index up to which receives went to the engine
         self.closed = False
-        self.rc.modify(RcState.INIT, access=rv.Access(int(qp.access & _RIGHTS)))
+        self.rc.modify(RcState.INIT, access=Access(int(qp.access & _RIGHTS)))
 
     # ------------------------------------------------------------------ state
     def modified(self, prev: QpState, target: QpState, now: float) -> None:
@@ -161,7 +161,7 @@ class NetworkQp:
         rc_target = _STATE.get(target)
         if rc_target is None:  # SQE: the engine has no such state; it keeps running
             return
-        attrs = {"access": rv.Access(int(qp.access & _RIGHTS))}
+        attrs = {"access": Access(int(qp.access & _RIGHTS))}
         if target is QpState.RTR and prev is QpState.INIT:
             self._post_recvs()
             attrs.update(dest_qp_num=a["dest_qp_num"], path_mtu=datapath._mtu(qp),
