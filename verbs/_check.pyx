@@ -86,3 +86,6 @@ VALUES = {
     "MSN_MASK": MSN_MASK,
     "QPN_MASK": QPN_MASK,
 }
+
+#: enum ibv_mtu value -> bytes, as ibv_mtu_bytes computes it
+MTU_BYTES = {m: ibv_mtu_bytes(m) for m in range(IBV_MTU_256, IBV_MTU_4096 + 1)}

@@ -5,6 +5,7 @@ definition is :mod:`verbs` (verbs/enums.py, verbs/ibta.py); verbs/_check.pyx
 exposes these constants and tests/verbs/test_pxd.py checks that they equal
 it, member for member. cimport them: ``from verbs._verbs cimport IBV_WR_SEND``.
 """
+from libc.stdint cimport uint32_t
 
 # enum WrOpcode (verbs.WrOpcode)
 cdef enum:
@@ -111,3 +112,8 @@ cdef enum:
     PSN_MASK = 0xFFFFFF
     MSN_MASK = 0xFFFFFF
     QPN_MASK = 0xFFFFFF
+
+
+cdef inline uint32_t ibv_mtu_bytes(int mtu) noexcept nogil:
+    """``Mtu(mtu).bytes`` for a valid ``enum ibv_mtu`` value (IBV_MTU_256..IBV_MTU_4096)."""
+    return <uint32_t>128 << mtu

@@ -20,6 +20,7 @@ from verbs.parse import ParseIntEnum, ParseIntFlag
 __all__ = [
     "QpType", "QpState", "QpAttrMask", "Access", "WrOpcode", "SendFlags", "WcOpcode", "WcStatus",
     "WcFlags", "AsyncEvent", "Mtu", "PortState", "LinkLayer", "AtomicCap", "C_PREFIX", "c_name",
+    "wc_status_str",
 ]
 
 
@@ -243,3 +244,26 @@ C_PREFIX: dict[type, str] = {
 def c_name(member) -> str:
     """libibverbs' C name of an enum member: ``c_name(WrOpcode.SEND) == "IBV_WR_SEND"``."""
     return C_PREFIX[type(member)] + member.name
+
+
+#: libibverbs' ``ibv_wc_status_str()`` strings (rdma-core libibverbs/enum_strs.c)
+_WC_STATUS_STR = {
+    WcStatus.SUCCESS: "success", WcStatus.LOC_LEN_ERR: "local length error",
+    WcStatus.LOC_QP_OP_ERR: "local QP operation error", WcStatus.LOC_EEC_OP_ERR: "local EE context operation error",
+    WcStatus.LOC_PROT_ERR: "local protection error", WcStatus.WR_FLUSH_ERR: "Work Request Flushed Error",
+    WcStatus.MW_BIND_ERR: "memory management operation error", WcStatus.BAD_RESP_ERR: "bad response error",
+    WcStatus.LOC_ACCESS_ERR: "local access error", WcStatus.REM_INV_REQ_ERR: "remote invalid request error",
+    WcStatus.REM_ACCESS_ERR: "remote access error", WcStatus.REM_OP_ERR: "remote operation error",
+    WcStatus.RETRY_EXC_ERR: "transport retry counter exceeded",
+    WcStatus.RNR_RETRY_EXC_ERR: "RNR retry counter exceeded", WcStatus.LOC_RDD_VIOL_ERR: "local RDD violation error",
+    WcStatus.REM_INV_RD_REQ_ERR: "remote invalid RD request", WcStatus.REM_ABORT_ERR: "aborted error",
+    WcStatus.INV_EECN_ERR: "invalid EE context number", WcStatus.INV_EEC_STATE_ERR: "invalid EE context state",
+    WcStatus.FATAL_ERR: "fatal error", WcStatus.RESP_TIMEOUT_ERR: "response timeout error",
+    WcStatus.GENERAL_ERR: "general error", WcStatus.TM_ERR: "TM error",
+    WcStatus.TM_RNDV_INCOMPLETE: "TM software rendezvous",
+}
+
+
+def wc_status_str(status: int) -> str:
+    """``ibv_wc_status_str(status)``: "unknown" for a value that is not a WcStatus."""
+    return _WC_STATUS_STR.get(status, "unknown")

@@ -34,7 +34,7 @@ from verbs._verbs cimport (
     IBV_SEND_FENCE, IBV_SEND_INLINE, IBV_SEND_IP_CSUM, IBV_SEND_SIGNALED, IBV_SEND_SOLICITED,
     IBV_WC_RDMA_READ, IBV_WC_RDMA_WRITE, IBV_WC_RECV, IBV_WC_RECV_RDMA_WITH_IMM, IBV_WC_SEND,
     IBV_WC_WITH_IMM, IBV_WR_RDMA_READ, IBV_WR_RDMA_WRITE, IBV_WR_RDMA_WRITE_WITH_IMM, IBV_WR_SEND,
-    IBV_WR_SEND_WITH_IMM, PSN_MASK,
+    IBV_WR_SEND_WITH_IMM, IBV_MTU_256, IBV_MTU_4096, PSN_MASK, ibv_mtu_bytes,
 )
 
 from verbs import QpState
@@ -415,7 +415,7 @@ def run_sq(dev, qp, double now):
     cdef uint32_t sq_psn = qp.sq_psn
     cdef uint64_t mtu
     path_mtu = attr["path_mtu"]
-    mtu = (128 << path_mtu) if 1 <= path_mtu <= 5 else 1024
+    mtu = ibv_mtu_bytes(path_mtu) if IBV_MTU_256 <= path_mtu <= IBV_MTU_4096 else 1024
     # responder geometry
     play = peer.layout
     cdef uint64_t rq_gpa = peer.rq_gpa

@@ -23,12 +23,13 @@ import enum
 from collections import deque
 from dataclasses import dataclass
 
-from verbs import PSN_MASK, AethType, NakCode, WcStatus, WrOpcode, psn_add, psn_diff, rnr_timer_seconds
+from verbs import (PSN_MASK, AethType, NakCode, WcStatus, WrOpcode, ack_timeout_seconds, psn_add, psn_diff,
+                   rnr_timer_seconds)
 
 from ..headers import Aeth, AtomicEth
 from ..opcodes import OPCODE_TABLE, Kind, Opcode
 from ..packet import PacketRun, RocePacket, make_bth, make_ieth, make_immdt, make_packet, make_reth
-from .config import MAX_MSG_SIZE, MAX_PKT_PER_ACK, MAX_UNACKED_PSNS, QpConfig, retransmit_timeout
+from .config import MAX_MSG_SIZE, MAX_PKT_PER_ACK, MAX_UNACKED_PSNS, QpConfig
 from ..errors import InvalidWorkRequest
 from .metrics import RcMetrics
 from .sgl import SgList
@@ -211,7 +212,7 @@ class Requester:
             self.noack_pkts = (self.noack_pkts + k) % MAX_PKT_PER_ACK
             wqe.state = WqeState.SENDING
         if self.retrans_deadline is None:
-            to = retransmit_timeout(cfg.timeout)
+            to = ack_timeout_seconds(cfg.timeout)
             if to is not None:
                 self.retrans_deadline = now + to
 
@@ -273,7 +274,7 @@ class Requester:
         else:
             wqe.state = WqeState.SENDING
         if self.retrans_deadline is None:
-            to = retransmit_timeout(cfg.timeout)
+            to = ack_timeout_seconds(cfg.timeout)
             if to is not None:
                 self.retrans_deadline = now + to
 
@@ -303,7 +304,7 @@ class Requester:
         """The oldest unacked PSN moved forward: reset retry counters and the timer."""
         self.retry_left = self.cfg.retry_cnt
         self.rnr_left = self.cfg.rnr_retry
-        to = retransmit_timeout(self.cfg.timeout)
+        to = ack_timeout_seconds(self.cfg.timeout)
         self.retrans_deadline = now + to if (to is not None and self._outstanding()) else None
 
     def _error_retry(self, now: float) -> None:
@@ -314,7 +315,7 @@ class Requester:
         if self.cfg.retry_cnt != 7:
             self.retry_left -= 1
         self._rewind()
-        to = retransmit_timeout(self.cfg.timeout)
+        to = ack_timeout_seconds(self.cfg.timeout)
         self.retrans_deadline = None if to is None else now + to
 
     def _rewind(self) -> None:

@@ -29,6 +29,10 @@ def test_pxd_equals_python():
     assert set(ours) - set(compiled) == set(), "members missing from verbs/_verbs.pxd"
 
 
+def test_pxd_mtu_bytes_is_mtu_bytes():
+    assert _check.MTU_BYTES == {int(m): m.bytes for m in verbs.Mtu}
+
+
 def test_pxd_names_are_c_names():
     prefixes = tuple(C_PREFIX[c] for c in MIRRORED)
     assert all(n.startswith(prefixes) or n in IBTA for n in _check.VALUES)
