@@ -66,8 +66,8 @@ _ATOMICS = frozenset({WrOpcode.ATOMIC_CMP_AND_SWP, WrOpcode.ATOMIC_FETCH_AND_ADD
 _IMM = frozenset({WrOpcode.SEND_WITH_IMM, WrOpcode.RDMA_WRITE_WITH_IMM})
 _EVENT_FD_LINK = "anon_inode:[infinibandevent]"
 _STATUS_OF_ERRNO = {int(s) for s in Status}
-_WC_WITH_IMM = 2            # IBV_WC_WITH_IMM
-_WC_RECV_RDMA_WITH_IMM = 129
+_WC_WITH_IMM = int(WcFlags.WITH_IMM)  # plain ints: compared per completion
+_WC_RECV_RDMA_WITH_IMM = int(WcOpcode.RECV_RDMA_WITH_IMM)
 
 
 def rdma_devices() -> list[str]:
