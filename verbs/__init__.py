@@ -14,12 +14,81 @@
 Everything in ``roce/``, ``fabric/``, ``virtio_rdma/``, ``guest_lib/`` and
 the Cython kernels takes these numbers from here; nothing else defines them.
 """
-from verbs.enums import *  # noqa: F401,F403
-from verbs.enums import __all__ as _enums_all
-from verbs.errors import UnknownValueError, VerbsError
-from verbs.ibta import *  # noqa: F401,F403
-from verbs.ibta import __all__ as _ibta_all
+from verbs.enums import (
+    C_PREFIX,
+    Access,
+    AsyncEvent,
+    AtomicCap,
+    LinkLayer,
+    Mtu,
+    PortState,
+    QpAttrMask,
+    QpState,
+    QpType,
+    SendFlags,
+    WcFlags,
+    WcOpcode,
+    WcStatus,
+    WrOpcode,
+    c_name,
+    wc_status_str,
+)
+from verbs.errors import UnknownValueError, VerbsNumberError
+from verbs.ibta import (
+    MSN_MASK,
+    PSN_BITS,
+    PSN_HALF,
+    PSN_MASK,
+    PSN_MOD,
+    QPN_MASK,
+    RNR_RETRY_INFINITE,
+    RNR_TIMER_SECONDS,
+    RNR_TIMER_USEC,
+    AethType,
+    NakCode,
+    ack_timeout_seconds,
+    psn_add,
+    psn_diff,
+    rnr_timer_seconds,
+)
 from verbs.parse import ParseIntEnum, ParseIntFlag, parse
 
-__all__ = [*_enums_all, *_ibta_all, "UnknownValueError", "VerbsError",
-           "ParseIntEnum", "ParseIntFlag", "parse"]
+__all__ = [
+    "C_PREFIX",
+    "MSN_MASK",
+    "PSN_BITS",
+    "PSN_HALF",
+    "PSN_MASK",
+    "PSN_MOD",
+    "QPN_MASK",
+    "RNR_RETRY_INFINITE",
+    "RNR_TIMER_SECONDS",
+    "RNR_TIMER_USEC",
+    "Access",
+    "AethType",
+    "AsyncEvent",
+    "AtomicCap",
+    "LinkLayer",
+    "Mtu",
+    "NakCode",
+    "ParseIntEnum",
+    "ParseIntFlag",
+    "PortState",
+    "QpAttrMask",
+    "QpState",
+    "QpType",
+    "SendFlags",
+    "UnknownValueError",
+    "VerbsNumberError",
+    "WcFlags",
+    "WcOpcode",
+    "WcStatus",
+    "WrOpcode",
+    "ack_timeout_seconds",
+    "c_name",
+    "parse",
+    "psn_add",
+    "psn_diff",
+    "rnr_timer_seconds",
+    "wc_status_str",
+]

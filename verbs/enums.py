@@ -247,7 +247,7 @@ def c_name(member) -> str:
 
 
 #: libibverbs' ``ibv_wc_status_str()`` strings (rdma-core libibverbs/enum_strs.c)
-_WC_STATUS_STR = {
+_WC_STATUS_STR: dict[int, str] = {
     WcStatus.SUCCESS: "success", WcStatus.LOC_LEN_ERR: "local length error",
     WcStatus.LOC_QP_OP_ERR: "local QP operation error", WcStatus.LOC_EEC_OP_ERR: "local EE context operation error",
     WcStatus.LOC_PROT_ERR: "local protection error", WcStatus.WR_FLUSH_ERR: "Work Request Flushed Error",

@@ -25,9 +25,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from ..errors import RemoteAccessError
 from verbs import MSN_MASK, PSN_HALF, PSN_MASK, Access, AethType, NakCode, WcOpcode, WcStatus, psn_add, psn_diff
 
+from ..errors import RemoteAccessError
 from ..headers import Aeth, AtomicAckEth, CREDITS_INVALID
 from ..opcodes import Kind, Opcode, OpInfo, Position
 from ..packet import RocePacket, make_aeth, make_bth, make_packet

@@ -2,10 +2,22 @@
 (``psn_compare``: ``(s32)((a - b) << 8)``), the RNR NAK timer table and the
 ACK timeout (IBTA 9.7.5.2.8 table 45, 11.2.4.2), AETH NAK codes."""
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from verbs import (PSN_MASK, QPN_MASK, RNR_RETRY_INFINITE, AethType, NakCode, UnknownValueError, VerbsError,
-                   ack_timeout_seconds, psn_add, psn_diff, rnr_timer_seconds)
+from verbs import (
+    PSN_MASK,
+    QPN_MASK,
+    RNR_RETRY_INFINITE,
+    AethType,
+    NakCode,
+    UnknownValueError,
+    VerbsNumberError,
+    ack_timeout_seconds,
+    psn_add,
+    psn_diff,
+    rnr_timer_seconds,
+)
 
 psn = st.integers(0, PSN_MASK)
 
@@ -60,4 +72,4 @@ def test_nak_codes():
     assert NakCode.parse(2) is NakCode.REM_ACCESS
     with pytest.raises(UnknownValueError) as e:
         NakCode.parse(5)
-    assert isinstance(e.value, VerbsError) and isinstance(e.value, ValueError) and e.value.status == 22
+    assert isinstance(e.value, VerbsNumberError) and isinstance(e.value, ValueError) and e.value.status == 22
