@@ -61,7 +61,7 @@ class Config:
     ib_devname: str | None = None
     ib_port: int = 1
     size: int = 4096
-    mtu: int = 3  # IBV_MTU_1024
+    mtu: int = int(Mtu.MTU_1024)
     rx_depth: int = 500
     iters: int = 1000
     sl: int = 0
