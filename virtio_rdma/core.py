@@ -37,24 +37,19 @@ from virtio.errors import GuestMemoryError
 from virtio.memory import le32_words
 from virtio_rdma import datapath
 from virtio_rdma.datapath import DbrecScanner
-from virtio_rdma.constants import (
-    OBJ_NUM_MASK,
+from verbs import (
     PSN_MASK,
     Access,
     AsyncEvent,
     AtomicCap,
-    Cmd,
-    CreateQpFlags,
-    DoorbellKind,
-    EventKind,
     LinkLayer,
     Mtu,
     PortState,
     QpAttrMask as M,
     QpState,
     QpType,
-    Status,
 )
+from virtio_rdma.constants import OBJ_NUM_MASK, Cmd, CreateQpFlags, DoorbellKind, EventKind, Status
 from virtio_rdma.cq import CompletionQueue, PushResult
 from virtio_rdma.errors import CommandError, UnknownValueError, VirtioRdmaError
 from fabric.base import Fabric
@@ -215,7 +210,7 @@ class RdmaDeviceCore:
             try:
                 fields = self._handlers[cmd](body, now) or {}
                 return encode_response(cmd, Status.OK, **fields)
-            except VirtioRdmaError as e:
+            except (VirtioRdmaError, UnknownValueError) as e:
                 self.metrics.command_errors += 1
                 log.debug("control %s: %s", cmd.name, e)
                 return encode_response(cmd, Status.parse(e.status))
@@ -577,7 +572,7 @@ class RdmaDeviceCore:
             if not isinstance(records, list):
                 try:
                     records = decode_doorbells(records)
-                except VirtioRdmaError as e:
+                except (VirtioRdmaError, UnknownValueError) as e:
                     self.metrics.malformed_doorbell_buffers += 1
                     log.debug("doorbell buffer dropped: %s", e)
                     return

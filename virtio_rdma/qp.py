@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from virtio_rdma.constants import Access, QpState, WrOpcode
+from verbs import PSN_MASK, Access, QpState, WrOpcode
 from virtio_rdma.wire import SendWqe, WqLayout, qp_attr_defaults
 
 
@@ -33,7 +33,7 @@ class Inflight:
 
     @property
     def last_psn(self) -> int:
-        return (self.psn + self.npkts - 1) & 0xFFFFFF
+        return (self.psn + self.npkts - 1) & PSN_MASK
 
     @property
     def is_read_or_atomic(self) -> bool:
