@@ -14,7 +14,7 @@ import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-PACKAGES = ["vrdma", "virtio", "vhost_user", "virtio_rdma", "fabric", "guest_lib", "accel_core", "roce"]
+PACKAGES = ["verbs", "vrdma", "virtio", "vhost_user", "virtio_rdma", "fabric", "guest_lib", "accel_core", "roce"]
 ROOT = Path(__file__).parent
 
 cflags = ["-O3", "-fno-strict-aliasing", "-Wno-unused-function"]

@@ -85,7 +85,8 @@ def bench_idsolve(min_time):
 
 
 def bench_rc(min_time, size=1 << 20, mtu=4096):
-    from roce.rc import MemoryTable, QpState, RcQp, SendWR, WrOpcode
+    from roce.rc import MemoryTable, RcQp, SendWR
+    from verbs import QpState, WrOpcode
     data = bytes(size)
 
     def transport():

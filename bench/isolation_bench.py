@@ -59,7 +59,7 @@ class Victim:
     def __init__(self, path: str):
         from guest_lib import SGE, SendWR
         from guest_lib.endpoint import RcEndpoint, connect_pair
-        from virtio_rdma.constants import SendFlags, WrOpcode
+        from verbs import SendFlags, WrOpcode
 
         self.a = RcEndpoint(path, 8192, mem_size=8 << 20)
         self.b = RcEndpoint(path, 8192, mem_size=8 << 20)
@@ -69,7 +69,7 @@ class Victim:
                          remote_addr=b.mr.buf, rkey=b.mr.rkey, send_flags=SendFlags.SIGNALED)
 
     def run(self, iters: int, warmup: int = 200) -> list[int]:
-        from virtio_rdma.constants import WcStatus
+        from verbs import WcStatus
 
         qp, cq, wr = self.a.qp, self.a.cq, self.wr
         out = []
@@ -142,7 +142,7 @@ def _greedy(path: str, rss_pid: int, cpu: int | None, nice: int, stop, ready, ou
     _place(cpu, nice)
     from guest_lib import SGE, SendWR
     from guest_lib.endpoint import RcEndpoint, connect_pair
-    from virtio_rdma.constants import SendFlags, WrOpcode
+    from verbs import SendFlags, WrOpcode
 
     before = _rss(rss_pid)
     h = Hog(path, mem_size=16 << 20)

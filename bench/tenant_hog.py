@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from guest_lib import Context
 from guest_lib.errors import RDMAError
 from virtio_rdma import wire
-from virtio_rdma.constants import Access, Cmd, QpType
+from verbs import Access, QpType
+from virtio_rdma.constants import Cmd
 
 PAGE = 4096
 

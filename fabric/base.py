@@ -22,7 +22,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from virtio_rdma.constants import PSN_MASK, WrOpcode
+from verbs import PSN_MASK, NakCode, WrOpcode
 from virtio_rdma.errors import FabricError
 
 
@@ -31,17 +31,6 @@ class RespKind(enum.IntEnum):
     NAK = 1
     READ_RESP = 2
     ATOMIC_ACK = 3
-
-
-class NakCode(enum.IntEnum):
-    """AETH NAK codes (IBTA 9.7.5.2.8), plus RNR."""
-
-    PSN_SEQ_ERR = 0
-    INV_REQ = 1
-    REM_ACCESS = 2
-    REM_OP = 3
-    INV_RD_REQ = 4
-    RNR = 0x20
 
 
 @dataclass(slots=True)
@@ -87,12 +76,6 @@ class Endpoint(Protocol):
     def on_request(self, req: Request, now: float) -> Response | None: ...
 
     def on_response(self, resp: Response, now: float) -> None: ...
-
-
-def psn_diff(a: int, b: int) -> int:
-    """Signed distance a - b in 24-bit PSN space (-2^23 .. 2^23-1)."""
-    d = (a - b) & PSN_MASK
-    return d - (1 << 24) if d & (1 << 23) else d
 
 
 class WireQp(Protocol):

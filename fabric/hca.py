@@ -49,8 +49,8 @@ from dataclasses import asdict, dataclass
 
 from virtio.alias import PAGE, AliasWindow
 from virtio.errors import GuestMemoryError
-from virtio_rdma.constants import Access, Mtu, QpState, SendFlags, Status, WcFlags, \
-    WcOpcode, WcStatus, WrOpcode
+from verbs import Access, Mtu, QpState, SendFlags, WcFlags, WcOpcode, WcStatus, WrOpcode
+from virtio_rdma.constants import Status
 from virtio_rdma.errors import CommandError, FabricError
 from fabric.local import LocalFabric
 from fabric.uverbs import KernelMr
@@ -64,6 +64,8 @@ _RDMA = frozenset({WrOpcode.RDMA_WRITE, WrOpcode.RDMA_WRITE_WITH_IMM, WrOpcode.R
 _IMM = frozenset({WrOpcode.SEND_WITH_IMM, WrOpcode.RDMA_WRITE_WITH_IMM})
 _EVENT_FD_LINK = "anon_inode:[infinibandevent]"
 _STATUS_OF_ERRNO = {int(s) for s in Status}
+_WC_WITH_IMM = int(WcFlags.WITH_IMM)  # plain ints: compared per completion
+_WC_RECV_RDMA_WITH_IMM = int(WcOpcode.RECV_RDMA_WITH_IMM)
 
 
 def rdma_devices() -> list[str]:
@@ -819,9 +821,9 @@ class VerbsQp:
         status = _wc_status(wc.status)
         flags, imm, opcode = 0, 0, WcOpcode.RECV
         if status is WcStatus.SUCCESS:
-            if wc.opcode == WcOpcode.RECV_RDMA_WITH_IMM:
+            if wc.opcode == _WC_RECV_RDMA_WITH_IMM:
                 opcode = WcOpcode.RECV_RDMA_WITH_IMM
-            if wc.wc_flags & WcFlags.WITH_IMM:
+            if wc.wc_flags & _WC_WITH_IMM:
                 flags, imm = int(WcFlags.WITH_IMM), wc.imm_data  # __be32, as the guest expects
         # the device does not say whether a SEND was solicited: a solicited-only
         # arm fires on every receive (a spurious wake-up, never a lost one)

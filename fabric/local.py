@@ -11,7 +11,7 @@ from __future__ import annotations
 import secrets
 
 from fabric.base import MAX_QPNS, Endpoint, Fabric, Request, Response
-from virtio_rdma.constants import OBJ_NUM_MASK
+from verbs import QPN_MASK
 from virtio_rdma.errors import FabricError
 
 
@@ -41,7 +41,7 @@ class LocalFabric(Fabric):
         if len(self._allocated) >= MAX_QPNS:
             raise FabricError(f"QPN space exhausted ({len(self._allocated)} allocated)")
         while True:  # the table is at most half full: two draws on average at worst
-            qpn = 2 + secrets.randbelow(OBJ_NUM_MASK - 2)  # 2 .. 0xFFFFFE (0xFFFFFF: multicast)
+            qpn = 2 + secrets.randbelow(QPN_MASK - 2)  # 2 .. 0xFFFFFE (0xFFFFFF: multicast)
             if qpn not in self._allocated:
                 self._allocated.add(qpn)
                 return qpn

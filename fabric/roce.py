@@ -36,6 +36,7 @@ from typing import Callable
 from roce.icrc import ROCE_UDP_PORT
 from roce.packet import PacketRun, RocePacket, expand
 from roce.sport import PortCheck, allowed_source_ports, port_check
+from verbs import QPN_MASK
 from virtio_rdma.errors import FabricError
 from fabric.local import LocalFabric
 from fabric.roce_qp import NetworkQp
@@ -129,7 +130,7 @@ class RoceFabric(LocalFabric):
             return None  # nothing to reach: the message path drops, the retry timer reports it
         n = NetworkQp(self, dev, qp, peer)
         n.sports = allowed_source_ports(self.port_check_of(peer), self.port,
-                                        qp.attr.dest_qp_num & 0xFFFFFF, qp.qpn)
+                                        qp.attr.dest_qp_num & QPN_MASK, qp.qpn)
         self.wire[qp.qpn] = n
         self.metrics.wire_qps += 1
         return n

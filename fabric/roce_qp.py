@@ -34,8 +34,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 
-from virtio_rdma.constants import Access, AsyncEvent, QpState, SendFlags, WcFlags, WcOpcode, \
-    WcStatus, WrOpcode
+from verbs import Access, AsyncEvent, QpState, SendFlags, WcFlags, WcOpcode, WcStatus, WrOpcode
 from virtio_rdma.errors import MemoryAccessError
 from virtio_rdma.rings import ATOMICS, LOCAL_WRITE_OPS, WqeError, drive_rq, drive_sq, fail_send, \
     local_views, path_mtu_bytes, qp_error, recv_done, send_done
@@ -151,7 +150,7 @@ class NetworkQp:
         self.posted: deque[tuple[int, int, bool]] = deque()  # (ring index, opcode, signaled)
         self.rq_posted = qp.rq_ci  # RQ ring index up to which receives went to the engine
         self.closed = False
-        self.rc.modify(RcState.INIT, access=rv.Access(int(qp.access & _RIGHTS)))
+        self.rc.modify(RcState.INIT, access=Access(int(qp.access & _RIGHTS)))
 
     # ------------------------------------------------------------------ state
     def modified(self, prev: QpState, target: QpState, now: float) -> None:
@@ -161,7 +160,7 @@ class NetworkQp:
         rc_target = _STATE.get(target)
         if rc_target is None:  # SQE: the engine has no such state; it keeps running
             return
-        attrs = {"access": rv.Access(int(qp.access & _RIGHTS))}
+        attrs = {"access": Access(int(qp.access & _RIGHTS))}
         if target is QpState.RTR and prev is QpState.INIT:
             self._post_recvs()
             attrs.update(dest_qp_num=a.dest_qp_num, path_mtu=path_mtu_bytes(qp),

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import errno
-import struct
 import types
 from time import monotonic
 
@@ -39,11 +38,10 @@ from virtio_rdma.constants import CONTROLQ, DOORBELLQ, EVENTQ, Cmd, EventKind, F
 
 REQ_BUF = 64 << 10
 RESP_BUF = 4096
-EVENT_BUF = 64  # 8 records
+EVENT_BUF = 8 * wire.EVENT_SIZE  # 8 records
 N_EVENT_BUFS = 64
 DOORBELL_BUF = 8 * 64  # 64 records
 N_DOORBELL_BUFS = 128
-_EVENT = struct.Struct("<BBHI")
 #: seconds between looks at the socket from calls that never sleep
 LIVENESS_INTERVAL = 0.02
 
@@ -290,7 +288,7 @@ class Context(VerbsObject):
         while item is not None:
             gpa, written = item
             buf = self._translate(gpa, written)
-            for kind, _r, type_, number in _EVENT.iter_unpack(buf[: written - written % 8]):
+            for kind, _r, type_, number in wire.iter_event_records(buf[:written]):
                 if kind == EventKind.COMPLETION:
                     self.cq_events[number] += 1
                 else:

@@ -23,7 +23,8 @@ from guest_lib.context import Context
 from guest_lib.errors import UserError
 from virtio.memory import le32_words
 from virtio_rdma import wire
-from virtio_rdma.constants import Cmd, CqArm, WcStatus
+from verbs import WcStatus
+from virtio_rdma.constants import Cmd, CqArm
 
 _CQE = struct.Struct("<QBBBBIIIII")
 _OWNER = wire.CQE_OWNER_OFFSET

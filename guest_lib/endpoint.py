@@ -20,7 +20,7 @@ from guest_lib.errors import UserError
 from guest_lib.mr import MR
 from guest_lib.pd import PD
 from guest_lib.qp import QP, AHAttr, QPAttr, QPCap, QPInitAttr
-from virtio_rdma.constants import Access, WcStatus
+from verbs import Access, WcStatus
 
 ALL_ACCESS = Access.LOCAL_WRITE | Access.REMOTE_WRITE | Access.REMOTE_READ | Access.REMOTE_ATOMIC
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 from guest_lib.base import VerbsObject
 from guest_lib.errors import UserError
 from guest_lib.pd import PD
-from virtio_rdma.constants import Access, Cmd
+from verbs import Access
+from virtio_rdma.constants import Cmd
 
 PAGE = 4096
 

@@ -19,7 +19,8 @@ from guest_lib.errors import RDMAError, UserError
 from guest_lib.pd import PD
 from virtio.memory import le32_words
 from virtio_rdma import wire
-from virtio_rdma.constants import Cmd, CreateQpFlags, DoorbellKind, QpAttrMask as M, QpState, QpType, SendFlags, WcOpcode
+from verbs import Mtu, QpAttrMask as M, QpState, QpType, SendFlags, WcOpcode
+from virtio_rdma.constants import Cmd, CreateQpFlags, DoorbellKind
 
 _U32 = 0xFFFFFFFF
 _INLINE, _SIGNALED = int(SendFlags.INLINE), int(SendFlags.SIGNALED)  # ints: enum flag arithmetic is slow
@@ -57,7 +58,7 @@ class AHAttr:
 class QPAttr:
     qp_state: int = QpState.RESET
     cur_qp_state: int = 0
-    path_mtu: int = 5  # IBV_MTU_4096
+    path_mtu: int = int(Mtu.MTU_4096)
     qp_access_flags: int = 0
     pkey_index: int = 0
     port_num: int = 1

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from virtio_rdma.constants import SendFlags, WrOpcode
+from verbs import SendFlags, WrOpcode
 
 
 @dataclass

@@ -24,6 +24,7 @@ from libc.string cimport memcpy, memset
 from roce._codec cimport (Envelope, PARSE_ICRC, PARSE_MALFORMED, PARSE_OK, Parsed, build_packet,
                           encode_header, opdesc, parse_verify)
 from roce._icrc cimport crc32_raw, icrc_seed
+from verbs._verbs cimport PSN_MASK
 from roce._auth cimport CTR_LEN, PSEUDO_LEN, TAG_LEN, TRAILER_LEN, MacKey, RxAuth, TxAuth, Window
 
 cdef extern from "<openssl/crypto.h>" nogil:
@@ -454,7 +455,7 @@ cdef class TxRing:
             hdr[2] = <uint8_t>(pkey >> 8)
             hdr[3] = <uint8_t>pkey
             _put32(hdr + 4, dest_qp)
-            _put32(hdr + 8, (0x80000000u if ackreq else 0) | ((psn0 + <uint32_t>j) & 0xFFFFFF))
+            _put32(hdr + 8, (0x80000000u if ackreq else 0) | ((psn0 + <uint32_t>j) & PSN_MASK))
             hlen = 12
             if k == 0 and has_reth:
                 _put32(hdr + 12, <uint32_t>(va >> 32))

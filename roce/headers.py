@@ -16,11 +16,12 @@ Pure codecs: no I/O.
 """
 from __future__ import annotations
 
-import enum
 import struct
 from dataclasses import dataclass
 
 import construct as c
+
+from verbs import AethType, NakCode
 
 from .errors import FieldRange, TruncatedPacket
 
@@ -246,40 +247,8 @@ class Deth(_Simple):
 
 
 # ------------------------------------------------------------------ AETH
-class AethType(enum.IntEnum):
-    """Bits 6..5 of the AETH syndrome (IBTA 9.7.5.2.8, table 43)."""
-
-    ACK = 0
-    RNR_NAK = 1
-    RESERVED = 2
-    NAK = 3
-
-
-class NakCode(enum.IntEnum):
-    """NAK codes in the low 5 syndrome bits when the type is NAK."""
-
-    PSN_SEQ_ERROR = 0
-    INVALID_REQUEST = 1
-    REMOTE_ACCESS = 2
-    REMOTE_OP = 3
-    INVALID_RD_REQUEST = 4
-
-
 #: credit count value meaning "no end-to-end flow control credits" (9.7.7.2)
 CREDITS_INVALID = 0x1F
-
-#: IBTA 9.7.5.2.8 table 45: minimum RNR NAK timer field -> microseconds
-RNR_TIMER_USEC = (
-    655360, 10, 20, 30, 40, 60, 80, 120, 160, 240, 320, 480, 640, 960, 1280, 1920,
-    2560, 3840, 5120, 7680, 10240, 15360, 20480, 30720, 40960, 61440, 81920, 122880,
-    163840, 245760, 327680, 491520,
-)
-
-
-def rnr_timer_seconds(code: int) -> float:
-    if not 0 <= code < 32:
-        raise FieldRange("rnr_timer", code, 5)
-    return RNR_TIMER_USEC[code] * 1e-6
 
 
 @dataclass(frozen=True, slots=True)

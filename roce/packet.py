@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from verbs import PSN_MASK
+
 from .errors import (
     BadPadCount,
     BadTransportVersion,
@@ -193,7 +195,7 @@ class PacketRun:
                 noack = 0
             off = i * mtu
             pkt = RocePacket(Bth(opcode=opcode, dest_qp=self.dest_qp,
-                                 psn=(self.psn + j) & 0xFFFFFF, se=last and self.se,
+                                 psn=(self.psn + j) & PSN_MASK, se=last and self.se,
                                  pkey=self.pkey, ackreq=ackreq),
                              payload=self.sgl.gather(off, min(mtu, length - off)))
             if i == 0 and self.reth is not None:

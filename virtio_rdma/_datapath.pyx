@@ -29,8 +29,16 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memmove
 
 from virtio._memory cimport RegionTable
+from verbs._verbs cimport (
+    IBV_ACCESS_LOCAL_WRITE, IBV_ACCESS_REMOTE_ATOMIC, IBV_ACCESS_REMOTE_READ, IBV_ACCESS_REMOTE_WRITE,
+    IBV_SEND_FENCE, IBV_SEND_INLINE, IBV_SEND_IP_CSUM, IBV_SEND_SIGNALED, IBV_SEND_SOLICITED,
+    IBV_WC_RDMA_READ, IBV_WC_RDMA_WRITE, IBV_WC_RECV, IBV_WC_RECV_RDMA_WITH_IMM, IBV_WC_SEND,
+    IBV_WC_WITH_IMM, IBV_WR_RDMA_READ, IBV_WR_RDMA_WRITE, IBV_WR_RDMA_WRITE_WITH_IMM, IBV_WR_SEND,
+    IBV_WR_SEND_WITH_IMM, IBV_MTU_256, IBV_MTU_4096, PSN_MASK, ibv_mtu_bytes,
+)
 
-from virtio_rdma.constants import EventKind, QpState
+from verbs import QpState
+from virtio_rdma.constants import EventKind
 from virtio_rdma.cq import Arm, CqState
 from fabric.local import LocalFabric
 from virtio_rdma.qp import QueuePair
@@ -86,33 +94,30 @@ cdef extern from *:
 cdef enum:
     MAX_SEGS = 64          # per side of one WQE; more -> Python path
     MR_CACHE = 8
-    REMOTE_RIGHTS = 2 | 4 | 8   # Access.REMOTE_WRITE | REMOTE_READ | REMOTE_ATOMIC
+    REMOTE_RIGHTS = IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_READ | IBV_ACCESS_REMOTE_ATOMIC
     SEND_HDR = 64
     RECV_HDR = 16
     SGE_SZ = 16
     CQE_SZ = 32
-    # opcodes (WrOpcode / WcOpcode)
-    OP_WRITE = 0
-    OP_WRITE_IMM = 1
-    OP_SEND = 2
-    OP_SEND_IMM = 3
-    OP_READ = 4
-    WC_SEND = 0
-    WC_RDMA_WRITE = 1
-    WC_RDMA_READ = 2
-    WC_RECV = 128
-    WC_RECV_RDMA_WITH_IMM = 129
-    WC_WITH_IMM = 2
-    # send flags
-    F_SIGNALED = 2
-    F_SOLICITED = 4
-    F_INLINE = 8
-    F_KNOWN = 0x1F
-    # access
-    A_LOCAL_WRITE = 1
-    A_REMOTE_WRITE = 2
-    A_REMOTE_READ = 4
-    PSN_MASK = 0xFFFFFF
+    # short names for the verbs numbers this file uses (values: verbs/_verbs.pxd)
+    OP_WRITE = IBV_WR_RDMA_WRITE
+    OP_WRITE_IMM = IBV_WR_RDMA_WRITE_WITH_IMM
+    OP_SEND = IBV_WR_SEND
+    OP_SEND_IMM = IBV_WR_SEND_WITH_IMM
+    OP_READ = IBV_WR_RDMA_READ
+    WC_SEND = IBV_WC_SEND
+    WC_RDMA_WRITE = IBV_WC_RDMA_WRITE
+    WC_RDMA_READ = IBV_WC_RDMA_READ
+    WC_RECV = IBV_WC_RECV
+    WC_RECV_RDMA_WITH_IMM = IBV_WC_RECV_RDMA_WITH_IMM
+    WC_WITH_IMM = IBV_WC_WITH_IMM
+    F_SIGNALED = IBV_SEND_SIGNALED
+    F_SOLICITED = IBV_SEND_SOLICITED
+    F_INLINE = IBV_SEND_INLINE
+    F_KNOWN = IBV_SEND_FENCE | IBV_SEND_SIGNALED | IBV_SEND_SOLICITED | IBV_SEND_INLINE | IBV_SEND_IP_CSUM
+    A_LOCAL_WRITE = IBV_ACCESS_LOCAL_WRITE
+    A_REMOTE_WRITE = IBV_ACCESS_REMOTE_WRITE
+    A_REMOTE_READ = IBV_ACCESS_REMOTE_READ
 
 
 cdef object _RTS = QpState.RTS
@@ -409,7 +414,7 @@ def run_sq(dev, qp, double now):
     cdef uint32_t sq_psn = qp.sq_psn
     cdef uint64_t mtu
     path_mtu = attr.path_mtu
-    mtu = (128 << path_mtu) if 1 <= path_mtu <= 5 else 1024
+    mtu = ibv_mtu_bytes(path_mtu) if IBV_MTU_256 <= path_mtu <= IBV_MTU_4096 else 1024
     # responder geometry
     play = peer.layout
     cdef uint64_t rq_gpa = peer.rq_gpa

@@ -21,25 +21,22 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from vhost_user.tenancy import LimitExceeded, Resource
-from virtio.errors import GuestMemoryError
-from virtio_rdma import datapath, rings
-from virtio_rdma.constants import (
-    OBJ_NUM_MASK,
+from verbs import (
     PSN_MASK,
     Access,
     AsyncEvent,
     AtomicCap,
-    Cmd,
-    CreateQpFlags,
     LinkLayer,
     Mtu,
     PortState,
     QpAttrMask as M,
     QpState,
     QpType,
-    Status,
 )
+from vhost_user.tenancy import LimitExceeded, Resource
+from virtio.errors import GuestMemoryError
+from virtio_rdma import datapath, rings
+from virtio_rdma.constants import OBJ_NUM_MASK, Cmd, CreateQpFlags, Status
 from virtio_rdma.cq import CompletionQueue
 from virtio_rdma.errors import CommandError, UnknownValueError, VirtioRdmaError
 from virtio_rdma.events import async_event
@@ -101,7 +98,7 @@ def handle_control(core: RdmaDeviceCore, request, now: float) -> bytes:
         try:
             resp = HANDLERS[cmd](core, req, now)
             return encode_response(cmd, Status.OK, resp)
-        except VirtioRdmaError as e:
+        except (VirtioRdmaError, UnknownValueError) as e:
             core.metrics.command_errors += 1
             log.debug("control %s: %s", cmd.name, e)
             return encode_response(cmd, Status.parse(e.status))

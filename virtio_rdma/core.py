@@ -41,9 +41,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fabric.base import Fabric
+from verbs import Mtu
 from vhost_user.tenancy import TenantAccount, TenantPolicy
 from virtio_rdma import control, doorbells, events, timers
-from virtio_rdma.constants import Mtu
 from virtio_rdma.cq import CompletionQueue
 from virtio_rdma.datapath import DbrecScanner
 from virtio_rdma.metrics import Metrics

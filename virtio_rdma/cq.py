@@ -12,7 +12,8 @@ import enum
 
 from virtio.errors import GuestMemoryError
 from virtio.memory import le32_words
-from virtio_rdma.constants import CqArm, WcStatus
+from verbs import WcStatus
+from virtio_rdma.constants import CqArm
 from virtio_rdma.wire import CQE_SIZE, Completion, pack_cqe_into
 
 U32 = 1 << 32

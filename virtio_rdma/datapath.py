@@ -26,11 +26,12 @@ from __future__ import annotations
 import struct
 import sys
 
-from virtio_rdma.constants import (
+from verbs import (
     PSN_MASK,
     RNR_RETRY_INFINITE,
     Access,
     AsyncEvent,
+    NakCode,
     QpState,
     SendFlags,
     WcFlags,
@@ -38,10 +39,11 @@ from virtio_rdma.constants import (
     WcStatus,
     WrOpcode,
     ack_timeout_seconds,
+    psn_diff,
     rnr_timer_seconds,
 )
 from virtio_rdma.errors import MemoryAccessError
-from fabric.base import NakCode, Request, RespKind, Response, psn_diff
+from fabric.base import Request, RespKind, Response
 from virtio_rdma.mr import sg_copy
 from virtio_rdma.qp import Inflight, QueuePair
 from virtio_rdma.rings import ATOMICS, WqeError, complete_send, drive_sq, fail_send, fetch_recv, \

@@ -17,25 +17,22 @@ from __future__ import annotations
 
 import collections
 import logging
-import struct
 from time import monotonic
 
 from fabric.base import Fabric
 from vhost_user.device import VhostUserDevice
 from vhost_user.tenancy import ConnectionInfo, TenantAccount, TenantLedger, TenantPolicy
-from virtio_rdma.constants import Feature
+from virtio_rdma.constants import CONTROLQ, DOORBELLQ, EVENTQ, VIRTIO_ID_RDMA, Feature
 from virtio_rdma.core import DeviceLimits, RdmaDeviceCore
+from virtio_rdma.wire import EVENT_SIZE, encode_events
 
 log = logging.getLogger(__name__)
 
-VIRTIO_ID_RDMA = 42
-CONTROLQ, DOORBELLQ, EVENTQ = 0, 1, 2
 #: buffers served per pass over the controlq / doorbellq: a guest that queues
 #: hundreds at once is served in slices, other guests' work in between
 #: (the back-end re-kicks the ring from the event loop, see ``budgeted``)
 CONTROL_BUDGET = 2
 DOORBELL_BUDGET = 64
-_EVENT = struct.Struct("<BBHI")
 
 
 class RdmaDevice(VhostUserDevice):
@@ -171,14 +168,14 @@ class RdmaDevice(VhostUserDevice):
             chain = q.pop(mem)
             if chain is None:
                 break
-            room = chain.writable_len // _EVENT.size
+            room = chain.writable_len // EVENT_SIZE
             if room == 0:
                 self.bad_event_buffers += 1
                 q.push(mem, chain, 0)
                 pushed = True
                 continue
             batch = [self._events.popleft() for _ in range(min(room, len(self._events)))]
-            data = b"".join(_EVENT.pack(int(e.kind), 0, int(e.type), e.number) for e in batch)
+            data = encode_events(batch)
             chain.write(data)
             q.push(mem, chain, len(data))
             pushed = True

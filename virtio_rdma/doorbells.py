@@ -19,11 +19,12 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from verbs import AsyncEvent, QpState
 from virtio.errors import GuestMemoryError
 from virtio.memory import le32_words
 from virtio_rdma import datapath, rings
-from virtio_rdma.constants import AsyncEvent, DoorbellKind, QpState
-from virtio_rdma.errors import VirtioRdmaError
+from virtio_rdma.constants import DoorbellKind
+from virtio_rdma.errors import UnknownValueError, VirtioRdmaError
 from virtio_rdma.events import flush_notify
 from virtio_rdma.wire import DBREC_SIZE, Doorbell, decode_doorbells
 
@@ -47,7 +48,7 @@ def doorbell(core: RdmaDeviceCore, records, now: float) -> None:
         if not isinstance(records, list):
             try:
                 records = decode_doorbells(records)
-            except VirtioRdmaError as e:
+            except (VirtioRdmaError, UnknownValueError) as e:
                 core.metrics.malformed_doorbell_buffers += 1
                 log.debug("doorbell buffer dropped: %s", e)
                 return

@@ -5,8 +5,16 @@ Errors that a guest can cause carry a :class:`~virtio_rdma.constants.Status`
 (a Linux errno number, see docs/virtio-rdma.md "Status codes"), so the core
 can turn them into a control-queue status and guest_lib can raise them again
 with the same errno.
+
+A number that is not a member of an enumeration (a verbs number or one of
+the device ABI) raises :class:`verbs.UnknownValueError`, re-exported here as
+:class:`UnknownValueError` (the same class; a ``ValueError`` with ``status``
+EINVAL, but not a :class:`VirtioRdmaError`: code that turns malformed guest
+input into a status catches both).
 """
 from __future__ import annotations
+
+from verbs.errors import UnknownValueError
 
 
 class VirtioRdmaError(Exception):
@@ -24,10 +32,6 @@ class VirtioRdmaError(Exception):
             self.status = int(status)
 
 
-class UnknownValueError(VirtioRdmaError, ValueError):
-    """A number that is not a member of one of the spec's enumerations."""
-
-
 class WireError(VirtioRdmaError, ValueError):
     """A wire structure that is syntactically invalid (length, reserved bits, counts)."""
 
@@ -42,3 +46,6 @@ class MemoryAccessError(VirtioRdmaError):
 
 class FabricError(VirtioRdmaError):
     """Fabric misuse: duplicate endpoint, QPN space exhausted, unknown endpoint."""
+
+__all__ = ["VirtioRdmaError", "UnknownValueError", "WireError", "CommandError", "MemoryAccessError",
+           "FabricError"]

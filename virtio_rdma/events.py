@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from verbs import AsyncEvent
 from virtio_rdma import rings
-from virtio_rdma.constants import AsyncEvent, EventKind
+from virtio_rdma.constants import EventKind
 from virtio_rdma.cq import CompletionQueue, PushResult
 from virtio_rdma.wire import Completion, Event
 

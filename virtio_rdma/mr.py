@@ -29,8 +29,9 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+from verbs import Access
 from virtio.errors import GuestMemoryError
-from virtio_rdma.constants import Access, Status
+from virtio_rdma.constants import Status
 from virtio_rdma.errors import CommandError, MemoryAccessError
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from virtio_rdma.constants import Access, QpState, WrOpcode
+from verbs import PSN_MASK, Access, QpState, WrOpcode
 from virtio_rdma.wire import SendWqe, WqLayout, qp_attr_defaults
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ class Inflight:
 
     @property
     def last_psn(self) -> int:
-        return (self.psn + self.npkts - 1) & 0xFFFFFF
+        return (self.psn + self.npkts - 1) & PSN_MASK
 
     @property
     def is_read_or_atomic(self) -> bool:

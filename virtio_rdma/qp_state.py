@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from virtio_rdma.constants import QpAttrMask as M, QpState as S, Status
+from verbs import QpAttrMask as M
+from verbs import QpState as S
+from virtio_rdma.constants import Status
 from virtio_rdma.errors import VirtioRdmaError
 
 

@@ -30,8 +30,7 @@ import struct
 from typing import Protocol
 
 from virtio.errors import GuestMemoryError
-from virtio_rdma.constants import Access, AsyncEvent, Mtu, QpState, SendFlags, WcOpcode, WcStatus, \
-    WrOpcode
+from verbs import Access, AsyncEvent, Mtu, QpState, SendFlags, UnknownValueError, WcOpcode, WcStatus, WrOpcode
 from virtio_rdma.errors import MemoryAccessError, VirtioRdmaError
 from virtio_rdma.wire import Completion, RecvWqe, SendWqe, decode_recv_wqe, decode_send_wqe
 
@@ -179,7 +178,7 @@ def drive_sq(dev, qp, engine: SendEngine, now: float) -> None:
             _count(dev, e.metric)
             engine.fail_send(idx, _WRID.unpack_from(slot)[0], slot[8], e.wc_status)
             return
-        except (VirtioRdmaError, *engine.refusals):  # malformed WQE / refused by the engine
+        except (VirtioRdmaError, UnknownValueError, *engine.refusals):  # malformed WQE / refused
             metrics.bad_wqes += 1
             engine.fail_send(idx, _WRID.unpack_from(slot)[0], slot[8], WcStatus.LOC_QP_OP_ERR)
             return
@@ -255,7 +254,7 @@ def fetch_recv(dev, qp, idx: int) -> RecvWqe:
     except GuestMemoryError as e:
         raise WqeError(f"QP {qp.qpn:#x} RQ slot {idx}: {e}", WcStatus.LOC_QP_OP_ERR,
                        "wqe_fetch_faults") from None
-    except VirtioRdmaError as e:
+    except (VirtioRdmaError, UnknownValueError) as e:
         raise WqeError(f"QP {qp.qpn:#x} RQ WQE {idx}: {e}", WcStatus.LOC_QP_OP_ERR, "bad_wqes") from None
 
 

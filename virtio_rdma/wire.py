@@ -32,20 +32,8 @@ from typing import Annotated, get_args, get_origin, get_type_hints
 
 import construct as cs
 
-from virtio_rdma.constants import (
-    OBJ_NUM_MASK,
-    AsyncEvent,
-    Cmd,
-    CqArm,
-    DoorbellKind,
-    EventKind,
-    SendFlags,
-    Status,
-    WcFlags,
-    WcOpcode,
-    WcStatus,
-    WrOpcode,
-)
+from verbs import AsyncEvent, SendFlags, WcFlags, WcOpcode, WcStatus, WrOpcode
+from virtio_rdma.constants import OBJ_NUM_MASK, Cmd, CqArm, DoorbellKind, EventKind, Status
 from virtio_rdma.errors import UnknownValueError, VirtioRdmaError, WireError
 
 u8, u16, u32, u64 = cs.Int8ul, cs.Int16ul, cs.Int32ul, cs.Int64ul
@@ -1021,8 +1009,12 @@ def decode_doorbells(buf) -> list[Doorbell]:
 
 
 EventRecord = cs.Struct("kind" / u8, "reserved" / cs.Const(0, u8), "type" / u16, "number" / u32)
-EVENT_SIZE = EventRecord.sizeof()  # 8
+#: The event record as ``struct`` packs it (kind, reserved, type, number): the
+#: one packed layout the device (:func:`encode_events`) and guests
+#: (:func:`iter_event_records`) use.
 _EV = struct.Struct("<BBHI")
+EVENT_SIZE = _EV.size  # 8
+assert EventRecord.sizeof() == EVENT_SIZE
 
 
 @dataclass(frozen=True, slots=True)
@@ -1035,6 +1027,18 @@ class Event:
 
     def encode(self) -> bytes:
         return _EV.pack(self.kind, 0, self.type, self.number)
+
+
+def encode_events(events) -> bytes:
+    """Event records of ``events`` (objects with ``kind``, ``type``, ``number``), back to back."""
+    pack = _EV.pack
+    return b"".join([pack(e.kind, 0, e.type, e.number) for e in events])
+
+
+def iter_event_records(buf):
+    """``(kind, reserved, type, number)`` of each whole record in ``buf``, unchecked
+    (a trailing partial record is ignored); :func:`decode_event` checks one."""
+    return _EV.iter_unpack(buf[: len(buf) - len(buf) % EVENT_SIZE])
 
 
 def decode_event(buf) -> Event:

@@ -25,7 +25,7 @@ import numpy as np
 
 from guest_lib import SGE, QPCap, RecvWR, SendWR
 from guest_lib.endpoint import RcEndpoint
-from virtio_rdma.constants import SendFlags, WcOpcode, WrOpcode
+from verbs import SendFlags, WcOpcode, WrOpcode
 
 LAT_HEADER = ("#bytes #iterations t_min[usec] t_max[usec] t_typical[usec] t_avg[usec] t_stdev[usec] "
               "99% percentile[usec] 99.9% percentile[usec]")

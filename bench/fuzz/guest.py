@@ -16,17 +16,8 @@ from dataclasses import dataclass
 
 from virtio.memory import GuestMemory, MemoryRegion
 from virtio_rdma import wire
-from virtio_rdma.constants import (
-    Access,
-    Cmd,
-    DoorbellKind,
-    QpAttrMask as M,
-    QpState,
-    SendFlags,
-    Status,
-    WcStatus,
-    WrOpcode,
-)
+from verbs import Access, QpAttrMask as M, QpState, SendFlags, WcStatus, WrOpcode
+from virtio_rdma.constants import Cmd, DoorbellKind, Status
 from virtio_rdma.core import RdmaDeviceCore
 
 ALL = Access.LOCAL_WRITE | Access.REMOTE_WRITE | Access.REMOTE_READ | Access.REMOTE_ATOMIC

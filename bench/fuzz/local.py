@@ -28,8 +28,9 @@ import struct
 import time
 
 from virtio_rdma import wire
-from virtio_rdma.constants import Access, Cmd, DoorbellKind, QpState
-from virtio_rdma.errors import VirtioRdmaError
+from verbs import Access, QpState
+from virtio_rdma.constants import Cmd, DoorbellKind
+from virtio_rdma.errors import UnknownValueError, VirtioRdmaError
 from fabric.local import LocalFabric
 
 from .common import Canary, Hang, Report, Watchdog, check_canaries, fd_count, maps_count
@@ -677,7 +678,7 @@ class RingsTarget(_Run):
                 for c in gg.cqs:
                     try:
                         gg.poll(c, 64)
-                    except VirtioRdmaError:   # the garbage this fuzzer wrote into the ring itself
+                    except (VirtioRdmaError, UnknownValueError):   # the garbage this fuzzer wrote into the ring itself
                         pass
 
     _REJECTS = ("bad_doorbells", "malformed_doorbell_buffers", "bad_wqes", "wqe_fetch_faults",

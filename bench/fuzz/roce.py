@@ -31,7 +31,7 @@ import time
 
 from roce.icrc import IpContext, compute_icrc
 from roce.opcodes import Ext, Opcode, opinfo
-from virtio_rdma.constants import Access
+from verbs import PSN_HALF, PSN_MASK, Access
 from fabric.roce import RoceFabric, RoceFabricService
 
 from .common import Canary, Hang, Report, Watchdog, check_canaries, fd_count, maps_count
@@ -187,7 +187,7 @@ class RoceTarget:
         qpn = self.qpn_a if rng.random() < 0.85 else (rng.choice(self.qpns) if rng.random() < 0.7
                                                         else rng.getrandbits(24))
         exp = self._expected_psn()
-        psn = (exp + rng.choice((0, 0, 0, 1, -1, 2, 5, -5, 64, -64, 1 << 23))) & 0xFFFFFF \
+        psn = (exp + rng.choice((0, 0, 0, 1, -1, 2, 5, -5, 64, -64, PSN_HALF))) & PSN_MASK \
             if rng.random() < 0.9 else rng.getrandbits(24)
         plen = 0
         if has_payload:

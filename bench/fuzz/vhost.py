@@ -398,7 +398,7 @@ class VhostUserTarget:
 
     def _round_trip(self, a, b, tag: int) -> None:
         from guest_lib import SGE, RecvWR, SendWR
-        from virtio_rdma.constants import WrOpcode
+        from verbs import WrOpcode
         pat = bytes((tag + 3 * i) & 0xFF for i in range(256))
         b.qp.post_recv(RecvWR(wr_id=1, sg=[SGE(b.mr.buf, 256, b.mr.lkey)]))
         a.mr.write(pat)

@@ -39,13 +39,14 @@ from libc.string cimport memcpy
 
 from roce._codec cimport Envelope, PARSE_OK, Parsed, opdesc, parse_verify
 from roce._udpio cimport RxRing, SLOT
+from verbs._verbs cimport MSN_MASK, PSN_MASK
 
 import builtins
 
 from roce.opcodes import Kind, Opcode
-from roce.rc.qp import QpState
 from roce.rc.responder import _WriteCtx
-from roce.rc.verbs import Access, Completion, WcOpcode, WcStatus
+from roce.rc.verbs import Completion
+from verbs import Access, QpState, WcOpcode, WcStatus
 
 cdef int _WRITE_MIDDLE = Opcode.RC_RDMA_WRITE_MIDDLE
 cdef int _WRITE_LAST = Opcode.RC_RDMA_WRITE_LAST
@@ -245,10 +246,10 @@ cdef class RequestFastPath:
         if ps.opcode == _SEND_ONLY_IMM:
             imm = _be32(p + opdesc(ps.opcode).immdt)
         resp.nak_sent = False
-        resp.msn = (resp.msn + 1) & 0xFFFFFF
+        resp.msn = (resp.msn + 1) & MSN_MASK
         resp.completions.append(_COMPLETION(wr_id, _WC_SUCCESS, _WC_RECV, cfg.qp_num, plen, imm,
                                             None, cfg.dest_qp_num))
-        resp.psn = (psn + 1) & 0xFFFFFF
+        resp.psn = (psn + 1) & PSN_MASK
         if p[8] & 0x80:
             resp._ack(psn)
         rc.metrics.rx_packets += 1
@@ -315,13 +316,13 @@ cdef class RequestFastPath:
                 # commit
                 memcpy(<uint8_t *>self.view.buf + self.offset, p + ps.hdr_len, plen)
                 self.offset = end
-                self.psn = (psn + 1) & 0xFFFFFF
+                self.psn = (psn + 1) & PSN_MASK
                 self.packets += 1
                 if p[8] & 0x80:
                     self.ack_psn = psn
                 i += 1
                 if last:
-                    self.msn = (self.msn + 1) & 0xFFFFFF
+                    self.msn = (self.msn + 1) & MSN_MASK
                     self.ended = True
                     self._end()
         finally:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from verbs import Access, Mtu
+
 from ..errors import FieldRange
-from .verbs import Access
 
 #: rxe's RXE_MAX_UNACKED_PSNS: requests in flight without an ACK
 MAX_UNACKED_PSNS = 128
@@ -13,12 +14,8 @@ MAX_UNACKED_PSNS = 128
 MAX_PKT_PER_ACK = 64
 #: IBTA: an RDMA message is at most 2^31 bytes
 MAX_MSG_SIZE = 1 << 31
-PATH_MTUS = (256, 512, 1024, 2048, 4096)
-
-
-def retransmit_timeout(timeout: int) -> float | None:
-    """IBTA 9.7.6.1.3: 4.096 us * 2^timeout; 0 means no timer."""
-    return None if timeout == 0 else 4.096e-6 * (1 << timeout)
+#: path MTUs in bytes (enum ibv_mtu)
+PATH_MTUS = tuple(m.bytes for m in Mtu)
 
 
 @dataclass(slots=True)
@@ -28,10 +25,10 @@ class QpConfig:
     path_mtu: int = 1024
     sq_psn: int = 0
     rq_psn: int = 0
-    timeout: int = 14           # 4.096 us * 2^14 = 67 ms
+    timeout: int = 14           # verbs.ack_timeout_seconds: 4.096 us * 2^14 = 67 ms
     retry_cnt: int = 7          # 7 = retry forever
     rnr_retry: int = 7          # 7 = retry forever
-    min_rnr_timer: int = 12     # 0.64 ms (RNR_TIMER_USEC[12])
+    min_rnr_timer: int = 12     # 0.64 ms (verbs.RNR_TIMER_USEC[12])
     max_rd_atomic: int = 16     # initiator depth
     max_dest_rd_atomic: int = 16  # responder resources (replay cache)
     access: Access = Access.LOCAL_WRITE | Access.REMOTE_WRITE | Access.REMOTE_READ | Access.REMOTE_ATOMIC

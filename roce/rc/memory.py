@@ -11,8 +11,9 @@ import itertools
 from dataclasses import dataclass
 from typing import Protocol
 
+from verbs import Access
+
 from ..errors import RemoteAccessError
-from .verbs import Access
 
 
 class RemoteMemory(Protocol):

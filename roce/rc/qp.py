@@ -15,8 +15,9 @@ States and legal ``modify`` transitions (ibv_modify_qp)::
 """
 from __future__ import annotations
 
-import enum
 from dataclasses import fields
+
+from verbs import QpState
 
 from ..errors import QpStateError
 from ..opcodes import OPCODE_TABLE, Transport, opinfo
@@ -25,18 +26,15 @@ from .config import QpConfig
 from .metrics import RcMetrics
 from .requester import Requester
 from .responder import Responder
-from .verbs import Completion, RecvWR, SendWR, WcOpcode, WcStatus, wc_opcode_of
+from .verbs import Completion, RecvWR, SendWR, wc_opcode_of
 
 
-class QpState(enum.Enum):
-    RESET = "reset"   # just created or reset: nothing queued
-    INIT = "init"     # receive WRs may be posted; no traffic
-    RTR = "rtr"       # ready to receive: the responder runs
-    RTS = "rts"       # ready to send: requester and responder run
-    SQD = "sqd"       # send queue drained: no new requests started
-    ERR = "err"       # everything flushed with WR_FLUSH_ERR; packets dropped
-
-
+#: Legal modify() transitions of the RC state machine over libibverbs'
+#: ``enum ibv_qp_state`` (SQE is never entered here). RESET: just created or
+#: reset, nothing queued; INIT: receive WRs may be posted, no traffic; RTR:
+#: ready to receive, the responder runs; RTS: ready to send, requester and
+#: responder run; SQD: send queue drained, no new requests started; ERR:
+#: everything flushed with WR_FLUSH_ERR, packets dropped.
 TRANSITIONS: dict[QpState, frozenset[QpState]] = {
     QpState.RESET: frozenset({QpState.RESET, QpState.INIT, QpState.ERR}),
     QpState.INIT: frozenset({QpState.RESET, QpState.INIT, QpState.RTR, QpState.ERR}),
@@ -208,5 +206,4 @@ class RcQp:
         return out
 
 
-__all__ = ["RcQp", "QpState", "TRANSITIONS", "Completion", "WcStatus", "WcOpcode",
-           "wc_opcode_of"]
+__all__ = ["RcQp", "TRANSITIONS", "Completion", "wc_opcode_of"]

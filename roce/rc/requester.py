@@ -24,15 +24,26 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from verbs import (
+    PSN_MASK,
+    AethType,
+    NakCode,
+    WcStatus,
+    WrOpcode,
+    ack_timeout_seconds,
+    psn_add,
+    psn_diff,
+    rnr_timer_seconds,
+)
+
 from ..errors import InvalidWorkRequest
-from ..headers import Aeth, AethType, AtomicEth, NakCode, rnr_timer_seconds
+from ..headers import Aeth, AtomicEth
 from ..opcodes import OPCODE_TABLE, Kind, Opcode
 from ..packet import PacketRun, RocePacket, make_bth, make_ieth, make_immdt, make_packet, make_reth
-from .config import MAX_MSG_SIZE, MAX_PKT_PER_ACK, MAX_UNACKED_PSNS, QpConfig, retransmit_timeout
+from .config import MAX_MSG_SIZE, MAX_PKT_PER_ACK, MAX_UNACKED_PSNS, QpConfig
 from .metrics import RcMetrics
-from .psn import PSN_MASK, psn_add, psn_diff
 from .sgl import SgList
-from .verbs import Completion, SendWR, WcStatus, WrOpcode, wc_opcode_of
+from .verbs import Completion, SendWR, wc_opcode_of
 
 _U64 = (1 << 64) - 1
 
@@ -68,10 +79,10 @@ _U32 = 0xFFFFFFFF
 _ACK_T, _RNR_T, _NAK_T = int(AethType.ACK), int(AethType.RNR_NAK), int(AethType.NAK)
 
 _FATAL_NAK: dict[int, WcStatus] = {
-    NakCode.INVALID_REQUEST: WcStatus.REM_INV_REQ_ERR,
-    NakCode.REMOTE_ACCESS: WcStatus.REM_ACCESS_ERR,
-    NakCode.REMOTE_OP: WcStatus.REM_OP_ERR,
-    NakCode.INVALID_RD_REQUEST: WcStatus.REM_OP_ERR,
+    NakCode.INV_REQ: WcStatus.REM_INV_REQ_ERR,
+    NakCode.REM_ACCESS: WcStatus.REM_ACCESS_ERR,
+    NakCode.REM_OP: WcStatus.REM_OP_ERR,
+    NakCode.INV_RD_REQ: WcStatus.REM_OP_ERR,
 }
 
 
@@ -211,7 +222,7 @@ class Requester:
             self.noack_pkts = (self.noack_pkts + k) % MAX_PKT_PER_ACK
             wqe.state = WqeState.SENDING
         if self.retrans_deadline is None:
-            to = retransmit_timeout(cfg.timeout)
+            to = ack_timeout_seconds(cfg.timeout)
             if to is not None:
                 self.retrans_deadline = now + to
 
@@ -273,7 +284,7 @@ class Requester:
         else:
             wqe.state = WqeState.SENDING
         if self.retrans_deadline is None:
-            to = retransmit_timeout(cfg.timeout)
+            to = ack_timeout_seconds(cfg.timeout)
             if to is not None:
                 self.retrans_deadline = now + to
 
@@ -303,7 +314,7 @@ class Requester:
         """The oldest unacked PSN moved forward: reset retry counters and the timer."""
         self.retry_left = self.cfg.retry_cnt
         self.rnr_left = self.cfg.rnr_retry
-        to = retransmit_timeout(self.cfg.timeout)
+        to = ack_timeout_seconds(self.cfg.timeout)
         self.retrans_deadline = now + to if (to is not None and self._outstanding()) else None
 
     def _error_retry(self, now: float) -> None:
@@ -314,7 +325,7 @@ class Requester:
         if self.cfg.retry_cnt != 7:
             self.retry_left -= 1
         self._rewind()
-        to = retransmit_timeout(self.cfg.timeout)
+        to = ack_timeout_seconds(self.cfg.timeout)
         self.retrans_deadline = None if to is None else now + to
 
     def _rewind(self) -> None:
@@ -434,7 +445,7 @@ class Requester:
             self.rnr_deadline = now + rnr_timer_seconds(aeth.rnr_timer)
         elif t == _NAK_T:
             code = aeth.nak_code
-            if code == NakCode.PSN_SEQ_ERROR:
+            if code == NakCode.PSN_SEQ_ERR:
                 m.seq_naks_received += 1
                 self.comp_psn = psn
                 self._error_retry(now)

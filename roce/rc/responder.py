@@ -25,20 +25,21 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from verbs import MSN_MASK, PSN_HALF, PSN_MASK, Access, AethType, NakCode, WcOpcode, WcStatus, psn_add, psn_diff
+
 from ..errors import RemoteAccessError
-from ..headers import CREDITS_INVALID, Aeth, AethType, AtomicAckEth, NakCode
+from ..headers import CREDITS_INVALID, Aeth, AtomicAckEth
 from ..opcodes import Kind, Opcode, OpInfo, Position
 from ..packet import RocePacket, make_aeth, make_bth, make_packet
 from .config import MAX_MSG_SIZE, QpConfig
 from .metrics import RcMetrics
-from .psn import PSN_MASK, psn_add, psn_diff
 from .sgl import SgLengthError, SgList
-from .verbs import Access, Completion, WcOpcode, WcStatus
+from .verbs import Completion
 
 _U64 = (1 << 64) - 1
-_NAK_COUNTER = {NakCode.INVALID_REQUEST: "invalid_request_naks",
-                NakCode.REMOTE_ACCESS: "remote_access_naks",
-                NakCode.REMOTE_OP: "remote_op_naks"}
+_NAK_COUNTER = {NakCode.INV_REQ: "invalid_request_naks",
+                NakCode.REM_ACCESS: "remote_access_naks",
+                NakCode.REM_OP: "remote_op_naks"}
 #: QP access right each request kind needs (as plain ints: checked per packet)
 _NEED = {Kind.WRITE: int(Access.REMOTE_WRITE), Kind.READ_REQUEST: int(Access.REMOTE_READ),
          Kind.ATOMIC: int(Access.REMOTE_ATOMIC)}
@@ -156,14 +157,14 @@ class Responder:
             return
         bth = pkt.bth
         psn = bth.psn
-        d = (psn - self.psn) & PSN_MASK         # psn_diff: ahead if in (0, 2^23]
+        d = (psn - self.psn) & PSN_MASK         # psn_diff inline: ahead if in (0, 2^23)
         if d:
-            if d <= 0x800000:
+            if d < PSN_HALF:
                 m.out_of_sequence += 1
                 if not self.nak_sent:
                     self.nak_sent = True
                     m.seq_naks_sent += 1
-                    self._nak(self.psn, NakCode.PSN_SEQ_ERROR, fatal=False)
+                    self._nak(self.psn, NakCode.PSN_SEQ_ERR, fatal=False)
                 return
             m.duplicate_requests += 1
             self._duplicate(pkt, info)
@@ -178,7 +179,7 @@ class Responder:
             ok = info.starts
         need = _NEED.get(kind)
         if not ok or (need is not None and not int(cfg.access) & need):
-            self._nak(psn, NakCode.INVALID_REQUEST)
+            self._nak(psn, NakCode.INV_REQ)
             return
         # 3. receive WQE for SEND and WRITE with immediate
         if not self.rq and ((kind is _SEND and info.starts) or (kind is _WRITE and info.has_imm)):
@@ -189,7 +190,7 @@ class Responder:
         plen = len(pkt.payload)
         mtu = cfg.path_mtu
         if info.has_payload and (plen > mtu or (not info.ends and plen != mtu)):
-            self._nak(psn, NakCode.INVALID_REQUEST)
+            self._nak(psn, NakCode.INV_REQ)
             return
         if kind is _SEND:
             self._do_send(pkt, info, psn, plen)
@@ -214,7 +215,7 @@ class Responder:
                 self.completions.append(Completion(ctx.wr_id, WcStatus.LOC_LEN_ERR, WcOpcode.RECV,
                                                    self.cfg.qp_num))
                 self.cur = self.cur_kind = None
-                self._nak(psn, NakCode.INVALID_REQUEST)
+                self._nak(psn, NakCode.INV_REQ)
                 return
             ctx.offset += plen
         inv = None
@@ -227,9 +228,9 @@ class Responder:
                     self.completions.append(Completion(ctx.wr_id, WcStatus.REM_INV_REQ_ERR,
                                                        WcOpcode.RECV, self.cfg.qp_num))
                     self.cur = self.cur_kind = None
-                    self._nak(psn, NakCode.INVALID_REQUEST)
+                    self._nak(psn, NakCode.INV_REQ)
                     return
-            self.msn = (self.msn + 1) & 0xFFFFFF
+            self.msn = (self.msn + 1) & MSN_MASK
             immdt = pkt.immdt
             cfg = self.cfg
             self.completions.append(Completion(
@@ -247,7 +248,7 @@ class Responder:
             dma_len = reth.dma_len
             if dma_len > MAX_MSG_SIZE or (ends and plen != dma_len) or \
                     (not ends and plen >= dma_len):
-                self._nak(psn, NakCode.INVALID_REQUEST)
+                self._nak(psn, NakCode.INV_REQ)
                 return
             if dma_len == 0:
                 view = memoryview(bytearray(0))     # zero-length WRITE checks no R_Key (9.7.4.1.6)
@@ -255,7 +256,7 @@ class Responder:
                 try:
                     view = self.memory.resolve(reth.rkey, reth.va, dma_len, Access.REMOTE_WRITE)
                 except RemoteAccessError:
-                    self._nak(psn, NakCode.REMOTE_ACCESS)
+                    self._nak(psn, NakCode.REM_ACCESS)
                     return
             self.cur = ctx = _WriteCtx(view, dma_len)
             self.cur_kind = _WRITE
@@ -265,13 +266,13 @@ class Responder:
         end = off + plen
         if end > ctx.length or (ends and end != ctx.length):
             self.cur = self.cur_kind = None
-            self._nak(psn, NakCode.INVALID_REQUEST)
+            self._nak(psn, NakCode.INV_REQ)
             return
         if plen:
             ctx.view[off:end] = pkt.payload
         ctx.offset = end
         if ends:
-            self.msn = (self.msn + 1) & 0xFFFFFF
+            self.msn = (self.msn + 1) & MSN_MASK
             if info.has_imm:
                 wr_id, _ = self.rq.popleft()
                 cfg = self.cfg
@@ -291,28 +292,28 @@ class Responder:
     def _do_read(self, pkt: RocePacket, psn: int) -> None:
         reth = pkt.reth
         if reth.dma_len > MAX_MSG_SIZE:
-            self._nak(psn, NakCode.INVALID_REQUEST)
+            self._nak(psn, NakCode.INV_REQ)
             return
         try:
             view = self._resolve_read(reth.rkey, reth.va, reth.dma_len)
         except RemoteAccessError:
-            self._nak(psn, NakCode.REMOTE_ACCESS)
+            self._nak(psn, NakCode.REM_ACCESS)
             return
         npkts = max(1, -(-reth.dma_len // self.cfg.path_mtu))
         self.resources.append(_ReadRes(psn, npkts, reth.rkey, reth.va, reth.dma_len))
-        self.msn = (self.msn + 1) & 0xFFFFFF
+        self.msn = (self.msn + 1) & MSN_MASK
         self._read_responses(psn, view, reth.dma_len)
         self.psn = psn_add(psn, npkts)
 
     def _do_atomic(self, pkt: RocePacket, psn: int) -> None:
         a = pkt.atomic_eth
         if a.va & 7:
-            self._nak(psn, NakCode.INVALID_REQUEST)     # misaligned atomic
+            self._nak(psn, NakCode.INV_REQ)     # misaligned atomic
             return
         try:
             view = self.memory.resolve(a.rkey, a.va, 8, Access.REMOTE_ATOMIC)
         except RemoteAccessError:
-            self._nak(psn, NakCode.REMOTE_ACCESS)
+            self._nak(psn, NakCode.REM_ACCESS)
             return
         orig = int.from_bytes(view, "little")
         if pkt.bth.opcode == Opcode.RC_COMPARE_SWAP:
@@ -321,7 +322,7 @@ class Responder:
             new = (orig + a.swap_add) & _U64
         view[:] = new.to_bytes(8, "little")
         self.resources.append(_AtomicRes(psn, orig))
-        self.msn = (self.msn + 1) & 0xFFFFFF
+        self.msn = (self.msn + 1) & MSN_MASK
         self.psn = psn_add(psn, 1)
         self._send(Opcode.RC_ATOMIC_ACKNOWLEDGE, psn, aeth=Aeth.ack(self.msn),
                    atomic_ack_eth=AtomicAckEth(orig))

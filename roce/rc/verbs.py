@@ -1,69 +1,19 @@
 """Verbs-level objects the RC transport consumes and produces: send and
-receive work requests, work completions, access flags (values as in
-libibverbs ``enum ibv_wr_opcode``, ``ibv_wc_status``, ``ibv_wc_opcode``,
-``ibv_access_flags`` so the backend can pass them through unchanged).
+receive work requests and work completions (``ibv_send_wr``, ``ibv_recv_wr``,
+``ibv_wc``). Their opcodes, statuses, flags and access bits are the
+libibverbs enumerations of :mod:`verbs`, so the backend passes them through
+unchanged.
 
 Scatter/gather entries are writable memoryviews into guest memory: the
 transport reads and writes them in place.
 """
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
+from verbs import WcFlags, WcOpcode, WcStatus, WrOpcode
 
-class WrOpcode(enum.IntEnum):
-    RDMA_WRITE = 0
-    RDMA_WRITE_WITH_IMM = 1
-    SEND = 2
-    SEND_WITH_IMM = 3
-    RDMA_READ = 4
-    ATOMIC_CMP_AND_SWP = 5
-    ATOMIC_FETCH_AND_ADD = 6
-    SEND_WITH_INV = 9
-
-
-class WcStatus(enum.IntEnum):
-    SUCCESS = 0
-    LOC_LEN_ERR = 1
-    LOC_QP_OP_ERR = 2
-    LOC_PROT_ERR = 4
-    WR_FLUSH_ERR = 5
-    BAD_RESP_ERR = 7
-    LOC_ACCESS_ERR = 8
-    REM_INV_REQ_ERR = 9
-    REM_ACCESS_ERR = 10
-    REM_OP_ERR = 11
-    RETRY_EXC_ERR = 12
-    RNR_RETRY_EXC_ERR = 13
-    FATAL_ERR = 19
-    GENERAL_ERR = 21
-
-
-class WcOpcode(enum.IntEnum):
-    SEND = 0
-    RDMA_WRITE = 1
-    RDMA_READ = 2
-    COMP_SWAP = 3
-    FETCH_ADD = 4
-    RECV = 128
-    RECV_RDMA_WITH_IMM = 129
-
-
-class WcFlags(enum.IntFlag):
-    NONE = 0
-    GRH = 1
-    WITH_IMM = 2
-    WITH_INV = 8
-
-
-class Access(enum.IntFlag):
-    NONE = 0
-    LOCAL_WRITE = 1
-    REMOTE_WRITE = 2
-    REMOTE_READ = 4
-    REMOTE_ATOMIC = 8
-
+_NO_FLAGS = WcFlags(0)
 
 _WC_OF_WR = {
     WrOpcode.RDMA_WRITE: WcOpcode.RDMA_WRITE, WrOpcode.RDMA_WRITE_WITH_IMM: WcOpcode.RDMA_WRITE,
@@ -120,7 +70,7 @@ class Completion:
 
     @property
     def wc_flags(self) -> WcFlags:
-        f = WcFlags.NONE
+        f = _NO_FLAGS
         if self.imm_data is not None:
             f |= WcFlags.WITH_IMM
         if self.invalidated_rkey is not None:

@@ -17,7 +17,7 @@ import pytest
 
 from guest_lib import MR, RecvWR, SGE
 from guest_lib.endpoint import RcEndpoint
-from roce.headers import AethType, Bth, NakCode, Reth
+from roce.headers import Bth, Reth
 from roce.icrc import IpContext
 from roce.opcodes import Opcode
 from roce.packet import RocePacket, decode
@@ -25,6 +25,7 @@ from roce.udp import make_socket
 from vhost_user.testing import BackendThread
 from virtio_rdma.device import RdmaDevice
 from fabric.roce import RoceFabric, RoceFabricService, gid_of_address
+from verbs import AethType, NakCode
 
 HOST, PEER, STRANGER = "127.0.0.3", "127.0.0.4", "127.0.0.5"
 PEER_QPN = 0x777
@@ -149,7 +150,7 @@ def test_psn_out_of_sequence_gets_one_nak_then_silence(daemon, target, peer):
     for psn in (105, 106, 107):                                  # ahead of the expected 100
         send(peer, write_only(target.qpn, psn, target.mr.buf, target.mr.rkey, b"ahead"))
     (nak,) = replies(peer)
-    assert nak.aeth.type is AethType.NAK and nak.aeth.value == NakCode.PSN_SEQ_ERROR
+    assert nak.aeth.type is AethType.NAK and nak.aeth.value == NakCode.PSN_SEQ_ERR
     assert nak.bth.psn == 100
     assert target.rc_metrics()["out_of_sequence"] == 3
     send(peer, write_only(target.qpn, 0x800100, target.mr.buf, target.mr.rkey, b"far"))  # 2^23 away
@@ -176,8 +177,8 @@ def test_bad_rdma_write_is_naked_and_writes_nothing(daemon, target, peer, case):
     }[case]
     send(peer, pkt)
     (nak,) = replies(peer)
-    want = NakCode.REMOTE_ACCESS if case in ("wrong_rkey", "beyond_mr", "before_mr") \
-        else NakCode.INVALID_REQUEST
+    want = NakCode.REM_ACCESS if case in ("wrong_rkey", "beyond_mr", "before_mr") \
+        else NakCode.INV_REQ
     assert nak.aeth.type is AethType.NAK and nak.aeth.value == want
     assert mr.read(MR_LEN, 0) == bytes(MR_LEN) and target.canaries_intact()
     # class C error: the QP is in ERR, its posted receive flushed, reported to the guest
@@ -190,7 +191,7 @@ def test_send_larger_than_mtu_packet_is_rejected(daemon, target, peer):
                      payload=b"y" * 2048)                          # path MTU is 1024
     send(peer, big)
     (nak,) = replies(peer)
-    assert nak.aeth.type is AethType.NAK and nak.aeth.value == NakCode.INVALID_REQUEST
+    assert nak.aeth.type is AethType.NAK and nak.aeth.value == NakCode.INV_REQ
     assert target.ep.mr.read(64, 0) == bytes(64)
 
 

@@ -12,8 +12,9 @@ import struct
 import pytest
 
 from guest_lib import RecvWR, SGE, SendWR
+from roce.opcodes import Opcode
 from roce.packet import decode as roce_decode
-from virtio_rdma.constants import WrOpcode
+from verbs import WrOpcode
 
 from .test_multihost import A_IP, B_IP, Host, connect
 
@@ -22,9 +23,10 @@ from netlab.capture import Capture, decode  # noqa: E402
 
 pytestmark = pytest.mark.netns
 
-# IBTA opcodes (RC)
-SEND_FIRST, SEND_MIDDLE, SEND_LAST, SEND_ONLY = 0x00, 0x01, 0x02, 0x04
-WRITE_ONLY, READ_REQ, READ_RESP_ONLY, ACK, ATOMIC_ACK, FETCH_ADD = 0x0A, 0x0C, 0x10, 0x11, 0x12, 0x14
+# IBTA opcodes (RC), from their one definition
+SEND_FIRST, SEND_MIDDLE, SEND_LAST = Opcode.RC_SEND_FIRST, Opcode.RC_SEND_MIDDLE, Opcode.RC_SEND_LAST
+WRITE_ONLY, READ_REQ, FETCH_ADD = Opcode.RC_RDMA_WRITE_ONLY, Opcode.RC_RDMA_READ_REQUEST, Opcode.RC_FETCH_ADD
+ACK, READ_RESP_ONLY, ATOMIC_ACK = Opcode.RC_ACKNOWLEDGE, Opcode.RC_RDMA_READ_RESPONSE_ONLY, Opcode.RC_ATOMIC_ACKNOWLEDGE
 
 
 def test_tshark_decodes_our_traffic_as_rroce(tmp_path):

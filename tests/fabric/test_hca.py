@@ -26,7 +26,8 @@ from guest_lib import SGE, RecvWR, SendWR
 from guest_lib.endpoint import ALL_ACCESS, RcEndpoint
 from guest_lib.qp import QPCap
 from vhost_user.testing import DaemonProcess
-from virtio_rdma.constants import Cmd, SendFlags, WcFlags, WcOpcode, WcStatus, WrOpcode
+from verbs import SendFlags, WcFlags, WcOpcode, WcStatus, WrOpcode
+from virtio_rdma.constants import Cmd
 from fabric.hca import rdma_devices
 
 from .verbs_exercise import send_write_read_atomics
@@ -293,7 +294,7 @@ def test_local_only_mrs_without_device_rkeys_coexist(pair):
     """rxe gives an MR without remote rights rkey 0; several such MRs must
     still register, and work as local SGEs."""
     from guest_lib import MR
-    from virtio_rdma.constants import Access
+    from verbs import Access
 
     a, b = pair
     mrs = [MR(a.pd, 4096, Access.LOCAL_WRITE) for _ in range(3)]

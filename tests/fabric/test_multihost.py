@@ -18,7 +18,7 @@ import pytest
 
 from guest_lib import RecvWR, SGE, SendWR
 from guest_lib.endpoint import RcEndpoint
-from virtio_rdma.constants import WcOpcode, WcStatus, WrOpcode
+from verbs import WcOpcode, WcStatus, WrOpcode
 
 netlab = pytest.importorskip("netlab.ns")
 from netlab.loss import lossy_link  # noqa: E402

@@ -37,7 +37,7 @@ from roce.icrc import IpContext
 from roce.opcodes import Opcode
 from roce.packet import RocePacket
 from vhost_user.testing import BackendThread
-from virtio_rdma.constants import WcOpcode, WcStatus, WrOpcode
+from verbs import PSN_MASK, WcOpcode, WcStatus, WrOpcode
 from virtio_rdma.device import RdmaDevice
 from fabric.roce import RoceFabric, RoceFabricService
 
@@ -273,7 +273,7 @@ def test_authenticated_daemon_rejects_every_forgery(lab):
         # sealed properly, but with another cluster's key; and a sweep of PSNs around the live one
         forged += [seal(K2, forged_write(gb, psn, 0, b"z" * 64, A_IP, 4791), time.time_ns() + i,
                         A_IP, B_IP, 4791, 4791) for i in range(4)]
-        forged += [forged_write(gb, (psn + k) & 0xFFFFFF, 8 * k % BUF, b"s" * 8, A_IP, 4791)
+        forged += [forged_write(gb, (psn + k) & PSN_MASK, 8 * k % BUF, b"s" * 8, A_IP, 4791)
                    for k in range(-64, 65, 4)]
         for f in forged:
             spoof(raw, A_IP, 4791, B_IP, 4791, f)

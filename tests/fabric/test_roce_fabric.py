@@ -16,7 +16,8 @@ import pytest
 
 from roce.icrc import IpContext
 from roce.packet import decode
-from virtio_rdma.constants import Access, QpState, SendFlags, WcFlags, WcOpcode, WcStatus, WrOpcode
+from verbs import Access, QpState, SendFlags, WcFlags, WcOpcode, WcStatus, WrOpcode
+from virtio_rdma import wire
 from virtio_rdma.errors import FabricError
 from fabric.roce import RoceFabric, address_of_gid, gid_of_address
 
@@ -276,7 +277,7 @@ def test_guest_moves_qp_to_err_flushes_posted_work():
     h.wire.cut = True
     h.a.post_send(h.qa, 1, WrOpcode.SEND, [(la, 0, 10)])
     h.a.post_recv(h.qa, 2, [(la, 0, 10)])
-    from virtio_rdma.constants import QpAttrMask as M
+    from verbs import QpAttrMask as M
     assert h.a.modify(h.qa, M.STATE, qp_state=QpState.ERR) == 0
     got = h.a.poll(h.ca)
     assert sorted((c.wr_id, c.status) for c in got) == [(1, WcStatus.WR_FLUSH_ERR), (2, WcStatus.WR_FLUSH_ERR)]
@@ -298,6 +299,22 @@ def test_local_key_and_length_errors_on_a_wire_qp():
     assert h.a.core.metrics.local_prot_errors == 1
     assert h.a.core.qps[h.qa.qpn].state is QpState.ERR
 
+
+
+@pytest.mark.parametrize("byte,value", [(8, 0x77), (9, 0x80)], ids=["opcode", "send_flags"])
+def test_unknown_verbs_numbers_in_a_send_wqe_fail_it_on_a_wire_qp(byte, value):
+    """A WQE opcode or send flag that is no verbs number (verbs.UnknownValueError,
+    which is not a VirtioRdmaError) fails that WQE with LOC_QP_OP_ERR and is
+    counted, as a malformed WQE is on the local path."""
+    h = Hosts()
+    h.connect()
+    la = h.a.reg_mr(h.pa, 4096)
+    raw = bytearray(wire.encode_send_wqe(1, WrOpcode.SEND, int(SendFlags.SIGNALED), sges=[(la.addr, 8, la.lkey)],
+                                         slot_size=1 << h.qa.layout.sq_wqe_shift))
+    raw[byte] = value
+    h.a.post_send(h.qa, 1, WrOpcode.SEND, raw=bytes(raw))
+    assert [(c.wr_id, c.status) for c in h.a.poll(h.ca)] == [(1, WcStatus.LOC_QP_OP_ERR)]
+    assert h.a.core.metrics.bad_wqes == 1
 
 def test_receives_posted_before_a_send_reach_the_engine_after_the_send():
     """Receives posted with a send go to the engine once the send is on the

@@ -11,7 +11,7 @@ import pytest
 from guest_lib import SGE, SendWR
 from guest_lib.endpoint import RcEndpoint
 from vhost_user.testing import DaemonProcess
-from virtio_rdma.constants import WcStatus, WrOpcode
+from verbs import WcStatus, WrOpcode
 from fabric.roce import gid_of_address
 
 from .verbs_exercise import send_write_read_atomics

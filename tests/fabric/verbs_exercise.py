@@ -6,7 +6,7 @@ import random
 import struct
 
 from guest_lib import SGE, RecvWR, SendWR
-from virtio_rdma.constants import WcOpcode, WrOpcode
+from verbs import WcOpcode, WrOpcode
 
 
 def send_write_read_atomics(a, b, rng: random.Random, *, write_timeout: float = 60.0) -> None:

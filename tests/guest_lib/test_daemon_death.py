@@ -26,7 +26,7 @@ import pytest
 from guest_lib import CQ, MR, PD, QP, SGE, Context, QPCap, QPInitAttr, RDMAError, RecvWR, SendWR
 from guest_lib.endpoint import RcEndpoint, connect_pair, poll_cq
 from virtio.memory import proc_maps_count
-from virtio_rdma.constants import SendFlags, WcStatus, WrOpcode
+from verbs import SendFlags, WcStatus, WrOpcode
 
 BOUND = 1.0  # seconds from the kill to each guest's error
 MODES = [pytest.param((), id="kicked"), pytest.param(("--poll-us", "20000"), id="poll-us")]

@@ -3,7 +3,7 @@ instead of doorbells while the daemon busy-polls (DBREC_POLL)."""
 from guest_lib import SGE, QPCap, RecvWR, SendWR
 from guest_lib.endpoint import RcEndpoint, connect_pair
 from vhost_user.testing import DaemonProcess
-from virtio_rdma.constants import SendFlags, WrOpcode
+from verbs import SendFlags, WrOpcode
 
 
 def _write_list(a, b, n, size):

@@ -14,7 +14,7 @@ import pytest
 from guest_lib import QPCap, RecvWR, SendWR, SGE
 from guest_lib.endpoint import RcEndpoint, connect_pair, new_psn
 from vhost_user.testing import BackendThread
-from virtio_rdma.constants import SendFlags, WcStatus, WrOpcode
+from verbs import SendFlags, WcStatus, WrOpcode
 from virtio_rdma.device import RdmaDevice
 from fabric.local import LocalFabric
 

@@ -25,7 +25,8 @@ from guest_lib.transports.vhost_user import VhostUserTransport
 from vhost_user.testing import DaemonProcess
 from virtio.constants import FeatureBit
 from virtio_rdma import wire
-from virtio_rdma.constants import CONTROLQ, EVENTQ, Access, WcOpcode, WcStatus, WrOpcode
+from verbs import Access, WcOpcode, WcStatus, WrOpcode
+from virtio_rdma.constants import CONTROLQ, EVENTQ
 
 
 def test_vhost_user_adapter_implements_the_interface(rdma_backend):

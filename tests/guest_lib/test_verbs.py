@@ -6,7 +6,8 @@ import pytest
 
 from guest_lib import CQ, MR, PD, QP, SGE, Context, QPAttr, QPInitAttr, RDMAError, RecvWR, SendWR, UserError
 from guest_lib.endpoint import connect_pair, poll_cq
-from virtio_rdma.constants import Access, Cmd, SendFlags, WcOpcode, WcStatus, WrOpcode
+from verbs import Access, SendFlags, WcOpcode, WcStatus, WrOpcode
+from virtio_rdma.constants import Cmd
 
 def test_query(rdma_backend):
     with Context(rdma_backend.path) as ctx:

@@ -6,7 +6,8 @@ import pytest
 
 from guest_lib import CQ, QP, SGE, QPCap, QPInitAttr, RecvWR, SendWR
 from guest_lib.endpoint import connect_pair, connect_qp, new_psn, poll_cq
-from virtio_rdma.constants import DoorbellKind, WcOpcode, WcStatus, WrOpcode
+from verbs import WcOpcode, WcStatus, WrOpcode
+from virtio_rdma.constants import DoorbellKind
 
 
 def test_write_with_imm_consumes_a_receive(pair):

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from verbs import PSN_MASK, QPN_MASK
 from vrdma.rc_pingpong import exchange
 from vrdma.rc_pingpong.errors import MessageFormatError
 from vrdma.rc_pingpong.exchange import Dest
@@ -13,7 +14,7 @@ from vrdma.rc_pingpong.exchange import Dest
 MAPPED = bytes(10) + b"\xff\xff" + bytes([192, 0, 2, 1])
 RXE_LINK_LOCAL = bytes.fromhex("fe800000000000000250b6fffe1c2d3e")
 
-dests = st.builds(Dest, st.integers(0, 0xFFFF), st.integers(0, 0xFFFFFF), st.integers(0, 0xFFFFFF),
+dests = st.builds(Dest, st.integers(0, 0xFFFF), st.integers(0, QPN_MASK), st.integers(0, PSN_MASK),
                   st.binary(min_size=16, max_size=16))
 
 

@@ -8,11 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from virtio_rdma.constants import WcStatus
+from verbs import WcStatus
 from vrdma.commands.rc_pingpong import c_int, c_strtol, c_uint, result_lines
 from vrdma.rc_pingpong.errors import CompletionError
-from vrdma.rc_pingpong.pingpong import (PINGPONG_RECV_WRID, PINGPONG_SEND_WRID, Schedule, mtu_to_enum,
-                                        wc_status_str)
+from vrdma.rc_pingpong.pingpong import PINGPONG_RECV_WRID, PINGPONG_SEND_WRID, Schedule, mtu_to_enum
 
 libc = ctypes.CDLL(None)
 libc.strtol.restype = ctypes.c_long
@@ -96,13 +95,6 @@ def test_failed_and_unknown_completions():
     assert str(ei.value) == "Failed status transport retry counter exceeded (12) for wr_id 2"
     with pytest.raises(CompletionError, match="^Completion for unknown wr_id 7$"):
         s.on_completion(7, 0)
-
-
-def test_wc_status_strings():
-    assert wc_status_str(WcStatus.WR_FLUSH_ERR) == "Work Request Flushed Error"
-    assert wc_status_str(WcStatus.RNR_RETRY_EXC_ERR) == "RNR retry counter exceeded"
-    assert wc_status_str(99) == "unknown"
-    assert all(wc_status_str(s) != "unknown" for s in WcStatus)
 
 
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from roce.errors import MalformedPacket
 from roce.icrc import IpContext
 from roce.packet import decode
-from roce.rc import MemoryTable, QpState, RcQp
+from roce.rc import MemoryTable, RcQp
+from verbs import PSN_MASK, QpState
 
 CTX_AB = IpContext("192.0.2.1", "192.0.2.2", sport=50001)
 CTX_BA = IpContext("192.0.2.2", "192.0.2.1", sport=50002)
@@ -59,7 +60,7 @@ class Pair:
             ch.stats["sent"] += 1
             r = src.requester
             self.max_inflight[src] = max(self.max_inflight[src],
-                                         (r.psn - r.comp_psn) & 0xFFFFFF)
+                                         (r.psn - r.comp_psn) & PSN_MASK)
             if ch.cut or ch.rng.random() < ch.drop:
                 ch.stats["dropped"] += 1
                 continue

@@ -36,7 +36,8 @@ from roce.headers import Aeth, AtomicAckEth, AtomicEth, Bth, Deth, Ieth, ImmDt, 
 from roce.icrc import IpContext, compute_icrc, compute_icrc_reference
 from roce.opcodes import OPCODE_TABLE, Ext, Opcode, opinfo
 from roce.packet import PacketRun, RocePacket, decode, expand
-from roce.rc import Access, MemoryTable, QpState, RcQp
+from roce.rc import MemoryTable, RcQp
+from verbs import PSN_MASK, Access, QpState
 from roce.rc._fastrx import STOP_REASONS, RequestFastPath
 from roce.rc.sgl import SgList
 from roce.udp import RoceUdpEndpoint, make_socket
@@ -250,7 +251,7 @@ def test_tx_ring_sends_reference_bytes(socks):
 
 def _run(sgl, length, mtu, first, count, **kw):
     npkts = max(1, -(-length // mtu))
-    return PacketRun((0x06, 0x07, 0x09, 0x0B), npkts, first, count, (0xFFFFF0 + first) & 0xFFFFFF,
+    return PacketRun((0x06, 0x07, 0x09, 0x0B), npkts, first, count, (0xFFFFF0 + first) & PSN_MASK,
                      0x22, 0xFFFF, mtu, length, sgl, **kw)
 
 
@@ -361,13 +362,13 @@ def _stream(seed: int, mtu: int, target: _Target):
         data = rng.randbytes(length)
         for i in range(n):
             op = (0x0A if n == 1 else 0x06 if i == 0 else 0x08 if i == n - 1 else 0x07)
-            p = RocePacket(Bth(opcode=op, dest_qp=0x44, psn=(psn + i) & 0xFFFFFF,
+            p = RocePacket(Bth(opcode=op, dest_qp=0x44, psn=(psn + i) & PSN_MASK,
                                ackreq=i == n - 1 or rng.random() < 0.2),
                            payload=data[i * mtu:(i + 1) * mtu])
             if i == 0:
                 p.reth = Reth(va, target.rkey, length)
             out.append(p)
-        psn = (psn + n) & 0xFFFFFF
+        psn = (psn + n) & PSN_MASK
     return _impair(rng, out)
 
 
@@ -471,7 +472,7 @@ def test_fast_path_takes_the_bulk(socks):
     pkts = []
     for i in range(64):
         op = 0x06 if i == 0 else 0x08 if i == 63 else 0x07
-        p = RocePacket(Bth(opcode=op, dest_qp=0x44, psn=(0xFFFFFA + i) & 0xFFFFFF,
+        p = RocePacket(Bth(opcode=op, dest_qp=0x44, psn=(0xFFFFFA + i) & PSN_MASK,
                            ackreq=i % 16 == 15), payload=data[i * 1024:(i + 1) * 1024])
         if i == 0:
             p.reth = Reth(t.va, t.rkey, 65536)
@@ -482,7 +483,7 @@ def test_fast_path_takes_the_bulk(socks):
     assert fast.taken == 63 and bytes(t.buf) == data
     acks = t.rc.transmit(0.0)
     assert [(p.bth.opcode, p.bth.psn) for p in acks] == [(Opcode.RC_ACKNOWLEDGE,
-                                                          (0xFFFFFA + 63) & 0xFFFFFF)]
+                                                          (0xFFFFFA + 63) & PSN_MASK)]
     assert t.rc.responder.msn == 1 and t.rc.metrics.rx_packets == 64
 
 
@@ -530,7 +531,7 @@ def _send_stream(seed: int, mtu: int, target: _Target):
             out.append(RocePacket(Bth(opcode=0x0A, dest_qp=0x44, psn=psn, ackreq=True),
                                   reth=Reth(target.va, target.rkey, length),
                                   payload=rng.randbytes(length)))
-            psn = (psn + 1) & 0xFFFFFF
+            psn = (psn + 1) & PSN_MASK
             continue
         n = 1 if rng.random() < 0.8 else rng.randrange(2, 4)
         length = rng.randrange(0, mtu + 1) if n == 1 else (n - 1) * mtu + rng.randrange(1, mtu + 1)
@@ -539,13 +540,13 @@ def _send_stream(seed: int, mtu: int, target: _Target):
             last = i == n - 1
             op = ((0x05 if imm else 0x04) if n == 1 else 0x00 if i == 0
                   else (0x03 if imm else 0x02) if last else 0x01)
-            p = RocePacket(Bth(opcode=op, dest_qp=0x44, psn=(psn + i) & 0xFFFFFF,
+            p = RocePacket(Bth(opcode=op, dest_qp=0x44, psn=(psn + i) & PSN_MASK,
                                ackreq=last or rng.random() < 0.2, se=rng.random() < 0.1),
                            payload=data[i * mtu:(i + 1) * mtu])
             if last and imm:
                 p.immdt = ImmDt(rng.getrandbits(32))
             out.append(p)
-        psn = (psn + n) & 0xFFFFFF
+        psn = (psn + n) & PSN_MASK
     return _impair(rng, out)
 
 
@@ -579,7 +580,7 @@ def test_send_fast_path_takes_request_reply_traffic(socks):
     t.rq_posted = t.qp.rq_pi = 16
     msgs = [os.urandom(1 + i * 4) for i in range(16)]
     pkts = [RocePacket(Bth(opcode=0x05 if i % 2 else 0x04, dest_qp=0x44,
-                           psn=(0xFFFFFA + i) & 0xFFFFFF, ackreq=True), payload=m,
+                           psn=(0xFFFFFA + i) & PSN_MASK, ackreq=True), payload=m,
                        immdt=ImmDt(0x01020304 + i) if i % 2 else None)
             for i, m in enumerate(msgs)]
     ring, n, envs = _through_socket(socks, pkts)
@@ -591,7 +592,7 @@ def test_send_fast_path_takes_request_reply_traffic(socks):
         [(100 + i, len(m), 0x01020304 + i if i % 2 else None) for i, m in enumerate(msgs)]
     assert all(bytes(buf[i * 64:i * 64 + len(m)]) == m for i, m in enumerate(msgs))
     assert [(p.bth.opcode, p.bth.psn, p.aeth.msn) for p in t.rc.transmit(0.0)] == \
-        [(Opcode.RC_ACKNOWLEDGE, (0xFFFFFA + 15) & 0xFFFFFF, 16)]
+        [(Opcode.RC_ACKNOWLEDGE, (0xFFFFFA + 15) & PSN_MASK, 16)]
     assert t.rc.responder.msn == 16 and t.rc.metrics.rx_packets == 16
 
 
@@ -607,7 +608,7 @@ def test_fast_path_leaves_a_wrong_source_port_to_python(socks, kind):
             t = _Target(A, 1024, 8192)
             data = os.urandom(8192)
             pkts = [RocePacket(Bth(opcode=0x06 if i == 0 else 0x08 if i == 7 else 0x07,
-                                   dest_qp=0x44, psn=(0xFFFFFA + i) & 0xFFFFFF, ackreq=i == 7),
+                                   dest_qp=0x44, psn=(0xFFFFFA + i) & PSN_MASK, ackreq=i == 7),
                                reth=Reth(t.va, t.rkey, 8192) if i == 0 else None,
                                payload=data[i * 1024:(i + 1) * 1024]) for i in range(8)]
             t.rc.receive(decode(pkts[0].encode(_ctx(tx, rx)), _ctx(tx, rx)), 0.0)  # FIRST
@@ -618,7 +619,7 @@ def test_fast_path_leaves_a_wrong_source_port_to_python(socks, kind):
             for w in range(4):
                 t.rc.post_recv(w, [buf[w * 64:(w + 1) * 64]])
             t.rq_posted = t.qp.rq_pi = 4
-            pkts = [RocePacket(Bth(opcode=0x04, dest_qp=0x44, psn=(0xFFFFFA + i) & 0xFFFFFF,
+            pkts = [RocePacket(Bth(opcode=0x04, dest_qp=0x44, psn=(0xFFFFFA + i) & PSN_MASK,
                                    ackreq=True), payload=b"m%d" % i) for i in range(4)]
         t.sports = sports
         before = t.state()

@@ -4,13 +4,13 @@ import random
 
 import pytest
 
-from roce.headers import Aeth, Bth, NakCode, Reth
+from roce.headers import Aeth, Bth, Reth
 from roce.opcodes import Opcode
 from roce.packet import RocePacket
 from roce.errors import InvalidWorkRequest, QpStateError
-from roce.rc import Access, QpState, RcQp, SendWR, WcOpcode, WcStatus, WrOpcode
-from roce.rc.psn import psn_add, psn_diff
+from roce.rc import RcQp, SendWR
 from roce.rc.qp import TRANSITIONS
+from verbs import Access, NakCode, QpState, WcOpcode, WcStatus, WrOpcode
 
 from .rc_harness import CTX_AB, CTX_BA, Channel, Pair
 
@@ -29,15 +29,6 @@ def wait_cq(pair, qp, n, recv=False):
         return len(got) >= n
     pair.run(until)
     return got
-
-
-def test_psn_arithmetic():
-    assert psn_add(0xFFFFFF, 1) == 0
-    assert psn_diff(0, 0xFFFFFF) == 1
-    assert psn_diff(0xFFFFFF, 0) == -1
-    assert psn_diff(5, 5) == 0
-    assert psn_diff((1 << 23), 0) == 1 << 23
-    assert psn_diff((1 << 23) + 1, 0) < 0
 
 
 # --------------------------------------------------------------- every verb
@@ -360,7 +351,7 @@ def test_oversized_packet_is_nakked_invalid_request():
     p.inject(p.b, _req(Opcode.RC_SEND_ONLY, 100, b"x" * 257))
     p.run(lambda: p.b.state is QpState.ERR and not p.heap)
     (nak,) = [r for r in _responses(p) if r.aeth is not None]
-    assert nak.aeth.nak_code == NakCode.INVALID_REQUEST and nak.bth.psn == 100
+    assert nak.aeth.nak_code == NakCode.INV_REQ and nak.bth.psn == 100
     assert p.b.metrics.invalid_request_naks == 1
 
 

@@ -11,7 +11,8 @@ from roce.headers import Bth
 from roce.icrc import IpContext
 from roce.opcodes import Opcode
 from roce.packet import RocePacket
-from roce.rc import Access, MemoryTable, QpState, RcQp, SendWR, WcStatus, WrOpcode
+from roce.rc import MemoryTable, RcQp, SendWR
+from verbs import Access, QpState, WcStatus, WrOpcode
 from roce.udp import open_endpoint
 
 

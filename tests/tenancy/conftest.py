@@ -109,7 +109,7 @@ def rc_write_roundtrip(path: str) -> dict:
     a 64 B RDMA WRITE each way, data checked. Returns what happened."""
     from guest_lib.endpoint import RcEndpoint, connect_pair, poll_cq
     from guest_lib import SGE, SendWR
-    from virtio_rdma.constants import WcStatus, WrOpcode
+    from verbs import WcStatus, WrOpcode
 
     with RcEndpoint(path, 8192, mem_size=8 << 20) as a, RcEndpoint(path, 8192, mem_size=8 << 20) as b:
         connect_pair(a, b)

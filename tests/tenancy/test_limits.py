@@ -13,7 +13,8 @@ from bench.tenant_hog import PAGE, Hog
 from guest_lib import RDMAError, SGE, SendWR, QPCap
 from guest_lib.endpoint import RcEndpoint, connect_pair, poll_cq
 from vhost_user.tenancy import Resource, TenantPolicy
-from virtio_rdma.constants import Cmd, WcStatus, WrOpcode
+from verbs import WcStatus, WrOpcode
+from virtio_rdma.constants import Cmd
 
 from .conftest import NOBODY, run_as
 

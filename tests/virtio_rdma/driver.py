@@ -14,15 +14,8 @@ from dataclasses import dataclass
 
 from virtio.memory import GuestMemory, MemoryRegion
 from virtio_rdma import wire
-from virtio_rdma.constants import (
-    Access,
-    Cmd,
-    DoorbellKind,
-    QpAttrMask as M,
-    QpState,
-    SendFlags,
-    Status,
-)
+from verbs import Access, QpAttrMask as M, QpState, SendFlags
+from virtio_rdma.constants import Cmd, DoorbellKind, Status
 from virtio_rdma.core import RdmaDeviceCore
 
 

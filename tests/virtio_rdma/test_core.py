@@ -8,10 +8,18 @@ import sys
 import pytest
 
 from virtio_rdma import wire
-from virtio_rdma.constants import (
-    Access, AsyncEvent, Cmd, DoorbellKind, EventKind, QpAttrMask as M, QpState, SendFlags, Status,
-    WcFlags, WcOpcode, WcStatus, WrOpcode,
+from verbs import (
+    Access,
+    AsyncEvent,
+    QpAttrMask as M,
+    QpState,
+    SendFlags,
+    WcFlags,
+    WcOpcode,
+    WcStatus,
+    WrOpcode,
 )
+from virtio_rdma.constants import Cmd, DoorbellKind, EventKind, Status
 from virtio_rdma.core import DeviceLimits
 from fabric.local import LocalFabric
 

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from virtio_rdma import _datapath, datapath, wire
-from virtio_rdma.constants import Access, QpState, SendFlags, WcStatus, WrOpcode
+from verbs import Access, QpState, SendFlags, WcStatus, WrOpcode
 from fabric.local import LocalFabric
 
 from .driver import connect_pair, pair, seeded_ids

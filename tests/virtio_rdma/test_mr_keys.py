@@ -15,7 +15,8 @@ import pytest
 
 from virtio.memory import GuestMemory, MemoryRegion as Region
 from fabric import uverbs
-from virtio_rdma.constants import Access, Status
+from verbs import Access
+from virtio_rdma.constants import Status
 from virtio_rdma.errors import CommandError, FabricError, MemoryAccessError
 from virtio_rdma.mr import MrTable
 

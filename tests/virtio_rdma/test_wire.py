@@ -9,10 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from virtio_rdma import wire
-from virtio_rdma.constants import (
-    AsyncEvent, Cmd, CqArm, DoorbellKind, EventKind, SendFlags, Status, WcFlags, WcOpcode,
-    WcStatus, WrOpcode, parse, QpState,
-)
+from verbs import AsyncEvent, SendFlags, WcFlags, WcOpcode, WcStatus, WrOpcode, parse, QpState
+from virtio_rdma.constants import Cmd, CqArm, DoorbellKind, EventKind, Status
 from virtio_rdma.errors import UnknownValueError, VirtioRdmaError, WireError
 
 
@@ -181,7 +179,7 @@ def test_request_byte_fixture():
 def test_malformed_requests(bad, err):
     with pytest.raises(err) as ei:
         wire.decode_request(bad)
-    assert isinstance(ei.value, VirtioRdmaError)
+    assert isinstance(ei.value, (VirtioRdmaError, UnknownValueError))  # the device's or verbs' own
 
 
 def test_modify_qp_reserved_must_be_zero():

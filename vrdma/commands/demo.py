@@ -25,7 +25,7 @@ def add_arguments(p) -> None:
 
 def _guest(role: str, path: str, conn, out) -> None:
     from guest_lib import SGE, RecvWR, SendWR
-    from virtio_rdma.constants import WcOpcode, WrOpcode
+    from verbs import WcOpcode, WrOpcode
     from vrdma.perftest import make_guest
 
     log = []

@@ -22,6 +22,7 @@ import socket
 import string
 from dataclasses import dataclass
 
+from verbs import PSN_MASK, QPN_MASK
 from vrdma.rc_pingpong.errors import MessageFormatError
 
 MSG_SIZE = len("0000:000000:000000:" + "0" * 32) + 1  # 52: sizeof msg, NUL included
@@ -52,8 +53,8 @@ class Dest:
 
 def encode(dest: Dest) -> bytes:
     """The 52-byte message for ``dest``."""
-    for name, value, limit in (("lid", dest.lid, 0xFFFF), ("qpn", dest.qpn, 0xFFFFFF),
-                               ("psn", dest.psn, 0xFFFFFF)):
+    for name, value, limit in (("lid", dest.lid, 0xFFFF), ("qpn", dest.qpn, QPN_MASK),
+                               ("psn", dest.psn, PSN_MASK)):
         if not isinstance(value, int) or not 0 <= value <= limit:
             raise MessageFormatError(name, value)
     if not isinstance(dest.gid, (bytes, bytearray)) or len(dest.gid) != 16:

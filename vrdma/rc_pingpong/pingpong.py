@@ -49,7 +49,7 @@ from guest_lib import (
     SendWR,
     VerbsError,
 )
-from virtio_rdma.constants import Access, LinkLayer, SendFlags, WcStatus, WrOpcode
+from verbs import Access, LinkLayer, Mtu, SendFlags, WcStatus, WrOpcode, wc_status_str
 from vrdma.rc_pingpong.errors import CompletionError, SetupError
 from vrdma.rc_pingpong.exchange import Dest
 
@@ -59,34 +59,12 @@ DEVICE_NAME = "vrdma0"
 PAGE_SIZE = os.sysconf("SC_PAGESIZE")
 _RQ_PI_MASK = 0xFFFFFFFF
 
-WC_STATUS_STR: dict[int, str] = {
-    WcStatus.SUCCESS: "success", WcStatus.LOC_LEN_ERR: "local length error",
-    WcStatus.LOC_QP_OP_ERR: "local QP operation error",
-    WcStatus.LOC_EEC_OP_ERR: "local EE context operation error",
-    WcStatus.LOC_PROT_ERR: "local protection error", WcStatus.WR_FLUSH_ERR: "Work Request Flushed Error",
-    WcStatus.MW_BIND_ERR: "memory management operation error", WcStatus.BAD_RESP_ERR: "bad response error",
-    WcStatus.LOC_ACCESS_ERR: "local access error", WcStatus.REM_INV_REQ_ERR: "remote invalid request error",
-    WcStatus.REM_ACCESS_ERR: "remote access error", WcStatus.REM_OP_ERR: "remote operation error",
-    WcStatus.RETRY_EXC_ERR: "transport retry counter exceeded",
-    WcStatus.RNR_RETRY_EXC_ERR: "RNR retry counter exceeded",
-    WcStatus.LOC_RDD_VIOL_ERR: "local RDD violation error",
-    WcStatus.REM_INV_RD_REQ_ERR: "remote invalid RD request", WcStatus.REM_ABORT_ERR: "aborted error",
-    WcStatus.INV_EECN_ERR: "invalid EE context number",
-    WcStatus.INV_EEC_STATE_ERR: "invalid EE context state",
-    WcStatus.FATAL_ERR: "fatal error", WcStatus.RESP_TIMEOUT_ERR: "response timeout error",
-    WcStatus.GENERAL_ERR: "general error", WcStatus.TM_ERR: "TM error",
-    WcStatus.TM_RNDV_INCOMPLETE: "TM software rendezvous",
-}
-
-
-def wc_status_str(status: int) -> str:
-    """ibv_wc_status_str."""
-    return WC_STATUS_STR.get(status, "unknown")
-
-
 def mtu_to_enum(mtu: int) -> int:
     """pp_mtu_to_enum: bytes -> enum ibv_mtu, 0 if not a valid MTU."""
-    return {256: 1, 512: 2, 1024: 3, 2048: 4, 4096: 5}.get(mtu, 0)
+    return _MTU_OF_BYTES.get(mtu, 0)
+
+
+_MTU_OF_BYTES = {m.bytes: int(m) for m in Mtu}
 
 
 @dataclass
@@ -97,7 +75,7 @@ class Config:
     ib_devname: str | None = None
     ib_port: int = 1
     size: int = 4096
-    mtu: int = 3  # IBV_MTU_1024
+    mtu: int = int(Mtu.MTU_1024)
     rx_depth: int = 500
     iters: int = 1000
     sl: int = 0
@@ -352,5 +330,5 @@ def _make(factory, message: str):
         raise SetupError(message, str(e)) from e
 
 
-__all__ = ["Config", "PingpongContext", "Schedule", "Result", "mtu_to_enum", "wc_status_str",
+__all__ = ["Config", "PingpongContext", "Schedule", "Result", "mtu_to_enum",
            "PINGPONG_RECV_WRID", "PINGPONG_SEND_WRID"]

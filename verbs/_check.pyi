@@ -1,0 +1,2 @@
+VALUES: dict[str, int]
+MTU_BYTES: dict[int, int]
