@@ -30,7 +30,8 @@ from verbs import MSN_MASK, PSN_HALF, PSN_MASK, Access, AethType, NakCode, WcOpc
 from ..errors import RemoteAccessError
 from ..headers import CREDITS_INVALID, Aeth, AtomicAckEth
 from ..opcodes import Kind, Opcode, OpInfo, Position
-from ..packet import RocePacket, make_aeth, make_bth, make_packet
+from ..build import make_aeth, make_bth, make_packet
+from ..packet import RocePacket
 from .config import MAX_MSG_SIZE, QpConfig
 from .metrics import RcMetrics
 from .sgl import SgLengthError, SgList
