@@ -16,14 +16,26 @@ directly or through a job; zero-copy buffer rules in :mod:`accel_core.buffers`).
 ``accel_core.fft`` / ``accel_core.ifft`` are the functions (defined in :mod:`accel_core.dft`);
 no module of the package shares a name with one of its functions.
 """
-from accel_core.crc import (attach_crc24a, attach_crc24b, check_crc24a, check_crc24b, crc24a,
-                            crc24b)
-from accel_core.errors import (AccelError, BlockSizeError, DtypeError, ElementError, InvalidInput,
-                               JobRejected, JobStateError, LayoutError, ModelError, ParameterError,
-                               ParameterTypeError, ServiceClosed, ShapeError, UnsupportedOperation,
-                               UnsupportedSize)
-from accel_core.estimate import LinearCost, ServiceTimeModel
+from accel_core.crc import attach_crc24a, attach_crc24b, check_crc24a, check_crc24b, crc24a, crc24b
 from accel_core.dft import FFTPlan, fft, ifft, is_supported, supported_sizes
+from accel_core.errors import (
+                            AccelError,
+                            BlockSizeError,
+                            DtypeError,
+                            ElementError,
+                            InvalidInput,
+                            JobRejected,
+                            JobStateError,
+                            LayoutError,
+                            ModelError,
+                            ParameterError,
+                            ParameterTypeError,
+                            ServiceClosed,
+                            ShapeError,
+                            UnsupportedOperation,
+                            UnsupportedSize,
+)
+from accel_core.estimate import LinearCost, ServiceTimeModel
 from accel_core.jobs import Job, JobParams, JobState, Op
 from accel_core.qpp import BLOCK_SIZES, qpp_interleaver, qpp_params
 from accel_core.service import Accelerator, AcceleratorService, AcceleratorSpec, AcceleratorState

@@ -3,7 +3,8 @@
 Plans are built and cached by :mod:`accel_core.dft`; ``FFTCore.execute`` trusts
 that its arrays were validated there (C-contiguous, the plan's dtype, same shape).
 """
-from typing import Iterable, TypeVar
+from collections.abc import Iterable
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt

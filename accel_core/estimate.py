@@ -41,9 +41,10 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, cast
+from typing import Any, cast
 
 import numpy as np
 
@@ -235,7 +236,7 @@ class ServiceTimeModel:
     # -- construction
 
     @classmethod
-    def nominal(cls) -> "ServiceTimeModel":
+    def nominal(cls) -> ServiceTimeModel:
         """Uncalibrated order-of-magnitude model (a few GFLOP/s FFT, ~1 Mbit/s per 8-iteration block)."""
         per_fft_unit = {"complex64": 1.0e-9, "complex128": 1.5e-9}
         costs = {}
@@ -248,7 +249,7 @@ class ServiceTimeModel:
 
     @classmethod
     def calibrate(cls, *, quick: bool = False, repeat: int | None = None,
-                  ops: Iterable[Op | str] | None = None, seed: int = 1) -> "ServiceTimeModel":
+                  ops: Iterable[Op | str] | None = None, seed: int = 1) -> ServiceTimeModel:
         """Time the kernels on this machine and fit the model (about 1 s; ``quick`` ~0.2 s)."""
         repeat = repeat if repeat is not None else (3 if quick else 7)
         if repeat < 1:
@@ -300,7 +301,7 @@ class ServiceTimeModel:
         }
 
     @classmethod
-    def from_dict(cls, d: Any) -> "ServiceTimeModel":
+    def from_dict(cls, d: Any) -> ServiceTimeModel:
         if not isinstance(d, dict) or d.get("format") != FORMAT_VERSION or not isinstance(d.get("costs"), dict):
             raise ModelError(f"not a service-time model of format {FORMAT_VERSION}")
         costs = {}
@@ -325,7 +326,7 @@ class ServiceTimeModel:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ServiceTimeModel":
+    def load(cls, path: str | os.PathLike) -> ServiceTimeModel:
         try:
             text = Path(path).read_text()
         except OSError as e:
@@ -337,7 +338,7 @@ class ServiceTimeModel:
         return cls.from_dict(d)
 
     @classmethod
-    def load_cached(cls, cache_dir: str | os.PathLike | None = None) -> "ServiceTimeModel | None":
+    def load_cached(cls, cache_dir: str | os.PathLike | None = None) -> ServiceTimeModel | None:
         """The cached calibration for this machine and build, or None (missing or unreadable)."""
         path = cls.cache_file(cache_dir)
         if not path.exists():
@@ -349,7 +350,7 @@ class ServiceTimeModel:
 
     @classmethod
     def load_or_calibrate(cls, cache_dir: str | os.PathLike | None = None, *, quick: bool = False
-                          ) -> "ServiceTimeModel":
+                          ) -> ServiceTimeModel:
         model = cls.load_cached(cache_dir)
         if model is None:
             model = cls.calibrate(quick=quick)

@@ -36,15 +36,23 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable, cast
+from typing import Any, cast
 
 import numpy as np
 
 from accel_core import buffers, crc, dft, qpp, turbo
-from accel_core.errors import (DtypeError, JobStateError, LayoutError, ParameterError, ParameterTypeError,
-                               ShapeError, UnsupportedOperation)
+from accel_core.errors import (
+    DtypeError,
+    JobStateError,
+    LayoutError,
+    ParameterError,
+    ParameterTypeError,
+    ShapeError,
+    UnsupportedOperation,
+)
 
 
 class Op(enum.Enum):
@@ -56,7 +64,7 @@ class Op(enum.Enum):
     TURBO_DECODE = "turbo_decode"  # max-log-MAP decoder, [B, 3, K+4] LLRs -> [B, K] bits
 
     @classmethod
-    def parse(cls, value: "Op | str") -> "Op":
+    def parse(cls, value: Op | str) -> Op:
         if isinstance(value, Op):
             return value
         if isinstance(value, str):
@@ -281,7 +289,7 @@ class Job:
     def create(cls, op: Op | str, input: Any, output: Any = None, *, guest_id: int = 0,
                n: int | None = None, dtype: Any = None, k: int | None = None, batch: int | None = None,
                iterations: int = 8, scaling: float | None = None, early_stop: str | None = None,
-               collect: bool = False) -> "Job":
+               collect: bool = False) -> Job:
         """Validate buffers and parameters and build a NEW job (raises JobRejected).
 
         ndarray buffers carry their own shape (FFT: ``[..., N]``; encode: ``[K]``
@@ -322,7 +330,7 @@ class Job:
 
     # -- waiting
 
-    def wait(self, timeout: float | None = None) -> "Job":
+    def wait(self, timeout: float | None = None) -> Job:
         """Block until finished; return the job or raise its error / CancelledError / TimeoutError."""
         return self.future.result(timeout)
 
@@ -335,7 +343,7 @@ class Job:
     def done(self) -> bool:
         return self.state.finished
 
-    def add_done_callback(self, fn: Callable[["Job"], None]) -> None:
+    def add_done_callback(self, fn: Callable[[Job], None]) -> None:
         self.future.add_done_callback(lambda _f: fn(self))
 
     # -- timing

@@ -37,7 +37,7 @@ class _EstimateStats:
         self.sum_abs_rel += rel
         self.max_abs_rel = max(self.max_abs_rel, rel)
 
-    def merge(self, other: "_EstimateStats") -> None:
+    def merge(self, other: _EstimateStats) -> None:
         self.count += other.count
         self.sum_ratio += other.sum_ratio
         self.sum_log_ratio += other.sum_log_ratio

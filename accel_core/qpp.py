@@ -15,7 +15,7 @@ module: no I/O, no state beyond a small cache.
 """
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -87,7 +87,7 @@ def qpp_params(K: int) -> tuple[int, int]:
     return QPP_TABLE[check_block_size(K)]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _table(K: int) -> np.ndarray:
     f1, f2 = QPP_TABLE[K]
     i = np.arange(K, dtype=np.int64)

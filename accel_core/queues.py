@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 from accel_core.jobs import Job
 

@@ -33,8 +33,9 @@ import heapq
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence, cast
+from typing import Any, cast
 
 from accel_core.errors import AccelError, JobRejected, ParameterError, ServiceClosed, UnsupportedOperation
 from accel_core.estimate import ServiceTimeModel
@@ -86,7 +87,7 @@ class Accelerator:
 
     def __init__(self, name: str, *, ops: Iterable[Op | str] | None = None, workers: int = 1,
                  model: ServiceTimeModel | None = None,
-                 ready_notify: Callable[["Accelerator"], None] | None = None) -> None:
+                 ready_notify: Callable[[Accelerator], None] | None = None) -> None:
         if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= MAX_WORKERS:
             raise AccelError(f"workers must be an integer in 1..{MAX_WORKERS}, got {workers!r}")
         self.name = str(name)
@@ -152,7 +153,7 @@ class Accelerator:
             log.info("accelerator %s closed with %d queued jobs cancelled", self.name, len(cancelled))
         return cancelled
 
-    def __enter__(self) -> "Accelerator":
+    def __enter__(self) -> Accelerator:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -238,7 +239,7 @@ class Accelerator:
         """Take finished ``collect=True`` jobs from the ready queue (see ReadyQueue.collect)."""
         return self._ready.collect(max_jobs, timeout)
 
-    def set_ready_notifier(self, fn: Callable[["Accelerator"], None] | None) -> None:
+    def set_ready_notifier(self, fn: Callable[[Accelerator], None] | None) -> None:
         self._ready.set_notifier(None if fn is None else (lambda: fn(self)))
 
     # ------------------------------------------------------------------ load and estimates
@@ -519,7 +520,7 @@ class AcceleratorService:
     def closed(self) -> bool:
         return self._closed
 
-    def __enter__(self) -> "AcceleratorService":
+    def __enter__(self) -> AcceleratorService:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -47,13 +47,13 @@ import os
 from collections import deque
 from dataclasses import asdict, dataclass
 
-from virtio.alias import PAGE, AliasWindow
-from virtio.errors import GuestMemoryError
-from verbs import Access, Mtu, QpState, SendFlags, WcFlags, WcOpcode, WcStatus, WrOpcode
-from virtio_rdma.constants import Status
-from virtio_rdma.errors import CommandError, FabricError
 from fabric.local import LocalFabric
 from fabric.uverbs import KernelMr
+from verbs import Access, Mtu, QpState, SendFlags, WcFlags, WcOpcode, WcStatus, WrOpcode
+from virtio.alias import PAGE, AliasWindow
+from virtio.errors import GuestMemoryError
+from virtio_rdma.constants import Status
+from virtio_rdma.errors import CommandError, FabricError
 from virtio_rdma.rings import ATOMICS, drive_rq, drive_sq, fail_send, qp_error, recv_done, send_done
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ class VerbsFabric(LocalFabric):
                           "configured on the device's netdev?)")
 
     # ---- Fabric --------------------------------------------------------------
-    def bind(self, dev) -> "VerbsBinding":
+    def bind(self, dev) -> VerbsBinding:
         if self.closed:
             raise FabricError(f"verbs fabric on {self.device} is closed")
         a, L = self.device_attr, dev.limits
@@ -207,7 +207,7 @@ class VerbsFabric(LocalFabric):
     def describe(self) -> str:
         return f"verbs on {self.device} port {self.port} GID index {self.gid_index} ({self.address})"
 
-    def open_wire_qp(self, dev, qp, now: float) -> "VerbsQp | None":
+    def open_wire_qp(self, dev, qp, now: float) -> VerbsQp | None:
         if qp.hw is None:
             return None
         if bytes(qp.attr.dgid) == self.gid and self.endpoint(qp.attr.dest_qp_num) is not None:
@@ -258,7 +258,7 @@ class VerbsBinding:
 
     # ---- memory ----------------------------------------------------------------
     def reg_mr(self, pdn: int, access: Access, iova: int, length: int,
-               chunks: list[tuple[int, int]]) -> "_DeviceMr":
+               chunks: list[tuple[int, int]]) -> _DeviceMr:
         """Register the guest pages of an MR with the device under ``iova``
         (through an alias window when they are not one range in the daemon's
         mapping; chunks must then tile pages, as a page list does)."""
@@ -312,10 +312,10 @@ class VerbsBinding:
         return _DeviceMr(self, mr, window, length, vmas)
 
     # ---- QPs and their completion queues -----------------------------------------
-    def create_qp(self, pdn: int, layout) -> "HcaQp":
+    def create_qp(self, pdn: int, layout) -> HcaQp:
         return HcaQp(self, self._pd(pdn), layout)
 
-    def shared_cq(self, depth: int) -> "_SharedCq":
+    def shared_cq(self, depth: int) -> _SharedCq:
         """A CQ of this guest with room for ``depth`` more completions (every
         WR of a device QP is signaled, so a QP needs sq + rq entries)."""
         max_cqe = self.fabric.device_attr.max_cqe
@@ -333,7 +333,7 @@ class VerbsBinding:
             raise CommandError("device CQ smaller than asked for", Status.ENOMEM)
         return c
 
-    def on_event(self, c: "_SharedCq") -> None:
+    def on_event(self, c: _SharedCq) -> None:
         """A completion channel is readable: take the event, re-arm, poll."""
         if c.cq is None:
             return
@@ -346,7 +346,7 @@ class VerbsBinding:
         c.cq.req_notify()
         self.poll(c)
 
-    def poll(self, c: "_SharedCq | None" = None) -> int:
+    def poll(self, c: _SharedCq | None = None) -> int:
         """Hand every completion of ``c`` (default: all this guest's CQs) to
         the engine of its QP; returns how many there were."""
         n = 0
@@ -489,8 +489,8 @@ class HcaQp:
     guest's shared CQs, with a small registered buffer for inline data."""
 
     def __init__(self, binding: VerbsBinding, pd, layout) -> None:
-        from pyverbs.qp import QP, QPCap, QPInitAttr
         import pyverbs.enums as e
+        from pyverbs.qp import QP, QPCap, QPInitAttr
 
         fabric = binding.fabric
         self.binding = binding
@@ -524,8 +524,8 @@ class HcaQp:
     def bounce_buffer(self):
         """The registered buffer inline data and empty SGE lists use (made on first use)."""
         if self.bounce is None:
-            from pyverbs.mr import MR
             import pyverbs.enums as e
+            from pyverbs.mr import MR
 
             self.bounce = MR(self.pd, self.inline_slot * self.sq_depth, e.IBV_ACCESS_LOCAL_WRITE)
         return self.bounce
@@ -534,8 +534,8 @@ class HcaQp:
         """Back to RESET (the guest QP went there): the device QP can be used
         again; completions it left in the shared CQ are dropped (the engine is
         detached), the other QPs' are delivered."""
-        from pyverbs.qp import QPAttr
         import pyverbs.enums as e
+        from pyverbs.qp import QPAttr
 
         self.engine = None
         self.qp.modify(QPAttr(qp_state=e.IBV_QPS_RESET), e.IBV_QP_STATE)
@@ -587,9 +587,9 @@ class VerbsQp:
         ``prev`` and the guest's MODIFY_QP fails, as ibv_modify_qp does.
         Optional attributes a transition allows are always passed, with the
         guest's current values (unchanged ones are no-ops)."""
-        from pyverbs.addr import AHAttr, GID, GlobalRoute
-        from pyverbs.qp import QPAttr
         import pyverbs.enums as e
+        from pyverbs.addr import GID, AHAttr, GlobalRoute
+        from pyverbs.qp import QPAttr
 
         qp, a, hw = self.qp, self.qp.attr, self.hw
         if self.failed or target is QpState.SQE:
@@ -662,8 +662,8 @@ class VerbsQp:
         self.failed = True
         self.posted.clear()
         self.recv_ids.clear()
-        from pyverbs.qp import QPAttr
         import pyverbs.enums as e
+        from pyverbs.qp import QPAttr
 
         try:
             self.hw.qp.modify(QPAttr(qp_state=e.IBV_QPS_ERR), e.IBV_QP_STATE)
@@ -712,8 +712,8 @@ class VerbsQp:
         pass
 
     def start_send(self, idx: int, wqe, signaled: bool, now: float) -> bool:
-        from pyverbs.wr import SGE, SendWR
         import pyverbs.enums as e
+        from pyverbs.wr import SGE, SendWR
 
         hw, op = self.hw, wqe.opcode
         if wqe.inline is not None:
@@ -767,7 +767,7 @@ class VerbsQp:
             drive_rq(self.dev, self.qp, self)
 
     def post_recv(self, idx: int, wqe) -> None:
-        from pyverbs.wr import RecvWR, SGE
+        from pyverbs.wr import SGE, RecvWR
 
         if wqe.sges:
             sges = [(s.addr, s.length, s.lkey) for s in wqe.sges]

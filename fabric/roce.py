@@ -29,17 +29,17 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from time import monotonic
-from typing import Callable
 
+from fabric.local import LocalFabric
+from fabric.roce_qp import NetworkQp
 from roce.icrc import ROCE_UDP_PORT
 from roce.packet import PacketRun, RocePacket, expand
 from roce.sport import PortCheck, allowed_source_ports, port_check
 from verbs import QPN_MASK
 from virtio_rdma.errors import FabricError
-from fabric.local import LocalFabric
-from fabric.roce_qp import NetworkQp
 
 log = logging.getLogger(__name__)
 

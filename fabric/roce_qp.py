@@ -34,15 +34,25 @@ from __future__ import annotations
 import logging
 from collections import deque
 
-from verbs import Access, AsyncEvent, QpState, SendFlags, WcFlags, WcOpcode, WcStatus, WrOpcode
-from virtio_rdma.errors import MemoryAccessError
-from virtio_rdma.rings import ATOMICS, LOCAL_WRITE_OPS, WqeError, drive_rq, drive_sq, fail_send, \
-    local_views, path_mtu_bytes, qp_error, recv_done, send_done
-
 from roce.errors import RemoteAccessError, TransportError
 from roce.rc import verbs as rv
 from roce.rc.qp import QpState as RcState, RcQp
 from roce.rc.sgl import SgList
+from verbs import Access, AsyncEvent, QpState, SendFlags, WcFlags, WcOpcode, WcStatus, WrOpcode
+from virtio_rdma.errors import MemoryAccessError
+from virtio_rdma.rings import (
+    ATOMICS,
+    LOCAL_WRITE_OPS,
+    WqeError,
+    drive_rq,
+    drive_sq,
+    fail_send,
+    local_views,
+    path_mtu_bytes,
+    qp_error,
+    recv_done,
+    send_done,
+)
 
 log = logging.getLogger(__name__)
 

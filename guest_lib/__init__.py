@@ -8,7 +8,14 @@ errno (:class:`RDMAError`) apart from misuse (:class:`UserError`).
 """
 from guest_lib.context import GID, Context
 from guest_lib.cq import CQ, WC
-from guest_lib.errors import PyverbsError, PyverbsRDMAError, PyverbsUserError, RDMAError, UserError, VerbsError
+from guest_lib.errors import (
+           PyverbsError,
+           PyverbsRDMAError,
+           PyverbsUserError,
+           RDMAError,
+           UserError,
+           VerbsError,
+)
 from guest_lib.mr import MR
 from guest_lib.pd import PD
 from guest_lib.qp import QP, AHAttr, QPAttr, QPCap, QPInitAttr

@@ -14,7 +14,7 @@ class VerbsObject:
     #: children close in ascending rank: QPs before the MRs, PDs and CQs they use
     _close_rank = 9
 
-    def __init__(self, parent: "VerbsObject | None" = None):
+    def __init__(self, parent: VerbsObject | None = None):
         self._children: weakref.WeakSet = weakref.WeakSet()
         self._closed = False
         self.parent = parent

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import struct
 import time
-from time import monotonic
 from dataclasses import dataclass
+from time import monotonic
 
 from guest_lib.base import VerbsObject
 from guest_lib.context import Context
 from guest_lib.errors import UserError
+from verbs import WcStatus
 from virtio.memory import le32_words
 from virtio_rdma import wire
-from verbs import WcStatus
 from virtio_rdma.constants import Cmd, CqArm
 
 _CQE = struct.Struct("<QBBBBIIIII")

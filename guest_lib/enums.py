@@ -2,8 +2,7 @@
 IBV_MTU_1024...), as pyverbs.libibverbs_enums provides them, generated from
 the one definition in :mod:`verbs`."""
 from verbs import Mtu
-from verbs.enums import C_PREFIX as _C_PREFIX
-from verbs.enums import c_name as _c_name
+from verbs.enums import C_PREFIX as _C_PREFIX, c_name as _c_name
 
 for _enum in _C_PREFIX:
     for _m in _enum:

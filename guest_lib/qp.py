@@ -17,9 +17,9 @@ from guest_lib.base import VerbsObject
 from guest_lib.cq import CQ
 from guest_lib.errors import RDMAError, UserError
 from guest_lib.pd import PD
+from verbs import Mtu, QpAttrMask as M, QpState, QpType, SendFlags, WcOpcode
 from virtio.memory import le32_words
 from virtio_rdma import wire
-from verbs import Mtu, QpAttrMask as M, QpState, QpType, SendFlags, WcOpcode
 from virtio_rdma.constants import Cmd, CreateQpFlags, DoorbellKind
 
 _U32 = 0xFFFFFFFF
@@ -210,7 +210,7 @@ class QP(VerbsObject):
             pi = (pi + 1) & _U32
         self._publish_sq(pi)
 
-    def prepare_send(self, wrs) -> "PostList":
+    def prepare_send(self, wrs) -> PostList:
         """Encode a list of SendWRs once, to post it many times with
         :meth:`post_list` (perftest's ``-l``: the same WRs, one doorbell)."""
         wrs = list(wrs)
@@ -220,7 +220,7 @@ class QP(VerbsObject):
         signaled = tuple(self._pack_send(buf, i * self.sq_slot, wr) for i, wr in enumerate(wrs))
         return PostList(self, bytes(buf), signaled)
 
-    def post_list(self, plist: "PostList") -> None:
+    def post_list(self, plist: PostList) -> None:
         """Post a prepared list: its WQEs are copied into the ring in at most
         two slice copies, then one doorbell."""
         self._check_open()

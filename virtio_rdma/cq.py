@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import enum
 
+from verbs import WcStatus
 from virtio.errors import GuestMemoryError
 from virtio.memory import le32_words
-from verbs import WcStatus
 from virtio_rdma.constants import CqArm
 from virtio_rdma.wire import CQE_SIZE, Completion, pack_cqe_into
 

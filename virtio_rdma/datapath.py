@@ -26,6 +26,7 @@ from __future__ import annotations
 import struct
 import sys
 
+from fabric.base import Request, RespKind, Response
 from verbs import (
     PSN_MASK,
     RNR_RETRY_INFINITE,
@@ -43,11 +44,22 @@ from verbs import (
     rnr_timer_seconds,
 )
 from virtio_rdma.errors import MemoryAccessError
-from fabric.base import Request, RespKind, Response
 from virtio_rdma.mr import sg_copy
 from virtio_rdma.qp import Inflight, QueuePair
-from virtio_rdma.rings import ATOMICS, WqeError, complete_send, drive_sq, fail_send, fetch_recv, \
-    local_views, path_mtu_bytes, qp_error, recv_done, recv_slot_wr_id, send_done
+from virtio_rdma.rings import (
+    ATOMICS,
+    WqeError,
+    complete_send,
+    drive_sq,
+    fail_send,
+    fetch_recv,
+    local_views,
+    path_mtu_bytes,
+    qp_error,
+    recv_done,
+    recv_slot_wr_id,
+    send_done,
+)
 
 try:  # the native fast path for the plain local success case (virtio_rdma/_datapath.pyx)
     from virtio_rdma import _datapath as _fast

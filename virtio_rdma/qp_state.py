@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from verbs import QpAttrMask as M
-from verbs import QpState as S
+from verbs import QpAttrMask as M, QpState as S
 from virtio_rdma.constants import Status
 from virtio_rdma.errors import VirtioRdmaError
 

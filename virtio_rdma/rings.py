@@ -29,8 +29,8 @@ from __future__ import annotations
 import struct
 from typing import Protocol
 
-from virtio.errors import GuestMemoryError
 from verbs import Access, AsyncEvent, Mtu, QpState, SendFlags, UnknownValueError, WcOpcode, WcStatus, WrOpcode
+from virtio.errors import GuestMemoryError
 from virtio_rdma.errors import MemoryAccessError, VirtioRdmaError
 from virtio_rdma.wire import Completion, RecvWqe, SendWqe, decode_recv_wqe, decode_send_wqe
 

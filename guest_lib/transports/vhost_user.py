@@ -22,7 +22,14 @@ import errno
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from guest_lib.transport import DRIVER_FEATURES, NUM_QUEUES, DeviceGone, TransportError, VirtioTransport, WaitTimeout
+from guest_lib.transport import (
+    DRIVER_FEATURES,
+    NUM_QUEUES,
+    DeviceGone,
+    TransportError,
+    VirtioTransport,
+    WaitTimeout,
+)
 from vhost_user.errors import VhostUserError
 from vhost_user.frontend import BackendGone, VirtioUserDevice
 from virtio.split import DriverQueue

@@ -28,7 +28,6 @@ from .requester import Requester
 from .responder import Responder
 from .verbs import Completion, RecvWR, SendWR, wc_opcode_of
 
-
 #: Legal modify() transitions of the RC state machine over libibverbs'
 #: ``enum ibv_qp_state`` (SQE is never entered here). RESET: just created or
 #: reset, nothing queued; INIT: receive WRs may be posted, no traffic; RTR:

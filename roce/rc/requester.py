@@ -36,10 +36,10 @@ from verbs import (
     rnr_timer_seconds,
 )
 
+from ..build import make_bth, make_ieth, make_immdt, make_packet, make_reth
 from ..errors import InvalidWorkRequest
 from ..headers import Aeth, AtomicEth
 from ..opcodes import OPCODE_TABLE, Kind, Opcode
-from ..build import make_bth, make_ieth, make_immdt, make_packet, make_reth
 from ..packet import PacketRun, RocePacket
 from .config import MAX_MSG_SIZE, MAX_PKT_PER_ACK, MAX_UNACKED_PSNS, QpConfig
 from .metrics import RcMetrics

@@ -25,12 +25,23 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from verbs import MSN_MASK, PSN_HALF, PSN_MASK, Access, AethType, NakCode, WcOpcode, WcStatus, psn_add, psn_diff
+from verbs import (
+    MSN_MASK,
+    PSN_HALF,
+    PSN_MASK,
+    Access,
+    AethType,
+    NakCode,
+    WcOpcode,
+    WcStatus,
+    psn_add,
+    psn_diff,
+)
 
+from ..build import make_aeth, make_bth, make_packet
 from ..errors import RemoteAccessError
 from ..headers import CREDITS_INVALID, Aeth, AtomicAckEth
 from ..opcodes import Kind, Opcode, OpInfo, Position
-from ..build import make_aeth, make_bth, make_packet
 from ..packet import RocePacket
 from .config import MAX_MSG_SIZE, QpConfig
 from .metrics import RcMetrics

@@ -116,8 +116,7 @@ def run_fft_bench(sizes=DEFAULT_SIZES, dtypes=DEFAULT_DTYPES, repeat: int = 7,
 def call_overhead(sizes=(16, 1024), dtype="complex64", repeat: int = 7,
                   sample_s: float = 0.02) -> list[dict]:
     """fft() on one row with a cached plan vs an empty Cython call and the bare kernel."""
-    from accel_core import dft as fftmod
-    from accel_core import _fft
+    from accel_core import _fft, dft as fftmod
 
     rows = []
     for n in sizes:

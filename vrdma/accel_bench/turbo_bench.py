@@ -53,8 +53,7 @@ def _time_vrdma(llr, iterations, batch, scaling, repeat):
 
 
 def _time_commpy(y, sigma2, K, iterations):
-    from commpy.channelcoding import Trellis
-    from commpy.channelcoding import turbo as cturbo
+    from commpy.channelcoding import Trellis, turbo as cturbo
     from commpy.channelcoding.interleavers import RandInterlv
 
     trellis = Trellis(np.array([3]), np.array([[0o13, 0o15]]), feedback=0o13, code_type="rsc")

@@ -144,10 +144,9 @@ def make_fabric(args):
         return LocalFabric(), []  # one host: every guest of this daemon shares the QPN space
     if not args.roce_addr:
         raise SystemExit("vrdma backend: --fabric roce needs --roce-addr IP")
-    from virtio_rdma.errors import FabricError
     from fabric.roce import RoceFabric, RoceFabricService
-
     from roce.errors import RoceError
+    from virtio_rdma.errors import FabricError
 
     checks, default = {}, "auto"
     for item in args.peer_port_check:
@@ -175,8 +174,8 @@ def make_fabric(args):
 def _verbs_fabric(args):
     if not args.verbs_device:
         raise SystemExit("vrdma backend: --fabric verbs needs --verbs-device NAME")
-    from virtio_rdma.errors import FabricError
     from fabric.hca import VerbsFabric, VerbsFabricService
+    from virtio_rdma.errors import FabricError
 
     try:
         fabric = VerbsFabric(args.verbs_device, port=args.verbs_port,

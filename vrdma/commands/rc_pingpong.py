@@ -170,9 +170,9 @@ def _address_line(label: str, dest) -> str:
 
 
 def _pingpong(cfg, servername: str | None, port: int, prefetch: bool) -> int:
+    from guest_lib.endpoint import new_psn
     from vrdma.rc_pingpong import oob
     from vrdma.rc_pingpong.errors import SetupError
-    from guest_lib.endpoint import new_psn
     from vrdma.rc_pingpong.pingpong import PingpongContext
 
     _check_combinations(cfg, prefetch)
