@@ -95,7 +95,8 @@ class Context(VerbsObject):
                 raise UserError(f"Context takes a socket path ({name!r}) or a transport, not both")
             missing = missing_members(transport)
             if missing:
-                raise UserError(f"transport {transport!r} is not a VirtioTransport: it has no {', '.join(missing)}")
+                raise UserError(f"transport {transport!r} is not a VirtioTransport: "
+                                f"it has no {', '.join(missing)}")
             t, name = transport, transport.name
         self.name = name
         self.transport = t

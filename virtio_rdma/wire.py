@@ -484,10 +484,11 @@ def _plain(container) -> dict:
         if k.startswith("_"):
             continue
         if isinstance(v, cs.Container):
-            v = _plain(v)
+            out[k] = _plain(v)
         elif isinstance(v, cs.ListContainer):
-            v = [_plain(x) if isinstance(x, cs.Container) else x for x in v]
-        out[k] = v
+            out[k] = [_plain(x) if isinstance(x, cs.Container) else x for x in v]
+        else:
+            out[k] = v
     return out
 
 
@@ -547,7 +548,8 @@ def decode_request(buf: bytes | memoryview) -> tuple[Cmd, object]:
     dataclass of ``BODIES[cmd][0]``)."""
     buf = memoryview(buf)
     if len(buf) < CTRL_HEADER_SIZE:
-        raise WireError(f"control request of {len(buf)} bytes is shorter than its {CTRL_HEADER_SIZE}-byte header")
+        raise WireError(f"control request of {len(buf)} bytes is shorter than its "
+                        f"{CTRL_HEADER_SIZE}-byte header")
     hdr_cmd, hdr_flags, hdr_len = _CTRL_HDR.unpack_from(buf)
     cmd = Cmd.parse(hdr_cmd)
     if hdr_flags != 0:
