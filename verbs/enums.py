@@ -15,6 +15,8 @@ raises :class:`~verbs.errors.UnknownValueError`.
 """
 from __future__ import annotations
 
+import enum
+
 from verbs.parse import ParseIntEnum, ParseIntFlag
 
 __all__ = [
@@ -233,7 +235,7 @@ class AtomicCap(ParseIntEnum):
 #: The libibverbs C name of a member is ``C_PREFIX[type(m)] + m.name``
 #: (``IBV_WR_`` + ``SEND``); pyverbs.enums, guest_lib.enums and
 #: verbs/_verbs.pxd use these names.
-C_PREFIX: dict[type, str] = {
+C_PREFIX: dict[type[enum.IntEnum] | type[enum.IntFlag], str] = {
     QpType: "IBV_QPT_", QpState: "IBV_QPS_", QpAttrMask: "IBV_QP_", Access: "IBV_ACCESS_",
     WrOpcode: "IBV_WR_", SendFlags: "IBV_SEND_", WcOpcode: "IBV_WC_", WcStatus: "IBV_WC_",
     WcFlags: "IBV_WC_", AsyncEvent: "IBV_EVENT_", Mtu: "IBV_", PortState: "IBV_PORT_",

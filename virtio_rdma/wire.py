@@ -28,7 +28,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
 from operator import attrgetter
-from typing import Annotated, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, get_args, get_origin, get_type_hints
 
 import construct as cs
 
@@ -479,7 +479,7 @@ MAX_MR_CHUNKS_WIRE = 1 << 20
 
 def _plain(container) -> dict:
     """construct Container -> plain dict (drops construct's private keys)."""
-    out = {}
+    out: dict[str, Any] = {}
     for k, v in container.items():
         if k.startswith("_"):
             continue
@@ -757,7 +757,7 @@ class SendWqe:
     rkey: int = 0
     compare_add: int = 0
     swap: int = 0
-    sges: list = None
+    sges: list[SgeEntry] = field(default_factory=list)  # decode_send_wqe passes its own
     inline: memoryview | bytes | None = None
 
     @property
