@@ -39,7 +39,7 @@ _WRID = struct.Struct("<Q")
 _SIGNALED = int(SendFlags.SIGNALED)
 
 #: the CQE opcode of each send WR opcode (ibv_wc_opcode of ibv_wr_opcode)
-WC_OF_WR = {
+WC_OF_WR: dict[int, WcOpcode] = {
     WrOpcode.SEND: WcOpcode.SEND,
     WrOpcode.SEND_WITH_IMM: WcOpcode.SEND,
     WrOpcode.SEND_WITH_INV: WcOpcode.SEND,
