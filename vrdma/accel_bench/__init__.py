@@ -29,6 +29,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,11 @@ SECTIONS = ("fft", "turbo", "service")
 
 
 # --------------------------------------------------------------------------- service section
+
+
+def _direct_calls(direct: Callable[[Any], object], outs: list, jobs: int) -> list:
+    """``jobs`` kernel calls, round-robin over the output buffers."""
+    return [direct(outs[i % len(outs)]) for i in range(jobs)]
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -81,7 +87,7 @@ def run_service_bench(*, quick: bool = False, model=None, workers: tuple[int, ..
     info = rng.integers(0, 2, (db, k), dtype=np.uint8)
     llr = ((1.0 - 2.0 * turbo_encode(info).astype(np.float32)) * 2.0
            + rng.standard_normal((db, 3, k + 4)).astype(np.float32))
-    workloads = [
+    workloads: list[dict[str, Any]] = [
         {"case": f"fft {fb}x{n} complex64", "op": Op.FFT, "inputs": [x],
          "outputs": [np.empty_like(x) for _ in range(8)], "params": {},
          "jobs": 48 if quick else 400, "unit": "Msample/s", "per_job": fb * n / 1e6,
@@ -95,9 +101,7 @@ def run_service_bench(*, quick: bool = False, model=None, workers: tuple[int, ..
     for w in workloads:
         outs = w["outputs"]
         w["direct"](outs[0])  # warm up plans and tables
-        direct = min(_timed(lambda w=w, outs=outs: [w["direct"](outs[i % len(outs)])
-                                                     for i in range(w["jobs"])])
-                     for _ in range(repeat))
+        direct = min(_timed(partial(_direct_calls, w["direct"], outs, w["jobs"])) for _ in range(repeat))
         direct_rate = w["jobs"] * w["per_job"] / direct
         rows.append({"case": w["case"], "workers": 0, "mode": "direct kernel calls, 1 thread",
                      "jobs": w["jobs"], "seconds": direct, "jobs_per_s": w["jobs"] / direct,
@@ -105,13 +109,14 @@ def run_service_bench(*, quick: bool = False, model=None, workers: tuple[int, ..
                      "ratio_vs_direct": 1.0})
         for nw in workers:
             best = math.inf
-            est = None
+            est: dict[str, Any] | None = None
             for _ in range(repeat):
                 with AcceleratorService(workers=nw, model=model) as svc:
                     secs, _jobs = _service_run(svc, w["op"], w["inputs"], outs, w["jobs"], w["params"])
                     stats = svc.metrics()["accelerators"]["accel0"]["ops"][w["op"].value]["estimate"]
                 if secs < best:
                     best, est = secs, stats
+            assert est is not None  # repeat >= 1 runs
             rate = w["jobs"] * w["per_job"] / best
             rows.append({"case": w["case"], "workers": nw, "mode": f"service, {nw} worker(s)",
                          "jobs": w["jobs"], "seconds": best, "jobs_per_s": w["jobs"] / best,
