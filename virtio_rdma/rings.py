@@ -181,7 +181,8 @@ def drive_sq(dev, qp, engine: SendEngine, now: float) -> None:
             _count(dev, e.metric)
             engine.fail_send(idx, _WRID.unpack_from(slot)[0], slot[8], e.wc_status)
             return
-        except (VirtioRdmaError, UnknownValueError, *engine.refusals):  # type: ignore[misc]  # a starred tuple
+        # malformed WQE / refused (mypy cannot type an except tuple with a starred part)
+        except (VirtioRdmaError, UnknownValueError, *engine.refusals):  # type: ignore[misc]
             metrics.bad_wqes += 1
             engine.fail_send(idx, _WRID.unpack_from(slot)[0], slot[8], WcStatus.LOC_QP_OP_ERR)
             return
@@ -276,7 +277,8 @@ def drive_rq(dev, qp, engine: RecvEngine, *, lenient: bool = False) -> None:
         idx = engine.rq_posted
         try:
             engine.post_recv(idx, fetch_recv(dev, qp, idx))
-        except (WqeError, *engine.refusals):  # type: ignore[misc]  # a starred tuple
+        # unreadable, malformed, a bad SGE, refused (mypy: see drive_sq)
+        except (WqeError, *engine.refusals):  # type: ignore[misc]
             if lenient:
                 return
             dev.metrics.bad_wqes += 1
