@@ -25,7 +25,8 @@ from accel_core import _crc
 from accel_core.errors import DtypeError, ElementError, ShapeError
 
 __all__ = [
-    "CRC_LENGTH", "GCRC24A", "GCRC24B", "CRC24A_ID", "CRC24B_ID", "as_bits", "check_bit_array", "check_bit_values",
+    "CRC_LENGTH", "GCRC24A", "GCRC24B", "CRC24A_ID", "CRC24B_ID", "as_bits", "check_bit_array",
+    "check_bit_values",
     "crc24a", "crc24b", "attach_crc24a", "attach_crc24b", "check_crc24a", "check_crc24b",
 ]
 

@@ -208,7 +208,8 @@ def check_out(x: np.ndarray, out: Any) -> np.ndarray:
     """Check a caller's ``out`` for input ``x``: ndarray of x's dtype and shape, C-contiguous,
     writable, and either disjoint from x or x's very memory (in place)."""
     if not isinstance(out, np.ndarray):
-        raise DtypeError(f"out must be a numpy array, got {type(out).__name__}", argument="out", value=type(out))
+        raise DtypeError(f"out must be a numpy array, got {type(out).__name__}", argument="out",
+                         value=type(out))
     if out.dtype != x.dtype:
         raise DtypeError(f"out dtype {out.dtype} does not match input dtype {x.dtype}",
                          argument="out", value=out.dtype)

@@ -108,7 +108,7 @@ class LinearCost:
     def __call__(self, feats: Iterable[float] | float) -> float:
         if isinstance(feats, (int, float)):
             feats = (feats,)
-        return self.a + sum(b * f for b, f in zip(self.b, feats))
+        return self.a + sum(b * f for b, f in zip(self.b, feats, strict=False))
 
 
 def fit_linear(feats: Any, seconds: Iterable[float]) -> LinearCost:
@@ -197,7 +197,7 @@ def package_version() -> str:
 def kernel_fingerprint() -> str:
     """Hash of the compiled accel_core extensions (name, size, mtime)."""
     here = Path(__file__).parent
-    h = hashlib.sha1()
+    h = hashlib.sha1(usedforsecurity=False)  # a cache key, not a secret
     for so in sorted(here.glob("_*.so")) + sorted(here.glob("_*.pyd")):
         st = so.stat()
         h.update(f"{so.name}:{st.st_size}:{st.st_mtime_ns};".encode())
@@ -287,7 +287,7 @@ class ServiceTimeModel:
     @classmethod
     def cache_file(cls, cache_dir: str | os.PathLike | None = None) -> Path:
         ident = cls.cache_identity()
-        key = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+        key = hashlib.sha1(json.dumps(ident, sort_keys=True).encode(), usedforsecurity=False).hexdigest()[:16]
         base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         return base / f"accel-model-{key}.json"
 
@@ -302,7 +302,8 @@ class ServiceTimeModel:
 
     @classmethod
     def from_dict(cls, d: Any) -> ServiceTimeModel:
-        if not isinstance(d, dict) or d.get("format") != FORMAT_VERSION or not isinstance(d.get("costs"), dict):
+        if (not isinstance(d, dict) or d.get("format") != FORMAT_VERSION
+                or not isinstance(d.get("costs"), dict)):
             raise ModelError(f"not a service-time model of format {FORMAT_VERSION}")
         costs = {}
         for key, c in d["costs"].items():

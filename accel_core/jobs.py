@@ -124,13 +124,14 @@ class JobParams:
 #
 # Every check below is the one of the module that owns the concept: FFT sizes and dtypes
 # (accel_core.dft), bit arrays (accel_core.crc), block sizes K (accel_core.qpp), decoder
-# parameters and LLR arrays (accel_core.turbo), zero-copy buffers (accel_core.buffers). This section only decides
-# which buffer is which and what shape a raw buffer has; it raises the same typed errors.
+# parameters and LLR arrays (accel_core.turbo), zero-copy buffers (accel_core.buffers). This section
+# only decides which buffer is which and what shape a raw buffer has; it raises the same typed errors.
 
 
 def _positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ParameterTypeError(f"{name} must be a positive integer, got {value!r}", argument=name, value=value)
+        raise ParameterTypeError(f"{name} must be a positive integer, got {value!r}", argument=name,
+                                 value=value)
     if value <= 0:
         raise ParameterError(f"{name} must be a positive integer, got {value!r}", argument=name, value=value)
     return int(value)
@@ -155,8 +156,8 @@ def _validate_fft(op: Op, inp: Any, out: Any, *, n: int | None, dtype: Any, batc
         if dtype is not None:
             dft.check_dtype(dtype, f"{op.value} dtype parameter")
             if np.dtype(dtype) != dt:
-                raise DtypeError(f"{op.value} dtype parameter {np.dtype(dtype)} does not match input dtype {dt}",
-                                 argument="dtype", value=np.dtype(dtype))
+                raise DtypeError(f"{op.value} dtype parameter {np.dtype(dtype)} does not match "
+                                 f"input dtype {dt}", argument="dtype", value=np.dtype(dtype))
         size = dft.check_shape(inp.shape, what)
         if n is not None and _positive_int(n, "n") != size:
             raise ShapeError(f"{op.value} size n={n} does not match the input's last axis {size}",
@@ -164,14 +165,16 @@ def _validate_fft(op: Op, inp: Any, out: Any, *, n: int | None, dtype: Any, batc
         x = buffers.adopt(inp, dt, None, what=what, writable=False)
     else:
         if n is None or dtype is None:
-            raise ParameterError(f"{op.value} on a raw buffer needs n= and dtype=", argument="n" if n is None else "dtype")
+            raise ParameterError(f"{op.value} on a raw buffer needs n= and dtype=",
+                                 argument="n" if n is None else "dtype")
         size = dft.check_size(_positive_int(n, "n"))
         dft.check_dtype(dtype, f"{op.value} dtype")
         dt = np.dtype(dtype)
         if not buffers.has_buffer(inp):
             raise DtypeError(f"{what} of type {type(inp).__name__} is neither an ndarray nor a buffer",
                              argument=what, value=type(inp))
-        b = _raw_batch(memoryview(inp).nbytes, size * dt.itemsize, batch, what, f"{size}-point {dt} transforms")
+        b = _raw_batch(memoryview(inp).nbytes, size * dt.itemsize, batch, what,
+                       f"{size}-point {dt} transforms")
         x = buffers.adopt(inp, dt, (b, size), what=what, writable=False)
     if out is None:
         y = np.empty(x.shape, dtype=dt)
@@ -189,7 +192,8 @@ def _validate_encode(inp: Any, out: Any, *, k: int | None, batch: int | None
         crc.check_bit_array(inp, what)
         kk = inp.shape[-1]
         if k is not None and _positive_int(k, "k") != kk:
-            raise ShapeError(f"turbo_encode k={k} does not match the input's last axis {kk}", argument="k", value=k)
+            raise ShapeError(f"turbo_encode k={k} does not match the input's last axis {kk}",
+                             argument="k", value=k)
         x = buffers.adopt(inp, u8, None, what=what, writable=False)
     else:
         if k is None:
@@ -201,7 +205,7 @@ def _validate_encode(inp: Any, out: Any, *, k: int | None, batch: int | None
         b = _raw_batch(memoryview(inp).nbytes, kk, batch, what, f"K={kk} blocks")
         x = buffers.adopt(inp, u8, (b, kk), what=what, writable=False)
     qpp.check_block_size(kk, what)
-    out_shape = x.shape[:-1] + (3, kk + turbo.TAIL_BITS)
+    out_shape = (*x.shape[:-1], 3, kk + turbo.TAIL_BITS)
     if out is None:
         y = np.empty(out_shape, dtype=u8)
     else:
@@ -235,7 +239,7 @@ def _validate_decode(inp: Any, out: Any, *, k: int | None, batch: int | None, it
         b = _raw_batch(memoryview(inp).nbytes, per_block, batch, what,
                        f"K={kk} blocks ({per_block} bytes each)")
         x = buffers.adopt(inp, f32, (b, 3, kk + turbo.TAIL_BITS), what=what, writable=False)
-    out_shape = x.shape[:-2] + (kk,)
+    out_shape = (*x.shape[:-2], kk)
     if out is None:
         y = np.empty(out_shape, dtype=np.uint8)
     else:

@@ -107,7 +107,8 @@ class Accelerator:
         self._paused = False
         self._state = AcceleratorState.RUNNING
         self._ready = ReadyQueue(None if ready_notify is None else (lambda: ready_notify(self)))
-        self._threads = [threading.Thread(target=self._worker, name=f"vrdma-accel-{self.name}-{i}", daemon=True)
+        self._threads = [threading.Thread(target=self._worker, name=f"vrdma-accel-{self.name}-{i}",
+                                          daemon=True)
                          for i in range(workers)]
         for t in self._threads:
             t.start()
@@ -120,7 +121,8 @@ class Accelerator:
 
     def _set_state(self, new: AcceleratorState) -> None:
         if new not in ACCELERATOR_TRANSITIONS[self._state]:
-            raise AccelError(f"accelerator {self.name}: illegal transition {self._state.value} -> {new.value}")
+            raise AccelError(f"accelerator {self.name}: illegal transition "
+                             f"{self._state.value} -> {new.value}")
         self._state = new
 
     def close(self, *, cancel_pending: bool = True) -> list[Job]:
@@ -325,7 +327,8 @@ class Accelerator:
             snap["running"] = len(self._running)
             uptime = self._clock() - self._t_start
             snap["uptime_seconds"] = uptime
-            snap["utilization"] = snap["total"]["busy_seconds"] / (uptime * self.workers) if uptime > 0 else 0.0
+            snap["utilization"] = (snap["total"]["busy_seconds"] / (uptime * self.workers)
+                                   if uptime > 0 else 0.0)
         snap["ready_depth"] = len(self._ready)
         return snap
 
@@ -426,7 +429,8 @@ class AcceleratorService:
         self._by_op: dict[Op, tuple[Accelerator, ...]] = {}
         self._closed = False
         self._rejected: dict[str, int] = {}
-        specs = list(accelerators) if accelerators is not None else [AcceleratorSpec("accel0", workers=workers)]
+        specs = (list(accelerators) if accelerators is not None
+                 else [AcceleratorSpec("accel0", workers=workers)])
         try:
             for spec in specs:
                 self.add_accelerator(spec.name, ops=spec.ops, workers=spec.workers)
@@ -441,7 +445,8 @@ class AcceleratorService:
                 raise ServiceClosed("accelerator service is closed")
             if name in self._accels:
                 raise AccelError(f"accelerator {name!r} already exists")
-            acc = Accelerator(name, ops=ops, workers=workers, model=self.model, ready_notify=self._ready_notify)
+            acc = Accelerator(name, ops=ops, workers=workers, model=self.model,
+                              ready_notify=self._ready_notify)
             self._accels[name] = acc
             self._by_op = {op: tuple(a for a in self._accels.values() if op in a.ops) for op in Op}
             return acc
@@ -504,7 +509,8 @@ class AcceleratorService:
     def metrics(self) -> dict:
         with self._lock:
             rejected = dict(self._rejected)
-        return {"accelerators": {a.name: a.stats() for a in self.accelerators}, "rejected_at_create": rejected}
+        return {"accelerators": {a.name: a.stats() for a in self.accelerators},
+                "rejected_at_create": rejected}
 
     def close(self, *, cancel_pending: bool = True) -> list[Job]:
         """Close every accelerator (see :meth:`Accelerator.close`); returns the cancelled jobs."""

@@ -78,7 +78,7 @@ def turbo_encode(bits: object) -> np.ndarray:
     """
     arr = as_bits(bits)
     K = check_block_size(arr.shape[-1])
-    out = np.empty(arr.shape[:-1] + (3, K + TAIL_BITS), dtype=np.uint8)
+    out = np.empty((*arr.shape[:-1], 3, K + TAIL_BITS), dtype=np.uint8)
     _encode(arr, out)
     return out
 
@@ -186,7 +186,7 @@ def turbo_decode(llr: object, *, iterations: int = 8, scaling: float | None = No
     scale = check_scaling(scaling)
     stop = check_early_stop(early_stop)
     arr = check_llr(llr)
-    bits = np.empty(arr.shape[:-2] + (arr.shape[-1] - TAIL_BITS,), dtype=np.uint8)
+    bits = np.empty((*arr.shape[:-2], arr.shape[-1] - TAIL_BITS), dtype=np.uint8)
     used = decode_into(arr, bits, iterations=its, scaling=scale, early_stop=stop)
     if arr.ndim == 2:
         return bits, int(used[0])

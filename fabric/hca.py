@@ -45,7 +45,9 @@ import dataclasses
 import logging
 import os
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 from fabric.local import LocalFabric
 from fabric.uverbs import KernelMr
@@ -55,6 +57,9 @@ from virtio.errors import GuestMemoryError
 from virtio_rdma.constants import Status
 from virtio_rdma.errors import CommandError, FabricError
 from virtio_rdma.rings import ATOMICS, drive_rq, drive_sq, fail_send, qp_error, recv_done, send_done
+
+if TYPE_CHECKING:
+    import asyncio
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +147,7 @@ class VerbsFabric(LocalFabric):
         except ImportError as e:
             raise FabricError(f"the verbs fabric needs pyverbs (python3-pyverbs): {e}") from None
         #: what a refusal of the device raises (pyverbs' errors)
-        self.device_errors: tuple = (PyverbsError,)
+        self.device_errors: tuple[type[Exception], ...] = (PyverbsError,)
         try:
             self.ctx = Context(name=device)
         except PyverbsError as e:
@@ -159,8 +164,9 @@ class VerbsFabric(LocalFabric):
         self.device = device
         self.port = port
         self.address = address or _address_of(gid) or gid_text(gid)
-        self.watch = None     # watch(fd, callback) / unwatch(fd): set by VerbsFabricService
-        self.unwatch = None
+        # watch(fd, callback) / unwatch(fd): set by VerbsFabricService
+        self.watch: Callable[[int, Callable[[], None]], None] | None = None
+        self.unwatch: Callable[[int], object] | None = None
         self.metrics = VerbsFabricMetrics()
         self.closed = False
 
@@ -407,7 +413,8 @@ class _DeviceMr:
 
     def __init__(self, binding: VerbsBinding, mr: KernelMr, window: AliasWindow | None,
                  length: int, vmas: int):
-        self.binding, self.mr, self.window, self.length, self.vmas = binding, mr, window, length, vmas
+        self.binding, self.window, self.length, self.vmas = binding, window, length, vmas
+        self.mr: KernelMr | None = mr  # None once closed
         self.lkey, self.rkey = mr.lkey, mr.rkey
         m = binding.fabric.metrics
         binding.registered_bytes += length
@@ -443,9 +450,12 @@ class _SharedCq:
         self.binding = binding
         self.size = size
         self.used = 0
-        self.cq = self.channel = None
+        # pyverbs' CQ and CompChannel (untyped): None until made and after close
+        self.cq: Any = None
+        self.channel: Any = None
         self.fd = -1
         self.watched = False
+        errors: tuple[type[Exception], ...] = (*fabric.device_errors, FabricError)
         try:
             before = _event_fds()
             self.channel = CompChannel(fabric.ctx)
@@ -456,7 +466,7 @@ class _SharedCq:
             os.set_blocking(self.fd, False)
             self.cq = CQ(fabric.ctx, size, None, self.channel, 0)
             self.cq.req_notify()
-        except (fabric.device_errors, FabricError) as err:
+        except errors as err:
             self.close()
             raise CommandError(f"device CQ: {err}", _status_of(err)) from None
         if fabric.watch is not None:
@@ -496,12 +506,15 @@ class HcaQp:
         self.binding = binding
         self.fabric = fabric
         self.pd = pd
-        self.qp = self.bounce = None
+        # pyverbs' QP and the bounce MR (untyped): None until made and after close
+        self.qp: Any = None
+        self.bounce: Any = None
         self.engine: VerbsQp | None = None
         self.qpn = 0
         self.depth = layout.sq_depth + layout.rq_depth
-        self.shared = binding.shared_cq(self.depth)
+        self.shared: _SharedCq | None = binding.shared_cq(self.depth)
         a = fabric.device_attr
+        errors: tuple[type[Exception], ...] = (*fabric.device_errors, FabricError)
         try:
             cap = QPCap(max_send_wr=layout.sq_depth, max_recv_wr=layout.rq_depth,
                         max_send_sge=max(1, min(layout.max_send_sge, a.max_sge)),
@@ -512,7 +525,7 @@ class HcaQp:
                                         sq_sig_all=0))
             self.qpn = self.qp.qp_num
             fabric.adopt_qpn(self.qpn)
-        except (fabric.device_errors, FabricError) as err:
+        except errors as err:
             self.qpn = 0  # not adopted: the number is not ours to free
             self._release()
             raise CommandError(f"device QP: {err}", _status_of(err)) from None
@@ -844,7 +857,7 @@ class VerbsFabricService:
 
     def __init__(self, fabric: VerbsFabric):
         self.fabric = fabric
-        self.loop = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         import asyncio
@@ -862,6 +875,7 @@ class VerbsFabricService:
             except Exception:  # the daemon boundary: one QP must not stop the others
                 self.fabric.metrics.internal_errors += 1
                 log.exception("verbs fabric: internal error on a completion")
+        assert self.loop is not None  # start() sets it before it installs this watch
         self.loop.add_reader(fd, ready)
 
     async def aclose(self) -> None:

@@ -32,6 +32,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from time import monotonic
+from typing import TYPE_CHECKING
 
 from fabric.local import LocalFabric
 from fabric.roce_qp import NetworkQp
@@ -40,6 +41,9 @@ from roce.packet import PacketRun, RocePacket, expand
 from roce.sport import PortCheck, allowed_source_ports, port_check
 from verbs import QPN_MASK
 from virtio_rdma.errors import FabricError
+
+if TYPE_CHECKING:
+    from roce.udp import RoceUdpEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -175,14 +179,14 @@ class RoceFabric(LocalFabric):
         n = 0
         for p in packets:
             n += p.count if type(p) is PacketRun else 1
-        if (wire_sink is None and sink is None) or not self._is_routable(peer):
-            self.metrics.tx_unroutable += n
-            return
-        if wire_sink is not None:
+        if wire_sink is not None and self._is_routable(peer):
             wire_sink(packets, peer)
-        else:
+        elif sink is not None and self._is_routable(peer):
             for p in expand(packets):
                 sink(p, peer)
+        else:  # no sink, or a peer of the other IP version
+            self.metrics.tx_unroutable += n
+            return
         self.metrics.tx_packets += n
 
     def receive(self, pkt: RocePacket, src: str, now: float, *, defer: bool = False,
@@ -256,7 +260,7 @@ class RoceFabricService:
         self.fabric = fabric
         self.port = fabric.port if port is None else port
         fabric.port = self.port
-        self.endpoint = None
+        self.endpoint: RoceUdpEndpoint | None = None
         #: set by the daemon: starts its busy-poll loop (arrivals bring the
         #: guests' next doorbells)
         self.on_busy: Callable[[], object] | None = None

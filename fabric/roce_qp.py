@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from typing import Any, cast
 
 from roce.errors import RemoteAccessError, TransportError
 from roce.rc import verbs as rv
@@ -132,7 +133,8 @@ class GuestRemoteMemory:
         if need & Access.REMOTE_ATOMIC:  # an aligned word split across guest chunks
             raise RemoteAccessError(f"atomic target {va:#x} spans {len(views)} guest chunks",
                                     rkey=rkey, va=va, length=length)
-        return _Scattered(views)
+        # the responder only slices, assigns and takes len() of the range: _Scattered does those
+        return cast(memoryview, _Scattered(views))
 
     def invalidate(self, rkey: int) -> None:
         raise RemoteAccessError(f"SEND with Invalidate of R_Key {rkey:#x}: memory windows and "
@@ -170,7 +172,7 @@ class NetworkQp:
         rc_target = _STATE.get(target)
         if rc_target is None:  # SQE: the engine has no such state; it keeps running
             return
-        attrs = {"access": Access(int(qp.access & _RIGHTS))}
+        attrs: dict[str, Any] = {"access": Access(int(qp.access & _RIGHTS))}
         if target is QpState.RTR and prev is QpState.INIT:
             self._post_recvs()
             attrs.update(dest_qp_num=a.dest_qp_num, path_mtu=path_mtu_bytes(qp),

@@ -91,7 +91,7 @@ class KernelMr:
         if n != len(cmd):
             raise FabricError(f"REG_MR: short write ({n} of {len(cmd)} bytes)")
         r = decode_reg_mr_resp(resp.raw)
-        self.cmd_fd = cmd_fd
+        self.cmd_fd: int | None = cmd_fd  # None once closed
         self.handle = r.mr_handle
         self.lkey = r.lkey
         self.rkey = r.rkey

@@ -95,7 +95,8 @@ class Context(VerbsObject):
                 raise UserError(f"Context takes a socket path ({name!r}) or a transport, not both")
             missing = missing_members(transport)
             if missing:
-                raise UserError(f"transport {transport!r} is not a VirtioTransport: it has no {', '.join(missing)}")
+                raise UserError(f"transport {transport!r} is not a VirtioTransport: "
+                                f"it has no {', '.join(missing)}")
             t, name = transport, transport.name
         self.name = name
         self.transport = t
@@ -195,7 +196,7 @@ class Context(VerbsObject):
         return self._translate(self._uva_to_gpa(uva, length), length)
 
     # --- control queue ------------------------------------------------
-    def command(self, cmd: Cmd, **fields) -> dict | None:
+    def command(self, cmd: Cmd, **fields) -> dict:
         self._check_open()
         t = self.transport
         if t.dead is not None:
@@ -218,6 +219,7 @@ class Context(VerbsObject):
         status, body = wire.decode_response(cmd, self._resp[:written])
         if status != Status.OK:
             raise RDMAError(f"{cmd.name} failed", int(status))
+        assert body is not None  # decode_response gives a body with every OK status
         return body
 
     def query_device(self):

@@ -77,7 +77,8 @@ class CQ(VerbsObject):
 
     def poll(self, num_entries: int = 1) -> tuple[int, list[WC]]:
         """Poll up to ``num_entries`` completions: (npolled, [WC])."""
-        ring, ci, out = self.ring, self.ci, []
+        ring, ci = self.ring, self.ci
+        out: list[WC] = []
         qps = self.ctx.qps
         while len(out) < num_entries:
             off = (ci & self._mask) * 32

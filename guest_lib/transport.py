@@ -224,5 +224,6 @@ def missing_members(obj: object, proto: type = VirtioTransport) -> list[str]:
     """The members of ``proto`` that ``obj`` lacks (empty: it implements the
     interface as far as a runtime check can tell)."""
     names = list(inspect.get_annotations(proto))
-    names += [n for n, v in vars(proto).items() if not n.startswith("_") and (callable(v) or isinstance(v, property))]
+    names += [n for n, v in vars(proto).items()
+              if not n.startswith("_") and (callable(v) or isinstance(v, property))]
     return sorted({n for n in names if not hasattr(obj, n)})

@@ -147,7 +147,7 @@ class RoceUdpEndpoint:
         self.on_batch_end: Callable[[], None] | None = None
         #: ``fast(ring, i, n, envelopes) -> j`` takes slots ``i .. j-1`` itself
         #: (e.g. :class:`roce.rc._fastrx.RequestFastPath`); the rest are decoded
-        self.fast = None
+        self.fast: Callable[..., int] | None = None
         self.metrics = UdpMetrics()
         self.local: tuple[str, int] = sock.getsockname()[:2]
         self.loop = loop or asyncio.get_running_loop()

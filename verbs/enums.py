@@ -15,6 +15,8 @@ raises :class:`~verbs.errors.UnknownValueError`.
 """
 from __future__ import annotations
 
+import enum
+
 from verbs.parse import ParseIntEnum, ParseIntFlag
 
 __all__ = [
@@ -233,7 +235,7 @@ class AtomicCap(ParseIntEnum):
 #: The libibverbs C name of a member is ``C_PREFIX[type(m)] + m.name``
 #: (``IBV_WR_`` + ``SEND``); pyverbs.enums, guest_lib.enums and
 #: verbs/_verbs.pxd use these names.
-C_PREFIX: dict[type, str] = {
+C_PREFIX: dict[type[enum.IntEnum] | type[enum.IntFlag], str] = {
     QpType: "IBV_QPT_", QpState: "IBV_QPS_", QpAttrMask: "IBV_QP_", Access: "IBV_ACCESS_",
     WrOpcode: "IBV_WR_", SendFlags: "IBV_SEND_", WcOpcode: "IBV_WC_", WcStatus: "IBV_WC_",
     WcFlags: "IBV_WC_", AsyncEvent: "IBV_EVENT_", Mtu: "IBV_", PortState: "IBV_PORT_",
@@ -249,15 +251,18 @@ def c_name(member) -> str:
 #: libibverbs' ``ibv_wc_status_str()`` strings (rdma-core libibverbs/enum_strs.c)
 _WC_STATUS_STR: dict[int, str] = {
     WcStatus.SUCCESS: "success", WcStatus.LOC_LEN_ERR: "local length error",
-    WcStatus.LOC_QP_OP_ERR: "local QP operation error", WcStatus.LOC_EEC_OP_ERR: "local EE context operation error",
+    WcStatus.LOC_QP_OP_ERR: "local QP operation error",
+    WcStatus.LOC_EEC_OP_ERR: "local EE context operation error",
     WcStatus.LOC_PROT_ERR: "local protection error", WcStatus.WR_FLUSH_ERR: "Work Request Flushed Error",
     WcStatus.MW_BIND_ERR: "memory management operation error", WcStatus.BAD_RESP_ERR: "bad response error",
     WcStatus.LOC_ACCESS_ERR: "local access error", WcStatus.REM_INV_REQ_ERR: "remote invalid request error",
     WcStatus.REM_ACCESS_ERR: "remote access error", WcStatus.REM_OP_ERR: "remote operation error",
     WcStatus.RETRY_EXC_ERR: "transport retry counter exceeded",
-    WcStatus.RNR_RETRY_EXC_ERR: "RNR retry counter exceeded", WcStatus.LOC_RDD_VIOL_ERR: "local RDD violation error",
+    WcStatus.RNR_RETRY_EXC_ERR: "RNR retry counter exceeded",
+    WcStatus.LOC_RDD_VIOL_ERR: "local RDD violation error",
     WcStatus.REM_INV_RD_REQ_ERR: "remote invalid RD request", WcStatus.REM_ABORT_ERR: "aborted error",
-    WcStatus.INV_EECN_ERR: "invalid EE context number", WcStatus.INV_EEC_STATE_ERR: "invalid EE context state",
+    WcStatus.INV_EECN_ERR: "invalid EE context number",
+    WcStatus.INV_EEC_STATE_ERR: "invalid EE context state",
     WcStatus.FATAL_ERR: "fatal error", WcStatus.RESP_TIMEOUT_ERR: "response timeout error",
     WcStatus.GENERAL_ERR: "general error", WcStatus.TM_ERR: "TM error",
     WcStatus.TM_RNDV_INCOMPLETE: "TM software rendezvous",

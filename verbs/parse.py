@@ -10,6 +10,7 @@ value with a bit outside the enumeration's members is unknown as a whole.
 from __future__ import annotations
 
 import enum
+from typing import Any, Self, cast
 
 from verbs.errors import UnknownValueError
 
@@ -17,8 +18,11 @@ __all__ = ["ParseIntEnum", "ParseIntFlag", "parse"]
 
 
 class _Parse:
+    #: what enum.Enum gives the classes this mixes into: value -> member
+    _value2member_map_: dict[Any, Any]
+
     @classmethod
-    def parse(cls, value):
+    def parse(cls, value: Any) -> Self:
         # The enum's own value -> member map first: the lookup ``cls(value)``
         # starts with, without its call overhead (WQE, CQE and doorbell
         # decoding parse on every operation).
@@ -29,7 +33,7 @@ class _Parse:
         if member is not None:
             return member
         try:
-            return cls(value)
+            return cast(Any, cls)(value)  # the enum's lookup (an Enum is callable; this mixin is not)
         except ValueError:
             raise UnknownValueError(f"{value!r} is not a valid {cls.__name__}") from None
 
@@ -42,7 +46,8 @@ class ParseIntFlag(_Parse, enum.IntFlag, boundary=enum.STRICT):
     """An ``IntFlag`` (STRICT: no unknown bits) with :meth:`parse` for untrusted numbers."""
 
     @classmethod
-    def parse(cls, value):
+    def parse(cls, value: Any) -> Self:
+        member: Any
         try:  # valid values only (STRICT never caches others)
             member = cls._value2member_map_.get(value)
         except TypeError:  # unhashable: int() says what is wrong with it

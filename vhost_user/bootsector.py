@@ -130,8 +130,9 @@ def _assemble() -> tuple[bytes, int, str]:
     marker_off = pos
     out = bytearray()
     lines = []
-    for label, code, text in _CODE:
+    for label, code, note in _CODE:
         here = len(out)
+        text = note
         if isinstance(code, tuple):
             opcode, target = code
             rel = offsets[target] - (here + 2)

@@ -65,14 +65,14 @@ try:  # the native fast path for the plain local success case (virtio_rdma/_data
     from virtio_rdma import _datapath as _fast
     from virtio_rdma._datapath import DbrecScanner
 except ImportError:  # pragma: no cover - extension not built
-    _fast = None
-    DbrecScanner = None
+    _fast = None  # type: ignore[assignment]  # only where the extension is not built
+    DbrecScanner = None  # type: ignore[assignment,misc]  # likewise
 
 _U64N = struct.Struct("=Q")  # host-endian, like ibverbs atomics
 _WITH_IMM = int(WcFlags.WITH_IMM)
 MAX_INFLIGHT = 128
 
-_NAK_STATUS = {
+_NAK_STATUS: dict[NakCode | None, WcStatus] = {
     NakCode.INV_REQ: WcStatus.REM_INV_REQ_ERR,
     NakCode.REM_ACCESS: WcStatus.REM_ACCESS_ERR,
     NakCode.REM_OP: WcStatus.REM_OP_ERR,

@@ -24,6 +24,7 @@ from virtio_rdma.wire import SendWqe, WqLayout, qp_attr_defaults
 
 if TYPE_CHECKING:
     from fabric.base import WireQp
+    from virtio_rdma.datapath import LocalSender
 
 
 @dataclass(slots=True)
@@ -76,7 +77,7 @@ class QueuePair:
         #: on another host; None: the message path of ``datapath`` over the fabric
         self.net: WireQp | None = None
         #: the message path's requester (``datapath.LocalSender``), made on first use
-        self.local = None
+        self.local: LocalSender | None = None
         #: the host RDMA device's QP behind this one (a verbs fabric); owned here
         self.hw = None
         #: the RC engine driving this QP (``virtio_rdma.datapath``): its

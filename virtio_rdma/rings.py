@@ -39,7 +39,7 @@ _WRID = struct.Struct("<Q")
 _SIGNALED = int(SendFlags.SIGNALED)
 
 #: the CQE opcode of each send WR opcode (ibv_wc_opcode of ibv_wr_opcode)
-WC_OF_WR = {
+WC_OF_WR: dict[int, WcOpcode] = {
     WrOpcode.SEND: WcOpcode.SEND,
     WrOpcode.SEND_WITH_IMM: WcOpcode.SEND,
     WrOpcode.SEND_WITH_INV: WcOpcode.SEND,
@@ -75,9 +75,10 @@ class WqeError(VirtioRdmaError):
 class SendEngine(Protocol):
     """What :func:`drive_sq` needs from the engine that runs a QP."""
 
-    #: exceptions of the engine itself meaning "this WQE is refused"
-    #: (completes LOC_QP_OP_ERR, counted as a bad WQE)
-    refusals: tuple[type[BaseException], ...]
+    @property
+    def refusals(self) -> tuple[type[BaseException], ...]:
+        """Exceptions of the engine itself meaning "this WQE is refused"
+        (completes LOC_QP_OP_ERR, counted as a bad WQE)."""
 
     def may_start(self, now: float) -> bool:
         """Can the next WQE start now (window, RNR stall, ...)?"""
@@ -96,7 +97,9 @@ class SendEngine(Protocol):
 class RecvEngine(Protocol):
     """What :func:`drive_rq` needs from a wire engine that takes receives ahead of need."""
 
-    refusals: tuple[type[BaseException], ...]
+    @property
+    def refusals(self) -> tuple[type[BaseException], ...]: ...
+
     #: RQ ring index up to which receives went to the engine
     rq_posted: int
 
@@ -178,7 +181,8 @@ def drive_sq(dev, qp, engine: SendEngine, now: float) -> None:
             _count(dev, e.metric)
             engine.fail_send(idx, _WRID.unpack_from(slot)[0], slot[8], e.wc_status)
             return
-        except (VirtioRdmaError, UnknownValueError, *engine.refusals):  # malformed WQE / refused
+        # malformed WQE / refused (mypy cannot type an except tuple with a starred part)
+        except (VirtioRdmaError, UnknownValueError, *engine.refusals):  # type: ignore[misc]
             metrics.bad_wqes += 1
             engine.fail_send(idx, _WRID.unpack_from(slot)[0], slot[8], WcStatus.LOC_QP_OP_ERR)
             return
@@ -273,7 +277,8 @@ def drive_rq(dev, qp, engine: RecvEngine, *, lenient: bool = False) -> None:
         idx = engine.rq_posted
         try:
             engine.post_recv(idx, fetch_recv(dev, qp, idx))
-        except (WqeError, *engine.refusals):  # unreadable, malformed, a bad SGE, refused
+        # unreadable, malformed, a bad SGE, refused (mypy: see drive_sq)
+        except (WqeError, *engine.refusals):  # type: ignore[misc]
             if lenient:
                 return
             dev.metrics.bad_wqes += 1

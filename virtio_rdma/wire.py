@@ -28,7 +28,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
 from operator import attrgetter
-from typing import Annotated, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, get_args, get_origin, get_type_hints
 
 import construct as cs
 
@@ -479,15 +479,16 @@ MAX_MR_CHUNKS_WIRE = 1 << 20
 
 def _plain(container) -> dict:
     """construct Container -> plain dict (drops construct's private keys)."""
-    out = {}
+    out: dict[str, Any] = {}
     for k, v in container.items():
         if k.startswith("_"):
             continue
         if isinstance(v, cs.Container):
-            v = _plain(v)
+            out[k] = _plain(v)
         elif isinstance(v, cs.ListContainer):
-            v = [_plain(x) if isinstance(x, cs.Container) else x for x in v]
-        out[k] = v
+            out[k] = [_plain(x) if isinstance(x, cs.Container) else x for x in v]
+        else:
+            out[k] = v
     return out
 
 
@@ -547,7 +548,8 @@ def decode_request(buf: bytes | memoryview) -> tuple[Cmd, object]:
     dataclass of ``BODIES[cmd][0]``)."""
     buf = memoryview(buf)
     if len(buf) < CTRL_HEADER_SIZE:
-        raise WireError(f"control request of {len(buf)} bytes is shorter than its {CTRL_HEADER_SIZE}-byte header")
+        raise WireError(f"control request of {len(buf)} bytes is shorter than its "
+                        f"{CTRL_HEADER_SIZE}-byte header")
     hdr_cmd, hdr_flags, hdr_len = _CTRL_HDR.unpack_from(buf)
     cmd = Cmd.parse(hdr_cmd)
     if hdr_flags != 0:
@@ -755,7 +757,7 @@ class SendWqe:
     rkey: int = 0
     compare_add: int = 0
     swap: int = 0
-    sges: list = None
+    sges: list[SgeEntry] = field(default_factory=list)  # decode_send_wqe passes its own
     inline: memoryview | bytes | None = None
 
     @property

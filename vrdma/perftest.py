@@ -16,6 +16,7 @@ vCPUs awake is the caller's business (``bench/perftest.py``).
 """
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import os
 import statistics
@@ -50,7 +51,8 @@ def latency_stats(ns: list[int], size: int) -> dict:
 
 def lat_row(r: dict) -> str:
     """One row of :data:`LAT_HEADER`."""
-    return (f"{r['bytes']:<8}{r['iterations']:<12}{r['t_min']:<13.2f}{r['t_max']:<13.2f}{r['t_typical']:<17.2f}"
+    return (f"{r['bytes']:<8}{r['iterations']:<12}{r['t_min']:<13.2f}{r['t_max']:<13.2f}"
+            f"{r['t_typical']:<17.2f}"
             f"{r['t_avg']:<12.2f}{r['t_stdev']:<15.2f}{r['p99']:<22.2f}{r['p999']:.2f}")
 
 
@@ -79,7 +81,7 @@ def _poll_one(g):
 
 def _side(role: str, test: str, path: str, size: int, iters: int, batch: int, conn, out,
           cpu: int | None = None, connect_attrs: dict | None = None) -> None:
-    global _GUEST_CPU
+    global _GUEST_CPU  # noqa: PLW0603  each side is its own process: its polling CPU is process state
     try:
         if cpu is not None:
             os.sched_setaffinity(0, {cpu})
@@ -158,7 +160,7 @@ def _send_lat_client(g, peer, size, iters, batch, conn):
     side.receive()
     posted.append(clock())
     # ib_send_lat: consecutive post times, halved (a round trip covers two sends)
-    samples = [(b - a) // 2 for a, b in zip(posted, posted[1:])]
+    samples = [(b - a) // 2 for a, b in itertools.pairwise(posted)]
     return latency_stats(samples[iters // 10:], size)
 
 
@@ -204,7 +206,8 @@ def _write_bw_client(g, peer, size, iters, batch, conn):
     total = time.perf_counter() - t_start
     conn.send("done")
     n = rounds * batch
-    return {"bytes": size, "iterations": n, "bw_peak_MiB": best / 2**20, "bw_avg_MiB": n * size / total / 2**20,
+    return {"bytes": size, "iterations": n, "bw_peak_MiB": best / 2**20,
+            "bw_avg_MiB": n * size / total / 2**20,
             "msg_rate_Mpps": n / total / 1e6}
 
 
@@ -216,7 +219,10 @@ def rtt_stats(samples_ns: list[int]) -> dict:
     """Round-trip statistics in microseconds (``t_typical_us`` is the median)."""
     s = sorted(samples_ns)
     n = len(s)
-    us = lambda v: v / 1000.0
+
+    def us(v: float) -> float:
+        return v / 1000.0
+
     return {
         "iterations": n,
         "t_min_us": us(s[0]),
@@ -330,7 +336,7 @@ def print_rows(test: str, rows: list[dict]) -> None:
         for r in rows:
             print(lat_row(r))
         for r in rows:
-            key = [k for k in r if k.startswith("floor_eventfd")][0]
+            key = next(k for k in r if k.startswith("floor_eventfd"))
             print(f"# {r['bytes']} B: floor ({key}) {r[key]:.2f} us, ratio {r['ratio_vs_floor']:.2f}x")
     for r in rows[:1]:
         if "vcpu_state" in r:  # bench.perftest.run() measures it; a caller of run_pair may not

@@ -29,6 +29,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,11 @@ SECTIONS = ("fft", "turbo", "service")
 
 
 # --------------------------------------------------------------------------- service section
+
+
+def _direct_calls(direct: Callable[[Any], object], outs: list, jobs: int) -> list:
+    """``jobs`` kernel calls, round-robin over the output buffers."""
+    return [direct(outs[i % len(outs)]) for i in range(jobs)]
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -81,7 +87,7 @@ def run_service_bench(*, quick: bool = False, model=None, workers: tuple[int, ..
     info = rng.integers(0, 2, (db, k), dtype=np.uint8)
     llr = ((1.0 - 2.0 * turbo_encode(info).astype(np.float32)) * 2.0
            + rng.standard_normal((db, 3, k + 4)).astype(np.float32))
-    workloads = [
+    workloads: list[dict[str, Any]] = [
         {"case": f"fft {fb}x{n} complex64", "op": Op.FFT, "inputs": [x],
          "outputs": [np.empty_like(x) for _ in range(8)], "params": {},
          "jobs": 48 if quick else 400, "unit": "Msample/s", "per_job": fb * n / 1e6,
@@ -95,21 +101,22 @@ def run_service_bench(*, quick: bool = False, model=None, workers: tuple[int, ..
     for w in workloads:
         outs = w["outputs"]
         w["direct"](outs[0])  # warm up plans and tables
-        direct = min(_timed(lambda: [w["direct"](outs[i % len(outs)]) for i in range(w["jobs"])])
-                     for _ in range(repeat))
+        direct = min(_timed(partial(_direct_calls, w["direct"], outs, w["jobs"])) for _ in range(repeat))
         direct_rate = w["jobs"] * w["per_job"] / direct
         rows.append({"case": w["case"], "workers": 0, "mode": "direct kernel calls, 1 thread",
                      "jobs": w["jobs"], "seconds": direct, "jobs_per_s": w["jobs"] / direct,
-                     "unit": w["unit"], "rate": direct_rate, "direct_rate": direct_rate, "ratio_vs_direct": 1.0})
+                     "unit": w["unit"], "rate": direct_rate, "direct_rate": direct_rate,
+                     "ratio_vs_direct": 1.0})
         for nw in workers:
             best = math.inf
-            est = None
+            est: dict[str, Any] | None = None
             for _ in range(repeat):
                 with AcceleratorService(workers=nw, model=model) as svc:
                     secs, _jobs = _service_run(svc, w["op"], w["inputs"], outs, w["jobs"], w["params"])
                     stats = svc.metrics()["accelerators"]["accel0"]["ops"][w["op"].value]["estimate"]
                 if secs < best:
                     best, est = secs, stats
+            assert est is not None  # repeat >= 1 runs
             rate = w["jobs"] * w["per_job"] / best
             rows.append({"case": w["case"], "workers": nw, "mode": f"service, {nw} worker(s)",
                          "jobs": w["jobs"], "seconds": best, "jobs_per_s": w["jobs"] / best,
@@ -227,8 +234,7 @@ def _fft_line(r: dict) -> tuple[str, str, str, str, str]:
 def format_table(res: dict) -> str:
     """One table over every section: section | case | ours | baseline | ratio | note."""
     rows: list[tuple[str, ...]] = []
-    for r in res.get("fft", []):
-        rows.append(("fft",) + _fft_line(r))
+    rows.extend(("fft", *_fft_line(r)) for r in res.get("fft", []))
     turbo = res.get("turbo", [])
     commpy = next((r for r in turbo if "commpy" in r["impl"]), None)
     for r in turbo:
@@ -238,13 +244,15 @@ def format_table(res: dict) -> str:
                      f"commpy {commpy['mbit_s']:.4g} Mbit/s" if commpy else "commpy skipped",
                      f"x{ratio:.0f}" if ratio is not None else "-",
                      f"{r['frames']} frames, {r['bit_errors']} bit errors @ {r['ebn0_db']} dB"))
-    for r in res.get("calibration", {}).get("costs", []):
-        rows.append(("model", r["key"], f"a={r['a_us']:.2f} us", "b=" + "/".join(f"{b:.4f}" for b in r["b_ns_per_unit"]) + " ns/unit", "-",
-                     f"{r['points']} points, fit rms rel err {_fmt(r['fit_rms_rel_error'], '.2f')}"))
+    rows.extend(("model", r["key"], f"a={r['a_us']:.2f} us",
+                 "b=" + "/".join(f"{b:.4f}" for b in r["b_ns_per_unit"]) + " ns/unit", "-",
+                 f"{r['points']} points, fit rms rel err {_fmt(r['fit_rms_rel_error'], '.2f')}")
+                for r in res.get("calibration", {}).get("costs", []))
     for r in res.get("service", []):
         if "overhead_us" in r:
             rows.append(("service", r["case"], f"{r['service_us']:.1f} us/job",
-                         f"direct {r['direct_us']:.1f} us; bare thread ping-pong {r['thread_handoff_us']:.1f} us",
+                         (f"direct {r['direct_us']:.1f} us; "
+                          f"bare thread ping-pong {r['thread_handoff_us']:.1f} us"),
                          f"+{r['overhead_us']:.1f} us", r["mode"]))
             continue
         est = ""
@@ -255,9 +263,9 @@ def format_table(res: dict) -> str:
                      f"direct {r['direct_rate']:.1f} {r['unit']}", f"x{r['ratio_vs_direct']:.2f}", est))
     head = ("section", "case", "ours", "baseline", "ratio", "note")
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip(),
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)).rstrip(),
              "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     return "\n".join(lines)
 
 

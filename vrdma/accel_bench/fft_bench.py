@@ -24,6 +24,8 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 
@@ -90,9 +92,9 @@ def run_fft_bench(sizes=DEFAULT_SIZES, dtypes=DEFAULT_DTYPES, repeat: int = 7,
             fftmod.fft(x, out=out)  # build + cache the plan outside the timing
             ref = np.fft.fft(x.astype(np.complex128), axis=-1)
             err = float(np.abs(out - ref).max() / np.abs(ref).max())
-            fns = {
-                "ours": lambda: fftmod.fft(x, out=out),
-                "scipy": lambda: scipy.fft.fft(x, axis=-1, workers=1),
+            fns: dict[str, Callable[[], object]] = {
+                "ours": partial(fftmod.fft, x, out=out),
+                "scipy": partial(scipy.fft.fft, x, axis=-1, workers=1),
             }
             pw = _pyfftw_plan(x)
             if pw is not None:
@@ -124,10 +126,10 @@ def call_overhead(sizes=(16, 1024), dtype="complex64", repeat: int = 7,
         out = np.empty_like(x)
         core = fftmod._core(n, x.dtype == np.complex128, False)
         best = _best_of({
-            "fft_out": lambda: fftmod.fft(x, out=out),
-            "fft_alloc": lambda: fftmod.fft(x),
-            "kernel": lambda: core.execute(x, out),
-            "noop": lambda: _fft.noop(x, out),
+            "fft_out": lambda x=x, out=out: fftmod.fft(x, out=out),
+            "fft_alloc": lambda x=x: fftmod.fft(x),
+            "kernel": lambda core=core, x=x, out=out: core.execute(x, out),
+            "noop": lambda x=x, out=out: _fft.noop(x, out),
         }, repeat, sample_s)
         us = {k: v * 1e6 for k, v in best.items()}
         rows.append({
@@ -145,8 +147,8 @@ def _fmt(v, spec=".2f") -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'size':>6} {'dtype':>10} {'batch':>5} {'ours us':>9} {'scipy us':>9} {'pyfftw us':>9} "
-             f"{'x scipy':>8} {'x pyfftw':>8} {'rel err':>8}"]
+    lines = [(f"{'size':>6} {'dtype':>10} {'batch':>5} {'ours us':>9} {'scipy us':>9} {'pyfftw us':>9} "
+              f"{'x scipy':>8} {'x pyfftw':>8} {'rel err':>8}")]
     for r in rows:
         if r["case"] != "fft":
             continue
@@ -155,12 +157,11 @@ def format_table(rows: list[dict]) -> str:
             f"{_fmt(r['scipy_us']):>9} {_fmt(r['pyfftw_us']):>9} {_fmt(r['speedup_vs_scipy']):>8} "
             f"{_fmt(r['speedup_vs_pyfftw']):>8} {r['max_rel_err']:>8.1e}")
     lines.append("(us per transform; x scipy / x pyfftw = baseline time / ours, > 1 is faster)")
-    for r in rows:
-        if r["case"] == "call overhead":
-            lines.append(
-                f"call overhead n={r['size']} 1 row {r['dtype']}: fft(out=) {r['fft_out_us']:.2f} us, "
-                f"fft() {r['fft_alloc_us']:.2f} us, kernel {r['kernel_us']:.2f} us, "
-                f"empty Cython call {r['noop_us']:.3f} us -> overhead {r['overhead_us']:.2f} us")
+    lines.extend(
+        f"call overhead n={r['size']} 1 row {r['dtype']}: fft(out=) {r['fft_out_us']:.2f} us, "
+        f"fft() {r['fft_alloc_us']:.2f} us, kernel {r['kernel_us']:.2f} us, "
+        f"empty Cython call {r['noop_us']:.3f} us -> overhead {r['overhead_us']:.2f} us"
+        for r in rows if r["case"] == "call overhead")
     return "\n".join(lines)
 
 

@@ -102,8 +102,8 @@ def run_turbo_bench(K: int = 6144, iterations: int = 8, frames: int = 128, batch
 
 
 def _table(rows: list[dict]) -> str:
-    head = f"{'implementation':<44} {'K':>5} {'it':>3} {'frames':>6} {'batch':>5} " \
-           f"{'Mbit/s':>9} {'x commpy':>9} {'bit err':>8}"
+    head = (f"{'implementation':<44} {'K':>5} {'it':>3} {'frames':>6} {'batch':>5} "
+            f"{'Mbit/s':>9} {'x commpy':>9} {'bit err':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         ratio = f"{r['ratio_vs_commpy']:.0f}" if "ratio_vs_commpy" in r else "-"

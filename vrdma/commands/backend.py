@@ -14,8 +14,10 @@ def add_arguments(p) -> None:
     p.add_argument("--socket", "-s", action="append", required=True, metavar="PATH",
                    help="unix socket path to listen on (repeat for several)")
     p.add_argument("--device", choices=["rdma", "blk"], default="rdma",
-                   help="device to serve (rdma: virtio-rdma, ID 42; blk: virtio-blk, the transport's test device)")
-    p.add_argument("--image", metavar="FILE", help="blk: back every connection with this raw image file (shared)")
+                   help="device to serve (rdma: virtio-rdma, ID 42; "
+                        "blk: virtio-blk, the transport's test device)")
+    p.add_argument("--image", metavar="FILE",
+                   help="blk: back every connection with this raw image file (shared)")
     p.add_argument("--size", default="64M", help="blk: per-connection RAM disk size (default 64M)")
     p.add_argument("--boot-marker", metavar="TEXT",
                    help="blk: put a boot sector that prints TEXT on COM1 in sector 0 of each RAM disk")

@@ -63,24 +63,29 @@ def _guest(role: str, path: str, conn, out) -> None:
             g.qp.post_send(SendWR(wr_id=1, opcode=WrOpcode.SEND_WITH_IMM, sg=[SGE(mr.buf, len(msg), mr.lkey)],
                                   imm_data=0x1234))
             wcs = [g.poll_one(), g.poll_one()]
-            reply = [w for w in wcs if w.opcode == WcOpcode.RECV][0]
+            reply = next(w for w in wcs if w.opcode == WcOpcode.RECV)
             assert mr.read(reply.byte_len, 4096) == msg.upper()
             log.append(f"client: SEND done; reply of {reply.byte_len} bytes verified")
             mr.write(bytes(range(256)) * 1024, offset=262144)
-            g.qp.post_send(SendWR(wr_id=2, opcode=WrOpcode.RDMA_WRITE, sg=[SGE(mr.buf + 262144, 262144, mr.lkey)],
+            g.qp.post_send(SendWR(wr_id=2, opcode=WrOpcode.RDMA_WRITE,
+                                  sg=[SGE(mr.buf + 262144, 262144, mr.lkey)],
                                   remote_addr=peer["addr"] + 262144, rkey=peer["rkey"]))
             g.poll_one()
-            g.qp.post_send(SendWR(wr_id=3, opcode=WrOpcode.RDMA_READ, sg=[SGE(mr.buf + 600000, 2300, mr.lkey)],
+            g.qp.post_send(SendWR(wr_id=3, opcode=WrOpcode.RDMA_READ,
+                                  sg=[SGE(mr.buf + 600000, 2300, mr.lkey)],
                                   remote_addr=peer["addr"] + 131072, rkey=peer["rkey"]))
             g.poll_one()
             assert mr.read(2300, 600000) == (b"server's data for READ " * 100)[:2300]
             log.append("client: RDMA WRITE 256 KiB done; RDMA READ 2300 bytes verified")
-            g.qp.post_send(SendWR(wr_id=4, opcode=WrOpcode.ATOMIC_FETCH_AND_ADD, sg=[SGE(mr.buf + 700000, 8, mr.lkey)],
+            g.qp.post_send(SendWR(wr_id=4, opcode=WrOpcode.ATOMIC_FETCH_AND_ADD,
+                                  sg=[SGE(mr.buf + 700000, 8, mr.lkey)],
                                   remote_addr=peer["addr"] + 65536, rkey=peer["rkey"], compare_add=5))
             g.poll_one()
             old = struct.unpack("<Q", mr.read(8, 700000))[0]
-            g.qp.post_send(SendWR(wr_id=5, opcode=WrOpcode.ATOMIC_CMP_AND_SWP, sg=[SGE(mr.buf + 700008, 8, mr.lkey)],
-                                  remote_addr=peer["addr"] + 65536, rkey=peer["rkey"], compare_add=1005, swap=7))
+            g.qp.post_send(SendWR(wr_id=5, opcode=WrOpcode.ATOMIC_CMP_AND_SWP,
+                                  sg=[SGE(mr.buf + 700008, 8, mr.lkey)],
+                                  remote_addr=peer["addr"] + 65536, rkey=peer["rkey"],
+                                  compare_add=1005, swap=7))
             g.poll_one()
             old2 = struct.unpack("<Q", mr.read(8, 700008))[0]
             assert (old, old2) == (1000, 1005), (old, old2)
@@ -103,7 +108,8 @@ def run(args) -> int:
         ctx = mp.get_context("fork")
         a, b = ctx.Pipe()
         out = ctx.Queue()
-        procs = [ctx.Process(target=_guest, args=(r, d.path, c, out)) for r, c in (("server", a), ("client", b))]
+        procs = [ctx.Process(target=_guest, args=(r, d.path, c, out))
+                 for r, c in (("server", a), ("client", b))]
         for p in procs:
             p.start()
         failed = False

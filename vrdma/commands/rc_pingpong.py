@@ -28,11 +28,13 @@ PROG = "vrdma rc-pingpong"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # Numbers stay strings here: run() parses them as rc_pingpong's strtol does.
     p.add_argument("-p", "--port", default="18515", help="listen on/connect to port <port> (default 18515)")
-    p.add_argument("-d", "--ib-dev", default=None, help="use IB device <dev> (informational: the back-end's device)")
+    p.add_argument("-d", "--ib-dev", default=None,
+                   help="use IB device <dev> (informational: the back-end's device)")
     p.add_argument("-i", "--ib-port", default="1", help="use port <port> of IB device (default 1)")
     p.add_argument("-s", "--size", default="4096", help="size of message to exchange (default 4096)")
     p.add_argument("-m", "--mtu", default="1024", help="path MTU (default 1024)")
-    p.add_argument("-r", "--rx-depth", default="500", help="number of receives to post at a time (default 500)")
+    p.add_argument("-r", "--rx-depth", default="500",
+                   help="number of receives to post at a time (default 500)")
     p.add_argument("-n", "--iters", default="1000", help="number of exchanges (default 1000)")
     p.add_argument("-l", "--sl", default="0", help="service level value")
     p.add_argument("-e", "--events", action="count", default=0, help="sleep on CQ events (default poll)")
@@ -43,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", "--ts", action="store_true", help="get CQE with timestamp (not supported)")
     p.add_argument("-c", "--chk", action="store_true", help="validate received buffer")
     p.add_argument("-j", "--dm", action="store_true", help="use device memory (not supported)")
-    p.add_argument("-N", "--new_send", action="store_true", help="use new post send WR API (same posting here)")
+    p.add_argument("-N", "--new_send", action="store_true",
+                   help="use new post send WR API (same posting here)")
     p.add_argument("-U", "--allow-cc-unprotected", action="store_true",
                    help="allow allocation of unprotected/shared memory on CoCo guests (not supported)")
     p.add_argument("--backend", metavar="SOCKET", default=os.environ.get("VRDMA_BACKEND"),
@@ -128,7 +131,8 @@ def parse_config(args):
     mtu = mtu_to_enum(c_int(c_strtol(args.mtu)))
     if port > 65535 or ib_port < 1 or mtu == 0 or len(args.servername) > 1:
         raise _Usage
-    cfg = Config(backend=args.backend, ib_devname=args.ib_dev, ib_port=ib_port, size=c_uint(c_strtol(args.size)),
+    cfg = Config(backend=args.backend, ib_devname=args.ib_dev, ib_port=ib_port,
+                 size=c_uint(c_strtol(args.size)),
                  mtu=mtu, rx_depth=c_uint(c_strtol(args.rx_depth)), iters=c_uint(c_strtol(args.iters)),
                  sl=c_int(c_strtol(args.sl)), use_event=args.events > 0, gidx=c_int(c_strtol(args.gid_idx)),
                  validate_buf=args.chk, use_odp=args.odp or args.iodp, implicit_odp=args.iodp, use_ts=args.ts,
@@ -148,7 +152,8 @@ def _check_combinations(cfg, prefetch: bool):
     if not cfg.use_odp and prefetch:
         raise PingpongError("prefetch is valid only with on-demand memory region")
     if not cfg.backend:
-        raise PingpongError("No IB devices found", "no vrdma back-end: give --backend SOCKET or set VRDMA_BACKEND")
+        raise PingpongError("No IB devices found",
+                            "no vrdma back-end: give --backend SOCKET or set VRDMA_BACKEND")
 
 
 def result_lines(size: int, iters: int, usec: float) -> list[str]:
@@ -194,7 +199,8 @@ def _pingpong(cfg, servername: str | None, port: int, prefetch: bool) -> int:
         if servername:
             rem_dest = oob.client_exchange(servername, port, my_dest, timeout=io_timeout)
         else:
-            rem_dest = oob.server_exchange(port, my_dest, connect, accept_timeout=cfg.timeout, timeout=io_timeout)
+            rem_dest = oob.server_exchange(port, my_dest, connect, accept_timeout=cfg.timeout,
+                                           timeout=io_timeout)
         print(_address_line("remote address:", rem_dest), flush=True)
         if servername:
             connect(rem_dest)
