@@ -31,6 +31,20 @@ in a cache directory, keyed by CPU model, package version and a fingerprint of
 the compiled kernel extensions (a rebuilt kernel gets a fresh calibration).
 :meth:`nominal` gives an uncalibrated model with order-of-magnitude constants,
 for use before any calibration.
+
+Online correction (:class:`OnlineFit`): a calibration made in isolation
+misses what a job costs *in the service* on the machine at hand (two workers
+sharing caches and memory bandwidth, a slower emulated accelerator, another
+tenant's load), so the model keeps learning from the jobs it serves. Each
+finished job reports its measured service time (:meth:`ServiceTimeModel.observe`);
+per *size class* (cost key + exact work features, i.e. one (op, size, batch,
+dtype) shape) the model keeps a robust EWMA of ``log(measured / linear fit)``,
+and per cost key the same for sizes it has not seen yet. An estimate is the
+linear fit times ``exp`` of the class's correction (or the key's, for an
+unseen size). The update is clipped in the log domain, so a job stalled by the
+scheduler moves the estimate by at most ``clip`` (a median-like tracker, which
+is what minimises the mean absolute error), and the first ``warmup`` samples of
+a class are averaged (step 1/n) before the EWMA takes over.
 """
 from __future__ import annotations
 
@@ -53,6 +67,7 @@ from accel_core.errors import ModelError
 from accel_core.jobs import FFT_OPS, Job, JobParams, Op, execute
 
 FORMAT_VERSION = 1
+_SHAPE_CACHE_MAX = 4096
 
 
 _COST_KEYS = {(op, np.dtype(dt)): f"{op.value}/{np.dtype(dt).name}"
@@ -212,26 +227,123 @@ def default_cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "vrdma"
 
 
-class ServiceTimeModel:
-    """Per-operation linear service-time model; ``estimate(job) -> seconds``."""
+ONLINE_ALPHA = 0.2     # EWMA weight of a new sample once a class is warm
+ONLINE_CLIP = 0.35     # largest log-domain step per sample (x1.42 / x0.70)
+ONLINE_WARMUP = 8      # samples averaged (step 1/n) before the EWMA takes over
 
-    def __init__(self, costs: dict[str, LinearCost], *, calibrated: bool, meta: dict | None = None) -> None:
+
+class OnlineFit:
+    """Learned multiplicative corrections of a linear fit, per size class and per cost key.
+
+    Not locked: the owner may call :meth:`observe` from several worker
+    threads; every update is one dict store of a float (atomic under the
+    GIL), so a race loses at most one sample.
+    """
+
+    def __init__(self, *, alpha: float = ONLINE_ALPHA, clip: float = ONLINE_CLIP,
+                 warmup: int = ONLINE_WARMUP) -> None:
+        if not 0.0 < alpha <= 1.0:
+            raise ModelError(f"online alpha must be in (0, 1], got {alpha!r}")
+        if not clip > 0.0:
+            raise ModelError(f"online clip must be > 0, got {clip!r}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+            raise ModelError(f"online warmup must be an integer >= 1, got {warmup!r}")
+        self.alpha, self.clip, self.warmup = alpha, clip, warmup
+        self._cls: dict[tuple[str, tuple[float, ...]], tuple[float, int]] = {}  # (log corr, samples)
+        self._key: dict[str, tuple[float, int]] = {}
+
+    def factor(self, key: str, feats: tuple[float, ...]) -> float:
+        """Multiplier of the linear fit: the class's, else the key's, else 1."""
+        c = self._cls.get((key, feats)) or self._key.get(key)
+        return math.exp(c[0]) if c is not None else 1.0
+
+    def _step(self, table: dict, k: Any, log_ratio: float) -> None:
+        prev = table.get(k)
+        if prev is None:
+            table[k] = (log_ratio, 1)
+            return
+        r, n = prev
+        n += 1
+        a = max(self.alpha, 1.0 / n) if n <= self.warmup else self.alpha
+        d = min(self.clip, max(-self.clip, log_ratio - r))
+        table[k] = (r + a * d, n)
+
+    def observe(self, key: str, feats: tuple[float, ...], base: float, measured: float) -> None:
+        """One finished job: ``measured`` seconds where the linear fit said ``base``."""
+        if not (base > 0.0 and measured > 0.0 and math.isfinite(measured)):
+            return
+        lr = math.log(measured / base)
+        self._step(self._cls, (key, feats), lr)
+        self._step(self._key, key, lr)
+
+    def samples(self, key: str, feats: tuple[float, ...] | None = None) -> int:
+        c = self._key.get(key) if feats is None else self._cls.get((key, feats))
+        return 0 if c is None else c[1]
+
+    def snapshot(self) -> dict:
+        """Per cost key: learned factor and samples (for metrics and the bench)."""
+        return {k: {"factor": math.exp(r), "samples": n} for k, (r, n) in sorted(self._key.items())}
+
+    def clear(self) -> None:
+        self._cls.clear()
+        self._key.clear()
+
+
+class ServiceTimeModel:
+    """Per-operation linear service-time model; ``estimate(job) -> seconds``.
+
+    With ``online=True`` the model also learns from :meth:`observe` (see
+    :class:`OnlineFit`); models made by :meth:`nominal`, :meth:`calibrate` and
+    :meth:`load` do; a model built from explicit costs keeps them fixed unless
+    asked (``online=False`` is the constructor's default).
+    """
+
+    def __init__(self, costs: dict[str, LinearCost], *, calibrated: bool, meta: dict | None = None,
+                 online: bool | OnlineFit = False) -> None:
         self.costs = dict(costs)
         self.calibrated = calibrated
         self.meta = dict(meta or {})
+        self.online: OnlineFit | None = (online if isinstance(online, OnlineFit)
+                                         else OnlineFit() if online else None)
+        self._shape: dict[tuple[Op, JobParams], tuple[str, tuple[float, ...], float]] = {}
 
     # -- estimating
 
-    def estimate_params(self, op: Op, params: JobParams) -> float:
+    def _lookup(self, op: Op, params: JobParams) -> tuple[str, tuple[float, ...], float]:
+        """(cost key, features, linear-fit seconds) of a job shape, cached per shape."""
+        hit = self._shape.get((op, params))
+        if hit is not None:
+            return hit
         key = cost_key(op, params)
         cost = self.costs.get(key)
         if cost is None:
             raise ModelError(f"service-time model has no cost for {key!r} (known: {sorted(self.costs)})")
-        return cost(features(op, params))
+        feats = features(op, params)
+        hit = (key, feats, cost(feats))
+        if len(self._shape) >= _SHAPE_CACHE_MAX:  # a guest cycling through shapes cannot grow it
+            self._shape.clear()
+        self._shape[(op, params)] = hit
+        return hit
+
+    def base_estimate(self, op: Op, params: JobParams) -> float:
+        """The calibrated linear fit alone, without the online correction."""
+        return self._lookup(op, params)[2]
+
+    def estimate_params(self, op: Op, params: JobParams) -> float:
+        key, feats, base = self._lookup(op, params)
+        online = self.online
+        return base if online is None else base * online.factor(key, feats)
 
     def estimate(self, job: Job) -> float:
-        """Predicted kernel time of ``job`` in seconds."""
+        """Predicted service time of ``job`` in seconds."""
         return self.estimate_params(job.op, job.params)
+
+    def observe(self, op: Op, params: JobParams, measured: float) -> None:
+        """Learn from one finished job's measured service time (no-op when not online)."""
+        online = self.online
+        if online is not None:
+            key, feats, base = self._lookup(op, params)
+            online.observe(key, feats, base, measured)
 
     # -- construction
 
@@ -245,7 +357,7 @@ class ServiceTimeModel:
                 costs[f"{op.value}/{dt}"] = LinearCost(2e-6, (b,))
         costs[Op.TURBO_ENCODE.value] = LinearCost(5e-6, (2e-9,))
         costs[Op.TURBO_DECODE.value] = LinearCost(2e-5, (1e-8, 0.0))
-        return cls(costs, calibrated=False, meta={"source": "nominal"})
+        return cls(costs, calibrated=False, meta={"source": "nominal"}, online=True)
 
     @classmethod
     def calibrate(cls, *, quick: bool = False, repeat: int | None = None,
@@ -276,7 +388,7 @@ class ServiceTimeModel:
         meta = cls.cache_identity()
         meta.update({"source": "calibrate", "quick": quick, "repeat": repeat, "time": time.time(),
                      "points": {k: [[list(f), s] for f, s in v] for k, v in points.items()}})
-        return cls(costs, calibrated=True, meta=meta)
+        return cls(costs, calibrated=True, meta=meta, online=True)
 
     # -- persistence
 
@@ -315,7 +427,7 @@ class ServiceTimeModel:
             if not (math.isfinite(a) and a >= 0 and b and all(math.isfinite(v) and v >= 0 for v in b)):
                 raise ModelError(f"cost {key!r} has invalid coefficients a={a} b={list(b)}")
             costs[str(key)] = LinearCost(a, b, int(c.get("points") or 0), c.get("rms_rel_error"))
-        return cls(costs, calibrated=bool(d.get("calibrated")), meta=d.get("meta") or {})
+        return cls(costs, calibrated=bool(d.get("calibrated")), meta=d.get("meta") or {}, online=True)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model as JSON (atomically: temp file + rename)."""

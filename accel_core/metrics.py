@@ -5,7 +5,10 @@ owner's lock (this class does no locking of its own). ``snapshot()`` returns a
 plain dict for logs, JSON and tests:
 
 * per operation: submitted / completed / failed / cancelled / rejected jobs,
-  busy seconds (kernel time), queue-wait seconds;
+  queue_full refusals (a submit or burst stopped by ``max_queued``), jobs run
+  inline in the submitter's thread, busy seconds (service time: kernel plus
+  any emulated slowdown), kernel seconds, emulated-delay seconds, queue-wait
+  seconds;
 * estimate accuracy over completed jobs, measured service time vs the estimate
   made at submit: count, mean ratio measured/estimated, geometric mean ratio,
   mean and max absolute relative error ``|measured - est| / est``.
@@ -62,7 +65,11 @@ class _OpCounters:
     failed: int = 0
     cancelled: int = 0
     rejected: int = 0
+    queue_full: int = 0
+    inline: int = 0
     busy_seconds: float = 0.0
+    kernel_seconds: float = 0.0
+    delay_seconds: float = 0.0
     queue_wait_seconds: float = 0.0
     estimate: _EstimateStats = field(default_factory=_EstimateStats)
 
@@ -70,7 +77,9 @@ class _OpCounters:
         return {
             "submitted": self.submitted, "completed": self.completed, "failed": self.failed,
             "cancelled": self.cancelled, "rejected": self.rejected,
-            "busy_seconds": self.busy_seconds, "queue_wait_seconds": self.queue_wait_seconds,
+            "queue_full": self.queue_full, "inline": self.inline,
+            "busy_seconds": self.busy_seconds, "kernel_seconds": self.kernel_seconds,
+            "delay_seconds": self.delay_seconds, "queue_wait_seconds": self.queue_wait_seconds,
             "estimate": self.estimate.as_dict(),
         }
 
@@ -90,8 +99,17 @@ class AcceleratorMetrics:
     def on_cancel(self, job: Job) -> None:
         self.ops[job.op].cancelled += 1
 
-    def on_finish(self, job: Job) -> None:
+    def on_queue_full(self, op: Op) -> None:
+        self.ops[op].queue_full += 1
+
+    def on_inline(self, job: Job) -> None:
+        self.ops[job.op].inline += 1
+
+    def on_finish(self, job: Job, kernel_seconds: float = 0.0, delay_seconds: float = 0.0) -> None:
+        """A job left RUNNING; ``delay_seconds`` is the emulated slowdown inside its service time."""
         c = self.ops[job.op]
+        c.kernel_seconds += kernel_seconds
+        c.delay_seconds += delay_seconds
         if job.state is JobState.DONE:
             c.completed += 1
         else:
@@ -110,7 +128,11 @@ class AcceleratorMetrics:
             total.failed += c.failed
             total.cancelled += c.cancelled
             total.rejected += c.rejected
+            total.queue_full += c.queue_full
+            total.inline += c.inline
             total.busy_seconds += c.busy_seconds
+            total.kernel_seconds += c.kernel_seconds
+            total.delay_seconds += c.delay_seconds
             total.queue_wait_seconds += c.queue_wait_seconds
             total.estimate.merge(c.estimate)
         return {"ops": {op.value: c.as_dict() for op, c in self.ops.items()}, "total": total.as_dict()}

@@ -12,6 +12,20 @@ Software stand-in for a pool of FPGA accelerator cards shared by guests. An
   notifier hook to wake an event loop. Every job also resolves its
   ``concurrent.futures.Future`` (``asyncio.wrap_future`` adapts it).
 
+The per-job path is kept short for the device (the daemon submits with
+``collect=True`` and drains the ready queue on the notifier, never touching
+futures): a finishing worker records the job and takes the next one in one
+lock round trip; idle workers are woken only when some worker sleeps;
+:meth:`Accelerator.submit_burst` queues many jobs under one lock, bbdev
+style (non-blocking, returns how many it took, counts queue-full);
+``inline_max_seconds`` lets :meth:`Accelerator.submit` run a small job in
+the caller's thread when the accelerator is idle (DPDK's software bbdev
+devices do the work inside enqueue: no thread handoff, the completion still
+goes to the ready queue and the future); ``spin_seconds`` keeps an idle
+worker polling briefly before it sleeps. ``slowdown`` emulates a slower
+accelerator: after each kernel the worker waits ``(slowdown - 1) x`` the
+kernel's measured time (sleeping, then yielding until the deadline).
+
 Each job carries a service-time estimate from a :class:`ServiceTimeModel`, so
 an accelerator can say how much work it has queued
 (:meth:`Accelerator.queued_work_seconds`) and when a job -- queued, or only
@@ -48,6 +62,12 @@ log = logging.getLogger(__name__)
 ALL_OPS = frozenset(Op)
 JOB_PARAMETERS = frozenset({"n", "dtype", "k", "batch", "iterations", "scaling", "early_stop", "collect"})
 MAX_WORKERS = 64
+MAX_SLOWDOWN = 1000.0
+SLEEP_GRANULARITY = 2e-4  # seconds: below this a slowdown delay yields instead of sleeping
+
+
+class QueueFull(JobRejected):
+    """The receive queue holds ``max_queued`` jobs; try again after collecting."""
 
 
 class AcceleratorState(enum.Enum):
@@ -72,6 +92,21 @@ def _parse_ops(ops: Iterable[Op | str] | None) -> frozenset[Op]:
     return parsed
 
 
+def _check_seconds(value: float, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise AccelError(f"{what} must be a number of seconds in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _delay_until(deadline: float, clock: Callable[[], float]) -> None:
+    """Wait until ``deadline``: sleep most of it, yield the GIL for the rest."""
+    left = deadline - clock()
+    if left > SLEEP_GRANULARITY:
+        time.sleep(left - SLEEP_GRANULARITY / 2)
+    while clock() < deadline:
+        time.sleep(0)
+
+
 def _remaining(job: Job, now: float) -> float:
     """Predicted seconds until a RUNNING job finishes (its estimate minus the time it has run)."""
     return max(0.0, job.estimate - (now - cast(float, job.t_started)))
@@ -87,12 +122,24 @@ class Accelerator:
 
     def __init__(self, name: str, *, ops: Iterable[Op | str] | None = None, workers: int = 1,
                  model: ServiceTimeModel | None = None,
-                 ready_notify: Callable[[Accelerator], None] | None = None) -> None:
+                 ready_notify: Callable[[Accelerator], None] | None = None,
+                 slowdown: float = 1.0, inline_max_seconds: float = 0.0, spin_seconds: float = 0.0,
+                 max_queued: int | None = None) -> None:
         if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= MAX_WORKERS:
             raise AccelError(f"workers must be an integer in 1..{MAX_WORKERS}, got {workers!r}")
+        if (isinstance(slowdown, bool) or not isinstance(slowdown, (int, float))
+                or not 1.0 <= slowdown <= MAX_SLOWDOWN):
+            raise AccelError(f"slowdown must be a number in [1, {MAX_SLOWDOWN:g}], got {slowdown!r}")
+        if max_queued is not None and (isinstance(max_queued, bool) or not isinstance(max_queued, int)
+                                       or max_queued < 1):
+            raise AccelError(f"max_queued must be None or an integer >= 1, got {max_queued!r}")
         self.name = str(name)
         self.ops = _parse_ops(ops)
         self.workers = workers
+        self.slowdown = float(slowdown)
+        self.inline_max_seconds = _check_seconds(inline_max_seconds, "inline_max_seconds")
+        self.spin_seconds = _check_seconds(spin_seconds, "spin_seconds")
+        self.max_queued = max_queued
         self.model = model if model is not None else ServiceTimeModel.nominal()
         self.metrics = AcceleratorMetrics()
         self._clock = time.perf_counter
@@ -104,6 +151,7 @@ class Accelerator:
         self._running: dict[Job, None] = {}
         self._seq = 0
         self._live = workers
+        self._sleeping = 0       # workers blocked in _work.wait(): only then does submit notify
         self._paused = False
         self._state = AcceleratorState.RUNNING
         self._ready = ReadyQueue(None if ready_notify is None else (lambda: ready_notify(self)))
@@ -187,8 +235,7 @@ class Accelerator:
 
     # ------------------------------------------------------------------ submitting
 
-    def submit(self, job: Job) -> Job:
-        """Queue a NEW job; returns it. Raises UnsupportedOperation, ServiceClosed, JobRejected."""
+    def _check_job(self, job: Job) -> None:
         if job.op not in self.ops:
             with self._lock:
                 self.metrics.on_reject(job.op)
@@ -197,20 +244,86 @@ class Accelerator:
                 f"(serves {', '.join(sorted(o.value for o in self.ops))})")
         if job.state is not JobState.NEW:
             raise JobRejected(f"job {job.id} is {job.state.value}; only a new job can be submitted")
+
+    def _enqueue(self, job: Job, estimate: float, now: float) -> None:
+        """Queue one checked job (under the lock)."""
+        job.estimate = estimate
+        job.id = self._seq
+        self._seq += 1
+        job.accelerator = self.name
+        job._transition(JobState.QUEUED, now)
+        self._queue.push(job)
+        self.metrics.on_submit(job)
+
+    def submit(self, job: Job) -> Job:
+        """Queue a NEW job; returns it. Raises UnsupportedOperation, ServiceClosed, JobRejected
+        (QueueFull when ``max_queued`` jobs wait).
+
+        With ``inline_max_seconds`` > 0, a job estimated at most that long runs
+        here, in the caller's thread, when nothing is queued, dispatch is not
+        paused and a worker slot is free: it returns finished (its future
+        resolved, a ``collect=True`` job on the ready queue).
+        """
+        self._check_job(job)
         estimate = self.model.estimate(job)
         job.future.add_done_callback(functools.partial(self._on_future_done, job))
+        inline = False
         with self._lock:
             if self._state is not AcceleratorState.RUNNING:
                 raise ServiceClosed(f"accelerator {self.name} is {self._state.value}")
-            job.estimate = estimate
-            job.id = self._seq
-            self._seq += 1
-            job.accelerator = self.name
-            job._transition(JobState.QUEUED, self._clock())
-            self._queue.push(job)
-            self.metrics.on_submit(job)
-            self._work.notify()
+            qlen = len(self._queue)
+            if self.max_queued is not None and qlen >= self.max_queued:
+                self.metrics.on_queue_full(job.op)
+                raise QueueFull(f"accelerator {self.name}: receive queue full "
+                                f"({qlen} of max_queued={self.max_queued} jobs)")
+            now = self._clock()
+            self._enqueue(job, estimate, now)
+            if (estimate <= self.inline_max_seconds and not qlen and not self._paused
+                    and len(self._running) < self.workers):
+                job = cast(Job, self._queue.pop())  # the job just queued: the queue was empty
+                inline = self._start(job, now)
+                if inline:
+                    self.metrics.on_inline(job)
+            elif self._sleeping:
+                self._work.notify()
+        if inline:
+            self._finish(job, *self._run(job))
         return job
+
+    def submit_burst(self, jobs: Sequence[Job]) -> int:
+        """Queue as many of ``jobs`` as possible, in order, under one lock; never blocks.
+
+        Returns how many were taken (the first ones). The burst stops at a full
+        receive queue (counted as ``queue_full``) or at a job this accelerator
+        cannot take (another operation: counted ``rejected``; not NEW); the
+        caller learns why by submitting that job alone. Raises ServiceClosed
+        if the accelerator is not running. No job of a burst runs inline.
+        """
+        model = self.model
+        ok: list[tuple[Job, float]] = []
+        for job in jobs:
+            if job.op not in self.ops or job.state is not JobState.NEW:
+                break
+            ok.append((job, model.estimate(job)))
+        stopped_by = jobs[len(ok)] if len(ok) < len(jobs) else None
+        taken = 0
+        with self._lock:
+            if self._state is not AcceleratorState.RUNNING:
+                raise ServiceClosed(f"accelerator {self.name} is {self._state.value}")
+            room = len(ok) if self.max_queued is None else max(0, self.max_queued - len(self._queue))
+            now = self._clock()
+            for job, estimate in ok[:room]:
+                self._enqueue(job, estimate, now)
+                taken += 1
+            if taken < len(ok):
+                self.metrics.on_queue_full(ok[taken][0].op)
+            elif stopped_by is not None and stopped_by.op not in self.ops:
+                self.metrics.on_reject(stopped_by.op)
+            if taken and self._sleeping:
+                self._work.notify(min(taken, self._sleeping))
+        for job, _ in ok[:taken]:
+            job.future.add_done_callback(functools.partial(self._on_future_done, job))
+        return taken
 
     def cancel(self, job: Job) -> bool:
         """Cancel a queued job; False if it already started or finished."""
@@ -334,24 +447,41 @@ class Accelerator:
 
     # ------------------------------------------------------------------ workers
 
+    def _start(self, job: Job, now: float) -> bool:
+        """Dispatch a popped job (under the lock): RUNNING and True, or CANCELLED (its future
+        was cancelled just before dispatch) and False -- the caller then delivers it."""
+        if job.future.set_running_or_notify_cancel():
+            job._transition(JobState.RUNNING, now)
+            self._running[job] = None
+            return True
+        job._transition(JobState.CANCELLED, now)
+        self.metrics.on_cancel(job)
+        return False
+
+    def _pop_ready(self) -> tuple[Job | None, list[Job]]:
+        """Under the lock: the next job to run (or None), plus late-cancelled jobs to deliver."""
+        late: list[Job] = []
+        while (not self._paused and len(self._queue) and len(self._running) < self.workers):
+            job = cast(Job, self._queue.pop())
+            if self._start(job, self._clock()):
+                return job, late
+            late.append(job)
+        return None, late
+
+    def _deliver_late(self, late: list[Job]) -> None:
+        for job in late:
+            if job.collect:
+                self._ready.put(job)
+
     def _next_job(self) -> Job | None:
         """Block until a job may run (returned RUNNING) or the worker must exit (None)."""
+        spin_until = self._clock() + self.spin_seconds if self.spin_seconds else 0.0
         while True:
-            late: Job | None = None
             with self._lock:
-                while late is None:
-                    if not self._paused and len(self._queue):
-                        job = cast(Job, self._queue.pop())  # not empty: len() above
-                        now = self._clock()
-                        if job.future.set_running_or_notify_cancel():
-                            job._transition(JobState.RUNNING, now)
-                            self._running[job] = None
-                            return job
-                        # Future cancelled by the caller just before dispatch.
-                        job._transition(JobState.CANCELLED, now)
-                        self.metrics.on_cancel(job)
-                        late = job
-                        continue
+                while True:
+                    job, late = self._pop_ready()
+                    if job is not None or late:
+                        break
                     if self._state is not AcceleratorState.RUNNING and not len(self._queue):
                         self._live -= 1
                         if not self._live:
@@ -359,41 +489,89 @@ class Accelerator:
                         return None
                     if not len(self._queue) and not self._running:
                         self._idle.notify_all()
-                    self._work.wait()
-            if late.collect:
-                self._ready.put(late)
+                    if spin_until and self._clock() < spin_until:
+                        break  # poll again after yielding the GIL, without sleeping on the condition
+                    self._sleeping += 1
+                    try:
+                        self._work.wait()
+                    finally:
+                        self._sleeping -= 1
+            self._deliver_late(late)
+            if job is not None:
+                return job
+            if spin_until and not late:
+                time.sleep(0)
+
+    def _run(self, job: Job) -> tuple[Any, BaseException | None, float, float]:
+        """Run the kernel (no lock held): (result, error, kernel seconds, emulated delay seconds)."""
+        error: BaseException | None = None
+        result = None
+        clock = self._clock
+        t0 = clock()
+        job.t_started = t0  # service time is the kernel's (+ slowdown), not the dispatch's
+        try:
+            result = execute(job)
+        except Exception as e:  # the kernel's validation or a bug: the job fails, the worker lives
+            error = e
+        t1 = clock()
+        kernel = t1 - t0
+        delay = 0.0
+        if self.slowdown > 1.0:
+            delay = (self.slowdown - 1.0) * kernel
+            _delay_until(t1 + delay, clock)
+        return result, error, kernel, delay
+
+    def _record(self, job: Job, result: Any, error: BaseException | None, kernel: float, delay: float
+                ) -> None:
+        """Finish a RUNNING job's bookkeeping (under the lock)."""
+        now = self._clock()
+        del self._running[job]
+        if error is None:
+            job.result = result
+            job._transition(JobState.DONE, now)
+        else:
+            job.error = error
+            job._transition(JobState.FAILED, now)
+        self.metrics.on_finish(job, kernel, delay)
+
+    def _deliver(self, job: Job) -> None:
+        """Hand a finished job over (no lock held): model, ready queue, future."""
+        error = job.error
+        if error is None:
+            self.model.observe(job.op, job.params, cast(float, job.service_time))
+        else:
+            log.debug("job %s failed: %s", job, error)
+        if job.collect:
+            self._ready.put(job)
+        if error is None:
+            job.future.set_result(job)
+        else:
+            job.future.set_exception(error)
+
+    def _finish(self, job: Job, result: Any, error: BaseException | None, kernel: float, delay: float
+                ) -> None:
+        """Finish a job run outside a worker (inline): record, wake a worker if work waits, deliver."""
+        with self._lock:
+            self._record(job, result, error, kernel, delay)
+            if len(self._queue):
+                if self._sleeping:
+                    self._work.notify()
+            elif not self._running:
+                self._idle.notify_all()
+        self._deliver(job)
 
     def _worker(self) -> None:
-        while True:
-            job = self._next_job()
-            if job is None:
-                return
-            error: BaseException | None = None
-            result = None
-            try:
-                result = execute(job)
-            except Exception as e:  # the kernel's validation or a bug: the job fails, the worker lives
-                error = e
-            with self._lock:
-                now = self._clock()
-                del self._running[job]
-                if error is None:
-                    job.result = result
-                    job._transition(JobState.DONE, now)
-                else:
-                    job.error = error
-                    job._transition(JobState.FAILED, now)
-                self.metrics.on_finish(job)
-                if not len(self._queue) and not self._running:
+        job = self._next_job()
+        while job is not None:
+            outcome = self._run(job)
+            with self._lock:  # one lock round trip: record this job, take the next if one waits
+                self._record(job, *outcome)
+                nxt, late = self._pop_ready()
+                if nxt is None and not len(self._queue) and not self._running:
                     self._idle.notify_all()
-            if error is not None:
-                log.debug("job %s failed: %s", job, error)
-            if job.collect:
-                self._ready.put(job)
-            if error is None:
-                job.future.set_result(job)
-            else:
-                job.future.set_exception(error)
+            self._deliver(job)
+            self._deliver_late(late)
+            job = nxt if nxt is not None else self._next_job()
 
     def __repr__(self) -> str:
         return (f"<Accelerator {self.name} {self._state.value} workers={self.workers} "
@@ -407,6 +585,10 @@ class AcceleratorSpec:
     name: str
     ops: frozenset[Op] = field(default=ALL_OPS)
     workers: int = 1
+    slowdown: float = 1.0            # emulate an accelerator this many times slower
+    inline_max_seconds: float = 0.0  # run jobs estimated at most this long in the submitter when idle
+    spin_seconds: float = 0.0        # an idle worker polls this long before sleeping
+    max_queued: int | None = None    # receive-queue bound (None: unbounded)
 
 
 class AcceleratorService:
@@ -421,7 +603,9 @@ class AcceleratorService:
 
     def __init__(self, accelerators: Sequence[AcceleratorSpec] | None = None, *, workers: int = 1,
                  model: ServiceTimeModel | None = None,
-                 ready_notify: Callable[[Accelerator], None] | None = None) -> None:
+                 ready_notify: Callable[[Accelerator], None] | None = None,
+                 slowdown: float = 1.0, inline_max_seconds: float = 0.0, spin_seconds: float = 0.0,
+                 max_queued: int | None = None) -> None:
         self.model = model if model is not None else ServiceTimeModel.nominal()
         self._ready_notify = ready_notify
         self._lock = threading.Lock()
@@ -430,23 +614,29 @@ class AcceleratorService:
         self._closed = False
         self._rejected: dict[str, int] = {}
         specs = (list(accelerators) if accelerators is not None
-                 else [AcceleratorSpec("accel0", workers=workers)])
+                 else [AcceleratorSpec("accel0", workers=workers, slowdown=slowdown,
+                                       inline_max_seconds=inline_max_seconds, spin_seconds=spin_seconds,
+                                       max_queued=max_queued)])
         try:
             for spec in specs:
-                self.add_accelerator(spec.name, ops=spec.ops, workers=spec.workers)
+                self.add_accelerator(spec.name, ops=spec.ops, workers=spec.workers, slowdown=spec.slowdown,
+                                     inline_max_seconds=spec.inline_max_seconds,
+                                     spin_seconds=spec.spin_seconds, max_queued=spec.max_queued)
         except BaseException:
             self.close()
             raise
 
-    def add_accelerator(self, name: str, *, ops: Iterable[Op | str] | None = None, workers: int = 1
-                        ) -> Accelerator:
+    def add_accelerator(self, name: str, *, ops: Iterable[Op | str] | None = None, workers: int = 1,
+                        **options: Any) -> Accelerator:
+        """Add an accelerator; ``options`` are :class:`Accelerator`'s (slowdown, inline_max_seconds,
+        spin_seconds, max_queued)."""
         with self._lock:
             if self._closed:
                 raise ServiceClosed("accelerator service is closed")
             if name in self._accels:
                 raise AccelError(f"accelerator {name!r} already exists")
             acc = Accelerator(name, ops=ops, workers=workers, model=self.model,
-                              ready_notify=self._ready_notify)
+                              ready_notify=self._ready_notify, **options)
             self._accels[name] = acc
             self._by_op = {op: tuple(a for a in self._accels.values() if op in a.ops) for op in Op}
             return acc
@@ -488,6 +678,16 @@ class AcceleratorService:
             raise ServiceClosed("accelerator service is closed")
         acc = self.accelerator(accelerator) if accelerator is not None else self.choose(job)
         return acc.submit(job)
+
+    def submit_burst(self, jobs: Sequence[Job], *, accelerator: str | None = None) -> int:
+        """Queue NEW jobs on one accelerator (named, or chosen for the first job); returns how
+        many were taken -- see :meth:`Accelerator.submit_burst`."""
+        if self._closed:
+            raise ServiceClosed("accelerator service is closed")
+        if not jobs:
+            return 0
+        acc = self.accelerator(accelerator) if accelerator is not None else self.choose(jobs[0])
+        return acc.submit_burst(jobs)
 
     def choose(self, job: Job) -> Accelerator:
         """The accelerator serving ``job.op`` that predicts the earliest completion."""
