@@ -38,13 +38,11 @@ sharing caches and memory bandwidth, a slower emulated accelerator, another
 tenant's load), so the model keeps learning from the jobs it serves. Each
 finished job reports its measured service time (:meth:`ServiceTimeModel.observe`);
 per *size class* (cost key + exact work features, i.e. one (op, size, batch,
-dtype) shape) the model keeps a robust EWMA of ``log(measured / linear fit)``,
-and per cost key the same for sizes it has not seen yet. An estimate is the
-linear fit times ``exp`` of the class's correction (or the key's, for an
-unseen size). The update is clipped in the log domain, so a job stalled by the
-scheduler moves the estimate by at most ``clip`` (a median-like tracker, which
-is what minimises the mean absolute error), and the first ``warmup`` samples of
-a class are averaged (step 1/n) before the EWMA takes over.
+dtype) shape) the model tracks a correction of the linear fit that minimises
+the mean absolute relative error of its estimates, and per cost key the same
+for sizes it has not seen yet. An estimate is the linear fit times the
+class's correction (or the key's, for an unseen size); see :class:`OnlineFit`
+for the update, which a stalled job moves by a bounded step only.
 """
 from __future__ import annotations
 
@@ -227,62 +225,79 @@ def default_cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "vrdma"
 
 
-ONLINE_ALPHA = 0.2     # EWMA weight of a new sample once a class is warm
-ONLINE_CLIP = 0.35     # largest log-domain step per sample (x1.42 / x0.70)
-ONLINE_WARMUP = 8      # samples averaged (step 1/n) before the EWMA takes over
+ONLINE_STEP = 0.04     # log-domain step per sample (times measured / estimate) once a class is warm
+ONLINE_MAX_RATIO = 4.0  # a sample counts as at most this many times the estimate (a stalled job)
+ONLINE_WARMUP = 8       # samples averaged in the log domain before the tracker takes over
 
 
 class OnlineFit:
     """Learned multiplicative corrections of a linear fit, per size class and per cost key.
 
+    The first ``warmup`` samples of a class set its correction to the mean
+    log ratio measured / fit (each clipped to ``1 / max_ratio .. max_ratio``).
+    After that each sample moves it by ``step x ratio`` up when the job took
+    longer than estimated, down when shorter: a stochastic subgradient step on
+    the mean absolute *relative* error ``|measured - e| / e``, whose minimum
+    is where those weighted moves balance (the ratio-weighted median). A
+    stalled job moves the estimate by at most ``step x max_ratio``.
+
     Not locked: the owner may call :meth:`observe` from several worker
-    threads; every update is one dict store of a float (atomic under the
-    GIL), so a race loses at most one sample.
+    threads; every update is one dict store of a tuple (atomic under the
+    GIL), so a race loses at most one sample. ``trace``, when a list, gets
+    ``(key, features, fit seconds, measured seconds)`` per sample (benchmarks).
     """
 
-    def __init__(self, *, alpha: float = ONLINE_ALPHA, clip: float = ONLINE_CLIP,
+    def __init__(self, *, step: float = ONLINE_STEP, max_ratio: float = ONLINE_MAX_RATIO,
                  warmup: int = ONLINE_WARMUP) -> None:
-        if not 0.0 < alpha <= 1.0:
-            raise ModelError(f"online alpha must be in (0, 1], got {alpha!r}")
-        if not clip > 0.0:
-            raise ModelError(f"online clip must be > 0, got {clip!r}")
+        if not 0.0 < step <= 1.0:
+            raise ModelError(f"online step must be in (0, 1], got {step!r}")
+        if not max_ratio > 1.0:
+            raise ModelError(f"online max_ratio must be > 1, got {max_ratio!r}")
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
             raise ModelError(f"online warmup must be an integer >= 1, got {warmup!r}")
-        self.alpha, self.clip, self.warmup = alpha, clip, warmup
-        self._cls: dict[tuple[str, tuple[float, ...]], tuple[float, int]] = {}  # (log corr, samples)
-        self._key: dict[str, tuple[float, int]] = {}
+        self.step, self.max_ratio, self.warmup = step, max_ratio, warmup
+        self._log_max = math.log(max_ratio)
+        self._cls: dict[tuple[str, tuple[float, ...]], tuple[float, float, int]] = {}  # log, factor, n
+        self._key: dict[str, tuple[float, float, int]] = {}
+        self.trace: list[tuple[str, tuple[float, ...], float, float]] | None = None
 
     def factor(self, key: str, feats: tuple[float, ...]) -> float:
         """Multiplier of the linear fit: the class's, else the key's, else 1."""
         c = self._cls.get((key, feats)) or self._key.get(key)
-        return math.exp(c[0]) if c is not None else 1.0
+        return c[1] if c is not None else 1.0
 
-    def _step(self, table: dict, k: Any, log_ratio: float) -> None:
+    def _update(self, table: dict, k: Any, log_ratio: float) -> None:
+        lr = min(self._log_max, max(-self._log_max, log_ratio))
         prev = table.get(k)
         if prev is None:
-            table[k] = (log_ratio, 1)
+            table[k] = (lr, math.exp(lr), 1)
             return
-        r, n = prev
+        r, _, n = prev
         n += 1
-        a = max(self.alpha, 1.0 / n) if n <= self.warmup else self.alpha
-        d = min(self.clip, max(-self.clip, log_ratio - r))
-        table[k] = (r + a * d, n)
+        if n <= self.warmup:
+            r += (lr - r) / n
+        else:
+            ratio = math.exp(lr - r)  # measured / current estimate
+            r += self.step * ratio if ratio > 1.0 else -self.step * ratio
+        table[k] = (r, math.exp(r), n)
 
     def observe(self, key: str, feats: tuple[float, ...], base: float, measured: float) -> None:
         """One finished job: ``measured`` seconds where the linear fit said ``base``."""
         if not (base > 0.0 and measured > 0.0 and math.isfinite(measured)):
             return
+        if self.trace is not None:
+            self.trace.append((key, feats, base, measured))
         lr = math.log(measured / base)
-        self._step(self._cls, (key, feats), lr)
-        self._step(self._key, key, lr)
+        self._update(self._cls, (key, feats), lr)
+        self._update(self._key, key, lr)
 
     def samples(self, key: str, feats: tuple[float, ...] | None = None) -> int:
         c = self._key.get(key) if feats is None else self._cls.get((key, feats))
-        return 0 if c is None else c[1]
+        return 0 if c is None else c[2]
 
     def snapshot(self) -> dict:
         """Per cost key: learned factor and samples (for metrics and the bench)."""
-        return {k: {"factor": math.exp(r), "samples": n} for k, (r, n) in sorted(self._key.items())}
+        return {k: {"factor": f, "samples": n} for k, (_, f, n) in sorted(self._key.items())}
 
     def clear(self) -> None:
         self._cls.clear()

@@ -128,6 +128,7 @@ class ReadyQueue:
         self._jobs: deque[Job] = deque()
         self._cv = threading.Condition(threading.Lock())
         self._notify = notify
+        self._waiting = 0  # collectors blocked in collect(): put() signals the condition only for them
 
     def __len__(self) -> int:
         with self._cv:
@@ -140,7 +141,8 @@ class ReadyQueue:
     def put(self, job: Job) -> None:
         with self._cv:
             self._jobs.append(job)
-            self._cv.notify_all()
+            if self._waiting:
+                self._cv.notify_all()
             notify = self._notify
         if notify is not None:
             try:
@@ -163,6 +165,10 @@ class ReadyQueue:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         break
-                    self._cv.wait(remaining)
+                    self._waiting += 1
+                    try:
+                        self._cv.wait(remaining)
+                    finally:
+                        self._waiting -= 1
             n = len(self._jobs) if max_jobs is None else min(max_jobs, len(self._jobs))
             return [self._jobs.popleft() for _ in range(n)]

@@ -63,6 +63,7 @@ ALL_OPS = frozenset(Op)
 JOB_PARAMETERS = frozenset({"n", "dtype", "k", "batch", "iterations", "scaling", "early_stop", "collect"})
 MAX_WORKERS = 64
 MAX_SLOWDOWN = 1000.0
+_thread_time = time.thread_time
 SLEEP_GRANULARITY = 2e-4  # seconds: below this a slowdown delay yields instead of sleeping
 
 
@@ -152,6 +153,7 @@ class Accelerator:
         self._seq = 0
         self._live = workers
         self._sleeping = 0       # workers blocked in _work.wait(): only then does submit notify
+        self._draining = 0       # drain() callers blocked in _idle.wait(): only then is _idle signalled
         self._paused = False
         self._state = AcceleratorState.RUNNING
         self._ready = ReadyQueue(None if ready_notify is None else (lambda: ready_notify(self)))
@@ -230,7 +232,11 @@ class Accelerator:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
-                self._idle.wait(remaining)
+                self._draining += 1
+                try:
+                    self._idle.wait(remaining)
+                finally:
+                    self._draining -= 1
         return True
 
     # ------------------------------------------------------------------ submitting
@@ -245,14 +251,16 @@ class Accelerator:
         if job.state is not JobState.NEW:
             raise JobRejected(f"job {job.id} is {job.state.value}; only a new job can be submitted")
 
-    def _enqueue(self, job: Job, estimate: float, now: float) -> None:
-        """Queue one checked job (under the lock)."""
+    def _enqueue(self, job: Job, estimate: float, now: float, *, push: bool = True) -> None:
+        """Queue one checked job (under the lock); ``push=False`` when it is dispatched at once
+        from an empty queue (pushing and popping it would leave the fair queue as it was)."""
         job.estimate = estimate
         job.id = self._seq
         self._seq += 1
         job.accelerator = self.name
         job._transition(JobState.QUEUED, now)
-        self._queue.push(job)
+        if push:
+            self._queue.push(job)
         self.metrics.on_submit(job)
 
     def submit(self, job: Job) -> Job:
@@ -266,8 +274,7 @@ class Accelerator:
         """
         self._check_job(job)
         estimate = self.model.estimate(job)
-        job.future.add_done_callback(functools.partial(self._on_future_done, job))
-        inline = False
+        inline = late = False
         with self._lock:
             if self._state is not AcceleratorState.RUNNING:
                 raise ServiceClosed(f"accelerator {self.name} is {self._state.value}")
@@ -277,17 +284,26 @@ class Accelerator:
                 raise QueueFull(f"accelerator {self.name}: receive queue full "
                                 f"({qlen} of max_queued={self.max_queued} jobs)")
             now = self._clock()
-            self._enqueue(job, estimate, now)
             if (estimate <= self.inline_max_seconds and not qlen and not self._paused
                     and len(self._running) < self.workers):
-                job = cast(Job, self._queue.pop())  # the job just queued: the queue was empty
+                self._enqueue(job, estimate, now, push=False)
                 inline = self._start(job, now)
+                late = not inline
                 if inline:
                     self.metrics.on_inline(job)
-            elif self._sleeping:
-                self._work.notify()
+            else:
+                self._enqueue(job, estimate, now)
+                if self._sleeping:
+                    self._work.notify()
         if inline:
             self._finish(job, *self._run(job))
+        elif late:  # its future was cancelled before submit (Job.cancel() refuses a NEW job)
+            self._deliver_late([job])
+        else:
+            # Only a queued job needs cancelling through its future. Added after queueing: a
+            # future cancelled before this runs the callback at once (removing the job here), and
+            # one cancelled before dispatch is caught by the dispatcher either way.
+            job.future.add_done_callback(functools.partial(self._on_future_done, job))
         return job
 
     def submit_burst(self, jobs: Sequence[Job]) -> int:
@@ -332,7 +348,7 @@ class Accelerator:
                 return False
             job._transition(JobState.CANCELLED, self._clock())
             self.metrics.on_cancel(job)
-            if not len(self._queue) and not self._running:
+            if self._draining and not len(self._queue) and not self._running:
                 self._idle.notify_all()
         self._deliver_cancelled([job])
         return True
@@ -487,7 +503,7 @@ class Accelerator:
                         if not self._live:
                             self._set_state(AcceleratorState.CLOSED)
                         return None
-                    if not len(self._queue) and not self._running:
+                    if self._draining and not len(self._queue) and not self._running:
                         self._idle.notify_all()
                     if spin_until and self._clock() < spin_until:
                         break  # poll again after yielding the GIL, without sleeping on the condition
@@ -503,18 +519,26 @@ class Accelerator:
                 time.sleep(0)
 
     def _run(self, job: Job) -> tuple[Any, BaseException | None, float, float]:
-        """Run the kernel (no lock held): (result, error, kernel seconds, emulated delay seconds)."""
+        """Run the kernel (no lock held): (result, error, kernel seconds, emulated delay seconds).
+
+        The kernel's seconds are the running thread's CPU time over the call
+        (the kernels are single-threaded): the accelerator's own time, without
+        the wait to take the GIL back after the kernel released it, nor time
+        the host took the CPU away -- neither would happen on a real card, and
+        either can add milliseconds to a microsecond job. ``job.t_started`` /
+        ``t_finished`` stay wall-clock.
+        """
         error: BaseException | None = None
         result = None
         clock = self._clock
-        t0 = clock()
-        job.t_started = t0  # service time is the kernel's (+ slowdown), not the dispatch's
+        c0 = _thread_time()
+        job.t_started = clock()  # service time is the kernel's (+ slowdown), not the dispatch's
         try:
             result = execute(job)
         except Exception as e:  # the kernel's validation or a bug: the job fails, the worker lives
             error = e
         t1 = clock()
-        kernel = t1 - t0
+        kernel = _thread_time() - c0
         delay = 0.0
         if self.slowdown > 1.0:
             delay = (self.slowdown - 1.0) * kernel
@@ -534,19 +558,19 @@ class Accelerator:
             job._transition(JobState.FAILED, now)
         self.metrics.on_finish(job, kernel, delay)
 
-    def _deliver(self, job: Job) -> None:
-        """Hand a finished job over (no lock held): model, ready queue, future."""
+    def _deliver(self, job: Job, accel_seconds: float) -> None:
+        """Hand a finished job over (no lock held): model, future, ready queue."""
         error = job.error
         if error is None:
-            self.model.observe(job.op, job.params, cast(float, job.service_time))
+            self.model.observe(job.op, job.params, accel_seconds)
         else:
             log.debug("job %s failed: %s", job, error)
-        if job.collect:
-            self._ready.put(job)
         if error is None:
             job.future.set_result(job)
         else:
             job.future.set_exception(error)
+        if job.collect:  # last: the collector it wakes then finds this thread nearly done with the GIL
+            self._ready.put(job)
 
     def _finish(self, job: Job, result: Any, error: BaseException | None, kernel: float, delay: float
                 ) -> None:
@@ -556,9 +580,9 @@ class Accelerator:
             if len(self._queue):
                 if self._sleeping:
                     self._work.notify()
-            elif not self._running:
+            elif self._draining and not self._running:
                 self._idle.notify_all()
-        self._deliver(job)
+        self._deliver(job, kernel + delay)
 
     def _worker(self) -> None:
         job = self._next_job()
@@ -567,9 +591,9 @@ class Accelerator:
             with self._lock:  # one lock round trip: record this job, take the next if one waits
                 self._record(job, *outcome)
                 nxt, late = self._pop_ready()
-                if nxt is None and not len(self._queue) and not self._running:
+                if nxt is None and self._draining and not len(self._queue) and not self._running:
                     self._idle.notify_all()
-            self._deliver(job)
+            self._deliver(job, outcome[2] + outcome[3])
             self._deliver_late(late)
             job = nxt if nxt is not None else self._next_job()
 

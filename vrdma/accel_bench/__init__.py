@@ -139,7 +139,197 @@ def run_service_bench(*, quick: bool = False, model=None, workers: tuple[int, ..
     rows.append({"case": "round trip fft 1x256 complex64", "workers": 1, "mode": "submit().wait() vs direct",
                  "jobs": calls, "direct_us": direct * 1e6, "service_us": service * 1e6,
                  "overhead_us": (service - direct) * 1e6, "thread_handoff_us": handoff})
+    rows.extend(device_path_rows(model, calls=calls, repeat=repeat, handoff_us=handoff))
+    rows.extend(submitters_rows(model, workloads[0], quick=quick, repeat=repeat))
     return rows
+
+
+DEVICE_MODES: tuple[tuple[str, float, float], ...] = (  # (mode, spin_seconds, inline_max_seconds)
+    ("worker thread", 0.0, 0.0),
+    ("worker spins 100 us", 1e-4, 0.0),
+    ("inline when idle", 0.0, 1e-4),
+)
+
+
+def device_path_rows(model, *, calls: int, repeat: int, handoff_us: float, n: int = 2048) -> list[dict]:
+    """The device's per-job path for one n-point complex64 FFT vs ``accel_core.fft`` in-process.
+
+    Per job: ``Job.create(collect=True)``, ``submit_job(job, accelerator=...)``
+    and ``collect(timeout=None)`` from the ready queue (no futures waited on),
+    in each of :data:`DEVICE_MODES`; ``create_us`` is Job.create alone (the
+    buffer validation the device does in any mode).
+    """
+    from accel_core import AcceleratorService, Job, Op, fft
+
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((1, n)) + 1j * rng.standard_normal((1, n))).astype(np.complex64)
+    out = np.empty_like(x)
+    fft(x, out=out)
+    direct = min(_timed(lambda: [fft(x, out=out) for _ in range(calls)]) for _ in range(repeat)) / calls
+    create = min(_timed(lambda: [Job.create(Op.FFT, x, out, collect=True) for _ in range(calls)])
+                 for _ in range(repeat)) / calls
+    rows = []
+    for mode, spin, inline_max in DEVICE_MODES:
+        with AcceleratorService(workers=1, model=model, spin_seconds=spin,
+                                inline_max_seconds=inline_max) as svc:
+            acc = svc.accelerator("accel0")
+
+            def device_jobs(svc=svc, acc=acc) -> None:
+                for _ in range(calls):
+                    svc.submit_job(Job.create(Op.FFT, x, out, collect=True), accelerator="accel0")
+                    acc.collect(timeout=None)
+
+            device_jobs()
+            per_job = min(_timed(device_jobs) for _ in range(repeat)) / calls
+            inline = svc.metrics()["accelerators"]["accel0"]["ops"]["fft"]["inline"]
+        rows.append({"case": f"device path fft 1x{n} complex64", "workers": 1, "mode": mode,
+                     "jobs": calls, "direct_us": direct * 1e6, "service_us": per_job * 1e6,
+                     "overhead_us": (per_job - direct) * 1e6, "create_us": create * 1e6,
+                     "submit_collect_overhead_us": (per_job - create - direct) * 1e6,
+                     "thread_handoff_us": handoff_us, "inline_jobs": inline})
+    return rows
+
+
+def _submitter(svc, op, x, outs: list, in_flight: int, rounds: int) -> None:
+    """Keep ``in_flight`` jobs of this thread queued: burst them, wait for them, ``rounds`` times."""
+    from accel_core import Job
+
+    for _ in range(rounds):
+        jobs = [Job.create(op, x, outs[i % len(outs)]) for i in range(in_flight)]
+        taken = svc.submit_burst(jobs)
+        assert taken == in_flight, f"burst took {taken} of {in_flight} (unbounded queue)"
+        for j in jobs:
+            j.wait()
+
+
+def submitters_rows(model, w: dict, *, quick: bool, repeat: int, submitters: int = 4, in_flight: int = 32,
+                    workers: tuple[int, ...] = (1, 2)) -> list[dict]:
+    """``submitters`` threads x ``in_flight`` jobs each through submit_burst vs direct calls, 1 thread."""
+    import threading
+
+    from accel_core import AcceleratorService
+
+    rounds = 1 if quick else 4
+    jobs = submitters * in_flight * rounds
+    outs = w["outputs"]
+    x = w["inputs"][0]
+    direct = min(_timed(partial(_direct_calls, w["direct"], outs, jobs)) for _ in range(repeat))
+    direct_rate = jobs * w["per_job"] / direct
+    rows = []
+    for nw in workers:
+        best, est = math.inf, None
+        for _ in range(repeat):
+            with AcceleratorService(workers=nw, model=model) as svc:
+                threads = [threading.Thread(target=_submitter, name=f"accel-bench-submitter-{i}",
+                                            args=(svc, w["op"], x, outs, in_flight, rounds))
+                           for i in range(submitters)]
+
+                def run_all(threads=threads) -> None:
+                    for t in threads:
+                        t.start()
+                    for t in threads:
+                        t.join()
+
+                secs = _timed(run_all)
+                stats = svc.metrics()["accelerators"]["accel0"]["ops"][w["op"].value]["estimate"]
+            if secs < best:
+                best, est = secs, stats
+        assert est is not None
+        rate = jobs * w["per_job"] / best
+        rows.append({"case": f"{w['case']} {submitters} submitters x {in_flight} in flight", "workers": nw,
+                     "mode": f"submit_burst, {nw} worker(s)", "jobs": jobs, "seconds": best,
+                     "jobs_per_s": jobs / best, "unit": w["unit"], "rate": rate, "direct_rate": direct_rate,
+                     "ratio_vs_direct": rate / direct_rate, "est_geomean_ratio": est["geomean_ratio"],
+                     "est_mean_abs_rel_error": est["mean_abs_rel_error"]})
+    return rows
+
+
+def _estimate_mix(rng) -> list[tuple[Any, Any, dict]]:
+    """(op, input, params) shapes the estimate run cycles through: several sizes per operation."""
+    from accel_core import Op, turbo_encode
+
+    mix: list[tuple[Any, Any, dict]] = []
+    for op in (Op.FFT, Op.IFFT):
+        for n, b in ((256, 1), (2048, 1), (2048, 16), (4096, 4)):
+            mix.append((op, (rng.standard_normal((b, n)) + 1j * rng.standard_normal((b, n))
+                             ).astype(np.complex64), {}))
+    for k, b in ((1024, 1), (6144, 2)):
+        mix.append((Op.TURBO_ENCODE, rng.integers(0, 2, (b, k), dtype=np.uint8), {}))
+    for k, b, it in ((1024, 1, 4), (2048, 4, 2)):
+        info = rng.integers(0, 2, (b, k), dtype=np.uint8)
+        mix.append((Op.TURBO_DECODE, (1.0 - 2.0 * turbo_encode(info).astype(np.float32)) * 2.0,
+                    {"iterations": it}))
+    return mix
+
+
+def run_estimate_bench(model, *, quick: bool = False, workers: int = 1, in_flight: int = 4) -> list[dict]:
+    """Mean absolute error of the service-time estimates per operation, over a mix of sizes.
+
+    One submitter keeps ``in_flight`` jobs queued, cycling through
+    :func:`_estimate_mix`; the errors are those the accelerator's metrics
+    record (estimate made at submit vs measured service time), over every job
+    (``mae``) and over the second half of the run (``mae_after_warmup``,
+    once the online fit has seen each shape).
+    """
+    from collections import deque
+
+    from accel_core import AcceleratorService, Job
+
+    rng = np.random.default_rng(11)
+    mix = _estimate_mix(rng)
+    rounds = 30 if quick else 120
+    outs = [None] * len(mix)
+    half: dict[str, dict] = {}
+    trace: list = []
+    online = model.online
+    if online is not None:
+        online.trace = trace
+    with AcceleratorService(workers=workers, model=model) as svc:
+        pending: deque = deque()
+        for r in range(rounds):
+            if r == rounds // 2:
+                half = svc.metrics()["accelerators"]["accel0"]["ops"]
+            for i, (op, x, params) in enumerate(mix):
+                pending.append(svc.submit_job(Job.create(op, x, outs[i], **params)))
+                while len(pending) >= in_flight:
+                    pending.popleft().wait()
+        for j in pending:
+            j.wait()
+        ops = svc.metrics()["accelerators"]["accel0"]["ops"]
+    if online is not None:
+        online.trace = None
+    floor = _oracle_floor(trace)
+    rows = []
+    for op, c in ops.items():
+        e = c["estimate"]
+        if not e["count"]:
+            continue
+        h = half[op]["estimate"]
+        n2 = e["count"] - h["count"]
+        mae2 = ((e["mean_abs_rel_error"] * e["count"] - (h["mean_abs_rel_error"] or 0.0) * h["count"]) / n2
+                if n2 else None)
+        rows.append({"op": op, "jobs": e["count"], "workers": workers,
+                     "shapes": sum(1 for m in mix if m[0].value == op),
+                     "mae": e["mean_abs_rel_error"], "mae_after_warmup": mae2,
+                     "oracle_floor": floor.get(op), "geomean_ratio": e["geomean_ratio"]})
+    return rows
+
+
+def _oracle_floor(trace: list) -> dict[str, float]:
+    """Same-run baseline for the MAE: per operation, the error of the best *constant* estimate of
+    each shape, chosen after the fact over the second half of its samples (the jitter no per-shape
+    model can remove)."""
+    by_class: dict[tuple, list[float]] = {}
+    for key, feats, _base, measured in trace:
+        by_class.setdefault((key, feats), []).append(measured)
+    err: dict[str, list[float]] = {}
+    for (key, _feats), ms in by_class.items():
+        tail = np.asarray(ms[len(ms) // 2:])
+        if not tail.size:
+            continue
+        best = min(float(np.mean(np.abs(tail - e) / e)) for e in tail)
+        err.setdefault(key.split("/")[0], []).extend([best] * tail.size)
+    return {op: float(np.mean(v)) for op, v in err.items()}
 
 
 def _thread_handoff_us(calls: int, repeat: int) -> float:
@@ -205,6 +395,7 @@ def run_accel_bench(*, quick: bool = False, sections: tuple[str, ...] = SECTIONS
         model = ServiceTimeModel.calibrate(quick=quick)
         out["calibration"] = {"seconds": time.perf_counter() - t0, "costs": model_rows(model)}
         out["service"] = run_service_bench(quick=quick, model=model)
+        out["estimates"] = run_estimate_bench(model, quick=quick)
     return out
 
 
@@ -249,6 +440,14 @@ def format_table(res: dict) -> str:
                  f"{r['points']} points, fit rms rel err {_fmt(r['fit_rms_rel_error'], '.2f')}")
                 for r in res.get("calibration", {}).get("costs", []))
     for r in res.get("service", []):
+        if "create_us" in r:
+            rows.append(("service", f"{r['case']}: {r['mode']}", f"{r['service_us']:.1f} us/job",
+                         (f"direct fft {r['direct_us']:.1f} us; "
+                          f"bare thread ping-pong {r['thread_handoff_us']:.1f} us"),
+                         f"+{r['overhead_us']:.1f} us",
+                         (f"Job.create {r['create_us']:.1f} us + submit/collect "
+                          f"+{r['submit_collect_overhead_us']:.1f} us; {r['inline_jobs']} inline")))
+            continue
         if "overhead_us" in r:
             rows.append(("service", r["case"], f"{r['service_us']:.1f} us/job",
                          (f"direct {r['direct_us']:.1f} us; "
@@ -261,6 +460,13 @@ def format_table(res: dict) -> str:
                    f"mean |err| {100 * r['est_mean_abs_rel_error']:.0f}%")
         rows.append(("service", f"{r['case']}: {r['mode']}", f"{r['rate']:.1f} {r['unit']}",
                      f"direct {r['direct_rate']:.1f} {r['unit']}", f"x{r['ratio_vs_direct']:.2f}", est))
+    rows.extend(("estimate", f"{r['op']} ({r['shapes']} shapes, {r['workers']} worker)",
+                 f"MAE {100 * r['mae']:.1f}%", "-", "-",
+                 (f"{r['jobs']} jobs; second half MAE {100 * r['mae_after_warmup']:.1f}% vs best constant "
+                  f"per shape {100 * (r['oracle_floor'] or 0.0):.1f}%; "
+                  f"measured/estimate geomean {r['geomean_ratio']:.2f}"
+                  if r["mae_after_warmup"] is not None else f"{r['jobs']} jobs"))
+                for r in res.get("estimates", []))
     head = ("section", "case", "ours", "baseline", "ratio", "note")
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)).rstrip(),
