@@ -67,6 +67,8 @@ from accel_core.jobs import FFT_OPS, Job, JobParams, Op, execute
 FORMAT_VERSION = 1
 _SHAPE_CACHE_MAX = 4096
 
+Shape = tuple[str, tuple[float, ...], float]  # (cost key, work features, linear-fit seconds)
+
 
 _COST_KEYS = {(op, np.dtype(dt)): f"{op.value}/{np.dtype(dt).name}"
               for op in FFT_OPS for dt in (np.complex64, np.complex128)}
@@ -320,11 +322,11 @@ class ServiceTimeModel:
         self.meta = dict(meta or {})
         self.online: OnlineFit | None = (online if isinstance(online, OnlineFit)
                                          else OnlineFit() if online else None)
-        self._shape: dict[tuple[Op, JobParams], tuple[str, tuple[float, ...], float]] = {}
+        self._shape: dict[tuple[Op, JobParams], Shape] = {}
 
     # -- estimating
 
-    def _lookup(self, op: Op, params: JobParams) -> tuple[str, tuple[float, ...], float]:
+    def _lookup(self, op: Op, params: JobParams) -> Shape:
         """(cost key, features, linear-fit seconds) of a job shape, cached per shape."""
         hit = self._shape.get((op, params))
         if hit is not None:
@@ -339,6 +341,21 @@ class ServiceTimeModel:
             self._shape.clear()
         self._shape[(op, params)] = hit
         return hit
+
+    def shape(self, op: Op, params: JobParams) -> Shape:
+        """A job shape's handle for :meth:`estimate_shape` / :meth:`observe_shape` (one lookup per
+        job instead of one per call: the service keeps it from submit to completion)."""
+        return self._lookup(op, params)
+
+    def estimate_shape(self, shape: Shape) -> float:
+        key, feats, base = shape
+        online = self.online
+        return base if online is None else base * online.factor(key, feats)
+
+    def observe_shape(self, shape: Shape, measured: float) -> None:
+        online = self.online
+        if online is not None:
+            online.observe(shape[0], shape[1], shape[2], measured)
 
     def base_estimate(self, op: Op, params: JobParams) -> float:
         """The calibrated linear fit alone, without the online correction."""

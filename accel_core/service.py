@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from accel_core.errors import AccelError, JobRejected, ParameterError, ServiceClosed, UnsupportedOperation
-from accel_core.estimate import ServiceTimeModel
+from accel_core.estimate import ServiceTimeModel, Shape
 from accel_core.jobs import Job, JobState, Op, execute
 from accel_core.metrics import AcceleratorMetrics
 from accel_core.queues import FairQueue, ReadyQueue
@@ -117,8 +117,14 @@ class Accelerator:
     """One shared accelerator: receive queue, worker threads, ready queue.
 
     Threads start in the constructor and stop in :meth:`close`.
-    ``ready_notify(accelerator)`` is called from a worker thread, outside any
-    lock, whenever a ``collect=True`` job lands on the ready queue.
+    ``ready_notify(accelerator)`` is called outside any lock whenever a
+    ``collect=True`` job lands on the ready queue: from a worker thread, or
+    from the submitting thread for a job run inline (``inline_max_seconds``).
+
+    Options: ``slowdown`` >= 1 emulates a slower accelerator;
+    ``inline_max_seconds`` (0 = never) runs small jobs in the submitter when
+    idle; ``spin_seconds`` (0 = never) keeps idle workers polling before they
+    sleep; ``max_queued`` bounds the receive queue (``QueueFull``, counted).
     """
 
     def __init__(self, name: str, *, ops: Iterable[Op | str] | None = None, workers: int = 1,
@@ -150,6 +156,7 @@ class Accelerator:
         self._idle = threading.Condition(self._lock)   # drain() waits for empty + idle
         self._queue = FairQueue()
         self._running: dict[Job, None] = {}
+        self._shape_of: dict[Job, Shape] = {}  # submitted, not yet delivered: the model's handle
         self._seq = 0
         self._live = workers
         self._sleeping = 0       # workers blocked in _work.wait(): only then does submit notify
@@ -251,9 +258,10 @@ class Accelerator:
         if job.state is not JobState.NEW:
             raise JobRejected(f"job {job.id} is {job.state.value}; only a new job can be submitted")
 
-    def _enqueue(self, job: Job, estimate: float, now: float, *, push: bool = True) -> None:
+    def _enqueue(self, job: Job, shape: Shape, estimate: float, now: float, *, push: bool = True) -> None:
         """Queue one checked job (under the lock); ``push=False`` when it is dispatched at once
         from an empty queue (pushing and popping it would leave the fair queue as it was)."""
+        self._shape_of[job] = shape
         job.estimate = estimate
         job.id = self._seq
         self._seq += 1
@@ -273,7 +281,8 @@ class Accelerator:
         resolved, a ``collect=True`` job on the ready queue).
         """
         self._check_job(job)
-        estimate = self.model.estimate(job)
+        shape = self.model.shape(job.op, job.params)
+        estimate = self.model.estimate_shape(shape)
         inline = late = False
         with self._lock:
             if self._state is not AcceleratorState.RUNNING:
@@ -286,13 +295,13 @@ class Accelerator:
             now = self._clock()
             if (estimate <= self.inline_max_seconds and not qlen and not self._paused
                     and len(self._running) < self.workers):
-                self._enqueue(job, estimate, now, push=False)
+                self._enqueue(job, shape, estimate, now, push=False)
                 inline = self._start(job, now)
                 late = not inline
                 if inline:
                     self.metrics.on_inline(job)
             else:
-                self._enqueue(job, estimate, now)
+                self._enqueue(job, shape, estimate, now)
                 if self._sleeping:
                     self._work.notify()
         if inline:
@@ -316,11 +325,12 @@ class Accelerator:
         if the accelerator is not running. No job of a burst runs inline.
         """
         model = self.model
-        ok: list[tuple[Job, float]] = []
+        ok: list[tuple[Job, Shape, float]] = []
         for job in jobs:
             if job.op not in self.ops or job.state is not JobState.NEW:
                 break
-            ok.append((job, model.estimate(job)))
+            shape = model.shape(job.op, job.params)
+            ok.append((job, shape, model.estimate_shape(shape)))
         stopped_by = jobs[len(ok)] if len(ok) < len(jobs) else None
         taken = 0
         with self._lock:
@@ -328,8 +338,8 @@ class Accelerator:
                 raise ServiceClosed(f"accelerator {self.name} is {self._state.value}")
             room = len(ok) if self.max_queued is None else max(0, self.max_queued - len(self._queue))
             now = self._clock()
-            for job, estimate in ok[:room]:
-                self._enqueue(job, estimate, now)
+            for job, shape, estimate in ok[:room]:
+                self._enqueue(job, shape, estimate, now)
                 taken += 1
             if taken < len(ok):
                 self.metrics.on_queue_full(ok[taken][0].op)
@@ -337,7 +347,7 @@ class Accelerator:
                 self.metrics.on_reject(stopped_by.op)
             if taken and self._sleeping:
                 self._work.notify(min(taken, self._sleeping))
-        for job, _ in ok[:taken]:
+        for job, _, _ in ok[:taken]:
             job.future.add_done_callback(functools.partial(self._on_future_done, job))
         return taken
 
@@ -356,6 +366,7 @@ class Accelerator:
     def _deliver_cancelled(self, jobs: list[Job]) -> None:
         """Resolve cancelled jobs' futures and hand collect=True ones to the ready queue."""
         for job in jobs:
+            self._shape_of.pop(job, None)
             if job.collect:
                 self._ready.put(job)
             job.future.cancel()
@@ -486,6 +497,7 @@ class Accelerator:
 
     def _deliver_late(self, late: list[Job]) -> None:
         for job in late:
+            self._shape_of.pop(job, None)
             if job.collect:
                 self._ready.put(job)
 
@@ -561,8 +573,9 @@ class Accelerator:
     def _deliver(self, job: Job, accel_seconds: float) -> None:
         """Hand a finished job over (no lock held): model, future, ready queue."""
         error = job.error
-        if error is None:
-            self.model.observe(job.op, job.params, accel_seconds)
+        shape = self._shape_of.pop(job, None)
+        if error is None and shape is not None:
+            self.model.observe_shape(shape, accel_seconds)
         else:
             log.debug("job %s failed: %s", job, error)
         if error is None:

@@ -141,6 +141,25 @@ def test_submit_burst_takes_what_fits_and_counts_queue_full():
         np.testing.assert_array_equal(j.output, turbo_encode(b))
     s = op_stats(acc, "turbo_encode")
     assert (s["submitted"], s["completed"], s["queue_full"]) == (8, 8, 3)
+    assert not acc._shape_of  # nothing kept per job once delivered
+
+
+def test_nothing_kept_per_job_after_cancel_close_or_failure():
+    acc = Accelerator("a", model=flat_model(1e-4), inline_max_seconds=1e-3)
+    late = Job.create(Op.TURBO_ENCODE, bits(40))
+    late.future.cancel()
+    acc.submit(late)  # cancelled on the inline path
+    bad = bits(40)
+    failed = Job.create(Op.TURBO_ENCODE, bad)
+    bad[0] = 9
+    acc.submit(failed)  # fails inline
+    acc.pause()
+    queued = [acc.submit(Job.create(Op.TURBO_ENCODE, bits(40))) for _ in range(3)]
+    assert queued[0].cancel()
+    assert len(acc._shape_of) == 2
+    assert acc.close() == queued[1:]
+    assert not acc._shape_of
+    assert failed.state is JobState.FAILED and late.state is JobState.CANCELLED
 
 
 def test_submit_burst_stops_at_a_job_it_cannot_take():

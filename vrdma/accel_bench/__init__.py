@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -374,7 +375,7 @@ def run_accel_bench(*, quick: bool = False, sections: tuple[str, ...] = SECTIONS
     from accel_core import ServiceTimeModel
     from accel_core.estimate import cpu_model
 
-    out: dict[str, Any] = {"machine": {"cpu": cpu_model(), "quick": quick}}
+    out: dict[str, Any] = {"machine": {"cpu": cpu_model(), "vcpus": os.cpu_count(), "quick": quick}}
     if "fft" in sections:
         from vrdma.accel_bench.fft_bench import run_fft_bench
 
@@ -469,7 +470,9 @@ def format_table(res: dict) -> str:
                 for r in res.get("estimates", []))
     head = ("section", "case", "ours", "baseline", "ratio", "note")
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)).rstrip(),
+    m = res.get("machine") or {}
+    lines = [f"# machine: {m.get('cpu', '?')}; {m.get('vcpus', '?')} vCPUs"] if m else []
+    lines += ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)).rstrip(),
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     return "\n".join(lines)
