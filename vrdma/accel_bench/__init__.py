@@ -142,6 +142,60 @@ def run_service_bench(*, quick: bool = False, model=None, workers: tuple[int, ..
                  "overhead_us": (service - direct) * 1e6, "thread_handoff_us": handoff})
     rows.extend(device_path_rows(model, calls=calls, repeat=repeat, handoff_us=handoff))
     rows.extend(submitters_rows(model, workloads[0], quick=quick, repeat=repeat))
+    rows.extend(device_loop_rows(model, workloads[0], quick=quick, repeat=repeat))
+    return rows
+
+
+def _device_loop(svc, op, x, outs: list, guests: int, in_flight: int, total: int) -> int:
+    """One thread, as the backend daemon: ``guests`` x ``in_flight`` jobs kept queued with
+    submit_burst, completions taken from the ready queue, each refilled for the same guest."""
+    from accel_core import Job
+
+    acc = svc.accelerators[0]
+    submitted = done = 0
+    refill = [g for g in range(guests) for _ in range(in_flight)]
+    while done < total:
+        if refill:
+            n = min(len(refill), total - submitted)
+            jobs = [Job.create(op, x, outs[(submitted + i) % len(outs)], guest_id=refill[i], collect=True)
+                    for i in range(n)]
+            taken = svc.submit_burst(jobs, accelerator=acc.name)
+            assert taken == n, f"burst took {taken} of {n} (unbounded queue)"
+            submitted += n
+            refill.clear()
+        finished = acc.collect(timeout=None)
+        done += len(finished)
+        if submitted < total:
+            refill = [j.guest_id for j in finished]
+    return done
+
+
+def device_loop_rows(model, w: dict, *, quick: bool, repeat: int, guests: int = 4, in_flight: int = 32,
+                     workers: tuple[int, ...] = (1, 2)) -> list[dict]:
+    """The daemon's shape of load: one thread, ``guests`` x ``in_flight`` jobs, ready-queue completion."""
+    from accel_core import AcceleratorService
+
+    total = guests * in_flight * (1 if quick else 4)
+    outs = w["outputs"]
+    direct = min(_timed(partial(_direct_calls, w["direct"], outs, total)) for _ in range(repeat))
+    direct_rate = total * w["per_job"] / direct
+    rows = []
+    for nw in workers:
+        best, est = math.inf, None
+        for _ in range(repeat):
+            with AcceleratorService(workers=nw, model=model) as svc:
+                secs = _timed(partial(_device_loop, svc, w["op"], w["inputs"][0], outs, guests, in_flight,
+                                      total))
+                stats = svc.metrics()["accelerators"]["accel0"]["ops"][w["op"].value]["estimate"]
+            if secs < best:
+                best, est = secs, stats
+        assert est is not None
+        rate = total * w["per_job"] / best
+        rows.append({"case": f"{w['case']} 1 loop, {guests} guests x {in_flight} in flight", "workers": nw,
+                     "mode": f"submit_burst + collect, {nw} worker(s)", "jobs": total, "seconds": best,
+                     "jobs_per_s": total / best, "unit": w["unit"], "rate": rate, "direct_rate": direct_rate,
+                     "ratio_vs_direct": rate / direct_rate, "est_geomean_ratio": est["geomean_ratio"],
+                     "est_mean_abs_rel_error": est["mean_abs_rel_error"]})
     return rows
 
 
