@@ -230,6 +230,7 @@ def default_cache_dir() -> Path:
 ONLINE_STEP = 0.04     # log-domain step per sample (times measured / estimate) once a class is warm
 ONLINE_MAX_RATIO = 4.0  # a sample counts as at most this many times the estimate (a stalled job)
 ONLINE_WARMUP = 8       # samples averaged in the log domain before the tracker takes over
+ONLINE_MAX_CLASSES = 4096  # size classes tracked; beyond, new shapes teach only their cost key
 
 
 class OnlineFit:
@@ -290,7 +291,9 @@ class OnlineFit:
         if self.trace is not None:
             self.trace.append((key, feats, base, measured))
         lr = math.log(measured / base)
-        self._update(self._cls, (key, feats), lr)
+        cls = (key, feats)
+        if len(self._cls) < ONLINE_MAX_CLASSES or cls in self._cls:  # guests choose shapes: bounded
+            self._update(self._cls, cls, lr)
         self._update(self._key, key, lr)
 
     def samples(self, key: str, feats: tuple[float, ...] | None = None) -> int:

@@ -318,6 +318,17 @@ def test_online_fit_per_size_class_with_the_key_for_unseen_sizes():
     assert online.samples("fft/complex64", features(Op.FFT, small)) == 50
 
 
+def test_online_fit_tracks_a_bounded_number_of_shapes():
+    from accel_core.estimate import ONLINE_MAX_CLASSES
+
+    online = OnlineFit()
+    for i in range(ONLINE_MAX_CLASSES + 10):  # a guest cycling through batch sizes
+        online.observe("fft/complex64", (float(i),), 1.0, 2.0)
+    assert len(online._cls) == ONLINE_MAX_CLASSES
+    assert online.samples("fft/complex64") == ONLINE_MAX_CLASSES + 10  # the key still learns
+    assert online.factor("fft/complex64", (-1.0,)) == pytest.approx(2.0, rel=0.05)
+
+
 def test_online_fit_bounds_one_stalled_sample():
     online = OnlineFit(warmup=1)
     f = (1.0,)
