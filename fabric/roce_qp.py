@@ -37,7 +37,7 @@ from typing import Any, cast
 
 from roce.errors import RemoteAccessError, TransportError
 from roce.rc import verbs as rv
-from roce.rc.qp import QpState as RcState, RcQp
+from roce.rc.qp import RcQp
 from roce.rc.sgl import SgList
 from verbs import Access, AsyncEvent, QpState, SendFlags, WcFlags, WcOpcode, WcStatus, WrOpcode
 from virtio_rdma.errors import MemoryAccessError
@@ -60,8 +60,9 @@ log = logging.getLogger(__name__)
 _LOCAL_WRITE_OPS = frozenset({WrOpcode.RDMA_READ, WrOpcode.ATOMIC_CMP_AND_SWP,
                               WrOpcode.ATOMIC_FETCH_AND_ADD})
 _ATOMICS = frozenset({WrOpcode.ATOMIC_CMP_AND_SWP, WrOpcode.ATOMIC_FETCH_AND_ADD})
-_STATE = {QpState.INIT: RcState.INIT, QpState.RTR: RcState.RTR, QpState.RTS: RcState.RTS,
-          QpState.SQD: RcState.SQD}
+#: the guest QP states the engine mirrors (verbs.QpState, as roce.rc.qp uses it); SQE has no
+#: engine state: the engine keeps running
+_ENGINE_STATES = frozenset({QpState.INIT, QpState.RTR, QpState.RTS, QpState.SQD})
 _WITH_IMM = frozenset({WrOpcode.SEND_WITH_IMM, WrOpcode.RDMA_WRITE_WITH_IMM})
 _NO_ACCESS = Access(0)
 _SIGNALED, _SOLICITED, _FENCE = int(SendFlags.SIGNALED), int(SendFlags.SOLICITED), \
@@ -162,15 +163,14 @@ class NetworkQp:
         self.posted: deque[tuple[int, int, bool]] = deque()  # (ring index, opcode, signaled)
         self.rq_posted = qp.rq_ci  # RQ ring index up to which receives went to the engine
         self.closed = False
-        self.rc.modify(RcState.INIT, access=Access(int(qp.access & _RIGHTS)))
+        self.rc.modify(QpState.INIT, access=Access(int(qp.access & _RIGHTS)))
 
     # ------------------------------------------------------------------ state
     def modified(self, prev: QpState, target: QpState, now: float) -> None:
         """The guest's MODIFY_QP moved the QP from ``prev`` to ``target``
         (RESET and ERR are handled by ``close`` and ``on_error``)."""
         qp, a = self.qp, self.qp.attr
-        rc_target = _STATE.get(target)
-        if rc_target is None:  # SQE: the engine has no such state; it keeps running
+        if target not in _ENGINE_STATES:  # SQE: the engine has no such state; it keeps running
             return
         attrs: dict[str, Any] = {"access": Access(int(qp.access & _RIGHTS))}
         if target is QpState.RTR and prev is QpState.INIT:
@@ -184,10 +184,10 @@ class NetworkQp:
                          max_rd_atomic=max(1, min(255, a.max_rd_atomic)))
             if prev is QpState.RTR:
                 attrs["sq_psn"] = qp.sq_psn
-        if self.rc.state is RcState.ERR:
+        if self.rc.state is QpState.ERR:
             return
         try:
-            self.rc.modify(rc_target, **attrs)
+            self.rc.modify(target, **attrs)
         except TransportError as e:  # the core's table allowed it; the engine disagrees
             log.warning("QP %#x: wire engine refused %s -> %s: %s", qp.qpn, prev.name,
                         target.name, e)
@@ -199,8 +199,8 @@ class NetworkQp:
     def on_error(self) -> None:
         """The core moves the QP to ERR and flushes its rings itself: stop the
         engine and forget what it held (nothing of it reaches the guest)."""
-        if self.rc.state is not RcState.ERR:
-            self.rc.modify(RcState.ERR)
+        if self.rc.state is not QpState.ERR:
+            self.rc.modify(QpState.ERR)
         self.rc.poll_send_cq()
         self.rc.poll_recv_cq()
         self.rc.transmit(0.0)
@@ -320,7 +320,7 @@ class NetworkQp:
             self._recv_done(c)
         qp.sq_psn = rc.requester.psn
         qp.epsn = rc.responder.psn
-        if rc.state is RcState.ERR and qp.state is not QpState.ERR:
+        if rc.state is QpState.ERR and qp.state is not QpState.ERR:
             m = rc.metrics
             event = None if m.fatal_naks_received or m.timeouts or m.retry_events else \
                 AsyncEvent.QP_ACCESS_ERR if m.remote_access_naks else AsyncEvent.QP_REQ_ERR \
