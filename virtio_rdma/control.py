@@ -486,6 +486,12 @@ def drop_qp(core: RdmaDeviceCore, qp: QueuePair) -> None:
 
 #: the dispatch table: one handler per command; each takes (core, request
 #: dataclass, now) and returns the response dataclass (None: no body)
+def accel_not_offered(core: RdmaDeviceCore, req, now: float):
+    """The accelerator-queue commands of a device that does not offer
+    VIRTIO_RDMA_F_ACCEL (spec "Accelerator queues"): EOPNOTSUPP."""
+    raise CommandError("this device has no accelerator queues (VIRTIO_RDMA_F_ACCEL)", Status.EOPNOTSUPP)
+
+
 HANDLERS: dict[Cmd, Callable] = {
     Cmd.QUERY_DEVICE: query_device,
     Cmd.QUERY_PORT: query_port,
@@ -501,5 +507,9 @@ HANDLERS: dict[Cmd, Callable] = {
     Cmd.MODIFY_QP: modify_qp,
     Cmd.QUERY_QP: query_qp,
     Cmd.DESTROY_QP: destroy_qp,
+    Cmd.QUERY_ACCEL: accel_not_offered,
+    Cmd.CREATE_AQ: accel_not_offered,
+    Cmd.DESTROY_AQ: accel_not_offered,
+    Cmd.CANCEL_AQ_JOB: accel_not_offered,
 }
 assert set(HANDLERS) == set(Cmd), "a command without a handler"

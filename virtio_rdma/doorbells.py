@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 U32 = 1 << 32
 _CQ_ARM = DoorbellKind.CQ_ARM
 _SQ = DoorbellKind.SQ
+_AQ = DoorbellKind.AQ
 _RQ = DoorbellKind.RQ
 _RESET = QpState.RESET
 _ERR = QpState.ERR
@@ -71,6 +72,9 @@ def ring(core: RdmaDeviceCore, db: Doorbell, now: float) -> None:
             core.metrics.bad_doorbells += 1
             return
         cq.request_notify(db.value)
+        return
+    if db.kind is _AQ:  # accelerator queues: none exist on this device yet
+        core.metrics.bad_doorbells += 1
         return
     qp = core.qps.get(db.num)
     if qp is None or qp.state is _RESET:
