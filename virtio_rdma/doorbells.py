@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from verbs import AsyncEvent, QpState
 from virtio.errors import GuestMemoryError
 from virtio.memory import le32_words
-from virtio_rdma import datapath, rings
+from virtio_rdma import accel, datapath, rings
 from virtio_rdma.constants import DoorbellKind
 from virtio_rdma.errors import UnknownValueError, VirtioRdmaError
 from virtio_rdma.events import flush_notify
@@ -73,8 +73,8 @@ def ring(core: RdmaDeviceCore, db: Doorbell, now: float) -> None:
             return
         cq.request_notify(db.value)
         return
-    if db.kind is _AQ:  # accelerator queues: none exist on this device yet
-        core.metrics.bad_doorbells += 1
+    if db.kind is _AQ:
+        accel.ring_aq(core, db.num, db.value, now)
         return
     qp = core.qps.get(db.num)
     if qp is None or qp.state is _RESET:
