@@ -92,7 +92,8 @@ U32 = 1 << 32
 #: accel_core's operation of each wire operation
 CORE_OP = {AccelOp.FFT: Op.FFT, AccelOp.IFFT: Op.IFFT, AccelOp.TURBO_ENCODE: Op.TURBO_ENCODE,
            AccelOp.TURBO_DECODE: Op.TURBO_DECODE}
-_DTYPE = {AccelDtype.COMPLEX64: np.dtype(np.complex64), AccelDtype.COMPLEX128: np.dtype(np.complex128)}
+_DTYPE: dict[AccelDtype, np.dtype] = {AccelDtype.COMPLEX64: np.dtype(np.complex64),
+                                      AccelDtype.COMPLEX128: np.dtype(np.complex128)}
 _EARLY_STOP = {AccelEarlyStop.NONE: None, AccelEarlyStop.CRC24A: "crc24a", AccelEarlyStop.CRC24B: "crc24b"}
 _F32 = np.dtype(np.float32)
 _U8 = np.dtype(np.uint8)
@@ -222,6 +223,7 @@ class AccelRouter:
         self._jobs: dict[Job, Entry] = {}   # submitted, not yet delivered (loop thread only)
         self._ready = threading.Event()
         self.wakeup: Callable[[], None] | None = None
+        self._loop: Any = None
         self._next_guest = 1
         self.jobs_dropped = 0  # finished after their queue or device went
         if service is not None:
@@ -236,8 +238,9 @@ class AccelRouter:
             w()
 
     def attach_loop(self, loop) -> None:
-        """Deliver finished jobs on ``loop`` (asyncio); idempotent."""
-        if self.wakeup is None:
+        """Deliver finished jobs on ``loop`` (asyncio), the daemon's one loop."""
+        if self._loop is not loop:
+            self._loop = loop
             self.wakeup = lambda: loop.call_soon_threadsafe(self.deliver)
 
     def new_guest_id(self) -> int:
@@ -433,9 +436,10 @@ def drop_all(core: RdmaDeviceCore) -> None:
     for aq in list(core.aqs.values()):
         aq.destroyed = True
         for e in aq.entries:
-            if e.job is not None and router is not None and router.local is not None:
-                if router.local.cancel(e.job):
-                    router.forget(e.job)
+            # a running job finishes into its own buffers; deliver() drops it then
+            if (e.job is not None and router is not None and router.local is not None
+                    and router.local.cancel(e.job)):
+                router.forget(e.job)
         aq.entries.clear()
         aq.core = None
     core.aqs.clear()
@@ -576,8 +580,8 @@ def start(core: RdmaDeviceCore, aq: AccelQueue, raw: bytes, router: AccelRouter 
     # the arrays: in place where the guest's buffers allow, else temporaries
     cop = CORE_OP[job.op]
     fft = job.op in (AccelOp.FFT, AccelOp.IFFT)
-    in_dt = _DTYPE[job.dtype] if fft else _U8 if job.op is AccelOp.TURBO_ENCODE else _F32
-    out_dt = _DTYPE[job.dtype] if fft else _U8
+    in_dt: np.dtype = _DTYPE[job.dtype] if fft else _U8 if job.op is AccelOp.TURBO_ENCODE else _F32
+    out_dt: np.dtype = _DTYPE[job.dtype] if fft else _U8
     y = _array(out_views[0], out_dt, k_out) if len(out_views[0]) >= k_out else None
     if y is None:
         e.out_tmp = y = np.empty(k_out // out_dt.itemsize, dtype=out_dt)
@@ -587,7 +591,7 @@ def start(core: RdmaDeviceCore, aq: AccelQueue, raw: bytes, router: AccelRouter 
         x = y if same else None
     if x is None:
         x = np.empty(in_need // in_dt.itemsize, dtype=in_dt)
-        sg_copy([memoryview(x).cast("B")], in_views)
+        sg_copy([_bytes_of(x)], in_views)
     b, size = job.batch, job.size
     try:
         if fft:
@@ -621,6 +625,11 @@ def start(core: RdmaDeviceCore, aq: AccelQueue, raw: bytes, router: AccelRouter 
 # --------------------------------------------------------------------------
 # Completion
 # --------------------------------------------------------------------------
+def _bytes_of(arr: np.ndarray) -> memoryview:
+    """The bytes of a C-contiguous 1-D array, as a memoryview (no copy)."""
+    return arr.view(np.uint8).data
+
+
 def _scatter(views: list[memoryview], offset: int, data: memoryview) -> None:
     """Write ``data`` at byte ``offset`` of the concatenation of ``views``."""
     out: list[memoryview] = []
@@ -648,11 +657,11 @@ def finish(core: RdmaDeviceCore, e: Entry, job: Job) -> None:
     out = e.out_views
     k_out = job.output.nbytes
     if e.out_tmp is not None:
-        _scatter(out, 0, memoryview(e.out_tmp).cast("B"))
+        _scatter(out, 0, _bytes_of(e.out_tmp))
     if job.op is Op.TURBO_DECODE:
         used = np.atleast_1d(np.asarray(job.result, dtype=np.int64))
         its = np.minimum(used, 255).astype(np.uint8)
-        _scatter(out, k_out, memoryview(its).cast("B"))
+        _scatter(out, k_out, _bytes_of(its))
         e.iterations = int(used.max()) if used.size else 0
     e.byte_len = e.out_len
     e.done = True

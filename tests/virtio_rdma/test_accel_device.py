@@ -16,7 +16,15 @@ from fabric.local import LocalFabric
 from verbs import Access, WcStatus
 from virtio_rdma import accel, wire
 from virtio_rdma.accel import AccelRouter
-from virtio_rdma.constants import ACCEL_CQE_OPCODE_BASE, AccelDtype, AccelEarlyStop, AccelOp, AccelStatus, Cmd, Status
+from virtio_rdma.constants import (
+    ACCEL_CQE_OPCODE_BASE,
+    AccelDtype,
+    AccelEarlyStop,
+    AccelOp,
+    AccelStatus,
+    Cmd,
+    Status,
+)
 
 from .driver import Guest
 
@@ -117,7 +125,7 @@ def test_turbo_decode_bit_exact(router, early_stop):
     llr = ((1 - 2 * enc) * 2.0 + rng.standard_normal(enc.shape) * 0.9).astype(np.float32)
     es = None if early_stop is AccelEarlyStop.NONE else "crc24a"
     want_bits, want_used = accel_core.turbo_decode(llr, iterations=its, scaling=0.75, early_stop=es)
-    c, raw, out, _ = _run(router, g, pd, cq, AccelOp.TURBO_DECODE, llr.tobytes(), B * K + B, size=K,
+    c, _raw, out, _ = _run(router, g, pd, cq, AccelOp.TURBO_DECODE, llr.tobytes(), B * K + B, size=K,
                           batch=B, iterations=its, scaling=0.75, early_stop=early_stop)
     assert c.status is AccelStatus.SUCCESS and c.byte_len == B * K + B
     assert out[:B * K] == want_bits.tobytes()
@@ -243,7 +251,7 @@ def test_other_guests_key_and_other_guests_unaffected(router):
     b, pb, cb = _guest(router, gpa=0x4000_0000)
     n = 64
     bsrc = _mr(b, pb, bytes(n * 8))
-    asrc, adst = _mr(a, pa, bytes(n * 8)), _mr(a, pa, n * 8 + 32)
+    _asrc, adst = _mr(a, pa, bytes(n * 8)), _mr(a, pa, n * 8 + 32)
     aqa = a.create_aq(pa, ca, AccelOp.FFT)
     aqb = b.create_aq(pb, cb, AccelOp.FFT)
     # a names b's lkey at b's address: LOCAL_PROT (keys are per device)
@@ -400,8 +408,9 @@ def test_query_create_errors_and_no_accelerator():
     assert c.status is AccelStatus.NO_ACCELERATOR
     base = dict(pdn=pd, cqn=cq.cqn, op=1, priority=0, flags=0, reserved0=0, depth=8, ring_gpa=g.alloc(2048),
                 dbrec_gpa=g.alloc(8), target_host=0, reserved1=0)
-    for bad, st in ((dict(pdn=99), Status.ENOENT), (dict(cqn=99), Status.ENOENT), (dict(op=9), Status.EINVAL),
-                    (dict(op=0), Status.EINVAL), (dict(depth=6), Status.EINVAL), (dict(depth=0), Status.EINVAL),
+    for bad, st in ((dict(pdn=99), Status.ENOENT), (dict(cqn=99), Status.ENOENT),
+                    (dict(op=9), Status.EINVAL), (dict(op=0), Status.EINVAL),
+                    (dict(depth=6), Status.EINVAL), (dict(depth=0), Status.EINVAL),
                     (dict(priority=8), Status.EINVAL), (dict(flags=4), Status.EINVAL),
                     (dict(flags=1, target_host=3), Status.EINVAL), (dict(ring_gpa=0x10), Status.EFAULT)):
         assert g.status_of(Cmd.CREATE_AQ, **{**base, **bad}) == st, bad
@@ -422,3 +431,13 @@ def test_snapshot_counters(router):
     g.ring_aq(aq, 100)
     assert accel.snapshot(g.core)[aq.aqn]["bad_doorbells"] == 1
     assert "accelerators" in router.metrics()["service"]
+
+
+def test_device_offers_accel_with_a_router(router):
+    from virtio_rdma.constants import Feature
+    from virtio_rdma.device import RdmaDevice
+
+    fabric = LocalFabric()
+    assert RdmaDevice(fabric, accel=router).features() & (1 << Feature.ACCEL)
+    assert RdmaDevice(fabric, accel=AccelRouter(None)).features() & (1 << Feature.ACCEL)
+    assert not RdmaDevice(fabric).features() & (1 << Feature.ACCEL)
