@@ -99,8 +99,9 @@ _F32 = np.dtype(np.float32)
 _U8 = np.dtype(np.uint8)
 #: most transforms / code blocks of one job (QUERY_ACCEL's max_batch)
 MAX_BATCH = 65536
-#: most bytes of a job's input or output
-MAX_JOB_BYTES = 1 << 30
+#: most bytes of a job's input or output (INVALID_PARAMS beyond): bounds the
+#: daemon's temporaries for a scattered or misaligned job
+MAX_JOB_BYTES = 64 << 20
 MAX_PRIORITY = 7
 
 

@@ -441,3 +441,69 @@ def test_device_offers_accel_with_a_router(router):
     assert RdmaDevice(fabric, accel=router).features() & (1 << Feature.ACCEL)
     assert RdmaDevice(fabric, accel=AccelRouter(None)).features() & (1 << Feature.ACCEL)
     assert not RdmaDevice(fabric).features() & (1 << Feature.ACCEL)
+
+
+def _wait_running(acc, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not acc.running_count():
+        assert time.monotonic() < deadline, "the job did not start"
+        time.sleep(0.001)
+
+
+def test_destroy_aq_with_a_running_job_completes_it_first():
+    router, acc = _blocked_router()
+    try:
+        g, pd, cq = _guest(router)
+        aq = g.create_aq(pd, cq, AccelOp.FFT)
+        n, B = 65536, 8
+        big, dst = _mr(g, pd, n * B * 8), _mr(g, pd, n * B * 8)
+        g.post_aq_job(aq, 1, AccelOp.FFT, size=n, batch=B, inputs=[(big.addr, n * B * 8, big.lkey)],
+                      outputs=[(dst.addr, n * B * 8, dst.lkey)])
+        _wait_running(acc)   # job 1 runs (or has run; it is not delivered before deliver())
+        acc.pause()
+        for i in (2, 3):
+            g.post_aq_job(aq, i, AccelOp.FFT, size=64, inputs=[(big.addr, 512, big.lkey)],
+                          outputs=[(dst.addr, 512, dst.lkey)])
+        assert g.status_of(Cmd.DESTROY_AQ, aqn=aq.aqn) == Status.OK
+        assert g.poll(cq) == []           # 2 and 3 are flushed, but wait behind 1
+        assert g.status_of(Cmd.DESTROY_AQ, aqn=aq.aqn) == Status.ENOENT
+        bad = g.core.metrics.bad_doorbells
+        g.ring_aq(aq)                     # a draining queue takes no jobs
+        assert g.core.metrics.bad_doorbells == bad + 1
+        _wait(router, [g])
+        cs, _ = _acc(g, cq, 3)
+        assert [(c.wr_id, c.status) for c in cs] == [(1, AccelStatus.SUCCESS), (2, AccelStatus.FLUSHED),
+                                                    (3, AccelStatus.FLUSHED)]
+        assert aq.aqn not in g.core.aqs and g.status_of(Cmd.DESTROY_CQ, cqn=cq.cqn) == Status.OK
+        assert router.in_flight == 0
+    finally:
+        router.close()
+
+
+def test_output_mr_deregistered_while_queued():
+    """The job was checked when fetched: it still writes its own output
+    buffer (guest memory, views kept), nothing else; a new job with the
+    stale key fails LOCAL_PROT."""
+    router, acc = _blocked_router()
+    try:
+        g, pd, cq = _guest(router)
+        aq = g.create_aq(pd, cq, AccelOp.FFT)
+        x = np.arange(64, dtype=C64)
+        src = _mr(g, pd, x.tobytes())
+        dst = _mr(g, pd, 512 + 64)
+        g.write(dst.gpa, bytes([0xEE]) * (512 + 64))
+        acc.pause()
+        g.post_aq_job(aq, 1, AccelOp.FFT, size=64, inputs=[(src.addr, 512, src.lkey)],
+                      outputs=[(dst.addr + 32, 512, dst.lkey)])
+        g.cmd(Cmd.DEREG_MR, lkey=dst.lkey)
+        acc.resume()
+        g.post_aq_job(aq, 2, AccelOp.FFT, size=64, inputs=[(src.addr, 512, src.lkey)],
+                      outputs=[(dst.addr + 32, 512, dst.lkey)])
+        _wait(router, [g])
+        cs, _ = _acc(g, cq, 2)
+        assert [c.status for c in cs] == [AccelStatus.SUCCESS, AccelStatus.LOCAL_PROT]
+        whole = g.read(dst.gpa, 512 + 64)
+        assert whole[:32] == whole[-32:] == bytes([0xEE]) * 32
+        np.testing.assert_allclose(np.frombuffer(whole[32:-32], C64), accel_core.fft(x), atol=1e-3)
+    finally:
+        router.close()
