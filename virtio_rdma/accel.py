@@ -54,6 +54,7 @@ from accel_core.errors import AccelError, InvalidInput, ParameterError
 from accel_core.jobs import Job, JobState, Op
 from accel_core.service import Accelerator, AcceleratorService
 from verbs import Access
+from vhost_user.tenancy import LimitExceeded, Resource
 from virtio.errors import GuestMemoryError
 from virtio_rdma.constants import (
     AQ_SLOT_SIZE,
@@ -365,6 +366,7 @@ def create_aq(core: RdmaDeviceCore, req: CreateAqReq, now: float) -> CreateAqRes
         raise CommandError(f"depth {n} is not a power of two in 1..{L.max_qp_wr}", Status.EINVAL)
     if len(core.aqs) >= L.max_aq:
         raise CommandError(f"max_aq {L.max_aq} reached", Status.ENOMEM)
+    _charge(core, n, check_only=True)
     for what, gpa, length in (("AQ ring", req.ring_gpa, n * AQ_SLOT_SIZE),
                               ("AQ doorbell record", req.dbrec_gpa, DBREC_SIZE)):
         try:
@@ -380,9 +382,20 @@ def create_aq(core: RdmaDeviceCore, req: CreateAqReq, now: float) -> CreateAqRes
                     req.target_host)
     core.aqs[aqn] = aq
     aq.core = core
+    _charge(core, n)  # fits: checked above
     core.pds[pdn] += 1
     cq.aqs.add(aqn)
     return CreateAqResp(aqn=aqn, depth=n)
+
+
+def _charge(core: RdmaDeviceCore, slots: int, *, check_only: bool = False) -> None:
+    """A queue's slots are in-flight work like a QP's ring entries: charged to
+    the tenant account as WQES (max_wqes, uid_max_wqes)."""
+    if core.account is not None:
+        try:
+            core.account.charge_all(((Resource.WQES, slots),), check_only=check_only)
+        except LimitExceeded as e:
+            raise CommandError(str(e), Status(e.errno)) from None
 
 
 def _aq(core: RdmaDeviceCore, aqn: int) -> AccelQueue:
@@ -425,6 +438,8 @@ def _release(core: RdmaDeviceCore, aq: AccelQueue) -> None:
     if core.aqs.get(aq.aqn) is aq:
         del core.aqs[aq.aqn]
     aq.core = None
+    if core.account is not None:
+        core.account.release(Resource.WQES, aq.depth)
     aq.cq.aqs.discard(aq.aqn)
     if aq.pdn in core.pds:
         core.pds[aq.pdn] -= 1

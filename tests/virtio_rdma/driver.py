@@ -89,14 +89,14 @@ class Buf:
 
 class Guest:
     def __init__(self, fabric, size: int = 8 << 20, gpa: int = 0x1000_0000, limits=None, clock=None,
-                 accel=None):
+                 accel=None, account=None):
         self.buf = bytearray(size)
         self.region = MemoryRegion.from_buffer(self.buf, gpa=gpa)
         self.mem = GuestMemory([self.region])
         self.base = gpa
         self.size = size
         self._brk = gpa
-        self.core = RdmaDeviceCore(self.mem, fabric, limits=limits, accel_router=accel)
+        self.core = RdmaDeviceCore(self.mem, fabric, limits=limits, accel_router=accel, account=account)
         self.clock = clock if clock is not None else [0.0]
         self.events: list[wire.Event] = []
 

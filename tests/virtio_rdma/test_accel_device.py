@@ -507,3 +507,24 @@ def test_output_mr_deregistered_while_queued():
         np.testing.assert_allclose(np.frombuffer(whole[32:-32], C64), accel_core.fft(x), atol=1e-3)
     finally:
         router.close()
+
+
+def test_aq_slots_are_charged_as_wqes(router):
+    from vhost_user.tenancy import Resource, TenantLedger, TenantPolicy
+
+    ledger = TenantLedger(TenantPolicy(max_wqes=40))
+    account = ledger.account(None)
+    g = Guest(LocalFabric(), accel=router, account=account)
+    pd, cq = g.alloc_pd(), g.create_cq(64)
+    aq = g.create_aq(pd, cq, AccelOp.FFT, depth=32)
+    assert account.used[Resource.WQES] == 32
+    ring, db = g.alloc(16 * 256), g.alloc(8, 8)
+    req = dict(pdn=pd, cqn=cq.cqn, op=1, priority=0, flags=0, reserved0=0, depth=16, ring_gpa=ring,
+               dbrec_gpa=db, target_host=0, reserved1=0)
+    assert g.status_of(Cmd.CREATE_AQ, **req) == Status.ENOMEM   # 32 + 16 > max_wqes 40
+    assert len(g.core.aqs) == 1
+    assert g.status_of(Cmd.DESTROY_AQ, aqn=aq.aqn) == Status.OK
+    assert account.used[Resource.WQES] == 0
+    assert g.status_of(Cmd.CREATE_AQ, **req) == Status.OK
+    g.core.close()
+    assert account.used.get(Resource.WQES, 0) == 0
