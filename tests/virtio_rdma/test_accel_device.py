@@ -528,3 +528,23 @@ def test_aq_slots_are_charged_as_wqes(router):
     assert g.status_of(Cmd.CREATE_AQ, **req) == Status.OK
     g.core.close()
     assert account.used.get(Resource.WQES, 0) == 0
+
+
+def test_backend_accelerators_option():
+    from vrdma.commands.backend import make_accel_router, parse_accelerators
+
+    assert parse_accelerators("fft=1,turbo=2") == [("fft", ("fft", "ifft"), 1),
+                                                   ("turbo", ("turbo_encode", "turbo_decode"), 2)]
+    assert parse_accelerators("none") == [] and parse_accelerators("turbo") == [
+        ("turbo", ("turbo_encode", "turbo_decode"), 1)]
+    for bad in ("gpu=1", "fft=x", "fft=0", "fft=1,fft=2", "fft=65"):
+        with pytest.raises(SystemExit, match="--accelerators"):
+            parse_accelerators(bad)
+    r = make_accel_router(type("Args", (), {"accelerators": "none"})())
+    assert r.local is None
+    r = make_accel_router(type("Args", (), {"accelerators": "fft=2"})())
+    try:
+        assert r.local is not None and r.local.units(AccelOp.IFFT) == 2
+        assert r.local.units(AccelOp.TURBO_DECODE) == 0
+    finally:
+        r.close()
