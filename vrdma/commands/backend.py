@@ -287,4 +287,5 @@ def run(args) -> int:
         raise
     finally:
         if accel is not None:
+            log.info("accelerators: %s", accel.metrics())
             accel.close()
