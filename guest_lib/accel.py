@@ -313,15 +313,22 @@ class AccelHelper(VerbsObject):
 
     def submit(self, op: AccelOp, src: np.ndarray, out_bytes: int, dst: np.ndarray | None,
                finish: Callable | None, **params) -> _Job:
-        """:meth:`try_submit`, driving completions while the queue or staging is full."""
+        """:meth:`try_submit`, driving completions while the queue or staging is full
+        (RDMAError ETIMEDOUT if none comes within the Context's timeout)."""
         sleep = _SLEEP_MIN
+        timeout = self.ctx.timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             job = self.try_submit(op, src, out_bytes, dst, finish, **params)
             if job is not None:
                 return job
-            if not self.progress():
+            if self.progress():
+                deadline = None if timeout is None else time.monotonic() + timeout
+            else:
                 if not self.pending:  # nothing to wait for: cannot happen, the staging is whole
                     raise UserError(f"{op.name} job of {src.nbytes} bytes finds no room in the staging area")
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise RDMAError(f"no {op.name} job completed in {timeout} s to make room", errno.ETIMEDOUT)
                 time.sleep(sleep)
                 sleep = min(sleep * 2, _SLEEP_MAX)
 
@@ -421,9 +428,10 @@ def _decode_job(ctx: Context, llr, iterations, scaling, early_stop):
             dict(size=K, batch=B, iterations=its, early_stop=_EARLY_STOP[stop], scaling=scale)), None
 
 
-def _run(job_spec, timeout: float | None = None):
+def _run(job_spec):
     h, args, params = job_spec
     job = h.submit(*args, **params)
+    timeout = h.ctx.timeout  # the Context's bound on every wait for the device
     h.wait(job, timeout)
     if not job.done:
         raise RDMAError(f"accelerator job {job.wr_id:#x} did not complete in {timeout} s", errno.ETIMEDOUT)
@@ -573,13 +581,16 @@ class AccelFile:
 
     def read(self, timeout: float | None = None) -> bytes:
         """The next result's bytes, in write order (blocking; RDMAError
-        ETIMEDOUT after ``timeout`` seconds, the job staying queued;
-        UserError if nothing was written; AccelJobError if the job failed)."""
+        ETIMEDOUT after ``timeout`` seconds, None: the Context's timeout, the
+        job staying queued; UserError if nothing was written; AccelJobError
+        if the job failed)."""
         if self._closed:
             raise UserError(f"accelerator file {self.kind!r} is closed")
         if not self._jobs:
             raise UserError(f"read from accelerator file {self.kind!r} with no job written")
         job = self._jobs[0]
+        if timeout is None:
+            timeout = self.ctx.timeout
         if not self._h.wait(job, timeout):
             raise RDMAError(f"{self.kind} result not ready in {timeout} s", errno.ETIMEDOUT)
         self._jobs.popleft()

@@ -13,6 +13,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import inspect
+import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -23,7 +27,6 @@ from guest_lib import CQ, MR, PD, SGE, Context, RDMAError, UserError, accel
 from guest_lib.aq import AQ, AccelWR, encode_wr
 from guest_lib.cq import WC, AccelWC
 from verbs import Access, WcStatus
-from vhost_user.testing import BackendThread
 from virtio_rdma import wire
 from virtio_rdma.constants import AQ_SLOT_SIZE, AccelDtype, AccelEarlyStop, AccelOp, AccelStatus
 from virtio_rdma.device import RdmaDevice
@@ -37,31 +40,37 @@ def ctx(rdma_backend):
         yield c
 
 
-def _accel_backend_factory():
-    """A device factory whose devices offer accelerator queues, or a skip saying what is missing."""
-    if "accel_router" not in inspect.signature(RdmaDevice).parameters:
-        pytest.skip("the device side of accelerator queues has not landed: RdmaDevice takes no accel_router")
-    from accel_core import AcceleratorService
-    from virtio_rdma.accel import AccelRouter
-
-    router = AccelRouter(AcceleratorService(workers=1))
-    return router
+@pytest.fixture
+def accel_daemon(tmp_path):
+    """``vrdma backend --accelerators fft=1,turbo=1`` as a subprocess (the real daemon): its
+    socket path, or a skip saying what is missing while the device side has not landed."""
+    if "accel" not in inspect.signature(RdmaDevice).parameters:
+        pytest.skip("the device side of accelerator queues has not landed: RdmaDevice takes no accel=")
+    path = str(tmp_path / "vrdma.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "vrdma", "backend", "--socket", path,
+                             "--accelerators", "fft=1,turbo=1"], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(path):
+            assert proc.poll() is None, f"vrdma backend exited with {proc.returncode}"
+            assert time.monotonic() < deadline, "vrdma backend did not start listening"
+            time.sleep(0.02)
+        yield path
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture
-def actx(tmp_path):
-    """A Context on a real daemon whose devices offer VIRTIO_RDMA_F_ACCEL."""
-    from fabric.local import LocalFabric
-
-    router = _accel_backend_factory()
-    fabric = LocalFabric()
-    path = str(tmp_path / "accel.sock")
-    with BackendThread(path, lambda info: RdmaDevice(fabric, accel_router=router)) as b:
-        with Context(b.path, mem_size=MEM) as c:
-            if not c.has_accel:
-                pytest.fail("RdmaDevice(accel_router=...) does not offer VIRTIO_RDMA_F_ACCEL")
-            yield c
-    router.close()
+def actx(accel_daemon):
+    """A Context on a daemon whose devices offer VIRTIO_RDMA_F_ACCEL."""
+    with Context(accel_daemon, mem_size=MEM, timeout=20.0) as c:
+        assert c.has_accel, "vrdma backend --accelerators does not offer VIRTIO_RDMA_F_ACCEL"
+        yield c
 
 
 rng = np.random.default_rng(14)
@@ -362,7 +371,7 @@ def test_verbs_layer_post_takes_what_fits_and_completes_in_order(actx):
     n = 256
     mr = MR(pd, 2 * 16 * n * 8, Access.LOCAL_WRITE)
     with AQ(pd, cq, AccelOp.FFT, depth=8, priority=3) as aq:
-        assert aq.depth == 8 and aq.aqn in actx.ctx.aqs if hasattr(actx, "ctx") else aq.aqn in actx.aqs
+        assert aq.depth == 8 and actx.aqs[aq.aqn] is aq
         xs = [_cplx(n, np.complex64) for _ in range(16)]
         wrs = []
         for i, x in enumerate(xs):
@@ -431,29 +440,23 @@ def test_device_refusals_are_error_completions_and_the_queue_keeps_working(actx)
     assert e.value.accel_status == AccelStatus.INVALID_PARAMS and e.value.errno == errno.EINVAL
 
 
-def test_jobs_and_rdma_sends_interleave_on_one_context(tmp_path):
-    from fabric.local import LocalFabric
+def test_jobs_and_rdma_sends_interleave_on_one_context(accel_daemon):
     from guest_lib.endpoint import RcEndpoint, connect_pair
     from guest_lib.wr import RecvWR, SendWR
 
-    router = _accel_backend_factory()
-    fabric = LocalFabric()
-    path = str(tmp_path / "mix.sock")
-    with BackendThread(path, lambda info: RdmaDevice(fabric, accel_router=router)) as b:
-        a, z = RcEndpoint(b.path, mem_size=MEM), RcEndpoint(b.path, mem_size=MEM)
-        try:
-            connect_pair(a, z)
-            for i in range(20):
-                msg = f"message {i}".encode()
-                z.qp.post_recv(RecvWR(i, sg=[SGE(z.mr.buf, 64, z.mr.lkey)]))
-                a.mr.write(msg)
-                a.qp.post_send(SendWR(i, sg=[SGE(a.mr.buf, len(msg), a.mr.lkey)]))
-                x = _cplx(128 * (1 + i % 3), np.complex64)
-                np.testing.assert_array_equal(accel.fft(a.ctx, x), accel_core.fft(x))
-                assert a.poll_one().status == WcStatus.SUCCESS
-                wc = z.poll_one()
-                assert (wc.status, wc.byte_len) == (WcStatus.SUCCESS, len(msg)) and z.mr.read(len(msg)) == msg
-        finally:
-            a.close()
-            z.close()
-    router.close()
+    a, z = RcEndpoint(accel_daemon, mem_size=MEM), RcEndpoint(accel_daemon, mem_size=MEM)
+    try:
+        connect_pair(a, z)
+        for i in range(20):
+            msg = f"message {i}".encode()
+            z.qp.post_recv(RecvWR(i, sg=[SGE(z.mr.buf, 64, z.mr.lkey)]))
+            a.mr.write(msg)
+            a.qp.post_send(SendWR(i, sg=[SGE(a.mr.buf, len(msg), a.mr.lkey)]))
+            x = _cplx(128 * (1 + i % 3), np.complex64)
+            np.testing.assert_array_equal(accel.fft(a.ctx, x), accel_core.fft(x))
+            assert a.poll_one().status == WcStatus.SUCCESS
+            wc = z.poll_one()
+            assert (wc.status, wc.byte_len) == (WcStatus.SUCCESS, len(msg)) and z.mr.read(len(msg)) == msg
+    finally:
+        a.close()
+        z.close()
