@@ -37,6 +37,11 @@ failed job writes nothing. DESTROY_AQ cancels every job not yet started
 order; the queue is released when the last one is written. A device reset
 or close drops every queue: running jobs finish into their own buffers but
 nothing more is written.
+
+Not in this slice: remote targets (FORCE_TARGET to another host,
+LOCAL_FALLBACK), ordering by the queue's priority (kept; the service's fair
+queue orders jobs across guests only), and AQ doorbell records read under
+DBREC_POLL (the driver rings every AQ doorbell).
 """
 from __future__ import annotations
 
