@@ -25,6 +25,7 @@ from guest_lib.pd import PD
 from guest_lib.qp import QP, AHAttr, QPAttr, QPCap, QPInitAttr
 from guest_lib.wr import SGE, RecvWR, SendWR
 
-__all__ = ["Context", "GID", "PD", "MR", "CQ", "WC", "AQ", "AccelWR", "AccelWC", "QP", "QPInitAttr", "QPCap", "QPAttr", "AHAttr",
+__all__ = ["Context", "GID", "PD", "MR", "CQ", "WC", "AQ", "AccelWR", "AccelWC",
+           "QP", "QPInitAttr", "QPCap", "QPAttr", "AHAttr",
            "SendWR", "RecvWR", "SGE", "VerbsError", "RDMAError", "UserError",
            "PyverbsError", "PyverbsRDMAError", "PyverbsUserError"]

@@ -37,6 +37,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -69,7 +70,7 @@ _SLEEP_MIN, _SLEEP_MAX, _SPINS = 20e-6, 1e-3, 64
 _TAIL = _turbo.TAIL_BITS
 _EARLY_STOP = {None: AccelEarlyStop.NONE, "crc24a": AccelEarlyStop.CRC24A, "crc24b": AccelEarlyStop.CRC24B}
 #: the errno an AccelJobError carries for each failing AccelStatus
-_ERRNO = {
+_ERRNO: dict[int, int] = {
     AccelStatus.INVALID_PARAMS: errno.EINVAL,
     AccelStatus.LOCAL_PROT: errno.EACCES,
     AccelStatus.LOCAL_LEN: errno.EMSGSIZE,
@@ -87,7 +88,7 @@ class AccelJobError(RDMAError):
     def __init__(self, wc: AccelWC):
         st = wc.accel_status
         super().__init__(f"accelerator job {wc.wr_id:#x} ({getattr(wc.op, 'name', wc.op)}) failed: "
-                         f"{getattr(st, 'name', st)}", _ERRNO.get(st, errno.EIO))  # type: ignore[call-overload]
+                         f"{getattr(st, 'name', st)}", _ERRNO.get(int(st), errno.EIO))
         self.accel_status, self.wc = st, wc
 
 
@@ -167,15 +168,17 @@ class AccelHelper(VerbsObject):
         super().__init__(ctx)
         self.ctx = ctx
         self.depth = depth
-        self.pd = self.cq = self.mr = None
+        made: list[VerbsObject] = []
         try:
-            self.pd = PD(ctx)
-            self.cq = CQ(ctx, 4 * depth)
-            self.mr = MR(self.pd, staging, Access.LOCAL_WRITE)
+            made.append(pd := PD(ctx))
+            made.append(cq := CQ(ctx, 4 * depth))
+            made.append(mr := MR(pd, staging, Access.LOCAL_WRITE))
         except BaseException:
-            self._release()
+            for obj in reversed(made):
+                obj.close()
             self._abandon()
             raise
+        self.pd, self.cq, self.mr = pd, cq, mr
         self.staging = _Staging(staging)
         # numpy views from a view of its own (MR.close releases the MR's view; exports would stop it)
         self._view = np.frombuffer(ctx.view_of_uva(self.mr.buf, staging), dtype=np.uint8)
@@ -258,6 +261,7 @@ class AccelHelper(VerbsObject):
                 out_sge, job.staged = got
                 job.out = _u8(dst) if dst is not None else np.empty(out_bytes, np.uint8)
             else:
+                assert dst is not None  # registered() found it
                 self.zero_copy_buffers += 1
                 job.out = _u8(dst)
             wr = AccelWR(job.wr_id, inputs=[in_sge], outputs=[out_sge], **params)
@@ -275,8 +279,8 @@ class AccelHelper(VerbsObject):
         returns how many completions it took."""
         n, wcs = self.cq.poll(32)
         for wc in wcs:
-            job = self.pending.pop(wc.wr_id, None) if isinstance(wc, AccelWC) else None
-            if job is None:
+            job = self.pending.pop(wc.wr_id, None)
+            if job is None or not isinstance(wc, AccelWC):
                 self.stray_completions += 1
                 continue
             self._complete(job, wc)
@@ -328,7 +332,8 @@ class AccelHelper(VerbsObject):
                 if not self.pending:  # nothing to wait for: cannot happen, the staging is whole
                     raise UserError(f"{op.name} job of {src.nbytes} bytes finds no room in the staging area")
                 if deadline is not None and time.monotonic() >= deadline:
-                    raise RDMAError(f"no {op.name} job completed in {timeout} s to make room", errno.ETIMEDOUT)
+                    raise RDMAError(f"no {op.name} job completed in {timeout} s to make room",
+                                    errno.ETIMEDOUT)
                 time.sleep(sleep)
                 sleep = min(sleep * 2, _SLEEP_MAX)
 
@@ -363,8 +368,7 @@ class AccelHelper(VerbsObject):
             if getattr(self, "_view", None) is not None:
                 del self._view
             for obj in (self.mr, self.pd, self.cq):
-                if obj is not None:
-                    obj.close()
+                obj.close()
         finally:
             if self.ctx.accel_helper is self:
                 self.ctx.accel_helper = None
@@ -373,8 +377,9 @@ class AccelHelper(VerbsObject):
 def helper(ctx: Context) -> AccelHelper:
     """The Context's :class:`AccelHelper`, made on first use."""
     h = ctx.accel_helper
-    if h is None or h.closed:
-        h = ctx.accel_helper = AccelHelper(ctx)
+    if not isinstance(h, AccelHelper) or h.closed:
+        h = AccelHelper(ctx)
+        ctx.accel_helper = h
     return h
 
 
@@ -527,6 +532,7 @@ class AccelFile:
             raise UserError(f"accelerator {kind!r} is unknown; one of {', '.join(ops)}")
         self.op = ops[kind]
         self._check: Callable[[np.ndarray], None] | None = None
+        self.params: dict[str, Any]
         if self.op in (AccelOp.FFT, AccelOp.IFFT):
             if n is None:
                 raise UserError(f"open({kind!r}) needs n=")

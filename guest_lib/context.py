@@ -133,8 +133,8 @@ class Context(VerbsObject):
             self.qps: dict = {}
             #: accelerator queues by AQN (guest_lib.aq), for CQ.poll
             self.aqs: dict = {}
-            #: guest_lib.accel's helper (PD, staging MR, CQ, AQs), made on first use
-            self.accel_helper = None
+            #: guest_lib.accel's AccelHelper (PD, staging MR, CQ, AQs), made on first use
+            self.accel_helper: VerbsObject | None = None
         except TransportError as e:
             t.close()
             raise RDMAError(f"cannot open device at {name}: {e}", e.errno) from e

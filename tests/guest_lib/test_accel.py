@@ -99,9 +99,9 @@ def test_job_entry_is_the_wire_codecs():
                                                                     2048, 3)
     assert [(s.addr, s.length, s.lkey) for s in job.inputs] == [(0x1000, 49152, 7)]
     assert [(s.addr, s.length, s.lkey) for s in job.outputs] == [(0x20000, 49152, 8), (0x40000, 64, 8)]
-    dec = wire.decode_accel_job(encode_wr(AccelWR(5, size=6144, iterations=8, early_stop=AccelEarlyStop.CRC24A,
-                                                  scaling=0.75, inputs=[SGE(1, 2, 3)], outputs=[SGE(4, 5, 6)]),
-                                          AccelOp.TURBO_DECODE))
+    wr = AccelWR(5, size=6144, iterations=8, early_stop=AccelEarlyStop.CRC24A, scaling=0.75,
+                 inputs=[SGE(1, 2, 3)], outputs=[SGE(4, 5, 6)])
+    dec = wire.decode_accel_job(encode_wr(wr, AccelOp.TURBO_DECODE))
     assert (dec.op, dec.iterations, dec.early_stop, dec.scaling) == (AccelOp.TURBO_DECODE, 8,
                                                                      AccelEarlyStop.CRC24A, 0.75)
 
@@ -129,9 +129,9 @@ def test_cq_poll_returns_accelerator_completions_beside_verbs_ones(ctx):
     assert n == 3
     a, b, v = wcs
     assert isinstance(a, AccelWC) and isinstance(b, AccelWC) and isinstance(v, WC)
-    assert (a.wr_id, a.op, a.accel_status, a.status, a.byte_len, a.host, a.wait_us, a.service_us, a.iterations,
-            a.aqn) == (77, AccelOp.TURBO_DECODE, AccelStatus.SUCCESS, WcStatus.SUCCESS, 6148, 2, 123456,
-                       (1 << 24) - 1, 6, 5)
+    assert (a.wr_id, a.op, a.accel_status, a.status, a.byte_len, a.host, a.wait_us, a.service_us,
+            a.iterations, a.aqn) == (77, AccelOp.TURBO_DECODE, AccelStatus.SUCCESS, WcStatus.SUCCESS, 6148, 2,
+                                     123456, (1 << 24) - 1, 6, 5)
     assert (b.accel_status, b.status, b.op) == (AccelStatus.LOCAL_PROT, WcStatus.LOC_PROT_ERR, AccelOp.FFT)
     assert (v.wr_id, v.byte_len, v.qp_num) == (79, 10, 9)
     assert "TURBO_DECODE" in str(a) and "LOCAL_PROT" in str(b)
@@ -216,9 +216,8 @@ def test_file_like_parameters_and_write_sizes_are_checked(ctx):
         assert (f.in_size, f.out_size) == (3 * 3 * 44 * 4, 3 * 40 + 3)
         with pytest.raises(aerr.ElementError):
             f.write(np.full(3 * 3 * 44, np.inf, np.float32).tobytes())
-    with accel.open(ctx, "turbo_encode", k=40) as f:
-        with pytest.raises(aerr.ElementError):
-            f.write(bytes([3] * 40))
+    with accel.open(ctx, "turbo_encode", k=40) as f, pytest.raises(aerr.ElementError):
+        f.write(bytes([3] * 40))
     with pytest.raises(UserError, match="closed"):
         f.write(bytes(40))
 
@@ -349,7 +348,8 @@ def test_file_like_results_come_back_in_write_order(actx):
             assert g == accel_core.fft(x).tobytes()
     K = 512
     bits = rng.integers(0, 2, (4, K), dtype=np.uint8)
-    with accel.open(actx, "turbo_encode", k=K) as enc, accel.open(actx, "turbo_decode", k=K, iterations=4) as dec:
+    with (accel.open(actx, "turbo_encode", k=K) as enc,
+          accel.open(actx, "turbo_decode", k=K, iterations=4) as dec):
         for b in bits:
             enc.write(b.tobytes())
         for b in bits:
@@ -409,7 +409,8 @@ def test_device_refusals_are_error_completions_and_the_queue_keeps_working(actx)
     good_in, good_out = SGE(rw.buf, n * 8, rw.lkey), SGE(rw.buf + n * 8, n * 8, rw.lkey)
     cases = [
         (AccelWR(1, size=7, inputs=[good_in], outputs=[good_out]), AccelStatus.INVALID_PARAMS),
-        (AccelWR(2, size=n, op=AccelOp.IFFT, inputs=[good_in], outputs=[good_out]), AccelStatus.INVALID_PARAMS),
+        (AccelWR(2, size=n, op=AccelOp.IFFT, inputs=[good_in], outputs=[good_out]),
+         AccelStatus.INVALID_PARAMS),
         (AccelWR(3, size=n, inputs=[SGE(rw.buf, n * 8, rw.lkey ^ 0x5A5A)], outputs=[good_out]),
          AccelStatus.LOCAL_PROT),
         (AccelWR(4, size=n, inputs=[good_in], outputs=[SGE(ro.buf, n * 8, ro.lkey)]), AccelStatus.LOCAL_PROT),
