@@ -40,29 +40,43 @@ def ctx(rdma_backend):
         yield c
 
 
-@pytest.fixture
-def accel_daemon(tmp_path):
-    """``vrdma backend --accelerators fft=1,turbo=1`` as a subprocess (the real daemon): its
-    socket path, or a skip saying what is missing while the device side has not landed."""
+def _start_daemon(path: str) -> subprocess.Popen:
+    """``vrdma backend --accelerators fft=1,turbo=1`` as a subprocess (the real daemon), listening
+    at ``path``; a skip saying what is missing while the device side has not landed."""
     if "accel" not in inspect.signature(RdmaDevice).parameters:
         pytest.skip("the device side of accelerator queues has not landed: RdmaDevice takes no accel=")
-    path = str(tmp_path / "vrdma.sock")
     proc = subprocess.Popen([sys.executable, "-m", "vrdma", "backend", "--socket", path,
                              "--accelerators", "fft=1,turbo=1"], stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _stop(proc)
+            pytest.fail(f"vrdma backend did not start listening (exit {proc.returncode})")
+        time.sleep(0.02)
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
     try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(path):
-            assert proc.poll() is None, f"vrdma backend exited with {proc.returncode}"
-            assert time.monotonic() < deadline, "vrdma backend did not start listening"
-            time.sleep(0.02)
-        yield path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def accel_daemon_proc(tmp_path):
+    path = str(tmp_path / "vrdma.sock")
+    proc = _start_daemon(path)
+    yield proc, path
+    _stop(proc)
+
+
+@pytest.fixture
+def accel_daemon(accel_daemon_proc):
+    """The socket path of a daemon whose devices offer VIRTIO_RDMA_F_ACCEL."""
+    return accel_daemon_proc[1]
 
 
 @pytest.fixture
@@ -461,3 +475,54 @@ def test_jobs_and_rdma_sends_interleave_on_one_context(accel_daemon):
     finally:
         a.close()
         z.close()
+
+
+def test_cancel_takes_a_queued_job_and_destroy_flushes_the_rest(actx):
+    """One FFT accelerator, 24 jobs of 4 x 65536 points queued behind each other: the last
+    ones have not started when CANCEL_AQ_JOB and DESTROY_AQ arrive."""
+    pd = PD(actx)
+    cq = CQ(actx, 64)
+    n, b = 65536, 4
+    nbytes = n * b * 8
+    mr = MR(pd, 2 * nbytes, Access.LOCAL_WRITE)
+    src, dst = SGE(mr.buf, nbytes, mr.lkey), SGE(mr.buf + nbytes, nbytes, mr.lkey)
+    aq = AQ(pd, cq, AccelOp.FFT, depth=32)
+    assert aq.post([AccelWR(i, size=n, batch=b, inputs=[src], outputs=[dst]) for i in range(24)]) == 24
+    aq.cancel(23)
+    with pytest.raises(RDMAError) as e:
+        aq.cancel(23)  # taken already: no such queued job
+    assert e.value.errno == errno.ENOENT
+    aq.close()  # DESTROY_AQ: what has not run completes FLUSHED
+    done: list = []
+    deadline = time.monotonic() + 60
+    while len(done) < 24 and time.monotonic() < deadline:
+        done += cq.poll(32)[1]
+    assert [w.wr_id for w in done] == list(range(24))  # every job completes once, in post order
+    st = [w.accel_status for w in done]
+    assert st[0] == AccelStatus.SUCCESS and st[23] == AccelStatus.CANCELLED
+    assert AccelStatus.FLUSHED in st and all(w.status == WcStatus.WR_FLUSH_ERR for w in done
+                                             if w.accel_status != AccelStatus.SUCCESS)
+    assert not actx.aqs and cq.poll(1) == (0, [])
+
+
+def test_the_daemon_going_away_is_enotconn_not_a_hang(accel_daemon_proc):
+    """Killed with a job written to a file and one in flight on the verbs layer: every call ends
+    in RDMAError ENOTCONN within the liveness interval, and the Context still closes."""
+    proc, path = accel_daemon_proc
+    ctx = Context(path, mem_size=MEM, timeout=20.0)
+    x = _cplx(4096, np.complex64)
+    np.testing.assert_array_equal(accel.fft(ctx, x), accel_core.fft(x))
+    f = accel.open(ctx, "fft", n=4096)
+    proc.kill()
+    proc.wait()
+    with pytest.raises(RDMAError) as e:
+        for _ in range(10_000):  # the first writes may still find room; the read cannot complete
+            f.write(x.tobytes())
+            f.read()
+    assert e.value.errno == errno.ENOTCONN
+    with pytest.raises(RDMAError) as e:
+        accel.fft(ctx, x)
+    assert e.value.errno == errno.ENOTCONN
+    h = accel.helper(ctx)
+    ctx.close()
+    assert h.closed and ctx.accel_helper is None
