@@ -316,8 +316,25 @@ def test_arrays_in_registered_memory_are_used_in_place(actx):
     assert h.bytes_staged_in == staged_in and h.zero_copy_buffers == zero + 2  # no copy either way
     y = accel.fft(actx, _cplx(n, np.complex64))  # not registered: one copy in, one out
     assert h.bytes_staged_in == staged_in + n * 8 and y.shape == (n,)
+    ref = accel_core.ifft(x)
+    assert accel.ifft(actx, x, out=x) is x  # in place, as accel_core allows
+    np.testing.assert_array_equal(x, ref)
+    assert h.bytes_staged_in == staged_in + n * 8
     del x, out, mem
     mr.close()
+    K = 1024
+    _, llr = _llr(K, B=2)
+    lmr = MR(h.pd, llr.nbytes, 0)  # an input needs no LOCAL_WRITE
+    lmem = np.frombuffer(actx.view_of_uva(lmr.buf, llr.nbytes), np.float32).reshape(llr.shape)
+    lmem[:] = llr
+    zero = h.zero_copy_buffers
+    bits, used = accel.turbo_decode(actx, lmem, iterations=5)
+    rb, ru = accel_core.turbo_decode(llr, iterations=5)
+    np.testing.assert_array_equal(bits, rb)
+    np.testing.assert_array_equal(used, ru)
+    assert h.zero_copy_buffers == zero + 1 and h.bytes_staged_in == staged_in + n * 8
+    del lmem
+    lmr.close()
 
 
 def test_a_job_larger_than_the_staging_area_gets_its_own_mr(actx):
