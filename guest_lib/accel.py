@@ -360,10 +360,26 @@ class AccelHelper(VerbsObject):
             sleep = min(max(sleep * 2, _SLEEP_MIN), _SLEEP_MAX)
         return job.result()
 
+    def _drain(self) -> None:
+        """After DESTROY_AQ: take the completions of the jobs that were in
+        flight (FLUSHED, or their results if they were running), so that the
+        device is done with the staging MR, the PD and the CQ before they go
+        (it keeps a destroyed queue until its last CQE is written). Bounded
+        by the Context's timeout; nothing to wait for from a dead daemon."""
+        timeout = self.ctx.timeout if self.ctx.timeout is not None else 10.0
+        deadline = time.monotonic() + timeout
+        while self.pending and not self.ctx.dead and time.monotonic() < deadline:
+            try:
+                if not self.progress():
+                    time.sleep(_SLEEP_MIN)
+            except RDMAError:  # the daemon went away meanwhile
+                return
+
     def _release(self) -> None:
         try:
             for q in list(getattr(self, "aqs", {}).values()):
                 q.close()
+            self._drain()
             for job in list(getattr(self, "pending", {}).values()):
                 job.staged = None
                 self._drop(job)
@@ -610,14 +626,19 @@ class AccelFile:
         return len(self._jobs)
 
     def close(self) -> None:
-        """Forget unread results (their jobs still complete; idempotent)."""
+        """Forget unread results (their jobs still complete; idempotent; never
+        an error, also after the daemon went away)."""
         if self._closed:
             return
         self._closed = True
-        if not self._h.closed:
-            while self._jobs:  # let the jobs finish so their staging space comes back
-                job = self._jobs.popleft()
+        jobs, self._jobs = self._jobs, deque()
+        if self._h.closed or self.ctx.dead:
+            return
+        try:
+            for job in jobs:  # let the jobs finish so their staging space comes back
                 self._h.wait(job, self.ctx.timeout)
+        except RDMAError:
+            pass  # the daemon went away: the helper lets go of everything with the Context
 
     def __enter__(self):
         return self

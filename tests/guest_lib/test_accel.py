@@ -540,6 +540,21 @@ def test_the_daemon_going_away_is_enotconn_not_a_hang(accel_daemon_proc):
     with pytest.raises(RDMAError) as e:
         accel.fft(ctx, x)
     assert e.value.errno == errno.ENOTCONN
+    f.close()  # its unread jobs are the daemon's no more: no error
     h = accel.helper(ctx)
     ctx.close()
     assert h.closed and ctx.accel_helper is None
+
+
+def test_closing_the_context_with_jobs_in_flight(accel_daemon):
+    """The helper's queues are destroyed with jobs queued and running: it takes their
+    completions before it releases the staging MR, PD and CQ, so the close succeeds."""
+    for _ in range(3):
+        ctx = Context(accel_daemon, mem_size=MEM, timeout=20.0)
+        h = accel.helper(ctx)
+        x = np.ones((1, 65536), np.complex64)
+        jobs = [h.try_submit(AccelOp.FFT, x, x.nbytes, None, None, size=65536, batch=1) for _ in range(4)]
+        assert all(j is not None for j in jobs) and len(h.pending) == 4
+        ctx.close()
+        assert h.closed and not h.pending and all(j.done for j in jobs)
+        assert {j.wc.accel_status for j in jobs} <= {AccelStatus.SUCCESS, AccelStatus.FLUSHED}
