@@ -558,3 +558,39 @@ def test_closing_the_context_with_jobs_in_flight(accel_daemon):
         ctx.close()
         assert h.closed and not h.pending and all(j.done for j in jobs)
         assert {j.wc.accel_status for j in jobs} <= {AccelStatus.SUCCESS, AccelStatus.FLUSHED}
+
+
+def test_one_cq_carries_verbs_and_accelerator_completions(accel_daemon):
+    """An AQ on an endpoint's own PD and CQ: SENDs and FFT jobs posted alternately, both kinds
+    polled from the one CQ, each freeing its own queue's slot."""
+    from guest_lib.endpoint import RcEndpoint, connect_pair
+    from guest_lib.wr import RecvWR, SendWR
+
+    a, z = RcEndpoint(accel_daemon, mem_size=MEM), RcEndpoint(accel_daemon, mem_size=MEM)
+    try:
+        connect_pair(a, z)
+        n = 512
+        x = _cplx(n, np.complex64)
+        a.mr.write(x.tobytes(), offset=4096)
+        aq = AQ(a.pd, a.cq, AccelOp.FFT, depth=4)
+        kinds = []
+        for i in range(12):
+            z.qp.post_recv(RecvWR(i, sg=[SGE(z.mr.buf, 64, z.mr.lkey)]))
+            a.qp.post_send(SendWR(1000 + i, sg=[SGE(a.mr.buf, 16, a.mr.lkey)]))
+            assert aq.post(AccelWR(2000 + i, size=n, inputs=[SGE(a.mr.buf + 4096, n * 8, a.mr.lkey)],
+                                   outputs=[SGE(a.mr.buf + 8192 + i * n * 8, n * 8, a.mr.lkey)])) == 1
+            got = []
+            while len(got) < 2:
+                got += a.cq.poll(2)[1]
+            kinds += [type(w) for w in got]
+            assert {w.wr_id for w in got} == {1000 + i, 2000 + i}
+            assert all(w.status == WcStatus.SUCCESS for w in got)
+            z.poll_one()
+            assert aq.in_flight == 0
+        assert kinds.count(WC) == kinds.count(AccelWC) == 12
+        ref = accel_core.fft(x).tobytes()
+        assert all(a.mr.read(n * 8, 8192 + i * n * 8) == ref for i in range(12))
+        aq.close()
+    finally:
+        a.close()
+        z.close()
