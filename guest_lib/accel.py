@@ -393,8 +393,13 @@ class AccelHelper(VerbsObject):
 
 
 def helper(ctx: Context) -> AccelHelper:
-    """The Context's :class:`AccelHelper`, made on first use."""
+    """The Context's :class:`AccelHelper`, made on first use; RDMAError
+    EOPNOTSUPP (nothing made) if the device offers no accelerator queues."""
     h = ctx.accel_helper
+    if h is None and not ctx.has_accel:
+        ctx._check_open()
+        raise RDMAError(f"the device at {ctx.name} offers no accelerator queues (VIRTIO_RDMA_F_ACCEL)",
+                        errno.EOPNOTSUPP)
     if not isinstance(h, AccelHelper) or h.closed:
         h = AccelHelper(ctx)
         ctx.accel_helper = h

@@ -219,6 +219,11 @@ def test_file_like_parameters_and_write_sizes_are_checked(ctx):
         accel.open(ctx, "dct", n=16)
     with pytest.raises(UserError):
         accel.open(ctx, "fft", n=16, batch=0)
+    assert ctx.accel_helper is None
+
+
+def test_file_like_write_sizes_and_contents_are_checked(actx):
+    ctx = actx
     with accel.open(ctx, "fft", n=16, batch=2) as f:
         assert f.in_size == f.out_size == 2 * 16 * 8
         with pytest.raises(accel.AccelSizeError) as e:
@@ -251,10 +256,12 @@ def test_a_device_without_accelerators_refuses_and_nothing_leaks(ctx):
     with pytest.raises(RDMAError) as e:
         accel.fft(ctx, np.ones(16, np.complex64))
     assert e.value.errno == errno.EOPNOTSUPP
-    h = ctx.accel_helper
-    assert h is not None and not h.aqs and not h.pending and h.staging.free == [(0, h.staging.size)]
+    with pytest.raises(RDMAError) as e:
+        accel.open(ctx, "turbo_decode", k=6144)
+    assert e.value.errno == errno.EOPNOTSUPP
+    assert ctx.accel_helper is None  # nothing made for a device that cannot use it
     ctx.close()
-    assert h.closed and pd.closed and cq.closed
+    assert pd.closed and cq.closed
 
 
 def test_aq_arguments_are_checked_before_the_device(ctx):
