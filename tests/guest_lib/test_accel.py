@@ -273,7 +273,7 @@ def test_aq_arguments_are_checked_before_the_device(ctx):
 
 
 # --- tier 3: end to end ------------------------------------------------------------------------
-FFT_SIZES = [1, 2, 12, 60, 256, 1536, 2048, 4096]
+FFT_SIZES = [1, 2, 3, 5, 12, 60, 256, 1200, 1536, 2048, 4096, 32768]  # radix 2, 3, 5 and mixed
 
 
 @pytest.mark.parametrize("dtype", [np.complex64, np.complex128])
