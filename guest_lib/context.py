@@ -33,8 +33,9 @@ from guest_lib.base import VerbsObject
 from guest_lib.errors import RDMAError, UserError
 from guest_lib.transport import NUM_QUEUES, TransportError, VirtioTransport, WaitTimeout, missing_members
 from guest_lib.transports.vhost_user import VhostUserTransport
+from verbs import UnknownValueError
 from virtio_rdma import wire
-from virtio_rdma.constants import CONTROLQ, DOORBELLQ, EVENTQ, Cmd, EventKind, Feature, Status
+from virtio_rdma.constants import CONTROLQ, DOORBELLQ, EVENTQ, AccelOp, Cmd, EventKind, Feature, Status
 
 REQ_BUF = 64 << 10
 RESP_BUF = 4096
@@ -130,6 +131,10 @@ class Context(VerbsObject):
             self.cq_events: collections.Counter = collections.Counter()
             self.async_events: collections.deque = collections.deque()
             self.qps: dict = {}
+            #: accelerator queues by AQN (guest_lib.aq), for CQ.poll
+            self.aqs: dict = {}
+            #: guest_lib.accel's AccelHelper (PD, staging MR, CQ, AQs), made on first use
+            self.accel_helper: VerbsObject | None = None
         except TransportError as e:
             t.close()
             raise RDMAError(f"cannot open device at {name}: {e}", e.errno) from e
@@ -230,6 +235,29 @@ class Context(VerbsObject):
 
     def query_gid(self, port_num: int = 1, index: int = 0) -> GID:
         return GID(self.command(Cmd.QUERY_GID, port_num=port_num, index=index)["gid"])
+
+    @property
+    def has_accel(self) -> bool:
+        """Does the device offer accelerator queues (VIRTIO_RDMA_F_ACCEL)?"""
+        return bool(self.features & (1 << Feature.ACCEL))
+
+    def query_accel(self) -> list[types.SimpleNamespace]:
+        """The operations the device's accelerators run (QUERY_ACCEL): one
+        namespace per op with the fields of ``virtio_rdma_accel_op_info``
+        (``op`` an AccelOp). RDMAError EOPNOTSUPP without
+        VIRTIO_RDMA_F_ACCEL."""
+        r = self.command(Cmd.QUERY_ACCEL)
+        out = []
+        for info in r["ops"][: r["num_ops"]]:
+            if not info["op"]:
+                continue
+            d = dict(info)
+            try:
+                d["op"] = AccelOp.parse(info["op"])
+            except UnknownValueError:
+                pass  # an op this library does not know: reported as its number
+            out.append(types.SimpleNamespace(**d))
+        return out
 
     # --- doorbells ----------------------------------------------------
     def device_polling(self) -> bool:

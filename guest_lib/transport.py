@@ -46,7 +46,8 @@ from virtio_rdma.constants import NUM_QUEUES, Feature
 #: virtio-rdma device features guest_lib drives (docs/virtio-rdma.md 5.x.3):
 #: a transport offers these, on top of its own transport features, when it
 #: negotiates, and keeps those the device also offers.
-DRIVER_FEATURES = (1 << Feature.INLINE_DATA) | (1 << Feature.ATOMIC) | (1 << Feature.DBREC_POLL)
+DRIVER_FEATURES = ((1 << Feature.INLINE_DATA) | (1 << Feature.ATOMIC) | (1 << Feature.DBREC_POLL)
+                   | (1 << Feature.ACCEL))
 
 __all__ = ["DRIVER_FEATURES", "NUM_QUEUES", "DeviceGone", "TransportError", "VirtQueue", "VirtioTransport",
            "WaitTimeout", "missing_members"]

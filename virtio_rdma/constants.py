@@ -37,6 +37,8 @@ class Feature(enum.IntEnum):
     INLINE_DATA = 1
     #: ATOMIC_CMP_AND_SWP / ATOMIC_FETCH_AND_ADD are supported.
     ATOMIC = 2
+    #: Accelerator queues: FFT and LTE Turbo jobs (spec "Accelerator queues").
+    ACCEL = 3
     VERSION_1 = 32
 
 
@@ -57,6 +59,11 @@ class Cmd(_IntEnum):
     MODIFY_QP = 12
     QUERY_QP = 13
     DESTROY_QP = 14
+    #: accelerator queues (VIRTIO_RDMA_F_ACCEL)
+    QUERY_ACCEL = 15
+    CREATE_AQ = 16
+    DESTROY_AQ = 17
+    CANCEL_AQ_JOB = 18
 
 
 class Status(_IntEnum):
@@ -93,6 +100,8 @@ class DoorbellKind(_IntEnum):
     SQ = 1
     RQ = 2
     CQ_ARM = 3
+    #: value = new producer index of an accelerator queue (VIRTIO_RDMA_F_ACCEL)
+    AQ = 4
 
 
 class CqArm(_IntFlag):
@@ -113,3 +122,84 @@ class CreateQpFlags(_IntFlag):
 #: Object numbers (QPNs, and CQNs and PDNs like them) are 24-bit: the
 #: doorbell record packs the kind in bits 24..31.
 OBJ_NUM_MASK = QPN_MASK
+
+
+# --------------------------------------------------------------------------
+# Accelerator queues (spec "Accelerator queues", VIRTIO_RDMA_F_ACCEL)
+# --------------------------------------------------------------------------
+class AccelOp(_IntEnum):
+    """The operation of an accelerator queue and of each of its jobs."""
+
+    #: forward DFT, complex64 or complex128, [batch][n]
+    FFT = 1
+    #: inverse DFT (scaled by 1/n, as numpy.fft.ifft)
+    IFFT = 2
+    #: LTE Turbo encoder (3GPP TS 36.212 5.1.3.2): bits [batch][K] -> d(0..2) [batch][3][K+4]
+    TURBO_ENCODE = 3
+    #: max-log-MAP Turbo decoder: float32 LLRs [batch][3][K+4] -> bits [batch][K] + iterations [batch]
+    TURBO_DECODE = 4
+
+
+class AccelDtype(_IntEnum):
+    """Element type of an FFT job (Turbo jobs: 0)."""
+
+    COMPLEX64 = 0
+    COMPLEX128 = 1
+
+
+class AccelEarlyStop(_IntEnum):
+    """Early stop of a Turbo decode job: the CRC a decoded block must pass."""
+
+    NONE = 0
+    CRC24A = 1
+    CRC24B = 2
+
+
+class AccelJobFlags(_IntFlag):
+    """``flags`` of a job entry."""
+
+    #: ``scaling`` holds an extrinsic scaling factor (float32); else plain max-log-MAP
+    SCALING = 1
+
+
+class AqFlags(_IntFlag):
+    """Flags of CREATE_AQ."""
+
+    #: run every job on ``target_host`` (a host id of QUERY_ACCEL's view; 0: this host)
+    FORCE_TARGET = 1
+    #: a job whose remote host fails is run again on this host if it can, instead of
+    #: completing with REMOTE_FAILED
+    LOCAL_FALLBACK = 2
+
+
+class AccelStatus(_IntEnum):
+    """Why an accelerator job completed as it did (the CQE's ``wc_flags`` byte)."""
+
+    SUCCESS = 0
+    #: a job parameter is outside what the operation supports (size, K, dtype, batch,
+    #: iterations, scaling, early stop, SGE counts, a job op other than the queue's)
+    INVALID_PARAMS = 1
+    #: an input or output SGE is not the guest's to use (lkey, PD, bounds; output
+    #: without LOCAL_WRITE)
+    LOCAL_PROT = 2
+    #: the input or output scatter list is shorter than the job needs
+    LOCAL_LEN = 3
+    #: no reachable host runs this operation
+    NO_ACCELERATOR = 4
+    #: the host running the job failed or went away
+    REMOTE_FAILED = 5
+    #: CANCEL_AQ_JOB took it before it started
+    CANCELLED = 6
+    #: the queue was destroyed (or the device reset) before it ran
+    FLUSHED = 7
+
+
+#: The CQE ``opcode`` of an accelerator completion: ACCEL_CQE_OPCODE_BASE | AccelOp
+#: (a range libibverbs' ibv_wc_opcode does not use).
+ACCEL_CQE_OPCODE_BASE = 0xC0
+#: Bytes of one accelerator-queue slot: a 64-byte job header and up to
+#: MAX_ACCEL_SGE 16-byte SGEs (inputs first, then outputs).
+AQ_SLOT_SIZE = 256
+MAX_ACCEL_SGE = 12
+#: Most ops QUERY_ACCEL describes.
+MAX_ACCEL_OPS = 8

@@ -35,7 +35,7 @@ from verbs import (
 )
 from vhost_user.tenancy import LimitExceeded, Resource
 from virtio.errors import GuestMemoryError
-from virtio_rdma import datapath, rings
+from virtio_rdma import accel, datapath, rings
 from virtio_rdma.constants import OBJ_NUM_MASK, Cmd, CreateQpFlags, Status
 from virtio_rdma.cq import CompletionQueue
 from virtio_rdma.errors import CommandError, UnknownValueError, VirtioRdmaError
@@ -209,7 +209,7 @@ def alloc_pd(core: RdmaDeviceCore, req: Empty, now: float) -> AllocPdResp:
 def dealloc_pd(core: RdmaDeviceCore, req: DeallocPdReq, now: float) -> None:
     pdn = _pd(core, req.pdn)
     if core.pds[pdn] or core.mrs.by_pd.get(pdn):
-        raise CommandError(f"PD {pdn} is used by {core.pds[pdn]} QPs and "
+        raise CommandError(f"PD {pdn} is used by {core.pds[pdn]} QPs/AQs and "
                            f"{core.mrs.by_pd.get(pdn, 0)} MRs", Status.EBUSY)
     del core.pds[pdn]
     release(core, (Resource.PD, 1))
@@ -239,8 +239,9 @@ def create_cq(core: RdmaDeviceCore, req: CreateCqReq, now: float) -> CreateCqRes
 
 def destroy_cq(core: RdmaDeviceCore, req: DestroyCqReq, now: float) -> None:
     cq = _cq(core, req.cqn)
-    if cq.qps:
-        raise CommandError(f"CQ {cq.cqn} is used by QPs {sorted(cq.qps)[:8]}", Status.EBUSY)
+    if cq.qps or cq.aqs:
+        raise CommandError(f"CQ {cq.cqn} is used by QPs {sorted(cq.qps)[:8]} and AQs "
+                           f"{sorted(cq.aqs)[:8]}", Status.EBUSY)
     del core.cqs[cq.cqn]
     release(core, (Resource.CQ, 1))
 
@@ -501,5 +502,10 @@ HANDLERS: dict[Cmd, Callable] = {
     Cmd.MODIFY_QP: modify_qp,
     Cmd.QUERY_QP: query_qp,
     Cmd.DESTROY_QP: destroy_qp,
+    # accelerator queues (virtio_rdma.accel; EOPNOTSUPP on a device without them)
+    Cmd.QUERY_ACCEL: accel.query_accel,
+    Cmd.CREATE_AQ: accel.create_aq,
+    Cmd.DESTROY_AQ: accel.destroy_aq,
+    Cmd.CANCEL_AQ_JOB: accel.cancel_aq_job,
 }
 assert set(HANDLERS) == set(Cmd), "a command without a handler"

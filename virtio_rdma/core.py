@@ -30,6 +30,10 @@ Public API::
     core.notify = callback      # called when a peer's request queued events here
     core.close()                # destroy every QP (detach from the fabric)
 
+Accelerator queues (:mod:`virtio_rdma.accel`): ``RdmaDeviceCore(...,
+accel_router=AccelRouter(service))`` offers them; the router is the daemon's,
+shared by its devices.
+
 Tenant limits: ``RdmaDeviceCore(..., account=TenantAccount)`` charges every
 PD, CQ, MR (and its bytes) and QP (and its ring entries) to the connection's
 account (:mod:`vhost_user.tenancy`), see :mod:`virtio_rdma.control`.
@@ -43,7 +47,7 @@ from dataclasses import dataclass
 from fabric.base import Fabric
 from verbs import Mtu
 from vhost_user.tenancy import TenantAccount, TenantPolicy
-from virtio_rdma import control, doorbells, events, timers
+from virtio_rdma import accel, control, doorbells, events, timers
 from virtio_rdma.cq import CompletionQueue
 from virtio_rdma.datapath import DbrecScanner
 from virtio_rdma.metrics import Metrics
@@ -79,6 +83,8 @@ class DeviceLimits:
     max_msg_sz: int = 1 << 31
     active_mtu: Mtu = Mtu.MTU_4096
     max_pending_events: int = 1 << 16
+    #: accelerator queues per device (VIRTIO_RDMA_F_ACCEL)
+    max_aq: int = 64
     node_guid: int = 0x5652_444D_4100_0001
 
 
@@ -87,8 +93,15 @@ class RdmaDeviceCore:
     (the methods below are those modules' functions, bound to the core)."""
 
     def __init__(self, mem, fabric: Fabric, *, limits: DeviceLimits | None = None,
-                 poll_doorbell_records: bool = False, account: TenantAccount | None = None):
+                 poll_doorbell_records: bool = False, account: TenantAccount | None = None,
+                 accel_router: accel.AccelRouter | None = None):
         self.mem = mem
+        #: where accelerator jobs run (None: no accelerator queues, EOPNOTSUPP)
+        self.accel = accel_router
+        #: this device's guest id in the shared accelerators' fair queues
+        self.accel_guest = accel_router.new_guest_id() if accel_router is not None else 0
+        self.aqs: dict[int, accel.AccelQueue] = {}
+        self.next_aqn = 1
         #: the connection's tenant account (None: no budgets beyond ``limits``)
         self.account = account
         self.fabric = fabric
@@ -144,6 +157,7 @@ class RdmaDeviceCore:
 
     def close(self) -> None:
         """Destroy every QP (detaching them from the fabric) and forget all objects."""
+        accel.drop_all(self)
         for qp in list(self.qps.values()):
             control.drop_qp(self, qp)
         if self.dbrec_scanner is not None:  # it holds the QPs: let them go with their refs

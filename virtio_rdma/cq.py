@@ -40,7 +40,7 @@ class PushResult(enum.Enum):
 
 class CompletionQueue:
     __slots__ = ("cqn", "depth", "ring_gpa", "dbrec_gpa", "comp_vector", "state", "arm", "pc",
-                 "qps", "written")
+                 "qps", "aqs", "written")
 
     def __init__(self, cqn: int, depth: int, ring_gpa: int, dbrec_gpa: int, comp_vector: int = 0):
         self.cqn = cqn
@@ -52,6 +52,7 @@ class CompletionQueue:
         self.arm = Arm.NONE
         self.pc = 0          # completions produced (mod 2^32)
         self.qps: set[int] = set()  # QPNs using this CQ (send or recv)
+        self.aqs: set[int] = set()  # AQNs completing here (accelerator queues)
         self.written = 0
 
     def request_notify(self, flags: int) -> None:

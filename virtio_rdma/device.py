@@ -12,9 +12,16 @@ Per-tenant limits: :meth:`RdmaDevice.factory` makes the daemon's device
 factory from a :class:`~vhost_user.tenancy.TenantPolicy`: each connection's
 device reports the policy's object caps (QUERY_DEVICE) and charges its
 objects to an account of the connection's peer uid in one shared ledger.
+
+Accelerator queues: with the daemon's :class:`~virtio_rdma.accel.AccelRouter`
+the device offers VIRTIO_RDMA_F_ACCEL; jobs finish in the accelerators' worker
+threads and come back on the daemon's event loop (the router's thread-safe
+wakeup), where their CQEs are written and events delivered as for a peer's
+request (``_on_core_notify``).
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 from time import monotonic
@@ -22,6 +29,7 @@ from time import monotonic
 from fabric.base import Fabric
 from vhost_user.device import VhostUserDevice
 from vhost_user.tenancy import ConnectionInfo, TenantAccount, TenantLedger, TenantPolicy
+from virtio_rdma.accel import AccelRouter
 from virtio_rdma.constants import CONTROLQ, DOORBELLQ, EVENTQ, VIRTIO_ID_RDMA, Feature
 from virtio_rdma.core import DeviceLimits, RdmaDeviceCore
 from virtio_rdma.wire import EVENT_SIZE, encode_events
@@ -46,8 +54,14 @@ class RdmaDevice(VhostUserDevice):
     budgeted = True
 
     def __init__(self, fabric: Fabric, *, limits: DeviceLimits | None = None,
-                 account: TenantAccount | None = None, info: ConnectionInfo | None = None):
+                 account: TenantAccount | None = None, info: ConnectionInfo | None = None,
+                 accel: AccelRouter | None = None):
         self.fabric = fabric
+        #: the daemon's accelerator router (shared by its devices; not owned):
+        #: with one, the device offers VIRTIO_RDMA_F_ACCEL
+        self.accel = accel
+        if accel is not None:
+            self.device_features = type(self).device_features | (1 << Feature.ACCEL)
         self.limits = limits or DeviceLimits()
         #: the connection's tenant account (owned: closed with the device)
         self.account = account
@@ -63,8 +77,18 @@ class RdmaDevice(VhostUserDevice):
 
     def attach(self, conn) -> None:
         super().attach(conn)
-        self.core = RdmaDeviceCore(conn.mem, self.fabric, limits=self.limits, account=self.account)
-        self.core.notify = self._on_core_notify
+        if self.accel is not None:
+            try:  # finished jobs come back on the daemon's loop (attach runs on it)
+                self.accel.attach_loop(asyncio.get_running_loop())
+            except RuntimeError:  # no loop (a device driven by hand): the owner delivers
+                pass
+        self.core = self._new_core()
+
+    def _new_core(self) -> RdmaDeviceCore:
+        core = RdmaDeviceCore(self.conn.mem, self.fabric, limits=self.limits, account=self.account,
+                              accel_router=self.accel)
+        core.notify = self._on_core_notify
+        return core
 
     @staticmethod
     def limits_for(policy: TenantPolicy) -> DeviceLimits:
@@ -73,13 +97,14 @@ class RdmaDevice(VhostUserDevice):
                             max_pd=policy.max_pd)
 
     @classmethod
-    def factory(cls, fabric: Fabric, ledger: TenantLedger):
+    def factory(cls, fabric: Fabric, ledger: TenantLedger, accel: AccelRouter | None = None):
         """A ``device_factory(info)`` for :class:`~vhost_user.server.BackendServer`: every
-        connection gets the policy's caps and an account of its peer uid in ``ledger``."""
+        connection gets the policy's caps and an account of its peer uid in ``ledger``,
+        and shares the accelerators of ``accel``."""
         limits = cls.limits_for(ledger.policy)
 
         def make(info: ConnectionInfo | None) -> RdmaDevice:
-            return cls(fabric, limits=limits, account=ledger.account(info), info=info)
+            return cls(fabric, limits=limits, account=ledger.account(info), info=info, accel=accel)
 
         return make
 
@@ -188,8 +213,7 @@ class RdmaDevice(VhostUserDevice):
 
     def reset(self) -> None:
         self._close_core()
-        self.core = RdmaDeviceCore(self.conn.mem, self.fabric, limits=self.limits, account=self.account)
-        self.core.notify = self._on_core_notify
+        self.core = self._new_core()
         self._dbrec_poll = False
 
     def _close_core(self) -> None:

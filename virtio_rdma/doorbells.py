@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from verbs import AsyncEvent, QpState
 from virtio.errors import GuestMemoryError
 from virtio.memory import le32_words
-from virtio_rdma import datapath, rings
+from virtio_rdma import accel, datapath, rings
 from virtio_rdma.constants import DoorbellKind
 from virtio_rdma.errors import UnknownValueError, VirtioRdmaError
 from virtio_rdma.events import flush_notify
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 U32 = 1 << 32
 _CQ_ARM = DoorbellKind.CQ_ARM
 _SQ = DoorbellKind.SQ
+_AQ = DoorbellKind.AQ
 _RQ = DoorbellKind.RQ
 _RESET = QpState.RESET
 _ERR = QpState.ERR
@@ -71,6 +72,9 @@ def ring(core: RdmaDeviceCore, db: Doorbell, now: float) -> None:
             core.metrics.bad_doorbells += 1
             return
         cq.request_notify(db.value)
+        return
+    if db.kind is _AQ:
+        accel.ring_aq(core, db.num, db.value, now)
         return
     qp = core.qps.get(db.num)
     if qp is None or qp.state is _RESET:

@@ -51,6 +51,10 @@ class Metrics:
     completion_events: int = 0
     async_events: int = 0
     events_dropped: int = 0
+    # accelerator queues (per-queue counters: virtio_rdma.accel.snapshot)
+    aq_jobs: int = 0                 # jobs fetched from AQ rings
+    aq_completions: int = 0          # accelerator CQEs produced (any status)
+    aq_errors: int = 0               # ... of them with a status other than SUCCESS
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

@@ -24,6 +24,7 @@ subclasses of :class:`~virtio_rdma.errors.VirtioRdmaError`.
 """
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -33,7 +34,23 @@ from typing import Annotated, Any, get_args, get_origin, get_type_hints
 import construct as cs
 
 from verbs import AsyncEvent, SendFlags, WcFlags, WcOpcode, WcStatus, WrOpcode
-from virtio_rdma.constants import OBJ_NUM_MASK, Cmd, CqArm, DoorbellKind, EventKind, Status
+from virtio_rdma.constants import (
+    ACCEL_CQE_OPCODE_BASE,
+    AQ_SLOT_SIZE,
+    MAX_ACCEL_OPS,
+    MAX_ACCEL_SGE,
+    OBJ_NUM_MASK,
+    AccelDtype,
+    AccelEarlyStop,
+    AccelJobFlags,
+    AccelOp,
+    AccelStatus,
+    Cmd,
+    CqArm,
+    DoorbellKind,
+    EventKind,
+    Status,
+)
 from virtio_rdma.errors import UnknownValueError, VirtioRdmaError, WireError
 
 u8, u16, u32, u64 = cs.Int8ul, cs.Int16ul, cs.Int32ul, cs.Int64ul
@@ -306,6 +323,62 @@ class QueryQpResp:
     qpn: U32
 
 
+# Accelerator queues (VIRTIO_RDMA_F_ACCEL; spec "Accelerator queues")
+@dataclass(frozen=True, slots=True)
+class AccelOpInfo:
+    """One operation the device's accelerators run (an entry of QUERY_ACCEL)."""
+
+    op: U8                 # AccelOp; 0: unused entry
+    local_units: U8        # accelerators of this host that run it
+    reachable_hosts: U16   # hosts (this one included) the device can send it to
+    min_size: U32          # FFT: points n; Turbo: block size K
+    max_size: U32
+    max_batch: U32
+    est_fixed_ns: U32      # service-time estimate: fixed part ...
+    est_unit_ps: U32       # ... plus this per unit of work (FFT: n*log2(n) per
+                           # transform; Turbo: K per block (x iterations to decode))
+
+
+@dataclass(frozen=True, slots=True)
+class QueryAccelResp:
+    num_ops: U32
+    reserved: Reserved32
+    ops: Annotated[tuple[AccelOpInfo, ...], MAX_ACCEL_OPS]
+
+
+@dataclass(frozen=True, slots=True)
+class CreateAqReq:
+    pdn: U32
+    cqn: U32
+    op: U8                 # AccelOp: every job of the queue must be this op
+    priority: U8           # 0 (lowest) .. 7
+    flags: U8              # AqFlags
+    reserved0: Annotated[int, cs.Const(0, u8)]
+    depth: U32             # slots: a power of two, 1..max_qp_wr
+    ring_gpa: U64          # depth * AQ_SLOT_SIZE bytes, contiguous
+    dbrec_gpa: U64         # 8 bytes: le32 pi; le32 reserved
+    target_host: U32       # with FORCE_TARGET
+    reserved1: Reserved32
+
+
+@dataclass(frozen=True, slots=True)
+class CreateAqResp:
+    aqn: U32
+    depth: U32
+
+
+@dataclass(frozen=True, slots=True)
+class DestroyAqReq:
+    aqn: U32
+
+
+@dataclass(frozen=True, slots=True)
+class CancelAqJobReq:
+    aqn: U32
+    reserved: Reserved32
+    wr_id: U64
+
+
 def _field_layout(name: str, hint) -> cs.Construct:
     """A field's construct: its annotation's, a nested body's layout, or an
     array of nested bodies whose count the annotation names."""
@@ -359,10 +432,15 @@ def _decoder(cls):
         nested = _nested(_HINTS[cls][f.name])
         if nested is not None:
             sub_fmt, sub_checks, sub_make, n = DECODERS[nested[0]]
-            chars.append(sub_fmt)
-            checks.extend((pos + i, v, f"{f.name}.{name}") for i, v, name in sub_checks)
-            parts.append((pos, pos + n, sub_make))
-            pos += n
+            count = _HINTS[cls][f.name].__metadata__[0] if nested[1] else 1
+            for k in range(count):
+                chars.append(sub_fmt)
+                checks.extend((pos + k * n + i, v, f"{f.name}[{k}].{name}") for i, v, name in sub_checks)
+            if nested[1]:  # a fixed-count array of bodies: a tuple of them
+                parts.append((pos, pos + count * n, functools.partial(_make_array, sub_make, n, count)))
+            else:
+                parts.append((pos, pos + n, sub_make))
+            pos += count * n
             continue
         ch, const = _struct_chars(f.name, sc.subcon)
         chars.append(ch)
@@ -378,11 +456,27 @@ def _decoder(cls):
     return "".join(chars), tuple(checks), make, pos
 
 
+def _flatten_array(sub: Callable, items) -> list:
+    out: list = []
+    for item in items:
+        out.extend(sub(item))
+    return out
+
+
+def _make_array(sub_make: Callable, n: int, count: int, values) -> tuple:
+    return tuple(sub_make(values[k * n:(k + 1) * n]) for k in range(count))
+
+
 def _flattener(cls):
     """``cls`` instance -> the tuple of its wire values in layout order (the
     encoder's counterpart of :func:`_decoder`)."""
     names = [f.name for f in fields(cls)]
-    nested = {f.name: FLATTENERS[n[0]] for f in fields(cls) if (n := _nested(_HINTS[cls][f.name]))}
+    nested: dict[str, Callable] = {}
+    for f in fields(cls):
+        n = _nested(_HINTS[cls][f.name])
+        if n is not None:
+            sub = FLATTENERS[n[0]]
+            nested[f.name] = functools.partial(_flatten_array, sub) if n[1] else sub
     if not names:
         return lambda obj: ()
     get = attrgetter(*names)
@@ -421,7 +515,8 @@ def _register(cls) -> cs.Struct:
 for _cls in (Empty, QueryPortReq, QueryGidReq, DeallocPdReq, CreateCqReq, DestroyCqReq,
              ReqNotifyCqReq, MrChunk, RegMrReq, DeregMrReq, CreateQpReq, QpAttr, ModifyQpReq,
              QueryQpReq, DestroyQpReq, QueryDeviceResp, QueryPortResp, QueryGidResp, AllocPdResp,
-             CreateCqResp, RegMrResp, CreateQpResp, QueryQpResp):
+             CreateCqResp, RegMrResp, CreateQpResp, QueryQpResp, AccelOpInfo, QueryAccelResp,
+             CreateAqReq, CreateAqResp, DestroyAqReq, CancelAqJobReq):
     _register(_cls)
 
 #: the construct layouts by name (the normative structs of docs/virtio-rdma.md)
@@ -447,6 +542,10 @@ BODIES: dict[Cmd, tuple[type, type]] = {
     Cmd.MODIFY_QP: (ModifyQpReq, Empty),
     Cmd.QUERY_QP: (QueryQpReq, QueryQpResp),
     Cmd.DESTROY_QP: (DestroyQpReq, Empty),
+    Cmd.QUERY_ACCEL: (Empty, QueryAccelResp),
+    Cmd.CREATE_AQ: (CreateAqReq, CreateAqResp),
+    Cmd.DESTROY_AQ: (DestroyAqReq, Empty),
+    Cmd.CANCEL_AQ_JOB: (CancelAqJobReq, Empty),
 }
 #: cmd -> (request layout, response layout)
 COMMANDS: dict[Cmd, tuple[cs.Construct, cs.Construct]] = {
@@ -895,6 +994,99 @@ def decode_recv_wqe(slot: memoryview | bytes, max_sge: int | None = None) -> Rec
 
 
 # --------------------------------------------------------------------------
+# Accelerator job entries (spec "Accelerator queues")
+# --------------------------------------------------------------------------
+AccelJobHeader = cs.Struct(
+    "wr_id" / u64,
+    "op" / u8,
+    "dtype" / u8,
+    "num_in" / u8,
+    "num_out" / u8,
+    "size" / u32,
+    "batch" / u32,
+    "iterations" / u16,
+    "early_stop" / u8,
+    "flags" / u8,
+    "scaling" / cs.Float32l,
+    "reserved" / cs.Const(bytes(36)),
+)
+ACCEL_JOB_HEADER_SIZE = AccelJobHeader.sizeof()  # 64
+_AJOB = struct.Struct("<QBBBBIIHBBf36s")
+assert _AJOB.size == ACCEL_JOB_HEADER_SIZE == 64
+assert ACCEL_JOB_HEADER_SIZE + MAX_ACCEL_SGE * SGE_SIZE == AQ_SLOT_SIZE
+_NO_RESERVED = bytes(36)
+
+
+@dataclass(frozen=True, slots=True)
+class AccelJob:
+    """A decoded accelerator job entry. Syntax only: whether the size, K,
+    batch and iterations are ones the operation supports, and whether the
+    SGEs are the guest's, is for the device to check."""
+
+    wr_id: int
+    op: AccelOp
+    dtype: AccelDtype
+    size: int
+    batch: int
+    iterations: int
+    early_stop: AccelEarlyStop
+    scaling: float | None
+    inputs: list[SgeEntry]
+    outputs: list[SgeEntry]
+
+    @property
+    def in_length(self) -> int:
+        return sum(s.length for s in self.inputs)
+
+    @property
+    def out_length(self) -> int:
+        return sum(s.length for s in self.outputs)
+
+
+def encode_accel_job(wr_id: int, op: AccelOp | int, *, size: int, batch: int = 1,
+                     dtype: AccelDtype | int = AccelDtype.COMPLEX64, iterations: int = 0,
+                     early_stop: AccelEarlyStop | int = AccelEarlyStop.NONE,
+                     scaling: float | None = None, inputs=(), outputs=()) -> bytes:
+    """One AQ_SLOT_SIZE-byte job entry; ``inputs``/``outputs`` are (addr, length, lkey)."""
+    ins = [(int(a), int(n), int(k)) for a, n, k in inputs]
+    outs = [(int(a), int(n), int(k)) for a, n, k in outputs]
+    if len(ins) + len(outs) > MAX_ACCEL_SGE:
+        raise WireError(f"accel job wr_id={wr_id:#x}: {len(ins)} + {len(outs)} SGEs exceed {MAX_ACCEL_SGE}")
+    out = bytearray(AQ_SLOT_SIZE)
+    flags = AccelJobFlags.SCALING if scaling is not None else 0
+    try:
+        _AJOB.pack_into(out, 0, wr_id, AccelOp.parse(op), AccelDtype.parse(dtype), len(ins), len(outs),
+                        size, batch, iterations, AccelEarlyStop.parse(early_stop), flags,
+                        0.0 if scaling is None else scaling, _NO_RESERVED)
+        for i, sge in enumerate(ins + outs):
+            _SGE.pack_into(out, ACCEL_JOB_HEADER_SIZE + i * SGE_SIZE, *sge)
+    except struct.error as e:
+        raise WireError(f"cannot encode accel job wr_id={wr_id:#x}: {e}") from None
+    return bytes(out)
+
+
+def decode_accel_job(slot: memoryview | bytes) -> AccelJob:
+    """Decode one job entry (syntax: reserved bytes, enumeration values, SGE
+    counts; raises WireError or UnknownValueError)."""
+    slot = memoryview(slot)
+    if len(slot) < AQ_SLOT_SIZE:
+        raise WireError(f"accel job slot of {len(slot)} bytes is shorter than {AQ_SLOT_SIZE}")
+    (wr_id, op, dtype, n_in, n_out, size, batch, iterations, early_stop, flags, scaling,
+     reserved) = _AJOB.unpack_from(slot)
+    if reserved != _NO_RESERVED:
+        raise WireError(f"accel job wr_id={wr_id:#x}: reserved bytes are not zero")
+    if not n_in or not n_out or n_in + n_out > MAX_ACCEL_SGE:
+        raise WireError(f"accel job wr_id={wr_id:#x}: {n_in} input and {n_out} output SGEs "
+                        f"(each at least 1, together at most {MAX_ACCEL_SGE})")
+    jflags = AccelJobFlags.parse(flags)
+    sges = [SgeEntry(*_SGE.unpack_from(slot, ACCEL_JOB_HEADER_SIZE + i * SGE_SIZE))
+            for i in range(n_in + n_out)]
+    return AccelJob(wr_id, AccelOp.parse(op), AccelDtype.parse(dtype), size, batch, iterations,
+                    AccelEarlyStop.parse(early_stop),
+                    scaling if jflags & AccelJobFlags.SCALING else None, sges[:n_in], sges[n_in:])
+
+
+# --------------------------------------------------------------------------
 # 5.6 Completion queue entries
 # --------------------------------------------------------------------------
 Cqe = cs.Struct(
@@ -922,11 +1114,12 @@ assert _CQE.size == CQE_SIZE
 
 @dataclass(slots=True)
 class Completion:
-    """One work completion (ibv_wc)."""
+    """One work completion (ibv_wc); an accelerator completion has
+    ``opcode`` ACCEL_CQE_OPCODE_BASE | AccelOp (:class:`AccelCompletion`)."""
 
     wr_id: int
     status: WcStatus
-    opcode: WcOpcode
+    opcode: WcOpcode | int
     qp_num: int
     byte_len: int = 0
     imm_data: int = 0
@@ -960,8 +1153,70 @@ def decode_cqe(buf) -> tuple[Completion, int]:
     wr_id, st, op, fl, owner, blen, imm, qpn, src, verr = _CQE.unpack_from(buf)
     if owner & ~1:
         raise WireError(f"CQE owner byte {owner:#x} has reserved bits set")
+    if op & 0xF0 == ACCEL_CQE_OPCODE_BASE:  # an accelerator completion (decode_accel_cqe)
+        AccelOp.parse(op & 0x0F)
+        return Completion(wr_id, WcStatus.parse(st), op, qpn, blen, imm, AccelStatus.parse(fl), src,
+                          verr), owner
     return Completion(wr_id, WcStatus.parse(st), WcOpcode.parse(op), qpn, blen, imm,
                       int(WcFlags.parse(fl)), src, verr), owner
+
+
+#: the CQE's status (enum ibv_wc_status) of each accelerator status
+ACCEL_WC_STATUS = {
+    AccelStatus.SUCCESS: WcStatus.SUCCESS,
+    AccelStatus.INVALID_PARAMS: WcStatus.LOC_QP_OP_ERR,
+    AccelStatus.LOCAL_PROT: WcStatus.LOC_PROT_ERR,
+    AccelStatus.LOCAL_LEN: WcStatus.LOC_LEN_ERR,
+    AccelStatus.NO_ACCELERATOR: WcStatus.LOC_QP_OP_ERR,
+    AccelStatus.REMOTE_FAILED: WcStatus.REM_OP_ERR,
+    AccelStatus.CANCELLED: WcStatus.WR_FLUSH_ERR,
+    AccelStatus.FLUSHED: WcStatus.WR_FLUSH_ERR,
+}
+#: saturation of the microsecond fields of an accelerator CQE
+ACCEL_US_MAX = (1 << 32) - 1
+ACCEL_SERVICE_US_MAX = (1 << 24) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class AccelCompletion:
+    """An accelerator completion, as its CQE carries it:
+
+    ``opcode`` ACCEL_CQE_OPCODE_BASE | op; ``wc_flags`` the AccelStatus;
+    ``byte_len`` the bytes written to the output; ``qp_num`` the AQN;
+    ``imm_data`` the host that ran the job (0: this one); ``src_qp`` the
+    queue wait in us; ``vendor_err`` the service time in us (bits 0..23)
+    and, for TURBO_DECODE, the most iterations any block used (bits 24..31).
+    """
+
+    wr_id: int
+    op: AccelOp
+    status: AccelStatus
+    aqn: int
+    byte_len: int = 0
+    host: int = 0
+    wait_us: int = 0
+    service_us: int = 0
+    iterations: int = 0
+
+    def to_cqe(self) -> Completion:
+        service = min(max(0, int(self.service_us)), ACCEL_SERVICE_US_MAX)
+        return Completion(self.wr_id, ACCEL_WC_STATUS[self.status], ACCEL_CQE_OPCODE_BASE | self.op,
+                          self.aqn, self.byte_len, self.host & 0xFFFFFFFF, int(self.status),
+                          min(max(0, int(self.wait_us)), ACCEL_US_MAX),
+                          service | (min(self.iterations, 255) << 24))
+
+
+def is_accel_cqe(c: Completion) -> bool:
+    return int(c.opcode) & 0xF0 == ACCEL_CQE_OPCODE_BASE
+
+
+def decode_accel_cqe(c: Completion) -> AccelCompletion:
+    """The accelerator completion a CQE carries (UnknownValueError if it is not one)."""
+    if not is_accel_cqe(c):
+        raise UnknownValueError(f"CQE opcode {int(c.opcode):#x} is not an accelerator completion")
+    return AccelCompletion(c.wr_id, AccelOp.parse(int(c.opcode) & 0x0F), AccelStatus.parse(c.wc_flags),
+                           c.qp_num, c.byte_len, c.imm_data, c.src_qp, c.vendor_err & ACCEL_SERVICE_US_MAX,
+                           c.vendor_err >> 24)
 
 
 # --------------------------------------------------------------------------

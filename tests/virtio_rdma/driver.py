@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from virtio.memory import GuestMemory, MemoryRegion
 from virtio_rdma import wire
 from verbs import Access, QpAttrMask as M, QpState, SendFlags
-from virtio_rdma.constants import Cmd, DoorbellKind, Status
+from virtio_rdma.constants import AQ_SLOT_SIZE, Cmd, DoorbellKind, Status
 from virtio_rdma.core import RdmaDeviceCore
 
 
@@ -66,6 +66,16 @@ class DQp:
 
 
 @dataclass
+class DAq:
+    aqn: int
+    depth: int
+    ring: int
+    dbrec: int
+    cq: DCq
+    pi: int = 0
+
+
+@dataclass
 class Buf:
     gpa: int
     length: int
@@ -78,14 +88,15 @@ class Buf:
 
 
 class Guest:
-    def __init__(self, fabric, size: int = 8 << 20, gpa: int = 0x1000_0000, limits=None, clock=None):
+    def __init__(self, fabric, size: int = 8 << 20, gpa: int = 0x1000_0000, limits=None, clock=None,
+                 accel=None, account=None):
         self.buf = bytearray(size)
         self.region = MemoryRegion.from_buffer(self.buf, gpa=gpa)
         self.mem = GuestMemory([self.region])
         self.base = gpa
         self.size = size
         self._brk = gpa
-        self.core = RdmaDeviceCore(self.mem, fabric, limits=limits)
+        self.core = RdmaDeviceCore(self.mem, fabric, limits=limits, accel_router=accel, account=account)
         self.clock = clock if clock is not None else [0.0]
         self.events: list[wire.Event] = []
 
@@ -217,6 +228,32 @@ class Guest:
             cq.ci = (cq.ci + 1) & 0xFFFFFFFF
         self.write(cq.dbrec, struct.pack("<II", cq.ci, 0))
         return out
+
+    # ---- accelerator queues (spec 5.x.6.10) -----------------------------
+    def create_aq(self, pdn: int, cq: DCq, op, depth: int = 16, *, priority: int = 0,
+                  flags: int = 0, target_host: int = 0) -> DAq:
+        ring, db = self.alloc(depth * AQ_SLOT_SIZE), self.alloc(8, 8)
+        r = self.cmd(Cmd.CREATE_AQ, pdn=pdn, cqn=cq.cqn, op=int(op), priority=priority, flags=flags,
+                     reserved0=0, depth=depth, ring_gpa=ring, dbrec_gpa=db, target_host=target_host,
+                     reserved1=0)
+        assert r["depth"] == depth
+        return DAq(r["aqn"], depth, ring, db, cq)
+
+    def write_aq_job(self, aq: DAq, wr_id: int, op, *, raw: bytes | None = None, **kw) -> None:
+        """Write one job entry into the next slot; ``kw``: wire.encode_accel_job's
+        (inputs/outputs as (addr, length, lkey))."""
+        data = raw if raw is not None else wire.encode_accel_job(wr_id, op, **kw)
+        self.write(aq.ring + (aq.pi % aq.depth) * AQ_SLOT_SIZE, data[:AQ_SLOT_SIZE])
+        aq.pi = (aq.pi + 1) & 0xFFFFFFFF
+
+    def ring_aq(self, aq: DAq, pi: int | None = None) -> None:
+        pi = aq.pi if pi is None else pi
+        self.write(aq.dbrec, struct.pack("<II", pi, 0))
+        self.core.doorbell(wire.encode_doorbell(DoorbellKind.AQ, aq.aqn, pi), self.now)
+
+    def post_aq_job(self, aq: DAq, wr_id: int, op, **kw) -> None:
+        self.write_aq_job(aq, wr_id, op, **kw)
+        self.ring_aq(aq)
 
     def arm(self, cq: DCq, solicited_only: bool = False) -> None:
         self.core.doorbell(wire.encode_doorbell(DoorbellKind.CQ_ARM, cq.cqn, int(solicited_only)), self.now)

@@ -2,6 +2,7 @@
 data-path structure, byte fixtures, and syntax validation (spec 5.x.6)."""
 import dataclasses
 import struct
+import typing
 
 import construct as cs
 import pytest
@@ -26,6 +27,9 @@ def _strategy_for(c: cs.Construct):
                 fields[sc.name] = st.just(inner.value)
             elif isinstance(inner, cs.Rebuild):
                 continue
+            elif isinstance(inner, cs.Array) and isinstance(inner.count, int):  # fixed count
+                fields[sc.name] = st.lists(_strategy_for(inner.subcon), min_size=inner.count,
+                                           max_size=inner.count)
             elif isinstance(inner, cs.Array):
                 fields[sc.name] = st.lists(_strategy_for(inner.subcon), max_size=5)
             else:
@@ -78,12 +82,25 @@ def test_response_round_trip(cmd, data):
 def test_response_round_trip_from_dataclass(cmd, data):
     """A handler's response dataclass encodes to the same bytes as its fields."""
     fields = data.draw(_strategy_for(wire.COMMANDS[cmd][1]))
-    cls = wire.BODIES[cmd][1]
-    if cmd is Cmd.QUERY_QP:
-        body = cls(**dict(fields, attr=wire.QpAttr(**fields["attr"])))
-    else:
-        body = cls(**fields)
+    body = _body(wire.BODIES[cmd][1], fields)
     assert wire.encode_response(cmd, Status.OK, body) == wire.encode_response(cmd, Status.OK, **fields)
+    status, decoded = wire.decode_response(cmd, wire.encode_response(cmd, Status.OK, body))
+    assert status == Status.OK and _norm(decoded) == _norm(fields)
+
+
+def _body(cls, fields: dict):
+    """The body dataclass of keyword ``fields`` (nested bodies and arrays of them too)."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    kw = {}
+    for name, value in fields.items():
+        nested = wire._nested(hints[name])
+        if nested is None:
+            kw[name] = value
+        elif nested[1]:
+            kw[name] = tuple(_body(nested[0], v) for v in value)
+        else:
+            kw[name] = _body(nested[0], value)
+    return cls(**kw)
 
 
 def test_response_dataclass_must_be_the_commands():

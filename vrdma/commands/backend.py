@@ -56,7 +56,52 @@ def add_arguments(p) -> None:
     p.add_argument("--allow-unsealed-memory", action="store_true",
                    help="accept guest memory fds that are not memfds sealed against shrinking "
                         "(e.g. hugetlbfs files); a front-end could then crash the daemon")
+    p.add_argument("--accelerators", default="fft=1,turbo=1", metavar="SPEC",
+                   help="rdma: this host's accelerators, shared by all guests through accelerator "
+                        "queues (VIRTIO_RDMA_F_ACCEL): NAME=WORKERS,... where fft runs FFT and "
+                        "IFFT and turbo runs Turbo encode and decode (default fft=1,turbo=1: one "
+                        "accelerator of each with one worker thread); none: queues are offered "
+                        "but no job runs here (NO_ACCELERATOR)")
     _add_tenant_arguments(p)
+
+
+#: what each --accelerators name runs (accel_core operation names)
+ACCELERATOR_KINDS = {"fft": ("fft", "ifft"), "turbo": ("turbo_encode", "turbo_decode")}
+
+
+def parse_accelerators(text: str) -> list[tuple[str, tuple[str, ...], int]]:
+    """``--accelerators`` as (name, accel_core op names, workers) triples; [] for ``none``."""
+    t = text.strip().lower()
+    if t == "none":
+        return []
+    out: list[tuple[str, tuple[str, ...], int]] = []
+    for item in t.split(","):
+        name, sep, value = item.strip().partition("=")
+        if name not in ACCELERATOR_KINDS:
+            raise SystemExit(f"vrdma backend: --accelerators {text!r}: unknown accelerator {name!r} "
+                             f"(known: {', '.join(ACCELERATOR_KINDS)}, or none)")
+        try:
+            workers = int(value) if sep else 1
+        except ValueError:
+            raise SystemExit(f"vrdma backend: --accelerators {text!r}: {value!r} is not a number "
+                             f"of workers") from None
+        if not 1 <= workers <= 64 or any(n == name for n, _, _ in out):
+            raise SystemExit(f"vrdma backend: --accelerators {text!r}: {name} must appear once "
+                             f"with 1..64 workers")
+        out.append((name, ACCELERATOR_KINDS[name], workers))
+    return out
+
+
+def make_accel_router(args):
+    """The daemon's accelerator router (one AcceleratorService shared by all guests)."""
+    from accel_core import AcceleratorService, AcceleratorSpec, Op
+    from virtio_rdma.accel import AccelRouter
+
+    specs = parse_accelerators(getattr(args, "accelerators", "fft=1,turbo=1"))
+    if not specs:
+        return AccelRouter(None)
+    return AccelRouter(AcceleratorService([AcceleratorSpec(name, frozenset(Op.parse(o) for o in ops), w)
+                                           for name, ops, w in specs]))
 
 
 def _add_tenant_arguments(p) -> None:
@@ -187,7 +232,7 @@ def _verbs_fabric(args):
     return fabric, [VerbsFabricService(fabric)]
 
 
-def make_device_factory(args, fabric=None, policy=None):
+def make_device_factory(args, fabric=None, policy=None, accel=None):
     """``device_factory(info)``: one device per connection (``info``: who connected)."""
     if args.device == "rdma":
         from vhost_user.tenancy import TenantLedger
@@ -195,7 +240,7 @@ def make_device_factory(args, fabric=None, policy=None):
 
         if fabric is None:
             fabric, _ = make_fabric(args)
-        return RdmaDevice.factory(fabric, TenantLedger(policy or tenant_policy(args)))
+        return RdmaDevice.factory(fabric, TenantLedger(policy or tenant_policy(args)), accel)
 
     from vhost_user.blk import BlkDevice, Disk
 
@@ -223,7 +268,8 @@ def run(args) -> int:
     policy = tenant_policy(args)
     group = socket_group(args)
     fabric, services = make_fabric(args) if args.device == "rdma" else (None, [])
-    factory = make_device_factory(args, fabric, policy)
+    accel = make_accel_router(args) if args.device == "rdma" else None
+    factory = make_device_factory(args, fabric, policy, accel)
 
     def ready():
         if services:  # a fabric that reaches other hosts says how
@@ -239,3 +285,7 @@ def run(args) -> int:
         if services and e.errno is not None:
             raise SystemExit(f"vrdma backend: cannot open {fabric.describe()}: {e.strerror}") from None
         raise
+    finally:
+        if accel is not None:
+            log.info("accelerators: %s", accel.metrics())
+            accel.close()

@@ -1,0 +1,601 @@
+"""The device side of accelerator queues (spec 5.x.6.10), in process: a
+guest driver (tests/virtio_rdma/driver.py) writes job entries into an AQ ring
+in its memory and rings kind 4 doorbells; the jobs run on a real
+accel_core AcceleratorService (worker threads) and come back as CQEs.
+Results are compared with calling accel_core directly."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+import accel_core
+from accel_core import AcceleratorService, AcceleratorSpec
+from fabric.local import LocalFabric
+from verbs import Access, WcStatus
+from virtio_rdma import accel, wire
+from virtio_rdma.accel import AccelRouter
+from virtio_rdma.constants import (
+    ACCEL_CQE_OPCODE_BASE,
+    AccelDtype,
+    AccelEarlyStop,
+    AccelOp,
+    AccelStatus,
+    Cmd,
+    Status,
+)
+
+from .driver import Guest
+
+C64, C128 = np.dtype(np.complex64), np.dtype(np.complex128)
+
+
+@pytest.fixture
+def router():
+    svc = AcceleratorService([AcceleratorSpec("fft", ops=frozenset({accel_core.Op.FFT, accel_core.Op.IFFT})),
+                              AcceleratorSpec("turbo", ops=frozenset({accel_core.Op.TURBO_ENCODE,
+                                                                      accel_core.Op.TURBO_DECODE}),
+                                              workers=2)])
+    r = AccelRouter(svc)
+    yield r
+    r.close()
+
+
+def _guest(router, gpa=0x1000_0000, size=16 << 20):
+    g = Guest(LocalFabric(), size=size, gpa=gpa, accel=router)
+    pd = g.alloc_pd()
+    cq = g.create_cq(256)
+    return g, pd, cq
+
+
+def _wait(router, guests, n_cqes=None, timeout=20.0):
+    """Deliver finished jobs until every AQ of ``guests`` is empty."""
+    deadline = time.monotonic() + timeout
+    while any(aq.entries for g in guests for aq in g.core.aqs.values()):
+        assert time.monotonic() < deadline, "accelerator jobs did not finish"
+        router.wait(0.05)
+        router.deliver()
+
+
+def _mr(g, pd, data: bytes | int, access=Access.LOCAL_WRITE):
+    n = data if isinstance(data, int) else len(data)
+    buf = g.reg_mr(pd, n, access=access)
+    if not isinstance(data, int):
+        g.write(buf.gpa, data)
+    return buf
+
+
+def _acc(g, cq, n=1):
+    cqes = g.poll(cq)
+    assert len(cqes) == n, cqes
+    return [wire.decode_accel_cqe(c) for c in cqes], cqes
+
+
+def _run(router, g, pd, cq, op, inp: bytes, out_len: int, canary=16, **kw):
+    """One job with one input and one output SGE (output surrounded by canaries)."""
+    aq = g.create_aq(pd, cq, op)
+    src = _mr(g, pd, inp)
+    dst = _mr(g, pd, bytes([0xAB]) * (out_len + 2 * canary))
+    g.post_aq_job(aq, 7, op, inputs=[(src.addr, len(inp), src.lkey)],
+                  outputs=[(dst.addr + canary, out_len, dst.lkey)], **kw)
+    _wait(router, [g])
+    (c,), (raw,) = _acc(g, cq)
+    whole = g.read(dst.gpa, out_len + 2 * canary)
+    assert whole[:canary] == bytes([0xAB]) * canary and whole[-canary:] == bytes([0xAB]) * canary
+    return c, raw, whole[canary:canary + out_len], aq
+
+
+@pytest.mark.parametrize("n,batch,dt", [(64, 1, C64), (1536, 2, C64), (60, 3, C128), (1200, 1, C128)])
+@pytest.mark.parametrize("op", [AccelOp.FFT, AccelOp.IFFT])
+def test_fft_equals_accel_core(router, op, n, batch, dt):
+    g, pd, cq = _guest(router)
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal((batch, n)) + 1j * rng.standard_normal((batch, n))).astype(dt)
+    c, raw, out, _ = _run(router, g, pd, cq, op, x.tobytes(), x.nbytes, size=n, batch=batch,
+                          dtype=AccelDtype.COMPLEX64 if dt == C64 else AccelDtype.COMPLEX128)
+    assert c.status is AccelStatus.SUCCESS and raw.status == WcStatus.SUCCESS
+    assert raw.opcode == ACCEL_CQE_OPCODE_BASE | op and c.wr_id == 7 and c.byte_len == x.nbytes
+    want = (accel_core.fft if op is AccelOp.FFT else accel_core.ifft)(x)
+    got = np.frombuffer(out, dtype=dt).reshape(batch, n)
+    np.testing.assert_allclose(got, want, rtol=1e-5 if dt == C64 else 1e-12, atol=1e-4 if dt == C64 else 1e-9)
+    assert np.allclose(got, np.fft.fft(x) if op is AccelOp.FFT else np.fft.ifft(x), rtol=1e-4, atol=1e-3)
+    assert g.core.metrics.aq_jobs == 1 and g.core.metrics.aq_completions == 1 and not g.core.metrics.aq_errors
+
+
+def test_turbo_encode_bit_exact(router):
+    g, pd, cq = _guest(router)
+    K, B = 1024, 3
+    bits = np.random.default_rng(1).integers(0, 2, (B, K), dtype=np.uint8)
+    c, _, out, _ = _run(router, g, pd, cq, AccelOp.TURBO_ENCODE, bits.tobytes(), B * 3 * (K + 4), size=K,
+                        batch=B, dtype=0)
+    assert c.status is AccelStatus.SUCCESS and c.byte_len == B * 3 * (K + 4)
+    assert out == accel_core.turbo_encode(bits).tobytes()
+
+
+@pytest.mark.parametrize("early_stop", [AccelEarlyStop.NONE, AccelEarlyStop.CRC24A])
+def test_turbo_decode_bit_exact(router, early_stop):
+    g, pd, cq = _guest(router)
+    K, B, its = 512, 4, 6
+    rng = np.random.default_rng(2)
+    bits = rng.integers(0, 2, (B, K), dtype=np.uint8)
+    if early_stop is AccelEarlyStop.CRC24A:
+        bits = accel_core.attach_crc24a(bits[:, :K - 24])
+    enc = accel_core.turbo_encode(bits).astype(np.float32)
+    llr = ((1 - 2 * enc) * 2.0 + rng.standard_normal(enc.shape) * 0.9).astype(np.float32)
+    es = None if early_stop is AccelEarlyStop.NONE else "crc24a"
+    want_bits, want_used = accel_core.turbo_decode(llr, iterations=its, scaling=0.75, early_stop=es)
+    c, _raw, out, _ = _run(router, g, pd, cq, AccelOp.TURBO_DECODE, llr.tobytes(), B * K + B, size=K,
+                          batch=B, iterations=its, scaling=0.75, early_stop=early_stop)
+    assert c.status is AccelStatus.SUCCESS and c.byte_len == B * K + B
+    assert out[:B * K] == want_bits.tobytes()
+    assert list(out[B * K:]) == [int(u) for u in want_used]
+    assert c.iterations == int(np.max(want_used))
+
+
+def test_scattered_sges_and_misaligned(router):
+    """Input in three pieces of two MRs, output in two pieces, one misaligned: gathered/scattered."""
+    g, pd, cq = _guest(router)
+    n, B = 256, 2
+    x = (np.arange(B * n) * (1 + 0.5j)).astype(C64)
+    data = x.tobytes()
+    m1 = _mr(g, pd, 4096 * 2)
+    m2 = _mr(g, pd, 4096 * 2)
+    g.write(m1.gpa + 3, data[:1000])
+    g.write(m2.gpa, data[1000:3000])
+    g.write(m1.gpa + 5000, data[3000:])
+    out = _mr(g, pd, 8192)
+    aq = g.create_aq(pd, cq, AccelOp.FFT)
+    g.post_aq_job(aq, 1, AccelOp.FFT, size=n, batch=B,
+                  inputs=[(m1.addr + 3, 1000, m1.lkey), (m2.addr, 2000, m2.lkey),
+                          (m1.addr + 5000, len(data) - 3000 + 100, m1.lkey)],
+                  outputs=[(out.addr + 1, 1500, out.lkey), (out.addr + 4000, 4000, out.lkey)])
+    _wait(router, [g])
+    (c,), _ = _acc(g, cq)
+    assert c.status is AccelStatus.SUCCESS and c.byte_len == len(data)
+    got = g.read(out.gpa + 1, 1500) + g.read(out.gpa + 4000, len(data) - 1500)
+    np.testing.assert_allclose(np.frombuffer(got, C64).reshape(B, n), accel_core.fft(x.reshape(B, n)),
+                               rtol=1e-5, atol=1e-3)
+    # nothing past the output's bytes
+    assert g.read(out.gpa + 4000 + len(data) - 1500, 64) == bytes(64)
+
+
+def test_fft_in_place(router):
+    g, pd, cq = _guest(router)
+    n = 128
+    x = np.exp(2j * np.pi * np.arange(n) / n * 5).astype(C64)
+    buf = _mr(g, pd, x.tobytes())
+    aq = g.create_aq(pd, cq, AccelOp.FFT)
+    g.post_aq_job(aq, 3, AccelOp.FFT, size=n, inputs=[(buf.addr, x.nbytes, buf.lkey)],
+                  outputs=[(buf.addr, x.nbytes, buf.lkey)])
+    _wait(router, [g])
+    (c,), _ = _acc(g, cq)
+    assert c.status is AccelStatus.SUCCESS
+    np.testing.assert_allclose(np.frombuffer(g.read(buf.gpa, x.nbytes), C64), accel_core.fft(x),
+                               rtol=1e-5, atol=1e-3)
+
+
+def _bad(router, g, pd, cq, aq, *, wr_id=9, raw=None, **kw):
+    before = g.read(kw["outputs"][0][0] - 16, 16 + 4096) if "outputs" in kw else None
+    g.post_aq_job(aq, wr_id, kw.pop("op", aq_op(g, aq)), raw=raw, **kw)
+    _wait(router, [g])
+    (c,), (cqe,) = _acc(g, cq)
+    if before is not None:
+        assert g.read(kw["outputs"][0][0] - 16, 16 + 4096) == before
+    return c, cqe
+
+
+def aq_op(g, aq):
+    return g.core.aqs[aq.aqn].op
+
+
+def test_bad_jobs_get_the_right_status(router):
+    g, pd, cq = _guest(router)
+    other_pd = g.alloc_pd()
+    aq = g.create_aq(pd, cq, AccelOp.FFT)
+    src = _mr(g, pd, 8192)
+    dst = _mr(g, pd, 8192)
+    ro = _mr(g, pd, 8192, access=0)
+    foreign = _mr(g, other_pd, 8192)
+    n = 64
+    ok_in = [(src.addr, n * 8, src.lkey)]
+    ok_out = [(dst.addr + 16, n * 8, dst.lkey)]
+    cases = [
+        (dict(size=7, inputs=ok_in, outputs=ok_out), AccelStatus.INVALID_PARAMS),      # 7 not 2^a3^b5^c
+        (dict(size=n, batch=0, inputs=ok_in, outputs=ok_out), AccelStatus.INVALID_PARAMS),
+        (dict(op=AccelOp.IFFT, size=n, inputs=ok_in, outputs=ok_out), AccelStatus.INVALID_PARAMS),
+        (dict(size=n, iterations=3, inputs=ok_in, outputs=ok_out), AccelStatus.INVALID_PARAMS),
+        (dict(size=n, inputs=[(src.addr, n * 8, src.lkey ^ 1)], outputs=ok_out), AccelStatus.LOCAL_PROT),
+        (dict(size=n, inputs=[(src.addr + 8000, n * 8, src.lkey)], outputs=ok_out), AccelStatus.LOCAL_PROT),
+        (dict(size=n, inputs=[(foreign.addr, n * 8, foreign.lkey)], outputs=ok_out), AccelStatus.LOCAL_PROT),
+        (dict(size=n, inputs=ok_in, outputs=[(ro.addr + 16, n * 8, ro.lkey)]), AccelStatus.LOCAL_PROT),
+        (dict(size=n, inputs=[(src.addr, n * 8 - 1, src.lkey)], outputs=ok_out), AccelStatus.LOCAL_LEN),
+        (dict(size=n, inputs=ok_in, outputs=[(dst.addr + 16, n * 8 - 8, dst.lkey)]), AccelStatus.LOCAL_LEN),
+    ]
+    g.write(dst.gpa, bytes([0x5A]) * 8192)
+    for i, (kw, want) in enumerate(cases):
+        c, cqe = _bad(router, g, pd, cq, aq, wr_id=100 + i, **kw)
+        assert (c.status, c.wr_id, c.byte_len) == (want, 100 + i, 0), (i, kw, c)
+        assert cqe.status == wire.ACCEL_WC_STATUS[want]
+    # garbage slots: reserved bytes, SGE counts, unknown op
+    for i, raw in enumerate([bytes([1] * 256), bytes(256), wire.encode_accel_job(5, AccelOp.FFT, size=n)]):
+        c, _ = _bad(router, g, pd, cq, aq, wr_id=0, raw=raw, size=0)
+        assert c.status is AccelStatus.INVALID_PARAMS, i
+    m = g.core.aqs[aq.aqn].metrics
+    assert m.jobs_posted == m.jobs_completed == len(cases) + 3
+    assert m.errors == {"INVALID_PARAMS": 7, "LOCAL_PROT": 4, "LOCAL_LEN": 2}
+    assert g.core.metrics.aq_errors == 13
+    # the queue still works
+    c, *_ = _run(router, g, pd, cq, AccelOp.FFT, bytes(n * 8), n * 8, size=n)
+    assert c.status is AccelStatus.SUCCESS
+
+
+def test_turbo_bad_params(router):
+    g, pd, cq = _guest(router)
+    aq = g.create_aq(pd, cq, AccelOp.TURBO_DECODE)
+    src, dst = _mr(g, pd, 65536), _mr(g, pd, 8192)
+    K = 40
+    ins, outs = [(src.addr, 3 * (K + 4) * 4, src.lkey)], [(dst.addr + 16, K + 1, dst.lkey)]
+    for kw in (dict(size=41), dict(size=K, iterations=0), dict(size=K, iterations=65),
+               dict(size=K, iterations=4, scaling=1.5), dict(size=K, iterations=4, dtype=1)):
+        c, _ = _bad(router, g, pd, cq, aq, inputs=ins, outputs=outs, **kw)
+        assert c.status is AccelStatus.INVALID_PARAMS, kw
+    # non-finite LLRs: refused by the kernel, INVALID_PARAMS
+    g.write(src.gpa, np.full(3 * (K + 4), np.nan, np.float32).tobytes())
+    c, _ = _bad(router, g, pd, cq, aq, inputs=ins, outputs=outs, size=K, iterations=4)
+    assert c.status is AccelStatus.INVALID_PARAMS
+
+
+def test_other_guests_key_and_other_guests_unaffected(router):
+    a, pa, ca = _guest(router)
+    b, pb, cb = _guest(router, gpa=0x4000_0000)
+    n = 64
+    bsrc = _mr(b, pb, bytes(n * 8))
+    _asrc, adst = _mr(a, pa, bytes(n * 8)), _mr(a, pa, n * 8 + 32)
+    aqa = a.create_aq(pa, ca, AccelOp.FFT)
+    aqb = b.create_aq(pb, cb, AccelOp.FFT)
+    # a names b's lkey at b's address: LOCAL_PROT (keys are per device)
+    a.post_aq_job(aqa, 1, AccelOp.FFT, size=n, inputs=[(bsrc.addr, n * 8, bsrc.lkey)],
+                  outputs=[(adst.addr, n * 8, adst.lkey)])
+    x = np.ones(n, C64)
+    b.write(bsrc.gpa, x.tobytes())
+    bdst = _mr(b, pb, n * 8)
+    b.post_aq_job(aqb, 2, AccelOp.FFT, size=n, inputs=[(bsrc.addr, n * 8, bsrc.lkey)],
+                  outputs=[(bdst.addr, n * 8, bdst.lkey)])
+    # and a floods garbage
+    for i in range(8):
+        a.write_aq_job(aqa, 10 + i, AccelOp.FFT, raw=bytes([0xFF]) * 256)
+    a.ring_aq(aqa)
+    _wait(router, [a, b])
+    ac, _ = _acc(a, ca, 9)
+    assert ac[0].status is AccelStatus.LOCAL_PROT
+    assert all(c.status is AccelStatus.INVALID_PARAMS for c in ac[1:])
+    (bc,), _ = _acc(b, cb)
+    assert bc.status is AccelStatus.SUCCESS
+    np.testing.assert_allclose(np.frombuffer(b.read(bdst.gpa, n * 8), C64), accel_core.fft(x), atol=1e-4)
+    assert b.core.metrics.aq_errors == 0
+
+
+def test_completions_in_posted_order_and_full_ring(router):
+    g, pd, cq = _guest(router)
+    aq = g.create_aq(pd, cq, AccelOp.FFT, depth=8)
+    n = 4096
+    src, dst = _mr(g, pd, n * 8), _mr(g, pd, 8 * n * 8)
+    for i in range(8):
+        if i % 3 == 1:  # a failing job between slow ones completes in its place
+            g.write_aq_job(aq, i, AccelOp.FFT, size=7, inputs=[(src.addr, 56, src.lkey)],
+                           outputs=[(dst.addr, 56, dst.lkey)])
+        else:
+            g.write_aq_job(aq, i, AccelOp.FFT, size=n, batch=1, inputs=[(src.addr, n * 8, src.lkey)],
+                           outputs=[(dst.addr + i * n * 8, n * 8, dst.lkey)])
+    g.ring_aq(aq)
+    # one more than depth ahead of the completed jobs: counted, ignored
+    g.ring_aq(aq, aq.pi + 1)
+    assert g.core.aqs[aq.aqn].metrics.bad_doorbells == 1
+    # behind: also counted
+    g.ring_aq(aq, aq.pi - 1)
+    assert g.core.aqs[aq.aqn].metrics.bad_doorbells == 2
+    _wait(router, [g])
+    cs, _ = _acc(g, cq, 8)
+    assert [c.wr_id for c in cs] == list(range(8))
+    assert [c.status for c in cs] == [AccelStatus.INVALID_PARAMS if i % 3 == 1 else AccelStatus.SUCCESS
+                                      for i in range(8)]
+    # slots are free again: 8 more fit
+    for i in range(8):
+        g.write_aq_job(aq, 100 + i, AccelOp.FFT, size=64, inputs=[(src.addr, 512, src.lkey)],
+                       outputs=[(dst.addr, 512, dst.lkey)])
+    g.ring_aq(aq)
+    _wait(router, [g])
+    cs, _ = _acc(g, cq, 8)
+    assert all(c.status is AccelStatus.SUCCESS for c in cs)
+    assert g.core.aqs[aq.aqn].metrics.bad_doorbells == 2
+
+
+def _blocked_router():
+    """A router whose one FFT worker is held up (paused accelerator): jobs stay queued."""
+    svc = AcceleratorService([AcceleratorSpec("fft", ops=frozenset({accel_core.Op.FFT}))])
+    return AccelRouter(svc), svc.accelerator("fft")
+
+
+def test_destroy_aq_flushes_queued_jobs():
+    router, acc = _blocked_router()
+    try:
+        g, pd, cq = _guest(router)
+        aq = g.create_aq(pd, cq, AccelOp.FFT)
+        src, dst = _mr(g, pd, 512), _mr(g, pd, 4096)
+        acc.pause()
+        for i in range(3):
+            g.write_aq_job(aq, i, AccelOp.FFT, size=64, inputs=[(src.addr, 512, src.lkey)],
+                           outputs=[(dst.addr + 512 * i, 512, dst.lkey)])
+        g.ring_aq(aq)
+        assert g.status_of(Cmd.DESTROY_CQ, cqn=cq.cqn) == Status.EBUSY
+        assert g.status_of(Cmd.DEALLOC_PD, pdn=pd) == Status.EBUSY
+        g.write(dst.gpa, bytes([0x77]) * 4096)
+        assert g.status_of(Cmd.DESTROY_AQ, aqn=aq.aqn) == Status.OK
+        cs, _ = _acc(g, cq, 3)
+        assert [(c.wr_id, c.status) for c in cs] == [(i, AccelStatus.FLUSHED) for i in range(3)]
+        assert aq.aqn not in g.core.aqs
+        assert g.status_of(Cmd.DESTROY_AQ, aqn=aq.aqn) == Status.ENOENT
+        acc.resume()
+        acc.drain(10)
+        router.deliver()
+        assert g.read(dst.gpa, 4096) == bytes([0x77]) * 4096  # never ran
+        assert router.in_flight == 0
+        assert g.status_of(Cmd.DESTROY_CQ, cqn=cq.cqn) == Status.OK
+        # an AQ doorbell for the destroyed queue is counted
+        bad = g.core.metrics.bad_doorbells
+        g.ring_aq(aq)
+        assert g.core.metrics.bad_doorbells == bad + 1
+    finally:
+        router.close()
+
+
+def test_cancel_aq_job():
+    router, acc = _blocked_router()
+    try:
+        g, pd, cq = _guest(router)
+        aq = g.create_aq(pd, cq, AccelOp.FFT)
+        src, dst = _mr(g, pd, 512), _mr(g, pd, 4096)
+        acc.pause()
+        for wr in (1, 2, 2, 3):
+            g.write_aq_job(aq, wr, AccelOp.FFT, size=64, inputs=[(src.addr, 512, src.lkey)],
+                           outputs=[(dst.addr, 512, dst.lkey)])
+        g.ring_aq(aq)
+        assert g.status_of(Cmd.CANCEL_AQ_JOB, aqn=aq.aqn, reserved=0, wr_id=2) == Status.OK
+        assert g.status_of(Cmd.CANCEL_AQ_JOB, aqn=aq.aqn, reserved=0, wr_id=99) == Status.ENOENT
+        assert g.poll(cq) == []  # job 1 is still ahead
+        acc.resume()
+        _wait(router, [g])
+        cs, _ = _acc(g, cq, 4)
+        assert [(c.wr_id, c.status) for c in cs] == [(1, AccelStatus.SUCCESS), (2, AccelStatus.CANCELLED),
+                                                    (2, AccelStatus.SUCCESS), (3, AccelStatus.SUCCESS)]
+        assert g.status_of(Cmd.CANCEL_AQ_JOB, aqn=aq.aqn, reserved=0, wr_id=3) == Status.ENOENT
+    finally:
+        router.close()
+
+
+def test_close_with_jobs_queued_writes_nothing():
+    router, acc = _blocked_router()
+    try:
+        g, pd, cq = _guest(router)
+        aq = g.create_aq(pd, cq, AccelOp.FFT)
+        src, dst = _mr(g, pd, 512), _mr(g, pd, 4096)
+        acc.pause()
+        g.post_aq_job(aq, 1, AccelOp.FFT, size=64, inputs=[(src.addr, 512, src.lkey)],
+                      outputs=[(dst.addr, 512, dst.lkey)])
+        g.core.close()
+        acc.resume()
+        acc.drain(10)
+        router.deliver()
+        assert g.read(dst.gpa, 512) == bytes(512) and g.poll(cq) == []
+        assert router.in_flight == 0
+    finally:
+        router.close()
+
+
+def test_query_create_errors_and_no_accelerator():
+    g = Guest(LocalFabric())  # no router: the commands are not offered
+    assert g.status_of(Cmd.QUERY_ACCEL) == Status.EOPNOTSUPP
+    none = AccelRouter(None)
+    g, pd, cq = _guest(none)
+    q = g.cmd(Cmd.QUERY_ACCEL)
+    assert q["num_ops"] == 4 and all(o["local_units"] == 0 for o in q["ops"][:4])
+    aq = g.create_aq(pd, cq, AccelOp.TURBO_ENCODE)
+    src, dst = _mr(g, pd, 40), _mr(g, pd, 3 * 44)
+    g.post_aq_job(aq, 5, AccelOp.TURBO_ENCODE, size=40, inputs=[(src.addr, 40, src.lkey)],
+                  outputs=[(dst.addr, 3 * 44, dst.lkey)])
+    (c,), _ = _acc(g, cq)
+    assert c.status is AccelStatus.NO_ACCELERATOR
+    base = dict(pdn=pd, cqn=cq.cqn, op=1, priority=0, flags=0, reserved0=0, depth=8, ring_gpa=g.alloc(2048),
+                dbrec_gpa=g.alloc(8), target_host=0, reserved1=0)
+    for bad, st in ((dict(pdn=99), Status.ENOENT), (dict(cqn=99), Status.ENOENT),
+                    (dict(op=9), Status.EINVAL), (dict(op=0), Status.EINVAL),
+                    (dict(depth=6), Status.EINVAL), (dict(depth=0), Status.EINVAL),
+                    (dict(priority=8), Status.EINVAL), (dict(flags=4), Status.EINVAL),
+                    (dict(flags=1, target_host=3), Status.EINVAL), (dict(ring_gpa=0x10), Status.EFAULT)):
+        assert g.status_of(Cmd.CREATE_AQ, **{**base, **bad}) == st, bad
+
+
+def test_query_accel_reports_units(router):
+    g, *_ = _guest(router)
+    q = g.cmd(Cmd.QUERY_ACCEL)
+    ops = {o["op"]: o for o in q["ops"][:q["num_ops"]]}
+    assert ops[AccelOp.FFT]["local_units"] == 1 and ops[AccelOp.TURBO_DECODE]["local_units"] == 2
+    assert ops[AccelOp.TURBO_ENCODE]["min_size"] == 40 and ops[AccelOp.TURBO_ENCODE]["max_size"] == 6144
+    assert ops[AccelOp.FFT]["max_size"] == 65536 and ops[AccelOp.FFT]["est_unit_ps"] > 0
+
+
+def test_snapshot_counters(router):
+    g, pd, cq = _guest(router)
+    aq = g.create_aq(pd, cq, AccelOp.FFT)
+    g.ring_aq(aq, 100)
+    assert accel.snapshot(g.core)[aq.aqn]["bad_doorbells"] == 1
+    assert "accelerators" in router.metrics()["service"]
+
+
+def test_device_offers_accel_with_a_router(router):
+    from virtio_rdma.constants import Feature
+    from virtio_rdma.device import RdmaDevice
+
+    fabric = LocalFabric()
+    assert RdmaDevice(fabric, accel=router).features() & (1 << Feature.ACCEL)
+    assert RdmaDevice(fabric, accel=AccelRouter(None)).features() & (1 << Feature.ACCEL)
+    assert not RdmaDevice(fabric).features() & (1 << Feature.ACCEL)
+
+
+def _wait_running(acc, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not acc.running_count():
+        assert time.monotonic() < deadline, "the job did not start"
+        time.sleep(0.001)
+
+
+def test_destroy_aq_with_a_running_job_completes_it_first():
+    router, acc = _blocked_router()
+    try:
+        g, pd, cq = _guest(router)
+        aq = g.create_aq(pd, cq, AccelOp.FFT)
+        n, B = 65536, 8
+        big, dst = _mr(g, pd, n * B * 8), _mr(g, pd, n * B * 8)
+        g.post_aq_job(aq, 1, AccelOp.FFT, size=n, batch=B, inputs=[(big.addr, n * B * 8, big.lkey)],
+                      outputs=[(dst.addr, n * B * 8, dst.lkey)])
+        _wait_running(acc)   # job 1 runs (or has run; it is not delivered before deliver())
+        acc.pause()
+        for i in (2, 3):
+            g.post_aq_job(aq, i, AccelOp.FFT, size=64, inputs=[(big.addr, 512, big.lkey)],
+                          outputs=[(dst.addr, 512, dst.lkey)])
+        assert g.status_of(Cmd.DESTROY_AQ, aqn=aq.aqn) == Status.OK
+        assert g.poll(cq) == []           # 2 and 3 are flushed, but wait behind 1
+        assert g.status_of(Cmd.DESTROY_AQ, aqn=aq.aqn) == Status.ENOENT
+        bad = g.core.metrics.bad_doorbells
+        g.ring_aq(aq)                     # a draining queue takes no jobs
+        assert g.core.metrics.bad_doorbells == bad + 1
+        _wait(router, [g])
+        cs, _ = _acc(g, cq, 3)
+        assert [(c.wr_id, c.status) for c in cs] == [(1, AccelStatus.SUCCESS), (2, AccelStatus.FLUSHED),
+                                                    (3, AccelStatus.FLUSHED)]
+        assert aq.aqn not in g.core.aqs and g.status_of(Cmd.DESTROY_CQ, cqn=cq.cqn) == Status.OK
+        assert router.in_flight == 0
+    finally:
+        router.close()
+
+
+def test_output_mr_deregistered_while_queued():
+    """The job was checked when fetched: it still writes its own output
+    buffer (guest memory, views kept), nothing else; a new job with the
+    stale key fails LOCAL_PROT."""
+    router, acc = _blocked_router()
+    try:
+        g, pd, cq = _guest(router)
+        aq = g.create_aq(pd, cq, AccelOp.FFT)
+        x = np.arange(64, dtype=C64)
+        src = _mr(g, pd, x.tobytes())
+        dst = _mr(g, pd, 512 + 64)
+        g.write(dst.gpa, bytes([0xEE]) * (512 + 64))
+        acc.pause()
+        g.post_aq_job(aq, 1, AccelOp.FFT, size=64, inputs=[(src.addr, 512, src.lkey)],
+                      outputs=[(dst.addr + 32, 512, dst.lkey)])
+        g.cmd(Cmd.DEREG_MR, lkey=dst.lkey)
+        acc.resume()
+        g.post_aq_job(aq, 2, AccelOp.FFT, size=64, inputs=[(src.addr, 512, src.lkey)],
+                      outputs=[(dst.addr + 32, 512, dst.lkey)])
+        _wait(router, [g])
+        cs, _ = _acc(g, cq, 2)
+        assert [c.status for c in cs] == [AccelStatus.SUCCESS, AccelStatus.LOCAL_PROT]
+        whole = g.read(dst.gpa, 512 + 64)
+        assert whole[:32] == whole[-32:] == bytes([0xEE]) * 32
+        np.testing.assert_allclose(np.frombuffer(whole[32:-32], C64), accel_core.fft(x), atol=1e-3)
+    finally:
+        router.close()
+
+
+def test_aq_slots_are_charged_as_wqes(router):
+    from vhost_user.tenancy import Resource, TenantLedger, TenantPolicy
+
+    ledger = TenantLedger(TenantPolicy(max_wqes=40))
+    account = ledger.account(None)
+    g = Guest(LocalFabric(), accel=router, account=account)
+    pd, cq = g.alloc_pd(), g.create_cq(64)
+    aq = g.create_aq(pd, cq, AccelOp.FFT, depth=32)
+    assert account.used[Resource.WQES] == 32
+    ring, db = g.alloc(16 * 256), g.alloc(8, 8)
+    req = dict(pdn=pd, cqn=cq.cqn, op=1, priority=0, flags=0, reserved0=0, depth=16, ring_gpa=ring,
+               dbrec_gpa=db, target_host=0, reserved1=0)
+    assert g.status_of(Cmd.CREATE_AQ, **req) == Status.ENOMEM   # 32 + 16 > max_wqes 40
+    assert len(g.core.aqs) == 1
+    assert g.status_of(Cmd.DESTROY_AQ, aqn=aq.aqn) == Status.OK
+    assert account.used[Resource.WQES] == 0
+    assert g.status_of(Cmd.CREATE_AQ, **req) == Status.OK
+    g.core.close()
+    assert account.used.get(Resource.WQES, 0) == 0
+
+
+def test_backend_accelerators_option():
+    from vrdma.commands.backend import make_accel_router, parse_accelerators
+
+    assert parse_accelerators("fft=1,turbo=2") == [("fft", ("fft", "ifft"), 1),
+                                                   ("turbo", ("turbo_encode", "turbo_decode"), 2)]
+    assert parse_accelerators("none") == [] and parse_accelerators("turbo") == [
+        ("turbo", ("turbo_encode", "turbo_decode"), 1)]
+    for bad in ("gpu=1", "fft=x", "fft=0", "fft=1,fft=2", "fft=65"):
+        with pytest.raises(SystemExit, match="--accelerators"):
+            parse_accelerators(bad)
+    r = make_accel_router(type("Args", (), {"accelerators": "none"})())
+    assert r.local is None
+    r = make_accel_router(type("Args", (), {"accelerators": "fft=2"})())
+    try:
+        assert r.local is not None and r.local.units(AccelOp.IFFT) == 2
+        assert r.local.units(AccelOp.TURBO_DECODE) == 0
+    finally:
+        r.close()
+
+
+def test_random_jobs_never_hurt_the_daemon_or_memory_outside_outputs(router):
+    """Hostile slots: random headers (reserved bytes zero, so many pass the
+    syntax check) and SGEs mixing the guest's keys, wrong keys and wild
+    addresses. Every job gets exactly one CQE, no internal error, and only
+    the one writable MR changes."""
+    g, pd, cq = _guest(router)
+    rng = np.random.default_rng(99)
+    src = _mr(g, pd, bytes(rng.integers(0, 2, 65536, dtype=np.uint8)), access=0)
+    dst = _mr(g, pd, 65536)
+    keys = [src.lkey, dst.lkey, 0, 12345]
+    aq = g.create_aq(pd, cq, AccelOp.TURBO_ENCODE, depth=64)
+    snapshot = bytes(g.buf)
+    total = 0
+    for _round in range(4):
+        for i in range(64):
+            op = int(rng.choice([3, 3, 3, 1, 4]))
+            size = int(rng.choice([40, 48, 1024, 41, 0, 6144]))
+            sges = []
+            for _ in range(int(rng.integers(1, 4))):
+                k = keys[int(rng.integers(0, 4))]
+                base = src.addr if k == src.lkey else dst.addr
+                sges.append((base + int(rng.integers(-64, 65536)), int(rng.integers(0, 20000)), k))
+            cut = int(rng.integers(1, len(sges) + 1)) if len(sges) > 1 else 1
+            if i % 3 == 0:  # a valid job at a random place, so that some run
+                b = int(rng.integers(1, 4))
+                sges = [(src.addr + int(rng.integers(0, 60000)), b * 40, src.lkey),
+                        (dst.addr + int(rng.integers(0, 60000)), b * 132, dst.lkey)]
+                op, size, cut = 3, 40, 1
+            try:
+                batch = b if i % 3 == 0 else int(rng.integers(0, 4))
+                raw = wire.encode_accel_job(i, op, size=size, batch=batch, dtype=0, inputs=sges[:cut],
+                                            outputs=sges[cut:] or sges[:1])
+            except wire.WireError:
+                raw = bytes(rng.integers(0, 256, 256, dtype=np.uint8))
+            g.write_aq_job(aq, i, op, raw=raw)
+        g.ring_aq(aq)
+        _wait(router, [g])
+        total += len(g.poll(cq))
+    assert total == 256 and g.core.metrics.internal_errors == 0 and g.core.metrics.aq_completions == 256
+    m = g.core.aqs[aq.aqn].metrics
+    assert m.jobs_completed - sum(m.errors.values()) >= 40  # valid ones ran
+    after = bytes(g.buf)
+    lo, hi = dst.gpa - g.base, dst.gpa - g.base + 65536
+    ring_lo, ring_hi = cq.ring - g.base, cq.ring - g.base + 256 * wire.CQE_SIZE
+    changed = [i for i in np.flatnonzero(np.frombuffer(after, np.uint8) != np.frombuffer(snapshot, np.uint8))
+               if not (lo <= i < hi or ring_lo <= i < ring_hi or aq.ring - g.base <= i < aq.ring - g.base
+                       + 64 * 256 or aq.dbrec - g.base <= i < aq.dbrec - g.base + 8
+                       or cq.dbrec - g.base <= i < cq.dbrec - g.base + 8)]
+    assert changed == []

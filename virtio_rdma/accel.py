@@ -1,0 +1,715 @@
+"""Accelerator queues of a virtio-rdma device: FFT and LTE Turbo jobs
+(spec docs/virtio-rdma.md 5.x.6.10, VIRTIO_RDMA_F_ACCEL).
+
+The model is DPDK bbdev's: a queue (:class:`AccelQueue`) is created with one
+operation and a priority; the driver writes 256-byte job entries into its
+ring, publishes the producer index and rings a kind 4 doorbell; the device
+fetches each job, checks it (syntax: :func:`virtio_rdma.wire.decode_accel_job`;
+semantics here: the queue's op, a size / K / batch / dtype / iterations /
+scaling the operation supports -- accel_core's own checks --, and every SGE
+against the MR table as any local access of the guest), and hands it to a
+target. Completions are CQEs on the queue's CQ, written in the order the jobs
+were posted (a finished job waits behind an earlier one still running).
+
+Roles:
+
+* :class:`AccelRouter` -- one per daemon, shared by all devices: owns the
+  targets a job may run on. This slice has one, :class:`LocalTarget` (the
+  host's :class:`accel_core.AcceleratorService`, fair across guests); remote
+  targets (another host's accelerators over the fabric) plug in beside it.
+  Kernels run in the service's worker threads; a finished job lands in an
+  accelerator's ready queue, whose notifier wakes the daemon's event loop
+  (``loop.call_soon_threadsafe``), where :meth:`AccelRouter.deliver` hands
+  each job back to its queue. Nothing of a device's state is touched outside
+  the event loop's thread.
+* The control handlers (:func:`query_accel`, :func:`create_aq`,
+  :func:`destroy_aq`, :func:`cancel_aq_job`) and the doorbell
+  (:func:`ring_aq`) take the device core, like the other concerns'.
+
+Guest memory: a job's input and output are the memoryviews the MR checks
+returned (views keep the mapping alive: the memory is never unmapped under
+them). A single contiguous, aligned output view is used in place (numpy over
+guest memory, zero copy); otherwise the output is a temporary scattered back
+on completion. The input is used in place likewise, unless it is scattered,
+misaligned or overlaps the output (then it is gathered into a temporary). A
+failed job writes nothing. DESTROY_AQ cancels every job not yet started
+(FLUSHED); a running one finishes first, and the queue's CQEs follow in
+order; the queue is released when the last one is written. A device reset
+or close drops every queue: running jobs finish into their own buffers but
+nothing more is written.
+
+Not in this slice: remote targets (FORCE_TARGET to another host,
+LOCAL_FALLBACK), ordering by the queue's priority (kept; the service's fair
+queue orders jobs across guests only), and AQ doorbell records read under
+DBREC_POLL (the driver rings every AQ doorbell).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from accel_core import dft, qpp, turbo
+from accel_core.errors import AccelError, InvalidInput, ParameterError
+from accel_core.jobs import Job, JobState, Op
+from accel_core.service import Accelerator, AcceleratorService
+from verbs import Access
+from vhost_user.tenancy import LimitExceeded, Resource
+from virtio.errors import GuestMemoryError
+from virtio_rdma.constants import (
+    AQ_SLOT_SIZE,
+    MAX_ACCEL_OPS,
+    OBJ_NUM_MASK,
+    AccelDtype,
+    AccelEarlyStop,
+    AccelOp,
+    AccelStatus,
+    AqFlags,
+    Status,
+)
+from virtio_rdma.errors import CommandError, MemoryAccessError, UnknownValueError, VirtioRdmaError
+from virtio_rdma.events import complete, flush_notify
+from virtio_rdma.mr import sg_copy
+from virtio_rdma.wire import (
+    DBREC_SIZE,
+    AccelCompletion,
+    AccelJob,
+    AccelOpInfo,
+    CancelAqJobReq,
+    CreateAqReq,
+    CreateAqResp,
+    DestroyAqReq,
+    Empty,
+    QueryAccelResp,
+    decode_accel_job,
+)
+
+if TYPE_CHECKING:
+    from virtio_rdma.core import RdmaDeviceCore
+    from virtio_rdma.cq import CompletionQueue
+
+log = logging.getLogger(__name__)
+U32 = 1 << 32
+#: accel_core's operation of each wire operation
+CORE_OP = {AccelOp.FFT: Op.FFT, AccelOp.IFFT: Op.IFFT, AccelOp.TURBO_ENCODE: Op.TURBO_ENCODE,
+           AccelOp.TURBO_DECODE: Op.TURBO_DECODE}
+_DTYPE: dict[AccelDtype, np.dtype] = {AccelDtype.COMPLEX64: np.dtype(np.complex64),
+                                      AccelDtype.COMPLEX128: np.dtype(np.complex128)}
+_EARLY_STOP = {AccelEarlyStop.NONE: None, AccelEarlyStop.CRC24A: "crc24a", AccelEarlyStop.CRC24B: "crc24b"}
+_F32 = np.dtype(np.float32)
+_U8 = np.dtype(np.uint8)
+#: most transforms / code blocks of one job (QUERY_ACCEL's max_batch)
+MAX_BATCH = 65536
+#: most bytes of a job's input or output (INVALID_PARAMS beyond): bounds the
+#: daemon's temporaries for a scattered or misaligned job
+MAX_JOB_BYTES = 64 << 20
+MAX_PRIORITY = 7
+
+
+# --------------------------------------------------------------------------
+# State
+# --------------------------------------------------------------------------
+@dataclass
+class AqMetrics:
+    """Counters of one accelerator queue (tests assert them)."""
+
+    jobs_posted: int = 0       # jobs fetched from the ring
+    jobs_completed: int = 0    # CQEs written (any status)
+    bad_doorbells: int = 0     # producer index behind or more than depth ahead
+    errors: dict[str, int] = field(default_factory=dict)  # AccelStatus name -> completions
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Entry:
+    """One job of a queue, from fetch to CQE."""
+
+    __slots__ = ("aq", "wr_id", "op", "status", "job", "out_views", "out_tmp", "out_len",
+                 "iterations", "done", "byte_len", "wait_us", "service_us", "started")
+
+    def __init__(self, aq: AccelQueue, wr_id: int, op: AccelOp):
+        self.aq = aq
+        self.wr_id = wr_id
+        self.op = op
+        self.status = AccelStatus.SUCCESS
+        self.job: Job | None = None
+        self.out_views: list[memoryview] = []
+        self.out_tmp: np.ndarray | None = None  # the output when it is not in guest memory
+        self.out_len = 0                         # bytes the output takes
+        self.iterations = 0
+        self.done = False
+        self.byte_len = 0
+        self.wait_us = 0
+        self.service_us = 0
+        self.started = False
+
+    def fail(self, status: AccelStatus) -> None:
+        self.status = status
+        self.done = True
+        self.job = None
+        self.out_views = []
+
+
+class AccelQueue:
+    """An accelerator queue: ring and doorbell record in guest memory, the
+    jobs fetched and not yet completed, in posted order."""
+
+    __slots__ = ("aqn", "pdn", "cq", "op", "priority", "flags", "depth", "ring_gpa", "dbrec_gpa",
+                 "pi", "fetched", "ci", "entries", "metrics", "destroyed", "target_host", "core")
+
+    def __init__(self, aqn: int, pdn: int, cq: CompletionQueue, op: AccelOp, priority: int, flags: int,
+                 depth: int, ring_gpa: int, dbrec_gpa: int, target_host: int = 0):
+        self.aqn = aqn
+        self.pdn = pdn
+        self.cq = cq
+        self.op = op
+        self.priority = priority
+        self.flags = flags
+        self.depth = depth
+        self.ring_gpa = ring_gpa
+        self.dbrec_gpa = dbrec_gpa
+        self.target_host = target_host
+        self.pi = 0        # producer index the driver rang last
+        self.fetched = 0   # jobs fetched (mod 2^32)
+        self.ci = 0        # jobs completed: their slots are free (mod 2^32)
+        self.entries: deque[Entry] = deque()
+        self.metrics = AqMetrics()
+        #: DESTROY_AQ'd (draining its running jobs) or dropped with the device
+        self.destroyed = False
+        #: the device core while the queue lives (how a finished job finds its way
+        #: back); None once the queue is released or dropped with the device
+        self.core: RdmaDeviceCore | None = None
+
+
+# --------------------------------------------------------------------------
+# Targets and the router
+# --------------------------------------------------------------------------
+class LocalTarget:
+    """This host's accelerators (an :class:`AcceleratorService`)."""
+
+    host = 0
+
+    def __init__(self, service: AcceleratorService):
+        self.service = service
+
+    def units(self, op: AccelOp) -> int:
+        return sum(a.workers for a in self.service.serving(CORE_OP[op]))
+
+    def submit(self, job: Job) -> None:
+        self.service.submit_job(job)
+
+    def cancel(self, job: Job) -> bool:
+        acc = job.accelerator
+        if acc is None:
+            return False
+        return self.service.accelerator(acc).cancel(job)
+
+    def accelerators(self) -> tuple[Accelerator, ...]:
+        return self.service.accelerators
+
+
+class AccelRouter:
+    """Where a device's accelerator jobs run: one per daemon, shared by all
+    its devices. ``service`` None: the device offers accelerator queues but
+    this host runs nothing (jobs complete NO_ACCELERATOR).
+
+    Completion path: the service's ready notifier (a worker thread) calls
+    ``wakeup`` (set by :meth:`attach_loop` to a thread-safe call of
+    :meth:`deliver` on the daemon's loop); in-process users call
+    :meth:`wait` and :meth:`deliver` themselves."""
+
+    def __init__(self, service: AcceleratorService | None, *, owns_service: bool = True):
+        self.local: LocalTarget | None = LocalTarget(service) if service is not None else None
+        self._owns = owns_service
+        self._jobs: dict[Job, Entry] = {}   # submitted, not yet delivered (loop thread only)
+        self._ready = threading.Event()
+        self.wakeup: Callable[[], None] | None = None
+        self._loop: Any = None
+        self._next_guest = 1
+        self.jobs_dropped = 0  # finished after their queue or device went
+        if service is not None:
+            for acc in service.accelerators:
+                acc.set_ready_notifier(self._on_ready)
+
+    # -- wiring
+    def _on_ready(self, acc: Accelerator) -> None:  # a worker thread
+        self._ready.set()
+        w = self.wakeup
+        if w is not None:
+            w()
+
+    def attach_loop(self, loop) -> None:
+        """Deliver finished jobs on ``loop`` (asyncio), the daemon's one loop."""
+        if self._loop is not loop:
+            self._loop = loop
+            self.wakeup = lambda: loop.call_soon_threadsafe(self.deliver)
+
+    def new_guest_id(self) -> int:
+        gid = self._next_guest
+        self._next_guest += 1
+        return gid
+
+    def wait(self, timeout: float) -> bool:
+        """Block until some job finished (or ``timeout``); for in-process users."""
+        return self._ready.wait(timeout)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._jobs)
+
+    # -- QUERY_ACCEL
+    def ops_info(self) -> list[AccelOpInfo]:
+        out = []
+        model = self.local.service.model if self.local is not None else None
+        for op in AccelOp:
+            units = self.local.units(op) if self.local is not None else 0
+            lo, hi = (1, dft.MAX_SIZE) if op in (AccelOp.FFT, AccelOp.IFFT) else \
+                (qpp.BLOCK_SIZES[0], qpp.BLOCK_SIZES[-1])
+            fixed = unit = 0
+            if model is not None:
+                key = f"{CORE_OP[op].value}/complex64" if op in (AccelOp.FFT, AccelOp.IFFT) \
+                    else CORE_OP[op].value
+                cost = model.costs.get(key)
+                if cost is not None:
+                    fixed = min(int(cost.a * 1e9), U32 - 1)
+                    unit = min(int((cost.b[0] if cost.b else 0.0) * 1e12), U32 - 1)
+            out.append(AccelOpInfo(op=int(op), local_units=min(units, 255),
+                                   reachable_hosts=1 if units else 0, min_size=lo, max_size=hi,
+                                   max_batch=MAX_BATCH, est_fixed_ns=fixed, est_unit_ps=unit))
+        return out
+
+    # -- completion
+    def track(self, job: Job, entry: Entry) -> None:
+        self._jobs[job] = entry
+
+    def forget(self, job: Job) -> None:
+        self._jobs.pop(job, None)
+
+    def deliver(self) -> int:
+        """Hand every finished job to its queue (the event loop's thread); returns how many."""
+        self._ready.clear()
+        if self.local is None:
+            return 0
+        n = 0
+        for acc in self.local.accelerators():
+            for job in acc.collect():
+                n += 1
+                entry = self._jobs.pop(job, None)
+                if entry is None:  # cancelled or flushed by us: already completed
+                    continue
+                aq = entry.aq
+                core = aq.core
+                if core is None:
+                    self.jobs_dropped += 1
+                    entry.fail(AccelStatus.FLUSHED)
+                    continue
+                core.in_call += 1
+                try:
+                    finish(core, entry, job)
+                    drain(core, aq)
+                except Exception:
+                    core.metrics.internal_errors += 1
+                    log.exception("virtio-rdma: internal error completing an accelerator job")
+                finally:
+                    core.in_call -= 1
+                flush_notify(core)
+        return n
+
+    def metrics(self) -> dict:
+        svc = self.local.service.metrics() if self.local is not None else {}
+        return {"in_flight": len(self._jobs), "jobs_dropped": self.jobs_dropped, "service": svc}
+
+    def close(self) -> None:
+        if self.local is not None and self._owns:
+            self.local.service.close()
+        self._jobs.clear()
+
+
+# --------------------------------------------------------------------------
+# Control commands
+# --------------------------------------------------------------------------
+def _router(core: RdmaDeviceCore) -> AccelRouter:
+    if core.accel is None:
+        raise CommandError("this device has no accelerator queues (VIRTIO_RDMA_F_ACCEL)", Status.EOPNOTSUPP)
+    return core.accel
+
+
+def query_accel(core: RdmaDeviceCore, req: Empty, now: float) -> QueryAccelResp:
+    infos = _router(core).ops_info()
+    pad = AccelOpInfo(0, 0, 0, 0, 0, 0, 0, 0)
+    return QueryAccelResp(num_ops=len(infos), reserved=0,
+                          ops=tuple(infos + [pad] * (MAX_ACCEL_OPS - len(infos))))
+
+
+def create_aq(core: RdmaDeviceCore, req: CreateAqReq, now: float) -> CreateAqResp:
+    _router(core)
+    L = core.limits
+    pdn = req.pdn
+    if pdn not in core.pds:
+        raise CommandError(f"no PD {pdn}", Status.ENOENT)
+    cq = core.cqs.get(req.cqn)
+    if cq is None:
+        raise CommandError(f"no CQ {req.cqn}", Status.ENOENT)
+    try:
+        op = AccelOp.parse(req.op)
+        flags = AqFlags.parse(req.flags)
+    except UnknownValueError as e:
+        raise CommandError(f"CREATE_AQ: {e}", Status.EINVAL) from None
+    if req.priority > MAX_PRIORITY:
+        raise CommandError(f"priority {req.priority} is outside 0..{MAX_PRIORITY}", Status.EINVAL)
+    if flags & AqFlags.FORCE_TARGET and req.target_host != 0:
+        raise CommandError(f"target_host {req.target_host}: this device reaches host 0 only",
+                           Status.EINVAL)
+    n = req.depth
+    if n < 1 or n > L.max_qp_wr or n & (n - 1):
+        raise CommandError(f"depth {n} is not a power of two in 1..{L.max_qp_wr}", Status.EINVAL)
+    if len(core.aqs) >= L.max_aq:
+        raise CommandError(f"max_aq {L.max_aq} reached", Status.ENOMEM)
+    _charge(core, n, check_only=True)
+    for what, gpa, length in (("AQ ring", req.ring_gpa, n * AQ_SLOT_SIZE),
+                              ("AQ doorbell record", req.dbrec_gpa, DBREC_SIZE)):
+        try:
+            core.mem.translate(gpa, length).release()
+        except GuestMemoryError as ex:
+            raise CommandError(f"{what} at gpa {gpa:#x} (+{length}) is not guest memory: {ex}",
+                               Status.EFAULT) from None
+    while core.next_aqn in core.aqs or core.next_aqn == 0:
+        core.next_aqn = (core.next_aqn + 1) & OBJ_NUM_MASK
+    aqn = core.next_aqn
+    core.next_aqn = (aqn + 1) & OBJ_NUM_MASK
+    aq = AccelQueue(aqn, pdn, cq, op, req.priority, int(flags), n, req.ring_gpa, req.dbrec_gpa,
+                    req.target_host)
+    core.aqs[aqn] = aq
+    aq.core = core
+    _charge(core, n)  # fits: checked above
+    core.pds[pdn] += 1
+    cq.aqs.add(aqn)
+    return CreateAqResp(aqn=aqn, depth=n)
+
+
+def _charge(core: RdmaDeviceCore, slots: int, *, check_only: bool = False) -> None:
+    """A queue's slots are in-flight work like a QP's ring entries: charged to
+    the tenant account as WQES (max_wqes, uid_max_wqes)."""
+    if core.account is not None:
+        try:
+            core.account.charge_all(((Resource.WQES, slots),), check_only=check_only)
+        except LimitExceeded as e:
+            raise CommandError(str(e), Status(e.errno)) from None
+
+
+def _aq(core: RdmaDeviceCore, aqn: int) -> AccelQueue:
+    aq = core.aqs.get(aqn)
+    if aq is None or aq.destroyed:
+        raise CommandError(f"no AQ {aqn}", Status.ENOENT)
+    return aq
+
+
+def destroy_aq(core: RdmaDeviceCore, req: DestroyAqReq, now: float) -> None:
+    router = _router(core)
+    aq = _aq(core, req.aqn)
+    aq.destroyed = True
+    for e in aq.entries:
+        if e.done or e.job is None:
+            continue
+        if router.local is not None and router.local.cancel(e.job):
+            router.forget(e.job)
+            e.fail(AccelStatus.FLUSHED)
+    drain(core, aq)
+
+
+def cancel_aq_job(core: RdmaDeviceCore, req: CancelAqJobReq, now: float) -> None:
+    router = _router(core)
+    aq = _aq(core, req.aqn)
+    for e in aq.entries:
+        if e.wr_id != req.wr_id or e.done:
+            continue
+        if e.job is None or router.local is None or not router.local.cancel(e.job):
+            raise CommandError(f"AQ {aq.aqn} job wr_id {req.wr_id:#x} is running", Status.EBUSY)
+        router.forget(e.job)
+        e.fail(AccelStatus.CANCELLED)
+        drain(core, aq)
+        return
+    raise CommandError(f"AQ {aq.aqn} has no queued job wr_id {req.wr_id:#x}", Status.ENOENT)
+
+
+def _release(core: RdmaDeviceCore, aq: AccelQueue) -> None:
+    """Forget a destroyed queue whose last CQE is written."""
+    if core.aqs.get(aq.aqn) is aq:
+        del core.aqs[aq.aqn]
+    aq.core = None
+    if core.account is not None:
+        core.account.release(Resource.WQES, aq.depth)
+    aq.cq.aqs.discard(aq.aqn)
+    if aq.pdn in core.pds:
+        core.pds[aq.pdn] -= 1
+
+
+def drop_all(core: RdmaDeviceCore) -> None:
+    """Device reset or close: every queue goes at once, no more CQEs; running
+    jobs finish into their own buffers and are then dropped."""
+    router = core.accel
+    for aq in list(core.aqs.values()):
+        aq.destroyed = True
+        for e in aq.entries:
+            # a running job finishes into its own buffers; deliver() drops it then
+            if (e.job is not None and router is not None and router.local is not None
+                    and router.local.cancel(e.job)):
+                router.forget(e.job)
+        aq.entries.clear()
+        aq.core = None
+    core.aqs.clear()
+
+
+# --------------------------------------------------------------------------
+# Doorbell, fetch and checks
+# --------------------------------------------------------------------------
+def ring_aq(core: RdmaDeviceCore, aqn: int, pi: int, now: float) -> None:
+    """A kind 4 doorbell: ``pi`` is the queue's new producer index."""
+    aq = core.aqs.get(aqn)
+    if aq is None or aq.destroyed:
+        core.metrics.bad_doorbells += 1
+        return
+    if (pi - aq.ci) % U32 > aq.depth or (pi - aq.pi) % U32 > aq.depth:
+        core.metrics.bad_doorbells += 1
+        aq.metrics.bad_doorbells += 1
+        log.debug("AQ %d producer index %d (completed %d, depth %d) is absurd", aqn, pi, aq.ci, aq.depth)
+        return
+    aq.pi = pi
+    router = core.accel
+    while aq.fetched != aq.pi:
+        slot = aq.fetched & (aq.depth - 1)
+        aq.fetched = (aq.fetched + 1) % U32
+        aq.metrics.jobs_posted += 1
+        core.metrics.aq_jobs += 1
+        try:
+            raw = bytes(core.mem.translate(aq.ring_gpa + slot * AQ_SLOT_SIZE, AQ_SLOT_SIZE))
+        except GuestMemoryError:
+            e = Entry(aq, 0, aq.op)
+            e.fail(AccelStatus.INVALID_PARAMS)
+            aq.entries.append(e)
+            continue
+        aq.entries.append(start(core, aq, raw, router))
+    drain(core, aq)
+
+
+def _need(job: AccelJob) -> tuple[int, int, int]:
+    """(input bytes, kernel output bytes, output bytes) of a checked job."""
+    b = job.batch
+    if job.op in (AccelOp.FFT, AccelOp.IFFT):
+        n = b * job.size * _DTYPE[job.dtype].itemsize
+        return n, n, n
+    if job.op is AccelOp.TURBO_ENCODE:
+        n = b * 3 * (job.size + turbo.TAIL_BITS)
+        return b * job.size, n, n
+    return b * 3 * (job.size + turbo.TAIL_BITS) * _F32.itemsize, b * job.size, b * job.size + b
+
+
+def check_params(job: AccelJob) -> None:
+    """The job's parameters against what the operation supports (accel_core's
+    own checks); raises InvalidInput."""
+    if not 1 <= job.batch <= MAX_BATCH:
+        raise ParameterError(f"batch {job.batch} is outside 1..{MAX_BATCH}", argument="batch")
+    if job.op in (AccelOp.FFT, AccelOp.IFFT):
+        dft.check_size(job.size)
+        if job.iterations or job.early_stop or job.scaling is not None:
+            raise ParameterError("an FFT job has no iterations, early stop or scaling")
+    else:
+        qpp.check_block_size(job.size)
+        if job.dtype != AccelDtype.COMPLEX64:
+            raise ParameterError(f"dtype {int(job.dtype)} (Turbo jobs: 0)", argument="dtype")
+        if job.op is AccelOp.TURBO_DECODE:
+            turbo.check_iterations(job.iterations)
+            turbo.check_scaling(job.scaling)
+        elif job.iterations or job.early_stop or job.scaling is not None:
+            raise ParameterError("an encode job has no iterations, early stop or scaling")
+    if max(_need(job)) > MAX_JOB_BYTES:
+        raise ParameterError(f"job of {max(_need(job))} bytes exceeds {MAX_JOB_BYTES}")
+
+
+def _views(core: RdmaDeviceCore, aq: AccelQueue, sges, need: int, want: int) -> list[memoryview]:
+    """The checked views of a scatter list, cut to ``want`` bytes (LOCAL_LEN if shorter)."""
+    views: list[memoryview] = []
+    for s in sges:
+        views.extend(core.mrs.check(core.mem, s.lkey, aq.pdn, s.addr, s.length, need))
+    out, left = [], want
+    for v in views:
+        if not left:
+            break
+        take = min(len(v), left)
+        if take:
+            out.append(v[:take])
+        left -= take
+    if left:
+        raise _Short(f"scatter list of {want - left} bytes, the job needs {want}")
+    return out
+
+
+class _Short(Exception):
+    pass
+
+
+def _array(view: memoryview, dtype: np.dtype, nbytes: int) -> np.ndarray | None:
+    """A zero-copy array over a view if it is aligned for ``dtype``."""
+    a = np.frombuffer(view, dtype=_U8, count=nbytes)
+    if a.ctypes.data % dtype.alignment:
+        return None
+    return a.view(dtype)
+
+
+def start(core: RdmaDeviceCore, aq: AccelQueue, raw: bytes, router: AccelRouter | None) -> Entry:
+    """Check one job entry and hand it to a target; returns its entry (done if it failed)."""
+    wr_id = int.from_bytes(raw[:8], "little")
+    try:
+        job = decode_accel_job(raw)
+    except (VirtioRdmaError, UnknownValueError) as ex:
+        log.debug("AQ %d slot: %s", aq.aqn, ex)
+        e = Entry(aq, wr_id, aq.op)
+        e.fail(AccelStatus.INVALID_PARAMS)
+        return e
+    e = Entry(aq, wr_id, aq.op)
+    try:
+        if job.op is not aq.op:
+            raise InvalidInput(f"job op {job.op.name} on a {aq.op.name} queue", argument="op")
+        check_params(job)
+    except InvalidInput as ex:
+        log.debug("AQ %d wr_id %#x: %s", aq.aqn, wr_id, ex)
+        e.fail(AccelStatus.INVALID_PARAMS)
+        return e
+    in_need, k_out, out_need = _need(job)
+    try:
+        in_views = _views(core, aq, job.inputs, 0, in_need)
+        out_views = _views(core, aq, job.outputs, int(Access.LOCAL_WRITE), out_need)
+    except MemoryAccessError as ex:
+        log.debug("AQ %d wr_id %#x: %s", aq.aqn, wr_id, ex)
+        core.metrics.local_prot_errors += 1
+        e.fail(AccelStatus.LOCAL_PROT)
+        return e
+    except _Short as ex:
+        log.debug("AQ %d wr_id %#x: %s", aq.aqn, wr_id, ex)
+        core.metrics.local_len_errors += 1
+        e.fail(AccelStatus.LOCAL_LEN)
+        return e
+    if router is None or router.local is None or not router.local.units(job.op):
+        e.fail(AccelStatus.NO_ACCELERATOR)
+        return e
+    # the arrays: in place where the guest's buffers allow, else temporaries
+    cop = CORE_OP[job.op]
+    fft = job.op in (AccelOp.FFT, AccelOp.IFFT)
+    in_dt: np.dtype = _DTYPE[job.dtype] if fft else _U8 if job.op is AccelOp.TURBO_ENCODE else _F32
+    out_dt: np.dtype = _DTYPE[job.dtype] if fft else _U8
+    y = _array(out_views[0], out_dt, k_out) if len(out_views[0]) >= k_out else None
+    if y is None:
+        e.out_tmp = y = np.empty(k_out // out_dt.itemsize, dtype=out_dt)
+    x = _array(in_views[0], in_dt, in_need) if len(in_views) == 1 else None
+    if x is not None and np.may_share_memory(x, y):
+        same = (fft and x.ctypes.data == y.ctypes.data and x.nbytes == y.nbytes)
+        x = y if same else None
+    if x is None:
+        x = np.empty(in_need // in_dt.itemsize, dtype=in_dt)
+        sg_copy([_bytes_of(x)], in_views)
+    b, size = job.batch, job.size
+    try:
+        if fft:
+            shape = (b, size)
+            cj = Job.create(cop, x.reshape(shape), y.reshape(shape), guest_id=core.accel_guest,
+                            collect=True)
+        elif job.op is AccelOp.TURBO_ENCODE:
+            cj = Job.create(cop, x.reshape(b, size), y.reshape(b, 3, size + turbo.TAIL_BITS),
+                            guest_id=core.accel_guest, collect=True)
+        else:
+            cj = Job.create(cop, x.reshape(b, 3, size + turbo.TAIL_BITS), y.reshape(b, size),
+                            guest_id=core.accel_guest, collect=True, iterations=job.iterations,
+                            scaling=job.scaling, early_stop=_EARLY_STOP[job.early_stop])
+    except InvalidInput as ex:
+        log.debug("AQ %d wr_id %#x: %s", aq.aqn, wr_id, ex)
+        e.fail(AccelStatus.INVALID_PARAMS)
+        return e
+    e.out_views = out_views
+    e.out_len = out_need
+    e.job = cj
+    router.track(cj, e)
+    try:
+        router.local.submit(cj)
+    except AccelError as ex:
+        log.debug("AQ %d wr_id %#x: %s", aq.aqn, wr_id, ex)
+        router.forget(cj)
+        e.fail(AccelStatus.NO_ACCELERATOR)
+    return e
+
+
+# --------------------------------------------------------------------------
+# Completion
+# --------------------------------------------------------------------------
+def _bytes_of(arr: np.ndarray) -> memoryview:
+    """The bytes of a C-contiguous 1-D array, as a memoryview (no copy)."""
+    return arr.view(np.uint8).data
+
+
+def _scatter(views: list[memoryview], offset: int, data: memoryview) -> None:
+    """Write ``data`` at byte ``offset`` of the concatenation of ``views``."""
+    out: list[memoryview] = []
+    for v in views:
+        if offset >= len(v):
+            offset -= len(v)
+            continue
+        out.append(v[offset:])
+        offset = 0
+    sg_copy(out, [data])
+
+
+def finish(core: RdmaDeviceCore, e: Entry, job: Job) -> None:
+    """A job came back from its target: its output to the guest, its status."""
+    if job.t_started is not None and job.t_submitted is not None:
+        e.wait_us = int((job.t_started - job.t_submitted) * 1e6)
+    if job.service_time is not None:
+        e.service_us = int(job.service_time * 1e6)
+    if job.state is not JobState.DONE:
+        if job.state is JobState.FAILED and isinstance(job.error, InvalidInput):
+            e.fail(AccelStatus.INVALID_PARAMS)  # element values: bits not 0/1, LLRs not finite
+        else:
+            e.fail(AccelStatus.FLUSHED if job.state is JobState.CANCELLED else AccelStatus.NO_ACCELERATOR)
+        return
+    out = e.out_views
+    k_out = job.output.nbytes
+    if e.out_tmp is not None:
+        _scatter(out, 0, _bytes_of(e.out_tmp))
+    if job.op is Op.TURBO_DECODE:
+        used = np.atleast_1d(np.asarray(job.result, dtype=np.int64))
+        its = np.minimum(used, 255).astype(np.uint8)
+        _scatter(out, k_out, _bytes_of(its))
+        e.iterations = int(used.max()) if used.size else 0
+    e.byte_len = e.out_len
+    e.done = True
+    e.job = None
+    e.out_views = []
+    e.out_tmp = None
+
+
+def drain(core: RdmaDeviceCore, aq: AccelQueue) -> None:
+    """Write the CQEs of the finished jobs at the head of the queue, in order."""
+    while aq.entries and aq.entries[0].done:
+        e = aq.entries.popleft()
+        c = AccelCompletion(e.wr_id, e.op, e.status, aq.aqn, e.byte_len, 0, e.wait_us, e.service_us,
+                            e.iterations)
+        aq.ci = (aq.ci + 1) % U32
+        aq.metrics.jobs_completed += 1
+        if e.status is not AccelStatus.SUCCESS:
+            name = e.status.name
+            aq.metrics.errors[name] = aq.metrics.errors.get(name, 0) + 1
+            core.metrics.aq_errors += 1
+        core.metrics.aq_completions += 1
+        complete(core, aq.cq, c.to_cqe())
+    if aq.destroyed and not aq.entries:
+        _release(core, aq)
+
+
+def snapshot(core: RdmaDeviceCore) -> dict[int, dict[str, Any]]:
+    """Per-queue counters of a device, by AQN."""
+    return {aqn: {"op": aq.op.name, "depth": aq.depth, "in_flight": len(aq.entries),
+                  **aq.metrics.as_dict()} for aqn, aq in core.aqs.items()}
