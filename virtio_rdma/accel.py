@@ -108,6 +108,11 @@ MAX_BATCH = 65536
 #: most bytes of a job's input or output (INVALID_PARAMS beyond): bounds the
 #: daemon's temporaries for a scattered or misaligned job
 MAX_JOB_BYTES = 64 << 20
+#: Temporaries one device's jobs may hold at once. Past it, its queues stop
+#: fetching jobs (they stay in the rings) until finished jobs release theirs:
+#: a guest cannot make the daemon hold more than this plus one job's
+#: temporaries, however many queues and slots it has.
+MAX_TEMP_BYTES = 256 << 20
 MAX_PRIORITY = 7
 
 
@@ -121,6 +126,7 @@ class AqMetrics:
     jobs_posted: int = 0       # jobs fetched from the ring
     jobs_completed: int = 0    # CQEs written (any status)
     bad_doorbells: int = 0     # producer index behind or more than depth ahead
+    temp_stalls: int = 0       # times it stopped fetching at MAX_TEMP_BYTES
     errors: dict[str, int] = field(default_factory=dict)  # AccelStatus name -> completions
 
     def as_dict(self) -> dict:
@@ -131,7 +137,7 @@ class Entry:
     """One job of a queue, from fetch to CQE."""
 
     __slots__ = ("aq", "wr_id", "op", "status", "job", "out_views", "out_tmp", "out_len",
-                 "iterations", "done", "byte_len", "wait_us", "service_us", "started")
+                 "iterations", "done", "byte_len", "wait_us", "service_us", "started", "temp")
 
     def __init__(self, aq: AccelQueue, wr_id: int, op: AccelOp):
         self.aq = aq
@@ -148,12 +154,22 @@ class Entry:
         self.wait_us = 0
         self.service_us = 0
         self.started = False
+        self.temp = 0  # bytes of temporaries charged to the device (core.accel_temp_bytes)
+
+    def release_temp(self) -> None:
+        if self.temp:
+            core = self.aq.core
+            if core is not None:
+                core.accel_temp_bytes -= self.temp
+            self.temp = 0
 
     def fail(self, status: AccelStatus) -> None:
         self.status = status
         self.done = True
         self.job = None
         self.out_views = []
+        self.out_tmp = None
+        self.release_temp()
 
 
 class AccelQueue:
@@ -313,6 +329,7 @@ class AccelRouter:
                 try:
                     finish(core, entry, job)
                     drain(core, aq)
+                    resume(core)
                 except Exception:
                     core.metrics.internal_errors += 1
                     log.exception("virtio-rdma: internal error completing an accelerator job")
@@ -421,6 +438,7 @@ def destroy_aq(core: RdmaDeviceCore, req: DestroyAqReq, now: float) -> None:
             router.forget(e.job)
             e.fail(AccelStatus.FLUSHED)
     drain(core, aq)
+    resume(core)
 
 
 def cancel_aq_job(core: RdmaDeviceCore, req: CancelAqJobReq, now: float) -> None:
@@ -434,6 +452,7 @@ def cancel_aq_job(core: RdmaDeviceCore, req: CancelAqJobReq, now: float) -> None
         router.forget(e.job)
         e.fail(AccelStatus.CANCELLED)
         drain(core, aq)
+        resume(core)
         return
     raise CommandError(f"AQ {aq.aqn} has no queued job wr_id {req.wr_id:#x}", Status.ENOENT)
 
@@ -481,8 +500,18 @@ def ring_aq(core: RdmaDeviceCore, aqn: int, pi: int, now: float) -> None:
         log.debug("AQ %d producer index %d (completed %d, depth %d) is absurd", aqn, pi, aq.ci, aq.depth)
         return
     aq.pi = pi
+    fetch(core, aq)
+
+
+def fetch(core: RdmaDeviceCore, aq: AccelQueue) -> None:
+    """Start the jobs posted up to ``aq.pi``, unless this device's temporaries
+    are at :data:`MAX_TEMP_BYTES` (then the queue waits, its jobs in the ring)."""
     router = core.accel
     while aq.fetched != aq.pi:
+        if core.accel_temp_bytes >= MAX_TEMP_BYTES:
+            core.accel_stalled.add(aq.aqn)
+            aq.metrics.temp_stalls += 1
+            break
         slot = aq.fetched & (aq.depth - 1)
         aq.fetched = (aq.fetched + 1) % U32
         aq.metrics.jobs_posted += 1
@@ -613,6 +642,10 @@ def start(core: RdmaDeviceCore, aq: AccelQueue, raw: bytes, router: AccelRouter 
     if x is None:
         x = np.empty(in_need // in_dt.itemsize, dtype=in_dt)
         sg_copy([_bytes_of(x)], in_views)
+        e.temp += x.nbytes
+    if e.out_tmp is not None:
+        e.temp += e.out_tmp.nbytes
+    core.accel_temp_bytes += e.temp
     b, size = job.batch, job.size
     try:
         if fft:
@@ -689,6 +722,15 @@ def finish(core: RdmaDeviceCore, e: Entry, job: Job) -> None:
     e.job = None
     e.out_views = []
     e.out_tmp = None
+    e.release_temp()
+
+
+def resume(core: RdmaDeviceCore) -> None:
+    """Queues that stopped at :data:`MAX_TEMP_BYTES` fetch again once temporaries are released."""
+    while core.accel_stalled and core.accel_temp_bytes < MAX_TEMP_BYTES:
+        aq = core.aqs.get(core.accel_stalled.pop())
+        if aq is not None and not aq.destroyed:
+            fetch(core, aq)
 
 
 def drain(core: RdmaDeviceCore, aq: AccelQueue) -> None:

@@ -101,6 +101,11 @@ class RdmaDeviceCore:
         #: this device's guest id in the shared accelerators' fair queues
         self.accel_guest = accel_router.new_guest_id() if accel_router is not None else 0
         self.aqs: dict[int, accel.AccelQueue] = {}
+        #: bytes of daemon memory this device's accelerator jobs hold as temporaries
+        #: (scattered or misaligned guest buffers), bounded by accel.MAX_TEMP_BYTES
+        self.accel_temp_bytes = 0
+        #: AQNs that stopped fetching jobs until temporaries are released
+        self.accel_stalled: set[int] = set()
         self.next_aqn = 1
         #: the connection's tenant account (None: no budgets beyond ``limits``)
         self.account = account

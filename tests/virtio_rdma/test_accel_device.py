@@ -599,3 +599,38 @@ def test_random_jobs_never_hurt_the_daemon_or_memory_outside_outputs(router):
                        + 64 * 256 or aq.dbrec - g.base <= i < aq.dbrec - g.base + 8
                        or cq.dbrec - g.base <= i < cq.dbrec - g.base + 8)]
     assert changed == []
+
+
+def test_temporaries_are_bounded_per_device(router, monkeypatch):
+    """Jobs whose buffers need daemon temporaries (here: misaligned outputs) stop being fetched
+    while the device's temporaries are at accel.MAX_TEMP_BYTES, stay in the ring, and run as
+    earlier jobs release theirs: every job completes, in order, and the bound holds throughout."""
+    monkeypatch.setattr(accel, "MAX_TEMP_BYTES", 3 * 4096)
+    g, pd, cq = _guest(router)
+    n = 256
+    x = (np.arange(n) * (0.5 - 1j)).astype(C64)
+    src = _mr(g, pd, x.tobytes())
+    out = _mr(g, pd, 16 * 4096)
+    aq = g.create_aq(pd, cq, AccelOp.FFT)
+    jobs = 10
+    for i in range(jobs):  # each output misaligned by one byte: a 2 KiB temporary per job
+        g.write_aq_job(aq, i, AccelOp.FFT, size=n, inputs=[(src.addr, x.nbytes, src.lkey)],
+                       outputs=[(out.addr + 1 + i * 4096, x.nbytes, out.lkey)])
+    g.ring_aq(aq)
+    core = g.core
+    peak = core.accel_temp_bytes
+    assert core.accel_stalled and core.aqs[aq.aqn].metrics.temp_stalls >= 1
+    deadline = time.monotonic() + 20
+    while core.aqs[aq.aqn].entries or core.accel_stalled:
+        assert time.monotonic() < deadline, "stalled jobs did not resume"
+        router.wait(0.05)
+        router.deliver()
+        peak = max(peak, core.accel_temp_bytes)
+    assert peak < accel.MAX_TEMP_BYTES + x.nbytes  # the bound plus one job's temporary
+    assert core.accel_temp_bytes == 0
+    accs, _ = _acc(g, cq, jobs)
+    assert [c.wr_id for c in accs] == list(range(jobs))
+    assert all(c.status is AccelStatus.SUCCESS for c in accs)
+    want = accel_core.fft(x).tobytes()
+    for i in range(jobs):
+        assert g.read(out.gpa + 1 + i * 4096, x.nbytes) == want
