@@ -9,6 +9,9 @@ def test_vrdma_demo_runs_and_verifies():
     assert r.returncode == 0, r.stdout + r.stderr
     assert "all data verified" in r.stdout
     assert "FETCH_AND_ADD(+5) saw 1000" in r.stdout and "verified 256 KiB" in r.stdout
+    # accelerator jobs through the device, checked against accel_core in the guests
+    assert "device FFT + inverse FFT of 16 x 2048 complex64" in r.stdout
+    assert "bit-exact with accel_core" in r.stdout
 
 
 def test_vrdma_demo_with_its_perftest_summary():
