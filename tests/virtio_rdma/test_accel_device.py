@@ -546,8 +546,34 @@ def test_backend_accelerators_option():
     try:
         assert r.local is not None and r.local.units(AccelOp.IFFT) == 2
         assert r.local.units(AccelOp.TURBO_DECODE) == 0
+        assert [a.slowdown for a in r.local.accelerators()] == [1.0]  # default: full speed
     finally:
         r.close()
+
+
+def test_backend_accel_slowdown_option():
+    """``--accel-slowdown FACTOR`` reaches every accelerator the backend makes; bad factors exit."""
+    import argparse
+
+    from vrdma.commands.backend import add_arguments, make_accel_router, parse_slowdown
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--socket", "x", "--accelerators", "fft=1,turbo=2", "--accel-slowdown", "4.5"])
+    r = make_accel_router(args)
+    try:
+        assert r.local is not None
+        assert {a.name: (a.slowdown, a.workers) for a in r.local.accelerators()} == {
+            "fft": (4.5, 1), "turbo": (4.5, 2)}
+    finally:
+        r.close()
+    assert make_accel_router(p.parse_args(["--socket", "x", "--accel-slowdown", "1"])).local is not None
+    assert parse_slowdown("1") == 1.0 and parse_slowdown(" 2.5 ") == 2.5 and parse_slowdown("1000") == 1000.0
+    for bad in ("0.5", "0", "-2", "x", "", "nan", "inf", "1e9"):
+        with pytest.raises(SystemExit, match="--accel-slowdown"):
+            parse_slowdown(bad)
+    with pytest.raises(SystemExit, match="--accel-slowdown"):  # checked before any accelerator starts
+        make_accel_router(type("Args", (), {"accelerators": "fft=1", "accel_slowdown": "0.9"})())
 
 
 def test_random_jobs_never_hurt_the_daemon_or_memory_outside_outputs(router):

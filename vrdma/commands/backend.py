@@ -62,6 +62,10 @@ def add_arguments(p) -> None:
                         "IFFT and turbo runs Turbo encode and decode (default fft=1,turbo=1: one "
                         "accelerator of each with one worker thread); none: queues are offered "
                         "but no job runs here (NO_ACCELERATOR)")
+    p.add_argument("--accel-slowdown", default="1.0", metavar="FACTOR",
+                   help="rdma: emulate accelerators FACTOR times slower than this host's kernels: "
+                        "after each job a worker waits (FACTOR-1) x the kernel's time (default 1.0; "
+                        "for tests and benchmarks that need a slow, shared accelerator)")
     _add_tenant_arguments(p)
 
 
@@ -92,15 +96,31 @@ def parse_accelerators(text: str) -> list[tuple[str, tuple[str, ...], int]]:
     return out
 
 
+def parse_slowdown(text) -> float:
+    """``--accel-slowdown`` as a float in [1, accel_core's MAX_SLOWDOWN]; SystemExit naming it otherwise."""
+    from accel_core.service import MAX_SLOWDOWN
+
+    try:
+        factor = float(text)
+    except (TypeError, ValueError):
+        raise SystemExit(f"vrdma backend: --accel-slowdown {text!r} is not a number") from None
+    if not 1.0 <= factor <= MAX_SLOWDOWN:  # also refuses nan
+        raise SystemExit(f"vrdma backend: --accel-slowdown {text!r}: the factor must be in "
+                         f"[1, {MAX_SLOWDOWN:g}] (1: full speed; 2: twice as slow)")
+    return factor
+
+
 def make_accel_router(args):
     """The daemon's accelerator router (one AcceleratorService shared by all guests)."""
     from accel_core import AcceleratorService, AcceleratorSpec, Op
     from virtio_rdma.accel import AccelRouter
 
     specs = parse_accelerators(getattr(args, "accelerators", "fft=1,turbo=1"))
+    slowdown = parse_slowdown(getattr(args, "accel_slowdown", "1.0"))
     if not specs:
         return AccelRouter(None)
-    return AccelRouter(AcceleratorService([AcceleratorSpec(name, frozenset(Op.parse(o) for o in ops), w)
+    return AccelRouter(AcceleratorService([AcceleratorSpec(name, frozenset(Op.parse(o) for o in ops), w,
+                                                           slowdown=slowdown)
                                            for name, ops, w in specs]))
 
 
