@@ -16,7 +16,7 @@ def test_quick_run_with_tiny_counts_reports_every_figure_and_its_baseline(capsys
 
     o = r["overhead"]
     assert o["jobs"] == 10 and o["zero_copy"] is True and o["direct"]["n"] == 10
-    for layer in ("verbs", "accel_fft", "verbs_daemon_polls"):
+    for layer in ("verbs", "accel_fft", "verbs_daemon_polls", "verbs_no_accelerator"):
         s = o[layer]
         assert s["n"] == 10 and 0 < s["median_us"] <= s["p99_us"]
         assert isinstance(s["goal_met"], bool)
@@ -43,7 +43,8 @@ def test_quick_run_with_tiny_counts_reports_every_figure_and_its_baseline(capsys
     text = b.format_report(r)
     assert text.startswith("# machine: ")
     for row in ("baseline accel_core.fft in-process", "verbs AQ.post + CQ.poll", "daemon --poll-us",
-                "guest_lib.accel.fft", "in-process service", "direct accel_core.fft", "ratio device/service",
+                "guest_lib.accel.fft", "--accelerators none", "in-process service", "direct accel_core.fft",
+                "ratio device/service",
                 "idle accelerator: wait", "one guest flooding", "p99 flooded /", "TURBO_DECODE",
                 "calibrated here"):
         assert row in text, row
