@@ -229,3 +229,45 @@ def test_records_are_not_read_without_dbrec_poll_or_after_destroy(router):
     _record(g, aq, aq.pi)
     assert g.core.poll(g.now) == 0 and g.core.metrics.bad_doorbells == 1
     assert aq.aqn not in g.core.aqs
+
+
+# --------------------------------------------------------------------------- through the daemon
+@pytest.mark.parametrize("mode", [pytest.param(("--poll-us", "20000"), id="poll-us"),
+                                  pytest.param((), id="kicked")])
+def test_guest_lib_skips_aq_doorbells_while_the_daemon_polls(mode):
+    """guest_lib's AQ.post writes the doorbell record and rings no doorbell
+    while the daemon busy-polls (DBREC_POLL, --poll-us); every job still
+    completes, correct, through the record alone. Kicked daemon: every post
+    rings (the records are not read)."""
+    from guest_lib import CQ, MR, PD, SGE, Context
+    from guest_lib.aq import AQ, AccelWR
+    from vhost_user.testing import DaemonProcess
+
+    n, rounds = 256, 200
+    b = n * C64.itemsize
+    x = (np.random.default_rng(5).standard_normal((rounds, n)) * (1 + 1j)).astype(C64)
+    with DaemonProcess(*mode, "--accelerators", "fft=1") as d, Context(d.path, mem_size=16 << 20) as ctx:
+        pd, cq = PD(ctx), CQ(ctx, 64)
+        mr = MR(pd, 2 * rounds * b, Access.LOCAL_WRITE)
+        mr.write(x.tobytes())
+        aq = AQ(pd, cq, AccelOp.FFT, depth=8, priority=5)
+        skipped0 = ctx.doorbells_skipped
+        deadline = time.monotonic() + 60  # a hang guard, not a measurement
+        for i in range(rounds):
+            wr = AccelWR(i, size=n, inputs=[SGE(mr.buf + i * b, b, mr.lkey)],
+                         outputs=[SGE(mr.buf + (rounds + i) * b, b, mr.lkey)])
+            assert aq.post(wr) == 1
+            wcs: list = []
+            while not wcs:
+                assert time.monotonic() < deadline, f"job {i} did not complete"
+                wcs = cq.poll(1)[1]
+            (wc,) = wcs
+            assert (wc.wr_id, wc.accel_status) == (i, AccelStatus.SUCCESS)
+        got = np.frombuffer(mr.read(rounds * b, rounds * b), C64).reshape(rounds, n)
+        np.testing.assert_allclose(got, accel_core.fft(x), rtol=1e-5, atol=1e-3)
+        skipped = ctx.doorbells_skipped - skipped0
+        if mode:
+            assert ctx.dbrec_poll and skipped > rounds // 2, skipped
+        else:
+            assert skipped == 0
+        aq.close()
