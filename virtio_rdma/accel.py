@@ -83,6 +83,7 @@ from virtio_rdma.constants import (
     AqFlags,
     Status,
 )
+from virtio_rdma.datapath import DbrecScanner
 from virtio_rdma.errors import CommandError, MemoryAccessError, UnknownValueError, VirtioRdmaError
 from virtio_rdma.events import complete, flush_notify
 from virtio_rdma.mr import sg_copy
@@ -262,6 +263,8 @@ class AccelRouter:
         self._loop: Any = None
         self._next_guest = 1
         self.jobs_dropped = 0  # finished after their queue or device went
+        #: DBREC_POLL: each device's AQ doorbell-record scanner, by its guest id (loop thread only)
+        self.scanners: dict[int, Any] = {}
         if service is not None:
             for acc in service.accelerators:
                 acc.set_ready_notifier(self._on_ready)
@@ -486,6 +489,9 @@ def drop_all(core: RdmaDeviceCore) -> None:
     """Device reset or close: every queue goes at once, no more CQEs; running
     jobs finish into their own buffers and are then dropped."""
     router = core.accel
+    sc = router.scanners.pop(core.accel_guest, None) if router is not None else None
+    if sc is not None:  # it holds the queues: let them go
+        sc.rebuild((), None)
     for aq in list(core.aqs.values()):
         aq.destroyed = True
         for e in aq.entries:
@@ -520,13 +526,29 @@ def ring_aq(core: RdmaDeviceCore, aqn: int, pi: int, now: float) -> None:
     fetch(core, aq)
 
 
+def _changed_records(core: RdmaDeviceCore) -> list[AccelQueue]:
+    """The AQs whose doorbell record may have changed since the last look:
+    found by the native scanner the QPs' records use (one per device, kept by
+    the router), or every AQ where the extension is not built."""
+    router = core.accel
+    if DbrecScanner is None or router is None:
+        return list(core.aqs.values())
+    sc = router.scanners.get(core.accel_guest)
+    if sc is None:
+        sc = router.scanners[core.accel_guest] = DbrecScanner()
+    key = (len(core.aqs), core.next_aqn)  # every CREATE_AQ moves next_aqn; every release len
+    if sc.key != key:
+        # the scanner compares the 8 bytes at each object's dbrec_gpa: an AQ's serve as a QP's
+        sc.rebuild(list(core.aqs.values()), key)  # type: ignore[arg-type]
+    return sc.scan(core.mem)  # type: ignore[return-value]
+
+
 def poll_records(core: RdmaDeviceCore, now: float) -> int:
     """DBREC_POLL: apply every AQ doorbell record written since it was last
-    read, like a kind 4 doorbell with its value; returns how many. AQs are
-    few (``max_aq``): a plain scan. Each value is applied once, so an absurd
-    record is counted once, not on every poll."""
+    read, like a kind 4 doorbell with its value; returns how many. Each value
+    is applied once, so an absurd record is counted once, not on every poll."""
     n = 0
-    for aq in list(core.aqs.values()):
+    for aq in _changed_records(core):
         if aq.destroyed:
             continue
         try:

@@ -125,3 +125,28 @@ def test_job_priority_is_checked(bad, err):
         Job.create("fft", X, priority=bad)
     assert Job.create("fft", X, priority=MAX_PRIORITY).priority == MAX_PRIORITY
     assert Job.create("fft", X).priority == 0
+
+
+def test_a_paused_accelerator_runs_a_guests_jobs_by_priority():
+    """Through the service (one worker): submitted while paused, run in the
+    fair queue's order once resumed (order of t_started, no timing)."""
+    from accel_core import AcceleratorService
+
+    with AcceleratorService() as svc:
+        acc = svc.accelerators[0]
+        acc.pause()
+        jobs = [Job.create("fft", X, guest_id=g, priority=p) for g, p in
+                [(1, 0), (1, 0), (1, 7), (2, 0), (1, 7), (2, 3)]]
+        for j in jobs:
+            svc.submit_job(j)
+        plan = acc.queued_jobs()
+        acc.resume()
+        for j in jobs:
+            j.wait(30)
+        ran = sorted(jobs, key=lambda j: j.t_started)
+        assert ran == plan
+        # guest 1: its two priority-7 jobs first; guest 2: priority 3 before 0; guests
+        # alternate (equal costs), ties between guests going to the earlier-submitted job
+        assert [jobs.index(j) for j in ran] == [2, 5, 3, 4, 0, 1]
+        for j in jobs:
+            np.testing.assert_allclose(j.output, np.fft.fft(X), atol=1e-6)

@@ -271,3 +271,27 @@ def test_guest_lib_skips_aq_doorbells_while_the_daemon_polls(mode):
         else:
             assert skipped == 0
         aq.close()
+
+
+def test_queues_created_and_destroyed_while_polling_are_tracked(router):
+    """The record scanner follows CREATE_AQ / DESTROY_AQ between polls."""
+    g, pd, cq = _guest(router)
+    g.core.poll_doorbell_records = True
+    src = Src(g, pd)
+    a = g.create_aq(pd, cq, AccelOp.FFT, depth=4)
+    assert g.core.poll(g.now) == 0
+    b = g.create_aq(pd, cq, AccelOp.FFT, depth=4)
+    g.write_aq_job(b, 2, AccelOp.FFT, **src.job(1))
+    _record(g, b, b.pi)
+    assert g.core.poll(g.now) == 1
+    g.cmd(Cmd.DESTROY_AQ, aqn=a.aqn)
+    c = g.create_aq(pd, cq, AccelOp.FFT, depth=4)  # same count of queues, a new one
+    g.write_aq_job(c, 3, AccelOp.FFT, **src.job(2))
+    _record(g, c, c.pi)
+    assert g.core.poll(g.now) == 1
+    _wait(router, [g])
+    assert sorted(x.wr_id for x in _cqes(g, cq, 2)) == [2, 3]
+    src.check(1)
+    src.check(2)
+    g.core.close()
+    assert not router.scanners  # the device's scanner went with it
