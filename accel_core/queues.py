@@ -48,24 +48,21 @@ MIN_COST = 1e-9  # seconds; keeps tags increasing per guest even for free jobs
 
 
 class _Share:
-    """One guest's waiting jobs: a FIFO per priority, and the start tag its
-    next dispatched job gets."""
+    """One guest's waiting jobs: a FIFO per priority present, the highest of
+    those priorities, and the start tag its next dispatched job gets."""
 
-    __slots__ = ("fifos", "start", "n")
+    __slots__ = ("fifos", "top", "start", "n")
 
     def __init__(self, start: float) -> None:
         self.fifos: dict[int, deque[Job]] = {}
+        self.top = 0
         self.start = start
         self.n = 0
 
-    def head(self) -> Job:
-        """The job this guest sends next: its highest priority's oldest."""
-        f = self.fifos
-        return f[max(f)][0] if len(f) > 1 else next(iter(f.values()))[0]
-
 
 def _cost(job: Job) -> float:
-    return max(job.estimate, MIN_COST)
+    c = job.estimate
+    return max(MIN_COST, c)
 
 
 class FairQueue:
@@ -98,50 +95,66 @@ class FairQueue:
         share = self._shares.get(g)
         if share is None:  # the guest becomes backlogged: SFQ's max(V, F_g)
             share = self._shares[g] = _Share(start)
-        share.fifos.setdefault(job.priority, deque()).append(job)
+        p = job.priority
+        fifo = share.fifos.get(p)
+        if fifo is None:
+            fifo = share.fifos[p] = deque()
+            if not share.n or p > share.top:
+                share.top = p
+        fifo.append(job)
         share.n += 1
         self._len += 1
 
     def pop(self) -> Job | None:
         """Remove and return the next job to dispatch, or None when empty."""
-        best_g, best_tag = None, None
-        for g, share in self._shares.items():
-            tag = (share.start, share.head()._tag[1])
-            if best_tag is None or tag < best_tag:
-                best_g, best_tag = g, tag
-        if best_g is None:
+        shares = self._shares
+        if len(shares) == 1:
+            g, share = next(iter(shares.items()))
+        elif shares:
+            g, share, best = -1, None, (0.0, 0.0)
+            for g1, sh in shares.items():
+                tag = (sh.start, sh.fifos[sh.top][0]._tag[1])
+                if share is None or tag < best:
+                    g, share, best = g1, sh, tag
+        else:
             return None
-        share = self._shares[best_g]
-        job = share.head()
-        self._take(best_g, share, job)
-        job._tag = (share.start, job._tag[1])
-        self._vtime = share.start
-        share.start += _cost(job)
+        assert share is not None
+        fifo = share.fifos[share.top]
+        job = fifo.popleft()
+        if not fifo:
+            self._drop_fifo(share, share.top)
+        share.n -= 1
+        if not share.n:
+            del shares[g]
+        start = share.start
+        job._tag = (start, job._tag[1])
+        self._vtime = start
+        share.start = start + _cost(job)
         self._len -= 1
         if not self._len:
             self._reset()
         return job
 
-    def _take(self, g: int, share: _Share, job: Job) -> None:
-        fifo = share.fifos[job.priority]
-        if fifo[0] is job:
-            fifo.popleft()
-        else:
-            fifo.remove(job)
-        if not fifo:
-            del share.fifos[job.priority]
-        share.n -= 1
-        if not share.n:
-            del self._shares[g]
+    @staticmethod
+    def _drop_fifo(share: _Share, p: int) -> None:
+        del share.fifos[p]
+        if share.fifos and p == share.top:
+            share.top = max(share.fifos)
 
     def remove(self, job: Job) -> bool:
         """Remove a queued job (cancellation); False if it is not queued here.
         Its guest is not charged for it."""
         g = job.guest_id
         share = self._shares.get(g)
-        if share is None or job not in share.fifos.get(job.priority, ()):
+        fifo = share.fifos.get(job.priority) if share is not None else None
+        if share is None or fifo is None or job not in fifo:
             return False
-        self._take(g, share, job)
+        fifo.remove(job)
+        if not fifo:
+            self._drop_fifo(share, job.priority)
+        share.n -= 1
+        if not share.n:
+            del self._shares[g]
         self._finish[g] = share.start if not share.n else self._finish[g] - _cost(job)
         self._len -= 1
         if not self._len:

@@ -137,6 +137,7 @@ class AqMetrics:
     jobs_posted: int = 0       # jobs fetched from the ring
     jobs_completed: int = 0    # CQEs written (any status)
     bad_doorbells: int = 0     # producer index behind or more than depth ahead
+    dbrec_applied: int = 0     # producer indices taken from the doorbell record (DBREC_POLL)
     temp_stalls: int = 0       # times it stopped fetching at MAX_TEMP_BYTES
     errors: dict[str, int] = field(default_factory=dict)  # AccelStatus name -> completions
 
@@ -561,6 +562,8 @@ def poll_records(core: RdmaDeviceCore, now: float) -> int:
         if pi != aq.pi:
             n += 1
             ring_aq(core, aq.aqn, pi, now)
+            if aq.pi == pi:
+                aq.metrics.dbrec_applied += 1
     return n
 
 

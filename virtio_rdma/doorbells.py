@@ -7,8 +7,8 @@ A doorbell carries a new SQ or RQ producer index of a QP, or arms a CQ.
 :func:`virtio_rdma.timers.process` apply the QP doorbell records that
 changed instead, found by the native scanner
 (``virtio_rdma._datapath.DbrecScanner``), and the accelerator queues'
-records (:func:`virtio_rdma.accel.poll_records`, a plain scan: AQs are
-few; spec 5.x.6.10). An index that moves backwards or
+records (:func:`virtio_rdma.accel.poll_records`, with a scanner of their
+own; spec 5.x.6.10). An index that moves backwards or
 past the ring depth is a guest bug: the doorbell is counted
 (``bad_doorbells``) and the QP goes to ERR with QP_FATAL; a doorbell for
 an unknown object is counted and ignored.

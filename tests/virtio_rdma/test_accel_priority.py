@@ -184,6 +184,7 @@ def test_polled_record_starts_jobs_without_a_doorbell(router):
     for i in range(2, 6):
         src.check(i)
     assert dev.metrics.jobs_posted == dev.metrics.jobs_completed == 6
+    assert dev.metrics.dbrec_applied == 2  # pi 2, then pi 6; the stale 1 was not applied
 
 
 def test_absurd_record_is_counted_once_and_the_queue_keeps_working(router):
@@ -198,7 +199,7 @@ def test_absurd_record_is_counted_once_and_the_queue_keeps_working(router):
         g.core.poll(g.now)  # the same value again: not counted twice
     # 0xFFFF_FFF0 is behind pi 0 by 16: stale under DBREC_POLL, not absurd
     assert dev.metrics.bad_doorbells == 2 and g.core.metrics.bad_doorbells == 2
-    assert dev.pi == 0 and dev.metrics.jobs_posted == 0
+    assert dev.pi == 0 and dev.metrics.jobs_posted == 0 and dev.metrics.dbrec_applied == 0
     g.write_aq_job(aq, 9, AccelOp.FFT, **src.job(0))
     _record(g, aq, aq.pi)
     assert g.core.poll(g.now) == 1
