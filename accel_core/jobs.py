@@ -4,7 +4,9 @@ A :class:`Job` is one request to an accelerator, the software analogue of a
 descriptor handed to an FPGA queue: an operation (:class:`Op`), its parameters
 (:class:`JobParams`: FFT size and batch, Turbo block size K and iterations,
 extrinsic scaling, early stop), an input and an output buffer, the submitting
-guest, timestamps, a state and a service-time estimate.
+guest, a priority (0 lowest .. :data:`MAX_PRIORITY`: orders the jobs *of one
+guest* in the receive queue, see :class:`accel_core.queues.FairQueue`),
+timestamps, a state and a service-time estimate.
 
 Buffers are zero copy: ``input`` and ``output`` are NumPy arrays, either the
 caller's own arrays or views made with ``numpy.frombuffer`` over a writable
@@ -78,6 +80,8 @@ class Op(enum.Enum):
 
 FFT_OPS = frozenset({Op.FFT, Op.IFFT})
 TURBO_OPS = frozenset({Op.TURBO_ENCODE, Op.TURBO_DECODE})
+#: highest job priority (0 is the lowest); the device's CREATE_AQ priorities are these
+MAX_PRIORITY = 7
 
 
 class JobState(enum.Enum):
@@ -264,17 +268,19 @@ class Job:
     (``fn(job)`` runs in the worker thread that finished it).
     """
 
-    __slots__ = ("op", "params", "input", "output", "guest_id", "collect", "state", "error", "result",
-                 "estimate", "id", "accelerator", "t_created", "t_submitted", "t_started", "t_finished",
-                 "future", "_tag", "__weakref__")
+    __slots__ = ("op", "params", "input", "output", "guest_id", "priority", "collect", "state", "error",
+                 "result", "estimate", "id", "accelerator", "t_created", "t_submitted", "t_started",
+                 "t_finished", "future", "_tag", "__weakref__")
 
     def __init__(self, op: Op, params: JobParams, input: np.ndarray, output: np.ndarray, *,
-                 guest_id: int = 0, collect: bool = False) -> None:
+                 guest_id: int = 0, collect: bool = False, priority: int = 0) -> None:
         self.op = op
         self.params = params
         self.input = input
         self.output = output
         self.guest_id = guest_id
+        #: 0 (lowest) .. MAX_PRIORITY: served first among this guest's queued jobs
+        self.priority = priority
         self.collect = collect
         self.state = JobState.NEW
         self.error: BaseException | None = None
@@ -293,14 +299,15 @@ class Job:
     def create(cls, op: Op | str, input: Any, output: Any = None, *, guest_id: int = 0,
                n: int | None = None, dtype: Any = None, k: int | None = None, batch: int | None = None,
                iterations: int = 8, scaling: float | None = None, early_stop: str | None = None,
-               collect: bool = False) -> Job:
+               collect: bool = False, priority: int = 0) -> Job:
         """Validate buffers and parameters and build a NEW job (raises JobRejected).
 
         ndarray buffers carry their own shape (FFT: ``[..., N]``; encode: ``[K]``
         or ``[B, K]``; decode: ``[3, K+4]`` or ``[B, 3, K+4]``). Raw buffers
         (e.g. a memoryview of guest memory) need the shape parameters: FFT
         ``n`` and ``dtype``; Turbo ``k``; ``batch`` defaults to what the input
-        buffer holds. ``output=None`` allocates the output.
+        buffer holds. ``output=None`` allocates the output. ``priority`` 0
+        (lowest) .. :data:`MAX_PRIORITY` orders the job among its guest's.
         """
         op = Op.parse(op)
         if isinstance(guest_id, bool) or not isinstance(guest_id, (int, np.integer)):
@@ -309,6 +316,12 @@ class Job:
         if guest_id < 0:
             raise ParameterError(f"guest_id must be a non-negative integer, got {guest_id!r}",
                                  argument="guest_id", value=guest_id)
+        if isinstance(priority, bool) or not isinstance(priority, (int, np.integer)):
+            raise ParameterTypeError(f"priority must be an integer in 0..{MAX_PRIORITY}, got {priority!r}",
+                                     argument="priority", value=priority)
+        if not 0 <= priority <= MAX_PRIORITY:
+            raise ParameterError(f"priority {priority!r} is outside 0..{MAX_PRIORITY}",
+                                 argument="priority", value=priority)
         if op in FFT_OPS:
             params, x, y = _validate_fft(op, input, output, n=n, dtype=dtype, batch=batch)
         elif op is Op.TURBO_ENCODE:
@@ -316,7 +329,7 @@ class Job:
         else:
             params, x, y = _validate_decode(input, output, k=k, batch=batch, iterations=iterations,
                                             scaling=scaling, early_stop=early_stop)
-        return cls(op, params, x, y, guest_id=int(guest_id), collect=bool(collect))
+        return cls(op, params, x, y, guest_id=int(guest_id), collect=bool(collect), priority=int(priority))
 
     # -- state machine (driven by the accelerator, under its lock)
 

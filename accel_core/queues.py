@@ -5,12 +5,22 @@ guests, costed by each job's *estimated service time*. Every guest has a FIFO;
 a job arriving from guest g gets the start tag ``S = max(V, F_g)`` and moves
 the guest's finish tag to ``F_g = S + cost``; the dispatcher always takes the
 queued job with the smallest ``(S, arrival)``; ``V`` is the start tag of the
-last dispatched job. So each guest's jobs run in submission order, guests with
+last dispatched job. So each guest's jobs of one priority run in submission order, guests with
 equal demand alternate, and a guest submitting long jobs gets proportionally
 fewer of them through when others are waiting (fair in accelerator time, not
 job count), while an idle accelerator serves anyone at once (work conserving).
 When the queue empties the virtual clock and all guest tags reset, so no state
 outlives a busy period.
+
+Priority (``Job.priority``, 0 lowest .. ``jobs.MAX_PRIORITY``) orders jobs
+*within one guest's share*, never across guests: the queue first picks the
+guest by fairness as above, then takes that guest's highest-priority waiting
+job (FIFO within a priority), like bbdev queue priorities inside one device.
+So a guest cannot take more than its fair share by declaring priority 7, and
+a guest's urgent job overtakes its own bulk jobs. Tags are per guest *slot*:
+a backlogged guest's next dispatch gets start tag ``S_g`` and moves it to
+``S_g + cost`` of the job actually taken (exactly SFQ when priorities are
+equal); a cancelled job's cost is given back to its guest.
 
 Ready queue: jobs finished and waiting to be collected (the completion queue a
 backend daemon drains to write guest completions). A notifier callback runs,
@@ -37,11 +47,30 @@ log = logging.getLogger(__name__)
 MIN_COST = 1e-9  # seconds; keeps tags increasing per guest even for free jobs
 
 
+class _Share:
+    """One guest's waiting jobs: a FIFO per priority present, the highest of
+    those priorities, and the start tag its next dispatched job gets."""
+
+    __slots__ = ("fifos", "top", "start", "n")
+
+    def __init__(self, start: float) -> None:
+        self.fifos: dict[int, deque[Job]] = {}
+        self.top = 0
+        self.start = start
+        self.n = 0
+
+
+def _cost(job: Job) -> float:
+    c = job.estimate
+    return max(MIN_COST, c)
+
+
 class FairQueue:
-    """Start-time fair receive queue of jobs across guests (not thread-safe)."""
+    """Start-time fair receive queue of jobs across guests, by priority
+    within a guest (not thread-safe)."""
 
     def __init__(self) -> None:
-        self._fifo: dict[int, deque[Job]] = {}
+        self._shares: dict[int, _Share] = {}
         self._finish: dict[int, float] = {}
         self._vtime = 0.0
         self._arrival = itertools.count()
@@ -54,47 +83,79 @@ class FairQueue:
         return iter(self.ordered())
 
     def start_tag(self, guest_id: int) -> float:
-        """The start tag a job from ``guest_id`` would get if it arrived now."""
+        """The start tag a job from ``guest_id`` would get if it arrived now
+        (were it of its guest's lowest queued priority)."""
         return max(self._vtime, self._finish.get(guest_id, 0.0))
 
     def push(self, job: Job) -> None:
         g = job.guest_id
         start = self.start_tag(g)
-        self._finish[g] = start + max(job.estimate, MIN_COST)
-        job._tag = (start, next(self._arrival))
-        self._fifo.setdefault(g, deque()).append(job)
+        self._finish[g] = start + _cost(job)
+        job._tag = (start, next(self._arrival))  # the FIFO tag; ordered() and pop() set the real one
+        share = self._shares.get(g)
+        if share is None:  # the guest becomes backlogged: SFQ's max(V, F_g)
+            share = self._shares[g] = _Share(start)
+        p = job.priority
+        fifo = share.fifos.get(p)
+        if fifo is None:
+            fifo = share.fifos[p] = deque()
+            if not share.n or p > share.top:
+                share.top = p
+        fifo.append(job)
+        share.n += 1
         self._len += 1
 
     def pop(self) -> Job | None:
         """Remove and return the next job to dispatch, or None when empty."""
-        best_g, best_tag = None, None
-        for g, fifo in self._fifo.items():
-            tag = fifo[0]._tag
-            if best_tag is None or tag < best_tag:
-                best_g, best_tag = g, tag
-        if best_g is None:
+        shares = self._shares
+        if len(shares) == 1:
+            g, share = next(iter(shares.items()))
+        elif shares:
+            g, share, best = -1, None, (0.0, 0.0)
+            for g1, sh in shares.items():
+                tag = (sh.start, sh.fifos[sh.top][0]._tag[1])
+                if share is None or tag < best:
+                    g, share, best = g1, sh, tag
+        else:
             return None
-        fifo = self._fifo[best_g]
+        assert share is not None
+        fifo = share.fifos[share.top]
         job = fifo.popleft()
         if not fifo:
-            del self._fifo[best_g]
-        self._vtime = job._tag[0]
+            self._drop_fifo(share, share.top)
+        share.n -= 1
+        if not share.n:
+            del shares[g]
+        start = share.start
+        job._tag = (start, job._tag[1])
+        self._vtime = start
+        share.start = start + _cost(job)
         self._len -= 1
         if not self._len:
             self._reset()
         return job
 
+    @staticmethod
+    def _drop_fifo(share: _Share, p: int) -> None:
+        del share.fifos[p]
+        if share.fifos and p == share.top:
+            share.top = max(share.fifos)
+
     def remove(self, job: Job) -> bool:
-        """Remove a queued job (cancellation); False if it is not queued here."""
-        fifo = self._fifo.get(job.guest_id)
-        if fifo is None:
+        """Remove a queued job (cancellation); False if it is not queued here.
+        Its guest is not charged for it."""
+        g = job.guest_id
+        share = self._shares.get(g)
+        fifo = share.fifos.get(job.priority) if share is not None else None
+        if share is None or fifo is None or job not in fifo:
             return False
-        try:
-            fifo.remove(job)
-        except ValueError:
-            return False
+        fifo.remove(job)
         if not fifo:
-            del self._fifo[job.guest_id]
+            self._drop_fifo(share, job.priority)
+        share.n -= 1
+        if not share.n:
+            del self._shares[g]
+        self._finish[g] = share.start if not share.n else self._finish[g] - _cost(job)
         self._len -= 1
         if not self._len:
             self._reset()
@@ -103,18 +164,30 @@ class FairQueue:
     def take_all(self) -> list[Job]:
         """Empty the queue, returning the jobs in dispatch order."""
         jobs = self.ordered()
-        self._fifo.clear()
+        self._shares.clear()
         self._len = 0
         self._reset()
         return jobs
 
     def ordered(self) -> list[Job]:
-        """Queued jobs in the order they would be dispatched if nothing else arrived."""
-        return sorted((j for fifo in self._fifo.values() for j in fifo), key=lambda j: j._tag)
+        """Queued jobs in the order they would be dispatched if nothing else
+        arrived; sets each one's ``_tag`` to the (start tag, arrival) it
+        would be dispatched with (a guest's jobs go by priority, then FIFO,
+        from the guest's next start tag on)."""
+        jobs: list[Job] = []
+        for share in self._shares.values():
+            s = share.start
+            for p in sorted(share.fifos, reverse=True):
+                for j in share.fifos[p]:
+                    j._tag = (s, j._tag[1])
+                    s += _cost(j)
+                    jobs.append(j)
+        jobs.sort(key=lambda j: j._tag)
+        return jobs
 
     def guests(self) -> dict[int, int]:
         """Queued job count per guest."""
-        return {g: len(f) for g, f in self._fifo.items()}
+        return {g: share.n for g, share in self._shares.items()}
 
     def _reset(self) -> None:
         self._vtime = 0.0

@@ -7,7 +7,9 @@ Its ring of ``AQ_SLOT_SIZE``-byte job slots and its 8-byte doorbell record
 live in guest memory the device reaches. :meth:`AQ.post` is bbdev's
 non-blocking enqueue: it takes as many :class:`AccelWR` as there are free
 slots, writes them, stores the new producer index in the doorbell record and
-rings one AQ doorbell (kind 4), and returns how many it took. Completions
+rings one AQ doorbell (kind 4) -- none while a DBREC_POLL device is polling
+the records (``ctx.device_polling()``, as for QPs) --, and returns how many
+it took. Completions
 come back on the CQ, in post order, as :class:`~guest_lib.cq.AccelWC` from
 ``CQ.poll``; each one frees its slot. The SGEs name MRs of the queue's PD
 (outputs need LOCAL_WRITE); the device checks them as any local access.
@@ -22,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from time import monotonic
 
+from accel_core.jobs import MAX_PRIORITY
 from guest_lib.base import VerbsObject
 from guest_lib.cq import CQ
 from guest_lib.errors import UserError
@@ -40,8 +43,6 @@ from virtio_rdma.constants import (
 )
 
 _U32 = 0xFFFFFFFF
-#: CREATE_AQ's highest priority (0 is the lowest)
-MAX_PRIORITY = 7
 
 
 @dataclass
@@ -143,9 +144,10 @@ class AQ(VerbsObject):
 
     def post(self, wrs) -> int:
         """Enqueue one AccelWR or a list of them without blocking: takes the
-        first ``min(len(wrs), free_slots)``, rings one doorbell, returns how
-        many it took (0: the queue is full; no doorbell then). Encoding
-        errors raise UserError before anything is posted."""
+        first ``min(len(wrs), free_slots)``, rings one doorbell (none while
+        the device polls the doorbell records), returns how many it took (0:
+        the queue is full; no doorbell then). Encoding errors raise UserError
+        before anything is posted."""
         self._check_open()
         if isinstance(wrs, AccelWR):
             wrs = (wrs,)
@@ -166,7 +168,9 @@ class AQ(VerbsObject):
             pi = (pi + 1) & _U32
         self.pi = pi
         self._pi_word[0] = pi
-        ctx.ring_doorbells(wire.encode_doorbell(DoorbellKind.AQ, self.aqn, pi))
+        # The doorbell record is written; a device polling it needs nothing more.
+        if not ctx.device_polling():
+            ctx.ring_doorbells(wire.encode_doorbell(DoorbellKind.AQ, self.aqn, pi))
         return k
 
     def cancel(self, wr_id: int) -> None:

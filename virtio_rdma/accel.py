@@ -38,10 +38,20 @@ order; the queue is released when the last one is written. A device reset
 or close drops every queue: running jobs finish into their own buffers but
 nothing more is written.
 
+Priority: a job carries its queue's priority into the service's fair
+receive queue (:class:`accel_core.queues.FairQueue`), which picks the guest
+(device) by fairness first and then that guest's highest-priority waiting job:
+a device's priority-7 queue overtakes its own priority-0 queues, never
+another guest's share.
+
+Doorbell records: the driver writes ``pi`` to the queue's record before it
+rings. Under DBREC_POLL the daemon's busy-poll loop (and every timer pass)
+reads the records too (:func:`poll_records`): a changed one is applied like
+a kind 4 doorbell; a doorbell or record behind the producer index already
+applied is stale (ignored); an absurd one is counted once per value written.
+
 Not in this slice: remote targets (FORCE_TARGET to another host,
-LOCAL_FALLBACK), ordering by the queue's priority (kept; the service's fair
-queue orders jobs across guests only), and AQ doorbell records read under
-DBREC_POLL (the driver rings every AQ doorbell).
+LOCAL_FALLBACK).
 """
 from __future__ import annotations
 
@@ -56,11 +66,12 @@ import numpy as np
 
 from accel_core import dft, qpp, turbo
 from accel_core.errors import AccelError, InvalidInput, ParameterError
-from accel_core.jobs import Job, JobState, Op
+from accel_core.jobs import MAX_PRIORITY, Job, JobState, Op
 from accel_core.service import Accelerator, AcceleratorService
 from verbs import Access
 from vhost_user.tenancy import LimitExceeded, Resource
 from virtio.errors import GuestMemoryError
+from virtio.memory import le32_words
 from virtio_rdma.constants import (
     AQ_SLOT_SIZE,
     MAX_ACCEL_OPS,
@@ -72,6 +83,7 @@ from virtio_rdma.constants import (
     AqFlags,
     Status,
 )
+from virtio_rdma.datapath import DbrecScanner
 from virtio_rdma.errors import CommandError, MemoryAccessError, UnknownValueError, VirtioRdmaError
 from virtio_rdma.events import complete, flush_notify
 from virtio_rdma.mr import sg_copy
@@ -113,7 +125,6 @@ MAX_JOB_BYTES = 64 << 20
 #: a guest cannot make the daemon hold more than this plus one job's
 #: temporaries, however many queues and slots it has.
 MAX_TEMP_BYTES = 256 << 20
-MAX_PRIORITY = 7
 
 
 # --------------------------------------------------------------------------
@@ -126,6 +137,7 @@ class AqMetrics:
     jobs_posted: int = 0       # jobs fetched from the ring
     jobs_completed: int = 0    # CQEs written (any status)
     bad_doorbells: int = 0     # producer index behind or more than depth ahead
+    dbrec_applied: int = 0     # producer indices taken from the doorbell record (DBREC_POLL)
     temp_stalls: int = 0       # times it stopped fetching at MAX_TEMP_BYTES
     errors: dict[str, int] = field(default_factory=dict)  # AccelStatus name -> completions
 
@@ -177,7 +189,8 @@ class AccelQueue:
     jobs fetched and not yet completed, in posted order."""
 
     __slots__ = ("aqn", "pdn", "cq", "op", "priority", "flags", "depth", "ring_gpa", "dbrec_gpa",
-                 "pi", "fetched", "ci", "entries", "metrics", "destroyed", "target_host", "core")
+                 "pi", "fetched", "ci", "entries", "metrics", "destroyed", "target_host", "core",
+                 "dbrec_seen")
 
     def __init__(self, aqn: int, pdn: int, cq: CompletionQueue, op: AccelOp, priority: int, flags: int,
                  depth: int, ring_gpa: int, dbrec_gpa: int, target_host: int = 0):
@@ -191,7 +204,9 @@ class AccelQueue:
         self.ring_gpa = ring_gpa
         self.dbrec_gpa = dbrec_gpa
         self.target_host = target_host
-        self.pi = 0        # producer index the driver rang last
+        self.pi = 0        # producer index the driver rang last (or its record showed)
+        #: the doorbell record's value when last polled (DBREC_POLL): a value is applied once
+        self.dbrec_seen = 0
         self.fetched = 0   # jobs fetched (mod 2^32)
         self.ci = 0        # jobs completed: their slots are free (mod 2^32)
         self.entries: deque[Entry] = deque()
@@ -249,6 +264,8 @@ class AccelRouter:
         self._loop: Any = None
         self._next_guest = 1
         self.jobs_dropped = 0  # finished after their queue or device went
+        #: DBREC_POLL: each device's AQ doorbell-record scanner, by its guest id (loop thread only)
+        self.scanners: dict[int, Any] = {}
         if service is not None:
             for acc in service.accelerators:
                 acc.set_ready_notifier(self._on_ready)
@@ -473,6 +490,9 @@ def drop_all(core: RdmaDeviceCore) -> None:
     """Device reset or close: every queue goes at once, no more CQEs; running
     jobs finish into their own buffers and are then dropped."""
     router = core.accel
+    sc = router.scanners.pop(core.accel_guest, None) if router is not None else None
+    if sc is not None:  # it holds the queues: let them go
+        sc.rebuild((), None)
     for aq in list(core.aqs.values()):
         aq.destroyed = True
         for e in aq.entries:
@@ -494,6 +514,10 @@ def ring_aq(core: RdmaDeviceCore, aqn: int, pi: int, now: float) -> None:
     if aq is None or aq.destroyed:
         core.metrics.bad_doorbells += 1
         return
+    if core.poll_doorbell_records and pi != aq.pi and (aq.pi - pi) % U32 < U32 // 2:
+        # DBREC_POLL: the record may already have carried us past this doorbell
+        # (the driver writes it first): a value behind pi is no news, no error
+        return
     if (pi - aq.ci) % U32 > aq.depth or (pi - aq.pi) % U32 > aq.depth:
         core.metrics.bad_doorbells += 1
         aq.metrics.bad_doorbells += 1
@@ -501,6 +525,46 @@ def ring_aq(core: RdmaDeviceCore, aqn: int, pi: int, now: float) -> None:
         return
     aq.pi = pi
     fetch(core, aq)
+
+
+def _changed_records(core: RdmaDeviceCore) -> list[AccelQueue]:
+    """The AQs whose doorbell record may have changed since the last look:
+    found by the native scanner the QPs' records use (one per device, kept by
+    the router), or every AQ where the extension is not built."""
+    router = core.accel
+    if DbrecScanner is None or router is None:
+        return list(core.aqs.values())
+    sc = router.scanners.get(core.accel_guest)
+    if sc is None:
+        sc = router.scanners[core.accel_guest] = DbrecScanner()
+    key = (len(core.aqs), core.next_aqn)  # every CREATE_AQ moves next_aqn; every release len
+    if sc.key != key:
+        # the scanner compares the 8 bytes at each object's dbrec_gpa: an AQ's serve as a QP's
+        sc.rebuild(list(core.aqs.values()), key)  # type: ignore[arg-type]
+    return sc.scan(core.mem)  # type: ignore[return-value]
+
+
+def poll_records(core: RdmaDeviceCore, now: float) -> int:
+    """DBREC_POLL: apply every AQ doorbell record written since it was last
+    read, like a kind 4 doorbell with its value; returns how many. Each value
+    is applied once, so an absurd record is counted once, not on every poll."""
+    n = 0
+    for aq in _changed_records(core):
+        if aq.destroyed:
+            continue
+        try:
+            (pi, _) = le32_words(core.mem.translate(aq.dbrec_gpa, DBREC_SIZE))  # each word whole
+        except GuestMemoryError:
+            continue
+        if pi == aq.dbrec_seen:
+            continue
+        aq.dbrec_seen = pi
+        if pi != aq.pi:
+            n += 1
+            ring_aq(core, aq.aqn, pi, now)
+            if aq.pi == pi:
+                aq.metrics.dbrec_applied += 1
+    return n
 
 
 def fetch(core: RdmaDeviceCore, aq: AccelQueue) -> None:
@@ -651,13 +715,14 @@ def start(core: RdmaDeviceCore, aq: AccelQueue, raw: bytes, router: AccelRouter 
         if fft:
             shape = (b, size)
             cj = Job.create(cop, x.reshape(shape), y.reshape(shape), guest_id=core.accel_guest,
-                            collect=True)
+                            collect=True, priority=aq.priority)
         elif job.op is AccelOp.TURBO_ENCODE:
             cj = Job.create(cop, x.reshape(b, size), y.reshape(b, 3, size + turbo.TAIL_BITS),
-                            guest_id=core.accel_guest, collect=True)
+                            guest_id=core.accel_guest, collect=True, priority=aq.priority)
         else:
             cj = Job.create(cop, x.reshape(b, 3, size + turbo.TAIL_BITS), y.reshape(b, size),
-                            guest_id=core.accel_guest, collect=True, iterations=job.iterations,
+                            guest_id=core.accel_guest, collect=True, priority=aq.priority,
+                            iterations=job.iterations,
                             scaling=job.scaling, early_stop=_EARLY_STOP[job.early_stop])
     except InvalidInput as ex:
         log.debug("AQ %d wr_id %#x: %s", aq.aqn, wr_id, ex)

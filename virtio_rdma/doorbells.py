@@ -6,7 +6,9 @@ A doorbell carries a new SQ or RQ producer index of a QP, or arms a CQ.
 :func:`poll` (the daemon's busy-poll loop) and every
 :func:`virtio_rdma.timers.process` apply the QP doorbell records that
 changed instead, found by the native scanner
-(``virtio_rdma._datapath.DbrecScanner``). An index that moves backwards or
+(``virtio_rdma._datapath.DbrecScanner``), and the accelerator queues'
+records (:func:`virtio_rdma.accel.poll_records`, with a scanner of their
+own; spec 5.x.6.10). An index that moves backwards or
 past the ring depth is a guest bug: the doorbell is counted
 (``bad_doorbells``) and the QP goes to ERR with QP_FATAL; a doorbell for
 an unknown object is counted and ignored.
@@ -118,9 +120,9 @@ def _advance(core: RdmaDeviceCore, qp: QueuePair, which: str, pi: int, ci: int, 
 
 
 def poll_records(core: RdmaDeviceCore, now: float) -> int:
-    """Apply every QP doorbell record that changed (DBREC_POLL); returns
-    how many QPs had a new record. A native scanner finds them; each is
-    then read again and applied like a doorbell."""
+    """Apply every QP and AQ doorbell record that changed (DBREC_POLL);
+    returns how many records were applied. A native scanner finds the QPs';
+    each is then read again and applied like a doorbell."""
     scanner = core.dbrec_scanner
     if scanner is None:
         qps = list(core.qps.values())
@@ -143,6 +145,8 @@ def poll_records(core: RdmaDeviceCore, now: float) -> int:
         if sq_pi != qp.sq_pi and qp.qpn in core.qps:
             n += 1
             ring(core, Doorbell(_SQ, qp.qpn, sq_pi), now)
+    if core.aqs:
+        n += accel.poll_records(core, now)
     return n
 
 
