@@ -12,10 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import inspect
-import os
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -27,9 +23,9 @@ from guest_lib import CQ, MR, PD, SGE, Context, RDMAError, UserError, accel
 from guest_lib.aq import AQ, AccelWR, encode_wr
 from guest_lib.cq import WC, AccelWC
 from verbs import Access, WcStatus
+from vhost_user.testing import DaemonProcess
 from virtio_rdma import wire
 from virtio_rdma.constants import AQ_SLOT_SIZE, AccelDtype, AccelEarlyStop, AccelOp, AccelStatus
-from virtio_rdma.device import RdmaDevice
 
 MEM = 32 << 20
 
@@ -40,37 +36,11 @@ def ctx(rdma_backend):
         yield c
 
 
-def _start_daemon(path: str) -> subprocess.Popen:
-    """``vrdma backend --accelerators fft=1,turbo=1`` as a subprocess (the real daemon), listening
-    at ``path``; a skip saying what is missing while the device side has not landed."""
-    if "accel" not in inspect.signature(RdmaDevice).parameters:
-        pytest.skip("the device side of accelerator queues has not landed: RdmaDevice takes no accel=")
-    proc = subprocess.Popen([sys.executable, "-m", "vrdma", "backend", "--socket", path,
-                             "--accelerators", "fft=1,turbo=1"], stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while not os.path.exists(path):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            _stop(proc)
-            pytest.fail(f"vrdma backend did not start listening (exit {proc.returncode})")
-        time.sleep(0.02)
-    return proc
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.fixture
-def accel_daemon_proc(tmp_path):
-    path = str(tmp_path / "vrdma.sock")
-    proc = _start_daemon(path)
-    yield proc, path
-    _stop(proc)
+def accel_daemon_proc():
+    """``vrdma backend --accelerators fft=1,turbo=1`` as a real process."""
+    with DaemonProcess("--accelerators", "fft=1,turbo=1") as d:
+        yield d.proc, d.path
 
 
 @pytest.fixture

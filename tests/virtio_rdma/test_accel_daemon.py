@@ -5,10 +5,7 @@ ring, job entries and CQ polling by hand, as the spec lays them out).
 Two guests post FFT and Turbo jobs at once; results equal accel_core's."""
 from __future__ import annotations
 
-import os
 import struct
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -17,27 +14,15 @@ import pytest
 import accel_core
 from guest_lib import Context
 from verbs import Access
+from vhost_user.testing import DaemonProcess
 from virtio_rdma import wire
 from virtio_rdma.constants import AQ_SLOT_SIZE, AccelOp, AccelStatus, Cmd, DoorbellKind
 
 
 @pytest.fixture
-def daemon(tmp_path):
-    path = str(tmp_path / "vrdma.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "vrdma", "backend", "--socket", path,
-                             "--accelerators", "fft=1,turbo=2"], stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while not os.path.exists(path):
-        assert proc.poll() is None, f"vrdma backend exited with {proc.returncode}"
-        assert time.monotonic() < deadline, "vrdma backend did not start listening"
-        time.sleep(0.02)
-    yield path
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def daemon():
+    with DaemonProcess("--accelerators", "fft=1,turbo=2") as d:
+        yield d.path
 
 
 class RawGuest:
