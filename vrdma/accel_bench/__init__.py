@@ -170,6 +170,16 @@ def _device_loop(svc, op, x, outs: list, guests: int, in_flight: int, total: int
     return done
 
 
+def _rate_row(w: dict, case: str, workers: int, mode: str, jobs: int, seconds: float, est: dict,
+              direct_rate: float) -> dict:
+    """One throughput row: ``jobs`` of workload ``w`` in ``seconds``, against direct calls."""
+    rate = jobs * w["per_job"] / seconds
+    return {"case": case, "workers": workers, "mode": mode, "jobs": jobs, "seconds": seconds,
+            "jobs_per_s": jobs / seconds, "unit": w["unit"], "rate": rate, "direct_rate": direct_rate,
+            "ratio_vs_direct": rate / direct_rate, "est_geomean_ratio": est["geomean_ratio"],
+            "est_mean_abs_rel_error": est["mean_abs_rel_error"]}
+
+
 def device_loop_rows(model, w: dict, *, quick: bool, repeat: int, guests: int = 4, in_flight: int = 32,
                      workers: tuple[int, ...] = (1, 2)) -> list[dict]:
     """The daemon's shape of load: one thread, ``guests`` x ``in_flight`` jobs, ready-queue completion."""
@@ -190,12 +200,8 @@ def device_loop_rows(model, w: dict, *, quick: bool, repeat: int, guests: int = 
             if secs < best:
                 best, est = secs, stats
         assert est is not None
-        rate = total * w["per_job"] / best
-        rows.append({"case": f"{w['case']} 1 loop, {guests} guests x {in_flight} in flight", "workers": nw,
-                     "mode": f"submit_burst + collect, {nw} worker(s)", "jobs": total, "seconds": best,
-                     "jobs_per_s": total / best, "unit": w["unit"], "rate": rate, "direct_rate": direct_rate,
-                     "ratio_vs_direct": rate / direct_rate, "est_geomean_ratio": est["geomean_ratio"],
-                     "est_mean_abs_rel_error": est["mean_abs_rel_error"]})
+        rows.append(_rate_row(w, f"{w['case']} 1 loop, {guests} guests x {in_flight} in flight", nw,
+                              f"submit_burst + collect, {nw} worker(s)", total, best, est, direct_rate))
     return rows
 
 
@@ -290,12 +296,8 @@ def submitters_rows(model, w: dict, *, quick: bool, repeat: int, submitters: int
             if secs < best:
                 best, est = secs, stats
         assert est is not None
-        rate = jobs * w["per_job"] / best
-        rows.append({"case": f"{w['case']} {submitters} submitters x {in_flight} in flight", "workers": nw,
-                     "mode": f"submit_burst, {nw} worker(s)", "jobs": jobs, "seconds": best,
-                     "jobs_per_s": jobs / best, "unit": w["unit"], "rate": rate, "direct_rate": direct_rate,
-                     "ratio_vs_direct": rate / direct_rate, "est_geomean_ratio": est["geomean_ratio"],
-                     "est_mean_abs_rel_error": est["mean_abs_rel_error"]})
+        rows.append(_rate_row(w, f"{w['case']} {submitters} submitters x {in_flight} in flight", nw,
+                              f"submit_burst, {nw} worker(s)", jobs, best, est, direct_rate))
     return rows
 
 
