@@ -28,18 +28,6 @@ from tests.accel.typed import raises_exactly
 RNG = np.random.default_rng(20261122)
 
 
-def _threads() -> set[threading.Thread]:
-    return {t for t in threading.enumerate() if t.name.startswith("vrdma-accel-")}
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_threads():
-    before = _threads()
-    yield
-    leaked = _threads() - before
-    assert not leaked, f"worker threads still alive: {sorted(t.name for t in leaked)}"
-
-
 def flat_model(seconds: float = 1e-3) -> ServiceTimeModel:
     """Every job costs ``seconds``: makes tags and predictions exact for ordering tests."""
     keys = [f"{op}/{dt}" for op in ("fft", "ifft") for dt in ("complex64", "complex128")]

@@ -23,18 +23,6 @@ from accel_core.service import QueueFull
 RNG = np.random.default_rng(20261204)
 
 
-def _threads() -> set[threading.Thread]:
-    return {t for t in threading.enumerate() if t.name.startswith("vrdma-accel-")}
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_threads():
-    before = _threads()
-    yield
-    leaked = _threads() - before
-    assert not leaked, f"worker threads still alive: {sorted(t.name for t in leaked)}"
-
-
 def flat_model(seconds: float = 1e-3, *, online: bool = False) -> ServiceTimeModel:
     keys = [f"{op}/{dt}" for op in ("fft", "ifft") for dt in ("complex64", "complex128")]
     keys += ["turbo_encode", "turbo_decode"]
