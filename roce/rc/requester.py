@@ -118,6 +118,10 @@ class Requester:
         self.noack_pkts = 0
         self.rd_atomic_outstanding = 0
         self.retry_left = cfg.retry_cnt
+        #: a retry (go-back-N) started on a response that showed data missing and
+        #: nothing has been acknowledged since: later responses of the same burst
+        #: do not start (and charge) another one (rxe's comp.started_retry)
+        self.retry_started = False
         self.rnr_left = cfg.rnr_retry
         self.retrans_deadline: float | None = None
         self.rnr_deadline: float | None = None
@@ -315,6 +319,7 @@ class Requester:
         """The oldest unacked PSN moved forward: reset retry counters and the timer."""
         self.retry_left = self.cfg.retry_cnt
         self.rnr_left = self.cfg.rnr_retry
+        self.retry_started = False
         to = ack_timeout_seconds(self.cfg.timeout)
         self.retrans_deadline = now + to if (to is not None and self._outstanding()) else None
 
@@ -328,6 +333,16 @@ class Requester:
         self._rewind()
         to = ack_timeout_seconds(self.cfg.timeout)
         self.retrans_deadline = None if to is None else now + to
+
+    def _implicit_nak(self, now: float) -> None:
+        """A response shows that data before it is missing (IBTA 9.7.5.1.2:
+        an implicit NAK): go back to comp_psn, unless a retry already started
+        on this burst (its responses are still arriving)."""
+        self.metrics.responses_dropped += 1
+        if self.retry_started:
+            return
+        self.retry_started = True
+        self._error_retry(now)
 
     def _rewind(self) -> None:
         """Restart sending at comp_psn (rxe's req_retry)."""
@@ -370,8 +385,8 @@ class Requester:
                     return
                 if wqe.rd_atomic:
                     # a later PSN is answered but this READ/atomic's data is
-                    # missing: implicit NAK, retry from comp_psn
-                    self._error_retry(now)
+                    # missing: implicit NAK, retry from comp_psn (once per burst)
+                    self._implicit_nak(now)
                     return
                 self.comp_psn = (wqe.first_psn + wqe.npkts) & PSN_MASK  # type: ignore[operator]  # sent: first_psn is set
                 self._complete(WcStatus.SUCCESS)
@@ -403,8 +418,11 @@ class Requester:
 
     def _read_response(self, wqe: Wqe, pkt: RocePacket, info, d: int, now: float) -> None:
         m = self.metrics
-        if wqe.wr.opcode is not WrOpcode.RDMA_READ or d > 0:
-            m.responses_dropped += 1            # not a READ, or a gap: wait for the timer
+        if wqe.wr.opcode is not WrOpcode.RDMA_READ:
+            m.responses_dropped += 1
+            return
+        if d > 0:  # a READ response packet went missing: ask again from it, once per burst
+            self._implicit_nak(now)
             return
         mtu = self.cfg.path_mtu
         idx = psn_diff(pkt.bth.psn, wqe.first_psn)  # type: ignore[arg-type]  # sent: first_psn is set

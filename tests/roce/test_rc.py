@@ -241,6 +241,36 @@ def test_big_message_window_ackreq_and_single_seq_nak_per_gap():
     assert p.b.metrics.out_of_sequence >= 1
 
 
+def test_read_with_one_lost_response_retries_once_per_burst():
+    """A READ response packet is lost: the next one shows the gap (an implicit
+    NAK) and the READ is asked again from the missing PSN at once; the rest of
+    the burst, still arriving, starts no further retry and charges no retry
+    budget (rxe's comp.started_retry). Before, every later packet started one,
+    so a 64-packet READ that lost one packet early spent the whole budget."""
+    p = Pair(Channel(seed=3), mtu=256, retry_cnt=3, timeout=14)
+    size = 64 * 256
+    src = pattern(size, 5)
+    rkey, va = p.mem_b.register(src, Access.REMOTE_READ)
+    dst = bytearray(size)
+    dropped = []
+    orig_ship = p._ship
+
+    def ship(q, now):                    # drop B's second READ response packet, once
+        if q is p.b:
+            out = q.transmit(now)
+            keep = [pkt for pkt in out if dropped or pkt.opcode != Opcode.RC_RDMA_READ_RESPONSE_MIDDLE
+                    or dropped.append(pkt)]
+            q.responder.out = keep
+        orig_ship(q, now)
+    p._ship = ship
+    p.a.post_send(SendWR(1, WrOpcode.RDMA_READ, [memoryview(dst)], remote_addr=va, rkey=rkey))
+    (c,) = wait_cq(p, p.a, 1)
+    assert c.status is WcStatus.SUCCESS and dst == src and len(dropped) == 1
+    m = p.a.metrics
+    assert m.retry_events == 1 and m.timeouts == 0  # at the gap, not after an ACK timeout
+    assert p.b.metrics.duplicate_requests == 1      # the READ asked again once
+
+
 # ------------------------------------------------------------------- RNR
 def test_rnr_nak_then_receive_posted():
     p = Pair(min_rnr_timer=1)
