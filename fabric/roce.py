@@ -39,7 +39,7 @@ from fabric.roce_qp import NetworkQp
 from roce.icrc import ROCE_UDP_PORT
 from roce.packet import PacketRun, RocePacket, expand
 from roce.sport import PortCheck, allowed_source_ports, port_check
-from verbs import QPN_MASK
+from verbs import GSI_QPN, QPN_MASK
 from virtio_rdma.errors import FabricError
 
 if TYPE_CHECKING:
@@ -123,6 +123,9 @@ class RoceFabric(LocalFabric):
         self.metrics = RoceFabricMetrics()
         self._routable: dict[str, bool] = {}
         self._deferred: dict[NetworkQp, float | None] = {}  # QP -> its deadline before the batch
+        #: packets for QPN 1, the GSI QP (connection management between daemons:
+        #: :mod:`peering`): ``gsi(packet, peer_ip, sport, now)``; None: dropped
+        self.gsi: Callable[[RocePacket, str, int, float], None] | None = None
 
     # ---- Fabric ------------------------------------------------------------
     def open_wire_qp(self, dev, qp, now: float) -> NetworkQp | None:
@@ -151,6 +154,15 @@ class RoceFabric(LocalFabric):
         if self.mac_key is not None and peer not in self.plaintext_peers:
             return PortCheck.DAEMON
         return self.default_port_check
+
+    def attach_wire(self, qpn: int, target) -> None:
+        """A daemon-owned QP (:class:`peering.link.PeerLink`) with an allocated
+        QPN takes that QPN's packets; it has the wire QP face the receive path
+        uses (``peer``, ``sports``, ``rc``, ``receive``, ``pump``, ``deadline``,
+        ``closed``, ``dev.notify``)."""
+        if qpn not in self._allocated or qpn in self.wire:
+            raise FabricError(f"QPN {qpn:#x} is not allocated, or already has a wire QP")
+        self.wire[qpn] = target
 
     def detach_wire(self, qpn: int) -> None:
         n = self.wire.pop(qpn, None)
@@ -199,6 +211,9 @@ class RoceFabric(LocalFabric):
         m.rx_packets += 1
         n = self.wire.get(pkt.bth.dest_qp)
         if n is None:
+            if pkt.bth.dest_qp == GSI_QPN and self.gsi is not None:
+                self.gsi(pkt, src, sport, now)
+                return
             m.rx_unknown_qpn += 1
             return
         if src != n.peer:

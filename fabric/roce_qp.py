@@ -78,7 +78,7 @@ def bswap32(v: int) -> int:
     return int.from_bytes((v & 0xFFFFFFFF).to_bytes(4, "little"), "big")
 
 
-class _Scattered:
+class Scattered:
     """A remote-access range backed by several guest chunks: sliceable and
     assignable like the one memoryview the responder normally gets."""
 
@@ -134,8 +134,8 @@ class GuestRemoteMemory:
         if need & Access.REMOTE_ATOMIC:  # an aligned word split across guest chunks
             raise RemoteAccessError(f"atomic target {va:#x} spans {len(views)} guest chunks",
                                     rkey=rkey, va=va, length=length)
-        # the responder only slices, assigns and takes len() of the range: _Scattered does those
-        return cast(memoryview, _Scattered(views))
+        # the responder only slices, assigns and takes len() of the range: Scattered does those
+        return cast(memoryview, Scattered(views))
 
     def invalidate(self, rkey: int) -> None:
         raise RemoteAccessError(f"SEND with Invalidate of R_Key {rkey:#x}: memory windows and "

@@ -35,6 +35,8 @@ from verbs.enums import (
 )
 from verbs.errors import UnknownValueError, VerbsNumberError
 from verbs.ibta import (
+    GSI_QKEY,
+    GSI_QPN,
     MSN_MASK,
     PSN_BITS,
     PSN_HALF,
@@ -61,6 +63,8 @@ __all__ = [
     "PSN_MASK",
     "PSN_MOD",
     "QPN_MASK",
+    "GSI_QPN",
+    "GSI_QKEY",
     "RNR_RETRY_INFINITE",
     "RNR_TIMER_SECONDS",
     "RNR_TIMER_USEC",

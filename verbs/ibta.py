@@ -15,6 +15,7 @@ from verbs.parse import ParseIntEnum
 
 __all__ = [
     "PSN_BITS", "PSN_MASK", "PSN_MOD", "PSN_HALF", "psn_add", "psn_diff", "MSN_MASK", "QPN_MASK",
+    "GSI_QPN", "GSI_QKEY",
     "AethType", "NakCode", "RNR_TIMER_USEC", "RNR_TIMER_SECONDS", "rnr_timer_seconds",
     "ack_timeout_seconds", "RNR_RETRY_INFINITE",
 ]
@@ -31,6 +32,10 @@ MSN_MASK = (1 << 24) - 1
 
 #: QP numbers are 24-bit (BTH.DestQP, IBTA 9.2); 0xFFFFFF is the multicast QPN.
 QPN_MASK = (1 << 24) - 1
+#: the General Services Interface QP (IBTA 3.5.10: QP1; connection management MADs go there)
+GSI_QPN = 1
+#: its well-known Q_Key (IBTA 13.5.3.1; rdma-core IB_QP1_QKEY)
+GSI_QKEY = 0x80010000
 
 
 def psn_add(psn: int, n: int) -> int:

@@ -50,8 +50,15 @@ reads the records too (:func:`poll_records`): a changed one is applied like
 a kind 4 doorbell; a doorbell or record behind the producer index already
 applied is stale (ignored); an absurd one is counted once per value written.
 
-Not in this slice: remote targets (FORCE_TARGET to another host,
-LOCAL_FALLBACK).
+Remote hosts: :class:`RemoteTarget` s (:mod:`peering.remote`, one per peer
+daemon) sit beside :class:`LocalTarget`; :meth:`AccelRouter.place` chooses
+(FORCE_TARGET's host; else this host if it runs the operation; else the
+first peer that does). A remote job runs on the guest's buffers there too:
+the peer reads the input and writes the output straight into guest memory
+over RDMA, and the target calls :func:`settle`. A job a peer gives back
+unrun (it failed, went away or refused) runs here if its queue asked for
+LOCAL_FALLBACK and this host can, else completes REMOTE_FAILED: it is never
+forwarded to a second host.
 """
 from __future__ import annotations
 
@@ -60,7 +67,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -110,7 +117,7 @@ U32 = 1 << 32
 #: accel_core's operation of each wire operation
 CORE_OP = {AccelOp.FFT: Op.FFT, AccelOp.IFFT: Op.IFFT, AccelOp.TURBO_ENCODE: Op.TURBO_ENCODE,
            AccelOp.TURBO_DECODE: Op.TURBO_DECODE}
-_DTYPE: dict[AccelDtype, np.dtype] = {AccelDtype.COMPLEX64: np.dtype(np.complex64),
+NP_DTYPE: dict[AccelDtype, np.dtype] = {AccelDtype.COMPLEX64: np.dtype(np.complex64),
                                       AccelDtype.COMPLEX128: np.dtype(np.complex128)}
 _EARLY_STOP = {AccelEarlyStop.NONE: None, AccelEarlyStop.CRC24A: "crc24a", AccelEarlyStop.CRC24B: "crc24b"}
 _F32 = np.dtype(np.float32)
@@ -139,6 +146,7 @@ class AqMetrics:
     bad_doorbells: int = 0     # producer index behind or more than depth ahead
     dbrec_applied: int = 0     # producer indices taken from the doorbell record (DBREC_POLL)
     temp_stalls: int = 0       # times it stopped fetching at MAX_TEMP_BYTES
+    fallbacks: int = 0         # jobs a remote host gave back that ran here (LOCAL_FALLBACK)
     errors: dict[str, int] = field(default_factory=dict)  # AccelStatus name -> completions
 
     def as_dict(self) -> dict:
@@ -149,7 +157,8 @@ class Entry:
     """One job of a queue, from fetch to CQE."""
 
     __slots__ = ("aq", "wr_id", "op", "status", "job", "out_views", "out_tmp", "out_len",
-                 "iterations", "done", "byte_len", "wait_us", "service_us", "started", "temp")
+                 "iterations", "done", "byte_len", "wait_us", "service_us", "started", "temp",
+                 "spec", "in_views", "target", "host", "remote")
 
     def __init__(self, aq: AccelQueue, wr_id: int, op: AccelOp):
         self.aq = aq
@@ -167,6 +176,13 @@ class Entry:
         self.service_us = 0
         self.started = False
         self.temp = 0  # bytes of temporaries charged to the device (core.accel_temp_bytes)
+        #: a job handed to a remote target: its checked parameters and input views
+        #: (kept for a LOCAL_FALLBACK re-run), the target, and the target's handle
+        self.spec: AccelJob | None = None
+        self.in_views: list[memoryview] = []
+        self.target: RemoteTarget | None = None
+        self.remote: Any = None
+        self.host = 0  # the host that ran it (the CQE's imm_data)
 
     def release_temp(self) -> None:
         if self.temp:
@@ -180,6 +196,10 @@ class Entry:
         self.done = True
         self.job = None
         self.out_views = []
+        self.in_views = []
+        self.spec = None
+        self.target = None
+        self.remote = None
         self.out_tmp = None
         self.release_temp()
 
@@ -245,6 +265,34 @@ class LocalTarget:
         return self.service.accelerators
 
 
+class RemoteTarget(Protocol):
+    """Another host's accelerators, reached over the fabric (implemented by
+    :class:`peering.remote.PeerTarget`). Every method runs in the event
+    loop's thread. A target completes a job it took with :func:`settle`, or
+    gives it back unrun with :func:`give_back`; either exactly once."""
+
+    #: the host id guests see (QUERY_ACCEL's view; FORCE_TARGET's target_host; the CQE's host)
+    host: int
+
+    def units(self, op: AccelOp) -> int:
+        """Accelerators of the host that run ``op`` (0 while it is unreachable)."""
+        ...
+
+    def submit(self, entry: Entry) -> AccelStatus | None:
+        """Take a checked job (``entry.spec``, ``entry.in_views``,
+        ``entry.out_views``); None if taken, else the status it was refused with."""
+        ...
+
+    def cancel(self, entry: Entry) -> bool:
+        """Take back a job not yet sent to the host (True), or False."""
+        ...
+
+    def abandon(self, entry: Entry) -> None:
+        """The job's queue or device is gone: never touch its buffers again,
+        never complete it."""
+        ...
+
+
 class AccelRouter:
     """Where a device's accelerator jobs run: one per daemon, shared by all
     its devices. ``service`` None: the device offers accelerator queues but
@@ -257,8 +305,12 @@ class AccelRouter:
 
     def __init__(self, service: AcceleratorService | None, *, owns_service: bool = True):
         self.local: LocalTarget | None = LocalTarget(service) if service is not None else None
+        #: other hosts' accelerators, by host id (1, 2, ...)
+        self.remotes: dict[int, RemoteTarget] = {}
         self._owns = owns_service
-        self._jobs: dict[Job, Entry] = {}   # submitted, not yet delivered (loop thread only)
+        #: submitted to the local service, not yet delivered (loop thread only): a
+        #: guest's job (its Entry) or a job a peer host sent (an object with job_done(job))
+        self._jobs: dict[Job, Any] = {}
         self._ready = threading.Event()
         self.wakeup: Callable[[], None] | None = None
         self._loop: Any = None
@@ -296,12 +348,35 @@ class AccelRouter:
     def in_flight(self) -> int:
         return len(self._jobs)
 
+    # -- placement
+    def add_remote(self, target: RemoteTarget) -> None:
+        if target.host in self.remotes or target.host <= 0:
+            raise ValueError(f"remote host id {target.host} is taken or not positive")
+        self.remotes[target.host] = target
+
+    def place(self, aq: AccelQueue, op: AccelOp) -> LocalTarget | RemoteTarget | None:
+        """Where a job of ``aq`` runs (until the cluster scheduler decides):
+        FORCE_TARGET's host; else this host if it runs ``op``; else the
+        first peer (lowest host id) that runs it; None if none does."""
+        if aq.flags & AqFlags.FORCE_TARGET:
+            if aq.target_host == 0:
+                return self.local if self.local is not None and self.local.units(op) else None
+            return self.remotes.get(aq.target_host)
+        if self.local is not None and self.local.units(op):
+            return self.local
+        for host in sorted(self.remotes):
+            r = self.remotes[host]
+            if r.units(op):
+                return r
+        return None
+
     # -- QUERY_ACCEL
     def ops_info(self) -> list[AccelOpInfo]:
         out = []
         model = self.local.service.model if self.local is not None else None
         for op in AccelOp:
             units = self.local.units(op) if self.local is not None else 0
+            hosts = (1 if units else 0) + sum(1 for r in self.remotes.values() if r.units(op))
             lo, hi = (1, dft.MAX_SIZE) if op in (AccelOp.FFT, AccelOp.IFFT) else \
                 (qpp.BLOCK_SIZES[0], qpp.BLOCK_SIZES[-1])
             fixed = unit = 0
@@ -313,13 +388,15 @@ class AccelRouter:
                     fixed = min(int(cost.a * 1e9), U32 - 1)
                     unit = min(int((cost.b[0] if cost.b else 0.0) * 1e12), U32 - 1)
             out.append(AccelOpInfo(op=int(op), local_units=min(units, 255),
-                                   reachable_hosts=1 if units else 0, min_size=lo, max_size=hi,
+                                   reachable_hosts=min(hosts, 0xFFFF), min_size=lo, max_size=hi,
                                    max_batch=MAX_BATCH, est_fixed_ns=fixed, est_unit_ps=unit))
         return out
 
     # -- completion
-    def track(self, job: Job, entry: Entry) -> None:
-        self._jobs[job] = entry
+    def track(self, job: Job, owner: Any) -> None:
+        """``job`` is submitted to the local service for ``owner``: a guest's
+        :class:`Entry`, or an object whose ``job_done(job)`` takes it back."""
+        self._jobs[job] = owner
 
     def forget(self, job: Job) -> None:
         self._jobs.pop(job, None)
@@ -335,6 +412,12 @@ class AccelRouter:
                 n += 1
                 entry = self._jobs.pop(job, None)
                 if entry is None:  # cancelled or flushed by us: already completed
+                    continue
+                if type(entry) is not Entry:  # a peer host's job
+                    try:
+                        entry.job_done(job)
+                    except Exception:
+                        log.exception("virtio-rdma: internal error completing a peer host's job")
                     continue
                 aq = entry.aq
                 core = aq.core
@@ -382,7 +465,7 @@ def query_accel(core: RdmaDeviceCore, req: Empty, now: float) -> QueryAccelResp:
 
 
 def create_aq(core: RdmaDeviceCore, req: CreateAqReq, now: float) -> CreateAqResp:
-    _router(core)
+    router = _router(core)
     L = core.limits
     pdn = req.pdn
     if pdn not in core.pds:
@@ -397,9 +480,9 @@ def create_aq(core: RdmaDeviceCore, req: CreateAqReq, now: float) -> CreateAqRes
         raise CommandError(f"CREATE_AQ: {e}", Status.EINVAL) from None
     if req.priority > MAX_PRIORITY:
         raise CommandError(f"priority {req.priority} is outside 0..{MAX_PRIORITY}", Status.EINVAL)
-    if flags & AqFlags.FORCE_TARGET and req.target_host != 0:
-        raise CommandError(f"target_host {req.target_host}: this device reaches host 0 only",
-                           Status.EINVAL)
+    if flags & AqFlags.FORCE_TARGET and req.target_host != 0 and req.target_host not in router.remotes:
+        raise CommandError(f"target_host {req.target_host}: this device reaches hosts "
+                           f"{[0, *sorted(router.remotes)]}", Status.EINVAL)
     n = req.depth
     if n < 1 or n > L.max_qp_wr or n & (n - 1):
         raise CommandError(f"depth {n} is not a power of two in 1..{L.max_qp_wr}", Status.EINVAL)
@@ -449,13 +532,20 @@ def destroy_aq(core: RdmaDeviceCore, req: DestroyAqReq, now: float) -> None:
     aq = _aq(core, req.aqn)
     aq.destroyed = True
     for e in aq.entries:
-        if e.done or e.job is None:
-            continue
-        if router.local is not None and router.local.cancel(e.job):
-            router.forget(e.job)
+        if not e.done and _take_back(router, e):
             e.fail(AccelStatus.FLUSHED)
     drain(core, aq)
     resume(core)
+
+
+def _take_back(router: AccelRouter, e: Entry) -> bool:
+    """Take a job back from its target before it starts; False if it runs (or ran)."""
+    if e.target is not None:
+        return e.target.cancel(e)
+    if e.job is not None and router.local is not None and router.local.cancel(e.job):
+        router.forget(e.job)
+        return True
+    return False
 
 
 def cancel_aq_job(core: RdmaDeviceCore, req: CancelAqJobReq, now: float) -> None:
@@ -464,9 +554,10 @@ def cancel_aq_job(core: RdmaDeviceCore, req: CancelAqJobReq, now: float) -> None
     for e in aq.entries:
         if e.wr_id != req.wr_id or e.done:
             continue
-        if e.job is None or router.local is None or not router.local.cancel(e.job):
-            raise CommandError(f"AQ {aq.aqn} job wr_id {req.wr_id:#x} is running", Status.EBUSY)
-        router.forget(e.job)
+        if not _take_back(router, e):
+            raise CommandError(f"AQ {aq.aqn} job wr_id {req.wr_id:#x} is running"
+                               + (f" on host {e.target.host}" if e.target is not None else ""),
+                               Status.EBUSY)
         e.fail(AccelStatus.CANCELLED)
         drain(core, aq)
         resume(core)
@@ -496,8 +587,13 @@ def drop_all(core: RdmaDeviceCore) -> None:
     for aq in list(core.aqs.values()):
         aq.destroyed = True
         for e in aq.entries:
+            if e.done:
+                continue
+            if e.target is not None:  # a remote host never touches its buffers again
+                e.target.abandon(e)
+                e.target = None
             # a running job finishes into its own buffers; deliver() drops it then
-            if (e.job is not None and router is not None and router.local is not None
+            elif (e.job is not None and router is not None and router.local is not None
                     and router.local.cancel(e.job)):
                 router.forget(e.job)
         aq.entries.clear()
@@ -591,11 +687,11 @@ def fetch(core: RdmaDeviceCore, aq: AccelQueue) -> None:
     drain(core, aq)
 
 
-def _need(job: AccelJob) -> tuple[int, int, int]:
+def need_bytes(job: AccelJob) -> tuple[int, int, int]:
     """(input bytes, kernel output bytes, output bytes) of a checked job."""
     b = job.batch
     if job.op in (AccelOp.FFT, AccelOp.IFFT):
-        n = b * job.size * _DTYPE[job.dtype].itemsize
+        n = b * job.size * NP_DTYPE[job.dtype].itemsize
         return n, n, n
     if job.op is AccelOp.TURBO_ENCODE:
         n = b * 3 * (job.size + turbo.TAIL_BITS)
@@ -621,8 +717,8 @@ def check_params(job: AccelJob) -> None:
             turbo.check_scaling(job.scaling)
         elif job.iterations or job.early_stop or job.scaling is not None:
             raise ParameterError("an encode job has no iterations, early stop or scaling")
-    if max(_need(job)) > MAX_JOB_BYTES:
-        raise ParameterError(f"job of {max(_need(job))} bytes exceeds {MAX_JOB_BYTES}")
+    if max(need_bytes(job)) > MAX_JOB_BYTES:
+        raise ParameterError(f"job of {max(need_bytes(job))} bytes exceeds {MAX_JOB_BYTES}")
 
 
 def _views(core: RdmaDeviceCore, aq: AccelQueue, sges, need: int, want: int) -> list[memoryview]:
@@ -674,7 +770,7 @@ def start(core: RdmaDeviceCore, aq: AccelQueue, raw: bytes, router: AccelRouter 
         log.debug("AQ %d wr_id %#x: %s", aq.aqn, wr_id, ex)
         e.fail(AccelStatus.INVALID_PARAMS)
         return e
-    in_need, k_out, out_need = _need(job)
+    in_need, _, out_need = need_bytes(job)
     try:
         in_views = _views(core, aq, job.inputs, 0, in_need)
         out_views = _views(core, aq, job.outputs, int(Access.LOCAL_WRITE), out_need)
@@ -688,14 +784,31 @@ def start(core: RdmaDeviceCore, aq: AccelQueue, raw: bytes, router: AccelRouter 
         core.metrics.local_len_errors += 1
         e.fail(AccelStatus.LOCAL_LEN)
         return e
-    if router is None or router.local is None or not router.local.units(job.op):
+    target = router.place(aq, job.op) if router is not None else None
+    if router is None or target is None:
         e.fail(AccelStatus.NO_ACCELERATOR)
         return e
+    e.out_len = out_need
+    if isinstance(target, LocalTarget):
+        _run_local(core, aq, e, job, in_views, out_views, router)
+        return e
+    e.spec, e.in_views, e.out_views, e.target = job, in_views, out_views, target
+    refused = target.submit(e)
+    if refused is not None:
+        _given_back(core, e, refused, router)
+    return e
+
+
+def _run_local(core: RdmaDeviceCore, aq: AccelQueue, e: Entry, job: AccelJob,
+               in_views: list[memoryview], out_views: list[memoryview], router: AccelRouter) -> None:
+    """Run a checked job on this host's accelerators (``e`` fails if they refuse it)."""
+    assert router.local is not None
+    in_need, k_out, _ = need_bytes(job)
     # the arrays: in place where the guest's buffers allow, else temporaries
     cop = CORE_OP[job.op]
     fft = job.op in (AccelOp.FFT, AccelOp.IFFT)
-    in_dt: np.dtype = _DTYPE[job.dtype] if fft else _U8 if job.op is AccelOp.TURBO_ENCODE else _F32
-    out_dt: np.dtype = _DTYPE[job.dtype] if fft else _U8
+    in_dt: np.dtype = NP_DTYPE[job.dtype] if fft else _U8 if job.op is AccelOp.TURBO_ENCODE else _F32
+    out_dt: np.dtype = NP_DTYPE[job.dtype] if fft else _U8
     y = _array(out_views[0], out_dt, k_out) if len(out_views[0]) >= k_out else None
     if y is None:
         e.out_tmp = y = np.empty(k_out // out_dt.itemsize, dtype=out_dt)
@@ -710,35 +823,92 @@ def start(core: RdmaDeviceCore, aq: AccelQueue, raw: bytes, router: AccelRouter 
     if e.out_tmp is not None:
         e.temp += e.out_tmp.nbytes
     core.accel_temp_bytes += e.temp
-    b, size = job.batch, job.size
     try:
-        if fft:
-            shape = (b, size)
-            cj = Job.create(cop, x.reshape(shape), y.reshape(shape), guest_id=core.accel_guest,
-                            collect=True, priority=aq.priority)
-        elif job.op is AccelOp.TURBO_ENCODE:
-            cj = Job.create(cop, x.reshape(b, size), y.reshape(b, 3, size + turbo.TAIL_BITS),
-                            guest_id=core.accel_guest, collect=True, priority=aq.priority)
-        else:
-            cj = Job.create(cop, x.reshape(b, 3, size + turbo.TAIL_BITS), y.reshape(b, size),
-                            guest_id=core.accel_guest, collect=True, priority=aq.priority,
-                            iterations=job.iterations,
-                            scaling=job.scaling, early_stop=_EARLY_STOP[job.early_stop])
+        cj = make_job(cop, job, x, y, guest_id=core.accel_guest, priority=aq.priority)
     except InvalidInput as ex:
-        log.debug("AQ %d wr_id %#x: %s", aq.aqn, wr_id, ex)
+        log.debug("AQ %d wr_id %#x: %s", aq.aqn, e.wr_id, ex)
         e.fail(AccelStatus.INVALID_PARAMS)
-        return e
+        return
     e.out_views = out_views
-    e.out_len = out_need
     e.job = cj
     router.track(cj, e)
     try:
         router.local.submit(cj)
     except AccelError as ex:
-        log.debug("AQ %d wr_id %#x: %s", aq.aqn, wr_id, ex)
+        log.debug("AQ %d wr_id %#x: %s", aq.aqn, e.wr_id, ex)
         router.forget(cj)
         e.fail(AccelStatus.NO_ACCELERATOR)
-    return e
+
+
+def make_job(cop: Op, job: AccelJob, x: np.ndarray, y: np.ndarray, *, guest_id: int,
+             priority: int) -> Job:
+    """The accel_core job of a checked wire job over input ``x`` and kernel output
+    ``y`` (flat arrays of the job's dtypes); raises InvalidInput."""
+    b, size = job.batch, job.size
+    if job.op in (AccelOp.FFT, AccelOp.IFFT):
+        shape = (b, size)
+        return Job.create(cop, x.reshape(shape), y.reshape(shape), guest_id=guest_id,
+                          collect=True, priority=priority)
+    if job.op is AccelOp.TURBO_ENCODE:
+        return Job.create(cop, x.reshape(b, size), y.reshape(b, 3, size + turbo.TAIL_BITS),
+                          guest_id=guest_id, collect=True, priority=priority)
+    return Job.create(cop, x.reshape(b, 3, size + turbo.TAIL_BITS), y.reshape(b, size),
+                      guest_id=guest_id, collect=True, priority=priority,
+                      iterations=job.iterations, scaling=job.scaling,
+                      early_stop=_EARLY_STOP[job.early_stop])
+
+
+def _given_back(core: RdmaDeviceCore, e: Entry, status: AccelStatus, router: AccelRouter) -> None:
+    """A remote target gave a job back unrun (its host failed, went away or
+    refused it): run it here if the queue asked for that (LOCAL_FALLBACK) and
+    this host can, else it completes with ``status``. A job is forwarded at
+    most once: it never goes to another remote host."""
+    aq, job = e.aq, e.spec
+    e.target = e.remote = None
+    if (job is not None and aq.flags & AqFlags.LOCAL_FALLBACK and router.local is not None
+            and router.local.units(job.op)):
+        in_views, out_views = e.in_views, e.out_views
+        e.spec, e.in_views = None, []
+        aq.metrics.fallbacks += 1
+        _run_local(core, aq, e, job, in_views, out_views, router)
+        return
+    e.fail(status)
+
+
+def settle(e: Entry, status: AccelStatus, *, byte_len: int = 0, wait_us: int = 0,
+           service_us: int = 0, iterations: int = 0, host: int = 0) -> None:
+    """A remote target finished ``e`` (the event loop's thread): with SUCCESS
+    its host has written the output into the guest's buffers; REMOTE_FAILED
+    and NO_ACCELERATOR give it back (:func:`_given_back`); other statuses
+    complete it as they are. Its CQEs are written in posted order."""
+    aq = e.aq
+    core = aq.core
+    if e.done:
+        return
+    if core is None:  # the queue or device went: nothing more is written
+        e.fail(AccelStatus.FLUSHED)
+        return
+    core.in_call += 1
+    try:
+        if status is AccelStatus.SUCCESS:
+            e.status = status
+            e.byte_len = byte_len
+            e.wait_us, e.service_us, e.iterations, e.host = wait_us, service_us, iterations, host
+            e.done = True
+            e.spec, e.target, e.remote = None, None, None
+            e.in_views, e.out_views = [], []
+        elif status in (AccelStatus.REMOTE_FAILED, AccelStatus.NO_ACCELERATOR) and core.accel is not None:
+            _given_back(core, e, status, core.accel)
+        else:
+            e.fail(status)
+        drain(core, aq)
+        resume(core)
+    except Exception:
+        core.metrics.internal_errors += 1
+        log.exception("virtio-rdma: internal error completing a remote accelerator job")
+    finally:
+        core.in_call -= 1
+    flush_notify(core)
 
 
 # --------------------------------------------------------------------------
@@ -802,8 +972,8 @@ def drain(core: RdmaDeviceCore, aq: AccelQueue) -> None:
     """Write the CQEs of the finished jobs at the head of the queue, in order."""
     while aq.entries and aq.entries[0].done:
         e = aq.entries.popleft()
-        c = AccelCompletion(e.wr_id, e.op, e.status, aq.aqn, e.byte_len, 0, e.wait_us, e.service_us,
-                            e.iterations)
+        c = AccelCompletion(e.wr_id, e.op, e.status, aq.aqn, e.byte_len, e.host, e.wait_us,
+                            e.service_us, e.iterations)
         aq.ci = (aq.ci + 1) % U32
         aq.metrics.jobs_completed += 1
         if e.status is not AccelStatus.SUCCESS:

@@ -1,0 +1,499 @@
+"""A daemon-owned RC link to one peer daemon, sans-I/O (docs/peering.md).
+
+Each pair of daemons that ship accelerator jobs to each other keeps one RC
+queue pair, run by the same RoCE RC engine guests' QPs use
+(:class:`roce.rc.qp.RcQp`: segmentation, ACKs, go-back-N, RNR, the retry
+timer). :class:`PeerLink` owns that QP on this side:
+
+* **Connection** (:class:`LinkState`): the daemon with the lower address is
+  the active side. It makes a QP (INIT, receives posted) and sends a REQ
+  datagram (:class:`peering.wire.ConnectMsg`) to the peer's GSI QP, again
+  every ``connect_interval`` (doubling up to 8x) until a REP names it. The
+  passive side, on a REQ, makes its QP, takes it to RTS at once and answers
+  with a REP; a repeated REQ (same incarnation and QPN) gets the same REP
+  again; a REQ with a new incarnation or QPN (the peer restarted, or saw
+  the link fail) replaces the link. Each side tells the other its credits
+  (jobs it accepts in flight) and its accelerators.
+* **Liveness**: while UP, a zero-length RDMA WRITE goes out every
+  ``keepalive`` seconds; a peer that stops answering exhausts the RC retry
+  budget (``(retry_cnt + 1) x`` the ACK timeout) and the QP enters ERR: the
+  link goes DOWN, ``on_down`` gives its jobs back, and the active side
+  connects again. So a dead peer is noticed within ``keepalive`` + the retry
+  budget, and a REQ from a restarted peer replaces the link at once.
+* **Messages**: fixed receive buffers of :data:`peering.wire.MAX_MESSAGE`
+  bytes (as many as the credits both ways allow, plus slack), reposted as
+  each is consumed; SENDs, RDMA READs and WRITEs posted by the owner
+  (:mod:`peering.remote`).
+* **Windows** (:class:`WindowTable`, the QP's
+  :class:`~roce.rc.memory.RemoteMemory`): the only memory the peer may
+  touch. The owner opens a window over a job's guest buffers (R_Key random,
+  REMOTE_READ for an input, REMOTE_WRITE for an output) and closes it when
+  the job ends; a window whose job was abandoned is redirected to a sink
+  (reads give zeros, writes are dropped) until the peer's result closes it,
+  so guest memory is never touched after its queue or device is gone, and
+  the peer is not punished for it. A table lives as long as its QP.
+
+Inputs: :meth:`PeerLink.on_connect` (a decoded datagram), the fabric's
+:meth:`receive`/:meth:`pump`, :meth:`on_timer`; outputs: packets through
+``fabric.transmit``, callbacks to the ``owner``. ``now`` is passed in.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import secrets
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol, cast
+
+from fabric.roce_qp import Scattered
+from peering.wire import MAX_MESSAGE, ConnectMsg, ConnectType, OpInfo
+from roce.build import make_bth
+from roce.errors import RemoteAccessError, TransportError
+from roce.headers import Deth
+from roce.opcodes import Opcode
+from roce.packet import RocePacket
+from roce.rc import verbs as rv
+from roce.rc.qp import RcQp
+from roce.sport import allowed_source_ports
+from verbs import GSI_QKEY, GSI_QPN, PSN_MASK, Access, QpState, WcStatus, WrOpcode, ack_timeout_seconds
+
+log = logging.getLogger(__name__)
+
+#: rights a link QP grants its peer (windows narrow them per job)
+LINK_ACCESS = Access.REMOTE_READ | Access.REMOTE_WRITE
+#: receive buffers beyond the credits
+RECV_SLACK = 8
+_U64 = (1 << 64) - 1
+
+
+class LinkState(enum.Enum):
+    DOWN = "down"              # no QP (passive: waiting for a REQ; active: until the next try)
+    CONNECTING = "connecting"  # active side: QP made, REQ sent, no REP yet
+    UP = "up"                  # both QPs in RTS
+
+
+@dataclass(frozen=True, slots=True)
+class LinkConfig:
+    """Transport parameters of every link of a daemon."""
+
+    mtu: int = 1024                 # path MTU (bytes); the smaller of the two sides' is used
+    timeout: int = 14               # ACK timeout code: 4.096 us * 2^14 = 67 ms
+    retry_cnt: int = 6              # transport retries before the QP fails (7 would be forever, as in rxe)
+    rnr_retry: int = 6              # RNR retries (7 would be forever)
+    min_rnr_timer: int = 1          # 0.01 ms
+    keepalive: float = 0.25         # seconds between keepalive WRITEs while UP
+    connect_interval: float = 0.2   # seconds between REQs (doubling to 8x)
+
+    @property
+    def retry_budget(self) -> float:
+        """Seconds an unanswered request is retried before the link fails."""
+        t = ack_timeout_seconds(self.timeout)
+        assert t is not None
+        return (self.retry_cnt + 1) * t
+
+
+@dataclass(slots=True)
+class LinkMetrics:
+    connects: int = 0            # times the link came UP
+    failures: int = 0            # times it went DOWN from UP or CONNECTING
+    reqs_sent: int = 0
+    reps_sent: int = 0
+    stale_connects: int = 0      # REQ/REP that named no attempt of ours (ignored)
+    messages_received: int = 0
+    keepalives: int = 0
+    window_faults: int = 0       # peer accesses outside every open window (NAKed)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class LinkOwner(Protocol):
+    """What a link reports to (peering.remote.PeerTarget); loop thread only."""
+
+    def on_up(self, link: PeerLink) -> None: ...
+    def on_down(self, link: PeerLink, reason: str) -> None: ...
+    def on_message(self, link: PeerLink, data: bytes) -> None: ...
+    def on_send_done(self, link: PeerLink, wr_id: int, status: WcStatus) -> None: ...
+
+
+# --------------------------------------------------------------------------
+# Windows
+# --------------------------------------------------------------------------
+class _Sink:
+    """What an abandoned window becomes: reads give zeros, writes vanish."""
+
+    __slots__ = ("n",)
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, s: slice) -> bytes:
+        start, stop, _ = s.indices(self.n)
+        return bytes(max(0, stop - start))
+
+    def __setitem__(self, s: slice, data) -> None:
+        pass
+
+
+@dataclass(slots=True)
+class _Window:
+    views: Any              # a memoryview, a Scattered or a _Sink
+    length: int
+    access: Access
+
+
+class WindowTable:
+    """R_Key -> window over a job's guest buffers: the peer's only way into
+    this host's memory (the link QP's :class:`~roce.rc.memory.RemoteMemory`).
+    A window's virtual address is 0: the peer addresses bytes by offset."""
+
+    def __init__(self, metrics: LinkMetrics):
+        self._w: dict[int, _Window] = {}
+        self.metrics = metrics
+
+    def __len__(self) -> int:
+        return len(self._w)
+
+    def open(self, views: list[memoryview], access: Access) -> int:
+        """A window over ``views`` (their concatenation) granting ``access``; its R_Key."""
+        while True:
+            key = secrets.randbits(32)
+            if key and key not in self._w:
+                break
+        length = sum(len(v) for v in views)
+        body: Any = views[0] if len(views) == 1 else Scattered(views)
+        self._w[key] = _Window(body, length, access)
+        return key
+
+    def close(self, key: int) -> None:
+        self._w.pop(key, None)
+
+    def sink(self, key: int) -> None:
+        """Keep ``key`` valid for the peer but point it at nothing."""
+        w = self._w.get(key)
+        if w is not None:
+            w.views = _Sink(w.length)
+
+    def clear(self) -> None:
+        self._w.clear()
+
+    def resolve(self, rkey: int, va: int, length: int, access) -> memoryview:
+        w = self._w.get(rkey)
+        need = Access(int(access))
+        if w is None or need & ~w.access or va < 0 or length < 0 or va + length > w.length:
+            self.metrics.window_faults += 1
+            raise RemoteAccessError(f"R_Key {rkey:#x} [{va:#x}, +{length}) {need!r}: no such window "
+                                    "open to this peer", rkey=rkey, va=va, length=length)
+        v = w.views
+        if type(v) is memoryview:
+            return v[va:va + length]
+        if va == 0 and length == w.length:
+            return cast(memoryview, v)
+        return cast(memoryview, _Slice(v, va, length))
+
+    def invalidate(self, rkey: int) -> None:
+        raise RemoteAccessError(f"SEND with Invalidate of R_Key {rkey:#x}: not on a peer link",
+                                rkey=rkey)
+
+
+class _Slice:
+    """A sub-range of a Scattered or _Sink window, sliceable like a memoryview."""
+
+    __slots__ = ("base", "off", "n")
+
+    def __init__(self, base, off: int, n: int):
+        self.base, self.off, self.n = base, off, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _abs(self, s: slice) -> slice:
+        start, stop, step = s.indices(self.n)
+        if step != 1:
+            raise ValueError("strided access to a window")
+        return slice(self.off + start, self.off + max(start, stop))
+
+    def __getitem__(self, s: slice):
+        return self.base[self._abs(s)]
+
+    def __setitem__(self, s: slice, data) -> None:
+        self.base[self._abs(s)] = data
+
+
+# --------------------------------------------------------------------------
+# The link
+# --------------------------------------------------------------------------
+class _RingIndex:
+    """What the native receive fast path reads of a wire QP's ``qp``: it
+    takes a SEND only when ``rq_posted == qp.rq_pi``. A link's receives are
+    its own buffers, never a guest ring: its SENDs always take the Python
+    path (they are few: job and result descriptors)."""
+
+    rq_pi = 1
+
+
+class PeerLink:
+    """The RC link to daemon ``peer`` (an IP address of the fabric)."""
+
+    rq_posted = 0   # see _RingIndex
+    qp = _RingIndex()
+
+    def __init__(self, fabric, peer: str, owner: LinkOwner, *, incarnation: int, active: bool,
+                 credits: int, ops, config: LinkConfig | None = None):
+        self.fabric = fabric
+        self.peer = peer
+        self.owner = owner
+        self.incarnation = incarnation
+        self.active = active
+        self.credits = credits          # jobs we accept in flight from the peer
+        self._ops = ops                 # () -> tuple[OpInfo, ...]: ours, for REQ/REP
+        self.config = config or LinkConfig()
+        self.metrics = LinkMetrics()
+        self.state = LinkState.DOWN
+        self.rc: RcQp | None = None
+        self.qpn = 0
+        self.sports: frozenset[int] | None = None
+        self.table = WindowTable(self.metrics)
+        self.peer_incarnation = 0
+        self.peer_qpn = 0
+        self.peer_credits = 0
+        self.peer_ops: dict[int, OpInfo] = {}
+        self.closed = False
+        self.dev = self                 # the fabric re-arms timers through dev.notify
+        #: called when deadline() may have moved earlier (the service re-arms its timer)
+        self.notify: Any = None
+        self.epoch = 0                  # incremented every time the link goes DOWN
+        self._psn = 0
+        self._recv: list[memoryview] = []  # receive buffer of each slot (its wr_id)
+        self._next_connect: float | None = None
+        self._backoff = 1
+        self._next_keepalive: float | None = None
+        self._pumping = False
+
+    # ------------------------------------------------------------ connection
+    def start(self, now: float) -> None:
+        if self.active and self.state is LinkState.DOWN and not self.closed:
+            self._next_connect = now
+
+    def _make_qp(self, now: float) -> None:
+        self._drop_qp()
+        self.qpn = self.fabric.alloc_qpn()
+        self.rc = RcQp(self.qpn, self.table)
+        self._psn = secrets.randbelow(PSN_MASK + 1)
+        self.rc.modify(QpState.INIT, access=LINK_ACCESS)
+        self.fabric.attach_wire(self.qpn, self)
+        self._post_recvs(self.credits + RECV_SLACK)
+
+    def _post_recvs(self, n: int) -> None:
+        assert self.rc is not None
+        for _ in range(n):
+            buf = memoryview(bytearray(MAX_MESSAGE))
+            self.rc.post_recv(len(self._recv), [buf])
+            self._recv.append(buf)
+
+    def _bring_up(self, dest_qpn: int, dest_psn: int, mtu: int, now: float) -> None:
+        rc = self.rc
+        assert rc is not None
+        c = self.config
+        mtu = min(self.config.mtu, mtu)
+        rc.modify(QpState.RTR, dest_qp_num=dest_qpn, path_mtu=mtu if mtu in (256, 512, 1024, 2048, 4096)
+                  else 1024, rq_psn=dest_psn, min_rnr_timer=c.min_rnr_timer, max_dest_rd_atomic=16)
+        rc.modify(QpState.RTS, sq_psn=self._psn, timeout=c.timeout, retry_cnt=c.retry_cnt,
+                  rnr_retry=c.rnr_retry, max_rd_atomic=16)
+        self.sports = allowed_source_ports(self.fabric.port_check_of(self.peer), self.fabric.port,
+                                           dest_qpn, self.qpn)
+        self.peer_qpn = dest_qpn
+        self.state = LinkState.UP
+        self.metrics.connects += 1
+        self._next_connect = None
+        self._backoff = 1
+        self._next_keepalive = now + c.keepalive
+
+    def _connect_msg(self, kind: int, echo: int) -> ConnectMsg:
+        return ConnectMsg(kind, self.incarnation, echo, self.qpn, self._psn, self.credits,
+                          self.config.mtu, tuple(self._ops()))
+
+    def on_connect(self, msg: ConnectMsg, now: float) -> None:
+        """A REQ or REP from this link's peer (decoded, from its address)."""
+        if msg.type == ConnectType.REQ:
+            if self.active:
+                self.metrics.stale_connects += 1  # the peer's view of who connects differs
+                log.warning("peer link %s: REQ from a peer this daemon connects to (ignored)", self.peer)
+                return
+            if (self.state is LinkState.UP and msg.incarnation == self.peer_incarnation
+                    and msg.qpn == self.peer_qpn):
+                self._send_connect(self._connect_msg(ConnectType.REP, msg.incarnation))  # REP lost
+                return
+            if self.state is not LinkState.DOWN:
+                self._down("the peer connected again (restarted, or saw the link fail)", now)
+            self._make_qp(now)
+            self._accept(msg, now)
+            self._send_connect(self._connect_msg(ConnectType.REP, msg.incarnation))
+            self.metrics.reps_sent += 1
+            self.owner.on_up(self)
+            self.kick(now)
+            return
+        # REP
+        if self.state is not LinkState.CONNECTING or msg.echo != self.incarnation:
+            if not (self.state is LinkState.UP and msg.qpn == self.peer_qpn):
+                self.metrics.stale_connects += 1
+            return
+        self._accept(msg, now)
+        self.owner.on_up(self)
+        self.kick(now)
+
+    def _accept(self, msg: ConnectMsg, now: float) -> None:
+        self.peer_incarnation = msg.incarnation
+        self.peer_credits = msg.credits
+        self.peer_ops = {int(o.op): o for o in msg.ops}
+        self._bring_up(msg.qpn, msg.psn, msg.mtu, now)
+        self._post_recvs(msg.credits)  # their results (for our jobs, at most their credits)
+
+    def _send_connect(self, msg: ConnectMsg) -> None:
+        pkt = RocePacket(make_bth(int(Opcode.UD_SEND_ONLY), GSI_QPN, 0), deth=Deth(GSI_QKEY, GSI_QPN),
+                         payload=msg.encode())
+        self.fabric.transmit([pkt], self.peer)
+
+    def fail(self, reason: str, now: float) -> None:
+        """The owner found the peer misbehaving: the link goes DOWN (the active
+        side connects again)."""
+        self._down(reason, now)
+
+    def _down(self, reason: str, now: float) -> None:
+        if self.state is LinkState.DOWN:
+            return
+        log.info("peer link %s down: %s", self.peer, reason)
+        self.state = LinkState.DOWN
+        self.metrics.failures += 1
+        self.epoch += 1
+        self._drop_qp()
+        self._next_keepalive = None
+        self.owner.on_down(self, reason)
+        if self.active and not self.closed:
+            self._next_connect = now + self.config.connect_interval
+
+    def _drop_qp(self) -> None:
+        rc = self.rc
+        if rc is None:
+            return
+        self.rc = None
+        if rc.state is not QpState.ERR:
+            rc.modify(QpState.ERR)
+        rc.poll_send_cq()
+        rc.poll_recv_cq()
+        self.fabric.detach_wire(self.qpn)
+        self.fabric.free_qpn(self.qpn)
+        self.table = WindowTable(self.metrics)
+        self._recv = []
+        self.peer_credits = 0
+        self.peer_ops = {}
+
+    def close(self, now: float = 0.0) -> None:
+        """The daemon stops: the link goes DOWN for good (its jobs given back)."""
+        self.closed = True
+        self._next_connect = None
+        self._down("the daemon is stopping", now)
+        self._drop_qp()
+
+    # -------------------------------------------------------------- posting
+    def post(self, wr: rv.SendWR) -> None:
+        """Post a send WR on the UP link (the caller kicks it after a batch)."""
+        if self.state is not LinkState.UP or self.rc is None:
+            raise TransportError(f"peer link {self.peer} is {self.state.value}")
+        self.rc.post_send(wr)
+
+    def send(self, wr_id: int, payload: bytes) -> None:
+        self.post(rv.SendWR(wr_id, WrOpcode.SEND, [memoryview(payload)]))
+
+    def read(self, wr_id: int, into: memoryview, rkey: int, va: int = 0) -> None:
+        self.post(rv.SendWR(wr_id, WrOpcode.RDMA_READ, [into], va, rkey))
+
+    def write(self, wr_id: int, views: list[memoryview], rkey: int, va: int = 0, *,
+              signaled: bool = True) -> None:
+        self.post(rv.SendWR(wr_id, WrOpcode.RDMA_WRITE, views, va, rkey, signaled=signaled))
+
+    def kick(self, now: float) -> None:
+        """After posting: send, collect, and re-arm the timer."""
+        self.pump(now)
+        if self.notify is not None:
+            self.notify()
+
+    # ----------------------------------------------- the fabric's wire QP face
+    def receive(self, pkt, now: float, pump: bool = True) -> None:
+        rc = self.rc
+        if rc is None:
+            return
+        rc.receive(pkt, now)
+        if pump:
+            self.pump(now)
+
+    def pump(self, now: float) -> None:
+        """Packets out, completions to the owner (which may post more), until quiet."""
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            while True:
+                rc = self.rc
+                if rc is None:
+                    return
+                pkts = rc.transmit_raw(now)
+                if pkts:
+                    self.fabric.transmit(pkts, self.peer)
+                sends, recvs = rc.poll_send_cq(), rc.poll_recv_cq()
+                if rc.state is QpState.ERR:
+                    m = rc.metrics
+                    self._down(f"the RC QP failed (timeouts {m.timeouts}, NAKs {m.fatal_naks_received}, "
+                               f"remote access NAKs sent {m.remote_access_naks})", now)
+                    return
+                if not sends and not recvs:
+                    return
+                for c in sends:
+                    self.owner.on_send_done(self, c.wr_id, c.status)
+                for c in recvs:
+                    self._received(c)
+        finally:
+            self._pumping = False
+
+    def _received(self, c: rv.Completion) -> None:
+        if c.status is not WcStatus.SUCCESS or self.rc is None or not 0 <= c.wr_id < len(self._recv):
+            return
+        mv = self._recv[c.wr_id]
+        data = bytes(mv[:c.byte_len])
+        self.rc.post_recv(c.wr_id, [mv])
+        self.metrics.messages_received += 1
+        self.owner.on_message(self, data)
+
+    def deadline(self) -> float | None:
+        ds = [d for d in (self.rc.next_deadline() if self.rc is not None else None,
+                          self._next_connect, self._next_keepalive) if d is not None]
+        return min(ds) if ds else None
+
+    def on_timer(self, now: float) -> None:
+        if self.rc is not None:
+            self.rc.handle_timer(now)
+        c = self.config
+        if self._next_connect is not None and now >= self._next_connect and not self.closed:
+            if self.state is not LinkState.CONNECTING:
+                self._make_qp(now)
+                self.state = LinkState.CONNECTING
+            self._send_connect(self._connect_msg(ConnectType.REQ, 0))
+            self.metrics.reqs_sent += 1
+            self._next_connect = now + c.connect_interval * self._backoff
+            self._backoff = min(self._backoff * 2, 8)
+        if self._next_keepalive is not None and now >= self._next_keepalive and self.rc is not None:
+            try:
+                self.write(0, [], 0, signaled=False)  # zero-length: no R_Key, no payload, one ACK
+                self.metrics.keepalives += 1
+            except TransportError:
+                pass
+            self._next_keepalive = now + c.keepalive
+        self.pump(now)
+
+    def describe(self) -> dict:
+        return {"peer": self.peer, "state": self.state.value, "qpn": self.qpn,
+                "peer_qpn": self.peer_qpn, "peer_credits": self.peer_credits,
+                "windows": len(self.table), **self.metrics.as_dict()}

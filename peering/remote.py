@@ -1,0 +1,398 @@
+"""Accelerator jobs between daemons: one :class:`PeerTarget` per peer host,
+in both roles (docs/peering.md).
+
+**Origin** (a job of one of this host's guests runs on the peer): the
+device's router (:class:`virtio_rdma.accel.AccelRouter`) hands the target a
+checked job whose input and output are views of the guest's registered
+memory. The target opens two windows on its link (input REMOTE_READ, output
+REMOTE_WRITE: :class:`peering.link.WindowTable`) and SENDs a
+:class:`~peering.wire.JobMsg` naming them, if the peer's credits allow;
+otherwise the job waits in this peer's remote queue (``backlog``). The peer
+READs the input, runs the job, WRITEs the output straight into the guest's
+buffers and SENDs a :class:`~peering.wire.ResultMsg`; the target closes the
+windows and settles the job (:func:`virtio_rdma.accel.settle`). If the link
+fails, every job sent or queued on it is given back: re-run on this host if
+its queue asked (LOCAL_FALLBACK) and this host can, else REMOTE_FAILED. A
+job is forwarded at most once: the peer runs it on its own accelerators or
+refuses it, never sends it on. A result for a job no longer outstanding (the
+link failed meanwhile, or the queue went) is dropped: never delivered twice.
+
+**Server** (the peer's job runs here): a JobMsg is checked as a guest's job
+is (:func:`virtio_rdma.accel.check_params`, lengths matching the operation,
+this host runs the op, the peer within the credits this host granted, the
+staging memory within :data:`MAX_STAGING_BYTES`); a refusal is a ResultMsg
+with NO_ACCELERATOR, INVALID_PARAMS or REMOTE_FAILED. An accepted job's
+input is READ into staging arrays, run on the local service under this
+peer's own guest id (the peer host is one guest in the fair queue, with its
+job's priority), and its output WRITten back, then the result SENT.
+
+A malformed message from a peer fails the link (its jobs are given back on
+both sides): a daemon that speaks the protocol wrongly is not trusted with
+more.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from itertools import count
+from time import monotonic
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from accel_core.errors import AccelError, InvalidInput
+from accel_core.jobs import MAX_PRIORITY, JobState
+from peering.link import LinkState, PeerLink
+from peering.wire import JobMsg, PeerWireError, ResultMsg, decode_link
+from verbs import Access, WcStatus
+from virtio_rdma.accel import CORE_OP, NP_DTYPE, Entry, check_params, make_job, need_bytes, settle
+from virtio_rdma.constants import AccelOp, AccelStatus
+from virtio_rdma.wire import AccelJob
+
+if TYPE_CHECKING:
+    from accel_core.jobs import Job
+    from virtio_rdma.accel import AccelRouter
+
+log = logging.getLogger(__name__)
+
+#: staging memory (bytes) the jobs one peer has running here may hold
+MAX_STAGING_BYTES = 256 << 20
+#: jobs a peer may have in flight here unless configured (--peer-credits)
+DEFAULT_CREDITS = 64
+# send WR ids: the low 2 bits say what completed, the rest is the job's tag
+_WR_JOB, _WR_READ, _WR_WRITE, _WR_RESULT = 0, 1, 2, 3
+
+
+@dataclass(slots=True)
+class PeerMetrics:
+    jobs_sent: int = 0          # origin: JobMsgs sent to the peer
+    jobs_backlogged: int = 0    # origin: waited in the remote queue for credits
+    jobs_done: int = 0          # origin: settled with the peer's SUCCESS
+    jobs_given_back: int = 0    # origin: the link failed or the peer refused
+    results_dropped: int = 0    # origin: a result for no outstanding job
+    jobs_served: int = 0        # server: results sent for the peer's jobs
+    jobs_refused: int = 0       # server: refused (credits, staging, no accelerator)
+    jobs_invalid: int = 0       # server: INVALID_PARAMS
+    bad_messages: int = 0       # malformed messages (each failed the link)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Out:
+    """A guest's job sent (or queued) to the peer."""
+
+    __slots__ = ("tag", "entry", "in_key", "out_key", "abandoned")
+
+    def __init__(self, tag: int, entry: Entry):
+        self.tag = tag
+        self.entry = entry
+        self.in_key = 0
+        self.out_key = 0
+        self.abandoned = False
+
+
+class _Served:
+    """A peer's job running here (the router's owner of its local job)."""
+
+    __slots__ = ("target", "msg", "x", "y", "its", "job", "bytes")
+
+    def __init__(self, target: PeerTarget, msg: JobMsg):
+        self.target = target
+        self.msg = msg
+        self.x: np.ndarray | None = None
+        self.y: np.ndarray | None = None
+        self.its: np.ndarray | None = None
+        self.job: Job | None = None
+        self.bytes = 0
+
+    def job_done(self, job: Job) -> None:
+        self.target._finished(self, job)
+
+
+def _as_accel_job(m: JobMsg) -> AccelJob:
+    return AccelJob(m.tag, m.op, m.dtype, m.size, m.batch, m.iterations, m.early_stop, m.scaling, [], [])
+
+
+class PeerTarget:
+    """Host ``host`` (a peer daemon) as a target of this host's router, and
+    this host as its server (see the module doc). ``link_factory(target)``
+    makes the link, whose owner the target is."""
+
+    def __init__(self, host: int, router: AccelRouter, link_factory: Callable[[PeerTarget], PeerLink], *,
+                 credits: int = DEFAULT_CREDITS, clock: Callable[[], float] = monotonic):
+        self.host = host
+        self.router = router
+        self.credits = credits
+        self.clock = clock
+        self.metrics = PeerMetrics()
+        self.guest_id = router.new_guest_id()  # this peer's share of the local accelerators
+        self._tags = count(1)
+        self.sent: dict[int, _Out] = {}
+        self.backlog: deque[_Out] = deque()
+        self.served: dict[int, _Served] = {}   # the peer's jobs here, by tag, until results are sent
+        #: results sent, not yet acknowledged: their staging stays (the output
+        #: WRITE may be retransmitted) but the peer's credit is back
+        self.draining: dict[int, _Served] = {}
+        self.staging = 0
+        self.link: PeerLink = link_factory(self)
+
+    # ----------------------------------------------------------- RemoteTarget
+    def units(self, op: AccelOp) -> int:
+        if self.link.state is not LinkState.UP:
+            return 0
+        info = self.link.peer_ops.get(int(op))
+        return info.units if info is not None else 0
+
+    def submit(self, entry: Entry) -> AccelStatus | None:
+        if self.link.state is not LinkState.UP:
+            return AccelStatus.REMOTE_FAILED
+        if not self.units(entry.op):
+            return AccelStatus.NO_ACCELERATOR
+        o = _Out(next(self._tags), entry)
+        entry.remote = o
+        if len(self.sent) < self.link.peer_credits:
+            self._send(o)
+            self.link.kick(self.clock())
+        else:
+            self.backlog.append(o)
+            self.metrics.jobs_backlogged += 1
+        return None
+
+    def cancel(self, entry: Entry) -> bool:
+        o = entry.remote
+        if isinstance(o, _Out) and o in self.backlog:
+            self.backlog.remove(o)
+            return True
+        return False
+
+    def abandon(self, entry: Entry) -> None:
+        o = entry.remote
+        if not isinstance(o, _Out):
+            return
+        if o in self.backlog:
+            self.backlog.remove(o)
+            return
+        o.abandoned = True
+        # the peer may still read or write: it finds nothing there (its result closes the windows)
+        self.link.table.sink(o.in_key)
+        self.link.table.sink(o.out_key)
+
+    # ----------------------------------------------------------------- origin
+    def _send(self, o: _Out) -> None:
+        e, link = o.entry, self.link
+        job = e.spec
+        assert job is not None
+        o.in_key = link.table.open(e.in_views, Access.REMOTE_READ)
+        o.out_key = link.table.open(e.out_views, Access.REMOTE_WRITE)
+        msg = JobMsg(o.tag, job.op, job.dtype, job.size, job.batch, job.iterations, job.early_stop,
+                     job.scaling, e.aq.priority, 0, o.in_key, sum(len(v) for v in e.in_views),
+                     0, o.out_key, e.out_len)
+        self.sent[o.tag] = o
+        link.send(o.tag << 2 | _WR_JOB, msg.encode())
+        self.metrics.jobs_sent += 1
+
+    def _dispatch(self) -> None:
+        while self.backlog and len(self.sent) < self.link.peer_credits and self.link.state is LinkState.UP:
+            self._send(self.backlog.popleft())
+
+    def _result(self, r: ResultMsg) -> None:
+        o = self.sent.pop(r.tag, None)
+        if o is None:
+            self.metrics.results_dropped += 1
+            return
+        self.link.table.close(o.in_key)
+        self.link.table.close(o.out_key)
+        self._dispatch()
+        if o.abandoned:
+            return
+        e = o.entry
+        e.remote = None
+        status = r.status
+        if status is AccelStatus.SUCCESS and r.byte_len != e.out_len:
+            log.warning("peer %s: job %d reports %d bytes written, %d expected", self.link.peer, r.tag,
+                        r.byte_len, e.out_len)
+            status = AccelStatus.REMOTE_FAILED
+        if status is AccelStatus.SUCCESS:
+            self.metrics.jobs_done += 1
+        elif status in (AccelStatus.REMOTE_FAILED, AccelStatus.NO_ACCELERATOR):
+            self.metrics.jobs_given_back += 1
+        settle(e, status, byte_len=r.byte_len, wait_us=r.wait_us, service_us=r.service_us,
+               iterations=r.iterations, host=self.host)
+
+    # --------------------------------------------------------- link callbacks
+    def on_up(self, link: PeerLink) -> None:
+        log.info("peer host %d (%s) up: credits %d, accelerators %s", self.host, link.peer,
+                 link.peer_credits, {AccelOp(o).name: i.units for o, i in link.peer_ops.items()})
+
+    def on_down(self, link: PeerLink, reason: str) -> None:
+        outs = list(self.sent.values()) + list(self.backlog)
+        self.sent.clear()
+        self.backlog.clear()
+        for o in outs:
+            if o.abandoned:
+                continue
+            o.entry.remote = None
+            self.metrics.jobs_given_back += 1
+            settle(o.entry, AccelStatus.REMOTE_FAILED)
+        for s in self.draining.values():
+            self._release(s)
+        self.draining.clear()
+        served, self.served = list(self.served.values()), {}
+        for s in served:
+            if s.job is None:  # its READ was flushed with the QP: it never starts
+                self._release(s)
+            elif self.router.local is not None and self.router.local.cancel(s.job):
+                self.router.forget(s.job)
+                self._release(s)
+            # else it runs: _finished finds it gone from self.served and drops its output
+
+    def on_message(self, link: PeerLink, data: bytes) -> None:
+        try:
+            msg = decode_link(data)
+        except PeerWireError as e:
+            self._protocol_error(f"malformed message: {e}")
+            return
+        if isinstance(msg, ResultMsg):
+            self._result(msg)
+        else:
+            self._serve(msg)
+
+    def _protocol_error(self, what: str) -> None:
+        self.metrics.bad_messages += 1
+        log.warning("peer %s: %s: failing the link", self.link.peer, what)
+        self.link.fail(what, self.clock())
+
+    def on_send_done(self, link: PeerLink, wr_id: int, status: WcStatus) -> None:
+        kind, tag = wr_id & 3, wr_id >> 2
+        if kind == _WR_READ:
+            s = self.served.get(tag)
+            if s is not None:
+                self._run(s, status)
+        elif kind == _WR_RESULT:  # acknowledged: so is the output WRITE before it
+            s = self.draining.pop(tag, None)
+            if s is not None:
+                self._release(s)
+
+    # ----------------------------------------------------------------- server
+    def _refuse(self, tag: int, status: AccelStatus) -> None:
+        if status is AccelStatus.INVALID_PARAMS:
+            self.metrics.jobs_invalid += 1
+        else:
+            self.metrics.jobs_refused += 1
+        self.link.send(tag << 2 | _WR_RESULT, ResultMsg(tag, status).encode())
+        self.link.kick(self.clock())
+
+    def _serve(self, m: JobMsg) -> None:
+        link = self.link
+        if m.tag in self.served:
+            self._protocol_error(f"job tag {m.tag} reused while in flight")
+            return
+        spec = _as_accel_job(m)
+        try:
+            check_params(spec)
+        except InvalidInput as ex:
+            log.debug("peer %s job %d: %s", link.peer, m.tag, ex)
+            self._refuse(m.tag, AccelStatus.INVALID_PARAMS)
+            return
+        in_need, k_out, out_need = need_bytes(spec)
+        if m.in_len != in_need or m.out_len != out_need:
+            self._refuse(m.tag, AccelStatus.INVALID_PARAMS)
+            return
+        local = self.router.local
+        if local is None or not local.units(m.op):
+            self._refuse(m.tag, AccelStatus.NO_ACCELERATOR)
+            return
+        fft = m.op in (AccelOp.FFT, AccelOp.IFFT)
+        nbytes = in_need + (0 if fft else k_out + m.batch)
+        if len(self.served) >= self.credits or self.staging + nbytes > MAX_STAGING_BYTES:
+            self._refuse(m.tag, AccelStatus.REMOTE_FAILED)
+            return
+        s = _Served(self, m)
+        if fft:  # in place
+            s.x = s.y = np.empty(in_need // NP_DTYPE[m.dtype].itemsize, dtype=NP_DTYPE[m.dtype])
+        elif m.op is AccelOp.TURBO_ENCODE:
+            s.x = np.empty(in_need, dtype=np.uint8)
+            s.y = np.empty(k_out, dtype=np.uint8)
+        else:
+            s.x = np.empty(in_need // 4, dtype=np.float32)
+            s.y = np.empty(k_out, dtype=np.uint8)
+            s.its = np.zeros(m.batch, dtype=np.uint8)
+        s.bytes = nbytes
+        self.staging += nbytes
+        self.served[m.tag] = s
+        link.read(m.tag << 2 | _WR_READ, s.x.view(np.uint8).data, m.in_rkey, m.in_va)
+        link.kick(self.clock())
+
+    def _run(self, s: _Served, status: WcStatus) -> None:
+        """The input is here: run the job on this host's accelerators."""
+        m = s.msg
+        if status is not WcStatus.SUCCESS:  # the link is failing: on_down cleans up
+            return
+        local = self.router.local
+        assert local is not None and s.x is not None and s.y is not None
+        try:
+            job = make_job(CORE_OP[m.op], _as_accel_job(m), s.x, s.y, guest_id=self.guest_id,
+                           priority=min(m.priority, MAX_PRIORITY))
+        except InvalidInput:
+            self._drop_served(s, AccelStatus.INVALID_PARAMS)
+            return
+        s.job = job
+        self.router.track(job, s)
+        try:
+            local.submit(job)
+        except AccelError:
+            self.router.forget(job)
+            self._drop_served(s, AccelStatus.NO_ACCELERATOR)
+
+    def _drop_served(self, s: _Served, status: AccelStatus) -> None:
+        del self.served[s.msg.tag]
+        self._release(s)
+        self._refuse(s.msg.tag, status)
+
+    def _finished(self, s: _Served, job: Job) -> None:
+        """The local service finished a peer's job (AccelRouter.deliver)."""
+        m = s.msg
+        link = self.link
+        if self.served.get(m.tag) is not s or link.state is not LinkState.UP:
+            self._release(s)  # the link failed meanwhile: nobody waits for it
+            return
+        if job.state is not JobState.DONE:
+            self._drop_served(s, AccelStatus.INVALID_PARAMS if job.state is JobState.FAILED
+                              and isinstance(job.error, InvalidInput) else AccelStatus.REMOTE_FAILED)
+            return
+        wait = service = 0
+        if job.t_started is not None and job.t_submitted is not None:
+            wait = int((job.t_started - job.t_submitted) * 1e6)
+        if job.service_time is not None:
+            service = int(job.service_time * 1e6)
+        assert s.y is not None
+        views = [s.y.view(np.uint8).data]
+        its = 0
+        if m.op is AccelOp.TURBO_DECODE:
+            used = np.atleast_1d(np.asarray(job.result, dtype=np.int64))
+            assert s.its is not None
+            s.its[:] = np.minimum(used, 255)
+            views.append(s.its.data)
+            its = int(used.max()) if used.size else 0
+        # the output straight into the guest's buffer, then the result behind it (RC order)
+        link.write(m.tag << 2 | _WR_WRITE, views, m.out_rkey, m.out_va, signaled=False)
+        link.send(m.tag << 2 | _WR_RESULT,
+                  ResultMsg(m.tag, AccelStatus.SUCCESS, m.out_len, wait, service, its).encode())
+        # the peer may send its next job as soon as it has the result: the credit is back now
+        del self.served[m.tag]
+        self.draining[m.tag] = s
+        self.metrics.jobs_served += 1
+        link.kick(self.clock())
+
+    def _release(self, s: _Served) -> None:
+        self.staging -= s.bytes
+        s.bytes = 0
+        s.x = s.y = s.its = None
+
+    def describe(self) -> dict:
+        return {"host": self.host, "remote_queue": len(self.backlog), "in_flight": len(self.sent),
+                "serving": len(self.served) + len(self.draining), "staging_bytes": self.staging,
+                "link": self.link.describe(), **self.metrics.as_dict()}

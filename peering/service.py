@@ -1,0 +1,216 @@
+"""A daemon's peer links, and their asyncio adapter (docs/peering.md).
+
+:class:`Peering` (sans-I/O) owns one :class:`~peering.link.PeerLink` and one
+:class:`~peering.remote.PeerTarget` per peer host, registers the targets
+with the daemon's accelerator router (host ids 1, 2, ... in the order the
+peers are given), and takes the fabric's GSI datagrams
+(:attr:`fabric.roce.RoceFabric.gsi`): a connect message from an address that
+is not a configured peer, or not a well-formed one, is counted and dropped.
+:class:`PeeringService` runs it in the daemon's event loop: one timer for the
+earliest deadline of all links (RC retransmission, REQ retries,
+keepalives).
+
+Peers are given as ``--peer ADDR`` options or a cluster file
+(:func:`read_cluster_file`: one address per line, ``#`` comments; the
+daemon's own address is skipped).
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from time import monotonic
+from typing import TYPE_CHECKING
+
+from peering.link import LinkConfig, PeerLink
+from peering.remote import DEFAULT_CREDITS, PeerTarget
+from peering.wire import MAX_OPS, ConnectMsg, OpInfo, PeerWireError
+from roce.opcodes import Opcode
+from verbs import GSI_QKEY
+from virtio_rdma.constants import AccelOp
+
+if TYPE_CHECKING:
+    from fabric.roce import RoceFabric
+    from roce.packet import RocePacket
+    from virtio_rdma.accel import AccelRouter
+
+log = logging.getLogger(__name__)
+
+
+class PeerConfigError(ValueError):
+    """A peer list or cluster file names something that is not a usable peer."""
+
+
+def read_cluster_file(path: str | Path, own: str) -> list[str]:
+    """The peer addresses of a cluster file (one IP address per line, ``#``
+    comments, blank lines ignored), without ``own``, in file order."""
+    peers = []
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        try:
+            addr = str(ipaddress.ip_address(text))
+        except ValueError:
+            raise PeerConfigError(f"{path}:{i}: {text!r} is not an IP address") from None
+        if addr != str(ipaddress.ip_address(own)):
+            peers.append(addr)
+    return peers
+
+
+def check_peers(peers: list[str], own: str) -> list[str]:
+    """Normalised peer addresses: each an IP address of ``own``'s family, not
+    ``own``, each once."""
+    out: list[str] = []
+    me = ipaddress.ip_address(own)
+    for p in peers:
+        try:
+            ip = ipaddress.ip_address(p)
+        except ValueError:
+            raise PeerConfigError(f"peer {p!r} is not an IP address") from None
+        if ip == me:
+            raise PeerConfigError(f"peer {p} is this daemon's own address")
+        if ip.version != me.version:
+            raise PeerConfigError(f"peer {p} is not of the fabric address {own}'s IP version")
+        if str(ip) in out:
+            raise PeerConfigError(f"peer {p} is named twice")
+        out.append(str(ip))
+    return out
+
+
+class Peering:
+    """This daemon's links to ``peers`` over ``fabric`` (see the module doc)."""
+
+    def __init__(self, fabric: RoceFabric, router: AccelRouter, peers: list[str], *,
+                 credits: int = DEFAULT_CREDITS, config: LinkConfig | None = None,
+                 clock: Callable[[], float] = monotonic):
+        self.fabric = fabric
+        self.router = router
+        self.clock = clock
+        self.config = config or LinkConfig()
+        self.incarnation = secrets.randbits(63) | 1
+        me = ipaddress.ip_address(fabric.address)
+        self.targets: dict[str, PeerTarget] = {}
+        self.gsi_dropped = 0       # datagrams to QPN 1 that were no peer's connect message
+        #: called when the earliest deadline may have moved (the adapter re-arms its timer)
+        self.rearm: Callable[[], None] | None = None
+        for host, addr in enumerate(check_peers(peers, fabric.address), 1):
+            def link_factory(target, addr=addr):
+                link = PeerLink(fabric, addr, target, incarnation=self.incarnation,
+                                active=me.packed < ipaddress.ip_address(addr).packed, credits=credits,
+                                ops=self.ops, config=self.config)
+                link.notify = self._rearm
+                return link
+            t = PeerTarget(host, router, link_factory, credits=credits, clock=clock)
+            self.targets[addr] = t
+            router.add_remote(t)
+        fabric.gsi = self.on_gsi
+
+    def ops(self) -> tuple[OpInfo, ...]:
+        """This host's accelerators, as a connect message carries them."""
+        local = self.router.local
+        out: list[OpInfo] = []
+        for info in self.router.ops_info():
+            if local is not None and info.local_units and len(out) < MAX_OPS:
+                out.append(OpInfo(AccelOp(info.op), info.local_units, info.est_fixed_ns, info.est_unit_ps))
+        return tuple(out)
+
+    def _rearm(self) -> None:
+        if self.rearm is not None:
+            self.rearm()
+
+    def start(self) -> None:
+        now = self.clock()
+        for t in self.targets.values():
+            t.link.start(now)
+        self._rearm()
+
+    def on_gsi(self, pkt: RocePacket, src: str, sport: int, now: float) -> None:
+        t = self.targets.get(src)
+        deth = pkt.deth
+        if (t is None or pkt.bth.opcode != Opcode.UD_SEND_ONLY or deth is None
+                or deth.qkey != GSI_QKEY):
+            self.gsi_dropped += 1
+            return
+        try:
+            msg = ConnectMsg.decode(bytes(pkt.payload))
+        except PeerWireError as e:
+            self.gsi_dropped += 1
+            log.debug("connect message from %s: %s", src, e)
+            return
+        t.link.on_connect(msg, self.clock())
+        self._rearm()
+
+    def next_deadline(self) -> float | None:
+        ds = [d for t in self.targets.values() if (d := t.link.deadline()) is not None]
+        return min(ds) if ds else None
+
+    def on_timer(self, now: float) -> None:
+        for t in list(self.targets.values()):
+            d = t.link.deadline()
+            if d is not None and d <= now:
+                t.link.on_timer(now)
+
+    def close(self) -> None:
+        now = self.clock()
+        for t in self.targets.values():
+            t.link.close(now)
+        if self.fabric.gsi == self.on_gsi:
+            self.fabric.gsi = None
+
+    def describe(self) -> dict:
+        return {"incarnation": self.incarnation, "gsi_dropped": self.gsi_dropped,
+                "peers": {a: t.describe() for a, t in self.targets.items()}}
+
+
+class PeeringService:
+    """Runs a :class:`Peering` in the daemon's event loop (start after the
+    fabric's own service, which owns the socket)."""
+
+    def __init__(self, peering: Peering):
+        self.peering = peering
+        self._timer: asyncio.TimerHandle | None = None
+        self._at: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        # served jobs complete on this loop even before any guest's device attaches it
+        self.peering.router.attach_loop(self._loop)
+        self.peering.rearm = self._schedule
+        self.peering.start()
+        log.info("peer links: %s", ", ".join(
+            f"host {t.host} = {a}" for a, t in self.peering.targets.items()) or "none")
+
+    def _schedule(self) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        d = self.peering.next_deadline()
+        if d is None or (self._at is not None and self._at <= d):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._at = d
+        # loop.time() is time.monotonic(), the clock the links run on
+        self._timer = loop.call_at(d, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._at = None
+        try:
+            self.peering.on_timer(monotonic())
+        except Exception:  # the daemon boundary: one bad link must not stop the others
+            log.exception("peer links: internal error in a timer")
+        self._schedule()
+
+    async def aclose(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.peering.rearm = None
+        self.peering.close()
+        log.info("peer links at exit: %s", self.peering.describe())

@@ -1,0 +1,257 @@
+"""Wire formats of the daemon-to-daemon link (docs/peering.md).
+
+Pure codecs, no I/O. Two families:
+
+* **Connection management** (:class:`ConnectMsg`): the payload of an
+  unreliable-datagram SEND to the peer's GSI QP (QPN 1), as RDMA CM's REQ/REP
+  travel; it carries the sender's incarnation, link QPN and first PSN, the
+  jobs it accepts in flight (credits) and its accelerators.
+* **Link messages** (:class:`JobMsg`, :class:`ResultMsg`): RC SENDs on the
+  link QP. A job names its input and output by (virtual address, R_Key,
+  length) windows the sender opened on the guest's buffers: the peer READs
+  the input and WRITEs the output; the result follows the output on the same
+  QP, so RC ordering puts the data in place before the result arrives.
+
+All integers little endian, each layout a ``construct`` definition. Decoding
+checks syntax (magic, version, type, reserved bytes, enumeration values) and
+raises :class:`PeerWireError` naming the bad field; semantics (is the size
+supported, does the tag exist) are for :mod:`peering.remote`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import construct as cs
+
+from virtio_rdma.constants import AccelDtype, AccelEarlyStop, AccelOp, AccelStatus
+from virtio_rdma.errors import UnknownValueError
+
+u8, u16, u32, u64 = cs.Int8ul, cs.Int16ul, cs.Int32ul, cs.Int64ul
+
+#: "VRPL": vrdma peer link
+MAGIC = 0x4C505256
+VERSION = 1
+#: accelerator operations a ConnectMsg can describe
+MAX_OPS = 4
+
+
+class PeerWireError(ValueError):
+    """A peer's message is malformed; ``field`` names what is wrong."""
+
+    def __init__(self, message: str, field: str = ""):
+        super().__init__(message)
+        self.field = field
+
+
+class ConnectType:
+    REQ = 1   # the active side (lower address) asks: here is my QP
+    REP = 2   # the passive side answers: here is mine, already in RTS
+
+
+class LinkType:
+    JOB = 1
+    RESULT = 2
+
+
+# --------------------------------------------------------------------------
+# Connection management (UD payload to QPN 1)
+# --------------------------------------------------------------------------
+OpInfoLayout = cs.Struct(
+    "op" / u8,               # AccelOp
+    "units" / u8,            # accelerators that run it
+    "reserved" / cs.Const(0, u16),
+    "est_fixed_ns" / u32,    # service-time estimate, as QUERY_ACCEL's fields
+    "est_unit_ps" / u32,
+)
+ConnectLayout = cs.Struct(
+    "magic" / cs.Const(MAGIC, u32),
+    "version" / u8,
+    "type" / u8,
+    "num_ops" / u8,
+    "reserved0" / cs.Const(0, u8),
+    "incarnation" / u64,     # the sender daemon's, random at its start
+    "echo" / u64,            # REP: the REQ's incarnation; REQ: 0
+    "qpn" / u32,             # the sender's link QP
+    "psn" / u32,             # the first PSN it sends
+    "credits" / u16,         # jobs it accepts in flight from the receiver
+    "mtu" / u16,             # path MTU bytes it proposes (REP: the one chosen)
+    "reserved1" / cs.Const(0, u32),
+    "ops" / cs.Array(MAX_OPS, OpInfoLayout),
+)
+CONNECT_SIZE = ConnectLayout.sizeof()
+
+
+@dataclass(frozen=True, slots=True)
+class OpInfo:
+    op: AccelOp
+    units: int
+    est_fixed_ns: int = 0
+    est_unit_ps: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectMsg:
+    type: int
+    incarnation: int
+    echo: int
+    qpn: int
+    psn: int
+    credits: int
+    mtu: int
+    ops: tuple[OpInfo, ...] = ()
+
+    def encode(self) -> bytes:
+        if len(self.ops) > MAX_OPS:
+            raise PeerWireError(f"{len(self.ops)} ops (at most {MAX_OPS})", "num_ops")
+        pad = [dict(op=0, units=0, est_fixed_ns=0, est_unit_ps=0)] * (MAX_OPS - len(self.ops))
+        try:
+            return ConnectLayout.build(dict(
+                version=VERSION, type=self.type, num_ops=len(self.ops), incarnation=self.incarnation,
+                echo=self.echo, qpn=self.qpn, psn=self.psn, credits=self.credits, mtu=self.mtu,
+                ops=[dict(op=int(o.op), units=o.units, est_fixed_ns=o.est_fixed_ns,
+                          est_unit_ps=o.est_unit_ps) for o in self.ops] + pad))
+        except cs.ConstructError as e:
+            raise PeerWireError(f"connect message not encodable: {e}") from None
+
+    @classmethod
+    def decode(cls, data: bytes | memoryview) -> ConnectMsg:
+        if len(data) < CONNECT_SIZE:
+            raise PeerWireError(f"connect message of {len(data)} bytes (need {CONNECT_SIZE})", "length")
+        try:
+            c = ConnectLayout.parse(bytes(data[:CONNECT_SIZE]))
+        except cs.ConstructError as e:
+            raise PeerWireError(f"connect message: {e}", "magic/reserved") from None
+        if c.version != VERSION:
+            raise PeerWireError(f"connect message version {c.version} (this daemon: {VERSION})", "version")
+        if c.type not in (ConnectType.REQ, ConnectType.REP):
+            raise PeerWireError(f"connect message type {c.type}", "type")
+        if c.num_ops > MAX_OPS:
+            raise PeerWireError(f"num_ops {c.num_ops} (at most {MAX_OPS})", "num_ops")
+        if c.qpn < 2 or c.qpn > 0xFFFFFE or c.psn > 0xFFFFFF:
+            raise PeerWireError(f"qpn {c.qpn:#x} / psn {c.psn:#x} out of range", "qpn")
+        ops = []
+        for o in c.ops[:c.num_ops]:
+            try:
+                ops.append(OpInfo(AccelOp.parse(o.op), o.units, o.est_fixed_ns, o.est_unit_ps))
+            except UnknownValueError as e:
+                raise PeerWireError(f"connect message op: {e}", "ops") from None
+        return cls(c.type, c.incarnation, c.echo, c.qpn, c.psn, c.credits, c.mtu, tuple(ops))
+
+
+# --------------------------------------------------------------------------
+# Link messages (RC SENDs)
+# --------------------------------------------------------------------------
+_NO_SCALING = 0x1
+JobLayout = cs.Struct(
+    "type" / cs.Const(LinkType.JOB, u8),
+    "op" / u8,               # AccelOp
+    "dtype" / u8,            # AccelDtype
+    "early_stop" / u8,       # AccelEarlyStop
+    "iterations" / u8,
+    "priority" / u8,
+    "flags" / u8,            # bit 0: no scaling (scaling field unused)
+    "reserved0" / cs.Const(0, u8),
+    "tag" / u64,             # the sender's name for the job, echoed by the result
+    "size" / u32,
+    "batch" / u32,
+    "scaling" / cs.Float32l,
+    "reserved1" / cs.Const(0, u32),
+    "in_va" / u64, "in_rkey" / u32, "in_len" / u32,
+    "out_va" / u64, "out_rkey" / u32, "out_len" / u32,
+)
+JOB_SIZE = JobLayout.sizeof()
+ResultLayout = cs.Struct(
+    "type" / cs.Const(LinkType.RESULT, u8),
+    "status" / u8,           # AccelStatus
+    "iterations" / u8,       # Turbo decode: most iterations a block used
+    "reserved0" / cs.Const(0, u8),
+    "byte_len" / u32,        # bytes written into the output window
+    "tag" / u64,
+    "wait_us" / u32,
+    "service_us" / u32,
+)
+RESULT_SIZE = ResultLayout.sizeof()
+#: the largest link message (receive buffers are this big)
+MAX_MESSAGE = max(JOB_SIZE, RESULT_SIZE)
+
+
+@dataclass(frozen=True, slots=True)
+class JobMsg:
+    tag: int
+    op: AccelOp
+    dtype: AccelDtype
+    size: int
+    batch: int
+    iterations: int
+    early_stop: AccelEarlyStop
+    scaling: float | None
+    priority: int
+    in_va: int
+    in_rkey: int
+    in_len: int
+    out_va: int
+    out_rkey: int
+    out_len: int
+
+    def encode(self) -> bytes:
+        return JobLayout.build(dict(
+            op=int(self.op), dtype=int(self.dtype), early_stop=int(self.early_stop),
+            iterations=self.iterations, priority=self.priority,
+            flags=_NO_SCALING if self.scaling is None else 0, tag=self.tag, size=self.size,
+            batch=self.batch, scaling=0.0 if self.scaling is None else self.scaling,
+            in_va=self.in_va, in_rkey=self.in_rkey, in_len=self.in_len, out_va=self.out_va,
+            out_rkey=self.out_rkey, out_len=self.out_len))
+
+
+@dataclass(frozen=True, slots=True)
+class ResultMsg:
+    tag: int
+    status: AccelStatus
+    byte_len: int = 0
+    wait_us: int = 0
+    service_us: int = 0
+    iterations: int = 0
+
+    def encode(self) -> bytes:
+        return ResultLayout.build(dict(
+            status=int(self.status), iterations=min(self.iterations, 255), byte_len=self.byte_len,
+            tag=self.tag, wait_us=min(self.wait_us, 0xFFFFFFFF),
+            service_us=min(self.service_us, 0xFFFFFFFF)))
+
+
+def decode_link(data: bytes | memoryview) -> JobMsg | ResultMsg:
+    """A link message (syntax only); raises PeerWireError."""
+    if not len(data):
+        raise PeerWireError("empty link message", "length")
+    kind = data[0]
+    if kind == LinkType.JOB:
+        if len(data) != JOB_SIZE:
+            raise PeerWireError(f"job message of {len(data)} bytes (need {JOB_SIZE})", "length")
+        try:
+            j = JobLayout.parse(bytes(data))
+        except cs.ConstructError as e:
+            raise PeerWireError(f"job message: {e}", "reserved") from None
+        if j.flags & ~_NO_SCALING:
+            raise PeerWireError(f"job message flags {j.flags:#x}", "flags")
+        if not j.flags & _NO_SCALING and not math.isfinite(j.scaling):
+            raise PeerWireError(f"job message scaling {j.scaling}", "scaling")
+        try:
+            return JobMsg(j.tag, AccelOp.parse(j.op), AccelDtype.parse(j.dtype), j.size, j.batch,
+                          j.iterations, AccelEarlyStop.parse(j.early_stop),
+                          None if j.flags & _NO_SCALING else j.scaling, j.priority,
+                          j.in_va, j.in_rkey, j.in_len, j.out_va, j.out_rkey, j.out_len)
+        except UnknownValueError as e:
+            raise PeerWireError(f"job message: {e}", "op/dtype/early_stop") from None
+    if kind == LinkType.RESULT:
+        if len(data) != RESULT_SIZE:
+            raise PeerWireError(f"result message of {len(data)} bytes (need {RESULT_SIZE})", "length")
+        try:
+            r = ResultLayout.parse(bytes(data))
+            status = AccelStatus.parse(r.status)
+        except cs.ConstructError as e:
+            raise PeerWireError(f"result message: {e}", "reserved") from None
+        except UnknownValueError as e:
+            raise PeerWireError(f"result message: {e}", "status") from None
+        return ResultMsg(r.tag, status, r.byte_len, r.wait_us, r.service_us, r.iterations)
+    raise PeerWireError(f"link message type {kind}", "type")
