@@ -466,7 +466,11 @@ class Requester:
             code = aeth.nak_code
             if code == NakCode.PSN_SEQ_ERR:
                 m.seq_naks_received += 1
-                self.comp_psn = psn
+                if psn_diff(psn, self.comp_psn) > 0:
+                    # it acknowledges the packets before the gap: forward progress,
+                    # so the retry budget starts afresh (it counts retries of one PSN)
+                    self.comp_psn = psn
+                    self._progress(now)
                 self._error_retry(now)
             else:
                 m.fatal_naks_received += 1

@@ -271,6 +271,22 @@ def test_read_with_one_lost_response_retries_once_per_burst():
     assert p.b.metrics.duplicate_requests == 1      # the READ asked again once
 
 
+def test_long_message_under_loss_survives_a_small_retry_budget():
+    """The retry budget counts retries without forward progress (IBTA 9.7.6.1.3):
+    a PSN sequence error NAK that acknowledges the packets before its gap is
+    progress. A 512-packet WRITE losing 3% of packets meets a gap many times;
+    with retry_cnt 2 it must still complete. Before, each NAK spent the budget
+    for good and the QP failed (RETRY_EXC_ERR)."""
+    p = Pair(Channel(seed=11, drop=0.03), mtu=256, retry_cnt=2, timeout=14)
+    size = 512 * 256
+    data = pattern(size, 2)
+    rkey, va = p.mem_b.register(bytearray(size), Access.REMOTE_WRITE)
+    p.a.post_send(SendWR(1, WrOpcode.RDMA_WRITE, [memoryview(data)], remote_addr=va, rkey=rkey))
+    (c,) = wait_cq(p, p.a, 1)
+    assert c.status is WcStatus.SUCCESS
+    assert p.a.metrics.seq_naks_received > 2   # more gaps than the budget: it was reset
+
+
 # ------------------------------------------------------------------- RNR
 def test_rnr_nak_then_receive_posted():
     p = Pair(min_rnr_timer=1)
