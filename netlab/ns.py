@@ -472,6 +472,23 @@ def two_hosts(addr_a: str = "192.0.2.1/24", addr_b: str = "192.0.2.2/24", *,
         yield TwoHosts(a, b, link, str(lab_interface(addr_a).ip), str(lab_interface(addr_b).ip))
 
 
+def switch(hub: Namespace, hosts: list[tuple[Namespace, str]], *, mtu: int = DEFAULT_MTU,
+           bridge: str = "br0") -> list[Link]:
+    """Join ``hosts`` ((namespace, lab address/prefix) each) through a Linux
+    bridge in ``hub``: one veth from each host (``veth0`` there, ``hN`` in the
+    hub) enslaved to ``bridge``. Every host reaches every other on one subnet
+    (a star: the topology of a rack behind one switch)."""
+    hub.sysctl("net.ipv6.conf.all.disable_ipv6", 1)
+    hub.ip("link", "add", bridge, "mtu", str(mtu), "type", "bridge")
+    hub.ip("link", "set", bridge, "up")
+    links = []
+    for i, (ns, addr) in enumerate(hosts):
+        link = veth_pair(ns, hub, addr, None, mtu=mtu, if_b=f"h{i}")
+        hub.ip("link", "set", f"h{i}", "master", bridge)
+        links.append(link)
+    return links
+
+
 @dataclass(frozen=True)
 class RelayedHosts(TwoHosts):
     """``A <-veth-> R <-veth-> B``: :attr:`relay` forwards between R's

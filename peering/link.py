@@ -272,6 +272,7 @@ class PeerLink:
         self._backoff = 1
         self._next_keepalive: float | None = None
         self._pumping = False
+        self.last_transport: dict | None = None  # the transport counters of the last QP dropped
 
     # ------------------------------------------------------------ connection
     def start(self, now: float) -> None:
@@ -380,6 +381,7 @@ class PeerLink:
         if rc is None:
             return
         self.rc = None
+        self.last_transport = asdict(rc.metrics)
         if rc.state is not QpState.ERR:
             rc.modify(QpState.ERR)
         rc.poll_send_cq()
@@ -496,4 +498,5 @@ class PeerLink:
     def describe(self) -> dict:
         return {"peer": self.peer, "state": self.state.value, "qpn": self.qpn,
                 "peer_qpn": self.peer_qpn, "peer_credits": self.peer_credits,
-                "windows": len(self.table), **self.metrics.as_dict()}
+                "windows": len(self.table), **self.metrics.as_dict(),
+                "transport": self.last_transport if self.rc is None else asdict(self.rc.metrics)}

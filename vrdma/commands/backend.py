@@ -66,7 +66,44 @@ def add_arguments(p) -> None:
                    help="rdma: emulate accelerators FACTOR times slower than this host's kernels: "
                         "after each job a worker waits (FACTOR-1) x the kernel's time (default 1.0; "
                         "for tests and benchmarks that need a slow, shared accelerator)")
+    g = p.add_argument_group("peer hosts (accelerator jobs shipped over RDMA; RoCE fabric only)")
+    g.add_argument("--peer", action="append", default=[], metavar="ADDR",
+                   help="another host's daemon (its --roce-addr), reached over a daemon-owned RC "
+                        "link; repeat for more. Host ids 1, 2, ... follow the order given "
+                        "(FORCE_TARGET's target_host, the CQE's host)")
+    g.add_argument("--cluster", metavar="FILE",
+                   help="the cluster's hosts, one address per line (# comments), this host's "
+                        "own line skipped: each other line is a --peer, in file order")
+    g.add_argument("--peer-credits", type=int, default=None, metavar="N",
+                   help="accelerator jobs each peer may have in flight here (default 64)")
     _add_tenant_arguments(p)
+
+
+def make_peering(args, fabric, accel):
+    """The daemon's links to its peer hosts (a service for its loop), or None."""
+    if not (args.peer or args.cluster):
+        if args.peer_credits is not None:
+            raise SystemExit("vrdma backend: --peer-credits needs --peer or --cluster")
+        return None
+    from fabric.roce import RoceFabric
+    from peering.remote import DEFAULT_CREDITS
+    from peering.service import PeerConfigError, Peering, PeeringService, read_cluster_file
+
+    if not isinstance(fabric, RoceFabric):
+        raise SystemExit("vrdma backend: --peer and --cluster need the userspace RoCE fabric (--roce-addr); "
+                         "peer links over a verbs device are not implemented")
+    if accel is None:
+        raise SystemExit("vrdma backend: --peer and --cluster need --device rdma")
+    credits = DEFAULT_CREDITS if args.peer_credits is None else args.peer_credits
+    if not 1 <= credits <= 4096:
+        raise SystemExit(f"vrdma backend: --peer-credits {credits}: must be in 1..4096")
+    try:
+        peers = list(args.peer)
+        if args.cluster:
+            peers += read_cluster_file(args.cluster, fabric.address)
+        return PeeringService(Peering(fabric, accel, peers, credits=credits))
+    except (PeerConfigError, OSError) as e:
+        raise SystemExit(f"vrdma backend: {e}") from None
 
 
 #: what each --accelerators name runs (accel_core operation names)
@@ -289,11 +326,17 @@ def run(args) -> int:
     group = socket_group(args)
     fabric, services = make_fabric(args) if args.device == "rdma" else (None, [])
     accel = make_accel_router(args) if args.device == "rdma" else None
+    peering = make_peering(args, fabric, accel) if args.device == "rdma" else None
+    if peering is not None:
+        services = [*services, peering]
     factory = make_device_factory(args, fabric, policy, accel)
 
     def ready():
         if services:  # a fabric that reaches other hosts says how
             print(f"vrdma backend: {fabric.describe()}", flush=True)
+        if peering is not None:
+            for addr, t in peering.peering.targets.items():
+                print(f"vrdma backend: peer host {t.host} = {addr}", flush=True)
         for path in args.socket:
             print(f"vrdma backend: listening on {path}", flush=True)
 
@@ -307,5 +350,5 @@ def run(args) -> int:
         raise
     finally:
         if accel is not None:
-            log.info("accelerators: %s", accel.metrics())
+            log.info("accelerators: %s", accel.metrics())  # peers' counters: logged by their service
             accel.close()
