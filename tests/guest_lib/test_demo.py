@@ -21,3 +21,27 @@ def test_vrdma_demo_with_its_perftest_summary():
     assert r.returncode == 0, r.stdout + r.stderr
     assert "all data verified" in r.stdout
     assert "#bytes" in r.stdout and "ratio" in r.stdout and "memcpy" in r.stdout
+
+
+def test_vrdma_demo_three_hosts_prints_where_each_job_ran():
+    """``vrdma demo --hosts 3``: host0 has no accelerators, so every one of its jobs ran on a
+    peer; the others ran theirs at home except the ones forced to a peer; all verified."""
+    import re
+
+    import pytest
+
+    from vrdma import lab
+
+    why = lab.available()
+    if why:
+        pytest.skip(why)
+    r = subprocess.run([sys.executable, "-m", "vrdma", "demo", "--hosts", "3"], capture_output=True, text=True,
+                       timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "24 jobs on 3 hosts, every result equal to accel_core's" in r.stdout
+    sections = dict(re.findall(r"^(host\d) \(.*?\): its guest's jobs\n((?:  .*\n)+)", r.stdout, re.M))
+    ran = {h: re.findall(r"^\s+\d+\s+\w+\s+(host\d) ", body, re.M) for h, body in sections.items()}
+    assert set(ran) == {"host0", "host1", "host2"} and all(len(v) == 8 for v in ran.values())
+    assert "host0" not in ran["host0"]                            # a host without accelerators
+    assert ran["host1"].count("host1") == 6 and ran["host1"].count("host2") == 2  # 2 forced
+    assert ran["host2"].count("host2") == 6 and ran["host2"].count("host1") == 2

@@ -9,6 +9,13 @@ encodes and decodes, through guest_lib.accel) and checks every result
 against accel_core called in the guest itself; and finish with a
 perftest-style summary (64-byte send latency, RDMA WRITE bandwidth) against
 floors measured in the same run.
+
+``--hosts N`` (N >= 2, root): N hosts in network namespaces on one bridge
+(:mod:`vrdma.lab`), host0 without accelerators, a daemon on each with every
+other host as a peer; a guest on each submits FFT and Turbo decode jobs
+through the verbs-shaped AQ layer (some forced to another host), checks each
+result against accel_core, and the demo prints where each job ran and how
+long it waited.
 """
 from __future__ import annotations
 
@@ -25,6 +32,11 @@ HELP = ("start a back-end and two guests: connect QPs, SEND, WRITE, READ, atomic
 def add_arguments(p) -> None:
     p.add_argument("--iters", type=int, default=1000, help="iterations of the latency summary")
     p.add_argument("--no-perf", action="store_true", help="skip the perftest summary")
+    p.add_argument("--hosts", type=int, default=1, metavar="N",
+                   help="N >= 2: N hosts in network namespaces (host0 without accelerators), a "
+                        "daemon on each linked to the others over RoCEv2, a guest on each "
+                        "submitting FFT and Turbo jobs; prints where each job ran and how long it "
+                        "waited (needs root)")
 
 
 def _guest(role: str, path: str, conn, out) -> None:
@@ -141,7 +153,130 @@ def _accel_jobs(role: str, ctx) -> list[str]:
     return log
 
 
+# ------------------------------------------------------------------ --hosts N
+_FFT_N, _FFT_B, _K = 2048, 16, 6144
+
+
+def _cluster_guest(i: int, sock: str, forced: int, out) -> None:
+    """Host ``i``'s guest: FFT jobs (its device places them), FFT jobs forced to
+    host id ``forced``, Turbo decode jobs; each result checked against accel_core
+    run here. Puts (i, rows, error): rows (wr_id, op, host id, wait us, service us)."""
+    rows: list[tuple] = []
+    try:
+        import numpy as np
+
+        import accel_core
+        from guest_lib import CQ, MR, PD, SGE, Context
+        from guest_lib.aq import AQ, AccelWR
+        from verbs import Access
+        from virtio_rdma.constants import AccelOp, AccelStatus, AqFlags
+
+        rng = np.random.default_rng(1000 + i)
+        with Context(sock, mem_size=64 << 20, timeout=60) as ctx:
+            pd, cq = PD(ctx), CQ(ctx, 256)
+            x = (rng.standard_normal((_FFT_B, _FFT_N)) + 1j * rng.standard_normal((_FFT_B, _FFT_N))
+                 ).astype(np.complex64)
+            bits = rng.integers(0, 2, (1, _K), dtype=np.uint8)
+            coded = accel_core.turbo_encode(bits).astype(np.float32)
+            llr = ((1 - 2 * coded) * 2.0 + rng.normal(0, 1.0, coded.shape)).astype(np.float32)
+            fin, lin = MR(pd, x.nbytes, Access.LOCAL_WRITE), MR(pd, llr.nbytes, Access.LOCAL_WRITE)
+            fin.write(x.tobytes())
+            lin.write(llr.tobytes())
+            plan = [(AQ(pd, cq, AccelOp.FFT), 4), (AQ(pd, cq, AccelOp.TURBO_DECODE), 2)]
+            if forced:
+                plan.append((AQ(pd, cq, AccelOp.FFT, flags=AqFlags.FORCE_TARGET, target_host=forced), 2))
+            outs: dict[int, tuple] = {}
+            wr = 0
+            for q, n in plan:
+                for _ in range(n):
+                    fft = q.op is AccelOp.FFT
+                    size = x.nbytes if fft else _K + 1
+                    o = MR(pd, size, Access.LOCAL_WRITE)
+                    src = fin if fft else lin
+                    q.post(AccelWR(wr_id=wr, size=_FFT_N if fft else _K, batch=_FFT_B if fft else 1,
+                                   iterations=0 if fft else 8, inputs=[SGE(src.buf, src.length, src.lkey)],
+                                   outputs=[SGE(o.buf, size, o.lkey)]))
+                    outs[wr] = (q.op, o)
+                    wr += 1
+            want_fft = accel_core.fft(x).tobytes()
+            want_bits, want_used = accel_core.turbo_decode(llr, iterations=8)
+            done = 0
+            deadline = time.monotonic() + 60
+            while done < wr:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{wr - done} of {wr} jobs did not complete")
+                _, wcs = cq.poll(16)
+                if not wcs:
+                    time.sleep(0.001)
+                for w in wcs:
+                    done += 1
+                    op, o = outs[w.wr_id]
+                    if w.accel_status is not AccelStatus.SUCCESS:
+                        raise RuntimeError(f"job {w.wr_id} ({op.name}) completed {w.accel_status!r}")
+                    if op is AccelOp.FFT:
+                        assert o.read(x.nbytes) == want_fft, "FFT result differs from accel_core's"
+                    else:
+                        got = o.read(_K + 1)
+                        assert got[:_K] == want_bits.tobytes() and got[_K] == int(want_used[0]), \
+                            "Turbo decode result differs from accel_core's"
+                    rows.append((w.wr_id, op.name, w.host, w.wait_us, w.service_us))
+        out.put((i, sorted(rows), None))
+    except BaseException as e:
+        out.put((i, rows, f"{type(e).__name__}: {e}"))
+
+
+def run_hosts(n: int) -> int:
+    import tempfile
+
+    from vrdma import lab
+
+    why = lab.available()
+    if why:
+        print(f"vrdma demo --hosts {n}: cannot run here: {why}", file=sys.stderr)
+        return 2
+    t0 = time.monotonic()
+    specs = [lab.HostSpec("none")] + [lab.HostSpec() for _ in range(n - 1)]
+    with tempfile.TemporaryDirectory(prefix="vrdma-demo-") as tmp, lab.LabCluster(specs, tmp) as c:
+        for h in c.hosts:
+            print(f"vrdma demo: {h.name} {h.ip} in namespace {h.ns.name}: vrdma backend pid "
+                  f"{h.proc.popen.pid}, accelerators {h.spec.accelerators}, peers {', '.join(h.peers)}")
+        c.wait_linked()
+        print(f"vrdma demo: every daemon linked to every other over RoCEv2 ({time.monotonic() - t0:.1f} s)")
+        ctx = mp.get_context("fork")
+        out = ctx.Queue()
+        procs = []
+        for h in c.hosts:
+            nxt = next(j for j in [*range(h.index + 1, n), *range(h.index)] if c.hosts[j].spec.ops())
+            p = ctx.Process(target=_cluster_guest, args=(h.index, h.sock, c.host_id(h.index, nxt), out))
+            p.start()
+            procs.append(p)
+        results = [out.get(timeout=180) for _ in procs]
+        for p in procs:
+            p.join(10)
+        failed = False
+        for i, rows, err in sorted(results):
+            h = c.hosts[i]
+            print(f"\n{h.name} ({h.ip}, accelerators {h.spec.accelerators}): its guest's jobs")
+            print(f"  {'job':>3}  {'op':<13} {'ran on':<22} {'wait us':>8} {'service us':>10}")
+            for wr_id, op, host, wait, service in rows:
+                ran = c.ran_on(i, host)
+                print(f"  {wr_id:>3}  {op:<13} {ran.name + ' ' + ran.ip:<22} {wait:>8} {service:>10}")
+            if err:
+                print(f"  FAILED: {err}")
+                failed = True
+        if failed:
+            return 1
+        print(f"\nvrdma demo: {sum(len(r) for _, r, _ in results)} jobs on {n} hosts, every result equal to "
+              f"accel_core's ({time.monotonic() - t0:.1f} s)")
+    return 0
+
+
 def run(args) -> int:
+    if args.hosts >= 2:
+        return run_hosts(args.hosts)
+    if args.hosts != 1:
+        print(f"vrdma demo: --hosts {args.hosts}: give 1 (one host) or at least 2", file=sys.stderr)
+        return 2
     from vhost_user.testing import DaemonProcess
     from vrdma.perftest import print_rows, run_pair
 
@@ -175,6 +310,8 @@ def run(args) -> int:
         if failed:
             return 1
         print(f"vrdma demo: all data verified ({time.monotonic() - t0:.1f} s)")
+        print("vrdma demo: (`vrdma demo --hosts 3` runs three hosts in network namespaces, jobs "
+              "shipped between their daemons over RDMA)")
         if not args.no_perf:
             print("\nperftest-style summary (each against a floor measured now):")
             from vrdma.perftest import eventfd_floor, memcpy_floor
