@@ -168,6 +168,7 @@ def _cluster_guest(i: int, sock: str, forced: int, out) -> None:
         import accel_core
         from guest_lib import CQ, MR, PD, SGE, Context
         from guest_lib.aq import AQ, AccelWR
+        from guest_lib.cq import AccelWC
         from verbs import Access
         from virtio_rdma.constants import AccelOp, AccelStatus, AqFlags
 
@@ -200,6 +201,7 @@ def _cluster_guest(i: int, sock: str, forced: int, out) -> None:
                     wr += 1
             want_fft = accel_core.fft(x).tobytes()
             want_bits, want_used = accel_core.turbo_decode(llr, iterations=8)
+            want_its = int(np.asarray(want_used).reshape(-1)[0])
             done = 0
             deadline = time.monotonic() + 60
             while done < wr:
@@ -209,6 +211,8 @@ def _cluster_guest(i: int, sock: str, forced: int, out) -> None:
                 if not wcs:
                     time.sleep(0.001)
                 for w in wcs:
+                    if not isinstance(w, AccelWC):
+                        raise RuntimeError(f"a verbs completion on the jobs' CQ: {w!r}")
                     done += 1
                     op, o = outs[w.wr_id]
                     if w.accel_status is not AccelStatus.SUCCESS:
@@ -217,7 +221,7 @@ def _cluster_guest(i: int, sock: str, forced: int, out) -> None:
                         assert o.read(x.nbytes) == want_fft, "FFT result differs from accel_core's"
                     else:
                         got = o.read(_K + 1)
-                        assert got[:_K] == want_bits.tobytes() and got[_K] == int(want_used[0]), \
+                        assert got[:_K] == want_bits.tobytes() and got[_K] == want_its, \
                             "Turbo decode result differs from accel_core's"
                     rows.append((w.wr_id, op.name, w.host, w.wait_us, w.service_us))
         out.put((i, sorted(rows), None))
