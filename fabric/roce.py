@@ -73,6 +73,56 @@ def address_of_gid(gid: bytes) -> str | None:
     return str(ip)
 
 
+#: bytes around a RoCEv2 payload on the wire besides the IB headers: IPv6
+#: header (the larger), UDP, ICRC, and the cluster key's sealing trailer
+_ENVELOPE = 40 + 8 + 4 + 24
+
+
+def interface_mtu(address: str) -> int | None:
+    """The MTU of the interface that holds ``address`` (Linux: the
+    SIOCGIFADDR of each interface, then SIOCGIFMTU), or None if no interface
+    has it or the system does not say."""
+    import fcntl
+    import socket
+    import struct
+
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    if ip.version != 4:
+        return None  # IPv6 addresses are not reported by SIOCGIFADDR
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            req = struct.pack("16s16x", name.encode()[:15])
+            try:
+                got = fcntl.ioctl(s.fileno(), 0x8915, req)  # SIOCGIFADDR
+            except OSError:
+                continue
+            if got[20:24] == ip.packed:
+                try:
+                    mtu = fcntl.ioctl(s.fileno(), 0x8921, req)  # SIOCGIFMTU
+                except OSError:
+                    return None
+                return struct.unpack_from("i", mtu, 16)[0]
+    return None
+
+
+def roce_mtu(address: str, ceiling: int = 4096) -> int:
+    """The largest IBTA path MTU (256..``ceiling``) whose packets fit the
+    interface of ``address`` unfragmented (with the largest headers: RETH,
+    IPv6, a sealing trailer), as rxe derives its active MTU from the netdev's
+    MTU; 1024 if the interface's MTU cannot be learned."""
+    mtu = interface_mtu(address)
+    if mtu is None:
+        return min(1024, ceiling)
+    best = 256
+    for m in (256, 512, 1024, 2048, 4096):
+        if m <= ceiling and m + 12 + 16 + _ENVELOPE <= mtu:
+            best = m
+    return best
+
+
 @dataclass(slots=True)
 class RoceFabricMetrics:
     rx_packets: int = 0

@@ -22,13 +22,13 @@ timer). :class:`PeerLink` owns that QP on this side:
   budget, and a REQ from a restarted peer replaces the link at once.
 * **Messages**: fixed receive buffers of :data:`peering.wire.MAX_MESSAGE`
   bytes (as many as the credits both ways allow, plus slack), reposted as
-  each is consumed; SENDs, RDMA READs and WRITEs posted by the owner
+  each is consumed; SENDs and RDMA WRITEs (and READs) posted by the owner
   (:mod:`peering.remote`).
 * **Windows** (:class:`WindowTable`, the QP's
   :class:`~roce.rc.memory.RemoteMemory`): the only memory the peer may
-  touch. The owner opens a window over a job's guest buffers (R_Key random,
-  REMOTE_READ for an input, REMOTE_WRITE for an output) and closes it when
-  the job ends; a window whose job was abandoned is redirected to a sink
+  touch. The owner opens a window over a job's buffer (R_Key random;
+  REMOTE_WRITE: a guest's output buffer on the origin, the staging buffer
+  of the input on the server) and closes it when the job ends; a window whose job was abandoned is redirected to a sink
   (reads give zeros, writes are dropped) until the peer's result closes it,
   so guest memory is never touched after its queue or device is gone, and
   the peer is not punished for it. A table lives as long as its QP.

@@ -4,13 +4,18 @@ in both roles (docs/peering.md).
 **Origin** (a job of one of this host's guests runs on the peer): the
 device's router (:class:`virtio_rdma.accel.AccelRouter`) hands the target a
 checked job whose input and output are views of the guest's registered
-memory. The target opens two windows on its link (input REMOTE_READ, output
-REMOTE_WRITE: :class:`peering.link.WindowTable`) and SENDs a
-:class:`~peering.wire.JobMsg` naming them, if the peer's credits allow;
+memory. The target opens a window on its link over the output (REMOTE_WRITE:
+:class:`peering.link.WindowTable`) and SENDs a :class:`~peering.wire.JobMsg`
+naming it, if the peer's credits allow;
 otherwise the job waits in this peer's remote queue (``backlog``). The peer
-READs the input, runs the job, WRITEs the output straight into the guest's
-buffers and SENDs a :class:`~peering.wire.ResultMsg`; the target closes the
-windows and settles the job (:func:`virtio_rdma.accel.settle`). If the link
+grants a window on its staging memory (:class:`~peering.wire.GrantMsg`),
+the target WRITEs the input there straight from the guest's buffers and
+SENDs GO; the peer runs the job, WRITEs the output straight into the guest's
+buffer and SENDs a :class:`~peering.wire.ResultMsg`; the target closes the
+window and settles the job (:func:`virtio_rdma.accel.settle`). (Pushing the
+input with WRITE rather than letting the peer READ it costs a round trip but
+takes the transport's fast paths both ways: WRITE bursts are encoded and
+placed natively, READ responses are not.) If the link
 fails, every job sent or queued on it is given back: re-run on this host if
 its queue asked (LOCAL_FALLBACK) and this host can, else REMOTE_FAILED. A
 job is forwarded at most once: the peer runs it on its own accelerators or
@@ -22,7 +27,7 @@ is (:func:`virtio_rdma.accel.check_params`, lengths matching the operation,
 this host runs the op, the peer within the credits this host granted, the
 staging memory within :data:`MAX_STAGING_BYTES`); a refusal is a ResultMsg
 with NO_ACCELERATOR, INVALID_PARAMS or REMOTE_FAILED. An accepted job's
-input is READ into staging arrays, run on the local service under this
+input is written by the peer into zeroed staging arrays, run on the local service under this
 peer's own guest id (the peer host is one guest in the fair queue, with its
 job's priority), and its output WRITten back, then the result SENT.
 
@@ -45,7 +50,7 @@ import numpy as np
 from accel_core.errors import AccelError, InvalidInput
 from accel_core.jobs import MAX_PRIORITY, JobState
 from peering.link import LinkState, PeerLink
-from peering.wire import JobMsg, PeerWireError, ResultMsg, decode_link
+from peering.wire import GoMsg, GrantMsg, JobMsg, PeerWireError, ResultMsg, decode_link
 from verbs import Access, WcStatus
 from virtio_rdma.accel import CORE_OP, NP_DTYPE, Entry, check_params, make_job, need_bytes, settle
 from virtio_rdma.constants import AccelOp, AccelStatus
@@ -61,8 +66,9 @@ log = logging.getLogger(__name__)
 MAX_STAGING_BYTES = 256 << 20
 #: jobs a peer may have in flight here unless configured (--peer-credits)
 DEFAULT_CREDITS = 64
-# send WR ids: the low 2 bits say what completed, the rest is the job's tag
-_WR_JOB, _WR_READ, _WR_WRITE, _WR_RESULT = 0, 1, 2, 3
+# send WR ids: the low 3 bits say what completed, the rest is the job's tag
+_WR_JOB, _WR_GRANT, _WR_INPUT, _WR_GO, _WR_OUTPUT, _WR_RESULT = 0, 1, 2, 3, 4, 5
+_WR_KIND = 3
 
 
 @dataclass(slots=True)
@@ -84,24 +90,25 @@ class PeerMetrics:
 class _Out:
     """A guest's job sent (or queued) to the peer."""
 
-    __slots__ = ("tag", "entry", "in_key", "out_key", "abandoned")
+    __slots__ = ("tag", "entry", "out_key", "granted", "abandoned")
 
     def __init__(self, tag: int, entry: Entry):
         self.tag = tag
         self.entry = entry
-        self.in_key = 0
         self.out_key = 0
+        self.granted = False
         self.abandoned = False
 
 
 class _Served:
     """A peer's job running here (the router's owner of its local job)."""
 
-    __slots__ = ("target", "msg", "x", "y", "its", "job", "bytes")
+    __slots__ = ("target", "msg", "x", "y", "its", "job", "bytes", "in_key")
 
     def __init__(self, target: PeerTarget, msg: JobMsg):
         self.target = target
         self.msg = msg
+        self.in_key = 0  # the window the origin WRITEs the input into, until its GO
         self.x: np.ndarray | None = None
         self.y: np.ndarray | None = None
         self.its: np.ndarray | None = None
@@ -176,8 +183,7 @@ class PeerTarget:
             self.backlog.remove(o)
             return
         o.abandoned = True
-        # the peer may still read or write: it finds nothing there (its result closes the windows)
-        self.link.table.sink(o.in_key)
+        # the peer may still write the output: it finds nothing there (its result closes the window)
         self.link.table.sink(o.out_key)
 
     # ----------------------------------------------------------------- origin
@@ -185,13 +191,11 @@ class PeerTarget:
         e, link = o.entry, self.link
         job = e.spec
         assert job is not None
-        o.in_key = link.table.open(e.in_views, Access.REMOTE_READ)
         o.out_key = link.table.open(e.out_views, Access.REMOTE_WRITE)
         msg = JobMsg(o.tag, job.op, job.dtype, job.size, job.batch, job.iterations, job.early_stop,
-                     job.scaling, e.aq.priority, 0, o.in_key, sum(len(v) for v in e.in_views),
-                     0, o.out_key, e.out_len)
+                     job.scaling, e.aq.priority, sum(len(v) for v in e.in_views), 0, o.out_key, e.out_len)
         self.sent[o.tag] = o
-        link.send(o.tag << 2 | _WR_JOB, msg.encode())
+        link.send(o.tag << _WR_KIND | _WR_JOB, msg.encode())
         self.metrics.jobs_sent += 1
 
     def _dispatch(self) -> None:
@@ -203,7 +207,6 @@ class PeerTarget:
         if o is None:
             self.metrics.results_dropped += 1
             return
-        self.link.table.close(o.in_key)
         self.link.table.close(o.out_key)
         self._dispatch()
         if o.abandoned:
@@ -242,7 +245,7 @@ class PeerTarget:
         self.draining.clear()
         served, self.served = list(self.served.values()), {}
         for s in served:
-            if s.job is None:  # its READ was flushed with the QP: it never starts
+            if s.job is None:  # its input never came (GO): it never starts
                 self._release(s)
             elif self.router.local is not None and self.router.local.cancel(s.job):
                 self.router.forget(s.job)
@@ -257,8 +260,26 @@ class PeerTarget:
             return
         if isinstance(msg, ResultMsg):
             self._result(msg)
+        elif isinstance(msg, GrantMsg):
+            self._granted(msg)
+        elif isinstance(msg, GoMsg):
+            self._go(msg)
         else:
             self._serve(msg)
+
+    def _granted(self, g: GrantMsg) -> None:
+        """The peer took the job: WRITE the input into its window, then GO."""
+        o = self.sent.get(g.tag)
+        if o is None or o.granted:
+            self._protocol_error(f"grant for job {g.tag}, which {'has one' if o else 'is not outstanding'}")
+            return
+        o.granted = True
+        link = self.link
+        # abandoned (its device went): nothing is read from the guest; the peer runs on zeros
+        if not o.abandoned:
+            link.write(g.tag << _WR_KIND | _WR_INPUT, o.entry.in_views, g.rkey, 0, signaled=False)
+        link.send(g.tag << _WR_KIND | _WR_GO, GoMsg(g.tag).encode())
+        link.kick(self.clock())
 
     def _protocol_error(self, what: str) -> None:
         self.metrics.bad_messages += 1
@@ -266,12 +287,8 @@ class PeerTarget:
         self.link.fail(what, self.clock())
 
     def on_send_done(self, link: PeerLink, wr_id: int, status: WcStatus) -> None:
-        kind, tag = wr_id & 3, wr_id >> 2
-        if kind == _WR_READ:
-            s = self.served.get(tag)
-            if s is not None:
-                self._run(s, status)
-        elif kind == _WR_RESULT:  # acknowledged: so is the output WRITE before it
+        kind, tag = wr_id & ((1 << _WR_KIND) - 1), wr_id >> _WR_KIND
+        if kind == _WR_RESULT:  # acknowledged: so is the output WRITE before it
             s = self.draining.pop(tag, None)
             if s is not None:
                 self._release(s)
@@ -282,7 +299,7 @@ class PeerTarget:
             self.metrics.jobs_invalid += 1
         else:
             self.metrics.jobs_refused += 1
-        self.link.send(tag << 2 | _WR_RESULT, ResultMsg(tag, status).encode())
+        self.link.send(tag << _WR_KIND | _WR_RESULT, ResultMsg(tag, status).encode())
         self.link.kick(self.clock())
 
     def _serve(self, m: JobMsg) -> None:
@@ -311,26 +328,36 @@ class PeerTarget:
             self._refuse(m.tag, AccelStatus.REMOTE_FAILED)
             return
         s = _Served(self, m)
+        # zeroed: a peer that says GO without writing finds zeros, never another job's bytes
         if fft:  # in place
-            s.x = s.y = np.empty(in_need // NP_DTYPE[m.dtype].itemsize, dtype=NP_DTYPE[m.dtype])
+            s.x = s.y = np.zeros(in_need // NP_DTYPE[m.dtype].itemsize, dtype=NP_DTYPE[m.dtype])
         elif m.op is AccelOp.TURBO_ENCODE:
-            s.x = np.empty(in_need, dtype=np.uint8)
+            s.x = np.zeros(in_need, dtype=np.uint8)
             s.y = np.empty(k_out, dtype=np.uint8)
         else:
-            s.x = np.empty(in_need // 4, dtype=np.float32)
+            s.x = np.zeros(in_need // 4, dtype=np.float32)
             s.y = np.empty(k_out, dtype=np.uint8)
             s.its = np.zeros(m.batch, dtype=np.uint8)
         s.bytes = nbytes
         self.staging += nbytes
         self.served[m.tag] = s
-        link.read(m.tag << 2 | _WR_READ, s.x.view(np.uint8).data, m.in_rkey, m.in_va)
+        s.in_key = link.table.open([s.x.view(np.uint8).data], Access.REMOTE_WRITE)
+        link.send(m.tag << _WR_KIND | _WR_GRANT, GrantMsg(m.tag, s.in_key).encode())
         link.kick(self.clock())
 
-    def _run(self, s: _Served, status: WcStatus) -> None:
+    def _go(self, g: GoMsg) -> None:
+        """The peer's input is in the staging window (RC order): close it, run the job."""
+        s = self.served.get(g.tag)
+        if s is None or not s.in_key:
+            self._protocol_error(f"GO for job {g.tag}, which is not waiting for its input")
+            return
+        self.link.table.close(s.in_key)
+        s.in_key = 0
+        self._run(s)
+
+    def _run(self, s: _Served) -> None:
         """The input is here: run the job on this host's accelerators."""
         m = s.msg
-        if status is not WcStatus.SUCCESS:  # the link is failing: on_down cleans up
-            return
         local = self.router.local
         assert local is not None and s.x is not None and s.y is not None
         try:
@@ -378,8 +405,8 @@ class PeerTarget:
             views.append(s.its.data)
             its = int(used.max()) if used.size else 0
         # the output straight into the guest's buffer, then the result behind it (RC order)
-        link.write(m.tag << 2 | _WR_WRITE, views, m.out_rkey, m.out_va, signaled=False)
-        link.send(m.tag << 2 | _WR_RESULT,
+        link.write(m.tag << _WR_KIND | _WR_OUTPUT, views, m.out_rkey, m.out_va, signaled=False)
+        link.send(m.tag << _WR_KIND | _WR_RESULT,
                   ResultMsg(m.tag, AccelStatus.SUCCESS, m.out_len, wait, service, its).encode())
         # the peer may send its next job as soon as it has the result: the credit is back now
         del self.served[m.tag]

@@ -25,6 +25,7 @@ from pathlib import Path
 from time import monotonic
 from typing import TYPE_CHECKING
 
+from fabric.roce import roce_mtu
 from peering.link import LinkConfig, PeerLink
 from peering.remote import DEFAULT_CREDITS, PeerTarget
 from peering.wire import MAX_OPS, ConnectMsg, OpInfo, PeerWireError
@@ -90,7 +91,8 @@ class Peering:
         self.fabric = fabric
         self.router = router
         self.clock = clock
-        self.config = config or LinkConfig()
+        #: the links' transport parameters; the path MTU the largest this host's interface carries
+        self.config = config or LinkConfig(mtu=roce_mtu(fabric.address))
         self.incarnation = secrets.randbits(63) | 1
         me = ipaddress.ip_address(fabric.address)
         self.targets: dict[str, PeerTarget] = {}

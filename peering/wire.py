@@ -6,11 +6,14 @@ Pure codecs, no I/O. Two families:
   unreliable-datagram SEND to the peer's GSI QP (QPN 1), as RDMA CM's REQ/REP
   travel; it carries the sender's incarnation, link QPN and first PSN, the
   jobs it accepts in flight (credits) and its accelerators.
-* **Link messages** (:class:`JobMsg`, :class:`ResultMsg`): RC SENDs on the
-  link QP. A job names its input and output by (virtual address, R_Key,
-  length) windows the sender opened on the guest's buffers: the peer READs
-  the input and WRITEs the output; the result follows the output on the same
-  QP, so RC ordering puts the data in place before the result arrives.
+* **Link messages** (:class:`JobMsg`, :class:`GrantMsg`, :class:`GoMsg`,
+  :class:`ResultMsg`): RC SENDs on the link QP. A job names its output by a
+  (virtual address, R_Key, length) window the origin opened on the guest's
+  buffer; the server grants a window on its staging memory for the input,
+  which the origin WRITEs and follows with GO; the server runs the job, WRITEs
+  the output into the guest's buffer and SENDs the result. Each message
+  follows the data it announces on the same QP, so RC ordering puts the data
+  in place before the message arrives.
 
 All integers little endian, each layout a ``construct`` definition. Decoding
 checks syntax (magic, version, type, reserved bytes, enumeration values) and
@@ -50,8 +53,10 @@ class ConnectType:
 
 
 class LinkType:
-    JOB = 1
-    RESULT = 2
+    JOB = 1      # origin -> server: run this (parameters, sizes, the output window)
+    RESULT = 2   # server -> origin: done (the output is in the window), or refused
+    GRANT = 3    # server -> origin: accepted; WRITE the input into this window
+    GO = 4       # origin -> server: the input is written (RC order: it is in place)
 
 
 # --------------------------------------------------------------------------
@@ -157,8 +162,11 @@ JobLayout = cs.Struct(
     "batch" / u32,
     "scaling" / cs.Float32l,
     "reserved1" / cs.Const(0, u32),
-    "in_va" / u64, "in_rkey" / u32, "in_len" / u32,
-    "out_va" / u64, "out_rkey" / u32, "out_len" / u32,
+    "in_len" / u32,          # bytes of input the origin will WRITE once granted
+    "out_rkey" / u32,        # the origin's window on the guest's output buffer (REMOTE_WRITE)
+    "out_va" / u64,
+    "out_len" / u32,
+    "reserved2" / cs.Const(0, u32),
 )
 JOB_SIZE = JobLayout.sizeof()
 ResultLayout = cs.Struct(
@@ -172,8 +180,21 @@ ResultLayout = cs.Struct(
     "service_us" / u32,
 )
 RESULT_SIZE = ResultLayout.sizeof()
+GrantLayout = cs.Struct(
+    "type" / cs.Const(LinkType.GRANT, u8),
+    "reserved0" / cs.Const(0, u8), "reserved1" / cs.Const(0, u16),
+    "rkey" / u32,            # the server's window for the job's input (REMOTE_WRITE, va 0)
+    "tag" / u64,
+)
+GRANT_SIZE = GrantLayout.sizeof()
+GoLayout = cs.Struct(
+    "type" / cs.Const(LinkType.GO, u8),
+    "reserved0" / cs.Const(0, u8), "reserved1" / cs.Const(0, u16), "reserved2" / cs.Const(0, u32),
+    "tag" / u64,
+)
+GO_SIZE = GoLayout.sizeof()
 #: the largest link message (receive buffers are this big)
-MAX_MESSAGE = max(JOB_SIZE, RESULT_SIZE)
+MAX_MESSAGE = max(JOB_SIZE, RESULT_SIZE, GRANT_SIZE, GO_SIZE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,8 +208,6 @@ class JobMsg:
     early_stop: AccelEarlyStop
     scaling: float | None
     priority: int
-    in_va: int
-    in_rkey: int
     in_len: int
     out_va: int
     out_rkey: int
@@ -200,8 +219,24 @@ class JobMsg:
             iterations=self.iterations, priority=self.priority,
             flags=_NO_SCALING if self.scaling is None else 0, tag=self.tag, size=self.size,
             batch=self.batch, scaling=0.0 if self.scaling is None else self.scaling,
-            in_va=self.in_va, in_rkey=self.in_rkey, in_len=self.in_len, out_va=self.out_va,
-            out_rkey=self.out_rkey, out_len=self.out_len))
+            in_len=self.in_len, out_va=self.out_va, out_rkey=self.out_rkey, out_len=self.out_len))
+
+
+@dataclass(frozen=True, slots=True)
+class GrantMsg:
+    tag: int
+    rkey: int
+
+    def encode(self) -> bytes:
+        return GrantLayout.build(dict(rkey=self.rkey, tag=self.tag))
+
+
+@dataclass(frozen=True, slots=True)
+class GoMsg:
+    tag: int
+
+    def encode(self) -> bytes:
+        return GoLayout.build(dict(tag=self.tag))
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,11 +255,20 @@ class ResultMsg:
             service_us=min(self.service_us, 0xFFFFFFFF)))
 
 
-def decode_link(data: bytes | memoryview) -> JobMsg | ResultMsg:
+def decode_link(data: bytes | memoryview) -> JobMsg | GrantMsg | GoMsg | ResultMsg:
     """A link message (syntax only); raises PeerWireError."""
     if not len(data):
         raise PeerWireError("empty link message", "length")
     kind = data[0]
+    if kind in (LinkType.GRANT, LinkType.GO):
+        layout, size = (GrantLayout, GRANT_SIZE) if kind == LinkType.GRANT else (GoLayout, GO_SIZE)
+        if len(data) != size:
+            raise PeerWireError(f"link message type {kind} of {len(data)} bytes (need {size})", "length")
+        try:
+            m = layout.parse(bytes(data))
+        except cs.ConstructError as e:
+            raise PeerWireError(f"link message type {kind}: {e}", "reserved") from None
+        return GrantMsg(m.tag, m.rkey) if kind == LinkType.GRANT else GoMsg(m.tag)
     if kind == LinkType.JOB:
         if len(data) != JOB_SIZE:
             raise PeerWireError(f"job message of {len(data)} bytes (need {JOB_SIZE})", "length")
@@ -240,7 +284,7 @@ def decode_link(data: bytes | memoryview) -> JobMsg | ResultMsg:
             return JobMsg(j.tag, AccelOp.parse(j.op), AccelDtype.parse(j.dtype), j.size, j.batch,
                           j.iterations, AccelEarlyStop.parse(j.early_stop),
                           None if j.flags & _NO_SCALING else j.scaling, j.priority,
-                          j.in_va, j.in_rkey, j.in_len, j.out_va, j.out_rkey, j.out_len)
+                          j.in_len, j.out_va, j.out_rkey, j.out_len)
         except UnknownValueError as e:
             raise PeerWireError(f"job message: {e}", "op/dtype/early_stop") from None
     if kind == LinkType.RESULT:

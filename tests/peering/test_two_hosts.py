@@ -22,7 +22,7 @@ from accel_core import AcceleratorService, AcceleratorSpec
 from fabric.roce import RoceFabric
 from peering.link import LinkConfig, LinkState
 from peering.service import Peering, PeerConfigError, check_peers, read_cluster_file
-from peering.wire import JOB_SIZE, ConnectMsg, ConnectType, JobMsg, OpInfo, ResultMsg, decode_link
+from peering.wire import JOB_SIZE, ConnectMsg, ConnectType, GoMsg, GrantMsg, JobMsg, OpInfo, ResultMsg, decode_link
 from verbs import Access
 from virtio_rdma import wire
 from virtio_rdma.accel import AccelRouter
@@ -38,9 +38,9 @@ FAST = LinkConfig(timeout=10, keepalive=0.05, connect_interval=0.02)  # 4 ms ACK
 
 def _service(slowdown: float = 1.0):
     return AcceleratorService([
-        AcceleratorSpec("fft", ops=frozenset({accel_core.Op.FFT, accel_core.Op.IFFT})),
-        AcceleratorSpec("turbo", ops=frozenset({accel_core.Op.TURBO_ENCODE, accel_core.Op.TURBO_DECODE}))],
-        slowdown=slowdown)
+        AcceleratorSpec("fft", ops=frozenset({accel_core.Op.FFT, accel_core.Op.IFFT}), slowdown=slowdown),
+        AcceleratorSpec("turbo", ops=frozenset({accel_core.Op.TURBO_ENCODE, accel_core.Op.TURBO_DECODE}),
+                        slowdown=slowdown)])
 
 
 class Cluster:
@@ -143,8 +143,10 @@ def test_connect_and_link_messages_round_trip():
                    (OpInfo(AccelOp.FFT, 1, 5000, 30), OpInfo(AccelOp.TURBO_DECODE, 2)))
     assert ConnectMsg.decode(m.encode()) == m
     j = JobMsg(7, AccelOp.TURBO_DECODE, AccelDtype.COMPLEX64, 6144, 2, 8, AccelEarlyStop.CRC24B, 0.75, 3,
-               0, 0xDEAD, 100, 0, 0xBEEF, 200)
+               100, 0, 0xBEEF, 200)
     assert decode_link(j.encode()) == j and len(j.encode()) == JOB_SIZE
+    assert decode_link(GrantMsg(7, 0xFEED).encode()) == GrantMsg(7, 0xFEED)
+    assert decode_link(GoMsg(2**64 - 1).encode()) == GoMsg(2**64 - 1)
     r = ResultMsg(7, AccelStatus.SUCCESS, 200, 3, 4000, 6)
     assert decode_link(r.encode()) == r
 
@@ -154,7 +156,7 @@ def test_malformed_link_messages_raise_naming_the_field(mutate):
     from peering.wire import PeerWireError
 
     j = bytearray(JobMsg(1, AccelOp.FFT, AccelDtype.COMPLEX64, 64, 1, 0, AccelEarlyStop.NONE, None, 0,
-                         0, 1, 512, 0, 2, 512).encode())
+                         512, 0, 2, 512).encode())
     r = bytearray(ResultMsg(1, AccelStatus.SUCCESS).encode())
     data = {"type": lambda: bytes([9]) + j[1:], "op": lambda: j[:1] + bytes([99]) + j[2:],
             "len": lambda: j[:-1], "reserved": lambda: j[:7] + b"\x01" + j[8:],
@@ -304,8 +306,8 @@ def test_remote_refusals_and_bad_parameters(cluster):
     # a peer job whose lengths do not match its parameters is refused by the server's own checks
     tb = c.pb.targets[A_IP]
     before = tb.metrics.jobs_invalid
-    c.link_a.send(999 << 2, JobMsg(999, AccelOp.FFT, AccelDtype.COMPLEX64, 64, 1, 0, AccelEarlyStop.NONE,
-                                   None, 0, 0, 1, 100, 0, 2, 512).encode())
+    c.link_a.send(999 << 3, JobMsg(999, AccelOp.FFT, AccelDtype.COMPLEX64, 64, 1, 0, AccelEarlyStop.NONE,
+                                   None, 0, 100, 0, 2, 512).encode())
     c.link_a.kick(time.monotonic())
     c.run(lambda: tb.metrics.jobs_invalid == before + 1)
     c.run(lambda: c.pa.targets[B_IP].metrics.results_dropped == 1)  # no such job at A: dropped
@@ -340,6 +342,7 @@ def test_peer_killed_mid_job_fails_or_falls_back_within_twice_the_retry_budget(f
         x = (np.random.default_rng(1).standard_normal((16, 2048)) + 0j).astype(C64)
         dsts = [_fft_job(c, aq, i, x) for i in range(3)]
         c.run(lambda: c.pb.targets[A_IP].served)
+        assert len(c.pa.targets[B_IP].sent) == 3  # all three in B's hands when it dies
         c.kill_b()
         t0 = time.monotonic()
         cqes = c.cqes(3, timeout=10)
@@ -362,8 +365,15 @@ def test_peer_killed_mid_job_fails_or_falls_back_within_twice_the_retry_budget(f
         c.close()
 
 
-def test_cancel_destroy_and_device_reset_with_jobs_on_the_peer(cluster):
-    c = cluster
+def test_cancel_destroy_and_device_reset_with_jobs_on_the_peer():
+    c = Cluster(b_slowdown=20.0)  # B slow enough that jobs are seen in its hands
+    try:
+        _cancel_destroy_reset(c)
+    finally:
+        c.close()
+
+
+def _cancel_destroy_reset(c: Cluster) -> None:
     t = c.pa.targets[B_IP]
     aq = c.g.create_aq(c.pd, c.cq, AccelOp.FFT, depth=128)
     x = (np.ones((4, 2048)) * 1j).astype(C64)
@@ -384,6 +394,7 @@ def test_cancel_destroy_and_device_reset_with_jobs_on_the_peer(cluster):
     aq2 = c.g.create_aq(c.pd, c.cq, AccelOp.FFT)
     d = _fft_job(c, aq2, 1, x)
     c.run(lambda: c.pb.targets[A_IP].served)
+    assert t.sent  # on B when the device goes
     c.g.core.close()
     c.run(lambda: not t.sent)
     assert _out(c, d, x.nbytes) == bytes([0xAB]) * x.nbytes and not len(c.link_a.table)
