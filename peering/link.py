@@ -28,8 +28,9 @@ timer). :class:`PeerLink` owns that QP on this side:
   :class:`~roce.rc.memory.RemoteMemory`): the only memory the peer may
   touch. The owner opens a window over a job's buffer (R_Key random;
   REMOTE_WRITE: a guest's output buffer on the origin, the staging buffer
-  of the input on the server) and closes it when the job ends; a window whose job was abandoned is redirected to a sink
-  (reads give zeros, writes are dropped) until the peer's result closes it,
+  of the input on the server) and closes it when the job ends; a window
+  whose job was abandoned is redirected to a sink (reads give zeros, writes
+  are dropped) until the peer's result closes it,
   so guest memory is never touched after its queue or device is gone, and
   the peer is not punished for it. A table lives as long as its QP.
 
