@@ -60,8 +60,9 @@ from verbs import GSI_QKEY, GSI_QPN, PSN_MASK, Access, QpState, WcStatus, WrOpco
 
 log = logging.getLogger(__name__)
 
-#: rights a link QP grants its peer (windows narrow them per job)
-LINK_ACCESS = Access.REMOTE_READ | Access.REMOTE_WRITE
+#: rights a link QP grants its peer: WRITE into the windows it is given, nothing
+#: else (no job needs the peer to READ this host's memory)
+LINK_ACCESS = Access.REMOTE_WRITE
 #: receive buffers beyond the credits
 RECV_SLACK = 8
 _U64 = (1 << 64) - 1
