@@ -82,6 +82,16 @@ def test_a_host_without_accelerators_gets_every_job_done_by_its_peers(trio):
             got_bits, got_used = accel.turbo_decode(ctx, llr, iterations=6, scaling=0.75)
             want_bits, want_used = accel_core.turbo_decode(llr, iterations=6, scaling=0.75)
             assert np.array_equal(got_bits, want_bits) and np.array_equal(got_used, want_used)
+        # the file-like layer: write() submits, read() returns results in order
+        xs = [_c64((1, 2048), 50 + i) for i in range(4)]
+        f = accel.open(ctx, "fft", n=2048, dtype="complex64")
+        try:
+            for x in xs:
+                f.write(x.tobytes())
+            for x in xs:
+                assert f.read() == accel_core.fft(x).tobytes()
+        finally:
+            f.close()
 
 
 def test_verbs_layer_reports_where_jobs_ran_and_forced_targets(trio):
