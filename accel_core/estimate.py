@@ -51,8 +51,9 @@ per *size class* (cost key + exact work features, i.e. one (op, size, batch,
 dtype) shape) the model tracks a correction of the linear fit that minimises
 the mean absolute relative error of its estimates, and per cost key the same
 for sizes it has not seen yet. An estimate is the linear fit times the
-class's correction (or the key's, for an unseen size); see :class:`OnlineFit`
-for the update, which a stalled job moves by a bounded step only.
+class's correction (an unseen size: the learned linear cost below); see
+:class:`OnlineFit` for the update (a weighted median over a window of recent
+samples: a stalled job does not move it, a lasting change of speed does).
 
 Learned linear cost (:meth:`ServiceTimeModel.learned_cost`): what the device
 reports in QUERY_ACCEL and what an unseen size is estimated with. Per cost
@@ -316,9 +317,9 @@ def default_cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "vrdma"
 
 
-ONLINE_STEP = 0.04     # log-domain step per sample (times measured / estimate) once a class is warm
-ONLINE_MAX_RATIO = 4.0  # a sample counts as at most this many times the estimate (a stalled job)
-ONLINE_WARMUP = 8       # samples averaged in the log domain before the tracker takes over
+ONLINE_WINDOW = 8      # a size class's estimate: the last this many samples (a cost key's: twice that)
+ONLINE_MAX_RATIO = 4.0  # a sample counts as at most this many times the fit (a stalled job)
+ONLINE_WARMUP = 8       # samples after which a size class counts as warm (its weight in refits)
 ONLINE_MAX_CLASSES = 4096  # size classes tracked; beyond, new shapes teach only their cost key
 REFIT_EVERY = 32        # samples of a cost key between refits of its learned linear cost
 REFIT_MAX_CLASSES = 64  # served size classes a refit uses (the most sampled)
@@ -326,38 +327,50 @@ GRID_WEIGHT = 1.0       # weight of a reference shape in the refit, / (1 + warm 
 CLASS_WEIGHT = 4.0      # a served class weighs up to this once warm (1 + 3 * samples / warmup)
 
 
+def _weighted_log_median(logs: tuple[float, ...]) -> float:
+    """The log of the estimate ``e`` minimising ``sum |e - m| / m`` over the samples
+    ``m = exp(logs)``: their median weighted by ``1 / m``."""
+    srt = sorted(logs)
+    ws = [math.exp(-x) for x in srt]
+    half = 0.5 * sum(ws)
+    acc = 0.0
+    for x, w in zip(srt, ws, strict=True):
+        acc += w
+        if acc >= half:
+            return x
+    return srt[-1]
+
+
 class OnlineFit:
     """Learned multiplicative corrections of a linear fit, per size class and per cost key.
 
-    The first ``warmup`` samples of a class set its correction to their
-    median ratio measured / fit (each clipped to ``1 / max_ratio ..
-    max_ratio``): the first jobs of a shape are often slow (plans, tables,
-    cold caches) and must not set the estimate. After that each sample moves
-    the log correction by ``step x e / measured`` up when the job took longer
-    than the estimate ``e``, down when shorter: a stochastic subgradient step
-    on the mean absolute error *relative to the measured time*
-    ``|e - measured| / measured`` (the figure the issue sets a goal for),
-    whose minimum is where those weighted moves balance. A stalled job moves
-    the estimate up by less than ``step``; an absurdly fast one down by at
-    most ``step x max_ratio``.
-
+    A class's correction is the one that minimises the mean absolute error
+    *relative to the measured time*, ``|e - measured| / measured`` (the
+    figure the issue sets a goal for), over its last ``window`` samples: their
+    median ratio measured / fit, each sample weighted by 1 / measured (each
+    ratio clipped to ``1 / max_ratio .. max_ratio``). A cost key's is the same
+    over its last ``2 x window`` samples of any class. A median, so one
+    stalled job (or a shape's slow first jobs: plans, tables, cold caches)
+    does not move it; a window, so a lasting change of the machine's speed
+    (a busy neighbour, memory settling after start-up) is followed within
+    ``window / 2`` jobs.
     Not locked: the owner may call :meth:`observe` from several worker
     threads; every update is one dict store of a tuple (atomic under the
     GIL), so a race loses at most one sample. ``trace``, when a list, gets
     ``(key, features, fit seconds, measured seconds)`` per sample (benchmarks).
     """
 
-    def __init__(self, *, step: float = ONLINE_STEP, max_ratio: float = ONLINE_MAX_RATIO,
+    def __init__(self, *, window: int = ONLINE_WINDOW, max_ratio: float = ONLINE_MAX_RATIO,
                  warmup: int = ONLINE_WARMUP) -> None:
-        if not 0.0 < step <= 1.0:
-            raise ModelError(f"online step must be in (0, 1], got {step!r}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ModelError(f"online window must be an integer >= 1, got {window!r}")
         if not max_ratio > 1.0:
             raise ModelError(f"online max_ratio must be > 1, got {max_ratio!r}")
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
             raise ModelError(f"online warmup must be an integer >= 1, got {warmup!r}")
-        self.step, self.max_ratio, self.warmup = step, max_ratio, warmup
+        self.window, self.max_ratio, self.warmup = window, max_ratio, warmup
         self._log_max = math.log(max_ratio)
-        # log factor, factor, samples, warm-up log ratios (until ``warmup`` samples)
+        # log factor, factor, samples, the window's log ratios (oldest first)
         self._cls: dict[tuple[str, tuple[float, ...]], tuple[float, float, int, tuple[float, ...]]] = {}
         self._key: dict[str, tuple[float, float, int, tuple[float, ...]]] = {}
         self.trace: list[tuple[str, tuple[float, ...], float, float]] | None = None
@@ -381,25 +394,16 @@ class OnlineFit:
         """The size classes of ``key`` with samples: (features, factor, samples) each."""
         return [(f, fac, n) for (k, f), (_, fac, n, _) in list(self._cls.items()) if k == key]
 
-    def _update(self, table: dict, k: Any, log_ratio: float) -> None:
+    def _update(self, table: dict, k: Any, log_ratio: float, window: int) -> None:
         lr = min(self._log_max, max(-self._log_max, log_ratio))
         prev = table.get(k)
         if prev is None:
             table[k] = (lr, math.exp(lr), 1, (lr,))
             return
-        r, _, n, warm = prev
-        n += 1
-        if n <= self.warmup:
-            warm = (*warm, lr)
-            r = statistics.median(warm)
-        else:
-            warm = ()
-            over = min(self.max_ratio, math.exp(r - lr))  # current estimate / measured
-            if over < 1.0:
-                r += self.step * over
-            elif over > 1.0:
-                r -= self.step * over
-        table[k] = (r, math.exp(r), n, warm)
+        _, _, n, win = prev
+        win = (*win[1 - window:], lr) if window > 1 else (lr,)
+        r = _weighted_log_median(win)
+        table[k] = (r, math.exp(r), n + 1, win)
 
     def observe(self, key: str, feats: tuple[float, ...], base: float, measured: float) -> None:
         """One finished job: ``measured`` seconds where the linear fit said ``base``."""
@@ -410,8 +414,8 @@ class OnlineFit:
         lr = math.log(measured / base)
         cls = (key, feats)
         if len(self._cls) < ONLINE_MAX_CLASSES or cls in self._cls:  # guests choose shapes: bounded
-            self._update(self._cls, cls, lr)
-        self._update(self._key, key, lr)
+            self._update(self._cls, cls, lr, self.window)
+        self._update(self._key, key, lr, 2 * self.window)
 
     def samples(self, key: str, feats: tuple[float, ...] | None = None) -> int:
         c = self._key.get(key) if feats is None else self._cls.get((key, feats))
