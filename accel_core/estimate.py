@@ -564,6 +564,16 @@ class ServiceTimeModel:
                        else JobParams(batch=1))
         return self._refit(key, force=True)[2]
 
+    def query_fields(self, op: Op) -> tuple[int, int]:
+        """QUERY_ACCEL's ``(est_fixed_ns, est_unit_ps)`` of ``op`` (:meth:`query_cost`, rounded,
+        saturating at 2^32 - 1); (0, 0) when the model has no cost for it."""
+        try:
+            cost = self.query_cost(op)
+        except ModelError:
+            return 0, 0
+        top = (1 << 32) - 1
+        return min(round(cost.a * 1e9), top), min(round((cost.b[0] if cost.b else 0.0) * 1e12), top)
+
     def _refit(self, key: str, *, force: bool) -> tuple[int, LinearCost, LinearCost]:
         """The cached (samples, cost, query cost) of ``key``, refit when ``REFIT_EVERY`` samples
         (``force``: any sample) came since. Races refit twice at worst (the last store wins)."""

@@ -304,11 +304,7 @@ class AccelRouter:
             units = self.local.units(op) if self.local is not None else 0
             lo, hi = (1, dft.MAX_SIZE) if op in (AccelOp.FFT, AccelOp.IFFT) else \
                 (qpp.BLOCK_SIZES[0], qpp.BLOCK_SIZES[-1])
-            fixed = unit = 0
-            if model is not None:  # the model's learned cost in the spec's unit (complex64 FFT)
-                cost = model.query_cost(CORE_OP[op])
-                fixed = min(round(cost.a * 1e9), U32 - 1)
-                unit = min(round((cost.b[0] if cost.b else 0.0) * 1e12), U32 - 1)
+            fixed, unit = model.query_fields(CORE_OP[op]) if model is not None and units else (0, 0)
             out.append(AccelOpInfo(op=int(op), local_units=min(units, 255),
                                    reachable_hosts=1 if units else 0, min_size=lo, max_size=hi,
                                    max_batch=MAX_BATCH, est_fixed_ns=fixed, est_unit_ps=unit))

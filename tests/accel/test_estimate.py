@@ -298,3 +298,26 @@ def test_cqe_service_us_is_the_accelerator_time_the_model_learns(router):
     assert [c.service_us for c in got] == [round(t[3] * 1e6) for t in trace]  # kernel CPU (+ slowdown)
     assert all(t[0] == "fft/complex64" and t[1] == features(Op.FFT, fft_params(n, batch)) for t in trace)
 
+
+
+def test_query_fields_round_saturate_and_are_zero_without_a_cost():
+    model = ServiceTimeModel({"fft/complex64": LinearCost(1.2346e-6, (4.0e-10,)),
+                              "turbo_encode": LinearCost(10.0, (1.0,))}, calibrated=True)
+    assert model.query_fields(Op.FFT) == (1235, 400)
+    assert model.query_fields(Op.TURBO_ENCODE) == ((1 << 32) - 1, (1 << 32) - 1)
+    assert model.query_fields(Op.IFFT) == (0, 0) and model.query_fields(Op.TURBO_DECODE) == (0, 0)
+
+
+def test_query_accel_reports_no_estimate_for_an_operation_nothing_here_runs():
+    svc = AcceleratorService([AcceleratorSpec("fft", ops=frozenset({Op.FFT, Op.IFFT}))],
+                             model=ServiceTimeModel.nominal())
+    r = AccelRouter(svc)
+    try:
+        g, _, _ = _guest(r)
+        ops = _query(g)
+        assert ops[AccelOp.FFT]["est_unit_ps"] == round(svc.model.query_cost(Op.FFT).b[0] * 1e12) > 0
+        for op in (AccelOp.TURBO_ENCODE, AccelOp.TURBO_DECODE):
+            assert ops[op]["local_units"] == 0
+            assert ops[op]["est_fixed_ns"] == ops[op]["est_unit_ps"] == 0
+    finally:
+        r.close()
