@@ -430,19 +430,25 @@ class OnlineFit:
         self._key.clear()
 
 
-REF_STEP = 0.05       # weight of one measured time in its shape's reference (log domain)
+REF_UP = 0.005        # log step of a shape's reference towards a longer time (at most to it)
+REF_DOWN = 0.05       # ... towards a shorter one: the reference tracks the ~9th percentile
 REF_MAX_KEYS = 4096   # shapes with a reference; past it the table starts over
 
 
 class ReferenceTimes:
     """A steady reference of a measured time per job shape: what an emulated slow
-    accelerator multiplies (``Accelerator(slowdown=...)``).
+    accelerator multiplies (``Accelerator(slowdown=...)``): the kernel's time
+    undisturbed by the host's other work, as a hardware accelerator's speed
+    does not depend on the host's load.
 
-    The first time of a shape is its reference; each later one moves the
-    reference's log by ``REF_STEP`` x its log ratio to it, clipped to +-1, so
-    one job that took 10 times as long moves the reference by about 5% and a
-    lasting change of speed is followed within a few dozen jobs. Not locked:
-    one dict store per update (atomic under the GIL); a race loses a sample.
+    The first time of a shape is its reference; a longer time moves it up by
+    ``REF_UP`` in the log (never past that time), a shorter one down by
+    ``REF_DOWN`` (never below it): a low-quantile tracker (the fraction
+    ``REF_UP / (REF_UP + REF_DOWN)``, about the 9th percentile, of the times
+    lies below it). One job that took 10 times as long moves it by 0.5%; a
+    lasting change of speed is followed (up: about 140 jobs for 2x, down:
+    14). Not locked: one dict store per update (atomic under the GIL); a race
+    loses a sample.
     """
 
     def __init__(self) -> None:
@@ -457,8 +463,10 @@ class ReferenceTimes:
             if len(self._ref) >= REF_MAX_KEYS:  # guests choose shapes: bounded
                 self._ref.clear()
             ref = seconds
+        elif seconds > prev:
+            ref = min(seconds, prev * math.exp(REF_UP))
         else:
-            ref = prev * math.exp(REF_STEP * min(1.0, max(-1.0, math.log(seconds / prev))))
+            ref = max(seconds, prev * math.exp(-REF_DOWN))
         self._ref[key] = ref
         return ref
 

@@ -26,11 +26,11 @@ worker polling briefly before it sleeps. ``slowdown`` emulates a slower
 accelerator: after each kernel the worker waits ``(slowdown - 1) x`` the
 kernel's time for the job's shape (sleeping, then yielding until the
 deadline). That time is a steady reference of the shape's measured kernel
-times (:class:`accel_core.estimate.ReferenceTimes`), not the one job's: a
-kernel that took 5 times its usual time because the host's other vCPU was
-busy would otherwise stretch an emulated 20-times-slower job by 100 times
-its usual time, a jitter no hardware accelerator has and one that every job
-queued behind it inherits.
+times (:class:`accel_core.estimate.ReferenceTimes`: a low quantile, the
+kernel undisturbed), not the one job's: a kernel that took 5 times its usual
+time because the host's other vCPU was busy would otherwise stretch an
+emulated 20-times-slower job by 100 times its usual time, a jitter no
+hardware accelerator has and one that every job queued behind it inherits.
 
 Each job carries a service-time estimate from a :class:`ServiceTimeModel`, so
 an accelerator can say how much work it has queued
