@@ -318,7 +318,7 @@ def default_cache_dir() -> Path:
 
 
 ONLINE_WINDOW = 8      # a size class's estimate: the last this many samples (a cost key's: twice that)
-ONLINE_MAX_RATIO = 4.0  # a sample counts as at most this many times the fit (a stalled job)
+ONLINE_MAX_RATIO = 4.0  # a sample weighs as if at most this far from its window's median
 ONLINE_WARMUP = 8       # samples after which a size class counts as warm (its weight in refits)
 ONLINE_MAX_CLASSES = 4096  # size classes tracked; beyond, new shapes teach only their cost key
 REFIT_EVERY = 32        # samples of a cost key between refits of its learned linear cost
@@ -327,11 +327,15 @@ GRID_WEIGHT = 1.0       # weight of a reference shape in the refit, / (1 + warm 
 CLASS_WEIGHT = 4.0      # a served class weighs up to this once warm (1 + 3 * samples / warmup)
 
 
-def _weighted_log_median(logs: tuple[float, ...]) -> float:
+def _weighted_log_median(logs: tuple[float, ...], log_max: float) -> float:
     """The log of the estimate ``e`` minimising ``sum |e - m| / m`` over the samples
-    ``m = exp(logs)``: their median weighted by ``1 / m``."""
+    ``m = exp(logs)``: their median weighted by ``1 / m``, each weight taken as if its
+    sample were within ``exp(log_max)`` of the plain (lower) median, so that one absurdly
+    short time cannot outweigh the rest of the window."""
     srt = sorted(logs)
-    ws = [math.exp(-x) for x in srt]
+    mid = srt[(len(srt) - 1) // 2]
+    lo, hi = mid - log_max, mid + log_max
+    ws = [math.exp(-min(hi, max(lo, x))) for x in srt]
     half = 0.5 * sum(ws)
     acc = 0.0
     for x, w in zip(srt, ws, strict=True):
@@ -347,8 +351,11 @@ class OnlineFit:
     A class's correction is the one that minimises the mean absolute error
     *relative to the measured time*, ``|e - measured| / measured`` (the
     figure the issue sets a goal for), over its last ``window`` samples: their
-    median ratio measured / fit, each sample weighted by 1 / measured (each
-    ratio clipped to ``1 / max_ratio .. max_ratio``). A cost key's is the same
+    median ratio measured / fit, each sample weighted by 1 / measured (as if
+    it were within ``max_ratio`` of the window's plain median: one absurdly
+    short time cannot outweigh the rest; no sample is clipped, so an
+    accelerator emulated 20 times slower than the calibrated kernels is
+    learned from its first job). A cost key's is the same
     over its last ``2 x window`` samples of any class. A median, so one
     stalled job (or a shape's slow first jobs: plans, tables, cold caches)
     does not move it; a window, so a lasting change of the machine's speed
@@ -394,15 +401,14 @@ class OnlineFit:
         """The size classes of ``key`` with samples: (features, factor, samples) each."""
         return [(f, fac, n) for (k, f), (_, fac, n, _) in list(self._cls.items()) if k == key]
 
-    def _update(self, table: dict, k: Any, log_ratio: float, window: int) -> None:
-        lr = min(self._log_max, max(-self._log_max, log_ratio))
+    def _update(self, table: dict, k: Any, lr: float, window: int) -> None:
         prev = table.get(k)
         if prev is None:
             table[k] = (lr, math.exp(lr), 1, (lr,))
             return
         _, _, n, win = prev
         win = (*win[1 - window:], lr) if window > 1 else (lr,)
-        r = _weighted_log_median(win)
+        r = _weighted_log_median(win, self._log_max)
         table[k] = (r, math.exp(r), n + 1, win)
 
     def observe(self, key: str, feats: tuple[float, ...], base: float, measured: float) -> None:

@@ -135,6 +135,18 @@ def test_a_stalled_job_does_not_move_the_estimate_and_a_lasting_change_does():
     assert online.samples("k", f) == 11 + online.window
 
 
+def test_a_much_slower_accelerator_is_learned_in_a_few_jobs():
+    """--accel-slowdown 20: every job takes 20x the calibrated kernel time."""
+    online = OnlineFit()
+    f = (1.0,)
+    online.observe("k", f, 1.0, 20.0)
+    assert online.factor("k", f) == pytest.approx(20.0) and online.key_factor("k") == pytest.approx(20.0)
+    for _ in range(5):
+        online.observe("k", f, 1.0, 20.0)
+    online.observe("k", f, 1.0, 1e-6)  # one absurdly short time weighs as a 4x shorter one: no effect
+    assert online.factor("k", f) == pytest.approx(20.0)
+
+
 def true_fft(feats) -> float:
     return 4e-6 + 6e-10 * feats[0]
 
