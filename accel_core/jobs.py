@@ -270,7 +270,7 @@ class Job:
 
     __slots__ = ("op", "params", "input", "output", "guest_id", "priority", "collect", "state", "error",
                  "result", "estimate", "id", "accelerator", "t_created", "t_submitted", "t_started",
-                 "t_finished", "future", "_tag", "__weakref__")
+                 "t_finished", "accel_seconds", "future", "_tag", "__weakref__")
 
     def __init__(self, op: Op, params: JobParams, input: np.ndarray, output: np.ndarray, *,
                  guest_id: int = 0, collect: bool = False, priority: int = 0) -> None:
@@ -292,6 +292,9 @@ class Job:
         self.t_submitted: float | None = None
         self.t_started: float | None = None
         self.t_finished: float | None = None
+        #: the accelerator's own seconds for the job, set when it finished running (kernel
+        #: CPU time + emulated slowdown: what the service-time model learns and estimates)
+        self.accel_seconds: float | None = None
         self.future: Future = Future()
         self._tag: tuple[float, float] = (0.0, 0.0)  # fair-queue order (start tag, arrival)
 

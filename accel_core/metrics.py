@@ -13,7 +13,7 @@ plain dict for logs, JSON and tests:
   accelerator's: kernel CPU time plus emulated delay, see
   ``Accelerator._run``) vs the estimate made at submit: count, mean ratio
   measured/estimated, geometric mean ratio, mean and max absolute relative
-  error ``|measured - est| / est``.
+  error ``|est - measured| / measured``.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ class _EstimateStats:
         self.count += 1
         self.sum_ratio += ratio
         self.sum_log_ratio += math.log(ratio)
-        rel = abs(ratio - 1.0)
+        rel = abs(estimated - measured) / measured  # relative to the measured time (the goal's)
         self.sum_abs_rel += rel
         self.max_abs_rel = max(self.max_abs_rel, rel)
 

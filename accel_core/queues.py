@@ -9,8 +9,12 @@ last dispatched job. So each guest's jobs of one priority run in submission orde
 equal demand alternate, and a guest submitting long jobs gets proportionally
 fewer of them through when others are waiting (fair in accelerator time, not
 job count), while an idle accelerator serves anyone at once (work conserving).
-When the queue empties the virtual clock and all guest tags reset, so no state
-outlives a busy period.
+When the accelerator goes idle -- no job queued *and none running*: its owner
+calls :meth:`FairQueue.idle` -- the virtual clock and all guest tags reset, so
+no state outlives a busy period. Not when the queue merely empties while a job
+runs: a guest whose job is running and who refills its queue right then must
+not tie with (and, arriving first, overtake) a guest that has been waiting its
+turn; the finish tag its running job left is what puts its refill behind.
 
 Priority (``Job.priority``, 0 lowest .. ``jobs.MAX_PRIORITY``) orders jobs
 *within one guest's share*, never across guests: the queue first picks the
@@ -89,6 +93,8 @@ class FairQueue:
 
     def push(self, job: Job) -> None:
         g = job.guest_id
+        if len(self._finish) > 4 * len(self._shares) + 64:
+            self._prune()
         start = self.start_tag(g)
         self._finish[g] = start + _cost(job)
         job._tag = (start, next(self._arrival))  # the FIFO tag; ordered() and pop() set the real one
@@ -131,8 +137,6 @@ class FairQueue:
         self._vtime = start
         share.start = start + _cost(job)
         self._len -= 1
-        if not self._len:
-            self._reset()
         return job
 
     @staticmethod
@@ -157,8 +161,6 @@ class FairQueue:
             del self._shares[g]
         self._finish[g] = share.start if not share.n else self._finish[g] - _cost(job)
         self._len -= 1
-        if not self._len:
-            self._reset()
         return True
 
     def take_all(self) -> list[Job]:
@@ -188,6 +190,19 @@ class FairQueue:
     def guests(self) -> dict[int, int]:
         """Queued job count per guest."""
         return {g: share.n for g, share in self._shares.items()}
+
+    def idle(self) -> None:
+        """The accelerator went idle (nothing queued, nothing running): a new busy period
+        starts from a clean virtual clock. No-op while jobs are queued."""
+        if not self._len:
+            self._reset()
+
+    def _prune(self) -> None:
+        """Forget the finish tags of guests with nothing queued whose tag the virtual clock
+        has passed (``max(V, F_g)`` is V for them anyway): guests come and go during a
+        long busy period, the table stays bounded by those still owed or owing."""
+        v = self._vtime
+        self._finish = {g: f for g, f in self._finish.items() if f > v or g in self._shares}
 
     def _reset(self) -> None:
         self._vtime = 0.0

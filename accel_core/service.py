@@ -24,7 +24,13 @@ devices do the work inside enqueue: no thread handoff, the completion still
 goes to the ready queue and the future); ``spin_seconds`` keeps an idle
 worker polling briefly before it sleeps. ``slowdown`` emulates a slower
 accelerator: after each kernel the worker waits ``(slowdown - 1) x`` the
-kernel's measured time (sleeping, then yielding until the deadline).
+kernel's time for the job's shape (sleeping, then yielding until the
+deadline). That time is a steady reference of the shape's measured kernel
+times (:class:`accel_core.estimate.ReferenceTimes`: a low quantile, the
+kernel undisturbed), not the one job's: a kernel that took 5 times its usual
+time because the host's other vCPU was busy would otherwise stretch an
+emulated 20-times-slower job by 100 times its usual time, a jitter no
+hardware accelerator has and one that every job queued behind it inherits.
 
 Each job carries a service-time estimate from a :class:`ServiceTimeModel`, so
 an accelerator can say how much work it has queued
@@ -52,7 +58,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from accel_core.errors import AccelError, JobRejected, ParameterError, ServiceClosed, UnsupportedOperation
-from accel_core.estimate import ServiceTimeModel, Shape
+from accel_core.estimate import ReferenceTimes, ServiceTimeModel, Shape
 from accel_core.jobs import Job, JobState, Op, execute
 from accel_core.metrics import AcceleratorMetrics
 from accel_core.queues import FairQueue, ReadyQueue
@@ -157,6 +163,7 @@ class Accelerator:
         self._queue = FairQueue()
         self._running: dict[Job, None] = {}
         self._shape_of: dict[Job, Shape] = {}  # submitted, not yet delivered: the model's handle
+        self._kernel_ref = ReferenceTimes()  # per shape: the kernel time a slowdown multiplies
         self._seq = 0
         self._live = workers
         self._sleeping = 0       # workers blocked in _work.wait(): only then does submit notify
@@ -356,6 +363,8 @@ class Accelerator:
         with self._lock:
             if job.state is not JobState.QUEUED or not self._queue.remove(job):
                 return False
+            if not self._running:
+                self._queue.idle()
             job._transition(JobState.CANCELLED, self._clock())
             self.metrics.on_cancel(job)
             if self._draining and not len(self._queue) and not self._running:
@@ -553,7 +562,9 @@ class Accelerator:
         kernel = _thread_time() - c0
         delay = 0.0
         if self.slowdown > 1.0:
-            delay = (self.slowdown - 1.0) * kernel
+            shape = self._shape_of.get(job)
+            ref = kernel if shape is None else self._kernel_ref.update((shape[0], shape[1]), kernel)
+            delay = (self.slowdown - 1.0) * ref
             _delay_until(t1 + delay, clock)
         return result, error, kernel, delay
 
@@ -562,6 +573,9 @@ class Accelerator:
         """Finish a RUNNING job's bookkeeping (under the lock)."""
         now = self._clock()
         del self._running[job]
+        if not self._running:
+            self._queue.idle()  # the end of a busy period if nothing is queued either
+        job.accel_seconds = kernel + delay
         if error is None:
             job.result = result
             job._transition(JobState.DONE, now)

@@ -379,14 +379,7 @@ class AccelRouter:
             hosts = (1 if units else 0) + sum(1 for r in self.remotes.values() if r.units(op))
             lo, hi = (1, dft.MAX_SIZE) if op in (AccelOp.FFT, AccelOp.IFFT) else \
                 (qpp.BLOCK_SIZES[0], qpp.BLOCK_SIZES[-1])
-            fixed = unit = 0
-            if model is not None:
-                key = f"{CORE_OP[op].value}/complex64" if op in (AccelOp.FFT, AccelOp.IFFT) \
-                    else CORE_OP[op].value
-                cost = model.costs.get(key)
-                if cost is not None:
-                    fixed = min(int(cost.a * 1e9), U32 - 1)
-                    unit = min(int((cost.b[0] if cost.b else 0.0) * 1e12), U32 - 1)
+            fixed, unit = model.query_fields(CORE_OP[op]) if model is not None and units else (0, 0)
             out.append(AccelOpInfo(op=int(op), local_units=min(units, 255),
                                    reachable_hosts=min(hosts, 0xFFFF), min_size=lo, max_size=hi,
                                    max_batch=MAX_BATCH, est_fixed_ns=fixed, est_unit_ps=unit))
@@ -934,9 +927,10 @@ def _scatter(views: list[memoryview], offset: int, data: memoryview) -> None:
 def finish(core: RdmaDeviceCore, e: Entry, job: Job) -> None:
     """A job came back from its target: its output to the guest, its status."""
     if job.t_started is not None and job.t_submitted is not None:
-        e.wait_us = int((job.t_started - job.t_submitted) * 1e6)
-    if job.service_time is not None:
-        e.service_us = int(job.service_time * 1e6)
+        e.wait_us = round((job.t_started - job.t_submitted) * 1e6)
+    service = job.accel_seconds if job.accel_seconds is not None else job.service_time
+    if service is not None:  # the accelerator's time (what QUERY_ACCEL's estimates predict)
+        e.service_us = round(service * 1e6)
     if job.state is not JobState.DONE:
         if job.state is JobState.FAILED and isinstance(job.error, InvalidInput):
             e.fail(AccelStatus.INVALID_PARAMS)  # element values: bits not 0/1, LLRs not finite

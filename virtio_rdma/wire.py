@@ -335,8 +335,9 @@ class AccelOpInfo:
     max_size: U32
     max_batch: U32
     est_fixed_ns: U32      # service-time estimate: fixed part ...
-    est_unit_ps: U32       # ... plus this per unit of work (FFT: n*log2(n) per
-                           # transform; Turbo: K per block (x iterations to decode))
+    est_unit_ps: U32       # ... plus this per unit of work (FFT: n * passes(n) per
+                           # transform, passes(n) = ceil(a/3) + b + c for n = 2^a 3^b 5^c;
+                           # Turbo: K per block (x iterations to decode))
 
 
 @dataclass(frozen=True, slots=True)

@@ -103,7 +103,9 @@ def test_remove_gives_back_the_cost_and_keeps_order():
     # guest 1 is charged b and c only (2 units): a new guest-1 job starts at 2
     assert q.start_tag(1) == 2.0
     assert names(drain(q)) == ["b", "d", "c"]
-    assert q.start_tag(1) == 0.0  # empty: tags reset
+    assert q.start_tag(1) == 2.0  # empty, but the last job may still run: tags kept
+    q.idle()  # the accelerator went idle: a new busy period
+    assert q.start_tag(1) == 0.0
 
 
 def test_remove_of_a_job_never_queued_and_take_all():

@@ -17,7 +17,7 @@ import pytest
 from accel_core import (AccelError, Accelerator, AcceleratorService, AcceleratorSpec, AcceleratorState, Job,
                         JobRejected, JobState, ModelError, Op, ServiceClosed, ServiceTimeModel,
                         UnsupportedOperation, turbo_encode)
-from accel_core.estimate import LinearCost, fit_linear, work_units
+from accel_core.estimate import FORMAT_VERSION, LinearCost, fit_linear, work_units
 from accel_core.dft import FFTPlan, fft, ifft
 from accel_core.errors import (BlockSizeError, DtypeError, ElementError, InvalidInput, LayoutError, ParameterError,
                                ParameterTypeError, ShapeError, UnsupportedSize)
@@ -356,7 +356,9 @@ def test_fit_linear_recovers_coefficients_and_clamps():
 
 
 def test_work_units_follow_the_cost_model():
-    assert work_units(Op.FFT, JobParams(batch=16, n=2048, dtype=np.dtype(np.complex64))) == 16 * 2048 * 11
+    # batch * N * passes(N): 2048 = 8*8*8*4 (4 passes), 1200 = 4*4*5*5*3 (5 passes)
+    assert work_units(Op.FFT, JobParams(batch=16, n=2048, dtype=np.dtype(np.complex64))) == 16 * 2048 * 4
+    assert work_units(Op.IFFT, JobParams(batch=2, n=1200, dtype=np.dtype(np.complex128))) == 2 * 1200 * 5
     assert work_units(Op.TURBO_ENCODE, JobParams(batch=3, k=6144)) == 3 * 6144
     one = work_units(Op.TURBO_DECODE, JobParams(batch=1, k=6144, iterations=8))
     assert one == 6144 * 8
@@ -410,7 +412,11 @@ def test_model_save_load_and_cache(tmp_path, calibrated):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ModelError, match="not JSON"):
         ServiceTimeModel.load(tmp_path / "bad.json")
-    (tmp_path / "neg.json").write_text(json.dumps({"format": 1, "costs": {"fft/complex64": {"a": -1, "b": 0}}}))
+    (tmp_path / "neg.json").write_text(json.dumps({"format": FORMAT_VERSION,
+                                                   "costs": {"fft/complex64": {"a": -1, "b": 0}}}))
+    (tmp_path / "v1.json").write_text(json.dumps({"format": 1, "costs": {"fft/complex64": {"a": 1, "b": 1}}}))
+    with pytest.raises(ModelError, match="format 2"):  # FFT features were N log2 N: not reused
+        ServiceTimeModel.load(tmp_path / "v1.json")
     with pytest.raises(ModelError, match="invalid coefficients"):
         ServiceTimeModel.load(tmp_path / "neg.json")
     with pytest.raises(ModelError, match="cannot read"):

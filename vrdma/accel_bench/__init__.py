@@ -384,7 +384,7 @@ def _oracle_floor(trace: list) -> dict[str, float]:
         tail = np.asarray(ms[len(ms) // 2:])
         if not tail.size:
             continue
-        best = min(float(np.mean(np.abs(tail - e) / e)) for e in tail)
+        best = min(float(np.mean(np.abs(e - tail) / tail)) for e in tail)  # error relative to measured
         err.setdefault(key.split("/")[0], []).extend([best] * tail.size)
     return {op: float(np.mean(v)) for op, v in err.items()}
 

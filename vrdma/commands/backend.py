@@ -149,16 +149,17 @@ def parse_slowdown(text) -> float:
 
 def make_accel_router(args):
     """The daemon's accelerator router (one AcceleratorService shared by all guests)."""
-    from accel_core import AcceleratorService, AcceleratorSpec, Op
+    from accel_core import AcceleratorService, AcceleratorSpec, Op, ServiceTimeModel
     from virtio_rdma.accel import AccelRouter
 
     specs = parse_accelerators(getattr(args, "accelerators", "fft=1,turbo=1"))
     slowdown = parse_slowdown(getattr(args, "accel_slowdown", "1.0"))
     if not specs:
         return AccelRouter(None)
+    # the service-time model: this machine's kernels timed now (~0.1 s), then learned online
     return AccelRouter(AcceleratorService([AcceleratorSpec(name, frozenset(Op.parse(o) for o in ops), w,
                                                            slowdown=slowdown)
-                                           for name, ops, w in specs]))
+                                           for name, ops, w in specs], model=ServiceTimeModel.calibrate()))
 
 
 def _add_tenant_arguments(p) -> None:
