@@ -52,7 +52,16 @@ from accel_core.jobs import MAX_PRIORITY, JobState
 from peering.link import LinkState, PeerLink
 from peering.wire import GoMsg, GrantMsg, JobMsg, PeerWireError, ResultMsg, decode_link
 from verbs import Access, WcStatus
-from virtio_rdma.accel import CORE_OP, NP_DTYPE, Entry, check_params, make_job, need_bytes, settle
+from virtio_rdma.accel import (
+    CORE_OP,
+    NP_DTYPE,
+    Entry,
+    check_params,
+    job_times_us,
+    make_job,
+    need_bytes,
+    settle,
+)
 from virtio_rdma.constants import AccelOp, AccelStatus
 from virtio_rdma.wire import AccelJob
 
@@ -390,11 +399,7 @@ class PeerTarget:
             self._drop_served(s, AccelStatus.INVALID_PARAMS if job.state is JobState.FAILED
                               and isinstance(job.error, InvalidInput) else AccelStatus.REMOTE_FAILED)
             return
-        wait = service = 0
-        if job.t_started is not None and job.t_submitted is not None:
-            wait = int((job.t_started - job.t_submitted) * 1e6)
-        if job.service_time is not None:
-            service = int(job.service_time * 1e6)
+        wait, service = job_times_us(job)
         assert s.y is not None
         views = [s.y.view(np.uint8).data]
         its = 0

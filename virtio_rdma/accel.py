@@ -924,13 +924,22 @@ def _scatter(views: list[memoryview], offset: int, data: memoryview) -> None:
     sg_copy(out, [data])
 
 
+def job_times_us(job: Job) -> tuple[int, int]:
+    """(queue wait, service time) of a finished job in microseconds, as the CQE
+    reports them: the service time is the accelerator's (what QUERY_ACCEL's
+    estimates predict)."""
+    wait = service = 0
+    if job.t_started is not None and job.t_submitted is not None:
+        wait = round((job.t_started - job.t_submitted) * 1e6)
+    s = job.accel_seconds if job.accel_seconds is not None else job.service_time
+    if s is not None:
+        service = round(s * 1e6)
+    return wait, service
+
+
 def finish(core: RdmaDeviceCore, e: Entry, job: Job) -> None:
     """A job came back from its target: its output to the guest, its status."""
-    if job.t_started is not None and job.t_submitted is not None:
-        e.wait_us = round((job.t_started - job.t_submitted) * 1e6)
-    service = job.accel_seconds if job.accel_seconds is not None else job.service_time
-    if service is not None:  # the accelerator's time (what QUERY_ACCEL's estimates predict)
-        e.service_us = round(service * 1e6)
+    e.wait_us, e.service_us = job_times_us(job)
     if job.state is not JobState.DONE:
         if job.state is JobState.FAILED and isinstance(job.error, InvalidInput):
             e.fail(AccelStatus.INVALID_PARAMS)  # element values: bits not 0/1, LLRs not finite
