@@ -263,6 +263,12 @@ class PeerLink:
         self.peer_qpn = 0
         self.peer_credits = 0
         self.peer_ops: dict[int, OpInfo] = {}
+        #: the owner's landing memory for the peer's job inputs (a window opened on every new QP):
+        #: (buffer, slots, slot KiB), or None
+        self.landing: tuple[memoryview, int, int] | None = None
+        self.landing_rkey = 0
+        #: the peer's landing window: (rkey, slots, slot bytes), or None
+        self.peer_landing: tuple[int, int, int] | None = None
         self.closed = False
         self.dev = self                 # the fabric re-arms timers through dev.notify
         #: called when deadline() may have moved earlier (the service re-arms its timer)
@@ -289,6 +295,8 @@ class PeerLink:
         self.rc.modify(QpState.INIT, access=LINK_ACCESS)
         self.fabric.attach_wire(self.qpn, self)
         self._post_recvs(self.credits + RECV_SLACK)
+        if self.landing is not None:
+            self.landing_rkey = self.table.open([self.landing[0]], Access.REMOTE_WRITE)
 
     def _post_recvs(self, n: int) -> None:
         assert self.rc is not None
@@ -316,8 +324,9 @@ class PeerLink:
         self._next_keepalive = now + c.keepalive
 
     def _connect_msg(self, kind: int, echo: int) -> ConnectMsg:
+        slots, kib = self.landing[1:] if self.landing is not None else (0, 0)
         return ConnectMsg(kind, self.incarnation, echo, self.qpn, self._psn, self.credits,
-                          self.config.mtu, tuple(self._ops()))
+                          self.config.mtu, tuple(self._ops()), self.landing_rkey if slots else 0, slots, kib)
 
     def on_connect(self, msg: ConnectMsg, now: float) -> None:
         """A REQ or REP from this link's peer (decoded, from its address)."""
@@ -352,6 +361,8 @@ class PeerLink:
         self.peer_incarnation = msg.incarnation
         self.peer_credits = msg.credits
         self.peer_ops = {int(o.op): o for o in msg.ops}
+        self.peer_landing = ((msg.landing_rkey, msg.landing_slots, msg.landing_slot_kib << 10)
+                             if msg.landing_rkey else None)
         self._bring_up(msg.qpn, msg.psn, msg.mtu, now)
         self._post_recvs(msg.credits)  # their results (for our jobs, at most their credits)
 
@@ -394,6 +405,8 @@ class PeerLink:
         self._recv = []
         self.peer_credits = 0
         self.peer_ops = {}
+        self.peer_landing = None
+        self.landing_rkey = 0
 
     def close(self, now: float = 0.0) -> None:
         """The daemon stops: the link goes DOWN for good (its jobs given back)."""

@@ -50,7 +50,7 @@ import numpy as np
 from accel_core.errors import AccelError, InvalidInput
 from accel_core.jobs import MAX_PRIORITY, JobState
 from peering.link import LinkState, PeerLink
-from peering.wire import GoMsg, GrantMsg, JobMsg, PeerWireError, ResultMsg, decode_link
+from peering.wire import NO_SLOT, GoMsg, GrantMsg, JobMsg, PeerWireError, ResultMsg, decode_link
 from verbs import Access, WcStatus
 from virtio_rdma.accel import (
     CORE_OP,
@@ -75,6 +75,10 @@ log = logging.getLogger(__name__)
 MAX_STAGING_BYTES = 256 << 20
 #: jobs a peer may have in flight here unless configured (--peer-credits)
 DEFAULT_CREDITS = 64
+#: landing slots this host offers each peer for job inputs, and their size: a job whose
+#: input fits a free slot is written there before its JOB message (no GRANT round trip)
+LANDING_SLOTS = 16
+LANDING_SLOT_KIB = 1024
 # send WR ids: the low 3 bits say what completed, the rest is the job's tag
 _WR_JOB, _WR_GRANT, _WR_INPUT, _WR_GO, _WR_OUTPUT, _WR_RESULT = 0, 1, 2, 3, 4, 5
 _WR_KIND = 3
@@ -88,6 +92,8 @@ class PeerMetrics:
     jobs_given_back: int = 0    # origin: the link failed or the peer refused
     results_dropped: int = 0    # origin: a result for no outstanding job
     jobs_served: int = 0        # server: results sent for the peer's jobs
+    jobs_landed: int = 0        # server: ... whose input came ahead into a landing slot
+    jobs_granted: int = 0       # server: ... whose input came after a GRANT
     jobs_refused: int = 0       # server: refused (credits, staging, no accelerator)
     jobs_invalid: int = 0       # server: INVALID_PARAMS
     bad_messages: int = 0       # malformed messages (each failed the link)
@@ -99,7 +105,7 @@ class PeerMetrics:
 class _Out:
     """A guest's job sent (or queued) to the peer."""
 
-    __slots__ = ("tag", "entry", "out_key", "granted", "abandoned")
+    __slots__ = ("tag", "entry", "out_key", "granted", "abandoned", "slot")
 
     def __init__(self, tag: int, entry: Entry):
         self.tag = tag
@@ -107,16 +113,19 @@ class _Out:
         self.out_key = 0
         self.granted = False
         self.abandoned = False
+        self.slot: int | None = None  # the peer's landing slot its input went to
 
 
 class _Served:
     """A peer's job running here (the router's owner of its local job)."""
 
-    __slots__ = ("target", "msg", "x", "y", "its", "job", "bytes", "in_key")
+    __slots__ = ("target", "msg", "x", "y", "its", "job", "bytes", "in_key", "slot", "gen")
 
     def __init__(self, target: PeerTarget, msg: JobMsg):
         self.target = target
         self.msg = msg
+        self.slot: int | None = None  # the landing slot holding its input
+        self.gen = target.gen         # the link's life it arrived in
         self.in_key = 0  # the window the origin WRITEs the input into, until its GO
         self.x: np.ndarray | None = None
         self.y: np.ndarray | None = None
@@ -154,6 +163,16 @@ class PeerTarget:
         self.draining: dict[int, _Served] = {}
         self.staging = 0
         self.link: PeerLink = link_factory(self)
+        #: origin: the peer's landing slots free for our next inputs
+        self.free_slots: list[int] = []
+        #: server: landing memory for this peer's inputs (a host that runs nothing offers none)
+        self._landing: np.ndarray | None = None
+        self._slot_bytes = LANDING_SLOT_KIB << 10
+        self._busy_slots: set[int] = set()
+        #: incremented when the link goes down: a job of an earlier life finds its slot gone
+        self.gen = 0
+        if router.local is not None and any(router.local.units(op) for op in AccelOp):
+            self._new_landing()
 
     # ----------------------------------------------------------- RemoteTarget
     def units(self, op: AccelOp) -> int:
@@ -201,8 +220,16 @@ class PeerTarget:
         job = e.spec
         assert job is not None
         o.out_key = link.table.open(e.out_views, Access.REMOTE_WRITE)
+        in_len = sum(len(v) for v in e.in_views)
+        slot = NO_SLOT
+        pl = link.peer_landing
+        if pl is not None and self.free_slots and in_len <= pl[2]:
+            # the input goes ahead into a landing slot: the JOB behind it needs no GRANT
+            o.slot = slot = self.free_slots.pop()
+            o.granted = True
+            link.write(o.tag << _WR_KIND | _WR_INPUT, e.in_views, pl[0], slot * pl[2], signaled=False)
         msg = JobMsg(o.tag, job.op, job.dtype, job.size, job.batch, job.iterations, job.early_stop,
-                     job.scaling, e.aq.priority, sum(len(v) for v in e.in_views), 0, o.out_key, e.out_len)
+                     job.scaling, e.aq.priority, in_len, 0, o.out_key, e.out_len, slot)
         self.sent[o.tag] = o
         link.send(o.tag << _WR_KIND | _WR_JOB, msg.encode())
         self.metrics.jobs_sent += 1
@@ -217,6 +244,8 @@ class PeerTarget:
             self.metrics.results_dropped += 1
             return
         self.link.table.close(o.out_key)
+        if o.slot is not None:
+            self.free_slots.append(o.slot)
         self._dispatch()
         if o.abandoned:
             return
@@ -236,6 +265,7 @@ class PeerTarget:
 
     # --------------------------------------------------------- link callbacks
     def on_up(self, link: PeerLink) -> None:
+        self.free_slots = list(range(link.peer_landing[1])) if link.peer_landing is not None else []
         log.info("peer host %d (%s) up: credits %d, accelerators %s", self.host, link.peer,
                  link.peer_credits, {AccelOp(o).name: i.units for o, i in link.peer_ops.items()})
 
@@ -243,6 +273,10 @@ class PeerTarget:
         outs = list(self.sent.values()) + list(self.backlog)
         self.sent.clear()
         self.backlog.clear()
+        self.free_slots = []
+        self.gen += 1
+        if self._landing is not None:
+            self._new_landing()
         for o in outs:
             if o.abandoned:
                 continue
@@ -336,6 +370,9 @@ class PeerTarget:
         if len(self.served) >= self.credits or self.staging + nbytes > MAX_STAGING_BYTES:
             self._refuse(m.tag, AccelStatus.REMOTE_FAILED)
             return
+        if m.slot != NO_SLOT:
+            self._serve_landed(m, in_need, k_out)
+            return
         s = _Served(self, m)
         # zeroed: a peer that says GO without writing finds zeros, never another job's bytes
         if fft:  # in place
@@ -351,8 +388,49 @@ class PeerTarget:
         self.staging += nbytes
         self.served[m.tag] = s
         s.in_key = link.table.open([s.x.view(np.uint8).data], Access.REMOTE_WRITE)
+        self.metrics.jobs_granted += 1
         link.send(m.tag << _WR_KIND | _WR_GRANT, GrantMsg(m.tag, s.in_key).encode())
         link.kick(self.clock())
+
+    def _serve_landed(self, m: JobMsg, in_need: int, k_out: int) -> None:
+        """A job whose input the peer wrote into landing slot ``m.slot`` ahead of it:
+        run it on the slot in place (the slot is this peer's alone: nothing of
+        another peer's is ever there)."""
+        slot = m.slot
+        if self._landing is None or slot >= LANDING_SLOTS or slot in self._busy_slots \
+                or in_need > self._slot_bytes:
+            self._protocol_error(f"job {m.tag} names landing slot {slot}, which is not free for "
+                                 f"{in_need} bytes")
+            return
+        s = _Served(self, m)
+        s.slot = slot
+        self._busy_slots.add(slot)
+        raw = self._landing[slot * self._slot_bytes:slot * self._slot_bytes + in_need]
+        if m.op in (AccelOp.FFT, AccelOp.IFFT):
+            s.x = s.y = raw.view(NP_DTYPE[m.dtype])
+        else:
+            s.x = raw if m.op is AccelOp.TURBO_ENCODE else raw.view(np.float32)
+            s.y = np.empty(k_out, dtype=np.uint8)
+            if m.op is AccelOp.TURBO_DECODE:
+                s.its = np.zeros(m.batch, dtype=np.uint8)
+            s.bytes = k_out + m.batch
+            self.staging += s.bytes
+        self.served[m.tag] = s
+        self.metrics.jobs_landed += 1
+        self._run(s)
+
+    def _free_slot(self, s: _Served) -> None:
+        if s.slot is not None and s.gen == self.gen:
+            self._busy_slots.discard(s.slot)
+        s.slot = None
+
+    def _new_landing(self) -> None:
+        """Fresh landing memory for the next life of the link: a job of the last
+        one still running keeps its own slot (its view keeps that memory), and
+        nothing written into the new slots can reach it."""
+        self._landing = np.zeros(LANDING_SLOTS * self._slot_bytes, dtype=np.uint8)  # lazily zeroed pages
+        self.link.landing = (self._landing.data, LANDING_SLOTS, LANDING_SLOT_KIB)
+        self._busy_slots = set()
 
     def _go(self, g: GoMsg) -> None:
         """The peer's input is in the staging window (RC order): close it, run the job."""
@@ -385,6 +463,7 @@ class PeerTarget:
 
     def _drop_served(self, s: _Served, status: AccelStatus) -> None:
         del self.served[s.msg.tag]
+        self._free_slot(s)
         self._release(s)
         self._refuse(s.msg.tag, status)
 
@@ -413,8 +492,10 @@ class PeerTarget:
         link.write(m.tag << _WR_KIND | _WR_OUTPUT, views, m.out_rkey, m.out_va, signaled=False)
         link.send(m.tag << _WR_KIND | _WR_RESULT,
                   ResultMsg(m.tag, AccelStatus.SUCCESS, m.out_len, wait, service, its).encode())
-        # the peer may send its next job as soon as it has the result: the credit is back now
+        # the peer may send its next job as soon as it has the result: the credit (and the
+        # slot: the output WRITE is placed there before the result arrives) is back now
         del self.served[m.tag]
+        self._free_slot(s)
         self.draining[m.tag] = s
         self.metrics.jobs_served += 1
         link.kick(self.clock())

@@ -37,6 +37,8 @@ MAGIC = 0x4C505256
 VERSION = 1
 #: accelerator operations a ConnectMsg can describe
 MAX_OPS = 4
+#: JobMsg.slot of a job whose input waits for a GRANT
+NO_SLOT = 0xFFFFFFFF
 
 
 class PeerWireError(ValueError):
@@ -81,7 +83,9 @@ ConnectLayout = cs.Struct(
     "psn" / u32,             # the first PSN it sends
     "credits" / u16,         # jobs it accepts in flight from the receiver
     "mtu" / u16,             # path MTU bytes it proposes (REP: the one chosen)
-    "reserved1" / cs.Const(0, u32),
+    "landing_rkey" / u32,    # its landing window for the receiver's job inputs (0: none)
+    "landing_slots" / u16,   # ... of this many slots
+    "landing_slot_kib" / u16,  # ... of this many KiB each (slot i at va i * slot bytes)
     "ops" / cs.Array(MAX_OPS, OpInfoLayout),
 )
 CONNECT_SIZE = ConnectLayout.sizeof()
@@ -105,6 +109,9 @@ class ConnectMsg:
     credits: int
     mtu: int
     ops: tuple[OpInfo, ...] = ()
+    landing_rkey: int = 0
+    landing_slots: int = 0
+    landing_slot_kib: int = 0
 
     def encode(self) -> bytes:
         if len(self.ops) > MAX_OPS:
@@ -114,6 +121,8 @@ class ConnectMsg:
             return ConnectLayout.build(dict(
                 version=VERSION, type=self.type, num_ops=len(self.ops), incarnation=self.incarnation,
                 echo=self.echo, qpn=self.qpn, psn=self.psn, credits=self.credits, mtu=self.mtu,
+                landing_rkey=self.landing_rkey, landing_slots=self.landing_slots,
+                landing_slot_kib=self.landing_slot_kib,
                 ops=[dict(op=int(o.op), units=o.units, est_fixed_ns=o.est_fixed_ns,
                           est_unit_ps=o.est_unit_ps) for o in self.ops] + pad))
         except cs.ConstructError as e:
@@ -141,7 +150,10 @@ class ConnectMsg:
                 ops.append(OpInfo(AccelOp.parse(o.op), o.units, o.est_fixed_ns, o.est_unit_ps))
             except UnknownValueError as e:
                 raise PeerWireError(f"connect message op: {e}", "ops") from None
-        return cls(c.type, c.incarnation, c.echo, c.qpn, c.psn, c.credits, c.mtu, tuple(ops))
+        if c.landing_rkey and not (c.landing_slots and c.landing_slot_kib):
+            raise PeerWireError("a landing window of no slots", "landing_slots")
+        return cls(c.type, c.incarnation, c.echo, c.qpn, c.psn, c.credits, c.mtu, tuple(ops),
+                   c.landing_rkey, c.landing_slots, c.landing_slot_kib)
 
 
 # --------------------------------------------------------------------------
@@ -161,7 +173,7 @@ JobLayout = cs.Struct(
     "size" / u32,
     "batch" / u32,
     "scaling" / cs.Float32l,
-    "reserved1" / cs.Const(0, u32),
+    "slot" / u32,            # the landing slot the input was written into; NO_SLOT: ask for a GRANT
     "in_len" / u32,          # bytes of input the origin will WRITE once granted
     "out_rkey" / u32,        # the origin's window on the guest's output buffer (REMOTE_WRITE)
     "out_va" / u64,
@@ -212,6 +224,7 @@ class JobMsg:
     out_va: int
     out_rkey: int
     out_len: int
+    slot: int = NO_SLOT
 
     def encode(self) -> bytes:
         return JobLayout.build(dict(
@@ -219,7 +232,8 @@ class JobMsg:
             iterations=self.iterations, priority=self.priority,
             flags=_NO_SCALING if self.scaling is None else 0, tag=self.tag, size=self.size,
             batch=self.batch, scaling=0.0 if self.scaling is None else self.scaling,
-            in_len=self.in_len, out_va=self.out_va, out_rkey=self.out_rkey, out_len=self.out_len))
+            in_len=self.in_len, out_va=self.out_va, out_rkey=self.out_rkey, out_len=self.out_len,
+            slot=self.slot))
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,7 +298,7 @@ def decode_link(data: bytes | memoryview) -> JobMsg | GrantMsg | GoMsg | ResultM
             return JobMsg(j.tag, AccelOp.parse(j.op), AccelDtype.parse(j.dtype), j.size, j.batch,
                           j.iterations, AccelEarlyStop.parse(j.early_stop),
                           None if j.flags & _NO_SCALING else j.scaling, j.priority,
-                          j.in_len, j.out_va, j.out_rkey, j.out_len)
+                          j.in_len, j.out_va, j.out_rkey, j.out_len, j.slot)
         except UnknownValueError as e:
             raise PeerWireError(f"job message: {e}", "op/dtype/early_stop") from None
     if kind == LinkType.RESULT:

@@ -202,7 +202,43 @@ def test_fft_runs_on_the_peer_byte_exact(cluster, op, n, batch):
     assert _out(c, dst, x.nbytes) == want.tobytes()  # the same kernels: byte-exact
     t = c.pa.targets[B_IP]
     assert t.metrics.jobs_sent == 1 and t.metrics.jobs_done == 1 and not t.sent and not len(c.link_a.table)
-    assert c.pb.targets[A_IP].metrics.jobs_served == 1 and c.pb.targets[A_IP].staging == 0
+    tb = c.pb.targets[A_IP]
+    assert tb.metrics.jobs_served == 1 and tb.metrics.jobs_landed == 1 and tb.staging == 0
+    assert sorted(t.free_slots) == list(range(16))  # the landing slot came back with the result
+
+
+def test_an_input_larger_than_a_landing_slot_waits_for_a_grant(cluster):
+    c = cluster
+    aq = c.g.create_aq(c.pd, c.cq, AccelOp.FFT)
+    x = _c64_batch(3, 65536, 5)                 # 1.5 MiB: more than a 1 MiB slot
+    small = _c64_batch(1, 64, 6)
+    d_big, d_small = _fft_job(c, aq, 1, x), _fft_job(c, aq, 2, small)
+    q = c.cqes(2)
+    assert [w.status for w in q] == [AccelStatus.SUCCESS] * 2
+    assert _out(c, d_big, x.nbytes) == accel_core.fft(x).tobytes()
+    assert _out(c, d_small, small.nbytes) == accel_core.fft(small).tobytes()
+    m = c.pb.targets[A_IP].metrics
+    assert m.jobs_granted == 1 and m.jobs_landed == 1 and c.pb.targets[A_IP].staging == 0
+
+
+@pytest.mark.parametrize("slot", [16, "busy"])
+def test_a_job_naming_a_bad_landing_slot_fails_the_link(cluster, slot):
+    c = cluster
+    tb = c.pb.targets[A_IP]
+    if slot == "busy":  # B is given a job in slot 0 and, while it runs, another naming slot 0
+        tb._busy_slots.add(0)
+        slot = 0
+    c.link_a.send(77 << 3, JobMsg(77, AccelOp.FFT, AccelDtype.COMPLEX64, 64, 1, 0, AccelEarlyStop.NONE, None, 0,
+                                  512, 0, 2, 512, slot).encode())
+    c.link_a.kick(time.monotonic())
+    c.run(lambda: tb.metrics.bad_messages == 1)
+    c.run(lambda: c.link_a.state is LinkState.UP and c.link_b.state is LinkState.UP)  # made again
+    assert c.link_b.metrics.failures == 1
+
+
+def _c64_batch(b: int, n: int, seed: int) -> np.ndarray:
+    r = np.random.default_rng(seed)
+    return (r.standard_normal((b, n)) + 1j * r.standard_normal((b, n))).astype(C64)
 
 
 @pytest.mark.parametrize("K,B", [(40, 1), (1024, 3), (6144, 1)])
