@@ -292,6 +292,10 @@ class RemoteTarget(Protocol):
         never complete it."""
         ...
 
+    def describe(self) -> dict:
+        """Counters, the remote queue's depth and the link's state (metrics)."""
+        ...
+
 
 class AccelRouter:
     """Where a device's accelerator jobs run: one per daemon, shared by all
@@ -412,28 +416,18 @@ class AccelRouter:
                     except Exception:
                         log.exception("virtio-rdma: internal error completing a peer host's job")
                     continue
-                aq = entry.aq
-                core = aq.core
+                core = entry.aq.core
                 if core is None:
                     self.jobs_dropped += 1
                     entry.fail(AccelStatus.FLUSHED)
                     continue
-                core.in_call += 1
-                try:
-                    finish(core, entry, job)
-                    drain(core, aq)
-                    resume(core)
-                except Exception:
-                    core.metrics.internal_errors += 1
-                    log.exception("virtio-rdma: internal error completing an accelerator job")
-                finally:
-                    core.in_call -= 1
-                flush_notify(core)
+                _core_call(core, "completing an accelerator job", _finish_local, core, entry, job)
         return n
 
     def metrics(self) -> dict:
         svc = self.local.service.metrics() if self.local is not None else {}
-        return {"in_flight": len(self._jobs), "jobs_dropped": self.jobs_dropped, "service": svc}
+        return {"in_flight": len(self._jobs), "jobs_dropped": self.jobs_dropped, "service": svc,
+                "remotes": {h: t.describe() for h, t in sorted(self.remotes.items())}}
 
     def close(self) -> None:
         if self.local is not None and self._owns:
@@ -874,31 +868,49 @@ def settle(e: Entry, status: AccelStatus, *, byte_len: int = 0, wait_us: int = 0
     its host has written the output into the guest's buffers; REMOTE_FAILED
     and NO_ACCELERATOR give it back (:func:`_given_back`); other statuses
     complete it as they are. Its CQEs are written in posted order."""
-    aq = e.aq
-    core = aq.core
+    core = e.aq.core
     if e.done:
         return
     if core is None:  # the queue or device went: nothing more is written
         e.fail(AccelStatus.FLUSHED)
         return
+    _core_call(core, "completing a remote accelerator job", _settle, core, e, status, byte_len, wait_us,
+               service_us, iterations, host)
+
+
+def _settle(core: RdmaDeviceCore, e: Entry, status: AccelStatus, byte_len: int, wait_us: int,
+            service_us: int, iterations: int, host: int) -> None:
+    if status is AccelStatus.SUCCESS:
+        e.status = status
+        e.byte_len = byte_len
+        e.wait_us, e.service_us, e.iterations, e.host = wait_us, service_us, iterations, host
+        e.done = True
+        e.spec, e.target, e.remote = None, None, None
+        e.in_views, e.out_views = [], []
+    elif status in (AccelStatus.REMOTE_FAILED, AccelStatus.NO_ACCELERATOR) and core.accel is not None:
+        _given_back(core, e, status, core.accel)
+    else:
+        e.fail(status)
+    drain(core, e.aq)
+    resume(core)
+
+
+def _finish_local(core: RdmaDeviceCore, e: Entry, job: Job) -> None:
+    finish(core, e, job)
+    drain(core, e.aq)
+    resume(core)
+
+
+def _core_call(core: RdmaDeviceCore, what: str, fn: Callable[..., None], *args) -> None:
+    """Run ``fn(*args)`` as a call into the device core from outside it (a job
+    coming back): events it queues are signalled once, at the end; an internal
+    error is counted and logged, never raised into the daemon's loop."""
     core.in_call += 1
     try:
-        if status is AccelStatus.SUCCESS:
-            e.status = status
-            e.byte_len = byte_len
-            e.wait_us, e.service_us, e.iterations, e.host = wait_us, service_us, iterations, host
-            e.done = True
-            e.spec, e.target, e.remote = None, None, None
-            e.in_views, e.out_views = [], []
-        elif status in (AccelStatus.REMOTE_FAILED, AccelStatus.NO_ACCELERATOR) and core.accel is not None:
-            _given_back(core, e, status, core.accel)
-        else:
-            e.fail(status)
-        drain(core, aq)
-        resume(core)
+        fn(*args)
     except Exception:
         core.metrics.internal_errors += 1
-        log.exception("virtio-rdma: internal error completing a remote accelerator job")
+        log.exception("virtio-rdma: internal error %s", what)
     finally:
         core.in_call -= 1
     flush_notify(core)
