@@ -19,9 +19,18 @@ Roles:
   targets (another host's accelerators over the fabric) plug in beside it.
   Kernels run in the service's worker threads; a finished job lands in an
   accelerator's ready queue, whose notifier wakes the daemon's event loop
-  (``loop.call_soon_threadsafe``), where :meth:`AccelRouter.deliver` hands
+  (``loop.call_soon_threadsafe``, once per batch: jobs finishing while a
+  wake-up is pending ride along), where :meth:`AccelRouter.deliver` hands
   each job back to its queue. Nothing of a device's state is touched outside
   the event loop's thread.
+* Small jobs (the service's model estimates them at most
+  :data:`INLINE_MAX_SECONDS`) run in the loop's thread when their
+  accelerator has a free unit and nothing queued, as DPDK's software bbdev
+  devices do the work inside enqueue: the plain case of an FFT / IFFT on a
+  queue without flags entirely natively (``virtio_rdma._accel.NativeJobs``,
+  from the hook at the top of :func:`fetch`: slot, checks, kernel and CQE
+  without Python per job), any other through :func:`start` and the
+  service's inline mode.
 * The control handlers (:func:`query_accel`, :func:`create_aq`,
   :func:`destroy_aq`, :func:`cancel_aq_job`) and the doorbell
   (:func:`ring_aq`) take the device core, like the other concerns'.
@@ -101,6 +110,11 @@ from virtio_rdma.wire import (
     decode_accel_job,
 )
 
+try:  # the native path for small FFT / IFFT jobs run in the loop (virtio_rdma/_accel.pyx)
+    from virtio_rdma._accel import NativeJobs
+except ImportError:  # extension not built: every job takes the Python path
+    NativeJobs = None  # type: ignore[assignment,misc]
+
 if TYPE_CHECKING:
     from virtio_rdma.core import RdmaDeviceCore
     from virtio_rdma.cq import CompletionQueue
@@ -125,6 +139,11 @@ MAX_JOB_BYTES = 64 << 20
 #: a guest cannot make the daemon hold more than this plus one job's
 #: temporaries, however many queues and slots it has.
 MAX_TEMP_BYTES = 256 << 20
+#: A job the service's model estimates at most this long runs in the daemon's
+#: loop thread when its accelerator is idle (DPDK's software bbdev devices do the
+#: work inside enqueue): a worker hand-off and a cross-thread wake-up cost more
+#: than a small FFT. Bounds how long one job can hold the loop.
+INLINE_MAX_SECONDS = 30e-6
 
 
 # --------------------------------------------------------------------------
@@ -255,32 +274,62 @@ class AccelRouter:
     :meth:`deliver` on the daemon's loop); in-process users call
     :meth:`wait` and :meth:`deliver` themselves."""
 
-    def __init__(self, service: AcceleratorService | None, *, owns_service: bool = True):
+    def __init__(self, service: AcceleratorService | None, *, owns_service: bool = True,
+                 inline_max_seconds: float = INLINE_MAX_SECONDS):
         self.local: LocalTarget | None = LocalTarget(service) if service is not None else None
         self._owns = owns_service
         self._jobs: dict[Job, Entry] = {}   # submitted, not yet delivered (loop thread only)
         self._ready = threading.Event()
         self.wakeup: Callable[[], None] | None = None
         self._loop: Any = None
+        self._loop_thread: int | None = None
+        #: a deliver() is scheduled and has not started: finishing jobs need not wake the loop again
+        self._deliver_pending = False
+        #: deliver() passes scheduled on the loop: one per batch of finished jobs, not one per job
+        self.wakeups = 0
         self._next_guest = 1
         self.jobs_dropped = 0  # finished after their queue or device went
         #: DBREC_POLL: each device's AQ doorbell-record scanner, by its guest id (loop thread only)
         self.scanners: dict[int, Any] = {}
+        #: small FFT / IFFT jobs of AQs without flags, done and completed in the loop thread
+        #: (None: every job takes start()); tests switch it off to compare both paths
+        self.native: Any = None
+        if service is not None and NativeJobs is not None and inline_max_seconds > 0:
+            self.native = NativeJobs(service, inline_max_seconds)
         if service is not None:
             for acc in service.accelerators:
                 acc.set_ready_notifier(self._on_ready)
+                # a small job runs in the thread that submits it (the daemon's loop) when its
+                # accelerator is idle: no worker hand-off, no cross-thread wake-up. Not on an
+                # emulated slow accelerator: its delay would stall the loop.
+                if acc.slowdown == 1.0 and inline_max_seconds > acc.inline_max_seconds:
+                    acc.set_inline(inline_max_seconds)
 
     # -- wiring
-    def _on_ready(self, acc: Accelerator) -> None:  # a worker thread
-        self._ready.set()
-        w = self.wakeup
-        if w is not None:
-            w()
+    def _on_ready(self, acc: Accelerator) -> None:  # a worker thread, or the loop's for an inline job
+        if not self._ready.is_set():
+            self._ready.set()
+        if self._deliver_pending:  # deliver() has not started yet: it will collect this job too
+            return
+        loop = self._loop
+        if loop is None:
+            w = self.wakeup
+            if w is not None:
+                w()
+            return
+        self._deliver_pending = True
+        self.wakeups += 1
+        if threading.get_ident() == self._loop_thread:
+            loop.call_soon(self.deliver)  # an inline job: no self-pipe write
+        else:
+            loop.call_soon_threadsafe(self.deliver)
 
     def attach_loop(self, loop) -> None:
-        """Deliver finished jobs on ``loop`` (asyncio), the daemon's one loop."""
+        """Deliver finished jobs on ``loop`` (asyncio), the daemon's one loop; called in its thread."""
         if self._loop is not loop:
             self._loop = loop
+            self._loop_thread = threading.get_ident()
+            self._deliver_pending = False
             self.wakeup = lambda: loop.call_soon_threadsafe(self.deliver)
 
     def new_guest_id(self) -> int:
@@ -326,6 +375,7 @@ class AccelRouter:
 
     def deliver(self) -> int:
         """Hand every finished job to its queue (the event loop's thread); returns how many."""
+        self._deliver_pending = False  # first: a job finishing from here on schedules another pass
         self._ready.clear()
         if self.local is None:
             return 0
@@ -357,7 +407,8 @@ class AccelRouter:
 
     def metrics(self) -> dict:
         svc = self.local.service.metrics() if self.local is not None else {}
-        return {"in_flight": len(self._jobs), "jobs_dropped": self.jobs_dropped, "service": svc}
+        return {"in_flight": len(self._jobs), "jobs_dropped": self.jobs_dropped, "wakeups": self.wakeups,
+                "service": svc}
 
     def close(self) -> None:
         if self.local is not None and self._owns:
@@ -571,6 +622,11 @@ def fetch(core: RdmaDeviceCore, aq: AccelQueue) -> None:
     """Start the jobs posted up to ``aq.pi``, unless this device's temporaries
     are at :data:`MAX_TEMP_BYTES` (then the queue waits, its jobs in the ring)."""
     router = core.accel
+    if (router is not None and router.native is not None and not aq.flags and not aq.entries
+            and aq.fetched != aq.pi and router.local is not None and router.local.units(aq.op)):
+        # the local placement rule holds: the native path takes the plain small jobs at the
+        # head, in order, and leaves the first other one (and all after it) to start() below
+        router.native.run(core, aq)
     while aq.fetched != aq.pi:
         if core.accel_temp_bytes >= MAX_TEMP_BYTES:
             core.accel_stalled.add(aq.aqn)

@@ -26,7 +26,7 @@ from virtio_rdma.constants import (
     Status,
 )
 
-from .driver import Guest
+from .driver import Guest, seeded_ids
 
 C64, C128 = np.dtype(np.complex64), np.dtype(np.complex128)
 
@@ -660,3 +660,214 @@ def test_temporaries_are_bounded_per_device(router, monkeypatch):
     want = accel_core.fft(x).tobytes()
     for i in range(jobs):
         assert g.read(out.gpa + 1 + i * 4096, x.nbytes) == want
+
+
+# --------------------------------------------------------------------------- native job path
+def _mixed_jobs(router, g, pd, cq, seed):
+    """Post a seeded mix of FFT / IFFT jobs on two queues (small ones the native path
+    takes, and every kind it must leave to the Python path); returns the AQs. No job
+    touches another's buffers (their order against each other is not defined)."""
+    other_pd = g.alloc_pd()
+    rng = np.random.default_rng(seed)
+    src = _mr(g, pd, (rng.standard_normal(32768) * 3).astype(np.float32).tobytes())
+    stride = 69632  # each job's output has its own range: no job reads or writes another's
+    dst = _mr(g, pd, bytes([0x3C]) * (48 * stride))
+    ro = _mr(g, pd, 8192, access=0)
+    foreign = _mr(g, other_pd, 8192)
+    aqs = [g.create_aq(pd, cq, AccelOp.FFT, depth=64), g.create_aq(pd, cq, AccelOp.IFFT, depth=64)]
+    for i in range(48):
+        aq = aqs[i % 2]
+        op = AccelOp.FFT if aq is aqs[0] else AccelOp.IFFT
+        n = int(rng.choice([16, 64, 60, 256, 2048, 7]))
+        batch = int(rng.choice([1, 1, 2, 16]))
+        dt = int(rng.integers(0, 2))
+        if n * batch * 16 > 65536:
+            batch = 1
+        nb = n * batch * (8 if dt == 0 else 16)
+        ins = [(src.addr + int(rng.choice([0, 0, 8, 16, 4])), nb, src.lkey)]
+        outs = [(dst.addr + stride * i + int(rng.choice([0, 0, 16, 2])), nb, dst.lkey)]
+        kw: dict = {}
+        case = int(rng.integers(0, 16))  # 0 and 9..15: plain
+        if case == 1:
+            ins = [(ins[0][0], nb, src.lkey ^ 1)]                       # bad key
+        elif case == 2:
+            outs = [(ro.addr, nb, ro.lkey)]                             # output without LOCAL_WRITE
+        elif case == 3:
+            ins = [(foreign.addr, nb, foreign.lkey)]                    # another PD
+        elif case == 4:
+            outs = [(outs[0][0], nb - 8, dst.lkey)]                     # too short
+        elif case == 5 and nb >= 32:
+            ins = [(src.addr, nb // 2, src.lkey), (src.addr + nb // 2, nb - nb // 2, src.lkey)]  # two SGEs
+        elif case == 6:
+            ins = [(dst.addr + stride * i + 8, nb, dst.lkey)]           # overlaps its output
+        elif case == 7:
+            ins = outs                                                  # in place
+        elif case == 8:
+            kw["op"] = AccelOp.IFFT if op is AccelOp.FFT else AccelOp.FFT  # other op than the queue's
+        try:
+            g.write_aq_job(aq, 1000 + i, kw.pop("op", op), size=n, batch=batch, dtype=dt, inputs=ins,
+                           outputs=outs)
+        except wire.WireError:
+            g.write_aq_job(aq, 1000 + i, op, raw=bytes(256))
+        if i % 6 == 5:  # rung in groups; a group completes before the next is rung
+            g.ring_aq(aqs[0])
+            g.ring_aq(aqs[1])
+            _wait(router, [g])
+    for aq in aqs:
+        g.ring_aq(aq)
+    return aqs
+
+
+def _strip_times(c: wire.Completion) -> tuple:
+    """A CQE without the times it carries (wait, service: measured, not deterministic)."""
+    return (c.wr_id, c.status, c.opcode, c.qp_num, c.byte_len, c.imm_data, c.wc_flags,
+            c.vendor_err >> 24)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_native_path_equals_python_path(seed):
+    """The same seeded job mix through a router with the native path and one
+    without (inline_max_seconds=0: every job takes start() and a worker): the
+    same CQEs in the same order per queue (times aside), the same guest memory byte for
+    byte, the same counters; and the native path really ran and really declined."""
+    results = []
+    for inline in (accel.INLINE_MAX_SECONDS, 0.0):
+        svc = AcceleratorService([AcceleratorSpec("fft", ops=frozenset({accel_core.Op.FFT,
+                                                                       accel_core.Op.IFFT}))])
+        router = AccelRouter(svc, inline_max_seconds=inline)
+        try:
+            assert (router.native is not None) == bool(inline)
+            with seeded_ids(seed):  # the same MR keys in both runs (they are in the job entries)
+                g, pd, cq = _guest(router)
+                _mixed_jobs(router, g, pd, cq, seed)
+            _wait(router, [g])
+            cqes = g.poll(cq)
+            ring_lo, ring_hi = cq.ring - g.base, cq.ring - g.base + 256 * wire.CQE_SIZE
+            mem = bytes(g.buf[:ring_lo]) + bytes(g.buf[ring_hi:])
+            m = g.core.metrics
+            counters = (m.aq_jobs, m.aq_completions, m.aq_errors, m.completions, m.local_prot_errors,
+                        m.local_len_errors, m.internal_errors,
+                        [(a.metrics.jobs_posted, a.metrics.jobs_completed, a.metrics.errors, a.ci, a.fetched)
+                         for a in g.core.aqs.values()])
+            native = None
+            if router.native is not None:
+                why = router.native.declines()  # every decline has a reason
+                assert sum(why.values()) == router.native.declined and "none" not in why
+                native = (router.native.jobs, router.native.declined)
+            svc_ops = svc.metrics()["accelerators"]["fft"]["ops"]
+            # in post order per queue (between the two queues sharing the CQ it is not defined)
+            per_aq = sorted((_strip_times(c) for c in cqes), key=lambda c: c[3])
+            results.append((per_aq, mem, counters, native, svc_ops))
+        finally:
+            router.close()
+    (c1, mem1, k1, native, ops1), (c2, mem2, k2, none, ops2) = results
+    assert len(c1) == 48 and c1 == c2
+    assert mem1 == mem2
+    assert k1 == k2 and k1[6] == 0
+    assert none is None and native[0] > 0 and native[1] > 0
+    # the service counts the native jobs: submitted, completed and inline
+    for op in ("fft", "ifft"):
+        assert ops1[op]["completed"] == ops2[op]["completed"]
+    assert ops1["fft"]["inline"] + ops1["ifft"]["inline"] >= native[0]
+    assert ops2["fft"]["inline"] + ops2["ifft"]["inline"] == 0
+
+
+def test_native_path_never_overtakes_queued_jobs_nor_uses_a_held_unit():
+    """A paused accelerator (or one with a job queued) has no unit for the native
+    path: small jobs then queue like any other and complete in post order after
+    the earlier ones; once the queue is empty the native path takes them again."""
+    svc = AcceleratorService([AcceleratorSpec("fft", ops=frozenset({accel_core.Op.FFT}))])
+    router = AccelRouter(svc)
+    acc = svc.accelerator("fft")
+    try:
+        g, pd, cq = _guest(router)
+        aq = g.create_aq(pd, cq, AccelOp.FFT)
+        x = (np.arange(64) * (1 - 0.5j)).astype(C64)
+        src, dst = _mr(g, pd, x.tobytes()), _mr(g, pd, 8 * 512)
+        acc.pause()
+        for i in range(3):
+            g.write_aq_job(aq, i, AccelOp.FFT, size=64, inputs=[(src.addr, 512, src.lkey)],
+                           outputs=[(dst.addr + 512 * i, 512, dst.lkey)])
+        g.ring_aq(aq)
+        assert router.native.jobs == 0 and acc.queue_depth() == 3 and not g.poll(cq)
+        acc.resume()
+        _wait(router, [g])
+        cs, _ = _acc(g, cq, 3)
+        assert [(c.wr_id, c.status) for c in cs] == [(i, AccelStatus.SUCCESS) for i in range(3)]
+        # idle again: the next ones complete in the doorbell itself, no deliver() needed
+        for i in range(3, 6):
+            g.write_aq_job(aq, i, AccelOp.FFT, size=64, inputs=[(src.addr, 512, src.lkey)],
+                           outputs=[(dst.addr + 512 * i, 512, dst.lkey)])
+        g.ring_aq(aq)
+        cs, _ = _acc(g, cq, 3)
+        assert [(c.wr_id, c.status, c.host, c.wait_us) for c in cs] == [
+            (i, AccelStatus.SUCCESS, 0, 0) for i in range(3, 6)]
+        assert router.native.jobs == 3 and router.native.calls == 1
+        want = accel_core.fft(x).tobytes()
+        for i in range(6):
+            assert g.read(dst.gpa + 512 * i, 512) == want
+        ops = svc.metrics()["accelerators"]["fft"]["ops"]["fft"]
+        assert ops["completed"] == 6 and ops["inline"] == 3 and acc.running_count() == 0
+    finally:
+        router.close()
+
+
+def test_native_path_leaves_armed_cqs_and_flagged_queues_to_python(router):
+    """An armed CQ (a completion event is due) and an AQ with flags take the
+    Python path: the event is raised, the job still succeeds."""
+    from virtio_rdma.constants import AqFlags
+
+    g, pd, cq = _guest(router)
+    aq = g.create_aq(pd, cq, AccelOp.FFT)
+    src, dst = _mr(g, pd, 512), _mr(g, pd, 1024)
+    g.arm(cq)
+    g.post_aq_job(aq, 1, AccelOp.FFT, size=64, inputs=[(src.addr, 512, src.lkey)],
+                  outputs=[(dst.addr, 512, dst.lkey)])
+    _wait(router, [g])
+    (c,), _ = _acc(g, cq)
+    assert c.status is AccelStatus.SUCCESS and router.native.jobs == 0
+    assert g.core.metrics.completion_events == 1
+    fb = g.create_aq(pd, cq, AccelOp.FFT, flags=int(AqFlags.LOCAL_FALLBACK))
+    g.post_aq_job(fb, 2, AccelOp.FFT, size=64, inputs=[(src.addr, 512, src.lkey)],
+                  outputs=[(dst.addr + 512, 512, dst.lkey)])
+    _wait(router, [g])
+    (c,), _ = _acc(g, cq)
+    assert c.status is AccelStatus.SUCCESS and router.native.jobs == 0
+    # unarmed, no flags: native
+    g.post_aq_job(aq, 3, AccelOp.FFT, size=64, inputs=[(src.addr, 512, src.lkey)],
+                  outputs=[(dst.addr, 512, dst.lkey)])
+    (c,), _ = _acc(g, cq)
+    assert c.status is AccelStatus.SUCCESS and router.native.jobs == 1
+
+
+def test_router_wakes_the_loop_once_per_batch_of_finished_jobs():
+    """Worker completions wake the daemon's loop with one deliver() per batch:
+    jobs finishing while a deliver is pending ride along (router.wakeups): 64
+    jobs finished while the loop was busy cost one wake-up."""
+    import asyncio
+
+    async def main():
+        svc = AcceleratorService([AcceleratorSpec("fft", ops=frozenset({accel_core.Op.FFT}))])
+        router = AccelRouter(svc, inline_max_seconds=0.0)  # every job through the worker
+        try:
+            router.attach_loop(asyncio.get_running_loop())
+            g, pd, cq = _guest(router)
+            aq = g.create_aq(pd, cq, AccelOp.FFT, depth=64)
+            src, dst = _mr(g, pd, 8 * 1024), _mr(g, pd, 64 * 8 * 1024)
+            for i in range(64):
+                g.write_aq_job(aq, i, AccelOp.FFT, size=1024, inputs=[(src.addr, 8192, src.lkey)],
+                               outputs=[(dst.addr + 8192 * i, 8192, dst.lkey)])
+            g.ring_aq(aq)
+            assert svc.accelerator("fft").drain(20)  # the loop is busy (blocked): every job finishes
+            deadline = time.monotonic() + 20
+            got = []
+            while len(got) < 64:
+                assert time.monotonic() < deadline, "jobs did not complete"
+                await asyncio.sleep(0.01)
+                got += g.poll(cq)
+            assert [c.wr_id for c in got] == list(range(64))
+            assert router.wakeups == 1 and router.metrics()["wakeups"] == 1
+        finally:
+            router.close()
+
+    asyncio.run(main())
