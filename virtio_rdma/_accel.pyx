@@ -32,6 +32,7 @@ within this call only (the loop thread owns the table; guest memory is
 never unmapped during a call).
 """
 cimport cython
+cimport numpy as cnp
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
@@ -41,6 +42,8 @@ from verbs._verbs cimport IBV_ACCESS_LOCAL_WRITE
 import time
 
 import numpy as np
+
+cnp.import_array()
 
 from accel_core import dft
 from accel_core.errors import InvalidInput
@@ -151,11 +154,23 @@ cdef uint8_t _ST_SUCCESS = int(AccelStatus.SUCCESS)
 cdef uint32_t _SERVICE_MAX = wire.ACCEL_SERVICE_US_MAX
 cdef object _CQ_ACTIVE = CqState.ACTIVE
 cdef object _ARM_NONE = Arm.NONE
+cdef int _C64 = int(AccelDtype.COMPLEX64)
 cdef int _FFT = int(AccelOp.FFT)
 cdef int _IFFT = int(AccelOp.IFFT)
 cdef dict _CORE_OP = {int(AccelOp.FFT): Op.FFT, int(AccelOp.IFFT): Op.IFFT}
 cdef dict _DTYPES = {int(AccelDtype.COMPLEX64): np.dtype(np.complex64),
                      int(AccelDtype.COMPLEX128): np.dtype(np.complex128)}
+
+
+cdef inline object _array(char *p, int dtype, uint32_t size, uint32_t batch):
+    """A (batch, size) array over guest memory at host address ``p`` (checked by the caller),
+    without a base object: it lives only during the job, within one run() call, while the
+    loop's thread keeps the memory table."""
+    cdef cnp.npy_intp dims[2]
+    dims[0] = batch
+    dims[1] = size
+    return cnp.PyArray_SimpleNewFromData(2, dims, cnp.NPY_COMPLEX64 if dtype == _C64 else cnp.NPY_COMPLEX128,
+                                         <void *>p)
 
 
 cdef inline int _resolve(dict by_key, RegionTable table, uint32_t key, uint32_t pdn, uint32_t need,
@@ -329,11 +344,8 @@ cdef class NativeJobs:
                     if acc is None:
                         break
                 # checked: run it in place on the guest's memory
-                shape = (batch, size)
-                y = np.frombuffer(table.view_at(table.find(out_gpa, nbytes), out_gpa, nbytes),
-                                  dtype=dt).reshape(shape)
-                x = y if xh == yh else np.frombuffer(
-                    table.view_at(table.find(in_gpa, nbytes), in_gpa, nbytes), dtype=dt).reshape(shape)
+                y = _array(<char *>yh, dtype, size, batch)
+                x = y if xh == yh else _array(<char *>xh, dtype, size, batch)
                 t0 = aj_now()
                 plan.execute(x, y)
                 t1 = aj_now()

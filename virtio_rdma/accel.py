@@ -623,9 +623,10 @@ def fetch(core: RdmaDeviceCore, aq: AccelQueue) -> None:
     are at :data:`MAX_TEMP_BYTES` (then the queue waits, its jobs in the ring)."""
     router = core.accel
     if (router is not None and router.native is not None and not aq.flags and not aq.entries
-            and aq.fetched != aq.pi and router.local is not None and router.local.units(aq.op)):
-        # the local placement rule holds: the native path takes the plain small jobs at the
-        # head, in order, and leaves the first other one (and all after it) to start() below
+            and aq.fetched != aq.pi):
+        # the local placement rule: the native path takes the plain small jobs at the head,
+        # in order, only with a unit of a local accelerator serving the op (its claim), and
+        # leaves the first other one (and all after it) to start() below
         router.native.run(core, aq)
     while aq.fetched != aq.pi:
         if core.accel_temp_bytes >= MAX_TEMP_BYTES:
