@@ -18,14 +18,21 @@ that is not the plain case stops the call with the job left in the ring:
 the Python path (``accel.fetch`` / ``accel.start``) then takes it and every
 job after it, so CQEs stay in post order and every error is the Python
 path's (same statuses, counters and logs). Not the plain case: another op
-or dtype, a size the planner refuses, a job the service's model estimates
-longer than ``inline_max_seconds``, not exactly one input and one output
-SGE, any flag / iteration / early-stop / reserved byte set, an SGE the
+or dtype, a size the planner refuses, a job too long for the loop (the
+service's model estimates it over ``max_seconds`` and it has more than
+``max_points`` points, or this path measured its shape over ``max_seconds``
+on average), not exactly one input and one output SGE, any flag / iteration / early-stop / reserved byte set, an SGE the
 checks would refuse or that spans chunks, a misaligned buffer, input and
 output overlapping but not identical, a CQ without room, armed or in error,
 and an accelerator with queued jobs or no free unit (the service's
 ``try_claim``: a native job never overtakes a queued one nor uses more units
 than the accelerator has).
+
+Time: the caller gives each call a budget; past it (after one job at least)
+the call stops with the rest in the ring (``yielded``) and the router comes
+back for them from the loop (``AccelRouter``), so a queue kept full holds the
+loop for a slice at a time, between which other guests' doorbells and verbs
+traffic are served.
 
 Guest memory: pointers come from the device's ``RegionTable`` and are used
 within this call only (the loop thread owns the table; guest memory is
@@ -94,6 +101,11 @@ cdef extern from *:
         struct timespec ts; clock_gettime(CLOCK_MONOTONIC, &ts);
         return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
     }
+    /* This thread's CPU time: a kernel's own cost, without time the host took the CPU away. */
+    static inline double aj_cpu(void) {
+        struct timespec ts; clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+        return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+    }
     """
     uint16_t aj_ld16(const char *p) noexcept nogil
     uint32_t aj_ld32(const char *p) noexcept nogil
@@ -104,6 +116,7 @@ cdef extern from *:
                       uint32_t byte_len, uint32_t imm, uint32_t qpn, uint32_t src_qp,
                       uint32_t vendor_err, uint8_t owner) noexcept nogil
     double aj_now() noexcept nogil
+    double aj_cpu() noexcept nogil
 
 
 # The job entry's layout is wire.py's (one definition): checked here at import.
@@ -127,6 +140,8 @@ cdef enum:
     OFF_RESERVED = 28
     A_LOCAL_WRITE = IBV_ACCESS_LOCAL_WRITE
     CACHE_MAX = 256     # job shapes remembered (plan or "not native")
+    SETTLE = 64         # jobs of a shape measured before its average may rule it out (first
+                        # touches of guest pages fault, and inflate the first jobs' times)
     # why the head job was left to the Python path (DECLINE_REASONS names them)
     R_NONE = 0
     R_HEADER = 1        # op, SGE counts, iterations, early stop or flags
@@ -199,22 +214,36 @@ cdef inline int _resolve(dict by_key, RegionTable table, uint32_t key, uint32_t 
 
 
 @cython.final
+cdef class _Shape:
+    """A job shape the native path has seen: its plan (None: not for this path) and
+    the kernel's CPU time it measured here (exponential average)."""
+    cdef object plan
+    cdef double ewma
+    cdef uint32_t n
+
+
+@cython.final
 cdef class NativeJobs:
     """The native path of one router: plans of the job shapes seen, the
     accelerators serving FFT / IFFT, and counters (tests assert ``jobs``)."""
     cdef object service
-    cdef double inline_max
-    cdef dict shapes       # (op, dtype, size, batch) -> planned FFTCore, or None (not native)
+    cdef double max_seconds
+    cdef uint64_t max_points
+    cdef dict shapes       # (op, dtype, size, batch) -> _Shape
+    cdef readonly bint yielded       # the last run() stopped at its time budget, jobs left in the ring
+    cdef readonly uint64_t slow_shapes  # shapes given up after measuring them slower than max_seconds
     cdef readonly uint64_t jobs      # jobs completed here
     cdef readonly uint64_t calls     # run() calls that completed at least one job
     cdef readonly uint64_t declined  # run() calls that found the head job not the plain case
     cdef uint64_t by_reason[N_REASONS]
 
-    def __init__(self, service, double inline_max_seconds):
+    def __init__(self, service, double max_seconds, uint64_t max_points):
         self.service = service
-        self.inline_max = inline_max_seconds
+        self.max_seconds = max_seconds
+        self.max_points = max_points
         self.shapes = {}
-        self.jobs = self.calls = self.declined = 0
+        self.yielded = False
+        self.jobs = self.calls = self.declined = self.slow_shapes = 0
         for i in range(N_REASONS):
             self.by_reason[i] = 0
 
@@ -222,13 +251,14 @@ cdef class NativeJobs:
         """Declined run() calls by reason (DECLINE_REASONS), the non-zero ones."""
         return {DECLINE_REASONS[i]: self.by_reason[i] for i in range(1, N_REASONS) if self.by_reason[i]}
 
-    cdef object _plan(self, int op, int dtype, uint32_t size, uint32_t batch):
-        """The planned transform of a job shape, or None if it is not for this path."""
+    cdef _Shape _shape(self, int op, int dtype, uint32_t size, uint32_t batch):
+        """A job shape: planned if it is for this path (a supported size and dtype, and
+        either the model's estimate within max_seconds or at most max_points points)."""
         key = (op, dtype, size, batch)
-        try:
-            return self.shapes[key]
-        except KeyError:
-            pass
+        cdef _Shape sh = self.shapes.get(key)
+        if sh is not None:
+            return sh
+        sh = _Shape()
         plan = None
         dt = _DTYPES.get(dtype)
         if dt is not None and batch >= 1:
@@ -240,18 +270,22 @@ cdef class NativeJobs:
                 est = None
             except Exception:  # a shape the model does not know: the Python path decides
                 est = None
-            if est is not None and est <= self.inline_max:
+            if est is not None and (est <= self.max_seconds or <uint64_t>size * batch <= self.max_points):
                 plan = dft._core(size, dt == _DTYPES[int(AccelDtype.COMPLEX128)], op == _IFFT)
+        sh.plan = plan
         if len(self.shapes) >= CACHE_MAX:
             self.shapes.clear()
-        self.shapes[key] = plan
-        return plan
+        self.shapes[key] = sh
+        return sh
 
-    def run(self, core, aq):
+    def run(self, core, aq, double budget=0.0):
         """Complete the plain-case jobs at the head of ``aq`` (see the module
-        docstring); returns how many. The caller checked: the queue has no job
-        in flight (``aq.entries`` empty), its flags are 0, this host has units
-        for its op."""
+        docstring); returns how many. With ``budget`` > 0 it stops once that many
+        seconds have passed (after at least one job), leaving the rest in the
+        ring and ``yielded`` True: the caller comes back for them later. The
+        caller checked: the queue has no job in flight (``aq.entries`` empty)
+        and its flags are 0."""
+        self.yielded = False
         cdef int op = int(aq.op)
         if op != _FFT and op != _IFFT:
             return 0
@@ -276,12 +310,16 @@ cdef class NativeJobs:
         cdef uint64_t xh, yh
         cdef uint32_t size, batch, in_key, out_key, done = 0
         cdef int dtype, i, align
-        cdef double t0, t1, busy = 0.0
+        cdef double t0, t1, busy = 0.0, start = aj_now()
+        cdef _Shape sh
         cdef uint32_t service_us
         cdef int declined = R_NONE
         acc = None
         try:
             while fetched != pi:
+                if budget > 0.0 and done and aj_now() - start >= budget:
+                    self.yielded = True
+                    break
                 p = table.translate(ring_gpa + (fetched & (depth - 1)) * SLOT, SLOT)
                 if p == NULL:
                     break
@@ -302,7 +340,8 @@ cdef class NativeJobs:
                 dtype = <uint8_t>slot[OFF_DTYPE]
                 size = aj_ld32(slot + OFF_SIZE)
                 batch = aj_ld32(slot + OFF_BATCH)
-                plan = self._plan(op, dtype, size, batch)
+                sh = self._shape(op, dtype, size, batch)
+                plan = sh.plan
                 if plan is None:
                     declined = R_SHAPE
                     break
@@ -346,10 +385,15 @@ cdef class NativeJobs:
                 # checked: run it in place on the guest's memory
                 y = _array(<char *>yh, dtype, size, batch)
                 x = y if xh == yh else _array(<char *>xh, dtype, size, batch)
-                t0 = aj_now()
+                t0 = aj_cpu()
                 plan.execute(x, y)
-                t1 = aj_now()
+                t1 = aj_cpu()
                 busy += t1 - t0
+                sh.ewma = t1 - t0 if sh.n == 0 else 0.75 * sh.ewma + 0.25 * (t1 - t0)
+                sh.n += 1
+                if sh.n >= SETTLE and sh.ewma > self.max_seconds:  # longer here than the loop may give it
+                    sh.plan = None
+                    self.slow_shapes += 1
                 service_us = <uint32_t>((t1 - t0) * 1e6)
                 if service_us > _SERVICE_MAX:
                     service_us = _SERVICE_MAX

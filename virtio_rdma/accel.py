@@ -144,6 +144,18 @@ MAX_TEMP_BYTES = 256 << 20
 #: work inside enqueue): a worker hand-off and a cross-thread wake-up cost more
 #: than a small FFT. Bounds how long one job can hold the loop.
 INLINE_MAX_SECONDS = 30e-6
+#: The native path (plain FFT / IFFT jobs, virtio_rdma._accel) runs a job in the
+#: loop's thread when the service's model estimates it at most this long or it
+#: has at most NATIVE_MAX_POINTS points, and gives a shape up once it measured
+#: its kernel's CPU time longer than this on average here: a 16 x 2048 batch
+#: (50-120 us on a shared 2-vCPU EPYC) is in, a 64 x 8192 one is out.
+NATIVE_MAX_SECONDS = 200e-6
+NATIVE_MAX_POINTS = 32768
+#: Loop time one queue's native jobs take before the loop serves anything else
+#: (the rest stay in the ring; the router comes back for them, round robin with
+#: every other event of the loop). Bounds what a queue kept full adds to another
+#: guest's doorbell or verbs latency per queue.
+NATIVE_SLICE_SECONDS = 100e-6
 
 
 # --------------------------------------------------------------------------
@@ -275,7 +287,8 @@ class AccelRouter:
     :meth:`wait` and :meth:`deliver` themselves."""
 
     def __init__(self, service: AcceleratorService | None, *, owns_service: bool = True,
-                 inline_max_seconds: float = INLINE_MAX_SECONDS):
+                 inline_max_seconds: float = INLINE_MAX_SECONDS,
+                 native_max_seconds: float = NATIVE_MAX_SECONDS):
         self.local: LocalTarget | None = LocalTarget(service) if service is not None else None
         self._owns = owns_service
         self._jobs: dict[Job, Entry] = {}   # submitted, not yet delivered (loop thread only)
@@ -294,8 +307,12 @@ class AccelRouter:
         #: small FFT / IFFT jobs of AQs without flags, done and completed in the loop thread
         #: (None: every job takes start()); tests switch it off to compare both paths
         self.native: Any = None
-        if service is not None and NativeJobs is not None and inline_max_seconds > 0:
-            self.native = NativeJobs(service, inline_max_seconds)
+        if service is not None and NativeJobs is not None and native_max_seconds > 0:
+            self.native = NativeJobs(service, native_max_seconds, NATIVE_MAX_POINTS)
+        #: AQs whose native jobs continue in a later slice of the loop (id -> (core, aq))
+        self._resuming: dict[int, tuple[RdmaDeviceCore, AccelQueue]] = {}
+        #: native slices that stopped at NATIVE_SLICE_SECONDS with jobs left (tests assert it)
+        self.native_slices = 0
         if service is not None:
             for acc in service.accelerators:
                 acc.set_ready_notifier(self._on_ready)
@@ -331,6 +348,34 @@ class AccelRouter:
             self._loop_thread = threading.get_ident()
             self._deliver_pending = False
             self.wakeup = lambda: loop.call_soon_threadsafe(self.deliver)
+
+    def native_budget(self) -> float:
+        """Seconds of loop time a native call may take: NATIVE_SLICE_SECONDS on a loop;
+        0 (no bound) for in-process users driving the router by hand."""
+        return NATIVE_SLICE_SECONDS if self._loop is not None else 0.0
+
+    def resume_later(self, core: RdmaDeviceCore, aq: AccelQueue) -> None:
+        """Come back for ``aq``'s jobs left in the ring by a native slice, after the loop
+        served what else is ready (once per queue however often it is asked)."""
+        self.native_slices += 1
+        key = id(aq)
+        if key not in self._resuming:
+            self._resuming[key] = (core, aq)
+            self._loop.call_soon(self._resume, key)
+
+    def _resume(self, key: int) -> None:
+        core, aq = self._resuming.pop(key)
+        if aq.core is not core or aq.destroyed:  # gone meanwhile: its jobs go with it
+            return
+        core.in_call += 1
+        try:
+            fetch(core, aq)
+        except Exception:
+            core.metrics.internal_errors += 1
+            log.exception("virtio-rdma: internal error fetching accelerator jobs")
+        finally:
+            core.in_call -= 1
+        flush_notify(core)
 
     def new_guest_id(self) -> int:
         gid = self._next_guest
@@ -407,8 +452,12 @@ class AccelRouter:
 
     def metrics(self) -> dict:
         svc = self.local.service.metrics() if self.local is not None else {}
+        nat = self.native
+        native = {} if nat is None else {
+            "jobs": nat.jobs, "calls": nat.calls, "slices": self.native_slices, "declined": nat.declines(),
+            "slow_shapes": nat.slow_shapes}
         return {"in_flight": len(self._jobs), "jobs_dropped": self.jobs_dropped, "wakeups": self.wakeups,
-                "service": svc}
+                "native": native, "service": svc}
 
     def close(self) -> None:
         if self.local is not None and self._owns:
@@ -622,12 +671,17 @@ def fetch(core: RdmaDeviceCore, aq: AccelQueue) -> None:
     """Start the jobs posted up to ``aq.pi``, unless this device's temporaries
     are at :data:`MAX_TEMP_BYTES` (then the queue waits, its jobs in the ring)."""
     router = core.accel
+    if router is not None and id(aq) in router._resuming:
+        return  # a native slice of this queue is due: it takes them, in turn with other queues
     if (router is not None and router.native is not None and not aq.flags and not aq.entries
             and aq.fetched != aq.pi):
         # the local placement rule: the native path takes the plain small jobs at the head,
         # in order, only with a unit of a local accelerator serving the op (its claim), and
         # leaves the first other one (and all after it) to start() below
-        router.native.run(core, aq)
+        router.native.run(core, aq, router.native_budget())
+        if router.native.yielded:  # its slice is over: the rest wait in the ring for the next
+            router.resume_later(core, aq)
+            return
     while aq.fetched != aq.pi:
         if core.accel_temp_bytes >= MAX_TEMP_BYTES:
             core.accel_stalled.add(aq.aqn)
@@ -855,8 +909,27 @@ def resume(core: RdmaDeviceCore) -> None:
             fetch(core, aq)
 
 
+def _flush_unfetched(core: RdmaDeviceCore, aq: AccelQueue) -> None:
+    """A destroyed queue's jobs still in its ring (posted, never fetched: left for a later
+    native slice, or stalled at MAX_TEMP_BYTES) never start: each completes FLUSHED, in order."""
+    while aq.fetched != aq.pi:
+        slot = aq.fetched & (aq.depth - 1)
+        aq.fetched = (aq.fetched + 1) % U32
+        aq.metrics.jobs_posted += 1
+        core.metrics.aq_jobs += 1
+        try:
+            wr_id = int.from_bytes(core.mem.translate(aq.ring_gpa + slot * AQ_SLOT_SIZE, 8), "little")
+        except GuestMemoryError:
+            wr_id = 0
+        e = Entry(aq, wr_id, aq.op)
+        e.fail(AccelStatus.FLUSHED)
+        aq.entries.append(e)
+
+
 def drain(core: RdmaDeviceCore, aq: AccelQueue) -> None:
     """Write the CQEs of the finished jobs at the head of the queue, in order."""
+    if aq.destroyed and aq.fetched != aq.pi:
+        _flush_unfetched(core, aq)
     while aq.entries and aq.entries[0].done:
         e = aq.entries.popleft()
         c = AccelCompletion(e.wr_id, e.op, e.status, aq.aqn, e.byte_len, 0, e.wait_us, e.service_us,

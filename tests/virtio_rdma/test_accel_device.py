@@ -288,6 +288,8 @@ def test_completions_in_posted_order_and_full_ring(router):
         else:
             g.write_aq_job(aq, i, AccelOp.FFT, size=n, batch=1, inputs=[(src.addr, n * 8, src.lkey)],
                            outputs=[(dst.addr + i * n * 8, n * 8, dst.lkey)])
+    fft = router.local.service.accelerator("fft")
+    fft.pause()  # the jobs stay in flight (none runs in the doorbell itself)
     g.ring_aq(aq)
     # one more than depth ahead of the completed jobs: counted, ignored
     g.ring_aq(aq, aq.pi + 1)
@@ -295,6 +297,7 @@ def test_completions_in_posted_order_and_full_ring(router):
     # behind: also counted
     g.ring_aq(aq, aq.pi - 1)
     assert g.core.aqs[aq.aqn].metrics.bad_doorbells == 2
+    fft.resume()
     _wait(router, [g])
     cs, _ = _acc(g, cq, 8)
     assert [c.wr_id for c in cs] == list(range(8))
@@ -734,7 +737,8 @@ def test_native_path_equals_python_path(seed):
     for inline in (accel.INLINE_MAX_SECONDS, 0.0):
         svc = AcceleratorService([AcceleratorSpec("fft", ops=frozenset({accel_core.Op.FFT,
                                                                        accel_core.Op.IFFT}))])
-        router = AccelRouter(svc, inline_max_seconds=inline)
+        native = accel.NATIVE_MAX_SECONDS if inline else 0.0
+        router = AccelRouter(svc, inline_max_seconds=inline, native_max_seconds=native)
         try:
             assert (router.native is not None) == bool(inline)
             with seeded_ids(seed):  # the same MR keys in both runs (they are in the job entries)
@@ -848,7 +852,7 @@ def test_router_wakes_the_loop_once_per_batch_of_finished_jobs():
 
     async def main():
         svc = AcceleratorService([AcceleratorSpec("fft", ops=frozenset({accel_core.Op.FFT}))])
-        router = AccelRouter(svc, inline_max_seconds=0.0)  # every job through the worker
+        router = AccelRouter(svc, inline_max_seconds=0.0, native_max_seconds=0.0)  # all through the worker
         try:
             router.attach_loop(asyncio.get_running_loop())
             g, pd, cq = _guest(router)
@@ -867,6 +871,65 @@ def test_router_wakes_the_loop_once_per_batch_of_finished_jobs():
                 got += g.poll(cq)
             assert [c.wr_id for c in got] == list(range(64))
             assert router.wakeups == 1 and router.metrics()["wakeups"] == 1
+        finally:
+            router.close()
+
+    asyncio.run(main())
+
+
+def test_native_jobs_run_in_slices_of_the_loop_and_destroy_flushes_the_rest():
+    """On a loop, a queue's native jobs run a slice (NATIVE_SLICE_SECONDS) at a time:
+    the rest stay in the ring and the router comes back for them after the loop served
+    what else was ready (here: a callback queued behind the first slice), all in post
+    order. A queue destroyed between slices gets its unfetched jobs back FLUSHED, in
+    order, and is released."""
+    import asyncio
+
+    async def main():
+        svc = AcceleratorService([AcceleratorSpec("fft", ops=frozenset({accel_core.Op.FFT}))])
+        router = AccelRouter(svc)
+        try:
+            loop = asyncio.get_running_loop()
+            router.attach_loop(loop)
+            g, pd, cq = _guest(router, size=64 << 20)
+            n, b, jobs = 2048, 16, 32  # 32 x ~50+ us: more than a few slices
+            x = (np.random.default_rng(7).standard_normal((b, n)) * (1 + 1j)).astype(C64)
+            src, dst = _mr(g, pd, x.tobytes()), _mr(g, pd, jobs * x.nbytes)
+            aq = g.create_aq(pd, cq, AccelOp.FFT, depth=64)
+            for i in range(jobs):
+                g.write_aq_job(aq, i, AccelOp.FFT, size=n, batch=b, inputs=[(src.addr, x.nbytes, src.lkey)],
+                               outputs=[(dst.addr + i * x.nbytes, x.nbytes, dst.lkey)])
+            g.ring_aq(aq)
+            first = len(g.poll(cq))
+            seen = []
+            loop.call_soon(lambda: seen.append(len(g.poll(cq))))  # queued behind the next slice
+            got = first
+            deadline = time.monotonic() + 20
+            while got + sum(seen) < jobs:
+                assert time.monotonic() < deadline, "native slices did not finish the queue"
+                await asyncio.sleep(0)
+                got += len(g.poll(cq))
+            assert 1 <= first < jobs and seen and seen[0] < jobs - first  # served between slices
+            assert router.native.jobs == jobs and router.native_slices >= 2
+            want = accel_core.fft(x)
+            for i in (0, jobs // 2, jobs - 1):
+                np.testing.assert_allclose(np.frombuffer(g.read(dst.gpa + i * x.nbytes, x.nbytes), C64)
+                                           .reshape(b, n), want, rtol=1e-4, atol=1e-3)
+            # destroyed between two slices: the jobs left in the ring complete FLUSHED
+            for i in range(jobs):
+                g.write_aq_job(aq, 100 + i, AccelOp.FFT, size=n, batch=b,
+                               inputs=[(src.addr, x.nbytes, src.lkey)],
+                               outputs=[(dst.addr + i * x.nbytes, x.nbytes, dst.lkey)])
+            g.ring_aq(aq)
+            assert router.native.yielded
+            assert g.status_of(Cmd.DESTROY_AQ, aqn=aq.aqn) == Status.OK
+            cs, _ = _acc(g, cq, jobs)
+            k = sum(c.status is AccelStatus.SUCCESS for c in cs)
+            assert [c.wr_id for c in cs] == [100 + i for i in range(jobs)]
+            assert 1 <= k < jobs and all(c.status is AccelStatus.FLUSHED for c in cs[k:])
+            assert aq.aqn not in g.core.aqs and g.core.metrics.internal_errors == 0
+            await asyncio.sleep(0)  # the pending slice finds the queue gone
+            assert not router._resuming
         finally:
             router.close()
 
