@@ -309,8 +309,11 @@ class AccelRouter:
         self.native: Any = None
         if service is not None and NativeJobs is not None and native_max_seconds > 0:
             self.native = NativeJobs(service, native_max_seconds, NATIVE_MAX_POINTS)
-        #: AQs whose native jobs continue in a later slice of the loop (id -> (core, aq))
-        self._resuming: dict[int, tuple[RdmaDeviceCore, AccelQueue]] = {}
+        #: AQs whose native jobs continue in a later slice of the loop, by guest id, then
+        #: id(aq) -> (core, aq) in the order they stopped; guests in round-robin order
+        self._pending: dict[int, dict[int, tuple[RdmaDeviceCore, AccelQueue]]] = {}
+        self._turns: deque[int] = deque()
+        self._slice_due = False  # a _next_slice is scheduled on the loop
         #: native slices that stopped at NATIVE_SLICE_SECONDS with jobs left (tests assert it)
         self.native_slices = 0
         if service is not None:
@@ -354,28 +357,56 @@ class AccelRouter:
         0 (no bound) for in-process users driving the router by hand."""
         return NATIVE_SLICE_SECONDS if self._loop is not None else 0.0
 
-    def resume_later(self, core: RdmaDeviceCore, aq: AccelQueue) -> None:
-        """Come back for ``aq``'s jobs left in the ring by a native slice, after the loop
-        served what else is ready (once per queue however often it is asked)."""
-        self.native_slices += 1
-        key = id(aq)
-        if key not in self._resuming:
-            self._resuming[key] = (core, aq)
-            self._loop.call_soon(self._resume, key)
+    def resuming(self, core: RdmaDeviceCore, aq: AccelQueue) -> bool:
+        """Is a native slice of ``aq`` due (its jobs wait in the ring for their turn)?"""
+        d = self._pending.get(core.accel_guest)
+        return d is not None and id(aq) in d
 
-    def _resume(self, key: int) -> None:
-        core, aq = self._resuming.pop(key)
-        if aq.core is not core or aq.destroyed:  # gone meanwhile: its jobs go with it
-            return
-        core.in_call += 1
-        try:
-            fetch(core, aq)
-        except Exception:
-            core.metrics.internal_errors += 1
-            log.exception("virtio-rdma: internal error fetching accelerator jobs")
-        finally:
-            core.in_call -= 1
-        flush_notify(core)
+    def resume_later(self, core: RdmaDeviceCore, aq: AccelQueue) -> None:
+        """Come back for ``aq``'s jobs left in the ring by a native slice. Slices go round
+        robin across guests (devices), one per loop callback so that the loop serves
+        what else is ready in between; within a guest to its highest-priority queue
+        that waits, oldest first -- the spec's order of waiting jobs, in loop time."""
+        self.native_slices += 1
+        gid = core.accel_guest
+        d = self._pending.get(gid)
+        if d is None:
+            d = self._pending[gid] = {}
+            self._turns.append(gid)
+        d.setdefault(id(aq), (core, aq))
+        if not self._slice_due:
+            self._slice_due = True
+            self._loop.call_soon(self._next_slice)
+
+    def _next_slice(self) -> None:
+        """One native slice: the next guest's turn (round robin), its best waiting queue."""
+        self._slice_due = False
+        while self._turns:
+            gid = self._turns.popleft()
+            d = self._pending.get(gid)
+            if not d:
+                self._pending.pop(gid, None)
+                continue
+            key = max(d, key=lambda k: d[k][1].priority)  # the first of the highest priority
+            core, aq = d.pop(key)
+            if d:
+                self._turns.append(gid)  # its other queues wait for the guest's next turn
+            else:
+                del self._pending[gid]
+            if aq.core is core and not aq.destroyed:  # else gone meanwhile: its jobs went with it
+                core.in_call += 1
+                try:
+                    fetch(core, aq)
+                except Exception:
+                    core.metrics.internal_errors += 1
+                    log.exception("virtio-rdma: internal error fetching accelerator jobs")
+                finally:
+                    core.in_call -= 1
+                flush_notify(core)
+            break
+        if self._turns and not self._slice_due:
+            self._slice_due = True
+            self._loop.call_soon(self._next_slice)
 
     def new_guest_id(self) -> int:
         gid = self._next_guest
@@ -671,7 +702,7 @@ def fetch(core: RdmaDeviceCore, aq: AccelQueue) -> None:
     """Start the jobs posted up to ``aq.pi``, unless this device's temporaries
     are at :data:`MAX_TEMP_BYTES` (then the queue waits, its jobs in the ring)."""
     router = core.accel
-    if router is not None and id(aq) in router._resuming:
+    if router is not None and router._pending and router.resuming(core, aq):
         return  # a native slice of this queue is due: it takes them, in turn with other queues
     if (router is not None and router.native is not None and not aq.flags and not aq.entries
             and aq.fetched != aq.pi):

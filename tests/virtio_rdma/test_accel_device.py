@@ -929,7 +929,62 @@ def test_native_jobs_run_in_slices_of_the_loop_and_destroy_flushes_the_rest():
             assert 1 <= k < jobs and all(c.status is AccelStatus.FLUSHED for c in cs[k:])
             assert aq.aqn not in g.core.aqs and g.core.metrics.internal_errors == 0
             await asyncio.sleep(0)  # the pending slice finds the queue gone
-            assert not router._resuming
+            assert not router._pending
+        finally:
+            router.close()
+
+    asyncio.run(main())
+
+
+def test_native_slices_go_round_robin_across_guests_then_by_priority(monkeypatch):
+    """Guest A keeps three queues full, guest B one: slices alternate between the
+    guests (not the queues), so B's queue is done when A has done as many jobs, and
+    within A its priority-7 queue goes before its priority-0 ones. One job a slice
+    here (NATIVE_SLICE_SECONDS ~ 0), so the order is exact."""
+    import asyncio
+
+    monkeypatch.setattr(accel, "NATIVE_SLICE_SECONDS", 1e-9)
+
+    async def main():
+        svc = AcceleratorService([AcceleratorSpec("fft", ops=frozenset({accel_core.Op.FFT}))])
+        router = AccelRouter(svc)
+        try:
+            router.attach_loop(asyncio.get_running_loop())
+            n, jobs = 256, 12
+            a, pa, ca = _guest(router)
+            b, pb, cb = _guest(router, gpa=0x4000_0000)
+
+            def queues(g, pd, cq, prios):
+                src, dst = _mr(g, pd, n * 8), _mr(g, pd, n * 8)
+                out = []
+                for p in prios:
+                    q = g.create_aq(pd, cq, AccelOp.FFT, depth=16, priority=p)
+                    for i in range(jobs):
+                        g.write_aq_job(q, p * 100 + i, AccelOp.FFT, size=n, inputs=[(src.addr, n * 8, src.lkey)],
+                                       outputs=[(dst.addr, n * 8, dst.lkey)])
+                    out.append(q)
+                return out
+
+            qa = queues(a, pa, ca, (0, 0, 7))
+            (qb,) = queues(b, pb, cb, (0,))
+            for q in qa:
+                a.ring_aq(q)
+            b.ring_aq(qb)
+            done_a: list = []
+            done_b: list = []
+            while len(done_b) < jobs:
+                await asyncio.sleep(0)
+                done_a += a.poll(ca)
+                done_b += b.poll(cb)
+            # the three doorbells of A and the one of B ran a job each; then turns alternate
+            assert len(done_a) <= jobs + 3 + 1, len(done_a)
+            while len(done_a) < 3 * jobs:
+                await asyncio.sleep(0)
+                done_a += a.poll(ca)
+            ids = [c.wr_id for c in done_a]
+            # after the first job of each (its doorbell), A's priority-7 queue went first
+            hi = [i for i, w in enumerate(ids) if w >= 700]
+            assert hi == list(range(2, 2 + jobs)), ids
         finally:
             router.close()
 
