@@ -43,6 +43,7 @@ import argparse
 import json
 import math
 import multiprocessing as mp
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -125,6 +126,8 @@ class Guest:
                 raise TimeoutError(f"no accelerator completion in {timeout} s ({self.in_flight} in flight)")
             if not spin:
                 time.sleep(_POLL_SLEEP)
+            else:  # busy-polling, but a device polling on this CPU (--poll-us) goes first
+                os.sched_yield()
 
     def close(self) -> None:
         while self.in_flight > 0:  # the device answers EBUSY while an AQ's CQEs are still coming

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import itertools
+import os
 import time
 import weakref
 from collections import deque
@@ -327,6 +328,8 @@ class AccelHelper(VerbsObject):
             if now >= spin_until:
                 time.sleep(sleep)
                 sleep = min(sleep * 2, _SLEEP_MAX)
+            else:
+                os.sched_yield()  # a busy-polling device on this CPU (DBREC_POLL) goes first
         return True
 
     def submit(self, op: AccelOp, src: np.ndarray, out_bytes: int, dst: np.ndarray | None,

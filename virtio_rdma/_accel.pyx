@@ -20,10 +20,11 @@ job after it, so CQEs stay in post order and every error is the Python
 path's (same statuses, counters and logs). Not the plain case: another op
 or dtype, a size the planner refuses, a job too long for the loop (the
 service's model estimates it over ``max_seconds`` and it has more than
-``max_points`` points, or this path measured its shape over ``max_seconds``
-on average), not exactly one input and one output SGE, any flag / iteration / early-stop / reserved byte set, an SGE the
-checks would refuse or that spans chunks, a misaligned buffer, input and
-output overlapping but not identical, a CQ without room, armed or in error,
+``max_points`` points, or this path measured its shape over 4 x
+``max_seconds`` on average), not exactly one input and one output SGE, any
+flag / iteration / early-stop / reserved byte set, an SGE the checks would
+refuse or that spans chunks, a misaligned buffer, input and output
+overlapping but not identical, a CQ without room, armed or in error,
 and an accelerator with queued jobs or no free unit (the service's
 ``try_claim``: a native job never overtakes a queued one nor uses more units
 than the accelerator has).
@@ -140,6 +141,9 @@ cdef enum:
     OFF_RESERVED = 28
     A_LOCAL_WRITE = IBV_ACCESS_LOCAL_WRITE
     CACHE_MAX = 256     # job shapes remembered (plan or "not native")
+    OBSERVE_EVERY = 16  # one job of a shape in this many is reported to the model (a Python call)
+    SLOW_FACTOR = 4     # a shape averaging this many times max_seconds is given up (a slow host;
+                        # a busy one, faulting in fresh guest pages, sharing a core, stays well under)
     SETTLE = 64         # jobs of a shape measured before its average may rule it out (first
                         # touches of guest pages fault, and inflate the first jobs' times)
     # why the head job was left to the Python path (DECLINE_REASONS names them)
@@ -218,6 +222,7 @@ cdef class _Shape:
     """A job shape the native path has seen: its plan (None: not for this path) and
     the kernel's CPU time it measured here (exponential average)."""
     cdef object plan
+    cdef object model_shape  # the service model's handle of the shape (observe_shape)
     cdef double ewma
     cdef uint32_t n
 
@@ -264,8 +269,9 @@ cdef class NativeJobs:
         if dt is not None and batch >= 1:
             try:
                 dft.check_size(size)
-                est = self.service.model.estimate_params(_CORE_OP[op], JobParams(batch=batch, n=size,
-                                                                                  dtype=dt))
+                model = self.service.model
+                sh.model_shape = model.shape(_CORE_OP[op], JobParams(batch=batch, n=size, dtype=dt))
+                est = model.estimate_shape(sh.model_shape)
             except InvalidInput:
                 est = None
             except Exception:  # a shape the model does not know: the Python path decides
@@ -390,8 +396,10 @@ cdef class NativeJobs:
                 t1 = aj_cpu()
                 busy += t1 - t0
                 sh.ewma = t1 - t0 if sh.n == 0 else 0.75 * sh.ewma + 0.25 * (t1 - t0)
+                if not (sh.n & (OBSERVE_EVERY - 1)):  # the service's model learns from these jobs too
+                    self.service.model.observe_shape(sh.model_shape, t1 - t0)
                 sh.n += 1
-                if sh.n >= SETTLE and sh.ewma > self.max_seconds:  # longer here than the loop may give it
+                if sh.n >= SETTLE and sh.ewma > SLOW_FACTOR * self.max_seconds:  # far longer than planned
                     sh.plan = None
                     self.slow_shapes += 1
                 service_us = <uint32_t>((t1 - t0) * 1e6)

@@ -147,8 +147,8 @@ INLINE_MAX_SECONDS = 30e-6
 #: The native path (plain FFT / IFFT jobs, virtio_rdma._accel) runs a job in the
 #: loop's thread when the service's model estimates it at most this long or it
 #: has at most NATIVE_MAX_POINTS points, and gives a shape up once it measured
-#: its kernel's CPU time longer than this on average here: a 16 x 2048 batch
-#: (50-120 us on a shared 2-vCPU EPYC) is in, a 64 x 8192 one is out.
+#: its kernel's CPU time over 4 x this on average here (a slow host): a 16 x 2048
+#: batch (50-300 us on a shared 2-vCPU EPYC) is in, a 64 x 8192 one is out.
 NATIVE_MAX_SECONDS = 200e-6
 NATIVE_MAX_POINTS = 32768
 #: Loop time one queue's native jobs take before the loop serves anything else
