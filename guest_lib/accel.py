@@ -70,8 +70,9 @@ _ALIGN = 64
 #: MRs a helper remembers as recently holding callers' arrays
 _RECENT = 4
 _LOCAL_WRITE = int(Access.LOCAL_WRITE)
-#: polling of a waiting call (seconds): it busy-polls for _SPIN, then sleeps from _SLEEP_MIN
-#: doubling up to _SLEEP_MAX (a sleep costs ~60 us on Linux; a job's round trip is ~170 us)
+#: polling of a waiting call (seconds): it busy-polls for _SPIN (yielding the CPU between empty
+#: polls), then sleeps from _SLEEP_MIN doubling up to _SLEEP_MAX (a sleep costs ~60 us on
+#: Linux; a small FFT's round trip is 20-70 us)
 _SPIN, _SLEEP_MIN, _SLEEP_MAX = 250e-6, 20e-6, 1e-3
 _TAIL = _turbo.TAIL_BITS
 _EARLY_STOP = {None: AccelEarlyStop.NONE, "crc24a": AccelEarlyStop.CRC24A, "crc24b": AccelEarlyStop.CRC24B}
