@@ -141,10 +141,11 @@ cdef enum:
     OFF_RESERVED = 28
     A_LOCAL_WRITE = IBV_ACCESS_LOCAL_WRITE
     CACHE_MAX = 256     # job shapes remembered (plan or "not native")
-    OBSERVE_EVERY = 16  # one job of a shape in this many is reported to the model (a Python call)
+    SAMPLE_EVERY = 16   # one job of a shape in this many has its CPU time taken and reported
     SLOW_FACTOR = 4     # a shape averaging this many times max_seconds is given up (a slow host;
                         # a busy one, faulting in fresh guest pages, sharing a core, stays well under)
-    SETTLE = 64         # jobs of a shape measured before its average may rule it out (first
+    REFRESH = 4096      # claims between two looks at which accelerators serve an op
+    SETTLE = 8          # samples of a shape before their average may rule it out (first
                         # touches of guest pages fault, and inflate the first jobs' times)
     # why the head job was left to the Python path (DECLINE_REASONS names them)
     R_NONE = 0
@@ -220,11 +221,12 @@ cdef inline int _resolve(dict by_key, RegionTable table, uint32_t key, uint32_t 
 @cython.final
 cdef class _Shape:
     """A job shape the native path has seen: its plan (None: not for this path) and
-    the kernel's CPU time it measured here (exponential average)."""
+    the kernel's CPU time it measured here (exponential average of samples)."""
     cdef object plan
     cdef object model_shape  # the service model's handle of the shape (observe_shape)
     cdef double ewma
-    cdef uint32_t n
+    cdef uint32_t n         # jobs run
+    cdef uint32_t samples   # of them, with their CPU time taken
 
 
 @cython.final
@@ -235,6 +237,8 @@ cdef class NativeJobs:
     cdef double max_seconds
     cdef uint64_t max_points
     cdef dict shapes       # (op, dtype, size, batch) -> _Shape
+    cdef dict serving      # op -> the full-speed accelerators serving it (refreshed every REFRESH claims)
+    cdef uint64_t claims
     cdef readonly bint yielded       # the last run() stopped at its time budget, jobs left in the ring
     cdef readonly uint64_t slow_shapes  # shapes given up after measuring them slower than max_seconds
     cdef readonly uint64_t jobs      # jobs completed here
@@ -247,6 +251,8 @@ cdef class NativeJobs:
         self.max_seconds = max_seconds
         self.max_points = max_points
         self.shapes = {}
+        self.serving = {}
+        self.claims = 0
         self.yielded = False
         self.jobs = self.calls = self.declined = self.slow_shapes = 0
         for i in range(N_REASONS):
@@ -316,7 +322,8 @@ cdef class NativeJobs:
         cdef uint64_t xh, yh
         cdef uint32_t size, batch, in_key, out_key, done = 0
         cdef int dtype, i, align
-        cdef double t0, t1, busy = 0.0, start = aj_now()
+        cdef double t0, t1, c0 = 0.0, c1, busy = 0.0, start = aj_now()
+        cdef bint sample
         cdef _Shape sh
         cdef uint32_t service_us
         cdef int declined = R_NONE
@@ -385,23 +392,30 @@ cdef class NativeJobs:
                     declined = R_CQ_SLOT
                     break
                 if acc is None:
-                    acc = self._claim(_CORE_OP[op])
+                    acc = self._claim(op)
                     if acc is None:
                         break
                 # checked: run it in place on the guest's memory
                 y = _array(<char *>yh, dtype, size, batch)
                 x = y if xh == yh else _array(<char *>xh, dtype, size, batch)
-                t0 = aj_cpu()
+                # One job of a shape in SAMPLE_EVERY has its kernel's CPU time taken (a system
+                # call, ~0.6 us): the shape's average, and what the service's model learns from.
+                sample = not (sh.n & (SAMPLE_EVERY - 1))
+                if sample:
+                    c0 = aj_cpu()
+                t0 = aj_now()
                 plan.execute(x, y)
-                t1 = aj_cpu()
+                t1 = aj_now()
                 busy += t1 - t0
-                sh.ewma = t1 - t0 if sh.n == 0 else 0.75 * sh.ewma + 0.25 * (t1 - t0)
-                if not (sh.n & (OBSERVE_EVERY - 1)):  # the service's model learns from these jobs too
-                    self.service.model.observe_shape(sh.model_shape, t1 - t0)
                 sh.n += 1
-                if sh.n >= SETTLE and sh.ewma > SLOW_FACTOR * self.max_seconds:  # far longer than planned
-                    sh.plan = None
-                    self.slow_shapes += 1
+                if sample:
+                    c1 = aj_cpu() - c0
+                    sh.ewma = c1 if sh.samples == 0 else 0.75 * sh.ewma + 0.25 * c1
+                    sh.samples += 1
+                    self.service.model.observe_shape(sh.model_shape, c1)
+                    if sh.samples >= SETTLE and sh.ewma > SLOW_FACTOR * self.max_seconds:
+                        sh.plan = None  # far longer than planned: a slow host
+                        self.slow_shapes += 1
                 service_us = <uint32_t>((t1 - t0) * 1e6)
                 if service_us > _SERVICE_MAX:
                     service_us = _SERVICE_MAX
@@ -433,8 +447,15 @@ cdef class NativeJobs:
                 acc.release_claim(_CORE_OP[op], done, busy)
         return done
 
-    cdef object _claim(self, core_op):
-        for a in self.service.serving(core_op):
-            if a.slowdown == 1.0 and a.try_claim():
+    cdef object _claim(self, int op):
+        """A unit of a local accelerator serving ``op`` (full speed), claimed; None if none is free."""
+        cdef tuple accs
+        self.claims += 1
+        if self.claims & (REFRESH - 1) == 0 or op not in self.serving:  # accelerators added later
+            self.serving = {o: tuple(a for a in self.service.serving(c) if a.slowdown == 1.0)
+                            for o, c in _CORE_OP.items()}
+        accs = self.serving[op]
+        for a in accs:
+            if a.try_claim():
                 return a
         return None
