@@ -283,8 +283,16 @@ class AccelRouter:
 
     Completion path: the service's ready notifier (a worker thread) calls
     ``wakeup`` (set by :meth:`attach_loop` to a thread-safe call of
-    :meth:`deliver` on the daemon's loop); in-process users call
-    :meth:`wait` and :meth:`deliver` themselves."""
+    :meth:`deliver` on the daemon's loop; one pending call serves every job
+    finishing before it runs); in-process users call :meth:`wait` and
+    :meth:`deliver` themselves.
+
+    Native path (``native``, :class:`virtio_rdma._accel.NativeJobs`): small
+    plain FFT / IFFT jobs complete inside :func:`fetch`, on a unit the service
+    lends (``try_claim``); ``inline_max_seconds`` is the service's inline
+    bound for the other small jobs, ``native_max_seconds`` the native path's
+    (0 turns either off). On a loop, a queue's native jobs run in slices
+    (:data:`NATIVE_SLICE_SECONDS`), round robin across guests."""
 
     def __init__(self, service: AcceleratorService | None, *, owns_service: bool = True,
                  inline_max_seconds: float = INLINE_MAX_SECONDS,
@@ -494,6 +502,8 @@ class AccelRouter:
         if self.local is not None and self._owns:
             self.local.service.close()
         self._jobs.clear()
+        self._pending.clear()  # slices still due: their queues go with their devices
+        self._turns.clear()
 
 
 # --------------------------------------------------------------------------
