@@ -669,3 +669,53 @@ def test_registered_lookup_remembers_mrs_but_checks_them_every_time(actx):
     gc.collect()
     assert ref() is None  # the helper's memory of it is weak
     other.close()
+
+
+def test_a_guest_flooding_batches_and_a_guest_with_single_jobs_both_complete_in_order(accel_daemon):
+    """Through the daemon: guest A keeps a 32-deep queue of 16 x 2048 FFT batches full
+    (jobs the daemon runs in its loop a slice at a time) while guest B, on the same
+    daemon, runs single small FFTs one by one and sends itself nothing but jobs. Every
+    result equals accel_core's, every CQE comes in post order, none is lost or doubled."""
+    n, b, depth, rounds = 2048, 16, 32, 96
+    with Context(accel_daemon, mem_size=MEM, timeout=20.0) as a, \
+            Context(accel_daemon, mem_size=MEM, timeout=20.0) as g2:
+        pa, ca = PD(a), CQ(a, 64)
+        x = _cplx((b, n), np.complex64)
+        ma = MR(pa, (depth + 1) * x.nbytes, Access.LOCAL_WRITE)
+        ma.write(x.tobytes())
+        qa = AQ(pa, ca, AccelOp.FFT, depth=depth)
+        wrs = [AccelWR(i, size=n, batch=b, inputs=[SGE(ma.buf, x.nbytes, ma.lkey)],
+                       outputs=[SGE(ma.buf + (1 + i % depth) * x.nbytes, x.nbytes, ma.lkey)])
+               for i in range(rounds)]
+        pb, cb = PD(g2), CQ(g2, 16)
+        y = _cplx((1, 256), np.complex64)
+        mb = MR(pb, 2 * y.nbytes, Access.LOCAL_WRITE)
+        mb.write(y.tobytes())
+        qb = AQ(pb, cb, AccelOp.FFT, depth=4)
+        wb = AccelWR(0, size=256, inputs=[SGE(mb.buf, y.nbytes, mb.lkey)],
+                     outputs=[SGE(mb.buf + y.nbytes, y.nbytes, mb.lkey)])
+        done_a: list = []
+        posted = qa.post(wrs[:depth])
+        singles = 0
+        deadline = time.monotonic() + 60  # a hang guard, not a measurement
+        while len(done_a) < rounds:
+            assert time.monotonic() < deadline, (len(done_a), singles)
+            assert qb.post(wb) == 1
+            wcs: list = []
+            while not wcs:
+                assert time.monotonic() < deadline
+                wcs = cb.poll(1)[1]
+                done_a += ca.poll(depth)[1]
+            assert [(w.wr_id, w.accel_status) for w in wcs] == [(0, AccelStatus.SUCCESS)]
+            singles += 1
+            if posted < rounds and qa.free_slots:
+                posted += qa.post(wrs[posted:posted + qa.free_slots])
+        assert [w.wr_id for w in done_a] == list(range(rounds))
+        assert all(w.accel_status == AccelStatus.SUCCESS for w in done_a)
+        want = accel_core.fft(x)
+        for k in (1, depth // 2, depth):
+            got = np.frombuffer(ma.read(x.nbytes, k * x.nbytes), np.complex64).reshape(b, n)
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+        np.testing.assert_array_equal(np.frombuffer(mb.read(y.nbytes, y.nbytes), np.complex64).reshape(1, 256),
+                                      accel_core.fft(y))
+        assert singles >= 1 and ca.poll(1) == (0, []) and cb.poll(1) == (0, [])
