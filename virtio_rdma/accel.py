@@ -582,7 +582,25 @@ def _aq(core: RdmaDeviceCore, aqn: int) -> AccelQueue:
     aq = core.aqs.get(aqn)
     if aq is None or aq.destroyed:
         raise CommandError(f"no AQ {aqn}", Status.ENOENT)
+    _catch_up(core, aq)
     return aq
+
+
+def _catch_up(core: RdmaDeviceCore, aq: AccelQueue) -> None:
+    """Before a command acts on a queue's jobs: take the jobs its doorbell record
+    already shows. The driver writes the record before it rings, and the doorbell
+    (doorbellq, or none while the device polls) and the command (controlq) are not
+    ordered: a CANCEL_AQ_JOB or DESTROY_AQ right after a post must find its jobs.
+    Only a plausible advance is taken (an absurd record is the doorbell path's to
+    count)."""
+    try:
+        (pi, _) = le32_words(core.mem.translate(aq.dbrec_gpa, DBREC_SIZE))
+    except GuestMemoryError:
+        return
+    ahead = (pi - aq.pi) % U32
+    if 0 < ahead <= aq.depth and (pi - aq.ci) % U32 <= aq.depth:
+        aq.pi = pi
+        fetch(core, aq)
 
 
 def destroy_aq(core: RdmaDeviceCore, req: DestroyAqReq, now: float) -> None:

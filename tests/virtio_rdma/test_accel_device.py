@@ -989,3 +989,47 @@ def test_native_slices_go_round_robin_across_guests_then_by_priority(monkeypatch
             router.close()
 
     asyncio.run(main())
+
+
+def test_commands_take_the_jobs_the_doorbell_record_shows_first():
+    """The doorbell and a command travel on different queues: CANCEL_AQ_JOB and
+    DESTROY_AQ first take the jobs the queue's doorbell record shows (written before
+    any doorbell), so a cancel right after a post finds its job; the late doorbell
+    then changes nothing. An absurd record is not taken by a command."""
+    import struct
+
+    router, acc = _blocked_router()
+    try:
+        g, pd, cq = _guest(router)
+        aq = g.create_aq(pd, cq, AccelOp.FFT, depth=8)
+        src, dst = _mr(g, pd, 512), _mr(g, pd, 4096)
+        acc.pause()
+        for i in range(3):
+            g.write_aq_job(aq, i, AccelOp.FFT, size=64, inputs=[(src.addr, 512, src.lkey)],
+                           outputs=[(dst.addr + 512 * i, 512, dst.lkey)])
+        g.write(aq.dbrec, struct.pack("<II", aq.pi, 0))  # the record, no doorbell yet
+        assert g.status_of(Cmd.CANCEL_AQ_JOB, aqn=aq.aqn, reserved=0, wr_id=2) == Status.OK
+        g.ring_aq(aq)  # the doorbell arrives late: nothing new
+        daq = g.core.aqs[aq.aqn]
+        assert daq.metrics.jobs_posted == 3 and daq.metrics.bad_doorbells == 0
+        acc.resume()
+        _wait(router, [g])
+        cs, _ = _acc(g, cq, 3)
+        assert [(c.wr_id, c.status) for c in cs] == [(0, AccelStatus.SUCCESS), (1, AccelStatus.SUCCESS),
+                                                    (2, AccelStatus.CANCELLED)]
+        # an absurd record (more than depth ahead) is left to the doorbell path
+        g.write(aq.dbrec, struct.pack("<II", aq.pi + 100, 0))
+        assert g.status_of(Cmd.CANCEL_AQ_JOB, aqn=aq.aqn, reserved=0, wr_id=7) == Status.ENOENT
+        assert daq.metrics.jobs_posted == 3
+        # jobs shown by the record alone, then DESTROY_AQ: each completes FLUSHED, in order
+        acc.pause()
+        for i in range(4):
+            g.write_aq_job(aq, 10 + i, AccelOp.FFT, size=64, inputs=[(src.addr, 512, src.lkey)],
+                           outputs=[(dst.addr, 512, dst.lkey)])
+        g.write(aq.dbrec, struct.pack("<II", aq.pi, 0))
+        assert g.status_of(Cmd.DESTROY_AQ, aqn=aq.aqn) == Status.OK
+        cs, _ = _acc(g, cq, 4)
+        assert [(c.wr_id, c.status) for c in cs] == [(10 + i, AccelStatus.FLUSHED) for i in range(4)]
+        assert aq.aqn not in g.core.aqs
+    finally:
+        router.close()
