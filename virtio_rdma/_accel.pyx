@@ -404,7 +404,12 @@ cdef class NativeJobs:
                 if sample:
                     c0 = aj_cpu()
                 t0 = aj_now()
-                plan.execute(x, y)
+                try:
+                    plan.execute(x, y)
+                except Exception:  # the kernel's scratch allocation: this shape goes to the workers,
+                    sh.plan = None  # which run (and report) this job from the start
+                    declined = R_SHAPE
+                    break
                 t1 = aj_now()
                 busy += t1 - t0
                 sh.n += 1

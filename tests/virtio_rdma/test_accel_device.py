@@ -1033,3 +1033,42 @@ def test_commands_take_the_jobs_the_doorbell_record_shows_first():
         assert aq.aqn not in g.core.aqs
     finally:
         router.close()
+
+
+def test_a_kernel_failure_on_the_native_path_hands_the_job_to_the_workers(router, monkeypatch):
+    """A planned kernel that raises (its scratch allocation) inside the native path:
+    the job is left in the ring and run by the Python path instead, the shape is not
+    tried natively again, nothing is lost or doubled."""
+    from accel_core import dft
+
+    g, pd, cq = _guest(router)
+    aq = g.create_aq(pd, cq, AccelOp.FFT)
+    x = (np.arange(120) * (1 + 2j)).astype(C64)
+    src, dst = _mr(g, pd, x.tobytes()), _mr(g, pd, 4 * x.nbytes)
+
+    real = dft._core
+    calls = []
+
+    class FailingOnce:  # the first execute (the native path's) fails; the Python path's works
+        def __init__(self, n, d, inv):
+            self.plan = real(n, d, inv)
+
+        def execute(self, a, b):
+            calls.append(1)
+            if len(calls) == 1:
+                raise MemoryError("fft scratch")
+            return self.plan.execute(a, b)
+
+    monkeypatch.setattr(dft, "_core", lambda n, d, inv: FailingOnce(n, d, inv) if n == 120 else real(n, d, inv))
+    g.post_aq_job(aq, 1, AccelOp.FFT, size=120, inputs=[(src.addr, x.nbytes, src.lkey)],
+                  outputs=[(dst.addr, x.nbytes, dst.lkey)])
+    _wait(router, [g])
+    g.post_aq_job(aq, 2, AccelOp.FFT, size=120, inputs=[(src.addr, x.nbytes, src.lkey)],
+                  outputs=[(dst.addr + x.nbytes, x.nbytes, dst.lkey)])
+    _wait(router, [g])
+    cs, _ = _acc(g, cq, 2)
+    assert [(c.wr_id, c.status) for c in cs] == [(1, AccelStatus.SUCCESS), (2, AccelStatus.SUCCESS)]
+    want = accel_core.fft(x).tobytes()
+    assert g.read(dst.gpa, x.nbytes) == want and g.read(dst.gpa + x.nbytes, x.nbytes) == want
+    assert router.native.jobs == 0 and router.native.declines() == {"shape": 2}
+    assert g.core.metrics.internal_errors == 0
