@@ -386,6 +386,12 @@ class AccelRouter:
             self._slice_due = True
             self._loop.call_soon(self._next_slice)
 
+    def drop_slice(self, core: RdmaDeviceCore, aq: AccelQueue) -> None:
+        """Forget ``aq``'s due slice (its jobs are taken another way)."""
+        d = self._pending.get(core.accel_guest)
+        if d is not None:
+            d.pop(id(aq), None)
+
     def _next_slice(self) -> None:
         """One native slice: the next guest's turn (round robin), its best waiting queue."""
         self._slice_due = False
@@ -592,7 +598,7 @@ def _catch_up(core: RdmaDeviceCore, aq: AccelQueue) -> None:
     (doorbellq, or none while the device polls) and the command (controlq) are not
     ordered: a CANCEL_AQ_JOB or DESTROY_AQ right after a post must find its jobs.
     Only a plausible advance is taken (an absurd record is the doorbell path's to
-    count)."""
+    count). Jobs waiting in the ring for a native slice are started too."""
     try:
         (pi, _) = le32_words(core.mem.translate(aq.dbrec_gpa, DBREC_SIZE))
     except GuestMemoryError:
@@ -601,6 +607,12 @@ def _catch_up(core: RdmaDeviceCore, aq: AccelQueue) -> None:
     if 0 < ahead <= aq.depth and (pi - aq.ci) % U32 <= aq.depth:
         aq.pi = pi
         fetch(core, aq)
+    router = core.accel
+    if router is not None and router._pending and router.resuming(core, aq):
+        # jobs waiting in the ring for a native slice have not started: the command
+        # must find them queued, so they take the Python path now
+        router.drop_slice(core, aq)
+        fetch(core, aq, native=False)
 
 
 def destroy_aq(core: RdmaDeviceCore, req: DestroyAqReq, now: float) -> None:
@@ -726,13 +738,14 @@ def poll_records(core: RdmaDeviceCore, now: float) -> int:
     return n
 
 
-def fetch(core: RdmaDeviceCore, aq: AccelQueue) -> None:
+def fetch(core: RdmaDeviceCore, aq: AccelQueue, *, native: bool = True) -> None:
     """Start the jobs posted up to ``aq.pi``, unless this device's temporaries
-    are at :data:`MAX_TEMP_BYTES` (then the queue waits, its jobs in the ring)."""
+    are at :data:`MAX_TEMP_BYTES` (then the queue waits, its jobs in the ring).
+    ``native`` False: every job through :func:`start` (a command must find them)."""
     router = core.accel
-    if router is not None and router._pending and router.resuming(core, aq):
+    if native and router is not None and router._pending and router.resuming(core, aq):
         return  # a native slice of this queue is due: it takes them, in turn with other queues
-    if (router is not None and router.native is not None and not aq.flags and not aq.entries
+    if (native and router is not None and router.native is not None and not aq.flags and not aq.entries
             and aq.fetched != aq.pi):
         # the local placement rule: the native path takes the plain small jobs at the head,
         # in order, only with a unit of a local accelerator serving the op (its claim), and

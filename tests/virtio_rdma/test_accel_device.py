@@ -1072,3 +1072,47 @@ def test_a_kernel_failure_on_the_native_path_hands_the_job_to_the_workers(router
     assert g.read(dst.gpa, x.nbytes) == want and g.read(dst.gpa + x.nbytes, x.nbytes) == want
     assert router.native.jobs == 0 and router.native.declines() == {"shape": 2}
     assert g.core.metrics.internal_errors == 0
+
+
+def test_a_job_waiting_for_a_native_slice_can_be_cancelled():
+    """Jobs left in the ring by a native slice have not started: CANCEL_AQ_JOB finds
+    one (the queue's waiting jobs then take the Python path), it completes CANCELLED
+    in its place, every other job SUCCESS, in post order; no slice runs afterwards."""
+    import asyncio
+
+    async def main():
+        svc = AcceleratorService([AcceleratorSpec("fft", ops=frozenset({accel_core.Op.FFT}))])
+        router = AccelRouter(svc)
+        try:
+            router.attach_loop(asyncio.get_running_loop())
+            g, pd, cq = _guest(router, size=64 << 20)
+            n, b, jobs = 2048, 16, 32
+            x = (np.random.default_rng(8).standard_normal((b, n)) * (1 - 1j)).astype(C64)
+            src, dst = _mr(g, pd, x.tobytes()), _mr(g, pd, jobs * x.nbytes)
+            aq = g.create_aq(pd, cq, AccelOp.FFT, depth=64)
+            for i in range(jobs):
+                g.write_aq_job(aq, i, AccelOp.FFT, size=n, batch=b, inputs=[(src.addr, x.nbytes, src.lkey)],
+                               outputs=[(dst.addr + i * x.nbytes, x.nbytes, dst.lkey)])
+            g.ring_aq(aq)
+            assert router.native.yielded and router.resuming(g.core, g.core.aqs[aq.aqn])
+            ran = router.native.jobs
+            assert g.status_of(Cmd.CANCEL_AQ_JOB, aqn=aq.aqn, reserved=0, wr_id=jobs - 1) == Status.OK
+            assert not router.resuming(g.core, g.core.aqs[aq.aqn])
+            got: list = []
+            deadline = time.monotonic() + 20
+            while len(got) < jobs:
+                assert time.monotonic() < deadline, "jobs did not complete"
+                await asyncio.sleep(0.001)
+                router.deliver()
+                got += g.poll(cq)
+            cs = [wire.decode_accel_cqe(c) for c in got]
+            assert [c.wr_id for c in cs] == list(range(jobs))
+            assert [c.status for c in cs] == [AccelStatus.SUCCESS] * (jobs - 1) + [AccelStatus.CANCELLED]
+            assert router.native.jobs == ran  # the rest went to the worker
+            want = accel_core.fft(x)
+            np.testing.assert_allclose(np.frombuffer(g.read(dst.gpa + (jobs - 2) * x.nbytes, x.nbytes), C64)
+                                       .reshape(b, n), want, rtol=1e-4, atol=1e-3)
+        finally:
+            router.close()
+
+    asyncio.run(main())
