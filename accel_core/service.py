@@ -162,6 +162,7 @@ class Accelerator:
         self._idle = threading.Condition(self._lock)   # drain() waits for empty + idle
         self._queue = FairQueue()
         self._running: dict[Job, None] = {}
+        self._claimed = 0        # units taken by try_claim() for work run outside a Job
         self._shape_of: dict[Job, Shape] = {}  # submitted, not yet delivered: the model's handle
         self._kernel_ref = ReferenceTimes()  # per shape: the kernel time a slowdown multiplies
         self._seq = 0
@@ -225,6 +226,45 @@ class Accelerator:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    def set_inline(self, max_seconds: float) -> None:
+        """Set ``inline_max_seconds`` of a running accelerator (0 = never inline): its
+        owner, e.g. the daemon's router, decides whether its submitting thread may run
+        small jobs itself."""
+        value = _check_seconds(max_seconds, "inline_max_seconds")
+        with self._lock:
+            self.inline_max_seconds = value
+
+    def try_claim(self) -> bool:
+        """Take a free unit for work the caller runs itself, outside a Job (the
+        daemon's native job path: small jobs run in its loop thread, DPDK
+        software-bbdev style). Only when running, not paused, nothing queued (a
+        claim never overtakes a queued job) and a unit is free; pair with
+        :meth:`release_claim`."""
+        with self._lock:
+            if (self._state is not AcceleratorState.RUNNING or self._paused or len(self._queue)
+                    or len(self._running) + self._claimed >= self.workers):
+                return False
+            self._claimed += 1
+            return True
+
+    def release_claim(self, op: Op, jobs: int, seconds: float) -> None:
+        """Give back a unit of :meth:`try_claim` after running ``jobs`` jobs of ``op``
+        in ``seconds`` (counted as submitted, completed, inline and busy)."""
+        with self._lock:
+            self._claimed -= 1
+            if jobs:
+                c = self.metrics.ops[op]
+                c.submitted += jobs
+                c.completed += jobs
+                c.inline += jobs
+                c.busy_seconds += seconds
+                c.kernel_seconds += seconds
+            if len(self._queue):  # submitted while the unit was claimed: a worker takes it now
+                if self._sleeping:
+                    self._work.notify()
+            elif self._draining and not self._running and not self._claimed:
+                self._idle.notify_all()
+
     def pause(self) -> None:
         """Stop dispatching queued jobs (running ones finish); submit still queues."""
         with self._lock:
@@ -240,8 +280,8 @@ class Accelerator:
         """Wait until the receive queue is empty and no job runs; False on timeout or if paused."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            while len(self._queue) or self._running:
-                if self._paused and not self._running:
+            while len(self._queue) or self._running or self._claimed:
+                if self._paused and not self._running and not self._claimed:
                     return False
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -301,7 +341,7 @@ class Accelerator:
                                 f"({qlen} of max_queued={self.max_queued} jobs)")
             now = self._clock()
             if (estimate <= self.inline_max_seconds and not qlen and not self._paused
-                    and len(self._running) < self.workers):
+                    and len(self._running) + self._claimed < self.workers):
                 self._enqueue(job, shape, estimate, now, push=False)
                 inline = self._start(job, now)
                 late = not inline
@@ -497,7 +537,7 @@ class Accelerator:
     def _pop_ready(self) -> tuple[Job | None, list[Job]]:
         """Under the lock: the next job to run (or None), plus late-cancelled jobs to deliver."""
         late: list[Job] = []
-        while (not self._paused and len(self._queue) and len(self._running) < self.workers):
+        while (not self._paused and len(self._queue) and len(self._running) + self._claimed < self.workers):
             job = cast(Job, self._queue.pop())
             if self._start(job, self._clock()):
                 return job, late

@@ -33,7 +33,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import itertools
+import os
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,8 +67,12 @@ STAGING_BYTES = 4 << 20
 AQ_DEPTH = 64
 #: staging allocations are aligned to this
 _ALIGN = 64
-#: polling of a waiting call (seconds): it busy-polls for _SPIN, then sleeps from _SLEEP_MIN
-#: doubling up to _SLEEP_MAX (a sleep costs ~60 us on Linux; a job's round trip is ~170 us)
+#: MRs a helper remembers as recently holding callers' arrays
+_RECENT = 4
+_LOCAL_WRITE = int(Access.LOCAL_WRITE)
+#: polling of a waiting call (seconds): it busy-polls for _SPIN (yielding the CPU between empty
+#: polls), then sleeps from _SLEEP_MIN doubling up to _SLEEP_MAX (a sleep costs ~60 us on
+#: Linux; a small FFT's round trip is 20-70 us)
 _SPIN, _SLEEP_MIN, _SLEEP_MAX = 250e-6, 20e-6, 1e-3
 _TAIL = _turbo.TAIL_BITS
 _EARLY_STOP = {None: AccelEarlyStop.NONE, "crc24a": AccelEarlyStop.CRC24A, "crc24b": AccelEarlyStop.CRC24B}
@@ -186,6 +192,8 @@ class AccelHelper(VerbsObject):
         self.aqs: dict[AccelOp, AQ] = {}
         self.pending: dict[int, _Job] = {}
         self._ids = itertools.count(1)
+        #: the MRs registered() found last, most recent first (at most _RECENT; closed ones are skipped)
+        self._recent: list[weakref.ref[MR]] = []  # weak: the caller's MRs stay the caller's
         #: completions for no job of this helper (counted, dropped)
         self.stray_completions = 0
         #: bytes copied into / out of the staging area, and jobs that used memory in place
@@ -204,9 +212,15 @@ class AccelHelper(VerbsObject):
         if not arr.flags.c_contiguous or (write and not arr.flags.writeable) or not arr.nbytes:
             return None
         addr, n = arr.ctypes.data, arr.nbytes
+        for ref in self._recent:  # callers reuse their buffers: the MRs found last, first
+            mr = ref()
+            if (mr is not None and not mr.closed and mr.buf <= addr and addr + n <= mr.buf + mr.length
+                    and (not write or int(mr.access) & _LOCAL_WRITE)):
+                return SGE(addr, n, mr.lkey)
         for mr in list(self.pd._children):
             if (isinstance(mr, MR) and mr is not self.mr and not mr.closed and mr.buf <= addr
                     and addr + n <= mr.buf + mr.length and (not write or mr.access & Access.LOCAL_WRITE)):
+                self._recent = [weakref.ref(mr), *(r for r in self._recent[: _RECENT - 1] if r() is not mr)]
                 return SGE(addr, n, mr.lkey)
         return None
 
@@ -315,6 +329,8 @@ class AccelHelper(VerbsObject):
             if now >= spin_until:
                 time.sleep(sleep)
                 sleep = min(sleep * 2, _SLEEP_MAX)
+            else:
+                os.sched_yield()  # a busy-polling device on this CPU (DBREC_POLL) goes first
         return True
 
     def submit(self, op: AccelOp, src: np.ndarray, out_bytes: int, dst: np.ndarray | None,

@@ -16,7 +16,7 @@ def test_quick_run_with_tiny_counts_reports_every_figure_and_its_baseline(capsys
 
     o = r["overhead"]
     assert o["jobs"] == 10 and o["zero_copy"] is True and o["direct"]["n"] == 10
-    for layer in ("verbs", "accel_fft", "verbs_daemon_polls", "verbs_no_accelerator"):
+    for layer in ("verbs", "accel_fft", "verbs_daemon_polls", "accel_fft_daemon_polls", "verbs_no_accelerator"):
         s = o[layer]
         assert s["n"] == 10 and 0 < s["median_us"] <= s["p99_us"]
         assert isinstance(s["goal_met"], bool)

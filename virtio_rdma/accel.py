@@ -19,9 +19,18 @@ Roles:
   targets (another host's accelerators over the fabric) plug in beside it.
   Kernels run in the service's worker threads; a finished job lands in an
   accelerator's ready queue, whose notifier wakes the daemon's event loop
-  (``loop.call_soon_threadsafe``), where :meth:`AccelRouter.deliver` hands
+  (``loop.call_soon_threadsafe``, once per batch: jobs finishing while a
+  wake-up is pending ride along), where :meth:`AccelRouter.deliver` hands
   each job back to its queue. Nothing of a device's state is touched outside
   the event loop's thread.
+* Small jobs (the service's model estimates them at most
+  :data:`INLINE_MAX_SECONDS`) run in the loop's thread when their
+  accelerator has a free unit and nothing queued, as DPDK's software bbdev
+  devices do the work inside enqueue: the plain case of an FFT / IFFT on a
+  queue without flags entirely natively (``virtio_rdma._accel.NativeJobs``,
+  from the hook at the top of :func:`fetch`: slot, checks, kernel and CQE
+  without Python per job), any other through :func:`start` and the
+  service's inline mode.
 * The control handlers (:func:`query_accel`, :func:`create_aq`,
   :func:`destroy_aq`, :func:`cancel_aq_job`) and the doorbell
   (:func:`ring_aq`) take the device core, like the other concerns'.
@@ -108,6 +117,11 @@ from virtio_rdma.wire import (
     decode_accel_job,
 )
 
+try:  # the native path for small FFT / IFFT jobs run in the loop (virtio_rdma/_accel.pyx)
+    from virtio_rdma._accel import NativeJobs
+except ImportError:  # extension not built: every job takes the Python path
+    NativeJobs = None  # type: ignore[assignment,misc]
+
 if TYPE_CHECKING:
     from virtio_rdma.core import RdmaDeviceCore
     from virtio_rdma.cq import CompletionQueue
@@ -132,6 +146,23 @@ MAX_JOB_BYTES = 64 << 20
 #: a guest cannot make the daemon hold more than this plus one job's
 #: temporaries, however many queues and slots it has.
 MAX_TEMP_BYTES = 256 << 20
+#: A job the service's model estimates at most this long runs in the daemon's
+#: loop thread when its accelerator is idle (DPDK's software bbdev devices do the
+#: work inside enqueue): a worker hand-off and a cross-thread wake-up cost more
+#: than a small FFT. Bounds how long one job can hold the loop.
+INLINE_MAX_SECONDS = 30e-6
+#: The native path (plain FFT / IFFT jobs, virtio_rdma._accel) runs a job in the
+#: loop's thread when the service's model estimates it at most this long or it
+#: has at most NATIVE_MAX_POINTS points, and gives a shape up once it measured
+#: its kernel's CPU time over 4 x this on average here (a slow host): a 16 x 2048
+#: batch (50-300 us on a shared 2-vCPU EPYC) is in, a 64 x 8192 one is out.
+NATIVE_MAX_SECONDS = 200e-6
+NATIVE_MAX_POINTS = 32768
+#: Loop time one queue's native jobs take before the loop serves anything else
+#: (the rest stay in the ring; the router comes back for them, round robin with
+#: every other event of the loop). Bounds what a queue kept full adds to another
+#: guest's doorbell or verbs latency per queue.
+NATIVE_SLICE_SECONDS = 100e-6
 
 
 # --------------------------------------------------------------------------
@@ -304,10 +335,20 @@ class AccelRouter:
 
     Completion path: the service's ready notifier (a worker thread) calls
     ``wakeup`` (set by :meth:`attach_loop` to a thread-safe call of
-    :meth:`deliver` on the daemon's loop); in-process users call
-    :meth:`wait` and :meth:`deliver` themselves."""
+    :meth:`deliver` on the daemon's loop; one pending call serves every job
+    finishing before it runs); in-process users call :meth:`wait` and
+    :meth:`deliver` themselves.
 
-    def __init__(self, service: AcceleratorService | None, *, owns_service: bool = True):
+    Native path (``native``, :class:`virtio_rdma._accel.NativeJobs`): small
+    plain FFT / IFFT jobs complete inside :func:`fetch`, on a unit the service
+    lends (``try_claim``); ``inline_max_seconds`` is the service's inline
+    bound for the other small jobs, ``native_max_seconds`` the native path's
+    (0 turns either off). On a loop, a queue's native jobs run in slices
+    (:data:`NATIVE_SLICE_SECONDS`), round robin across guests."""
+
+    def __init__(self, service: AcceleratorService | None, *, owns_service: bool = True,
+                 inline_max_seconds: float = INLINE_MAX_SECONDS,
+                 native_max_seconds: float = NATIVE_MAX_SECONDS):
         self.local: LocalTarget | None = LocalTarget(service) if service is not None else None
         #: other hosts' accelerators, by host id (1, 2, ...)
         self.remotes: dict[int, RemoteTarget] = {}
@@ -318,26 +359,124 @@ class AccelRouter:
         self._ready = threading.Event()
         self.wakeup: Callable[[], None] | None = None
         self._loop: Any = None
+        self._loop_thread: int | None = None
+        #: a deliver() is scheduled and has not started: finishing jobs need not wake the loop again
+        self._deliver_pending = False
+        #: deliver() passes scheduled on the loop: one per batch of finished jobs, not one per job
+        self.wakeups = 0
         self._next_guest = 1
         self.jobs_dropped = 0  # finished after their queue or device went
         #: DBREC_POLL: each device's AQ doorbell-record scanner, by its guest id (loop thread only)
         self.scanners: dict[int, Any] = {}
+        #: small FFT / IFFT jobs of AQs without flags, done and completed in the loop thread
+        #: (None: every job takes start()); tests switch it off to compare both paths
+        self.native: Any = None
+        if service is not None and NativeJobs is not None and native_max_seconds > 0:
+            self.native = NativeJobs(service, native_max_seconds, NATIVE_MAX_POINTS)
+        #: AQs whose native jobs continue in a later slice of the loop, by guest id, then
+        #: id(aq) -> (core, aq) in the order they stopped; guests in round-robin order
+        self._pending: dict[int, dict[int, tuple[RdmaDeviceCore, AccelQueue]]] = {}
+        self._turns: deque[int] = deque()
+        self._slice_due = False  # a _next_slice is scheduled on the loop
+        #: native slices that stopped at NATIVE_SLICE_SECONDS with jobs left (tests assert it)
+        self.native_slices = 0
         if service is not None:
             for acc in service.accelerators:
                 acc.set_ready_notifier(self._on_ready)
+                # a small job runs in the thread that submits it (the daemon's loop) when its
+                # accelerator is idle: no worker hand-off, no cross-thread wake-up. Not on an
+                # emulated slow accelerator: its delay would stall the loop.
+                if acc.slowdown == 1.0 and inline_max_seconds > acc.inline_max_seconds:
+                    acc.set_inline(inline_max_seconds)
 
     # -- wiring
-    def _on_ready(self, acc: Accelerator) -> None:  # a worker thread
-        self._ready.set()
-        w = self.wakeup
-        if w is not None:
-            w()
+    def _on_ready(self, acc: Accelerator) -> None:  # a worker thread, or the loop's for an inline job
+        if not self._ready.is_set():
+            self._ready.set()
+        if self._deliver_pending:  # deliver() has not started yet: it will collect this job too
+            return
+        loop = self._loop
+        if loop is None:
+            w = self.wakeup
+            if w is not None:
+                w()
+            return
+        self._deliver_pending = True
+        self.wakeups += 1
+        if threading.get_ident() == self._loop_thread:
+            loop.call_soon(self.deliver)  # an inline job: no self-pipe write
+        else:
+            loop.call_soon_threadsafe(self.deliver)
 
     def attach_loop(self, loop) -> None:
-        """Deliver finished jobs on ``loop`` (asyncio), the daemon's one loop."""
+        """Deliver finished jobs on ``loop`` (asyncio), the daemon's one loop; called in its thread."""
         if self._loop is not loop:
             self._loop = loop
+            self._loop_thread = threading.get_ident()
+            self._deliver_pending = False
             self.wakeup = lambda: loop.call_soon_threadsafe(self.deliver)
+
+    def native_budget(self) -> float:
+        """Seconds of loop time a native call may take: NATIVE_SLICE_SECONDS on a loop;
+        0 (no bound) for in-process users driving the router by hand."""
+        return NATIVE_SLICE_SECONDS if self._loop is not None else 0.0
+
+    def resuming(self, core: RdmaDeviceCore, aq: AccelQueue) -> bool:
+        """Is a native slice of ``aq`` due (its jobs wait in the ring for their turn)?"""
+        d = self._pending.get(core.accel_guest)
+        return d is not None and id(aq) in d
+
+    def resume_later(self, core: RdmaDeviceCore, aq: AccelQueue) -> None:
+        """Come back for ``aq``'s jobs left in the ring by a native slice. Slices go round
+        robin across guests (devices), one per loop callback so that the loop serves
+        what else is ready in between; within a guest to its highest-priority queue
+        that waits, oldest first -- the spec's order of waiting jobs, in loop time."""
+        self.native_slices += 1
+        gid = core.accel_guest
+        d = self._pending.get(gid)
+        if d is None:
+            d = self._pending[gid] = {}
+            self._turns.append(gid)
+        d.setdefault(id(aq), (core, aq))
+        if not self._slice_due:
+            self._slice_due = True
+            self._loop.call_soon(self._next_slice)
+
+    def drop_slice(self, core: RdmaDeviceCore, aq: AccelQueue) -> None:
+        """Forget ``aq``'s due slice (its jobs are taken another way)."""
+        d = self._pending.get(core.accel_guest)
+        if d is not None:
+            d.pop(id(aq), None)
+
+    def _next_slice(self) -> None:
+        """One native slice: the next guest's turn (round robin), its best waiting queue."""
+        self._slice_due = False
+        while self._turns:
+            gid = self._turns.popleft()
+            d = self._pending.get(gid)
+            if not d:
+                self._pending.pop(gid, None)
+                continue
+            key = max(d, key=lambda k: d[k][1].priority)  # the first of the highest priority
+            core, aq = d.pop(key)
+            if d:
+                self._turns.append(gid)  # its other queues wait for the guest's next turn
+            else:
+                del self._pending[gid]
+            if aq.core is core and not aq.destroyed:  # else gone meanwhile: its jobs went with it
+                core.in_call += 1
+                try:
+                    fetch(core, aq)
+                except Exception:
+                    core.metrics.internal_errors += 1
+                    log.exception("virtio-rdma: internal error fetching accelerator jobs")
+                finally:
+                    core.in_call -= 1
+                flush_notify(core)
+            break
+        if self._turns and not self._slice_due:
+            self._slice_due = True
+            self._loop.call_soon(self._next_slice)
 
     def new_guest_id(self) -> int:
         gid = self._next_guest
@@ -400,6 +539,7 @@ class AccelRouter:
 
     def deliver(self) -> int:
         """Hand every finished job to its queue (the event loop's thread); returns how many."""
+        self._deliver_pending = False  # first: a job finishing from here on schedules another pass
         self._ready.clear()
         if self.local is None:
             return 0
@@ -426,13 +566,20 @@ class AccelRouter:
 
     def metrics(self) -> dict:
         svc = self.local.service.metrics() if self.local is not None else {}
-        return {"in_flight": len(self._jobs), "jobs_dropped": self.jobs_dropped, "service": svc,
+        nat = self.native
+        native = {} if nat is None else {
+            "jobs": nat.jobs, "calls": nat.calls, "slices": self.native_slices, "declined": nat.declines(),
+            "slow_shapes": nat.slow_shapes}
+        return {"in_flight": len(self._jobs), "jobs_dropped": self.jobs_dropped, "wakeups": self.wakeups,
+                "native": native, "service": svc,
                 "remotes": {h: t.describe() for h, t in sorted(self.remotes.items())}}
 
     def close(self) -> None:
         if self.local is not None and self._owns:
             self.local.service.close()
         self._jobs.clear()
+        self._pending.clear()  # slices still due: their queues go with their devices
+        self._turns.clear()
 
 
 # --------------------------------------------------------------------------
@@ -511,7 +658,31 @@ def _aq(core: RdmaDeviceCore, aqn: int) -> AccelQueue:
     aq = core.aqs.get(aqn)
     if aq is None or aq.destroyed:
         raise CommandError(f"no AQ {aqn}", Status.ENOENT)
+    _catch_up(core, aq)
     return aq
+
+
+def _catch_up(core: RdmaDeviceCore, aq: AccelQueue) -> None:
+    """Before a command acts on a queue's jobs: take the jobs its doorbell record
+    already shows. The driver writes the record before it rings, and the doorbell
+    (doorbellq, or none while the device polls) and the command (controlq) are not
+    ordered: a CANCEL_AQ_JOB or DESTROY_AQ right after a post must find its jobs.
+    Only a plausible advance is taken (an absurd record is the doorbell path's to
+    count). Jobs waiting in the ring for a native slice are started too."""
+    try:
+        (pi, _) = le32_words(core.mem.translate(aq.dbrec_gpa, DBREC_SIZE))
+    except GuestMemoryError:
+        return
+    ahead = (pi - aq.pi) % U32
+    if 0 < ahead <= aq.depth and (pi - aq.ci) % U32 <= aq.depth:
+        aq.pi = pi
+        fetch(core, aq)
+    router = core.accel
+    if router is not None and router._pending and router.resuming(core, aq):
+        # jobs waiting in the ring for a native slice have not started: the command
+        # must find them queued, so they take the Python path now
+        router.drop_slice(core, aq)
+        fetch(core, aq, native=False)
 
 
 def destroy_aq(core: RdmaDeviceCore, req: DestroyAqReq, now: float) -> None:
@@ -650,10 +821,22 @@ def poll_records(core: RdmaDeviceCore, now: float) -> int:
     return n
 
 
-def fetch(core: RdmaDeviceCore, aq: AccelQueue) -> None:
+def fetch(core: RdmaDeviceCore, aq: AccelQueue, *, native: bool = True) -> None:
     """Start the jobs posted up to ``aq.pi``, unless this device's temporaries
-    are at :data:`MAX_TEMP_BYTES` (then the queue waits, its jobs in the ring)."""
+    are at :data:`MAX_TEMP_BYTES` (then the queue waits, its jobs in the ring).
+    ``native`` False: every job through :func:`start` (a command must find them)."""
     router = core.accel
+    if native and router is not None and router._pending and router.resuming(core, aq):
+        return  # a native slice of this queue is due: it takes them, in turn with other queues
+    if (native and router is not None and router.native is not None and not aq.flags and not aq.entries
+            and aq.fetched != aq.pi):
+        # the local placement rule: the native path takes the plain small jobs at the head,
+        # in order, only with a unit of a local accelerator serving the op (its claim), and
+        # leaves the first other one (and all after it) to start() below
+        router.native.run(core, aq, router.native_budget())
+        if router.native.yielded:  # its slice is over: the rest wait in the ring for the next
+            router.resume_later(core, aq)
+            return
     while aq.fetched != aq.pi:
         if core.accel_temp_bytes >= MAX_TEMP_BYTES:
             core.accel_stalled.add(aq.aqn)
@@ -983,8 +1166,27 @@ def resume(core: RdmaDeviceCore) -> None:
             fetch(core, aq)
 
 
+def _flush_unfetched(core: RdmaDeviceCore, aq: AccelQueue) -> None:
+    """A destroyed queue's jobs still in its ring (posted, never fetched: left for a later
+    native slice, or stalled at MAX_TEMP_BYTES) never start: each completes FLUSHED, in order."""
+    while aq.fetched != aq.pi:
+        slot = aq.fetched & (aq.depth - 1)
+        aq.fetched = (aq.fetched + 1) % U32
+        aq.metrics.jobs_posted += 1
+        core.metrics.aq_jobs += 1
+        try:
+            wr_id = int.from_bytes(core.mem.translate(aq.ring_gpa + slot * AQ_SLOT_SIZE, 8), "little")
+        except GuestMemoryError:
+            wr_id = 0
+        e = Entry(aq, wr_id, aq.op)
+        e.fail(AccelStatus.FLUSHED)
+        aq.entries.append(e)
+
+
 def drain(core: RdmaDeviceCore, aq: AccelQueue) -> None:
     """Write the CQEs of the finished jobs at the head of the queue, in order."""
+    if aq.destroyed and aq.fetched != aq.pi:
+        _flush_unfetched(core, aq)
     while aq.entries and aq.entries[0].done:
         e = aq.entries.popleft()
         c = AccelCompletion(e.wr_id, e.op, e.status, aq.aqn, e.byte_len, e.host, e.wait_us,

@@ -257,7 +257,9 @@ def router():
     svc = AcceleratorService([AcceleratorSpec("fft", ops=frozenset({Op.FFT, Op.IFFT})),
                               AcceleratorSpec("turbo", ops=frozenset({Op.TURBO_ENCODE, Op.TURBO_DECODE}))],
                              model=model)
-    r = AccelRouter(svc)
+    # every job through the service (no native path in the loop, no inline run): the model
+    # learns from each one, which is what these tests check
+    r = AccelRouter(svc, native_max_seconds=0.0, inline_max_seconds=0.0)
     yield r
     r.close()
 

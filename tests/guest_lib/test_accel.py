@@ -25,7 +25,7 @@ from guest_lib.cq import WC, AccelWC
 from verbs import Access, WcStatus
 from vhost_user.testing import DaemonProcess
 from virtio_rdma import wire
-from virtio_rdma.constants import AQ_SLOT_SIZE, AccelDtype, AccelEarlyStop, AccelOp, AccelStatus
+from virtio_rdma.constants import AQ_SLOT_SIZE, MAX_ACCEL_SGE, AccelDtype, AccelEarlyStop, AccelOp, AccelStatus
 
 MEM = 32 << 20
 
@@ -571,3 +571,151 @@ def test_one_cq_carries_verbs_and_accelerator_completions(accel_daemon):
     finally:
         a.close()
         z.close()
+
+
+# --------------------------------------------------------------------------- the per-job path
+def test_post_packs_the_wire_codecs_bytes_into_the_ring():
+    """pack_wr (what AQ.post writes into a slot) gives encode_wr's bytes exactly, over a
+    seeded spread of WRs, over a slot holding garbage; and refuses what encode_wr refuses,
+    with its UserError."""
+    from guest_lib.aq import pack_wr
+
+    r = np.random.default_rng(3)
+    for i in range(300):
+        nin, nout = int(r.integers(1, 8)), int(r.integers(1, 8))
+        nin = min(nin, MAX_ACCEL_SGE - nout)
+        sg = [SGE(int(r.integers(0, 1 << 63)), int(r.integers(0, 1 << 32)), int(r.integers(0, 1 << 32)))
+              for _ in range(nin + nout)]
+        wr = AccelWR(int(r.integers(0, 1 << 63)), size=int(r.integers(0, 1 << 32)),
+                     batch=int(r.integers(0, 1 << 32)), dtype=int(r.integers(0, 2)),
+                     inputs=sg[:nin], outputs=sg[nin:], iterations=int(r.integers(0, 1 << 16)),
+                     early_stop=int(r.integers(0, 3)),
+                     scaling=None if i % 3 else float(np.float32(r.random())),
+                     op=None if i % 4 else int(r.integers(1, 5)))
+        op = AccelOp(int(r.integers(1, 5)))
+        buf = bytearray(r.integers(0, 256, 3 * AQ_SLOT_SIZE, dtype=np.uint8).tobytes())
+        pack_wr(buf, AQ_SLOT_SIZE, wr, op)
+        assert bytes(buf[AQ_SLOT_SIZE:2 * AQ_SLOT_SIZE]) == encode_wr(wr, op), i
+    buf = bytearray(AQ_SLOT_SIZE)
+    for bad, match in ((AccelWR(1, size=16, inputs=[SGE(0, 1, 1)] * 7, outputs=[SGE(0, 1, 1)] * 6), "SGEs exceed"),
+                       (AccelWR(2, size=1 << 32, inputs=[SGE(0, 1, 1)], outputs=[SGE(0, 1, 1)]), "0x2"),
+                       (AccelWR(3, size=16, op=9, inputs=[SGE(0, 1, 1)], outputs=[SGE(0, 1, 1)]), "0x3"),
+                       (AccelWR(4, size=16, dtype=7, inputs=[SGE(0, 1, 1)], outputs=[SGE(0, 1, 1)]), "0x4"),
+                       (AccelWR(5, size=16, inputs=[SGE(-1, 1, 1)], outputs=[SGE(0, 1, 1)]), "0x5")):
+        with pytest.raises(UserError, match=match):
+            pack_wr(buf, 0, bad, AccelOp.FFT)
+
+
+def test_post_is_all_or_nothing_with_a_bad_wr_in_the_list(actx):
+    """A WR that cannot be encoded anywhere in a list: UserError, the producer index
+    and the doorbell record unmoved, no completion ever comes; the queue then works."""
+    pd, cq = PD(actx), CQ(actx, 16)
+    n = 64
+    x = _cplx((1, n), np.complex64)
+    mr = MR(pd, 2 * x.nbytes, Access.LOCAL_WRITE)
+    mr.write(x.tobytes())
+    aq = AQ(pd, cq, AccelOp.FFT, depth=8)
+    good = AccelWR(1, size=n, inputs=[SGE(mr.buf, x.nbytes, mr.lkey)],
+                   outputs=[SGE(mr.buf + x.nbytes, x.nbytes, mr.lkey)])
+    bad = AccelWR(2, size=1 << 40, inputs=good.inputs, outputs=good.outputs)
+    with pytest.raises(UserError):
+        aq.post([good, good, bad, good])
+    assert aq.pi == 0 and aq.in_flight == 0 and bytes(aq.dbrec[:4]) == bytes(4)
+    assert aq.post([good]) == 1
+    deadline = time.monotonic() + 20  # a hang guard, not a measurement
+    wcs: list = []
+    while not wcs:
+        assert time.monotonic() < deadline
+        wcs = cq.poll(4)[1]
+    assert [(w.wr_id, w.accel_status) for w in wcs] == [(1, AccelStatus.SUCCESS)]
+    got = np.frombuffer(mr.read(x.nbytes, x.nbytes), np.complex64).reshape(1, n)
+    np.testing.assert_allclose(got, accel_core.fft(x), rtol=1e-5, atol=1e-4)
+    aq.close()
+
+
+def test_registered_lookup_remembers_mrs_but_checks_them_every_time(actx):
+    """The helper remembers the MRs callers' arrays were last found in, and still checks
+    each one on every call: an output in a read-only MR is staged, a closed MR is never
+    named again, and a remembered MR does not stay alive because of it."""
+    import gc
+    import weakref
+
+    h = accel.helper(actx)
+    n = 256
+    ro, rw = MR(h.pd, n * 8, 0), MR(h.pd, n * 8, Access.LOCAL_WRITE)
+    x = np.frombuffer(actx.view_of_uva(ro.buf, n * 8), np.complex64)
+    y = np.frombuffer(actx.view_of_uva(rw.buf, n * 8), np.complex64)
+    x[:] = _cplx(n, np.complex64)
+    zero = h.zero_copy_buffers
+    for _ in range(3):
+        accel.fft(actx, x, out=y)
+    assert h.zero_copy_buffers == zero + 6
+    assert h.registered(x, False).lkey == ro.lkey and h.registered(x, True) is None
+    staged_out = h.bytes_staged_out
+    want = accel_core.ifft(y)
+    accel.ifft(actx, y, out=x)  # an output in a read-only MR: computed in staging, copied out
+    np.testing.assert_array_equal(x, want)
+    assert h.bytes_staged_out == staged_out + n * 8
+    del x
+    ro.close()
+    other = MR(h.pd, n * 8, Access.LOCAL_WRITE)
+    z = np.frombuffer(actx.view_of_uva(other.buf, n * 8), np.complex64)
+    assert h.registered(z, True).lkey == other.lkey
+    assert h.registered(y, True).lkey == rw.lkey
+    ref = weakref.ref(rw)
+    del y, z
+    rw.close()
+    del rw
+    gc.collect()
+    assert ref() is None  # the helper's memory of it is weak
+    other.close()
+
+
+def test_a_guest_flooding_batches_and_a_guest_with_single_jobs_both_complete_in_order(accel_daemon):
+    """Through the daemon: guest A keeps a 32-deep queue of 16 x 2048 FFT batches full
+    (jobs the daemon runs in its loop a slice at a time) while guest B, on the same
+    daemon, runs single small FFTs one by one and sends itself nothing but jobs. Every
+    result equals accel_core's, every CQE comes in post order, none is lost or doubled."""
+    n, b, depth, rounds = 2048, 16, 32, 96
+    with Context(accel_daemon, mem_size=MEM, timeout=20.0) as a, \
+            Context(accel_daemon, mem_size=MEM, timeout=20.0) as g2:
+        pa, ca = PD(a), CQ(a, 64)
+        x = _cplx((b, n), np.complex64)
+        ma = MR(pa, (depth + 1) * x.nbytes, Access.LOCAL_WRITE)
+        ma.write(x.tobytes())
+        qa = AQ(pa, ca, AccelOp.FFT, depth=depth)
+        wrs = [AccelWR(i, size=n, batch=b, inputs=[SGE(ma.buf, x.nbytes, ma.lkey)],
+                       outputs=[SGE(ma.buf + (1 + i % depth) * x.nbytes, x.nbytes, ma.lkey)])
+               for i in range(rounds)]
+        pb, cb = PD(g2), CQ(g2, 16)
+        y = _cplx((1, 256), np.complex64)
+        mb = MR(pb, 2 * y.nbytes, Access.LOCAL_WRITE)
+        mb.write(y.tobytes())
+        qb = AQ(pb, cb, AccelOp.FFT, depth=4)
+        wb = AccelWR(0, size=256, inputs=[SGE(mb.buf, y.nbytes, mb.lkey)],
+                     outputs=[SGE(mb.buf + y.nbytes, y.nbytes, mb.lkey)])
+        done_a: list = []
+        posted = qa.post(wrs[:depth])
+        singles = 0
+        deadline = time.monotonic() + 60  # a hang guard, not a measurement
+        while len(done_a) < rounds:
+            assert time.monotonic() < deadline, (len(done_a), singles)
+            assert qb.post(wb) == 1
+            wcs: list = []
+            while not wcs:
+                assert time.monotonic() < deadline
+                wcs = cb.poll(1)[1]
+                done_a += ca.poll(depth)[1]
+            assert [(w.wr_id, w.accel_status) for w in wcs] == [(0, AccelStatus.SUCCESS)]
+            singles += 1
+            if posted < rounds and qa.free_slots:
+                posted += qa.post(wrs[posted:posted + qa.free_slots])
+        assert [w.wr_id for w in done_a] == list(range(rounds))
+        assert all(w.accel_status == AccelStatus.SUCCESS for w in done_a)
+        want = accel_core.fft(x)
+        for k in (1, depth // 2, depth):
+            got = np.frombuffer(ma.read(x.nbytes, k * x.nbytes), np.complex64).reshape(b, n)
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+        np.testing.assert_array_equal(np.frombuffer(mb.read(y.nbytes, y.nbytes), np.complex64).reshape(1, 256),
+                                      accel_core.fft(y))
+        assert singles >= 1 and ca.poll(1) == (0, []) and cb.poll(1) == (0, [])

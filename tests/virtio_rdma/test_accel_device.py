@@ -26,7 +26,7 @@ from virtio_rdma.constants import (
     Status,
 )
 
-from .driver import Guest
+from .driver import Guest, seeded_ids
 
 C64, C128 = np.dtype(np.complex64), np.dtype(np.complex128)
 
@@ -288,6 +288,8 @@ def test_completions_in_posted_order_and_full_ring(router):
         else:
             g.write_aq_job(aq, i, AccelOp.FFT, size=n, batch=1, inputs=[(src.addr, n * 8, src.lkey)],
                            outputs=[(dst.addr + i * n * 8, n * 8, dst.lkey)])
+    fft = router.local.service.accelerator("fft")
+    fft.pause()  # the jobs stay in flight (none runs in the doorbell itself)
     g.ring_aq(aq)
     # one more than depth ahead of the completed jobs: counted, ignored
     g.ring_aq(aq, aq.pi + 1)
@@ -295,6 +297,7 @@ def test_completions_in_posted_order_and_full_ring(router):
     # behind: also counted
     g.ring_aq(aq, aq.pi - 1)
     assert g.core.aqs[aq.aqn].metrics.bad_doorbells == 2
+    fft.resume()
     _wait(router, [g])
     cs, _ = _acc(g, cq, 8)
     assert [c.wr_id for c in cs] == list(range(8))
@@ -660,3 +663,456 @@ def test_temporaries_are_bounded_per_device(router, monkeypatch):
     want = accel_core.fft(x).tobytes()
     for i in range(jobs):
         assert g.read(out.gpa + 1 + i * 4096, x.nbytes) == want
+
+
+# --------------------------------------------------------------------------- native job path
+def _mixed_jobs(router, g, pd, cq, seed):
+    """Post a seeded mix of FFT / IFFT jobs on two queues (small ones the native path
+    takes, and every kind it must leave to the Python path); returns the AQs. No job
+    touches another's buffers (their order against each other is not defined)."""
+    other_pd = g.alloc_pd()
+    rng = np.random.default_rng(seed)
+    src = _mr(g, pd, (rng.standard_normal(32768) * 3).astype(np.float32).tobytes())
+    stride = 69632  # each job's output has its own range: no job reads or writes another's
+    dst = _mr(g, pd, bytes([0x3C]) * (48 * stride))
+    ro = _mr(g, pd, 8192, access=0)
+    foreign = _mr(g, other_pd, 8192)
+    aqs = [g.create_aq(pd, cq, AccelOp.FFT, depth=64), g.create_aq(pd, cq, AccelOp.IFFT, depth=64)]
+    for i in range(48):
+        aq = aqs[i % 2]
+        op = AccelOp.FFT if aq is aqs[0] else AccelOp.IFFT
+        n = int(rng.choice([16, 64, 60, 256, 2048, 7]))
+        batch = int(rng.choice([1, 1, 2, 16]))
+        dt = int(rng.integers(0, 2))
+        if n * batch * 16 > 65536:
+            batch = 1
+        nb = n * batch * (8 if dt == 0 else 16)
+        ins = [(src.addr + int(rng.choice([0, 0, 8, 16, 4])), nb, src.lkey)]
+        outs = [(dst.addr + stride * i + int(rng.choice([0, 0, 16, 2])), nb, dst.lkey)]
+        kw: dict = {}
+        case = int(rng.integers(0, 16))  # 0 and 9..15: plain
+        if case == 1:
+            ins = [(ins[0][0], nb, src.lkey ^ 1)]                       # bad key
+        elif case == 2:
+            outs = [(ro.addr, nb, ro.lkey)]                             # output without LOCAL_WRITE
+        elif case == 3:
+            ins = [(foreign.addr, nb, foreign.lkey)]                    # another PD
+        elif case == 4:
+            outs = [(outs[0][0], nb - 8, dst.lkey)]                     # too short
+        elif case == 5 and nb >= 32:
+            ins = [(src.addr, nb // 2, src.lkey), (src.addr + nb // 2, nb - nb // 2, src.lkey)]  # two SGEs
+        elif case == 6:
+            ins = [(dst.addr + stride * i + 8, nb, dst.lkey)]           # overlaps its output
+        elif case == 7:
+            ins = outs                                                  # in place
+        elif case == 8:
+            kw["op"] = AccelOp.IFFT if op is AccelOp.FFT else AccelOp.FFT  # other op than the queue's
+        try:
+            g.write_aq_job(aq, 1000 + i, kw.pop("op", op), size=n, batch=batch, dtype=dt, inputs=ins,
+                           outputs=outs)
+        except wire.WireError:
+            g.write_aq_job(aq, 1000 + i, op, raw=bytes(256))
+        if i % 6 == 5:  # rung in groups; a group completes before the next is rung
+            g.ring_aq(aqs[0])
+            g.ring_aq(aqs[1])
+            _wait(router, [g])
+    for aq in aqs:
+        g.ring_aq(aq)
+    return aqs
+
+
+def _strip_times(c: wire.Completion) -> tuple:
+    """A CQE without the times it carries (wait, service: measured, not deterministic)."""
+    return (c.wr_id, c.status, c.opcode, c.qp_num, c.byte_len, c.imm_data, c.wc_flags,
+            c.vendor_err >> 24)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_native_path_equals_python_path(seed):
+    """The same seeded job mix through a router with the native path and one
+    without (inline_max_seconds=0: every job takes start() and a worker): the
+    same CQEs in the same order per queue (times aside), the same guest memory byte for
+    byte, the same counters; and the native path really ran and really declined."""
+    results = []
+    for inline in (accel.INLINE_MAX_SECONDS, 0.0):
+        svc = AcceleratorService([AcceleratorSpec("fft", ops=frozenset({accel_core.Op.FFT,
+                                                                       accel_core.Op.IFFT}))])
+        native = accel.NATIVE_MAX_SECONDS if inline else 0.0
+        router = AccelRouter(svc, inline_max_seconds=inline, native_max_seconds=native)
+        try:
+            assert (router.native is not None) == bool(inline)
+            with seeded_ids(seed):  # the same MR keys in both runs (they are in the job entries)
+                g, pd, cq = _guest(router)
+                _mixed_jobs(router, g, pd, cq, seed)
+            _wait(router, [g])
+            cqes = g.poll(cq)
+            ring_lo, ring_hi = cq.ring - g.base, cq.ring - g.base + 256 * wire.CQE_SIZE
+            mem = bytes(g.buf[:ring_lo]) + bytes(g.buf[ring_hi:])
+            m = g.core.metrics
+            counters = (m.aq_jobs, m.aq_completions, m.aq_errors, m.completions, m.local_prot_errors,
+                        m.local_len_errors, m.internal_errors,
+                        [(a.metrics.jobs_posted, a.metrics.jobs_completed, a.metrics.errors, a.ci, a.fetched)
+                         for a in g.core.aqs.values()])
+            native = None
+            if router.native is not None:
+                why = router.native.declines()  # every decline has a reason
+                assert sum(why.values()) == router.native.declined and "none" not in why
+                native = (router.native.jobs, router.native.declined)
+            svc_ops = svc.metrics()["accelerators"]["fft"]["ops"]
+            # in post order per queue (between the two queues sharing the CQ it is not defined)
+            per_aq = sorted((_strip_times(c) for c in cqes), key=lambda c: c[3])
+            results.append((per_aq, mem, counters, native, svc_ops))
+        finally:
+            router.close()
+    (c1, mem1, k1, native, ops1), (c2, mem2, k2, none, ops2) = results
+    assert len(c1) == 48 and c1 == c2
+    assert mem1 == mem2
+    assert k1 == k2 and k1[6] == 0
+    assert none is None and native[0] > 0 and native[1] > 0
+    # the service counts the native jobs: submitted, completed and inline
+    for op in ("fft", "ifft"):
+        assert ops1[op]["completed"] == ops2[op]["completed"]
+    assert ops1["fft"]["inline"] + ops1["ifft"]["inline"] >= native[0]
+    assert ops2["fft"]["inline"] + ops2["ifft"]["inline"] == 0
+
+
+def test_native_path_never_overtakes_queued_jobs_nor_uses_a_held_unit():
+    """A paused accelerator (or one with a job queued) has no unit for the native
+    path: small jobs then queue like any other and complete in post order after
+    the earlier ones; once the queue is empty the native path takes them again."""
+    svc = AcceleratorService([AcceleratorSpec("fft", ops=frozenset({accel_core.Op.FFT}))])
+    router = AccelRouter(svc)
+    acc = svc.accelerator("fft")
+    try:
+        g, pd, cq = _guest(router)
+        aq = g.create_aq(pd, cq, AccelOp.FFT)
+        x = (np.arange(64) * (1 - 0.5j)).astype(C64)
+        src, dst = _mr(g, pd, x.tobytes()), _mr(g, pd, 8 * 512)
+        acc.pause()
+        for i in range(3):
+            g.write_aq_job(aq, i, AccelOp.FFT, size=64, inputs=[(src.addr, 512, src.lkey)],
+                           outputs=[(dst.addr + 512 * i, 512, dst.lkey)])
+        g.ring_aq(aq)
+        assert router.native.jobs == 0 and acc.queue_depth() == 3 and not g.poll(cq)
+        acc.resume()
+        _wait(router, [g])
+        cs, _ = _acc(g, cq, 3)
+        assert [(c.wr_id, c.status) for c in cs] == [(i, AccelStatus.SUCCESS) for i in range(3)]
+        # idle again: the next ones complete in the doorbell itself, no deliver() needed
+        for i in range(3, 6):
+            g.write_aq_job(aq, i, AccelOp.FFT, size=64, inputs=[(src.addr, 512, src.lkey)],
+                           outputs=[(dst.addr + 512 * i, 512, dst.lkey)])
+        g.ring_aq(aq)
+        cs, _ = _acc(g, cq, 3)
+        assert [(c.wr_id, c.status, c.host, c.wait_us) for c in cs] == [
+            (i, AccelStatus.SUCCESS, 0, 0) for i in range(3, 6)]
+        assert router.native.jobs == 3 and router.native.calls == 1
+        want = accel_core.fft(x).tobytes()
+        for i in range(6):
+            assert g.read(dst.gpa + 512 * i, 512) == want
+        ops = svc.metrics()["accelerators"]["fft"]["ops"]["fft"]
+        assert ops["completed"] == 6 and ops["inline"] == 3 and acc.running_count() == 0
+    finally:
+        router.close()
+
+
+def test_native_path_leaves_armed_cqs_and_flagged_queues_to_python(router):
+    """An armed CQ (a completion event is due) and an AQ with flags take the
+    Python path: the event is raised, the job still succeeds."""
+    from virtio_rdma.constants import AqFlags
+
+    g, pd, cq = _guest(router)
+    aq = g.create_aq(pd, cq, AccelOp.FFT)
+    src, dst = _mr(g, pd, 512), _mr(g, pd, 1024)
+    g.arm(cq)
+    g.post_aq_job(aq, 1, AccelOp.FFT, size=64, inputs=[(src.addr, 512, src.lkey)],
+                  outputs=[(dst.addr, 512, dst.lkey)])
+    _wait(router, [g])
+    (c,), _ = _acc(g, cq)
+    assert c.status is AccelStatus.SUCCESS and router.native.jobs == 0
+    assert g.core.metrics.completion_events == 1
+    fb = g.create_aq(pd, cq, AccelOp.FFT, flags=int(AqFlags.LOCAL_FALLBACK))
+    g.post_aq_job(fb, 2, AccelOp.FFT, size=64, inputs=[(src.addr, 512, src.lkey)],
+                  outputs=[(dst.addr + 512, 512, dst.lkey)])
+    _wait(router, [g])
+    (c,), _ = _acc(g, cq)
+    assert c.status is AccelStatus.SUCCESS and router.native.jobs == 0
+    # unarmed, no flags: native
+    g.post_aq_job(aq, 3, AccelOp.FFT, size=64, inputs=[(src.addr, 512, src.lkey)],
+                  outputs=[(dst.addr, 512, dst.lkey)])
+    (c,), _ = _acc(g, cq)
+    assert c.status is AccelStatus.SUCCESS and router.native.jobs == 1
+
+
+def test_router_wakes_the_loop_once_per_batch_of_finished_jobs():
+    """Worker completions wake the daemon's loop with one deliver() per batch:
+    jobs finishing while a deliver is pending ride along (router.wakeups): 64
+    jobs finished while the loop was busy cost one wake-up."""
+    import asyncio
+
+    async def main():
+        svc = AcceleratorService([AcceleratorSpec("fft", ops=frozenset({accel_core.Op.FFT}))])
+        router = AccelRouter(svc, inline_max_seconds=0.0, native_max_seconds=0.0)  # all through the worker
+        try:
+            router.attach_loop(asyncio.get_running_loop())
+            g, pd, cq = _guest(router)
+            aq = g.create_aq(pd, cq, AccelOp.FFT, depth=64)
+            src, dst = _mr(g, pd, 8 * 1024), _mr(g, pd, 64 * 8 * 1024)
+            for i in range(64):
+                g.write_aq_job(aq, i, AccelOp.FFT, size=1024, inputs=[(src.addr, 8192, src.lkey)],
+                               outputs=[(dst.addr + 8192 * i, 8192, dst.lkey)])
+            g.ring_aq(aq)
+            assert svc.accelerator("fft").drain(20)  # the loop is busy (blocked): every job finishes
+            deadline = time.monotonic() + 20
+            got = []
+            while len(got) < 64:
+                assert time.monotonic() < deadline, "jobs did not complete"
+                await asyncio.sleep(0.01)
+                got += g.poll(cq)
+            assert [c.wr_id for c in got] == list(range(64))
+            assert router.wakeups == 1 and router.metrics()["wakeups"] == 1
+        finally:
+            router.close()
+
+    asyncio.run(main())
+
+
+def test_native_jobs_run_in_slices_of_the_loop_and_destroy_flushes_the_rest():
+    """On a loop, a queue's native jobs run a slice (NATIVE_SLICE_SECONDS) at a time:
+    the rest stay in the ring and the router comes back for them after the loop served
+    what else was ready (here: a callback queued behind the first slice), all in post
+    order. A queue destroyed between slices gets its unfetched jobs back FLUSHED, in
+    order, and is released."""
+    import asyncio
+
+    async def main():
+        svc = AcceleratorService([AcceleratorSpec("fft", ops=frozenset({accel_core.Op.FFT}))])
+        router = AccelRouter(svc)
+        try:
+            loop = asyncio.get_running_loop()
+            router.attach_loop(loop)
+            g, pd, cq = _guest(router, size=64 << 20)
+            n, b, jobs = 2048, 16, 32  # 32 x ~50+ us: more than a few slices
+            x = (np.random.default_rng(7).standard_normal((b, n)) * (1 + 1j)).astype(C64)
+            src, dst = _mr(g, pd, x.tobytes()), _mr(g, pd, jobs * x.nbytes)
+            aq = g.create_aq(pd, cq, AccelOp.FFT, depth=64)
+            for i in range(jobs):
+                g.write_aq_job(aq, i, AccelOp.FFT, size=n, batch=b, inputs=[(src.addr, x.nbytes, src.lkey)],
+                               outputs=[(dst.addr + i * x.nbytes, x.nbytes, dst.lkey)])
+            g.ring_aq(aq)
+            first = len(g.poll(cq))
+            seen = []
+            loop.call_soon(lambda: seen.append(len(g.poll(cq))))  # queued behind the next slice
+            got = first
+            deadline = time.monotonic() + 20
+            while got + sum(seen) < jobs:
+                assert time.monotonic() < deadline, "native slices did not finish the queue"
+                await asyncio.sleep(0)
+                got += len(g.poll(cq))
+            assert 1 <= first < jobs and seen and seen[0] < jobs - first  # served between slices
+            assert router.native.jobs == jobs and router.native_slices >= 2
+            want = accel_core.fft(x)
+            for i in (0, jobs // 2, jobs - 1):
+                np.testing.assert_allclose(np.frombuffer(g.read(dst.gpa + i * x.nbytes, x.nbytes), C64)
+                                           .reshape(b, n), want, rtol=1e-4, atol=1e-3)
+            # destroyed between two slices: the jobs left in the ring complete FLUSHED
+            for i in range(jobs):
+                g.write_aq_job(aq, 100 + i, AccelOp.FFT, size=n, batch=b,
+                               inputs=[(src.addr, x.nbytes, src.lkey)],
+                               outputs=[(dst.addr + i * x.nbytes, x.nbytes, dst.lkey)])
+            g.ring_aq(aq)
+            assert router.native.yielded
+            assert g.status_of(Cmd.DESTROY_AQ, aqn=aq.aqn) == Status.OK
+            cs, _ = _acc(g, cq, jobs)
+            k = sum(c.status is AccelStatus.SUCCESS for c in cs)
+            assert [c.wr_id for c in cs] == [100 + i for i in range(jobs)]
+            assert 1 <= k < jobs and all(c.status is AccelStatus.FLUSHED for c in cs[k:])
+            assert aq.aqn not in g.core.aqs and g.core.metrics.internal_errors == 0
+            await asyncio.sleep(0)  # the pending slice finds the queue gone
+            assert not router._pending
+        finally:
+            router.close()
+
+    asyncio.run(main())
+
+
+def test_native_slices_go_round_robin_across_guests_then_by_priority(monkeypatch):
+    """Guest A keeps three queues full, guest B one: slices alternate between the
+    guests (not the queues), so B's queue is done when A has done as many jobs, and
+    within A its priority-7 queue goes before its priority-0 ones. One job a slice
+    here (NATIVE_SLICE_SECONDS ~ 0), so the order is exact."""
+    import asyncio
+
+    monkeypatch.setattr(accel, "NATIVE_SLICE_SECONDS", 1e-9)
+
+    async def main():
+        svc = AcceleratorService([AcceleratorSpec("fft", ops=frozenset({accel_core.Op.FFT}))])
+        router = AccelRouter(svc)
+        try:
+            router.attach_loop(asyncio.get_running_loop())
+            n, jobs = 256, 12
+            a, pa, ca = _guest(router)
+            b, pb, cb = _guest(router, gpa=0x4000_0000)
+
+            def queues(g, pd, cq, prios):
+                src, dst = _mr(g, pd, n * 8), _mr(g, pd, n * 8)
+                out = []
+                for p in prios:
+                    q = g.create_aq(pd, cq, AccelOp.FFT, depth=16, priority=p)
+                    for i in range(jobs):
+                        g.write_aq_job(q, p * 100 + i, AccelOp.FFT, size=n, inputs=[(src.addr, n * 8, src.lkey)],
+                                       outputs=[(dst.addr, n * 8, dst.lkey)])
+                    out.append(q)
+                return out
+
+            qa = queues(a, pa, ca, (0, 0, 7))
+            (qb,) = queues(b, pb, cb, (0,))
+            for q in qa:
+                a.ring_aq(q)
+            b.ring_aq(qb)
+            done_a: list = []
+            done_b: list = []
+            while len(done_b) < jobs:
+                await asyncio.sleep(0)
+                done_a += a.poll(ca)
+                done_b += b.poll(cb)
+            # the three doorbells of A and the one of B ran a job each; then turns alternate
+            assert len(done_a) <= jobs + 3 + 1, len(done_a)
+            while len(done_a) < 3 * jobs:
+                await asyncio.sleep(0)
+                done_a += a.poll(ca)
+            ids = [c.wr_id for c in done_a]
+            # after the first job of each (its doorbell), A's priority-7 queue went first
+            hi = [i for i, w in enumerate(ids) if w >= 700]
+            assert hi == list(range(2, 2 + jobs)), ids
+        finally:
+            router.close()
+
+    asyncio.run(main())
+
+
+def test_commands_take_the_jobs_the_doorbell_record_shows_first():
+    """The doorbell and a command travel on different queues: CANCEL_AQ_JOB and
+    DESTROY_AQ first take the jobs the queue's doorbell record shows (written before
+    any doorbell), so a cancel right after a post finds its job; the late doorbell
+    then changes nothing. An absurd record is not taken by a command."""
+    import struct
+
+    router, acc = _blocked_router()
+    try:
+        g, pd, cq = _guest(router)
+        aq = g.create_aq(pd, cq, AccelOp.FFT, depth=8)
+        src, dst = _mr(g, pd, 512), _mr(g, pd, 4096)
+        acc.pause()
+        for i in range(3):
+            g.write_aq_job(aq, i, AccelOp.FFT, size=64, inputs=[(src.addr, 512, src.lkey)],
+                           outputs=[(dst.addr + 512 * i, 512, dst.lkey)])
+        g.write(aq.dbrec, struct.pack("<II", aq.pi, 0))  # the record, no doorbell yet
+        assert g.status_of(Cmd.CANCEL_AQ_JOB, aqn=aq.aqn, reserved=0, wr_id=2) == Status.OK
+        g.ring_aq(aq)  # the doorbell arrives late: nothing new
+        daq = g.core.aqs[aq.aqn]
+        assert daq.metrics.jobs_posted == 3 and daq.metrics.bad_doorbells == 0
+        acc.resume()
+        _wait(router, [g])
+        cs, _ = _acc(g, cq, 3)
+        assert [(c.wr_id, c.status) for c in cs] == [(0, AccelStatus.SUCCESS), (1, AccelStatus.SUCCESS),
+                                                    (2, AccelStatus.CANCELLED)]
+        # an absurd record (more than depth ahead) is left to the doorbell path
+        g.write(aq.dbrec, struct.pack("<II", aq.pi + 100, 0))
+        assert g.status_of(Cmd.CANCEL_AQ_JOB, aqn=aq.aqn, reserved=0, wr_id=7) == Status.ENOENT
+        assert daq.metrics.jobs_posted == 3
+        # jobs shown by the record alone, then DESTROY_AQ: each completes FLUSHED, in order
+        acc.pause()
+        for i in range(4):
+            g.write_aq_job(aq, 10 + i, AccelOp.FFT, size=64, inputs=[(src.addr, 512, src.lkey)],
+                           outputs=[(dst.addr, 512, dst.lkey)])
+        g.write(aq.dbrec, struct.pack("<II", aq.pi, 0))
+        assert g.status_of(Cmd.DESTROY_AQ, aqn=aq.aqn) == Status.OK
+        cs, _ = _acc(g, cq, 4)
+        assert [(c.wr_id, c.status) for c in cs] == [(10 + i, AccelStatus.FLUSHED) for i in range(4)]
+        assert aq.aqn not in g.core.aqs
+    finally:
+        router.close()
+
+
+def test_a_kernel_failure_on_the_native_path_hands_the_job_to_the_workers(router, monkeypatch):
+    """A planned kernel that raises (its scratch allocation) inside the native path:
+    the job is left in the ring and run by the Python path instead, the shape is not
+    tried natively again, nothing is lost or doubled."""
+    from accel_core import dft
+
+    g, pd, cq = _guest(router)
+    aq = g.create_aq(pd, cq, AccelOp.FFT)
+    x = (np.arange(120) * (1 + 2j)).astype(C64)
+    src, dst = _mr(g, pd, x.tobytes()), _mr(g, pd, 4 * x.nbytes)
+
+    real = dft._core
+    calls = []
+
+    class FailingOnce:  # the first execute (the native path's) fails; the Python path's works
+        def __init__(self, n, d, inv):
+            self.plan = real(n, d, inv)
+
+        def execute(self, a, b):
+            calls.append(1)
+            if len(calls) == 1:
+                raise MemoryError("fft scratch")
+            return self.plan.execute(a, b)
+
+    monkeypatch.setattr(dft, "_core", lambda n, d, inv: FailingOnce(n, d, inv) if n == 120 else real(n, d, inv))
+    g.post_aq_job(aq, 1, AccelOp.FFT, size=120, inputs=[(src.addr, x.nbytes, src.lkey)],
+                  outputs=[(dst.addr, x.nbytes, dst.lkey)])
+    _wait(router, [g])
+    g.post_aq_job(aq, 2, AccelOp.FFT, size=120, inputs=[(src.addr, x.nbytes, src.lkey)],
+                  outputs=[(dst.addr + x.nbytes, x.nbytes, dst.lkey)])
+    _wait(router, [g])
+    cs, _ = _acc(g, cq, 2)
+    assert [(c.wr_id, c.status) for c in cs] == [(1, AccelStatus.SUCCESS), (2, AccelStatus.SUCCESS)]
+    want = accel_core.fft(x).tobytes()
+    assert g.read(dst.gpa, x.nbytes) == want and g.read(dst.gpa + x.nbytes, x.nbytes) == want
+    assert router.native.jobs == 0 and router.native.declines() == {"shape": 2}
+    assert g.core.metrics.internal_errors == 0
+
+
+def test_a_job_waiting_for_a_native_slice_can_be_cancelled():
+    """Jobs left in the ring by a native slice have not started: CANCEL_AQ_JOB finds
+    one (the queue's waiting jobs then take the Python path), it completes CANCELLED
+    in its place, every other job SUCCESS, in post order; no slice runs afterwards."""
+    import asyncio
+
+    async def main():
+        svc = AcceleratorService([AcceleratorSpec("fft", ops=frozenset({accel_core.Op.FFT}))])
+        router = AccelRouter(svc)
+        try:
+            router.attach_loop(asyncio.get_running_loop())
+            g, pd, cq = _guest(router, size=64 << 20)
+            n, b, jobs = 2048, 16, 32
+            x = (np.random.default_rng(8).standard_normal((b, n)) * (1 - 1j)).astype(C64)
+            src, dst = _mr(g, pd, x.tobytes()), _mr(g, pd, jobs * x.nbytes)
+            aq = g.create_aq(pd, cq, AccelOp.FFT, depth=64)
+            for i in range(jobs):
+                g.write_aq_job(aq, i, AccelOp.FFT, size=n, batch=b, inputs=[(src.addr, x.nbytes, src.lkey)],
+                               outputs=[(dst.addr + i * x.nbytes, x.nbytes, dst.lkey)])
+            g.ring_aq(aq)
+            assert router.native.yielded and router.resuming(g.core, g.core.aqs[aq.aqn])
+            ran = router.native.jobs
+            assert g.status_of(Cmd.CANCEL_AQ_JOB, aqn=aq.aqn, reserved=0, wr_id=jobs - 1) == Status.OK
+            assert not router.resuming(g.core, g.core.aqs[aq.aqn])
+            got: list = []
+            deadline = time.monotonic() + 20
+            while len(got) < jobs:
+                assert time.monotonic() < deadline, "jobs did not complete"
+                await asyncio.sleep(0.001)
+                router.deliver()
+                got += g.poll(cq)
+            cs = [wire.decode_accel_cqe(c) for c in got]
+            assert [c.wr_id for c in cs] == list(range(jobs))
+            assert [c.status for c in cs] == [AccelStatus.SUCCESS] * (jobs - 1) + [AccelStatus.CANCELLED]
+            assert router.native.jobs == ran  # the rest went to the worker
+            want = accel_core.fft(x)
+            np.testing.assert_allclose(np.frombuffer(g.read(dst.gpa + (jobs - 2) * x.nbytes, x.nbytes), C64)
+                                       .reshape(b, n), want, rtol=1e-4, atol=1e-3)
+        finally:
+            router.close()
+
+    asyncio.run(main())

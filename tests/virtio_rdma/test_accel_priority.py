@@ -238,8 +238,10 @@ def test_records_are_not_read_without_dbrec_poll_or_after_destroy(router):
 def test_guest_lib_skips_aq_doorbells_while_the_daemon_polls(mode):
     """guest_lib's AQ.post writes the doorbell record and rings no doorbell
     while the daemon busy-polls (DBREC_POLL, --poll-us); every job still
-    completes, correct, through the record alone. Kicked daemon: every post
-    rings (the records are not read)."""
+    completes, correct, through the record alone. Kicked daemon: posts ring,
+    except one made while the daemon still drains the doorbellq with
+    notifications off (a job completed in the loop lets the guest post again
+    then): the daemon reads the records once more before it sleeps."""
     from guest_lib import CQ, MR, PD, SGE, Context
     from guest_lib.aq import AQ, AccelWR
     from vhost_user.testing import DaemonProcess
@@ -270,7 +272,7 @@ def test_guest_lib_skips_aq_doorbells_while_the_daemon_polls(mode):
         if mode:
             assert ctx.dbrec_poll and skipped > rounds // 2, skipped
         else:
-            assert skipped == 0
+            assert skipped < rounds // 2, skipped
         aq.close()
 
 
