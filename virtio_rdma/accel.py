@@ -654,40 +654,44 @@ def _charge(core: RdmaDeviceCore, slots: int, *, check_only: bool = False) -> No
             raise CommandError(str(e), Status(e.errno)) from None
 
 
-def _aq(core: RdmaDeviceCore, aqn: int) -> AccelQueue:
+def _aq(core: RdmaDeviceCore, aqn: int, *, start: bool = True) -> AccelQueue:
     aq = core.aqs.get(aqn)
     if aq is None or aq.destroyed:
         raise CommandError(f"no AQ {aqn}", Status.ENOENT)
-    _catch_up(core, aq)
+    _catch_up(core, aq, start=start)
     return aq
 
 
-def _catch_up(core: RdmaDeviceCore, aq: AccelQueue) -> None:
+def _catch_up(core: RdmaDeviceCore, aq: AccelQueue, *, start: bool = True) -> None:
     """Before a command acts on a queue's jobs: take the jobs its doorbell record
     already shows. The driver writes the record before it rings, and the doorbell
     (doorbellq, or none while the device polls) and the command (controlq) are not
     ordered: a CANCEL_AQ_JOB or DESTROY_AQ right after a post must find its jobs.
     Only a plausible advance is taken (an absurd record is the doorbell path's to
-    count). Jobs waiting in the ring for a native slice are started too."""
+    count). Jobs waiting in the ring for a native slice are started too, unless
+    ``start`` is False (DESTROY_AQ: they stay in the ring, and the destroyed
+    queue's drain completes them FLUSHED without starting them)."""
     try:
         (pi, _) = le32_words(core.mem.translate(aq.dbrec_gpa, DBREC_SIZE))
     except GuestMemoryError:
-        return
+        pi = aq.pi
     ahead = (pi - aq.pi) % U32
     if 0 < ahead <= aq.depth and (pi - aq.ci) % U32 <= aq.depth:
         aq.pi = pi
-        fetch(core, aq)
+        if start:
+            fetch(core, aq)
     router = core.accel
     if router is not None and router._pending and router.resuming(core, aq):
         # jobs waiting in the ring for a native slice have not started: the command
-        # must find them queued, so they take the Python path now
+        # must find them queued (so they take the Python path now), or none of them runs
         router.drop_slice(core, aq)
-        fetch(core, aq, native=False)
+        if start:
+            fetch(core, aq, native=False)
 
 
 def destroy_aq(core: RdmaDeviceCore, req: DestroyAqReq, now: float) -> None:
     router = _router(core)
-    aq = _aq(core, req.aqn)
+    aq = _aq(core, req.aqn, start=False)
     aq.destroyed = True
     for e in aq.entries:
         if not e.done and _take_back(router, e):
@@ -742,14 +746,17 @@ def drop_all(core: RdmaDeviceCore) -> None:
     sc = router.scanners.pop(core.accel_guest, None) if router is not None else None
     if sc is not None:  # it holds the queues: let them go
         sc.rebuild((), None)
-    for aq in list(core.aqs.values()):
+    aqs = list(core.aqs.values())
+    for aq in aqs:  # first: whatever happens below (a link failing) completes nothing here
         aq.destroyed = True
+        aq.core = None
+    for aq in aqs:
         for e in aq.entries:
             if e.done:
                 continue
             if e.target is not None:  # a remote host never touches its buffers again
-                e.target.abandon(e)
-                e.target = None
+                t, e.target = e.target, None
+                t.abandon(e)
             # a running job finishes into its own buffers; deliver() drops it then
             elif (e.job is not None and router is not None and router.local is not None
                     and router.local.cancel(e.job)):
