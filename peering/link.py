@@ -55,6 +55,7 @@ from roce.opcodes import Opcode
 from roce.packet import RocePacket
 from roce.rc import verbs as rv
 from roce.rc.qp import RcQp
+from roce.rc.responder import _WriteCtx
 from roce.sport import allowed_source_ports
 from verbs import GSI_QKEY, GSI_QPN, PSN_MASK, Access, QpState, WcStatus, WrOpcode, ack_timeout_seconds
 
@@ -274,6 +275,12 @@ class PeerLink:
         #: called when deadline() may have moved earlier (the service re-arms its timer)
         self.notify: Any = None
         self.epoch = 0                  # incremented every time the link goes DOWN
+        #: active side: the current connection attempt (REQ and its REP carry it);
+        #: passive side: the newest attempt accepted from the peer's incarnation
+        self.attempt = 0
+        #: set by the service: ``defer(fn)`` runs ``fn`` soon on the loop (None: at once)
+        self.defer: Any = None
+        self._kick_due = False
         self._psn = 0
         self._recv: list[memoryview] = []  # receive buffer of each slot (its wr_id)
         self._next_connect: float | None = None
@@ -325,7 +332,7 @@ class PeerLink:
 
     def _connect_msg(self, kind: int, echo: int) -> ConnectMsg:
         slots, kib = self.landing[1:] if self.landing is not None else (0, 0)
-        return ConnectMsg(kind, self.incarnation, echo, self.qpn, self._psn, self.credits,
+        return ConnectMsg(kind, self.incarnation, echo, self.attempt, self.qpn, self._psn, self.credits,
                           self.config.mtu, tuple(self._ops()), self.landing_rkey if slots else 0, slots, kib)
 
     def on_connect(self, msg: ConnectMsg, now: float) -> None:
@@ -335,21 +342,26 @@ class PeerLink:
                 self.metrics.stale_connects += 1  # the peer's view of who connects differs
                 log.warning("peer link %s: REQ from a peer this daemon connects to (ignored)", self.peer)
                 return
-            if (self.state is LinkState.UP and msg.incarnation == self.peer_incarnation
-                    and msg.qpn == self.peer_qpn):
-                self._send_connect(self._connect_msg(ConnectType.REP, msg.incarnation))  # REP lost
-                return
+            if msg.incarnation == self.peer_incarnation:
+                if self.state is LinkState.UP and msg.attempt == self.attempt and msg.qpn == self.peer_qpn:
+                    self._send_connect(self._connect_msg(ConnectType.REP, msg.incarnation))  # REP lost
+                    return
+                if msg.attempt <= self.attempt:
+                    self.metrics.stale_connects += 1  # a delayed REQ of an attempt already taken
+                    return
             if self.state is not LinkState.DOWN:
                 self._down("the peer connected again (restarted, or saw the link fail)", now)
             self._make_qp(now)
+            self.attempt = msg.attempt
             self._accept(msg, now)
             self._send_connect(self._connect_msg(ConnectType.REP, msg.incarnation))
             self.metrics.reps_sent += 1
             self.owner.on_up(self)
             self.kick(now)
             return
-        # REP
-        if self.state is not LinkState.CONNECTING or msg.echo != self.incarnation:
+        # REP: for this incarnation's current attempt only
+        if (self.state is not LinkState.CONNECTING or msg.echo != self.incarnation
+                or msg.attempt != self.attempt):
             if not (self.state is LinkState.UP and msg.qpn == self.peer_qpn):
                 self.metrics.stale_connects += 1
             return
@@ -434,9 +446,32 @@ class PeerLink:
 
     def kick(self, now: float) -> None:
         """After posting: send, collect, and re-arm the timer."""
+        self._kick_due = False
         self.pump(now)
         if self.notify is not None:
             self.notify()
+
+    def kick_soon(self, clock) -> None:
+        """After posting from outside the link's own callbacks (a guest's job
+        being placed): kick from the loop, once for every post until then, so
+        that nothing the pump completes runs inside the caller."""
+        if self.defer is None:
+            self.kick(clock())
+        elif not self._kick_due:
+            self._kick_due = True
+            self.defer(self._deferred_kick, clock)
+
+    def _deferred_kick(self, clock) -> None:
+        if self._kick_due:
+            self.kick(clock())
+
+    def sink_window(self, key: int) -> None:
+        """The job behind window ``key`` is gone: what the peer still WRITEs
+        there (a WRITE already under way included) lands nowhere."""
+        self.table.sink(key)
+        cur = self.rc.responder.cur if self.rc is not None else None
+        if type(cur) is _WriteCtx and cur.rkey == key:
+            cur.view = cast(memoryview, _Sink(len(cur.view)))  # the native path refuses it: Python drops
 
     # ----------------------------------------------- the fabric's wire QP face
     def receive(self, pkt, now: float, pump: bool = True) -> None:
@@ -494,13 +529,14 @@ class PeerLink:
             self.rc.handle_timer(now)
         c = self.config
         if self._next_connect is not None and now >= self._next_connect and not self.closed:
+            self._next_connect = now + c.connect_interval * self._backoff  # first: _make_qp may raise
+            self._backoff = min(self._backoff * 2, 8)
             if self.state is not LinkState.CONNECTING:
                 self._make_qp(now)
                 self.state = LinkState.CONNECTING
+                self.attempt += 1
             self._send_connect(self._connect_msg(ConnectType.REQ, 0))
             self.metrics.reqs_sent += 1
-            self._next_connect = now + c.connect_interval * self._backoff
-            self._backoff = min(self._backoff * 2, 8)
         if self._next_keepalive is not None and now >= self._next_keepalive and self.rc is not None:
             try:
                 self.write(0, [], 0, signaled=False)  # zero-length: no R_Key, no payload, one ACK

@@ -105,7 +105,7 @@ class PeerMetrics:
 class _Out:
     """A guest's job sent (or queued) to the peer."""
 
-    __slots__ = ("tag", "entry", "out_key", "granted", "abandoned", "slot")
+    __slots__ = ("tag", "entry", "out_key", "granted", "abandoned", "slot", "input_pending", "result")
 
     def __init__(self, tag: int, entry: Entry):
         self.tag = tag
@@ -114,6 +114,10 @@ class _Out:
         self.granted = False
         self.abandoned = False
         self.slot: int | None = None  # the peer's landing slot its input went to
+        #: its input WRITE is posted and not yet acknowledged: the guest's input buffer is
+        #: still read (retransmissions), so the job is not completed before it is
+        self.input_pending = False
+        self.result: ResultMsg | None = None  # a result that came before that acknowledgement
 
 
 class _Served:
@@ -156,6 +160,8 @@ class PeerTarget:
         self.guest_id = router.new_guest_id()  # this peer's share of the local accelerators
         self._tags = count(1)
         self.sent: dict[int, _Out] = {}
+        #: results in, input WRITE not yet acknowledged (they complete when it is)
+        self.unacked: dict[int, _Out] = {}
         self.backlog: deque[_Out] = deque()
         self.served: dict[int, _Served] = {}   # the peer's jobs here, by tag, until results are sent
         #: results sent, not yet acknowledged: their staging stays (the output
@@ -176,7 +182,7 @@ class PeerTarget:
 
     # ----------------------------------------------------------- RemoteTarget
     def units(self, op: AccelOp) -> int:
-        if self.link.state is not LinkState.UP:
+        if self.link.state is not LinkState.UP or not self.link.peer_credits:
             return 0
         info = self.link.peer_ops.get(int(op))
         return info.units if info is not None else 0
@@ -190,7 +196,7 @@ class PeerTarget:
         entry.remote = o
         if len(self.sent) < self.link.peer_credits:
             self._send(o)
-            self.link.kick(self.clock())
+            self.link.kick_soon(self.clock)  # from the loop: nothing completes inside start()
         else:
             self.backlog.append(o)
             self.metrics.jobs_backlogged += 1
@@ -212,7 +218,11 @@ class PeerTarget:
             return
         o.abandoned = True
         # the peer may still write the output: it finds nothing there (its result closes the window)
-        self.link.table.sink(o.out_key)
+        self.link.sink_window(o.out_key)
+        if o.input_pending:
+            # the input is still being sent from the guest's memory (retransmissions read it
+            # again): fail the link, so that nothing more is read from a device that is gone
+            self._protocol_error(f"job {o.tag}'s device went while its input was being sent")
 
     # ----------------------------------------------------------------- origin
     def _send(self, o: _Out) -> None:
@@ -226,8 +236,8 @@ class PeerTarget:
         if pl is not None and self.free_slots and in_len <= pl[2]:
             # the input goes ahead into a landing slot: the JOB behind it needs no GRANT
             o.slot = slot = self.free_slots.pop()
-            o.granted = True
-            link.write(o.tag << _WR_KIND | _WR_INPUT, e.in_views, pl[0], slot * pl[2], signaled=False)
+            o.granted = o.input_pending = True
+            link.write(o.tag << _WR_KIND | _WR_INPUT, e.in_views, pl[0], slot * pl[2])
         msg = JobMsg(o.tag, job.op, job.dtype, job.size, job.batch, job.iterations, job.early_stop,
                      job.scaling, e.aq.priority, in_len, 0, o.out_key, e.out_len, slot)
         self.sent[o.tag] = o
@@ -249,6 +259,13 @@ class PeerTarget:
         self._dispatch()
         if o.abandoned:
             return
+        if o.input_pending:  # complete once the input WRITE is acknowledged too
+            o.result = r
+            self.unacked[o.tag] = o
+            return
+        self._complete(o, r)
+
+    def _complete(self, o: _Out, r: ResultMsg) -> None:
         e = o.entry
         e.remote = None
         status = r.status
@@ -271,8 +288,13 @@ class PeerTarget:
 
     def on_down(self, link: PeerLink, reason: str) -> None:
         outs = list(self.sent.values()) + list(self.backlog)
+        done = list(self.unacked.values())
         self.sent.clear()
         self.backlog.clear()
+        self.unacked.clear()
+        for o in done:  # their output is in place; the QP that read their input is gone
+            if not o.abandoned and o.result is not None:
+                self._complete(o, o.result)
         self.free_slots = []
         self.gen += 1
         if self._landing is not None:
@@ -320,7 +342,8 @@ class PeerTarget:
         link = self.link
         # abandoned (its device went): nothing is read from the guest; the peer runs on zeros
         if not o.abandoned:
-            link.write(g.tag << _WR_KIND | _WR_INPUT, o.entry.in_views, g.rkey, 0, signaled=False)
+            o.input_pending = True
+            link.write(g.tag << _WR_KIND | _WR_INPUT, o.entry.in_views, g.rkey, 0)
         link.send(g.tag << _WR_KIND | _WR_GO, GoMsg(g.tag).encode())
         link.kick(self.clock())
 
@@ -331,7 +354,14 @@ class PeerTarget:
 
     def on_send_done(self, link: PeerLink, wr_id: int, status: WcStatus) -> None:
         kind, tag = wr_id & ((1 << _WR_KIND) - 1), wr_id >> _WR_KIND
-        if kind == _WR_RESULT:  # acknowledged: so is the output WRITE before it
+        if kind == _WR_INPUT and status is WcStatus.SUCCESS:
+            o = self.sent.get(tag) or self.unacked.get(tag)
+            if o is not None:
+                o.input_pending = False
+                if o.result is not None:
+                    del self.unacked[tag]
+                    self._complete(o, o.result)
+        elif kind == _WR_RESULT:  # acknowledged: so is the output WRITE before it
             s = self.draining.pop(tag, None)
             if s is not None:
                 self._release(s)
@@ -347,7 +377,7 @@ class PeerTarget:
 
     def _serve(self, m: JobMsg) -> None:
         link = self.link
-        if m.tag in self.served:
+        if m.tag in self.served or m.tag in self.draining:
             self._protocol_error(f"job tag {m.tag} reused while in flight")
             return
         spec = _as_accel_job(m)

@@ -154,7 +154,10 @@ class Peering:
         for t in list(self.targets.values()):
             d = t.link.deadline()
             if d is not None and d <= now:
-                t.link.on_timer(now)
+                try:
+                    t.link.on_timer(now)
+                except Exception:  # one link's failure must not starve the others' timers
+                    log.exception("peer link %s: internal error in a timer", t.link.peer)
 
     def close(self) -> None:
         now = self.clock()
@@ -183,6 +186,8 @@ class PeeringService:
         # served jobs complete on this loop even before any guest's device attaches it
         self.peering.router.attach_loop(self._loop)
         self.peering.rearm = self._schedule
+        for t in self.peering.targets.values():
+            t.link.defer = self._loop.call_soon
         self.peering.start()
         log.info("peer links: %s", ", ".join(
             f"host {t.host} = {a}" for a, t in self.peering.targets.items()) or "none")

@@ -79,6 +79,7 @@ ConnectLayout = cs.Struct(
     "reserved0" / cs.Const(0, u8),
     "incarnation" / u64,     # the sender daemon's, random at its start
     "echo" / u64,            # REP: the REQ's incarnation; REQ: 0
+    "attempt" / u32,         # REQ: the active side's attempt (counts up); REP: the REQ's, echoed
     "qpn" / u32,             # the sender's link QP
     "psn" / u32,             # the first PSN it sends
     "credits" / u16,         # jobs it accepts in flight from the receiver
@@ -104,6 +105,7 @@ class ConnectMsg:
     type: int
     incarnation: int
     echo: int
+    attempt: int
     qpn: int
     psn: int
     credits: int
@@ -120,7 +122,8 @@ class ConnectMsg:
         try:
             return ConnectLayout.build(dict(
                 version=VERSION, type=self.type, num_ops=len(self.ops), incarnation=self.incarnation,
-                echo=self.echo, qpn=self.qpn, psn=self.psn, credits=self.credits, mtu=self.mtu,
+                echo=self.echo, attempt=self.attempt, qpn=self.qpn, psn=self.psn, credits=self.credits,
+                mtu=self.mtu,
                 landing_rkey=self.landing_rkey, landing_slots=self.landing_slots,
                 landing_slot_kib=self.landing_slot_kib,
                 ops=[dict(op=int(o.op), units=o.units, est_fixed_ns=o.est_fixed_ns,
@@ -152,7 +155,9 @@ class ConnectMsg:
                 raise PeerWireError(f"connect message op: {e}", "ops") from None
         if c.landing_rkey and not (c.landing_slots and c.landing_slot_kib):
             raise PeerWireError("a landing window of no slots", "landing_slots")
-        return cls(c.type, c.incarnation, c.echo, c.qpn, c.psn, c.credits, c.mtu, tuple(ops),
+        if not c.credits and c.num_ops:
+            raise PeerWireError("accelerators offered with no credits", "credits")
+        return cls(c.type, c.incarnation, c.echo, c.attempt, c.qpn, c.psn, c.credits, c.mtu, tuple(ops),
                    c.landing_rkey, c.landing_slots, c.landing_slot_kib)
 
 

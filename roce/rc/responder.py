@@ -88,6 +88,7 @@ class _WriteCtx:
     view: memoryview
     length: int
     offset: int = 0
+    rkey: int = 0   # the R_Key its view was resolved from (its owner may retarget the view)
 
 
 class Responder:
@@ -270,7 +271,7 @@ class Responder:
                 except RemoteAccessError:
                     self._nak(psn, NakCode.REM_ACCESS)
                     return
-            self.cur = ctx = _WriteCtx(view, dma_len)
+            self.cur = ctx = _WriteCtx(view, dma_len, 0, reth.rkey)
             self.cur_kind = _WRITE
         else:
             ctx = self.cur  # type: ignore[assignment]  # cur_kind says which

@@ -139,7 +139,7 @@ def _out(c: Cluster, dst, n: int, canary=16) -> bytes:
 
 # ----------------------------------------------------------------------------- codecs
 def test_connect_and_link_messages_round_trip():
-    m = ConnectMsg(ConnectType.REQ, 2**63 + 5, 0, 0x123456, 0xABCDE, 64, 1024,
+    m = ConnectMsg(ConnectType.REQ, 2**63 + 5, 0, 3, 0x123456, 0xABCDE, 64, 1024,
                    (OpInfo(AccelOp.FFT, 1, 5000, 30), OpInfo(AccelOp.TURBO_DECODE, 2)))
     assert ConnectMsg.decode(m.encode()) == m
     j = JobMsg(7, AccelOp.TURBO_DECODE, AccelDtype.COMPLEX64, 6144, 2, 8, AccelEarlyStop.CRC24B, 0.75, 3,
@@ -442,3 +442,40 @@ def _cancel_destroy_reset(c: Cluster) -> None:
     c.g.core.close()
     c.run(lambda: not t.sent)
     assert _out(c, d, x.nbytes) == bytes([0xAB]) * x.nbytes and not len(c.link_a.table)
+
+
+def test_a_device_reset_in_the_middle_of_the_peers_output_write_stops_it_landing():
+    """B's output WRITE is under way (its FIRST packet placed) when A's guest device is
+    reset: the rest of that WRITE lands nowhere (the window and the WRITE already in
+    progress are redirected to a sink), the link stays up, the job is never completed."""
+    c = Cluster()
+    try:
+        aq = c.g.create_aq(c.pd, c.cq, AccelOp.FFT)
+        x = _c64_batch(16, 2048, 8)                    # 256 KiB out: 256 packets at MTU 1024
+        dst = _fft_job(c, aq, 1, x)
+        first = 0x06                                  # RC RDMA WRITE FIRST
+        while True:                                   # deliver until B's output WRITE starts at A
+            c.step()
+            q = c.wire.queue
+            i = next((k for k, (src, _, data) in enumerate(q) if src == B_IP and data[0] == first), None)
+            if i is not None:
+                break
+        head, rest = c.wire.queue[:i + 1], c.wire.queue[i + 1:]
+        c.wire.queue = head
+        c.wire.deliver(time.monotonic())              # ... up to and with its FIRST packet
+        assert _out(c, dst, x.nbytes)[:1024] != b"\xab" * 1024   # the first MTU landed
+        c.g.core.close()                              # the guest's device goes
+        c.wire.queue = rest + c.wire.queue
+        c.run(lambda: not c.pa.targets[B_IP].sent)    # B's result arrives and is dropped
+        assert _out(c, dst, x.nbytes)[1024:] == b"\xab" * (x.nbytes - 1024)
+        assert c.link_a.state is LinkState.UP and not c.g.poll(c.cq)
+    finally:
+        c.close()
+
+
+def test_a_connect_message_offering_accelerators_without_credits_is_refused():
+    from peering.wire import PeerWireError
+
+    m = ConnectMsg(ConnectType.REP, 5, 1, 1, 0x1234, 7, 0, 1024, (OpInfo(AccelOp.FFT, 1),))
+    with pytest.raises(PeerWireError, match="credits"):
+        ConnectMsg.decode(m.encode())
