@@ -400,7 +400,7 @@ cdef class NativeJobs:
                 x = y if xh == yh else _array(<char *>xh, dtype, size, batch)
                 # One job of a shape in SAMPLE_EVERY has its kernel's CPU time taken (a system
                 # call, ~0.6 us): the shape's average, and what the service's model learns from.
-                sample = not (sh.n & (SAMPLE_EVERY - 1))
+                sample = (sh.n & (SAMPLE_EVERY - 1)) == 1  # not the first: a cold cache and plan
                 if sample:
                     c0 = aj_cpu()
                 t0 = aj_now()
