@@ -58,7 +58,8 @@ class _Jobs:
         self.fft = op == "fft"
         self.op = AccelOp.FFT if self.fft else AccelOp.TURBO_DECODE
         if self.fft:
-            x = (rng.standard_normal((B_FFT, N_FFT)) + 1j * rng.standard_normal((B_FFT, N_FFT))).astype(np.complex64)
+            shape = (B_FFT, N_FFT)
+            x = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
             data, self.out_bytes = x.tobytes(), x.nbytes
         else:
             coded = turbo_encode(rng.integers(0, 2, (1, K), dtype=np.uint8)).astype(np.float32)
@@ -78,7 +79,8 @@ class _Jobs:
 
         d = self.dst[i % IN_FLIGHT]
         return AccelWR(wr_id=i, size=N_FFT if self.fft else K, batch=B_FFT if self.fft else 1,
-                       iterations=0 if self.fft else ITS, inputs=[SGE(self.src.buf, self.in_bytes, self.src.lkey)],
+                       iterations=0 if self.fft else ITS,
+                       inputs=[SGE(self.src.buf, self.in_bytes, self.src.lkey)],
                        outputs=[SGE(d.buf, self.out_bytes, d.lkey)])
 
     def poll(self, n: int, timeout: float = 60.0) -> list:
@@ -180,15 +182,16 @@ def run(*, quick: bool = False) -> dict:
 def format_report(r: dict) -> str:
     from bench.machine import header
 
-    lines = [header(), "remote (FORCE_TARGET host 1, over the peer link) against local (this host's "
-             "accelerator), one guest process, two daemons in namespaces on one bridge"]
+    lines = [header(), ("remote (FORCE_TARGET host 1, over the peer link) against local (this host's "
+                        "accelerator), one guest process, two daemons in namespaces on one bridge")]
     for op, x in r.items():
         lines.append(f"\n{op}: input {x['in_bytes']} B, output {x['out_bytes']} B")
         lines.append(f"  latency, one job at a time: local median {x['local']['median_us']:.0f} us "
                      f"(p99 {x['local']['p99_us']:.0f}), remote {x['remote']['median_us']:.0f} us "
                      f"(p99 {x['remote']['p99_us']:.0f}): added {x['added_us']:.0f} us")
-        lines.append(f"  baseline: RDMA WRITE of the input {x['write_in']['median_us']:.0f} us + of the output "
-                     f"{x['write_out']['median_us']:.0f} us = {x['transfer_baseline_us']:.0f} us over the same veth")
+        lines.append(f"  baseline: RDMA WRITE of the input {x['write_in']['median_us']:.0f} us + of the "
+                     f"output {x['write_out']['median_us']:.0f} us = {x['transfer_baseline_us']:.0f} us "
+                     "over the same veth")
         lines.append(f"  added / baseline = {x['latency_ratio']:.2f}  goal <= {GOALS['latency_ratio']}: "
                      f"{'met' if x['latency_goal_met'] else 'NOT met'}")
         lines.append(f"  throughput, {IN_FLIGHT} in flight: local {x['local_jobs_per_s']:.0f} jobs/s, remote "
