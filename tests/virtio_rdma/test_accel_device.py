@@ -540,6 +540,10 @@ def test_backend_accelerators_option():
                                                    ("turbo", ("turbo_encode", "turbo_decode"), 2)]
     assert parse_accelerators("none") == [] and parse_accelerators("turbo") == [
         ("turbo", ("turbo_encode", "turbo_decode"), 1)]
+    from vrdma.commands.backend import auto_accelerators
+
+    assert auto_accelerators(2) == "fft=1,turbo=1" and auto_accelerators(64) == "fft=8,turbo=8"
+    assert parse_accelerators("auto") == parse_accelerators(auto_accelerators())
     for bad in ("gpu=1", "fft=x", "fft=0", "fft=1,fft=2", "fft=65"):
         with pytest.raises(SystemExit, match="--accelerators"):
             parse_accelerators(bad)

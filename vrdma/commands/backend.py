@@ -56,12 +56,13 @@ def add_arguments(p) -> None:
     p.add_argument("--allow-unsealed-memory", action="store_true",
                    help="accept guest memory fds that are not memfds sealed against shrinking "
                         "(e.g. hugetlbfs files); a front-end could then crash the daemon")
-    p.add_argument("--accelerators", default="fft=1,turbo=1", metavar="SPEC",
+    p.add_argument("--accelerators", default="auto", metavar="SPEC",
                    help="rdma: this host's accelerators, shared by all guests through accelerator "
                         "queues (VIRTIO_RDMA_F_ACCEL): NAME=WORKERS,... where fft runs FFT and "
-                        "IFFT and turbo runs Turbo encode and decode (default fft=1,turbo=1: one "
-                        "accelerator of each with one worker thread); none: queues are offered "
-                        "but no job runs here (NO_ACCELERATOR)")
+                        "IFFT and turbo runs Turbo encode and decode; auto (the default): one "
+                        "accelerator of each, with one worker thread per CORES_PER_WORKER cores "
+                        "this process may run on (at least 1: fft=1,turbo=1 on up to 7 cores); "
+                        "none: queues are offered but no job runs here (NO_ACCELERATOR)")
     p.add_argument("--accel-slowdown", default="1.0", metavar="FACTOR",
                    help="rdma: emulate accelerators FACTOR times slower than this host's kernels: "
                         "after each job a worker waits (FACTOR-1) x the kernel's time (default 1.0; "
@@ -108,6 +109,19 @@ def make_peering(args, fabric, accel):
 
 #: what each --accelerators name runs (accel_core operation names)
 ACCELERATOR_KINDS = {"fft": ("fft", "ifft"), "turbo": ("turbo_encode", "turbo_decode")}
+#: --accelerators auto: a worker thread of each kind per this many cores (the guests, the
+#: daemon's loop and the other kinds' workers need the rest)
+CORES_PER_WORKER = 8
+
+
+def auto_accelerators(cores: int | None = None) -> str:
+    """What ``--accelerators auto`` means on a host with ``cores`` usable cores
+    (default: the ones this process may run on)."""
+    import os
+
+    n = cores if cores is not None else len(os.sched_getaffinity(0))
+    w = min(64, max(1, n // CORES_PER_WORKER))
+    return f"fft={w},turbo={w}"
 
 
 def parse_accelerators(text: str) -> list[tuple[str, tuple[str, ...], int]]:
@@ -115,6 +129,8 @@ def parse_accelerators(text: str) -> list[tuple[str, tuple[str, ...], int]]:
     t = text.strip().lower()
     if t == "none":
         return []
+    if t == "auto":
+        t = auto_accelerators()
     out: list[tuple[str, tuple[str, ...], int]] = []
     for item in t.split(","):
         name, sep, value = item.strip().partition("=")
@@ -152,7 +168,7 @@ def make_accel_router(args):
     from accel_core import AcceleratorService, AcceleratorSpec, Op, ServiceTimeModel
     from virtio_rdma.accel import AccelRouter
 
-    specs = parse_accelerators(getattr(args, "accelerators", "fft=1,turbo=1"))
+    specs = parse_accelerators(getattr(args, "accelerators", "auto"))
     slowdown = parse_slowdown(getattr(args, "accel_slowdown", "1.0"))
     if not specs:
         return AccelRouter(None)
