@@ -464,15 +464,7 @@ class AccelRouter:
             else:
                 del self._pending[gid]
             if aq.core is core and not aq.destroyed:  # else gone meanwhile: its jobs went with it
-                core.in_call += 1
-                try:
-                    fetch(core, aq)
-                except Exception:
-                    core.metrics.internal_errors += 1
-                    log.exception("virtio-rdma: internal error fetching accelerator jobs")
-                finally:
-                    core.in_call -= 1
-                flush_notify(core)
+                _core_call(core, "fetching accelerator jobs", fetch, core, aq)
             break
         if self._turns and not self._slice_due:
             self._slice_due = True
