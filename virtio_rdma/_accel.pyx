@@ -45,6 +45,9 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
 from virtio._memory cimport RegionTable
+from virtio_rdma._guestring cimport (
+    gr_ld16, gr_ld32, gr_ld32_acq, gr_ld64, gr_snapshot, gr_write_cqe,
+)
 from verbs._verbs cimport IBV_ACCESS_LOCAL_WRITE
 
 import time
@@ -65,39 +68,6 @@ cdef extern from *:
     #include <stdint.h>
     #include <string.h>
     #include <time.h>
-    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-    #define AJ_LE32(x) __builtin_bswap32(x)
-    #define AJ_LE64(x) __builtin_bswap64(x)
-    #else
-    #define AJ_LE32(x) (x)
-    #define AJ_LE64(x) (x)
-    #endif
-    static inline uint16_t aj_ld16(const char *p) { uint16_t v; memcpy(&v, p, 2);
-        #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-        v = __builtin_bswap16(v);
-        #endif
-        return v; }
-    static inline uint32_t aj_ld32(const char *p) { uint32_t v; memcpy(&v, p, 4); return AJ_LE32(v); }
-    static inline uint64_t aj_ld64(const char *p) { uint64_t v; memcpy(&v, p, 8); return AJ_LE64(v); }
-    static inline uint32_t aj_ld32_acq(const char *p) {
-        return AJ_LE32(__atomic_load_n((const uint32_t *)p, __ATOMIC_ACQUIRE)); }
-    static inline void aj_st32(char *p, uint32_t v) { v = AJ_LE32(v); memcpy(p, &v, 4); }
-    static inline void aj_st64(char *p, uint64_t v) { v = AJ_LE64(v); memcpy(p, &v, 8); }
-    /* Snapshot guest bytes once: the checks work on the copy. */
-    static inline void aj_snapshot(void *dst, const char *src, size_t n) {
-        memcpy(dst, src, n);
-        __asm__ __volatile__("" ::: "memory");
-    }
-    /* CQE body around the old owner byte, then the owner byte with release order (spec 5.x.6.6). */
-    static inline void aj_write_cqe(char *e, uint64_t wr_id, uint8_t status, uint8_t opcode,
-                                    uint8_t flags, uint32_t byte_len, uint32_t imm, uint32_t qpn,
-                                    uint32_t src_qp, uint32_t vendor_err, uint8_t owner) {
-        aj_st64(e, wr_id);
-        e[8] = (char)status; e[9] = (char)opcode; e[10] = (char)flags;
-        aj_st32(e + 12, byte_len); aj_st32(e + 16, imm); aj_st32(e + 20, qpn);
-        aj_st32(e + 24, src_qp); aj_st32(e + 28, vendor_err);
-        __atomic_store_n((uint8_t *)(e + 11), owner, __ATOMIC_RELEASE);
-    }
     static inline double aj_now(void) {
         struct timespec ts; clock_gettime(CLOCK_MONOTONIC, &ts);
         return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
@@ -108,14 +78,6 @@ cdef extern from *:
         return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
     }
     """
-    uint16_t aj_ld16(const char *p) noexcept nogil
-    uint32_t aj_ld32(const char *p) noexcept nogil
-    uint64_t aj_ld64(const char *p) noexcept nogil
-    uint32_t aj_ld32_acq(const char *p) noexcept nogil
-    void aj_snapshot(void *dst, const char *src, size_t n) noexcept nogil
-    void aj_write_cqe(char *e, uint64_t wr_id, uint8_t status, uint8_t opcode, uint8_t flags,
-                      uint32_t byte_len, uint32_t imm, uint32_t qpn, uint32_t src_qp,
-                      uint32_t vendor_err, uint8_t owner) noexcept nogil
     double aj_now() noexcept nogil
     double aj_cpu() noexcept nogil
 
@@ -336,9 +298,9 @@ cdef class NativeJobs:
                 p = table.translate(ring_gpa + (fetched & (depth - 1)) * SLOT, SLOT)
                 if p == NULL:
                     break
-                aj_snapshot(slot, p, SLOT)
+                gr_snapshot(slot, p, SLOT)
                 if (<uint8_t>slot[OFF_OP] != op or <uint8_t>slot[OFF_NIN] != 1
-                        or <uint8_t>slot[OFF_NOUT] != 1 or aj_ld16(slot + OFF_ITER) != 0
+                        or <uint8_t>slot[OFF_NOUT] != 1 or gr_ld16(slot + OFF_ITER) != 0
                         or slot[OFF_ESTOP] != 0 or slot[OFF_FLAGS] != 0):
                     declined = R_HEADER
                     break
@@ -351,8 +313,8 @@ cdef class NativeJobs:
                     declined = R_RESERVED
                     break
                 dtype = <uint8_t>slot[OFF_DTYPE]
-                size = aj_ld32(slot + OFF_SIZE)
-                batch = aj_ld32(slot + OFF_BATCH)
+                size = gr_ld32(slot + OFF_SIZE)
+                batch = gr_ld32(slot + OFF_BATCH)
                 sh = self._shape(op, dtype, size, batch)
                 plan = sh.plan
                 if plan is None:
@@ -361,11 +323,11 @@ cdef class NativeJobs:
                 dt = _DTYPES[dtype]
                 align = dt.alignment
                 nbytes = <uint64_t>size * batch * <uint64_t>dt.itemsize
-                wr_id = aj_ld64(slot)
-                in_addr, in_len, in_key = aj_ld64(slot + HDR), aj_ld32(slot + HDR + 8), aj_ld32(slot + HDR + 12)
-                out_addr = aj_ld64(slot + HDR + SGE_SZ)
-                out_len = aj_ld32(slot + HDR + SGE_SZ + 8)
-                out_key = aj_ld32(slot + HDR + SGE_SZ + 12)
+                wr_id = gr_ld64(slot)
+                in_addr, in_len, in_key = gr_ld64(slot + HDR), gr_ld32(slot + HDR + 8), gr_ld32(slot + HDR + 12)
+                out_addr = gr_ld64(slot + HDR + SGE_SZ)
+                out_len = gr_ld32(slot + HDR + SGE_SZ + 8)
+                out_key = gr_ld32(slot + HDR + SGE_SZ + 12)
                 if in_len < nbytes or out_len < nbytes:
                     declined = R_LENGTH
                     break
@@ -384,7 +346,7 @@ cdef class NativeJobs:
                     break
                 # the CQE's slot (CompletionQueue.push's checks)
                 db = table.translate(cq_db, 4)
-                if db == NULL or <uint32_t>(pc - aj_ld32_acq(db)) >= cq_depth:
+                if db == NULL or <uint32_t>(pc - gr_ld32_acq(db)) >= cq_depth:
                     declined = R_CQ_FULL
                     break
                 e = table.translate(cq_ring + (pc & (cq_depth - 1)) * CQE_SZ, CQE_SZ)
@@ -424,7 +386,7 @@ cdef class NativeJobs:
                 service_us = <uint32_t>((t1 - t0) * 1e6)
                 if service_us > _SERVICE_MAX:
                     service_us = _SERVICE_MAX
-                aj_write_cqe(e, wr_id, _WC_SUCCESS, _OPCODE_BASE | op, _ST_SUCCESS, <uint32_t>nbytes,
+                gr_write_cqe(e, wr_id, _WC_SUCCESS, _OPCODE_BASE | op, _ST_SUCCESS, <uint32_t>nbytes,
                              0, aqn, 0, service_us, ((pc // cq_depth) & 1) ^ 1)
                 pc += 1
                 fetched += 1

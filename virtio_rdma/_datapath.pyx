@@ -44,51 +44,9 @@ from fabric.local import LocalFabric
 from virtio_rdma.qp import QueuePair
 from virtio_rdma.wire import Event
 
-cdef extern from *:
-    """
-    #include <stdint.h>
-    #include <string.h>
-    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-    #define DP_LE16(x) __builtin_bswap16(x)
-    #define DP_LE32(x) __builtin_bswap32(x)
-    #define DP_LE64(x) __builtin_bswap64(x)
-    #else
-    #define DP_LE16(x) (x)
-    #define DP_LE32(x) (x)
-    #define DP_LE64(x) (x)
-    #endif
-    static inline uint16_t dp_ld16(const char *p) { uint16_t v; memcpy(&v, p, 2); return DP_LE16(v); }
-    static inline uint32_t dp_ld32(const char *p) { uint32_t v; memcpy(&v, p, 4); return DP_LE32(v); }
-    static inline uint64_t dp_ld64(const char *p) { uint64_t v; memcpy(&v, p, 8); return DP_LE64(v); }
-    static inline uint32_t dp_ld32_acq(const char *p) {
-        return DP_LE32(__atomic_load_n((const uint32_t *)p, __ATOMIC_ACQUIRE)); }
-    static inline void dp_st32(char *p, uint32_t v) { v = DP_LE32(v); memcpy(p, &v, 4); }
-    static inline void dp_st64(char *p, uint64_t v) { v = DP_LE64(v); memcpy(p, &v, 8); }
-    /* Snapshot guest bytes once: later checks work on the copy, never on
-       memory the guest can change under us. */
-    static inline void dp_snapshot(void *dst, const char *src, size_t n) {
-        memcpy(dst, src, n);
-        __asm__ __volatile__("" ::: "memory");
-    }
-    /* CQE body, then the owner byte with release order (spec 5.x.6.6). */
-    static inline void dp_write_cqe(char *e, uint64_t wr_id, uint8_t status, uint8_t opcode,
-                                    uint8_t flags, uint32_t byte_len, uint32_t imm, uint32_t qpn,
-                                    uint32_t src_qp, uint8_t owner) {
-        dp_st64(e, wr_id);
-        e[8] = (char)status; e[9] = (char)opcode; e[10] = (char)flags;
-        dp_st32(e + 12, byte_len); dp_st32(e + 16, imm); dp_st32(e + 20, qpn);
-        dp_st32(e + 24, src_qp); dp_st32(e + 28, 0);
-        __atomic_store_n((uint8_t *)(e + 11), owner, __ATOMIC_RELEASE);
-    }
-    """
-    uint16_t dp_ld16(const char *p) noexcept nogil
-    uint32_t dp_ld32(const char *p) noexcept nogil
-    uint64_t dp_ld64(const char *p) noexcept nogil
-    uint32_t dp_ld32_acq(const char *p) noexcept nogil
-    void dp_snapshot(void *dst, const char *src, size_t n) noexcept nogil
-    void dp_write_cqe(char *e, uint64_t wr_id, uint8_t status, uint8_t opcode, uint8_t flags,
-                      uint32_t byte_len, uint32_t imm, uint32_t qpn, uint32_t src_qp,
-                      uint8_t owner) noexcept nogil
+from virtio_rdma._guestring cimport (
+    gr_ld16, gr_ld32, gr_ld32_acq, gr_ld64, gr_snapshot, gr_write_cqe,
+)
 
 
 cdef enum:
@@ -302,7 +260,7 @@ cdef class _Cq:
         cdef uint32_t ci, k
         if db == NULL:
             return False
-        ci = dp_ld32_acq(db)
+        ci = gr_ld32_acq(db)
         if <uint32_t>(self.pc - ci) + n > self.depth or <uint32_t>(self.pc - ci) >= self.depth:
             return False
         for k in range(n):
@@ -323,7 +281,7 @@ cdef class _Cq:
         cdef char *e = self.dev.table.translate(
             self.ring_gpa + (self.pc & (self.depth - 1)) * CQE_SZ, CQE_SZ)
         cdef uint8_t owner = ((self.pc // self.depth) & 1) ^ 1
-        dp_write_cqe(e, wr_id, 0, opcode, flags, byte_len, imm, qpn, src_qp, owner)
+        gr_write_cqe(e, wr_id, 0, opcode, flags, byte_len, imm, qpn, src_qp, 0, owner)
         self.pc += 1
         self.written += 1
         self.dev.completions += 1
@@ -466,7 +424,7 @@ def run_sq(dev, qp, double now):
             slot = L.table.translate(sq_gpa + ((sq_next & sq_mask) << sq_shift), slot_size)
             if slot == NULL:
                 break
-            dp_snapshot(hdr, slot, SEND_HDR)
+            gr_snapshot(hdr, slot, SEND_HDR)
             op = hdr[8]
             flags = hdr[9]
             if op > OP_READ or flags & ~F_KNOWN:
@@ -477,12 +435,12 @@ def run_sq(dev, qp, double now):
                     ok = False
             if not ok:
                 break
-            wr_id = dp_ld64(<char *>hdr)
-            num_sge = dp_ld16(<char *>hdr + 10)
-            imm = dp_ld32(<char *>hdr + 12)
-            raddr = dp_ld64(<char *>hdr + 16)
-            rkey = dp_ld32(<char *>hdr + 24)
-            inline_len = dp_ld32(<char *>hdr + 28)
+            wr_id = gr_ld64(<char *>hdr)
+            num_sge = gr_ld16(<char *>hdr + 10)
+            imm = gr_ld32(<char *>hdr + 12)
+            raddr = gr_ld64(<char *>hdr + 16)
+            rkey = gr_ld32(<char *>hdr + 24)
+            inline_len = gr_ld32(<char *>hdr + 28)
             ns = 0
             if flags & F_INLINE:
                 if num_sge != 0 or inline_len > slot_size - SEND_HDR or inline_len > max_inline:
@@ -499,10 +457,10 @@ def run_sq(dev, qp, double now):
                     break
                 length = 0
                 for k in range(<int>num_sge):
-                    dp_snapshot(sge, slot + SEND_HDR + k * SGE_SZ, SGE_SZ)
-                    a = dp_ld64(<char *>sge)
-                    ln = dp_ld32(<char *>sge + 8)
-                    lk = dp_ld32(<char *>sge + 12)
+                    gr_snapshot(sge, slot + SEND_HDR + k * SGE_SZ, SGE_SZ)
+                    a = gr_ld64(<char *>sge)
+                    ln = gr_ld32(<char *>sge + 8)
+                    lk = gr_ld32(<char *>sge + 12)
                     length += ln
                     ns = L.resolve(lk, pdn, A_LOCAL_WRITE if op == OP_READ else 0, a, ln, src, ns)
                     if ns < 0:
@@ -526,22 +484,22 @@ def run_sq(dev, qp, double now):
                 rslot = R.table.translate(rq_gpa + ((rq_ci & rq_mask) << rq_shift), rslot_size)
                 if rslot == NULL:
                     break
-                dp_snapshot(rhdr, rslot, RECV_HDR)
-                rwr_id = dp_ld64(<char *>rhdr)
-                rnum = dp_ld16(<char *>rhdr + 8)
-                if dp_ld16(<char *>rhdr + 10) or dp_ld32(<char *>rhdr + 12) or rnum > rroom:
+                gr_snapshot(rhdr, rslot, RECV_HDR)
+                rwr_id = gr_ld64(<char *>rhdr)
+                rnum = gr_ld16(<char *>rhdr + 8)
+                if gr_ld16(<char *>rhdr + 10) or gr_ld32(<char *>rhdr + 12) or rnum > rroom:
                     break
                 if op != OP_WRITE_IMM:
                     rlen = 0
                     for k in range(<int>rnum):
-                        dp_snapshot(sge, rslot + RECV_HDR + k * SGE_SZ, SGE_SZ)
-                        rlen += dp_ld32(<char *>sge + 8)
+                        gr_snapshot(sge, rslot + RECV_HDR + k * SGE_SZ, SGE_SZ)
+                        rlen += gr_ld32(<char *>sge + 8)
                     if rlen < length:
                         break
                     for k in range(<int>rnum):
-                        dp_snapshot(sge, rslot + RECV_HDR + k * SGE_SZ, SGE_SZ)
-                        nd = R.resolve(dp_ld32(<char *>sge + 12), ppdn, A_LOCAL_WRITE,
-                                       dp_ld64(<char *>sge), dp_ld32(<char *>sge + 8), dst, nd)
+                        gr_snapshot(sge, rslot + RECV_HDR + k * SGE_SZ, SGE_SZ)
+                        nd = R.resolve(gr_ld32(<char *>sge + 12), ppdn, A_LOCAL_WRITE,
+                                       gr_ld64(<char *>sge), gr_ld32(<char *>sge + 8), dst, nd)
                         if nd < 0:
                             break
                     if nd < 0:
@@ -672,7 +630,7 @@ cdef class DbrecScanner:
             p = t.translate(self.gpas[i], 8)
             if p == NULL:
                 continue
-            v = <uint64_t>dp_ld32_acq(p) | (<uint64_t>dp_ld32_acq(p + 4) << 32)
+            v = <uint64_t>gr_ld32_acq(p) | (<uint64_t>gr_ld32_acq(p + 4) << 32)
             if v != self.seen[i]:
                 self.seen[i] = v
                 if out is None:
