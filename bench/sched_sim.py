@@ -33,6 +33,7 @@ Usage: python -m bench.sched_sim [--hosts 16] [--accel-hosts 8] [--load 0.9]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import heapq
 import json
 import math
@@ -66,10 +67,12 @@ class _Host:
     waiting: float = 0.0
     #: when the job in service ends
     ends: float = 0.0
+    #: service seconds of the jobs sent here and not yet landed (the oracle sees them)
+    inbound: float = 0.0
     seq: int = 0
     own: OwnSends = field(default_factory=OwnSends)
 
-    def row(self, now: float, known_sizes: bool) -> LoadRow:
+    def row(self, now: float, known_sizes: bool, inbound: bool) -> LoadRow:
         """The host's true counters now (what it advertises, or a probe reads): the work in
         its system exactly if job sizes are known, else the job count x the mean service time."""
         if not self.speed:
@@ -79,6 +82,8 @@ class _Host:
             queued = self.waiting + (max(0.0, self.ends - now) if self.busy else 0.0)
         else:
             queued = len(self.queue) * s
+        if inbound:
+            queued += max(0.0, self.inbound)
         return LoadRow(self.hid, {KIND: 1}, {KIND: s}, {KIND: queued}, {KIND: int(self.busy)}, self.seq, now)
 
 
@@ -93,6 +98,9 @@ class Params:
     jobs: int = 20000
     seed: int = 1
     known_sizes: bool = True
+    #: a target counts a job sent to it from its announcement (the job message, latency
+    #: much less than D) rather than from the landing of its input
+    count_announced: bool = False
 
     def speed_of(self, host: int) -> float:
         return self.speeds[host % len(self.speeds)] if host < self.accel_hosts else 0.0
@@ -131,7 +139,7 @@ def simulate(p: Params, policy: str) -> Result:
     table = LoadTable(period=p.period)
     for h in hosts:
         if h.speed:
-            table.update(h.row(0.0, p.known_sizes))
+            table.update(h.row(0.0, p.known_sizes, False))
     submit = [0.0] * p.jobs
     work = [0.0] * p.jobs
     origin = [0] * p.jobs
@@ -157,6 +165,8 @@ def simulate(p: Params, policy: str) -> Result:
     completed = 0
     transfer = p.transfer
     ks = p.known_sizes
+    oracle = pol.reference
+    announced = p.count_announced
 
     def enqueue(h: _Host, j: int, now: float) -> None:
         h.queue.append(j)
@@ -182,8 +192,9 @@ def simulate(p: Params, policy: str) -> Result:
             if next_job < p.jobs:
                 push(now + arr_rng.expovariate(rate), _ARRIVE, 0)
             here = hosts[o]
-            view = View(table, now, transfer, here.own, probe=lambda hid, _t=now: hosts[hid].row(_t, ks))
-            d = decide(Job(KIND, work[j] if ks else 1.0), here.row(now, ks), view, dec_rng, pol)
+            view = View(table, now, transfer, here.own,
+                        probe=lambda hid, _t=now: hosts[hid].row(_t, ks, oracle or announced))
+            d = decide(Job(KIND, work[j] if ks else 1.0), here.row(now, ks, announced), view, dec_rng, pol)
             counters.count(d)
             if d.local:
                 enqueue(here, j, now)
@@ -191,10 +202,13 @@ def simulate(p: Params, policy: str) -> Result:
                 remote[j] = True
                 tgt = hosts[d.target]
                 row = table.rows[tgt.hid]
-                here.own.note(tgt.hid, row.seq, row.service_time[KIND] * (work[j] if ks else 1.0))
+                sent = row.service_time[KIND] * (work[j] if ks else 1.0)
+                here.own.note(tgt.hid, row.seq, sent, now)
+                tgt.inbound += sent
                 push(now + transfer, _LAND, j, tgt.hid)
         elif kind == _LAND:
             tgt = hosts[_b]
+            tgt.inbound -= (work[a] if ks else 1.0) / tgt.speed
             enqueue(tgt, a, now)
         elif kind == _DONE:
             h = hosts[a]
@@ -207,7 +221,7 @@ def simulate(p: Params, policy: str) -> Result:
         else:  # _BCAST
             h = hosts[a]
             h.seq += 1
-            table.update(h.row(now, p.known_sizes))
+            table.update(h.row(now, ks, announced))
             bcasts += 1
             push(now + p.period * jit_rng.uniform(*JITTER), _BCAST, a)
     measured = sorted(response[int(p.jobs * WARMUP):])
@@ -231,7 +245,9 @@ def _floats(text: str) -> list[float]:
 
 def _print(p: Params, results: list[Result]) -> None:
     print(f"hosts {p.hosts} (accelerators on {p.accel_hosts}, speeds {':'.join(f'{s:g}' for s in p.speeds)})"
-          f"  load {p.load}  transfer {p.transfer}  jobs {p.jobs}  seed {p.seed}  default {DEFAULT_POLICY}")
+          f"  load {p.load}  transfer {p.transfer}  jobs {p.jobs}  seed {p.seed}  sizes "
+          f"{'known' if p.known_sizes else 'unknown'}  count from {'announce' if p.count_announced else 'land'}"
+          f"  default {DEFAULT_POLICY}")
     print(f"{'T':>6} {'policy':<10} {'mean':>8} {'p99':>8} {'remote':>7} {'reads/job':>9} "
           f"{'ctl/job':>7} {'bcast/T':>7} {'x oracle':>8}")
     oracle = {r.period: r.mean for r in results if r.policy == "oracle"}
@@ -278,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=20000)
     ap.add_argument("--policy", default="all", help=f"all ({', '.join(ALL_POLICIES)}) or a list")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--sizes", choices=("known", "unknown"), default="known",
+                    help="hosts know each job's service time (counters in seconds of work) or only counts")
+    ap.add_argument("--count-from", choices=("land", "announce"), default="land",
+                    help="a target counts a sent job when its input lands, or at its announcement")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--plot", metavar="FILE.png")
     a = ap.parse_args(argv)
@@ -287,15 +307,18 @@ def main(argv: list[str] | None = None) -> int:
     if a.jobs < 10:
         ap.error(f"--jobs {a.jobs}: at least 10")
     base = Params(a.hosts, a.accel_hosts if a.accel_hosts is not None else max(1, a.hosts // 2), a.load,
-                  1.0, a.transfer, tuple(a.speeds), a.jobs, a.seed)
+                  1.0, a.transfer, tuple(a.speeds), a.jobs, a.seed, a.sizes == "known",
+                  a.count_from == "announce")
     results = []
     for t in a.period:
-        p = Params(base.hosts, base.accel_hosts, base.load, t, base.transfer, base.speeds, base.jobs, base.seed)
+        p = dataclasses.replace(base, period=t)
         results += [simulate(p, n) for n in names]
     if a.json:
         print(json.dumps({"params": {"hosts": base.hosts, "accel_hosts": base.accel_hosts, "load": base.load,
                                      "periods": a.period, "transfer": base.transfer,
-                                     "speeds": list(base.speeds), "jobs": base.jobs, "seed": base.seed},
+                                     "speeds": list(base.speeds), "jobs": base.jobs, "seed": base.seed,
+                                     "known_sizes": base.known_sizes,
+                                     "count_announced": base.count_announced},
                           "default": DEFAULT_POLICY,
                           "results": [dict(r.as_dict(), default=r.policy == DEFAULT_POLICY)
                                       for r in results]}, indent=1))

@@ -33,8 +33,11 @@ table-based ones, ``probe:D`` sets the number of probed candidates):
   from the table.
 * ``probe``: the cheapest of here and ``d`` random remote candidates whose
   counters are read fresh at decision time (``d`` probes per decision).
-  Fresh counters already include this host's landed sends, so ``+own``
-  changes nothing here.
+  Fresh counters miss the jobs still on their way, so ``+own`` adds this
+  host's own sends to the candidate within the last one-way transfer time.
+* ``guided``: as ``probe``, but the first probed candidate is the table's
+  cheapest (with own-send accounting if ``+own``), the other ``d - 1`` random:
+  the table says where to look, the probe whether it is still true.
 * ``oracle``: reference only (perfect information: every host's true state,
   uncounted); not a daemon policy.
 
@@ -51,13 +54,14 @@ from scheduler.errors import NoCandidate, SchedulerError, UnknownPolicy
 from scheduler.table import LoadRow, LoadTable, OwnSends
 
 #: the policies a daemon may run
-DAEMON_POLICIES = ("seed", "local", "random", "p2c", "probe")
+DAEMON_POLICIES = ("seed", "local", "random", "p2c", "probe", "guided")
 #: policies that exist only as references for the simulator
 REFERENCE_POLICIES = ("oracle",)
 #: what ``--policy`` means when not given: the best measured (docs: issue 15's closing note)
 DEFAULT_POLICY = "probe"
-#: candidates sampled by ``p2c`` and (by default) by ``probe``
+#: candidates sampled by ``p2c`` and (by default) by ``probe`` and ``guided``
 DEFAULT_D = 2
+_PROBING = ("probe", "guided")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +74,7 @@ class Policy:
 
     @property
     def name(self) -> str:
-        d = f":{self.d}" if self.base == "probe" and self.d != DEFAULT_D else ""
+        d = f":{self.d}" if self.base in _PROBING and self.d != DEFAULT_D else ""
         return f"{self.base}{d}{'+own' if self.own_sends else ''}"
 
     @property
@@ -86,11 +90,11 @@ def parse_policy(name: str, allow_reference: bool = True) -> Policy:
     if base.endswith("+own"):
         base, own = base[: -len("+own")], True
     d = DEFAULT_D
-    if base.startswith("probe:"):
-        digits = base[len("probe:"):]
+    head, colon, digits = base.partition(":")
+    if colon and head in _PROBING:
         if not digits.isdigit() or int(digits) < 1:
             raise UnknownPolicy(name, known)
-        base, d = "probe", int(digits)
+        base, d = head, int(digits)
     if base not in known:
         raise UnknownPolicy(name, known)
     return Policy(base, d, own)
@@ -251,10 +255,17 @@ def decide(job: Job, here: LoadRow, view: View, rng: random.Random, policy: Poli
             assert mine is not None
             return Decision(pol.name, here.host, here.host, (mine,), 0, "no remote")
         return choose([table_est(r) for r in sample], 0, "best of sampled (table)")
-    if base in ("probe", "oracle"):
+    if base in ("probe", "guided", "oracle"):
         if view.probe is None:
             raise SchedulerError(f"policy {pol.name!r} needs view.probe (live counters)")
-        sample = remote if base == "oracle" else rng.sample(remote, min(pol.d, len(remote)))
+        if base == "oracle":
+            sample = remote
+        elif base == "probe" or not remote:
+            sample = rng.sample(remote, min(pol.d, len(remote)))
+        else:
+            best = _cheapest([table_est(r) for r in remote], rng).host
+            rest = [r for r in remote if r.host != best]
+            sample = [view.table.rows[best], *rng.sample(rest, min(pol.d - 1, len(rest)))]
         if not sample:
             assert mine is not None
             return Decision(pol.name, here.host, here.host, (mine,), 0, "no remote")
@@ -262,11 +273,16 @@ def decide(job: Job, here: LoadRow, view: View, rng: random.Random, policy: Poli
         for r in sample:
             fresh = view.probe(r.host)
             if fresh.has(kind):
-                ests.append(estimate(fresh, kind, view.transfer_to(r.host), fresh=True, size=job.size))
+                d = view.transfer_to(r.host)
+                own = (view.own.in_flight(r.host, now, d)
+                       if pol.own_sends and view.own is not None and base != "oracle" else 0.0)
+                ests.append(estimate(fresh, kind, d, fresh=True, own=own, size=job.size))
         probes = 0 if base == "oracle" else len(sample)
         if not ests:
             assert mine is not None
             return Decision(pol.name, here.host, here.host, (mine,), probes, "probes found none")
-        return choose(ests, probes, "best of probed" if base == "probe" else "shortest expected delay")
+        why = {"probe": "best of probed", "guided": "best of probed (table's best + random)",
+               "oracle": "shortest expected delay"}[base]
+        return choose(ests, probes, why)
     raise UnknownPolicy(pol.base, DAEMON_POLICIES + REFERENCE_POLICIES)
 

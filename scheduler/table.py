@@ -22,11 +22,14 @@ Pure: ``now`` is passed in, nothing here does I/O or reads a clock.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from scheduler.errors import BadRow
 
+#: sends per peer :class:`OwnSends` remembers for :meth:`OwnSends.in_flight`
+RECENT_SENDS = 64
 #: a host whose newest row is older than this many periods is out of the view
 DROP_AFTER_PERIODS = 3
 
@@ -146,10 +149,23 @@ class OwnSends:
 
     #: host -> (row seq the sends were made against, seconds of work sent)
     sent: dict[int, tuple[int, float]] = field(default_factory=dict)
+    #: host -> (when, seconds) of the recent sends, oldest first (for :meth:`in_flight`)
+    recent: dict[int, deque[tuple[float, float]]] = field(default_factory=dict)
 
-    def note(self, host: int, seq: int, seconds: float) -> None:
+    def note(self, host: int, seq: int, seconds: float, now: float = 0.0) -> None:
         held_seq, total = self.sent.get(host, (seq, 0.0))
         self.sent[host] = (seq, (total if held_seq == seq else 0.0) + seconds)
+        self.recent.setdefault(host, deque(maxlen=RECENT_SENDS)).append((now, seconds))
+
+    def in_flight(self, host: int, now: float, window: float) -> float:
+        """Seconds sent to ``host`` within the last ``window`` (one-way transfer time):
+        jobs that may not have reached it yet, so a fresh read of its counters misses them."""
+        q = self.recent.get(host)
+        if not q:
+            return 0.0
+        while q and q[0][0] <= now - window:
+            q.popleft()
+        return sum(s for _, s in q)
 
     def pending(self, host: int, seq: int) -> float:
         """Seconds sent to ``host`` since its row number ``seq``."""
