@@ -43,6 +43,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from scheduler.decide import DEFAULT_POLICY, DecisionCounters, Job, View, decide, parse_policy
+from scheduler.errors import UnknownPolicy
 from scheduler.table import LoadRow, LoadTable, OwnSends
 
 #: the only job kind of the model
@@ -303,7 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     names = list(ALL_POLICIES) if a.policy == "all" else a.policy.split(",")
     for n in names:
-        parse_policy(n)
+        try:
+            parse_policy(n)
+        except UnknownPolicy as e:
+            ap.error(str(e))
+    if not 0 < a.load < 1:
+        ap.error(f"--load {a.load}: must be in (0, 1) for the queues to be stable")
     if a.jobs < 10:
         ap.error(f"--jobs {a.jobs}: at least 10")
     base = Params(a.hosts, a.accel_hosts if a.accel_hosts is not None else max(1, a.hosts // 2), a.load,
