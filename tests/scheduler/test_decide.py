@@ -1,5 +1,7 @@
 """The policies (scheduler.decide) on hand-built tables: each one's choice,
 the estimates it explains, its counters, and its errors."""
+# Seeded random.Random streams make the decisions reproducible; nothing here is a key.
+# ruff: noqa: S311
 from __future__ import annotations
 
 import random
@@ -7,8 +9,17 @@ import re
 
 import pytest
 
-from scheduler.decide import (DAEMON_POLICIES, DEFAULT_POLICY, Decision, DecisionCounters, Job, View,
-                              decide, estimate, parse_policy)
+from scheduler.decide import (
+    DAEMON_POLICIES,
+    DEFAULT_POLICY,
+    Decision,
+    DecisionCounters,
+    Job,
+    View,
+    decide,
+    estimate,
+    parse_policy,
+)
 from scheduler.errors import NoCandidate, SchedulerError, UnknownPolicy
 from scheduler.table import LoadRow, LoadTable, OwnSends
 from tests.scheduler.test_table import row
@@ -105,7 +116,7 @@ def test_probe_reads_fresh_counters_and_counts_its_probes():
 
 
 def test_probing_without_a_probe_is_an_error():
-    with pytest.raises(SchedulerError, match="'probe' needs view.probe"):
+    with pytest.raises(SchedulerError, match=r"'probe' needs view\.probe"):
         decide(JOB, row(0, queued=1.0, busy=1), view(table(row(1))), random.Random(1), "probe")
 
 
@@ -131,7 +142,7 @@ def test_policy_names_round_trip():
 
 
 def test_a_job_nobody_can_run_raises():
-    with pytest.raises(NoCandidate, match="'fft'.*host 0"):
+    with pytest.raises(NoCandidate, match=r"'fft'.*host 0"):
         decide(JOB, row(0, units=0), view(table(row(1, units=0))), random.Random(1), "seed")
 
 

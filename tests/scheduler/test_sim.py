@@ -52,7 +52,8 @@ def test_probes_and_dissemination_are_counted(runs):
 
 
 def test_hosts_without_accelerators_get_no_jobs_and_speeds_are_honoured():
-    p = Params(hosts=6, accel_hosts=2, load=0.8, period=1.0, transfer=0.1, speeds=(2.0, 1.0), jobs=1500, seed=1)
+    p = Params(hosts=6, accel_hosts=2, load=0.8, period=1.0, transfer=0.1, speeds=(2.0, 1.0), jobs=1500,
+               seed=1)
     r = simulate(p, "probe")
     assert r.completed == p.jobs and r.duplicates == 0
     assert r.remote_fraction > 0.6   # 4 of 6 hosts must send everything away
