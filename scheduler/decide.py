@@ -18,7 +18,11 @@ when ``n`` jobs' worth of work (queued work / service time, plus this
 host's own sends since the row if accounted) are in a system of ``u``
 units: ``max(0, n - u + 1) x service_time / u`` (for one unit, the sum of
 the service times queued ahead). With perfect information this is the
-shortest-expected-delay cost.
+shortest-expected-delay cost (least work left when the counters are exact
+seconds of work). The job's own service is counted on both sides: on hosts
+of equal speed it cancels out and the comparison is the original rule's
+(local wait against 2 x transfer + the remote host's processing); on hosts
+of different speeds it is what differs.
 
 Policies (:func:`parse_policy`; ``+own`` adds own-send accounting to the
 table-based ones, ``probe:D`` sets the number of probed candidates):

@@ -115,6 +115,19 @@ def test_probe_reads_fresh_counters_and_counts_its_probes():
     assert d.target == 2 and d.probes == 0
 
 
+def test_probe_with_own_sends_counts_its_jobs_still_on_their_way():
+    t = table(row(1), row(2))
+    truth = {1: row(1, queued=1.0, busy=1, seq=2), 2: row(2, queued=1.5, busy=1, seq=2)}
+    own = OwnSends()
+    own.note(1, seq=1, seconds=1.0, now=0.45)   # sent 0.05 ago, the one-way transfer is 0.1
+    here = row(0, queued=5.0, busy=1)
+    assert decide(JOB, here, view(t, own, truth.__getitem__), random.Random(1), "probe").target == 1
+    d = decide(JOB, here, view(t, own, truth.__getitem__), random.Random(1), "probe+own")
+    assert d.target == 2 and d.probes == 2
+    own.note(2, seq=1, seconds=1.0, now=0.3)    # landed by now: the fresh counters have it
+    assert decide(JOB, here, view(t, own, truth.__getitem__), random.Random(1), "probe+own").target == 2
+
+
 def test_probing_without_a_probe_is_an_error():
     with pytest.raises(SchedulerError, match=r"'probe' needs view\.probe"):
         decide(JOB, row(0, queued=1.0, busy=1), view(table(row(1))), random.Random(1), "probe")
