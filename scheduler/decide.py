@@ -36,7 +36,8 @@ table-based ones, ``probe:D`` sets the number of probed candidates):
 * ``p2c``: the cheapest of here and 2 random remote candidates, their costs
   from the table.
 * ``probe``: the cheapest of here and ``d`` random remote candidates whose
-  counters are read fresh at decision time (``d`` probes per decision).
+  counters are read fresh at decision time (``d`` probes per decision; none
+  when here is idle and no host is fast enough to beat it even idle).
   Fresh counters miss the jobs still on their way, so ``+own`` adds this
   host's own sends to the candidate within the last one-way transfer time.
 * ``guided``: as ``probe``, but the first probed candidate is the table's
@@ -262,6 +263,11 @@ def decide(job: Job, here: LoadRow, view: View, rng: random.Random, policy: Poli
     if base in ("probe", "guided", "oracle"):
         if view.probe is None:
             raise SchedulerError(f"policy {pol.name!r} needs view.probe (live counters)")
+        if (base != "oracle" and mine is not None and here.idle(kind)
+                and all(mine.cost <= 2 * view.transfer_to(r.host) + job.size * r.service_time[kind]
+                        for r in remote)):
+            # here is idle and no host could beat it even if idle: no read can change the choice
+            return Decision(pol.name, here.host, here.host, (mine,), 0, "local idle, none faster")
         if base == "oracle":
             sample = remote
         elif base == "probe" or not remote:

@@ -128,6 +128,17 @@ def test_probe_with_own_sends_counts_its_jobs_still_on_their_way():
     assert decide(JOB, here, view(t, own, truth.__getitem__), random.Random(1), "probe+own").target == 2
 
 
+def test_probe_reads_nothing_when_here_is_idle_and_no_host_could_beat_it():
+    t = table(row(1), row(2, service=0.9))   # 2 x 0.1 + 0.9 > 1
+    truth = t.rows.__getitem__
+    d = decide(JOB, row(0), view(t, probe=truth), random.Random(1), "probe")
+    assert d.local and d.probes == 0 and d.reason == "local idle, none faster"
+    # a host four times as fast: 2 x 0.1 + 0.25 < 1: worth reading
+    t = table(row(1), row(2, service=0.25, seq=2))
+    d = decide(JOB, row(0), view(t, probe=t.rows.__getitem__), random.Random(1), "probe")
+    assert d.probes == 2 and d.target == 2
+
+
 def test_probing_without_a_probe_is_an_error():
     with pytest.raises(SchedulerError, match=r"'probe' needs view\.probe"):
         decide(JOB, row(0, queued=1.0, busy=1), view(table(row(1))), random.Random(1), "probe")

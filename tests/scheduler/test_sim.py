@@ -44,7 +44,7 @@ def test_seed_herds_on_a_stale_table(runs):
 
 
 def test_probes_and_dissemination_are_counted(runs):
-    assert runs["probe", 0.5].probes_per_job == pytest.approx(2.0)
+    assert 1.0 < runs["probe", 0.5].probes_per_job <= 2.0   # none when here is idle
     assert runs["p2c+own", 0.5].probes_per_job == 0.0
     # one advertisement per accelerator host per period (with jitter); none from the others
     for t in (0.5, 20.0):
