@@ -7,7 +7,8 @@ checked job whose input and output are views of the guest's registered
 memory. The target opens a window on its link over the output (REMOTE_WRITE:
 :class:`peering.link.WindowTable`) and SENDs a :class:`~peering.wire.JobMsg`
 naming it, if the peer's credits allow;
-otherwise the job waits in this peer's remote queue (``backlog``). The peer
+otherwise the job waits in this peer's remote queue (``backlog``, round robin
+across guests: :class:`RemoteQueue`). The peer
 grants a window on its staging memory (:class:`~peering.wire.GrantMsg`),
 the target WRITEs the input there straight from the guest's buffers and
 SENDs GO; the peer runs the job, WRITEs the output straight into the guest's
@@ -38,12 +39,12 @@ more.
 from __future__ import annotations
 
 import logging
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from itertools import count
 from time import monotonic
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -105,11 +106,13 @@ class PeerMetrics:
 class _Out:
     """A guest's job sent (or queued) to the peer."""
 
-    __slots__ = ("tag", "entry", "out_key", "granted", "abandoned", "slot", "input_pending", "result")
+    __slots__ = ("tag", "entry", "guest", "out_key", "granted", "abandoned", "slot", "input_pending",
+                 "result")
 
-    def __init__(self, tag: int, entry: Entry):
+    def __init__(self, tag: int, entry: Entry, guest: int = 0):
         self.tag = tag
         self.entry = entry
+        self.guest = guest  # the submitting device's guest id (its turn in the remote queue)
         self.out_key = 0
         self.granted = False
         self.abandoned = False
@@ -141,6 +144,63 @@ class _Served:
         self.target._finished(self, job)
 
 
+class RemoteQueue:
+    """A peer's remote queue: the jobs waiting for its credits, each guest's
+    (device's) in posted order. Which guest's job goes next is its owner's
+    choice (:meth:`popleft`'s key; ties go in turn), so that one guest's deep
+    queues do not hold every other guest's jobs back."""
+
+    def __init__(self) -> None:
+        self._q: dict[int, deque[_Out]] = {}
+        self._turns: deque[int] = deque()  # guests with jobs waiting, whose turn is next first
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self):
+        for d in self._q.values():
+            yield from d
+
+    def __contains__(self, o: _Out) -> bool:
+        d = self._q.get(o.guest)
+        return d is not None and o in d
+
+    def append(self, o: _Out) -> None:
+        d = self._q.get(o.guest)
+        if d is None:
+            d = self._q[o.guest] = deque()
+            self._turns.append(o.guest)
+        d.append(o)
+        self._n += 1
+
+    def popleft(self, key: Callable[[int], Any] = lambda g: 0) -> _Out:
+        """The oldest job of the waiting guest with the smallest ``key(guest)``."""
+        g = min(self._turns, key=key)  # min keeps the first of equals: the round robin
+        self._turns.remove(g)
+        d = self._q[g]
+        o = d.popleft()
+        if d:
+            self._turns.append(g)  # its next job waits for the other guests' turns
+        else:
+            del self._q[g]
+        self._n -= 1
+        return o
+
+    def remove(self, o: _Out) -> None:
+        d = self._q[o.guest]
+        d.remove(o)
+        self._n -= 1
+        if not d:
+            del self._q[o.guest]
+            self._turns.remove(o.guest)
+
+    def clear(self) -> None:
+        self._q.clear()
+        self._turns.clear()
+        self._n = 0
+
+
 def _as_accel_job(m: JobMsg) -> AccelJob:
     return AccelJob(m.tag, m.op, m.dtype, m.size, m.batch, m.iterations, m.early_stop, m.scaling, [], [])
 
@@ -162,7 +222,9 @@ class PeerTarget:
         self.sent: dict[int, _Out] = {}
         #: results in, input WRITE not yet acknowledged (they complete when it is)
         self.unacked: dict[int, _Out] = {}
-        self.backlog: deque[_Out] = deque()
+        self.backlog = RemoteQueue()
+        self._sends = 0
+        self._last_send: dict[int, int] = {}  # guest -> the number of its latest send
         self.served: dict[int, _Served] = {}   # the peer's jobs here, by tag, until results are sent
         #: results sent, not yet acknowledged: their staging stays (the output
         #: WRITE may be retransmitted) but the peer's credit is back
@@ -192,7 +254,8 @@ class PeerTarget:
             return AccelStatus.REMOTE_FAILED
         if not self.units(entry.op):
             return AccelStatus.NO_ACCELERATOR
-        o = _Out(next(self._tags), entry)
+        core = entry.aq.core
+        o = _Out(next(self._tags), entry, core.accel_guest if core is not None else 0)
         entry.remote = o
         if len(self.sent) < self.link.peer_credits:
             self._send(o)
@@ -241,12 +304,23 @@ class PeerTarget:
         msg = JobMsg(o.tag, job.op, job.dtype, job.size, job.batch, job.iterations, job.early_stop,
                      job.scaling, e.aq.priority, in_len, 0, o.out_key, e.out_len, slot)
         self.sent[o.tag] = o
+        self._sends += 1
+        if len(self._last_send) > 4096 and o.guest not in self._last_send:
+            self._last_send.clear()  # devices come and go: forget the long gone
+        self._last_send[o.guest] = self._sends
         link.send(o.tag << _WR_KIND | _WR_JOB, msg.encode())
         self.metrics.jobs_sent += 1
 
     def _dispatch(self) -> None:
         while self.backlog and len(self.sent) < self.link.peer_credits and self.link.state is LinkState.UP:
-            self._send(self.backlog.popleft())
+            self._send(self.backlog.popleft(self._turn_key()))
+
+    def _turn_key(self) -> Callable[[int], tuple[int, int]]:
+        """Whose job goes next: the guest with the fewest jobs on the peer, then the
+        one served longest ago."""
+        on_peer = Counter(o.guest for o in self.sent.values())
+        last = self._last_send
+        return lambda g: (on_peer[g], last.get(g, 0))
 
     def _result(self, r: ResultMsg) -> None:
         o = self.sent.pop(r.tag, None)

@@ -479,3 +479,32 @@ def test_a_connect_message_offering_accelerators_without_credits_is_refused():
     m = ConnectMsg(ConnectType.REP, 5, 1, 1, 0x1234, 7, 0, 1024, (OpInfo(AccelOp.FFT, 1),))
     with pytest.raises(PeerWireError, match="credits"):
         ConnectMsg.decode(m.encode())
+
+
+def test_the_remote_queue_takes_guests_in_turn():
+    """One credit on the link: guest 1 queues six jobs for the peer, then guest 2 one. The
+    remote queue serves first the guest with the fewest jobs on the peer, then the one
+    served longest ago, so guest 2's job goes second, not seventh (as a FIFO would send it)."""
+    c = Cluster(credits=1)
+    try:
+        g2 = Guest(c.fa, size=8 << 20, gpa=0x6000_0000, accel=c.ra)
+        pd2, cq2 = g2.alloc_pd(), g2.create_cq(64)
+        x = _c64_batch(1, 64, 9)
+        aq1 = c.g.create_aq(c.pd, c.cq, AccelOp.FFT)
+        for i in range(6):
+            _fft_job(c, aq1, i, x)
+        aq2 = g2.create_aq(pd2, cq2, AccelOp.FFT)
+        src = g2.reg_mr(pd2, x.nbytes)
+        g2.write(src.gpa, x.tobytes())
+        dst = g2.reg_mr(pd2, x.nbytes)
+        g2.post_aq_job(aq2, 100, AccelOp.FFT, size=64, inputs=[(src.addr, x.nbytes, src.lkey)],
+                       outputs=[(dst.addr, x.nbytes, dst.lkey)])
+        t = c.pa.targets[B_IP]
+        assert len(t.sent) == 1 and len(t.backlog) == 6
+        order: list[tuple[int, int]] = []
+        c.run(lambda: order.extend([(1, q.wr_id) for q in c.g.poll(c.cq)] + [(2, q.wr_id) for q in g2.poll(cq2)])
+              or len(order) == 7)
+        assert order.index((2, 100)) == 1, order  # right after guest 1's first job
+        assert g2.read(dst.gpa, x.nbytes) == accel_core.fft(x).tobytes()
+    finally:
+        c.close()
