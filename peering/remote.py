@@ -76,6 +76,9 @@ log = logging.getLogger(__name__)
 MAX_STAGING_BYTES = 256 << 20
 #: jobs a peer may have in flight here unless configured (--peer-credits)
 DEFAULT_CREDITS = 64
+#: seconds a job may stay on a peer whose link is alive before it is given back
+#: (REMOTE_FAILED, or LOCAL_FALLBACK): a wedged accelerator must not hold it for ever
+DEFAULT_JOB_TIMEOUT = 30.0
 #: landing slots this host offers each peer for job inputs, and their size: a job whose
 #: input fits a free slot is written there before its JOB message (no GRANT round trip)
 LANDING_SLOTS = 16
@@ -91,6 +94,7 @@ class PeerMetrics:
     jobs_backlogged: int = 0    # origin: waited in the remote queue for credits
     jobs_done: int = 0          # origin: settled with the peer's SUCCESS
     jobs_given_back: int = 0    # origin: the link failed or the peer refused
+    jobs_timed_out: int = 0     # origin: on the peer past the job timeout (given back)
     results_dropped: int = 0    # origin: a result for no outstanding job
     jobs_served: int = 0        # server: results sent for the peer's jobs
     jobs_landed: int = 0        # server: ... whose input came ahead into a landing slot
@@ -107,7 +111,7 @@ class _Out:
     """A guest's job sent (or queued) to the peer."""
 
     __slots__ = ("tag", "entry", "guest", "out_key", "granted", "abandoned", "slot", "input_pending",
-                 "result")
+                 "result", "deadline")
 
     def __init__(self, tag: int, entry: Entry, guest: int = 0):
         self.tag = tag
@@ -121,6 +125,7 @@ class _Out:
         #: still read (retransmissions), so the job is not completed before it is
         self.input_pending = False
         self.result: ResultMsg | None = None  # a result that came before that acknowledgement
+        self.deadline = 0.0  # when it is given back if the peer has not answered
 
 
 class _Served:
@@ -211,8 +216,10 @@ class PeerTarget:
     makes the link, whose owner the target is."""
 
     def __init__(self, host: int, router: AccelRouter, link_factory: Callable[[PeerTarget], PeerLink], *,
-                 credits: int = DEFAULT_CREDITS, clock: Callable[[], float] = monotonic):
+                 credits: int = DEFAULT_CREDITS, clock: Callable[[], float] = monotonic,
+                 job_timeout: float = DEFAULT_JOB_TIMEOUT):
         self.host = host
+        self.job_timeout = job_timeout
         self.router = router
         self.credits = credits
         self.clock = clock
@@ -304,6 +311,7 @@ class PeerTarget:
         msg = JobMsg(o.tag, job.op, job.dtype, job.size, job.batch, job.iterations, job.early_stop,
                      job.scaling, e.aq.priority, in_len, 0, o.out_key, e.out_len, slot)
         self.sent[o.tag] = o
+        o.deadline = self.clock() + self.job_timeout
         self._sends += 1
         if len(self._last_send) > 4096 and o.guest not in self._last_send:
             self._last_send.clear()  # devices come and go: forget the long gone
@@ -314,6 +322,27 @@ class PeerTarget:
     def _dispatch(self) -> None:
         while self.backlog and len(self.sent) < self.link.peer_credits and self.link.state is LinkState.UP:
             self._send(self.backlog.popleft(self._turn_key()))
+
+    def next_deadline(self) -> float | None:
+        """When the oldest job on the peer times out (None: none is there)."""
+        ds = [o.deadline for o in self.sent.values() if not o.abandoned]
+        return min(ds) if ds else None
+
+    def on_timer(self, now: float) -> None:
+        """Give back the jobs the peer has held past the job timeout. Each stays
+        counted on the peer (its credit, its landing slot) until its result
+        comes, and its output window is a sink from now on."""
+        for o in list(self.sent.values()):
+            if o.abandoned or o.deadline > now:
+                continue
+            log.warning("peer %s: job %d unanswered after %.1f s: given back", self.link.peer, o.tag,
+                        self.job_timeout)
+            o.abandoned = True
+            self.link.sink_window(o.out_key)
+            self.metrics.jobs_timed_out += 1
+            self.metrics.jobs_given_back += 1
+            o.entry.remote = None
+            settle(o.entry, AccelStatus.REMOTE_FAILED)
 
     def _turn_key(self) -> Callable[[int], tuple[int, int]]:
         """Whose job goes next: the guest with the fewest jobs on the peer, then the

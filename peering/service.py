@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from fabric.roce import roce_mtu
 from peering.link import LinkConfig, PeerLink
-from peering.remote import DEFAULT_CREDITS, PeerTarget
+from peering.remote import DEFAULT_CREDITS, DEFAULT_JOB_TIMEOUT, PeerTarget
 from peering.wire import MAX_OPS, ConnectMsg, OpInfo, PeerWireError
 from roce.opcodes import Opcode
 from verbs import GSI_QKEY
@@ -87,7 +87,7 @@ class Peering:
 
     def __init__(self, fabric: RoceFabric, router: AccelRouter, peers: list[str], *,
                  credits: int = DEFAULT_CREDITS, config: LinkConfig | None = None,
-                 clock: Callable[[], float] = monotonic):
+                 clock: Callable[[], float] = monotonic, job_timeout: float = DEFAULT_JOB_TIMEOUT):
         self.fabric = fabric
         self.router = router
         self.clock = clock
@@ -106,7 +106,7 @@ class Peering:
                                 ops=self.ops, config=self.config)
                 link.notify = self._rearm
                 return link
-            t = PeerTarget(host, router, link_factory, credits=credits, clock=clock)
+            t = PeerTarget(host, router, link_factory, credits=credits, clock=clock, job_timeout=job_timeout)
             self.targets[addr] = t
             router.add_remote(t)
         fabric.gsi = self.on_gsi
@@ -147,17 +147,22 @@ class Peering:
         self._rearm()
 
     def next_deadline(self) -> float | None:
-        ds = [d for t in self.targets.values() if (d := t.link.deadline()) is not None]
+        """The earliest deadline of any link (transport, REQ retry, keepalive) or job timeout."""
+        ds = [d for t in self.targets.values() for d in (t.link.deadline(), t.next_deadline())
+              if d is not None]
         return min(ds) if ds else None
 
     def on_timer(self, now: float) -> None:
         for t in list(self.targets.values()):
-            d = t.link.deadline()
-            if d is not None and d <= now:
-                try:
+            try:
+                d = t.link.deadline()
+                if d is not None and d <= now:
                     t.link.on_timer(now)
-                except Exception:  # one link's failure must not starve the others' timers
-                    log.exception("peer link %s: internal error in a timer", t.link.peer)
+                d = t.next_deadline()
+                if d is not None and d <= now:
+                    t.on_timer(now)
+            except Exception:  # one link's failure must not starve the others' timers
+                log.exception("peer link %s: internal error in a timer", t.link.peer)
 
     def close(self) -> None:
         now = self.clock()

@@ -46,12 +46,12 @@ def _service(slowdown: float = 1.0):
 class Cluster:
     """A (no accelerators unless ``a_local``) and B (FFT and Turbo), linked."""
 
-    def __init__(self, *, a_local=False, config=FAST, credits=64, b_slowdown=1.0, **wire_kw):
+    def __init__(self, *, a_local=False, config=FAST, credits=64, b_slowdown=1.0, job_timeout=30.0, **wire_kw):
         self.fa, self.fb = RoceFabric(A_IP), RoceFabric(B_IP)
         self.wire = Wire([self.fa, self.fb], **wire_kw)
         self.ra = AccelRouter(_service() if a_local else None)
         self.rb = AccelRouter(_service(b_slowdown))
-        self.pa = Peering(self.fa, self.ra, [B_IP], config=config, credits=credits)
+        self.pa = Peering(self.fa, self.ra, [B_IP], config=config, credits=credits, job_timeout=job_timeout)
         self.pb = Peering(self.fb, self.rb, [A_IP], config=config, credits=credits)
         self.b_up = True
         self.pa.start()
@@ -506,5 +506,32 @@ def test_the_remote_queue_takes_guests_in_turn():
               or len(order) == 7)
         assert order.index((2, 100)) == 1, order  # right after guest 1's first job
         assert g2.read(dst.gpa, x.nbytes) == accel_core.fft(x).tobytes()
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_a_peer_that_keeps_its_link_but_never_answers_a_job_times_it_out(fallback):
+    """B is alive (its link answers) but its accelerator is 1000x slow: past the job timeout
+    the job is given back (REMOTE_FAILED, or run here with LOCAL_FALLBACK); B's late result
+    is dropped, its credit and slot come back then, nothing lands in the guest's buffer."""
+    c = Cluster(a_local=fallback, b_slowdown=1000.0, job_timeout=0.05)
+    try:
+        flags = AqFlags.FORCE_TARGET | (AqFlags.LOCAL_FALLBACK if fallback else 0)
+        aq = c.g.create_aq(c.pd, c.cq, AccelOp.FFT, flags=flags, target_host=1)
+        x = _c64_batch(16, 2048, 10)                  # ~0.1 ms of work: ~0.1 s at 1000x
+        dst = _fft_job(c, aq, 1, x)
+        (q,) = c.cqes(1)
+        t = c.pa.targets[B_IP]
+        assert t.metrics.jobs_timed_out == 1 and len(t.sent) == 1  # still counted on B
+        if fallback:
+            assert q.status is AccelStatus.SUCCESS and q.host == 0
+            assert _out(c, dst, x.nbytes) == accel_core.fft(x).tobytes()
+        else:
+            assert q.status is AccelStatus.REMOTE_FAILED
+        before = _out(c, dst, x.nbytes)
+        c.run(lambda: not t.sent, timeout=30)          # B's late result: dropped
+        assert _out(c, dst, x.nbytes) == before and not c.g.poll(c.cq)
+        assert sorted(t.free_slots) == list(range(16)) and c.link_a.state is LinkState.UP
     finally:
         c.close()
