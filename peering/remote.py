@@ -131,13 +131,14 @@ class _Out:
 class _Served:
     """A peer's job running here (the router's owner of its local job)."""
 
-    __slots__ = ("target", "msg", "x", "y", "its", "job", "bytes", "in_key", "slot", "gen")
+    __slots__ = ("target", "msg", "spec", "x", "y", "its", "job", "bytes", "in_key", "slot", "epoch")
 
-    def __init__(self, target: PeerTarget, msg: JobMsg):
+    def __init__(self, target: PeerTarget, msg: JobMsg, spec: AccelJob):
         self.target = target
         self.msg = msg
+        self.spec = spec              # its parameters, as a guest's job has them (checked)
         self.slot: int | None = None  # the landing slot holding its input
-        self.gen = target.gen         # the link's life it arrived in
+        self.epoch = target.link.epoch  # the link's life it arrived in
         self.in_key = 0  # the window the origin WRITEs the input into, until its GO
         self.x: np.ndarray | None = None
         self.y: np.ndarray | None = None
@@ -244,8 +245,6 @@ class PeerTarget:
         self._landing: np.ndarray | None = None
         self._slot_bytes = LANDING_SLOT_KIB << 10
         self._busy_slots: set[int] = set()
-        #: incremented when the link goes down: a job of an earlier life finds its slot gone
-        self.gen = 0
         if router.local is not None and any(router.local.units(op) for op in AccelOp):
             self._new_landing()
 
@@ -399,7 +398,6 @@ class PeerTarget:
             if not o.abandoned and o.result is not None:
                 self._complete(o, o.result)
         self.free_slots = []
-        self.gen += 1
         if self._landing is not None:
             self._new_landing()
         for o in outs:
@@ -504,9 +502,9 @@ class PeerTarget:
             self._refuse(m.tag, AccelStatus.REMOTE_FAILED)
             return
         if m.slot != NO_SLOT:
-            self._serve_landed(m, in_need, k_out)
+            self._serve_landed(m, spec, in_need, k_out)
             return
-        s = _Served(self, m)
+        s = _Served(self, m, spec)
         # zeroed: a peer that says GO without writing finds zeros, never another job's bytes
         if fft:  # in place
             s.x = s.y = np.zeros(in_need // NP_DTYPE[m.dtype].itemsize, dtype=NP_DTYPE[m.dtype])
@@ -525,7 +523,7 @@ class PeerTarget:
         link.send(m.tag << _WR_KIND | _WR_GRANT, GrantMsg(m.tag, s.in_key).encode())
         link.kick(self.clock())
 
-    def _serve_landed(self, m: JobMsg, in_need: int, k_out: int) -> None:
+    def _serve_landed(self, m: JobMsg, spec: AccelJob, in_need: int, k_out: int) -> None:
         """A job whose input the peer wrote into landing slot ``m.slot`` ahead of it:
         run it on the slot in place (the slot is this peer's alone: nothing of
         another peer's is ever there)."""
@@ -535,7 +533,7 @@ class PeerTarget:
             self._protocol_error(f"job {m.tag} names landing slot {slot}, which is not free for "
                                  f"{in_need} bytes")
             return
-        s = _Served(self, m)
+        s = _Served(self, m, spec)
         s.slot = slot
         self._busy_slots.add(slot)
         raw = self._landing[slot * self._slot_bytes:slot * self._slot_bytes + in_need]
@@ -553,14 +551,14 @@ class PeerTarget:
         self._run(s)
 
     def _free_slot(self, s: _Served) -> None:
-        if s.slot is not None and s.gen == self.gen:
+        if s.slot is not None and s.epoch == self.link.epoch:  # else its slot went with an earlier life
             self._busy_slots.discard(s.slot)
         s.slot = None
 
     def _new_landing(self) -> None:
-        """Fresh landing memory for the next life of the link: a job of the last
-        one still running keeps its own slot (its view keeps that memory), and
-        nothing written into the new slots can reach it."""
+        """Fresh landing memory for the next life of the link (``link.epoch``): a
+        job of the last one still running keeps its own slot (its view keeps that
+        memory), and nothing written into the new slots can reach it."""
         self._landing = np.zeros(LANDING_SLOTS * self._slot_bytes, dtype=np.uint8)  # lazily zeroed pages
         self.link.landing = (self._landing.data, LANDING_SLOTS, LANDING_SLOT_KIB)
         self._busy_slots = set()
@@ -581,7 +579,7 @@ class PeerTarget:
         local = self.router.local
         assert local is not None and s.x is not None and s.y is not None
         try:
-            job = make_job(CORE_OP[m.op], _as_accel_job(m), s.x, s.y, guest_id=self.guest_id,
+            job = make_job(CORE_OP[m.op], s.spec, s.x, s.y, guest_id=self.guest_id,
                            priority=min(m.priority, MAX_PRIORITY))
         except InvalidInput:
             self._drop_served(s, AccelStatus.INVALID_PARAMS)
