@@ -223,6 +223,11 @@ class Entry:
             self.temp = 0
 
     def fail(self, status: AccelStatus) -> None:
+        """Completes with error ``status``: nothing is written to the output."""
+        self.end(status)
+
+    def end(self, status: AccelStatus) -> None:
+        """Done with ``status``: the guest's buffers, the job and the temporaries let go."""
         self.status = status
         self.done = True
         self.job = None
@@ -1063,12 +1068,9 @@ def settle(e: Entry, status: AccelStatus, *, byte_len: int = 0, wait_us: int = 0
 def _settle(core: RdmaDeviceCore, e: Entry, status: AccelStatus, byte_len: int, wait_us: int,
             service_us: int, iterations: int, host: int) -> None:
     if status is AccelStatus.SUCCESS:
-        e.status = status
         e.byte_len = byte_len
         e.wait_us, e.service_us, e.iterations, e.host = wait_us, service_us, iterations, host
-        e.done = True
-        e.spec, e.target, e.remote = None, None, None
-        e.in_views, e.out_views = [], []
+        e.end(status)
     elif status in (AccelStatus.REMOTE_FAILED, AccelStatus.NO_ACCELERATOR) and core.accel is not None:
         _given_back(core, e, status, core.accel)
     else:
@@ -1150,11 +1152,7 @@ def finish(core: RdmaDeviceCore, e: Entry, job: Job) -> None:
         _scatter(out, k_out, _bytes_of(its))
         e.iterations = int(used.max()) if used.size else 0
     e.byte_len = e.out_len
-    e.done = True
-    e.job = None
-    e.out_views = []
-    e.out_tmp = None
-    e.release_temp()
+    e.end(AccelStatus.SUCCESS)
 
 
 def resume(core: RdmaDeviceCore) -> None:
