@@ -17,6 +17,7 @@ APT_PACKAGES=(
   tshark iproute2 iptables
   python3-pyverbs ibverbs-utils rdma-core
   busybox-static cpio zstd xz-utils kmod
+  redis-server
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
