@@ -9,6 +9,12 @@ simulator) and a ``random.Random``; it returns a :class:`Decision`: the
 target host, every candidate considered with its estimate, the number of
 probes it made, and why. Same inputs and rng state, same decision.
 
+The daemon cannot read a peer's counters synchronously (a READ is a round
+trip), so :func:`decide` is two steps it can take apart: :func:`plan` gives a
+:class:`Decision` at once, or a :class:`Plan` naming the hosts to read;
+:func:`finish` decides once the reads are in (a failed read: that host is
+not chosen). The simulator reads at once (:func:`decide` does both steps).
+
 The cost of running a job of kind ``k`` on host ``h`` (:func:`estimate`)::
 
     cost = 2 x transfer(h)  +  wait(h)  +  size x service_time(h, k)
@@ -214,8 +220,31 @@ def _cheapest(ests: list[Estimate], rng: random.Random) -> Estimate:
     return ties[0] if len(ties) == 1 else rng.choice(ties)
 
 
-def decide(job: Job, here: LoadRow, view: View, rng: random.Random, policy: Policy | str) -> Decision:
-    """Where ``job``, submitted on host ``here.host``, runs (module docstring)."""
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A probing decision waiting for its reads: the hosts to read (in order),
+    and what :func:`finish` needs to choose once their counters are in.
+
+    The daemon issues one RDMA READ per host in :attr:`reads` and calls
+    :func:`finish` with what came back (None for a read that failed); the
+    simulator (and :func:`decide`) reads at once."""
+
+    policy: Policy
+    job: Job
+    here: int
+    #: this host's own estimate (None: it has no unit of the kind)
+    mine: Estimate | None
+    #: hosts whose counters to read, in order
+    reads: tuple[int, ...]
+    #: every live remote candidate from the table (a failed read's fallback)
+    remote: tuple[int, ...]
+
+
+def plan(job: Job, here: LoadRow, view: View, rng: random.Random, policy: Policy | str) -> Decision | Plan:
+    """Where ``job``, submitted on host ``here.host``, runs (module docstring): a
+    :class:`Decision` when the policy needs no fresh counters for it, else a
+    :class:`Plan` naming the hosts to read; :func:`finish` completes it. The
+    same inputs and rng state give the same result."""
     pol = parse_policy(policy) if isinstance(policy, str) else policy
     kind = job.kind
     now = view.now
@@ -229,11 +258,7 @@ def decide(job: Job, here: LoadRow, view: View, rng: random.Random, policy: Poli
         return estimate(row, kind, view.transfer_to(row.host), fresh=False, own=own, size=job.size)
 
     def choose(ests: list[Estimate], probes: int, reason: str) -> Decision:
-        pick = _cheapest(ests, rng)
-        if mine is not None and mine.cost <= pick.cost:
-            pick = mine
-        cands = tuple(ests) if mine is None else (mine, *ests)
-        return Decision(pol.name, here.host, pick.host, cands, probes, reason)
+        return _choose(pol, here.host, mine, ests, probes, reason, rng)
 
     base = pol.base
     if base == "seed":
@@ -261,8 +286,6 @@ def decide(job: Job, here: LoadRow, view: View, rng: random.Random, policy: Poli
             return Decision(pol.name, here.host, here.host, (mine,), 0, "no remote")
         return choose([table_est(r) for r in sample], 0, "best of sampled (table)")
     if base in ("probe", "guided", "oracle"):
-        if view.probe is None:
-            raise SchedulerError(f"policy {pol.name!r} needs view.probe (live counters)")
         if (base != "oracle" and mine is not None and here.idle(kind)
                 and all(mine.cost <= 2 * view.transfer_to(r.host) + job.size * r.service_time[kind]
                         for r in remote)):
@@ -279,20 +302,54 @@ def decide(job: Job, here: LoadRow, view: View, rng: random.Random, policy: Poli
         if not sample:
             assert mine is not None
             return Decision(pol.name, here.host, here.host, (mine,), 0, "no remote")
-        ests = []
-        for r in sample:
-            fresh = view.probe(r.host)
-            if fresh.has(kind):
-                d = view.transfer_to(r.host)
-                own = (view.own.in_flight(r.host, now, d)
-                       if pol.own_sends and view.own is not None and base != "oracle" else 0.0)
-                ests.append(estimate(fresh, kind, d, fresh=True, own=own, size=job.size))
-        probes = 0 if base == "oracle" else len(sample)
-        if not ests:
-            assert mine is not None
-            return Decision(pol.name, here.host, here.host, (mine,), probes, "probes found none")
-        why = {"probe": "best of probed", "guided": "best of probed (table's best + random)",
-               "oracle": "shortest expected delay"}[base]
-        return choose(ests, probes, why)
+        return Plan(pol, job, here.host, mine, tuple(r.host for r in sample), tuple(r.host for r in remote))
     raise UnknownPolicy(pol.base, DAEMON_POLICIES + REFERENCE_POLICIES)
 
+
+def finish(p: Plan, view: View, read: Mapping[int, LoadRow | None], rng: random.Random) -> Decision:
+    """The decision of a :class:`Plan` once its reads are in: ``read[host]`` is
+    the counters read of each host of ``p.reads`` (None, or missing: the read
+    failed, and that host is not chosen)."""
+    pol, job, kind = p.policy, p.job, p.job.kind
+    ests = []
+    for host in p.reads:
+        fresh = read.get(host)
+        if fresh is not None and fresh.has(kind):
+            d = view.transfer_to(host)
+            own = (view.own.in_flight(host, view.now, d)
+                   if pol.own_sends and view.own is not None and pol.base != "oracle" else 0.0)
+            ests.append(estimate(fresh, kind, d, fresh=True, own=own, size=job.size))
+    probes = 0 if pol.base == "oracle" else len(p.reads)
+    if not ests:
+        if p.mine is not None:
+            return Decision(pol.name, p.here, p.here, (p.mine,), probes, "probes found none")
+        # nobody read could run it: any other live candidate, unread
+        rest = [h for h in p.remote if h not in p.reads]
+        if not rest:
+            raise NoCandidate(f"no host runs {kind!r}: every read of {list(p.reads)} failed")
+        row = view.table.rows[rng.choice(rest)]
+        est = estimate(row, kind, view.transfer_to(row.host), fresh=False, size=job.size)
+        return Decision(pol.name, p.here, row.host, (est,), probes, "probes found none: random")
+    why = {"probe": "best of probed", "guided": "best of probed (table's best + random)",
+           "oracle": "shortest expected delay"}[pol.base]
+    return _choose(pol, p.here, p.mine, ests, probes, why, rng)
+
+
+def _choose(pol: Policy, here: int, mine: Estimate | None, ests: list[Estimate], probes: int,
+            reason: str, rng: random.Random) -> Decision:
+    pick = _cheapest(ests, rng)
+    if mine is not None and mine.cost <= pick.cost:
+        pick = mine
+    cands = tuple(ests) if mine is None else (mine, *ests)
+    return Decision(pol.name, here, pick.host, cands, probes, reason)
+
+
+def decide(job: Job, here: LoadRow, view: View, rng: random.Random, policy: Policy | str) -> Decision:
+    """Where ``job``, submitted on host ``here.host``, runs (module docstring):
+    :func:`plan`, then each read at once through ``view.probe``, then :func:`finish`."""
+    p = plan(job, here, view, rng, policy)
+    if isinstance(p, Decision):
+        return p
+    if view.probe is None:
+        raise SchedulerError(f"policy {p.policy.name!r} needs view.probe (live counters)")
+    return finish(p, view, {h: view.probe(h) for h in p.reads}, rng)

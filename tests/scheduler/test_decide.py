@@ -15,10 +15,13 @@ from scheduler.decide import (
     Decision,
     DecisionCounters,
     Job,
+    Plan,
     View,
     decide,
     estimate,
+    finish,
     parse_policy,
+    plan,
 )
 from scheduler.errors import NoCandidate, SchedulerError, UnknownPolicy
 from scheduler.table import LoadRow, LoadTable, OwnSends
@@ -137,6 +140,43 @@ def test_probe_reads_nothing_when_here_is_idle_and_no_host_could_beat_it():
     t = table(row(1), row(2, service=0.25, seq=2))
     d = decide(JOB, row(0), view(t, probe=t.rows.__getitem__), random.Random(1), "probe")
     assert d.probes == 2 and d.target == 2
+
+
+def test_plan_names_the_reads_and_finish_decides_on_what_came_back():
+    """The daemon's two steps: the plan's reads go out as RDMA READs, finish() takes
+    what came back; a failed read (None) is never chosen. Same rng, same as decide()."""
+    t = table(row(1), row(2), row(3))
+    truth = {1: row(1, queued=4.0, busy=1, seq=2), 2: row(2, queued=0.5, busy=1, seq=2),
+             3: row(3, queued=0.0, seq=2)}
+    here = row(0, queued=5.0, busy=1)
+    p = plan(JOB, here, view(t), random.Random(7), "probe")
+    assert isinstance(p, Plan) and len(p.reads) == 2 and set(p.reads) <= {1, 2, 3}
+    assert sorted(p.remote) == [1, 2, 3]
+    whole = decide(JOB, here, view(t, probe=truth.__getitem__), random.Random(7), "probe")
+    rng = random.Random(7)
+    p = plan(JOB, here, view(t), rng, "probe")
+    assert finish(p, view(t), {h: truth[h] for h in p.reads}, rng) == whole
+    # the cheaper read failed: the other one, or here, is chosen; never the failed host
+    best = min(p.reads, key=lambda h: truth[h].queued["fft"])
+    d = finish(p, view(t), {h: (None if h == best else truth[h]) for h in p.reads}, random.Random(1))
+    assert d.target != best and d.probes == 2
+    # every read failed: here, which has a unit
+    d = finish(p, view(t), {}, random.Random(1))
+    assert d.local and d.reason == "probes found none"
+
+
+def test_a_host_without_units_whose_reads_all_fail_sends_to_an_unread_candidate():
+    t = table(row(1), row(2), row(3))
+    here = LoadRow(host=0, units={}, service_time={}, queued={}, busy={})
+    p = plan(JOB, here, view(t), random.Random(3), "probe")
+    assert isinstance(p, Plan) and p.mine is None
+    d = finish(p, view(t), {}, random.Random(1))
+    (unread,) = set(p.remote) - set(p.reads)
+    assert d.target == unread and d.reason == "probes found none: random"
+    two = table(row(1), row(2))
+    p = plan(JOB, here, view(two), random.Random(3), "probe")
+    with pytest.raises(NoCandidate, match=r"every read of \[.*\] failed"):
+        finish(p, view(two), {}, random.Random(1))
 
 
 def test_probing_without_a_probe_is_an_error():
