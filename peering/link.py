@@ -32,7 +32,9 @@ timer). :class:`PeerLink` owns that QP on this side:
   whose job was abandoned is redirected to a sink (reads give zeros, writes
   are dropped) until the peer's result closes it,
   so guest memory is never touched after its queue or device is gone, and
-  the peer is not punished for it. A table lives as long as its QP.
+  the peer is not punished for it. The one window the peer may READ is the
+  owner's counters (its live load, :mod:`scheduler.wire`), opened on every
+  new QP and named in the connect message. A table lives as long as its QP.
 
 Inputs: :meth:`PeerLink.on_connect` (a decoded datagram), the fabric's
 :meth:`receive`/:meth:`pump`, :meth:`on_timer`; outputs: packets through
@@ -61,9 +63,9 @@ from verbs import GSI_QKEY, GSI_QPN, PSN_MASK, Access, QpState, WcStatus, WrOpco
 
 log = logging.getLogger(__name__)
 
-#: rights a link QP grants its peer: WRITE into the windows it is given, nothing
-#: else (no job needs the peer to READ this host's memory)
-LINK_ACCESS = Access.REMOTE_WRITE
+#: rights a link QP grants its peer; each window narrows them: a job's windows are
+#: REMOTE_WRITE only, the counters window REMOTE_READ only (the one thing a peer reads)
+LINK_ACCESS = Access.REMOTE_WRITE | Access.REMOTE_READ
 #: receive buffers beyond the credits
 RECV_SLACK = 8
 _U64 = (1 << 64) - 1
@@ -270,6 +272,11 @@ class PeerLink:
         self.landing_rkey = 0
         #: the peer's landing window: (rkey, slots, slot bytes), or None
         self.peer_landing: tuple[int, int, int] | None = None
+        #: the owner's live load counters, READ by the peer (a window opened on every new QP)
+        self.counters: memoryview | None = None
+        self.counters_rkey = 0
+        #: the peer's counters window: (rkey, bytes), or None
+        self.peer_counters: tuple[int, int] | None = None
         self.closed = False
         self.dev = self                 # the fabric re-arms timers through dev.notify
         #: called when deadline() may have moved earlier (the service re-arms its timer)
@@ -304,6 +311,8 @@ class PeerLink:
         self._post_recvs(self.credits + RECV_SLACK)
         if self.landing is not None:
             self.landing_rkey = self.table.open([self.landing[0]], Access.REMOTE_WRITE)
+        if self.counters is not None:
+            self.counters_rkey = self.table.open([self.counters], Access.REMOTE_READ)
 
     def _post_recvs(self, n: int) -> None:
         assert self.rc is not None
@@ -333,7 +342,9 @@ class PeerLink:
     def _connect_msg(self, kind: int, echo: int) -> ConnectMsg:
         slots, kib = self.landing[1:] if self.landing is not None else (0, 0)
         return ConnectMsg(kind, self.incarnation, echo, self.attempt, self.qpn, self._psn, self.credits,
-                          self.config.mtu, tuple(self._ops()), self.landing_rkey if slots else 0, slots, kib)
+                          self.config.mtu, tuple(self._ops()), self.landing_rkey if slots else 0, slots, kib,
+                          self.counters_rkey,
+                          len(self.counters) if self.counters_rkey and self.counters is not None else 0)
 
     def on_connect(self, msg: ConnectMsg, now: float) -> None:
         """A REQ or REP from this link's peer (decoded, from its address)."""
@@ -375,6 +386,7 @@ class PeerLink:
         self.peer_ops = {int(o.op): o for o in msg.ops}
         self.peer_landing = ((msg.landing_rkey, msg.landing_slots, msg.landing_slot_kib << 10)
                              if msg.landing_rkey else None)
+        self.peer_counters = (msg.counters_rkey, msg.counters_len) if msg.counters_rkey else None
         self._bring_up(msg.qpn, msg.psn, msg.mtu, now)
         self._post_recvs(msg.credits)  # their results (for our jobs, at most their credits)
 
@@ -419,6 +431,8 @@ class PeerLink:
         self.peer_ops = {}
         self.peer_landing = None
         self.landing_rkey = 0
+        self.peer_counters = None
+        self.counters_rkey = 0
 
     def close(self, now: float = 0.0) -> None:
         """The daemon stops: the link goes DOWN for good (its jobs given back)."""

@@ -84,7 +84,7 @@ DEFAULT_JOB_TIMEOUT = 30.0
 LANDING_SLOTS = 16
 LANDING_SLOT_KIB = 1024
 # send WR ids: the low 3 bits say what completed, the rest is the job's tag
-_WR_JOB, _WR_GRANT, _WR_INPUT, _WR_GO, _WR_OUTPUT, _WR_RESULT = 0, 1, 2, 3, 4, 5
+_WR_JOB, _WR_GRANT, _WR_INPUT, _WR_GO, _WR_OUTPUT, _WR_RESULT, _WR_PROBE = 0, 1, 2, 3, 4, 5, 6
 _WR_KIND = 3
 
 
@@ -111,7 +111,7 @@ class _Out:
     """A guest's job sent (or queued) to the peer."""
 
     __slots__ = ("tag", "entry", "guest", "out_key", "granted", "abandoned", "slot", "input_pending",
-                 "result", "deadline")
+                 "result", "deadline", "sent_at", "nbytes")
 
     def __init__(self, tag: int, entry: Entry, guest: int = 0):
         self.tag = tag
@@ -126,6 +126,8 @@ class _Out:
         self.input_pending = False
         self.result: ResultMsg | None = None  # a result that came before that acknowledgement
         self.deadline = 0.0  # when it is given back if the peer has not answered
+        self.sent_at = 0.0   # when its JOB went (its time on the wire: response - wait - service)
+        self.nbytes = 0      # input + output bytes it moves
 
 
 class _Served:
@@ -293,6 +295,20 @@ class PeerTarget:
             # again): fail the link, so that nothing more is read from a device that is gone
             self._protocol_error(f"job {o.tag}'s device went while its input was being sent")
 
+    def probe(self, tag: int, into: memoryview) -> bool:
+        """RDMA READ the peer's counters window into ``into`` (the dispatcher's
+        read ``tag``: its completion goes to ``router.dispatcher.read_done``);
+        False if the link is not up or the peer offers no counters."""
+        pc = self.link.peer_counters
+        if self.link.state is not LinkState.UP or pc is None or len(into) > pc[1]:
+            return False
+        self.link.read(tag << _WR_KIND | _WR_PROBE, into, pc[0], 0)
+        self.link.kick_soon(self.clock)
+        return True
+
+    def _dispatcher(self) -> Any:
+        return self.router.dispatcher
+
     # ----------------------------------------------------------------- origin
     def _send(self, o: _Out) -> None:
         e, link = o.entry, self.link
@@ -310,7 +326,9 @@ class PeerTarget:
         msg = JobMsg(o.tag, job.op, job.dtype, job.size, job.batch, job.iterations, job.early_stop,
                      job.scaling, e.aq.priority, in_len, 0, o.out_key, e.out_len, slot)
         self.sent[o.tag] = o
-        o.deadline = self.clock() + self.job_timeout
+        o.sent_at = self.clock()
+        o.nbytes = in_len + e.out_len
+        o.deadline = o.sent_at + self.job_timeout
         self._sends += 1
         if len(self._last_send) > 4096 and o.guest not in self._last_send:
             self._last_send.clear()  # devices come and go: forget the long gone
@@ -377,6 +395,10 @@ class PeerTarget:
             status = AccelStatus.REMOTE_FAILED
         if status is AccelStatus.SUCCESS:
             self.metrics.jobs_done += 1
+            d = self._dispatcher()
+            if d is not None:
+                d.job_done(self.host, o.nbytes,
+                           self.clock() - o.sent_at - (r.wait_us + r.service_us) * 1e-6)
         elif status in (AccelStatus.REMOTE_FAILED, AccelStatus.NO_ACCELERATOR):
             self.metrics.jobs_given_back += 1
         settle(e, status, byte_len=r.byte_len, wait_us=r.wait_us, service_us=r.service_us,
@@ -384,11 +406,17 @@ class PeerTarget:
 
     # --------------------------------------------------------- link callbacks
     def on_up(self, link: PeerLink) -> None:
+        d = self._dispatcher()
+        if d is not None:
+            d.host_up(self.host)
         self.free_slots = list(range(link.peer_landing[1])) if link.peer_landing is not None else []
         log.info("peer host %d (%s) up: credits %d, accelerators %s", self.host, link.peer,
                  link.peer_credits, {AccelOp(o).name: i.units for o, i in link.peer_ops.items()})
 
     def on_down(self, link: PeerLink, reason: str) -> None:
+        d = self._dispatcher()
+        if d is not None:  # first: its jobs given back below are placed elsewhere
+            d.host_down(self.host, f"its link went down ({reason})")
         outs = list(self.sent.values()) + list(self.backlog)
         done = list(self.unacked.values())
         self.sent.clear()
@@ -466,6 +494,10 @@ class PeerTarget:
             s = self.draining.pop(tag, None)
             if s is not None:
                 self._release(s)
+        elif kind == _WR_PROBE:
+            d = self._dispatcher()
+            if d is not None:
+                d.read_done(tag, status is WcStatus.SUCCESS)
 
     # ----------------------------------------------------------------- server
     def _refuse(self, tag: int, status: AccelStatus) -> None:
@@ -591,6 +623,8 @@ class PeerTarget:
         except AccelError:
             self.router.forget(job)
             self._drop_served(s, AccelStatus.NO_ACCELERATOR)
+            return
+        self.router.load_changed()
 
     def _drop_served(self, s: _Served, status: AccelStatus) -> None:
         del self.served[s.msg.tag]

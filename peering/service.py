@@ -26,6 +26,7 @@ from time import monotonic
 from typing import TYPE_CHECKING
 
 from fabric.roce import roce_mtu
+from peering.dispatch import Dispatcher
 from peering.link import LinkConfig, PeerLink
 from peering.remote import DEFAULT_CREDITS, DEFAULT_JOB_TIMEOUT, PeerTarget
 from peering.wire import MAX_OPS, ConnectMsg, OpInfo, PeerWireError
@@ -87,7 +88,8 @@ class Peering:
 
     def __init__(self, fabric: RoceFabric, router: AccelRouter, peers: list[str], *,
                  credits: int = DEFAULT_CREDITS, config: LinkConfig | None = None,
-                 clock: Callable[[], float] = monotonic, job_timeout: float = DEFAULT_JOB_TIMEOUT):
+                 clock: Callable[[], float] = monotonic, job_timeout: float = DEFAULT_JOB_TIMEOUT,
+                 policy: str | None = None, load_period: float = 1.0):
         self.fabric = fabric
         self.router = router
         self.clock = clock
@@ -99,17 +101,30 @@ class Peering:
         self.gsi_dropped = 0       # datagrams to QPN 1 that were no peer's connect message
         #: called when the earliest deadline may have moved (the adapter re-arms its timer)
         self.rearm: Callable[[], None] | None = None
+        #: the cluster scheduler: where a job no queue pins runs (None: here if this
+        #: host can, else the first peer that can)
+        self.dispatcher = (Dispatcher(router, policy, period=load_period, clock=clock)
+                           if policy is not None else None)
+        if self.dispatcher is not None:
+            self.dispatcher.rearm = self._rearm
         for host, addr in enumerate(check_peers(peers, fabric.address), 1):
             def link_factory(target, addr=addr):
                 link = PeerLink(fabric, addr, target, incarnation=self.incarnation,
                                 active=me.packed < ipaddress.ip_address(addr).packed, credits=credits,
                                 ops=self.ops, config=self.config)
                 link.notify = self._rearm
+                if self.dispatcher is not None:
+                    link.counters = self.dispatcher.region
                 return link
             t = PeerTarget(host, router, link_factory, credits=credits, clock=clock, job_timeout=job_timeout)
             self.targets[addr] = t
             router.add_remote(t)
         fabric.gsi = self.on_gsi
+
+    def resolve(self, address: str) -> int | None:
+        """The host id of a peer address (None: not a peer of this daemon)."""
+        t = self.targets.get(address)
+        return t.host if t is not None else None
 
     def ops(self) -> tuple[OpInfo, ...]:
         """This host's accelerators, as a connect message carries them."""
@@ -150,6 +165,10 @@ class Peering:
         """The earliest deadline of any link (transport, REQ retry, keepalive) or job timeout."""
         ds = [d for t in self.targets.values() for d in (t.link.deadline(), t.next_deadline())
               if d is not None]
+        if self.dispatcher is not None:
+            d = self.dispatcher.next_deadline()
+            if d is not None:
+                ds.append(d)
         return min(ds) if ds else None
 
     def on_timer(self, now: float) -> None:
@@ -163,6 +182,14 @@ class Peering:
                     t.on_timer(now)
             except Exception:  # one link's failure must not starve the others' timers
                 log.exception("peer link %s: internal error in a timer", t.link.peer)
+        disp = self.dispatcher
+        if disp is not None:
+            at = disp.next_deadline()
+            if at is not None and at <= now:
+                try:
+                    disp.on_timer(now)
+                except Exception:
+                    log.exception("scheduler: internal error in a timer")
 
     def close(self) -> None:
         now = self.clock()
@@ -173,6 +200,7 @@ class Peering:
 
     def describe(self) -> dict:
         return {"incarnation": self.incarnation, "gsi_dropped": self.gsi_dropped,
+                "scheduler": self.dispatcher.describe() if self.dispatcher is not None else None,
                 "peers": {a: t.describe() for a, t in self.targets.items()}}
 
 
@@ -193,6 +221,8 @@ class PeeringService:
         self.peering.rearm = self._schedule
         for t in self.peering.targets.values():
             t.link.defer = self._loop.call_soon
+        if self.peering.dispatcher is not None:
+            self.peering.dispatcher.defer = self._loop.call_soon
         self.peering.start()
         log.info("peer links: %s", ", ".join(
             f"host {t.host} = {a}" for a, t in self.peering.targets.items()) or "none")

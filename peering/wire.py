@@ -5,7 +5,8 @@ Pure codecs, no I/O. Two families:
 * **Connection management** (:class:`ConnectMsg`): the payload of an
   unreliable-datagram SEND to the peer's GSI QP (QPN 1), as RDMA CM's REQ/REP
   travel; it carries the sender's incarnation, link QPN and first PSN, the
-  jobs it accepts in flight (credits) and its accelerators.
+  jobs it accepts in flight (credits), its accelerators, its landing
+  window and its counters window (its live load, for one-sided READs).
 * **Link messages** (:class:`JobMsg`, :class:`GrantMsg`, :class:`GoMsg`,
   :class:`ResultMsg`): RC SENDs on the link QP. A job names its output by a
   (virtual address, R_Key, length) window the origin opened on the guest's
@@ -34,7 +35,8 @@ u8, u16, u32, u64 = cs.Int8ul, cs.Int16ul, cs.Int32ul, cs.Int64ul
 
 #: "VRPL": vrdma peer link
 MAGIC = 0x4C505256
-VERSION = 1
+#: 2: the connect message names the sender's counters window (one-sided load reads)
+VERSION = 2
 #: accelerator operations a ConnectMsg can describe
 MAX_OPS = 4
 #: JobMsg.slot of a job whose input waits for a GRANT
@@ -88,6 +90,9 @@ ConnectLayout = cs.Struct(
     "landing_slots" / u16,   # ... of this many slots
     "landing_slot_kib" / u16,  # ... of this many KiB each (slot i at va i * slot bytes)
     "ops" / cs.Array(MAX_OPS, OpInfoLayout),
+    "counters_rkey" / u32,   # its live load counters, for the receiver to RDMA READ (0: none)
+    "counters_len" / u16,    # ... of this many bytes (at va 0)
+    "reserved1" / cs.Const(0, u16),
 )
 CONNECT_SIZE = ConnectLayout.sizeof()
 
@@ -114,6 +119,8 @@ class ConnectMsg:
     landing_rkey: int = 0
     landing_slots: int = 0
     landing_slot_kib: int = 0
+    counters_rkey: int = 0
+    counters_len: int = 0
 
     def encode(self) -> bytes:
         if len(self.ops) > MAX_OPS:
@@ -126,6 +133,7 @@ class ConnectMsg:
                 mtu=self.mtu,
                 landing_rkey=self.landing_rkey, landing_slots=self.landing_slots,
                 landing_slot_kib=self.landing_slot_kib,
+                counters_rkey=self.counters_rkey, counters_len=self.counters_len,
                 ops=[dict(op=int(o.op), units=o.units, est_fixed_ns=o.est_fixed_ns,
                           est_unit_ps=o.est_unit_ps) for o in self.ops] + pad))
         except cs.ConstructError as e:
@@ -157,8 +165,11 @@ class ConnectMsg:
             raise PeerWireError("a landing window of no slots", "landing_slots")
         if not c.credits and c.num_ops:
             raise PeerWireError("accelerators offered with no credits", "credits")
+        if bool(c.counters_rkey) != bool(c.counters_len):
+            raise PeerWireError(f"counters window R_Key {c.counters_rkey:#x} of {c.counters_len} bytes",
+                                "counters_len")
         return cls(c.type, c.incarnation, c.echo, c.attempt, c.qpn, c.psn, c.credits, c.mtu, tuple(ops),
-                   c.landing_rkey, c.landing_slots, c.landing_slot_kib)
+                   c.landing_rkey, c.landing_slots, c.landing_slot_kib, c.counters_rkey, c.counters_len)
 
 
 # --------------------------------------------------------------------------

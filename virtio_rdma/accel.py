@@ -177,7 +177,7 @@ class AqMetrics:
     bad_doorbells: int = 0     # producer index behind or more than depth ahead
     dbrec_applied: int = 0     # producer indices taken from the doorbell record (DBREC_POLL)
     temp_stalls: int = 0       # times it stopped fetching at MAX_TEMP_BYTES
-    fallbacks: int = 0         # jobs a remote host gave back that ran here (LOCAL_FALLBACK)
+    fallbacks: int = 0         # jobs a remote host gave back that were placed again (LOCAL_FALLBACK)
     errors: dict[str, int] = field(default_factory=dict)  # AccelStatus name -> completions
 
     def as_dict(self) -> dict:
@@ -189,7 +189,7 @@ class Entry:
 
     __slots__ = ("aq", "wr_id", "op", "status", "job", "out_views", "out_tmp", "out_len",
                  "iterations", "done", "byte_len", "wait_us", "service_us", "started", "temp",
-                 "spec", "in_views", "target", "host", "remote")
+                 "spec", "in_views", "target", "host", "remote", "tried")
 
     def __init__(self, aq: AccelQueue, wr_id: int, op: AccelOp):
         self.aq = aq
@@ -214,6 +214,8 @@ class Entry:
         self.target: RemoteTarget | None = None
         self.remote: Any = None
         self.host = 0  # the host that ran it (the CQE's imm_data)
+        #: remote hosts that gave it back (it is never placed on them again)
+        self.tried: tuple[int, ...] = ()
 
     def release_temp(self) -> None:
         if self.temp:
@@ -333,6 +335,21 @@ class RemoteTarget(Protocol):
         ...
 
 
+class Dispatcher(Protocol):
+    """The cluster scheduler (implemented by :class:`peering.dispatch.Dispatcher`):
+    where a job no FORCE_TARGET pins runs, when the router has peers."""
+
+    def place(self, aq: AccelQueue, job: AccelJob, exclude: tuple[int, ...]
+              ) -> LocalTarget | RemoteTarget | None:
+        """The router's local target, a remote target, or a target that holds
+        the job while the decision waits for its reads and then hands it on
+        with :func:`route`; None if nobody can run it. Never a host in ``exclude``."""
+        ...
+
+    def describe(self) -> dict:
+        ...
+
+
 class AccelRouter:
     """Where a device's accelerator jobs run: one per daemon, shared by all
     its devices. ``service`` None: the device offers accelerator queues but
@@ -357,6 +374,12 @@ class AccelRouter:
         self.local: LocalTarget | None = LocalTarget(service) if service is not None else None
         #: other hosts' accelerators, by host id (1, 2, ...)
         self.remotes: dict[int, RemoteTarget] = {}
+        #: the cluster scheduler (peering.dispatch.Dispatcher): where an unpinned job runs
+        #: when there are peers (None: here if it can, else the first peer that can)
+        self.dispatcher: Dispatcher | None = None
+        #: called when this host's load moved (a job submitted here or finished): the
+        #: dispatcher refreshes the counters its peers READ
+        self.on_load: Callable[[], None] | None = None
         self._owns = owns_service
         #: submitted to the local service, not yet delivered (loop thread only): a
         #: guest's job (its Entry) or a job a peer host sent (an object with job_done(job))
@@ -494,21 +517,32 @@ class AccelRouter:
             raise ValueError(f"remote host id {target.host} is taken or not positive")
         self.remotes[target.host] = target
 
-    def place(self, aq: AccelQueue, op: AccelOp) -> LocalTarget | RemoteTarget | None:
-        """Where a job of ``aq`` runs (until the cluster scheduler decides):
-        FORCE_TARGET's host; else this host if it runs ``op``; else the
-        first peer (lowest host id) that runs it; None if none does."""
+    def place(self, aq: AccelQueue, job: AccelJob, exclude: tuple[int, ...] = ()
+              ) -> LocalTarget | RemoteTarget | None:
+        """Where a job of ``aq`` runs: FORCE_TARGET's host (given back by it:
+        this host if it can); else the dispatcher's choice when there are
+        peers; else this host if it runs the op, else the first peer that
+        does. Never a host in ``exclude`` (those that gave the job back);
+        None if nobody can run it."""
+        op = job.op
+        local = self.local if self.local is not None and self.local.units(op) else None
         if aq.flags & AqFlags.FORCE_TARGET:
-            if aq.target_host == 0:
-                return self.local if self.local is not None and self.local.units(op) else None
+            if aq.target_host == 0 or exclude:
+                return local
             return self.remotes.get(aq.target_host)
-        if self.local is not None and self.local.units(op):
-            return self.local
+        if self.dispatcher is not None and self.remotes:
+            return self.dispatcher.place(aq, job, exclude)
+        if local is not None:
+            return local
         for host in sorted(self.remotes):
             r = self.remotes[host]
-            if r.units(op):
+            if host not in exclude and r.units(op):
                 return r
         return None
+
+    def load_changed(self) -> None:
+        if self.on_load is not None:
+            self.on_load()
 
     # -- QUERY_ACCEL
     def ops_info(self) -> list[AccelOpInfo]:
@@ -559,6 +593,8 @@ class AccelRouter:
                     entry.fail(AccelStatus.FLUSHED)
                     continue
                 _core_call(core, "completing an accelerator job", _finish_local, core, entry, job)
+        if n:
+            self.load_changed()
         return n
 
     def metrics(self) -> dict:
@@ -569,6 +605,7 @@ class AccelRouter:
             "slow_shapes": nat.slow_shapes}
         return {"in_flight": len(self._jobs), "jobs_dropped": self.jobs_dropped, "wakeups": self.wakeups,
                 "native": native, "service": svc,
+                "scheduler": self.dispatcher.describe() if self.dispatcher is not None else None,
                 "remotes": {h: t.describe() for h, t in sorted(self.remotes.items())}}
 
     def close(self) -> None:
@@ -958,7 +995,7 @@ def start(core: RdmaDeviceCore, aq: AccelQueue, raw: bytes, router: AccelRouter 
         core.metrics.local_len_errors += 1
         e.fail(AccelStatus.LOCAL_LEN)
         return e
-    target = router.place(aq, job.op) if router is not None else None
+    target = router.place(aq, job) if router is not None else None
     if router is None or target is None:
         e.fail(AccelStatus.NO_ACCELERATOR)
         return e
@@ -966,10 +1003,8 @@ def start(core: RdmaDeviceCore, aq: AccelQueue, raw: bytes, router: AccelRouter 
     if isinstance(target, LocalTarget):
         _run_local(core, aq, e, job, in_views, out_views, router)
         return e
-    e.spec, e.in_views, e.out_views, e.target = job, in_views, out_views, target
-    refused = target.submit(e)
-    if refused is not None:
-        _given_back(core, e, refused, router)
+    e.spec, e.in_views, e.out_views = job, in_views, out_views
+    _hand_over(core, e, target, router)
     return e
 
 
@@ -1012,6 +1047,8 @@ def _run_local(core: RdmaDeviceCore, aq: AccelQueue, e: Entry, job: AccelJob,
         log.debug("AQ %d wr_id %#x: %s", aq.aqn, e.wr_id, ex)
         router.forget(cj)
         e.fail(AccelStatus.NO_ACCELERATOR)
+        return
+    router.load_changed()
 
 
 def make_job(cop: Op, job: AccelJob, x: np.ndarray, y: np.ndarray, *, guest_id: int,
@@ -1034,19 +1071,61 @@ def make_job(cop: Op, job: AccelJob, x: np.ndarray, y: np.ndarray, *, guest_id: 
 
 def _given_back(core: RdmaDeviceCore, e: Entry, status: AccelStatus, router: AccelRouter) -> None:
     """A remote target gave a job back unrun (its host failed, went away or
-    refused it): run it here if the queue asked for that (LOCAL_FALLBACK) and
-    this host can, else it completes with ``status``. A job is forwarded at
-    most once: it never goes to another remote host."""
+    refused it): placed again if the queue asked for that (LOCAL_FALLBACK),
+    on any host that runs it but those that gave it back (this host included;
+    a pinned job: this host only); else it completes with ``status``."""
     aq, job = e.aq, e.spec
+    if e.target is not None and e.target.host:
+        e.tried += (e.target.host,)
     e.target = e.remote = None
-    if (job is not None and aq.flags & AqFlags.LOCAL_FALLBACK and router.local is not None
-            and router.local.units(job.op)):
-        in_views, out_views = e.in_views, e.out_views
-        e.spec, e.in_views = None, []
-        aq.metrics.fallbacks += 1
-        _run_local(core, aq, e, job, in_views, out_views, router)
+    if job is None or not aq.flags & AqFlags.LOCAL_FALLBACK:
+        e.fail(status)
         return
-    e.fail(status)
+    target = router.place(aq, job, e.tried)
+    if target is None:
+        e.fail(status)
+        return
+    aq.metrics.fallbacks += 1
+    _hand_over(core, e, target, router)
+
+
+def _hand_over(core: RdmaDeviceCore, e: Entry, target: LocalTarget | RemoteTarget,
+               router: AccelRouter) -> None:
+    """A placed job (``e.spec``, ``e.in_views``, ``e.out_views``) goes to ``target``."""
+    if isinstance(target, LocalTarget):
+        job, in_views, out_views = e.spec, e.in_views, e.out_views
+        assert job is not None
+        e.spec, e.in_views = None, []
+        _run_local(core, e.aq, e, job, in_views, out_views, router)
+        return
+    e.target = target
+    refused = target.submit(e)
+    if refused is not None:
+        _given_back(core, e, refused, router)
+
+
+def route(e: Entry, target: LocalTarget | RemoteTarget | None) -> None:
+    """A job whose placement waited (the dispatcher read peers' counters)
+    goes to ``target`` (None: nobody runs it, NO_ACCELERATOR). The event
+    loop's thread; its CQEs are written in posted order."""
+    core = e.aq.core
+    if e.done:
+        return
+    if core is None or core.accel is None:  # the queue or device went: nothing more is written
+        e.fail(AccelStatus.FLUSHED)
+        return
+    _core_call(core, "placing an accelerator job", _route, core, e, target, core.accel)
+
+
+def _route(core: RdmaDeviceCore, e: Entry, target: LocalTarget | RemoteTarget | None,
+           router: AccelRouter) -> None:
+    e.target = None
+    if target is None:
+        e.fail(AccelStatus.NO_ACCELERATOR)
+    else:
+        _hand_over(core, e, target, router)
+    drain(core, e.aq)
+    resume(core)
 
 
 def settle(e: Entry, status: AccelStatus, *, byte_len: int = 0, wait_us: int = 0,
