@@ -12,8 +12,17 @@ discrete-event simulator ``python -m bench.sched_sim``.
   own sends since each peer's last update; pure, ``now`` passed in;
 - :mod:`scheduler.decide`: the policies (``seed``, ``local``, ``random``,
   ``p2c``, ``probe``, each optionally with own-send accounting, and the
-  ``oracle`` reference) and the explainable :class:`~scheduler.decide.Decision`.
+  ``oracle`` reference) and the explainable :class:`~scheduler.decide.Decision`;
+- :mod:`scheduler.wire`: the load datagram (HMAC-SHA256) and the seqlocked
+  counters region for one-sided READs; pure codecs;
+- :mod:`scheduler.gossip`: the announcer and listener (sans-I/O) and the UDP
+  backend (:data:`~scheduler.gossip.LOAD_PORT`, broadcast or unicast peers);
+- :mod:`scheduler.redis_table`: the Redis backend (rows as keys with a TTL,
+  pub/sub, reconnecting);
+- :mod:`scheduler.exchange`: :class:`~scheduler.exchange.LoadExchange`, what
+  the daemon builds: the advertisement timer and the table fed from either
+  backend.
 
-No I/O anywhere in this package: dissemination (datagrams, Redis, RDMA
-READs) is the daemon's, and reaches these modules as rows and callables.
+The table and the policies do no I/O: ``now`` is passed in. Only the
+backends' thin asyncio adapters (gossip, redis_table, exchange) touch sockets.
 """

@@ -1,0 +1,131 @@
+"""The load exchange: one object the daemon builds to advertise its row and fill
+its :class:`~scheduler.table.LoadTable` from its peers' rows, over either
+dissemination backend (issue 15, "Dissemination, behind one interface").
+
+::
+
+    exchange = LoadExchange(table=table, own_row=accel_row, address="192.0.2.1",
+                            key=load_key_file("/etc/vrdma/cluster.key"), resolve=host_of,
+                            backend=DatagramBackend(fabric_address="192.0.2.1"))
+    await exchange.start()      # opens the backend's sockets, starts the timer
+    ...
+    await exchange.close()      # cancels the timer, closes every socket / connection
+
+It runs the :class:`~scheduler.gossip.Announcer`'s timer (each period with
+jitter it calls ``own_row()``: None or a row without units = nothing sent)
+and hands every received datagram (or Redis value) to one
+:class:`~scheduler.gossip.Listener`, the same checks for both backends; a row
+it takes goes into the table (newest sequence number wins) and, if the table
+took it, to ``on_row``. The backend is a
+:class:`~scheduler.gossip.DatagramBackend` or a
+:class:`~scheduler.redis_table.RedisBackend`; the exchange owns it and
+closes it.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+
+from roce.auth import KEY_LEN, KeyFileError, check_key_file
+from scheduler.gossip import FUTURE_BOUND, Announcer, Dissemination, DisseminationError, Listener
+from scheduler.table import LoadRow, LoadTable
+from scheduler.wire import derive_load_key
+
+log = logging.getLogger(__name__)
+
+
+def load_key_file(path: str) -> bytes:
+    """The load-table key of a cluster key file (``vrdma keygen``; checked as the
+    fabric checks it: a regular file of ours, mode 0600, 32 bytes)."""
+    check_key_file(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        data = os.read(fd, KEY_LEN + 1)
+    finally:
+        os.close(fd)
+    if len(data) != KEY_LEN:
+        raise KeyFileError(f"cluster key file {path} holds {len(data)} bytes, not {KEY_LEN}")
+    return derive_load_key(data)
+
+
+class LoadExchange:
+    """Advertise ``own_row()`` every ``period`` (default the table's) and feed ``table``."""
+
+    def __init__(self, *, table: LoadTable, own_row: Callable[[], LoadRow | None], address: str,
+                 key: bytes, resolve: Callable[[str], int | None], backend: Dissemination,
+                 period: float | None = None, on_row: Callable[[LoadRow], None] | None = None,
+                 rng: random.Random | None = None, clock: Callable[[], float] = time.monotonic,
+                 wall_ns: Callable[[], int] = time.time_ns, future_bound: float = FUTURE_BOUND) -> None:
+        self.table = table
+        self.own_row = own_row
+        self.period = table.period if period is None else period
+        self.backend = backend
+        self.on_row = on_row
+        self.clock = clock
+        self.wall_ns = wall_ns
+        self.address = address
+        self.announcer = Announcer(key, address, self.period, wall_ns(), rng)
+        self.listener = Listener(key, address, resolve, future_bound)
+        self.row_errors = 0
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def start(self) -> None:
+        if self._task is not None or self._closed:
+            raise DisseminationError("load exchange already started (or closed)")
+        await self.backend.start(self._deliver, self.period)
+        self.announcer.start(self.clock())
+        self._task = asyncio.get_running_loop().create_task(self._announce(), name="load-announcer")
+
+    def _deliver(self, data: bytes, key_address: str | None) -> None:
+        row = self.listener.receive(data, self.clock(), self.wall_ns(), key_address)
+        if row is None:
+            if self.listener.last_refusal is not None:
+                log.debug("load row refused: %s: %s", *self.listener.last_refusal)
+            return
+        if self.table.update(row) and self.on_row is not None:
+            self.on_row(row)
+
+    async def _announce(self) -> None:
+        a = self.announcer
+        while True:
+            assert a.due is not None
+            await asyncio.sleep(max(0.0, a.due - self.clock()))
+            try:
+                row = self.own_row()
+            except Exception:   # the row source's bug must not stop the advertisements
+                self.row_errors += 1
+                log.exception("load exchange: own_row() failed")
+                row = None
+            data = a.announce(row, self.clock())
+            if data is not None:
+                await self.backend.publish(data, self.address)
+
+    async def close(self) -> None:
+        """Stop the timer and close the backend; idempotent."""
+        self._closed = True
+        t, self._task = self._task, None
+        if t is not None:
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await self.backend.close()
+
+    async def __aenter__(self) -> LoadExchange:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def metrics(self) -> dict[str, object]:
+        return {"announcer": self.announcer.metrics.as_dict(),
+                "listener": self.listener.metrics.as_dict(),
+                "table": {"accepted": self.table.accepted, "stale": self.table.stale},
+                "row_errors": self.row_errors,
+                "backend": self.backend.metrics()}
