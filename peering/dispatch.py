@@ -52,7 +52,7 @@ from accel_core.estimate import query_units
 from accel_core.jobs import JobParams
 from scheduler.decide import Decision, DecisionCounters, Job, Plan, Policy, View, finish, parse_policy, plan
 from scheduler.errors import NoCandidate
-from scheduler.table import LoadRow, LoadTable, OwnSends
+from scheduler.table import DEFAULT_PERIOD, LoadRow, LoadTable, OwnSends
 from scheduler.wire import COUNTERS_SIZE, WireError, decode_counters, kind_name, store_counters
 from virtio_rdma.accel import CORE_OP, AccelQueue, Entry, LocalTarget, RemoteTarget, need_bytes, route
 from virtio_rdma.constants import AccelOp
@@ -194,7 +194,7 @@ class Dispatcher:
     its remote targets (host ids 1, 2, ...) are the candidates. ``address_of``
     gives a host id's fabric address (for logs)."""
 
-    def __init__(self, router: AccelRouter, policy: Policy | str, *, period: float = 1.0,
+    def __init__(self, router: AccelRouter, policy: Policy | str, *, period: float = DEFAULT_PERIOD,
                  clock: Callable[[], float] = monotonic, seed: int | None = None,
                  read_deadline: float = READ_DEADLINE):
         self.router = router

@@ -31,12 +31,14 @@ from peering.link import LinkConfig, PeerLink
 from peering.remote import DEFAULT_CREDITS, DEFAULT_JOB_TIMEOUT, PeerTarget
 from peering.wire import MAX_OPS, ConnectMsg, OpInfo, PeerWireError
 from roce.opcodes import Opcode
+from scheduler.table import DEFAULT_PERIOD
 from verbs import GSI_QKEY
 from virtio_rdma.constants import AccelOp
 
 if TYPE_CHECKING:
     from fabric.roce import RoceFabric
     from roce.packet import RocePacket
+    from scheduler.exchange import LoadExchange
     from virtio_rdma.accel import AccelRouter
 
 log = logging.getLogger(__name__)
@@ -89,7 +91,7 @@ class Peering:
     def __init__(self, fabric: RoceFabric, router: AccelRouter, peers: list[str], *,
                  credits: int = DEFAULT_CREDITS, config: LinkConfig | None = None,
                  clock: Callable[[], float] = monotonic, job_timeout: float = DEFAULT_JOB_TIMEOUT,
-                 policy: str | None = None, load_period: float = 1.0):
+                 policy: str | None = None, load_period: float = DEFAULT_PERIOD):
         self.fabric = fabric
         self.router = router
         self.clock = clock
@@ -208,8 +210,10 @@ class PeeringService:
     """Runs a :class:`Peering` in the daemon's event loop (start after the
     fabric's own service, which owns the socket)."""
 
-    def __init__(self, peering: Peering):
+    def __init__(self, peering: Peering, exchange: LoadExchange | None = None):
         self.peering = peering
+        #: the load table's dissemination (owned: started and closed with the links)
+        self.exchange = exchange
         self._timer: asyncio.TimerHandle | None = None
         self._at: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -226,6 +230,10 @@ class PeeringService:
         self.peering.start()
         log.info("peer links: %s", ", ".join(
             f"host {t.host} = {a}" for a, t in self.peering.targets.items()) or "none")
+        if self.exchange is not None:
+            await self.exchange.start()
+            log.info("load table: advertising every %.3g s (%s)", self.exchange.period,
+                     type(self.exchange.backend).__name__)
 
     def _schedule(self) -> None:
         loop = self._loop
@@ -250,6 +258,10 @@ class PeeringService:
         self._schedule()
 
     async def aclose(self) -> None:
+        if self.exchange is not None:
+            ex, self.exchange = self.exchange, None
+            await ex.close()
+            log.info("load table at exit: %s", ex.metrics())
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -226,7 +226,8 @@ class Plan:
     and what :func:`finish` needs to choose once their counters are in.
 
     The daemon issues one RDMA READ per host in :attr:`reads` and calls
-    :func:`finish` with what came back (None for a read that failed); the
+    :func:`finish` with what came back (None for a read that failed; a late
+    one left out, the table's row standing in); the
     simulator (and :func:`decide`) reads at once."""
 
     policy: Policy
@@ -308,17 +309,25 @@ def plan(job: Job, here: LoadRow, view: View, rng: random.Random, policy: Policy
 
 def finish(p: Plan, view: View, read: Mapping[int, LoadRow | None], rng: random.Random) -> Decision:
     """The decision of a :class:`Plan` once its reads are in: ``read[host]`` is
-    the counters read of each host of ``p.reads`` (None, or missing: the read
-    failed, and that host is not chosen)."""
+    the counters read of each host of ``p.reads``; None: the read failed, and
+    that host is not chosen; missing: the read is late, and the host's table
+    row stands in for it."""
     pol, job, kind = p.policy, p.job, p.job.kind
     ests = []
     for host in p.reads:
-        fresh = read.get(host)
-        if fresh is not None and fresh.has(kind):
-            d = view.transfer_to(host)
-            own = (view.own.in_flight(host, view.now, d)
-                   if pol.own_sends and view.own is not None and pol.base != "oracle" else 0.0)
-            ests.append(estimate(fresh, kind, d, fresh=True, own=own, size=job.size))
+        d = view.transfer_to(host)
+        if host in read:
+            fresh = read[host]
+            if fresh is not None and fresh.has(kind):
+                own = (view.own.in_flight(host, view.now, d)
+                       if pol.own_sends and view.own is not None and pol.base != "oracle" else 0.0)
+                ests.append(estimate(fresh, kind, d, fresh=True, own=own, size=job.size))
+        else:
+            row = view.table.get(host, view.now)
+            if row is not None and row.has(kind):
+                own = (view.own.pending(host, row.seq)
+                       if pol.own_sends and view.own is not None else 0.0)
+                ests.append(estimate(row, kind, d, fresh=False, own=own, size=job.size))
     probes = 0 if pol.base == "oracle" else len(p.reads)
     if not ests:
         if p.mine is not None:

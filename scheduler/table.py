@@ -32,6 +32,8 @@ from scheduler.errors import BadRow
 RECENT_SENDS = 64
 #: a host whose newest row is older than this many periods is out of the view
 DROP_AFTER_PERIODS = 3
+#: seconds between a host's advertisements unless configured (``--load-period``)
+DEFAULT_PERIOD = 1.0
 
 
 def _check_map(host: int, name: str, values: Mapping[str, float], positive: bool) -> None:

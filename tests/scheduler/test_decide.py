@@ -161,8 +161,11 @@ def test_plan_names_the_reads_and_finish_decides_on_what_came_back():
     d = finish(p, view(t), {h: (None if h == best else truth[h]) for h in p.reads}, random.Random(1))
     assert d.target != best and d.probes == 2
     # every read failed: here, which has a unit
-    d = finish(p, view(t), {}, random.Random(1))
+    d = finish(p, view(t), dict.fromkeys(p.reads), random.Random(1))
     assert d.local and d.reason == "probes found none"
+    # every read late: the table's rows (idle there) stand in for them
+    d = finish(p, view(t), {}, random.Random(1))
+    assert d.target in p.reads and not any(c.fresh for c in d.candidates if c.host != 0)
 
 
 def test_a_host_without_units_whose_reads_all_fail_sends_to_an_unread_candidate():
@@ -170,13 +173,13 @@ def test_a_host_without_units_whose_reads_all_fail_sends_to_an_unread_candidate(
     here = LoadRow(host=0, units={}, service_time={}, queued={}, busy={})
     p = plan(JOB, here, view(t), random.Random(3), "probe")
     assert isinstance(p, Plan) and p.mine is None
-    d = finish(p, view(t), {}, random.Random(1))
+    d = finish(p, view(t), dict.fromkeys(p.reads), random.Random(1))
     (unread,) = set(p.remote) - set(p.reads)
     assert d.target == unread and d.reason == "probes found none: random"
     two = table(row(1), row(2))
     p = plan(JOB, here, view(two), random.Random(3), "probe")
     with pytest.raises(NoCandidate, match=r"every read of \[.*\] failed"):
-        finish(p, view(two), {}, random.Random(1))
+        finish(p, view(two), dict.fromkeys(p.reads), random.Random(1))
 
 
 def test_probing_without_a_probe_is_an_error():

@@ -77,14 +77,28 @@ def add_arguments(p) -> None:
                         "own line skipped: each other line is a --peer, in file order")
     g.add_argument("--peer-credits", type=int, default=None, metavar="N",
                    help="accelerator jobs each peer may have in flight here (default 64)")
+    g.add_argument("--policy", default=None, metavar="NAME",
+                   help="where a job no queue pins runs (docs/scheduler.md): seed, local, random, "
+                        "p2c, probe[:D], guided[:D], each optionally +own (own-send accounting); "
+                        "default probe (the best measured: RDMA-READs 2 candidates' live counters)")
+    g.add_argument("--load-period", type=float, default=None, metavar="SECONDS",
+                   help="how often this host advertises its load row (default 1.0; with jitter); "
+                        "a host silent for 3 periods leaves the load table")
+    g.add_argument("--load-backend", choices=["auto", "datagram", "none"], default="auto",
+                   help="how load rows travel: datagram (authenticated UDP broadcasts on the fabric "
+                        "network, port 4792), none (the table holds what the "
+                        "peer links say; probes read live counters); auto: datagram with "
+                        "--cluster-key (the rows' HMAC key derives from it), else none")
     _add_tenant_arguments(p)
 
 
 def make_peering(args, fabric, accel):
     """The daemon's links to its peer hosts (a service for its loop), or None."""
     if not (args.peer or args.cluster):
-        if args.peer_credits is not None:
-            raise SystemExit("vrdma backend: --peer-credits needs --peer or --cluster")
+        for flag, v in (("--peer-credits", args.peer_credits), ("--policy", args.policy),
+                        ("--load-period", args.load_period)):
+            if v is not None:
+                raise SystemExit(f"vrdma backend: {flag} needs --peer or --cluster")
         return None
     from fabric.roce import RoceFabric
     from peering.remote import DEFAULT_CREDITS
@@ -98,13 +112,54 @@ def make_peering(args, fabric, accel):
     credits = DEFAULT_CREDITS if args.peer_credits is None else args.peer_credits
     if not 1 <= credits <= 4096:
         raise SystemExit(f"vrdma backend: --peer-credits {credits}: must be in 1..4096")
+    from scheduler.decide import DEFAULT_POLICY, parse_policy
+    from scheduler.errors import SchedulerError
+
+    try:
+        policy = parse_policy(args.policy or DEFAULT_POLICY, allow_reference=False).name
+    except SchedulerError as e:
+        raise SystemExit(f"vrdma backend: --policy: {e}") from None
+    from scheduler.table import DEFAULT_PERIOD
+
+    period = DEFAULT_PERIOD if args.load_period is None else args.load_period
+    if not 0.01 <= period <= 3600:
+        raise SystemExit(f"vrdma backend: --load-period {period}: must be in 0.01..3600 seconds")
     try:
         peers = list(args.peer)
         if args.cluster:
             peers += read_cluster_file(args.cluster, fabric.address)
-        return PeeringService(Peering(fabric, accel, peers, credits=credits))
+        peering = Peering(fabric, accel, peers, credits=credits, policy=policy, load_period=period)
     except (PeerConfigError, OSError) as e:
         raise SystemExit(f"vrdma backend: {e}") from None
+    return PeeringService(peering, exchange=_load_exchange(args, peering, period))
+
+
+def _load_exchange(args, peering, period: float):
+    """The load table's dissemination (scheduler.exchange), or None."""
+    backend = args.load_backend
+    if backend == "auto":
+        backend = "datagram" if args.cluster_key else "none"
+    if backend == "none":
+        log.info("load table: no dissemination (--load-backend none, or no --cluster-key): "
+                 "peers stand in it with what their links say; probes read live counters")
+        return None
+    if not args.cluster_key:
+        raise SystemExit(f"vrdma backend: --load-backend {backend} needs --cluster-key "
+                         "(load rows are authenticated with a key derived from it)")
+    from roce.auth import KeyFileError
+    from scheduler.errors import SchedulerError
+    from scheduler.exchange import LoadExchange, load_key_file
+
+    try:
+        key = load_key_file(args.cluster_key)
+        from scheduler.gossip import DatagramBackend
+
+        be = DatagramBackend(fabric_address=peering.fabric.address)
+    except (KeyFileError, SchedulerError, OSError, ValueError) as e:
+        raise SystemExit(f"vrdma backend: load table: {e}") from None
+    d = peering.dispatcher
+    return LoadExchange(table=d.table, own_row=d.here_row, address=peering.fabric.address, key=key,
+                        resolve=peering.resolve, backend=be, period=period)
 
 
 #: what each --accelerators name runs (accel_core operation names)
