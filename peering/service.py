@@ -214,6 +214,8 @@ class PeeringService:
         self.peering = peering
         #: the load table's dissemination (owned: started and closed with the links)
         self.exchange = exchange
+        #: its counters when it closed (None: none ran)
+        self.load_metrics: dict | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._at: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -261,7 +263,8 @@ class PeeringService:
         if self.exchange is not None:
             ex, self.exchange = self.exchange, None
             await ex.close()
-            log.info("load table at exit: %s", ex.metrics())
+            self.load_metrics = ex.metrics()
+            log.info("load table at exit: %s", self.load_metrics)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 NAME = "backend"
 HELP = "run the vhost-user back-end daemon (one device instance per connection)"
@@ -77,6 +78,9 @@ def add_arguments(p) -> None:
                         "own line skipped: each other line is a --peer, in file order")
     g.add_argument("--peer-credits", type=int, default=None, metavar="N",
                    help="accelerator jobs each peer may have in flight here (default 64)")
+    p.add_argument("--metrics-file", metavar="PATH",
+                   help="rdma: at exit, write the daemon's accelerator, scheduler, peer-link and "
+                        "load-table counters to PATH as JSON")
     g.add_argument("--policy", default=None, metavar="NAME",
                    help="where a job no queue pins runs (docs/scheduler.md): seed, local, random, "
                         "p2c, probe[:D], guided[:D], each optionally +own (own-send accounting); "
@@ -422,5 +426,23 @@ def run(args) -> int:
         raise
     finally:
         if accel is not None:
-            log.info("accelerators: %s", accel.metrics())  # peers' counters: logged by their service
+            metrics = accel.metrics()
+            log.info("accelerators: %s", metrics)  # peers' counters: logged by their service
+            if args.metrics_file:
+                _write_metrics(args.metrics_file, {
+                    "accelerators": metrics,
+                    "peering": peering.peering.describe() if peering is not None else None,
+                    "load_table": peering.load_metrics if peering is not None else None})
             accel.close()
+
+
+def _write_metrics(path: str, data: dict) -> None:
+    import json
+
+    try:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, default=str)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("--metrics-file %s: %s", path, e)

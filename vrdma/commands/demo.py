@@ -15,7 +15,9 @@ floors measured in the same run.
 other host as a peer; a guest on each submits FFT and Turbo decode jobs
 through the verbs-shaped AQ layer (some forced to another host), checks each
 result against accel_core, and the demo prints where each job ran and how
-long it waited.
+long it waited, then each daemon's scheduler: its policy (``probe``: RDMA
+READs of two candidates' live counters), its decisions and reads, and the
+load rows it took from the others' authenticated datagrams.
 """
 from __future__ import annotations
 
@@ -238,9 +240,26 @@ def run_hosts(n: int) -> int:
     if why:
         print(f"vrdma demo --hosts {n}: cannot run here: {why}", file=sys.stderr)
         return 2
+    import os
+
+    from roce.auth import write_key_file
+
     t0 = time.monotonic()
-    specs = [lab.HostSpec("none")] + [lab.HostSpec() for _ in range(n - 1)]
-    with tempfile.TemporaryDirectory(prefix="vrdma-demo-") as tmp, lab.LabCluster(specs, tmp) as c:
+    with tempfile.TemporaryDirectory(prefix="vrdma-demo-") as tmp:
+        key = os.path.join(tmp, "cluster.key")
+        write_key_file(key)
+        specs = [lab.HostSpec("none" if i == 0 else "fft=1,turbo=1",
+                              extra=("--cluster-key", key, "--load-period", "0.2",
+                                     "--metrics-file", os.path.join(tmp, f"host{i}.json")))
+                 for i in range(n)]
+        return _run_cluster(lab, specs, tmp, n, t0)
+
+
+def _run_cluster(lab, specs, tmp: str, n: int, t0: float) -> int:
+    import json
+    import os
+
+    with lab.LabCluster(specs, tmp) as c:
         for h in c.hosts:
             print(f"vrdma demo: {h.name} {h.ip} in namespace {h.ns.name}: vrdma backend pid "
                   f"{h.proc.popen.pid}, accelerators {h.spec.accelerators}, peers {', '.join(h.peers)}")
@@ -268,6 +287,28 @@ def run_hosts(n: int) -> int:
             if err:
                 print(f"  FAILED: {err}")
                 failed = True
+        for h in c.hosts:
+            h.stop()
+        print("\nvrdma demo: the daemons' schedulers (vrdma backend --metrics-file)")
+        for h in c.hosts:
+            try:
+                with open(os.path.join(tmp, f"host{h.index}.json")) as f:
+                    m = json.load(f)
+            except (OSError, ValueError) as e:
+                print(f"  {h.name}: no metrics: {e}")
+                failed = True
+                continue
+            s = m["peering"]["scheduler"]
+            lt = m["load_table"] or {}
+            ls = lt.get("listener", {})
+            refused = sum(v for k, v in ls.items() if k not in ("received", "accepted", "own"))
+            reads = f"{s['reads'] / s['decisions']:.1f} READs/decision" if s["decisions"] else "no READs"
+            print(f"  {h.name}: policy {s['policy']}: {s['decisions']} decisions ({s['local']} here, "
+                  f"{s['remote']} remote; {reads}, {s['reads_failed']} failed); load rows sent "
+                  f"{lt.get('announcer', {}).get('sent', 0)}, taken {ls.get('accepted', 0)}, refused {refused}")
+            for host, t in sorted(s["transfer"].items()):
+                print(f"      to {c.ran_on(h.index, int(host)).name}: {t['latency_us']} us one way "
+                      f"(READ round trips), {t['mb_per_s']} MB/s (remote jobs)")
         if failed:
             return 1
         print(f"\nvrdma demo: {sum(len(r) for _, r, _ in results)} jobs on {n} hosts, every result equal to "
