@@ -13,7 +13,8 @@ import os
 import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import pytest
 
@@ -43,6 +44,15 @@ PERIOD = 0.05
 def row(queued: float = 0.0, units: int = 1) -> LoadRow:
     return LoadRow(0, {"fft": units, "turbo_decode": 1}, {"fft": 0.001, "turbo_decode": 0.002},
                    {"fft": queued}, {"fft": 0})
+
+
+def run(main: Callable[[], Coroutine[Any, Any, None]], loop: str = "asyncio") -> None:
+    """Run ``main()`` on the stdlib event loop or on uvloop (the daemon's)."""
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed")
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
 
 
 async def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -182,7 +192,8 @@ async def cluster(accel: dict[int, bool]):
         assert all(s.fileno() == -1 for s in socks.values())     # every socket closed by its owner
 
 
-def test_rows_flow_over_udp_a_silent_host_drops_out_and_comes_back():
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_rows_flow_over_udp_a_silent_host_drops_out_and_comes_back(loop):
     async def main() -> None:
         async with cluster({1: True, 2: True, 3: False}) as (hosts, _):
             h1, h2, h3 = hosts[1], hosts[2], hosts[3]
@@ -209,7 +220,7 @@ def test_rows_flow_over_udp_a_silent_host_drops_out_and_comes_back():
                 assert li["accepted"] > 0 and sum(li[r] for r in REASONS) == 0, li
                 assert m["row_errors"] == 0
             assert all(r.host == 2 for r in h1.seen) and all(r.host in (1, 2) for r in h3.seen)
-    asyncio.run(main())
+    run(main, loop)
 
 
 def test_hostile_datagrams_over_udp_are_ignored_and_counted():
