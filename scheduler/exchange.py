@@ -71,7 +71,9 @@ class LoadExchange:
         self.address = address
         self.announcer = Announcer(key, address, self.period, wall_ns(), rng)
         self.listener = Listener(key, address, resolve, future_bound)
+        #: own_row() / on_row() raised (logged; advertising and receiving go on)
         self.row_errors = 0
+        self.callback_errors = 0
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -89,7 +91,11 @@ class LoadExchange:
                 log.debug("load row refused: %s: %s", *self.listener.last_refusal)
             return
         if self.table.update(row) and self.on_row is not None:
-            self.on_row(row)
+            try:
+                self.on_row(row)
+            except Exception:   # the caller's bug must not stop the backend's receiving
+                self.callback_errors += 1
+                log.exception("load exchange: on_row() failed")
 
     async def _announce(self) -> None:
         a = self.announcer
@@ -127,5 +133,5 @@ class LoadExchange:
         return {"announcer": self.announcer.metrics.as_dict(),
                 "listener": self.listener.metrics.as_dict(),
                 "table": {"accepted": self.table.accepted, "stale": self.table.stale},
-                "row_errors": self.row_errors,
+                "row_errors": self.row_errors, "callback_errors": self.callback_errors,
                 "backend": self.backend.metrics()}

@@ -314,3 +314,33 @@ def test_broadcast_datagrams_in_namespaces_reach_every_host():
                 for ex in exes.values():
                     await ex.close()
         asyncio.run(main())
+
+
+def test_a_failing_row_source_or_callback_is_counted_and_the_exchange_goes_on():
+    async def main() -> None:
+        s1, s2 = _udp(), _udp()
+        p1, p2 = s1.getsockname()[1], s2.getsockname()[1]
+        calls = {"own": 0, "on_row": 0}
+
+        def flaky_row() -> LoadRow:
+            calls["own"] += 1
+            if calls["own"] % 2:
+                raise RuntimeError("row source bug")
+            return dataclasses.replace(row(), host=2)
+
+        def flaky_callback(r: LoadRow) -> None:
+            calls["on_row"] += 1
+            if calls["on_row"] == 1:
+                raise RuntimeError("callback bug")
+
+        t1, t2 = LoadTable(PERIOD), LoadTable(PERIOD)
+        e1 = LoadExchange(table=t1, own_row=lambda: None, address=ADDR[1], key=KEY, resolve=HOST.get,
+                          backend=DatagramBackend(peers=[("127.0.0.1", p2)], sock=s1), on_row=flaky_callback)
+        e2 = LoadExchange(table=t2, own_row=flaky_row, address=ADDR[2], key=KEY, resolve=HOST.get,
+                          backend=DatagramBackend(peers=[("127.0.0.1", p1)], sock=s2))
+        async with e1, e2:
+            await wait_for(lambda: calls["on_row"] >= 3)
+        assert e2.metrics()["row_errors"] >= 2 and e1.metrics()["callback_errors"] == 1
+        assert t1.accepted >= 3
+        assert s1.fileno() == s2.fileno() == -1
+    asyncio.run(main())
