@@ -262,6 +262,18 @@ def test_configuration_errors_are_typed():
     assert DatagramBackend(peers=[("192.0.2.2", 5000)], port=1).targets == [("192.0.2.2", 5000)]
 
 
+def test_a_port_in_use_is_a_typed_error_naming_it():
+    async def main() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+            taken.bind(("127.0.0.1", 0))
+            port = taken.getsockname()[1]
+            b = DatagramBackend(bind="127.0.0.1", port=port, peers=[("127.0.0.1", 9)])
+            with pytest.raises(DisseminationError, match=f"cannot bind UDP 127.0.0.1:{port}"):
+                await b.start(lambda d, a: None, PERIOD)
+            await b.close()
+    asyncio.run(main())
+
+
 def test_the_load_key_file_is_the_fabric_key_file(tmp_path):
     from roce.auth import KeyFileError, write_key_file
 
