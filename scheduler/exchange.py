@@ -74,6 +74,8 @@ class LoadExchange:
         #: own_row() / on_row() raised (logged; advertising and receiving go on)
         self.row_errors = 0
         self.callback_errors = 0
+        #: a backend's publish raised (a bug: network failures are the backend's to count)
+        self.publish_errors = 0
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -110,7 +112,11 @@ class LoadExchange:
                 row = None
             data = a.announce(row, self.clock())
             if data is not None:
-                await self.backend.publish(data, self.address)
+                try:
+                    await self.backend.publish(data, self.address)
+                except Exception:   # backends count their network failures; anything else is a bug
+                    self.publish_errors += 1
+                    log.exception("load exchange: publish failed")
 
     async def close(self) -> None:
         """Stop the timer and close the backend; idempotent."""
@@ -134,4 +140,5 @@ class LoadExchange:
                 "listener": self.listener.metrics.as_dict(),
                 "table": {"accepted": self.table.accepted, "stale": self.table.stale},
                 "row_errors": self.row_errors, "callback_errors": self.callback_errors,
+                "publish_errors": self.publish_errors,
                 "backend": self.backend.metrics()}

@@ -218,7 +218,7 @@ def test_rows_flow_over_udp_a_silent_host_drops_out_and_comes_back(loop):
                 li = m["listener"]
                 assert isinstance(li, dict)
                 assert li["accepted"] > 0 and sum(li[r] for r in REASONS) == 0, li
-                assert m["row_errors"] == 0
+                assert m["row_errors"] == m["callback_errors"] == m["publish_errors"] == 0
             assert all(r.host == 2 for r in h1.seen) and all(r.host in (1, 2) for r in h3.seen)
     run(main, loop)
 

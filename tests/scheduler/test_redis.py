@@ -217,6 +217,7 @@ def test_a_restarted_redis_is_an_outage_reported_once_then_the_exchange_resumes(
                 await wait_for(lambda: r.exists(load_key(CLUSTER, ADDR[1]), load_key(CLUSTER, ADDR[2])) == 2)
         for h in hs.values():
             assert h.backend.client is None and h.backend._task is None     # closed
+            assert h.ex.metrics()["publish_errors"] == 0      # every failure was the backend's, counted
     asyncio.run(main())
 
 
