@@ -24,7 +24,10 @@ Pure codecs, no I/O. Two formats carry a :class:`~scheduler.table.LoadRow`:
       seq u64 | magic "VRLC" u32 | version u8 | kinds u8 | reserved u16
       4 kind slots of 24 bytes (as above; unused ones all zero) | seq u64
 
-All integers little endian, each layout a ``construct`` definition. A kind on
+All integers little endian, each layout a ``construct`` definition (the
+normative one); the codecs run on ``struct`` twins derived from those layouts
+(a probe decodes a region per READ: 6 us instead of construct's 80; the
+tests check that both agree on any bytes). A kind on
 the wire is an :class:`~virtio_rdma.constants.AccelOp` id; in a row it is
 the op's lower-case name (:func:`kind_name`, :func:`kind_id`: the one
 mapping). The address is the sender's fabric address, an IPv4 address as
