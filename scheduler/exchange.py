@@ -71,7 +71,11 @@ class LoadExchange:
         self.address = address
         self.announcer = Announcer(key, address, self.period, wall_ns(), rng)
         self.listener = Listener(key, address, resolve, future_bound)
+        #: own_row() / on_row() raised (logged; advertising and receiving go on)
         self.row_errors = 0
+        self.callback_errors = 0
+        #: a backend's publish raised (a bug: network failures are the backend's to count)
+        self.publish_errors = 0
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -89,7 +93,11 @@ class LoadExchange:
                 log.debug("load row refused: %s: %s", *self.listener.last_refusal)
             return
         if self.table.update(row) and self.on_row is not None:
-            self.on_row(row)
+            try:
+                self.on_row(row)
+            except Exception:   # the caller's bug must not stop the backend's receiving
+                self.callback_errors += 1
+                log.exception("load exchange: on_row() failed")
 
     async def _announce(self) -> None:
         a = self.announcer
@@ -104,7 +112,11 @@ class LoadExchange:
                 row = None
             data = a.announce(row, self.clock())
             if data is not None:
-                await self.backend.publish(data, self.address)
+                try:
+                    await self.backend.publish(data, self.address)
+                except Exception:   # backends count their network failures; anything else is a bug
+                    self.publish_errors += 1
+                    log.exception("load exchange: publish failed")
 
     async def close(self) -> None:
         """Stop the timer and close the backend; idempotent."""
@@ -127,5 +139,6 @@ class LoadExchange:
         return {"announcer": self.announcer.metrics.as_dict(),
                 "listener": self.listener.metrics.as_dict(),
                 "table": {"accepted": self.table.accepted, "stale": self.table.stale},
-                "row_errors": self.row_errors,
+                "row_errors": self.row_errors, "callback_errors": self.callback_errors,
+                "publish_errors": self.publish_errors,
                 "backend": self.backend.metrics()}

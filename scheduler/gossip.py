@@ -317,10 +317,14 @@ class DatagramBackend:
                 sock.close()
                 raise
         else:
-            self.transport, _ = await loop.create_datagram_endpoint(
-                lambda: _Endpoint(self), local_addr=(self.bind, self.port),
-                family=socket.AF_INET6 if ":" in self.bind else socket.AF_INET,
-                allow_broadcast=self.broadcast)
+            try:
+                self.transport, _ = await loop.create_datagram_endpoint(
+                    lambda: _Endpoint(self), local_addr=(self.bind, self.port),
+                    family=socket.AF_INET6 if ":" in self.bind else socket.AF_INET,
+                    allow_broadcast=self.broadcast)
+            except OSError as e:
+                raise DisseminationError(f"load datagrams: cannot bind UDP {self.bind}:{self.port}: "
+                                         f"{e.strerror or e}") from e
 
     @property
     def local_port(self) -> int:

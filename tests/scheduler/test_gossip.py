@@ -13,7 +13,8 @@ import os
 import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import pytest
 
@@ -43,6 +44,15 @@ PERIOD = 0.05
 def row(queued: float = 0.0, units: int = 1) -> LoadRow:
     return LoadRow(0, {"fft": units, "turbo_decode": 1}, {"fft": 0.001, "turbo_decode": 0.002},
                    {"fft": queued}, {"fft": 0})
+
+
+def run(main: Callable[[], Coroutine[Any, Any, None]], loop: str = "asyncio") -> None:
+    """Run ``main()`` on the stdlib event loop or on uvloop (the daemon's)."""
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed")
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
 
 
 async def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -182,7 +192,8 @@ async def cluster(accel: dict[int, bool]):
         assert all(s.fileno() == -1 for s in socks.values())     # every socket closed by its owner
 
 
-def test_rows_flow_over_udp_a_silent_host_drops_out_and_comes_back():
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_rows_flow_over_udp_a_silent_host_drops_out_and_comes_back(loop):
     async def main() -> None:
         async with cluster({1: True, 2: True, 3: False}) as (hosts, _):
             h1, h2, h3 = hosts[1], hosts[2], hosts[3]
@@ -207,9 +218,9 @@ def test_rows_flow_over_udp_a_silent_host_drops_out_and_comes_back():
                 li = m["listener"]
                 assert isinstance(li, dict)
                 assert li["accepted"] > 0 and sum(li[r] for r in REASONS) == 0, li
-                assert m["row_errors"] == 0
+                assert m["row_errors"] == m["callback_errors"] == m["publish_errors"] == 0
             assert all(r.host == 2 for r in h1.seen) and all(r.host in (1, 2) for r in h3.seen)
-    asyncio.run(main())
+    run(main, loop)
 
 
 def test_hostile_datagrams_over_udp_are_ignored_and_counted():
@@ -249,6 +260,18 @@ def test_configuration_errors_are_typed():
     assert broadcast_address("not an address") is None
     assert DatagramBackend(broadcast="192.0.2.255").targets == [("192.0.2.255", LOAD_PORT)]
     assert DatagramBackend(peers=[("192.0.2.2", 5000)], port=1).targets == [("192.0.2.2", 5000)]
+
+
+def test_a_port_in_use_is_a_typed_error_naming_it():
+    async def main() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+            taken.bind(("127.0.0.1", 0))
+            port = taken.getsockname()[1]
+            b = DatagramBackend(bind="127.0.0.1", port=port, peers=[("127.0.0.1", 9)])
+            with pytest.raises(DisseminationError, match=f"cannot bind UDP 127.0.0.1:{port}"):
+                await b.start(lambda d, a: None, PERIOD)
+            await b.close()
+    asyncio.run(main())
 
 
 def test_the_load_key_file_is_the_fabric_key_file(tmp_path):
@@ -303,3 +326,33 @@ def test_broadcast_datagrams_in_namespaces_reach_every_host():
                 for ex in exes.values():
                     await ex.close()
         asyncio.run(main())
+
+
+def test_a_failing_row_source_or_callback_is_counted_and_the_exchange_goes_on():
+    async def main() -> None:
+        s1, s2 = _udp(), _udp()
+        p1, p2 = s1.getsockname()[1], s2.getsockname()[1]
+        calls = {"own": 0, "on_row": 0}
+
+        def flaky_row() -> LoadRow:
+            calls["own"] += 1
+            if calls["own"] % 2:
+                raise RuntimeError("row source bug")
+            return dataclasses.replace(row(), host=2)
+
+        def flaky_callback(r: LoadRow) -> None:
+            calls["on_row"] += 1
+            if calls["on_row"] == 1:
+                raise RuntimeError("callback bug")
+
+        t1, t2 = LoadTable(PERIOD), LoadTable(PERIOD)
+        e1 = LoadExchange(table=t1, own_row=lambda: None, address=ADDR[1], key=KEY, resolve=HOST.get,
+                          backend=DatagramBackend(peers=[("127.0.0.1", p2)], sock=s1), on_row=flaky_callback)
+        e2 = LoadExchange(table=t2, own_row=flaky_row, address=ADDR[2], key=KEY, resolve=HOST.get,
+                          backend=DatagramBackend(peers=[("127.0.0.1", p1)], sock=s2))
+        async with e1, e2:
+            await wait_for(lambda: calls["on_row"] >= 3)
+        assert e2.metrics()["row_errors"] >= 2 and e1.metrics()["callback_errors"] == 1
+        assert t1.accepted >= 3
+        assert s1.fileno() == s2.fileno() == -1
+    asyncio.run(main())

@@ -256,3 +256,51 @@ def test_a_counters_region_with_garbage_is_refused():
     zero = bytes(COUNTERS_SIZE)
     with pytest.raises(WireError, match="magic"):
         decode_counters(zero, 0, 0.0)   # a region never written: head == tail == 0, no magic
+
+
+def _flat(c) -> list:
+    """A parsed construct container's values in layout order (nested arrays flattened)."""
+    out: list = []
+    for k, v in c.items():
+        if k == "_io":
+            continue
+        if isinstance(v, list):
+            for slot in v:
+                out += _flat(slot)
+        else:
+            out.append(v)
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=COUNTERS_SIZE, max_size=COUNTERS_SIZE))
+def test_the_struct_twins_agree_with_the_construct_layouts_on_any_bytes(data):
+    import struct
+
+    from scheduler.wire import CountersLayout, _struct_chars
+
+    def same(a, b) -> bool:
+        return all(x == y or (isinstance(x, float) and math.isnan(x) and math.isnan(y))
+                   for x, y in zip(a, b, strict=True))
+
+    twin = struct.Struct("<" + _struct_chars(CountersLayout))
+    assert twin.size == COUNTERS_SIZE
+    assert same(_flat(CountersLayout.parse(data)), twin.unpack(data))
+    head = struct.Struct("<" + _struct_chars(LoadHeader))
+    assert same(_flat(LoadHeader.parse(data)), head.unpack_from(data))
+    k = struct.Struct("<" + _struct_chars(KindLayout))
+    assert same(_flat(KindLayout.parse(data)), k.unpack_from(data))
+
+
+@settings(max_examples=100, deadline=None)
+@given(rows())
+def test_what_the_codecs_write_the_construct_layouts_read(row):
+    from scheduler.wire import CountersLayout
+
+    c = CountersLayout.parse(encode_counters(row))
+    assert (c.head, c.tail, c.kinds) == (row.seq, row.seq, len(row.units))
+    assert {kind_name(s.op): (s.units, s.service_time) for s in c.slots[: c.kinds]} == {
+        k: (row.units[k], row.service_time[k]) for k in row.units}
+    h = LoadHeader.parse(encode_load(row, "192.0.2.1", 1.0, KEY))
+    assert (h.magic, h.seq, h.kinds, address_text(h.address)) == (
+        LOAD_MAGIC, row.seq, len(row.units), "192.0.2.1")
