@@ -88,11 +88,17 @@ def add_arguments(p) -> None:
     g.add_argument("--load-period", type=float, default=None, metavar="SECONDS",
                    help="how often this host advertises its load row (default 1.0; with jitter); "
                         "a host silent for 3 periods leaves the load table")
-    g.add_argument("--load-backend", choices=["auto", "datagram", "none"], default="auto",
+    g.add_argument("--load-backend", choices=["auto", "datagram", "redis", "none"], default="auto",
                    help="how load rows travel: datagram (authenticated UDP broadcasts on the fabric "
-                        "network, port 4792), none (the table holds what the "
+                        "network, port 4792), redis (a Redis server, --redis-url: for clusters past "
+                        "one broadcast domain), none (the table holds what the "
                         "peer links say; probes read live counters); auto: datagram with "
                         "--cluster-key (the rows' HMAC key derives from it), else none")
+    g.add_argument("--redis-url", metavar="URL",
+                   help="--load-backend redis: the server (redis://HOST:PORT/DB or unix://PATH)")
+    g.add_argument("--redis-cluster", default="default", metavar="NAME",
+                   help="--load-backend redis: the cluster's name in the keys (vrdma:NAME:load:ADDR), "
+                        "so clusters can share a server (default: default)")
     _add_tenant_arguments(p)
 
 
@@ -100,7 +106,7 @@ def make_peering(args, fabric, accel):
     """The daemon's links to its peer hosts (a service for its loop), or None."""
     if not (args.peer or args.cluster):
         for flag, v in (("--peer-credits", args.peer_credits), ("--policy", args.policy),
-                        ("--load-period", args.load_period)):
+                        ("--load-period", args.load_period), ("--redis-url", args.redis_url)):
             if v is not None:
                 raise SystemExit(f"vrdma backend: {flag} needs --peer or --cluster")
         return None
@@ -143,6 +149,8 @@ def _load_exchange(args, peering, period: float):
     backend = args.load_backend
     if backend == "auto":
         backend = "datagram" if args.cluster_key else "none"
+    if backend != "redis" and args.redis_url:
+        raise SystemExit("vrdma backend: --redis-url needs --load-backend redis")
     if backend == "none":
         log.info("load table: no dissemination (--load-backend none, or no --cluster-key): "
                  "peers stand in it with what their links say; probes read live counters")
@@ -153,12 +161,20 @@ def _load_exchange(args, peering, period: float):
     from roce.auth import KeyFileError
     from scheduler.errors import SchedulerError
     from scheduler.exchange import LoadExchange, load_key_file
+    from scheduler.gossip import Dissemination
 
     try:
         key = load_key_file(args.cluster_key)
-        from scheduler.gossip import DatagramBackend
+        if backend == "redis":
+            if not args.redis_url:
+                raise SystemExit("vrdma backend: --load-backend redis needs --redis-url")
+            from scheduler.redis_table import RedisBackend
 
-        be = DatagramBackend(fabric_address=peering.fabric.address)
+            be: Dissemination = RedisBackend(args.redis_url, args.redis_cluster)
+        else:
+            from scheduler.gossip import DatagramBackend
+
+            be = DatagramBackend(fabric_address=peering.fabric.address)
     except (KeyFileError, SchedulerError, OSError, ValueError) as e:
         raise SystemExit(f"vrdma backend: load table: {e}") from None
     d = peering.dispatcher

@@ -302,10 +302,11 @@ def _run_cluster(lab, specs, tmp: str, n: int, t0: float) -> int:
             lt = m["load_table"] or {}
             ls = lt.get("listener", {})
             refused = sum(v for k, v in ls.items() if k not in ("received", "accepted", "own"))
+            sent = lt.get("announcer", {}).get("sent", 0)
             reads = f"{s['reads'] / s['decisions']:.1f} READs/decision" if s["decisions"] else "no READs"
             print(f"  {h.name}: policy {s['policy']}: {s['decisions']} decisions ({s['local']} here, "
                   f"{s['remote']} remote; {reads}, {s['reads_failed']} failed); load rows sent "
-                  f"{lt.get('announcer', {}).get('sent', 0)}, taken {ls.get('accepted', 0)}, refused {refused}")
+                  f"{sent}, taken {ls.get('accepted', 0)}, refused {refused}")
             for host, t in sorted(s["transfer"].items()):
                 print(f"      to {c.ran_on(h.index, int(host)).name}: {t['latency_us']} us one way "
                       f"(READ round trips), {t['mb_per_s']} MB/s (remote jobs)")
