@@ -144,44 +144,38 @@ class Workload:
         return b * FFT_N * 8 if kind == "fft" else b * TURBO_K + b
 
 
-class _Ring:
-    """Byte ranges of one output MR, handed out in order and freed (mostly) in order."""
+class _Arena:
+    """Byte ranges of one output MR: the lowest free range that fits (first fit), so the
+    memory in use stays the fewest pages: a daemon's first touch of a guest page is a page
+    fault, which a kernel's time would include (and an emulated slow accelerator multiply)."""
 
     def __init__(self, size: int):
-        self.size, self.head = size, 0
-        self.live: deque[list] = deque()  # [off, n, freed]
+        self.size = size
+        self.free_ranges: list[list[int]] = [[0, size]]  # [off, n], by offset, coalesced
+        self.used: dict[int, int] = {}
 
     def alloc(self, n: int) -> int | None:
-        if n > self.size:
-            return None
-        if not self.live:
-            self.head = n
-            self.live.append([0, n, False])
-            return 0
-        tail = self.live[0][0]
-        h = self.head
-        if h >= tail:  # free: [h, size) and [0, tail)
-            if h + n <= self.size:
-                off = h
-            elif n < tail:
-                off = 0
-            else:
-                return None
-        elif h + n < tail:
-            off = h
-        else:
-            return None
-        self.head = off + n
-        self.live.append([off, n, False])
-        return off
+        for i, (off, m) in enumerate(self.free_ranges):
+            if m >= n:
+                if m == n:
+                    del self.free_ranges[i]
+                else:
+                    self.free_ranges[i] = [off + n, m - n]
+                self.used[off] = n
+                return off
+        return None
 
     def free(self, off: int) -> None:
-        for e in self.live:
-            if e[0] == off and not e[2]:
-                e[2] = True
-                break
-        while self.live and self.live[0][2]:
-            self.live.popleft()
+        n = self.used.pop(off)
+        fr = self.free_ranges
+        i = 0
+        while i < len(fr) and fr[i][0] < off:
+            i += 1
+        fr.insert(i, [off, n])
+        if i + 1 < len(fr) and off + n == fr[i + 1][0]:  # joins the next
+            fr[i][1] += fr.pop(i + 1)[1]
+        if i > 0 and fr[i - 1][0] + fr[i - 1][1] == off:  # joins the previous
+            fr[i - 1][1] += fr.pop(i)[1]
 
 
 class JobSet:
@@ -235,7 +229,7 @@ class JobSet:
         op = AccelOp.FFT if kind == "fft" else AccelOp.TURBO_DECODE
         aq = AQ(self.pd, self.cq, op, depth, flags=flags, target_host=target)
         out = MR(self.pd, ring_bytes, Access.LOCAL_WRITE)
-        q = _Queue(kind, aq, out, _Ring(ring_bytes))
+        q = _Queue(kind, aq, out, _Arena(ring_bytes))
         self.queues[aq.aqn] = q
         return q
 
@@ -304,7 +298,7 @@ class _Queue:
     kind: str
     aq: object
     out: object
-    ring: _Ring
+    ring: _Arena
     jobs: dict = field(default_factory=dict)
 
     def __post_init__(self):

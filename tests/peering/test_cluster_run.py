@@ -3,7 +3,7 @@
 Short runs of the benchmark's 4-host layout (host0 without accelerators,
 host2 emulating accelerators 2x slower than host1 and host3), one guest
 process per host, every result checked: the invariants only, no timing.
-Also the pieces the run stands on: the guests' output ring and the lab's hub
+Also the pieces the run stands on: the guests' output arena and the lab's hub
 address (a redis-server there reachable from every host namespace).
 """
 from __future__ import annotations
@@ -31,29 +31,36 @@ def _short(**kw) -> cluster_run.Options:
     return cluster_run.Options(duration=6.0, load=0.5, grace=20.0, **kw)
 
 
-def test_output_ring_never_hands_out_overlapping_ranges():
-    """Allocations live at once never overlap and stay inside the ring, freed in or out of order."""
+def test_output_arena_never_hands_out_overlapping_ranges():
+    """Ranges in use at once never overlap and stay inside the arena; the lowest free range
+    that fits is taken; everything freed, the whole arena is one range again."""
     rng = random.Random(3)  # noqa: S311 - a reproducible test sequence, not a key
     for size in (100, 4096, 1 << 20):
-        ring = cluster_run._Ring(size)
+        arena = cluster_run._Arena(size)
         live: dict[int, int] = {}
         for _ in range(5000):
             if live and (rng.random() < 0.45 or len(live) > 20):
-                off = min(live) if rng.random() < 0.8 else rng.choice(list(live))  # mostly in order
-                ring.free(off)
+                off = rng.choice(list(live))
+                arena.free(off)
                 del live[off]
                 continue
             n = rng.randint(1, size // 3)
-            off = ring.alloc(n)
+            off = arena.alloc(n)
             if off is None:
-                assert live, "an empty ring refused a fitting range"
+                assert live, "an empty arena refused a fitting range"
                 continue
             assert off >= 0 and off + n <= size
             assert all(off + n <= o or o + m <= off for o, m in live.items()), (off, n, live)
+            # first fit: no lower gap between ranges in use could have held it
+            ends = sorted([0] + [o + m for o, m in live.items() if o + m <= off])
+            starts = sorted([o for o in live if o >= 0] + [size])
+            for e in ends:
+                nxt = min(x for x in starts if x >= e)
+                assert e >= off or nxt - e < n, (e, nxt, off, n)
             live[off] = n
         for off in list(live):
-            ring.free(off)
-        assert not ring.live and ring.alloc(size) == 0  # all of it again once everything is back
+            arena.free(off)
+        assert arena.free_ranges == [[0, size]] and arena.alloc(size) == 0
 
 
 @pytest.mark.netns
