@@ -90,7 +90,7 @@ WARMUP = 0.1
 #: sims per kind for the prediction (different seeds)
 SIM_SEEDS = 5
 #: calibration jobs per host and kind that warm a daemon up before any measured size runs
-WARM_JOBS = 12
+WARM_JOBS = 4
 GOAL_RATIO = 1.5
 _CANARY = 0xAB
 _SUCCESS = 0  # AccelStatus.SUCCESS
@@ -430,7 +430,7 @@ def calibrate(c, wl: Workload, passes: int, src: int, warm: int = WARM_JOBS) -> 
 
     targets = [h.index for h in c.hosts if h.spec.ops()]
     # a negative size: a warm-up job of that many units
-    plan = {k: [-max(1, round(wl.mean(k)))] * warm + list(range(1, wl.cap(k) + 1)) * passes for k in KINDS}
+    plan = {k: [-wl.cap(k)] * warm + list(range(1, wl.cap(k) + 1)) * passes for k in KINDS}
     out: dict = {"service": {}, "transfer": {}, "passes": passes, "by_size_ms": {}}
     with Context(c.hosts[src].sock, mem_size=256 << 20, timeout=60) as ctx:
         js = JobSet(ctx, wl, cq_depth=64, seed=99)
