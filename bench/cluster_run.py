@@ -89,6 +89,9 @@ BATCH_CAP = 4
 WARMUP = 0.1
 #: sims per kind for the prediction (different seeds)
 SIM_SEEDS = 5
+#: the lab's subnet (RFC 5737); a redis-server of the run's own listens on .254 (the hub)
+LAB_SUBNET = "192.0.2"
+REDIS_PORT = 6379
 #: calibration jobs per host and kind that warm a daemon up before any measured size runs
 WARM_JOBS = 4
 GOAL_RATIO = 1.5
@@ -581,7 +584,8 @@ def _sim_mean(p, policy: str) -> tuple[float, float, float]:
 
 def run_service(c, guests: list[dict]) -> dict:
     """Mean service (s) per kind and accelerator host over the run's SUCCESS completions
-    (the CQE's service time): what the accelerators really gave, next to the calibration's."""
+    (the CQE's service time): what the accelerators really gave, next to the calibration's
+    (a host that ran none of a kind is missing)."""
     acc: dict = {k: {} for k in KINDS}
     for g in guests:
         i = g["host"]
@@ -712,23 +716,23 @@ def run(o: Options) -> dict:
     n = len(specs)
     policy, policy_from = daemon_policy(o)
     res: dict = {"params": dict(asdict(o).items()), "policy": policy, "policy_from": policy_from}
-    redis = o.load_backend == "redis"
+    # --load-backend redis without --redis-url: a redis-server of our own, in the hub
+    redis = o.load_backend == "redis" and not o.redis_url
     with tempfile.TemporaryDirectory(prefix="vrdma-crun-") as tmp:
-        hub_ip = None
-        if redis:
-            sub = "192.0.2"
-            hub_ip = f"{sub}.254"
-            url = o.redis_url or f"redis://{hub_ip}:6379/0"
+        hub_ip = f"{LAB_SUBNET}.254" if redis else None
+        url = o.redis_url or (f"redis://{hub_ip}:{REDIS_PORT}/0" if redis else None)
+        if url:
             specs = [lab.HostSpec(s.accelerators, s.slowdown, (*s.extra, "--redis-url", url)) for s in specs]
             res["redis_url"] = url
 
         def start_redis(c) -> None:
-            p = c.hub.popen(["redis-server", "--bind", hub_ip, "--port", "6379", "--save", "",
+            p = c.hub.popen(["redis-server", "--bind", hub_ip, "--port", str(REDIS_PORT), "--save", "",
                              "--appendonly", "no", "--protected-mode", "no", "--dir", tmp])
             p.expect("Ready to accept connections", timeout=20)
 
         t_setup = time.monotonic()
-        with lab.LabCluster(specs, tmp, hub_ip=hub_ip, on_network=start_redis if redis else None) as c:
+        with lab.LabCluster(specs, tmp, subnet=LAB_SUBNET, hub_ip=hub_ip,
+                            on_network=start_redis if redis else None) as c:
             c.wait_linked()
             res["setup_s"] = time.monotonic() - t_setup
             src = next((h.index for h in c.hosts if not h.spec.ops()), 0)
@@ -743,7 +747,8 @@ def run(o: Options) -> dict:
         # the prediction from the service times the run really had (an emulated accelerator's
         # delay follows its per-size reference, which keeps settling during the run), and
         # from the calibration's (which set the arrival rates)
-        res["run_service"] = svc = run_service(c, guests)
+        svc = {k: {**cal["service"][k], **v} for k, v in run_service(c, guests).items()}
+        res["run_service"] = svc
         unit = {k: min(svc[k].values()) for k in KINDS}
         res["summary"] = summarize(c, guests, unit, res.get("t_kill"), o.kill, res["window"], res["t0"])
         res["prediction"] = pr = predict(c, svc, cal["transfer"], rates, policy, static, o.load_period,
@@ -865,6 +870,8 @@ def format_report(r: dict) -> str:
             how = (f"policy {p['model']}, speeds {[round(x, 2) for x in p['speeds']]}, seeds "
                    f"{p['seeds_s'][0] * 1e3:.0f}..{p['seeds_s'][1] * 1e3:.0f} ms")
         pc = r["prediction_calibrated"][k]
+        if "kill" in s:
+            how = "(a run with a kill: not the model's) " + how
         lines.append(f"  sim {k}: {how}, transfer {p['transfer']:.3f} units; measured/predicted "
                      f"{p['ratio']:.2f}: goal <= {GOAL_RATIO}: {'met' if p['goal_met'] else 'NOT met'} "
                      f"(from the calibrated service times instead: {pc['mean_s'] * 1e3:.0f} ms, ratio "
