@@ -15,6 +15,13 @@ Host ids: host ``i``'s daemon numbers its peers 1, 2, ... in the order of its
 :meth:`LabCluster.ran_on` turns the host id of a completion back into the
 host that ran the job. Needs root (namespaces); :func:`available` says why
 not.
+
+Shared services (e.g. the redis-server of the scheduler's Redis load table):
+``hub_ip`` gives the bridge an address on the hosts' subnet, so a process of
+the hub namespace (:attr:`LabCluster.hub`) listening there is reachable
+from every host; ``on_network(cluster)`` is called once the network is up,
+before any daemon starts, to start such processes (``cluster.hub.popen``:
+the hub owns them and stops them on exit).
 """
 from __future__ import annotations
 
@@ -23,12 +30,15 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 #: accelerator operations each --accelerators kind runs (the lab's own view, for waiting)
 _KIND_OPS = {"fft": ("FFT", "IFFT"), "turbo": ("TURBO_ENCODE", "TURBO_DECODE")}
+#: the hub's bridge
+_BRIDGE = "br0"
 
 
 def available() -> str | None:
@@ -102,11 +112,19 @@ class LabCluster:
     """``len(specs)`` hosts at ``{subnet}.1``, ``{subnet}.2``, ... (see the module doc)."""
 
     def __init__(self, specs: list[HostSpec], workdir: str | Path, *, subnet: str = "192.0.2",
-                 relay=None):
+                 relay=None, hub_ip: str | None = None,
+                 on_network: Callable[[LabCluster], None] | None = None):
         if not 2 <= len(specs) <= 200:
             raise ValueError(f"a lab cluster has 2..200 hosts, not {len(specs)}")
         if relay is not None and len(specs) != 2:
             raise ValueError("a relayed lab cluster has 2 hosts")
+        if hub_ip is not None and relay is not None:
+            raise ValueError("a relayed lab cluster has no hub")
+        #: the hub namespace (the bridge's), once entered; None when relayed
+        self.hub: Any = None
+        #: the bridge's address on the hosts' subnet, if given (module doc)
+        self.hub_ip = hub_ip
+        self._on_network = on_network
         #: two hosts only: a :class:`netlab.relay.Policy` for an L2 relay between them
         #: (reordering, duplication, loss) instead of the bridge; its process is :attr:`relay`
         self.policy = relay
@@ -114,6 +132,8 @@ class LabCluster:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         ips = [f"{subnet}.{i + 1}" for i in range(len(specs))]
+        if hub_ip is not None and (hub_ip in ips or hub_ip.rpartition(".")[0] != subnet):
+            raise ValueError(f"hub address {hub_ip} is not a free address of {subnet}.0/24")
         self.hosts = [LabHost(i, ip, str(self.workdir / f"host{i}.sock"), spec, [p for p in ips if p != ip])
                       for i, (ip, spec) in enumerate(zip(ips, specs, strict=True))]
         self._stack = contextlib.ExitStack()
@@ -127,10 +147,14 @@ class LabCluster:
                 pair = self._stack.enter_context(two_hosts_via_relay(self.policy, f"{a.ip}/24", f"{b.ip}/24"))
                 a.ns, b.ns, self.relay = pair.a, pair.b, pair.relay
             else:
-                hub = self._stack.enter_context(Namespace())
+                hub = self.hub = self._stack.enter_context(Namespace())
                 for h in self.hosts:
                     h.ns = self._stack.enter_context(Namespace())
-                switch(hub, [(h.ns, f"{h.ip}/24") for h in self.hosts])
+                switch(hub, [(h.ns, f"{h.ip}/24") for h in self.hosts], bridge=_BRIDGE)
+                if self.hub_ip is not None:
+                    hub.ip("addr", "add", f"{self.hub_ip}/24", "dev", _BRIDGE)
+            if self._on_network is not None:
+                self._on_network(self)
             for h in self.hosts:
                 self._stack.callback(h.stop)
                 h.start()
