@@ -68,6 +68,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -342,7 +343,8 @@ def guest(spec: dict) -> dict:
     nq, depth = spec["queues"], spec["depth"]
     with Context(spec["sock"], mem_size=spec["mem_mb"] << 20, timeout=30) as ctx:
         js = JobSet(ctx, wl, cq_depth=4 * nq * depth, seed=spec["seed"])
-        qs = {k: [js.queue(k, depth, spec["ring_mb"][k] << 20) for _ in range(nq)] for k in KINDS}
+        qs = {k: [js.queue(k, depth, spec["ring_mb"][k] << 20, flags=spec.get("flags", 0)) for _ in range(nq)]
+              for k in KINDS}
         print("ready", flush=True)
         t0 = float(sys.stdin.readline())
         arr = _arrivals(spec["rates"], t0, spec["duration"], wl, spec["seed"] + 1)
@@ -673,6 +675,9 @@ class Options:
     load_period: float | None = None
     cluster_key: str | None = None
     dump: str | None = None
+    #: the guests' queues ask for re-dispatch (LOCAL_FALLBACK): a job a failed host gives
+    #: back is placed again elsewhere; False: it completes REMOTE_FAILED
+    redispatch: bool = True
 
 
 def _specs(o: Options):
@@ -724,6 +729,17 @@ def run(o: Options) -> dict:
         if url:
             specs = [lab.HostSpec(s.accelerators, s.slowdown, (*s.extra, "--redis-url", url)) for s in specs]
             res["redis_url"] = url
+        if o.load_backend and not o.cluster_key:  # load rows are authenticated: a key of the run's
+            from roce.auth import write_key_file
+
+            key = os.path.join(tmp, "cluster.key")
+            write_key_file(key)
+            specs = [lab.HostSpec(s.accelerators, s.slowdown, (*s.extra, "--cluster-key", key))
+                     for s in specs]
+        # every daemon's counters at exit (the scheduler's decisions and READs, the load table's rows)
+        mfile = [os.path.join(tmp, f"host{i}.metrics.json") for i in range(n)]
+        specs = [lab.HostSpec(s.accelerators, s.slowdown, (*s.extra, "--metrics-file", mfile[i]))
+                 for i, s in enumerate(specs)]
 
         def start_redis(c) -> None:
             p = c.hub.popen(["redis-server", "--bind", hub_ip, "--port", str(REDIS_PORT), "--save", "",
@@ -743,6 +759,7 @@ def run(o: Options) -> dict:
             rates = {k: o.load * cap[k] / n for k in KINDS}
             res["capacity_jobs_per_s"], res["rate_per_guest"] = cap, rates
             res["guests"] = guests = _run_guests(c, o, rates, res)
+        res["daemons"] = _daemon_metrics(mfile)
         static = policy_from.startswith("today")
         # the prediction from the service times the run really had (an emulated accelerator's
         # delay follows its per-size reference, which keeps settling during the run), and
@@ -773,7 +790,28 @@ def run(o: Options) -> dict:
     return res
 
 
+def _daemon_metrics(files: list[str]) -> list[dict | None]:
+    """Each daemon's scheduler and load-table counters at exit (None: it was killed)."""
+    out: list[dict | None] = []
+    for path in files:
+        try:
+            with open(path) as f:
+                m = json.load(f)
+        except (OSError, ValueError):
+            out.append(None)
+            continue
+        sch = (m.get("peering") or {}).get("scheduler") or {}
+        lt = m.get("load_table") or {}
+        out.append({"scheduler": {k: sch.get(k) for k in ("policy", "decisions", "local", "remote", "probes",
+                                                        "reasons", "deferred", "reads", "reads_failed",
+                                                        "reads_late", "reads_bad", "no_candidate")},
+                    "load_table": {"announcer": lt.get("announcer"), "listener": lt.get("listener")}})
+    return out
+
+
 def _run_guests(c, o: Options, rates: dict, res: dict) -> list[dict]:
+    from virtio_rdma.constants import AqFlags
+
     wl = o.workload
     ring = {"fft": max(32, 2 * wl.out_bytes("fft", wl.cap("fft")) >> 20),
             "turbo": max(2, 2 * wl.out_bytes("turbo", wl.cap("turbo")) >> 20)}
@@ -784,7 +822,8 @@ def _run_guests(c, o: Options, rates: dict, res: dict) -> list[dict]:
         for h in c.hosts:
             spec = {"sock": h.sock, "host": h.index, "workload": asdict(wl), "queues": o.queues,
                     "depth": o.depth, "ring_mb": ring, "mem_mb": (mem >> 20) + 32, "rates": rates,
-                    "duration": o.duration, "grace": o.grace, "seed": o.seed * 1000 + h.index * 10}
+                    "duration": o.duration, "grace": o.grace, "seed": o.seed * 1000 + h.index * 10,
+                    "flags": int(AqFlags.LOCAL_FALLBACK) if o.redispatch else 0}
             p = subprocess.Popen([sys.executable, "-m", "bench.cluster_run", "--guest"],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             procs.append(p)
@@ -886,6 +925,15 @@ def format_report(r: dict) -> str:
                      f"(n {k['before']['n']}), "
                      f"in the {k['window_s']:g} s after it {k['failover']['p99'] * 1e3:.1f} ms "
                      f"(n {k['failover']['n']})")
+    for i, d in enumerate(r.get("daemons") or []):
+        if d is None:
+            lines.append(f"host{i}: no counters (killed)")
+            continue
+        sc, ls = d["scheduler"], (d["load_table"] or {}).get("listener") or {}
+        per = f"{sc['reads'] / sc['decisions']:.2f} READs/decision" if sc.get("decisions") else "no decisions"
+        lines.append(f"host{i}: {sc.get('policy')}: {sc.get('decisions')} decisions ({sc.get('local')} here, "
+                     f"{sc.get('remote')} remote), {per}, failed {sc.get('reads_failed')}, late "
+                     f"{sc.get('reads_late')}; load rows taken {ls.get('accepted', 0)}")
     return "\n".join(lines)
 
 
@@ -921,6 +969,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redis-url", help="daemon --redis-url (default: the redis-server this starts)")
     p.add_argument("--load-period", type=float, help="daemon --load-period (seconds)")
     p.add_argument("--cluster-key", help="daemon --cluster-key FILE")
+    p.add_argument("--no-redispatch", action="store_true",
+                   help="the guests' queues do not ask for re-dispatch (LOCAL_FALLBACK): a job a "
+                        "failed host gives back completes REMOTE_FAILED")
     p.add_argument("--json", action="store_true")
     p.add_argument("--dump", metavar="FILE", help="write every job's record (JSON) here")
     a = p.parse_args(argv)
@@ -932,7 +983,7 @@ def main(argv: list[str] | None = None) -> int:
                 kill=a.kill,
                 kill_at=a.kill_at, failover_window=a.failover_window, policy=a.policy,
                 load_backend=a.load_backend, redis_url=a.redis_url, load_period=a.load_period,
-                cluster_key=a.cluster_key, dump=a.dump)
+                cluster_key=a.cluster_key, dump=a.dump, redispatch=not a.no_redispatch)
     if o.kill is not None and not 0 <= o.kill < len(o.layout.split(",")):
         p.error(f"--kill {o.kill}: no such host")
     from vrdma import lab
