@@ -231,3 +231,56 @@ def test_peer_daemon_killed_mid_job(lab_dir, fallback):
             (w,) = _poll(cq, 1)
             assert w.accel_status is AccelStatus.SUCCESS and w.host == 1
             assert outs[1].read(x.nbytes) == want
+
+
+def test_redis_unreachable_the_daemons_keep_routing_and_say_so(lab_dir):
+    """Load rows through a real redis-server in the hub namespace; the server is killed
+    under the daemons: every job still completes on a host with accelerators (the table
+    keeps what it has, probes read live counters), and each daemon says Redis is
+    unreachable (a warning, and its load-table counters at exit)."""
+    import json
+    import shutil
+
+    from roce.auth import write_key_file
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("no redis-server on this machine")
+    hub, key = "192.0.2.254", str(lab_dir / "redis.key")
+    write_key_file(key)
+    servers = []
+
+    def start(c):
+        p = c.hub.popen(["redis-server", "--bind", hub, "--port", "6379", "--save", "", "--appendonly", "no",
+                         "--protected-mode", "no", "--dir", str(lab_dir)])
+        p.expect("Ready to accept connections", timeout=20)
+        servers.append(p)
+
+    extra = ("--cluster-key", key, "--load-backend", "redis", "--redis-url", f"redis://{hub}:6379/0",
+             "--load-period", "0.2")
+    specs = [lab.HostSpec("none", extra=(*extra, "--metrics-file", str(lab_dir / "r0.json"))),
+             lab.HostSpec(extra=(*extra, "--metrics-file", str(lab_dir / "r1.json"))),
+             lab.HostSpec(extra=(*extra, "--metrics-file", str(lab_dir / "r2.json")))]
+    with lab.LabCluster(specs, lab_dir / "redis", hub_ip=hub, on_network=start) as c:
+        c.wait_linked()
+        with Context(c.hosts[0].sock, mem_size=64 << 20, timeout=60) as ctx:
+            x = _c64((16, 2048), 11)
+            want = accel_core.fft(x).tobytes()
+            for _ in range(4):
+                assert accel.fft(ctx, x).tobytes() == want
+            servers[0].send_signal(9)
+            servers[0].wait(10)
+            for h in c.hosts:
+                line = h.proc.expect("unreachable", stream="stderr", timeout=10)
+                assert "routing on the load table as it is" in line, line
+            for _ in range(8):
+                assert accel.fft(ctx, x).tobytes() == want
+        for h in c.hosts:
+            h.stop()
+    m = [json.loads((lab_dir / f"r{i}.json").read_text()) for i in range(3)]
+    for i, d in enumerate(m):
+        be = d["load_table"]["backend"]
+        assert be["redis_up"] is False and be["outages"] >= 1, (i, be)
+    sch = m[0]["peering"]["scheduler"]
+    assert sch["decisions"] == sch["remote"] == 12 and sch["no_candidate"] == 0
+    # before the outage host0 took its peers' rows from Redis
+    assert m[0]["load_table"]["listener"]["accepted"] > 0
