@@ -352,9 +352,7 @@ class Dispatcher:
             return
         d.done = True
         self._deferred.discard(d)
-        for tag in d.out:
-            self._reads.pop(tag, None)
-        d.out.clear()
+        d.out.clear()  # reads still out stay in _reads: a late failure still marks its host down
         e = d.entry
         if e is None:
             return
@@ -370,8 +368,6 @@ class Dispatcher:
     def _forget(self, d: _Deferred) -> None:
         d.done = True
         self._deferred.discard(d)
-        for tag in d.out:
-            self._reads.pop(tag, None)
         d.out.clear()
 
     # ------------------------------------------------------ read completions
@@ -383,6 +379,11 @@ class Dispatcher:
         d, host, buf, t0 = r
         d.out.discard(tag)
         now = self.clock()
+        if d.done:  # decided without it (late), or its job went: only a failure matters now
+            if not ok:
+                self.metrics.reads_failed += 1
+                self.host_down(host, "its counters READ failed")
+            return
         if ok:
             try:
                 d.got[host] = decode_counters(buf, host, now)
@@ -407,9 +408,11 @@ class Dispatcher:
         for tag, (d, h, _, _) in list(self._reads.items()):
             if h == host:
                 del self._reads[tag]
+                self.metrics.reads_failed += 1
+                if d.done:
+                    continue
                 d.out.discard(tag)
                 d.got[host] = None
-                self.metrics.reads_failed += 1
                 if not d.out:
                     self._decided(d)
 

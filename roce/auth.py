@@ -88,6 +88,13 @@ def check_key_file(path: str, uid: int | None = None) -> None:
 
 def load_key_file(path: str) -> bytes:
     """The MAC key from a cluster key file (checked as :func:`check_key_file`)."""
+    return derive_mac_key(read_key_file(path))
+
+
+def read_key_file(path: str) -> bytes:
+    """The cluster key itself (checked as :func:`check_key_file`): never used as
+    a key as it is, each use derives its own (:func:`derive_mac_key`,
+    :func:`scheduler.wire.derive_load_key`)."""
     check_key_file(path)
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
@@ -97,7 +104,7 @@ def load_key_file(path: str) -> bytes:
     if len(data) != KEY_LEN:
         raise KeyFileError(f"cluster key file {path} holds {len(data)} bytes, not {KEY_LEN} "
                            f"(make one with: vrdma keygen {path})")
-    return derive_mac_key(data)
+    return data
 
 
 def write_key_file(path: str) -> None:

@@ -26,12 +26,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
 import time
 from collections.abc import Callable
 
-from roce.auth import KEY_LEN, KeyFileError, check_key_file
+from roce.auth import read_key_file
 from scheduler.gossip import FUTURE_BOUND, Announcer, Dissemination, DisseminationError, Listener
 from scheduler.table import LoadRow, LoadTable
 from scheduler.wire import derive_load_key
@@ -42,15 +41,7 @@ log = logging.getLogger(__name__)
 def load_key_file(path: str) -> bytes:
     """The load-table key of a cluster key file (``vrdma keygen``; checked as the
     fabric checks it: a regular file of ours, mode 0600, 32 bytes)."""
-    check_key_file(path)
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        data = os.read(fd, KEY_LEN + 1)
-    finally:
-        os.close(fd)
-    if len(data) != KEY_LEN:
-        raise KeyFileError(f"cluster key file {path} holds {len(data)} bytes, not {KEY_LEN}")
-    return derive_load_key(data)
+    return derive_load_key(read_key_file(path))
 
 
 class LoadExchange:
