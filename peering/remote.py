@@ -17,10 +17,10 @@ window and settles the job (:func:`virtio_rdma.accel.settle`). (Pushing the
 input with WRITE rather than letting the peer READ it costs a round trip but
 takes the transport's fast paths both ways: WRITE bursts are encoded and
 placed natively, READ responses are not.) If the link
-fails, every job sent or queued on it is given back: re-run on this host if
-its queue asked (LOCAL_FALLBACK) and this host can, else REMOTE_FAILED. A
-job is forwarded at most once: the peer runs it on its own accelerators or
-refuses it, never sends it on. A result for a job no longer outstanding (the
+fails, every job sent or queued on it is given back: placed again by this
+host's scheduler if its queue asked (LOCAL_FALLBACK; never on a host that
+gave it back), else REMOTE_FAILED. The peer runs a job on its own
+accelerators or refuses it, never sends it on. A result for a job no longer outstanding (the
 link failed meanwhile, or the queue went) is dropped: never delivered twice.
 
 **Server** (the peer's job runs here): a JobMsg is checked as a guest's job

@@ -167,8 +167,8 @@ class AqFlags(_IntFlag):
 
     #: run every job on ``target_host`` (a host id of QUERY_ACCEL's view; 0: this host)
     FORCE_TARGET = 1
-    #: a job whose remote host fails is run again on this host if it can, instead of
-    #: completing with REMOTE_FAILED
+    #: a job whose remote host fails is placed again (on another host that runs it, this
+    #: one included; a FORCE_TARGET job on this host only), instead of completing REMOTE_FAILED
     LOCAL_FALLBACK = 2
 
 
