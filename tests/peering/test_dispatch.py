@@ -283,3 +283,24 @@ def test_job_size_and_transfer_estimates():
     assert te.one_way(1, 0) == pytest.approx(100e-6)
     te.job(1, 1_000_000, 200e-6 + 1e-3)                   # 1 MB moved in 1 ms beyond latency
     assert te.one_way(1, 1_000_000) == pytest.approx(100e-6 + 0.5e-3)
+
+
+@pytest.mark.parametrize("policy", ["seed", "local", "random", "p2c", "p2c+own", "probe:3", "guided+own"])
+def test_every_daemon_policy_places_and_counts_its_decisions(policy):
+    t = Trio(policy=policy, a_local=True)
+    try:
+        # a queue with a flag: its jobs skip the native path (small FFTs on an idle local unit)
+        aq = t.g.create_aq(t.pd, t.cq, AccelOp.FFT, depth=64, flags=AqFlags.LOCAL_FALLBACK)
+        x = _x(9)
+        dsts = [t.fft(aq, i, x) for i in range(8)]
+        cqes = t.cqes(8)
+        assert all(c.status is AccelStatus.SUCCESS for c in cqes)
+        for d in dsts:
+            got = np.frombuffer(t.g.read(d.gpa, x.nbytes), C64).reshape(x.shape)
+            np.testing.assert_allclose(got, np.fft.fft(x), rtol=1e-4, atol=1e-3)
+        c = t.da.counters
+        assert c.decisions == c.local + c.remote == 8
+        assert t.da.policy.name == policy and sum(c.reasons.values()) == c.decisions
+        assert c.probes == t.da.metrics.reads <= 3 * c.decisions
+    finally:
+        t.close()
