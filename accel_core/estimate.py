@@ -439,6 +439,7 @@ class OnlineFit:
 REF_UP = 0.005        # log step of a shape's reference towards a longer time (at most to it)
 REF_DOWN = 0.05       # ... towards a shorter one: the reference tracks the ~9th percentile
 REF_MAX_KEYS = 4096   # shapes with a reference; past it the table starts over
+REF_WARMUP = 4        # a shape's first times: its reference is the least of them (cold first calls)
 
 
 class ReferenceTimes:
@@ -447,32 +448,45 @@ class ReferenceTimes:
     undisturbed by the host's other work, as a hardware accelerator's speed
     does not depend on the host's load.
 
-    The first time of a shape is its reference; a longer time moves it up by
-    ``REF_UP`` in the log (never past that time), a shorter one down by
-    ``REF_DOWN`` (never below it): a low-quantile tracker (the fraction
-    ``REF_UP / (REF_UP + REF_DOWN)``, about the 9th percentile, of the times
-    lies below it). One job that took 10 times as long moves it by 0.5%; a
-    lasting change of speed is followed (up: about 140 jobs for 2x, down:
-    14). Not locked: one dict store per update (atomic under the GIL); a race
-    loses a sample.
+    A shape's reference is the least of its first :data:`REF_WARMUP` times (a
+    kernel's first calls of a shape run cold, up to twice as long: a
+    reference set by one of them would make an emulated accelerator slower
+    for the first dozens of jobs of each shape); after that a longer time
+    moves it up by ``REF_UP`` in the log (never past that time), a shorter
+    one down by ``REF_DOWN`` (never below it): a low-quantile tracker (the
+    fraction ``REF_UP / (REF_UP + REF_DOWN)``, about the 9th percentile, of
+    the times lies below it). One job that took 10 times as long moves it by
+    0.5%; a lasting change of speed is followed (up: about 140 jobs for 2x,
+    down: 14). Not locked: one dict store per update (atomic under the GIL);
+    a race loses a sample.
     """
 
     def __init__(self) -> None:
         self._ref: dict[Any, float] = {}
+        self._seen: dict[Any, int] = {}  # times taken per shape, while fewer than REF_WARMUP
 
     def update(self, key: Any, seconds: float) -> float:
         """Take one measured time of ``key``'s shape; returns its reference (seconds)."""
         prev = self._ref.get(key)
         if not (seconds > 0.0 and math.isfinite(seconds)):
             return prev if prev is not None else 0.0
+        seen = self._seen.get(key, REF_WARMUP)
         if prev is None:
             if len(self._ref) >= REF_MAX_KEYS:  # guests choose shapes: bounded
                 self._ref.clear()
+                self._seen.clear()
             ref = seconds
+            seen = 0
+        elif seen < REF_WARMUP:
+            ref = min(prev, seconds)
         elif seconds > prev:
             ref = min(seconds, prev * math.exp(REF_UP))
         else:
             ref = max(seconds, prev * math.exp(-REF_DOWN))
+        if seen + 1 < REF_WARMUP:
+            self._seen[key] = seen + 1
+        else:
+            self._seen.pop(key, None)
         self._ref[key] = ref
         return ref
 
