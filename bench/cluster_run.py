@@ -23,10 +23,10 @@ Run:
    kind, hence the cluster's capacity and the arrival rates;
    (response - wait - service) / 2 of these remote jobs is the one-way
    transfer time. An emulated accelerator's delay follows a per-size
-   reference time that its first, cold sample sets and that then moves down
-   at most 5% a job (accel_core.estimate.ReferenceTimes), so service times
-   keep settling during the run (Turbo's most: its first call of a size runs
-   up to 2x slower): the report gives both, and the load they really offered.
+   reference time: the least of the size's first 4 kernel times, then a low
+   quantile (accel_core.estimate.ReferenceTimes); service times still
+   settle somewhat during the run: the report gives both, and the load they
+   really offered.
 2. **Load**: one guest process per host (the root namespace, on that host's
    unix socket; ``python -m bench.cluster_run --guest``, its spec on stdin)
    submits Poisson streams of both kinds at ``--load`` x capacity / hosts
@@ -107,8 +107,8 @@ class Workload:
     """Job sizes in units: an FFT unit is ``fft_group`` transforms of FFT_N points, a Turbo
     unit one decode of TURBO_K bits; a job's units are geometric (the kind's mean),
     resampled above ``BATCH_CAP`` x the mean. Few distinct sizes: the calibration runs each
-    on each host (an emulated accelerator's delay multiplies a per-size reference time that
-    its first sample sets, accel_core.estimate.ReferenceTimes)."""
+    on each host (an emulated accelerator's delay multiplies a per-size reference time set
+    by its first samples, accel_core.estimate.ReferenceTimes)."""
 
     fft_units_mean: float = 4.0
     fft_group: int = 12
@@ -426,10 +426,10 @@ def calibrate(c, wl: Workload, passes: int, src: int, warm: int = WARM_JOBS) -> 
     sizes' service times weighted by their probabilities.
 
     The warm-up matters: an emulated accelerator's delay is (slowdown - 1) x a per-size
-    reference kernel time whose first sample sets it and which then moves down at most 5%
-    a job (accel_core.estimate.ReferenceTimes); a daemon's first kernel calls run up to
-    3x slower than later ones (a cold process), so sizes first run cold stay slow for
-    some 20 jobs. Warm-up jobs are of other sizes: their references do not matter."""
+    reference kernel time (the least of its first 4 samples, then a low quantile:
+    accel_core.estimate.ReferenceTimes); a daemon's first kernel calls run up to 3x
+    slower than later ones (a cold process). Warm-up jobs are of other sizes: their
+    references do not matter."""
     from guest_lib import Context
     from virtio_rdma.constants import AqFlags
 

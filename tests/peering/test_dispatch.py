@@ -23,13 +23,11 @@ from peering.dispatch import Dispatcher, TransferEstimates, job_size
 from peering.link import LinkConfig, LinkState
 from peering.service import Peering
 from scheduler.wire import COUNTERS_SIZE, decode_counters
-from verbs import Access
-from virtio_rdma import wire
+from tests.fabric.test_roce_fabric import Wire
+from tests.peering.test_two_hosts import Harness
+from tests.virtio_rdma.driver import Guest
 from virtio_rdma.accel import AccelRouter
 from virtio_rdma.constants import AccelDtype, AccelOp, AccelStatus, AqFlags, Cmd
-
-from tests.fabric.test_roce_fabric import Wire
-from tests.virtio_rdma.driver import Guest
 
 IPS = {"a": "192.0.2.1", "b": "192.0.2.2", "c": "192.0.2.3"}
 C64 = np.dtype(np.complex64)
@@ -42,7 +40,7 @@ def _service(slowdown: float = 1.0) -> AcceleratorService:
         AcceleratorSpec("turbo", ops=frozenset({Op.TURBO_ENCODE, Op.TURBO_DECODE}), slowdown=slowdown)])
 
 
-class Trio:
+class Trio(Harness):
     """A (a guest; accelerators if ``a_local``), B and C, all linked, each
     with a dispatcher running ``policy``."""
 
@@ -82,13 +80,6 @@ class Trio:
                 if d is not None and d <= now:
                     p.on_timer(now)
 
-    def run(self, until, timeout=20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not until():
-            assert time.monotonic() < deadline, "did not converge"
-            self.step()
-            time.sleep(0.0002)
-
     def kill(self, n: str) -> None:
         self.up[n] = False
         self.fab[n].sink = None
@@ -101,13 +92,6 @@ class Trio:
         for r in self.router.values():
             r.close()
 
-    def mr(self, data: bytes | int, access=Access.LOCAL_WRITE):
-        n = data if isinstance(data, int) else len(data)
-        buf = self.g.reg_mr(self.pd, n, access=access)
-        if not isinstance(data, int):
-            self.g.write(buf.gpa, data)
-        return buf
-
     def fft(self, aq, wr_id: int, x: np.ndarray):
         src = self.mr(x.tobytes())
         dst = self.mr(x.nbytes)
@@ -116,11 +100,6 @@ class Trio:
                            outputs=[(dst.addr, x.nbytes, dst.lkey)])
         return dst
 
-    def cqes(self, n: int, timeout=20.0):
-        got = []
-        self.run(lambda: got.extend(self.g.poll(self.cq)) or len(got) >= n, timeout)
-        assert len(got) == n, got
-        return [wire.decode_accel_cqe(c) for c in got]
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ accel_core called directly.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,15 +22,24 @@ import accel_core
 from accel_core import AcceleratorService, AcceleratorSpec
 from fabric.roce import RoceFabric
 from peering.link import LinkConfig, LinkState
-from peering.service import Peering, PeerConfigError, check_peers, read_cluster_file
-from peering.wire import JOB_SIZE, ConnectMsg, ConnectType, GoMsg, GrantMsg, JobMsg, OpInfo, ResultMsg, decode_link
+from peering.service import PeerConfigError, Peering, check_peers, read_cluster_file
+from peering.wire import (
+    JOB_SIZE,
+    ConnectMsg,
+    ConnectType,
+    GoMsg,
+    GrantMsg,
+    JobMsg,
+    OpInfo,
+    ResultMsg,
+    decode_link,
+)
+from tests.fabric.test_roce_fabric import Wire
+from tests.virtio_rdma.driver import DriverError, Guest
 from verbs import Access
 from virtio_rdma import wire
 from virtio_rdma.accel import AccelRouter
 from virtio_rdma.constants import AccelDtype, AccelEarlyStop, AccelOp, AccelStatus, AqFlags, Cmd, Status
-
-from tests.fabric.test_roce_fabric import Wire
-from tests.virtio_rdma.driver import DriverError, Guest
 
 A_IP, B_IP = "192.0.2.1", "192.0.2.2"
 C64 = np.dtype(np.complex64)
@@ -43,7 +53,39 @@ def _service(slowdown: float = 1.0):
                         slowdown=slowdown)])
 
 
-class Cluster:
+class Harness:
+    """What a test does with in-process hosts: ``step()`` them until a condition
+    holds, and drive the guest ``g`` (its PD ``pd``, its CQ ``cq``)."""
+
+    g: Guest
+    pd: int
+    cq: Any
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def run(self, until, timeout=20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not until():
+            assert time.monotonic() < deadline, "did not converge"
+            self.step()
+            time.sleep(0.0002)
+
+    def mr(self, data: bytes | int, access=Access.LOCAL_WRITE):
+        n = data if isinstance(data, int) else len(data)
+        buf = self.g.reg_mr(self.pd, n, access=access)
+        if not isinstance(data, int):
+            self.g.write(buf.gpa, data)
+        return buf
+
+    def cqes(self, n: int, timeout=20.0):
+        got: list = []
+        self.run(lambda: got.extend(self.g.poll(self.cq)) or len(got) >= n, timeout)
+        assert len(got) == n, got
+        return [wire.decode_accel_cqe(c) for c in got]
+
+
+class Cluster(Harness):
     """A (no accelerators unless ``a_local``) and B (FFT and Turbo), linked."""
 
     def __init__(self, *, a_local=False, config=FAST, credits=64, b_slowdown=1.0, job_timeout=30.0, **wire_kw):
@@ -79,13 +121,6 @@ class Cluster:
             if d is not None and d <= now:
                 p.on_timer(now)
 
-    def run(self, until, timeout=20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not until():
-            assert time.monotonic() < deadline, "did not converge"
-            self.step()
-            time.sleep(0.0002)
-
     def kill_b(self) -> None:
         """B's daemon vanishes: its packets stop and nothing reaches it."""
         self.b_up = False
@@ -99,19 +134,6 @@ class Cluster:
         self.ra.close()
         self.rb.close()
 
-    # guest helpers
-    def mr(self, data: bytes | int, access=Access.LOCAL_WRITE):
-        n = data if isinstance(data, int) else len(data)
-        buf = self.g.reg_mr(self.pd, n, access=access)
-        if not isinstance(data, int):
-            self.g.write(buf.gpa, data)
-        return buf
-
-    def cqes(self, n: int, timeout=20.0):
-        got = []
-        self.run(lambda: got.extend(self.g.poll(self.cq)) or len(got) >= n, timeout)
-        assert len(got) == n, got
-        return [wire.decode_accel_cqe(c) for c in got]
 
 
 @pytest.fixture
