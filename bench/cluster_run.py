@@ -804,7 +804,9 @@ def _daemon_metrics(files: list[str]) -> list[dict | None]:
         lt = m.get("load_table") or {}
         out.append({"scheduler": {k: sch.get(k) for k in ("policy", "decisions", "local", "remote", "probes",
                                                         "reasons", "deferred", "reads", "reads_failed",
-                                                        "reads_late", "reads_bad", "no_candidate")},
+                                                        "reads_late", "reads_bad", "no_candidate",
+                                                        "board_reads", "board_writes", "board_fallbacks",
+                                                        "announced", "unannounced", "landed")},
                     "load_table": {"announcer": lt.get("announcer"), "listener": lt.get("listener")}})
     return out
 
@@ -930,7 +932,8 @@ def format_report(r: dict) -> str:
             lines.append(f"host{i}: no counters (killed)")
             continue
         sc, ls = d["scheduler"], (d["load_table"] or {}).get("listener") or {}
-        per = f"{sc['reads'] / sc['decisions']:.2f} READs/decision" if sc.get("decisions") else "no decisions"
+        per = (f"{sc['reads'] / sc['decisions']:.2f} READs/decision (board {sc.get('board_reads')}, "
+               f"announced {sc.get('announced')})" if sc.get("decisions") else "no decisions")
         lines.append(f"host{i}: {sc.get('policy')}: {sc.get('decisions')} decisions ({sc.get('local')} here, "
                      f"{sc.get('remote')} remote), {per}, failed {sc.get('reads_failed')}, late "
                      f"{sc.get('reads_late')}; load rows taken {ls.get('accepted', 0)}")

@@ -49,7 +49,7 @@ from scheduler.table import LoadRow, LoadTable, OwnSends
 #: the only job kind of the model
 KIND = "acc"
 #: policies ``--policy all`` runs, references last
-ALL_POLICIES = ("seed", "seed+own", "local", "p2c", "p2c+own", "probe", "random", "oracle")
+ALL_POLICIES = ("seed", "seed+own", "local", "p2c", "p2c+own", "probe", "board", "random", "oracle")
 #: the broadcast interval is the period times a uniform draw in this range
 JITTER = (0.9, 1.1)
 #: fraction of the jobs (the first ones submitted) not measured
@@ -169,10 +169,12 @@ def simulate(p: Params, policy: str) -> Result:
     ks = p.known_sizes
     oracle = pol.reference
     announced = p.count_announced
+    # the board holds the work dispatchers announced with their FETCH_ADDs: jobs on their way
+    board = pol.base == "board"
 
     def truth(hid: int) -> LoadRow:
         """A probe: the host's true counters at the decision's ``now``."""
-        return hosts[hid].row(now, ks, oracle or announced)
+        return hosts[hid].row(now, ks, oracle or announced or board)
 
     def enqueue(h: _Host, j: int, now: float) -> None:
         h.queue.append(j)
@@ -233,8 +235,10 @@ def simulate(p: Params, policy: str) -> Result:
     mean = sum(measured) / len(measured)
     p99 = measured[min(len(measured) - 1, int(0.99 * len(measured)))]
     periods = now / p.period
+    # control operations per job: board's FETCH_ADD announcing each remote job (the others: none)
+    ctl = counters.remote / counters.decisions if board else 0.0
     return Result(pol.name, p.period, mean, p99, counters.remote / counters.decisions,
-                  counters.probes / counters.decisions, 0.0, bcasts / periods if periods else 0.0,
+                  counters.probes / counters.decisions, ctl, bcasts / periods if periods else 0.0,
                   sum(1 for c in done if c == 1), p.jobs, sum(1 for c in done if c > 1), counters)
 
 

@@ -50,7 +50,29 @@ import numpy as np
 
 from accel_core.estimate import query_units
 from accel_core.jobs import JobParams
-from scheduler.decide import Decision, DecisionCounters, Job, Plan, Policy, View, finish, parse_policy, plan
+from scheduler.board import (
+    INBOUND_SIZE,
+    add as board_add,
+    as_u64,
+    board_size,
+    counters_offset,
+    decode_board,
+    inbound_base,
+    inbound_offset,
+    units_of,
+)
+from scheduler.decide import (
+    DEFAULT_D,
+    Decision,
+    DecisionCounters,
+    Job,
+    Plan,
+    Policy,
+    View,
+    finish,
+    parse_policy,
+    plan,
+)
 from scheduler.errors import NoCandidate
 from scheduler.table import DEFAULT_PERIOD, LoadRow, LoadTable, OwnSends
 from scheduler.wire import COUNTERS_SIZE, WireError, decode_counters, kind_name, store_counters
@@ -137,16 +159,35 @@ class TransferEstimates:
 @dataclass(slots=True)
 class DispatchMetrics:
     deferred: int = 0          # decisions that waited for READs
-    reads: int = 0             # counters READs posted
+    reads: int = 0             # RDMA READs posted (of a peer's counters, or of the board)
     reads_failed: int = 0      # completed in error, or their link went down (the host is marked down)
     reads_late: int = 0        # not back by the deadline (decided without them)
     reads_bad: int = 0         # came back torn or malformed
     redispatched: int = 0      # given back by a failed host and placed again
     no_candidate: int = 0      # nobody could run it (NO_ACCELERATOR)
     publishes: int = 0         # counters region refreshed
+    board_reads: int = 0       # decisions that read the board (one READ, or the holder's own)
+    board_writes: int = 0      # this host's counters WRITten into its board slot
+    board_fallbacks: int = 0   # decisions that probed because the board's holder was down
+    announced: int = 0         # jobs announced on the board (FETCH_ADD +)
+    unannounced: int = 0       # ... taken off by this host: they never reached their target
+    landed: int = 0            # peers' jobs whose announcement this host took off on arrival
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(slots=True)
+class Board:
+    """This daemon's part in the cluster's load board (scheduler.board): the
+    cluster in slot order, its own slot, the board holder's host id (0: this
+    host, which then holds ``region``) and each peer's slot by host id."""
+
+    hosts: int
+    own_slot: int
+    holder: int
+    slots: dict[int, int]
+    region: memoryview | None = None
 
 
 class _Deferred:
@@ -168,6 +209,7 @@ class _Deferred:
         self.got: dict[int, LoadRow | None] = {}
         self.out: set[int] = set()          # read tags outstanding
         self.done = False
+        self.board = False                  # its one read is of the load board
 
     def units(self, op: AccelOp) -> int:
         return 0
@@ -221,6 +263,9 @@ class Dispatcher:
         self.defer: Callable[[Callable[[], None]], Any] | None = None
         #: set by the adapter: the earliest deadline may have moved
         self.rearm: Callable[[], None] | None = None
+        #: the load board (policy ``board``; set by :meth:`use_board`), and whether its holder is down
+        self.board: Board | None = None
+        self.board_down = False
         router.dispatcher = self
         router.on_load = self.load_changed
         self.publish()
@@ -253,10 +298,81 @@ class Dispatcher:
                        updated=self.clock() if now is None else now)
 
     def publish(self) -> None:
-        """Refresh the counters region peers READ."""
+        """Refresh the counters region peers READ (and this host's slot of the board)."""
         self._publish_due = False
-        store_counters(self.region, self.here_row())
+        row = self.here_row()
+        store_counters(self.region, row)
         self.metrics.publishes += 1
+        b = self.board
+        if b is None or not row.has_accelerators:   # a host without accelerators never advertises
+            return
+        if b.region is not None:
+            off = counters_offset(b.own_slot)
+            b.region[off:off + COUNTERS_SIZE] = self.region
+        else:
+            holder = self.router.remotes.get(b.holder)
+            write = getattr(holder, "board_write", None)
+            if write is not None and write(self.region):
+                self.metrics.board_writes += 1
+
+    # ------------------------------------------------------------ the board
+    def use_board(self, board: Board) -> None:
+        self.board = board
+        self.publish()
+
+    def _board_op(self, host: int, kind: str, delta: int) -> bool:
+        """Add ``delta`` units to ``host``'s announced work of ``kind`` on the board."""
+        b = self.board
+        slot = b.own_slot if b is not None and host == 0 else b.slots.get(host) if b is not None else None
+        if b is None or slot is None:
+            return False
+        off = inbound_offset(b.hosts, slot, kind)
+        if b.region is not None:
+            board_add(b.region, off, delta)
+            return True
+        holder = self.router.remotes.get(b.holder)
+        add = getattr(holder, "board_add", None)
+        return add is not None and add(off - inbound_base(b.hosts), as_u64(delta))
+
+    def announce(self, host: int, job: AccelJob) -> int:
+        """A job goes to peer ``host``: announce its work on the board; the units
+        announced (0: no board, or its holder is unreachable)."""
+        if self.board is None or self.board_down:
+            return 0
+        try:
+            units = units_of(job_size(job))
+        except Exception:  # a size the model cannot weigh: not announced
+            return 0
+        if not self._board_op(host, kind_name(job.op), units):
+            return 0
+        self.metrics.announced += 1
+        return units
+
+    def unannounce(self, host: int, job: AccelJob, units: int) -> None:
+        """A job announced to ``host`` will never reach it."""
+        if self._board_op(host, kind_name(job.op), -units):
+            self.metrics.unannounced += 1
+
+    def landed(self, job: AccelJob) -> None:
+        """A peer's job announced to this host arrived: its announcement comes off."""
+        try:
+            units = units_of(job_size(job))
+        except Exception:  # a hostile peer's job of no size: nothing was announced for it
+            return
+        if self._board_op(0, kind_name(job.op), -units):
+            self.metrics.landed += 1
+
+    def board_reset(self, host: int) -> None:
+        """The holder's link to ``host`` came up: its slot starts clean (what a
+        previous life of that host left there, and announcements it never got, go)."""
+        b = self.board
+        slot = b.slots.get(host) if b is not None else None
+        if b is None or b.region is None or slot is None:
+            return
+        off = counters_offset(slot)
+        b.region[off:off + COUNTERS_SIZE] = bytes(COUNTERS_SIZE)
+        base = inbound_base(b.hosts) + slot * INBOUND_SIZE
+        b.region[base:base + INBOUND_SIZE] = bytes(INBOUND_SIZE)
 
     def load_changed(self) -> None:
         """This host's load moved (a job submitted or finished here): refresh the
@@ -311,16 +427,40 @@ class Dispatcher:
         view = self._view(now, job.op, in_len + out_len, exclude)
         here = self.here_row(now)
         djob = Job(kind_name(job.op), job_size(job))
+        policy = self.policy
+        b = self.board
+        if policy.base == "board" and (b is None or self.board_down):
+            # the board's holder is down: probe the candidates' own counters meanwhile
+            policy = Policy("probe", policy.d if policy.d != DEFAULT_D else DEFAULT_D, policy.own_sends)
+            self.metrics.board_fallbacks += 1
         try:
-            p = plan(djob, here, view, self.rng, self.policy)
+            p = plan(djob, here, view, self.rng, policy)
         except NoCandidate:
             self.metrics.no_candidate += 1
             return None
         if isinstance(p, Decision):
             return self._target(p, view, djob)
+        if p.board and b is not None and b.region is not None:   # this host holds the board
+            rows = decode_board(b.region, b.hosts, {h: b.slots[h] for h in p.reads if h in b.slots}, now)
+            self.metrics.board_reads += 1
+            return self._target(finish(p, view, rows, self.rng), view, djob)
         self.metrics.deferred += 1
         d = _Deferred(self, p, view, aq, job, exclude, now + self.read_deadline)
         self._deferred.add(d)
+        if p.board and b is not None:
+            holder = self.router.remotes.get(b.holder)
+            read = getattr(holder, "board_read", None)
+            self._tags += 1
+            buf = memoryview(bytearray(board_size(b.hosts)))
+            d.board = True
+            if read is not None and read(self._tags, buf):
+                self._reads[self._tags] = (d, b.holder, buf, now)
+                d.out.add(self._tags)
+                self.metrics.board_reads += 1
+                self.metrics.reads += 1
+            if self.rearm is not None:
+                self.rearm()
+            return d
         for host in p.reads:
             target = self.router.remotes.get(host)
             probe = getattr(target, "probe", None)
@@ -384,7 +524,21 @@ class Dispatcher:
                 self.metrics.reads_failed += 1
                 self.host_down(host, "its counters READ failed")
             return
-        if ok:
+        if d.board:
+            b = self.board
+            if ok and b is not None:
+                self.transfer.read_rtt(host, now - t0)
+                try:
+                    d.got.update(decode_board(buf, b.hosts, {h: b.slots[h] for h in d.plan.reads
+                                                             if h in b.slots}, now))
+                except WireError as ex:
+                    self.metrics.reads_bad += 1
+                    log.debug("board READ of host %d: %s", host, ex)
+                # a torn or empty slot (None): its host is left out, as a failed read's
+            elif not ok:
+                self.metrics.reads_failed += 1
+                self.board_down = True   # until the holder's link is up again; the table stands in
+        elif ok:
             try:
                 d.got[host] = decode_counters(buf, host, now)
                 self.transfer.read_rtt(host, now - t0)
@@ -405,6 +559,8 @@ class Dispatcher:
         if host not in self.down:
             log.info("scheduler: host %d marked down: %s", host, why)
         self.down.add(host)
+        if self.board is not None and host == self.board.holder:
+            self.board_down = True
         for tag, (d, h, _, _) in list(self._reads.items()):
             if h == host:
                 del self._reads[tag]
@@ -418,6 +574,13 @@ class Dispatcher:
 
     def host_up(self, host: int) -> None:
         self.down.discard(host)
+        b = self.board
+        if b is not None:
+            if host == b.holder:
+                self.board_down = False
+                self.publish()          # this host's slot, fresh on the holder's new life
+            else:
+                self.board_reset(host)
 
     def job_done(self, host: int, nbytes: int, wire_seconds: float) -> None:
         self.transfer.job(host, nbytes, wire_seconds)

@@ -59,13 +59,16 @@ from roce.rc import verbs as rv
 from roce.rc.qp import RcQp
 from roce.rc.responder import _WriteCtx
 from roce.sport import allowed_source_ports
+from scheduler.board import counters_offset, inbound_base
+from scheduler.wire import COUNTERS_SIZE
 from verbs import GSI_QKEY, GSI_QPN, PSN_MASK, Access, QpState, WcStatus, WrOpcode, ack_timeout_seconds
 
 log = logging.getLogger(__name__)
 
 #: rights a link QP grants its peer; each window narrows them: a job's windows are
-#: REMOTE_WRITE only, the counters window REMOTE_READ only (the one thing a peer reads)
-LINK_ACCESS = Access.REMOTE_WRITE | Access.REMOTE_READ
+#: REMOTE_WRITE only, the counters window REMOTE_READ only; on the board's holder, the
+#: board READ, the peer's own slot WRITE and the announced-work array ATOMIC only
+LINK_ACCESS = Access.REMOTE_WRITE | Access.REMOTE_READ | Access.REMOTE_ATOMIC
 #: receive buffers beyond the credits
 RECV_SLACK = 8
 _U64 = (1 << 64) - 1
@@ -277,6 +280,12 @@ class PeerLink:
         self.counters_rkey = 0
         #: the peer's counters window: (rkey, bytes), or None
         self.peer_counters: tuple[int, int] | None = None
+        #: the owner holds the cluster's load board (scheduler.board): (region, hosts, the
+        #: peer's slot); each new QP opens its three windows on it for the peer
+        self.board: tuple[memoryview, int, int] | None = None
+        self.board_keys: tuple[int, int, int, int] | None = None
+        #: the peer holds the board: (hosts, read rkey, our slot's rkey, inbound rkey), or None
+        self.peer_board: tuple[int, int, int, int] | None = None
         self.closed = False
         self.dev = self                 # the fabric re-arms timers through dev.notify
         #: called when deadline() may have moved earlier (the service re-arms its timer)
@@ -313,6 +322,12 @@ class PeerLink:
             self.landing_rkey = self.table.open([self.landing[0]], Access.REMOTE_WRITE)
         if self.counters is not None:
             self.counters_rkey = self.table.open([self.counters], Access.REMOTE_READ)
+        if self.board is not None:
+            region, n, slot = self.board
+            own = region[counters_offset(slot):counters_offset(slot) + COUNTERS_SIZE]
+            self.board_keys = (n, self.table.open([region], Access.REMOTE_READ),
+                               self.table.open([own], Access.REMOTE_WRITE),
+                               self.table.open([region[inbound_base(n):]], Access.REMOTE_ATOMIC))
 
     def _post_recvs(self, n: int) -> None:
         assert self.rc is not None
@@ -344,7 +359,8 @@ class PeerLink:
         return ConnectMsg(kind, self.incarnation, echo, self.attempt, self.qpn, self._psn, self.credits,
                           self.config.mtu, tuple(self._ops()), self.landing_rkey if slots else 0, slots, kib,
                           self.counters_rkey,
-                          len(self.counters) if self.counters_rkey and self.counters is not None else 0)
+                          len(self.counters) if self.counters_rkey and self.counters is not None else 0,
+                          self.board_keys)
 
     def on_connect(self, msg: ConnectMsg, now: float) -> None:
         """A REQ or REP from this link's peer (decoded, from its address)."""
@@ -387,6 +403,7 @@ class PeerLink:
         self.peer_landing = ((msg.landing_rkey, msg.landing_slots, msg.landing_slot_kib << 10)
                              if msg.landing_rkey else None)
         self.peer_counters = (msg.counters_rkey, msg.counters_len) if msg.counters_rkey else None
+        self.peer_board = msg.board
         self._bring_up(msg.qpn, msg.psn, msg.mtu, now)
         self._post_recvs(msg.credits)  # their results (for our jobs, at most their credits)
 
@@ -433,6 +450,8 @@ class PeerLink:
         self.landing_rkey = 0
         self.peer_counters = None
         self.counters_rkey = 0
+        self.peer_board = None
+        self.board_keys = None
 
     def close(self, now: float = 0.0) -> None:
         """The daemon stops: the link goes DOWN for good (its jobs given back)."""
@@ -457,6 +476,11 @@ class PeerLink:
     def write(self, wr_id: int, views: list[memoryview], rkey: int, va: int = 0, *,
               signaled: bool = True) -> None:
         self.post(rv.SendWR(wr_id, WrOpcode.RDMA_WRITE, views, va, rkey, signaled=signaled))
+
+    def fetch_add(self, wr_id: int, rkey: int, va: int, add: int) -> None:
+        """An unsignaled RDMA FETCH_ADD of ``add`` (mod 2^64) at ``va`` of window ``rkey``."""
+        self.post(rv.SendWR(wr_id, WrOpcode.ATOMIC_FETCH_AND_ADD, [memoryview(bytearray(8))], va, rkey,
+                            compare_add=add & ((1 << 64) - 1), signaled=False))
 
     def kick(self, now: float) -> None:
         """After posting: send, collect, and re-arm the timer."""

@@ -84,7 +84,7 @@ DEFAULT_JOB_TIMEOUT = 30.0
 LANDING_SLOTS = 16
 LANDING_SLOT_KIB = 1024
 # send WR ids: the low 3 bits say what completed, the rest is the job's tag
-_WR_JOB, _WR_GRANT, _WR_INPUT, _WR_GO, _WR_OUTPUT, _WR_RESULT, _WR_PROBE = 0, 1, 2, 3, 4, 5, 6
+_WR_JOB, _WR_GRANT, _WR_INPUT, _WR_GO, _WR_OUTPUT, _WR_RESULT, _WR_PROBE, _WR_BOARD = 0, 1, 2, 3, 4, 5, 6, 7
 _WR_KIND = 3
 
 
@@ -111,7 +111,7 @@ class _Out:
     """A guest's job sent (or queued) to the peer."""
 
     __slots__ = ("tag", "entry", "guest", "out_key", "granted", "abandoned", "slot", "input_pending",
-                 "result", "deadline", "sent_at", "nbytes")
+                 "result", "deadline", "sent_at", "nbytes", "announced")
 
     def __init__(self, tag: int, entry: Entry, guest: int = 0):
         self.tag = tag
@@ -128,6 +128,7 @@ class _Out:
         self.deadline = 0.0  # when it is given back if the peer has not answered
         self.sent_at = 0.0   # when its JOB went (its time on the wire: response - wait - service)
         self.nbytes = 0      # input + output bytes it moves
+        self.announced = 0   # board units announced to the peer for it (0: none)
 
 
 class _Served:
@@ -265,6 +266,9 @@ class PeerTarget:
         core = entry.aq.core
         o = _Out(next(self._tags), entry, core.accel_guest if core is not None else 0)
         entry.remote = o
+        d = self._dispatcher()
+        if d is not None and entry.spec is not None:
+            o.announced = d.announce(self.host, entry.spec)
         if len(self.sent) < self.link.peer_credits:
             self._send(o)
             self.link.kick_soon(self.clock)  # from the loop: nothing completes inside start()
@@ -277,8 +281,16 @@ class PeerTarget:
         o = entry.remote
         if isinstance(o, _Out) and o in self.backlog:
             self.backlog.remove(o)
+            self._unannounce(o)
             return True
         return False
+
+    def _unannounce(self, o: _Out) -> None:
+        """A job announced to the peer that will never reach it: take its work off."""
+        d = self._dispatcher()
+        if o.announced and d is not None and o.entry.spec is not None:
+            d.unannounce(self.host, o.entry.spec, o.announced)
+        o.announced = 0
 
     def abandon(self, entry: Entry) -> None:
         o = entry.remote
@@ -286,6 +298,7 @@ class PeerTarget:
             return
         if o in self.backlog:
             self.backlog.remove(o)
+            self._unannounce(o)
             return
         o.abandoned = True
         # the peer may still write the output: it finds nothing there (its result closes the window)
@@ -303,6 +316,34 @@ class PeerTarget:
         if self.link.state is not LinkState.UP or pc is None or len(into) > pc[1]:
             return False
         self.link.read(tag << _WR_KIND | _WR_PROBE, into, pc[0], 0)
+        self.link.kick_soon(self.clock)
+        return True
+
+    def board_read(self, tag: int, into: memoryview) -> bool:
+        """RDMA READ the whole load board this peer holds into ``into`` (the
+        dispatcher's read ``tag``); False if the link is not up or it holds none."""
+        pb = self.link.peer_board
+        if self.link.state is not LinkState.UP or pb is None:
+            return False
+        self.link.read(tag << _WR_KIND | _WR_PROBE, into, pb[1], 0)
+        self.link.kick_soon(self.clock)
+        return True
+
+    def board_write(self, counters: memoryview) -> bool:
+        """WRITE this host's counters into its slot of the board this peer holds (unsignaled)."""
+        pb = self.link.peer_board
+        if self.link.state is not LinkState.UP or pb is None:
+            return False
+        self.link.write(_WR_BOARD, [counters], pb[2], 0, signaled=False)
+        self.link.kick_soon(self.clock)
+        return True
+
+    def board_add(self, offset: int, add: int) -> bool:
+        """FETCH_ADD ``add`` at ``offset`` of the announced-work array of the board this peer holds."""
+        pb = self.link.peer_board
+        if self.link.state is not LinkState.UP or pb is None:
+            return False
+        self.link.fetch_add(_WR_BOARD, pb[3], offset, add)
         self.link.kick_soon(self.clock)
         return True
 
@@ -324,7 +365,7 @@ class PeerTarget:
             o.granted = o.input_pending = True
             link.write(o.tag << _WR_KIND | _WR_INPUT, e.in_views, pl[0], slot * pl[2])
         msg = JobMsg(o.tag, job.op, job.dtype, job.size, job.batch, job.iterations, job.early_stop,
-                     job.scaling, e.aq.priority, in_len, 0, o.out_key, e.out_len, slot)
+                     job.scaling, e.aq.priority, in_len, 0, o.out_key, e.out_len, slot, o.announced > 0)
         self.sent[o.tag] = o
         o.sent_at = self.clock()
         o.nbytes = in_len + e.out_len
@@ -417,6 +458,8 @@ class PeerTarget:
         d = self._dispatcher()
         if d is not None:  # first: its jobs given back below are placed elsewhere
             d.host_down(self.host, f"its link went down ({reason})")
+        for o in self.backlog:   # never sent: their announcement comes off
+            self._unannounce(o)
         outs = list(self.sent.values()) + list(self.backlog)
         done = list(self.unacked.values())
         self.sent.clear()
@@ -509,10 +552,18 @@ class PeerTarget:
         self.link.kick(self.clock())
 
     def _serve(self, m: JobMsg) -> None:
-        link = self.link
         if m.tag in self.served or m.tag in self.draining:
             self._protocol_error(f"job tag {m.tag} reused while in flight")
             return
+        d = self._dispatcher()
+        if m.announced and d is not None:
+            # its announcement comes off as it arrives: with its input in a landing slot it
+            # is queued here at once; with a GRANT, its input is one round trip away
+            d.landed(_as_accel_job(m))
+        self._serve_checked(m)
+
+    def _serve_checked(self, m: JobMsg) -> None:
+        link = self.link
         spec = _as_accel_job(m)
         try:
             check_params(spec)

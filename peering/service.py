@@ -26,11 +26,12 @@ from time import monotonic
 from typing import TYPE_CHECKING
 
 from fabric.roce import roce_mtu
-from peering.dispatch import Dispatcher
+from peering.dispatch import Board, Dispatcher
 from peering.link import LinkConfig, PeerLink
 from peering.remote import DEFAULT_CREDITS, DEFAULT_JOB_TIMEOUT, PeerTarget
 from peering.wire import MAX_OPS, ConnectMsg, OpInfo, PeerWireError
 from roce.opcodes import Opcode
+from scheduler.board import board_size, cluster_order
 from scheduler.table import DEFAULT_PERIOD
 from verbs import GSI_QKEY
 from virtio_rdma.constants import AccelOp
@@ -121,7 +122,25 @@ class Peering:
             t = PeerTarget(host, router, link_factory, credits=credits, clock=clock, job_timeout=job_timeout)
             self.targets[addr] = t
             router.add_remote(t)
+        if self.dispatcher is not None and self.dispatcher.policy.base == "board":
+            self._set_up_board(str(me))
         fabric.gsi = self.on_gsi
+
+    def _set_up_board(self, own: str) -> None:
+        """Policy ``board``: the cluster's load board is on its lowest address
+        (scheduler.board); this host holds it if that is its own, and then each
+        link offers the board's windows to its peer."""
+        assert self.dispatcher is not None
+        order = cluster_order([own, *self.targets])
+        n = len(order)
+        slots = {t.host: order.index(a) for a, t in self.targets.items()}
+        holder = 0 if order[0] == own else self.targets[order[0]].host
+        region = memoryview(bytearray(board_size(n))) if holder == 0 else None
+        if region is not None:
+            for t in self.targets.values():
+                t.link.board = (region, n, slots[t.host])
+        self.dispatcher.use_board(Board(n, order.index(own), holder, slots, region))
+        log.info("load board: on %s (%s), %d hosts", order[0], "here" if holder == 0 else f"host {holder}", n)
 
     def resolve(self, address: str) -> int | None:
         """The host id of a peer address (None: not a peer of this daemon)."""

@@ -35,8 +35,9 @@ u8, u16, u32, u64 = cs.Int8ul, cs.Int16ul, cs.Int32ul, cs.Int64ul
 
 #: "VRPL": vrdma peer link
 MAGIC = 0x4C505256
-#: 2: the connect message names the sender's counters window (one-sided load reads)
-VERSION = 2
+#: 2: the connect message names the sender's counters window (one-sided load reads);
+#: 3: and the board's windows, when the sender holds the cluster's load board
+VERSION = 3
 #: accelerator operations a ConnectMsg can describe
 MAX_OPS = 4
 #: JobMsg.slot of a job whose input waits for a GRANT
@@ -92,7 +93,10 @@ ConnectLayout = cs.Struct(
     "ops" / cs.Array(MAX_OPS, OpInfoLayout),
     "counters_rkey" / u32,   # its live load counters, for the receiver to RDMA READ (0: none)
     "counters_len" / u16,    # ... of this many bytes (at va 0)
-    "reserved1" / cs.Const(0, u16),
+    "board_hosts" / u16,     # the sender holds the load board of this many hosts (0: it does not)
+    "board_rkey" / u32,      # ... the whole board, REMOTE_READ
+    "board_slot_rkey" / u32,  # ... the receiver's own counters slot, REMOTE_WRITE
+    "board_inbound_rkey" / u32,  # ... the announced-work array, REMOTE_ATOMIC
 )
 CONNECT_SIZE = ConnectLayout.sizeof()
 
@@ -121,6 +125,8 @@ class ConnectMsg:
     landing_slot_kib: int = 0
     counters_rkey: int = 0
     counters_len: int = 0
+    #: (hosts, read rkey, slot rkey, inbound rkey) of the board the sender holds, or None
+    board: tuple[int, int, int, int] | None = None
 
     def encode(self) -> bytes:
         if len(self.ops) > MAX_OPS:
@@ -134,6 +140,10 @@ class ConnectMsg:
                 landing_rkey=self.landing_rkey, landing_slots=self.landing_slots,
                 landing_slot_kib=self.landing_slot_kib,
                 counters_rkey=self.counters_rkey, counters_len=self.counters_len,
+                board_hosts=self.board[0] if self.board else 0,
+                board_rkey=self.board[1] if self.board else 0,
+                board_slot_rkey=self.board[2] if self.board else 0,
+                board_inbound_rkey=self.board[3] if self.board else 0,
                 ops=[dict(op=int(o.op), units=o.units, est_fixed_ns=o.est_fixed_ns,
                           est_unit_ps=o.est_unit_ps) for o in self.ops] + pad))
         except cs.ConstructError as e:
@@ -168,14 +178,23 @@ class ConnectMsg:
         if bool(c.counters_rkey) != bool(c.counters_len):
             raise PeerWireError(f"counters window R_Key {c.counters_rkey:#x} of {c.counters_len} bytes",
                                 "counters_len")
+        board = None
+        if c.board_hosts:
+            if not (c.board_rkey and c.board_slot_rkey and c.board_inbound_rkey):
+                raise PeerWireError(f"a board of {c.board_hosts} hosts without its three windows", "board")
+            board = (c.board_hosts, c.board_rkey, c.board_slot_rkey, c.board_inbound_rkey)
+        elif c.board_rkey or c.board_slot_rkey or c.board_inbound_rkey:
+            raise PeerWireError("board windows of a board of no hosts", "board_hosts")
         return cls(c.type, c.incarnation, c.echo, c.attempt, c.qpn, c.psn, c.credits, c.mtu, tuple(ops),
-                   c.landing_rkey, c.landing_slots, c.landing_slot_kib, c.counters_rkey, c.counters_len)
+                   c.landing_rkey, c.landing_slots, c.landing_slot_kib, c.counters_rkey, c.counters_len,
+                   board)
 
 
 # --------------------------------------------------------------------------
 # Link messages (RC SENDs)
 # --------------------------------------------------------------------------
 _NO_SCALING = 0x1
+_ANNOUNCED = 0x2   # the origin announced the job's work on the load board (its target takes it off)
 JobLayout = cs.Struct(
     "type" / cs.Const(LinkType.JOB, u8),
     "op" / u8,               # AccelOp
@@ -183,7 +202,7 @@ JobLayout = cs.Struct(
     "early_stop" / u8,       # AccelEarlyStop
     "iterations" / u8,
     "priority" / u8,
-    "flags" / u8,            # bit 0: no scaling (scaling field unused)
+    "flags" / u8,            # bit 0: no scaling (scaling field unused); bit 1: announced on the board
     "reserved0" / cs.Const(0, u8),
     "tag" / u64,             # the sender's name for the job, echoed by the result
     "size" / u32,
@@ -241,12 +260,15 @@ class JobMsg:
     out_rkey: int
     out_len: int
     slot: int = NO_SLOT
+    #: the origin added this job's work to the target's announced work on the load board
+    announced: bool = False
 
     def encode(self) -> bytes:
         return JobLayout.build(dict(
             op=int(self.op), dtype=int(self.dtype), early_stop=int(self.early_stop),
             iterations=self.iterations, priority=self.priority,
-            flags=_NO_SCALING if self.scaling is None else 0, tag=self.tag, size=self.size,
+            flags=(_NO_SCALING if self.scaling is None else 0) | (_ANNOUNCED if self.announced else 0),
+            tag=self.tag, size=self.size,
             batch=self.batch, scaling=0.0 if self.scaling is None else self.scaling,
             in_len=self.in_len, out_va=self.out_va, out_rkey=self.out_rkey, out_len=self.out_len,
             slot=self.slot))
@@ -306,7 +328,7 @@ def decode_link(data: bytes | memoryview) -> JobMsg | GrantMsg | GoMsg | ResultM
             j = JobLayout.parse(bytes(data))
         except cs.ConstructError as e:
             raise PeerWireError(f"job message: {e}", "reserved") from None
-        if j.flags & ~_NO_SCALING:
+        if j.flags & ~(_NO_SCALING | _ANNOUNCED):
             raise PeerWireError(f"job message flags {j.flags:#x}", "flags")
         if not j.flags & _NO_SCALING and not math.isfinite(j.scaling):
             raise PeerWireError(f"job message scaling {j.scaling}", "scaling")
@@ -314,7 +336,7 @@ def decode_link(data: bytes | memoryview) -> JobMsg | GrantMsg | GoMsg | ResultM
             return JobMsg(j.tag, AccelOp.parse(j.op), AccelDtype.parse(j.dtype), j.size, j.batch,
                           j.iterations, AccelEarlyStop.parse(j.early_stop),
                           None if j.flags & _NO_SCALING else j.scaling, j.priority,
-                          j.in_len, j.out_va, j.out_rkey, j.out_len, j.slot)
+                          j.in_len, j.out_va, j.out_rkey, j.out_len, j.slot, bool(j.flags & _ANNOUNCED))
         except UnknownValueError as e:
             raise PeerWireError(f"job message: {e}", "op/dtype/early_stop") from None
     if kind == LinkType.RESULT:

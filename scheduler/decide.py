@@ -49,6 +49,14 @@ table-based ones, ``probe:D`` sets the number of probed candidates):
 * ``guided``: as ``probe``, but the first probed candidate is the table's
   cheapest (with own-send accounting if ``+own``), the other ``d - 1`` random:
   the table says where to look, the probe whether it is still true.
+* ``board``: one READ of a board, a region on one host where every
+  accelerator host keeps its live counters and every dispatcher announces
+  the work it sends (one RDMA FETCH_ADD on the target's slot, as it sends):
+  the cheapest of here and every candidate, all read fresh in one
+  operation, and counting the jobs still on their way to each (what no
+  per-host probe sees: the herding of many dispatchers within one transfer
+  time). One READ and one atomic per remote job; none when here is idle and
+  no host is fast enough to beat it even idle.
 * ``oracle``: reference only (perfect information: every host's true state,
   uncounted); not a daemon policy.
 
@@ -65,11 +73,11 @@ from scheduler.errors import NoCandidate, SchedulerError, UnknownPolicy
 from scheduler.table import LoadRow, LoadTable, OwnSends
 
 #: the policies a daemon may run
-DAEMON_POLICIES = ("seed", "local", "random", "p2c", "probe", "guided")
+DAEMON_POLICIES = ("seed", "local", "random", "p2c", "probe", "guided", "board")
 #: policies that exist only as references for the simulator
 REFERENCE_POLICIES = ("oracle",)
 #: what ``--policy`` means when not given: the best measured (docs: issue 15's closing note)
-DEFAULT_POLICY = "probe"
+DEFAULT_POLICY = "board"
 #: candidates sampled by ``p2c`` and (by default) by ``probe`` and ``guided``
 DEFAULT_D = 2
 _PROBING = ("probe", "guided")
@@ -239,6 +247,8 @@ class Plan:
     reads: tuple[int, ...]
     #: every live remote candidate from the table (a failed read's fallback)
     remote: tuple[int, ...]
+    #: the reads are one READ of the board (``board``), not one per host
+    board: bool = False
 
 
 def plan(job: Job, here: LoadRow, view: View, rng: random.Random, policy: Policy | str) -> Decision | Plan:
@@ -286,13 +296,13 @@ def plan(job: Job, here: LoadRow, view: View, rng: random.Random, policy: Policy
             assert mine is not None
             return Decision(pol.name, here.host, here.host, (mine,), 0, "no remote")
         return choose([table_est(r) for r in sample], 0, "best of sampled (table)")
-    if base in ("probe", "guided", "oracle"):
+    if base in ("probe", "guided", "oracle", "board"):
         if (base != "oracle" and mine is not None and here.idle(kind)
                 and all(mine.cost <= 2 * view.transfer_to(r.host) + job.size * r.service_time[kind]
                         for r in remote)):
             # here is idle and no host could beat it even if idle: no read can change the choice
             return Decision(pol.name, here.host, here.host, (mine,), 0, "local idle, none faster")
-        if base == "oracle":
+        if base in ("oracle", "board"):
             sample = remote
         elif base == "probe" or not remote:
             sample = rng.sample(remote, min(pol.d, len(remote)))
@@ -303,7 +313,8 @@ def plan(job: Job, here: LoadRow, view: View, rng: random.Random, policy: Policy
         if not sample:
             assert mine is not None
             return Decision(pol.name, here.host, here.host, (mine,), 0, "no remote")
-        return Plan(pol, job, here.host, mine, tuple(r.host for r in sample), tuple(r.host for r in remote))
+        return Plan(pol, job, here.host, mine, tuple(r.host for r in sample), tuple(r.host for r in remote),
+                    board=base == "board")
     raise UnknownPolicy(pol.base, DAEMON_POLICIES + REFERENCE_POLICIES)
 
 
@@ -328,7 +339,7 @@ def finish(p: Plan, view: View, read: Mapping[int, LoadRow | None], rng: random.
                 own = (view.own.pending(host, row.seq)
                        if pol.own_sends and view.own is not None else 0.0)
                 ests.append(estimate(row, kind, d, fresh=False, own=own, size=job.size))
-    probes = 0 if pol.base == "oracle" else len(p.reads)
+    probes = 0 if pol.base == "oracle" else 1 if p.board else len(p.reads)
     if not ests:
         if p.mine is not None:
             return Decision(pol.name, p.here, p.here, (p.mine,), probes, "probes found none")
@@ -340,7 +351,7 @@ def finish(p: Plan, view: View, read: Mapping[int, LoadRow | None], rng: random.
         est = estimate(row, kind, view.transfer_to(row.host), fresh=False, size=job.size)
         return Decision(pol.name, p.here, row.host, (est,), probes, "probes found none: random")
     why = {"probe": "best of probed", "guided": "best of probed (table's best + random)",
-           "oracle": "shortest expected delay"}[pol.base]
+           "oracle": "shortest expected delay", "board": "best on the board"}[pol.base]
     return _choose(pol, p.here, p.mine, ests, probes, why, rng)
 
 

@@ -22,6 +22,7 @@ from fabric.roce import RoceFabric
 from peering.dispatch import Dispatcher, TransferEstimates, job_size
 from peering.link import LinkConfig, LinkState
 from peering.service import Peering
+from scheduler.board import decode_board, inbound_base
 from scheduler.wire import COUNTERS_SIZE, decode_counters
 from tests.fabric.test_roce_fabric import Wire
 from tests.peering.test_two_hosts import Harness
@@ -44,7 +45,7 @@ class Trio(Harness):
     """A (a guest; accelerators if ``a_local``), B and C, all linked, each
     with a dispatcher running ``policy``."""
 
-    def __init__(self, *, policy="probe", a_local=False, b_slowdown=1.0, c_slowdown=1.0, seed=1):
+    def __init__(self, *, policy="probe", a_local=False, b_slowdown=1.0, c_slowdown=1.0, seed=1, guest_on="a"):
         self.fab = {n: RoceFabric(ip) for n, ip in IPS.items()}
         self.wire = Wire(list(self.fab.values()))
         self.router = {"a": AccelRouter(_service() if a_local else None),
@@ -52,19 +53,20 @@ class Trio(Harness):
         self.peering = {n: Peering(self.fab[n], self.router[n], [ip for m, ip in IPS.items() if m != n],
                                    config=FAST, policy=policy) for n in IPS}
         self.up = {n: True for n in IPS}
-        self.da: Dispatcher = self.peering["a"].dispatcher
+        self.da: Dispatcher = self.peering[guest_on].dispatcher   # the guest's host's
         self.da.rng.seed(seed)
+        self.guest_on = guest_on
         for p in self.peering.values():
             p.start()
         self.run(lambda: all(t.link.state is LinkState.UP for p in self.peering.values()
                              for t in p.targets.values()))
-        self.g = Guest(self.fab["a"], size=32 << 20, accel=self.router["a"])
+        self.g = Guest(self.fab[guest_on], size=32 << 20, accel=self.router[guest_on])
         self.pd = self.g.alloc_pd()
         self.cq = self.g.create_cq(1024)
 
     def host(self, name: str) -> int:
-        """Host ``name`` as A numbers it."""
-        return 0 if name == "a" else self.peering["a"].resolve(IPS[name])
+        """Host ``name`` as the guest's host numbers it."""
+        return 0 if name == self.guest_on else self.peering[self.guest_on].resolve(IPS[name])
 
     def target(self, frm: str, to: str):
         return self.peering[frm].targets[IPS[to]]
@@ -281,5 +283,78 @@ def test_every_daemon_policy_places_and_counts_its_decisions(policy):
         assert c.decisions == c.local + c.remote == 8
         assert t.da.policy.name == policy and sum(c.reasons.values()) == c.decisions
         assert c.probes == t.da.metrics.reads <= 3 * c.decisions
+    finally:
+        t.close()
+
+
+# ----------------------------------------------------------------------------- the load board
+def _inbound(t: Trio) -> bytes:
+    b = t.peering["a"].dispatcher.board
+    assert b is not None and b.region is not None
+    return bytes(b.region[inbound_base(b.hosts):])
+
+
+def test_the_board_on_the_lowest_address_is_read_once_per_decision_and_balances():
+    """Policy board: A (192.0.2.1, no accelerators) holds the board; B and C WRITE their
+    counters into their slots as their load moves. A decides on its own copy (no READ),
+    announces each job on its target's slot, the target takes it off as the job arrives:
+    when all is done the announced work is zero again."""
+    t = Trio(policy="board")
+    try:
+        d = t.da
+        assert d.board is not None and d.board.holder == 0 and d.board.hosts == 3
+        aq = t.g.create_aq(t.pd, t.cq, AccelOp.FFT, depth=64)
+        x = _x(4)
+        dsts = [t.fft(aq, i, x) for i in range(16)]
+        cqes = t.cqes(16)
+        assert all(c.status is AccelStatus.SUCCESS for c in cqes)
+        assert {c.host for c in cqes} <= {t.host("b"), t.host("c")}
+        for dst in dsts:
+            got = np.frombuffer(t.g.read(dst.gpa, x.nbytes), C64).reshape(x.shape)
+            np.testing.assert_allclose(got, np.fft.fft(x), rtol=1e-4, atol=1e-3)
+        assert d.counters.decisions == 16 and d.counters.reasons == {"best on the board": 16}
+        assert d.metrics.board_reads == 16 and d.metrics.reads == 0 and d.counters.probes == 16
+        assert d.metrics.announced == 16
+        mb, mc = (t.peering[n].dispatcher.metrics for n in "bc")
+        assert mb.board_writes > 0 and mc.board_writes > 0 and mb.landed + mc.landed == 16
+        t.run(lambda: _inbound(t) == bytes(len(_inbound(t))))   # every announcement taken off
+        # the slots hold B's and C's counters
+        b = d.board
+        rows = decode_board(b.region, b.hosts, b.slots, 0.0)
+        assert all(r is not None and r.units.get("fft") == 1 for r in rows.values())
+    finally:
+        t.close()
+
+
+def test_a_host_away_from_the_board_reads_it_with_one_read_and_falls_back_when_it_is_gone():
+    """C (accelerators, slowed and busy) sends its guest's jobs away after one READ of the
+    board A holds; B's announced jobs show on the board. With A dead, C probes instead."""
+    t = Trio(policy="board", c_slowdown=300.0, guest_on="c")
+    try:
+        d = t.da
+        assert d.board is not None and d.board.holder == t.host("a") and d.board.region is None
+        pinned = t.g.create_aq(t.pd, t.cq, AccelOp.FFT, depth=64, flags=AqFlags.FORCE_TARGET, target_host=0)
+        xb = _x(0, batch=8, n=2048)
+        for i in range(4):   # C's own accelerator is busy for a while
+            t.fft(pinned, 100 + i, xb)
+        t.run(lambda: decode_board(t.peering["a"].dispatcher.board.region, 3,
+                                   {2: 2}, 0.0)[2] is not None)
+        aq = t.g.create_aq(t.pd, t.cq, AccelOp.FFT, depth=64)
+        for i in range(6):
+            t.fft(aq, i, _x(i))
+        cqes = [c for c in t.cqes(10, timeout=60) if c.wr_id < 100]
+        assert all(c.status is AccelStatus.SUCCESS for c in cqes)
+        assert {c.host for c in cqes} == {t.host("b")}       # not A (none), not C (busy)
+        assert d.metrics.board_reads == d.metrics.reads == d.counters.probes == 6
+        assert d.metrics.announced == 6
+        t.run(lambda: _inbound(t) == bytes(len(_inbound(t))))
+        # the holder dies: C's next decisions probe B's own counters instead
+        t.kill("a")
+        t.run(lambda: d.board_down)
+        for i in range(3):
+            t.fft(aq, 50 + i, _x(i))
+        cqes = t.cqes(3 + 0, timeout=30)
+        assert all(c.status is AccelStatus.SUCCESS for c in cqes)
+        assert d.metrics.board_fallbacks >= 3
     finally:
         t.close()

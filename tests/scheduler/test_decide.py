@@ -239,3 +239,21 @@ def test_decisions_are_deterministic_given_the_rng_and_counted():
     assert counters.decisions == 80 == counters.local + counters.remote
     assert counters.probes == 2 * 40
     assert counters.reasons["random"] == 20
+
+
+def test_board_reads_every_candidate_in_one_read_and_counts_it_once():
+    """``board``: one READ of the board gives every candidate's counters (with the work
+    announced to it): the cheapest of here and all of them; a probe counted once."""
+    t = table(row(1), row(2), row(3), row(4))
+    truth = {1: row(1, queued=3.0, busy=1, seq=2), 2: row(2, queued=2.0, busy=1, seq=2),
+             3: row(3, queued=0.5, busy=1, seq=2), 4: row(4, queued=4.0, busy=1, seq=2)}
+    here = row(0, queued=5.0, busy=1)
+    p = plan(JOB, here, view(t), random.Random(1), "board")
+    assert isinstance(p, Plan) and p.board and sorted(p.reads) == [1, 2, 3, 4]
+    d = finish(p, view(t), truth, random.Random(1))
+    assert d.target == 3 and d.probes == 1 and d.reason == "best on the board"
+    assert len(d.candidates) == 5          # here and the four on the board
+    assert decide(JOB, here, view(t, probe=truth.__getitem__), random.Random(1), "board").target == 3
+    # here idle and nobody faster even idle: no read at all
+    d = decide(JOB, row(0), view(t, probe=truth.__getitem__), random.Random(1), "board")
+    assert d.local and d.probes == 0

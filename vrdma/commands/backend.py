@@ -83,8 +83,10 @@ def add_arguments(p) -> None:
                         "load-table counters to PATH as JSON")
     g.add_argument("--policy", default=None, metavar="NAME",
                    help="where a job no queue pins runs (docs/scheduler.md): seed, local, random, "
-                        "p2c, probe[:D], guided[:D], each optionally +own (own-send accounting); "
-                        "default probe (the best measured: RDMA-READs 2 candidates' live counters)")
+                        "p2c, probe[:D], guided[:D], board, each optionally +own (own-send "
+                        "accounting); default board (the best measured: one RDMA READ of the load "
+                        "board on the cluster's lowest address, one FETCH_ADD announcing the job; "
+                        "every host of a cluster runs the same policy)")
     g.add_argument("--load-period", type=float, default=None, metavar="SECONDS",
                    help="how often this host advertises its load row (default 1.0; with jitter); "
                         "a host silent for 3 periods leaves the load table")
