@@ -25,7 +25,8 @@ def test_vrdma_demo_with_its_perftest_summary():
 
 def test_vrdma_demo_three_hosts_prints_where_each_job_ran():
     """``vrdma demo --hosts 3``: host0 has no accelerators, so every one of its jobs ran on a
-    peer; the others ran theirs at home except the ones forced to a peer; all verified."""
+    peer and no job ran on it; the jobs forced to a peer ran there; the others went where
+    the daemons' scheduler put them; all verified, and each daemon's decisions printed."""
     import re
 
     import pytest
@@ -40,8 +41,11 @@ def test_vrdma_demo_three_hosts_prints_where_each_job_ran():
     assert r.returncode == 0, r.stdout + r.stderr
     assert "24 jobs on 3 hosts, every result equal to accel_core's" in r.stdout
     sections = dict(re.findall(r"^(host\d) \(.*?\): its guest's jobs\n((?:  .*\n)+)", r.stdout, re.M))
-    ran = {h: re.findall(r"^\s+\d+\s+\w+\s+(host\d) ", body, re.M) for h, body in sections.items()}
+    ran = {h: dict((int(j), where) for j, where in re.findall(r"^\s+(\d+)\s+\w+\s+(host\d) ", body, re.M))
+           for h, body in sections.items()}
     assert set(ran) == {"host0", "host1", "host2"} and all(len(v) == 8 for v in ran.values())
-    assert "host0" not in ran["host0"]                            # a host without accelerators
-    assert ran["host1"].count("host1") == 6 and ran["host1"].count("host2") == 2  # 2 forced
-    assert ran["host2"].count("host2") == 6 and ran["host2"].count("host1") == 2
+    assert all("host0" not in v.values() for v in ran.values())   # a host without accelerators
+    assert ran["host1"][6] == ran["host1"][7] == "host2"           # the 2 forced to a peer
+    assert ran["host2"][6] == ran["host2"][7] == "host1"
+    # the daemons' schedulers: host0 decided every one of its jobs (the board's holder)
+    assert re.search(r"host0: policy board: 6 decisions \(0 here, 6 remote", r.stdout), r.stdout
