@@ -49,6 +49,8 @@ _CLUSTER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 #: keys read per MGET, and at most per (re)connect (a flooded Redis is not read forever)
 MGET_BATCH = 256
 MAX_ROWS = 4096
+#: close() asks the connection task to stop this many times, ``timeout`` apart
+CLOSE_ATTEMPTS = 3
 _NETWORK_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 
 
@@ -61,6 +63,12 @@ def load_channel(cluster: str) -> str:
     return f"vrdma:{cluster}:load"
 
 
+def _abandon(t: asyncio.Future) -> None:
+    """Cancel a redis-py call left behind and retrieve its end, whatever it is."""
+    t.cancel()
+    t.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+
 @dataclass(slots=True)
 class RedisMetrics:
     #: connected and subscribed now
@@ -71,6 +79,8 @@ class RedisMetrics:
     reconnects: int = 0
     #: failed connection attempts
     connect_failures: int = 0
+    #: connection teardowns that overran ``timeout`` (left to finish on their own)
+    slow_closes: int = 0
     #: rows read by SCAN + MGET on (re)connect, and pub/sub messages
     rows_read: int = 0
     messages: int = 0
@@ -108,6 +118,7 @@ class RedisBackend:
         self._task: asyncio.Task[None] | None = None
         self._tried = asyncio.Event()
         self._rng = random.Random()   # noqa: S311 (backoff jitter, not a secret)
+        self._closing = False
 
     async def start(self, deliver: Deliver, period: float) -> None:
         """Start the connection task; returns after its first attempt (connected and every
@@ -137,20 +148,22 @@ class RedisBackend:
         """Connect, subscribe, read every row, hand on messages; on a network error,
         report the outage and try again after the backoff; forever."""
         delay = self.backoff[0]
-        while True:
+        while not self._closing:
             client = self._connect()
             pubsub: PubSub | None = None
             try:
-                await client.ping()
+                await self._step(client.ping(), self.timeout)
                 pubsub = client.pubsub()
-                await pubsub.subscribe(self.channel)
+                await self._step(pubsub.subscribe(self.channel), self.timeout)
                 self.client = client
                 self._now_up()
                 delay = self.backoff[0]
-                await self._read_all(client)
+                await self._step(self._read_all(client), 4 * self.timeout)
                 self._tried.set()
-                while True:
-                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=self.poll)
+                while not self._closing:
+                    msg = await self._step(
+                        pubsub.get_message(ignore_subscribe_messages=True, timeout=self.poll),
+                        self.poll + self.timeout)
                     if msg is not None and msg.get("type") == "message":
                         self.metrics_.messages += 1
                         self._hand(msg.get("data"), None)
@@ -162,10 +175,10 @@ class RedisBackend:
             finally:
                 self.client = None
                 if pubsub is not None:
-                    with contextlib.suppress(Exception):
-                        await pubsub.aclose()
-                with contextlib.suppress(Exception):
-                    await client.aclose()
+                    await self._bounded(pubsub.aclose())
+                await self._bounded(client.aclose())
+            if self._closing:
+                return
             await asyncio.sleep(delay * self._rng.uniform(0.5, 1.0))
             delay = min(2 * delay, self.backoff[1])
 
@@ -223,13 +236,56 @@ class RedisBackend:
             self.metrics_.publish_failed += 1
             log.debug("redis publish failed: %s", e)
 
+    async def _step(self, aw, limit: float):
+        """``await aw``, but for at most ``limit`` seconds (asyncio.TimeoutError: the
+        connection is treated as failed; an overrunning call is left to finish on its
+        own, unawaited, so a call that ignores its cancellation cannot hold the loop)."""
+        t = asyncio.ensure_future(aw)
+        try:
+            done, _ = await asyncio.wait({t}, timeout=limit)
+        except asyncio.CancelledError:   # close(): the call goes too
+            _abandon(t)
+            raise
+        if not done:
+            _abandon(t)
+            raise TimeoutError(f"redis call took over {limit:g} s")
+        return t.result()
+
+    async def _bounded(self, aw) -> None:
+        """Await a connection's teardown for at most ``timeout`` seconds: closing a
+        connection to a server that went away must not hold the reconnect loop (or
+        close()) for ever; one that overruns finishes on its own, unawaited."""
+        t = asyncio.ensure_future(aw)
+        try:
+            done, _ = await asyncio.wait({t}, timeout=self.timeout)
+        except asyncio.CancelledError:
+            _abandon(t)
+            raise
+        if done:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                t.result()
+        else:
+            self.metrics_.slow_closes += 1
+            _abandon(t)
+
     async def close(self) -> None:
+        """Stop the connection task: bounded, even if a cancellation is swallowed
+        inside the client library (it is asked again, and the task also sees
+        ``_closing`` at its next turn)."""
+        self._closing = True
         t, self._task = self._task, None
         self.deliver = None
-        if t is not None:
+        if t is None:
+            return
+        for _ in range(CLOSE_ATTEMPTS):
             t.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+            done, _ = await asyncio.wait({t}, timeout=self.timeout)
+            if done:
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    t.result()
+                return
+        log.warning("redis load-table backend %s: its task did not stop in %.1f s", self.where,
+                    CLOSE_ATTEMPTS * self.timeout)
 
     def metrics(self) -> dict[str, object]:
         return dict(dataclasses.asdict(self.metrics_), backend="redis", url=self.where,
