@@ -15,9 +15,10 @@ floors measured in the same run.
 other host as a peer; a guest on each submits FFT and Turbo decode jobs
 through the verbs-shaped AQ layer (some forced to another host), checks each
 result against accel_core, and the demo prints where each job ran and how
-long it waited, then each daemon's scheduler: its policy (``probe``: RDMA
-READs of two candidates' live counters), its decisions and reads, and the
-load rows it took from the others' authenticated datagrams.
+long it waited, then each daemon's scheduler: its policy (``board``: one
+RDMA READ of the load board host0 holds, one FETCH_ADD announcing each job
+sent), its decisions and reads, and the load rows it took from the others'
+authenticated datagrams.
 """
 from __future__ import annotations
 
