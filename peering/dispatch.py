@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from accel_core.errors import ModelError
 from accel_core.estimate import query_units
 from accel_core.jobs import JobParams
 from scheduler.board import (
@@ -62,7 +63,6 @@ from scheduler.board import (
     units_of,
 )
 from scheduler.decide import (
-    DEFAULT_D,
     Decision,
     DecisionCounters,
     Job,
@@ -289,7 +289,7 @@ class Dispatcher:
                 units[k] = n
                 try:
                     st[k] = max(model.estimate_params(CORE_OP[op], _ref_params(op)), 1e-9)
-                except Exception:  # a model without this op's cost: a stand-in, said in the doc
+                except ModelError:  # a model without this op's cost: a stand-in, said in the doc
                     st[k] = UNKNOWN_SERVICE_TIME
                 queued[k] = sum(a.queued_work_seconds() for a in accs)
                 busy[k] = min(sum(a.running_count() for a in accs), n)
@@ -323,8 +323,10 @@ class Dispatcher:
     def _board_op(self, host: int, kind: str, delta: int) -> bool:
         """Add ``delta`` units to ``host``'s announced work of ``kind`` on the board."""
         b = self.board
-        slot = b.own_slot if b is not None and host == 0 else b.slots.get(host) if b is not None else None
-        if b is None or slot is None:
+        if b is None:
+            return False
+        slot = b.own_slot if host == 0 else b.slots.get(host)
+        if slot is None:
             return False
         off = inbound_offset(b.hosts, slot, kind)
         if b.region is not None:
@@ -341,7 +343,7 @@ class Dispatcher:
             return 0
         try:
             units = units_of(job_size(job))
-        except Exception:  # a size the model cannot weigh: not announced
+        except ModelError:  # a size the model cannot weigh: not announced
             return 0
         if not self._board_op(host, kind_name(job.op), units):
             return 0
@@ -357,7 +359,7 @@ class Dispatcher:
         """A peer's job announced to this host arrived: its announcement comes off."""
         try:
             units = units_of(job_size(job))
-        except Exception:  # a hostile peer's job of no size: nothing was announced for it
+        except ModelError:  # a hostile peer's job of no size: nothing was announced for it
             return
         if self._board_op(0, kind_name(job.op), -units):
             self.metrics.landed += 1
@@ -422,6 +424,8 @@ class Dispatcher:
         """Where a job of ``aq`` runs: this host (the router's local target), a
         peer, a :class:`_Deferred` (its READs are out; it hands the job on
         itself), or None (nobody runs it). ``exclude``: hosts it was given back by."""
+        if exclude:
+            self.metrics.redispatched += 1
         now = self.clock()
         in_len, _, out_len = need_bytes(job)
         view = self._view(now, job.op, in_len + out_len, exclude)
@@ -431,7 +435,7 @@ class Dispatcher:
         b = self.board
         if policy.base == "board" and (b is None or self.board_down):
             # the board's holder is down: probe the candidates' own counters meanwhile
-            policy = Policy("probe", policy.d if policy.d != DEFAULT_D else DEFAULT_D, policy.own_sends)
+            policy = Policy("probe", policy.d, policy.own_sends)
             self.metrics.board_fallbacks += 1
         try:
             p = plan(djob, here, view, self.rng, policy)

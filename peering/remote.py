@@ -52,6 +52,7 @@ from accel_core.errors import AccelError, InvalidInput
 from accel_core.jobs import MAX_PRIORITY, JobState
 from peering.link import LinkState, PeerLink
 from peering.wire import NO_SLOT, GoMsg, GrantMsg, JobMsg, PeerWireError, ResultMsg, decode_link
+from scheduler.board import board_size
 from verbs import Access, WcStatus
 from virtio_rdma.accel import (
     CORE_OP,
@@ -316,36 +317,41 @@ class PeerTarget:
         if self.link.state is not LinkState.UP or pc is None or len(into) > pc[1]:
             return False
         self.link.read(tag << _WR_KIND | _WR_PROBE, into, pc[0], 0)
+        return self._posted()
+
+    def _board(self) -> tuple[int, int, int, int] | None:
+        """The load board this peer holds, while the link is up (None: down, or it holds none)."""
+        return self.link.peer_board if self.link.state is LinkState.UP else None
+
+    def _posted(self) -> bool:
         self.link.kick_soon(self.clock)
         return True
 
     def board_read(self, tag: int, into: memoryview) -> bool:
         """RDMA READ the whole load board this peer holds into ``into`` (the
-        dispatcher's read ``tag``); False if the link is not up or it holds none."""
-        pb = self.link.peer_board
-        if self.link.state is not LinkState.UP or pb is None:
+        dispatcher's read ``tag``); False if the link is not up, it holds none,
+        or ``into`` is larger than its board."""
+        pb = self._board()
+        if pb is None or len(into) > board_size(pb[0]):
             return False
         self.link.read(tag << _WR_KIND | _WR_PROBE, into, pb[1], 0)
-        self.link.kick_soon(self.clock)
-        return True
+        return self._posted()
 
     def board_write(self, counters: memoryview) -> bool:
         """WRITE this host's counters into its slot of the board this peer holds (unsignaled)."""
-        pb = self.link.peer_board
-        if self.link.state is not LinkState.UP or pb is None:
+        pb = self._board()
+        if pb is None:
             return False
         self.link.write(_WR_BOARD, [counters], pb[2], 0, signaled=False)
-        self.link.kick_soon(self.clock)
-        return True
+        return self._posted()
 
     def board_add(self, offset: int, add: int) -> bool:
         """FETCH_ADD ``add`` at ``offset`` of the announced-work array of the board this peer holds."""
-        pb = self.link.peer_board
-        if self.link.state is not LinkState.UP or pb is None:
+        pb = self._board()
+        if pb is None:
             return False
         self.link.fetch_add(_WR_BOARD, pb[3], offset, add)
-        self.link.kick_soon(self.clock)
-        return True
+        return self._posted()
 
     def _dispatcher(self) -> Any:
         return self.router.dispatcher

@@ -69,6 +69,21 @@ def _abandon(t: asyncio.Future) -> None:
     t.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
+async def _within(aw, limit: float) -> asyncio.Future | None:
+    """Run ``aw`` for at most ``limit`` seconds: its finished future, or None when it
+    overran (then it is abandoned). Cancelling the caller abandons it too."""
+    t = asyncio.ensure_future(aw)
+    try:
+        done, _ = await asyncio.wait({t}, timeout=limit)
+    except asyncio.CancelledError:
+        _abandon(t)
+        raise
+    if not done:
+        _abandon(t)
+        return None
+    return t
+
+
 @dataclass(slots=True)
 class RedisMetrics:
     #: connected and subscribed now
@@ -237,36 +252,24 @@ class RedisBackend:
             log.debug("redis publish failed: %s", e)
 
     async def _step(self, aw, limit: float):
-        """``await aw``, but for at most ``limit`` seconds (asyncio.TimeoutError: the
-        connection is treated as failed; an overrunning call is left to finish on its
-        own, unawaited, so a call that ignores its cancellation cannot hold the loop)."""
-        t = asyncio.ensure_future(aw)
-        try:
-            done, _ = await asyncio.wait({t}, timeout=limit)
-        except asyncio.CancelledError:   # close(): the call goes too
-            _abandon(t)
-            raise
-        if not done:
-            _abandon(t)
+        """``await aw``, but for at most ``limit`` seconds (TimeoutError: the
+        connection is treated as failed; an overrunning call is abandoned, so a call
+        that ignores its cancellation cannot hold the loop)."""
+        t = await _within(aw, limit)
+        if t is None:
             raise TimeoutError(f"redis call took over {limit:g} s")
         return t.result()
 
     async def _bounded(self, aw) -> None:
         """Await a connection's teardown for at most ``timeout`` seconds: closing a
         connection to a server that went away must not hold the reconnect loop (or
-        close()) for ever; one that overruns finishes on its own, unawaited."""
-        t = asyncio.ensure_future(aw)
-        try:
-            done, _ = await asyncio.wait({t}, timeout=self.timeout)
-        except asyncio.CancelledError:
-            _abandon(t)
-            raise
-        if done:
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                t.result()
-        else:
+        close()) for ever; one that overruns is abandoned and counted."""
+        t = await _within(aw, self.timeout)
+        if t is None:
             self.metrics_.slow_closes += 1
-            _abandon(t)
+            return
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            t.result()
 
     async def close(self) -> None:
         """Stop the connection task: bounded, even if a cancellation is swallowed

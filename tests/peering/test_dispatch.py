@@ -219,7 +219,7 @@ def test_a_dead_hosts_jobs_are_placed_again_elsewhere_or_fail_per_the_queue(redi
         failed = [c for c in cqes if c.status is not AccelStatus.SUCCESS]
         if redispatch:
             assert not failed
-            assert t.g.core.aqs[aq.aqn].metrics.fallbacks == on_b
+            assert t.g.core.aqs[aq.aqn].metrics.fallbacks == on_b == t.da.metrics.redispatched
             for c in cqes:
                 got = np.frombuffer(t.g.read(dsts[c.wr_id].gpa, x.nbytes), C64).reshape(x.shape)
                 np.testing.assert_allclose(got, np.fft.fft(x), rtol=1e-4, atol=1e-3)
