@@ -1,0 +1,165 @@
+"""Unmodified perftest (Debian 12's perftest 4.5+0.17-1) on kernel rxe, against
+``vrdma perftest``, a guest of our back-end daemon on the userspace RoCEv2
+fabric.
+
+Topology as in test_rxe_interop.py: a network namespace holds a tap device
+(203.0.113.1/24) and the back-end daemon bound to it (``--roce-addr``); the
+QEMU guest (Debian's kernel under TCG, rdma_rxe on its virtio-net, rxe0's
+GID index 1 the IPv4-mapped RoCEv2 GID) is that tap's other end
+(203.0.113.2/24). One boot runs, for each test, the guest's perftest program
+as the client of our server, then as the server of our client.
+
+What must hold, each side parsed from its own output: both exit 0; each
+side's result row names the size and iteration count run (a write_bw server
+prints the row the client sent it: our report, through perftest's report
+exchange); each side's ``remote address`` (QPN, PSN, and for RDMA tests
+RKey and VAddr) is the other's ``local address``, and the GIDs are the two
+IPv4-mapped addresses; our ``--check basic`` lines all pass: every SEND
+arrived with its length, and a write_bw client's WRITEs covered the window
+of our buffer they aim at (perftest's random bytes replaced our canary) and
+nothing beyond it. TCG makes the figures meaningless: they are printed, not
+judged.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from qemu_tests.rxe_guest import RxeGuest, TapNetdev
+
+pytestmark = [pytest.mark.qemu, pytest.mark.netns]
+
+HOST_IP, GUEST_IP = "203.0.113.1", "203.0.113.2"
+ITERS = 200
+#: test -> message size: the default of ib_send_lat is 2 B; 64 KiB WRITEs are 64 packets at MTU 1024
+RUNS = {"send_lat": 2, "write_bw": 65536, "read_lat": 4096, "send_bw": 8192}
+PERFTEST_OPTS = f"-d rxe0 -x 1 -F -n {ITERS}"
+
+SECTION = re.compile(r"^=== (guest-client|guest-server) (\w+) rc=(\d+)$", re.M)
+ADDR = re.compile(r"^ (local|remote) address: LID (\S+) QPN (\S+) PSN (\S+)(?: OUT \S+)?"
+                  r"(?: RKey (\S+) VAddr (\S+))?\n GID: (\S+)$", re.M)
+LAT_ROW = re.compile(r"^ (\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$",
+                     re.M)
+BW_ROW = re.compile(r"^ (\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$", re.M)
+
+
+def _guest_script() -> str:
+    lines = []
+    for test, size in RUNS.items():  # the guest's client first: our server waits for it
+        lines.append(f"""
+i=0
+while :; do
+  ib_{test} {PERFTEST_OPTS} -s {size} {HOST_IP} > /tmp/c.log 2>&1; rc=$?
+  grep -q "Couldn't connect\\|Unable to init the socket" /tmp/c.log || break
+  i=$((i+1)); [ $i -ge 150 ] && break; sleep 0.2
+done
+echo "=== guest-client {test} rc=$rc"; cat /tmp/c.log""")
+    for test, size in RUNS.items():
+        lines.append(f"""
+ib_{test} {PERFTEST_OPTS} -s {size} > /tmp/s.log 2>&1; rc=$?
+echo "=== guest-server {test} rc=$rc"; cat /tmp/s.log""")
+    return "\n".join(lines) + "\n"
+
+
+def _sections(text: str) -> dict[tuple[str, str], tuple[int, str]]:
+    parts = SECTION.split(text)
+    return {(parts[i], parts[i + 1]): (int(parts[i + 2]), parts[i + 3]) for i in range(1, len(parts) - 3, 4)}
+
+
+def _in_ns(ns: str, *argv: str) -> list[str]:
+    return ["ip", "netns", "exec", ns, sys.executable, "-m", "vrdma", *argv]
+
+
+def _addresses(text: str) -> dict[str, tuple]:
+    return {m[0]: m[1:] for m in ADDR.findall(text)}
+
+
+def _row(test: str, text: str) -> tuple[int, int]:
+    rows = (BW_ROW if test.endswith("_bw") else LAT_ROW).findall(text)
+    assert len(rows) == 1, text
+    return int(rows[0][0]), int(rows[0][1])
+
+
+def test_unmodified_perftest_on_kernel_rxe_against_vrdma_perftest(image, tap_netns, tmp_path):
+    ns, tap = tap_netns(f"{HOST_IP}/24", "vrtap2")
+    guest = RxeGuest(cmd=_guest_script(), ip=f"{GUEST_IP}/24", tap=TapNetdev(tap, netns=ns), image=image)
+    sock = str(tmp_path / "rdma.sock")
+    daemon = subprocess.Popen(_in_ns(ns, "backend", "--socket", sock, "--roce-addr", HOST_IP),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ours: dict[tuple[str, str], subprocess.CompletedProcess] = {}
+    failure: list[BaseException] = []
+    guest_done = threading.Event()
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(sock):
+            assert daemon.poll() is None, daemon.stderr.read().decode()
+            assert time.monotonic() < deadline, "daemon did not listen"
+            time.sleep(0.05)
+
+        def host_side():
+            try:
+                for test, size in RUNS.items():  # our server, the guest's client
+                    ours[("server", test)] = subprocess.run(
+                        _in_ns(ns, "perftest", test, "-d", sock, "-x", "0", "-n", str(ITERS), "-s", str(size),
+                               "--check", "basic", "--timeout", "120"),
+                        capture_output=True, text=True, timeout=180)
+                for test, size in RUNS.items():  # our client, the guest's server (retry until it listens)
+                    end = time.monotonic() + 120
+                    while True:
+                        r = subprocess.run(
+                            _in_ns(ns, "perftest", test, "-d", sock, "-x", "0", "-n", str(ITERS), "-s", str(size),
+                                   "--check", "basic", "--timeout", "120", GUEST_IP),
+                            capture_output=True, text=True, timeout=180)
+                        if r.returncode == 0 or "Couldn't connect" not in r.stderr \
+                                or time.monotonic() > end or guest_done.is_set():
+                            break
+                        time.sleep(0.2)
+                    ours[("client", test)] = r
+            except BaseException as e:  # reported below
+                failure.append(e)
+
+        t = threading.Thread(target=host_side, daemon=True)
+        t.start()
+        try:
+            run = guest.run(timeout=600)
+        finally:
+            guest_done.set()
+        t.join(200)
+        assert not failure, failure
+        sections = _sections(run.output)
+        report = run.output + "\n--- ours ---\n" + "\n".join(
+            f"{k}: rc={v.returncode}\n{v.stdout}{v.stderr}" for k, v in ours.items())
+        print(report)  # the figures (TCG: reported, not judged)
+        for test, size in RUNS.items():
+            for guest_role, our_role in (("guest-client", "server"), ("guest-server", "client")):
+                rc, text = sections.get((guest_role, test), (None, ""))
+                mine = ours.get((our_role, test))
+                assert rc == 0 and mine is not None and mine.returncode == 0, report
+                # rows: ib_read_lat's server prints none
+                if not (test == "read_lat" and guest_role == "guest-server"):
+                    assert _row(test, text) == (size, ITERS), report
+                if not (test == "read_lat" and our_role == "server"):
+                    assert _row(test, mine.stdout) == (size, ITERS), report
+                theirs, us = _addresses(text), _addresses(mine.stdout)
+                assert theirs["remote"] == us["local"] and us["remote"] == theirs["local"], report
+                assert us["local"][-1] == "00:00:00:00:00:00:00:00:00:00:255:255:203:00:113:01", report
+                assert theirs["local"][-1] == "00:00:00:00:00:00:00:00:00:00:255:255:203:00:113:02", report
+                checks = re.findall(r"^# check (\w+): (.*)$", mine.stdout, re.M)
+                assert all(ok == "ok" for ok, _ in checks), report
+                if test.startswith("send") and (our_role == "server" or test == "send_lat"):
+                    assert any(f"{ITERS} messages received, 0 of another length" in c for _, c in checks), report
+                if test == "write_bw" and our_role == "server":
+                    assert any("written window changed" in c for _, c in checks), report
+    finally:
+        daemon.terminate()
+        try:
+            daemon.wait(10)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
