@@ -36,19 +36,19 @@ def _add_options(p: argparse.ArgumentParser) -> None:
                    help="the vrdma back-end's vhost-user socket (default $VRDMA_BACKEND)")
     p.add_argument("-p", "--port", type=int, default=18515, help="listen on/connect to port (default 18515)")
     p.add_argument("-i", "--ib-port", type=int, default=1, help="device port (default 1)")
-    p.add_argument("-s", "--size", type=int, default=None,
+    p.add_argument("-s", "--size", type=int, default=0,
                    help="message size (default 2 for latency, 65536 for bandwidth)")
-    p.add_argument("-n", "--iters", type=int, default=None,
+    p.add_argument("-n", "--iters", type=int, default=0,
                    help="iterations (default 1000 for latency, 5000 for bandwidth)")
     p.add_argument("-a", "--all", action="store_true", help="run sizes from 2 till 2^23")
     p.add_argument("-x", "--gid-index", type=int, default=0, help="local port GID index (default 0)")
-    p.add_argument("-m", "--mtu", type=int, default=None, help="path MTU (default: the port's active MTU)")
+    p.add_argument("-m", "--mtu", type=int, default=0, help="path MTU (default: the port's active one)")
     p.add_argument("-l", "--post_list", type=int, default=1, help="post lists of this many WRs (bw tests)")
-    p.add_argument("-t", "--tx-depth", type=int, default=None, help="send queue depth (default 128 bw, 1 lat)")
-    p.add_argument("-r", "--rx-depth", type=int, default=None, help="receives posted (default 512)")
-    p.add_argument("-Q", "--cq-mod", type=int, default=None, help="one completion per this many sends (100)")
-    p.add_argument("-I", "--inline_size", type=int, default=None, help="max size of inline messages")
-    p.add_argument("-o", "--outs", type=int, default=None, help="outstanding reads (default: the device's)")
+    p.add_argument("-t", "--tx-depth", type=int, default=0, help="send queue depth (default 128 bw, 1 lat)")
+    p.add_argument("-r", "--rx-depth", type=int, default=0, help="receives posted (default 512)")
+    p.add_argument("-Q", "--cq-mod", type=int, default=0, help="one completion per this many sends (100)")
+    p.add_argument("-I", "--inline_size", type=int, default=-1, help="max size of inline messages")
+    p.add_argument("-o", "--outs", type=int, default=0, help="outstanding reads (default: the device's)")
     p.add_argument("-F", "--CPU-freq", action="store_true",
                    help="accepted for perftest compatibility (times are from the monotonic clock)")
     p.add_argument("--report_gbits", action="store_true", help="report bandwidth in Gb/s")
@@ -61,8 +61,7 @@ def _add_options(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vrdma.perftest_compat import exchange as X
-    from vrdma.perftest_compat import oob, report
+    from vrdma.perftest_compat import exchange as X, oob, report
     from vrdma.perftest_compat.engine import Params, Session
     from vrdma.perftest_compat.errors import PerftestError
 

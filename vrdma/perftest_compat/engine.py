@@ -41,10 +41,12 @@ byte.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
 from dataclasses import dataclass, field
+from typing import TextIO
 
 import numpy as np
 
@@ -52,8 +54,7 @@ from guest_lib import CQ, MR, PD, QP, SGE, AHAttr, Context, QPAttr, QPCap, QPIni
 from guest_lib.endpoint import new_psn
 from guest_lib.errors import VerbsError
 from verbs import Access, SendFlags, WcStatus, WrOpcode
-from vrdma.perftest_compat import exchange as X
-from vrdma.perftest_compat import report
+from vrdma.perftest_compat import exchange as X, report
 from vrdma.perftest_compat.errors import CompletionError, ExchangeError, SetupError
 from vrdma.perftest_compat.oob import Channel
 
@@ -74,7 +75,7 @@ CANARY = 0xA5               # our target window before the test, to see what a p
 
 def buff_size(size: int, cycle_buffer: int) -> int:
     """BUFF_SIZE(size, cycle_buffer)."""
-    return cycle_buffer if size < cycle_buffer else size
+    return max(size, cycle_buffer)
 
 
 def inc(size: int, cache_line: int) -> int:
@@ -91,23 +92,24 @@ def pattern(n: int) -> bytes:
 
 @dataclass
 class Params:
-    """One run's settings (perftest's options that reach the test)."""
+    """One run's settings (perftest's options that reach the test); 0 (``inline_size``:
+    -1, perftest's DEF_INLINE) means perftest's default for the test."""
 
     test: X.Test
     backend: str
     server: str | None = None   # the server's host name: we are the client
     port: int = X.DEFAULT_PORT
-    size: int | None = None     # None: perftest's default for the test
-    iters: int | None = None
+    size: int = 0               # 2 for latency, 65536 for bandwidth
+    iters: int = 0              # 1000 for latency, 5000 for bandwidth
     run_all: bool = False
     gid_index: int = 0
-    mtu: int | None = None      # bytes; None: the port's active MTU
+    mtu: int = 0                # bytes; 0: the port's active MTU
     post_list: int = 1
-    tx_depth: int | None = None
-    rx_depth: int | None = None
-    cq_mod: int | None = None
-    inline_size: int | None = None
-    out_reads: int | None = None
+    tx_depth: int = 0
+    rx_depth: int = 0
+    cq_mod: int = 0
+    inline_size: int = -1
+    out_reads: int = 0          # 0: the device's max_qp_rd_atom
     ib_port: int = 1
     report_gbits: bool = False
     timeout: float | None = None   # every wait; None: for ever, as perftest
@@ -116,11 +118,11 @@ class Params:
 
     def __post_init__(self) -> None:
         t = self.test
-        if self.size is None:
+        if not self.size:
             self.size = 65536 if t.is_bw else 2
-        if self.iters is None:
+        if not self.iters:
             self.iters = 5000 if t.is_bw else 1000
-        if self.size <= 0 or self.size > MAX_SIZE:
+        if self.size < 0 or self.size > MAX_SIZE:
             raise SetupError(f"message size {self.size} out of range 1..{MAX_SIZE}")
         if self.iters < 5 and not t.is_bw:
             raise SetupError(f"iterations {self.iters}: a latency test needs at least 5")
@@ -128,26 +130,29 @@ class Params:
             raise SetupError(f"iterations {self.iters} must be positive")
         if self.post_list < 1 or self.iters % self.post_list:
             raise SetupError(f"iterations {self.iters} must be a multiple of the post list {self.post_list}")
-        if self.tx_depth is None:
+        for name in ("tx_depth", "rx_depth", "cq_mod", "out_reads", "mtu"):
+            if getattr(self, name) < 0:
+                raise SetupError(f"{name} {getattr(self, name)} must not be negative")
+        if not self.tx_depth:
             self.tx_depth = DEF_TX_BW if t.is_bw else DEF_TX_LAT
-        if self.rx_depth is None:
+        if not self.rx_depth:
             self.rx_depth = DEF_RX_SEND if t.verb == "send" else 1
         self.tx_depth = min(self.tx_depth, self.iters)
         if t.verb == "send":
             self.rx_depth = min(self.rx_depth, self.iters)
-        requested_cq_mod = self.cq_mod is not None
-        if self.cq_mod is None:
+        requested_cq_mod = bool(self.cq_mod)
+        if not self.cq_mod:
             self.cq_mod = self.post_list if self.post_list > 1 else DEF_CQ_MOD
         if self.size > MSG_SIZE_CQ_MOD_LIMIT and not self.run_all and not requested_cq_mod:
             self.cq_mod = 1
         self.cq_mod = max(1, min(self.cq_mod, self.tx_depth))
         if self.tx_depth < self.post_list:
             raise SetupError(f"TX depth {self.tx_depth} below the post list {self.post_list}")
-        if self.inline_size is None:
+        if self.inline_size < 0:
             self.inline_size = {"send": 236, "write": 220}.get(t.verb, 0) if not t.is_bw else 0
         if t.verb == "read":
             self.inline_size = 0
-        if self.mtu is not None:
+        if self.mtu:
             X.mtu_enum(self.mtu)  # raises ExchangeError naming it
         if self.check not in (None, "basic", "pattern"):
             raise SetupError(f"check {self.check!r} must be basic or pattern")
@@ -158,11 +163,11 @@ class Params:
 
     def sizes(self) -> list[int]:
         """The message sizes run: ``-a`` is every power of two from 2 up to 2^23."""
-        return [1 << i for i in range(1, 24)] if self.run_all else [self.size]  # type: ignore[list-item]
+        return [1 << i for i in range(1, 24)] if self.run_all else [self.size]
 
     @property
     def max_size(self) -> int:
-        return MAX_SIZE if self.run_all else self.size  # type: ignore[return-value]
+        return MAX_SIZE if self.run_all else self.size
 
 
 class Resources:
@@ -187,12 +192,12 @@ class Resources:
             self.gid = self.ctx.query_gid(p.ib_port, p.gid_index).raw
             self.pd = PD(self.ctx)
             self.mr = MR(self.pd, 2 * self.buff, access)
-            depth = max(p.tx_depth, 1) + p.post_list  # type: ignore[operator]
+            depth = max(p.tx_depth, 1) + p.post_list
             self.scq = CQ(self.ctx, max(depth, 16))
-            self.rcq = CQ(self.ctx, max(p.rx_depth, 16))  # type: ignore[type-var]
+            self.rcq = CQ(self.ctx, max(p.rx_depth, 16))
             self.qp = QP(self.pd, QPInitAttr(scq=self.scq, rcq=self.rcq,
                                              cap=QPCap(max(depth, DEF_CQ_MOD + 1), max(p.rx_depth, 1), 1, 1,
-                                                       min(p.inline_size, 256))))  # type: ignore[arg-type]
+                                                       min(p.inline_size, 256))))
         except VerbsError as e:
             self.ctx.close()
             raise SetupError(f"Couldn't create IB resources: {e}") from e
@@ -219,7 +224,7 @@ class Resources:
         return self.mr.buf + self.buff
 
     def out_reads(self) -> int:
-        want = self.p.out_reads if self.p.out_reads is not None else self.max_rd_atom
+        want = self.p.out_reads or self.max_rd_atom
         return max(1, min(want, self.max_rd_atom))
 
     def dest(self) -> X.Dest:
@@ -266,7 +271,7 @@ class LatResult:
 def lat_result(size: int, iters: int, tposted: list[int], rtt_factor: int) -> LatResult:
     """print_report_lat over post times in ns (microseconds out), perftest's
     arithmetic included (the tail dropped, the stdev's terms truncated to int)."""
-    delta = sorted(b - a for a, b in zip(tposted, tposted[1:]))
+    delta = sorted(b - a for a, b in itertools.pairwise(tposted))
     q = 1000.0 * rtt_factor
     n = len(delta) - LAT_MEASURE_TAIL
     if n < 2:
@@ -333,7 +338,7 @@ class Session:
 
     p: Params
     chan: Channel
-    out: object = None   # a file for perftest's output (None: print to stdout)
+    out: TextIO | None = None   # perftest's output (None: stdout)
     results: list = field(default_factory=list)
     checks: list = field(default_factory=list)
     peer_version: str = ""
@@ -433,7 +438,7 @@ class Session:
         res = self._res()
         if self.p.check == "pattern" or self.p.check == "basic":
             res.view[res.buff:res.buff + size] = bytes([CANARY]) * size
-        n = min(self.p.rx_depth, self.p.iters)  # type: ignore[type-var]
+        n = min(self.p.rx_depth, self.p.iters)
         res.qp.post_recv([self._recv_wr(size)] * n)
         self._posted_recv = n
 
@@ -484,19 +489,19 @@ class Session:
         bad_len = 0
         tposted: list[int] = []
         clock = time.perf_counter_ns
-        while scnt < iters or rcnt < iters:  # type: ignore[operator]
-            if rcnt < iters and not (scnt < 1 and client):  # type: ignore[operator]
+        while scnt < iters or rcnt < iters:
+            if rcnt < iters and not (scnt < 1 and client):
                 (wc,) = self._poll(res.rcq, 1, "receive")
                 rcnt += 1
                 if wc.byte_len != size:
                     bad_len += 1
-                if self._posted_recv < iters:  # type: ignore[operator]
+                if self._posted_recv < iters:
                     res.qp.post_recv(rwr)
                     self._posted_recv += 1
-            if scnt < iters:  # type: ignore[operator]
+            if scnt < iters:
                 tposted.append(clock())
                 scnt += 1
-                signaled = scnt % cq_mod == 0 or scnt == iters  # type: ignore[operator]
+                signaled = scnt % cq_mod == 0 or scnt == iters
                 res.qp.post_send(wr_sig if signaled else wr)
                 if signaled:
                     self._poll(res.scq, 1, "send")
@@ -519,8 +524,8 @@ class Session:
         scnt = rcnt = ccnt = 0
         tposted: list[int] = []
         clock = time.perf_counter_ns
-        while scnt < iters or ccnt < iters or rcnt < iters:  # type: ignore[operator]
-            if rcnt < iters and not (scnt < 1 and server):  # type: ignore[operator]
+        while scnt < iters or ccnt < iters or rcnt < iters:
+            if rcnt < iters and not (scnt < 1 and server):
                 rcnt += 1
                 want = rcnt & 0xFF
                 deadline = self._deadline()
@@ -532,19 +537,19 @@ class Session:
                             raise CompletionError(f"write {rcnt} of the peer did not arrive within "
                                                   f"{p.timeout:g} s (last byte {view[poll_at]})")
                         os.sched_yield()
-            if scnt < iters:  # type: ignore[operator]
+            if scnt < iters:
                 tposted.append(clock())
                 scnt += 1
                 view[post_at] = scnt & 0xFF
                 res.qp.post_send(wr)
-            if ccnt < iters:  # type: ignore[operator]
+            if ccnt < iters:
                 self._poll(res.scq, 1, "RDMA WRITE")
                 ccnt += 1
         self.completed += ccnt
         if p.check:
             self.checks.append(Check(f"write_lat {size} B: {rcnt} writes of the peer seen, last byte "
-                                     f"{view[poll_at]} (expected {iters & 0xFF})",  # type: ignore[operator]
-                                     view[poll_at] == iters & 0xFF))  # type: ignore[operator]
+                                     f"{view[poll_at]} (expected {iters & 0xFF})",
+                                     view[poll_at] == iters & 0xFF))
             if p.check == "pattern" and size > 1:
                 # the bytes the peer wrote, but the counters of this and the smaller sizes
                 self._write_lat_sizes.add(size - 1)
@@ -563,16 +568,16 @@ class Session:
                     send_flags=SendFlags.SIGNALED, remote_addr=rem.vaddr, rkey=rem.rkey)
         tposted: list[int] = []
         clock = time.perf_counter_ns
-        for _ in range(p.iters):  # type: ignore[arg-type]
+        for _ in range(p.iters):
             tposted.append(clock())
             res.qp.post_send(wr)
             self._poll(res.scq, 1, "RDMA READ")
-        self.completed += p.iters  # type: ignore[operator]
+        self.completed += p.iters
         self._check_read(size)
         self._lat_report(size, tposted, 1)
 
     def _lat_report(self, size: int, tposted: list[int], rtt_factor: int) -> None:
-        r = lat_result(size, self.p.iters, tposted, rtt_factor)  # type: ignore[arg-type]
+        r = lat_result(size, self.p.iters, tposted, rtt_factor)
         self.results.append(r)
         self.emit(report.lat_row(r))
 
@@ -595,7 +600,7 @@ class Session:
         if verb == "read":
             res.view[0:res.buff] = bytes([CANARY]) * res.buff
         op = {"write": WrOpcode.RDMA_WRITE, "read": WrOpcode.RDMA_READ, "send": WrOpcode.SEND}[verb]
-        inline = SendFlags.INLINE if verb != "read" and size <= min(p.inline_size,  # type: ignore[type-var]
+        inline = SendFlags.INLINE if verb != "read" and size <= min(p.inline_size,
                                                                     res.qp.cap.max_inline_data) else 0
         iters, tx_depth, cq_mod, plist = p.iters, p.tx_depth, p.cq_mod, p.post_list
         base, rbase, lkey = res.mr.buf, rem.vaddr, res.mr.lkey
@@ -605,13 +610,13 @@ class Session:
         clock = time.perf_counter_ns
         deadline = self._deadline()
         spins = 0
-        while scnt < iters or ccnt < iters:  # type: ignore[operator]
-            while scnt < iters and scnt - ccnt + plist <= tx_depth:  # type: ignore[operator]
+        while scnt < iters or ccnt < iters:
+            while scnt < iters and scnt - ccnt + plist <= tx_depth:
                 wrs = []
                 for j in range(plist):
                     k = scnt + j
                     off = self._addr_offset(k, size, plist)
-                    signaled = (k % cq_mod == cq_mod - 1) or k == iters - 1  # type: ignore[operator]
+                    signaled = (k % cq_mod == cq_mod - 1) or k == iters - 1
                     wrs.append(SendWR(wr_id=0, opcode=op, sg=[SGE(base + off, size, lkey)],
                                       send_flags=inline | (SendFlags.SIGNALED if signaled else 0),
                                       remote_addr=rbase + off if verb != "send" else 0,
@@ -628,8 +633,8 @@ class Session:
                     if wc.status != WcStatus.SUCCESS:
                         raise CompletionError(f"send-queue completion with error: {wc} "
                                               f"(posted {scnt}, completed {ccnt})")
-                    ccnt += cq_mod  # type: ignore[operator]
-                    tcompleted[min(ccnt, iters) - 1] = now  # type: ignore[type-var]
+                    ccnt += cq_mod
+                    tcompleted[min(ccnt, iters) - 1] = now
                 spins = 0
                 deadline = self._deadline()
             else:
@@ -639,10 +644,10 @@ class Session:
                         raise CompletionError(f"no completion within {p.timeout:g} s "
                                               f"(posted {scnt}, completed {ccnt})")
                     os.sched_yield()
-        self.completed += iters  # type: ignore[operator]
+        self.completed += iters
         if verb == "read":
             self._check_read(size)
-        r = bw_result(size, iters, tposted, tcompleted, cq_mod, plist, p.report_gbits)  # type: ignore[arg-type]
+        r = bw_result(size, iters, tposted, tcompleted, cq_mod, plist, p.report_gbits)
         self.results.append(r)
         self.emit(report.bw_row(r))
 
@@ -655,7 +660,7 @@ class Session:
         first = 0
         tcompleted: dict[int, int] = {}
         clock = time.perf_counter_ns
-        while rcnt < iters:  # type: ignore[operator]
+        while rcnt < iters:
             wcs = self._poll(res.rcq, 16, "receive")
             now = clock()
             if not rcnt:
@@ -665,14 +670,14 @@ class Session:
                 if wc.byte_len != size:
                     bad_len += 1
                 tcompleted[rcnt - 1] = now
-            more = min(len(wcs), iters - self._posted_recv)  # type: ignore[operator]
+            more = min(len(wcs), iters - self._posted_recv)
             if more > 0:
                 res.qp.post_recv([rwr] * more)
                 self._posted_recv += more
         self.received += rcnt
         self._check_received(size, rcnt, bad_len)
-        r = bw_result(size, iters, [first], {iters - 1: tcompleted[iters - 1]},  # type: ignore[index,operator]
-                      1, 1, p.report_gbits)  # type: ignore[arg-type]
+        r = bw_result(size, iters, [first], {iters - 1: tcompleted[iters - 1]},
+                      1, 1, p.report_gbits)
         self.results.append(r)
         self.emit(report.bw_row(r))
 
@@ -682,11 +687,13 @@ class Session:
         p = self.p
         v = X.version_number(self.peer_version)
         mine = self.results[-1].wire() if self.results else X.BwReport(0, 0, 0.0, 0.0, 0.0)
-        parts = [self.chan.xchg(m, n) for m, n in zip(X.encode_bw_report(mine, v), X.bw_report_sizes(v))]
+        parts = [self.chan.xchg(m, n)
+                 for m, n in zip(X.encode_bw_report(mine, v), X.bw_report_sizes(v), strict=True)]
         self.remote_report = X.decode_bw_report(parts, v)
         if not p.client:
             rr = self.remote_report
-            self.results.append(BwResult(rr.size, rr.iters, rr.bw_peak, rr.bw_avg, rr.msg_rate, p.report_gbits))
+            self.results.append(BwResult(rr.size, rr.iters, rr.bw_peak, rr.bw_avg, rr.msg_rate,
+                                         p.report_gbits))
             self.emit(report.bw_row(self.results[-1]))
             if p.test is X.Test.WRITE_BW:
                 self._check_written(rr.size, rr.iters)
@@ -701,7 +708,7 @@ class Session:
             # a bw sender steps through its cycle buffer (unless it posts lists): the
             # last message left from the last step's offset
             got = bytes(res.view[res.buff:res.buff + size])
-            offs = {0, self._addr_offset(self.p.iters - 1, size)} if self.p.test.is_bw else {0}  # type: ignore[operator]
+            offs = {0, self._addr_offset(self.p.iters - 1, size)} if self.p.test.is_bw else {0}
             self.checks.append(Check(f"{self.p.test.value} {size} B: the last message's bytes",
                                      any(got == pattern(o + size)[o:o + size] for o in offs)))
 
@@ -711,7 +718,8 @@ class Session:
         res = self._res()
         got = bytes(res.view[0:size])
         if self.p.check == "pattern":
-            self.checks.append(Check(f"{self.p.test.value} {size} B: the bytes read", got == pattern(size)[:size]))
+            self.checks.append(Check(f"{self.p.test.value} {size} B: the bytes read",
+                                     got == pattern(size)[:size]))
         else:
             left = got.count(CANARY)
             self.checks.append(Check(f"{self.p.test.value} {size} B: {size - left} of {size} bytes read "

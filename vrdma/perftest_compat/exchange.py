@@ -80,7 +80,7 @@ class Dest:
     srqn: int = 0
 
     def __post_init__(self) -> None:
-        for name, limit in zip(_NAMES, _LIMITS):
+        for name, limit in zip(_NAMES, _LIMITS, strict=True):
             v = getattr(self, name)
             if not isinstance(v, int) or not 0 <= v <= limit:
                 raise ExchangeError(f"{name} {v!r} out of range 0..{limit:#x}")
@@ -125,7 +125,7 @@ def decode_dest(msg: bytes, with_gid: bool = True) -> Dest:
         raise ExchangeError(f"cannot parse address message {text!r}")
     fields = m.groups()
     values = []
-    for name, width, limit, f in zip(_NAMES, _WIDTHS, _LIMITS, fields):
+    for name, width, limit, f in zip(_NAMES, _WIDTHS, _LIMITS, fields[:6], strict=True):
         v = int(f, 16)
         if len(f) > width or v > limit:
             raise ExchangeError(f"{name} {f!r} wider than {width} hex digits")
@@ -140,7 +140,8 @@ def decode_dest(msg: bytes, with_gid: bool = True) -> Dest:
         gid, srqn_f = None, fields[6]
     if len(srqn_f) > 8:
         raise ExchangeError(f"srqn {srqn_f!r} wider than 8 hex digits")
-    return Dest(*values, gid=gid, srqn=int(srqn_f, 16))
+    lid, reads, qpn, psn, rkey, vaddr = values
+    return Dest(lid, reads, qpn, psn, rkey, vaddr, gid=gid, srqn=int(srqn_f, 16))
 
 
 def encode_version(version: str = VERSION) -> bytes:
@@ -232,7 +233,10 @@ class BwReport:
 
 def encode_bw_report(rep: BwReport, peer_version: float) -> list[bytes]:
     """The five messages of xchg_bw_reports, in order."""
-    iters = struct.pack(">Q", rep.iters) if peer_version >= 5.33 else struct.pack(">I", rep.iters & 0xFFFFFFFF)
+    if peer_version >= 5.33:
+        iters = struct.pack(">Q", rep.iters)
+    else:
+        iters = struct.pack(">I", rep.iters & 0xFFFFFFFF)
     return [struct.pack(">Q", rep.size), iters, struct.pack(">d", rep.bw_peak),
             struct.pack(">d", rep.bw_avg), struct.pack(">d", rep.msg_rate)]
 
@@ -292,7 +296,7 @@ def flow(test: Test, client: bool, sizes: int, run_all: bool) -> list[tuple[Step
     steps: list[tuple[Step, int]]
     if test in (Test.SEND_LAT, Test.SEND_BW):
         # keys, connect, a barrier, the remote's print, then per size
-        steps = pre + [H, (Step.CONNECT, 0), H, H]
+        steps = [*pre, H, (Step.CONNECT, 0), H, H]
         for i in range(sizes):
             if test is Test.SEND_LAT or not client:
                 steps.append((Step.POST_RECV, i))
@@ -301,7 +305,7 @@ def flow(test: Test, client: bool, sizes: int, run_all: bool) -> list[tuple[Step
                 steps.append((Step.HAND_SHAKE, i))
         steps.append((Step.DONE, 0))
     elif test in (Test.WRITE_LAT, Test.READ_LAT):
-        steps = pre + [H, H, (Step.CONNECT, 0), H, H]
+        steps = [*pre, H, H, (Step.CONNECT, 0), H, H]
         if test is Test.WRITE_LAT:
             steps += [(Step.RUN, i) for i in range(sizes)]  # and no closing exchange
         else:
@@ -309,7 +313,7 @@ def flow(test: Test, client: bool, sizes: int, run_all: bool) -> list[tuple[Step
                 steps += [(Step.RUN, i) for i in range(sizes)]
             steps.append((Step.DONE, 0))
     else:  # write_bw, read_bw: the server waits for the client's report
-        steps = pre + [H, (Step.CONNECT, 0), H, H]
+        steps = [*pre, H, (Step.CONNECT, 0), H, H]
         if client:
             steps += [(Step.RUN, i) for i in range(sizes)]
         steps += [H, (Step.REPORTS, 0), (Step.DONE, 0)]

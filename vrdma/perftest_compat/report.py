@@ -96,8 +96,8 @@ def result_header(s: Session) -> str:
 def lat_row(r: LatResult) -> str:
     """REPORT_FMT_LAT + REPORT_EXT."""
     return (f" {r.size:<7d} {r.iters}          {c_left('.2f', r.t_min)}        {c_left('.2f', r.t_max)}      "
-            f"{c_left('.2f', r.t_typical)}  \t       {c_left('.2f', r.t_avg)}     \t{c_left('.2f', r.t_stdev)}"
-            f"\t\t{c_left('.2f', r.p99)} \t\t{c_left('.2f', r.p999)}\n")
+            f"{c_left('.2f', r.t_typical)}  \t       {c_left('.2f', r.t_avg)}     \t"
+            f"{c_left('.2f', r.t_stdev)}\t\t{c_left('.2f', r.p99)} \t\t{c_left('.2f', r.p999)}\n")
 
 
 def bw_row(r: BwResult) -> str:
@@ -138,6 +138,8 @@ def plot(path: str, test: X.Test, results: list, gbits: bool = False) -> None:
     ax_bw.set_xlabel("message size [bytes]")
     for ax in (ax_lat, ax_bw):
         ax.set_xscale("log", base=2)
+        if all(y > 0 for line in ax.get_lines() for y in line.get_ydata()):
+            ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     ax_lat.set_title(f"vrdma perftest {test.value}")
