@@ -4,6 +4,8 @@ the six tests; a ``-a`` sweep with ``--plot``; and peers that break the
 exchange (a hostile address message, an old version, a silent peer), which
 must end the run with exit status 1 and a message naming the problem,
 never a hang."""
+import dataclasses
+import os
 import re
 import socket
 import subprocess
@@ -168,3 +170,49 @@ def test_bad_options(backend):
     assert r.returncode == 1 and "multiple of the post list 3" in r.stderr
     r = subprocess.run(CMD + ["write_bw", "-d", backend, "-m", "1500"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "MTU 1500" in r.stderr
+
+
+class _Rogue:
+    """A client that follows perftest's exchange but aims its WRITEs ``shift``
+    bytes from the start of the window the server published."""
+
+    def __init__(self, shift):
+        self.shift = shift
+
+    def __call__(self, session_cls):
+        shift = self.shift
+
+        class Rogue(session_cls):
+            def _hand_shake(self, n):
+                super()._hand_shake(n)
+                self.rem = dataclasses.replace(self.rem, vaddr=self.rem.vaddr + shift)
+
+        return Rogue
+
+
+@pytest.mark.parametrize("shift", [-4096, 65536])
+def test_writes_outside_the_published_window_fail(backend, shift):
+    """The rkey we publish reaches the window only: a peer writing before it
+    (where our send buffer is) or past it gets a remote access error, and our
+    server ends the run with exit status 1 when that peer goes away."""
+    from vrdma.perftest_compat import oob
+    from vrdma.perftest_compat.engine import Params, Session
+    from vrdma.perftest_compat.errors import CompletionError
+
+    port = free_port()
+    srv = subprocess.Popen(CMD + ["write_bw", "-d", backend, "-p", str(port), "--timeout", "30", "-n", "8",
+                                  "-s", "65536", "--check", "basic"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_listening(port, alive=lambda: srv.poll() is None)
+        chan = oob.connect("127.0.0.1", port, timeout=30, io_timeout=30)
+        rogue = _Rogue(shift)(Session)(Params(test=X.Test.WRITE_BW, backend=backend, server="127.0.0.1",
+                                              iters=8, size=65536, timeout=30), chan, out=open(os.devnull, "w"))
+        with pytest.raises(CompletionError, match="REM_ACCESS_ERR"):
+            rogue.run()
+        so, se = srv.communicate(timeout=60)
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+            srv.wait()
+    assert srv.returncode == 1 and "closed the channel" in se, (so, se)

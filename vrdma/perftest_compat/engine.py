@@ -2,12 +2,13 @@
 
 Follows linux-rdma/perftest v4.5-0.17 (src/perftest_resources.c):
 
-- :class:`Resources` is ``ctx_init``: one buffer of ``2 x BUFF_SIZE`` bytes
-  (``BUFF_SIZE`` = the largest message size run, at least the cycle buffer)
-  registered with the test's remote access only, a send CQ, a receive CQ and
-  one RC QP. The first half is what we send (or the target of READs); the
-  second half is what the peer may write, read or send into: its address is
-  the ``vaddr`` we publish (``set_up_connection``).
+- :class:`Resources` is ``ctx_init``: two buffers of ``BUFF_SIZE`` bytes
+  (the largest message size run, at least the cycle buffer), a send CQ, a
+  receive CQ and one RC QP. perftest registers one buffer of twice that size
+  and hands the peer an rkey for all of it; we register two: what we send
+  from (or READ into), local only, and the window the peer may write, read
+  or send into, with the test's remote access only: its address and rkey
+  are the ``vaddr`` and ``rkey`` we publish (``set_up_connection``).
 - :class:`Session` walks :func:`.exchange.flow` for the test and role: the
   side-channel exchanges in perftest's order, ``ctx_connect`` (RTR with our
   outstanding reads as ``max_dest_rd_atomic``, RTS with the peer's as
@@ -191,7 +192,10 @@ class Resources:
             self.link_layer = int(getattr(port, "link_layer", 0))
             self.gid = self.ctx.query_gid(p.ib_port, p.gid_index).raw
             self.pd = PD(self.ctx)
-            self.mr = MR(self.pd, 2 * self.buff, access)
+            # two regions: what we send from (or READ into), local only; and the
+            # window the peer is given, with the test's remote access only
+            self.local = MR(self.pd, self.buff, Access.LOCAL_WRITE)
+            self.window = MR(self.pd, self.buff, access)
             depth = max(p.tx_depth, 1) + p.post_list
             self.scq = CQ(self.ctx, max(depth, 16))
             self.rcq = CQ(self.ctx, max(p.rx_depth, 16))
@@ -204,24 +208,23 @@ class Resources:
         except BaseException:
             self.ctx.close()
             raise
-        self.view = self.mr.view
+        self.lview, self.wview = self.local.view, self.window.view
         self.psn = new_psn()
         # what we send or write from (and, for READ tests, what the peer reads): the
         # pattern; the peer's window: the canary (write_lat: zeros, as perftest's, so
         # the polled last byte starts at 0; READ tests: the pattern the peer reads)
         b = self.buff
         if p.test is X.Test.WRITE_LAT:
-            self.view[0:2 * b] = bytes(2 * b)
-            if p.check == "pattern":
-                self.view[0:b] = pattern(b)[:b]
+            self.lview[0:b] = pattern(b)[:b] if p.check == "pattern" else bytes(b)
+            self.wview[0:b] = bytes(b)
         else:
-            self.view[0:b] = pattern(b)[:b]
-            self.view[b:2 * b] = pattern(b)[:b] if p.test.verb == "read" else bytes([CANARY]) * b
+            self.lview[0:b] = pattern(b)[:b]
+            self.wview[0:b] = pattern(b)[:b] if p.test.verb == "read" else bytes([CANARY]) * b
 
     @property
     def vaddr(self) -> int:
-        """The window the peer uses: the second half of the buffer."""
-        return self.mr.buf + self.buff
+        """The window the peer uses."""
+        return self.window.buf
 
     def out_reads(self) -> int:
         want = self.p.out_reads or self.max_rd_atom
@@ -229,7 +232,7 @@ class Resources:
 
     def dest(self) -> X.Dest:
         return X.Dest(lid=0, out_reads=self.out_reads() if self.p.test.verb == "read" else 1,
-                      qpn=self.qp.qp_num, psn=self.psn, rkey=self.mr.rkey, vaddr=self.vaddr, gid=self.gid)
+                      qpn=self.qp.qp_num, psn=self.psn, rkey=self.window.rkey, vaddr=self.vaddr, gid=self.gid)
 
     def connect(self, rem: X.Dest, mtu_enum: int) -> None:
         """ctx_connect: RTR then RTS towards ``rem``."""
@@ -432,12 +435,12 @@ class Session:
     # --- receives -------------------------------------------------------------
     def _recv_wr(self, size: int) -> RecvWR:
         res = self._res()
-        return RecvWR(wr_id=0, sg=[SGE(res.mr.buf + res.buff, size, res.mr.lkey)])
+        return RecvWR(wr_id=0, sg=[SGE(res.window.buf, size, res.window.lkey)])
 
     def _post_recvs(self, size: int) -> None:
         res = self._res()
         if self.p.check == "pattern" or self.p.check == "basic":
-            res.view[res.buff:res.buff + size] = bytes([CANARY]) * size
+            res.wview[0:size] = bytes([CANARY]) * size
         n = min(self.p.rx_depth, self.p.iters)
         res.qp.post_recv([self._recv_wr(size)] * n)
         self._posted_recv = n
@@ -480,7 +483,7 @@ class Session:
         p, res = self.p, self._res()
         client = p.client
         inline = SendFlags.INLINE if size <= res.qp.cap.max_inline_data else 0
-        sge = [SGE(res.mr.buf, size, res.mr.lkey)]
+        sge = [SGE(res.local.buf, size, res.local.lkey)]
         wr = SendWR(wr_id=0, opcode=WrOpcode.SEND, sg=sge, send_flags=inline)
         wr_sig = SendWR(wr_id=0, opcode=WrOpcode.SEND, sg=sge, send_flags=inline | SendFlags.SIGNALED)
         rwr = self._recv_wr(size)
@@ -512,13 +515,13 @@ class Session:
 
     def _lat_write(self, size: int) -> None:
         p, res = self.p, self._res()
-        view, buff = res.view, res.buff
+        lview, wview = res.lview, res.wview
         rem = self.rem
         assert rem is not None
         inline = SendFlags.INLINE if size <= res.qp.cap.max_inline_data else 0
-        wr = SendWR(wr_id=0, opcode=WrOpcode.RDMA_WRITE, sg=[SGE(res.mr.buf, size, res.mr.lkey)],
+        wr = SendWR(wr_id=0, opcode=WrOpcode.RDMA_WRITE, sg=[SGE(res.local.buf, size, res.local.lkey)],
                     send_flags=inline | SendFlags.SIGNALED, remote_addr=rem.vaddr, rkey=rem.rkey)
-        post_at, poll_at = size - 1, buff + size - 1
+        post_at = poll_at = size - 1
         iters = p.iters
         server = not p.client
         scnt = rcnt = ccnt = 0
@@ -530,17 +533,17 @@ class Session:
                 want = rcnt & 0xFF
                 deadline = self._deadline()
                 spins = 0
-                while view[poll_at] != want:
+                while wview[poll_at] != want:
                     spins += 1
                     if spins & 63 == 0:
                         if deadline is not None and time.monotonic() > deadline:
                             raise CompletionError(f"write {rcnt} of the peer did not arrive within "
-                                                  f"{p.timeout:g} s (last byte {view[poll_at]})")
+                                                  f"{p.timeout:g} s (last byte {wview[poll_at]})")
                         os.sched_yield()
             if scnt < iters:
                 tposted.append(clock())
                 scnt += 1
-                view[post_at] = scnt & 0xFF
+                lview[post_at] = scnt & 0xFF
                 res.qp.post_send(wr)
             if ccnt < iters:
                 self._poll(res.scq, 1, "RDMA WRITE")
@@ -548,12 +551,12 @@ class Session:
         self.completed += ccnt
         if p.check:
             self.checks.append(Check(f"write_lat {size} B: {rcnt} writes of the peer seen, last byte "
-                                     f"{view[poll_at]} (expected {iters & 0xFF})",
-                                     view[poll_at] == iters & 0xFF))
+                                     f"{wview[poll_at]} (expected {iters & 0xFF})",
+                                     wview[poll_at] == iters & 0xFF))
             if p.check == "pattern" and size > 1:
                 # the bytes the peer wrote, but the counters of this and the smaller sizes
                 self._write_lat_sizes.add(size - 1)
-                got, pat = bytes(view[buff:buff + size]), pattern(size)
+                got, pat = bytes(wview[0:size]), pattern(size)
                 bad = [i for i in range(size) if i not in self._write_lat_sizes and got[i] != pat[i]]
                 self.checks.append(Check(f"write_lat {size} B: the peer's data, {len(bad)} bytes differ",
                                          not bad))
@@ -563,8 +566,8 @@ class Session:
         p, res = self.p, self._res()
         rem = self.rem
         assert rem is not None
-        res.view[0:size] = bytes([CANARY]) * size
-        wr = SendWR(wr_id=0, opcode=WrOpcode.RDMA_READ, sg=[SGE(res.mr.buf, size, res.mr.lkey)],
+        res.lview[0:size] = bytes([CANARY]) * size
+        wr = SendWR(wr_id=0, opcode=WrOpcode.RDMA_READ, sg=[SGE(res.local.buf, size, res.local.lkey)],
                     send_flags=SendFlags.SIGNALED, remote_addr=rem.vaddr, rkey=rem.rkey)
         tposted: list[int] = []
         clock = time.perf_counter_ns
@@ -598,12 +601,12 @@ class Session:
         assert rem is not None
         verb = p.test.verb
         if verb == "read":
-            res.view[0:res.buff] = bytes([CANARY]) * res.buff
+            res.lview[0:res.buff] = bytes([CANARY]) * res.buff
         op = {"write": WrOpcode.RDMA_WRITE, "read": WrOpcode.RDMA_READ, "send": WrOpcode.SEND}[verb]
         inline = SendFlags.INLINE if verb != "read" and size <= min(p.inline_size,
                                                                     res.qp.cap.max_inline_data) else 0
         iters, tx_depth, cq_mod, plist = p.iters, p.tx_depth, p.cq_mod, p.post_list
-        base, rbase, lkey = res.mr.buf, rem.vaddr, res.mr.lkey
+        base, rbase, lkey = res.local.buf, rem.vaddr, res.local.lkey
         scnt = ccnt = 0
         tposted: list[int] = []
         tcompleted: dict[int, int] = {}
@@ -707,7 +710,7 @@ class Session:
         if self.p.check == "pattern":
             # a bw sender steps through its cycle buffer (unless it posts lists): the
             # last message left from the last step's offset
-            got = bytes(res.view[res.buff:res.buff + size])
+            got = bytes(res.wview[0:size])
             offs = {0, self._addr_offset(self.p.iters - 1, size)} if self.p.test.is_bw else {0}
             self.checks.append(Check(f"{self.p.test.value} {size} B: the last message's bytes",
                                      any(got == pattern(o + size)[o:o + size] for o in offs)))
@@ -716,7 +719,7 @@ class Session:
         if not self.p.check:
             return
         res = self._res()
-        got = bytes(res.view[0:size])
+        got = bytes(res.lview[0:size])
         if self.p.check == "pattern":
             self.checks.append(Check(f"{self.p.test.value} {size} B: the bytes read",
                                      got == pattern(size)[:size]))
@@ -740,7 +743,7 @@ class Session:
         for k in range(min(iters, max(1, self.cycle_buffer // inc(size, self.cache_line)))):
             off = self._addr_offset(k, size)
             covered[off:off + size] = True
-        win = np.frombuffer(res.view, dtype=np.uint8, count=res.buff, offset=res.buff).copy()
+        win = np.frombuffer(res.wview, dtype=np.uint8, count=res.buff).copy()
         changed = win != CANARY
         first = int(changed[:size].sum())
         if self.p.check == "pattern":
