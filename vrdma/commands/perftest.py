@@ -91,5 +91,9 @@ def run(args: argparse.Namespace) -> int:
         print(c.line())
         failed |= not c.ok
     if args.plot and session.results:
-        report.plot(args.plot, params.test, session.results, params.report_gbits)
+        try:
+            report.plot(args.plot, params.test, session.results, params.report_gbits)
+        except ImportError as e:
+            print(f" --plot needs matplotlib: {e}", file=sys.stderr)
+            return 1
     return 1 if failed else 0
