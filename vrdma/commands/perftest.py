@@ -96,4 +96,7 @@ def run(args: argparse.Namespace) -> int:
         except ImportError as e:
             print(f" --plot needs matplotlib: {e}", file=sys.stderr)
             return 1
+        except OSError as e:
+            print(f" cannot write the plot {args.plot!r}: {e}", file=sys.stderr)
+            return 1
     return 1 if failed else 0
