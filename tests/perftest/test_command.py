@@ -170,6 +170,14 @@ def test_bad_options(backend):
     assert r.returncode == 1 and "multiple of the post list 3" in r.stderr
     r = subprocess.run(CMD + ["write_bw", "-d", backend, "-m", "1500"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "MTU 1500" in r.stderr
+    # the device is opened first, as perftest does: a wrong socket fails before any listening
+    r = subprocess.run(CMD + ["write_bw", "-d", backend + ".nowhere", "-p", str(free_port())],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "Couldn't get context for the device" in r.stderr
+    assert "Waiting for client" not in r.stdout
+    # a GID index the port does not have
+    r = subprocess.run(CMD + ["write_bw", "-d", backend, "-x", "7"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "GID index 7" in r.stderr
 
 
 class _Rogue:
@@ -196,7 +204,7 @@ def test_writes_outside_the_published_window_fail(backend, shift):
     (where our send buffer is) or past it gets a remote access error, and our
     server ends the run with exit status 1 when that peer goes away."""
     from vrdma.perftest_compat import oob
-    from vrdma.perftest_compat.engine import Params, Session
+    from vrdma.perftest_compat.engine import Params, Resources, Session
     from vrdma.perftest_compat.errors import CompletionError
 
     port = free_port()
@@ -205,9 +213,11 @@ def test_writes_outside_the_published_window_fail(backend, shift):
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_listening(port, alive=lambda: srv.poll() is None)
+        params = Params(test=X.Test.WRITE_BW, backend=backend, server="127.0.0.1", iters=8, size=65536,
+                        timeout=30)
+        res = Resources(params)
         chan = oob.connect("127.0.0.1", port, timeout=30, io_timeout=30)
-        rogue = _Rogue(shift)(Session)(Params(test=X.Test.WRITE_BW, backend=backend, server="127.0.0.1",
-                                              iters=8, size=65536, timeout=30), chan, out=open(os.devnull, "w"))
+        rogue = _Rogue(shift)(Session)(params, chan, res, out=open(os.devnull, "w"))
         with pytest.raises(CompletionError, match="REM_ACCESS_ERR"):
             rogue.run()
         so, se = srv.communicate(timeout=60)

@@ -62,7 +62,7 @@ def _add_options(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vrdma.perftest_compat import exchange as X, oob, report
-    from vrdma.perftest_compat.engine import Params, Session
+    from vrdma.perftest_compat.engine import Params, Resources, Session
     from vrdma.perftest_compat.errors import PerftestError
 
     try:
@@ -74,13 +74,17 @@ def run(args: argparse.Namespace) -> int:
                         rx_depth=args.rx_depth, cq_mod=args.cq_mod, inline_size=args.inline_size,
                         out_reads=args.outs, ib_port=args.ib_port, report_gbits=args.report_gbits,
                         timeout=args.timeout, check=args.check)
-        io_timeout = args.timeout if args.timeout is not None else None
-        if params.client:
-            chan = oob.connect(args.host, args.port, timeout=args.timeout, io_timeout=io_timeout)
-        else:
-            print(report.WAITING, end="", flush=True)
-            chan = oob.accept(args.port, timeout=args.timeout, io_timeout=io_timeout)
-        session = Session(params, chan)
+        res = Resources(params)  # the device first, as perftest: a wrong -d fails before any connection
+        try:
+            if params.client:
+                chan = oob.connect(args.host, args.port, timeout=args.timeout, io_timeout=args.timeout)
+            else:
+                print(report.WAITING, end="", flush=True)
+                chan = oob.accept(args.port, timeout=args.timeout, io_timeout=args.timeout)
+        except BaseException:
+            res.close()
+            raise
+        session = Session(params, chan, res)
         session.run()
     except PerftestError as e:
         sys.stdout.flush()

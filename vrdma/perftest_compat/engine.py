@@ -70,6 +70,7 @@ MSG_SIZE_CQ_MOD_LIMIT = 8192
 MIN_RNR_TIMER = 12
 DEF_QP_TIME = 14
 LAT_MEASURE_TAIL = 2
+MAX_CYCLE_BUFFER = 2 << 20  # the largest cycle buffer a peer may ask for (a huge page)
 PEAK_WORK = 20_000_000      # start x completion pairs the peak search may visit
 CANARY = 0xA5               # our target window before the test, to see what a peer wrote
 
@@ -172,16 +173,15 @@ class Params:
 
 
 class Resources:
-    """ctx_init: the device context, PD, MR, two CQs and the RC QP; owns the context."""
+    """ctx_init: the device context and PD (opened before the side channel, as
+    perftest opens its device first), then (:meth:`setup`, once the cycle
+    buffer is agreed) the two MRs, two CQs and the RC QP; owns the context."""
 
-    def __init__(self, p: Params, cycle_buffer: int):
+    def __init__(self, p: Params):
         self.p = p
-        self.buff = buff_size(p.max_size, cycle_buffer)
-        # only the test's verb may reach the buffer from the peer
-        access = Access.LOCAL_WRITE | {"write": Access.REMOTE_WRITE, "read": Access.REMOTE_READ}.get(
-            p.test.verb, 0)
         try:
-            self.ctx = Context(p.backend, mem_size=max(32 << 20, 2 * self.buff + (16 << 20)))
+            # room for the largest window: the largest size run or the largest cycle buffer accepted
+            self.ctx = Context(p.backend, mem_size=2 * buff_size(p.max_size, MAX_CYCLE_BUFFER) + (16 << 20))
         except VerbsError as e:
             raise SetupError(f"Couldn't get context for the device: {e}") from e
         try:
@@ -189,9 +189,26 @@ class Resources:
             port = self.ctx.query_port(p.ib_port)
             self.max_rd_atom = int(getattr(dev, "max_qp_rd_atom", 1) or 1)
             self.active_mtu = int(port.active_mtu)
-            self.link_layer = int(getattr(port, "link_layer", 0))
             self.gid = self.ctx.query_gid(p.ib_port, p.gid_index).raw
             self.pd = PD(self.ctx)
+        except VerbsError as e:
+            self.ctx.close()
+            raise SetupError(f"Couldn't query the device (port {p.ib_port}, GID index {p.gid_index}): "
+                             f"{e}") from e
+        except BaseException:
+            self.ctx.close()
+            raise
+        self.psn = new_psn()
+
+    def setup(self, cycle_buffer: int) -> None:
+        p = self.p
+        if not 0 < cycle_buffer <= MAX_CYCLE_BUFFER:
+            raise SetupError(f"cycle buffer {cycle_buffer} out of range 1..{MAX_CYCLE_BUFFER}")
+        self.buff = buff_size(p.max_size, cycle_buffer)
+        # only the test's verb may reach the window from the peer
+        access = Access.LOCAL_WRITE | {"write": Access.REMOTE_WRITE, "read": Access.REMOTE_READ}.get(
+            p.test.verb, 0)
+        try:
             # two regions: what we send from (or READ into), local only; and the
             # window the peer is given, with the test's remote access only
             self.local = MR(self.pd, self.buff, Access.LOCAL_WRITE)
@@ -203,13 +220,8 @@ class Resources:
                                              cap=QPCap(max(depth, DEF_CQ_MOD + 1), max(p.rx_depth, 1), 1, 1,
                                                        min(p.inline_size, 256))))
         except VerbsError as e:
-            self.ctx.close()
             raise SetupError(f"Couldn't create IB resources: {e}") from e
-        except BaseException:
-            self.ctx.close()
-            raise
         self.lview, self.wview = self.local.view, self.window.view
-        self.psn = new_psn()
         # what we send or write from (and, for READ tests, what the peer reads): the
         # pattern; the peer's window: the canary (write_lat: zeros, as perftest's, so
         # the polled last byte starts at 0; READ tests: the pattern the peer reads)
@@ -341,6 +353,7 @@ class Session:
 
     p: Params
     chan: Channel
+    res: Resources              # owned from here on: closed by run()
     out: TextIO | None = None   # perftest's output (None: stdout)
     results: list = field(default_factory=list)
     checks: list = field(default_factory=list)
@@ -348,7 +361,7 @@ class Session:
     cycle_buffer: int = DEF_PAGE_SIZE
     cache_line: int = DEF_CACHE_LINE_SIZE
     mtu_enum: int = 0
-    res: Resources | None = None
+    _ready: bool = False
     rem: X.Dest | None = None
     remote_report: X.BwReport | None = None
     received: int = 0     # receive completions (send tests)
@@ -374,13 +387,15 @@ class Session:
                 elif step is X.Step.SYS_DATA:
                     theirs = X.decode_int(self.chan.xchg(X.encode_int(DEF_PAGE_SIZE), X.INT_SIZE))
                     cl = X.decode_int(self.chan.xchg(X.encode_int(DEF_CACHE_LINE_SIZE), X.INT_SIZE))
-                    if not 0 < theirs <= 1 << 24 or theirs & (theirs - 1):
-                        raise ExchangeError(f"peer cycle buffer {theirs} is not a power of two up to 16 MiB")
+                    if not 0 < theirs <= MAX_CYCLE_BUFFER or theirs & (theirs - 1):
+                        raise ExchangeError(f"peer cycle buffer {theirs} is not a power of two up to "
+                                            f"{MAX_CYCLE_BUFFER}")
                     if not 0 < cl <= 4096:
                         raise ExchangeError(f"peer cache line size {cl} out of range 1..4096")
                     self.cycle_buffer = max(DEF_PAGE_SIZE, theirs)
                     self.cache_line = max(DEF_CACHE_LINE_SIZE, cl)
-                    self.res = Resources(p, self.cycle_buffer)
+                    self.res.setup(self.cycle_buffer)
+                    self._ready = True
                 elif step is X.Step.MTU:
                     res = self._res()
                     ours = X.mtu_enum(p.mtu) if p.mtu else res.active_mtu
@@ -407,12 +422,11 @@ class Session:
         except VerbsError as e:
             raise CompletionError(f"{p.test.value}: the device failed: {e}") from e
         finally:
-            if self.res is not None:
-                self.res.close()
+            self.res.close()
             self.chan.close()
 
     def _res(self) -> Resources:
-        if self.res is None:
+        if not self._ready:
             raise SetupError("no resources before the system data exchange")
         return self.res
 
