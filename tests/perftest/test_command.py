@@ -83,6 +83,20 @@ def test_six_tests_between_two_guests(backend, test, args, size, iters):
         assert "BW average[Gb/sec]" in cout and "BW average[Gb/sec]" in sout
     if test.startswith("send"):
         assert f"{iters} messages received, 0 of another length" in (sout if test == "send_bw" else cout)
+    # the side channel carried exactly the messages perftest's main() exchanges; the
+    # verbs counters match the test's work
+    for out, client in ((sout, False), (cout, True)):
+        steps = [st for st, _ in X.flow(X.Test(test), client, 1, False)]
+        n = {st: steps.count(st) for st in X.Step}
+        xchg = n[X.Step.VERSION] + 2 * n[X.Step.SYS_DATA] + n[X.Step.MTU] + n[X.Step.HAND_SHAKE] \
+            + 5 * n[X.Step.REPORTS] + n[X.Step.DONE]
+        sent = xchg + n[X.Step.DONE]  # "done\0" is never answered
+        m = re.search(r"^# counters: side-channel messages sent (\d+), received (\d+); receives completed (\d+); "
+                      r"send-queue WRs completed (\d+)$", out, re.M)
+        assert m and (int(m[1]), int(m[2])) == (sent, xchg), out
+        receives = iters if test == "send_lat" or (test == "send_bw" and not client) else 0
+        sq = iters if client or test in ("send_lat", "write_lat") else 0
+        assert (int(m[3]), int(m[4])) == (receives, sq), out
 
 
 def test_all_sizes_with_plot(backend, tmp_path):

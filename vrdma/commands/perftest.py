@@ -94,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
     for c in session.checks:
         print(c.line())
         failed |= not c.ok
+    if args.check:
+        print(f"# counters: side-channel messages sent {chan.sent}, received {chan.received}; "
+              f"receives completed {session.received}; send-queue WRs completed {session.completed}")
     if args.plot and session.results:
         try:
             report.plot(args.plot, params.test, session.results, params.report_gbits)
