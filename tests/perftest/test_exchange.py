@@ -145,3 +145,24 @@ def test_flow_follows_each_main():
             a = [s for s in _names(t, True, n, run_all) if s in ex]
             b = [s for s in _names(t, False, n, run_all) if s in ex]
             assert a == b, t
+
+
+@given(st.binary(max_size=130), st.booleans())
+def test_any_bytes_decode_or_raise_exchange_error(data, with_gid):
+    """Whatever a peer sends, the decoders answer with a value or ExchangeError."""
+    for call in (lambda: X.decode_dest(data, with_gid), lambda: X.decode_version(data),
+                 lambda: X.decode_int(data), lambda: X.decode_mtu(data),
+                 lambda: X.decode_bw_report([data[:8], data[8:16], data[16:24], data[24:32], data[32:40]], 6.06)):
+        try:
+            call()
+        except ExchangeError:
+            pass
+
+
+@given(st.text(alphabet="0123456789abcdef:", min_size=107, max_size=107))
+def test_hex_and_colons_decode_or_raise_exchange_error(text):
+    try:
+        d = X.decode_dest(text.encode() + b"\0")
+    except ExchangeError:
+        return
+    assert X.decode_dest(X.encode_dest(d)) == d
