@@ -36,6 +36,9 @@ from virtio_rdma.wire import EVENT_SIZE, encode_events
 
 log = logging.getLogger(__name__)
 
+#: bytes of config space a front-end may read (the rest of the struct is zeros)
+CONFIG_WINDOW = 256
+
 #: buffers served per pass over the controlq / doorbellq: a guest that queues
 #: hundreds at once is served in slices, other guests' work in between
 #: (the back-end re-kicks the ring from the event loop, see ``budgeted``)
@@ -88,6 +91,7 @@ class RdmaDevice(VhostUserDevice):
         core = RdmaDeviceCore(self.conn.mem, self.fabric, limits=self.limits, account=self.account,
                               accel_router=self.accel)
         core.notify = self._on_core_notify
+        core.offered_features = self.device_features
         return core
 
     @staticmethod
@@ -111,10 +115,22 @@ class RdmaDevice(VhostUserDevice):
     def config(self) -> bytes:
         return self.core.config_bytes()  # type: ignore[union-attr]  # attached
 
+    def get_config(self, offset: int, size: int) -> bytes:
+        """Reads past struct virtio_rdma_config, up to CONFIG_WINDOW bytes,
+        read as zeros: a carrier sizes the config space as its own device's
+        (QEMU 7.2's vhost-user-blk reads 57 bytes, spec "Carriers")."""
+        if 0 <= offset and offset + size <= CONFIG_WINDOW:
+            return (self.config() + bytes(CONFIG_WINDOW))[offset:offset + size]
+        return super().get_config(offset, size)
+
     def set_features(self, features: int) -> None:
         # DBREC_POLL acked: the driver may skip doorbells while we poll (spec 5.x.6.3)
         self._dbrec_poll = bool(features & (1 << Feature.DBREC_POLL))
         if self.core is not None:
+            if self.core.acked_by_command is not None:
+                # a carrier's front-end (re)sends its transport bits: the driver's
+                # ACK_FEATURES stands (spec "Carriers")
+                return
             self.core.poll_doorbell_records = self._dbrec_poll
 
     def poll(self) -> bool:
