@@ -36,6 +36,7 @@ from virtio_rdma.wire import EVENT_SIZE, encode_events
 
 log = logging.getLogger(__name__)
 
+_DRIVER_OK = 4  # virtio device status bit (spec 2.1)
 #: bytes of config space a front-end may read (the rest of the struct is zeros)
 CONFIG_WINDOW = 256
 
@@ -76,7 +77,10 @@ class RdmaDevice(VhostUserDevice):
         self._timer_at: float | None = None
         self._deliver_scheduled = False
         self._dbrec_poll = False
+        self._driver_ok = False
         self.bad_event_buffers = 0
+        #: device resets by SET_STATUS 0 (a guest driver's reset through its front-end)
+        self.resets = 0
 
     def attach(self, conn) -> None:
         super().attach(conn)
@@ -132,6 +136,16 @@ class RdmaDevice(VhostUserDevice):
                 # ACK_FEATURES stands (spec "Carriers")
                 return
             self.core.poll_doorbell_records = self._dbrec_poll
+
+    def set_status(self, status: int) -> None:
+        """SET_STATUS: 0 after DRIVER_OK is the driver's device reset as the
+        front-end forwards it (QEMU's vhost stop when a guest driver writes
+        device_status = 0): the guest's objects go, as with RESET_DEVICE, so
+        the next driver in that guest starts from an empty device."""
+        if status == 0 and self._driver_ok:
+            self.resets += 1
+            self.reset()
+        self._driver_ok = bool(status & _DRIVER_OK)
 
     def poll(self) -> bool:
         """One look at the doorbell records, for the daemon's busy-poll loop
