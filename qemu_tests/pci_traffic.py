@@ -114,24 +114,36 @@ def active(device: str, port: int, iters: int) -> dict:
         srv.close()
 
 
-def peer(device: str, addr: tuple[str, int], iters: int, timeout: float = 90) -> dict:
+def peer(device: str, addr: tuple[str, int], iters: int, timeout: float = 90, poll_timeout: float = 60) -> dict:
     """The passive side (a process guest on the host): connects to the active
-    side at ``addr`` (retrying until it listens), answers and verifies."""
+    side at ``addr`` (retrying until it listens), answers and verifies; a
+    completion that takes longer than ``poll_timeout`` is an error."""
     deadline = time.monotonic() + timeout
     while True:
+        conn = f = None
         try:
             conn = socket.create_connection(addr, timeout=5)
             f = conn.makefile("rwb")
             first = f.readline()  # slirp accepts before the guest listens: wait for data
             if first:
                 break
-            conn.close()
         except OSError:
             pass
+        for x in (f, conn):
+            if x is not None:
+                x.close()
         if time.monotonic() > deadline:
             raise TimeoutError(f"no active side at {addr} within {timeout} s")
         time.sleep(0.5)
-    conn.settimeout(timeout)
+    try:
+        conn.settimeout(timeout)
+        return _serve(device, f, first, iters, poll_timeout)
+    finally:
+        f.close()
+        conn.close()
+
+
+def _serve(device: str, f, first: bytes, iters: int, poll_timeout: float) -> dict:
     with RcEndpoint(device, 1 << 20) as g:
         other = _peer_info(json.loads(first))
         _send(f, _info(g))
@@ -141,25 +153,24 @@ def peer(device: str, addr: tuple[str, int], iters: int, timeout: float = 90) ->
         mr.write(struct.pack("<Q", 1000), offset=65536)
         mr.write(READ_DATA, offset=131072)
         _send(f, {"ready": True})
-        wc = g.poll_one(60)
+        wc = g.poll_one(poll_timeout)
         assert wc.opcode == WcOpcode.RECV and wc.imm_data == 0x1234, wc
         msg = mr.read(wc.byte_len, 0)
         assert msg == MSG, "SEND payload differs"
         mr.write(msg.upper(), offset=8192)
         qp.post_send(SendWR(wr_id=1, opcode=WrOpcode.SEND, sg=[SGE(mr.buf + 8192, len(msg), mr.lkey)]))
-        g.poll_one(60)
+        g.poll_one(poll_timeout)
         _recv(f)
         assert mr.read(len(WRITE_DATA), 262144) == WRITE_DATA, "RDMA WRITE data differs"
         assert struct.unpack("<Q", mr.read(8, 65536))[0] == 7, "atomics left the wrong value"
         _send(f, {"verified": True})
         qp.post_recv(RecvWR(wr_id=50, sg=[SGE(mr.buf + 8192, 64, mr.lkey)]))
         for i in range(iters):
-            g.poll_one(60)
+            g.poll_one(poll_timeout)
             qp.post_recv(RecvWR(wr_id=51 + i, sg=[SGE(mr.buf + 8192, 64, mr.lkey)]))
             qp.post_send(SendWR(wr_id=300 + i, opcode=WrOpcode.SEND, sg=[SGE(mr.buf + 16384, 64, mr.lkey)]))
-            g.poll_one(60)
+            g.poll_one(poll_timeout)
         _send(f, {"finished": True})
-        conn.close()
         return {"peer_verified": True}
 
 

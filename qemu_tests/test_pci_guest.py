@@ -177,7 +177,7 @@ def test_qemu_killed_mid_traffic_releases_everything(host_root_image, tmp_path):
         th.start()
         # the peer keeps the ping-pong going until QEMU dies under it
         pth = threading.Thread(target=lambda: box.setdefault("peer", _try(
-            lambda: peer(path, ("127.0.0.1", port), 100000, timeout=120))), daemon=True)
+            lambda: peer(path, ("127.0.0.1", port), 100000, timeout=120, poll_timeout=5))), daemon=True)
         pth.start()
         # wait until the guest's QPs exist (two connections: the guest's and the peer's, both busy)
         assert d.wait_for(lambda s: len(s.connections) == 2 and all(
@@ -188,7 +188,8 @@ def test_qemu_killed_mid_traffic_releases_everything(host_root_image, tmp_path):
         os.kill(pids[0], signal.SIGKILL)
         th.join(60)
         assert isinstance(box["run"], QemuExitedError), box["run"]
-        pth.join(120)
+        pth.join(30)
+        assert isinstance(box["peer"], Exception), box["peer"]  # its partner vanished mid-ping-pong
         assert d.wait_for(lambda s: len(s.connections) == 0, 30), d.call(_state, d.server)
         st = d.call(_state, d.server)
         assert st["closed"] == st["accepted"] == 2, st
