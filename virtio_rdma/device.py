@@ -123,7 +123,7 @@ class RdmaDevice(VhostUserDevice):
         """Reads past struct virtio_rdma_config, up to CONFIG_WINDOW bytes,
         read as zeros: a carrier sizes the config space as its own device's
         (QEMU 7.2's vhost-user-blk reads 57 bytes, spec "Carriers")."""
-        if 0 <= offset and offset + size <= CONFIG_WINDOW:
+        if offset >= 0 and offset + size <= CONFIG_WINDOW:
             return (self.config() + bytes(CONFIG_WINDOW))[offset:offset + size]
         return super().get_config(offset, size)
 

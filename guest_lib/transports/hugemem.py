@@ -49,7 +49,8 @@ def pagemap_pfns(data: bytes) -> list[int | None]:
     """PFN of each 8-byte pagemap entry in ``data`` (None: not present, or
     swapped, or the PFN hidden from an unprivileged reader)."""
     if len(data) % 8:
-        raise HugeMemoryError(f"pagemap data of {len(data)} bytes is not a whole number of entries", _errno.EINVAL)
+        raise HugeMemoryError(f"pagemap data of {len(data)} bytes is not a whole number of entries",
+                              _errno.EINVAL)
     out: list[int | None] = []
     for (e,) in struct.iter_unpack("<Q", data):
         pfn = e & PM_PFN_MASK
@@ -133,7 +134,8 @@ class HugeMemory:
             try:
                 self._fd = os.memfd_create("vrdma-pci", flags)
                 os.ftruncate(self._fd, self.size)
-                self._map = mmap.mmap(self._fd, self.size, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0x8000))
+                flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0x8000)
+                self._map = mmap.mmap(self._fd, self.size, flags)
             except OSError as e:
                 raise HugeMemoryError(f"cannot get {self.size >> 20} MiB of 2 MiB huge pages "
                                       f"(hugepages=N on the kernel command line?): {e}") from e

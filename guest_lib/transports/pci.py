@@ -208,7 +208,8 @@ class PciFunction:
 
     @property
     def ids(self) -> tuple[int, int]:
-        return int(_read(os.path.join(self.dir, "vendor")), 16), int(_read(os.path.join(self.dir, "device")), 16)
+        return (int(_read(os.path.join(self.dir, "vendor")), 16),
+                int(_read(os.path.join(self.dir, "device")), 16))
 
     @property
     def driver(self) -> str | None:
@@ -243,7 +244,8 @@ class PciFunction:
             raise PciError(f"{self.address}: BAR {index} does not exist")
         _start, size, flags = res[index]
         if not size or not flags & IORESOURCE_MEM:
-            raise PciError(f"{self.address}: BAR {index} is not a memory BAR (size {size:#x}, flags {flags:#x})")
+            raise PciError(f"{self.address}: BAR {index} is not a memory BAR "
+                           f"(size {size:#x}, flags {flags:#x})")
         return Bar(os.path.join(self.dir, f"resource{index}"), size)
 
     def bind_uio(self) -> None:
@@ -259,7 +261,8 @@ class PciFunction:
         try:
             _write(os.path.join(self.drivers, "uio_pci_generic/bind"), self.address)
         except OSError as e:
-            raise PciError(f"{self.address}: binding to uio_pci_generic failed: {e}", e.errno or _errno.EIO) from e
+            raise PciError(f"{self.address}: binding to uio_pci_generic failed: {e}",
+                           e.errno or _errno.EIO) from e
 
     def release_uio(self) -> None:
         """Unbind from uio_pci_generic and let the kernel's drivers probe it again."""

@@ -151,7 +151,8 @@ def find_device(address: str = "auto", sysfs: str = "/sys") -> _Function:
         vendor, device = fn.ids
         if vendor != PCI_VENDOR_VIRTIO or device not in VIRTIO_DEVICE_IDS:
             if address != "auto":
-                raise PciError(f"{addr} is not a virtio function (vendor {vendor:#06x}, device {device:#06x})")
+                raise PciError(f"{addr} is not a virtio function "
+                               f"(vendor {vendor:#06x}, device {device:#06x})")
             continue
         if fn.driver not in (None, "uio_pci_generic", "virtio-pci") or fn.virtio_in_use():
             seen.append(f"{addr} (in use by {fn.driver})")
@@ -264,7 +265,8 @@ class VirtioPciTransport:
         have = c.r16(o + NUM_QUEUES_OFF)
         if have < num_queues:
             raise PciError(f"{self.name}: the device has {have} queues, {num_queues} needed")
-        ev, ind = bool(acked & (1 << VIRTIO_F_RING_EVENT_IDX)), bool(acked & (1 << VIRTIO_F_RING_INDIRECT_DESC))
+        ev = bool(acked & (1 << VIRTIO_F_RING_EVENT_IDX))
+        ind = bool(acked & (1 << VIRTIO_F_RING_INDIRECT_DESC))
         self._notify_at: list[int] = []
         for i in range(num_queues):
             c.w16(o + QUEUE_SELECT, i)
@@ -284,7 +286,8 @@ class VirtioPciTransport:
             c.w64(o + QUEUE_DEVICE, q.used_gpa)
             at = self._notify_off + c.r16(o + QUEUE_NOTIFY_OFF) * self._mult
             if at + 2 > self._notify_off + self._notify_len:
-                raise PciError(f"{self.name}: queue {i} notify offset {at:#x} is outside the notify capability")
+                raise PciError(f"{self.name}: queue {i} notify offset {at:#x} is outside "
+                               "the notify capability")
             self._notify_at.append(at)
             c.w16(o + QUEUE_ENABLE, 1)
         c.w16(o + MSIX_CONFIG, NO_VECTOR)
@@ -330,7 +333,7 @@ class VirtioPciTransport:
         for _ in range(100):
             lo, hi = offset & ~3, (offset + size + 3) & ~3
             raw = b"".join(bar.r32(off + i).to_bytes(4, "little") if i + 4 <= length
-                           else bytes((bar.r8(off + j) for j in range(i, min(i + 4, length))))
+                           else bytes(bar.r8(off + j) for j in range(i, min(i + 4, length)))
                            for i in range(lo, hi, 4))
             again = self._common.r8(self._coff + CONFIG_GENERATION)
             if again == gen:
