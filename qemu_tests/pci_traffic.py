@@ -2,14 +2,14 @@
 (``Context("pci:auto")``) or on the host as a process guest (a socket path),
 against a host peer (a process guest) on the same daemon.
 
-``python -m qemu_tests.pci_traffic DEVICE PORT [ITERS]`` is the *active*
+``python qemu_tests/pci_traffic.py DEVICE PORT [ITERS]`` is the *active*
 side: it listens on TCP PORT, takes the peer's connection, exchanges QP
 info (JSON lines), then does SEND with immediate (the peer answers with a
 SEND), RDMA WRITE of 256 KiB, RDMA READ, FETCH_AND_ADD and CMP_AND_SWAP,
 each checked, and ITERS 64-byte SEND ping-pongs, timed; it prints one line
 ``RESULT {json}`` (latency, the transport's counters). :func:`peer` is the
-passive side, run by the test on the host; it checks what was written into
-its memory. ``garbage`` mode programs descriptors pointing outside guest
+passive side, run by the test on the host (or ``peer DEVICE HOST PORT
+ITERS`` in a second guest); it checks what was written into its memory. ``garbage`` mode programs descriptors pointing outside guest
 memory into the controlq (the isolation test).
 """
 from __future__ import annotations
@@ -199,6 +199,8 @@ if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "garbage":
         r = garbage(sys.argv[2])
+    elif mode == "peer":  # peer DEVICE HOST PORT ITERS: the passive side, e.g. in a second guest
+        r = peer(sys.argv[2], (sys.argv[3], int(sys.argv[4])), int(sys.argv[5]), timeout=120)
     else:
         r = active(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 100)
     print("RESULT " + json.dumps(r), flush=True)

@@ -113,6 +113,26 @@ def test_pci_guest_does_every_verb_with_a_process_guest(host_root_image, daemon)
           f"guest boot to command {run.timings.get('begin')} s")
 
 
+def test_two_qemu_guests_on_one_daemon(host_root_image, daemon):
+    """Both sides in QEMU guests: the second reaches the first's exchange port
+    through its own user network (the host's loopback is 192.0.2.2 there)."""
+    port = _free_port()
+    a = pci_guest(host_root_image, daemon.path, [APP, "pci:auto", "5000", "20"], host_port=port)
+    b = pci_guest(host_root_image, daemon.path, [APP, "peer", "pci:auto", "192.0.2.2", str(port), "20"])
+    box: dict = {}
+    th = threading.Thread(target=lambda: box.setdefault("b", _try(lambda: b.run(timeout=150))), daemon=True)
+    th.start()
+    ra = _try(lambda: a.run(timeout=150))
+    th.join(160)
+    rb = box["b"]
+    for r in (ra, rb):
+        assert not isinstance(r, BaseException), r
+        assert r.returncode == 0, r.output[-4000:]
+    assert _result(ra.output)["verified"] == ["SEND_WITH_IMM", "RDMA_WRITE", "RDMA_READ", "FETCH_AND_ADD",
+                                              "CMP_AND_SWP"]
+    assert _result(rb.output) == {"peer_verified": True}
+
+
 def _rdma_thread_daemon(path: str):
     from fabric.local import LocalFabric
     from vhost_user.tenancy import TenantPolicy
