@@ -133,6 +133,38 @@ def test_two_qemu_guests_on_one_daemon(host_root_image, daemon):
     assert _result(rb.output) == {"peer_verified": True}
 
 
+def test_vrdma_rc_pingpong_runs_unchanged_in_the_guest(host_root_image, daemon):
+    """``vrdma rc-pingpong --backend pci:auto -e`` (sleeping on CQ events, so on
+    INTx through uio) as the server in the guest, the same command with the
+    socket path as the client on the host."""
+    port = _free_port()
+    n = "50"
+    g = pci_guest(host_root_image, daemon.path,
+                  ["-m", "vrdma", "rc-pingpong", "--backend", "pci:auto", "-p", "5000", "-n", n, "-e",
+                   "-c", "--timeout", "90"], host_port=port)
+
+    def client():
+        deadline = time.monotonic() + 120
+        while True:  # the user network accepts before the guest listens: retry
+            p = subprocess.run([sys.executable, "-m", "vrdma", "rc-pingpong", "--backend", daemon.path,
+                                "-p", str(port), "-n", n, "-c", "--timeout", "30", "127.0.0.1"],
+                               cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": REPO_ROOT},
+                               capture_output=True, text=True, timeout=120)
+            if p.returncode == 0 or time.monotonic() > deadline:
+                return p
+            time.sleep(1)
+
+    box: dict = {}
+    th = threading.Thread(target=lambda: box.setdefault("c", _try(client)), daemon=True)
+    th.start()
+    run = g.run(timeout=150)
+    th.join(130)
+    c = box["c"]
+    assert run.returncode == 0, run.output[-3000:]
+    assert not isinstance(c, BaseException) and c.returncode == 0, c
+    assert f"{n} iters in" in run.output and f"{n} iters in" in c.stdout, (run.output, c.stdout)
+
+
 def _rdma_thread_daemon(path: str):
     from fabric.local import LocalFabric
     from vhost_user.tenancy import TenantPolicy
