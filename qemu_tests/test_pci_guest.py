@@ -134,13 +134,13 @@ def test_two_qemu_guests_on_one_daemon(host_root_image, daemon):
 
 
 def test_vrdma_rc_pingpong_runs_unchanged_in_the_guest(host_root_image, daemon):
-    """``vrdma rc-pingpong --backend pci:auto -e`` (sleeping on CQ events, so on
+    """``vrdma rc-pingpong -d pci:auto -e`` (sleeping on CQ events, so on
     INTx through uio) as the server in the guest, the same command with the
     socket path as the client on the host."""
     port = _free_port()
     n = "50"
     g = pci_guest(host_root_image, daemon.path,
-                  ["-m", "vrdma", "rc-pingpong", "--backend", "pci:auto", "-p", "5000", "-n", n, "-e",
+                  ["-m", "vrdma", "rc-pingpong", "-d", "pci:auto", "-p", "5000", "-n", n, "-e",
                    "-c", "--timeout", "90"], host_port=port)
 
     def client():
