@@ -90,6 +90,9 @@ def test_pci_guest_does_every_verb_with_a_process_guest(host_root_image, daemon)
     r = _result(run.output)
     assert peer_res == {"peer_verified": True}
     assert r["verified"] == ["SEND_WITH_IMM", "RDMA_WRITE", "RDMA_READ", "FETCH_AND_ADD", "CMP_AND_SWP"]
+    big = r["big_mr"]  # MRs past one huge page: one chunk inside a run of adjacent pages, or refused
+    assert big[str(64 << 20)].startswith("refused") and "longest run" in big[str(64 << 20)], big
+    assert big[str(5 << 20)] == ("registered" if max(big["runs"]) >= 4 else big[str(5 << 20)]), big
     c = r["counters"]
     # the driver slept on INTx through uio for control answers, and released all it held
     assert c["interrupts"] > 0 and c["notifies"] > 0 and c["bars_mapped"] >= 1, c
@@ -110,7 +113,8 @@ def test_pci_guest_does_every_verb_with_a_process_guest(host_root_image, daemon)
     print(f"\n64-byte SEND latency (half round trip, median of {iters}): QEMU 7.2 TCG guest over "
           f"virtio-pci {r['send64_half_rtt_us']:.1f} us; same program as a process guest "
           f"{base['send64_half_rtt_us']:.1f} us; host {header()} (shared machine); "
-          f"guest boot to command {run.timings.get('begin')} s")
+          f"guest boot to command {run.timings.get('begin')} s; huge-page runs {big['runs']}, "
+          f"5 MiB MR {big[str(5 << 20)]}")
 
 
 def test_two_qemu_guests_on_one_daemon(host_root_image, daemon):

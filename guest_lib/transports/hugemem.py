@@ -111,12 +111,31 @@ class RunAllocator:
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_long]
+_libc.mmap.restype = ctypes.c_void_p
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_MAP_FIXED = 0x10
+
+
+def _mmap(addr: int | None, length: int, prot: int, flags: int, fd: int, offset: int) -> int:
+    a = _libc.mmap(addr, length, prot, flags, fd, offset)
+    if a in (None, _MAP_FAILED):
+        e = ctypes.get_errno()
+        raise HugeMemoryError(f"mmap of {length:#x} bytes failed: {os.strerror(e)}", e)
+    return int(a)
 
 
 class HugeMemory:
     """``size`` bytes (rounded up to 2 MiB pages) of pinned huge pages, as a
     :class:`GuestMemory` addressed by physical address. Owns the memfd and the
-    mapping until :meth:`close`."""
+    mapping until :meth:`close`.
+
+    The pool hands out huge pages in no particular physical order (LIFO:
+    usually descending), so after learning each page's physical address the
+    pages are mapped again, page by page (MAP_FIXED at their file offsets),
+    in ascending physical order: then pages adjacent in physical memory are
+    adjacent in the mapping too, and form one run."""
 
     def __init__(self, size: int, pagemap: str = "/proc/self/pagemap"):
         if size <= 0:
@@ -128,30 +147,53 @@ class HugeMemory:
         self._owner: dict[int, RunAllocator] = {}
         self._locked = False
         self._fd = -1
-        self._map: mmap.mmap | None = None
+        #: the address range the pages are placed in: a Python mmap owns it, so
+        #: closing it with views of it still held fails (BufferError) instead
+        #: of leaving them pointing at unmapped memory
+        self._area: mmap.mmap | None = None
+        self._view: memoryview | None = None
+        self.uva = 0
+        #: the mapping was kept at close because views of it were still held
+        self.kept_mapped = False
         try:
             flags = os.MFD_CLOEXEC | os.MFD_HUGETLB | getattr(os, "MFD_HUGE_2MB", 21 << 26)
+            npages = self.size // HUGEPAGE
             try:
                 self._fd = os.memfd_create("vrdma-pci", flags)
                 os.ftruncate(self._fd, self.size)
-                flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0x8000)
-                self._map = mmap.mmap(self._fd, self.size, flags)
+                # every page faulted in once through a first mapping, to learn its address
+                first = mmap.mmap(self._fd, self.size, mmap.MAP_SHARED)
             except OSError as e:
                 raise HugeMemoryError(f"cannot get {self.size >> 20} MiB of 2 MiB huge pages "
                                       f"(hugepages=N on the kernel command line?): {e}") from e
-            self._view = memoryview(self._map)
-            self.uva = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
-            npages = self.size // HUGEPAGE
-            for i in range(npages):  # fault every page in (MAP_POPULATE may be a no-op)
-                self._view[i * HUGEPAGE] = 0
+            try:
+                for i in range(npages):
+                    first[i * HUGEPAGE] = 0
+                base = ctypes.addressof(ctypes.c_char.from_buffer(first))
+                by_offset = self._physical(pagemap, base, npages)
+            except OSError as e:
+                raise HugeMemoryError(f"cannot fault in {self.size >> 20} MiB of huge pages: {e}") from e
+            finally:
+                first.close()
+            # the final mapping: an aligned reserved range, each page placed in physical order
+            self._area = mmap.mmap(-1, self.size + HUGEPAGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            area = ctypes.addressof(ctypes.c_char.from_buffer(self._area))
+            self.uva = -(-area // HUGEPAGE) * HUGEPAGE
+            self._view = memoryview(self._area)[self.uva - area:self.uva - area + self.size]
+            order = sorted(range(npages), key=by_offset.__getitem__)
+            for slot, page in enumerate(order):
+                _mmap(self.uva + slot * HUGEPAGE, HUGEPAGE, mmap.PROT_READ | mmap.PROT_WRITE,
+                      mmap.MAP_SHARED | _MAP_FIXED, self._fd, page * HUGEPAGE)
             if _libc.mlock(ctypes.c_void_p(self.uva), ctypes.c_size_t(self.size)) != 0:
                 raise HugeMemoryError(f"mlock of {self.size >> 20} MiB failed: "
                                       f"{os.strerror(ctypes.get_errno())}", ctypes.get_errno())
             self._locked = True
-            phys = self._physical(pagemap, npages)
+            phys = self._physical(pagemap, self.uva, npages)  # as mapped now (and still where they were)
+            if sorted(phys) != phys or sorted(phys) != sorted(by_offset):
+                raise HugeMemoryError("huge pages moved while they were mapped again", _errno.EAGAIN)
             self.runs = contiguous_runs(phys)
-            for first, n, start in self.runs:
-                off = first * HUGEPAGE
+            for first_page, n, start in self.runs:
+                off = first_page * HUGEPAGE
                 self.mem.add(MemoryRegion.from_buffer(self._view[off:off + n * HUGEPAGE], gpa=start,
                                                       uva=self.uva + off))
                 self._allocators.append(RunAllocator(start, start + n * HUGEPAGE))
@@ -159,11 +201,11 @@ class HugeMemory:
             self.close()
             raise
 
-    def _physical(self, pagemap: str, npages: int) -> list[int]:
+    def _physical(self, pagemap: str, uva: int, npages: int) -> list[int]:
         entries = bytearray()
         with open(pagemap, "rb", buffering=0) as f:
             for i in range(npages):
-                f.seek((self.uva + i * HUGEPAGE) // PAGE * 8)
+                f.seek((uva + i * HUGEPAGE) // PAGE * 8)
                 entries += f.read(8)
         phys = []
         for i, pfn in enumerate(pagemap_pfns(bytes(entries))):
@@ -201,23 +243,28 @@ class HugeMemory:
 
     @property
     def closed(self) -> bool:
-        return self._fd < 0 and self._map is None
+        return self._fd < 0 and self._area is None
 
     def close(self) -> None:
         """Unmap and free the pages (the device must have stopped using them)."""
         self.mem.close()
         self._allocators.clear()
         self._owner.clear()
-        if self._map is not None:
-            if self._locked:
-                _libc.munlock(ctypes.c_void_p(self.uva), ctypes.c_size_t(self.size))
-                self._locked = False
-            self._view.release() if hasattr(self, "_view") else None
+        if self._locked:
+            _libc.munlock(ctypes.c_void_p(self.uva), ctypes.c_size_t(self.size))
+            self._locked = False
+        if self._view is not None:
             try:
-                self._map.close()
+                self._view.release()
             except BufferError:
-                pass  # a view still exported; unmapped when it goes
-            self._map = None
+                pass  # exported elsewhere: the mmap's close below finds out
+            self._view = None
+        if self._area is not None:
+            try:
+                self._area.close()  # unmaps the whole range, the placed pages with it
+            except BufferError:
+                self.kept_mapped = True  # a view is still held: leave it valid memory
+            self._area = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

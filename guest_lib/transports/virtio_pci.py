@@ -275,8 +275,9 @@ class VirtioPciTransport:
                 raise PciError(f"{self.name}: queue {i} is not available (size 0)")
             size = min(queue_size, most)
             size = 1 << (size.bit_length() - 1)  # split rings: a power of 2
-            base = self.alloc(split_ring_layout(size, 0)[3], 4096)
-            self.translate(base, split_ring_layout(size, 0)[3])[:] = bytes(split_ring_layout(size, 0)[3])
+            ring_bytes = split_ring_layout(size, 0)[3]
+            base = self.alloc(ring_bytes, 4096)
+            self.translate(base, ring_bytes)[:] = bytes(ring_bytes)
             q = DriverQueue(self.mem.mem, i, size, base, event_idx=ev, indirect=ind)  # type: ignore[union-attr]
             self.queues.append(q)
             c.w16(o + QUEUE_SIZE, size)
@@ -419,7 +420,10 @@ class VirtioPciTransport:
         if self.mem is not None:
             if stopped:
                 self.mem.close()
-                self.counters["hugepages_freed"] = self.mem.size // (2 << 20)
+                if self.mem.kept_mapped:  # a view of it is still held somewhere: left mapped
+                    self.counters["hugepages_kept"] = self.mem.size // (2 << 20)
+                else:
+                    self.counters["hugepages_freed"] = self.mem.size // (2 << 20)
             else:  # a device that may still write: leak the pages rather than hand them back
                 self.counters["hugepages_kept"] = self.mem.size // (2 << 20)
         if self.uio_fd >= 0:
