@@ -20,17 +20,20 @@ and this repository run in the guest), plus:
 """
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Sequence
 
 from .errors import CapabilityMissing, GuestImageError
 from .launch import VhostUserDevice
-from .rxe_guest import CACHE_ROOT, GUEST_FILES_DIR, REPO_ROOT, WARM_IMPORTS, GuestImage, RxeGuest, _run
+from .rxe_guest import CACHE_ROOT, GUEST_FILES_DIR, REPO_ROOT, WARM_IMPORTS, GuestImage, RxeGuest
 
 GUEST_IP = "192.0.2.15"
 GUEST_PORT = 5000
@@ -51,9 +54,10 @@ def uio_modules(image: GuestImage, cache_root: str = CACHE_ROOT) -> dict[str, by
             raise CapabilityMissing(f"no {pkg}*.deb in {debs} (build the rxe image first)")
         with tempfile.TemporaryDirectory(prefix="uio-", dir=cache_root) as tmp:
             moddir = f"./lib/modules/{image.kernel_release}/kernel/drivers/uio"
-            tar = subprocess.run(f"dpkg-deb --fsys-tarfile {shlex.quote(os.path.join(debs, matches[-1]))} | "
-                                 f"tar -x -C {shlex.quote(tmp)} {moddir}/uio.ko {moddir}/uio_pci_generic.ko",
-                                 shell=True, capture_output=True, text=True, timeout=300)
+            tar = subprocess.run(["sh", "-c", 'dpkg-deb --fsys-tarfile "$1" | tar -x -C "$2" "$3" "$4"', "sh",
+                                  os.path.join(debs, matches[-1]), tmp, f"{moddir}/uio.ko",
+                                  f"{moddir}/uio_pci_generic.ko"],
+                                 capture_output=True, text=True, timeout=300, check=False)
             if tar.returncode != 0:
                 raise GuestImageError(f"extracting the uio modules failed: {tar.stderr[-1000:]}")
             stage = os.path.join(tmp, "out")
@@ -92,4 +96,40 @@ def pci_guest(image: GuestImage, socket_path: str, argv: Sequence[str], *, host_
                     warm_imports=PCI_WARM_IMPORTS, extra_qemu_args=dev.qemu_args())
 
 
-__all__ = ["GUEST_IP", "GUEST_PORT", "pci_guest", "uio_modules", "_run"]
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def result_of(output: str) -> dict:
+    for line in output.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise AssertionError(f"no RESULT line in the guest's output:\n{output[-3000:]}")
+
+
+def with_peer(sock: str, port: int, iters: int, run):
+    """Run the host peer (a process guest on ``sock``) in a thread while
+    ``run()`` runs the active side; returns (run's value, peer's result or
+    the exception it raised)."""
+    box: dict = {}
+
+    def go():
+        try:
+            from .pci_traffic import peer
+
+            box["peer"] = peer(sock, ("127.0.0.1", port), iters)
+        except BaseException as e:
+            box["error"] = e
+
+    th = threading.Thread(target=go, daemon=True)
+    th.start()
+    try:
+        value = run()
+    finally:
+        th.join(120)
+    return value, box.get("peer", box.get("error"))
+
+
+__all__ = ["GUEST_IP", "GUEST_PORT", "free_port", "pci_guest", "result_of", "uio_modules", "with_peer"]

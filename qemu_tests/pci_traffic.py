@@ -9,8 +9,9 @@ SEND), RDMA WRITE of 256 KiB, RDMA READ, FETCH_AND_ADD and CMP_AND_SWAP,
 each checked, and ITERS 64-byte SEND ping-pongs, timed; it prints one line
 ``RESULT {json}`` (latency, the transport's counters). :func:`peer` is the
 passive side, run by the test on the host (or ``peer DEVICE HOST PORT
-ITERS`` in a second guest); it checks what was written into its memory. ``garbage`` mode programs descriptors pointing outside guest
-memory into the controlq (the isolation test).
+ITERS`` in a second guest); it checks what was written into its memory.
+``garbage`` mode programs descriptors pointing outside guest memory into
+the controlq (the isolation test).
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def _peer_info(d: dict) -> dict:
 
 def active(device: str, port: int, iters: int) -> dict:
     g = RcEndpoint(device, 1 << 20)
-    srv = socket.create_server(("0.0.0.0", port))
+    srv = socket.create_server(("0.0.0.0", port))  # noqa: S104  the guest's user-network port
     try:
         srv.settimeout(60)
         conn, _ = srv.accept()
@@ -72,17 +73,20 @@ def active(device: str, port: int, iters: int) -> dict:
         reply = next(w for w in wcs if w.opcode == WcOpcode.RECV)
         assert mr.read(reply.byte_len, 4096) == MSG.upper(), "the peer's reply differs"
         mr.write(WRITE_DATA, offset=262144)
-        qp.post_send(SendWR(wr_id=2, opcode=WrOpcode.RDMA_WRITE, sg=[SGE(mr.buf + 262144, len(WRITE_DATA), mr.lkey)],
+        qp.post_send(SendWR(wr_id=2, opcode=WrOpcode.RDMA_WRITE,
+                            sg=[SGE(mr.buf + 262144, len(WRITE_DATA), mr.lkey)],
                             remote_addr=peer["addr"] + 262144, rkey=peer["rkey"]))
         g.poll_one(30)
         qp.post_send(SendWR(wr_id=3, opcode=WrOpcode.RDMA_READ, sg=[SGE(mr.buf + 600000, 2300, mr.lkey)],
                             remote_addr=peer["addr"] + 131072, rkey=peer["rkey"]))
         g.poll_one(30)
         assert mr.read(2300, 600000) == READ_DATA[:2300], "RDMA READ data differs"
-        qp.post_send(SendWR(wr_id=4, opcode=WrOpcode.ATOMIC_FETCH_AND_ADD, sg=[SGE(mr.buf + 700000, 8, mr.lkey)],
+        qp.post_send(SendWR(wr_id=4, opcode=WrOpcode.ATOMIC_FETCH_AND_ADD,
+                            sg=[SGE(mr.buf + 700000, 8, mr.lkey)],
                             remote_addr=peer["addr"] + 65536, rkey=peer["rkey"], compare_add=5))
         g.poll_one(30)
-        qp.post_send(SendWR(wr_id=5, opcode=WrOpcode.ATOMIC_CMP_AND_SWP, sg=[SGE(mr.buf + 700008, 8, mr.lkey)],
+        qp.post_send(SendWR(wr_id=5, opcode=WrOpcode.ATOMIC_CMP_AND_SWP,
+                            sg=[SGE(mr.buf + 700008, 8, mr.lkey)],
                             remote_addr=peer["addr"] + 65536, rkey=peer["rkey"], compare_add=1005, swap=7))
         g.poll_one(30)
         olds = struct.unpack("<QQ", mr.read(16, 700000))
@@ -99,7 +103,7 @@ def active(device: str, port: int, iters: int) -> dict:
             rtts.append(time.perf_counter() - t)
             assert WcOpcode.RECV in got
         result = {"verified": ["SEND_WITH_IMM", "RDMA_WRITE", "RDMA_READ", "FETCH_AND_ADD", "CMP_AND_SWP"],
-                  "big_mr": _big_mr(g),
+                  "big_mr": _big_mr(g), "second_driver": _second_driver(device, g),
                   "iters": iters, "send64_half_rtt_us": statistics.median(rtts) / 2 * 1e6 if rtts else None,
                   "device": device, "features": g.ctx.features}
         counters = getattr(g.ctx.transport, "counters", None)
@@ -113,6 +117,20 @@ def active(device: str, port: int, iters: int) -> dict:
         return result
     finally:
         srv.close()
+
+
+def _second_driver(device: str, g: RcEndpoint) -> str | None:
+    """A second driver for the function in use (by its address): refused
+    (EBUSY) for PCI."""
+    if not device.startswith("pci:"):
+        return None
+    from guest_lib import Context, RDMAError
+
+    try:
+        Context(f"pci:{g.ctx.transport.name}", mem_size=4 << 20).close()
+    except RDMAError as e:
+        return f"errno {e.errno}: {e}"
+    return "opened"
 
 
 def _big_mr(g: RcEndpoint) -> dict:
@@ -137,7 +155,8 @@ def _big_mr(g: RcEndpoint) -> dict:
     return out
 
 
-def peer(device: str, addr: tuple[str, int], iters: int, timeout: float = 90, poll_timeout: float = 60) -> dict:
+def peer(device: str, addr: tuple[str, int], iters: int, timeout: float = 90,
+         poll_timeout: float = 60) -> dict:
     """The passive side (a process guest on the host): connects to the active
     side at ``addr`` (retrying until it listens), answers and verifies; a
     completion that takes longer than ``poll_timeout`` is an error."""
@@ -211,7 +230,7 @@ def garbage(device: str) -> dict:
     try:
         t.wait_used(CONTROLQ, 2)
         answered = True
-    except Exception as e:  # noqa: BLE001  the expected outcome: no answer, the device is gone or silent
+    except Exception as e:
         answered = type(e).__name__
     out = {"answered": answered, "counters": dict(t.counters)}
     t.close()

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import fcntl
 import os
 import select
 from collections.abc import Callable
@@ -111,8 +112,15 @@ class _Function:
     def __init__(self, fn: PciFunction):
         self.fn = fn
         self.bars: dict[int, Bar] = {}
+        self.uio_fd = -1
         try:
             fn.bind_uio()
+            # one driver per function: an exclusive lock on its uio device
+            self.uio_fd = os.open(fn.uio_device(), os.O_RDWR | os.O_CLOEXEC)
+            try:
+                fcntl.flock(self.uio_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise PciError(f"{fn.address} is driven by another process", errno.EBUSY) from None
             fn.set_command(set_bits=PCI_COMMAND_MEMORY)
             self.caps: dict[int, VirtioCap] = virtio_caps(fn.config(256))
             for cap in self.caps.values():
@@ -139,6 +147,9 @@ class _Function:
         for bar in self.bars.values():
             bar.close()
         self.bars.clear()
+        if self.uio_fd >= 0:
+            os.close(self.uio_fd)
+            self.uio_fd = -1
 
 
 def find_device(address: str = "auto", sysfs: str = "/sys") -> _Function:
@@ -162,6 +173,8 @@ def find_device(address: str = "auto", sysfs: str = "/sys") -> _Function:
             f = _Function(fn)
         except PciError as e:
             seen.append(f"{addr} ({e})")
+            if e.errno == errno.EBUSY and address != "auto":
+                raise
             continue
         if _is_rdma(f.config_head(8)):
             return f
@@ -177,8 +190,10 @@ class VirtioPciTransport:
     """The virtio-rdma device at PCI ``address`` ("auto" or "0000:00:04.0"),
     opened: ``num_queues`` queues of up to ``queue_size`` entries, ``mem_size``
     bytes of pinned huge pages, device features ``device_features`` offered
-    (by ACK_FEATURES). ``interrupts``: "auto" (INTx through uio when it
-    works), False (poll only)."""
+    (by ACK_FEATURES). ``interrupts``: True (sleeping waits on INTx through
+    uio), False (poll only). The function is locked (flock of its uio
+    device) for as long as the transport is open: a second driver gets
+    EBUSY."""
 
     queues: list[DriverQueue]
     alloc: Callable[[int, int], int]
@@ -189,13 +204,12 @@ class VirtioPciTransport:
 
     def __init__(self, address: str = "auto", *, mem_size: int = 32 << 20, queue_size: int = 256,
                  num_queues: int = NUM_QUEUES, device_features: int = DRIVER_FEATURES,
-                 interrupts: bool | str = "auto", timeout: float | None = 10.0, sysfs: str = "/sys"):
+                 interrupts: bool = True, timeout: float | None = 10.0, sysfs: str = "/sys"):
         self.counters: collections.Counter = collections.Counter()
         self._dead: str | None = None
         self._closed = False
         self.queues = []
         self.mem: HugeMemory | None = None
-        self.uio_fd = -1
         self.features = 0
         self.timeout = timeout
         try:
@@ -204,6 +218,9 @@ class VirtioPciTransport:
             raise PciError(f"cannot open the PCI device {address}: {e}", e.errno or errno.ENODEV) from e
         self.name = self.dev.fn.address
         self.counters["bars_mapped"] = len(self.dev.bars)
+        self.counters["fds_opened"] = 1  # the uio device (lock and interrupts)
+        #: INTx through uio for sleeping waits (-1: poll only)
+        self.uio_fd = self.dev.uio_fd if interrupts else -1
         try:
             self._common, self._coff, _ = self.dev.struct(CAP_COMMON)
             self._isr, self._isr_off, _ = self.dev.struct(CAP_ISR)
@@ -214,13 +231,6 @@ class VirtioPciTransport:
             mem = self.mem
             self.alloc, self.free, self.uva_of = mem.alloc, mem.free, mem.uva_of
             self.translate, self.uva_to_gpa = mem.mem.translate, mem.mem.uva_to_gpa
-            if interrupts:
-                try:
-                    self.uio_fd = os.open(self.dev.fn.uio_device(), os.O_RDWR | os.O_CLOEXEC)
-                    self.counters["fds_opened"] += 1
-                except OSError:
-                    if interrupts is True:
-                        raise
             self._init(num_queues, queue_size, device_features)
         except BaseException:
             self.close()
@@ -426,12 +436,10 @@ class VirtioPciTransport:
                     self.counters["hugepages_freed"] = self.mem.size // (2 << 20)
             else:  # a device that may still write: leak the pages rather than hand them back
                 self.counters["hugepages_kept"] = self.mem.size // (2 << 20)
-        if self.uio_fd >= 0:
-            os.close(self.uio_fd)
-            self.uio_fd = -1
-            self.counters["fds_closed"] += 1
+        self.uio_fd = -1
         if dev is not None:
             self.counters["bars_unmapped"] = len(dev.bars)
+            self.counters["fds_closed"] = int(dev.uio_fd >= 0)
             dev.close()
 
     def __enter__(self):
