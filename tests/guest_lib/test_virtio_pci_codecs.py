@@ -179,3 +179,19 @@ def test_huge_memory_on_this_host():
     m.close()  # idempotent
     with open("/proc/self/maps") as f:
         assert f.read().count("vrdma-pci") == maps_before
+
+
+def test_no_device_is_enodev(tmp_path):
+    """Where there is no such function, the transport and Context say ENODEV
+    (an address no machine has; an empty sysfs tree) and hold nothing."""
+    import errno
+
+    from guest_lib import Context, RDMAError
+    from guest_lib.transports.virtio_pci import VirtioPciTransport
+
+    with pytest.raises(RDMAError) as e:
+        Context("pci:0000:ff:1f.7")
+    assert e.value.errno == errno.ENODEV and "0000:ff:1f.7" in str(e.value)
+    with pytest.raises(PciError, match="no free virtio function") as e2:
+        VirtioPciTransport("auto", sysfs=str(tmp_path))
+    assert e2.value.errno == errno.ENODEV
