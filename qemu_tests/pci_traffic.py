@@ -241,7 +241,8 @@ def garbage(device: str) -> dict:
     from guest_lib.transports.virtio_pci import VirtioPciTransport
     from virtio_rdma.constants import CONTROLQ
 
-    t = VirtioPciTransport(device.removeprefix("pci:") or "auto", mem_size=8 << 20)
+    # poll-only waits here (interrupts=False): the other tests sleep on INTx
+    t = VirtioPciTransport(device.removeprefix("pci:") or "auto", mem_size=8 << 20, interrupts=False)
     bad = 0xDEAD_0000_0000
     t.queues[CONTROLQ].add([(bad, 64)], [(bad + 4096, 64)], "garbage")
     t.notify(CONTROLQ)
