@@ -33,6 +33,7 @@ from guest_lib.base import VerbsObject
 from guest_lib.errors import RDMAError, UserError
 from guest_lib.transport import NUM_QUEUES, TransportError, VirtioTransport, WaitTimeout, missing_members
 from guest_lib.transports.vhost_user import VhostUserTransport
+from guest_lib.transports.virtio_pci import VirtioPciTransport
 from verbs import UnknownValueError
 from virtio_rdma import wire
 from virtio_rdma.constants import CONTROLQ, DOORBELLQ, EVENTQ, AccelOp, Cmd, EventKind, Feature, Status
@@ -43,6 +44,10 @@ EVENT_BUF = 8 * wire.EVENT_SIZE  # 8 records
 N_EVENT_BUFS = 64
 DOORBELL_BUF = 8 * 64  # 64 records
 N_DOORBELL_BUFS = 128
+#: ``Context("pci:auto")``, ``Context("pci:0000:00:04.0")``: the virtio-rdma PCI
+#: function inside a QEMU guest (guest_lib.transports.virtio_pci), found by its
+#: config magic ("auto": the first)
+PCI_PREFIX = "pci:"
 #: seconds between looks at the socket from calls that never sleep
 LIVENESS_INTERVAL = 0.02
 
@@ -69,12 +74,14 @@ class GID:
 
 
 class Context(VerbsObject):
-    """Open the virtio-rdma device behind the back-end socket ``name``, or
+    """Open the virtio-rdma device behind the back-end socket ``name`` (or,
+    ``"pci:auto"`` / ``"pci:<address>"``, its PCI function in a QEMU guest), or
     drive the already opened ``transport`` (any
     :class:`~guest_lib.transport.VirtioTransport`). A transport that passes
     the argument checks belongs to the Context from then on: it closes it,
     also when this constructor fails later. ``mem_size``, ``queue_size`` and
-    ``hugetlb`` are the vhost-user transport's (unused with ``transport``)."""
+    ``hugetlb`` are the vhost-user transport's (unused with ``transport``;
+    with ``pci:``, ``mem_size`` is the huge-page memory)."""
 
     def __init__(self, name: str | None = None, *, transport: VirtioTransport | None = None,
                  mem_size: int = 64 << 20, queue_size: int = 256, timeout: float | None = 10.0,
@@ -87,8 +94,12 @@ class Context(VerbsObject):
             if name is None:
                 raise UserError("Context needs a device: a vhost-user socket path or transport=")
             try:
-                t = VhostUserTransport(name, mem_size=mem_size, queue_size=queue_size,
-                                       hugetlb=hugetlb, timeout=timeout)
+                if name.startswith(PCI_PREFIX):  # a virtio-pci function inside a guest
+                    t = VirtioPciTransport(name[len(PCI_PREFIX):] or "auto", mem_size=mem_size,
+                                           queue_size=queue_size, timeout=timeout)
+                else:
+                    t = VhostUserTransport(name, mem_size=mem_size, queue_size=queue_size,
+                                           hugetlb=hugetlb, timeout=timeout)
             except TransportError as e:
                 raise RDMAError(f"cannot open device at {name}: {e}", e.errno) from e
         else:

@@ -11,12 +11,12 @@ an implementation. Implementations:
 * :class:`guest_lib.transports.vhost_user.VhostUserTransport`: a process
   guest that is its own vhost-user front-end (the virtio-user pattern): memfd
   memory shared with the back-end daemon, eventfd kicks and calls.
-* (a later issue) a virtio-pci driver inside a QEMU guest: a userspace
-  driver mapping the device's BARs (vfio-noiommu or
-  ``/sys/bus/pci/devices/.../resource*``), guest memory from hugepages with
-  a virt -> phys translation, notifications by a write to the notify BAR,
-  used buffers polled or signalled by an MSI-X vector. Each member below
-  says what such a driver must do; it needs nothing else from guest_lib.
+* :class:`guest_lib.transports.virtio_pci.VirtioPciTransport`: a userspace
+  virtio-pci driver inside a QEMU guest: the function bound to
+  uio_pci_generic, its BARs mapped from ``/sys/bus/pci/devices/.../resource*``,
+  memory from pinned huge pages with a virt -> phys translation
+  (/proc/self/pagemap), notifications by a write to the notify BAR, used
+  buffers polled or signalled by INTx through /dev/uioN.
 
 Addresses: a transport deals in two kinds. A *device address* ("gpa") is
 what the device dereferences: guest-physical for vhost-user and for a
@@ -202,8 +202,8 @@ class VirtioTransport(Protocol):
         :class:`DeviceGone` within milliseconds of the device going away,
         never a hang. vhost-user: poll(2) on the call eventfd and the socket.
         PCI: poll the used ring (with a look at device_status now and then),
-        or sleep on an eventfd bound to the queue's MSI-X vector
-        (VFIO_DEVICE_SET_IRQS), then take the used ring."""
+        or sleep on INTx through /dev/uioN (uio_pci_generic), then take the
+        used ring."""
         ...
 
     # --- liveness and teardown ---------------------------------------------
@@ -217,7 +217,7 @@ class VirtioTransport(Protocol):
         """Stop the device using our memory, then release every fd, mapping
         and buffer; idempotent, never fails because the device is gone.
         PCI: write 0 to device_status and wait for it to read back 0 (§4.1.4.3.2),
-        then free the rings and memory, unmap the BARs, close the vfio fds."""
+        then free the rings and memory, unmap the BARs, close the uio fd."""
         ...
 
 

@@ -625,6 +625,8 @@ class RxeGuest:
     pyc_prefix: bool = True
     warm_imports: Sequence[str] = WARM_IMPORTS
     python: str = field(default_factory=lambda: sys.executable)
+    #: more QEMU arguments, appended (e.g. a vhost-user device: ``VhostUserDevice.qemu_args()``)
+    extra_qemu_args: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"\d{1,3}(\.\d{1,3}){3}/\d{1,2}", self.ip):
@@ -761,7 +763,7 @@ class RxeGuest:
             t0 = time.monotonic()
             with QemuVM(memory_mib=self.memory_mib, cpu="max", kernel=image.vmlinux, initrd=initrd,
                         append=self.kernel_append(),
-                        extra_args=[*self.qemu_net_args(), *self.qemu_fs_args()],
+                        extra_args=[*self.qemu_net_args(), *self.qemu_fs_args(), *self.extra_qemu_args],
                         wrapper=wrapper) as vm:
                 # SerialTimeout / QemuExitedError propagate with the serial tail and stderr.
                 for label, marker in (("init", b"VRDMA-GUEST-INIT"), ("begin", BEGIN.encode()),

@@ -21,6 +21,27 @@ from verbs.parse import ParseIntEnum as _IntEnum, ParseIntFlag as _IntFlag
 
 VIRTIO_ID_RDMA = 42
 
+# --------------------------------------------------------------------------
+# Device configuration header (spec "Device configuration layout", "Carriers")
+# --------------------------------------------------------------------------
+#: le32 at config offset 0: the bytes b"RDMA". A driver identifies the device
+#: by it (and the ABI version), never by the PCI device ID: a carrier
+#: (vhost-user-blk-pci, ID 0x1042) or a borrowed virtio ID hides ours.
+CONFIG_MAGIC = 0x414D4452
+#: le16 at config offset 4: the version of this ABI (config layout, commands,
+#: rings); a driver refuses a device whose version it does not know.
+ABI_VERSION = 1
+#: bytes of struct virtio_rdma_config (a front-end with a generic vhost-user
+#: device sizes the config space with it)
+CONFIG_SIZE = 64
+#: every field a driver needs lies within the first CONFIG_CARRIER_SIZE bytes:
+#: QEMU 7.2's vhost-user-blk carrier exposes 57 config bytes (virtio-blk's up to
+#: write_zeroes_may_unmap), and 4-byte reads must stay inside them
+CONFIG_CARRIER_SIZE = 56
+#: le16 at this offset is left to the carrier: vhost-user-blk writes its
+#: num_queues there (virtio_blk_config.num_queues); drivers ignore it
+CONFIG_CARRIER_CLOBBERED = 34
+
 #: Virtqueue indexes (spec "Virtqueues").
 CONTROLQ = 0
 DOORBELLQ = 1
@@ -64,6 +85,9 @@ class Cmd(_IntEnum):
     CREATE_AQ = 16
     DESTROY_AQ = 17
     CANCEL_AQ_JOB = 18
+    #: the driver's device feature bits, for transports that cannot carry them
+    #: (spec "Carriers"); answers the bits the device accepted
+    ACK_FEATURES = 19
 
 
 class Status(_IntEnum):

@@ -36,7 +36,7 @@ from verbs import (
 from vhost_user.tenancy import LimitExceeded, Resource
 from virtio.errors import GuestMemoryError
 from virtio_rdma import accel, datapath, rings
-from virtio_rdma.constants import OBJ_NUM_MASK, Cmd, CreateQpFlags, Status
+from virtio_rdma.constants import OBJ_NUM_MASK, Cmd, CreateQpFlags, Feature, Status
 from virtio_rdma.cq import CompletionQueue
 from virtio_rdma.errors import CommandError, UnknownValueError, VirtioRdmaError
 from virtio_rdma.events import async_event
@@ -45,6 +45,7 @@ from virtio_rdma.qp_state import check_transition
 from virtio_rdma.wire import (
     CQE_SIZE,
     DBREC_SIZE,
+    AckFeatures,
     AllocPdResp,
     CreateCqReq,
     CreateCqResp,
@@ -485,6 +486,19 @@ def drop_qp(core: RdmaDeviceCore, qp: QueuePair) -> None:
     qp.recv_cq.qps.discard(qp.qpn)
 
 
+def ack_features(core: RdmaDeviceCore, req: AckFeatures, now: float) -> AckFeatures:
+    """The driver's device feature bits, for a transport that could not carry
+    them (spec "Carriers"): before any object exists, else EBUSY. Accepts the
+    bits the device offers and applies them as the transport's feature
+    negotiation would (DBREC_POLL)."""
+    if core.pds or core.cqs or core.qps or core.aqs or core.mrs.count:
+        raise CommandError("ACK_FEATURES after objects were created", Status.EBUSY)
+    accepted = req.features & core.offered_features
+    core.acked_by_command = accepted
+    core.poll_doorbell_records = bool(accepted & (1 << Feature.DBREC_POLL))
+    return AckFeatures(features=accepted)
+
+
 #: the dispatch table: one handler per command; each takes (core, request
 #: dataclass, now) and returns the response dataclass (None: no body)
 HANDLERS: dict[Cmd, Callable] = {
@@ -507,5 +521,6 @@ HANDLERS: dict[Cmd, Callable] = {
     Cmd.CREATE_AQ: accel.create_aq,
     Cmd.DESTROY_AQ: accel.destroy_aq,
     Cmd.CANCEL_AQ_JOB: accel.cancel_aq_job,
+    Cmd.ACK_FEATURES: ack_features,
 }
 assert set(HANDLERS) == set(Cmd), "a command without a handler"

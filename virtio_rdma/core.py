@@ -113,6 +113,11 @@ class RdmaDeviceCore:
         self.limits = limits or DeviceLimits()
         #: DBREC_POLL negotiated: doorbell records are read, doorbells may be stale
         self.poll_doorbell_records = poll_doorbell_records
+        #: the device feature bits (0..31) this device offers: the config's
+        #: device_features, what ACK_FEATURES may accept (set by the glue)
+        self.offered_features = 0
+        #: the bits ACK_FEATURES accepted (None: never sent; the transport's rule)
+        self.acked_by_command: int | None = None
         self.metrics = Metrics()
         #: the guest's objects on a host RDMA device (verbs fabric; it may lower
         #: the limits to the device's), else None
@@ -155,10 +160,10 @@ class RdmaDeviceCore:
     def config_bytes(self) -> bytes:
         """struct virtio_rdma_config (spec 5.1)."""
         L = self.limits
-        return encode_config(phys_port_cnt=1, max_qp=L.max_qp, max_cq=L.max_cq, max_mr=L.max_mr,
-                             max_pd=L.max_pd, max_qp_wr=L.max_qp_wr, max_cqe=L.max_cqe,
-                             max_sge=L.max_sge, max_inline_data=L.max_inline_data, reserved=0,
-                             node_guid=L.node_guid, gid=self.fabric.gid)
+        return encode_config(device_features=self.offered_features & 0xFFFF_FFFF, phys_port_cnt=1,
+                             max_qp=L.max_qp, max_cq=L.max_cq, max_mr=L.max_mr, max_pd=L.max_pd,
+                             max_qp_wr=L.max_qp_wr, max_cqe=L.max_cqe, max_sge=L.max_sge,
+                             max_inline_data=L.max_inline_data, node_guid=L.node_guid)
 
     def close(self) -> None:
         """Destroy every QP (detaching them from the fabric) and forget all objects."""

@@ -36,6 +36,10 @@ from virtio_rdma.wire import EVENT_SIZE, encode_events
 
 log = logging.getLogger(__name__)
 
+_DRIVER_OK = 4  # virtio device status bit (spec 2.1)
+#: bytes of config space a front-end may read (the rest of the struct is zeros)
+CONFIG_WINDOW = 256
+
 #: buffers served per pass over the controlq / doorbellq: a guest that queues
 #: hundreds at once is served in slices, other guests' work in between
 #: (the back-end re-kicks the ring from the event loop, see ``budgeted``)
@@ -73,7 +77,10 @@ class RdmaDevice(VhostUserDevice):
         self._timer_at: float | None = None
         self._deliver_scheduled = False
         self._dbrec_poll = False
+        self._driver_ok = False
         self.bad_event_buffers = 0
+        #: device resets by SET_STATUS 0 (a guest driver's reset through its front-end)
+        self.resets = 0
 
     def attach(self, conn) -> None:
         super().attach(conn)
@@ -88,6 +95,7 @@ class RdmaDevice(VhostUserDevice):
         core = RdmaDeviceCore(self.conn.mem, self.fabric, limits=self.limits, account=self.account,
                               accel_router=self.accel)
         core.notify = self._on_core_notify
+        core.offered_features = self.device_features
         return core
 
     @staticmethod
@@ -111,11 +119,33 @@ class RdmaDevice(VhostUserDevice):
     def config(self) -> bytes:
         return self.core.config_bytes()  # type: ignore[union-attr]  # attached
 
+    def get_config(self, offset: int, size: int) -> bytes:
+        """Reads past struct virtio_rdma_config, up to CONFIG_WINDOW bytes,
+        read as zeros: a carrier sizes the config space as its own device's
+        (QEMU 7.2's vhost-user-blk reads 57 bytes, spec "Carriers")."""
+        if offset >= 0 and offset + size <= CONFIG_WINDOW:
+            return (self.config() + bytes(CONFIG_WINDOW))[offset:offset + size]
+        return super().get_config(offset, size)
+
     def set_features(self, features: int) -> None:
         # DBREC_POLL acked: the driver may skip doorbells while we poll (spec 5.x.6.3)
         self._dbrec_poll = bool(features & (1 << Feature.DBREC_POLL))
         if self.core is not None:
+            if self.core.acked_by_command is not None:
+                # a carrier's front-end (re)sends its transport bits: the driver's
+                # ACK_FEATURES stands (spec "Carriers")
+                return
             self.core.poll_doorbell_records = self._dbrec_poll
+
+    def set_status(self, status: int) -> None:
+        """SET_STATUS: 0 after DRIVER_OK is the driver's device reset as the
+        front-end forwards it (QEMU's vhost stop when a guest driver writes
+        device_status = 0): the guest's objects go, as with RESET_DEVICE, so
+        the next driver in that guest starts from an empty device."""
+        if status == 0 and self._driver_ok:
+            self.resets += 1
+            self.reset()
+        self._driver_ok = bool(status & _DRIVER_OK)
 
     def poll(self) -> bool:
         """One look at the doorbell records, for the daemon's busy-poll loop

@@ -35,8 +35,13 @@ import construct as cs
 
 from verbs import AsyncEvent, SendFlags, WcFlags, WcOpcode, WcStatus, WrOpcode
 from virtio_rdma.constants import (
+    ABI_VERSION,
     ACCEL_CQE_OPCODE_BASE,
     AQ_SLOT_SIZE,
+    CONFIG_CARRIER_CLOBBERED,
+    CONFIG_CARRIER_SIZE,
+    CONFIG_MAGIC,
+    CONFIG_SIZE,
     MAX_ACCEL_OPS,
     MAX_ACCEL_SGE,
     OBJ_NUM_MASK,
@@ -59,19 +64,27 @@ u8, u16, u32, u64 = cs.Int8ul, cs.Int16ul, cs.Int32ul, cs.Int64ul
 # 5.1 Device configuration layout
 # --------------------------------------------------------------------------
 Config = cs.Struct(
+    "magic" / u32,             # CONFIG_MAGIC (b"RDMA"): how a driver finds the device behind any PCI ID
+    "abi_version" / u16,       # ABI_VERSION
+    "config_size" / u16,       # CONFIG_SIZE
+    "device_features" / u32,   # the device feature bits 0..31 offered (ACK_FEATURES acks them)
     "phys_port_cnt" / u32,
     "max_qp" / u32,
     "max_cq" / u32,
     "max_mr" / u32,
     "max_pd" / u32,
+    "max_sge" / u16,
+    "carrier_reserved" / u16,  # CONFIG_CARRIER_CLOBBERED: a vhost-user-blk carrier writes here; ignored
     "max_qp_wr" / u32,
     "max_cqe" / u32,
-    "max_sge" / u32,
     "max_inline_data" / u32,
-    "reserved" / cs.Const(0, u32),
     "node_guid" / u64,
-    "gid" / cs.Bytes(16),
+    "reserved" / u64,          # CONFIG_CARRIER_SIZE..: 0; beyond a blk carrier's window, ignored
 )
+assert Config.sizeof() == CONFIG_SIZE
+assert Config.subcons[10].name == "carrier_reserved" and sum(
+    sc.sizeof() for sc in Config.subcons[:10]) == CONFIG_CARRIER_CLOBBERED
+assert sum(sc.sizeof() for sc in Config.subcons[:-1]) == CONFIG_CARRIER_SIZE
 
 # --------------------------------------------------------------------------
 # 5.3 Control queue
@@ -286,6 +299,14 @@ class QueryGidResp:
 @dataclass(frozen=True, slots=True)
 class AllocPdResp:
     pdn: U32
+
+
+@dataclass(frozen=True, slots=True)
+class AckFeatures:
+    """ACK_FEATURES request (the driver's device feature bits) and response
+    (the bits the device accepted: the request's AND what it offers)."""
+
+    features: U64
 
 
 @dataclass(frozen=True, slots=True)
@@ -517,7 +538,7 @@ for _cls in (Empty, QueryPortReq, QueryGidReq, DeallocPdReq, CreateCqReq, Destro
              ReqNotifyCqReq, MrChunk, RegMrReq, DeregMrReq, CreateQpReq, QpAttr, ModifyQpReq,
              QueryQpReq, DestroyQpReq, QueryDeviceResp, QueryPortResp, QueryGidResp, AllocPdResp,
              CreateCqResp, RegMrResp, CreateQpResp, QueryQpResp, AccelOpInfo, QueryAccelResp,
-             CreateAqReq, CreateAqResp, DestroyAqReq, CancelAqJobReq):
+             CreateAqReq, CreateAqResp, DestroyAqReq, CancelAqJobReq, AckFeatures):
     _register(_cls)
 
 #: the construct layouts by name (the normative structs of docs/virtio-rdma.md)
@@ -547,6 +568,7 @@ BODIES: dict[Cmd, tuple[type, type]] = {
     Cmd.CREATE_AQ: (CreateAqReq, CreateAqResp),
     Cmd.DESTROY_AQ: (DestroyAqReq, Empty),
     Cmd.CANCEL_AQ_JOB: (CancelAqJobReq, Empty),
+    Cmd.ACK_FEATURES: (AckFeatures, AckFeatures),
 }
 #: cmd -> (request layout, response layout)
 COMMANDS: dict[Cmd, tuple[cs.Construct, cs.Construct]] = {
@@ -730,12 +752,27 @@ def response_size(cmd: Cmd | int) -> int:
 
 
 def encode_config(**fields) -> bytes:
+    """struct virtio_rdma_config; ``magic``, ``abi_version``, ``config_size``,
+    ``carrier_reserved`` and ``reserved`` default to this ABI's values."""
+    fields = {"magic": CONFIG_MAGIC, "abi_version": ABI_VERSION, "config_size": CONFIG_SIZE,
+              "carrier_reserved": 0, "reserved": 0, **fields}
     return _build(Config, fields, "config space")
 
 
 def decode_config(buf) -> dict:
-    if len(buf) != Config.sizeof():
-        raise WireError(f"config space is {len(buf)} bytes, expected {Config.sizeof()}")
+    """Parse the device config (the driver's side): at least the first
+    CONFIG_CARRIER_SIZE bytes (what a blk carrier exposes; the rest reads as
+    0). A wrong magic or an ABI version this library does not know is a
+    WireError naming it."""
+    buf = bytes(buf)
+    if len(buf) < CONFIG_CARRIER_SIZE:
+        raise WireError(f"config space is {len(buf)} bytes, expected at least {CONFIG_CARRIER_SIZE}")
+    buf = (buf[:CONFIG_CARRIER_SIZE] + bytes(CONFIG_SIZE))[:CONFIG_SIZE]
+    magic, abi = struct.unpack_from("<IH", buf)
+    if magic != CONFIG_MAGIC:
+        raise WireError(f"config magic {magic:#010x} is not virtio-rdma's {CONFIG_MAGIC:#010x}")
+    if abi != ABI_VERSION:
+        raise WireError(f"config ABI version {abi} is not {ABI_VERSION}, the one this library speaks")
     return _parse(Config, buf, "config space")
 
 

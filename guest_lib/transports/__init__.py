@@ -2,4 +2,8 @@
 
 * :mod:`guest_lib.transports.vhost_user`: a process guest as its own
   vhost-user front-end (the transport ``Context(path)`` opens).
+* :mod:`guest_lib.transports.virtio_pci`: a userspace virtio-pci driver in a
+  Linux (QEMU) guest (``Context("pci:auto")``), over
+  :mod:`~guest_lib.transports.pci` (sysfs, BARs, uio, the capability walker)
+  and :mod:`~guest_lib.transports.hugemem` (pinned huge pages, pagemap).
 """

@@ -19,7 +19,7 @@ from verbs import (
     WcStatus,
     WrOpcode,
 )
-from virtio_rdma.constants import Cmd, DoorbellKind, EventKind, Status
+from virtio_rdma.constants import CONFIG_MAGIC, Cmd, DoorbellKind, EventKind, Feature, Status
 from virtio_rdma.core import DeviceLimits
 from fabric.local import LocalFabric
 
@@ -66,7 +66,22 @@ def test_query_commands(fab):
     assert g.status_of(Cmd.QUERY_GID, port_num=1, index=1) == Status.EINVAL
     assert g.status_of(Cmd.QUERY_PORT, port_num=2) == Status.EINVAL
     cfg = wire.decode_config(g.core.config_bytes())
-    assert cfg["gid"] == fab.gid and cfg["max_qp"] == d["max_qp"]
+    assert cfg["max_qp"] == d["max_qp"] and cfg["magic"] == CONFIG_MAGIC
+
+
+def test_ack_features_for_carriers(fab):
+    """ACK_FEATURES (spec "Carriers"): the device accepts what it offers,
+    applies DBREC_POLL, and refuses once objects exist."""
+    g = Guest(fab)
+    g.core.offered_features = (1 << Feature.DBREC_POLL) | (1 << Feature.ATOMIC)
+    assert wire.decode_config(g.core.config_bytes())["device_features"] == g.core.offered_features
+    assert g.core.acked_by_command is None and not g.core.poll_doorbell_records
+    r = g.cmd(Cmd.ACK_FEATURES, features=(1 << Feature.DBREC_POLL) | (1 << Feature.ACCEL) | (1 << 40))
+    assert r["features"] == 1 << Feature.DBREC_POLL == g.core.acked_by_command
+    assert g.core.poll_doorbell_records
+    g.alloc_pd()
+    assert g.status_of(Cmd.ACK_FEATURES, features=0) == Status.EBUSY
+    assert g.core.poll_doorbell_records
 
 
 def test_object_lifecycle_and_busy(fab):

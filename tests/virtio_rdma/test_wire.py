@@ -11,7 +11,18 @@ from hypothesis import strategies as st
 
 from virtio_rdma import wire
 from verbs import AsyncEvent, SendFlags, WcFlags, WcOpcode, WcStatus, WrOpcode, parse, QpState
-from virtio_rdma.constants import Cmd, CqArm, DoorbellKind, EventKind, Status
+from virtio_rdma.constants import (
+    ABI_VERSION,
+    CONFIG_CARRIER_CLOBBERED,
+    CONFIG_CARRIER_SIZE,
+    CONFIG_MAGIC,
+    CONFIG_SIZE,
+    Cmd,
+    CqArm,
+    DoorbellKind,
+    EventKind,
+    Status,
+)
 from virtio_rdma.errors import UnknownValueError, VirtioRdmaError, WireError
 
 
@@ -329,11 +340,41 @@ def test_event_round_trip(ev):
     assert wire.decode_event(raw) == ev
 
 
+_CONFIG = dict(device_features=0xF, phys_port_cnt=1, max_qp=2, max_cq=3, max_mr=4, max_pd=5, max_qp_wr=6,
+               max_cqe=7, max_sge=8, max_inline_data=9, node_guid=10)
+
+
 def test_config_round_trip():
-    f = dict(phys_port_cnt=1, max_qp=2, max_cq=3, max_mr=4, max_pd=5, max_qp_wr=6, max_cqe=7,
-             max_sge=8, max_inline_data=9, reserved=0, node_guid=10, gid=bytes(range(16)))
+    f = _CONFIG
     raw = wire.encode_config(**f)
-    assert len(raw) == 64 and wire.decode_config(raw) == f
+    want = dict(f, magic=CONFIG_MAGIC, abi_version=ABI_VERSION, config_size=CONFIG_SIZE,
+                carrier_reserved=0, reserved=0)
+    assert len(raw) == CONFIG_SIZE == 64 and raw[:4] == b"RDMA" and wire.decode_config(raw) == want
+
+
+def test_config_through_a_blk_carrier():
+    """What QEMU 7.2's vhost-user-blk shows a guest: 57 bytes, num_queues
+    (offset 34) overwritten, 4-byte reads past 57 as all ones."""
+    raw = bytearray(wire.encode_config(**dict(_CONFIG, device_features=5, max_qp=7, max_sge=16, node_guid=99)))
+    raw[CONFIG_CARRIER_CLOBBERED:CONFIG_CARRIER_CLOBBERED + 2] = (3).to_bytes(2, "little")
+    seen = bytes(raw[:CONFIG_CARRIER_SIZE]) + b"\xff" * 8
+    cfg = wire.decode_config(seen)
+    assert (cfg["max_qp"], cfg["max_sge"], cfg["node_guid"], cfg["device_features"]) == (7, 16, 99, 5)
+    assert cfg["carrier_reserved"] == 3 and cfg["reserved"] == 0
+
+
+@pytest.mark.parametrize("patch,msg", [((0, b"RDMB"), "magic 0x424d4452"), ((4, b"\x02\x00"), "ABI version 2"),
+                                       ((0, b""), None)])
+def test_config_refused(patch, msg):
+    raw = bytearray(wire.encode_config(**_CONFIG))
+    off, data = patch
+    if not data:
+        with pytest.raises(wire.WireError, match="55 bytes"):
+            wire.decode_config(raw[:55])
+        return
+    raw[off:off + len(data)] = data
+    with pytest.raises(wire.WireError, match=msg):
+        wire.decode_config(raw)
 
 
 @pytest.mark.parametrize("args,expect", [

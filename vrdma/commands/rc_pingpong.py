@@ -6,7 +6,9 @@ same TCP exchange, same output lines and exit codes as rdma-core's
 ``servername`` it is the server; with one, the client. ``--backend`` (or
 ``VRDMA_BACKEND``) names the vhost-user socket of the back-end whose device
 this guest uses; ``-d`` is accepted but only informational (the back-end
-serves one device), and the device has only port 1. ``--timeout`` bounds
+serves one device), except ``-d pci:auto`` / ``-d pci:<address>`` without
+``--backend``: the device's PCI function inside a QEMU guest
+(guest_lib's virtio-pci driver); the device has only port 1. ``--timeout`` bounds
 every wait, which rc_pingpong does not do (default: wait for a client and
 for completions forever, give the address exchange 30 s).
 
@@ -131,7 +133,10 @@ def parse_config(args):
     mtu = mtu_to_enum(c_int(c_strtol(args.mtu)))
     if port > 65535 or ib_port < 1 or mtu == 0 or len(args.servername) > 1:
         raise _Usage
-    cfg = Config(backend=args.backend, ib_devname=args.ib_dev, ib_port=ib_port,
+    backend = args.backend
+    if not backend and args.ib_dev and args.ib_dev.startswith("pci:"):  # the device inside a QEMU guest
+        backend = args.ib_dev
+    cfg = Config(backend=backend, ib_devname=args.ib_dev, ib_port=ib_port,
                  size=c_uint(c_strtol(args.size)),
                  mtu=mtu, rx_depth=c_uint(c_strtol(args.rx_depth)), iters=c_uint(c_strtol(args.iters)),
                  sl=c_int(c_strtol(args.sl)), use_event=args.events > 0, gidx=c_int(c_strtol(args.gid_idx)),

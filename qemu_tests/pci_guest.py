@@ -1,0 +1,135 @@
+"""A QEMU 7.2 guest whose program drives the virtio-rdma device through
+guest_lib's userspace virtio-pci driver (guest_lib.transports.virtio_pci).
+
+Built on :class:`~qemu_tests.rxe_guest.RxeGuest` (Debian's kernel booted
+PVH, busybox initramfs, the host's / read-only over virtio-9p so the venv
+and this repository run in the guest), plus:
+
+* the device: ``vhost-user-blk-pci-non-transitional`` on the daemon's
+  socket (QEMU 7.2 has no generic vhost-user device; docs/virtio-rdma.md
+  "Carriers"), 3 queues, over the memfd-backed shared RAM QemuVM gives
+  every guest;
+* huge pages reserved at boot (``hugepages=N`` on the kernel command line);
+* ``uio`` and ``uio_pci_generic``, taken from the same kernel package the
+  image was built from (:func:`uio_modules`, cached) and insmod-ed by the
+  command before the program starts;
+* user networking with one forwarded TCP port (host 127.0.0.1:PORT -> guest
+  GUEST_IP:GUEST_PORT) for the out-of-band exchange with a host peer;
+* ``PYTHONPATH`` = this repository (the venv's editable install may point
+  at another checkout).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Sequence
+
+from .errors import CapabilityMissing, GuestImageError
+from .launch import VhostUserDevice
+from .rxe_guest import CACHE_ROOT, GUEST_FILES_DIR, REPO_ROOT, WARM_IMPORTS, GuestImage, RxeGuest
+
+GUEST_IP = "192.0.2.15"
+GUEST_PORT = 5000
+UIO_MODULES = ("uio.ko", "uio_pci_generic.ko")
+PCI_WARM_IMPORTS = (*WARM_IMPORTS, "guest_lib", "guest_lib.endpoint", "guest_lib.transports.virtio_pci",
+                    "qemu_tests.pci_traffic")
+
+
+def uio_modules(image: GuestImage, cache_root: str = CACHE_ROOT) -> dict[str, bytes]:
+    """{name: bytes} of uio.ko and uio_pci_generic.ko of the image's kernel
+    (from the kernel .deb the image was built from, cached beside it)."""
+    out_dir = os.path.join(cache_root, f"uio-{image.kernel_release}")
+    if not all(os.path.exists(os.path.join(out_dir, m)) for m in UIO_MODULES):
+        debs = os.path.join(cache_root, "debs")
+        pkg = f"linux-image-{image.kernel_release}_"
+        matches = sorted(d for d in os.listdir(debs) if d.startswith(pkg)) if os.path.isdir(debs) else []
+        if not matches:
+            raise CapabilityMissing(f"no {pkg}*.deb in {debs} (build the rxe image first)")
+        with tempfile.TemporaryDirectory(prefix="uio-", dir=cache_root) as tmp:
+            moddir = f"./lib/modules/{image.kernel_release}/kernel/drivers/uio"
+            tar = subprocess.run(["sh", "-c", 'dpkg-deb --fsys-tarfile "$1" | tar -x -C "$2" "$3" "$4"', "sh",
+                                  os.path.join(debs, matches[-1]), tmp, f"{moddir}/uio.ko",
+                                  f"{moddir}/uio_pci_generic.ko"],
+                                 capture_output=True, text=True, timeout=300, check=False)
+            if tar.returncode != 0:
+                raise GuestImageError(f"extracting the uio modules failed: {tar.stderr[-1000:]}")
+            stage = os.path.join(tmp, "out")
+            os.makedirs(stage)
+            for m in UIO_MODULES:
+                shutil.copy(os.path.join(tmp, moddir, m), os.path.join(stage, m))
+            if os.path.exists(out_dir):
+                shutil.rmtree(out_dir)
+            os.rename(stage, out_dir)
+    result = {}
+    for m in UIO_MODULES:
+        with open(os.path.join(out_dir, m), "rb") as f:
+            result[m] = f.read()
+    return result
+
+
+def pci_guest(image: GuestImage, socket_path: str, argv: Sequence[str], *, host_port: int | None = None,
+              hugepages: int = 48, memory_mib: int = 512, queue_size: int = 256,
+              files: dict[str, bytes] | None = None) -> RxeGuest:
+    """An RxeGuest running ``python argv...`` (argv[0] a repo-relative script)
+    after loading uio, with the virtio-rdma device on ``socket_path`` through
+    the blk carrier; ``host_port`` forwards 127.0.0.1:host_port to the
+    guest's GUEST_PORT."""
+    if shutil.which("insmod") is None and not os.path.exists("/usr/sbin/insmod"):
+        raise CapabilityMissing("insmod (kmod) is not installed on the host, whose / the guest runs")
+    mods = uio_modules(image)
+    fwd = f",hostfwd=tcp:127.0.0.1:{host_port}-{GUEST_IP}:{GUEST_PORT}" if host_port else ""
+    netdev = ["-netdev", f"user,id=n0,net=192.0.2.0/24{fwd}", "-device", "virtio-net-pci,netdev=n0"]
+    dev = VhostUserDevice(socket_path, num_queues=3, queue_size=queue_size, carrier="blk")
+    py = [sys.executable, *argv]
+    cmd = (" && ".join(f"insmod {GUEST_FILES_DIR}/{m}" for m in UIO_MODULES)
+           + f" && cd {shlex.quote(REPO_ROOT)} && PYTHONUNBUFFERED=1 exec " + " ".join(map(shlex.quote, py)))
+    return RxeGuest(cmd=cmd, image=image, host_root=True, memory_mib=memory_mib, ip=f"{GUEST_IP}/24",
+                    netdev_args=netdev, extra_append=f"hugepages={hugepages}",
+                    files={**mods, **(files or {})}, env={"PYTHONPATH": REPO_ROOT},
+                    warm_imports=PCI_WARM_IMPORTS, extra_qemu_args=dev.qemu_args())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def result_of(output: str) -> dict:
+    for line in output.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise AssertionError(f"no RESULT line in the guest's output:\n{output[-3000:]}")
+
+
+def with_peer(sock: str, port: int, iters: int, run):
+    """Run the host peer (a process guest on ``sock``) in a thread while
+    ``run()`` runs the active side; returns (run's value, peer's result or
+    the exception it raised)."""
+    box: dict = {}
+
+    def go():
+        try:
+            from .pci_traffic import peer
+
+            box["peer"] = peer(sock, ("127.0.0.1", port), iters)
+        except BaseException as e:
+            box["error"] = e
+
+    th = threading.Thread(target=go, daemon=True)
+    th.start()
+    try:
+        value = run()
+    finally:
+        th.join(120)
+    return value, box.get("peer", box.get("error"))
+
+
+__all__ = ["GUEST_IP", "GUEST_PORT", "free_port", "pci_guest", "result_of", "uio_modules", "with_peer"]
