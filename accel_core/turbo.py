@@ -48,7 +48,7 @@ import numbers
 
 import numpy as np
 
-from accel_core import _turbo
+from accel_core import _turbo, simd
 from accel_core.crc import CRC24A_ID, CRC24B_ID, as_bits, check_bit_values
 from accel_core.errors import DtypeError, ElementError, ParameterError, ParameterTypeError, ShapeError
 from accel_core.qpp import check_block_size, qpp_table
@@ -85,7 +85,7 @@ def turbo_encode(bits: object) -> np.ndarray:
 
 def _encode(bits: np.ndarray, out: np.ndarray) -> None:
     K = bits.shape[-1]
-    _turbo.encode_batch(bits.reshape(-1, K), qpp_table(K), out.reshape(-1, 3, K + TAIL_BITS))
+    simd.kernel_module("turbo").encode_batch(bits.reshape(-1, K), qpp_table(K), out.reshape(-1, 3, K + TAIL_BITS))
 
 
 def encode_into(bits: np.ndarray, out: np.ndarray) -> None:
@@ -168,9 +168,10 @@ def decode_into(llr: np.ndarray, out: np.ndarray, *, iterations: int, scaling: f
     K = x.shape[-1] - TAIL_BITS
     blocks = x.reshape(-1, 3, K + TAIL_BITS)
     used = np.empty(blocks.shape[0], dtype=np.int32)
-    _turbo.decode_batch(blocks, qpp_table(K), iterations, 1.0 if scaling is None else scaling,
+    kernel = simd.kernel_module("turbo")
+    kernel.decode_batch(blocks, qpp_table(K), iterations, 1.0 if scaling is None else scaling,
                         -1 if early_stop is None else EARLY_STOP_CRCS[early_stop],
-                        out.reshape(-1, K), used, _turbo.segments_for(K, MIN_SEGMENT))
+                        out.reshape(-1, K), used, kernel.segments_for(K, MIN_SEGMENT))
     return used
 
 
