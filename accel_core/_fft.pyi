@@ -33,6 +33,5 @@ class FFTCore:
 def noop(x: object, y: _Y) -> _Y: ...
 
 SIMD_PATH: str
-CPU_FEATURES: tuple[str, ...]
 
 def cpu_features() -> frozenset[str]: ...

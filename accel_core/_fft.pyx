@@ -29,10 +29,10 @@ cdef extern from *:
     int vrdma_cpu_has(const char* what) nogil
 
 
-#: The CPU features cpu_features() reports (what the SIMD paths need).
-CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq")
+#: The CPU features cpu_features() asks about (what the SIMD paths need).
+_CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq")
 
 
 def cpu_features():
-    """The CPU_FEATURES this CPU and OS support (gcc's CPUID + XGETBV check), as a frozenset."""
-    return frozenset(f for f in CPU_FEATURES if vrdma_cpu_has(f.encode()))
+    """The features of avx2, fma, avx512f/bw/vl/dq this CPU and OS support (gcc's CPUID + XGETBV check), as a frozenset."""
+    return frozenset(f for f in _CPU_FEATURES if vrdma_cpu_has(f.encode()))

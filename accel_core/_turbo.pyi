@@ -4,6 +4,8 @@ import numpy.typing as npt
 
 BATCH_LANES: int
 LLR_LIMIT: float
+LLR_SCALE: int
+MAX_SEGMENTS: int
 
 def encode_batch(bits: npt.NDArray[np.uint8], pi: npt.NDArray[np.int32],
                  out: npt.NDArray[np.uint8]) -> None: ...

@@ -39,7 +39,8 @@ _NEEDS = {"scalar": frozenset(), "avx2": frozenset({"avx2", "fma"}),
 _SUFFIX = {"scalar": "", "avx2": "_avx2", "avx512": "_avx512"}
 _KERNELS = ("fft", "turbo")
 
-_current: str | None = None
+#: the path in use (None until first asked: then VRDMA_SIMD or the best available)
+_state: dict[str, str] = {}
 _modules: dict[tuple[str, str], ModuleType] = {}
 
 
@@ -63,18 +64,17 @@ def _check(path: object, where: str) -> str:
 
 def simd_path() -> str:
     """The path in use: ``VRDMA_SIMD`` if set (checked), else the best the CPU has."""
-    global _current
-    if _current is None:
+    path = _state.get("path")
+    if path is None:
         env = os.environ.get(ENV)
-        _current = _check(env, ENV) if env else available_paths()[-1]
-    return _current
+        path = _state["path"] = _check(env, ENV) if env else available_paths()[-1]
+    return path
 
 
 def use(path: str) -> str:
     """Switch every kernel to ``path`` for this process; returns the previous path."""
-    global _current
     prev = simd_path()
-    _current = _check(path, "path")
+    _state["path"] = _check(path, "path")
     return prev
 
 
@@ -97,5 +97,6 @@ def kernel_module(kernel: str, path: str | None = None) -> ModuleType:
     p = simd_path() if path is None else path
     mod = _modules.get((kernel, p))
     if mod is None:
-        mod = _modules[kernel, _check(p, "path")] = importlib.import_module(f"accel_core._{kernel}{_SUFFIX[p]}")
+        name = f"accel_core._{kernel}{_SUFFIX[_check(p, 'path')]}"
+        mod = _modules[kernel, p] = importlib.import_module(name)
     return mod
