@@ -135,3 +135,20 @@ def test_builds_use_their_instruction_sets_and_no_wider_one(kernel):
     if "avx512" in simd.available_paths():
         avx512 = _disassembly(simd.kernel_module(kernel, "avx512"))
         assert "%zmm" in avx512 or "%k1" in avx512
+
+
+def test_benchmarks_run_every_path_and_say_which():
+    from vrdma.accel_bench.fft_bench import format_table, run_fft_bench
+    from vrdma.accel_bench.turbo_bench import run_turbo_bench
+    paths = simd.available_paths()
+    before = simd.simd_path()
+    rows = run_fft_bench(sizes=(16,), dtypes=("complex64",), repeat=1, sample_s=0.001, overhead=False,
+                         paths=paths)
+    assert [r["simd_path"] for r in rows] == list(paths)
+    assert all(r["max_rel_err"] < 1e-5 and r["ours_us"] > 0 for r in rows)
+    assert all(f" {p} " in format_table(rows) for p in paths)
+    rows = run_turbo_bench(K=40, iterations=1, frames=4, batch=2, commpy_frames=0, repeat=1, ebn0_db=6.0,
+                           paths=paths)
+    assert [r["simd_path"] for r in rows] == [p for p in paths for _ in (0, 1)]
+    assert all(r["bit_errors"] == 0 and r["mbit_s_cpu"] > 0 for r in rows)
+    assert simd.simd_path() == before     # the benchmarks put the path back

@@ -188,7 +188,8 @@ def format_table(rows: list[dict]) -> str:
             f"{_fmt(r['speedup_vs_pyfftw']):>8} {r['max_rel_err']:>8.1e}")
     lines.append("(us per transform; x scipy / x pyfftw = baseline time / ours, > 1 is faster)")
     lines.extend(
-        f"call overhead n={r['size']} 1 row {r['dtype']} [{r['simd_path']}]: fft(out=) {r['fft_out_us']:.2f} us, "
+        f"call overhead n={r['size']} 1 row {r['dtype']} [{r['simd_path']}]: "
+        f"fft(out=) {r['fft_out_us']:.2f} us, "
         f"fft() {r['fft_alloc_us']:.2f} us, kernel {r['kernel_us']:.2f} us, "
         f"empty Cython call {r['noop_us']:.3f} us -> overhead {r['overhead_us']:.2f} us"
         for r in rows if r["case"] == "call overhead")
