@@ -528,9 +528,11 @@ cdef void _stage8(rptr yr, rptr yi, rptr xr, rptr xi, Py_ssize_t s, Py_ssize_t m
 # ---------------------------------------------------------------- fused first / last stages
 # The first stage of a plan with two or more stages reads the interleaved complex input
 # itself (_first<r>: the s == 1 loop of _stage<r> with its loads from x[2i], x[2i + 1]) and
-# the last one (m == 1, so no twiddles) writes the interleaved output times the plan's
-# scale (_last<r>: the loop of _q<r> storing to y[2j], y[2j + 1]): two passes over the row
-# fewer than splitting, transforming and joining.
+# a last radix-2/3/4/5 stage (m == 1, so no twiddles) writes the interleaved output times
+# the plan's scale (_last<r>: the loop of _q<r> storing to y[2j], y[2j + 1]): two passes
+# over the row fewer than splitting, transforming and joining. A last radix-8 stage stays
+# split and is followed by the join: fused (eight interleaved output streams 4-8 KiB
+# apart) it measured slower on AVX2 and AVX-512, both precisions.
 
 
 cdef void _first2(rptr yr, rptr yi, rptr x, Py_ssize_t m,
@@ -836,66 +838,6 @@ cdef void _first8(rptr yr, rptr yi, rptr x, Py_ssize_t m,
         yr[o + 7 * ys] = c7r * w7r - c7i * w7i; yi[o + 7 * ys] = c7r * w7i + c7i * w7r
 
 
-cdef void _last8(rptr y, rptr xr, rptr xi, Py_ssize_t s, const real_t* kc) noexcept nogil:
-    """The last radix-8 stage (m == 1: no twiddles) writing the interleaved complex output
-    row y, times the plan's scale (the join folded into the stage's stores)."""
-    cdef Py_ssize_t q
-    cdef real_t scale = kc[K_SCALE]
-    cdef real_t a0r, a0i, a1r, a1i
-    cdef real_t a2r, a2i, a3r, a3i, a4r, a4i, a5r, a5i, a6r, a6i, a7r, a7i, t0r, t0i, t1r, t1i, t2r, t2i
-    cdef real_t t3r, t3i, e0r, e0i, e2r, e2i, e1r, e1i, e3r, e3i, u0r, u0i, u1r, u1i, u2r, u2i, u3r, u3i
-    cdef real_t o0r, o0i, o2r_, o2i_, o1r_, o1i_, o3r_, o3i_, o1r, o1i, o2r, o2i, o3r, o3i
-    cdef real_t c1r, c1i, c2r, c2i, c3r, c3i, c4r, c4i, c5r, c5i, c6r, c6i, c7r, c7i, sg, h
-    sg = kc[K_SG]
-    h = kc[K_H]
-    for q in range(s):
-        a0r = xr[q]; a0i = xi[q]
-        a1r = xr[q + 1 * s]; a1i = xi[q + 1 * s]
-        a2r = xr[q + 2 * s]; a2i = xi[q + 2 * s]
-        a3r = xr[q + 3 * s]; a3i = xi[q + 3 * s]
-        a4r = xr[q + 4 * s]; a4i = xi[q + 4 * s]
-        a5r = xr[q + 5 * s]; a5i = xi[q + 5 * s]
-        a6r = xr[q + 6 * s]; a6i = xi[q + 6 * s]
-        a7r = xr[q + 7 * s]; a7i = xi[q + 7 * s]
-        # even half: radix-4 of a0, a2, a4, a6
-        t0r = a0r + a4r; t0i = a0i + a4i
-        t1r = a0r - a4r; t1i = a0i - a4i
-        t2r = a2r + a6r; t2i = a2i + a6i
-        t3r = sg * (a2i - a6i); t3i = sg * (a6r - a2r)
-        e0r = t0r + t2r; e0i = t0i + t2i
-        e2r = t0r - t2r; e2i = t0i - t2i
-        e1r = t1r + t3r; e1i = t1i + t3i
-        e3r = t1r - t3r; e3i = t1i - t3i
-        # odd half: radix-4 of a1, a3, a5, a7
-        u0r = a1r + a5r; u0i = a1i + a5i
-        u1r = a1r - a5r; u1i = a1i - a5i
-        u2r = a3r + a7r; u2i = a3i + a7i
-        u3r = sg * (a3i - a7i); u3i = sg * (a7r - a3r)
-        o0r = u0r + u2r; o0i = u0i + u2i
-        o2r_ = u0r - u2r; o2i_ = u0i - u2i
-        o1r_ = u1r + u3r; o1i_ = u1i + u3i
-        o3r_ = u1r - u3r; o3i_ = u1i - u3i
-        # o1 *= W8, o2 *= W8^2 = -i*sg, o3 *= W8^3
-        o1r = h * (o1r_ + sg * o1i_); o1i = h * (o1i_ - sg * o1r_)
-        o2r = sg * o2i_; o2i = -sg * o2r_
-        o3r = h * (sg * o3i_ - o3r_); o3i = -h * (o3i_ + sg * o3r_)
-        y[2 * q] = (e0r + o0r) * scale; y[2 * q + 1] = (e0i + o0i) * scale
-        c1r = e1r + o1r; c1i = e1i + o1i
-        c2r = e2r + o2r; c2i = e2i + o2i
-        c3r = e3r + o3r; c3i = e3i + o3i
-        c4r = e0r - o0r; c4i = e0i - o0i
-        c5r = e1r - o1r; c5i = e1i - o1i
-        c6r = e2r - o2r; c6i = e2i - o2i
-        c7r = e3r - o3r; c7i = e3i - o3i
-        y[2 * (q + 1 * s)] = c1r * scale; y[2 * (q + 1 * s) + 1] = c1i * scale
-        y[2 * (q + 2 * s)] = c2r * scale; y[2 * (q + 2 * s) + 1] = c2i * scale
-        y[2 * (q + 3 * s)] = c3r * scale; y[2 * (q + 3 * s) + 1] = c3i * scale
-        y[2 * (q + 4 * s)] = c4r * scale; y[2 * (q + 4 * s) + 1] = c4i * scale
-        y[2 * (q + 5 * s)] = c5r * scale; y[2 * (q + 5 * s) + 1] = c5i * scale
-        y[2 * (q + 6 * s)] = c6r * scale; y[2 * (q + 6 * s) + 1] = c6i * scale
-        y[2 * (q + 7 * s)] = c7r * scale; y[2 * (q + 7 * s) + 1] = c7i * scale
-
-
 
 cdef void _split(rptr dr, rptr di, rptr src, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t i
@@ -978,8 +920,7 @@ cdef int _run(rptr x, rptr y, Py_ssize_t batch, Py_ssize_t n, int nstages,
             _first3(ar, ai, x + 2 * n * b, m, twr, twi, kc)
         else:
             _first5(ar, ai, x + 2 * n * b, m, twr, twi, kc)
-        # A last radix-8 stage writes eight interleaved streams: measured slower fused
-        # than as a split stage and a join (AVX2 and AVX-512, n = 4096).
+        # a last radix-8 stage stays split (see the fused stages above)
         last = nstages - 1 if radix[nstages - 1] != 8 else nstages
         for i in range(1, last):
             _stage(radix[i], br, bi, ar, ai, stride[i], n // (stride[i] * radix[i]),
@@ -988,7 +929,7 @@ cdef int _run(rptr x, rptr y, Py_ssize_t batch, Py_ssize_t n, int nstages,
             ai, bi = bi, ai
         r = radix[nstages - 1]
         s = stride[nstages - 1]
-        if r == 8:
+        if last == nstages:
             _join(y + 2 * n * b, ar, ai, n, kc)
         elif r == 4:
             _last4(y + 2 * n * b, ar, ai, s, kc)
