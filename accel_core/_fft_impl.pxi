@@ -8,10 +8,14 @@ element; it reads ``x[q + s*(p + j*m)]`` for j < r, computes a radix-r DFT and
 writes ``y[q + s*(r*p + k)] = c_k * exp(-+2*pi*i*k*p/(r*m))``. Ping-ponging two
 buffers, the result comes out in natural order (no bit reversal).
 
-Data layout: every row is first split into separate real / imaginary arrays
+Data layout: between stages a row lives in separate real / imaginary arrays
 (so butterflies are plain float arithmetic that gcc vectorises without
-shuffles), transformed, then interleaved back into the complex output (the
-1/n scale of the inverse transform is folded into that last pass).
+shuffles); the first stage reads the interleaved complex input itself and a
+last radix-2/3/4/5 stage writes the interleaved output (a last radix-8 stage
+is followed by a join pass); the 1/n scale of the inverse transform is folded
+into that last write. This source is compiled once per SIMD path (scalar /
+AVX2+FMA / AVX-512, see accel_core.simd): the same loops, vectorised by gcc for
+each instruction set.
 
 Kernels are ``noexcept nogil`` on ``__restrict__`` pointers, fused over float
 and double; the batch loop runs entirely without the GIL. Two loop orders per

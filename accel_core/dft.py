@@ -12,10 +12,12 @@ every power of two 2..65536. A size factors into radix-8 stages first, then
 4, 5, 3 and 2 (e.g. 2048 = 8*8*8*4, 1536 = 8*8*8*3).
 
 The arithmetic is the Stockham autosort kernel in :mod:`accel_core._fft`
-(``noexcept nogil``, GIL released for the whole batch). This module validates
-arrays, builds plans (stage schedule + twiddle tables, computed in double
-precision) and caches them per (size, dtype, direction) in an LRU;
-``FFTPlan(n, dtype)`` holds them explicitly.
+(``noexcept nogil``, GIL released for the whole batch), built once per SIMD
+path (``_fft``, ``_fft_avx2``, ``_fft_avx512``); :mod:`accel_core.simd` picks the
+path (the best the CPU has, or ``VRDMA_SIMD``). This module validates arrays,
+builds plans (stage schedule + twiddle tables, computed in double precision)
+and caches them per (size, dtype, direction, SIMD path) in an LRU;
+``FFTPlan(n, dtype)`` holds them explicitly (on the path in use when it was made).
 
 Validation is here and only here: :func:`check_dtype`, :func:`check_size`,
 :func:`check_shape`, :func:`check_input` and :func:`check_out` raise the typed errors of

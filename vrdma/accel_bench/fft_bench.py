@@ -35,7 +35,7 @@ from functools import partial
 
 import numpy as np
 
-__all__ = ["run_fft_bench", "call_overhead", "main"]
+__all__ = ["run_fft_bench", "call_overhead", "machine_line", "main"]
 
 DEFAULT_SIZES = (128, 256, 512, 1024, 1536, 2048, 3072, 4096)
 DEFAULT_DTYPES = ("complex64", "complex128")
@@ -172,6 +172,17 @@ def call_overhead(sizes=(16, 1024), dtype="complex64", repeat: int = 7,
     return rows
 
 
+def machine_line() -> str:
+    """One comment line: processor, vCPUs, the vector features the kernels use, the SIMD paths."""
+    import os
+
+    from accel_core import _fft, simd
+    from accel_core.estimate import cpu_model
+    features = " ".join(sorted(_fft.cpu_features())) or "none"
+    return (f"# machine: {cpu_model()}; {os.cpu_count()} vCPUs; vector features {features}; "
+            f"SIMD paths {' '.join(simd.available_paths())} (in use: {simd.simd_path()})")
+
+
 def _fmt(v, spec=".2f") -> str:
     return "-" if v is None else format(v, spec)
 
@@ -215,8 +226,7 @@ def main(argv=None) -> int:
     paths = simd.available_paths() if a.simd == "all" else tuple(p for p in a.simd.split(",") if p)
     rows = run_fft_bench(sizes=sizes, dtypes=tuple(d for d in a.dtypes.split(",") if d),
                          repeat=a.repeat, batch_bytes=a.batch_kib * 1024, paths=paths or None)
-    from bench.machine import header
-    print(json.dumps(rows, indent=1) if a.json else header() + "\n" + format_table(rows))
+    print(json.dumps(rows, indent=1) if a.json else machine_line() + "\n" + format_table(rows))
     return 0
 
 

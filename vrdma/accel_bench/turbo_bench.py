@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_turbo_bench(a.K, a.iterations, a.frames, a.batch, scaling=a.scaling or None,
                            ebn0_db=a.ebn0, commpy_frames=a.commpy_frames, repeat=a.repeat,
                            seed=a.seed, paths=_paths(a.simd))
-    from bench.machine import header
-    print(json.dumps(rows, indent=2) if a.json else header() + "\n" + _table(rows))
+    from vrdma.accel_bench.fft_bench import machine_line
+    print(json.dumps(rows, indent=2) if a.json else machine_line() + "\n" + _table(rows))
     return 0
 
 
