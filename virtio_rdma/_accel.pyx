@@ -35,6 +35,20 @@ back for them from the loop (``AccelRouter``), so a queue kept full holds the
 loop for a slice at a time, between which other guests' doorbells and verbs
 traffic are served.
 
+Spin: with ``spin`` > 0 (the device reads doorbell records: DBREC_POLL), a
+call that completed a job and emptied the queue watches the queue's doorbell
+record for up to ``spin`` seconds more (GIL released, yielding the CPU
+between looks): a guest submitting one job at a time posts its next one a
+few microseconds after it sees the CQE, while the loop is still in this call
+(its notifications off, so it rings no doorbell), and the job runs at once
+instead of after a doorbell and a wake-up of the loop (NAPI's busy poll, per
+queue). A record that moved by a plausible amount (at most the depth past
+the producer index and the completed jobs) is applied as a kind 4 doorbell
+is, and counted in the queue's ``dbrec_applied``; any other value ends the
+spin and is left to the Python path (``accel.poll_records`` counts it). The
+spin is inside the budget: a guest posting back to back still gets a slice
+at a time.
+
 Guest memory: pointers come from the device's ``RegionTable`` and are used
 within this call only (the loop thread owns the table; guest memory is
 never unmapped during a call).
@@ -80,6 +94,9 @@ cdef extern from *:
     """
     double aj_now() noexcept nogil
     double aj_cpu() noexcept nogil
+
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
 
 
 # The job entry's layout is wire.py's (one definition): checked here at import.
@@ -206,6 +223,7 @@ cdef class NativeJobs:
     cdef readonly uint64_t jobs      # jobs completed here
     cdef readonly uint64_t calls     # run() calls that completed at least one job
     cdef readonly uint64_t declined  # run() calls that found the head job not the plain case
+    cdef readonly uint64_t spun      # jobs caught on the doorbell record while spinning
     cdef uint64_t by_reason[N_REASONS]
 
     def __init__(self, service, double max_seconds, uint64_t max_points):
@@ -216,7 +234,7 @@ cdef class NativeJobs:
         self.serving = {}
         self.claims = 0
         self.yielded = False
-        self.jobs = self.calls = self.declined = self.slow_shapes = 0
+        self.jobs = self.calls = self.declined = self.slow_shapes = self.spun = 0
         for i in range(N_REASONS):
             self.by_reason[i] = 0
 
@@ -252,13 +270,15 @@ cdef class NativeJobs:
         self.shapes[key] = sh
         return sh
 
-    def run(self, core, aq, double budget=0.0):
+    def run(self, core, aq, double budget=0.0, double spin=0.0):
         """Complete the plain-case jobs at the head of ``aq`` (see the module
         docstring); returns how many. With ``budget`` > 0 it stops once that many
         seconds have passed (after at least one job), leaving the rest in the
-        ring and ``yielded`` True: the caller comes back for them later. The
-        caller checked: the queue has no job in flight (``aq.entries`` empty)
-        and its flags are 0."""
+        ring and ``yielded`` True: the caller comes back for them later. With
+        ``spin`` > 0 (only where the driver acked DBREC_POLL) it watches the
+        queue's doorbell record that long for the next job once the queue ran
+        dry after a job (module docstring, Spin). The caller checked: the queue
+        has no job in flight (``aq.entries`` empty) and its flags are 0."""
         self.yielded = False
         cdef int op = int(aq.op)
         if op != _FFT and op != _IFFT:
@@ -272,7 +292,10 @@ cdef class NativeJobs:
         cdef RegionTable table = <RegionTable>t
         cdef dict by_key = core.mrs._by_key
         cdef uint32_t pdn = aq.pdn, aqn = aq.aqn, depth = aq.depth
-        cdef uint32_t fetched = aq.fetched, pi = aq.pi, ci = aq.ci
+        cdef uint32_t fetched = aq.fetched, pi = aq.pi, ci = aq.ci, pi0 = aq.pi, npi
+        cdef uint32_t spun = 0
+        cdef char *dbrec = NULL
+        cdef double spin_end
         cdef uint64_t ring_gpa = aq.ring_gpa
         cdef uint32_t cq_depth = cq.depth, pc = cq.pc
         cdef uint64_t cq_ring = cq.ring_gpa, cq_db = cq.dbrec_gpa
@@ -290,8 +313,25 @@ cdef class NativeJobs:
         cdef uint32_t service_us
         cdef int declined = R_NONE
         acc = None
+        if spin > 0.0:
+            dbrec = table.translate(<uint64_t>aq.dbrec_gpa, 4)
         try:
-            while fetched != pi:
+            while True:
+                if fetched == pi:
+                    # dry: after a job, watch the doorbell record for the next one (Spin)
+                    if dbrec == NULL or not done or declined or (budget > 0.0 and aj_now() - start >= budget):
+                        break
+                    with nogil:
+                        spin_end = aj_now() + spin
+                        npi = gr_ld32_acq(dbrec)
+                        while npi == pi and aj_now() < spin_end:
+                            sched_yield()
+                            npi = gr_ld32_acq(dbrec)
+                    if npi == pi or <uint32_t>(npi - pi) > depth or <uint32_t>(npi - ci) > depth:
+                        break  # nothing came, or an absurd value: the Python path's to count
+                    pi = npi
+                    spun += 1
+                    continue
                 if budget > 0.0 and done and aj_now() - start >= budget:
                     self.yielded = True
                     break
@@ -393,6 +433,11 @@ cdef class NativeJobs:
                 ci += 1
                 done += 1
         finally:
+            if pi != pi0:  # taken from the doorbell record while spinning: a kind 4 doorbell's effect
+                aq.pi = pi
+                aq.dbrec_seen = pi
+                aq.metrics.dbrec_applied += spun
+                self.spun += spun
             if done:
                 cq.pc = pc
                 cq.written += done
