@@ -139,6 +139,9 @@ cdef enum:
     R_CQ_SLOT = 9       # the CQE's slot unreachable
     N_REASONS = 10
 
+#: seconds after which a job of a shape is observed by the service's model whatever SAMPLE_EVERY says
+cdef double OBSERVE_GAP = 1e-3
+
 #: the names of the reasons a job is left to the Python path, by code (NativeJobs.declines())
 DECLINE_REASONS = ("none", "header", "reserved", "shape", "length", "mr", "align", "overlap", "cq_full",
                    "cq_slot")
@@ -204,6 +207,7 @@ cdef class _Shape:
     cdef object plan
     cdef object model_shape  # the service model's handle of the shape (observe_shape)
     cdef double ewma
+    cdef double observed    # when the service's model last learned from a job of this shape
     cdef uint32_t n         # jobs run
     cdef uint32_t samples   # of them, with their CPU time taken
 
@@ -401,7 +405,11 @@ cdef class NativeJobs:
                 y = _array(<char *>yh, dtype, size, batch)
                 x = y if xh == yh else _array(<char *>xh, dtype, size, batch)
                 # One job of a shape in SAMPLE_EVERY has its kernel's CPU time taken (a system
-                # call, ~0.6 us): the shape's average, and what the service's model learns from.
+                # call, ~0.6 us): the shape's average (a slow host). The service's model learns
+                # the kernel's time the CQE reports (service_us) from those, and from any job of
+                # a shape not observed for OBSERVE_GAP: a shape a guest submits now and then is
+                # learned from each of its jobs, a stream of one shape costs at most one
+                # observe_shape call (a few us of Python) per OBSERVE_GAP.
                 sample = (sh.n & (SAMPLE_EVERY - 1)) == 1  # not the first: a cold cache and plan
                 if sample:
                     c0 = aj_cpu()
@@ -415,11 +423,13 @@ cdef class NativeJobs:
                 t1 = aj_now()
                 busy += t1 - t0
                 sh.n += 1
+                if sample or (sh.n > 1 and t1 - sh.observed > OBSERVE_GAP):
+                    sh.observed = t1
+                    self.service.model.observe_shape(sh.model_shape, t1 - t0)
                 if sample:
                     c1 = aj_cpu() - c0
                     sh.ewma = c1 if sh.samples == 0 else 0.75 * sh.ewma + 0.25 * c1
                     sh.samples += 1
-                    self.service.model.observe_shape(sh.model_shape, c1)
                     if sh.samples >= SETTLE and sh.ewma > SLOW_FACTOR * self.max_seconds:
                         sh.plan = None  # far longer than planned: a slow host
                         self.slow_shapes += 1
