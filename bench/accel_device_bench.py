@@ -25,7 +25,9 @@ c. **fairness**: on an accelerator slowed with ``--accel-slowdown`` (so a job
    is long against the daemon's per-job overhead), one guest process keeps
    its queue full while this process submits one job at a time; its p99
    queue wait (the CQE's ``wait_us``) against its p99 wait on the idle
-   accelerator plus one job's service time (goal: within 2x).
+   accelerator plus one job's service time (goal: within 2x). Idle and
+   flooded blocks alternate (:data:`FAIR_BLOCKS` each), so that the
+   machine's other load falls on both alike.
 d. **service-time estimates**: QUERY_ACCEL's ``est_fixed_ns`` /
    ``est_unit_ps`` per operation (units as the spec defines them:
    :func:`accel_core.estimate.query_units`), read after a few warm-up rounds
@@ -351,8 +353,10 @@ def _device_run(path: str, jobs_per_guest: int) -> tuple[int, float, bool]:
 
 
 # ----------------------------------------------------------------------------- c. fairness
-def _flooder(path: str, started, stop, results) -> None:
-    """A guest process keeping its FFT queue (FLOOD_DEPTH) full until ``stop``."""
+def _flooder(path: str, active, flooding, idle, stop, results) -> None:
+    """A guest process keeping its FFT queue (FLOOD_DEPTH) full while ``active`` is set
+    (``flooding`` set once it is), its queue drained while it is not (``idle`` set once
+    it is), until ``stop``."""
     from virtio_rdma.constants import AccelOp
 
     n, nbytes = N_FFT, N_FFT * 8
@@ -362,23 +366,36 @@ def _flooder(path: str, started, stop, results) -> None:
             g.array(0, np.complex64, (1, n))[:] = _c64((1, n), 3)
             g.aq(AccelOp.FFT, depth=FLOOD_DEPTH)
             done = posted = 0
-            t0 = time.perf_counter()
+            secs = 0.0
             while not stop.is_set():
-                free = FLOOD_DEPTH - g.in_flight
-                if free:
-                    wrs = [_fft_wr(g, posted + i, n, 1, 0, nbytes) for i in range(free)]
-                    posted += g.post(AccelOp.FFT, wrs)
-                wcs = g.poll(spin=False)
-                _check(wcs)
-                done += len(wcs)
-                if not started.is_set():
-                    started.set()
-            secs = time.perf_counter() - t0
+                if not active.is_set():  # an idle block: drain, say so, wait for the next flood
+                    while g.in_flight:
+                        wcs = g.poll(spin=False)
+                        _check(wcs)
+                        done += len(wcs)
+                    flooding.clear()
+                    idle.set()
+                    active.wait(0.05)
+                    continue
+                idle.clear()
+                t0 = time.perf_counter()
+                while active.is_set() and not stop.is_set():
+                    free = FLOOD_DEPTH - g.in_flight
+                    if free:
+                        wrs = [_fft_wr(g, posted + i, n, 1, 0, nbytes) for i in range(free)]
+                        posted += g.post(AccelOp.FFT, wrs)
+                    wcs = g.poll(spin=False)
+                    _check(wcs)
+                    done += len(wcs)
+                    if not flooding.is_set():
+                        flooding.set()
+                secs += time.perf_counter() - t0
         finally:
             g.close()
-        results.put({"done": done, "jobs_per_s": done / secs})
+        results.put({"done": done, "jobs_per_s": done / secs if secs else 0.0})
     except BaseException as e:
-        started.set()
+        flooding.set()
+        idle.set()
         results.put({"error": repr(e)})
 
 
@@ -396,21 +413,45 @@ def _one_at_a_time(g: Guest, jobs: int) -> tuple[list[int], list[int]]:
     return waits, services
 
 
+#: fairness: idle and flooded measurements alternate in this many blocks each (the
+#: machine's other load then weighs on both alike: interleaved same-run baselines)
+FAIR_BLOCKS = 5
+
+
 def fairness(path: str, jobs: int, slowdown: float) -> dict:
+    """``jobs`` one-at-a-time jobs on the idle accelerator and ``jobs`` while another guest
+    floods it, in FAIR_BLOCKS alternating blocks (idle first)."""
     g = Guest(path, N_FFT * 16)
+    idle_w: list[int] = []
+    idle_s: list[int] = []
+    flood_w: list[int] = []
+    flood_s: list[int] = []
     try:
         g.array(0, np.complex64, (1, N_FFT))[:] = _c64((1, N_FFT), 4)
         _one_at_a_time(g, 5)
-        idle_w, idle_s = _one_at_a_time(g, jobs)
         ctx = mp.get_context("fork")
-        started, stop, results = ctx.Event(), ctx.Event(), ctx.Queue()
-        p = ctx.Process(target=_flooder, args=(path, started, stop, results), daemon=True)
+        active, flooding, idle, stop, results = ctx.Event(), ctx.Event(), ctx.Event(), ctx.Event(), ctx.Queue()
+        p = ctx.Process(target=_flooder, args=(path, active, flooding, idle, stop, results), daemon=True)
         p.start()
+        blocks = max(1, min(FAIR_BLOCKS, jobs))
         try:
-            started.wait(60)
-            flood_w, flood_s = _one_at_a_time(g, jobs)
+            for b in range(blocks):
+                k = jobs // blocks + (1 if b < jobs % blocks else 0)
+                active.clear()
+                if not idle.wait(60):
+                    raise RuntimeError("the flooding guest did not drain its queue")
+                w, sv = _one_at_a_time(g, k)
+                idle_w += w
+                idle_s += sv
+                active.set()
+                if not flooding.wait(60):
+                    raise RuntimeError("the flooding guest did not start")
+                w, sv = _one_at_a_time(g, k)
+                flood_w += w
+                flood_s += sv
         finally:
             stop.set()
+            active.set()
             flood = results.get(timeout=120)
             p.join(30)
             if p.is_alive():
@@ -426,7 +467,7 @@ def fairness(path: str, jobs: int, slowdown: float) -> dict:
     flood_p99 = float(np.percentile(flood_w, 99))
     return {"slowdown": slowdown, "jobs": jobs, "idle_wait": _stats(idle_w), "service": _stats(idle_s),
             "flooded_wait": _stats(flood_w), "flooded_service": _stats(flood_s),
-            "flooder_jobs": flood["done"], "flooder_jobs_per_s": flood["jobs_per_s"],
+            "flooder_jobs": flood["done"], "flooder_jobs_per_s": flood["jobs_per_s"], "blocks": blocks,
             "bound_us": bound, "factor": flood_p99 / bound if bound else math.inf,
             "goal_met": flood_p99 <= GOALS["fairness_factor"] * bound}
 
@@ -651,7 +692,7 @@ def format_report(r: dict) -> str:
         f"goal >= {g['throughput_ratio']:g} of service: {_met(t['goal_met'])}")
     f = r["fairness"]
     add(f"c. fairness, fft 1x{N_FFT} on one accelerator at --accel-slowdown {f['slowdown']:g}, "
-        f"{f['jobs']} jobs one at a time")
+        f"{f['jobs']} jobs one at a time, idle and flooded in {f.get('blocks', 1)} alternating blocks each")
     add(f"   idle accelerator: wait median {f['idle_wait']['median_us']:.0f} us p99 "
         f"{f['idle_wait']['p99_us']:.0f} us; service median {f['service']['median_us']:.0f} us")
     add(f"   one guest flooding (queue of {FLOOD_DEPTH} kept full, {f['flooder_jobs']} jobs, "

@@ -72,6 +72,7 @@ forwarded to a second host.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -172,6 +173,14 @@ NATIVE_SLICE_SECONDS = 100e-6
 #: one 2048-point FFT at a time, 2-vCPU EPYC): a kicked job took 20-30 us from
 #: post to CQE, one taken from the record while the loop still ran ~10 us.
 NATIVE_SPIN_SECONDS = 30e-6
+#: The daemon's interpreter switch interval (``sys.setswitchinterval``; CPython's
+#: default is 5 ms), set when the router is given its loop: a worker thread whose
+#: kernel finished waits for the GIL while the loop runs Python (a flooding
+#: guest's jobs fetched and checked, completions delivered) at most this long
+#: before the loop is made to hand it over. With 5 ms, a job waited milliseconds
+#: behind an emulated 150 us one (bench/accel_device_bench.py c: idle p99 wait
+#: 6-8 ms, flooded 8 ms; with 200 us: 0.1-0.2 ms and 1-2.4 ms).
+SWITCH_INTERVAL_SECONDS = 200e-6
 
 
 # --------------------------------------------------------------------------
@@ -446,12 +455,16 @@ class AccelRouter:
             loop.call_soon_threadsafe(self.deliver)
 
     def attach_loop(self, loop) -> None:
-        """Deliver finished jobs on ``loop`` (asyncio), the daemon's one loop; called in its thread."""
+        """Deliver finished jobs on ``loop`` (asyncio), the daemon's one loop; called in its thread.
+        With local accelerators, the process's switch interval goes down to
+        :data:`SWITCH_INTERVAL_SECONDS` (their workers take the GIL back promptly)."""
         if self._loop is not loop:
             self._loop = loop
             self._loop_thread = threading.get_ident()
             self._deliver_pending = False
             self.wakeup = lambda: loop.call_soon_threadsafe(self.deliver)
+            if self.local is not None and sys.getswitchinterval() > SWITCH_INTERVAL_SECONDS:
+                sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
 
     def native_budget(self) -> float:
         """Seconds of loop time a native call may take: NATIVE_SLICE_SECONDS on a loop;

@@ -1201,3 +1201,31 @@ def test_native_spin_only_on_a_loop_for_a_polling_driver():
     finally:
         router.close()
         loop.close()
+
+
+def test_attach_loop_lowers_the_switch_interval_for_local_accelerators():
+    """A router with local accelerators, given its loop, brings the process's switch
+    interval down to SWITCH_INTERVAL_SECONDS (never up); one without leaves it."""
+    import asyncio
+    import sys
+
+    before = sys.getswitchinterval()
+    loop = asyncio.new_event_loop()
+    try:
+        sys.setswitchinterval(0.005)
+        bare = AccelRouter(None)
+        bare.attach_loop(loop)
+        assert sys.getswitchinterval() == pytest.approx(0.005)
+        svc = AcceleratorService([AcceleratorSpec("fft", ops=frozenset({accel_core.Op.FFT}))])
+        router = AccelRouter(svc)
+        try:
+            router.attach_loop(loop)
+            assert sys.getswitchinterval() == pytest.approx(accel.SWITCH_INTERVAL_SECONDS)
+            sys.setswitchinterval(1e-5)  # already lower: kept
+            router.attach_loop(asyncio.new_event_loop())
+            assert sys.getswitchinterval() == pytest.approx(1e-5)
+        finally:
+            router.close()
+    finally:
+        sys.setswitchinterval(before)
+        loop.close()
