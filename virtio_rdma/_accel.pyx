@@ -36,7 +36,8 @@ loop for a slice at a time, between which other guests' doorbells and verbs
 traffic are served.
 
 Spin: with ``spin`` > 0 (the device reads doorbell records: DBREC_POLL), a
-call that completed a job and emptied the queue watches the queue's doorbell
+call that found one job posted (a guest submitting one job at a time), completed
+it and so emptied the queue watches the queue's doorbell
 record for up to ``spin`` seconds more (GIL released, yielding the CPU
 between looks): a guest submitting one job at a time posts its next one a
 few microseconds after it sees the CQE, while the loop is still in this call
@@ -45,9 +46,12 @@ instead of after a doorbell and a wake-up of the loop (NAPI's busy poll, per
 queue). A record that moved by a plausible amount (at most the depth past
 the producer index and the completed jobs) is applied as a kind 4 doorbell
 is, and counted in the queue's ``dbrec_applied``; any other value ends the
-spin and is left to the Python path (``accel.poll_records`` counts it). The
-spin is inside the budget: a guest posting back to back still gets a slice
-at a time.
+spin and is left to the Python path (``accel.poll_records`` counts it); a
+record that moved by more than one job ends the spinning after those jobs (a
+guest keeping jobs queued does not need it, and the loop has other guests'
+doorbells to serve). The spin is inside the budget: a guest posting back to
+back still gets a slice at a time (a job the spin caught runs in it, however
+little of the budget is left: the spin started within it).
 
 Guest memory: pointers come from the device's ``RegionTable`` and are used
 within this call only (the loop thread owns the table; guest memory is
@@ -228,6 +232,7 @@ cdef class NativeJobs:
     cdef readonly uint64_t calls     # run() calls that completed at least one job
     cdef readonly uint64_t declined  # run() calls that found the head job not the plain case
     cdef readonly uint64_t spun      # jobs caught on the doorbell record while spinning
+    cdef readonly uint64_t spins     # spins started (those that caught nothing: spins - spun)
     cdef uint64_t by_reason[N_REASONS]
 
     def __init__(self, service, double max_seconds, uint64_t max_points):
@@ -238,7 +243,7 @@ cdef class NativeJobs:
         self.serving = {}
         self.claims = 0
         self.yielded = False
-        self.jobs = self.calls = self.declined = self.slow_shapes = self.spun = 0
+        self.jobs = self.calls = self.declined = self.slow_shapes = self.spun = self.spins = 0
         for i in range(N_REASONS):
             self.by_reason[i] = 0
 
@@ -298,6 +303,7 @@ cdef class NativeJobs:
         cdef uint32_t pdn = aq.pdn, aqn = aq.aqn, depth = aq.depth
         cdef uint32_t fetched = aq.fetched, pi = aq.pi, ci = aq.ci, pi0 = aq.pi, npi
         cdef uint32_t spun = 0
+        cdef bint caught = False
         cdef char *dbrec = NULL
         cdef double spin_end
         cdef uint64_t ring_gpa = aq.ring_gpa
@@ -317,7 +323,7 @@ cdef class NativeJobs:
         cdef uint32_t service_us
         cdef int declined = R_NONE
         acc = None
-        if spin > 0.0:
+        if spin > 0.0 and <uint32_t>(pi - fetched) == 1:  # a guest submitting one job at a time
             dbrec = table.translate(<uint64_t>aq.dbrec_gpa, 4)
         try:
             while True:
@@ -325,6 +331,7 @@ cdef class NativeJobs:
                     # dry: after a job, watch the doorbell record for the next one (Spin)
                     if dbrec == NULL or not done or declined or (budget > 0.0 and aj_now() - start >= budget):
                         break
+                    self.spins += 1
                     with nogil:
                         spin_end = aj_now() + spin
                         npi = gr_ld32_acq(dbrec)
@@ -333,12 +340,16 @@ cdef class NativeJobs:
                             npi = gr_ld32_acq(dbrec)
                     if npi == pi or <uint32_t>(npi - pi) > depth or <uint32_t>(npi - ci) > depth:
                         break  # nothing came, or an absurd value: the Python path's to count
+                    if <uint32_t>(npi - pi) != 1:
+                        dbrec = NULL  # a burst: a guest keeping jobs queued, not one waiting on each
                     pi = npi
                     spun += 1
+                    caught = True  # run at once: the spin began inside the budget
                     continue
-                if budget > 0.0 and done and aj_now() - start >= budget:
+                if budget > 0.0 and done and not caught and aj_now() - start >= budget:
                     self.yielded = True
                     break
+                caught = False
                 p = table.translate(ring_gpa + (fetched & (depth - 1)) * SLOT, SLOT)
                 if p == NULL:
                     break

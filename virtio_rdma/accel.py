@@ -473,8 +473,11 @@ class AccelRouter:
 
     def native_spin(self, core: RdmaDeviceCore) -> float:
         """Seconds a native call watches a queue's doorbell record once dry: NATIVE_SPIN_SECONDS
-        on a loop, for a device whose driver acked DBREC_POLL; else 0."""
-        return NATIVE_SPIN_SECONDS if self._loop is not None and core.poll_doorbell_records else 0.0
+        on a loop, for a device whose driver acked DBREC_POLL, while no native slice of
+        another queue waits its turn; else 0."""
+        if self._loop is None or not core.poll_doorbell_records or self._pending:
+            return 0.0
+        return NATIVE_SPIN_SECONDS
 
     def resuming(self, core: RdmaDeviceCore, aq: AccelQueue) -> bool:
         """Is a native slice of ``aq`` due (its jobs wait in the ring for their turn)?"""
@@ -629,7 +632,8 @@ class AccelRouter:
         nat = self.native
         native = {} if nat is None else {
             "jobs": nat.jobs, "calls": nat.calls, "slices": self.native_slices, "declined": nat.declines(),
-            "slow_shapes": nat.slow_shapes, "spun": nat.spun}
+            "slow_shapes": nat.slow_shapes, "spun": nat.spun,
+            "spins": nat.spins}
         return {"in_flight": len(self._jobs), "jobs_dropped": self.jobs_dropped, "wakeups": self.wakeups,
                 "native": native, "service": svc,
                 "scheduler": self.dispatcher.describe() if self.dispatcher is not None else None,

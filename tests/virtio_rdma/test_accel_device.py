@@ -1165,7 +1165,7 @@ def test_native_spin_takes_the_next_job_from_the_doorbell_record():
         t.start()
         done = router.native.run(g.core, dev, 0.0, 10.0)
         t.join()
-        assert done == 2 and router.native.spun == 1
+        assert done == 2 and router.native.spun == 1 and router.native.spins == 2  # the second ended absurd
         assert dev.pi == 2 and dev.fetched == 2 and dev.ci == 2 and dev.metrics.dbrec_applied == 1
         infos, _ = _acc(g, cq, 2)
         assert [i.wr_id for i in infos] == [10, 11] and all(i.status is AccelStatus.SUCCESS for i in infos)
@@ -1177,6 +1177,13 @@ def test_native_spin_takes_the_next_job_from_the_doorbell_record():
         accel.poll_records(g.core, 0.0)
         assert g.core.metrics.bad_doorbells == 1 and dev.pi == 2 and dev.fetched == 2
         assert router.metrics()["native"]["spun"] == 1
+        # a queue with a burst posted (a guest keeping jobs queued) is not spun on
+        for i in range(2):
+            job(i)
+        g.write(aq.dbrec, struct.pack("<II", 4, 0))
+        dev.pi = 4
+        assert router.native.run(g.core, dev, 0.0, 10.0) == 2 and router.native.spins == 2
+        assert len(_acc(g, cq, 2)[0]) == 2
     finally:
         router.close()
 
