@@ -30,7 +30,14 @@ Roles:
   queue without flags entirely natively (``virtio_rdma._accel.NativeJobs``,
   from the hook at the top of :func:`fetch`: slot, checks, kernel and CQE
   without Python per job), any other through :func:`start` and the
-  service's inline mode.
+  service's inline mode. A native call that emptied a queue holding one job
+  watches its doorbell record for :data:`NATIVE_SPIN_SECONDS` (a driver
+  that acked DBREC_POLL): a guest submitting one job at a time gets its next
+  one run without a doorbell and a wake-up of the loop.
+* Kernels in worker threads take the GIL back from a busy loop within the
+  daemon's switch interval, which the router lowers to
+  :data:`SWITCH_INTERVAL_SECONDS` (CPython's 5 ms was a queue wait of
+  milliseconds behind a 150 us job).
 * The control handlers (:func:`query_accel`, :func:`create_aq`,
   :func:`destroy_aq`, :func:`cancel_aq_job`) and the doorbell
   (:func:`ring_aq`) take the device core, like the other concerns'.
