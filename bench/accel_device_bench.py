@@ -513,8 +513,13 @@ def _mae(fixed_ns: int, unit_ps: int, name: str, rows: list[dict], meas: list[li
 #: rounds over the shapes (one job of each per round, as the measured rounds go) run
 #: before QUERY_ACCEL is read: plans and tables built, the daemon's memory settled (a
 #: process's first jobs of a kind run up to 1.5x slower for a while), its online model
-#: has seen the shapes. Not among the measured jobs.
-ESTIMATE_WARMUP_ROUNDS = 6
+#: has seen the shapes. Not among the measured jobs. 12: a fresh process's first ~18
+#: Turbo decodes (~10 ms of kernel time, any shapes) ran 1.5x slower, then each new
+#: shape only its first job (in-process, AcceleratorService, 2-vCPU EPYC; K=6144 8 it:
+#: 665, 544, 584, 548, 533, then 336, 378, 331 us); with 6 rounds of 4 shapes the
+#: model's windows (8 samples) still held mostly those slow jobs when QUERY_ACCEL was
+#: read, and its estimates were 15-30% over the times measured after it.
+ESTIMATE_WARMUP_ROUNDS = 12
 _EST_OUT = 2 << 20  # section d: inputs below this offset of the guest's MR, the outputs here
 
 
