@@ -55,7 +55,10 @@ little of the budget is left: the spin started within it).
 
 Guest memory: pointers come from the device's ``RegionTable`` and are used
 within this call only (the loop thread owns the table; guest memory is
-never unmapped during a call).
+never unmapped during a call). The arrays over a job's buffers and what the
+checks need of an MR are kept between calls for a guest reusing them, each
+used only after this call's translation and MR-table lookup found the same
+address and the same MR object.
 """
 cimport cython
 cimport numpy as cnp
@@ -170,8 +173,9 @@ cdef dict _DTYPES = {int(AccelDtype.COMPLEX64): np.dtype(np.complex64),
 
 cdef inline object _array(char *p, int dtype, uint32_t size, uint32_t batch):
     """A (batch, size) array over guest memory at host address ``p`` (checked by the caller),
-    without a base object: it lives only during the job, within one run() call, while the
-    loop's thread keeps the memory table."""
+    without a base object: NativeJobs._view keeps the last ones, but uses one only right
+    after a translation in the loop's thread (which keeps the memory table) proved that
+    its address maps guest memory."""
     cdef cnp.npy_intp dims[2]
     dims[0] = batch
     dims[1] = size
@@ -179,29 +183,58 @@ cdef inline object _array(char *p, int dtype, uint32_t size, uint32_t batch):
                                          <void *>p)
 
 
-cdef inline int _resolve(dict by_key, RegionTable table, uint32_t key, uint32_t pdn, uint32_t need,
-                         uint64_t va, uint64_t length, uint64_t *gpa_out) except -2:
+@cython.final
+cdef class _Mr:
+    """What the checks need of one MR (MRs do not change once registered), kept per key
+    while the MR table maps the key to the same object."""
+    cdef object mr
+    cdef uint32_t lkey, pdn, access
+    cdef uint64_t iova, length, cgpa, clen
+    cdef bint one_chunk
+
+
+cdef inline int _resolve(dict cache, dict by_key, RegionTable table, uint32_t key, uint32_t pdn,
+                         uint32_t need, uint64_t va, uint64_t length, uint64_t *gpa_out) except -2:
     """The guest-physical address of [va, va+length) under ``key`` (MrTable.check for a
     local access, then MemoryRegion.views with one chunk): 0, or -1 if not the plain case."""
     mr = by_key.get(key)
-    cdef uint64_t iova, mlen, off, cgpa, clen
-    if mr is None or <uint32_t>mr.lkey != key or <uint32_t>mr.pdn != pdn:
+    if mr is None:
         return -1
-    if need & ~(<uint32_t>int(mr.access)):
+    cdef _Mr m = cache.get(key)
+    if m is None or m.mr is not mr:
+        m = _Mr()
+        m.mr = mr
+        m.lkey = <uint32_t>mr.lkey
+        m.pdn = <uint32_t>mr.pdn
+        m.access = <uint32_t>int(mr.access)
+        m.iova = mr.iova
+        m.length = mr.length
+        chunks = mr.chunks
+        m.one_chunk = len(chunks) == 1
+        if m.one_chunk:
+            m.cgpa, m.clen = chunks[0]
+        if len(cache) >= CACHE_MAX:
+            cache.clear()
+        cache[key] = m
+    cdef uint64_t off
+    if m.lkey != key or m.pdn != pdn or need & ~m.access or not m.one_chunk:
         return -1
-    iova = mr.iova
-    mlen = mr.length
-    if length == 0 or va > 0xFFFFFFFFFFFFFFFF - length or va < iova or va + length > iova + mlen:
+    if length == 0 or va > 0xFFFFFFFFFFFFFFFF - length or va < m.iova or va + length > m.iova + m.length:
         return -1
-    chunks = mr.chunks
-    if len(chunks) != 1:
+    off = va - m.iova
+    if off + length > m.clen or table.find(m.cgpa + off, length) < 0:
         return -1
-    cgpa, clen = chunks[0]
-    off = va - iova
-    if off + length > clen or table.find(cgpa + off, length) < 0:
-        return -1
-    gpa_out[0] = cgpa + off
+    gpa_out[0] = m.cgpa + off
     return 0
+
+
+@cython.final
+cdef class _View:
+    """An array over guest memory kept between calls (NativeJobs._view)."""
+    cdef object arr
+    cdef uint64_t h
+    cdef int dtype
+    cdef uint32_t size, batch
 
 
 @cython.final
@@ -224,6 +257,8 @@ cdef class NativeJobs:
     cdef double max_seconds
     cdef uint64_t max_points
     cdef dict shapes       # (op, dtype, size, batch) -> _Shape
+    cdef dict mrs          # lkey -> _Mr (checked against the MR table's object on every use)
+    cdef tuple views       # the last input and output arrays (_View each)
     cdef dict serving      # op -> the full-speed accelerators serving it (refreshed every REFRESH claims)
     cdef uint64_t claims
     cdef readonly bint yielded       # the last run() stopped at its time budget, jobs left in the ring
@@ -240,6 +275,8 @@ cdef class NativeJobs:
         self.max_seconds = max_seconds
         self.max_points = max_points
         self.shapes = {}
+        self.mrs = {}
+        self.views = (_View(), _View())
         self.serving = {}
         self.claims = 0
         self.yielded = False
@@ -386,8 +423,8 @@ cdef class NativeJobs:
                 if in_len < nbytes or out_len < nbytes:
                     declined = R_LENGTH
                     break
-                if (_resolve(by_key, table, in_key, pdn, 0, in_addr, in_len, &in_gpa) < 0
-                        or _resolve(by_key, table, out_key, pdn, A_LOCAL_WRITE, out_addr, out_len,
+                if (_resolve(self.mrs, by_key, table, in_key, pdn, 0, in_addr, in_len, &in_gpa) < 0
+                        or _resolve(self.mrs, by_key, table, out_key, pdn, A_LOCAL_WRITE, out_addr, out_len,
                                     &out_gpa) < 0):
                     declined = R_MR
                     break
@@ -413,8 +450,8 @@ cdef class NativeJobs:
                     if acc is None:
                         break
                 # checked: run it in place on the guest's memory
-                y = _array(<char *>yh, dtype, size, batch)
-                x = y if xh == yh else _array(<char *>xh, dtype, size, batch)
+                y = self._view(1, yh, dtype, size, batch)
+                x = y if xh == yh else self._view(0, xh, dtype, size, batch)
                 # One job of a shape in SAMPLE_EVERY has its kernel's CPU time taken (a system
                 # call, ~0.6 us): the shape's average (a slow host). The service's model learns
                 # the kernel's time the CQE reports (service_us) from those, and from any job of
@@ -479,6 +516,17 @@ cdef class NativeJobs:
             if acc is not None:
                 acc.release_claim(_CORE_OP[op], done, busy)
         return done
+
+    cdef object _view(self, int which, uint64_t h, int dtype, uint32_t size, uint32_t batch):
+        """The (batch, size) array at host address ``h`` (just translated and checked by
+        the caller): the one made last time for input (0) or output (1) if it was the same
+        address and shape -- a guest reusing its buffers -- else a new one, kept for next
+        time. Used only right after the translation that proves ``h`` maps guest memory."""
+        cdef _View v = self.views[which]
+        if v.h != h or v.dtype != dtype or v.size != size or v.batch != batch or v.arr is None:
+            v.arr = _array(<char *>h, dtype, size, batch)
+            v.h, v.dtype, v.size, v.batch = h, dtype, size, batch
+        return v.arr
 
     cdef object _claim(self, int op):
         """A unit of a local accelerator serving ``op`` (full speed), claimed; None if none is free."""

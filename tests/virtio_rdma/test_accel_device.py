@@ -1236,3 +1236,36 @@ def test_attach_loop_lowers_the_switch_interval_for_local_accelerators():
     finally:
         sys.setswitchinterval(before)
         loop.close()
+
+
+def test_native_path_keeps_no_stale_mr_or_buffer():
+    """The native path remembers what the checks need of an MR and the arrays over a
+    guest's buffers between calls; a deregistered MR's key is refused at once
+    (LOCAL_PROT, through the Python path), and a job on the same buffers under a
+    new MR runs natively with its result in place."""
+    svc = AcceleratorService([AcceleratorSpec("fft", ops=frozenset({accel_core.Op.FFT}))])
+    router = AccelRouter(svc)
+    try:
+        g, pd, cq = _guest(router)
+        aq = g.create_aq(pd, cq, AccelOp.FFT)
+        x = (np.arange(64) * (1 - 0.5j)).astype(C64)
+        src = _mr(g, pd, x.tobytes())
+        dst = _mr(g, pd, 512)
+
+        def post(wr_id, out_key):
+            g.post_aq_job(aq, wr_id, AccelOp.FFT, size=64, inputs=[(src.addr, 512, src.lkey)],
+                          outputs=[(dst.addr, 512, out_key)])
+            return _acc(g, cq)[0][0]
+
+        assert post(1, dst.lkey).status is AccelStatus.SUCCESS and router.native.jobs == 1
+        g.write(dst.gpa, bytes(512))
+        g.cmd(Cmd.DEREG_MR, lkey=dst.lkey)
+        assert post(2, dst.lkey).status is AccelStatus.LOCAL_PROT and router.native.jobs == 1
+        assert g.read(dst.gpa, 512) == bytes(512)  # nothing written under the dead key
+        r = g.cmd(Cmd.REG_MR, pdn=pd, access=int(Access.LOCAL_WRITE), iova=dst.gpa, length=512, reserved=0,
+                  chunks=[dict(gpa=dst.gpa, length=512)])
+        assert post(3, r["lkey"]).status is AccelStatus.SUCCESS and router.native.jobs == 2
+        np.testing.assert_allclose(np.frombuffer(g.read(dst.gpa, 512), C64), accel_core.fft(x),
+                                   rtol=1e-4, atol=1e-3)
+    finally:
+        router.close()
