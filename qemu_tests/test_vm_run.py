@@ -49,9 +49,11 @@ def probe_image() -> builder.Image:
 def daemon(tmp_path_factory):
     """A real ``vrdma backend`` on a unix socket: (socket path, process)."""
     sock = str(tmp_path_factory.mktemp("vmrun") / "vrdma.sock")
-    log = open(os.path.join(os.path.dirname(sock), "backend.log"), "wb")
+    log = open(os.path.join(os.path.dirname(sock), "backend.log"), "wb")  # noqa: SIM115 (closed below)
+    # no handshake timeout: a TCG guest takes longer than the default 10 s to reach its driver
     proc = subprocess.Popen([sys.executable, "-m", "vrdma", "backend", "--socket", sock, "--fabric", "local",
-                             "--accelerators", "none", "--handshake-timeout", "0"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+                             "--accelerators", "none", "--handshake-timeout", "0"],
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
         while not os.path.exists(sock):
@@ -88,7 +90,7 @@ def test_probe_boots_on_qemu72_blk_carrier(daemon, probe_image):
     # the command printed the QEMU it ran: memfd-backed shared RAM, the blk carrier on our socket
     cmd = next(line for line in err.splitlines() if line.startswith("vrdma vm run: /usr/bin/qemu-system-x86_64"))
     assert "memory-backend-memfd,id=mem" in cmd and "share=on" in cmd
-    assert f"vhost-user-blk-pci-non-transitional,id=vrdma0,chardev=vrdma0-chr" in cmd and sock in cmd
+    assert "vhost-user-blk-pci-non-transitional,id=vrdma0,chardev=vrdma0-chr" in cmd and sock in cmd
     devices = _probe_lines(res.stdout)
     assert [(t, i) for t, _, i, _ in devices] == [("pci", 2)]
     assert "VRDMA-PROBE-ENV uio_pci_generic=yes hugepages=64" in res.stdout.decode()
@@ -108,6 +110,19 @@ def test_probe_boots_on_qemu111_generic_device(daemon, probe_image):
     # the device configuration is the daemon's, read through the BAR: all of it, port count 1
     assert len(config) == 2 * device_config_size()
     assert config.startswith("01000000")
+
+
+def test_probe_boots_on_microvm_virtio_mmio(daemon, probe_image):
+    require_qemu11()
+    sock, _ = daemon
+    res = vm_run(sock, probe_image, "11.1", "--expect-id", str(BORROWED_VIRTIO_ID), extra=("--machine", "microvm"))
+    err = res.stderr.decode()
+    assert res.returncode == 0, (res.stdout.decode()[-3000:], err[-3000:])
+    assert "-machine microvm,acpi=off" in err and "vhost-user-test-device,id=vrdma0" in err
+    (transport, _, vid, config), = _probe_lines(res.stdout)
+    assert (transport, vid) == ("mmio", BORROWED_VIRTIO_ID)
+    assert "version=2" in res.stdout.decode()  # modern virtio-mmio (force-legacy=false)
+    assert len(config) == 2 * device_config_size() and config.startswith("01000000")
 
 
 def test_application_status_is_the_commands(daemon, probe_image):

@@ -5,7 +5,8 @@
 ``hugepages=N``); loads the modules listed in /etc/vrdma/modules (uio and
 uio_pci_generic, in modules.dep order) for the userspace virtio-pci driver; brings up lo;
 then runs the one application as its only job, with the arguments the kernel passed to
-init (everything after ``--`` on the kernel command line), and prints on the serial
+init (everything after ``--`` on the kernel command line, minus the
+``virtio_mmio.device=`` entries QEMU's microvm appends there), and prints on the serial
 console::
 
     VRDMA-IMAGE-INIT                   /init started (boot timing)
@@ -43,6 +44,13 @@ while read -r m; do
     [ -n "$m" ] && { insmod "/lib/modules/$m" || echo "VRDMA-INSMOD-FAIL $m"; }
 done < /etc/vrdma/modules
 ip link set lo up
+# microvm: QEMU appends virtio_mmio.device=SIZE@ADDR:IRQ to the kernel command line,
+# after our "--", so the kernel hands it to init: it is not the application's.
+n=$#; i=0
+while [ $i -lt $n ]; do
+    a=$1; shift; i=$((i+1))
+    case "$a" in virtio_mmio.device=*) ;; *) set -- "$@" "$a" ;; esac
+done
 echo VRDMA-APP-START
 cd /app
 env -i PATH=/usr/bin:/bin:/usr/sbin:/sbin HOME=/root LANG=C.UTF-8 TERM=dumb \

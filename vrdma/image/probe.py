@@ -9,9 +9,11 @@ drives nothing.
   space (sysfs ``config``; 4.1.4: cfg_type, bar, offset, length) locate the device
   configuration (``VIRTIO_PCI_CAP_DEVICE_CFG`` = 4), which is read through the BAR's
   sysfs ``resourceN`` mapping after ``enable``.
-* virtio-mmio (microvm): the ACPI-enumerated ``LNRO0005`` regions of /proc/iomem are
-  mapped from /dev/mem; the register block (4.2.2) starts with the magic "virt", the
-  version (2) and the device id; the device configuration starts at 0x100.
+* virtio-mmio (microvm): the ``virtio_mmio.device=SIZE@ADDR:IRQ`` entries of the
+  kernel command line (QEMU adds them; microvm runs without ACPI here) and the
+  ``LNRO0005`` regions of /proc/iomem (with ACPI) are mapped from /dev/mem; the register
+  block (4.2.2) starts with the magic "virt", the version (2) and the device id; the
+  device configuration starts at 0x100.
 
 Prints one ``VRDMA-PROBE`` line per virtio device (transport, address, device id, the
 first ``--config-bytes`` of its config in hex), whether uio_pci_generic is loaded and
@@ -86,18 +88,28 @@ def pci_devices(config_bytes: int = 64) -> list[dict]:
     return found
 
 
-def mmio_devices(config_bytes: int = 64) -> list[dict]:
-    found: list[dict] = []
+def _mmio_bases() -> list[int]:
+    bases = []
+    with open("/proc/cmdline") as f:
+        for arg in f.read().split():
+            if arg.startswith("virtio_mmio.device="):
+                # SIZE@ADDR:IRQ[:ID], SIZE with an optional K/M suffix
+                addr = arg.split("@", 1)[1].split(":", 1)[0]
+                bases.append(int(addr, 0))
     try:
         with open("/proc/iomem") as f:
-            lines = f.read().splitlines()
+            for line in f:
+                span, _, name = line.strip().partition(" : ")
+                if name.startswith("LNRO0005"):
+                    bases.append(int(span.split("-")[0], 16))
     except OSError:
-        return found
-    for line in lines:
-        span, _, name = line.strip().partition(" : ")
-        if not name.startswith("LNRO0005"):
-            continue
-        start = int(span.split("-")[0], 16)
+        pass
+    return sorted(set(bases))
+
+
+def mmio_devices(config_bytes: int = 64) -> list[dict]:
+    found: list[dict] = []
+    for start in _mmio_bases():
         try:
             regs = _read_mapped("/dev/mem", start, MMIO_CONFIG + config_bytes)
         except OSError as exc:

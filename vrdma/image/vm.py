@@ -152,18 +152,30 @@ def kernel_append(spec: VmSpec) -> str:
     return append
 
 
+def machine_option(spec: VmSpec) -> str:
+    """q35, or microvm without ACPI: with ACPI, QEMU 11.1 puts the initrd at the top of low RAM
+    over qboot's ACPI tables (the guest reads a corrupted FADT and hangs in ACPI init);
+    without it the kernel finds the virtio-mmio device on its command line
+    (``virtio_mmio.device=``, added by QEMU's ``auto-kernel-cmdline``)."""
+    return "microvm,acpi=off" if spec.machine == "microvm" else spec.machine
+
+
 def qemu_command(spec: VmSpec) -> tuple[list[str], dict[str, str]]:
     """(argv, extra environment) of the QEMU that boots ``spec``."""
     argv, env = qemu_prefix(spec)
     mem = f"{spec.memory_mib}M"
-    argv += ["-machine", f"{spec.machine},memory-backend=mem", "-accel", "tcg", "-cpu", "max",
+    argv += ["-machine", f"{machine_option(spec)},memory-backend=mem", "-accel", "tcg", "-cpu", "max",
              "-m", mem, "-smp", str(spec.cpus),
              "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
              "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
              "-chardev", "stdio,id=con0,signal=off", "-serial", "chardev:con0",
              *device_args(spec),
              "-kernel", spec.image.vmlinux, "-initrd", spec.image.initramfs,
-             "-append", kernel_append(spec), *spec.extra_args]
+             "-append", kernel_append(spec)]
+    if spec.machine == "microvm":
+        # virtio-mmio is legacy (version 1) unless told otherwise; the driver is virtio 1.x
+        argv += ["-global", "virtio-mmio.force-legacy=false"]
+    argv += spec.extra_args
     return argv, env
 
 
