@@ -195,3 +195,22 @@ def test_default_image_runs_rc_pingpong(daemon):
     assert timings, res.stderr.decode()[-1000:]
     print(f"default image under TCG (QEMU 7.2): /init at {timings[1]} s, application at {timings[2]} s, "
           f"its exit at {timings[3]} s after QEMU started; sizes {image.manifest['sizes']}")
+
+
+def test_harness_qemuvm_runs_qemu11_with_the_borrowed_id(daemon, probe_image, tmp_path):
+    """qemu_tests.launch.QemuVM on the trixie root's QEMU (qemu11_vm_kwargs): QEMU names the
+    borrowed id (x-query-virtio), which 42 would have made it abort on."""
+    require_qemu11()
+    from .launch import QemuVM, VhostUserDevice
+    from .qemu11 import qemu11_vm_kwargs
+
+    sock, _ = daemon
+    dev = VhostUserDevice(sock, num_queues=3, carrier="generic", config_size=device_config_size())
+    with QemuVM(vhost_user=dev, memory_mib=512, cpu="max", kernel=probe_image.vmlinux,
+                initrd=probe_image.initramfs, workdir=str(tmp_path / "vm"),
+                append=f"console=ttyS0 quiet panic=-1 rdinit=/init hugepages=16 -- --expect-id {BORROWED_VIRTIO_ID}",
+                **qemu11_vm_kwargs()) as vm:
+        assert {"name": "virtio-signal", "path": dev.qom_path} in vm.virtio_devices()
+        out = vm.wait_serial(b"VRDMA-APP-EXIT", timeout=50)
+        vm.wait(timeout=15)
+    assert b"VRDMA-APP-EXIT status=0" in out
