@@ -65,6 +65,7 @@ NUMPY_PRUNE = frozenset({"tests", "distutils", "__pycache__", "include", "f2py"}
 #: gunzip of the same archive takes ~5 s more (measured, QEMU 7.2, loaded host)
 INITRAMFS = "initramfs.cpio"
 DEFAULT_HUGEPAGES = 64  # 2 MiB pages: 128 MiB for rings and registered memory
+IMAGES_KEPT = 8  # newest images left in the cache (each ~140 MB); older ones are removed
 
 
 @dataclass(frozen=True)
@@ -191,10 +192,21 @@ def build(app: str | None = None, out: str | None = None, *, cache_root: str = C
                         clos, third, repo, cache_root, say)
         else:
             say(f"image {key} is cached")
+        os.utime(out_dir)
+        _prune(cache_root, IMAGES_KEPT, lambda name: len(name) == 16 and "-" not in name)
+        extensions.prune(cache_root)
     image = Image(out_dir, key, cached)
     if out is not None:
         image = _copy_out(image, out)
     return image
+
+
+def _prune(cache_root: str, keep: int, match) -> None:
+    """Remove all but the ``keep`` most recently used cache entries whose name ``match``es."""
+    entries = sorted((e for e in os.scandir(cache_root) if e.is_dir() and match(e.name)),
+                     key=lambda e: e.stat().st_mtime, reverse=True)
+    for old in entries[keep:]:
+        shutil.rmtree(old.path, ignore_errors=True)
 
 
 def _copy_out(image: Image, out: str) -> Image:

@@ -49,6 +49,18 @@ def _extension_packages(repo: str) -> list[str]:
                   and any(f.endswith(".pyx") for _, _, fs in os.walk(e.path) for f in fs))
 
 
+BUILDS_KEPT = 3  # sources change while people work; each build is ~15 MB
+
+
+def prune(cache_root: str) -> None:
+    """Keep the ``BUILDS_KEPT`` most recently used extension builds."""
+    builds = sorted((e for e in os.scandir(cache_root) if e.name.startswith("ext-") and e.is_dir()
+                     and not e.name.startswith("ext-build-")),
+                    key=lambda e: e.stat().st_mtime, reverse=True)
+    for old in builds[BUILDS_KEPT:]:
+        shutil.rmtree(old.path, ignore_errors=True)
+
+
 def portable_extensions(repo: str, packages: Sequence[str], cache_root: str,
                         timeout: float = 900) -> dict[str, str]:
     """{repo-relative .so path: cached portable .so} for the extensions of ``packages``."""
@@ -91,6 +103,7 @@ def portable_extensions(repo: str, packages: Sequence[str], cache_root: str,
                 if os.path.exists(out_dir):
                     shutil.rmtree(out_dir)
                 os.rename(stage, out_dir)
+        os.utime(out_dir)
     built: dict[str, str] = {}
     for dirpath, _, filenames in os.walk(out_dir):
         for name in sorted(filenames):
