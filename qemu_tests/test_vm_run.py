@@ -214,3 +214,31 @@ def test_harness_qemuvm_runs_qemu11_with_the_borrowed_id(daemon, probe_image, tm
         out = vm.wait_serial(b"VRDMA-APP-EXIT", timeout=50)
         vm.wait(timeout=15)
     assert b"VRDMA-APP-EXIT status=0" in out
+
+
+def test_command_line_and_spec_checks_without_booting():
+    """The argv vm run composes, and what it refuses (no QEMU started)."""
+    from vrdma.image import initscript
+    from vrdma.image.vm import VmSpec, kernel_append, qemu_command
+
+    image = builder.Image("/img", "k", True)
+    spec = VmSpec(backend="/run/v.sock", image=image, qemu="7.2", app_args=("-n", "5"))
+    argv, env = qemu_command(spec)
+    assert env == {} and argv[0] == "/usr/bin/qemu-system-x86_64"
+    assert argv[argv.index("-initrd") + 1] == "/img/initramfs.cpio"
+    assert kernel_append(spec).endswith("hugepages=64 -- -n 5")
+    for bad in (dict(app_args=("a b",)), dict(app_args=('"x',)), dict(app_args=("",)),
+                dict(machine="microvm"), dict(qemu="9.0"), dict(hugepages=400), dict(memory_mib=64)):
+        with pytest.raises(ValueError):
+            VmSpec(backend="/s", image=image, **bad)  # type: ignore[arg-type]
+    # the status line: /init's last one counts, a forged out-of-range one does not
+    assert initscript.parse_exit(b"VRDMA-APP-EXIT status=0\nVRDMA-APP-EXIT status=7\r\n") == 7
+    assert initscript.parse_exit(b"VRDMA-APP-EXIT status=999\n") is None
+    assert initscript.parse_exit(b"VRDMA-APP-START\n") is None
+    require_qemu11()
+    argv, env = qemu_command(VmSpec(backend="/s", image=image, qemu="11.1", machine="microvm"))
+    assert argv[0].endswith("/lib64/ld-linux-x86-64.so.2") and "QEMU_MODULE_DIR" in env
+    assert argv[argv.index("-machine") + 1] == "microvm,acpi=off,memory-backend=mem"
+    assert argv[argv.index("-global") + 1] == "virtio-mmio.force-legacy=false"
+    dev = argv[argv.index("-device") + 1]
+    assert dev.startswith(f"vhost-user-test-device,id=vrdma0,chardev=vrdma0-chr,virtio-id={BORROWED_VIRTIO_ID},")

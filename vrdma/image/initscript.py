@@ -73,4 +73,6 @@ def run_script(app_name: str) -> str:
 def parse_exit(serial: bytes) -> int | None:
     """The application's exit status from the serial output, or None if it never ended."""
     found = EXIT_RE.findall(serial)
-    return int(found[-1]) if found else None
+    if not found or int(found[-1]) > 255:  # /init prints $?, 0..255; anything else is not its line
+        return None
+    return int(found[-1])

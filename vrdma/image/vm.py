@@ -54,6 +54,8 @@ GENERIC_CARRIER_MMIO = "vhost-user-test-device"
 #: table (docs/qemu-virtio-id-42.md), so no kernel driver claims the function.
 BORROWED_VIRTIO_ID = 21
 QUEUE_SIZE = 256
+MAX_LINE = 64 << 10  # console bytes read at once (a guest need not send newlines)
+SERIAL_KEPT = 1 << 20  # console tail kept for the result (the rest only goes to ``console``)
 
 
 def device_config_size() -> int:
@@ -239,8 +241,11 @@ def run(spec: VmSpec, *, console: IO[bytes] | None = None, timeout: float | None
         if on_start is not None:
             on_start(proc)
         assert proc.stdout is not None
-        for line in iter(proc.stdout.readline, b""):
+        # the console is the guest's: bounded lines, and only the tail is kept
+        for line in iter(lambda: proc.stdout.readline(MAX_LINE), b""):  # type: ignore[union-attr]
             serial += line
+            if len(serial) > SERIAL_KEPT:
+                del serial[:len(serial) - SERIAL_KEPT]
             for label, marker in (("init", initscript.INIT_MARKER), ("app", initscript.START_MARKER),
                                   ("exit", "VRDMA-APP-EXIT")):
                 if label not in timings and marker.encode() in line:
