@@ -4,7 +4,8 @@
 [-- app args]`` prints the QEMU command on stderr, runs it (TCG, memfd-backed shared
 guest RAM, the virtio-rdma device on the back-end's vhost-user socket, the serial
 console on stdout) and exits with the application's exit status (255 if the guest
-ended without reporting one).  Without ``--image`` the default image is built or taken
+ended without reporting one, or the image or QEMU is missing; 2 for a bad option
+value).  Without ``--image`` the default image is built or taken
 from the cache (``vrdma image build``).  Launcher: vrdma.image.vm; docs/qemu-guests.md.
 """
 from __future__ import annotations
@@ -52,7 +53,10 @@ def run(args: argparse.Namespace) -> int:
         if args.dry_run:
             return 0
         result = vm.run(spec, console=sys.stdout.buffer, timeout=args.timeout)
-    except (ImageError, ValueError) as exc:
+    except ValueError as exc:  # a bad option value: usage error
+        print(f"vrdma vm run: {exc}", file=sys.stderr)
+        return 2
+    except ImageError as exc:
         print(f"vrdma vm run: {exc}", file=sys.stderr)
         return 255
     if result.timings:
