@@ -242,3 +242,26 @@ def test_command_line_and_spec_checks_without_booting():
     assert argv[argv.index("-global") + 1] == "virtio-mmio.force-legacy=false"
     dev = argv[argv.index("-device") + 1]
     assert dev.startswith(f"vhost-user-test-device,id=vrdma0,chardev=vrdma0-chr,virtio-id={BORROWED_VIRTIO_ID},")
+
+
+def test_terminating_vm_run_takes_its_qemu_down(daemon, probe_image):
+    sock, _ = daemon
+    argv = [sys.executable, "-m", "vrdma", "vm", "run", "--backend", sock, "--image", probe_image.directory,
+            "--qemu", "7.2", "--timeout", "100", "--", "--sleep", "120"]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        for line in iter(proc.stdout.readline, b""):
+            if b"VRDMA-PROBE-SLEEP" in line:
+                break
+        (qemu,) = _children(proc.pid)
+        proc.terminate()
+        assert proc.wait(30) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{qemu}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{qemu}"), "QEMU outlived vrdma vm run"

@@ -11,6 +11,7 @@ from the cache (``vrdma image build``).  Launcher: vrdma.image.vm; docs/qemu-gue
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 NAME = "vm"
@@ -52,6 +53,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"vrdma vm run: {vm.format_command(argv, env)}", file=sys.stderr, flush=True)
         if args.dry_run:
             return 0
+        # SIGTERM unwinds like Ctrl-C, so vm.run's cleanup kills the QEMU it started
+        # (QEMU runs in its own session: the terminal's signals do not reach it)
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
         result = vm.run(spec, console=sys.stdout.buffer, timeout=args.timeout)
     except ValueError as exc:  # a bad option value: usage error
         print(f"vrdma vm run: {exc}", file=sys.stderr)
