@@ -84,6 +84,11 @@ def test_default_image_runs_rc_pingpong_and_ships_what_it_imports():
     assert "vrdma/commands/rc_pingpong.py" in clos.files and "vrdma/rc_pingpong/pingpong.py" in clos.files
     assert "vrdma/commands/backend.py" not in clos.files  # only what the app imports
     assert clos.third_party == {"construct"}
+    # the Cython modules it reaches, and what their .pyx import at run time
+    assert {"virtio._split", "virtio._memory", "accel_core._fft"} <= clos.extensions
+    assert "virtio_rdma._datapath" not in clos.extensions
+    pyx = closure.find(REPO, None, "import virtio_rdma._datapath")
+    assert "virtio_rdma._datapath" in pyx.extensions and "virtio_rdma/cq.py" in pyx.files
 
 
 def test_key_follows_the_application(probe_image):

@@ -265,3 +265,17 @@ def test_terminating_vm_run_takes_its_qemu_down(daemon, probe_image):
     while os.path.exists(f"/proc/{qemu}") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not os.path.exists(f"/proc/{qemu}"), "QEMU outlived vrdma vm run"
+
+
+def test_portable_extensions_and_numpy_load_in_the_tcg_guest(daemon, probe_image):
+    """Debian's python3.11 in the guest (TCG's CPU, no AVX-512) imports the portable
+    extensions the image ships and Debian's numpy."""
+    sock, _ = daemon
+    mods = [*probe_image.manifest["extensions"], "numpy"]
+    assert {"virtio._split", "accel_core._fft"} <= set(mods)
+    res = vm_run(sock, probe_image, "7.2", "--import", ",".join(mods), "--expect-id", "2")
+    out = res.stdout.decode("utf-8", "replace")
+    assert res.returncode == 0, out[-3000:]
+    for mod in mods:
+        assert re.search(rf"VRDMA-PROBE-IMPORT {re.escape(mod)} \S+ [\d.]+s", out), (mod, out[-2000:])
+    assert "cpython-311-x86_64-linux-gnu.so" in out

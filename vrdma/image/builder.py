@@ -44,7 +44,7 @@ from .vmlinux import extract_vmlinux
 # A fixed name in /var/tmp (as the harness's rxe guest cache): builds run as root on a
 # test machine; VRDMA_IMAGE_CACHE or --cache moves it.
 CACHE_ROOT = os.environ.get("VRDMA_IMAGE_CACHE", "/var/tmp/vrdma-image")  # noqa: S108
-BUILDER_VERSION = "3"  # bump when the layout changes
+BUILDER_VERSION = "4"  # bump when the layout changes
 #: the repository: the directory holding the vrdma package (a source checkout)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_APP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_app.py")
@@ -268,10 +268,11 @@ def _build_into(out_dir: str, key: str, key_text: str, versions: dict[str, str],
         opt = initscript.PYTHONPATH.lstrip("/")
         for rel in sorted(clos.files):
             put(f"{opt}/{rel}", os.path.join(repo, rel))
-        if clos.packages:
+        if clos.extensions:
             say("building portable extensions for " + ", ".join(sorted(clos.packages)))
             for rel, path in extensions.portable_extensions(repo, sorted(clos.packages), cache_root).items():
-                put(f"{opt}/{rel}", path, mode=0o755)
+                if rel.split(".", 1)[0].replace(os.sep, ".") in clos.extensions:
+                    put(f"{opt}/{rel}", path, mode=0o755)
         _strip([p for p in _walk_files(os.path.join(stage, opt)) if p.endswith(".so")])
         for name, top in third.items():
             if os.path.isdir(top):
@@ -326,7 +327,8 @@ def _build_into(out_dir: str, key: str, key_text: str, versions: dict[str, str],
             out.write(archive)
         manifest = {"key": key, "inputs": key_text.splitlines(), "kernel_release": release,
                     "python": PYTHON, "app": app_name, "modules": names,
-                    "repo_packages": sorted(clos.packages), "third_party": sorted(third),
+                    "repo_packages": sorted(clos.packages), "extensions": sorted(clos.extensions),
+                    "third_party": sorted(third),
                     "sizes": {"vmlinux": len(vmlinux), "initramfs_cpio": len(archive)}}
         with open(os.path.join(staged_out, "manifest.json"), "w") as text:
             json.dump(manifest, text, indent=1)

@@ -4,7 +4,10 @@ Starting from the application file (and every module of the packages the image a
 carries, ``ALWAYS``), each ``import``/``from ... import`` at any depth (function-level
 imports included: a lazily imported transport is still shipped) is resolved against the
 repository: a repository module is added with its parent packages' ``__init__`` and
-followed; ``from pkg import name`` adds ``pkg.name`` when that is a module.  Names that
+followed; ``from pkg import name`` adds ``pkg.name`` when that is a module.  A Cython
+extension reached so (``virtio._split``) is recorded in ``extensions`` and its .pyx's
+import lines are followed too (``virtio_rdma._datapath`` imports ``virtio_rdma.cq`` at
+run time).  Names that
 are neither the repository's, the standard library's nor numpy's (Debian's, in the
 image) are third-party and reported by top-level name, for the builder to copy from
 the environment that runs it.  Pure: reads source files, runs nothing.
@@ -13,13 +16,15 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 
 #: packages every image carries whole, whatever the application imports
 ALWAYS = ("guest_lib",)
-#: modules the image itself provides (Debian's numpy, not the environment's)
-PROVIDED = frozenset({"numpy"})
+#: modules the image itself provides (Debian's numpy, not the environment's), and the
+#: compile-time namespaces of Cython's cimports
+PROVIDED = frozenset({"numpy", "cython", "libc", "libcpp", "cpython", "posix"})
 
 
 @dataclass
@@ -28,6 +33,7 @@ class Closure:
 
     files: set[str] = field(default_factory=set)
     packages: set[str] = field(default_factory=set)  # repo packages with a module shipped
+    extensions: set[str] = field(default_factory=set)  # Cython modules reached ("virtio._split")
     third_party: set[str] = field(default_factory=set)
 
 
@@ -44,6 +50,29 @@ def _module_file(repo: str, name: str) -> str | None:
 def _extension_exists(repo: str, name: str) -> bool:
     base = os.path.join(repo, *name.split("."))
     return os.path.isfile(base + ".pyx")
+
+
+_CYTHON_IMPORT = re.compile(r"^\s*(?:from\s+([\w.]+)\s+(?:c?import)\s+([\w, ()]+)|(?:c?import)\s+([\w.]+))",
+                            re.MULTILINE)
+
+
+def _pyx_imports(source: str, module: str) -> list[tuple[str, tuple[str, ...]]]:
+    """Imports of a Cython source (not Python syntax: matched line by line); a ``cimport``
+    of a .pxd costs nothing at run time but following it is harmless."""
+    found = []
+    for m in _CYTHON_IMPORT.finditer(source):
+        if m.group(3):
+            found.append((m.group(3), ()))
+            continue
+        name = m.group(1)
+        if name.startswith("."):
+            dots = len(name) - len(name.lstrip("."))
+            base = module.split(".")[:-1]
+            base = base[: len(base) - (dots - 1)]
+            name = ".".join([*base, name.lstrip(".")] if name.lstrip(".") else base)
+        names = tuple(n.strip() for n in m.group(2).replace("(", "").replace(")", "").split(",") if n.strip())
+        found.append((name, names))
+    return found
 
 
 def _imports(source: str, module: str, is_package: bool) -> list[tuple[str, tuple[str, ...]]]:
@@ -82,7 +111,13 @@ def find(repo: str, app_file: str | None, app_source: str | None = None) -> Clos
             sub = ".".join(parts[:i])
             rel = _module_file(repo, sub)
             if rel is None:
-                return _extension_exists(repo, sub)
+                if not _extension_exists(repo, sub):
+                    return False
+                if sub not in closure.extensions:
+                    closure.extensions.add(sub)
+                    closure.packages.add(parts[0])
+                    todo.append((sub, os.path.join(*sub.split(".")) + ".pyx"))
+                return True
             if rel not in closure.files:
                 closure.files.add(rel)
                 closure.packages.add(parts[0])
@@ -111,13 +146,14 @@ def find(repo: str, app_file: str | None, app_source: str | None = None) -> Clos
             roots.append(("__main__", f.read()))
     while roots or todo:
         if roots:
-            module, source, is_pkg = *roots.pop(), False
+            module, source, is_pkg, is_pyx = *roots.pop(), False, False
         else:
             module, rel = todo.pop()
             with open(os.path.join(repo, rel)) as f:
                 source = f.read()
-            is_pkg = rel.endswith("__init__.py")
-        for name, names in _imports(source, module, is_pkg):
+            is_pkg, is_pyx = rel.endswith("__init__.py"), rel.endswith(".pyx")
+        found = _pyx_imports(source, module) if is_pyx else _imports(source, module, is_pkg)
+        for name, names in found:
             if not add(name):
                 classify(name)
                 continue

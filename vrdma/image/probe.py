@@ -18,12 +18,14 @@ drives nothing.
 Prints one ``VRDMA-PROBE`` line per virtio device (transport, address, device id, the
 first ``--config-bytes`` of its config in hex), whether uio_pci_generic is loaded and
 the huge pages, and exits with ``--exit`` (default 0) if a device with ``--expect-id``
-was found, else 3.  ``--sleep``
-waits first (for tests that kill the VM while its application runs).
+was found, else 3.  ``--sleep`` waits first (for tests that kill the VM while its
+application runs); ``--import`` imports modules first (the image's portable extensions
+must load on the CPU TCG emulates).
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import mmap
 import os
 import struct
@@ -128,10 +130,17 @@ def main(argv: list[str]) -> int:
     p.add_argument("--expect-id", type=int, default=None, help="virtio device id that must be present")
     p.add_argument("--exit", type=int, default=0, help="exit status when the device is found")
     p.add_argument("--sleep", type=float, default=0.0, help="seconds to wait first")
+    p.add_argument("--import", dest="imports", default="", metavar="MOD[,MOD...]",
+                   help="import these modules first (e.g. the portable extensions, numpy) and say so")
     p.add_argument("--config-bytes", type=int, default=64,
                    help="bytes of device configuration to read (each 4-byte read may be a round "
                         "trip to the back-end)")
     args = p.parse_args(argv)
+    for name in filter(None, args.imports.split(",")):
+        t0 = time.monotonic()
+        module = importlib.import_module(name)
+        print(f"VRDMA-PROBE-IMPORT {name} {os.path.basename(module.__file__ or '-')} "
+              f"{time.monotonic() - t0:.2f}s", flush=True)
     if args.sleep:
         print("VRDMA-PROBE-SLEEP", flush=True)
         time.sleep(args.sleep)
