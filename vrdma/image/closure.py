@@ -59,7 +59,7 @@ _CYTHON_IMPORT = re.compile(r"^\s*(?:from\s+([\w.]+)\s+(?:c?import)\s+([\w, ()]+
 def _pyx_imports(source: str, module: str) -> list[tuple[str, tuple[str, ...]]]:
     """Imports of a Cython source (not Python syntax: matched line by line); a ``cimport``
     of a .pxd costs nothing at run time but following it is harmless."""
-    found = []
+    found: list[tuple[str, tuple[str, ...]]] = []
     for m in _CYTHON_IMPORT.finditer(source):
         if m.group(3):
             found.append((m.group(3), ()))

@@ -56,6 +56,9 @@ BORROWED_VIRTIO_ID = 21
 QUEUE_SIZE = 256
 MAX_LINE = 64 << 10  # console bytes read at once (a guest need not send newlines)
 SERIAL_KEPT = 1 << 20  # console tail kept for the result (the rest only goes to ``console``)
+#: seconds a guest gets to power off after its status line; then QEMU is killed (microvm
+#: without ACPI cannot power off: the kernel halts and QEMU would wait for ever)
+POWEROFF_GRACE = 5.0
 
 
 def device_config_size() -> int:
@@ -232,11 +235,12 @@ def run(spec: VmSpec, *, console: IO[bytes] | None = None, timeout: float | None
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
 
-    timer = None
+    timers = []
     if timeout is not None:
-        timer = threading.Timer(timeout, kill)
-        timer.daemon = True
-        timer.start()
+        timers.append(threading.Timer(timeout, kill))
+    for t in timers:
+        t.daemon = True
+        t.start()
     try:
         if on_start is not None:
             on_start(proc)
@@ -250,13 +254,17 @@ def run(spec: VmSpec, *, console: IO[bytes] | None = None, timeout: float | None
                                   ("exit", "VRDMA-APP-EXIT")):
                 if label not in timings and marker.encode() in line:
                     timings[label] = round(time.monotonic() - t0, 3)
+                    if label == "exit":
+                        timers.append(threading.Timer(POWEROFF_GRACE, kill))
+                        timers[-1].daemon = True
+                        timers[-1].start()
             if console is not None:
                 console.write(line)
                 console.flush()
         rc = proc.wait()
     finally:
-        if timer is not None:
-            timer.cancel()
+        for t in timers:
+            t.cancel()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
