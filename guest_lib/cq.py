@@ -172,7 +172,7 @@ class PyCompletionRing:
     def poll(self, num_entries: int, qps: dict, aqs: dict) -> list:
         out: list = []
         ci = self.ci
-        for off, ci in self._entries(num_entries):
+        for off, ci in self._entries(num_entries):  # noqa: B007  ci: the index after the last one
             wr_id, st, op, fl, _o, blen, imm, qpn, src, verr = _CQE.unpack_from(self.ring, off)
             if op >= _ACCEL:  # the one check the verbs path pays
                 out.append(self.accel_wc(wr_id, st, op, fl, blen, imm, qpn, src, verr))
@@ -189,7 +189,7 @@ class PyCompletionRing:
         if 0 <= num_entries < cap:
             cap = num_entries
         n, ci = 0, self.ci
-        for off, ci in self._entries(cap):
+        for off, ci in self._entries(cap):  # noqa: B007
             at = n * wire.CQE_SIZE
             dst[at : at + wire.CQE_SIZE] = self.ring[off : off + wire.CQE_SIZE]
             dst[at + _OWNER] = 0
@@ -203,7 +203,7 @@ class PyCompletionRing:
     def poll_counts(self, num_entries: int, qps: dict, aqs: dict) -> tuple[int, int, int]:
         n = nrecv = nerr = 0
         ci = self.ci
-        for off, ci in self._entries(num_entries):
+        for off, ci in self._entries(num_entries):  # noqa: B007
             _wr_id, st, op, _fl, _o, _blen, _imm, qpn, _src, _verr = _CQE.unpack_from(self.ring, off)
             n += 1
             nerr += st != 0

@@ -266,9 +266,9 @@ class QP(VerbsObject):
         self.sq_slot, self.rq_slot = 1 << r["sq_wqe_shift"], 1 << r["rq_wqe_shift"]
         self.sq_sig_all = init_attr.sq_sig_all
         rings = _fast.WorkQueues if native_default() else PyWorkQueues
-        self._wq = rings(self.qp_num, self.sq, self.rq, self.dbrec, self.sq_depth, self.rq_depth, self.sq_slot,
-                         self.rq_slot, self.cap.max_send_sge, self.cap.max_recv_sge, self.sq_sig_all,
-                         ctx.view_of_uva)
+        self._wq = rings(self.qp_num, self.sq, self.rq, self.dbrec, self.sq_depth, self.rq_depth,
+                         self.sq_slot, self.rq_slot, self.cap.max_send_sge, self.cap.max_recv_sge,
+                         self.sq_sig_all, ctx.view_of_uva)
         self.state = QpState.RESET
         ctx.qps[self.qp_num] = self
 
