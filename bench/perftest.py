@@ -12,6 +12,7 @@ starts the daemon, places the processes and is the command line.
     python -m bench.perftest send_lat [--size 64] [--iters N] [--poll-us 200] [--json]
     python -m bench.perftest write_bw [--size 1048576] [--batch 16]   # --batch: perftest's -l
     python -m bench.perftest send_bw --size 64 --batch 16              # small-message rate
+    python -m bench.perftest guest_ops    # the guest library's cost per WR / CQE, native vs Python
     python -m bench.perftest send_lat --poll-us 200 --layout split,shared --path native,python \
         --wait adaptive,yield --repeat 3
 
@@ -41,6 +42,7 @@ import json
 import os
 import statistics
 import sys
+import time
 
 from bench.machine import header, machine
 from vhost_user.testing import DaemonProcess
@@ -164,9 +166,76 @@ def summary(rows: list[dict]) -> list[str]:
     return out
 
 
+def guest_ops(n: int = 20000) -> list[dict]:
+    """Per-operation cost of the guest library alone, native vs Python, in
+    the same run: rings in plain memory, no daemon (what each path costs a
+    guest's CPU per WR and per completion)."""
+    import numpy as np
+
+    from guest_lib import _fast
+    from guest_lib.cq import WC, WC_DTYPE, PyCompletionRing, _accel_wc
+    from guest_lib.qp import PyWorkQueues
+    from guest_lib.wr import SGE, RecvWR, SendWR
+    from verbs import SendFlags, WcOpcode, WrOpcode
+    from virtio_rdma import wire
+
+    mem = bytearray(1 << 16)
+
+    def translate(uva, length):
+        return memoryview(mem)[uva : uva + length]
+
+    cqe = 4096
+    rows = []
+    fill = bytearray(cqe * wire.CQE_SIZE)
+    for i in range(cqe):
+        fill[i * wire.CQE_SIZE : (i + 1) * wire.CQE_SIZE] = wire.encode_cqe(
+            wire.Completion(i, 0, WcOpcode.RECV, 1, 64), 1)
+    send = SendWR(1, WrOpcode.SEND, sg=[SGE(0, 64, 1)], send_flags=SendFlags.SIGNALED | SendFlags.INLINE)
+    write = SendWR(1, WrOpcode.RDMA_WRITE, sg=[SGE(0, 4096, 1)], send_flags=SendFlags.SIGNALED,
+                   remote_addr=1 << 20, rkey=5)
+    recv = RecvWR(1, sg=[SGE(0, 64, 1)])
+    for rnd in range(3):
+        for native in (True, False):
+            wq_cls = _fast.WorkQueues if native else PyWorkQueues
+            cr_cls = _fast.CompletionRing if native else PyCompletionRing
+            wq = wq_cls(1, bytearray(256 * 128), bytearray(256 * 32), bytearray(8), 256, 256, 128, 32, 4, 1,
+                        False, translate)
+            r = {"path": "native" if native else "python", "round": rnd}
+            for name, wr in (("post_send inline 64 B", send), ("post_send 1 SGE", write)):
+                t0 = time.perf_counter_ns()
+                for _ in range(n):
+                    wq.post_send(wr)
+                    wq.completed(0, 0)
+                r[name] = (time.perf_counter_ns() - t0) / n
+            t0 = time.perf_counter_ns()
+            for _ in range(n):
+                wq.post_recv(recv)
+                wq.completed(WcOpcode.RECV, 0)
+            r["post_recv"] = (time.perf_counter_ns() - t0) / n
+            qps: dict = {}
+            out = np.zeros(16, WC_DTYPE)
+            for how in ("poll 1 (WC)", "poll_into 16", "poll_counts 16"):
+                ring, dbrec = bytearray(fill), bytearray(8)
+                cr = cr_cls(ring, dbrec, cqe, WC, _accel_wc)
+                t0 = time.perf_counter_ns()
+                if how.startswith("poll 1"):
+                    for _ in range(cqe):
+                        cr.poll(1, qps, {})
+                elif how.startswith("poll_into"):
+                    for _ in range(cqe // 16):
+                        cr.poll_into(out, qps, {})
+                else:
+                    for _ in range(cqe // 16):
+                        cr.poll_counts(16, qps, {})
+                r[how + " per CQE"] = (time.perf_counter_ns() - t0) / cqe
+                assert cr.ci == cqe
+            rows.append(r)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("test", choices=["send_lat", "write_lat", "read_lat", "write_bw", "send_bw"])
+    p.add_argument("test", choices=["send_lat", "write_lat", "read_lat", "write_bw", "send_bw", "guest_ops"])
     p.add_argument("--size", "-s", type=int, action="append", help="message size (repeatable)")
     p.add_argument("--iters", "-n", type=int, default=2000)
     p.add_argument("--batch", "--post-list", "-l", type=int, default=16, dest="batch",
@@ -178,6 +247,18 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="rounds, interleaved")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
+    if a.test == "guest_ops":
+        rows = guest_ops()
+        if a.json:
+            print(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+            return 0
+        print(header())
+        print("# guest library per operation [ns], rings in memory, no daemon; the machine may be shared")
+        keys = [k for k in rows[0] if k not in ("path", "round")]
+        print("# " + " | ".join(["path   round", *keys]))
+        for r in rows:
+            print(f"# {r['path']:<6} {r['round']:>5} | " + " | ".join(f"{r[k]:>{len(k)}.0f}" for k in keys))
+        return 0
     sizes = a.size or ([1 << 20] if a.test == "write_bw" else [64])
     rows = run(a.test, sizes, a.iters, a.batch, a.poll_us, a.layout.split(","), a.path.split(","),
                a.wait.split(","), a.repeat)
