@@ -24,6 +24,7 @@ WRs before it in the same call are posted (as ibv_post_send's ``bad_wr``).
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from verbs._verbs cimport IBV_SEND_INLINE, IBV_SEND_SIGNALED, IBV_WC_RECV
 from virtio_rdma._guestring cimport gr_ld32, gr_ld64, gr_st32, gr_st64
@@ -46,7 +47,9 @@ cdef extern from *:
         return __atomic_load_n((const uint8_t *)p, __ATOMIC_ACQUIRE); }
     static inline void gf_st16(char *p, uint16_t v) { p[0] = (char)(v & 0xff); p[1] = (char)(v >> 8); }
     static inline uint8_t gf_ld8(const char *p) { return (uint8_t)p[0]; }
+    #include <sched.h>
     """
+    int sched_yield() nogil
     void gf_st32_rel(char *p, uint32_t v) noexcept nogil
     uint8_t gf_ld8_acq(const char *p) noexcept nogil
     void gf_st16(char *p, uint16_t v) noexcept nogil
@@ -380,7 +383,7 @@ cdef class CompletionRing:
         self.ring = None
         self.dbrec = None
 
-    cdef inline const char *_next(self, uint32_t ci) noexcept:
+    cdef inline const char *_next(self, uint32_t ci) noexcept nogil:
         """The CQE at ``ci`` if the device has written it, else NULL."""
         cdef const char *e = <const char *>&self.ring[(ci & self.mask) * C_SIZE]
         if (gf_ld8_acq(e + C_OWNER) & 1) != (((ci >> self.shift) & 1) ^ 1):
@@ -489,3 +492,47 @@ cdef class CompletionRing:
         if n:
             self._consumed(ci)
         return nrecv, n - nrecv, nerr
+
+    def wait_counts(self, int num_entries, dict qps not None, dict aqs not None, long long spin_ns,
+                    long long block_ns) -> tuple:
+        """:meth:`poll_counts` once a completion is there, waiting for it
+        without the GIL: spin for ``spin_ns``, then sched_yield between
+        looks until ``block_ns`` have passed. Returns (receives, others,
+        errors, phase, waited_ns, away_ns): phase 0 found at once, 1 while
+        spinning, 2 while yielding, 3 nothing within ``block_ns``; away_ns
+        the longest a sched_yield kept the CPU from us."""
+        cdef long long t0, now, t, away = 0
+        cdef int phase = 0
+        cdef uint32_t ci = self.ci
+        if self.ring is None:
+            return 0, 0, 0, 3, 0, 0
+        if self._next(ci) == NULL:
+            with nogil:
+                t0 = _now()
+                now = t0
+                phase = 1
+                while self._next(ci) == NULL:
+                    if now - t0 >= spin_ns:
+                        phase = 2
+                        if now - t0 >= block_ns:
+                            phase = 3
+                            break
+                        t = now
+                        sched_yield()
+                        now = _now()
+                        if now - t > away:
+                            away = now - t
+                    else:
+                        now = _now()
+            if phase == 3:
+                return 0, 0, 0, 3, now - t0, away
+        else:
+            t0 = now = 0
+        r = self.poll_counts(num_entries, qps, aqs)
+        return r[0], r[1], r[2], phase, (_now() - t0) if phase else 0, away
+
+
+cdef inline long long _now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec * 1000000000LL + ts.tv_nsec

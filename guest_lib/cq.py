@@ -200,6 +200,26 @@ class PyCompletionRing:
             self._consumed(ci)
         return n
 
+    def wait_counts(self, num_entries: int, qps: dict, aqs: dict, spin_ns: int,
+                    block_ns: int) -> tuple[int, int, int, int, int, int]:
+        clock = time.perf_counter_ns
+        t0 = now = clock()
+        phase, away = 0, 0
+        while not any(True for _ in self._entries(1)):
+            phase = 1
+            if now - t0 >= spin_ns:
+                phase = 2
+                if now - t0 >= block_ns:
+                    return 0, 0, 0, 3, now - t0, away
+                t = now
+                os.sched_yield()
+                now = clock()
+                away = max(away, now - t)
+            else:
+                now = clock()
+        r = self.poll_counts(num_entries, qps, aqs)
+        return r[0], r[1], r[2], phase, (clock() - t0) if phase else 0, away
+
     def poll_counts(self, num_entries: int, qps: dict, aqs: dict) -> tuple[int, int, int]:
         n = nrecv = nerr = 0
         ci = self.ci
@@ -279,6 +299,20 @@ class CQ(VerbsObject):
         ctx = self.ctx
         r = self._cr.poll_counts(num_entries, ctx.qps, ctx.aqs)
         if not (r[0] or r[1]):
+            self._idle()
+        return r
+
+    def wait_counts(self, num_entries: int = 16, spin_ns: int = 0,
+                    block_ns: int = 2_000_000) -> tuple[int, int, int, int, int, int]:
+        """:meth:`poll_counts` once a completion is there: spin for
+        ``spin_ns``, then sched_yield between looks until ``block_ns`` have
+        passed (the native path waits without the GIL). Returns (receives,
+        others, errors, phase, waited_ns, away_ns): phase 0 found at once, 1
+        while spinning, 2 while yielding, 3 nothing within ``block_ns``;
+        away_ns is the longest a sched_yield kept the CPU from us."""
+        ctx = self.ctx
+        r = self._cr.wait_counts(num_entries, ctx.qps, ctx.aqs, spin_ns, block_ns)
+        if r[3] == 3:
             self._idle()
         return r
 

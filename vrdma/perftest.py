@@ -83,17 +83,14 @@ class CqWaiter:
 
     * spinning caught the completion: budget twice the moving average of
       such waits;
-    * a sched_yield gave the CPU away for a short while (longer than
-      :attr:`SWITCH_NS`, shorter than :attr:`LOST_NS`) and the completion
-      was there after it: whoever produces completions (the daemon, the
-      peer) shares this CPU and cannot run while we spin: the budget
+    * a sched_yield gave the CPU away (it took longer than
+      :attr:`SWITCH_NS`) and the completion came while we yielded: some
+      other task wanted this CPU, perhaps the daemon or the peer that
+      produces our completions, which cannot run while we spin: the budget
       shrinks fourfold, towards :attr:`MIN_NS`;
-    * a sched_yield lost the CPU for longer than :attr:`LOST_NS` (a time
-      slice of some unrelated task: the machine is shared): spinning would
-      have kept it: the budget doubles;
     * the yields came straight back (nobody else wanted the CPU) and the
-      completion came later: it is produced elsewhere, spinning longer
-      would have caught it: budget twice that wait (at most :attr:`MAX_NS`).
+      completion came later: it is produced elsewhere and spinning longer
+      would have caught it: the budget doubles (at most :attr:`MAX_NS`).
 
     Measured on a 2-vCPU VM (bench/perftest.py): a yield-poll costs a few
     microseconds over the eventfd floor when the producer shares the CPU;
@@ -104,7 +101,6 @@ class CqWaiter:
     MIN_NS = 1_000
     MAX_NS = 200_000
     SWITCH_NS = 3_000
-    LOST_NS = 200_000
     BLOCK_NS = 2_000_000
 
     def __init__(self, cq, mode: str = "adaptive", spin_ns: int = 20_000):
@@ -116,19 +112,17 @@ class CqWaiter:
 
     def wait(self, n: int = 16) -> tuple[int, int]:
         """Consume 1..``n`` completions: (receive completions, others);
-        RuntimeError if one is in error."""
+        RuntimeError if one is in error. The polling itself is
+        :meth:`guest_lib.cq.CQ.wait_counts` (native: without the GIL)."""
         cq = self.cq
-        nrecv, nother, nerr = cq.poll_counts(n)
-        if not (nrecv or nother):
-            mode = self.mode
-            if mode == "adaptive":
-                nrecv, nother, nerr = self._adaptive(n)
-            else:
-                yield_ = os.sched_yield if mode == "yield" else None
-                while not (nrecv or nother):
-                    if yield_ is not None:
-                        yield_()
-                    nrecv, nother, nerr = cq.poll_counts(n)
+        if self.mode == "adaptive":
+            nrecv, nother, nerr = self._adaptive(n)
+        else:
+            spin = self.BLOCK_NS if self.mode == "spin" else 0
+            while True:  # wait_counts comes back every BLOCK_NS: the CQ looks at the daemon then
+                nrecv, nother, nerr, phase, _, _ = cq.wait_counts(n, spin, self.BLOCK_NS)
+                if phase != 3:
+                    break
         if nerr:
             raise RuntimeError(f"{nerr} completion(s) in error on CQ {cq.cqn}")
         return nrecv, nother
@@ -138,38 +132,16 @@ class CqWaiter:
 
     def _adaptive(self, n: int) -> tuple[int, int, int]:
         cq = self.cq
-        clock = time.perf_counter_ns
-        t0 = clock()
-        end = t0 + self.spin_ns
-        while True:
-            r = cq.poll_counts(n)
-            if r[0] or r[1]:
-                self.spun += 1
-                self.avg_ns += (clock() - t0 - self.avg_ns) / 8
-                self._learn(2 * self.avg_ns)
-                return r
-            if clock() >= end:
-                break
-        block_at = t0 + self.BLOCK_NS
-        yield_ = os.sched_yield
-        away = 0  # the longest a yield gave the CPU away
-        while True:
-            t = clock()
-            yield_()
-            now = clock()
-            away = max(away, now - t)
-            r = cq.poll_counts(n)
-            if r[0] or r[1]:
-                self.yielded += 1
-                if away > self.LOST_NS:
-                    self._learn(2 * self.spin_ns)
-                elif away > self.SWITCH_NS:
-                    self._learn(self.spin_ns / 4)
-                else:
-                    self._learn(2 * (now - t0))
-                return r
-            if now >= block_at:
-                break
+        nrecv, nother, nerr, phase, waited, away = cq.wait_counts(n, self.spin_ns, self.BLOCK_NS)
+        if phase == 1:
+            self.spun += 1
+            self.avg_ns += (waited - self.avg_ns) / 8
+            self._learn(2 * self.avg_ns)
+        elif phase == 2:
+            self.yielded += 1
+            self._learn(self.spin_ns / 4 if away > self.SWITCH_NS else 2 * self.spin_ns)
+        if phase != 3:
+            return nrecv, nother, nerr
         self.blocked += 1
         while True:
             cq.req_notify()
