@@ -339,7 +339,8 @@ cdef class WorkQueues:
     cdef inline void completed_c(self, int opcode, int status) noexcept:
         cdef uint8_t s
         if opcode & IBV_WC_RECV:
-            self.rq_ci += 1
+            if self.rq_ci != self.rq_pi:  # never past what was posted, whatever the device says
+                self.rq_ci += 1
             return
         while self.sq_ci != self.sq_pi:  # send WRs complete in order
             s = self.sig[self.sq_ci & (self.sq_depth - 1)]
@@ -448,7 +449,10 @@ cdef class CompletionRing:
         cdef char *d
         if self.ring is None:
             return 0
-        PyObject_GetBuffer(out, &b, PyBUF_WRITABLE)
+        try:
+            PyObject_GetBuffer(out, &b, PyBUF_WRITABLE)
+        except (BufferError, ValueError, TypeError):
+            raise BufferError("poll_into needs a writable, C-contiguous buffer") from None
         try:
             cap = b.len // C_SIZE
             if num_entries >= 0 and num_entries < cap:

@@ -25,6 +25,7 @@ gone, so busy-poll loops end instead of spinning forever.
 """
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import time
@@ -36,7 +37,7 @@ import numpy as np
 from guest_lib import _fast
 from guest_lib.base import VerbsObject
 from guest_lib.context import Context
-from guest_lib.errors import UserError
+from guest_lib.errors import RDMAError, UserError
 from verbs import WcOpcode, WcStatus
 from virtio.memory import le32_words
 from virtio_rdma import wire
@@ -135,6 +136,11 @@ class PyCompletionRing:
     constructor, methods and results)."""
 
     def __init__(self, ring, dbrec, cqe: int, make_wc, accel_wc):
+        if cqe <= 0 or cqe & (cqe - 1):
+            raise ValueError(f"CQ size {cqe} must be a power of two")
+        if len(ring) < cqe * wire.CQE_SIZE:
+            raise ValueError(f"the CQ ring of {len(ring)} bytes is smaller than its "
+                             f"{cqe * wire.CQE_SIZE}-byte geometry")
         self.ring, self.cqe = ring, cqe
         self._ci_word = le32_words(dbrec)  # the consumer index, stored whole
         self._mask, self._shift = cqe - 1, cqe.bit_length() - 1
@@ -184,7 +190,10 @@ class PyCompletionRing:
         return out
 
     def poll_into(self, out, qps: dict, aqs: dict, num_entries: int = -1) -> int:
-        dst = out.reshape(-1).view(np.uint8) if isinstance(out, np.ndarray) else memoryview(out).cast("B")
+        view = memoryview(out)
+        if view.readonly or not view.c_contiguous:
+            raise BufferError("poll_into needs a writable, C-contiguous buffer")
+        dst = out.reshape(-1).view(np.uint8) if isinstance(out, np.ndarray) else view.cast("B")
         cap = len(dst) // wire.CQE_SIZE
         if 0 <= num_entries < cap:
             cap = num_entries
@@ -255,7 +264,16 @@ class CQ(VerbsObject):
             raise
         self.cqn, self.cqe = r["cqn"], r["cqe"]
         rings = _fast.CompletionRing if native_default() else PyCompletionRing
-        self._cr = rings(self.ring, self.dbrec, self.cqe, WC, _accel_wc)
+        try:
+            self._cr = rings(self.ring, self.dbrec, self.cqe, WC, _accel_wc)
+        except (ValueError, OverflowError) as e:  # the device's ring does not fit what we allocated
+            try:
+                ctx._destroy(Cmd.DESTROY_CQ, cqn=self.cqn)
+            finally:
+                self._free_memory()
+                self._abandon()
+            raise RDMAError(f"CREATE_CQ: the device's ring of {self.cqe} CQEs is unusable: {e}",
+                            errno.EPROTO) from e
 
     @property
     def ci(self) -> int:

@@ -107,6 +107,16 @@ class PyWorkQueues:
 
     def __init__(self, qpn: int, sq, rq, dbrec, sq_depth: int, rq_depth: int, sq_slot: int, rq_slot: int,
                  max_send_sge: int, max_recv_sge: int, sq_sig_all: bool, translate):
+        for d in (sq_depth, rq_depth):
+            if d <= 0 or d & (d - 1):
+                raise ValueError(f"queue depths {sq_depth}/{rq_depth} must be powers of two")
+        if sq_slot < wire.SEND_WQE_HEADER_SIZE or rq_slot < wire.RECV_WQE_HEADER_SIZE:
+            raise ValueError(f"WQE slots {sq_slot}/{rq_slot} are smaller than their headers")
+        for what, buf, need in (("the send queue", sq, sq_depth * sq_slot),
+                                ("the receive queue", rq, rq_depth * rq_slot),
+                                ("the doorbell record", dbrec, 8)):
+            if len(buf) < need:
+                raise ValueError(f"{what} of {len(buf)} bytes is smaller than its {need}-byte geometry")
         self.qpn, self.sq, self.rq = qpn, sq, rq
         self._pi_words = le32_words(dbrec)  # [sq_pi, rq_pi], each stored whole
         self.sq_depth, self.rq_depth, self.sq_slot, self.rq_slot = sq_depth, rq_depth, sq_slot, rq_slot
@@ -216,7 +226,8 @@ class PyWorkQueues:
 
     def completed(self, opcode: int, status: int) -> None:
         if opcode & WcOpcode.RECV:  # RECV (128) / RECV_RDMA_WITH_IMM (129)
-            self.rq_ci = (self.rq_ci + 1) & _U32
+            if self.rq_ci != self.rq_pi:  # never past what was posted, whatever the device says
+                self.rq_ci = (self.rq_ci + 1) & _U32
             return
         q = self._signaled  # send WRs complete in order: a completion frees every slot up to it
         while q:
@@ -266,9 +277,18 @@ class QP(VerbsObject):
         self.sq_slot, self.rq_slot = 1 << r["sq_wqe_shift"], 1 << r["rq_wqe_shift"]
         self.sq_sig_all = init_attr.sq_sig_all
         rings = _fast.WorkQueues if native_default() else PyWorkQueues
-        self._wq = rings(self.qp_num, self.sq, self.rq, self.dbrec, self.sq_depth, self.rq_depth,
-                         self.sq_slot, self.rq_slot, self.cap.max_send_sge, self.cap.max_recv_sge,
-                         self.sq_sig_all, ctx.view_of_uva)
+        try:
+            self._wq = rings(self.qp_num, self.sq, self.rq, self.dbrec, self.sq_depth, self.rq_depth,
+                             self.sq_slot, self.rq_slot, self.cap.max_send_sge, self.cap.max_recv_sge,
+                             self.sq_sig_all, ctx.view_of_uva)
+        except (ValueError, OverflowError) as e:  # the device's geometry does not fit what we allocated
+            try:
+                ctx._destroy(Cmd.DESTROY_QP, qpn=self.qp_num)
+            finally:
+                self._free_memory()
+                self._abandon()
+            raise RDMAError(f"CREATE_QP: the device's work queue geometry is unusable: {e}",
+                            errno.EPROTO) from e
         self.state = QpState.RESET
         ctx.qps[self.qp_num] = self
 

@@ -333,3 +333,35 @@ def test_poll_into_and_poll_counts(pair):
                           rkey=b.mr.rkey ^ 0x5A5A))
     (wc,) = a.poll()
     assert wc.status == WcStatus.REM_ACCESS_ERR
+
+
+def test_bad_geometry_and_buffers_are_refused_alike():
+    """A ring smaller than the device's geometry (a device's bad answer) or
+    a buffer poll_into cannot write is an error on both paths, never a
+    write outside the memory."""
+    for cr_cls, wq_cls in ((_fast.CompletionRing, _fast.WorkQueues), (PyCompletionRing, PyWorkQueues)):
+        with pytest.raises(ValueError, match="CQ size 3 must be a power of two"):
+            cr_cls(bytearray(4 * 32), bytearray(8), 3, WC, _accel_wc)
+        with pytest.raises(ValueError, match="the CQ ring of 96 bytes is smaller"):
+            cr_cls(bytearray(3 * 32), bytearray(8), 4, WC, _accel_wc)
+        with pytest.raises(ValueError, match="the send queue of 1024 bytes is smaller"):
+            wq_cls(1, bytearray(1024), bytearray(1024), bytearray(8), 8, 8, 256, 32, 4, 1, False, _translate)
+        with pytest.raises(ValueError, match="must be powers of two"):
+            wq_cls(1, bytearray(1024), bytearray(1024), bytearray(8), 3, 8, 64, 32, 0, 1, False, _translate)
+        cr = cr_cls(bytearray(4 * 32), bytearray(8), 4, WC, _accel_wc)
+        for out in (np.zeros(8, WC_DTYPE)[::2], bytes(64)):
+            with pytest.raises(BufferError, match="writable, C-contiguous"):
+                cr.poll_into(out, {}, {})
+
+
+def test_a_device_cannot_push_rq_ci_past_what_was_posted():
+    geo = dict(sq_depth=4, rq_depth=4, sq_slot=64, rq_slot=32, cqe=16, sig_all=False, max_send_sge=0,
+               max_recv_sge=1)
+    for native in (True, False):
+        s = Side(native, geo)
+        s.wq.post_recv(RecvWR(1))
+        for _ in range(3):  # one receive posted, three receive completions
+            s._cqe(wire.Completion(1, 0, WcOpcode.RECV, QPN, 0))
+        assert len(s.cr.poll(8, s.qps, s.aqs)) == 3
+        assert (s.wq.rq_pi, s.wq.rq_ci) == (1, 1)
+        s.wq.post_recv([RecvWR(2)] * 4)  # the RQ is not wrongly full
