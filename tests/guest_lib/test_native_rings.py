@@ -13,6 +13,7 @@ bytes, doorbell records, completions (objects, raw ``poll_into`` records and
 over a real daemon.
 """
 import errno
+import random
 import time
 
 import numpy as np
@@ -223,9 +224,10 @@ def _step(side: Side, step, prepared: dict):
     return None
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(geo=geo_st, rng=st.randoms(use_true_random=False), length=st.integers(1, 100))
-def test_native_and_python_rings_agree(geo, rng, length):
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(geo=geo_st, seed=st.integers(0, 2**32 - 1), length=st.integers(1, 100))
+def test_native_and_python_rings_agree(geo, seed, length):
+    rng = random.Random(seed)  # noqa: S311  the program from a seed: small to draw, replayed exactly
     geo = dict(geo, max_send_sge=(geo["sq_slot"] - wire.SEND_WQE_HEADER_SIZE) // wire.SGE_SIZE,
                max_recv_sge=(geo["rq_slot"] - wire.RECV_WQE_HEADER_SIZE) // wire.SGE_SIZE)
     program = _program(rng, geo, length)
