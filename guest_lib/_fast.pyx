@@ -29,6 +29,8 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from verbs._verbs cimport IBV_SEND_INLINE, IBV_SEND_SIGNALED, IBV_WC_RECV
 from virtio_rdma._guestring cimport gr_ld32, gr_ld64, gr_st32, gr_st64
 
+import errno
+
 from guest_lib.errors import RDMAError, UserError
 from virtio_rdma import wire
 from virtio_rdma.constants import ACCEL_CQE_OPCODE_BASE
@@ -245,7 +247,7 @@ cdef class WorkQueues:
 
     cdef inline void _full(self, uint32_t pi, uint32_t n) except *:
         if <uint32_t>(pi - self.sq_ci) > self.sq_depth - n:
-            raise RDMAError(f"send queue of QP {self.qpn:#x} is full ({self.sq_depth} WRs)", 12)
+            raise RDMAError(f"send queue of QP {self.qpn:#x} is full ({self.sq_depth} WRs)", errno.ENOMEM)
 
     def post_send(self, wrs) -> None:
         """Write the WQEs of ``wrs`` (a SendWR or a list) and publish sq_pi;
@@ -307,7 +309,8 @@ cdef class WorkQueues:
         try:
             for wr in wrs:
                 if <uint32_t>(pi - self.rq_ci) >= self.rq_depth:
-                    raise RDMAError(f"receive queue of QP {self.qpn:#x} is full ({self.rq_depth} WRs)", 12)
+                    raise RDMAError(f"receive queue of QP {self.qpn:#x} is full ({self.rq_depth} WRs)",
+                                    errno.ENOMEM)
                 sg = wr.sg if wr.num_sge is None else wr.sg[: wr.num_sge]
                 n = len(sg)
                 if n > self.max_recv_sge or n > SGE_CAP:

@@ -6,6 +6,13 @@ write WQEs straight into the slots, update the QP's doorbell record and ring
 one doorbell per call (a list of WRs is one batch). Slots are reclaimed as
 completions are polled: send WRs complete in order, so a signaled completion
 frees every slot up to it, as providers of real HCAs track it.
+
+The rings are written by :class:`guest_lib._fast.WorkQueues` (native, the
+default) or by :class:`PyWorkQueues`, the Python reference
+(``VRDMA_GUEST_NATIVE=0``; guest_lib.cq.NATIVE when the QP is made). A bad
+WR (too many SGEs, too much inline data, a field out of range, a full
+queue) raises before its slot is touched; the WRs before it in the same
+call are posted and rung, as ibv_post_send posts those before ``bad_wr``.
 """
 from __future__ import annotations
 
@@ -163,7 +170,7 @@ class PyWorkQueues:
 
     def _full(self, pi: int, n: int) -> None:
         if (pi - self.sq_ci) & _U32 > self.sq_depth - n:
-            raise RDMAError(f"send queue of QP {self.qpn:#x} is full ({self.sq_depth} WRs)", 12)
+            raise RDMAError(f"send queue of QP {self.qpn:#x} is full ({self.sq_depth} WRs)", errno.ENOMEM)
 
     def post_send(self, wrs) -> None:
         if not isinstance(wrs, (list, tuple)):
@@ -207,7 +214,8 @@ class PyWorkQueues:
         try:
             for wr in wrs:
                 if (pi - self.rq_ci) & _U32 >= self.rq_depth:
-                    raise RDMAError(f"receive queue of QP {self.qpn:#x} is full ({self.rq_depth} WRs)", 12)
+                    raise RDMAError(f"receive queue of QP {self.qpn:#x} is full ({self.rq_depth} WRs)",
+                                    errno.ENOMEM)
                 sg = wr.sg if wr.num_sge is None else wr.sg[: wr.num_sge]
                 if len(sg) > min(self.max_recv_sge, _MAX_SGE):
                     raise UserError(f"{len(sg)} SGEs exceed max_recv_sge {self.max_recv_sge}")

@@ -99,11 +99,11 @@ class CqWaiter:
     how the waits ended."""
 
     MIN_NS = 1_000
-    MAX_NS = 200_000
+    MAX_NS = 20_000
     SWITCH_NS = 3_000
     BLOCK_NS = 2_000_000
 
-    def __init__(self, cq, mode: str = "adaptive", spin_ns: int = 20_000):
+    def __init__(self, cq, mode: str = "adaptive", spin_ns: int = 2_000):
         if mode not in WAITS:
             raise ValueError(f"wait mode {mode!r} is not one of {WAITS}")
         self.cq, self.mode, self.spin_ns = cq, mode, spin_ns
