@@ -92,11 +92,15 @@ class CqWaiter:
       completion came later: it is produced elsewhere and spinning longer
       would have caught it: the budget doubles (at most :attr:`MAX_NS`).
 
-    Measured on a 2-vCPU VM (bench/perftest.py): a yield-poll costs a few
-    microseconds over the eventfd floor when the producer shares the CPU;
-    blocking through the event queue hundreds of microseconds, so it is the
-    last resort for an idle CQ. ``spun`` / ``yielded`` / ``blocked`` count
-    how the waits ended."""
+    Measured on a shared 2-vCPU VM (bench/perftest.py, both layouts):
+    spinning without yielding collapses to the scheduler's tick (ms) as
+    soon as the peer or the daemon shares the CPU; sched_yield polling
+    stays within a few microseconds of the best; longer spin budgets (up to
+    200 us) starved whoever shared the CPU in send_bw, hence the small
+    :attr:`MAX_NS`; blocking through the event queue costs hundreds of
+    microseconds, so it is the last resort, for a CQ idle for
+    :attr:`BLOCK_NS`. ``spun`` / ``yielded`` / ``blocked`` count how the
+    waits ended."""
 
     MIN_NS = 1_000
     MAX_NS = 20_000
