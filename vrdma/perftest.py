@@ -189,6 +189,8 @@ def _side(role: str, test: str, path: str, size: int, iters: int, batch: int, co
         peer = conn.recv()
         g.connect(peer, **(connect_attrs or {}))
         result = globals()[f"_{test}_{role}"](g, peer, size, iters, batch, conn)
+        if result is None:  # a server: what it has to tell is how its waits went
+            result = {}
         if isinstance(result, dict):
             w = _waiter(g)
             result.update(native=g.qp.native, wait=w.mode, waits_spun=w.spun, waits_yielded=w.yielded,
@@ -526,7 +528,8 @@ def run_pair(path: str, test: str, size: int, iters: int, batch: int = 16,
     for role, r in results.items():
         if isinstance(r, dict) and "error" in r:
             raise RuntimeError(f"{test} {role}: {r['error']}")
-    return dict(results["client"], batch=batch)
+    server = {f"server_{k}": v for k, v in results.get("server", {}).items() if k.startswith("waits_")}
+    return dict(results["client"], batch=batch, **server)
 
 
 def print_rows(test: str, rows: list[dict]) -> None:
