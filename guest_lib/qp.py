@@ -6,15 +6,24 @@ write WQEs straight into the slots, update the QP's doorbell record and ring
 one doorbell per call (a list of WRs is one batch). Slots are reclaimed as
 completions are polled: send WRs complete in order, so a signaled completion
 frees every slot up to it, as providers of real HCAs track it.
+
+The rings are written by :class:`guest_lib._fast.WorkQueues` (native, the
+default) or by :class:`PyWorkQueues`, the Python reference
+(``VRDMA_GUEST_NATIVE=0``; guest_lib.cq.NATIVE when the QP is made). A bad
+WR (too many SGEs, too much inline data, a field out of range, a full
+queue) raises before its slot is touched; the WRs before it in the same
+call are posted and rung, as ibv_post_send posts those before ``bad_wr``.
 """
 from __future__ import annotations
 
 import collections
 import errno
+import struct
 from dataclasses import dataclass, field
 
+from guest_lib import _fast
 from guest_lib.base import VerbsObject
-from guest_lib.cq import CQ
+from guest_lib.cq import CQ, native_default
 from guest_lib.errors import RDMAError, UserError
 from guest_lib.pd import PD
 from verbs import Mtu, QpAttrMask as M, QpState, QpType, SendFlags, WcOpcode
@@ -24,6 +33,7 @@ from virtio_rdma.constants import Cmd, CreateQpFlags, DoorbellKind
 
 _U32 = 0xFFFFFFFF
 _INLINE, _SIGNALED = int(SendFlags.INLINE), int(SendFlags.SIGNALED)  # ints: enum flag arithmetic is slow
+_MAX_SGE = _fast.MAX_SGE  # the most SGEs one WR may carry (either path)
 
 
 @dataclass
@@ -95,6 +105,145 @@ class PostList:
         self.qp, self.wqes, self.signaled = qp, wqes, signaled
 
 
+class PyWorkQueues:
+    """A QP's send and receive rings and doorbell record, in Python: the
+    reference the native :class:`guest_lib._fast.WorkQueues` is checked
+    against (same constructor, methods, errors and bytes written). Every
+    field of a WR is packed (and so checked) before its slot is written; on
+    an error the WRs before the bad one stay posted."""
+
+    def __init__(self, qpn: int, sq, rq, dbrec, sq_depth: int, rq_depth: int, sq_slot: int, rq_slot: int,
+                 max_send_sge: int, max_recv_sge: int, sq_sig_all: bool, translate):
+        for d in (sq_depth, rq_depth):
+            if d <= 0 or d & (d - 1):
+                raise ValueError(f"queue depths {sq_depth}/{rq_depth} must be powers of two")
+        if sq_slot < wire.SEND_WQE_HEADER_SIZE or rq_slot < wire.RECV_WQE_HEADER_SIZE:
+            raise ValueError(f"WQE slots {sq_slot}/{rq_slot} are smaller than their headers")
+        for what, buf, need in (("the send queue", sq, sq_depth * sq_slot),
+                                ("the receive queue", rq, rq_depth * rq_slot),
+                                ("the doorbell record", dbrec, 8)):
+            if len(buf) < need:
+                raise ValueError(f"{what} of {len(buf)} bytes is smaller than its {need}-byte geometry")
+        self.qpn, self.sq, self.rq = qpn, sq, rq
+        self._pi_words = le32_words(dbrec)  # [sq_pi, rq_pi], each stored whole
+        self.sq_depth, self.rq_depth, self.sq_slot, self.rq_slot = sq_depth, rq_depth, sq_slot, rq_slot
+        self.max_send_sge, self.max_recv_sge, self.sq_sig_all = max_send_sge, max_recv_sge, bool(sq_sig_all)
+        self.translate = translate
+        self.sq_pi = self.sq_ci = self.rq_pi = self.rq_ci = 0
+        self._signaled: collections.deque = collections.deque()  # one flag per posted, uncompleted send
+
+    def close(self) -> None:
+        self._pi_words.release()
+
+    def reset(self) -> None:
+        self.sq_pi = self.sq_ci = self.rq_pi = self.rq_ci = 0
+        self._signaled.clear()
+        self._pi_words[0] = self._pi_words[1] = 0
+
+    def _pack(self, buf, off: int, wr) -> bool:
+        """Write the WQE of ``wr`` into ``buf`` at ``off`` (one slot); returns
+        whether it is signaled."""
+        slot = self.sq_slot
+        try:
+            flags = int(wr.send_flags)
+            sg = wr.sg if wr.num_sge is None else wr.sg[: wr.num_sge]
+            if flags & _INLINE:
+                data = b"".join(bytes(self.translate(s.addr, s.length)) for s in sg)
+                room = slot - wire.SEND_WQE_HEADER_SIZE
+                if len(data) > room:
+                    raise UserError(f"{len(data)} bytes of inline data exceed the QP's {room}")
+                wqe = bytearray(wire.SEND_WQE_HEADER_SIZE)
+                wire.pack_send_wqe_header(wqe, 0, wr.wr_id, wr.opcode, flags, 0, wr.imm_data, wr.remote_addr,
+                                          wr.rkey, len(data), wr.compare_add, wr.swap)
+                wqe += data
+            else:
+                if len(sg) > min(self.max_send_sge, _MAX_SGE):
+                    raise UserError(f"{len(sg)} SGEs exceed max_send_sge {self.max_send_sge}")
+                wqe = bytearray(wire.SEND_WQE_HEADER_SIZE + wire.SGE_SIZE * len(sg))
+                wire.pack_send_wqe_header(wqe, 0, wr.wr_id, wr.opcode, flags, len(sg), wr.imm_data,
+                                          wr.remote_addr, wr.rkey, 0, wr.compare_add, wr.swap)
+                wire.pack_sges(wqe, wire.SEND_WQE_HEADER_SIZE, [(s.addr, s.length, s.lkey) for s in sg])
+        except (struct.error, OverflowError, TypeError) as e:
+            raise UserError(f"send WR {wr.wr_id!r}: a field is out of range ({e})") from None
+        buf[off : off + len(wqe)] = wqe
+        return bool(flags & _SIGNALED) or self.sq_sig_all
+
+    def _full(self, pi: int, n: int) -> None:
+        if (pi - self.sq_ci) & _U32 > self.sq_depth - n:
+            raise RDMAError(f"send queue of QP {self.qpn:#x} is full ({self.sq_depth} WRs)", errno.ENOMEM)
+
+    def post_send(self, wrs) -> None:
+        if not isinstance(wrs, (list, tuple)):
+            wrs = (wrs,)
+        sq, slot, mask = self.sq, self.sq_slot, self.sq_depth - 1
+        pi = self.sq_pi
+        try:
+            for wr in wrs:
+                self._full(pi, 1)
+                self._signaled.append(self._pack(sq, (pi & mask) * slot, wr))
+                pi = (pi + 1) & _U32
+        finally:
+            self.sq_pi = pi
+            self._pi_words[0] = pi
+
+    def prepare(self, wrs) -> tuple[bytes, tuple]:
+        buf = bytearray(len(wrs) * self.sq_slot)
+        signaled = tuple(self._pack(buf, i * self.sq_slot, wr) for i, wr in enumerate(wrs))
+        return bytes(buf), signaled
+
+    def post_list(self, wqes: bytes, signaled: tuple) -> None:
+        n, slot = len(signaled), self.sq_slot
+        if n * slot != len(wqes) or not 0 < n <= self.sq_depth:
+            raise UserError(f"a post list of {len(wqes)} bytes does not hold {n} WQEs of this QP")
+        pi = self.sq_pi
+        self._full(pi, n)
+        first = pi & (self.sq_depth - 1)
+        k = min(n, self.sq_depth - first) * slot
+        self.sq[first * slot : first * slot + k] = wqes[:k]
+        if k < len(wqes):
+            self.sq[: len(wqes) - k] = wqes[k:]
+        self._signaled.extend(bool(s) for s in signaled)
+        self.sq_pi = (pi + n) & _U32
+        self._pi_words[0] = self.sq_pi
+
+    def post_recv(self, wrs) -> None:
+        if not isinstance(wrs, (list, tuple)):
+            wrs = (wrs,)
+        rq, slot, mask = self.rq, self.rq_slot, self.rq_depth - 1
+        pi = self.rq_pi
+        try:
+            for wr in wrs:
+                if (pi - self.rq_ci) & _U32 >= self.rq_depth:
+                    raise RDMAError(f"receive queue of QP {self.qpn:#x} is full ({self.rq_depth} WRs)",
+                                    errno.ENOMEM)
+                sg = wr.sg if wr.num_sge is None else wr.sg[: wr.num_sge]
+                if len(sg) > min(self.max_recv_sge, _MAX_SGE):
+                    raise UserError(f"{len(sg)} SGEs exceed max_recv_sge {self.max_recv_sge}")
+                wqe = bytearray(wire.RECV_WQE_HEADER_SIZE + wire.SGE_SIZE * len(sg))
+                try:
+                    wire.pack_recv_wqe_header(wqe, 0, wr.wr_id, len(sg))
+                    wire.pack_sges(wqe, wire.RECV_WQE_HEADER_SIZE, [(s.addr, s.length, s.lkey) for s in sg])
+                except (struct.error, OverflowError, TypeError) as e:
+                    raise UserError(f"recv WR {wr.wr_id!r}: a field is out of range ({e})") from None
+                off = (pi & mask) * slot
+                rq[off : off + len(wqe)] = wqe
+                pi = (pi + 1) & _U32
+        finally:
+            self.rq_pi = pi
+            self._pi_words[1] = pi
+
+    def completed(self, opcode: int, status: int) -> None:
+        if opcode & WcOpcode.RECV:  # RECV (128) / RECV_RDMA_WITH_IMM (129)
+            if self.rq_ci != self.rq_pi:  # never past what was posted, whatever the device says
+                self.rq_ci = (self.rq_ci + 1) & _U32
+            return
+        q = self._signaled  # send WRs complete in order: a completion frees every slot up to it
+        while q:
+            self.sq_ci = (self.sq_ci + 1) & _U32
+            if q.popleft() or status:
+                break
+
+
 TO_INIT = M.STATE | M.PKEY_INDEX | M.PORT | M.ACCESS_FLAGS
 TO_RTR = M.STATE | M.AV | M.PATH_MTU | M.DEST_QPN | M.RQ_PSN | M.MAX_DEST_RD_ATOMIC | M.MIN_RNR_TIMER
 TO_RTS = M.STATE | M.SQ_PSN | M.TIMEOUT | M.RETRY_CNT | M.RNR_RETRY | M.MAX_QP_RD_ATOMIC
@@ -118,7 +267,6 @@ class QP(VerbsObject):
         self.sq_gpa, self.sq = ctx.alloc(lay.sq_bytes, 4096)
         self.rq_gpa, self.rq = ctx.alloc(lay.rq_bytes, 4096)
         self.dbrec_gpa, self.dbrec = ctx.alloc(wire.DBREC_SIZE, 64)
-        self._pi_words = le32_words(self.dbrec)  # [sq_pi, rq_pi], each stored whole
         try:
             r = ctx.command(Cmd.CREATE_QP, pdn=pd.pdn, qp_type=int(QpType.RC), send_cqn=self.scq.cqn,
                             recv_cqn=self.rcq.cqn, max_send_wr=cap.max_send_wr, max_recv_wr=cap.max_recv_wr,
@@ -136,8 +284,19 @@ class QP(VerbsObject):
         self.sq_depth, self.rq_depth = r["max_send_wr"], r["max_recv_wr"]
         self.sq_slot, self.rq_slot = 1 << r["sq_wqe_shift"], 1 << r["rq_wqe_shift"]
         self.sq_sig_all = init_attr.sq_sig_all
-        self.sq_pi = self.sq_ci = self.rq_pi = self.rq_ci = 0
-        self._sq_signaled: collections.deque = collections.deque()
+        rings = _fast.WorkQueues if native_default() else PyWorkQueues
+        try:
+            self._wq = rings(self.qp_num, self.sq, self.rq, self.dbrec, self.sq_depth, self.rq_depth,
+                             self.sq_slot, self.rq_slot, self.cap.max_send_sge, self.cap.max_recv_sge,
+                             self.sq_sig_all, ctx.view_of_uva)
+        except (ValueError, OverflowError) as e:  # the device's geometry does not fit what we allocated
+            try:
+                ctx._destroy(Cmd.DESTROY_QP, qpn=self.qp_num)
+            finally:
+                self._free_memory()
+                self._abandon()
+            raise RDMAError(f"CREATE_QP: the device's work queue geometry is unusable: {e}",
+                            errno.EPROTO) from e
         self.state = QpState.RESET
         ctx.qps[self.qp_num] = self
 
@@ -147,10 +306,8 @@ class QP(VerbsObject):
         if attr_mask & M.STATE:
             self.state = QpState(attr.qp_state)
             if self.state is QpState.RESET:
-                self.sq_pi = self.sq_ci = self.rq_pi = self.rq_ci = 0
-                self._sq_signaled.clear()
-                # the device may poll the record: it must not see old indices again
-                self._pi_words[0] = self._pi_words[1] = 0
+                # indices to 0; the device may poll the record: it must not see old indices again
+                self._wq.reset()
 
     def to_init(self, attr: QPAttr) -> None:
         attr.qp_state = QpState.INIT
@@ -168,47 +325,38 @@ class QP(VerbsObject):
         return self.ctx.command(Cmd.QUERY_QP, qpn=self.qp_num, attr_mask=int(attr_mask) & ((1 << 21) - 1))
 
     # --- posting ----------------------------------------------------------
-    def _pack_send(self, buf, off: int, wr) -> bool:
-        """Write the WQE of ``wr`` into ``buf`` at ``off`` (one slot); returns
-        whether it is signaled."""
-        slot = self.sq_slot
-        flags = int(wr.send_flags)
-        sg = wr.sg if wr.num_sge is None else wr.sg[: wr.num_sge]
-        if flags & _INLINE:
-            data = b"".join(bytes(self.ctx.view_of_uva(s.addr, s.length)) for s in sg)
-            room = slot - wire.SEND_WQE_HEADER_SIZE
-            if len(data) > room:
-                raise UserError(f"{len(data)} bytes of inline data exceed the QP's {room}")
-            wire.pack_send_wqe_header(buf, off, wr.wr_id, int(wr.opcode), flags, 0, wr.imm_data,
-                                      wr.remote_addr, wr.rkey, len(data), wr.compare_add, wr.swap)
-            body = off + wire.SEND_WQE_HEADER_SIZE
-            buf[body : body + len(data)] = data
-        else:
-            if len(sg) > self.cap.max_send_sge:
-                raise UserError(f"{len(sg)} SGEs exceed max_send_sge {self.cap.max_send_sge}")
-            wire.pack_send_wqe_header(buf, off, wr.wr_id, int(wr.opcode), flags, len(sg), wr.imm_data,
-                                      wr.remote_addr, wr.rkey, 0, wr.compare_add, wr.swap)
-            wire.pack_sges(buf, off + wire.SEND_WQE_HEADER_SIZE, [(s.addr, s.length, s.lkey) for s in sg])
-        return bool(flags & _SIGNALED) or self.sq_sig_all
+    @property
+    def sq_pi(self) -> int:
+        return self._wq.sq_pi
 
-    def _sq_full(self, pi: int, n: int = 1) -> None:
-        if (pi - self.sq_ci) & _U32 > self.sq_depth - n:
-            self.sq_pi = pi
-            self._ring(DoorbellKind.SQ, pi)
-            raise RDMAError(f"send queue of QP {self.qp_num:#x} is full ({self.sq_depth} WRs)", 12)
+    @property
+    def sq_ci(self) -> int:
+        return self._wq.sq_ci
+
+    @property
+    def rq_pi(self) -> int:
+        return self._wq.rq_pi
+
+    @property
+    def rq_ci(self) -> int:
+        return self._wq.rq_ci
+
+    @property
+    def native(self) -> bool:
+        """Does this QP post through the native fast path (guest_lib._fast)?"""
+        return isinstance(self._wq, _fast.WorkQueues)
 
     def post_send(self, wrs) -> None:
-        """Post one SendWR or a list of them (one doorbell for the list)."""
+        """Post one SendWR or a list of them (one doorbell for the list). On
+        an error the WRs before the bad one are posted (and rung)."""
         self._check_open()
-        if not isinstance(wrs, (list, tuple)):
-            wrs = (wrs,)
-        sq, slot, mask = self.sq, self.sq_slot, self.sq_depth - 1
-        pi = self.sq_pi
-        for wr in wrs:
-            self._sq_full(pi)
-            self._sq_signaled.append(self._pack_send(sq, (pi & mask) * slot, wr))
-            pi = (pi + 1) & _U32
-        self._publish_sq(pi)
+        wq = self._wq
+        before = wq.sq_pi
+        try:
+            wq.post_send(wrs)
+        finally:
+            if wq.sq_pi != before:
+                self._ring(DoorbellKind.SQ, wq.sq_pi)
 
     def prepare_send(self, wrs) -> PostList:
         """Encode a list of SendWRs once, to post it many times with
@@ -216,9 +364,8 @@ class QP(VerbsObject):
         wrs = list(wrs)
         if not 0 < len(wrs) <= self.sq_depth:
             raise UserError(f"a post list of {len(wrs)} WRs does not fit a {self.sq_depth}-WR send queue")
-        buf = bytearray(len(wrs) * self.sq_slot)
-        signaled = tuple(self._pack_send(buf, i * self.sq_slot, wr) for i, wr in enumerate(wrs))
-        return PostList(self, bytes(buf), signaled)
+        wqes, signaled = self._wq.prepare(wrs)
+        return PostList(self, wqes, signaled)
 
     def post_list(self, plist: PostList) -> None:
         """Post a prepared list: its WQEs are copied into the ring in at most
@@ -226,45 +373,21 @@ class QP(VerbsObject):
         self._check_open()
         if plist.qp is not self:
             raise UserError("this post list was prepared for another QP")
-        n, slot = len(plist.signaled), self.sq_slot
-        pi = self.sq_pi
-        self._sq_full(pi, n)
-        first = pi & (self.sq_depth - 1)
-        k = min(n, self.sq_depth - first) * slot
-        self.sq[first * slot : first * slot + k] = plist.wqes[:k]
-        if k < len(plist.wqes):
-            self.sq[: len(plist.wqes) - k] = plist.wqes[k:]
-        self._sq_signaled.extend(plist.signaled)
-        self._publish_sq((pi + n) & _U32)
-
-    def _publish_sq(self, pi: int) -> None:
-        self.sq_pi = pi
-        self._pi_words[0] = pi
-        self._ring(DoorbellKind.SQ, pi)
+        self._wq.post_list(plist.wqes, plist.signaled)
+        self._ring(DoorbellKind.SQ, self._wq.sq_pi)
 
     def post_recv(self, wrs) -> None:
+        """Post one RecvWR or a list of them (one doorbell for the list)."""
         self._check_open()
         if self.state is QpState.RESET:  # the device ignores RQ doorbells in RESET, as rxe does
             raise RDMAError(f"post_recv on QP {self.qp_num:#x} in RESET", errno.EINVAL)
-        if not isinstance(wrs, (list, tuple)):
-            wrs = (wrs,)
-        rq, slot, mask = self.rq, self.rq_slot, self.rq_depth - 1
-        pi = self.rq_pi
-        for wr in wrs:
-            if (pi - self.rq_ci) & _U32 >= self.rq_depth:
-                self.rq_pi = pi
-                self._ring(DoorbellKind.RQ, pi)
-                raise RDMAError(f"receive queue of QP {self.qp_num:#x} is full ({self.rq_depth} WRs)", 12)
-            sg = wr.sg if wr.num_sge is None else wr.sg[: wr.num_sge]
-            if len(sg) > self.cap.max_recv_sge:
-                raise UserError(f"{len(sg)} SGEs exceed max_recv_sge {self.cap.max_recv_sge}")
-            off = (pi & mask) * slot
-            wire.pack_recv_wqe_header(rq, off, wr.wr_id, len(sg))
-            wire.pack_sges(rq, off + wire.RECV_WQE_HEADER_SIZE, [(s.addr, s.length, s.lkey) for s in sg])
-            pi = (pi + 1) & _U32
-        self.rq_pi = pi
-        self._pi_words[1] = pi
-        self._ring(DoorbellKind.RQ, pi)
+        wq = self._wq
+        before = wq.rq_pi
+        try:
+            wq.post_recv(wrs)
+        finally:
+            if wq.rq_pi != before:
+                self._ring(DoorbellKind.RQ, wq.rq_pi)
 
     def _ring(self, kind: DoorbellKind, pi: int) -> None:
         # The doorbell record is written; a polling device needs nothing more.
@@ -274,18 +397,14 @@ class QP(VerbsObject):
 
     def _completed(self, opcode: int, status: int) -> None:
         """Called by CQ.poll for each CQE of this QP: reclaim slots."""
-        if opcode & WcOpcode.RECV:  # RECV (128) / RECV_RDMA_WITH_IMM (129)
-            self.rq_ci = (self.rq_ci + 1) & _U32
-            return
-        q = self._sq_signaled
-        while q:
-            self.sq_ci = (self.sq_ci + 1) & _U32
-            if q.popleft() or status:
-                break
+        self._wq.completed(opcode, status)
 
     # --- teardown -----------------------------------------------------------
     def _free_memory(self) -> None:
-        for v in (self._pi_words, self.sq, self.rq, self.dbrec):
+        wq = getattr(self, "_wq", None)
+        if wq is not None:
+            wq.close()  # its views of the rings go first
+        for v in (self.sq, self.rq, self.dbrec):
             v.release()
         if not self.ctx.closed:
             for gpa in (self.sq_gpa, self.rq_gpa, self.dbrec_gpa):

@@ -9,10 +9,18 @@ of band and poll their CQs: :func:`run_pair` runs one test (``send_lat``,
 run, the floors those figures are compared with; :func:`print_rows` prints
 them in perftest's columns.
 
-Polling mode (``guest_cpu``), the way perftest runs: the guests are pinned
-and spin on their CQs, yielding (sched_yield) between empty polls, so two
-guests can share one CPU. Starting the daemon, pinning it and keeping idle
-vCPUs awake is the caller's business (``bench/perftest.py``).
+Tests: ``send_lat``, ``write_lat``, ``read_lat`` (latency, like ib_*_lat),
+``write_bw`` and ``send_bw`` (post lists of ``batch`` WRs, like ib_*_bw -l).
+
+How a guest waits for completions (``wait``, :class:`CqWaiter`): it polls
+its CQ with :meth:`~guest_lib.cq.CQ.poll_counts` (no object per
+completion) and, between empty polls, ``spin`` does nothing, ``yield``
+calls sched_yield, and ``adaptive`` (the default) spins for a budget learnt
+from the completion latencies it sees, then arms the CQ and blocks on its
+completion event, giving the CPU to whoever must produce the completion (a
+daemon or a peer on the same CPU). ``guest_cpu`` pins the guests. Starting
+the daemon, pinning it and keeping idle vCPUs awake is the caller's
+business (``bench/perftest.py``).
 """
 from __future__ import annotations
 
@@ -24,9 +32,12 @@ import time
 
 import numpy as np
 
-from guest_lib import SGE, QPCap, RecvWR, SendWR
+from guest_lib import SGE, QPCap, RecvWR, SendWR, cq as cq_mod
 from guest_lib.endpoint import RcEndpoint
-from verbs import SendFlags, WcOpcode, WrOpcode
+from verbs import SendFlags, WrOpcode
+
+#: the ways a guest can wait for a completion (:class:`CqWaiter`)
+WAITS = ("adaptive", "yield", "spin")
 
 LAT_HEADER = ("#bytes #iterations t_min[usec] t_max[usec] t_typical[usec] t_avg[usec] t_stdev[usec] "
               "99% percentile[usec] 99.9% percentile[usec]")
@@ -60,37 +71,130 @@ def lat_row(r: dict) -> str:
 # the two sides, each in its own process
 
 
-#: polling mode of the guests: CPU to pin them to, yield between empty polls
-_GUEST_CPU: int | None = None
+class CqWaiter:
+    """Waits for completions on one CQ (perftest's polling loop).
+
+    ``spin``: poll without pause. ``yield``: sched_yield between empty
+    polls. ``adaptive``: spin for at most ``spin_ns``, then poll with
+    sched_yield between looks, and after :attr:`BLOCK_NS` without a
+    completion arm the CQ (REQ_NOTIFY_CQ), poll once more (a completion
+    written before the arm raises no event) and block on its completion
+    event. The spin budget is learnt from what each wait shows:
+
+    * spinning caught the completion: budget twice the moving average of
+      such waits;
+    * a sched_yield gave the CPU away (it took longer than
+      :attr:`SWITCH_NS`) and the completion came while we yielded: some
+      other task wanted this CPU, perhaps the daemon or the peer that
+      produces our completions, which cannot run while we spin: the budget
+      shrinks fourfold, towards :attr:`MIN_NS`;
+    * the yields came straight back (nobody else wanted the CPU) and the
+      completion came later: it is produced elsewhere and spinning longer
+      would have caught it: the budget doubles (at most :attr:`MAX_NS`).
+
+    Measured on a shared 2-vCPU VM (bench/perftest.py, both layouts):
+    spinning without yielding collapses to the scheduler's tick (ms) as
+    soon as the peer or the daemon shares the CPU; sched_yield polling
+    stays within a few microseconds of the best; longer spin budgets (up to
+    200 us) starved whoever shared the CPU in send_bw, hence the small
+    :attr:`MAX_NS`; blocking through the event queue costs hundreds of
+    microseconds, so it is the last resort, for a CQ idle for
+    :attr:`BLOCK_NS`. ``spun`` / ``yielded`` / ``blocked`` count how the
+    waits ended."""
+
+    MIN_NS = 1_000
+    MAX_NS = 20_000
+    SWITCH_NS = 3_000
+    BLOCK_NS = 2_000_000
+
+    def __init__(self, cq, mode: str = "adaptive", spin_ns: int = 2_000):
+        if mode not in WAITS:
+            raise ValueError(f"wait mode {mode!r} is not one of {WAITS}")
+        self.cq, self.mode, self.spin_ns = cq, mode, spin_ns
+        self.avg_ns = spin_ns / 2
+        self.spun = self.yielded = self.blocked = 0
+
+    def wait(self, n: int = 16) -> tuple[int, int]:
+        """Consume 1..``n`` completions: (receive completions, others);
+        RuntimeError if one is in error. The polling itself is
+        :meth:`guest_lib.cq.CQ.wait_counts` (native: without the GIL)."""
+        cq = self.cq
+        if self.mode == "adaptive":
+            nrecv, nother, nerr = self._adaptive(n)
+        else:
+            spin = self.BLOCK_NS if self.mode == "spin" else 0
+            while True:  # wait_counts comes back every BLOCK_NS: the CQ looks at the daemon then
+                nrecv, nother, nerr, phase, _, _ = cq.wait_counts(n, spin, self.BLOCK_NS)
+                if phase != 3:
+                    break
+        if nerr:
+            raise RuntimeError(f"{nerr} completion(s) in error on CQ {cq.cqn}")
+        return nrecv, nother
+
+    def _learn(self, spin_ns: float) -> None:
+        self.spin_ns = int(min(self.MAX_NS, max(self.MIN_NS, spin_ns)))
+
+    def _adaptive(self, n: int) -> tuple[int, int, int]:
+        cq = self.cq
+        nrecv, nother, nerr, phase, waited, away = cq.wait_counts(n, self.spin_ns, self.BLOCK_NS)
+        if phase == 1:
+            self.spun += 1
+            self.avg_ns += (waited - self.avg_ns) / 8
+            self._learn(2 * self.avg_ns)
+        elif phase == 2:
+            self.yielded += 1
+            self._learn(self.spin_ns / 4 if away > self.SWITCH_NS else 2 * self.spin_ns)
+        if phase != 3:
+            return nrecv, nother, nerr
+        self.blocked += 1
+        while True:
+            cq.req_notify()
+            r = cq.poll_counts(n)
+            if r[0] or r[1]:
+                return r
+            cq.get_event(1.0)  # an event, or a second to look again (a dead daemon raises)
+            r = cq.poll_counts(n)
+            if r[0] or r[1]:
+                return r
 
 
-def _poll_one(g):
-    """The next completion (must be successful); in polling mode spin with
-    sched_yield so that the two guests sharing a CPU take turns."""
-    if _GUEST_CPU is None:
-        return g.poll_one()
-    cq = g.cq
-    while True:
-        n, wcs = cq.poll(1)
-        if n:
-            if wcs[0].status:
-                raise RuntimeError(f"completion error: {wcs[0]}")
-            return wcs[0]
-        os.sched_yield()
+#: how this process's guest waits (set per process by _side)
+_WAIT = "adaptive"
+
+
+def _waiter(g) -> CqWaiter:
+    w = getattr(g, "waiter", None)
+    if w is None:
+        w = g.waiter = CqWaiter(g.cq, _WAIT)
+    return w
+
+
+def _poll_one(g) -> None:
+    """Wait for the next completion (which must be successful)."""
+    _waiter(g).wait(1)
 
 
 def _side(role: str, test: str, path: str, size: int, iters: int, batch: int, conn, out,
-          cpu: int | None = None, connect_attrs: dict | None = None) -> None:
-    global _GUEST_CPU  # noqa: PLW0603  each side is its own process: its polling CPU is process state
+          cpu: int | None = None, connect_attrs: dict | None = None, native: bool | None = None,
+          wait: str = "adaptive") -> None:
+    global _WAIT  # noqa: PLW0603  each side is its own process: how it waits is process state
     try:
         if cpu is not None:
             os.sched_setaffinity(0, {cpu})
-            _GUEST_CPU = cpu
-        g = make_guest(path, max(size, 4096) * (2 if test == "write_bw" else 1) + 4096)
+        if native is not None:
+            cq_mod.NATIVE = native
+        _WAIT = wait
+        g = make_guest(path, max(size, 4096) * (2 if test in ("write_bw", "write_lat") else 1) + 4096)
         conn.send(g.info())
         peer = conn.recv()
         g.connect(peer, **(connect_attrs or {}))
         result = globals()[f"_{test}_{role}"](g, peer, size, iters, batch, conn)
+        if result is None:  # a server: what it has to tell is how its waits went
+            result = {}
+        if isinstance(result, dict):
+            w = _waiter(g)
+            result.update(native=g.qp.native, wait=w.mode, waits_spun=w.spun, waits_yielded=w.yielded,
+                          waits_blocked=w.blocked)
         g.close()
         out.put((role, result))
     except BaseException as e:  # report, never hang the parent
@@ -120,10 +224,11 @@ class _LatSide:
         g.qp.post_recv([self.rwr] * 64)
 
     def _wait(self, recv: bool) -> None:
-        seen = self.seen
+        seen, w = self.seen, _waiter(self.g)
         while not seen[recv]:
-            wc = _poll_one(self.g)       # one CQ for both: the other kind is counted for later
-            seen[bool(wc.opcode & WcOpcode.RECV)] += 1
+            nrecv, nother = w.wait()     # one CQ for both: the other kind is counted for later
+            seen[True] += nrecv
+            seen[False] += nother
         seen[recv] -= 1
 
     def receive(self) -> None:
@@ -162,6 +267,106 @@ def _send_lat_client(g, peer, size, iters, batch, conn):
     # ib_send_lat: consecutive post times, halved (a round trip covers two sends)
     samples = [(b - a) // 2 for a, b in itertools.pairwise(posted)]
     return latency_stats(samples[iters // 10:], size)
+
+
+class _WriteLatSide:
+    """One side of ib_write_lat's loop: RDMA WRITE ``size`` bytes whose last
+    byte is the iteration's tag (from the second half of our buffer) into
+    the first half of the peer's, then watch the last byte of our first half
+    for the peer's write (perftest polls memory too); a write signaled (and
+    waited for) every CQ_MOD."""
+
+    def __init__(self, g, peer, size: int):
+        self.g, self.size = g, size
+        self.view = g.mr.view
+        inline = SendFlags.INLINE if size <= 64 else 0
+        sge = SGE(g.mr.buf + size, size, g.mr.lkey)
+        kw = dict(opcode=WrOpcode.RDMA_WRITE, sg=[sge], remote_addr=peer["addr"], rkey=peer["rkey"])
+        self.wr = SendWR(wr_id=0, send_flags=inline, **kw)
+        self.wr_signaled = SendWR(wr_id=1, send_flags=inline | SendFlags.SIGNALED, **kw)
+        self.scnt = 0
+        self.spin = _WAIT == "spin"
+
+    def write(self, tag: int, iters: int) -> None:
+        self.view[2 * self.size - 1] = tag
+        self.scnt += 1
+        signaled = self.scnt % CQ_MOD == 0 or self.scnt == iters
+        self.g.qp.post_send(self.wr_signaled if signaled else self.wr)
+        if signaled:
+            _poll_one(self.g)
+
+    def watch(self, tag: int) -> None:
+        """Until the peer's write of ``tag`` lands (memory cannot be waited
+        on: spin, or sched_yield between looks)."""
+        view, last = self.view, self.size - 1
+        while view[last] != tag:
+            if not self.spin:
+                os.sched_yield()
+
+
+def _tag(i: int) -> int:
+    return i % 255 + 1
+
+
+def _write_lat_server(g, peer, size, iters, batch, conn):
+    side = _WriteLatSide(g, peer, size)
+    conn.send("ready")
+    for i in range(iters):
+        side.watch(_tag(i))
+        side.write(_tag(i), iters)
+    return None
+
+
+def _write_lat_client(g, peer, size, iters, batch, conn):
+    side = _WriteLatSide(g, peer, size)
+    conn.recv()
+    clock = time.perf_counter_ns
+    posted = []
+    for i in range(iters):
+        if i:
+            side.watch(_tag(i - 1))
+        posted.append(clock())
+        side.write(_tag(i), iters)
+    side.watch(_tag(iters - 1))
+    posted.append(clock())
+    samples = [(b - a) // 2 for a, b in itertools.pairwise(posted)]
+    return latency_stats(samples[iters // 10:], size)
+
+
+def _send_bw_server(g, peer, size, iters, batch, conn):
+    """ib_send_bw's receiver: the RQ kept full, receives reposted as they complete."""
+    depth = g.qp.rq_depth
+    rwr = RecvWR(wr_id=0, sg=[SGE(g.mr.buf, max(size, 1), g.mr.lkey)])
+    g.qp.post_recv([rwr] * depth)
+    conn.send("ready")
+    w = _waiter(g)
+    got, want = 0, max(1, iters // batch) * batch  # what the client sends
+    while got < want:
+        nrecv, _ = w.wait(depth)
+        got += nrecv
+        if nrecv:
+            g.qp.post_recv([rwr] * nrecv)
+    conn.recv()
+    return None
+
+
+def _send_bw_client(g, peer, size, iters, batch, conn):
+    sge = SGE(g.mr.buf, size, g.mr.lkey)
+    inline = SendFlags.INLINE if size <= 64 else 0
+    wrs = g.qp.prepare_send([SendWR(wr_id=i, opcode=WrOpcode.SEND, sg=[sge],
+                                    send_flags=(SendFlags.SIGNALED if i == batch - 1 else 0) | inline)
+                             for i in range(batch)])
+    conn.recv()
+    rounds = max(1, iters // batch)
+    t_start = time.perf_counter()
+    for _ in range(rounds):
+        g.qp.post_list(wrs)
+        _poll_one(g)
+    total = time.perf_counter() - t_start
+    conn.send("done")
+    n = rounds * batch
+    return {"bytes": size, "iterations": n, "bw_peak_MiB": n * size / total / 2**20,
+            "bw_avg_MiB": n * size / total / 2**20, "msg_rate_Mpps": n / total / 1e6}
 
 
 def _read_lat_server(g, peer, size, iters, batch, conn):
@@ -288,18 +493,23 @@ def memcpy_floor(size: int, reps: int = 200) -> dict:
 
 def run_pair(path: str, test: str, size: int, iters: int, batch: int = 16,
              guest_cpu: int | tuple[int, int] | None = None,
-             *, client_path: str | None = None, connect_attrs: dict | None = None) -> dict:
+             *, client_path: str | None = None, connect_attrs: dict | None = None,
+             native: bool | None = None, wait: str = "adaptive") -> dict:
     """Server and client guests in two processes; the client's daemon is
     ``client_path`` if given (two hosts), else the server's.  ``guest_cpu``
-    pins both guests to one CPU, or (server CPU, client CPU) each to its own."""
+    pins both guests to one CPU, or (server CPU, client CPU) each to its own.
+    ``native`` chooses the guests' fast path (None: guest_lib's default),
+    ``wait`` how they wait for completions (:data:`WAITS`)."""
+    if wait not in WAITS:
+        raise ValueError(f"wait mode {wait!r} is not one of {WAITS}")
     server_cpu, client_cpu = guest_cpu if isinstance(guest_cpu, tuple) else (guest_cpu, guest_cpu)
     ctx = mp.get_context("fork")
     a, b = ctx.Pipe()
     out = ctx.Queue()
     ps = [ctx.Process(target=_side, args=("server", test, path, size, iters, batch, a, out, server_cpu,
-                                           connect_attrs)),
+                                           connect_attrs, native, wait)),
           ctx.Process(target=_side, args=("client", test, client_path or path, size, iters, batch, b, out,
-                                           client_cpu, connect_attrs))]
+                                           client_cpu, connect_attrs, native, wait))]
     for p in ps:
         p.start()
     results = {}
@@ -318,12 +528,13 @@ def run_pair(path: str, test: str, size: int, iters: int, batch: int = 16,
     for role, r in results.items():
         if isinstance(r, dict) and "error" in r:
             raise RuntimeError(f"{test} {role}: {r['error']}")
-    return dict(results["client"], batch=batch)
+    server = {f"server_{k}": v for k, v in results.get("server", {}).items() if k.startswith("waits_")}
+    return dict(results["client"], batch=batch, **server)
 
 
 def print_rows(test: str, rows: list[dict]) -> None:
     """perftest's columns for ``rows`` of one test, then each row's floor and ratio."""
-    if test == "write_bw":
+    if test in ("write_bw", "send_bw"):
         print(BW_HEADER)
         for r in rows:
             print(f"{r['bytes']:<8}{r['iterations']:<12}{r['bw_peak_MiB']:<19.2f}{r['bw_avg_MiB']:<22.2f}"

@@ -1,0 +1,68 @@
+"""How perftest's guests wait for completions (vrdma.perftest.CqWaiter), and
+every perftest test on both guest paths, against a real daemon process."""
+import threading
+
+import pytest
+
+from guest_lib import SGE, QPCap, RecvWR, SendWR
+from guest_lib.endpoint import RcEndpoint, connect_pair
+from verbs import SendFlags, WrOpcode
+from vhost_user.testing import DaemonProcess
+from vrdma.perftest import CqWaiter, run_pair
+
+CAP = QPCap(64, 64, 1, 1, 64)
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    with DaemonProcess() as d:
+        yield d
+
+
+def test_adaptive_wait_blocks_on_the_event_when_nothing_comes(daemon):
+    with RcEndpoint(daemon.path, 1 << 16, cap=CAP) as a, RcEndpoint(daemon.path, 1 << 16, cap=CAP) as b:
+        connect_pair(a, b)
+        b.qp.post_recv(RecvWR(7, sg=[SGE(b.mr.buf, 64, b.mr.lkey)]))
+        send = SendWR(9, WrOpcode.SEND, sg=[SGE(a.mr.buf, 16, a.mr.lkey)],
+                      send_flags=SendFlags.SIGNALED | SendFlags.INLINE)
+        late = threading.Timer(0.5, a.qp.post_send, (send,))  # long after the waiter gave up spinning
+        late.start()
+        try:
+            w = CqWaiter(b.cq)
+            assert w.wait() == (1, 0)
+        finally:
+            late.join()
+        assert (w.spun, w.yielded, w.blocked) == (0, 0, 1)
+        assert w.spin_ns == 2_000  # blocking teaches the budget nothing
+        assert CqWaiter(a.cq, "yield").wait() == (0, 1)
+        assert a.qp.sq_ci == a.qp.sq_pi == 1 and b.qp.rq_ci == 1
+        # a completion in error is an error of the wait
+        a.qp.post_send(SendWR(10, WrOpcode.RDMA_WRITE, sg=[SGE(a.mr.buf, 8, a.mr.lkey)], remote_addr=b.mr.buf,
+                              rkey=b.mr.rkey ^ 0x5A5A, send_flags=SendFlags.SIGNALED))
+        with pytest.raises(RuntimeError, match="1 completion"):
+            CqWaiter(a.cq, "spin").wait()
+    with pytest.raises(ValueError, match="'nap' is not one of"):
+        CqWaiter(None, "nap")
+
+
+@pytest.mark.parametrize("test,size,native,wait,poll_us", [
+    ("send_lat", 64, True, "adaptive", 200),
+    ("send_lat", 64, False, "adaptive", 0),
+    ("write_lat", 64, True, "adaptive", 200),
+    ("read_lat", 64, True, "yield", 0),
+    ("send_bw", 64, True, "adaptive", 200),
+    ("write_bw", 4096, False, "spin", 200),
+])
+def test_perftest_runs_on_both_paths(test, size, native, wait, poll_us):
+    with DaemonProcess("--poll-us", str(poll_us)) as d:
+        r = run_pair(d.path, test, size, 200, 8, native=native, wait=wait)
+    assert (r["native"], r["wait"], r["bytes"]) == (native, wait, size)
+    if test.endswith("_bw"):
+        assert r["iterations"] == 200 and r["msg_rate_Mpps"] > 0 and r["bw_avg_MiB"] > 0
+    else:
+        assert r["iterations"] == 180 and 0 < r["t_min"] <= r["t_typical"] <= r["t_max"]
+    counts = [r[f"{side}waits_{how}"] for side in ("", "server_") for how in ("spun", "yielded", "blocked")]
+    if wait != "adaptive":  # only the adaptive wait counts how its waits ended
+        assert counts == [0] * 6
+    elif test in ("send_lat", "send_bw"):  # the server waited for the client's first message
+        assert sum(counts[3:]) >= 1
