@@ -18,6 +18,7 @@ APT_PACKAGES=(
   python3-pyverbs ibverbs-utils rdma-core
   busybox-static cpio zstd xz-utils kmod
   redis-server
+  prometheus
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
