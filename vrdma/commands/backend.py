@@ -400,12 +400,13 @@ def _device_factory_and_ledger(args, fabric, policy, accel):
     return RdmaDevice.factory(fabric, ledger, accel), ledger
 
 
-def make_ops_services(args, ledger, accel, peering) -> list:
-    """The admin socket and the Prometheus endpoint (docs/operations.md), as asked."""
+def make_ops_services(args, ledger, accel, peering):
+    """The admin socket and the Prometheus endpoint (docs/operations.md), as asked, and
+    the DaemonView they share (None: neither)."""
     admin = getattr(args, "admin_socket", None) or args.socket[0] + ".admin"
     addr = getattr(args, "metrics_addr", None)
     if admin == "none" and not addr:
-        return []
+        return [], None
     from vrdma.ops.view import DaemonView
 
     view = DaemonView(ledger=ledger, accel=accel, peering=peering)
@@ -422,7 +423,7 @@ def make_ops_services(args, ledger, accel, peering) -> list:
             out.append(MetricsService(addr, view))
         except ValueError as e:
             raise SystemExit(f"vrdma backend: {e}") from None
-    return out
+    return out, view
 
 
 def make_device_factory(args, fabric=None, policy=None, accel=None):
@@ -467,7 +468,10 @@ def run(args) -> int:
         services = [*services, peering]
     factory, ledger = _device_factory_and_ledger(args, fabric, policy, accel)
     reaches_out = bool(services)  # a fabric service or peer links: the fabric says how it reaches out
-    services = [*services, *make_ops_services(args, ledger, accel, peering)]
+    ops, view = make_ops_services(args, ledger, accel, peering)
+    services = [*services, *ops]
+    if view is not None:
+        factory = view.factory(factory)  # counters of guests that came and went are kept
 
     def ready():
         if reaches_out:  # a fabric that reaches other hosts says how

@@ -35,6 +35,8 @@ from vrdma.ops.wire import BadArgument, Busy, NotFound, NotSupported
 
 #: uids with series of their own; the rest are summed under tenant="other"
 MAX_TENANT_SERIES = 64
+#: devices tracked between two folds (scrapes) before a fold is forced
+MAX_DEVICES_TRACKED = 1024
 #: how long the collector's thread waits for the loop to answer
 CALL_TIMEOUT = 5.0
 #: the TenantPolicy fields ``tenant set`` may change live (they apply to new
@@ -106,6 +108,24 @@ class DaemonView:
         """(served connection, device) of every live connection with an RDMA device."""
         return [(c, c.core.device) for c in self.connections() if hasattr(c.core.device, "core")]
 
+    def factory(self, make: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """``make`` (a device factory) whose devices are tracked from birth, so the
+        counters of a guest that comes and goes between two scrapes are kept."""
+        def tracked(info):
+            dev = make(info)
+            if hasattr(dev, "core"):
+                self._seen[dev] = (self.tenant(info.uid if info is not None else -1), None)
+                if len(self._seen) > 4 * MAX_DEVICES_TRACKED:
+                    self._fold()  # bounded: closed devices are folded and let go
+            return dev
+
+        return tracked
+
+    def _fold_core(self, label: str, core) -> None:
+        acc = self._retired.setdefault(label, {})
+        for k, v in core.metrics.as_dict().items():
+            acc[k] = acc.get(k, 0) + v
+
     def _fold(self) -> dict[str, dict[str, int]]:
         """Device counters per tenant: live cores plus everything retired."""
         live = {}
@@ -113,12 +133,13 @@ class DaemonView:
             live[dev] = (self.tenant(c.info.uid), dev.core)
         for dev, (label, core) in list(self._seen.items()):
             cur = live.get(dev)
-            if core is not None and (cur is None or cur[1] is not core):  # gone or reset
-                acc = self._retired.setdefault(label, {})
-                for k, v in core.metrics.as_dict().items():
-                    acc[k] = acc.get(k, 0) + v
-            if cur is None:
+            if cur is None:  # gone (or never served): its cores' final counters are kept
+                last = getattr(dev, "core", None)
+                for k in {id(x): x for x in (core, last) if x is not None}.values():
+                    self._fold_core(label, k)
                 del self._seen[dev]
+            elif core is not None and cur[1] is not core:  # reset: a new core
+                self._fold_core(label, core)
         self._seen.update(live)
         out = {label: dict(v) for label, v in self._retired.items()}
         for label, core in live.values():
