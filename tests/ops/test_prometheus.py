@@ -141,7 +141,7 @@ def test_a_real_prometheus_server_scrapes_the_workloads_counters(ops_daemon):
             time.sleep(0.5)
         assert got == {q: float(v) for q, v in expect.items()}
         # a histogram quantile is computable from the buckets (the alert rule's expression)
-        p99 = prom.value('histogram_quantile(0.99, sum by (le) (vrdma_accel_queue_wait_seconds_bucket))')
+        p99 = prom.value("histogram_quantile(0.99, sum by (le) (vrdma_accel_queue_wait_seconds_bucket))")
         assert p99 is not None and p99 >= 0
     finally:
         prom.close()
