@@ -16,7 +16,7 @@ from tests.ops.test_prometheus import _workload
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus"
 PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="no promtool (install.sh installs Debian's prometheus)")
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="no promtool (install.sh installs prometheus)")
 
 
 def _promtool(*args: str, cwd: Path = RULES) -> subprocess.CompletedProcess:
@@ -44,7 +44,7 @@ def test_a_moved_threshold_fails_the_unit_tests(tmp_path):
 def test_the_rules_use_metrics_a_daemon_exports(ops_daemon):
     _workload(ops_daemon.path)
     text = ops_daemon.scrape()
-    exported = set(re.findall(r"^(vrdma_\w+?)(?:\{| )", text, re.M))
+    exported = set(re.findall(r"^(vrdma_\w+?)(?:\{| )", text, re.MULTILINE))
     used = set(re.findall(r"\b(vrdma_\w+)", (RULES / "alerts.yml").read_text()))
     # series that exist only with peers (load table) or after a limit refused something
     conditional = {"vrdma_load_table_present", "vrdma_tenant_limit_rejections_total"}

@@ -117,7 +117,7 @@ def test_the_exposition_is_prometheus_shaped(ops_daemon):
     assert metric_value(text, "vrdma_device_sends_completed_total") == WRITES
 
 
-@pytest.mark.skipif(PROMETHEUS is None, reason="no prometheus binary (install.sh installs Debian's prometheus)")
+@pytest.mark.skipif(PROMETHEUS is None, reason="no prometheus binary (install.sh installs it)")
 def test_a_real_prometheus_server_scrapes_the_workloads_counters(ops_daemon):
     _workload(ops_daemon.path)
     prom = PrometheusServer(f"127.0.0.1:{ops_daemon.port}")
