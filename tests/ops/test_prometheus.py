@@ -17,6 +17,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -143,5 +144,18 @@ def test_a_real_prometheus_server_scrapes_the_workloads_counters(ops_daemon):
         # a histogram quantile is computable from the buckets (the alert rule's expression)
         p99 = prom.value("histogram_quantile(0.99, sum by (le) (vrdma_accel_queue_wait_seconds_bucket))")
         assert p99 is not None and p99 >= 0
+        # every panel of the Grafana dashboard is a query this Prometheus accepts, and the
+        # panels of the counters the workload moved have data
+        dash = json.loads((Path(__file__).resolve().parents[2] / "docs" / "grafana-vrdma.json").read_text())
+        want = {"Accelerator wait p99", "Accelerator jobs completed / s", "RDMA bytes sent / s per tenant",
+                "Daemon RSS", "Drain state (0 serving, 1 draining, 2 drained)"}
+        deadline = time.monotonic() + 15  # rates need two scrapes in their window
+        while True:
+            with_data = {p["title"] for p in dash["panels"]
+                         if prom.query(p["targets"][0]["expr"].replace("$instance", ".*"))}
+            if want <= with_data or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert want <= with_data, with_data
     finally:
         prom.close()
