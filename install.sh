@@ -19,6 +19,7 @@ APT_PACKAGES=(
   busybox-static cpio zstd xz-utils kmod
   redis-server
   prometheus
+  slurmd slurmctld slurm-client munge
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
