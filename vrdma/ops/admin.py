@@ -7,8 +7,8 @@ and closed. Requests are the lines of :mod:`vrdma.ops.wire`, answered in
 order by :class:`~vrdma.ops.view.DaemonView` on the daemon's loop. A hostile
 client costs bounded work: at most :data:`MAX_CLIENTS` at once (more are
 refused), a line past ``MAX_REQUEST_BYTES`` ends the connection after an
-error, a client that sends no complete line for ``idle_timeout`` seconds is
-closed, and one that does not read its answers is closed once
+error, a client that sends no complete line for ``idle_timeout`` seconds
+(trickling bytes or not) is closed, and one that does not read its answers is closed once
 :data:`MAX_UNSENT_BYTES` wait for it. Counters: :class:`AdminMetrics`.
 """
 from __future__ import annotations
@@ -121,9 +121,12 @@ class AdminService:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         split = wire.LineSplitter()
+        loop = asyncio.get_running_loop()
+        # the clock runs from the last complete request: trickling bytes does not keep a slot
+        deadline = loop.time() + self.idle_timeout
         while True:
             try:
-                data = await asyncio.wait_for(reader.read(65536), self.idle_timeout)
+                data = await asyncio.wait_for(reader.read(65536), max(0.0, deadline - loop.time()))
             except TimeoutError:
                 self.metrics.idle_closed += 1
                 return
@@ -136,6 +139,8 @@ class AdminService:
                 self.metrics.errors += 1
                 writer.write(wire.encode_error(0, e))
                 return
+            if lines:
+                deadline = loop.time() + self.idle_timeout
             for line in lines:
                 writer.write(self._answer(line))
             if writer.transport.get_write_buffer_size() > MAX_UNSENT_BYTES:
