@@ -18,7 +18,7 @@ APT_PACKAGES=(
   python3-pyverbs ibverbs-utils rdma-core
   busybox-static cpio zstd xz-utils kmod
   redis-server
-  prometheus
+  prometheus curl
   slurmd slurmctld slurm-client munge
 )
 missing=()

@@ -21,6 +21,7 @@ from guest_lib.aq import AQ, AccelWR
 from verbs import Access
 from virtio_rdma.constants import AccelOp, AccelStatus, AqFlags
 from vrdma import lab
+from tests.ops.conftest import metric_value
 from vrdma.ops.admin import AdminClient
 
 pytestmark = pytest.mark.netns
@@ -32,6 +33,12 @@ B = 16
 def _ctl(h: lab.LabHost, cmd: str, **args):
     with AdminClient(h.sock + ".admin") as c:
         return c.call(cmd, **args)
+
+
+def _scrape(h: lab.LabHost) -> str:
+    r = h.ns.run(["curl", "-sf", f"http://{h.ip}:9464/metrics"], check=False, timeout=20)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
 
 
 def _poll(cq: CQ, n: int, timeout: float = 60.0) -> list:
@@ -67,7 +74,8 @@ def test_drain_finishes_what_it_has_refuses_new_remote_work_and_undrains(lab_dir
     key = str(lab_dir / "cluster.key")
     write_key_file(key)
     extra = ("--cluster-key", key, "--load-period", str(PERIOD))
-    specs = [lab.HostSpec("fft=1", extra=extra), lab.HostSpec("fft=1", slowdown=100.0, extra=extra)]
+    specs = [lab.HostSpec("fft=1", extra=(*extra, "--metrics-addr", "192.0.2.1:9464")),
+             lab.HostSpec("fft=1", slowdown=100.0, extra=(*extra, "--metrics-addr", "192.0.2.2:9464"))]
     with lab.LabCluster(specs, lab_dir / "drain") as c:
         c.wait_linked()
         h0, h1 = c.hosts
@@ -110,6 +118,15 @@ def test_drain_finishes_what_it_has_refuses_new_remote_work_and_undrains(lab_dir
             # host1 advertises no units: its row leaves host0's table (3 periods of silence)
             _until(lambda: not any(p["in_table"] for p in _ctl(h0, "peers")), 20 * PERIOD + 5,
                    "host1 stayed in host0's load table while drained")
+            # the same through each host's Prometheus endpoint (scraped inside its namespace)
+            m0, m1 = _scrape(h0), _scrape(h1)
+            assert metric_value(m1, "vrdma_drain_state") == 2
+            assert metric_value(m1, "vrdma_peer_jobs_refused_total", peer=h0.ip) >= 4
+            assert metric_value(m1, "vrdma_peer_link_connects_total", peer=h0.ip) >= 1
+            assert metric_value(m1, "vrdma_roce_udp_rx_packets_total") > 0
+            assert metric_value(m0, "vrdma_load_exchange_announcer_sent_total") > 0
+            assert metric_value(m0, "vrdma_load_table_present", peer=h1.ip) == 0
+            assert metric_value(m0, "vrdma_load_table_age_seconds", peer=h1.ip) > 3 * PERIOD
             # undrain: remote work again
             assert _ctl(h1, "undrain")["state"] == "serving"
             post(100, outs[10])

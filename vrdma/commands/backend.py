@@ -400,7 +400,7 @@ def _device_factory_and_ledger(args, fabric, policy, accel):
     return RdmaDevice.factory(fabric, ledger, accel), ledger
 
 
-def make_ops_services(args, ledger, accel, peering):
+def make_ops_services(args, ledger, accel, peering, fabric=None, fabric_services=()):
     """The admin socket and the Prometheus endpoint (docs/operations.md), as asked, and
     the DaemonView they share (None: neither)."""
     admin = getattr(args, "admin_socket", None) or args.socket[0] + ".admin"
@@ -409,7 +409,8 @@ def make_ops_services(args, ledger, accel, peering):
         return [], None
     from vrdma.ops.view import DaemonView
 
-    view = DaemonView(ledger=ledger, accel=accel, peering=peering)
+    view = DaemonView(ledger=ledger, accel=accel, peering=peering, fabric=fabric,
+                      fabric_services=[s for s in fabric_services if s is not peering])
     out: list = []
     if admin != "none":
         from vrdma.ops.admin import IDLE_TIMEOUT, AdminService
@@ -468,7 +469,7 @@ def run(args) -> int:
         services = [*services, peering]
     factory, ledger = _device_factory_and_ledger(args, fabric, policy, accel)
     reaches_out = bool(services)  # a fabric service or peer links: the fabric says how it reaches out
-    ops, view = make_ops_services(args, ledger, accel, peering)
+    ops, view = make_ops_services(args, ledger, accel, peering, fabric, services)
     services = [*services, *ops]
     if view is not None:
         factory = view.factory(factory)  # counters of guests that came and went are kept

@@ -54,10 +54,14 @@ class DaemonView:
     """The daemon's objects (see the module doc). ``servers`` is bound by
     :meth:`bind_servers` once ``run_backend`` made them."""
 
-    def __init__(self, *, ledger=None, accel=None, peering=None, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, *, ledger=None, accel=None, peering=None, fabric=None, fabric_services=(),
+                 clock: Callable[[], float] = time.monotonic):
         self.ledger = ledger
         self.accel = accel
         self.peering = peering  # a PeeringService or None
+        self.fabric = fabric
+        #: the fabric's loop services (RoceFabricService: its UDP endpoint's counters)
+        self.fabric_services = tuple(fabric_services)
         self.clock = clock
         self.servers: list = []
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -399,6 +403,7 @@ class DaemonView:
                 g(("vrdma_tenant_usage", "resources a tenant holds now", {"tenant": label, "resource": r}, n))
         self._accel_samples(c, g, hists)
         self._peer_samples(c, g)
+        self._fabric_samples(c, g)
         ru = resource.getrusage(resource.RUSAGE_SELF)
         g(("vrdma_daemon_max_rss_bytes", "the daemon's peak resident set", {}, ru.ru_maxrss * 1024))
         g(("vrdma_daemon_rss_bytes", "the daemon's resident set", {}, _rss_bytes()))
@@ -442,6 +447,22 @@ class DaemonView:
                 hists.append(("vrdma_accel_queue_wait_seconds", "time jobs waited for a worker",
                               ol, buckets, o["queue_wait_seconds"]))
 
+    def _fabric_samples(self, c, g) -> None:
+        m = getattr(self.fabric, "metrics", None)
+        if m is not None and hasattr(m, "as_dict"):
+            kind = type(self.fabric).__name__
+            for k, v in _ints(m.as_dict()):
+                if k in _FABRIC_GAUGES:
+                    g((f"vrdma_fabric_{k}", f"fabric objects alive: {k}", {"fabric": kind}, v))
+                else:
+                    c((f"vrdma_fabric_{k}", f"fabric counter {k}", {"fabric": kind}, v))
+        for svc in self.fabric_services:
+            ep = getattr(svc, "endpoint", None)
+            um = getattr(ep, "metrics", None)
+            if um is not None and dataclasses.is_dataclass(um):
+                for k, v in _ints(dataclasses.asdict(um)):
+                    c((f"vrdma_roce_udp_{k}", f"RoCEv2 UDP endpoint counter {k}", {}, v))
+
     def _peer_samples(self, c, g) -> None:
         if self.peering is None:
             return
@@ -466,12 +487,38 @@ class DaemonView:
                 if row is not None:
                     g(("vrdma_load_table_age_seconds", "age of a peer's newest load row", lab,
                        now - row.updated))
+        for addr, t in p.targets.items():
+            for k, v in t.link.metrics.as_dict().items():
+                if isinstance(v, int):
+                    c((f"vrdma_peer_link_{k}", f"peer RC link counter {k}", {"peer": addr}, v))
+        ex = self.peering.exchange
+        if ex is not None:
+            try:
+                for k, v in _ints(ex.metrics()):
+                    c((f"vrdma_load_exchange_{k}", f"load-row dissemination counter {k}", {}, v))
+            except Exception:  # a backend that cannot say (Redis down): its counters are skipped
+                pass
         if d is not None:
             c(("vrdma_load_table_rows_accepted", "load rows taken", {}, d.table.accepted))
             c(("vrdma_load_table_rows_stale", "load rows ignored (not newer)", {}, d.table.stale))
             for k, v in d.metrics.as_dict().items() if hasattr(d.metrics, "as_dict") else ():
                 if isinstance(v, int):
                     c((f"vrdma_scheduler_{k}", f"scheduler counter {k}", {}, v))
+
+
+#: fabric counters that are levels (objects alive now), not events
+_FABRIC_GAUGES = frozenset({"wire_qps", "device_qps", "device_mrs", "alias_vmas"})
+
+
+def _ints(d: dict, prefix: str = "") -> list[tuple[str, int]]:
+    """The integer entries of ``d`` (one level of nesting joined with ``_``)."""
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += _ints(v, f"{prefix}{k}_") if not prefix else []
+        elif isinstance(v, int) and not isinstance(v, bool):
+            out.append((f"{prefix}{k}", v))
+    return out
 
 
 def _rss_bytes() -> int:
