@@ -18,10 +18,10 @@ import pytest
 import accel_core
 from guest_lib import CQ, MR, PD, SGE, Context
 from guest_lib.aq import AQ, AccelWR
+from tests.ops.conftest import metric_value
 from verbs import Access
 from virtio_rdma.constants import AccelOp, AccelStatus, AqFlags
 from vrdma import lab
-from tests.ops.conftest import metric_value
 from vrdma.ops.admin import AdminClient
 
 pytestmark = pytest.mark.netns

@@ -459,7 +459,7 @@ class DaemonView:
         for svc in self.fabric_services:
             ep = getattr(svc, "endpoint", None)
             um = getattr(ep, "metrics", None)
-            if um is not None and dataclasses.is_dataclass(um):
+            if um is not None and dataclasses.is_dataclass(um) and not isinstance(um, type):
                 for k, v in _ints(dataclasses.asdict(um)):
                     c((f"vrdma_roce_udp_{k}", f"RoCEv2 UDP endpoint counter {k}", {}, v))
 
