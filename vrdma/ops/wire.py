@@ -94,8 +94,8 @@ def decode_request(line: bytes) -> Request:
         raise TooLong(f"request line of {len(line)} bytes (at most {MAX_REQUEST_BYTES})")
     try:
         doc = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ProtocolError(f"request is not JSON: {e}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ProtocolError(f"request is not JSON: {str(e)[:200]}") from None
     if not isinstance(doc, dict):
         raise ProtocolError(f"request is a JSON {type(doc).__name__}, not an object")
     rid = doc.get("id", 0)
@@ -118,7 +118,7 @@ def request_id(line: bytes) -> int:
         doc = json.loads(line)
         rid = doc.get("id", 0) if isinstance(doc, dict) else 0
         return rid if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid < 1 << 63 else 0
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return 0
 
 
@@ -138,8 +138,8 @@ def decode_response(line: bytes) -> tuple[int, Any]:
         raise TooLong(f"response line of {len(line)} bytes (at most {MAX_RESPONSE_BYTES})")
     try:
         doc = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ProtocolError(f"response is not JSON: {e}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ProtocolError(f"response is not JSON: {str(e)[:200]}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("ok"), bool):
         raise ProtocolError(f"response {line[:64]!r} is not an object with a boolean 'ok'")
     rid = doc.get("id")
