@@ -3,8 +3,7 @@ bad value, and any bytes at all decode to a request or an AdminError (Hypothesis
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from vrdma.ops import wire
 
