@@ -73,6 +73,12 @@ def test_ctl_lists_guests_qps_queues_and_sets_live_tenant_limits(ops_daemon):
         assert len(out.stdout.splitlines()) == 3
         out = _ctl(d, "--json", "qps")
         assert out.returncode == 0 and '"RTS"' in out.stdout
+        top = subprocess.run([sys.executable, "-m", "vrdma", "top", "-a", d.admin, "--once"],
+                             capture_output=True, text=True, timeout=30, check=False)
+        assert top.returncode == 0, top.stderr
+        assert "guests (2)" in top.stdout and "accelerators (2)" in top.stdout
+        assert "drain: serving" in top.stdout
+        assert all(g["name"] in top.stdout for g in guests)
         # fields of item 1 (weights, classes, quotas): not supported yet, said so, exit 3
         out = _ctl(d, "tenant", "set", str(os.getuid()), "--weight", "2")
         assert out.returncode == 3 and "not supported yet" in out.stderr

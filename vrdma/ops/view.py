@@ -104,8 +104,9 @@ class DaemonView:
     def tenant(self, uid: int) -> str:
         label = self._tenant_labels.get(uid)
         if label is None:
-            label = str(uid) if len(self._tenant_labels) < MAX_TENANT_SERIES else "other"
-            self._tenant_labels[uid] = label
+            if len(self._tenant_labels) >= MAX_TENANT_SERIES:
+                return "other"  # not remembered either: the map stays bounded
+            label = self._tenant_labels[uid] = str(uid)
         return label
 
     def devices(self) -> list[tuple[Any, Any]]:
