@@ -11,6 +11,7 @@ periods; ``undrain`` takes remote work again.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -135,3 +136,42 @@ def test_drain_finishes_what_it_has_refuses_new_remote_work_and_undrains(lab_dir
             assert outs[10].read(x.nbytes) == want
             _until(lambda: all(p["in_table"] for p in _ctl(h0, "peers")), 20 * PERIOD + 5,
                    "host1 not back in host0's table after undrain")
+
+
+def test_a_drained_host_gets_no_new_work_from_the_scheduler(lab_dir):
+    """host0 (no accelerators) places unpinned jobs on host1 (fast) or host2 (slowed):
+    host1 gets work before the drain; one load period after it, none."""
+    from roce.auth import write_key_file
+
+    key = str(lab_dir / "cluster.key")
+    write_key_file(key)
+    extra = ("--cluster-key", key, "--load-period", str(PERIOD))
+    specs = [lab.HostSpec("none", extra=extra), lab.HostSpec("fft=1", extra=extra),
+             lab.HostSpec("fft=1", slowdown=20.0, extra=extra)]
+    with lab.LabCluster(specs, lab_dir / "sched") as c:
+        c.wait_linked()
+        h0, h1, _h2 = c.hosts
+        _until(lambda: all(p["in_table"] for p in _ctl(h0, "peers")), 10, "peers never in host0's table")
+        with Context(h0.sock, mem_size=64 << 20, timeout=30) as ctx:
+            pd, cq = PD(ctx), CQ(ctx, 256)
+            n = 1024
+            x = (np.arange(n) % 5 + 1j).astype(np.complex64)
+            src, out = MR(pd, x.nbytes, Access.LOCAL_WRITE), MR(pd, x.nbytes, Access.LOCAL_WRITE)
+            src.write(x.tobytes())
+            aq = AQ(pd, cq, AccelOp.FFT, depth=64)
+
+            def run(first: int, count: int) -> Iterator[int]:
+                for i in range(first, first + count):  # one at a time: each placed on fresh load
+                    aq.post(AccelWR(wr_id=i, size=n, inputs=[SGE(src.buf, x.nbytes, src.lkey)],
+                                    outputs=[SGE(out.buf, x.nbytes, out.lkey)]))
+                    (w,) = _poll(cq, 1)
+                    assert w.accel_status is AccelStatus.SUCCESS and w.wr_id == i
+                    yield c.ran_on(0, w.host).index
+
+            before = list(run(0, 20))
+            assert 1 in before, before  # the fast host is chosen while it serves
+            assert _ctl(h1, "drain")["state"] in ("draining", "drained")
+            time.sleep(PERIOD)
+            after = list(run(100, 20))
+            assert 1 not in after and set(after) == {2}, after
+            assert _ctl(h1, "undrain")["state"] == "serving"
