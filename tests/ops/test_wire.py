@@ -68,3 +68,13 @@ def test_any_json_value_is_a_request_or_an_admin_error(doc):
             wire.decode_request(line)
         except wire.AdminError:
             pass
+
+
+def test_tenant_labels_are_capped():
+    from vrdma.ops.view import MAX_TENANT_SERIES, DaemonView
+
+    v = DaemonView()
+    labels = [v.tenant(uid) for uid in range(1000, 1000 + 3 * MAX_TENANT_SERIES)]
+    assert labels[:MAX_TENANT_SERIES] == [str(u) for u in range(1000, 1000 + MAX_TENANT_SERIES)]
+    assert set(labels[MAX_TENANT_SERIES:]) == {"other"}
+    assert v.tenant(1000) == "1000" and len(v._tenant_labels) == MAX_TENANT_SERIES
