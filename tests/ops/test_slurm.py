@@ -168,8 +168,9 @@ def test_two_gres_jobs_each_get_a_private_daemon_released_at_job_end(slurm):
     seen = []
     for _ in range(2):
         jid, out = slurm.sbatch("--gres=vrdma:1", "--wrap", job)
-        (line,) = [ln for ln in out.splitlines() if ln.startswith("{")]
-        r = json.loads(line)
+        lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+        assert len(lines) == 1, f"job {jid} output:\n{out}\n{slurm._logs()}"
+        r = json.loads(lines[0])
         assert r["job"] == jid and r["fft_ok"] and r["turbo_ok"] and r["writes_ok"]
         assert r["socket"] == str(slurm.run / f"job{jid}" / "vrdma.sock")
         assert r["guest_uids"] == [r["uid"], r["uid"]]  # the job's uid is the tenant
