@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command installs everything vrdma needs on a fresh Debian 12 machine:
 # system packages (QEMU 7.2 + qemu-storage-daemon, tshark, iproute2, iptables,
-# pyverbs, the pieces of the kernel-rxe test guest, mmdebstrap), QEMU 11.1 from
+# pyverbs, the pieces of the kernel-rxe test guest, mmdebstrap, Prometheus,
+# Slurm and munge for the operations tests), QEMU 11.1 from
 # trixie-backports in a trixie root made with mmdebstrap (for `vrdma vm run
 # --qemu 11.1`; cached, rebuilt only if missing) and a virtualenv in .venv with
 # the Python dependencies and the Cython extensions built in place.
@@ -21,6 +22,8 @@ APT_PACKAGES=(
   busybox-static cpio zstd xz-utils kmod
   redis-server
   mmdebstrap
+  prometheus curl
+  slurmd slurmctld slurm-client munge
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -17,10 +17,15 @@ plain dict for logs, JSON and tests:
 """
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, field
 
 from accel_core.jobs import Job, JobState, Op
+
+#: upper bounds (seconds) of the queue-wait histogram's buckets; a last bucket takes the rest
+QUEUE_WAIT_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5,
+                      5.0)
 
 
 @dataclass
@@ -73,6 +78,8 @@ class _OpCounters:
     kernel_seconds: float = 0.0
     delay_seconds: float = 0.0
     queue_wait_seconds: float = 0.0
+    #: finished jobs per queue-wait bucket (QUEUE_WAIT_BUCKETS, then the rest)
+    queue_wait_buckets: list[int] = field(default_factory=lambda: [0] * (len(QUEUE_WAIT_BUCKETS) + 1))
     estimate: _EstimateStats = field(default_factory=_EstimateStats)
 
     def as_dict(self) -> dict:
@@ -82,7 +89,7 @@ class _OpCounters:
             "queue_full": self.queue_full, "inline": self.inline,
             "busy_seconds": self.busy_seconds, "kernel_seconds": self.kernel_seconds,
             "delay_seconds": self.delay_seconds, "queue_wait_seconds": self.queue_wait_seconds,
-            "estimate": self.estimate.as_dict(),
+            "queue_wait_buckets": list(self.queue_wait_buckets), "estimate": self.estimate.as_dict(),
         }
 
 
@@ -118,7 +125,9 @@ class AcceleratorMetrics:
             c.failed += 1
         service = job.service_time or 0.0
         c.busy_seconds += service
-        c.queue_wait_seconds += job.queue_wait or 0.0
+        wait = job.queue_wait or 0.0
+        c.queue_wait_seconds += wait
+        c.queue_wait_buckets[bisect.bisect_left(QUEUE_WAIT_BUCKETS, wait)] += 1
         if job.state is JobState.DONE:
             # The accelerator's time when the owner measured it (kernel CPU time + emulated
             # delay), else the job's wall-clock service time.
@@ -138,5 +147,7 @@ class AcceleratorMetrics:
             total.kernel_seconds += c.kernel_seconds
             total.delay_seconds += c.delay_seconds
             total.queue_wait_seconds += c.queue_wait_seconds
+            total.queue_wait_buckets = [a + b for a, b in zip(total.queue_wait_buckets, c.queue_wait_buckets,
+                                                              strict=True)]
             total.estimate.merge(c.estimate)
         return {"ops": {op.value: c.as_dict() for op, c in self.ops.items()}, "total": total.as_dict()}

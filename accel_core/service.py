@@ -274,6 +274,7 @@ class Accelerator:
                 c.submitted += jobs
                 c.completed += jobs
                 c.inline += jobs
+                c.queue_wait_buckets[0] += jobs  # run at once: no queue wait
                 c.busy_seconds += seconds
                 c.kernel_seconds += seconds
             if len(self._queue):  # submitted while the unit was claimed: a worker takes it now

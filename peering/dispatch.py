@@ -297,14 +297,23 @@ class Dispatcher:
         return LoadRow(0, units, st, queued, busy, seq=self._seq,
                        updated=self.clock() if now is None else now)
 
+    def advertised_row(self, now: float | None = None) -> LoadRow:
+        """What peers are told (load table, counters region, board): :meth:`here_row`, with
+        no units while the daemon drains (``router.accept_remote`` False)."""
+        row = self.here_row(now)
+        if self.router.accept_remote:
+            return row
+        return LoadRow(0, {}, {}, {}, {}, seq=row.seq, updated=row.updated)
+
     def publish(self) -> None:
         """Refresh the counters region peers READ (and this host's slot of the board)."""
         self._publish_due = False
-        row = self.here_row()
+        row = self.advertised_row()
         store_counters(self.region, row)
         self.metrics.publishes += 1
         b = self.board
-        if b is None or not row.has_accelerators:   # a host without accelerators never advertises
+        if b is None or (not row.has_accelerators and self.router.accept_remote):
+            # a host without accelerators never advertises; a draining one writes its empty row
             return
         if b.region is not None:
             off = counters_offset(b.own_slot)

@@ -587,7 +587,8 @@ class PeerTarget:
             return
         fft = m.op in (AccelOp.FFT, AccelOp.IFFT)
         nbytes = in_need + (0 if fft else k_out + m.batch)
-        if len(self.served) >= self.credits or self.staging + nbytes > MAX_STAGING_BYTES:
+        if (len(self.served) >= self.credits or self.staging + nbytes > MAX_STAGING_BYTES
+                or not self.router.accept_remote):  # full, or draining (vrdma ctl drain)
             self._refuse(m.tag, AccelStatus.REMOTE_FAILED)
             return
         if m.slot != NO_SLOT:

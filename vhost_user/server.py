@@ -583,6 +583,9 @@ def run_backend(paths: list[str], device_factory: Callable[[ConnectionInfo], Vho
                                  require_sealed_memory=require_sealed_memory, per_uid=per_uid,
                                  socket_mode=socket_mode, socket_group=socket_group) for p in paths]
         started = []
+        for svc in services:  # e.g. the admin socket: it reports the servers' connections
+            if hasattr(svc, "bind_servers"):
+                svc.bind_servers(servers)
         try:
             for svc in services:
                 await svc.start()

@@ -419,6 +419,9 @@ class AccelRouter:
         self.wakeups = 0
         self._next_guest = 1
         self.jobs_dropped = 0  # finished after their queue or device went
+        #: False while the daemon drains (vrdma ctl drain): peers' new jobs are refused
+        #: (REMOTE_FAILED) and the load row advertises no units; guests' own jobs still run
+        self.accept_remote = True
         #: DBREC_POLL: each device's AQ doorbell-record scanner, by its guest id (loop thread only)
         self.scanners: dict[int, Any] = {}
         #: small FFT / IFFT jobs of AQs without flags, done and completed in the loop thread

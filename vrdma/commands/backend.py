@@ -102,6 +102,13 @@ def add_arguments(p) -> None:
                    help="--load-backend redis: the cluster's name in the keys (vrdma:NAME:load:ADDR), "
                         "so clusters can share a server (default: default)")
     _add_tenant_arguments(p)
+    o = p.add_argument_group("operations (docs/operations.md)")
+    o.add_argument("--metrics-addr", metavar="HOST:PORT",
+                   help="serve the daemon's counters in Prometheus text format on http://HOST:PORT/metrics")
+    o.add_argument("--admin-socket", metavar="PATH",
+                   help="the admin socket for 'vrdma ctl' and 'vrdma top' (mode 0600; uid 0 or the "
+                        "daemon's); default: the first --socket with .admin appended; none: no socket")
+    o.add_argument("--admin-timeout", type=float, default=None, help=argparse.SUPPRESS)
 
 
 def make_peering(args, fabric, accel):
@@ -180,7 +187,7 @@ def _load_exchange(args, peering, period: float):
     except (KeyFileError, SchedulerError, OSError, ValueError) as e:
         raise SystemExit(f"vrdma backend: load table: {e}") from None
     d = peering.dispatcher
-    return LoadExchange(table=d.table, own_row=d.here_row, address=peering.fabric.address, key=key,
+    return LoadExchange(table=d.table, own_row=d.advertised_row, address=peering.fabric.address, key=key,
                         resolve=peering.resolve, backend=be, period=period)
 
 
@@ -383,6 +390,43 @@ def _verbs_fabric(args):
     return fabric, [VerbsFabricService(fabric)]
 
 
+def _device_factory_and_ledger(args, fabric, policy, accel):
+    if args.device != "rdma":
+        return make_device_factory(args, fabric, policy, accel), None
+    from vhost_user.tenancy import TenantLedger
+    from virtio_rdma.device import RdmaDevice
+
+    ledger = TenantLedger(policy)
+    return RdmaDevice.factory(fabric, ledger, accel), ledger
+
+
+def make_ops_services(args, ledger, accel, peering, fabric=None, fabric_services=()):
+    """The admin socket and the Prometheus endpoint (docs/operations.md), as asked, and
+    the DaemonView they share (None: neither)."""
+    admin = getattr(args, "admin_socket", None) or args.socket[0] + ".admin"
+    addr = getattr(args, "metrics_addr", None)
+    if admin == "none" and not addr:
+        return [], None
+    from vrdma.ops.view import DaemonView
+
+    view = DaemonView(ledger=ledger, accel=accel, peering=peering, fabric=fabric,
+                      fabric_services=[s for s in fabric_services if s is not peering])
+    out: list = []
+    if admin != "none":
+        from vrdma.ops.admin import IDLE_TIMEOUT, AdminService
+
+        timeout = args.admin_timeout if getattr(args, "admin_timeout", None) else IDLE_TIMEOUT
+        out.append(AdminService(admin, view, idle_timeout=timeout))
+    if addr:
+        from vrdma.ops.prom import MetricsService
+
+        try:
+            out.append(MetricsService(addr, view))
+        except ValueError as e:
+            raise SystemExit(f"vrdma backend: {e}") from None
+    return out, view
+
+
 def make_device_factory(args, fabric=None, policy=None, accel=None):
     """``device_factory(info)``: one device per connection (``info``: who connected)."""
     if args.device == "rdma":
@@ -423,14 +467,24 @@ def run(args) -> int:
     peering = make_peering(args, fabric, accel) if args.device == "rdma" else None
     if peering is not None:
         services = [*services, peering]
-    factory = make_device_factory(args, fabric, policy, accel)
+    factory, ledger = _device_factory_and_ledger(args, fabric, policy, accel)
+    reaches_out = bool(services)  # a fabric service or peer links: the fabric says how it reaches out
+    ops, view = make_ops_services(args, ledger, accel, peering, fabric, services)
+    services = [*services, *ops]
+    if view is not None:
+        factory = view.factory(factory)  # counters of guests that came and went are kept
 
     def ready():
-        if services:  # a fabric that reaches other hosts says how
+        if reaches_out:  # a fabric that reaches other hosts says how
             print(f"vrdma backend: {fabric.describe()}", flush=True)
         if peering is not None:
             for addr, t in peering.peering.targets.items():
                 print(f"vrdma backend: peer host {t.host} = {addr}", flush=True)
+        for svc in services:
+            if hasattr(svc, "port") and hasattr(svc, "registry"):
+                print(f"vrdma backend: metrics on http://{svc.host}:{svc.port}/metrics", flush=True)
+            elif hasattr(svc, "view") and hasattr(svc, "path"):
+                print(f"vrdma backend: admin socket {svc.path}", flush=True)
         for path in args.socket:
             print(f"vrdma backend: listening on {path}", flush=True)
 
@@ -439,7 +493,7 @@ def run(args) -> int:
                            require_sealed_memory=not args.allow_unsealed_memory, services=services,
                            policy=policy, socket_mode=args.socket_mode, socket_group=group)
     except OSError as e:
-        if services and e.errno is not None:
+        if reaches_out and e.errno is not None:
             raise SystemExit(f"vrdma backend: cannot open {fabric.describe()}: {e.strerror}") from None
         raise
     finally:

@@ -1,0 +1,41 @@
+#!/bin/sh
+# Slurm Prolog (root, on the node, at allocation): a job that asked --gres=vrdma:N gets a
+# private vrdma daemon running as the job's uid (so its guests are tenant SLURM_JOB_UID),
+# listening on $VRDMA_RUN/job$SLURM_JOB_ID/vrdma.sock (directory 0700, owned by the job's
+# user), admin socket next to it. vrdma-epilog.sh stops it and removes the directory.
+# Settings (environment of slurmd, or edit here):
+#   VRDMA_RUN      directory of the jobs' sockets (default /run/vrdma)
+#   VRDMA          the vrdma command (default: vrdma on PATH)
+#   VRDMA_ARGS     further backend options (e.g. --accelerators fft=1,turbo=1)
+set -eu
+RUN=${VRDMA_RUN:-/run/vrdma}
+VRDMA=${VRDMA:-vrdma}
+SCONTROL=${SCONTROL:-scontrol}
+job=${SLURM_JOB_ID:?}
+# only jobs that asked for the GRES
+if ! $SCONTROL show job -o "$job" 2>/dev/null | grep -Eq '(gres[/:]vrdma)'; then
+  exit 0
+fi
+uid=${SLURM_JOB_UID:?}
+gid=${SLURM_JOB_GID:-$(id -g "$uid")}
+dir="$RUN/job$job"
+mkdir -p "$RUN"
+rm -rf "$dir"
+mkdir -m 0700 "$dir"
+chown "$uid:$gid" "$dir"
+# the daemon: the job's uid, its own session, output to a log in the directory
+# shellcheck disable=SC2086
+setpriv --reuid="$uid" --regid="$gid" --clear-groups \
+  setsid $VRDMA backend --socket "$dir/vrdma.sock" --socket-mode 0600 ${VRDMA_ARGS:-} \
+  </dev/null >"$dir/daemon.log" 2>&1 &
+echo $! >"$dir/daemon.pid"
+i=0
+while [ ! -S "$dir/vrdma.sock" ] || [ ! -S "$dir/vrdma.sock.admin" ]; do
+  i=$((i + 1))
+  if [ "$i" -gt 300 ] || ! kill -0 "$(cat "$dir/daemon.pid")" 2>/dev/null; then
+    echo "vrdma-prolog: job $job: the daemon did not start (see $dir/daemon.log)" >&2
+    exit 1   # Slurm drains the node and requeues the job: better than a job without its device
+  fi
+  sleep 0.1
+done
+exit 0
