@@ -68,7 +68,7 @@ def add_arguments(p) -> None:
                    help="rdma: emulate accelerators FACTOR times slower than this host's kernels: "
                         "after each job a worker waits (FACTOR-1) x the kernel's time (default 1.0; "
                         "for tests and benchmarks that need a slow, shared accelerator)")
-    g = p.add_argument_group("peer hosts (accelerator jobs shipped over RDMA; RoCE fabric only)")
+    g = p.add_argument_group("peer hosts (accelerator jobs shipped over RDMA; RoCE or verbs fabric)")
     g.add_argument("--peer", action="append", default=[], metavar="ADDR",
                    help="another host's daemon (its --roce-addr), reached over a daemon-owned RC "
                         "link; repeat for more. Host ids 1, 2, ... follow the order given "
@@ -112,13 +112,14 @@ def make_peering(args, fabric, accel):
             if v is not None:
                 raise SystemExit(f"vrdma backend: {flag} needs --peer or --cluster")
         return None
+    from fabric.hca import VerbsFabric
     from fabric.roce import RoceFabric
     from peering.remote import DEFAULT_CREDITS
     from peering.service import PeerConfigError, Peering, PeeringService, read_cluster_file
 
-    if not isinstance(fabric, RoceFabric):
-        raise SystemExit("vrdma backend: --peer and --cluster need the userspace RoCE fabric (--roce-addr); "
-                         "peer links over a verbs device are not implemented")
+    if not isinstance(fabric, (RoceFabric, VerbsFabric)):
+        raise SystemExit("vrdma backend: --peer and --cluster need a fabric that reaches other hosts: "
+                         "the userspace RoCE fabric (--roce-addr) or a verbs device (--verbs-device)")
     if accel is None:
         raise SystemExit("vrdma backend: --peer and --cluster need --device rdma")
     credits = DEFAULT_CREDITS if args.peer_credits is None else args.peer_credits
