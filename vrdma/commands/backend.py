@@ -128,10 +128,17 @@ def make_peering(args, fabric, accel):
     from scheduler.decide import DEFAULT_POLICY, parse_policy
     from scheduler.errors import SchedulerError
 
+    # a verbs link cannot offer the board's windows (peering/verbs_link.py: its slot and
+    # announced-work windows do not start on a page): probes of the peers' live counters instead
+    verbs = isinstance(fabric, VerbsFabric)
     try:
-        policy = parse_policy(args.policy or DEFAULT_POLICY, allow_reference=False).name
+        default = "probe" if verbs else DEFAULT_POLICY
+        policy = parse_policy(args.policy or default, allow_reference=False).name
     except SchedulerError as e:
         raise SystemExit(f"vrdma backend: --policy: {e}") from None
+    if verbs and policy.startswith("board"):
+        raise SystemExit(f"vrdma backend: --policy {args.policy}: the load board needs the RoCE fabric "
+                         "(verbs links offer no board windows); probe is the default there")
     from scheduler.table import DEFAULT_PERIOD
 
     period = DEFAULT_PERIOD if args.load_period is None else args.load_period
