@@ -55,7 +55,7 @@ def _c64(shape, seed):
 
 def _daemon(addr: str, peer: str, accelerators: str, metrics: str, *extra: str) -> DaemonProcess:
     return DaemonProcess("--verbs-device", DEV, "--roce-addr", addr, "--peer", peer,
-                         "--accelerators", accelerators, "--metrics-file", metrics, *extra, timeout=60)
+                         "--accelerators", accelerators, "--metrics-file", metrics, *extra, timeout=120)
 
 
 def _wait_linked(sock: str, timeout: float = 30.0) -> None:
