@@ -30,7 +30,7 @@ from pathlib import Path
 from time import monotonic
 from typing import TYPE_CHECKING
 
-from fabric.roce import roce_mtu
+from fabric.roce import RoceFabric, roce_mtu
 from peering.dispatch import Board, Dispatcher
 from peering.link import LinkConfig, PeerLink
 from peering.remote import DEFAULT_CREDITS, DEFAULT_JOB_TIMEOUT, PeerTarget
@@ -43,7 +43,7 @@ from verbs import GSI_QKEY
 from virtio_rdma.constants import AccelOp
 
 if TYPE_CHECKING:
-    from fabric.roce import RoceFabric
+    from fabric.hca import VerbsFabric
     from roce.packet import RocePacket
     from scheduler.exchange import LoadExchange
     from virtio_rdma.accel import AccelRouter
@@ -95,15 +95,15 @@ def check_peers(peers: list[str], own: str) -> list[str]:
 class Peering:
     """This daemon's links to ``peers`` over ``fabric`` (see the module doc)."""
 
-    def __init__(self, fabric: RoceFabric, router: AccelRouter, peers: list[str], *,
+    def __init__(self, fabric: RoceFabric | VerbsFabric, router: AccelRouter, peers: list[str], *,
                  credits: int = DEFAULT_CREDITS, config: LinkConfig | None = None,
                  clock: Callable[[], float] = monotonic, job_timeout: float = DEFAULT_JOB_TIMEOUT,
                  policy: str | None = None, load_period: float = DEFAULT_PERIOD):
         self.fabric = fabric
         self.router = router
         self.clock = clock
-        #: a verbs fabric (it has a device context): links by RDMA CM, not GSI datagrams
-        self.verbs = hasattr(fabric, "ctx")
+        #: a verbs fabric: links by RDMA CM, not GSI datagrams
+        self.verbs = not isinstance(fabric, RoceFabric)
         self.listener: CmListener | None = None
         #: the links' transport parameters; the path MTU the largest this host's interface carries
         self.config = config or LinkConfig(mtu=roce_mtu(fabric.address))
@@ -138,11 +138,11 @@ class Peering:
             router.add_remote(t)
         if self.dispatcher is not None and self.dispatcher.policy.base == "board":
             self._set_up_board(str(me))
-        if self.verbs:
+        if isinstance(fabric, RoceFabric):
+            fabric.gsi = self.on_gsi
+        else:
             self.listener = CmListener(fabric, self._verbs_link, clock=clock,
                                        links=lambda: [t.link for t in self.targets.values()])
-        else:
-            fabric.gsi = self.on_gsi
 
     def _verbs_link(self, address: str):
         """The verbs link to peer ``address`` (a CM request names it), or None."""
@@ -243,7 +243,7 @@ class Peering:
             t.link.close(now)
         if self.listener is not None:
             self.listener.close()
-        if getattr(self.fabric, "gsi", None) == self.on_gsi:
+        if isinstance(self.fabric, RoceFabric) and self.fabric.gsi == self.on_gsi:
             self.fabric.gsi = None
 
     def describe(self) -> dict:

@@ -37,7 +37,7 @@ from virtio_rdma.constants import AccelOp, AccelStatus, AqFlags
 DEVICES = rdma_devices()
 DEV = os.environ.get("VRDMA_VERBS_DEVICE") or (DEVICES[0] if DEVICES else None)
 ADDRS = [a for a in os.environ.get("VRDMA_VERBS_ADDRS", "").split(",") if a]
-pytestmark = pytest.mark.skipif(
+needs_device = pytest.mark.skipif(
     DEV is None or len(ADDRS) != 2,
     reason="needs an RDMA device (kernel rxe or an RDMA NIC; pyverbs lists none here) and two "
            "addresses on its netdev in VRDMA_VERBS_ADDRS=A,B; qemu_tests/test_verbs_peering.py "
@@ -46,6 +46,27 @@ C64 = np.dtype(np.complex64)
 #: the links' defaults (peering.link.LinkConfig): 7 x 67 ms ACK timeouts, keepalive 0.25 s
 RETRY_BUDGET = 7 * 4.096e-6 * 2**14
 KEEPALIVE = 0.25
+
+
+def test_connect_request_hello_round_trips_and_refuses_garbage():
+    """The REQ's private data (pure codec; runs everywhere): it fits a REQ, round-trips
+    both families, and names what is wrong with a forged or truncated one."""
+    from peering.verbs_link import HELLO_SIZE, REQ_PRIVATE_DATA, ReqHello
+    from peering.wire import PeerWireError
+
+    assert HELLO_SIZE <= REQ_PRIVATE_DATA
+    for addr in ("192.0.2.7", "2001:db8::5"):
+        h = ReqHello(0x1234_5678_9ABC_DEF0, 7, addr)
+        raw = h.encode()
+        assert len(raw) == HELLO_SIZE
+        assert ReqHello.decode(raw + bytes(REQ_PRIVATE_DATA - len(raw))) == h  # CM pads it
+    raw = ReqHello(1, 1, "192.0.2.7").encode()
+    cases = {"length": raw[:-1], "magic/reserved": b"XXXX" + raw[4:], "version": raw[:4] + b"\x09" + raw[5:],
+             "family": raw[:5] + b"\x05" + raw[6:], "address": raw[:-1] + b"\x01"}
+    for field, bad in cases.items():
+        with pytest.raises(PeerWireError) as e:
+            ReqHello.decode(bad)
+        assert e.value.field == field
 
 
 def _c64(shape, seed):
@@ -100,6 +121,7 @@ def pair(tmp_path_factory):
         yield h0, h1, d
 
 
+@needs_device
 class TestTwoDaemons:
     """One pair of daemons (class scope: its addresses are free again for the tests below)."""
 
@@ -206,6 +228,7 @@ class TestTwoDaemons:
                 assert peer["jobs_done"] >= 30 and link["mrs_registered"] >= 2 * peer["jobs_done"]
 
 
+@needs_device
 @pytest.mark.parametrize("fallback", [False, True], ids=["remote-failed", "local-fallback"])
 def test_peer_daemon_killed_mid_job(tmp_path, fallback):
     """host1 (slowed) holds host0's jobs and is SIGKILLed: each job completes exactly
@@ -297,6 +320,7 @@ class _Recorder:
         self.done[wr_id] = status
 
 
+@needs_device
 def test_bad_keys_read_only_and_abandoned_windows_are_refused_by_the_device():
     """A WRITE to a key never opened, a READ of a write-only window, a WRITE past a
     window's end and a WRITE into an abandoned (deregistered) window are each NAKed
