@@ -10,6 +10,11 @@ is not a configured peer, or not a well-formed one, is counted and dropped.
 earliest deadline of all links (RC retransmission, REQ retries,
 keepalives).
 
+On a verbs fabric (:class:`fabric.hca.VerbsFabric`: kernel rxe or a NIC)
+the links are :class:`~peering.verbs_link.VerbsPeerLink`: device QPs
+connected by RDMA CM, whose requests this daemon's
+:class:`~peering.verbs_link.CmListener` takes (no GSI datagrams there).
+
 Peers are given as ``--peer ADDR`` options or a cluster file
 (:func:`read_cluster_file`: one address per line, ``#`` comments; the
 daemon's own address is skipped).
@@ -25,10 +30,11 @@ from pathlib import Path
 from time import monotonic
 from typing import TYPE_CHECKING
 
-from fabric.roce import roce_mtu
+from fabric.roce import RoceFabric, roce_mtu
 from peering.dispatch import Board, Dispatcher
 from peering.link import LinkConfig, PeerLink
 from peering.remote import DEFAULT_CREDITS, DEFAULT_JOB_TIMEOUT, PeerTarget
+from peering.verbs_link import CmListener, VerbsPeerLink, page_aligned
 from peering.wire import MAX_OPS, ConnectMsg, OpInfo, PeerWireError
 from roce.opcodes import Opcode
 from scheduler.board import board_size, cluster_order
@@ -37,7 +43,7 @@ from verbs import GSI_QKEY
 from virtio_rdma.constants import AccelOp
 
 if TYPE_CHECKING:
-    from fabric.roce import RoceFabric
+    from fabric.hca import VerbsFabric
     from roce.packet import RocePacket
     from scheduler.exchange import LoadExchange
     from virtio_rdma.accel import AccelRouter
@@ -89,13 +95,16 @@ def check_peers(peers: list[str], own: str) -> list[str]:
 class Peering:
     """This daemon's links to ``peers`` over ``fabric`` (see the module doc)."""
 
-    def __init__(self, fabric: RoceFabric, router: AccelRouter, peers: list[str], *,
+    def __init__(self, fabric: RoceFabric | VerbsFabric, router: AccelRouter, peers: list[str], *,
                  credits: int = DEFAULT_CREDITS, config: LinkConfig | None = None,
                  clock: Callable[[], float] = monotonic, job_timeout: float = DEFAULT_JOB_TIMEOUT,
                  policy: str | None = None, load_period: float = DEFAULT_PERIOD):
         self.fabric = fabric
         self.router = router
         self.clock = clock
+        #: a verbs fabric: links by RDMA CM, not GSI datagrams
+        self.verbs = not isinstance(fabric, RoceFabric)
+        self.listener: CmListener | None = None
         #: the links' transport parameters; the path MTU the largest this host's interface carries
         self.config = config or LinkConfig(mtu=roce_mtu(fabric.address))
         self.incarnation = secrets.randbits(63) | 1
@@ -110,11 +119,16 @@ class Peering:
                            if policy is not None else None)
         if self.dispatcher is not None:
             self.dispatcher.rearm = self._rearm
+            if self.verbs:  # a window the peer READs in place starts on a page (verbs_link)
+                aligned = page_aligned(len(self.dispatcher.region))
+                aligned[:] = self.dispatcher.region
+                self.dispatcher.region = aligned
         for host, addr in enumerate(check_peers(peers, fabric.address), 1):
             def link_factory(target, addr=addr):
-                link = PeerLink(fabric, addr, target, incarnation=self.incarnation,
-                                active=me.packed < ipaddress.ip_address(addr).packed, credits=credits,
-                                ops=self.ops, config=self.config)
+                kind = VerbsPeerLink if self.verbs else PeerLink
+                link = kind(fabric, addr, target, incarnation=self.incarnation,
+                            active=me.packed < ipaddress.ip_address(addr).packed, credits=credits,
+                            ops=self.ops, config=self.config)
                 link.notify = self._rearm
                 if self.dispatcher is not None:
                     link.counters = self.dispatcher.region
@@ -124,7 +138,16 @@ class Peering:
             router.add_remote(t)
         if self.dispatcher is not None and self.dispatcher.policy.base == "board":
             self._set_up_board(str(me))
-        fabric.gsi = self.on_gsi
+        if isinstance(fabric, RoceFabric):
+            fabric.gsi = self.on_gsi
+        else:
+            self.listener = CmListener(fabric, self._verbs_link, clock=clock,
+                                       links=lambda: [t.link for t in self.targets.values()])
+
+    def _verbs_link(self, address: str):
+        """The verbs link to peer ``address`` (a CM request names it), or None."""
+        t = self.targets.get(address)
+        return t.link if t is not None else None
 
     def _set_up_board(self, own: str) -> None:
         """Policy ``board``: the cluster's load board is on its lowest address
@@ -161,6 +184,8 @@ class Peering:
             self.rearm()
 
     def start(self) -> None:
+        if self.listener is not None:
+            self.listener.start()
         now = self.clock()
         for t in self.targets.values():
             t.link.start(now)
@@ -216,11 +241,14 @@ class Peering:
         now = self.clock()
         for t in self.targets.values():
             t.link.close(now)
-        if self.fabric.gsi == self.on_gsi:
+        if self.listener is not None:
+            self.listener.close()
+        if isinstance(self.fabric, RoceFabric) and self.fabric.gsi == self.on_gsi:
             self.fabric.gsi = None
 
     def describe(self) -> dict:
         return {"incarnation": self.incarnation, "gsi_dropped": self.gsi_dropped,
+                "cm_listener": None if self.listener is None else self.listener.describe(),
                 "scheduler": self.dispatcher.describe() if self.dispatcher is not None else None,
                 "peers": {a: t.describe() for a, t in self.targets.items()}}
 

@@ -62,7 +62,7 @@ from .errors import CapabilityMissing, GuestImageError
 from .launch import QemuVM
 
 CACHE_ROOT = "/var/tmp/vrdma-rxe-guest"
-BUILDER_VERSION = "3"  # bump when the image layout changes (the key hashes /init too)
+BUILDER_VERSION = "4"  # bump when the image layout changes (the key hashes /init too)
 USER_PACKAGES = ("busybox-static", "libibverbs1", "ibverbs-providers", "ibverbs-utils", "iproute2",
                  "perftest", "librdmacm1", "libibumad3", "libpci3")  # perftest and what its programs link
 PERFTEST = ("ib_send_lat", "ib_write_lat", "ib_read_lat", "ib_send_bw", "ib_write_bw", "ib_read_bw")
@@ -70,8 +70,9 @@ BINARIES = ("usr/bin/ibv_devinfo", "usr/bin/ibv_devices", "usr/bin/ibv_rc_pingpo
             "usr/bin/ibv_ud_pingpong", "usr/bin/ibv_uc_pingpong", "usr/bin/ibv_srq_pingpong",
             "usr/bin/rdma", *(f"usr/bin/{b}" for b in PERFTEST))
 PROVIDER = "usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav34.so"
+# rdma_ucm: /dev/infiniband/rdma_cm, for RDMA CM (peering.verbs_link); with rdma_cm, ib_cm, iw_cm.
 # crc32_generic: rdma_rxe allocates the "crc32" shash (ICRC) and there is no modprobe to load it.
-MODULES = ("virtio_pci", "virtio_net", "crc32_generic", "ib_uverbs", "rdma_rxe")
+MODULES = ("virtio_pci", "virtio_net", "crc32_generic", "ib_uverbs", "rdma_rxe", "rdma_ucm")
 # Loaded only for ``host_root`` runs (with their modules.dep closure: 9pnet, netfs, fscache).
 HOSTROOT_MODULES = ("9pnet_virtio", "9p")
 LIB_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu")

@@ -68,7 +68,7 @@ def add_arguments(p) -> None:
                    help="rdma: emulate accelerators FACTOR times slower than this host's kernels: "
                         "after each job a worker waits (FACTOR-1) x the kernel's time (default 1.0; "
                         "for tests and benchmarks that need a slow, shared accelerator)")
-    g = p.add_argument_group("peer hosts (accelerator jobs shipped over RDMA; RoCE fabric only)")
+    g = p.add_argument_group("peer hosts (accelerator jobs shipped over RDMA; RoCE or verbs fabric)")
     g.add_argument("--peer", action="append", default=[], metavar="ADDR",
                    help="another host's daemon (its --roce-addr), reached over a daemon-owned RC "
                         "link; repeat for more. Host ids 1, 2, ... follow the order given "
@@ -119,13 +119,14 @@ def make_peering(args, fabric, accel):
             if v is not None:
                 raise SystemExit(f"vrdma backend: {flag} needs --peer or --cluster")
         return None
+    from fabric.hca import VerbsFabric
     from fabric.roce import RoceFabric
     from peering.remote import DEFAULT_CREDITS
     from peering.service import PeerConfigError, Peering, PeeringService, read_cluster_file
 
-    if not isinstance(fabric, RoceFabric):
-        raise SystemExit("vrdma backend: --peer and --cluster need the userspace RoCE fabric (--roce-addr); "
-                         "peer links over a verbs device are not implemented")
+    if not isinstance(fabric, (RoceFabric, VerbsFabric)):
+        raise SystemExit("vrdma backend: --peer and --cluster need a fabric that reaches other hosts: "
+                         "the userspace RoCE fabric (--roce-addr) or a verbs device (--verbs-device)")
     if accel is None:
         raise SystemExit("vrdma backend: --peer and --cluster need --device rdma")
     credits = DEFAULT_CREDITS if args.peer_credits is None else args.peer_credits
@@ -134,10 +135,17 @@ def make_peering(args, fabric, accel):
     from scheduler.decide import DEFAULT_POLICY, parse_policy
     from scheduler.errors import SchedulerError
 
+    # a verbs link cannot offer the board's windows (peering/verbs_link.py: its slot and
+    # announced-work windows do not start on a page): probes of the peers' live counters instead
+    verbs = isinstance(fabric, VerbsFabric)
     try:
-        policy = parse_policy(args.policy or DEFAULT_POLICY, allow_reference=False).name
+        default = "probe" if verbs else DEFAULT_POLICY
+        policy = parse_policy(args.policy or default, allow_reference=False).name
     except SchedulerError as e:
         raise SystemExit(f"vrdma backend: --policy: {e}") from None
+    if verbs and policy.startswith("board"):
+        raise SystemExit(f"vrdma backend: --policy {args.policy}: the load board needs the RoCE fabric "
+                         "(verbs links offer no board windows); probe is the default there")
     from scheduler.table import DEFAULT_PERIOD
 
     period = DEFAULT_PERIOD if args.load_period is None else args.load_period
