@@ -456,7 +456,12 @@ class Dispatcher:
         if p.board and b is not None and b.region is not None:   # this host holds the board
             rows = decode_board(b.region, b.hosts, {h: b.slots[h] for h in p.reads if h in b.slots}, now)
             self.metrics.board_reads += 1
-            return self._target(finish(p, view, rows, self.rng), view, djob)
+            try:
+                dec = finish(p, view, rows, self.rng)
+            except NoCandidate:      # no slot of the plan's hosts holds a current row
+                self.metrics.no_candidate += 1
+                return None
+            return self._target(dec, view, djob)
         self.metrics.deferred += 1
         d = _Deferred(self, p, view, aq, job, exclude, now + self.read_deadline)
         self._deferred.add(d)

@@ -358,3 +358,26 @@ def test_a_host_away_from_the_board_reads_it_with_one_read_and_falls_back_when_i
         assert d.metrics.board_fallbacks >= 3
     finally:
         t.close()
+
+
+def test_a_board_whose_slots_hold_no_current_row_fails_the_job_once_and_does_not_hang():
+    """The board's holder decides on its own copy; if none of the slots it would read
+    holds a well-formed row (torn, wiped), the decision has no candidate: the job
+    completes NO_ACCELERATOR at once (a later job, once the peers have written their
+    slots again, runs), never an error inside the doorbell handler that leaves it pending."""
+    t = Trio(policy="board")
+    try:
+        d = t.da
+        b = d.board
+        assert b is not None and b.region is not None and b.holder == 0
+        aq = t.g.create_aq(t.pd, t.cq, AccelOp.FFT, depth=8)
+        x = _x(5)
+        for n in "bc":                     # the peers stop writing their slots ...
+            t.peering[n].dispatcher.board = None
+        b.region[:] = bytes(len(b.region))  # ... and the holder's copy is wiped
+        t.fft(aq, 1, x)
+        (cqe,) = t.cqes(1)
+        assert cqe.wr_id == 1 and cqe.status is AccelStatus.NO_ACCELERATOR
+        assert d.metrics.no_candidate == 1
+    finally:
+        t.close()
