@@ -114,9 +114,12 @@ class BackendThread:
 class DaemonProcess:
     """``vrdma backend`` as a real process on a fresh socket path (benchmarks,
     the demo, and tests where a thread would share the GIL with the client).
-    ``args`` are extra command-line arguments (``--device blk``, ``--poll-us``...)."""
+    ``args`` are extra command-line arguments (``--device blk``, ``--poll-us``...).
+    ``timeout`` bounds the wait for the socket: a daemon started inside a TCG guest
+    (the kernel-rxe tests) takes 30 s or more to import and listen on a loaded machine;
+    a daemon that exits is noticed at once whatever the bound."""
 
-    def __init__(self, *args: str, timeout: float = 30.0):
+    def __init__(self, *args: str, timeout: float = 120.0):
         self._dir = tempfile.TemporaryDirectory()
         self.path = os.path.join(self._dir.name, "vrdma.sock")
         self.proc = subprocess.Popen([sys.executable, "-m", "vrdma", "backend", "--socket", self.path, *args],
