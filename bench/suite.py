@@ -63,7 +63,7 @@ SCHEMA_KEYS = ("row", "group", "ours", "unit", "baseline", "baseline_name", "bas
                "ratio", "ratio_is", "goal", "goal_op", "goal_on", "met", "layout", "profile", "rounds")
 
 # the goals of issue 17's table: (on "ratio" or "ours", "<=" or ">=", value)
-GOALS = {
+GOALS: dict[str, tuple[str, str, float]] = {
     "local_lat_poll": ("ratio", "<=", 2.5),
     "local_lat_block": ("ratio", "<=", 4.0),
     "fabric_lat": ("ratio", "<=", 1.5),
@@ -81,18 +81,19 @@ def _row(group: str, name: str, goal_key: str, ours: list[float], baseline: list
          baseline_source: str = "same run") -> dict:
     """One table row from per-round (ours, baseline) figures: medians, and the goal checked."""
     if ratio_is == "ours/baseline":
-        ratios = [o / b for o, b in zip(ours, baseline)]
+        ratios = [o / b for o, b in zip(ours, baseline, strict=True)]
     elif ratio_is == "baseline/ours":
-        ratios = [b / o for o, b in zip(ours, baseline)]
+        ratios = [b / o for o, b in zip(ours, baseline, strict=True)]
     else:
         raise ValueError(f"ratio_is {ratio_is!r}")
     on, op, value = GOALS[goal_key]
-    r = {"row": name, "group": group, "ours": statistics.median(ours), "unit": unit,
-         "baseline": statistics.median(baseline), "baseline_name": baseline_name,
-         "baseline_source": baseline_source, "ratio": statistics.median(ratios), "ratio_is": ratio_is,
-         "goal": value, "goal_op": op, "goal_on": on, "layout": layout, "profile": "",
-         "rounds": [{"ours": o, "baseline": b, "ratio": q} for o, b, q in zip(ours, baseline, ratios)]}
-    x = r[on]
+    r: dict = {"row": name, "group": group, "ours": statistics.median(ours), "unit": unit,
+               "baseline": statistics.median(baseline), "baseline_name": baseline_name,
+               "baseline_source": baseline_source, "ratio": statistics.median(ratios), "ratio_is": ratio_is,
+               "goal": value, "goal_op": op, "goal_on": on, "layout": layout, "profile": "",
+               "rounds": [{"ours": o, "baseline": b, "ratio": q}
+                          for o, b, q in zip(ours, baseline, ratios, strict=True)]}
+    x: float = r[on]
     r["met"] = bool(x <= value if op == "<=" else x >= value)
     if not r["met"]:
         r["profile"] = profile or "see note"
@@ -182,7 +183,8 @@ def fabric_rows(groups, quick: bool, repeat: int) -> list[dict]:
         rows.append(_row("fabric_write_bw", "two hosts 64 KiB RDMA WRITE, MTU 4096, vs raw UDP",
                          "fabric_write_bw_udp", mb,
                          [max(x["udp_floor"]["MB_per_s"], x["udp_floor_idle_vcpus"]["MB_per_s"]) for x in w],
-                         unit="MB/s", baseline_name="raw UDP 4 KiB stream, same veth (higher of spinners/idle)",
+                         unit="MB/s",
+                         baseline_name="raw UDP 4 KiB stream, same veth (higher of spinners/idle)",
                          ratio_is="ours/baseline", layout=layout, profile=prof))
         rows.append(_row("fabric_write_bw", "two hosts 64 KiB RDMA WRITE, MTU 4096, vs kernel rxe",
                          "fabric_write_bw_rxe", mb, [fabric_bench.RXE_LOOPBACK_WRITE_BW_MB] * len(mb),
@@ -238,7 +240,8 @@ def turbo_rows(groups, quick: bool, repeat: int) -> list[dict]:
         one = next(r for r in res if r.get("simd_path") == p and r["batch"] == 1)
         rows.append(_row("turbo", f"Turbo decode K={batch['K']} {batch['iterations']} it, batch "
                                   f"{batch['batch']} [{p}]", "turbo", [batch["mbit_s_cpu"]],
-                         [commpy["mbit_s"]], unit="Mbit/s", baseline_name="commpy turbo_decode (Python log-MAP)",
+                         [commpy["mbit_s"]], unit="Mbit/s",
+                         baseline_name="commpy turbo_decode (Python log-MAP)",
                          ratio_is="ours/baseline", layout=TURBO_LAYOUT,
                          profile=(f"per wall second {batch['mbit_s']:.3g} Mbit/s; "
                                   f"one block per call {one['mbit_s']:.3g} Mbit/s; bit errors "
@@ -294,8 +297,8 @@ def _num(v: float) -> str:
 def format_table(res: dict) -> str:
     """The machine header, one line per row, the layouts and the profiles of missed goals."""
     out = [header(res["machine"]),
-           f"# bench.suite{' --quick' if res['quick'] else ''} --repeat {res['repeat']}: each baseline "
-           "measured in the same run unless marked (published); the machine may be shared with other work"]
+           (f"# bench.suite{' --quick' if res['quick'] else ''} --repeat {res['repeat']}: each baseline "
+            "measured in the same run unless marked (published); the machine may be shared with other work")]
     w = max([len(r["row"]) for r in res["rows"]] + [3])
     out.append(f"{'row':<{w}}  {'ours':>9} {'baseline':>9} {'unit':<12} {'ratio':>7}  {'goal':<16} met")
     layouts: list[str] = []
@@ -305,9 +308,11 @@ def format_table(res: dict) -> str:
             layouts.append(r["layout"])
         base = _num(r["baseline"]) + ("*" if r["baseline_source"] != "same run" else "")
         out.append(f"{r['row']:<{w}}  {_num(r['ours']):>9} {base:>9} {r['unit']:<12} "
-                   f"{r['ratio']:>6.2f}x  {goal:<16} {'yes' if r['met'] else 'NO'}  [L{layouts.index(r['layout']) + 1}]")
+                   f"{r['ratio']:>6.2f}x  {goal:<16} {'yes' if r['met'] else 'NO'}  "
+                   f"[L{layouts.index(r['layout']) + 1}]")
     out.append("# ratio: " + "; ".join(sorted({f"{r['group']} {r['ratio_is']}" for r in res["rows"]})))
-    out.append("# baselines: " + "; ".join(sorted({f"{r['group']}: {r['baseline_name']}" for r in res["rows"]})))
+    names = sorted({f"{r['group']}: {r['baseline_name']}" for r in res["rows"]})
+    out.append("# baselines: " + "; ".join(names))
     if any(r["baseline_source"] != "same run" for r in res["rows"]):
         out.append("# *: a published reference figure, not measured here")
     out.extend(f"# L{i + 1}: {lay}" for i, lay in enumerate(layouts))
