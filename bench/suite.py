@@ -294,6 +294,10 @@ def _num(v: float) -> str:
     return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
 
 
+def _ratio(v: float) -> str:
+    return f"{v:.2f}" if v < 100 else f"{v:.3g}"
+
+
 def format_table(res: dict) -> str:
     """The machine header, one line per row, the layouts and the profiles of missed goals."""
     out = [header(res["machine"]),
@@ -308,7 +312,7 @@ def format_table(res: dict) -> str:
             layouts.append(r["layout"])
         base = _num(r["baseline"]) + ("*" if r["baseline_source"] != "same run" else "")
         out.append(f"{r['row']:<{w}}  {_num(r['ours']):>9} {base:>9} {r['unit']:<12} "
-                   f"{r['ratio']:>6.2f}x  {goal:<16} {'yes' if r['met'] else 'NO'}  "
+                   f"{_ratio(r['ratio']):>6}x  {goal:<16} {'yes' if r['met'] else 'NO'}  "
                    f"[L{layouts.index(r['layout']) + 1}]")
     out.append("# ratio: " + "; ".join(sorted({f"{r['group']} {r['ratio_is']}" for r in res["rows"]})))
     names = sorted({f"{r['group']}: {r['baseline_name']}" for r in res["rows"]})
@@ -319,7 +323,10 @@ def format_table(res: dict) -> str:
     missed = [r for r in res["rows"] if not r["met"]]
     if missed:
         out.append("# where the time goes, for the goals not met:")
-        out.extend(f"#   {r['row']}: {r['profile']}" for r in missed)
+        out.extend(f"#   {r['row']}: {r['profile']}" for r in missed if r["profile"] != "see note")
+        for g in res["notes"]:
+            n = sum(r["group"] == g and r["profile"] == "see note" for r in missed)
+            out.append(f"#   {n} {g} rows (marked NO above): see note ({g})")
     out.extend(f"# note ({g}): {note}" for g, note in res["notes"].items())
     out.extend(f"# skipped {s['group']}: {s['reason']}" for s in res["skipped"])
     out.append(f"# {len(res['rows'])} rows, {sum(r['met'] for r in res['rows'])} goals met, "

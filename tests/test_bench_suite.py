@@ -85,7 +85,10 @@ def test_table_shape(quick_run):
         assert ref.startswith("[L") and any(line.startswith(f"# {ref[1:-1]}: ") for line in lines)
     missed = [r for r in res["rows"] if not r["met"]]
     for r in missed:
-        assert f"#   {r['row']}: {r['profile']}" in lines
+        assert f"#   {r['row']}: {r['profile']}" in lines or r["profile"] == "see note"
+    for g in res["notes"]:
+        assert any(line.startswith("#   ") and line.endswith(f"see note ({g})") for line in lines)
+        assert any(line.startswith(f"# note ({g}): ") for line in lines)
     assert lines[-1].startswith(f"# {len(res['rows'])} rows, {sum(r['met'] for r in res['rows'])} goals met")
 
 
