@@ -18,6 +18,7 @@ import sys
 import pytest
 
 from bench import suite
+from tests.netlab.conftest import netns  # noqa: F401  (skips without root; no namespace left)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GROUPS = ("fft_overhead", "local_lat_block")
@@ -122,3 +123,24 @@ def test_row_medians_goals_and_published_baselines():
     with pytest.raises(ValueError, match="sideways"):
         suite._row("fft", "f", "fft", [1.0], [1.0], unit="us", baseline_name="b", ratio_is="sideways",
                    layout="L", profile="")
+
+
+@pytest.mark.netns
+def test_two_host_rows(netns):  # noqa: F811
+    """The fabric rows through real namespaces: the --no-pin row's baseline is the pinned
+    figure of the same round, the WRITE row has the same-run UDP stream and the published
+    rxe figure (marked so), and each names its CPU layout."""
+    res = suite.run_suite(("fabric_lat_nopin", "fabric_write_bw"), quick=True)
+    rows = {r["row"]: r for r in res["rows"]}
+    assert res["skipped"] == [] and len(rows) == 3
+    nopin = rows["two hosts 64 B SEND half RTT, --no-pin"]
+    assert nopin["baseline_name"] == "the pinned figure, same round" and nopin["goal"] == 2.0
+    assert nopin["layout"].startswith("not pinned")
+    udp = rows["two hosts 64 KiB RDMA WRITE, MTU 4096, vs raw UDP"]
+    rxe = rows["two hosts 64 KiB RDMA WRITE, MTU 4096, vs kernel rxe"]
+    assert udp["baseline_source"] == "same run" and udp["goal"] == 0.7
+    assert rxe["baseline_source"] == "published" and rxe["baseline"] == 828.0 and rxe["goal"] == 1.0
+    assert udp["ours"] == rxe["ours"] > 0 and udp["baseline"] > 0
+    assert "busy-polling" in udp["layout"] and "SCHED_IDLE" in udp["layout"]
+    for r in rows.values():
+        assert r["met"] or r["profile"]
