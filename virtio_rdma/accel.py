@@ -81,6 +81,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -214,7 +215,7 @@ class Entry:
 
     __slots__ = ("aq", "wr_id", "op", "status", "job", "out_views", "out_tmp", "out_len",
                  "iterations", "done", "byte_len", "wait_us", "service_us", "started", "temp",
-                 "spec", "in_views", "target", "host", "remote", "tried")
+                 "spec", "in_views", "target", "host", "remote", "tried", "tenant", "acct")
 
     def __init__(self, aq: AccelQueue, wr_id: int, op: AccelOp):
         self.aq = aq
@@ -241,6 +242,9 @@ class Entry:
         self.host = 0  # the host that ran it (the CQE's imm_data)
         #: remote hosts that gave it back (it is never placed on them again)
         self.tried: tuple[int, ...] = ()
+        #: the tenant whose accelerator quota admitted it, and the router to tell when it ends
+        self.tenant: str | None = None
+        self.acct: AccelRouter | None = None
 
     def release_temp(self) -> None:
         if self.temp:
@@ -257,6 +261,10 @@ class Entry:
         """Done with ``status``: the guest's buffers, the job and the temporaries let go."""
         self.status = status
         self.done = True
+        r = self.acct
+        if r is not None:
+            self.acct = None
+            r.job_ended(self, status)
         self.job = None
         self.out_views = []
         self.in_views = []
@@ -418,6 +426,11 @@ class AccelRouter:
         #: deliver() passes scheduled on the loop: one per batch of finished jobs, not one per job
         self.wakeups = 0
         self._next_guest = 1
+        #: tenancy (set_tenancy): the ledger, the accounting sink, each guest id's tenant
+        self.ledger: Any = None
+        self.accounting: Any = None
+        self._tenant_of: dict[int, str] = {}
+        self.quota_refusals = 0  # jobs completed QUOTA_EXCEEDED
         self.jobs_dropped = 0  # finished after their queue or device went
         #: DBREC_POLL: each device's AQ doorbell-record scanner, by its guest id (loop thread only)
         self.scanners: dict[int, Any] = {}
@@ -534,6 +547,59 @@ class AccelRouter:
         if self._turns and not self._slice_due:
             self._slice_due = True
             self._loop.call_soon(self._next_slice)
+
+    # -- tenants (vhost_user.tenancy) and accounting (vrdma.accounting)
+    def set_tenancy(self, ledger: Any, accounting: Any = None) -> None:
+        """Classes, weights and accelerator quotas from ``ledger`` (a TenantLedger,
+        read live: a reload or ``set_tenant`` applies to the next job), and per-tenant
+        accounting of every job that ends (``accounting.record_job``). Either turns the
+        native path off for the jobs it must see (quota'd tenants; all with accounting)."""
+        self.ledger = ledger
+        self.accounting = accounting
+        self._apply_fairness()
+        ledger.on_change.append(self._apply_fairness)
+
+    def _apply_fairness(self) -> None:
+        svc = self.local.service if self.local is not None else None
+        if svc is not None and self.ledger is not None:
+            svc.set_classifier(self._classify, self.ledger.config.aging_seconds)
+
+    def _classify(self, guest_id: int) -> tuple[int, float]:
+        name = self._tenant_of.get(guest_id)
+        if name is None or self.ledger is None:
+            return 1, 1.0  # Class.NORMAL
+        return self.ledger.classify(name)
+
+    def native_allowed(self, core: RdmaDeviceCore) -> bool:
+        """The native path bypasses admission and accounting: only for tenants neither needs."""
+        if self.ledger is None or core.account is None:
+            return True
+        if self.accounting is not None:
+            return False
+        spec = self.ledger.spec(core.account.tenant)
+        return spec.max_accel_jobs is None and spec.accel_seconds_per_minute is None
+
+    def admit(self, core: RdmaDeviceCore, e: Entry) -> bool:
+        """Take the tenant's accelerator quota for ``e`` (False: refused, counted)."""
+        if self.ledger is None or core.account is None:
+            return True
+        tenant = core.account.tenant
+        self._tenant_of[core.accel_guest] = tenant
+        if self.ledger.accel_admit(tenant, time.monotonic()) is not None:
+            self.quota_refusals += 1
+            return False
+        e.tenant, e.acct = tenant, self
+        return True
+
+    def job_ended(self, e: Entry, status: AccelStatus) -> None:
+        """An admitted job completed (any status, any path): quota back, accounting row."""
+        seconds = e.service_us / 1e6
+        assert e.tenant is not None
+        if self.ledger is not None:
+            self.ledger.accel_done(e.tenant, seconds, time.monotonic())
+        if self.accounting is not None:
+            self.accounting.record_job(e.tenant, e.op.name.lower(), "remote" if e.host else "local",
+                                       status is AccelStatus.SUCCESS, seconds, e.wait_us / 1e6)
 
     def new_guest_id(self) -> int:
         gid = self._next_guest
@@ -908,7 +974,7 @@ def fetch(core: RdmaDeviceCore, aq: AccelQueue, *, native: bool = True) -> None:
     if native and router is not None and router._pending and router.resuming(core, aq):
         return  # a native slice of this queue is due: it takes them, in turn with other queues
     if (native and router is not None and router.native is not None and not aq.flags and not aq.entries
-            and aq.fetched != aq.pi):
+            and aq.fetched != aq.pi and router.native_allowed(core)):
         # the local placement rule: the native path takes the plain small jobs at the head,
         # in order, only with a unit of a local accelerator serving the op (its claim), and
         # leaves the first other one (and all after it) to start() below
@@ -1032,6 +1098,9 @@ def start(core: RdmaDeviceCore, aq: AccelQueue, raw: bytes, router: AccelRouter 
         log.debug("AQ %d wr_id %#x: %s", aq.aqn, wr_id, ex)
         core.metrics.local_len_errors += 1
         e.fail(AccelStatus.LOCAL_LEN)
+        return e
+    if router is not None and not router.admit(core, e):
+        e.fail(AccelStatus.QUOTA_EXCEEDED)
         return e
     target = router.place(aq, job) if router is not None else None
     if router is None or target is None:
