@@ -430,6 +430,8 @@ class AccelRouter:
         self.ledger: Any = None
         self.accounting: Any = None
         self._tenant_of: dict[int, str] = {}
+        #: guest ids running peers' tenants: (peer name, tenant, class it was sent with)
+        self._remote_of: dict[int, tuple[str, str, int]] = {}
         self.quota_refusals = 0  # jobs completed QUOTA_EXCEEDED
         self.jobs_dropped = 0  # finished after their queue or device went
         #: DBREC_POLL: each device's AQ doorbell-record scanner, by its guest id (loop thread only)
@@ -565,10 +567,37 @@ class AccelRouter:
             svc.set_classifier(self._classify, self.ledger.config.aging_seconds)
 
     def _classify(self, guest_id: int) -> tuple[int, float]:
-        name = self._tenant_of.get(guest_id)
-        if name is None or self.ledger is None:
+        if self.ledger is None:
             return 1, 1.0  # Class.NORMAL
+        r = self._remote_of.get(guest_id)
+        if r is not None:  # a peer's tenant: its class capped by this host's entry for the peer
+            peer, _tenant, klass = r
+            cap, weight = self.ledger.classify(peer)
+            return min(klass, cap), weight
+        name = self._tenant_of.get(guest_id)
+        if name is None:
+            return 1, 1.0
         return self.ledger.classify(name)
+
+    def tenant_class(self, tenant: str | None) -> int:
+        """The class a job of ``tenant`` carries to a peer (NORMAL without tenancy)."""
+        if self.ledger is None or tenant is None:
+            return 1
+        return self.ledger.classify(tenant)[0]
+
+    def remote_tenant(self, guest_id: int, peer: str, tenant: str, klass: int) -> None:
+        """Guest id ``guest_id`` runs peer ``peer``'s jobs of ``tenant`` (class ``klass`` there)."""
+        self._remote_of[guest_id] = (peer, tenant, klass)
+
+    def tenants(self) -> dict[str, dict]:
+        """Each guest id's tenant and the (class, weight) its jobs get here (metrics)."""
+        out = {}
+        for gid, name in self._tenant_of.items():
+            out[str(gid)] = {"tenant": name, "class_weight": self._classify(gid)}
+        for gid, (peer, tenant, klass) in self._remote_of.items():
+            out[str(gid)] = {"tenant": f"{tenant}@{peer}", "sent_class": klass,
+                             "class_weight": self._classify(gid)}
+        return out
 
     def native_allowed(self, core: RdmaDeviceCore) -> bool:
         """The native path bypasses admission and accounting: only for tenants neither needs."""
@@ -710,7 +739,8 @@ class AccelRouter:
         return {"in_flight": len(self._jobs), "jobs_dropped": self.jobs_dropped, "wakeups": self.wakeups,
                 "native": native, "service": svc,
                 "scheduler": self.dispatcher.describe() if self.dispatcher is not None else None,
-                "remotes": {h: t.describe() for h, t in sorted(self.remotes.items())}}
+                "remotes": {h: t.describe() for h, t in sorted(self.remotes.items())},
+                "tenants": self.tenants(), "quota_refusals": self.quota_refusals}
 
     def close(self) -> None:
         if self.local is not None and self._owns:
