@@ -51,6 +51,7 @@ import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 from vhost_user.errors import VhostUserError
 
@@ -303,7 +304,8 @@ class TenantConfig:
 
     def __post_init__(self):
         a = self.aging_seconds
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or not 0 <= a <= 3600:
+        if (isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a)
+                or not 0 <= a <= 3600):
             raise PolicyError(f"fairness aging_seconds={a!r}: not a number of seconds in 0..3600")
         seen: dict = {}
         for t in self.tenants:
@@ -311,7 +313,8 @@ class TenantConfig:
                 if key[1] is None:
                     continue
                 if key in seen:
-                    raise PolicyError(f"tenant {t.name!r}: {key[0]} {key[1]!r} is already tenant {seen[key]!r}'s")
+                    raise PolicyError(f"tenant {t.name!r}: {key[0]} {key[1]!r} is already "
+                                      f"tenant {seen[key]!r}'s")
                 seen[key] = t.name
 
     @classmethod
@@ -328,7 +331,7 @@ class TenantConfig:
         for k in fair:
             if k.replace("-", "_") != "aging_seconds":
                 raise PolicyError(f"unknown [fairness] option {k!r} (known: aging_seconds)")
-        aging = fair.get("aging_seconds", fair.get("aging-seconds", DEFAULT_AGING_SECONDS))
+        aging = cast(float, fair.get("aging_seconds", fair.get("aging-seconds", DEFAULT_AGING_SECONDS)))
         return cls(policy, tuple(TenantSpec.from_mapping(e) for e in entries), aging)
 
     @classmethod

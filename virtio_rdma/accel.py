@@ -591,7 +591,7 @@ class AccelRouter:
 
     def tenants(self) -> dict[str, dict]:
         """Each guest id's tenant and the (class, weight) its jobs get here (metrics)."""
-        out = {}
+        out: dict[str, dict] = {}
         for gid, name in self._tenant_of.items():
             out[str(gid)] = {"tenant": name, "class_weight": self._classify(gid)}
         for gid, (peer, tenant, klass) in self._remote_of.items():

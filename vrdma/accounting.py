@@ -37,7 +37,12 @@ CREATE INDEX IF NOT EXISTS usage_t ON usage (t_end);
 """
 COLUMNS = ("t_start", "t_end", "host", "tenant", "op", "where", "jobs", "failed", "accel_seconds",
            "wait_seconds")
+INSERT = "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # one ? per column of COLUMNS
 DEFAULT_FLUSH_SECONDS = 10.0
+
+
+#: the columns of a query's summary rows
+KEYS = ("host", "tenant", "op", "where", "jobs", "failed", "accel_seconds", "wait_seconds", "first", "last")
 
 
 class AccountingError(Exception):
@@ -99,7 +104,7 @@ class Accounting:
         rows = [(t0, t1, self.host, tenant, op, where, v[0], v[1], v[2], v[3])
                 for (tenant, op, where), v in pending.items()]
         with self._db:
-            self._db.executemany(f"INSERT INTO usage VALUES ({', '.join('?' * len(COLUMNS))})", rows)
+            self._db.executemany(INSERT, rows)
         self.flushes += 1
         self.rows_written += len(rows)
         return len(rows)
@@ -153,15 +158,13 @@ def query(path: str, *, since: float | None = None, until: float | None = None,
             db.close()
     except sqlite3.Error as e:
         raise AccountingError(f"accounting database {path}: {e}") from None
-    keys = ("host", "tenant", "op", "where", "jobs", "failed", "accel_seconds", "wait_seconds",
-            "first", "last")
-    return [dict(zip(keys, r)) for r in out]
+    return [dict(zip(KEYS, r, strict=True)) for r in out]
 
 
 def parse_time(text: str, now: float | None = None) -> float:
     """A UNIX time from ``text``: seconds since the epoch, an ISO 8601 date/time
     (UTC unless it says), or a duration ago: ``90s``, ``15m``, ``2h``, ``7d``."""
-    from datetime import datetime, timezone
+    from datetime import UTC, datetime
 
     now = time.time() if now is None else now
     t = text.strip()
@@ -183,7 +186,7 @@ def parse_time(text: str, now: float | None = None) -> float:
         raise AccountingError(f"time {text!r}: not a UNIX time, an ISO 8601 time or a duration "
                               "like 15m / 2h / 7d") from None
     if d.tzinfo is None:
-        d = d.replace(tzinfo=timezone.utc)
+        d = d.replace(tzinfo=UTC)
     return d.timestamp()
 
 
@@ -194,7 +197,7 @@ def render(rows: Iterable[dict], fmt: str) -> str:
     import json
 
     rows = list(rows)
-    keys = ("host", "tenant", "op", "where", "jobs", "failed", "accel_seconds", "wait_seconds", "first", "last")
+    keys = KEYS
     if fmt == "json":
         return json.dumps(rows, indent=1)
     if fmt == "csv":
@@ -209,5 +212,6 @@ def render(rows: Iterable[dict], fmt: str) -> str:
         cols = keys[:8]
         table = [cols] + [tuple(cell(k, r[k]) for k in cols) for r in rows]
         widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table) + "\n"
+        lines = ("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table)
+        return "\n".join(lines) + "\n"
     raise AccountingError(f"format {fmt!r}: not csv, json or table")

@@ -440,7 +440,6 @@ def make_device_factory(args, fabric=None, policy=None, accel=None, ledger=None)
 
 def run(args) -> int:
     from vhost_user.server import run_backend
-
     from vhost_user.tenancy import TenantLedger
 
     config = tenant_config(args)
