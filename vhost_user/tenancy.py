@@ -51,7 +51,7 @@ import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 from vhost_user.errors import VhostUserError
 
@@ -385,6 +385,8 @@ class TenantUsage:
     bucket: TokenBucket | None = None
     quota_hits: dict = field(default_factory=dict)    # quota name -> refusals
     connections: int = 0
+    #: RDMA bytes (sent, received) of its devices that are gone (live ones: their counters)
+    rdma_closed: list = field(default_factory=lambda: [0, 0])
 
     def hit(self, quota: str) -> None:
         self.quota_hits[quota] = self.quota_hits.get(quota, 0) + 1
@@ -432,6 +434,8 @@ class TenantLedger:
         #: live changes (set_tenant) since the last reload, by tenant name
         self._live: dict[str, TenantSpec] = {}
         self.reloads = 0
+        #: open accounts (their devices' byte counters are read by rdma_bytes)
+        self.accounts: set[TenantAccount] = set()
         #: called with no argument after a reload or a live change (e.g. to log it)
         self.on_change: list = []
         self._index()
@@ -511,6 +515,17 @@ class TenantLedger:
         """A new account for one connection (``info`` None: an anonymous tenant, uid -1)."""
         return TenantAccount(self, -1 if info is None else info.uid, self.resolve(info))
 
+    def rdma_bytes(self) -> dict[str, tuple[int, int]]:
+        """Cumulative RDMA bytes (sent, received) per tenant since the daemon started:
+        its closed devices' and its live devices' counters (call on the event loop)."""
+        out = {name: (t.rdma_closed[0], t.rdma_closed[1]) for name, t in self.tenants.items()}
+        for a in self.accounts:
+            m = a.byte_counters
+            if m is not None:
+                s, r = out.get(a.tenant, (0, 0))
+                out[a.tenant] = (s + m.bytes_sent, r + m.bytes_received)
+        return out
+
     def totals(self, uid: int) -> dict[Resource, int]:
         u = self.uids.get(uid)
         return {r: (u.used.get(r, 0) if u else 0) for r in Resource}
@@ -571,7 +586,23 @@ class TenantAccount:
         self.used: dict[Resource, int] = {}
         self.counters = LimitCounters()
         self.closed = False
+        #: the device's counters with ``bytes_sent`` / ``bytes_received`` (set_byte_counters)
+        self.byte_counters: Any = None
         ledger.tenant(self.tenant).connections += 1
+        ledger.accounts.add(self)
+
+    def set_byte_counters(self, metrics: Any) -> None:
+        """The device's (new) counters; a previous device's (before a reset) are kept as closed."""
+        self._fold_bytes()
+        self.byte_counters = metrics
+
+    def _fold_bytes(self) -> None:
+        m = self.byte_counters
+        if m is not None:
+            closed = self.ledger.tenant(self.tenant).rdma_closed
+            closed[0] += m.bytes_sent
+            closed[1] += m.bytes_received
+            self.byte_counters = None
 
     @property
     def policy(self) -> TenantPolicy:
@@ -641,6 +672,8 @@ class TenantAccount:
         if not self.closed:
             self.closed = True
             self.release_all()
+            self._fold_bytes()
+            self.ledger.accounts.discard(self)
             self.ledger.tenant(self.tenant).connections -= 1
 
     def _hit(self, kind: str, r: Resource, u: UidUsage) -> None:

@@ -10,10 +10,15 @@ under ``vrdma backend --state-dir``) is in WAL mode: ``vrdma accounting``
 reads it while the daemon writes, and it survives daemon restarts (rows
 accumulate; each row covers one flush interval).
 
+RDMA bytes: the daemon samples its tenants' devices' counters on its loop
+(:meth:`Accounting.sample_bytes` with ``TenantLedger.rdma_bytes()``) and
+records their growth as rows of op ``rdma``.
+
 Schema (one table, one row per (interval, host, tenant, op, where))::
 
     usage(t_start REAL, t_end REAL, host TEXT, tenant TEXT, op TEXT, "where" TEXT,
-          jobs INTEGER, failed INTEGER, accel_seconds REAL, wait_seconds REAL)
+          jobs INTEGER, failed INTEGER, accel_seconds REAL, wait_seconds REAL,
+          bytes_sent INTEGER, bytes_received INTEGER)
 
 ``t_start``/``t_end`` are UNIX times; ``where`` is ``local`` (run on this
 host's accelerators) or ``remote`` (shipped to a peer host, its service time
@@ -32,17 +37,19 @@ log = logging.getLogger(__name__)
 SCHEMA = """CREATE TABLE IF NOT EXISTS usage (
     t_start REAL NOT NULL, t_end REAL NOT NULL, host TEXT NOT NULL, tenant TEXT NOT NULL,
     op TEXT NOT NULL, "where" TEXT NOT NULL, jobs INTEGER NOT NULL, failed INTEGER NOT NULL,
-    accel_seconds REAL NOT NULL, wait_seconds REAL NOT NULL);
+    accel_seconds REAL NOT NULL, wait_seconds REAL NOT NULL,
+    bytes_sent INTEGER NOT NULL DEFAULT 0, bytes_received INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS usage_t ON usage (t_end);
 """
 COLUMNS = ("t_start", "t_end", "host", "tenant", "op", "where", "jobs", "failed", "accel_seconds",
-           "wait_seconds")
-INSERT = "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # one ? per column of COLUMNS
+           "wait_seconds", "bytes_sent", "bytes_received")
+INSERT = "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # one ? per column of COLUMNS
 DEFAULT_FLUSH_SECONDS = 10.0
 
 
 #: the columns of a query's summary rows
-KEYS = ("host", "tenant", "op", "where", "jobs", "failed", "accel_seconds", "wait_seconds", "first", "last")
+KEYS = ("host", "tenant", "op", "where", "jobs", "failed", "accel_seconds", "wait_seconds", "bytes_sent",
+        "bytes_received", "first", "last")
 
 
 class AccountingError(Exception):
@@ -69,6 +76,7 @@ class Accounting:
         self._lock = threading.Lock()
         self._pending: dict[tuple[str, str, str], list] = {}
         self._t_start = clock()
+        self._last_bytes: dict[str, tuple[int, int]] = {}
         self.flushes = 0
         self.rows_written = 0
         self._stop = threading.Event()
@@ -87,11 +95,32 @@ class Accounting:
         with self._lock:
             v = self._pending.get(key)
             if v is None:
-                v = self._pending[key] = [0, 0, 0.0, 0.0]
+                v = self._pending[key] = [0, 0, 0.0, 0.0, 0, 0]
             v[0] += 1
             v[1] += 0 if ok else 1
             v[2] += max(0.0, accel_seconds)
             v[3] += max(0.0, wait_seconds)
+
+    def record_bytes(self, tenant: str, sent: int, received: int) -> None:
+        """RDMA bytes ``tenant``'s devices moved since the last call (op ``rdma``)."""
+        if sent <= 0 and received <= 0:
+            return
+        key = (tenant, "rdma", "local")
+        with self._lock:
+            v = self._pending.get(key)
+            if v is None:
+                v = self._pending[key] = [0, 0, 0.0, 0.0, 0, 0]
+            v[4] += max(0, sent)
+            v[5] += max(0, received)
+
+    def sample_bytes(self, totals: dict[str, tuple[int, int]]) -> None:
+        """Record the growth of cumulative per-tenant byte ``totals`` (TenantLedger.rdma_bytes)
+        since the previous sample."""
+        last = self._last_bytes
+        for tenant, (s, r) in totals.items():
+            s0, r0 = last.get(tenant, (0, 0))
+            self.record_bytes(tenant, s - s0, r - r0)
+            last[tenant] = (s, r)
 
     def flush(self) -> int:
         """Write what accumulated since the last flush (one transaction); rows written."""
@@ -101,7 +130,7 @@ class Accounting:
             self._t_start = t1
         if not pending:
             return 0
-        rows = [(t0, t1, self.host, tenant, op, where, v[0], v[1], v[2], v[3])
+        rows = [(t0, t1, self.host, tenant, op, where, v[0], v[1], v[2], v[3], v[4], v[5])
                 for (tenant, op, where), v in pending.items()]
         with self._db:
             self._db.executemany(INSERT, rows)
@@ -138,7 +167,8 @@ def query(path: str, *, since: float | None = None, until: float | None = None,
     if not os.path.exists(path):
         raise AccountingError(f"accounting database {path}: no such file")
     sql = ('SELECT host, tenant, op, "where", SUM(jobs), SUM(failed), SUM(accel_seconds), '
-           'SUM(wait_seconds), MIN(t_start), MAX(t_end) FROM usage WHERE 1=1')
+           'SUM(wait_seconds), SUM(bytes_sent), SUM(bytes_received), MIN(t_start), MAX(t_end) '
+           'FROM usage WHERE 1=1')
     args: list = []
     if since is not None:
         sql += " AND t_end >= ?"
@@ -209,7 +239,7 @@ def render(rows: Iterable[dict], fmt: str) -> str:
     if fmt == "table":
         def cell(k, v):
             return f"{v:.6f}" if isinstance(v, float) and k in ("accel_seconds", "wait_seconds") else str(v)
-        cols = keys[:8]
+        cols = keys[:10]
         table = [cols] + [tuple(cell(k, r[k]) for k in cols) for r in rows]
         widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
         lines = ("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table)

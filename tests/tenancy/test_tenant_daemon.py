@@ -139,3 +139,28 @@ def test_a_bad_config_stops_the_daemon_naming_the_value(tmp_path):
     r = subprocess.run([sys.executable, "-m", "vrdma", "backend", "-s", str(tmp_path / "s"), "--config", str(cfg)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "'urgent'" in r.stderr
+
+
+def test_rdma_bytes_are_accounted_per_tenant(tmp_path):
+    from guest_lib import QPCap
+    from guest_lib.endpoint import RcEndpoint, connect_pair
+
+    from .test_limits import _write_works
+
+    state = tmp_path / "state"
+    cfg = tmp_path / "vrdma.toml"
+    cfg.write_text(config(max_cq=8, per_minute=60.0))
+    with DaemonProcess("--config", str(cfg), "--state-dir", str(state)) as d:
+        a = RcEndpoint(d.path, 4096, cap=QPCap(32, 32, 1, 1, 0), mem_size=8 << 20)
+        b = RcEndpoint(d.path, 4096, cap=QPCap(32, 32, 1, 1, 0), mem_size=8 << 20)
+        try:
+            connect_pair(a, b)
+            for i in range(10):  # 10 RDMA WRITEs of 64 bytes each way
+                assert _write_works(a, b, bytes([65 + i])) and _write_works(b, a, bytes([97 + i]))
+        finally:
+            a.close()
+            b.close()
+        assert d.close() == 0
+    rows = json.loads(accounting(str(state / "accounting.db"), "--format", "json", "--tenant", "me"))
+    rdma = [r for r in rows if r["op"] == "rdma"]
+    assert len(rdma) == 1 and rdma[0]["bytes_received"] == 2 * 10 * 64 and rdma[0]["jobs"] == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from typing import Any
 
 NAME = "backend"
 HELP = "run the vhost-user back-end daemon (one device instance per connection)"
@@ -328,6 +329,38 @@ def tenant_config(args):
         raise SystemExit(f"vrdma backend: {e}") from None
 
 
+class ByteSampler:
+    """A daemon service: every ``period`` seconds (and at exit, after the last
+    connection closed) the tenants' RDMA byte counters go into the accounting,
+    read on the event loop (TenantLedger.rdma_bytes), written by its flusher."""
+
+    def __init__(self, ledger, accounting, period: float):
+        self.ledger, self.accounting, self.period = ledger, accounting, period
+        self._task: Any = None
+
+    async def start(self) -> None:
+        import asyncio
+
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        import asyncio
+
+        while True:
+            await asyncio.sleep(self.period)
+            self.accounting.sample_bytes(self.ledger.rdma_bytes())
+
+    async def aclose(self) -> None:
+        import asyncio
+        import contextlib
+
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.accounting.sample_bytes(self.ledger.rdma_bytes())
+
+
 def socket_group(args) -> int | None:
     import grp
 
@@ -463,6 +496,8 @@ def run(args) -> int:
     peering = make_peering(args, fabric, accel) if args.device == "rdma" else None
     if peering is not None:
         services = [*services, peering]
+    if accounting is not None:
+        services = [*services, ByteSampler(ledger, accounting, max(0.05, args.accounting_flush / 2))]
     factory = make_device_factory(args, fabric, policy, accel, ledger)
 
     def reload():
