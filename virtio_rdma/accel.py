@@ -60,6 +60,14 @@ receive queue (:class:`accel_core.queues.FairQueue`), which picks the guest
 a device's priority-7 queue overtakes its own priority-0 queues, never
 another guest's share.
 
+Tenants (:meth:`AccelRouter.set_tenancy`, docs/tenants.md): with the daemon's
+TenantLedger the fair queue serves the device's *tenant class* first and
+shares time by its *weight* (the router's classifier, read live), and each
+job takes its tenant's accelerator quota before it is placed (refused:
+QUOTA_EXCEEDED, nothing run); every admitted job that ends gives the quota
+back and, with accounting, adds to its tenant's row. A job sent to a peer
+carries its tenant and class (peering.wire.JobMsg).
+
 Doorbell records: the driver writes ``pi`` to the queue's record before it
 rings. Under DBREC_POLL the daemon's busy-poll loop (and every timer pass)
 reads the records too (:func:`poll_records`): a changed one is applied like
