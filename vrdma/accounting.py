@@ -132,8 +132,17 @@ class Accounting:
             return 0
         rows = [(t0, t1, self.host, tenant, op, where, v[0], v[1], v[2], v[3], v[4], v[5])
                 for (tenant, op, where), v in pending.items()]
-        with self._db:
-            self._db.executemany(INSERT, rows)
+        try:
+            with self._db:
+                self._db.executemany(INSERT, rows)
+        except sqlite3.Error:  # keep the counts (and the interval's start) for the next flush
+            with self._lock:
+                self._t_start = t0
+                for key, v in pending.items():
+                    now = self._pending.setdefault(key, [0, 0, 0.0, 0.0, 0, 0])
+                    for i, x in enumerate(v):
+                        now[i] += x
+            raise
         self.flushes += 1
         self.rows_written += len(rows)
         return len(rows)
