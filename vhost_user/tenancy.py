@@ -488,8 +488,8 @@ class TenantLedger:
 
     def resolve(self, info: ConnectionInfo | None) -> str:
         """The tenant of a connection: by its socket, else its uid, else ``uid:N``."""
-        if info is None:
-            return "uid:-1" if "uid:-1" not in self._specs else "anonymous"
+        if info is None:  # an in-process device without a connection
+            return "uid:-1"
         t = self._by_socket.get(info.path) or self._by_uid.get(info.uid)
         return t.name if t is not None else f"uid:{info.uid}"
 
