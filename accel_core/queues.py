@@ -26,6 +26,16 @@ a backlogged guest's next dispatch gets start tag ``S_g`` and moves it to
 ``S_g + cost`` of the job actually taken (exactly SFQ when priorities are
 equal); a cancelled job's cost is given back to its guest.
 
+Tenant classes, weights and aging (issue #18): an optional ``classify(guest_id)
+-> (class, weight)`` (the daemon's tenant ledger: a higher class is served
+first; ``weight`` divides each job's cost, so within a class backlogged guests
+get accelerator time in proportion to their weights -- weighted SFQ). Aging:
+a guest served nothing for ``aging_seconds`` while it has jobs waiting competes
+one class higher per period waited (up to the highest class waiting), so a low
+tenant still progresses under a saturating high one; its start tag, left behind
+while it waited, then puts it first among its new peers. Without ``classify``
+every guest is class 0 weight 1: exactly the queue described above.
+
 Ready queue: jobs finished and waiting to be collected (the completion queue a
 backend daemon drains to write guest completions). A notifier callback runs,
 outside any lock, each time a job is appended, so an event loop can be woken
@@ -43,6 +53,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import cast
 
 from accel_core.jobs import Job
 
@@ -53,15 +64,19 @@ MIN_COST = 1e-9  # seconds; keeps tags increasing per guest even for free jobs
 
 class _Share:
     """One guest's waiting jobs: a FIFO per priority present, the highest of
-    those priorities, and the start tag its next dispatched job gets."""
+    those priorities, the start tag its next dispatched job gets, its class and
+    weight, and since when it has waited unserved (aging)."""
 
-    __slots__ = ("fifos", "top", "start", "n")
+    __slots__ = ("fifos", "top", "start", "n", "klass", "weight", "since")
 
-    def __init__(self, start: float) -> None:
+    def __init__(self, start: float, klass: int, weight: float, since: float) -> None:
         self.fifos: dict[int, deque[Job]] = {}
         self.top = 0
         self.start = start
         self.n = 0
+        self.klass = klass
+        self.weight = weight
+        self.since = since
 
 
 def _cost(job: Job) -> float:
@@ -69,11 +84,19 @@ def _cost(job: Job) -> float:
     return max(MIN_COST, c)
 
 
+#: classify(guest_id) -> (class, weight); class: higher first; weight > 0
+Classifier = Callable[[int], tuple[int, float]]
+
+
 class FairQueue:
     """Start-time fair receive queue of jobs across guests, by priority
     within a guest (not thread-safe)."""
 
-    def __init__(self) -> None:
+    def __init__(self, classify: Classifier | None = None, aging_seconds: float = 0.0) -> None:
+        self.classify = classify
+        self.aging_seconds = aging_seconds
+        #: dispatches that went to a guest because aging lifted its class (tests assert it)
+        self.aged_dispatches = 0
         self._shares: dict[int, _Share] = {}
         self._finish: dict[int, float] = {}
         self._vtime = 0.0
@@ -91,16 +114,34 @@ class FairQueue:
         (were it of its guest's lowest queued priority)."""
         return max(self._vtime, self._finish.get(guest_id, 0.0))
 
+    def set_classifier(self, classify: Classifier | None, aging_seconds: float = 0.0) -> None:
+        self.classify = classify
+        self.aging_seconds = aging_seconds
+
+    def _class_weight(self, g: int) -> tuple[int, float]:
+        if self.classify is None:
+            return 0, 1.0
+        try:
+            k, w = self.classify(g)
+        except Exception:  # a broken classifier must not lose the job
+            log.exception("fair queue: classifying guest %d failed", g)
+            return 0, 1.0
+        return int(k), (float(w) if w > 0 else 1.0)
+
     def push(self, job: Job) -> None:
         g = job.guest_id
         if len(self._finish) > 4 * len(self._shares) + 64:
             self._prune()
+        klass, weight = self._class_weight(g)
         start = self.start_tag(g)
-        self._finish[g] = start + _cost(job)
+        self._finish[g] = start + _cost(job) / weight
         job._tag = (start, next(self._arrival))  # the FIFO tag; ordered() and pop() set the real one
         share = self._shares.get(g)
         if share is None:  # the guest becomes backlogged: SFQ's max(V, F_g)
-            share = self._shares[g] = _Share(start)
+            since = job.t_submitted if job.t_submitted is not None else 0.0
+            share = self._shares[g] = _Share(start, klass, weight, since)
+        else:
+            share.klass, share.weight = klass, weight
         p = job.priority
         fifo = share.fifos.get(p)
         if fifo is None:
@@ -111,17 +152,28 @@ class FairQueue:
         share.n += 1
         self._len += 1
 
-    def pop(self) -> Job | None:
-        """Remove and return the next job to dispatch, or None when empty."""
+    def pop(self, now: float | None = None) -> Job | None:
+        """Remove and return the next job to dispatch, or None when empty.
+        ``now`` (the clock of the jobs' ``t_submitted``): for aging."""
         shares = self._shares
         if len(shares) == 1:
             g, share = next(iter(shares.items()))
         elif shares:
-            g, share, best = -1, None, (0.0, 0.0)
+            aging = self.aging_seconds if now is not None and self.aging_seconds > 0 else 0.0
+            top = max(sh.klass for sh in shares.values())
+            g, share, best = -1, None, (0, 0.0, 0.0)
+            aged = False
             for g1, sh in shares.items():
-                tag = (sh.start, sh.fifos[sh.top][0]._tag[1])
+                k = sh.klass
+                lifted = False
+                if aging and k < top:
+                    k2 = min(top, k + int((cast(float, now) - sh.since) / aging))
+                    lifted, k = k2 > k, k2
+                tag = (-k, sh.start, sh.fifos[sh.top][0]._tag[1])
                 if share is None or tag < best:
-                    g, share, best = g1, sh, tag
+                    g, share, best, aged = g1, sh, tag, lifted
+            if aged:
+                self.aged_dispatches += 1
         else:
             return None
         assert share is not None
@@ -135,7 +187,9 @@ class FairQueue:
         start = share.start
         job._tag = (start, job._tag[1])
         self._vtime = start
-        share.start = start + _cost(job)
+        share.start = start + _cost(job) / share.weight
+        if now is not None:
+            share.since = now
         self._len -= 1
         return job
 
@@ -159,7 +213,7 @@ class FairQueue:
         share.n -= 1
         if not share.n:
             del self._shares[g]
-        self._finish[g] = share.start if not share.n else self._finish[g] - _cost(job)
+        self._finish[g] = share.start if not share.n else self._finish[g] - _cost(job) / share.weight
         self._len -= 1
         return True
 
@@ -176,16 +230,16 @@ class FairQueue:
         arrived; sets each one's ``_tag`` to the (start tag, arrival) it
         would be dispatched with (a guest's jobs go by priority, then FIFO,
         from the guest's next start tag on)."""
-        jobs: list[Job] = []
+        jobs: list[tuple[int, Job]] = []
         for share in self._shares.values():
             s = share.start
             for p in sorted(share.fifos, reverse=True):
                 for j in share.fifos[p]:
                     j._tag = (s, j._tag[1])
-                    s += _cost(j)
-                    jobs.append(j)
-        jobs.sort(key=lambda j: j._tag)
-        return jobs
+                    s += _cost(j) / share.weight
+                    jobs.append((-share.klass, j))
+        jobs.sort(key=lambda kj: (kj[0], kj[1]._tag))
+        return [j for _, j in jobs]
 
     def guests(self) -> dict[int, int]:
         """Queued job count per guest."""

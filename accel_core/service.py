@@ -61,7 +61,7 @@ from accel_core.errors import AccelError, JobRejected, ParameterError, ServiceCl
 from accel_core.estimate import ReferenceTimes, ServiceTimeModel, Shape
 from accel_core.jobs import Job, JobState, Op, execute
 from accel_core.metrics import AcceleratorMetrics
-from accel_core.queues import FairQueue, ReadyQueue
+from accel_core.queues import Classifier, FairQueue, ReadyQueue
 
 log = logging.getLogger(__name__)
 
@@ -451,6 +451,17 @@ class Accelerator:
     def set_ready_notifier(self, fn: Callable[[Accelerator], None] | None) -> None:
         self._ready.set_notifier(None if fn is None else (lambda: fn(self)))
 
+    def set_classifier(self, classify: Classifier | None, aging_seconds: float = 0.0) -> None:
+        """Tenant classes and weights for the receive queue (:class:`FairQueue`):
+        ``classify(guest_id) -> (class, weight)``, read at each job's push."""
+        with self._lock:
+            self._queue.set_classifier(classify, aging_seconds)
+
+    @property
+    def aged_dispatches(self) -> int:
+        """Jobs dispatched ahead of a higher class because their guest had waited (aging)."""
+        return self._queue.aged_dispatches
+
     # ------------------------------------------------------------------ load and estimates
 
     def queue_depth(self) -> int:
@@ -556,7 +567,7 @@ class Accelerator:
         """Under the lock: the next job to run (or None), plus late-cancelled jobs to deliver."""
         late: list[Job] = []
         while (not self._paused and len(self._queue) and len(self._running) + self._claimed < self.workers):
-            job = cast(Job, self._queue.pop())
+            job = cast(Job, self._queue.pop(self._clock()))
             if self._start(job, self._clock()):
                 return job, late
             late.append(job)
@@ -736,6 +747,12 @@ class AcceleratorService:
         except BaseException:
             self.close()
             raise
+
+    def set_classifier(self, classify: Classifier | None, aging_seconds: float = 0.0) -> None:
+        """Tenant classes, weights and aging on every accelerator's receive queue
+        (``classify(guest_id) -> (class, weight)``; see :class:`FairQueue`)."""
+        for a in self.accelerators:
+            a.set_classifier(classify, aging_seconds)
 
     def add_accelerator(self, name: str, *, ops: Iterable[Op | str] | None = None, workers: int = 1,
                         **options: Any) -> Accelerator:

@@ -80,6 +80,8 @@ DEFAULT_CREDITS = 64
 #: seconds a job may stay on a peer whose link is alive before it is given back
 #: (REMOTE_FAILED, or LOCAL_FALLBACK): a wedged accelerator must not hold it for ever
 DEFAULT_JOB_TIMEOUT = 30.0
+#: tenants of one peer that get a share of their own here (more share the peer's)
+MAX_PEER_TENANTS = 64
 #: landing slots this host offers each peer for job inputs, and their size: a job whose
 #: input fits a free slot is written there before its JOB message (no GRANT round trip)
 LANDING_SLOTS = 16
@@ -230,6 +232,11 @@ class PeerTarget:
         self.clock = clock
         self.metrics = PeerMetrics()
         self.guest_id = router.new_guest_id()  # this peer's share of the local accelerators
+        #: this peer in the tenant configuration (its ``[[tenant]]`` entry caps the class and
+        #: gives the weight of the jobs it sends); peering.service names it by address
+        self.name = f"peer:{host}"
+        #: a guest id (share of the local accelerators) per tenant of the peer's jobs
+        self.tenant_gids: dict[str, int] = {}
         self._tags = count(1)
         self.sent: dict[int, _Out] = {}
         #: results in, input WRITE not yet acknowledged (they complete when it is)
@@ -370,8 +377,10 @@ class PeerTarget:
             o.slot = slot = self.free_slots.pop()
             o.granted = o.input_pending = True
             link.write(o.tag << _WR_KIND | _WR_INPUT, e.in_views, pl[0], slot * pl[2])
+        klass = self.router.tenant_class(e.tenant)
         msg = JobMsg(o.tag, job.op, job.dtype, job.size, job.batch, job.iterations, job.early_stop,
-                     job.scaling, e.aq.priority, in_len, 0, o.out_key, e.out_len, slot, o.announced > 0)
+                     job.scaling, e.aq.priority, in_len, 0, o.out_key, e.out_len, slot, o.announced > 0,
+                     e.tenant or "", klass)
         self.sent[o.tag] = o
         o.sent_at = self.clock()
         o.nbytes = in_len + e.out_len
@@ -669,7 +678,7 @@ class PeerTarget:
         local = self.router.local
         assert local is not None and s.x is not None and s.y is not None
         try:
-            job = make_job(CORE_OP[m.op], s.spec, s.x, s.y, guest_id=self.guest_id,
+            job = make_job(CORE_OP[m.op], s.spec, s.x, s.y, guest_id=self._tenant_gid(m),
                            priority=min(m.priority, MAX_PRIORITY))
         except InvalidInput:
             self._drop_served(s, AccelStatus.INVALID_PARAMS)
@@ -683,6 +692,20 @@ class PeerTarget:
             self._drop_served(s, AccelStatus.NO_ACCELERATOR)
             return
         self.router.load_changed()
+
+    def _tenant_gid(self, m: JobMsg) -> int:
+        """The local share a peer's job runs in: one per (peer, tenant), classed by the
+        router with the job's class capped by this host's entry for the peer (bounded:
+        past MAX_PEER_TENANTS a peer's further tenants share its own guest id)."""
+        if not m.tenant or self.router.ledger is None:
+            return self.guest_id
+        gid = self.tenant_gids.get(m.tenant)
+        if gid is None:
+            if len(self.tenant_gids) >= MAX_PEER_TENANTS:
+                return self.guest_id
+            gid = self.tenant_gids[m.tenant] = self.router.new_guest_id()
+        self.router.remote_tenant(gid, self.name, m.tenant, m.klass)
+        return gid
 
     def _drop_served(self, s: _Served, status: AccelStatus) -> None:
         del self.served[s.msg.tag]
@@ -702,6 +725,9 @@ class PeerTarget:
                               and isinstance(job.error, InvalidInput) else AccelStatus.REMOTE_FAILED)
             return
         wait, service = job_times_us(job)
+        if self.router.accounting is not None:  # run here for the peer's tenant
+            self.router.accounting.record_job(f"{m.tenant or '-'}@{self.name}", m.op.name.lower(), "served",
+                                              True, service / 1e6, wait / 1e6)
         assert s.y is not None
         views = [s.y.view(np.uint8).data]
         its = 0

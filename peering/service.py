@@ -134,6 +134,7 @@ class Peering:
                     link.counters = self.dispatcher.region
                 return link
             t = PeerTarget(host, router, link_factory, credits=credits, clock=clock, job_timeout=job_timeout)
+            t.name = f"peer:{addr}"  # its [[tenant]] entry in this host's configuration
             self.targets[addr] = t
             router.add_remote(t)
         if self.dispatcher is not None and self.dispatcher.policy.base == "board":

@@ -36,12 +36,18 @@ u8, u16, u32, u64 = cs.Int8ul, cs.Int16ul, cs.Int32ul, cs.Int64ul
 #: "VRPL": vrdma peer link
 MAGIC = 0x4C505256
 #: 2: the connect message names the sender's counters window (one-sided load reads);
-#: 3: and the board's windows, when the sender holds the cluster's load board
-VERSION = 3
+#: 3: and the board's windows, when the sender holds the cluster's load board;
+#: 4: a job carries its tenant's name and priority class (issue #18)
+VERSION = 4
 #: accelerator operations a ConnectMsg can describe
 MAX_OPS = 4
 #: JobMsg.slot of a job whose input waits for a GRANT
 NO_SLOT = 0xFFFFFFFF
+#: JobMsg.tenant: bytes of the tenant name field (NUL padded; "" = no tenant)
+TENANT_BYTES = 32
+#: JobMsg.klass: the tenant's priority class, 0 (low) .. MAX_CLASS (high), as vhost_user.tenancy.Class
+MAX_CLASS = 2
+_TENANT_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.:-@")
 
 
 class PeerWireError(ValueError):
@@ -214,6 +220,9 @@ JobLayout = cs.Struct(
     "out_va" / u64,
     "out_len" / u32,
     "reserved2" / cs.Const(0, u32),
+    "klass" / u8,            # the tenant's class at the origin, 0..MAX_CLASS (v4)
+    "reserved3" / cs.Const(0, u8), "reserved4" / cs.Const(0, u16),
+    "tenant" / cs.Bytes(TENANT_BYTES),  # the tenant's name at the origin, NUL padded (v4)
 )
 JOB_SIZE = JobLayout.sizeof()
 ResultLayout = cs.Struct(
@@ -262,11 +271,19 @@ class JobMsg:
     slot: int = NO_SLOT
     #: the origin added this job's work to the target's announced work on the load board
     announced: bool = False
+    #: the tenant the job runs for, and its class, at the origin (the receiving host
+    #: maps them through its own policy for this peer)
+    tenant: str = ""
+    klass: int = 1
 
     def encode(self) -> bytes:
+        name = self.tenant.encode("ascii")
+        if len(name) > TENANT_BYTES:
+            raise PeerWireError(f"tenant name {self.tenant!r} longer than {TENANT_BYTES} bytes", "tenant")
         return JobLayout.build(dict(
             op=int(self.op), dtype=int(self.dtype), early_stop=int(self.early_stop),
-            iterations=self.iterations, priority=self.priority,
+            iterations=self.iterations, priority=self.priority, klass=self.klass,
+            tenant=name.ljust(TENANT_BYTES, b"\0"),
             flags=(_NO_SCALING if self.scaling is None else 0) | (_ANNOUNCED if self.announced else 0),
             tag=self.tag, size=self.size,
             batch=self.batch, scaling=0.0 if self.scaling is None else self.scaling,
@@ -332,11 +349,17 @@ def decode_link(data: bytes | memoryview) -> JobMsg | GrantMsg | GoMsg | ResultM
             raise PeerWireError(f"job message flags {j.flags:#x}", "flags")
         if not j.flags & _NO_SCALING and not math.isfinite(j.scaling):
             raise PeerWireError(f"job message scaling {j.scaling}", "scaling")
+        if j.klass > MAX_CLASS:
+            raise PeerWireError(f"job message class {j.klass} (0..{MAX_CLASS})", "klass")
+        name = bytes(j.tenant).rstrip(b"\0")
+        if not set(name) <= _TENANT_CHARS:
+            raise PeerWireError(f"job message tenant {bytes(j.tenant)!r}", "tenant")
         try:
             return JobMsg(j.tag, AccelOp.parse(j.op), AccelDtype.parse(j.dtype), j.size, j.batch,
                           j.iterations, AccelEarlyStop.parse(j.early_stop),
                           None if j.flags & _NO_SCALING else j.scaling, j.priority,
-                          j.in_len, j.out_va, j.out_rkey, j.out_len, j.slot, bool(j.flags & _ANNOUNCED))
+                          j.in_len, j.out_va, j.out_rkey, j.out_len, j.slot, bool(j.flags & _ANNOUNCED),
+                          name.decode("ascii"), j.klass)
         except UnknownValueError as e:
             raise PeerWireError(f"job message: {e}", "op/dtype/early_stop") from None
     if kind == LinkType.RESULT:

@@ -565,8 +565,11 @@ def install_uvloop() -> bool:
 def run_backend(paths: list[str], device_factory: Callable[[ConnectionInfo], VhostUserDevice], *,
                 ready: Callable[[], None] | None = None, poll_us: float = 0.0,
                 require_sealed_memory: bool = True, services=(), policy: TenantPolicy | None = None,
-                socket_mode: int = 0o660, socket_group: int | None = None) -> int:
+                socket_mode: int = 0o660, socket_group: int | None = None,
+                on_reload: Callable[[], None] | None = None) -> int:
     """Run the daemon until SIGINT/SIGTERM; close every connection cleanly.
+    ``on_reload``: called in the loop on SIGHUP (the tenant configuration is read
+    again; connections stay).
 
     ``services``: objects with ``async start()`` and ``async aclose()`` that
     live in the daemon's loop (e.g. a fabric's UDP socket), started before the
@@ -578,6 +581,8 @@ def run_backend(paths: list[str], device_factory: Callable[[ConnectionInfo], Vho
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        if on_reload is not None:
+            loop.add_signal_handler(signal.SIGHUP, on_reload)
         per_uid: dict[int, int] = {}
         servers = [BackendServer(p, device_factory, loop=loop, poll_us=poll_us, policy=policy,
                                  require_sealed_memory=require_sealed_memory, per_uid=per_uid,

@@ -24,15 +24,34 @@ import vhost_user already, and the CLI (vrdma) only parses options into a
 
 Statuses (docs/virtio-rdma.md "Status codes"): a connection's own limit
 (an object cap, its pinned bytes, its in-flight work) is ENOMEM; its uid's
-host-wide budget, shared with the uid's other connections, is ENOSPC.
+host-wide budget, shared with the uid's other connections, is ENOSPC; so is a
+*tenant quota* (shared by the tenant's connections, below).
+
+Tenants (issue #18, docs/tenants.md): a connection belongs to the tenant whose
+``[[tenant]]`` entry names the socket it connected to (``socket = PATH``: one
+socket per QEMU guest or Slurm job, ``vrdma backend -s A -s B``), else the one
+naming its peer uid (``uid = N``), else the default tenant ``uid:N`` (class
+normal, weight 1, no quotas). A :class:`TenantSpec` gives a priority
+:class:`Class` and a weight (the accelerators' fair queue) and quotas over all
+the tenant's connections: QPs, CQs, MRs, pinned bytes (ENOSPC), in-flight
+accelerator jobs and accelerator-seconds per minute (a :class:`TokenBucket`
+charged with each job's service time; the job completes
+``AccelStatus.QUOTA_EXCEEDED``). :meth:`TenantLedger.reload` swaps the whole
+configuration (SIGHUP) and :meth:`TenantLedger.set_tenant` changes one
+tenant live (the admin socket): accounts read the ledger's current values on
+every charge, so a lowered limit refuses *new* objects and jobs and never
+destroys existing ones (usage above a lowered quota stays until released).
 """
 from __future__ import annotations
 
 import dataclasses
 import enum
 import errno as _errno
+import math
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 from vhost_user.errors import VhostUserError
 
@@ -159,6 +178,220 @@ class TenantPolicy:
         return None  # objects: uid_max_objects over all four kinds
 
 
+class Class(enum.IntEnum):
+    """A tenant's priority class on the accelerators: a higher class's waiting
+    jobs go first (then weighted fairness within the class, and aging)."""
+
+    LOW = 0
+    NORMAL = 1
+    HIGH = 2
+
+    @classmethod
+    def parse(cls, value) -> Class:
+        if isinstance(value, Class):
+            return value
+        if isinstance(value, str):
+            for c in cls:
+                if c.name.lower() == value.strip().lower():
+                    return c
+        raise PolicyError(f"tenant class {value!r}: not one of {', '.join(c.name.lower() for c in cls)}")
+
+
+#: tenant quotas (all optional; None: no quota), over all the tenant's connections
+QUOTAS = ("max_qp", "max_cq", "max_mr", "max_pinned_bytes", "max_accel_jobs", "accel_seconds_per_minute")
+#: the quotas that are object counts or bytes, by the Resource they limit
+QUOTA_RESOURCE = {"max_qp": Resource.QP, "max_cq": Resource.CQ, "max_mr": Resource.MR,
+                  "max_pinned_bytes": Resource.PINNED_BYTES}
+MAX_WEIGHT = 1000.0
+MAX_QUOTA = 1 << 62
+MAX_ACCEL_SECONDS_PER_MINUTE = 60.0 * 4096  # a host with 4096 busy accelerator units
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.:-@")
+
+
+def _check_quota(name: str, v, where: str):
+    if v is None:
+        return None
+    if name == "accel_seconds_per_minute":
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or not 0 <= v <= MAX_ACCEL_SECONDS_PER_MINUTE:
+            raise PolicyError(f"{where} {name}={v!r}: not a number in 0..{MAX_ACCEL_SECONDS_PER_MINUTE:g}")
+        return float(v)
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_QUOTA:
+        raise PolicyError(f"{where} {name}={v!r}: not an integer in 0..2**62")
+    return v
+
+
+@dataclass(frozen=True)
+class TenantSpec:
+    """One tenant's configuration: who it is (``uid`` and/or ``socket``), its
+    class and weight on the accelerators, and its quotas (None: none)."""
+
+    name: str
+    uid: int | None = None
+    socket: str | None = None
+    klass: Class = Class.NORMAL
+    weight: float = 1.0
+    max_qp: int | None = None
+    max_cq: int | None = None
+    max_mr: int | None = None
+    max_pinned_bytes: int | None = None
+    max_accel_jobs: int | None = None
+    accel_seconds_per_minute: float | None = None
+
+    def __post_init__(self):
+        n = self.name
+        if not isinstance(n, str) or not 0 < len(n) <= 64 or not set(n) <= _NAME_CHARS:
+            raise PolicyError(f"tenant name {n!r}: not 1..64 characters of [A-Za-z0-9_.:@-]")
+        where = f"tenant {n!r}"
+        if self.uid is not None and (isinstance(self.uid, bool) or not isinstance(self.uid, int)
+                                     or not 0 <= self.uid < (1 << 32) - 1):
+            raise PolicyError(f"{where} uid={self.uid!r}: not a uid (0..4294967294)")
+        if self.socket is not None and (not isinstance(self.socket, str) or not self.socket.startswith("/")
+                                        or "\0" in self.socket or len(self.socket) > 107):
+            raise PolicyError(f"{where} socket={self.socket!r}: not an absolute socket path")
+        object.__setattr__(self, "klass", Class.parse(self.klass))
+        w = self.weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) \
+                or not 0 < w <= MAX_WEIGHT:
+            raise PolicyError(f"{where} weight={w!r}: not a number in (0, {MAX_WEIGHT:g}]")
+        object.__setattr__(self, "weight", float(w))
+        for q in QUOTAS:
+            object.__setattr__(self, q, _check_quota(q, getattr(self, q), where))
+
+    @classmethod
+    def from_mapping(cls, values: Mapping) -> TenantSpec:
+        """A spec from one ``[[tenant]]`` table (``class`` for the class; '-' or '_')."""
+        if not isinstance(values, Mapping):
+            raise PolicyError(f"configuration file: a [[tenant]] entry is not a table: {values!r}")
+        known = {f.name for f in dataclasses.fields(cls)} - {"klass"} | {"class"}
+        kw = {}
+        for k, v in values.items():
+            key = k.replace("-", "_")
+            if key not in known:
+                raise PolicyError(f"tenant {values.get('name')!r}: unknown option {k!r} "
+                                  f"(known: {', '.join(sorted(known))})")
+            kw["klass" if key == "class" else key] = v
+        if "name" not in kw:
+            raise PolicyError(f"a [[tenant]] entry has no name: {dict(values)!r}")
+        return cls(**kw)
+
+    def quota(self, r: Resource) -> int | None:
+        for name, res in QUOTA_RESOURCE.items():
+            if res is r:
+                return getattr(self, name)
+        return None
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["class"] = self.klass.name.lower()
+        del d["klass"]
+        return d
+
+
+#: seconds a job may wait before it is served one class higher (per period waited), so a
+#: low tenant still progresses under a saturating high one (0: no aging)
+DEFAULT_AGING_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class TenantConfig:
+    """The daemon's whole tenant configuration: the per-connection/per-uid
+    :class:`TenantPolicy`, the tenants, and the accelerators' aging period."""
+
+    policy: TenantPolicy = field(default_factory=TenantPolicy)
+    tenants: tuple[TenantSpec, ...] = ()
+    aging_seconds: float = DEFAULT_AGING_SECONDS
+
+    def __post_init__(self):
+        a = self.aging_seconds
+        if (isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a)
+                or not 0 <= a <= 3600):
+            raise PolicyError(f"fairness aging_seconds={a!r}: not a number of seconds in 0..3600")
+        seen: dict = {}
+        for t in self.tenants:
+            for key in (("name", t.name), ("uid", t.uid), ("socket", t.socket)):
+                if key[1] is None:
+                    continue
+                if key in seen:
+                    raise PolicyError(f"tenant {t.name!r}: {key[0]} {key[1]!r} is already "
+                                      f"tenant {seen[key]!r}'s")
+                seen[key] = t.name
+
+    @classmethod
+    def from_toml(cls, text: str, base: TenantPolicy | None = None) -> TenantConfig:
+        """``[tenants]`` (the TenantPolicy), ``[[tenant]]`` entries and ``[fairness]``."""
+        policy = TenantPolicy.from_toml(text, base)
+        doc = tomllib.loads(text)  # parsed fine above
+        entries = doc.get("tenant", [])
+        if not isinstance(entries, list):
+            raise PolicyError("configuration file: 'tenant' must be an array of tables ([[tenant]])")
+        fair = doc.get("fairness", {})
+        if not isinstance(fair, dict):
+            raise PolicyError("configuration file: [fairness] is not a table")
+        for k in fair:
+            if k.replace("-", "_") != "aging_seconds":
+                raise PolicyError(f"unknown [fairness] option {k!r} (known: aging_seconds)")
+        aging = cast(float, fair.get("aging_seconds", fair.get("aging-seconds", DEFAULT_AGING_SECONDS)))
+        return cls(policy, tuple(TenantSpec.from_mapping(e) for e in entries), aging)
+
+    @classmethod
+    def from_file(cls, path: str, base: TenantPolicy | None = None) -> TenantConfig:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise PolicyError(f"configuration file {path}: {e}") from None
+        return cls.from_toml(text, base)
+
+
+class TokenBucket:
+    """Accelerator-seconds per minute: ``rate`` seconds of service per minute,
+    at most one minute's worth banked. Charged after each job with its service
+    time (the balance may go negative: a long job is paid for in full); a new
+    job is admitted while the balance is positive. Sans-I/O: ``now`` given."""
+
+    __slots__ = ("per_minute", "tokens", "t")
+
+    def __init__(self, per_minute: float, now: float):
+        self.per_minute = per_minute
+        self.tokens = per_minute
+        self.t = now
+
+    def _refill(self, now: float) -> None:
+        if now > self.t:
+            self.tokens = min(self.per_minute, self.tokens + (now - self.t) * self.per_minute / 60.0)
+        self.t = max(self.t, now)
+
+    def set_rate(self, per_minute: float, now: float) -> None:
+        self._refill(now)
+        self.per_minute = per_minute
+        self.tokens = min(self.tokens, per_minute)
+
+    def admit(self, now: float) -> bool:
+        self._refill(now)
+        return self.tokens > 0
+
+    def charge(self, seconds: float, now: float) -> None:
+        self._refill(now)
+        self.tokens -= seconds
+
+
+@dataclass
+class TenantUsage:
+    """A tenant's running totals over all its connections (and remote jobs run for it)."""
+
+    used: dict = field(default_factory=dict)          # Resource -> amount
+    accel_in_flight: int = 0
+    bucket: TokenBucket | None = None
+    quota_hits: dict = field(default_factory=dict)    # quota name -> refusals
+    connections: int = 0
+    #: RDMA bytes (sent, received) of its devices that are gone (live ones: their counters)
+    rdma_closed: list = field(default_factory=lambda: [0, 0])
+
+    def hit(self, quota: str) -> None:
+        self.quota_hits[quota] = self.quota_hits.get(quota, 0) + 1
+
+
 @dataclass
 class LimitCounters:
     """How often a limit refused something (per connection, summed per uid)."""
@@ -184,38 +417,196 @@ class UidUsage:
 
 
 class TenantLedger:
-    """The daemon's running totals per uid (one instance, shared by all its
-    connections; not thread-safe: used from the daemon's event loop)."""
+    """The daemon's running totals per uid and per tenant (one instance, shared
+    by all its connections; not thread-safe: used from the daemon's event loop)
+    and its current :class:`TenantConfig` (replaced by :meth:`reload`)."""
 
-    def __init__(self, policy: TenantPolicy | None = None):
-        self.policy = policy or TenantPolicy()
+    def __init__(self, policy: TenantPolicy | None = None, config: TenantConfig | None = None):
+        if config is None:
+            config = TenantConfig(policy or TenantPolicy())
+        self.config = config
+        self.policy = config.policy
         self.uids: dict[int, UidUsage] = {}
+        self.tenants: dict[str, TenantUsage] = {}
+        self._specs: dict[str, TenantSpec] = {}
+        self._by_socket: dict[str, TenantSpec] = {}
+        self._by_uid: dict[int, TenantSpec] = {}
+        #: live changes (set_tenant) since the last reload, by tenant name
+        self._live: dict[str, TenantSpec] = {}
+        self.reloads = 0
+        #: open accounts (their devices' byte counters are read by rdma_bytes)
+        self.accounts: set[TenantAccount] = set()
+        #: called with no argument after a reload or a live change (e.g. to log it)
+        self.on_change: list = []
+        self._index()
 
+    def _index(self) -> None:
+        self._specs = {t.name: t for t in self.config.tenants}
+        self._by_socket = {t.socket: t for t in self.config.tenants if t.socket is not None}
+        self._by_uid = {t.uid: t for t in self.config.tenants if t.uid is not None}
+
+    # -- configuration
+    def reload(self, config: TenantConfig, now: float | None = None) -> None:
+        """Apply a new configuration (SIGHUP): new limits apply to the next charge;
+        nothing held is taken back; live changes made since the last reload are dropped."""
+        self.config = config
+        self.policy = config.policy
+        self._live.clear()
+        self._index()
+        self.reloads += 1
+        self._rebucket(now)
+        for fn in list(self.on_change):
+            fn()
+
+    def set_tenant(self, name: str, *, klass: Class | str | None = None, weight: float | None = None,
+                   now: float | None = None, **quotas) -> TenantSpec:
+        """Change tenant ``name``'s class, weight or quotas live (the admin socket's
+        ``tenant set``): validated like the file (PolicyError naming the bad value);
+        a quota of None removes it. Kept until the next :meth:`reload`."""
+        for q in quotas:
+            if q not in QUOTAS:
+                raise PolicyError(f"unknown tenant quota {q!r} (known: {', '.join(QUOTAS)})")
+        spec = self.spec(name)
+        changes: dict = dict(quotas)
+        if klass is not None:
+            changes["klass"] = klass
+        if weight is not None:
+            changes["weight"] = weight
+        new = dataclasses.replace(spec, **changes)
+        self._live[name] = new
+        self._rebucket(now)
+        for fn in list(self.on_change):
+            fn()
+        return new
+
+    def spec(self, name: str) -> TenantSpec:
+        """Tenant ``name``'s current configuration (the default one if it has no entry)."""
+        s = self._live.get(name) or self._specs.get(name)
+        if s is None:
+            s = TenantSpec(name)
+        return s
+
+    def resolve(self, info: ConnectionInfo | None) -> str:
+        """The tenant of a connection: by its socket, else its uid, else ``uid:N``."""
+        if info is None:  # an in-process device without a connection
+            return "uid:-1"
+        t = self._by_socket.get(info.path) or self._by_uid.get(info.uid)
+        return t.name if t is not None else f"uid:{info.uid}"
+
+    def specs(self) -> dict[str, TenantSpec]:
+        """Every tenant configured or seen, by name, with its current configuration."""
+        names = set(self._specs) | set(self.tenants) | set(self._live)
+        return {n: self.spec(n) for n in sorted(names)}
+
+    # -- usage
     def usage(self, uid: int) -> UidUsage:
         u = self.uids.get(uid)
         if u is None:
             u = self.uids[uid] = UidUsage()
         return u
 
+    def tenant(self, name: str) -> TenantUsage:
+        t = self.tenants.get(name)
+        if t is None:
+            t = self.tenants[name] = TenantUsage()
+        return t
+
     def account(self, info: ConnectionInfo | None) -> TenantAccount:
         """A new account for one connection (``info`` None: an anonymous tenant, uid -1)."""
-        return TenantAccount(self, -1 if info is None else info.uid)
+        return TenantAccount(self, -1 if info is None else info.uid, self.resolve(info))
+
+    def rdma_bytes(self) -> dict[str, tuple[int, int]]:
+        """Cumulative RDMA bytes (sent, received) per tenant since the daemon started:
+        its closed devices' and its live devices' counters (call on the event loop)."""
+        out = {name: (t.rdma_closed[0], t.rdma_closed[1]) for name, t in self.tenants.items()}
+        for a in self.accounts:
+            m = a.byte_counters
+            if m is not None:
+                s, r = out.get(a.tenant, (0, 0))
+                out[a.tenant] = (s + m.bytes_sent, r + m.bytes_received)
+        return out
 
     def totals(self, uid: int) -> dict[Resource, int]:
         u = self.uids.get(uid)
         return {r: (u.used.get(r, 0) if u else 0) for r in Resource}
 
+    def classify(self, name: str) -> tuple[int, float]:
+        """(class, weight) of tenant ``name`` for the accelerators' fair queue."""
+        s = self.spec(name)
+        return int(s.klass), s.weight
+
+    # -- accelerator quotas (in-flight jobs, accelerator-seconds per minute)
+    def _rebucket(self, now: float | None) -> None:
+        import time
+
+        now = time.monotonic() if now is None else now
+        for name, t in self.tenants.items():
+            rate = self.spec(name).accel_seconds_per_minute
+            if rate is None:
+                t.bucket = None
+            elif t.bucket is None:
+                t.bucket = TokenBucket(rate, now)
+            else:
+                t.bucket.set_rate(rate, now)
+
+    def accel_admit(self, name: str, now: float) -> str | None:
+        """Take an in-flight accelerator job for tenant ``name``: None if admitted,
+        else the quota refusing it (counted; nothing taken)."""
+        spec = self.spec(name)
+        t = self.tenant(name)
+        if spec.max_accel_jobs is not None and t.accel_in_flight >= spec.max_accel_jobs:
+            t.hit("max_accel_jobs")
+            return "max_accel_jobs"
+        rate = spec.accel_seconds_per_minute
+        if rate is not None:
+            if t.bucket is None:
+                t.bucket = TokenBucket(rate, now)
+            if not t.bucket.admit(now):
+                t.hit("accel_seconds_per_minute")
+                return "accel_seconds_per_minute"
+        t.accel_in_flight += 1
+        return None
+
+    def accel_done(self, name: str, seconds: float, now: float) -> None:
+        """An admitted job of tenant ``name`` ended after ``seconds`` of service."""
+        t = self.tenant(name)
+        t.accel_in_flight = max(0, t.accel_in_flight - 1)
+        if t.bucket is not None and seconds > 0:
+            t.bucket.charge(seconds, now)
+
 
 class TenantAccount:
-    """One connection's usage, charged against its caps and its uid's budget."""
+    """One connection's usage, charged against its caps, its uid's budget and
+    its tenant's quotas (the ledger's current ones: a reload applies at once)."""
 
-    def __init__(self, ledger: TenantLedger, uid: int):
+    def __init__(self, ledger: TenantLedger, uid: int, tenant: str | None = None):
         self.ledger = ledger
-        self.policy = ledger.policy
         self.uid = uid
+        self.tenant = tenant if tenant is not None else f"uid:{uid}"
         self.used: dict[Resource, int] = {}
         self.counters = LimitCounters()
         self.closed = False
+        #: the device's counters with ``bytes_sent`` / ``bytes_received`` (set_byte_counters)
+        self.byte_counters: Any = None
+        ledger.tenant(self.tenant).connections += 1
+        ledger.accounts.add(self)
+
+    def set_byte_counters(self, metrics: Any) -> None:
+        """The device's (new) counters; a previous device's (before a reset) are kept as closed."""
+        self._fold_bytes()
+        self.byte_counters = metrics
+
+    def _fold_bytes(self) -> None:
+        m = self.byte_counters
+        if m is not None:
+            closed = self.ledger.tenant(self.tenant).rdma_closed
+            closed[0] += m.bytes_sent
+            closed[1] += m.bytes_received
+            self.byte_counters = None
+
+    @property
+    def policy(self) -> TenantPolicy:
+        return self.ledger.policy
 
     def charge(self, r: Resource, amount: int = 1) -> None:
         """Take ``amount`` of ``r`` or raise :class:`LimitExceeded` (nothing taken)."""
@@ -227,6 +618,8 @@ class TenantAccount:
         ``check_only``: raise the same way, but take nothing."""
         p = self.policy
         u = self.ledger.usage(self.uid)
+        spec = self.ledger.spec(self.tenant)
+        tu = self.ledger.tenant(self.tenant)
         objects = u.objects()
         for r, amount in charges:
             if amount < 0:
@@ -246,11 +639,18 @@ class TenantAccount:
                 self._hit("budget", r, u)
                 raise LimitExceeded(f"{r.value}: uid {self.uid} uses {total} + {amount}, exceeding "
                                     f"{name} {budget}", _errno.ENOSPC, r)
+            quota = spec.quota(r)
+            if quota is not None and tu.used.get(r, 0) + amount > quota:
+                self._hit("budget", r, u)
+                tu.hit(f"max_{r.value}")
+                raise LimitExceeded(f"{r.value}: tenant {self.tenant!r} uses {tu.used.get(r, 0)} + {amount}, "
+                                    f"exceeding its quota max_{r.value} {quota}", _errno.ENOSPC, r)
         if check_only:
             return
         for r, amount in charges:
             self.used[r] = self.used.get(r, 0) + amount
             u.used[r] = u.used.get(r, 0) + amount
+            tu.used[r] = tu.used.get(r, 0) + amount
 
     def release(self, r: Resource, amount: int = 1) -> None:
         """Give back ``amount`` of ``r`` (clamped to what this account holds)."""
@@ -260,6 +660,8 @@ class TenantAccount:
         self.used[r] -= amount
         u = self.ledger.usage(self.uid)
         u.used[r] = u.used.get(r, 0) - amount
+        tu = self.ledger.tenant(self.tenant)
+        tu.used[r] = tu.used.get(r, 0) - amount
 
     def release_all(self) -> None:
         for r in list(self.used):
@@ -270,6 +672,9 @@ class TenantAccount:
         if not self.closed:
             self.closed = True
             self.release_all()
+            self._fold_bytes()
+            self.ledger.accounts.discard(self)
+            self.ledger.tenant(self.tenant).connections -= 1
 
     def _hit(self, kind: str, r: Resource, u: UidUsage) -> None:
         self.counters.hit(kind, r)

@@ -60,6 +60,14 @@ receive queue (:class:`accel_core.queues.FairQueue`), which picks the guest
 a device's priority-7 queue overtakes its own priority-0 queues, never
 another guest's share.
 
+Tenants (:meth:`AccelRouter.set_tenancy`, docs/tenants.md): with the daemon's
+TenantLedger the fair queue serves the device's *tenant class* first and
+shares time by its *weight* (the router's classifier, read live), and each
+job takes its tenant's accelerator quota before it is placed (refused:
+QUOTA_EXCEEDED, nothing run); every admitted job that ends gives the quota
+back and, with accounting, adds to its tenant's row. A job sent to a peer
+carries its tenant and class (peering.wire.JobMsg).
+
 Doorbell records: the driver writes ``pi`` to the queue's record before it
 rings. Under DBREC_POLL the daemon's busy-poll loop (and every timer pass)
 reads the records too (:func:`poll_records`): a changed one is applied like
@@ -81,6 +89,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -214,7 +223,7 @@ class Entry:
 
     __slots__ = ("aq", "wr_id", "op", "status", "job", "out_views", "out_tmp", "out_len",
                  "iterations", "done", "byte_len", "wait_us", "service_us", "started", "temp",
-                 "spec", "in_views", "target", "host", "remote", "tried")
+                 "spec", "in_views", "target", "host", "remote", "tried", "tenant", "acct")
 
     def __init__(self, aq: AccelQueue, wr_id: int, op: AccelOp):
         self.aq = aq
@@ -241,6 +250,9 @@ class Entry:
         self.host = 0  # the host that ran it (the CQE's imm_data)
         #: remote hosts that gave it back (it is never placed on them again)
         self.tried: tuple[int, ...] = ()
+        #: the tenant whose accelerator quota admitted it, and the router to tell when it ends
+        self.tenant: str | None = None
+        self.acct: AccelRouter | None = None
 
     def release_temp(self) -> None:
         if self.temp:
@@ -257,6 +269,10 @@ class Entry:
         """Done with ``status``: the guest's buffers, the job and the temporaries let go."""
         self.status = status
         self.done = True
+        r = self.acct
+        if r is not None:
+            self.acct = None
+            r.job_ended(self, status)
         self.job = None
         self.out_views = []
         self.in_views = []
@@ -418,6 +434,13 @@ class AccelRouter:
         #: deliver() passes scheduled on the loop: one per batch of finished jobs, not one per job
         self.wakeups = 0
         self._next_guest = 1
+        #: tenancy (set_tenancy): the ledger, the accounting sink, each guest id's tenant
+        self.ledger: Any = None
+        self.accounting: Any = None
+        self._tenant_of: dict[int, str] = {}
+        #: guest ids running peers' tenants: (peer name, tenant, class it was sent with)
+        self._remote_of: dict[int, tuple[str, str, int]] = {}
+        self.quota_refusals = 0  # jobs completed QUOTA_EXCEEDED
         self.jobs_dropped = 0  # finished after their queue or device went
         #: False while the daemon drains (vrdma ctl drain): peers' new jobs are refused
         #: (REMOTE_FAILED) and the load row advertises no units; guests' own jobs still run
@@ -538,6 +561,86 @@ class AccelRouter:
             self._slice_due = True
             self._loop.call_soon(self._next_slice)
 
+    # -- tenants (vhost_user.tenancy) and accounting (vrdma.accounting)
+    def set_tenancy(self, ledger: Any, accounting: Any = None) -> None:
+        """Classes, weights and accelerator quotas from ``ledger`` (a TenantLedger,
+        read live: a reload or ``set_tenant`` applies to the next job), and per-tenant
+        accounting of every job that ends (``accounting.record_job``). Either turns the
+        native path off for the jobs it must see (quota'd tenants; all with accounting)."""
+        self.ledger = ledger
+        self.accounting = accounting
+        self._apply_fairness()
+        ledger.on_change.append(self._apply_fairness)
+
+    def _apply_fairness(self) -> None:
+        svc = self.local.service if self.local is not None else None
+        if svc is not None and self.ledger is not None:
+            svc.set_classifier(self._classify, self.ledger.config.aging_seconds)
+
+    def _classify(self, guest_id: int) -> tuple[int, float]:
+        if self.ledger is None:
+            return 1, 1.0  # Class.NORMAL
+        r = self._remote_of.get(guest_id)
+        if r is not None:  # a peer's tenant: its class capped by this host's entry for the peer
+            peer, _tenant, klass = r
+            cap, weight = self.ledger.classify(peer)
+            return min(klass, cap), weight
+        name = self._tenant_of.get(guest_id)
+        if name is None:
+            return 1, 1.0
+        return self.ledger.classify(name)
+
+    def tenant_class(self, tenant: str | None) -> int:
+        """The class a job of ``tenant`` carries to a peer (NORMAL without tenancy)."""
+        if self.ledger is None or tenant is None:
+            return 1
+        return self.ledger.classify(tenant)[0]
+
+    def remote_tenant(self, guest_id: int, peer: str, tenant: str, klass: int) -> None:
+        """Guest id ``guest_id`` runs peer ``peer``'s jobs of ``tenant`` (class ``klass`` there)."""
+        self._remote_of[guest_id] = (peer, tenant, klass)
+
+    def tenants(self) -> dict[str, dict]:
+        """Each guest id's tenant and the (class, weight) its jobs get here (metrics)."""
+        out: dict[str, dict] = {}
+        for gid, name in self._tenant_of.items():
+            out[str(gid)] = {"tenant": name, "class_weight": self._classify(gid)}
+        for gid, (peer, tenant, klass) in self._remote_of.items():
+            out[str(gid)] = {"tenant": f"{tenant}@{peer}", "sent_class": klass,
+                             "class_weight": self._classify(gid)}
+        return out
+
+    def native_allowed(self, core: RdmaDeviceCore) -> bool:
+        """The native path bypasses admission and accounting: only for tenants neither needs."""
+        if self.ledger is None or core.account is None:
+            return True
+        if self.accounting is not None:
+            return False
+        spec = self.ledger.spec(core.account.tenant)
+        return spec.max_accel_jobs is None and spec.accel_seconds_per_minute is None
+
+    def admit(self, core: RdmaDeviceCore, e: Entry) -> bool:
+        """Take the tenant's accelerator quota for ``e`` (False: refused, counted)."""
+        if self.ledger is None or core.account is None:
+            return True
+        tenant = core.account.tenant
+        self._tenant_of[core.accel_guest] = tenant
+        if self.ledger.accel_admit(tenant, time.monotonic()) is not None:
+            self.quota_refusals += 1
+            return False
+        e.tenant, e.acct = tenant, self
+        return True
+
+    def job_ended(self, e: Entry, status: AccelStatus) -> None:
+        """An admitted job completed (any status, any path): quota back, accounting row."""
+        seconds = e.service_us / 1e6
+        assert e.tenant is not None
+        if self.ledger is not None:
+            self.ledger.accel_done(e.tenant, seconds, time.monotonic())
+        if self.accounting is not None:
+            self.accounting.record_job(e.tenant, e.op.name.lower(), "remote" if e.host else "local",
+                                       status is AccelStatus.SUCCESS, seconds, e.wait_us / 1e6)
+
     def new_guest_id(self) -> int:
         gid = self._next_guest
         self._next_guest += 1
@@ -647,7 +750,8 @@ class AccelRouter:
         return {"in_flight": len(self._jobs), "jobs_dropped": self.jobs_dropped, "wakeups": self.wakeups,
                 "native": native, "service": svc,
                 "scheduler": self.dispatcher.describe() if self.dispatcher is not None else None,
-                "remotes": {h: t.describe() for h, t in sorted(self.remotes.items())}}
+                "remotes": {h: t.describe() for h, t in sorted(self.remotes.items())},
+                "tenants": self.tenants(), "quota_refusals": self.quota_refusals}
 
     def close(self) -> None:
         if self.local is not None and self._owns:
@@ -911,7 +1015,7 @@ def fetch(core: RdmaDeviceCore, aq: AccelQueue, *, native: bool = True) -> None:
     if native and router is not None and router._pending and router.resuming(core, aq):
         return  # a native slice of this queue is due: it takes them, in turn with other queues
     if (native and router is not None and router.native is not None and not aq.flags and not aq.entries
-            and aq.fetched != aq.pi):
+            and aq.fetched != aq.pi and router.native_allowed(core)):
         # the local placement rule: the native path takes the plain small jobs at the head,
         # in order, only with a unit of a local accelerator serving the op (its claim), and
         # leaves the first other one (and all after it) to start() below
@@ -1035,6 +1139,9 @@ def start(core: RdmaDeviceCore, aq: AccelQueue, raw: bytes, router: AccelRouter 
         log.debug("AQ %d wr_id %#x: %s", aq.aqn, wr_id, ex)
         core.metrics.local_len_errors += 1
         e.fail(AccelStatus.LOCAL_LEN)
+        return e
+    if router is not None and not router.admit(core, e):
+        e.fail(AccelStatus.QUOTA_EXCEEDED)
         return e
     target = router.place(aq, job) if router is not None else None
     if router is None or target is None:

@@ -216,6 +216,9 @@ class AccelStatus(_IntEnum):
     CANCELLED = 6
     #: the queue was destroyed (or the device reset) before it ran
     FLUSHED = 7
+    #: the tenant's accelerator quota refused it (in-flight jobs or accelerator-seconds
+    #: per minute; vhost_user.tenancy, docs/tenants.md); nothing ran, the queue works on
+    QUOTA_EXCEEDED = 8
 
 
 #: The CQE ``opcode`` of an accelerator completion: ACCEL_CQE_OPCODE_BASE | AccelOp

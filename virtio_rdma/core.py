@@ -119,6 +119,8 @@ class RdmaDeviceCore:
         #: the bits ACK_FEATURES accepted (None: never sent; the transport's rule)
         self.acked_by_command: int | None = None
         self.metrics = Metrics()
+        if account is not None:  # per-tenant accounting of RDMA bytes (vhost_user.tenancy)
+            account.set_byte_counters(self.metrics)
         #: the guest's objects on a host RDMA device (verbs fabric; it may lower
         #: the limits to the device's), else None
         self.hw = fabric.bind(self)

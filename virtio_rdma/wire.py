@@ -1209,6 +1209,7 @@ ACCEL_WC_STATUS = {
     AccelStatus.REMOTE_FAILED: WcStatus.REM_OP_ERR,
     AccelStatus.CANCELLED: WcStatus.WR_FLUSH_ERR,
     AccelStatus.FLUSHED: WcStatus.WR_FLUSH_ERR,
+    AccelStatus.QUOTA_EXCEEDED: WcStatus.LOC_QP_OP_ERR,
 }
 #: saturation of the microsecond fields of an accelerator CQE
 ACCEL_US_MAX = (1 << 32) - 1

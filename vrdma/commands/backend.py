@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from typing import Any
 
 NAME = "backend"
 HELP = "run the vhost-user back-end daemon (one device instance per connection)"
@@ -275,7 +276,9 @@ def _add_tenant_arguments(p) -> None:
     g = p.add_argument_group("tenants (connection admission, per-connection caps, per-uid budgets)")
     g.add_argument("--config", metavar="FILE",
                    help="TOML file; its [tenants] table sets any tenant policy option "
-                        "(names as for --limit, e.g. max_connections_per_uid = 8)")
+                        "(names as for --limit, e.g. max_connections_per_uid = 8); [[tenant]] "
+                        "entries give tenants (by uid or socket) a class, weight and quotas, "
+                        "[fairness] aging_seconds (docs/tenants.md). SIGHUP reloads it")
     g.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
                    help="set one tenant policy option, over --config (repeatable): max_connections, "
                         "max_connections_per_uid, handshake_timeout, max_qp, max_cq, max_mr, max_pd, "
@@ -286,6 +289,13 @@ def _add_tenant_arguments(p) -> None:
     g.add_argument("--handshake-timeout", type=float, metavar="SECONDS",
                    help="close a connection that has not started a ring this long after "
                         "connecting (default 10; 0: never)")
+    g.add_argument("--state-dir", metavar="DIR",
+                   help="keep per-tenant accounting in DIR/accounting.db (SQLite, WAL; flushed "
+                        "every --accounting-flush seconds and at exit; read it with 'vrdma accounting')")
+    g.add_argument("--accounting-flush", type=float, default=10.0, metavar="SECONDS",
+                   help=argparse.SUPPRESS)
+    g.add_argument("--host-name", metavar="NAME",
+                   help="this host's name in accounting rows (default: the node name)")
     g.add_argument("--socket-mode", type=lambda t: int(t, 8), default=0o660, metavar="OCTAL",
                    help="the socket's mode, set explicitly whatever the umask (default 0660)")
     g.add_argument("--socket-group", metavar="GROUP",
@@ -318,6 +328,52 @@ def tenant_policy(args):
         return TenantPolicy.from_mapping(values, policy)
     except (PolicyError, OSError, ValueError) as e:
         raise SystemExit(f"vrdma backend: {e}") from None
+
+
+def tenant_config(args):
+    """The daemon's TenantConfig: tenant_policy(args) and the --config file's tenants."""
+    from vhost_user.tenancy import PolicyError, TenantConfig
+
+    policy = tenant_policy(args)
+    if not getattr(args, "config", None):
+        return TenantConfig(policy)
+    try:
+        cfg = TenantConfig.from_file(args.config)
+        return TenantConfig(policy, cfg.tenants, cfg.aging_seconds)
+    except PolicyError as e:
+        raise SystemExit(f"vrdma backend: {e}") from None
+
+
+class ByteSampler:
+    """A daemon service: every ``period`` seconds (and at exit, after the last
+    connection closed) the tenants' RDMA byte counters go into the accounting,
+    read on the event loop (TenantLedger.rdma_bytes), written by its flusher."""
+
+    def __init__(self, ledger, accounting, period: float):
+        self.ledger, self.accounting, self.period = ledger, accounting, period
+        self._task: Any = None
+
+    async def start(self) -> None:
+        import asyncio
+
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        import asyncio
+
+        while True:
+            await asyncio.sleep(self.period)
+            self.accounting.sample_bytes(self.ledger.rdma_bytes())
+
+    async def aclose(self) -> None:
+        import asyncio
+        import contextlib
+
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.accounting.sample_bytes(self.ledger.rdma_bytes())
 
 
 def socket_group(args) -> int | None:
@@ -398,16 +454,6 @@ def _verbs_fabric(args):
     return fabric, [VerbsFabricService(fabric)]
 
 
-def _device_factory_and_ledger(args, fabric, policy, accel):
-    if args.device != "rdma":
-        return make_device_factory(args, fabric, policy, accel), None
-    from vhost_user.tenancy import TenantLedger
-    from virtio_rdma.device import RdmaDevice
-
-    ledger = TenantLedger(policy)
-    return RdmaDevice.factory(fabric, ledger, accel), ledger
-
-
 def make_ops_services(args, ledger, accel, peering, fabric=None, fabric_services=()):
     """The admin socket and the Prometheus endpoint (docs/operations.md), as asked, and
     the DaemonView they share (None: neither)."""
@@ -435,7 +481,7 @@ def make_ops_services(args, ledger, accel, peering, fabric=None, fabric_services
     return out, view
 
 
-def make_device_factory(args, fabric=None, policy=None, accel=None):
+def make_device_factory(args, fabric=None, policy=None, accel=None, ledger=None):
     """``device_factory(info)``: one device per connection (``info``: who connected)."""
     if args.device == "rdma":
         from vhost_user.tenancy import TenantLedger
@@ -443,7 +489,9 @@ def make_device_factory(args, fabric=None, policy=None, accel=None):
 
         if fabric is None:
             fabric, _ = make_fabric(args)
-        return RdmaDevice.factory(fabric, TenantLedger(policy or tenant_policy(args)), accel)
+        if ledger is None:
+            ledger = TenantLedger(policy or tenant_policy(args))
+        return RdmaDevice.factory(fabric, ledger, accel)
 
     from vhost_user.blk import BlkDevice, Disk
 
@@ -467,20 +515,47 @@ def make_device_factory(args, fabric=None, policy=None, accel=None):
 
 def run(args) -> int:
     from vhost_user.server import run_backend
+    from vhost_user.tenancy import TenantLedger
 
-    policy = tenant_policy(args)
+    config = tenant_config(args)
+    policy = config.policy
+    ledger = TenantLedger(config=config)
     group = socket_group(args)
+    accounting = None
+    if getattr(args, "state_dir", None):
+        import socket as _socket
+
+        from vrdma.accounting import Accounting
+
+        os.makedirs(args.state_dir, mode=0o700, exist_ok=True)
+        accounting = Accounting(os.path.join(args.state_dir, "accounting.db"),
+                                args.host_name or _socket.gethostname(), flush_seconds=args.accounting_flush)
+        accounting.start()
     fabric, services = make_fabric(args) if args.device == "rdma" else (None, [])
     accel = make_accel_router(args) if args.device == "rdma" else None
+    if accel is not None:
+        accel.set_tenancy(ledger, accounting)
     peering = make_peering(args, fabric, accel) if args.device == "rdma" else None
     if peering is not None:
         services = [*services, peering]
-    factory, ledger = _device_factory_and_ledger(args, fabric, policy, accel)
     reaches_out = bool(services)  # a fabric service or peer links: the fabric says how it reaches out
-    ops, view = make_ops_services(args, ledger, accel, peering, fabric, services)
+    factory = make_device_factory(args, fabric, policy, accel, ledger)
+    ops, view = make_ops_services(args, ledger if args.device == "rdma" else None, accel, peering, fabric,
+                                  services)
+    if accounting is not None:
+        services = [*services, ByteSampler(ledger, accounting, max(0.05, args.accounting_flush / 2))]
     services = [*services, *ops]
     if view is not None:
         factory = view.factory(factory)  # counters of guests that came and went are kept
+
+    def reload():
+        """SIGHUP: read --config again; a bad file keeps the running configuration."""
+        try:
+            ledger.reload(tenant_config(args))
+        except SystemExit as e:
+            log.error("SIGHUP: configuration not reloaded: %s", e)
+            return
+        print(f"vrdma backend: configuration reloaded ({len(ledger.config.tenants)} tenants)", flush=True)
 
     def ready():
         if reaches_out:  # a fabric that reaches other hosts says how
@@ -499,7 +574,8 @@ def run(args) -> int:
     try:
         return run_backend(args.socket, factory, ready=ready, poll_us=args.poll_us,
                            require_sealed_memory=not args.allow_unsealed_memory, services=services,
-                           policy=policy, socket_mode=args.socket_mode, socket_group=group)
+                           policy=policy, socket_mode=args.socket_mode, socket_group=group,
+                           on_reload=reload)
     except OSError as e:
         if reaches_out and e.errno is not None:
             raise SystemExit(f"vrdma backend: cannot open {fabric.describe()}: {e.strerror}") from None
@@ -514,6 +590,8 @@ def run(args) -> int:
                     "peering": peering.peering.describe() if peering is not None else None,
                     "load_table": peering.load_metrics if peering is not None else None})
             accel.close()
+        if accounting is not None:
+            accounting.close()
 
 
 def _write_metrics(path: str, data: dict) -> None:
