@@ -16,7 +16,11 @@ and this repository run in the guest), plus:
 * user networking with one forwarded TCP port (host 127.0.0.1:PORT -> guest
   GUEST_IP:GUEST_PORT) for the out-of-band exchange with a host peer;
 * ``PYTHONPATH`` = this repository (the venv's editable install may point
-  at another checkout).
+  at another checkout);
+* several phases per boot (``then=``): each a Python process of its own, run
+  one after another while the guest stays up, the next only if the previous
+  exited 0. Each opens the device anew (the previous one's driver reset it
+  when it closed), so one boot (24-38 s under TCG) serves several checks.
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ GUEST_IP = "192.0.2.15"
 GUEST_PORT = 5000
 UIO_MODULES = ("uio.ko", "uio_pci_generic.ko")
 PCI_WARM_IMPORTS = (*WARM_IMPORTS, "guest_lib", "guest_lib.endpoint", "guest_lib.transports.virtio_pci",
-                    "qemu_tests.pci_traffic")
+                    "qemu_tests.pci_traffic", "qemu_tests.pci_accel", "guest_lib.accel", "vrdma.commands")
 
 
 def uio_modules(image: GuestImage, cache_root: str = CACHE_ROOT) -> dict[str, bytes]:
@@ -76,20 +80,23 @@ def uio_modules(image: GuestImage, cache_root: str = CACHE_ROOT) -> dict[str, by
 
 def pci_guest(image: GuestImage, socket_path: str, argv: Sequence[str], *, host_port: int | None = None,
               hugepages: int = 48, memory_mib: int = 512, queue_size: int = 256,
-              files: dict[str, bytes] | None = None) -> RxeGuest:
+              files: dict[str, bytes] | None = None, then: Sequence[Sequence[str]] = ()) -> RxeGuest:
     """An RxeGuest running ``python argv...`` (argv[0] a repo-relative script)
-    after loading uio, with the virtio-rdma device on ``socket_path`` through
+    after loading uio, then ``python`` with each argv of ``then`` in turn
+    (each only if the one before exited 0; the boot's exit status is the
+    first failure's), with the virtio-rdma device on ``socket_path`` through
     the blk carrier; ``host_port`` forwards 127.0.0.1:host_port to the
-    guest's GUEST_PORT."""
+    guest's GUEST_PORT. Each phase's output starts with a line ``PHASE i``."""
     if shutil.which("insmod") is None and not os.path.exists("/usr/sbin/insmod"):
         raise CapabilityMissing("insmod (kmod) is not installed on the host, whose / the guest runs")
     mods = uio_modules(image)
     fwd = f",hostfwd=tcp:127.0.0.1:{host_port}-{GUEST_IP}:{GUEST_PORT}" if host_port else ""
     netdev = ["-netdev", f"user,id=n0,net=192.0.2.0/24{fwd}", "-device", "virtio-net-pci,netdev=n0"]
     dev = VhostUserDevice(socket_path, num_queues=3, queue_size=queue_size, carrier="blk")
-    py = [sys.executable, *argv]
+    phases = [[sys.executable, *argv], *([sys.executable, *a] for a in then)]
+    runs = [f"echo PHASE {i} && " + " ".join(map(shlex.quote, py)) for i, py in enumerate(phases)]
     cmd = (" && ".join(f"insmod {GUEST_FILES_DIR}/{m}" for m in UIO_MODULES)
-           + f" && cd {shlex.quote(REPO_ROOT)} && PYTHONUNBUFFERED=1 exec " + " ".join(map(shlex.quote, py)))
+           + f" && cd {shlex.quote(REPO_ROOT)} && export PYTHONUNBUFFERED=1 && " + " && ".join(runs))
     return RxeGuest(cmd=cmd, image=image, host_root=True, memory_mib=memory_mib, ip=f"{GUEST_IP}/24",
                     netdev_args=netdev, extra_append=f"hugepages={hugepages}",
                     files={**mods, **(files or {})}, env={"PYTHONPATH": REPO_ROOT},
@@ -107,6 +114,18 @@ def result_of(output: str) -> dict:
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
     raise AssertionError(f"no RESULT line in the guest's output:\n{output[-3000:]}")
+
+
+def phase_outputs(output: str) -> list[str]:
+    """A multi-phase boot's output (:func:`pci_guest` ``then=``), split at its
+    ``PHASE i`` lines: one string per phase that started."""
+    parts: list[list[str]] = []
+    for line in output.splitlines():
+        if line.strip() == f"PHASE {len(parts)}":
+            parts.append([])
+        elif parts:
+            parts[-1].append(line)
+    return ["\n".join(p) for p in parts]
 
 
 def with_peer(sock: str, port: int, iters: int, run):
@@ -132,4 +151,5 @@ def with_peer(sock: str, port: int, iters: int, run):
     return value, box.get("peer", box.get("error"))
 
 
-__all__ = ["GUEST_IP", "GUEST_PORT", "free_port", "pci_guest", "result_of", "uio_modules", "with_peer"]
+__all__ = ["GUEST_IP", "GUEST_PORT", "free_port", "pci_guest", "phase_outputs", "result_of", "uio_modules",
+           "with_peer"]
