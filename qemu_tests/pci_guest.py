@@ -37,7 +37,7 @@ from collections.abc import Sequence
 
 from .errors import CapabilityMissing, GuestImageError
 from .launch import VhostUserDevice
-from .rxe_guest import CACHE_ROOT, GUEST_FILES_DIR, REPO_ROOT, WARM_IMPORTS, GuestImage, RxeGuest
+from .rxe_guest import CACHE_ROOT, GUEST_FILES_DIR, REPO_ROOT, WARM_IMPORTS, GuestImage, RxeGuest, TapNetdev
 
 GUEST_IP = "192.0.2.15"
 GUEST_PORT = 5000
@@ -80,25 +80,32 @@ def uio_modules(image: GuestImage, cache_root: str = CACHE_ROOT) -> dict[str, by
 
 def pci_guest(image: GuestImage, socket_path: str, argv: Sequence[str], *, host_port: int | None = None,
               hugepages: int = 48, memory_mib: int = 512, queue_size: int = 256,
-              files: dict[str, bytes] | None = None, then: Sequence[Sequence[str]] = ()) -> RxeGuest:
+              files: dict[str, bytes] | None = None, then: Sequence[Sequence[str]] = (),
+              tap: TapNetdev | None = None, tap_ip: str | None = None) -> RxeGuest:
     """An RxeGuest running ``python argv...`` (argv[0] a repo-relative script)
     after loading uio, then ``python`` with each argv of ``then`` in turn
     (each only if the one before exited 0; the boot's exit status is the
     first failure's), with the virtio-rdma device on ``socket_path`` through
     the blk carrier; ``host_port`` forwards 127.0.0.1:host_port to the
-    guest's GUEST_PORT. Each phase's output starts with a line ``PHASE i``."""
+    guest's GUEST_PORT. Each phase's output starts with a line ``PHASE i``.
+    ``tap`` (with the guest's ``tap_ip``, "ADDR/PREFIX") puts the guest's NIC
+    on that tap instead of the user network, and QEMU in the tap's namespace."""
     if shutil.which("insmod") is None and not os.path.exists("/usr/sbin/insmod"):
         raise CapabilityMissing("insmod (kmod) is not installed on the host, whose / the guest runs")
     mods = uio_modules(image)
     fwd = f",hostfwd=tcp:127.0.0.1:{host_port}-{GUEST_IP}:{GUEST_PORT}" if host_port else ""
-    netdev = ["-netdev", f"user,id=n0,net=192.0.2.0/24{fwd}", "-device", "virtio-net-pci,netdev=n0"]
+    netdev = (None if tap is not None else
+              ["-netdev", f"user,id=n0,net=192.0.2.0/24{fwd}", "-device", "virtio-net-pci,netdev=n0"])
+    if tap is not None and (tap_ip is None or host_port is not None):
+        raise ValueError("a tap guest takes tap_ip= and no host_port")
     dev = VhostUserDevice(socket_path, num_queues=3, queue_size=queue_size, carrier="blk")
     phases = [[sys.executable, *argv], *([sys.executable, *a] for a in then)]
     runs = [f"echo PHASE {i} && " + " ".join(map(shlex.quote, py)) for i, py in enumerate(phases)]
     cmd = (" && ".join(f"insmod {GUEST_FILES_DIR}/{m}" for m in UIO_MODULES)
            + f" && cd {shlex.quote(REPO_ROOT)} && export PYTHONUNBUFFERED=1 && " + " && ".join(runs))
-    return RxeGuest(cmd=cmd, image=image, host_root=True, memory_mib=memory_mib, ip=f"{GUEST_IP}/24",
-                    netdev_args=netdev, extra_append=f"hugepages={hugepages}",
+    return RxeGuest(cmd=cmd, image=image, host_root=True, memory_mib=memory_mib,
+                    ip=tap_ip if tap is not None else f"{GUEST_IP}/24", netdev_args=netdev, tap=tap,
+                    extra_append=f"hugepages={hugepages}",
                     files={**mods, **(files or {})}, env={"PYTHONPATH": REPO_ROOT},
                     warm_imports=PCI_WARM_IMPORTS, extra_qemu_args=dev.qemu_args())
 
