@@ -80,14 +80,15 @@ def uio_modules(image: GuestImage, cache_root: str = CACHE_ROOT) -> dict[str, by
 
 def pci_guest(image: GuestImage, socket_path: str, argv: Sequence[str], *, host_port: int | None = None,
               hugepages: int = 48, memory_mib: int = 512, queue_size: int = 256,
-              files: dict[str, bytes] | None = None, then: Sequence[Sequence[str]] = (),
+              files: dict[str, bytes] | None = None, then: Sequence[Sequence[str] | str] = (),
               tap: TapNetdev | None = None, tap_ip: str | None = None) -> RxeGuest:
     """An RxeGuest running ``python argv...`` (argv[0] a repo-relative script)
-    after loading uio, then ``python`` with each argv of ``then`` in turn
-    (each only if the one before exited 0; the boot's exit status is the
-    first failure's), with the virtio-rdma device on ``socket_path`` through
-    the blk carrier; ``host_port`` forwards 127.0.0.1:host_port to the
-    guest's GUEST_PORT. Each phase's output starts with a line ``PHASE i``.
+    after loading uio, then ``python`` with each argv of ``then`` in turn (a
+    str there is a shell command line, run as it is), each only if the one
+    before exited 0 (the boot's exit status is the first failure's), with
+    the virtio-rdma device on ``socket_path`` through the blk carrier;
+    ``host_port`` forwards 127.0.0.1:host_port to the guest's GUEST_PORT.
+    Each phase's output starts with a line ``PHASE i``.
     ``tap`` (with the guest's ``tap_ip``, "ADDR/PREFIX") puts the guest's NIC
     on that tap instead of the user network, and QEMU in the tap's namespace."""
     if shutil.which("insmod") is None and not os.path.exists("/usr/sbin/insmod"):
@@ -99,8 +100,9 @@ def pci_guest(image: GuestImage, socket_path: str, argv: Sequence[str], *, host_
     if tap is not None and (tap_ip is None or host_port is not None):
         raise ValueError("a tap guest takes tap_ip= and no host_port")
     dev = VhostUserDevice(socket_path, num_queues=3, queue_size=queue_size, carrier="blk")
-    phases = [[sys.executable, *argv], *([sys.executable, *a] for a in then)]
-    runs = [f"echo PHASE {i} && " + " ".join(map(shlex.quote, py)) for i, py in enumerate(phases)]
+    phases = [" ".join(map(shlex.quote, [sys.executable, *argv])),
+              *(a if isinstance(a, str) else " ".join(map(shlex.quote, [sys.executable, *a])) for a in then)]
+    runs = [f"echo PHASE {i} && {{ {line}; }}" for i, line in enumerate(phases)]
     cmd = (" && ".join(f"insmod {GUEST_FILES_DIR}/{m}" for m in UIO_MODULES)
            + f" && cd {shlex.quote(REPO_ROOT)} && export PYTHONUNBUFFERED=1 && " + " && ".join(runs))
     return RxeGuest(cmd=cmd, image=image, host_root=True, memory_mib=memory_mib,
