@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One command installs everything vrdma needs on a fresh Debian 12 machine:
 # system packages (QEMU 7.2 + qemu-storage-daemon, tshark, iproute2, iptables,
-# pyverbs, the pieces of the kernel-rxe test guest) and a virtualenv in .venv
-# with the Python dependencies and the Cython extensions built in place.
+# pyverbs, the pieces of the kernel-rxe test guest, mmdebstrap), QEMU 11.1 from
+# trixie-backports in a trixie root made with mmdebstrap (for `vrdma vm run
+# --qemu 11.1`; cached, rebuilt only if missing) and a virtualenv in .venv with
+# the Python dependencies and the Cython extensions built in place.
 # Run as root (or with sudo). Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -18,6 +20,7 @@ APT_PACKAGES=(
   python3-pyverbs ibverbs-utils rdma-core
   busybox-static cpio zstd xz-utils kmod
   redis-server
+  mmdebstrap
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -27,6 +30,21 @@ if [ "${#missing[@]}" -gt 0 ]; then
   echo "wireshark-common wireshark-common/install-setuid boolean false" | $SUDO debconf-set-selections
   $SUDO apt-get update -q
   $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# QEMU 11.1 (Debian trixie-backports) in its own trixie root: ~255 MB, ~15-30 s.
+# vrdma runs it with the root's loader and libraries, no chroot (vrdma/image/vm.py);
+# VRDMA_QEMU11_ROOT overrides the place.  Built into a temporary directory and
+# renamed, so an interrupted run leaves nothing half made.
+QEMU11_ROOT="${VRDMA_QEMU11_ROOT:-/var/tmp/vrdma-qemu11/root}"
+if [ ! -x "$QEMU11_ROOT/usr/bin/qemu-system-x86_64" ]; then
+  $SUDO mkdir -p "$(dirname "$QEMU11_ROOT")"
+  $SUDO rm -rf "$QEMU11_ROOT.tmp"
+  $SUDO mmdebstrap --variant=apt --aptopt='APT::Default-Release "trixie-backports";' \
+    --include=qemu-system-x86 trixie "$QEMU11_ROOT.tmp" \
+    "deb http://deb.debian.org/debian trixie main" \
+    "deb http://deb.debian.org/debian trixie-backports main"
+  $SUDO mv "$QEMU11_ROOT.tmp" "$QEMU11_ROOT"
 fi
 
 PY="${PYTHON:-python3}"

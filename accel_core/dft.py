@@ -12,10 +12,12 @@ every power of two 2..65536. A size factors into radix-8 stages first, then
 4, 5, 3 and 2 (e.g. 2048 = 8*8*8*4, 1536 = 8*8*8*3).
 
 The arithmetic is the Stockham autosort kernel in :mod:`accel_core._fft`
-(``noexcept nogil``, GIL released for the whole batch). This module validates
-arrays, builds plans (stage schedule + twiddle tables, computed in double
-precision) and caches them per (size, dtype, direction) in an LRU;
-``FFTPlan(n, dtype)`` holds them explicitly.
+(``noexcept nogil``, GIL released for the whole batch), built once per SIMD
+path (``_fft``, ``_fft_avx2``, ``_fft_avx512``); :mod:`accel_core.simd` picks the
+path (the best the CPU has, or ``VRDMA_SIMD``). This module validates arrays,
+builds plans (stage schedule + twiddle tables, computed in double precision)
+and caches them per (size, dtype, direction, SIMD path) in an LRU;
+``FFTPlan(n, dtype)`` holds them explicitly (on the path in use when it was made).
 
 Validation is here and only here: :func:`check_dtype`, :func:`check_size`,
 :func:`check_shape`, :func:`check_input` and :func:`check_out` raise the typed errors of
@@ -34,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from accel_core import _fft
+from accel_core import _fft, simd
 from accel_core.buffers import check_overlap
 from accel_core.errors import DtypeError, LayoutError, ShapeError, UnsupportedSize
 
@@ -135,9 +137,15 @@ def radices_for(n: int) -> tuple[int, ...]:
     return tuple([r for r in twos if r == 8] + fours + [5] * c + [3] * b + rest)
 
 
+def _core(n: int, double: bool, inverse: bool, path: str | None = None) -> _fft.FFTCore:
+    """The cached kernel plan for one size/precision/direction on ``path`` (default: the
+    SIMD path in use, :func:`accel_core.simd.simd_path`)."""
+    return _plan(n, double, inverse, simd.simd_path() if path is None else path)
+
+
 @functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
-def _core(n: int, double: bool, inverse: bool) -> _fft.FFTCore:
-    """Build (once per LRU entry) the kernel plan for one size/precision/direction."""
+def _plan(n: int, double: bool, inverse: bool, path: str) -> _fft.FFTCore:
+    """Build (once per LRU entry) the kernel plan for one size/precision/direction/path."""
     radices = radices_for(n)
     sg = -1.0 if inverse else 1.0
     tw_parts = []
@@ -172,7 +180,9 @@ def _core(n: int, double: bool, inverse: bool) -> _fft.FFTCore:
         sg * math.sin(4 * math.pi / 5),
         1.0 / n if inverse else 1.0,
     ], dtype=real)
-    return _fft.FFTCore(n, double, inverse, radices, twr, twi, kc, offsets)
+    core: _fft.FFTCore = simd.kernel_module("fft", path).FFTCore(n, double, inverse, radices, twr, twi, kc,
+                                                                 offsets)
+    return core
 
 
 def check_shape(shape: tuple[int, ...], what: str = "fft input") -> int:

@@ -319,7 +319,7 @@ def default_cache_dir() -> Path:
 
 ONLINE_WINDOW = 8      # a size class's estimate: the last this many samples (a cost key's: twice that)
 ONLINE_MAX_RATIO = 4.0  # a sample weighs as if at most this far from its window's median
-ONLINE_WARMUP = 8       # samples after which a size class counts as warm (its weight in refits)
+ONLINE_WARMUP = 4       # samples after which a size class counts as warm (its weight in refits)
 ONLINE_MAX_CLASSES = 4096  # size classes tracked; beyond, new shapes teach only their cost key
 REFIT_EVERY = 32        # samples of a cost key between refits of its learned linear cost
 REFIT_MAX_CLASSES = 64  # served size classes a refit uses (the most sampled)

@@ -24,8 +24,8 @@ devices do the work inside enqueue: no thread handoff, the completion still
 goes to the ready queue and the future); ``spin_seconds`` keeps an idle
 worker polling briefly before it sleeps. ``slowdown`` emulates a slower
 accelerator: after each kernel the worker waits ``(slowdown - 1) x`` the
-kernel's time for the job's shape (sleeping, then yielding until the
-deadline). That time is a steady reference of the shape's measured kernel
+kernel's time for the job's shape (one sleep, with the worker thread's
+timer slack at 1 us). That time is a steady reference of the shape's measured kernel
 times (:class:`accel_core.estimate.ReferenceTimes`: a low quantile, the
 kernel undisturbed), not the one job's: a kernel that took 5 times its usual
 time because the host's other vCPU was busy would otherwise stretch an
@@ -70,7 +70,6 @@ JOB_PARAMETERS = frozenset({"n", "dtype", "k", "batch", "iterations", "scaling",
 MAX_WORKERS = 64
 MAX_SLOWDOWN = 1000.0
 _thread_time = time.thread_time
-SLEEP_GRANULARITY = 2e-4  # seconds: below this a slowdown delay yields instead of sleeping
 
 
 class QueueFull(JobRejected):
@@ -106,12 +105,30 @@ def _check_seconds(value: float, what: str) -> float:
 
 
 def _delay_until(deadline: float, clock: Callable[[], float]) -> None:
-    """Wait until ``deadline``: sleep most of it, yield the GIL for the rest."""
+    """Wait until ``deadline`` in one sleep: the GIL is given up and taken back once. (Yielding
+    it in a loop of ``sleep(0)`` until the deadline took it back once per turn, and each
+    time waited for a thread running Python -- the daemon's loop serving a flooding guest
+    -- up to the interpreter's switch interval: an emulated 150 us job took milliseconds.
+    The worker's timer slack, :func:`_fine_timer_slack`, keeps the sleep close to it.)"""
     left = deadline - clock()
-    if left > SLEEP_GRANULARITY:
-        time.sleep(left - SLEEP_GRANULARITY / 2)
-    while clock() < deadline:
-        time.sleep(0)
+    if left > 0.0:
+        time.sleep(left)
+
+
+PR_SET_TIMERSLACK = 29  # prctl(2)
+FINE_TIMER_SLACK_NS = 1000
+
+
+def _fine_timer_slack() -> None:
+    """The calling thread's timer slack to FINE_TIMER_SLACK_NS (Linux; elsewhere nothing): a
+    sleep of an emulated slow accelerator ends within microseconds of its deadline, not the
+    default 50 us after it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_TIMERSLACK, FINE_TIMER_SLACK_NS, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _remaining(job: Job, now: float) -> float:
@@ -652,6 +669,8 @@ class Accelerator:
         self._deliver(job, kernel + delay)
 
     def _worker(self) -> None:
+        if self.slowdown > 1.0:
+            _fine_timer_slack()
         job = self._next_job()
         while job is not None:
             outcome = self._run(job)

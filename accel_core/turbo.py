@@ -18,15 +18,16 @@ recovers most of the gap to log-MAP). ``early_stop="crc24a"|"crc24b"`` stops a c
 block once the CRC of its hard decision checks (the block's last 24 bits are its CRC).
 
 Batches of code blocks of the same K are decoded together, the whole batch without
-the GIL, by the Cython kernel accel_core._turbo: it keeps ``_turbo.BATCH_LANES``
-trellis segments side by side in SIMD lanes. A block is cut into P segments
-(P = the largest power of two <= BATCH_LANES with K/P >= MIN_SEGMENT, so P depends
-on K only and a block decodes identically alone or in any batch); inner segment
-boundaries start from the metrics of the previous iteration (next-iteration
-initialisation, the usual parallel-window turbo decoder). At K = 6144 with 8
-iterations its frame error rate matched the one-segment decoder on the same frames
-(within the statistics of 512 frames at 0.5-0.7 dB). This module validates and
-shapes; it does no I/O.
+the GIL, by the Cython kernel of the SIMD path in use (accel_core._turbo, _turbo_avx2 or
+_turbo_avx512, picked by :mod:`accel_core.simd`): a max-log-MAP decoder in 16-bit fixed
+point (LLRs quantised to 1/``LLR_SCALE``, saturated to +-LLR_LIMIT; extrinsic values
+saturated too) that keeps ``BATCH_LANES`` trellis segments side by side in int16 SIMD
+lanes. A block is cut into P segments (P = the largest power of two <= MAX_SEGMENTS
+with K/P >= MIN_SEGMENT, so P depends on K only and a block decodes identically alone,
+in any batch and on every SIMD path); inner segment boundaries start from the metrics
+of the previous iteration (next-iteration initialisation, the usual parallel-window
+turbo decoder). The BER checks of tests/accel/test_turbo.py hold on every path. This
+module validates and shapes; it does no I/O.
 
 Input conversion policy: float32 LLRs are used as given; other real floating dtypes
 are converted to float32; integer, bool and complex inputs are refused
@@ -48,7 +49,7 @@ import numbers
 
 import numpy as np
 
-from accel_core import _turbo
+from accel_core import _turbo, simd
 from accel_core.crc import CRC24A_ID, CRC24B_ID, as_bits, check_bit_values
 from accel_core.errors import DtypeError, ElementError, ParameterError, ParameterTypeError, ShapeError
 from accel_core.qpp import check_block_size, qpp_table
@@ -62,10 +63,10 @@ __all__ = [
 TAIL_BITS = 4
 #: Upper bound of the ``iterations`` argument.
 MAX_ITERATIONS = 64
-#: LLR magnitude at which the decoder saturates inputs and extrinsic information.
+#: LLR magnitude at which the decoder saturates its inputs (the same on every SIMD path).
 LLR_LIMIT = float(_turbo.LLR_LIMIT)
 #: Shortest trellis segment: a block of K bits is decoded as the largest power-of-two
-#: number of segments (at most the kernel's SIMD lanes) at least this long.
+#: number of segments (at most the kernel's MAX_SEGMENTS) at least this long.
 MIN_SEGMENT = 256
 #: Accepted ``early_stop`` values -> CRC kind of the kernel.
 EARLY_STOP_CRCS = {"crc24a": CRC24A_ID, "crc24b": CRC24B_ID}
@@ -85,7 +86,8 @@ def turbo_encode(bits: object) -> np.ndarray:
 
 def _encode(bits: np.ndarray, out: np.ndarray) -> None:
     K = bits.shape[-1]
-    _turbo.encode_batch(bits.reshape(-1, K), qpp_table(K), out.reshape(-1, 3, K + TAIL_BITS))
+    kernel = simd.kernel_module("turbo")
+    kernel.encode_batch(bits.reshape(-1, K), qpp_table(K), out.reshape(-1, 3, K + TAIL_BITS))
 
 
 def encode_into(bits: np.ndarray, out: np.ndarray) -> None:
@@ -168,9 +170,10 @@ def decode_into(llr: np.ndarray, out: np.ndarray, *, iterations: int, scaling: f
     K = x.shape[-1] - TAIL_BITS
     blocks = x.reshape(-1, 3, K + TAIL_BITS)
     used = np.empty(blocks.shape[0], dtype=np.int32)
-    _turbo.decode_batch(blocks, qpp_table(K), iterations, 1.0 if scaling is None else scaling,
+    kernel = simd.kernel_module("turbo")
+    kernel.decode_batch(blocks, qpp_table(K), iterations, 1.0 if scaling is None else scaling,
                         -1 if early_stop is None else EARLY_STOP_CRCS[early_stop],
-                        out.reshape(-1, K), used, _turbo.segments_for(K, MIN_SEGMENT))
+                        out.reshape(-1, K), used, kernel.segments_for(K, MIN_SEGMENT))
     return used
 
 

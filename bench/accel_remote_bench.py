@@ -14,7 +14,13 @@ batch and a K=6144 Turbo decode (8 iterations), all in the same run:
   timed post-to-completion at the links' path MTU (4096) (goal: added
   latency within 1.5x of that);
 * **throughput** with 32 jobs kept in flight: remote (B's accelerator)
-  against local (A's), each with one worker (goal: remote >= 90% of local).
+  against local (A's), each with one worker (goal: remote >= 90% of local);
+  beside it, where the time goes: the CPU time daemon A, daemon B and the
+  guest spent per job in each run, the time their threads were runnable but
+  waited for a CPU (both from /proc/<pid>/task/<tid>/schedstat), and how many
+  of the machine's vCPUs they kept busy -- on 2 vCPUs a remote job's
+  transfers (userspace RoCE in both daemons) come out of the same cores as
+  the kernels.
 
 ``python -m bench.accel_remote_bench [--quick] [--json]``; needs root (it
 says why it cannot run otherwise). Figures vary with the machine: the header
@@ -119,6 +125,40 @@ class _Jobs:
         return jobs / (time.perf_counter() - t)
 
 
+def _sched_seconds(pid: int) -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for one) of process ``pid`` so far,
+    summed over its live threads (/proc/<pid>/task/<tid>/schedstat, nanoseconds)."""
+    on = wait = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                a, b, _ = f.read().split()
+        except (OSError, ValueError):  # a thread that just ended
+            continue
+        on += int(a)
+        wait += int(b)
+    return on / 1e9, wait / 1e9
+
+
+def _profiled_rate(j: _Jobs, q, jobs: int, pids: dict[str, int]) -> tuple[float, dict]:
+    """``j.rate(q, jobs)`` and, per process in ``pids``, the CPU microseconds per job
+    over it and the microseconds per job its threads were runnable but waited for a
+    CPU (the machine's other load); with the vCPUs they kept busy together."""
+    t0 = time.perf_counter()
+    s0 = {k: _sched_seconds(p) for k, p in pids.items()}
+    rate = j.rate(q, jobs)
+    wall = time.perf_counter() - t0
+    prof: dict[str, float] = {}
+    busy = 0.0
+    for k, p in pids.items():
+        on, wait = _sched_seconds(p)
+        prof[f"{k}_cpu_us_per_job"] = (on - s0[k][0]) * 1e6 / jobs
+        prof[f"{k}_runq_us_per_job"] = (wait - s0[k][1]) * 1e6 / jobs
+        busy += on - s0[k][0]
+    prof["vcpus_busy"] = busy / wall if wall > 0 else 0.0
+    return rate, prof
+
+
 def _write_latency(a, b, n: int, reps: int) -> dict:
     """Post-to-completion time of an n-byte RDMA WRITE from guest a to guest b."""
     from guest_lib import SGE, SendWR
@@ -163,8 +203,10 @@ def run(*, quick: bool = False) -> dict:
                     w_out = _write_latency(a, b, j.out_bytes, reps)
                     base = w_in["median_us"] + w_out["median_us"]
                     added = remote["median_us"] - local["median_us"]
-                    r_local = j.rate(j.local, jobs)
-                    r_remote = j.rate(j.remote, jobs)
+                    pids = {"daemon_a": c.hosts[0].proc.pid, "daemon_b": c.hosts[1].proc.pid,
+                            "guest": os.getpid()}
+                    r_local, p_local = _profiled_rate(j, j.local, jobs, pids)
+                    r_remote, p_remote = _profiled_rate(j, j.remote, jobs, pids)
                     res[op] = {
                         "in_bytes": j.in_bytes, "out_bytes": j.out_bytes, "local": local, "remote": remote,
                         "write_in": w_in, "write_out": w_out, "added_us": added, "transfer_baseline_us": base,
@@ -172,6 +214,7 @@ def run(*, quick: bool = False) -> dict:
                         "latency_goal_met": added <= GOALS["latency_ratio"] * base,
                         "local_jobs_per_s": r_local, "remote_jobs_per_s": r_remote,
                         "throughput_ratio": r_remote / r_local,
+                        "local_profile": p_local, "remote_profile": p_remote,
                         "throughput_goal_met": r_remote >= GOALS["throughput_ratio"] * r_local}
         finally:
             a.close()
@@ -197,6 +240,14 @@ def format_report(r: dict) -> str:
         lines.append(f"  throughput, {IN_FLIGHT} in flight: local {x['local_jobs_per_s']:.0f} jobs/s, remote "
                      f"{x['remote_jobs_per_s']:.0f} jobs/s: ratio {x['throughput_ratio']:.2f}  goal >= "
                      f"{GOALS['throughput_ratio']}: {'met' if x['throughput_goal_met'] else 'NOT met'}")
+        for name in ("local", "remote"):
+            pr = x.get(f"{name}_profile")
+            if pr:
+                lines.append(f"    {name}: CPU per job (waiting for a CPU) daemon A "
+                             f"{pr['daemon_a_cpu_us_per_job']:.0f} ({pr['daemon_a_runq_us_per_job']:.0f}) us, "
+                             f"daemon B {pr['daemon_b_cpu_us_per_job']:.0f} ({pr['daemon_b_runq_us_per_job']:.0f}) us, "
+                             f"guest {pr['guest_cpu_us_per_job']:.0f} ({pr['guest_runq_us_per_job']:.0f}) us; "
+                             f"{pr['vcpus_busy']:.2f} vCPUs busy")
     return "\n".join(lines)
 
 

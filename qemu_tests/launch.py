@@ -19,8 +19,11 @@ directory.  Nothing is left behind on any path, including a failed start.
 
 Carrier device: QEMU 7.2 has no generic vhost-user device, so our virtio device rides on
 ``vhost-user-blk-pci-non-transitional`` (the guest sees virtio-blk, device id 2).  QEMU >= 10.2
-has ``vhost-user-test-device-pci`` (``virtio-id=42`` for virtio-rdma); ``carrier="auto"`` picks
-it when ``qemu-system-x86_64 -device help`` lists it.  See /tmp/briefs/qemu_notes.md for the
+has ``vhost-user-test-device-pci``; stock QEMU aborts on ``virtio-id=42`` (no name in its
+table), so the generic carrier presents the borrowed id ``VIRTIO_ID_BORROWED``
+(docs/qemu-virtio-id-42.md; the one definition is ``vrdma.image.vm.BORROWED_VIRTIO_ID``);
+``carrier="auto"`` picks it when ``qemu-system-x86_64 -device help`` lists it.  QEMU 11.1
+from the trixie root: ``qemu_tests.qemu11``.  See /tmp/briefs/qemu_notes.md for the
 message sequences.
 """
 
@@ -36,6 +39,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
+
+from vrdma.image.vm import BORROWED_VIRTIO_ID as VIRTIO_ID_BORROWED
 
 from .errors import CapabilityMissing, QemuExitedError, QemuStartError, QmpError, SerialTimeout
 from .qmp import QmpClient
@@ -244,7 +249,8 @@ class VhostUserDevice:
     """The vhost-user carrier device of a QemuVM (our backend listens on ``socket_path``).
 
     ``carrier``: "blk" -> vhost-user-blk-pci-non-transitional (QEMU 7.2);
-    "generic" -> vhost-user-test-device-pci with ``virtio_id`` (QEMU >= 10.2);
+    "generic" -> vhost-user-test-device-pci with ``virtio_id`` (QEMU >= 10.2; default the
+    borrowed id, since stock QEMU asserts on 42);
     "auto" -> generic when available, else blk.
     """
 
@@ -253,7 +259,7 @@ class VhostUserDevice:
     queue_size: int = 128
     bootindex: int | None = None
     carrier: str = "auto"
-    virtio_id: int = VIRTIO_ID_RDMA
+    virtio_id: int = VIRTIO_ID_BORROWED
     config_size: int = 0
     reconnect: int | None = None
     device_id: str = "vu0"
@@ -514,7 +520,7 @@ class QemuStorageDaemon(_ManagedProcess):
 
 
 __all__ = [
-    "BLK_CARRIER", "GENERIC_CARRIER", "VIRTIO_ID_RDMA", "QmpClient", "QemuVM", "QemuStorageDaemon",
+    "BLK_CARRIER", "GENERIC_CARRIER", "VIRTIO_ID_BORROWED", "VIRTIO_ID_RDMA", "QmpClient", "QemuVM", "QemuStorageDaemon",
     "VhostUserDevice", "create_raw_image", "find_binary", "has_generic_vhost_user_device",
     "qemu_device_names", "wait_for_unix_socket",
 ]

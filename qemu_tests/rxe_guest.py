@@ -55,9 +55,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from . import cpio
+from vrdma.image import cpio
+from vrdma.image.vmlinux import extract_vmlinux
+
 from .errors import CapabilityMissing, GuestImageError
-from .kernel_image import extract_vmlinux
 from .launch import QemuVM
 
 CACHE_ROOT = "/var/tmp/vrdma-rxe-guest"

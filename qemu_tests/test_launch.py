@@ -85,7 +85,7 @@ def test_vhost_user_device_args(tmp_path):
     assert args[0] == "-chardev" and args[1] == "socket,id=vu0-chr,path=/run/x.sock,reconnect=1"
     assert args[3] == (f"{BLK_CARRIER},id=vu0,chardev=vu0-chr,num-queues=4,queue-size=256,bootindex=0")
     gen = VhostUserDevice("/s", num_queues=2, carrier="generic", config_size=64).qemu_args()
-    assert "vhost-user-test-device-pci" in gen[3] and "virtio-id=42" in gen[3] and "num_vqs=2" in gen[3]
+    assert "vhost-user-test-device-pci" in gen[3] and "virtio-id=21" in gen[3] and "num_vqs=2" in gen[3]  # borrowed
     for bad in (dict(queue_size=100), dict(num_queues=0), dict(carrier="x"), dict(reconnect=0)):
         with pytest.raises(ValueError):
             VhostUserDevice("/s", **bad)

@@ -17,10 +17,10 @@ import subprocess
 import pytest
 from hypothesis import given, strategies as st
 
-from qemu_tests import cpio
-from qemu_tests.errors import GuestImageError
-from qemu_tests.kernel_image import extract_vmlinux
 from qemu_tests.rxe_guest import RxeGuest, TapNetdev, pingpong_self_test_script
+from vrdma.image import cpio
+from vrdma.image.errors import BuildError
+from vrdma.image.vmlinux import extract_vmlinux
 
 # --- pure parts ---------------------------------------------------------------------------
 
@@ -56,15 +56,15 @@ def test_cpio_matches_gnu_cpio(tmp_path):
     ([cpio.CpioEntry("d", stat.S_IFDIR | 0o755, b"x")], "cannot carry data"),
 ])
 def test_cpio_rejects(entries, msg):
-    with pytest.raises(GuestImageError, match=msg):
+    with pytest.raises(BuildError, match=msg):
         cpio.encode(entries)
 
 
 def test_cpio_decode_rejects_garbage():
-    with pytest.raises(GuestImageError, match="bad cpio header at offset 0"):
+    with pytest.raises(BuildError, match="bad cpio header at offset 0"):
         cpio.decode(b"not a cpio archive" * 10)
     blob = cpio.encode([cpio.file("f", b"12345678")])
-    with pytest.raises(GuestImageError):
+    with pytest.raises(BuildError):
         cpio.decode(blob[:120])
 
 
@@ -82,10 +82,10 @@ def test_extract_vmlinux_synthetic(compress):
 
 
 def test_extract_vmlinux_rejects():
-    with pytest.raises(GuestImageError, match="no gzip/xz/zstd payload"):
+    with pytest.raises(BuildError, match="no gzip/xz/zstd payload"):
         extract_vmlinux(b"MZ" + b"\x00" * 1000)
     # compressed data that is not an ELF is not accepted either
-    with pytest.raises(GuestImageError):
+    with pytest.raises(BuildError):
         extract_vmlinux(b"MZ" + gzip.compress(b"not an elf" * 100))
 
 

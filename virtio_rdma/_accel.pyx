@@ -35,9 +35,30 @@ back for them from the loop (``AccelRouter``), so a queue kept full holds the
 loop for a slice at a time, between which other guests' doorbells and verbs
 traffic are served.
 
+Spin: with ``spin`` > 0 (the device reads doorbell records: DBREC_POLL), a
+call that found one job posted (a guest submitting one job at a time), completed
+it and so emptied the queue watches the queue's doorbell
+record for up to ``spin`` seconds more (GIL released, yielding the CPU
+between looks): a guest submitting one job at a time posts its next one a
+few microseconds after it sees the CQE, while the loop is still in this call
+(its notifications off, so it rings no doorbell), and the job runs at once
+instead of after a doorbell and a wake-up of the loop (NAPI's busy poll, per
+queue). A record that moved by a plausible amount (at most the depth past
+the producer index and the completed jobs) is applied as a kind 4 doorbell
+is, and counted in the queue's ``dbrec_applied``; any other value ends the
+spin and is left to the Python path (``accel.poll_records`` counts it); a
+record that moved by more than one job ends the spinning after those jobs (a
+guest keeping jobs queued does not need it, and the loop has other guests'
+doorbells to serve). The spin is inside the budget: a guest posting back to
+back still gets a slice at a time (a job the spin caught runs in it, however
+little of the budget is left: the spin started within it).
+
 Guest memory: pointers come from the device's ``RegionTable`` and are used
 within this call only (the loop thread owns the table; guest memory is
-never unmapped during a call).
+never unmapped during a call). The arrays over a job's buffers and what the
+checks need of an MR are kept between calls for a guest reusing them, each
+used only after this call's translation and MR-table lookup found the same
+address and the same MR object.
 """
 cimport cython
 cimport numpy as cnp
@@ -81,6 +102,9 @@ cdef extern from *:
     double aj_now() noexcept nogil
     double aj_cpu() noexcept nogil
 
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
+
 
 # The job entry's layout is wire.py's (one definition): checked here at import.
 if wire._AJOB.format != "<QBBBBIIHBBf36s" or wire._SGE.format != "<QII":
@@ -122,6 +146,9 @@ cdef enum:
     R_CQ_SLOT = 9       # the CQE's slot unreachable
     N_REASONS = 10
 
+#: seconds after which a job of a shape is observed by the service's model whatever SAMPLE_EVERY says
+cdef double OBSERVE_GAP = 1e-3
+
 #: the names of the reasons a job is left to the Python path, by code (NativeJobs.declines())
 DECLINE_REASONS = ("none", "header", "reserved", "shape", "length", "mr", "align", "overlap", "cq_full",
                    "cq_slot")
@@ -146,8 +173,9 @@ cdef dict _DTYPES = {int(AccelDtype.COMPLEX64): np.dtype(np.complex64),
 
 cdef inline object _array(char *p, int dtype, uint32_t size, uint32_t batch):
     """A (batch, size) array over guest memory at host address ``p`` (checked by the caller),
-    without a base object: it lives only during the job, within one run() call, while the
-    loop's thread keeps the memory table."""
+    without a base object: NativeJobs._view keeps the last ones, but uses one only right
+    after a translation in the loop's thread (which keeps the memory table) proved that
+    its address maps guest memory."""
     cdef cnp.npy_intp dims[2]
     dims[0] = batch
     dims[1] = size
@@ -155,29 +183,58 @@ cdef inline object _array(char *p, int dtype, uint32_t size, uint32_t batch):
                                          <void *>p)
 
 
-cdef inline int _resolve(dict by_key, RegionTable table, uint32_t key, uint32_t pdn, uint32_t need,
-                         uint64_t va, uint64_t length, uint64_t *gpa_out) except -2:
+@cython.final
+cdef class _Mr:
+    """What the checks need of one MR (MRs do not change once registered), kept per key
+    while the MR table maps the key to the same object."""
+    cdef object mr
+    cdef uint32_t lkey, pdn, access
+    cdef uint64_t iova, length, cgpa, clen
+    cdef bint one_chunk
+
+
+cdef inline int _resolve(dict cache, dict by_key, RegionTable table, uint32_t key, uint32_t pdn,
+                         uint32_t need, uint64_t va, uint64_t length, uint64_t *gpa_out) except -2:
     """The guest-physical address of [va, va+length) under ``key`` (MrTable.check for a
     local access, then MemoryRegion.views with one chunk): 0, or -1 if not the plain case."""
     mr = by_key.get(key)
-    cdef uint64_t iova, mlen, off, cgpa, clen
-    if mr is None or <uint32_t>mr.lkey != key or <uint32_t>mr.pdn != pdn:
+    if mr is None:
         return -1
-    if need & ~(<uint32_t>int(mr.access)):
+    cdef _Mr m = cache.get(key)
+    if m is None or m.mr is not mr:
+        m = _Mr()
+        m.mr = mr
+        m.lkey = <uint32_t>mr.lkey
+        m.pdn = <uint32_t>mr.pdn
+        m.access = <uint32_t>int(mr.access)
+        m.iova = mr.iova
+        m.length = mr.length
+        chunks = mr.chunks
+        m.one_chunk = len(chunks) == 1
+        if m.one_chunk:
+            m.cgpa, m.clen = chunks[0]
+        if len(cache) >= CACHE_MAX:
+            cache.clear()
+        cache[key] = m
+    cdef uint64_t off
+    if m.lkey != key or m.pdn != pdn or need & ~m.access or not m.one_chunk:
         return -1
-    iova = mr.iova
-    mlen = mr.length
-    if length == 0 or va > 0xFFFFFFFFFFFFFFFF - length or va < iova or va + length > iova + mlen:
+    if length == 0 or va > 0xFFFFFFFFFFFFFFFF - length or va < m.iova or va + length > m.iova + m.length:
         return -1
-    chunks = mr.chunks
-    if len(chunks) != 1:
+    off = va - m.iova
+    if off + length > m.clen or table.find(m.cgpa + off, length) < 0:
         return -1
-    cgpa, clen = chunks[0]
-    off = va - iova
-    if off + length > clen or table.find(cgpa + off, length) < 0:
-        return -1
-    gpa_out[0] = cgpa + off
+    gpa_out[0] = m.cgpa + off
     return 0
+
+
+@cython.final
+cdef class _View:
+    """An array over guest memory kept between calls (NativeJobs._view)."""
+    cdef object arr
+    cdef uint64_t h
+    cdef int dtype
+    cdef uint32_t size, batch
 
 
 @cython.final
@@ -187,6 +244,7 @@ cdef class _Shape:
     cdef object plan
     cdef object model_shape  # the service model's handle of the shape (observe_shape)
     cdef double ewma
+    cdef double observed    # when the service's model last learned from a job of this shape
     cdef uint32_t n         # jobs run
     cdef uint32_t samples   # of them, with their CPU time taken
 
@@ -199,6 +257,8 @@ cdef class NativeJobs:
     cdef double max_seconds
     cdef uint64_t max_points
     cdef dict shapes       # (op, dtype, size, batch) -> _Shape
+    cdef dict mrs          # lkey -> _Mr (checked against the MR table's object on every use)
+    cdef tuple views       # the last input and output arrays (_View each)
     cdef dict serving      # op -> the full-speed accelerators serving it (refreshed every REFRESH claims)
     cdef uint64_t claims
     cdef readonly bint yielded       # the last run() stopped at its time budget, jobs left in the ring
@@ -206,6 +266,8 @@ cdef class NativeJobs:
     cdef readonly uint64_t jobs      # jobs completed here
     cdef readonly uint64_t calls     # run() calls that completed at least one job
     cdef readonly uint64_t declined  # run() calls that found the head job not the plain case
+    cdef readonly uint64_t spun      # jobs caught on the doorbell record while spinning
+    cdef readonly uint64_t spins     # spins started (those that caught nothing: spins - spun)
     cdef uint64_t by_reason[N_REASONS]
 
     def __init__(self, service, double max_seconds, uint64_t max_points):
@@ -213,10 +275,12 @@ cdef class NativeJobs:
         self.max_seconds = max_seconds
         self.max_points = max_points
         self.shapes = {}
+        self.mrs = {}
+        self.views = (_View(), _View())
         self.serving = {}
         self.claims = 0
         self.yielded = False
-        self.jobs = self.calls = self.declined = self.slow_shapes = 0
+        self.jobs = self.calls = self.declined = self.slow_shapes = self.spun = self.spins = 0
         for i in range(N_REASONS):
             self.by_reason[i] = 0
 
@@ -252,13 +316,15 @@ cdef class NativeJobs:
         self.shapes[key] = sh
         return sh
 
-    def run(self, core, aq, double budget=0.0):
+    def run(self, core, aq, double budget=0.0, double spin=0.0):
         """Complete the plain-case jobs at the head of ``aq`` (see the module
         docstring); returns how many. With ``budget`` > 0 it stops once that many
         seconds have passed (after at least one job), leaving the rest in the
-        ring and ``yielded`` True: the caller comes back for them later. The
-        caller checked: the queue has no job in flight (``aq.entries`` empty)
-        and its flags are 0."""
+        ring and ``yielded`` True: the caller comes back for them later. With
+        ``spin`` > 0 (only where the driver acked DBREC_POLL) it watches the
+        queue's doorbell record that long for the next job once the queue ran
+        dry after a job (module docstring, Spin). The caller checked: the queue
+        has no job in flight (``aq.entries`` empty) and its flags are 0."""
         self.yielded = False
         cdef int op = int(aq.op)
         if op != _FFT and op != _IFFT:
@@ -272,7 +338,11 @@ cdef class NativeJobs:
         cdef RegionTable table = <RegionTable>t
         cdef dict by_key = core.mrs._by_key
         cdef uint32_t pdn = aq.pdn, aqn = aq.aqn, depth = aq.depth
-        cdef uint32_t fetched = aq.fetched, pi = aq.pi, ci = aq.ci
+        cdef uint32_t fetched = aq.fetched, pi = aq.pi, ci = aq.ci, pi0 = aq.pi, npi
+        cdef uint32_t spun = 0
+        cdef bint caught = False
+        cdef char *dbrec = NULL
+        cdef double spin_end
         cdef uint64_t ring_gpa = aq.ring_gpa
         cdef uint32_t cq_depth = cq.depth, pc = cq.pc
         cdef uint64_t cq_ring = cq.ring_gpa, cq_db = cq.dbrec_gpa
@@ -290,11 +360,33 @@ cdef class NativeJobs:
         cdef uint32_t service_us
         cdef int declined = R_NONE
         acc = None
+        if spin > 0.0 and <uint32_t>(pi - fetched) == 1:  # a guest submitting one job at a time
+            dbrec = table.translate(<uint64_t>aq.dbrec_gpa, 4)
         try:
-            while fetched != pi:
-                if budget > 0.0 and done and aj_now() - start >= budget:
+            while True:
+                if fetched == pi:
+                    # dry: after a job, watch the doorbell record for the next one (Spin)
+                    if dbrec == NULL or not done or declined or (budget > 0.0 and aj_now() - start >= budget):
+                        break
+                    self.spins += 1
+                    with nogil:
+                        spin_end = aj_now() + spin
+                        npi = gr_ld32_acq(dbrec)
+                        while npi == pi and aj_now() < spin_end:
+                            sched_yield()
+                            npi = gr_ld32_acq(dbrec)
+                    if npi == pi or <uint32_t>(npi - pi) > depth or <uint32_t>(npi - ci) > depth:
+                        break  # nothing came, or an absurd value: the Python path's to count
+                    if <uint32_t>(npi - pi) != 1:
+                        dbrec = NULL  # a burst: a guest keeping jobs queued, not one waiting on each
+                    pi = npi
+                    spun += 1
+                    caught = True  # run at once: the spin began inside the budget
+                    continue
+                if budget > 0.0 and done and not caught and aj_now() - start >= budget:
                     self.yielded = True
                     break
+                caught = False
                 p = table.translate(ring_gpa + (fetched & (depth - 1)) * SLOT, SLOT)
                 if p == NULL:
                     break
@@ -331,8 +423,8 @@ cdef class NativeJobs:
                 if in_len < nbytes or out_len < nbytes:
                     declined = R_LENGTH
                     break
-                if (_resolve(by_key, table, in_key, pdn, 0, in_addr, in_len, &in_gpa) < 0
-                        or _resolve(by_key, table, out_key, pdn, A_LOCAL_WRITE, out_addr, out_len,
+                if (_resolve(self.mrs, by_key, table, in_key, pdn, 0, in_addr, in_len, &in_gpa) < 0
+                        or _resolve(self.mrs, by_key, table, out_key, pdn, A_LOCAL_WRITE, out_addr, out_len,
                                     &out_gpa) < 0):
                     declined = R_MR
                     break
@@ -358,10 +450,14 @@ cdef class NativeJobs:
                     if acc is None:
                         break
                 # checked: run it in place on the guest's memory
-                y = _array(<char *>yh, dtype, size, batch)
-                x = y if xh == yh else _array(<char *>xh, dtype, size, batch)
+                y = self._view(1, yh, dtype, size, batch)
+                x = y if xh == yh else self._view(0, xh, dtype, size, batch)
                 # One job of a shape in SAMPLE_EVERY has its kernel's CPU time taken (a system
-                # call, ~0.6 us): the shape's average, and what the service's model learns from.
+                # call, ~0.6 us): the shape's average (a slow host). The service's model learns
+                # the kernel's time the CQE reports (service_us) from those, and from any job of
+                # a shape not observed for OBSERVE_GAP: a shape a guest submits now and then is
+                # learned from each of its jobs, a stream of one shape costs at most one
+                # observe_shape call (a few us of Python) per OBSERVE_GAP.
                 sample = (sh.n & (SAMPLE_EVERY - 1)) == 1  # not the first: a cold cache and plan
                 if sample:
                     c0 = aj_cpu()
@@ -375,11 +471,13 @@ cdef class NativeJobs:
                 t1 = aj_now()
                 busy += t1 - t0
                 sh.n += 1
+                if sample or (sh.n > 1 and t1 - sh.observed > OBSERVE_GAP):
+                    sh.observed = t1
+                    self.service.model.observe_shape(sh.model_shape, t1 - t0)
                 if sample:
                     c1 = aj_cpu() - c0
                     sh.ewma = c1 if sh.samples == 0 else 0.75 * sh.ewma + 0.25 * c1
                     sh.samples += 1
-                    self.service.model.observe_shape(sh.model_shape, c1)
                     if sh.samples >= SETTLE and sh.ewma > SLOW_FACTOR * self.max_seconds:
                         sh.plan = None  # far longer than planned: a slow host
                         self.slow_shapes += 1
@@ -393,6 +491,11 @@ cdef class NativeJobs:
                 ci += 1
                 done += 1
         finally:
+            if pi != pi0:  # taken from the doorbell record while spinning: a kind 4 doorbell's effect
+                aq.pi = pi
+                aq.dbrec_seen = pi
+                aq.metrics.dbrec_applied += spun
+                self.spun += spun
             if done:
                 cq.pc = pc
                 cq.written += done
@@ -413,6 +516,17 @@ cdef class NativeJobs:
             if acc is not None:
                 acc.release_claim(_CORE_OP[op], done, busy)
         return done
+
+    cdef object _view(self, int which, uint64_t h, int dtype, uint32_t size, uint32_t batch):
+        """The (batch, size) array at host address ``h`` (just translated and checked by
+        the caller): the one made last time for input (0) or output (1) if it was the same
+        address and shape -- a guest reusing its buffers -- else a new one, kept for next
+        time. Used only right after the translation that proves ``h`` maps guest memory."""
+        cdef _View v = self.views[which]
+        if v.h != h or v.dtype != dtype or v.size != size or v.batch != batch or v.arr is None:
+            v.arr = _array(<char *>h, dtype, size, batch)
+            v.h, v.dtype, v.size, v.batch = h, dtype, size, batch
+        return v.arr
 
     cdef object _claim(self, int op):
         """A unit of a local accelerator serving ``op`` (full speed), claimed; None if none is free."""

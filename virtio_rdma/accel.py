@@ -30,7 +30,14 @@ Roles:
   queue without flags entirely natively (``virtio_rdma._accel.NativeJobs``,
   from the hook at the top of :func:`fetch`: slot, checks, kernel and CQE
   without Python per job), any other through :func:`start` and the
-  service's inline mode.
+  service's inline mode. A native call that emptied a queue holding one job
+  watches its doorbell record for :data:`NATIVE_SPIN_SECONDS` (a driver
+  that acked DBREC_POLL): a guest submitting one job at a time gets its next
+  one run without a doorbell and a wake-up of the loop.
+* Kernels in worker threads take the GIL back from a busy loop within the
+  daemon's switch interval, which the router lowers to
+  :data:`SWITCH_INTERVAL_SECONDS` (CPython's 5 ms was a queue wait of
+  milliseconds behind a 150 us job).
 * The control handlers (:func:`query_accel`, :func:`create_aq`,
   :func:`destroy_aq`, :func:`cancel_aq_job`) and the doorbell
   (:func:`ring_aq`) take the device core, like the other concerns'.
@@ -72,6 +79,7 @@ forwarded to a second host.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -163,6 +171,23 @@ NATIVE_MAX_POINTS = 32768
 #: every other event of the loop). Bounds what a queue kept full adds to another
 #: guest's doorbell or verbs latency per queue.
 NATIVE_SLICE_SECONDS = 100e-6
+#: After a native call completed a job and emptied its queue, it watches the
+#: queue's doorbell record this long for the next job (devices whose driver
+#: acked DBREC_POLL, on a loop; virtio_rdma._accel, Spin), inside the slice's
+#: budget: a guest submitting one job at a time posts the next a few
+#: microseconds after its CQE, and it runs without a doorbell and a wake-up of
+#: the loop. Measured by bench/accel_device_bench.py a (device-path overhead of
+#: one 2048-point FFT at a time, 2-vCPU EPYC): a kicked job took 20-30 us from
+#: post to CQE, one taken from the record while the loop still ran ~10 us.
+NATIVE_SPIN_SECONDS = 30e-6
+#: The daemon's interpreter switch interval (``sys.setswitchinterval``; CPython's
+#: default is 5 ms), set when the router is given its loop: a worker thread whose
+#: kernel finished waits for the GIL while the loop runs Python (a flooding
+#: guest's jobs fetched and checked, completions delivered) at most this long
+#: before the loop is made to hand it over. With 5 ms, a job waited milliseconds
+#: behind an emulated 150 us one (bench/accel_device_bench.py c: idle p99 wait
+#: 6-8 ms, flooded 8 ms; with 200 us: 0.1-0.2 ms and 1-2.4 ms).
+SWITCH_INTERVAL_SECONDS = 200e-6
 
 
 # --------------------------------------------------------------------------
@@ -437,17 +462,29 @@ class AccelRouter:
             loop.call_soon_threadsafe(self.deliver)
 
     def attach_loop(self, loop) -> None:
-        """Deliver finished jobs on ``loop`` (asyncio), the daemon's one loop; called in its thread."""
+        """Deliver finished jobs on ``loop`` (asyncio), the daemon's one loop; called in its thread.
+        With local accelerators, the process's switch interval goes down to
+        :data:`SWITCH_INTERVAL_SECONDS` (their workers take the GIL back promptly)."""
         if self._loop is not loop:
             self._loop = loop
             self._loop_thread = threading.get_ident()
             self._deliver_pending = False
             self.wakeup = lambda: loop.call_soon_threadsafe(self.deliver)
+            if self.local is not None and sys.getswitchinterval() > SWITCH_INTERVAL_SECONDS:
+                sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
 
     def native_budget(self) -> float:
         """Seconds of loop time a native call may take: NATIVE_SLICE_SECONDS on a loop;
         0 (no bound) for in-process users driving the router by hand."""
         return NATIVE_SLICE_SECONDS if self._loop is not None else 0.0
+
+    def native_spin(self, core: RdmaDeviceCore) -> float:
+        """Seconds a native call watches a queue's doorbell record once dry: NATIVE_SPIN_SECONDS
+        on a loop, for a device whose driver acked DBREC_POLL, while no native slice of
+        another queue waits its turn; else 0."""
+        if self._loop is None or not core.poll_doorbell_records or self._pending:
+            return 0.0
+        return NATIVE_SPIN_SECONDS
 
     def resuming(self, core: RdmaDeviceCore, aq: AccelQueue) -> bool:
         """Is a native slice of ``aq`` due (its jobs wait in the ring for their turn)?"""
@@ -602,7 +639,8 @@ class AccelRouter:
         nat = self.native
         native = {} if nat is None else {
             "jobs": nat.jobs, "calls": nat.calls, "slices": self.native_slices, "declined": nat.declines(),
-            "slow_shapes": nat.slow_shapes}
+            "slow_shapes": nat.slow_shapes, "spun": nat.spun,
+            "spins": nat.spins}
         return {"in_flight": len(self._jobs), "jobs_dropped": self.jobs_dropped, "wakeups": self.wakeups,
                 "native": native, "service": svc,
                 "scheduler": self.dispatcher.describe() if self.dispatcher is not None else None,
@@ -874,7 +912,7 @@ def fetch(core: RdmaDeviceCore, aq: AccelQueue, *, native: bool = True) -> None:
         # the local placement rule: the native path takes the plain small jobs at the head,
         # in order, only with a unit of a local accelerator serving the op (its claim), and
         # leaves the first other one (and all after it) to start() below
-        router.native.run(core, aq, router.native_budget())
+        router.native.run(core, aq, router.native_budget(), router.native_spin(core))
         if router.native.yielded:  # its slice is over: the rest wait in the ring for the next
             router.resume_later(core, aq)
             return

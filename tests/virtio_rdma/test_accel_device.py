@@ -1120,3 +1120,152 @@ def test_a_job_waiting_for_a_native_slice_can_be_cancelled():
             router.close()
 
     asyncio.run(main())
+
+
+def test_native_spin_takes_the_next_job_from_the_doorbell_record():
+    """A native call that emptied its queue watches the doorbell record (``spin``):
+    a job the driver posts then (slot and record written, no doorbell: the device
+    is in the call) runs in the same call, counted as applied from the record; an
+    absurd record value ends the spin untouched and is the Python path's to count
+    (once); the results equal accel_core's."""
+    import struct
+    import threading
+
+    svc = AcceleratorService([AcceleratorSpec("fft", ops=frozenset({accel_core.Op.FFT}))])
+    router = AccelRouter(svc)
+    try:
+        g, pd, cq = _guest(router)
+        g.core.poll_doorbell_records = True  # the driver acked DBREC_POLL
+        aq = g.create_aq(pd, cq, AccelOp.FFT, depth=8)
+        dev = g.core.aqs[aq.aqn]
+        xs = [(np.arange(256) * (1 + 0.25j * k)).astype(C64) for k in range(2)]
+        src, dst = _mr(g, pd, b"".join(x.tobytes() for x in xs)), _mr(g, pd, 2 * 2048)
+
+        def job(i):
+            g.write_aq_job(aq, 10 + i, AccelOp.FFT, size=256, inputs=[(src.addr + 2048 * i, 2048, src.lkey)],
+                           outputs=[(dst.addr + 2048 * i, 2048, dst.lkey)])
+
+        def cqe_written(i):  # the owner byte of CQE i (first pass: 1)
+            return g.buf[cq.ring - g.base + i * wire.CQE_SIZE + wire.CQE_OWNER_OFFSET] == 1
+
+        def driver():  # the guest, while the device is in run(): one job, then an absurd record
+            deadline = time.monotonic() + 20
+            while not cqe_written(0) and time.monotonic() < deadline:
+                time.sleep(1e-4)
+            job(1)
+            g.write(aq.dbrec, struct.pack("<II", 2, 0))
+            while not cqe_written(1) and time.monotonic() < deadline:
+                time.sleep(1e-4)
+            g.write(aq.dbrec, struct.pack("<II", 2 + 100, 0))  # more than depth ahead
+
+        job(0)
+        g.write(aq.dbrec, struct.pack("<II", 1, 0))
+        dev.pi = 1  # as the kind 4 doorbell would have set it
+        t = threading.Thread(target=driver)
+        t.start()
+        done = router.native.run(g.core, dev, 0.0, 10.0)
+        t.join()
+        assert done == 2 and router.native.spun == 1 and router.native.spins == 2  # the second ended absurd
+        assert dev.pi == 2 and dev.fetched == 2 and dev.ci == 2 and dev.metrics.dbrec_applied == 1
+        infos, _ = _acc(g, cq, 2)
+        assert [i.wr_id for i in infos] == [10, 11] and all(i.status is AccelStatus.SUCCESS for i in infos)
+        for i, x in enumerate(xs):
+            y = np.frombuffer(g.read(dst.addr + 2048 * i, 2048), C64)
+            np.testing.assert_allclose(y, accel_core.fft(x), rtol=1e-4, atol=1e-3)
+        assert g.core.metrics.bad_doorbells == 0
+        accel.poll_records(g.core, 0.0)  # the absurd value: counted once, nothing fetched
+        accel.poll_records(g.core, 0.0)
+        assert g.core.metrics.bad_doorbells == 1 and dev.pi == 2 and dev.fetched == 2
+        assert router.metrics()["native"]["spun"] == 1
+        # a queue with a burst posted (a guest keeping jobs queued) is not spun on
+        for i in range(2):
+            job(i)
+        g.write(aq.dbrec, struct.pack("<II", 4, 0))
+        dev.pi = 4
+        assert router.native.run(g.core, dev, 0.0, 10.0) == 2 and router.native.spins == 2
+        assert len(_acc(g, cq, 2)[0]) == 2
+    finally:
+        router.close()
+
+
+def test_native_spin_only_on_a_loop_for_a_polling_driver():
+    """The spin is asked for only where a driver acked DBREC_POLL and the router
+    serves a loop (an in-process user driving the router by hand never waits)."""
+    import asyncio
+
+    svc = AcceleratorService([AcceleratorSpec("fft", ops=frozenset({accel_core.Op.FFT}))])
+    router = AccelRouter(svc)
+    loop = asyncio.new_event_loop()
+    try:
+        g, _, _ = _guest(router)
+        assert router.native_spin(g.core) == 0.0
+        g.core.poll_doorbell_records = True
+        assert router.native_spin(g.core) == 0.0
+        router.attach_loop(loop)
+        assert router.native_spin(g.core) == accel.NATIVE_SPIN_SECONDS > 0
+        g.core.poll_doorbell_records = False
+        assert router.native_spin(g.core) == 0.0
+    finally:
+        router.close()
+        loop.close()
+
+
+def test_attach_loop_lowers_the_switch_interval_for_local_accelerators():
+    """A router with local accelerators, given its loop, brings the process's switch
+    interval down to SWITCH_INTERVAL_SECONDS (never up); one without leaves it."""
+    import asyncio
+    import sys
+
+    before = sys.getswitchinterval()
+    loop = asyncio.new_event_loop()
+    try:
+        sys.setswitchinterval(0.005)
+        bare = AccelRouter(None)
+        bare.attach_loop(loop)
+        assert sys.getswitchinterval() == pytest.approx(0.005)
+        svc = AcceleratorService([AcceleratorSpec("fft", ops=frozenset({accel_core.Op.FFT}))])
+        router = AccelRouter(svc)
+        try:
+            router.attach_loop(loop)
+            assert sys.getswitchinterval() == pytest.approx(accel.SWITCH_INTERVAL_SECONDS)
+            sys.setswitchinterval(1e-5)  # already lower: kept
+            router.attach_loop(asyncio.new_event_loop())
+            assert sys.getswitchinterval() == pytest.approx(1e-5)
+        finally:
+            router.close()
+    finally:
+        sys.setswitchinterval(before)
+        loop.close()
+
+
+def test_native_path_keeps_no_stale_mr_or_buffer():
+    """The native path remembers what the checks need of an MR and the arrays over a
+    guest's buffers between calls; a deregistered MR's key is refused at once
+    (LOCAL_PROT, through the Python path), and a job on the same buffers under a
+    new MR runs natively with its result in place."""
+    svc = AcceleratorService([AcceleratorSpec("fft", ops=frozenset({accel_core.Op.FFT}))])
+    router = AccelRouter(svc)
+    try:
+        g, pd, cq = _guest(router)
+        aq = g.create_aq(pd, cq, AccelOp.FFT)
+        x = (np.arange(64) * (1 - 0.5j)).astype(C64)
+        src = _mr(g, pd, x.tobytes())
+        dst = _mr(g, pd, 512)
+
+        def post(wr_id, out_key):
+            g.post_aq_job(aq, wr_id, AccelOp.FFT, size=64, inputs=[(src.addr, 512, src.lkey)],
+                          outputs=[(dst.addr, 512, out_key)])
+            return _acc(g, cq)[0][0]
+
+        assert post(1, dst.lkey).status is AccelStatus.SUCCESS and router.native.jobs == 1
+        g.write(dst.gpa, bytes(512))
+        g.cmd(Cmd.DEREG_MR, lkey=dst.lkey)
+        assert post(2, dst.lkey).status is AccelStatus.LOCAL_PROT and router.native.jobs == 1
+        assert g.read(dst.gpa, 512) == bytes(512)  # nothing written under the dead key
+        r = g.cmd(Cmd.REG_MR, pdn=pd, access=int(Access.LOCAL_WRITE), iova=dst.gpa, length=512, reserved=0,
+                  chunks=[dict(gpa=dst.gpa, length=512)])
+        assert post(3, r["lkey"]).status is AccelStatus.SUCCESS and router.native.jobs == 2
+        np.testing.assert_allclose(np.frombuffer(g.read(dst.gpa, 512), C64), accel_core.fft(x),
+                                   rtol=1e-4, atol=1e-3)
+    finally:
+        router.close()

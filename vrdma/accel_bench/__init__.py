@@ -428,10 +428,11 @@ def model_rows(model) -> list[dict]:
 def run_accel_bench(*, quick: bool = False, sections: tuple[str, ...] = SECTIONS,
                     commpy_frames: int | None = None) -> dict:
     """Run the chosen sections; returns ``{"machine": ..., "<section>": [rows], ...}``."""
-    from accel_core import ServiceTimeModel
+    from accel_core import ServiceTimeModel, simd
     from accel_core.estimate import cpu_model
 
-    out: dict[str, Any] = {"machine": {"cpu": cpu_model(), "vcpus": os.cpu_count(), "quick": quick}}
+    out: dict[str, Any] = {"machine": {"cpu": cpu_model(), "vcpus": os.cpu_count(), "quick": quick,
+                                       "simd": simd.simd_path(), "simd_available": simd.available_paths()}}
     if "fft" in sections:
         from vrdma.accel_bench.fft_bench import run_fft_bench
 
@@ -491,7 +492,8 @@ def format_table(res: dict) -> str:
                      f"{r['mbit_s']:.4g} Mbit/s",
                      f"commpy {commpy['mbit_s']:.4g} Mbit/s" if commpy else "commpy skipped",
                      f"x{ratio:.0f}" if ratio is not None else "-",
-                     f"{r['frames']} frames, {r['bit_errors']} bit errors @ {r['ebn0_db']} dB"))
+                     f"{r['frames']} frames, {r['bit_errors']} bit errors @ {r['ebn0_db']} dB"
+                     + (f"; {r['mbit_s_cpu']:.4g} Mbit/s of CPU time" if "mbit_s_cpu" in r else "")))
     rows.extend(("model", r["key"], f"a={r['a_us']:.2f} us",
                  "b=" + "/".join(f"{b:.4f}" for b in r["b_ns_per_unit"]) + " ns/unit", "-",
                  f"{r['points']} points, fit rms rel err {_fmt(r['fit_rms_rel_error'], '.2f')}")
@@ -527,7 +529,9 @@ def format_table(res: dict) -> str:
     head = ("section", "case", "ours", "baseline", "ratio", "note")
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
     m = res.get("machine") or {}
-    lines = [f"# machine: {m.get('cpu', '?')}; {m.get('vcpus', '?')} vCPUs"] if m else []
+    paths = " ".join(m.get("simd_available", ()))
+    lines = [(f"# machine: {m.get('cpu', '?')}; {m.get('vcpus', '?')} vCPUs; kernels' SIMD path "
+              f"{m.get('simd', '?')} (available: {paths}; VRDMA_SIMD forces one)")] if m else []
     lines += ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)).rstrip(),
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import zlib
 
-from .errors import GuestImageError
+from .errors import BuildError
 
 ELF_MAGIC = b"\x7fELF"
 XZ_MAGIC = b"\xfd7zXZ\x00"
@@ -53,7 +53,7 @@ def _try_zstd(payload: bytes) -> bytes | None:
 
 
 def extract_vmlinux(bzimage: bytes) -> bytes:
-    """Return the ELF vmlinux inside ``bzimage``; GuestImageError if none is found."""
+    """Return the ELF vmlinux inside ``bzimage``; BuildError if none is found."""
     if bzimage[:4] == ELF_MAGIC:
         return bzimage
     for magic, fn in ((XZ_MAGIC, _try_xz), (ZSTD_MAGIC, _try_zstd), (GZIP_MAGIC, _try_gzip)):
@@ -61,7 +61,7 @@ def extract_vmlinux(bzimage: bytes) -> bytes:
             out = fn(bzimage[off:])
             if out and out[:4] == ELF_MAGIC:
                 return out
-    raise GuestImageError("no gzip/xz/zstd payload decompressing to an ELF vmlinux found "
+    raise BuildError("no gzip/xz/zstd payload decompressing to an ELF vmlinux found "
                           f"in the {len(bzimage)}-byte kernel image")
 
 

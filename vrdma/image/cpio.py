@@ -1,4 +1,5 @@
-"""Pure writer for the cpio "newc" (SVR4, magic 070701) format used by Linux initramfs.
+"""Pure writer for the cpio "newc" (SVR4, magic 070701) format used by Linux initramfs
+(the same format as qemu_tests.cpio, which the harness keeps for its own guests).
 
 Spec: Documentation/driver-api/early-userspace/buffer-format.rst.  Each entry is a
 110-byte ASCII header (magic + 13 eight-digit hex fields: ino, mode, uid, gid, nlink,
@@ -14,7 +15,7 @@ from __future__ import annotations
 import stat
 from dataclasses import dataclass
 
-from .errors import GuestImageError
+from .errors import BuildError
 
 MAGIC = b"070701"
 
@@ -54,13 +55,13 @@ def encode(entries: list[CpioEntry]) -> bytes:
     for ino, entry in enumerate(entries, start=1):
         name = entry.name.lstrip("/")
         if not name or name in seen or "\x00" in name:
-            raise GuestImageError(f"bad or duplicate cpio entry name {entry.name!r}")
+            raise BuildError(f"bad or duplicate cpio entry name {entry.name!r}")
         seen.add(name)
         kind = stat.S_IFMT(entry.mode)
         if kind not in (stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK):
-            raise GuestImageError(f"unsupported cpio entry type {kind:#o} for {name!r}")
+            raise BuildError(f"unsupported cpio entry type {kind:#o} for {name!r}")
         if kind == stat.S_IFDIR and entry.data:
-            raise GuestImageError(f"directory {name!r} cannot carry data")
+            raise BuildError(f"directory {name!r} cannot carry data")
         raw_name = name.encode() + b"\x00"
         nlink = 2 if kind == stat.S_IFDIR else 1
         hdr = _header(ino, entry.mode, nlink, len(entry.data), len(raw_name))
@@ -74,23 +75,23 @@ def encode(entries: list[CpioEntry]) -> bytes:
 
 def decode(data: bytes) -> list[CpioEntry]:
     """Decode one newc archive (up to the trailer); used by the tests as a round-trip check."""
-    entries = []
+    entries: list[CpioEntry] = []
     pos = 0
     while True:
         if pos + 110 > len(data) or data[pos:pos + 6] != MAGIC:
-            raise GuestImageError(f"bad cpio header at offset {pos}")
+            raise BuildError(f"bad cpio header at offset {pos}")
         try:
             fields = [int(data[pos + 6 + 8 * i: pos + 14 + 8 * i], 16) for i in range(13)]
         except ValueError as exc:
-            raise GuestImageError(f"bad cpio header field at offset {pos}") from exc
+            raise BuildError(f"bad cpio header field at offset {pos}") from exc
         mode, size, namesize = fields[1], fields[6], fields[11]
         name_start = pos + 110
         if namesize < 1 or name_start + namesize > len(data):
-            raise GuestImageError(f"bad cpio name size {namesize} at offset {pos}")
+            raise BuildError(f"bad cpio name size {namesize} at offset {pos}")
         name = data[name_start:name_start + namesize - 1].decode()
         data_start = name_start + namesize + _pad4_len(110 + namesize)
         if data_start + size > len(data):
-            raise GuestImageError(f"cpio entry {name!r} truncated")
+            raise BuildError(f"cpio entry {name!r} truncated")
         if name == "TRAILER!!!":
             return entries
         entries.append(CpioEntry(name, mode, bytes(data[data_start:data_start + size])))
