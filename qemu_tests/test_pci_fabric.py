@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from qemu_tests.pci_guest import pci_guest, result_of
+from qemu_tests.pci_guest import QEMUS, pci_guest, require_qemu, result_of
 from qemu_tests.pci_traffic import peer
 from qemu_tests.rxe_guest import TapNetdev
 
@@ -44,7 +44,8 @@ def _try(fn):
         return e
 
 
-def test_qemu_guest_and_process_guest_on_two_hosts_over_roce(host_root_image, tmp_path):
+@pytest.mark.parametrize("qemu", QEMUS)
+def test_qemu_guest_and_process_guest_on_two_hosts_over_roce(host_root_image, tmp_path, qemu):
     from vrdma import lab
 
     why = lab.available()
@@ -52,13 +53,14 @@ def test_qemu_guest_and_process_guest_on_two_hosts_over_roce(host_root_image, tm
         pytest.skip(why)
     from netlab.ns import tap_device
 
+    version = require_qemu(qemu)
     t0 = time.monotonic()
     spec = lab.HostSpec("none", extra=("--handshake-timeout", "2"))
     with lab.LabCluster([spec, spec], tmp_path / "lab", subnet=SUBNET) as c:
         a, b = c.hosts
         tap = tap_device(a.ns, "vrtap3", f"{TAP_HOST}/24")
         guest = pci_guest(host_root_image, a.sock, [APP, "pci:auto", "5000", str(ITERS)],
-                          tap=TapNetdev(tap, netns=a.ns.name), tap_ip=f"{TAP_GUEST}/24")
+                          tap=TapNetdev(tap, netns=a.ns.name), tap_ip=f"{TAP_GUEST}/24", qemu=qemu)
         box: dict = {}
 
         def host_b_peer():
@@ -78,6 +80,6 @@ def test_qemu_guest_and_process_guest_on_two_hosts_over_roce(host_root_image, tm
         # the guest's device is host A's, its partner host B's: the traffic crossed the fabric
         assert (_gid_ip(r["local_gid"]), _gid_ip(r["remote_gid"])) == (a.ip, b.ip), r
         assert a.proc.alive() and b.proc.alive()  # QEMU's slow start was no handshake timeout
-    print(f"\nQEMU 7.2 guest on {a.ip} <-> process guest on {b.ip} over userspace RoCEv2: "
+    print(f"\n{version} guest on {a.ip} <-> process guest on {b.ip} over userspace RoCEv2: "
           f"64-byte SEND half RTT {r['send64_half_rtt_us']:.1f} us (TCG, shared machine); "
           f"boot to command {run.timings.get('begin')} s; test {time.monotonic() - t0:.1f} s")

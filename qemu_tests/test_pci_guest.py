@@ -1,6 +1,8 @@
 """QEMU 7.2 guests drive the virtio-rdma device with guest_lib's userspace
 virtio-pci driver, through the vhost-user-blk carrier (docs/virtio-rdma.md
-"Carriers"; qemu_tests/pci_guest.py). Every daemon here runs with a 2 s
+"Carriers"; qemu_tests/pci_guest.py), and QEMU 11.1 guests through its
+generic vhost-user-test-device-pci (every test runs on both, ``QEMUS``).
+Every daemon here runs with a 2 s
 handshake timeout, far less than a TCG boot: QEMU's realize-time handshake
 is what keeps it connected until the guest's driver starts the rings.
 
@@ -31,9 +33,11 @@ import pytest
 
 from qemu_tests.errors import QemuExitedError
 from qemu_tests.pci_guest import (
+    QEMUS,
     free_port as _free_port,
     pci_guest,
     phase_outputs,
+    require_qemu,
     result_of as _result,
     with_peer,
 )
@@ -86,17 +90,19 @@ PINGPONG_N = "50"
 TRAFFIC_ITERS = 50  # more in bench/pci_guest_latency.py
 
 
-@pytest.fixture(scope="module")
-def shared_boot(host_root_image, accel_daemon):
+@pytest.fixture(scope="module", params=QEMUS)
+def shared_boot(request, host_root_image, accel_daemon):
     """One boot, three phases in the guest, each a process of its own opening
     the device anew: (0) pci_traffic's active side against a host peer,
     (1) pci_accel's FFT and Turbo jobs, (2) ``vrdma rc-pingpong -d pci:auto -e``
     as the server against the same command on the host. The host's side of
     phases 0 and 2 runs in a thread while the guest runs."""
+    qemu = request.param
+    version = require_qemu(qemu)
     port = _free_port()
     t0 = time.monotonic()
     guest = pci_guest(host_root_image, accel_daemon.path, [APP, "pci:auto", "5000", str(TRAFFIC_ITERS)],
-                      host_port=port,
+                      host_port=port, qemu=qemu,
                       then=[["qemu_tests/pci_accel.py", "pci:auto", str(ACCEL_SEED)],
                             ["-m", "vrdma", "rc-pingpong", "-d", "pci:auto", "-p", "5000", "-n", PINGPONG_N,
                              "-e", "-c", "--timeout", "90"]])
@@ -114,7 +120,8 @@ def shared_boot(host_root_image, accel_daemon):
         th.join(60)
     assert not isinstance(r, BaseException), r
     phases = phase_outputs(r.output)
-    return {"run": r, "phases": phases, "peer": box.get("peer"), "client": box.get("client"),
+    return {"run": r, "phases": phases, "qemu": qemu, "version": version, "peer": box.get("peer"),
+            "client": box.get("client"),
             "seconds": round(time.monotonic() - t0, 1)}
 
 
@@ -149,8 +156,8 @@ def test_pci_guest_does_every_verb_with_a_process_guest(shared_boot, accel_daemo
         return _result(p.stdout)
 
     base, _ = with_peer(accel_daemon.path, port2, iters, local)
-    print(f"\n64-byte SEND latency (half round trip, median of {iters}): QEMU 7.2 TCG guest over "
-          f"virtio-pci {r['send64_half_rtt_us']:.1f} us; same program as a process guest "
+    print(f"\n64-byte SEND latency (half round trip, median of {iters}): {shared_boot['version']} "
+          f"TCG guest over virtio-pci {r['send64_half_rtt_us']:.1f} us; same program as a process guest "
           f"{base['send64_half_rtt_us']:.1f} us; host {header()} (shared machine); "
           f"guest boot to command {run.timings.get('begin')} s; huge-page runs {big['runs']}, "
           f"5 MiB MR {big[str(5 << 20)]}; the boot's three phases took {shared_boot['seconds']} s")
@@ -203,12 +210,15 @@ def test_vrdma_rc_pingpong_runs_unchanged_in_the_guest(shared_boot):
     assert f"{n} iters in" in phases[2] and f"{n} iters in" in c.stdout, (phases[2], c.stdout)
 
 
-def test_two_qemu_guests_on_one_daemon(host_root_image, daemon):
+@pytest.mark.parametrize("qemu", QEMUS)
+def test_two_qemu_guests_on_one_daemon(host_root_image, daemon, qemu):
     """Both sides in QEMU guests: the second reaches the first's exchange port
     through its own user network (the host's loopback is 192.0.2.2 there)."""
+    print(f"\n{require_qemu(qemu)}")
     port = _free_port()
-    a = pci_guest(host_root_image, daemon.path, [APP, "pci:auto", "5000", "20"], host_port=port)
-    b = pci_guest(host_root_image, daemon.path, [APP, "peer", "pci:auto", "192.0.2.2", str(port), "20"])
+    a = pci_guest(host_root_image, daemon.path, [APP, "pci:auto", "5000", "20"], host_port=port, qemu=qemu)
+    b = pci_guest(host_root_image, daemon.path, [APP, "peer", "pci:auto", "192.0.2.2", str(port), "20"],
+                  qemu=qemu)
     box: dict = {}
     th = threading.Thread(target=lambda: box.setdefault("b", _try(lambda: b.run(timeout=150))), daemon=True)
     th.start()
@@ -252,14 +262,16 @@ def _process_guest_works(path: str) -> None:
         assert b.mr.read(12) == b"still served"
 
 
-def test_guest_with_garbage_rings_is_dropped_alone(host_root_image, tmp_path):
+@pytest.mark.parametrize("qemu", QEMUS)
+def test_guest_with_garbage_rings_is_dropped_alone(host_root_image, tmp_path, qemu):
     from vhost_user.testing import open_fds
     from virtio.memory import proc_maps_count
 
+    print(f"\n{require_qemu(qemu)}")
     path = str(tmp_path / "rdma.sock")
     with _rdma_thread_daemon(path) as d:
         fds, maps = open_fds(), proc_maps_count("memfd:")
-        guest = pci_guest(host_root_image, path, [APP, "garbage", "pci:auto"], hugepages=8)
+        guest = pci_guest(host_root_image, path, [APP, "garbage", "pci:auto"], hugepages=8, qemu=qemu)
         run = guest.run(timeout=120)
         assert run.returncode == 0, run.output[-4000:]
         r = _result(run.output)
@@ -273,15 +285,18 @@ def test_guest_with_garbage_rings_is_dropped_alone(host_root_image, tmp_path):
         assert open_fds() == fds and proc_maps_count("memfd:") == maps
 
 
-def test_qemu_killed_mid_traffic_releases_everything(host_root_image, tmp_path):
+@pytest.mark.parametrize("qemu", QEMUS)
+def test_qemu_killed_mid_traffic_releases_everything(host_root_image, tmp_path, qemu):
     from vhost_user.testing import open_fds
     from virtio.memory import proc_maps_count
 
+    print(f"\n{require_qemu(qemu)}")
     path = str(tmp_path / "rdma.sock")
     with _rdma_thread_daemon(path) as d:
         fds, maps = open_fds(), proc_maps_count("memfd:")
         port = _free_port()
-        guest = pci_guest(host_root_image, path, [APP, "pci:auto", "5000", "100000"], host_port=port)
+        guest = pci_guest(host_root_image, path, [APP, "pci:auto", "5000", "100000"], host_port=port,
+                          qemu=qemu)
         box: dict = {}
         th = threading.Thread(target=lambda: box.setdefault("run", _try(lambda: guest.run(timeout=150))),
                               daemon=True)

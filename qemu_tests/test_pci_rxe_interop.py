@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from qemu_tests.pci_guest import pci_guest, phase_outputs
+from qemu_tests.pci_guest import QEMUS, pci_guest, phase_outputs, require_qemu
 from qemu_tests.rxe_guest import RxeGuest, TapNetdev
 
 pytestmark = [pytest.mark.qemu, pytest.mark.netns]
@@ -70,12 +70,14 @@ def _client_with_retry() -> str:
             f"echo RETRY; sleep 1; done")
 
 
+@pytest.mark.parametrize("qemu", QEMUS)
 def test_vrdma_rc_pingpong_in_a_pci_guest_against_ibv_rc_pingpong_on_kernel_rxe(image, host_root_image,
-                                                                                   tmp_path):
+                                                                                   tmp_path, qemu):
     if os.geteuid() != 0 or shutil.which("ip") is None or not os.path.exists("/dev/net/tun"):
         pytest.skip("needs root, iproute2 and /dev/net/tun")
     from netlab.ns import Namespace, tap_device
 
+    version = require_qemu(qemu)
     t0 = time.monotonic()
     sock = str(tmp_path / "rdma.sock")
     with Namespace() as ns:
@@ -92,7 +94,7 @@ def test_vrdma_rc_pingpong_in_a_pci_guest_against_ibv_rc_pingpong_on_kernel_rxe(
                        tap=TapNetdev("vrtapR", netns=ns.name, mac="52:54:00:12:34:02"))
         pci = pci_guest(host_root_image, sock, OURS, then=[_client_with_retry()],
                         tap=TapNetdev("vrtapP", netns=ns.name, mac="52:54:00:12:34:03"),
-                        tap_ip=f"{PCI_IP}/24")
+                        tap_ip=f"{PCI_IP}/24", qemu=qemu)
         box: dict = {}
         th = threading.Thread(target=lambda: box.setdefault("rxe", _try(lambda: rxe.run(timeout=200))),
                               daemon=True)
@@ -119,7 +121,8 @@ def test_vrdma_rc_pingpong_in_a_pci_guest_against_ibv_rc_pingpong_on_kernel_rxe(
         u = {m[0]: m[1:] for m in ADDR_RE.findall(mine)}
         assert t["remote"] == u["local"] and u["remote"] == t["local"], report
         assert u["local"][3] == f"::ffff:{BRIDGE_IP}" and t["local"][3] == f"::ffff:{RXE_IP}", report
-    print(f"\nvrdma rc-pingpong -d pci:auto (QEMU 7.2 guest) <-> ibv_rc_pingpong on kernel rxe, both roles, "
+    print(f"\nvrdma rc-pingpong -d pci:auto ({version} guest; the rxe guest on QEMU 7.2) <-> "
+          f"ibv_rc_pingpong on kernel rxe, both roles, "
           f"{ITERS} x {SIZE} B: ours {[ITERS_RE.search(o).group(0) for o in ours]}; "
           f"test {time.monotonic() - t0:.1f} s (TCG, shared machine)")
 
