@@ -245,7 +245,8 @@ def _rdma_thread_daemon(path: str):
 
 def _state(server):
     return {"connections": len(server.connections), "closed": server.metrics.closed,
-            "protocol_errors": server.metrics.protocol_errors, "accepted": server.metrics.accepted}
+            "protocol_errors": server.metrics.protocol_errors, "accepted": server.metrics.accepted,
+            "handshake_timeouts": server.metrics.handshake_timeouts}
 
 
 def _process_guest_works(path: str) -> None:
@@ -280,6 +281,7 @@ def test_guest_with_garbage_rings_is_dropped_alone(host_root_image, tmp_path, qe
         assert d.wait_for(lambda s: _state(s)["connections"] == 0, 10)
         st = d.call(_state, d.server)
         assert st["protocol_errors"] >= 1 and st["closed"] == st["accepted"] == 1, st
+        assert st["handshake_timeouts"] == 0, st  # QEMU's realize handshake kept it through the boot
         _process_guest_works(path)
         assert d.wait_for(lambda s: not s.connections, 10)
         assert open_fds() == fds and proc_maps_count("memfd:") == maps
@@ -318,7 +320,7 @@ def test_qemu_killed_mid_traffic_releases_everything(host_root_image, tmp_path, 
         assert isinstance(box["peer"], Exception), box["peer"]  # its partner vanished mid-ping-pong
         assert d.wait_for(lambda s: len(s.connections) == 0, 30), d.call(_state, d.server)
         st = d.call(_state, d.server)
-        assert st["closed"] == st["accepted"] == 2, st
+        assert st["closed"] == st["accepted"] == 2 and st["handshake_timeouts"] == 0, st
         _process_guest_works(path)
         assert d.wait_for(lambda s: not s.connections, 10)
         assert open_fds() == fds and proc_maps_count("memfd:") == maps
