@@ -123,7 +123,8 @@ def active(device: str, port: int, iters: int) -> dict:
         result = {"verified": ["SEND_WITH_IMM", "RDMA_WRITE", "RDMA_READ", "FETCH_AND_ADD", "CMP_AND_SWP"],
                   "big_mr": _big_mr(g), "second_driver": _second_driver(device, g),
                   "iters": iters, "send64_half_rtt_us": statistics.median(rtts) / 2 * 1e6 if rtts else None,
-                  "device": device, "features": g.ctx.features}
+                  "device": device, "features": g.ctx.features,
+                  "local_gid": _info(g)["gid"], "remote_gid": peer["gid"].hex()}
         counters = getattr(g.ctx.transport, "counters", None)
         if counters is not None:
             result["counters"] = dict(counters)

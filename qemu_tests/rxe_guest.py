@@ -629,6 +629,9 @@ class RxeGuest:
     python: str = field(default_factory=lambda: sys.executable)
     #: more QEMU arguments, appended (e.g. a vhost-user device: ``VhostUserDevice.qemu_args()``)
     extra_qemu_args: Sequence[str] = ()
+    #: QemuVM keyword arguments selecting another QEMU (``wrapper``, ``binary``, ``extra_args``,
+    #: as ``qemu_tests.qemu11.qemu11_vm_kwargs()`` gives); None: the host's qemu-system-x86_64
+    qemu: Mapping[str, object] | None = None
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"\d{1,3}(\.\d{1,3}){3}/\d{1,2}", self.ip):
@@ -755,6 +758,9 @@ class RxeGuest:
         """
         image = self.image or build_image()
         wrapper = ["ip", "netns", "exec", self.tap.netns] if self.tap and self.tap.netns else []
+        other = dict(self.qemu or {})
+        wrapper += list(other.pop("wrapper", ()))  # type: ignore[call-overload]
+        qemu_args = list(other.pop("extra_args", ()))  # type: ignore[call-overload]
         timings: dict[str, float] = {}
         binds, env = self.prepare()
         with tempfile.TemporaryDirectory(prefix="vrdma-rxe-run-") as tmp:
@@ -765,8 +771,9 @@ class RxeGuest:
             t0 = time.monotonic()
             with QemuVM(memory_mib=self.memory_mib, cpu="max", kernel=image.vmlinux, initrd=initrd,
                         append=self.kernel_append(),
-                        extra_args=[*self.qemu_net_args(), *self.qemu_fs_args(), *self.extra_qemu_args],
-                        wrapper=wrapper) as vm:
+                        extra_args=[*qemu_args, *self.qemu_net_args(), *self.qemu_fs_args(),
+                                    *self.extra_qemu_args],
+                        wrapper=wrapper, **other) as vm:  # type: ignore[arg-type]
                 # SerialTimeout / QemuExitedError propagate with the serial tail and stderr.
                 for label, marker in (("init", b"VRDMA-GUEST-INIT"), ("begin", BEGIN.encode()),
                                       ("end", b"VRDMA-CMD-END")):

@@ -13,8 +13,21 @@ credentials are read (SO_PEERCRED) into a
 :class:`~vhost_user.tenancy.ConnectionInfo`, logged, and handed to
 ``device_factory(info)``. A connection past the host-wide limit or its uid's
 limit is closed at once (counted, logged with its credentials); one that has
-not started a ring ``handshake_timeout`` seconds after accept is closed and
-counted. The socket is created owner-only and gets ``socket_mode`` and
+not finished its handshake ``handshake_timeout`` seconds after accept is
+closed and counted (``handshake_timeouts``).
+
+The handshake is what every front-end does as soon as it connects: claim the
+session (SET_OWNER) and read the device's features (GET_FEATURES). QEMU does
+exactly that when it realizes a vhost-user device (``vhost_dev_init``:
+GET_FEATURES and the protocol features, SET_OWNER, GET_FEATURES again; then
+vhost-user-blk reads the config with GET_CONFIG), at VM start, but it sends
+the memory table and starts the rings only when the guest's driver sets
+DRIVER_OK, which may be minutes later or never. So a QEMU guest whose driver
+has not loaded yet is served under the default timeout, while a client that
+connects and stays silent, sends half a message, or stops before SET_OWNER +
+GET_FEATURES is dropped. A started ring or DRIVER_OK also counts as done.
+
+The socket is created owner-only and gets ``socket_mode`` and
 ``socket_group`` before it appears at its path, whatever the umask.
 
 Run it on uvloop (:func:`run_backend` installs it) for lower wake-up cost.
@@ -78,7 +91,7 @@ class ServerMetrics:
     refused_host_limit: int = 0      # past max_connections
     refused_uid_limit: int = 0       # past max_connections_per_uid
     refused_factory: int = 0         # the device factory raised
-    handshake_timeouts: int = 0      # closed: no ring started within handshake_timeout
+    handshake_timeouts: int = 0      # closed: no SET_OWNER + GET_FEATURES within handshake_timeout
     accept_errors: int = 0           # accept() failed (e.g. EMFILE); accepting paused
     accept_backoffs: int = 0         # accepting paused ACCEPT_BACKOFF after a refusal
     last_errors: list = field(default_factory=list)
@@ -111,15 +124,19 @@ class ServedConnection:
         self.loop.add_reader(sock.fileno(), self._on_readable)
 
     def set_up(self) -> bool:
-        """The front-end finished the vhost-user setup: a ring started or DRIVER_OK."""
-        return bool(self.core.status & DRIVER_OK) or any(v.started for v in self.core.vrings)
+        """The front-end finished its handshake: SET_OWNER and GET_FEATURES (what
+        QEMU sends when it realizes the device), or a ring started, or DRIVER_OK."""
+        core = self.core
+        if core.owner and core.metrics.by_request.get("GET_FEATURES", 0) > 0:
+            return True
+        return bool(core.status & DRIVER_OK) or any(v.started for v in core.vrings)
 
     def _check_handshake(self) -> None:
         self._handshake = None
         if self.closed or self.set_up():
             return
         self.server.metrics.handshake_timeouts += 1
-        log.warning("%s: closing: no ring started %.1f s after connecting", self.info,
+        log.warning("%s: closing: no handshake (SET_OWNER + GET_FEATURES) %.1f s after connecting", self.info,
                     self.server.policy.handshake_timeout)
         self.close()
 

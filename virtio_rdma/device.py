@@ -78,8 +78,10 @@ class RdmaDevice(VhostUserDevice):
         self._deliver_scheduled = False
         self._dbrec_poll = False
         self._driver_ok = False
+        self._rings_ran = False
         self.bad_event_buffers = 0
-        #: device resets by SET_STATUS 0 (a guest driver's reset through its front-end)
+        #: device resets by SET_STATUS 0 or every ring stopped (a guest driver's reset
+        #: through its front-end)
         self.resets = 0
 
     def attach(self, conn) -> None:
@@ -145,6 +147,7 @@ class RdmaDevice(VhostUserDevice):
         if status == 0 and self._driver_ok:
             self.resets += 1
             self.reset()
+            self._rings_ran = False  # the rings' stop that follows is the same reset
         self._driver_ok = bool(status & _DRIVER_OK)
 
     def poll(self) -> bool:
@@ -238,8 +241,20 @@ class RdmaDevice(VhostUserDevice):
             vring.notify(mem)
 
     def queue_started(self, vring) -> None:
+        self._rings_ran = True
         if vring.index == EVENTQ and self._events:
             self.conn.watcher.call_soon(self._deliver)
+
+    def queue_stopped(self, vring) -> None:
+        """The front-end stopped every ring (GET_VRING_BASE) after they ran and
+        sent no SET_STATUS 0: QEMU 11.1's vhost stop on a guest driver's reset
+        (vhost-user-base: SET_VRING_ENABLE 0 and GET_VRING_BASE per ring, the
+        status left as it was). The device is stopped: the guest's objects go,
+        as on QEMU 7.2's SET_STATUS 0, so the next driver starts clean."""
+        if self._rings_ran and not any(v.started for v in self.conn.vrings):
+            self._rings_ran = False
+            self.resets += 1
+            self.reset()
 
     def reset(self) -> None:
         self._close_core()

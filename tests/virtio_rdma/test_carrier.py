@@ -75,3 +75,21 @@ def test_a_forwarded_driver_reset_drops_the_guests_objects(backend):
         with pytest.raises(RDMAError) as e:  # the device forgot it
             pd.close()
         assert e.value.errno == errno.ENOENT
+
+
+def test_every_ring_stopped_is_a_driver_reset(backend):
+    """QEMU 11.1's vhost-user-base forwards a guest driver's reset as
+    SET_VRING_ENABLE 0 + GET_VRING_BASE on every ring, with no SET_STATUS."""
+    with Context(backend.path, timeout=2.0) as ctx:
+        dev = backend.devices[0]
+        pd = PD(ctx)
+        fe = ctx.transport.device.frontend  # type: ignore[attr-defined]
+        n = backend.call(lambda: len(dev.conn.vrings))
+        fe.get_vring_base(0)
+        assert backend.call(lambda: (dev.resets, len(dev.core.pds))) == (0, 1)  # one ring: no reset
+        for i in range(1, n):
+            fe.get_vring_base(i)
+        assert backend.call(lambda: (dev.resets, len(dev.core.pds))) == (1, 0)
+        with pytest.raises(RDMAError) as e:  # the rings stay stopped: nobody answers
+            pd.close()
+        assert e.value.errno == errno.ETIMEDOUT
