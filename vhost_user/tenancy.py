@@ -493,6 +493,11 @@ class TenantLedger:
         t = self._by_socket.get(info.path) or self._by_uid.get(info.uid)
         return t.name if t is not None else f"uid:{info.uid}"
 
+    def name_for_uid(self, uid: int) -> str:
+        """The tenant a connection of ``uid`` belongs to unless its socket names another."""
+        t = self._by_uid.get(uid)
+        return t.name if t is not None else f"uid:{uid}"
+
     def specs(self) -> dict[str, TenantSpec]:
         """Every tenant configured or seen, by name, with its current configuration."""
         names = set(self._specs) | set(self.tenants) | set(self._live)

@@ -9,6 +9,7 @@ non-owner uid) get errors or are dropped, and the daemon keeps answering.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import socket
@@ -79,9 +80,19 @@ def test_ctl_lists_guests_qps_queues_and_sets_live_tenant_limits(ops_daemon):
         assert "guests (2)" in top.stdout and "accelerators (2)" in top.stdout
         assert "drain: serving" in top.stdout
         assert all(g["name"] in top.stdout for g in guests)
-        # fields of item 1 (weights, classes, quotas): not supported yet, said so, exit 3
-        out = _ctl(d, "tenant", "set", str(os.getuid()), "--weight", "2")
-        assert out.returncode == 3 and "not supported yet" in out.stderr
+        # the tenant's own entry changes live: class, weight, quotas (that tenant only)
+        out = _ctl(d, "--json", "tenant", "set", str(os.getuid()), "--weight", "2", "--class", "high",
+                   "--quota", "max_accel_jobs=5")
+        assert out.returncode == 0, out.stderr
+        got = json.loads(out.stdout)["tenant"]
+        assert (got["name"], got["class"], got["weight"], got["max_accel_jobs"]) == \
+            (f"uid:{os.getuid()}", "high", 2.0, 5)
+        out = _ctl(d, "--json", "tenant", "set", f"uid:{os.getuid()}", "--quota", "max_accel_jobs=none")
+        assert out.returncode == 0 and json.loads(out.stdout)["tenant"]["max_accel_jobs"] is None
+        out = _ctl(d, "tenant", "set", str(os.getuid()), "--weight", "-1")
+        assert out.returncode == 1 and "weight" in out.stderr
+        out = _ctl(d, "tenant", "set", str(os.getuid()), "--quota", "max_bogus=1")
+        assert out.returncode == 1 and "max_bogus" in out.stderr
         # a TenantPolicy field applies live: the next guest cannot register an MR
         out = _ctl(d, "tenant", "set", str(os.getuid()), "--limit", "max_mr=0")
         assert out.returncode == 0, out.stderr

@@ -28,11 +28,15 @@ def add_arguments(p) -> None:
                    help="poll until drained or this many seconds passed (exit 1 if not drained)")
     t = sub.add_parser("tenant", help="tenant settings")
     ts = t.add_subparsers(dest="tenant_cmd", metavar="set", required=True)
-    s = ts.add_parser("set", help="set a tenant's limits (TenantPolicy fields apply live)")
-    s.add_argument("uid", type=int)
-    s.add_argument("--weight", type=float, help="scheduling weight (not supported yet: issue #18 item 1)")
-    s.add_argument("--class", dest="klass", help="priority class (not supported yet: issue #18 item 1)")
-    s.add_argument("--quota", help="accounting quota (not supported yet: issue #18 item 1)")
+    s = ts.add_parser("set", help="change a tenant live: class, weight and quotas (that tenant, until "
+                      "the next SIGHUP reload); TenantPolicy limits (--limit: every connection)")
+    s.add_argument("uid", metavar="UID|NAME",
+                   help="a uid (its [[tenant]] entry, else tenant uid:N) or a tenant name")
+    s.add_argument("--weight", type=float, help="weight within its class on the accelerators")
+    s.add_argument("--class", dest="klass", choices=("high", "normal", "low"), help="priority class")
+    s.add_argument("--quota", action="append", default=[], metavar="NAME=VALUE",
+                   help="a quota (max_qp, max_cq, max_mr, max_pinned_bytes, max_accel_jobs, "
+                        "accel_seconds_per_minute); VALUE 'none' removes it (repeatable)")
     s.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
                    help="a TenantPolicy limit, e.g. max_qp=64 (repeatable)")
 
@@ -42,9 +46,21 @@ def request(args) -> tuple[str, dict]:
     if args.ctl == "cancel":
         return "cancel", {"job": args.job}
     if args.ctl == "tenant":
-        fields: dict = {"uid": args.uid}
-        fields.update({k: v for k, v in (("weight", args.weight), ("class", args.klass),
-                                          ("quota", args.quota)) if v is not None})
+        fields: dict = {"uid": int(args.uid)} if args.uid.isdigit() else {"tenant": args.uid}
+        fields.update({k: v for k, v in (("weight", args.weight), ("class", args.klass)) if v is not None})
+        quotas: dict = {}
+        for item in args.quota:
+            name, sep, value = item.partition("=")
+            if not sep:
+                raise SystemExit(f"vrdma ctl: --quota {item!r}: expected NAME=VALUE")
+            try:
+                quotas[name.strip()] = None if value.strip() == "none" else float(value)
+            except ValueError:
+                raise SystemExit(f"vrdma ctl: --quota {item!r}: {value!r} is not a number") from None
+            if quotas[name.strip()] is not None and name.strip() != "accel_seconds_per_minute":
+                quotas[name.strip()] = int(quotas[name.strip()])
+        if quotas:
+            fields["quota"] = quotas
         for item in args.limit:
             name, sep, value = item.partition("=")
             if not sep:

@@ -44,8 +44,9 @@ CALL_TIMEOUT = 5.0
 LIVE_POLICY_FIELDS = ("max_qp", "max_cq", "max_mr", "max_pd", "max_pinned_bytes", "max_wqes",
                       "uid_max_objects", "uid_max_pinned_bytes", "uid_max_wqes",
                       "max_connections_per_uid")
-#: ``tenant set`` fields item 1 of issue #18 adds (priority classes, weights, quotas)
-FUTURE_FIELDS = ("weight", "class", "quota")
+#: ``tenant set`` fields of the tenant's own entry (class and weight on the accelerators,
+#: its quotas): kept per tenant by TenantLedger.set_tenant until the next reload
+SPEC_FIELDS = ("class", "weight", "quota")
 
 Sample = tuple[str, dict[str, str], float]
 
@@ -246,37 +247,52 @@ class DaemonView:
         raise NotFound(f"job {job_id}: no such connection and queue")
 
     def tenant_set(self, args: dict) -> dict:
+        """Change a tenant live: its class, weight and quotas (``TenantLedger.set_tenant``:
+        that tenant only, until the next SIGHUP reload), and/or the TenantPolicy limits
+        (every connection: the policy has no per-tenant values)."""
         from vhost_user.tenancy import PolicyError, TenantPolicy
 
         uid = args.get("uid")
-        if isinstance(uid, bool) or not isinstance(uid, int) or not 0 <= uid < 1 << 32:
+        name = args.get("tenant")
+        if name is not None:
+            if not isinstance(name, str) or not 0 < len(name) <= 64:
+                raise BadArgument(f"tenant {str(name)[:64]!r} is not a tenant name")
+        elif isinstance(uid, bool) or not isinstance(uid, int) or not 0 <= uid < 1 << 32:
             raise BadArgument(f"uid {uid!r} is not a uid (0..2^32-1)")
-        fields = {k: v for k, v in args.items() if k != "uid"}
-        future = sorted(k for k in fields if k in FUTURE_FIELDS)
-        if future:
-            raise NotSupported(f"tenant {', '.join(future)}: not supported yet (issue #18 item 1); "
-                               f"live now: {', '.join(LIVE_POLICY_FIELDS)}")
+        fields = {k: v for k, v in args.items() if k not in ("uid", "tenant")}
+        spec = {k: fields.pop(k) for k in SPEC_FIELDS if k in fields}
         bad = sorted(k for k in fields if k not in LIVE_POLICY_FIELDS)
         if bad:
-            raise BadArgument(f"tenant field {bad[0]!r} is unknown (live: {', '.join(LIVE_POLICY_FIELDS)})")
-        if not fields:
+            raise BadArgument(f"tenant field {bad[0]!r} is unknown (live: "
+                              f"{', '.join((*SPEC_FIELDS, *LIVE_POLICY_FIELDS))})")
+        if not fields and not spec:
             raise BadArgument("tenant set: nothing to set")
         if self.ledger is None:
             raise NotSupported("this daemon has no tenant ledger (--device blk)")
-        try:
-            policy = TenantPolicy.from_mapping(fields, self.ledger.policy)
-        except (PolicyError, TypeError) as e:
-            raise BadArgument(str(e)) from None
-        # TenantPolicy has no per-uid values yet: a change applies to every tenant (said in the reply)
-        self.ledger.policy = policy
-        for _conn, dev in self.devices():
-            acct = getattr(dev, "account", None)
-            if acct is not None:
-                acct.policy = policy
-        for s in self.servers:
-            s.policy = policy
-        return {"applied": fields, "scope": "all tenants (per-uid values: issue #18 item 1)",
-                "policy": dataclasses.asdict(policy)}
+        reply: dict = {}
+        if spec:
+            quotas = spec.get("quota") or {}
+            if not isinstance(quotas, dict):
+                raise BadArgument(f"quota {str(quotas)[:64]!r} is not a mapping of quota names to values")
+            if name is None:
+                name = self.ledger.name_for_uid(uid)
+            try:
+                new = self.ledger.set_tenant(name, klass=spec.get("class"), weight=spec.get("weight"),
+                                             **quotas)
+            except (PolicyError, TypeError, ValueError, KeyError) as e:
+                raise BadArgument(str(e)) from None
+            reply["tenant"] = new.as_dict()
+        if fields:
+            try:
+                policy = TenantPolicy.from_mapping(fields, self.ledger.policy)
+            except (PolicyError, TypeError) as e:
+                raise BadArgument(str(e)) from None
+            self.ledger.policy = policy   # every account reads its ledger's policy when it charges
+            for s in self.servers:
+                s.policy = policy
+            reply.update({"applied": fields, "scope": "all tenants (TenantPolicy limits)",
+                          "policy": dataclasses.asdict(policy)})
+        return reply
 
     def _served_remote(self) -> int:
         if self.peering is None:
