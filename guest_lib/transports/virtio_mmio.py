@@ -260,7 +260,10 @@ class _Block:
                 fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise MmioError(f"{region.name} is driven by another process", _errno.EBUSY) from None
-            self.regs = Bar(mem_path, region.size, region.base)
+            try:
+                self.regs = Bar(mem_path, region.size, region.base)
+            except ValueError as e:  # mmap: past the end of what the file maps
+                raise MmioError(f"cannot map {region.name} from {mem_path}: {e}", _errno.EINVAL) from None
             head = b"".join(self.regs.r32(i).to_bytes(4, "little") for i in range(0, 16, 4))
             self.header = decode_header(head)
         except BaseException:
