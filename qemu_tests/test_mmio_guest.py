@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import signal
 import struct
 import subprocess
 import sys
@@ -49,27 +48,12 @@ def image() -> builder.Image:
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory):
+def daemon():
     """A real ``vrdma backend`` on a unix socket: its path."""
-    sock = str(tmp_path_factory.mktemp("mmio") / "vrdma.sock")
-    log = open(os.path.join(os.path.dirname(sock), "backend.log"), "wb")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen([sys.executable, "-m", "vrdma", "backend", "--socket", sock,
-                             "--handshake-timeout", "0"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(sock):
-            assert proc.poll() is None, f"backend exited rc={proc.returncode}"
-            assert time.monotonic() < deadline, "backend did not create its socket"
-            time.sleep(0.05)
-        yield sock
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    from vhost_user.testing import DaemonProcess
+
+    with DaemonProcess("--handshake-timeout", "0") as d:
+        yield d.path
 
 
 def _lines(stream, out: queue.Queue) -> None:

@@ -62,13 +62,14 @@ class UserspaceDriver:
     """The bus-independent half of a userspace virtio-rdma driver. A subclass
     finds and maps its device, sets ``name``, then calls :meth:`_open`."""
 
+    name: str
     queues: list[DriverQueue]
+    #: the memory's (HugeMemory), bound at open
     alloc: Callable[[int, int], int]
     free: Callable[[int], None]
-    translate: Callable[[int, int], memoryview]
     uva_of: Callable[[int], int]
+    translate: Callable[[int, int], memoryview]
     uva_to_gpa: Callable[[int, int], int]
-    name: str
     #: the error type of the bus (a TransportError with errno)
     error: type[TransportError] = TransportError
 
@@ -199,6 +200,9 @@ class UserspaceDriver:
     def dead(self) -> str | None:
         return self._dead
 
+    def __repr__(self):
+        return f"{type(self).__name__}({getattr(self, 'name', '?')!r}{', dead' if self._dead else ''})"
+
     def notify_if_needed(self, index: int) -> bool:
         if self.queues[index].kick_needed():
             self.notify(index)
@@ -279,9 +283,6 @@ class UserspaceDriver:
 
     def __exit__(self, *exc):
         self.close()
-
-    def __repr__(self):
-        return f"{type(self).__name__}({getattr(self, 'name', '?')!r}{', dead' if self._dead else ''})"
 
 
 def config_error(name: str, offset: int, size: int, length: int) -> TransportError:
