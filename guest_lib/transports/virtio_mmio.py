@@ -289,13 +289,15 @@ def find_device(address: str = "auto", *, mem_path: str = "/dev/mem", lock_dir: 
     """The virtio-rdma block at ``address`` ("auto": the first found; or a
     physical base such as "0xfeb00e00"), mapped and locked; MmioError
     (ENODEV) if there is none."""
-    release_from_kernel(sysfs)
-    known = regions(cmdline_path, iomem_path)
+    base = -1
     if address != "auto":
         try:
             base = int(address, 0)
         except ValueError:
             raise MmioError(f"virtio-mmio address {address!r} is not a number", _errno.EINVAL) from None
+    release_from_kernel(sysfs)
+    known = regions(cmdline_path, iomem_path)
+    if address != "auto":
         known = [r for r in known if r.base == base] or [checked_region(base, MIN_REGION)]
     seen = []
     for r in known:

@@ -151,3 +151,12 @@ def test_no_rdma_block_says_what_it_saw(fake_mem):
     assert "0x1e00" in str(e.value)
     with pytest.raises(MmioError, match="'nope' is not a number"):
         _find(fake_mem, "nope")
+
+
+def test_context_selects_the_mmio_driver_and_reports_a_bad_address():
+    from guest_lib import Context
+    from guest_lib.errors import RDMAError
+
+    with pytest.raises(RDMAError) as e:
+        Context("mmio:nope")
+    assert e.value.errno == errno.EINVAL and "'nope' is not a number" in str(e.value)
