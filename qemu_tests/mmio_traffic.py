@@ -13,17 +13,26 @@ guest on the host, the test) comes in on the kernel command line
 3. RDMA WRITE of 256 KiB (the peer checks its memory), RDMA READ (checked
    here), FETCH_AND_ADD and CMP_AND_SWAP (old values checked here, the
    final value by the peer);
-4. print ``VRDMA-MMIO-RESULT {json}`` (the transport's name, device ID and
-   counters before and after close) and exit 0; any failure exits non-zero.
+4. a second driver on the same device must get EBUSY (mmio: only);
+5. ITERS 64-byte SEND ping-pongs, the peer echoing, timed;
+6. print ``VRDMA-MMIO-RESULT {json}`` (the transport's name, device ID,
+   the median half round trip, counters before and after close) and exit
+   0; any failure exits non-zero.
+
+The same program runs as a process guest on the host (DEVICE a socket
+path): the test's baseline.
 """
 from __future__ import annotations
 
 import json
+import statistics
 import struct
 import sys
+import time
 
-from guest_lib import SGE, RecvWR, SendWR
+from guest_lib import SGE, Context, RecvWR, SendWR
 from guest_lib.endpoint import RcEndpoint
+from guest_lib.errors import RDMAError
 from verbs import WcOpcode, WrOpcode
 
 MSG = b"hello over virtio-mmio " * 30
@@ -47,7 +56,7 @@ def decode_info(text: str) -> dict:
             "rkey": int(rkey, 16)}
 
 
-def active(device: str, peer_text: str) -> dict:
+def active(device: str, peer_text: str, iters: int) -> dict:
     peer = decode_info(peer_text)
     g = RcEndpoint(device, 1 << 20)
     mr, qp = g.mr, g.qp
@@ -83,8 +92,25 @@ def active(device: str, peer_text: str) -> dict:
     olds = struct.unpack("<QQ", mr.read(16, OLD_AT))
     assert olds == (ATOMIC_START, ATOMIC_START + 5), f"atomics saw {olds}"
     t = g.ctx.transport
+    second = None
+    if device.startswith("mmio:"):
+        try:
+            Context(t.name, mem_size=4 << 20).close()
+            second = "opened"
+        except RDMAError as e:
+            second = f"errno {e.errno}"
+    rtts = []
+    for i in range(iters):
+        qp.post_recv(RecvWR(wr_id=100 + i, sg=[SGE(mr.buf + REPLY_AT, 64, mr.lkey)]))
+        t0 = time.perf_counter()
+        qp.post_send(SendWR(wr_id=200 + i, opcode=WrOpcode.SEND, sg=[SGE(mr.buf, 64, mr.lkey)]))
+        got = {g.poll_one(60).opcode, g.poll_one(60).opcode}
+        rtts.append(time.perf_counter() - t0)
+        assert WcOpcode.RECV in got, got
     result = {"verified": ["SEND_WITH_IMM", "RDMA_WRITE", "RDMA_READ", "FETCH_AND_ADD", "CMP_AND_SWP"],
               "transport": type(t).__name__, "name": t.name, "device_id": getattr(t, "device_id", None),
+              "second_driver": second, "iters": iters,
+              "send64_half_rtt_us": statistics.median(rtts) / 2 * 1e6 if rtts else None,
               "features": g.ctx.features, "counters": dict(getattr(t, "counters", {}))}
     g.close()
     result["closed"] = dict(getattr(t, "counters", {}))
@@ -92,10 +118,10 @@ def active(device: str, peer_text: str) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 3 or argv[0] != "active":
-        print("usage: mmio_traffic.py active DEVICE PEER-INFO", file=sys.stderr)
+    if len(argv) != 4 or argv[0] != "active":
+        print("usage: mmio_traffic.py active DEVICE PEER-INFO ITERS", file=sys.stderr)
         return 2
-    print("VRDMA-MMIO-RESULT " + json.dumps(active(argv[1], argv[2])), flush=True)
+    print("VRDMA-MMIO-RESULT " + json.dumps(active(argv[1], argv[2], int(argv[3]))), flush=True)
     return 0
 
 
