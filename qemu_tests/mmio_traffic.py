@@ -25,6 +25,7 @@ path): the test's baseline.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import struct
 import sys
@@ -110,6 +111,8 @@ def active(device: str, peer_text: str, iters: int) -> dict:
     result = {"verified": ["SEND_WITH_IMM", "RDMA_WRITE", "RDMA_READ", "FETCH_AND_ADD", "CMP_AND_SWP"],
               "transport": type(t).__name__, "name": t.name, "device_id": getattr(t, "device_id", None),
               "second_driver": second, "iters": iters,
+              # no kernel driver holds the block: the virtio_mmio platform driver is not even loaded
+              "kernel_virtio_mmio": os.path.isdir("/sys/bus/platform/drivers/virtio-mmio"),
               "send64_half_rtt_us": statistics.median(rtts) / 2 * 1e6 if rtts else None,
               "features": g.ctx.features, "counters": dict(getattr(t, "counters", {}))}
     g.close()

@@ -152,6 +152,7 @@ def test_microvm_guest_does_every_verb_over_virtio_mmio(daemon, image):
     assert "-machine microvm,acpi=off" in err and "vhost-user-test-device,id=vrdma0" in err
     assert result["transport"] == "VirtioMmioTransport" and result["name"].startswith("mmio:0x")
     assert result["second_driver"] == "errno 16"  # EBUSY: one driver per block
+    assert result["kernel_virtio_mmio"] is False  # the guest kernel never drove the device
     c, closed = result["counters"], result["closed"]
     assert c["regions_mapped"] == 1 and c["fds_opened"] == 1 and c["notifies"] > 0 and c["hugepages"] > 0
     assert closed["regions_unmapped"] == 1 and closed["fds_closed"] == 1
