@@ -33,6 +33,7 @@ from guest_lib.base import VerbsObject
 from guest_lib.errors import RDMAError, UserError
 from guest_lib.transport import NUM_QUEUES, TransportError, VirtioTransport, WaitTimeout, missing_members
 from guest_lib.transports.vhost_user import VhostUserTransport
+from guest_lib.transports.virtio_mmio import VirtioMmioTransport
 from guest_lib.transports.virtio_pci import VirtioPciTransport
 from verbs import UnknownValueError
 from virtio_rdma import wire
@@ -48,6 +49,10 @@ N_DOORBELL_BUFS = 128
 #: function inside a QEMU guest (guest_lib.transports.virtio_pci), found by its
 #: config magic ("auto": the first)
 PCI_PREFIX = "pci:"
+#: ``Context("mmio:auto")``, ``Context("mmio:0xfeb00e00")``: the virtio-rdma
+#: virtio-mmio block inside a QEMU microvm guest (guest_lib.transports.virtio_mmio),
+#: found by its config magic ("auto": the first)
+MMIO_PREFIX = "mmio:"
 #: seconds between looks at the socket from calls that never sleep
 LIVENESS_INTERVAL = 0.02
 
@@ -75,13 +80,14 @@ class GID:
 
 class Context(VerbsObject):
     """Open the virtio-rdma device behind the back-end socket ``name`` (or,
-    ``"pci:auto"`` / ``"pci:<address>"``, its PCI function in a QEMU guest), or
+    ``"pci:auto"`` / ``"pci:<address>"``, its PCI function in a QEMU guest;
+    ``"mmio:auto"`` / ``"mmio:<base>"``, its virtio-mmio block in a microvm), or
     drive the already opened ``transport`` (any
     :class:`~guest_lib.transport.VirtioTransport`). A transport that passes
     the argument checks belongs to the Context from then on: it closes it,
     also when this constructor fails later. ``mem_size``, ``queue_size`` and
     ``hugetlb`` are the vhost-user transport's (unused with ``transport``;
-    with ``pci:``, ``mem_size`` is the huge-page memory)."""
+    with ``pci:`` and ``mmio:``, ``mem_size`` is the huge-page memory)."""
 
     def __init__(self, name: str | None = None, *, transport: VirtioTransport | None = None,
                  mem_size: int = 64 << 20, queue_size: int = 256, timeout: float | None = 10.0,
@@ -97,6 +103,9 @@ class Context(VerbsObject):
                 if name.startswith(PCI_PREFIX):  # a virtio-pci function inside a guest
                     t = VirtioPciTransport(name[len(PCI_PREFIX):] or "auto", mem_size=mem_size,
                                            queue_size=queue_size, timeout=timeout)
+                elif name.startswith(MMIO_PREFIX):  # a virtio-mmio block inside a microvm guest
+                    t = VirtioMmioTransport(name[len(MMIO_PREFIX):] or "auto", mem_size=mem_size,
+                                            queue_size=queue_size, timeout=timeout)
                 else:
                     t = VhostUserTransport(name, mem_size=mem_size, queue_size=queue_size,
                                            hugetlb=hugetlb, timeout=timeout)

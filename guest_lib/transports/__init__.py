@@ -6,4 +6,8 @@
   Linux (QEMU) guest (``Context("pci:auto")``), over
   :mod:`~guest_lib.transports.pci` (sysfs, BARs, uio, the capability walker)
   and :mod:`~guest_lib.transports.hugemem` (pinned huge pages, pagemap).
+* :mod:`guest_lib.transports.virtio_mmio`: a userspace virtio-mmio driver in
+  a QEMU microvm guest (``Context("mmio:auto")``), registers from /dev/mem.
+* :mod:`guest_lib.transports.userspace`: what the two userspace drivers share
+  (memory, rings, features, ACK_FEATURES, waits, liveness, close).
 """

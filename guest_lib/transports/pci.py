@@ -131,16 +131,20 @@ def parse_resources(text: str) -> list[tuple[int, int, int]]:
 
 class Bar:
     """One memory BAR mapped from sysfs ``resourceN``; owns the mapping.
-    Accessors take offsets inside the BAR and use one access of their width."""
+    Accessors take offsets inside the BAR and use one access of their width.
+    ``offset``: where the region starts in ``path`` (the virtio-mmio driver
+    maps a register block from /dev/mem; it need not be page-aligned)."""
 
-    def __init__(self, path: str, size: int):
+    def __init__(self, path: str, size: int, offset: int = 0):
         self.path, self.size = path, size
+        base = offset - offset % mmap.PAGESIZE
+        span = -(-(offset - base + size) // mmap.PAGESIZE) * mmap.PAGESIZE
         fd = os.open(path, os.O_RDWR | os.O_SYNC | os.O_CLOEXEC)
         try:
-            self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self._map = mmap.mmap(fd, span, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
         finally:
             os.close(fd)
-        mv = memoryview(self._map)
+        mv = memoryview(self._map)[offset - base:offset - base + size]
         self._b, self._h, self._w = mv, mv.cast("H"), mv.cast("I")
 
     def _check(self, off: int, width: int) -> None:

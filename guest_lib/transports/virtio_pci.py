@@ -43,13 +43,10 @@ Needs root in the guest (sysfs binds, pagemap PFNs, mlock), huge pages
 """
 from __future__ import annotations
 
-import collections
 import errno
 import fcntl
 import os
 import select
-from collections.abc import Callable
-from time import monotonic, perf_counter, sleep
 from typing import TYPE_CHECKING, Any
 
 from guest_lib.transport import (
@@ -58,9 +55,7 @@ from guest_lib.transport import (
     DeviceGone,
     TransportError,
     VirtioTransport,
-    WaitTimeout,
 )
-from guest_lib.transports.hugemem import HugeMemory
 from guest_lib.transports.pci import (
     CAP_COMMON,
     CAP_DEVICE,
@@ -78,10 +73,21 @@ from guest_lib.transports.pci import (
     list_functions,
     virtio_caps,
 )
-from virtio.constants import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1
-from virtio.split import DriverQueue, split_ring_layout
-from virtio_rdma import wire
-from virtio_rdma.constants import ABI_VERSION, CONFIG_CARRIER_SIZE, CONFIG_MAGIC, CONTROLQ, Cmd, Status
+from guest_lib.transports.userspace import (  # noqa: F401  (re-exported: the numbers are the base's)
+    ACKNOWLEDGE,
+    DRIVER,
+    DRIVER_OK,
+    FAILED,
+    FEATURES_OK,
+    LIVENESS_INTERVAL,
+    NEEDS_RESET,
+    SPIN,
+    TRANSPORT_FEATURES,
+    UserspaceDriver,
+    config_error,
+    is_rdma_config as _is_rdma,
+)
+from virtio.split import DriverQueue
 
 # common configuration (§4.1.4.3), offsets
 DEVICE_FEATURE_SELECT, DEVICE_FEATURE, DRIVER_FEATURE_SELECT, DRIVER_FEATURE = 0, 4, 8, 12
@@ -89,20 +95,6 @@ MSIX_CONFIG, NUM_QUEUES_OFF, DEVICE_STATUS, CONFIG_GENERATION = 16, 18, 20, 21
 QUEUE_SELECT, QUEUE_SIZE, QUEUE_MSIX_VECTOR, QUEUE_ENABLE, QUEUE_NOTIFY_OFF = 22, 24, 26, 28, 30
 QUEUE_DESC, QUEUE_DRIVER, QUEUE_DEVICE = 32, 40, 48
 NO_VECTOR = 0xFFFF
-# device status bits (§2.1)
-ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK, NEEDS_RESET, FAILED = 1, 2, 4, 8, 0x40, 0x80
-#: transport features this driver acks (never a bit below 24: a carrier owns those)
-TRANSPORT_FEATURES = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_RING_EVENT_IDX)
-                      | (1 << VIRTIO_F_RING_INDIRECT_DESC))
-#: seconds between looks at device_status while waiting
-LIVENESS_INTERVAL = 0.02
-#: seconds a wait spins on the used ring before it sleeps on the interrupt
-SPIN = 50e-6
-
-
-def _is_rdma(config_head: bytes) -> bool:
-    return (len(config_head) >= 6 and int.from_bytes(config_head[:4], "little") == CONFIG_MAGIC
-            and int.from_bytes(config_head[4:6], "little") == ABI_VERSION)
 
 
 class _Function:
@@ -186,32 +178,21 @@ def find_device(address: str = "auto", sysfs: str = "/sys") -> _Function:
                    + ("; ".join(seen) if seen else "no free virtio function"))
 
 
-class VirtioPciTransport:
+class VirtioPciTransport(UserspaceDriver):
     """The virtio-rdma device at PCI ``address`` ("auto" or "0000:00:04.0"),
     opened: ``num_queues`` queues of up to ``queue_size`` entries, ``mem_size``
     bytes of pinned huge pages, device features ``device_features`` offered
     (by ACK_FEATURES). ``interrupts``: True (sleeping waits on INTx through
     uio), False (poll only). The function is locked (flock of its uio
     device) for as long as the transport is open: a second driver gets
-    EBUSY."""
+    EBUSY. The bus-independent half is :class:`UserspaceDriver`'s."""
 
-    queues: list[DriverQueue]
-    alloc: Callable[[int, int], int]
-    free: Callable[[int], None]
-    translate: Callable[[int, int], memoryview]
-    uva_of: Callable[[int], int]
-    uva_to_gpa: Callable[[int, int], int]
+    error = PciError
 
     def __init__(self, address: str = "auto", *, mem_size: int = 32 << 20, queue_size: int = 256,
                  num_queues: int = NUM_QUEUES, device_features: int = DRIVER_FEATURES,
                  interrupts: bool = True, timeout: float | None = 10.0, sysfs: str = "/sys"):
-        self.counters: collections.Counter = collections.Counter()
-        self._dead: str | None = None
-        self._closed = False
-        self.queues = []
-        self.mem: HugeMemory | None = None
-        self.features = 0
-        self.timeout = timeout
+        super().__init__(timeout)
         try:
             self.dev = find_device(address, sysfs)
         except OSError as e:
@@ -221,125 +202,85 @@ class VirtioPciTransport:
         self.counters["fds_opened"] = 1  # the uio device (lock and interrupts)
         #: INTx through uio for sleeping waits (-1: poll only)
         self.uio_fd = self.dev.uio_fd if interrupts else -1
+        self._notify_at: list[int] = []
         try:
             self._common, self._coff, _ = self.dev.struct(CAP_COMMON)
             self._isr, self._isr_off, _ = self.dev.struct(CAP_ISR)
             self._notify_bar, self._notify_off, self._notify_len = self.dev.struct(CAP_NOTIFY)
             self._mult = self.dev.caps[CAP_NOTIFY].multiplier
-            self.mem = HugeMemory(mem_size)
-            self.counters["hugepages"] = self.mem.size // (2 << 20)
-            mem = self.mem
-            self.alloc, self.free, self.uva_of = mem.alloc, mem.free, mem.uva_of
-            self.translate, self.uva_to_gpa = mem.mem.translate, mem.mem.uva_to_gpa
-            self._init(num_queues, queue_size, device_features)
+            self._open(mem_size, num_queues, queue_size, device_features)
         except BaseException:
             self.close()
             raise
 
-    # --- common configuration --------------------------------------------
+    # --- the common configuration (§4.1.4.3) -----------------------------
     def _status(self) -> int:
         return self._common.r8(self._coff + DEVICE_STATUS)
 
     def _set_status(self, v: int) -> None:
         self._common.w8(self._coff + DEVICE_STATUS, v)
 
-    def _reset(self, timeout: float = 2.0) -> bool:
-        self._set_status(0)
-        end = monotonic() + timeout
-        while self._status() != 0:
-            if monotonic() > end:
-                return False
-            sleep(0.001)
-        return True
-
-    def _init(self, num_queues: int, queue_size: int, device_features: int) -> None:
+    def _read_features(self) -> int:
         c, o = self._common, self._coff
-        if not self._reset():
-            raise PciError(f"{self.name}: device_status did not read 0 after reset")
-        self._set_status(ACKNOWLEDGE)
-        self._set_status(ACKNOWLEDGE | DRIVER)
         offered = 0
         for sel in (0, 1):
             c.w32(o + DEVICE_FEATURE_SELECT, sel)
             offered |= c.r32(o + DEVICE_FEATURE) << (32 * sel)
-        if not offered & (1 << VIRTIO_F_VERSION_1):
-            raise PciError(f"{self.name}: the device does not offer VIRTIO_F_VERSION_1 ({offered:#x})")
-        acked = offered & TRANSPORT_FEATURES
+        return offered
+
+    def _write_features(self, acked: int) -> None:
+        c, o = self._common, self._coff
         for sel in (0, 1):
             c.w32(o + DRIVER_FEATURE_SELECT, sel)
             c.w32(o + DRIVER_FEATURE, (acked >> (32 * sel)) & 0xFFFF_FFFF)
-        self._set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK)
-        if not self._status() & FEATURES_OK:
-            raise PciError(f"{self.name}: the device refused features {acked:#x} (FEATURES_OK not kept)")
-        self.dev.fn.set_command(set_bits=PCI_COMMAND_MASTER | PCI_COMMAND_MEMORY)
-        have = c.r16(o + NUM_QUEUES_OFF)
-        if have < num_queues:
-            raise PciError(f"{self.name}: the device has {have} queues, {num_queues} needed")
-        ev = bool(acked & (1 << VIRTIO_F_RING_EVENT_IDX))
-        ind = bool(acked & (1 << VIRTIO_F_RING_INDIRECT_DESC))
-        self._notify_at: list[int] = []
-        for i in range(num_queues):
-            c.w16(o + QUEUE_SELECT, i)
-            most = c.r16(o + QUEUE_SIZE)
-            if most == 0:
-                raise PciError(f"{self.name}: queue {i} is not available (size 0)")
-            size = min(queue_size, most)
-            size = 1 << (size.bit_length() - 1)  # split rings: a power of 2
-            ring_bytes = split_ring_layout(size, 0)[3]
-            base = self.alloc(ring_bytes, 4096)
-            self.translate(base, ring_bytes)[:] = bytes(ring_bytes)
-            q = DriverQueue(self.mem.mem, i, size, base, event_idx=ev, indirect=ind)  # type: ignore[union-attr]
-            self.queues.append(q)
-            c.w16(o + QUEUE_SIZE, size)
-            c.w16(o + QUEUE_MSIX_VECTOR, NO_VECTOR)
-            c.w64(o + QUEUE_DESC, q.desc_gpa)
-            c.w64(o + QUEUE_DRIVER, q.avail_gpa)
-            c.w64(o + QUEUE_DEVICE, q.used_gpa)
-            at = self._notify_off + c.r16(o + QUEUE_NOTIFY_OFF) * self._mult
-            if at + 2 > self._notify_off + self._notify_len:
-                raise PciError(f"{self.name}: queue {i} notify offset {at:#x} is outside "
-                               "the notify capability")
-            self._notify_at.append(at)
-            c.w16(o + QUEUE_ENABLE, 1)
-        c.w16(o + MSIX_CONFIG, NO_VECTOR)
-        self._set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK)
-        cfg = wire.decode_config(self.get_config(0, CONFIG_CARRIER_SIZE))
-        self.device_config = cfg
-        self.features = acked | self._ack_device_features(device_features & cfg["device_features"])
 
-    def _ack_device_features(self, wanted: int) -> int:
-        """ACK_FEATURES on the controlq (before guest_lib takes the queue):
-        the device bits the device accepted."""
-        req = wire.encode_request(Cmd.ACK_FEATURES, features=wanted)
-        rsz = wire.response_size(Cmd.ACK_FEATURES)
-        a = self.alloc(len(req), 64)
-        b = self.alloc(rsz, 64)
-        try:
-            self.translate(a, len(req))[:] = req
-            self.queues[CONTROLQ].add([(a, len(req))], [(b, rsz)], "ack")
-            self.notify(CONTROLQ)
-            self.queues[CONTROLQ].enable_cb()
-            _, n = self.wait_used(CONTROLQ, self.timeout)
-            status, body = wire.decode_response(Cmd.ACK_FEATURES, bytes(self.translate(b, n)))
-        finally:
-            self.free(a)
-            self.free(b)
-        if status != Status.OK or body is None:
-            raise TransportError(f"{self.name}: ACK_FEATURES failed ({status.name})", int(status))
-        return int(body["features"])
+    def _num_queues(self) -> int:
+        self.dev.fn.set_command(set_bits=PCI_COMMAND_MASTER | PCI_COMMAND_MEMORY)
+        return self._common.r16(self._coff + NUM_QUEUES_OFF)
+
+    def _queue_max(self, index: int) -> int:
+        self._common.w16(self._coff + QUEUE_SELECT, index)
+        return self._common.r16(self._coff + QUEUE_SIZE)
+
+    def _setup_queue(self, q: DriverQueue) -> None:
+        c, o = self._common, self._coff
+        c.w16(o + QUEUE_SELECT, q.index)
+        c.w16(o + QUEUE_SIZE, q.size)
+        c.w16(o + QUEUE_MSIX_VECTOR, NO_VECTOR)
+        c.w64(o + QUEUE_DESC, q.desc_gpa)
+        c.w64(o + QUEUE_DRIVER, q.avail_gpa)
+        c.w64(o + QUEUE_DEVICE, q.used_gpa)
+        at = self._notify_off + c.r16(o + QUEUE_NOTIFY_OFF) * self._mult
+        if at + 2 > self._notify_off + self._notify_len:
+            raise PciError(f"{self.name}: queue {q.index} notify offset {at:#x} is outside "
+                           "the notify capability")
+        self._notify_at.append(at)
+        c.w16(o + QUEUE_ENABLE, 1)
+
+    def _before_driver_ok(self) -> None:
+        self._common.w16(self._coff + MSIX_CONFIG, NO_VECTOR)
+
+    def _sleep(self, q: DriverQueue, left: float) -> Any:
+        if self.uio_fd < 0:
+            return super()._sleep(q, left)
+        self._isr.r8(self._isr_off)  # read-to-clear: deasserts INTx
+        item = q.get_used()
+        if item is not None:
+            return item
+        self.dev.fn.set_command(clear_bits=PCI_COMMAND_INTX_DISABLE)
+        r, _, _ = select.select([self.uio_fd], [], [], max(0.0, left))
+        if r:
+            os.read(self.uio_fd, 4)
+            self.counters["interrupts"] += 1
+        return None
 
     # --- the interface ---------------------------------------------------
-    @property
-    def dead(self) -> str | None:
-        return self._dead
-
     def get_config(self, offset: int, size: int) -> bytes:
         if self._dead is not None:
             raise DeviceGone(self._dead)
         bar, off, length = self.dev.struct(CAP_DEVICE)
         if offset < 0 or size < 0 or offset + size > length:
-            raise TransportError(f"config read at {offset} size {size} is outside the "
-                                 f"{length}-byte device configuration", errno.EINVAL)
+            raise config_error(self.name, offset, size, length)
         gen = self._common.r8(self._coff + CONFIG_GENERATION)
         for _ in range(100):
             lo, hi = offset & ~3, (offset + size + 3) & ~3
@@ -356,100 +297,18 @@ class VirtioPciTransport:
         self._notify_bar.w16(self._notify_at[index], index)
         self.counters["notifies"] += 1
 
-    def notify_if_needed(self, index: int) -> bool:
-        if self.queues[index].kick_needed():
-            self.notify(index)
-            return True
-        return False
-
-    def check_alive(self) -> None:
-        if self._dead is not None:
-            raise DeviceGone(self._dead)
-        st = self._status()
-        if st == 0xFF:
-            self._dead = f"{self.name}: device_status reads 0xff (the function is gone)"
-        elif st & NEEDS_RESET:
-            self._dead = f"{self.name}: the device needs a reset (device_status {st:#x})"
-        elif not st & DRIVER_OK:
-            self._dead = f"{self.name}: the device was reset (device_status {st:#x})"
-        if self._dead is not None:
-            raise DeviceGone(self._dead)
-
-    def wait_used(self, index: int, timeout: float | None) -> tuple[Any, int]:
-        q = self.queues[index]
-        item = q.get_used()
-        if item is not None:
-            return item
-        end = perf_counter() + SPIN
-        while perf_counter() < end:
-            item = q.get_used()
-            if item is not None:
-                return item
-        deadline = None if timeout is None else monotonic() + timeout
-        fn = self.dev.fn
-        while True:
-            self.check_alive()
-            left = LIVENESS_INTERVAL if deadline is None else min(LIVENESS_INTERVAL, deadline - monotonic())
-            if self.uio_fd >= 0:
-                self._isr.r8(self._isr_off)  # read-to-clear: deasserts INTx
-                item = q.get_used()
-                if item is not None:
-                    return item
-                fn.set_command(clear_bits=PCI_COMMAND_INTX_DISABLE)
-                r, _, _ = select.select([self.uio_fd], [], [], max(0.0, left))
-                if r:
-                    os.read(self.uio_fd, 4)
-                    self.counters["interrupts"] += 1
-            else:
-                sleep(min(max(0.0, left), 0.0005))
-                self.counters["polls"] += 1
-            item = q.get_used()
-            if item is not None:
-                return item
-            if deadline is not None and monotonic() >= deadline:
-                self.check_alive()
-                raise WaitTimeout(f"{self.name}: queue {index}: no used buffer within {timeout} s")
-
-    def close(self) -> None:
-        """Reset the device (it stops using our memory), free the memory,
-        unmap the BARs, close the uio fd. Idempotent; never fails because the
-        device is gone."""
-        if self._closed:
-            return
-        self._closed = True
+    def _mapped(self) -> bool:
         dev = getattr(self, "dev", None)
-        stopped = True
-        if dev is not None and dev.bars and self._dead is None:
-            try:
-                stopped = self._reset()
-            except (OSError, TransportError):
-                stopped = False
-        if self._dead is None:
-            self._dead = f"{getattr(self, 'name', '?')}: the device is closed"
-        self.queues = []
-        if self.mem is not None:
-            if stopped:
-                self.mem.close()
-                if self.mem.kept_mapped:  # a view of it is still held somewhere: left mapped
-                    self.counters["hugepages_kept"] = self.mem.size // (2 << 20)
-                else:
-                    self.counters["hugepages_freed"] = self.mem.size // (2 << 20)
-            else:  # a device that may still write: leak the pages rather than hand them back
-                self.counters["hugepages_kept"] = self.mem.size // (2 << 20)
+        return dev is not None and bool(dev.bars)
+
+    def _release(self) -> None:
+        """Unmap the BARs, close the uio fd."""
         self.uio_fd = -1
+        dev = getattr(self, "dev", None)
         if dev is not None:
             self.counters["bars_unmapped"] = len(dev.bars)
             self.counters["fds_closed"] = int(dev.uio_fd >= 0)
             dev.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __repr__(self):
-        return f"VirtioPciTransport({getattr(self, 'name', '?')!r}{', dead' if self._dead else ''})"
 
 
 if TYPE_CHECKING:  # the type checker proves the driver implements the interface
