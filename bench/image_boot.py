@@ -44,7 +44,7 @@ def main() -> int:
                   "default": (builder.build(), ("--help",))}
         sock = os.path.join(tmp, "vrdma.sock")
         daemon = subprocess.Popen([sys.executable, "-m", "vrdma", "backend", "--socket", sock, "--fabric",
-                                   "local", "--accelerators", "none", "--handshake-timeout", "0"],
+                                   "local", "--accelerators", "none"],
                                   cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             while not os.path.exists(sock):

@@ -35,7 +35,7 @@ def main() -> None:
     print(f"# {a.iters} 64-byte SEND ping-pongs per run; median half round trip, us; "
           f"load average {os.getloadavg()[0]:.1f} at start (a shared machine)")
     print(f"{'round':<7}{'QEMU guest (pci)':>18}{'process guest':>16}")
-    with DaemonProcess("--handshake-timeout", "0") as d:
+    with DaemonProcess() as d:
         for r in range(a.rounds):
             port = free_port()
             g = pci_guest(image, d.path, [APP, "pci:auto", "5000", str(a.iters)], host_port=port)

@@ -1,7 +1,6 @@
 """guest_lib's virtio-mmio driver end to end in a QEMU 11.1 microvm guest.
 
-A real ``vrdma backend`` (default options, but no handshake timeout: a TCG
-guest reaches its driver after the default 10 s) serves two guests: a
+A real ``vrdma backend`` (default options) serves two guests: a
 process guest in this test (``RcEndpoint`` on the socket) and a microvm
 booted by the real command line (``python -m vrdma vm run --qemu 11.1
 --machine microvm``) whose image runs :mod:`qemu_tests.mmio_traffic` over
@@ -55,7 +54,7 @@ def daemon():
     """A real ``vrdma backend`` on a unix socket: its path."""
     from vhost_user.testing import DaemonProcess
 
-    with DaemonProcess("--handshake-timeout", "0") as d:
+    with DaemonProcess() as d:
         yield d.path
 
 

@@ -50,9 +50,8 @@ def daemon(tmp_path_factory):
     """A real ``vrdma backend`` on a unix socket: (socket path, process)."""
     sock = str(tmp_path_factory.mktemp("vmrun") / "vrdma.sock")
     log = open(os.path.join(os.path.dirname(sock), "backend.log"), "wb")  # noqa: SIM115 (closed below)
-    # no handshake timeout: a TCG guest takes longer than the default 10 s to reach its driver
     proc = subprocess.Popen([sys.executable, "-m", "vrdma", "backend", "--socket", sock, "--fabric", "local",
-                             "--accelerators", "none", "--handshake-timeout", "0"],
+                             "--accelerators", "none"],
                             cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
