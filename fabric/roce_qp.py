@@ -55,6 +55,11 @@ from virtio_rdma.rings import (
     send_done,
 )
 
+try:  # the native path of plain send WQEs (virtio_rdma/_datapath.pyx)
+    from virtio_rdma._datapath import run_wire_rq, run_wire_sq
+except ImportError:  # pragma: no cover - extension not built
+    run_wire_sq = run_wire_rq = None  # type: ignore[assignment]  # only where not built
+
 log = logging.getLogger(__name__)
 
 _LOCAL_WRITE_OPS = frozenset({WrOpcode.RDMA_READ, WrOpcode.ATOMIC_CMP_AND_SWP,
@@ -227,6 +232,8 @@ class NetworkQp:
 
     def _progress_sq(self, now: float) -> None:
         if self.qp.state is QpState.RTS:
+            if run_wire_sq is not None:  # the plain WQEs natively; the first other one below
+                run_wire_sq(self.dev, self.qp, self, now)
             drive_sq(self.dev, self.qp, self, now)
         else:
             self.pump(now)
@@ -281,7 +288,10 @@ class NetworkQp:
         last call (SGEs are checked now: a bad one moves the QP to ERR).
         ``lenient`` (posting ahead of need) stops at a bad WQE instead and
         leaves it to the pass at the next arrival, so that a bad receive
-        fails when the QP needs it, as without posting ahead."""
+        fails when the QP needs it, as without posting ahead. The plain
+        WQEs go natively first (``_datapath.run_wire_rq``)."""
+        if run_wire_rq is not None:
+            run_wire_rq(self.dev, self.qp, self)
         drive_rq(self.dev, self.qp, self, lenient=lenient)
 
     def post_recv(self, idx: int, wqe) -> None:
