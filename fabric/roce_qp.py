@@ -168,6 +168,9 @@ class NetworkQp:
         self.posted: deque[tuple[int, int, bool]] = deque()  # (ring index, opcode, signaled)
         self.rq_posted = qp.rq_ci  # RQ ring index up to which receives went to the engine
         self.closed = False
+        #: WQEs drive_sq may still start in this pass (-1: no limit); with the
+        #: native path, one at a time between native runs
+        self._budget = -1
         self.rc.modify(QpState.INIT, access=Access(int(qp.access & _RIGHTS)))
 
     # ------------------------------------------------------------------ state
@@ -231,18 +234,30 @@ class NetworkQp:
             self._post_recvs(lenient=True)
 
     def _progress_sq(self, now: float) -> None:
-        if self.qp.state is QpState.RTS:
-            if run_wire_sq is not None:  # the plain WQEs natively; the first other one below
-                run_wire_sq(self.dev, self.qp, self, now)
-            drive_sq(self.dev, self.qp, self, now)
-        else:
+        qp = self.qp
+        if qp.state is not QpState.RTS:
             self.pump(now)
+        elif run_wire_sq is None:
+            drive_sq(self.dev, qp, self, now)
+        else:  # the plain WQEs natively, each other one through drive_sq, in ring order
+            while True:
+                run_wire_sq(self.dev, qp, self, now)
+                before = qp.sq_next
+                if before == qp.sq_pi or qp.state is not QpState.RTS:
+                    return
+                self._budget = 1
+                try:
+                    drive_sq(self.dev, qp, self, now)
+                finally:
+                    self._budget = -1
+                if qp.sq_next == before:  # it did not start (failed, or the QP stopped)
+                    return
 
     # the ring consumer's SendEngine (virtio_rdma.rings)
     refusals = (TransportError,)
 
     def may_start(self, now: float) -> bool:
-        return True
+        return self._budget != 0
 
     def fence_pending(self) -> bool:
         return False  # the engine orders fenced WRs itself
@@ -254,6 +269,8 @@ class NetworkQp:
 
     def started(self, now: float) -> None:
         """Pump after each WQE: its packets leave while the next is read."""
+        if self._budget > 0:
+            self._budget -= 1
         self.pump(now)
 
     def _send_wr(self, wqe) -> rv.SendWR:
