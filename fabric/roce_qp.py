@@ -56,9 +56,9 @@ from virtio_rdma.rings import (
 )
 
 try:  # the native path of plain send WQEs (virtio_rdma/_datapath.pyx)
-    from virtio_rdma._datapath import run_wire_rq, run_wire_sq
+    from virtio_rdma._datapath import run_wire_rq, run_wire_sq, wire_cqes
 except ImportError:  # pragma: no cover - extension not built
-    run_wire_sq = run_wire_rq = None  # type: ignore[assignment]  # only where not built
+    run_wire_sq = run_wire_rq = wire_cqes = None  # type: ignore[assignment]  # not built
 
 log = logging.getLogger(__name__)
 
@@ -341,10 +341,15 @@ class NetworkQp:
         pkts = rc.transmit_raw(now)
         if pkts:
             self.fabric.transmit(pkts, self.peer)
-        for c in rc.poll_send_cq():
-            self._send_done(c)
-        for c in rc.poll_recv_cq():
-            self._recv_done(c)
+        sends, recvs = rc.poll_send_cq(), rc.poll_recv_cq()
+        if sends or recvs:
+            i = j = 0
+            if wire_cqes is not None:  # the successful ones natively, the rest below in order
+                i, j = wire_cqes(dev, qp, self, sends, recvs)
+            for c in sends[i:] if i else sends:
+                self._send_done(c)
+            for c in recvs[j:] if j else recvs:
+                self._recv_done(c)
         qp.sq_psn = rc.requester.psn
         qp.epsn = rc.responder.psn
         if rc.state is QpState.ERR and qp.state is not QpState.ERR:

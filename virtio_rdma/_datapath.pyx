@@ -39,7 +39,8 @@ from verbs._verbs cimport (
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
 
-from verbs import QpState, WrOpcode, ack_timeout_seconds
+from verbs import QpState, WcStatus, WrOpcode, ack_timeout_seconds
+from virtio_rdma.rings import WC_OF_WR
 from roce.packet import PacketRun
 from roce.rc.config import MAX_MSG_SIZE, MAX_PKT_PER_ACK, MAX_UNACKED_PSNS
 from roce.rc.requester import Wqe as RcWqe, WqeState, _SEND_OPS
@@ -922,3 +923,85 @@ def run_wire_rq(dev, qp, net):
             net.rq_posted = idx
             wire_recvs += done
     return done
+
+
+cdef int _SUCCESS = WcStatus.SUCCESS
+cdef int _OP_READ_WR = IBV_WR_RDMA_READ
+cdef object _WC_OF = {int(k): int(v) for k, v in WC_OF_WR.items()}
+#: completions the wire path wrote as CQEs since import
+wire_cqes_written = 0
+
+
+def wire_cqes(dev, qp, net, list sends, list recvs):
+    """Write the CQEs of RC engine completions of ``qp`` (run by ``net``, a
+    :class:`fabric.roce_qp.NetworkQp`) as ``NetworkQp._send_done`` and
+    ``_recv_done`` would (slot retired, CQE if signaled, counters, the
+    completion event of an armed CQ), sends first: every successful
+    completion while its CQ is active and has room. Returns ``(i, j)``: the
+    sends and receives taken; the rest (from the first error completion,
+    full or broken CQ, ...) are for the Python path, in order (``j`` is 0
+    unless every send was taken)."""
+    global wire_cqes_written
+    cdef Py_ssize_t i = 0, j = 0
+    if not enabled or not wire_enabled or qp.destroyed:
+        return 0, 0
+    cdef _Dev L = _Dev.__new__(_Dev)
+    if not L.init(dev):
+        return 0, 0
+    cdef _Cq scq = _Cq.__new__(_Cq)
+    cdef _Cq rcq
+    if not scq.init(qp.send_cq, L):
+        return 0, 0
+    if qp.recv_cq is qp.send_cq:
+        rcq = scq
+    else:
+        rcq = _Cq.__new__(_Cq)
+        if not rcq.init(qp.recv_cq, L):
+            rcq = None
+    cdef uint32_t qpn = qp.qpn
+    cdef uint32_t sq_ci = qp.sq_ci, rq_ci = qp.rq_ci
+    cdef uint32_t idx, imm
+    cdef int opcode
+    cdef bint signaled, moved_sq = False
+    posted = net.posted
+    try:
+        for c in sends:
+            if int(c.status) != _SUCCESS or not posted:
+                break
+            idx, opcode, signaled = posted[0]
+            if signaled and not scq.room(1):
+                break
+            posted.popleft()
+            sq_ci = (idx + 1) & 0xFFFFFFFF
+            moved_sq = True
+            if signaled:
+                scq.push(c.wr_id, _WC_OF.get(opcode, WC_SEND), 0, c.byte_len, 0, qpn, 0, False)
+            L.sends_completed += 1
+            if opcode == _OP_READ_WR:
+                L.bytes_received += c.byte_len
+            i += 1
+        if i == len(sends) and rcq is not None:
+            for c in recvs:
+                if int(c.status) != _SUCCESS or not rcq.room(1):
+                    break
+                rq_ci = (rq_ci + 1) & 0xFFFFFFFF
+                L.bytes_received += c.byte_len
+                if c.imm_data is not None:
+                    imm = c.imm_data
+                    rcq.push(c.wr_id, int(c.opcode), WC_WITH_IMM, c.byte_len, _bswap32(imm), qpn,
+                             c.src_qp, False)
+                else:
+                    rcq.push(c.wr_id, int(c.opcode), 0, c.byte_len, 0, qpn, c.src_qp, False)
+                j += 1
+    finally:
+        if moved_sq:
+            qp.sq_ci = sq_ci
+        if j:
+            qp.rq_ci = rq_ci
+        if i or j:
+            wire_cqes_written += i + j
+        scq.flush()
+        if rcq is not None and rcq is not scq:
+            rcq.flush()
+        L.flush_metrics()
+    return i, j

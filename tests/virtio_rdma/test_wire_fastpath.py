@@ -11,7 +11,8 @@ without: SEND / WRITE with and without immediate data, READs and atomics
 between them, inline and SGE payloads of several packets, multi-SGE and
 multi-chunk MRs, bad lkeys and rkeys, fences, unsignaled WRs, several WQEs
 under one doorbell, receives posted late or with bad keys, traffic both
-ways. Guest memory (rings, CQEs and buffers: every byte), every CQE, the QP,
+ways (the CQEs of the engine's completions are written natively too,
+``_datapath.wire_cqes``). Guest memory (rings, CQEs and buffers: every byte), every CQE, the QP,
 engine and fabric state and every counter must be identical, and the native
 run must really have taken the native path.
 """
@@ -178,17 +179,18 @@ def test_wire_native_path_is_the_python_path(impair, seed):
 
 def test_fixed_mixes_went_native():
     """A few fixed mixes: the same results, and the native paths took WQEs."""
-    sq0, rq0 = _datapath.wire_started, _datapath.wire_recvs
+    sq0, rq0, cq0 = _datapath.wire_started, _datapath.wire_recvs, _datapath.wire_cqes_written
     for seed in (0, 2, 4):
         for impair in IMPAIRMENTS.values():
             assert _scenario(seed, impair, True) == _scenario(seed, impair, False)
     assert _datapath.wire_started - sq0 > 20 and _datapath.wire_recvs - rq0 > 20
+    assert _datapath.wire_cqes_written - cq0 > 20
 
 
 def test_wire_native_path_takes_plain_traffic():
     """Plain SENDs and WRITEs both ways: every send and receive WQE goes the
     native way, and the data arrives."""
-    sq0, rq0 = _datapath.wire_started, _datapath.wire_recvs
+    sq0, rq0, cq0 = _datapath.wire_started, _datapath.wire_recvs, _datapath.wire_cqes_written
     with seeded_ids(7):
         h = Hosts()
         h.connect(psn_a=0xFFFFF0, psn_b=5, path_mtu=3)   # a's PSNs wrap
@@ -210,3 +212,4 @@ def test_wire_native_path_takes_plain_traffic():
     assert h.b.read(dst.addr, 5000) == payload and h.b.read(dst.addr + 40000, 5000) == payload
     assert _datapath.wire_started - sq0 == 8
     assert _datapath.wire_recvs - rq0 == 8
+    assert _datapath.wire_cqes_written - cq0 == 8 + 4
