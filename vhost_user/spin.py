@@ -59,7 +59,7 @@ class SpinPolicy:
 
     __slots__ = ("bound", "adaptive", "window", "metrics", "_slept_at", "_contended_until")
 
-    def __init__(self, bound: float, adaptive: bool = True) -> None:  # noqa: FBT001
+    def __init__(self, bound: float, adaptive: bool = True) -> None:
         if bound < 0:
             raise ValueError(f"poll window {bound!r} s is negative")
         self.bound = bound

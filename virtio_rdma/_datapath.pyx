@@ -40,9 +40,9 @@ from verbs._verbs cimport (
 from cpython.bytes cimport PyBytes_FromStringAndSize
 
 from verbs import QpState, WcStatus, WrOpcode, ack_timeout_seconds
-from virtio_rdma.rings import WC_OF_WR
+from virtio_rdma import rings as _rings
 from roce.packet import PacketRun
-from roce.rc.config import MAX_MSG_SIZE, MAX_PKT_PER_ACK, MAX_UNACKED_PSNS
+from roce.rc import config as _rc_config
 from roce.rc.requester import Wqe as RcWqe, WqeState, _SEND_OPS
 from roce.rc.sgl import SgList
 from roce.rc.verbs import SendWR
@@ -660,9 +660,9 @@ cdef object _SGLIST = SgList
 cdef object _SEND_WR = SendWR
 cdef object _RC_WQE = RcWqe
 cdef object _OPS_OF = {int(k): v for k, v in _SEND_OPS.items()}
-cdef uint64_t _MAX_MSG = MAX_MSG_SIZE
-cdef uint32_t _UNACKED = MAX_UNACKED_PSNS
-cdef object _ACK_EVERY = MAX_PKT_PER_ACK
+cdef uint64_t _MAX_MSG = _rc_config.MAX_MSG_SIZE
+cdef uint32_t _UNACKED = _rc_config.MAX_UNACKED_PSNS
+cdef object _ACK_EVERY = _rc_config.MAX_PKT_PER_ACK
 #: the wire path's own switch (tests compare it with the Python engine)
 wire_enabled = True
 #: send WQEs the wire path started since import (tests check it really ran)
@@ -927,7 +927,7 @@ def run_wire_rq(dev, qp, net):
 
 cdef int _SUCCESS = WcStatus.SUCCESS
 cdef int _OP_READ_WR = IBV_WR_RDMA_READ
-cdef object _WC_OF = {int(k): int(v) for k, v in WC_OF_WR.items()}
+cdef object _WC_OF = {int(k): int(v) for k, v in _rings.WC_OF_WR.items()}
 #: completions the wire path wrote as CQEs since import
 wire_cqes_written = 0
 
