@@ -156,6 +156,10 @@ class NetworkQp:
     the destination GID.
     """
 
+    #: doorbell records of this QP may be applied natively (_datapath.apply_records):
+    #: ``rq_rung`` does nothing and ``progress`` runs the send side
+    native_records = True
+
     def __init__(self, fabric, dev, qp, peer: str) -> None:
         self.fabric = fabric
         self.dev = dev

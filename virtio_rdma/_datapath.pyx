@@ -1005,3 +1005,94 @@ def wire_cqes(dev, qp, net, list sends, list recvs):
             rcq.flush()
         L.flush_metrics()
     return i, j
+
+
+# --------------------------------------------------------------------------
+# Doorbell records (DBREC_POLL): a changed record straight to the engines
+# --------------------------------------------------------------------------
+cdef object _RESET = QpState.RESET
+cdef object _ERR = QpState.ERR
+#: doorbell record changes applied here since import
+records_applied = 0
+
+
+cdef inline int _advance_kind(uint32_t pi, uint32_t ci, uint32_t old, uint32_t depth) noexcept:
+    """doorbells._advance under DBREC_POLL: 0 no news (same or stale), 1 apply, -1 absurd."""
+    if pi == old:
+        return 0
+    if <uint32_t>(old - pi) < 0x80000000:
+        return 0
+    if <uint32_t>(pi - ci) > depth or <uint32_t>(pi - old) > depth:
+        return -1
+    return 1
+
+
+def apply_records(core, list qps, double now):
+    """Apply the doorbell records of ``qps`` (the QPs the scanner found
+    changed) as ``doorbells.poll_records`` would, without Python per record:
+    each record read once, stale values ignored, a new RQ producer index
+    stored, a new SQ producer index stored and the QP's send engine run (the
+    native :func:`run_sq` first for a local QP, ``NetworkQp.progress`` for a
+    wire QP), the QP put on the timer list as ``doorbells.ring`` does.
+    Returns ``(left, applied)``: the QPs from the first one that is not the
+    plain case (an absurd index, a QP in ERR, a wire engine other than
+    NetworkQp) on, for the Python path, and the changes applied here."""
+    global records_applied
+    if not enabled or not qps:
+        return qps, 0
+    tbl = getattr(core.mem, "_table", None)
+    if type(tbl) is not RegionTable:
+        return qps, 0
+    cdef RegionTable t = <RegionTable>tbl
+    cdef Py_ssize_t i = 0, n = len(qps)
+    cdef int applied = 0, rq_kind, sq_kind
+    cdef char *p
+    cdef uint32_t sq_pi, rq_pi
+    by_qpn = core.qps
+    progress_sq = _datapath_progress_sq()
+    try:
+        while i < n:
+            qp = qps[i]
+            if qp.state is _RESET or qp.destroyed:
+                i += 1
+                continue
+            p = t.translate(qp.dbrec_gpa, 8)
+            if p == NULL:
+                i += 1
+                continue
+            sq_pi = gr_ld32_acq(p)
+            rq_pi = gr_ld32_acq(p + 4)
+            net = qp.net
+            if qp.state is _ERR or (net is not None and not getattr(net, "native_records", False)):
+                break
+            lay = qp.layout
+            rq_kind = _advance_kind(rq_pi, qp.rq_ci, qp.rq_pi, lay.rq_depth)
+            sq_kind = _advance_kind(sq_pi, qp.sq_ci, qp.sq_pi, lay.sq_depth) \
+                if qp.qpn in by_qpn else 0
+            if rq_kind < 0 or sq_kind < 0:
+                break
+            if rq_pi != <uint32_t>qp.rq_pi:
+                applied += 1
+                if rq_kind:
+                    qp.rq_pi = rq_pi    # NetworkQp.rq_rung does nothing: receives go later
+            if sq_pi != <uint32_t>qp.sq_pi and qp.qpn in by_qpn:
+                applied += 1
+                if sq_kind:
+                    qp.sq_pi = sq_pi
+                    if net is None:
+                        run_sq(core, qp, now)
+                        if qp.sq_next != qp.sq_pi:
+                            progress_sq(core, qp, now)
+                    else:
+                        net.progress(now)
+                    if qp.inflight or qp.rnr_until is not None or qp.net is not None:
+                        core.timer_qps.add(qp.qpn)
+            i += 1
+    finally:
+        records_applied += applied
+    return (qps[i:] if i else qps), applied
+
+
+cdef object _datapath_progress_sq():
+    from virtio_rdma.datapath import progress_sq
+    return progress_sq

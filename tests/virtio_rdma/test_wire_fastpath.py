@@ -32,6 +32,7 @@ from verbs import Access, SendFlags, WrOpcode
 from virtio_rdma import _datapath
 
 from .driver import seeded_ids
+from .test_records_fastpath import _records
 
 OPS = [WrOpcode.SEND, WrOpcode.SEND, WrOpcode.SEND_WITH_IMM, WrOpcode.RDMA_WRITE,
        WrOpcode.RDMA_WRITE, WrOpcode.RDMA_WRITE_WITH_IMM, WrOpcode.RDMA_READ,
@@ -167,12 +168,16 @@ def _scenario(seed: int, impair: dict, native: bool) -> dict:
 
 
 @pytest.mark.parametrize("impair", IMPAIRMENTS)
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.parametrize("records", [False, True], ids=["doorbells", "records"])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32 - 1))
-def test_wire_native_path_is_the_python_path(impair, seed):
-    fast = _scenario(seed, IMPAIRMENTS[impair], True)
-    sq1, rq1 = _datapath.wire_started, _datapath.wire_recvs
-    slow = _scenario(seed, IMPAIRMENTS[impair], False)
+def test_wire_native_path_is_the_python_path(impair, records, seed):
+    """``records``: the devices poll doorbell records (DBREC_POLL, as under
+    ``--poll-us``), applied natively by ``_datapath.apply_records``."""
+    with _records() if records else contextlib.nullcontext():
+        fast = _scenario(seed, IMPAIRMENTS[impair], True)
+        sq1, rq1 = _datapath.wire_started, _datapath.wire_recvs
+        slow = _scenario(seed, IMPAIRMENTS[impair], False)
     assert (_datapath.wire_started, _datapath.wire_recvs) == (sq1, rq1), "Python run went native"
     assert fast == slow
 
