@@ -1027,13 +1027,14 @@ cdef inline int _advance_kind(uint32_t pi, uint32_t ci, uint32_t old, uint32_t d
     return 1
 
 
-def apply_records(core, list qps, double now):
+def apply_records(core, list qps, double now, progress_sq):
     """Apply the doorbell records of ``qps`` (the QPs the scanner found
     changed) as ``doorbells.poll_records`` would, without Python per record:
     each record read once, stale values ignored, a new RQ producer index
     stored, a new SQ producer index stored and the QP's send engine run (the
     native :func:`run_sq` first for a local QP, ``NetworkQp.progress`` for a
-    wire QP), the QP put on the timer list as ``doorbells.ring`` does.
+    wire QP; ``progress_sq`` is ``datapath.progress_sq``, for what ``run_sq``
+    leaves), the QP put on the timer list as ``doorbells.ring`` does.
     Returns ``(left, applied)``: the QPs from the first one that is not the
     plain case (an absurd index, a QP in ERR, a wire engine other than
     NetworkQp) on, for the Python path, and the changes applied here."""
@@ -1049,7 +1050,6 @@ def apply_records(core, list qps, double now):
     cdef char *p
     cdef uint32_t sq_pi, rq_pi
     by_qpn = core.qps
-    progress_sq = _datapath_progress_sq()
     try:
         while i < n:
             qp = qps[i]
@@ -1092,7 +1092,3 @@ def apply_records(core, list qps, double now):
         records_applied += applied
     return (qps[i:] if i else qps), applied
 
-
-cdef object _datapath_progress_sq():
-    from virtio_rdma.datapath import progress_sq
-    return progress_sq

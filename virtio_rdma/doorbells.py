@@ -140,7 +140,7 @@ def poll_records(core: RdmaDeviceCore, now: float) -> int:
         qps = scanner.scan(core.mem)
     n = 0
     if qps and _apply_records is not None:  # the plain changes natively, the rest below
-        qps, n = _apply_records(core, qps, now)
+        qps, n = _apply_records(core, qps, now, datapath.progress_sq)
     for qp in qps:
         if qp.state is _RESET or qp.destroyed:
             continue
