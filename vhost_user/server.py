@@ -483,6 +483,7 @@ class BackendServer:
         conns = [c for c in self.connections if not c.closed]
         for c in conns:
             c.core.join_spin()
+        idle = False
         while True:
             work = False
             began = now
@@ -494,7 +495,11 @@ class BackendServer:
                     work = True
             if work:
                 now = self._spin_last = monotonic()
+                if idle:
+                    policy.caught()  # work arrived while we polled
+                idle = False
             else:
+                idle = True
                 os.sched_yield()  # a busy CPU: let a runnable task (a peer daemon, a guest) go first
                 now = monotonic()
                 policy.pass_took(now - began, now)  # long: another task held our CPU

@@ -11,9 +11,11 @@ the window adapts the way KVM's halt polling adapts ``halt_poll_ns``
 * a sleep that ended (work arrived) sooner than the bound means polling a
   little longer would have caught that work without the wake-up: the window
   grows (doubled, from :data:`GROW_START`, up to the bound);
-* a sleep longer than the bound means no window we may use would have
-  caught it, and polling only burned the CPU: the window shrinks (halved;
-  below :data:`GROW_START`, to zero: sleep at once);
+* a sleep longer than the bound, after a polling session that caught no
+  work (nothing arrived while it polled: all it did was burn the CPU before
+  sleeping anyway), shrinks the window (halved; below :data:`GROW_START`, to
+  zero: sleep at once). A session that did catch work (e.g. the ACK of the
+  request just sent) earned its window even if the sleep after it was long;
 * a poll pass that took longer than :data:`PREEMPTED` (the loop yields the
   CPU after every empty pass, so this is the time another task held our
   CPU) means the CPU is shared with a task that does not give it back
@@ -41,6 +43,7 @@ CONTENDED_HOLD = 0.05
 @dataclass(slots=True)
 class SpinMetrics:
     sleeps: int = 0        # the loop went to sleep (its window passed without work)
+    caught: int = 0        # work found by a poll pass after an empty one (polling paid off)
     grows: int = 0         # a sleep ended within the bound: the window grew
     shrinks: int = 0       # a sleep outlasted the bound: the window shrank
     preempted: int = 0     # a poll pass outlasted PREEMPTED: window 0 for CONTENDED_HOLD
@@ -54,10 +57,11 @@ class SpinPolicy:
 
     ``bound``: ``--poll-us`` in seconds (0: never poll). The loop asks
     :attr:`window` while idle and reports :meth:`pass_took` (each poll
-    pass), :meth:`sleeping` (it goes to sleep) and :meth:`woken` (work
-    woke it)."""
+    pass), :meth:`caught` (a pass found work after an empty one),
+    :meth:`sleeping` (it goes to sleep) and :meth:`woken` (work woke it)."""
 
-    __slots__ = ("bound", "adaptive", "window", "metrics", "_slept_at", "_contended_until")
+    __slots__ = ("bound", "adaptive", "window", "metrics", "_slept_at", "_contended_until",
+                 "_caught", "_fruitless")
 
     def __init__(self, bound: float, adaptive: bool = True) -> None:
         if bound < 0:
@@ -69,6 +73,8 @@ class SpinPolicy:
         self.metrics = SpinMetrics()
         self._slept_at: float | None = None
         self._contended_until = 0.0
+        self._caught = False        # this polling session caught work
+        self._fruitless = False     # the last session caught none
 
     def pass_took(self, seconds: float, now: float) -> None:
         """One poll pass (poll, then yield if idle) took ``seconds``."""
@@ -77,10 +83,17 @@ class SpinPolicy:
             self.window = 0.0
             self._contended_until = now + CONTENDED_HOLD
 
+    def caught(self) -> None:
+        """A poll pass found work after an empty pass: polling paid off."""
+        self.metrics.caught += 1
+        self._caught = True
+
     def sleeping(self, now: float) -> None:
         """The loop goes to sleep (no work for ``window``)."""
         self.metrics.sleeps += 1
         self._slept_at = now
+        self._fruitless = not self._caught
+        self._caught = False
 
     def woken(self, now: float) -> None:
         """Work arrived and the loop starts polling again."""
@@ -94,6 +107,6 @@ class SpinPolicy:
             if self.window < self.bound:
                 self.metrics.grows += 1
                 self.window = min(self.bound, max(GROW_START, self.window * 2))
-        elif self.window > 0:
+        elif self.window > 0 and self._fruitless:
             self.metrics.shrinks += 1
             self.window = self.window / 2 if self.window / 2 >= GROW_START else 0.0

@@ -40,6 +40,18 @@ def test_short_sleeps_grow_it_back_to_the_bound():
     assert p.metrics.grows == 6
 
 
+def test_a_session_that_caught_work_keeps_its_window():
+    p = SpinPolicy(50 * US)
+    t = 1.0
+    for _ in range(5):
+        p.caught()                      # e.g. the ACK of the request just sent, caught by polling
+        t = _sleep(p, t, 1e-3)          # then a long sleep until the next request
+    assert p.window == pytest.approx(50 * US)
+    assert p.metrics.shrinks == 0 and p.metrics.caught == 5
+    t = _sleep(p, t, 1e-3)              # a session that caught nothing: shrink
+    assert p.window == pytest.approx(25 * US) and p.metrics.shrinks == 1
+
+
 def test_a_preempted_pass_zeroes_the_window_for_a_while():
     p = SpinPolicy(200 * US)
     p.pass_took(PREEMPTED / 2, 1.0)     # an ordinary pass
