@@ -669,6 +669,25 @@ wire_enabled = True
 wire_started = 0
 
 
+cdef enum:
+    SEND_EARLY = 8     # packets gathered before the wire path hands them over mid-batch
+
+
+cdef int _commit_wire(req, qp, rm, sq, uint32_t psn, uint32_t sq_next, uint64_t tx_packets, to,
+                      double now) except -1:
+    """Write the requester state of the WQEs started so far back (before any
+    packet of theirs leaves: a transmit may deliver synchronously)."""
+    req.psn = req.psn_hi = psn
+    req.noack_pkts = 0
+    req.send_idx = len(sq)
+    rm.tx_packets += tx_packets
+    if req.retrans_deadline is None and to is not None:
+        req.retrans_deadline = now + to
+    qp.sq_next = sq_next
+    qp.sq_psn = psn
+    return 0
+
+
 cdef inline uint32_t _bswap32(uint32_t v) noexcept nogil:
     return ((v & 0xFF) << 24) | ((v & 0xFF00) << 8) | ((v >> 8) & 0xFF00) | (v >> 24)
 
@@ -743,6 +762,7 @@ def run_wire_sq(dev, qp, net, double now):
     rm = req.metrics
     posted = net.posted
     cdef uint64_t tx_packets = 0
+    cdef uint32_t pending = 0
     try:
         while sq_next != sq_pi:
             slot = L.table.translate(sq_gpa + ((sq_next & sq_mask) << sq_shift), slot_size)
@@ -823,19 +843,21 @@ def run_wire_sq(dev, qp, net, double now):
             sq_next = (sq_next + 1) & 0xFFFFFFFF
             L.requests_sent += 1
             done += 1
+            pending += npkts
+            if pending >= SEND_EARLY:
+                # a message of several packets leaves now, as pump() after each WQE
+                # sends it: the peer works on it while the next WQE is read
+                runs_out, runs = runs, []
+                pending = 0
+                _commit_wire(req, qp, rm, sq, psn, sq_next, tx_packets, to, now)
+                tx_packets = 0
+                net.fabric.transmit(runs_out, net.peer)
     finally:
         if done:
             wire_started += done
-            req.psn = req.psn_hi = psn
-            req.noack_pkts = 0
-            req.send_idx = len(sq)
-            rm.tx_packets += tx_packets
-            if req.retrans_deadline is None and to is not None:
-                req.retrans_deadline = now + to
-            qp.sq_next = sq_next
-            qp.sq_psn = psn
+            _commit_wire(req, qp, rm, sq, psn, sq_next, tx_packets, to, now)
         L.flush_metrics()
-        if done:    # what pump() after each WQE would have sent, in one call
+        if runs:    # what pump() after each WQE would have sent, in one call
             net.fabric.transmit(runs, net.peer)
     return done
 
