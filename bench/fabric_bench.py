@@ -65,11 +65,12 @@ def _pair(path_server: str, path_client: str, test: str, size: int, iters: int, 
 
 
 def _daemon(ns, ip: str, sock: str, poll_us: float, profile: str | None = None,
-            key: str | None = None):
+            key: str | None = None, adaptive: bool = False):
     prof = ["-m", "cProfile", "-o", profile] if profile else []
     auth = ["--cluster-key", key] if key else []
     p = ns.popen([sys.executable, *prof, "-m", "vrdma", "backend", "--socket", sock,
-                  "--roce-addr", ip, "--poll-us", str(poll_us), *auth])
+                  "--roce-addr", ip, "--poll-us", str(poll_us), *auth,
+                  *(["--poll-adaptive"] if adaptive else [])])
     p.expect("listening", timeout=30)
     return p
 
@@ -86,12 +87,12 @@ LAYOUTS = ("per-host", "guests-together")
 
 def run(tests, *, iters: int = 2000, bw_iters: int = 20000, batch: int = 16,
         poll_us: float = 50.0, pin: bool = True, profile_dir: str | None = None,
-        layout: str = "per-host", auth: bool = False) -> dict:
+        layout: str = "per-host", auth: bool = False, adaptive: bool = False) -> dict:
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
     cpus = sorted(os.sched_getaffinity(0))
     pin = pin and len(cpus) >= 2
-    out: dict = {"cpus": cpus}
+    out: dict = {"cpus": cpus, "poll_adaptive": adaptive}
     if pin and layout == "per-host":  # each simulated host on its own CPU: daemon + its guest
         guest_cpu = (cpus[1], cpus[0])  # (server guest on daemon B, client guest on daemon A)
         out["vcpu_state"] = (f"host A (daemon + client guest) on cpu {cpus[0]}, host B (daemon + "
@@ -112,8 +113,8 @@ def run(tests, *, iters: int = 2000, bw_iters: int = 20000, batch: int = 16,
         sa, sb = os.path.join(d, "a.sock"), os.path.join(d, "b.sock")
         prof = [os.path.join(profile_dir, f"daemon_{n}.prof") if profile_dir else None
                 for n in "ab"]
-        da = _daemon(lab.a, lab.ip_a, sa, poll_us, prof[0])
-        db = _daemon(lab.b, lab.ip_b, sb, poll_us, prof[1])
+        da = _daemon(lab.a, lab.ip_a, sa, poll_us, prof[0], adaptive=adaptive)
+        db = _daemon(lab.b, lab.ip_b, sb, poll_us, prof[1], adaptive=adaptive)
         if pin:
             perftest.pin_threads(da.pid, cpus[0])
             perftest.pin_threads(db.pid, cpus[1])
@@ -239,6 +240,8 @@ def main(argv=None) -> int:
                          "the server's QP is ready, which costs one retransmission timeout)")
     ap.add_argument("--batch", type=int, default=16, help="WRITEs posted per signaled batch")
     ap.add_argument("--poll-us", type=float, default=50.0, help="daemons' busy-poll window")
+    ap.add_argument("--poll-adaptive", action="store_true",
+                    help="daemons adapt their busy-poll window within --poll-us (vhost_user.spin)")
     ap.add_argument("--no-pin", action="store_true", help="leave daemons and guests unpinned")
     ap.add_argument("--layout", choices=LAYOUTS, default="per-host",
                     help="per-host: each daemon shares its CPU with its own guest (as on two "
@@ -256,7 +259,8 @@ def main(argv=None) -> int:
     if a.profile:
         os.makedirs(a.profile, exist_ok=True)
     r = run(tests, iters=a.iters, bw_iters=a.bw_iters, batch=a.batch, poll_us=a.poll_us,
-            pin=not a.no_pin, profile_dir=a.profile, layout=a.layout, auth=a.auth)
+            pin=not a.no_pin, profile_dir=a.profile, layout=a.layout, auth=a.auth,
+            adaptive=a.poll_adaptive)
     r["machine"] = machine()
     if a.json:
         print(json.dumps(r, indent=2))
@@ -302,7 +306,8 @@ def main(argv=None) -> int:
         print(f"# MAC CPU time per 64 KiB WRITE (16 x 4 KiB packets, rings only): build "
               f"{c['tx_plain_us']:.1f} us plain, {c['tx_sealed_us']:.1f} us sealed; verify + "
               f"strip {c['rx_open_us']:.1f} us")
-    print(f"# vCPUs during our runs: {r['vcpu_state']}; during the UDP floors: "
+    print(f"# vCPUs during our runs: {r['vcpu_state']}"
+          f"{' (adaptive poll window)' if r['poll_adaptive'] else ''}; during the UDP floors: "
           f"{r['floor_vcpu_state']} (and idle, for reference)")
     for path, label in zip(r.get("profiles", ()), ("daemon A (client side)",
                                                     "daemon B (server side)")):

@@ -344,7 +344,9 @@ class RoceFabricService:
         except ImportError:  # pragma: no cover - extension not built: every packet decoded
             pass
         else:
-            self.endpoint.fast = RequestFastPath(self.fabric.wire, self.fabric.fast_received)
+            # ACKs complete WQEs with the clock's now (the engine's timers run on monotonic())
+            self.endpoint.fast = RequestFastPath(self.fabric.wire, self.fabric.fast_received,
+                                                 monotonic)
         port = self.port
 
         def wire_sink(packets, peer, _transmit=self.endpoint.transmit):

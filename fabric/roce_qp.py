@@ -55,6 +55,11 @@ from virtio_rdma.rings import (
     send_done,
 )
 
+try:  # the native path of plain send WQEs (virtio_rdma/_datapath.pyx)
+    from virtio_rdma._datapath import run_wire_rq, run_wire_sq, wire_cqes
+except ImportError:  # pragma: no cover - extension not built
+    run_wire_sq = run_wire_rq = wire_cqes = None  # type: ignore[assignment]  # not built
+
 log = logging.getLogger(__name__)
 
 _LOCAL_WRITE_OPS = frozenset({WrOpcode.RDMA_READ, WrOpcode.ATOMIC_CMP_AND_SWP,
@@ -151,6 +156,10 @@ class NetworkQp:
     the destination GID.
     """
 
+    #: doorbell records of this QP may be applied natively (_datapath.apply_records):
+    #: ``rq_rung`` does nothing and ``progress`` runs the send side
+    native_records = True
+
     def __init__(self, fabric, dev, qp, peer: str) -> None:
         self.fabric = fabric
         self.dev = dev
@@ -163,6 +172,9 @@ class NetworkQp:
         self.posted: deque[tuple[int, int, bool]] = deque()  # (ring index, opcode, signaled)
         self.rq_posted = qp.rq_ci  # RQ ring index up to which receives went to the engine
         self.closed = False
+        #: WQEs drive_sq may still start in this pass (-1: no limit); with the
+        #: native path, one at a time between native runs
+        self._budget = -1
         self.rc.modify(QpState.INIT, access=Access(int(qp.access & _RIGHTS)))
 
     # ------------------------------------------------------------------ state
@@ -226,16 +238,30 @@ class NetworkQp:
             self._post_recvs(lenient=True)
 
     def _progress_sq(self, now: float) -> None:
-        if self.qp.state is QpState.RTS:
-            drive_sq(self.dev, self.qp, self, now)
-        else:
+        qp = self.qp
+        if qp.state is not QpState.RTS:
             self.pump(now)
+        elif run_wire_sq is None:
+            drive_sq(self.dev, qp, self, now)
+        else:  # the plain WQEs natively, each other one through drive_sq, in ring order
+            while True:
+                run_wire_sq(self.dev, qp, self, now)
+                before = qp.sq_next
+                if before == qp.sq_pi or qp.state is not QpState.RTS:
+                    return
+                self._budget = 1
+                try:
+                    drive_sq(self.dev, qp, self, now)
+                finally:
+                    self._budget = -1
+                if qp.sq_next == before:  # it did not start (failed, or the QP stopped)
+                    return
 
     # the ring consumer's SendEngine (virtio_rdma.rings)
     refusals = (TransportError,)
 
     def may_start(self, now: float) -> bool:
-        return True
+        return self._budget != 0
 
     def fence_pending(self) -> bool:
         return False  # the engine orders fenced WRs itself
@@ -247,6 +273,8 @@ class NetworkQp:
 
     def started(self, now: float) -> None:
         """Pump after each WQE: its packets leave while the next is read."""
+        if self._budget > 0:
+            self._budget -= 1
         self.pump(now)
 
     def _send_wr(self, wqe) -> rv.SendWR:
@@ -281,7 +309,10 @@ class NetworkQp:
         last call (SGEs are checked now: a bad one moves the QP to ERR).
         ``lenient`` (posting ahead of need) stops at a bad WQE instead and
         leaves it to the pass at the next arrival, so that a bad receive
-        fails when the QP needs it, as without posting ahead."""
+        fails when the QP needs it, as without posting ahead. The plain
+        WQEs go natively first (``_datapath.run_wire_rq``)."""
+        if run_wire_rq is not None:
+            run_wire_rq(self.dev, self.qp, self)
         drive_rq(self.dev, self.qp, self, lenient=lenient)
 
     def post_recv(self, idx: int, wqe) -> None:
@@ -314,10 +345,15 @@ class NetworkQp:
         pkts = rc.transmit_raw(now)
         if pkts:
             self.fabric.transmit(pkts, self.peer)
-        for c in rc.poll_send_cq():
-            self._send_done(c)
-        for c in rc.poll_recv_cq():
-            self._recv_done(c)
+        sends, recvs = rc.poll_send_cq(), rc.poll_recv_cq()
+        if sends or recvs:
+            i = j = 0
+            if wire_cqes is not None:  # the successful ones natively, the rest below in order
+                i, j = wire_cqes(dev, qp, self, sends, recvs)
+            for c in sends[i:] if i else sends:
+                self._send_done(c)
+            for c in recvs[j:] if j else recvs:
+                self._recv_done(c)
         qp.sq_psn = rc.requester.psn
         qp.epsn = rc.responder.psn
         if rc.state is QpState.ERR and qp.state is not QpState.ERR:

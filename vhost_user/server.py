@@ -51,6 +51,7 @@ from vhost_user.backend import BackendConnection
 from vhost_user.device import VhostUserDevice
 from vhost_user.endpoint import ConnectionClosed, MessageReader, close_fds, send_message
 from vhost_user.errors import TransportError, VhostUserError
+from vhost_user.spin import SpinPolicy
 from vhost_user.tenancy import ConnectionInfo, TenantPolicy
 from vhost_user.vring import Vring
 from virtio.errors import VirtioError
@@ -319,9 +320,11 @@ class BackendServer:
                  loop: asyncio.AbstractEventLoop | None = None,
                  require_sealed_memory: bool = True, poll_us: float = 0.0,
                  socket_mode: int = 0o660, socket_group: int | None = None,
-                 per_uid: dict[int, int] | None = None):
+                 per_uid: dict[int, int] | None = None, poll_adaptive: bool = False):
         self.path = path
         self.poll_us = poll_us
+        #: the busy-poll window: poll_us, or adapted within it with poll_adaptive
+        self.spin = SpinPolicy(poll_us * 1e-6, adaptive=poll_adaptive)
         self.require_sealed_memory = require_sealed_memory
         #: called with the ConnectionInfo of every admitted connection
         self.device_factory = device_factory
@@ -486,33 +489,42 @@ class BackendServer:
         vhost-net's busyloop, but across guests: one guest's doorbell is
         another's completion)."""
         if self._spin_handle is None:
-            self._spin_last = monotonic()
+            self._spin_last = now = monotonic()
+            self.spin.woken(now)
             self._spin_handle = self.loop.call_soon(self._spin)
 
     def _spin(self) -> None:
-        idle = self.poll_us * 1e-6
+        policy = self.spin
         now = monotonic()
         end = now + SPIN_SLICE
         conns = [c for c in self.connections if not c.closed]
         for c in conns:
             c.core.join_spin()
+        idle = False
         while True:
             work = False
+            began = now
             for c in conns:
                 if not c.closed and c.core.spinning and c.poll_once():
                     work = True
             for poll in self.pollers:
                 if poll():
                     work = True
-            now = monotonic()
             if work:
-                self._spin_last = now
+                now = self._spin_last = monotonic()
+                if idle:
+                    policy.caught()  # work arrived while we polled
+                idle = False
             else:
+                idle = True
                 os.sched_yield()  # a busy CPU: let a runnable task (a peer daemon, a guest) go first
-            if not work and now - self._spin_last > idle:
+                now = monotonic()
+                policy.pass_took(now - began, now)  # long: another task held our CPU
+            if not work and now - self._spin_last > policy.window:
                 ended = [c.end_spin() for c in conns if not c.closed]   # every one ends its spin
                 if not any(ended):
                     self._spin_handle = None
+                    policy.sleeping(now)
                     return
                 self._spin_last = now
             if now > end:
@@ -583,7 +595,7 @@ def run_backend(paths: list[str], device_factory: Callable[[ConnectionInfo], Vho
                 ready: Callable[[], None] | None = None, poll_us: float = 0.0,
                 require_sealed_memory: bool = True, services=(), policy: TenantPolicy | None = None,
                 socket_mode: int = 0o660, socket_group: int | None = None,
-                on_reload: Callable[[], None] | None = None) -> int:
+                on_reload: Callable[[], None] | None = None, poll_adaptive: bool = False) -> int:
     """Run the daemon until SIGINT/SIGTERM; close every connection cleanly.
     ``on_reload``: called in the loop on SIGHUP (the tenant configuration is read
     again; connections stay).
@@ -603,7 +615,8 @@ def run_backend(paths: list[str], device_factory: Callable[[ConnectionInfo], Vho
         per_uid: dict[int, int] = {}
         servers = [BackendServer(p, device_factory, loop=loop, poll_us=poll_us, policy=policy,
                                  require_sealed_memory=require_sealed_memory, per_uid=per_uid,
-                                 socket_mode=socket_mode, socket_group=socket_group) for p in paths]
+                                 socket_mode=socket_mode, socket_group=socket_group,
+                                 poll_adaptive=poll_adaptive) for p in paths]
         started = []
         for svc in services:  # e.g. the admin socket: it reports the servers' connections
             if hasattr(svc, "bind_servers"):

@@ -37,7 +37,15 @@ from verbs._verbs cimport (
     IBV_WR_SEND_WITH_IMM, IBV_MTU_256, IBV_MTU_4096, PSN_MASK, ibv_mtu_bytes,
 )
 
-from verbs import QpState
+from cpython.bytes cimport PyBytes_FromStringAndSize
+
+from verbs import QpState, WcStatus, WrOpcode, ack_timeout_seconds
+from virtio_rdma import rings as _rings
+from roce.packet import PacketRun
+from roce.rc import config as _rc_config
+from roce.rc.requester import Wqe as RcWqe, WqeState, _SEND_OPS
+from roce.rc.sgl import SgList
+from roce.rc.verbs import SendWR
 from virtio_rdma.constants import EventKind
 from virtio_rdma.cq import Arm, CqState
 from fabric.local import LocalFabric
@@ -106,6 +114,7 @@ cdef struct MrEnt:
     uint64_t iova
     uint64_t length
     char *host          # host address of iova: the MR is one chunk inside one region; else NULL
+    uint64_t gpa        # guest physical address of iova when host is set
 
 
 @cython.final
@@ -173,11 +182,13 @@ cdef class _Dev:
         e.iova = mr.iova
         e.length = mr.length
         e.host = NULL
+        e.gpa = 0
         chunks = mr.chunks
         if len(chunks) == 1:
             gpa, n = chunks[0]
             if n > 0:
                 e.host = self.table.translate(gpa, n)
+                e.gpa = gpa
         return e
 
     cdef int resolve(self, uint32_t key, uint32_t pdn, uint32_t need, uint64_t va, uint64_t length,
@@ -637,3 +648,469 @@ cdef class DbrecScanner:
                     out = []
                 out.append(self.qps[i])
         return out if out is not None else []
+
+
+# --------------------------------------------------------------------------
+# Wire QPs: send WQEs straight into request packets (fabric.roce_qp.NetworkQp)
+# --------------------------------------------------------------------------
+cdef object _WR_OPS = {int(o): o for o in WrOpcode}
+cdef object _PENDING = WqeState.PENDING
+cdef object _PACKET_RUN = PacketRun
+cdef object _SGLIST = SgList
+cdef object _SEND_WR = SendWR
+cdef object _RC_WQE = RcWqe
+cdef object _OPS_OF = {int(k): v for k, v in _SEND_OPS.items()}
+cdef uint64_t _MAX_MSG = _rc_config.MAX_MSG_SIZE
+cdef uint32_t _UNACKED = _rc_config.MAX_UNACKED_PSNS
+cdef object _ACK_EVERY = _rc_config.MAX_PKT_PER_ACK
+#: the wire path's own switch (tests compare it with the Python engine)
+wire_enabled = True
+#: send WQEs the wire path started since import (tests check it really ran)
+wire_started = 0
+
+
+cdef enum:
+    SEND_EARLY = 8     # packets gathered before the wire path hands them over mid-batch
+
+
+cdef int _commit_wire(req, qp, rm, sq, uint32_t psn, uint32_t sq_next, uint64_t tx_packets, to,
+                      double now) except -1:
+    """Write the requester state of the WQEs started so far back (before any
+    packet of theirs leaves: a transmit may deliver synchronously)."""
+    req.psn = req.psn_hi = psn
+    req.noack_pkts = 0
+    req.send_idx = len(sq)
+    rm.tx_packets += tx_packets
+    if req.retrans_deadline is None and to is not None:
+        req.retrans_deadline = now + to
+    qp.sq_next = sq_next
+    qp.sq_psn = psn
+    return 0
+
+
+cdef inline uint32_t _bswap32(uint32_t v) noexcept nogil:
+    return ((v & 0xFF) << 24) | ((v & 0xFF00) << 8) | ((v >> 8) & 0xFF00) | (v >> 24)
+
+
+def run_wire_sq(dev, qp, net, double now):
+    """Start the posted send WQEs of ``qp``, a QP run by the RoCE RC engine
+    of ``net`` (a :class:`fabric.roce_qp.NetworkQp`), that take the plain
+    path: SEND, SEND_WITH_IMM, RDMA_WRITE and RDMA_WRITE_WITH_IMM, inline or
+    with SGEs in single-chunk MRs, whose packets all fit the window now.
+    Each is decoded and checked here and posted to the engine as
+    ``NetworkQp.start_send`` + ``Requester.post`` + ``Requester.fill`` would
+    (the same SendWR, SgList, Wqe and PacketRun, the same PSNs, counters
+    and deadline); their packets go to ``net.fabric.transmit`` in one call.
+    Returns how many WQEs it started; the first WQE it leaves (any error, a
+    READ or atomic, a fence, a full window, an engine that is retrying,
+    stalled or has output or completions pending) is for the Python path,
+    with the same state."""
+    global wire_started
+    if not enabled or not wire_enabled or qp.destroyed or qp.state is not _RTS or net.closed:
+        return 0
+    cdef uint32_t sq_next = qp.sq_next, sq_pi = qp.sq_pi
+    if sq_next == sq_pi:
+        return 0
+    rc = net.rc
+    if rc.state is not _RTS or rc._send_cq or rc._recv_cq:
+        return 0
+    req = rc.requester
+    resp = rc.responder
+    sq = req.sq
+    if (req.dead or req.rnr_deadline is not None or req.send_idx != len(sq) or req.out
+            or resp.out or req.completions or resp.completions or req.noack_pkts):
+        return 0
+    cdef uint32_t psn = req.psn
+    if psn != <uint32_t>req.psn_hi:
+        return 0
+    cdef uint32_t comp_psn = req.comp_psn
+    cdef bint rd_outstanding = req.rd_atomic_outstanding != 0
+    cdef _Dev L = _Dev.__new__(_Dev)
+    if not L.init(dev):
+        return 0
+    cfg = rc.cfg
+    cdef uint64_t mtu = cfg.path_mtu
+    if mtu == 0:
+        return 0
+    dest_qp = cfg.dest_qp_num
+    pkey = cfg.pkey
+    to = ack_timeout_seconds(cfg.timeout)
+    lay = qp.layout
+    mem = dev.mem
+    cdef uint64_t sq_gpa = qp.sq_gpa
+    cdef uint32_t sq_mask = lay.sq_depth - 1, sq_shift = lay.sq_wqe_shift
+    cdef uint32_t slot_size = 1 << sq_shift
+    cdef uint32_t room_sge = (slot_size - SEND_HDR) // SGE_SZ
+    cdef uint32_t max_sge = lay.max_send_sge
+    cdef uint32_t max_inline = lay.max_inline_data
+    cdef uint32_t pdn = qp.pdn
+    cdef bint sig_all = qp.sq_sig_all
+    if max_sge < room_sge:
+        room_sge = max_sge
+    cdef unsigned char hdr[SEND_HDR]
+    cdef unsigned char sge[SGE_SZ]
+    cdef Seg segs[MAX_SEGS]
+    cdef char *slot
+    cdef MrEnt *e
+    cdef uint64_t wr_id, raddr, length, a, cmp_add, swap
+    cdef uint32_t imm, rkey, inline_len, num_sge, npkts, ln, lk, room, k
+    cdef uint8_t op, flags
+    cdef bint ok, write, with_imm
+    cdef int ns
+    cdef int done = 0
+    cdef list runs = []
+    rm = req.metrics
+    posted = net.posted
+    cdef uint64_t tx_packets = 0
+    cdef uint32_t pending = 0
+    try:
+        while sq_next != sq_pi:
+            slot = L.table.translate(sq_gpa + ((sq_next & sq_mask) << sq_shift), slot_size)
+            if slot == NULL:
+                break
+            gr_snapshot(hdr, slot, SEND_HDR)
+            op = hdr[8]
+            flags = hdr[9]
+            if op > OP_SEND_IMM or flags & ~F_KNOWN:
+                break
+            if (flags & IBV_SEND_FENCE) and rd_outstanding:
+                break
+            ok = True
+            for k in range(48, 64):
+                if hdr[k]:
+                    ok = False
+            if not ok:
+                break
+            wr_id = gr_ld64(<char *>hdr)
+            num_sge = gr_ld16(<char *>hdr + 10)
+            imm = gr_ld32(<char *>hdr + 12)
+            raddr = gr_ld64(<char *>hdr + 16)
+            rkey = gr_ld32(<char *>hdr + 24)
+            inline_len = gr_ld32(<char *>hdr + 28)
+            cmp_add = gr_ld64(<char *>hdr + 32)
+            swap = gr_ld64(<char *>hdr + 40)
+            views = []
+            if flags & F_INLINE:
+                if num_sge != 0 or inline_len > slot_size - SEND_HDR or inline_len > max_inline:
+                    break
+                length = inline_len
+                views.append(memoryview(PyBytes_FromStringAndSize(slot + SEND_HDR, inline_len)))
+            else:
+                if inline_len != 0 or num_sge > room_sge:
+                    break
+                length = 0
+                ns = 0
+                for k in range(num_sge):
+                    gr_snapshot(sge, slot + SEND_HDR + k * SGE_SZ, SGE_SZ)
+                    a = gr_ld64(<char *>sge)
+                    ln = gr_ld32(<char *>sge + 8)
+                    lk = gr_ld32(<char *>sge + 12)
+                    ns = L.resolve(lk, pdn, 0, a, ln, segs, 0)
+                    if ns < 0:
+                        break
+                    length += ln
+                    if ln:
+                        e = L.lookup(lk)
+                        if e.host == NULL:
+                            ns = -1     # an MR of several chunks: the Python path
+                            break
+                        views.append(mem.translate(e.gpa + (a - e.iova), ln))
+                if ns < 0:
+                    break
+            if length > L.max_msg_sz or length > _MAX_MSG:
+                break
+            npkts = _npkts(length, mtu)
+            room = _UNACKED - ((psn - comp_psn) & PSN_MASK)
+            if ((psn - comp_psn) & PSN_MASK) >= 0x800000 or room < npkts:
+                break   # psn_diff negative or the window cannot take the whole message
+            # ---------- commit: what start_send, Requester.post and fill do
+            write = op == OP_WRITE or op == OP_WRITE_IMM
+            with_imm = op == OP_WRITE_IMM or op == OP_SEND_IMM
+            wrop = _WR_OPS[op]
+            wr = _SEND_WR(wr_id, wrop, views, raddr, rkey, _bswap32(imm) if with_imm else 0, 0,
+                          cmp_add, swap, True, (flags & F_SOLICITED) != 0,
+                          (flags & IBV_SEND_FENCE) != 0)
+            sgl = _SGLIST(views)
+            w = _RC_WQE(wr, sgl, length, npkts, False, _PENDING, psn, npkts)
+            sq.append(w)
+            posted.append((sq_next, op, sig_all or (flags & F_SIGNALED) != 0))
+            runs.append(_PACKET_RUN(_OPS_OF[op], npkts, 0, npkts, psn, dest_qp, pkey, mtu, length,
+                                    sgl, (raddr, rkey) if write else None,
+                                    wr.imm_data if with_imm else None, None, wr.solicited, 0,
+                                    _ACK_EVERY))
+            tx_packets += npkts
+            psn = (psn + npkts) & PSN_MASK
+            sq_next = (sq_next + 1) & 0xFFFFFFFF
+            L.requests_sent += 1
+            done += 1
+            pending += npkts
+            if pending >= SEND_EARLY:
+                # a message of several packets leaves now, as pump() after each WQE
+                # sends it: the peer works on it while the next WQE is read
+                runs_out, runs = runs, []
+                pending = 0
+                _commit_wire(req, qp, rm, sq, psn, sq_next, tx_packets, to, now)
+                tx_packets = 0
+                net.fabric.transmit(runs_out, net.peer)
+    finally:
+        if done:
+            wire_started += done
+            _commit_wire(req, qp, rm, sq, psn, sq_next, tx_packets, to, now)
+        L.flush_metrics()
+        if runs:    # what pump() after each WQE would have sent, in one call
+            net.fabric.transmit(runs, net.peer)
+    return done
+
+
+cdef object _RECV_ENGINE_STATES = (QpState.INIT, QpState.RTR, QpState.RTS, QpState.SQD)
+#: receive WQEs the wire path handed to an engine since import
+wire_recvs = 0
+
+
+def run_wire_rq(dev, qp, net):
+    """Hand the RC engine of ``net`` the receive WQEs the guest posted since
+    ``net.rq_posted``, as ``rings.drive_rq`` + ``NetworkQp.post_recv`` +
+    ``RcQp.post_recv`` would (the same ``(wr_id, SgList)`` on the
+    responder's queue), while each is plain: a readable slot, zero reserved
+    fields, SGEs within the slot and ``max_recv_sge`` whose lkeys grant
+    LOCAL_WRITE in single-chunk MRs. Returns how many it handed over; the
+    first WQE it leaves is for the Python path."""
+    global wire_recvs
+    if not enabled or not wire_enabled or qp.destroyed or net.closed:
+        return 0
+    cdef uint32_t idx = net.rq_posted, rq_pi = qp.rq_pi
+    if idx == rq_pi:
+        return 0
+    rc = net.rc
+    if rc.state not in _RECV_ENGINE_STATES:
+        return 0
+    resp = rc.responder
+    if resp.dead:
+        return 0
+    cdef _Dev L = _Dev.__new__(_Dev)
+    if not L.init(dev):
+        return 0
+    lay = qp.layout
+    mem = dev.mem
+    rq = resp.rq
+    cdef uint64_t rq_gpa = qp.rq_gpa
+    cdef uint32_t rq_mask = lay.rq_depth - 1, rq_shift = lay.rq_wqe_shift
+    cdef uint32_t rslot_size = 1 << rq_shift
+    cdef uint32_t rroom = (rslot_size - RECV_HDR) // SGE_SZ
+    cdef uint32_t rmax = lay.max_recv_sge
+    cdef uint32_t pdn = qp.pdn
+    if rmax < rroom:
+        rroom = rmax
+    cdef unsigned char rhdr[RECV_HDR]
+    cdef unsigned char sge[SGE_SZ]
+    cdef Seg segs[MAX_SEGS]
+    cdef char *rslot
+    cdef MrEnt *e
+    cdef uint64_t a
+    cdef uint32_t rnum, ln, lk, k
+    cdef int ns
+    cdef int done = 0
+    try:
+        while idx != rq_pi:
+            rslot = L.table.translate(rq_gpa + ((idx & rq_mask) << rq_shift), rslot_size)
+            if rslot == NULL:
+                break
+            gr_snapshot(rhdr, rslot, RECV_HDR)
+            rnum = gr_ld16(<char *>rhdr + 8)
+            if gr_ld16(<char *>rhdr + 10) or gr_ld32(<char *>rhdr + 12) or rnum > rroom:
+                break
+            views = []
+            ns = 0
+            for k in range(rnum):
+                gr_snapshot(sge, rslot + RECV_HDR + k * SGE_SZ, SGE_SZ)
+                a = gr_ld64(<char *>sge)
+                ln = gr_ld32(<char *>sge + 8)
+                lk = gr_ld32(<char *>sge + 12)
+                ns = L.resolve(lk, pdn, A_LOCAL_WRITE, a, ln, segs, 0)
+                if ns < 0:
+                    break
+                if ln:
+                    e = L.lookup(lk)
+                    if e.host == NULL:
+                        ns = -1
+                        break
+                    views.append(mem.translate(e.gpa + (a - e.iova), ln))
+            if ns < 0:
+                break
+            rq.append((gr_ld64(<char *>rhdr), _SGLIST(views)))
+            idx = (idx + 1) & 0xFFFFFFFF
+            done += 1
+    finally:
+        if done:
+            net.rq_posted = idx
+            wire_recvs += done
+    return done
+
+
+cdef int _SUCCESS = WcStatus.SUCCESS
+cdef int _OP_READ_WR = IBV_WR_RDMA_READ
+cdef object _WC_OF = {int(k): int(v) for k, v in _rings.WC_OF_WR.items()}
+#: completions the wire path wrote as CQEs since import
+wire_cqes_written = 0
+
+
+def wire_cqes(dev, qp, net, list sends, list recvs):
+    """Write the CQEs of RC engine completions of ``qp`` (run by ``net``, a
+    :class:`fabric.roce_qp.NetworkQp`) as ``NetworkQp._send_done`` and
+    ``_recv_done`` would (slot retired, CQE if signaled, counters, the
+    completion event of an armed CQ), sends first: every successful
+    completion while its CQ is active and has room. Returns ``(i, j)``: the
+    sends and receives taken; the rest (from the first error completion,
+    full or broken CQ, ...) are for the Python path, in order (``j`` is 0
+    unless every send was taken)."""
+    global wire_cqes_written
+    cdef Py_ssize_t i = 0, j = 0
+    if not enabled or not wire_enabled or qp.destroyed:
+        return 0, 0
+    cdef _Dev L = _Dev.__new__(_Dev)
+    if not L.init(dev):
+        return 0, 0
+    cdef _Cq scq = _Cq.__new__(_Cq)
+    cdef _Cq rcq
+    if not scq.init(qp.send_cq, L):
+        return 0, 0
+    if qp.recv_cq is qp.send_cq:
+        rcq = scq
+    else:
+        rcq = _Cq.__new__(_Cq)
+        if not rcq.init(qp.recv_cq, L):
+            rcq = None
+    cdef uint32_t qpn = qp.qpn
+    cdef uint32_t sq_ci = qp.sq_ci, rq_ci = qp.rq_ci
+    cdef uint32_t idx, imm
+    cdef int opcode
+    cdef bint signaled, moved_sq = False
+    posted = net.posted
+    try:
+        for c in sends:
+            if int(c.status) != _SUCCESS or not posted:
+                break
+            idx, opcode, signaled = posted[0]
+            if signaled and not scq.room(1):
+                break
+            posted.popleft()
+            sq_ci = (idx + 1) & 0xFFFFFFFF
+            moved_sq = True
+            if signaled:
+                scq.push(c.wr_id, _WC_OF.get(opcode, WC_SEND), 0, c.byte_len, 0, qpn, 0, False)
+            L.sends_completed += 1
+            if opcode == _OP_READ_WR:
+                L.bytes_received += c.byte_len
+            i += 1
+        if i == len(sends) and rcq is not None:
+            for c in recvs:
+                if int(c.status) != _SUCCESS or not rcq.room(1):
+                    break
+                rq_ci = (rq_ci + 1) & 0xFFFFFFFF
+                L.bytes_received += c.byte_len
+                if c.imm_data is not None:
+                    imm = c.imm_data
+                    rcq.push(c.wr_id, int(c.opcode), WC_WITH_IMM, c.byte_len, _bswap32(imm), qpn,
+                             c.src_qp, False)
+                else:
+                    rcq.push(c.wr_id, int(c.opcode), 0, c.byte_len, 0, qpn, c.src_qp, False)
+                j += 1
+    finally:
+        if moved_sq:
+            qp.sq_ci = sq_ci
+        if j:
+            qp.rq_ci = rq_ci
+        if i or j:
+            wire_cqes_written += i + j
+        scq.flush()
+        if rcq is not None and rcq is not scq:
+            rcq.flush()
+        L.flush_metrics()
+    return i, j
+
+
+# --------------------------------------------------------------------------
+# Doorbell records (DBREC_POLL): a changed record straight to the engines
+# --------------------------------------------------------------------------
+cdef object _RESET = QpState.RESET
+cdef object _ERR = QpState.ERR
+#: doorbell record changes applied here since import
+records_applied = 0
+
+
+cdef inline int _advance_kind(uint32_t pi, uint32_t ci, uint32_t old, uint32_t depth) noexcept:
+    """doorbells._advance under DBREC_POLL: 0 no news (same or stale), 1 apply, -1 absurd."""
+    if pi == old:
+        return 0
+    if <uint32_t>(old - pi) < 0x80000000:
+        return 0
+    if <uint32_t>(pi - ci) > depth or <uint32_t>(pi - old) > depth:
+        return -1
+    return 1
+
+
+def apply_records(core, list qps, double now, progress_sq):
+    """Apply the doorbell records of ``qps`` (the QPs the scanner found
+    changed) as ``doorbells.poll_records`` would, without Python per record:
+    each record read once, stale values ignored, a new RQ producer index
+    stored, a new SQ producer index stored and the QP's send engine run (the
+    native :func:`run_sq` first for a local QP, ``NetworkQp.progress`` for a
+    wire QP; ``progress_sq`` is ``datapath.progress_sq``, for what ``run_sq``
+    leaves), the QP put on the timer list as ``doorbells.ring`` does.
+    Returns ``(left, applied)``: the QPs from the first one that is not the
+    plain case (an absurd index, a QP in ERR, a wire engine other than
+    NetworkQp) on, for the Python path, and the changes applied here."""
+    global records_applied
+    if not enabled or not qps:
+        return qps, 0
+    tbl = getattr(core.mem, "_table", None)
+    if type(tbl) is not RegionTable:
+        return qps, 0
+    cdef RegionTable t = <RegionTable>tbl
+    cdef Py_ssize_t i = 0, n = len(qps)
+    cdef int applied = 0, rq_kind, sq_kind
+    cdef char *p
+    cdef uint32_t sq_pi, rq_pi
+    by_qpn = core.qps
+    try:
+        while i < n:
+            qp = qps[i]
+            if qp.state is _RESET or qp.destroyed:
+                i += 1
+                continue
+            p = t.translate(qp.dbrec_gpa, 8)
+            if p == NULL:
+                i += 1
+                continue
+            sq_pi = gr_ld32_acq(p)
+            rq_pi = gr_ld32_acq(p + 4)
+            net = qp.net
+            if qp.state is _ERR or (net is not None and not getattr(net, "native_records", False)):
+                break
+            lay = qp.layout
+            rq_kind = _advance_kind(rq_pi, qp.rq_ci, qp.rq_pi, lay.rq_depth)
+            sq_kind = _advance_kind(sq_pi, qp.sq_ci, qp.sq_pi, lay.sq_depth) \
+                if qp.qpn in by_qpn else 0
+            if rq_kind < 0 or sq_kind < 0:
+                break
+            if rq_pi != <uint32_t>qp.rq_pi:
+                applied += 1
+                if rq_kind:
+                    qp.rq_pi = rq_pi    # NetworkQp.rq_rung does nothing: receives go later
+            if sq_pi != <uint32_t>qp.sq_pi and qp.qpn in by_qpn:
+                applied += 1
+                if sq_kind:
+                    qp.sq_pi = sq_pi
+                    if net is None:
+                        run_sq(core, qp, now)
+                        if qp.sq_next != qp.sq_pi:
+                            progress_sq(core, qp, now)
+                    else:
+                        net.progress(now)
+                    if qp.inflight or qp.rnr_until is not None or qp.net is not None:
+                        core.timer_qps.add(qp.qpn)
+            i += 1
+    finally:
+        records_applied += applied
+    return (qps[i:] if i else qps), applied
+

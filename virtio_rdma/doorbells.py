@@ -6,7 +6,9 @@ A doorbell carries a new SQ or RQ producer index of a QP, or arms a CQ.
 :func:`poll` (the daemon's busy-poll loop) and every
 :func:`virtio_rdma.timers.process` apply the QP doorbell records that
 changed instead, found by the native scanner
-(``virtio_rdma._datapath.DbrecScanner``), and the accelerator queues'
+(``virtio_rdma._datapath.DbrecScanner``) and applied natively where they
+are the plain case (``_datapath.apply_records``: the new index stored and
+the QP's engine run, the native ``run_sq`` first), and the accelerator queues'
 records (:func:`virtio_rdma.accel.poll_records`, with a scanner of their
 own; spec 5.x.6.10). An index that moves backwards or
 past the ring depth is a guest bug: the doorbell is counted
@@ -33,6 +35,11 @@ from virtio_rdma.wire import DBREC_SIZE, Doorbell, decode_doorbells
 if TYPE_CHECKING:
     from virtio_rdma.core import RdmaDeviceCore
     from virtio_rdma.qp import QueuePair
+
+try:  # the native path from a changed record to the engines (virtio_rdma/_datapath.pyx)
+    from virtio_rdma._datapath import apply_records as _apply_records
+except ImportError:  # pragma: no cover - extension not built
+    _apply_records = None  # type: ignore[assignment]  # only where the extension is not built
 
 log = logging.getLogger(__name__)
 U32 = 1 << 32
@@ -132,6 +139,8 @@ def poll_records(core: RdmaDeviceCore, now: float) -> int:
             scanner.rebuild(core.qps.values(), key)
         qps = scanner.scan(core.mem)
     n = 0
+    if qps and _apply_records is not None:  # the plain changes natively, the rest below
+        qps, n = _apply_records(core, qps, now, datapath.progress_sq)
     for qp in qps:
         if qp.state is _RESET or qp.destroyed:
             continue

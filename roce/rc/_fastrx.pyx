@@ -9,6 +9,11 @@ common requests:
 * a one-packet SEND (SEND ONLY, with or without immediate data), the
   request-reply message: its payload goes into the next receive WQE, whose
   completion and ACK are queued as ``Responder._do_send`` queues them.
+* on the requester's side, an ACK (given a ``clock``): the PENDING SEND and
+  WRITE WQEs it acknowledges complete, in order (coalesced ACKs complete
+  several), as ``Requester.on_response`` / ``_ack`` complete them, with the
+  retry counters and the retransmission deadline reset as ``_progress``
+  resets them (its ``now`` is ``clock()``).
 
 Rule (as in :mod:`virtio_rdma._datapath`): every check the Python engine
 makes is made *before* anything changes; a datagram that is not the plain
@@ -34,7 +39,7 @@ QP.
 from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.dict cimport PyDict_GetItem
 from cpython.ref cimport PyObject
-from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
 from roce._codec cimport Envelope, PARSE_OK, Parsed, opdesc, parse_verify
@@ -44,14 +49,21 @@ from verbs._verbs cimport MSN_MASK, PSN_MASK
 import builtins
 
 from roce.opcodes import Kind, Opcode
+from roce.rc.requester import WqeState
 from roce.rc.responder import _WriteCtx
-from roce.rc.verbs import Completion
-from verbs import Access, QpState, WcOpcode, WcStatus
+from roce.rc.verbs import Completion, wc_opcode_of
+from verbs import Access, QpState, WcOpcode, WcStatus, ack_timeout_seconds
 
 cdef int _WRITE_MIDDLE = Opcode.RC_RDMA_WRITE_MIDDLE
 cdef int _WRITE_LAST = Opcode.RC_RDMA_WRITE_LAST
 cdef int _SEND_ONLY = Opcode.RC_SEND_ONLY
 cdef int _SEND_ONLY_IMM = Opcode.RC_SEND_ONLY_WITH_IMMEDIATE
+cdef int _ACKNOWLEDGE = Opcode.RC_ACKNOWLEDGE
+cdef object _PENDING = WqeState.PENDING
+cdef object _WC_OPCODE_OF = wc_opcode_of
+cdef object _ACK_TIMEOUT = ack_timeout_seconds
+cdef enum:
+    MAX_ACKED = 64              # WQEs one ACK may complete here (coalesced ACKs)
 cdef object _COMPLETION = Completion
 cdef object _WC_SUCCESS = WcStatus.SUCCESS, _WC_RECV = WcOpcode.RECV
 cdef enum:
@@ -65,8 +77,14 @@ cdef long _REMOTE_WRITE = Access.REMOTE_WRITE
 
 #: ``RequestFastPath.stop`` values
 STOP_REASONS = ("end of batch", "new peer", "not a valid packet for ID 0",
-                "not WRITE MIDDLE/LAST or SEND ONLY", "QP not eligible", "P_Key", "PSN", "length",
-                "SEND not the plain case")
+                "not WRITE MIDDLE/LAST, SEND ONLY or ACK", "QP not eligible", "P_Key", "PSN",
+                "length", "SEND not the plain case", "ACK not the plain case")
+
+
+cdef inline int32_t _psn_diff(uint32_t a, uint32_t b) noexcept nogil:
+    """verbs.psn_diff: a - b as a signed 24-bit distance."""
+    cdef uint32_t d = (a - b) & PSN_MASK
+    return <int32_t>d - 0x1000000 if d >= 0x800000 else <int32_t>d
 
 
 cdef inline uint32_t _be24(const uint8_t *p) noexcept nogil:
@@ -90,6 +108,7 @@ cdef class RequestFastPath:
 
     cdef dict targets
     cdef object done
+    cdef object clock
     # the session
     cdef bint active
     cdef object t, rc, resp, cur
@@ -104,9 +123,10 @@ cdef class RequestFastPath:
     #: why the last call stopped (an index into STOP_REASONS)
     cdef readonly int stop
 
-    def __cinit__(self, dict targets, done):
+    def __cinit__(self, dict targets, done, clock=None):
         self.targets = targets
         self.done = done
+        self.clock = clock              # None: ACKs are left to Python
 
     def __dealloc__(self):
         if self.have_view:
@@ -258,6 +278,80 @@ cdef class RequestFastPath:
         self.done(t, 1)
         return True
 
+    cdef bint _ack(self, const uint8_t *p, Parsed *ps, Envelope env) except -1:
+        """Take one ACK (AETH type ACK) if it is the plain case: it
+        completes zero or more PENDING SEND/WRITE WQEs of the requester in
+        order (coalesced), exactly as ``RcQp.receive`` ->
+        ``Requester.on_response`` -> ``_ack`` would, with no WQE left to send
+        and no RNR stall; every check before anything changes. False leaves
+        it to Python."""
+        cdef uint32_t qpn = _be24(p + 5), psn = _be24(p + 9), comp_psn, last, first
+        cdef int off = opdesc(ps.opcode).aeth
+        cdef int k = 0, nsq, j
+        cdef bint at_end = False
+        if self.clock is None or off < 0 or (p[off] >> 5) & 3 != 0:
+            return False
+        t = self._target(qpn, env)
+        if t is None or t.rq_posted != t.qp.rq_pi:
+            return False
+        rc = t.rc
+        st = rc.state
+        if st is not _RTS and st is not _SQD:
+            return False                # dropped_qp_state: the engine counts it
+        cfg = rc.cfg
+        if ((p[2] << 8 | p[3]) & 0x7FFF) != (cfg.pkey & 0x7FFF):
+            return False
+        req = rc.requester
+        if req.dead or req.rnr_deadline is not None or _psn_diff(psn, req.psn_hi) >= 0:
+            return False
+        sq = req.sq
+        nsq = len(sq)
+        if nsq == 0 or req.send_idx != nsq:
+            return False                # nothing sent, or WQEs waiting for the window
+        comp_psn = req.comp_psn
+        # the WQEs this ACK completes (all sent: first_psn set), then the one it lands in
+        while True:
+            if k >= nsq or k >= MAX_ACKED:
+                return False
+            w = sq[k]
+            if w.first_psn is None or w.rd_atomic:
+                return False
+            first = w.first_psn
+            last = (first + w.npkts - 1) & PSN_MASK
+            if _psn_diff(psn, last) > 0:
+                if w.state is not _PENDING:
+                    return False
+                comp_psn = (last + 1) & PSN_MASK
+                k += 1
+                continue
+            break
+        if _psn_diff(psn, comp_psn) < 0:
+            return False                # a stale duplicate: the engine counts it
+        at_end = psn == last and w.state is _PENDING
+        # commit: as _complete and _progress would
+        now = self.clock()
+        completions = req.completions
+        qp_num = cfg.qp_num
+        for j in range(k + (1 if at_end else 0)):
+            w = sq.popleft()
+            wr = w.wr
+            if wr.signaled:
+                completions.append(_COMPLETION(wr.wr_id, _WC_SUCCESS, _WC_OPCODE_OF(wr.opcode),
+                                               qp_num, w.length))
+        req.send_idx = len(sq)
+        req.comp_psn = (psn + 1) & PSN_MASK
+        req.retry_left = cfg.retry_cnt
+        req.rnr_left = cfg.rnr_retry
+        req.retry_started = False
+        to = _ACK_TIMEOUT(cfg.timeout)
+        req.retrans_deadline = now + to if (to is not None and sq and sq[0].first_psn is not None
+                                            and req.comp_psn != req.psn_hi) else None
+        rc.metrics.rx_packets += 1
+        rc._collect()
+        self.taken += 1
+        self.done(t, 1)
+        return True
+
     def __call__(self, RxRing rx, int i, int n, dict envs) -> int:
         cdef const uint8_t *p
         cdef PyObject *eo
@@ -284,6 +378,13 @@ cdef class RequestFastPath:
                     self._end()         # a WRITE run of this QP writes its state back first
                     if not self._send_only(p, &ps, env):
                         self.stop = 8
+                        break
+                    i += 1
+                    continue
+                if ps.opcode == _ACKNOWLEDGE:
+                    self._end()
+                    if not self._ack(p, &ps, env):
+                        self.stop = 9
                         break
                     i += 1
                     continue

@@ -483,6 +483,10 @@ class Requester:
     def _complete(self, status: WcStatus) -> None:
         wqe = self.sq.popleft()
         self.send_idx = max(0, self.send_idx - 1)
+        if psn_diff(self.psn, self.comp_psn) < 0:
+            # a late response completed a WQE rewound (go-back-N) but not yet sent
+            # again: the next packet to send is the next WQE's, not this one's
+            self.psn = self.comp_psn
         if wqe.rd_atomic:
             self.rd_atomic_outstanding -= 1
         if wqe.wr.signaled or status is not WcStatus.SUCCESS:

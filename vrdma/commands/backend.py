@@ -26,7 +26,12 @@ def add_arguments(p) -> None:
     p.add_argument("--num-queues", type=int, default=1, help="blk: number of virtqueues")
     p.add_argument("--read-only", action="store_true", help="blk: refuse writes")
     p.add_argument("--poll-us", type=float, default=0.0, metavar="US",
-                   help="after serving a ring, busy-poll it this long before sleeping (0: never)")
+                   help="after work, busy-poll rings, doorbell records and the fabric's socket "
+                        "until US microseconds pass without work, then sleep (0: never poll)")
+    p.add_argument("--poll-adaptive", action="store_true",
+                   help="adapt the busy-poll window within --poll-us (vhost_user.spin): it grows "
+                        "when sleeps end sooner than US, shrinks when they outlast it, and is 0 "
+                        "for a while after another task held the CPU during a poll pass")
     p.add_argument("--fabric", choices=["auto", "local", "roce", "verbs"], default="auto",
                    help="rdma: how QPs reach peers. local: this host only; roce: our RoCEv2 over "
                         "UDP 4791 on --roce-addr; verbs: the host's RDMA device --verbs-device "
@@ -573,6 +578,7 @@ def run(args) -> int:
 
     try:
         return run_backend(args.socket, factory, ready=ready, poll_us=args.poll_us,
+                           poll_adaptive=args.poll_adaptive,
                            require_sealed_memory=not args.allow_unsealed_memory, services=services,
                            policy=policy, socket_mode=args.socket_mode, socket_group=group,
                            on_reload=reload)

@@ -1,0 +1,220 @@
+"""The native wire path (``_datapath.run_wire_sq`` / ``run_wire_rq``: send
+WQEs of a QP run by the RoCE RC engine decoded, checked and posted, their
+packets built as runs; receive WQEs handed to the engine) against the Python
+path of :mod:`fabric.roce_qp`.
+
+Two hosts' device cores joined by :class:`fabric.roce.RoceFabric` (sans I/O,
+every packet encoded and decoded with its ICRC, through a channel that can
+lose, duplicate and reorder: the harness of tests/fabric/test_roce_fabric.py)
+run the same seeded random mix twice, once with the native paths and once
+without: SEND / WRITE with and without immediate data, READs and atomics
+between them, inline and SGE payloads of several packets, multi-SGE and
+multi-chunk MRs, bad lkeys and rkeys, fences, unsignaled WRs, several WQEs
+under one doorbell, receives posted late or with bad keys, traffic both
+ways (the CQEs of the engine's completions are written natively too,
+``_datapath.wire_cqes``). Guest memory (rings, CQEs and buffers: every byte), every CQE, the QP,
+engine and fabric state and every counter must be identical, and the native
+run must really have taken the native path.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.fabric.test_roce_fabric import Hosts
+from verbs import Access, SendFlags, WrOpcode
+from virtio_rdma import _datapath
+
+from .driver import seeded_ids
+from .test_records_fastpath import _records
+
+OPS = [WrOpcode.SEND, WrOpcode.SEND, WrOpcode.SEND_WITH_IMM, WrOpcode.RDMA_WRITE,
+       WrOpcode.RDMA_WRITE, WrOpcode.RDMA_WRITE_WITH_IMM, WrOpcode.RDMA_READ,
+       WrOpcode.ATOMIC_FETCH_AND_ADD]
+IMPAIRMENTS = {"clean": {}, "impaired": {"loss": 0.05, "dup": 0.03, "reorder": 0.05}}
+
+
+@contextlib.contextmanager
+def _native(on: bool):
+    prev = _datapath.wire_enabled
+    _datapath.wire_enabled = on
+    try:
+        yield
+    finally:
+        _datapath.wire_enabled = prev
+
+
+def _run(h: Hosts, steps: int = 400) -> None:
+    """Deliver packets and fire timers for a bounded number of steps (the
+    same in both runs: no convergence needed, an RNR loop is fine)."""
+    for _ in range(steps):
+        if not h.wire.deliver(h.clock[0]):
+            ds = [d for d in (h.a.process().next_deadline, h.b.process().next_deadline)
+                  if d is not None]
+            if not ds:
+                return
+            h.clock[0] = max(h.clock[0] + 1e-4, min(ds))
+            h.a.process()
+            h.b.process()
+
+
+def _sges(rng, g, bufs, total, bad):
+    """Up to 3 SGEs covering ``total`` bytes in random buffers of ``bufs``."""
+    n = rng.choice([1, 1, 2, 3]) if total else rng.choice([0, 1])
+    cuts = sorted(rng.randrange(total + 1) for _ in range(n - 1)) if n else []
+    out, prev = [], 0
+    for c in [*cuts, total][:n]:
+        b = rng.choice(bufs)
+        ln = c - prev
+        off = rng.randrange(0, b.length - ln + 1) if b.length >= ln else 0
+        key = b.lkey if not bad else rng.choice([b.rkey ^ 0x100, 0xDEAD])
+        out.append((b.addr + off, ln, key))
+        prev = c
+    return out
+
+
+def _scenario(seed: int, impair: dict, native: bool) -> dict:
+    rng = random.Random(seed)
+    with _native(native), seeded_ids(seed):
+        h = Hosts(**impair, seed=seed)
+        mtu = rng.choice([1, 3, 5])
+        h.connect(psn_a=rng.getrandbits(24), psn_b=rng.getrandbits(24), path_mtu=mtu)
+        mtu_bytes = 128 << mtu
+        a, b = h.a, h.b
+        abufs = [a.reg_mr(h.pa, 64 << 10), a.reg_mr(h.pa, 16 << 10)]
+        bbufs = [b.reg_mr(h.pb, 64 << 10), b.reg_mr(h.pb, 16 << 10)]
+        # an MR of two guest chunks in each guest (the native path leaves it to Python)
+        for g, pd, bufs in ((a, h.pa, abufs), (b, h.pb, bbufs)):
+            g1, g2 = g.alloc(8192), g.alloc(4096)
+            g.alloc(4096)
+            bufs.append(g.reg_mr(pd, 12288, gpa=g1, chunks=[(g1, 8192), (g2, 4096)], iova=0x7000_0000))
+        ro = b.reg_mr(h.pb, 4096, Access.REMOTE_READ)
+        for i, buf in enumerate(abufs[:2] + bbufs[:2]):
+            (a if i < 2 else b).write(buf.addr, random.Random(seed + i).randbytes(buf.length))
+        cqes = []
+        wr_id = 0
+        for _round in range(rng.randrange(2, 6)):
+            for g, q, bufs in ((b, h.qb, bbufs), (a, h.qa, abufs)):
+                for _ in range(rng.choice([0, 1, 2, 3, 3, 4])):
+                    wr_id += 1
+                    size = rng.choice([0, 8, 64, mtu_bytes]) if rng.random() < 0.05 else \
+                        rng.choice([3 * mtu_bytes, 4 * mtu_bytes])
+                    g.post_recv(q, wr_id, _sges(rng, g, bufs[:2] + bufs[2:] * (rng.random() < .2),
+                                                size, rng.random() < 0.01))
+            for src, q, bufs, peer in ((a, h.qa, abufs, bbufs), (b, h.qb, bbufs, abufs)):
+                if src is b and rng.random() < 0.6:
+                    continue
+                for _ in range(rng.choice([1, 1, 2, 3, 4])):
+                    wr_id += 1
+                    op = rng.choice(OPS)
+                    flags = SendFlags(0)
+                    if rng.random() < 0.75:
+                        flags |= SendFlags.SIGNALED
+                    if rng.random() < 0.1:
+                        flags |= SendFlags.FENCE
+                    if rng.random() < 0.2:
+                        flags |= SendFlags.SOLICITED
+                    size = rng.choice([0, 1, 8, 64, mtu_bytes - 1, mtu_bytes + 1, 3 * mtu_bytes])
+                    kw: dict = {}
+                    if op in (WrOpcode.SEND_WITH_IMM, WrOpcode.RDMA_WRITE_WITH_IMM):
+                        kw["imm_data"] = rng.getrandbits(32)
+                    if op in (WrOpcode.RDMA_WRITE, WrOpcode.RDMA_WRITE_WITH_IMM, WrOpcode.RDMA_READ,
+                              WrOpcode.ATOMIC_FETCH_AND_ADD):
+                        t = ro if rng.random() < 0.04 else rng.choice(peer[:2])
+                        if op is WrOpcode.ATOMIC_FETCH_AND_ADD:
+                            size = 8
+                            kw["compare_add"] = rng.getrandbits(64)
+                            kw["remote_addr"] = t.addr + 8 * rng.randrange(t.length // 8)
+                        else:
+                            kw["remote_addr"] = t.addr + rng.randrange(0, max(1, t.length - size))
+                        kw["rkey"] = t.rkey if rng.random() > 0.02 else 0xBAD
+                    inline = (op in (WrOpcode.SEND, WrOpcode.SEND_WITH_IMM, WrOpcode.RDMA_WRITE,
+                                     WrOpcode.RDMA_WRITE_WITH_IMM)
+                              and size <= 64 and rng.random() < 0.3)
+                    if inline:
+                        src.write_send_wqe(q, wr_id, op, flags=flags, inline=rng.randbytes(size), **kw)
+                    else:
+                        src.write_send_wqe(q, wr_id, op, _sges(rng, src, bufs[:2] + bufs[2:] * (
+                                                                   rng.random() < .1), size,
+                                                               rng.random() < 0.015),
+                                           flags=flags, **kw)
+                src.ring_sq(q)
+            _run(h)
+            cqes.append((a.poll(h.ca), b.poll(h.cb)))
+        _run(h)
+        cqes.append((a.poll(h.ca), b.poll(h.cb)))
+        state = {"cqes": cqes, "sent": h.wire.sent, "clock": h.clock[0]}
+        for name, g, f in (("a", a, h.fa), ("b", b, h.fb)):
+            state[name + "_mem"] = hashlib.sha256(g.buf).hexdigest()
+            state[name + "_dev"] = dataclasses.asdict(g.core.metrics)
+            state[name + "_fabric"] = f.metrics.as_dict()
+            for qpn, qp in g.core.qps.items():
+                state[f"{name}_qp"] = (qpn, qp.state, qp.sq_psn, qp.epsn, qp.sq_ci, qp.sq_next,
+                                       qp.rq_ci, qp.rq_pi)
+                n = qp.net
+                if n is not None:
+                    rq, rs = n.rc.requester, n.rc.responder
+                    state[f"{name}_rc"] = (n.rc.state, dataclasses.asdict(n.rc.metrics), rq.psn,
+                                           rq.psn_hi, rq.comp_psn, len(rq.sq), rq.send_idx,
+                                           rq.retrans_deadline, rq.rnr_deadline, rs.psn, rs.msn,
+                                           len(rs.rq), n.rq_posted, list(n.posted))
+        return state
+
+
+@pytest.mark.parametrize("impair", IMPAIRMENTS)
+@pytest.mark.parametrize("records", [False, True], ids=["doorbells", "records"])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1))
+def test_wire_native_path_is_the_python_path(impair, records, seed):
+    """``records``: the devices poll doorbell records (DBREC_POLL, as under
+    ``--poll-us``), applied natively by ``_datapath.apply_records``."""
+    with _records() if records else contextlib.nullcontext():
+        fast = _scenario(seed, IMPAIRMENTS[impair], True)
+        sq1, rq1 = _datapath.wire_started, _datapath.wire_recvs
+        slow = _scenario(seed, IMPAIRMENTS[impair], False)
+    assert (_datapath.wire_started, _datapath.wire_recvs) == (sq1, rq1), "Python run went native"
+    assert fast == slow
+
+
+def test_fixed_mixes_went_native():
+    """A few fixed mixes: the same results, and the native paths took WQEs."""
+    sq0, rq0, cq0 = _datapath.wire_started, _datapath.wire_recvs, _datapath.wire_cqes_written
+    for seed in (0, 2, 4):
+        for impair in IMPAIRMENTS.values():
+            assert _scenario(seed, impair, True) == _scenario(seed, impair, False)
+    assert _datapath.wire_started - sq0 > 20 and _datapath.wire_recvs - rq0 > 20
+    assert _datapath.wire_cqes_written - cq0 > 20
+
+
+def test_wire_native_path_takes_plain_traffic():
+    """Plain SENDs and WRITEs both ways: every send and receive WQE goes the
+    native way, and the data arrives."""
+    sq0, rq0, cq0 = _datapath.wire_started, _datapath.wire_recvs, _datapath.wire_cqes_written
+    with seeded_ids(7):
+        h = Hosts()
+        h.connect(psn_a=0xFFFFF0, psn_b=5, path_mtu=3)   # a's PSNs wrap
+        src, dst = h.a.reg_mr(h.pa, 1 << 16), h.b.reg_mr(h.pb, 1 << 16)
+        payload = random.Random(1).randbytes(5000)
+        h.a.write(src.addr, payload)
+        for i in range(8):
+            h.b.post_recv(h.qb, 100 + i, [(dst.addr + 8192 * (i % 4), 8192, dst.lkey)])
+        for i in range(8):
+            h.a.write_send_wqe(h.qa, i, WrOpcode.SEND if i % 2 else WrOpcode.RDMA_WRITE,
+                               [(src.addr, 5000, src.lkey)], remote_addr=dst.addr + 40000,
+                               rkey=dst.rkey)
+        h.a.ring_sq(h.qa)
+        _run(h)
+        got_a, got_b = h.a.poll(h.ca), h.b.poll(h.cb)
+    assert [c.wr_id for c in got_a] == list(range(8))
+    assert all(c.status == 0 for c in got_a + got_b)
+    assert [c.wr_id for c in got_b] == [100, 101, 102, 103]
+    assert h.b.read(dst.addr, 5000) == payload and h.b.read(dst.addr + 40000, 5000) == payload
+    assert _datapath.wire_started - sq0 == 8
+    assert _datapath.wire_recvs - rq0 == 8
+    assert _datapath.wire_cqes_written - cq0 == 8 + 4
