@@ -20,6 +20,7 @@ import time
 import pytest
 
 from vrdma.image import ImageError, builder
+from virtio_rdma.constants import ABI_VERSION, CONFIG_MAGIC
 from vrdma.image.vm import BORROWED_VIRTIO_ID, device_config_size
 
 from .qemu11 import require_qemu11
@@ -96,6 +97,10 @@ def test_probe_boots_on_qemu72_blk_carrier(daemon, probe_image):
     assert "VRDMA-APP-EXIT status=0" in res.stdout.decode()
 
 
+#: the first bytes of virtio-rdma's device config, in hex: the magic, then the ABI version
+_CONFIG_HEAD = (CONFIG_MAGIC.to_bytes(4, "little") + ABI_VERSION.to_bytes(2, "little")).hex()
+
+
 def test_probe_boots_on_qemu111_generic_device(daemon, probe_image):
     require_qemu11()
     sock, _ = daemon
@@ -106,9 +111,9 @@ def test_probe_boots_on_qemu111_generic_device(daemon, probe_image):
             f"num_vqs=3,") in err
     (transport, _, vid, config), = _probe_lines(res.stdout)
     assert (transport, vid) == ("pci", BORROWED_VIRTIO_ID)
-    # the device configuration is the daemon's, read through the BAR: all of it, port count 1
+    # the device configuration is the daemon's, read through the BAR: all of it, magic and ABI first
     assert len(config) == 2 * device_config_size()
-    assert config.startswith("01000000")
+    assert config.startswith(_CONFIG_HEAD)
 
 
 def test_probe_boots_on_microvm_virtio_mmio(daemon, probe_image):
@@ -121,7 +126,7 @@ def test_probe_boots_on_microvm_virtio_mmio(daemon, probe_image):
     (transport, _, vid, config), = _probe_lines(res.stdout)
     assert (transport, vid) == ("mmio", BORROWED_VIRTIO_ID)
     assert "version=2" in res.stdout.decode()  # modern virtio-mmio (force-legacy=false)
-    assert len(config) == 2 * device_config_size() and config.startswith("01000000")
+    assert len(config) == 2 * device_config_size() and config.startswith(_CONFIG_HEAD)
 
 
 def test_application_status_is_the_commands(daemon, probe_image):
