@@ -40,6 +40,7 @@ filesystem read-only (QEMU runs as root): only run code you would run on the hos
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gzip
 import hashlib
@@ -53,9 +54,10 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
-from vrdma.image import cpio
+from vrdma.image import cpio, debs
+from vrdma.image.errors import BuildError, ToolMissing
 from vrdma.image.vmlinux import extract_vmlinux
 
 from .errors import CapabilityMissing, GuestImageError
@@ -189,64 +191,34 @@ def _run(argv: Sequence[str], *, cwd: str | None = None, env: dict | None = None
     return out.stdout
 
 
+@contextlib.contextmanager
+def _harness_errors() -> Iterator[None]:
+    """vrdma.image's build errors as the harness's: a missing tool, package or
+    download skips the QEMU tests (CapabilityMissing); a failed step fails them."""
+    try:
+        yield
+    except ToolMissing as exc:
+        raise CapabilityMissing(str(exc)) from exc
+    except BuildError as exc:
+        raise GuestImageError(str(exc)) from exc
+
+
 def kernel_package() -> str:
     """The versioned kernel image package that ``linux-image-amd64`` depends on."""
-    out = _run(["apt-cache", "depends", "linux-image-amd64"])
-    for line in out.splitlines():
-        m = re.match(r"\s*Depends:\s*(linux-image-\S+-amd64)\s*$", line)
-        if m:
-            return m.group(1)
-    raise GuestImageError(f"cannot find the kernel package in apt-cache depends output: {out!r}")
+    with _harness_errors():
+        return debs.kernel_package()
 
 
 def candidate_versions(packages: Sequence[str]) -> dict[str, str]:
     """Candidate version of each package according to apt (the cache key)."""
-    out = _run(["apt-cache", "policy", *packages])
-    versions: dict[str, str] = {}
-    current = None
-    for line in out.splitlines():
-        if line and not line.startswith(" ") and line.endswith(":"):
-            current = line[:-1]
-        elif current and line.strip().startswith("Candidate:"):
-            versions[current] = line.split(":", 1)[1].strip()
-    missing = [p for p in packages if versions.get(p) in (None, "(none)")]
-    if missing:
-        raise CapabilityMissing(f"apt has no candidate for {missing}")
-    return versions
+    with _harness_errors():
+        return debs.candidate_versions(packages)
 
 
 def _modules_in_order(root: str, release: str, wanted: Sequence[str]) -> list[str]:
     """Module paths (relative to lib/modules/<release>) in load order, dependencies first."""
-    moddir = os.path.join(root, "lib/modules", release)
-    deps: dict[str, list[str]] = {}
-    with open(os.path.join(moddir, "modules.dep")) as f:
-        for line in f:
-            path, _, rest = line.partition(":")
-            deps[path] = rest.split()
-    by_name = {os.path.basename(p).split(".ko")[0].replace("-", "_"): p for p in deps}
-    builtin = set()
-    bpath = os.path.join(moddir, "modules.builtin")
-    if os.path.exists(bpath):
-        with open(bpath) as f:
-            builtin = {os.path.basename(l.strip()).split(".ko")[0].replace("-", "_") for l in f}
-    order: list[str] = []
-
-    def visit(path: str, stack: tuple[str, ...]) -> None:
-        if path in order:
-            return
-        if path in stack:
-            raise GuestImageError(f"module dependency cycle through {path}")
-        for dep in deps.get(path, []):
-            visit(dep, stack + (path,))
-        order.append(path)
-
-    for name in wanted:
-        if name in builtin:
-            continue
-        if name not in by_name:
-            raise GuestImageError(f"module {name} not found in {moddir}/modules.dep")
-        visit(by_name[name], ())
-    return order
+    with _harness_errors():
+        return debs.modules_in_order(root, release, wanted)
 
 
 def _ldd_closure(root: str, files: Sequence[str]) -> dict[str, str]:
@@ -304,22 +276,11 @@ def build_image(cache_root: str = CACHE_ROOT) -> GuestImage:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if os.path.exists(os.path.join(out_dir, "DONE")):
             return image
-        debs = os.path.join(cache_root, "debs")
-        os.makedirs(debs, exist_ok=True)
-        want = [f"{p}={versions[p]}" for p in packages]
-        try:
-            _run(["apt-get", "download", *want], cwd=debs)
-        except GuestImageError as exc:
-            raise CapabilityMissing(f"apt-get download impossible: {exc}") from exc
         with tempfile.TemporaryDirectory(prefix="rxe-build-", dir=cache_root) as tmp:
             root = os.path.join(tmp, "root")
             os.makedirs(root)
-            for p in packages:
-                ver = versions[p].replace(":", "%3a")
-                matches = [d for d in os.listdir(debs) if d.startswith(f"{p}_{ver}_")]
-                if not matches:
-                    raise GuestImageError(f"downloaded .deb for {p}={versions[p]} not found in {debs}")
-                _run(["dpkg-deb", "-x", os.path.join(debs, matches[0]), root])
+            with _harness_errors():
+                debs.download_and_unpack(versions, os.path.join(cache_root, "debs"), root)
             _run(["depmod", "-b", root, release])
             with open(os.path.join(root, "boot", f"vmlinuz-{release}"), "rb") as f:
                 vmlinux = extract_vmlinux(f.read())
