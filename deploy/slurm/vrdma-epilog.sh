@@ -1,7 +1,8 @@
 #!/bin/sh
 # Slurm Epilog (root, on the node, at job end): stop the job's vrdma daemon (SIGTERM: it
 # closes every guest's connection and releases their memory; SIGKILL after 10 s) and remove
-# its directory, so nothing of the job is left for the next one.
+# its directory, so nothing of the job is left for the next one. The daemon writes its
+# last accounting rows as it exits; $VRDMA_STATE/job$SLURM_JOB_ID/accounting.db stays.
 set -u
 RUN=${VRDMA_RUN:-/run/vrdma}
 job=${SLURM_JOB_ID:?}

@@ -3,12 +3,17 @@
 # private vrdma daemon running as the job's uid (so its guests are tenant SLURM_JOB_UID),
 # listening on $VRDMA_RUN/job$SLURM_JOB_ID/vrdma.sock (directory 0700, owned by the job's
 # user), admin socket next to it. vrdma-epilog.sh stops it and removes the directory.
+# The job's accounting (per tenant and operation: accelerator-seconds, jobs local and
+# remote, RDMA bytes, queue wait) goes to $VRDMA_STATE/job$SLURM_JOB_ID/accounting.db,
+# which outlives the job: `vrdma accounting --db .../accounting.db --format csv`.
 # Settings (environment of slurmd, or edit here):
 #   VRDMA_RUN      directory of the jobs' sockets (default /run/vrdma)
+#   VRDMA_STATE    directory of the jobs' accounting (default /var/lib/vrdma)
 #   VRDMA          the vrdma command (default: vrdma on PATH)
 #   VRDMA_ARGS     further backend options (e.g. --accelerators fft=1,turbo=1)
 set -eu
 RUN=${VRDMA_RUN:-/run/vrdma}
+STATE=${VRDMA_STATE:-/var/lib/vrdma}
 VRDMA=${VRDMA:-vrdma}
 SCONTROL=${SCONTROL:-scontrol}
 job=${SLURM_JOB_ID:?}
@@ -23,10 +28,15 @@ mkdir -p "$RUN"
 rm -rf "$dir"
 mkdir -m 0700 "$dir"
 chown "$uid:$gid" "$dir"
+state="$STATE/job$job"
+mkdir -p "$STATE"
+rm -rf "$state"
+mkdir -m 0700 "$state"
+chown "$uid:$gid" "$state"
 # the daemon: the job's uid, its own session, output to a log in the directory
 # shellcheck disable=SC2086
 setpriv --reuid="$uid" --regid="$gid" --clear-groups \
-  setsid $VRDMA backend --socket "$dir/vrdma.sock" --socket-mode 0600 ${VRDMA_ARGS:-} \
+  setsid $VRDMA backend --socket "$dir/vrdma.sock" --socket-mode 0600 --state-dir "$state" ${VRDMA_ARGS:-} \
   </dev/null >"$dir/daemon.log" 2>&1 &
 echo $! >"$dir/daemon.pid"
 i=0

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.ops.conftest import free_port
+from vrdma.accounting import query
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "slurm"
@@ -80,6 +81,7 @@ class MiniSlurm:
     def __init__(self, d: Path):
         self.d = d
         self.run = d / "run"
+        self.state = d / "acct"
         self.procs: list[subprocess.Popen] = []
         host = socket.gethostname().split(".")[0]
         (d / "state").mkdir()
@@ -87,6 +89,7 @@ class MiniSlurm:
         (d / "slurm.conf").write_text(_conf(d, host))
         shutil.copy(DEPLOY / "gres.conf", d / "gres.conf")
         env = {"SLURM_CONF": str(d / "slurm.conf"), "VRDMA_RUN": str(self.run),
+               "VRDMA_STATE": str(self.state),
                "VRDMA": f"{sys.executable} -m vrdma", "PYTHONPATH": str(ROOT),
                "VRDMA_ARGS": "--accelerators fft=1,turbo=1", "PATH": os.environ["PATH"]}
         _wrapper(d, "prolog.sh", "vrdma-prolog.sh", env)
@@ -180,7 +183,16 @@ def test_two_gres_jobs_each_get_a_private_daemon_released_at_job_end(slurm):
             time.sleep(0.1)
         assert not _alive(r["daemon_pid"])
         assert not (slurm.run / f"job{jid}").exists()
-        print("slurm job:", r)
+        # its accounting outlives it: the FFT and Turbo jobs and the RDMA bytes, tenant = its uid
+        rows = query(str(slurm.state / f"job{jid}" / "accounting.db"))
+        got = {(row["tenant"], row["op"], row["where"]): row for row in rows}
+        tenant = f"uid:{r['uid']}"
+        fft = got[(tenant, "fft", "local")]
+        assert fft["jobs"] >= 1 and fft["accel_seconds"] > 0, rows
+        assert any(op.startswith("turbo") and t == tenant and row["jobs"] >= 1
+                   for (t, op, _w), row in got.items()), rows
+        assert got[(tenant, "rdma", "local")]["bytes_received"] > 0, rows
+        print("slurm job:", r, "accounting:", rows)
         seen.append(r)
     assert seen[0]["daemon_pid"] != seen[1]["daemon_pid"] and seen[0]["socket"] != seen[1]["socket"]
     # a job without the GRES gets no daemon
