@@ -214,10 +214,37 @@ class Context(VerbsObject):
     def free(self, gpa: int) -> None:
         self.transport.free(gpa)
 
+    def alloc_mr(self, size: int, align: int = 4096) -> tuple[int, memoryview, list[tuple[int, int]]]:
+        """Zeroed memory for an MR: (driver address, view, page list of
+        (device address, length) chunks). Through the transport's optional
+        ``alloc_mr`` (contiguous only virtually: one chunk per physically
+        contiguous piece), else one :meth:`alloc` (one chunk)."""
+        am = getattr(self.transport, "alloc_mr", None)
+        if am is None:
+            gpa, view = self.alloc(size, align)
+            return self.uva_of(gpa), view, [(gpa, size)]
+        try:
+            uva, view, chunks = am(size, align)
+        except ValueError as e:
+            raise UserError(str(e)) from e
+        view[:] = bytes(size)
+        return uva, view, chunks
+
+    def free_mr(self, uva: int, gpa: int) -> None:
+        """Give back :meth:`alloc_mr`'s memory (``gpa``: its first chunk)."""
+        fm = getattr(self.transport, "free_mr", None)
+        if fm is None:
+            self.transport.free(gpa)
+        else:
+            fm(uva)
+
     def uva_of(self, gpa: int) -> int:
         return self.transport.uva_of(gpa)
 
     def view_of_uva(self, uva: int, length: int) -> memoryview:
+        vo = getattr(self.transport, "view_of_uva", None)
+        if vo is not None:  # the range may cross physically separate pieces of an MR
+            return vo(uva, length)
         return self._translate(self._uva_to_gpa(uva, length), length)
 
     # --- control queue ------------------------------------------------

@@ -3,7 +3,11 @@
 ``MR(pd, length, access)`` allocates ``length`` bytes (page aligned) and
 registers them; the MR's address (``buf``) is this process's virtual address
 of the buffer, which is also the iova that work requests and peers use, as
-with ibv_reg_mr.
+with ibv_reg_mr. The buffer is contiguous in that address space; the device
+gets it as a page list (REG_MR ``chunks``: one (device address, length) per
+physically contiguous piece, ``chunks``); more pieces than the device's
+``max_mr_chunks`` is a :class:`UserError` naming both numbers. ``gpa`` is
+the first chunk's device address.
 """
 from __future__ import annotations
 
@@ -27,14 +31,20 @@ class MR(VerbsObject):
         self.ctx = pd.ctx
         self.length = length
         self.access = int(access)
-        self.gpa, self.view = self.ctx.alloc(length, PAGE)
+        self.buf, self.view, self.chunks = self.ctx.alloc_mr(length, PAGE)
+        self.gpa = self.chunks[0][0]
         try:
-            self.buf = self.ctx.uva_of(self.gpa)
+            if len(self.chunks) > 1:
+                most = self.ctx.query_device().max_mr_chunks
+                if len(self.chunks) > most:
+                    raise UserError(f"a {length}-byte MR needs {len(self.chunks)} page-list chunks, more "
+                                    f"than the device's max_mr_chunks {most}")
             r = self.ctx.command(Cmd.REG_MR, pdn=pd.pdn, access=self.access, iova=self.buf, length=length,
-                                 nchunks=1, reserved=0, chunks=[dict(gpa=self.gpa, length=length)])
+                                 nchunks=len(self.chunks), reserved=0,
+                                 chunks=[dict(gpa=g, length=n) for g, n in self.chunks])
         except BaseException:
             self.view.release()
-            self.ctx.free(self.gpa)
+            self.ctx.free_mr(self.buf, self.gpa)
             self._abandon()
             raise
         self.lkey, self.rkey = r["lkey"], r["rkey"]
@@ -59,4 +69,4 @@ class MR(VerbsObject):
         finally:
             self.view.release()
             if not self.ctx.closed:
-                self.ctx.free(self.gpa)
+                self.ctx.free_mr(self.buf, self.gpa)

@@ -24,6 +24,14 @@ virtio-pci device without an IOMMU, an IOVA behind one. A *driver address*
 ("uva") is this process's virtual address of the same byte: guest_lib uses
 it as the iova of MRs and the address of SGEs, as ibv_reg_mr does.
 
+Optional members (looked up with getattr, so not in the protocol):
+``alloc_mr(size, align) -> (uva, view, chunks)`` / ``free_mr(uva)``: an
+MR buffer contiguous only in the driver's address space, with its page
+list ``chunks`` [(device address, length)] (one per physically contiguous
+piece) for REG_MR; ``view_of_uva(uva, length)``: a view of a driver range
+that may cross such pieces. Without them an MR is one :meth:`alloc` (one
+chunk), as for vhost-user, whose memfd is contiguous.
+
 Errors: a transport raises :class:`TransportError` (errno says why),
 :class:`DeviceGone` (``ENOTCONN``) once the device is known to be gone and
 :class:`WaitTimeout` (``ETIMEDOUT``) when a wait runs out. guest_lib maps all

@@ -13,13 +13,18 @@ CAP_SYS_ADMIN reveals the PFN, Documentation/admin-guide/mm/pagemap.rst).
 Huge pages reserved at boot (``hugepages=N`` on the kernel command line)
 are usually physically adjacent; pages adjacent both in the mapping and in
 physical memory form a *run* (:func:`contiguous_runs`), one
-:class:`~virtio.memory.MemoryRegion` at its physical address, with a
-first-fit allocator of its own. An allocation lies inside one run, so it is
-contiguous in device addresses (one REG_MR chunk): the largest allocation
-is the longest run (:attr:`HugeMemory.largest_run`); a larger one fails
-with a MemoryError that says so.
+:class:`~virtio.memory.MemoryRegion` at its physical address. One first-fit
+allocator hands out the mapping's virtual addresses. :meth:`HugeMemory.alloc`
+(rings, CQs, doorbells, command buffers) keeps an allocation inside one run,
+so it is contiguous in device addresses: the largest is the longest run
+(:attr:`HugeMemory.largest_run`), a larger one fails with a MemoryError that
+says so. :meth:`HugeMemory.alloc_mr` (MR buffers) needs only virtual
+contiguity: it prefers one run and otherwise takes a range spanning several,
+whose page list (:func:`page_list`: one (device address, length) chunk per
+physically contiguous piece) REG_MR carries.
 
-The parsers (:func:`pagemap_pfns`, :func:`contiguous_runs`) are pure.
+The parsers (:func:`pagemap_pfns`, :func:`contiguous_runs`,
+:func:`page_list`) are pure.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ import os
 import struct
 
 from guest_lib.transport import TransportError
+from virtio.errors import GuestMemoryError
 from virtio.memory import GuestMemory, MemoryRegion
 
 HUGEPAGE = 2 << 20
@@ -73,27 +79,54 @@ def contiguous_runs(phys: list[int], page: int = HUGEPAGE) -> list[tuple[int, in
     return runs
 
 
+def page_list(runs: list[tuple[int, int, int]], base: int, addr: int, length: int,
+              page: int = HUGEPAGE) -> list[tuple[int, int]]:
+    """The device-address chunks [(address, length)] of the mapped range
+    [addr, addr + length), the pages mapped from ``base`` on in ``runs``
+    order (:func:`contiguous_runs`): one chunk per run the range touches."""
+    if length <= 0:
+        raise HugeMemoryError(f"range length {length} must be positive", _errno.EINVAL)
+    end = addr + length
+    mapped = sum(n for _, n, _ in runs) * page
+    if addr < base or end > base + mapped:
+        raise HugeMemoryError(f"range {addr:#x}+{length:#x} is outside the mapping "
+                              f"{base:#x}+{mapped:#x}", _errno.EFAULT)
+    out: list[tuple[int, int]] = []
+    for first, n, phys in runs:
+        lo, hi = max(addr, base + first * page), min(end, base + (first + n) * page)
+        if lo < hi:
+            out.append((phys + lo - base - first * page, hi - lo))
+    return out
+
+
 class RunAllocator:
-    """First-fit allocation inside one run [start, end) of device addresses
-    (vhost_user's GpaAllocator does the same for a process guest; guest_lib's
-    PCI path does not import vhost_user)."""
+    """First-fit allocation inside [start, end), optionally only inside given
+    windows (the runs) (vhost_user's GpaAllocator does the same for a process
+    guest; guest_lib's PCI path does not import vhost_user)."""
 
     def __init__(self, start: int, end: int):
         self._free: list[list[int]] = [[start, end]]  # sorted, coalesced [start, end)
         self._used: dict[int, int] = {}
 
-    def alloc(self, size: int, align: int) -> int:
+    def alloc(self, size: int, align: int, within: list[tuple[int, int]] | None = None) -> int:
+        """The first ``align``-aligned ``size`` bytes free (and inside one of
+        the ``within`` windows [start, end), when given)."""
         if size <= 0:
             raise ValueError(f"allocation size {size} must be positive")
         if align <= 0 or align & (align - 1):
             raise ValueError(f"alignment {align} is not a power of two")
         for i, (s, e) in enumerate(self._free):
-            a = (s + align - 1) & ~(align - 1)
-            if a + size <= e:
-                self._free[i:i + 1] = [x for x in ([s, a], [a + size, e]) if x[0] < x[1]]
-                self._used[a] = size
-                return a
+            for ws, we in within if within is not None else [(s, e)]:
+                a = (max(s, ws) + align - 1) & ~(align - 1)
+                if a + size <= min(e, we):
+                    self._free[i:i + 1] = [x for x in ([s, a], [a + size, e]) if x[0] < x[1]]
+                    self._used[a] = size
+                    return a
         raise MemoryError(f"no {size}-byte block (align {align})")
+
+    @property
+    def free_bytes(self) -> int:
+        return sum(e - s for s, e in self._free)
 
     def free(self, addr: int) -> None:
         size = self._used.pop(addr)
@@ -142,9 +175,11 @@ class HugeMemory:
             raise HugeMemoryError(f"memory size {size} must be positive", _errno.EINVAL)
         self.size = -(-size // HUGEPAGE) * HUGEPAGE
         self.mem = GuestMemory()
-        self._allocators: list[RunAllocator] = []
+        self._alloc: RunAllocator | None = None
+        self._windows: list[tuple[int, int]] = []  # each run's virtual range
         self.runs: list[tuple[int, int, int]] = []
-        self._owner: dict[int, RunAllocator] = {}
+        self._owner: dict[int, int] = {}  # device address -> virtual address, of alloc()
+        self._mrs: set[int] = set()  # virtual addresses, of alloc_mr()
         self._locked = False
         self._fd = -1
         #: the address range the pages are placed in: a Python mmap owns it, so
@@ -196,7 +231,8 @@ class HugeMemory:
                 off = first_page * HUGEPAGE
                 self.mem.add(MemoryRegion.from_buffer(self._view[off:off + n * HUGEPAGE], gpa=start,
                                                       uva=self.uva + off))
-                self._allocators.append(RunAllocator(start, start + n * HUGEPAGE))
+                self._windows.append((self.uva + off, self.uva + off + n * HUGEPAGE))
+            self._alloc = RunAllocator(self.uva, self.uva + self.size)
         except BaseException:
             self.close()
             raise
@@ -219,23 +255,66 @@ class HugeMemory:
     def largest_run(self) -> int:
         return max((n for _, n, _ in self.runs), default=0) * HUGEPAGE
 
+    def _allocator(self) -> RunAllocator:
+        if self._alloc is None:
+            raise HugeMemoryError("the huge-page memory is closed", _errno.EBADF)
+        return self._alloc
+
     def alloc(self, size: int, align: int) -> int:
-        for a in self._allocators:
-            try:
-                gpa = a.alloc(size, align)
-            except MemoryError:
-                continue
-            self._owner[gpa] = a
-            return gpa
-        raise MemoryError(f"no {size}-byte block (align {align}) contiguous in physical memory: the "
-                          f"longest run of adjacent huge pages is {self.largest_run >> 20} MiB "
-                          f"({len(self.runs)} runs in {self.size >> 20} MiB)")
+        """``size`` bytes contiguous in physical memory (inside one run): the
+        device address."""
+        try:
+            uva = self._allocator().alloc(size, align, self._windows)
+        except MemoryError:
+            raise MemoryError(f"no {size}-byte block (align {align}) contiguous in physical memory: the "
+                              f"longest run of adjacent huge pages is {self.largest_run >> 20} MiB "
+                              f"({len(self.runs)} runs in {self.size >> 20} MiB)") from None
+        gpa = self.mem.uva_to_gpa(uva, size)
+        self._owner[gpa] = uva
+        return gpa
 
     def free(self, gpa: int) -> None:
-        a = self._owner.pop(gpa, None)
-        if a is None:
+        uva = self._owner.pop(gpa, None)
+        if uva is None:
             raise ValueError(f"device address {gpa:#x} was not allocated")
-        a.free(gpa)
+        self._allocator().free(uva)
+
+    def alloc_mr(self, size: int, align: int = PAGE) -> tuple[int, memoryview, list[tuple[int, int]]]:
+        """An MR buffer: ``size`` bytes contiguous in this process's address
+        space, inside one run if one has room, else across several:
+        (virtual address, a view of it, its page list)."""
+        a = self._allocator()
+        try:
+            uva = a.alloc(size, align, self._windows)
+        except MemoryError:
+            try:
+                uva = a.alloc(size, align)
+            except MemoryError:
+                raise MemoryError(f"no {size}-byte range of free huge pages for the MR: {a.free_bytes} of "
+                                  f"{self.size} bytes free ({len(self.runs)} runs)") from None
+        self._mrs.add(uva)
+        return uva, self.view_of_uva(uva, size), self.gpa_chunks(uva, size)
+
+    def free_mr(self, uva: int) -> None:
+        if uva not in self._mrs:
+            raise ValueError(f"virtual address {uva:#x} is not an MR buffer")
+        self._mrs.discard(uva)
+        self._allocator().free(uva)
+
+    def gpa_chunks(self, uva: int, length: int) -> list[tuple[int, int]]:
+        """The page list of [uva, uva + length): (device address, length) per
+        physically contiguous piece."""
+        return page_list(self.runs, self.uva, uva, length)
+
+    def view_of_uva(self, uva: int, length: int) -> memoryview:
+        """A view of [uva, uva + length), anywhere in the mapping (it may
+        cross runs)."""
+        if self._view is None:
+            raise HugeMemoryError("the huge-page memory is closed", _errno.EBADF)
+        if length < 0 or uva < self.uva or uva + length > self.uva + self.size:
+            raise GuestMemoryError(f"range {uva:#x}+{length:#x} is outside the huge-page mapping "
+                                   f"{self.uva:#x}+{self.size:#x}")
+        return self._view[uva - self.uva:uva - self.uva + length]
 
     def uva_of(self, gpa: int) -> int:
         r = self.mem.region_of(gpa)
@@ -248,8 +327,10 @@ class HugeMemory:
     def close(self) -> None:
         """Unmap and free the pages (the device must have stopped using them)."""
         self.mem.close()
-        self._allocators.clear()
+        self._alloc = None
+        self._windows.clear()
         self._owner.clear()
+        self._mrs.clear()
         if self._locked:
             _libc.munlock(ctypes.c_void_p(self.uva), ctypes.c_size_t(self.size))
             self._locked = False

@@ -129,6 +129,8 @@ class UserspaceDriver:
         self.counters["hugepages"] = self.mem.size // HUGE_PAGE
         mem = self.mem
         self.alloc, self.free, self.uva_of = mem.alloc, mem.free, mem.uva_of
+        # the seam's optional members: MR buffers as page lists across runs
+        self.alloc_mr, self.free_mr, self.view_of_uva = mem.alloc_mr, mem.free_mr, mem.view_of_uva
         self.translate, self.uva_to_gpa = mem.mem.translate, mem.mem.uva_to_gpa
         if not self._reset():
             raise self.error(f"{self.name}: the device status did not read 0 after reset")

@@ -20,6 +20,7 @@ from guest_lib.transports.hugemem import (
     HugeMemoryError,
     RunAllocator,
     contiguous_runs,
+    page_list,
     pagemap_pfns,
 )
 from guest_lib.transports.pci import (
@@ -136,6 +137,66 @@ def test_contiguous_runs():
         contiguous_runs([H + 4096])
 
 
+def test_page_list_of_fake_page_tables():
+    """Chunks of a virtually contiguous range over runs of physical pages: one
+    per run touched, cut at the range's ends."""
+    H = HUGEPAGE
+    base = 0x7F00_0000_0000
+    runs = contiguous_runs([10 * H, 11 * H, 4 * H, 20 * H, 21 * H])  # 3 runs: 2, 1, 2 pages
+    assert page_list(runs, base, base, 5 * H) == [(10 * H, 2 * H), (4 * H, H), (20 * H, 2 * H)]
+    assert page_list(runs, base, base + 4096, 8192) == [(10 * H + 4096, 8192)]  # inside one run
+    # across the first boundary: the tail of run 0, the head of run 1
+    assert page_list(runs, base, base + 2 * H - 100, 300) == [(11 * H + H - 100, 100), (4 * H, 200)]
+    assert page_list(runs, base, base + 3 * H - 1, H + 2) == [(5 * H - 1, 1), (20 * H, H + 1)]
+    for bad in ((base - 1, 10), (base + 5 * H - 4, 8)):
+        with pytest.raises(HugeMemoryError, match="outside the mapping"):
+            page_list(runs, base, *bad)
+    with pytest.raises(HugeMemoryError, match="must be positive"):
+        page_list(runs, base, base, 0)
+
+
+@given(st.lists(st.booleans(), min_size=1, max_size=40), st.integers(0, 80 * 4096), st.integers(1, 80 * 4096))
+def test_page_list_covers_the_range_exactly(adjacent, start, length):
+    """For any page table, the chunks add up to the range, in order, each
+    inside one run, and byte i of the range is at the device address that
+    the page table gives."""
+    P = 4096
+    phys, p = [], 100 * P
+    for adj in adjacent:
+        p = p + P if adj else p + 7 * P
+        phys.append(p)
+    runs = contiguous_runs(phys, P)
+    mapped = len(phys) * P
+    if start + length > mapped:
+        with pytest.raises(HugeMemoryError):
+            page_list(runs, 0, start, length, P)
+        return
+    chunks = page_list(runs, 0, start, length, P)
+    assert sum(n for _, n in chunks) == length and len(chunks) <= len(runs)
+    off = start
+    for g, n in chunks:
+        for i in (0, n - 1):  # first and last byte of each chunk
+            assert g + i == phys[(off + i) // P] + (off + i) % P
+        off += n
+
+
+def test_run_allocator_inside_windows():
+    """alloc(within=...) keeps a block inside one window (a run); without
+    it a block may span them (an MR's buffer)."""
+    a = RunAllocator(0, 0x6000)
+    runs = [(0, 0x2000), (0x2000, 0x4000), (0x4000, 0x6000)]
+    x = a.alloc(0x1000, 0x1000, runs)
+    with pytest.raises(MemoryError):
+        a.alloc(0x3000, 0x1000, runs)  # longer than any window
+    y = a.alloc(0x3000, 0x1000)  # spans windows
+    assert (x, y) == (0, 0x1000)
+    assert a.alloc(0x1800, 0x800, runs) == 0x4000  # 0x1000..0x4000 used: the next window with room
+    assert a.free_bytes == 0x6000 - 0x1000 - 0x3000 - 0x1800
+    for b in (x, y, 0x4000):
+        a.free(b)
+    assert a.free_bytes == 0x6000
+
+
 def test_run_allocator():
     a = RunAllocator(0x1000, 0x5000)
     x = a.alloc(0x1000, 0x1000)
@@ -173,6 +234,20 @@ def test_huge_memory_on_this_host():
         assert m.mem.uva_to_gpa(uva, 5) == gpa and bytes(m.mem.translate(gpa, 5)) == b"hello"
         with pytest.raises(MemoryError, match="longest run of adjacent huge pages"):
             m.alloc(m.largest_run + 4096, 4096)
+        # an MR buffer: contiguous virtually, a page list of the runs it spans
+        buf, view, chunks = m.alloc_mr(m.size - 8192)
+        assert buf == uva + 8192 and len(view) == m.size - 8192
+        assert chunks == page_list(m.runs, m.uva, buf, m.size - 8192)
+        assert sum(n for _, n in chunks) == len(view)
+        view[-5:] = b"world"
+        last_gpa, last_n = chunks[-1]
+        assert bytes(m.mem.translate(last_gpa + last_n - 5, 5)) == b"world"  # by device address
+        with pytest.raises(MemoryError, match="no 8192-byte range of free huge pages for the MR"):
+            m.alloc_mr(8192)
+        view.release()
+        m.free_mr(buf)
+        with pytest.raises(ValueError, match="not an MR buffer"):
+            m.free_mr(buf)
         m.free(gpa)
     finally:
         m.close()
