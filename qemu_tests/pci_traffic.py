@@ -6,7 +6,11 @@ against a host peer (a process guest) on the same daemon.
 side: it listens on TCP PORT, takes the peer's connection, exchanges QP
 info (JSON lines), then does SEND with immediate (the peer answers with a
 SEND), RDMA WRITE of 256 KiB, RDMA READ, FETCH_AND_ADD and CMP_AND_SWAP,
-each checked, and ITERS 64-byte SEND ping-pongs, timed; it prints one line
+each checked, then (PCI) an RDMA WRITE from and a READ into an MR larger
+than the longest run of physically adjacent huge pages, across its first
+page-list boundary (the pool is fragmented first: every fourth free huge
+page is held, so no run is longer than three pages), and ITERS 64-byte
+SEND ping-pongs, timed; it prints one line
 ``RESULT {json}`` (latency, the transport's counters). :func:`peer` is the
 passive side, run by the test on the host (or ``peer DEVICE HOST PORT
 ITERS`` in a second guest); it checks what was written into its memory.
@@ -71,7 +75,82 @@ def _peer_info(d: dict) -> dict:
     return dict(d, gid=bytes.fromhex(d["gid"]))
 
 
+PEER_SCRATCH = 655360  # 256 KiB of the peer's 1 MiB MR that it does not check
+OWN_SCRATCH = 786432  # the last 256 KiB of the active side's 1 MiB MR
+
+
+def _fragment_hugepages(keep_every: int = 4) -> list:
+    """Take every free huge page (one mapping each), then give back all but
+    every ``keep_every``-th in physical order: the pages a driver gets next
+    form runs of at most ``keep_every - 1`` adjacent pages. Returns the held
+    ones (close them to give them back)."""
+    from guest_lib.transports.hugemem import HUGEPAGE, HugeMemory, HugeMemoryError
+    from virtio.memory import free_hugepages
+
+    pages: list[HugeMemory] = []
+    for _ in range(free_hugepages()):
+        try:
+            m = HugeMemory(HUGEPAGE)
+        except HugeMemoryError:
+            break  # fewer than counted: what we got
+        pages.append(m)
+    pages.sort(key=lambda m: m.runs[0][2])
+    held = [m for i, m in enumerate(pages) if i % keep_every == keep_every - 1]
+    for i, m in enumerate(pages):
+        if i % keep_every != keep_every - 1:
+            m.close()
+    return held
+
+
+def _page_list_mr(g: RcEndpoint, peer: dict) -> dict | None:
+    """An MR one huge page longer than the longest run: registered as a page
+    list; 256 KiB across its first chunk boundary go to the peer by RDMA WRITE
+    (read back into the one-chunk MR) and come back by RDMA READ into the
+    page-list MR across the boundary at another offset."""
+    from guest_lib import MR
+    from guest_lib.transports.hugemem import HUGEPAGE
+
+    mem = getattr(g.ctx.transport, "mem", None)
+    if mem is None:
+        return None  # a process guest: one memfd, every MR one chunk
+    size = mem.largest_run + HUGEPAGE
+    qp, n = g.qp, len(WRITE_DATA)
+    mr = MR(g.pd, size)
+    try:
+        c0 = mr.chunks[0][1]
+        src, dst = c0 - n // 2, c0 - n // 3
+        mr.write(WRITE_DATA, offset=src)
+        qp.post_send(SendWR(wr_id=6, opcode=WrOpcode.RDMA_WRITE, sg=[SGE(mr.buf + src, n, mr.lkey)],
+                            remote_addr=peer["addr"] + PEER_SCRATCH, rkey=peer["rkey"]))
+        g.poll_one(30)
+        own = SGE(g.mr.buf + OWN_SCRATCH, n, g.mr.lkey)
+        qp.post_send(SendWR(wr_id=7, opcode=WrOpcode.RDMA_READ, sg=[own],
+                            remote_addr=peer["addr"] + PEER_SCRATCH, rkey=peer["rkey"]))
+        g.poll_one(30)
+        wrote = g.mr.read(n, OWN_SCRATCH) == WRITE_DATA
+        qp.post_send(SendWR(wr_id=8, opcode=WrOpcode.RDMA_READ, sg=[SGE(mr.buf + dst, n, mr.lkey)],
+                            remote_addr=peer["addr"] + PEER_SCRATCH, rkey=peer["rkey"]))
+        g.poll_one(30)
+        read = mr.read(n, dst) == WRITE_DATA
+        return {"size": size, "chunks": len(mr.chunks), "first_chunk": c0, "largest_run": mem.largest_run,
+                "runs": [k for _, k, _ in mem.runs], "write_ok": wrote, "read_ok": read,
+                "boundary_crossed": src < c0 < src + n and dst < c0 < dst + n}
+    finally:
+        mr.close()
+
+
 def active(device: str, port: int, iters: int) -> dict:
+    held = _fragment_hugepages() if device.startswith("pci:") else []
+    try:
+        r = _active(device, port, iters)
+    finally:
+        for m in held:
+            m.close()
+    r["held_hugepages"] = len(held)
+    return r
+
+
+def _active(device: str, port: int, iters: int) -> dict:
     g = RcEndpoint(device, 1 << 20)
     srv = socket.create_server(("0.0.0.0", port))  # noqa: S104  the guest's user-network port
     try:
@@ -109,6 +188,7 @@ def active(device: str, port: int, iters: int) -> dict:
         g.poll_one(30)
         olds = struct.unpack("<QQ", mr.read(16, 700000))
         assert olds == (1000, 1005), f"atomics saw {olds}"
+        page_list = _page_list_mr(g, peer)
         _send(f, {"done": True})
         assert _recv(f).get("verified"), "the peer did not verify"
         # 64-byte SEND ping-pong: half the round trip is the latency
@@ -121,7 +201,7 @@ def active(device: str, port: int, iters: int) -> dict:
             rtts.append(time.perf_counter() - t)
             assert WcOpcode.RECV in got
         result = {"verified": ["SEND_WITH_IMM", "RDMA_WRITE", "RDMA_READ", "FETCH_AND_ADD", "CMP_AND_SWP"],
-                  "big_mr": _big_mr(g), "second_driver": _second_driver(device, g),
+                  "page_list": page_list, "big_mr": _big_mr(g), "second_driver": _second_driver(device, g),
                   "iters": iters, "send64_half_rtt_us": statistics.median(rtts) / 2 * 1e6 if rtts else None,
                   "device": device, "features": g.ctx.features,
                   "local_gid": _info(g)["gid"], "remote_gid": peer["gid"].hex()}
@@ -153,9 +233,9 @@ def _second_driver(device: str, g: RcEndpoint) -> str | None:
 
 
 def _big_mr(g: RcEndpoint) -> dict:
-    """MRs past one 2 MiB page: 5 MiB (registered as one chunk when a run of
-    adjacent huge pages holds it) and 64 MiB, more than the driver's memory
-    (refused with a MemoryError naming the longest run: no page lists)."""
+    """MRs past one 2 MiB page: 5 MiB (registered: one chunk when a run of
+    adjacent huge pages holds it, else a page list) and 64 MiB, more than the
+    driver's memory (refused with a MemoryError saying how much is free)."""
     from guest_lib import MR
 
     out: dict = {}
