@@ -83,6 +83,9 @@ class RdmaDevice(VhostUserDevice):
         #: device resets by SET_STATUS 0 or every ring stopped (a guest driver's reset
         #: through its front-end)
         self.resets = 0
+        #: the counters of this device's earlier cores (one per reset), so the device's
+        #: totals (these plus ``core.metrics``) never go back when a driver resets it
+        self.retired_metrics: dict[str, int] = {}
 
     def attach(self, conn) -> None:
         super().attach(conn)
@@ -257,6 +260,9 @@ class RdmaDevice(VhostUserDevice):
             self.reset()
 
     def reset(self) -> None:
+        if self.core is not None:
+            for k, v in self.core.metrics.as_dict().items():
+                self.retired_metrics[k] = self.retired_metrics.get(k, 0) + v
         self._close_core()
         self.core = self._new_core()
         self._dbrec_poll = False

@@ -127,32 +127,31 @@ class DaemonView:
 
         return tracked
 
-    def _fold_core(self, label: str, core) -> None:
-        acc = self._retired.setdefault(label, {})
-        for k, v in core.metrics.as_dict().items():
-            acc[k] = acc.get(k, 0) + v
+    @staticmethod
+    def _totals(dev) -> dict[str, int]:
+        """A device's counters over its life: its earlier cores' (it was reset) and its core's."""
+        out = dict(getattr(dev, "retired_metrics", {}))
+        core = getattr(dev, "core", None)
+        if core is not None:
+            for k, v in core.metrics.as_dict().items():
+                out[k] = out.get(k, 0) + v
+        return out
 
     def _fold(self) -> dict[str, dict[str, int]]:
-        """Device counters per tenant: live cores plus everything retired."""
-        live = {}
-        for c, dev in self.devices():
-            live[dev] = (self.tenant(c.info.uid), dev.core)
-        for dev, (label, core) in list(self._seen.items()):
-            cur = live.get(dev)
-            if cur is None:  # gone (or never served): its cores' final counters are kept
-                last = getattr(dev, "core", None)
-                for k in {id(x): x for x in (core, last) if x is not None}.values():
-                    self._fold_core(label, k)
+        """Device counters per tenant: live devices plus everything retired."""
+        live = {dev: self.tenant(c.info.uid) for c, dev in self.devices()}
+        for dev, (label, _) in list(self._seen.items()):
+            if dev not in live:  # gone (or never served): its final counters are kept
+                acc = self._retired.setdefault(label, {})
+                for k, v in self._totals(dev).items():
+                    acc[k] = acc.get(k, 0) + v
                 del self._seen[dev]
-            elif core is not None and cur[1] is not core:  # reset: a new core
-                self._fold_core(label, core)
-        self._seen.update(live)
+        for dev, label in live.items():
+            self._seen[dev] = (label, None)
         out = {label: dict(v) for label, v in self._retired.items()}
-        for label, core in live.values():
-            if core is None:
-                continue
+        for dev, label in live.items():
             acc = out.setdefault(label, {})
-            for k, v in core.metrics.as_dict().items():
+            for k, v in self._totals(dev).items():
                 acc[k] = acc.get(k, 0) + v
         return out
 
