@@ -151,7 +151,8 @@ def test_venv_python_with_pyverbs_on_rxe0(host_root_image, tmp_path):
     assert run.returncode == 0, run.serial
     kv = _kv(run.output)
     assert kv["executable"] == sys.executable and kv["cwd"] == REPO_ROOT
-    assert kv["uverbs"] == "uverbs0" and kv["devices"] == "rxe0"
+    # /dev/infiniband: the verbs device, and rdma_cm (rdma_ucm is loaded for RDMA CM)
+    assert kv["uverbs"] == "rdma_cm,uverbs0" and kv["devices"] == "rxe0"
     assert kv["active"] == "1", run.output
     # GID 1 is the IPv4-mapped GID of eth0's address (198.51.100.9 = c633:6409)
     assert kv["gid1"] == "0000:0000:0000:0000:0000:ffff:c633:6409", run.output

@@ -178,8 +178,9 @@ def test_two_gres_jobs_each_get_a_private_daemon_released_at_job_end(slurm):
         assert r["socket"] == str(slurm.run / f"job{jid}" / "vrdma.sock")
         assert r["guest_uids"] == [r["uid"], r["uid"]]  # the job's uid is the tenant
         # released: the daemon is gone and so is its directory (sockets, pid file, log)
+        # (the epilog runs on the node after sbatch --wait returned: stop, then remove)
         deadline = time.monotonic() + 15
-        while _alive(r["daemon_pid"]) and time.monotonic() < deadline:
+        while (_alive(r["daemon_pid"]) or (slurm.run / f"job{jid}").exists()) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not _alive(r["daemon_pid"])
         assert not (slurm.run / f"job{jid}").exists()
