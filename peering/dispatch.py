@@ -75,7 +75,7 @@ from scheduler.decide import (
 )
 from scheduler.errors import NoCandidate
 from scheduler.table import DEFAULT_PERIOD, LoadRow, LoadTable, OwnSends
-from scheduler.wire import COUNTERS_SIZE, WireError, decode_counters, kind_name, store_counters
+from scheduler.wire import COUNTERS_SIZE, TornRead, WireError, decode_counters, kind_name, store_counters
 from virtio_rdma.accel import CORE_OP, AccelQueue, Entry, LocalTarget, RemoteTarget, need_bytes, route
 from virtio_rdma.constants import AccelOp
 
@@ -162,7 +162,8 @@ class DispatchMetrics:
     reads: int = 0             # RDMA READs posted (of a peer's counters, or of the board)
     reads_failed: int = 0      # completed in error, or their link went down (the host is marked down)
     reads_late: int = 0        # not back by the deadline (decided without them)
-    reads_bad: int = 0         # came back torn or malformed
+    reads_bad: int = 0         # came back malformed (its host left out of that decision)
+    reads_torn: int = 0        # raced the peer's update (its table row stood in, as a late read's)
     redispatched: int = 0      # given back by a failed host and placed again
     no_candidate: int = 0      # nobody could run it (NO_ACCELERATOR)
     publishes: int = 0         # counters region refreshed
@@ -560,6 +561,10 @@ class Dispatcher:
             try:
                 d.got[host] = decode_counters(buf, host, now)
                 self.transfer.read_rtt(host, now - t0)
+            except TornRead:
+                # the READ raced the peer's rewrite of its counters: nothing is wrong with the
+                # host, its table row stands in (as for a late read)
+                self.metrics.reads_torn += 1
             except WireError as ex:
                 self.metrics.reads_bad += 1
                 log.debug("counters READ of host %d: %s", host, ex)
