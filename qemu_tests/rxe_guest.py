@@ -56,7 +56,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Sequence
 
-from vrdma.image import cpio, debs
+from vrdma.image import cpio, debs, extensions
 from vrdma.image.errors import BuildError, ToolMissing
 from vrdma.image.vmlinux import extract_vmlinux
 
@@ -352,21 +352,7 @@ def _make_initramfs(root: str, release: str) -> bytes:
     return cpio.encode(entries)
 
 
-_EXT_SOURCES = (".pyx", ".pxd", ".pxi", ".h")
 EXT_BUILDS_KEPT = 4
-_SKIP_DIRS = {"build", "var", "__pycache__", "node_modules"}
-
-
-def _extension_sources(repo: str) -> list[str]:
-    """Repo-relative paths a Cython build reads: setup.py, .pyx/.pxd/.pxi/.h, package __init__."""
-    found = ["setup.py"]
-    for dirpath, dirnames, filenames in os.walk(repo):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in _SKIP_DIRS)
-        rel = os.path.relpath(dirpath, repo)
-        for name in sorted(filenames):
-            if name.endswith(_EXT_SOURCES) or (name == "__init__.py" and rel != "."):
-                found.append(os.path.normpath(os.path.join(rel, name)))
-    return found
 
 
 def portable_extensions(repo: str = REPO_ROOT, cache_root: str = CACHE_ROOT,
@@ -376,61 +362,17 @@ def portable_extensions(repo: str = REPO_ROOT, cache_root: str = CACHE_ROOT,
     Why: the in-place extensions are compiled with ``-march=native``; on a host with
     AVX-512 they use instructions QEMU's TCG does not emulate (7.2's ``-cpu max`` stops at
     AVX2), and the guest Python dies of SIGILL (``virtio_rdma._datapath`` already on import).
-    The repo's own setup.py runs with ``VRDMA_NATIVE=0`` on a staged copy of the sources
-    (the repo is never written), the resulting .so files are cached under
-    ``cache_root/ext-<key>/`` (the key hashes the sources, the interpreter, Cython, numpy).
+    The build is the guest image's (:func:`vrdma.image.extensions.build`: the repo's own
+    setup.py with ``VRDMA_NATIVE=0`` on a staged copy, cached by a hash of the sources),
+    kept in this harness's own cache.
 
     Returns {repo .so path: portable .so path} for every extension built in place on the
     host (one that is not has nothing to stand in for: the guest lacks it as the host does);
     ``RxeGuest(host_root=True)`` bind-mounts each portable file over the repo's in the
-    guest.  Raises GuestImageError if the build fails.
+    guest. A missing Cython/numpy skips (CapabilityMissing); a failed build is GuestImageError.
     """
-    try:
-        import Cython
-        import numpy
-    except ImportError as exc:
-        raise CapabilityMissing(f"cannot build portable extensions: {exc}") from exc
-    sources = _extension_sources(repo)
-    digest = hashlib.sha256()
-    for tag in (sys.version, sys.executable, Cython.__version__, numpy.__version__):
-        digest.update(tag.encode() + b"\0")
-    for rel in sources:
-        with open(os.path.join(repo, rel), "rb") as f:
-            digest.update(rel.encode() + b"\0" + hashlib.sha256(f.read()).digest())
-    out_dir = os.path.join(cache_root, "ext-" + digest.hexdigest()[:16])
-    os.makedirs(cache_root, exist_ok=True)
-    with open(os.path.join(cache_root, ".ext-lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.exists(os.path.join(out_dir, "DONE")):
-            with tempfile.TemporaryDirectory(prefix="ext-build-", dir=cache_root) as tmp:
-                src = os.path.join(tmp, "src")
-                for rel in sources:
-                    os.makedirs(os.path.join(src, os.path.dirname(rel)), exist_ok=True)
-                    shutil.copy2(os.path.join(repo, rel), os.path.join(src, rel))
-                env = {**os.environ, "VRDMA_NATIVE": "0"}
-                env.pop("VRDMA_ONLY", None)
-                _run([sys.executable, "setup.py", "-q", "build_ext", "--inplace", "-j", "2"],
-                     cwd=src, env=env, timeout=timeout)
-                stage = os.path.join(tmp, "out")
-                for dirpath, dirnames, filenames in os.walk(src):
-                    dirnames[:] = [d for d in dirnames if d != "build"]
-                    for name in filenames:
-                        if name.endswith(".so"):
-                            rel = os.path.relpath(os.path.join(dirpath, name), src)
-                            os.makedirs(os.path.join(stage, os.path.dirname(rel)), exist_ok=True)
-                            shutil.copy2(os.path.join(dirpath, name), os.path.join(stage, rel))
-                if not os.path.isdir(stage):
-                    raise GuestImageError(f"setup.py built no extension from {repo}")
-                open(os.path.join(stage, "DONE"), "w").close()
-                if os.path.exists(out_dir):
-                    shutil.rmtree(out_dir)
-                os.rename(stage, out_dir)
-        os.utime(out_dir)
-        # Keep the newest few builds (sources change while people work; each is ~10 MB).
-        builds = sorted((e for e in os.scandir(cache_root) if e.name.startswith("ext-")),
-                        key=lambda e: e.stat().st_mtime, reverse=True)
-        for old in builds[EXT_BUILDS_KEPT:]:
-            shutil.rmtree(old.path, ignore_errors=True)
+    with _harness_errors():
+        out_dir = extensions.build(repo, cache_root, timeout=timeout, kept=EXT_BUILDS_KEPT)
     binds: dict[str, str] = {}
     for dirpath, _, filenames in os.walk(out_dir):
         for name in sorted(filenames):

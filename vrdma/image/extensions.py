@@ -6,8 +6,8 @@ runs the repository's own setup.py with ``VRDMA_NATIVE=0`` on a staged copy of t
 sources (the repository is never written), for the packages the image ships
 (``VRDMA_ONLY``), and caches the .so files under ``cache_root/ext-<key>/`` (the key hashes
 the sources, the interpreter, Cython and numpy); every extension of the repository is
-built once and each image takes those of the packages it ships.  The harness does the same for its
-rxe guests (``qemu_tests.rxe_guest.portable_extensions``, same idea, its own cache).
+built once and each image takes those of the packages it ships.  The harness's rxe guests use the
+same build (:func:`build`, ``qemu_tests.rxe_guest.portable_extensions``) with their own cache.
 
 They are compiled by the interpreter running the build (CPython 3.11, the ABI tag
 ``cpython-311-x86_64-linux-gnu`` Debian's python3.11 loads) against that environment's
@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Sequence
 
 from .debs import run
-from .errors import ToolMissing
+from .errors import BuildError, ToolMissing
 
 _SOURCES = (".pyx", ".pxd", ".pxi", ".h")
 _SKIP_DIRS = {"build", "var", "__pycache__", "node_modules"}
@@ -52,24 +52,28 @@ def _extension_packages(repo: str) -> list[str]:
 BUILDS_KEPT = 3  # sources change while people work; each build is ~15 MB
 
 
-def prune(cache_root: str) -> None:
-    """Keep the ``BUILDS_KEPT`` most recently used extension builds."""
+def prune(cache_root: str, kept: int = BUILDS_KEPT) -> None:
+    """Keep the ``kept`` most recently used extension builds."""
     builds = sorted((e for e in os.scandir(cache_root) if e.name.startswith("ext-") and e.is_dir()
                      and not e.name.startswith("ext-build-")),
                     key=lambda e: e.stat().st_mtime, reverse=True)
-    for old in builds[BUILDS_KEPT:]:
+    for old in builds[kept:]:
         shutil.rmtree(old.path, ignore_errors=True)
 
 
-def portable_extensions(repo: str, packages: Sequence[str], cache_root: str,
-                        timeout: float = 900) -> dict[str, str]:
-    """{repo-relative .so path: cached portable .so} for the extensions of ``packages``."""
+def build(repo: str, cache_root: str, *, packages: Sequence[str] | None = None, timeout: float = 900,
+          kept: int = BUILDS_KEPT) -> str:
+    """Build (or reuse) every Cython extension of ``repo`` portable; the cache directory
+    holding them (``cache_root/ext-<key>/``, repo-relative paths). The key hashes the
+    sources of ``packages`` (default: every package with a Cython source), the interpreter,
+    Cython and numpy. Keeps the ``kept`` most recently used builds. ToolMissing without
+    Cython or numpy, BuildError if setup.py fails or builds nothing."""
     try:
         import Cython
         import numpy
     except ImportError as exc:
         raise ToolMissing(f"cannot build portable extensions: {exc}") from exc
-    sources = _sources(repo, _extension_packages(repo))
+    sources = _sources(repo, _extension_packages(repo) if packages is None else packages)
     digest = hashlib.sha256()
     for tag in (sys.version, sys.executable, Cython.__version__, numpy.__version__):
         digest.update(tag.encode() + b"\0")
@@ -92,6 +96,7 @@ def portable_extensions(repo: str, packages: Sequence[str], cache_root: str,
                     cwd=src, env=env, timeout=timeout)
                 stage = os.path.join(tmp, "out")
                 os.makedirs(stage)
+                count = 0
                 for dirpath, dirnames, filenames in os.walk(src):
                     dirnames[:] = [d for d in dirnames if d != "build"]
                     for name in filenames:
@@ -99,11 +104,22 @@ def portable_extensions(repo: str, packages: Sequence[str], cache_root: str,
                             rel = os.path.relpath(os.path.join(dirpath, name), src)
                             os.makedirs(os.path.join(stage, os.path.dirname(rel)), exist_ok=True)
                             shutil.copy2(os.path.join(dirpath, name), os.path.join(stage, rel))
+                            count += 1
+                if not count:
+                    raise BuildError(f"setup.py built no extension from {repo}")
                 open(os.path.join(stage, "DONE"), "w").close()
                 if os.path.exists(out_dir):
                     shutil.rmtree(out_dir)
                 os.rename(stage, out_dir)
         os.utime(out_dir)
+        prune(cache_root, kept)
+    return out_dir
+
+
+def portable_extensions(repo: str, packages: Sequence[str], cache_root: str,
+                        timeout: float = 900) -> dict[str, str]:
+    """{repo-relative .so path: cached portable .so} for the extensions of ``packages``."""
+    out_dir = build(repo, cache_root, timeout=timeout)
     built: dict[str, str] = {}
     for dirpath, _, filenames in os.walk(out_dir):
         for name in sorted(filenames):
