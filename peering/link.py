@@ -243,7 +243,32 @@ class _RingIndex:
     rq_pi = 1
 
 
-class PeerLink:
+class DeferredKick:
+    """``kick_soon`` for a link: after posting from outside the link's own
+    callbacks (a guest's job being placed), kick from the loop, once for every
+    post until then, so that nothing the pump completes runs inside the caller.
+    The link sets ``defer`` (``defer(fn, arg)`` runs soon on the loop; None: kick
+    at once) and ``_kick_due``, and its ``kick`` clears ``_kick_due``."""
+
+    defer: Any
+    _kick_due: bool
+
+    def kick(self, now: float) -> None:
+        raise NotImplementedError
+
+    def kick_soon(self, clock) -> None:
+        if self.defer is None:
+            self.kick(clock())
+        elif not self._kick_due:
+            self._kick_due = True
+            self.defer(self._deferred_kick, clock)
+
+    def _deferred_kick(self, clock) -> None:
+        if self._kick_due:
+            self.kick(clock())
+
+
+class PeerLink(DeferredKick):
     """The RC link to daemon ``peer`` (an IP address of the fabric)."""
 
     rq_posted = 0   # see _RingIndex
@@ -488,20 +513,6 @@ class PeerLink:
         self.pump(now)
         if self.notify is not None:
             self.notify()
-
-    def kick_soon(self, clock) -> None:
-        """After posting from outside the link's own callbacks (a guest's job
-        being placed): kick from the loop, once for every post until then, so
-        that nothing the pump completes runs inside the caller."""
-        if self.defer is None:
-            self.kick(clock())
-        elif not self._kick_due:
-            self._kick_due = True
-            self.defer(self._deferred_kick, clock)
-
-    def _deferred_kick(self, clock) -> None:
-        if self._kick_due:
-            self.kick(clock())
 
     def sink_window(self, key: int) -> None:
         """The job behind window ``key`` is gone: what the peer still WRITEs

@@ -86,7 +86,7 @@ import construct as cs
 import numpy as np
 
 from fabric.uverbs import KernelMr
-from peering.link import RECV_SLACK, LinkConfig, LinkOwner, LinkState
+from peering.link import RECV_SLACK, DeferredKick, LinkConfig, LinkOwner, LinkState
 from peering.wire import CONNECT_SIZE, MAX_MESSAGE, ConnectMsg, ConnectType, PeerWireError
 from roce.errors import TransportError
 from scheduler.board import counters_offset, inbound_base
@@ -400,7 +400,7 @@ class _Wr:
         self.bounce: Any = None
 
 
-class VerbsPeerLink:
+class VerbsPeerLink(DeferredKick):
     """The RC link to daemon ``peer`` over the verbs fabric ``fabric``."""
 
     def __init__(self, fabric, peer: str, owner: LinkOwner, *, incarnation: int, active: bool,
@@ -925,15 +925,7 @@ class VerbsPeerLink:
 
     def kick_soon(self, clock) -> None:
         self._clock = clock
-        if self.defer is None:
-            self.kick(clock())
-        elif not self._kick_due:
-            self._kick_due = True
-            self.defer(self._deferred_kick, clock)
-
-    def _deferred_kick(self, clock) -> None:
-        if self._kick_due:
-            self.kick(clock())
+        super().kick_soon(clock)
 
     def sink_window(self, key: int) -> None:
         self.table.sink(key)
