@@ -22,7 +22,6 @@ import errno
 import fcntl
 import logging
 import os
-import select
 import stat
 from dataclasses import dataclass, field
 from time import monotonic
@@ -90,16 +89,26 @@ def check_memory_fd(fd: int, desc: MemRegionDesc, *, require_seal: bool) -> None
             )
 
 
-def _unpollable(fd: int) -> str | None:
-    """Why ``fd`` cannot be watched by epoll (the event loop), or None if it can."""
-    ep = select.epoll()
+def _not_an_eventfd(fd: int) -> str | None:
+    """What ``fd`` is if it is not an eventfd (the only kind the spec passes for a
+    ring's kick, call and error notifications), or None if it is one.
+
+    Why it matters: a front-end could pass any fd, e.g. its own end of the vhost-user
+    socket; held as a ring's call fd it keeps the connection open from the inside,
+    so its EOF never arrives and the connection outlives the front-end. A regular
+    file or /dev/null cannot even be watched by the event loop."""
     try:
-        ep.register(fd, select.EPOLLIN)
-    except OSError as e:
-        return e.strerror or str(e)
-    finally:
-        ep.close()
-    return None
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:  # no /proc: tell the kinds fstat names (an eventfd is an anonymous inode)
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError as e:
+            return f"fstat failed: {e.strerror}"
+        kind = stat.S_IFMT(mode)
+        return None if kind == 0 else f"a file of type {kind:#o}"
+    if target == "anon_inode:[eventfd]":
+        return None
+    return target
 
 
 class Watcher(Protocol):
@@ -506,13 +515,16 @@ class BackendConnection:
             raise MessageError(f"{what}: no-fd flag set but {len(msg.fds)} file descriptor(s) passed")
         if not nofd and len(msg.fds) != 1:
             raise MessageError(f"{what}: expected 1 file descriptor, got {len(msg.fds)}")
-        return v, None if nofd else self._take_fd(msg)
+        if nofd:
+            return v, None
+        fd = self._take_fd(msg)
+        if (kind := _not_an_eventfd(fd)) is not None:
+            os.close(fd)
+            raise ProtocolError(f"{what}: ring {v.index}: the fd is not an eventfd ({kind})")
+        return v, fd
 
     def _h_set_vring_kick(self, msg):
         v, fd = self._fd_request(msg, "SET_VRING_KICK")
-        if fd is not None and (err := _unpollable(fd)) is not None:
-            os.close(fd)   # a regular file or /dev/null: the event loop could never watch it
-            raise ProtocolError(f"SET_VRING_KICK: ring {v.index}: the kick fd cannot be polled ({err})")
         if v.started:
             self.watcher.unwatch_kick(v)
         v.set_kick(fd)

@@ -90,3 +90,36 @@ def test_a_kick_fd_that_cannot_be_polled_is_a_protocol_error(daemon):
         c.close()
     finally:
         t._close_fds()
+
+
+@pytest.mark.parametrize("kind", ["own socket", "pipe"])
+def test_a_ring_fd_that_is_not_an_eventfd_is_a_protocol_error(daemon, kind):
+    """A front-end that passes its own end of the vhost-user socket as a ring's
+    call fd: held by the daemon, it kept the connection open from the inside, so
+    the front-end's close never reached the daemon as EOF and the connection
+    (socket, rings, memory) outlived it. Kick, call and error fds must be
+    eventfds: anything else closes that connection with a protocol error, the fd
+    is released, and the daemon serves on."""
+    time.sleep(0.3)
+    base = daemon.fds()
+    for req in (R.SET_VRING_CALL, R.SET_VRING_ERR, R.SET_VRING_KICK):
+        c = FuzzConnection(daemon.path, 5)
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            assert c.call(R.GET_FEATURES) is not None
+            bad = c.sock.fileno() if kind == "own socket" else r
+            c.send(req, VERSION, struct.pack("<Q", 0), [bad])
+            while c._recv_some():
+                pass
+            assert c.closed_by_peer, f"{R(req).name} with {kind} as its fd was accepted"
+        finally:
+            c.close()
+            os.close(r)
+            os.close(w)
+    after = settle(daemon.fds, base, timeout=2.0)
+    assert after == base, daemon.fd_targets()
+    daemon.scan_log()
+    assert daemon.tracebacks == 0, daemon.first_traceback
+    c = FuzzConnection(daemon.path, 5)
+    assert c.call(R.GET_FEATURES) is not None
+    c.close()
