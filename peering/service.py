@@ -98,7 +98,8 @@ class Peering:
     def __init__(self, fabric: RoceFabric | VerbsFabric, router: AccelRouter, peers: list[str], *,
                  credits: int = DEFAULT_CREDITS, config: LinkConfig | None = None,
                  clock: Callable[[], float] = monotonic, job_timeout: float = DEFAULT_JOB_TIMEOUT,
-                 policy: str | None = None, load_period: float = DEFAULT_PERIOD):
+                 policy: str | None = None, load_period: float = DEFAULT_PERIOD,
+                 link_key: bytes | None = None):
         self.fabric = fabric
         self.router = router
         self.clock = clock
@@ -125,10 +126,14 @@ class Peering:
                 self.dispatcher.region = aligned
         for host, addr in enumerate(check_peers(peers, fabric.address), 1):
             def link_factory(target, addr=addr):
-                kind = VerbsPeerLink if self.verbs else PeerLink
-                link = kind(fabric, addr, target, incarnation=self.incarnation,
-                            active=me.packed < ipaddress.ip_address(addr).packed, credits=credits,
-                            ops=self.ops, config=self.config)
+                active = me.packed < ipaddress.ip_address(addr).packed
+                link: PeerLink | VerbsPeerLink
+                if self.verbs:
+                    link = VerbsPeerLink(fabric, addr, target, incarnation=self.incarnation, active=active,
+                                         credits=credits, ops=self.ops, config=self.config, key=link_key)
+                else:
+                    link = PeerLink(fabric, addr, target, incarnation=self.incarnation, active=active,
+                                    credits=credits, ops=self.ops, config=self.config)
                 link.notify = self._rearm
                 if self.dispatcher is not None:
                     link.counters = self.dispatcher.region
@@ -142,7 +147,7 @@ class Peering:
         if isinstance(fabric, RoceFabric):
             fabric.gsi = self.on_gsi
         else:
-            self.listener = CmListener(fabric, self._verbs_link, clock=clock,
+            self.listener = CmListener(fabric, self._verbs_link, clock=clock, key=link_key,
                                        links=lambda: [t.link for t in self.targets.values()])
 
     def _verbs_link(self, address: str):

@@ -27,6 +27,23 @@ through the same calls (``send``/``write``/``read``/``fetch_add``, ``table``,
   fail). The QPs are "external" to the CM (made on the fabric's context,
   the CM only exchanges their numbers), so the windows below can be
   registered with a chosen IOVA (:class:`fabric.uverbs.KernelMr`).
+* **Authentication** (``vrdma backend --fabric verbs --cluster-key FILE``;
+  every daemon of the cluster the same key). Without a key the hello is
+  taken on trust: anyone who can reach the listener can claim to be a peer
+  (and be sent that peer's jobs). With one, each link's handshake key
+  (:func:`derive_link_key`: HMAC-SHA256 of the cluster key and
+  :data:`LINK_KEY_LABEL`, used for nothing else) makes it challenge-response:
+  the hello carries a 16-byte tag bound to the listener's address (52 of a
+  REQ's 56 bytes), checked before the address it names is looked at; the REP
+  carries the passive side's ConnectMsg, a fresh 16-byte challenge and a tag
+  over them and the hello (the active side checks it); the active side's
+  first SEND carries its ConnectMsg and a tag over the whole exchange,
+  challenge included, and the passive side is UP only if it checks. A
+  replayed hello is stale (its incarnation and attempt are not newer) or, on
+  a link that is DOWN, cannot answer the new challenge. Refusals are counted
+  (``auth_failures`` on the listener and on the link). The RDMA traffic of an
+  UP link is not authenticated (verbs RC gives no such thing): the key keeps
+  an off-path host from joining, not an on-path one from tampering.
 * **Liveness**: a CM DISCONNECTED (active side: its own event channel),
   a connection that does not complete within ``connect_timeout``, or an
   error completion (the QP is in ERR: retry budget exceeded, a remote
@@ -74,9 +91,12 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
+import hmac
 import ipaddress
 import logging
 import os
+import secrets
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from itertools import count
@@ -109,8 +129,15 @@ REP_PRIVATE_DATA = 196
 MAX_PEER_CREDITS = 1024
 #: send work requests in flight on one link QP
 SEND_DEPTH = 2048
-#: bytes of a send or receive slot: a link message, or the active side's ConnectMsg (its first SEND)
-SLOT = -(-max(MAX_MESSAGE, CONNECT_SIZE) // 64) * 64
+#: with a link key (``--cluster-key``): the tags of the authenticated handshake, and the
+#: passive side's challenge (see "Authentication" in the module doc)
+TAG = 16
+NONCE = 16
+#: the label a link key is derived from the cluster key with (no other use shares it)
+LINK_KEY_LABEL = b"vrdma verbs peer link handshake v1"
+#: bytes of a send or receive slot: a link message, or the active side's ConnectMsg (its first
+#: SEND, tagged when the links are keyed)
+SLOT = -(-max(MAX_MESSAGE, CONNECT_SIZE + TAG) // 64) * 64
 #: RDMA READs and atomics in flight each way
 RD_ATOMIC = 16
 _RECV_BIT = 1 << 63
@@ -171,6 +198,69 @@ class ReqHello:
         else:
             raise PeerWireError(f"connect request address family {h.family}", "family")
         return cls(h.incarnation, h.attempt, addr)
+
+
+assert HELLO_SIZE + TAG <= REQ_PRIVATE_DATA and CONNECT_SIZE + NONCE + TAG <= REP_PRIVATE_DATA
+
+
+# --------------------------------------------------------------------------
+# The authenticated handshake (pure: keys, tags, checks)
+# --------------------------------------------------------------------------
+def derive_link_key(cluster_key: bytes) -> bytes:
+    """The links' handshake key of a cluster key (``vrdma keygen``; 32 bytes)."""
+    if len(cluster_key) != 32:
+        raise VerbsLinkError(f"cluster key is {len(cluster_key)} bytes, not 32")
+    return hmac.new(cluster_key, LINK_KEY_LABEL, hashlib.sha256).digest()
+
+
+def _tag(key: bytes, label: bytes, *parts: bytes) -> bytes:
+    h = hmac.new(key, label, hashlib.sha256)
+    for part in parts:  # length-prefixed: no two splits of the same bytes give one tag
+        h.update(len(part).to_bytes(2, "big"))
+        h.update(part)
+    return h.digest()[:TAG]
+
+
+def _packed(address: str) -> bytes:
+    return ipaddress.ip_address(address).packed
+
+
+def sealed_hello(key: bytes, hello: bytes, to: str) -> bytes:
+    """The REQ's private data with a link key: the hello and its tag, bound to the
+    listener's address ``to`` (a hello for one daemon is refused by another)."""
+    return hello + _tag(key, b"req", hello, _packed(to))
+
+
+def open_hello(key: bytes, private: bytes, me: str) -> bytes:
+    """The hello of a keyed REQ received by the listener on ``me``; PeerWireError
+    (field ``tag``) if its tag is missing or wrong."""
+    hello, tag = bytes(private[:HELLO_SIZE]), bytes(private[HELLO_SIZE:HELLO_SIZE + TAG])
+    if len(tag) < TAG or not hmac.compare_digest(tag, _tag(key, b"req", hello, _packed(me))):
+        raise PeerWireError("connect request without a valid tag (no key, or another cluster's)", "tag")
+    return hello
+
+
+def sealed_reply(key: bytes, hello: bytes, reply: bytes, nonce: bytes) -> bytes:
+    """The REP's private data with a link key: the passive side's ConnectMsg, its fresh
+    challenge, and a tag over both and the request they answer."""
+    return reply + nonce + _tag(key, b"rep", hello, reply, nonce)
+
+
+def open_reply(key: bytes, hello: bytes, private: bytes) -> tuple[bytes, bytes]:
+    """(ConnectMsg bytes, challenge) of a keyed REP answering ``hello``; PeerWireError if
+    its tag is wrong."""
+    reply = bytes(private[:CONNECT_SIZE])
+    nonce = bytes(private[CONNECT_SIZE:CONNECT_SIZE + NONCE])
+    tag = bytes(private[CONNECT_SIZE + NONCE:CONNECT_SIZE + NONCE + TAG])
+    if len(tag) < TAG or not hmac.compare_digest(tag, _tag(key, b"rep", hello, reply, nonce)):
+        raise PeerWireError("connect reply without a valid tag", "tag")
+    return reply, nonce
+
+
+def connect_tag(key: bytes, hello: bytes, reply: bytes, nonce: bytes, mine: bytes) -> bytes:
+    """The tag after the active side's ConnectMsg (its first SEND): over the whole
+    exchange, the passive side's challenge included, so it cannot be replayed."""
+    return _tag(key, b"connect", hello, reply, nonce, mine)
 
 
 # --------------------------------------------------------------------------
@@ -300,6 +390,7 @@ class VerbsLinkMetrics:
     reqs_sent: int = 0           # CM connect requests
     reps_sent: int = 0           # CM accepts
     stale_connects: int = 0      # requests refused (wrong side, stale attempt)
+    auth_failures: int = 0       # keyed links: a reply or first message without a valid tag
     connect_timeouts: int = 0
     cm_events: int = 0
     messages_received: int = 0
@@ -405,8 +496,12 @@ class VerbsPeerLink(DeferredKick):
 
     def __init__(self, fabric, peer: str, owner: LinkOwner, *, incarnation: int, active: bool,
                  credits: int, ops, config: LinkConfig | None = None, port: int = CM_PORT,
-                 connect_timeout: float = 2.0):
+                 connect_timeout: float = 2.0, key: bytes | None = None):
         self.fabric = fabric
+        #: the handshake key (derive_link_key), or None: the peer's hello is taken on trust
+        self.key = key
+        #: keyed: the exchange so far, (hello as sent, reply ConnectMsg, challenge)
+        self._exchange: tuple[bytes, bytes, bytes] | None = None
         self.peer = peer
         self.owner = owner
         self.incarnation = incarnation
@@ -626,9 +721,21 @@ class VerbsPeerLink(DeferredKick):
                 self._modify(self._cmid, e.IBV_QPS_INIT)
                 self._post_recvs(self.credits + RECV_SLACK)
                 hello = ReqHello(self.incarnation, self.attempt, self.fabric.address).encode()
-                self._cmid.connect(self._conn_param(hello))
+                if self.key is not None:
+                    self._exchange = (hello, b"", b"")
+                    self._cmid.connect(self._conn_param(sealed_hello(self.key, hello, self.peer)))
+                else:
+                    self._cmid.connect(self._conn_param(hello))
             elif t == ce.RDMA_CM_EVENT_CONNECT_RESPONSE:
                 try:
+                    if self.key is not None:
+                        hello = self._exchange[0] if self._exchange is not None else b""
+                        try:
+                            reply, nonce = open_reply(self.key, hello, ev.private)
+                        except PeerWireError:
+                            self.metrics.auth_failures += 1
+                            raise
+                        self._exchange = (hello, reply, nonce)
                     msg = ConnectMsg.decode(ev.private)
                 except PeerWireError as err:
                     self.metrics.stale_connects += 1
@@ -644,6 +751,8 @@ class VerbsPeerLink(DeferredKick):
                 self._accept(msg, now)
                 # our ConnectMsg is the link's first message (a REQ's private data is too small)
                 mine = self._connect_msg(ConnectType.REQ, 0).encode()
+                if self.key is not None and self._exchange is not None:
+                    mine += connect_tag(self.key, *self._exchange, mine)
                 self._post_send(0, WrOpcode.SEND, [memoryview(mine)], signaled=False)
                 self._up(now)
             elif t == ce.RDMA_CM_EVENT_DISCONNECTED:
@@ -657,9 +766,10 @@ class VerbsPeerLink(DeferredKick):
             self._down(f"connecting failed: {err}", now)
         self._rearm()
 
-    def on_request(self, cmid, hello: ReqHello, now: float) -> bool:
+    def on_request(self, cmid, hello: ReqHello, now: float, raw: bytes = b"") -> bool:
         """Passive side: the peer's CM connect request (``cmid`` its new ID, owned
-        from here if True is returned: accepted)."""
+        from here if True is returned: accepted; ``raw``: the hello's bytes, which a
+        keyed link's reply and the peer's first message are bound to)."""
         import pyverbs.enums as e
 
         if self.active or self.closed:
@@ -682,7 +792,12 @@ class VerbsPeerLink(DeferredKick):
             self._post_recvs(self.credits + RECV_SLACK + MAX_PEER_CREDITS)
             self._modify(cmid, e.IBV_QPS_RTR)
             self._modify(cmid, e.IBV_QPS_RTS)
-            cmid.accept(self._conn_param(self._connect_msg(ConnectType.REP, hello.incarnation).encode()))
+            reply = self._connect_msg(ConnectType.REP, hello.incarnation).encode()
+            if self.key is not None:
+                nonce = secrets.token_bytes(NONCE)
+                self._exchange = (raw, reply, nonce)
+                reply = sealed_reply(self.key, raw, reply, nonce)
+            cmid.accept(self._conn_param(reply))
         except Exception as err:
             self._cmid = None  # the caller closes it
             self._drop_qp()
@@ -745,6 +860,7 @@ class VerbsPeerLink(DeferredKick):
         """Release this connection's objects: CM ID and its channel, QP, CQ and its
         channel, buffers, windows."""
         cm, chan, self._cmid, self._chan = self._cmid, self._chan, None, None
+        self._exchange = None
         if cm is not None:
             try:
                 cm.disconnect()
@@ -1003,6 +1119,15 @@ class VerbsPeerLink(DeferredKick):
                     or msg.attempt != self.attempt:
                 self._down("the peer's connect message names another attempt", now)
                 return
+            if self.key is not None:
+                ex = self._exchange
+                got = bytes(data[CONNECT_SIZE:CONNECT_SIZE + TAG])
+                if ex is None or len(got) < TAG or not hmac.compare_digest(
+                        got, connect_tag(self.key, *ex, bytes(data[:CONNECT_SIZE]))):
+                    self.metrics.auth_failures += 1
+                    self._down("the peer's connect message has no valid tag (no key, or another "
+                               "cluster's)", now)
+                    return
             self._hello_pending = False
             self._accept(msg, now)
             self._up(now)
@@ -1049,11 +1174,16 @@ class CmListener:
     """The daemon's RDMA CM listener on its fabric address: each connect
     request goes to the link of the address its private data names
     (``route(address) -> VerbsPeerLink | None``); malformed ones, and ones
-    for no peer, are rejected and counted."""
+    for no peer, are rejected and counted. With a link ``key`` a request whose
+    hello has no valid tag for this daemon's address is rejected before its
+    address is looked at (``auth_failures``)."""
 
     def __init__(self, fabric, route: Callable[[str], VerbsPeerLink | None], *, port: int = CM_PORT,
-                 links: Callable[[], list] | None = None, clock: Callable[[], float] | None = None):
+                 links: Callable[[], list] | None = None, clock: Callable[[], float] | None = None,
+                 key: bytes | None = None):
         self.fabric = fabric
+        self.key = key
+        self.auth_failures = 0
         self.route = route
         self.links = links or (list)
         self.port = port
@@ -1098,14 +1228,21 @@ class CmListener:
             self.requests += 1
             child = ev.child
             link = None
+            raw = b""
             try:
-                hello = ReqHello.decode(ev.private)
+                raw = (open_hello(self.key, ev.private, self.fabric.address) if self.key is not None
+                       else bytes(ev.private[:HELLO_SIZE]))
+                hello = ReqHello.decode(raw)
                 link = self.route(hello.address)
             except PeerWireError as e:
-                log.debug("RDMA CM request: %s", e)
+                if e.field == "tag":
+                    self.auth_failures += 1
+                    log.warning("RDMA CM request refused: %s", e)
+                else:
+                    log.debug("RDMA CM request: %s", e)
             ok = False
             if link is not None:
-                ok = link.on_request(child, hello, self._now())
+                ok = link.on_request(child, hello, self._now(), raw)
             if not ok:
                 self.rejected += 1
                 try:
@@ -1127,7 +1264,7 @@ class CmListener:
 
     def describe(self) -> dict:
         return {"port": self.port, "requests": self.requests, "rejected": self.rejected,
-                "events": self.events}
+                "events": self.events, "keyed": self.key is not None, "auth_failures": self.auth_failures}
 
     def close(self) -> None:
         cid, self._id = self._id, None

@@ -99,4 +99,4 @@ def test_auth_options_without_the_roce_fabric_are_refused(tmp_path, key):
     r = subprocess.run([sys.executable, "-m", "vrdma", "backend", "--socket",
                         str(tmp_path / "x.sock"), "--cluster-key", key],
                        capture_output=True, text=True, timeout=30)
-    assert r.returncode != 0 and "apply to the RoCE fabric" in r.stderr
+    assert r.returncode != 0 and "to the RoCE fabric (--roce-addr)" in r.stderr

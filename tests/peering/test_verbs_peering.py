@@ -69,6 +69,60 @@ def test_connect_request_hello_round_trips_and_refuses_garbage():
         assert e.value.field == field
 
 
+def test_keyed_handshake_tags_bind_key_address_and_challenge():
+    """The authenticated handshake (pure; runs everywhere): each tag checks only with
+    the same key, for the listener it was made for, over the exact bytes; the active
+    side's last tag covers the passive side's challenge, so a recorded one does not
+    answer a new challenge."""
+    import secrets
+
+    from peering.verbs_link import (
+        CONNECT_SIZE,
+        HELLO_SIZE,
+        NONCE,
+        REP_PRIVATE_DATA,
+        REQ_PRIVATE_DATA,
+        TAG,
+        ReqHello,
+        connect_tag,
+        derive_link_key,
+        open_hello,
+        open_reply,
+        sealed_hello,
+        sealed_reply,
+    )
+    from peering.wire import PeerWireError
+
+    key, other = derive_link_key(bytes(range(32))), derive_link_key(bytes(32))
+    assert key != other and len(key) == 32
+    hello = ReqHello(5, 2, "192.0.2.1").encode()
+    req = sealed_hello(key, hello, "192.0.2.2")
+    assert len(req) == HELLO_SIZE + TAG <= REQ_PRIVATE_DATA
+    assert open_hello(key, req + bytes(REQ_PRIVATE_DATA - len(req)), "192.0.2.2") == hello  # CM pads it
+    flipped = req[:20] + bytes([req[20] ^ 1]) + req[21:]
+    for k, data, me in ((other, req, "192.0.2.2"),          # another cluster's key
+                        (key, req, "192.0.2.3"),            # made for another listener
+                        (key, flipped, "192.0.2.2"),        # a byte of the hello changed
+                        (key, hello, "192.0.2.2"),          # no tag (an unkeyed daemon)
+                        (key, hello + bytes(TAG), "192.0.2.2")):
+        with pytest.raises(PeerWireError) as e:
+            open_hello(k, data, me)
+        assert e.value.field == "tag"
+    reply, nonce = bytes(range(CONNECT_SIZE)), secrets.token_bytes(NONCE)
+    rep = sealed_reply(key, hello, reply, nonce)
+    assert len(rep) <= REP_PRIVATE_DATA
+    assert open_reply(key, hello, rep + bytes(REP_PRIVATE_DATA - len(rep))) == (reply, nonce)
+    for k, h in ((other, hello), (key, ReqHello(5, 3, "192.0.2.1").encode())):  # another attempt's
+        with pytest.raises(PeerWireError):
+            open_reply(k, h, rep)
+    mine = bytes(CONNECT_SIZE)
+    t = connect_tag(key, hello, reply, nonce, mine)
+    assert len(t) == TAG
+    assert t != connect_tag(key, hello, reply, secrets.token_bytes(NONCE), mine)   # a new challenge
+    assert t != connect_tag(other, hello, reply, nonce, mine)
+    assert t != connect_tag(key, hello, reply, nonce, b"\x01" + mine[1:])
+
+
 def _c64(shape, seed):
     r = np.random.default_rng(seed)
     return (r.standard_normal(shape) + 1j * r.standard_normal(shape)).astype(C64)
@@ -413,3 +467,44 @@ async def _bad_keys() -> None:
     for link in links:
         assert link.metrics.live_mrs == 0 and link.metrics.live_qps == 0, link.describe()
         assert link.metrics.mrs_registered == link.metrics.mrs_deregistered
+
+
+@needs_device
+def test_keyed_links_come_up_and_a_daemon_with_another_key_is_refused(tmp_path):
+    """``--cluster-key`` on both daemons: the authenticated handshake links them and jobs
+    run over the link. Then host0 restarted with another cluster's key never links:
+    host1's listener refuses each of its requests before looking at the address the
+    hello names (``auth_failures``), and host0 reaches no accelerator."""
+    import sys
+
+    a, b = ADDRS
+    keys = [str(tmp_path / "k1"), str(tmp_path / "k2")]
+    for k in keys:
+        subprocess.run([sys.executable, "-m", "vrdma", "keygen", k], check=True, capture_output=True,
+                       timeout=60)
+    m1, m0, m0b = (str(tmp_path / f"{n}.json") for n in ("h1", "h0", "h0b"))
+    with _daemon(b, a, "fft=1", m1, "--cluster-key", keys[0]) as h1:
+        with _daemon(a, b, "none", m0, "--cluster-key", keys[0]) as h0:
+            _wait_linked(h0.path)
+            with Context(h0.path, mem_size=16 << 20, timeout=30) as ctx:
+                x = _c64((2, 1024), 11)
+                assert accel.fft(ctx, x).tobytes() == accel_core.fft(x).tobytes()
+            assert h0.close() == 0
+        with _daemon(a, b, "none", m0b, "--cluster-key", keys[1]) as h0b:
+            with Context(h0b.path, mem_size=1 << 20, timeout=30) as ctx:
+                end = time.monotonic() + 3.0  # its first request goes at once; a connect times out in 2 s
+                while time.monotonic() < end:
+                    assert {i.op: i for i in ctx.query_accel()}[AccelOp.FFT].reachable_hosts == 0
+                    time.sleep(0.2)
+            assert h0b.close() == 0
+        assert h1.close() == 0
+    def metrics(path: str) -> dict:
+        with open(path) as f:
+            return json.load(f)["peering"]
+
+    listener = metrics(m1)["cm_listener"]
+    assert listener["keyed"] and listener["auth_failures"] >= 1, listener
+    link0 = next(iter(metrics(m0)["peers"].values()))["link"]
+    assert link0["connects"] == 1 and link0["auth_failures"] == 0, link0
+    link0b = next(iter(metrics(m0b)["peers"].values()))["link"]
+    assert link0b["connects"] == 0 and link0b["reqs_sent"] >= 1, link0b

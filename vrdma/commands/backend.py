@@ -44,8 +44,10 @@ def add_arguments(p) -> None:
     p.add_argument("--roce-port", type=int, default=4791, help=argparse.SUPPRESS)
     p.add_argument("--cluster-key", metavar="FILE",
                    help="roce: authenticate every RoCE packet to and from other daemons with this "
-                        "key (a regular file of 32 bytes owned by the daemon's user, mode 0600 or "
-                        "stricter; make one with 'vrdma keygen FILE'); see docs/fabric.md")
+                        "key; verbs: authenticate the peer links' RDMA CM handshake with it (a "
+                        "regular file of 32 bytes owned by the daemon's user, mode 0600 or "
+                        "stricter; make one with 'vrdma keygen FILE'); see docs/fabric.md and "
+                        "docs/peering.md")
     p.add_argument("--plaintext-peer", action="append", default=[], metavar="ADDR",
                    help="roce, with --cluster-key: talk plain RoCEv2 (source port checked) to this "
                         "trusted peer, e.g. kernel rxe or a NIC (repeat for several)")
@@ -119,13 +121,17 @@ def add_arguments(p) -> None:
 
 def make_peering(args, fabric, accel):
     """The daemon's links to its peer hosts (a service for its loop), or None."""
+    from fabric.hca import VerbsFabric
+
     if not (args.peer or args.cluster):
         for flag, v in (("--peer-credits", args.peer_credits), ("--policy", args.policy),
                         ("--load-period", args.load_period), ("--redis-url", args.redis_url)):
             if v is not None:
                 raise SystemExit(f"vrdma backend: {flag} needs --peer or --cluster")
+        if args.cluster_key and isinstance(fabric, VerbsFabric):
+            raise SystemExit("vrdma backend: --cluster-key on a verbs device authenticates peer links: "
+                             "it needs --peer or --cluster")
         return None
-    from fabric.hca import VerbsFabric
     from fabric.roce import RoceFabric
     from peering.remote import DEFAULT_CREDITS
     from peering.service import PeerConfigError, Peering, PeeringService, read_cluster_file
@@ -161,7 +167,17 @@ def make_peering(args, fabric, accel):
         peers = list(args.peer)
         if args.cluster:
             peers += read_cluster_file(args.cluster, fabric.address)
-        peering = Peering(fabric, accel, peers, credits=credits, policy=policy, load_period=period)
+        link_key = None
+        if verbs and args.cluster_key:
+            from peering.verbs_link import derive_link_key
+            from roce.auth import KeyFileError, read_key_file
+
+            try:
+                link_key = derive_link_key(read_key_file(args.cluster_key))
+            except KeyFileError as e:
+                raise SystemExit(f"vrdma backend: --cluster-key: {e}") from None
+        peering = Peering(fabric, accel, peers, credits=credits, policy=policy, load_period=period,
+                          link_key=link_key)
     except (PeerConfigError, OSError) as e:
         raise SystemExit(f"vrdma backend: {e}") from None
     return PeeringService(peering, exchange=_load_exchange(args, peering, period))
@@ -171,7 +187,8 @@ def _load_exchange(args, peering, period: float):
     """The load table's dissemination (scheduler.exchange), or None."""
     backend = args.load_backend
     if backend == "auto":
-        backend = "datagram" if args.cluster_key else "none"
+        # (verbs links: probes of the peers' counters; no datagram rows unless asked for)
+        backend = "datagram" if args.cluster_key and not peering.verbs else "none"
     if backend != "redis" and args.redis_url:
         raise SystemExit("vrdma backend: --redis-url needs --load-backend redis")
     if backend == "none":
@@ -407,8 +424,11 @@ def make_fabric(args):
     kind = args.fabric
     if kind == "auto":
         kind = "verbs" if args.verbs_device else "roce" if args.roce_addr else "local"
-    if kind != "roce" and (args.cluster_key or args.plaintext_peer or args.peer_port_check):
-        raise SystemExit("vrdma backend: --cluster-key, --plaintext-peer and --peer-port-check "
+    if kind not in ("roce", "verbs") and args.cluster_key:
+        raise SystemExit("vrdma backend: --cluster-key applies to the RoCE fabric (--roce-addr) and "
+                         "to peer links over a verbs device (--verbs-device)")
+    if kind != "roce" and (args.plaintext_peer or args.peer_port_check):
+        raise SystemExit("vrdma backend: --plaintext-peer and --peer-port-check "
                          "apply to the RoCE fabric (--roce-addr) only")
     if kind == "verbs":
         return _verbs_fabric(args)
