@@ -329,6 +329,7 @@ class BackendServer:
         #: called with the ConnectionInfo of every admitted connection
         self.device_factory = device_factory
         self.policy = policy or TenantPolicy()
+        self._max_connections_fixed = max_connections is not None  # else the policy's, reloaded with it
         self.max_connections = self.policy.max_connections if max_connections is None else max_connections
         self.socket_mode = socket_mode
         self.socket_group = socket_group  # gid; None: the daemon's group
@@ -347,6 +348,13 @@ class BackendServer:
         self._spin_last = 0.0
         #: other work sources polled in the busy-poll loop (``poll() -> bool``)
         self.pollers: list[Callable[[], bool]] = []
+
+    def set_policy(self, policy: TenantPolicy) -> None:
+        """Admission limits for the next connection (a reload): nothing connected is
+        dropped; a uid above a lowered limit keeps its connections and is refused new ones."""
+        self.policy = policy
+        if not self._max_connections_fixed:
+            self.max_connections = policy.max_connections
 
     def add_poller(self, poll: Callable[[], bool]) -> Callable[[], None]:
         """Poll ``poll`` (True: it found work) in the busy-poll loop too, e.g.
@@ -595,10 +603,12 @@ def run_backend(paths: list[str], device_factory: Callable[[ConnectionInfo], Vho
                 ready: Callable[[], None] | None = None, poll_us: float = 0.0,
                 require_sealed_memory: bool = True, services=(), policy: TenantPolicy | None = None,
                 socket_mode: int = 0o660, socket_group: int | None = None,
-                on_reload: Callable[[], None] | None = None, poll_adaptive: bool = False) -> int:
+                on_reload: Callable[[], TenantPolicy | None] | None = None,
+                poll_adaptive: bool = False) -> int:
     """Run the daemon until SIGINT/SIGTERM; close every connection cleanly.
     ``on_reload``: called in the loop on SIGHUP (the tenant configuration is read
-    again; connections stay).
+    again; connections stay); the TenantPolicy it returns (None: keep the running
+    one) is every server's admission policy from the next connection on.
 
     ``services``: objects with ``async start()`` and ``async aclose()`` that
     live in the daemon's loop (e.g. a fabric's UDP socket), started before the
@@ -610,9 +620,15 @@ def run_backend(paths: list[str], device_factory: Callable[[ConnectionInfo], Vho
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        if on_reload is not None:
-            loop.add_signal_handler(signal.SIGHUP, on_reload)
         per_uid: dict[int, int] = {}
+        if on_reload is not None:
+            def reload() -> None:
+                new = on_reload()
+                if new is not None:
+                    for s in servers:
+                        s.set_policy(new)
+
+            loop.add_signal_handler(signal.SIGHUP, reload)
         servers = [BackendServer(p, device_factory, loop=loop, poll_us=poll_us, policy=policy,
                                  require_sealed_memory=require_sealed_memory, per_uid=per_uid,
                                  socket_mode=socket_mode, socket_group=socket_group,

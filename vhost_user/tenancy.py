@@ -41,6 +41,11 @@ configuration (SIGHUP) and :meth:`TenantLedger.set_tenant` changes one
 tenant live (the admin socket): accounts read the ledger's current values on
 every charge, so a lowered limit refuses *new* objects and jobs and never
 destroys existing ones (usage above a lowered quota stays until released).
+A live change is an *override* of the fields it names: it is applied over the
+file's entry (or the default tenant), survives reloads, and goes only with
+:meth:`TenantLedger.reset_tenant`. :meth:`TenantLedger.live_state` and
+:meth:`TenantLedger.restore_live` encode and validate the overrides as plain
+JSON-able values (the daemon keeps them in its state directory).
 """
 from __future__ import annotations
 
@@ -431,8 +436,10 @@ class TenantLedger:
         self._specs: dict[str, TenantSpec] = {}
         self._by_socket: dict[str, TenantSpec] = {}
         self._by_uid: dict[int, TenantSpec] = {}
-        #: live changes (set_tenant) since the last reload, by tenant name
-        self._live: dict[str, TenantSpec] = {}
+        #: live overrides (set_tenant): tenant name -> {TenantSpec field: value}, applied over
+        #: the file's entry; kept across reloads until reset_tenant
+        self._live: dict[str, dict[str, Any]] = {}
+        self._merged: dict[str, TenantSpec] = {}  # spec() of the tenants with overrides
         self.reloads = 0
         #: open accounts (their devices' byte counters are read by rdma_bytes)
         self.accounts: set[TenantAccount] = set()
@@ -445,46 +452,98 @@ class TenantLedger:
         self._by_socket = {t.socket: t for t in self.config.tenants if t.socket is not None}
         self._by_uid = {t.uid: t for t in self.config.tenants if t.uid is not None}
 
-    # -- configuration
-    def reload(self, config: TenantConfig, now: float | None = None) -> None:
-        """Apply a new configuration (SIGHUP): new limits apply to the next charge;
-        nothing held is taken back; live changes made since the last reload are dropped."""
-        self.config = config
-        self.policy = config.policy
-        self._live.clear()
-        self._index()
-        self.reloads += 1
+    def _changed(self, now: float | None) -> None:
+        self._merged.clear()
         self._rebucket(now)
         for fn in list(self.on_change):
             fn()
+
+    # -- configuration
+    def reload(self, config: TenantConfig, now: float | None = None) -> None:
+        """Apply a new configuration (SIGHUP): new limits apply to the next charge;
+        nothing held is taken back; live overrides stay applied over the new entries."""
+        self.config = config
+        self.policy = config.policy
+        self._index()
+        self.reloads += 1
+        self._changed(now)
 
     def set_tenant(self, name: str, *, klass: Class | str | None = None, weight: float | None = None,
                    now: float | None = None, **quotas) -> TenantSpec:
         """Change tenant ``name``'s class, weight or quotas live (the admin socket's
         ``tenant set``): validated like the file (PolicyError naming the bad value);
-        a quota of None removes it. Kept until the next :meth:`reload`."""
+        a quota of None removes it. The fields set override the file's entry, across
+        reloads, until :meth:`reset_tenant`."""
         for q in quotas:
             if q not in QUOTAS:
                 raise PolicyError(f"unknown tenant quota {q!r} (known: {', '.join(QUOTAS)})")
-        spec = self.spec(name)
         changes: dict = dict(quotas)
         if klass is not None:
             changes["klass"] = klass
         if weight is not None:
             changes["weight"] = weight
-        new = dataclasses.replace(spec, **changes)
-        self._live[name] = new
-        self._rebucket(now)
-        for fn in list(self.on_change):
-            fn()
+        new = dataclasses.replace(self.spec(name), **changes)  # validates (PolicyError)
+        live = self._live.setdefault(name, {})
+        live.update({k: getattr(new, k) for k in changes})
+        self._changed(now)
         return new
 
+    def reset_tenant(self, name: str | None = None, now: float | None = None) -> dict[str, list[str]]:
+        """Drop tenant ``name``'s live overrides (None: every tenant's), so the file's
+        entry applies again; returns {tenant: [fields dropped]} (empty: none had any)."""
+        if name is None:
+            dropped = {n: sorted(_field_name(k) for k in v) for n, v in self._live.items()}
+            self._live.clear()
+        else:
+            v = self._live.pop(name, None)
+            dropped = {} if v is None else {name: sorted(_field_name(k) for k in v)}
+        if dropped:
+            self._changed(now)
+        return dropped
+
+    def overrides(self, name: str) -> list[str]:
+        """The fields of tenant ``name`` set live (``class``, ``weight``, quota names)."""
+        return sorted(_field_name(k) for k in self._live.get(name, ()))
+
+    def live_state(self) -> dict[str, dict[str, Any]]:
+        """The live overrides as JSON-able values ({tenant: {field: value}}; class by name)."""
+        return {n: {_field_name(k): (v.name.lower() if isinstance(v, Class) else v) for k, v in d.items()}
+                for n, d in sorted(self._live.items())}
+
+    def restore_live(self, state: Any, now: float | None = None) -> dict[str, dict[str, Any]]:
+        """Apply overrides saved by :meth:`live_state` (a restarted daemon): all of them
+        or, if any tenant name, field or value is invalid, none (PolicyError naming it)."""
+        if not isinstance(state, dict):
+            raise PolicyError(f"tenant overrides: {str(state)[:64]!r} is not a mapping of tenants")
+        live: dict[str, dict[str, Any]] = {}
+        for name, fields in state.items():
+            if not isinstance(fields, dict):
+                raise PolicyError(f"tenant overrides of {str(name)[:64]!r}: not a mapping of fields")
+            kw: dict[str, Any] = {}
+            for k, v in fields.items():
+                if k not in ("class", "weight", *QUOTAS):
+                    raise PolicyError(f"tenant overrides of {str(name)[:64]!r}: "
+                                      f"unknown field {str(k)[:64]!r}")
+                kw["klass" if k == "class" else k] = v
+            spec = TenantSpec(name, **kw)  # validates the name and every value (PolicyError)
+            live[spec.name] = {k: getattr(spec, k) for k in kw}
+        self._live = live
+        self._changed(now)
+        return self.live_state()
+
     def spec(self, name: str) -> TenantSpec:
-        """Tenant ``name``'s current configuration (the default one if it has no entry)."""
-        s = self._live.get(name) or self._specs.get(name)
+        """Tenant ``name``'s current configuration: its entry (the default one if it
+        has none) with its live overrides applied."""
+        s = self._specs.get(name)
         if s is None:
             s = TenantSpec(name)
-        return s
+        live = self._live.get(name)
+        if not live:
+            return s
+        merged = self._merged.get(name)
+        if merged is None:  # replace() validates: once per change, not per charge
+            merged = self._merged[name] = dataclasses.replace(s, **live)
+        return merged
 
     def resolve(self, info: ConnectionInfo | None) -> str:
         """The tenant of a connection: by its socket, else its uid, else ``uid:N``."""
@@ -530,6 +589,10 @@ class TenantLedger:
                 s, r = out.get(a.tenant, (0, 0))
                 out[a.tenant] = (s + m.bytes_sent, r + m.bytes_received)
         return out
+
+    def quota_hits(self) -> dict[str, dict[str, int]]:
+        """Cumulative refusals per tenant and quota since the daemon started."""
+        return {n: dict(t.quota_hits) for n, t in self.tenants.items() if t.quota_hits}
 
     def totals(self, uid: int) -> dict[Resource, int]:
         u = self.uids.get(uid)
@@ -578,6 +641,10 @@ class TenantLedger:
         t.accel_in_flight = max(0, t.accel_in_flight - 1)
         if t.bucket is not None and seconds > 0:
             t.bucket.charge(seconds, now)
+
+
+def _field_name(k: str) -> str:
+    return "class" if k == "klass" else k
 
 
 class TenantAccount:

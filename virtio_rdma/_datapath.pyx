@@ -564,6 +564,8 @@ def run_sq(dev, qp, double now):
             L.responses_received += 1
             if op == OP_READ:
                 L.bytes_received += n
+            else:  # SEND / WRITE: the requester's bytes out (the responder's in: above)
+                L.bytes_sent += length
             if signaled:
                 scq.push(wr_id, WC_SEND if op >= OP_SEND and op != OP_READ else
                          (WC_RDMA_READ if op == OP_READ else WC_RDMA_WRITE),

@@ -36,6 +36,9 @@ from virtio_rdma.wire import Completion, RecvWqe, SendWqe, decode_recv_wqe, deco
 
 U32 = 0xFFFFFFFF
 _WRID = struct.Struct("<Q")
+#: the send opcodes whose bytes the requester sends (RDMA READ: the responder's bytes_sent)
+_SENT_OPS = frozenset((WrOpcode.RDMA_WRITE, WrOpcode.RDMA_WRITE_WITH_IMM, WrOpcode.SEND,
+                       WrOpcode.SEND_WITH_IMM, WrOpcode.SEND_WITH_INV))
 _SIGNALED = int(SendFlags.SIGNALED)
 
 #: the CQE opcode of each send WR opcode (ibv_wc_opcode of ibv_wr_opcode)
@@ -212,6 +215,8 @@ def send_done(dev, qp, idx: int, wr_id: int, opcode: int, status: WcStatus, byte
         m.sends_completed += 1
         if opcode == WrOpcode.RDMA_READ:
             m.bytes_received += byte_len
+        elif opcode in _SENT_OPS:  # the responder counts them received (recv_done, the WRITE path)
+            m.bytes_sent += byte_len
 
 
 def _slot_wr_id(dev, gpa: int) -> int:

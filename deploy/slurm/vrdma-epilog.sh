@@ -7,10 +7,12 @@ set -u
 RUN=${VRDMA_RUN:-/run/vrdma}
 job=${SLURM_JOB_ID:?}
 dir="$RUN/job$job"
-[ -d "$dir" ] || exit 0
-if [ -f "$dir/daemon.pid" ]; then
-  pid=$(cat "$dir/daemon.pid")
-  if kill -0 "$pid" 2>/dev/null; then
+pidfile="$RUN/job$job.pid"   # root's (vrdma-prolog.sh): the job's user cannot point it elsewhere
+if [ -f "$pidfile" ]; then
+  pid=$(cat "$pidfile")
+  # only the job's daemon: a process of the job's uid (a reused pid of anyone else is left alone)
+  owner=$(awk '/^Uid:/ { print $2 }' "/proc/$pid/status" 2>/dev/null || true)
+  if [ -n "$owner" ] && [ "$owner" = "${SLURM_JOB_UID:-$owner}" ]; then
     kill -TERM "$pid" 2>/dev/null
     i=0
     while kill -0 "$pid" 2>/dev/null && [ "$i" -lt 100 ]; do
@@ -19,6 +21,7 @@ if [ -f "$dir/daemon.pid" ]; then
     done
     kill -KILL "$pid" 2>/dev/null || true
   fi
+  rm -f "$pidfile"
 fi
 rm -rf "$dir"
 exit 0

@@ -18,9 +18,10 @@ def free_port() -> int:
 
 
 class OpsDaemon:
-    """``vrdma backend --admin-socket ... --metrics-addr 127.0.0.1:PORT ARGS`` as a process."""
+    """``vrdma backend --admin-socket ... --metrics-addr 127.0.0.1:PORT ARGS`` as a process
+    (``stderr``: where its log goes, e.g. an open file; default: the test's)."""
 
-    def __init__(self, *args: str, metrics: bool = True, timeout: float = 30.0):
+    def __init__(self, *args: str, metrics: bool = True, timeout: float = 30.0, stderr=None):
         self._dir = tempfile.TemporaryDirectory()
         os.chmod(self._dir.name, 0o755)  # noqa: S103  # the non-owner test's client must reach the socket
         self.path = os.path.join(self._dir.name, "vrdma.sock")
@@ -29,7 +30,7 @@ class OpsDaemon:
         cmd = [sys.executable, "-m", "vrdma", "backend", "--socket", self.path, *args]
         if metrics:
             cmd += ["--metrics-addr", f"127.0.0.1:{self.port}"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr)
         deadline = time.monotonic() + timeout
         while not (os.path.exists(self.path) and os.path.exists(self.admin)):
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -35,7 +35,14 @@ def main() -> None:
         enc_ok = bool(np.array_equal(accel.turbo_encode(z.ctx, bits), accel_core.turbo_encode(bits)))
         with AdminClient(os.environ["VRDMA_ADMIN_SOCKET"]) as c:
             health, guests = c.call("health"), c.call("guests")
+        st, dst = os.stat(sock), os.stat(os.path.dirname(sock))
+        with open(f"/proc/{health['pid']}/status") as f:
+            daemon_uid = int(next(ln for ln in f if ln.startswith("Uid:")).split()[1])
         print(json.dumps({"job": os.environ.get("SLURM_JOB_ID"), "socket": sock, "daemon_pid": health["pid"],
+                          "socket_uid": st.st_uid, "socket_mode": st.st_mode & 0o777, "dir_uid": dst.st_uid,
+                          "dir_mode": dst.st_mode & 0o777, "daemon_uid": daemon_uid,
+                          # the epilog kills the pid in this file: the job must not be able to change it
+                          "pidfile_writable": os.access(os.path.dirname(sock) + ".pid", os.W_OK),
                           "guest_uids": sorted(g["uid"] for g in guests), "uid": os.getuid(),
                           "fft_ok": fft_ok, "turbo_ok": enc_ok, "writes_ok": True}), flush=True)
     finally:

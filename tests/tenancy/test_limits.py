@@ -156,3 +156,49 @@ def test_a_burst_of_control_commands_is_served_in_slices(tenant_backend):
         yields = b.call(lambda: sum(c.core.metrics.budget_yields for c in b.server.connections))
         assert yields >= 2 * (120 // 16 - 1)
         assert _write_works(a, peer, b"z")
+
+
+def _transfers(a, b, sizes) -> None:
+    """A SEND, an RDMA WRITE (a -> b) and an RDMA READ (a <- b) of ``sizes``' lengths."""
+    from guest_lib import RecvWR
+    from verbs import SendFlags
+
+    a.mr.write(b"s" * 4096)
+    b.mr.write(b"r" * 4096, offset=8192)
+    b.qp.post_recv([RecvWR(wr_id=7, sg=[SGE(b.mr.buf + 16384, 4096, b.mr.lkey)])])
+    for wr_id, op, n, extra in ((1, WrOpcode.SEND, sizes["send"], {}),
+                                (2, WrOpcode.RDMA_WRITE, sizes["write"],
+                                 {"remote_addr": b.mr.buf + 32768, "rkey": b.mr.rkey}),
+                                (3, WrOpcode.RDMA_READ, sizes["read"],
+                                 {"remote_addr": b.mr.buf + 8192, "rkey": b.mr.rkey})):
+        off = 49152 if op == WrOpcode.RDMA_READ else 0
+        a.qp.post_send(SendWR(wr_id=wr_id, opcode=op, send_flags=SendFlags.SIGNALED,
+                              sg=[SGE(a.mr.buf + off, n, a.mr.lkey)], **extra))
+        assert a.poll_one().wr_id == wr_id
+    assert b.poll_one().byte_len == sizes["send"]
+    assert a.mr.read(sizes["read"], 49152) == b"r" * sizes["read"]
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_local_transfers_count_bytes_on_both_devices(tenant_backend, native):
+    """Each device's counters (what accounting samples per tenant): the requester's
+    SEND and WRITE bytes are its bytes_sent, the responder's bytes_received; READ
+    the other way round. Both local engines: the native fast path and Python's."""
+    from virtio_rdma import datapath
+
+    if native and datapath._fast is None:
+        pytest.skip("the native datapath extension is not built")
+    sizes = {"send": 1000, "write": 3000, "read": 500}
+    prev = datapath.use_fast_path(native)
+    try:
+        b = tenant_backend()
+        with RcEndpoint(b.path, 1 << 16, mem_size=8 << 20) as x, \
+                RcEndpoint(b.path, 1 << 16, mem_size=8 << 20) as y:
+            connect_pair(x, y)
+            _transfers(x, y, sizes)
+            got = b.call(lambda: sorted((a.byte_counters.bytes_sent, a.byte_counters.bytes_received)
+                                        for a in b.ledger.accounts))
+    finally:
+        datapath.use_fast_path(prev)
+    moved = sizes["send"] + sizes["write"]
+    assert got == [(sizes["read"], moved), (moved, sizes["read"])]

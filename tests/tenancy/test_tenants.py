@@ -146,7 +146,7 @@ def test_reload_lowers_limits_without_taking_anything_back():
     assert led.reloads == 2
 
 
-def test_set_tenant_changes_class_weight_and_quota_live_until_the_next_reload():
+def test_set_tenant_overrides_survive_reloads_until_reset():
     led = TenantLedger(config=TenantConfig.from_toml(CONFIG))
     seen = []
     led.on_change.append(lambda: seen.append(1))
@@ -159,8 +159,52 @@ def test_set_tenant_changes_class_weight_and_quota_live_until_the_next_reload():
         led.set_tenant("alice", weight=0)
     with pytest.raises(PolicyError, match="'max_gpus'"):
         led.set_tenant("alice", max_gpus=1)
-    led.reload(TenantConfig.from_toml(CONFIG))
-    assert led.classify("alice") == (0, 1.0) and len(seen) == 3
+    assert led.overrides("alice") == ["class", "max_accel_jobs", "max_qp", "weight"]
+    # a reload: the file's new values apply to the fields not set live; the live ones win
+    led.reload(TenantConfig.from_toml(CONFIG.replace("max_accel_jobs = 2", "max_accel_jobs = 7")
+                                      .replace('uid = 1000', 'uid = 1000\nmax_cq = 9')))
+    s = led.spec("alice")
+    assert (s.klass, s.weight, s.max_accel_jobs, s.max_qp, s.max_cq) == (Class.HIGH, 5.0, None, 3, 9)
+    assert led.classify("uid:7") == (0, 1.0) and len(seen) == 3
+    # persisted form, and restored into a fresh ledger (a restarted daemon)
+    state = led.live_state()
+    assert state == {"alice": {"class": "high", "weight": 5.0, "max_accel_jobs": None, "max_qp": 3},
+                     "uid:7": {"class": "low"}}
+    other = TenantLedger(config=TenantConfig.from_toml(CONFIG))
+    assert other.restore_live(state) == state and other.classify("alice") == (2, 5.0)
+    # reset: one tenant, then all; the file's entry applies again
+    assert led.reset_tenant("alice") == {"alice": ["class", "max_accel_jobs", "max_qp", "weight"]}
+    s = led.spec("alice")
+    assert (s.klass, s.weight, s.max_accel_jobs, s.max_qp) == (Class.LOW, 1.0, 7, None)
+    assert led.reset_tenant("alice") == {} and led.overrides("alice") == []
+    assert led.reset_tenant(None) == {"uid:7": ["class"]} and led.classify("uid:7") == (1, 1.0)
+    assert led.live_state() == {}
+
+
+@pytest.mark.parametrize("state, bad", [
+    ([1, 2], "not a mapping of tenants"),
+    ({"alice": 3}, "not a mapping of fields"),
+    ({"alice": {"max_gpus": 1}}, "'max_gpus'"),
+    ({"alice": {"class": "urgent"}}, "'urgent'"),
+    ({"alice": {"max_qp": -1}}, "max_qp=-1"),
+    ({"al ice": {"weight": 2}}, "'al ice'"),
+    ({"bob": {"weight": 2}, "alice": {"weight": 1e9}}, "weight=1000000000.0"),
+])
+def test_restore_live_refuses_a_bad_state_whole(state, bad):
+    led = TenantLedger(config=TenantConfig.from_toml(CONFIG))
+    led.set_tenant("alice", weight=2)
+    with pytest.raises(PolicyError, match=bad):
+        led.restore_live(state)
+    assert led.live_state() == {"alice": {"weight": 2.0}}  # nothing of it applied
+
+
+def test_quota_hits_per_tenant():
+    led = TenantLedger(config=TenantConfig.from_toml(CONFIG))
+    assert led.quota_hits() == {}
+    led.accel_admit("alice", 0.0)
+    led.accel_admit("alice", 0.0)
+    assert led.accel_admit("alice", 0.0) == "max_accel_jobs"
+    assert led.quota_hits() == {"alice": {"max_accel_jobs": 1}}
 
 
 def test_in_flight_accelerator_jobs_quota():

@@ -368,8 +368,9 @@ def tenant_config(args):
 
 class ByteSampler:
     """A daemon service: every ``period`` seconds (and at exit, after the last
-    connection closed) the tenants' RDMA byte counters go into the accounting,
-    read on the event loop (TenantLedger.rdma_bytes), written by its flusher."""
+    connection closed) the tenants' RDMA byte counters and quota refusals go into
+    the accounting, read on the event loop (TenantLedger.rdma_bytes, quota_hits),
+    written by its flusher."""
 
     def __init__(self, ledger, accounting, period: float):
         self.ledger, self.accounting, self.period = ledger, accounting, period
@@ -385,7 +386,11 @@ class ByteSampler:
 
         while True:
             await asyncio.sleep(self.period)
-            self.accounting.sample_bytes(self.ledger.rdma_bytes())
+            self.sample()
+
+    def sample(self) -> None:
+        self.accounting.sample_bytes(self.ledger.rdma_bytes())
+        self.accounting.sample_quota_hits(self.ledger.quota_hits())
 
     async def aclose(self) -> None:
         import asyncio
@@ -395,7 +400,7 @@ class ByteSampler:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        self.accounting.sample_bytes(self.ledger.rdma_bytes())
+        self.sample()
 
 
 def socket_group(args) -> int | None:
@@ -573,14 +578,26 @@ def run(args) -> int:
     if view is not None:
         factory = view.factory(factory)  # counters of guests that came and went are kept
 
+    if getattr(args, "state_dir", None) and args.device == "rdma":
+        from vrdma.ops.overrides import OverrideStore
+
+        OverrideStore(args.state_dir).attach(ledger)  # live tenant overrides of the last run
+
     def reload():
-        """SIGHUP: read --config again; a bad file keeps the running configuration."""
+        """SIGHUP: read --config again; a bad file keeps the running configuration.
+        The new TenantPolicy's admission limits apply from the next connection on."""
         try:
             ledger.reload(tenant_config(args))
         except SystemExit as e:
             log.error("SIGHUP: configuration not reloaded: %s", e)
-            return
-        print(f"vrdma backend: configuration reloaded ({len(ledger.config.tenants)} tenants)", flush=True)
+            return None
+        live = {n: ledger.overrides(n) for n in ledger.specs() if ledger.overrides(n)}
+        p = ledger.policy
+        print(f"vrdma backend: configuration reloaded ({len(ledger.config.tenants)} tenants; "
+              f"max_connections {p.max_connections}, max_connections_per_uid {p.max_connections_per_uid}, "
+              f"handshake_timeout {p.handshake_timeout:g}"
+              + (f"; live overrides kept: {live}" if live else "") + ")", flush=True)
+        return p
 
     def ready():
         if reaches_out:  # a fabric that reaches other hosts says how

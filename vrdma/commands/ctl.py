@@ -19,6 +19,7 @@ def add_arguments(p) -> None:
                        ("qps", "every guest's QPs"), ("queues", "every guest's accelerator queues"),
                        ("jobs", "guests' accelerator jobs not yet completed"),
                        ("peers", "peer hosts: link, load-table row age, jobs"),
+                       ("tenants", "tenants: class, weight, quotas, which are live overrides (LIVE)"),
                        ("undrain", "take remote work again")):
         sub.add_parser(name, help=text)
     c = sub.add_parser("cancel", help="cancel a queued job (its guest gets a CANCELLED CQE)")
@@ -27,9 +28,11 @@ def add_arguments(p) -> None:
     d.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="poll until drained or this many seconds passed (exit 1 if not drained)")
     t = sub.add_parser("tenant", help="tenant settings")
-    ts = t.add_subparsers(dest="tenant_cmd", metavar="set", required=True)
-    s = ts.add_parser("set", help="change a tenant live: class, weight and quotas (that tenant, until "
-                      "the next SIGHUP reload); TenantPolicy limits (--limit: every connection)")
+    ts = t.add_subparsers(dest="tenant_cmd", metavar="set|reset", required=True)
+    s = ts.add_parser("set", help="change a tenant live: class, weight and quotas (that tenant: "
+                      "overrides of its file entry, kept across SIGHUP reloads and, with --state-dir, "
+                      "restarts, until 'tenant reset'); TenantPolicy limits (--limit: every "
+                      "connection, until the next reload)")
     s.add_argument("uid", metavar="UID|NAME",
                    help="a uid (its [[tenant]] entry, else tenant uid:N) or a tenant name")
     s.add_argument("--weight", type=float, help="weight within its class on the accelerators")
@@ -39,12 +42,21 @@ def add_arguments(p) -> None:
                         "accel_seconds_per_minute); VALUE 'none' removes it (repeatable)")
     s.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
                    help="a TenantPolicy limit, e.g. max_qp=64 (repeatable)")
+    r = ts.add_parser("reset", help="drop a tenant's live overrides (its file entry applies again)")
+    r.add_argument("uid", nargs="?", metavar="UID|NAME", help="a uid or a tenant name")
+    r.add_argument("--all", action="store_true", help="every tenant's overrides")
 
 
 def request(args) -> tuple[str, dict]:
     """The admin command and arguments ``args`` ask for."""
     if args.ctl == "cancel":
         return "cancel", {"job": args.job}
+    if args.ctl == "tenant" and args.tenant_cmd == "reset":
+        if args.all == (args.uid is not None):
+            raise SystemExit("vrdma ctl tenant reset: give UID|NAME or --all")
+        if args.all:
+            return "tenant_reset", {"all": True}
+        return "tenant_reset", {"uid": int(args.uid)} if args.uid.isdigit() else {"tenant": args.uid}
     if args.ctl == "tenant":
         fields: dict = {"uid": int(args.uid)} if args.uid.isdigit() else {"tenant": args.uid}
         fields.update({k: v for k, v in (("weight", args.weight), ("class", args.klass)) if v is not None})

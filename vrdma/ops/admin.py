@@ -183,6 +183,10 @@ class AdminService:
                 return v.cancel(a.get("job"))
             case "tenant_set":
                 return v.tenant_set(a)
+            case "tenant_reset":
+                return v.tenant_reset(a)
+            case "tenants":
+                return v.tenants()
             case "drain":
                 return v.drain()
             case "undrain":

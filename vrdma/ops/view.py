@@ -45,7 +45,8 @@ LIVE_POLICY_FIELDS = ("max_qp", "max_cq", "max_mr", "max_pd", "max_pinned_bytes"
                       "uid_max_objects", "uid_max_pinned_bytes", "uid_max_wqes",
                       "max_connections_per_uid")
 #: ``tenant set`` fields of the tenant's own entry (class and weight on the accelerators,
-#: its quotas): kept per tenant by TenantLedger.set_tenant until the next reload
+#: its quotas): overrides kept per tenant by TenantLedger.set_tenant, across reloads,
+#: until ``tenant reset``
 SPEC_FIELDS = ("class", "weight", "quota")
 
 Sample = tuple[str, dict[str, str], float]
@@ -247,8 +248,9 @@ class DaemonView:
 
     def tenant_set(self, args: dict) -> dict:
         """Change a tenant live: its class, weight and quotas (``TenantLedger.set_tenant``:
-        that tenant only, until the next SIGHUP reload), and/or the TenantPolicy limits
-        (every connection: the policy has no per-tenant values)."""
+        that tenant only, overrides kept across reloads until ``tenant reset``), and/or
+        the TenantPolicy limits (every connection: the policy has no per-tenant values;
+        replaced by the next SIGHUP reload's)."""
         from vhost_user.tenancy import PolicyError, TenantPolicy
 
         uid = args.get("uid")
@@ -288,10 +290,53 @@ class DaemonView:
                 raise BadArgument(str(e)) from None
             self.ledger.policy = policy   # every account reads its ledger's policy when it charges
             for s in self.servers:
-                s.policy = policy
+                s.set_policy(policy)
             reply.update({"applied": fields, "scope": "all tenants (TenantPolicy limits)",
                           "policy": dataclasses.asdict(policy)})
         return reply
+
+    def _tenant_name(self, args: dict) -> str:
+        uid, name = args.get("uid"), args.get("tenant")
+        if name is not None:
+            if not isinstance(name, str) or not 0 < len(name) <= 64:
+                raise BadArgument(f"tenant {str(name)[:64]!r} is not a tenant name")
+            return name
+        if isinstance(uid, bool) or not isinstance(uid, int) or not 0 <= uid < 1 << 32:
+            raise BadArgument(f"uid {uid!r} is not a uid (0..2^32-1)")
+        assert self.ledger is not None
+        return self.ledger.name_for_uid(uid)
+
+    def tenant_reset(self, args: dict) -> dict:
+        """Drop a tenant's live overrides (``all``: every tenant's): its entry in the
+        configuration file applies again."""
+        if self.ledger is None:
+            raise NotSupported("this daemon has no tenant ledger (--device blk)")
+        bad = sorted(k for k in args if k not in ("uid", "tenant", "all"))
+        if bad:
+            raise BadArgument(f"tenant reset: unknown field {bad[0]!r} (known: uid, tenant, all)")
+        if args.get("all") is True:
+            if "uid" in args or "tenant" in args:
+                raise BadArgument("tenant reset: all, or one tenant, not both")
+            return {"reset": self.ledger.reset_tenant(None)}
+        return {"reset": self.ledger.reset_tenant(self._tenant_name(args))}
+
+    def tenants(self) -> list[dict]:
+        """Every tenant configured or seen: its current class, weight and quotas, which
+        of them are live overrides, its connections and quota refusals."""
+        if self.ledger is None:
+            return []
+        from vhost_user.tenancy import QUOTAS
+
+        out = []
+        for name, spec in self.ledger.specs().items():
+            t = self.ledger.tenants.get(name)
+            out.append({"tenant": name, "uid": spec.uid, "socket": spec.socket,
+                        "class": spec.klass.name.lower(), "weight": spec.weight,
+                        **{q: getattr(spec, q) for q in QUOTAS},
+                        "live": ",".join(self.ledger.overrides(name)) or "-",
+                        "connections": t.connections if t is not None else 0,
+                        "quota_hits": sum(t.quota_hits.values()) if t is not None else 0})
+        return out
 
     def _served_remote(self) -> int:
         if self.peering is None:
@@ -347,7 +392,19 @@ class DaemonView:
     def health(self) -> dict:
         return {"pid": os.getpid(), "uptime_seconds": self.clock() - self.started,
                 "connections": len(self.connections()),
-                "sockets": [s.path for s in self.servers], "drain": self.drain_status()}
+                "sockets": [s.path for s in self.servers], "drain": self.drain_status(),
+                "admission": self._admission()}
+
+    def _admission(self) -> dict:
+        """The servers' admission limits now (they follow a reload) and their refusals."""
+        if not self.servers:
+            return {}
+        p = self.servers[0].policy
+        return {"max_connections": self.servers[0].max_connections,
+                "max_connections_per_uid": p.max_connections_per_uid,
+                "handshake_timeout": p.handshake_timeout,
+                **{k: sum(getattr(s.metrics, k) for s in self.servers)
+                   for k in ("accepted", "refused_uid_limit", "refused_host_limit", "handshake_timeouts")}}
 
     def status(self) -> dict:
         """Everything ``vrdma top`` shows, in one answer."""

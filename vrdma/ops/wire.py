@@ -20,7 +20,7 @@ MAX_REQUEST_BYTES = 64 * 1024
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 #: the commands the daemon answers
 COMMANDS = ("health", "guests", "qps", "queues", "jobs", "peers", "cancel", "tenant_set",
-            "drain", "undrain", "status")
+            "tenant_reset", "tenants", "drain", "undrain", "status")
 
 
 class AdminError(Exception):
