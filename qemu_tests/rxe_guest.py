@@ -54,6 +54,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Iterator, Mapping, Sequence
 
 from vrdma.image import cpio, debs, extensions
@@ -654,10 +655,14 @@ class RxeGuest:
                         for name, data in sorted(self.files.items())]
         return cpio.encode(entries)
 
-    def run(self, timeout: float = 60.0) -> GuestRun:
+    def run(self, timeout: float = 60.0,
+            during: Sequence[tuple[bytes, Callable[[QemuVM], None]]] = ()) -> GuestRun:
         """Boot, run ``cmd``, power off; return its output.  Raises on boot failure/timeout.
 
         ``timeout`` bounds the whole boot, from QEMU's start to the end marker.
+        ``during``: (marker, fn) pairs, in order: once the command has started, wait for
+        each marker on the serial console and call ``fn(vm)`` (e.g. QMP ``stop`` and
+        ``cont``) while the guest runs on.
         """
         image = self.image or build_image()
         wrapper = ["ip", "netns", "exec", self.tap.netns] if self.tap and self.tap.netns else []
@@ -678,10 +683,14 @@ class RxeGuest:
                                     *self.extra_qemu_args],
                         wrapper=wrapper, **other) as vm:  # type: ignore[arg-type]
                 # SerialTimeout / QemuExitedError propagate with the serial tail and stderr.
-                for label, marker in (("init", b"VRDMA-GUEST-INIT"), ("begin", BEGIN.encode()),
-                                      ("end", b"VRDMA-CMD-END")):
+                marks: list[tuple[str, bytes, Callable[[QemuVM], None] | None]] = [
+                    ("init", b"VRDMA-GUEST-INIT", None), ("begin", BEGIN.encode(), None),
+                    *((m.decode(), m, fn) for m, fn in during), ("end", b"VRDMA-CMD-END", None)]
+                for label, marker, fn in marks:
                     vm.wait_serial(marker, max(0.0, timeout - (time.monotonic() - t0)))
                     timings.setdefault(label, round(time.monotonic() - t0, 3))
+                    if fn is not None:
+                        fn(vm)
                 vm.wait(timeout=15)  # /init powers off right after the marker
                 serial = vm.serial_output().decode("utf-8", "replace")
         if self.host_root and "VRDMA-HOSTROOT-OK" not in serial:

@@ -36,7 +36,6 @@ from virtio_rdma.wire import EVENT_SIZE, encode_events
 
 log = logging.getLogger(__name__)
 
-_DRIVER_OK = 4  # virtio device status bit (spec 2.1)
 #: bytes of config space a front-end may read (the rest of the struct is zeros)
 CONFIG_WINDOW = 256
 
@@ -77,12 +76,18 @@ class RdmaDevice(VhostUserDevice):
         self._timer_at: float | None = None
         self._deliver_scheduled = False
         self._dbrec_poll = False
-        self._driver_ok = False
         self._rings_ran = False
         self.bad_event_buffers = 0
-        #: device resets by SET_STATUS 0 or every ring stopped (a guest driver's reset
+        #: device resets: the rings stopped (SET_STATUS 0 and/or GET_VRING_BASE on every
+        #: ring) and started again elsewhere than they stopped (a guest driver's reset
         #: through its front-end)
         self.resets = 0
+        #: the rings stopped and started again where they stopped (a VM paused and
+        #: continued): the guest's objects kept
+        self.resumes = 0
+        #: while the rings are stopped after running: ring index -> the index it stopped
+        #: at (GET_VRING_BASE's answer); None while they run
+        self._stopped_at: dict[int, int] | None = None
         #: the counters of this device's earlier cores (one per reset), so the device's
         #: totals (these plus ``core.metrics``) never go back when a driver resets it
         self.retired_metrics: dict[str, int] = {}
@@ -143,15 +148,10 @@ class RdmaDevice(VhostUserDevice):
             self.core.poll_doorbell_records = self._dbrec_poll
 
     def set_status(self, status: int) -> None:
-        """SET_STATUS: 0 after DRIVER_OK is the driver's device reset as the
-        front-end forwards it (QEMU's vhost stop when a guest driver writes
-        device_status = 0): the guest's objects go, as with RESET_DEVICE, so
-        the next driver in that guest starts from an empty device."""
-        if status == 0 and self._driver_ok:
-            self.resets += 1
-            self.reset()
-            self._rings_ran = False  # the rings' stop that follows is the same reset
-        self._driver_ok = bool(status & _DRIVER_OK)
+        """SET_STATUS: 0 after DRIVER_OK is QEMU's vhost stop, which a guest
+        driver's reset (device_status = 0) and a VM stop both send, followed by
+        GET_VRING_BASE on every ring: which of the two it was shows when the
+        rings start again (:meth:`queue_started`)."""
 
     def poll(self) -> bool:
         """One look at the doorbell records, for the daemon's busy-poll loop
@@ -244,20 +244,37 @@ class RdmaDevice(VhostUserDevice):
             vring.notify(mem)
 
     def queue_started(self, vring) -> None:
+        """A ring starts. After every ring stopped (:meth:`queue_stopped`), the
+        index it starts at tells a VM that was paused from a driver that was
+        reset: QEMU continues a VM with each ring where GET_VRING_BASE left it,
+        while a new driver starts its rings from 0. So: a ring started elsewhere
+        than it stopped resets the device first (the old driver's objects go,
+        the new one starts clean), counted in ``resets``; every ring back where
+        it stopped is a resume (objects kept, ``resumes``)."""
+        stopped = self._stopped_at
+        if stopped is not None:
+            if stopped.get(vring.index, vring.base) != vring.base:
+                self._stopped_at = None
+                self.resets += 1
+                self.reset()
+            else:
+                stopped.pop(vring.index, None)
+                if not stopped:
+                    self._stopped_at = None
+                    self.resumes += 1
         self._rings_ran = True
         if vring.index == EVENTQ and self._events:
             self.conn.watcher.call_soon(self._deliver)
 
     def queue_stopped(self, vring) -> None:
-        """The front-end stopped every ring (GET_VRING_BASE) after they ran and
-        sent no SET_STATUS 0: QEMU 11.1's vhost stop on a guest driver's reset
-        (vhost-user-base: SET_VRING_ENABLE 0 and GET_VRING_BASE per ring, the
-        status left as it was). The device is stopped: the guest's objects go,
-        as on QEMU 7.2's SET_STATUS 0, so the next driver starts clean."""
+        """The front-end stopped every ring (GET_VRING_BASE) after they ran: QEMU's
+        vhost stop, on a guest driver's reset (7.2 sends SET_STATUS 0 first;
+        11.1's vhost-user-base only stops the rings) or on a VM stop (the same
+        messages). Nothing is dropped yet: the objects wait, untouched, for the
+        rings to start again, where :meth:`queue_started` tells the two apart."""
         if self._rings_ran and not any(v.started for v in self.conn.vrings):
             self._rings_ran = False
-            self.resets += 1
-            self.reset()
+            self._stopped_at = {v.index: v.base for v in self.conn.vrings}
 
     def reset(self) -> None:
         if self.core is not None:
@@ -266,6 +283,7 @@ class RdmaDevice(VhostUserDevice):
         self._close_core()
         self.core = self._new_core()
         self._dbrec_poll = False
+        self._stopped_at = None
 
     def _close_core(self) -> None:
         if self._timer is not None:

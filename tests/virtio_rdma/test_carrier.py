@@ -63,33 +63,77 @@ def test_ack_features_outlives_the_front_ends_set_features(backend):
             ctx.command(Cmd.ACK_FEATURES, features=0)
 
 
-def test_a_forwarded_driver_reset_drops_the_guests_objects(backend):
-    with Context(backend.path) as ctx:
+def _stop_rings(backend, dev, fe) -> list[int]:
+    """QEMU's vhost stop: SET_VRING_ENABLE 0 and GET_VRING_BASE on every ring; the bases."""
+    n = backend.call(lambda: len(dev.conn.vrings))
+    for i in range(n):
+        fe.set_vring_enable(i, False)
+    return [fe.get_vring_base(i) for i in range(n)]
+
+
+def _start_rings(ctx, fe, bases: list[int]) -> None:
+    """QEMU's vhost start: each ring again (the same memory and addresses), at ``bases``."""
+    dev = ctx.transport.device  # type: ignore[attr-defined]
+    for i, q in enumerate(dev.queues):
+        fe.set_vring_num(i, q.size)
+        fe.set_vring_base(i, bases[i])
+        fe.set_vring_addr(i, desc=dev.uva_of(q.desc_gpa), used=dev.uva_of(q.used_gpa),
+                          avail=dev.uva_of(q.avail_gpa))
+        fe.set_vring_call(i, dev.call_fds[i])
+        fe.set_vring_kick(i, dev.kick_fds[i])
+        fe.set_vring_enable(i, True)
+
+
+@pytest.mark.parametrize("status0", [True, False], ids=["7.2", "11.1"])
+def test_a_forwarded_driver_reset_drops_the_guests_objects(backend, status0):
+    """A guest driver's reset as QEMU forwards it (7.2: SET_STATUS 0, then every ring
+    stopped; 11.1's vhost-user-base: the rings stopped only), then the next driver's
+    rings, which start from 0: the old driver's objects go when they do, counted."""
+    ctx = Context(backend.path, timeout=2.0)
+    try:
         dev = backend.devices[0]
         pd = PD(ctx)  # noqa: F841  held: it must exist
         assert backend.call(lambda: len(dev.core.pds)) == 1
         fe = ctx.transport.device.frontend  # type: ignore[attr-defined]
-        fe.set_status(0)  # QEMU's vhost stop after the guest wrote device_status = 0
-        fe.get_features()
-        assert backend.call(lambda: (dev.resets, len(dev.core.pds))) == (1, 0)
-        with pytest.raises(RDMAError) as e:  # the device forgot it
-            pd.close()
-        assert e.value.errno == errno.ENOENT
+        if status0:
+            fe.set_status(0)
+        bases = _stop_rings(backend, dev, fe)
+        assert bases[0] > 0                                   # the controlq ran
+        # stopped: nothing dropped yet (a VM stop sends the same)
+        assert backend.call(lambda: (dev.resets, len(dev.core.pds))) == (0, 1)
+        dev_side = ctx.transport.device  # type: ignore[attr-defined]
+        for q in dev_side.queues:                             # a new driver: fresh rings, from 0
+            dev_side.translate(q.avail_gpa, 4)[:] = bytes(4)
+            dev_side.translate(q.used_gpa, 4)[:] = bytes(4)
+        _start_rings(ctx, fe, [0] * len(bases))
+        assert backend.call(lambda: (dev.resets, dev.resumes, len(dev.core.pds))) == (1, 0, 0)
+    finally:  # the driver side's rings were wiped under it: close the connection only
+        ctx.transport.close()
 
 
-def test_every_ring_stopped_is_a_driver_reset(backend):
-    """QEMU 11.1's vhost-user-base forwards a guest driver's reset as
-    SET_VRING_ENABLE 0 + GET_VRING_BASE on every ring, with no SET_STATUS."""
+@pytest.mark.parametrize("status0", [True, False], ids=["7.2", "11.1"])
+def test_a_paused_and_continued_vm_keeps_the_guests_objects(backend, status0):
+    """QMP stop / cont: the same messages as a driver's reset, but the rings start again
+    where they stopped: nothing is dropped and the driver carries on with its objects."""
     with Context(backend.path, timeout=2.0) as ctx:
         dev = backend.devices[0]
         pd = PD(ctx)
         fe = ctx.transport.device.frontend  # type: ignore[attr-defined]
-        n = backend.call(lambda: len(dev.conn.vrings))
-        fe.get_vring_base(0)
-        assert backend.call(lambda: (dev.resets, len(dev.core.pds))) == (0, 1)  # one ring: no reset
-        for i in range(1, n):
-            fe.get_vring_base(i)
-        assert backend.call(lambda: (dev.resets, len(dev.core.pds))) == (1, 0)
-        with pytest.raises(RDMAError) as e:  # the rings stay stopped: nobody answers
-            pd.close()
-        assert e.value.errno == errno.ETIMEDOUT
+        if status0:
+            fe.set_status(0)
+        bases = _stop_rings(backend, dev, fe)
+        _start_rings(ctx, fe, bases)
+        assert backend.call(lambda: (dev.resets, dev.resumes, len(dev.core.pds))) == (0, 1, 1)
+        pd2 = PD(ctx)        # the control queue works on, and the old PD is still there
+        pd.close()
+        pd2.close()
+        assert backend.call(lambda: len(dev.core.pds)) == 0
+
+
+def test_one_ring_stopped_is_no_reset(backend):
+    with Context(backend.path, timeout=2.0) as ctx:
+        dev = backend.devices[0]
+        pd = PD(ctx)  # noqa: F841  held: it must exist
+        fe = ctx.transport.device.frontend  # type: ignore[attr-defined]
+        fe.get_vring_base(1)
+        assert backend.call(lambda: (dev.resets, dev._stopped_at, len(dev.core.pds))) == (0, None, 1)
