@@ -295,7 +295,7 @@ class _NativeShare:
     tag in turns / weight, when it was served last (round robin on equal tags), since when
     it waits (aging), and its tenant's class and weight."""
 
-    __slots__ = ("vt", "seq", "since", "klass", "weight")
+    __slots__ = ("vt", "seq", "since", "klass", "weight", "gen")
 
     def __init__(self) -> None:
         self.vt = 0.0
@@ -303,6 +303,7 @@ class _NativeShare:
         self.since = 0.0
         self.klass = 1
         self.weight = 1.0
+        self.gen = -1  # the router's _class_gen when klass and weight were read
 
 
 class AccelQueue:
@@ -485,6 +486,7 @@ class AccelRouter:
         self._vnow = 0.0  # the start tag of the last contended native turn (SFQ's V)
         self._turn_seq = 0  # turns given: equal tags go round robin, least recently served first
         self._granted = -1  # the guest whose turn _next_slice is giving (fetch runs it)
+        self._class_gen = 0  # bumped when the ledger changes: shares read their class again
         #: native slices that stopped at NATIVE_SLICE_SECONDS with jobs left (tests assert it)
         self.native_slices = 0
         #: native runs a doorbell did not start because a guest ahead of it waited (class, turn)
@@ -564,14 +566,7 @@ class AccelRouter:
         d = self._pending.get(gid)
         if d is None:
             d = self._pending[gid] = {}
-            sh = self._shares.get(gid)
-            if sh is None:
-                if len(self._shares) > 2 * len(self._pending) + 64:  # guests that came and went
-                    v = self._vnow
-                    self._shares = {g: x for g, x in self._shares.items() if g in self._pending or x.vt > v}
-                sh = self._shares[gid] = _NativeShare()
-            sh.since = time.monotonic()  # backlogged from now (aging)
-            sh.klass, sh.weight = self._native_class(core)
+            self._share(core).since = time.monotonic()  # backlogged from now (aging)
         d.setdefault(id(aq), (core, aq))
         if not self._slice_due:
             self._slice_due = True
@@ -584,70 +579,90 @@ class AccelRouter:
             d.pop(id(aq), None)
 
     # -- native turns: tenant class first, then weighted turns (SFQ in turns), aging
-    def _native_class(self, core: RdmaDeviceCore) -> tuple[int, float]:
-        """(class, weight) of a device's tenant (NORMAL, 1 without tenancy)."""
-        acct = core.account
-        if self.ledger is None or acct is None:
-            return 1, 1.0
-        self._tenant_of[core.accel_guest] = acct.tenant
-        return self.ledger.classify(acct.tenant)
-
-    def _turn_key(self, gid: int, now: float, top: int) -> tuple[int, float, int]:
-        """Who goes first: the highest class (lifted by aging: one class per
-        ``aging_seconds`` waited, up to ``top``), then the smallest start tag
-        (weighted turns), then the least recently served."""
-        sh = self._shares[gid]
-        k = sh.klass
-        if self._aging > 0 and k < top:
-            k = min(top, k + int((now - sh.since) / self._aging))
-        return -k, max(sh.vt, self._vnow), sh.seq
-
-    def _best_waiting(self, exclude: int) -> tuple[int, tuple[int, float, int]] | None:
-        """The guest with jobs waiting for a native turn that goes first (not ``exclude``)."""
-        shares = self._shares
-        waiting = [g for g, d in self._pending.items() if d and g != exclude and g in shares]
-        if not waiting:
-            return None
-        top = max(shares[g].klass for g in waiting)
-        if exclude in shares:
-            top = max(top, shares[exclude].klass)
-        now = time.monotonic()
-        return min(((g, self._turn_key(g, now, top)) for g in waiting), key=lambda gk: gk[1])
-
-    def native_turn(self, core: RdmaDeviceCore) -> bool:
-        """May ``core``'s guest run native jobs now (its doorbell, or its turn from
-        :meth:`_next_slice`)? While other guests wait for a turn, only if none of them goes
-        first (:meth:`_turn_key`; a turn :meth:`_next_slice` gave is not questioned); then
-        the turn is charged to it: its start tag becomes ``max(its finish tag, V)``, its
-        finish tag one turn / its weight later. Without contention nothing is charged."""
+    def _share(self, core: RdmaDeviceCore) -> _NativeShare:
+        """The guest's native share, with its tenant's class and weight (read again after
+        the ledger changed: a reload or a live change)."""
         gid = core.accel_guest
-        granted = self._granted == gid
-        self._granted = -1
-        best = self._best_waiting(gid)
-        if best is None:
-            return True
-        now = time.monotonic()
         sh = self._shares.get(gid)
         if sh is None:
+            if len(self._shares) > 2 * len(self._pending) + 64:  # guests that came and went
+                v = self._vnow
+                self._shares = {g: x for g, x in self._shares.items() if g in self._pending or x.vt > v}
             sh = self._shares[gid] = _NativeShare()
-            sh.since = now
-        elif gid not in self._pending and not granted:
-            sh.since = now  # backlogged from now (aging)
-        sh.klass, sh.weight = self._native_class(core)
-        top = max(sh.klass, -best[1][0])
-        mine = self._turn_key(gid, now, top)
-        if not granted and best[1] < mine:
-            return False
-        if mine[0] < -sh.klass:
-            self.native_aged += 1
-        if self._shares[best[0]].klass < sh.klass:
-            self.native_class_overtakes += 1
-        start = mine[1]
+        if sh.gen != self._class_gen:
+            sh.gen = self._class_gen
+            acct = core.account
+            if self.ledger is not None and acct is not None:
+                self._tenant_of[gid] = acct.tenant
+                sh.klass, sh.weight = self.ledger.classify(acct.tenant)
+        return sh
+
+    def _best_waiting(self, exclude: int, extra: _NativeShare | None = None
+                      ) -> tuple[int, tuple[int, float, int], int]:
+        """(guest, key, lowest class) of the guest waiting for a native turn that goes
+        first (not ``exclude``; guest -1 if none): the highest class (lifted by aging, one
+        class per ``aging_seconds`` waited, up to the highest waiting, ``extra``'s too),
+        then the smallest start tag (weighted turns), then the least recently served."""
+        shares, v, aging = self._shares, self._vnow, self._aging
+        waiting = [(g, shares[g]) for g, d in self._pending.items() if d and g != exclude]
+        if not waiting:
+            return -1, (0, 0.0, 0), 0
+        low = min(sh.klass for _, sh in waiting)
+        top = max(sh.klass for _, sh in waiting)
+        if extra is not None:
+            top = max(top, extra.klass)
+        now = time.monotonic() if aging > 0 and low < top else 0.0
+        best_g, best = -1, (0, 0.0, 0)
+        for g, sh in waiting:
+            k = sh.klass
+            if now and k < top:
+                k = min(top, k + int((now - sh.since) / aging))
+            key = (-k, max(v, sh.vt), sh.seq)
+            if best_g < 0 or key < best:
+                best_g, best = g, key
+        return best_g, best, low
+
+    def _charge_turn(self, sh: _NativeShare, start: float) -> None:
+        """A native turn given: start tag ``start`` (V), finish tag one turn / weight later."""
         self._vnow = start
         sh.vt = start + 1.0 / sh.weight
         self._turn_seq += 1
         sh.seq = self._turn_seq
-        sh.since = now
+        if self._aging > 0:
+            sh.since = time.monotonic()
+
+    def native_turn(self, core: RdmaDeviceCore) -> bool:
+        """May ``core``'s guest run native jobs now (its doorbell, or its turn from
+        :meth:`_next_slice`)? While other guests wait for a turn, only if none of them goes
+        first (:meth:`_best_waiting`; a turn :meth:`_next_slice` gave is not questioned);
+        then the turn is charged to it: its start tag becomes ``max(its finish tag, V)``,
+        its finish tag one turn / its weight later. Without contention nothing is charged."""
+        gid = core.accel_guest
+        granted = self._granted == gid
+        self._granted = -1
+        pending = self._pending
+        if not pending or (len(pending) == 1 and gid in pending):
+            return True
+        sh = self._share(core)
+        if granted:  # _next_slice chose it (and counted what it overtook)
+            self._charge_turn(sh, max(self._vnow, sh.vt))
+            return True
+        best_g, best, low = self._best_waiting(gid, sh)
+        if best_g < 0:
+            return True
+        if gid not in pending:
+            sh.since = time.monotonic()  # backlogged from now (aging)
+        k = sh.klass
+        if self._aging > 0 and k < -best[0]:
+            k = min(-best[0], k + int((time.monotonic() - sh.since) / self._aging))
+        mine = (-k, max(self._vnow, sh.vt), sh.seq)
+        if best < mine:
+            return False
+        if k > sh.klass:
+            self.native_aged += 1
+        if low < sh.klass:
+            self.native_class_overtakes += 1
+        self._charge_turn(sh, mine[1])
         return True
 
     def defer(self, core: RdmaDeviceCore, aq: AccelQueue) -> None:
@@ -656,7 +671,7 @@ class AccelRouter:
         self._wait_turn(core, aq)
 
     def _next_slice(self) -> None:
-        """One native turn: the waiting guest that goes first (:meth:`_turn_key`), its
+        """One native turn: the waiting guest that goes first (:meth:`_best_waiting`), its
         highest-priority waiting queue (the first of them: the spec's order of waiting
         jobs, in loop time)."""
         self._slice_due = False
@@ -664,8 +679,14 @@ class AccelRouter:
         for g in [g for g, d in pending.items() if not d]:
             del pending[g]
         if pending:
-            best = self._best_waiting(-1) if len(pending) > 1 else None
-            gid = best[0] if best is not None else next(iter(pending))
+            gid = next(iter(pending))
+            if len(pending) > 1:
+                gid, first, low = self._best_waiting(-1)
+                sh = self._shares[gid]
+                if -first[0] > sh.klass:
+                    self.native_aged += 1
+                if low < sh.klass:
+                    self.native_class_overtakes += 1
             d = pending[gid]
             key = max(d, key=lambda k: d[k][1].priority)  # the first of the highest priority
             core, aq = d.pop(key)
@@ -695,6 +716,7 @@ class AccelRouter:
 
     def _apply_fairness(self) -> None:
         svc = self.local.service if self.local is not None else None
+        self._class_gen += 1  # native shares read their class and weight again
         if self.ledger is not None:
             self._aging = self.ledger.config.aging_seconds
             if svc is not None:
