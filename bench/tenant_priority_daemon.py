@@ -26,7 +26,12 @@ Goals as in the in-process bench (:func:`bench.tenant_priority_bench.verdicts`):
 high's p99 wait under saturating low within (idle p99 + one service time) x 2
 of the same round, weights 3:1 within 10%, low progressing only with aging.
 
-``python -m bench.tenant_priority_daemon [--rounds 3] [--seconds 2] [--slowdown 100]``
+``--native``: the native path instead (full speed, no accounting: small FFT
+jobs run in the daemon's loop, never through the fair queue; 48 x 2048-point
+jobs in place): A:B accelerator time and H's share of the jobs against a
+saturating L, per round (:func:`native_round`).
+
+``python -m bench.tenant_priority_daemon [--rounds 3] [--seconds 2] [--slowdown 100] [--native]``
 (also ``python -m bench.tenant_priority_bench --daemon``). Prints the machine
 (bench/machine.py); the machine may be shared: every goal is against the same
 round's baseline.
@@ -350,12 +355,41 @@ def run_round(d: Daemon, g: dict[str, Guest], seconds: float, totals: dict[str, 
     return out
 
 
+#: the native path's measurement: jobs it runs in the daemon's loop (at most NATIVE_MAX_POINTS)
+NATIVE_JOB = dict(size=2048, batch=48, in_place=True)
+
+
+def native_round(g: dict[str, Guest], seconds: float) -> dict:
+    """At full speed without accounting: small jobs run natively in the daemon's loop,
+    never through the fair queue. Both pairs keep 16 jobs (48 x 2048 points, in
+    place) queued: A:B accelerator time (goal 3:1) and H's share of the jobs
+    against L (goal: all of them while H has jobs waiting), over the second half."""
+    out: dict = {}
+    t0 = time.monotonic()
+    g["A"].run(depth=16, seconds=2 * seconds, **NATIVE_JOB)
+    g["B"].run(depth=16, seconds=2 * seconds, **NATIVE_JOB)
+    a, b = g["A"].result(), g["B"].result()
+    lo, hi = t0 + seconds, t0 + 2 * seconds
+    out["weight_ratio"] = busy_in(a, lo, hi) / max(1e-12, busy_in(b, lo, hi))
+    out["busy_share"] = (busy_in(a, lo, hi) + busy_in(b, lo, hi)) / max(1e-12, hi - lo)
+    t0 = time.monotonic()
+    g["L"].run(depth=16, seconds=2 * seconds, **NATIVE_JOB)
+    g["H"].run(depth=16, seconds=2 * seconds, **NATIVE_JOB)
+    h, low = g["H"].result(), g["L"].result()
+    lo, hi = t0 + seconds, t0 + 2 * seconds
+    nh, nl = count_in(h, lo, hi), count_in(low, lo, hi)
+    out["high_share"] = nh / max(1, nh + nl)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--guest", metavar="SOCKET", help=argparse.SUPPRESS)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=2.0, help="per measurement")
     p.add_argument("--slowdown", type=float, default=100.0)
+    p.add_argument("--native", action="store_true",
+                   help="full speed, no accounting: the native path's turns (weights 3:1, high's share)")
     args = p.parse_args(argv)
     if args.guest:
         return guest_main(args.guest)
@@ -363,6 +397,8 @@ def main(argv=None) -> int:
     from bench.tenant_priority_bench import report
 
     print(header())
+    if args.native:
+        return _main_native(args)
     print(f"# load average at start: {os.getloadavg()[0]:.2f} (the machine may be shared); through "
           f"vrdma backend (fft=1, --accel-slowdown {args.slowdown:g}), one guest process per tenant",
           flush=True)
@@ -392,6 +428,35 @@ def main(argv=None) -> int:
         for name, st in svc.items():
             print(f"# accelerator {name}: dispatches by class {st.get('class_dispatches')}, "
                   f"class overtakes {st.get('class_overtakes')}, aged dispatches {st.get('aged_dispatches')}")
+    finally:
+        d.cleanup()
+    return 0
+
+
+def _main_native(args) -> int:
+    print(f"# load average at start: {os.getloadavg()[0]:.2f} (the machine may be shared); through "
+          f"vrdma backend (fft=1, full speed, no --state-dir: the native path), jobs {NATIVE_JOB}",
+          flush=True)
+    d = Daemon(1.0, keep_accounting=False)
+    guests: dict[str, Guest] = {}
+    try:
+        for name in TENANTS:
+            guests[name] = Guest(d.sockets[name], name, wait=False)
+        for gst in guests.values():
+            gst.expect("ready")
+        for r in range(args.rounds):
+            o = native_round(guests, args.seconds)
+            print(f"round {r}: native weights 3:1 -> {o['weight_ratio']:.3f} "
+                  f"({'ok' if abs(o['weight_ratio'] / 3 - 1) <= 0.1 else 'MISSED'}; loop busy with kernels "
+                  f"{100 * o['busy_share']:.0f}% of the time) | high's share of jobs against saturating low "
+                  f"{100 * o['high_share']:.1f}%", flush=True)
+    finally:
+        for gst in guests.values():
+            gst.close()
+        d.close()
+    try:
+        nat = d.metrics()["accelerators"]["native"]
+        print(f"# native path: {nat}")
     finally:
         d.cleanup()
     return 0
