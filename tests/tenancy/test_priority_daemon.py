@@ -60,10 +60,10 @@ def test_high_runs_before_low_jobs_queued_earlier_and_weights_share_3_to_1(prio)
     # earlier in between (classes ignored: one after each of H's) would add 7 services.
     between = sum(h[i][1] - h[i - 1][1] - h[i - 1][2] for i in range(1, len(h)))
     assert between < 3 * service, (between, service, [j[1:3] for j in h])
-    # weights 3:1 within one class: job counts while both kept 16 queued (1:1 fails the band)
+    # weights 3:1 within one class: job counts while both kept 32 queued (1:1 fails the band)
     t0 = time.monotonic()
-    g["A"].run(depth=16, seconds=2.5)
-    g["B"].run(depth=16, seconds=2.5)
+    g["A"].run(depth=32, seconds=2.5)
+    g["B"].run(depth=32, seconds=2.5)
     a, b = _ok(g["A"].result()), _ok(g["B"].result())
     lo, hi = t0 + 0.5, min(a[-1][0], b[-1][0]) - 0.2
     na = sum(1 for j in a if lo <= j[0] < hi)
