@@ -169,28 +169,33 @@ class Guest:
         """Start the process; ``wait``: until it is connected (else call ``expect("ready")``)."""
         self.name = name
         self.proc = subprocess.Popen([sys.executable, "-m", "bench.tenant_priority_daemon", "--guest", path],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._buf = b""  # read from the pipe, not yet taken as lines (select sees only the pipe)
         if wait:
             self.expect("ready", 120)
 
     def expect(self, event: str, timeout: float = 120.0) -> dict:
         assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
         deadline = time.monotonic() + timeout
         while True:
+            while b"\n" in self._buf:
+                line, self._buf = self._buf.split(b"\n", 1)
+                msg = json.loads(line)
+                if msg.get("event") == event:
+                    return msg
             left = deadline - time.monotonic()
-            r, _, _ = select.select([self.proc.stdout], [], [], max(0.0, left))
+            r, _, _ = select.select([fd], [], [], max(0.0, left))
             if not r:
                 raise TimeoutError(f"guest {self.name}: no {event!r} within {timeout} s")
-            line = self.proc.stdout.readline()
-            if not line:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
                 raise RuntimeError(f"guest {self.name} exited ({self.proc.wait()})")
-            msg = json.loads(line)
-            if msg.get("event") == event:
-                return msg
+            self._buf += chunk
 
     def run(self, **cmd) -> None:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
         self.proc.stdin.flush()
 
     def result(self, timeout: float = 120.0) -> list[list]:

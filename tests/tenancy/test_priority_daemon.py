@@ -75,10 +75,10 @@ def test_aging_lets_low_progress_under_saturating_high(prio):
     d, g = prio
 
     def low_under_high():
-        g["H"].run(depth=32, seconds=1.5)
+        g["H"].run(depth=32, seconds=2.0)
         g["H"].expect("running")
         t1 = time.monotonic()
-        g["L"].run(depth=2, seconds=1.0)
+        g["L"].run(depth=2, seconds=1.5)
         lj, hj = _ok(g["L"].result()), _ok(g["H"].result())
         return sum(1 for j in lj if t1 <= j[0] < hj[-1][0])  # L's jobs done while H still had work
 
