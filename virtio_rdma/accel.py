@@ -603,8 +603,10 @@ class AccelRouter:
         first (not ``exclude``; guest -1 if none): the highest class (lifted by aging, one
         class per ``aging_seconds`` waited, up to the highest waiting, ``extra``'s too),
         then the smallest start tag (weighted turns), then the least recently served."""
-        shares, v, aging = self._shares, self._vnow, self._aging
-        waiting = [(g, shares[g]) for g, d in self._pending.items() if d and g != exclude]
+        v, aging = self._vnow, self._aging
+        # each waiting guest's share (its class and weight read again if the ledger changed)
+        waiting = [(g, self._share(next(iter(d.values()))[0])) for g, d in self._pending.items()
+                   if d and g != exclude]
         if not waiting:
             return -1, (0, 0.0, 0), 0
         low = min(sh.klass for _, sh in waiting)

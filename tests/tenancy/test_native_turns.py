@@ -145,3 +145,31 @@ def test_native_turns_age_a_waiting_low_tenant(monkeypatch):
             router.close()
 
     asyncio.run(main())
+
+
+def test_a_live_class_change_applies_to_the_next_native_turns(monkeypatch):
+    """``ledger.set_tenant`` (the admin socket's ``tenant set``) lifts L to high while
+    both keep jobs waiting: from then on the turns alternate (L no longer waits for
+    all of H's jobs)."""
+    monkeypatch.setattr(accel, "NATIVE_SLICE_SECONDS", 1e-9)
+
+    async def main():
+        router, ledger = _router(aging=0.0)
+        try:
+            router.attach_loop(asyncio.get_running_loop())
+            low = _tenant_guest(router, ledger, "L", 1002, 0x1000_0000, 20)
+            high = _tenant_guest(router, ledger, "H", 1001, 0x4000_0000, 40)
+            dl, dh = await _race(router, low, high, lambda a, b: len(b) >= 10)
+            assert len(dl) == 1, len(dl)  # low: only its doorbell's job so far
+            ledger.set_tenant("L", klass="high")
+            for _ in range(100000):
+                if len(dl) == 20:
+                    break
+                await asyncio.sleep(0)
+                dl += low[0].poll(low[2])
+                dh += high[0].poll(high[2])
+            assert len(dl) == 20 and len(dh) < 40, (len(dl), len(dh))  # L done before H
+        finally:
+            router.close()
+
+    asyncio.run(main())
