@@ -341,11 +341,13 @@ def run_round(d: Daemon, g: dict[str, Guest], seconds: float, totals: dict[str, 
     a, b = keep("A", g["A"].result()), keep("B", g["B"].result())
     lo, hi = t0 + seconds, t0 + 2 * seconds
     out["weight_ratio"] = busy_in(a, lo, hi) / max(1e-12, busy_in(b, lo, hi))
-    # 4. L (4 deep) under saturating H, without aging and with it
+    # 4. L (4 deep) under saturating H, without aging and with it. H keeps 32 queued (the
+    # in-process bench: 16): a guest process descheduled for 16 service times on a loaded
+    # machine would let its queue run dry, and L run without aging
     for aging in (0.0, AGING_SECONDS):
         if aging:
             d.set_aging(aging)
-        g["H"].run(depth=16, seconds=seconds + 0.3)
+        g["H"].run(depth=32, seconds=seconds + 0.3)
         g["H"].expect("running")
         t1 = time.monotonic()
         g["L"].run(depth=4, seconds=seconds)
