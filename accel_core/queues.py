@@ -33,7 +33,9 @@ get accelerator time in proportion to their weights -- weighted SFQ). Aging:
 a guest served nothing for ``aging_seconds`` while it has jobs waiting competes
 one class higher per period waited (up to the highest class waiting), so a low
 tenant still progresses under a saturating high one; its start tag, left behind
-while it waited, then puts it first among its new peers. Without ``classify``
+while it waited, then puts it first among its new peers. Counted:
+``class_dispatches`` (by the served guest's class), ``class_overtakes`` (a job
+dispatched ahead of a lower class's job queued earlier) and ``aged_dispatches``. Without ``classify``
 every guest is class 0 weight 1: exactly the queue described above.
 
 Ready queue: jobs finished and waiting to be collected (the completion queue a
@@ -97,6 +99,11 @@ class FairQueue:
         self.aging_seconds = aging_seconds
         #: dispatches that went to a guest because aging lifted its class (tests assert it)
         self.aged_dispatches = 0
+        #: dispatches by the class of the guest served (its own class, before aging)
+        self.class_dispatches: dict[int, int] = {}
+        #: dispatches ahead of a waiting job of a lower class queued earlier (the class order
+        #: at work: 0 while every guest is one class; tests through the daemon assert it)
+        self.class_overtakes = 0
         self._shares: dict[int, _Share] = {}
         self._finish: dict[int, float] = {}
         self._vtime = 0.0
@@ -174,9 +181,15 @@ class FairQueue:
                     g, share, best, aged = g1, sh, tag, lifted
             if aged:
                 self.aged_dispatches += 1
+            assert share is not None
+            arrival = best[2]
+            if any(sh.klass < share.klass and sh.fifos[sh.top][0]._tag[1] < arrival
+                   for sh in shares.values()):
+                self.class_overtakes += 1
         else:
             return None
         assert share is not None
+        self.class_dispatches[share.klass] = self.class_dispatches.get(share.klass, 0) + 1
         fifo = share.fifos[share.top]
         job = fifo.popleft()
         if not fifo:

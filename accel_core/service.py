@@ -545,6 +545,10 @@ class Accelerator:
             snap["running"] = len(self._running)
             uptime = self._clock() - self._t_start
             snap["uptime_seconds"] = uptime
+            q = self._queue
+            snap["class_dispatches"] = dict(q.class_dispatches)
+            snap["class_overtakes"] = q.class_overtakes
+            snap["aged_dispatches"] = q.aged_dispatches
             snap["utilization"] = (snap["total"]["busy_seconds"] / (uptime * self.workers)
                                    if uptime > 0 else 0.0)
         snap["ready_depth"] = len(self._ready)

@@ -15,6 +15,9 @@ one job at a time (closed loop). Measured, in this order, interleaved over
 4. *aging*: L's jobs completed while H saturates, with aging (0.05 s) and
    without: L progresses only with aging.
 
+``--daemon``: the same through a real ``vrdma backend`` and guest processes
+(bench/tenant_priority_daemon.py, which shares :func:`verdicts` and :func:`report`).
+
 Prints the machine (bench/machine.py); the machine may be shared, so every
 figure is compared with the baseline measured in the same round.
 """
@@ -133,25 +136,47 @@ def run_round(slowdown: float, seconds: float):
     return out
 
 
+def verdicts(o: dict) -> dict[str, bool]:
+    """Each goal of a round's figures ``o`` (shared by the daemon mode,
+    bench/tenant_priority_daemon.py): high's p99 wait within (idle p99 + one
+    service time) x 2, weights 3:1 within 10%, low progressing only with aging."""
+    return {"priority": o["loaded_p99_ms"] <= o["goal_ms"],
+            "weights": abs(o["weight_ratio"] / 3 - 1) <= 0.1,
+            "aging": o["low_jobs_aging_0.05"] > 0}
+
+
+def report(r: int, o: dict) -> str:
+    """One round's line: figures and verdicts."""
+    v = verdicts(o)
+    return (f"round {r}: service {o['service_ms']:.3f} ms | high p99 wait idle {o['idle_p99_ms']:.3f} ms, "
+            f"vs saturating low {o['loaded_p99_ms']:.3f} ms (p50 {o['loaded_p50_ms']:.3f}; "
+            f"goal <= {o['goal_ms']:.3f}: "
+            f"{'ok' if v['priority'] else 'MISSED'}) | weights 3:1 -> "
+            f"{o['weight_ratio']:.3f} ({'ok' if v['weights'] else 'MISSED'}) | "
+            f"low jobs under saturating high: aging off {o['low_jobs_aging_0']} "
+            f"(high {o['high_jobs_aging_0']}), aging 0.05 s {o['low_jobs_aging_0.05']} "
+            f"(high {o['high_jobs_aging_0.05']}; {'ok' if v['aging'] else 'MISSED'})")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=2.0, help="per measurement")
     p.add_argument("--slowdown", type=float, default=100.0)
+    p.add_argument("--daemon", action="store_true",
+                   help="through a real vrdma backend and guest processes (bench/tenant_priority_daemon.py)")
     args = p.parse_args(argv)
+    if args.daemon:
+        from bench import tenant_priority_daemon
+
+        return tenant_priority_daemon.main(["--rounds", str(args.rounds), "--seconds", str(args.seconds),
+                                            "--slowdown", str(args.slowdown)])
     print(header())
     import os
 
     print(f"# load average at start: {os.getloadavg()[0]:.2f} (the machine is shared)")
     for r in range(args.rounds):
-        o = run_round(args.slowdown, args.seconds)
-        print(f"round {r}: service {o['service_ms']:.3f} ms | high p99 wait idle {o['idle_p99_ms']:.3f} ms, "
-              f"vs saturating low {o['loaded_p99_ms']:.3f} ms (p50 {o['loaded_p50_ms']:.3f}; goal <= {o['goal_ms']:.3f}: "
-              f"{'ok' if o['loaded_p99_ms'] <= o['goal_ms'] else 'MISSED'}) | weights 3:1 -> "
-              f"{o['weight_ratio']:.3f} ({'ok' if abs(o['weight_ratio'] / 3 - 1) <= 0.1 else 'MISSED'}) | "
-              f"low jobs under saturating high: aging off {o['low_jobs_aging_0']} "
-              f"(high {o['high_jobs_aging_0']}), aging 0.05 s {o['low_jobs_aging_0.05']} "
-              f"(high {o['high_jobs_aging_0.05']})", flush=True)
+        print(report(r, run_round(args.slowdown, args.seconds)), flush=True)
     return 0
 
 

@@ -62,7 +62,14 @@ another guest's share.
 
 Tenants (:meth:`AccelRouter.set_tenancy`, docs/tenants.md): with the daemon's
 TenantLedger the fair queue serves the device's *tenant class* first and
-shares time by its *weight* (the router's classifier, read live), and each
+shares time by its *weight* (the router's classifier, read live). Native
+slices, which the fair queue never sees, follow the same order while guests
+contend (:meth:`AccelRouter.native_turn`): a doorbell whose guest is not first
+(a waiting guest of a higher class, or of its class with fewer weighted turns
+taken) leaves its jobs in the ring for the guest's turn, and the turns go by
+class (aging: one class higher per ``aging_seconds`` waited), then start-time
+fair queueing in turns (a turn costs 1 / weight), so tenants of weights 3 and
+1 that both keep jobs queued get 3 turns to 1. Each
 job takes its tenant's accelerator quota before it is placed (refused:
 QUOTA_EXCEEDED, nothing run); every admitted job that ends gives the quota
 back and, with accounting, adds to its tenant's row. A job sent to a peer
@@ -283,6 +290,22 @@ class Entry:
         self.release_temp()
 
 
+class _NativeShare:
+    """A guest's native turns while guests contend (AccelRouter.native_turn): its finish
+    tag in turns / weight, when it was served last (round robin on equal tags), since when
+    it waits (aging), and its tenant's class and weight."""
+
+    __slots__ = ("vt", "seq", "since", "klass", "weight", "gen")
+
+    def __init__(self) -> None:
+        self.vt = 0.0
+        self.seq = 0
+        self.since = 0.0
+        self.klass = 1
+        self.weight = 1.0
+        self.gen = -1  # the router's _class_gen when klass and weight were read
+
+
 class AccelQueue:
     """An accelerator queue: ring and doorbell record in guest memory, the
     jobs fetched and not yet completed, in posted order."""
@@ -407,7 +430,9 @@ class AccelRouter:
     lends (``try_claim``); ``inline_max_seconds`` is the service's inline
     bound for the other small jobs, ``native_max_seconds`` the native path's
     (0 turns either off). On a loop, a queue's native jobs run in slices
-    (:data:`NATIVE_SLICE_SECONDS`), round robin across guests."""
+    (:data:`NATIVE_SLICE_SECONDS`); while guests contend, their turns go as the
+    fair queue's dispatches do (:meth:`native_turn`): tenant class first
+    (aging lifts a waiting one), then weighted turns, round robin on ties."""
 
     def __init__(self, service: AcceleratorService | None, *, owns_service: bool = True,
                  inline_max_seconds: float = INLINE_MAX_SECONDS,
@@ -453,12 +478,24 @@ class AccelRouter:
         if service is not None and NativeJobs is not None and native_max_seconds > 0:
             self.native = NativeJobs(service, native_max_seconds, NATIVE_MAX_POINTS)
         #: AQs whose native jobs continue in a later slice of the loop, by guest id, then
-        #: id(aq) -> (core, aq) in the order they stopped; guests in round-robin order
+        #: id(aq) -> (core, aq) in the order they stopped (or were deferred)
         self._pending: dict[int, dict[int, tuple[RdmaDeviceCore, AccelQueue]]] = {}
-        self._turns: deque[int] = deque()
         self._slice_due = False  # a _next_slice is scheduled on the loop
+        #: native turns while guests contend (_NativeShare by guest id; pruned when they do not)
+        self._shares: dict[int, _NativeShare] = {}
+        self._vnow = 0.0  # the start tag of the last contended native turn (SFQ's V)
+        self._turn_seq = 0  # turns given: equal tags go round robin, least recently served first
+        self._granted = -1  # the guest whose turn _next_slice is giving (fetch runs it)
+        self._class_gen = 0  # bumped when the ledger changes: shares read their class again
         #: native slices that stopped at NATIVE_SLICE_SECONDS with jobs left (tests assert it)
         self.native_slices = 0
+        #: native runs a doorbell did not start because a guest ahead of it waited (class, turn)
+        self.native_deferred = 0
+        #: native turns given ahead of a waiting guest of a lower class (tests assert it)
+        self.native_class_overtakes = 0
+        #: native turns given to a guest because aging lifted its class
+        self.native_aged = 0
+        self._aging = 0.0  # the tenants' aging period (the ledger's [fairness] aging_seconds)
         if service is not None:
             for acc in service.accelerators:
                 acc.set_ready_notifier(self._on_ready)
@@ -518,16 +555,18 @@ class AccelRouter:
         return d is not None and id(aq) in d
 
     def resume_later(self, core: RdmaDeviceCore, aq: AccelQueue) -> None:
-        """Come back for ``aq``'s jobs left in the ring by a native slice. Slices go round
-        robin across guests (devices), one per loop callback so that the loop serves
-        what else is ready in between; within a guest to its highest-priority queue
-        that waits, oldest first -- the spec's order of waiting jobs, in loop time."""
+        """Come back for ``aq``'s jobs left in the ring by a native slice, in a later
+        turn (:meth:`_next_slice`), one per loop callback so that the loop serves what
+        else is ready in between."""
         self.native_slices += 1
+        self._wait_turn(core, aq)
+
+    def _wait_turn(self, core: RdmaDeviceCore, aq: AccelQueue) -> None:
         gid = core.accel_guest
         d = self._pending.get(gid)
         if d is None:
             d = self._pending[gid] = {}
-            self._turns.append(gid)
+            self._share(core).since = time.monotonic()  # backlogged from now (aging)
         d.setdefault(id(aq), (core, aq))
         if not self._slice_due:
             self._slice_due = True
@@ -539,25 +578,130 @@ class AccelRouter:
         if d is not None:
             d.pop(id(aq), None)
 
+    # -- native turns: tenant class first, then weighted turns (SFQ in turns), aging
+    def _share(self, core: RdmaDeviceCore) -> _NativeShare:
+        """The guest's native share, with its tenant's class and weight (read again after
+        the ledger changed: a reload or a live change)."""
+        gid = core.accel_guest
+        sh = self._shares.get(gid)
+        if sh is None:
+            if len(self._shares) > 2 * len(self._pending) + 64:  # guests that came and went
+                v = self._vnow
+                self._shares = {g: x for g, x in self._shares.items() if g in self._pending or x.vt > v}
+            sh = self._shares[gid] = _NativeShare()
+        if sh.gen != self._class_gen:
+            sh.gen = self._class_gen
+            acct = core.account
+            if self.ledger is not None and acct is not None:
+                self._tenant_of[gid] = acct.tenant
+                sh.klass, sh.weight = self.ledger.classify(acct.tenant)
+        return sh
+
+    def _best_waiting(self, exclude: int, extra: _NativeShare | None = None
+                      ) -> tuple[int, tuple[int, float, int], int]:
+        """(guest, key, lowest class) of the guest waiting for a native turn that goes
+        first (not ``exclude``; guest -1 if none): the highest class (lifted by aging, one
+        class per ``aging_seconds`` waited, up to the highest waiting, ``extra``'s too),
+        then the smallest start tag (weighted turns), then the least recently served."""
+        v, aging = self._vnow, self._aging
+        # each waiting guest's share (its class and weight read again if the ledger changed)
+        waiting = [(g, self._share(next(iter(d.values()))[0])) for g, d in self._pending.items()
+                   if d and g != exclude]
+        if not waiting:
+            return -1, (0, 0.0, 0), 0
+        low = min(sh.klass for _, sh in waiting)
+        top = max(sh.klass for _, sh in waiting)
+        if extra is not None:
+            top = max(top, extra.klass)
+        now = time.monotonic() if aging > 0 and low < top else 0.0
+        best_g, best = -1, (0, 0.0, 0)
+        for g, sh in waiting:
+            k = sh.klass
+            if now and k < top:
+                k = min(top, k + int((now - sh.since) / aging))
+            key = (-k, max(v, sh.vt), sh.seq)
+            if best_g < 0 or key < best:
+                best_g, best = g, key
+        return best_g, best, low
+
+    def _charge_turn(self, sh: _NativeShare, start: float) -> None:
+        """A native turn given: start tag ``start`` (V), finish tag one turn / weight later."""
+        self._vnow = start
+        sh.vt = start + 1.0 / sh.weight
+        self._turn_seq += 1
+        sh.seq = self._turn_seq
+        if self._aging > 0:
+            sh.since = time.monotonic()
+
+    def native_turn(self, core: RdmaDeviceCore) -> bool:
+        """May ``core``'s guest run native jobs now (its doorbell, or its turn from
+        :meth:`_next_slice`)? While other guests wait for a turn, only if none of them goes
+        first (:meth:`_best_waiting`; a turn :meth:`_next_slice` gave is not questioned);
+        then the turn is charged to it: its start tag becomes ``max(its finish tag, V)``,
+        its finish tag one turn / its weight later. Without contention nothing is charged."""
+        gid = core.accel_guest
+        granted = self._granted == gid
+        self._granted = -1
+        pending = self._pending
+        if not pending or (len(pending) == 1 and gid in pending):
+            return True
+        sh = self._share(core)
+        if granted:  # _next_slice chose it (and counted what it overtook)
+            self._charge_turn(sh, max(self._vnow, sh.vt))
+            return True
+        best_g, best, low = self._best_waiting(gid, sh)
+        if best_g < 0:
+            return True
+        if gid not in pending:
+            sh.since = time.monotonic()  # backlogged from now (aging)
+        k = sh.klass
+        if self._aging > 0 and k < -best[0]:
+            k = min(-best[0], k + int((time.monotonic() - sh.since) / self._aging))
+        mine = (-k, max(self._vnow, sh.vt), sh.seq)
+        if best < mine:
+            return False
+        if k > sh.klass:
+            self.native_aged += 1
+        if low < sh.klass:
+            self.native_class_overtakes += 1
+        self._charge_turn(sh, mine[1])
+        return True
+
+    def defer(self, core: RdmaDeviceCore, aq: AccelQueue) -> None:
+        """``aq``'s jobs wait in the ring for the guest's turn (another goes first)."""
+        self.native_deferred += 1
+        self._wait_turn(core, aq)
+
     def _next_slice(self) -> None:
-        """One native slice: the next guest's turn (round robin), its best waiting queue."""
+        """One native turn: the waiting guest that goes first (:meth:`_best_waiting`), its
+        highest-priority waiting queue (the first of them: the spec's order of waiting
+        jobs, in loop time)."""
         self._slice_due = False
-        while self._turns:
-            gid = self._turns.popleft()
-            d = self._pending.get(gid)
-            if not d:
-                self._pending.pop(gid, None)
-                continue
+        pending = self._pending
+        for g in [g for g, d in pending.items() if not d]:
+            del pending[g]
+        if pending:
+            gid = next(iter(pending))
+            if len(pending) > 1:
+                gid, first, low = self._best_waiting(-1)
+                sh = self._shares[gid]
+                if -first[0] > sh.klass:
+                    self.native_aged += 1
+                if low < sh.klass:
+                    self.native_class_overtakes += 1
+            d = pending[gid]
             key = max(d, key=lambda k: d[k][1].priority)  # the first of the highest priority
             core, aq = d.pop(key)
-            if d:
-                self._turns.append(gid)  # its other queues wait for the guest's next turn
-            else:
-                del self._pending[gid]
+            if not d:
+                del pending[gid]
             if aq.core is core and not aq.destroyed:  # else gone meanwhile: its jobs went with it
+                self._granted = gid  # its turn: fetch's native_turn charges it, never defers it
                 _core_call(core, "fetching accelerator jobs", fetch, core, aq)
-            break
-        if self._turns and not self._slice_due:
+                self._granted = -1
+        if not pending and self._shares:
+            self._shares.clear()  # nobody waits: the next contention starts from equal tags
+            self._vnow = 0.0
+        if pending and not self._slice_due:
             self._slice_due = True
             self._loop.call_soon(self._next_slice)
 
@@ -574,8 +718,11 @@ class AccelRouter:
 
     def _apply_fairness(self) -> None:
         svc = self.local.service if self.local is not None else None
-        if svc is not None and self.ledger is not None:
-            svc.set_classifier(self._classify, self.ledger.config.aging_seconds)
+        self._class_gen += 1  # native shares read their class and weight again
+        if self.ledger is not None:
+            self._aging = self.ledger.config.aging_seconds
+            if svc is not None:
+                svc.set_classifier(self._classify, self._aging)
 
     def _classify(self, guest_id: int) -> tuple[int, float]:
         if self.ledger is None:
@@ -746,7 +893,8 @@ class AccelRouter:
         native = {} if nat is None else {
             "jobs": nat.jobs, "calls": nat.calls, "slices": self.native_slices, "declined": nat.declines(),
             "slow_shapes": nat.slow_shapes, "spun": nat.spun,
-            "spins": nat.spins}
+            "spins": nat.spins, "deferred": self.native_deferred,
+            "class_overtakes": self.native_class_overtakes, "aged": self.native_aged}
         return {"in_flight": len(self._jobs), "jobs_dropped": self.jobs_dropped, "wakeups": self.wakeups,
                 "native": native, "service": svc,
                 "scheduler": self.dispatcher.describe() if self.dispatcher is not None else None,
@@ -758,7 +906,7 @@ class AccelRouter:
             self.local.service.close()
         self._jobs.clear()
         self._pending.clear()  # slices still due: their queues go with their devices
-        self._turns.clear()
+        self._shares.clear()
 
 
 # --------------------------------------------------------------------------
@@ -1019,6 +1167,9 @@ def fetch(core: RdmaDeviceCore, aq: AccelQueue, *, native: bool = True) -> None:
         # the local placement rule: the native path takes the plain small jobs at the head,
         # in order, only with a unit of a local accelerator serving the op (its claim), and
         # leaves the first other one (and all after it) to start() below
+        if router._pending and not router.native_turn(core):
+            router.defer(core, aq)  # another guest's turn first (a higher class, fewer turns)
+            return
         router.native.run(core, aq, router.native_budget(), router.native_spin(core))
         if router.native.yielded:  # its slice is over: the rest wait in the ring for the next
             router.resume_later(core, aq)

@@ -30,6 +30,24 @@ def test_a_higher_class_goes_first_whatever_the_arrival_order():
     assert [j.guest_id for j in q.ordered()] == []
 
 
+def test_class_counters():
+    """class_dispatches by the served guest's class; class_overtakes: dispatches ahead
+    of a lower class's job queued earlier (none once only one class waits, nor among
+    equals); aged_dispatches stay 0 without aging."""
+    q = FairQueue(classes({1: (0, 1.0), 2: (2, 1.0), 3: (2, 1.0)}))
+    for g in (1, 1, 2, 3):
+        q.push(job(g))
+    assert [q.pop(0.0).guest_id for _ in range(4)] == [2, 3, 1, 1]
+    assert q.class_dispatches == {2: 2, 0: 2}
+    assert q.class_overtakes == 2 and q.aged_dispatches == 0
+    flat = FairQueue()
+    for g in (1, 2, 1, 2):
+        flat.push(job(g))
+    while flat.pop(0.0) is not None:
+        pass
+    assert flat.class_overtakes == 0 and flat.class_dispatches == {0: 4}
+
+
 def test_ordered_lists_the_class_order_too():
     q = FairQueue(classes({1: (0, 1.0), 2: (2, 1.0)}))
     for g in (1, 2, 1, 2):
