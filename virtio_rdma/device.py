@@ -180,11 +180,24 @@ class RdmaDevice(VhostUserDevice):
                 chain.write(memoryview(resp)[:n])
                 q.push(mem, chain, n)
         elif vring.index == DOORBELLQ:
+            first = True
             for _ in range(DOORBELL_BUDGET):
                 if (chain := q.pop(mem)) is None:
                     break
+                if first and core.poll_doorbell_records:
+                    # The driver writes a QP's doorbell record before its
+                    # doorbell: apply the records first, on the native path
+                    # (doorbells.poll); the SQ/RQ doorbells that follow are
+                    # then stale and cost no engine run (doorbells.ring).
+                    core.poll(now)
+                first = False
                 core.doorbell(chain.read(), now)
                 q.push(mem, chain, 0)
+            # the records were read; events and timers are what is left
+            # (the back-end's kick ends with the device's poll hook anyway)
+            if core.pending_events or core.has_timers:
+                self._run_core(now)
+            return
         self._run_core(now)
 
     def _on_core_notify(self) -> None:
