@@ -164,8 +164,15 @@ def poll_records(core: RdmaDeviceCore, now: float) -> int:
         if scanner.key != key:
             scanner.rebuild(core.qps.values(), key)
         qps = scanner.scan(core.mem)
+    n = _apply_qps(core, qps, now) if qps else 0
+    if core.aqs:
+        n += accel.poll_records(core, now)
+    return n
+
+
+def _apply_qps(core: RdmaDeviceCore, qps: list, now: float) -> int:
     n = 0
-    if qps and _apply_records is not None:  # the plain changes natively, the rest below
+    if _apply_records is not None:  # the plain changes natively, the rest below
         qps, n = _apply_records(core, qps, now, datapath.progress_sq)
     for qp in qps:
         if qp.state is _RESET or qp.destroyed:
@@ -180,8 +187,23 @@ def poll_records(core: RdmaDeviceCore, now: float) -> int:
         if sq_pi != qp.sq_pi and qp.qpn in core.qps:
             n += 1
             ring(core, Doorbell(_SQ, qp.qpn, sq_pi), now)
-    if core.aqs:
-        n += accel.poll_records(core, now)
+    return n
+
+
+def apply_changed(core: RdmaDeviceCore, qps: list, now: float) -> int:
+    """:func:`poll` after the scan, for QPs the caller's scan found changed
+    (the native doorbellq kick, ``_datapath.kick_doorbellq``): the same
+    accounting, error containment and notification."""
+    core.in_call += 1
+    try:
+        n = _apply_qps(core, qps, now)
+    except Exception:
+        core.metrics.internal_errors += 1
+        log.exception("virtio-rdma: internal error applying doorbell records")
+        n = 0
+    finally:
+        core.in_call -= 1
+    flush_notify(core)
     return n
 
 
