@@ -148,11 +148,18 @@ cdef class _Dev:
         if self.dev is None:
             return
         m = self.dev.metrics
-        for name, v in (("requests_sent", self.requests_sent), ("responses_received", self.responses_received),
-                        ("sends_completed", self.sends_completed), ("bytes_received", self.bytes_received),
-                        ("bytes_sent", self.bytes_sent), ("completions", self.completions)):
-            if v:
-                setattr(m, name, getattr(m, name) + v)
+        if self.requests_sent:
+            m.requests_sent += self.requests_sent
+        if self.responses_received:
+            m.responses_received += self.responses_received
+        if self.sends_completed:
+            m.sends_completed += self.sends_completed
+        if self.bytes_received:
+            m.bytes_received += self.bytes_received
+        if self.bytes_sent:
+            m.bytes_sent += self.bytes_sent
+        if self.completions:
+            m.completions += self.completions
         self.requests_sent = self.responses_received = self.sends_completed = 0
         self.bytes_received = self.bytes_sent = self.completions = 0
         if self.events:
