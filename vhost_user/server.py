@@ -30,6 +30,12 @@ GET_FEATURES is dropped. A started ring or DRIVER_OK also counts as done.
 The socket is created owner-only and gets ``socket_mode`` and
 ``socket_group`` before it appears at its path, whatever the umask.
 
+A device may serve a kick itself (``fast_kick(vring) -> bool``, e.g. the
+virtio-rdma doorbellq natively): a blocking server (no ``poll_us``) offers it
+each kick of a started, enabled ring after reading the eventfd, and falls
+back to the generic :meth:`~vhost_user.backend.BackendConnection.kick` when
+it returns False.
+
 Run it on uvloop (:func:`run_backend` installs it) for lower wake-up cost.
 """
 from __future__ import annotations

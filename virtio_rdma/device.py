@@ -8,6 +8,10 @@ produces are written into the buffers the driver keeps posted on the eventq
 retransmission timers) becomes an event-loop timer. Payloads never pass
 through here: the core moves them between guests' memory directly.
 
+A blocking daemon's kicks of the doorbellq (DBREC_POLL) are served by
+:meth:`RdmaDevice.fast_kick` in native code (``_datapath.kick_doorbellq``):
+from the kick to ``run_sq`` without Python per record or buffer.
+
 Per-tenant limits: :meth:`RdmaDevice.factory` makes the daemon's device
 factory from a :class:`~vhost_user.tenancy.TenantPolicy`: each connection's
 device reports the policy's object caps (QUERY_DEVICE) and charges its

@@ -136,3 +136,27 @@ def test_native_kick_and_generic_kick_agree(tmp_path):
     assert [{k: v for k, v in m.items() if k not in timing} for m in m_n] == \
         [{k: v for k, v in m.items() if k not in timing} for m in m_p]
     assert sum(m["requests_sent"] for m in m_n) == 40 and sum(m["local_prot_errors"] for m in m_n) == 1
+
+
+def test_native_kick_refuses_a_bad_doorbell_chain(rdma_backend, endpoints):
+    """A guest's doorbellq buffer outside its memory, on the native kick: that
+    connection fails (a protocol error, counted), the other guest goes on."""
+    from guest_lib.endpoint import connect_pair
+    from virtio_rdma import _datapath
+    from virtio_rdma.constants import DOORBELLQ
+
+    a, b = endpoints(cap=QPCap(16, 16, 1, 1, 64)), endpoints(cap=QPCap(16, 16, 1, 1, 64))
+    c, d = endpoints(cap=QPCap(16, 16, 1, 1, 64)), endpoints(cap=QPCap(16, 16, 1, 1, 64))
+    connect_pair(a, b)
+    connect_pair(c, d)
+    served = _datapath.kicks_served
+    q = a.ctx.transport.queues[DOORBELLQ]
+    q.add([(1 << 50, 8)], [], "bad")     # no such guest address
+    a.ctx.transport.notify(DOORBELLQ)
+    assert rdma_backend.wait_for(lambda s: s.metrics.protocol_errors == 1)
+    assert _datapath.kicks_served > served
+    d.qp.post_recv(RecvWR(7, sg=[SGE(d.mr.buf, 64, d.mr.lkey)]))
+    c.qp.post_send(SendWR(8, WrOpcode.SEND, sg=[SGE(c.mr.buf, 16, c.mr.lkey)],
+                          send_flags=SendFlags.SIGNALED))
+    assert d.poll_one().wr_id == 7 and c.poll_one().wr_id == 8
+    assert rdma_backend.metrics().protocol_errors == 1
