@@ -160,3 +160,41 @@ def test_native_kick_refuses_a_bad_doorbell_chain(rdma_backend, endpoints):
                           send_flags=SendFlags.SIGNALED))
     assert d.poll_one().wr_id == 7 and c.poll_one().wr_id == 8
     assert rdma_backend.metrics().protocol_errors == 1
+
+
+def test_native_kick_serves_a_backlog_in_budgeted_passes():
+    """More doorbell buffers than one pass takes (DOORBELL_BUDGET) queued
+    while the daemon is stopped: the native kick takes a budget, the rest
+    comes in the next pass, and every receive is there for the sends."""
+    import os
+    import signal
+
+    from guest_lib.endpoint import RcEndpoint, connect_pair
+    from vhost_user.testing import DaemonProcess
+    from virtio_rdma import wire
+    from virtio_rdma.constants import DoorbellKind
+    from virtio_rdma.device import DOORBELL_BUDGET
+
+    n = DOORBELL_BUDGET + 36
+    cap = QPCap(n + 8, n + 8, 1, 1, 64)
+    with DaemonProcess("--poll-us", "0") as d, RcEndpoint(d.path, 1 << 16, cap=cap) as a, \
+            RcEndpoint(d.path, 1 << 16, cap=cap) as b:
+        connect_pair(a, b)
+        os.kill(d.proc.pid, signal.SIGSTOP)
+        try:
+            for r in range(n):
+                b.qp.post_recv(RecvWR(r, sg=[SGE(b.mr.buf + 64 * r, 64, b.mr.lkey)]))
+                # one doorbell buffer each (post_recv skips its own once it sees the
+                # daemon has not taken the first: EVENT_IDX, DBREC_POLL)
+                b.ctx.ring_doorbells(wire.encode_doorbell(DoorbellKind.RQ, b.qp.qp_num, b.qp.rq_pi))
+        finally:
+            os.kill(d.proc.pid, signal.SIGCONT)
+        for r in range(n):
+            a.mr.write(r.to_bytes(4, "little"))
+            a.qp.post_send(SendWR(r, WrOpcode.SEND, sg=[SGE(a.mr.buf, 4, a.mr.lkey)],
+                                  send_flags=SendFlags.SIGNALED | SendFlags.INLINE))
+            assert a.poll_one().wr_id == r
+            wc = b.poll_one()
+            assert (wc.wr_id, wc.byte_len) == (r, 4)
+            assert b.mr.view[64 * r:64 * r + 4] == r.to_bytes(4, "little")
+        assert b.ctx.doorbells_skipped >= n - 1
