@@ -94,13 +94,24 @@ def _place(layout: str, daemon_pid: int, cpus: list[int]):
     return None, f"unpinned on cpus {cpus}"
 
 
-def _floor(test: str, size: int, iters: int) -> dict:
+def _floor(test: str, size: int, iters: int, cpu: int) -> dict:
+    """The run's floor: an eventfd ping-pong placed by the kernel (the ratio's
+    baseline), and the same pinned to ``cpu``, where the guests run in every
+    layout (informational: the kernel puts the unpinned pair on one CPU or
+    on two, and the two take different times, so the first floor is
+    bimodal on a 2-vCPU VM)."""
     if test in BW_TESTS:
         return {"floor_memcpy_MiB": memcpy_floor(size)["bw_avg_MiB"]}
     f = eventfd_floor(max(2000, iters))
+    mask = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {cpu})  # the ping-pong's child inherits it
+        one = eventfd_floor(max(2000, iters))
+    finally:
+        os.sched_setaffinity(0, mask)
     if test in ("send_lat", "write_lat"):  # half round trips
-        return {"floor_eventfd_half_rtt_us": f["t_typical"]}
-    return {"floor_eventfd_rtt_us": 2 * f["t_typical"]}
+        return {"floor_eventfd_half_rtt_us": f["t_typical"], "one_cpu_floor_us": one["t_typical"]}
+    return {"floor_eventfd_rtt_us": 2 * f["t_typical"], "one_cpu_floor_us": 2 * one["t_typical"]}
 
 
 def run(test: str, sizes, iters: int, batch: int = 16, poll_us: float = 0.0, layouts=("split",),
@@ -113,7 +124,7 @@ def run(test: str, sizes, iters: int, batch: int = 16, poll_us: float = 0.0, lay
             raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
     for rnd in range(repeat):
         with idle_spinners(cpus):
-            floors = {size: _floor(test, size, iters) for size in sizes}
+            floors = {size: _floor(test, size, iters, cpus[-1]) for size in sizes}
         for layout in layouts:
             with DaemonProcess("--poll-us", str(poll_us)) as d, idle_spinners(cpus if poll_us <= 0 else []):
                 guest_cpu, where = _place(layout, d.proc.pid, cpus)
@@ -138,7 +149,8 @@ def run(test: str, sizes, iters: int, batch: int = 16, poll_us: float = 0.0, lay
 def summary(rows: list[dict]) -> list[str]:
     """One line per run and the median per (layout, path, wait, size)."""
     bw = rows[0]["test"] in BW_TESTS
-    cols = "  k msg/s    MiB/s  vs memcpy" if bw else "  t_typ[us]  floor[us]  ratio  spun/yielded/blocked"
+    cols = ("  k msg/s    MiB/s  vs memcpy" if bw
+            else "  t_typ[us]  floor[us]  ratio  1-cpu floor[us]  spun/yielded/blocked")
     out = [f"# {'layout':<7} {'path':<7} {'wait':<9} {'size':>6} {'round':>5} " + cols]
     groups: dict = {}
     for r in rows:
@@ -150,6 +162,7 @@ def summary(rows: list[dict]) -> list[str]:
         else:
             key = next(k for k in r if k.startswith("floor_eventfd"))
             out.append(head + f"{r['t_typical']:10.2f} {r[key]:10.2f} {r['ratio_vs_floor']:6.2f}x "
+                              f"{r['one_cpu_floor_us']:16.2f}  "
                               f"{r['waits_spun']}/{r['waits_yielded']}/{r['waits_blocked']}")
     out.append("# median over rounds:")
     for (layout, path, wait, size), rs in groups.items():

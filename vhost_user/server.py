@@ -30,6 +30,12 @@ GET_FEATURES is dropped. A started ring or DRIVER_OK also counts as done.
 The socket is created owner-only and gets ``socket_mode`` and
 ``socket_group`` before it appears at its path, whatever the umask.
 
+A device may serve a kick itself (``fast_kick(vring) -> bool``, e.g. the
+virtio-rdma doorbellq natively): a blocking server (no ``poll_us``) offers it
+each kick of a started, enabled ring after reading the eventfd, and falls
+back to the generic :meth:`~vhost_user.backend.BackendConnection.kick` when
+it returns False.
+
 Run it on uvloop (:func:`run_backend` installs it) for lower wake-up cost.
 """
 from __future__ import annotations
@@ -118,6 +124,9 @@ class ServedConnection:
                                       require_sealed_memory=server.require_sealed_memory,
                                       poll_us=server.poll_us)
         self._watched: dict[int, int] = {}  # ring index -> fd watched
+        #: the device's own service of a kick (``fast_kick(vring) -> bool``), used by a
+        #: blocking daemon (no --poll-us: a polling one turns kicks into its spin)
+        self._fast_kick = getattr(device, "fast_kick", None) if server.poll_us <= 0 else None
         self._polls: dict[int, asyncio.TimerHandle] = {}
         self.closed = False
         timeout = server.policy.handshake_timeout
@@ -202,6 +211,22 @@ class ServedConnection:
             self.fail(TransportError(f"ring {vring.index}: kick eventfd read failed: {e.strerror}",
                                      e.errno or errno.EPIPE))
             return
+        fast = self._fast_kick
+        if fast is not None and vring.started and vring.enabled and not self.closed:
+            try:
+                served = fast(vring)
+            except (VhostUserError, VirtioError) as e:
+                vring.signal_error()
+                self.fail(e)
+                return
+            except Exception as e:  # a device bug must not take the daemon down
+                log.exception("%s: device raised while processing ring %d", self.name, vring.index)
+                self.fail(e)
+                return
+            if served:
+                self.core.metrics.kicks += 1
+                vring.pending_kick = False
+                return
         self._safe_kick(vring.index)
 
     def _safe_kick(self, index: int) -> None:

@@ -29,3 +29,7 @@ def wire_cqes(dev: Any, qp: QueuePair, net: Any, sends: list[Any], recvs: list[A
 records_applied: int  # doorbell record changes applied natively since import
 def apply_records(core: Any, qps: list[QueuePair], now: float,
                   progress_sq: Any) -> tuple[list[QueuePair], int]: ...
+kick_enabled: bool   # the native doorbellq kick is taken (tests compare it with the generic path)
+kicks_served: int    # doorbellq kicks served natively since import
+def kick_doorbellq(core: Any, q: Any, mem: Any, vring: Any, now: float, budget: int,
+                   apply_changed: Any) -> int: ...

@@ -8,6 +8,10 @@ produces are written into the buffers the driver keeps posted on the eventq
 retransmission timers) becomes an event-loop timer. Payloads never pass
 through here: the core moves them between guests' memory directly.
 
+A blocking daemon's kicks of the doorbellq (DBREC_POLL) are served by
+:meth:`RdmaDevice.fast_kick` in native code (``_datapath.kick_doorbellq``):
+from the kick to ``run_sq`` without Python per record or buffer.
+
 Per-tenant limits: :meth:`RdmaDevice.factory` makes the daemon's device
 factory from a :class:`~vhost_user.tenancy.TenantPolicy`: each connection's
 device reports the policy's object caps (QUERY_DEVICE) and charges its
@@ -29,10 +33,16 @@ from time import monotonic
 from fabric.base import Fabric
 from vhost_user.device import VhostUserDevice
 from vhost_user.tenancy import ConnectionInfo, TenantAccount, TenantLedger, TenantPolicy
+from virtio_rdma import doorbells
 from virtio_rdma.accel import AccelRouter
 from virtio_rdma.constants import CONTROLQ, DOORBELLQ, EVENTQ, VIRTIO_ID_RDMA, Feature
 from virtio_rdma.core import DeviceLimits, RdmaDeviceCore
 from virtio_rdma.wire import EVENT_SIZE, encode_events
+
+try:  # the native doorbellq kick (virtio_rdma/_datapath.pyx)
+    from virtio_rdma import _datapath
+except ImportError:  # pragma: no cover - extension not built
+    _datapath = None  # type: ignore[assignment]  # only where the extension is not built
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +176,27 @@ class RdmaDevice(VhostUserDevice):
             self._run_core(now)
         return True
 
+    def fast_kick(self, vring) -> bool:
+        """A kick of ``vring`` served whole, for the back-end's reader
+        callback (``vhost_user.server``; it has read the kick eventfd and
+        checked the ring is started and enabled): the doorbellq with
+        DBREC_POLL goes to the native ``_datapath.kick_doorbellq`` (no Python
+        between the kick and ``run_sq``). False: not this case, the generic
+        ``BackendConnection.kick`` serves it."""
+        core = self.core
+        if (vring.index != DOORBELLQ or core is None or not core.poll_doorbell_records
+                or _datapath is None or not _datapath.kick_enabled):
+            return False
+        now = monotonic()
+        more = _datapath.kick_doorbellq(core, vring.queue, self.conn.mem, vring, now, DOORBELL_BUDGET,
+                                        doorbells.apply_changed)
+        if core.pending_events or core.has_timers:
+            self._run_core(now)
+        if more:  # the budget is spent: other connections first, then the rest (notifications off)
+            conn = self.conn
+            conn.watcher.call_soon(lambda: conn.kick(DOORBELLQ))
+        return True
+
     # --- queues -----------------------------------------------------------
     def process_queue(self, vring, mem) -> None:
         now = monotonic()
@@ -180,11 +211,24 @@ class RdmaDevice(VhostUserDevice):
                 chain.write(memoryview(resp)[:n])
                 q.push(mem, chain, n)
         elif vring.index == DOORBELLQ:
+            first = True
             for _ in range(DOORBELL_BUDGET):
                 if (chain := q.pop(mem)) is None:
                     break
+                if first and core.poll_doorbell_records:
+                    # The driver writes a QP's doorbell record before its
+                    # doorbell: apply the records first, on the native path
+                    # (doorbells.poll); the SQ/RQ doorbells that follow are
+                    # then stale and cost no engine run (doorbells.ring).
+                    core.poll(now)
+                first = False
                 core.doorbell(chain.read(), now)
                 q.push(mem, chain, 0)
+            # the records were read; events and timers are what is left
+            # (the back-end's kick ends with the device's poll hook anyway)
+            if core.pending_events or core.has_timers:
+                self._run_core(now)
+            return
         self._run_core(now)
 
     def _on_core_notify(self) -> None:

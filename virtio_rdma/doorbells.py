@@ -21,16 +21,17 @@ The functions take the core; :class:`~virtio_rdma.core.RdmaDeviceCore` has
 from __future__ import annotations
 
 import logging
+import struct
 from typing import TYPE_CHECKING
 
 from verbs import AsyncEvent, QpState
 from virtio.errors import GuestMemoryError
 from virtio.memory import le32_words
 from virtio_rdma import accel, datapath, rings
-from virtio_rdma.constants import DoorbellKind
+from virtio_rdma.constants import OBJ_NUM_MASK, DoorbellKind
 from virtio_rdma.errors import UnknownValueError, VirtioRdmaError
 from virtio_rdma.events import flush_notify
-from virtio_rdma.wire import DBREC_SIZE, Doorbell, decode_doorbells
+from virtio_rdma.wire import DBREC_SIZE, DOORBELL_SIZE, Doorbell, decode_doorbells
 
 if TYPE_CHECKING:
     from virtio_rdma.core import RdmaDeviceCore
@@ -43,6 +44,8 @@ except ImportError:  # pragma: no cover - extension not built
 
 log = logging.getLogger(__name__)
 U32 = 1 << 32
+_ONE = struct.Struct("<II")  # one doorbell record (wire.DoorbellRecord): kind << 24 | number, value
+assert _ONE.size == DOORBELL_SIZE
 _CQ_ARM = DoorbellKind.CQ_ARM
 _SQ = DoorbellKind.SQ
 _AQ = DoorbellKind.AQ
@@ -56,6 +59,15 @@ def doorbell(core: RdmaDeviceCore, records, now: float) -> None:
     core.in_call += 1
     try:
         if not isinstance(records, list):
+            if len(records) == DOORBELL_SIZE and core.poll_doorbell_records:
+                # one record, the common buffer: a stale SQ/RQ doorbell is
+                # counted and dropped before any decoding
+                word, value = _ONE.unpack(records)
+                qp = core.qps.get(word & OBJ_NUM_MASK)
+                if qp is not None and qp.state is not _RESET and _stale(qp, word >> 24, value):
+                    core.metrics.doorbells += 1
+                    core.metrics.doorbells_stale += 1
+                    return
             try:
                 records = decode_doorbells(records)
             except (VirtioRdmaError, UnknownValueError) as e:
@@ -89,6 +101,9 @@ def ring(core: RdmaDeviceCore, db: Doorbell, now: float) -> None:
     if qp is None or qp.state is _RESET:
         core.metrics.bad_doorbells += 1
         return
+    if _stale(qp, db.kind, db.value):
+        core.metrics.doorbells_stale += 1
+        return
     if db.kind is _SQ:
         if not _advance(core, qp, "sq", db.value, qp.sq_ci, qp.sq_pi, qp.layout.sq_depth):
             return
@@ -107,6 +122,17 @@ def ring(core: RdmaDeviceCore, db: Doorbell, now: float) -> None:
             rings.flush(core, qp)
         elif qp.net is not None:  # a wire engine may hand receives to its transport now
             qp.net.rq_rung(now)
+
+
+def _stale(qp: QueuePair, kind: int, value: int) -> bool:
+    """Is this SQ or RQ doorbell an index the device already has (DBREC_POLL:
+    the record carried it first) with nothing for the engine to start? Then
+    :func:`ring` would store the same index and find no work."""
+    if qp.net is not None or qp.state is _ERR:
+        return False
+    if kind == _SQ:
+        return value == qp.sq_pi == qp.sq_next and not qp.inflight and qp.rnr_until is None
+    return kind == _RQ and value == qp.rq_pi
 
 
 def _advance(core: RdmaDeviceCore, qp: QueuePair, which: str, pi: int, ci: int, old_pi: int,
@@ -138,8 +164,15 @@ def poll_records(core: RdmaDeviceCore, now: float) -> int:
         if scanner.key != key:
             scanner.rebuild(core.qps.values(), key)
         qps = scanner.scan(core.mem)
+    n = _apply_qps(core, qps, now) if qps else 0
+    if core.aqs:
+        n += accel.poll_records(core, now)
+    return n
+
+
+def _apply_qps(core: RdmaDeviceCore, qps: list, now: float) -> int:
     n = 0
-    if qps and _apply_records is not None:  # the plain changes natively, the rest below
+    if _apply_records is not None:  # the plain changes natively, the rest below
         qps, n = _apply_records(core, qps, now, datapath.progress_sq)
     for qp in qps:
         if qp.state is _RESET or qp.destroyed:
@@ -154,8 +187,23 @@ def poll_records(core: RdmaDeviceCore, now: float) -> int:
         if sq_pi != qp.sq_pi and qp.qpn in core.qps:
             n += 1
             ring(core, Doorbell(_SQ, qp.qpn, sq_pi), now)
-    if core.aqs:
-        n += accel.poll_records(core, now)
+    return n
+
+
+def apply_changed(core: RdmaDeviceCore, qps: list, now: float) -> int:
+    """:func:`poll` after the scan, for QPs the caller's scan found changed
+    (the native doorbellq kick, ``_datapath.kick_doorbellq``): the same
+    accounting, error containment and notification."""
+    core.in_call += 1
+    try:
+        n = _apply_qps(core, qps, now)
+    except Exception:
+        core.metrics.internal_errors += 1
+        log.exception("virtio-rdma: internal error applying doorbell records")
+        n = 0
+    finally:
+        core.in_call -= 1
+    flush_notify(core)
     return n
 
 

@@ -16,6 +16,8 @@ class Metrics:
     doorbells: int = 0
     bad_doorbells: int = 0           # unknown/destroyed object, wrong state, absurd index
     malformed_doorbell_buffers: int = 0
+    doorbells_stale: int = 0         # an index the device already had, nothing to start (DBREC_POLL: the
+                                     # record carried it first); applied without running the engine
     # work requests (requester side)
     requests_sent: int = 0
     responses_received: int = 0
