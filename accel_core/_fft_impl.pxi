@@ -13,7 +13,11 @@ Data layout: between stages a row lives in separate real / imaginary arrays
 shuffles); the first stage reads the interleaved complex input itself and a
 last radix-2/3/4/5 stage writes the interleaved output (a last radix-8 stage
 is followed by a join pass); the 1/n scale of the inverse transform is folded
-into that last write. This source is compiled once per SIMD path (scalar /
+into that last write. The split stages are forward-only (the direction's sign
+is the constant 1, no multiply by it in any butterfly): an inverse plan runs
+them with the real and imaginary arrays exchanged on input and output (see
+_run); only the fused first and last stages read the direction from the
+plan's constants. This source is compiled once per SIMD path (scalar /
 AVX2+FMA / AVX-512, see accel_core.simd): the same loops, vectorised by gcc for
 each instruction set.
 
@@ -202,7 +206,7 @@ cdef void _q4(Py_ssize_t s,
     cdef Py_ssize_t q
     cdef real_t w1r, w1i, w2r, w2i, w3r, w3i, a0r, a0i, a1r, a1i, a2r, a2i, a3r, a3i, t0r, t0i, t1r, t1i
     cdef real_t t2r, t2i, t3r, t3i, c1r, c1i, c2r, c2i, c3r, c3i, sg
-    sg = kc[K_SG]
+    sg = 1  # forward-only (a compile-time constant): see _run
     w1r = wr[0]; w1i = wi[0]
     w2r = wr[m]; w2i = wi[m]
     w3r = wr[2 * m]; w3i = wi[2 * m]
@@ -230,7 +234,7 @@ cdef void _stage4(rptr yr, rptr yi, rptr xr, rptr xi, Py_ssize_t s, Py_ssize_t m
     cdef Py_ssize_t p, q, i, o, xs, ys
     cdef real_t w1r, w1i, w2r, w2i, w3r, w3i, a0r, a0i, a1r, a1i, a2r, a2i, a3r, a3i, t0r, t0i, t1r, t1i
     cdef real_t t2r, t2i, t3r, t3i, c1r, c1i, c2r, c2i, c3r, c3i, sg
-    sg = kc[K_SG]
+    sg = 1  # forward-only (a compile-time constant): see _run
     if s == 1:
         xs = m
         ys = 1
@@ -389,7 +393,7 @@ cdef void _q8(Py_ssize_t s,
     cdef real_t t3r, t3i, e0r, e0i, e2r, e2i, e1r, e1i, e3r, e3i, u0r, u0i, u1r, u1i, u2r, u2i, u3r, u3i
     cdef real_t o0r, o0i, o2r_, o2i_, o1r_, o1i_, o3r_, o3i_, o1r, o1i, o2r, o2i, o3r, o3i
     cdef real_t c1r, c1i, c2r, c2i, c3r, c3i, c4r, c4i, c5r, c5i, c6r, c6i, c7r, c7i, sg, h
-    sg = kc[K_SG]
+    sg = 1  # forward-only (a compile-time constant): see _run
     h = kc[K_H]
     w1r = wr[0]; w1i = wi[0]
     w2r = wr[m]; w2i = wi[m]
@@ -454,7 +458,7 @@ cdef void _stage8(rptr yr, rptr yi, rptr xr, rptr xi, Py_ssize_t s, Py_ssize_t m
     cdef real_t t3r, t3i, e0r, e0i, e2r, e2i, e1r, e1i, e3r, e3i, u0r, u0i, u1r, u1i, u2r, u2i, u3r, u3i
     cdef real_t o0r, o0i, o2r_, o2i_, o1r_, o1i_, o3r_, o3i_, o1r, o1i, o2r, o2i, o3r, o3i
     cdef real_t c1r, c1i, c2r, c2i, c3r, c3i, c4r, c4i, c5r, c5i, c6r, c6i, c7r, c7i, sg, h
-    sg = kc[K_SG]
+    sg = 1  # forward-only (a compile-time constant): see _run
     h = kc[K_H]
     if s == 1:
         xs = m
@@ -880,12 +884,20 @@ cdef inline void _stage(int r, rptr yr, rptr yi, rptr xr, rptr xi, Py_ssize_t s,
 
 cdef int _run(rptr x, rptr y, Py_ssize_t batch, Py_ssize_t n, int nstages,
               const int* radix, const Py_ssize_t* stride, const Py_ssize_t* toff,
-              rptr twr, rptr twi, const real_t* kc) noexcept nogil:
+              rptr twr, rptr twi, const real_t* kc, const real_t* kcf, bint inv) noexcept nogil:
     """Transform ``batch`` rows of n interleaved complex values x -> y.
 
     x and y are either disjoint or identical (in-place); each row is fully
     read into scratch before its output is written. Returns -1 if the scratch
     allocation fails, else 0.
+
+    The split stages (_stage<r>) are forward-only: the direction sign is the
+    constant 1, so no butterfly multiplies by it. An inverse stage is the
+    forward stage with the real and imaginary parts of its input and output
+    exchanged (conj(A) z = swap(A swap(z)) for swap(z) = i conj(z)), which on
+    split arrays is exchanging two pointers: ``inv`` does that, with the
+    forward constants ``kcf`` and the forward twiddles FFTCore keeps for
+    those stages. The fused first and last stages read the direction's ``kc``.
     """
     cdef Py_ssize_t b, s, m
     cdef int i, r, last
@@ -906,8 +918,12 @@ cdef int _run(rptr x, rptr y, Py_ssize_t batch, Py_ssize_t n, int nstages,
         if nstages < 2:
             _split(ar, ai, x + 2 * n * b, n)
             for i in range(nstages):
-                _stage(radix[i], br, bi, ar, ai, stride[i], n // (stride[i] * radix[i]),
-                       twr + toff[i], twi + toff[i], kc)
+                if inv:
+                    _stage(radix[i], bi, br, ai, ar, stride[i], n // (stride[i] * radix[i]),
+                           twr + toff[i], twi + toff[i], kcf)
+                else:
+                    _stage(radix[i], br, bi, ar, ai, stride[i], n // (stride[i] * radix[i]),
+                           twr + toff[i], twi + toff[i], kcf)
                 ar, br = br, ar
                 ai, bi = bi, ai
             _join(y + 2 * n * b, ar, ai, n, kc)
@@ -927,8 +943,12 @@ cdef int _run(rptr x, rptr y, Py_ssize_t batch, Py_ssize_t n, int nstages,
         # a last radix-8 stage stays split (see the fused stages above)
         last = nstages - 1 if radix[nstages - 1] != 8 else nstages
         for i in range(1, last):
-            _stage(radix[i], br, bi, ar, ai, stride[i], n // (stride[i] * radix[i]),
-                   twr + toff[i], twi + toff[i], kc)
+            if inv:
+                _stage(radix[i], bi, br, ai, ar, stride[i], n // (stride[i] * radix[i]),
+                       twr + toff[i], twi + toff[i], kcf)
+            else:
+                _stage(radix[i], br, bi, ar, ai, stride[i], n // (stride[i] * radix[i]),
+                       twr + toff[i], twi + toff[i], kcf)
             ar, br = br, ar
             ai, bi = bi, ai
         r = radix[nstages - 1]
@@ -964,6 +984,7 @@ cdef class FFTCore:
     cdef cnp.ndarray twr_
     cdef cnp.ndarray twi_
     cdef cnp.ndarray kc_
+    cdef cnp.ndarray kcf_
 
     def __init__(self, Py_ssize_t n, bint double, bint inverse, radices,
                  cnp.ndarray twr not None, cnp.ndarray twi not None,
@@ -1000,8 +1021,18 @@ cdef class FFTCore:
                 raise ValueError(f"twiddle table too short for stage {i}")
             s *= radices[i]
         self.twr_ = twr
-        self.twi_ = twi
         self.kc_ = kc
+        # the split stages run forward-only kernels (see _run): for an inverse plan they
+        # take the forward twiddles (conjugated back; the first stage, fused when there
+        # are two stages or more, keeps the inverse ones) and the forward constants
+        kcf = kc.copy()
+        if inverse:
+            twi = twi.copy()
+            twi[(self.toff_[1] if self.nstages >= 2 else 0):] *= -1
+            for i in (K_SG, K_S3, K_S1, K_S2):
+                kcf[i] = -kc[i]
+        self.twi_ = twi
+        self.kcf_ = kcf
 
     def execute(self, cnp.ndarray x not None, cnp.ndarray y not None):
         """Transform every length-n row of x into y (C-contiguous, plan dtype,
@@ -1013,16 +1044,18 @@ cdef class FFTCore:
         cdef void* twr = cnp.PyArray_DATA(self.twr_)
         cdef void* twi = cnp.PyArray_DATA(self.twi_)
         cdef void* kc = cnp.PyArray_DATA(self.kc_)
+        cdef void* kcf = cnp.PyArray_DATA(self.kcf_)
+        cdef bint inv = self.inverse
         if batch == 0:
             return y
         if self.double:
             with nogil:
                 rc = _run(<dptr>xp, <dptr>yp, batch, self.n, self.nstages, self.radix_,
-                          self.stride_, self.toff_, <dptr>twr, <dptr>twi, <const double*>kc)
+                          self.stride_, self.toff_, <dptr>twr, <dptr>twi, <const double*>kc, <const double*>kcf, inv)
         else:
             with nogil:
                 rc = _run(<fptr>xp, <fptr>yp, batch, self.n, self.nstages, self.radix_,
-                          self.stride_, self.toff_, <fptr>twr, <fptr>twi, <const float*>kc)
+                          self.stride_, self.toff_, <fptr>twr, <fptr>twi, <const float*>kc, <const float*>kcf, inv)
         if rc != 0:
             raise MemoryError(f"fft scratch of {4 * self.n} reals")
         return y

@@ -180,13 +180,34 @@ def test_list_input_of_complex_is_accepted():
     np.testing.assert_allclose(y, np.fft.fft([1, 2, 3, 4]), atol=1e-12)
 
 
+@pytest.mark.parametrize("n, double, path, radices", [
+    (2048, False, "scalar", (8, 4, 4, 4, 4)), (4096, False, "avx512", (8, 4, 4, 4, 4, 2)),
+    (4096, True, "scalar", (4, 4, 4, 4, 4, 4)), (4096, True, "avx2", (8, 4, 4, 4, 4, 2)),
+    (4096, True, "avx512", (4, 4, 4, 4, 4, 4)), (1536, True, "scalar", (8, 4, 4, 4, 3)),
+    (3072, False, "avx2", (8, 4, 4, 4, 3, 2)), (1200, False, "scalar", (4, 4, 5, 5, 3)),
+    (16, True, "avx2", (4, 4)), (64, False, "avx2", (4, 4, 4)), (32, False, "scalar", (8, 4)), (12, False, "scalar", (4, 3)), (2, True, "scalar", (2,)), (1, False, "avx2", ()),
+])
+def test_kernel_schedule(n, double, path, radices):
+    assert dft.schedule_for(n, double, path) == radices
+
+
+def test_kernel_schedules_factor_every_size_with_radix_8_only_first():
+    for n in supported_sizes():
+        for double in (False, True):
+            for path in simd.PATHS:
+                sched = dft.schedule_for(n, double, path)
+                assert int(np.prod(sched)) == n, (n, sched)
+                assert 8 not in sched[1:], (n, sched)
+                assert sorted(r for r in sched if r % 2) == sorted(r for r in radices_for(n) if r % 2)
+
+
 # ------------------------------------------------------------------ plans
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-def test_explicit_plan(dtype):
+def test_explicit_plan(dtype, simd_path):
     plan = FFTPlan(3072, dtype)
     assert plan.n == 3072 and plan.dtype == np.dtype(dtype)
-    assert plan.radices == radices_for(3072)
+    assert plan.radices == dft.schedule_for(3072, dtype == np.complex128, simd_path)
     x = _rand((2, 3072), dtype, seed=4)
     out = np.empty_like(x)
     assert plan.forward(x, out) is out
