@@ -16,8 +16,8 @@ is followed by a join pass); the 1/n scale of the inverse transform is folded
 into that last write. The split stages are forward-only (the direction's sign
 is the constant 1, no multiply by it in any butterfly): an inverse plan runs
 them with the real and imaginary arrays exchanged on input and output (see
-_run); only the fused first and last stages read the direction from the
-plan's constants. This source is compiled once per SIMD path (scalar /
+_run); the fused first radix-4/8 and last stages have one loop per direction,
+the forward one with neither the sign nor (last stages) the 1/n scale. This source is compiled once per SIMD path (scalar /
 AVX2+FMA / AVX-512, see accel_core.simd): the same loops, vectorised by gcc for
 each instruction set.
 
@@ -568,12 +568,20 @@ cdef void _last2(rptr y, rptr xr, rptr xi, Py_ssize_t s, const real_t* kc) noexc
     cdef Py_ssize_t q
     cdef real_t scale = kc[K_SCALE]
     cdef real_t a0r, a0i, a1r, a1i, c1r, c1i
-    for q in range(s):
-        a0r = xr[q]; a0i = xi[q]
-        a1r = xr[q + 1 * s]; a1i = xi[q + 1 * s]
-        y[2 * q] = (a0r + a1r) * scale; y[2 * q + 1] = (a0i + a1i) * scale
-        c1r = a0r - a1r; c1i = a0i - a1i
-        y[2 * (q + 1 * s)] = c1r * scale; y[2 * (q + 1 * s) + 1] = c1i * scale
+    if kc[K_SG] > 0:  # forward: sg == 1 and scale == 1, no multiply by either
+        for q in range(s):
+            a0r = xr[q]; a0i = xi[q]
+            a1r = xr[q + 1 * s]; a1i = xi[q + 1 * s]
+            y[2 * q] = (a0r + a1r); y[2 * q + 1] = (a0i + a1i)
+            c1r = a0r - a1r; c1i = a0i - a1i
+            y[2 * (q + 1 * s)] = c1r; y[2 * (q + 1 * s) + 1] = c1i
+    else:
+        for q in range(s):
+            a0r = xr[q]; a0i = xi[q]
+            a1r = xr[q + 1 * s]; a1i = xi[q + 1 * s]
+            y[2 * q] = (a0r + a1r) * scale; y[2 * q + 1] = (a0i + a1i) * scale
+            c1r = a0r - a1r; c1i = a0i - a1i
+            y[2 * (q + 1 * s)] = c1r * scale; y[2 * (q + 1 * s) + 1] = c1i * scale
 
 
 cdef void _first3(rptr yr, rptr yi, rptr x, Py_ssize_t m,
@@ -615,19 +623,34 @@ cdef void _last3(rptr y, rptr xr, rptr xi, Py_ssize_t s, const real_t* kc) noexc
     cdef real_t c1r, c1i, c2r, c2i, half, s3
     half = kc[K_HALF]
     s3 = kc[K_S3]
-    for q in range(s):
-        a0r = xr[q]; a0i = xi[q]
-        a1r = xr[q + 1 * s]; a1i = xi[q + 1 * s]
-        a2r = xr[q + 2 * s]; a2i = xi[q + 2 * s]
-        tr = a1r + a2r; ti = a1i + a2i
-        ur = a0r - half * tr; ui = a0i - half * ti
-        # v = (a1 - a2) * (-i * sg * sqrt(3)/2)
-        vr = s3 * (a1i - a2i); vi = s3 * (a2r - a1r)
-        y[2 * q] = (a0r + tr) * scale; y[2 * q + 1] = (a0i + ti) * scale
-        c1r = ur + vr; c1i = ui + vi
-        c2r = ur - vr; c2i = ui - vi
-        y[2 * (q + 1 * s)] = c1r * scale; y[2 * (q + 1 * s) + 1] = c1i * scale
-        y[2 * (q + 2 * s)] = c2r * scale; y[2 * (q + 2 * s) + 1] = c2i * scale
+    if kc[K_SG] > 0:  # forward: sg == 1 and scale == 1, no multiply by either
+        for q in range(s):
+            a0r = xr[q]; a0i = xi[q]
+            a1r = xr[q + 1 * s]; a1i = xi[q + 1 * s]
+            a2r = xr[q + 2 * s]; a2i = xi[q + 2 * s]
+            tr = a1r + a2r; ti = a1i + a2i
+            ur = a0r - half * tr; ui = a0i - half * ti
+            # v = (a1 - a2) * (-i * sqrt(3)/2)
+            vr = s3 * (a1i - a2i); vi = s3 * (a2r - a1r)
+            y[2 * q] = (a0r + tr); y[2 * q + 1] = (a0i + ti)
+            c1r = ur + vr; c1i = ui + vi
+            c2r = ur - vr; c2i = ui - vi
+            y[2 * (q + 1 * s)] = c1r; y[2 * (q + 1 * s) + 1] = c1i
+            y[2 * (q + 2 * s)] = c2r; y[2 * (q + 2 * s) + 1] = c2i
+    else:
+        for q in range(s):
+            a0r = xr[q]; a0i = xi[q]
+            a1r = xr[q + 1 * s]; a1i = xi[q + 1 * s]
+            a2r = xr[q + 2 * s]; a2i = xi[q + 2 * s]
+            tr = a1r + a2r; ti = a1i + a2i
+            ur = a0r - half * tr; ui = a0i - half * ti
+            # v = (a1 - a2) * (-i * sg * sqrt(3)/2)
+            vr = s3 * (a1i - a2i); vi = s3 * (a2r - a1r)
+            y[2 * q] = (a0r + tr) * scale; y[2 * q + 1] = (a0i + ti) * scale
+            c1r = ur + vr; c1i = ui + vi
+            c2r = ur - vr; c2i = ui - vi
+            y[2 * (q + 1 * s)] = c1r * scale; y[2 * (q + 1 * s) + 1] = c1i * scale
+            y[2 * (q + 2 * s)] = c2r * scale; y[2 * (q + 2 * s) + 1] = c2i * scale
 
 
 cdef void _first4(rptr yr, rptr yi, rptr x, Py_ssize_t m,
@@ -640,28 +663,52 @@ cdef void _first4(rptr yr, rptr yi, rptr x, Py_ssize_t m,
     sg = kc[K_SG]
     xs = m
     ys = 1
-    for p in range(m):
-        i = p
-        o = 4 * p
-        w1r = wr[p]; w1i = wi[p]
-        w2r = wr[p + m]; w2i = wi[p + m]
-        w3r = wr[p + 2 * m]; w3i = wi[p + 2 * m]
-        a0r = x[2 * (i)]; a0i = x[2 * (i) + 1]
-        a1r = x[2 * (i + xs)]; a1i = x[2 * (i + xs) + 1]
-        a2r = x[2 * (i + 2 * xs)]; a2i = x[2 * (i + 2 * xs) + 1]
-        a3r = x[2 * (i + 3 * xs)]; a3i = x[2 * (i + 3 * xs) + 1]
-        t0r = a0r + a2r; t0i = a0i + a2i
-        t1r = a0r - a2r; t1i = a0i - a2i
-        t2r = a1r + a3r; t2i = a1i + a3i
-        # t3 = (a1 - a3) * (-i * sg)
-        t3r = sg * (a1i - a3i); t3i = sg * (a3r - a1r)
-        yr[o] = t0r + t2r; yi[o] = t0i + t2i
-        c1r = t1r + t3r; c1i = t1i + t3i
-        c2r = t0r - t2r; c2i = t0i - t2i
-        c3r = t1r - t3r; c3i = t1i - t3i
-        yr[o + ys] = c1r * w1r - c1i * w1i; yi[o + ys] = c1r * w1i + c1i * w1r
-        yr[o + 2 * ys] = c2r * w2r - c2i * w2i; yi[o + 2 * ys] = c2r * w2i + c2i * w2r
-        yr[o + 3 * ys] = c3r * w3r - c3i * w3i; yi[o + 3 * ys] = c3r * w3i + c3i * w3r
+    if kc[K_SG] > 0:  # forward: sg == 1, no multiply by it
+        for p in range(m):
+            i = p
+            o = 4 * p
+            w1r = wr[p]; w1i = wi[p]
+            w2r = wr[p + m]; w2i = wi[p + m]
+            w3r = wr[p + 2 * m]; w3i = wi[p + 2 * m]
+            a0r = x[2 * (i)]; a0i = x[2 * (i) + 1]
+            a1r = x[2 * (i + xs)]; a1i = x[2 * (i + xs) + 1]
+            a2r = x[2 * (i + 2 * xs)]; a2i = x[2 * (i + 2 * xs) + 1]
+            a3r = x[2 * (i + 3 * xs)]; a3i = x[2 * (i + 3 * xs) + 1]
+            t0r = a0r + a2r; t0i = a0i + a2i
+            t1r = a0r - a2r; t1i = a0i - a2i
+            t2r = a1r + a3r; t2i = a1i + a3i
+            # t3 = (a1 - a3) * (-i * sg)
+            t3r = (a1i - a3i); t3i = (a3r - a1r)
+            yr[o] = t0r + t2r; yi[o] = t0i + t2i
+            c1r = t1r + t3r; c1i = t1i + t3i
+            c2r = t0r - t2r; c2i = t0i - t2i
+            c3r = t1r - t3r; c3i = t1i - t3i
+            yr[o + ys] = c1r * w1r - c1i * w1i; yi[o + ys] = c1r * w1i + c1i * w1r
+            yr[o + 2 * ys] = c2r * w2r - c2i * w2i; yi[o + 2 * ys] = c2r * w2i + c2i * w2r
+            yr[o + 3 * ys] = c3r * w3r - c3i * w3i; yi[o + 3 * ys] = c3r * w3i + c3i * w3r
+    else:
+        for p in range(m):
+            i = p
+            o = 4 * p
+            w1r = wr[p]; w1i = wi[p]
+            w2r = wr[p + m]; w2i = wi[p + m]
+            w3r = wr[p + 2 * m]; w3i = wi[p + 2 * m]
+            a0r = x[2 * (i)]; a0i = x[2 * (i) + 1]
+            a1r = x[2 * (i + xs)]; a1i = x[2 * (i + xs) + 1]
+            a2r = x[2 * (i + 2 * xs)]; a2i = x[2 * (i + 2 * xs) + 1]
+            a3r = x[2 * (i + 3 * xs)]; a3i = x[2 * (i + 3 * xs) + 1]
+            t0r = a0r + a2r; t0i = a0i + a2i
+            t1r = a0r - a2r; t1i = a0i - a2i
+            t2r = a1r + a3r; t2i = a1i + a3i
+            # t3 = (a1 - a3) * (-i * sg)
+            t3r = sg * (a1i - a3i); t3i = sg * (a3r - a1r)
+            yr[o] = t0r + t2r; yi[o] = t0i + t2i
+            c1r = t1r + t3r; c1i = t1i + t3i
+            c2r = t0r - t2r; c2i = t0i - t2i
+            c3r = t1r - t3r; c3i = t1i - t3i
+            yr[o + ys] = c1r * w1r - c1i * w1i; yi[o + ys] = c1r * w1i + c1i * w1r
+            yr[o + 2 * ys] = c2r * w2r - c2i * w2i; yi[o + 2 * ys] = c2r * w2i + c2i * w2r
+            yr[o + 3 * ys] = c3r * w3r - c3i * w3i; yi[o + 3 * ys] = c3r * w3i + c3i * w3r
 
 
 cdef void _last4(rptr y, rptr xr, rptr xi, Py_ssize_t s, const real_t* kc) noexcept nogil:
@@ -672,23 +719,42 @@ cdef void _last4(rptr y, rptr xr, rptr xi, Py_ssize_t s, const real_t* kc) noexc
     cdef real_t a0r, a0i, a1r, a1i, a2r, a2i, a3r, a3i, t0r, t0i, t1r, t1i
     cdef real_t t2r, t2i, t3r, t3i, c1r, c1i, c2r, c2i, c3r, c3i, sg
     sg = kc[K_SG]
-    for q in range(s):
-        a0r = xr[q]; a0i = xi[q]
-        a1r = xr[q + 1 * s]; a1i = xi[q + 1 * s]
-        a2r = xr[q + 2 * s]; a2i = xi[q + 2 * s]
-        a3r = xr[q + 3 * s]; a3i = xi[q + 3 * s]
-        t0r = a0r + a2r; t0i = a0i + a2i
-        t1r = a0r - a2r; t1i = a0i - a2i
-        t2r = a1r + a3r; t2i = a1i + a3i
-        # t3 = (a1 - a3) * (-i * sg)
-        t3r = sg * (a1i - a3i); t3i = sg * (a3r - a1r)
-        y[2 * q] = (t0r + t2r) * scale; y[2 * q + 1] = (t0i + t2i) * scale
-        c1r = t1r + t3r; c1i = t1i + t3i
-        c2r = t0r - t2r; c2i = t0i - t2i
-        c3r = t1r - t3r; c3i = t1i - t3i
-        y[2 * (q + 1 * s)] = c1r * scale; y[2 * (q + 1 * s) + 1] = c1i * scale
-        y[2 * (q + 2 * s)] = c2r * scale; y[2 * (q + 2 * s) + 1] = c2i * scale
-        y[2 * (q + 3 * s)] = c3r * scale; y[2 * (q + 3 * s) + 1] = c3i * scale
+    if kc[K_SG] > 0:  # forward: sg == 1 and scale == 1, no multiply by either
+        for q in range(s):
+            a0r = xr[q]; a0i = xi[q]
+            a1r = xr[q + 1 * s]; a1i = xi[q + 1 * s]
+            a2r = xr[q + 2 * s]; a2i = xi[q + 2 * s]
+            a3r = xr[q + 3 * s]; a3i = xi[q + 3 * s]
+            t0r = a0r + a2r; t0i = a0i + a2i
+            t1r = a0r - a2r; t1i = a0i - a2i
+            t2r = a1r + a3r; t2i = a1i + a3i
+            # t3 = (a1 - a3) * (-i * sg)
+            t3r = (a1i - a3i); t3i = (a3r - a1r)
+            y[2 * q] = (t0r + t2r); y[2 * q + 1] = (t0i + t2i)
+            c1r = t1r + t3r; c1i = t1i + t3i
+            c2r = t0r - t2r; c2i = t0i - t2i
+            c3r = t1r - t3r; c3i = t1i - t3i
+            y[2 * (q + 1 * s)] = c1r; y[2 * (q + 1 * s) + 1] = c1i
+            y[2 * (q + 2 * s)] = c2r; y[2 * (q + 2 * s) + 1] = c2i
+            y[2 * (q + 3 * s)] = c3r; y[2 * (q + 3 * s) + 1] = c3i
+    else:
+        for q in range(s):
+            a0r = xr[q]; a0i = xi[q]
+            a1r = xr[q + 1 * s]; a1i = xi[q + 1 * s]
+            a2r = xr[q + 2 * s]; a2i = xi[q + 2 * s]
+            a3r = xr[q + 3 * s]; a3i = xi[q + 3 * s]
+            t0r = a0r + a2r; t0i = a0i + a2i
+            t1r = a0r - a2r; t1i = a0i - a2i
+            t2r = a1r + a3r; t2i = a1i + a3i
+            # t3 = (a1 - a3) * (-i * sg)
+            t3r = sg * (a1i - a3i); t3i = sg * (a3r - a1r)
+            y[2 * q] = (t0r + t2r) * scale; y[2 * q + 1] = (t0i + t2i) * scale
+            c1r = t1r + t3r; c1i = t1i + t3i
+            c2r = t0r - t2r; c2i = t0i - t2i
+            c3r = t1r - t3r; c3i = t1i - t3i
+            y[2 * (q + 1 * s)] = c1r * scale; y[2 * (q + 1 * s) + 1] = c1i * scale
+            y[2 * (q + 2 * s)] = c2r * scale; y[2 * (q + 2 * s) + 1] = c2i * scale
+            y[2 * (q + 3 * s)] = c3r * scale; y[2 * (q + 3 * s) + 1] = c3i * scale
 
 
 cdef void _first5(rptr yr, rptr yi, rptr x, Py_ssize_t m,
@@ -749,30 +815,56 @@ cdef void _last5(rptr y, rptr xr, rptr xi, Py_ssize_t s, const real_t* kc) noexc
     c2 = kc[K_C2]
     s1 = kc[K_S1]
     s2 = kc[K_S2]
-    for q in range(s):
-        a0r = xr[q]; a0i = xi[q]
-        a1r = xr[q + 1 * s]; a1i = xi[q + 1 * s]
-        a2r = xr[q + 2 * s]; a2i = xi[q + 2 * s]
-        a3r = xr[q + 3 * s]; a3i = xi[q + 3 * s]
-        a4r = xr[q + 4 * s]; a4i = xi[q + 4 * s]
-        p1r = a1r + a4r; p1i = a1i + a4i
-        m1r = a1r - a4r; m1i = a1i - a4i
-        p2r = a2r + a3r; p2i = a2i + a3i
-        m2r = a2r - a3r; m2i = a2i - a3i
-        y[2 * q] = (a0r + p1r + p2r) * scale; y[2 * q + 1] = (a0i + p1i + p2i) * scale
-        # c1,c4 = A +- B; c2,c3 = A' +- B' with B = -i*(s1*m1 + s2*m2), B' = -i*(s2*m1 - s1*m2)
-        ar_ = a0r + c1 * p1r + c2 * p2r; ai_ = a0i + c1 * p1i + c2 * p2i
-        br_ = s1 * m1i + s2 * m2i; bi_ = -(s1 * m1r + s2 * m2r)
-        er_ = a0r + c2 * p1r + c1 * p2r; ei_ = a0i + c2 * p1i + c1 * p2i
-        fr_ = s2 * m1i - s1 * m2i; fi_ = s1 * m2r - s2 * m1r
-        o1r = ar_ + br_; o1i = ai_ + bi_
-        o4r = ar_ - br_; o4i = ai_ - bi_
-        o2r = er_ + fr_; o2i = ei_ + fi_
-        o3r = er_ - fr_; o3i = ei_ - fi_
-        y[2 * (q + 1 * s)] = o1r * scale; y[2 * (q + 1 * s) + 1] = o1i * scale
-        y[2 * (q + 2 * s)] = o2r * scale; y[2 * (q + 2 * s) + 1] = o2i * scale
-        y[2 * (q + 3 * s)] = o3r * scale; y[2 * (q + 3 * s) + 1] = o3i * scale
-        y[2 * (q + 4 * s)] = o4r * scale; y[2 * (q + 4 * s) + 1] = o4i * scale
+    if kc[K_SG] > 0:  # forward: sg == 1 and scale == 1, no multiply by either
+        for q in range(s):
+            a0r = xr[q]; a0i = xi[q]
+            a1r = xr[q + 1 * s]; a1i = xi[q + 1 * s]
+            a2r = xr[q + 2 * s]; a2i = xi[q + 2 * s]
+            a3r = xr[q + 3 * s]; a3i = xi[q + 3 * s]
+            a4r = xr[q + 4 * s]; a4i = xi[q + 4 * s]
+            p1r = a1r + a4r; p1i = a1i + a4i
+            m1r = a1r - a4r; m1i = a1i - a4i
+            p2r = a2r + a3r; p2i = a2i + a3i
+            m2r = a2r - a3r; m2i = a2i - a3i
+            y[2 * q] = (a0r + p1r + p2r); y[2 * q + 1] = (a0i + p1i + p2i)
+            # c1,c4 = A +- B; c2,c3 = A' +- B' with B = -i*(s1*m1 + s2*m2), B' = -i*(s2*m1 - s1*m2)
+            ar_ = a0r + c1 * p1r + c2 * p2r; ai_ = a0i + c1 * p1i + c2 * p2i
+            br_ = s1 * m1i + s2 * m2i; bi_ = -(s1 * m1r + s2 * m2r)
+            er_ = a0r + c2 * p1r + c1 * p2r; ei_ = a0i + c2 * p1i + c1 * p2i
+            fr_ = s2 * m1i - s1 * m2i; fi_ = s1 * m2r - s2 * m1r
+            o1r = ar_ + br_; o1i = ai_ + bi_
+            o4r = ar_ - br_; o4i = ai_ - bi_
+            o2r = er_ + fr_; o2i = ei_ + fi_
+            o3r = er_ - fr_; o3i = ei_ - fi_
+            y[2 * (q + 1 * s)] = o1r; y[2 * (q + 1 * s) + 1] = o1i
+            y[2 * (q + 2 * s)] = o2r; y[2 * (q + 2 * s) + 1] = o2i
+            y[2 * (q + 3 * s)] = o3r; y[2 * (q + 3 * s) + 1] = o3i
+            y[2 * (q + 4 * s)] = o4r; y[2 * (q + 4 * s) + 1] = o4i
+    else:
+        for q in range(s):
+            a0r = xr[q]; a0i = xi[q]
+            a1r = xr[q + 1 * s]; a1i = xi[q + 1 * s]
+            a2r = xr[q + 2 * s]; a2i = xi[q + 2 * s]
+            a3r = xr[q + 3 * s]; a3i = xi[q + 3 * s]
+            a4r = xr[q + 4 * s]; a4i = xi[q + 4 * s]
+            p1r = a1r + a4r; p1i = a1i + a4i
+            m1r = a1r - a4r; m1i = a1i - a4i
+            p2r = a2r + a3r; p2i = a2i + a3i
+            m2r = a2r - a3r; m2i = a2i - a3i
+            y[2 * q] = (a0r + p1r + p2r) * scale; y[2 * q + 1] = (a0i + p1i + p2i) * scale
+            # c1,c4 = A +- B; c2,c3 = A' +- B' with B = -i*(s1*m1 + s2*m2), B' = -i*(s2*m1 - s1*m2)
+            ar_ = a0r + c1 * p1r + c2 * p2r; ai_ = a0i + c1 * p1i + c2 * p2i
+            br_ = s1 * m1i + s2 * m2i; bi_ = -(s1 * m1r + s2 * m2r)
+            er_ = a0r + c2 * p1r + c1 * p2r; ei_ = a0i + c2 * p1i + c1 * p2i
+            fr_ = s2 * m1i - s1 * m2i; fi_ = s1 * m2r - s2 * m1r
+            o1r = ar_ + br_; o1i = ai_ + bi_
+            o4r = ar_ - br_; o4i = ai_ - bi_
+            o2r = er_ + fr_; o2i = ei_ + fi_
+            o3r = er_ - fr_; o3i = ei_ - fi_
+            y[2 * (q + 1 * s)] = o1r * scale; y[2 * (q + 1 * s) + 1] = o1i * scale
+            y[2 * (q + 2 * s)] = o2r * scale; y[2 * (q + 2 * s) + 1] = o2i * scale
+            y[2 * (q + 3 * s)] = o3r * scale; y[2 * (q + 3 * s) + 1] = o3i * scale
+            y[2 * (q + 4 * s)] = o4r * scale; y[2 * (q + 4 * s) + 1] = o4i * scale
 
 
 cdef void _first8(rptr yr, rptr yi, rptr x, Py_ssize_t m,
@@ -789,62 +881,118 @@ cdef void _first8(rptr yr, rptr yi, rptr x, Py_ssize_t m,
     h = kc[K_H]
     xs = m
     ys = 1
-    for p in range(m):
-        i = p
-        o = 8 * p
-        w1r = wr[p]; w1i = wi[p]
-        w2r = wr[p + m]; w2i = wi[p + m]
-        w3r = wr[p + 2 * m]; w3i = wi[p + 2 * m]
-        w4r = wr[p + 3 * m]; w4i = wi[p + 3 * m]
-        w5r = wr[p + 4 * m]; w5i = wi[p + 4 * m]
-        w6r = wr[p + 5 * m]; w6i = wi[p + 5 * m]
-        w7r = wr[p + 6 * m]; w7i = wi[p + 6 * m]
-        a0r = x[2 * (i)]; a0i = x[2 * (i) + 1]
-        a1r = x[2 * (i + xs)]; a1i = x[2 * (i + xs) + 1]
-        a2r = x[2 * (i + 2 * xs)]; a2i = x[2 * (i + 2 * xs) + 1]
-        a3r = x[2 * (i + 3 * xs)]; a3i = x[2 * (i + 3 * xs) + 1]
-        a4r = x[2 * (i + 4 * xs)]; a4i = x[2 * (i + 4 * xs) + 1]
-        a5r = x[2 * (i + 5 * xs)]; a5i = x[2 * (i + 5 * xs) + 1]
-        a6r = x[2 * (i + 6 * xs)]; a6i = x[2 * (i + 6 * xs) + 1]
-        a7r = x[2 * (i + 7 * xs)]; a7i = x[2 * (i + 7 * xs) + 1]
-        # even half: radix-4 of a0, a2, a4, a6
-        t0r = a0r + a4r; t0i = a0i + a4i
-        t1r = a0r - a4r; t1i = a0i - a4i
-        t2r = a2r + a6r; t2i = a2i + a6i
-        t3r = sg * (a2i - a6i); t3i = sg * (a6r - a2r)
-        e0r = t0r + t2r; e0i = t0i + t2i
-        e2r = t0r - t2r; e2i = t0i - t2i
-        e1r = t1r + t3r; e1i = t1i + t3i
-        e3r = t1r - t3r; e3i = t1i - t3i
-        # odd half: radix-4 of a1, a3, a5, a7
-        u0r = a1r + a5r; u0i = a1i + a5i
-        u1r = a1r - a5r; u1i = a1i - a5i
-        u2r = a3r + a7r; u2i = a3i + a7i
-        u3r = sg * (a3i - a7i); u3i = sg * (a7r - a3r)
-        o0r = u0r + u2r; o0i = u0i + u2i
-        o2r_ = u0r - u2r; o2i_ = u0i - u2i
-        o1r_ = u1r + u3r; o1i_ = u1i + u3i
-        o3r_ = u1r - u3r; o3i_ = u1i - u3i
-        # o1 *= W8, o2 *= W8^2 = -i*sg, o3 *= W8^3
-        o1r = h * (o1r_ + sg * o1i_); o1i = h * (o1i_ - sg * o1r_)
-        o2r = sg * o2i_; o2i = -sg * o2r_
-        o3r = h * (sg * o3i_ - o3r_); o3i = -h * (o3i_ + sg * o3r_)
-        yr[o] = e0r + o0r; yi[o] = e0i + o0i
-        c1r = e1r + o1r; c1i = e1i + o1i
-        c2r = e2r + o2r; c2i = e2i + o2i
-        c3r = e3r + o3r; c3i = e3i + o3i
-        c4r = e0r - o0r; c4i = e0i - o0i
-        c5r = e1r - o1r; c5i = e1i - o1i
-        c6r = e2r - o2r; c6i = e2i - o2i
-        c7r = e3r - o3r; c7i = e3i - o3i
-        yr[o + ys] = c1r * w1r - c1i * w1i; yi[o + ys] = c1r * w1i + c1i * w1r
-        yr[o + 2 * ys] = c2r * w2r - c2i * w2i; yi[o + 2 * ys] = c2r * w2i + c2i * w2r
-        yr[o + 3 * ys] = c3r * w3r - c3i * w3i; yi[o + 3 * ys] = c3r * w3i + c3i * w3r
-        yr[o + 4 * ys] = c4r * w4r - c4i * w4i; yi[o + 4 * ys] = c4r * w4i + c4i * w4r
-        yr[o + 5 * ys] = c5r * w5r - c5i * w5i; yi[o + 5 * ys] = c5r * w5i + c5i * w5r
-        yr[o + 6 * ys] = c6r * w6r - c6i * w6i; yi[o + 6 * ys] = c6r * w6i + c6i * w6r
-        yr[o + 7 * ys] = c7r * w7r - c7i * w7i; yi[o + 7 * ys] = c7r * w7i + c7i * w7r
-
+    if kc[K_SG] > 0:  # forward: sg == 1, no multiply by it
+        for p in range(m):
+            i = p
+            o = 8 * p
+            w1r = wr[p]; w1i = wi[p]
+            w2r = wr[p + m]; w2i = wi[p + m]
+            w3r = wr[p + 2 * m]; w3i = wi[p + 2 * m]
+            w4r = wr[p + 3 * m]; w4i = wi[p + 3 * m]
+            w5r = wr[p + 4 * m]; w5i = wi[p + 4 * m]
+            w6r = wr[p + 5 * m]; w6i = wi[p + 5 * m]
+            w7r = wr[p + 6 * m]; w7i = wi[p + 6 * m]
+            a0r = x[2 * (i)]; a0i = x[2 * (i) + 1]
+            a1r = x[2 * (i + xs)]; a1i = x[2 * (i + xs) + 1]
+            a2r = x[2 * (i + 2 * xs)]; a2i = x[2 * (i + 2 * xs) + 1]
+            a3r = x[2 * (i + 3 * xs)]; a3i = x[2 * (i + 3 * xs) + 1]
+            a4r = x[2 * (i + 4 * xs)]; a4i = x[2 * (i + 4 * xs) + 1]
+            a5r = x[2 * (i + 5 * xs)]; a5i = x[2 * (i + 5 * xs) + 1]
+            a6r = x[2 * (i + 6 * xs)]; a6i = x[2 * (i + 6 * xs) + 1]
+            a7r = x[2 * (i + 7 * xs)]; a7i = x[2 * (i + 7 * xs) + 1]
+            # even half: radix-4 of a0, a2, a4, a6
+            t0r = a0r + a4r; t0i = a0i + a4i
+            t1r = a0r - a4r; t1i = a0i - a4i
+            t2r = a2r + a6r; t2i = a2i + a6i
+            t3r = (a2i - a6i); t3i = (a6r - a2r)
+            e0r = t0r + t2r; e0i = t0i + t2i
+            e2r = t0r - t2r; e2i = t0i - t2i
+            e1r = t1r + t3r; e1i = t1i + t3i
+            e3r = t1r - t3r; e3i = t1i - t3i
+            # odd half: radix-4 of a1, a3, a5, a7
+            u0r = a1r + a5r; u0i = a1i + a5i
+            u1r = a1r - a5r; u1i = a1i - a5i
+            u2r = a3r + a7r; u2i = a3i + a7i
+            u3r = (a3i - a7i); u3i = (a7r - a3r)
+            o0r = u0r + u2r; o0i = u0i + u2i
+            o2r_ = u0r - u2r; o2i_ = u0i - u2i
+            o1r_ = u1r + u3r; o1i_ = u1i + u3i
+            o3r_ = u1r - u3r; o3i_ = u1i - u3i
+            # o1 *= W8, o2 *= W8^2 = -i*sg, o3 *= W8^3
+            o1r = h * (o1r_ + o1i_); o1i = h * (o1i_ - o1r_)
+            o2r = o2i_; o2i = -o2r_
+            o3r = h * (o3i_ - o3r_); o3i = -h * (o3i_ + o3r_)
+            yr[o] = e0r + o0r; yi[o] = e0i + o0i
+            c1r = e1r + o1r; c1i = e1i + o1i
+            c2r = e2r + o2r; c2i = e2i + o2i
+            c3r = e3r + o3r; c3i = e3i + o3i
+            c4r = e0r - o0r; c4i = e0i - o0i
+            c5r = e1r - o1r; c5i = e1i - o1i
+            c6r = e2r - o2r; c6i = e2i - o2i
+            c7r = e3r - o3r; c7i = e3i - o3i
+            yr[o + ys] = c1r * w1r - c1i * w1i; yi[o + ys] = c1r * w1i + c1i * w1r
+            yr[o + 2 * ys] = c2r * w2r - c2i * w2i; yi[o + 2 * ys] = c2r * w2i + c2i * w2r
+            yr[o + 3 * ys] = c3r * w3r - c3i * w3i; yi[o + 3 * ys] = c3r * w3i + c3i * w3r
+            yr[o + 4 * ys] = c4r * w4r - c4i * w4i; yi[o + 4 * ys] = c4r * w4i + c4i * w4r
+            yr[o + 5 * ys] = c5r * w5r - c5i * w5i; yi[o + 5 * ys] = c5r * w5i + c5i * w5r
+            yr[o + 6 * ys] = c6r * w6r - c6i * w6i; yi[o + 6 * ys] = c6r * w6i + c6i * w6r
+            yr[o + 7 * ys] = c7r * w7r - c7i * w7i; yi[o + 7 * ys] = c7r * w7i + c7i * w7r
+    else:
+        for p in range(m):
+            i = p
+            o = 8 * p
+            w1r = wr[p]; w1i = wi[p]
+            w2r = wr[p + m]; w2i = wi[p + m]
+            w3r = wr[p + 2 * m]; w3i = wi[p + 2 * m]
+            w4r = wr[p + 3 * m]; w4i = wi[p + 3 * m]
+            w5r = wr[p + 4 * m]; w5i = wi[p + 4 * m]
+            w6r = wr[p + 5 * m]; w6i = wi[p + 5 * m]
+            w7r = wr[p + 6 * m]; w7i = wi[p + 6 * m]
+            a0r = x[2 * (i)]; a0i = x[2 * (i) + 1]
+            a1r = x[2 * (i + xs)]; a1i = x[2 * (i + xs) + 1]
+            a2r = x[2 * (i + 2 * xs)]; a2i = x[2 * (i + 2 * xs) + 1]
+            a3r = x[2 * (i + 3 * xs)]; a3i = x[2 * (i + 3 * xs) + 1]
+            a4r = x[2 * (i + 4 * xs)]; a4i = x[2 * (i + 4 * xs) + 1]
+            a5r = x[2 * (i + 5 * xs)]; a5i = x[2 * (i + 5 * xs) + 1]
+            a6r = x[2 * (i + 6 * xs)]; a6i = x[2 * (i + 6 * xs) + 1]
+            a7r = x[2 * (i + 7 * xs)]; a7i = x[2 * (i + 7 * xs) + 1]
+            # even half: radix-4 of a0, a2, a4, a6
+            t0r = a0r + a4r; t0i = a0i + a4i
+            t1r = a0r - a4r; t1i = a0i - a4i
+            t2r = a2r + a6r; t2i = a2i + a6i
+            t3r = sg * (a2i - a6i); t3i = sg * (a6r - a2r)
+            e0r = t0r + t2r; e0i = t0i + t2i
+            e2r = t0r - t2r; e2i = t0i - t2i
+            e1r = t1r + t3r; e1i = t1i + t3i
+            e3r = t1r - t3r; e3i = t1i - t3i
+            # odd half: radix-4 of a1, a3, a5, a7
+            u0r = a1r + a5r; u0i = a1i + a5i
+            u1r = a1r - a5r; u1i = a1i - a5i
+            u2r = a3r + a7r; u2i = a3i + a7i
+            u3r = sg * (a3i - a7i); u3i = sg * (a7r - a3r)
+            o0r = u0r + u2r; o0i = u0i + u2i
+            o2r_ = u0r - u2r; o2i_ = u0i - u2i
+            o1r_ = u1r + u3r; o1i_ = u1i + u3i
+            o3r_ = u1r - u3r; o3i_ = u1i - u3i
+            # o1 *= W8, o2 *= W8^2 = -i*sg, o3 *= W8^3
+            o1r = h * (o1r_ + sg * o1i_); o1i = h * (o1i_ - sg * o1r_)
+            o2r = sg * o2i_; o2i = -sg * o2r_
+            o3r = h * (sg * o3i_ - o3r_); o3i = -h * (o3i_ + sg * o3r_)
+            yr[o] = e0r + o0r; yi[o] = e0i + o0i
+            c1r = e1r + o1r; c1i = e1i + o1i
+            c2r = e2r + o2r; c2i = e2i + o2i
+            c3r = e3r + o3r; c3i = e3i + o3i
+            c4r = e0r - o0r; c4i = e0i - o0i
+            c5r = e1r - o1r; c5i = e1i - o1i
+            c6r = e2r - o2r; c6i = e2i - o2i
+            c7r = e3r - o3r; c7i = e3i - o3i
+            yr[o + ys] = c1r * w1r - c1i * w1i; yi[o + ys] = c1r * w1i + c1i * w1r
+            yr[o + 2 * ys] = c2r * w2r - c2i * w2i; yi[o + 2 * ys] = c2r * w2i + c2i * w2r
+            yr[o + 3 * ys] = c3r * w3r - c3i * w3i; yi[o + 3 * ys] = c3r * w3i + c3i * w3r
+            yr[o + 4 * ys] = c4r * w4r - c4i * w4i; yi[o + 4 * ys] = c4r * w4i + c4i * w4r
+            yr[o + 5 * ys] = c5r * w5r - c5i * w5i; yi[o + 5 * ys] = c5r * w5i + c5i * w5r
+            yr[o + 6 * ys] = c6r * w6r - c6i * w6i; yi[o + 6 * ys] = c6r * w6i + c6i * w6r
+            yr[o + 7 * ys] = c7r * w7r - c7i * w7i; yi[o + 7 * ys] = c7r * w7i + c7i * w7r
 
 
 cdef void _split(rptr dr, rptr di, rptr src, Py_ssize_t n) noexcept nogil:
