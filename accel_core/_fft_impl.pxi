@@ -260,6 +260,81 @@ cdef void _stage4(rptr yr, rptr yi, rptr xr, rptr xi, Py_ssize_t s, Py_ssize_t m
             yr[o + ys] = c1r * w1r - c1i * w1i; yi[o + ys] = c1r * w1i + c1i * w1r
             yr[o + 2 * ys] = c2r * w2r - c2i * w2i; yi[o + 2 * ys] = c2r * w2i + c2i * w2r
             yr[o + 3 * ys] = c3r * w3r - c3i * w3i; yi[o + 3 * ys] = c3r * w3i + c3i * w3r
+    elif s == 4:
+        # s == 4, 8, 16 (the stages after a first radix-4 or radix-8 one): s butterflies
+        # per p with a compile-time trip count (whole vectors, no per-p call, no loop
+        # prologue / epilogue); the generic loop below calls _q4 once per p
+        xs = 4 * m
+        for p in range(m):
+            i = 4 * p
+            o = 16 * p
+            w1r = wr[p]; w1i = wi[p]
+            w2r = wr[p + m]; w2i = wi[p + m]
+            w3r = wr[p + 2 * m]; w3i = wi[p + 2 * m]
+            for q in range(4):
+                a0r = xr[i + q]; a0i = xi[i + q]
+                a1r = xr[i + xs + q]; a1i = xi[i + xs + q]
+                a2r = xr[i + 2 * xs + q]; a2i = xi[i + 2 * xs + q]
+                a3r = xr[i + 3 * xs + q]; a3i = xi[i + 3 * xs + q]
+                t0r = a0r + a2r; t0i = a0i + a2i
+                t1r = a0r - a2r; t1i = a0i - a2i
+                t2r = a1r + a3r; t2i = a1i + a3i
+                t3r = a1i - a3i; t3i = a3r - a1r
+                yr[o + q] = t0r + t2r; yi[o + q] = t0i + t2i
+                c1r = t1r + t3r; c1i = t1i + t3i
+                c2r = t0r - t2r; c2i = t0i - t2i
+                c3r = t1r - t3r; c3i = t1i - t3i
+                yr[o + 4 + q] = c1r * w1r - c1i * w1i; yi[o + 4 + q] = c1r * w1i + c1i * w1r
+                yr[o + 8 + q] = c2r * w2r - c2i * w2i; yi[o + 8 + q] = c2r * w2i + c2i * w2r
+                yr[o + 12 + q] = c3r * w3r - c3i * w3i; yi[o + 12 + q] = c3r * w3i + c3i * w3r
+    elif s == 8:
+        xs = 8 * m
+        for p in range(m):
+            i = 8 * p
+            o = 32 * p
+            w1r = wr[p]; w1i = wi[p]
+            w2r = wr[p + m]; w2i = wi[p + m]
+            w3r = wr[p + 2 * m]; w3i = wi[p + 2 * m]
+            for q in range(8):
+                a0r = xr[i + q]; a0i = xi[i + q]
+                a1r = xr[i + xs + q]; a1i = xi[i + xs + q]
+                a2r = xr[i + 2 * xs + q]; a2i = xi[i + 2 * xs + q]
+                a3r = xr[i + 3 * xs + q]; a3i = xi[i + 3 * xs + q]
+                t0r = a0r + a2r; t0i = a0i + a2i
+                t1r = a0r - a2r; t1i = a0i - a2i
+                t2r = a1r + a3r; t2i = a1i + a3i
+                t3r = a1i - a3i; t3i = a3r - a1r
+                yr[o + q] = t0r + t2r; yi[o + q] = t0i + t2i
+                c1r = t1r + t3r; c1i = t1i + t3i
+                c2r = t0r - t2r; c2i = t0i - t2i
+                c3r = t1r - t3r; c3i = t1i - t3i
+                yr[o + 8 + q] = c1r * w1r - c1i * w1i; yi[o + 8 + q] = c1r * w1i + c1i * w1r
+                yr[o + 16 + q] = c2r * w2r - c2i * w2i; yi[o + 16 + q] = c2r * w2i + c2i * w2r
+                yr[o + 24 + q] = c3r * w3r - c3i * w3i; yi[o + 24 + q] = c3r * w3i + c3i * w3r
+    elif s == 16:
+        xs = 16 * m
+        for p in range(m):
+            i = 16 * p
+            o = 64 * p
+            w1r = wr[p]; w1i = wi[p]
+            w2r = wr[p + m]; w2i = wi[p + m]
+            w3r = wr[p + 2 * m]; w3i = wi[p + 2 * m]
+            for q in range(16):
+                a0r = xr[i + q]; a0i = xi[i + q]
+                a1r = xr[i + xs + q]; a1i = xi[i + xs + q]
+                a2r = xr[i + 2 * xs + q]; a2i = xi[i + 2 * xs + q]
+                a3r = xr[i + 3 * xs + q]; a3i = xi[i + 3 * xs + q]
+                t0r = a0r + a2r; t0i = a0i + a2i
+                t1r = a0r - a2r; t1i = a0i - a2i
+                t2r = a1r + a3r; t2i = a1i + a3i
+                t3r = a1i - a3i; t3i = a3r - a1r
+                yr[o + q] = t0r + t2r; yi[o + q] = t0i + t2i
+                c1r = t1r + t3r; c1i = t1i + t3i
+                c2r = t0r - t2r; c2i = t0i - t2i
+                c3r = t1r - t3r; c3i = t1i - t3i
+                yr[o + 16 + q] = c1r * w1r - c1i * w1i; yi[o + 16 + q] = c1r * w1i + c1i * w1r
+                yr[o + 32 + q] = c2r * w2r - c2i * w2i; yi[o + 32 + q] = c2r * w2i + c2i * w2r
+                yr[o + 48 + q] = c3r * w3r - c3i * w3i; yi[o + 48 + q] = c3r * w3i + c3i * w3r
     else:
         xs = s * m
         for p in range(m):

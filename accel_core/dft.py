@@ -11,8 +11,8 @@ all LTE / 5G NR FFT sizes (128, 256, 512, 1024, 1536, 2048, 3072, 4096) and
 every power of two 2..65536. :func:`radices_for` is the canonical factorisation
 (radix-8 stages first, then 4, 5, 3 and 2: 2048 = 8*8*8*4), whose length is the
 spec's pass count (:func:`accel_core.estimate.fft_passes`); the kernels run
-:func:`schedule_for`, which keeps one radix-8 stage, the first, and uses radix 4
-after it (2048 = 8*4*4*4*4), measured faster on every SIMD path (see there).
+:func:`schedule_for`, mostly radix 4 (4096 = 4**6, 2048 complex64 = 8*4*4*4*4),
+measured faster on every SIMD path (see there).
 
 The arithmetic is the Stockham autosort kernel in :mod:`accel_core._fft`
 (``noexcept nogil``, GIL released for the whole batch), built once per SIMD
@@ -144,28 +144,32 @@ def radices_for(n: int) -> tuple[int, ...]:
 
 
 def schedule_for(n: int, double: bool, path: str) -> tuple[int, ...]:
-    """The stage schedule the kernels run for size n, precision and SIMD path.
+    """The stage schedule the kernels run for size n = 2**a * 3**b * 5**c, precision and
+    SIMD path (the same on every path today; ``path`` is there so that one may differ).
 
-    One radix-8 stage, the first, then radix 4, then 5, 3 and a last 2 if needed
-    (2048 = 8*4*4*4*4, 1024 = 8*4*4*4*2); an even power of two up to 64, and for
-    complex128 on the scalar and AVX-512 paths any even power of two, is all radix 4
-    (64 = 4**3, 4096 = 4**6). A middle radix-8 stage
-    keeps 32 array streams live (eight legs, real and imaginary, in and out): more
-    than x86-64's 16 general registers, so its loop reloads pointers and spills; the
-    first stage (s == 1) walks each leg with one index. Measured with
-    ``python -m vrdma.accel_bench.fft_bench --simd all`` against :func:`radices_for`'s
-    schedule: 4096-point complex128 scalar 0.74x -> 1.3x scipy, AVX-512 1.3x -> 1.9x.
+    An even power of two is all radix 4 (4096 = 4**6); an odd one (a >= 5) starts with
+    one radix-8 stage for complex64 (2048 = 8*4*4*4*4) and ends its radix-4 stages with
+    a radix-2 one for complex128 (2048 = 4*4*4*4*4*2); then 5s and 3s (1536 complex128 =
+    4*4*4*4*2*3). A radix-8 stage after the first keeps 32 array streams live (eight
+    legs, real and imaginary, in and out): more than x86-64's 16 general registers, so
+    its loop reloads pointers and spills; the radix-4 stage right after a first radix-4
+    or radix-8 one (s = 4, 8, 16) has whole-vector loops of a compile-time trip count.
+    Chosen by timing every ordering of 8s, 4s and at most one 2 on every path
+    (``python -m vrdma.accel_bench.fft_bench --simd all`` for the figures): 4096-point
+    complex128 on the scalar path went from 0.77x to about 1.5x scipy.fft.
     """
     n = check_size(n)
     a = (n & -n).bit_length() - 1          # n = 2**a * odd
-    odd = n >> a
-    tail = [r for r in radices_for(odd)]   # the 5s and 3s, in radices_for's order
-    if a < 3:
+    tail = list(radices_for(n >> a))       # the 5s and 3s, in radices_for's order
+    if a < 3 or a == 3 and not tail:
         return radices_for(n)
-    if a % 2 == 0 and (a <= 6 or double and path in ("scalar", "avx512")):
+    if a % 2 == 0:
         return tuple([4] * (a // 2) + tail)
-    fours, two = divmod(a - 3, 2)
-    return tuple([8] + [4] * fours + tail + [2] * two)
+    if a == 3:
+        return tuple([8] + tail)
+    if double:
+        return tuple([4] * (a // 2) + [2] + tail)
+    return tuple([8] + [4] * ((a - 3) // 2) + tail)
 
 
 def _core(n: int, double: bool, inverse: bool, path: str | None = None) -> _fft.FFTCore:

@@ -181,11 +181,13 @@ def test_list_input_of_complex_is_accepted():
 
 
 @pytest.mark.parametrize("n, double, path, radices", [
-    (2048, False, "scalar", (8, 4, 4, 4, 4)), (4096, False, "avx512", (8, 4, 4, 4, 4, 2)),
-    (4096, True, "scalar", (4, 4, 4, 4, 4, 4)), (4096, True, "avx2", (8, 4, 4, 4, 4, 2)),
-    (4096, True, "avx512", (4, 4, 4, 4, 4, 4)), (1536, True, "scalar", (8, 4, 4, 4, 3)),
-    (3072, False, "avx2", (8, 4, 4, 4, 3, 2)), (1200, False, "scalar", (4, 4, 5, 5, 3)),
-    (16, True, "avx2", (4, 4)), (64, False, "avx2", (4, 4, 4)), (32, False, "scalar", (8, 4)), (12, False, "scalar", (4, 3)), (2, True, "scalar", (2,)), (1, False, "avx2", ()),
+    (2048, False, "scalar", (8, 4, 4, 4, 4)), (2048, True, "avx512", (4, 4, 4, 4, 4, 2)),
+    (4096, False, "avx2", (4, 4, 4, 4, 4, 4)), (4096, True, "scalar", (4, 4, 4, 4, 4, 4)),
+    (1536, True, "scalar", (4, 4, 4, 4, 2, 3)), (1536, False, "avx2", (8, 4, 4, 4, 3)),
+    (3072, False, "avx2", (4, 4, 4, 4, 4, 3)), (1200, False, "scalar", (4, 4, 5, 5, 3)),
+    (16, True, "avx2", (4, 4)), (32, False, "scalar", (8, 4)), (32, True, "scalar", (4, 4, 2)),
+    (24, True, "avx512", (8, 3)), (12, False, "scalar", (4, 3)), (6, True, "scalar", (3, 2)),
+    (2, True, "scalar", (2,)), (1, False, "avx2", ()),
 ])
 def test_kernel_schedule(n, double, path, radices):
     assert dft.schedule_for(n, double, path) == radices
