@@ -593,6 +593,182 @@ cdef void _stage8(rptr yr, rptr yi, rptr xr, rptr xi, Py_ssize_t s, Py_ssize_t m
             yr[o + 5 * ys] = c5r * w5r - c5i * w5i; yi[o + 5 * ys] = c5r * w5i + c5i * w5r
             yr[o + 6 * ys] = c6r * w6r - c6i * w6i; yi[o + 6 * ys] = c6r * w6i + c6i * w6r
             yr[o + 7 * ys] = c7r * w7r - c7i * w7i; yi[o + 7 * ys] = c7r * w7i + c7i * w7r
+    elif s == 4:
+        # s == 4, 8, 16: whole-vector loops of a compile-time trip count indexed from one
+        # base per array (the generic loop's 32 leg pointers do not fit the registers)
+        xs = 4 * m
+        for p in range(m):
+            i = 4 * p
+            o = 32 * p
+            w1r = wr[p]; w1i = wi[p]
+            w2r = wr[p + m]; w2i = wi[p + m]
+            w3r = wr[p + 2 * m]; w3i = wi[p + 2 * m]
+            w4r = wr[p + 3 * m]; w4i = wi[p + 3 * m]
+            w5r = wr[p + 4 * m]; w5i = wi[p + 4 * m]
+            w6r = wr[p + 5 * m]; w6i = wi[p + 5 * m]
+            w7r = wr[p + 6 * m]; w7i = wi[p + 6 * m]
+            for q in range(4):
+                a0r = xr[i + q]; a0i = xi[i + q]
+                a1r = xr[i + xs + q]; a1i = xi[i + xs + q]
+                a2r = xr[i + 2 * xs + q]; a2i = xi[i + 2 * xs + q]
+                a3r = xr[i + 3 * xs + q]; a3i = xi[i + 3 * xs + q]
+                a4r = xr[i + 4 * xs + q]; a4i = xi[i + 4 * xs + q]
+                a5r = xr[i + 5 * xs + q]; a5i = xi[i + 5 * xs + q]
+                a6r = xr[i + 6 * xs + q]; a6i = xi[i + 6 * xs + q]
+                a7r = xr[i + 7 * xs + q]; a7i = xi[i + 7 * xs + q]
+                # even half: radix-4 of a0, a2, a4, a6
+                t0r = a0r + a4r; t0i = a0i + a4i
+                t1r = a0r - a4r; t1i = a0i - a4i
+                t2r = a2r + a6r; t2i = a2i + a6i
+                t3r = sg * (a2i - a6i); t3i = sg * (a6r - a2r)
+                e0r = t0r + t2r; e0i = t0i + t2i
+                e2r = t0r - t2r; e2i = t0i - t2i
+                e1r = t1r + t3r; e1i = t1i + t3i
+                e3r = t1r - t3r; e3i = t1i - t3i
+                # odd half: radix-4 of a1, a3, a5, a7
+                u0r = a1r + a5r; u0i = a1i + a5i
+                u1r = a1r - a5r; u1i = a1i - a5i
+                u2r = a3r + a7r; u2i = a3i + a7i
+                u3r = sg * (a3i - a7i); u3i = sg * (a7r - a3r)
+                o0r = u0r + u2r; o0i = u0i + u2i
+                o2r_ = u0r - u2r; o2i_ = u0i - u2i
+                o1r_ = u1r + u3r; o1i_ = u1i + u3i
+                o3r_ = u1r - u3r; o3i_ = u1i - u3i
+                # o1 *= W8, o2 *= W8^2 = -i*sg, o3 *= W8^3
+                o1r = h * (o1r_ + sg * o1i_); o1i = h * (o1i_ - sg * o1r_)
+                o2r = sg * o2i_; o2i = -sg * o2r_
+                o3r = h * (sg * o3i_ - o3r_); o3i = -h * (o3i_ + sg * o3r_)
+                yr[o + q] = e0r + o0r; yi[o + q] = e0i + o0i
+                c1r = e1r + o1r; c1i = e1i + o1i
+                c2r = e2r + o2r; c2i = e2i + o2i
+                c3r = e3r + o3r; c3i = e3i + o3i
+                c4r = e0r - o0r; c4i = e0i - o0i
+                c5r = e1r - o1r; c5i = e1i - o1i
+                c6r = e2r - o2r; c6i = e2i - o2i
+                c7r = e3r - o3r; c7i = e3i - o3i
+                yr[o + 4 + q] = c1r * w1r - c1i * w1i; yi[o + 4 + q] = c1r * w1i + c1i * w1r
+                yr[o + 8 + q] = c2r * w2r - c2i * w2i; yi[o + 8 + q] = c2r * w2i + c2i * w2r
+                yr[o + 12 + q] = c3r * w3r - c3i * w3i; yi[o + 12 + q] = c3r * w3i + c3i * w3r
+                yr[o + 16 + q] = c4r * w4r - c4i * w4i; yi[o + 16 + q] = c4r * w4i + c4i * w4r
+                yr[o + 20 + q] = c5r * w5r - c5i * w5i; yi[o + 20 + q] = c5r * w5i + c5i * w5r
+                yr[o + 24 + q] = c6r * w6r - c6i * w6i; yi[o + 24 + q] = c6r * w6i + c6i * w6r
+                yr[o + 28 + q] = c7r * w7r - c7i * w7i; yi[o + 28 + q] = c7r * w7i + c7i * w7r
+    elif s == 8:
+        xs = 8 * m
+        for p in range(m):
+            i = 8 * p
+            o = 64 * p
+            w1r = wr[p]; w1i = wi[p]
+            w2r = wr[p + m]; w2i = wi[p + m]
+            w3r = wr[p + 2 * m]; w3i = wi[p + 2 * m]
+            w4r = wr[p + 3 * m]; w4i = wi[p + 3 * m]
+            w5r = wr[p + 4 * m]; w5i = wi[p + 4 * m]
+            w6r = wr[p + 5 * m]; w6i = wi[p + 5 * m]
+            w7r = wr[p + 6 * m]; w7i = wi[p + 6 * m]
+            for q in range(8):
+                a0r = xr[i + q]; a0i = xi[i + q]
+                a1r = xr[i + xs + q]; a1i = xi[i + xs + q]
+                a2r = xr[i + 2 * xs + q]; a2i = xi[i + 2 * xs + q]
+                a3r = xr[i + 3 * xs + q]; a3i = xi[i + 3 * xs + q]
+                a4r = xr[i + 4 * xs + q]; a4i = xi[i + 4 * xs + q]
+                a5r = xr[i + 5 * xs + q]; a5i = xi[i + 5 * xs + q]
+                a6r = xr[i + 6 * xs + q]; a6i = xi[i + 6 * xs + q]
+                a7r = xr[i + 7 * xs + q]; a7i = xi[i + 7 * xs + q]
+                # even half: radix-4 of a0, a2, a4, a6
+                t0r = a0r + a4r; t0i = a0i + a4i
+                t1r = a0r - a4r; t1i = a0i - a4i
+                t2r = a2r + a6r; t2i = a2i + a6i
+                t3r = sg * (a2i - a6i); t3i = sg * (a6r - a2r)
+                e0r = t0r + t2r; e0i = t0i + t2i
+                e2r = t0r - t2r; e2i = t0i - t2i
+                e1r = t1r + t3r; e1i = t1i + t3i
+                e3r = t1r - t3r; e3i = t1i - t3i
+                # odd half: radix-4 of a1, a3, a5, a7
+                u0r = a1r + a5r; u0i = a1i + a5i
+                u1r = a1r - a5r; u1i = a1i - a5i
+                u2r = a3r + a7r; u2i = a3i + a7i
+                u3r = sg * (a3i - a7i); u3i = sg * (a7r - a3r)
+                o0r = u0r + u2r; o0i = u0i + u2i
+                o2r_ = u0r - u2r; o2i_ = u0i - u2i
+                o1r_ = u1r + u3r; o1i_ = u1i + u3i
+                o3r_ = u1r - u3r; o3i_ = u1i - u3i
+                # o1 *= W8, o2 *= W8^2 = -i*sg, o3 *= W8^3
+                o1r = h * (o1r_ + sg * o1i_); o1i = h * (o1i_ - sg * o1r_)
+                o2r = sg * o2i_; o2i = -sg * o2r_
+                o3r = h * (sg * o3i_ - o3r_); o3i = -h * (o3i_ + sg * o3r_)
+                yr[o + q] = e0r + o0r; yi[o + q] = e0i + o0i
+                c1r = e1r + o1r; c1i = e1i + o1i
+                c2r = e2r + o2r; c2i = e2i + o2i
+                c3r = e3r + o3r; c3i = e3i + o3i
+                c4r = e0r - o0r; c4i = e0i - o0i
+                c5r = e1r - o1r; c5i = e1i - o1i
+                c6r = e2r - o2r; c6i = e2i - o2i
+                c7r = e3r - o3r; c7i = e3i - o3i
+                yr[o + 8 + q] = c1r * w1r - c1i * w1i; yi[o + 8 + q] = c1r * w1i + c1i * w1r
+                yr[o + 16 + q] = c2r * w2r - c2i * w2i; yi[o + 16 + q] = c2r * w2i + c2i * w2r
+                yr[o + 24 + q] = c3r * w3r - c3i * w3i; yi[o + 24 + q] = c3r * w3i + c3i * w3r
+                yr[o + 32 + q] = c4r * w4r - c4i * w4i; yi[o + 32 + q] = c4r * w4i + c4i * w4r
+                yr[o + 40 + q] = c5r * w5r - c5i * w5i; yi[o + 40 + q] = c5r * w5i + c5i * w5r
+                yr[o + 48 + q] = c6r * w6r - c6i * w6i; yi[o + 48 + q] = c6r * w6i + c6i * w6r
+                yr[o + 56 + q] = c7r * w7r - c7i * w7i; yi[o + 56 + q] = c7r * w7i + c7i * w7r
+    elif s == 16:
+        xs = 16 * m
+        for p in range(m):
+            i = 16 * p
+            o = 128 * p
+            w1r = wr[p]; w1i = wi[p]
+            w2r = wr[p + m]; w2i = wi[p + m]
+            w3r = wr[p + 2 * m]; w3i = wi[p + 2 * m]
+            w4r = wr[p + 3 * m]; w4i = wi[p + 3 * m]
+            w5r = wr[p + 4 * m]; w5i = wi[p + 4 * m]
+            w6r = wr[p + 5 * m]; w6i = wi[p + 5 * m]
+            w7r = wr[p + 6 * m]; w7i = wi[p + 6 * m]
+            for q in range(16):
+                a0r = xr[i + q]; a0i = xi[i + q]
+                a1r = xr[i + xs + q]; a1i = xi[i + xs + q]
+                a2r = xr[i + 2 * xs + q]; a2i = xi[i + 2 * xs + q]
+                a3r = xr[i + 3 * xs + q]; a3i = xi[i + 3 * xs + q]
+                a4r = xr[i + 4 * xs + q]; a4i = xi[i + 4 * xs + q]
+                a5r = xr[i + 5 * xs + q]; a5i = xi[i + 5 * xs + q]
+                a6r = xr[i + 6 * xs + q]; a6i = xi[i + 6 * xs + q]
+                a7r = xr[i + 7 * xs + q]; a7i = xi[i + 7 * xs + q]
+                # even half: radix-4 of a0, a2, a4, a6
+                t0r = a0r + a4r; t0i = a0i + a4i
+                t1r = a0r - a4r; t1i = a0i - a4i
+                t2r = a2r + a6r; t2i = a2i + a6i
+                t3r = sg * (a2i - a6i); t3i = sg * (a6r - a2r)
+                e0r = t0r + t2r; e0i = t0i + t2i
+                e2r = t0r - t2r; e2i = t0i - t2i
+                e1r = t1r + t3r; e1i = t1i + t3i
+                e3r = t1r - t3r; e3i = t1i - t3i
+                # odd half: radix-4 of a1, a3, a5, a7
+                u0r = a1r + a5r; u0i = a1i + a5i
+                u1r = a1r - a5r; u1i = a1i - a5i
+                u2r = a3r + a7r; u2i = a3i + a7i
+                u3r = sg * (a3i - a7i); u3i = sg * (a7r - a3r)
+                o0r = u0r + u2r; o0i = u0i + u2i
+                o2r_ = u0r - u2r; o2i_ = u0i - u2i
+                o1r_ = u1r + u3r; o1i_ = u1i + u3i
+                o3r_ = u1r - u3r; o3i_ = u1i - u3i
+                # o1 *= W8, o2 *= W8^2 = -i*sg, o3 *= W8^3
+                o1r = h * (o1r_ + sg * o1i_); o1i = h * (o1i_ - sg * o1r_)
+                o2r = sg * o2i_; o2i = -sg * o2r_
+                o3r = h * (sg * o3i_ - o3r_); o3i = -h * (o3i_ + sg * o3r_)
+                yr[o + q] = e0r + o0r; yi[o + q] = e0i + o0i
+                c1r = e1r + o1r; c1i = e1i + o1i
+                c2r = e2r + o2r; c2i = e2i + o2i
+                c3r = e3r + o3r; c3i = e3i + o3i
+                c4r = e0r - o0r; c4i = e0i - o0i
+                c5r = e1r - o1r; c5i = e1i - o1i
+                c6r = e2r - o2r; c6i = e2i - o2i
+                c7r = e3r - o3r; c7i = e3i - o3i
+                yr[o + 16 + q] = c1r * w1r - c1i * w1i; yi[o + 16 + q] = c1r * w1i + c1i * w1r
+                yr[o + 32 + q] = c2r * w2r - c2i * w2i; yi[o + 32 + q] = c2r * w2i + c2i * w2r
+                yr[o + 48 + q] = c3r * w3r - c3i * w3i; yi[o + 48 + q] = c3r * w3i + c3i * w3r
+                yr[o + 64 + q] = c4r * w4r - c4i * w4i; yi[o + 64 + q] = c4r * w4i + c4i * w4r
+                yr[o + 80 + q] = c5r * w5r - c5i * w5i; yi[o + 80 + q] = c5r * w5i + c5i * w5r
+                yr[o + 96 + q] = c6r * w6r - c6i * w6i; yi[o + 96 + q] = c6r * w6i + c6i * w6r
+                yr[o + 112 + q] = c7r * w7r - c7i * w7i; yi[o + 112 + q] = c7r * w7i + c7i * w7r
     else:
         xs = s * m
         for p in range(m):

@@ -147,13 +147,15 @@ def schedule_for(n: int, double: bool, path: str) -> tuple[int, ...]:
     """The stage schedule the kernels run for size n = 2**a * 3**b * 5**c, precision and
     SIMD path (the same on every path today; ``path`` is there so that one may differ).
 
-    An even power of two is all radix 4 (4096 = 4**6); an odd one (a >= 5) starts with
-    one radix-8 stage for complex64 (2048 = 8*4*4*4*4) and ends its radix-4 stages with
-    a radix-2 one for complex128 (2048 = 4*4*4*4*4*2); then 5s and 3s (1536 complex128 =
-    4*4*4*4*2*3). A radix-8 stage after the first keeps 32 array streams live (eight
-    legs, real and imaginary, in and out): more than x86-64's 16 general registers, so
-    its loop reloads pointers and spills; the radix-4 stage right after a first radix-4
-    or radix-8 one (s = 4, 8, 16) has whole-vector loops of a compile-time trip count.
+    An even power of two is all radix 4 (4096 = 4**6; complex64 on AVX2 / AVX-512 from
+    1024 on: 8*8*4*4...); an odd one (a >= 5) starts with one radix-8 stage for complex64
+    (2048 = 8*4*4*4*4) and for complex128 ends its radix-4 stages with a radix-2 one
+    (2048 = 4*4*4*4*4*2), or on AVX-512 has a radix-8 second stage (4*8*4*4*4); then 5s
+    and 3s (1536 complex128 = 4*4*4*4*2*3). A radix-8 stage with a stride s other than
+    1, 4, 8 or 16 keeps 32 array streams live (eight legs, real and imaginary, in and
+    out): more than x86-64's 16 general registers, so its loop reloads pointers and
+    spills; at s = 4, 8, 16 the radix-4 and radix-8 stages index from one base per array
+    with loops of a compile-time trip count.
     Chosen by timing every ordering of 8s, 4s and at most one 2 on every path
     (``python -m vrdma.accel_bench.fft_bench --simd all`` for the figures): 4096-point
     complex128 on the scalar path went from 0.77x to about 1.5x scipy.fft.
@@ -163,10 +165,15 @@ def schedule_for(n: int, double: bool, path: str) -> tuple[int, ...]:
     tail = list(radices_for(n >> a))       # the 5s and 3s, in radices_for's order
     if a < 3 or a == 3 and not tail:
         return radices_for(n)
+    wide = path in ("avx2", "avx512")
     if a % 2 == 0:
+        if not double and wide and a >= 10:
+            return tuple([8, 8] + [4] * ((a - 6) // 2) + tail)
         return tuple([4] * (a // 2) + tail)
     if a == 3:
         return tuple([8] + tail)
+    if double and path == "avx512":
+        return tuple([4, 8] + [4] * ((a - 5) // 2) + tail)
     if double:
         return tuple([4] * (a // 2) + [2] + tail)
     return tuple([8] + [4] * ((a - 3) // 2) + tail)
@@ -181,7 +188,12 @@ def _core(n: int, double: bool, inverse: bool, path: str | None = None) -> _fft.
 @functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
 def _plan(n: int, double: bool, inverse: bool, path: str) -> _fft.FFTCore:
     """Build (once per LRU entry) the kernel plan for one size/precision/direction/path."""
-    radices = schedule_for(n, double, path)
+    return _build_core(n, double, inverse, path, schedule_for(n, double, path))
+
+
+def _build_core(n: int, double: bool, inverse: bool, path: str, radices: tuple[int, ...]) -> _fft.FFTCore:
+    """A kernel plan running the stage schedule ``radices`` (its product n; tests run
+    every stage variant of the kernels through this)."""
     sg = -1.0 if inverse else 1.0
     tw_parts = []
     offsets = []
