@@ -150,8 +150,9 @@ def schedule_for(n: int, double: bool, path: str) -> tuple[int, ...]:
     An even power of two is all radix 4 (4096 = 4**6; complex64 on AVX2 / AVX-512 from
     1024 on: 8*8*4*4...); an odd one (a >= 5) starts with one radix-8 stage for complex64
     (2048 = 8*4*4*4*4) and for complex128 ends its radix-4 stages with a radix-2 one
-    (2048 = 4*4*4*4*4*2), or on AVX-512 has a radix-8 second stage (4*8*4*4*4); then 5s
-    and 3s (1536 complex128 = 4*4*4*4*2*3). A radix-8 stage with a stride s other than
+    (2048 = 4*4*4*4*4*2), or has a radix-8 second stage on AVX-512 (4*8*4*4*4) and a
+    radix-8 third stage on the scalar path from 512 on (4*4*8*4*4); then 5s and 3s
+    (1536 complex128 = 4*4*4*4*2*3). A radix-8 stage with a stride s other than
     1, 4, 8 or 16 keeps 32 array streams live (eight legs, real and imaginary, in and
     out): more than x86-64's 16 general registers, so its loop reloads pointers and
     spills; at s = 4, 8, 16 the radix-4 and radix-8 stages index from one base per array
@@ -174,6 +175,8 @@ def schedule_for(n: int, double: bool, path: str) -> tuple[int, ...]:
         return (8, *tail)
     if double and path == "avx512":
         return tuple([4, 8] + [4] * ((a - 5) // 2) + tail)
+    if double and path == "scalar" and a >= 9 and not tail:
+        return tuple([4, 4, 8] + [4] * ((a - 7) // 2))
     if double:
         return tuple([4] * (a // 2) + [2] + tail)
     return tuple([8] + [4] * ((a - 3) // 2) + tail)

@@ -182,7 +182,8 @@ def test_list_input_of_complex_is_accepted():
 
 @pytest.mark.parametrize("n, double, path, radices", [
     (2048, False, "scalar", (8, 4, 4, 4, 4)), (2048, True, "avx512", (4, 8, 4, 4, 4)),
-    (2048, True, "avx2", (4, 4, 4, 4, 4, 2)),
+    (2048, True, "avx2", (4, 4, 4, 4, 4, 2)), (2048, True, "scalar", (4, 4, 8, 4, 4)),
+    (128, True, "scalar", (4, 4, 4, 2)),
     (4096, False, "avx2", (8, 8, 4, 4, 4)), (4096, False, "scalar", (4, 4, 4, 4, 4, 4)),
     (256, False, "avx512", (4, 4, 4, 4)), (4096, True, "scalar", (4, 4, 4, 4, 4, 4)),
     (1536, True, "scalar", (4, 4, 4, 4, 2, 3)), (1536, False, "avx2", (8, 4, 4, 4, 3)),
