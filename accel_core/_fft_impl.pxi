@@ -13,7 +13,11 @@ Data layout: between stages a row lives in separate real / imaginary arrays
 shuffles); the first stage reads the interleaved complex input itself and a
 last radix-2/3/4/5 stage writes the interleaved output (a last radix-8 stage
 is followed by a join pass); the 1/n scale of the inverse transform is folded
-into that last write. This source is compiled once per SIMD path (scalar /
+into that last write. The split stages are forward-only (the direction's sign
+is the constant 1, no multiply by it in any butterfly): an inverse plan runs
+them with the real and imaginary arrays exchanged on input and output (see
+_run); the fused first radix-4/8 and last stages have one loop per direction,
+the forward one with neither the sign nor (last stages) the 1/n scale. This source is compiled once per SIMD path (scalar /
 AVX2+FMA / AVX-512, see accel_core.simd): the same loops, vectorised by gcc for
 each instruction set.
 
@@ -202,7 +206,7 @@ cdef void _q4(Py_ssize_t s,
     cdef Py_ssize_t q
     cdef real_t w1r, w1i, w2r, w2i, w3r, w3i, a0r, a0i, a1r, a1i, a2r, a2i, a3r, a3i, t0r, t0i, t1r, t1i
     cdef real_t t2r, t2i, t3r, t3i, c1r, c1i, c2r, c2i, c3r, c3i, sg
-    sg = kc[K_SG]
+    sg = 1  # forward-only (a compile-time constant): see _run
     w1r = wr[0]; w1i = wi[0]
     w2r = wr[m]; w2i = wi[m]
     w3r = wr[2 * m]; w3i = wi[2 * m]
@@ -230,7 +234,7 @@ cdef void _stage4(rptr yr, rptr yi, rptr xr, rptr xi, Py_ssize_t s, Py_ssize_t m
     cdef Py_ssize_t p, q, i, o, xs, ys
     cdef real_t w1r, w1i, w2r, w2i, w3r, w3i, a0r, a0i, a1r, a1i, a2r, a2i, a3r, a3i, t0r, t0i, t1r, t1i
     cdef real_t t2r, t2i, t3r, t3i, c1r, c1i, c2r, c2i, c3r, c3i, sg
-    sg = kc[K_SG]
+    sg = 1  # forward-only (a compile-time constant): see _run
     if s == 1:
         xs = m
         ys = 1
@@ -256,6 +260,81 @@ cdef void _stage4(rptr yr, rptr yi, rptr xr, rptr xi, Py_ssize_t s, Py_ssize_t m
             yr[o + ys] = c1r * w1r - c1i * w1i; yi[o + ys] = c1r * w1i + c1i * w1r
             yr[o + 2 * ys] = c2r * w2r - c2i * w2i; yi[o + 2 * ys] = c2r * w2i + c2i * w2r
             yr[o + 3 * ys] = c3r * w3r - c3i * w3i; yi[o + 3 * ys] = c3r * w3i + c3i * w3r
+    elif s == 4:
+        # s == 4, 8, 16 (the stages after a first radix-4 or radix-8 one): s butterflies
+        # per p with a compile-time trip count (whole vectors, no per-p call, no loop
+        # prologue / epilogue); the generic loop below calls _q4 once per p
+        xs = 4 * m
+        for p in range(m):
+            i = 4 * p
+            o = 16 * p
+            w1r = wr[p]; w1i = wi[p]
+            w2r = wr[p + m]; w2i = wi[p + m]
+            w3r = wr[p + 2 * m]; w3i = wi[p + 2 * m]
+            for q in range(4):
+                a0r = xr[i + q]; a0i = xi[i + q]
+                a1r = xr[i + xs + q]; a1i = xi[i + xs + q]
+                a2r = xr[i + 2 * xs + q]; a2i = xi[i + 2 * xs + q]
+                a3r = xr[i + 3 * xs + q]; a3i = xi[i + 3 * xs + q]
+                t0r = a0r + a2r; t0i = a0i + a2i
+                t1r = a0r - a2r; t1i = a0i - a2i
+                t2r = a1r + a3r; t2i = a1i + a3i
+                t3r = a1i - a3i; t3i = a3r - a1r
+                yr[o + q] = t0r + t2r; yi[o + q] = t0i + t2i
+                c1r = t1r + t3r; c1i = t1i + t3i
+                c2r = t0r - t2r; c2i = t0i - t2i
+                c3r = t1r - t3r; c3i = t1i - t3i
+                yr[o + 4 + q] = c1r * w1r - c1i * w1i; yi[o + 4 + q] = c1r * w1i + c1i * w1r
+                yr[o + 8 + q] = c2r * w2r - c2i * w2i; yi[o + 8 + q] = c2r * w2i + c2i * w2r
+                yr[o + 12 + q] = c3r * w3r - c3i * w3i; yi[o + 12 + q] = c3r * w3i + c3i * w3r
+    elif s == 8:
+        xs = 8 * m
+        for p in range(m):
+            i = 8 * p
+            o = 32 * p
+            w1r = wr[p]; w1i = wi[p]
+            w2r = wr[p + m]; w2i = wi[p + m]
+            w3r = wr[p + 2 * m]; w3i = wi[p + 2 * m]
+            for q in range(8):
+                a0r = xr[i + q]; a0i = xi[i + q]
+                a1r = xr[i + xs + q]; a1i = xi[i + xs + q]
+                a2r = xr[i + 2 * xs + q]; a2i = xi[i + 2 * xs + q]
+                a3r = xr[i + 3 * xs + q]; a3i = xi[i + 3 * xs + q]
+                t0r = a0r + a2r; t0i = a0i + a2i
+                t1r = a0r - a2r; t1i = a0i - a2i
+                t2r = a1r + a3r; t2i = a1i + a3i
+                t3r = a1i - a3i; t3i = a3r - a1r
+                yr[o + q] = t0r + t2r; yi[o + q] = t0i + t2i
+                c1r = t1r + t3r; c1i = t1i + t3i
+                c2r = t0r - t2r; c2i = t0i - t2i
+                c3r = t1r - t3r; c3i = t1i - t3i
+                yr[o + 8 + q] = c1r * w1r - c1i * w1i; yi[o + 8 + q] = c1r * w1i + c1i * w1r
+                yr[o + 16 + q] = c2r * w2r - c2i * w2i; yi[o + 16 + q] = c2r * w2i + c2i * w2r
+                yr[o + 24 + q] = c3r * w3r - c3i * w3i; yi[o + 24 + q] = c3r * w3i + c3i * w3r
+    elif s == 16:
+        xs = 16 * m
+        for p in range(m):
+            i = 16 * p
+            o = 64 * p
+            w1r = wr[p]; w1i = wi[p]
+            w2r = wr[p + m]; w2i = wi[p + m]
+            w3r = wr[p + 2 * m]; w3i = wi[p + 2 * m]
+            for q in range(16):
+                a0r = xr[i + q]; a0i = xi[i + q]
+                a1r = xr[i + xs + q]; a1i = xi[i + xs + q]
+                a2r = xr[i + 2 * xs + q]; a2i = xi[i + 2 * xs + q]
+                a3r = xr[i + 3 * xs + q]; a3i = xi[i + 3 * xs + q]
+                t0r = a0r + a2r; t0i = a0i + a2i
+                t1r = a0r - a2r; t1i = a0i - a2i
+                t2r = a1r + a3r; t2i = a1i + a3i
+                t3r = a1i - a3i; t3i = a3r - a1r
+                yr[o + q] = t0r + t2r; yi[o + q] = t0i + t2i
+                c1r = t1r + t3r; c1i = t1i + t3i
+                c2r = t0r - t2r; c2i = t0i - t2i
+                c3r = t1r - t3r; c3i = t1i - t3i
+                yr[o + 16 + q] = c1r * w1r - c1i * w1i; yi[o + 16 + q] = c1r * w1i + c1i * w1r
+                yr[o + 32 + q] = c2r * w2r - c2i * w2i; yi[o + 32 + q] = c2r * w2i + c2i * w2r
+                yr[o + 48 + q] = c3r * w3r - c3i * w3i; yi[o + 48 + q] = c3r * w3i + c3i * w3r
     else:
         xs = s * m
         for p in range(m):
@@ -389,7 +468,7 @@ cdef void _q8(Py_ssize_t s,
     cdef real_t t3r, t3i, e0r, e0i, e2r, e2i, e1r, e1i, e3r, e3i, u0r, u0i, u1r, u1i, u2r, u2i, u3r, u3i
     cdef real_t o0r, o0i, o2r_, o2i_, o1r_, o1i_, o3r_, o3i_, o1r, o1i, o2r, o2i, o3r, o3i
     cdef real_t c1r, c1i, c2r, c2i, c3r, c3i, c4r, c4i, c5r, c5i, c6r, c6i, c7r, c7i, sg, h
-    sg = kc[K_SG]
+    sg = 1  # forward-only (a compile-time constant): see _run
     h = kc[K_H]
     w1r = wr[0]; w1i = wi[0]
     w2r = wr[m]; w2i = wi[m]
@@ -454,7 +533,7 @@ cdef void _stage8(rptr yr, rptr yi, rptr xr, rptr xi, Py_ssize_t s, Py_ssize_t m
     cdef real_t t3r, t3i, e0r, e0i, e2r, e2i, e1r, e1i, e3r, e3i, u0r, u0i, u1r, u1i, u2r, u2i, u3r, u3i
     cdef real_t o0r, o0i, o2r_, o2i_, o1r_, o1i_, o3r_, o3i_, o1r, o1i, o2r, o2i, o3r, o3i
     cdef real_t c1r, c1i, c2r, c2i, c3r, c3i, c4r, c4i, c5r, c5i, c6r, c6i, c7r, c7i, sg, h
-    sg = kc[K_SG]
+    sg = 1  # forward-only (a compile-time constant): see _run
     h = kc[K_H]
     if s == 1:
         xs = m
@@ -514,6 +593,182 @@ cdef void _stage8(rptr yr, rptr yi, rptr xr, rptr xi, Py_ssize_t s, Py_ssize_t m
             yr[o + 5 * ys] = c5r * w5r - c5i * w5i; yi[o + 5 * ys] = c5r * w5i + c5i * w5r
             yr[o + 6 * ys] = c6r * w6r - c6i * w6i; yi[o + 6 * ys] = c6r * w6i + c6i * w6r
             yr[o + 7 * ys] = c7r * w7r - c7i * w7i; yi[o + 7 * ys] = c7r * w7i + c7i * w7r
+    elif s == 4:
+        # s == 4, 8, 16: whole-vector loops of a compile-time trip count indexed from one
+        # base per array (the generic loop's 32 leg pointers do not fit the registers)
+        xs = 4 * m
+        for p in range(m):
+            i = 4 * p
+            o = 32 * p
+            w1r = wr[p]; w1i = wi[p]
+            w2r = wr[p + m]; w2i = wi[p + m]
+            w3r = wr[p + 2 * m]; w3i = wi[p + 2 * m]
+            w4r = wr[p + 3 * m]; w4i = wi[p + 3 * m]
+            w5r = wr[p + 4 * m]; w5i = wi[p + 4 * m]
+            w6r = wr[p + 5 * m]; w6i = wi[p + 5 * m]
+            w7r = wr[p + 6 * m]; w7i = wi[p + 6 * m]
+            for q in range(4):
+                a0r = xr[i + q]; a0i = xi[i + q]
+                a1r = xr[i + xs + q]; a1i = xi[i + xs + q]
+                a2r = xr[i + 2 * xs + q]; a2i = xi[i + 2 * xs + q]
+                a3r = xr[i + 3 * xs + q]; a3i = xi[i + 3 * xs + q]
+                a4r = xr[i + 4 * xs + q]; a4i = xi[i + 4 * xs + q]
+                a5r = xr[i + 5 * xs + q]; a5i = xi[i + 5 * xs + q]
+                a6r = xr[i + 6 * xs + q]; a6i = xi[i + 6 * xs + q]
+                a7r = xr[i + 7 * xs + q]; a7i = xi[i + 7 * xs + q]
+                # even half: radix-4 of a0, a2, a4, a6
+                t0r = a0r + a4r; t0i = a0i + a4i
+                t1r = a0r - a4r; t1i = a0i - a4i
+                t2r = a2r + a6r; t2i = a2i + a6i
+                t3r = sg * (a2i - a6i); t3i = sg * (a6r - a2r)
+                e0r = t0r + t2r; e0i = t0i + t2i
+                e2r = t0r - t2r; e2i = t0i - t2i
+                e1r = t1r + t3r; e1i = t1i + t3i
+                e3r = t1r - t3r; e3i = t1i - t3i
+                # odd half: radix-4 of a1, a3, a5, a7
+                u0r = a1r + a5r; u0i = a1i + a5i
+                u1r = a1r - a5r; u1i = a1i - a5i
+                u2r = a3r + a7r; u2i = a3i + a7i
+                u3r = sg * (a3i - a7i); u3i = sg * (a7r - a3r)
+                o0r = u0r + u2r; o0i = u0i + u2i
+                o2r_ = u0r - u2r; o2i_ = u0i - u2i
+                o1r_ = u1r + u3r; o1i_ = u1i + u3i
+                o3r_ = u1r - u3r; o3i_ = u1i - u3i
+                # o1 *= W8, o2 *= W8^2 = -i*sg, o3 *= W8^3
+                o1r = h * (o1r_ + sg * o1i_); o1i = h * (o1i_ - sg * o1r_)
+                o2r = sg * o2i_; o2i = -sg * o2r_
+                o3r = h * (sg * o3i_ - o3r_); o3i = -h * (o3i_ + sg * o3r_)
+                yr[o + q] = e0r + o0r; yi[o + q] = e0i + o0i
+                c1r = e1r + o1r; c1i = e1i + o1i
+                c2r = e2r + o2r; c2i = e2i + o2i
+                c3r = e3r + o3r; c3i = e3i + o3i
+                c4r = e0r - o0r; c4i = e0i - o0i
+                c5r = e1r - o1r; c5i = e1i - o1i
+                c6r = e2r - o2r; c6i = e2i - o2i
+                c7r = e3r - o3r; c7i = e3i - o3i
+                yr[o + 4 + q] = c1r * w1r - c1i * w1i; yi[o + 4 + q] = c1r * w1i + c1i * w1r
+                yr[o + 8 + q] = c2r * w2r - c2i * w2i; yi[o + 8 + q] = c2r * w2i + c2i * w2r
+                yr[o + 12 + q] = c3r * w3r - c3i * w3i; yi[o + 12 + q] = c3r * w3i + c3i * w3r
+                yr[o + 16 + q] = c4r * w4r - c4i * w4i; yi[o + 16 + q] = c4r * w4i + c4i * w4r
+                yr[o + 20 + q] = c5r * w5r - c5i * w5i; yi[o + 20 + q] = c5r * w5i + c5i * w5r
+                yr[o + 24 + q] = c6r * w6r - c6i * w6i; yi[o + 24 + q] = c6r * w6i + c6i * w6r
+                yr[o + 28 + q] = c7r * w7r - c7i * w7i; yi[o + 28 + q] = c7r * w7i + c7i * w7r
+    elif s == 8:
+        xs = 8 * m
+        for p in range(m):
+            i = 8 * p
+            o = 64 * p
+            w1r = wr[p]; w1i = wi[p]
+            w2r = wr[p + m]; w2i = wi[p + m]
+            w3r = wr[p + 2 * m]; w3i = wi[p + 2 * m]
+            w4r = wr[p + 3 * m]; w4i = wi[p + 3 * m]
+            w5r = wr[p + 4 * m]; w5i = wi[p + 4 * m]
+            w6r = wr[p + 5 * m]; w6i = wi[p + 5 * m]
+            w7r = wr[p + 6 * m]; w7i = wi[p + 6 * m]
+            for q in range(8):
+                a0r = xr[i + q]; a0i = xi[i + q]
+                a1r = xr[i + xs + q]; a1i = xi[i + xs + q]
+                a2r = xr[i + 2 * xs + q]; a2i = xi[i + 2 * xs + q]
+                a3r = xr[i + 3 * xs + q]; a3i = xi[i + 3 * xs + q]
+                a4r = xr[i + 4 * xs + q]; a4i = xi[i + 4 * xs + q]
+                a5r = xr[i + 5 * xs + q]; a5i = xi[i + 5 * xs + q]
+                a6r = xr[i + 6 * xs + q]; a6i = xi[i + 6 * xs + q]
+                a7r = xr[i + 7 * xs + q]; a7i = xi[i + 7 * xs + q]
+                # even half: radix-4 of a0, a2, a4, a6
+                t0r = a0r + a4r; t0i = a0i + a4i
+                t1r = a0r - a4r; t1i = a0i - a4i
+                t2r = a2r + a6r; t2i = a2i + a6i
+                t3r = sg * (a2i - a6i); t3i = sg * (a6r - a2r)
+                e0r = t0r + t2r; e0i = t0i + t2i
+                e2r = t0r - t2r; e2i = t0i - t2i
+                e1r = t1r + t3r; e1i = t1i + t3i
+                e3r = t1r - t3r; e3i = t1i - t3i
+                # odd half: radix-4 of a1, a3, a5, a7
+                u0r = a1r + a5r; u0i = a1i + a5i
+                u1r = a1r - a5r; u1i = a1i - a5i
+                u2r = a3r + a7r; u2i = a3i + a7i
+                u3r = sg * (a3i - a7i); u3i = sg * (a7r - a3r)
+                o0r = u0r + u2r; o0i = u0i + u2i
+                o2r_ = u0r - u2r; o2i_ = u0i - u2i
+                o1r_ = u1r + u3r; o1i_ = u1i + u3i
+                o3r_ = u1r - u3r; o3i_ = u1i - u3i
+                # o1 *= W8, o2 *= W8^2 = -i*sg, o3 *= W8^3
+                o1r = h * (o1r_ + sg * o1i_); o1i = h * (o1i_ - sg * o1r_)
+                o2r = sg * o2i_; o2i = -sg * o2r_
+                o3r = h * (sg * o3i_ - o3r_); o3i = -h * (o3i_ + sg * o3r_)
+                yr[o + q] = e0r + o0r; yi[o + q] = e0i + o0i
+                c1r = e1r + o1r; c1i = e1i + o1i
+                c2r = e2r + o2r; c2i = e2i + o2i
+                c3r = e3r + o3r; c3i = e3i + o3i
+                c4r = e0r - o0r; c4i = e0i - o0i
+                c5r = e1r - o1r; c5i = e1i - o1i
+                c6r = e2r - o2r; c6i = e2i - o2i
+                c7r = e3r - o3r; c7i = e3i - o3i
+                yr[o + 8 + q] = c1r * w1r - c1i * w1i; yi[o + 8 + q] = c1r * w1i + c1i * w1r
+                yr[o + 16 + q] = c2r * w2r - c2i * w2i; yi[o + 16 + q] = c2r * w2i + c2i * w2r
+                yr[o + 24 + q] = c3r * w3r - c3i * w3i; yi[o + 24 + q] = c3r * w3i + c3i * w3r
+                yr[o + 32 + q] = c4r * w4r - c4i * w4i; yi[o + 32 + q] = c4r * w4i + c4i * w4r
+                yr[o + 40 + q] = c5r * w5r - c5i * w5i; yi[o + 40 + q] = c5r * w5i + c5i * w5r
+                yr[o + 48 + q] = c6r * w6r - c6i * w6i; yi[o + 48 + q] = c6r * w6i + c6i * w6r
+                yr[o + 56 + q] = c7r * w7r - c7i * w7i; yi[o + 56 + q] = c7r * w7i + c7i * w7r
+    elif s == 16:
+        xs = 16 * m
+        for p in range(m):
+            i = 16 * p
+            o = 128 * p
+            w1r = wr[p]; w1i = wi[p]
+            w2r = wr[p + m]; w2i = wi[p + m]
+            w3r = wr[p + 2 * m]; w3i = wi[p + 2 * m]
+            w4r = wr[p + 3 * m]; w4i = wi[p + 3 * m]
+            w5r = wr[p + 4 * m]; w5i = wi[p + 4 * m]
+            w6r = wr[p + 5 * m]; w6i = wi[p + 5 * m]
+            w7r = wr[p + 6 * m]; w7i = wi[p + 6 * m]
+            for q in range(16):
+                a0r = xr[i + q]; a0i = xi[i + q]
+                a1r = xr[i + xs + q]; a1i = xi[i + xs + q]
+                a2r = xr[i + 2 * xs + q]; a2i = xi[i + 2 * xs + q]
+                a3r = xr[i + 3 * xs + q]; a3i = xi[i + 3 * xs + q]
+                a4r = xr[i + 4 * xs + q]; a4i = xi[i + 4 * xs + q]
+                a5r = xr[i + 5 * xs + q]; a5i = xi[i + 5 * xs + q]
+                a6r = xr[i + 6 * xs + q]; a6i = xi[i + 6 * xs + q]
+                a7r = xr[i + 7 * xs + q]; a7i = xi[i + 7 * xs + q]
+                # even half: radix-4 of a0, a2, a4, a6
+                t0r = a0r + a4r; t0i = a0i + a4i
+                t1r = a0r - a4r; t1i = a0i - a4i
+                t2r = a2r + a6r; t2i = a2i + a6i
+                t3r = sg * (a2i - a6i); t3i = sg * (a6r - a2r)
+                e0r = t0r + t2r; e0i = t0i + t2i
+                e2r = t0r - t2r; e2i = t0i - t2i
+                e1r = t1r + t3r; e1i = t1i + t3i
+                e3r = t1r - t3r; e3i = t1i - t3i
+                # odd half: radix-4 of a1, a3, a5, a7
+                u0r = a1r + a5r; u0i = a1i + a5i
+                u1r = a1r - a5r; u1i = a1i - a5i
+                u2r = a3r + a7r; u2i = a3i + a7i
+                u3r = sg * (a3i - a7i); u3i = sg * (a7r - a3r)
+                o0r = u0r + u2r; o0i = u0i + u2i
+                o2r_ = u0r - u2r; o2i_ = u0i - u2i
+                o1r_ = u1r + u3r; o1i_ = u1i + u3i
+                o3r_ = u1r - u3r; o3i_ = u1i - u3i
+                # o1 *= W8, o2 *= W8^2 = -i*sg, o3 *= W8^3
+                o1r = h * (o1r_ + sg * o1i_); o1i = h * (o1i_ - sg * o1r_)
+                o2r = sg * o2i_; o2i = -sg * o2r_
+                o3r = h * (sg * o3i_ - o3r_); o3i = -h * (o3i_ + sg * o3r_)
+                yr[o + q] = e0r + o0r; yi[o + q] = e0i + o0i
+                c1r = e1r + o1r; c1i = e1i + o1i
+                c2r = e2r + o2r; c2i = e2i + o2i
+                c3r = e3r + o3r; c3i = e3i + o3i
+                c4r = e0r - o0r; c4i = e0i - o0i
+                c5r = e1r - o1r; c5i = e1i - o1i
+                c6r = e2r - o2r; c6i = e2i - o2i
+                c7r = e3r - o3r; c7i = e3i - o3i
+                yr[o + 16 + q] = c1r * w1r - c1i * w1i; yi[o + 16 + q] = c1r * w1i + c1i * w1r
+                yr[o + 32 + q] = c2r * w2r - c2i * w2i; yi[o + 32 + q] = c2r * w2i + c2i * w2r
+                yr[o + 48 + q] = c3r * w3r - c3i * w3i; yi[o + 48 + q] = c3r * w3i + c3i * w3r
+                yr[o + 64 + q] = c4r * w4r - c4i * w4i; yi[o + 64 + q] = c4r * w4i + c4i * w4r
+                yr[o + 80 + q] = c5r * w5r - c5i * w5i; yi[o + 80 + q] = c5r * w5i + c5i * w5r
+                yr[o + 96 + q] = c6r * w6r - c6i * w6i; yi[o + 96 + q] = c6r * w6i + c6i * w6r
+                yr[o + 112 + q] = c7r * w7r - c7i * w7i; yi[o + 112 + q] = c7r * w7i + c7i * w7r
     else:
         xs = s * m
         for p in range(m):
@@ -564,12 +819,20 @@ cdef void _last2(rptr y, rptr xr, rptr xi, Py_ssize_t s, const real_t* kc) noexc
     cdef Py_ssize_t q
     cdef real_t scale = kc[K_SCALE]
     cdef real_t a0r, a0i, a1r, a1i, c1r, c1i
-    for q in range(s):
-        a0r = xr[q]; a0i = xi[q]
-        a1r = xr[q + 1 * s]; a1i = xi[q + 1 * s]
-        y[2 * q] = (a0r + a1r) * scale; y[2 * q + 1] = (a0i + a1i) * scale
-        c1r = a0r - a1r; c1i = a0i - a1i
-        y[2 * (q + 1 * s)] = c1r * scale; y[2 * (q + 1 * s) + 1] = c1i * scale
+    if kc[K_SG] > 0:  # forward: sg == 1 and scale == 1, no multiply by either
+        for q in range(s):
+            a0r = xr[q]; a0i = xi[q]
+            a1r = xr[q + 1 * s]; a1i = xi[q + 1 * s]
+            y[2 * q] = (a0r + a1r); y[2 * q + 1] = (a0i + a1i)
+            c1r = a0r - a1r; c1i = a0i - a1i
+            y[2 * (q + 1 * s)] = c1r; y[2 * (q + 1 * s) + 1] = c1i
+    else:
+        for q in range(s):
+            a0r = xr[q]; a0i = xi[q]
+            a1r = xr[q + 1 * s]; a1i = xi[q + 1 * s]
+            y[2 * q] = (a0r + a1r) * scale; y[2 * q + 1] = (a0i + a1i) * scale
+            c1r = a0r - a1r; c1i = a0i - a1i
+            y[2 * (q + 1 * s)] = c1r * scale; y[2 * (q + 1 * s) + 1] = c1i * scale
 
 
 cdef void _first3(rptr yr, rptr yi, rptr x, Py_ssize_t m,
@@ -611,19 +874,34 @@ cdef void _last3(rptr y, rptr xr, rptr xi, Py_ssize_t s, const real_t* kc) noexc
     cdef real_t c1r, c1i, c2r, c2i, half, s3
     half = kc[K_HALF]
     s3 = kc[K_S3]
-    for q in range(s):
-        a0r = xr[q]; a0i = xi[q]
-        a1r = xr[q + 1 * s]; a1i = xi[q + 1 * s]
-        a2r = xr[q + 2 * s]; a2i = xi[q + 2 * s]
-        tr = a1r + a2r; ti = a1i + a2i
-        ur = a0r - half * tr; ui = a0i - half * ti
-        # v = (a1 - a2) * (-i * sg * sqrt(3)/2)
-        vr = s3 * (a1i - a2i); vi = s3 * (a2r - a1r)
-        y[2 * q] = (a0r + tr) * scale; y[2 * q + 1] = (a0i + ti) * scale
-        c1r = ur + vr; c1i = ui + vi
-        c2r = ur - vr; c2i = ui - vi
-        y[2 * (q + 1 * s)] = c1r * scale; y[2 * (q + 1 * s) + 1] = c1i * scale
-        y[2 * (q + 2 * s)] = c2r * scale; y[2 * (q + 2 * s) + 1] = c2i * scale
+    if kc[K_SG] > 0:  # forward: sg == 1 and scale == 1, no multiply by either
+        for q in range(s):
+            a0r = xr[q]; a0i = xi[q]
+            a1r = xr[q + 1 * s]; a1i = xi[q + 1 * s]
+            a2r = xr[q + 2 * s]; a2i = xi[q + 2 * s]
+            tr = a1r + a2r; ti = a1i + a2i
+            ur = a0r - half * tr; ui = a0i - half * ti
+            # v = (a1 - a2) * (-i * sqrt(3)/2)
+            vr = s3 * (a1i - a2i); vi = s3 * (a2r - a1r)
+            y[2 * q] = (a0r + tr); y[2 * q + 1] = (a0i + ti)
+            c1r = ur + vr; c1i = ui + vi
+            c2r = ur - vr; c2i = ui - vi
+            y[2 * (q + 1 * s)] = c1r; y[2 * (q + 1 * s) + 1] = c1i
+            y[2 * (q + 2 * s)] = c2r; y[2 * (q + 2 * s) + 1] = c2i
+    else:
+        for q in range(s):
+            a0r = xr[q]; a0i = xi[q]
+            a1r = xr[q + 1 * s]; a1i = xi[q + 1 * s]
+            a2r = xr[q + 2 * s]; a2i = xi[q + 2 * s]
+            tr = a1r + a2r; ti = a1i + a2i
+            ur = a0r - half * tr; ui = a0i - half * ti
+            # v = (a1 - a2) * (-i * sg * sqrt(3)/2)
+            vr = s3 * (a1i - a2i); vi = s3 * (a2r - a1r)
+            y[2 * q] = (a0r + tr) * scale; y[2 * q + 1] = (a0i + ti) * scale
+            c1r = ur + vr; c1i = ui + vi
+            c2r = ur - vr; c2i = ui - vi
+            y[2 * (q + 1 * s)] = c1r * scale; y[2 * (q + 1 * s) + 1] = c1i * scale
+            y[2 * (q + 2 * s)] = c2r * scale; y[2 * (q + 2 * s) + 1] = c2i * scale
 
 
 cdef void _first4(rptr yr, rptr yi, rptr x, Py_ssize_t m,
@@ -636,28 +914,52 @@ cdef void _first4(rptr yr, rptr yi, rptr x, Py_ssize_t m,
     sg = kc[K_SG]
     xs = m
     ys = 1
-    for p in range(m):
-        i = p
-        o = 4 * p
-        w1r = wr[p]; w1i = wi[p]
-        w2r = wr[p + m]; w2i = wi[p + m]
-        w3r = wr[p + 2 * m]; w3i = wi[p + 2 * m]
-        a0r = x[2 * (i)]; a0i = x[2 * (i) + 1]
-        a1r = x[2 * (i + xs)]; a1i = x[2 * (i + xs) + 1]
-        a2r = x[2 * (i + 2 * xs)]; a2i = x[2 * (i + 2 * xs) + 1]
-        a3r = x[2 * (i + 3 * xs)]; a3i = x[2 * (i + 3 * xs) + 1]
-        t0r = a0r + a2r; t0i = a0i + a2i
-        t1r = a0r - a2r; t1i = a0i - a2i
-        t2r = a1r + a3r; t2i = a1i + a3i
-        # t3 = (a1 - a3) * (-i * sg)
-        t3r = sg * (a1i - a3i); t3i = sg * (a3r - a1r)
-        yr[o] = t0r + t2r; yi[o] = t0i + t2i
-        c1r = t1r + t3r; c1i = t1i + t3i
-        c2r = t0r - t2r; c2i = t0i - t2i
-        c3r = t1r - t3r; c3i = t1i - t3i
-        yr[o + ys] = c1r * w1r - c1i * w1i; yi[o + ys] = c1r * w1i + c1i * w1r
-        yr[o + 2 * ys] = c2r * w2r - c2i * w2i; yi[o + 2 * ys] = c2r * w2i + c2i * w2r
-        yr[o + 3 * ys] = c3r * w3r - c3i * w3i; yi[o + 3 * ys] = c3r * w3i + c3i * w3r
+    if kc[K_SG] > 0:  # forward: sg == 1, no multiply by it
+        for p in range(m):
+            i = p
+            o = 4 * p
+            w1r = wr[p]; w1i = wi[p]
+            w2r = wr[p + m]; w2i = wi[p + m]
+            w3r = wr[p + 2 * m]; w3i = wi[p + 2 * m]
+            a0r = x[2 * (i)]; a0i = x[2 * (i) + 1]
+            a1r = x[2 * (i + xs)]; a1i = x[2 * (i + xs) + 1]
+            a2r = x[2 * (i + 2 * xs)]; a2i = x[2 * (i + 2 * xs) + 1]
+            a3r = x[2 * (i + 3 * xs)]; a3i = x[2 * (i + 3 * xs) + 1]
+            t0r = a0r + a2r; t0i = a0i + a2i
+            t1r = a0r - a2r; t1i = a0i - a2i
+            t2r = a1r + a3r; t2i = a1i + a3i
+            # t3 = (a1 - a3) * (-i * sg)
+            t3r = (a1i - a3i); t3i = (a3r - a1r)
+            yr[o] = t0r + t2r; yi[o] = t0i + t2i
+            c1r = t1r + t3r; c1i = t1i + t3i
+            c2r = t0r - t2r; c2i = t0i - t2i
+            c3r = t1r - t3r; c3i = t1i - t3i
+            yr[o + ys] = c1r * w1r - c1i * w1i; yi[o + ys] = c1r * w1i + c1i * w1r
+            yr[o + 2 * ys] = c2r * w2r - c2i * w2i; yi[o + 2 * ys] = c2r * w2i + c2i * w2r
+            yr[o + 3 * ys] = c3r * w3r - c3i * w3i; yi[o + 3 * ys] = c3r * w3i + c3i * w3r
+    else:
+        for p in range(m):
+            i = p
+            o = 4 * p
+            w1r = wr[p]; w1i = wi[p]
+            w2r = wr[p + m]; w2i = wi[p + m]
+            w3r = wr[p + 2 * m]; w3i = wi[p + 2 * m]
+            a0r = x[2 * (i)]; a0i = x[2 * (i) + 1]
+            a1r = x[2 * (i + xs)]; a1i = x[2 * (i + xs) + 1]
+            a2r = x[2 * (i + 2 * xs)]; a2i = x[2 * (i + 2 * xs) + 1]
+            a3r = x[2 * (i + 3 * xs)]; a3i = x[2 * (i + 3 * xs) + 1]
+            t0r = a0r + a2r; t0i = a0i + a2i
+            t1r = a0r - a2r; t1i = a0i - a2i
+            t2r = a1r + a3r; t2i = a1i + a3i
+            # t3 = (a1 - a3) * (-i * sg)
+            t3r = sg * (a1i - a3i); t3i = sg * (a3r - a1r)
+            yr[o] = t0r + t2r; yi[o] = t0i + t2i
+            c1r = t1r + t3r; c1i = t1i + t3i
+            c2r = t0r - t2r; c2i = t0i - t2i
+            c3r = t1r - t3r; c3i = t1i - t3i
+            yr[o + ys] = c1r * w1r - c1i * w1i; yi[o + ys] = c1r * w1i + c1i * w1r
+            yr[o + 2 * ys] = c2r * w2r - c2i * w2i; yi[o + 2 * ys] = c2r * w2i + c2i * w2r
+            yr[o + 3 * ys] = c3r * w3r - c3i * w3i; yi[o + 3 * ys] = c3r * w3i + c3i * w3r
 
 
 cdef void _last4(rptr y, rptr xr, rptr xi, Py_ssize_t s, const real_t* kc) noexcept nogil:
@@ -668,23 +970,42 @@ cdef void _last4(rptr y, rptr xr, rptr xi, Py_ssize_t s, const real_t* kc) noexc
     cdef real_t a0r, a0i, a1r, a1i, a2r, a2i, a3r, a3i, t0r, t0i, t1r, t1i
     cdef real_t t2r, t2i, t3r, t3i, c1r, c1i, c2r, c2i, c3r, c3i, sg
     sg = kc[K_SG]
-    for q in range(s):
-        a0r = xr[q]; a0i = xi[q]
-        a1r = xr[q + 1 * s]; a1i = xi[q + 1 * s]
-        a2r = xr[q + 2 * s]; a2i = xi[q + 2 * s]
-        a3r = xr[q + 3 * s]; a3i = xi[q + 3 * s]
-        t0r = a0r + a2r; t0i = a0i + a2i
-        t1r = a0r - a2r; t1i = a0i - a2i
-        t2r = a1r + a3r; t2i = a1i + a3i
-        # t3 = (a1 - a3) * (-i * sg)
-        t3r = sg * (a1i - a3i); t3i = sg * (a3r - a1r)
-        y[2 * q] = (t0r + t2r) * scale; y[2 * q + 1] = (t0i + t2i) * scale
-        c1r = t1r + t3r; c1i = t1i + t3i
-        c2r = t0r - t2r; c2i = t0i - t2i
-        c3r = t1r - t3r; c3i = t1i - t3i
-        y[2 * (q + 1 * s)] = c1r * scale; y[2 * (q + 1 * s) + 1] = c1i * scale
-        y[2 * (q + 2 * s)] = c2r * scale; y[2 * (q + 2 * s) + 1] = c2i * scale
-        y[2 * (q + 3 * s)] = c3r * scale; y[2 * (q + 3 * s) + 1] = c3i * scale
+    if kc[K_SG] > 0:  # forward: sg == 1 and scale == 1, no multiply by either
+        for q in range(s):
+            a0r = xr[q]; a0i = xi[q]
+            a1r = xr[q + 1 * s]; a1i = xi[q + 1 * s]
+            a2r = xr[q + 2 * s]; a2i = xi[q + 2 * s]
+            a3r = xr[q + 3 * s]; a3i = xi[q + 3 * s]
+            t0r = a0r + a2r; t0i = a0i + a2i
+            t1r = a0r - a2r; t1i = a0i - a2i
+            t2r = a1r + a3r; t2i = a1i + a3i
+            # t3 = (a1 - a3) * (-i * sg)
+            t3r = (a1i - a3i); t3i = (a3r - a1r)
+            y[2 * q] = (t0r + t2r); y[2 * q + 1] = (t0i + t2i)
+            c1r = t1r + t3r; c1i = t1i + t3i
+            c2r = t0r - t2r; c2i = t0i - t2i
+            c3r = t1r - t3r; c3i = t1i - t3i
+            y[2 * (q + 1 * s)] = c1r; y[2 * (q + 1 * s) + 1] = c1i
+            y[2 * (q + 2 * s)] = c2r; y[2 * (q + 2 * s) + 1] = c2i
+            y[2 * (q + 3 * s)] = c3r; y[2 * (q + 3 * s) + 1] = c3i
+    else:
+        for q in range(s):
+            a0r = xr[q]; a0i = xi[q]
+            a1r = xr[q + 1 * s]; a1i = xi[q + 1 * s]
+            a2r = xr[q + 2 * s]; a2i = xi[q + 2 * s]
+            a3r = xr[q + 3 * s]; a3i = xi[q + 3 * s]
+            t0r = a0r + a2r; t0i = a0i + a2i
+            t1r = a0r - a2r; t1i = a0i - a2i
+            t2r = a1r + a3r; t2i = a1i + a3i
+            # t3 = (a1 - a3) * (-i * sg)
+            t3r = sg * (a1i - a3i); t3i = sg * (a3r - a1r)
+            y[2 * q] = (t0r + t2r) * scale; y[2 * q + 1] = (t0i + t2i) * scale
+            c1r = t1r + t3r; c1i = t1i + t3i
+            c2r = t0r - t2r; c2i = t0i - t2i
+            c3r = t1r - t3r; c3i = t1i - t3i
+            y[2 * (q + 1 * s)] = c1r * scale; y[2 * (q + 1 * s) + 1] = c1i * scale
+            y[2 * (q + 2 * s)] = c2r * scale; y[2 * (q + 2 * s) + 1] = c2i * scale
+            y[2 * (q + 3 * s)] = c3r * scale; y[2 * (q + 3 * s) + 1] = c3i * scale
 
 
 cdef void _first5(rptr yr, rptr yi, rptr x, Py_ssize_t m,
@@ -745,30 +1066,56 @@ cdef void _last5(rptr y, rptr xr, rptr xi, Py_ssize_t s, const real_t* kc) noexc
     c2 = kc[K_C2]
     s1 = kc[K_S1]
     s2 = kc[K_S2]
-    for q in range(s):
-        a0r = xr[q]; a0i = xi[q]
-        a1r = xr[q + 1 * s]; a1i = xi[q + 1 * s]
-        a2r = xr[q + 2 * s]; a2i = xi[q + 2 * s]
-        a3r = xr[q + 3 * s]; a3i = xi[q + 3 * s]
-        a4r = xr[q + 4 * s]; a4i = xi[q + 4 * s]
-        p1r = a1r + a4r; p1i = a1i + a4i
-        m1r = a1r - a4r; m1i = a1i - a4i
-        p2r = a2r + a3r; p2i = a2i + a3i
-        m2r = a2r - a3r; m2i = a2i - a3i
-        y[2 * q] = (a0r + p1r + p2r) * scale; y[2 * q + 1] = (a0i + p1i + p2i) * scale
-        # c1,c4 = A +- B; c2,c3 = A' +- B' with B = -i*(s1*m1 + s2*m2), B' = -i*(s2*m1 - s1*m2)
-        ar_ = a0r + c1 * p1r + c2 * p2r; ai_ = a0i + c1 * p1i + c2 * p2i
-        br_ = s1 * m1i + s2 * m2i; bi_ = -(s1 * m1r + s2 * m2r)
-        er_ = a0r + c2 * p1r + c1 * p2r; ei_ = a0i + c2 * p1i + c1 * p2i
-        fr_ = s2 * m1i - s1 * m2i; fi_ = s1 * m2r - s2 * m1r
-        o1r = ar_ + br_; o1i = ai_ + bi_
-        o4r = ar_ - br_; o4i = ai_ - bi_
-        o2r = er_ + fr_; o2i = ei_ + fi_
-        o3r = er_ - fr_; o3i = ei_ - fi_
-        y[2 * (q + 1 * s)] = o1r * scale; y[2 * (q + 1 * s) + 1] = o1i * scale
-        y[2 * (q + 2 * s)] = o2r * scale; y[2 * (q + 2 * s) + 1] = o2i * scale
-        y[2 * (q + 3 * s)] = o3r * scale; y[2 * (q + 3 * s) + 1] = o3i * scale
-        y[2 * (q + 4 * s)] = o4r * scale; y[2 * (q + 4 * s) + 1] = o4i * scale
+    if kc[K_SG] > 0:  # forward: sg == 1 and scale == 1, no multiply by either
+        for q in range(s):
+            a0r = xr[q]; a0i = xi[q]
+            a1r = xr[q + 1 * s]; a1i = xi[q + 1 * s]
+            a2r = xr[q + 2 * s]; a2i = xi[q + 2 * s]
+            a3r = xr[q + 3 * s]; a3i = xi[q + 3 * s]
+            a4r = xr[q + 4 * s]; a4i = xi[q + 4 * s]
+            p1r = a1r + a4r; p1i = a1i + a4i
+            m1r = a1r - a4r; m1i = a1i - a4i
+            p2r = a2r + a3r; p2i = a2i + a3i
+            m2r = a2r - a3r; m2i = a2i - a3i
+            y[2 * q] = (a0r + p1r + p2r); y[2 * q + 1] = (a0i + p1i + p2i)
+            # c1,c4 = A +- B; c2,c3 = A' +- B' with B = -i*(s1*m1 + s2*m2), B' = -i*(s2*m1 - s1*m2)
+            ar_ = a0r + c1 * p1r + c2 * p2r; ai_ = a0i + c1 * p1i + c2 * p2i
+            br_ = s1 * m1i + s2 * m2i; bi_ = -(s1 * m1r + s2 * m2r)
+            er_ = a0r + c2 * p1r + c1 * p2r; ei_ = a0i + c2 * p1i + c1 * p2i
+            fr_ = s2 * m1i - s1 * m2i; fi_ = s1 * m2r - s2 * m1r
+            o1r = ar_ + br_; o1i = ai_ + bi_
+            o4r = ar_ - br_; o4i = ai_ - bi_
+            o2r = er_ + fr_; o2i = ei_ + fi_
+            o3r = er_ - fr_; o3i = ei_ - fi_
+            y[2 * (q + 1 * s)] = o1r; y[2 * (q + 1 * s) + 1] = o1i
+            y[2 * (q + 2 * s)] = o2r; y[2 * (q + 2 * s) + 1] = o2i
+            y[2 * (q + 3 * s)] = o3r; y[2 * (q + 3 * s) + 1] = o3i
+            y[2 * (q + 4 * s)] = o4r; y[2 * (q + 4 * s) + 1] = o4i
+    else:
+        for q in range(s):
+            a0r = xr[q]; a0i = xi[q]
+            a1r = xr[q + 1 * s]; a1i = xi[q + 1 * s]
+            a2r = xr[q + 2 * s]; a2i = xi[q + 2 * s]
+            a3r = xr[q + 3 * s]; a3i = xi[q + 3 * s]
+            a4r = xr[q + 4 * s]; a4i = xi[q + 4 * s]
+            p1r = a1r + a4r; p1i = a1i + a4i
+            m1r = a1r - a4r; m1i = a1i - a4i
+            p2r = a2r + a3r; p2i = a2i + a3i
+            m2r = a2r - a3r; m2i = a2i - a3i
+            y[2 * q] = (a0r + p1r + p2r) * scale; y[2 * q + 1] = (a0i + p1i + p2i) * scale
+            # c1,c4 = A +- B; c2,c3 = A' +- B' with B = -i*(s1*m1 + s2*m2), B' = -i*(s2*m1 - s1*m2)
+            ar_ = a0r + c1 * p1r + c2 * p2r; ai_ = a0i + c1 * p1i + c2 * p2i
+            br_ = s1 * m1i + s2 * m2i; bi_ = -(s1 * m1r + s2 * m2r)
+            er_ = a0r + c2 * p1r + c1 * p2r; ei_ = a0i + c2 * p1i + c1 * p2i
+            fr_ = s2 * m1i - s1 * m2i; fi_ = s1 * m2r - s2 * m1r
+            o1r = ar_ + br_; o1i = ai_ + bi_
+            o4r = ar_ - br_; o4i = ai_ - bi_
+            o2r = er_ + fr_; o2i = ei_ + fi_
+            o3r = er_ - fr_; o3i = ei_ - fi_
+            y[2 * (q + 1 * s)] = o1r * scale; y[2 * (q + 1 * s) + 1] = o1i * scale
+            y[2 * (q + 2 * s)] = o2r * scale; y[2 * (q + 2 * s) + 1] = o2i * scale
+            y[2 * (q + 3 * s)] = o3r * scale; y[2 * (q + 3 * s) + 1] = o3i * scale
+            y[2 * (q + 4 * s)] = o4r * scale; y[2 * (q + 4 * s) + 1] = o4i * scale
 
 
 cdef void _first8(rptr yr, rptr yi, rptr x, Py_ssize_t m,
@@ -785,62 +1132,118 @@ cdef void _first8(rptr yr, rptr yi, rptr x, Py_ssize_t m,
     h = kc[K_H]
     xs = m
     ys = 1
-    for p in range(m):
-        i = p
-        o = 8 * p
-        w1r = wr[p]; w1i = wi[p]
-        w2r = wr[p + m]; w2i = wi[p + m]
-        w3r = wr[p + 2 * m]; w3i = wi[p + 2 * m]
-        w4r = wr[p + 3 * m]; w4i = wi[p + 3 * m]
-        w5r = wr[p + 4 * m]; w5i = wi[p + 4 * m]
-        w6r = wr[p + 5 * m]; w6i = wi[p + 5 * m]
-        w7r = wr[p + 6 * m]; w7i = wi[p + 6 * m]
-        a0r = x[2 * (i)]; a0i = x[2 * (i) + 1]
-        a1r = x[2 * (i + xs)]; a1i = x[2 * (i + xs) + 1]
-        a2r = x[2 * (i + 2 * xs)]; a2i = x[2 * (i + 2 * xs) + 1]
-        a3r = x[2 * (i + 3 * xs)]; a3i = x[2 * (i + 3 * xs) + 1]
-        a4r = x[2 * (i + 4 * xs)]; a4i = x[2 * (i + 4 * xs) + 1]
-        a5r = x[2 * (i + 5 * xs)]; a5i = x[2 * (i + 5 * xs) + 1]
-        a6r = x[2 * (i + 6 * xs)]; a6i = x[2 * (i + 6 * xs) + 1]
-        a7r = x[2 * (i + 7 * xs)]; a7i = x[2 * (i + 7 * xs) + 1]
-        # even half: radix-4 of a0, a2, a4, a6
-        t0r = a0r + a4r; t0i = a0i + a4i
-        t1r = a0r - a4r; t1i = a0i - a4i
-        t2r = a2r + a6r; t2i = a2i + a6i
-        t3r = sg * (a2i - a6i); t3i = sg * (a6r - a2r)
-        e0r = t0r + t2r; e0i = t0i + t2i
-        e2r = t0r - t2r; e2i = t0i - t2i
-        e1r = t1r + t3r; e1i = t1i + t3i
-        e3r = t1r - t3r; e3i = t1i - t3i
-        # odd half: radix-4 of a1, a3, a5, a7
-        u0r = a1r + a5r; u0i = a1i + a5i
-        u1r = a1r - a5r; u1i = a1i - a5i
-        u2r = a3r + a7r; u2i = a3i + a7i
-        u3r = sg * (a3i - a7i); u3i = sg * (a7r - a3r)
-        o0r = u0r + u2r; o0i = u0i + u2i
-        o2r_ = u0r - u2r; o2i_ = u0i - u2i
-        o1r_ = u1r + u3r; o1i_ = u1i + u3i
-        o3r_ = u1r - u3r; o3i_ = u1i - u3i
-        # o1 *= W8, o2 *= W8^2 = -i*sg, o3 *= W8^3
-        o1r = h * (o1r_ + sg * o1i_); o1i = h * (o1i_ - sg * o1r_)
-        o2r = sg * o2i_; o2i = -sg * o2r_
-        o3r = h * (sg * o3i_ - o3r_); o3i = -h * (o3i_ + sg * o3r_)
-        yr[o] = e0r + o0r; yi[o] = e0i + o0i
-        c1r = e1r + o1r; c1i = e1i + o1i
-        c2r = e2r + o2r; c2i = e2i + o2i
-        c3r = e3r + o3r; c3i = e3i + o3i
-        c4r = e0r - o0r; c4i = e0i - o0i
-        c5r = e1r - o1r; c5i = e1i - o1i
-        c6r = e2r - o2r; c6i = e2i - o2i
-        c7r = e3r - o3r; c7i = e3i - o3i
-        yr[o + ys] = c1r * w1r - c1i * w1i; yi[o + ys] = c1r * w1i + c1i * w1r
-        yr[o + 2 * ys] = c2r * w2r - c2i * w2i; yi[o + 2 * ys] = c2r * w2i + c2i * w2r
-        yr[o + 3 * ys] = c3r * w3r - c3i * w3i; yi[o + 3 * ys] = c3r * w3i + c3i * w3r
-        yr[o + 4 * ys] = c4r * w4r - c4i * w4i; yi[o + 4 * ys] = c4r * w4i + c4i * w4r
-        yr[o + 5 * ys] = c5r * w5r - c5i * w5i; yi[o + 5 * ys] = c5r * w5i + c5i * w5r
-        yr[o + 6 * ys] = c6r * w6r - c6i * w6i; yi[o + 6 * ys] = c6r * w6i + c6i * w6r
-        yr[o + 7 * ys] = c7r * w7r - c7i * w7i; yi[o + 7 * ys] = c7r * w7i + c7i * w7r
-
+    if kc[K_SG] > 0:  # forward: sg == 1, no multiply by it
+        for p in range(m):
+            i = p
+            o = 8 * p
+            w1r = wr[p]; w1i = wi[p]
+            w2r = wr[p + m]; w2i = wi[p + m]
+            w3r = wr[p + 2 * m]; w3i = wi[p + 2 * m]
+            w4r = wr[p + 3 * m]; w4i = wi[p + 3 * m]
+            w5r = wr[p + 4 * m]; w5i = wi[p + 4 * m]
+            w6r = wr[p + 5 * m]; w6i = wi[p + 5 * m]
+            w7r = wr[p + 6 * m]; w7i = wi[p + 6 * m]
+            a0r = x[2 * (i)]; a0i = x[2 * (i) + 1]
+            a1r = x[2 * (i + xs)]; a1i = x[2 * (i + xs) + 1]
+            a2r = x[2 * (i + 2 * xs)]; a2i = x[2 * (i + 2 * xs) + 1]
+            a3r = x[2 * (i + 3 * xs)]; a3i = x[2 * (i + 3 * xs) + 1]
+            a4r = x[2 * (i + 4 * xs)]; a4i = x[2 * (i + 4 * xs) + 1]
+            a5r = x[2 * (i + 5 * xs)]; a5i = x[2 * (i + 5 * xs) + 1]
+            a6r = x[2 * (i + 6 * xs)]; a6i = x[2 * (i + 6 * xs) + 1]
+            a7r = x[2 * (i + 7 * xs)]; a7i = x[2 * (i + 7 * xs) + 1]
+            # even half: radix-4 of a0, a2, a4, a6
+            t0r = a0r + a4r; t0i = a0i + a4i
+            t1r = a0r - a4r; t1i = a0i - a4i
+            t2r = a2r + a6r; t2i = a2i + a6i
+            t3r = (a2i - a6i); t3i = (a6r - a2r)
+            e0r = t0r + t2r; e0i = t0i + t2i
+            e2r = t0r - t2r; e2i = t0i - t2i
+            e1r = t1r + t3r; e1i = t1i + t3i
+            e3r = t1r - t3r; e3i = t1i - t3i
+            # odd half: radix-4 of a1, a3, a5, a7
+            u0r = a1r + a5r; u0i = a1i + a5i
+            u1r = a1r - a5r; u1i = a1i - a5i
+            u2r = a3r + a7r; u2i = a3i + a7i
+            u3r = (a3i - a7i); u3i = (a7r - a3r)
+            o0r = u0r + u2r; o0i = u0i + u2i
+            o2r_ = u0r - u2r; o2i_ = u0i - u2i
+            o1r_ = u1r + u3r; o1i_ = u1i + u3i
+            o3r_ = u1r - u3r; o3i_ = u1i - u3i
+            # o1 *= W8, o2 *= W8^2 = -i*sg, o3 *= W8^3
+            o1r = h * (o1r_ + o1i_); o1i = h * (o1i_ - o1r_)
+            o2r = o2i_; o2i = -o2r_
+            o3r = h * (o3i_ - o3r_); o3i = -h * (o3i_ + o3r_)
+            yr[o] = e0r + o0r; yi[o] = e0i + o0i
+            c1r = e1r + o1r; c1i = e1i + o1i
+            c2r = e2r + o2r; c2i = e2i + o2i
+            c3r = e3r + o3r; c3i = e3i + o3i
+            c4r = e0r - o0r; c4i = e0i - o0i
+            c5r = e1r - o1r; c5i = e1i - o1i
+            c6r = e2r - o2r; c6i = e2i - o2i
+            c7r = e3r - o3r; c7i = e3i - o3i
+            yr[o + ys] = c1r * w1r - c1i * w1i; yi[o + ys] = c1r * w1i + c1i * w1r
+            yr[o + 2 * ys] = c2r * w2r - c2i * w2i; yi[o + 2 * ys] = c2r * w2i + c2i * w2r
+            yr[o + 3 * ys] = c3r * w3r - c3i * w3i; yi[o + 3 * ys] = c3r * w3i + c3i * w3r
+            yr[o + 4 * ys] = c4r * w4r - c4i * w4i; yi[o + 4 * ys] = c4r * w4i + c4i * w4r
+            yr[o + 5 * ys] = c5r * w5r - c5i * w5i; yi[o + 5 * ys] = c5r * w5i + c5i * w5r
+            yr[o + 6 * ys] = c6r * w6r - c6i * w6i; yi[o + 6 * ys] = c6r * w6i + c6i * w6r
+            yr[o + 7 * ys] = c7r * w7r - c7i * w7i; yi[o + 7 * ys] = c7r * w7i + c7i * w7r
+    else:
+        for p in range(m):
+            i = p
+            o = 8 * p
+            w1r = wr[p]; w1i = wi[p]
+            w2r = wr[p + m]; w2i = wi[p + m]
+            w3r = wr[p + 2 * m]; w3i = wi[p + 2 * m]
+            w4r = wr[p + 3 * m]; w4i = wi[p + 3 * m]
+            w5r = wr[p + 4 * m]; w5i = wi[p + 4 * m]
+            w6r = wr[p + 5 * m]; w6i = wi[p + 5 * m]
+            w7r = wr[p + 6 * m]; w7i = wi[p + 6 * m]
+            a0r = x[2 * (i)]; a0i = x[2 * (i) + 1]
+            a1r = x[2 * (i + xs)]; a1i = x[2 * (i + xs) + 1]
+            a2r = x[2 * (i + 2 * xs)]; a2i = x[2 * (i + 2 * xs) + 1]
+            a3r = x[2 * (i + 3 * xs)]; a3i = x[2 * (i + 3 * xs) + 1]
+            a4r = x[2 * (i + 4 * xs)]; a4i = x[2 * (i + 4 * xs) + 1]
+            a5r = x[2 * (i + 5 * xs)]; a5i = x[2 * (i + 5 * xs) + 1]
+            a6r = x[2 * (i + 6 * xs)]; a6i = x[2 * (i + 6 * xs) + 1]
+            a7r = x[2 * (i + 7 * xs)]; a7i = x[2 * (i + 7 * xs) + 1]
+            # even half: radix-4 of a0, a2, a4, a6
+            t0r = a0r + a4r; t0i = a0i + a4i
+            t1r = a0r - a4r; t1i = a0i - a4i
+            t2r = a2r + a6r; t2i = a2i + a6i
+            t3r = sg * (a2i - a6i); t3i = sg * (a6r - a2r)
+            e0r = t0r + t2r; e0i = t0i + t2i
+            e2r = t0r - t2r; e2i = t0i - t2i
+            e1r = t1r + t3r; e1i = t1i + t3i
+            e3r = t1r - t3r; e3i = t1i - t3i
+            # odd half: radix-4 of a1, a3, a5, a7
+            u0r = a1r + a5r; u0i = a1i + a5i
+            u1r = a1r - a5r; u1i = a1i - a5i
+            u2r = a3r + a7r; u2i = a3i + a7i
+            u3r = sg * (a3i - a7i); u3i = sg * (a7r - a3r)
+            o0r = u0r + u2r; o0i = u0i + u2i
+            o2r_ = u0r - u2r; o2i_ = u0i - u2i
+            o1r_ = u1r + u3r; o1i_ = u1i + u3i
+            o3r_ = u1r - u3r; o3i_ = u1i - u3i
+            # o1 *= W8, o2 *= W8^2 = -i*sg, o3 *= W8^3
+            o1r = h * (o1r_ + sg * o1i_); o1i = h * (o1i_ - sg * o1r_)
+            o2r = sg * o2i_; o2i = -sg * o2r_
+            o3r = h * (sg * o3i_ - o3r_); o3i = -h * (o3i_ + sg * o3r_)
+            yr[o] = e0r + o0r; yi[o] = e0i + o0i
+            c1r = e1r + o1r; c1i = e1i + o1i
+            c2r = e2r + o2r; c2i = e2i + o2i
+            c3r = e3r + o3r; c3i = e3i + o3i
+            c4r = e0r - o0r; c4i = e0i - o0i
+            c5r = e1r - o1r; c5i = e1i - o1i
+            c6r = e2r - o2r; c6i = e2i - o2i
+            c7r = e3r - o3r; c7i = e3i - o3i
+            yr[o + ys] = c1r * w1r - c1i * w1i; yi[o + ys] = c1r * w1i + c1i * w1r
+            yr[o + 2 * ys] = c2r * w2r - c2i * w2i; yi[o + 2 * ys] = c2r * w2i + c2i * w2r
+            yr[o + 3 * ys] = c3r * w3r - c3i * w3i; yi[o + 3 * ys] = c3r * w3i + c3i * w3r
+            yr[o + 4 * ys] = c4r * w4r - c4i * w4i; yi[o + 4 * ys] = c4r * w4i + c4i * w4r
+            yr[o + 5 * ys] = c5r * w5r - c5i * w5i; yi[o + 5 * ys] = c5r * w5i + c5i * w5r
+            yr[o + 6 * ys] = c6r * w6r - c6i * w6i; yi[o + 6 * ys] = c6r * w6i + c6i * w6r
+            yr[o + 7 * ys] = c7r * w7r - c7i * w7i; yi[o + 7 * ys] = c7r * w7i + c7i * w7r
 
 
 cdef void _split(rptr dr, rptr di, rptr src, Py_ssize_t n) noexcept nogil:
@@ -880,12 +1283,20 @@ cdef inline void _stage(int r, rptr yr, rptr yi, rptr xr, rptr xi, Py_ssize_t s,
 
 cdef int _run(rptr x, rptr y, Py_ssize_t batch, Py_ssize_t n, int nstages,
               const int* radix, const Py_ssize_t* stride, const Py_ssize_t* toff,
-              rptr twr, rptr twi, const real_t* kc) noexcept nogil:
+              rptr twr, rptr twi, const real_t* kc, const real_t* kcf, bint inv) noexcept nogil:
     """Transform ``batch`` rows of n interleaved complex values x -> y.
 
     x and y are either disjoint or identical (in-place); each row is fully
     read into scratch before its output is written. Returns -1 if the scratch
     allocation fails, else 0.
+
+    The split stages (_stage<r>) are forward-only: the direction sign is the
+    constant 1, so no butterfly multiplies by it. An inverse stage is the
+    forward stage with the real and imaginary parts of its input and output
+    exchanged (conj(A) z = swap(A swap(z)) for swap(z) = i conj(z)), which on
+    split arrays is exchanging two pointers: ``inv`` does that, with the
+    forward constants ``kcf`` and the forward twiddles FFTCore keeps for
+    those stages. The fused first and last stages read the direction's ``kc``.
     """
     cdef Py_ssize_t b, s, m
     cdef int i, r, last
@@ -906,8 +1317,12 @@ cdef int _run(rptr x, rptr y, Py_ssize_t batch, Py_ssize_t n, int nstages,
         if nstages < 2:
             _split(ar, ai, x + 2 * n * b, n)
             for i in range(nstages):
-                _stage(radix[i], br, bi, ar, ai, stride[i], n // (stride[i] * radix[i]),
-                       twr + toff[i], twi + toff[i], kc)
+                if inv:
+                    _stage(radix[i], bi, br, ai, ar, stride[i], n // (stride[i] * radix[i]),
+                           twr + toff[i], twi + toff[i], kcf)
+                else:
+                    _stage(radix[i], br, bi, ar, ai, stride[i], n // (stride[i] * radix[i]),
+                           twr + toff[i], twi + toff[i], kcf)
                 ar, br = br, ar
                 ai, bi = bi, ai
             _join(y + 2 * n * b, ar, ai, n, kc)
@@ -927,8 +1342,12 @@ cdef int _run(rptr x, rptr y, Py_ssize_t batch, Py_ssize_t n, int nstages,
         # a last radix-8 stage stays split (see the fused stages above)
         last = nstages - 1 if radix[nstages - 1] != 8 else nstages
         for i in range(1, last):
-            _stage(radix[i], br, bi, ar, ai, stride[i], n // (stride[i] * radix[i]),
-                   twr + toff[i], twi + toff[i], kc)
+            if inv:
+                _stage(radix[i], bi, br, ai, ar, stride[i], n // (stride[i] * radix[i]),
+                       twr + toff[i], twi + toff[i], kcf)
+            else:
+                _stage(radix[i], br, bi, ar, ai, stride[i], n // (stride[i] * radix[i]),
+                       twr + toff[i], twi + toff[i], kcf)
             ar, br = br, ar
             ai, bi = bi, ai
         r = radix[nstages - 1]
@@ -964,6 +1383,7 @@ cdef class FFTCore:
     cdef cnp.ndarray twr_
     cdef cnp.ndarray twi_
     cdef cnp.ndarray kc_
+    cdef cnp.ndarray kcf_
 
     def __init__(self, Py_ssize_t n, bint double, bint inverse, radices,
                  cnp.ndarray twr not None, cnp.ndarray twi not None,
@@ -1000,8 +1420,18 @@ cdef class FFTCore:
                 raise ValueError(f"twiddle table too short for stage {i}")
             s *= radices[i]
         self.twr_ = twr
-        self.twi_ = twi
         self.kc_ = kc
+        # the split stages run forward-only kernels (see _run): for an inverse plan they
+        # take the forward twiddles (conjugated back; the first stage, fused when there
+        # are two stages or more, keeps the inverse ones) and the forward constants
+        kcf = kc.copy()
+        if inverse:
+            twi = twi.copy()
+            twi[(self.toff_[1] if self.nstages >= 2 else 0):] *= -1
+            for i in (K_SG, K_S3, K_S1, K_S2):
+                kcf[i] = -kc[i]
+        self.twi_ = twi
+        self.kcf_ = kcf
 
     def execute(self, cnp.ndarray x not None, cnp.ndarray y not None):
         """Transform every length-n row of x into y (C-contiguous, plan dtype,
@@ -1013,16 +1443,18 @@ cdef class FFTCore:
         cdef void* twr = cnp.PyArray_DATA(self.twr_)
         cdef void* twi = cnp.PyArray_DATA(self.twi_)
         cdef void* kc = cnp.PyArray_DATA(self.kc_)
+        cdef void* kcf = cnp.PyArray_DATA(self.kcf_)
+        cdef bint inv = self.inverse
         if batch == 0:
             return y
         if self.double:
             with nogil:
                 rc = _run(<dptr>xp, <dptr>yp, batch, self.n, self.nstages, self.radix_,
-                          self.stride_, self.toff_, <dptr>twr, <dptr>twi, <const double*>kc)
+                          self.stride_, self.toff_, <dptr>twr, <dptr>twi, <const double*>kc, <const double*>kcf, inv)
         else:
             with nogil:
                 rc = _run(<fptr>xp, <fptr>yp, batch, self.n, self.nstages, self.radix_,
-                          self.stride_, self.toff_, <fptr>twr, <fptr>twi, <const float*>kc)
+                          self.stride_, self.toff_, <fptr>twr, <fptr>twi, <const float*>kc, <const float*>kcf, inv)
         if rc != 0:
             raise MemoryError(f"fft scratch of {4 * self.n} reals")
         return y

@@ -8,8 +8,11 @@ and a ``1/n`` scale. The dtype is preserved (no silent upcast).
 
 Supported sizes are every ``n = 2**a * 3**b * 5**c`` with ``1 <= n <= 65536``:
 all LTE / 5G NR FFT sizes (128, 256, 512, 1024, 1536, 2048, 3072, 4096) and
-every power of two 2..65536. A size factors into radix-8 stages first, then
-4, 5, 3 and 2 (e.g. 2048 = 8*8*8*4, 1536 = 8*8*8*3).
+every power of two 2..65536. :func:`radices_for` is the canonical factorisation
+(radix-8 stages first, then 4, 5, 3 and 2: 2048 = 8*8*8*4), whose length is the
+spec's pass count (:func:`accel_core.estimate.fft_passes`); the kernels run
+:func:`schedule_for`, mostly radix 4 (4096 = 4**6, 2048 complex64 = 8*4*4*4*4),
+measured faster on every SIMD path (see there).
 
 The arithmetic is the Stockham autosort kernel in :mod:`accel_core._fft`
 (``noexcept nogil``, GIL released for the whole batch), built once per SIMD
@@ -42,7 +45,7 @@ from accel_core.errors import DtypeError, LayoutError, ShapeError, UnsupportedSi
 
 __all__ = [
     "MAX_SIZE", "DTYPES", "FFTPlan", "fft", "ifft", "supported_sizes", "is_supported", "radices_for",
-    "check_dtype", "check_size", "check_shape", "check_input", "check_out", "transform_into",
+    "schedule_for", "check_dtype", "check_size", "check_shape", "check_input", "check_out", "transform_into",
 ]
 
 #: Largest supported transform size.
@@ -111,7 +114,10 @@ def check_dtype(dtype: Any, what: str = "fft input") -> bool:
 
 
 def radices_for(n: int) -> tuple[int, ...]:
-    """The stage schedule for size n: radix-8 stages first, then 4, 5, 3, 2."""
+    """The canonical stage schedule for size n: radix-8 stages first, then 4, 5, 3, 2.
+
+    Its length is the spec's pass count (:func:`accel_core.estimate.fft_passes`); the
+    kernels run :func:`schedule_for` (same factors, tuned per path)."""
     n = check_size(n)
     a = b = c = 0
     while n % 2 == 0:
@@ -137,6 +143,45 @@ def radices_for(n: int) -> tuple[int, ...]:
     return tuple([r for r in twos if r == 8] + fours + [5] * c + [3] * b + rest)
 
 
+def schedule_for(n: int, double: bool, path: str) -> tuple[int, ...]:
+    """The stage schedule the kernels run for size n = 2**a * 3**b * 5**c, precision and
+    SIMD path (the same on every path today; ``path`` is there so that one may differ).
+
+    An even power of two is all radix 4 (4096 = 4**6; complex64 on AVX2 / AVX-512 from
+    1024 on: 8*8*4*4...); an odd one (a >= 5) starts with one radix-8 stage for complex64
+    (2048 = 8*4*4*4*4) and for complex128 ends its radix-4 stages with a radix-2 one
+    (2048 = 4*4*4*4*4*2), or has a radix-8 second stage on AVX-512 (4*8*4*4*4) and a
+    radix-8 third stage on the scalar path from 512 on (4*4*8*4*4); then 5s and 3s
+    (1536 complex128 = 4*4*4*4*2*3). A radix-8 stage with a stride s other than
+    1, 4, 8 or 16 keeps 32 array streams live (eight legs, real and imaginary, in and
+    out): more than x86-64's 16 general registers, so its loop reloads pointers and
+    spills; at s = 4, 8, 16 the radix-4 and radix-8 stages index from one base per array
+    with loops of a compile-time trip count.
+    Chosen by timing every ordering of 8s, 4s and at most one 2 on every path
+    (``python -m vrdma.accel_bench.fft_bench --simd all`` for the figures): 4096-point
+    complex128 on the scalar path went from 0.77-0.80x to 1.1-1.2x scipy.fft.
+    """
+    n = check_size(n)
+    a = (n & -n).bit_length() - 1          # n = 2**a * odd
+    tail = list(radices_for(n >> a))       # the 5s and 3s, in radices_for's order
+    if a < 3 or (a == 3 and not tail):
+        return radices_for(n)
+    wide = path in ("avx2", "avx512")
+    if a % 2 == 0:
+        if not double and wide and a >= 10:
+            return tuple([8, 8] + [4] * ((a - 6) // 2) + tail)
+        return tuple([4] * (a // 2) + tail)
+    if a == 3:
+        return (8, *tail)
+    if double and path == "avx512":
+        return tuple([4, 8] + [4] * ((a - 5) // 2) + tail)
+    if double and path == "scalar" and a >= 9 and not tail:
+        return tuple([4, 4, 8] + [4] * ((a - 7) // 2))
+    if double:
+        return tuple([4] * (a // 2) + [2] + tail)
+    return tuple([8] + [4] * ((a - 3) // 2) + tail)
+
+
 def _core(n: int, double: bool, inverse: bool, path: str | None = None) -> _fft.FFTCore:
     """The cached kernel plan for one size/precision/direction on ``path`` (default: the
     SIMD path in use, :func:`accel_core.simd.simd_path`)."""
@@ -146,7 +191,12 @@ def _core(n: int, double: bool, inverse: bool, path: str | None = None) -> _fft.
 @functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
 def _plan(n: int, double: bool, inverse: bool, path: str) -> _fft.FFTCore:
     """Build (once per LRU entry) the kernel plan for one size/precision/direction/path."""
-    radices = radices_for(n)
+    return _build_core(n, double, inverse, path, schedule_for(n, double, path))
+
+
+def _build_core(n: int, double: bool, inverse: bool, path: str, radices: tuple[int, ...]) -> _fft.FFTCore:
+    """A kernel plan running the stage schedule ``radices`` (its product n; tests run
+    every stage variant of the kernels through this)."""
     sg = -1.0 if inverse else 1.0
     tw_parts = []
     offsets = []

@@ -180,13 +180,68 @@ def test_list_input_of_complex_is_accepted():
     np.testing.assert_allclose(y, np.fft.fft([1, 2, 3, 4]), atol=1e-12)
 
 
+@pytest.mark.parametrize("n, double, path, radices", [
+    (2048, False, "scalar", (8, 4, 4, 4, 4)), (2048, True, "avx512", (4, 8, 4, 4, 4)),
+    (2048, True, "avx2", (4, 4, 4, 4, 4, 2)), (2048, True, "scalar", (4, 4, 8, 4, 4)),
+    (128, True, "scalar", (4, 4, 4, 2)),
+    (4096, False, "avx2", (8, 8, 4, 4, 4)), (4096, False, "scalar", (4, 4, 4, 4, 4, 4)),
+    (256, False, "avx512", (4, 4, 4, 4)), (4096, True, "scalar", (4, 4, 4, 4, 4, 4)),
+    (1536, True, "scalar", (4, 4, 4, 4, 2, 3)), (1536, False, "avx2", (8, 4, 4, 4, 3)),
+    (3072, False, "avx2", (8, 8, 4, 4, 3)), (3072, True, "avx2", (4, 4, 4, 4, 4, 3)),
+    (1200, False, "scalar", (4, 4, 5, 5, 3)),
+    (16, True, "avx2", (4, 4)), (32, False, "scalar", (8, 4)), (32, True, "scalar", (4, 4, 2)),
+    (24, True, "avx512", (8, 3)), (12, False, "scalar", (4, 3)), (6, True, "scalar", (3, 2)),
+    (2, True, "scalar", (2,)), (1, False, "avx2", ()),
+])
+def test_kernel_schedule(n, double, path, radices):
+    assert dft.schedule_for(n, double, path) == radices
+
+
+def test_kernel_schedules_factor_every_size():
+    for n in supported_sizes():
+        for double in (False, True):
+            for path in simd.PATHS:
+                sched = dft.schedule_for(n, double, path)
+                assert int(np.prod(sched)) == n, (n, sched)
+                assert sorted(r for r in sched if r % 2) == sorted(r for r in radices_for(n) if r % 2)
+                strides = np.cumprod((1, *sched))[:-1]
+                # a radix-8 stage only where it has its own loops (s = 1, 4, 8, 16)
+                eights = [s for r, s in zip(sched, strides, strict=True) if r == 8]
+                assert len(sched) < 2 or all(s in (1, 4, 8, 16) for s in eights), sched
+
+
+#: schedules that run every stage variant of the kernel: each radix fused first (s = 1) and
+#: fused last, at s = 4, 8, 16 (the compile-time loops) and in the generic loop; a last
+#: radix-8 stage (split + join); single stages; both directions, both precisions
+STAGE_VARIANTS = [
+    (2048, (8, 8, 8, 4)), (2048, (4, 8, 4, 4, 4)), (2048, (4, 4, 8, 4, 4)), (2048, (8, 4, 4, 4, 4)),
+    (2048, (4, 4, 4, 4, 4, 2)), (2048, (2, 4, 4, 8, 8)), (1024, (4, 4, 4, 4, 4)), (128, (4, 4, 8)),
+    (960, (2, 3, 5, 8, 4)), (960, (5, 3, 4, 4, 2, 2)), (960, (3, 5, 4, 4, 4)), (600, (4, 2, 3, 5, 5)),
+    (240, (4, 4, 5, 3)), (96, (8, 4, 3)), (8, (8,)), (5, (5,)), (3, (3,)), (4, (4,)), (2, (2,)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_every_stage_variant_matches_numpy(dtype, simd_path):
+    for n, radices in STAGE_VARIANTS:
+        x = _rand((3, n), dtype, seed=n)
+        ref = np.fft.fft(x.astype(np.complex128), axis=-1)
+        double = dtype == np.complex128
+        fwd = dft._build_core(n, double, False, simd_path, radices)
+        inv = dft._build_core(n, double, True, simd_path, radices)
+        assert fwd.radices == radices
+        y = fwd.execute(x, np.empty_like(x))
+        assert _relerr(y, ref) <= TOL[dtype], (n, radices)
+        assert _relerr(inv.execute(y, np.empty_like(y)), x) <= TOL[dtype], (n, radices)
+
+
 # ------------------------------------------------------------------ plans
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-def test_explicit_plan(dtype):
+def test_explicit_plan(dtype, simd_path):
     plan = FFTPlan(3072, dtype)
     assert plan.n == 3072 and plan.dtype == np.dtype(dtype)
-    assert plan.radices == radices_for(3072)
+    assert plan.radices == dft.schedule_for(3072, dtype == np.complex128, simd_path)
     x = _rand((2, 3072), dtype, seed=4)
     out = np.empty_like(x)
     assert plan.forward(x, out) is out

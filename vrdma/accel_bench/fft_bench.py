@@ -117,11 +117,13 @@ def _run(sizes, dtypes, repeat, batch_bytes, sample_s, overhead, paths, scipy_ff
             out = np.empty_like(x)
             ref = np.fft.fft(x.astype(np.complex128), axis=-1)
             err = {}
+            sched = {}
             fns: dict[str, Callable[[], object]] = {}
             for p in paths:
                 simd.use(p)
                 fftmod.fft(x, out=out)  # build + cache the plan outside the timing
                 err[p] = float(np.abs(out - ref).max() / np.abs(ref).max())
+                sched[p] = fftmod.schedule_for(n, dt == np.complex128, p)
                 fns[p] = _on_path(p, partial(fftmod.fft, x, out=out))
             fns["scipy"] = partial(scipy_fft.fft, x, axis=-1, workers=1)
             pw = _pyfftw_plan(x)
@@ -135,7 +137,7 @@ def _run(sizes, dtypes, repeat, batch_bytes, sample_s, overhead, paths, scipy_ff
                 "ours_us": us[p], "scipy_us": us["scipy"], "pyfftw_us": us.get("pyfftw"),
                 "speedup_vs_scipy": us["scipy"] / us[p],
                 "speedup_vs_pyfftw": (us["pyfftw"] / us[p]) if "pyfftw" in us else None,
-                "max_rel_err": err[p],
+                "max_rel_err": err[p], "radices": list(sched[p]),
             } for p in paths)
     if overhead:
         for p in paths:
@@ -189,15 +191,16 @@ def _fmt(v, spec=".2f") -> str:
 
 def format_table(rows: list[dict]) -> str:
     lines = [(f"{'size':>6} {'dtype':>10} {'simd':>6} {'batch':>5} {'ours us':>9} {'scipy us':>9} "
-              f"{'pyfftw us':>9} {'x scipy':>8} {'x pyfftw':>8} {'rel err':>8}")]
+              f"{'pyfftw us':>9} {'x scipy':>8} {'x pyfftw':>8} {'rel err':>8}  stages")]
     for r in rows:
         if r["case"] != "fft":
             continue
         lines.append(
             f"{r['size']:>6} {r['dtype']:>10} {r['simd_path']:>6} {r['batch']:>5} {_fmt(r['ours_us']):>9} "
             f"{_fmt(r['scipy_us']):>9} {_fmt(r['pyfftw_us']):>9} {_fmt(r['speedup_vs_scipy']):>8} "
-            f"{_fmt(r['speedup_vs_pyfftw']):>8} {r['max_rel_err']:>8.1e}")
-    lines.append("(us per transform; x scipy / x pyfftw = baseline time / ours, > 1 is faster)")
+            f"{_fmt(r['speedup_vs_pyfftw']):>8} {r['max_rel_err']:>8.1e}  {'*'.join(map(str, r['radices']))}")
+    lines.append("(us per transform; x scipy / x pyfftw = baseline time / ours, > 1 is faster; "
+                 "stages: the radices the kernel ran, accel_core.dft.schedule_for)")
     lines.extend(
         f"call overhead n={r['size']} 1 row {r['dtype']} [{r['simd_path']}]: "
         f"fft(out=) {r['fft_out_us']:.2f} us, "
