@@ -95,14 +95,16 @@ def _place(layout: str, daemon_pid: int, cpus: list[int]):
 
 
 def _floor(test: str, size: int, iters: int, cpu: int) -> dict:
-    """The run's floor: an eventfd ping-pong placed by the kernel (the ratio's
-    baseline), and the same pinned to ``cpu``, where the guests run in every
-    layout (informational: the kernel puts the unpinned pair on one CPU or
-    on two, and the two take different times, so the first floor is
-    bimodal on a 2-vCPU VM)."""
+    """The run's floor: an eventfd ping-pong between two processes pinned to two
+    CPUs (the ratio's baseline: the issue's "idle two-process ping-pong", a
+    wake-up on another CPU; left to the kernel, the pair lands on one CPU or on
+    two, and the ratio's verdict swung 2-3x between runs of the same figures),
+    and the same pinned both to ``cpu``, where the guests run in every layout
+    (informational: a wake-up on the same CPU)."""
     if test in BW_TESTS:
         return {"floor_memcpy_MiB": memcpy_floor(size)["bw_avg_MiB"]}
-    f = eventfd_floor(max(2000, iters))
+    cpus = sorted(os.sched_getaffinity(0))
+    f = eventfd_floor(max(2000, iters), (cpus[0], cpus[-1]) if len(cpus) > 1 else None)
     mask = os.sched_getaffinity(0)
     try:
         os.sched_setaffinity(0, {cpu})  # the ping-pong's child inherits it

@@ -439,14 +439,20 @@ def rtt_stats(samples_ns: list[int]) -> dict:
     }
 
 
-def eventfd_pingpong(iterations: int) -> dict:
+def eventfd_pingpong(iterations: int, cpus: tuple[int, int] | None = None) -> dict:
     """Two-process eventfd ping-pong (write, the other side wakes, writes back,
-    we wake): the least any kick/call round trip can cost; :func:`rtt_stats`."""
+    we wake): the least any kick/call round trip can cost; :func:`rtt_stats`.
+    ``cpus``: (ours, the echo's), each process pinned to its own (else the
+    kernel places them: on a 2-vCPU machine sometimes on one CPU, sometimes
+    on two, which differ several-fold)."""
     ping = os.eventfd(0, os.EFD_CLOEXEC)
     pong = os.eventfd(0, os.EFD_CLOEXEC)
+    mask = os.sched_getaffinity(0)
     pid = os.fork()
     if pid == 0:  # child: echo
         try:
+            if cpus is not None:
+                os.sched_setaffinity(0, {cpus[1]})
             for _ in range(iterations + 100):
                 os.eventfd_read(ping)
                 os.eventfd_write(pong, 1)
@@ -454,21 +460,27 @@ def eventfd_pingpong(iterations: int) -> dict:
             os._exit(0)
     samples = []
     clock = time.perf_counter_ns
-    for i in range(iterations + 100):
-        t0 = clock()
-        os.eventfd_write(ping, 1)
-        os.eventfd_read(pong)
-        if i >= 100:
-            samples.append(clock() - t0)
-    os.waitpid(pid, 0)
-    os.close(ping)
-    os.close(pong)
+    try:
+        if cpus is not None:
+            os.sched_setaffinity(0, {cpus[0]})
+        for i in range(iterations + 100):
+            t0 = clock()
+            os.eventfd_write(ping, 1)
+            os.eventfd_read(pong)
+            if i >= 100:
+                samples.append(clock() - t0)
+    finally:
+        os.sched_setaffinity(0, mask)
+        os.waitpid(pid, 0)
+        os.close(ping)
+        os.close(pong)
     return rtt_stats(samples)
 
 
-def eventfd_floor(iters: int) -> dict:
-    """The latency floor: half an eventfd round trip (``t_typical``, ``t_min``, ``t_avg``)."""
-    r = eventfd_pingpong(iters)
+def eventfd_floor(iters: int, cpus: tuple[int, int] | None = None) -> dict:
+    """The latency floor: half an eventfd round trip (``t_typical``, ``t_min``, ``t_avg``);
+    ``cpus`` as :func:`eventfd_pingpong`."""
+    r = eventfd_pingpong(iters, cpus)
     half = {k: v / 2 for k, v in r.items() if k.endswith("_us")}
     return {"t_typical": half["t_typical_us"], "t_min": half["t_min_us"], "t_avg": half["t_avg_us"]}
 
