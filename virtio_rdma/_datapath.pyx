@@ -34,7 +34,7 @@ from verbs._verbs cimport (
     IBV_SEND_FENCE, IBV_SEND_INLINE, IBV_SEND_IP_CSUM, IBV_SEND_SIGNALED, IBV_SEND_SOLICITED,
     IBV_WC_RDMA_READ, IBV_WC_RDMA_WRITE, IBV_WC_RECV, IBV_WC_RECV_RDMA_WITH_IMM, IBV_WC_SEND,
     IBV_WC_WITH_IMM, IBV_WR_RDMA_READ, IBV_WR_RDMA_WRITE, IBV_WR_RDMA_WRITE_WITH_IMM, IBV_WR_SEND,
-    IBV_WR_SEND_WITH_IMM, IBV_MTU_256, IBV_MTU_4096, PSN_MASK, ibv_mtu_bytes,
+    IBV_WR_SEND_WITH_IMM, IBV_WR_SEND_WITH_INV, IBV_MTU_256, IBV_MTU_4096, PSN_MASK, ibv_mtu_bytes,
 )
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
@@ -1106,6 +1106,9 @@ def wire_cqes(dev, qp, net, list sends, list recvs):
             L.sends_completed += 1
             if opcode == _OP_READ_WR:
                 L.bytes_received += c.byte_len
+            elif (opcode == OP_SEND or opcode == OP_SEND_IMM or opcode == OP_WRITE or opcode == OP_WRITE_IMM
+                  or opcode == IBV_WR_SEND_WITH_INV):  # as rings.send_done: the requester's bytes sent
+                L.bytes_sent += c.byte_len
             i += 1
         if i == len(sends) and rcq is not None:
             for c in recvs:
