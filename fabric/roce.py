@@ -364,14 +364,21 @@ class RoceFabricService:
         return ep is not None and ep.poll()
 
     def _on_packet(self, pkt: RocePacket, src: str, sport: int) -> None:
-        if not self.fabric.pumps_pending:
-            self._now = monotonic()
+        # read the clock for every packet that comes this way: one the native fast path
+        # took before it in the batch made pumps_pending true without reading it, and an
+        # ACK handled with an old ``now`` arms the retransmission timer already expired
+        self._now = now = monotonic()
         try:
-            self.fabric.receive(pkt, src, self._now, defer=True, sport=sport)
+            self.fabric.receive(pkt, src, now, defer=True, sport=sport)
         except Exception:  # the daemon boundary: one bad packet must not stop the fabric
             log.exception("RoCE fabric: internal error on a packet from %s", src)
 
     def _on_batch_end(self) -> None:
+        if self.fabric.pumps_pending:
+            # the clock of the pumps: the native fast path takes most packets without
+            # _on_packet, so _now may be from long ago; a pump that starts WQEs with
+            # it arms their ACK timer already expired (a spurious go-back-N)
+            self._now = monotonic()
         while self.fabric.pumps_pending:  # a QP whose pump raised is already off the list
             try:
                 self.fabric.flush_deferred(self._now)
