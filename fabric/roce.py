@@ -173,6 +173,10 @@ class RoceFabric(LocalFabric):
         self.metrics = RoceFabricMetrics()
         self._routable: dict[str, bool] = {}
         self._deferred: dict[NetworkQp, float | None] = {}  # QP -> its deadline before the batch
+        #: set by the I/O adapter: receive what is queued on the socket now (None:
+        #: nothing to drain); a wire QP's retransmission timer calls it before it
+        #: fires, so that an ACK already here is not taken for a lost one
+        self.drain: Callable[[], object] | None = None
         #: packets for QPN 1, the GSI QP (connection management between daemons:
         #: :mod:`peering`): ``gsi(packet, peer_ip, sport, now)``; None: dropped
         self.gsi: Callable[[RocePacket, str, int, float], None] | None = None
@@ -352,6 +356,7 @@ class RoceFabricService:
         def wire_sink(packets, peer, _transmit=self.endpoint.transmit):
             _transmit(packets, peer, port)
         self.fabric.wire_sink = wire_sink
+        self.fabric.drain = self._drain
         log.info("RoCEv2 fabric on %s:%d, GID %s, %s", self.fabric.address, self.port,
                  ipaddress.IPv6Address(self.fabric.gid),
                  "authenticated (plaintext peers: %s)" % (
@@ -362,6 +367,16 @@ class RoceFabricService:
         """Drain the socket now (busy-poll hook); True if datagrams came."""
         ep = self.endpoint
         return ep is not None and ep.poll()
+
+    def _drain(self) -> None:
+        """The fabric's ``drain``: take what the socket holds before a
+        retransmission timer fires. The event loop runs due timers before it
+        looks at the sockets, so after the daemon lost the CPU for a while the
+        ACK timer would fire on ACKs sitting in the socket buffer (a spurious
+        go-back-N of the whole window). Not while a batch is being delivered."""
+        ep = self.endpoint
+        if ep is not None and not ep.delivering:
+            ep.poll()
 
     def _on_packet(self, pkt: RocePacket, src: str, sport: int) -> None:
         # read the clock for every packet that comes this way: one the native fast path
@@ -390,6 +405,7 @@ class RoceFabricService:
     async def aclose(self) -> None:
         self.fabric.sink = None
         self.fabric.wire_sink = None
+        self.fabric.drain = None
         if self.endpoint is not None:
             ep, self.endpoint = self.endpoint, None
             await ep.aclose()

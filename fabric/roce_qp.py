@@ -154,7 +154,8 @@ class NetworkQp:
     """The wire engine of one guest QP (see module doc).
 
     ``fabric`` provides ``transmit(packets, peer_ip)`` and
-    ``detach_wire(qpn)``; ``dev`` is the guest's
+    ``detach_wire(qpn)``, and may provide ``drain()`` (receive what has
+    arrived, before a retransmission timer fires); ``dev`` is the guest's
     :class:`~virtio_rdma.core.RdmaDeviceCore`; ``peer`` the IP address of
     the destination GID.
     """
@@ -354,6 +355,12 @@ class NetworkQp:
         return self.rc.next_deadline()
 
     def on_timer(self, now: float) -> None:
+        d = self.rc.next_deadline()
+        drain = getattr(self.fabric, "drain", None)
+        if drain is not None and d is not None and now >= d:
+            drain()     # ACKs already in the socket first: they may move the deadline
+            if self.closed:
+                return
         self.rc.handle_timer(now)
         self.pump(now)
 

@@ -166,6 +166,11 @@ class RoceUdpEndpoint:
         self._windows: dict = {}          # reference path (datagram_received): peer -> window
         self.loop.add_reader(self._fd, self.poll)
 
+    @property
+    def delivering(self) -> bool:
+        """Is a received batch being delivered (its handlers are running)?"""
+        return self._holding
+
     def set_auth(self, mac_key: bytes, plaintext_peers=(), counter: int | None = None) -> None:
         """Seal and verify every datagram (roce.auth), except to and from the
         addresses in ``plaintext_peers``. ``counter``: the first counter
