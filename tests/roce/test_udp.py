@@ -120,10 +120,11 @@ def test_two_rc_qps_over_udp_loopback():
 
 
 def test_acks_of_a_send_wait_for_the_reply():
-    """ACK parking (roce.udp.PARK_BATCH): the ACK a lone SEND leaves waits
-    and leaves with the next packet sent (one datagram after the other, in
-    order); with nothing else to send it leaves after two polls that find
-    nothing; after a WRITE it leaves at once."""
+    """ACK parking (roce.udp.PARK_BATCH, ``park_acks``): the ACK a lone
+    SEND leaves waits and leaves with the next packet sent (one datagram
+    after the other, in order); with nothing else to send it leaves after
+    two polls that find nothing; after a WRITE it leaves at once. Off, as
+    by default, it leaves at once."""
     async def main():
         got = []
         a = await open_endpoint("127.0.0.1", lambda p, ip: got.append(p.bth.opcode), port=0)
@@ -131,6 +132,7 @@ def test_acks_of_a_send_wait_for_the_reply():
         reply = RocePacket(Bth(opcode=Opcode.RC_SEND_ONLY, dest_qp=7, psn=9), payload=b"re")
         b = await open_endpoint("127.0.0.1",
                                 lambda p, ip: b.transmit([ack], "127.0.0.1", a.local[1]), port=0)
+        b.park_acks = True
         loop = asyncio.get_running_loop()
         loop.remove_reader(a._fd)                       # this test polls both by hand
         loop.remove_reader(b._fd)
@@ -168,8 +170,11 @@ def test_acks_of_a_send_wait_for_the_reply():
                                reth=Reth(0, 1, 1), payload=b"w")
             await arrive(write)
             assert b.metrics.tx_acks_parked == 3 and at_a() == [Opcode.RC_ACKNOWLEDGE]
+            b.park_acks = False
+            await arrive(send)
+            assert b.metrics.tx_acks_parked == 3 and at_a() == [Opcode.RC_ACKNOWLEDGE]
         finally:
             await a.aclose()
             await b.aclose()
-        assert b.metrics.tx_packets == 5 and b.metrics.tx_errors == 0
+        assert b.metrics.tx_packets == 6 and b.metrics.tx_errors == 0
     run(main())
