@@ -54,7 +54,7 @@ import builtins
 
 from roce.errors import RemoteAccessError
 from roce.opcodes import Kind, Opcode
-from roce.rc.config import MAX_MSG_SIZE
+from roce.rc import config as _rc_config
 from roce.rc.requester import WqeState
 from roce.rc.responder import _WriteCtx
 from roce.rc.verbs import Completion, wc_opcode_of
@@ -82,7 +82,7 @@ cdef object _WRITE_CTX = _WriteCtx
 cdef object _MEMORYVIEW = builtins.memoryview   # not Cython's own memoryview type
 cdef long _REMOTE_WRITE = Access.REMOTE_WRITE
 cdef object _ACCESS_REMOTE_WRITE = Access.REMOTE_WRITE
-cdef uint64_t _MAX_MSG_SIZE = MAX_MSG_SIZE
+cdef uint64_t _MAX_MSG_SIZE = _rc_config.MAX_MSG_SIZE
 cdef object _REMOTE_ACCESS_ERROR = RemoteAccessError
 
 
