@@ -173,6 +173,10 @@ class RoceFabric(LocalFabric):
         self.metrics = RoceFabricMetrics()
         self._routable: dict[str, bool] = {}
         self._deferred: dict[NetworkQp, float | None] = {}  # QP -> its deadline before the batch
+        #: set by the I/O adapter: receive what is queued on the socket now (None:
+        #: nothing to drain); a wire QP's retransmission timer calls it before it
+        #: fires, so that an ACK already here is not taken for a lost one
+        self.drain: Callable[[], object] | None = None
         #: packets for QPN 1, the GSI QP (connection management between daemons:
         #: :mod:`peering`): ``gsi(packet, peer_ip, sport, now)``; None: dropped
         self.gsi: Callable[[RocePacket, str, int, float], None] | None = None
@@ -352,6 +356,7 @@ class RoceFabricService:
         def wire_sink(packets, peer, _transmit=self.endpoint.transmit):
             _transmit(packets, peer, port)
         self.fabric.wire_sink = wire_sink
+        self.fabric.drain = self._drain
         log.info("RoCEv2 fabric on %s:%d, GID %s, %s", self.fabric.address, self.port,
                  ipaddress.IPv6Address(self.fabric.gid),
                  "authenticated (plaintext peers: %s)" % (
@@ -363,15 +368,32 @@ class RoceFabricService:
         ep = self.endpoint
         return ep is not None and ep.poll()
 
+    def _drain(self) -> None:
+        """The fabric's ``drain``: take what the socket holds before a
+        retransmission timer fires. The event loop runs due timers before it
+        looks at the sockets, so after the daemon lost the CPU for a while the
+        ACK timer would fire on ACKs sitting in the socket buffer (a spurious
+        go-back-N of the whole window). Not while a batch is being delivered."""
+        ep = self.endpoint
+        if ep is not None and not ep.delivering:
+            ep.poll()
+
     def _on_packet(self, pkt: RocePacket, src: str, sport: int) -> None:
-        if not self.fabric.pumps_pending:
-            self._now = monotonic()
+        # read the clock for every packet that comes this way: one the native fast path
+        # took before it in the batch made pumps_pending true without reading it, and an
+        # ACK handled with an old ``now`` arms the retransmission timer already expired
+        self._now = now = monotonic()
         try:
-            self.fabric.receive(pkt, src, self._now, defer=True, sport=sport)
+            self.fabric.receive(pkt, src, now, defer=True, sport=sport)
         except Exception:  # the daemon boundary: one bad packet must not stop the fabric
             log.exception("RoCE fabric: internal error on a packet from %s", src)
 
     def _on_batch_end(self) -> None:
+        if self.fabric.pumps_pending:
+            # the clock of the pumps: the native fast path takes most packets without
+            # _on_packet, so _now may be from long ago; a pump that starts WQEs with
+            # it arms their ACK timer already expired (a spurious go-back-N)
+            self._now = monotonic()
         while self.fabric.pumps_pending:  # a QP whose pump raised is already off the list
             try:
                 self.fabric.flush_deferred(self._now)
@@ -383,6 +405,7 @@ class RoceFabricService:
     async def aclose(self) -> None:
         self.fabric.sink = None
         self.fabric.wire_sink = None
+        self.fabric.drain = None
         if self.endpoint is not None:
             ep, self.endpoint = self.endpoint, None
             await ep.aclose()

@@ -76,6 +76,9 @@ _WC_STATUS = {int(s): s for s in WcStatus}
 _WC_OPCODE = {int(o): o for o in WcOpcode}
 _WITH_IMM_FLAG = int(WcFlags.WITH_IMM)
 _RECV_STATES = frozenset({QpState.RTR, QpState.RTS, QpState.SQD, QpState.SQE})
+#: WQEs kept in the ring while the window is full (Requester.window_full; _datapath.run_wire_sq)
+_HOLDABLE = frozenset({WrOpcode.SEND, WrOpcode.SEND_WITH_IMM, WrOpcode.RDMA_WRITE,
+                       WrOpcode.RDMA_WRITE_WITH_IMM})
 _RIGHTS = Access.LOCAL_WRITE | Access.REMOTE_WRITE | Access.REMOTE_READ | Access.REMOTE_ATOMIC
 
 
@@ -151,7 +154,8 @@ class NetworkQp:
     """The wire engine of one guest QP (see module doc).
 
     ``fabric`` provides ``transmit(packets, peer_ip)`` and
-    ``detach_wire(qpn)``; ``dev`` is the guest's
+    ``detach_wire(qpn)``, and may provide ``drain()`` (receive what has
+    arrived, before a retransmission timer fires); ``dev`` is the guest's
     :class:`~virtio_rdma.core.RdmaDeviceCore`; ``peer`` the IP address of
     the destination GID.
     """
@@ -175,6 +179,11 @@ class NetworkQp:
         #: WQEs drive_sq may still start in this pass (-1: no limit); with the
         #: native path, one at a time between native runs
         self._budget = -1
+        #: the requester's comp_psn when the next WQE was kept in the ring for
+        #: want of window (None: none kept); ``pump`` starts it once an ACK moved it
+        self.held: int | None = None
+        #: times a WQE was kept in the ring for want of window (both paths count)
+        self.window_holds = 0
         self.rc.modify(QpState.INIT, access=Access(int(qp.access & _RIGHTS)))
 
     # ------------------------------------------------------------------ state
@@ -239,6 +248,7 @@ class NetworkQp:
 
     def _progress_sq(self, now: float) -> None:
         qp = self.qp
+        self.held = None
         if qp.state is not QpState.RTS:
             self.pump(now)
         elif run_wire_sq is None:
@@ -247,7 +257,7 @@ class NetworkQp:
             while True:
                 run_wire_sq(self.dev, qp, self, now)
                 before = qp.sq_next
-                if before == qp.sq_pi or qp.state is not QpState.RTS:
+                if before == qp.sq_pi or qp.state is not QpState.RTS or self.held is not None:
                     return
                 self._budget = 1
                 try:
@@ -267,7 +277,19 @@ class NetworkQp:
         return False  # the engine orders fenced WRs itself
 
     def start_send(self, idx: int, wqe, signaled: bool, now: float) -> bool:
-        self.rc.post_send(self._send_wr(wqe))
+        """Post one checked WQE to the engine; False (and ``held`` set) keeps
+        it in the ring: a SEND/WRITE whose packets the window cannot take now
+        (``Requester.window_full``) waits there for an ACK, whole, as
+        ``_datapath.run_wire_sq`` leaves it."""
+        wr = self._send_wr(wqe)
+        if wqe.opcode in _HOLDABLE:
+            req = self.rc.requester
+            mtu = self.rc.cfg.path_mtu
+            if req.window_full(max(1, -(-wqe.length // mtu))):
+                self.held = req.comp_psn
+                self.window_holds += 1
+                return False
+        self.rc.post_send(wr)
         self.posted.append((idx, int(wqe.opcode), signaled))
         return True
 
@@ -333,6 +355,12 @@ class NetworkQp:
         return self.rc.next_deadline()
 
     def on_timer(self, now: float) -> None:
+        d = self.rc.next_deadline()
+        drain = getattr(self.fabric, "drain", None)
+        if drain is not None and d is not None and now >= d:
+            drain()     # ACKs already in the socket first: they may move the deadline
+            if self.closed:
+                return
         self.rc.handle_timer(now)
         self.pump(now)
 
@@ -356,6 +384,10 @@ class NetworkQp:
                 self._recv_done(c)
         qp.sq_psn = rc.requester.psn
         qp.epsn = rc.responder.psn
+        held = self.held
+        if held is not None and rc.requester.comp_psn != held and qp.state is QpState.RTS \
+                and rc.state is QpState.RTS:
+            self._progress_sq(now)      # an ACK made room: the WQE kept in the ring starts
         if rc.state is QpState.ERR and qp.state is not QpState.ERR:
             m = rc.metrics
             event = None if m.fatal_naks_received or m.timeouts or m.retry_events else \

@@ -218,6 +218,17 @@ cdef class RxRing:
             return str(ipaddress.IPv4Address(PyBytes_FromStringAndSize(<const char *>a + 4, 4))), port
         return str(ipaddress.IPv6Address(PyBytes_FromStringAndSize(<const char *>a + 8, 16))), port
 
+    def any_opcode(self, int n, bytes opcodes) -> bool:
+        """Does one of slots ``0 .. n-1`` start with a BTH opcode in
+        ``opcodes`` (a datagram too short for a BTH counts as none)?"""
+        cdef int i
+        if not 0 <= n <= self.count:
+            raise IndexError(f"{n} slots, {self.count} in the ring")
+        for i in range(n):
+            if self.msgs[i].msg_len >= 12 and (self.buf + <size_t>i * SLOT)[0] in opcodes:
+                return True
+        return False
+
     def datagram(self, int i) -> bytes:
         """A copy of slot ``i``'s datagram."""
         self._check(i)
@@ -288,6 +299,16 @@ cdef class TxRing:
     @property
     def full(self) -> bool:
         return self.count == self.nslots
+
+    def only_opcode(self, int opcode) -> bool:
+        """Do all queued datagrams (at least one) carry BTH opcode ``opcode``?"""
+        cdef int i
+        if self.count == 0:
+            return False
+        for i in range(self.count):
+            if self.hdrs[i * HDR] != opcode:
+                return False
+        return True
 
     def set_auth(self, TxAuth auth) -> None:
         """Seal datagrams added with ``seal=True`` with ``auth`` (roce.auth)."""

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 from . import auth as auth_codec
 from .errors import IcrcMismatch, MalformedPacket
 from .icrc import ROCE_UDP_PORT, IpContext
+from .opcodes import Opcode
 from .packet import PacketRun, RocePacket, decode
 
 if TYPE_CHECKING:
@@ -76,6 +77,7 @@ class UdpMetrics:
     rx_replayed: int = 0
     rx_plaintext: int = 0
     tx_sealed: int = 0
+    tx_acks_parked: int = 0        # ACK-only output of a SEND's batch held for the reply (PARK_BATCH)
 
 
 def make_socket(host: str, port: int = ROCE_UDP_PORT) -> socket.socket:
@@ -116,6 +118,23 @@ BATCH = 64
 ROUNDS = 4
 #: envelopes (per peer address and port) cached in each direction
 MAX_PEERS = 4096
+#: ACK parking (off unless :attr:`RoceUdpEndpoint.park_acks` is set): when a
+#: batch of at most this many datagrams brought the end of a SEND and all it
+#: left to send is ACKs, those wait (parked) for whatever leaves next -- the
+#: reply the guest is about to post, in the same sendmmsg -- for at most two
+#: more polls that find nothing (or until the event loop runs its next
+#: callbacks): the request-reply pattern then costs one system call and one
+#: receive wakeup per message instead of two. Larger batches (streams) flush
+#: at once. Measured on a shared 2-vCPU VM (bench.suite fabric_lat, daemons
+#: --poll-us 50): the half round trip's tail shrinks (p99 ~150 us instead of
+#: 1.7-2.9 ms, fewer blocked waits) but its typical value grows from ~64 to
+#: ~105 us -- the early ACK was what kept the peer daemon's busy-poll window
+#: open while the reply was being made -- hence off by default.
+PARK_BATCH = 4
+_SEND_ENDS = bytes([Opcode.RC_SEND_LAST, Opcode.RC_SEND_LAST_WITH_IMMEDIATE,
+                    Opcode.RC_SEND_ONLY, Opcode.RC_SEND_ONLY_WITH_IMMEDIATE,
+                    Opcode.RC_SEND_LAST_WITH_INVALIDATE, Opcode.RC_SEND_ONLY_WITH_INVALIDATE])
+_ACKNOWLEDGE = int(Opcode.RC_ACKNOWLEDGE)
 
 
 class RoceUdpEndpoint:
@@ -158,6 +177,9 @@ class RoceUdpEndpoint:
         self._tx_envs: dict = {}          # (peer ip, port) -> Envelope(local -> peer)
         self._backlog: deque = deque()    # (bytes, (ip, port)) waiting for the socket buffer
         self._holding = False
+        self._parked = 0                  # polls finding nothing before parked ACKs leave
+        #: park the ACKs of a lone SEND until the reply leaves (see PARK_BATCH)
+        self.park_acks = False
         self._closed = False
         self._rx_auth: RxAuth | None = None
         self._tx_auth: TxAuth | None = None
@@ -165,6 +187,11 @@ class RoceUdpEndpoint:
         self._plain: frozenset[str] = frozenset()
         self._windows: dict = {}          # reference path (datagram_received): peer -> window
         self.loop.add_reader(self._fd, self.poll)
+
+    @property
+    def delivering(self) -> bool:
+        """Is a received batch being delivered (its handlers are running)?"""
+        return self._holding
 
     def set_auth(self, mac_key: bytes, plaintext_peers=(), counter: int | None = None) -> None:
         """Seal and verify every datagram (roce.auth), except to and from the
@@ -212,10 +239,29 @@ class RoceUdpEndpoint:
                 log.exception("RoCE UDP endpoint %s:%d: error delivering a batch", *self.local)
             finally:
                 self._holding = False
-                self.flush()
+                if self.park_acks and n <= PARK_BATCH and not self._parked and not self._closed \
+                        and self._tx.only_opcode(_ACKNOWLEDGE) and rx.any_opcode(n, _SEND_ENDS):
+                    self._park()
+                else:
+                    self.flush()
             if n < BATCH:
                 break
+        if not got and self._parked:
+            self._parked -= 1
+            if not self._parked:
+                self.flush()
         return got
+
+    def _park(self) -> None:
+        """Hold the queued ACKs (see PARK_BATCH); the event loop's next
+        callbacks send them if nothing did before."""
+        self._parked = 2
+        self.metrics.tx_acks_parked += 1
+        self.loop.call_soon(self._unpark)
+
+    def _unpark(self) -> None:
+        if self._parked and not self._closed:
+            self.flush()
 
     def _deliver(self, n: int) -> None:
         m = self.metrics
@@ -371,6 +417,7 @@ class RoceUdpEndpoint:
 
     def flush(self) -> None:
         """Send everything queued."""
+        self._parked = 0
         tx = self._tx
         if not tx.count:
             return

@@ -809,7 +809,10 @@ def run_wire_sq(dev, qp, net, double now):
     Returns how many WQEs it started; the first WQE it leaves (any error, a
     READ or atomic, a fence, a full window, an engine that is retrying,
     stalled or has output or completions pending) is for the Python path,
-    with the same state."""
+    with the same state, except a message the window cannot take now but an
+    empty one could: it stays in the ring with ``net.held`` set (the rule of
+    ``Requester.window_full``, which the Python path applies too) and
+    ``NetworkQp.pump`` starts it after an ACK."""
     global wire_started
     if not enabled or not wire_enabled or qp.destroyed or qp.state is not _RTS or net.closed:
         return 0
@@ -927,7 +930,13 @@ def run_wire_sq(dev, qp, net, double now):
             npkts = _npkts(length, mtu)
             room = _UNACKED - ((psn - comp_psn) & PSN_MASK)
             if ((psn - comp_psn) & PSN_MASK) >= 0x800000 or room < npkts:
-                break   # psn_diff negative or the window cannot take the whole message
+                # psn_diff negative or the window cannot take the whole message: one that
+                # an empty window could take stays in the ring until an ACK makes room
+                # (Requester.window_full: NetworkQp.pump starts it), else Python posts it
+                if npkts <= _UNACKED and ((psn - comp_psn) & PSN_MASK) < 0x800000:
+                    net.held = comp_psn
+                    net.window_holds += 1
+                break
             # ---------- commit: what start_send, Requester.post and fill do
             write = op == OP_WRITE or op == OP_WRITE_IMM
             with_imm = op == OP_WRITE_IMM or op == OP_SEND_IMM

@@ -2,10 +2,14 @@
 """Native fast path of the RC responder (:mod:`roce.rc.responder`) for the
 common requests:
 
-* the bulk of an RDMA WRITE: in-sequence WRITE MIDDLE and WRITE LAST packets
-  go from the receive ring (:class:`roce._udpio.RxRing`) straight into the
-  target memory of the WRITE in progress (IBTA 9.7.4: the responder of a
-  message already validated by its FIRST packet);
+* an RDMA WRITE: its FIRST (or ONLY, without immediate data) packet is
+  checked as ``Responder._do_write`` checks it (R_Key, rights and bounds
+  through the QP's :class:`~roce.rc.memory.RemoteMemory`, which must give one
+  contiguous buffer) and starts the message; its in-sequence WRITE MIDDLE
+  and WRITE LAST packets go from the receive ring
+  (:class:`roce._udpio.RxRing`) straight into the target memory of the
+  WRITE in progress (IBTA 9.7.4: the responder of a message already
+  validated by its FIRST packet);
 * a one-packet SEND (SEND ONLY, with or without immediate data), the
   request-reply message: its payload goes into the next receive WQE, whose
   completion and ACK are queued as ``Responder._do_send`` queues them.
@@ -42,18 +46,22 @@ from cpython.ref cimport PyObject
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
-from roce._codec cimport Envelope, PARSE_OK, Parsed, opdesc, parse_verify
+from roce._codec cimport Envelope, OpDesc, PARSE_OK, Parsed, opdesc, parse_verify
 from roce._udpio cimport RxRing, SLOT
 from verbs._verbs cimport MSN_MASK, PSN_MASK
 
 import builtins
 
+from roce.errors import RemoteAccessError
 from roce.opcodes import Kind, Opcode
+from roce.rc import config as _rc_config
 from roce.rc.requester import WqeState
 from roce.rc.responder import _WriteCtx
 from roce.rc.verbs import Completion, wc_opcode_of
 from verbs import Access, QpState, WcOpcode, WcStatus, ack_timeout_seconds
 
+cdef int _WRITE_FIRST = Opcode.RC_RDMA_WRITE_FIRST
+cdef int _WRITE_ONLY = Opcode.RC_RDMA_WRITE_ONLY
 cdef int _WRITE_MIDDLE = Opcode.RC_RDMA_WRITE_MIDDLE
 cdef int _WRITE_LAST = Opcode.RC_RDMA_WRITE_LAST
 cdef int _SEND_ONLY = Opcode.RC_SEND_ONLY
@@ -73,12 +81,16 @@ cdef object _KIND_WRITE = Kind.WRITE
 cdef object _WRITE_CTX = _WriteCtx
 cdef object _MEMORYVIEW = builtins.memoryview   # not Cython's own memoryview type
 cdef long _REMOTE_WRITE = Access.REMOTE_WRITE
+cdef object _ACCESS_REMOTE_WRITE = Access.REMOTE_WRITE
+cdef uint64_t _MAX_MSG_SIZE = _rc_config.MAX_MSG_SIZE
+cdef object _REMOTE_ACCESS_ERROR = RemoteAccessError
 
 
 #: ``RequestFastPath.stop`` values
 STOP_REASONS = ("end of batch", "new peer", "not a valid packet for ID 0",
-                "not WRITE MIDDLE/LAST, SEND ONLY or ACK", "QP not eligible", "P_Key", "PSN",
-                "length", "SEND not the plain case", "ACK not the plain case")
+                "not WRITE FIRST/MIDDLE/LAST/ONLY, SEND ONLY or ACK", "QP not eligible", "P_Key",
+                "PSN", "length", "SEND not the plain case", "ACK not the plain case",
+                "WRITE FIRST/ONLY not the plain case")
 
 
 cdef inline int32_t _psn_diff(uint32_t a, uint32_t b) noexcept nogil:
@@ -278,6 +290,75 @@ cdef class RequestFastPath:
         self.done(t, 1)
         return True
 
+    cdef bint _write_first(self, const uint8_t *p, Parsed *ps, Envelope env) except -1:
+        """Take one WRITE FIRST or WRITE ONLY (no immediate data) packet if it
+        is the plain case: the checks of ``RoceFabric.receive`` (target, peer,
+        port; no receives waiting to be handed over, as ``NetworkQp.receive``
+        would hand them over first), ``RcQp.receive``, ``Responder.on_request``
+        and ``_do_write`` in their order, all before anything changes (the
+        R_Key lookup, ``memory.resolve``, changes nothing); False leaves it to
+        Python, which makes them again and answers (NAK, drop, duplicate
+        ACK). It starts the message as ``_do_write`` does: payload copied,
+        ``cur`` a ``_WriteCtx`` (the MIDDLE/LAST packets then take the session
+        path), PSN advanced, the ACK queued if AckReq is set."""
+        cdef Py_buffer buf
+        cdef const OpDesc *d = opdesc(ps.opcode)
+        cdef const uint8_t *reth
+        cdef uint32_t qpn = _be24(p + 5), psn = _be24(p + 9), plen = ps.payload_len
+        cdef uint32_t rkey, dma_len
+        cdef uint64_t va
+        cdef bint only = ps.opcode == _WRITE_ONLY
+        if d.reth < 0:
+            return False
+        reth = p + d.reth
+        va = (<uint64_t>_be32(reth) << 32) | _be32(reth + 4)
+        rkey = _be32(reth + 8)
+        dma_len = _be32(reth + 12)
+        t = self._target(qpn, env)
+        if t is None or t.rq_posted != t.qp.rq_pi:
+            return False
+        rc = t.rc
+        cfg = rc.cfg
+        if ((p[2] << 8 | p[3]) & 0x7FFF) != (cfg.pkey & 0x7FFF):
+            return False
+        resp = rc.responder
+        if resp.dead or resp.cur_kind is not None or resp.psn != psn:
+            return False
+        if not (int(cfg.access) & _REMOTE_WRITE):
+            return False                # NAK invalid request: the engine's
+        if plen > <uint32_t>cfg.path_mtu or (not only and plen != <uint32_t>cfg.path_mtu):
+            return False
+        if dma_len == 0 or dma_len > _MAX_MSG_SIZE or (only and plen != dma_len) or \
+                (not only and plen >= dma_len):
+            return False                # a zero-length WRITE, or a NAK: the engine's
+        try:
+            view = resp.memory.resolve(rkey, va, dma_len, _ACCESS_REMOTE_WRITE)
+        except _REMOTE_ACCESS_ERROR:
+            return False                # NAK remote access error: the engine's
+        if type(view) is not _MEMORYVIEW or view.itemsize != 1 or not view.c_contiguous \
+                or len(view) != dma_len:
+            return False                # scattered: the engine writes it piece by piece
+        try:
+            PyObject_GetBuffer(view, &buf, PyBUF_WRITABLE)
+        except (BufferError, TypeError):
+            return False
+        # commit: as _do_write does for a message's first (or only) packet
+        memcpy(buf.buf, p + ps.hdr_len, plen)
+        PyBuffer_Release(&buf)
+        resp.nak_sent = False
+        if only:
+            resp.msn = (resp.msn + 1) & MSN_MASK
+        else:
+            resp.cur = _WRITE_CTX(view, dma_len, plen, rkey)
+            resp.cur_kind = _KIND_WRITE
+        resp.psn = (psn + 1) & PSN_MASK
+        if p[8] & 0x80:
+            resp._ack(psn)
+        rc.metrics.rx_packets += 1
+        self.taken += 1
+        self.done(t, 1)
+        return True
+
     cdef bint _ack(self, const uint8_t *p, Parsed *ps, Envelope env) except -1:
         """Take one ACK (AETH type ACK) if it is the plain case: it
         completes zero or more PENDING SEND/WRITE WQEs of the requester in
@@ -385,6 +466,13 @@ cdef class RequestFastPath:
                     self._end()
                     if not self._ack(p, &ps, env):
                         self.stop = 9
+                        break
+                    i += 1
+                    continue
+                if ps.opcode == _WRITE_FIRST or ps.opcode == _WRITE_ONLY:
+                    self._end()
+                    if not self._write_first(p, &ps, env):
+                        self.stop = 10
                         break
                     i += 1
                     continue

@@ -167,6 +167,22 @@ class Requester:
         wr.opcode = op
         self.sq.append(Wqe(wr, sgl, total, npkts, rd))
 
+    def window_full(self, npkts: int) -> bool:
+        """Would a new SEND/WRITE of ``npkts`` packets wait for the window
+        (:data:`MAX_UNACKED_PSNS` unacknowledged PSNs) if posted now, with
+        nothing else waiting before it: the send side idle but for packets in
+        flight (no unsent WQE, no retry or RNR stall), a message that fits an
+        empty window? A caller may then keep it and post it once an ACK has
+        made room (``fabric.roce_qp.NetworkQp`` keeps it in the guest's ring,
+        as an HCA leaves WQEs it cannot start yet; its native path applies
+        the same rule), instead of posting it to be sent piecemeal as ACKs
+        come."""
+        if self.dead or self.rnr_deadline is not None or self.send_idx != len(self.sq) \
+                or self.psn != self.psn_hi or npkts > MAX_UNACKED_PSNS:
+            return False
+        inflight = psn_diff(self.psn, self.comp_psn)
+        return inflight >= 0 and inflight + npkts > MAX_UNACKED_PSNS
+
     # ---------------------------------------------------------------- sending
     def fill(self, now: float) -> None:
         """Queue the request packets that may be sent now."""

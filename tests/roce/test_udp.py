@@ -4,10 +4,11 @@ talking through the sockets."""
 import asyncio
 import socket
 import struct
+import time
 
 import pytest
 
-from roce.headers import Bth
+from roce.headers import Aeth, Bth, Reth
 from roce.icrc import IpContext
 from roce.opcodes import Opcode
 from roce.packet import RocePacket
@@ -115,4 +116,65 @@ def test_two_rc_qps_over_udp_loopback():
         await eps["b"].aclose()
         assert [c.status for c in wc] == [WcStatus.SUCCESS]
         assert target == data
+    run(main())
+
+
+def test_acks_of_a_send_wait_for_the_reply():
+    """ACK parking (roce.udp.PARK_BATCH, ``park_acks``): the ACK a lone
+    SEND leaves waits and leaves with the next packet sent (one datagram
+    after the other, in order); with nothing else to send it leaves after
+    two polls that find nothing; after a WRITE it leaves at once. Off, as
+    by default, it leaves at once."""
+    async def main():
+        got = []
+        a = await open_endpoint("127.0.0.1", lambda p, ip: got.append(p.bth.opcode), port=0)
+        ack = RocePacket(Bth(opcode=Opcode.RC_ACKNOWLEDGE, dest_qp=7, psn=1), aeth=Aeth(0x1F, 1))
+        reply = RocePacket(Bth(opcode=Opcode.RC_SEND_ONLY, dest_qp=7, psn=9), payload=b"re")
+        b = await open_endpoint("127.0.0.1",
+                                lambda p, ip: b.transmit([ack], "127.0.0.1", a.local[1]), port=0)
+        b.park_acks = True
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(a._fd)                       # this test polls both by hand
+        loop.remove_reader(b._fd)
+
+        async def arrive(pkt):
+            a.send(pkt, "127.0.0.1", b.local[1])
+            for _ in range(200):
+                if b.poll():
+                    return
+                await asyncio.sleep(0.005)
+            raise AssertionError("nothing arrived")
+
+        def at_a():
+            time.sleep(0.02)
+            a.poll()
+            out, got[:] = list(got), []
+            return out
+        try:
+            send = RocePacket(Bth(opcode=Opcode.RC_SEND_ONLY, dest_qp=3, psn=1), payload=b"q")
+            await arrive(send)
+            assert b.metrics.tx_acks_parked == 1 and at_a() == []       # parked
+            b.transmit([reply], "127.0.0.1", a.local[1])                # the reply takes it along
+            assert at_a() == [Opcode.RC_ACKNOWLEDGE, Opcode.RC_SEND_ONLY]
+            await arrive(send)
+            assert b.metrics.tx_acks_parked == 2 and at_a() == []
+            b.poll()
+            assert at_a() == []                                         # one empty poll: still
+            b.poll()
+            assert at_a() == [Opcode.RC_ACKNOWLEDGE]                    # the second sends it
+            await arrive(send)
+            assert at_a() == []
+            await asyncio.sleep(0)                                      # the loop's next callbacks
+            assert at_a() == [Opcode.RC_ACKNOWLEDGE]
+            write = RocePacket(Bth(opcode=Opcode.RC_RDMA_WRITE_ONLY, dest_qp=3, psn=2),
+                               reth=Reth(0, 1, 1), payload=b"w")
+            await arrive(write)
+            assert b.metrics.tx_acks_parked == 3 and at_a() == [Opcode.RC_ACKNOWLEDGE]
+            b.park_acks = False
+            await arrive(send)
+            assert b.metrics.tx_acks_parked == 3 and at_a() == [Opcode.RC_ACKNOWLEDGE]
+        finally:
+            await a.aclose()
+            await b.aclose()
+        assert b.metrics.tx_packets == 6 and b.metrics.tx_errors == 0
     run(main())
