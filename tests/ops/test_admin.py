@@ -100,7 +100,7 @@ def test_ctl_lists_guests_qps_queues_and_sets_live_tenant_limits(ops_daemon):
             RcEndpoint(d.path, mem_size=MEM)
         assert e.value.errno == errno.ENOMEM
         text = d.scrape()
-        assert metric_value(text, "vrdma_tenant_limit_rejections_total", tenant=str(os.getuid()),
+        assert metric_value(text, "vrdma_tenant_limit_rejections_total", tenant=f"uid:{os.getuid()}",
                             limit="cap", resource="mr") == 1
         out = _ctl(d, "tenant", "set", str(os.getuid()), "--limit", "max_mr=2048")
         assert out.returncode == 0

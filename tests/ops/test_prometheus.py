@@ -107,7 +107,7 @@ def test_the_exposition_is_prometheus_shaped(ops_daemon):
         if f.type == "counter":
             assert all(s.name.endswith(("_total", "_created")) for s in f.samples), f.name
         assert len(f.samples) < 200, f.name  # bounded label sets
-    assert metric_value(text, "vrdma_device_requests_sent_total", tenant=str(os.getuid())) == WRITES
+    assert metric_value(text, "vrdma_device_requests_sent_total", tenant=f"uid:{os.getuid()}") == WRITES
     assert metric_value(text, "vrdma_device_aq_completions_total") == FFTS + ENCODES
     assert metric_value(text, "vrdma_accel_jobs_completed_total", op="turbo_encode") == ENCODES
     assert metric_value(text, "vrdma_accel_queue_wait_seconds_count", op="fft") == FFTS
@@ -159,3 +159,30 @@ def test_a_real_prometheus_server_scrapes_the_workloads_counters(ops_daemon):
         assert want <= with_data, with_data
     finally:
         prom.close()
+
+
+
+def test_tenants_named_by_socket_are_series_of_their_own(tmp_path):
+    """A second socket mapped to tenant "lead" (the same uid: this test's): the guests
+    on it count under tenant="lead", those on the first socket under the uid's default
+    tenant: one series per tenant, not one per uid."""
+    from tests.ops.conftest import OpsDaemon
+
+    second = str(tmp_path / "lead.sock")
+    cfg = tmp_path / "tenants.toml"
+    cfg.write_text(f'[[tenant]]\nname = "lead"\nsocket = "{second}"\n')
+    d = OpsDaemon("--socket", second, "--config", str(cfg))
+    try:
+        for path, n in ((d.path, 3), (second, 7)):
+            a, z = RcEndpoint(path, mem_size=MEM), RcEndpoint(path, mem_size=MEM)
+            try:
+                connect_pair(a, z)
+                _writes(a, z, n)
+            finally:
+                a.close()
+                z.close()
+        text = d.scrape()
+        assert metric_value(text, "vrdma_device_requests_sent_total", tenant=f"uid:{os.getuid()}") == 3
+        assert metric_value(text, "vrdma_device_requests_sent_total", tenant="lead") == 7
+    finally:
+        assert d.close() == 0

@@ -74,7 +74,7 @@ def test_tenant_labels_are_capped():
     from vrdma.ops.view import MAX_TENANT_SERIES, DaemonView
 
     v = DaemonView()
-    labels = [v.tenant(uid) for uid in range(1000, 1000 + 3 * MAX_TENANT_SERIES)]
-    assert labels[:MAX_TENANT_SERIES] == [str(u) for u in range(1000, 1000 + MAX_TENANT_SERIES)]
+    labels = [v.tenant(uid=uid) for uid in range(1000, 1000 + 3 * MAX_TENANT_SERIES)]
+    assert labels[:MAX_TENANT_SERIES] == [f"uid:{u}" for u in range(1000, 1000 + MAX_TENANT_SERIES)]
     assert set(labels[MAX_TENANT_SERIES:]) == {"other"}
-    assert v.tenant(1000) == "1000" and len(v._tenant_labels) == MAX_TENANT_SERIES
+    assert v.tenant(uid=1000) == "uid:1000" and len(v._tenant_labels) == MAX_TENANT_SERIES

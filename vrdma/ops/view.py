@@ -8,9 +8,12 @@ socket's handlers do; the Prometheus collector, in its own thread, asks the
 loop with :meth:`DaemonView.call`).
 
 Counters of guests that left are folded into per-tenant totals, so a
-``_total`` never goes back when a guest disconnects. Label sets are bounded:
-a tenant is a uid, and at most :data:`MAX_TENANT_SERIES` uids get their own
-series (the first seen); the rest share ``tenant="other"``. Queues are
+``_total`` never goes back when a guest disconnects. The ``tenant`` label is
+the tenant's name as the ledger resolves the connection (a ``[[tenant]]``
+entry naming its socket or its uid, else ``uid:N``), so guests of one uid on
+two tenants' sockets are two series. Label sets are bounded: at most
+:data:`MAX_TENANT_SERIES` tenants get their own series (the first seen); the
+rest share ``tenant="other"``. Queues are
 summed per tenant and operation kind (4 kinds), never labelled per queue;
 peers are the configured hosts (a fixed list).
 
@@ -33,7 +36,7 @@ from typing import Any
 
 from vrdma.ops.wire import BadArgument, Busy, NotFound, NotSupported
 
-#: uids with series of their own; the rest are summed under tenant="other"
+#: tenants with series of their own; the rest are summed under tenant="other"
 MAX_TENANT_SERIES = 64
 #: devices tracked between two folds (scrapes) before a fold is forced
 MAX_DEVICES_TRACKED = 1024
@@ -71,7 +74,7 @@ class DaemonView:
         #: device -> (tenant label, core last seen): cores replaced or closed fold into ``retired``
         self._seen: dict[Any, tuple[str, Any]] = {}
         self._retired: dict[str, dict[str, int]] = {}
-        self._tenant_labels: dict[int, str] = {}
+        self._tenant_labels: dict[str, str] = {}
         self.drain_requested_at: float | None = None
         self.cancelled_by_admin = 0
 
@@ -103,12 +106,19 @@ class DaemonView:
     def connections(self) -> list:
         return [c for s in self.servers for c in s.connections if not c.closed]
 
-    def tenant(self, uid: int) -> str:
-        label = self._tenant_labels.get(uid)
+    def tenant(self, info: Any = None, *, uid: int | None = None) -> str:
+        """The ``tenant`` label of a connection (``info``: its ConnectionInfo), or of
+        ``uid`` (the per-uid limit counters: the tenant a connection of that uid
+        belongs to unless its socket names another)."""
+        if self.ledger is not None:
+            name = self.ledger.resolve(info) if uid is None else self.ledger.name_for_uid(uid)
+        else:
+            name = f"uid:{uid if uid is not None else (info.uid if info is not None else -1)}"
+        label = self._tenant_labels.get(name)
         if label is None:
             if len(self._tenant_labels) >= MAX_TENANT_SERIES:
                 return "other"  # not remembered either: the map stays bounded
-            label = self._tenant_labels[uid] = str(uid)
+            label = self._tenant_labels[name] = name
         return label
 
     def devices(self) -> list[tuple[Any, Any]]:
@@ -121,7 +131,7 @@ class DaemonView:
         def tracked(info):
             dev = make(info)
             if hasattr(dev, "core"):
-                self._seen[dev] = (self.tenant(info.uid if info is not None else -1), None)
+                self._seen[dev] = (self.tenant(info), None)
                 if len(self._seen) > 4 * MAX_DEVICES_TRACKED:
                     self._fold()  # bounded: closed devices are folded and let go
             return dev
@@ -140,7 +150,7 @@ class DaemonView:
 
     def _fold(self) -> dict[str, dict[str, int]]:
         """Device counters per tenant: live devices plus everything retired."""
-        live = {dev: self.tenant(c.info.uid) for c, dev in self.devices()}
+        live = {dev: self.tenant(c.info) for c, dev in self.devices()}
         for dev, (label, _) in list(self._seen.items()):
             if dev not in live:  # gone (or never served): its final counters are kept
                 acc = self._retired.setdefault(label, {})
@@ -442,7 +452,7 @@ class DaemonView:
         per_tenant: dict[str, dict[str, int]] = {}
         aq_depth: dict[tuple[str, str], int] = {}
         for conn, dev in self.devices():
-            label = self.tenant(conn.info.uid)
+            label = self.tenant(conn.info)
             t = per_tenant.setdefault(label, {"connections": 0, "qps": 0, "aqs": 0})
             t["connections"] += 1
             if dev.core is not None:
@@ -462,7 +472,7 @@ class DaemonView:
             hits: dict[tuple[str, str, str], int] = {}
             used: dict[tuple[str, str], int] = {}
             for uid, u in self.ledger.uids.items():
-                label = self.tenant(uid)
+                label = self.tenant(uid=uid)
                 for kind, d in (("cap", u.counters.cap_hits), ("budget", u.counters.budget_hits)):
                     for r, n in d.items():
                         hits[(label, kind, r.value)] = hits.get((label, kind, r.value), 0) + n
