@@ -37,6 +37,9 @@ from scheduler.wire import derive_load_key
 
 log = logging.getLogger(__name__)
 
+#: how long close() waits for the cancelled announcer
+CLOSE_SECONDS = 2.0
+
 
 def load_key_file(path: str) -> bytes:
     """The load-table key of a cluster key file (``vrdma keygen``; checked as the
@@ -67,6 +70,8 @@ class LoadExchange:
         self.callback_errors = 0
         #: a backend's publish raised (a bug: network failures are the backend's to count)
         self.publish_errors = 0
+        #: close() gave up waiting for the announcer (it swallowed its cancellation)
+        self.close_overruns = 0
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -110,13 +115,20 @@ class LoadExchange:
                     log.exception("load exchange: publish failed")
 
     async def close(self) -> None:
-        """Stop the timer and close the backend; idempotent."""
+        """Stop the timer and close the backend; idempotent. Bounded: the announcer
+        is cancelled and waited for at most :data:`CLOSE_SECONDS` (a cancellation
+        swallowed inside a client library must not hold the daemon's shutdown)."""
         self._closed = True
         t, self._task = self._task, None
         if t is not None:
             t.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+            done, _ = await asyncio.wait({t}, timeout=CLOSE_SECONDS)
+            if done:
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    t.result()
+            else:
+                self.close_overruns += 1
+                log.warning("load exchange: the announcer did not stop in %.1f s; abandoned", CLOSE_SECONDS)
         await self.backend.close()
 
     async def __aenter__(self) -> LoadExchange:
@@ -131,5 +143,5 @@ class LoadExchange:
                 "listener": self.listener.metrics.as_dict(),
                 "table": {"accepted": self.table.accepted, "stale": self.table.stale},
                 "row_errors": self.row_errors, "callback_errors": self.callback_errors,
-                "publish_errors": self.publish_errors,
+                "publish_errors": self.publish_errors, "close_overruns": self.close_overruns,
                 "backend": self.backend.metrics()}

@@ -237,19 +237,25 @@ class RedisBackend:
                 self._hand(value, name[len(self.prefix):])
 
     async def publish(self, data: bytes, address: str) -> None:
+        """SET the row (with its TTL) and PUBLISH it, in one pipeline, within ``timeout``
+        (an overrunning call is abandoned and counted as a failed publish: the
+        announcer, and a close() that cancels it, never wait on the server for ever)."""
         client = self.client
         if client is None:
             self.metrics_.publish_failed += 1
             return
         try:
-            async with client.pipeline(transaction=False) as p:
-                p.set(load_key(self.cluster, address), data, px=self.ttl_ms)
-                p.publish(self.channel, data)
-                await p.execute()
+            await self._step(self._publish(client, data, address), self.timeout)
             self.metrics_.published += 1
         except _NETWORK_ERRORS as e:
             self.metrics_.publish_failed += 1
             log.debug("redis publish failed: %s", e)
+
+    async def _publish(self, client: Redis, data: bytes, address: str) -> None:
+        async with client.pipeline(transaction=False) as p:
+            p.set(load_key(self.cluster, address), data, px=self.ttl_ms)
+            p.publish(self.channel, data)
+            await p.execute()
 
     async def _step(self, aw, limit: float):
         """``await aw``, but for at most ``limit`` seconds (TimeoutError: the

@@ -356,3 +356,52 @@ def test_a_failing_row_source_or_callback_is_counted_and_the_exchange_goes_on():
         assert t1.accepted >= 3
         assert s1.fileno() == s2.fileno() == -1
     asyncio.run(main())
+
+
+class _StuckBackend:
+    """A backend whose publish swallows its cancellation and only ends when the backend
+    is closed under it (what a client library stuck mid-call on a connection does until
+    the connection goes): the exchange must still get to closing the backend."""
+
+    def __init__(self) -> None:
+        self.publishing = 0
+        self.closed: asyncio.Event | None = None
+
+    async def start(self, deliver, period: float) -> None:
+        self.closed = asyncio.Event()
+
+    async def publish(self, data: bytes, address: str) -> None:
+        assert self.closed is not None
+        self.publishing += 1
+        while not self.closed.is_set():
+            try:
+                await self.closed.wait()
+            except asyncio.CancelledError:
+                continue  # swallowed
+
+    async def close(self) -> None:
+        if self.closed is not None:
+            self.closed.set()
+
+    def metrics(self) -> dict[str, object]:
+        return {"backend": "stuck"}
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_close_is_bounded_when_the_backend_swallows_its_cancellation(loop):
+    """A Redis round trip cancelled mid-call once hung ``LoadExchange.close`` for ever
+    (a CI run waited in epoll with no timer left): close() now waits for the announcer
+    at most CLOSE_SECONDS, abandons it and counts it."""
+    from scheduler import exchange as ex_mod
+
+    async def main() -> None:
+        be = _StuckBackend()
+        ex = LoadExchange(table=LoadTable(PERIOD), own_row=row, address=ADDR[1], key=KEY,
+                          resolve=HOST.get, backend=be)
+        await ex.start()
+        await wait_for(lambda: be.publishing > 0)
+        t0 = time.monotonic()
+        await ex.close()
+        assert time.monotonic() - t0 < ex_mod.CLOSE_SECONDS + 1.0
+        assert ex.close_overruns == 1 and ex.metrics()["close_overruns"] == 1
+    run(main, loop)
