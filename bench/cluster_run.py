@@ -98,6 +98,9 @@ WARM_JOBS = 4
 GOAL_RATIO = 1.5
 _CANARY = 0xAB
 _SUCCESS = 0  # AccelStatus.SUCCESS
+#: times one calibration job is posted again after REMOTE_FAILED (a link that reset on a
+#: loaded machine) before the calibration fails
+CALIBRATION_RETRIES = 3
 
 
 # --------------------------------------------------------------------------- workload
@@ -431,12 +434,13 @@ def calibrate(c, wl: Workload, passes: int, src: int, warm: int = WARM_JOBS) -> 
     slower than later ones (a cold process). Warm-up jobs are of other sizes: their
     references do not matter."""
     from guest_lib import Context
-    from virtio_rdma.constants import AqFlags
+    from virtio_rdma.constants import AccelStatus, AqFlags
 
+    remote_failed = int(AccelStatus.REMOTE_FAILED)  # the peer link gave the job back
     targets = [h.index for h in c.hosts if h.spec.ops()]
     # a negative size: a warm-up job of that many units
     plan = {k: [-wl.cap(k)] * warm + list(range(1, wl.cap(k) + 1)) * passes for k in KINDS}
-    out: dict = {"service": {}, "transfer": {}, "passes": passes, "by_size_ms": {}}
+    out: dict = {"service": {}, "transfer": {}, "passes": passes, "by_size_ms": {}, "retries": 0}
     with Context(c.hosts[src].sock, mem_size=256 << 20, timeout=60) as ctx:
         js = JobSet(ctx, wl, cq_depth=64, seed=99)
         qs = {}
@@ -445,6 +449,7 @@ def calibrate(c, wl: Workload, passes: int, src: int, warm: int = WARM_JOBS) -> 
                 ring = 2 * wl.out_bytes(k, wl.cap(k))
                 qs[(j, k)] = js.queue(k, 2, ring, flags=int(AqFlags.FORCE_TARGET), target=c.host_id(src, j))
         state = dict.fromkeys(qs, 0)  # next index into the plan
+        retries = dict.fromkeys(qs, 0)
         t_post: dict[int, float] = {}
         last: dict = {key: {} for key in qs}  # size -> (service, wait, response) us, of the last pass
         wr = 0
@@ -472,6 +477,12 @@ def calibrate(c, wl: Workload, passes: int, src: int, warm: int = WARM_JOBS) -> 
             for wc in wcs:
                 key = key_of.pop(wc.wr_id)
                 got = js.complete(wc)
+                if int(wc.accel_status) == remote_failed and retries[key] < CALIBRATION_RETRIES:
+                    retries[key] += 1  # the same job again: its link reset (counted, reported)
+                    out["retries"] += 1
+                    t_post.pop(wc.wr_id, None)
+                    post(key)
+                    continue
                 if got is None or int(wc.accel_status) != _SUCCESS or not got[2]:
                     raise RuntimeError(f"calibration job on host {key[0]} ({key[1]}) failed: {wc}")
                 if c.ran_on(src, wc.host).index != key[0]:
@@ -874,7 +885,8 @@ def format_report(r: dict) -> str:
              (f"workload: FFT n={FFT_N} x {o['workload']['fft_group']} x geometric units (mean "
              f"{o['workload']['fft_units_mean']:g}), Turbo decode K={TURBO_K} x geometric blocks (mean "
              f"{o['workload']['turbo_units_mean']:g}), {o['workload']['turbo_iterations']} iteration(s)"),
-             f"calibration ({cal['passes']} passes over every size, forced to each host):"]
+             (f"calibration ({cal['passes']} passes over every size, forced to each host; "
+              f"{cal.get('retries', 0)} jobs posted again after REMOTE_FAILED):")]
     for k in KINDS:
         svc = ", ".join(f"host{j} {v * 1e3:.1f} ms" for j, v in sorted(cal["service"][k].items()))
         lines.append(f"  {k}: mean service {svc}; one-way transfer {cal['transfer'][k] * 1e3:.2f} ms; "
