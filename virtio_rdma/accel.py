@@ -125,7 +125,7 @@ from virtio_rdma.constants import (
 )
 from virtio_rdma.datapath import DbrecScanner
 from virtio_rdma.errors import CommandError, MemoryAccessError, UnknownValueError, VirtioRdmaError
-from virtio_rdma.events import complete, flush_notify
+from virtio_rdma.events import complete, core_call
 from virtio_rdma.mr import sg_copy
 from virtio_rdma.wire import (
     DBREC_SIZE,
@@ -696,7 +696,7 @@ class AccelRouter:
                 del pending[gid]
             if aq.core is core and not aq.destroyed:  # else gone meanwhile: its jobs went with it
                 self._granted = gid  # its turn: fetch's native_turn charges it, never defers it
-                _core_call(core, "fetching accelerator jobs", fetch, core, aq)
+                core_call(core, "fetching accelerator jobs", fetch, core, aq)
                 self._granted = -1
         if not pending and self._shares:
             self._shares.clear()  # nobody waits: the next contention starts from equal tags
@@ -882,7 +882,7 @@ class AccelRouter:
                     self.jobs_dropped += 1
                     entry.fail(AccelStatus.FLUSHED)
                     continue
-                _core_call(core, "completing an accelerator job", _finish_local, core, entry, job)
+                core_call(core, "completing an accelerator job", _finish_local, core, entry, job)
         if n:
             self.load_changed()
         return n
@@ -1413,7 +1413,7 @@ def route(e: Entry, target: LocalTarget | RemoteTarget | None) -> None:
     if core is None or core.accel is None:  # the queue or device went: nothing more is written
         e.fail(AccelStatus.FLUSHED)
         return
-    _core_call(core, "placing an accelerator job", _route, core, e, target, core.accel)
+    core_call(core, "placing an accelerator job", _route, core, e, target, core.accel)
 
 
 def _route(core: RdmaDeviceCore, e: Entry, target: LocalTarget | RemoteTarget | None,
@@ -1439,7 +1439,7 @@ def settle(e: Entry, status: AccelStatus, *, byte_len: int = 0, wait_us: int = 0
     if core is None:  # the queue or device went: nothing more is written
         e.fail(AccelStatus.FLUSHED)
         return
-    _core_call(core, "completing a remote accelerator job", _settle, core, e, status, byte_len, wait_us,
+    core_call(core, "completing a remote accelerator job", _settle, core, e, status, byte_len, wait_us,
                service_us, iterations, host)
 
 
@@ -1461,21 +1461,6 @@ def _finish_local(core: RdmaDeviceCore, e: Entry, job: Job) -> None:
     finish(core, e, job)
     drain(core, e.aq)
     resume(core)
-
-
-def _core_call(core: RdmaDeviceCore, what: str, fn: Callable[..., None], *args) -> None:
-    """Run ``fn(*args)`` as a call into the device core from outside it (a job
-    coming back): events it queues are signalled once, at the end; an internal
-    error is counted and logged, never raised into the daemon's loop."""
-    core.in_call += 1
-    try:
-        fn(*args)
-    except Exception:
-        core.metrics.internal_errors += 1
-        log.exception("virtio-rdma: internal error %s", what)
-    finally:
-        core.in_call -= 1
-    flush_notify(core)
 
 
 # --------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from virtio.memory import le32_words
 from virtio_rdma import accel, datapath, rings
 from virtio_rdma.constants import OBJ_NUM_MASK, DoorbellKind
 from virtio_rdma.errors import UnknownValueError, VirtioRdmaError
-from virtio_rdma.events import flush_notify
+from virtio_rdma.events import core_call, flush_notify
 from virtio_rdma.wire import DBREC_SIZE, DOORBELL_SIZE, Doorbell, decode_doorbells
 
 if TYPE_CHECKING:
@@ -194,17 +194,7 @@ def apply_changed(core: RdmaDeviceCore, qps: list, now: float) -> int:
     """:func:`poll` after the scan, for QPs the caller's scan found changed
     (the native doorbellq kick, ``_datapath.kick_doorbellq``): the same
     accounting, error containment and notification."""
-    core.in_call += 1
-    try:
-        n = _apply_qps(core, qps, now)
-    except Exception:
-        core.metrics.internal_errors += 1
-        log.exception("virtio-rdma: internal error applying doorbell records")
-        n = 0
-    finally:
-        core.in_call -= 1
-    flush_notify(core)
-    return n
+    return core_call(core, "applying doorbell records", _apply_qps, core, qps, now, default=0)
 
 
 def poll(core: RdmaDeviceCore, now: float) -> int:
@@ -212,14 +202,4 @@ def poll(core: RdmaDeviceCore, now: float) -> int:
     records if DBREC_POLL is on; returns how many were applied."""
     if not core.poll_doorbell_records:
         return 0
-    core.in_call += 1
-    try:
-        n = poll_records(core, now)
-    except Exception:
-        core.metrics.internal_errors += 1
-        log.exception("virtio-rdma: internal error polling doorbell records")
-        n = 0
-    finally:
-        core.in_call -= 1
-    flush_notify(core)
-    return n
+    return core_call(core, "polling doorbell records", poll_records, core, now, default=0)

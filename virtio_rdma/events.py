@@ -17,7 +17,9 @@ calls them.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from verbs import AsyncEvent
 from virtio_rdma import rings
@@ -27,6 +29,8 @@ from virtio_rdma.wire import Completion, Event
 
 if TYPE_CHECKING:
     from virtio_rdma.core import RdmaDeviceCore
+
+log = logging.getLogger(__name__)
 
 _WRITTEN = PushResult.WRITTEN
 _WRITTEN_NOTIFY = PushResult.WRITTEN_NOTIFY
@@ -77,6 +81,24 @@ def flush_notify(core: RdmaDeviceCore) -> None:
     """At the end of a call into the core: tell the device if events wait."""
     if core.event_queue and core.notify is not None:
         core.notify()
+
+
+def core_call(core: RdmaDeviceCore, what: str, fn: Callable[..., Any], *args: Any,
+              default: Any = None) -> Any:
+    """``fn(*args)`` as a call into the device core from outside it (a job coming
+    back, doorbell records found changed): events it queues are signalled once, at
+    the end; an internal error is counted and logged (``what`` says where), never
+    raised into the daemon's loop, and ``default`` is returned instead."""
+    core.in_call += 1
+    try:
+        return fn(*args)
+    except Exception:
+        core.metrics.internal_errors += 1
+        log.exception("virtio-rdma: internal error %s", what)
+        return default
+    finally:
+        core.in_call -= 1
+        flush_notify(core)
 
 
 def take_events(core: RdmaDeviceCore) -> list[Event]:
