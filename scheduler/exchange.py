@@ -24,14 +24,13 @@ closes it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
 from collections.abc import Callable
 
 from roce.auth import read_key_file
-from scheduler.gossip import FUTURE_BOUND, Announcer, Dissemination, DisseminationError, Listener
+from scheduler.gossip import FUTURE_BOUND, Announcer, Dissemination, DisseminationError, Listener, stop_task
 from scheduler.table import LoadRow, LoadTable
 from scheduler.wire import derive_load_key
 
@@ -120,15 +119,9 @@ class LoadExchange:
         swallowed inside a client library must not hold the daemon's shutdown)."""
         self._closed = True
         t, self._task = self._task, None
-        if t is not None:
-            t.cancel()
-            done, _ = await asyncio.wait({t}, timeout=CLOSE_SECONDS)
-            if done:
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    t.result()
-            else:
-                self.close_overruns += 1
-                log.warning("load exchange: the announcer did not stop in %.1f s; abandoned", CLOSE_SECONDS)
+        if t is not None and not await stop_task(t, CLOSE_SECONDS):
+            self.close_overruns += 1
+            log.warning("load exchange: the announcer did not stop in %.1f s; abandoned", CLOSE_SECONDS)
         await self.backend.close()
 
     async def __aenter__(self) -> LoadExchange:

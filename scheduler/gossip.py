@@ -84,6 +84,20 @@ class Dissemination(Protocol):
         """The backend's counters."""
 
 
+async def stop_task(t: asyncio.Task, timeout: float, attempts: int = 1) -> bool:
+    """Cancel ``t`` and wait for it, at most ``attempts`` x ``timeout`` seconds (a
+    cancellation swallowed inside a client library is asked again); True if it
+    ended (its result or error retrieved), False if it is left behind."""
+    for _ in range(attempts):
+        t.cancel()
+        done, _ = await asyncio.wait({t}, timeout=timeout)
+        if done:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                t.result()
+            return True
+    return False
+
+
 # --------------------------------------------------------------------------
 # Sans-I/O core
 # --------------------------------------------------------------------------

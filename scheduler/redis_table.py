@@ -39,7 +39,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from scheduler.gossip import Deliver, DisseminationError
+from scheduler.gossip import Deliver, DisseminationError, stop_task
 from scheduler.table import DROP_AFTER_PERIODS
 
 log = logging.getLogger(__name__)
@@ -286,13 +286,8 @@ class RedisBackend:
         self.deliver = None
         if t is None:
             return
-        for _ in range(CLOSE_ATTEMPTS):
-            t.cancel()
-            done, _ = await asyncio.wait({t}, timeout=self.timeout)
-            if done:
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    t.result()
-                return
+        if await stop_task(t, self.timeout, CLOSE_ATTEMPTS):
+            return
         log.warning("redis load-table backend %s: its task did not stop in %.1f s", self.where,
                     CLOSE_ATTEMPTS * self.timeout)
 
