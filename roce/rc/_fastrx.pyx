@@ -164,6 +164,26 @@ cdef class RequestFastPath:
             return None
         return t
 
+    cdef object _checked(self, uint32_t qpn, const uint8_t *p, Envelope env):
+        """:meth:`_target`, with its guest's RQ doorbell applied and the packet's
+        P_Key the QP's (else None: Python makes the checks again and counts)."""
+        t = self._target(qpn, env)
+        if t is None or t.rq_posted != t.qp.rq_pi:
+            return None
+        if ((p[2] << 8 | p[3]) & 0x7FFF) != (t.rc.cfg.pkey & 0x7FFF):
+            return None
+        return t
+
+    cdef object _in_order(self, uint32_t qpn, uint32_t psn, const uint8_t *p, Envelope env):
+        """:meth:`_checked`, and its responder between messages, expecting ``psn``."""
+        t = self._checked(qpn, p, env)
+        if t is None:
+            return None
+        resp = t.rc.responder
+        if resp.dead or resp.cur_kind is not None or resp.psn != psn:
+            return None
+        return t
+
     cdef bint _begin(self, uint32_t qpn, Envelope env) except -1:
         t = self._target(qpn, env)
         if t is None:
@@ -236,16 +256,12 @@ cdef class RequestFastPath:
         cdef Py_ssize_t have = 0, take
         cdef uint32_t qpn = _be24(p + 5), psn = _be24(p + 9), plen = ps.payload_len
         cdef const uint8_t *src = p + ps.hdr_len
-        t = self._target(qpn, env)
-        if t is None or t.rq_posted != t.qp.rq_pi:
+        t = self._in_order(qpn, psn, p, env)
+        if t is None:
             return False
         rc = t.rc
         cfg = rc.cfg
-        if ((p[2] << 8 | p[3]) & 0x7FFF) != (cfg.pkey & 0x7FFF):
-            return False
         resp = rc.responder
-        if resp.dead or resp.cur_kind is not None or resp.psn != psn:
-            return False
         rq = resp.rq
         if not rq or plen > cfg.path_mtu:
             return False                # RNR NAK / invalid request: the engine's
@@ -314,16 +330,12 @@ cdef class RequestFastPath:
         va = (<uint64_t>_be32(reth) << 32) | _be32(reth + 4)
         rkey = _be32(reth + 8)
         dma_len = _be32(reth + 12)
-        t = self._target(qpn, env)
-        if t is None or t.rq_posted != t.qp.rq_pi:
+        t = self._in_order(qpn, psn, p, env)
+        if t is None:
             return False
         rc = t.rc
         cfg = rc.cfg
-        if ((p[2] << 8 | p[3]) & 0x7FFF) != (cfg.pkey & 0x7FFF):
-            return False
         resp = rc.responder
-        if resp.dead or resp.cur_kind is not None or resp.psn != psn:
-            return False
         if not (int(cfg.access) & _REMOTE_WRITE):
             return False                # NAK invalid request: the engine's
         if plen > <uint32_t>cfg.path_mtu or (not only and plen != <uint32_t>cfg.path_mtu):
@@ -372,16 +384,14 @@ cdef class RequestFastPath:
         cdef bint at_end = False
         if self.clock is None or off < 0 or (p[off] >> 5) & 3 != 0:
             return False
-        t = self._target(qpn, env)
-        if t is None or t.rq_posted != t.qp.rq_pi:
+        t = self._checked(qpn, p, env)
+        if t is None:
             return False
         rc = t.rc
         st = rc.state
         if st is not _RTS and st is not _SQD:
             return False                # dropped_qp_state: the engine counts it
         cfg = rc.cfg
-        if ((p[2] << 8 | p[3]) & 0x7FFF) != (cfg.pkey & 0x7FFF):
-            return False
         req = rc.requester
         if req.dead or req.rnr_deadline is not None or _psn_diff(psn, req.psn_hi) >= 0:
             return False
