@@ -377,11 +377,16 @@ def test_calibrated_model_structure_and_sanity(calibrated):
                 "turbo_encode", "turbo_decode"):
         c = m.costs[key]
         assert c.a >= 0 and min(c.b) >= 0 and sum(c.b) > 0 and c.points >= 2
+        # the fit follows its own points (a broken feature or a sign error is off by far more;
+        # quick calibration on a quiet 2-vCPU EPYC: 1-10% RMS)
+        assert c.rms_rel_error is not None and c.rms_rel_error < 0.35, (key, c)
     small = Job.create(Op.TURBO_DECODE, np.zeros((3, 1028), np.float32), iterations=2)
     large = Job.create(Op.TURBO_DECODE, np.zeros((3, 6148), np.float32), iterations=8)
-    # 24x the bit-iterations; a lone K=1024 block (4 segments) leaves 12 of the decoder's 16
-    # lanes idle, so it costs about 1/5 of the large one, job overheads included 1/4 or less
-    assert m.estimate(large) > 3 * m.estimate(small)
+    # 24x the bit-iterations, but a lone K=1024 block (4 segments) leaves 12 of the decoder's 16
+    # lanes idle and pays the per-job overhead: timed directly it costs 1/3.9 of the large one
+    # (37.5 vs 145 us), and quick calibrations put the ratio at 2.4-3.5; the same points fitted
+    # without the per-iteration feature give 1.4-1.5.
+    assert m.estimate(large) > 2 * m.estimate(small)
     assert m.estimate(Job.create(Op.FFT, cplx((16, 2048), np.complex128))) > \
         m.estimate(Job.create(Op.FFT, cplx((1, 256), np.complex128)))
 
