@@ -30,7 +30,7 @@ from tests.ops.conftest import OpsDaemon, metric_value
 from verbs import Access, SendFlags, WcStatus, WrOpcode
 from virtio_rdma.constants import AccelOp, AccelStatus
 from vrdma.ops import wire
-from vrdma.ops.admin import MAX_CLIENTS, AdminClient
+from vrdma.ops.admin import MAX_CLIENTS, MAX_UNSENT_BYTES, AdminClient
 
 MEM = 32 << 20
 NOBODY = 65534
@@ -242,6 +242,24 @@ def test_hostile_clients_get_errors_or_are_dropped_and_the_daemon_keeps_serving(
                 except (BrokenPipeError, ConnectionResetError):
                     closed = True
             assert closed
+        # a client that asks and never reads: its answers pass the high-water mark, then it is
+        # closed after --admin-timeout (it used to be awaited for good, holding its slot)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(d.admin)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.settimeout(10)
+            one = len(json.dumps(d.ctl("health")))
+            n = (MAX_UNSENT_BYTES // 2) // one  # about 2 MiB of answers: past every socket buffer,
+            s.sendall(b'{"id":1,"cmd":"health"}\n' * n)  # below MAX_UNSENT_BYTES
+            time.sleep(2.5)  # past the 1 s timeout
+            got = 0
+            try:
+                while data := s.recv(1 << 16):  # EOF (or a reset), not a 10 s timeout
+                    got += len(data)
+            except ConnectionResetError:
+                pass
+            assert got < n * one // 4  # the unsent answers were dropped, not kept for the reader
+        assert d.ctl("health")["admin"]["slow_readers"] == 1
         # a storm of idle clients: past MAX_CLIENTS refused at once; the daemon still answers
         socks = []
         try:

@@ -9,7 +9,8 @@ client costs bounded work: at most :data:`MAX_CLIENTS` at once (more are
 refused), a line past ``MAX_REQUEST_BYTES`` ends the connection after an
 error, a client that sends no complete line for ``idle_timeout`` seconds
 (trickling bytes or not) is closed, and one that does not read its answers is closed once
-:data:`MAX_UNSENT_BYTES` wait for it. Counters: :class:`AdminMetrics`.
+:data:`MAX_UNSENT_BYTES` wait for it, or once answers past the transport's high-water mark
+have waited ``idle_timeout`` for it. Counters: :class:`AdminMetrics`.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ class AdminMetrics:
     errors: int = 0             # answered with an error (bad request, unknown command, ...)
     too_long: int = 0           # lines past MAX_REQUEST_BYTES (connection closed)
     idle_closed: int = 0        # no complete request within idle_timeout
-    slow_readers: int = 0       # closed with MAX_UNSENT_BYTES unread
+    slow_readers: int = 0       # closed with MAX_UNSENT_BYTES unread, or not reading for idle_timeout
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -144,9 +145,21 @@ class AdminService:
             for line in lines:
                 writer.write(self._answer(line))
             if writer.transport.get_write_buffer_size() > MAX_UNSENT_BYTES:
-                self.metrics.slow_readers += 1
+                self._drop_slow_reader(writer)
                 return
-            await writer.drain()
+            # answers past the transport's high-water mark wait for the client to read; one that
+            # stops reading is dropped after idle_timeout, not kept (and its slot held) for good
+            try:
+                await asyncio.wait_for(writer.drain(), self.idle_timeout)
+            except TimeoutError:
+                self._drop_slow_reader(writer)
+                return
+
+    def _drop_slow_reader(self, writer: asyncio.StreamWriter) -> None:
+        """Abort, not close: a close would keep the unread answers and flush them for as long as
+        the client lets it."""
+        self.metrics.slow_readers += 1
+        writer.transport.abort()
 
     def _answer(self, line: bytes) -> bytes:
         self.metrics.requests += 1
