@@ -314,7 +314,7 @@ def test_native_sg_lists_are_the_engines():
     net_b._post_recvs()
     taken = list(net_b.rc.responder.rq)
     assert _datapath.wire_recvs - rq0 == 3 and [w for w, _ in taken] == [10, 11, 12]
-    for (_, sgl), sges in zip(taken, recvs):
+    for (_, sgl), sges in zip(taken, recvs, strict=True):
         views = [b.core.mem.translate(addr, n) for addr, n, _ in sges if n]
         assert _sg(sgl) == _sg(SgList(views))
     b.write(dst.addr + 100, b"\xaa" * 50)
