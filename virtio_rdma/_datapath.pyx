@@ -797,6 +797,36 @@ cdef inline uint32_t _bswap32(uint32_t v) noexcept nogil:
     return ((v & 0xFF) << 24) | ((v & 0xFF00) << 8) | ((v >> 8) & 0xFF00) | (v >> 24)
 
 
+cdef object _table_view(RegionTable t, mem, uint64_t gpa, uint64_t length):
+    """``mem.translate(gpa, length)`` (GuestMemory over the table ``t``)
+    without the Python call: the same view of the one region that holds the
+    range; a range outside every region goes to ``mem.translate``, which
+    raises as before."""
+    cdef Py_ssize_t i = t.find(gpa, length)
+    if i < 0:
+        return mem.translate(gpa, length)
+    return t.view_at(i, gpa, length)
+
+
+cdef object _sglist(list views):
+    """``SgList(views)`` for byte memoryviews made here (1-D, format B,
+    contiguous: what ``SgList.__init__`` checks): its entries, empty ones
+    left out as it leaves them out, and their offsets, without the checks."""
+    cdef list kept = [], starts = []
+    cdef Py_ssize_t total = 0, n
+    for v in views:
+        n = len(v)
+        if n:
+            kept.append(v)
+            starts.append(total)
+            total += n
+    sgl = _SGLIST.__new__(_SGLIST)
+    sgl.views = kept
+    sgl.starts = starts
+    sgl.total = total
+    return sgl
+
+
 def run_wire_sq(dev, qp, net, double now):
     """Start the posted send WQEs of ``qp``, a QP run by the RoCE RC engine
     of ``net`` (a :class:`fabric.roce_qp.NetworkQp`), that take the plain
@@ -922,7 +952,7 @@ def run_wire_sq(dev, qp, net, double now):
                         if e.host == NULL:
                             ns = -1     # an MR of several chunks: the Python path
                             break
-                        views.append(mem.translate(e.gpa + (a - e.iova), ln))
+                        views.append(_table_view(L.table, mem, e.gpa + (a - e.iova), ln))
                 if ns < 0:
                     break
             if length > L.max_msg_sz or length > _MAX_MSG:
@@ -944,7 +974,7 @@ def run_wire_sq(dev, qp, net, double now):
             wr = _SEND_WR(wr_id, wrop, views, raddr, rkey, _bswap32(imm) if with_imm else 0, 0,
                           cmp_add, swap, True, (flags & F_SOLICITED) != 0,
                           (flags & IBV_SEND_FENCE) != 0)
-            sgl = _SGLIST(views)
+            sgl = _sglist(views)
             w = _RC_WQE(wr, sgl, length, npkts, False, _PENDING, psn, npkts)
             sq.append(w)
             posted.append((sq_next, op, sig_all or (flags & F_SIGNALED) != 0))
@@ -1048,10 +1078,10 @@ def run_wire_rq(dev, qp, net):
                     if e.host == NULL:
                         ns = -1
                         break
-                    views.append(mem.translate(e.gpa + (a - e.iova), ln))
+                    views.append(_table_view(L.table, mem, e.gpa + (a - e.iova), ln))
             if ns < 0:
                 break
-            rq.append((gr_ld64(<char *>rhdr), _SGLIST(views)))
+            rq.append((gr_ld64(<char *>rhdr), _sglist(views)))
             idx = (idx + 1) & 0xFFFFFFFF
             done += 1
     finally:

@@ -27,6 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from roce.rc.sgl import SgList
 from tests.fabric.test_roce_fabric import Hosts
 from verbs import Access, SendFlags, WrOpcode
 from virtio_rdma import _datapath
@@ -286,3 +287,48 @@ def test_window_holds_are_the_python_paths(impair, seed):
     assert _datapath.wire_started == sq1 and sq1 > sq0
     assert fast == slow
     assert fast["a_rc"][-1] > 0                           # window_holds
+
+
+def _sg(sgl) -> tuple:
+    return (sgl.total, list(sgl.starts), [bytes(v) for v in sgl.views],
+            [(v.format, v.ndim, v.c_contiguous, v.readonly) for v in sgl.views])
+
+
+def test_native_sg_lists_are_the_engines():
+    """The SG lists run_wire_sq / run_wire_rq build without SgList's checks
+    (and their guest views, without GuestMemory.translate) are what
+    ``SgList(views)`` makes of the same views, empty entries left out, and
+    they alias guest memory (a receive scatters into the guest, a
+    retransmission gathers from it again)."""
+    rq0, sq0 = _datapath.wire_recvs, _datapath.wire_started
+    h = Hosts()
+    h.connect(path_mtu=3)
+    a, b = h.a, h.b
+    src, dst = a.reg_mr(h.pa, 1 << 14), b.reg_mr(h.pb, 1 << 14)
+    a.write(src.addr, bytes(range(256)) * 64)
+    recvs = [[(dst.addr, 0, dst.lkey), (dst.addr + 100, 50, dst.lkey), (dst.addr + 1000, 30, dst.lkey)],
+             [(dst.addr + 4000, 1, dst.lkey)], []]
+    for i, sges in enumerate(recvs):
+        b.post_recv(h.qb, 10 + i, sges)
+    net_b = b.core.qps[h.qb.qpn].net
+    net_b._post_recvs()
+    taken = list(net_b.rc.responder.rq)
+    assert _datapath.wire_recvs - rq0 == 3 and [w for w, _ in taken] == [10, 11, 12]
+    for (_, sgl), sges in zip(taken, recvs, strict=True):
+        views = [b.core.mem.translate(addr, n) for addr, n, _ in sges if n]
+        assert _sg(sgl) == _sg(SgList(views))
+    b.write(dst.addr + 100, b"\xaa" * 50)
+    assert bytes(taken[0][1].views[0]) == b"\xaa" * 50       # a view of guest memory
+    sends = [dict(inline=b""), dict(inline=b"0123456789"),
+             dict(sges=[(src.addr + 7, 0, src.lkey), (src.addr + 9, 40, src.lkey),
+                        (src.addr + 3000, 2000, src.lkey)])]
+    for i, kw in enumerate(sends):
+        a.write_send_wqe(h.qa, i, WrOpcode.SEND, kw.pop("sges", ()), **kw)
+    a.ring_sq(h.qa)
+    wqes = list(a.core.qps[h.qa.qpn].net.rc.requester.sq)
+    assert _datapath.wire_started - sq0 == 3 and len(wqes) == 3
+    for w in wqes:
+        assert _sg(w.sgl) == _sg(SgList(w.wr.sges))
+    assert w.sgl.total == 2040 and bytes(w.sgl.gather(0, 40)) == a.read(src.addr + 9, 40)
+    a.write(src.addr + 3000, b"\x55" * 10)
+    assert bytes(w.sgl.gather(40, 10)) == b"\x55" * 10         # gathered from the guest again
