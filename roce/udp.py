@@ -21,6 +21,14 @@ checked against its sender's replay window and stripped right after
 ``recvmmsg``, before any decoding or the fast path; one that fails never
 goes further. Datagrams from plaintext peers are plain RoCEv2.
 
+Sending through UDP GSO (:mod:`roce._udpio`): each flush sends runs of
+equal datagrams to one peer as one message with ``UDP_SEGMENT`` (one skb
+through the stack instead of one per packet); the kernel cuts the same
+datagrams from it, segment ``k`` with IPv4 ID ``k``, for which its ICRC was
+computed. Off with ``VRDMA_UDP_GSO=0`` in the environment (or
+:attr:`RoceUdpEndpoint.gso`), and by itself on a socket whose kernel path
+refuses it (counted in ``tx_gso_fallbacks``).
+
 Bad datagrams are counted in :class:`UdpMetrics` and dropped.
 """
 from __future__ import annotations
@@ -28,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import socket
 from collections import deque
 from collections.abc import Callable
@@ -78,6 +87,11 @@ class UdpMetrics:
     rx_plaintext: int = 0
     tx_sealed: int = 0
     tx_acks_parked: int = 0        # ACK-only output of a SEND's batch held for the reply (PARK_BATCH)
+    # UDP GSO: sends of a run of datagrams, the datagrams they carried, sends
+    # the kernel refused (then sent one by one, and GSO off on the socket)
+    tx_gso_calls: int = 0
+    tx_gso_datagrams: int = 0
+    tx_gso_fallbacks: int = 0
 
 
 def make_socket(host: str, port: int = ROCE_UDP_PORT) -> socket.socket:
@@ -116,6 +130,8 @@ def _size_buffers(s: socket.socket, size: int) -> None:
 #: callback (then the loop runs other callbacks before reading more).
 BATCH = 64
 ROUNDS = 4
+#: send runs of equal datagrams through UDP GSO (see the module doc)
+GSO = os.environ.get("VRDMA_UDP_GSO", "1") != "0"
 #: envelopes (per peer address and port) cached in each direction
 MAX_PEERS = 4096
 #: ACK parking (off unless :attr:`RoceUdpEndpoint.park_acks` is set): when a
@@ -172,7 +188,7 @@ class RoceUdpEndpoint:
         self.loop = loop or asyncio.get_running_loop()
         self._fd = sock.fileno()
         self._rx = RxRing(BATCH)
-        self._tx = TxRing(BATCH)
+        self._tx = TxRing(BATCH, gso=GSO)
         self._rx_envs: dict = {}          # peer key -> Envelope(peer -> local)
         self._tx_envs: dict = {}          # (peer ip, port) -> Envelope(local -> peer)
         self._backlog: deque = deque()    # (bytes, (ip, port)) waiting for the socket buffer
@@ -187,6 +203,15 @@ class RoceUdpEndpoint:
         self._plain: frozenset[str] = frozenset()
         self._windows: dict = {}          # reference path (datagram_received): peer -> window
         self.loop.add_reader(self._fd, self.poll)
+
+    @property
+    def gso(self) -> bool:
+        """Are runs of datagrams sent through UDP GSO?"""
+        return self._tx.gso
+
+    @gso.setter
+    def gso(self, on: bool) -> None:
+        self._tx.gso = on
 
     @property
     def delivering(self) -> bool:
@@ -427,7 +452,10 @@ class RoceUdpEndpoint:
             self._on_writable()
             return
         _sent, errors, left = tx.flush(self._fd)
-        self.metrics.tx_errors += errors
+        m = self.metrics
+        m.tx_errors += errors
+        m.tx_gso_calls, m.tx_gso_datagrams, m.tx_gso_fallbacks = \
+            tx.gso_calls, tx.gso_datagrams, tx.gso_fallbacks
         if left:
             self._backlog.extend(left)
             self.loop.add_writer(self._fd, self._on_writable)
