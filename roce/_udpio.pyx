@@ -3,9 +3,13 @@
 
 * :class:`RxRing`: ``recvmmsg`` of up to ``nslots`` datagrams per system
   call into preallocated slots (64 KiB each: any UDP datagram fits, so none
-  is ever truncated), with the sender's address of each; per slot,
+  is ever truncated), with the sender's address of each; per packet,
   :meth:`RxRing.packet` runs the native syntax + ICRC check and builds the
-  :class:`~roce.packet.RocePacket`.
+  :class:`~roce.packet.RocePacket`. On a socket with ``UDP_GRO`` a slot may
+  hold several datagrams of one sender coalesced by the kernel (a ``UDP_GRO``
+  control message gives their size; the last may be shorter): the ring
+  splits them back, so index ``i`` is always one datagram (``count`` of
+  them), whatever the slots.
 * :class:`TxRing`: packets are encoded as they are added (BTH and extension
   headers, pad and ICRC in small per-slot buffers; the payload is not
   copied: its iovec points at the caller's buffer, typically guest memory)
@@ -64,6 +68,7 @@ cdef extern from "<sys/socket.h>" nogil:
         int cmsg_level
         int cmsg_type
     cmsghdr *CMSG_FIRSTHDR(msghdr *m)
+    cmsghdr *CMSG_NXTHDR(msghdr *m, cmsghdr *c)
     unsigned char *CMSG_DATA(cmsghdr *c)
     size_t CMSG_SPACE(size_t n)
     size_t CMSG_LEN(size_t n)
@@ -73,6 +78,7 @@ cdef extern from "<netinet/in.h>" nogil:
 
 cdef enum:
     UDP_SEGMENT = 103       # linux/udp.h: the segment size of a GSO send (a uint16)
+    UDP_GRO = 104           # linux/udp.h: the segment size of a coalesced receive (an int)
     GSO_BYTES = 65507       # UDP payload of one send: 65535 less the IPv4 and UDP headers
     CTL = 32                # control buffer per message: CMSG_SPACE(2) is 24
 
@@ -111,7 +117,12 @@ cdef class RxRing:
         self.names = <uint8_t *>PyMem_Calloc(nslots, NAMELEN)
         self.iovs = <iovec *>PyMem_Calloc(nslots, sizeof(iovec))
         self.msgs = <mmsghdr *>PyMem_Calloc(nslots, sizeof(mmsghdr))
-        if not (self.buf and self.names and self.iovs and self.msgs):
+        self.ctl = <uint8_t *>PyMem_Calloc(nslots, CTL)
+        self.pkt = <uint8_t **>PyMem_Calloc(<size_t>nslots * PER_SLOT, sizeof(uint8_t *))
+        self.plen = <uint32_t *>PyMem_Calloc(<size_t>nslots * PER_SLOT, sizeof(uint32_t))
+        self.pslot = <uint16_t *>PyMem_Calloc(<size_t>nslots * PER_SLOT, sizeof(uint16_t))
+        if not (self.buf and self.names and self.iovs and self.msgs and self.ctl and self.pkt
+                and self.plen and self.pslot):
             raise MemoryError()
         cdef int i
         for i in range(nslots):
@@ -126,33 +137,84 @@ cdef class RxRing:
         PyMem_Free(self.names)
         PyMem_Free(self.iovs)
         PyMem_Free(self.msgs)
+        PyMem_Free(self.ctl)
+        PyMem_Free(self.pkt)
+        PyMem_Free(self.plen)
+        PyMem_Free(self.pslot)
 
     def recv(self, int fd) -> int:
-        """Receive what is queued, up to ``nslots`` datagrams; 0 if none."""
+        """Receive what is queued, up to ``nslots`` slots; returns the number
+        of datagrams (``count``: more than the slots when the kernel coalesced
+        some, see the module doc), 0 if none."""
         cdef int i, r
         for i in range(self.nslots):
             self.msgs[i].msg_hdr.msg_namelen = NAMELEN
-            self.msgs[i].msg_hdr.msg_controllen = 0
+            self.msgs[i].msg_hdr.msg_control = self.ctl + i * CTL
+            self.msgs[i].msg_hdr.msg_controllen = CTL
             self.msgs[i].msg_hdr.msg_flags = 0
         self.count = 0
+        self.slots = 0
         while True:
             with nogil:
                 r = recvmmsg(fd, self.msgs, self.nslots, MSG_DONTWAIT, NULL)
             if r >= 0:
-                self.count = r
-                return r
+                self.slots = r
+                self._split(r)
+                return self.count
             if errno == EINTR:
                 continue
             if errno == EAGAIN:
                 return 0
             raise OSError(errno, os.strerror(errno))
 
+    cdef void _split(self, int r) noexcept:
+        """The datagram table of slots ``0 .. r-1``: one entry per datagram."""
+        cdef int s, n = 0, k, c
+        cdef uint32_t length, size
+        cdef int gro
+        cdef uint8_t *p
+        cdef msghdr *m
+        cdef cmsghdr *cm
+        for s in range(r):
+            m = &self.msgs[s].msg_hdr
+            length = self.msgs[s].msg_len
+            p = self.buf + <size_t>s * SLOT
+            size = 0
+            if m.msg_controllen >= CMSG_LEN(sizeof(int)):
+                cm = CMSG_FIRSTHDR(m)
+                while cm != NULL:
+                    if cm.cmsg_level == IPPROTO_UDP and cm.cmsg_type == UDP_GRO \
+                            and cm.cmsg_len >= CMSG_LEN(sizeof(int)):
+                        memcpy(&gro, CMSG_DATA(cm), sizeof(int))
+                        if gro > 0:
+                            size = <uint32_t>gro
+                    cm = CMSG_NXTHDR(m, cm)
+            if size == 0 or size >= length:
+                self.pkt[n] = p
+                self.plen[n] = length
+                self.pslot[n] = <uint16_t>s
+                n += 1
+                continue
+            # coalesced: datagrams of ``size`` bytes, the last maybe shorter
+            c = <int>((length + size - 1) // size)
+            if c > PER_SLOT:
+                self.gro_dropped += c - PER_SLOT
+                c = PER_SLOT
+            self.gro_buffers += 1
+            self.gro_packets += c
+            for k in range(c):
+                self.pkt[n] = p + <size_t>k * size
+                self.plen[n] = size if <uint32_t>(k + 1) * size <= length else length - <uint32_t>k * size
+                self.pslot[n] = <uint16_t>s
+                n += 1
+        self.count = n
+
     cdef void _check(self, int i) except *:
         if not 0 <= i < self.count:
-            raise IndexError(f"slot {i} not received ({self.count} in the ring)")
+            raise IndexError(f"packet {i} not received ({self.count} in the ring)")
 
     cdef object _key(self, int i):
-        cdef const uint8_t *a = self.names + i * NAMELEN
+        cdef const uint8_t *a = self.names + <size_t>self.pslot[i] * NAMELEN
         cdef uint8_t k[22]
         if a[0] == 2:   # AF_INET: port and address in one int
             return (<uint64_t>_be16(a + 2) << 32) | ((<uint64_t>a[4] << 24) | (a[5] << 16)
@@ -182,7 +244,7 @@ cdef class RxRing:
         if not 0 <= n <= self.count:
             raise IndexError(f"{n} slots, {self.count} in the ring")
         for i in range(n):
-            a = self.names + i * NAMELEN
+            a = self.names + <size_t>self.pslot[i] * NAMELEN
             memset(pseudo, 0, PSEUDO_LEN)
             if a[0] == 2:
                 pseudo[0] = 4
@@ -193,11 +255,11 @@ cdef class RxRing:
             if has_plain and PyBytes_FromStringAndSize(<const char *>pseudo + 1, 16) in auth.plain:
                 auth.plaintext += 1
                 continue
-            p = self.buf + <size_t>i * SLOT
-            length = self.msgs[i].msg_len
+            p = self.pkt[i]
+            length = self.plen[i]
             if pseudo[0] != auth.version or length < TRAILER_LEN + 12:
                 auth.short += 1
-                self.msgs[i].msg_len = 0
+                self.plen[i] = 0
                 dropped = dropped or set()
                 dropped.add(i)
                 continue
@@ -211,7 +273,7 @@ cdef class RxRing:
                       and CRYPTO_memcmp(tag, p + length - TAG_LEN, TAG_LEN) == 0)
             if not ok:
                 auth.failed += 1
-                self.msgs[i].msg_len = 0
+                self.plen[i] = 0
                 dropped = dropped or set()
                 dropped.add(i)
                 continue
@@ -221,21 +283,21 @@ cdef class RxRing:
                 w = <Window>wo
                 if not w.ok(counter):
                     auth.replayed += 1
-                    self.msgs[i].msg_len = 0
+                    self.plen[i] = 0
                     dropped = dropped or set()
                     dropped.add(i)
                     continue
             if wo is None:
                 if len(auth.windows) >= 65536:      # never forget a window: that would allow replays
                     auth.failed += 1
-                    self.msgs[i].msg_len = 0
+                    self.plen[i] = 0
                     dropped = dropped or set()
                     dropped.add(i)
                     continue
                 w = Window()
                 auth.windows[key_i] = w
             w.record(counter)
-            self.msgs[i].msg_len = length - TRAILER_LEN
+            self.plen[i] = length - TRAILER_LEN
             auth.opened += 1
         return dropped
 
@@ -247,7 +309,7 @@ cdef class RxRing:
     def peer(self, int i):
         """``(ip, port)`` that sent slot ``i``."""
         self._check(i)
-        cdef const uint8_t *a = self.names + i * NAMELEN
+        cdef const uint8_t *a = self.names + <size_t>self.pslot[i] * NAMELEN
         port = _be16(a + 2)
         if a[0] == 2:
             return str(ipaddress.IPv4Address(PyBytes_FromStringAndSize(<const char *>a + 4, 4))), port
@@ -260,15 +322,14 @@ cdef class RxRing:
         if not 0 <= n <= self.count:
             raise IndexError(f"{n} slots, {self.count} in the ring")
         for i in range(n):
-            if self.msgs[i].msg_len >= 12 and (self.buf + <size_t>i * SLOT)[0] in opcodes:
+            if self.plen[i] >= 12 and self.pkt[i][0] in opcodes:
                 return True
         return False
 
     def datagram(self, int i) -> bytes:
         """A copy of slot ``i``'s datagram."""
         self._check(i)
-        return PyBytes_FromStringAndSize(<const char *>self.buf + <size_t>i * SLOT,
-                                         self.msgs[i].msg_len)
+        return PyBytes_FromStringAndSize(<const char *>self.pkt[i], self.plen[i])
 
     def packet(self, int i, Envelope env):
         """``(status, packet)``: 0 and the decoded RocePacket (payload
@@ -277,8 +338,8 @@ cdef class RxRing:
         None otherwise."""
         self._check(i)
         cdef Parsed ps
-        cdef const uint8_t *p = self.buf + <size_t>i * SLOT
-        cdef int st = parse_verify(p, self.msgs[i].msg_len, env, &ps)
+        cdef const uint8_t *p = self.pkt[i]
+        cdef int st = parse_verify(p, self.plen[i], env, &ps)
         if st != PARSE_OK:
             return st, None
         return 0, build_packet(p, &ps, ps.ip_id if env.version == 4 else None)

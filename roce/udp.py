@@ -29,6 +29,12 @@ computed. Off with ``VRDMA_UDP_GSO=0`` in the environment (or
 :attr:`RoceUdpEndpoint.gso`), and by itself on a socket whose kernel path
 refuses it (counted in ``tx_gso_fallbacks``).
 
+Receiving through UDP GRO (``UDP_GRO``, Linux >= 5.0): the kernel may hand
+over several datagrams of one sender in one buffer (a GSO send that crossed
+a veth whole, or datagrams a NIC's GRO coalesced); the RX ring splits them
+back into datagrams before anything else looks at them (counted in
+``rx_gro_buffers`` / ``rx_gro_packets``). Off with ``VRDMA_UDP_GRO=0``.
+
 Bad datagrams are counted in :class:`UdpMetrics` and dropped.
 """
 from __future__ import annotations
@@ -59,6 +65,7 @@ IPV6_MTU_DISCOVER = 23
 IPV6_PMTUDISC_DO = 2
 UDP_NO_CHECK6_TX = 101
 UDP_NO_CHECK6_RX = 102
+UDP_GRO = 104
 SO_RCVBUFFORCE = 33
 SO_SNDBUFFORCE = 32
 #: Socket buffers: a QP keeps up to 128 unacknowledged packets in flight
@@ -92,6 +99,9 @@ class UdpMetrics:
     tx_gso_calls: int = 0
     tx_gso_datagrams: int = 0
     tx_gso_fallbacks: int = 0
+    # UDP GRO: received buffers holding several datagrams, the datagrams split from them
+    rx_gro_buffers: int = 0
+    rx_gro_packets: int = 0
 
 
 def make_socket(host: str, port: int = ROCE_UDP_PORT) -> socket.socket:
@@ -107,6 +117,8 @@ def make_socket(host: str, port: int = ROCE_UDP_PORT) -> socket.socket:
         else:
             s.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO)
             s.setsockopt(socket.IPPROTO_UDP, UDP_NO_CHECK6_RX, 1)
+        if GRO:
+            s.setsockopt(socket.IPPROTO_UDP, UDP_GRO, 1)
         _size_buffers(s, SOCKET_BUFFER)
         s.bind((host, port))
         s.setblocking(False)
@@ -130,8 +142,10 @@ def _size_buffers(s: socket.socket, size: int) -> None:
 #: callback (then the loop runs other callbacks before reading more).
 BATCH = 64
 ROUNDS = 4
-#: send runs of equal datagrams through UDP GSO (see the module doc)
+#: send runs of equal datagrams through UDP GSO, take coalesced buffers with
+#: UDP GRO (see the module doc)
 GSO = os.environ.get("VRDMA_UDP_GSO", "1") != "0"
+GRO = os.environ.get("VRDMA_UDP_GRO", "1") != "0"
 #: envelopes (per peer address and port) cached in each direction
 MAX_PEERS = 4096
 #: ACK parking (off unless :attr:`RoceUdpEndpoint.park_acks` is set): when a
@@ -255,6 +269,8 @@ class RoceUdpEndpoint:
             if not n:
                 break
             got = True
+            m = self.metrics
+            m.rx_gro_buffers, m.rx_gro_packets = rx.gro_buffers, rx.gro_packets
             self._holding = True
             try:
                 self._deliver(n)
@@ -269,7 +285,7 @@ class RoceUdpEndpoint:
                     self._park()
                 else:
                     self.flush()
-            if n < BATCH:
+            if rx.slots < BATCH:
                 break
         if not got and self._parked:
             self._parked -= 1

@@ -9,7 +9,11 @@ for; any other needs the reference). Sealed runs open. A refused GSO send
 kernel says EINVAL) is sent one datagram at a time for ID 0 (ICRC and seal
 redone), counted, and the ring stops trying. Datagrams taken out of the ring
 as bytes (the backlog's way) are for ID 0. Hostile datagrams on the solved-ID path are
-rejected like any bad ICRC. The multi-host stream, the capture and the
+rejected like any bad ICRC. UDP GRO: a buffer of coalesced datagrams (loopback
+hands a GSO send to a ``UDP_GRO`` socket whole) is split back into the same
+datagrams, sealed ones open one by one, and a sender's GSO with a segment
+size that does not fit its packets, or a truncated last segment, gives bad
+datagrams counted like any other. The multi-host stream, the capture and the
 fallback through a device without checksum offload are in
 tests/fabric/test_gso_multihost.py.
 """
@@ -238,3 +242,114 @@ def test_hostile_icrcs_on_the_solved_id_path(socks):
     for d in bad:
         with pytest.raises(RoceError):
             decode(d, _ctx(tx, rx), recover_ipv4_id=False)
+
+
+# ------------------------------------------------------------------ UDP GRO
+UDP_GRO, UDP_SEGMENT = 104, 103
+
+
+def _gro(rx):
+    rx.setsockopt(socket.IPPROTO_UDP, UDP_GRO, 1)
+
+
+def _recv_ring(rx, ring, want):
+    """Receive into ``ring`` until it holds ``want`` datagrams (one recv)."""
+    for _ in range(100):
+        if ring.recv(rx.fileno()) >= want:
+            return ring.count
+        select.select([rx], [], [], 0.05)
+    return ring.count
+
+
+def test_gro_buffers_are_split_into_their_datagrams(socks):
+    """Loopback hands a GSO send to a UDP_GRO socket whole: one slot, split
+    back into the same datagrams the plain socket gets."""
+    tx, rx = socks
+    _gro(rx)
+    runs = [_write(6000, psn=0)]
+    ring = TxRing(64)
+    _fill(ring, runs, _env(tx, rx), tx.fileno())
+    assert ring.flush(tx.fileno())[:2] == (6, 0) and ring.gso_calls == 2
+    rring = RxRing(8)
+    assert _recv_ring(rx, rring, 6) == 6
+    assert rring.slots == 2 and (rring.gro_buffers, rring.gro_packets, rring.gro_dropped) == (2, 6, 0)
+    got = [(rring.datagram(i), *rring.packet(i, _ENV_RX[0])) for i in range(6)]
+    ids = [0, 1, 0, 1, 2, 3]
+    assert [d for d, _, _ in got] == [p.encode(_ctx(tx, rx, k)) for p, k in zip(expand(runs), ids)]
+    assert [(st, p.bth.psn) for _, st, p in got] == [(0, i) for i in range(6)]
+    assert {rring.peer(i) for i in range(6)} == {(A, tx.getsockname()[1])}
+
+
+def test_sealed_gro_buffers_open_per_datagram(socks):
+    tx, rx = socks
+    _gro(rx)
+    ring = TxRing(64)
+    ring.set_auth(TxAuth(KEY, 7))
+    _fill(ring, [_write(6000, psn=0)], _env(tx, rx), tx.fileno(), seal=True)
+    ring.flush(tx.fileno())
+    rring = RxRing(8)
+    assert _recv_ring(rx, rring, 6) == 6 and rring.gro_packets == 6
+    auth = RxAuth(KEY, B, rx.getsockname()[1], frozenset())
+    assert rring.open_sealed(6, auth) is None and auth.opened == 6
+    assert [rring.packet(i, _ENV_RX[0])[0] for i in range(6)] == [0] * 6
+
+
+def test_hostile_gro_buffers(socks):
+    """A sender's GSO whose segment size does not match its packets, and one
+    whose last segment is a truncated packet: every piece is one bad (or, the
+    whole ones, good) datagram, nothing read past the buffer, counted as
+    usual by the endpoint."""
+    tx, rx = socks
+    _gro(rx)
+    good = [RocePacket(Bth(opcode=0x04, dest_qp=5, psn=i), payload=bytes(range(256)) * 4)
+            .encode(_ctx(tx, rx, i)) for i in range(3)]            # 1040 B each, IDs 0, 1, 2
+    dst = rx.getsockname()
+
+    def gso(data, size):
+        tx.sendmsg([data], [(socket.IPPROTO_UDP, UDP_SEGMENT, size.to_bytes(2, "little"))], 0, dst)
+
+    gso(b"".join(good), 1000)                     # does not divide: 1000, 1000, 1000, 120
+    gso(good[0] + good[1] + good[2][:500], 1040)  # the last one truncated
+    rring = RxRing(8)
+    assert _recv_ring(rx, rring, 7) == 7 and rring.slots == 2
+    lens = [len(rring.datagram(i)) for i in range(7)]
+    assert lens == [1000, 1000, 1000, 120, 1040, 1040, 500]
+    st = [rring.packet(i, _ENV_RX[0])[0] for i in range(7)]
+    assert st[:4] != [0] * 4 and all(s != 0 for s in st[:4]) and st[4:6] == [0, 0] and st[6] != 0
+
+
+def test_endpoint_counts_gro_and_bad_pieces(socks):
+    """The same through a RoceUdpEndpoint (UDP_GRO as roce.udp sets it): the
+    good datagrams are delivered, the bad pieces counted, the GRO counters
+    show the buffers."""
+    import asyncio
+
+    from roce import udp
+
+    tx, _ = socks
+
+    async def main():
+        got = []
+        s = udp.make_socket(B, 0)
+        ep = udp.RoceUdpEndpoint(s, lambda p, ip: got.append(p.bth.psn))
+        dst = ep.local
+        ctx = IpContext(A, B, sport=tx.getsockname()[1], dport=dst[1])
+        good = [RocePacket(Bth(opcode=0x04, dest_qp=5, psn=i), payload=bytes(1024)).encode(
+            IpContext(A, B, sport=ctx.sport, dport=ctx.dport, ip_id=i)) for i in range(3)]
+        tx.sendmsg([b"".join(good)], [(socket.IPPROTO_UDP, UDP_SEGMENT, (1040).to_bytes(2, "little"))],
+                   0, dst)
+        tx.sendmsg([good[0] + good[1][:100]], [(socket.IPPROTO_UDP, UDP_SEGMENT,
+                                                (1040).to_bytes(2, "little"))], 0, dst)
+        for _ in range(100):
+            ep.poll()
+            if len(got) >= 4 and ep.metrics.rx_packets >= 5:
+                break
+            await asyncio.sleep(0.01)
+        m = ep.metrics
+        await ep.aclose()
+        return got, m
+
+    got, m = asyncio.run(main())
+    assert got == [0, 1, 2, 0]
+    assert (m.rx_packets, m.rx_malformed + m.rx_icrc_errors) == (5, 1)
+    assert (m.rx_gro_buffers, m.rx_gro_packets) == (2, 5)
