@@ -228,7 +228,8 @@ def print_latency(r: dict) -> None:
 
 
 def print_throughput(r: dict) -> None:
-    print(f"# raw UDP one-way stream across veth; {r.get('vcpu_state', 'idle vCPUs')}")
+    print(f"# raw UDP one-way stream across veth, one datagram per send() and recv (no UDP GSO "
+          f"or GRO: the plain baseline of issue 17); {r.get('vcpu_state', 'idle vCPUs')}")
     print("#bytes #sent      #received  MB/s       datagrams/s  rcvbuf_drops")
     print(f"{r['bytes']:<7}{r['sent']:<11}{r['received']:<11}{r['MB_per_s']:<11.1f}"
           f"{r['datagrams_per_s']:<13.0f}{r['rcvbuf_drops']}")

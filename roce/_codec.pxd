@@ -31,6 +31,7 @@ cdef struct Parsed:
     uint32_t hdr_len
     uint32_t payload_len     # without pad
     uint32_t icrc            # as received
+    uint16_t ip_id           # IPv4 ID the ICRC was valid for: 0, or a UDP GSO segment's index
 
 
 cdef class Envelope:

@@ -7,7 +7,8 @@
   instead of an :class:`~roce.icrc.IpContext` per packet.
 * :func:`decode`: syntax checks in the reference's order (length, opcode,
   TVer, header length, payload, pad count) and the ICRC for IPv4 ID 0 (the ID
-  a Linux sender with DF writes) or IPv6, then the same
+  a Linux sender with DF writes), or for the small ID of a UDP GSO segment
+  (1 .. GSO_SEGMENTS - 1, solved natively: roce._icrc), or IPv6, then the same
   :class:`~roce.packet.RocePacket` the reference builds. It returns ``None``
   for anything else (a malformed datagram, or an ICRC that needs ID
   recovery): the caller then runs the reference, which raises the typed error
@@ -31,7 +32,7 @@ from cpython.exc cimport PyErr_Clear
 from libc.stdint cimport int16_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
-from roce._icrc cimport crc32_raw, icrc_seed
+from roce._icrc cimport GSO_SEGMENTS, crc32_raw, icrc_id_solve, icrc_seed
 
 import ipaddress
 
@@ -233,6 +234,7 @@ cdef int parse_verify(const uint8_t *p, size_t n, Envelope env, Parsed *out) noe
     cdef const OpDesc *d
     cdef size_t body
     cdef uint32_t crc
+    cdef int ident
     out.status = PARSE_MALFORMED
     if n < 16:
         return out.status
@@ -251,6 +253,13 @@ cdef int parse_verify(const uint8_t *p, size_t n, Envelope env, Parsed *out) noe
     out.icrc = rcd_le32(p + n - 4)
     crc = icrc_seed(env.version, env.src_b, env.dst_b, env.sport, env.dport, 0, 1, n, p)
     crc = crc32_raw(crc, p + 12, n - 16) ^ 0xFFFFFFFFu
+    out.ip_id = 0
+    if crc != out.icrc and env.version == 4:
+        # a segment of a UDP GSO send carries its index as IPv4 ID (roce._icrc)
+        ident = icrc_id_solve(n, crc ^ out.icrc)
+        if 0 < ident < GSO_SEGMENTS:
+            out.ip_id = <uint16_t>ident
+            crc = out.icrc
     out.status = PARSE_OK if crc == out.icrc else PARSE_ICRC
     return out.status
 
@@ -291,15 +300,16 @@ cdef object build_packet(const uint8_t *p, Parsed *ps, object ip_id):
 
 def decode(data, Envelope env):
     """:func:`roce.packet.decode` for a datagram from ``env.src`` to
-    ``env.dst`` whose IPv4 ID is 0 (IPv6: no ID), with DF; ``None`` if that
-    decode would raise or needs ``recover_ipv4_id`` (run the reference)."""
+    ``env.dst`` whose IPv4 ID is 0 or a UDP GSO segment's index (IPv6: no ID),
+    with DF; ``None`` if that decode would raise or needs ``recover_ipv4_id``
+    for another ID (run the reference)."""
     cdef Py_buffer view
     cdef Parsed ps
     PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
     try:
         if parse_verify(<const uint8_t *>view.buf, <size_t>view.len, env, &ps) != PARSE_OK:
             return None
-        return build_packet(<const uint8_t *>view.buf, &ps, 0 if env.version == 4 else None)
+        return build_packet(<const uint8_t *>view.buf, &ps, ps.ip_id if env.version == 4 else None)
     finally:
         PyBuffer_Release(&view)
 

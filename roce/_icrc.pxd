@@ -15,3 +15,13 @@ cdef uint32_t crc32_raw(uint32_t crc, const uint8_t *p, size_t n) noexcept nogil
 cdef uint32_t icrc_seed(int version, const uint8_t *src, const uint8_t *dst, uint16_t sport,
                         uint16_t dport, uint16_t ip_id, bint df, size_t udp_payload_len,
                         const uint8_t *bth) noexcept nogil
+
+cdef enum:
+    #: datagrams in one UDP GSO send (Linux's UDP_MAX_SEGMENTS is 64, 128 since
+    #: 6.9: the smaller). The kernel gives segment k of a send IPv4 ID base + k,
+    #: and a sender with DF on an unconnected socket has base 0, so the
+    #: segments of a GSO send carry IDs 0 .. GSO_SEGMENTS - 1 (roce._udpio).
+    GSO_SEGMENTS = 64
+
+cdef uint32_t icrc_id_delta(size_t udp_payload_len, uint16_t ip_id) noexcept nogil
+cdef int icrc_id_solve(size_t udp_payload_len, uint32_t delta) noexcept nogil

@@ -273,3 +273,116 @@ def compute_icrc(ip_header, udp_header, ib_bytes) -> int:
     finally:
         PyBuffer_Release(&ib)
     return crc ^ 0xFFFFFFFFu
+
+
+# ------------------------------------------------ the IPv4 ID in the ICRC
+# The ICRC covers the IPv4 Identification field (annex A17.3.3 masks TOS,
+# TTL and the checksums, not the ID), and the CRC is affine in it: the ICRC
+# for ID ``k`` is the ICRC for ID 0 xor a linear function of ``k`` that
+# depends only on the datagram's length. UDP GSO gives segment ``k`` of a
+# send the ID ``k`` (see GSO_SEGMENTS), so a sender computes each segment's
+# ICRC for its ID, and a receiver (which never sees the IP header) solves
+# for it. Per UDP payload length, the 16 columns of that linear map and its
+# row-reduced form are cached (a few lengths make up any stream).
+
+cdef struct IdMap:
+    size_t n                    # UDP payload length (0: empty entry)
+    uint32_t col[16]            # ICRC change of ID bit b
+    uint32_t vec[16]            # row-reduced basis: vector, its pivot bit, the ID bits it stands for
+    uint8_t piv[16]
+    uint16_t mask[16]
+    int nrows
+
+cdef enum:
+    IDMAPS = 31                 # cache entries (direct-mapped by length)
+    ZEROS = 4096
+
+cdef IdMap _idmaps[IDMAPS]
+cdef uint8_t _zeros[ZEROS]      # static storage: zero
+
+
+cdef const IdMap *_idmap(size_t n) noexcept nogil:
+    cdef IdMap *e = &_idmaps[n % IDMAPS]
+    cdef IdMap m
+    cdef uint8_t two[2]
+    cdef uint32_t v, c
+    cdef uint16_t mk
+    cdef size_t tail, left
+    cdef int b, r, p
+    if e.n == n:
+        return e
+    # raw CRC (register 0, no inversion) of a message that is zero but for ID
+    # bit b: zeros before the ID leave the register 0; after it come the rest
+    # of the IP header (14 bytes), UDP (8) and the UDP payload less its ICRC
+    tail = 14 + 8 + n - 4
+    m.nrows = 0
+    for b in range(16):
+        two[0] = <uint8_t>((1 << b) >> 8)
+        two[1] = <uint8_t>(1 << b)
+        c = crc32_raw(0, two, 2)
+        left = tail
+        while left:
+            c = crc32_raw(c, _zeros, ZEROS if left > ZEROS else left)
+            left -= ZEROS if left > ZEROS else left
+        m.col[b] = c
+        v = c
+        mk = <uint16_t>(1 << b)
+        for r in range(m.nrows):
+            if (v >> m.piv[r]) & 1:
+                v ^= m.vec[r]
+                mk ^= m.mask[r]
+        if v == 0:              # cannot happen for CRC-32 (bursts of <= 32 bits are detected)
+            continue
+        p = 31
+        while not (v >> p) & 1:
+            p -= 1
+        for r in range(m.nrows):
+            if (m.vec[r] >> p) & 1:
+                m.vec[r] ^= v
+                m.mask[r] ^= mk
+        m.vec[m.nrows] = v
+        m.piv[m.nrows] = <uint8_t>p
+        m.mask[m.nrows] = mk
+        m.nrows += 1
+    m.n = n
+    e[0] = m
+    return e
+
+
+cdef uint32_t icrc_id_delta(size_t udp_payload_len, uint16_t ip_id) noexcept nogil:
+    """ICRC(ID ``ip_id``) xor ICRC(ID 0) of an IPv4 datagram whose UDP payload
+    is ``udp_payload_len`` bytes."""
+    cdef const IdMap *m
+    cdef uint32_t d = 0
+    cdef int b
+    if ip_id == 0:
+        return 0
+    m = _idmap(udp_payload_len)
+    for b in range(16):
+        if (ip_id >> b) & 1:
+            d ^= m.col[b]
+    return d
+
+
+cdef int icrc_id_solve(size_t udp_payload_len, uint32_t delta) noexcept nogil:
+    """The ID whose :func:`icrc_id_delta` is ``delta``, or -1 if none."""
+    cdef const IdMap *m
+    cdef int r, ident = 0
+    if delta == 0:
+        return 0
+    m = _idmap(udp_payload_len)
+    for r in range(m.nrows):
+        if (delta >> m.piv[r]) & 1:
+            delta ^= m.vec[r]
+            ident ^= m.mask[r]
+    return ident if delta == 0 else -1
+
+
+def id_delta(unsigned int udp_payload_len, unsigned int ip_id) -> int:
+    """ICRC(ID ``ip_id``) xor ICRC(ID 0) of an IPv4 datagram (tests)."""
+    return icrc_id_delta(udp_payload_len, <uint16_t>ip_id)
+
+
+def id_solve(unsigned int udp_payload_len, unsigned int delta) -> int:
+    """The IPv4 ID that changes the ICRC by ``delta`` (-1 if none; tests)."""
+    return icrc_id_solve(udp_payload_len, delta)

@@ -1,6 +1,6 @@
 # cython: language_level=3
 """C-level view of roce._udpio's receive ring, cimported by roce.rc._fastrx."""
-from libc.stdint cimport uint8_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t
 
 
 cdef extern from "<sys/uio.h>" nogil:
@@ -23,17 +23,26 @@ cdef extern from "<sys/socket.h>" nogil:
         unsigned int msg_len
 
 cdef enum:
-    SLOT = 65536          # bytes per receive slot: any UDP datagram fits
+    SLOT = 65536          # bytes per receive slot: any UDP datagram (or coalesced buffer) fits
     NAMELEN = 28          # sockaddr_in6; sockaddr_in is 16
+    PER_SLOT = 128        # datagrams split from one coalesced slot at most (UDP_MAX_SEGMENTS)
 
 
 cdef class RxRing:
     cdef int nslots
-    cdef readonly int count
+    cdef readonly int count         # datagrams: entries of pkt / plen / pslot
+    cdef readonly int slots         # slots recvmmsg filled
     cdef uint8_t *buf
     cdef uint8_t *names
     cdef iovec *iovs
     cdef mmsghdr *msgs
+    cdef uint8_t *ctl
+    # per datagram i: its bytes, length (0: dropped), and slot (sender's address)
+    cdef uint8_t **pkt
+    cdef uint32_t *plen
+    cdef uint16_t *pslot
+    cdef readonly unsigned long long gro_buffers, gro_packets, gro_dropped
 
     cdef object _key(self, int i)
     cdef void _check(self, int i) except *
+    cdef void _split(self, int r) noexcept

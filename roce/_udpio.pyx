@@ -3,27 +3,50 @@
 
 * :class:`RxRing`: ``recvmmsg`` of up to ``nslots`` datagrams per system
   call into preallocated slots (64 KiB each: any UDP datagram fits, so none
-  is ever truncated), with the sender's address of each; per slot,
+  is ever truncated), with the sender's address of each; per packet,
   :meth:`RxRing.packet` runs the native syntax + ICRC check and builds the
-  :class:`~roce.packet.RocePacket`.
+  :class:`~roce.packet.RocePacket`. On a socket with ``UDP_GRO`` a slot may
+  hold several datagrams of one sender coalesced by the kernel (a ``UDP_GRO``
+  control message gives their size; the last may be shorter): the ring
+  splits them back, so index ``i`` is always one datagram (``count`` of
+  them), whatever the slots.
 * :class:`TxRing`: packets are encoded as they are added (BTH and extension
   headers, pad and ICRC in small per-slot buffers; the payload is not
   copied: its iovec points at the caller's buffer, typically guest memory)
   and sent with ``sendmmsg``, many per system call. The ring holds a buffer
   reference of every payload until it is flushed.
 
+UDP GSO (``UDP_SEGMENT``, Linux >= 4.18): consecutive datagrams to the same
+destination with the same length (the last of a run may be shorter) leave as
+one message with a ``UDP_SEGMENT`` control message (the segment size = that
+length), up to GSO_SEGMENTS datagrams and 64 KiB: the kernel (or the NIC)
+cuts the very same datagrams from it, one skb through the stack instead of
+one per datagram. What segmentation changes on the wire is the IPv4 ID:
+segment ``k`` of a send gets ID ``k`` (a DF datagram of an unconnected socket
+has ID 0, and GSO increments it per segment), and the RoCEv2 ICRC covers the
+ID, so the ring computes each datagram's ICRC for the ID it will carry
+(:func:`roce._icrc.icrc_id_delta`; the auth trailer of a sealed datagram is
+computed over that ICRC). Receivers that see the IP header (kernel rxe, an
+RNIC, tshark) check it as it is; :class:`RxRing` (no IP header) solves for
+the segment's ID (roce._codec.parse_verify). Runs are formed as slots are
+added, within one flush: nothing waits for a run. A datagram whose run could
+not leave as one message (the kernel refused GSO: EIO/EINVAL, counted in
+``gso_fallbacks``, and the ring stops trying; or the socket buffer was full,
+see :meth:`TxRing.flush`) is re-finished for ID 0 (ICRC, and the seal with
+its own counter) and sent alone.
+
 Sockets are the caller's (non-blocking); nothing here owns an fd.
 """
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from libc.errno cimport EAGAIN, EINTR, errno
+from libc.errno cimport EAGAIN, EINTR, EINVAL, EIO, errno
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 
 from roce._codec cimport (Envelope, PARSE_ICRC, PARSE_MALFORMED, PARSE_OK, Parsed, build_packet,
                           encode_header, opdesc, parse_verify)
-from roce._icrc cimport crc32_raw, icrc_seed
+from roce._icrc cimport GSO_SEGMENTS, crc32_raw, icrc_id_delta, icrc_seed
 from verbs._verbs cimport PSN_MASK
 from roce._auth cimport CTR_LEN, PSEUDO_LEN, TAG_LEN, TRAILER_LEN, MacKey, RxAuth, TxAuth, Window
 
@@ -40,6 +63,24 @@ cdef extern from "<sys/socket.h>" nogil:
     int sendmmsg(int fd, mmsghdr *msgs, unsigned int n, int flags)
     int MSG_DONTWAIT
     int MSG_TRUNC
+    struct cmsghdr:
+        size_t cmsg_len
+        int cmsg_level
+        int cmsg_type
+    cmsghdr *CMSG_FIRSTHDR(msghdr *m)
+    cmsghdr *CMSG_NXTHDR(msghdr *m, cmsghdr *c)
+    unsigned char *CMSG_DATA(cmsghdr *c)
+    size_t CMSG_SPACE(size_t n)
+    size_t CMSG_LEN(size_t n)
+
+cdef extern from "<netinet/in.h>" nogil:
+    int IPPROTO_UDP
+
+cdef enum:
+    UDP_SEGMENT = 103       # linux/udp.h: the segment size of a GSO send (a uint16)
+    UDP_GRO = 104           # linux/udp.h: the segment size of a coalesced receive (an int)
+    GSO_BYTES = 65507       # UDP payload of one send: 65535 less the IPv4 and UDP headers
+    CTL = 32                # control buffer per message: CMSG_SPACE(2) is 24
 
 cdef enum:
     HDR = 64
@@ -76,7 +117,12 @@ cdef class RxRing:
         self.names = <uint8_t *>PyMem_Calloc(nslots, NAMELEN)
         self.iovs = <iovec *>PyMem_Calloc(nslots, sizeof(iovec))
         self.msgs = <mmsghdr *>PyMem_Calloc(nslots, sizeof(mmsghdr))
-        if not (self.buf and self.names and self.iovs and self.msgs):
+        self.ctl = <uint8_t *>PyMem_Calloc(nslots, CTL)
+        self.pkt = <uint8_t **>PyMem_Calloc(<size_t>nslots * PER_SLOT, sizeof(uint8_t *))
+        self.plen = <uint32_t *>PyMem_Calloc(<size_t>nslots * PER_SLOT, sizeof(uint32_t))
+        self.pslot = <uint16_t *>PyMem_Calloc(<size_t>nslots * PER_SLOT, sizeof(uint16_t))
+        if not (self.buf and self.names and self.iovs and self.msgs and self.ctl and self.pkt
+                and self.plen and self.pslot):
             raise MemoryError()
         cdef int i
         for i in range(nslots):
@@ -91,33 +137,84 @@ cdef class RxRing:
         PyMem_Free(self.names)
         PyMem_Free(self.iovs)
         PyMem_Free(self.msgs)
+        PyMem_Free(self.ctl)
+        PyMem_Free(self.pkt)
+        PyMem_Free(self.plen)
+        PyMem_Free(self.pslot)
 
     def recv(self, int fd) -> int:
-        """Receive what is queued, up to ``nslots`` datagrams; 0 if none."""
+        """Receive what is queued, up to ``nslots`` slots; returns the number
+        of datagrams (``count``: more than the slots when the kernel coalesced
+        some, see the module doc), 0 if none."""
         cdef int i, r
         for i in range(self.nslots):
             self.msgs[i].msg_hdr.msg_namelen = NAMELEN
-            self.msgs[i].msg_hdr.msg_controllen = 0
+            self.msgs[i].msg_hdr.msg_control = self.ctl + i * CTL
+            self.msgs[i].msg_hdr.msg_controllen = CTL
             self.msgs[i].msg_hdr.msg_flags = 0
         self.count = 0
+        self.slots = 0
         while True:
             with nogil:
                 r = recvmmsg(fd, self.msgs, self.nslots, MSG_DONTWAIT, NULL)
             if r >= 0:
-                self.count = r
-                return r
+                self.slots = r
+                self._split(r)
+                return self.count
             if errno == EINTR:
                 continue
             if errno == EAGAIN:
                 return 0
             raise OSError(errno, os.strerror(errno))
 
+    cdef void _split(self, int r) noexcept:
+        """The datagram table of slots ``0 .. r-1``: one entry per datagram."""
+        cdef int s, n = 0, k, c
+        cdef uint32_t length, size
+        cdef int gro
+        cdef uint8_t *p
+        cdef msghdr *m
+        cdef cmsghdr *cm
+        for s in range(r):
+            m = &self.msgs[s].msg_hdr
+            length = self.msgs[s].msg_len
+            p = self.buf + <size_t>s * SLOT
+            size = 0
+            if m.msg_controllen >= CMSG_LEN(sizeof(int)):
+                cm = CMSG_FIRSTHDR(m)
+                while cm != NULL:
+                    if cm.cmsg_level == IPPROTO_UDP and cm.cmsg_type == UDP_GRO \
+                            and cm.cmsg_len >= CMSG_LEN(sizeof(int)):
+                        memcpy(&gro, CMSG_DATA(cm), sizeof(int))
+                        if gro > 0:
+                            size = <uint32_t>gro
+                    cm = CMSG_NXTHDR(m, cm)
+            if size == 0 or size >= length:
+                self.pkt[n] = p
+                self.plen[n] = length
+                self.pslot[n] = <uint16_t>s
+                n += 1
+                continue
+            # coalesced: datagrams of ``size`` bytes, the last maybe shorter
+            c = <int>((length + size - 1) // size)
+            if c > PER_SLOT:
+                self.gro_dropped += c - PER_SLOT
+                c = PER_SLOT
+            self.gro_buffers += 1
+            self.gro_packets += c
+            for k in range(c):
+                self.pkt[n] = p + <size_t>k * size
+                self.plen[n] = size if <uint32_t>(k + 1) * size <= length else length - <uint32_t>k * size
+                self.pslot[n] = <uint16_t>s
+                n += 1
+        self.count = n
+
     cdef void _check(self, int i) except *:
         if not 0 <= i < self.count:
-            raise IndexError(f"slot {i} not received ({self.count} in the ring)")
+            raise IndexError(f"packet {i} not received ({self.count} in the ring)")
 
     cdef object _key(self, int i):
-        cdef const uint8_t *a = self.names + i * NAMELEN
+        cdef const uint8_t *a = self.names + <size_t>self.pslot[i] * NAMELEN
         cdef uint8_t k[22]
         if a[0] == 2:   # AF_INET: port and address in one int
             return (<uint64_t>_be16(a + 2) << 32) | ((<uint64_t>a[4] << 24) | (a[5] << 16)
@@ -147,7 +244,7 @@ cdef class RxRing:
         if not 0 <= n <= self.count:
             raise IndexError(f"{n} slots, {self.count} in the ring")
         for i in range(n):
-            a = self.names + i * NAMELEN
+            a = self.names + <size_t>self.pslot[i] * NAMELEN
             memset(pseudo, 0, PSEUDO_LEN)
             if a[0] == 2:
                 pseudo[0] = 4
@@ -158,11 +255,11 @@ cdef class RxRing:
             if has_plain and PyBytes_FromStringAndSize(<const char *>pseudo + 1, 16) in auth.plain:
                 auth.plaintext += 1
                 continue
-            p = self.buf + <size_t>i * SLOT
-            length = self.msgs[i].msg_len
+            p = self.pkt[i]
+            length = self.plen[i]
             if pseudo[0] != auth.version or length < TRAILER_LEN + 12:
                 auth.short += 1
-                self.msgs[i].msg_len = 0
+                self.plen[i] = 0
                 dropped = dropped or set()
                 dropped.add(i)
                 continue
@@ -176,7 +273,7 @@ cdef class RxRing:
                       and CRYPTO_memcmp(tag, p + length - TAG_LEN, TAG_LEN) == 0)
             if not ok:
                 auth.failed += 1
-                self.msgs[i].msg_len = 0
+                self.plen[i] = 0
                 dropped = dropped or set()
                 dropped.add(i)
                 continue
@@ -186,21 +283,21 @@ cdef class RxRing:
                 w = <Window>wo
                 if not w.ok(counter):
                     auth.replayed += 1
-                    self.msgs[i].msg_len = 0
+                    self.plen[i] = 0
                     dropped = dropped or set()
                     dropped.add(i)
                     continue
             if wo is None:
                 if len(auth.windows) >= 65536:      # never forget a window: that would allow replays
                     auth.failed += 1
-                    self.msgs[i].msg_len = 0
+                    self.plen[i] = 0
                     dropped = dropped or set()
                     dropped.add(i)
                     continue
                 w = Window()
                 auth.windows[key_i] = w
             w.record(counter)
-            self.msgs[i].msg_len = length - TRAILER_LEN
+            self.plen[i] = length - TRAILER_LEN
             auth.opened += 1
         return dropped
 
@@ -212,7 +309,7 @@ cdef class RxRing:
     def peer(self, int i):
         """``(ip, port)`` that sent slot ``i``."""
         self._check(i)
-        cdef const uint8_t *a = self.names + i * NAMELEN
+        cdef const uint8_t *a = self.names + <size_t>self.pslot[i] * NAMELEN
         port = _be16(a + 2)
         if a[0] == 2:
             return str(ipaddress.IPv4Address(PyBytes_FromStringAndSize(<const char *>a + 4, 4))), port
@@ -225,28 +322,27 @@ cdef class RxRing:
         if not 0 <= n <= self.count:
             raise IndexError(f"{n} slots, {self.count} in the ring")
         for i in range(n):
-            if self.msgs[i].msg_len >= 12 and (self.buf + <size_t>i * SLOT)[0] in opcodes:
+            if self.plen[i] >= 12 and self.pkt[i][0] in opcodes:
                 return True
         return False
 
     def datagram(self, int i) -> bytes:
         """A copy of slot ``i``'s datagram."""
         self._check(i)
-        return PyBytes_FromStringAndSize(<const char *>self.buf + <size_t>i * SLOT,
-                                         self.msgs[i].msg_len)
+        return PyBytes_FromStringAndSize(<const char *>self.pkt[i], self.plen[i])
 
     def packet(self, int i, Envelope env):
         """``(status, packet)``: 0 and the decoded RocePacket (payload
-        copied; IPv4 ID 0) if slot ``i`` passes the syntax and ICRC checks
+        copied; IPv4 ID 0, or a UDP GSO segment's index) if slot ``i`` passes the syntax and ICRC checks
         for ``env``; 1 (malformed) or 2 (ICRC, maybe a non-zero IPv4 ID) and
         None otherwise."""
         self._check(i)
         cdef Parsed ps
-        cdef const uint8_t *p = self.buf + <size_t>i * SLOT
-        cdef int st = parse_verify(p, self.msgs[i].msg_len, env, &ps)
+        cdef const uint8_t *p = self.pkt[i]
+        cdef int st = parse_verify(p, self.plen[i], env, &ps)
         if st != PARSE_OK:
             return st, None
-        return 0, build_packet(p, &ps, 0 if env.version == 4 else None)
+        return 0, build_packet(p, &ps, ps.ip_id if env.version == 4 else None)
 
 
 cdef class TxRing:
@@ -259,18 +355,49 @@ cdef class TxRing:
     cdef mmsghdr *msgs
     cdef list keep              # memoryviews (buffer exports) the queued iovecs point into
     cdef TxAuth auth            # seals datagrams added with seal=True
+    # per slot: UDP payload length, ICRC for IPv4 ID 0, index in its GSO run
+    # (0: the run starts here), the seal counter, its envelope
+    cdef uint32_t *dlen
+    cdef uint32_t *crc0
+    cdef uint16_t *seg
+    cdef uint64_t *ctr
+    cdef uint8_t *sealed
+    cdef list envs
+    # the messages of one flush: a slot alone, or a GSO run of slots
+    cdef mmsghdr *out
+    cdef iovec *oiov
+    cdef uint8_t *ctl
+    cdef int *ofirst
+    cdef int *ocount
+    #: send runs of equal datagrams through UDP GSO (off after a refusal)
+    cdef public bint gso
+    cdef readonly unsigned long long gso_calls, gso_datagrams, gso_fallbacks
 
-    def __cinit__(self, int nslots=64):
+    def __cinit__(self, int nslots=64, bint gso=True):
         if not 1 <= nslots <= 1024:
             raise ValueError(f"nslots {nslots} not in 1..1024")
         self.nslots = nslots
         self.keep = []
+        self.envs = [None] * nslots
+        self.gso = gso
         self.hdrs = <uint8_t *>PyMem_Malloc(<size_t>nslots * HDR)
         self.trailers = <uint8_t *>PyMem_Calloc(nslots, TRAILER)
         self.names = <uint8_t *>PyMem_Calloc(nslots, NAMELEN)
         self.iovs = <iovec *>PyMem_Calloc(nslots * MAXIOV, sizeof(iovec))
         self.msgs = <mmsghdr *>PyMem_Calloc(nslots, sizeof(mmsghdr))
-        if not (self.hdrs and self.trailers and self.names and self.iovs and self.msgs):
+        self.dlen = <uint32_t *>PyMem_Calloc(nslots, sizeof(uint32_t))
+        self.crc0 = <uint32_t *>PyMem_Calloc(nslots, sizeof(uint32_t))
+        self.seg = <uint16_t *>PyMem_Calloc(nslots, sizeof(uint16_t))
+        self.ctr = <uint64_t *>PyMem_Calloc(nslots, sizeof(uint64_t))
+        self.sealed = <uint8_t *>PyMem_Calloc(nslots, 1)
+        self.out = <mmsghdr *>PyMem_Calloc(nslots, sizeof(mmsghdr))
+        self.oiov = <iovec *>PyMem_Calloc(nslots * MAXIOV, sizeof(iovec))
+        self.ctl = <uint8_t *>PyMem_Calloc(nslots, CTL)
+        self.ofirst = <int *>PyMem_Calloc(nslots, sizeof(int))
+        self.ocount = <int *>PyMem_Calloc(nslots, sizeof(int))
+        if not (self.hdrs and self.trailers and self.names and self.iovs and self.msgs
+                and self.dlen and self.crc0 and self.seg and self.ctr and self.sealed and self.out and self.oiov
+                and self.ctl and self.ofirst and self.ocount):
             raise MemoryError()
 
     def __dealloc__(self):
@@ -279,9 +406,22 @@ cdef class TxRing:
         PyMem_Free(self.names)
         PyMem_Free(self.iovs)
         PyMem_Free(self.msgs)
+        PyMem_Free(self.dlen)
+        PyMem_Free(self.crc0)
+        PyMem_Free(self.seg)
+        PyMem_Free(self.ctr)
+        PyMem_Free(self.sealed)
+        PyMem_Free(self.out)
+        PyMem_Free(self.oiov)
+        PyMem_Free(self.ctl)
+        PyMem_Free(self.ofirst)
+        PyMem_Free(self.ocount)
 
     cdef void _release(self) noexcept:
+        cdef int i
         self.keep.clear()
+        for i in range(self.count):
+            self.envs[i] = None
 
     cdef int _hold(self, object obj, const uint8_t **buf, Py_ssize_t *length) except -1:
         """Pointer and length of ``obj``'s bytes, valid until the ring is
@@ -324,9 +464,11 @@ cdef class TxRing:
         cdef iovec *iov = self.iovs + MAXIOV * i
         cdef Py_ssize_t pad = (-plen) & 3
         cdef Py_ssize_t total = hlen + plen + pad + 4
-        cdef uint32_t crc
+        cdef uint32_t crc, size
+        cdef uint16_t k0
         cdef int k
         cdef msghdr *m = &self.msgs[i].msg_hdr
+        cdef msghdr *prev
         memset(tr, 0, pad)
         hdr[1] = (hdr[1] & 0xCF) | <uint8_t>(pad << 4)
         crc = icrc_seed(env.version, env.src_b, env.dst_b, env.sport, env.dport, 0, 1, total, hdr)
@@ -334,6 +476,23 @@ cdef class TxRing:
         for k in range(1, npieces + 1):
             crc = crc32_raw(crc, <const uint8_t *>iov[k].iov_base, iov[k].iov_len)
         crc = crc32_raw(crc, tr, pad) ^ 0xFFFFFFFFu
+        self.crc0[i] = crc
+        self.dlen[i] = <uint32_t>(total + (TRAILER_LEN if seal else 0))
+        self.sealed[i] = seal
+        # does it continue the GSO run of slot i - 1 (same destination, the
+        # run's size, which slot i - 1 has too, room left)?
+        self.seg[i] = 0
+        if self.gso and i > 0:
+            k0 = self.seg[i - 1]
+            size = self.dlen[i - k0 - 1]
+            prev = &self.msgs[i - 1].msg_hdr
+            if (k0 + 1 < GSO_SEGMENTS and self.dlen[i - 1] == size and self.dlen[i] <= size
+                    and (k0 + 1) * size + self.dlen[i] <= GSO_BYTES
+                    and prev.msg_namelen == env.sockaddr_len
+                    and memcmp(prev.msg_name, env.sockaddr, env.sockaddr_len) == 0):
+                self.seg[i] = k0 + 1
+                if env.version == 4:        # it will carry IPv4 ID k0 + 1
+                    crc ^= icrc_id_delta(<size_t>total, <uint16_t>(k0 + 1))
         tr[pad] = <uint8_t>crc
         tr[pad + 1] = <uint8_t>(crc >> 8)
         tr[pad + 2] = <uint8_t>(crc >> 16)
@@ -343,7 +502,10 @@ cdef class TxRing:
         iov[npieces + 1].iov_base = tr
         iov[npieces + 1].iov_len = pad + 4
         if seal:
-            self._seal(env, iov, npieces + 2, tr + pad + 4)
+            self.ctr[i] = self.auth.counter
+            self.auth.counter += 1
+            self.auth.sealed += 1
+            self._seal(env, iov, npieces + 2, tr + pad + 4, self.ctr[i])
             iov[npieces + 1].iov_len = pad + 4 + TRAILER_LEN
         memcpy(self.names + i * NAMELEN, env.sockaddr, env.sockaddr_len)
         m.msg_name = self.names + i * NAMELEN
@@ -354,14 +516,12 @@ cdef class TxRing:
         m.msg_controllen = 0
         m.msg_flags = 0
 
-    cdef void _seal(self, Envelope env, iovec *iov, int niov, uint8_t *out) noexcept nogil:
-        """Write the counter and tag of the datagram in ``iov`` to ``out``."""
+    cdef void _seal(self, Envelope env, iovec *iov, int niov, uint8_t *out,
+                    uint64_t counter) noexcept nogil:
+        """Write ``counter`` and the tag of the datagram in ``iov`` to ``out``."""
         cdef uint8_t pseudo[PSEUDO_LEN]
-        cdef uint64_t counter = self.auth.counter
         cdef int k
         cdef bint ok
-        self.auth.counter = counter + 1
-        self.auth.sealed += 1
         pseudo[0] = <uint8_t>env.version
         memcpy(pseudo + 1, env.src_b, 16)
         memcpy(pseudo + 17, env.dst_b, 16)
@@ -401,6 +561,7 @@ cdef class TxRing:
         iov[1].iov_base = <void *>buf
         iov[1].iov_len = plen
         self._finish(i, env, hlen, plen, 1, seal)
+        self.envs[i] = env
         self.count = i + 1
         return True
 
@@ -511,42 +672,129 @@ cdef class TxRing:
                 npieces += 1
                 pos += take
             self._finish(i, env, hlen, <Py_ssize_t>(end - off), npieces, seal)
+            self.envs[i] = env
             self.count = i + 1
             j += 1
         return j
 
-    def flush(self, int fd):
-        """``sendmmsg`` every slot. Returns ``(sent, errors, left)``: datagrams
-        the kernel took, datagrams it refused (counted and dropped, like a
-        lossy network: RC retransmits), and ``left`` datagrams (as bytes and
-        ``(ip, port)``) not sent because the socket buffer is full, for the
-        caller to send once the socket is writable. The ring is empty after."""
-        cdef int i = 0, r, sent = 0, errors = 0
-        cdef int n = self.count
-        left = []
+    cdef void _alone(self, int i) noexcept:
+        """Make slot ``i`` a datagram of its own, with IPv4 ID 0: the ICRC for
+        ID 0 and, if sealed, the seal again (same counter: the other version
+        never left)."""
+        cdef msghdr *m = &self.msgs[i].msg_hdr
+        cdef iovec *last = &m.msg_iov[m.msg_iovlen - 1]
+        cdef uint8_t *tr = <uint8_t *>last.iov_base
+        cdef uint32_t crc = self.crc0[i]
+        cdef size_t tlen = last.iov_len
+        cdef Envelope env
+        if self.seg[i] == 0:
+            return
+        self.seg[i] = 0
+        env = <Envelope>self.envs[i]
+        if env.version != 4:
+            return
+        if self.sealed[i]:
+            tlen -= TRAILER_LEN
+        tr[tlen - 4] = <uint8_t>crc
+        tr[tlen - 3] = <uint8_t>(crc >> 8)
+        tr[tlen - 2] = <uint8_t>(crc >> 16)
+        tr[tlen - 1] = <uint8_t>(crc >> 24)
+        if self.sealed[i]:
+            last.iov_len = tlen
+            self._seal(env, m.msg_iov, <int>m.msg_iovlen, tr + tlen, self.ctr[i])
+            last.iov_len = tlen + TRAILER_LEN
+
+    cdef int _plan(self, int o, int i, int n) noexcept:
+        """Messages ``o, o + 1, ...`` for slots ``i .. n-1``: a slot alone, or
+        a GSO run (its slots' iovecs gathered, a UDP_SEGMENT control message).
+        Returns the number of messages."""
+        cdef int c, k, s
+        cdef size_t nv
+        cdef msghdr *m
+        cdef cmsghdr *cm
+        cdef uint16_t size
         while i < n:
+            c = 1
+            while i + c < n and self.seg[i + c] == self.seg[i + c - 1] + 1:
+                c += 1
+            self.ofirst[o] = i
+            self.ocount[o] = c
+            if c == 1:
+                self.out[o] = self.msgs[i]
+            else:
+                m = &self.out[o].msg_hdr
+                m[0] = self.msgs[i].msg_hdr
+                m.msg_iov = self.oiov + MAXIOV * i
+                nv = 0
+                for s in range(i, i + c):
+                    for k in range(<int>self.msgs[s].msg_hdr.msg_iovlen):
+                        m.msg_iov[nv] = self.msgs[s].msg_hdr.msg_iov[k]
+                        nv += 1
+                m.msg_iovlen = nv
+                m.msg_control = self.ctl + o * CTL
+                m.msg_controllen = CMSG_SPACE(sizeof(uint16_t))
+                cm = CMSG_FIRSTHDR(m)
+                cm.cmsg_level = IPPROTO_UDP
+                cm.cmsg_type = UDP_SEGMENT
+                cm.cmsg_len = CMSG_LEN(sizeof(uint16_t))
+                size = <uint16_t>self.dlen[i]
+                memcpy(CMSG_DATA(cm), &size, sizeof(uint16_t))
+            o += 1
+            i += c
+        return o
+
+    def flush(self, int fd):
+        """``sendmmsg`` every slot (GSO runs as one message each). Returns
+        ``(sent, errors, left)``: datagrams the kernel took, datagrams it
+        refused (counted and dropped, like a lossy network: RC retransmits),
+        and ``left`` datagrams (as bytes and ``(ip, port)``, each for IPv4 ID
+        0) not sent because the socket buffer is full, for the caller to send
+        once the socket is writable. The ring is empty after."""
+        cdef int j = 0, r, sent = 0, errors = 0, k, c, i
+        cdef int n = self.count
+        cdef int nout = self._plan(0, 0, n)
+        left = []
+        while j < nout:
             with nogil:
-                r = sendmmsg(fd, &self.msgs[i], n - i, MSG_DONTWAIT)
+                r = sendmmsg(fd, &self.out[j], nout - j, MSG_DONTWAIT)
             if r > 0:
-                i += r
-                sent += r
+                for k in range(j, j + r):
+                    c = self.ocount[k]
+                    sent += c
+                    if c > 1:
+                        self.gso_calls += 1
+                        self.gso_datagrams += c
+                j += r
                 continue
             if r < 0 and errno == EINTR:
                 continue
             if r == 0 or errno == EAGAIN:
-                while i < n:
+                for i in range(self.ofirst[j], n):
+                    self._alone(i)
                     left.append((self._slot_bytes(i), self._slot_addr(i)))
-                    i += 1
                 break
-            errors += 1         # refused (ENOBUFS, EMSGSIZE, EHOSTUNREACH, ...): dropped
-            i += 1
+            if self.ocount[j] > 1 and (errno == EIO or errno == EINVAL):
+                # no GSO here (a device without checksum offload, ...): the
+                # rest one by one, and no more runs on this ring
+                self.gso = False
+                self.gso_fallbacks += 1
+                i = self.ofirst[j]
+                for k in range(i, n):
+                    self._alone(k)
+                nout = self._plan(j, i, n)
+                continue
+            errors += self.ocount[j]   # refused (ENOBUFS, EMSGSIZE, EHOSTUNREACH, ...): dropped
+            j += 1
         self._release()
         self.count = 0
         return sent, errors, left
 
     def flush_bytes(self) -> list:
-        """Empty the ring without sending: each slot's datagram (bytes) and
-        ``(ip, port)``, in order."""
+        """Empty the ring without sending: each slot's datagram (bytes, for
+        IPv4 ID 0) and ``(ip, port)``, in order."""
+        cdef int i
+        for i in range(self.count):
+            self._alone(i)
         out = [(self._slot_bytes(i), self._slot_addr(i)) for i in range(self.count)]
         self.clear()
         return out

@@ -21,6 +21,20 @@ checked against its sender's replay window and stripped right after
 ``recvmmsg``, before any decoding or the fast path; one that fails never
 goes further. Datagrams from plaintext peers are plain RoCEv2.
 
+Sending through UDP GSO (:mod:`roce._udpio`): each flush sends runs of
+equal datagrams to one peer as one message with ``UDP_SEGMENT`` (one skb
+through the stack instead of one per packet); the kernel cuts the same
+datagrams from it, segment ``k`` with IPv4 ID ``k``, for which its ICRC was
+computed. Off with ``VRDMA_UDP_GSO=0`` in the environment (or
+:attr:`RoceUdpEndpoint.gso`), and by itself on a socket whose kernel path
+refuses it (counted in ``tx_gso_fallbacks``).
+
+Receiving through UDP GRO (``UDP_GRO``, Linux >= 5.0): the kernel may hand
+over several datagrams of one sender in one buffer (a GSO send that crossed
+a veth whole, or datagrams a NIC's GRO coalesced); the RX ring splits them
+back into datagrams before anything else looks at them (counted in
+``rx_gro_buffers`` / ``rx_gro_packets``). Off with ``VRDMA_UDP_GRO=0``.
+
 Bad datagrams are counted in :class:`UdpMetrics` and dropped.
 """
 from __future__ import annotations
@@ -28,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import socket
 from collections import deque
 from collections.abc import Callable
@@ -50,6 +65,7 @@ IPV6_MTU_DISCOVER = 23
 IPV6_PMTUDISC_DO = 2
 UDP_NO_CHECK6_TX = 101
 UDP_NO_CHECK6_RX = 102
+UDP_GRO = 104
 SO_RCVBUFFORCE = 33
 SO_SNDBUFFORCE = 32
 #: Socket buffers: a QP keeps up to 128 unacknowledged packets in flight
@@ -78,6 +94,14 @@ class UdpMetrics:
     rx_plaintext: int = 0
     tx_sealed: int = 0
     tx_acks_parked: int = 0        # ACK-only output of a SEND's batch held for the reply (PARK_BATCH)
+    # UDP GSO: sends of a run of datagrams, the datagrams they carried, sends
+    # the kernel refused (then sent one by one, and GSO off on the socket)
+    tx_gso_calls: int = 0
+    tx_gso_datagrams: int = 0
+    tx_gso_fallbacks: int = 0
+    # UDP GRO: received buffers holding several datagrams, the datagrams split from them
+    rx_gro_buffers: int = 0
+    rx_gro_packets: int = 0
 
 
 def make_socket(host: str, port: int = ROCE_UDP_PORT) -> socket.socket:
@@ -93,6 +117,8 @@ def make_socket(host: str, port: int = ROCE_UDP_PORT) -> socket.socket:
         else:
             s.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO)
             s.setsockopt(socket.IPPROTO_UDP, UDP_NO_CHECK6_RX, 1)
+        if GRO:
+            s.setsockopt(socket.IPPROTO_UDP, UDP_GRO, 1)
         _size_buffers(s, SOCKET_BUFFER)
         s.bind((host, port))
         s.setblocking(False)
@@ -116,6 +142,10 @@ def _size_buffers(s: socket.socket, size: int) -> None:
 #: callback (then the loop runs other callbacks before reading more).
 BATCH = 64
 ROUNDS = 4
+#: send runs of equal datagrams through UDP GSO, take coalesced buffers with
+#: UDP GRO (see the module doc)
+GSO = os.environ.get("VRDMA_UDP_GSO", "1") != "0"
+GRO = os.environ.get("VRDMA_UDP_GRO", "1") != "0"
 #: envelopes (per peer address and port) cached in each direction
 MAX_PEERS = 4096
 #: ACK parking (off unless :attr:`RoceUdpEndpoint.park_acks` is set): when a
@@ -172,7 +202,7 @@ class RoceUdpEndpoint:
         self.loop = loop or asyncio.get_running_loop()
         self._fd = sock.fileno()
         self._rx = RxRing(BATCH)
-        self._tx = TxRing(BATCH)
+        self._tx = TxRing(BATCH, gso=GSO)
         self._rx_envs: dict = {}          # peer key -> Envelope(peer -> local)
         self._tx_envs: dict = {}          # (peer ip, port) -> Envelope(local -> peer)
         self._backlog: deque = deque()    # (bytes, (ip, port)) waiting for the socket buffer
@@ -187,6 +217,15 @@ class RoceUdpEndpoint:
         self._plain: frozenset[str] = frozenset()
         self._windows: dict = {}          # reference path (datagram_received): peer -> window
         self.loop.add_reader(self._fd, self.poll)
+
+    @property
+    def gso(self) -> bool:
+        """Are runs of datagrams sent through UDP GSO?"""
+        return self._tx.gso
+
+    @gso.setter
+    def gso(self, on: bool) -> None:
+        self._tx.gso = on
 
     @property
     def delivering(self) -> bool:
@@ -230,6 +269,8 @@ class RoceUdpEndpoint:
             if not n:
                 break
             got = True
+            m = self.metrics
+            m.rx_gro_buffers, m.rx_gro_packets = rx.gro_buffers, rx.gro_packets
             self._holding = True
             try:
                 self._deliver(n)
@@ -244,7 +285,7 @@ class RoceUdpEndpoint:
                     self._park()
                 else:
                     self.flush()
-            if n < BATCH:
+            if rx.slots < BATCH:
                 break
         if not got and self._parked:
             self._parked -= 1
@@ -427,7 +468,10 @@ class RoceUdpEndpoint:
             self._on_writable()
             return
         _sent, errors, left = tx.flush(self._fd)
-        self.metrics.tx_errors += errors
+        m = self.metrics
+        m.tx_errors += errors
+        m.tx_gso_calls, m.tx_gso_datagrams, m.tx_gso_fallbacks = \
+            tx.gso_calls, tx.gso_datagrams, tx.gso_fallbacks
         if left:
             self._backlog.extend(left)
             self.loop.add_writer(self._fd, self._on_writable)

@@ -47,7 +47,7 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
 from roce._codec cimport Envelope, OpDesc, PARSE_OK, Parsed, opdesc, parse_verify
-from roce._udpio cimport RxRing, SLOT
+from roce._udpio cimport RxRing
 from verbs._verbs cimport MSN_MASK, PSN_MASK
 
 import builtins
@@ -456,13 +456,13 @@ cdef class RequestFastPath:
         self.stop = 0
         try:
             while i < n:
-                p = rx.buf + <size_t>i * SLOT
+                p = rx.pkt[i]
                 eo = PyDict_GetItem(envs, rx._key(i))
                 if eo == NULL:
                     self.stop = 1
                     break
                 env = <Envelope>eo
-                if parse_verify(p, rx.msgs[i].msg_len, env, &ps) != PARSE_OK:
+                if parse_verify(p, rx.plen[i], env, &ps) != PARSE_OK:
                     self.stop = 2
                     break
                 if ps.opcode == _SEND_ONLY or ps.opcode == _SEND_ONLY_IMM:

@@ -255,9 +255,23 @@ def _run(sgl, length, mtu, first, count, **kw):
                      0x22, 0xFFFF, mtu, length, sgl, **kw)
 
 
+def _as_sent(got, pkts, tx, rx):
+    """The reference encoding of ``pkts`` for the IPv4 ID each datagram of
+    ``got`` carries (UDP GSO gives the segments of a send IDs 0, 1, ...)."""
+    ids = []
+    for d in got:
+        try:
+            ids.append(decode(d, _ctx(tx, rx), recover_ipv4_id=True).ip_id)
+        except RoceError:
+            ids.append(0)
+    return [p.encode(IpContext(A, B, sport=tx.getsockname()[1], dport=rx.getsockname()[1], ip_id=k))
+            for p, k in zip(pkts, ids)], ids
+
+
+@pytest.mark.parametrize("gso", [False, True])
 @pytest.mark.parametrize("nslots", [3, 64])
 @pytest.mark.parametrize("pieces", [[5000], [100, 1, 2000, 2900], [4096, 904]])
-def test_runs_are_their_packets(socks, nslots, pieces):
+def test_runs_are_their_packets(socks, nslots, pieces, gso):
     tx, rx = socks
     rng = random.Random(len(pieces))
     bufs = [bytearray(rng.randbytes(n)) for n in pieces]
@@ -267,7 +281,7 @@ def test_runs_are_their_packets(socks, nslots, pieces):
             _run(sgl, length, 1024, 2, 3, reth=(0x1000, 0x77), imm=0xABCD, se=True, noack=0,
                  ack_every=2)]
     env = _env(tx, rx)
-    ring = TxRing(nslots)
+    ring = TxRing(nslots, gso=gso)
     for r in runs:
         j = 0
         while j < r.count:
@@ -275,10 +289,15 @@ def test_runs_are_their_packets(socks, nslots, pieces):
             if j < r.count:
                 ring.flush(tx.fileno())
     ring.flush(tx.fileno())
-    want = [p.encode(_ctx(tx, rx)) for p in expand(runs)]
-    got = _recv_all(rx, RxRing(16), len(want))
-    assert got == want
     ps = expand(runs)
+    got = _recv_all(rx, RxRing(16), len(ps))
+    want, ids = _as_sent(got, ps, tx, rx)
+    assert got == want
+    # GSO runs: FIRST and a (shorter) MIDDLE; then MIDDLE, MIDDLE, LAST (the
+    # 3-slot ring flushes after the first MIDDLE of the second WQE)
+    assert ids == ([0, 1, 0, 1, 2] if gso and nslots == 64 else [0, 1, 0, 0, 1] if gso else [0] * 5)
+    assert ring.gso_datagrams == (5 if gso and nslots == 64 else 4 if gso else 0)
+    assert ring.gso_calls == (2 if gso else 0) and ring.gso_fallbacks == 0
     assert [p.bth.ackreq for p in ps] == [False, True, False, True, True]
     assert ps[0].reth == Reth(0x1000, 0x77, length) and ps[-1].immdt == ImmDt(0xABCD)
     assert ps[-1].bth.se and ps[-1].bth.opcode == 0x09 and ps[2].bth.psn == 0xFFFFF2
