@@ -50,6 +50,23 @@ ctypedef fused real_t:
     float
     double
 
+cdef extern from "csrc/fft_first.h" nogil:
+    # the first radix-4 / radix-8 stage over whole vectors of p (AVX2 / AVX-512 builds;
+    # 0 on the scalar one): returns how many p it did, the Cython loop does the rest
+    Py_ssize_t vrdma_first4_f32(float* yr, float* yi, const float* x, Py_ssize_t m,
+                                const float* wr, const float* wi, float h, int fwd)
+    Py_ssize_t vrdma_first8_f32(float* yr, float* yi, const float* x, Py_ssize_t m,
+                                const float* wr, const float* wi, float h, int fwd)
+    Py_ssize_t vrdma_first4_f64(double* yr, double* yi, const double* x, Py_ssize_t m,
+                                const double* wr, const double* wi, double h, int fwd)
+    Py_ssize_t vrdma_first8_f64(double* yr, double* yi, const double* x, Py_ssize_t m,
+                                const double* wr, const double* wi, double h, int fwd)
+    int VRDMA_FIRST_SIMD  # vector width in bits of those loops (0: none)
+
+#: Vector width in bits of the first radix-4 / radix-8 stage's explicit loops
+#: (accel_core/csrc/fft_first.h): 256 (AVX2), 512 (AVX-512), 0 (scalar build: Cython loop)
+FIRST_STAGE_BITS = VRDMA_FIRST_SIMD
+
 cdef enum:
     MAX_STAGES = 40
     PAD = 48          # scratch row padding, elements (multiple of 16)
@@ -908,14 +925,18 @@ cdef void _first4(rptr yr, rptr yi, rptr x, Py_ssize_t m,
                   rptr wr, rptr wi, const real_t* kc) noexcept nogil:
     """The first radix-4 stage (s == 1) reading the interleaved complex input row x
     (the split into real / imaginary arrays folded into the stage's loads)."""
-    cdef Py_ssize_t p, i, o, xs, ys
+    cdef Py_ssize_t p, p0, i, o, xs, ys
     cdef real_t w1r, w1i, w2r, w2i, w3r, w3i, a0r, a0i, a1r, a1i, a2r, a2i, a3r, a3i, t0r, t0i, t1r, t1i
     cdef real_t t2r, t2i, t3r, t3i, c1r, c1i, c2r, c2i, c3r, c3i, sg
     sg = kc[K_SG]
     xs = m
     ys = 1
+    if rptr is fptr:
+        p0 = vrdma_first4_f32(yr, yi, x, m, wr, wi, kc[K_H], kc[K_SG] > 0)
+    else:
+        p0 = vrdma_first4_f64(yr, yi, x, m, wr, wi, kc[K_H], kc[K_SG] > 0)
     if kc[K_SG] > 0:  # forward: sg == 1, no multiply by it
-        for p in range(m):
+        for p in range(p0, m):
             i = p
             o = 4 * p
             w1r = wr[p]; w1i = wi[p]
@@ -938,7 +959,7 @@ cdef void _first4(rptr yr, rptr yi, rptr x, Py_ssize_t m,
             yr[o + 2 * ys] = c2r * w2r - c2i * w2i; yi[o + 2 * ys] = c2r * w2i + c2i * w2r
             yr[o + 3 * ys] = c3r * w3r - c3i * w3i; yi[o + 3 * ys] = c3r * w3i + c3i * w3r
     else:
-        for p in range(m):
+        for p in range(p0, m):
             i = p
             o = 4 * p
             w1r = wr[p]; w1i = wi[p]
@@ -1122,7 +1143,7 @@ cdef void _first8(rptr yr, rptr yi, rptr x, Py_ssize_t m,
                   rptr wr, rptr wi, const real_t* kc) noexcept nogil:
     """The first radix-8 stage (s == 1) reading the interleaved complex input row x
     (the split into real / imaginary arrays folded into the stage's loads)."""
-    cdef Py_ssize_t p, i, o, xs, ys
+    cdef Py_ssize_t p, p0, i, o, xs, ys
     cdef real_t w1r, w1i, w2r, w2i, w3r, w3i, w4r, w4i, w5r, w5i, w6r, w6i, w7r, w7i, a0r, a0i, a1r, a1i
     cdef real_t a2r, a2i, a3r, a3i, a4r, a4i, a5r, a5i, a6r, a6i, a7r, a7i, t0r, t0i, t1r, t1i, t2r, t2i
     cdef real_t t3r, t3i, e0r, e0i, e2r, e2i, e1r, e1i, e3r, e3i, u0r, u0i, u1r, u1i, u2r, u2i, u3r, u3i
@@ -1132,8 +1153,12 @@ cdef void _first8(rptr yr, rptr yi, rptr x, Py_ssize_t m,
     h = kc[K_H]
     xs = m
     ys = 1
+    if rptr is fptr:
+        p0 = vrdma_first8_f32(yr, yi, x, m, wr, wi, kc[K_H], kc[K_SG] > 0)
+    else:
+        p0 = vrdma_first8_f64(yr, yi, x, m, wr, wi, kc[K_H], kc[K_SG] > 0)
     if kc[K_SG] > 0:  # forward: sg == 1, no multiply by it
-        for p in range(m):
+        for p in range(p0, m):
             i = p
             o = 8 * p
             w1r = wr[p]; w1i = wi[p]
@@ -1189,7 +1214,7 @@ cdef void _first8(rptr yr, rptr yi, rptr x, Py_ssize_t m,
             yr[o + 6 * ys] = c6r * w6r - c6i * w6i; yi[o + 6 * ys] = c6r * w6i + c6i * w6r
             yr[o + 7 * ys] = c7r * w7r - c7i * w7i; yi[o + 7 * ys] = c7r * w7i + c7i * w7r
     else:
-        for p in range(m):
+        for p in range(p0, m):
             i = p
             o = 8 * p
             w1r = wr[p]; w1i = wi[p]
