@@ -62,6 +62,9 @@ cdef extern from "csrc/fft_first.h" nogil:
     Py_ssize_t vrdma_first8_f64(double* yr, double* yi, const double* x, Py_ssize_t m,
                                 const double* wr, const double* wi, double h, int fwd)
     int VRDMA_FIRST_SIMD  # vector width in bits of those loops (0: none)
+    # a split radix-4 stage at s == 4, complex64: two p per 256-bit vector (same contract)
+    Py_ssize_t vrdma_s4_radix4_f32(float* yr, float* yi, const float* xr, const float* xi,
+                                   Py_ssize_t m, const float* wr, const float* wi)
 
 #: Vector width in bits of the first radix-4 / radix-8 stage's explicit loops
 #: (accel_core/csrc/fft_first.h): 256 (AVX2), 512 (AVX-512), 0 (scalar build: Cython loop)
@@ -248,7 +251,7 @@ cdef void _q4(Py_ssize_t s,
 
 cdef void _stage4(rptr yr, rptr yi, rptr xr, rptr xi, Py_ssize_t s, Py_ssize_t m,
                   rptr wr, rptr wi, const real_t* kc) noexcept nogil:
-    cdef Py_ssize_t p, q, i, o, xs, ys
+    cdef Py_ssize_t p, p0, q, i, o, xs, ys
     cdef real_t w1r, w1i, w2r, w2i, w3r, w3i, a0r, a0i, a1r, a1i, a2r, a2i, a3r, a3i, t0r, t0i, t1r, t1i
     cdef real_t t2r, t2i, t3r, t3i, c1r, c1i, c2r, c2i, c3r, c3i, sg
     sg = 1  # forward-only (a compile-time constant): see _run
@@ -280,9 +283,13 @@ cdef void _stage4(rptr yr, rptr yi, rptr xr, rptr xi, Py_ssize_t s, Py_ssize_t m
     elif s == 4:
         # s == 4, 8, 16 (the stages after a first radix-4 or radix-8 one): s butterflies
         # per p with a compile-time trip count (whole vectors, no per-p call, no loop
-        # prologue / epilogue); the generic loop below calls _q4 once per p
+        # prologue / epilogue); the generic loop below calls _q4 once per p. At s == 4,
+        # complex64, the AVX2 / AVX-512 builds take two p per vector (csrc/fft_first.h)
         xs = 4 * m
-        for p in range(m):
+        p0 = 0
+        if rptr is fptr:
+            p0 = vrdma_s4_radix4_f32(yr, yi, xr, xi, m, wr, wi)
+        for p in range(p0, m):
             i = 4 * p
             o = 16 * p
             w1r = wr[p]; w1i = wi[p]

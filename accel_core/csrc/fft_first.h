@@ -191,6 +191,40 @@ VRDMA_FIRST_FN(vrdma_first4_f64, 4, __m256d, 4, double, vrdma_ld_pd, vrdma_ldw_p
 VRDMA_FIRST_FN(vrdma_first8_f64, 8, __m256d, 4, double, vrdma_ld_pd, vrdma_ldw_pd, vrdma_st8_pd, _mm256_set1_pd)
 #define VRDMA_FIRST_SIMD 256
 
+/* A radix-4 stage at s == 4 for float (split in and out, forward only: see _run): gcc
+ * vectorises its compile-time loop of 4 butterflies per p with 128-bit vectors; here one
+ * 256-bit vector holds two p (4 q each): legs x[4p + q + j*4m] are contiguous, the
+ * twiddles of p and p + 1 fill a half each, and the outputs y[16p + 4k + q] are the
+ * halves of c_k recombined by permute2f128. Returns how many p it did (even, <= m). */
+VRDMA_INLINE __m256 vrdma_tw2_ps(const float* w) {
+    return _mm256_set_m128(_mm_broadcast_ss(w + 1), _mm_broadcast_ss(w));
+}
+VRDMA_INLINE void vrdma_st_s4_ps(float* y, const __m256* c) {
+    _mm256_storeu_ps(y, _mm256_permute2f128_ps(c[0], c[1], 0x20));
+    _mm256_storeu_ps(y + 8, _mm256_permute2f128_ps(c[2], c[3], 0x20));
+    _mm256_storeu_ps(y + 16, _mm256_permute2f128_ps(c[0], c[1], 0x31));
+    _mm256_storeu_ps(y + 24, _mm256_permute2f128_ps(c[2], c[3], 0x31));
+}
+static Py_ssize_t vrdma_s4_radix4_f32(float *__restrict yr, float *__restrict yi,
+                                      const float *__restrict xr, const float *__restrict xi,
+                                      Py_ssize_t m, const float *__restrict wr,
+                                      const float *__restrict wi) {
+    Py_ssize_t p = 0;
+    for (; p + 2 <= m; p += 2) {
+        __m256 ar[4], ai[4], wr_[3], wi_[3], cr[4], ci[4];
+        for (int j = 0; j < 4; j++) {
+            ar[j] = _mm256_loadu_ps(xr + 4 * p + j * 4 * m);
+            ai[j] = _mm256_loadu_ps(xi + 4 * p + j * 4 * m);
+        }
+        for (int j = 0; j < 3; j++) { wr_[j] = vrdma_tw2_ps(wr + p + j * m); wi_[j] = vrdma_tw2_ps(wi + p + j * m); }
+        VRDMA_BFLY4(__m256, 1, ar, ai, wr_, wi_, cr, ci);
+        vrdma_st_s4_ps(yr + 16 * p, cr);
+        vrdma_st_s4_ps(yi + 16 * p, ci);
+    }
+    return p;
+}
+#define VRDMA_S4_SIMD 256
+
 #else
 /* baseline x86-64: the Cython loops do every p */
 #define VRDMA_FIRST_NONE(NAME, T) \
@@ -200,6 +234,10 @@ VRDMA_FIRST_NONE(vrdma_first4_f32, float)
 VRDMA_FIRST_NONE(vrdma_first8_f32, float)
 VRDMA_FIRST_NONE(vrdma_first4_f64, double)
 VRDMA_FIRST_NONE(vrdma_first8_f64, double)
+static Py_ssize_t vrdma_s4_radix4_f32(float* yr, float* yi, const float* xr, const float* xi,
+                                      Py_ssize_t m, const float* wr, const float* wi) {
+    (void)yr; (void)yi; (void)xr; (void)xi; (void)m; (void)wr; (void)wi; return 0; }
+#define VRDMA_S4_SIMD 0
 #define VRDMA_FIRST_SIMD 0
 #endif
 
