@@ -39,10 +39,18 @@
 /* ---- the butterflies, generic over the vector type V (GCC vector extensions) ---- */
 
 #define VRDMA_CMUL_STORE(yr_, yi_, cr, ci, wr_, wi_) \
-    do { (yr_) = (cr) * (wr_) - (ci) * (wi_); (yi_) = (cr) * (wi_) + (ci) * (wr_); } while (0)
+    do { __typeof__(cr) w_r = (wr_), w_i = (wi_);                                                  \
+         (yr_) = (cr) * w_r - (ci) * w_i; (yi_) = (cr) * w_i + (ci) * w_r; } while (0)
+#define VRDMA_CMUL_TW(yr_, yi_, cr, ci, LDW, k) VRDMA_CMUL_TW_(yr_, yi_, cr, ci, VRDMA_TW(LDW, k))
+#define VRDMA_CMUL_TW_(yr_, yi_, cr, ci, ...) VRDMA_CMUL_STORE(yr_, yi_, cr, ci, __VA_ARGS__)
 
-/* radix 4: a[0..3] (re, im) -> c[0..3] twiddled by w[1..3]; sg = +1 forward, -1 inverse */
-#define VRDMA_BFLY4(V, sg, ar, ai, wr, wi, cr, ci) do {                                 \
+/* The butterflies name the loop's wr, wi, p and m: twiddle k (k = 1 .. r-1) is
+ * LDW(wr + p + (k-1)*m), loaded where it is used (loading all of them first made gcc
+ * spill them: 16 vector registers on AVX2). */
+#define VRDMA_TW(LDW, k) LDW(wr + p + ((k) - 1) * m), LDW(wi + p + ((k) - 1) * m)
+
+/* radix 4: a[0..3] (re, im) -> c[0..3] twiddled by w_1..w_3; sg = +1 forward, -1 inverse */
+#define VRDMA_BFLY4(V, sg, ar, ai, LDW, cr, ci) do {                                 \
     V t0r = ar[0] + ar[2], t0i = ai[0] + ai[2];                                         \
     V t1r = ar[0] - ar[2], t1i = ai[0] - ai[2];                                         \
     V t2r = ar[1] + ar[3], t2i = ai[1] + ai[3];                                         \
@@ -51,13 +59,16 @@
     V u1r = t1r + t3r, u1i = t1i + t3i, u2r = t0r - t2r, u2i = t0i - t2i;               \
     V u3r = t1r - t3r, u3i = t1i - t3i;                                                 \
     cr[0] = t0r + t2r; ci[0] = t0i + t2i;                                               \
-    VRDMA_CMUL_STORE(cr[1], ci[1], u1r, u1i, wr[0], wi[0]);                             \
-    VRDMA_CMUL_STORE(cr[2], ci[2], u2r, u2i, wr[1], wi[1]);                             \
-    VRDMA_CMUL_STORE(cr[3], ci[3], u3r, u3i, wr[2], wi[2]);                             \
+    VRDMA_CMUL_TW(cr[1], ci[1], u1r, u1i, LDW, 1);                             \
+    VRDMA_CMUL_TW(cr[2], ci[2], u2r, u2i, LDW, 2);                             \
+    VRDMA_CMUL_TW(cr[3], ci[3], u3r, u3i, LDW, 3);                             \
 } while (0)
 
-/* radix 8 as two radix-4 halves (even / odd legs) and the W8 rotations */
-#define VRDMA_BFLY8(V, sg, h, ar, ai, wr, wi, cr, ci) do {                              \
+/* radix 8 as two radix-4 halves (even / odd legs) and the W8 rotations; legs are read
+ * (LD: de-interleaving loads of x at p + j*m) where used: the odd ones after the even half */
+#define VRDMA_LEG(LD, j) LD(x + 2 * (p + (j) * m), &ar[j], &ai[j])
+#define VRDMA_BFLY8(V, sg, h, ar, ai, LD, LDW, cr, ci) do {                             \
+    VRDMA_LEG(LD, 0); VRDMA_LEG(LD, 2); VRDMA_LEG(LD, 4); VRDMA_LEG(LD, 6);             \
     V t0r = ar[0] + ar[4], t0i = ai[0] + ai[4];                                         \
     V t1r = ar[0] - ar[4], t1i = ai[0] - ai[4];                                         \
     V t2r = ar[2] + ar[6], t2i = ai[2] + ai[6];                                         \
@@ -65,6 +76,7 @@
     V t3i = (sg) > 0 ? ar[6] - ar[2] : ar[2] - ar[6];                                   \
     V e0r = t0r + t2r, e0i = t0i + t2i, e2r = t0r - t2r, e2i = t0i - t2i;               \
     V e1r = t1r + t3r, e1i = t1i + t3i, e3r = t1r - t3r, e3i = t1i - t3i;               \
+    VRDMA_LEG(LD, 1); VRDMA_LEG(LD, 3); VRDMA_LEG(LD, 5); VRDMA_LEG(LD, 7);             \
     V v0r = ar[1] + ar[5], v0i = ai[1] + ai[5];                                         \
     V v1r = ar[1] - ar[5], v1i = ai[1] - ai[5];                                         \
     V v2r = ar[3] + ar[7], v2i = ai[3] + ai[7];                                         \
@@ -87,13 +99,13 @@
     V d5r = e1r - o1r, d5i = e1i - o1i, d6r = e2r - o2r, d6i = e2i - o2i;               \
     V d7r = e3r - o3r, d7i = e3i - o3i;                                                 \
     cr[0] = e0r + o0r; ci[0] = e0i + o0i;                                               \
-    VRDMA_CMUL_STORE(cr[1], ci[1], d1r, d1i, wr[0], wi[0]);                             \
-    VRDMA_CMUL_STORE(cr[2], ci[2], d2r, d2i, wr[1], wi[1]);                             \
-    VRDMA_CMUL_STORE(cr[3], ci[3], d3r, d3i, wr[2], wi[2]);                             \
-    VRDMA_CMUL_STORE(cr[4], ci[4], d4r, d4i, wr[3], wi[3]);                             \
-    VRDMA_CMUL_STORE(cr[5], ci[5], d5r, d5i, wr[4], wi[4]);                             \
-    VRDMA_CMUL_STORE(cr[6], ci[6], d6r, d6i, wr[5], wi[5]);                             \
-    VRDMA_CMUL_STORE(cr[7], ci[7], d7r, d7i, wr[6], wi[6]);                             \
+    VRDMA_CMUL_TW(cr[1], ci[1], d1r, d1i, LDW, 1);                             \
+    VRDMA_CMUL_TW(cr[2], ci[2], d2r, d2i, LDW, 2);                             \
+    VRDMA_CMUL_TW(cr[3], ci[3], d3r, d3i, LDW, 3);                             \
+    VRDMA_CMUL_TW(cr[4], ci[4], d4r, d4i, LDW, 4);                             \
+    VRDMA_CMUL_TW(cr[5], ci[5], d5r, d5i, LDW, 5);                             \
+    VRDMA_CMUL_TW(cr[6], ci[6], d6r, d6i, LDW, 6);                             \
+    VRDMA_CMUL_TW(cr[7], ci[7], d7r, d7i, LDW, 7);                             \
 } while (0)
 
 /* One first-stage loop: W values of p per iteration. Needs per (type, ISA):
@@ -101,12 +113,13 @@
  * ST4(y, c) / ST8(y, c) writing c[k][lane] to y[r*p(lane) + k] (rW reals). */
 #define VRDMA_FIRST_LOOP(R, V, W, T, LD, LDW, ST, SG)                                  \
     for (; p + (W) <= m; p += (W)) {                                                    \
-        V ar[R], ai[R], wr_[R - 1], wi_[R - 1], cr[R], ci[R];                           \
-        for (int j = 0; j < (R); j++) LD(x + 2 * (p + j * m), &ar[j], &ai[j]);          \
-        for (int j = 0; j < (R) - 1; j++) { wr_[j] = LDW(wr + p + j * m);               \
-                                             wi_[j] = LDW(wi + p + j * m); }            \
-        if ((R) == 4) { VRDMA_BFLY4(V, SG, ar, ai, wr_, wi_, cr, ci); }                 \
-        else { VRDMA_BFLY8(V, SG, h, ar, ai, wr_, wi_, cr, ci); }                       \
+        V ar[R], ai[R], cr[R], ci[R];                                                   \
+        if ((R) == 4) {                                                                 \
+            for (int j = 0; j < (R); j++) LD(x + 2 * (p + j * m), &ar[j], &ai[j]);      \
+            VRDMA_BFLY4(V, SG, ar, ai, LDW, cr, ci);                                    \
+        } else {                                                                        \
+            VRDMA_BFLY8(V, SG, h, ar, ai, LD, LDW, cr, ci);                             \
+        }                                                                               \
         ST(yr + (R) * p, cr); ST(yi + (R) * p, ci);                                     \
     }
 
@@ -211,13 +224,12 @@ static Py_ssize_t vrdma_s4_radix4_f32(float *__restrict yr, float *__restrict yi
                                       const float *__restrict wi) {
     Py_ssize_t p = 0;
     for (; p + 2 <= m; p += 2) {
-        __m256 ar[4], ai[4], wr_[3], wi_[3], cr[4], ci[4];
+        __m256 ar[4], ai[4], cr[4], ci[4];
         for (int j = 0; j < 4; j++) {
             ar[j] = _mm256_loadu_ps(xr + 4 * p + j * 4 * m);
             ai[j] = _mm256_loadu_ps(xi + 4 * p + j * 4 * m);
         }
-        for (int j = 0; j < 3; j++) { wr_[j] = vrdma_tw2_ps(wr + p + j * m); wi_[j] = vrdma_tw2_ps(wi + p + j * m); }
-        VRDMA_BFLY4(__m256, 1, ar, ai, wr_, wi_, cr, ci);
+        VRDMA_BFLY4(__m256, 1, ar, ai, vrdma_tw2_ps, cr, ci);
         vrdma_st_s4_ps(yr + 16 * p, cr);
         vrdma_st_s4_ps(yi + 16 * p, ci);
     }
