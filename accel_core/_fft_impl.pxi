@@ -25,7 +25,11 @@ Kernels are ``noexcept nogil`` on ``__restrict__`` pointers, fused over float
 and double; the batch loop runs entirely without the GIL. Two loop orders per
 radix: for the first stage (s == 1) the vector loop runs over p (contiguous
 loads, interleaving stores); for the others it runs over q with the twiddles
-hoisted. Validation, dtype/shape checks, allocation and plan caching live in
+hoisted. On the AVX2 and AVX-512 builds the fused first radix-4 / radix-8 stage
+and the radix-4 stage at s == 4 (complex64) run explicit 256-bit loops over
+whole vectors (accel_core/csrc/fft_first.h: in-lane shuffles instead of gcc's
+permute chains); the Cython loops do the remainder and everything on the scalar
+build. Validation, dtype/shape checks, allocation and plan caching live in
 :mod:`accel_core.dft`; this module trusts its caller.
 """
 from libc.stdlib cimport malloc, free
