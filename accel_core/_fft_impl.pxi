@@ -1335,6 +1335,7 @@ cdef int _run(rptr x, rptr y, Py_ssize_t batch, Py_ssize_t n, int nstages,
     those stages. The fused first and last stages read the direction's ``kc``.
     """
     cdef Py_ssize_t b, s, m
+    cdef Py_ssize_t ms[MAX_STAGES]  # butterflies per stride element of each stage (no division per row)
     cdef int i, r, last
     cdef rptr ar, ai, br, bi
     # Two split (re, im) ping-pong buffers, each array 64-byte aligned and
@@ -1349,22 +1350,24 @@ cdef int _run(rptr x, rptr y, Py_ssize_t batch, Py_ssize_t n, int nstages,
     ai = ar + ld
     br = ai + ld
     bi = br + ld
+    for i in range(nstages):
+        ms[i] = n // (stride[i] * radix[i])
     for b in range(batch):
         if nstages < 2:
             _split(ar, ai, x + 2 * n * b, n)
             for i in range(nstages):
                 if inv:
-                    _stage(radix[i], bi, br, ai, ar, stride[i], n // (stride[i] * radix[i]),
+                    _stage(radix[i], bi, br, ai, ar, stride[i], ms[i],
                            twr + toff[i], twi + toff[i], kcf)
                 else:
-                    _stage(radix[i], br, bi, ar, ai, stride[i], n // (stride[i] * radix[i]),
+                    _stage(radix[i], br, bi, ar, ai, stride[i], ms[i],
                            twr + toff[i], twi + toff[i], kcf)
                 ar, br = br, ar
                 ai, bi = bi, ai
             _join(y + 2 * n * b, ar, ai, n, kc)
             continue
         r = radix[0]
-        m = n // r
+        m = ms[0]
         if r == 8:
             _first8(ar, ai, x + 2 * n * b, m, twr, twi, kc)
         elif r == 4:
@@ -1379,10 +1382,10 @@ cdef int _run(rptr x, rptr y, Py_ssize_t batch, Py_ssize_t n, int nstages,
         last = nstages - 1 if radix[nstages - 1] != 8 else nstages
         for i in range(1, last):
             if inv:
-                _stage(radix[i], bi, br, ai, ar, stride[i], n // (stride[i] * radix[i]),
+                _stage(radix[i], bi, br, ai, ar, stride[i], ms[i],
                        twr + toff[i], twi + toff[i], kcf)
             else:
-                _stage(radix[i], br, bi, ar, ai, stride[i], n // (stride[i] * radix[i]),
+                _stage(radix[i], br, bi, ar, ai, stride[i], ms[i],
                        twr + toff[i], twi + toff[i], kcf)
             ar, br = br, ar
             ai, bi = bi, ai
