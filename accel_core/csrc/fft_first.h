@@ -19,12 +19,16 @@
  * does the rest. Without AVX2 they do nothing (return 0), so the scalar build runs the
  * Cython loop alone. The direction's sign is a compile-time constant in each loop
  * (``fwd`` picks one of two inlined copies).
- * Measured against the Cython loops gcc vectorises (fft_bench, interleaved, AMD EPYC
- * Zen 4): AVX2 up to 1.4x faster per transform for complex128, 1.05-1.15x for
- * complex64. On the AVX-512 build a 512-bit version (two-source vpermt2ps/pd for the
- * de-interleave and log2(r) zip rounds for the transpose) lost to the old loops by up
- * to 5%, while this 256-bit code with AVX-512's 32 vector registers (no spills in the
- * radix-8 butterfly) won by up to 1.2x: Zen 4 runs 512-bit shuffles as two 256-bit ones.
+ * Measured against the Cython loops gcc vectorises (whole transforms of 128-4096 points,
+ * old and new kernels interleaved, AMD EPYC Zen 4): AVX2 1.12-1.23x faster for complex64,
+ * 1.19-1.39x for complex128. On the AVX-512 build a 512-bit version (two-source
+ * vpermt2ps/pd for the de-interleave, log2(r) zip rounds for the transpose) was no faster
+ * than the old loops, while this 256-bit code with AVX-512's 32 vector registers (no
+ * spills in the radix-8 butterfly) is 1.0-1.17x faster: Zen 4 runs 512-bit shuffles as
+ * two 256-bit ones. Tried and dropped on measurement: first-stage twiddles stored in
+ * lane order pi (no permute per load: 1-7% slower), an explicit last radix-4 stage
+ * (+-3%: noise), the output row as one of the ping-pong buffers (slower: yr and yi of
+ * the row sit a power of two apart).
  */
 #ifndef VRDMA_FFT_FIRST_H
 #define VRDMA_FFT_FIRST_H
