@@ -28,8 +28,9 @@ loads, interleaving stores); for the others it runs over q with the twiddles
 hoisted. On the AVX2 and AVX-512 builds the fused first radix-4 / radix-8 stage
 and the radix-4 stage at s == 4 (complex64) run explicit 256-bit loops over
 whole vectors (accel_core/csrc/fft_first.h: in-lane shuffles instead of gcc's
-permute chains); the Cython loops do the remainder and everything on the scalar
-build. Validation, dtype/shape checks, allocation and plan caching live in
+permute chains), and so does the radix-8 stage at s == 8 (complex64) on AVX-512;
+the Cython loops do the remainder and everything on the scalar build.
+Validation, dtype/shape checks, allocation and plan caching live in
 :mod:`accel_core.dft`; this module trusts its caller.
 """
 from libc.stdlib cimport malloc, free
@@ -69,6 +70,10 @@ cdef extern from "csrc/fft_first.h" nogil:
     # a split radix-4 stage at s == 4, complex64: two p per 256-bit vector (same contract)
     Py_ssize_t vrdma_s4_radix4_f32(float* yr, float* yi, const float* xr, const float* xi,
                                    Py_ssize_t m, const float* wr, const float* wi)
+    # a split radix-8 stage at s == 8, complex64: one vector per leg, twiddles broadcast
+    # where used (same contract)
+    Py_ssize_t vrdma_s8_radix8_f32(float* yr, float* yi, const float* xr, const float* xi,
+                                   Py_ssize_t m, const float* wr, const float* wi, float h)
 
 #: Vector width in bits of the first radix-4 / radix-8 stage's explicit loops
 #: (accel_core/csrc/fft_first.h): 256 (AVX2), 512 (AVX-512), 0 (scalar build: Cython loop)
@@ -555,7 +560,7 @@ cdef void _q8(Py_ssize_t s,
 
 cdef void _stage8(rptr yr, rptr yi, rptr xr, rptr xi, Py_ssize_t s, Py_ssize_t m,
                   rptr wr, rptr wi, const real_t* kc) noexcept nogil:
-    cdef Py_ssize_t p, q, i, o, xs, ys
+    cdef Py_ssize_t p, p0, q, i, o, xs, ys
     cdef real_t w1r, w1i, w2r, w2i, w3r, w3i, w4r, w4i, w5r, w5i, w6r, w6i, w7r, w7i, a0r, a0i, a1r, a1i
     cdef real_t a2r, a2i, a3r, a3i, a4r, a4i, a5r, a5i, a6r, a6i, a7r, a7i, t0r, t0i, t1r, t1i, t2r, t2i
     cdef real_t t3r, t3i, e0r, e0i, e2r, e2i, e1r, e1i, e3r, e3i, u0r, u0i, u1r, u1i, u2r, u2i, u3r, u3i
@@ -683,7 +688,10 @@ cdef void _stage8(rptr yr, rptr yi, rptr xr, rptr xi, Py_ssize_t s, Py_ssize_t m
                 yr[o + 28 + q] = c7r * w7r - c7i * w7i; yi[o + 28 + q] = c7r * w7i + c7i * w7r
     elif s == 8:
         xs = 8 * m
-        for p in range(m):
+        p0 = 0
+        if rptr is fptr:  # complex64 on the AVX-512 build: csrc/fft_first.h
+            p0 = vrdma_s8_radix8_f32(yr, yi, xr, xi, m, wr, wi, kc[K_H])
+        for p in range(p0, m):
             i = 8 * p
             o = 64 * p
             w1r = wr[p]; w1i = wi[p]
