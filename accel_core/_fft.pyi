@@ -33,5 +33,7 @@ class FFTCore:
 def noop(x: object, y: _Y) -> _Y: ...
 
 SIMD_PATH: str
+#: vector width in bits of the first radix-4 / radix-8 stage's explicit loops (0: Cython loop)
+FIRST_STAGE_BITS: int
 
 def cpu_features() -> frozenset[str]: ...

@@ -2,3 +2,4 @@
 from accel_core._fft import FFTCore as FFTCore, noop as noop
 
 SIMD_PATH: str
+FIRST_STAGE_BITS: int

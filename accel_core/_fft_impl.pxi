@@ -25,7 +25,12 @@ Kernels are ``noexcept nogil`` on ``__restrict__`` pointers, fused over float
 and double; the batch loop runs entirely without the GIL. Two loop orders per
 radix: for the first stage (s == 1) the vector loop runs over p (contiguous
 loads, interleaving stores); for the others it runs over q with the twiddles
-hoisted. Validation, dtype/shape checks, allocation and plan caching live in
+hoisted. On the AVX2 and AVX-512 builds the fused first radix-4 / radix-8 stage
+and the radix-4 stage at s == 4 (complex64) run explicit 256-bit loops over
+whole vectors (accel_core/csrc/fft_first.h: in-lane shuffles instead of gcc's
+permute chains), and so does the radix-8 stage at s == 8 (complex64) on AVX-512;
+the Cython loops do the remainder and everything on the scalar build.
+Validation, dtype/shape checks, allocation and plan caching live in
 :mod:`accel_core.dft`; this module trusts its caller.
 """
 from libc.stdlib cimport malloc, free
@@ -49,6 +54,30 @@ ctypedef fused rptr:
 ctypedef fused real_t:
     float
     double
+
+cdef extern from "csrc/fft_first.h" nogil:
+    # the first radix-4 / radix-8 stage over whole vectors of p (AVX2 / AVX-512 builds;
+    # 0 on the scalar one): returns how many p it did, the Cython loop does the rest
+    Py_ssize_t vrdma_first4_f32(float* yr, float* yi, const float* x, Py_ssize_t m,
+                                const float* wr, const float* wi, float h, int fwd)
+    Py_ssize_t vrdma_first8_f32(float* yr, float* yi, const float* x, Py_ssize_t m,
+                                const float* wr, const float* wi, float h, int fwd)
+    Py_ssize_t vrdma_first4_f64(double* yr, double* yi, const double* x, Py_ssize_t m,
+                                const double* wr, const double* wi, double h, int fwd)
+    Py_ssize_t vrdma_first8_f64(double* yr, double* yi, const double* x, Py_ssize_t m,
+                                const double* wr, const double* wi, double h, int fwd)
+    int VRDMA_FIRST_SIMD  # vector width in bits of those loops (0: none)
+    # a split radix-4 stage at s == 4, complex64: two p per 256-bit vector (same contract)
+    Py_ssize_t vrdma_s4_radix4_f32(float* yr, float* yi, const float* xr, const float* xi,
+                                   Py_ssize_t m, const float* wr, const float* wi)
+    # a split radix-8 stage at s == 8, complex64: one vector per leg, twiddles broadcast
+    # where used (same contract)
+    Py_ssize_t vrdma_s8_radix8_f32(float* yr, float* yi, const float* xr, const float* xi,
+                                   Py_ssize_t m, const float* wr, const float* wi, float h)
+
+#: Vector width in bits of the first radix-4 / radix-8 stage's explicit loops
+#: (accel_core/csrc/fft_first.h): 256 (AVX2), 512 (AVX-512), 0 (scalar build: Cython loop)
+FIRST_STAGE_BITS = VRDMA_FIRST_SIMD
 
 cdef enum:
     MAX_STAGES = 40
@@ -231,7 +260,7 @@ cdef void _q4(Py_ssize_t s,
 
 cdef void _stage4(rptr yr, rptr yi, rptr xr, rptr xi, Py_ssize_t s, Py_ssize_t m,
                   rptr wr, rptr wi, const real_t* kc) noexcept nogil:
-    cdef Py_ssize_t p, q, i, o, xs, ys
+    cdef Py_ssize_t p, p0, q, i, o, xs, ys
     cdef real_t w1r, w1i, w2r, w2i, w3r, w3i, a0r, a0i, a1r, a1i, a2r, a2i, a3r, a3i, t0r, t0i, t1r, t1i
     cdef real_t t2r, t2i, t3r, t3i, c1r, c1i, c2r, c2i, c3r, c3i, sg
     sg = 1  # forward-only (a compile-time constant): see _run
@@ -263,9 +292,13 @@ cdef void _stage4(rptr yr, rptr yi, rptr xr, rptr xi, Py_ssize_t s, Py_ssize_t m
     elif s == 4:
         # s == 4, 8, 16 (the stages after a first radix-4 or radix-8 one): s butterflies
         # per p with a compile-time trip count (whole vectors, no per-p call, no loop
-        # prologue / epilogue); the generic loop below calls _q4 once per p
+        # prologue / epilogue); the generic loop below calls _q4 once per p. At s == 4,
+        # complex64, the AVX2 / AVX-512 builds take two p per vector (csrc/fft_first.h)
         xs = 4 * m
-        for p in range(m):
+        p0 = 0
+        if rptr is fptr:
+            p0 = vrdma_s4_radix4_f32(yr, yi, xr, xi, m, wr, wi)
+        for p in range(p0, m):
             i = 4 * p
             o = 16 * p
             w1r = wr[p]; w1i = wi[p]
@@ -527,7 +560,7 @@ cdef void _q8(Py_ssize_t s,
 
 cdef void _stage8(rptr yr, rptr yi, rptr xr, rptr xi, Py_ssize_t s, Py_ssize_t m,
                   rptr wr, rptr wi, const real_t* kc) noexcept nogil:
-    cdef Py_ssize_t p, q, i, o, xs, ys
+    cdef Py_ssize_t p, p0, q, i, o, xs, ys
     cdef real_t w1r, w1i, w2r, w2i, w3r, w3i, w4r, w4i, w5r, w5i, w6r, w6i, w7r, w7i, a0r, a0i, a1r, a1i
     cdef real_t a2r, a2i, a3r, a3i, a4r, a4i, a5r, a5i, a6r, a6i, a7r, a7i, t0r, t0i, t1r, t1i, t2r, t2i
     cdef real_t t3r, t3i, e0r, e0i, e2r, e2i, e1r, e1i, e3r, e3i, u0r, u0i, u1r, u1i, u2r, u2i, u3r, u3i
@@ -655,7 +688,10 @@ cdef void _stage8(rptr yr, rptr yi, rptr xr, rptr xi, Py_ssize_t s, Py_ssize_t m
                 yr[o + 28 + q] = c7r * w7r - c7i * w7i; yi[o + 28 + q] = c7r * w7i + c7i * w7r
     elif s == 8:
         xs = 8 * m
-        for p in range(m):
+        p0 = 0
+        if rptr is fptr:  # complex64 on the AVX-512 build: csrc/fft_first.h
+            p0 = vrdma_s8_radix8_f32(yr, yi, xr, xi, m, wr, wi, kc[K_H])
+        for p in range(p0, m):
             i = 8 * p
             o = 64 * p
             w1r = wr[p]; w1i = wi[p]
@@ -908,14 +944,18 @@ cdef void _first4(rptr yr, rptr yi, rptr x, Py_ssize_t m,
                   rptr wr, rptr wi, const real_t* kc) noexcept nogil:
     """The first radix-4 stage (s == 1) reading the interleaved complex input row x
     (the split into real / imaginary arrays folded into the stage's loads)."""
-    cdef Py_ssize_t p, i, o, xs, ys
+    cdef Py_ssize_t p, p0, i, o, xs, ys
     cdef real_t w1r, w1i, w2r, w2i, w3r, w3i, a0r, a0i, a1r, a1i, a2r, a2i, a3r, a3i, t0r, t0i, t1r, t1i
     cdef real_t t2r, t2i, t3r, t3i, c1r, c1i, c2r, c2i, c3r, c3i, sg
     sg = kc[K_SG]
     xs = m
     ys = 1
+    if rptr is fptr:
+        p0 = vrdma_first4_f32(yr, yi, x, m, wr, wi, kc[K_H], kc[K_SG] > 0)
+    else:
+        p0 = vrdma_first4_f64(yr, yi, x, m, wr, wi, kc[K_H], kc[K_SG] > 0)
     if kc[K_SG] > 0:  # forward: sg == 1, no multiply by it
-        for p in range(m):
+        for p in range(p0, m):
             i = p
             o = 4 * p
             w1r = wr[p]; w1i = wi[p]
@@ -938,7 +978,7 @@ cdef void _first4(rptr yr, rptr yi, rptr x, Py_ssize_t m,
             yr[o + 2 * ys] = c2r * w2r - c2i * w2i; yi[o + 2 * ys] = c2r * w2i + c2i * w2r
             yr[o + 3 * ys] = c3r * w3r - c3i * w3i; yi[o + 3 * ys] = c3r * w3i + c3i * w3r
     else:
-        for p in range(m):
+        for p in range(p0, m):
             i = p
             o = 4 * p
             w1r = wr[p]; w1i = wi[p]
@@ -1122,7 +1162,7 @@ cdef void _first8(rptr yr, rptr yi, rptr x, Py_ssize_t m,
                   rptr wr, rptr wi, const real_t* kc) noexcept nogil:
     """The first radix-8 stage (s == 1) reading the interleaved complex input row x
     (the split into real / imaginary arrays folded into the stage's loads)."""
-    cdef Py_ssize_t p, i, o, xs, ys
+    cdef Py_ssize_t p, p0, i, o, xs, ys
     cdef real_t w1r, w1i, w2r, w2i, w3r, w3i, w4r, w4i, w5r, w5i, w6r, w6i, w7r, w7i, a0r, a0i, a1r, a1i
     cdef real_t a2r, a2i, a3r, a3i, a4r, a4i, a5r, a5i, a6r, a6i, a7r, a7i, t0r, t0i, t1r, t1i, t2r, t2i
     cdef real_t t3r, t3i, e0r, e0i, e2r, e2i, e1r, e1i, e3r, e3i, u0r, u0i, u1r, u1i, u2r, u2i, u3r, u3i
@@ -1132,8 +1172,12 @@ cdef void _first8(rptr yr, rptr yi, rptr x, Py_ssize_t m,
     h = kc[K_H]
     xs = m
     ys = 1
+    if rptr is fptr:
+        p0 = vrdma_first8_f32(yr, yi, x, m, wr, wi, kc[K_H], kc[K_SG] > 0)
+    else:
+        p0 = vrdma_first8_f64(yr, yi, x, m, wr, wi, kc[K_H], kc[K_SG] > 0)
     if kc[K_SG] > 0:  # forward: sg == 1, no multiply by it
-        for p in range(m):
+        for p in range(p0, m):
             i = p
             o = 8 * p
             w1r = wr[p]; w1i = wi[p]
@@ -1189,7 +1233,7 @@ cdef void _first8(rptr yr, rptr yi, rptr x, Py_ssize_t m,
             yr[o + 6 * ys] = c6r * w6r - c6i * w6i; yi[o + 6 * ys] = c6r * w6i + c6i * w6r
             yr[o + 7 * ys] = c7r * w7r - c7i * w7i; yi[o + 7 * ys] = c7r * w7i + c7i * w7r
     else:
-        for p in range(m):
+        for p in range(p0, m):
             i = p
             o = 8 * p
             w1r = wr[p]; w1i = wi[p]
@@ -1299,6 +1343,7 @@ cdef int _run(rptr x, rptr y, Py_ssize_t batch, Py_ssize_t n, int nstages,
     those stages. The fused first and last stages read the direction's ``kc``.
     """
     cdef Py_ssize_t b, s, m
+    cdef Py_ssize_t ms[MAX_STAGES]  # butterflies per stride element of each stage (no division per row)
     cdef int i, r, last
     cdef rptr ar, ai, br, bi
     # Two split (re, im) ping-pong buffers, each array 64-byte aligned and
@@ -1313,22 +1358,24 @@ cdef int _run(rptr x, rptr y, Py_ssize_t batch, Py_ssize_t n, int nstages,
     ai = ar + ld
     br = ai + ld
     bi = br + ld
+    for i in range(nstages):
+        ms[i] = n // (stride[i] * radix[i])
     for b in range(batch):
         if nstages < 2:
             _split(ar, ai, x + 2 * n * b, n)
             for i in range(nstages):
                 if inv:
-                    _stage(radix[i], bi, br, ai, ar, stride[i], n // (stride[i] * radix[i]),
+                    _stage(radix[i], bi, br, ai, ar, stride[i], ms[i],
                            twr + toff[i], twi + toff[i], kcf)
                 else:
-                    _stage(radix[i], br, bi, ar, ai, stride[i], n // (stride[i] * radix[i]),
+                    _stage(radix[i], br, bi, ar, ai, stride[i], ms[i],
                            twr + toff[i], twi + toff[i], kcf)
                 ar, br = br, ar
                 ai, bi = bi, ai
             _join(y + 2 * n * b, ar, ai, n, kc)
             continue
         r = radix[0]
-        m = n // r
+        m = ms[0]
         if r == 8:
             _first8(ar, ai, x + 2 * n * b, m, twr, twi, kc)
         elif r == 4:
@@ -1343,10 +1390,10 @@ cdef int _run(rptr x, rptr y, Py_ssize_t batch, Py_ssize_t n, int nstages,
         last = nstages - 1 if radix[nstages - 1] != 8 else nstages
         for i in range(1, last):
             if inv:
-                _stage(radix[i], bi, br, ai, ar, stride[i], n // (stride[i] * radix[i]),
+                _stage(radix[i], bi, br, ai, ar, stride[i], ms[i],
                        twr + toff[i], twi + toff[i], kcf)
             else:
-                _stage(radix[i], br, bi, ar, ai, stride[i], n // (stride[i] * radix[i]),
+                _stage(radix[i], br, bi, ar, ai, stride[i], ms[i],
                        twr + toff[i], twi + toff[i], kcf)
             ar, br = br, ar
             ai, bi = bi, ai
