@@ -223,37 +223,14 @@ def _modules_in_order(root: str, release: str, wanted: Sequence[str]) -> list[st
 
 
 def _ldd_closure(root: str, files: Sequence[str]) -> dict[str, str]:
-    """Map guest path -> source path for every shared library ``files`` need (recursively)."""
-    env = dict(os.environ)
-    env["LD_LIBRARY_PATH"] = ":".join(os.path.join(root, d) for d in LIB_DIRS)
-    libs: dict[str, str] = {}
-    todo = list(files)
-    done: set[str] = set()
-    while todo:
-        f = todo.pop()
-        if f in done:
-            continue
-        done.add(f)
-        out = _run(["ldd", f], env=env)
-        for line in out.splitlines():
-            line = line.strip()
-            if "not found" in line:
-                raise GuestImageError(f"{f}: missing shared library: {line}")
-            m = re.match(r"(?:\S+ => )?(/\S+) \(0x", line)
-            if not m:
-                continue
-            src = m.group(1)
-            real = os.path.realpath(src)
-            if src.startswith(root + "/"):
-                guest = src[len(root):]
-            else:
-                guest = src
-            if guest.startswith("/lib64/"):
-                libs[guest] = real  # the loader, at its ABI path
-            else:
-                libs["/lib/x86_64-linux-gnu/" + os.path.basename(guest)] = real
-            todo.append(real)
-    return libs
+    """Map guest path -> source path for every shared library ``files`` need (recursively):
+    the loader at /lib64, the others in /lib/x86_64-linux-gnu (vrdma.image.debs's walk)."""
+    with _harness_errors():
+        libs, missing = debs.ldd_closure(root, files, lib_dirs=LIB_DIRS, guest_lib_dir="lib/x86_64-linux-gnu")
+    if missing:
+        f, line = next(iter(missing.items()))
+        raise GuestImageError(f"{f}: missing shared library: {line}")
+    return {"/" + guest: src for guest, src in libs.items()}
 
 
 def build_image(cache_root: str = CACHE_ROOT) -> GuestImage:
