@@ -120,7 +120,7 @@ class CoreDriver:
     def cmd(self, cmd: Cmd, **fields) -> dict:
         resp = self.core.handle_control(wire.encode_request(cmd, **fields), self.now)
         status, body = wire.decode_response(cmd, resp)
-        if status != Status.OK:
+        if status != Status.OK or body is None:
             raise self.error(cmd, status)
         return body
 
@@ -180,7 +180,7 @@ class CoreDriver:
     def poll(self, cq: DriverCq, n: int = 1 << 30) -> list[wire.Completion]:
         """Up to ``n`` completions the device owns no more (by owner bit); the consumer
         index goes to the CQ's doorbell record."""
-        out = []
+        out: list[wire.Completion] = []
         while len(out) < n:
             off = cq.ring + (cq.ci % cq.depth) * wire.CQE_SIZE
             c, owner = wire.decode_cqe(self.read(off, wire.CQE_SIZE))
