@@ -180,18 +180,6 @@ class GuestImage:
     key: str
 
 
-def _run(argv: Sequence[str], *, cwd: str | None = None, env: dict | None = None,
-         timeout: float = 600) -> str:
-    try:
-        out = subprocess.run(list(argv), cwd=cwd, env=env, capture_output=True, text=True,
-                             timeout=timeout, check=False)
-    except FileNotFoundError as exc:
-        raise CapabilityMissing(f"{argv[0]} not available: {exc}") from exc
-    if out.returncode != 0:
-        raise GuestImageError(f"{' '.join(argv)} failed (rc={out.returncode}): {out.stderr[-2000:]}")
-    return out.stdout
-
-
 @contextlib.contextmanager
 def _harness_errors() -> Iterator[None]:
     """vrdma.image's build errors as the harness's: a missing tool, package or
@@ -235,9 +223,8 @@ def _ldd_closure(root: str, files: Sequence[str]) -> dict[str, str]:
 
 def build_image(cache_root: str = CACHE_ROOT) -> GuestImage:
     """Build (or reuse from cache) the rxe guest image; safe against concurrent callers."""
-    for tool in ("apt-get", "apt-cache", "dpkg-deb", "depmod", "ldd"):
-        if shutil.which(tool) is None:
-            raise CapabilityMissing(f"{tool} not found: cannot build the rxe guest")
+    with _harness_errors():
+        debs.check_tools()
     kpkg = kernel_package()
     packages = (kpkg, *USER_PACKAGES)
     versions = candidate_versions(packages)
@@ -259,7 +246,7 @@ def build_image(cache_root: str = CACHE_ROOT) -> GuestImage:
             os.makedirs(root)
             with _harness_errors():
                 debs.download_and_unpack(versions, os.path.join(cache_root, "debs"), root)
-            _run(["depmod", "-b", root, release])
+                debs.run(["depmod", "-b", root, release])
             with open(os.path.join(root, "boot", f"vmlinuz-{release}"), "rb") as f:
                 vmlinux = extract_vmlinux(f.read())
             initramfs = _make_initramfs(root, release)
