@@ -39,6 +39,7 @@ round's baseline.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import select
@@ -47,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -290,6 +292,29 @@ class Daemon:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def tenant_guests(d: Daemon) -> Iterator[dict[str, Guest]]:
+    """A guest process for each tenant of ``d``, all connected (started together, then
+    waited for); when this leaves, on any path, the guests quit and the daemon stops
+    (its exit status: ``d.proc.returncode``; its directory stays for ``d.cleanup()``)."""
+    guests: dict[str, Guest] = {}
+    try:
+        for name in TENANTS:
+            guests[name] = Guest(d.sockets[name], name, wait=False)
+        for gst in guests.values():
+            gst.expect("ready")
+        yield guests
+    finally:
+        for gst in guests.values():
+            gst.close()
+        d.close()
+
+
+def _start_line(through: str) -> None:
+    print(f"# load average at start: {os.getloadavg()[0]:.2f} (the machine may be shared); through {through}",
+          flush=True)
+
+
 # ---------------------------------------------------------------------------
 # The measurements
 # ---------------------------------------------------------------------------
@@ -406,24 +431,14 @@ def main(argv=None) -> int:
     print(header())
     if args.native:
         return _main_native(args)
-    print(f"# load average at start: {os.getloadavg()[0]:.2f} (the machine may be shared); through "
-          f"vrdma backend (fft=1, --accel-slowdown {args.slowdown:g}), one guest process per tenant",
-          flush=True)
+    _start_line(f"vrdma backend (fft=1, --accel-slowdown {args.slowdown:g}), one guest process per tenant")
     d = Daemon(args.slowdown)
-    guests: dict[str, Guest] = {}
     totals: dict[str, float] = {}
     try:
-        for name in TENANTS:
-            guests[name] = Guest(d.sockets[name], name, wait=False)
-        for gst in guests.values():
-            gst.expect("ready")
-        for r in range(args.rounds):
-            print(report(r, run_round(d, guests, args.seconds, totals)), flush=True)
-    finally:
-        for gst in guests.values():
-            gst.close()
-        rc = d.close()
-    try:
+        with tenant_guests(d) as guests:
+            for r in range(args.rounds):
+                print(report(r, run_round(d, guests, args.seconds, totals)), flush=True)
+        rc = d.proc.returncode
         rows = d.accounting()
         acct = {}
         for row in rows:
@@ -441,27 +456,16 @@ def main(argv=None) -> int:
 
 
 def _main_native(args) -> int:
-    print(f"# load average at start: {os.getloadavg()[0]:.2f} (the machine may be shared); through "
-          f"vrdma backend (fft=1, full speed, no --state-dir: the native path), jobs {NATIVE_JOB}",
-          flush=True)
+    _start_line(f"vrdma backend (fft=1, full speed, no --state-dir: the native path), jobs {NATIVE_JOB}")
     d = Daemon(1.0, keep_accounting=False)
-    guests: dict[str, Guest] = {}
     try:
-        for name in TENANTS:
-            guests[name] = Guest(d.sockets[name], name, wait=False)
-        for gst in guests.values():
-            gst.expect("ready")
-        for r in range(args.rounds):
-            o = native_round(guests, args.seconds)
-            print(f"round {r}: native weights 3:1 -> {o['weight_ratio']:.3f} "
-                  f"({'ok' if abs(o['weight_ratio'] / 3 - 1) <= 0.1 else 'MISSED'}; loop busy with kernels "
-                  f"{100 * o['busy_share']:.0f}% of the time) | high's share of jobs against saturating low "
-                  f"{100 * o['high_share']:.1f}%", flush=True)
-    finally:
-        for gst in guests.values():
-            gst.close()
-        d.close()
-    try:
+        with tenant_guests(d) as guests:
+            for r in range(args.rounds):
+                o = native_round(guests, args.seconds)
+                print(f"round {r}: native weights 3:1 -> {o['weight_ratio']:.3f} "
+                      f"({'ok' if abs(o['weight_ratio'] / 3 - 1) <= 0.1 else 'MISSED'}; loop busy with "
+                      f"kernels {100 * o['busy_share']:.0f}% of the time) | high's share of jobs against "
+                      f"saturating low {100 * o['high_share']:.1f}%", flush=True)
         nat = d.metrics()["accelerators"]["native"]
         print(f"# native path: {nat}")
     finally:

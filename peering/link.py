@@ -268,11 +268,14 @@ class DeferredKick:
             self.kick(clock())
 
 
-class PeerLink(DeferredKick):
-    """The RC link to daemon ``peer`` (an IP address of the fabric)."""
-
-    rq_posted = 0   # see _RingIndex
-    qp = _RingIndex()
+class LinkBase(DeferredKick):
+    """What a link to daemon ``peer`` holds whatever carries it (:class:`PeerLink`:
+    the RoCE engine's QP; :class:`peering.verbs_link.VerbsPeerLink`: a device QP
+    through RDMA CM): who the peer is and what it told us in its connect message
+    (credits, accelerators, its landing, counters and board windows), our own
+    windows for it, the connection's state, epoch and attempt, and the connect
+    and keepalive schedule. The subclass adds its QP, its window table and its
+    metrics (both count ``connects``, ``failures``, ``reps_sent``, ``stale_connects``)."""
 
     def __init__(self, fabric, peer: str, owner: LinkOwner, *, incarnation: int, active: bool,
                  credits: int, ops, config: LinkConfig | None = None):
@@ -284,12 +287,8 @@ class PeerLink(DeferredKick):
         self.credits = credits          # jobs we accept in flight from the peer
         self._ops = ops                 # () -> tuple[OpInfo, ...]: ours, for REQ/REP
         self.config = config or LinkConfig()
-        self.metrics = LinkMetrics()
         self.state = LinkState.DOWN
-        self.rc: RcQp | None = None
         self.qpn = 0
-        self.sports: frozenset[int] | None = None
-        self.table = WindowTable(self.metrics)
         self.peer_incarnation = 0
         self.peer_qpn = 0
         self.peer_credits = 0
@@ -312,7 +311,6 @@ class PeerLink(DeferredKick):
         #: the peer holds the board: (hosts, read rkey, our slot's rkey, inbound rkey), or None
         self.peer_board: tuple[int, int, int, int] | None = None
         self.closed = False
-        self.dev = self                 # the fabric re-arms timers through dev.notify
         #: called when deadline() may have moved earlier (the service re-arms its timer)
         self.notify: Any = None
         self.epoch = 0                  # incremented every time the link goes DOWN
@@ -322,19 +320,57 @@ class PeerLink(DeferredKick):
         #: set by the service: ``defer(fn)`` runs ``fn`` soon on the loop (None: at once)
         self.defer: Any = None
         self._kick_due = False
-        self._psn = 0
-        self._recv: list[memoryview] = []  # receive buffer of each slot (its wr_id)
         self._next_connect: float | None = None
         self._backoff = 1
         self._next_keepalive: float | None = None
-        self._pumping = False
         self.last_transport: dict | None = None  # the transport counters of the last QP dropped
 
-    # ------------------------------------------------------------ connection
     def start(self, now: float) -> None:
         if self.active and self.state is LinkState.DOWN and not self.closed:
             self._next_connect = now
 
+    def _take_peer(self, msg: ConnectMsg, credits: int) -> None:
+        """What the peer's REQ or REP tells of it (``credits``: its credits as we take them)."""
+        self.peer_incarnation = msg.incarnation
+        self.peer_credits = credits
+        self.peer_ops = {int(o.op): o for o in msg.ops}
+        self.peer_landing = ((msg.landing_rkey, msg.landing_slots, msg.landing_slot_kib << 10)
+                             if msg.landing_rkey else None)
+        self.peer_counters = (msg.counters_rkey, msg.counters_len) if msg.counters_rkey else None
+        self.peer_board = msg.board
+
+    def _forget_peer(self) -> None:
+        """The QP is gone: so are the peer's windows and credits, and our keys for it."""
+        self.peer_credits = 0
+        self.peer_ops = {}
+        self.peer_landing = None
+        self.landing_rkey = 0
+        self.peer_counters = None
+        self.counters_rkey = 0
+        self.peer_board = None
+        self.board_keys = None
+
+
+class PeerLink(LinkBase):
+    """The RC link to daemon ``peer`` (an IP address of the fabric)."""
+
+    rq_posted = 0   # see _RingIndex
+    qp = _RingIndex()
+
+    def __init__(self, fabric, peer: str, owner: LinkOwner, *, incarnation: int, active: bool,
+                 credits: int, ops, config: LinkConfig | None = None):
+        super().__init__(fabric, peer, owner, incarnation=incarnation, active=active, credits=credits,
+                         ops=ops, config=config)
+        self.metrics = LinkMetrics()
+        self.rc: RcQp | None = None
+        self.sports: frozenset[int] | None = None
+        self.table = WindowTable(self.metrics)
+        self.dev = self                 # the fabric re-arms timers through dev.notify
+        self._psn = 0
+        self._recv: list[memoryview] = []  # receive buffer of each slot (its wr_id)
+        self._pumping = False
+
+    # ------------------------------------------------------------ connection
     def _make_qp(self, now: float) -> None:
         self._drop_qp()
         self.qpn = self.fabric.alloc_qpn()
@@ -422,13 +458,7 @@ class PeerLink(DeferredKick):
         self.kick(now)
 
     def _accept(self, msg: ConnectMsg, now: float) -> None:
-        self.peer_incarnation = msg.incarnation
-        self.peer_credits = msg.credits
-        self.peer_ops = {int(o.op): o for o in msg.ops}
-        self.peer_landing = ((msg.landing_rkey, msg.landing_slots, msg.landing_slot_kib << 10)
-                             if msg.landing_rkey else None)
-        self.peer_counters = (msg.counters_rkey, msg.counters_len) if msg.counters_rkey else None
-        self.peer_board = msg.board
+        self._take_peer(msg, msg.credits)
         self._bring_up(msg.qpn, msg.psn, msg.mtu, now)
         self._post_recvs(msg.credits)  # their results (for our jobs, at most their credits)
 
@@ -469,14 +499,7 @@ class PeerLink(DeferredKick):
         self.fabric.free_qpn(self.qpn)
         self.table = WindowTable(self.metrics)
         self._recv = []
-        self.peer_credits = 0
-        self.peer_ops = {}
-        self.peer_landing = None
-        self.landing_rkey = 0
-        self.peer_counters = None
-        self.counters_rkey = 0
-        self.peer_board = None
-        self.board_keys = None
+        self._forget_peer()
 
     def close(self, now: float = 0.0) -> None:
         """The daemon stops: the link goes DOWN for good (its jobs given back)."""

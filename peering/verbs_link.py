@@ -106,7 +106,7 @@ import construct as cs
 import numpy as np
 
 from fabric.uverbs import KernelMr
-from peering.link import RECV_SLACK, DeferredKick, LinkConfig, LinkOwner, LinkState
+from peering.link import RECV_SLACK, LinkBase, LinkConfig, LinkOwner, LinkState
 from peering.wire import CONNECT_SIZE, MAX_MESSAGE, ConnectMsg, ConnectType, PeerWireError
 from roce.errors import TransportError
 from scheduler.board import counters_offset, inbound_base
@@ -491,50 +491,22 @@ class _Wr:
         self.bounce: Any = None
 
 
-class VerbsPeerLink(DeferredKick):
+class VerbsPeerLink(LinkBase):
     """The RC link to daemon ``peer`` over the verbs fabric ``fabric``."""
 
     def __init__(self, fabric, peer: str, owner: LinkOwner, *, incarnation: int, active: bool,
                  credits: int, ops, config: LinkConfig | None = None, port: int = CM_PORT,
                  connect_timeout: float = 2.0, key: bytes | None = None):
-        self.fabric = fabric
+        super().__init__(fabric, peer, owner, incarnation=incarnation, active=active, credits=credits,
+                         ops=ops, config=config)
         #: the handshake key (derive_link_key), or None: the peer's hello is taken on trust
         self.key = key
         #: keyed: the exchange so far, (hello as sent, reply ConnectMsg, challenge)
         self._exchange: tuple[bytes, bytes, bytes] | None = None
-        self.peer = peer
-        self.owner = owner
-        self.incarnation = incarnation
-        self.active = active
-        self.credits = credits
-        self._ops = ops
-        self.config = config or LinkConfig()
         self.port = port
         self.connect_timeout = connect_timeout
         self.metrics = VerbsLinkMetrics()
-        self.state = LinkState.DOWN
-        self.qpn = 0
-        self.peer_incarnation = 0
-        self.peer_qpn = 0
-        self.peer_credits = 0
-        self.peer_ops: dict = {}
-        self.landing: tuple[memoryview, int, int] | None = None
-        self.landing_rkey = 0
-        self.peer_landing: tuple[int, int, int] | None = None
-        self.counters: memoryview | None = None
-        self.counters_rkey = 0
-        self.peer_counters: tuple[int, int] | None = None
-        self.board: tuple[memoryview, int, int] | None = None
-        self.board_keys: tuple[int, int, int, int] | None = None
-        self.peer_board: tuple[int, int, int, int] | None = None
-        self.closed = False
-        self.notify: Any = None
-        self.defer: Any = None
-        self.epoch = 0
-        self.attempt = 0
-        self.last_transport: dict | None = None
         self.table = VerbsWindowTable(self)
-        self._kick_due = False
         self._pd: Any = None
         self._cmid: Any = None
         self._chan: CmChannel | None = None
@@ -549,10 +521,7 @@ class VerbsPeerLink(DeferredKick):
         self._wrs: dict[int, _Wr] = {}
         self._ids = count(1)
         self._empty: Any = None
-        self._next_connect: float | None = None
         self._connect_deadline: float | None = None
-        self._backoff = 1
-        self._next_keepalive: float | None = None
         self._hello_pending = False   # passive: accepted, waiting for the peer's ConnectMsg
         self._polling = False
         self._clock: Callable[[], float] | None = None
@@ -597,10 +566,6 @@ class VerbsPeerLink(DeferredKick):
         return self._pd
 
     # ------------------------------------------------------------ connection
-    def start(self, now: float) -> None:
-        if self.active and self.state is LinkState.DOWN and not self.closed:
-            self._next_connect = now
-
     def _make_qp(self) -> None:
         """This connection's CQ, QP (RESET), message buffers and windows."""
         import pyverbs.enums as e
@@ -811,13 +776,7 @@ class VerbsPeerLink(DeferredKick):
         return True
 
     def _accept(self, msg: ConnectMsg, now: float) -> None:
-        self.peer_incarnation = msg.incarnation
-        self.peer_credits = min(msg.credits, MAX_PEER_CREDITS)
-        self.peer_ops = {int(o.op): o for o in msg.ops}
-        self.peer_landing = ((msg.landing_rkey, msg.landing_slots, msg.landing_slot_kib << 10)
-                             if msg.landing_rkey else None)
-        self.peer_counters = (msg.counters_rkey, msg.counters_len) if msg.counters_rkey else None
-        self.peer_board = msg.board
+        self._take_peer(msg, min(msg.credits, MAX_PEER_CREDITS))
         self.peer_qpn = msg.qpn
         if self.active:
             self._post_recvs(self.peer_credits)  # their results for our jobs, and their jobs' messages
@@ -904,14 +863,7 @@ class VerbsPeerLink(DeferredKick):
                 obj.close()
         self._free_slots = []
         self._recv_posted = 0
-        self.peer_credits = 0
-        self.peer_ops = {}
-        self.peer_landing = None
-        self.landing_rkey = 0
-        self.peer_counters = None
-        self.counters_rkey = 0
-        self.peer_board = None
-        self.board_keys = None
+        self._forget_peer()
         self.qpn = 0
 
     def close(self, now: float = 0.0) -> None:

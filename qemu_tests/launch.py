@@ -21,7 +21,9 @@ Carrier device: QEMU 7.2 has no generic vhost-user device, so our virtio device 
 ``vhost-user-blk-pci-non-transitional`` (the guest sees virtio-blk, device id 2).  QEMU >= 10.2
 has ``vhost-user-test-device-pci``; stock QEMU aborts on ``virtio-id=42`` (no name in its
 table), so the generic carrier presents the borrowed id ``VIRTIO_ID_BORROWED``
-(docs/qemu-virtio-id-42.md; the one definition is ``vrdma.image.vm.BORROWED_VIRTIO_ID``);
+(docs/qemu-virtio-id-42.md; the one definition is ``vrdma.image.vm.BORROWED_VIRTIO_ID``,
+and ``vrdma.image.vm`` builds the carrier's arguments, the memfd RAM and the headless flags
+for both ``vrdma vm run`` and these launchers);
 ``carrier="auto"`` picks it when ``qemu-system-x86_64 -device help`` lists it.  QEMU 11.1
 from the trixie root: ``qemu_tests.qemu11``.  See /tmp/briefs/qemu_notes.md for the
 message sequences.
@@ -33,14 +35,22 @@ import functools
 import os
 import shutil
 import signal
-import stat
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from vrdma.image.vm import BORROWED_VIRTIO_ID as VIRTIO_ID_BORROWED
+from virtio_rdma.constants import VIRTIO_ID_RDMA
+from vrdma.image.vm import (
+    BLK_CARRIER,
+    BORROWED_VIRTIO_ID as VIRTIO_ID_BORROWED,
+    GENERIC_CARRIER_PCI,
+    HEADLESS_ARGS,
+    carrier_args,
+    memfd_ram_args,
+    unix_socket_appears,
+)
 
 from .errors import CapabilityMissing, QemuExitedError, QemuStartError, QmpError, SerialTimeout
 from .qmp import QmpClient
@@ -49,9 +59,7 @@ QEMU_SYSTEM = "qemu-system-x86_64"
 QEMU_STORAGE_DAEMON = "qemu-storage-daemon"
 QEMU_IMG = "qemu-img"
 
-BLK_CARRIER = "vhost-user-blk-pci-non-transitional"
-GENERIC_CARRIER = "vhost-user-test-device-pci"
-VIRTIO_ID_RDMA = 42
+GENERIC_CARRIER = GENERIC_CARRIER_PCI
 
 
 def find_binary(name: str) -> str:
@@ -98,16 +106,8 @@ def wait_for_unix_socket(path: str, timeout: float) -> None:
     No probe connection is made (a backend serving one frontend must not see a stray
     connection); bind() and listen() are back to back in any sane listener.
     """
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if stat.S_ISSOCK(os.stat(path).st_mode):
-                return
-        except FileNotFoundError:
-            pass
-        if time.monotonic() >= deadline:
-            raise QemuStartError(f"no unix socket at {path} after {timeout:.1f}s")
-        time.sleep(0.02)
+    if not unix_socket_appears(path, timeout, interval=0.02):
+        raise QemuStartError(f"no unix socket at {path} after {timeout:.1f}s")
 
 
 def wait_for_path(path: str, timeout: float, proc: subprocess.Popen | None = None,
@@ -281,22 +281,11 @@ class VhostUserDevice:
         return self.carrier
 
     def qemu_args(self, binary: str = QEMU_SYSTEM) -> list[str]:
-        chardev = f"socket,id={self.device_id}-chr,path={self.socket_path}"
-        if self.reconnect is not None:
-            chardev += f",reconnect={self.reconnect}"
-        carrier = self.resolved_carrier(binary)
-        if carrier == "blk":
-            dev = (f"{BLK_CARRIER},id={self.device_id},chardev={self.device_id}-chr,"
-                   f"num-queues={self.num_queues},queue-size={self.queue_size}")
-            if self.bootindex is not None:
-                dev += f",bootindex={self.bootindex}"
-        else:
-            dev = (f"{GENERIC_CARRIER},id={self.device_id},chardev={self.device_id}-chr,"
-                   f"virtio-id={self.virtio_id},num_vqs={self.num_queues},vq_size={self.queue_size},"
-                   f"config_size={self.config_size}")
-        for key, value in self.extra_props:
-            dev += f",{key}={value}"
-        return ["-chardev", chardev, "-device", dev]
+        blk = self.resolved_carrier(binary) == "blk"
+        return carrier_args(self.socket_path, BLK_CARRIER if blk else GENERIC_CARRIER,
+                            device_id=self.device_id, num_queues=self.num_queues, queue_size=self.queue_size,
+                            virtio_id=self.virtio_id, config_size=self.config_size, reconnect=self.reconnect,
+                            bootindex=self.bootindex if blk else None, extra_props=self.extra_props)
 
     @property
     def qom_path(self) -> str:
@@ -345,11 +334,8 @@ class QemuVM(_ManagedProcess):
 
     def build_argv(self) -> list[str]:
         """The full command line (also useful for debugging a failed start)."""
-        mem = f"{self.memory_mib}M"
-        argv = [*self.wrapper, find_binary(self.binary), "-accel", "tcg", "-m", mem, "-smp", str(self.cpus),
-                "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
-                "-numa", "node,memdev=mem",
-                "-display", "none", "-no-reboot", "-nodefaults", "-no-user-config",
+        argv = [*self.wrapper, find_binary(self.binary), "-accel", "tcg",
+                *memfd_ram_args(self.memory_mib, self.cpus), "-numa", "node,memdev=mem", *HEADLESS_ARGS,
                 "-serial", f"file:{self.serial_path}",
                 "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
         if self.cpu:

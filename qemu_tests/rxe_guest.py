@@ -180,18 +180,6 @@ class GuestImage:
     key: str
 
 
-def _run(argv: Sequence[str], *, cwd: str | None = None, env: dict | None = None,
-         timeout: float = 600) -> str:
-    try:
-        out = subprocess.run(list(argv), cwd=cwd, env=env, capture_output=True, text=True,
-                             timeout=timeout, check=False)
-    except FileNotFoundError as exc:
-        raise CapabilityMissing(f"{argv[0]} not available: {exc}") from exc
-    if out.returncode != 0:
-        raise GuestImageError(f"{' '.join(argv)} failed (rc={out.returncode}): {out.stderr[-2000:]}")
-    return out.stdout
-
-
 @contextlib.contextmanager
 def _harness_errors() -> Iterator[None]:
     """vrdma.image's build errors as the harness's: a missing tool, package or
@@ -223,44 +211,20 @@ def _modules_in_order(root: str, release: str, wanted: Sequence[str]) -> list[st
 
 
 def _ldd_closure(root: str, files: Sequence[str]) -> dict[str, str]:
-    """Map guest path -> source path for every shared library ``files`` need (recursively)."""
-    env = dict(os.environ)
-    env["LD_LIBRARY_PATH"] = ":".join(os.path.join(root, d) for d in LIB_DIRS)
-    libs: dict[str, str] = {}
-    todo = list(files)
-    done: set[str] = set()
-    while todo:
-        f = todo.pop()
-        if f in done:
-            continue
-        done.add(f)
-        out = _run(["ldd", f], env=env)
-        for line in out.splitlines():
-            line = line.strip()
-            if "not found" in line:
-                raise GuestImageError(f"{f}: missing shared library: {line}")
-            m = re.match(r"(?:\S+ => )?(/\S+) \(0x", line)
-            if not m:
-                continue
-            src = m.group(1)
-            real = os.path.realpath(src)
-            if src.startswith(root + "/"):
-                guest = src[len(root):]
-            else:
-                guest = src
-            if guest.startswith("/lib64/"):
-                libs[guest] = real  # the loader, at its ABI path
-            else:
-                libs["/lib/x86_64-linux-gnu/" + os.path.basename(guest)] = real
-            todo.append(real)
-    return libs
+    """Map guest path -> source path for every shared library ``files`` need (recursively):
+    the loader at /lib64, the others in /lib/x86_64-linux-gnu (vrdma.image.debs's walk)."""
+    with _harness_errors():
+        libs, missing = debs.ldd_closure(root, files, lib_dirs=LIB_DIRS, guest_lib_dir="lib/x86_64-linux-gnu")
+    if missing:
+        f, line = next(iter(missing.items()))
+        raise GuestImageError(f"{f}: missing shared library: {line}")
+    return {"/" + guest: src for guest, src in libs.items()}
 
 
 def build_image(cache_root: str = CACHE_ROOT) -> GuestImage:
     """Build (or reuse from cache) the rxe guest image; safe against concurrent callers."""
-    for tool in ("apt-get", "apt-cache", "dpkg-deb", "depmod", "ldd"):
-        if shutil.which(tool) is None:
-            raise CapabilityMissing(f"{tool} not found: cannot build the rxe guest")
+    with _harness_errors():
+        debs.check_tools()
     kpkg = kernel_package()
     packages = (kpkg, *USER_PACKAGES)
     versions = candidate_versions(packages)
@@ -282,7 +246,7 @@ def build_image(cache_root: str = CACHE_ROOT) -> GuestImage:
             os.makedirs(root)
             with _harness_errors():
                 debs.download_and_unpack(versions, os.path.join(cache_root, "debs"), root)
-            _run(["depmod", "-b", root, release])
+                debs.run(["depmod", "-b", root, release])
             with open(os.path.join(root, "boot", f"vmlinuz-{release}"), "rb") as f:
                 vmlinux = extract_vmlinux(f.read())
             initramfs = _make_initramfs(root, release)

@@ -24,20 +24,15 @@ judged.
 """
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-import threading
-import time
 
 import pytest
 
+from qemu_tests.interop import GUEST_IP, HOST_IP, backend_in_ns, exchange, sections
 from qemu_tests.rxe_guest import RxeGuest, TapNetdev
 
 pytestmark = [pytest.mark.qemu, pytest.mark.netns]
 
-HOST_IP, GUEST_IP = "203.0.113.1", "203.0.113.2"
 ALL = [1 << i for i in range(1, 24)]  # -a
 #: one boot per group: test -> (message size, or ALL for -a; iterations). The default of
 #: ib_send_lat is 2 B; 64 KiB WRITEs are 64 packets at MTU 1024
@@ -82,15 +77,6 @@ echo "=== guest-server {test} rc=$rc"; cat /tmp/s.log""")
     return "\n".join(lines) + "\n"
 
 
-def _sections(text: str) -> dict[tuple[str, str], tuple[int, str]]:
-    parts = SECTION.split(text)
-    return {(parts[i], parts[i + 1]): (int(parts[i + 2]), parts[i + 3]) for i in range(1, len(parts) - 3, 4)}
-
-
-def _in_ns(ns: str, *argv: str) -> list[str]:
-    return ["ip", "netns", "exec", ns, sys.executable, "-m", "vrdma", *argv]
-
-
 def _addresses(text: str) -> dict[str, tuple]:
     return {m[0]: m[1:] for m in ADDR.findall(text)}
 
@@ -115,56 +101,20 @@ def test_unmodified_perftest_on_kernel_rxe_against_vrdma_perftest(image, tap_net
     ns, tap = tap_netns(f"{HOST_IP}/24", "vrtap2")
     guest = RxeGuest(cmd=_guest_script(runs), ip=f"{GUEST_IP}/24", tap=TapNetdev(tap, netns=ns), image=image)
     sock = str(tmp_path / "rdma.sock")
-    daemon = subprocess.Popen(_in_ns(ns, "backend", "--socket", sock, "--roce-addr", HOST_IP),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ours: dict[tuple[str, str], subprocess.CompletedProcess] = {}
-    failure: list[BaseException] = []
-    guest_done = threading.Event()
-    try:
-        deadline = time.monotonic() + 20
-        while not os.path.exists(sock):
-            assert daemon.poll() is None, daemon.stderr.read().decode()
-            assert time.monotonic() < deadline, "daemon did not listen"
-            time.sleep(0.05)
-
-        def host_side():
-            try:
-                for test, (size, iters) in runs.items():  # our server, the guest's client
-                    ours[("server", test)] = subprocess.run(
-                        _in_ns(ns, "perftest", test, "-d", sock, "-x", "0", *_args(size, iters),
-                               "--check", "basic", "--timeout", "120"),
-                        capture_output=True, text=True, timeout=180)
-                for test, (size, iters) in runs.items():  # our client, the guest's server (retry)
-                    plot = ["--plot", str(png)] if isinstance(size, list) else []
-                    end = time.monotonic() + 120
-                    while True:
-                        r = subprocess.run(
-                            _in_ns(ns, "perftest", test, "-d", sock, "-x", "0", *_args(size, iters), *plot,
-                                   "--check", "basic", "--timeout", "120", GUEST_IP),
-                            capture_output=True, text=True, timeout=180)
-                        if r.returncode == 0 or "Couldn't connect" not in r.stderr \
-                                or time.monotonic() > end or guest_done.is_set():
-                            break
-                        time.sleep(0.2)
-                    ours[("client", test)] = r
-            except BaseException as e:  # reported below
-                failure.append(e)
-
-        t = threading.Thread(target=host_side, daemon=True)
-        t.start()
-        try:
-            run = guest.run(timeout=600)
-        finally:
-            guest_done.set()
-        t.join(200)
-        assert not failure, failure
-        sections = _sections(run.output)
-        report = run.output + "\n--- ours ---\n" + "\n".join(
-            f"{k}: rc={v.returncode}\n{v.stdout}{v.stderr}" for k, v in ours.items())
+    servers = {test: ["perftest", test, "-d", sock, "-x", "0", *_args(size, iters), "--check", "basic",
+                      "--timeout", "120"] for test, (size, iters) in runs.items()}
+    clients = {test: ["perftest", test, "-d", sock, "-x", "0", *_args(size, iters),
+                      *(["--plot", str(png)] if isinstance(size, list) else []),
+                      "--check", "basic", "--timeout", "120", GUEST_IP]
+               for test, (size, iters) in runs.items()}
+    with backend_in_ns(ns, sock):
+        run, ours, report = exchange(guest, ns, servers, clients, guest_timeout=600, run_timeout=180,
+                                     retry_for=120, join=200)
         print(report)  # the figures (TCG: reported, not judged)
+        guest_sections = sections(SECTION, run.output)
         for test, (size, iters) in runs.items():
             for guest_role, our_role in (("guest-client", "server"), ("guest-server", "client")):
-                rc, text = sections.get((guest_role, test), (None, ""))
+                rc, text = guest_sections.get((guest_role, test), (None, ""))
                 mine = ours.get((our_role, test))
                 assert rc == 0 and mine is not None and mine.returncode == 0, report
                 assert _rows(test, text) == _expected_rows(test, guest_role == "guest-client", size, iters), report
@@ -181,10 +131,3 @@ def test_unmodified_perftest_on_kernel_rxe_against_vrdma_perftest(image, tap_net
                     assert any("of the first message's" in c for _, c in checks), report
         if any(isinstance(size, list) for size, _ in runs.values()):  # our -a client's plot
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", report
-    finally:
-        daemon.terminate()
-        try:
-            daemon.wait(10)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()

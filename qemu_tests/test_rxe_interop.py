@@ -19,20 +19,16 @@ MTU change).
 """
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
-import threading
-import time
 
 import pytest
 
+from qemu_tests.interop import GUEST_IP, HOST_IP, backend_in_ns, exchange, sections
 from qemu_tests.rxe_guest import RxeGuest, TapNetdev
 
 pytestmark = [pytest.mark.qemu, pytest.mark.netns]
 
-HOST_IP, GUEST_IP = "203.0.113.1", "203.0.113.2"
 SIZES = {1024: (1, 1024, 4096, 8192), 4096: (1, 4096, 16384, 65536)}
 LINK_MTU = {1024: None, 4096: 9000}
 ITERS = 50
@@ -86,16 +82,7 @@ done
 """
 
 
-def _sections(text: str) -> dict[tuple[str, int], tuple[int, str]]:
-    out = {}
-    parts = re.split(r"^=== (guest-client|guest-server) size=(\d+) rc=(\d+)$", text, flags=re.M)
-    for i in range(1, len(parts) - 3, 4):
-        out[(parts[i], int(parts[i + 1]))] = (int(parts[i + 2]), parts[i + 3])
-    return out
-
-
-def _in_ns(ns: str, *argv: str) -> list[str]:
-    return ["ip", "netns", "exec", ns, sys.executable, "-m", "vrdma", *argv]
+SECTION = re.compile(r"^=== (guest-client|guest-server) size=(\d+) rc=(\d+)$", re.M)
 
 
 @pytest.mark.parametrize("guest_side,path_mtu", [("ibv_rc_pingpong", 1024), ("vrdma-on-verbs", 1024),
@@ -112,52 +99,16 @@ def test_kernel_rxe_guest_side_against_vrdma_on_userspace_roce(image, tap_netns,
                          tap=TapNetdev(tap, netns=ns), image=image, host_root=True,
                          memory_mib=1024)
     sock = str(tmp_path / "rdma.sock")
-    daemon = subprocess.Popen(_in_ns(ns, "backend", "--socket", sock, "--roce-addr", HOST_IP),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ours: dict[tuple[str, int], subprocess.CompletedProcess] = {}
-    failure: list[BaseException] = []
-    guest_done = threading.Event()
-    try:
-        deadline = time.monotonic() + 20
-        while not os.path.exists(sock):
-            assert daemon.poll() is None, daemon.stderr.read().decode()
-            assert time.monotonic() < deadline, "daemon did not listen"
-            time.sleep(0.05)
-
-        def host_side():
-            try:
-                common = ["rc-pingpong", "--backend", sock, "-g", "0", "-n", str(ITERS),
-                          "-m", str(path_mtu), "--timeout", "90"]
-                for s in sizes:  # our server, the guest's client
-                    ours[("server", s)] = subprocess.run(_in_ns(ns, *common, "-s", str(s)),
-                                                         capture_output=True, text=True, timeout=120)
-                for s in sizes:  # our client, the guest's server (retry until it listens)
-                    end = time.monotonic() + 90
-                    while True:
-                        r = subprocess.run(_in_ns(ns, *common, "-s", str(s), GUEST_IP),
-                                           capture_output=True, text=True, timeout=120)
-                        if r.returncode == 0 or "Couldn't connect" not in r.stderr + r.stdout \
-                                or time.monotonic() > end or guest_done.is_set():
-                            break
-                        time.sleep(0.2)
-                    ours[("client", s)] = r
-            except BaseException as e:  # reported below
-                failure.append(e)
-
-        t = threading.Thread(target=host_side, daemon=True)
-        t.start()
-        try:
-            run = guest.run(timeout=300)
-        finally:
-            guest_done.set()
-        t.join(150)
-        assert not failure, failure
-        sections = _sections(run.output)
-        report = run.output + "\n--- ours ---\n" + "\n".join(
-            f"{k}: rc={v.returncode}\n{v.stdout}{v.stderr}" for k, v in ours.items())
+    common = ["rc-pingpong", "--backend", sock, "-g", "0", "-n", str(ITERS), "-m", str(path_mtu),
+              "--timeout", "90"]
+    with backend_in_ns(ns, sock):
+        run, ours, report = exchange(guest, ns, {s: [*common, "-s", str(s)] for s in sizes},
+                                     {s: [*common, "-s", str(s), GUEST_IP] for s in sizes},
+                                     guest_timeout=300, run_timeout=120, retry_for=90, join=150)
+        guest_sections = sections(SECTION, run.output, int)
         for s in sizes:
             for guest_role, our_role in (("guest-client", "server"), ("guest-server", "client")):
-                rc, text = sections.get((guest_role, s), (None, ""))
+                rc, text = guest_sections.get((guest_role, s), (None, ""))
                 mine = ours.get((our_role, s))
                 assert rc == 0 and mine is not None and mine.returncode == 0, report
                 assert ITERS_RE.search(text).group(1) == str(ITERS), report
@@ -169,10 +120,3 @@ def test_kernel_rxe_guest_side_against_vrdma_on_userspace_roce(image, tap_netns,
                 assert theirs["remote"] == us["local"] and us["remote"] == theirs["local"], report
                 assert us["local"][3] == f"::ffff:{HOST_IP}", report
                 assert theirs["local"][3] == f"::ffff:{GUEST_IP}", report
-    finally:
-        daemon.terminate()
-        try:
-            daemon.wait(10)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()

@@ -11,46 +11,27 @@ READ, every byte verified.
 """
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
+from verbs import Access, QpAttrMask as M, QpState, WcStatus, WrOpcode
 from virtio.memory import GuestMemory, MemoryRegion
 from virtio_rdma import wire
-from verbs import Access, QpAttrMask as M, QpState, SendFlags, WcStatus, WrOpcode
-from virtio_rdma.constants import Cmd, DoorbellKind, Status
+from virtio_rdma.constants import Cmd
 from virtio_rdma.core import RdmaDeviceCore
+from virtio_rdma.testing import (
+    ALL_ACCESS as ALL,
+    CoreDriver,
+    DriverCq,
+    DriverError,
+    DriverQp,
+    rc_connect_steps,
+)
 
-ALL = Access.LOCAL_WRITE | Access.REMOTE_WRITE | Access.REMOTE_READ | Access.REMOTE_ATOMIC
-_DBREC = struct.Struct("<II")
 _MODIFY_CACHE: dict = {}
 
-
-class GuestError(Exception):
-    def __init__(self, cmd, status):
-        super().__init__(f"{Cmd(cmd).name} failed: {Status(status).name}")
-        self.status = status
-
-
-@dataclass
-class Cq:
-    cqn: int
-    depth: int
-    ring: int
-    dbrec: int
-    ci: int = 0
-
-
-@dataclass
-class Qp:
-    qpn: int
-    layout: wire.WqLayout
-    sq: int
-    rq: int
-    dbrec: int
-    send_cq: Cq
-    recv_cq: Cq
-    sq_pi: int = 0
-    rq_pi: int = 0
+GuestError = DriverError
+Cq = DriverCq
+Qp = DriverQp
 
 
 @dataclass
@@ -62,20 +43,23 @@ class Mr:
     access: int
 
 
-class CoreGuest:
-    """One guest: memfd memory at ``gpa``, a device core on ``fabric``.
+class CoreGuest(CoreDriver):
+    """One guest: memfd memory at ``gpa``, a device core on ``fabric``
+    (:class:`virtio_rdma.testing.CoreDriver` drives it).
 
     ``writable`` lists the (gpa, length) ranges the device may legitimately
     write in this guest (CQ rings, MRs with LOCAL_WRITE or REMOTE_WRITE):
     everything else is canary for :class:`bench.fuzz.common.Canary`."""
 
+    alloc_guard = 256
+
     def __init__(self, fabric, *, size: int = 4 << 20, gpa: int = 0x1000_0000, clock=None, limits=None):
+        super().__init__(clock)
         self.region = MemoryRegion.memfd(size, gpa=gpa, name="vrdma-fuzz", hugetlb=False)
         self.mem = GuestMemory([self.region])
         self.view = self.region.view
         self.base, self.size = gpa, size
         self._brk = gpa + 4096           # a guard page before the first object
-        self.clock = clock if clock is not None else [0.0]
         self.core = RdmaDeviceCore(self.mem, fabric, limits=limits)
         self.fabric = fabric
         self.writable: list[tuple[int, int]] = []
@@ -85,45 +69,18 @@ class CoreGuest:
         self.pds: list[int] = []
 
     # ---- memory ------------------------------------------------------------
-    def alloc(self, n: int, align: int = 64, guard: int = 256) -> int:
-        """``n`` bytes, with ``guard`` untouched bytes after them (canary)."""
-        g = (self._brk + align - 1) & ~(align - 1)
-        if g + n + guard > self.base + self.size:
-            raise MemoryError("fuzz guest out of memory")
-        self._brk = g + n + guard
-        return g
-
     def off(self, gpa: int) -> int:
         return gpa - self.base
 
-    def write(self, gpa: int, data) -> None:
-        o = gpa - self.base
-        self.view[o:o + len(data)] = data
-
-    def read(self, gpa: int, n: int) -> bytes:
-        o = gpa - self.base
-        return bytes(self.view[o:o + n])
-
     def allowed_offsets(self) -> list[tuple[int, int]]:
         return [(g - self.base, n) for g, n in self.writable]
-
-    @property
-    def now(self) -> float:
-        return self.clock[0]
 
     # ---- control -----------------------------------------------------------
     def raw(self, request: bytes) -> bytes:
         return self.core.handle_control(request, self.now)
 
-    def cmd(self, cmd: Cmd, **fields) -> dict:
-        resp = self.core.handle_control(wire.encode_request(cmd, **fields), self.now)
-        status, body = wire.decode_response(cmd, resp)
-        if status != Status.OK:
-            raise GuestError(cmd, status)
-        return body
-
     def alloc_pd(self) -> int:
-        pdn = self.cmd(Cmd.ALLOC_PD)["pdn"]
+        pdn = super().alloc_pd()
         self.pds.append(pdn)
         return pdn
 
@@ -138,24 +95,13 @@ class CoreGuest:
         return mr
 
     def create_cq(self, depth: int = 64) -> Cq:
-        ring = self.alloc(depth * wire.CQE_SIZE)
-        db = self.alloc(8, 8)
-        r = self.cmd(Cmd.CREATE_CQ, cqe=depth, comp_vector=0, ring_gpa=ring, dbrec_gpa=db)
-        cq = Cq(r["cqn"], depth, ring, db)
-        self.writable.append((ring, depth * wire.CQE_SIZE))
+        cq = super().create_cq(depth)
+        self.writable.append((cq.ring, depth * wire.CQE_SIZE))
         self.cqs.append(cq)
         return cq
 
-    def create_qp(self, pdn: int, scq: Cq, rcq: Cq | None = None, *, max_send_wr=16, max_recv_wr=16,
-                  max_send_sge=4, max_recv_sge=4, max_inline_data=64) -> Qp:
-        rcq = rcq or scq
-        lay = wire.wq_layout(max_send_wr, max_recv_wr, max_send_sge, max_recv_sge, max_inline_data)
-        sq, rq, db = self.alloc(lay.sq_bytes), self.alloc(lay.rq_bytes), self.alloc(8, 8)
-        r = self.cmd(Cmd.CREATE_QP, pdn=pdn, qp_type=2, send_cqn=scq.cqn, recv_cqn=rcq.cqn,
-                     max_send_wr=max_send_wr, max_recv_wr=max_recv_wr, max_send_sge=max_send_sge,
-                     max_recv_sge=max_recv_sge, max_inline_data=max_inline_data,
-                     flags=0, sq_gpa=sq, rq_gpa=rq, dbrec_gpa=db)
-        qp = Qp(r["qpn"], lay, sq, rq, db, scq, rcq)
+    def create_qp(self, pdn: int, scq: Cq, rcq: Cq | None = None, **kw) -> Qp:
+        qp = super().create_qp(pdn, scq, rcq, **kw)
         self.qps.append(qp)
         return qp
 
@@ -179,51 +125,15 @@ class CoreGuest:
 
     def connect(self, qp: Qp, remote_qpn: int, gid: bytes, *, sq_psn=0, rq_psn=0, timeout=14,
                 retry_cnt=7, rnr_retry=7, access=ALL) -> None:
-        steps = (
-            (M.STATE, dict(qp_state=QpState.RESET)),
-            (M.STATE | M.PKEY_INDEX | M.PORT | M.ACCESS_FLAGS,
-             dict(qp_state=QpState.INIT, port_num=1, qp_access_flags=int(access))),
-            (M.STATE | M.AV | M.PATH_MTU | M.DEST_QPN | M.RQ_PSN | M.MAX_DEST_RD_ATOMIC | M.MIN_RNR_TIMER,
-             dict(qp_state=QpState.RTR, dgid=gid, path_mtu=3, dest_qp_num=remote_qpn, rq_psn=rq_psn,
-                  max_dest_rd_atomic=4, min_rnr_timer=1)),
-            (M.STATE | M.SQ_PSN | M.TIMEOUT | M.RETRY_CNT | M.RNR_RETRY | M.MAX_QP_RD_ATOMIC,
-             dict(qp_state=QpState.RTS, sq_psn=sq_psn, timeout=timeout, retry_cnt=retry_cnt,
-                  rnr_retry=rnr_retry, max_rd_atomic=4)),
-        )
+        """RESET, then INIT, RTR and RTS to ``remote_qpn`` (from any state the fuzzer left)."""
+        steps = ((M.STATE, dict(qp_state=QpState.RESET)),
+                 *rc_connect_steps(remote_qpn, gid, access=access, timeout=timeout, retry_cnt=retry_cnt,
+                                   rnr_retry=rnr_retry, sq_psn=sq_psn, rq_psn=rq_psn))
         for mask, attr in steps:
             st = self.modify(qp, mask, **attr)
             if st:
                 raise GuestError(Cmd.MODIFY_QP, st)
         qp.sq_pi = qp.rq_pi = 0
-
-    # ---- data path -----------------------------------------------------------
-    def post_send(self, qp: Qp, wr_id: int, opcode, sges=(), **kw) -> None:
-        slot = 1 << qp.layout.sq_wqe_shift
-        data = wire.encode_send_wqe(wr_id, opcode, int(SendFlags.SIGNALED), sges=sges, slot_size=slot, **kw)
-        self.write(qp.sq + (qp.sq_pi % qp.layout.sq_depth) * slot, data)
-        qp.sq_pi = (qp.sq_pi + 1) & 0xFFFFFFFF
-        self.write(qp.dbrec, _DBREC.pack(qp.sq_pi, qp.rq_pi))
-        self.core.doorbell(wire.encode_doorbell(DoorbellKind.SQ, qp.qpn, qp.sq_pi), self.now)
-
-    def post_recv(self, qp: Qp, wr_id: int, sges=()) -> None:
-        slot = 1 << qp.layout.rq_wqe_shift
-        self.write(qp.rq + (qp.rq_pi % qp.layout.rq_depth) * slot,
-                   wire.encode_recv_wqe(wr_id, sges, slot_size=slot))
-        qp.rq_pi = (qp.rq_pi + 1) & 0xFFFFFFFF
-        self.write(qp.dbrec, _DBREC.pack(qp.sq_pi, qp.rq_pi))
-        self.core.doorbell(wire.encode_doorbell(DoorbellKind.RQ, qp.qpn, qp.rq_pi), self.now)
-
-    def poll(self, cq: Cq, n: int = 1 << 30) -> list[wire.Completion]:
-        out = []
-        while len(out) < n:
-            off = cq.ring + (cq.ci % cq.depth) * wire.CQE_SIZE
-            c, owner = wire.decode_cqe(self.read(off, wire.CQE_SIZE))
-            if owner != ((cq.ci // cq.depth) & 1) ^ 1:
-                break
-            out.append(c)
-            cq.ci = (cq.ci + 1) & 0xFFFFFFFF
-        self.write(cq.dbrec, _DBREC.pack(cq.ci, 0))
-        return out
 
     def close(self) -> None:
         self.core.close()

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-from bench.tenant_priority_daemon import AGING_SECONDS, TENANTS, Daemon, Guest
+from bench.tenant_priority_daemon import AGING_SECONDS, TENANTS, Daemon, tenant_guests
 
 #: ~2-3 ms a 1024-point FFT: long against the daemon's per-job overheads
 SLOWDOWN = 300.0
@@ -27,17 +27,10 @@ SLOWDOWN = 300.0
 @pytest.fixture(scope="module")
 def prio():
     d = Daemon(SLOWDOWN)
-    guests: dict[str, Guest] = {}
     try:
-        for name in TENANTS:
-            guests[name] = Guest(d.sockets[name], name, wait=False)
-        for g in guests.values():
-            g.expect("ready")
-        yield d, guests
+        with tenant_guests(d) as guests:
+            yield d, guests
     finally:
-        for g in guests.values():
-            g.close()
-        d.close()
         d.cleanup()
 
 

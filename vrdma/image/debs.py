@@ -92,15 +92,19 @@ def download_and_unpack(versions: dict[str, str], debs: str, root: str) -> None:
         run(["dpkg-deb", "-x", os.path.join(debs, matches[0]), root])
 
 
-def ldd_closure(root: str, files: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
-    """Shared libraries ``files`` need, recursively.
+def ldd_closure(root: str, files: Sequence[str], *, lib_dirs: Sequence[str] = LIB_DIRS,
+                guest_lib_dir: str = GUEST_LIB_DIR) -> tuple[dict[str, str], dict[str, str]]:
+    """Shared libraries ``files`` need, recursively, searched in ``root``'s ``lib_dirs``
+    first, then on the host.
 
-    Returns ({guest path: source path}, {file: missing library line}); a file whose
-    closure is incomplete is reported, not fatal (the caller decides: a Python extension
-    module of the stdlib that cannot load is dropped, the interpreter is not).
+    Returns ({guest path: source path}, {file: missing library line}); a guest path is
+    relative, the loader at its ABI path (``lib64/...``), every other library in
+    ``guest_lib_dir``. A file whose closure is incomplete is reported, not fatal (the
+    caller decides: a Python extension module of the stdlib that cannot load is dropped,
+    the interpreter is not).
     """
     env = dict(os.environ)
-    env["LD_LIBRARY_PATH"] = ":".join(os.path.join(root, d) for d in LIB_DIRS)
+    env["LD_LIBRARY_PATH"] = ":".join(os.path.join(root, d) for d in lib_dirs)
     libs: dict[str, str] = {}
     missing: dict[str, str] = {}
     todo = list(files)
@@ -125,7 +129,7 @@ def ldd_closure(root: str, files: Sequence[str]) -> tuple[dict[str, str], dict[s
             if guest.startswith("/lib64/"):
                 libs[guest.lstrip("/")] = real  # the loader, at its ABI path
             else:
-                libs[f"{GUEST_LIB_DIR}/{os.path.basename(guest)}"] = real
+                libs[f"{guest_lib_dir}/{os.path.basename(guest)}"] = real
             todo.append(real)
     return libs, missing
 

@@ -22,6 +22,12 @@ Guest RAM is ``memory-backend-memfd,share=on`` (the daemon maps it), the serial 
 is QEMU's stdio, copied to our stdout as it comes; the application's exit status is read
 from /init's ``VRDMA-APP-EXIT status=N`` line (:mod:`vrdma.image.initscript`).
 ``qemu_command`` is pure (a spec in, an argv out); ``run`` does the I/O.
+
+The pieces of a command line both this module and the test launchers
+(``qemu_tests.launch``) build are here, once: the carriers and their device
+argument (:func:`carrier_args`), shared memfd RAM (:func:`memfd_ram_args`),
+a headless machine (:data:`HEADLESS_ARGS`), and the wait for the back-end's
+socket (:func:`unix_socket_appears`).
 """
 from __future__ import annotations
 
@@ -56,6 +62,8 @@ BORROWED_VIRTIO_ID = 21
 QUEUE_SIZE = 256
 MAX_LINE = 64 << 10  # console bytes read at once (a guest need not send newlines)
 SERIAL_KEPT = 1 << 20  # console tail kept for the result (the rest only goes to ``console``)
+#: a machine with no default devices, no user config, no display, and no reboot (QEMU exits)
+HEADLESS_ARGS = ("-nodefaults", "-no-user-config", "-display", "none", "-no-reboot")
 #: seconds a guest gets to power off after its status line; then QEMU is killed (microvm
 #: without ACPI cannot power off: the kernel halts and QEMU would wait for ever)
 POWEROFF_GRACE = 5.0
@@ -73,6 +81,56 @@ def num_queues() -> int:
     from virtio_rdma.constants import NUM_QUEUES
 
     return int(NUM_QUEUES)
+
+
+def carrier_args(socket_path: str, carrier: str, *, device_id: str, num_queues: int, queue_size: int,
+                 virtio_id: int = BORROWED_VIRTIO_ID, config_size: int = 0, reconnect: int | None = None,
+                 bootindex: int | None = None, extra_props: Sequence[tuple[str, str]] = ()) -> list[str]:
+    """``-chardev``/``-device`` of a vhost-user carrier (QEMU the front-end, a client of the
+    back-end listening on ``socket_path``; ``reconnect``: seconds after the back-end closes).
+    ``carrier`` is :data:`BLK_CARRIER` (``num_queues``, ``queue_size``, ``bootindex``) or a
+    generic one, :data:`GENERIC_CARRIER_PCI` or :data:`GENERIC_CARRIER_MMIO` (``virtio_id``,
+    ``num_queues``, ``queue_size``, ``config_size``)."""
+    chardev = f"socket,id={device_id}-chr,path={socket_path}"
+    if reconnect is not None:
+        chardev += f",reconnect={reconnect}"
+    if carrier == BLK_CARRIER:
+        dev = (f"{carrier},id={device_id},chardev={device_id}-chr,num-queues={num_queues},"
+               f"queue-size={queue_size}")
+        if bootindex is not None:
+            dev += f",bootindex={bootindex}"
+    elif carrier in (GENERIC_CARRIER_PCI, GENERIC_CARRIER_MMIO):
+        dev = (f"{carrier},id={device_id},chardev={device_id}-chr,virtio-id={virtio_id},"
+               f"num_vqs={num_queues},vq_size={queue_size},config_size={config_size}")
+    else:
+        raise ValueError(f"carrier {carrier!r} must be one of "
+                         f"{(BLK_CARRIER, GENERIC_CARRIER_PCI, GENERIC_CARRIER_MMIO)}")
+    for key, value in extra_props:
+        dev += f",{key}={value}"
+    return ["-chardev", chardev, "-device", dev]
+
+
+def memfd_ram_args(memory_mib: int, cpus: int) -> list[str]:
+    """``memory_mib`` of guest RAM in a shared memfd (the back-end maps it), object id ``mem``,
+    and ``cpus`` CPUs."""
+    mem = f"{memory_mib}M"
+    return ["-m", mem, "-smp", str(cpus), "-object", f"memory-backend-memfd,id=mem,size={mem},share=on"]
+
+
+def unix_socket_appears(path: str, timeout: float, interval: float = 0.05) -> bool:
+    """Whether a unix socket file is at ``path`` within ``timeout`` seconds (the back-end
+    bound it). No probe connection is made: a back-end serving one front-end must not
+    see a stray one; bind() and listen() are back to back in any sane listener."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if stat.S_ISSOCK(os.stat(path).st_mode):
+                return True
+        except FileNotFoundError:
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
 
 
 _ARG = re.compile(r'[^\s"\\]+')
@@ -137,15 +195,12 @@ def qemu_prefix(spec: VmSpec) -> tuple[list[str], dict[str, str]]:
 
 
 def device_args(spec: VmSpec) -> list[str]:
-    chardev = f"socket,id=vrdma0-chr,path={spec.backend}"
     if spec.qemu == "7.2":
-        dev = (f"{BLK_CARRIER},id=vrdma0,chardev=vrdma0-chr,num-queues={num_queues()},"
-               f"queue-size={QUEUE_SIZE}")
-    else:
-        carrier = GENERIC_CARRIER_MMIO if spec.machine == "microvm" else GENERIC_CARRIER_PCI
-        dev = (f"{carrier},id=vrdma0,chardev=vrdma0-chr,virtio-id={BORROWED_VIRTIO_ID},"
-               f"num_vqs={num_queues()},vq_size={QUEUE_SIZE},config_size={device_config_size()}")
-    return ["-chardev", chardev, "-device", dev]
+        return carrier_args(spec.backend, BLK_CARRIER, device_id="vrdma0", num_queues=num_queues(),
+                            queue_size=QUEUE_SIZE)
+    carrier = GENERIC_CARRIER_MMIO if spec.machine == "microvm" else GENERIC_CARRIER_PCI
+    return carrier_args(spec.backend, carrier, device_id="vrdma0", num_queues=num_queues(),
+                        queue_size=QUEUE_SIZE, config_size=device_config_size())
 
 
 def kernel_append(spec: VmSpec) -> str:
@@ -168,11 +223,8 @@ def machine_option(spec: VmSpec) -> str:
 def qemu_command(spec: VmSpec) -> tuple[list[str], dict[str, str]]:
     """(argv, extra environment) of the QEMU that boots ``spec``."""
     argv, env = qemu_prefix(spec)
-    mem = f"{spec.memory_mib}M"
     argv += ["-machine", f"{machine_option(spec)},memory-backend=mem", "-accel", "tcg", "-cpu", "max",
-             "-m", mem, "-smp", str(spec.cpus),
-             "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
-             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+             *memfd_ram_args(spec.memory_mib, spec.cpus), *HEADLESS_ARGS,
              "-chardev", "stdio,id=con0,signal=off", "-serial", "chardev:con0",
              *device_args(spec),
              "-kernel", spec.image.vmlinux, "-initrd", spec.image.initramfs,
@@ -196,16 +248,8 @@ class VmResult:
 
 
 def _wait_socket(path: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if stat.S_ISSOCK(os.stat(path).st_mode):
-                return
-        except FileNotFoundError:
-            pass
-        if time.monotonic() >= deadline:
-            raise LaunchError(f"no back-end listening at {path} (no unix socket after {timeout:.0f} s)")
-        time.sleep(0.05)
+    if not unix_socket_appears(path, timeout):
+        raise LaunchError(f"no back-end listening at {path} (no unix socket after {timeout:.0f} s)")
 
 
 def run(spec: VmSpec, *, console: IO[bytes] | None = None, timeout: float | None = None,
