@@ -78,7 +78,7 @@ def _expect(lines: queue.Queue, prefix: str, seen: list[str], timeout: float) ->
             return line[len(prefix):].strip()
 
 
-def _serve(argv: list[str], iters: int, timeout: float = 45) -> tuple[dict, str, list[str]]:
+def _serve(argv: list[str], iters: int, timeout: float = 140) -> tuple[dict, str, list[str]]:
     """Run the active side (``argv`` + its peer info + ``iters``) against a
     process guest here on the daemon, answer it, check what it wrote into our
     memory; its result, stderr and console lines."""
@@ -146,7 +146,7 @@ def test_microvm_guest_does_every_verb_over_virtio_mmio(daemon, image):
 
     iters = 30
     vm = [sys.executable, "-m", "vrdma", "vm", "run", "--backend", daemon, "--image", image.directory,
-          "--qemu", "11.1", "--machine", "microvm", "--timeout", "50", "--", "active", "mmio:auto"]
+          "--qemu", "11.1", "--machine", "microvm", "--timeout", "150", "--", "active", "mmio:auto"]
     result, err, _ = _serve(vm, iters)
     assert "-machine microvm,acpi=off" in err and "vhost-user-test-device,id=vrdma0" in err
     assert result["transport"] == "VirtioMmioTransport" and result["name"].startswith("mmio:0x")

@@ -29,6 +29,9 @@ pytestmark = [pytest.mark.qemu]
 MODULE = "tests/fabric/test_hca.py"
 
 
+# the guest's own bound (500 s) is what counts: the suite's 300 s would end it first, and the
+# module under TCG took 163 s with a load of 7 on the shared 2 vCPUs
+@pytest.mark.timeout(600)
 def test_verbs_fabric_tests_pass_on_kernel_rxe(host_root_image):
     argv = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", MODULE]
     cmd = (f"cd {shlex.quote(REPO_ROOT)} && VRDMA_VERBS_DEVICE=rxe0 "

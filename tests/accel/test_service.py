@@ -370,25 +370,45 @@ def calibrated() -> ServiceTimeModel:
     return ServiceTimeModel.calibrate(quick=True)
 
 
-def test_calibrated_model_structure_and_sanity(calibrated):
-    m = calibrated
-    assert m.calibrated and m.meta["cpu"] and m.meta["kernels"]
+def _calibration_problems(m: ServiceTimeModel) -> list:
+    """What is wrong with a calibrated model's fits (empty: nothing)."""
+    problems: list = []
     for key in ("fft/complex64", "fft/complex128", "ifft/complex64", "ifft/complex128",
                 "turbo_encode", "turbo_decode"):
         c = m.costs[key]
-        assert c.a >= 0 and min(c.b) >= 0 and sum(c.b) > 0 and c.points >= 2
-        # the fit follows its own points (a broken feature or a sign error is off by far more;
-        # quick calibration on a quiet 2-vCPU EPYC: 1-10% RMS)
-        assert c.rms_rel_error is not None and c.rms_rel_error < 0.35, (key, c)
-    small = Job.create(Op.TURBO_DECODE, np.zeros((3, 1028), np.float32), iterations=2)
+        if not (c.a >= 0 and min(c.b) >= 0 and sum(c.b) > 0 and c.points >= 2):
+            problems.append(("coefficients", key, c))
+        # the fit follows its own points: quick calibrations 1-10% RMS on a quiet 2-vCPU EPYC, up
+        # to 33% with a load of 12 on it; one coefficient's sign flipped gives 72% or more
+        if c.rms_rel_error is None or c.rms_rel_error >= 0.5:
+            problems.append(("rms", key, c))
+    # the per-iteration feature: the same K = 6144 block at 8 and at 2 iterations. A model
+    # without it gives exactly 1; quick calibrations 1.7-2.4 (a load of 12 on the 2 vCPUs
+    # included), full ones 1.3-1.8. (Comparing K=6144 x 8 with K=1024 x 2 instead, 3.9 when
+    # timed directly, was no test: loaded quick calibrations gave 1.8-3.4 and the model
+    # without the feature 0.5-1.6.)
     large = Job.create(Op.TURBO_DECODE, np.zeros((3, 6148), np.float32), iterations=8)
-    # 24x the bit-iterations, but a lone K=1024 block (4 segments) leaves 12 of the decoder's 16
-    # lanes idle and pays the per-job overhead: timed directly it costs 1/3.9 of the large one
-    # (37.5 vs 145 us), and quick calibrations put the ratio at 2.4-3.5; the same points fitted
-    # without the per-iteration feature give 1.4-1.5.
-    assert m.estimate(large) > 2 * m.estimate(small)
-    assert m.estimate(Job.create(Op.FFT, cplx((16, 2048), np.complex128))) > \
-        m.estimate(Job.create(Op.FFT, cplx((1, 256), np.complex128)))
+    fewer = Job.create(Op.TURBO_DECODE, np.zeros((3, 6148), np.float32), iterations=2)
+    small = Job.create(Op.TURBO_DECODE, np.zeros((3, 1028), np.float32), iterations=2)
+    if not m.estimate(large) > 1.25 * m.estimate(fewer):
+        problems.append(("iterations", m.estimate(large) / m.estimate(fewer)))
+    if not m.estimate(large) > m.estimate(small):  # 24x the bit-iterations
+        problems.append(("decode size", m.estimate(large) / m.estimate(small)))
+    if not m.estimate(Job.create(Op.FFT, cplx((16, 2048), np.complex128))) > \
+            m.estimate(Job.create(Op.FFT, cplx((1, 256), np.complex128))):
+        problems.append(("fft size",))
+    return problems
+
+
+def test_calibrated_model_structure_and_sanity(calibrated):
+    assert calibrated.calibrated and calibrated.meta["cpu"] and calibrated.meta["kernels"]
+    # A quick calibration times each point 3 times: a loaded machine can stall enough of them to
+    # bend a fit (all of a key's slope to 0: 1 run in 10 with two CPU burners on the 2 vCPUs).
+    # A stall does not repeat itself; a broken model fails every calibration: up to 3.
+    tries = [_calibration_problems(calibrated)]
+    while tries[-1] and len(tries) < 3:
+        tries.append(_calibration_problems(ServiceTimeModel.calibrate(quick=True)))
+    assert not tries[-1], tries
 
 
 def test_estimates_within_a_sane_factor_through_the_service(calibrated):

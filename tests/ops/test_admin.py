@@ -120,7 +120,7 @@ def test_ctl_lists_guests_qps_queues_and_sets_live_tenant_limits(ops_daemon):
     assert d.ctl("guests") == []
 
 
-def test_ctl_cancels_a_queued_job_the_guest_sees_cancelled():
+def test_ctl_cancels_a_queued_job_the_guest_sees_cancelled(capsys):
     d = OpsDaemon("--accelerators", "fft=1", "--accel-slowdown", "100", metrics=False)
     try:
         with RcEndpoint(d.path, mem_size=MEM) as ep:
@@ -138,8 +138,13 @@ def test_ctl_cancels_a_queued_job_the_guest_sees_cancelled():
             assert len(jobs) >= 2 and {j["op"] for j in jobs} == {"FFT"}
             last = max(jobs, key=lambda j: j["wr_id"])
             assert last["wr_id"] == 11
-            out = _ctl(d, "cancel", last["id"])
-            assert out.returncode == 0, out.stderr
+            # the command's code in this process: a new interpreter's start-up (seconds on a loaded
+            # machine) outlasted the 12 slowed jobs, and job 11 was no longer queued
+            from vrdma.cli import main as vrdma_main
+
+            capsys.readouterr()
+            rc = vrdma_main(["ctl", "-a", d.admin, "cancel", last["id"]])
+            assert rc == 0, capsys.readouterr().err
             out = _ctl(d, "cancel", last["id"])  # taken already
             assert out.returncode == 1 and "not_found" in out.stderr
             out = _ctl(d, "cancel", "garbage")
@@ -286,10 +291,23 @@ def test_hostile_clients_get_errors_or_are_dropped_and_the_daemon_keeps_serving(
         finally:
             for s in socks:
                 s.close()
-        time.sleep(0.2)
-        h = d.ctl("health")
-        m = h["admin"]
-        assert m["too_long"] == 1 and m["idle_closed"] >= 2 and m["refused_busy"] >= 8 and m["errors"] >= 8
+        def admin_metrics() -> dict | None:
+            try:
+                return d.ctl("health")["admin"]
+            except wire.RemoteError as e:  # the daemon has not seen all of the storm's closes yet
+                assert e.kind == "refused", e
+                return None
+
+        def counted(m: dict | None) -> bool:
+            return m is not None and m["too_long"] == 1 and m["idle_closed"] >= 2 and m["refused_busy"] >= 8 \
+                and m["errors"] >= 8
+
+        deadline = time.monotonic() + 20  # not a fixed sleep: it gets to the closed clients when it can
+        m = admin_metrics()
+        while not counted(m) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            m = admin_metrics()
+        assert counted(m), m
         with RcEndpoint(d.path, mem_size=MEM) as ep:  # guests are served as before
             x = np.ones(256, np.complex64)
             np.testing.assert_array_equal(accel.fft(ep.ctx, x), accel_core.fft(x))

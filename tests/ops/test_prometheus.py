@@ -96,8 +96,18 @@ class PrometheusServer:
         self._dir.cleanup()
 
 
+def _gone(d) -> None:
+    """Until the daemon has seen the workload's guests hang up (their close does not wait
+    for it): only then are their counters folded per tenant and no guest connected."""
+    deadline = time.monotonic() + 30
+    while d.ctl("guests"):
+        assert time.monotonic() < deadline, d.ctl("guests")
+        time.sleep(0.05)
+
+
 def test_the_exposition_is_prometheus_shaped(ops_daemon):
     _workload(ops_daemon.path)
+    _gone(ops_daemon)
     from prometheus_client.parser import text_string_to_metric_families
 
     text = ops_daemon.scrape()

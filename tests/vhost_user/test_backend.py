@@ -147,15 +147,28 @@ def test_unsupported_request_type_gets_unsupp_status(backend, sock_path):
 
 def test_spinning_frontend_and_polling_daemon():
     """The daemon as a real process with --poll-us; the front-end spins.
-    (In one process the polling thread would hold the GIL through the window.)"""
+    (In one process the polling thread would hold the GIL through the window.)
+
+    Either side's poll only helps while the other side is on a CPU: a busy machine
+    preempts them and costs kicks and sleeps. Counts per round of 400 requests
+    (200 write + read pairs): broken, exactly 400 kicks (daemon not polling) or 400
+    sleeps (front-end not spinning); working, on a quiet 2-vCPU EPYC 1-14 kicks and
+    9-221 sleeps, with two CPU burners on the same 2 vCPUs 7-56 kicks and 99-309
+    sleeps. So a round must avoid half the kicks and a tenth of the sleeps, and up
+    to three rounds are tried (a broken side fails every one)."""
     daemon = DaemonProcess("--device", "blk", "--size", "1M", "--poll-us", "2000")
     try:
         with BlkDriver.connect(daemon.path, spin_us=2000.0) as blk:
-            for i in range(200):
-                blk.write(i % 16, _pattern(i, 512))
-                assert bytes(blk.read(i % 16)) == _pattern(i, 512)
-            kicks, sleeps = blk.dev.kicks_sent, blk.dev.sleeps
-        # while both sides poll, most of the 400 requests need neither a kick nor an interrupt
-        assert kicks < 200 and sleeps < 200, (kicks, sleeps)
+            rounds = []
+            for _ in range(3):
+                kicks0, sleeps0 = blk.dev.kicks_sent, blk.dev.sleeps
+                for i in range(200):
+                    blk.write(i % 16, _pattern(i, 512))
+                    assert bytes(blk.read(i % 16)) == _pattern(i, 512)
+                rounds.append((blk.dev.kicks_sent - kicks0, blk.dev.sleeps - sleeps0))
+                if rounds[-1][0] < 200 and rounds[-1][1] < 360:
+                    break
+        # while both sides poll, requests need neither a kick nor an interrupt
+        assert rounds[-1][0] < 200 and rounds[-1][1] < 360, rounds
     finally:
         assert daemon.close() == 0  # clean shutdown on SIGTERM

@@ -89,7 +89,7 @@ def test_a_forwarded_driver_reset_drops_the_guests_objects(backend, status0):
     """A guest driver's reset as QEMU forwards it (7.2: SET_STATUS 0, then every ring
     stopped; 11.1's vhost-user-base: the rings stopped only), then the next driver's
     rings, which start from 0: the old driver's objects go when they do, counted."""
-    ctx = Context(backend.path, timeout=2.0)
+    ctx = Context(backend.path, timeout=20.0)
     try:
         dev = backend.devices[0]
         pd = PD(ctx)  # noqa: F841  held: it must exist
@@ -115,7 +115,7 @@ def test_a_forwarded_driver_reset_drops_the_guests_objects(backend, status0):
 def test_a_paused_and_continued_vm_keeps_the_guests_objects(backend, status0):
     """QMP stop / cont: the same messages as a driver's reset, but the rings start again
     where they stopped: nothing is dropped and the driver carries on with its objects."""
-    with Context(backend.path, timeout=2.0) as ctx:
+    with Context(backend.path, timeout=20.0) as ctx:
         dev = backend.devices[0]
         pd = PD(ctx)
         fe = ctx.transport.device.frontend  # type: ignore[attr-defined]
@@ -131,7 +131,7 @@ def test_a_paused_and_continued_vm_keeps_the_guests_objects(backend, status0):
 
 
 def test_one_ring_stopped_is_no_reset(backend):
-    with Context(backend.path, timeout=2.0) as ctx:
+    with Context(backend.path, timeout=20.0) as ctx:
         dev = backend.devices[0]
         pd = PD(ctx)  # noqa: F841  held: it must exist
         fe = ctx.transport.device.frontend  # type: ignore[attr-defined]
