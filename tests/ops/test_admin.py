@@ -256,7 +256,9 @@ def test_hostile_clients_get_errors_or_are_dropped_and_the_daemon_keeps_serving(
             one = len(json.dumps(d.ctl("health")))
             n = (MAX_UNSENT_BYTES // 2) // one  # about 2 MiB of answers: past every socket buffer,
             s.sendall(b'{"id":1,"cmd":"health"}\n' * n)  # below MAX_UNSENT_BYTES
-            time.sleep(2.5)  # past the 1 s timeout
+            deadline = time.monotonic() + 30  # dropped 1 s (--admin-timeout) after it stopped reading
+            while d.ctl("health")["admin"]["slow_readers"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.1)
             got = 0
             try:
                 while data := s.recv(1 << 16):  # EOF (or a reset), not a 10 s timeout
