@@ -90,8 +90,9 @@ class BackendThread:
     def connection_count(self) -> int:
         return self.call(lambda: len(self.server.connections))  # type: ignore[union-attr]  # call() checked
 
-    def wait_for(self, predicate, timeout: float = 5.0) -> bool:
-        """Poll ``predicate(server)`` on the loop thread until true."""
+    def wait_for(self, predicate, timeout: float = 30.0) -> bool:
+        """Poll ``predicate(server)`` on the loop thread until true (False after ``timeout``: generous,
+        since a loaded machine can stall the loop thread for seconds and success returns at once)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.call(lambda: predicate(self.server)):

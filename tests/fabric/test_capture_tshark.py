@@ -42,7 +42,9 @@ def test_tshark_decodes_our_traffic_as_rroce(tmp_path):
         # without USO (a veth would carry them whole, and dumpcap see them so)
         set_feature(na, "veth0", "tx-udp-segmentation", False)
         ha, hb = Host(na, A_IP, str(tmp_path / "a.sock")), Host(nb, B_IP, str(tmp_path / "b.sock"))
-        a, b = connect(ha, hb, mtu=3)  # path MTU 1024
+        # path MTU 1024; a 4 s ACK timeout (2^20 x 4.096 us): a loaded daemon stalling past the
+        # default 17 ms would retransmit, and the capture below lists every packet exactly
+        a, b = connect(ha, hb, mtu=3, timeout=20)
         try:
             qa, qb = a.qp.qp_num, b.qp.qp_num
             psn0 = a.sq_psn
