@@ -299,18 +299,35 @@ def _execute(core, x, out):
     return core.execute(x, out)
 
 
+def _fast(x, out, inverse: bool):
+    """The plan for (x, out) when they pass every check as they are (one C call,
+    :func:`accel_core._fft.fast_args`, and the size), else None: then the checks above
+    run (they convert, or raise the typed error). Saves about 0.8 us of the 1.2 us the
+    checks took per call: per row of a 128-row batch, 5% of a 128-point transform."""
+    k = _fft.fast_args(x, out)
+    if k < 0 or (k >> 1) not in _SIZE_SET:
+        return None
+    return _plan(k >> 1, bool(k & 1), inverse, simd.simd_path())
+
+
 def fft(x, out=None):
     """Forward FFT along the last axis (numpy.fft.fft convention, no scaling).
 
     ``out`` may be a preallocated C-contiguous array of x's shape and dtype, or
     ``x`` itself (in-place). Returns the output array.
     """
+    core = _fast(x, out, False)
+    if core is not None:
+        return core.execute(x, np.empty_like(x) if out is None else out)
     x, n, double = check_input(x)
     return _execute(_core(n, double, False), x, out)
 
 
 def ifft(x, out=None):
     """Inverse FFT along the last axis, scaled by 1/n (numpy.fft.ifft convention)."""
+    core = _fast(x, out, True)
+    if core is not None:
+        return core.execute(x, np.empty_like(x) if out is None else out)
     x, n, double = check_input(x)
     return _execute(_core(n, double, True), x, out)
 

@@ -397,3 +397,59 @@ def test_out_partial_overlap_rejected():
     with raises_exactly(LayoutError, match="overlaps"):
         ifft(flat[:1024].reshape(4, 256), out=flat[16:].reshape(4, 256))
     np.testing.assert_array_equal(buf, keep)
+
+
+def test_byte_swapped_input_and_out_rejected():
+    # the same type number as complex64 / complex128, but not their dtype: the checks refuse
+    x = _rand((2, 256), np.complex64)
+    with raises_exactly(DtypeError, match=">c8"):
+        fft(x.astype(">c8"))
+    with raises_exactly(DtypeError, match="out dtype", argument="out"):
+        fft(x, out=np.empty((2, 256), ">c8"))
+    with raises_exactly(DtypeError, match="out dtype", argument="out"):
+        ifft(x.astype(np.complex128), out=np.empty((2, 256), ">c16"))
+
+
+def _checks_pass_unchanged(x, out) -> bool:
+    """dft's own checks accept (x, out) as they are (no conversion, no error)."""
+    try:
+        xc, _n, _d = dft.check_input(x)
+        if out is not None:
+            dft.check_out(xc, out)
+    except (DtypeError, ShapeError, LayoutError, UnsupportedSize):
+        return False
+    return xc is x
+
+
+def test_fast_checks_answer_yes_only_where_the_checks_pass():
+    """fft()/ifft() skip dft's checks when accel_core._fft.fast_args (one C call) says the
+    arrays pass them as they are: it must never say yes where they would convert or raise."""
+    from accel_core import _fft
+
+    class Sub(np.ndarray):
+        pass
+
+    x = _rand((4, 256), np.complex64)
+    xd = x.astype(np.complex128)
+    buf = _rand((5, 256), np.complex64)
+    ro = np.empty_like(x)
+    ro.flags.writeable = False
+    cases = [
+        (x, None), (x, np.empty_like(x)), (x, x), (x, x[:]), (xd, None), (xd, np.empty_like(xd)),
+        (x.view(Sub), np.empty_like(x).view(Sub)), (np.zeros((0, 256), np.complex64), None),
+        (x[0], np.empty(256, np.complex64)), (x.reshape(2, 2, 256), np.empty((2, 2, 256), np.complex64)),
+        # each of these must go to the checks (which convert or raise)
+        (x, np.empty((4, 128), np.complex64)), (x, np.empty((2, 2, 256), np.complex64)),
+        (x, np.empty_like(xd)), (x, ro), (x, np.empty((256, 4), np.complex64).T),
+        (x.astype(">c8"), None), (x, np.empty((4, 256), ">c8")), (x[:, ::2], None),
+        (buf[:4], buf[1:]), (x.real.copy(), None), (x.astype(np.complex64)[..., :7].copy(), None),
+        (np.complex64(1), None), ([1j, 2j], None), (x, [0] * 1024), (x, x.tolist()),
+        (np.zeros((3, 0), np.complex64), None),
+    ]
+    for i, (a, out) in enumerate(cases):
+        k = _fft.fast_args(a, out)
+        fast = k >= 0 and (k >> 1) in dft._SIZE_SET
+        assert fast == _checks_pass_unchanged(a, out), (i, k)
+        if fast:
+            assert (k >> 1, bool(k & 1)) == (a.shape[-1], a.dtype == np.complex128)
+    assert sum(_fft.fast_args(a, o) >= 0 for a, o in cases) >= 10  # the fast path is taken
