@@ -28,7 +28,8 @@ loads, interleaving stores); for the others it runs over q with the twiddles
 hoisted. On the AVX2 and AVX-512 builds the fused first radix-4 / radix-8 stage
 and the radix-4 stage at s == 4 (complex64) run explicit 256-bit loops over
 whole vectors (accel_core/csrc/fft_first.h: in-lane shuffles instead of gcc's
-permute chains), and so does the radix-8 stage at s == 8 (complex64) on AVX-512;
+permute chains), and so do the radix-8 stage at s == 8 (complex64) on AVX-512 and
+the last radix-2 stage;
 the Cython loops do the remainder and everything on the scalar build.
 Validation, dtype/shape checks, allocation and plan caching live in
 :mod:`accel_core.dft`; this module trusts its caller.
@@ -67,6 +68,11 @@ cdef extern from "csrc/fft_first.h" nogil:
     Py_ssize_t vrdma_first8_f64(double* yr, double* yi, const double* x, Py_ssize_t m,
                                 const double* wr, const double* wi, double h, int fwd)
     int VRDMA_FIRST_SIMD  # vector width in bits of those loops (0: none)
+    # the last radix-2 stage (m == 1) writing the interleaved output row (same contract, over q)
+    Py_ssize_t vrdma_last2_f32(float* y, const float* xr, const float* xi, Py_ssize_t s,
+                               float scale, int fwd)
+    Py_ssize_t vrdma_last2_f64(double* y, const double* xr, const double* xi, Py_ssize_t s,
+                               double scale, int fwd)
     # a split radix-4 stage at s == 4, complex64: two p per 256-bit vector (same contract)
     Py_ssize_t vrdma_s4_radix4_f32(float* yr, float* yi, const float* xr, const float* xi,
                                    Py_ssize_t m, const float* wr, const float* wi)
@@ -852,18 +858,22 @@ cdef void _first2(rptr yr, rptr yi, rptr x, Py_ssize_t m,
 cdef void _last2(rptr y, rptr xr, rptr xi, Py_ssize_t s, const real_t* kc) noexcept nogil:
     """The last radix-2 stage (m == 1: no twiddles) writing the interleaved complex output
     row y, times the plan's scale (the join folded into the stage's stores)."""
-    cdef Py_ssize_t q
+    cdef Py_ssize_t q, q0
     cdef real_t scale = kc[K_SCALE]
     cdef real_t a0r, a0i, a1r, a1i, c1r, c1i
+    if rptr is fptr:
+        q0 = vrdma_last2_f32(y, xr, xi, s, scale, kc[K_SG] > 0)
+    else:
+        q0 = vrdma_last2_f64(y, xr, xi, s, scale, kc[K_SG] > 0)
     if kc[K_SG] > 0:  # forward: sg == 1 and scale == 1, no multiply by either
-        for q in range(s):
+        for q in range(q0, s):
             a0r = xr[q]; a0i = xi[q]
             a1r = xr[q + 1 * s]; a1i = xi[q + 1 * s]
             y[2 * q] = (a0r + a1r); y[2 * q + 1] = (a0i + a1i)
             c1r = a0r - a1r; c1i = a0i - a1i
             y[2 * (q + 1 * s)] = c1r; y[2 * (q + 1 * s) + 1] = c1i
     else:
-        for q in range(s):
+        for q in range(q0, s):
             a0r = xr[q]; a0i = xi[q]
             a1r = xr[q + 1 * s]; a1i = xi[q + 1 * s]
             y[2 * q] = (a0r + a1r) * scale; y[2 * q + 1] = (a0i + a1i) * scale

@@ -30,6 +30,8 @@
  * (+-3%: noise), the output row as one of the ping-pong buffers (slower: yr and yi of
  * the row sit a power of two apart), the explicit radix-8 loop below at s == 4 for
  * complex128 on AVX-512 (-5% to +3% by size).
+ * The last radix-2 stage (below) as an explicit loop: 128/512/2048-point complex128 on
+ * AVX2 (4*4*4*2 ...) 3%, 5.5%, 0.5% faster, measured interleaved against the Cython loop.
  */
 #ifndef VRDMA_FFT_FIRST_H
 #define VRDMA_FFT_FIRST_H
@@ -277,6 +279,38 @@ static Py_ssize_t vrdma_s8_radix8_f32(float *__restrict yr, float *__restrict yi
     return p;
 }
 
+/* The last radix-2 stage (m == 1, no twiddles): split xr/xi at q and q + s to the
+ * interleaved output row y (times the inverse's 1/n scale when !fwd), W values of q per
+ * iteration: the re / im vectors are interleaved by unpacklo/hi and one 128-bit lane
+ * swap per output vector (gcc's loop used cross-lane permutes). Returns how many q it
+ * did (a multiple of W, <= s); the Cython loop does the rest. */
+VRDMA_INLINE void vrdma_st_il_pd(double* y, __m256d re, __m256d im) {
+    __m256d lo = _mm256_unpacklo_pd(re, im), hi = _mm256_unpackhi_pd(re, im);
+    _mm256_storeu_pd(y, _mm256_permute2f128_pd(lo, hi, 0x20));
+    _mm256_storeu_pd(y + 4, _mm256_permute2f128_pd(lo, hi, 0x31));
+}
+VRDMA_INLINE void vrdma_st_il_ps(float* y, __m256 re, __m256 im) {
+    __m256 lo = _mm256_unpacklo_ps(re, im), hi = _mm256_unpackhi_ps(re, im);
+    _mm256_storeu_ps(y, _mm256_permute2f128_ps(lo, hi, 0x20));
+    _mm256_storeu_ps(y + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+#define VRDMA_LAST2_FN(NAME, V, W, T, LDU, ST, SET1)                                    \
+static Py_ssize_t NAME(T *__restrict y, const T *__restrict xr, const T *__restrict xi, \
+                       Py_ssize_t s, T scale, int fwd) {                                \
+    Py_ssize_t q = 0;                                                                   \
+    V sc = SET1(scale);                                                                 \
+    for (; q + (W) <= s; q += (W)) {                                                    \
+        V a0r = LDU(xr + q), a0i = LDU(xi + q), a1r = LDU(xr + q + s), a1i = LDU(xi + q + s); \
+        V c0r = a0r + a1r, c0i = a0i + a1i, c1r = a0r - a1r, c1i = a0i - a1i;           \
+        if (!fwd) { c0r *= sc; c0i *= sc; c1r *= sc; c1i *= sc; }                       \
+        ST(y + 2 * q, c0r, c0i);                                                        \
+        ST(y + 2 * (q + s), c1r, c1i);                                                  \
+    }                                                                                   \
+    return q;                                                                           \
+}
+VRDMA_LAST2_FN(vrdma_last2_f64, __m256d, 4, double, _mm256_loadu_pd, vrdma_st_il_pd, _mm256_set1_pd)
+VRDMA_LAST2_FN(vrdma_last2_f32, __m256, 8, float, _mm256_loadu_ps, vrdma_st_il_ps, _mm256_set1_ps)
+
 #else
 /* baseline x86-64: the Cython loops do every p */
 #define VRDMA_FIRST_NONE(NAME, T) \
@@ -293,6 +327,12 @@ static Py_ssize_t vrdma_s4_radix4_f32(float* yr, float* yi, const float* xr, con
 static Py_ssize_t vrdma_s8_radix8_f32(float* yr, float* yi, const float* xr, const float* xi,
                                       Py_ssize_t m, const float* wr, const float* wi, float hs) {
     (void)yr; (void)yi; (void)xr; (void)xi; (void)m; (void)wr; (void)wi; (void)hs; return 0; }
+static Py_ssize_t vrdma_last2_f64(double* y, const double* xr, const double* xi, Py_ssize_t s,
+                                  double scale, int fwd) {
+    (void)y; (void)xr; (void)xi; (void)s; (void)scale; (void)fwd; return 0; }
+static Py_ssize_t vrdma_last2_f32(float* y, const float* xr, const float* xi, Py_ssize_t s,
+                                  float scale, int fwd) {
+    (void)y; (void)xr; (void)xi; (void)s; (void)scale; (void)fwd; return 0; }
 #define VRDMA_FIRST_SIMD 0
 #endif
 
