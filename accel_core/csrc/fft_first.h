@@ -32,6 +32,13 @@
  * complex128 on AVX-512 (-5% to +3% by size).
  * The last radix-2 stage (below) as an explicit loop: 128/512/2048-point complex128 on
  * AVX2 (4*4*4*2 ...) 3%, 5.5%, 0.5% faster, measured interleaved against the Cython loop.
+ * Tried and dropped: a split radix-16 stage (4 x 4 in registers, one pass for two radix-4
+ * ones; GCC vector extensions over q, any s and m): every schedule using it was slower,
+ * on AVX2 and AVX-512 (128-point complex128 8*16 1.34x / 1.20x the time of 4*4*4*2 /
+ * 4*8*4, 2048 complex64 8*16*16 1.44x and 8*4*16*4 1.12x of 8*4*4*4*4, 1024 complex64
+ * 8*8*16 1.17x): 32 legs' addresses (run-time s and m) and 32 data vectors spill
+ * (350 ymm stack moves in the AVX2 loop). A version worth retrying stages the 4 x 4 through
+ * an explicit L1 buffer with one base pointer per leg group.
  */
 #ifndef VRDMA_FFT_FIRST_H
 #define VRDMA_FFT_FIRST_H
