@@ -31,7 +31,9 @@
  * the row sit a power of two apart), the explicit radix-8 loop below at s == 4 for
  * complex128 on AVX-512 (-5% to +3% by size).
  * The last radix-2 stage (below) as an explicit loop: 128/512/2048-point complex128 on
- * AVX2 (4*4*4*2 ...) 3%, 5.5%, 0.5% faster, measured interleaved against the Cython loop.
+ * AVX2 (4*4*4*2 ...) 3%, 5.5%, 0.5% faster, measured interleaved against the Cython loop;
+ * the same loop for the last radix-4 stage (retried) was again no faster: -3% to +9% by
+ * size and path (2048 complex64 AVX2 +5%, 1024 complex128 +3-6%), two runs.
  * Tried and dropped: a split radix-16 stage (4 x 4 in registers, one pass for two radix-4
  * ones; GCC vector extensions over q, any s and m): every schedule using it was slower,
  * on AVX2 and AVX-512 (128-point complex128 8*16 1.34x / 1.20x the time of 4*4*4*2 /
