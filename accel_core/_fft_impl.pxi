@@ -11,8 +11,8 @@ buffers, the result comes out in natural order (no bit reversal).
 Data layout: between stages a row lives in separate real / imaginary arrays
 (so butterflies are plain float arithmetic that gcc vectorises without
 shuffles); the first stage reads the interleaved complex input itself and a
-last radix-2/3/4/5 stage writes the interleaved output (a last radix-8 stage
-is followed by a join pass); the 1/n scale of the inverse transform is folded
+last stage writes the interleaved output (a last radix-8 stage that the wide
+builds' explicit loop cannot take is followed by a join pass); the 1/n scale of the inverse transform is folded
 into that last write. The split stages are forward-only (the direction's sign
 is the constant 1, no multiply by it in any butterfly): an inverse plan runs
 them with the real and imaginary arrays exchanged on input and output (see
@@ -29,7 +29,8 @@ hoisted. On the AVX2 and AVX-512 builds the fused first radix-4 / radix-8 stage
 and the radix-4 stage at s == 4 (complex64) run explicit 256-bit loops over
 whole vectors (accel_core/csrc/fft_first.h: in-lane shuffles instead of gcc's
 permute chains), and so do the radix-8 stage at s == 8 (complex64) on AVX-512 and
-the last radix-2 stage;
+the last radix-2 and radix-8 stages (a last radix-8 stage whose s is no multiple of the
+vector width, and every one on the scalar build, stays split and is joined);
 the Cython loops do the remainder and everything on the scalar build.
 Validation, dtype/shape checks, allocation and plan caching live in
 :mod:`accel_core.dft`; this module trusts its caller.
@@ -73,6 +74,12 @@ cdef extern from "csrc/fft_first.h" nogil:
                                float scale, int fwd)
     Py_ssize_t vrdma_last2_f64(double* y, const double* xr, const double* xi, Py_ssize_t s,
                                double scale, int fwd)
+    # the last radix-8 stage writing the interleaved row: 1 if it did (whole vectors of q
+    # only, AVX2 / AVX-512 builds), else 0 (nothing written: split stage + join instead)
+    int vrdma_last8_f32(float* y, const float* xr, const float* xi, Py_ssize_t s,
+                        float scale, float hs, int fwd)
+    int vrdma_last8_f64(double* y, const double* xr, const double* xi, Py_ssize_t s,
+                        double scale, double hs, int fwd)
     # a split radix-4 stage at s == 4, complex64: two p per 256-bit vector (same contract)
     Py_ssize_t vrdma_s4_radix4_f32(float* yr, float* yi, const float* xr, const float* xi,
                                    Py_ssize_t m, const float* wr, const float* wi)
@@ -1355,6 +1362,7 @@ cdef int _run(rptr x, rptr y, Py_ssize_t batch, Py_ssize_t n, int nstages,
     cdef Py_ssize_t b, s, m
     cdef Py_ssize_t ms[MAX_STAGES]  # butterflies per stride element of each stage (no division per row)
     cdef int i, r, last
+    cdef bint last8 = False
     cdef rptr ar, ai, br, bi
     # Two split (re, im) ping-pong buffers, each array 64-byte aligned and
     # followed by PAD extra elements so that the four arrays do not sit a
@@ -1370,6 +1378,8 @@ cdef int _run(rptr x, rptr y, Py_ssize_t batch, Py_ssize_t n, int nstages,
     bi = br + ld
     for i in range(nstages):
         ms[i] = n // (stride[i] * radix[i])
+    if nstages >= 2 and radix[nstages - 1] == 8 and VRDMA_FIRST_SIMD != 0:
+        last8 = stride[nstages - 1] % (32 // sizeof(kc[0])) == 0  # 256-bit vectors of q
     for b in range(batch):
         if nstages < 2:
             _split(ar, ai, x + 2 * n * b, n)
@@ -1396,8 +1406,11 @@ cdef int _run(rptr x, rptr y, Py_ssize_t batch, Py_ssize_t n, int nstages,
             _first3(ar, ai, x + 2 * n * b, m, twr, twi, kc)
         else:
             _first5(ar, ai, x + 2 * n * b, m, twr, twi, kc)
-        # a last radix-8 stage stays split (see the fused stages above)
-        last = nstages - 1 if radix[nstages - 1] != 8 else nstages
+        # a last radix-8 stage stays split (see the fused stages above) unless the explicit
+        # loop writes the row (AVX2 / AVX-512 builds, s a multiple of the vector width)
+        last = nstages - 1
+        if radix[last] == 8 and not last8:
+            last = nstages
         for i in range(1, last):
             if inv:
                 _stage(radix[i], bi, br, ai, ar, stride[i], ms[i],
@@ -1411,6 +1424,11 @@ cdef int _run(rptr x, rptr y, Py_ssize_t batch, Py_ssize_t n, int nstages,
         s = stride[nstages - 1]
         if last == nstages:
             _join(y + 2 * n * b, ar, ai, n, kc)
+        elif r == 8:
+            if rptr is fptr:
+                vrdma_last8_f32(y + 2 * n * b, ar, ai, s, kc[K_SCALE], kc[K_H], kc[K_SG] > 0)
+            else:
+                vrdma_last8_f64(y + 2 * n * b, ar, ai, s, kc[K_SCALE], kc[K_H], kc[K_SG] > 0)
         elif r == 4:
             _last4(y + 2 * n * b, ar, ai, s, kc)
         elif r == 2:

@@ -147,16 +147,23 @@ def schedule_for(n: int, double: bool, path: str) -> tuple[int, ...]:
     """The stage schedule the kernels run for size n = 2**a * 3**b * 5**c, precision and
     SIMD path (the same on every path today; ``path`` is there so that one may differ).
 
-    An even power of two is all radix 4 (4096 = 4**6; complex64 on AVX2 / AVX-512 from
+    An even power of two is all radix 4 (4096 = 4**6; complex64 on AVX-512 from
     1024 on: 8*8*4*4...); an odd one (a >= 5) starts with one radix-8 stage for complex64
     (2048 = 8*4*4*4*4) and for complex128 ends its radix-4 stages with a radix-2 one
     (2048 = 4*4*4*4*4*2), or has a radix-8 second stage on AVX-512 (4*8*4*4*4) and a
-    radix-8 third stage on the scalar path from 512 on (4*4*8*4*4); then 5s and 3s
+    radix-8 third stage on the scalar path from 512 on (4*4*8*4*4); on AVX2 / AVX-512,
+    512 points and complex64 2048 end with a radix-8 stage instead (4*4*4*8, 4*4*4*4*8),
+    which writes the interleaved output row itself there (csrc/fft_first.h); then 5s and 3s
     (1536 complex128 = 4*4*4*4*2*3). A radix-8 stage with a stride s other than
     1, 4, 8 or 16 keeps 32 array streams live (eight legs, real and imaginary, in and
     out): more than x86-64's 16 general registers, so its loop reloads pointers and
     spills; at s = 4, 8, 16 the radix-4 and radix-8 stages index from one base per array
-    with loops of a compile-time trip count.
+    with loops of a compile-time trip count (and a last one on the wide paths, with s a
+    multiple of the vector width, is that explicit loop from one base per array).
+    Re-timed with the explicit last radix-2 / radix-8 loops (interleaved, two runs each, a
+    shared machine): AVX2 complex64 1024 / 3072 / 4096 all radix 4 0.91-0.93 / 0.97-0.98 /
+    0.96-0.98 of the time of 8*8*4*4...; 512 4*4*4*8 0.91-0.94 (complex64 AVX2 and AVX-512),
+    0.92-0.97 (complex128); complex64 2048 4*4*4*4*8 0.92-0.95 (AVX2), 0.98-0.99 (AVX-512).
     Chosen by timing every ordering of 8s, 4s and at most one 2 on every path
     (``python -m vrdma.accel_bench.fft_bench --simd all`` for the figures): 4096-point
     complex128 on the scalar path went from 0.77-0.80x to 1.1-1.2x scipy.fft.
@@ -168,11 +175,13 @@ def schedule_for(n: int, double: bool, path: str) -> tuple[int, ...]:
         return radices_for(n)
     wide = path in ("avx2", "avx512")
     if a % 2 == 0:
-        if not double and wide and a >= 10:
+        if not double and path == "avx512" and a >= 10:
             return tuple([8, 8] + [4] * ((a - 6) // 2) + tail)
         return tuple([4] * (a // 2) + tail)
     if a == 3:
         return (8, *tail)
+    if wide and not tail and (a == 9 or (a == 11 and not double)):
+        return tuple([4] * ((a - 3) // 2) + [8])
     if double and path == "avx512":
         return tuple([4, 8] + [4] * ((a - 5) // 2) + tail)
     if double and path == "scalar" and a >= 9 and not tail:

@@ -34,6 +34,10 @@
  * AVX2 (4*4*4*2 ...) 3%, 5.5%, 0.5% faster, measured interleaved against the Cython loop;
  * the same loop for the last radix-4 stage (retried) was again no faster: -3% to +9% by
  * size and path (2048 complex64 AVX2 +5%, 1024 complex128 +3-6%), two runs.
+ * A last radix-8 stage (m == 1) as such a loop writes the output row itself (before, a
+ * last radix-8 stage stayed split and a join pass followed), which lets the schedules end
+ * with one: 512 points (4*4*4*8) 0.91-0.97 and complex64 2048 (4*4*4*4*8) 0.92-0.99 of the
+ * time of the best earlier schedule on AVX2 / AVX-512 (see accel_core.dft.schedule_for).
  * Tried and dropped: a split radix-16 stage (4 x 4 in registers, one pass for two radix-4
  * ones; GCC vector extensions over q, any s and m): every schedule using it was slower,
  * on AVX2 and AVX-512 (128-point complex128 8*16 1.34x / 1.20x the time of 4*4*4*2 /
@@ -85,11 +89,14 @@
 #define VRDMA_LEG(LD, j) LD(x + 2 * (p + (j) * m), &ar[j], &ai[j])
 #define VRDMA_BFLY8(V, sg, h, ar, ai, LD, LDW, cr, ci) do {                             \
     VRDMA_LEG(LD, 0); VRDMA_LEG(LD, 2); VRDMA_LEG(LD, 4); VRDMA_LEG(LD, 6);             \
-    VRDMA_BFLY8_(V, sg, h, ar, ai, LDW, cr, ci, VRDMA_LEG(LD, 1); VRDMA_LEG(LD, 3);     \
+    VRDMA_BFLY8_(V, sg, h, ar, ai, LDW, cr, ci, VRDMA_CMUL_TW,                          \
+                 VRDMA_LEG(LD, 1); VRDMA_LEG(LD, 3);                                    \
                  VRDMA_LEG(LD, 5); VRDMA_LEG(LD, 7));                                   \
 } while (0)
-/* the radix-8 body after the even legs are in ar/ai; ODD loads the odd legs */
-#define VRDMA_BFLY8_(V, sg, h, ar, ai, LDW, cr, ci, ODD) do {                           \
+/* the radix-8 body after the even legs are in ar/ai; ODD loads the odd legs; MUL twiddles
+ * output k (VRDMA_CMUL_TW, or VRDMA_NO_TW for a stage with m == 1) */
+#define VRDMA_NO_TW(yr_, yi_, cr, ci, LDW, k) do { (yr_) = (cr); (yi_) = (ci); } while (0)
+#define VRDMA_BFLY8_(V, sg, h, ar, ai, LDW, cr, ci, MUL, ODD) do {                           \
     V t0r = ar[0] + ar[4], t0i = ai[0] + ai[4];                                         \
     V t1r = ar[0] - ar[4], t1i = ai[0] - ai[4];                                         \
     V t2r = ar[2] + ar[6], t2i = ai[2] + ai[6];                                         \
@@ -120,13 +127,13 @@
     V d5r = e1r - o1r, d5i = e1i - o1i, d6r = e2r - o2r, d6i = e2i - o2i;               \
     V d7r = e3r - o3r, d7i = e3i - o3i;                                                 \
     cr[0] = e0r + o0r; ci[0] = e0i + o0i;                                               \
-    VRDMA_CMUL_TW(cr[1], ci[1], d1r, d1i, LDW, 1);                             \
-    VRDMA_CMUL_TW(cr[2], ci[2], d2r, d2i, LDW, 2);                             \
-    VRDMA_CMUL_TW(cr[3], ci[3], d3r, d3i, LDW, 3);                             \
-    VRDMA_CMUL_TW(cr[4], ci[4], d4r, d4i, LDW, 4);                             \
-    VRDMA_CMUL_TW(cr[5], ci[5], d5r, d5i, LDW, 5);                             \
-    VRDMA_CMUL_TW(cr[6], ci[6], d6r, d6i, LDW, 6);                             \
-    VRDMA_CMUL_TW(cr[7], ci[7], d7r, d7i, LDW, 7);                             \
+    MUL(cr[1], ci[1], d1r, d1i, LDW, 1);                                       \
+    MUL(cr[2], ci[2], d2r, d2i, LDW, 2);                                       \
+    MUL(cr[3], ci[3], d3r, d3i, LDW, 3);                                       \
+    MUL(cr[4], ci[4], d4r, d4i, LDW, 4);                                       \
+    MUL(cr[5], ci[5], d5r, d5i, LDW, 5);                                       \
+    MUL(cr[6], ci[6], d6r, d6i, LDW, 6);                                       \
+    MUL(cr[7], ci[7], d7r, d7i, LDW, 7);                                       \
 } while (0)
 
 /* One first-stage loop: W values of p per iteration. Needs per (type, ISA):
@@ -278,7 +285,7 @@ static Py_ssize_t vrdma_s8_radix8_f32(float *__restrict yr, float *__restrict yi
     for (; p < m; p++) {
         __m256 ar[8], ai[8], cr[8], ci[8];
         VRDMA_S8_LEG(0); VRDMA_S8_LEG(2); VRDMA_S8_LEG(4); VRDMA_S8_LEG(6);
-        VRDMA_BFLY8_(__m256, 1, h, ar, ai, _mm256_broadcast_ss, cr, ci,
+        VRDMA_BFLY8_(__m256, 1, h, ar, ai, _mm256_broadcast_ss, cr, ci, VRDMA_CMUL_TW,
                      VRDMA_S8_LEG(1); VRDMA_S8_LEG(3); VRDMA_S8_LEG(5); VRDMA_S8_LEG(7));
         for (int k = 0; k < 8; k++) {
             _mm256_storeu_ps(yr + 64 * p + 8 * k, cr[k]);
@@ -320,6 +327,33 @@ static Py_ssize_t NAME(T *__restrict y, const T *__restrict xr, const T *__restr
 VRDMA_LAST2_FN(vrdma_last2_f64, __m256d, 4, double, _mm256_loadu_pd, vrdma_st_il_pd, _mm256_set1_pd)
 VRDMA_LAST2_FN(vrdma_last2_f32, __m256, 8, float, _mm256_loadu_ps, vrdma_st_il_ps, _mm256_set1_ps)
 
+/* The last radix-8 stage (m == 1) the same way, whole rows only: returns 1 if it wrote
+ * the row (s a multiple of W), else 0 and touches nothing (the plan then runs the split
+ * radix-8 stage and a join pass). */
+#define VRDMA_LAST8_LOOP(V, W, LDU, ST, SG)                                             \
+    for (Py_ssize_t q = 0; q < s; q += (W)) {                                           \
+        V ar[8], ai[8], cr[8], ci[8];                                                   \
+        VRDMA_L8_LEG(LDU, 0); VRDMA_L8_LEG(LDU, 2); VRDMA_L8_LEG(LDU, 4); VRDMA_L8_LEG(LDU, 6);             \
+        VRDMA_BFLY8_(V, SG, h, ar, ai, LDU, cr, ci, VRDMA_NO_TW,                        \
+                     VRDMA_L8_LEG(LDU, 1); VRDMA_L8_LEG(LDU, 3); VRDMA_L8_LEG(LDU, 5); VRDMA_L8_LEG(LDU, 7)); \
+        for (int k = 0; k < 8; k++) {                                                   \
+            if ((SG) < 0) { cr[k] *= sc; ci[k] *= sc; }                                 \
+            ST(y + 2 * (q + k * s), cr[k], ci[k]);                                      \
+        }                                                                               \
+    }
+#define VRDMA_L8_LEG(LDU, j) do { ar[j] = LDU(xr + q + (j) * s); ai[j] = LDU(xi + q + (j) * s); } while (0)
+#define VRDMA_LAST8_FN(NAME, V, W, T, LDU, ST, SET1)                                    \
+static int NAME(T *__restrict y, const T *__restrict xr, const T *__restrict xi,        \
+                Py_ssize_t s, T scale, T hs, int fwd) {                                 \
+    if (s % (W)) return 0;                                                              \
+    V sc = SET1(scale), h = SET1(hs);                                                   \
+    if (fwd) { VRDMA_LAST8_LOOP(V, W, LDU, ST, 1) }                                     \
+    else { VRDMA_LAST8_LOOP(V, W, LDU, ST, -1) }                                        \
+    return 1;                                                                           \
+}
+VRDMA_LAST8_FN(vrdma_last8_f64, __m256d, 4, double, _mm256_loadu_pd, vrdma_st_il_pd, _mm256_set1_pd)
+VRDMA_LAST8_FN(vrdma_last8_f32, __m256, 8, float, _mm256_loadu_ps, vrdma_st_il_ps, _mm256_set1_ps)
+
 #else
 /* baseline x86-64: the Cython loops do every p */
 #define VRDMA_FIRST_NONE(NAME, T) \
@@ -342,6 +376,12 @@ static Py_ssize_t vrdma_last2_f64(double* y, const double* xr, const double* xi,
 static Py_ssize_t vrdma_last2_f32(float* y, const float* xr, const float* xi, Py_ssize_t s,
                                   float scale, int fwd) {
     (void)y; (void)xr; (void)xi; (void)s; (void)scale; (void)fwd; return 0; }
+static int vrdma_last8_f64(double* y, const double* xr, const double* xi, Py_ssize_t s,
+                           double scale, double hs, int fwd) {
+    (void)y; (void)xr; (void)xi; (void)s; (void)scale; (void)hs; (void)fwd; return 0; }
+static int vrdma_last8_f32(float* y, const float* xr, const float* xi, Py_ssize_t s,
+                           float scale, float hs, int fwd) {
+    (void)y; (void)xr; (void)xi; (void)s; (void)scale; (void)hs; (void)fwd; return 0; }
 #define VRDMA_FIRST_SIMD 0
 #endif
 

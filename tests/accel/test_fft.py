@@ -184,10 +184,14 @@ def test_list_input_of_complex_is_accepted():
     (2048, False, "scalar", (8, 4, 4, 4, 4)), (2048, True, "avx512", (4, 8, 4, 4, 4)),
     (2048, True, "avx2", (4, 4, 4, 4, 4, 2)), (2048, True, "scalar", (4, 4, 8, 4, 4)),
     (128, True, "scalar", (4, 4, 4, 2)),
-    (4096, False, "avx2", (8, 8, 4, 4, 4)), (4096, False, "scalar", (4, 4, 4, 4, 4, 4)),
+    (4096, False, "avx2", (4, 4, 4, 4, 4, 4)), (4096, False, "avx512", (8, 8, 4, 4, 4)),
+    (4096, False, "scalar", (4, 4, 4, 4, 4, 4)), (512, True, "avx2", (4, 4, 4, 8)),
+    (512, False, "avx512", (4, 4, 4, 8)), (2048, False, "avx2", (4, 4, 4, 4, 8)),
+    (512, True, "scalar", (4, 4, 8, 4)), (128, False, "avx2", (8, 4, 4)),
     (256, False, "avx512", (4, 4, 4, 4)), (4096, True, "scalar", (4, 4, 4, 4, 4, 4)),
     (1536, True, "scalar", (4, 4, 4, 4, 2, 3)), (1536, False, "avx2", (8, 4, 4, 4, 3)),
-    (3072, False, "avx2", (8, 8, 4, 4, 3)), (3072, True, "avx2", (4, 4, 4, 4, 4, 3)),
+    (3072, False, "avx2", (4, 4, 4, 4, 4, 3)), (3072, False, "avx512", (8, 8, 4, 4, 3)),
+    (3072, True, "avx2", (4, 4, 4, 4, 4, 3)),
     (1200, False, "scalar", (4, 4, 5, 5, 3)),
     (16, True, "avx2", (4, 4)), (32, False, "scalar", (8, 4)), (32, True, "scalar", (4, 4, 2)),
     (24, True, "avx512", (8, 3)), (12, False, "scalar", (4, 3)), (6, True, "scalar", (3, 2)),
@@ -205,8 +209,12 @@ def test_kernel_schedules_factor_every_size():
                 assert int(np.prod(sched)) == n, (n, sched)
                 assert sorted(r for r in sched if r % 2) == sorted(r for r in radices_for(n) if r % 2)
                 strides = np.cumprod((1, *sched))[:-1]
-                # a radix-8 stage only where it has its own loops (s = 1, 4, 8, 16)
+                # a radix-8 stage only where it has its own loops (s = 1, 4, 8, 16; a last
+                # one on the wide paths: the explicit loop, s a multiple of the vector width)
                 eights = [s for r, s in zip(sched, strides, strict=True) if r == 8]
+                if path != "scalar" and len(sched) >= 2 and sched[-1] == 8:
+                    assert strides[-1] % (4 if double else 8) == 0, (n, sched)
+                    eights.pop()
                 assert len(sched) < 2 or all(s in (1, 4, 8, 16) for s in eights), sched
 
 
@@ -274,12 +282,30 @@ LAST2_VARIANTS = [
 ]
 
 
+#: a last radix-8 stage: the explicit loop writes the interleaved row when s is a multiple
+#: of the lanes (4 complex128, 8 complex64), else (and on the scalar build) the split
+#: stage and a join pass do
+LAST8_VARIANTS = [
+    (16, (2, 8)), (24, (3, 8)), (32, (4, 8)), (40, (5, 8)), (64, (8, 8)), (96, (3, 4, 8)),
+    (128, (4, 4, 8)), (192, (4, 2, 3, 8)), (512, (4, 4, 4, 8)), (2048, (4, 4, 4, 4, 8)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_last_radix8_stage_matches_numpy(dtype, simd_path):
+    _check_last_stage(LAST8_VARIANTS, dtype, simd_path)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_last_radix2_stage_matches_numpy(dtype, simd_path):
     """The AVX2 / AVX-512 builds write a last radix-2 stage with an explicit 256-bit loop
     (csrc/fft_first.h), the inverse's 1/n scale folded in; the tails and the scalar
     build run the Cython loop."""
-    for n, radices in LAST2_VARIANTS:
+    _check_last_stage(LAST2_VARIANTS, dtype, simd_path)
+
+
+def _check_last_stage(variants, dtype, simd_path):
+    for n, radices in variants:
         x = _rand((3, n), dtype, seed=n + 2)
         ref = np.fft.fft(x.astype(np.complex128), axis=-1)
         double = dtype == np.complex128
