@@ -152,7 +152,8 @@ def schedule_for(n: int, double: bool, path: str) -> tuple[int, ...]:
     (2048 = 8*4*4*4*4) and for complex128 ends its radix-4 stages with a radix-2 one
     (2048 = 4*4*4*4*4*2), or has a radix-8 second stage on AVX-512 (4*8*4*4*4) and a
     radix-8 third stage on the scalar path from 512 on (4*4*8*4*4); on AVX2 / AVX-512,
-    512 points and complex64 2048 end with a radix-8 stage instead (4*4*4*8, 4*4*4*4*8),
+    512 points and complex64 2048 end with a radix-8 stage instead (4*4*4*8, 4*4*4*4*8;
+    complex64 256 on AVX-512: 8*4*8),
     which writes the interleaved output row itself there (csrc/fft_first.h); then 5s and 3s
     (1536 complex128 = 4*4*4*4*2*3). A radix-8 stage with a stride s other than
     1, 4, 8 or 16 keeps 32 array streams live (eight legs, real and imaginary, in and
@@ -163,7 +164,9 @@ def schedule_for(n: int, double: bool, path: str) -> tuple[int, ...]:
     Re-timed with the explicit last radix-2 / radix-8 loops (interleaved, two runs each, a
     shared machine): AVX2 complex64 1024 / 3072 / 4096 all radix 4 0.91-0.93 / 0.97-0.98 /
     0.96-0.98 of the time of 8*8*4*4...; 512 4*4*4*8 0.91-0.94 (complex64 AVX2 and AVX-512),
-    0.92-0.97 (complex128); complex64 2048 4*4*4*4*8 0.92-0.95 (AVX2), 0.98-0.99 (AVX-512).
+    0.92-0.97 (complex128); complex64 2048 4*4*4*4*8 0.92-0.95 (AVX2), 0.98-0.99 (AVX-512);
+    complex64 256 8*4*8 0.92 on AVX-512 (1.01 on AVX2). Not taken: complex64 4096 8*8*8*8 on
+    AVX-512 (0.96 of 8*8*4*4*4, two runs) has radix-8 stages at s = 64 (see above).
     Chosen by timing every ordering of 8s, 4s and at most one 2 on every path
     (``python -m vrdma.accel_bench.fft_bench --simd all`` for the figures): 4096-point
     complex128 on the scalar path went from 0.77-0.80x to 1.1-1.2x scipy.fft.
@@ -175,6 +178,8 @@ def schedule_for(n: int, double: bool, path: str) -> tuple[int, ...]:
         return radices_for(n)
     wide = path in ("avx2", "avx512")
     if a % 2 == 0:
+        if not double and path == "avx512" and a == 8 and not tail:
+            return (8, 4, 8)
         if not double and path == "avx512" and a >= 10:
             return tuple([8, 8] + [4] * ((a - 6) // 2) + tail)
         return tuple([4] * (a // 2) + tail)
