@@ -28,7 +28,9 @@ Validation is here and only here: :func:`check_dtype`, :func:`check_size`,
 ``TypeError``; :class:`ShapeError`, :class:`UnsupportedSize`,
 :class:`LayoutError`, ``ValueError`` s). Jobs (:mod:`accel_core.jobs`) call the
 same checks at ``Job.create`` and then run :func:`transform_into`, which trusts
-them. Pure: no I/O.
+them. :func:`fft` / :func:`ifft` first ask one C call (``_fft.fast_args``) whether the
+arrays pass those checks as they are, and run the checks only when it says no (it names
+no error: the checks raise). Pure: no I/O.
 """
 from __future__ import annotations
 
