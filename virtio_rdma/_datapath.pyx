@@ -1098,7 +1098,7 @@ cdef object _WC_OF = {int(k): int(v) for k, v in _rings.WC_OF_WR.items()}
 wire_cqes_written = 0
 
 
-def wire_cqes(dev, qp, net, list sends, list recvs):
+cpdef tuple wire_cqes(dev, qp, net, list sends, list recvs):
     """Write the CQEs of RC engine completions of ``qp`` (run by ``net``, a
     :class:`fabric.roce_qp.NetworkQp`) as ``NetworkQp._send_done`` and
     ``_recv_done`` would (slot retired, CQE if signaled, counters, the
@@ -1174,6 +1174,60 @@ def wire_cqes(dev, qp, net, list sends, list recvs):
             rcq.flush()
         L.flush_metrics()
     return i, j
+
+
+#: NetworkQp.pump bodies run here since import
+wire_pumps = 0
+
+
+def wire_pump(dev, qp, net, double now):
+    """The body of ``NetworkQp.pump`` (``net``, the wire engine of ``qp``)
+    for the common case: an engine with no requests to start (``RcQp.transmit_raw``'s
+    ``Requester.fill`` has nothing to do: not RTS, a requester that is dead,
+    stalled by an RNR NAK or has sent every WQE), with no WQE kept in the ring
+    (``net.held``) and not in error. Its packets (the responder's first, as
+    ``transmit_raw`` orders them) go to ``net.fabric.transmit`` in one call,
+    its completions become CQEs through :func:`wire_cqes` and, for what that
+    leaves (errors, a full CQ), ``net._send_done`` / ``net._recv_done`` in
+    order, exactly as the pump's body. Returns False, having changed nothing,
+    in any other case: the Python pump runs. The pump's tail (PSNs mirrored to
+    the QP, a held WQE started, ERR followed) stays with the caller."""
+    global wire_pumps
+    if not enabled or not wire_enabled or qp.destroyed or net.held is not None:
+        return False
+    rc = net.rc
+    st = rc.state
+    if st is _ERR:
+        return False
+    req = rc.requester
+    if st is _RTS and not (req.dead or req.rnr_deadline is not None or req.send_idx == len(req.sq)):
+        return False                    # Requester.fill may start packets: the Python pump
+    resp = rc.responder
+    cdef list out = resp.out, qout = req.out
+    if out:
+        resp.out = []
+        if qout:
+            out += qout
+            req.out = []
+    elif qout:
+        out = qout
+        req.out = []
+    if req.completions or resp.completions:
+        rc._collect()
+    if out:
+        net.fabric.transmit(out, net.peer)
+    cdef list sends = rc._send_cq, recvs = rc._recv_cq
+    cdef Py_ssize_t i = 0, j = 0, k
+    if sends or recvs:
+        rc._send_cq = []
+        rc._recv_cq = []
+        i, j = wire_cqes(dev, qp, net, sends, recvs)
+        for k in range(i, len(sends)):
+            net._send_done(sends[k])
+        for k in range(j, len(recvs)):
+            net._recv_done(recvs[k])
+    wire_pumps += 1
+    return True
 
 
 # --------------------------------------------------------------------------
