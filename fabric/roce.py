@@ -349,8 +349,9 @@ class RoceFabricService:
             pass
         else:
             # ACKs complete WQEs with the clock's now (the engine's timers run on monotonic())
-            self.endpoint.fast = RequestFastPath(self.fabric.wire, self.fabric.fast_received,
-                                                 monotonic)
+            fast = self.endpoint.fast = RequestFastPath(self.fabric.wire,
+                                                        self.fabric.fast_received, monotonic)
+            fast.ack_sink = self._ack_sink
         port = self.port
 
         def wire_sink(packets, peer, _transmit=self.endpoint.transmit):
@@ -362,6 +363,17 @@ class RoceFabricService:
                  "authenticated (plaintext peers: %s)" % (
                      ", ".join(sorted(self.fabric.plaintext_peers)) or "none")
                  if self.fabric.mac_key is not None else "not authenticated")
+
+    def _ack_sink(self, peer: str, dest_qp: int, pkey: int, psn: int, syndrome: int,
+                  msn: int) -> None:
+        """The fast path's ACKs (``RequestFastPath.ack_sink``): straight into the
+        TX ring, counted as :meth:`RoceFabric.transmit` counts the ACK packet."""
+        fabric, ep = self.fabric, self.endpoint
+        if ep is None or fabric.wire_sink is None or not fabric._is_routable(peer):
+            fabric.metrics.tx_unroutable += 1
+            return
+        ep.transmit_ack(peer, self.port, dest_qp, pkey, psn, syndrome, msn)
+        fabric.metrics.tx_packets += 1
 
     def poll(self) -> bool:
         """Drain the socket now (busy-poll hook); True if datagrams came."""
