@@ -35,7 +35,7 @@ from time import monotonic
 from typing import TYPE_CHECKING
 
 from fabric.local import LocalFabric
-from fabric.roce_qp import NetworkQp
+from fabric.roce_qp import NetworkQp, wire_settle
 from roce.icrc import ROCE_UDP_PORT
 from roce.packet import PacketRun, RocePacket, expand
 from roce.sport import PortCheck, allowed_source_ports, port_check
@@ -288,9 +288,13 @@ class RoceFabric(LocalFabric):
 
     def fast_received(self, n: NetworkQp, packets: int) -> None:
         """A native fast path gave ``n``'s engine ``packets`` packets (checked
-        as :meth:`receive` would): count them, pump the QP after the batch."""
+        as :meth:`receive` would): count them, pump the QP after the batch,
+        or settle it now where the pump could not do otherwise."""
         self.metrics.rx_packets += packets
         if n not in self._deferred:
+            # what its pump would do, now, when that cannot differ (_datapath.wire_settle)
+            if type(n) is NetworkQp and wire_settle is not None and wire_settle(n.dev, n.qp, n):
+                return
             self._deferred[n] = n.deadline()
 
     @property

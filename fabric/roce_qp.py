@@ -56,9 +56,9 @@ from virtio_rdma.rings import (
 )
 
 try:  # the native path of plain send WQEs (virtio_rdma/_datapath.pyx)
-    from virtio_rdma._datapath import run_wire_rq, run_wire_sq, wire_cqes, wire_pump
+    from virtio_rdma._datapath import run_wire_rq, run_wire_sq, wire_cqes, wire_pump, wire_settle
 except ImportError:  # pragma: no cover - extension not built
-    run_wire_sq = run_wire_rq = wire_cqes = wire_pump = None  # type: ignore[assignment]  # not built
+    run_wire_sq = run_wire_rq = wire_cqes = wire_pump = wire_settle = None  # type: ignore[assignment]  # not built
 
 log = logging.getLogger(__name__)
 
