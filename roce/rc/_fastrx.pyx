@@ -38,7 +38,16 @@ the message's last packet, the end of the batch), before any Python code can
 look, queues the ACK the last AckReq asked for (as ``Responder._ack``
 would have, packet by packet: queued ACKs coalesce), then calls
 ``done(target, packets)`` for the caller to count the packets and pump the
-QP.
+QP (or settle it at once: ``fabric.roce.RoceFabric.fast_received``).
+
+ACKs: with an ``ack_sink`` (the UDP service sets one), an ACK of a QP whose
+responder has nothing in ``out`` is held here with its MSN (a newer one
+replaces it, as ``_ack`` coalesces; the responder's ``tx_packets`` counted
+as ``_ack`` counts) and, if the call took the whole batch, handed to
+``ack_sink`` at its end (the service encodes it straight into the TX ring:
+``TxRing.add_ack``); if the call stops at a packet for the Python engine,
+held ACKs go to the responders' ``out`` as ``_ack`` would have put them,
+before the engine sees that packet.
 """
 from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.dict cimport PyDict_GetItem
