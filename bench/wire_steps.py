@@ -14,8 +14,10 @@ direction is timed in three steps:
   ``run_wire_sq``, the TX ring, ``sendmmsg``; and, after the datagram left,
   the receives handed to the engine for the reply);
 * ``receive``: the socket polled -> the SEND's CQE in the guest's ring and the
-  ACK handed to the kernel (``recvmmsg``, the native fast path, the deferred
-  pump, ``wire_cqes``, ``sendmmsg``);
+  ACK handed to the kernel (``recvmmsg``, the native fast path, its CQE
+  written at once (``wire_settle``) and its ACK put in the TX ring,
+  ``sendmmsg``; a QP that cannot be settled at once is pumped after the
+  batch: ``wire_pump`` and its ``wire_cqes``);
 * ``ack``: the ACK polled -> the send WQE retired.
 
 With ``--parts`` the Python and native functions inside each step are timed
@@ -47,6 +49,9 @@ PARTS = (("roce.udp", "RoceUdpEndpoint.flush", "sendmmsg (TX ring flush)"),
          ("fabric.roce_qp", "run_wire_sq", "run_wire_sq (with transmit)"),
          ("fabric.roce_qp", "run_wire_rq", "run_wire_rq"),
          ("fabric.roce_qp", "wire_cqes", "wire_cqes"),
+         ("fabric.roce_qp", "wire_pump", "wire_pump (pump body: CQEs, packets out)"),
+         ("fabric.roce", "wire_settle", "wire_settle (CQEs at once, no pump)"),
+         ("roce.udp", "RoceUdpEndpoint.transmit_ack", "ACK into the TX ring (fast path)"),
          ("fabric.roce_qp", "NetworkQp.pump", "NetworkQp.pump"),
          ("fabric.roce_qp", "NetworkQp._post_recvs", "receives to the engine"),
          ("fabric.roce", "RoceFabric.flush_deferred", "deferred pumps"),

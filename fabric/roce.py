@@ -35,7 +35,7 @@ from time import monotonic
 from typing import TYPE_CHECKING
 
 from fabric.local import LocalFabric
-from fabric.roce_qp import NetworkQp
+from fabric.roce_qp import NetworkQp, wire_settle
 from roce.icrc import ROCE_UDP_PORT
 from roce.packet import PacketRun, RocePacket, expand
 from roce.sport import PortCheck, allowed_source_ports, port_check
@@ -288,9 +288,13 @@ class RoceFabric(LocalFabric):
 
     def fast_received(self, n: NetworkQp, packets: int) -> None:
         """A native fast path gave ``n``'s engine ``packets`` packets (checked
-        as :meth:`receive` would): count them, pump the QP after the batch."""
+        as :meth:`receive` would): count them, pump the QP after the batch,
+        or settle it now where the pump could not do otherwise."""
         self.metrics.rx_packets += packets
         if n not in self._deferred:
+            # what its pump would do, now, when that cannot differ (_datapath.wire_settle)
+            if type(n) is NetworkQp and wire_settle is not None and wire_settle(n.dev, n.qp, n):
+                return
             self._deferred[n] = n.deadline()
 
     @property
@@ -349,8 +353,9 @@ class RoceFabricService:
             pass
         else:
             # ACKs complete WQEs with the clock's now (the engine's timers run on monotonic())
-            self.endpoint.fast = RequestFastPath(self.fabric.wire, self.fabric.fast_received,
-                                                 monotonic)
+            fast = self.endpoint.fast = RequestFastPath(self.fabric.wire,
+                                                        self.fabric.fast_received, monotonic)
+            fast.ack_sink = self._ack_sink
         port = self.port
 
         def wire_sink(packets, peer, _transmit=self.endpoint.transmit):
@@ -362,6 +367,17 @@ class RoceFabricService:
                  "authenticated (plaintext peers: %s)" % (
                      ", ".join(sorted(self.fabric.plaintext_peers)) or "none")
                  if self.fabric.mac_key is not None else "not authenticated")
+
+    def _ack_sink(self, peer: str, dest_qp: int, pkey: int, psn: int, syndrome: int,
+                  msn: int) -> None:
+        """The fast path's ACKs (``RequestFastPath.ack_sink``): straight into the
+        TX ring, counted as :meth:`RoceFabric.transmit` counts the ACK packet."""
+        fabric, ep = self.fabric, self.endpoint
+        if ep is None or fabric.wire_sink is None or not fabric._is_routable(peer):
+            fabric.metrics.tx_unroutable += 1
+            return
+        ep.transmit_ack(peer, self.port, dest_qp, pkey, psn, syndrome, msn)
+        fabric.metrics.tx_packets += 1
 
     def poll(self) -> bool:
         """Drain the socket now (busy-poll hook); True if datagrams came."""

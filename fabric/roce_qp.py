@@ -56,9 +56,9 @@ from virtio_rdma.rings import (
 )
 
 try:  # the native path of plain send WQEs (virtio_rdma/_datapath.pyx)
-    from virtio_rdma._datapath import run_wire_rq, run_wire_sq, wire_cqes
+    from virtio_rdma._datapath import run_wire_rq, run_wire_sq, wire_cqes, wire_pump, wire_settle
 except ImportError:  # pragma: no cover - extension not built
-    run_wire_sq = run_wire_rq = wire_cqes = None  # type: ignore[assignment]  # not built
+    run_wire_sq = run_wire_rq = wire_cqes = wire_pump = wire_settle = None  # type: ignore[assignment]  # not built
 
 log = logging.getLogger(__name__)
 
@@ -370,18 +370,20 @@ class NetworkQp:
         if self.closed:
             return
         rc, qp, dev = self.rc, self.qp, self.dev
-        pkts = rc.transmit_raw(now)
-        if pkts:
-            self.fabric.transmit(pkts, self.peer)
-        sends, recvs = rc.poll_send_cq(), rc.poll_recv_cq()
-        if sends or recvs:
-            i = j = 0
-            if wire_cqes is not None:  # the successful ones natively, the rest below in order
-                i, j = wire_cqes(dev, qp, self, sends, recvs)
-            for c in sends[i:] if i else sends:
-                self._send_done(c)
-            for c in recvs[j:] if j else recvs:
-                self._recv_done(c)
+        # the common case (nothing for Requester.fill to start) natively, the same body
+        if wire_pump is None or not wire_pump(dev, qp, self, now):
+            pkts = rc.transmit_raw(now)
+            if pkts:
+                self.fabric.transmit(pkts, self.peer)
+            sends, recvs = rc.poll_send_cq(), rc.poll_recv_cq()
+            if sends or recvs:
+                i = j = 0
+                if wire_cqes is not None:  # the successful ones natively, the rest below in order
+                    i, j = wire_cqes(dev, qp, self, sends, recvs)
+                for c in sends[i:] if i else sends:
+                    self._send_done(c)
+                for c in recvs[j:] if j else recvs:
+                    self._recv_done(c)
         qp.sq_psn = rc.requester.psn
         qp.epsn = rc.responder.psn
         held = self.held

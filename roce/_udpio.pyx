@@ -56,6 +56,10 @@ cdef extern from "<openssl/crypto.h>" nogil:
 import ipaddress
 import os
 
+from roce.opcodes import Opcode
+
+cdef uint8_t _OP_ACKNOWLEDGE = Opcode.RC_ACKNOWLEDGE
+
 cdef extern from "<sys/socket.h>" nogil:
     struct timespec:
         pass
@@ -561,6 +565,35 @@ cdef class TxRing:
         iov[1].iov_base = <void *>buf
         iov[1].iov_len = plen
         self._finish(i, env, hlen, plen, 1, seal)
+        self.envs[i] = env
+        self.count = i + 1
+        return True
+
+    def add_ack(self, Envelope env, uint32_t dest_qp, uint32_t pkey, uint32_t psn,
+                uint32_t syndrome, uint32_t msn, bint seal=False) -> bool:
+        """Encode an ACKNOWLEDGE (BTH + AETH, no payload; every other BTH
+        field zero, as ``make_bth``/``make_aeth`` build the responder's ACK)
+        for ``env`` into the next slot: the bytes :meth:`add` gives for that
+        RocePacket, without one. False if the ring is full (flush first);
+        ValueError for a field out of range."""
+        cdef int i = self.count
+        cdef uint8_t *hdr
+        if dest_qp >> 24 or pkey >> 16 or psn >> 24 or syndrome >> 8 or msn >> 24:
+            raise ValueError(f"ACK field out of range: dest_qp {dest_qp:#x} pkey {pkey:#x} "
+                             f"psn {psn:#x} syndrome {syndrome:#x} msn {msn:#x}")
+        if seal and self.auth is None:
+            raise ValueError("seal=True without set_auth()")
+        if i == self.nslots:
+            return False
+        hdr = self.hdrs + i * HDR
+        hdr[0] = <uint8_t>_OP_ACKNOWLEDGE
+        hdr[1] = 0
+        hdr[2] = <uint8_t>(pkey >> 8)
+        hdr[3] = <uint8_t>pkey
+        _put32(hdr + 4, dest_qp)
+        _put32(hdr + 8, psn)
+        _put32(hdr + 12, (syndrome << 24) | msn)
+        self._finish(i, env, 16, 0, 0, seal)
         self.envs[i] = env
         self.count = i + 1
         return True

@@ -451,6 +451,25 @@ class RoceUdpEndpoint:
         if not self._holding:
             self.flush()
 
+    def transmit_ack(self, peer: str, port: int, dest_qp: int, pkey: int, psn: int,
+                     syndrome: int, msn: int) -> None:
+        """Queue the ACKNOWLEDGE with these fields for ``peer`` (the datagram
+        :meth:`transmit` makes of the responder's ACK packet, built in the TX
+        ring without one: :meth:`TxRing.add_ack`)."""
+        if self._closed:
+            raise ConnectionError("RoCE UDP endpoint is closed")
+        env, seal = self._tx_env(peer, port)
+        tx = self._tx
+        if not tx.add_ack(env, dest_qp, pkey, psn, syndrome, msn, seal):
+            self.flush()                    # full
+            tx.add_ack(env, dest_qp, pkey, psn, syndrome, msn, seal)
+        m = self.metrics
+        m.tx_packets += 1
+        if seal:
+            m.tx_sealed = self._tx_auth.sealed  # type: ignore[union-attr]  # seal: set_auth ran
+        if not self._holding:
+            self.flush()
+
     def send(self, pkt: RocePacket, peer: str, port: int = ROCE_UDP_PORT) -> None:
         """Send one packet now."""
         self.transmit((pkt,), peer, port)

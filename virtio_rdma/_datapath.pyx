@@ -1098,7 +1098,12 @@ cdef object _WC_OF = {int(k): int(v) for k, v in _rings.WC_OF_WR.items()}
 wire_cqes_written = 0
 
 
-def wire_cqes(dev, qp, net, list sends, list recvs):
+cpdef tuple wire_cqes(dev, qp, net, list sends, list recvs):
+    """:func:`_wire_cqes`, taking what it can."""
+    return _wire_cqes(dev, qp, net, sends, recvs, False)
+
+
+cdef tuple _wire_cqes(dev, qp, net, list sends, list recvs, bint whole):
     """Write the CQEs of RC engine completions of ``qp`` (run by ``net``, a
     :class:`fabric.roce_qp.NetworkQp`) as ``NetworkQp._send_done`` and
     ``_recv_done`` would (slot retired, CQE if signaled, counters, the
@@ -1106,18 +1111,20 @@ def wire_cqes(dev, qp, net, list sends, list recvs):
     completion while its CQ is active and has room. Returns ``(i, j)``: the
     sends and receives taken; the rest (from the first error completion,
     full or broken CQ, ...) are for the Python path, in order (``j`` is 0
-    unless every send was taken)."""
+    unless every send was taken). With ``whole``, all or nothing: ``(-1,
+    -1)``, nothing written, unless every completion is a success and both CQs
+    have room for all of them."""
     global wire_cqes_written
-    cdef Py_ssize_t i = 0, j = 0
+    cdef Py_ssize_t i = 0, j = 0, nsig = 0, k
     if not enabled or not wire_enabled or qp.destroyed:
-        return 0, 0
+        return (-1, -1) if whole else (0, 0)
     cdef _Dev L = _Dev.__new__(_Dev)
     if not L.init(dev):
-        return 0, 0
+        return (-1, -1) if whole else (0, 0)
     cdef _Cq scq = _Cq.__new__(_Cq)
     cdef _Cq rcq
     if not scq.init(qp.send_cq, L):
-        return 0, 0
+        return (-1, -1) if whole else (0, 0)
     if qp.recv_cq is qp.send_cq:
         rcq = scq
     else:
@@ -1130,6 +1137,22 @@ def wire_cqes(dev, qp, net, list sends, list recvs):
     cdef int opcode
     cdef bint signaled, moved_sq = False
     posted = net.posted
+    if whole:
+        if len(sends) > len(posted) or (recvs and rcq is None):
+            return -1, -1
+        for k in range(len(sends)):
+            if int(sends[k].status) != _SUCCESS:
+                return -1, -1
+            if posted[k][2]:
+                nsig += 1
+        for c in recvs:
+            if int(c.status) != _SUCCESS:
+                return -1, -1
+        if rcq is scq:
+            if (nsig or recvs) and not scq.room(nsig + len(recvs)):
+                return -1, -1
+        elif (nsig and not scq.room(nsig)) or (recvs and not rcq.room(len(recvs))):
+            return -1, -1
     try:
         for c in sends:
             if int(c.status) != _SUCCESS or not posted:
@@ -1174,6 +1197,103 @@ def wire_cqes(dev, qp, net, list sends, list recvs):
             rcq.flush()
         L.flush_metrics()
     return i, j
+
+
+#: NetworkQp.pump bodies run here since import
+wire_pumps = 0
+
+
+def wire_pump(dev, qp, net, double now):
+    """The body of ``NetworkQp.pump`` (``net``, the wire engine of ``qp``)
+    for the common case: an engine with no requests to start (``RcQp.transmit_raw``'s
+    ``Requester.fill`` has nothing to do: not RTS, a requester that is dead,
+    stalled by an RNR NAK or has sent every WQE), with no WQE kept in the ring
+    (``net.held``) and not in error. Its packets (the responder's first, as
+    ``transmit_raw`` orders them) go to ``net.fabric.transmit`` in one call,
+    its completions become CQEs through :func:`wire_cqes` and, for what that
+    leaves (errors, a full CQ), ``net._send_done`` / ``net._recv_done`` in
+    order, exactly as the pump's body. Returns False, having changed nothing,
+    in any other case: the Python pump runs. The pump's tail (PSNs mirrored to
+    the QP, a held WQE started, ERR followed) stays with the caller."""
+    global wire_pumps
+    if not enabled or not wire_enabled or qp.destroyed or net.held is not None:
+        return False
+    rc = net.rc
+    st = rc.state
+    if st is _ERR:
+        return False
+    req = rc.requester
+    if st is _RTS and not (req.dead or req.rnr_deadline is not None or req.send_idx == len(req.sq)):
+        return False                    # Requester.fill may start packets: the Python pump
+    resp = rc.responder
+    cdef list out = resp.out, qout = req.out
+    if out:
+        resp.out = []
+        if qout:
+            out += qout
+            req.out = []
+    elif qout:
+        out = qout
+        req.out = []
+    if req.completions or resp.completions:
+        rc._collect()
+    if out:
+        net.fabric.transmit(out, net.peer)
+    cdef list sends = rc._send_cq, recvs = rc._recv_cq
+    cdef Py_ssize_t i = 0, j = 0, k
+    if sends or recvs:
+        rc._send_cq = []
+        rc._recv_cq = []
+        i, j = wire_cqes(dev, qp, net, sends, recvs)
+        for k in range(i, len(sends)):
+            net._send_done(sends[k])
+        for k in range(j, len(recvs)):
+            net._recv_done(recvs[k])
+    wire_pumps += 1
+    return True
+
+
+#: fast-path packets whose QP was settled at once (wire_settle) since import
+wire_settled = 0
+
+
+def wire_settle(dev, qp, net):
+    """After the receive fast path (:mod:`roce.rc._fastrx`) gave ``net``'s
+    engine packets, do at once what the QP's deferred pump would do at the
+    end of the batch, when doing it now cannot differ: nothing to send (the
+    fast path holds its ACKs itself), nothing for ``Requester.fill`` to start,
+    no WQE held in the ring, not in error, every completion a success with
+    room for all of them in their CQs (:func:`_wire_cqes` all or nothing), and
+    no receive completion while send WQEs are outstanding (an ACK later in
+    the batch could complete them, and the pump writes send CQEs before
+    receive CQEs). Then the CQEs are written, the PSNs mirrored to the QP
+    (the pump's tail, which has nothing else to do then) and True returned;
+    else False, nothing changed: the caller defers the pump."""
+    global wire_settled
+    if not enabled or not wire_enabled or qp.destroyed or net.closed or net.held is not None:
+        return False
+    rc = net.rc
+    st = rc.state
+    if st is _ERR:
+        return False
+    req = rc.requester
+    resp = rc.responder
+    if resp.out or req.out or req.completions or resp.completions:
+        return False
+    if st is _RTS and not (req.dead or req.rnr_deadline is not None or req.send_idx == len(req.sq)):
+        return False
+    cdef list sends = rc._send_cq, recvs = rc._recv_cq
+    if recvs and req.sq:
+        return False
+    if sends or recvs:
+        if _wire_cqes(dev, qp, net, sends, recvs, True)[0] < 0:
+            return False
+        rc._send_cq = []
+        rc._recv_cq = []
+    qp.sq_psn = req.psn
+    qp.epsn = resp.psn
+    wire_settled += 1
+    return True
 
 
 # --------------------------------------------------------------------------

@@ -7,6 +7,9 @@ from roce._udpio import RxRing
 STOP_REASONS: tuple[str, ...]
 
 class RequestFastPath:
+    ack_sink: Callable[[str, int, int, int, int, int], object] | None
+    @property
+    def acks_sent(self) -> int: ...
     @property
     def taken(self) -> int: ...
     @property

@@ -38,7 +38,16 @@ the message's last packet, the end of the batch), before any Python code can
 look, queues the ACK the last AckReq asked for (as ``Responder._ack``
 would have, packet by packet: queued ACKs coalesce), then calls
 ``done(target, packets)`` for the caller to count the packets and pump the
-QP.
+QP (or settle it at once: ``fabric.roce.RoceFabric.fast_received``).
+
+ACKs: with an ``ack_sink`` (the UDP service sets one), an ACK of a QP whose
+responder has nothing in ``out`` is held here with its MSN (a newer one
+replaces it, as ``_ack`` coalesces; the responder's ``tx_packets`` counted
+as ``_ack`` counts) and, if the call took the whole batch, handed to
+``ack_sink`` at its end (the service encodes it straight into the TX ring:
+``TxRing.add_ack``); if the call stops at a packet for the Python engine,
+held ACKs go to the responders' ``out`` as ``_ack`` would have put them,
+before the engine sees that packet.
 """
 from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.dict cimport PyDict_GetItem
@@ -56,7 +65,7 @@ from roce.errors import RemoteAccessError
 from roce.opcodes import Kind, Opcode
 from roce.rc import config as _rc_config
 from roce.rc.requester import WqeState
-from roce.rc.responder import _WriteCtx
+from roce.rc.responder import _ACK_SYNDROME, _WriteCtx
 from roce.rc.verbs import Completion, wc_opcode_of
 from verbs import Access, QpState, WcOpcode, WcStatus, ack_timeout_seconds
 
@@ -84,6 +93,7 @@ cdef long _REMOTE_WRITE = Access.REMOTE_WRITE
 cdef object _ACCESS_REMOTE_WRITE = Access.REMOTE_WRITE
 cdef uint64_t _MAX_MSG_SIZE = _rc_config.MAX_MSG_SIZE
 cdef object _REMOTE_ACCESS_ERROR = RemoteAccessError
+cdef uint32_t _SYNDROME_ACK = _ACK_SYNDROME
 
 
 #: ``RequestFastPath.stop`` values
@@ -121,6 +131,11 @@ cdef class RequestFastPath:
     cdef dict targets
     cdef object done
     cdef object clock
+    #: ``ack_sink(peer, dest_qp, pkey, psn, syndrome, msn)``: queue an ACK for the
+    #: wire (the TX ring) now; None: every ACK goes to the responder's ``out``
+    cdef public object ack_sink
+    cdef dict pend                      # target -> (psn, msn) of its ACK held here
+    cdef readonly unsigned long long acks_sent   # ACKs this path handed to ack_sink
     # the session
     cdef bint active
     cdef object t, rc, resp, cur
@@ -139,6 +154,7 @@ cdef class RequestFastPath:
         self.targets = targets
         self.done = done
         self.clock = clock              # None: ACKs are left to Python
+        self.pend = {}
 
     def __dealloc__(self):
         if self.have_view:
@@ -242,9 +258,39 @@ cdef class RequestFastPath:
                 resp.cur_kind = None
             rc.metrics.rx_packets += self.packets
             if self.ack_psn >= 0:
-                resp._ack(self.ack_psn)       # the last AckReq (older queued ACKs coalesce)
+                self._queue_ack(t, rc, resp, self.ack_psn)  # the last AckReq (older ACKs coalesce)
             self.taken += self.packets
             self.done(t, self.packets)
+        return 0
+
+    cdef int _queue_ack(self, t, rc, resp, uint32_t psn) except -1:
+        """``resp._ack(psn)``, or, with an ``ack_sink`` and nothing in the
+        responder's ``out`` (so that nothing there could coalesce with it),
+        the ACK held here with the MSN of now (a newer one of the same QP
+        replaces it, as ``_ack`` coalesces), to leave at the end of the call:
+        natively if the call took the whole batch, else put in ``out`` as
+        ``_ack`` would have (the Python engine takes the next packet)."""
+        if self.ack_sink is None or (t not in self.pend and resp.out):
+            resp._ack(psn)
+            return 0
+        if t not in self.pend:
+            rc.metrics.tx_packets += 1      # _ack's count (a replaced ACK: -1 +1)
+        self.pend[t] = (psn, resp.msn)
+        return 0
+
+    cdef int _send_acks(self, bint wire) except -1:
+        """The held ACKs: to ``ack_sink`` (``wire``), else to the responders'
+        ``out`` (counted there already)."""
+        pend, self.pend = self.pend, {}
+        for t, (psn, msn) in pend.items():
+            rc = t.rc
+            if wire:
+                cfg = rc.cfg
+                self.acks_sent += 1
+                self.ack_sink(t.peer, cfg.dest_qp_num, cfg.pkey, psn, _SYNDROME_ACK, msn)
+            else:
+                rc.metrics.tx_packets -= 1
+                rc.responder._ack(psn, msn)
         return 0
 
     cdef bint _send_only(self, const uint8_t *p, Parsed *ps, Envelope env) except -1:
@@ -299,7 +345,7 @@ cdef class RequestFastPath:
                                             None, cfg.dest_qp_num))
         resp.psn = (psn + 1) & PSN_MASK
         if p[8] & 0x80:
-            resp._ack(psn)
+            self._queue_ack(t, rc, resp, psn)
         rc.metrics.rx_packets += 1
         rc._collect()
         self.taken += 1
@@ -365,7 +411,7 @@ cdef class RequestFastPath:
             resp.cur_kind = _KIND_WRITE
         resp.psn = (psn + 1) & PSN_MASK
         if p[8] & 0x80:
-            resp._ack(psn)
+            self._queue_ack(t, rc, resp, psn)
         rc.metrics.rx_packets += 1
         self.taken += 1
         self.done(t, 1)
@@ -524,6 +570,11 @@ cdef class RequestFastPath:
                     self.msn = (self.msn + 1) & MSN_MASK
                     self.ended = True
                     self._end()
+            self._end()
+            if self.pend:
+                self._send_acks(i >= n)     # the whole batch taken: the ACKs leave from here
         finally:
             self._end()
+            if self.pend:                   # an error: the engine's way
+                self._send_acks(False)
         return i

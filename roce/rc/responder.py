@@ -130,14 +130,16 @@ class Responder:
                                     payload, None, aeth, None, None, atomic_ack_eth))
         self.metrics.tx_packets += 1
 
-    def _ack(self, psn: int) -> None:
+    def _ack(self, psn: int, msn: int | None = None) -> None:
+        """Queue an ACK of ``psn`` carrying ``msn`` (default: the current
+        MSN), coalescing with a plain ACK queued last."""
         out = self.out
         if out:
             last = out[-1]
             if last.bth.opcode == _ACK and (last.aeth.syndrome >> 5) & 3 == AethType.ACK:
                 out.pop()                       # coalesce: the newer ACK covers it
                 self.metrics.tx_packets -= 1
-        self._send(_ACK, psn, aeth=make_aeth(_ACK_SYNDROME, self.msn))
+        self._send(_ACK, psn, aeth=make_aeth(_ACK_SYNDROME, self.msn if msn is None else msn))
 
     def _nak(self, psn: int, code: NakCode, fatal: bool = True) -> None:
         self._send(_ACK, psn, aeth=Aeth.nak(self.msn, code))

@@ -8,13 +8,18 @@ from virtio_rdma import _datapath
 
 
 def test_steps_and_parts_are_reported():
-    sq0, cq0 = _datapath.wire_started, _datapath.wire_cqes_written
+    sq0, cq0, s0 = _datapath.wire_started, _datapath.wire_cqes_written, _datapath.wire_settled
     r = wire_steps.run(iters=60, parts=True, port=random.randrange(40000, 60000))
     assert set(r["steps"]) == {"send", "receive", "ack"}
     assert all(v > 0 for v in r["steps"].values()) and r["sendto"] > 0
     parts = {p.split(": ", 1)[1] for p in r["parts"]}
-    assert {"sendmmsg (TX ring flush)", "run_wire_sq (with transmit)", "wire_cqes",
+    assert {"sendmmsg (TX ring flush)", "run_wire_sq (with transmit)",
+            "wire_settle (CQEs at once, no pump)", "ACK into the TX ring (fast path)",
             "receive fast path (_deliver)"} <= parts
+    # the fast path sent the ACKs and settled the QPs: no ACK packet built, no pump
+    assert not {"receive: ACK built (Responder._ack)", "receive: deferred pumps",
+                "ack: deferred pumps"} & set(r["parts"])
+    assert _datapath.wire_settled - s0 > 200            # (nearly) every receive and ACK
     assert _datapath.wire_started - sq0 == 120          # every SEND went the native way
     assert _datapath.wire_cqes_written - cq0 == 240     # a receive and a send CQE each
     assert r["machine"]["vcpus"] >= 1

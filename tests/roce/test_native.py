@@ -371,12 +371,17 @@ class _Target:
         self.done = 0
         self.rq_posted = 0           # NetworkQp's: every receive the guest posted is the engine's
         self.qp = _Ring(0)
+        self.sent: list = []         # ACKs the fast path handed to its ack_sink (after transmit's)
+
+    def ack_sink(self, peer, dest_qp, pkey, psn, syndrome, msn):
+        assert (peer, dest_qp, pkey) == (self.peer, self.rc.cfg.dest_qp_num, self.rc.cfg.pkey)
+        self.sent.append((Opcode.RC_ACKNOWLEDGE, psn, Aeth(syndrome, msn)))
 
     def state(self):
         r = self.rc.responder
         return (bytes(self.buf), r.psn, r.msn, r.nak_sent, r.cur_kind,
                 None if r.cur is None else r.cur.offset, self.rc.metrics.as_dict(),
-                [(p.bth.opcode, p.bth.psn, p.aeth) for p in self.rc.transmit(0.0)])
+                [(p.bth.opcode, p.bth.psn, p.aeth) for p in self.rc.transmit(0.0)] + self.sent)
 
 
 def _stream(seed: int, mtu: int, target: _Target):
@@ -465,20 +470,26 @@ def _through_socket(socks, pkts):
     return ring, n, {ring.peer_key(0): _codec.Envelope(ip, B, port, rx.getsockname()[1])}
 
 
-def _fast_and_engine_agree(ring, n, envs, ta, tb) -> RequestFastPath:
+def _fast_and_engine_agree(ring, n, envs, ta, tb, sink=False) -> RequestFastPath:
     """Feed the ring to ``ta`` through the fast path and the engine, and to
-    ``tb`` through the engine alone; both must end in the same state."""
+    ``tb`` through the engine alone; both must end in the same state. With
+    ``sink`` the fast path sends its ACKs itself (``ack_sink``, as the UDP
+    service has it) when it takes the rest of the batch."""
     taken = []
     fast = RequestFastPath({0x44: ta}, lambda t, k: taken.append(k))
+    if sink:
+        fast.ack_sink = ta.ack_sink
     _feed(ring, n, envs, {0x44: ta}, fast)
     _feed(ring, n, envs, {0x44: tb}, None)
     assert ta.state() == tb.state()
     assert sum(taken) == fast.taken
+    assert fast.acks_sent == len(ta.sent) and (sink or not ta.sent)
     return fast
 
 
+@pytest.mark.parametrize("sink", [False, True], ids=["acks-to-engine", "acks-to-sink"])
 @pytest.mark.parametrize("seed", range(40))
-def test_fast_path_is_the_engine(socks, seed):
+def test_fast_path_is_the_engine(socks, seed, sink):
     tx, rx = socks
     mtu = 256
     ta, tb = _Target(A, mtu, 8192), _Target(A, mtu, 8192)       # fast path / engine alone
@@ -499,7 +510,7 @@ def test_fast_path_is_the_engine(socks, seed):
     for i in range(n):
         ip, port = ring.peer(i)
         envs.setdefault(ring.peer_key(i), _codec.Envelope(ip, B, port, rx.getsockname()[1]))
-    fast = _fast_and_engine_agree(ring, n, envs, ta, tb)
+    fast = _fast_and_engine_agree(ring, n, envs, ta, tb, sink)
     assert STOP_REASONS[fast.stop]
 
 
@@ -580,8 +591,9 @@ def _send_stream(seed: int, mtu: int, target: _Target):
     return _impair(rng, out)
 
 
+@pytest.mark.parametrize("sink", [False, True], ids=["acks-to-engine", "acks-to-sink"])
 @pytest.mark.parametrize("seed", range(60))
-def test_send_fast_path_is_the_engine(socks, seed):
+def test_send_fast_path_is_the_engine(socks, seed, sink):
     """SEND streams through the fast path + engine and through the engine
     alone: the same receive buffers and WRITE target, completions (status,
     length, immediate data), responder state, counters and ACKs. Receives
@@ -594,7 +606,7 @@ def test_send_fast_path_is_the_engine(socks, seed):
     ta = _SendTarget(A, mtu, rng_a, receives, unposted)        # fast path
     tb = _SendTarget(A, mtu, rng_b, receives, unposted)        # engine alone
     ring, n, envs = _through_socket(socks, _send_stream(seed, mtu, ta))
-    fast = _fast_and_engine_agree(ring, n, envs, ta, tb)
+    fast = _fast_and_engine_agree(ring, n, envs, ta, tb, sink)
     if unposted:
         assert fast.taken == 0
 
@@ -624,6 +636,59 @@ def test_send_fast_path_takes_request_reply_traffic(socks):
     assert [(p.bth.opcode, p.bth.psn, p.aeth.msn) for p in t.rc.transmit(0.0)] == \
         [(Opcode.RC_ACKNOWLEDGE, (0xFFFFFA + 15) & PSN_MASK, 16)]
     assert t.rc.responder.msn == 16 and t.rc.metrics.rx_packets == 16
+
+
+def test_fast_path_sends_the_coalesced_ack_itself(socks):
+    """With an ``ack_sink``, a batch of plain SENDs taken whole leaves one
+    ACK (the last AckReq's, with its MSN), sent by the fast path, none in the
+    engine's output, the engine's counters as if it had sent it; a batch the
+    fast path stops in puts its ACK in the engine's output instead."""
+    for stop in (False, True):
+        t = _SendTarget(A, 1024, random.Random(0), 0, False)
+        buf = memoryview(bytearray(64 * 8))
+        for w in range(8):
+            t.rc.post_recv(w, [buf[w * 64:(w + 1) * 64]])
+        t.rq_posted = t.qp.rq_pi = 8
+        pkts = [RocePacket(Bth(opcode=0x04, dest_qp=0x44, psn=(0xFFFFFA + i) & PSN_MASK,
+                               ackreq=i < 6), payload=b"m%d" % i) for i in range(8)]
+        if stop:                                        # a READ for the engine, at the end
+            pkts.append(RocePacket(Bth(opcode=0x0C, dest_qp=0x44, psn=(0xFFFFFA + 8) & PSN_MASK),
+                                   reth=Reth(t.va, t.rkey, 0)))
+        ring, n, envs = _through_socket(socks, pkts)
+        fast = RequestFastPath({0x44: t}, lambda tg, k: None)
+        fast.ack_sink = t.ack_sink
+        assert fast(ring, 0, n, envs) == 8
+        ack = (Opcode.RC_ACKNOWLEDGE, (0xFFFFFA + 5) & PSN_MASK, Aeth(0x1F, 6))
+        out = [(p.bth.opcode, p.bth.psn, p.aeth) for p in t.rc.responder.out]
+        assert (out, t.sent, fast.acks_sent) == (([ack], [], 0) if stop else ([], [ack], 1))
+        assert t.rc.metrics.tx_packets == 1 and t.rc.responder.msn == 8
+
+
+def test_tx_ring_ack_is_the_reference_packet():
+    """TxRing.add_ack gives the bytes TxRing.add gives for the responder's ACK
+    packet (IPv4 and IPv6, sealed or not), and refuses fields out of range."""
+    from roce._auth import TxAuth
+    from roce.build import make_aeth, make_bth, make_packet
+
+    rng = random.Random(5)
+    for k in range(200):
+        env = ENV4 if k % 2 else ENV6
+        seal = k % 3 == 0
+        dqp, pkey, psn = rng.getrandbits(24), rng.getrandbits(16), rng.getrandbits(24)
+        syn, msn = rng.getrandbits(8), rng.getrandbits(24)
+        a, b = TxRing(4), TxRing(4)
+        a.set_auth(TxAuth(b"k" * 32, 1000 + k))
+        b.set_auth(TxAuth(b"k" * 32, 1000 + k))
+        assert a.add(make_packet(make_bth(Opcode.RC_ACKNOWLEDGE, dqp, psn, False, False, pkey),
+                                 aeth=make_aeth(syn, msn)), env, seal)
+        assert b.add_ack(env, dqp, pkey, psn, syn, msn, seal)
+        assert a.flush_bytes() == b.flush_bytes()
+    full = TxRing(1)
+    assert full.add_ack(ENV4, 1, 2, 3, 4, 5) and not full.add_ack(ENV4, 1, 2, 3, 4, 5)
+    for bad in ((1 << 24, 0, 0, 0, 0), (0, 1 << 16, 0, 0, 0), (0, 0, 1 << 24, 0, 0),
+                (0, 0, 0, 256, 0), (0, 0, 0, 0, 1 << 24)):
+        with pytest.raises(ValueError):
+            TxRing(2).add_ack(ENV4, *bad)
 
 
 @pytest.mark.parametrize("kind", ["write", "send"])

@@ -185,20 +185,23 @@ def test_wire_native_path_is_the_python_path(impair, records, seed):
     ``--poll-us``), applied natively by ``_datapath.apply_records``."""
     with _records() if records else contextlib.nullcontext():
         fast = _scenario(seed, IMPAIRMENTS[impair], True)
-        sq1, rq1 = _datapath.wire_started, _datapath.wire_recvs
+        sq1, rq1, p1 = _datapath.wire_started, _datapath.wire_recvs, _datapath.wire_pumps
         slow = _scenario(seed, IMPAIRMENTS[impair], False)
-    assert (_datapath.wire_started, _datapath.wire_recvs) == (sq1, rq1), "Python run went native"
+    assert (_datapath.wire_started, _datapath.wire_recvs, _datapath.wire_pumps) == (sq1, rq1, p1), \
+        "Python run went native"
     assert fast == slow
 
 
 def test_fixed_mixes_went_native():
     """A few fixed mixes: the same results, and the native paths took WQEs."""
     sq0, rq0, cq0 = _datapath.wire_started, _datapath.wire_recvs, _datapath.wire_cqes_written
+    p0 = _datapath.wire_pumps
     for seed in (0, 2, 4):
         for impair in IMPAIRMENTS.values():
             assert _scenario(seed, impair, True) == _scenario(seed, impair, False)
     assert _datapath.wire_started - sq0 > 20 and _datapath.wire_recvs - rq0 > 20
     assert _datapath.wire_cqes_written - cq0 > 20
+    assert _datapath.wire_pumps - p0 > 20      # NetworkQp.pump's body (_datapath.wire_pump)
 
 
 def test_wire_native_path_takes_plain_traffic():
