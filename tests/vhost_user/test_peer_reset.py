@@ -78,7 +78,7 @@ def test_full_batches_then_reset(backend, sock_path, n):
     with _loop_held(backend):
         s.sendall(_enable(0) * n)
         s.close()
-    assert backend.wait_for(lambda srv: not srv.connections), f"{n} messages: the connection outlived its peer"
+    assert backend.wait_for(lambda srv: not srv.connections), f"{n} messages: the connection lived on"
     m = backend.metrics()
     assert (m.closed, m.transport_errors, m.protocol_errors) == (1, 1, 0), m
     assert m.read_continuations == n // READ_BATCH, m
