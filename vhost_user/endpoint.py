@@ -76,6 +76,9 @@ class MessageReader:
     def read_available(self, max_messages: int = 64) -> list[Message]:
         """Read whatever the socket has; return the complete messages.
 
+        Unless it returns ``max_messages`` messages, it has read until the socket
+        would block: an EOF or error behind the data is raised in this call.
+
         Raises ConnectionClosed on EOF, MessageError on a malformed header or
         misplaced fds, TransportError on socket errors.
         """
@@ -114,7 +117,13 @@ class MessageReader:
             raise TransportError(f"recvmsg failed: {e.strerror}", e.errno or errno.EPIPE) from e
 
     def _step(self) -> Message | None:
-        if self._hdr is None:
+        # A short read is followed by another until the kernel says it has nothing
+        # (EAGAIN), EOF or an error: never return to the event loop on a short read.
+        # uvloop (libuv) stops and closes a reader whose socket reports EPOLLERR (a
+        # unix socket's peer closed with our replies unread: ECONNRESET) after calling
+        # it once; had that one call read half a message and returned, the EOF behind
+        # it would never be read and the connection would outlive its peer.
+        while self._hdr is None:
             data, fds = self._recv(HEADER_SIZE - len(self._header), want_fds=True)
             if data is None:
                 return None
@@ -128,11 +137,10 @@ class MessageReader:
                                            mid_message=True)
                 raise ConnectionClosed()
             self._header += data
-            if len(self._header) < HEADER_SIZE:
-                return None
-            self._hdr = decode_header(bytes(self._header))
+            if len(self._header) == HEADER_SIZE:
+                self._hdr = decode_header(bytes(self._header))
         request, flags, size = self._hdr
-        if len(self._payload) < size:
+        while len(self._payload) < size:
             data, _ = self._recv(size - len(self._payload), want_fds=False)
             if data is None:
                 return None
@@ -140,8 +148,6 @@ class MessageReader:
                 raise ConnectionClosed("peer closed the connection in the middle of a message payload",
                                        mid_message=True)
             self._payload += data
-            if len(self._payload) < size:
-                return None
         msg = Message(request=request, flags=flags, payload=bytes(self._payload), fds=self._fds)
         self._header = bytearray()
         self._payload = bytearray()

@@ -83,6 +83,11 @@ ACCEPT_PAUSE = 0.1
 #: before accepting again: a storm of refused connects then costs the daemon at
 #: most ACCEPT_BATCH accepts per ACCEPT_BACKOFF, and queues in the backlog
 ACCEPT_BACKOFF = 0.001
+#: messages read per wake-up of a connection's socket: a front-end that floods
+#: the daemon waits its turn behind the other ready fds; the rest are read
+#: by a continuation scheduled with call_soon (never left to the next
+#: readiness event: see ServedConnection._on_readable)
+READ_BATCH = 64
 #: virtio device status DRIVER_OK
 DRIVER_OK = 4
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -101,6 +106,7 @@ class ServerMetrics:
     handshake_timeouts: int = 0      # closed: no SET_OWNER + GET_FEATURES within handshake_timeout
     accept_errors: int = 0           # accept() failed (e.g. EMFILE); accepting paused
     accept_backoffs: int = 0         # accepting paused ACCEPT_BACKOFF after a refusal
+    read_continuations: int = 0      # a wake-up read READ_BATCH messages; the rest read next
     last_errors: list = field(default_factory=list)
 
     def record(self, kind: str, err: BaseException) -> None:
@@ -261,8 +267,10 @@ class ServedConnection:
         return False
 
     def _on_readable(self) -> None:
+        if self.closed:   # a continuation scheduled before the connection closed
+            return
         try:
-            msgs = self.reader.read_available()
+            msgs = self.reader.read_available(READ_BATCH)
         except ConnectionClosed as e:
             if e.mid_message:
                 self.fail(e)
@@ -298,6 +306,13 @@ class ServedConnection:
                     for m in msgs[i + 1 :]:
                         close_fds(m.fds)
                     return
+        if len(msgs) == READ_BATCH and not self.closed:
+            # More may be queued. Read it from the loop, not from the next readiness
+            # event: uvloop (libuv) calls a reader whose socket reports EPOLLERR (the
+            # peer closed with our replies unread) once and then closes it, so that
+            # event may never come, and the EOF behind the data would never be read.
+            self.server.metrics.read_continuations += 1
+            self.loop.call_soon(self._on_readable)
 
     def _send(self, msg) -> bool:
         try:

@@ -1,11 +1,14 @@
 """The fuzz harness itself can fail: the canary sees one changed byte, the
 watchdog stops an input that runs too long, a report with a finding is not
 ok and names the seed and index to replay."""
+import shutil
+import socket
 import time
 
 import pytest
 
 from bench.fuzz.common import Canary, Hang, Report, Watchdog
+from bench.fuzz.vhost import Daemon
 
 
 def test_canary_sees_one_byte_outside_allowed_ranges():
@@ -43,3 +46,27 @@ def test_report_names_the_replay():
     assert "--seed 99, input index 1234" in rep.failures[0]
     assert "RESULT FAILED" in rep.summary()
     assert rep.as_dict()["ok"] is False
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="no ss (iproute2) on this machine")
+def test_daemon_diagnose_names_the_epoll_set_and_the_peer(tmp_path):
+    """A leaked-fd finding shows whether the fd is in the daemon's epoll set and
+    the socket's ss line, whose peer reads ``* 0`` once the peer closed."""
+    d = Daemon(str(tmp_path))
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        before = d.fd_targets()
+        s.connect(d.path)
+        deadline = time.monotonic() + 30
+        new: list[int] = []
+        while not new and time.monotonic() < deadline:
+            new = [fd for fd, t in d.fd_targets().items() if t.startswith("socket:") and before.get(fd) != t]
+            time.sleep(0.01)
+        assert len(new) == 1, d.fd_targets()
+        while "registered: tfd" not in (text := d.diagnose(new)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert f"fd {new[0]} registered: tfd" in text and "ss: u_str ESTAB" in text, text
+        assert d.diagnose([9999]).startswith("epoll fd") and "fd 9999 NOT registered" in d.diagnose([9999])
+    finally:
+        s.close()
+        d.close()
