@@ -1199,6 +1199,24 @@ cdef tuple _wire_cqes(dev, qp, net, list sends, list recvs, bint whole):
     return i, j
 
 
+cdef object _idle_engine(qp, net):
+    """``net``'s RC engine if its pump has nothing new to start, else None: the
+    native paths on, the QP alive, no WQE held in the ring (``net.held``), not
+    in error, and nothing for ``Requester.fill`` (not RTS, or a requester that
+    is dead, stalled by an RNR NAK or has sent every WQE). The one gate of
+    :func:`wire_pump` and :func:`wire_settle`."""
+    if not enabled or not wire_enabled or qp.destroyed or net.held is not None:
+        return None
+    rc = net.rc
+    st = rc.state
+    if st is _ERR:
+        return None
+    req = rc.requester
+    if st is _RTS and not (req.dead or req.rnr_deadline is not None or req.send_idx == len(req.sq)):
+        return None                     # Requester.fill may start packets: the Python pump
+    return rc
+
+
 #: NetworkQp.pump bodies run here since import
 wire_pumps = 0
 
@@ -1216,15 +1234,10 @@ def wire_pump(dev, qp, net, double now):
     in any other case: the Python pump runs. The pump's tail (PSNs mirrored to
     the QP, a held WQE started, ERR followed) stays with the caller."""
     global wire_pumps
-    if not enabled or not wire_enabled or qp.destroyed or net.held is not None:
-        return False
-    rc = net.rc
-    st = rc.state
-    if st is _ERR:
+    rc = _idle_engine(qp, net)
+    if rc is None:
         return False
     req = rc.requester
-    if st is _RTS and not (req.dead or req.rnr_deadline is not None or req.send_idx == len(req.sq)):
-        return False                    # Requester.fill may start packets: the Python pump
     resp = rc.responder
     cdef list out = resp.out, qout = req.out
     if out:
@@ -1270,17 +1283,14 @@ def wire_settle(dev, qp, net):
     (the pump's tail, which has nothing else to do then) and True returned;
     else False, nothing changed: the caller defers the pump."""
     global wire_settled
-    if not enabled or not wire_enabled or qp.destroyed or net.closed or net.held is not None:
+    if net.closed:
         return False
-    rc = net.rc
-    st = rc.state
-    if st is _ERR:
+    rc = _idle_engine(qp, net)
+    if rc is None:
         return False
     req = rc.requester
     resp = rc.responder
     if resp.out or req.out or req.completions or resp.completions:
-        return False
-    if st is _RTS and not (req.dead or req.rnr_deadline is not None or req.send_idx == len(req.sq)):
         return False
     cdef list sends = rc._send_cq, recvs = rc._recv_cq
     if recvs and req.sq:
