@@ -29,6 +29,12 @@ turbo               Turbo decode K=6144, 8 iterations, Mbit/s   commpy's turbo_d
                     AVX-512 paths
 ==================  ==========================================  ===============================
 
+When the two-host latency goal is missed, its profile also gives
+:mod:`bench.relay_floor` from the same rounds: the same layout (two processes
+sharing each host's CPU, handing over through shared memory) forwarding UDP
+with no protocol work, which separates what the layout costs from what the
+daemons and guests do per message.
+
 ``--repeat N`` runs the daemon benchmarks N rounds, interleaved (each round
 measures its floor again), and reports the medians; for the kernels it is the
 number of best-of samples. ``--quick`` shortens every benchmark (fewer
@@ -140,17 +146,31 @@ NOTES = {
 FABRIC_NOTE = "where the daemons' time goes: python -m bench.fabric_bench --profile DIR (cProfile of both)"
 
 
+def _relay_note(ours: list[dict], relay: list[dict]) -> str:
+    """What the layout itself costs (bench.relay_floor, same rounds) next to ours."""
+    o = statistics.median(x["ours"]["t_typical"] for x in ours)
+    f = statistics.median(x["t_typical"] for x in relay)
+    u = statistics.median(x["udp_floor"]["t_typical"] for x in ours)
+    return (f"the same layout with no protocol work (bench.relay_floor: a relay sharing each host's CPU, "
+            f"two hand-overs per half RTT) {f:.1f} us = {f / u:.2f}x raw UDP, so {o - f:.1f} us of ours "
+            f"is the daemons' and guests' work per half RTT (one daemon's steps: python -m bench.wire_steps "
+            f"--parts)")
+
+
 def fabric_rows(groups, quick: bool, repeat: int) -> list[dict]:
-    from bench import fabric_bench
+    from bench import fabric_bench, relay_floor
 
     iters, bw_iters = (1000, 2000) if quick else (2000, 20000)
     lat = "fabric_lat" in groups or "fabric_lat_nopin" in groups
-    pinned, nopin, bw = [], [], []
+    pinned, nopin, bw, relay = [], [], [], []
+    cpus = sorted(os.sched_getaffinity(0))
     for _ in range(repeat):
         tests = (["send_lat"] if lat else []) + (["write_bw"] if "fabric_write_bw" in groups else [])
         r = fabric_bench.run(tests, iters=iters, bw_iters=bw_iters)
         if lat:
             pinned.append(r)
+        if "fabric_lat" in groups:
+            relay.append(relay_floor.latency(iters=iters, cpus=(cpus[0], cpus[-1])))
         if "fabric_write_bw" in groups:
             bw.append(r)
         if "fabric_lat_nopin" in groups:
@@ -163,7 +183,8 @@ def fabric_rows(groups, quick: bool, repeat: int) -> list[dict]:
                          unit="us", baseline_name="raw UDP 64 B ping-pong half RTT, same veth",
                          ratio_is="ours/baseline",
                          layout=f"{pinned[0]['vcpu_state']}; floor: {pinned[0]['floor_vcpu_state']}",
-                         profile=f"{_waits(s[len(s) // 2]['ours'])}; {FABRIC_NOTE}"))
+                         profile=(f"{_waits(s[len(s) // 2]['ours'])}; {_relay_note(s, relay)}; "
+                                  f"{FABRIC_NOTE}")))
     if "fabric_lat_nopin" in groups:
         s = [p["send_lat"] for p in nopin]
         mid = s[len(s) // 2]
