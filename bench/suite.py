@@ -58,6 +58,12 @@ from collections.abc import Callable
 
 from bench.machine import header, machine
 
+# numpy's OpenBLAS starts a worker thread per CPU that busy-waits after a BLAS
+# call: on 2 vCPUs it took 2-12% of the samples of the kernel rows' process
+# (and the daemons' processes inherit the environment). No row uses BLAS
+# threading, so one thread; set before anything imports numpy.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 GROUPS = ("local_lat_poll", "local_lat_block", "fabric_lat", "fabric_lat_nopin", "fabric_write_bw",
           "fft", "fft_overhead", "turbo")
 FABRIC = ("fabric_lat", "fabric_lat_nopin", "fabric_write_bw")
