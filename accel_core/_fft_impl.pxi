@@ -80,6 +80,13 @@ cdef extern from "csrc/fft_first.h" nogil:
                         float scale, float hs, int fwd)
     int vrdma_last8_f64(double* y, const double* xr, const double* xi, Py_ssize_t s,
                         double scale, double hs, int fwd)
+    # the last radix-16 stage (m == 1, 4 x 4 in registers) writing the interleaved row:
+    # whole 256-bit vectors of q on the AVX2 / AVX-512 builds, the rest (and the scalar
+    # build's whole stage) one q at a time
+    void vrdma_last16_f32(float* y, const float* xr, const float* xi, Py_ssize_t s,
+                          float scale, int fwd)
+    void vrdma_last16_f64(double* y, const double* xr, const double* xi, Py_ssize_t s,
+                          double scale, int fwd)
     # a split radix-4 stage at s == 4, complex64: two p per 256-bit vector (same contract)
     Py_ssize_t vrdma_s4_radix4_f32(float* yr, float* yi, const float* xr, const float* xi,
                                    Py_ssize_t m, const float* wr, const float* wi)
@@ -1429,6 +1436,11 @@ cdef int _run(rptr x, rptr y, Py_ssize_t batch, Py_ssize_t n, int nstages,
                 vrdma_last8_f32(y + 2 * n * b, ar, ai, s, kc[K_SCALE], kc[K_H], kc[K_SG] > 0)
             else:
                 vrdma_last8_f64(y + 2 * n * b, ar, ai, s, kc[K_SCALE], kc[K_H], kc[K_SG] > 0)
+        elif r == 16:
+            if rptr is fptr:
+                vrdma_last16_f32(y + 2 * n * b, ar, ai, s, kc[K_SCALE], kc[K_SG] > 0)
+            else:
+                vrdma_last16_f64(y + 2 * n * b, ar, ai, s, kc[K_SCALE], kc[K_SG] > 0)
         elif r == 4:
             _last4(y + 2 * n * b, ar, ai, s, kc)
         elif r == 2:
@@ -1469,9 +1481,11 @@ cdef class FFTCore:
         offsets = tuple(int(o) for o in offsets)
         if len(radices) > MAX_STAGES or len(offsets) != len(radices):
             raise ValueError(f"bad stage schedule {radices!r} / {offsets!r}")
-        for r in radices:
-            if r not in (2, 3, 4, 5, 8):
+        for i, r in enumerate(radices):
+            if r not in (2, 3, 4, 5, 8, 16):
                 raise ValueError(f"unsupported radix {r}")
+            if r == 16 and (i != len(radices) - 1 or i == 0):
+                raise ValueError(f"radix 16 only as the last of two or more stages, not in {radices!r}")
             prod *= r
         if prod != n:
             raise ValueError(f"radices {radices!r} do not multiply to {n}")

@@ -147,7 +147,8 @@ def radices_for(n: int) -> tuple[int, ...]:
 
 def schedule_for(n: int, double: bool, path: str) -> tuple[int, ...]:
     """The stage schedule the kernels run for size n = 2**a * 3**b * 5**c, precision and
-    SIMD path (the same on every path today; ``path`` is there so that one may differ).
+    SIMD path. A radix-16 stage appears only last (the fused, in-register 4 x 4 stage of
+    csrc/fft_last16.h, which writes the interleaved output row).
 
     An even power of two is all radix 4 (4096 = 4**6; complex64 on AVX-512 from
     1024 on: 8*8*4*4...); an odd one (a >= 5) starts with one radix-8 stage for complex64
@@ -167,7 +168,9 @@ def schedule_for(n: int, double: bool, path: str) -> tuple[int, ...]:
     shared machine): AVX2 complex64 1024 / 3072 / 4096 all radix 4 0.91-0.93 / 0.97-0.98 /
     0.96-0.98 of the time of 8*8*4*4...; 512 4*4*4*8 0.91-0.94 (complex64 AVX2 and AVX-512),
     0.92-0.97 (complex128); complex64 2048 4*4*4*4*8 0.92-0.95 (AVX2), 0.98-0.99 (AVX-512);
-    complex64 256 8*4*8 0.92 on AVX-512 (1.01 on AVX2). Not taken: complex64 4096 8*8*8*8 on
+    complex64 256 8*4*8 0.92 on AVX-512 (1.01 on AVX2); the AVX-512 sizes of
+    ``_AVX512_MEASURED`` run the schedule measured there (a last radix-16 stage for
+    complex64 128 and 1024, complex128 1024: 8*16, 8*8*16). Not taken: complex64 4096 8*8*8*8 on
     AVX-512 (0.96 of 8*8*4*4*4, two runs) has radix-8 stages at s = 64 (see above).
     Chosen by timing every ordering of 8s, 4s and at most one 2 on every path
     (``python -m vrdma.accel_bench.fft_bench --simd all`` for the figures): 4096-point
@@ -179,6 +182,8 @@ def schedule_for(n: int, double: bool, path: str) -> tuple[int, ...]:
     if a < 3 or (a == 3 and not tail):
         return radices_for(n)
     wide = path in ("avx2", "avx512")
+    if path == "avx512" and not tail and (a, double) in _AVX512_MEASURED:
+        return _AVX512_MEASURED[a, double]
     if a % 2 == 0:
         if not double and path == "avx512" and a == 8 and not tail:
             return (8, 4, 8)
@@ -196,6 +201,19 @@ def schedule_for(n: int, double: bool, path: str) -> tuple[int, ...]:
     if double:
         return tuple([4] * (a // 2) + [2] + tail)
     return tuple([8] + [4] * ((a - 3) // 2) + tail)
+
+
+#: AVX-512 schedules of powers of two 2**a (by (a, double)) measured faster than the rules of
+#: schedule_for (interleaved, the same build, 2-5 runs on a shared machine, AMD EPYC Zen 4):
+#: the last radix-16 stage (4 x 4 in registers, 32 vector registers: no spills) for
+#: complex64 128 (8*16, 0.95-0.99 of the time of 8*4*4) and 1024 points (8*8*16, 0.94-1.01
+#: of 8*8*4*4, median 0.98) and complex128 1024 (8*8*16, 0.95-0.99 of 4**5); complex64 2048
+#: 8*8*4*8 (0.94-0.95 of 4*4*4*4*8) and complex128 128 4*4*8 (0.97-1.0 of 4*8*4). On AVX2
+#: (16 registers) the radix-16 stage spills and each of these was slower (1.03-1.24x).
+_AVX512_MEASURED = {
+    (7, False): (8, 16), (10, False): (8, 8, 16), (10, True): (8, 8, 16),
+    (11, False): (8, 8, 4, 8), (7, True): (4, 4, 8),
+}
 
 
 def _core(n: int, double: bool, inverse: bool, path: str | None = None) -> _fft.FFTCore:

@@ -385,4 +385,58 @@ static int vrdma_last8_f32(float* y, const float* xr, const float* xi, Py_ssize_
 #define VRDMA_FIRST_SIMD 0
 #endif
 
+/* The last radix-16 stage (m == 1): csrc/fft_last16.h, 4 x 4 in registers, one pass for
+ * the last two radix-4 ones. Every build has the scalar instance (the scalar build's whole
+ * stage, the wide builds' tail of q); the AVX2 / AVX-512 builds run whole 256-bit vectors
+ * of q first (one vector per leg, the output interleaved as vrdma_st_il_*). */
+#define R16_LDU(p) (*(p))
+#define R16_SET1(v) (v)
+#define R16_W 1
+#define R16_NAME vrdma_r16_f32_1
+#define R16_T float
+#define R16_V float
+#define R16_ST(yy, re, im) do { float* y_ = (yy); y_[0] = (re); y_[1] = (im); } while (0)
+#include "fft_last16.h"
+#define R16_LDU(p) (*(p))
+#define R16_SET1(v) (v)
+#define R16_W 1
+#define R16_NAME vrdma_r16_f64_1
+#define R16_T double
+#define R16_V double
+#define R16_ST(yy, re, im) do { double* y_ = (yy); y_[0] = (re); y_[1] = (im); } while (0)
+#include "fft_last16.h"
+#if defined(__AVX2__) && defined(__FMA__)
+#define R16_NAME vrdma_r16_f32_v
+#define R16_T float
+#define R16_V __m256
+#define R16_W 8
+#define R16_LDU _mm256_loadu_ps
+#define R16_ST vrdma_st_il_ps
+#define R16_SET1 _mm256_set1_ps
+#include "fft_last16.h"
+#define R16_NAME vrdma_r16_f64_v
+#define R16_T double
+#define R16_V __m256d
+#define R16_W 4
+#define R16_LDU _mm256_loadu_pd
+#define R16_ST vrdma_st_il_pd
+#define R16_SET1 _mm256_set1_pd
+#include "fft_last16.h"
+#define VRDMA_R16_VEC(T, F) Py_ssize_t v = s - s % (32 / (Py_ssize_t)sizeof(T)); F(y, xr, xi, s, 0, v, scale, fwd)
+#else
+#define VRDMA_R16_VEC(T, F) Py_ssize_t v = 0
+#endif
+/* the split row xr / xi (stride s = n / 16) -> the interleaved output row y, times scale
+ * when !fwd (the inverse) */
+static void vrdma_last16_f32(float *__restrict y, const float *__restrict xr,
+                             const float *__restrict xi, Py_ssize_t s, float scale, int fwd) {
+    VRDMA_R16_VEC(float, vrdma_r16_f32_v);
+    vrdma_r16_f32_1(y, xr, xi, s, v, s, scale, fwd);
+}
+static void vrdma_last16_f64(double *__restrict y, const double *__restrict xr,
+                             const double *__restrict xi, Py_ssize_t s, double scale, int fwd) {
+    VRDMA_R16_VEC(double, vrdma_r16_f64_v);
+    vrdma_r16_f64_1(y, xr, xi, s, v, s, scale, fwd);
+}
+
 #endif /* VRDMA_FFT_FIRST_H */
