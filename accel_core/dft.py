@@ -168,10 +168,10 @@ def schedule_for(n: int, double: bool, path: str) -> tuple[int, ...]:
     shared machine): AVX2 complex64 1024 / 3072 / 4096 all radix 4 0.91-0.93 / 0.97-0.98 /
     0.96-0.98 of the time of 8*8*4*4...; 512 4*4*4*8 0.91-0.94 (complex64 AVX2 and AVX-512),
     0.92-0.97 (complex128); complex64 2048 4*4*4*4*8 0.92-0.95 (AVX2), 0.98-0.99 (AVX-512);
-    complex64 256 8*4*8 0.92 on AVX-512 (1.01 on AVX2); the AVX-512 sizes of
-    ``_AVX512_MEASURED`` run the schedule measured there (a last radix-16 stage for
-    complex64 128 and 1024, complex128 1024: 8*16, 8*8*16). Not taken: complex64 4096 8*8*8*8 on
-    AVX-512 (0.96 of 8*8*4*4*4, two runs) has radix-8 stages at s = 64 (see above).
+    complex64 256 8*4*8 0.92 on AVX-512 (1.01 on AVX2); the powers of two in
+    ``_MEASURED`` run the schedule measured faster on that path (a last radix-16 stage for
+    complex64 128 and 1024 and complex128 1024 on AVX-512, complex64 1024 on AVX2).
+    Not taken: complex64 4096 8*8*8*8 on AVX-512 (0.96 of 8*8*4*4*4, two runs) has radix-8 stages at s = 64 (see above).
     Chosen by timing every ordering of 8s, 4s and at most one 2 on every path
     (``python -m vrdma.accel_bench.fft_bench --simd all`` for the figures): 4096-point
     complex128 on the scalar path went from 0.77-0.80x to 1.1-1.2x scipy.fft.
@@ -182,8 +182,8 @@ def schedule_for(n: int, double: bool, path: str) -> tuple[int, ...]:
     if a < 3 or (a == 3 and not tail):
         return radices_for(n)
     wide = path in ("avx2", "avx512")
-    if path == "avx512" and not tail and (a, double) in _AVX512_MEASURED:
-        return _AVX512_MEASURED[a, double]
+    if not tail and (path, a, double) in _MEASURED:
+        return _MEASURED[path, a, double]
     if a % 2 == 0:
         if not double and path == "avx512" and a == 8 and not tail:
             return (8, 4, 8)
@@ -203,16 +203,19 @@ def schedule_for(n: int, double: bool, path: str) -> tuple[int, ...]:
     return tuple([8] + [4] * ((a - 3) // 2) + tail)
 
 
-#: AVX-512 schedules of powers of two 2**a (by (a, double)) measured faster than the rules of
-#: schedule_for (interleaved, the same build, 2-5 runs on a shared machine, AMD EPYC Zen 4):
-#: the last radix-16 stage (4 x 4 in registers, 32 vector registers: no spills) for
-#: complex64 128 (8*16, 0.95-0.99 of the time of 8*4*4) and 1024 points (8*8*16, 0.94-1.01
-#: of 8*8*4*4, median 0.98) and complex128 1024 (8*8*16, 0.95-0.99 of 4**5); complex64 2048
-#: 8*8*4*8 (0.94-0.95 of 4*4*4*4*8) and complex128 128 4*4*8 (0.97-1.0 of 4*8*4). On AVX2
-#: (16 registers) the radix-16 stage spills and each of these was slower (1.03-1.24x).
-_AVX512_MEASURED = {
-    (7, False): (8, 16), (10, False): (8, 8, 16), (10, True): (8, 8, 16),
-    (11, False): (8, 8, 4, 8), (7, True): (4, 4, 8),
+#: Schedules of powers of two 2**a, by (path, a, double), measured faster than the rules of
+#: schedule_for (interleaved, the same build, 2-6 runs each on a shared machine, AMD EPYC
+#: Zen 4; fractions of the rule's time). AVX-512: the last radix-16 stage (4 x 4 in
+#: registers; 32 vector registers, no spills) for complex64 128 (8*16, 0.95-0.99 of 8*4*4)
+#: and 1024 points (8*8*16, 0.94-1.01 of 8*8*4*4, median 0.98) and complex128 1024 (8*8*16,
+#: 0.95-0.99 of 4**5); complex64 2048 8*8*4*8 (0.94-0.95 of 4*4*4*4*8) and complex128 128
+#: 4*4*8 (0.97-1.0 of 4*8*4). AVX2 (16 registers: the radix-16 stage spills, and 8*16,
+#: 8*8*16, 8*4*16 ... were 1.03-1.24x slower): complex64 1024 4*4*4*16 (0.98-0.99 of 4**5),
+#: complex128 128 4*4*8 (0.95-0.96 of 4*4*4*2 in four runs, 1.0 in two).
+_MEASURED = {
+    ("avx512", 7, False): (8, 16), ("avx512", 10, False): (8, 8, 16), ("avx512", 10, True): (8, 8, 16),
+    ("avx512", 11, False): (8, 8, 4, 8), ("avx512", 7, True): (4, 4, 8),
+    ("avx2", 10, False): (4, 4, 4, 16), ("avx2", 7, True): (4, 4, 8),
 }
 
 

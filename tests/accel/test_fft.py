@@ -199,7 +199,8 @@ def test_list_input_of_complex_is_accepted():
     (2, True, "scalar", (2,)), (1, False, "avx2", ()),
     (128, False, "avx512", (8, 16)), (1024, False, "avx512", (8, 8, 16)), (1024, True, "avx512", (8, 8, 16)),
     (2048, False, "avx512", (8, 8, 4, 8)), (128, True, "avx512", (4, 4, 8)),
-    (1024, True, "avx2", (4, 4, 4, 4, 4)),
+    (1024, True, "avx2", (4, 4, 4, 4, 4)), (1024, False, "avx2", (4, 4, 4, 16)),
+    (128, True, "avx2", (4, 4, 8)),
 ])
 def test_kernel_schedule(n, double, path, radices):
     assert dft.schedule_for(n, double, path) == radices
