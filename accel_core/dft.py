@@ -171,7 +171,8 @@ def schedule_for(n: int, double: bool, path: str) -> tuple[int, ...]:
     complex64 256 8*4*8 0.92 on AVX-512 (1.01 on AVX2); the powers of two in
     ``_MEASURED`` run the schedule measured faster on that path (a last radix-16 stage for
     complex64 128 and 1024 and complex128 1024 on AVX-512, complex64 1024 on AVX2).
-    Not taken: complex64 4096 8*8*8*8 on AVX-512 (0.96 of 8*8*4*4*4, two runs) has radix-8 stages at s = 64 (see above).
+    Not taken: complex64 4096 8*8*8*8 on AVX-512 (0.96 of 8*8*4*4*4, two runs) has radix-8
+    stages at s = 64 (see above).
     Chosen by timing every ordering of 8s, 4s and at most one 2 on every path
     (``python -m vrdma.accel_bench.fft_bench --simd all`` for the figures): 4096-point
     complex128 on the scalar path went from 0.77-0.80x to 1.1-1.2x scipy.fft.
