@@ -30,7 +30,9 @@ and the radix-4 stage at s == 4 (complex64) run explicit 256-bit loops over
 whole vectors (accel_core/csrc/fft_first.h: in-lane shuffles instead of gcc's
 permute chains), and so do the radix-8 stage at s == 8 (complex64) on AVX-512 and
 the last radix-2 and radix-8 stages (a last radix-8 stage whose s is no multiple of the
-vector width, and every one on the scalar build, stays split and is joined);
+vector width, and every one on the scalar build, stays split and is joined); a radix-16
+stage exists only as such a last stage (accel_core/csrc/fft_last16.h: 4 x 4 in registers,
+one pass for two radix-4 ones; its one-q instance does the tails and the scalar build);
 the Cython loops do the remainder and everything on the scalar build.
 Validation, dtype/shape checks, allocation and plan caching live in
 :mod:`accel_core.dft`; this module trusts its caller.

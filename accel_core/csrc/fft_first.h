@@ -45,6 +45,18 @@
  * 8*8*16 1.17x): 32 legs' addresses (run-time s and m) and 32 data vectors spill
  * (350 ymm stack moves in the AVX2 loop). A version worth retrying stages the 4 x 4 through
  * an explicit L1 buffer with one base pointer per leg group.
+ * A last radix-16 stage (m == 1: no twiddles, one base per array, csrc/fft_last16.h) is
+ * kept: on AVX-512 (32 registers) 8*16 / 8*8*16 are 0.94-0.99 of the time of the
+ * radix-4 schedules for complex64 128 / 1024 and complex128 1024; on AVX2 its 32 live
+ * vectors spill (about 120 ymm stack moves per iteration) and it wins only where the last
+ * stage's s is large enough to amortise them (complex64 1024 4*4*4*16, 0.98); staging the
+ * columns through memory explicitly (an asm barrier between the column and row passes)
+ * was no faster there. For 4096 points it is 1.14-1.34x slower on both (16 input and 16
+ * output streams a power of two apart). Where the time goes in a 128-point complex64
+ * row on AVX2 (8*4*4, perf): the first radix-8 stage 47%, the s == 8 radix-4 stage 14%,
+ * the last radix-4 stage and the row loop 28%: the first stage is shuffle-bound (per 8 p:
+ * 16 de-interleave shuffles, 14 twiddle permutes, two 8 x 8 transposes of 24 each), not
+ * spill-bound (it spills on AVX2, yet takes 43% on AVX-512 too).
  */
 #ifndef VRDMA_FFT_FIRST_H
 #define VRDMA_FFT_FIRST_H
