@@ -56,7 +56,10 @@
  * row on AVX2 (8*4*4, perf): the first radix-8 stage 47%, the s == 8 radix-4 stage 14%,
  * the last radix-4 stage and the row loop 28%: the first stage is shuffle-bound (per 8 p:
  * 16 de-interleave shuffles, 14 twiddle permutes, two 8 x 8 transposes of 24 each), not
- * spill-bound (it spills on AVX2, yet takes 43% on AVX-512 too).
+ * spill-bound (it spills on AVX2, yet takes 43% on AVX-512 too). Its twiddles stored in
+ * lane order pi (no permute per load) were retried: 2-9% faster first stages alone (a C
+ * harness), but whole transforms measured against the old build ranged from 0.96
+ * (4096 complex64) to 1.09 (128 complex64 on AVX-512) of the time: dropped again.
  */
 #ifndef VRDMA_FFT_FIRST_H
 #define VRDMA_FFT_FIRST_H
