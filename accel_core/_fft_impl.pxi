@@ -1,4 +1,4 @@
-"""Mixed-radix (2, 3, 4, 5, 8) Stockham autosort FFT kernels.
+"""Mixed-radix (2, 3, 4, 5, 8; 16 as a last stage) Stockham autosort FFT kernels.
 
 Algorithm: iterative decimation-in-frequency Stockham (Van Loan, "Computational
 Frameworks for the FFT", §1.7 / Stockham 1966). A size-n transform is split into
