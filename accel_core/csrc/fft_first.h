@@ -46,13 +46,15 @@
  * (350 ymm stack moves in the AVX2 loop). A version worth retrying stages the 4 x 4 through
  * an explicit L1 buffer with one base pointer per leg group.
  * A last radix-16 stage (m == 1: no twiddles, one base per array, csrc/fft_last16.h) is
- * kept: on AVX-512 (32 registers) 8*16 / 8*8*16 are 0.94-0.99 of the time of the
- * radix-4 schedules for complex64 128 / 1024 and complex128 1024; on AVX2 its 32 live
- * vectors spill (about 120 ymm stack moves per iteration) and it wins only where the last
- * stage's s is large enough to amortise them (complex64 1024 4*4*4*16, 0.98); staging the
- * columns through memory explicitly (an asm barrier between the column and row passes)
- * was no faster there. For 4096 points it is 1.14-1.34x slower on both (16 input and 16
- * output streams a power of two apart). Where the time goes in a 128-point complex64
+ * kept. With a run-time s it won only on AVX-512 (32 registers: 0.94-0.99 of the time of
+ * the radix-4 schedules at 128 / 1024 points); on AVX2 its 32 live vectors spill (about
+ * 120 ymm stack moves per iteration), and staging the columns through memory explicitly
+ * (an asm barrier between the column and row passes) was no faster. With s a compile-time
+ * constant (s = 8 ... 128: every leg a constant offset from one base, no address
+ * registers to spill) it wins on both: 0.89-0.96 of the time on AVX-512 and 0.91-0.97 on
+ * AVX2 at 128-1024 points (see accel_core.dft._MEASURED). For 2048 points it is no faster
+ * and for 4096 1.04-1.34x slower on both (16 input and 16 output streams a power of two
+ * apart). Where the time goes in a 128-point complex64
  * row on AVX2 (8*4*4, perf): the first radix-8 stage 47%, the s == 8 radix-4 stage 14%,
  * the last radix-4 stage and the row loop 28%: the first stage is shuffle-bound (per 8 p:
  * 16 de-interleave shuffles, 14 twiddle permutes, two 8 x 8 transposes of 24 each), not
@@ -437,7 +439,13 @@ static int vrdma_last8_f32(float* y, const float* xr, const float* xi, Py_ssize_
 #define R16_ST vrdma_st_il_pd
 #define R16_SET1 _mm256_set1_pd
 #include "fft_last16.h"
-#define VRDMA_R16_VEC(T, F) Py_ssize_t v = s - s % (32 / (Py_ssize_t)sizeof(T)); F(y, xr, xi, s, 0, v, scale, fwd)
+/* s a compile-time constant for the sizes the schedules use (every leg's address a
+ * constant offset from one base: no run-time multiples of s in the loop) */
+#define VRDMA_R16_S(F, S) case S: F(y, xr, xi, S, 0, S, scale, fwd); return
+#define VRDMA_R16_VEC(T, F) Py_ssize_t v = s - s % (32 / (Py_ssize_t)sizeof(T));      \
+    switch (s) { VRDMA_R16_S(F, 8); VRDMA_R16_S(F, 16); VRDMA_R16_S(F, 32);            \
+                 VRDMA_R16_S(F, 64); VRDMA_R16_S(F, 128); default: break; }             \
+    F(y, xr, xi, s, 0, v, scale, fwd)
 #else
 #define VRDMA_R16_VEC(T, F) Py_ssize_t v = 0
 #endif

@@ -186,8 +186,8 @@ def test_list_input_of_complex_is_accepted():
     (128, True, "scalar", (4, 4, 4, 2)),
     (4096, False, "avx2", (4, 4, 4, 4, 4, 4)), (4096, False, "avx512", (8, 8, 4, 4, 4)),
     (4096, False, "scalar", (4, 4, 4, 4, 4, 4)), (512, True, "avx2", (4, 4, 4, 8)),
-    (512, False, "avx512", (4, 4, 4, 8)), (2048, False, "avx2", (4, 4, 4, 4, 8)),
-    (512, True, "scalar", (4, 4, 8, 4)), (256, False, "avx512", (8, 4, 8)), (256, False, "avx2", (4, 4, 4, 4)),
+    (512, False, "avx512", (8, 4, 16)), (2048, False, "avx2", (4, 4, 4, 4, 8)),
+    (512, True, "scalar", (4, 4, 8, 4)), (256, False, "avx512", (8, 4, 8)), (256, False, "avx2", (4, 4, 16)),
     (768, False, "avx512", (4, 4, 4, 4, 3)), (128, False, "avx2", (8, 4, 4)),
     (4096, True, "scalar", (4, 4, 4, 4, 4, 4)),
     (1536, True, "scalar", (4, 4, 4, 4, 2, 3)), (1536, False, "avx2", (8, 4, 4, 4, 3)),
@@ -198,9 +198,10 @@ def test_list_input_of_complex_is_accepted():
     (24, True, "avx512", (8, 3)), (12, False, "scalar", (4, 3)), (6, True, "scalar", (3, 2)),
     (2, True, "scalar", (2,)), (1, False, "avx2", ()),
     (128, False, "avx512", (8, 16)), (1024, False, "avx512", (8, 8, 16)), (1024, True, "avx512", (8, 8, 16)),
-    (2048, False, "avx512", (8, 8, 4, 8)), (128, True, "avx512", (4, 4, 8)),
-    (1024, True, "avx2", (4, 4, 4, 4, 4)), (1024, False, "avx2", (4, 4, 4, 16)),
-    (128, True, "avx2", (4, 4, 8)),
+    (2048, False, "avx512", (8, 8, 4, 8)), (128, True, "avx512", (8, 16)),
+    (1024, True, "avx2", (4, 4, 4, 16)), (1024, False, "avx2", (4, 4, 4, 16)),
+    (128, True, "avx2", (4, 4, 8)), (256, True, "avx2", (4, 4, 16)), (256, True, "avx512", (4, 4, 16)),
+    (512, False, "avx2", (8, 4, 16)), (512, True, "avx512", (8, 4, 16)), (256, True, "scalar", (4, 4, 4, 4)),
 ])
 def test_kernel_schedule(n, double, path, radices):
     assert dft.schedule_for(n, double, path) == radices
