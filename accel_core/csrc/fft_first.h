@@ -54,7 +54,10 @@
  * registers to spill) it wins on both: 0.89-0.96 of the time on AVX-512 and 0.91-0.97 on
  * AVX2 at 128-1024 points (see accel_core.dft._MEASURED). For 2048 points it is no faster
  * and for 4096 1.04-1.34x slower on both (16 input and 16 output streams a power of two
- * apart). Where the time goes in a 128-point complex64
+ * apart). The same compile-time constants tried elsewhere and dropped: the first radix-4 /
+ * radix-8 stage with constant m (a C harness: only the AVX2 radix-8 at m == 16 was
+ * faster, 5% of the stage, too little to resolve in whole transforms on the shared
+ * machine) and the last radix-8 stage with constant s (no faster: its 8 legs fit). Where the time goes in a 128-point complex64
  * row on AVX2 (8*4*4, perf): the first radix-8 stage 47%, the s == 8 radix-4 stage 14%,
  * the last radix-4 stage and the row loop 28%: the first stage is shuffle-bound (per 8 p:
  * 16 de-interleave shuffles, 14 twiddle permutes, two 8 x 8 transposes of 24 each), not
