@@ -1,4 +1,4 @@
-"""Mixed-radix (2, 3, 4, 5, 8) Stockham autosort FFT kernels.
+"""Mixed-radix (2, 3, 4, 5, 8; 16 as a last stage) Stockham autosort FFT kernels.
 
 Algorithm: iterative decimation-in-frequency Stockham (Van Loan, "Computational
 Frameworks for the FFT", §1.7 / Stockham 1966). A size-n transform is split into
@@ -30,7 +30,9 @@ and the radix-4 stage at s == 4 (complex64) run explicit 256-bit loops over
 whole vectors (accel_core/csrc/fft_first.h: in-lane shuffles instead of gcc's
 permute chains), and so do the radix-8 stage at s == 8 (complex64) on AVX-512 and
 the last radix-2 and radix-8 stages (a last radix-8 stage whose s is no multiple of the
-vector width, and every one on the scalar build, stays split and is joined);
+vector width, and every one on the scalar build, stays split and is joined); a radix-16
+stage exists only as such a last stage (accel_core/csrc/fft_last16.h: 4 x 4 in registers,
+one pass for two radix-4 ones; its one-q instance does the tails and the scalar build);
 the Cython loops do the remainder and everything on the scalar build.
 Validation, dtype/shape checks, allocation and plan caching live in
 :mod:`accel_core.dft`; this module trusts its caller.
@@ -80,6 +82,13 @@ cdef extern from "csrc/fft_first.h" nogil:
                         float scale, float hs, int fwd)
     int vrdma_last8_f64(double* y, const double* xr, const double* xi, Py_ssize_t s,
                         double scale, double hs, int fwd)
+    # the last radix-16 stage (m == 1, 4 x 4 in registers) writing the interleaved row:
+    # whole 256-bit vectors of q on the AVX2 / AVX-512 builds, the rest (and the scalar
+    # build's whole stage) one q at a time
+    void vrdma_last16_f32(float* y, const float* xr, const float* xi, Py_ssize_t s,
+                          float scale, int fwd)
+    void vrdma_last16_f64(double* y, const double* xr, const double* xi, Py_ssize_t s,
+                          double scale, int fwd)
     # a split radix-4 stage at s == 4, complex64: two p per 256-bit vector (same contract)
     Py_ssize_t vrdma_s4_radix4_f32(float* yr, float* yi, const float* xr, const float* xi,
                                    Py_ssize_t m, const float* wr, const float* wi)
@@ -1429,6 +1438,11 @@ cdef int _run(rptr x, rptr y, Py_ssize_t batch, Py_ssize_t n, int nstages,
                 vrdma_last8_f32(y + 2 * n * b, ar, ai, s, kc[K_SCALE], kc[K_H], kc[K_SG] > 0)
             else:
                 vrdma_last8_f64(y + 2 * n * b, ar, ai, s, kc[K_SCALE], kc[K_H], kc[K_SG] > 0)
+        elif r == 16:
+            if rptr is fptr:
+                vrdma_last16_f32(y + 2 * n * b, ar, ai, s, kc[K_SCALE], kc[K_SG] > 0)
+            else:
+                vrdma_last16_f64(y + 2 * n * b, ar, ai, s, kc[K_SCALE], kc[K_SG] > 0)
         elif r == 4:
             _last4(y + 2 * n * b, ar, ai, s, kc)
         elif r == 2:
@@ -1469,9 +1483,11 @@ cdef class FFTCore:
         offsets = tuple(int(o) for o in offsets)
         if len(radices) > MAX_STAGES or len(offsets) != len(radices):
             raise ValueError(f"bad stage schedule {radices!r} / {offsets!r}")
-        for r in radices:
-            if r not in (2, 3, 4, 5, 8):
+        for i, r in enumerate(radices):
+            if r not in (2, 3, 4, 5, 8, 16):
                 raise ValueError(f"unsupported radix {r}")
+            if r == 16 and (i != len(radices) - 1 or i == 0):
+                raise ValueError(f"radix 16 only as the last of two or more stages, not in {radices!r}")
             prod *= r
         if prod != n:
             raise ValueError(f"radices {radices!r} do not multiply to {n}")

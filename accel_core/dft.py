@@ -147,7 +147,8 @@ def radices_for(n: int) -> tuple[int, ...]:
 
 def schedule_for(n: int, double: bool, path: str) -> tuple[int, ...]:
     """The stage schedule the kernels run for size n = 2**a * 3**b * 5**c, precision and
-    SIMD path (the same on every path today; ``path`` is there so that one may differ).
+    SIMD path. A radix-16 stage appears only last (the fused, in-register 4 x 4 stage of
+    csrc/fft_last16.h, which writes the interleaved output row).
 
     An even power of two is all radix 4 (4096 = 4**6; complex64 on AVX-512 from
     1024 on: 8*8*4*4...); an odd one (a >= 5) starts with one radix-8 stage for complex64
@@ -167,8 +168,11 @@ def schedule_for(n: int, double: bool, path: str) -> tuple[int, ...]:
     shared machine): AVX2 complex64 1024 / 3072 / 4096 all radix 4 0.91-0.93 / 0.97-0.98 /
     0.96-0.98 of the time of 8*8*4*4...; 512 4*4*4*8 0.91-0.94 (complex64 AVX2 and AVX-512),
     0.92-0.97 (complex128); complex64 2048 4*4*4*4*8 0.92-0.95 (AVX2), 0.98-0.99 (AVX-512);
-    complex64 256 8*4*8 0.92 on AVX-512 (1.01 on AVX2). Not taken: complex64 4096 8*8*8*8 on
-    AVX-512 (0.96 of 8*8*4*4*4, two runs) has radix-8 stages at s = 64 (see above).
+    complex64 256 8*4*8 0.92 on AVX-512 (1.01 on AVX2); the powers of two in
+    ``_MEASURED`` run the schedule measured faster on that path (mostly a last radix-16
+    stage: 128 to 1024 points on AVX-512, 256 to 1024 on AVX2, see there).
+    Not taken: complex64 4096 8*8*8*8 on AVX-512 (0.96 of 8*8*4*4*4, two runs) has radix-8
+    stages at s = 64 (see above).
     Chosen by timing every ordering of 8s, 4s and at most one 2 on every path
     (``python -m vrdma.accel_bench.fft_bench --simd all`` for the figures): 4096-point
     complex128 on the scalar path went from 0.77-0.80x to 1.1-1.2x scipy.fft.
@@ -179,6 +183,8 @@ def schedule_for(n: int, double: bool, path: str) -> tuple[int, ...]:
     if a < 3 or (a == 3 and not tail):
         return radices_for(n)
     wide = path in ("avx2", "avx512")
+    if not tail and (path, a, double) in _MEASURED:
+        return _MEASURED[path, a, double]
     if a % 2 == 0:
         if not double and path == "avx512" and a == 8 and not tail:
             return (8, 4, 8)
@@ -196,6 +202,30 @@ def schedule_for(n: int, double: bool, path: str) -> tuple[int, ...]:
     if double:
         return tuple([4] * (a // 2) + [2] + tail)
     return tuple([8] + [4] * ((a - 3) // 2) + tail)
+
+
+#: Schedules of powers of two 2**a, by (path, a, double), measured faster than the rules of
+#: schedule_for (interleaved, the same build, 2-6 runs each on a shared machine, AMD EPYC
+#: Zen 4; fractions of the time of the rule's schedule). Most end with the last radix-16
+#: stage (4 x 4 in registers, csrc/fft_last16.h; its stride s a compile-time constant for
+#: s = 8 ... 128). AVX-512: complex64 128 8*16 (0.91-0.92 of 8*4*4), 512 8*4*16 (0.89-0.93
+#: of 4*4*4*8), 1024 8*8*16 (0.94-1.01 of 8*8*4*4, median 0.98); complex128 128 8*16
+#: (0.93-0.96 of 4*4*8, itself 0.97-1.0 of 4*8*4), 256 4*4*16 (0.96-0.98 of 4**4), 512
+#: 8*4*16 (0.97-0.98), 1024 8*8*16 (0.95-0.99 of 4**5); complex64 2048 8*8*4*8 (0.94-0.95
+#: of 4*4*4*4*8). AVX2 (16 registers: the radix-16 stage spills, so less often): complex64
+#: 256 4*4*16 (0.96-1.0 of 4**4), 512 8*4*16 (0.97-1.0 of 4*4*4*8), 1024 4*4*4*16 (0.94 of
+#: 4**5); complex128 256 4*4*16 (0.94-0.96), 1024 4*4*4*16 (0.91-0.95 of 4**5), 128 4*4*8
+#: (0.95-0.96 of 4*4*4*2 in four runs, 1.0 in two; 8*16 0.96-1.0 of it). Not taken: a last
+#: radix-16 stage at 2048 (1.0-1.15) and 4096 points (1.04-1.34: 16 input and 16 output
+#: streams a power of two apart), 8*16 for complex64 128 on AVX2 (0.98-1.01).
+_MEASURED = {
+    ("avx512", 7, False): (8, 16), ("avx512", 9, False): (8, 4, 16), ("avx512", 10, False): (8, 8, 16),
+    ("avx512", 11, False): (8, 8, 4, 8),
+    ("avx512", 7, True): (8, 16), ("avx512", 8, True): (4, 4, 16), ("avx512", 9, True): (8, 4, 16),
+    ("avx512", 10, True): (8, 8, 16),
+    ("avx2", 8, False): (4, 4, 16), ("avx2", 9, False): (8, 4, 16), ("avx2", 10, False): (4, 4, 4, 16),
+    ("avx2", 7, True): (4, 4, 8), ("avx2", 8, True): (4, 4, 16), ("avx2", 10, True): (4, 4, 4, 16),
+}
 
 
 def _core(n: int, double: bool, inverse: bool, path: str | None = None) -> _fft.FFTCore:

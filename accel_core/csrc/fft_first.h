@@ -45,6 +45,26 @@
  * 8*8*16 1.17x): 32 legs' addresses (run-time s and m) and 32 data vectors spill
  * (350 ymm stack moves in the AVX2 loop). A version worth retrying stages the 4 x 4 through
  * an explicit L1 buffer with one base pointer per leg group.
+ * A last radix-16 stage (m == 1: no twiddles, one base per array, csrc/fft_last16.h) is
+ * kept. With a run-time s it won only on AVX-512 (32 registers: 0.94-0.99 of the time of
+ * the radix-4 schedules at 128 / 1024 points); on AVX2 its 32 live vectors spill (about
+ * 120 ymm stack moves per iteration), and staging the columns through memory explicitly
+ * (an asm barrier between the column and row passes) was no faster. With s a compile-time
+ * constant (s = 8 ... 128: every leg a constant offset from one base, no address
+ * registers to spill) it wins on both: 0.89-0.96 of the time on AVX-512 and 0.91-0.97 on
+ * AVX2 at 128-1024 points (see accel_core.dft._MEASURED). For 2048 points it is no faster
+ * and for 4096 1.04-1.34x slower on both (16 input and 16 output streams a power of two
+ * apart). The same compile-time constants tried elsewhere and dropped: the first radix-4 /
+ * radix-8 stage with constant m (a C harness: only the AVX2 radix-8 at m == 16 was
+ * faster, 5% of the stage, too little to resolve in whole transforms on the shared
+ * machine) and the last radix-8 stage with constant s (no faster: its 8 legs fit). Where the time goes in a 128-point complex64
+ * row on AVX2 (8*4*4, perf): the first radix-8 stage 47%, the s == 8 radix-4 stage 14%,
+ * the last radix-4 stage and the row loop 28%: the first stage is shuffle-bound (per 8 p:
+ * 16 de-interleave shuffles, 14 twiddle permutes, two 8 x 8 transposes of 24 each), not
+ * spill-bound (it spills on AVX2, yet takes 43% on AVX-512 too). Its twiddles stored in
+ * lane order pi (no permute per load) were retried: 2-9% faster first stages alone (a C
+ * harness), but whole transforms measured against the old build ranged from 0.96
+ * (4096 complex64) to 1.09 (128 complex64 on AVX-512) of the time: dropped again.
  */
 #ifndef VRDMA_FFT_FIRST_H
 #define VRDMA_FFT_FIRST_H
@@ -384,5 +404,65 @@ static int vrdma_last8_f32(float* y, const float* xr, const float* xi, Py_ssize_
     (void)y; (void)xr; (void)xi; (void)s; (void)scale; (void)hs; (void)fwd; return 0; }
 #define VRDMA_FIRST_SIMD 0
 #endif
+
+/* The last radix-16 stage (m == 1): csrc/fft_last16.h, 4 x 4 in registers, one pass for
+ * the last two radix-4 ones. Every build has the scalar instance (the scalar build's whole
+ * stage, the wide builds' tail of q); the AVX2 / AVX-512 builds run whole 256-bit vectors
+ * of q first (one vector per leg, the output interleaved as vrdma_st_il_*). */
+#define R16_LDU(p) (*(p))
+#define R16_SET1(v) (v)
+#define R16_W 1
+#define R16_NAME vrdma_r16_f32_1
+#define R16_T float
+#define R16_V float
+#define R16_ST(yy, re, im) do { float* y_ = (yy); y_[0] = (re); y_[1] = (im); } while (0)
+#include "fft_last16.h"
+#define R16_LDU(p) (*(p))
+#define R16_SET1(v) (v)
+#define R16_W 1
+#define R16_NAME vrdma_r16_f64_1
+#define R16_T double
+#define R16_V double
+#define R16_ST(yy, re, im) do { double* y_ = (yy); y_[0] = (re); y_[1] = (im); } while (0)
+#include "fft_last16.h"
+#if defined(__AVX2__) && defined(__FMA__)
+#define R16_NAME vrdma_r16_f32_v
+#define R16_T float
+#define R16_V __m256
+#define R16_W 8
+#define R16_LDU _mm256_loadu_ps
+#define R16_ST vrdma_st_il_ps
+#define R16_SET1 _mm256_set1_ps
+#include "fft_last16.h"
+#define R16_NAME vrdma_r16_f64_v
+#define R16_T double
+#define R16_V __m256d
+#define R16_W 4
+#define R16_LDU _mm256_loadu_pd
+#define R16_ST vrdma_st_il_pd
+#define R16_SET1 _mm256_set1_pd
+#include "fft_last16.h"
+/* s a compile-time constant for the sizes the schedules use (every leg's address a
+ * constant offset from one base: no run-time multiples of s in the loop) */
+#define VRDMA_R16_S(F, S) case S: F(y, xr, xi, S, 0, S, scale, fwd); return
+#define VRDMA_R16_VEC(T, F) Py_ssize_t v = s - s % (32 / (Py_ssize_t)sizeof(T));      \
+    switch (s) { VRDMA_R16_S(F, 8); VRDMA_R16_S(F, 16); VRDMA_R16_S(F, 32);            \
+                 VRDMA_R16_S(F, 64); VRDMA_R16_S(F, 128); default: break; }             \
+    F(y, xr, xi, s, 0, v, scale, fwd)
+#else
+#define VRDMA_R16_VEC(T, F) Py_ssize_t v = 0
+#endif
+/* the split row xr / xi (stride s = n / 16) -> the interleaved output row y, times scale
+ * when !fwd (the inverse) */
+static void vrdma_last16_f32(float *__restrict y, const float *__restrict xr,
+                             const float *__restrict xi, Py_ssize_t s, float scale, int fwd) {
+    VRDMA_R16_VEC(float, vrdma_r16_f32_v);
+    vrdma_r16_f32_1(y, xr, xi, s, v, s, scale, fwd);
+}
+static void vrdma_last16_f64(double *__restrict y, const double *__restrict xr,
+                             const double *__restrict xi, Py_ssize_t s, double scale, int fwd) {
+    VRDMA_R16_VEC(double, vrdma_r16_f64_v);
+    vrdma_r16_f64_1(y, xr, xi, s, v, s, scale, fwd);
+}
 
 #endif /* VRDMA_FFT_FIRST_H */

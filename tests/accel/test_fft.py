@@ -186,8 +186,8 @@ def test_list_input_of_complex_is_accepted():
     (128, True, "scalar", (4, 4, 4, 2)),
     (4096, False, "avx2", (4, 4, 4, 4, 4, 4)), (4096, False, "avx512", (8, 8, 4, 4, 4)),
     (4096, False, "scalar", (4, 4, 4, 4, 4, 4)), (512, True, "avx2", (4, 4, 4, 8)),
-    (512, False, "avx512", (4, 4, 4, 8)), (2048, False, "avx2", (4, 4, 4, 4, 8)),
-    (512, True, "scalar", (4, 4, 8, 4)), (256, False, "avx512", (8, 4, 8)), (256, False, "avx2", (4, 4, 4, 4)),
+    (512, False, "avx512", (8, 4, 16)), (2048, False, "avx2", (4, 4, 4, 4, 8)),
+    (512, True, "scalar", (4, 4, 8, 4)), (256, False, "avx512", (8, 4, 8)), (256, False, "avx2", (4, 4, 16)),
     (768, False, "avx512", (4, 4, 4, 4, 3)), (128, False, "avx2", (8, 4, 4)),
     (4096, True, "scalar", (4, 4, 4, 4, 4, 4)),
     (1536, True, "scalar", (4, 4, 4, 4, 2, 3)), (1536, False, "avx2", (8, 4, 4, 4, 3)),
@@ -197,6 +197,11 @@ def test_list_input_of_complex_is_accepted():
     (16, True, "avx2", (4, 4)), (32, False, "scalar", (8, 4)), (32, True, "scalar", (4, 4, 2)),
     (24, True, "avx512", (8, 3)), (12, False, "scalar", (4, 3)), (6, True, "scalar", (3, 2)),
     (2, True, "scalar", (2,)), (1, False, "avx2", ()),
+    (128, False, "avx512", (8, 16)), (1024, False, "avx512", (8, 8, 16)), (1024, True, "avx512", (8, 8, 16)),
+    (2048, False, "avx512", (8, 8, 4, 8)), (128, True, "avx512", (8, 16)),
+    (1024, True, "avx2", (4, 4, 4, 16)), (1024, False, "avx2", (4, 4, 4, 16)),
+    (128, True, "avx2", (4, 4, 8)), (256, True, "avx2", (4, 4, 16)), (256, True, "avx512", (4, 4, 16)),
+    (512, False, "avx2", (8, 4, 16)), (512, True, "avx512", (8, 4, 16)), (256, True, "scalar", (4, 4, 4, 4)),
 ])
 def test_kernel_schedule(n, double, path, radices):
     assert dft.schedule_for(n, double, path) == radices
@@ -217,6 +222,8 @@ def test_kernel_schedules_factor_every_size():
                     assert strides[-1] % (4 if double else 8) == 0, (n, sched)
                     eights.pop()
                 assert len(sched) < 2 or all(s in (1, 4, 8, 16) for s in eights), sched
+                # a radix-16 stage only as the fused last one (csrc/fft_last16.h)
+                assert 16 not in sched[:-1] and (sched[-1:] != (16,) or len(sched) >= 2), sched
 
 
 #: schedules that run every stage variant of the kernel: each radix fused first (s = 1) and
@@ -295,6 +302,32 @@ LAST8_VARIANTS = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_last_radix8_stage_matches_numpy(dtype, simd_path):
     _check_last_stage(LAST8_VARIANTS, dtype, simd_path)
+
+
+#: a last radix-16 stage (csrc/fft_last16.h, 4 x 4 in registers, writing the interleaved
+#: row): s = n / 16 below the 256-bit lanes (the one-q-at-a-time instance does it all),
+#: a multiple of them, whole vectors and a tail (8 complex64 / 4 complex128 per vector);
+#: after every kind of earlier stage (fused first radix 2/3/4/5/8, split stages at
+#: s = 4, 8, 16 and generic ones); on the scalar build the scalar instance does every q
+LAST16_VARIANTS = [
+    (32, (2, 16)), (48, (3, 16)), (64, (4, 16)), (80, (5, 16)), (128, (8, 16)), (96, (2, 3, 16)),
+    (192, (4, 3, 16)), (256, (4, 4, 16)), (384, (8, 3, 16)), (512, (8, 4, 16)), (960, (4, 5, 3, 16)),
+    (1024, (8, 8, 16)), (2048, (4, 4, 8, 16)), (4096, (4, 4, 4, 4, 16)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_last_radix16_stage_matches_numpy(dtype, simd_path):
+    _check_last_stage(LAST16_VARIANTS, dtype, simd_path)
+
+
+@pytest.mark.parametrize("radices", [(16,), (16, 4), (4, 16, 4), (2, 16, 2)])
+def test_radix16_only_as_a_last_stage(radices, simd_path):
+    """The radix-16 stage exists only as a fused last stage (m == 1): a plan that puts it
+    anywhere else, or alone, is refused (ValueError naming the schedule)."""
+    n = int(np.prod(radices))
+    with pytest.raises(ValueError, match="radix 16"):
+        dft._build_core(n, False, False, simd_path, radices)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
