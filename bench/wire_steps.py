@@ -11,7 +11,8 @@ direction is timed in three steps:
 
 * ``send``: a changed doorbell record -> the datagram handed to the kernel
   (``core.poll``: the record scan, ``apply_records``, ``NetworkQp.progress``,
-  ``run_wire_sq``, the TX ring, ``sendmmsg``; and, after the datagram left,
+  ``run_wire_sq`` encoding into the TX ring (``TxRing.add_msg``), ``sendmmsg``;
+  and, after the datagram left,
   the receives handed to the engine for the reply);
 * ``receive``: the socket polled -> the SEND's CQE in the guest's ring and the
   ACK handed to the kernel (``recvmmsg``, the native fast path, its CQE
@@ -56,6 +57,7 @@ PARTS = (("roce.udp", "RoceUdpEndpoint.flush", "sendmmsg (TX ring flush)"),
          ("fabric.roce_qp", "NetworkQp._post_recvs", "receives to the engine"),
          ("fabric.roce", "RoceFabric.flush_deferred", "deferred pumps"),
          ("fabric.roce", "RoceFabric.transmit", "RoceFabric.transmit"),
+         ("fabric.roce", "TxRoute.done", "packets counted, ring flushed (TxRoute.done)"),
          ("roce.rc.responder", "Responder._ack", "ACK built (Responder._ack)"))
 
 
