@@ -864,6 +864,10 @@ def run_wire_sq(dev, qp, net, double now):
     empty one could: it stays in the ring with ``net.held`` set (the rule of
     ``Requester.window_full``, which the Python path applies too) and
     ``NetworkQp.pump`` starts it after an ACK."""
+    return _run_wire_sq(dev, qp, net, now)
+
+
+cdef int _run_wire_sq(dev, qp, net, double now) except -1:
     global wire_started, wire_direct_msgs
     if not enabled or not wire_enabled or qp.destroyed or qp.state is not _RTS or net.closed:
         return 0
@@ -1080,6 +1084,10 @@ def run_wire_rq(dev, qp, net):
     fields, SGEs within the slot and ``max_recv_sge`` whose lkeys grant
     LOCAL_WRITE in single-chunk MRs. Returns how many it handed over; the
     first WQE it leaves is for the Python path."""
+    return _run_wire_rq(dev, qp, net)
+
+
+cdef int _run_wire_rq(dev, qp, net) except -1:
     global wire_recvs
     if not enabled or not wire_enabled or qp.destroyed or net.closed:
         return 0
@@ -1387,6 +1395,26 @@ cdef inline int _advance_kind(uint32_t pi, uint32_t ci, uint32_t old, uint32_t d
     return 1
 
 
+cdef int _wire_progress(dev, qp, net, double now) except -1:
+    """``NetworkQp.progress(now)`` (a QP of the RoCE engine whose SQ
+    producer index moved), its common case without Python: ``run_wire_sq``,
+    and the rest of ``_progress_sq`` (``NetworkQp.progress_rest``) only if
+    a WQE is left that it could start; then the receives posted meanwhile
+    (``run_wire_rq``, and ``drive_rq`` only for what it left)."""
+    net.held = None
+    if qp.state is not _RTS:
+        net.pump(now)
+    else:
+        _run_wire_sq(dev, qp, net, now)
+        if not (qp.sq_next == qp.sq_pi or qp.state is not _RTS or net.held is not None):
+            net.progress_rest(now)
+    if not net.closed and net.rq_posted != qp.rq_pi and qp.state in _RECV_STATES:
+        _run_wire_rq(dev, qp, net)
+        if net.rq_posted != qp.rq_pi:
+            _rings.drive_rq(dev, qp, net, lenient=True)
+    return 0
+
+
 def apply_records(core, list qps, double now, progress_sq):
     """Apply the doorbell records of ``qps`` (the QPs the scanner found
     changed) as ``doorbells.poll_records`` would, without Python per record:
@@ -1397,7 +1425,8 @@ def apply_records(core, list qps, double now, progress_sq):
     leaves), the QP put on the timer list as ``doorbells.ring`` does.
     Returns ``(left, applied)``: the QPs from the first one that is not the
     plain case (an absurd index, a QP in ERR, a wire engine other than
-    NetworkQp) on, for the Python path, and the changes applied here."""
+    NetworkQp) on, for the Python path, and the changes applied here. A
+    NetworkQp's ``progress`` runs as :func:`_wire_progress`."""
     global records_applied
     if not enabled or not qps:
         return qps, 0
@@ -1443,6 +1472,8 @@ def apply_records(core, list qps, double now, progress_sq):
                         run_sq(core, qp, now)
                         if qp.sq_next != qp.sq_pi:
                             progress_sq(core, qp, now)
+                    elif getattr(net, "native_progress", False):
+                        _wire_progress(core, qp, net, now)
                     else:
                         net.progress(now)
                     if qp.inflight or qp.rnr_until is not None or qp.net is not None:
