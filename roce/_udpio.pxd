@@ -80,6 +80,8 @@ cdef class TxRing:
     #: send runs of equal datagrams through UDP GSO (off after a refusal)
     cdef public bint gso
     cdef readonly unsigned long long gso_calls, gso_datagrams, gso_fallbacks
+    #: packets whose payload had more pieces than a datagram's iovecs: copied (add_msg)
+    cdef readonly unsigned long long gathered
 
     cdef void _release(self) noexcept
     cdef int _hold(self, object obj, const uint8_t **buf, Py_ssize_t *length) except -1

@@ -615,6 +615,8 @@ cdef class TxRing:
         cdef iovec *iov
         cdef const uint8_t *vbuf
         cdef Py_ssize_t vlen
+        cdef uint8_t *gbuf
+        cdef bytes gathered
         if seal and self.auth is None:
             raise ValueError("seal=True without set_auth()")
         if not (0 < mtu and 0 <= first and 0 <= start <= count and first + count <= npkts
@@ -673,7 +675,9 @@ cdef class TxRing:
                 hlen += 4
             if hlen != opdesc(opcode).hdr_len or not opdesc(opcode).valid:
                 raise ValueError(f"run opcode 0x{opcode:02x} does not match its headers")
-            # payload [off, end) from the SG entries, one iovec per piece
+            # payload [off, end) from the SG entries, one iovec per piece; a
+            # packet of more pieces than a datagram's iovecs takes (a guest's
+            # WQE of many small SGEs) is copied into one buffer instead
             iov = self.iovs + MAXIOV * i
             npieces = 0
             pos = off
@@ -681,9 +685,28 @@ cdef class TxRing:
             while pos < end:
                 while k < nv and vstarts[k] + vlens[k] <= pos:
                     k += 1
-                if k == nv or npieces == MAXIOV - 2:
-                    raise ValueError(f"run payload [{off}, {end}) outside or too scattered "
-                                     f"in its SG list")
+                if k == nv:
+                    raise ValueError(f"run payload [{off}, {end}) outside its SG list "
+                                     f"of {vstarts[nv - 1] + vlens[nv - 1] if nv else 0} bytes")
+                if npieces == MAXIOV - 2:
+                    gathered = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>(end - off))
+                    gbuf = <uint8_t *><char *>gathered
+                    pos = off
+                    k = 0
+                    while pos < end:
+                        while vstarts[k] + vlens[k] <= pos:
+                            k += 1
+                        take = vstarts[k] + vlens[k] - pos
+                        if take > end - pos:
+                            take = end - pos
+                        memcpy(gbuf + (pos - off), vbufs[k] + (pos - vstarts[k]), take)
+                        pos += take
+                    self.keep.append(gathered)
+                    iov[1].iov_base = gbuf
+                    iov[1].iov_len = end - off
+                    npieces = 1
+                    self.gathered += 1
+                    break
                 take = vstarts[k] + vlens[k] - pos
                 if take > end - pos:
                     take = end - pos
