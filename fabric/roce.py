@@ -163,8 +163,8 @@ class TxRoute:
         self.endpoint.flush()
 
     def done(self, n: int) -> None:
-        self.fabric.metrics.tx_packets += n
         self.endpoint.tx_added(n, self.seal)
+        self.fabric.metrics.tx_packets += n
 
 
 #: peers whose TxRoute a fabric keeps (more: the cache starts again)

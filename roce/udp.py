@@ -483,7 +483,11 @@ class RoceUdpEndpoint:
     def tx_added(self, n: int, seal: bool) -> None:
         """``n`` packets went into the TX ring through :meth:`tx_ring`:
         counted as :meth:`transmit` counts them; they leave at once, or at
-        the end of the batch being delivered."""
+        the end of the batch being delivered. On a closed endpoint they are
+        dropped and ConnectionError raised, as :meth:`transmit` raises."""
+        if self._closed:
+            self._tx.clear()
+            raise ConnectionError("RoCE UDP endpoint is closed")
         m = self.metrics
         m.tx_packets += n
         if seal:

@@ -245,8 +245,12 @@ async def _loopback(port: int) -> None:
             pkts = sum(max(1, -(-500 * i // 256)) for i in range(5)) + 1
             assert fa.metrics.tx_packets == sa.endpoint.metrics.tx_packets == pkts
             assert fa.metrics.tx_unroutable == 0
+            route = fa.tx_route(b_ip)
         finally:
             await sb.aclose()
     finally:
         await sa.aclose()
     assert fa.tx_route(b_ip) is None         # the closed endpoint is no route
+    with pytest.raises(ConnectionError):     # one kept from before fails as transmit does
+        route.done(1)
+    assert fa.metrics.tx_packets == pkts
