@@ -47,8 +47,7 @@ A_IP, B_IP, PORT = "127.0.0.41", "127.0.0.42", 47910
 #: (module, attribute, label) of the parts timed with --parts
 PARTS = (("roce.udp", "RoceUdpEndpoint.flush", "sendmmsg (TX ring flush)"),
          ("roce.udp", "RoceUdpEndpoint._deliver", "receive fast path (_deliver)"),
-         ("virtio_rdma.doorbells", "_apply_records",
-          "records applied (apply_records: run_wire_sq, run_wire_rq natively)"),
+         ("virtio_rdma.doorbells", "_apply_records", "apply_records (run_wire_sq, run_wire_rq)"),
          ("fabric.roce_qp", "run_wire_sq", "run_wire_sq (with transmit)"),
          ("fabric.roce_qp", "run_wire_rq", "run_wire_rq"),
          ("fabric.roce_qp", "wire_cqes", "wire_cqes"),

@@ -14,7 +14,7 @@ def test_steps_and_parts_are_reported():
     assert all(v > 0 for v in r["steps"].values()) and r["sendto"] > 0
     parts = {p.split(": ", 1)[1] for p in r["parts"]}
     assert {"sendmmsg (TX ring flush)", "packets counted, ring flushed (TxRoute.done)",
-            "records applied (apply_records: run_wire_sq, run_wire_rq natively)",
+            "apply_records (run_wire_sq, run_wire_rq)",
             "wire_settle (CQEs at once, no pump)", "ACK into the TX ring (fast path)",
             "receive fast path (_deliver)"} <= parts
     # the fast path sent the ACKs and settled the QPs: no ACK packet built, no pump
