@@ -160,7 +160,8 @@ def test_add_msg_is_add_run():
         data = rng.randbytes(length)
         # up to 20 SG entries: a packet of more pieces than a datagram's iovecs is copied
         cuts = sorted(rng.randrange(length + 1) for _ in range(rng.choice([1, 1, 19])))
-        sgl = SgList([memoryview(data[x:y]) for x, y in zip([0, *cuts], [*cuts, length], strict=True)])
+        sgl = SgList([memoryview(data[x:y])
+                      for x, y in zip([0, *cuts], [*cuts, length], strict=True)])
         run = PacketRun(_SEND_OPS[op], npkts, first, count, rng.getrandbits(24),
                         rng.getrandbits(24), rng.getrandbits(16), mtu, length, sgl,
                         (rng.getrandbits(64), rng.getrandbits(32))
