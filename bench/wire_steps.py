@@ -10,9 +10,10 @@ and 64 B inline SENDs ping-ponged between them, as ib_send_lat does. Each
 direction is timed in three steps:
 
 * ``send``: a changed doorbell record -> the datagram handed to the kernel
-  (``core.poll``: the record scan, ``apply_records``, ``NetworkQp.progress``,
-  ``run_wire_sq``, the TX ring, ``sendmmsg``; and, after the datagram left,
-  the receives handed to the engine for the reply);
+  (``core.poll``: the record scan, ``apply_records`` running
+  ``NetworkQp.progress``'s body natively: ``run_wire_sq`` encoding into the
+  TX ring (``TxRing.add_msg``), ``sendmmsg``; and, after the datagram left,
+  ``run_wire_rq`` handing the engine the receives for the reply);
 * ``receive``: the socket polled -> the SEND's CQE in the guest's ring and the
   ACK handed to the kernel (``recvmmsg``, the native fast path, its CQE
   written at once (``wire_settle``) and its ACK put in the TX ring,
@@ -46,6 +47,7 @@ A_IP, B_IP, PORT = "127.0.0.41", "127.0.0.42", 47910
 #: (module, attribute, label) of the parts timed with --parts
 PARTS = (("roce.udp", "RoceUdpEndpoint.flush", "sendmmsg (TX ring flush)"),
          ("roce.udp", "RoceUdpEndpoint._deliver", "receive fast path (_deliver)"),
+         ("virtio_rdma.doorbells", "_apply_records", "apply_records (run_wire_sq, run_wire_rq)"),
          ("fabric.roce_qp", "run_wire_sq", "run_wire_sq (with transmit)"),
          ("fabric.roce_qp", "run_wire_rq", "run_wire_rq"),
          ("fabric.roce_qp", "wire_cqes", "wire_cqes"),
@@ -56,6 +58,7 @@ PARTS = (("roce.udp", "RoceUdpEndpoint.flush", "sendmmsg (TX ring flush)"),
          ("fabric.roce_qp", "NetworkQp._post_recvs", "receives to the engine"),
          ("fabric.roce", "RoceFabric.flush_deferred", "deferred pumps"),
          ("fabric.roce", "RoceFabric.transmit", "RoceFabric.transmit"),
+         ("fabric.roce", "TxRoute.done", "packets counted, ring flushed (TxRoute.done)"),
          ("roce.rc.responder", "Responder._ack", "ACK built (Responder._ack)"))
 
 

@@ -137,6 +137,40 @@ class RoceFabricMetrics:
         return asdict(self)
 
 
+class TxRoute:
+    """The end of :meth:`RoceFabric.transmit` for one peer, for a sender
+    that encodes its packets itself (``virtio_rdma._datapath.run_wire_sq``:
+    ``TxRing.add_msg``, the bytes ``TxRing.add_run`` makes of the PacketRun
+    it does not build): the TX ring of the UDP endpoint, the peer's
+    envelope and whether its datagrams are sealed. The sender calls
+    :meth:`full` when the ring fills up mid-message and :meth:`done` after
+    adding ``n`` packets: counted as ``transmit`` counts them (the fabric's
+    and the endpoint's ``tx_packets``), flushed as it flushes.
+
+    ``endpoint`` has ``flush()`` and ``tx_added(n, seal)``
+    (:class:`roce.udp.RoceUdpEndpoint`)."""
+
+    __slots__ = ("fabric", "endpoint", "ring", "env", "seal")
+
+    def __init__(self, fabric: RoceFabric, endpoint, ring, env, seal: bool) -> None:
+        self.fabric = fabric
+        self.endpoint = endpoint
+        self.ring = ring
+        self.env = env
+        self.seal = seal
+
+    def full(self) -> None:
+        self.endpoint.flush()
+
+    def done(self, n: int) -> None:
+        self.endpoint.tx_added(n, self.seal)
+        self.fabric.metrics.tx_packets += n
+
+
+#: peers whose TxRoute a fabric keeps (more: the cache starts again)
+_MAX_ROUTES = 1024
+
+
 def _norm(address: str) -> str:
     try:
         return str(ipaddress.ip_address(address))
@@ -170,6 +204,10 @@ class RoceFabric(LocalFabric):
         self.sink: Callable[[RocePacket, str], None] | None = None
         #: per batch, preferred when set: ``wire_sink(packets, peer_ip)`` (the UDP service)
         self.wire_sink: Callable[[list, str], None] | None = None
+        #: set by the I/O adapter with ``wire_sink``: ``tx_direct(peer_ip)`` makes the
+        #: :class:`TxRoute` of a peer (:meth:`tx_route`)
+        self.tx_direct: Callable[[str], TxRoute] | None = None
+        self._tx_routes: dict[str, TxRoute] = {}
         self.metrics = RoceFabricMetrics()
         self._routable: dict[str, bool] = {}
         self._deferred: dict[NetworkQp, float | None] = {}  # QP -> its deadline before the batch
@@ -237,6 +275,27 @@ class RoceFabric(LocalFabric):
                 ok = False
             self._routable[peer] = ok
         return ok
+
+    def tx_route(self, peer: str) -> TxRoute | None:
+        """Where a sender may encode ``peer``'s packets itself (see
+        :class:`TxRoute`); None: through :meth:`transmit` (no I/O adapter
+        route, or a peer of the other address family: transmit counts it
+        unroutable)."""
+        r = self._tx_routes.get(peer)
+        if r is None:
+            make = self.tx_direct
+            if make is None or not self._is_routable(peer):
+                return None
+            if len(self._tx_routes) >= _MAX_ROUTES:
+                self._tx_routes.clear()
+            r = self._tx_routes[peer] = make(peer)
+        return r
+
+    def set_tx_direct(self, make: Callable[[str], TxRoute] | None) -> None:
+        """The I/O adapter's :class:`TxRoute` maker (None: none; the routes made
+        before are forgotten)."""
+        self.tx_direct = make
+        self._tx_routes.clear()
 
     def transmit(self, packets: list, peer: str) -> None:
         """Send ``packets`` (:class:`RocePacket` s and
@@ -361,6 +420,11 @@ class RoceFabricService:
         def wire_sink(packets, peer, _transmit=self.endpoint.transmit):
             _transmit(packets, peer, port)
         self.fabric.wire_sink = wire_sink
+        fabric, ep = self.fabric, self.endpoint
+
+        def tx_direct(peer: str) -> TxRoute:
+            return TxRoute(fabric, ep, *ep.tx_ring(peer, port))
+        fabric.set_tx_direct(tx_direct)
         self.fabric.drain = self._drain
         log.info("RoCEv2 fabric on %s:%d, GID %s, %s", self.fabric.address, self.port,
                  ipaddress.IPv6Address(self.fabric.gid),
@@ -421,6 +485,7 @@ class RoceFabricService:
     async def aclose(self) -> None:
         self.fabric.sink = None
         self.fabric.wire_sink = None
+        self.fabric.set_tx_direct(None)
         self.fabric.drain = None
         if self.endpoint is not None:
             ep, self.endpoint = self.endpoint, None

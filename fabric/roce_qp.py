@@ -163,6 +163,9 @@ class NetworkQp:
     #: doorbell records of this QP may be applied natively (_datapath.apply_records):
     #: ``rq_rung`` does nothing and ``progress`` runs the send side
     native_records = True
+    #: ``progress`` may run as _datapath._wire_progress (its body, natively, calling
+    #: ``progress_rest`` where it does not end after the first ``run_wire_sq``)
+    native_progress = True
 
     def __init__(self, fabric, dev, qp, peer: str) -> None:
         self.fabric = fabric
@@ -254,18 +257,26 @@ class NetworkQp:
         elif run_wire_sq is None:
             drive_sq(self.dev, qp, self, now)
         else:  # the plain WQEs natively, each other one through drive_sq, in ring order
-            while True:
-                run_wire_sq(self.dev, qp, self, now)
-                before = qp.sq_next
-                if before == qp.sq_pi or qp.state is not QpState.RTS or self.held is not None:
-                    return
-                self._budget = 1
-                try:
-                    drive_sq(self.dev, qp, self, now)
-                finally:
-                    self._budget = -1
-                if qp.sq_next == before:  # it did not start (failed, or the QP stopped)
-                    return
+            run_wire_sq(self.dev, qp, self, now)
+            self.progress_rest(now)
+
+    def progress_rest(self, now: float) -> None:
+        """``_progress_sq`` after its first ``run_wire_sq`` (which
+        ``_datapath.apply_records`` runs natively): while a WQE is left, it
+        through ``drive_sq``, then the plain ones after it natively again."""
+        qp = self.qp
+        while True:
+            before = qp.sq_next
+            if before == qp.sq_pi or qp.state is not QpState.RTS or self.held is not None:
+                return
+            self._budget = 1
+            try:
+                drive_sq(self.dev, qp, self, now)
+            finally:
+                self._budget = -1
+            if qp.sq_next == before:  # it did not start (failed, or the QP stopped)
+                return
+            run_wire_sq(self.dev, qp, self, now)
 
     # the ring consumer's SendEngine (virtio_rdma.rings)
     refusals = (TransportError,)

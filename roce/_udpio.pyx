@@ -350,32 +350,7 @@ cdef class RxRing:
 
 
 cdef class TxRing:
-    cdef readonly int nslots
-    cdef readonly int count
-    cdef uint8_t *hdrs
-    cdef uint8_t *trailers
-    cdef uint8_t *names
-    cdef iovec *iovs
-    cdef mmsghdr *msgs
-    cdef list keep              # memoryviews (buffer exports) the queued iovecs point into
-    cdef TxAuth auth            # seals datagrams added with seal=True
-    # per slot: UDP payload length, ICRC for IPv4 ID 0, index in its GSO run
-    # (0: the run starts here), the seal counter, its envelope
-    cdef uint32_t *dlen
-    cdef uint32_t *crc0
-    cdef uint16_t *seg
-    cdef uint64_t *ctr
-    cdef uint8_t *sealed
-    cdef list envs
-    # the messages of one flush: a slot alone, or a GSO run of slots
-    cdef mmsghdr *out
-    cdef iovec *oiov
-    cdef uint8_t *ctl
-    cdef int *ofirst
-    cdef int *ocount
-    #: send runs of equal datagrams through UDP GSO (off after a refusal)
-    cdef public bint gso
-    cdef readonly unsigned long long gso_calls, gso_datagrams, gso_fallbacks
+    # attributes: roce/_udpio.pxd (virtio_rdma._datapath adds messages natively: add_msg)
 
     def __cinit__(self, int nslots=64, bint gso=True):
         if not 1 <= nslots <= 1024:
@@ -603,28 +578,12 @@ cdef class TxRing:
         :class:`~roce.packet.PacketRun` into free slots, payloads pointing into
         its SG list; returns the index of the first packet not added (``run.count``
         when all are). Raises ValueError for a run the reference would not build."""
-        cdef int first = run.first, count = run.count, npkts = run.npkts
-        cdef int j, i, k, nv, npieces, opcode
-        cdef uint32_t psn0 = run.psn, dest_qp = run.dest_qp, noack = run.noack
-        cdef uint32_t ack_every = run.ack_every
-        cdef int pkey = run.pkey, first_op, mid_op, last_op, only_op
-        cdef uint64_t mtu = run.mtu, length = run.length, off, end, pos, take, vstart
-        cdef bint has_reth = run.reth is not None, last, ackreq
+        cdef int first_op, mid_op, last_op, only_op
+        cdef bint has_reth = run.reth is not None
         cdef bint has_imm = run.imm is not None, has_ieth = run.ieth is not None
-        cdef bint se = run.se
         cdef uint64_t va = 0
         cdef uint32_t rkey = 0, imm = 0, ieth = 0
-        cdef uint8_t *hdr
-        cdef Py_ssize_t hlen
-        cdef iovec *iov
-        cdef const uint8_t *vbuf
-        cdef Py_ssize_t vlen
         first_op, mid_op, last_op, only_op = run.ops
-        if seal and self.auth is None:
-            raise ValueError("seal=True without set_auth()")
-        if not (0 < mtu and 0 <= first and 0 <= start <= count and first + count <= npkts
-                and 0 <= pkey < 65536 and dest_qp < (1 << 24) and psn0 < (1 << 24)):
-            raise ValueError(f"bad run {run!r}")
         if has_reth:
             va, rkey = run.reth
         if has_imm:
@@ -632,8 +591,38 @@ cdef class TxRing:
         if has_ieth:
             ieth = run.ieth
         sgl = run.sgl
-        views = sgl.views
-        starts = sgl.starts
+        return self.add_msg(first_op, mid_op, last_op, only_op, run.npkts, run.first, run.count,
+                            run.psn, run.dest_qp, run.pkey, run.mtu, run.length, sgl.views,
+                            sgl.starts, has_reth, va, rkey, has_imm, imm, has_ieth, ieth, run.se,
+                            run.noack, run.ack_every, env, start, seal)
+
+    cdef int add_msg(self, int first_op, int mid_op, int last_op, int only_op, int npkts,
+                     int first, int count, uint32_t psn0, uint32_t dest_qp, int pkey,
+                     uint64_t mtu, uint64_t length, list views, list starts, bint has_reth,
+                     uint64_t va, uint32_t rkey, bint has_imm, uint32_t imm, bint has_ieth,
+                     uint32_t ieth, bint se, uint32_t noack, uint32_t ack_every, Envelope env,
+                     int start, bint seal) except -1:
+        """:meth:`add_run` of a run given by its fields (the one encoder of
+        runs: ``virtio_rdma._datapath.run_wire_sq`` calls it without building
+        the PacketRun): packets ``start, ...`` of packets ``first .. first +
+        count - 1`` of a message of ``npkts`` packets, payload from the SG
+        entries ``views`` at offsets ``starts``."""
+        cdef int j, i, k, nv, npieces, opcode
+        cdef uint64_t off, end, pos, take
+        cdef bint last, ackreq
+        cdef uint8_t *hdr
+        cdef Py_ssize_t hlen
+        cdef iovec *iov
+        cdef const uint8_t *vbuf
+        cdef Py_ssize_t vlen
+        cdef uint8_t *gbuf
+        cdef bytes gathered
+        if seal and self.auth is None:
+            raise ValueError("seal=True without set_auth()")
+        if not (0 < mtu and 0 <= first and 0 <= start <= count and first + count <= npkts
+                and 0 <= pkey < 65536 and dest_qp < (1 << 24) and psn0 < (1 << 24)):
+            raise ValueError(f"bad run: first {first} count {count} npkts {npkts} start {start} "
+                             f"mtu {mtu} pkey {pkey} dest_qp {dest_qp:#x} psn {psn0:#x}")
         nv = len(views)
         if nv > MAXVIEWS:
             raise ValueError(f"run over {nv} SG entries (at most {MAXVIEWS})")
@@ -686,7 +675,9 @@ cdef class TxRing:
                 hlen += 4
             if hlen != opdesc(opcode).hdr_len or not opdesc(opcode).valid:
                 raise ValueError(f"run opcode 0x{opcode:02x} does not match its headers")
-            # payload [off, end) from the SG entries, one iovec per piece
+            # payload [off, end) from the SG entries, one iovec per piece; a
+            # packet of more pieces than a datagram's iovecs takes (a guest's
+            # WQE of many small SGEs) is copied into one buffer instead
             iov = self.iovs + MAXIOV * i
             npieces = 0
             pos = off
@@ -694,9 +685,28 @@ cdef class TxRing:
             while pos < end:
                 while k < nv and vstarts[k] + vlens[k] <= pos:
                     k += 1
-                if k == nv or npieces == MAXIOV - 2:
-                    raise ValueError(f"run payload [{off}, {end}) outside or too scattered "
-                                     f"in its SG list")
+                if k == nv:
+                    raise ValueError(f"run payload [{off}, {end}) outside its SG list "
+                                     f"of {vstarts[nv - 1] + vlens[nv - 1] if nv else 0} bytes")
+                if npieces == MAXIOV - 2:
+                    gathered = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>(end - off))
+                    gbuf = <uint8_t *><char *>gathered
+                    pos = off
+                    k = 0
+                    while pos < end:
+                        while vstarts[k] + vlens[k] <= pos:
+                            k += 1
+                        take = vstarts[k] + vlens[k] - pos
+                        if take > end - pos:
+                            take = end - pos
+                        memcpy(gbuf + (pos - off), vbufs[k] + (pos - vstarts[k]), take)
+                        pos += take
+                    self.keep.append(gathered)
+                    iov[1].iov_base = gbuf
+                    iov[1].iov_len = end - off
+                    npieces = 1
+                    self.gathered += 1
+                    break
                 take = vstarts[k] + vlens[k] - pos
                 if take > end - pos:
                     take = end - pos

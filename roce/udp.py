@@ -470,6 +470,31 @@ class RoceUdpEndpoint:
         if not self._holding:
             self.flush()
 
+    def tx_ring(self, peer: str, port: int = ROCE_UDP_PORT):
+        """``(ring, envelope, seal)`` of ``peer``: for a sender that encodes
+        its packets into the TX ring itself (``TxRing.add_msg``:
+        ``virtio_rdma._datapath.run_wire_sq``), calls :meth:`flush` when the
+        ring is full and :meth:`tx_added` after, as :meth:`transmit` does."""
+        if self._closed:
+            raise ConnectionError("RoCE UDP endpoint is closed")
+        env, seal = self._tx_env(peer, port)
+        return self._tx, env, seal
+
+    def tx_added(self, n: int, seal: bool) -> None:
+        """``n`` packets went into the TX ring through :meth:`tx_ring`:
+        counted as :meth:`transmit` counts them; they leave at once, or at
+        the end of the batch being delivered. On a closed endpoint they are
+        dropped and ConnectionError raised, as :meth:`transmit` raises."""
+        if self._closed:
+            self._tx.clear()
+            raise ConnectionError("RoCE UDP endpoint is closed")
+        m = self.metrics
+        m.tx_packets += n
+        if seal:
+            m.tx_sealed = self._tx_auth.sealed  # type: ignore[union-attr]  # seal: set_auth ran
+        if not self._holding:
+            self.flush()
+
     def send(self, pkt: RocePacket, peer: str, port: int = ROCE_UDP_PORT) -> None:
         """Send one packet now."""
         self.transmit((pkt,), peer, port)

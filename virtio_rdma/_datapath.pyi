@@ -19,6 +19,8 @@ class DbrecScanner:
 
 wire_enabled: bool   # the wire path is taken (tests compare it with the Python engine)
 wire_started: int    # send WQEs the wire path started since import
+wire_direct: bool    # run_wire_sq encodes into the fabric's TX ring (RoceFabric.tx_route)
+wire_direct_msgs: int  # of wire_started, those whose packets it encoded there itself
 
 # ``net`` is the QP's fabric.roce_qp.NetworkQp
 def run_wire_sq(dev: Any, qp: QueuePair, net: Any, now: float) -> int: ...

@@ -29,6 +29,8 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memmove
 
 from virtio._memory cimport RegionTable
+from roce._codec cimport Envelope
+from roce._udpio cimport TxRing
 from verbs._verbs cimport (
     IBV_ACCESS_LOCAL_WRITE, IBV_ACCESS_REMOTE_ATOMIC, IBV_ACCESS_REMOTE_READ, IBV_ACCESS_REMOTE_WRITE,
     IBV_SEND_FENCE, IBV_SEND_INLINE, IBV_SEND_IP_CSUM, IBV_SEND_SIGNALED, IBV_SEND_SOLICITED,
@@ -768,10 +770,24 @@ cdef object _OPS_OF = {int(k): v for k, v in _SEND_OPS.items()}
 cdef uint64_t _MAX_MSG = _rc_config.MAX_MSG_SIZE
 cdef uint32_t _UNACKED = _rc_config.MAX_UNACKED_PSNS
 cdef object _ACK_EVERY = _rc_config.MAX_PKT_PER_ACK
+cdef uint32_t _ACK_EVERY_C = _rc_config.MAX_PKT_PER_ACK
+#: the BTH opcodes (FIRST, MIDDLE, LAST, ONLY) of each plain WR opcode (0..OP_SEND_IMM),
+#: from the requester's table
+cdef int _OPC[4][4]
+for _k, _v in _SEND_OPS.items():
+    if int(_k) < 4:
+        for _x in range(4):
+            _OPC[int(_k)][_x] = int(_v[_x])
 #: the wire path's own switch (tests compare it with the Python engine)
 wire_enabled = True
+#: encode the packets of the WQEs it starts straight into the fabric's TX ring
+#: (``RoceFabric.tx_route``) instead of handing PacketRuns to ``fabric.transmit``
+#: (tests compare the two)
+wire_direct = True
 #: send WQEs the wire path started since import (tests check it really ran)
 wire_started = 0
+#: of those, the ones whose packets it encoded into a TX ring itself
+wire_direct_msgs = 0
 
 
 cdef enum:
@@ -835,7 +851,12 @@ def run_wire_sq(dev, qp, net, double now):
     Each is decoded and checked here and posted to the engine as
     ``NetworkQp.start_send`` + ``Requester.post`` + ``Requester.fill`` would
     (the same SendWR, SgList, Wqe and PacketRun, the same PSNs, counters
-    and deadline); their packets go to ``net.fabric.transmit`` in one call.
+    and deadline); their packets go to ``net.fabric.transmit`` in one call,
+    or, where the fabric gives a route into its UDP endpoint's TX ring
+    (``RoceFabric.tx_route``, a :class:`fabric.roce.TxRoute`), are encoded
+    there as each WQE starts (``TxRing.add_msg``: the bytes ``add_run`` makes
+    of that PacketRun, which is then never built) and counted and flushed as
+    ``fabric.transmit`` would (``TxRoute.done``).
     Returns how many WQEs it started; the first WQE it leaves (any error, a
     READ or atomic, a fence, a full window, an engine that is retrying,
     stalled or has output or completions pending) is for the Python path,
@@ -843,7 +864,11 @@ def run_wire_sq(dev, qp, net, double now):
     empty one could: it stays in the ring with ``net.held`` set (the rule of
     ``Requester.window_full``, which the Python path applies too) and
     ``NetworkQp.pump`` starts it after an ACK."""
-    global wire_started
+    return _run_wire_sq(dev, qp, net, now)
+
+
+cdef int _run_wire_sq(dev, qp, net, double now) except -1:
+    global wire_started, wire_direct_msgs
     if not enabled or not wire_enabled or qp.destroyed or qp.state is not _RTS or net.closed:
         return 0
     cdef uint32_t sq_next = qp.sq_next, sq_pi = qp.sq_pi
@@ -901,6 +926,22 @@ def run_wire_sq(dev, qp, net, double now):
     posted = net.posted
     cdef uint64_t tx_packets = 0
     cdef uint32_t pending = 0
+    # the fabric's TX ring, when it gives one for this peer
+    cdef TxRing ring = None
+    cdef Envelope env = None
+    cdef bint seal = False
+    cdef int j
+    cdef uint32_t msg_psn, direct = 0
+    cdef uint32_t dqp = dest_qp, pk = pkey
+    route = None
+    if wire_direct:
+        tx_route = getattr(net.fabric, "tx_route", None)
+        if tx_route is not None:
+            route = tx_route(net.peer)
+            if route is not None:
+                ring = <TxRing?>route.ring
+                env = <Envelope?>route.env
+                seal = route.seal
     try:
         while sq_next != sq_pi:
             slot = L.table.translate(sq_gpa + ((sq_next & sq_mask) << sq_shift), slot_size)
@@ -978,31 +1019,55 @@ def run_wire_sq(dev, qp, net, double now):
             w = _RC_WQE(wr, sgl, length, npkts, False, _PENDING, psn, npkts)
             sq.append(w)
             posted.append((sq_next, op, sig_all or (flags & F_SIGNALED) != 0))
-            runs.append(_PACKET_RUN(_OPS_OF[op], npkts, 0, npkts, psn, dest_qp, pkey, mtu, length,
-                                    sgl, (raddr, rkey) if write else None,
-                                    wr.imm_data if with_imm else None, None, wr.solicited, 0,
-                                    _ACK_EVERY))
+            if ring is None:
+                runs.append(_PACKET_RUN(_OPS_OF[op], npkts, 0, npkts, psn, dest_qp, pkey, mtu,
+                                        length, sgl, (raddr, rkey) if write else None,
+                                        wr.imm_data if with_imm else None, None, wr.solicited, 0,
+                                        _ACK_EVERY))
+            msg_psn = psn
             tx_packets += npkts
             psn = (psn + npkts) & PSN_MASK
             sq_next = (sq_next + 1) & 0xFFFFFFFF
             L.requests_sent += 1
             done += 1
             pending += npkts
+            if ring is not None:
+                # the PacketRun above, encoded without building it; a ring that fills
+                # up mid-message is sent (state written back first) and refilled
+                j = 0
+                while True:
+                    j = ring.add_msg(_OPC[op][0], _OPC[op][1], _OPC[op][2], _OPC[op][3], npkts,
+                                     0, npkts, msg_psn, dqp, pk, mtu, length, sgl.views,
+                                     sgl.starts, write, raddr, rkey, with_imm,
+                                     _bswap32(imm), False, 0, (flags & F_SOLICITED) != 0, 0,
+                                     _ACK_EVERY_C, env, j, seal)
+                    if <uint32_t>j == npkts:
+                        break
+                    _commit_wire(req, qp, rm, sq, psn, sq_next, tx_packets, to, now)
+                    tx_packets = 0
+                    route.full()
+                direct += 1
             if pending >= SEND_EARLY:
                 # a message of several packets leaves now, as pump() after each WQE
                 # sends it: the peer works on it while the next WQE is read
-                runs_out, runs = runs, []
-                pending = 0
                 _commit_wire(req, qp, rm, sq, psn, sq_next, tx_packets, to, now)
                 tx_packets = 0
-                net.fabric.transmit(runs_out, net.peer)
+                if ring is not None:
+                    route.done(pending)
+                else:
+                    runs_out, runs = runs, []
+                    net.fabric.transmit(runs_out, net.peer)
+                pending = 0
     finally:
         if done:
             wire_started += done
+            wire_direct_msgs += direct
             _commit_wire(req, qp, rm, sq, psn, sq_next, tx_packets, to, now)
         L.flush_metrics()
         if runs:    # what pump() after each WQE would have sent, in one call
             net.fabric.transmit(runs, net.peer)
+        elif ring is not None and pending:
+            route.done(pending)
     return done
 
 
@@ -1019,6 +1084,10 @@ def run_wire_rq(dev, qp, net):
     fields, SGEs within the slot and ``max_recv_sge`` whose lkeys grant
     LOCAL_WRITE in single-chunk MRs. Returns how many it handed over; the
     first WQE it leaves is for the Python path."""
+    return _run_wire_rq(dev, qp, net)
+
+
+cdef int _run_wire_rq(dev, qp, net) except -1:
     global wire_recvs
     if not enabled or not wire_enabled or qp.destroyed or net.closed:
         return 0
@@ -1326,6 +1395,26 @@ cdef inline int _advance_kind(uint32_t pi, uint32_t ci, uint32_t old, uint32_t d
     return 1
 
 
+cdef int _wire_progress(dev, qp, net, double now) except -1:
+    """``NetworkQp.progress(now)`` (a QP of the RoCE engine whose SQ
+    producer index moved), its common case without Python: ``run_wire_sq``,
+    and the rest of ``_progress_sq`` (``NetworkQp.progress_rest``) only if
+    a WQE is left that it could start; then the receives posted meanwhile
+    (``run_wire_rq``, and ``drive_rq`` only for what it left)."""
+    net.held = None
+    if qp.state is not _RTS:
+        net.pump(now)
+    else:
+        _run_wire_sq(dev, qp, net, now)
+        if not (qp.sq_next == qp.sq_pi or qp.state is not _RTS or net.held is not None):
+            net.progress_rest(now)
+    if not net.closed and net.rq_posted != qp.rq_pi and qp.state in _RECV_STATES:
+        _run_wire_rq(dev, qp, net)
+        if net.rq_posted != qp.rq_pi:
+            _rings.drive_rq(dev, qp, net, lenient=True)
+    return 0
+
+
 def apply_records(core, list qps, double now, progress_sq):
     """Apply the doorbell records of ``qps`` (the QPs the scanner found
     changed) as ``doorbells.poll_records`` would, without Python per record:
@@ -1336,7 +1425,8 @@ def apply_records(core, list qps, double now, progress_sq):
     leaves), the QP put on the timer list as ``doorbells.ring`` does.
     Returns ``(left, applied)``: the QPs from the first one that is not the
     plain case (an absurd index, a QP in ERR, a wire engine other than
-    NetworkQp) on, for the Python path, and the changes applied here."""
+    NetworkQp) on, for the Python path, and the changes applied here. A
+    NetworkQp's ``progress`` runs as :func:`_wire_progress`."""
     global records_applied
     if not enabled or not qps:
         return qps, 0
@@ -1382,6 +1472,8 @@ def apply_records(core, list qps, double now, progress_sq):
                         run_sq(core, qp, now)
                         if qp.sq_next != qp.sq_pi:
                             progress_sq(core, qp, now)
+                    elif getattr(net, "native_progress", False):
+                        _wire_progress(core, qp, net, now)
                     else:
                         net.progress(now)
                     if qp.inflight or qp.rnr_until is not None or qp.net is not None:

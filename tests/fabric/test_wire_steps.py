@@ -13,7 +13,8 @@ def test_steps_and_parts_are_reported():
     assert set(r["steps"]) == {"send", "receive", "ack"}
     assert all(v > 0 for v in r["steps"].values()) and r["sendto"] > 0
     parts = {p.split(": ", 1)[1] for p in r["parts"]}
-    assert {"sendmmsg (TX ring flush)", "run_wire_sq (with transmit)",
+    assert {"sendmmsg (TX ring flush)", "packets counted, ring flushed (TxRoute.done)",
+            "apply_records (run_wire_sq, run_wire_rq)",
             "wire_settle (CQEs at once, no pump)", "ACK into the TX ring (fast path)",
             "receive fast path (_deliver)"} <= parts
     # the fast path sent the ACKs and settled the QPs: no ACK packet built, no pump

@@ -80,10 +80,10 @@ def _sges(rng, g, bufs, total, bad):
     return out
 
 
-def _scenario(seed: int, impair: dict, native: bool) -> dict:
+def _scenario(seed: int, impair: dict, native: bool, hosts=Hosts) -> dict:
     rng = random.Random(seed)
     with _native(native), seeded_ids(seed):
-        h = Hosts(**impair, seed=seed)
+        h = hosts(**impair, seed=seed)
         mtu = rng.choice([1, 3, 5])
         h.connect(psn_a=rng.getrandbits(24), psn_b=rng.getrandbits(24), path_mtu=mtu)
         mtu_bytes = 128 << mtu
@@ -158,6 +158,8 @@ def _state(h: Hosts, cqes: list) -> dict:
     device, fabric, QP and engine state and counters."""
     a, b = h.a, h.b
     state = {"cqes": cqes, "sent": h.wire.sent, "clock": h.clock[0]}
+    if hasattr(h.wire, "digest"):       # every datagram's bytes, in order
+        state["bytes"] = h.wire.digest.hexdigest()
     for name, g, f in (("a", a, h.fa), ("b", b, h.fb)):
         state[name + "_mem"] = hashlib.sha256(g.buf).hexdigest()
         state[name + "_dev"] = dataclasses.asdict(g.core.metrics)
@@ -232,7 +234,7 @@ def test_wire_native_path_takes_plain_traffic():
     assert _datapath.wire_cqes_written - cq0 == 8 + 4
 
 
-def _window_scenario(seed: int, impair: dict, native: bool) -> dict:
+def _window_scenario(seed: int, impair: dict, native: bool, hosts=Hosts) -> dict:
     """Rounds of many multi-packet WRITEs and SENDs under one doorbell each,
     more packets than the window (128 PSNs) takes: WQEs wait in the ring for
     ACKs (``NetworkQp.held``), a message longer than the window is posted to
@@ -240,7 +242,7 @@ def _window_scenario(seed: int, impair: dict, native: bool) -> dict:
     WQE (and the QP) while others wait."""
     rng = random.Random(seed)
     with _native(native), seeded_ids(seed):
-        h = Hosts(**impair, seed=seed)
+        h = hosts(**impair, seed=seed)
         h.connect(psn_a=rng.getrandbits(24), psn_b=rng.getrandbits(24), path_mtu=1)  # 256 B
         a, b = h.a, h.b
         src, dst = a.reg_mr(h.pa, 64 << 10), b.reg_mr(h.pb, 64 << 10)
