@@ -458,7 +458,8 @@ class RoceUdpEndpoint:
         ring without one: :meth:`TxRing.add_ack`)."""
         if self._closed:
             raise ConnectionError("RoCE UDP endpoint is closed")
-        env, seal = self._tx_env(peer, port)
+        e = self._tx_envs.get((peer, port))
+        env, seal = e if e is not None else self._tx_env(peer, port)
         tx = self._tx
         if not tx.add_ack(env, dest_qp, pkey, psn, syndrome, msn, seal):
             self.flush()                    # full

@@ -690,8 +690,9 @@ def run_backend(paths: list[str], device_factory: Callable[[ConnectionInfo], Vho
                 started.append(svc)
                 if hasattr(svc, "poll"):  # e.g. a fabric's socket: busy-polled with the rings
                     starts = [s.add_poller(svc.poll) for s in servers]
-                    if hasattr(svc, "on_busy"):
-                        svc.on_busy = lambda starts=starts: [f() for f in starts]
+                    if hasattr(svc, "on_busy"):  # called after every batch: no wrapper for one server
+                        svc.on_busy = starts[0] if len(starts) == 1 else (
+                            lambda starts=starts: [f() for f in starts])
             for s in servers:
                 await s.start()
             if ready:
