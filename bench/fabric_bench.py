@@ -27,6 +27,14 @@ keeps the vCPUs busy:
   measured too and printed for reference (what earlier reports compared
   with).
 
+``--layout one-cpu`` puts both daemons and both guests on the first CPU:
+what the kernel did in the slow ``--no-pin`` rounds sampled on this machine
+(all four pollers on one vCPU while another session's task held the other;
+half round trip ~170 us there, the same as that layout). With ``send_lat``
+the daemons' scheduler counters (``/proc/PID/task/*/sched``: context
+switches, those that slept and those that yielded or were preempted,
+migrations) are reported per half round trip.
+
 The bandwidth fraction is taken against the higher of the two UDP stream
 floors. ``--auth`` measures ours twice in the same run: plain, then with a
 fresh pair of daemons sharing a cluster key (every packet sealed and
@@ -34,7 +42,8 @@ verified, roce.auth), and prints both side by side with their ratio. ``--profile
 their time went (figures are then inflated by the profiler).
 
     python -m bench.fabric_bench [send_lat|write_bw|both] [--iters N] [--bw-iters N]
-                                 [--poll-us US] [--no-pin] [--profile DIR] [--auth] [--json]
+                                 [--poll-us US] [--no-pin] [--layout L] [--profile DIR] [--auth]
+                                 [--json]
 
 Needs root (network namespaces).
 """
@@ -82,7 +91,37 @@ def _print_profile(path: str, label: str, top: int = 25) -> None:
     pstats.Stats(path, stream=sys.stdout).sort_stats("tottime").print_stats(top)
 
 
-LAYOUTS = ("per-host", "guests-together")
+#: /proc/PID/sched fields summed over a daemon's threads (:func:`sched_counts`)
+SCHED_FIELDS = ("nr_switches", "nr_voluntary_switches", "nr_involuntary_switches", "se.nr_migrations")
+
+
+def sched_counts(pid: int) -> dict[str, int]:
+    """The scheduler's counters of process ``pid`` (every thread): context
+    switches (voluntary: it slept; involuntary: preempted, or a sched_yield
+    that ran another task) and migrations between CPUs."""
+    out = dict.fromkeys(SCHED_FIELDS, 0)
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/sched") as f:
+                for line in f:
+                    k, _, v = line.partition(":")
+                    k = k.strip()
+                    if k in out:
+                        out[k] += int(float(v))
+        except OSError:  # a thread that ended meanwhile
+            continue
+    return out
+
+
+def _per_half_rtt(before: dict, after: dict, halves: int) -> dict[str, float]:
+    return {k: (after[k] - before[k]) / halves for k in SCHED_FIELDS}
+
+
+LAYOUTS = ("per-host", "guests-together", "one-cpu")
+#: pin layouts: per-host (each simulated host on its own CPU: daemon + its
+#: guest), guests-together (both guests on daemon B's CPU), one-cpu (all four
+#: on the first CPU: what the kernel does in the slow --no-pin rounds when
+#: another task holds the other CPU)
 
 
 def run(tests, *, iters: int = 2000, bw_iters: int = 20000, batch: int = 16,
@@ -98,6 +137,10 @@ def run(tests, *, iters: int = 2000, bw_iters: int = 20000, batch: int = 16,
         out["vcpu_state"] = (f"host A (daemon + client guest) on cpu {cpus[0]}, host B (daemon + "
                              f"server guest) on cpu {cpus[1]}; daemons busy-polling (--poll-us "
                              f"{poll_us:g}), guests polling with sched_yield")
+    elif pin and layout == "one-cpu":  # what the kernel sometimes does with --no-pin
+        guest_cpu = cpus[0]
+        out["vcpu_state"] = (f"daemons A and B and both guests on cpu {cpus[0]}; daemons busy-"
+                             f"polling (--poll-us {poll_us:g}), guests polling with sched_yield")
     elif pin:
         guest_cpu = cpus[1]
         out["vcpu_state"] = (f"daemon A on cpu {cpus[0]}, daemon B on cpu {cpus[1]}, both busy-"
@@ -106,7 +149,7 @@ def run(tests, *, iters: int = 2000, bw_iters: int = 20000, batch: int = 16,
     else:
         guest_cpu = None
         out["vcpu_state"] = (f"not pinned; daemons busy-polling (--poll-us {poll_us:g}); guests "
-                             "polling without yielding")
+                             "polling with sched_yield (adaptive: a learnt spin first)")
     out["floor_vcpu_state"] = (f"SCHED_IDLE spinners on cpus {cpus}" + (
         f"; sender on cpu {cpus[0]}, receiver on cpu {cpus[1]}" if pin else ""))
     with two_hosts() as lab, tempfile.TemporaryDirectory() as d:
@@ -117,7 +160,7 @@ def run(tests, *, iters: int = 2000, bw_iters: int = 20000, batch: int = 16,
         db = _daemon(lab.b, lab.ip_b, sb, poll_us, prof[1], adaptive=adaptive)
         if pin:
             perftest.pin_threads(da.pid, cpus[0])
-            perftest.pin_threads(db.pid, cpus[1])
+            perftest.pin_threads(db.pid, cpus[0] if layout == "one-cpu" else cpus[1])
         # the floors' two sides sit where the two simulated hosts do (a wakeup
         # across CPUs costs an IPI: on this VM ~20 us against ~5 us on one CPU)
         sides = (cpus[0], cpus[1]) if pin else (None, None)
@@ -126,7 +169,12 @@ def run(tests, *, iters: int = 2000, bw_iters: int = 20000, batch: int = 16,
             idle = udp_baseline.latency(lab, size=64, iters=n, cpus=sides)
             with perftest.idle_spinners(cpus):
                 floor = udp_baseline.latency(lab, size=64, iters=n, cpus=sides)
+            before = [sched_counts(p.pid) for p in (da, db)]
             ours = _pair(sb, sa, "send_lat", 64, iters, batch, guest_cpu)
+            after = [sched_counts(p.pid) for p in (da, db)]
+            # per half round trip: the pair makes ``iters`` round trips (and a few to connect)
+            ours["daemon_sched_per_half_rtt"] = {
+                n: _per_half_rtt(b, a, 2 * iters) for n, b, a in zip("AB", before, after, strict=True)}
             out["send_lat"] = {"ours": ours, "udp_floor": floor, "udp_floor_idle_vcpus": idle,
                                "ratio_typical": ours["t_typical"] / floor["t_typical"],
                                "ratio_vs_idle_floor": ours["t_typical"] / idle["t_typical"]}
@@ -245,7 +293,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-pin", action="store_true", help="leave daemons and guests unpinned")
     ap.add_argument("--layout", choices=LAYOUTS, default="per-host",
                     help="per-host: each daemon shares its CPU with its own guest (as on two "
-                         "hosts); guests-together: both guests on daemon B's CPU")
+                         "hosts); guests-together: both guests on daemon B's CPU; one-cpu: "
+                         "daemons and guests all on the first CPU (the slow --no-pin rounds)")
     ap.add_argument("--profile", metavar="DIR", help="run the daemons under cProfile into DIR")
     ap.add_argument("--auth", action="store_true",
                     help="also measure between daemons sharing a cluster key (authenticated "
@@ -275,6 +324,10 @@ def main(argv=None) -> int:
         print(lat_row(s["udp_floor"]))
         print("# the same with idle vCPUs")
         print(lat_row(s["udp_floor_idle_vcpus"]))
+        for n, c in s["ours"]["daemon_sched_per_half_rtt"].items():
+            print(f"# daemon {n} per half round trip: {c['nr_switches']:.2f} context switches "
+                  f"({c['nr_voluntary_switches']:.2f} slept, {c['nr_involuntary_switches']:.2f} "
+                  f"yielded or preempted), {c['se.nr_migrations']:.3f} migrations")
         print(f"# ratio (typical): {s['ratio_typical']:.2f}x   goal <= 1.5x   "
               f"(vs the idle-vCPU floor: {s['ratio_vs_idle_floor']:.2f}x)")
         if "ours_auth" in s:
