@@ -46,11 +46,19 @@ def test_sched_counts_of_this_process():
     assert after["nr_switches"] >= before["nr_switches"] + 1
 
 
-def test_one_cpu_layout_puts_everything_on_the_first_cpu(netns):
-    r = fabric_bench.run(["send_lat"], iters=100, layout="one-cpu")
-    cpu = min(r["cpus"])
-    assert r["vcpu_state"].startswith(f"daemons A and B and both guests on cpu {cpu}")
+@pytest.mark.parametrize(("layout", "state"), [
+    ("one-cpu", "daemons A and B and both guests on cpu {0}"),
+    ("daemons-together", "daemons A and B on cpu {0}, both guests on cpu {1}")])
+def test_slow_no_pin_placements_as_layouts(netns, layout, state):
+    """The placements of the slow --no-pin rounds, pinned on purpose (guests waiting
+    with plain sched_yield: --wait)."""
+    r = fabric_bench.run(["send_lat"], iters=100, layout=layout, wait="yield")
+    cpus = sorted(r["cpus"])
+    if len(cpus) < 2:
+        pytest.skip("one CPU: the layouts need two")
+    assert r["vcpu_state"].startswith(state.format(*cpus))
     assert r["send_lat"]["ours"]["iterations"] > 0
+    assert r["send_lat"]["ours"]["wait"] == "yield"    # --wait reached the guests
 
 
 def test_unknown_layout_is_refused():
