@@ -35,7 +35,9 @@ rounds (~102 us both ways). The kernel chose these placements at start and
 kept them (two busy tasks per CPU look balanced; no migration in a run), and
 a daemon sharing its CPU with the other daemon is switched out about 0.7
 times per half round trip against about 3 beside its own guest: its
-sched_yield rarely hands the CPU to the other poller. With ``send_lat``
+sched_yield rarely hands the CPU to the other poller. A daemon that is not
+pinned now moves itself off such a CPU (:class:`vhost_user.spin.CpuShare`);
+pinned, as in these layouts, it stays, so they still show the cost. With ``send_lat``
 the daemons' scheduler counters (``/proc/PID/task/*/sched``: context
 switches, those that slept and those that yielded or were preempted,
 migrations) are reported per half round trip.
