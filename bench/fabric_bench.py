@@ -27,6 +27,21 @@ keeps the vCPUs busy:
   measured too and printed for reference (what earlier reports compared
   with).
 
+``--layout one-cpu`` puts both daemons and both guests on the first CPU:
+what the kernel did in the slowest ``--no-pin`` rounds sampled on this
+machine (~170 us there and in this layout); ``--layout daemons-together``
+puts both daemons on the first CPU and both guests on the second: the ~2x
+rounds (~102 us both ways). The kernel chose these placements at start and
+kept them (two busy tasks per CPU look balanced; no migration in a run), and
+a daemon sharing its CPU with the other daemon is switched out about 0.7
+times per half round trip against about 3 beside its own guest: its
+sched_yield rarely hands the CPU to the other poller. A daemon that is not
+pinned now moves itself off such a CPU (:class:`vhost_user.spin.CpuShare`);
+pinned, as in these layouts, it stays, so they still show the cost. With ``send_lat``
+the daemons' scheduler counters (``/proc/PID/task/*/sched``: context
+switches, those that slept and those that yielded or were preempted,
+migrations) are reported per half round trip.
+
 The bandwidth fraction is taken against the higher of the two UDP stream
 floors. ``--auth`` measures ours twice in the same run: plain, then with a
 fresh pair of daemons sharing a cluster key (every packet sealed and
@@ -34,7 +49,8 @@ verified, roce.auth), and prints both side by side with their ratio. ``--profile
 their time went (figures are then inflated by the profiler).
 
     python -m bench.fabric_bench [send_lat|write_bw|both] [--iters N] [--bw-iters N]
-                                 [--poll-us US] [--no-pin] [--profile DIR] [--auth] [--json]
+                                 [--poll-us US] [--no-pin] [--layout L] [--wait W] [--profile DIR]
+                                 [--auth] [--json]
 
 Needs root (network namespaces).
 """
@@ -49,7 +65,7 @@ import tempfile
 from bench import perftest, udp_baseline
 from bench.machine import header as machine_header, machine
 from netlab.ns import two_hosts
-from vrdma.perftest import BW_HEADER, LAT_HEADER, lat_row, run_pair
+from vrdma.perftest import BW_HEADER, LAT_HEADER, WAITS, lat_row, run_pair
 
 RXE_LOOPBACK_WRITE_BW_MB = 828.0  # ib_write_bw over rxe loopback, 64 KiB (published figure)
 MTU_4096 = 5
@@ -59,9 +75,9 @@ CONNECT = dict(path_mtu=MTU_4096, timeout=14, retry_cnt=7, rnr_retry=7)
 
 
 def _pair(path_server: str, path_client: str, test: str, size: int, iters: int, batch: int,
-          guest_cpu: int | None = None) -> dict:
+          guest_cpu: int | tuple[int, int] | None = None, wait: str = "adaptive") -> dict:
     return run_pair(path_server, test, size, iters, batch, guest_cpu,
-                    client_path=path_client, connect_attrs=CONNECT)
+                    client_path=path_client, connect_attrs=CONNECT, wait=wait)
 
 
 def _daemon(ns, ip: str, sock: str, poll_us: float, profile: str | None = None,
@@ -82,12 +98,44 @@ def _print_profile(path: str, label: str, top: int = 25) -> None:
     pstats.Stats(path, stream=sys.stdout).sort_stats("tottime").print_stats(top)
 
 
-LAYOUTS = ("per-host", "guests-together")
+#: /proc/PID/sched fields summed over a daemon's threads (:func:`sched_counts`)
+SCHED_FIELDS = ("nr_switches", "nr_voluntary_switches", "nr_involuntary_switches", "se.nr_migrations")
+
+
+def sched_counts(pid: int) -> dict[str, int]:
+    """The scheduler's counters of process ``pid`` (every thread): context
+    switches (voluntary: it slept; involuntary: preempted, or a sched_yield
+    that ran another task) and migrations between CPUs."""
+    out = dict.fromkeys(SCHED_FIELDS, 0)
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/sched") as f:
+                for line in f:
+                    k, _, v = line.partition(":")
+                    k = k.strip()
+                    if k in out:
+                        out[k] += int(float(v))
+        except OSError:  # a thread that ended meanwhile
+            continue
+    return out
+
+
+def _per_half_rtt(before: dict, after: dict, halves: int) -> dict[str, float]:
+    return {k: (after[k] - before[k]) / halves for k in SCHED_FIELDS}
+
+
+LAYOUTS = ("per-host", "guests-together", "one-cpu", "daemons-together")
+#: pin layouts: per-host (each simulated host on its own CPU: daemon + its
+#: guest), guests-together (both guests on daemon B's CPU), one-cpu (all four
+#: on the first CPU: what the kernel does in the slow --no-pin rounds when
+#: another task holds the other CPU), daemons-together (both daemons on the
+#: first CPU, both guests on the second: the ~2x --no-pin rounds)
 
 
 def run(tests, *, iters: int = 2000, bw_iters: int = 20000, batch: int = 16,
         poll_us: float = 50.0, pin: bool = True, profile_dir: str | None = None,
-        layout: str = "per-host", auth: bool = False, adaptive: bool = False) -> dict:
+        layout: str = "per-host", auth: bool = False, adaptive: bool = False,
+        wait: str = "adaptive") -> dict:
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
     cpus = sorted(os.sched_getaffinity(0))
@@ -98,6 +146,15 @@ def run(tests, *, iters: int = 2000, bw_iters: int = 20000, batch: int = 16,
         out["vcpu_state"] = (f"host A (daemon + client guest) on cpu {cpus[0]}, host B (daemon + "
                              f"server guest) on cpu {cpus[1]}; daemons busy-polling (--poll-us "
                              f"{poll_us:g}), guests polling with sched_yield")
+    elif pin and layout == "one-cpu":  # what the kernel sometimes does with --no-pin
+        guest_cpu = cpus[0]
+        out["vcpu_state"] = (f"daemons A and B and both guests on cpu {cpus[0]}; daemons busy-"
+                             f"polling (--poll-us {poll_us:g}), guests polling with sched_yield")
+    elif pin and layout == "daemons-together":  # the other slow --no-pin placement
+        guest_cpu = cpus[1]
+        out["vcpu_state"] = (f"daemons A and B on cpu {cpus[0]}, both guests on cpu {cpus[1]}; "
+                             f"daemons busy-polling (--poll-us {poll_us:g}), guests polling with "
+                             "sched_yield")
     elif pin:
         guest_cpu = cpus[1]
         out["vcpu_state"] = (f"daemon A on cpu {cpus[0]}, daemon B on cpu {cpus[1]}, both busy-"
@@ -106,7 +163,7 @@ def run(tests, *, iters: int = 2000, bw_iters: int = 20000, batch: int = 16,
     else:
         guest_cpu = None
         out["vcpu_state"] = (f"not pinned; daemons busy-polling (--poll-us {poll_us:g}); guests "
-                             "polling without yielding")
+                             "polling with sched_yield (adaptive: a learnt spin first)")
     out["floor_vcpu_state"] = (f"SCHED_IDLE spinners on cpus {cpus}" + (
         f"; sender on cpu {cpus[0]}, receiver on cpu {cpus[1]}" if pin else ""))
     with two_hosts() as lab, tempfile.TemporaryDirectory() as d:
@@ -117,7 +174,8 @@ def run(tests, *, iters: int = 2000, bw_iters: int = 20000, batch: int = 16,
         db = _daemon(lab.b, lab.ip_b, sb, poll_us, prof[1], adaptive=adaptive)
         if pin:
             perftest.pin_threads(da.pid, cpus[0])
-            perftest.pin_threads(db.pid, cpus[1])
+            perftest.pin_threads(db.pid, cpus[0] if layout in ("one-cpu", "daemons-together")
+                                 else cpus[1])
         # the floors' two sides sit where the two simulated hosts do (a wakeup
         # across CPUs costs an IPI: on this VM ~20 us against ~5 us on one CPU)
         sides = (cpus[0], cpus[1]) if pin else (None, None)
@@ -126,7 +184,12 @@ def run(tests, *, iters: int = 2000, bw_iters: int = 20000, batch: int = 16,
             idle = udp_baseline.latency(lab, size=64, iters=n, cpus=sides)
             with perftest.idle_spinners(cpus):
                 floor = udp_baseline.latency(lab, size=64, iters=n, cpus=sides)
-            ours = _pair(sb, sa, "send_lat", 64, iters, batch, guest_cpu)
+            before = [sched_counts(p.pid) for p in (da, db)]
+            ours = _pair(sb, sa, "send_lat", 64, iters, batch, guest_cpu, wait)
+            after = [sched_counts(p.pid) for p in (da, db)]
+            # per half round trip: the pair makes ``iters`` round trips (and a few to connect)
+            ours["daemon_sched_per_half_rtt"] = {
+                n: _per_half_rtt(b, a, 2 * iters) for n, b, a in zip("AB", before, after, strict=True)}
             out["send_lat"] = {"ours": ours, "udp_floor": floor, "udp_floor_idle_vcpus": idle,
                                "ratio_typical": ours["t_typical"] / floor["t_typical"],
                                "ratio_vs_idle_floor": ours["t_typical"] / idle["t_typical"]}
@@ -245,7 +308,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-pin", action="store_true", help="leave daemons and guests unpinned")
     ap.add_argument("--layout", choices=LAYOUTS, default="per-host",
                     help="per-host: each daemon shares its CPU with its own guest (as on two "
-                         "hosts); guests-together: both guests on daemon B's CPU")
+                         "hosts); guests-together: both guests on daemon B's CPU; one-cpu: "
+                         "daemons and guests all on the first CPU (the slow --no-pin rounds)")
+    ap.add_argument("--wait", choices=WAITS, default="adaptive",
+                    help="how the send_lat guests wait for completions (vrdma.perftest.CqWaiter)")
     ap.add_argument("--profile", metavar="DIR", help="run the daemons under cProfile into DIR")
     ap.add_argument("--auth", action="store_true",
                     help="also measure between daemons sharing a cluster key (authenticated "
@@ -260,7 +326,7 @@ def main(argv=None) -> int:
         os.makedirs(a.profile, exist_ok=True)
     r = run(tests, iters=a.iters, bw_iters=a.bw_iters, batch=a.batch, poll_us=a.poll_us,
             pin=not a.no_pin, profile_dir=a.profile, layout=a.layout, auth=a.auth,
-            adaptive=a.poll_adaptive)
+            adaptive=a.poll_adaptive, wait=a.wait)
     r["machine"] = machine()
     if a.json:
         print(json.dumps(r, indent=2))
@@ -275,6 +341,10 @@ def main(argv=None) -> int:
         print(lat_row(s["udp_floor"]))
         print("# the same with idle vCPUs")
         print(lat_row(s["udp_floor_idle_vcpus"]))
+        for n, c in s["ours"]["daemon_sched_per_half_rtt"].items():
+            print(f"# daemon {n} per half round trip: {c['nr_switches']:.2f} context switches "
+                  f"({c['nr_voluntary_switches']:.2f} slept, {c['nr_involuntary_switches']:.2f} "
+                  f"yielded or preempted), {c['se.nr_migrations']:.3f} migrations")
         print(f"# ratio (typical): {s['ratio_typical']:.2f}x   goal <= 1.5x   "
               f"(vs the idle-vCPU floor: {s['ratio_vs_idle_floor']:.2f}x)")
         if "ours_auth" in s:

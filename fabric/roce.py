@@ -437,7 +437,10 @@ class RoceFabricService:
         """The fast path's ACKs (``RequestFastPath.ack_sink``): straight into the
         TX ring, counted as :meth:`RoceFabric.transmit` counts the ACK packet."""
         fabric, ep = self.fabric, self.endpoint
-        if ep is None or fabric.wire_sink is None or not fabric._is_routable(peer):
+        ok = fabric._routable.get(peer)     # _is_routable's cache, without its frame
+        if ok is None:
+            ok = fabric._is_routable(peer)
+        if ep is None or fabric.wire_sink is None or not ok:
             fabric.metrics.tx_unroutable += 1
             return
         ep.transmit_ack(peer, self.port, dest_qp, pkey, psn, syndrome, msn)
@@ -469,16 +472,17 @@ class RoceFabricService:
             log.exception("RoCE fabric: internal error on a packet from %s", src)
 
     def _on_batch_end(self) -> None:
-        if self.fabric.pumps_pending:
+        fabric = self.fabric
+        if fabric._deferred:            # pumps_pending, without the property's frame
             # the clock of the pumps: the native fast path takes most packets without
             # _on_packet, so _now may be from long ago; a pump that starts WQEs with
             # it arms their ACK timer already expired (a spurious go-back-N)
             self._now = monotonic()
-        while self.fabric.pumps_pending:  # a QP whose pump raised is already off the list
-            try:
-                self.fabric.flush_deferred(self._now)
-            except Exception:
-                log.exception("RoCE fabric: internal error pumping after a batch")
+            while fabric._deferred:     # a QP whose pump raised is already off the list
+                try:
+                    fabric.flush_deferred(self._now)
+                except Exception:
+                    log.exception("RoCE fabric: internal error pumping after a batch")
         if self.on_busy is not None:
             self.on_busy()
 

@@ -159,7 +159,13 @@ MAX_PEERS = 4096
 #: --poll-us 50): the half round trip's tail shrinks (p99 ~150 us instead of
 #: 1.7-2.9 ms, fewer blocked waits) but its typical value grows from ~64 to
 #: ~105 us -- the early ACK was what kept the peer daemon's busy-poll window
-#: open while the reply was being made -- hence off by default.
+#: open while the reply was being made -- hence off by default. Measured again
+#: with the fast path's own ACKs and wire_settle (bench.fabric_bench send_lat,
+#: pinned per host, three interleaved rounds each): parked as here 101-102 us
+#: against 55-57 unparked; held for one poll only (the ACK leaves right after
+#: the daemon's yield to its guest, with the reply if the guest posted it)
+#: 60-72 against 54-56; and with the sending daemon kept polling past its
+#: window while an answer is due, 60-73: the early ACK stays.
 PARK_BATCH = 4
 _SEND_ENDS = bytes([Opcode.RC_SEND_LAST, Opcode.RC_SEND_LAST_WITH_IMMEDIATE,
                     Opcode.RC_SEND_ONLY, Opcode.RC_SEND_ONLY_WITH_IMMEDIATE,
@@ -458,7 +464,8 @@ class RoceUdpEndpoint:
         ring without one: :meth:`TxRing.add_ack`)."""
         if self._closed:
             raise ConnectionError("RoCE UDP endpoint is closed")
-        env, seal = self._tx_env(peer, port)
+        e = self._tx_envs.get((peer, port))
+        env, seal = e if e is not None else self._tx_env(peer, port)
         tx = self._tx
         if not tx.add_ack(env, dest_qp, pkey, psn, syndrome, msn, seal):
             self.flush()                    # full

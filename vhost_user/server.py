@@ -45,6 +45,7 @@ import errno
 import itertools
 import logging
 import os
+import random
 import signal
 import socket
 import stat
@@ -57,7 +58,7 @@ from vhost_user.backend import BackendConnection
 from vhost_user.device import VhostUserDevice
 from vhost_user.endpoint import ConnectionClosed, MessageReader, close_fds, send_message
 from vhost_user.errors import TransportError, VhostUserError
-from vhost_user.spin import SpinPolicy
+from vhost_user.spin import CpuShare, SpinPolicy
 from vhost_user.tenancy import ConnectionInfo, TenantPolicy
 from vhost_user.vring import Vring
 from virtio.errors import VirtioError
@@ -352,6 +353,40 @@ class ServedConnection:
             self.server._forget(self)
 
 
+def _current_cpu() -> int:
+    """The CPU this thread runs on (/proc/thread-self/stat, field 39)."""
+    with open("/proc/thread-self/stat", "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[36])
+
+
+class _CpuMover:
+    """Moves the busy-poll loop's thread to another CPU of its affinity mask
+    (:class:`vhost_user.spin.CpuShare` decides when). The kernel would soon
+    put it back (its balancer sees two busy tasks per CPU as balanced, and a
+    wake-up may pull it to the waker's CPU), so the thread stays on the CPU
+    it moved to, until it moves again; the mask it chooses within is the one
+    it had before its first move, or whatever another process set since. A
+    thread allowed one CPU stays."""
+
+    def __init__(self) -> None:
+        self.mask: set[int] | None = None   # the affinity chosen outside
+        self.own: int | None = None         # the CPU of our last move
+
+    def move(self) -> None:
+        try:
+            now_mask = os.sched_getaffinity(0)
+            if self.mask is None or now_mask != {self.own}:
+                self.mask = now_mask        # set by someone else: theirs
+            others = sorted(self.mask - {_current_cpu()})
+            if not others:
+                return
+            target = random.choice(others)  # noqa: S311 (a placement)
+            os.sched_setaffinity(0, {target})   # the kernel moves us now
+            self.own = target
+        except (OSError, ValueError, IndexError):
+            return
+
+
 class BackendServer:
     """Listens on one unix socket path and serves every front-end that connects."""
 
@@ -365,6 +400,9 @@ class BackendServer:
         self.poll_us = poll_us
         #: the busy-poll window: poll_us, or adapted within it with poll_adaptive
         self.spin = SpinPolicy(poll_us * 1e-6, adaptive=poll_adaptive)
+        #: moves the busy-poll loop off a CPU where its yields are slow (None: stays)
+        self.share: CpuShare | None = CpuShare()
+        self._mover = _CpuMover()
         self.require_sealed_memory = require_sealed_memory
         #: called with the ConnectionInfo of every admitted connection
         self.device_factory = device_factory
@@ -572,9 +610,13 @@ class BackendServer:
                 idle = False
             else:
                 idle = True
+                before = monotonic()
                 os.sched_yield()  # a busy CPU: let a runnable task (a peer daemon, a guest) go first
                 now = monotonic()
                 policy.pass_took(now - began, now)  # long: another task held our CPU
+                share = self.share
+                if share is not None and share.yielded(now - before, now):
+                    self._mover.move()
             if not work and now - self._spin_last > policy.window:
                 ended = [c.end_spin() for c in conns if not c.closed]   # every one ends its spin
                 if not any(ended):
@@ -690,8 +732,9 @@ def run_backend(paths: list[str], device_factory: Callable[[ConnectionInfo], Vho
                 started.append(svc)
                 if hasattr(svc, "poll"):  # e.g. a fabric's socket: busy-polled with the rings
                     starts = [s.add_poller(svc.poll) for s in servers]
-                    if hasattr(svc, "on_busy"):
-                        svc.on_busy = lambda starts=starts: [f() for f in starts]
+                    if hasattr(svc, "on_busy"):  # called after every batch: no wrapper for one server
+                        svc.on_busy = starts[0] if len(starts) == 1 else (
+                            lambda starts=starts: [f() for f in starts])
             for s in servers:
                 await s.start()
             if ready:

@@ -103,6 +103,20 @@ STOP_REASONS = ("end of batch", "new peer", "not a valid packet for ID 0",
                 "WRITE FIRST/ONLY not the plain case")
 
 
+cdef inline int _collect(rc) except -1:
+    """``RcQp._collect`` without its Python frame: the engine's completions
+    to the QP's send and receive CQ lists, in order."""
+    cdef list done = rc.requester.completions
+    if done:
+        rc._send_cq.extend(done)
+        done.clear()
+    done = rc.responder.completions
+    if done:
+        rc._recv_cq.extend(done)
+        done.clear()
+    return 0
+
+
 cdef inline int32_t _psn_diff(uint32_t a, uint32_t b) noexcept nogil:
     """verbs.psn_diff: a - b as a signed 24-bit distance."""
     cdef uint32_t d = (a - b) & PSN_MASK
@@ -347,7 +361,7 @@ cdef class RequestFastPath:
         if p[8] & 0x80:
             self._queue_ack(t, rc, resp, psn)
         rc.metrics.rx_packets += 1
-        rc._collect()
+        _collect(rc)
         self.taken += 1
         self.done(t, 1)
         return True
@@ -484,7 +498,7 @@ cdef class RequestFastPath:
         req.retrans_deadline = now + to if (to is not None and sq and sq[0].first_psn is not None
                                             and req.comp_psn != req.psn_hi) else None
         rc.metrics.rx_packets += 1
-        rc._collect()
+        _collect(rc)
         self.taken += 1
         self.done(t, 1)
         return True
