@@ -395,13 +395,14 @@ class BackendServer:
                  loop: asyncio.AbstractEventLoop | None = None,
                  require_sealed_memory: bool = True, poll_us: float = 0.0,
                  socket_mode: int = 0o660, socket_group: int | None = None,
-                 per_uid: dict[int, int] | None = None, poll_adaptive: bool = False):
+                 per_uid: dict[int, int] | None = None, poll_adaptive: bool = False,
+                 poll_move: bool = True):
         self.path = path
         self.poll_us = poll_us
         #: the busy-poll window: poll_us, or adapted within it with poll_adaptive
         self.spin = SpinPolicy(poll_us * 1e-6, adaptive=poll_adaptive)
-        #: moves the busy-poll loop off a CPU where its yields are slow (None: stays)
-        self.share: CpuShare | None = CpuShare()
+        #: moves the busy-poll loop off a CPU where its yields are slow (None: stays, --poll-stay)
+        self.share: CpuShare | None = CpuShare() if poll_move else None
         self._mover = _CpuMover()
         self.require_sealed_memory = require_sealed_memory
         #: called with the ConnectionInfo of every admitted connection
@@ -693,7 +694,7 @@ def run_backend(paths: list[str], device_factory: Callable[[ConnectionInfo], Vho
                 require_sealed_memory: bool = True, services=(), policy: TenantPolicy | None = None,
                 socket_mode: int = 0o660, socket_group: int | None = None,
                 on_reload: Callable[[], TenantPolicy | None] | None = None,
-                poll_adaptive: bool = False) -> int:
+                poll_adaptive: bool = False, poll_move: bool = True) -> int:
     """Run the daemon until SIGINT/SIGTERM; close every connection cleanly.
     ``on_reload``: called in the loop on SIGHUP (the tenant configuration is read
     again; connections stay); the TenantPolicy it returns (None: keep the running
@@ -721,7 +722,7 @@ def run_backend(paths: list[str], device_factory: Callable[[ConnectionInfo], Vho
         servers = [BackendServer(p, device_factory, loop=loop, poll_us=poll_us, policy=policy,
                                  require_sealed_memory=require_sealed_memory, per_uid=per_uid,
                                  socket_mode=socket_mode, socket_group=socket_group,
-                                 poll_adaptive=poll_adaptive) for p in paths]
+                                 poll_adaptive=poll_adaptive, poll_move=poll_move) for p in paths]
         started = []
         for svc in services:  # e.g. the admin socket: it reports the servers' connections
             if hasattr(svc, "bind_servers"):

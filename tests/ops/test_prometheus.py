@@ -123,6 +123,7 @@ def test_the_exposition_is_prometheus_shaped(ops_daemon):
     assert metric_value(text, "vrdma_accel_queue_wait_seconds_count", op="fft") == FFTS
     assert metric_value(text, "vrdma_accel_queue_wait_seconds_count", op="turbo_encode") == ENCODES
     assert metric_value(text, "vrdma_scrape_ok") == 1
+    assert metric_value(text, "vrdma_server_poll_moves_total") is not None    # the loop's CPU moves
     # counters of guests that left stay (folded per tenant): a _total never goes back
     assert metric_value(text, "vrdma_tenant_connections") is None  # both guests are gone
     assert metric_value(text, "vrdma_device_sends_completed_total") == WRITES

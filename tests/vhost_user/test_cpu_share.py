@@ -1,6 +1,7 @@
 """The busy-poll loop leaves a CPU where its yields are slow
 (vhost_user.spin.CpuShare, sans I/O; vhost_user.server._CpuMover and the
 loop itself on a real thread): counters asserted, affinity read back."""
+import argparse
 import asyncio
 import os
 import random
@@ -134,3 +135,20 @@ def test_the_busy_poll_loop_reports_idle_yields_and_moves():
     calls, polls, mask, now, own = _in_thread(body)
     assert calls > 0 and polls >= calls       # every idle pass yielded and was reported
     assert own in cpus and mask == {own} and now == own
+
+
+def test_poll_stay_turns_the_move_off():
+    """``vrdma backend --poll-stay``: no CpuShare on the server, so the loop never moves."""
+    from vrdma.commands import backend
+
+    loop = asyncio.new_event_loop()
+    try:
+        assert BackendServer("/nonexistent", lambda info: None, loop=loop, poll_us=300).share is not None
+        assert BackendServer("/nonexistent", lambda info: None, loop=loop, poll_us=300,
+                             poll_move=False).share is None
+    finally:
+        loop.close()
+    p = argparse.ArgumentParser()
+    backend.add_arguments(p)
+    assert p.parse_args(["--socket", "s"]).poll_stay is False
+    assert p.parse_args(["--socket", "s", "--poll-stay"]).poll_stay is True

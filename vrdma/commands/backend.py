@@ -32,6 +32,11 @@ def add_arguments(p) -> None:
                    help="adapt the busy-poll window within --poll-us (vhost_user.spin): it grows "
                         "when sleeps end sooner than US, shrinks when they outlast it, and is 0 "
                         "for a while after another task held the CPU during a poll pass")
+    p.add_argument("--poll-stay", action="store_true",
+                   help="keep the busy-poll loop on the CPUs the kernel gives it. By default a "
+                        "loop not pinned to one CPU moves itself to another CPU of its affinity "
+                        "when most of its idle sched_yields keep the CPU from it for over 50 us "
+                        "(another busy poller shares it; vhost_user.spin.CpuShare), and stays there")
     p.add_argument("--fabric", choices=["auto", "local", "roce", "verbs"], default="auto",
                    help="rdma: how QPs reach peers. local: this host only; roce: our RoCEv2 over "
                         "UDP 4791 on --roce-addr; verbs: the host's RDMA device --verbs-device "
@@ -615,7 +620,7 @@ def run(args) -> int:
 
     try:
         return run_backend(args.socket, factory, ready=ready, poll_us=args.poll_us,
-                           poll_adaptive=args.poll_adaptive,
+                           poll_adaptive=args.poll_adaptive, poll_move=not args.poll_stay,
                            require_sealed_memory=not args.allow_unsealed_memory, services=services,
                            policy=policy, socket_mode=args.socket_mode, socket_group=group,
                            on_reload=reload)

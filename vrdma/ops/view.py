@@ -445,6 +445,9 @@ class DaemonView:
                     c((f"vrdma_server_{f.name}", f"vhost-user server counter {f.name}", lab, v))
             g(("vrdma_server_connections", "connections served now", lab,
                sum(1 for x in s.connections if not x.closed)))
+            if s.share is not None:   # the busy-poll loop's CPU moves (vhost_user.spin.CpuShare)
+                for k, v in s.share.metrics.as_dict().items():
+                    c((f"vrdma_server_poll_{k}", f"busy-poll loop {k} (vhost_user.spin.ShareMetrics)", lab, v))
         for label, vals in sorted(self._fold().items()):
             for k, v in vals.items():
                 c((f"vrdma_device_{k}", f"virtio-rdma device counter {k} (summed per tenant)",
