@@ -447,7 +447,8 @@ class DaemonView:
                sum(1 for x in s.connections if not x.closed)))
             if s.share is not None:   # the busy-poll loop's CPU moves (vhost_user.spin.CpuShare)
                 for k, v in s.share.metrics.as_dict().items():
-                    c((f"vrdma_server_poll_{k}", f"busy-poll loop {k} (vhost_user.spin.ShareMetrics)", lab, v))
+                    c((f"vrdma_server_poll_{k}", f"busy-poll loop {k} (vhost_user.spin.ShareMetrics)",
+                       lab, v))
         for label, vals in sorted(self._fold().items()):
             for k, v in vals.items():
                 c((f"vrdma_device_{k}", f"virtio-rdma device counter {k} (summed per tenant)",
