@@ -694,8 +694,11 @@ cdef class TxRing:
                     pos = off
                     k = 0
                     while pos < end:
-                        while vstarts[k] + vlens[k] <= pos:
+                        while k < nv and vstarts[k] + vlens[k] <= pos:
                             k += 1
+                        if k == nv:     # the first pass stopped before it could tell
+                            raise ValueError(f"run payload [{off}, {end}) outside its SG list "
+                                             f"of {vstarts[nv - 1] + vlens[nv - 1]} bytes")
                         take = vstarts[k] + vlens[k] - pos
                         if take > end - pos:
                             take = end - pos
