@@ -372,19 +372,21 @@ class _CpuMover:
         self.mask: set[int] | None = None   # the affinity chosen outside
         self.own: int | None = None         # the CPU of our last move
 
-    def move(self) -> None:
+    def move(self) -> bool:
+        """Move now; False: it did not (nowhere to go: a thread allowed one CPU)."""
         try:
             now_mask = os.sched_getaffinity(0)
             if self.mask is None or now_mask != {self.own}:
                 self.mask = now_mask        # set by someone else: theirs
             others = sorted(self.mask - {_current_cpu()})
             if not others:
-                return
+                return False
             target = random.choice(others)  # noqa: S311 (a placement)
             os.sched_setaffinity(0, {target})   # the kernel moves us now
             self.own = target
         except (OSError, ValueError, IndexError):
-            return
+            return False
+        return True
 
 
 class BackendServer:
@@ -616,8 +618,8 @@ class BackendServer:
                 now = monotonic()
                 policy.pass_took(now - began, now)  # long: another task held our CPU
                 share = self.share
-                if share is not None and share.yielded(now - before, now):
-                    self._mover.move()
+                if share is not None and share.yielded(now - before, now) and not self._mover.move():
+                    share.metrics.moves -= 1    # asked, but it stayed (pinned): not a move
             if not work and now - self._spin_last > policy.window:
                 ended = [c.end_spin() for c in conns if not c.closed]   # every one ends its spin
                 if not any(ended):

@@ -139,7 +139,7 @@ MOVE_HOLD = 0.2
 @dataclass(slots=True)
 class ShareMetrics:
     slow_yields: int = 0   # idle yields longer than SLOW_YIELD
-    moves: int = 0         # the loop asked to run on another CPU
+    moves: int = 0         # the loop moved to another CPU (a verdict not carried out is taken back)
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -152,3 +152,62 @@ def test_poll_stay_turns_the_move_off():
     backend.add_arguments(p)
     assert p.parse_args(["--socket", "s"]).poll_stay is False
     assert p.parse_args(["--socket", "s", "--poll-stay"]).poll_stay is True
+
+
+class _AllSlow(CpuShare):
+    """The real CpuShare and its counters, every idle yield judged slow and one
+    yield a sample: its first verdict is 'move'."""
+
+    def __init__(self):
+        super().__init__(random.Random(5))
+        self._need = 1
+        self.verdicts = 0
+
+    def _draw(self):
+        return 1
+
+    def yielded(self, seconds, now):
+        move = super().yielded(1.0, now)
+        self.verdicts += move
+        return move
+
+
+def _loop_once(cpus: set[int]):
+    """The busy-poll loop of a real BackendServer on a thread allowed ``cpus``,
+    until its window passes without work: (verdicts, moves counted, mask, own)."""
+    def body():
+        os.sched_setaffinity(0, cpus)
+        loop = asyncio.new_event_loop()
+        try:
+            server = BackendServer("/nonexistent", lambda info: None, loop=loop, poll_us=300)
+            server.share = share = _AllSlow()
+            start = server.add_poller(lambda: False)
+
+            async def run():
+                start()
+                while server._spin_handle is not None:
+                    await asyncio.sleep(0.005)
+            loop.run_until_complete(asyncio.wait_for(run(), 20))
+            return share.verdicts, share.metrics.moves, os.sched_getaffinity(0), server._mover.own
+        finally:
+            loop.close()
+    return _in_thread(body)
+
+
+def test_a_pinned_loop_counts_no_moves():
+    """A daemon pinned to one CPU stays there (the mover has nowhere to go), and
+    vrdma_server_poll_moves_total ("its moves to another CPU", docs/operations.md)
+    must not count moves that did not happen: an operator who pinned it by hand
+    reads that counter to see whether the loop moved."""
+    cpu = min(os.sched_getaffinity(0))
+    verdicts, moves, mask, own = _loop_once({cpu})
+    assert verdicts >= 1                 # CpuShare said 'move' ...
+    assert mask == {cpu} and own is None  # ... the loop stayed ...
+    assert moves == 0                    # ... and no move is counted
+
+
+def test_a_loop_that_moved_counts_its_moves():
+    cpus = _two_cpus()
+    verdicts, moves, mask, own = _loop_once(cpus)
+    assert verdicts >= 1 and own in cpus and mask == {own}
+    assert moves == verdicts            # each verdict moved it: two CPUs, another one free
