@@ -99,6 +99,8 @@ def _echo(seq) -> None:
 def _host(role: str, bind: str, peer: str, iters: int, cpu: int) -> dict | None:
     """One host: pin to ``cpu``, fork the relay, run the application."""
     os.sched_setaffinity(0, {cpu})
+    # the echo side ends on SIGTERM (NsProcess.stop): unwind, so the relay child is killed and reaped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     page = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_SHARED)
     seq = memoryview(page).cast("Q")
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
