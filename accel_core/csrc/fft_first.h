@@ -64,7 +64,19 @@
  * spill-bound (it spills on AVX2, yet takes 43% on AVX-512 too). Its twiddles stored in
  * lane order pi (no permute per load) were retried: 2-9% faster first stages alone (a C
  * harness), but whole transforms measured against the old build ranged from 0.96
- * (4096 complex64) to 1.09 (128 complex64 on AVX-512) of the time: dropped again.
+ * (4096 complex64) to 1.09 (128 complex64 on AVX-512) of the time: dropped again. * Tried and dropped: 128-point rows vectorised across rows (one row per lane: 8 complex64
+ * or 4 complex128 rows per 256-bit vector; an 8 x 8 / 4 x 4 transpose per 4 / 2 elements
+ * fused into the first stage's loads and the last stage's stores, every stage between
+ * them vertical arithmetic with broadcast twiddles, no shuffle; the plan's radix-2/4/8
+ * schedule; 16 KiB of scratch; also as separate transpose passes). Exact (within the
+ * tolerances on all three builds), but slower, interleaved in one process against the
+ * per-row kernel, three runs: complex64 1.10-1.15x the time on AVX2 (its best schedule
+ * against 8*4*4) and 1.27-1.32x on AVX-512 (against 8*16), complex128 1.22-1.36x on AVX2
+ * and 1.32-1.6x on AVX-512. The transposes cost about as many shuffles as the per-row first stage
+ * (24 per 64 floats at each end against its 39 per 64), and perf puts the time in the
+ * transposed loads from 8 rows 1 KiB apart (L2: the batch, 256 KiB, does not fit L1 and
+ * a software prefetch of the next group did not help), with the scratch and 8 rows in and
+ * out filling the 32 KiB L1.
  */
 #ifndef VRDMA_FFT_FIRST_H
 #define VRDMA_FFT_FIRST_H

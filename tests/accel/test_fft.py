@@ -191,6 +191,7 @@ def test_list_input_of_complex_is_accepted():
     (768, False, "avx512", (4, 4, 4, 4, 3)), (128, False, "avx2", (8, 4, 4)),
     (4096, True, "scalar", (4, 4, 4, 4, 4, 4)),
     (1536, True, "scalar", (4, 4, 4, 4, 2, 3)), (1536, False, "avx2", (8, 4, 4, 4, 3)),
+    (1536, True, "avx2", (8, 4, 4, 4, 3)), (1536, True, "avx512", (4, 8, 4, 4, 3)),
     (3072, False, "avx2", (4, 4, 4, 4, 4, 3)), (3072, False, "avx512", (8, 8, 4, 4, 3)),
     (3072, True, "avx2", (4, 4, 4, 4, 4, 3)),
     (1200, False, "scalar", (4, 4, 5, 5, 3)),
