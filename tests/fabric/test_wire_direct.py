@@ -18,6 +18,7 @@ checked at the end against ``RoceUdpEndpoint.transmit``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import random
 
@@ -189,11 +190,18 @@ def test_add_msg_is_add_run():
 def test_real_endpoint_route_counts_as_transmit():
     """Two RoCE fabrics on the loopback, real sockets: plain SENDs went the
     direct way, arrived, and the fabric's and endpoint's tx_packets count
-    every packet as RoceFabric.transmit counts them."""
-    asyncio.run(_loopback(random.randrange(40000, 60000)))
+    every packet as RoceFabric.transmit counts them; flushed natively at the
+    end of run_wire_sq (TxRing.flush_direct) or through the endpoint's
+    Python tx_added, every counter of both endpoints and fabrics is the same."""
+    port = random.randrange(40000, 60000)
+    native = asyncio.run(_loopback(port, True))
+    python = asyncio.run(_loopback(port, False))
+    assert native["direct_flushes"] > 0 and python["direct_flushes"] == 0
+    del native["direct_flushes"], python["direct_flushes"]
+    assert native == python
 
 
-async def _loopback(port: int) -> None:
+async def _loopback(port: int, direct: bool) -> dict:
     from tests.virtio_rdma.driver import Guest
 
     a_ip, b_ip = "127.0.0.51", "127.0.0.52"
@@ -203,6 +211,8 @@ async def _loopback(port: int) -> None:
     try:
         await sb.start()
         try:
+            if not direct:      # TxRing.flush_direct declines: TxRoute.done in Python
+                sa.endpoint._tx.owner = sb.endpoint._tx.owner = None
             ga, gb = Guest(fa, size=4 << 20), Guest(fb, size=4 << 20, gpa=0x4000_0000)
             sides = []
             for g in (ga, gb):
@@ -247,6 +257,11 @@ async def _loopback(port: int) -> None:
             assert fa.metrics.tx_packets == sa.endpoint.metrics.tx_packets == pkts
             assert fa.metrics.tx_unroutable == 0
             route = fa.tx_route(b_ip)
+            out = {"direct_flushes": sa.endpoint._tx.direct_flushes
+                   + sb.endpoint._tx.direct_flushes}
+            for k, m in (("ea", sa.endpoint.metrics), ("eb", sb.endpoint.metrics),
+                         ("fa", fa.metrics), ("fb", fb.metrics)):
+                out.update({f"{k}.{f}": v for f, v in dataclasses.asdict(m).items()})
         finally:
             await sb.aclose()
     finally:
@@ -255,3 +270,4 @@ async def _loopback(port: int) -> None:
     with pytest.raises(ConnectionError):     # one kept from before fails as transmit does
         route.done(1)
     assert fa.metrics.tx_packets == pkts
+    return out
