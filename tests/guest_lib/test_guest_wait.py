@@ -66,3 +66,24 @@ def test_perftest_runs_on_both_paths(test, size, native, wait, poll_us):
         assert counts == [0] * 6
     elif test in ("send_lat", "send_bw"):  # the server waited for the client's first message
         assert sum(counts[3:]) >= 1
+
+
+def test_adaptive_budget_after_a_yielding_wait():
+    """The spin budget after a wait that ended while yielding: yields that
+    came straight back double it (from none: MIN_NS); a yield that gave the
+    CPU away (the producer shares it) quarters it, and below MIN_NS there
+    is no spin at all; MAX_NS caps it."""
+    w = CqWaiter(None)
+    short, long_ = CqWaiter.SWITCH_NS, CqWaiter.SWITCH_NS + 1
+    assert w.spin_ns == 2_000
+    w._learn_yield(long_)
+    assert w.spin_ns == 0
+    w._learn_yield(long_)
+    assert w.spin_ns == 0
+    w._learn_yield(short)
+    assert w.spin_ns == CqWaiter.MIN_NS
+    for _ in range(10):
+        w._learn_yield(short)
+    assert w.spin_ns == CqWaiter.MAX_NS
+    w._learn_yield(long_)
+    assert w.spin_ns == CqWaiter.MAX_NS // 4
