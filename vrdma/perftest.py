@@ -123,7 +123,15 @@ class CqWaiter:
         :meth:`guest_lib.cq.CQ.wait_counts` (native: without the GIL)."""
         cq = self.cq
         if self.mode == "adaptive":
-            nrecv, nother, nerr = self._adaptive(n)
+            # the common case (a wait ended while yielding) without another frame:
+            # every wait of a latency loop is on its critical path
+            nrecv, nother, nerr, phase, waited, away = cq.wait_counts(n, self.spin_ns, self.BLOCK_NS)
+            if phase == 2:
+                self.yielded += 1
+                if self.spin_ns or away <= self.SWITCH_NS:     # else: no spin stays no spin
+                    self._learn_yield(away)
+            elif phase:
+                nrecv, nother, nerr = self._adapted(n, phase, waited, (nrecv, nother, nerr))
         else:
             spin = self.BLOCK_NS if self.mode == "spin" else 0
             while True:  # wait_counts comes back every BLOCK_NS: the CQ looks at the daemon then
@@ -149,18 +157,17 @@ class CqWaiter:
             # two-host send_lat): spinning first only delays it; yield at once
             self.spin_ns = 0
 
-    def _adaptive(self, n: int) -> tuple[int, int, int]:
+    def _adapted(self, n: int, phase: int, waited: int,
+                 got: tuple[int, int, int]) -> tuple[int, int, int]:
+        """An adaptive wait that ended while spinning (phase 1: what it
+        teaches, and ``got``, its counts) or found nothing within BLOCK_NS
+        (phase 3: the counts of a blocking wait)."""
         cq = self.cq
-        nrecv, nother, nerr, phase, waited, away = cq.wait_counts(n, self.spin_ns, self.BLOCK_NS)
         if phase == 1:
             self.spun += 1
             self.avg_ns += (waited - self.avg_ns) / 8
             self._learn(2 * self.avg_ns)
-        elif phase == 2:
-            self.yielded += 1
-            self._learn_yield(away)
-        if phase != 3:
-            return nrecv, nother, nerr
+            return got
         self.blocked += 1
         while True:
             cq.req_notify()
@@ -236,10 +243,11 @@ class _LatSide:
                                   send_flags=inline | SendFlags.SIGNALED)
         self.seen = {True: 0, False: 0}   # completions polled ahead: recv?, send?
         self.scnt = 0
+        self.waiter = _waiter(g)
         g.qp.post_recv([self.rwr] * 64)
 
     def _wait(self, recv: bool) -> None:
-        seen, w = self.seen, _waiter(self.g)
+        seen, w = self.seen, self.waiter
         while not seen[recv]:
             nrecv, nother = w.wait()     # one CQ for both: the other kind is counted for later
             seen[True] += nrecv

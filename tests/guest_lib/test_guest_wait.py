@@ -87,3 +87,12 @@ def test_adaptive_budget_after_a_yielding_wait():
     assert w.spin_ns == CqWaiter.MAX_NS
     w._learn_yield(long_)
     assert w.spin_ns == CqWaiter.MAX_NS // 4
+
+
+def test_adaptive_wait_that_spun_keeps_its_counts_and_learns():
+    """A wait that ended while spinning returns what it consumed and sets the
+    budget to twice the moving average of such waits (at least MIN_NS)."""
+    w = CqWaiter(None)
+    assert w._adapted(16, 1, 9_000, (2, 1, 0)) == (2, 1, 0)
+    assert w.spun == 1 and w.avg_ns == 1_000 + (9_000 - 1_000) / 8
+    assert w.spin_ns == int(2 * w.avg_ns)
