@@ -29,7 +29,11 @@ of one datagram: a plain ``socket.sendto`` of 100 bytes on the loopback,
 measured in the same run. Medians over the iterations after the first
 fifth.
 
-    python -m bench.wire_steps [--iters N] [--parts] [--json]
+With ``--ab NAME`` one change (see ``AB``) is switched on and off on
+alternate round trips of the same run, and each step is reported for both:
+an interleaved before/after on a shared machine.
+
+    python -m bench.wire_steps [--iters N] [--parts] [--ab NAME] [--json]
 """
 from __future__ import annotations
 
@@ -134,7 +138,19 @@ def _sendto_floor(n: int) -> float:
         b.close()
 
 
-async def _run(iters: int, parts: bool, port: int = PORT) -> dict:
+def _ab_tx_direct(services, on: bool) -> None:
+    """The TX ring flushed natively at the end of run_wire_sq
+    (``TxRing.flush_direct``), or through the endpoint's Python ``tx_added``."""
+    for svc in services:
+        svc.endpoint._tx.owner = svc.endpoint if on else None
+
+
+#: ``--ab NAME``: a change switched on and off on alternate round trips of one
+#: run, each step timed separately for each (``NAME on`` / ``NAME off``)
+AB = {"tx_direct": _ab_tx_direct}
+
+
+async def _run(iters: int, parts: bool, port: int = PORT, ab: str | None = None) -> dict:
     from fabric.roce import RoceFabric, RoceFabricService
     from tests.virtio_rdma.driver import Guest
     from verbs import SendFlags, WrOpcode
@@ -162,6 +178,10 @@ async def _run(iters: int, parts: bool, port: int = PORT) -> dict:
             timer = _Timer(parts)
             try:
                 for i in range(iters):
+                    tag = ""
+                    if ab is not None:
+                        AB[ab]((sa, sb), i % 2 == 0)
+                        tag = f" [{ab} {'on' if i % 2 == 0 else 'off'}]"
                     for me, peer, svc_me, svc_peer in ((sides[0], sides[1], sa, sb),
                                                        (sides[1], sides[0], sb, sa)):
                         g, qp, cq, _ = me
@@ -170,10 +190,10 @@ async def _run(iters: int, parts: bool, port: int = PORT) -> dict:
                         g.write(qp.dbrec, struct.pack("<II", qp.sq_pi, qp.rq_pi))
                         t = timer.begin()
                         g.core.poll(time.monotonic())
-                        timer.end("send", t)
-                        _poll_until(timer, "receive", svc_peer, peer[0], peer[2])
+                        timer.end("send" + tag, t)
+                        _poll_until(timer, "receive" + tag, svc_peer, peer[0], peer[2])
                         peer[0].post_recv(peer[1], i, [(peer[3], 0, 64)])
-                        _poll_until(timer, "ack", svc_me, g, cq)
+                        _poll_until(timer, "ack" + tag, svc_me, g, cq)
             finally:
                 timer.close()
         finally:
@@ -198,9 +218,9 @@ def _poll_until(timer: _Timer, step: str, svc, g, cq) -> None:
     raise RuntimeError(f"no completion for the {step} step")
 
 
-def run(iters: int = 3000, parts: bool = False, port: int = PORT) -> dict:
+def run(iters: int = 3000, parts: bool = False, port: int = PORT, ab: str | None = None) -> dict:
     """The steps' medians (and the parts' with ``parts``), the sendto floor, the machine."""
-    out = asyncio.run(_run(iters, parts, port))
+    out = asyncio.run(_run(iters, parts, port, ab))
     out["sendto"] = _sendto_floor(max(1000, iters))
     out["machine"] = machine()
     return out
@@ -212,8 +232,10 @@ def main(argv=None) -> None:
     ap.add_argument("--parts", action="store_true", help="time the parts of each step too")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--port", type=int, default=PORT, help="UDP port of both fabrics")
+    ap.add_argument("--ab", choices=sorted(AB), default=None,
+                    help="time a change on and off on alternate round trips (same run)")
     args = ap.parse_args(argv)
-    out = run(args.iters, args.parts, args.port)
+    out = run(args.iters, args.parts, args.port, args.ab)
     if args.json:
         print(json.dumps(out, indent=2))
         return

@@ -83,6 +83,13 @@ cdef class TxRing:
     #: packets whose payload had more pieces than a datagram's iovecs: copied (add_msg)
     cdef readonly unsigned long long gathered
 
+    #: the endpoint whose socket flush_direct sends on (roce.udp.RoceUdpEndpoint), or None
+    cdef public object owner
+    #: flushes flush_direct did (the endpoint's Python tx_added skipped)
+    cdef readonly unsigned long long direct_flushes
+
+    cdef int flush_direct(self, uint32_t n, bint seal) except -1
+    cdef list _flush(self, int fd, int *res)
     cdef void _release(self) noexcept
     cdef int _hold(self, object obj, const uint8_t **buf, Py_ssize_t *length) except -1
     cdef void _finish(self, int i, Envelope env, Py_ssize_t hlen, Py_ssize_t plen,

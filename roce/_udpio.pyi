@@ -1,5 +1,5 @@
 """Stubs for roce._udpio (see _udpio.pyx)."""
-from typing import Self
+from typing import Any, Self
 
 from roce._auth import RxAuth, TxAuth
 from roce._codec import Envelope
@@ -27,6 +27,7 @@ class RxRing:
 
 class TxRing:
     gso: bool
+    owner: Any
     @property
     def nslots(self) -> int: ...
     @property
@@ -39,6 +40,8 @@ class TxRing:
     def gso_fallbacks(self) -> int: ...
     @property
     def gathered(self) -> int: ...
+    @property
+    def direct_flushes(self) -> int: ...
     def __new__(cls, nslots: int = ..., gso: bool = ...) -> Self: ...
     @property
     def full(self) -> bool: ...

@@ -796,6 +796,41 @@ cdef class TxRing:
         and ``left`` datagrams (as bytes and ``(ip, port)``, each for IPv4 ID
         0) not sent because the socket buffer is full, for the caller to send
         once the socket is writable. The ring is empty after."""
+        cdef int res[2]
+        left = self._flush(fd, res)
+        return res[0], res[1], left
+
+    cdef int flush_direct(self, uint32_t n, bint seal) except -1:
+        """What the owner endpoint's ``tx_added(n, seal)`` does when it is
+        not delivering a batch (count ``n`` packets a native sender added,
+        then ``flush``), without its Python frames: the common end of
+        ``virtio_rdma._datapath.run_wire_sq``. Returns 0, having done
+        nothing, when the endpoint must do it (no owner, a batch being
+        delivered, a backlog waiting for the socket, closed); else 1. The
+        endpoint's counters change exactly as ``tx_added`` changes them."""
+        ep = self.owner
+        if ep is None or ep._holding or ep._closed or ep._backlog:
+            return 0
+        cdef int res[2]
+        m = ep.metrics
+        m.tx_packets += n
+        if seal:
+            m.tx_sealed = self.auth.sealed
+        ep._parked = 0
+        self.direct_flushes += 1
+        if not self.count:
+            return 1
+        left = self._flush(ep._fd, res)
+        if res[1]:
+            m.tx_errors += res[1]
+        m.tx_gso_calls, m.tx_gso_datagrams, m.tx_gso_fallbacks = \
+            self.gso_calls, self.gso_datagrams, self.gso_fallbacks
+        if left:
+            ep._tx_left(left)
+        return 1
+
+    cdef list _flush(self, int fd, int *res):
+        """:meth:`flush`'s body: ``res`` gets ``(sent, errors)``; returns ``left``."""
         cdef int j = 0, r, sent = 0, errors = 0, k, c, i
         cdef int n = self.count
         cdef int nout = self._plan(0, 0, n)
@@ -833,7 +868,9 @@ cdef class TxRing:
             j += 1
         self._release()
         self.count = 0
-        return sent, errors, left
+        res[0] = sent
+        res[1] = errors
+        return left
 
     def flush_bytes(self) -> list:
         """Empty the ring without sending: each slot's datagram (bytes, for

@@ -209,6 +209,8 @@ class RoceUdpEndpoint:
         self._fd = sock.fileno()
         self._rx = RxRing(BATCH)
         self._tx = TxRing(BATCH, gso=GSO)
+        #: native senders (run_wire_sq) flush on our socket: TxRing.flush_direct
+        self._tx.owner = self
         self._rx_envs: dict = {}          # peer key -> Envelope(peer -> local)
         self._tx_envs: dict = {}          # (peer ip, port) -> Envelope(local -> peer)
         self._backlog: deque = deque()    # (bytes, (ip, port)) waiting for the socket buffer
@@ -524,8 +526,13 @@ class RoceUdpEndpoint:
         m.tx_gso_calls, m.tx_gso_datagrams, m.tx_gso_fallbacks = \
             tx.gso_calls, tx.gso_datagrams, tx.gso_fallbacks
         if left:
-            self._backlog.extend(left)
-            self.loop.add_writer(self._fd, self._on_writable)
+            self._tx_left(left)
+
+    def _tx_left(self, left: list) -> None:
+        """Datagrams the socket buffer had no room for: sent once it is
+        writable (also from ``TxRing.flush_direct``)."""
+        self._backlog.extend(left)
+        self.loop.add_writer(self._fd, self._on_writable)
 
     def _send_bytes(self, data: bytes, addr) -> None:
         self.flush()
@@ -561,6 +568,7 @@ class RoceUdpEndpoint:
         self.loop.remove_reader(self._fd)
         self.loop.remove_writer(self._fd)
         self._tx.clear()
+        self._tx.owner = None
         self._backlog.clear()
         self.sock.close()
 

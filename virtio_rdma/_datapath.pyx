@@ -1053,7 +1053,7 @@ cdef int _run_wire_sq(dev, qp, net, double now) except -1:
                 _commit_wire(req, qp, rm, sq, psn, sq_next, tx_packets, to, now)
                 tx_packets = 0
                 if ring is not None:
-                    route.done(pending)
+                    _route_done(route, ring, pending, seal)
                 else:
                     runs_out, runs = runs, []
                     net.fabric.transmit(runs_out, net.peer)
@@ -1067,8 +1067,18 @@ cdef int _run_wire_sq(dev, qp, net, double now) except -1:
         if runs:    # what pump() after each WQE would have sent, in one call
             net.fabric.transmit(runs, net.peer)
         elif ring is not None and pending:
-            route.done(pending)
+            _route_done(route, ring, pending, seal)
     return done
+
+
+cdef inline int _route_done(route, TxRing ring, uint32_t n, bint seal) except -1:
+    """``route.done(n)`` (fabric.roce.TxRoute): natively when the endpoint
+    allows (``TxRing.flush_direct``), the same counters either way."""
+    if ring.flush_direct(n, seal):
+        route.fabric.metrics.tx_packets += n
+    else:
+        route.done(n)
+    return 0
 
 
 cdef object _RECV_ENGINE_STATES = (QpState.INIT, QpState.RTR, QpState.RTS, QpState.SQD)

@@ -202,4 +202,13 @@ def poll(core: RdmaDeviceCore, now: float) -> int:
     records if DBREC_POLL is on; returns how many were applied."""
     if not core.poll_doorbell_records:
         return 0
+    scanner = core.dbrec_scanner
+    if scanner is not None and not core.aqs and scanner.key == (len(core.qps), core.qp_epoch):
+        # poll_records' common case without its frames: the scan alone (an idle
+        # pass of the daemon's loop finds nothing), core_call only for a change
+        qps = scanner.scan(core.mem)
+        if not qps:
+            flush_notify(core)              # as core_call ends
+            return 0
+        return apply_changed(core, qps, now)
     return core_call(core, "polling doorbell records", poll_records, core, now, default=0)

@@ -18,6 +18,7 @@ checked at the end against ``RoceUdpEndpoint.transmit``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import random
 
@@ -189,11 +190,18 @@ def test_add_msg_is_add_run():
 def test_real_endpoint_route_counts_as_transmit():
     """Two RoCE fabrics on the loopback, real sockets: plain SENDs went the
     direct way, arrived, and the fabric's and endpoint's tx_packets count
-    every packet as RoceFabric.transmit counts them."""
-    asyncio.run(_loopback(random.randrange(40000, 60000)))
+    every packet as RoceFabric.transmit counts them; flushed natively at the
+    end of run_wire_sq (TxRing.flush_direct) or through the endpoint's
+    Python tx_added, every counter of both endpoints and fabrics is the same."""
+    port = random.randrange(40000, 60000)
+    native = asyncio.run(_loopback(port, True))
+    python = asyncio.run(_loopback(port, False))
+    assert native["direct_flushes"] > 0 and python["direct_flushes"] == 0
+    del native["direct_flushes"], python["direct_flushes"]
+    assert native == python
 
 
-async def _loopback(port: int) -> None:
+async def _loopback(port: int, direct: bool) -> dict:
     from tests.virtio_rdma.driver import Guest
 
     a_ip, b_ip = "127.0.0.51", "127.0.0.52"
@@ -203,6 +211,8 @@ async def _loopback(port: int) -> None:
     try:
         await sb.start()
         try:
+            if not direct:      # TxRing.flush_direct declines: TxRoute.done in Python
+                sa.endpoint._tx.owner = sb.endpoint._tx.owner = None
             ga, gb = Guest(fa, size=4 << 20), Guest(fb, size=4 << 20, gpa=0x4000_0000)
             sides = []
             for g in (ga, gb):
@@ -247,6 +257,11 @@ async def _loopback(port: int) -> None:
             assert fa.metrics.tx_packets == sa.endpoint.metrics.tx_packets == pkts
             assert fa.metrics.tx_unroutable == 0
             route = fa.tx_route(b_ip)
+            out = {"direct_flushes": sa.endpoint._tx.direct_flushes
+                   + sb.endpoint._tx.direct_flushes}
+            for k, m in (("ea", sa.endpoint.metrics), ("eb", sb.endpoint.metrics),
+                         ("fa", fa.metrics), ("fb", fb.metrics)):
+                out.update({f"{k}.{f}": v for f, v in dataclasses.asdict(m).items()})
         finally:
             await sb.aclose()
     finally:
@@ -255,3 +270,77 @@ async def _loopback(port: int) -> None:
     with pytest.raises(ConnectionError):     # one kept from before fails as transmit does
         route.done(1)
     assert fa.metrics.tx_packets == pkts
+    return out
+
+
+def test_native_flush_keeps_a_backlog_first():
+    """With datagrams waiting for the socket (the endpoint's backlog),
+    run_wire_sq's native flush (TxRing.flush_direct) declines and the
+    endpoint's Python path keeps the order (the SEND queued behind what
+    waited, both sent); without one the next SEND is flushed natively; a
+    closed endpoint drops the ring's owner, and the route raises as
+    transmit does."""
+    asyncio.run(_backlog(random.randrange(40000, 60000)))
+
+
+async def _backlog(port: int) -> None:
+    import socket
+
+    from tests.virtio_rdma.driver import Guest
+
+    a_ip, b_ip = "127.0.0.53", "127.0.0.54"
+    fa, fb = RoceFabric(a_ip, port=port), RoceFabric(b_ip, port=port)
+    sa, sb = RoceFabricService(fa), RoceFabricService(fb)
+    await sa.start()
+    try:
+        await sb.start()
+        try:
+            ga, gb = Guest(fa, size=4 << 20), Guest(fb, size=4 << 20, gpa=0x4000_0000)
+            sides = []
+            for g in (ga, gb):
+                pd = g.alloc_pd()
+                cq = g.create_cq(64)
+                qp = g.create_qp(pd, cq, max_send_wr=16, max_recv_wr=16)
+                sides.append((g, qp, cq, g.reg_mr(pd, 1 << 12)))
+            (ga, qa, ca, ma), (gb, qb, cb, mb) = sides
+            ga.connect(qa, qb.qpn, gid=fb.gid)
+            gb.connect(qb, qa.qpn, gid=fa.gid)
+            gb.post_recv(qb, 0, [(mb, 0, 64)])
+            gb.post_recv(qb, 1, [(mb, 64, 64)])
+            # a listener where the backlog's datagram goes, and a backlog for it
+            probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            probe.bind((b_ip, 0))
+            probe.setblocking(False)
+            ep, ring = sa.endpoint, sa.endpoint._tx
+            ep._tx_left([(b"waited", probe.getsockname())])
+            d0, f0 = _datapath.wire_direct_msgs, ring.direct_flushes
+            ga.write(ma.addr, b"x" * 64)
+            ga.post_send(qa, 0, WrOpcode.SEND, [(ma, 0, 64)], flags=SendFlags.SIGNALED)
+            assert _datapath.wire_direct_msgs - d0 == 1        # encoded into the ring natively
+            assert ring.direct_flushes == f0                   # but not flushed there
+            # the endpoint's flush put the SEND behind what waited and sent both in order
+            assert ring.count == 0 and not ep._backlog
+            assert probe.recv(64) == b"waited"
+            probe.close()
+            got_a, got_b = [], []
+            for _ in range(100000):
+                sb.poll()
+                sa.poll()
+                got_a += ga.poll(ca)
+                got_b += gb.poll(cb)
+                if got_a and got_b:
+                    break
+            assert [c.status for c in got_a + got_b] == [0, 0]
+            assert gb.read(mb.addr, 64) == b"x" * 64
+            # no backlog now: the next SEND is flushed natively
+            ga.post_send(qa, 1, WrOpcode.SEND, [(ma, 0, 64)], flags=SendFlags.SIGNALED)
+            assert ring.direct_flushes == f0 + 1 and ring.count == 0
+            assert fa.metrics.tx_packets == ep.metrics.tx_packets == 2
+            route = fa.tx_route(b_ip)
+        finally:
+            await sb.aclose()
+    finally:
+        await sa.aclose()
+    assert ring.owner is None                                  # the cycle is broken on close
+    with pytest.raises(ConnectionError):
+        route.done(1)

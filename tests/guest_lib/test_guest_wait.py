@@ -66,3 +66,33 @@ def test_perftest_runs_on_both_paths(test, size, native, wait, poll_us):
         assert counts == [0] * 6
     elif test in ("send_lat", "send_bw"):  # the server waited for the client's first message
         assert sum(counts[3:]) >= 1
+
+
+def test_adaptive_budget_after_a_yielding_wait():
+    """The spin budget after a wait that ended while yielding: yields that
+    came straight back double it (from none: MIN_NS); a yield that gave the
+    CPU away (the producer shares it) quarters it, and below MIN_NS there
+    is no spin at all; MAX_NS caps it."""
+    w = CqWaiter(None)
+    short, long_ = CqWaiter.SWITCH_NS, CqWaiter.SWITCH_NS + 1
+    assert w.spin_ns == 2_000
+    w._learn_yield(long_)
+    assert w.spin_ns == 0
+    w._learn_yield(long_)
+    assert w.spin_ns == 0
+    w._learn_yield(short)
+    assert w.spin_ns == CqWaiter.MIN_NS
+    for _ in range(10):
+        w._learn_yield(short)
+    assert w.spin_ns == CqWaiter.MAX_NS
+    w._learn_yield(long_)
+    assert w.spin_ns == CqWaiter.MAX_NS // 4
+
+
+def test_adaptive_wait_that_spun_keeps_its_counts_and_learns():
+    """A wait that ended while spinning returns what it consumed and sets the
+    budget to twice the moving average of such waits (at least MIN_NS)."""
+    w = CqWaiter(None)
+    assert w._adapted(16, 1, 9_000, (2, 1, 0)) == (2, 1, 0)
+    assert w.spun == 1 and w.avg_ns == 1_000 + (9_000 - 1_000) / 8
+    assert w.spin_ns == int(2 * w.avg_ns)

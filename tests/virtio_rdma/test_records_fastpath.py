@@ -76,3 +76,45 @@ def test_plain_records_go_native():
     assert _datapath.records_applied - before >= 3 + 3   # each batch's SQ and RQ record
     assert _datapath.completed - done == 30
     assert fast["metrics_a"]["sends_completed"] == 30
+
+
+
+def test_idle_poll_is_a_scan_and_changes_are_applied():
+    """``doorbells.poll`` with a current scanner: a pass that finds no changed
+    record is the scan alone (nothing applied, no core call), yet events a
+    peer queued meanwhile are still signalled as a core call's end signals
+    them; a changed record is applied once, as ``poll_records`` applies it."""
+    from fabric.local import LocalFabric
+    from virtio_rdma.constants import EventKind
+    from virtio_rdma.testing import DBREC
+
+    fab = LocalFabric()
+    g = driver.Guest(fab)
+    core = g.core
+    core.poll_doorbell_records = True
+    notified = []
+    core.notify = lambda: notified.append(1)
+    pd = g.alloc_pd()
+    cq = g.create_cq(16)
+    qp = g.create_qp(pd, cq, max_send_wr=8, max_recv_wr=8)
+    peer = g.create_qp(pd, cq, max_send_wr=8, max_recv_wr=8)
+    driver.connect_pair(fab, g, g, qp, peer)
+    buf = g.reg_mr(pd, 4096)
+    core.poll(0.0)                           # the first scan looks at the new QP's record
+    assert core.dbrec_scanner.key == (len(core.qps), core.qp_epoch)
+    calls, bad = core.in_call, core.metrics.bad_doorbells
+    assert [core.poll(0.0) for _ in range(3)] == [0, 0, 0]
+    assert core.in_call == calls and notified == []
+    core.event_queue.append(wire.Event(EventKind.COMPLETION, 0, cq.cqn))
+    assert core.poll(0.0) == 0 and notified == [1]
+    core.event_queue.clear()
+    # a receive posted as a DBREC_POLL driver posts it: WQE and record, no doorbell
+    slot = 1 << qp.layout.rq_wqe_shift
+    g.write(qp.rq + (qp.rq_pi % qp.layout.rq_depth) * slot,
+            wire.encode_recv_wqe(7, [(buf.addr, 64, buf.lkey)], slot_size=slot))
+    qp.rq_pi += 1
+    g.write(qp.dbrec, DBREC.pack(qp.sq_pi, qp.rq_pi))
+    assert core.poll(0.0) == 1
+    assert core.qps[qp.qpn].rq_pi == qp.rq_pi
+    assert core.poll(0.0) == 0
+    assert core.metrics.bad_doorbells == bad
