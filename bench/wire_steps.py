@@ -151,55 +151,40 @@ AB = {"tx_direct": _ab_tx_direct}
 
 
 async def _run(iters: int, parts: bool, port: int = PORT, ab: str | None = None) -> dict:
-    from fabric.roce import RoceFabric, RoceFabricService
-    from tests.virtio_rdma.driver import Guest
+    from tests.virtio_rdma.driver import fabric_sides, loopback_fabrics
     from verbs import SendFlags, WrOpcode
 
-    fa, fb = RoceFabric(A_IP, port=port), RoceFabric(B_IP, port=port)
-    sa, sb = RoceFabricService(fa), RoceFabricService(fb)
-    await sa.start()
-    try:
-        await sb.start()
+    async with loopback_fabrics(A_IP, B_IP, port) as (fa, fb, sa, sb):
+        # DBREC_POLL, as under --poll-us
+        sides = fabric_sides(fa, fb, size=8 << 20, cq=256, mr=4096, dbrec_poll=True,
+                             max_send_wr=64, max_recv_wr=64)
+        (ga, qa, _, _), (gb, qb, _, _) = sides
+        ga.connect(qa, qb.qpn, gid=fb.gid, path_mtu=5)
+        gb.connect(qb, qa.qpn, gid=fa.gid, path_mtu=5)
+        for g, qp, _, buf in sides:
+            for i in range(32):
+                g.post_recv(qp, i, [(buf, 0, 64)])
+        timer = _Timer(parts)
         try:
-            ga, gb = Guest(fa, size=8 << 20), Guest(fb, size=8 << 20, gpa=0x4000_0000)
-            sides = []
-            for g in (ga, gb):
-                g.core.poll_doorbell_records = True   # DBREC_POLL, as under --poll-us
-                pd = g.alloc_pd()
-                cq = g.create_cq(256)
-                qp = g.create_qp(pd, cq, max_send_wr=64, max_recv_wr=64)
-                sides.append([g, qp, cq, g.reg_mr(pd, 4096)])
-            (_, qa, _, _), (_, qb, _, _) = sides
-            ga.connect(qa, qb.qpn, gid=fb.gid, path_mtu=5)
-            gb.connect(qb, qa.qpn, gid=fa.gid, path_mtu=5)
-            for g, qp, _, buf in sides:
-                for i in range(32):
-                    g.post_recv(qp, i, [(buf, 0, 64)])
-            timer = _Timer(parts)
-            try:
-                for i in range(iters):
-                    tag = ""
-                    if ab is not None:
-                        AB[ab]((sa, sb), i % 2 == 0)
-                        tag = f" [{ab} {'on' if i % 2 == 0 else 'off'}]"
-                    for me, peer, svc_me, svc_peer in ((sides[0], sides[1], sa, sb),
-                                                       (sides[1], sides[0], sb, sa)):
-                        g, qp, cq, _ = me
-                        g.write_send_wqe(qp, i, WrOpcode.SEND, inline=bytes(64),
-                                         flags=SendFlags.SIGNALED)
-                        g.write(qp.dbrec, struct.pack("<II", qp.sq_pi, qp.rq_pi))
-                        t = timer.begin()
-                        g.core.poll(time.monotonic())
-                        timer.end("send" + tag, t)
-                        _poll_until(timer, "receive" + tag, svc_peer, peer[0], peer[2])
-                        peer[0].post_recv(peer[1], i, [(peer[3], 0, 64)])
-                        _poll_until(timer, "ack" + tag, svc_me, g, cq)
-            finally:
-                timer.close()
+            for i in range(iters):
+                tag = ""
+                if ab is not None:
+                    AB[ab]((sa, sb), i % 2 == 0)
+                    tag = f" [{ab} {'on' if i % 2 == 0 else 'off'}]"
+                for me, peer, svc_me, svc_peer in ((sides[0], sides[1], sa, sb),
+                                                   (sides[1], sides[0], sb, sa)):
+                    g, qp, cq, _ = me
+                    g.write_send_wqe(qp, i, WrOpcode.SEND, inline=bytes(64),
+                                     flags=SendFlags.SIGNALED)
+                    g.write(qp.dbrec, struct.pack("<II", qp.sq_pi, qp.rq_pi))
+                    t = timer.begin()
+                    g.core.poll(time.monotonic())
+                    timer.end("send" + tag, t)
+                    _poll_until(timer, "receive" + tag, svc_peer, peer[0], peer[2])
+                    peer[0].post_recv(peer[1], i, [(peer[3], 0, 64)])
+                    _poll_until(timer, "ack" + tag, svc_me, g, cq)
         finally:
-            await sb.aclose()
-    finally:
-        await sa.aclose()
+            timer.close()
     # a part that ran in fewer than half of its step's iterations (the first receives
     # handed over in one go, ...) is not part of the typical step: left out
     return {"steps": {k: _median(v) for k, v in timer.steps.items()},

@@ -23,21 +23,19 @@ import hashlib
 import random
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from fabric.roce import RoceFabric, RoceFabricService, TxRoute
+from fabric.roce import TxRoute
 from roce._codec import Envelope
 from roce._udpio import TxRing
 from roce.icrc import IpContext
 from roce.packet import PacketRun
 from roce.rc.requester import _SEND_OPS
 from roce.rc.sgl import SgList
-from verbs import SendFlags, WrOpcode
-from virtio_rdma import _datapath
-
 from tests.fabric.test_roce_fabric import Hosts, Wire
 from tests.virtio_rdma.test_wire_fastpath import IMPAIRMENTS, _scenario, _window_scenario
+from verbs import SendFlags, WrOpcode
+from virtio_rdma import _datapath
 
 PORT = 4791
 
@@ -201,71 +199,63 @@ def test_real_endpoint_route_counts_as_transmit():
     assert native == python
 
 
+def _completions(sa, sb, ga, ca, gb, cb, n: int) -> tuple[list, list]:
+    """Poll both sockets and both CQs until each side has at least ``n`` CQEs (bounded)."""
+    got_a: list = []
+    got_b: list = []
+    for _ in range(100000):
+        sb.poll()
+        sa.poll()
+        got_a += ga.poll(ca)
+        got_b += gb.poll(cb)
+        if len(got_a) >= n and len(got_b) >= n:
+            break
+    return got_a, got_b
+
+
 async def _loopback(port: int, direct: bool) -> dict:
-    from tests.virtio_rdma.driver import Guest
+    from tests.virtio_rdma.driver import fabric_sides, loopback_fabrics
 
     a_ip, b_ip = "127.0.0.51", "127.0.0.52"
-    fa, fb = RoceFabric(a_ip, port=port), RoceFabric(b_ip, port=port)
-    sa, sb = RoceFabricService(fa), RoceFabricService(fb)
-    await sa.start()
-    try:
-        await sb.start()
-        try:
-            if not direct:      # TxRing.flush_direct declines: TxRoute.done in Python
-                sa.endpoint._tx.owner = sb.endpoint._tx.owner = None
-            ga, gb = Guest(fa, size=4 << 20), Guest(fb, size=4 << 20, gpa=0x4000_0000)
-            sides = []
-            for g in (ga, gb):
-                pd = g.alloc_pd()
-                cq = g.create_cq(64)
-                qp = g.create_qp(pd, cq, max_send_wr=32, max_recv_wr=32, max_send_sge=16)
-                sides.append((g, qp, cq, g.reg_mr(pd, 1 << 16)))
-            (ga, qa, ca, ma), (gb, qb, cb, mb) = sides
-            ga.connect(qa, qb.qpn, gid=fb.gid, path_mtu=1)        # 256 B: several packets
-            gb.connect(qb, qa.qpn, gid=fa.gid, path_mtu=1)
-            assert isinstance(fa.tx_route(b_ip), TxRoute)
-            payload = random.Random(9).randbytes(3000)
-            ga.write(ma.addr, payload)
-            for i in range(6):
-                gb.post_recv(qb, i, [(mb, 4096 * i, 4096)])
-            d0 = _datapath.wire_direct_msgs
-            for i in range(5):
-                ga.write_send_wqe(qa, i, WrOpcode.SEND, [(ma.addr, 500 * i, ma.lkey)],
-                                  flags=SendFlags.SIGNALED)
-            # a guest's SEND of 12 small SGEs: more pieces in a packet than a datagram's
-            # iovecs take (the ring copies that packet)
-            ga.write_send_wqe(qa, 5, WrOpcode.SEND, [(ma.addr + 5 * k, 5, ma.lkey)
-                                                      for k in range(12)],
+    async with loopback_fabrics(a_ip, b_ip, port) as (fa, fb, sa, sb):
+        if not direct:      # TxRing.flush_direct declines: TxRoute.done in Python
+            sa.endpoint._tx.owner = sb.endpoint._tx.owner = None
+        (ga, qa, ca, ma), (gb, qb, cb, mb) = fabric_sides(
+            fa, fb, size=4 << 20, cq=64, mr=1 << 16, max_send_wr=32, max_recv_wr=32, max_send_sge=16)
+        ga.connect(qa, qb.qpn, gid=fb.gid, path_mtu=1)        # 256 B: several packets
+        gb.connect(qb, qa.qpn, gid=fa.gid, path_mtu=1)
+        assert isinstance(fa.tx_route(b_ip), TxRoute)
+        payload = random.Random(9).randbytes(3000)
+        ga.write(ma.addr, payload)
+        for i in range(6):
+            gb.post_recv(qb, i, [(mb, 4096 * i, 4096)])
+        d0 = _datapath.wire_direct_msgs
+        for i in range(5):
+            ga.write_send_wqe(qa, i, WrOpcode.SEND, [(ma.addr, 500 * i, ma.lkey)],
                               flags=SendFlags.SIGNALED)
-            g0 = sa.endpoint._tx.gathered
-            ga.ring_sq(qa)
-            assert _datapath.wire_direct_msgs - d0 == 6
-            assert sa.endpoint._tx.gathered - g0 == 1
-            got_a, got_b = [], []
-            for _ in range(100000):
-                sb.poll()
-                sa.poll()
-                got_a += ga.poll(ca)
-                got_b += gb.poll(cb)
-                if len(got_a) == 6 and len(got_b) == 6:
-                    break
-            assert [c.status for c in got_a + got_b] == [0] * 12
-            for i in range(5):
-                assert gb.read(mb.addr + 4096 * i, 500 * i) == payload[:500 * i]
-            assert gb.read(mb.addr + 4096 * 5, 60) == payload[:60]
-            pkts = sum(max(1, -(-500 * i // 256)) for i in range(5)) + 1
-            assert fa.metrics.tx_packets == sa.endpoint.metrics.tx_packets == pkts
-            assert fa.metrics.tx_unroutable == 0
-            route = fa.tx_route(b_ip)
-            out = {"direct_flushes": sa.endpoint._tx.direct_flushes
-                   + sb.endpoint._tx.direct_flushes}
-            for k, m in (("ea", sa.endpoint.metrics), ("eb", sb.endpoint.metrics),
-                         ("fa", fa.metrics), ("fb", fb.metrics)):
-                out.update({f"{k}.{f}": v for f, v in dataclasses.asdict(m).items()})
-        finally:
-            await sb.aclose()
-    finally:
-        await sa.aclose()
+        # a guest's SEND of 12 small SGEs: more pieces in a packet than a datagram's
+        # iovecs take (the ring copies that packet)
+        ga.write_send_wqe(qa, 5, WrOpcode.SEND, [(ma.addr + 5 * k, 5, ma.lkey)
+                                                  for k in range(12)],
+                          flags=SendFlags.SIGNALED)
+        g0 = sa.endpoint._tx.gathered
+        ga.ring_sq(qa)
+        assert _datapath.wire_direct_msgs - d0 == 6
+        assert sa.endpoint._tx.gathered - g0 == 1
+        got_a, got_b = _completions(sa, sb, ga, ca, gb, cb, 6)
+        assert [c.status for c in got_a + got_b] == [0] * 12
+        for i in range(5):
+            assert gb.read(mb.addr + 4096 * i, 500 * i) == payload[:500 * i]
+        assert gb.read(mb.addr + 4096 * 5, 60) == payload[:60]
+        pkts = sum(max(1, -(-500 * i // 256)) for i in range(5)) + 1
+        assert fa.metrics.tx_packets == sa.endpoint.metrics.tx_packets == pkts
+        assert fa.metrics.tx_unroutable == 0
+        route = fa.tx_route(b_ip)
+        out = {"direct_flushes": sa.endpoint._tx.direct_flushes
+               + sb.endpoint._tx.direct_flushes}
+        for k, m in (("ea", sa.endpoint.metrics), ("eb", sb.endpoint.metrics),
+                     ("fa", fa.metrics), ("fb", fb.metrics)):
+            out.update({f"{k}.{f}": v for f, v in dataclasses.asdict(m).items()})
     assert fa.tx_route(b_ip) is None         # the closed endpoint is no route
     with pytest.raises(ConnectionError):     # one kept from before fails as transmit does
         route.done(1)
@@ -286,61 +276,39 @@ def test_native_flush_keeps_a_backlog_first():
 async def _backlog(port: int) -> None:
     import socket
 
-    from tests.virtio_rdma.driver import Guest
+    from tests.virtio_rdma.driver import fabric_sides, loopback_fabrics
 
     a_ip, b_ip = "127.0.0.53", "127.0.0.54"
-    fa, fb = RoceFabric(a_ip, port=port), RoceFabric(b_ip, port=port)
-    sa, sb = RoceFabricService(fa), RoceFabricService(fb)
-    await sa.start()
-    try:
-        await sb.start()
-        try:
-            ga, gb = Guest(fa, size=4 << 20), Guest(fb, size=4 << 20, gpa=0x4000_0000)
-            sides = []
-            for g in (ga, gb):
-                pd = g.alloc_pd()
-                cq = g.create_cq(64)
-                qp = g.create_qp(pd, cq, max_send_wr=16, max_recv_wr=16)
-                sides.append((g, qp, cq, g.reg_mr(pd, 1 << 12)))
-            (ga, qa, ca, ma), (gb, qb, cb, mb) = sides
-            ga.connect(qa, qb.qpn, gid=fb.gid)
-            gb.connect(qb, qa.qpn, gid=fa.gid)
-            gb.post_recv(qb, 0, [(mb, 0, 64)])
-            gb.post_recv(qb, 1, [(mb, 64, 64)])
-            # a listener where the backlog's datagram goes, and a backlog for it
-            probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            probe.bind((b_ip, 0))
-            probe.setblocking(False)
-            ep, ring = sa.endpoint, sa.endpoint._tx
-            ep._tx_left([(b"waited", probe.getsockname())])
-            d0, f0 = _datapath.wire_direct_msgs, ring.direct_flushes
-            ga.write(ma.addr, b"x" * 64)
-            ga.post_send(qa, 0, WrOpcode.SEND, [(ma, 0, 64)], flags=SendFlags.SIGNALED)
-            assert _datapath.wire_direct_msgs - d0 == 1        # encoded into the ring natively
-            assert ring.direct_flushes == f0                   # but not flushed there
-            # the endpoint's flush put the SEND behind what waited and sent both in order
-            assert ring.count == 0 and not ep._backlog
-            assert probe.recv(64) == b"waited"
-            probe.close()
-            got_a, got_b = [], []
-            for _ in range(100000):
-                sb.poll()
-                sa.poll()
-                got_a += ga.poll(ca)
-                got_b += gb.poll(cb)
-                if got_a and got_b:
-                    break
-            assert [c.status for c in got_a + got_b] == [0, 0]
-            assert gb.read(mb.addr, 64) == b"x" * 64
-            # no backlog now: the next SEND is flushed natively
-            ga.post_send(qa, 1, WrOpcode.SEND, [(ma, 0, 64)], flags=SendFlags.SIGNALED)
-            assert ring.direct_flushes == f0 + 1 and ring.count == 0
-            assert fa.metrics.tx_packets == ep.metrics.tx_packets == 2
-            route = fa.tx_route(b_ip)
-        finally:
-            await sb.aclose()
-    finally:
-        await sa.aclose()
+    async with loopback_fabrics(a_ip, b_ip, port) as (fa, fb, sa, sb):
+        (ga, qa, ca, ma), (gb, qb, cb, mb) = fabric_sides(
+            fa, fb, size=4 << 20, cq=64, mr=1 << 12, max_send_wr=16, max_recv_wr=16)
+        ga.connect(qa, qb.qpn, gid=fb.gid)
+        gb.connect(qb, qa.qpn, gid=fa.gid)
+        gb.post_recv(qb, 0, [(mb, 0, 64)])
+        gb.post_recv(qb, 1, [(mb, 64, 64)])
+        # a listener where the backlog's datagram goes, and a backlog for it
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        probe.bind((b_ip, 0))
+        probe.setblocking(False)
+        ep, ring = sa.endpoint, sa.endpoint._tx
+        ep._tx_left([(b"waited", probe.getsockname())])
+        d0, f0 = _datapath.wire_direct_msgs, ring.direct_flushes
+        ga.write(ma.addr, b"x" * 64)
+        ga.post_send(qa, 0, WrOpcode.SEND, [(ma, 0, 64)], flags=SendFlags.SIGNALED)
+        assert _datapath.wire_direct_msgs - d0 == 1        # encoded into the ring natively
+        assert ring.direct_flushes == f0                   # but not flushed there
+        # the endpoint's flush put the SEND behind what waited and sent both in order
+        assert ring.count == 0 and not ep._backlog
+        assert probe.recv(64) == b"waited"
+        probe.close()
+        got_a, got_b = _completions(sa, sb, ga, ca, gb, cb, 1)
+        assert [c.status for c in got_a + got_b] == [0, 0]
+        assert gb.read(mb.addr, 64) == b"x" * 64
+        # no backlog now: the next SEND is flushed natively
+        ga.post_send(qa, 1, WrOpcode.SEND, [(ma, 0, 64)], flags=SendFlags.SIGNALED)
+        assert ring.direct_flushes == f0 + 1 and ring.count == 0
+        assert fa.metrics.tx_packets == ep.metrics.tx_packets == 2
+        route = fa.tx_route(b_ip)
     assert ring.owner is None                                  # the cycle is broken on close
     with pytest.raises(ConnectionError):
         route.done(1)

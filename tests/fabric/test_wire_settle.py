@@ -25,8 +25,8 @@ import random
 
 import pytest
 
-from fabric.roce import RoceFabric, RoceFabricService
-from tests.virtio_rdma.driver import Guest, seeded_ids
+from fabric.roce import RoceFabricService
+from tests.virtio_rdma.driver import fabric_sides, loopback_fabrics, seeded_ids
 from verbs import SendFlags, WrOpcode
 from virtio_rdma import _datapath
 
@@ -58,79 +58,64 @@ def _drain(sa: RoceFabricService, sb: RoceFabricService) -> None:
 
 async def _scenario(seed: int, native: bool, port: int) -> dict:
     rng = random.Random(seed)
-    fa, fb = RoceFabric(A_IP, port=port), RoceFabric(B_IP, port=port)
-    sa, sb = RoceFabricService(fa), RoceFabricService(fb)
-    await sa.start()
-    try:
-        await sb.start()
-        try:
-            if not native:
-                sa.endpoint.fast = sb.endpoint.fast = None       # the Python engine alone
-            ga, gb = Guest(fa, size=8 << 20), Guest(fb, size=8 << 20, gpa=0x4000_0000)
-            sides = []
-            for g in (ga, gb):
-                pd = g.alloc_pd()
-                cq = g.create_cq(256)
-                qp = g.create_qp(pd, cq, max_send_wr=64, max_recv_wr=64)
-                mr = g.reg_mr(pd, 1 << 16)
-                g.write(mr.addr, random.Random(seed + len(sides)).randbytes(1 << 16))
-                sides.append((g, qp, cq, mr))
-            (_, qa, _, ma), (_, qb, _, mb) = sides
-            psn_a, psn_b = rng.getrandbits(24), rng.getrandbits(24)
-            ga.connect(qa, qb.qpn, gid=fb.gid, path_mtu=3, sq_psn=psn_a, rq_psn=psn_b, timeout=20)
-            gb.connect(qb, qa.qpn, gid=fa.gid, path_mtu=3, sq_psn=psn_b, rq_psn=psn_a, timeout=20)
-            cqes, wr_id = [], 0
-            for _round in range(rng.randrange(4, 10)):
-                plans = []
-                for me, peer in ((sides[0], sides[1]), (sides[1], sides[0])):
-                    ops = [rng.choice(OPS) for _ in range(rng.choice([0, 1, 1, 2, 3]))]
-                    plans.append((me, peer, ops))
-                    pg, pq, _, pmr = peer
-                    for op in ops:   # a receive for each SEND and WRITE with immediate data
-                        if op is not WrOpcode.RDMA_WRITE:
-                            wr_id += 1
-                            pg.post_recv(pq, wr_id, [(pmr, 32768 + 4096 * rng.randrange(8), 4096)])
-                for (g, qp, _, mr), (_, _, _, pmr), ops in plans:
-                    for op in ops:
+    async with loopback_fabrics(A_IP, B_IP, port) as (fa, fb, sa, sb):
+        if not native:
+            sa.endpoint.fast = sb.endpoint.fast = None       # the Python engine alone
+        sides = fabric_sides(fa, fb, size=8 << 20, cq=256, mr=1 << 16, max_send_wr=64, max_recv_wr=64)
+        for k, (g, _, _, mr) in enumerate(sides):
+            g.write(mr.addr, random.Random(seed + k).randbytes(1 << 16))
+        (ga, qa, _, ma), (gb, qb, _, mb) = sides
+        psn_a, psn_b = rng.getrandbits(24), rng.getrandbits(24)
+        ga.connect(qa, qb.qpn, gid=fb.gid, path_mtu=3, sq_psn=psn_a, rq_psn=psn_b, timeout=20)
+        gb.connect(qb, qa.qpn, gid=fa.gid, path_mtu=3, sq_psn=psn_b, rq_psn=psn_a, timeout=20)
+        cqes, wr_id = [], 0
+        for _round in range(rng.randrange(4, 10)):
+            plans = []
+            for me, peer in ((sides[0], sides[1]), (sides[1], sides[0])):
+                ops = [rng.choice(OPS) for _ in range(rng.choice([0, 1, 1, 2, 3]))]
+                plans.append((me, peer, ops))
+                pg, pq, _, pmr = peer
+                for op in ops:   # a receive for each SEND and WRITE with immediate data
+                    if op is not WrOpcode.RDMA_WRITE:
                         wr_id += 1
-                        size = rng.choice([0, 1, 64, 1000, 1024, 3000])
-                        flags = SendFlags.SIGNALED if rng.random() < 0.7 else SendFlags(0)
-                        if rng.random() < 0.2:
-                            flags |= SendFlags.SOLICITED
-                        kw: dict = {}
-                        if op in (WrOpcode.SEND_WITH_IMM, WrOpcode.RDMA_WRITE_WITH_IMM):
-                            kw["imm_data"] = rng.getrandbits(32)
-                        if op in (WrOpcode.RDMA_WRITE, WrOpcode.RDMA_WRITE_WITH_IMM):
-                            kw["remote_addr"] = pmr.addr + rng.randrange(0, 28000)
-                            kw["rkey"] = pmr.rkey
-                        if size <= 64 and rng.random() < 0.5:
-                            g.write_send_wqe(qp, wr_id, op, flags=flags,
-                                             inline=rng.randbytes(size), **kw)
-                        else:
-                            g.write_send_wqe(qp, wr_id, op, [(mr, rng.randrange(0, 28000), size)],
-                                             flags=flags, **kw)
-                    if ops:
-                        g.ring_sq(qp)
-                _drain(sa, sb)
-                cqes.append([g.poll(cq) for g, _, cq, _ in sides])
-            if native:
-                _ACKS.append(sa.endpoint.fast.acks_sent + sb.endpoint.fast.acks_sent)
-            state: dict = {"cqes": cqes}
-            for name, (g, qp, _, _), f, s in (("a", sides[0], fa, sa), ("b", sides[1], fb, sb)):
-                n = f.wire[qp.qpn]
-                rq, rs = n.rc.requester, n.rc.responder
-                em = dataclasses.asdict(s.endpoint.metrics)
-                state[name] = (hashlib.sha256(g.buf).hexdigest(),
-                               dataclasses.asdict(g.core.metrics), f.metrics.as_dict(),
-                               em["tx_packets"], em["rx_packets"],
-                               dataclasses.asdict(n.rc.metrics), rq.psn, rq.comp_psn,
-                               len(rq.sq), rs.psn, rs.msn, len(rs.rq), list(n.posted),
-                               n.qp.sq_psn, n.qp.epsn, n.qp.sq_ci, n.qp.rq_ci, n.rq_posted)
-            return state
-        finally:
-            await sb.aclose()
-    finally:
-        await sa.aclose()
+                        pg.post_recv(pq, wr_id, [(pmr, 32768 + 4096 * rng.randrange(8), 4096)])
+            for (g, qp, _, mr), (_, _, _, pmr), ops in plans:
+                for op in ops:
+                    wr_id += 1
+                    size = rng.choice([0, 1, 64, 1000, 1024, 3000])
+                    flags = SendFlags.SIGNALED if rng.random() < 0.7 else SendFlags(0)
+                    if rng.random() < 0.2:
+                        flags |= SendFlags.SOLICITED
+                    kw: dict = {}
+                    if op in (WrOpcode.SEND_WITH_IMM, WrOpcode.RDMA_WRITE_WITH_IMM):
+                        kw["imm_data"] = rng.getrandbits(32)
+                    if op in (WrOpcode.RDMA_WRITE, WrOpcode.RDMA_WRITE_WITH_IMM):
+                        kw["remote_addr"] = pmr.addr + rng.randrange(0, 28000)
+                        kw["rkey"] = pmr.rkey
+                    if size <= 64 and rng.random() < 0.5:
+                        g.write_send_wqe(qp, wr_id, op, flags=flags,
+                                         inline=rng.randbytes(size), **kw)
+                    else:
+                        g.write_send_wqe(qp, wr_id, op, [(mr, rng.randrange(0, 28000), size)],
+                                         flags=flags, **kw)
+                if ops:
+                    g.ring_sq(qp)
+            _drain(sa, sb)
+            cqes.append([g.poll(cq) for g, _, cq, _ in sides])
+        if native:
+            _ACKS.append(sa.endpoint.fast.acks_sent + sb.endpoint.fast.acks_sent)
+        state: dict = {"cqes": cqes}
+        for name, (g, qp, _, _), f, s in (("a", sides[0], fa, sa), ("b", sides[1], fb, sb)):
+            n = f.wire[qp.qpn]
+            rq, rs = n.rc.requester, n.rc.responder
+            em = dataclasses.asdict(s.endpoint.metrics)
+            state[name] = (hashlib.sha256(g.buf).hexdigest(),
+                           dataclasses.asdict(g.core.metrics), f.metrics.as_dict(),
+                           em["tx_packets"], em["rx_packets"],
+                           dataclasses.asdict(n.rc.metrics), rq.psn, rq.comp_psn,
+                           len(rq.sq), rs.psn, rs.msn, len(rs.rq), list(n.posted),
+                           n.qp.sq_psn, n.qp.epsn, n.qp.sq_ci, n.qp.rq_ci, n.rq_posted)
+        return state
 
 
 @pytest.mark.parametrize("seed", range(12))

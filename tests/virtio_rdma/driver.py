@@ -13,9 +13,9 @@ import random
 import types
 from dataclasses import dataclass
 
+from verbs import Access
 from virtio.memory import GuestMemory, MemoryRegion
 from virtio_rdma import wire
-from verbs import Access
 from virtio_rdma.constants import AQ_SLOT_SIZE, Cmd, DoorbellKind, Status
 from virtio_rdma.core import RdmaDeviceCore
 from virtio_rdma.testing import DBREC, CoreDriver, DriverCq, DriverError, DriverQp, rc_connect_steps
@@ -165,3 +165,39 @@ def pair(fabric, **kw):
 def connect_pair(fabric, a, b, qa, qb, **kw):
     a.connect(qa, qb.qpn, gid=fabric.gid, **kw)
     b.connect(qb, qa.qpn, gid=fabric.gid, **kw)
+
+
+@contextlib.asynccontextmanager
+async def loopback_fabrics(a_ip: str, b_ip: str, port: int):
+    """Two :class:`fabric.roce.RoceFabric` s, each served by its
+    :class:`~fabric.roce.RoceFabricService` on a real loopback UDP socket
+    (``a_ip`` and ``b_ip``, both on ``port``): yields ``(fa, fb, sa, sb)``;
+    B's service closes first, then A's."""
+    from fabric.roce import RoceFabric, RoceFabricService
+
+    fa, fb = RoceFabric(a_ip, port=port), RoceFabric(b_ip, port=port)
+    sa, sb = RoceFabricService(fa), RoceFabricService(fb)
+    await sa.start()
+    try:
+        await sb.start()
+        try:
+            yield fa, fb, sa, sb
+        finally:
+            await sb.aclose()
+    finally:
+        await sa.aclose()
+
+
+def fabric_sides(fa, fb, *, size: int, cq: int, mr: int, dbrec_poll: bool = False, **qp_kw) -> list:
+    """A guest of each fabric (B's memory at another GPA), each with a PD, a
+    CQ of ``cq`` entries, a QP (``qp_kw``: its create_qp limits) and an MR of
+    ``mr`` bytes: ``[[guest, qp, cq, mr], [...]]``, not yet connected.
+    ``dbrec_poll``: the device scans doorbell records (DBREC_POLL, as a daemon
+    under ``--poll-us``)."""
+    sides = []
+    for g in (Guest(fa, size=size), Guest(fb, size=size, gpa=0x4000_0000)):
+        g.core.poll_doorbell_records = dbrec_poll
+        pd = g.alloc_pd()
+        c = g.create_cq(cq)
+        sides.append([g, g.create_qp(pd, c, **qp_kw), c, g.reg_mr(pd, mr)])
+    return sides
