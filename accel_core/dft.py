@@ -244,23 +244,31 @@ def _plan(n: int, double: bool, inverse: bool, path: str) -> _fft.FFTCore:
     return _build_core(n, double, inverse, path, schedule_for(n, double, path))
 
 
-def _build_core(n: int, double: bool, inverse: bool, path: str, radices: tuple[int, ...]) -> _fft.FFTCore:
+def _build_core(n: int, double: bool, inverse: bool, path: str, radices: tuple[int, ...],
+                regs16: bool = True) -> _fft.FFTCore:
     """A kernel plan running the stage schedule ``radices`` (its product n; tests run
-    every stage variant of the kernels through this)."""
+    every stage variant of the kernels through this). A middle radix-16 stage runs in
+    registers where the wide builds' loop takes its stride (``regs16``), else as two
+    radix-4 stages in a blocked order (always, with ``regs16=False``)."""
     sg = -1.0 if inverse else 1.0
     tw_parts = []
     offsets = []
     off = 0
     s = 1
-    for r in radices:
+    for i, r in enumerate(radices):
         m = n // (s * r)
-        k = np.arange(1, r, dtype=np.float64)[:, None]
-        p = np.arange(m, dtype=np.float64)[None, :]
-        # w_k(p) = exp(-sg * 2*pi*i * k*p / (r*m)); reduce k*p mod r*m for accuracy
-        ang = (-sg * 2.0 * math.pi / (r * m)) * np.mod(k * p, r * m)
-        tw_parts.append(np.exp(1j * ang).ravel())
         offsets.append(off)
-        off += (r - 1) * m
+        # a middle radix 16 runs as two radix-4 stages in a blocked order (_stage44): their
+        # two tables (m' = 4m at stride s, then m at 4s), one after the other
+        # and the radix-16 table of the in-register stage (csrc/fft_mid16.h)
+        mid = r == 16 and 0 < i < len(radices) - 1
+        for rr, mm in ((4, 4 * m), (4, m), (16, m)) if mid else ((r, m),):
+            k = np.arange(1, rr, dtype=np.float64)[:, None]
+            p = np.arange(mm, dtype=np.float64)[None, :]
+            # w_k(p) = exp(-sg * 2*pi*i * k*p / (r*m)); reduce k*p mod r*m for accuracy
+            ang = (-sg * 2.0 * math.pi / (rr * mm)) * np.mod(k * p, rr * mm)
+            tw_parts.append(np.exp(1j * ang).ravel())
+        off += (r - 1) * m * (2 if mid else 1)
         s *= r
     tw = np.concatenate(tw_parts) if tw_parts else np.zeros(0, np.complex128)
     real = _REAL[double]
@@ -281,7 +289,7 @@ def _build_core(n: int, double: bool, inverse: bool, path: str, radices: tuple[i
         1.0 / n if inverse else 1.0,
     ], dtype=real)
     core: _fft.FFTCore = simd.kernel_module("fft", path).FFTCore(n, double, inverse, radices, twr, twi, kc,
-                                                                 offsets)
+                                                                 offsets, regs16)
     return core
 
 

@@ -477,4 +477,42 @@ static void vrdma_last16_f64(double *__restrict y, const double *__restrict xr,
     vrdma_r16_f64_1(y, xr, xi, s, v, s, scale, fwd);
 }
 
+/* A middle radix-16 stage in registers (csrc/fft_mid16.h), AVX2 / AVX-512 builds, s a
+ * compile-time constant (8 ... 128) and a multiple of the 256-bit lanes: returns 1 if it
+ * ran the stage, else 0 (nothing written: the caller runs the blocked radix-4 pair). */
+#if defined(__AVX2__) && defined(__FMA__)
+#define M16_NAME vrdma_m16_f32_v
+#define M16_T float
+#define M16_V __m256
+#define M16_W 8
+#define M16_LDU _mm256_loadu_ps
+#define M16_STU _mm256_storeu_ps
+#define M16_SET1 _mm256_set1_ps
+#include "fft_mid16.h"
+#define M16_NAME vrdma_m16_f64_v
+#define M16_T double
+#define M16_V __m256d
+#define M16_W 4
+#define M16_LDU _mm256_loadu_pd
+#define M16_STU _mm256_storeu_pd
+#define M16_SET1 _mm256_set1_pd
+#include "fft_mid16.h"
+#define VRDMA_M16_S(F, S) case S: F(yr, yi, xr, xi, S, m, wr, wi); return 1
+#define VRDMA_M16(F) switch (s) { VRDMA_M16_S(F, 8); VRDMA_M16_S(F, 16); VRDMA_M16_S(F, 32); \
+                                  VRDMA_M16_S(F, 64); VRDMA_M16_S(F, 128); default: return 0; }
+#else
+#define VRDMA_M16(F) (void)yr; (void)yi; (void)xr; (void)xi; (void)s; (void)m; (void)wr; \
+    (void)wi; return 0
+#endif
+static int vrdma_mid16_f32(float *__restrict yr, float *__restrict yi, const float *__restrict xr,
+                           const float *__restrict xi, Py_ssize_t s, Py_ssize_t m,
+                           const float *__restrict wr, const float *__restrict wi) {
+    VRDMA_M16(vrdma_m16_f32_v);
+}
+static int vrdma_mid16_f64(double *__restrict yr, double *__restrict yi, const double *__restrict xr,
+                           const double *__restrict xi, Py_ssize_t s, Py_ssize_t m,
+                           const double *__restrict wr, const double *__restrict wi) {
+    VRDMA_M16(vrdma_m16_f64_v);
+}
+
 #endif /* VRDMA_FFT_FIRST_H */

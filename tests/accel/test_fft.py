@@ -322,10 +322,46 @@ def test_last_radix16_stage_matches_numpy(dtype, simd_path):
     _check_last_stage(LAST16_VARIANTS, dtype, simd_path)
 
 
-@pytest.mark.parametrize("radices", [(16,), (16, 4), (4, 16, 4), (2, 16, 2)])
-def test_radix16_only_as_a_last_stage(radices, simd_path):
-    """The radix-16 stage exists only as a fused last stage (m == 1): a plan that puts it
-    anywhere else, or alone, is refused (ValueError naming the schedule)."""
+#: a middle radix-16 stage: in registers (csrc/fft_mid16.h) on the AVX2 / AVX-512 builds
+#: where s is 8 ... 128 (the compile-time strides, whole 256-bit vectors), else (s = 2, 4,
+#: 6, 12, 96, 256, the scalar build, or regs16=False) the two radix-4 stages blocked
+#: through the L1 buffer (_stage44: q chunks of 64 complex64 / 32 complex128 values, a
+#: tail chunk at s = 96 for complex64); two middle ones in a row, one before the last
+#: radix-16 / radix-8 (split + join on the scalar build) / radix-4 / radix-2 stage; after
+#: a fused first radix 2/3/4/5/8
+MID16_VARIANTS = [
+    (64, (2, 16, 2)), (128, (4, 16, 2)), (384, (2, 3, 16, 4)), (1536, (8, 16, 4, 3)),
+    (512, (2, 16, 16)), (2048, (8, 16, 16)), (4096, (8, 16, 8, 4)), (4096, (8, 16, 16, 2)),
+    (2048, (4, 8, 16, 4)), (4096, (4, 4, 4, 16, 4)), (4096, (8, 16, 4, 8)), (3072, (4, 8, 3, 16, 2)),
+    (4096, (4, 16, 16, 4)), (4096, (4, 4, 16, 16)), (8192, (8, 4, 4, 16, 4)), (960, (5, 3, 16, 4)),
+    (8192, (4, 4, 4, 4, 16, 2)), (1280, (5, 16, 16)),
+]
+
+
+@pytest.mark.parametrize("regs16", [True, False], ids=["regs", "blocked"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_middle_radix16_stage_matches_numpy(dtype, regs16, simd_path):
+    """A middle radix 16, in registers or as the blocked radix-4 pair, forward and inverse
+    (in place too) within the issue-5 tolerances on every build."""
+    for n, radices in MID16_VARIANTS:
+        x = _rand((3, n), dtype, seed=n + 3)
+        ref = np.fft.fft(x.astype(np.complex128), axis=-1)
+        double = dtype == np.complex128
+        fwd = dft._build_core(n, double, False, simd_path, radices, regs16)
+        inv = dft._build_core(n, double, True, simd_path, radices, regs16)
+        assert fwd.radices == radices and fwd.regs16 == regs16
+        y = fwd.execute(x, np.empty_like(x))
+        assert _relerr(y, ref) <= TOL[dtype], (n, radices)
+        z = y.copy()
+        assert inv.execute(z, z) is z
+        assert _relerr(z, x) <= TOL[dtype], (n, radices)
+
+
+@pytest.mark.parametrize("radices", [(16,), (16, 4), (16, 16), (16, 4, 4)])
+def test_radix16_never_first(radices, simd_path):
+    """A radix-16 stage is a middle (in registers or a blocked radix-4 pair) or a fused
+    last stage, never a first one or alone: such a plan is refused (ValueError naming the
+    schedule)."""
     n = int(np.prod(radices))
     with pytest.raises(ValueError, match="radix 16"):
         dft._build_core(n, False, False, simd_path, radices)
