@@ -147,8 +147,9 @@ def radices_for(n: int) -> tuple[int, ...]:
 
 def schedule_for(n: int, double: bool, path: str) -> tuple[int, ...]:
     """The stage schedule the kernels run for size n = 2**a * 3**b * 5**c, precision and
-    SIMD path. A radix-16 stage appears only last (the fused, in-register 4 x 4 stage of
-    csrc/fft_last16.h, which writes the interleaved output row).
+    SIMD path. A radix-16 stage appears last (the fused, in-register 4 x 4 stage of
+    csrc/fft_last16.h, which writes the interleaved output row) and, on the wide paths,
+    at s = 8 in complex64 2048 = 8*16*16 (csrc/fft_mid16.h, see ``_MEASURED``).
 
     An even power of two is all radix 4 (4096 = 4**6; complex64 on AVX-512 from
     1024 on: 8*8*4*4...); an odd one (a >= 5) starts with one radix-8 stage for complex64
@@ -216,18 +217,30 @@ def schedule_for(n: int, double: bool, path: str) -> tuple[int, ...]:
 #: of 4*4*4*8), 1024 8*8*16 (0.94-1.01 of 8*8*4*4, median 0.98); complex128 128 8*16
 #: (0.93-0.96 of 4*4*8, itself 0.97-1.0 of 4*8*4), 256 4*4*16 (0.96-0.98 of 4**4), 512
 #: 8*4*16 (0.97-0.98), 1024 8*8*16 (0.95-0.99 of 4**5); complex64 2048 8*8*4*8 (0.94-0.95
-#: of 4*4*4*4*8). AVX2 (16 registers: the radix-16 stage spills, so less often): complex64
+#: of 4*4*4*4*8; since replaced by 8*16*16, below). AVX2 (16 registers: the radix-16 stage
+#: spills, so less often): complex64
 #: 256 4*4*16 (0.96-1.0 of 4**4), 512 8*4*16 (0.97-1.0 of 4*4*4*8), 1024 4*4*4*16 (0.94 of
 #: 4**5); complex128 256 4*4*16 (0.94-0.96), 1024 4*4*4*16 (0.91-0.95 of 4**5), 128 4*4*8
 #: (0.95-0.96 of 4*4*4*2 in four runs, 1.0 in two; 8*16 0.96-1.0 of it). Not taken: a last
 #: radix-16 stage at 2048 (1.0-1.15) and 4096 points (1.04-1.34: 16 input and 16 output
 #: streams a power of two apart), 8*16 for complex64 128 on AVX2 (0.98-1.01).
+#: complex64 2048 8*16*16 (a middle radix-16 stage in registers at s = 8, csrc/fft_mid16.h,
+#: then the last radix-16 at s = 128): AVX2 0.95-0.96 of 4*4*4*4*8 in four of five runs
+#: (1.08 in one), AVX-512 0.87-0.90 of 4*4*4*4*8 and 0.90 of 8*8*4*8. Middle radix-16
+#: stages measured and not taken (same build, interleaved, 3-7 runs): complex64 4096 AVX2
+#: 8*16*8*4 0.97-1.10 of 4**6 (and 8*16*16*2, 8*8*16*4, 4*4*4*16*4 0.98-1.10), AVX-512
+#: 8*16*8*4 / 8*8*16*4 0.92-1.01 of 4**6, 0.97-1.01 of 8*8*4*4*4; complex128 2048 AVX2
+#: 4*8*16*4 0.98-1.01, 8*16*4*4 1.02-1.09, 8*16*16 1.04-1.11 of 4*4*4*4*4*2, AVX-512
+#: 4*8*16*4 0.99-1.03 of 4*8*4*4*4; at s = 2, 4, 16 (the blocked radix-4 pair, or s = 16
+#: with a run-time m) 1.05-2.5x; a last radix-16 with s = 256 a compile-time constant
+#: (4096 4*4*16*16, 4*4*4*4*16, 8*8*4*16) 0.96-1.04 for complex64, 1.3-1.5x for complex128.
 _MEASURED = {
     ("avx512", 7, False): (8, 16), ("avx512", 9, False): (8, 4, 16), ("avx512", 10, False): (8, 8, 16),
-    ("avx512", 11, False): (8, 8, 4, 8),
+    ("avx512", 11, False): (8, 16, 16),
     ("avx512", 7, True): (8, 16), ("avx512", 8, True): (4, 4, 16), ("avx512", 9, True): (8, 4, 16),
     ("avx512", 10, True): (8, 8, 16),
     ("avx2", 8, False): (4, 4, 16), ("avx2", 9, False): (8, 4, 16), ("avx2", 10, False): (4, 4, 4, 16),
+    ("avx2", 11, False): (8, 16, 16),
     ("avx2", 7, True): (4, 4, 8), ("avx2", 8, True): (4, 4, 16), ("avx2", 10, True): (4, 4, 4, 16),
 }
 

@@ -77,6 +77,16 @@
  * transposed loads from 8 rows 1 KiB apart (L2: the batch, 256 KiB, does not fit L1 and
  * a software prefetch of the next group did not help), with the scratch and 8 rows in and
  * out filling the 32 KiB L1.
+ * A middle radix-16 stage (#17): the 4 x 4 of the last radix-16 with twiddled split outputs
+ * (csrc/fft_mid16.h, s a compile-time constant 8 ... 128, run-time m) is kept for complex64
+ * 2048 = 8*16*16 on AVX2 (0.95-0.96 of 4*4*4*4*8) and AVX-512 (0.87-0.90); at 4096 and for
+ * complex128 2048 no schedule with it won beyond noise (see accel_core.dft._MEASURED). Its
+ * fallback, two radix-4 stages in a blocked order (per group of the second stage and q
+ * chunk, the first stage's 16 legs through a 16 x 256-byte L1 buffer: the row crosses L2
+ * once for two passes), is exact but no faster than the two passes at s >= 32 (0.97-1.07)
+ * and slower at s = 4 / 16 (1.1-2.5x: short q chunks lose the s = 4, 8, 16 loops): so
+ * at these sizes the middle passes are not L2-bound (Zen 4's L2 keeps up); it stays as the
+ * scalar build's and odd strides' form of a middle radix 16 (tested, not scheduled).
  */
 #ifndef VRDMA_FFT_FIRST_H
 #define VRDMA_FFT_FIRST_H
