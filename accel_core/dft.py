@@ -225,8 +225,8 @@ def schedule_for(n: int, double: bool, path: str) -> tuple[int, ...]:
 #: radix-16 stage at 2048 (1.0-1.15) and 4096 points (1.04-1.34: 16 input and 16 output
 #: streams a power of two apart), 8*16 for complex64 128 on AVX2 (0.98-1.01).
 #: complex64 2048 8*16*16 (a middle radix-16 stage in registers at s = 8, csrc/fft_mid16.h,
-#: then the last radix-16 at s = 128): AVX2 0.95-0.96 of 4*4*4*4*8 in four of five runs
-#: (1.08 in one), AVX-512 0.87-0.90 of 4*4*4*4*8 and 0.90 of 8*8*4*8. Middle radix-16
+#: then the last radix-16 at s = 128): AVX2 0.95-0.995 of 4*4*4*4*8 in five of six runs
+#: (1.08 in one), AVX-512 0.87-0.90 of 4*4*4*4*8 and 0.90-0.95 of 8*8*4*8. Middle radix-16
 #: stages measured and not taken (same build, interleaved, 3-7 runs): complex64 4096 AVX2
 #: 8*16*8*4 0.97-1.10 of 4**6 (and 8*16*16*2, 8*8*16*4, 4*4*4*16*4 0.98-1.10), AVX-512
 #: 8*16*8*4 / 8*8*16*4 0.92-1.01 of 4**6, 0.97-1.01 of 8*8*4*4*4; complex128 2048 AVX2

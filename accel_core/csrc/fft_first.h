@@ -79,7 +79,7 @@
  * out filling the 32 KiB L1.
  * A middle radix-16 stage (#17): the 4 x 4 of the last radix-16 with twiddled split outputs
  * (csrc/fft_mid16.h, s a compile-time constant 8 ... 128, run-time m) is kept for complex64
- * 2048 = 8*16*16 on AVX2 (0.95-0.96 of 4*4*4*4*8) and AVX-512 (0.87-0.90); at 4096 and for
+ * 2048 = 8*16*16 on AVX2 (0.95-0.995 of 4*4*4*4*8) and AVX-512 (0.87-0.95); at 4096 and for
  * complex128 2048 no schedule with it won beyond noise (see accel_core.dft._MEASURED). Its
  * fallback, two radix-4 stages in a blocked order (per group of the second stage and q
  * chunk, the first stage's 16 legs through a 16 x 256-byte L1 buffer: the row crosses L2
