@@ -233,7 +233,11 @@ def schedule_for(n: int, double: bool, path: str) -> tuple[int, ...]:
 #: 4*8*16*4 0.98-1.01, 8*16*4*4 1.02-1.09, 8*16*16 1.04-1.11 of 4*4*4*4*4*2, AVX-512
 #: 4*8*16*4 0.99-1.03 of 4*8*4*4*4; at s = 2, 4, 16 (the blocked radix-4 pair, or s = 16
 #: with a run-time m) 1.05-2.5x; a last radix-16 with s = 256 a compile-time constant
-#: (4096 4*4*16*16, 4*4*4*4*16, 8*8*4*16) 0.96-1.04 for complex64, 1.3-1.5x for complex128.
+#: (4096 4*4*16*16, 4*4*4*4*16, 8*8*4*16) 0.96-1.04 for complex64, 1.3-1.5x for complex128;
+#: the in-register middle stage at s = 4 (complex64 on 128-bit vectors, complex128 one
+#: 256-bit vector per leg): complex64 4096 4*16*16*4 / 4*16*4*4*4 1.16-1.23x of 4**6,
+#: complex128 2048 4*16*4*4*2 / 4*16*16*2 1.01-1.05x on AVX2 (0.94-0.99 on AVX-512, where
+#: 4*8*4*4*4 is 0.92).
 _MEASURED = {
     ("avx512", 7, False): (8, 16), ("avx512", 9, False): (8, 4, 16), ("avx512", 10, False): (8, 8, 16),
     ("avx512", 11, False): (8, 16, 16),
