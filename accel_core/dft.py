@@ -237,7 +237,8 @@ def schedule_for(n: int, double: bool, path: str) -> tuple[int, ...]:
 #: the in-register middle stage at s = 4 (complex64 on 128-bit vectors, complex128 one
 #: 256-bit vector per leg): complex64 4096 4*16*16*4 / 4*16*4*4*4 1.16-1.23x of 4**6,
 #: complex128 2048 4*16*4*4*2 / 4*16*16*2 1.01-1.05x on AVX2 (0.94-0.99 on AVX-512, where
-#: 4*8*4*4*4 is 0.92).
+#: 4*8*4*4*4 is 0.92). Nor elsewhere (one run of five): 1024 8*16*8 1.03-1.16x of
+#: 4*4*4*16, complex128 4096 8*16*8*4 / 8*16*16*2 / 4*8*16*8 1.04-1.24x of 4**6.
 _MEASURED = {
     ("avx512", 7, False): (8, 16), ("avx512", 9, False): (8, 4, 16), ("avx512", 10, False): (8, 8, 16),
     ("avx512", 11, False): (8, 16, 16),
@@ -267,6 +268,8 @@ def _build_core(n: int, double: bool, inverse: bool, path: str, radices: tuple[i
     every stage variant of the kernels through this). A middle radix-16 stage runs in
     registers where the wide builds' loop takes its stride (``regs16``), else as two
     radix-4 stages in a blocked order (always, with ``regs16=False``)."""
+    if math.prod(radices) != n:  # before the tables (a zero m would divide by zero there)
+        raise ValueError(f"radices {tuple(radices)!r} do not multiply to {n}")
     sg = -1.0 if inverse else 1.0
     tw_parts = []
     offsets = []

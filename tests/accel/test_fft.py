@@ -360,6 +360,13 @@ def test_middle_radix16_stage_matches_numpy(dtype, regs16, simd_path):
         assert _relerr(z, x) <= TOL[dtype], (n, radices)
 
 
+def test_schedule_that_does_not_factor_n_is_refused(simd_path):
+    """A stage schedule whose product is not n is a ValueError naming it (not a division by
+    zero while the twiddle tables are built)."""
+    with pytest.raises(ValueError, match=r"\(8, 16, 4, 4, 3\)"):
+        dft._build_core(3072, False, False, simd_path, (8, 16, 4, 4, 3))
+
+
 @pytest.mark.parametrize("radices", [(16,), (16, 4), (16, 16), (16, 4, 4)])
 def test_radix16_never_first(radices, simd_path):
     """A radix-16 stage is a middle (in registers or a blocked radix-4 pair) or a fused
