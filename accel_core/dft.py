@@ -149,7 +149,8 @@ def schedule_for(n: int, double: bool, path: str) -> tuple[int, ...]:
     """The stage schedule the kernels run for size n = 2**a * 3**b * 5**c, precision and
     SIMD path. A radix-16 stage appears last (the fused, in-register 4 x 4 stage of
     csrc/fft_last16.h, which writes the interleaved output row) and, on the wide paths,
-    at s = 8 in complex64 2048 = 8*16*16 (csrc/fft_mid16.h, see ``_MEASURED``).
+    at s = 8 in complex64 2048 = 8*16*16 (csrc/fft_mid16.h, see ``_MEASURED``) and, as two
+    radix-4 stages blocked through L1, at s = 64 in complex64 4096 on AVX2 (``_BLOCKED16``).
 
     An even power of two is all radix 4 (4096 = 4**6; complex64 on AVX-512 from
     1024 on: 8*8*4*4...); an odd one (a >= 5) starts with one radix-8 stage for complex64
@@ -239,13 +240,20 @@ def schedule_for(n: int, double: bool, path: str) -> tuple[int, ...]:
 #: complex128 2048 4*16*4*4*2 / 4*16*16*2 1.01-1.05x on AVX2 (0.94-0.99 on AVX-512, where
 #: 4*8*4*4*4 is 0.92). Nor elsewhere (one run of five): 1024 8*16*8 1.03-1.16x of
 #: 4*4*4*16, complex128 4096 8*16*8*4 / 8*16*16*2 / 4*8*16*8 1.04-1.24x of 4**6.
+#: Plans whose middle radix-16 stage runs as the blocked radix-4 pair (_stage44), not in
+#: registers, by (path, n, double): complex64 4096 4*4*4*16*4 on AVX2, the pair at s = 64,
+#: 0.96-0.97 of the time of 4**6 in three of four runs (1.01 in one), through fft() against
+#: the 4**6 kernel 0.99-1.0 of it (fft()'s own ~0.5 us a batch counted against it: 1.4%);
+#: in registers 0.98-1.03.
+_BLOCKED16 = frozenset({("avx2", 4096, False)})
+
 _MEASURED = {
     ("avx512", 7, False): (8, 16), ("avx512", 9, False): (8, 4, 16), ("avx512", 10, False): (8, 8, 16),
     ("avx512", 11, False): (8, 16, 16),
     ("avx512", 7, True): (8, 16), ("avx512", 8, True): (4, 4, 16), ("avx512", 9, True): (8, 4, 16),
     ("avx512", 10, True): (8, 8, 16),
     ("avx2", 8, False): (4, 4, 16), ("avx2", 9, False): (8, 4, 16), ("avx2", 10, False): (4, 4, 4, 16),
-    ("avx2", 11, False): (8, 16, 16),
+    ("avx2", 11, False): (8, 16, 16), ("avx2", 12, False): (4, 4, 4, 16, 4),
     ("avx2", 7, True): (4, 4, 8), ("avx2", 8, True): (4, 4, 16), ("avx2", 10, True): (4, 4, 4, 16),
 }
 
@@ -259,7 +267,8 @@ def _core(n: int, double: bool, inverse: bool, path: str | None = None) -> _fft.
 @functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
 def _plan(n: int, double: bool, inverse: bool, path: str) -> _fft.FFTCore:
     """Build (once per LRU entry) the kernel plan for one size/precision/direction/path."""
-    return _build_core(n, double, inverse, path, schedule_for(n, double, path))
+    return _build_core(n, double, inverse, path, schedule_for(n, double, path),
+                       regs16=(path, n, double) not in _BLOCKED16)
 
 
 def _build_core(n: int, double: bool, inverse: bool, path: str, radices: tuple[int, ...],

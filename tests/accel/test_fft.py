@@ -184,7 +184,7 @@ def test_list_input_of_complex_is_accepted():
     (2048, False, "scalar", (8, 4, 4, 4, 4)), (2048, True, "avx512", (4, 8, 4, 4, 4)),
     (2048, True, "avx2", (4, 4, 4, 4, 4, 2)), (2048, True, "scalar", (4, 4, 8, 4, 4)),
     (128, True, "scalar", (4, 4, 4, 2)),
-    (4096, False, "avx2", (4, 4, 4, 4, 4, 4)), (4096, False, "avx512", (8, 8, 4, 4, 4)),
+    (4096, False, "avx2", (4, 4, 4, 16, 4)), (4096, False, "avx512", (8, 8, 4, 4, 4)),
     (4096, False, "scalar", (4, 4, 4, 4, 4, 4)), (512, True, "avx2", (4, 4, 4, 8)),
     (512, False, "avx512", (8, 4, 16)), (2048, False, "avx2", (8, 16, 16)),
     (512, True, "scalar", (4, 4, 8, 4)), (256, False, "avx512", (8, 4, 8)), (256, False, "avx2", (4, 4, 16)),
@@ -226,8 +226,10 @@ def test_kernel_schedules_factor_every_size():
                 # a radix-16 stage never first; a middle one only where it runs in registers
                 # (csrc/fft_mid16.h: the wide paths, s = 8 ... 128 and whole vectors)
                 assert sched[:1] != (16,), sched
+                # or, named in dft._BLOCKED16, as the blocked radix-4 pair
                 for r, s in zip(sched[1:-1], strides[1:-1], strict=True):
-                    assert r != 16 or (path != "scalar" and s in (8, 16, 32, 64, 128)), (n, sched)
+                    assert r != 16 or (path != "scalar" and s in (8, 16, 32, 64, 128)) or \
+                        (path, n, double) in dft._BLOCKED16, (n, sched)
 
 
 #: schedules that run every stage variant of the kernel: each radix fused first (s = 1) and
@@ -358,6 +360,18 @@ def test_middle_radix16_stage_matches_numpy(dtype, regs16, simd_path):
         z = y.copy()
         assert inv.execute(z, z) is z
         assert _relerr(z, x) <= TOL[dtype], (n, radices)
+
+
+def test_plans_run_the_middle_radix16_form_measured_faster(simd_path):
+    """Plans take the in-register middle radix 16 except where dft._BLOCKED16 names the
+    blocked radix-4 pair (complex64 4096 on AVX2); either way within the tolerances."""
+    for n, double in ((2048, False), (4096, False), (2048, True)):
+        core = dft._plan(n, double, False, simd_path)
+        assert core.regs16 == ((simd_path, n, double) not in dft._BLOCKED16), (n, double)
+    assert ("avx2", 4096, False) in dft._BLOCKED16
+    x = _rand((2, 4096), np.complex64, seed=7)
+    y = dft._plan(4096, False, False, simd_path).execute(x, np.empty_like(x))
+    assert _relerr(y, np.fft.fft(x.astype(np.complex128), axis=-1)) <= TOL[np.complex64]
 
 
 def test_schedule_that_does_not_factor_n_is_refused(simd_path):
