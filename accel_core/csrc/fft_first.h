@@ -83,10 +83,11 @@
  * complex128 2048 no schedule with it won beyond noise (see accel_core.dft._MEASURED). Its
  * fallback, two radix-4 stages in a blocked order (per group of the second stage and q
  * chunk, the first stage's 16 legs through a 16 x 256-byte L1 buffer: the row crosses L2
- * once for two passes), is exact but no faster than the two passes at s >= 32 (0.97-1.07)
- * and slower at s = 4 / 16 (1.1-2.5x: short q chunks lose the s = 4, 8, 16 loops): so
- * at these sizes the middle passes are not L2-bound (Zen 4's L2 keeps up); it stays as the
- * scalar build's and odd strides' form of a middle radix 16 (tested, not scheduled).
+ * once for two passes), is exact; at s >= 32 it is 0.95-1.07 of the time of the two passes
+ * (kept for complex64 4096 on AVX2 at s = 64: 0.96-0.97 in three runs of four, see
+ * accel_core.dft._BLOCKED16) and at s = 4 / 16 slower (1.1-2.5x: short q chunks lose the
+ * s = 4, 8, 16 loops): so at these sizes the middle passes are barely L2-bound (Zen 4's L2
+ * keeps up). It is also the scalar build's and odd strides' form of a middle radix 16.
  */
 #ifndef VRDMA_FFT_FIRST_H
 #define VRDMA_FFT_FIRST_H
