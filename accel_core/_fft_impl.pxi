@@ -1,4 +1,4 @@
-"""Mixed-radix (2, 3, 4, 5, 8; 16 as a last stage) Stockham autosort FFT kernels.
+"""Mixed-radix (2, 3, 4, 5, 8; 16 as a middle or last stage) Stockham autosort FFT kernels.
 
 Algorithm: iterative decimation-in-frequency Stockham (Van Loan, "Computational
 Frameworks for the FFT", §1.7 / Stockham 1966). A size-n transform is split into
@@ -31,8 +31,11 @@ whole vectors (accel_core/csrc/fft_first.h: in-lane shuffles instead of gcc's
 permute chains), and so do the radix-8 stage at s == 8 (complex64) on AVX-512 and
 the last radix-2 and radix-8 stages (a last radix-8 stage whose s is no multiple of the
 vector width, and every one on the scalar build, stays split and is joined); a radix-16
-stage exists only as such a last stage (accel_core/csrc/fft_last16.h: 4 x 4 in registers,
-one pass for two radix-4 ones; its one-q instance does the tails and the scalar build);
+stage exists as such a last stage (accel_core/csrc/fft_last16.h: 4 x 4 in registers,
+one pass for two radix-4 ones; its one-q instance does the tails and the scalar build) and
+as a middle one (csrc/fft_mid16.h: the same 4 x 4 with twiddled split outputs, on the wide
+builds for s = 8 ... 128; otherwise, and on the scalar build, _stage44 runs it as two
+radix-4 stages blocked through an L1 buffer);
 the Cython loops do the remainder and everything on the scalar build.
 Validation, dtype/shape checks, allocation and plan caching live in
 :mod:`accel_core.dft`; this module trusts its caller.
@@ -89,6 +92,12 @@ cdef extern from "csrc/fft_first.h" nogil:
                           float scale, int fwd)
     void vrdma_last16_f64(double* y, const double* xr, const double* xi, Py_ssize_t s,
                           double scale, int fwd)
+    # a middle radix-16 stage in registers (csrc/fft_mid16.h): 1 if it ran (AVX2 / AVX-512
+    # builds, s = 8 ... 128 and whole vectors), else 0 (nothing written)
+    int vrdma_mid16_f32(float* yr, float* yi, const float* xr, const float* xi, Py_ssize_t s,
+                        Py_ssize_t m, const float* wr, const float* wi)
+    int vrdma_mid16_f64(double* yr, double* yi, const double* xr, const double* xi, Py_ssize_t s,
+                        Py_ssize_t m, const double* wr, const double* wi)
     # a split radix-4 stage at s == 4, complex64: two p per 256-bit vector (same contract)
     Py_ssize_t vrdma_s4_radix4_f32(float* yr, float* yi, const float* xr, const float* xi,
                                    Py_ssize_t m, const float* wr, const float* wi)
@@ -104,6 +113,7 @@ FIRST_STAGE_BITS = VRDMA_FIRST_SIMD
 cdef enum:
     MAX_STAGES = 40
     PAD = 48          # scratch row padding, elements (multiple of 16)
+    QB_BYTES = 256    # a blocked radix-4 pair's q chunk (_stage44), bytes per leg array
 
 # Index of the per-plan constants in the ``kc`` array (see FFTCore.__init__).
 cdef enum:
@@ -448,6 +458,47 @@ cdef void _q5(Py_ssize_t s,
         y2r[q] = o2r * w2r - o2i * w2i; y2i[q] = o2r * w2i + o2i * w2r
         y3r[q] = o3r * w3r - o3i * w3i; y3i[q] = o3r * w3i + o3i * w3r
         y4r[q] = o4r * w4r - o4i * w4i; y4i[q] = o4r * w4i + o4i * w4r
+
+
+
+cdef void _stage44(rptr yr, rptr yi, rptr xr, rptr xi, Py_ssize_t s, Py_ssize_t m,
+                   rptr wr, rptr wi, rptr tr, rptr ti, const real_t* kc) noexcept nogil:
+    """Two split radix-4 stages in a blocked order (a middle "radix 16" of the schedule):
+    stage A at stride s with m butterflies per stride element, then stage B at stride
+    4s with m/4, their twiddle tables one after the other (A's at wr[p + (k-1)*m], B's
+    at wr[3*m + p' + (k-1)*m/4]). For each p' < m/4 and each chunk of at most QB values
+    of q, A's four butterfly groups p = p' + j*m/4 feeding B's group p' run into the
+    L1 buffer tr/ti (16 legs of QB), and B reads them from there: the row goes through
+    L2 once for the two passes instead of twice. The same _q4 loops as _stage4 (and so
+    the same arithmetic, bit for bit)."""
+    cdef Py_ssize_t m4 = m // 4
+    cdef Py_ssize_t p2, q0, qn, p, j, k, xs = s * m, s4 = 4 * s, o
+    cdef Py_ssize_t qb = QB_BYTES // sizeof(kc[0])
+    cdef rptr wr2 = wr + 3 * m
+    cdef rptr wi2 = wi + 3 * m
+    for p2 in range(m4):
+        q0 = 0
+        while q0 < s:
+            qn = s - q0
+            if qn > qb:
+                qn = qb
+            for j in range(4):
+                p = p2 + j * m4
+                _q4(qn,
+                    tr + (4 * j + 0) * qb, tr + (4 * j + 1) * qb, tr + (4 * j + 2) * qb, tr + (4 * j + 3) * qb,
+                    ti + (4 * j + 0) * qb, ti + (4 * j + 1) * qb, ti + (4 * j + 2) * qb, ti + (4 * j + 3) * qb,
+                    xr + q0 + s * p, xr + q0 + s * p + xs, xr + q0 + s * p + 2 * xs, xr + q0 + s * p + 3 * xs,
+                    xi + q0 + s * p, xi + q0 + s * p + xs, xi + q0 + s * p + 2 * xs, xi + q0 + s * p + 3 * xs,
+                    wr + p, wi + p, m, kc)
+            for k in range(4):
+                o = q0 + s * k + s4 * 4 * p2
+                _q4(qn,
+                    yr + o, yr + o + s4, yr + o + 2 * s4, yr + o + 3 * s4,
+                    yi + o, yi + o + s4, yi + o + 2 * s4, yi + o + 3 * s4,
+                    tr + k * qb, tr + (4 + k) * qb, tr + (8 + k) * qb, tr + (12 + k) * qb,
+                    ti + k * qb, ti + (4 + k) * qb, ti + (8 + k) * qb, ti + (12 + k) * qb,
+                    wr2 + p2, wi2 + p2, m4, kc)
+            q0 += qn
 
 
 cdef void _stage5(rptr yr, rptr yi, rptr xr, rptr xi, Py_ssize_t s, Py_ssize_t m,
@@ -1351,9 +1402,27 @@ cdef inline void _stage(int r, rptr yr, rptr yi, rptr xr, rptr xi, Py_ssize_t s,
         _stage5(yr, yi, xr, xi, s, m, wr, wi, kc)
 
 
+cdef inline void _mid16(rptr yr, rptr yi, rptr xr, rptr xi, Py_ssize_t s, Py_ssize_t m,
+                        rptr wr, rptr wi, rptr tr, rptr ti, const real_t* kc,
+                        bint regs16) noexcept nogil:
+    """A middle radix-16 stage (m butterflies per stride element): in registers
+    (csrc/fft_mid16.h, the radix-16 table at wr[15*m]) where ``regs16`` and the wide
+    builds' loop takes s, else the two radix-4 stages blocked (_stage44, their tables at
+    wr[0])."""
+    if regs16:
+        if rptr is fptr:
+            if vrdma_mid16_f32(yr, yi, xr, xi, s, m, wr + 15 * m, wi + 15 * m):
+                return
+        else:
+            if vrdma_mid16_f64(yr, yi, xr, xi, s, m, wr + 15 * m, wi + 15 * m):
+                return
+    _stage44(yr, yi, xr, xi, s, 4 * m, wr, wi, tr, ti, kc)
+
+
 cdef int _run(rptr x, rptr y, Py_ssize_t batch, Py_ssize_t n, int nstages,
               const int* radix, const Py_ssize_t* stride, const Py_ssize_t* toff,
-              rptr twr, rptr twi, const real_t* kc, const real_t* kcf, bint inv) noexcept nogil:
+              rptr twr, rptr twi, const real_t* kc, const real_t* kcf, bint inv,
+              bint regs16) noexcept nogil:
     """Transform ``batch`` rows of n interleaved complex values x -> y.
 
     x and y are either disjoint or identical (in-place); each row is fully
@@ -1378,13 +1447,17 @@ cdef int _run(rptr x, rptr y, Py_ssize_t batch, Py_ssize_t n, int nstages,
     # power of two apart (which costs L1 set conflicts and 4K store-load
     # aliasing stalls for n >= 1024).
     cdef Py_ssize_t ld = n + PAD
-    cdef void* mem = malloc(4 * ld * sizeof(kc[0]) + 64)
+    # and the L1 buffer of a blocked radix-4 pair (_stage44): 16 legs of QB_BYTES, re and im
+    cdef void* mem = malloc(4 * ld * sizeof(kc[0]) + 32 * QB_BYTES + 64)
+    cdef rptr tr, ti
     if mem == NULL:
         return -1
     ar = <rptr>((<size_t>mem + 63) & ~(<size_t>63))
     ai = ar + ld
     br = ai + ld
     bi = br + ld
+    tr = bi + ld
+    ti = tr + 16 * (QB_BYTES // sizeof(kc[0]))
     for i in range(nstages):
         ms[i] = n // (stride[i] * radix[i])
     if nstages >= 2 and radix[nstages - 1] == 8 and VRDMA_FIRST_SIMD != 0:
@@ -1421,7 +1494,14 @@ cdef int _run(rptr x, rptr y, Py_ssize_t batch, Py_ssize_t n, int nstages,
         if radix[last] == 8 and not last8:
             last = nstages
         for i in range(1, last):
-            if inv:
+            if radix[i] == 16:  # a middle radix 16: see _mid16
+                if inv:
+                    _mid16(bi, br, ai, ar, stride[i], ms[i], twr + toff[i], twi + toff[i],
+                           tr, ti, kcf, regs16)
+                else:
+                    _mid16(br, bi, ar, ai, stride[i], ms[i], twr + toff[i], twi + toff[i],
+                           tr, ti, kcf, regs16)
+            elif inv:
                 _stage(radix[i], bi, br, ai, ar, stride[i], ms[i],
                        twr + toff[i], twi + toff[i], kcf)
             else:
@@ -1465,6 +1545,7 @@ cdef class FFTCore:
     cdef readonly bint double
     cdef readonly bint inverse
     cdef readonly tuple radices
+    cdef readonly bint regs16
     cdef int nstages
     cdef int radix_[MAX_STAGES]
     cdef Py_ssize_t stride_[MAX_STAGES]
@@ -1476,7 +1557,7 @@ cdef class FFTCore:
 
     def __init__(self, Py_ssize_t n, bint double, bint inverse, radices,
                  cnp.ndarray twr not None, cnp.ndarray twi not None,
-                 cnp.ndarray kc not None, offsets):
+                 cnp.ndarray kc not None, offsets, bint regs16=True):
         cdef Py_ssize_t s = 1, prod = 1
         cdef int i
         radices = tuple(int(r) for r in radices)
@@ -1486,8 +1567,8 @@ cdef class FFTCore:
         for i, r in enumerate(radices):
             if r not in (2, 3, 4, 5, 8, 16):
                 raise ValueError(f"unsupported radix {r}")
-            if r == 16 and (i != len(radices) - 1 or i == 0):
-                raise ValueError(f"radix 16 only as the last of two or more stages, not in {radices!r}")
+            if r == 16 and i == 0:
+                raise ValueError(f"radix 16 not as a first stage, in {radices!r}")
             prod *= r
         if prod != n:
             raise ValueError(f"radices {radices!r} do not multiply to {n}")
@@ -1501,12 +1582,15 @@ cdef class FFTCore:
         self.double = double
         self.inverse = inverse
         self.radices = radices
+        self.regs16 = regs16
         self.nstages = len(radices)
         for i in range(self.nstages):
             self.radix_[i] = radices[i]
             self.stride_[i] = s
             self.toff_[i] = offsets[i]
-            if offsets[i] < 0 or offsets[i] + (radices[i] - 1) * (n // (s * radices[i])) > twr.shape[0] \
+            # a middle radix 16 has two tables: the blocked radix-4 pair's, the radix-16 one
+            if offsets[i] < 0 or offsets[i] + (radices[i] - 1) * (n // (s * radices[i])) * (
+                    2 if radices[i] == 16 and 0 < i < len(radices) - 1 else 1) > twr.shape[0] \
                     or twi.shape[0] != twr.shape[0]:
                 raise ValueError(f"twiddle table too short for stage {i}")
             s *= radices[i]
@@ -1541,11 +1625,13 @@ cdef class FFTCore:
         if self.double:
             with nogil:
                 rc = _run(<dptr>xp, <dptr>yp, batch, self.n, self.nstages, self.radix_,
-                          self.stride_, self.toff_, <dptr>twr, <dptr>twi, <const double*>kc, <const double*>kcf, inv)
+                          self.stride_, self.toff_, <dptr>twr, <dptr>twi, <const double*>kc, <const double*>kcf, inv,
+                          self.regs16)
         else:
             with nogil:
                 rc = _run(<fptr>xp, <fptr>yp, batch, self.n, self.nstages, self.radix_,
-                          self.stride_, self.toff_, <fptr>twr, <fptr>twi, <const float*>kc, <const float*>kcf, inv)
+                          self.stride_, self.toff_, <fptr>twr, <fptr>twi, <const float*>kc, <const float*>kcf, inv,
+                          self.regs16)
         if rc != 0:
             raise MemoryError(f"fft scratch of {4 * self.n} reals")
         return y

@@ -147,8 +147,10 @@ def radices_for(n: int) -> tuple[int, ...]:
 
 def schedule_for(n: int, double: bool, path: str) -> tuple[int, ...]:
     """The stage schedule the kernels run for size n = 2**a * 3**b * 5**c, precision and
-    SIMD path. A radix-16 stage appears only last (the fused, in-register 4 x 4 stage of
-    csrc/fft_last16.h, which writes the interleaved output row).
+    SIMD path. A radix-16 stage appears last (the fused, in-register 4 x 4 stage of
+    csrc/fft_last16.h, which writes the interleaved output row) and, on the wide paths,
+    at s = 8 in complex64 2048 = 8*16*16 (csrc/fft_mid16.h, see ``_MEASURED``) and, as two
+    radix-4 stages blocked through L1, at s = 64 in complex64 4096 on AVX2 (``_BLOCKED16``).
 
     An even power of two is all radix 4 (4096 = 4**6; complex64 on AVX-512 from
     1024 on: 8*8*4*4...); an odd one (a >= 5) starts with one radix-8 stage for complex64
@@ -216,18 +218,42 @@ def schedule_for(n: int, double: bool, path: str) -> tuple[int, ...]:
 #: of 4*4*4*8), 1024 8*8*16 (0.94-1.01 of 8*8*4*4, median 0.98); complex128 128 8*16
 #: (0.93-0.96 of 4*4*8, itself 0.97-1.0 of 4*8*4), 256 4*4*16 (0.96-0.98 of 4**4), 512
 #: 8*4*16 (0.97-0.98), 1024 8*8*16 (0.95-0.99 of 4**5); complex64 2048 8*8*4*8 (0.94-0.95
-#: of 4*4*4*4*8). AVX2 (16 registers: the radix-16 stage spills, so less often): complex64
+#: of 4*4*4*4*8; since replaced by 8*16*16, below). AVX2 (16 registers: the radix-16 stage
+#: spills, so less often): complex64
 #: 256 4*4*16 (0.96-1.0 of 4**4), 512 8*4*16 (0.97-1.0 of 4*4*4*8), 1024 4*4*4*16 (0.94 of
 #: 4**5); complex128 256 4*4*16 (0.94-0.96), 1024 4*4*4*16 (0.91-0.95 of 4**5), 128 4*4*8
 #: (0.95-0.96 of 4*4*4*2 in four runs, 1.0 in two; 8*16 0.96-1.0 of it). Not taken: a last
 #: radix-16 stage at 2048 (1.0-1.15) and 4096 points (1.04-1.34: 16 input and 16 output
 #: streams a power of two apart), 8*16 for complex64 128 on AVX2 (0.98-1.01).
+#: complex64 2048 8*16*16 (a middle radix-16 stage in registers at s = 8, csrc/fft_mid16.h,
+#: then the last radix-16 at s = 128): AVX2 0.95-0.995 of 4*4*4*4*8 in five of six runs
+#: (1.08 in one), AVX-512 0.87-0.90 of 4*4*4*4*8 and 0.90-0.95 of 8*8*4*8. Middle radix-16
+#: stages measured and not taken (same build, interleaved, 3-7 runs): complex64 4096 AVX2
+#: 8*16*8*4 0.97-1.10 of 4**6 (and 8*16*16*2, 8*8*16*4, 4*4*4*16*4 0.98-1.10), AVX-512
+#: 8*16*8*4 / 8*8*16*4 0.92-1.01 of 4**6, 0.97-1.01 of 8*8*4*4*4; complex128 2048 AVX2
+#: 4*8*16*4 0.98-1.01, 8*16*4*4 1.02-1.09, 8*16*16 1.04-1.11 of 4*4*4*4*4*2, AVX-512
+#: 4*8*16*4 0.99-1.03 of 4*8*4*4*4; at s = 2, 4, 16 (the blocked radix-4 pair, or s = 16
+#: with a run-time m) 1.05-2.5x; a last radix-16 with s = 256 a compile-time constant
+#: (4096 4*4*16*16, 4*4*4*4*16, 8*8*4*16) 0.96-1.04 for complex64, 1.3-1.5x for complex128;
+#: the in-register middle stage at s = 4 (complex64 on 128-bit vectors, complex128 one
+#: 256-bit vector per leg): complex64 4096 4*16*16*4 / 4*16*4*4*4 1.16-1.23x of 4**6,
+#: complex128 2048 4*16*4*4*2 / 4*16*16*2 1.01-1.05x on AVX2 (0.94-0.99 on AVX-512, where
+#: 4*8*4*4*4 is 0.92). Nor elsewhere (one run of five): 1024 8*16*8 1.03-1.16x of
+#: 4*4*4*16, complex128 4096 8*16*8*4 / 8*16*16*2 / 4*8*16*8 1.04-1.24x of 4**6.
+#: Plans whose middle radix-16 stage runs as the blocked radix-4 pair (_stage44), not in
+#: registers, by (path, n, double): complex64 4096 4*4*4*16*4 on AVX2, the pair at s = 64,
+#: 0.96-0.97 of the time of 4**6 in three of four runs (1.01 in one), through fft() against
+#: the 4**6 kernel 0.99-1.0 of it (fft()'s own ~0.5 us a batch counted against it: 1.4%);
+#: in registers 0.98-1.03.
+_BLOCKED16 = frozenset({("avx2", 4096, False)})
+
 _MEASURED = {
     ("avx512", 7, False): (8, 16), ("avx512", 9, False): (8, 4, 16), ("avx512", 10, False): (8, 8, 16),
-    ("avx512", 11, False): (8, 8, 4, 8),
+    ("avx512", 11, False): (8, 16, 16),
     ("avx512", 7, True): (8, 16), ("avx512", 8, True): (4, 4, 16), ("avx512", 9, True): (8, 4, 16),
     ("avx512", 10, True): (8, 8, 16),
     ("avx2", 8, False): (4, 4, 16), ("avx2", 9, False): (8, 4, 16), ("avx2", 10, False): (4, 4, 4, 16),
+    ("avx2", 11, False): (8, 16, 16), ("avx2", 12, False): (4, 4, 4, 16, 4),
     ("avx2", 7, True): (4, 4, 8), ("avx2", 8, True): (4, 4, 16), ("avx2", 10, True): (4, 4, 4, 16),
 }
 
@@ -241,26 +267,37 @@ def _core(n: int, double: bool, inverse: bool, path: str | None = None) -> _fft.
 @functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
 def _plan(n: int, double: bool, inverse: bool, path: str) -> _fft.FFTCore:
     """Build (once per LRU entry) the kernel plan for one size/precision/direction/path."""
-    return _build_core(n, double, inverse, path, schedule_for(n, double, path))
+    return _build_core(n, double, inverse, path, schedule_for(n, double, path),
+                       regs16=(path, n, double) not in _BLOCKED16)
 
 
-def _build_core(n: int, double: bool, inverse: bool, path: str, radices: tuple[int, ...]) -> _fft.FFTCore:
+def _build_core(n: int, double: bool, inverse: bool, path: str, radices: tuple[int, ...],
+                regs16: bool = True) -> _fft.FFTCore:
     """A kernel plan running the stage schedule ``radices`` (its product n; tests run
-    every stage variant of the kernels through this)."""
+    every stage variant of the kernels through this). A middle radix-16 stage runs in
+    registers where the wide builds' loop takes its stride (``regs16``), else as two
+    radix-4 stages in a blocked order (always, with ``regs16=False``)."""
+    if math.prod(radices) != n:  # before the tables (a zero m would divide by zero there)
+        raise ValueError(f"radices {tuple(radices)!r} do not multiply to {n}")
     sg = -1.0 if inverse else 1.0
     tw_parts = []
     offsets = []
     off = 0
     s = 1
-    for r in radices:
+    for i, r in enumerate(radices):
         m = n // (s * r)
-        k = np.arange(1, r, dtype=np.float64)[:, None]
-        p = np.arange(m, dtype=np.float64)[None, :]
-        # w_k(p) = exp(-sg * 2*pi*i * k*p / (r*m)); reduce k*p mod r*m for accuracy
-        ang = (-sg * 2.0 * math.pi / (r * m)) * np.mod(k * p, r * m)
-        tw_parts.append(np.exp(1j * ang).ravel())
         offsets.append(off)
-        off += (r - 1) * m
+        # a middle radix 16 runs as two radix-4 stages in a blocked order (_stage44): their
+        # two tables (m' = 4m at stride s, then m at 4s), one after the other
+        # and the radix-16 table of the in-register stage (csrc/fft_mid16.h)
+        mid = r == 16 and 0 < i < len(radices) - 1
+        for rr, mm in ((4, 4 * m), (4, m), (16, m)) if mid else ((r, m),):
+            k = np.arange(1, rr, dtype=np.float64)[:, None]
+            p = np.arange(mm, dtype=np.float64)[None, :]
+            # w_k(p) = exp(-sg * 2*pi*i * k*p / (r*m)); reduce k*p mod r*m for accuracy
+            ang = (-sg * 2.0 * math.pi / (rr * mm)) * np.mod(k * p, rr * mm)
+            tw_parts.append(np.exp(1j * ang).ravel())
+        off += (r - 1) * m * (2 if mid else 1)
         s *= r
     tw = np.concatenate(tw_parts) if tw_parts else np.zeros(0, np.complex128)
     real = _REAL[double]
@@ -281,7 +318,7 @@ def _build_core(n: int, double: bool, inverse: bool, path: str, radices: tuple[i
         1.0 / n if inverse else 1.0,
     ], dtype=real)
     core: _fft.FFTCore = simd.kernel_module("fft", path).FFTCore(n, double, inverse, radices, twr, twi, kc,
-                                                                 offsets)
+                                                                 offsets, regs16)
     return core
 
 

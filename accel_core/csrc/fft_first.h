@@ -77,6 +77,17 @@
  * transposed loads from 8 rows 1 KiB apart (L2: the batch, 256 KiB, does not fit L1 and
  * a software prefetch of the next group did not help), with the scratch and 8 rows in and
  * out filling the 32 KiB L1.
+ * A middle radix-16 stage (#17): the 4 x 4 of the last radix-16 with twiddled split outputs
+ * (csrc/fft_mid16.h, s a compile-time constant 8 ... 128, run-time m) is kept for complex64
+ * 2048 = 8*16*16 on AVX2 (0.95-0.995 of 4*4*4*4*8) and AVX-512 (0.87-0.95); at 4096 and for
+ * complex128 2048 no schedule with it won beyond noise (see accel_core.dft._MEASURED). Its
+ * fallback, two radix-4 stages in a blocked order (per group of the second stage and q
+ * chunk, the first stage's 16 legs through a 16 x 256-byte L1 buffer: the row crosses L2
+ * once for two passes), is exact; at s >= 32 it is 0.95-1.07 of the time of the two passes
+ * (kept for complex64 4096 on AVX2 at s = 64: 0.96-0.97 in three runs of four, see
+ * accel_core.dft._BLOCKED16) and at s = 4 / 16 slower (1.1-2.5x: short q chunks lose the
+ * s = 4, 8, 16 loops): so at these sizes the middle passes are barely L2-bound (Zen 4's L2
+ * keeps up). It is also the scalar build's and odd strides' form of a middle radix 16.
  */
 #ifndef VRDMA_FFT_FIRST_H
 #define VRDMA_FFT_FIRST_H
@@ -475,6 +486,44 @@ static void vrdma_last16_f64(double *__restrict y, const double *__restrict xr,
                              const double *__restrict xi, Py_ssize_t s, double scale, int fwd) {
     VRDMA_R16_VEC(double, vrdma_r16_f64_v);
     vrdma_r16_f64_1(y, xr, xi, s, v, s, scale, fwd);
+}
+
+/* A middle radix-16 stage in registers (csrc/fft_mid16.h), AVX2 / AVX-512 builds, s a
+ * compile-time constant (8 ... 128) and a multiple of the 256-bit lanes: returns 1 if it
+ * ran the stage, else 0 (nothing written: the caller runs the blocked radix-4 pair). */
+#if defined(__AVX2__) && defined(__FMA__)
+#define M16_NAME vrdma_m16_f32_v
+#define M16_T float
+#define M16_V __m256
+#define M16_W 8
+#define M16_LDU _mm256_loadu_ps
+#define M16_STU _mm256_storeu_ps
+#define M16_SET1 _mm256_set1_ps
+#include "fft_mid16.h"
+#define M16_NAME vrdma_m16_f64_v
+#define M16_T double
+#define M16_V __m256d
+#define M16_W 4
+#define M16_LDU _mm256_loadu_pd
+#define M16_STU _mm256_storeu_pd
+#define M16_SET1 _mm256_set1_pd
+#include "fft_mid16.h"
+#define VRDMA_M16_S(F, S) case S: F(yr, yi, xr, xi, S, m, wr, wi); return 1
+#define VRDMA_M16(F) switch (s) { VRDMA_M16_S(F, 8); VRDMA_M16_S(F, 16); VRDMA_M16_S(F, 32); \
+                                  VRDMA_M16_S(F, 64); VRDMA_M16_S(F, 128); default: return 0; }
+#else
+#define VRDMA_M16(F) (void)yr; (void)yi; (void)xr; (void)xi; (void)s; (void)m; (void)wr; \
+    (void)wi; return 0
+#endif
+static int vrdma_mid16_f32(float *__restrict yr, float *__restrict yi, const float *__restrict xr,
+                           const float *__restrict xi, Py_ssize_t s, Py_ssize_t m,
+                           const float *__restrict wr, const float *__restrict wi) {
+    VRDMA_M16(vrdma_m16_f32_v);
+}
+static int vrdma_mid16_f64(double *__restrict yr, double *__restrict yi, const double *__restrict xr,
+                           const double *__restrict xi, Py_ssize_t s, Py_ssize_t m,
+                           const double *__restrict wr, const double *__restrict wi) {
+    VRDMA_M16(vrdma_m16_f64_v);
 }
 
 #endif /* VRDMA_FFT_FIRST_H */

@@ -184,9 +184,9 @@ def test_list_input_of_complex_is_accepted():
     (2048, False, "scalar", (8, 4, 4, 4, 4)), (2048, True, "avx512", (4, 8, 4, 4, 4)),
     (2048, True, "avx2", (4, 4, 4, 4, 4, 2)), (2048, True, "scalar", (4, 4, 8, 4, 4)),
     (128, True, "scalar", (4, 4, 4, 2)),
-    (4096, False, "avx2", (4, 4, 4, 4, 4, 4)), (4096, False, "avx512", (8, 8, 4, 4, 4)),
+    (4096, False, "avx2", (4, 4, 4, 16, 4)), (4096, False, "avx512", (8, 8, 4, 4, 4)),
     (4096, False, "scalar", (4, 4, 4, 4, 4, 4)), (512, True, "avx2", (4, 4, 4, 8)),
-    (512, False, "avx512", (8, 4, 16)), (2048, False, "avx2", (4, 4, 4, 4, 8)),
+    (512, False, "avx512", (8, 4, 16)), (2048, False, "avx2", (8, 16, 16)),
     (512, True, "scalar", (4, 4, 8, 4)), (256, False, "avx512", (8, 4, 8)), (256, False, "avx2", (4, 4, 16)),
     (768, False, "avx512", (4, 4, 4, 4, 3)), (128, False, "avx2", (8, 4, 4)),
     (4096, True, "scalar", (4, 4, 4, 4, 4, 4)),
@@ -199,7 +199,7 @@ def test_list_input_of_complex_is_accepted():
     (24, True, "avx512", (8, 3)), (12, False, "scalar", (4, 3)), (6, True, "scalar", (3, 2)),
     (2, True, "scalar", (2,)), (1, False, "avx2", ()),
     (128, False, "avx512", (8, 16)), (1024, False, "avx512", (8, 8, 16)), (1024, True, "avx512", (8, 8, 16)),
-    (2048, False, "avx512", (8, 8, 4, 8)), (128, True, "avx512", (8, 16)),
+    (2048, False, "avx512", (8, 16, 16)), (128, True, "avx512", (8, 16)),
     (1024, True, "avx2", (4, 4, 4, 16)), (1024, False, "avx2", (4, 4, 4, 16)),
     (128, True, "avx2", (4, 4, 8)), (256, True, "avx2", (4, 4, 16)), (256, True, "avx512", (4, 4, 16)),
     (512, False, "avx2", (8, 4, 16)), (512, True, "avx512", (8, 4, 16)), (256, True, "scalar", (4, 4, 4, 4)),
@@ -223,8 +223,13 @@ def test_kernel_schedules_factor_every_size():
                     assert strides[-1] % (4 if double else 8) == 0, (n, sched)
                     eights.pop()
                 assert len(sched) < 2 or all(s in (1, 4, 8, 16) for s in eights), sched
-                # a radix-16 stage only as the fused last one (csrc/fft_last16.h)
-                assert 16 not in sched[:-1] and (sched[-1:] != (16,) or len(sched) >= 2), sched
+                # a radix-16 stage never first; a middle one only where it runs in registers
+                # (csrc/fft_mid16.h: the wide paths, s = 8 ... 128 and whole vectors)
+                assert sched[:1] != (16,), sched
+                # or, named in dft._BLOCKED16, as the blocked radix-4 pair
+                for r, s in zip(sched[1:-1], strides[1:-1], strict=True):
+                    assert r != 16 or (path != "scalar" and s in (8, 16, 32, 64, 128)) or \
+                        (path, n, double) in dft._BLOCKED16, (n, sched)
 
 
 #: schedules that run every stage variant of the kernel: each radix fused first (s = 1) and
@@ -322,10 +327,65 @@ def test_last_radix16_stage_matches_numpy(dtype, simd_path):
     _check_last_stage(LAST16_VARIANTS, dtype, simd_path)
 
 
-@pytest.mark.parametrize("radices", [(16,), (16, 4), (4, 16, 4), (2, 16, 2)])
-def test_radix16_only_as_a_last_stage(radices, simd_path):
-    """The radix-16 stage exists only as a fused last stage (m == 1): a plan that puts it
-    anywhere else, or alone, is refused (ValueError naming the schedule)."""
+#: a middle radix-16 stage: in registers (csrc/fft_mid16.h) on the AVX2 / AVX-512 builds
+#: where s is 8 ... 128 (the compile-time strides, whole 256-bit vectors), else (s = 2, 4,
+#: 6, 12, 96, 256, the scalar build, or regs16=False) the two radix-4 stages blocked
+#: through the L1 buffer (_stage44: q chunks of 64 complex64 / 32 complex128 values, a
+#: tail chunk at s = 96 for complex64); two middle ones in a row, one before the last
+#: radix-16 / radix-8 (split + join on the scalar build) / radix-4 / radix-2 stage; after
+#: a fused first radix 2/3/4/5/8
+MID16_VARIANTS = [
+    (64, (2, 16, 2)), (128, (4, 16, 2)), (384, (2, 3, 16, 4)), (1536, (8, 16, 4, 3)),
+    (512, (2, 16, 16)), (2048, (8, 16, 16)), (4096, (8, 16, 8, 4)), (4096, (8, 16, 16, 2)),
+    (2048, (4, 8, 16, 4)), (4096, (4, 4, 4, 16, 4)), (4096, (8, 16, 4, 8)), (3072, (4, 8, 3, 16, 2)),
+    (4096, (4, 16, 16, 4)), (4096, (4, 4, 16, 16)), (8192, (8, 4, 4, 16, 4)), (960, (5, 3, 16, 4)),
+    (8192, (4, 4, 4, 4, 16, 2)), (1280, (5, 16, 16)),
+]
+
+
+@pytest.mark.parametrize("regs16", [True, False], ids=["regs", "blocked"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_middle_radix16_stage_matches_numpy(dtype, regs16, simd_path):
+    """A middle radix 16, in registers or as the blocked radix-4 pair, forward and inverse
+    (in place too) within the issue-5 tolerances on every build."""
+    for n, radices in MID16_VARIANTS:
+        x = _rand((3, n), dtype, seed=n + 3)
+        ref = np.fft.fft(x.astype(np.complex128), axis=-1)
+        double = dtype == np.complex128
+        fwd = dft._build_core(n, double, False, simd_path, radices, regs16)
+        inv = dft._build_core(n, double, True, simd_path, radices, regs16)
+        assert fwd.radices == radices and fwd.regs16 == regs16
+        y = fwd.execute(x, np.empty_like(x))
+        assert _relerr(y, ref) <= TOL[dtype], (n, radices)
+        z = y.copy()
+        assert inv.execute(z, z) is z
+        assert _relerr(z, x) <= TOL[dtype], (n, radices)
+
+
+def test_plans_run_the_middle_radix16_form_measured_faster(simd_path):
+    """Plans take the in-register middle radix 16 except where dft._BLOCKED16 names the
+    blocked radix-4 pair (complex64 4096 on AVX2); either way within the tolerances."""
+    for n, double in ((2048, False), (4096, False), (2048, True)):
+        core = dft._plan(n, double, False, simd_path)
+        assert core.regs16 == ((simd_path, n, double) not in dft._BLOCKED16), (n, double)
+    assert ("avx2", 4096, False) in dft._BLOCKED16
+    x = _rand((2, 4096), np.complex64, seed=7)
+    y = dft._plan(4096, False, False, simd_path).execute(x, np.empty_like(x))
+    assert _relerr(y, np.fft.fft(x.astype(np.complex128), axis=-1)) <= TOL[np.complex64]
+
+
+def test_schedule_that_does_not_factor_n_is_refused(simd_path):
+    """A stage schedule whose product is not n is a ValueError naming it (not a division by
+    zero while the twiddle tables are built)."""
+    with pytest.raises(ValueError, match=r"\(8, 16, 4, 4, 3\)"):
+        dft._build_core(3072, False, False, simd_path, (8, 16, 4, 4, 3))
+
+
+@pytest.mark.parametrize("radices", [(16,), (16, 4), (16, 16), (16, 4, 4)])
+def test_radix16_never_first(radices, simd_path):
+    """A radix-16 stage is a middle (in registers or a blocked radix-4 pair) or a fused
+    last stage, never a first one or alone: such a plan is refused (ValueError naming the
+    schedule)."""
     n = int(np.prod(radices))
     with pytest.raises(ValueError, match="radix 16"):
         dft._build_core(n, False, False, simd_path, radices)

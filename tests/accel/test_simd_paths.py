@@ -147,6 +147,12 @@ def test_benchmarks_run_every_path_and_say_which():
     assert [r["simd_path"] for r in rows] == list(paths)
     assert all(r["max_rel_err"] < 1e-5 and r["ours_us"] > 0 for r in rows)
     assert all(f" {p} " in format_table(rows) for p in paths)
+    # --against: another schedule's kernel as a same-run baseline, on every path
+    rows = run_fft_bench(sizes=(16, 64), dtypes=("complex64",), repeat=1, sample_s=0.001, overhead=False,
+                         paths=paths, against=(4, 4))
+    assert [r["against"] for r in rows] == [[4, 4]] * len(paths) + [None] * len(paths)
+    assert all(r["speedup_vs_against"] > 0 for r in rows[:len(paths)])
+    assert "(against 4*4)" in format_table(rows)
     rows = run_turbo_bench(K=40, iterations=1, frames=4, batch=2, commpy_frames=0, repeat=1, ebn0_db=6.0,
                            paths=paths)
     assert [r["simd_path"] for r in rows] == [p for p in paths for _ in (0, 1)]

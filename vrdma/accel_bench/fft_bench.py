@@ -20,9 +20,13 @@ reported as microseconds per transform; ratios are
 ``baseline_us / ours_us`` (> 1 means we are faster). The call-overhead rows time
 ``fft`` on a 1-row batch with a cached plan against an empty Cython call
 (``accel_core._fft.noop``) and against the bare kernel (``FFTCore.execute``).
+``--against 4*4*4*4*8`` adds one more baseline, interleaved with the rest: the same
+build's kernel running that stage schedule (``FFTCore.execute`` on the same arrays, on
+each path; for the sizes it factors), to compare a schedule change before / after in
+one sitting (``x sched`` = its time / ours).
 
 Run: ``python -m vrdma.accel_bench.fft_bench [--sizes 2048,1536] [--dtypes complex64] [--simd all]
-[--repeat 7] [--json]``.
+[--repeat 7] [--against 4*4*4*4*8] [--json]``.
 """
 from __future__ import annotations
 
@@ -92,7 +96,8 @@ def _on_path(path: str, fn: Callable[[], object]) -> Callable[[], object]:
 
 def run_fft_bench(sizes=DEFAULT_SIZES, dtypes=DEFAULT_DTYPES, repeat: int = 7,
                   batch_bytes: int = BATCH_BYTES, sample_s: float = 0.02,
-                  overhead: bool = True, paths: tuple[str, ...] | None = None) -> list[dict]:
+                  overhead: bool = True, paths: tuple[str, ...] | None = None,
+                  against: tuple[int, ...] | None = None) -> list[dict]:
     """One row per (size, dtype, SIMD path) plus call-overhead rows; see the module docstring."""
     import scipy.fft
 
@@ -100,12 +105,14 @@ def run_fft_bench(sizes=DEFAULT_SIZES, dtypes=DEFAULT_DTYPES, repeat: int = 7,
     start = simd.simd_path()
     paths = paths or (start,)
     try:
-        return _run(sizes, dtypes, repeat, batch_bytes, sample_s, overhead, paths, scipy.fft, fftmod)
+        return _run(sizes, dtypes, repeat, batch_bytes, sample_s, overhead, paths, scipy.fft, fftmod,
+                    against)
     finally:
         simd.use(start)
 
 
-def _run(sizes, dtypes, repeat, batch_bytes, sample_s, overhead, paths, scipy_fft, fftmod) -> list[dict]:
+def _run(sizes, dtypes, repeat, batch_bytes, sample_s, overhead, paths, scipy_fft, fftmod,
+         against=None) -> list[dict]:
     from accel_core import simd
     rows: list[dict] = []
     rng = np.random.default_rng(1)
@@ -125,6 +132,9 @@ def _run(sizes, dtypes, repeat, batch_bytes, sample_s, overhead, paths, scipy_ff
                 err[p] = float(np.abs(out - ref).max() / np.abs(ref).max())
                 sched[p] = fftmod.schedule_for(n, dt == np.complex128, p)
                 fns[p] = _on_path(p, partial(fftmod.fft, x, out=out))
+                if against and int(np.prod(against)) == n:
+                    alt = fftmod._build_core(n, dt == np.complex128, False, p, tuple(against))
+                    fns["alt " + p] = partial(alt.execute, x, np.empty_like(x))
             fns["scipy"] = partial(scipy_fft.fft, x, axis=-1, workers=1)
             pw = _pyfftw_plan(x)
             if pw is not None:
@@ -138,6 +148,8 @@ def _run(sizes, dtypes, repeat, batch_bytes, sample_s, overhead, paths, scipy_ff
                 "speedup_vs_scipy": us["scipy"] / us[p],
                 "speedup_vs_pyfftw": (us["pyfftw"] / us[p]) if "pyfftw" in us else None,
                 "max_rel_err": err[p], "radices": list(sched[p]),
+                "against": list(against) if "alt " + p in us else None, "against_us": us.get("alt " + p),
+                "speedup_vs_against": (us["alt " + p] / us[p]) if "alt " + p in us else None,
             } for p in paths)
     if overhead:
         for p in paths:
@@ -191,14 +203,16 @@ def _fmt(v, spec=".2f") -> str:
 
 def format_table(rows: list[dict]) -> str:
     lines = [(f"{'size':>6} {'dtype':>10} {'simd':>6} {'batch':>5} {'ours us':>9} {'scipy us':>9} "
-              f"{'pyfftw us':>9} {'x scipy':>8} {'x pyfftw':>8} {'rel err':>8}  stages")]
+              f"{'pyfftw us':>9} {'x scipy':>8} {'x pyfftw':>8} {'x sched':>8} {'rel err':>8}  stages")]
     for r in rows:
         if r["case"] != "fft":
             continue
         lines.append(
             f"{r['size']:>6} {r['dtype']:>10} {r['simd_path']:>6} {r['batch']:>5} {_fmt(r['ours_us']):>9} "
             f"{_fmt(r['scipy_us']):>9} {_fmt(r['pyfftw_us']):>9} {_fmt(r['speedup_vs_scipy']):>8} "
-            f"{_fmt(r['speedup_vs_pyfftw']):>8} {r['max_rel_err']:>8.1e}  {'*'.join(map(str, r['radices']))}")
+            f"{_fmt(r['speedup_vs_pyfftw']):>8} {_fmt(r.get('speedup_vs_against')):>8} "
+            f"{r['max_rel_err']:>8.1e}  {'*'.join(map(str, r['radices']))}"
+            + (f" (against {'*'.join(map(str, r['against']))})" if r.get("against") else ""))
     lines.append("(us per transform; x scipy / x pyfftw = baseline time / ours, > 1 is faster; "
                  "stages: the radices the kernel ran, accel_core.dft.schedule_for)")
     lines.extend(
@@ -219,16 +233,24 @@ def main(argv=None) -> int:
     ap.add_argument("--simd", default="",
                     help="SIMD paths to measure: 'all' (every path the CPU has) or a comma list "
                          "(default: the path in use)")
+    ap.add_argument("--against", default="",
+                    help="a stage schedule such as 4*4*4*4*8 to time as one more same-run baseline "
+                         "(the sizes it factors)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     a = ap.parse_args(argv)
     try:
         sizes = tuple(int(s) for s in a.sizes.split(",") if s)
     except ValueError:
         ap.error(f"--sizes must be comma-separated integers, got {a.sizes!r}")
+    try:
+        against = tuple(int(r) for r in a.against.split("*") if r) or None
+    except ValueError:
+        ap.error(f"--against must be radices joined by '*', got {a.against!r}")
     from accel_core import simd
     paths = simd.available_paths() if a.simd == "all" else tuple(p for p in a.simd.split(",") if p)
     rows = run_fft_bench(sizes=sizes, dtypes=tuple(d for d in a.dtypes.split(",") if d),
-                         repeat=a.repeat, batch_bytes=a.batch_kib * 1024, paths=paths or None)
+                         repeat=a.repeat, batch_bytes=a.batch_kib * 1024, paths=paths or None,
+                         against=against)
     print(json.dumps(rows, indent=1) if a.json else machine_line() + "\n" + format_table(rows))
     return 0
 
