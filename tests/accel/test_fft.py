@@ -274,17 +274,7 @@ def test_first_stage_vector_loops_on_the_wide_paths(simd_path):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_first_stage_tails_match_numpy(dtype, simd_path):
-    for n, radices in FIRST_STAGE_VARIANTS:
-        x = _rand((3, n), dtype, seed=n + 1)
-        ref = np.fft.fft(x.astype(np.complex128), axis=-1)
-        double = dtype == np.complex128
-        fwd = dft._build_core(n, double, False, simd_path, radices)
-        inv = dft._build_core(n, double, True, simd_path, radices)
-        y = fwd.execute(x, np.empty_like(x))
-        assert _relerr(y, ref) <= TOL[dtype], (n, radices)
-        z = y.copy()
-        assert inv.execute(z, z) is z     # in place: each row is read into scratch first
-        assert _relerr(z, x) <= TOL[dtype], (n, radices)
+    _check_schedules(FIRST_STAGE_VARIANTS, dtype, simd_path, seed=1)
 
 
 #: a last radix-2 stage (m == 1, writing the interleaved row) whose stride s = n / 2 is
@@ -307,7 +297,7 @@ LAST8_VARIANTS = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_last_radix8_stage_matches_numpy(dtype, simd_path):
-    _check_last_stage(LAST8_VARIANTS, dtype, simd_path)
+    _check_schedules(LAST8_VARIANTS, dtype, simd_path)
 
 
 #: a last radix-16 stage (csrc/fft_last16.h, 4 x 4 in registers, writing the interleaved
@@ -324,7 +314,7 @@ LAST16_VARIANTS = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_last_radix16_stage_matches_numpy(dtype, simd_path):
-    _check_last_stage(LAST16_VARIANTS, dtype, simd_path)
+    _check_schedules(LAST16_VARIANTS, dtype, simd_path)
 
 
 #: a middle radix-16 stage: in registers (csrc/fft_mid16.h) on the AVX2 / AVX-512 builds
@@ -396,12 +386,14 @@ def test_last_radix2_stage_matches_numpy(dtype, simd_path):
     """The AVX2 / AVX-512 builds write a last radix-2 stage with an explicit 256-bit loop
     (csrc/fft_first.h), the inverse's 1/n scale folded in; the tails and the scalar
     build run the Cython loop."""
-    _check_last_stage(LAST2_VARIANTS, dtype, simd_path)
+    _check_schedules(LAST2_VARIANTS, dtype, simd_path)
 
 
-def _check_last_stage(variants, dtype, simd_path):
+def _check_schedules(variants, dtype, simd_path, seed=2):
+    """Each (n, radices) of ``variants`` forward against numpy, and inverse back to the
+    input out of place and in place (each row is read into scratch first)."""
     for n, radices in variants:
-        x = _rand((3, n), dtype, seed=n + 2)
+        x = _rand((3, n), dtype, seed=n + seed)
         ref = np.fft.fft(x.astype(np.complex128), axis=-1)
         double = dtype == np.complex128
         fwd = dft._build_core(n, double, False, simd_path, radices)

@@ -18,7 +18,6 @@ the same."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import random
@@ -26,23 +25,13 @@ import random
 import pytest
 
 from fabric.roce import RoceFabricService
-from tests.virtio_rdma.driver import fabric_sides, loopback_fabrics, seeded_ids
+from tests.virtio_rdma.driver import fabric_sides, loopback_fabrics, seeded_ids, wire_native
 from verbs import SendFlags, WrOpcode
 from virtio_rdma import _datapath
 
 A_IP, B_IP = "127.0.0.51", "127.0.0.52"
 _ACKS: list[int] = []      # ACKs the fast paths sent themselves, per native run
 OPS = [WrOpcode.SEND, WrOpcode.SEND_WITH_IMM, WrOpcode.RDMA_WRITE, WrOpcode.RDMA_WRITE_WITH_IMM]
-
-
-@contextlib.contextmanager
-def _native(on: bool):
-    prev = _datapath.wire_enabled
-    _datapath.wire_enabled = on
-    try:
-        yield
-    finally:
-        _datapath.wire_enabled = prev
 
 
 def _drain(sa: RoceFabricService, sb: RoceFabricService) -> None:
@@ -125,7 +114,7 @@ def test_settled_completions_are_the_python_engines(seed):
     with seeded_ids(seed):
         fast = asyncio.run(_scenario(seed, True, port))
     s1, p1 = _datapath.wire_settled, _datapath.wire_pumps
-    with _native(False), seeded_ids(seed):
+    with wire_native(False), seeded_ids(seed):
         slow = asyncio.run(_scenario(seed, False, port))
     assert (_datapath.wire_settled, _datapath.wire_pumps) == (s1, p1), "Python run went native"
     assert s1 > s0

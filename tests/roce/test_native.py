@@ -611,6 +611,17 @@ def test_send_fast_path_is_the_engine(socks, seed, sink):
         assert fast.taken == 0
 
 
+def _send_target(receives: int) -> _SendTarget:
+    """A _SendTarget with ``receives`` 64-byte receives (wr_id 0, 1, ...) posted
+    to the engine and counted in the ring, as NetworkQp has them."""
+    t = _SendTarget(A, 1024, random.Random(0), 0, False)
+    buf = memoryview(bytearray(64 * receives))
+    for w in range(receives):
+        t.rc.post_recv(w, [buf[w * 64:(w + 1) * 64]])
+    t.rq_posted = t.qp.rq_pi = receives
+    return t
+
+
 def test_send_fast_path_takes_request_reply_traffic(socks):
     """Plain one-packet SENDs, with and without immediate data, are all taken
     natively; the completions and the coalesced ACK are the engine's."""
@@ -644,11 +655,7 @@ def test_fast_path_sends_the_coalesced_ack_itself(socks):
     engine's output, the engine's counters as if it had sent it; a batch the
     fast path stops in puts its ACK in the engine's output instead."""
     for stop in (False, True):
-        t = _SendTarget(A, 1024, random.Random(0), 0, False)
-        buf = memoryview(bytearray(64 * 8))
-        for w in range(8):
-            t.rc.post_recv(w, [buf[w * 64:(w + 1) * 64]])
-        t.rq_posted = t.qp.rq_pi = 8
+        t = _send_target(8)
         pkts = [RocePacket(Bth(opcode=0x04, dest_qp=0x44, psn=(0xFFFFFA + i) & PSN_MASK,
                                ackreq=i < 6), payload=b"m%d" % i) for i in range(8)]
         if stop:                                        # a READ for the engine, at the end
@@ -709,11 +716,7 @@ def test_fast_path_leaves_a_wrong_source_port_to_python(socks, kind):
             t.rc.receive(decode(pkts[0].encode(_ctx(tx, rx)), _ctx(tx, rx)), 0.0)  # FIRST
             pkts = pkts[1:]
         else:
-            t = _SendTarget(A, 1024, random.Random(0), 0, False)
-            buf = memoryview(bytearray(64 * 4))
-            for w in range(4):
-                t.rc.post_recv(w, [buf[w * 64:(w + 1) * 64]])
-            t.rq_posted = t.qp.rq_pi = 4
+            t = _send_target(4)
             pkts = [RocePacket(Bth(opcode=0x04, dest_qp=0x44, psn=(0xFFFFFA + i) & PSN_MASK,
                                    ackreq=True), payload=b"m%d" % i) for i in range(4)]
         t.sports = sports

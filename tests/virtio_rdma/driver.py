@@ -201,3 +201,17 @@ def fabric_sides(fa, fb, *, size: int, cq: int, mr: int, dbrec_poll: bool = Fals
         c = g.create_cq(cq)
         sides.append([g, g.create_qp(pd, c, **qp_kw), c, g.reg_mr(pd, mr)])
     return sides
+
+
+@contextlib.contextmanager
+def wire_native(on: bool):
+    """The native wire paths (``virtio_rdma._datapath.wire_enabled``) on or
+    off for the block, as they were after it."""
+    from virtio_rdma import _datapath
+
+    prev = _datapath.wire_enabled
+    _datapath.wire_enabled = on
+    try:
+        yield
+    finally:
+        _datapath.wire_enabled = prev

@@ -32,23 +32,13 @@ from tests.fabric.test_roce_fabric import Hosts
 from verbs import Access, SendFlags, WrOpcode
 from virtio_rdma import _datapath
 
-from .driver import seeded_ids
+from .driver import seeded_ids, wire_native
 from .test_records_fastpath import _records
 
 OPS = [WrOpcode.SEND, WrOpcode.SEND, WrOpcode.SEND_WITH_IMM, WrOpcode.RDMA_WRITE,
        WrOpcode.RDMA_WRITE, WrOpcode.RDMA_WRITE_WITH_IMM, WrOpcode.RDMA_READ,
        WrOpcode.ATOMIC_FETCH_AND_ADD]
 IMPAIRMENTS = {"clean": {}, "impaired": {"loss": 0.05, "dup": 0.03, "reorder": 0.05}}
-
-
-@contextlib.contextmanager
-def _native(on: bool):
-    prev = _datapath.wire_enabled
-    _datapath.wire_enabled = on
-    try:
-        yield
-    finally:
-        _datapath.wire_enabled = prev
 
 
 def _run(h: Hosts, steps: int = 400) -> None:
@@ -82,7 +72,7 @@ def _sges(rng, g, bufs, total, bad):
 
 def _scenario(seed: int, impair: dict, native: bool, hosts=Hosts) -> dict:
     rng = random.Random(seed)
-    with _native(native), seeded_ids(seed):
+    with wire_native(native), seeded_ids(seed):
         h = hosts(**impair, seed=seed)
         mtu = rng.choice([1, 3, 5])
         h.connect(psn_a=rng.getrandbits(24), psn_b=rng.getrandbits(24), path_mtu=mtu)
@@ -241,7 +231,7 @@ def _window_scenario(seed: int, impair: dict, native: bool, hosts=Hosts) -> dict
     be sent piecemeal; with an odd seed a bad lkey near the end fails its
     WQE (and the QP) while others wait."""
     rng = random.Random(seed)
-    with _native(native), seeded_ids(seed):
+    with wire_native(native), seeded_ids(seed):
         h = hosts(**impair, seed=seed)
         h.connect(psn_a=rng.getrandbits(24), psn_b=rng.getrandbits(24), path_mtu=1)  # 256 B
         a, b = h.a, h.b
